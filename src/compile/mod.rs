@@ -1,0 +1,174 @@
+//! The one compiler: raw config → [`Snapshot`], collecting every diagnostic on the way.
+//!
+//! ```text
+//! config repo dir
+//!   └─ config::load_dir ───────► RawConfig     (TOML parsed, spans kept, schema errors collected)
+//!        └─ compile::compile ──► Snapshot      (names resolved, units parsed, secrets read,
+//!                                               router built, conflicts found) + Diagnostics
+//!             └─ SnapshotStore::publish        (served; never mutated again)
+//! ```
+//!
+//! `rustygate validate`, `rustygate test`, `rustygate plan` and `rustygate serve` all call
+//! [`compile`]: there is no second checker that could drift from what the server accepts.
+
+mod gateway;
+mod routes;
+mod upstreams;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{
+    Diagnostic, Diagnostics, FileId, LoadError, RawConfig, SourceFiles, Spanned, load_dir,
+};
+use crate::snapshot::{ConfigVersion, Snapshot};
+use crate::upstream::Upstream;
+
+/// Defaults used when neither the route, its upstream nor `gateway.toml` sets a value.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 * 1024 * 1024;
+
+/// Knobs that change what compile checks, not what the config means.
+#[derive(Debug, Clone, Default)]
+pub struct CompileOptions {
+    /// Resolve secret references (env vars, files). `validate --no-env` turns this off.
+    pub resolve_secrets: bool,
+    /// The version id to stamp (a commit SHA); a content hash when `None`.
+    pub version_id: Option<String>,
+    /// Where the config came from, for `/status` and logs.
+    pub source: String,
+}
+
+/// What compiling produced: a snapshot when there were no errors, and every diagnostic.
+pub struct Compiled {
+    pub snapshot: Option<Snapshot>,
+    pub diagnostics: Diagnostics,
+    pub files: SourceFiles,
+}
+
+/// Loads and compiles a config directory.
+pub fn compile_dir(dir: &Path, opts: &CompileOptions) -> Result<Compiled, LoadError> {
+    let raw = load_dir(dir)?;
+    Ok(compile(raw, opts))
+}
+
+/// Compiles raw config into a snapshot. All checks run, whatever failed before them.
+pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
+    let mut cx = Cx {
+        diags: std::mem::take(&mut raw.diagnostics),
+        opts,
+        root: &raw.root,
+    };
+    let defaults = gateway::compile_defaults(&mut cx, raw.gateway.as_ref());
+    let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
+    let routes = routes::compile_routes(&mut cx, &raw.routes, &upstreams, &defaults);
+    upstreams::warn_unused(&mut cx, &raw.upstreams, &routes.used_upstreams);
+
+    let diagnostics = cx.diags;
+    let snapshot = (!diagnostics.has_errors()).then(|| Snapshot {
+        version: ConfigVersion {
+            id: opts
+                .version_id
+                .clone()
+                .unwrap_or_else(|| content_hash(&raw.files)),
+            source: opts.source.clone(),
+            loaded_at: SystemTime::now(),
+        },
+        router: routes.router,
+        routes: routes.routes,
+        upstreams: upstreams.into_values().map(|(_, u)| u).collect(),
+        client_ip: defaults.client_ip,
+        warnings: diagnostics.warning_count(),
+    });
+    Compiled {
+        snapshot,
+        diagnostics,
+        files: raw.files,
+    }
+}
+
+/// Shared compile state.
+pub(crate) struct Cx<'a> {
+    pub diags: Diagnostics,
+    pub opts: &'a CompileOptions,
+    pub root: &'a Path,
+}
+
+impl Cx<'_> {
+    pub fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    /// Parses a duration field, reporting a located error.
+    pub fn duration(
+        &mut self,
+        file: FileId,
+        v: &Spanned<crate::config::raw::DurationText>,
+    ) -> Option<Duration> {
+        match crate::config::units::parse_duration(&v.0) {
+            Ok(d) if d.is_zero() => {
+                self.push(
+                    Diagnostic::error("invalid-duration", "a duration of zero is not allowed").at(
+                        file,
+                        v.span(),
+                        "zero",
+                    ),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(Diagnostic::error("invalid-duration", e).at(
+                    file,
+                    v.span(),
+                    "not a duration",
+                ));
+                None
+            }
+        }
+    }
+
+    /// Parses a size field, reporting a located error.
+    pub fn size(&mut self, file: FileId, v: &Spanned<crate::config::raw::SizeText>) -> Option<u64> {
+        match crate::config::units::parse_size(&v.0) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.push(Diagnostic::error("invalid-size", e).at(file, v.span(), "not a size"));
+                None
+            }
+        }
+    }
+}
+
+/// Compiled upstreams by name, with where each was defined.
+pub(crate) type UpstreamTable = HashMap<String, ((FileId, std::ops::Range<usize>), Arc<Upstream>)>;
+
+/// A stable id for a directory's content: sha256 over every file's name and text.
+fn content_hash(files: &SourceFiles) -> String {
+    let mut h = Sha256::new();
+    for id in 0..files.len() {
+        h.update(files.name(id).as_bytes());
+        h.update([0]);
+        h.update(files.source(id).as_bytes());
+        h.update([0]);
+    }
+    let digest = h.finalize();
+    format!("sha256:{}", &hex::encode(digest)[..12])
+}
+
+/// The closest candidate to `name`, if it is close enough to be a likely typo.
+pub(crate) fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}

@@ -1,0 +1,277 @@
+//! Diagnostics: what is wrong (or suspicious) in a config repo, and exactly where.
+//!
+//! Every check in the loader and the compiler reports through [`Diagnostics`]; nothing stops at
+//! the first problem. Rendering is rustc-like for people and JSON for tools.
+
+use std::ops::Range;
+
+use codespan_reporting::diagnostic as cs;
+use codespan_reporting::files::{Files, SimpleFiles};
+use codespan_reporting::term;
+use serde::Serialize;
+
+/// Index of a file in [`SourceFiles`].
+pub type FileId = usize;
+
+/// The text of every file read from the config repo, by repo-relative path.
+#[derive(Default)]
+pub struct SourceFiles {
+    files: SimpleFiles<String, String>,
+    count: usize,
+}
+
+impl SourceFiles {
+    pub fn add(&mut self, name: impl Into<String>, source: impl Into<String>) -> FileId {
+        self.count += 1;
+        self.files.add(name.into(), source.into())
+    }
+
+    /// Number of files; ids are `0..len()`.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn name(&self, id: FileId) -> &str {
+        self.files
+            .get(id)
+            .map(|f| f.name().as_str())
+            .unwrap_or("<unknown>")
+    }
+
+    pub fn source(&self, id: FileId) -> &str {
+        self.files
+            .get(id)
+            .map(|f| f.source().as_str())
+            .unwrap_or("")
+    }
+
+    /// 1-based line and column of a byte offset.
+    pub fn line_col(&self, id: FileId, offset: usize) -> (usize, usize) {
+        self.files
+            .location(id, offset)
+            .map(|l| (l.line_number, l.column_number))
+            .unwrap_or((1, 1))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// A place in a file, with what to say about it.
+#[derive(Debug, Clone)]
+pub struct Label {
+    pub file: FileId,
+    pub span: Range<usize>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// Stable machine-readable code, e.g. `unknown-upstream`.
+    pub code: &'static str,
+    pub message: String,
+    /// Where the problem is. `None` only for problems with no file (an unreadable directory).
+    pub primary: Option<Label>,
+    /// Other places that explain it (the first definition of a duplicate name, ...).
+    pub secondary: Vec<Label>,
+    pub help: Vec<String>,
+}
+
+impl Diagnostic {
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            primary: None,
+            secondary: Vec::new(),
+            help: Vec::new(),
+        }
+    }
+
+    pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(code, message)
+        }
+    }
+
+    pub fn at(mut self, file: FileId, span: Range<usize>, message: impl Into<String>) -> Self {
+        self.primary = Some(Label {
+            file,
+            span,
+            message: message.into(),
+        });
+        self
+    }
+
+    pub fn also(mut self, file: FileId, span: Range<usize>, message: impl Into<String>) -> Self {
+        self.secondary.push(Label {
+            file,
+            span,
+            message: message.into(),
+        });
+        self
+    }
+
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help.push(help.into());
+        self
+    }
+}
+
+/// Diagnostics in the order they were found.
+#[derive(Debug, Default, Clone)]
+pub struct Diagnostics {
+    items: Vec<Diagnostic>,
+}
+
+/// One diagnostic flattened for `--format json`.
+#[derive(Debug, Serialize)]
+pub struct JsonDiagnostic<'a> {
+    pub severity: Severity,
+    pub code: &'a str,
+    pub message: &'a str,
+    pub file: Option<&'a str>,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub help: &'a [String],
+}
+
+impl Diagnostics {
+    pub fn push(&mut self, d: Diagnostic) {
+        self.items.push(d);
+    }
+
+    pub fn extend(&mut self, other: Diagnostics) {
+        self.items.extend(other.items);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.items.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn error_count(&self) -> usize {
+        self.count(Severity::Error)
+    }
+
+    pub fn warning_count(&self) -> usize {
+        self.count(Severity::Warning)
+    }
+
+    fn count(&self, severity: Severity) -> usize {
+        self.items.iter().filter(|d| d.severity == severity).count()
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.error_count() > 0
+    }
+
+    /// Turns every warning into an error (`--deny-warnings`).
+    pub fn deny_warnings(&mut self) {
+        for d in &mut self.items {
+            d.severity = Severity::Error;
+        }
+    }
+
+    /// rustc-style text: header, location, snippet, help.
+    pub fn render_human(&self, files: &SourceFiles) -> String {
+        let config = term::Config::default();
+        let mut out = String::new();
+        for d in &self.items {
+            let rendered = term::emit_into_string(&config, &files.files, &to_codespan(d))
+                .unwrap_or_else(|_| format!("{}: {}\n", severity_word(d.severity), d.message));
+            out.push_str(&rendered);
+        }
+        out
+    }
+
+    /// One line each: `file:line:col: severity[code]: message`.
+    pub fn render_short(&self, files: &SourceFiles) -> String {
+        let mut out = String::new();
+        for d in &self.items {
+            if let Some(p) = &d.primary {
+                let (line, col) = files.line_col(p.file, p.span.start);
+                out.push_str(&format!("{}:{line}:{col}: ", files.name(p.file)));
+            }
+            out.push_str(&format!(
+                "{}[{}]: {}\n",
+                severity_word(d.severity),
+                d.code,
+                d.message
+            ));
+        }
+        out
+    }
+
+    pub fn to_json<'a>(&'a self, files: &'a SourceFiles) -> Vec<JsonDiagnostic<'a>> {
+        self.items
+            .iter()
+            .map(|d| {
+                let loc = d.primary.as_ref().map(|p| {
+                    let (line, col) = files.line_col(p.file, p.span.start);
+                    (files.name(p.file), line, col)
+                });
+                JsonDiagnostic {
+                    severity: d.severity,
+                    code: d.code,
+                    message: &d.message,
+                    file: loc.map(|l| l.0),
+                    line: loc.map(|l| l.1),
+                    column: loc.map(|l| l.2),
+                    help: &d.help,
+                }
+            })
+            .collect()
+    }
+}
+
+impl IntoIterator for Diagnostics {
+    type Item = Diagnostic;
+    type IntoIter = std::vec::IntoIter<Diagnostic>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
+}
+
+fn severity_word(s: Severity) -> &'static str {
+    match s {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    }
+}
+
+fn to_codespan(d: &Diagnostic) -> cs::Diagnostic<FileId> {
+    let base = match d.severity {
+        Severity::Error => cs::Diagnostic::error(),
+        Severity::Warning => cs::Diagnostic::warning(),
+    };
+    let mut labels = Vec::new();
+    if let Some(p) = &d.primary {
+        labels.push(cs::Label::primary(p.file, p.span.clone()).with_message(&p.message));
+    }
+    for s in &d.secondary {
+        labels.push(cs::Label::secondary(s.file, s.span.clone()).with_message(&s.message));
+    }
+    base.with_code(d.code)
+        .with_message(&d.message)
+        .with_labels(labels)
+        .with_notes(d.help.iter().map(|h| format!("help: {h}")).collect())
+}

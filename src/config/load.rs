@@ -1,0 +1,253 @@
+//! Reading a config repo directory into raw config, with a diagnostic for every file that does
+//! not parse and every table that does not fit the schema. Nothing here checks meaning.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::diag::{Diagnostic, Diagnostics, FileId, SourceFiles};
+use super::raw::{GatewayFile, RawRoute, RawUpstream};
+use super::spanned::Spanned;
+
+/// Everything read from a config repo, before compilation.
+#[derive(Default)]
+pub struct RawConfig {
+    /// The repo root on disk (policy paths are relative to it).
+    pub root: PathBuf,
+    pub files: SourceFiles,
+    pub gateway: Option<(FileId, GatewayFile)>,
+    pub routes: Vec<(FileId, RawRoute)>,
+    /// Upstreams with the span of their name key.
+    pub upstreams: Vec<(FileId, Spanned<String>, RawUpstream)>,
+    pub diagnostics: Diagnostics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("config directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+/// Reads `gateway.toml`, `routes/*.toml` and `upstreams/*.toml` under `root`, in name order.
+/// Only an unreadable directory is an `Err`; every problem inside a file is a diagnostic.
+pub fn load_dir(root: &Path) -> Result<RawConfig, LoadError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Io { path, source }
+    };
+    let meta = std::fs::metadata(root).map_err(io(root))?;
+    if !meta.is_dir() {
+        return Err(LoadError::NotADirectory(root.to_path_buf()));
+    }
+    let mut cfg = RawConfig {
+        root: root.to_path_buf(),
+        ..RawConfig::default()
+    };
+
+    let gateway = root.join("gateway.toml");
+    if gateway.is_file() {
+        let text = std::fs::read_to_string(&gateway).map_err(io(&gateway))?;
+        let id = cfg.files.add("gateway.toml", text);
+        load_gateway(&mut cfg, id);
+    }
+    for (dir, kind) in [("routes", Kind::Routes), ("upstreams", Kind::Upstreams)] {
+        for path in toml_files(&root.join(dir)).map_err(io(&root.join(dir)))? {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            let name = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            let id = cfg.files.add(name, text);
+            match kind {
+                Kind::Routes => load_routes(&mut cfg, id),
+                Kind::Upstreams => load_upstreams(&mut cfg, id),
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Routes,
+    Upstreams,
+}
+
+fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses a file, reporting every syntax error. `None` when the file has any.
+fn parse<'a>(
+    files: &'a SourceFiles,
+    id: FileId,
+    diags: &mut Diagnostics,
+) -> Option<toml::Spanned<DeTable<'a>>> {
+    let (table, errors) = DeTable::parse_recoverable(files.source(id));
+    if errors.is_empty() {
+        return Some(table);
+    }
+    for e in errors {
+        let span = e.span().unwrap_or(0..0);
+        diags.push(
+            Diagnostic::error(
+                "toml-syntax",
+                format!("invalid TOML: {}", e.message().trim()),
+            )
+            .at(id, span, "here"),
+        );
+    }
+    None
+}
+
+/// Deserialises one TOML value into `T`, turning a serde error into a located diagnostic.
+fn decode<T: for<'de> Deserialize<'de>>(
+    value: toml::Spanned<DeValue<'_>>,
+    id: FileId,
+    what: &str,
+    diags: &mut Diagnostics,
+) -> Option<T> {
+    let whole = value.span();
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            diags.push(serde_diagnostic(&e, id, whole, what));
+            None
+        }
+    }
+}
+
+/// Classifies a deserialisation error by its message: serde gives no structured kind.
+pub(crate) fn serde_diagnostic(
+    e: &toml::de::Error,
+    id: FileId,
+    whole: std::ops::Range<usize>,
+    what: &str,
+) -> Diagnostic {
+    let msg = e.message().trim();
+    let (code, label) = if msg.starts_with("unknown field") {
+        ("unknown-key", "unknown key")
+    } else if msg.starts_with("invalid type") {
+        ("wrong-type", "wrong type")
+    } else if msg.starts_with("missing field") {
+        ("missing-key", "required key missing")
+    } else {
+        ("invalid-value", "invalid value")
+    };
+    Diagnostic::error(code, format!("{msg} in {what}")).at(id, e.span().unwrap_or(whole), label)
+}
+
+fn load_gateway(cfg: &mut RawConfig, id: FileId) {
+    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
+        return;
+    };
+    let span = table.span();
+    let value = toml::Spanned::new(span, DeValue::Table(table.into_inner()));
+    if let Some(g) = decode::<GatewayFile>(value, id, "gateway.toml", &mut cfg.diagnostics) {
+        cfg.gateway = Some((id, g));
+    }
+}
+
+fn load_routes(cfg: &mut RawConfig, id: FileId) {
+    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
+        return;
+    };
+    let mut routes = Vec::new();
+    for (key, value) in table.into_inner() {
+        if key.get_ref().as_ref() != "route" {
+            cfg.diagnostics.push(
+                Diagnostic::error(
+                    "unknown-key",
+                    format!("unknown key `{}` in a routes file", key.get_ref()),
+                )
+                .at(id, key.span(), "unknown key")
+                .help("a routes file holds only `[[route]]` tables"),
+            );
+            continue;
+        }
+        let span = value.span();
+        let DeValue::Array(items) = value.into_inner() else {
+            cfg.diagnostics.push(
+                Diagnostic::error("wrong-type", "`route` must be an array of tables")
+                    .at(id, span, "not an array")
+                    .help("write each route as `[[route]]`"),
+            );
+            continue;
+        };
+        for item in items.iter().cloned() {
+            let what = route_name(&item)
+                .map(|n| format!("route `{n}`"))
+                .unwrap_or_else(|| "a route".into());
+            if let Some(r) = decode::<RawRoute>(item, id, &what, &mut cfg.diagnostics) {
+                routes.push((id, r));
+            }
+        }
+    }
+    cfg.routes.extend(routes);
+}
+
+fn route_name(item: &toml::Spanned<DeValue<'_>>) -> Option<String> {
+    item.get_ref()
+        .as_table()?
+        .get("name")?
+        .get_ref()
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn load_upstreams(cfg: &mut RawConfig, id: FileId) {
+    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
+        return;
+    };
+    for (key, value) in table.into_inner() {
+        if key.get_ref().as_ref() != "upstream" {
+            cfg.diagnostics.push(
+                Diagnostic::error(
+                    "unknown-key",
+                    format!("unknown key `{}` in an upstreams file", key.get_ref()),
+                )
+                .at(id, key.span(), "unknown key")
+                .help("an upstreams file holds only `[upstream.<name>]` tables"),
+            );
+            continue;
+        }
+        let span = value.span();
+        let DeValue::Table(entries) = value.into_inner() else {
+            cfg.diagnostics.push(
+                Diagnostic::error(
+                    "wrong-type",
+                    "`upstream` must be a table of named upstreams",
+                )
+                .at(id, span, "not a table")
+                .help("write each upstream as `[upstream.<name>]`"),
+            );
+            continue;
+        };
+        for (name, body) in entries {
+            let name = Spanned::new(name.get_ref().to_string(), name.span());
+            let what = format!("upstream `{}`", name.get());
+            if let Some(u) = decode::<RawUpstream>(body, id, &what, &mut cfg.diagnostics) {
+                cfg.upstreams.push((id, name, u));
+            }
+        }
+    }
+}

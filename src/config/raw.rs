@@ -1,0 +1,216 @@
+//! The raw shape of the config repo's TOML files, exactly as written.
+//!
+//! These types only describe syntax: every field keeps its span and nothing here checks meaning.
+//! Semantic checks (references, conflicts, units) live in `compile`. Rules, after Apollo Router:
+//! `deny_unknown_fields` everywhere, defaults on the struct, no negative booleans, no `flatten`.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::Spanned;
+
+/// A duration written as text: `"250ms"`, `"5s"`, `"1m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DurationText(pub String);
+
+impl JsonSchema for DurationText {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number and a unit (ms, s, m, h), e.g. \"250ms\", \"5s\", \"1m\".",
+            "pattern": "^\\s*[0-9]+\\s*(ns|us|ms|s|m|h|d)(\\s*[0-9]+\\s*(ns|us|ms|s|m|h|d))*\\s*$"
+        })
+    }
+}
+
+/// A size written as text: `"512"`, `"64KiB"`, `"10MiB"`, `"1GB"`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SizeText(pub String);
+
+impl JsonSchema for SizeText {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A size in bytes with an optional unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. \"10MiB\".",
+            "pattern": "^\\s*[0-9]+\\s*([KMG]i?B|B)?\\s*$"
+        })
+    }
+}
+
+/// `gateway.toml`: repo-wide defaults. Optional; every field has a default.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Defaults applied to every route and upstream that does not set its own.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// How the client address is found when the gateway sits behind other proxies.
+    #[serde(default)]
+    pub client_ip: ClientIp,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Time allowed for the upstream to send its response headers (default "30s").
+    pub timeout: Option<Spanned<DurationText>>,
+    /// Time allowed to open a connection to a target (default "5s").
+    pub connect_timeout: Option<Spanned<DurationText>>,
+    /// Largest request body accepted (default "10MiB"); larger bodies get 413.
+    pub max_body_size: Option<Spanned<SizeText>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIp {
+    /// Peers (addresses or CIDR ranges) whose `X-Forwarded-*` headers are believed. Default: none,
+    /// so the socket peer is the client and client-sent forwarding headers are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// `routes/*.toml`: a list of `[[route]]` tables.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+}
+
+/// One `[[route]]`: what requests it matches and what it does with them.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique name, used in logs, metrics and tests.
+    pub name: Spanned<String>,
+    /// Host to match: exact (`api.example.com`) or wildcard suffix (`*.example.com`). Absent: any host.
+    pub host: Option<Spanned<String>>,
+    /// Exact path, with optional `{param}` segments: `/orders/{id}`.
+    pub path: Option<Spanned<String>>,
+    /// Path prefix, matched on segment boundaries: `/orders` matches `/orders` and `/orders/7`.
+    pub prefix: Option<Spanned<String>>,
+    /// Methods to match (`GET`, `POST`, ...). Absent: every method.
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Name of the upstream that serves this route.
+    pub upstream: Option<Spanned<String>>,
+    /// Answer directly from the gateway instead of proxying.
+    pub respond: Option<Spanned<RawRespond>>,
+    /// Prefix removed from the path before it goes upstream.
+    pub strip_prefix: Option<Spanned<String>>,
+    /// Prefix added to the path (after `strip_prefix`) before it goes upstream.
+    pub add_prefix: Option<Spanned<String>>,
+    /// Upstream path template, with the route's `{param}` values: `/v2/items/{id}`.
+    pub rewrite: Option<Spanned<String>>,
+    /// Forward the client's `Host` header (default true); false sends the target's host.
+    pub preserve_host: Option<bool>,
+    /// Send this `Host` header upstream instead.
+    pub host_rewrite: Option<Spanned<String>>,
+    /// Time allowed for the upstream's response headers; overrides the upstream and gateway default.
+    pub timeout: Option<Spanned<DurationText>>,
+    /// Largest request body accepted on this route; larger gets 413.
+    pub max_body_size: Option<Spanned<SizeText>>,
+    /// Headers set on or removed from the request before it goes upstream.
+    pub request_headers: Option<HeaderRules>,
+    /// Headers set on or removed from the response before it goes to the client.
+    pub response_headers: Option<HeaderRules>,
+    /// Rhai policy script, relative to the repo root.
+    pub policy: Option<Spanned<String>>,
+}
+
+/// A direct response.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    pub status: Spanned<u16>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    /// Header name -> value. A value is a string or a secret reference.
+    #[serde(default)]
+    pub set: BTreeMap<String, Spanned<ValueSource>>,
+    /// Header names to remove.
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
+}
+
+/// A value written in the repo, or a reference to a secret kept outside it.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ValueSource {
+    Literal(String),
+    Secret(SecretRef),
+}
+
+/// A secret is never written in the repo: it names where the running gateway finds it.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub enum SecretRef {
+    /// Read from this environment variable.
+    #[serde(rename = "env")]
+    Env(String),
+    /// Read from this file (trailing newline trimmed).
+    #[serde(rename = "file")]
+    File(String),
+}
+
+/// `upstreams/*.toml`: `[upstream.<name>]` tables.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamsFile {
+    #[serde(default)]
+    pub upstream: BTreeMap<String, RawUpstream>,
+}
+
+/// A named group of targets that serve the same thing.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `"http://host:port"` or `{ url = "http://host:port", weight = 2 }`.
+    pub targets: Spanned<Vec<Spanned<RawTarget>>>,
+    /// How a target is picked.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Time allowed to connect to a target.
+    pub connect_timeout: Option<Spanned<DurationText>>,
+    /// Time allowed for the response headers.
+    pub timeout: Option<Spanned<DurationText>>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawTarget {
+    Url(String),
+    Weighted {
+        url: String,
+        #[serde(default = "default_weight")]
+        weight: u32,
+    },
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round-robin.
+    #[default]
+    RoundRobin,
+}

@@ -1,0 +1,206 @@
+//! The `rustygate` command line: parses flags, calls the library, maps outcomes to exit codes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use rustygate::compile::{CompileOptions, Compiled, compile_dir};
+use rustygate::server::ServeOptions;
+use rustygate::snapshot::SnapshotStore;
+use rustygate::telemetry::{LogFormat, init_logging};
+
+#[derive(Parser)]
+#[command(
+    name = "rustygate",
+    version,
+    about = "A declarative GitOps API gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config repo with the server's own compiler. Exit 0 valid, 1 invalid, 2 usage/IO error.
+    Validate {
+        /// Config repo directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+        /// Do not resolve secret references (env vars, files): for CI without the secrets.
+        #[arg(long)]
+        no_env: bool,
+    },
+    /// Print the JSON Schema of the config repo's TOML files.
+    Schema {
+        /// One file kind only: gateway, routes or upstreams. Default: all in one schema.
+        kind: Option<String>,
+    },
+    /// Run the gateway.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// rustc-style, with source snippets.
+    Human,
+    /// One line per diagnostic: `file:line:col: severity[code]: message`.
+    Short,
+    /// A JSON array of diagnostics.
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Config repo directory.
+    #[arg(long, env = "RUSTYGATE_REPO")]
+    repo: PathBuf,
+    /// Proxy listener address.
+    #[arg(long, env = "RUSTYGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Admin listener address (/healthz, /readyz, /status).
+    #[arg(long, env = "RUSTYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    admin_listen: SocketAddr,
+    /// Worker threads for the proxy listener (default: number of cores).
+    #[arg(long, env = "RUSTYGATE_WORKERS")]
+    workers: Option<usize>,
+    /// Time in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, env = "RUSTYGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Emit one access-log event per request.
+    #[arg(long, env = "RUSTYGATE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+    #[arg(long, env = "RUSTYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate {
+            dir,
+            format,
+            deny_warnings,
+            no_env,
+        } => validate(&dir, format, deny_warnings, no_env),
+        Command::Schema { kind } => schema(kind.as_deref()),
+        Command::Serve(args) => match serve(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn validate(dir: &std::path::Path, format: Format, deny_warnings: bool, no_env: bool) -> ExitCode {
+    let opts = CompileOptions {
+        resolve_secrets: !no_env,
+        version_id: None,
+        source: dir.display().to_string(),
+    };
+    let Compiled {
+        mut diagnostics,
+        files,
+        ..
+    } = match compile_dir(dir, &opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if deny_warnings {
+        diagnostics.deny_warnings();
+    }
+    match format {
+        Format::Human => {
+            eprint!("{}", diagnostics.render_human(&files));
+            let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
+            if e > 0 {
+                eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
+            } else {
+                eprintln!(
+                    "{}: valid ({} file(s), {w} warning(s))",
+                    dir.display(),
+                    files.len()
+                );
+            }
+        }
+        Format::Short => eprint!("{}", diagnostics.render_short(&files)),
+        Format::Json => match serde_json::to_string_pretty(&diagnostics.to_json(&files)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }
+    if diagnostics.has_errors() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn schema(kind: Option<&str>) -> ExitCode {
+    let value = match kind {
+        None => rustygate::schema::combined(),
+        Some(k) => match rustygate::schema::schemas()
+            .into_iter()
+            .find(|(name, _)| *name == k)
+        {
+            Some((_, s)) => s.to_value(),
+            None => {
+                eprintln!("error: unknown file kind `{k}`; expected gateway, routes or upstreams");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    print!("{}", rustygate::schema::render(&value));
+    ExitCode::SUCCESS
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_format);
+    let opts = CompileOptions {
+        resolve_secrets: true,
+        version_id: None,
+        source: args.repo.display().to_string(),
+    };
+    let compiled = compile_dir(&args.repo, &opts)
+        .with_context(|| format!("loading {}", args.repo.display()))?;
+    let Some(snapshot) = compiled.snapshot else {
+        eprint!("{}", compiled.diagnostics.render_human(&compiled.files));
+        eprintln!("{}: invalid config, not starting", args.repo.display());
+        return Ok(ExitCode::from(1));
+    };
+    for d in compiled.diagnostics.iter() {
+        tracing::warn!(code = d.code, "{}", d.message);
+    }
+    tracing::info!(version = %snapshot.version.id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), "config loaded");
+    let store = Arc::new(SnapshotStore::new(snapshot));
+    let defaults = ServeOptions::default();
+    let opts = ServeOptions {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        workers: args.workers.unwrap_or(defaults.workers),
+        shutdown_grace: args.shutdown_grace,
+        access_log: args.access_log,
+        ..defaults
+    };
+    actix_web::rt::System::new()
+        .block_on(rustygate::server::serve(&opts, store))
+        .context("serving")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,180 @@
+//! Header rules for both directions: hop-by-hop stripping, `Connection`-named headers, the
+//! forwarding headers and the client address. See SECURITY.md, "Hop-by-hop and headers the
+//! gateway owns".
+
+use std::net::IpAddr;
+
+use http::HeaderName;
+
+use crate::snapshot::{ClientIpRules, canonical_ip};
+
+/// Headers that describe one connection and never cross the proxy, in either direction.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// True for a hop-by-hop header name (lower-case, as `http` stores names).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_str(name.as_str())
+}
+
+pub fn is_hop_by_hop_str(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
+/// them removed.
+const GATEWAY_SET: [&str; 7] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// The extra header names a `Connection` header asks to drop, lower-cased. `Err` when it names a
+/// header the gateway owns: the request is refused (400) rather than half-honoured.
+pub fn connection_tokens<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for v in values {
+        let Ok(s) = std::str::from_utf8(v) else {
+            return Err("Connection header is not valid text".into());
+        };
+        for token in s.split(',') {
+            let t = token.trim().to_ascii_lowercase();
+            if t.is_empty() || t == "close" || t == "keep-alive" {
+                continue;
+            }
+            if GATEWAY_SET.contains(&t.as_str()) || t.starts_with("x-forwarded-") {
+                return Err(format!(
+                    "Connection header names `{t}`, which the gateway sets"
+                ));
+            }
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// The address to treat as the client: the socket peer, unless the peer is a trusted proxy, in
+/// which case `X-Forwarded-For` is walked from the right past trusted hops.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    xff: impl Iterator<Item = &'a [u8]>,
+    rules: &ClientIpRules,
+) -> IpAddr {
+    let peer = canonical_ip(peer);
+    if rules.trusted_proxies.is_empty() || !rules.is_trusted(peer) {
+        return peer;
+    }
+    let mut hops: Vec<&str> = Vec::new();
+    for v in xff {
+        let Ok(s) = std::str::from_utf8(v) else {
+            return peer;
+        };
+        hops.extend(s.split(','));
+    }
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            // A hop we cannot read: stop at the last address we could trust.
+            return client;
+        };
+        let ip = canonical_ip(ip);
+        client = ip;
+        if !rules.is_trusted(ip) {
+            return ip;
+        }
+    }
+    client
+}
+
+/// Accepts a client-supplied request id only if it is short and plain.
+pub fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+
+    fn rules(nets: &[&str]) -> ClientIpRules {
+        ClientIpRules {
+            trusted_proxies: nets.iter().map(|n| n.parse::<IpNet>().unwrap()).collect(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn untrusted_peer_is_the_client() {
+        let r = rules(&[]);
+        let xff = [b"1.2.3.4".as_slice()];
+        assert_eq!(client_ip(ip("9.9.9.9"), xff.into_iter(), &r), ip("9.9.9.9"));
+    }
+
+    #[test]
+    fn trusted_hops_are_skipped_from_the_right() {
+        let r = rules(&["10.0.0.0/8"]);
+        let xff = [b"6.6.6.6, 1.2.3.4, 10.0.0.5".as_slice()];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), xff.into_iter(), &r),
+            ip("1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn garbage_hop_stops_the_walk() {
+        let r = rules(&["10.0.0.0/8"]);
+        let xff = [b"1.2.3.4, bogus".as_slice()];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), xff.into_iter(), &r),
+            ip("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn mapped_v6_peer_matches_v4_rule() {
+        let r = rules(&["127.0.0.0/8"]);
+        let xff = [b"5.5.5.5".as_slice()];
+        assert_eq!(
+            client_ip(ip("::ffff:127.0.0.1"), xff.into_iter(), &r),
+            ip("5.5.5.5")
+        );
+    }
+
+    #[test]
+    fn connection_cannot_drop_gateway_headers() {
+        assert!(connection_tokens([b"close, X-Forwarded-For".as_slice()].into_iter()).is_err());
+        assert!(connection_tokens([b"host".as_slice()].into_iter()).is_err());
+        assert_eq!(
+            connection_tokens([b"keep-alive, X-Secret".as_slice()].into_iter()).unwrap(),
+            vec!["x-secret".to_string()]
+        );
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 200]));
+    }
+}

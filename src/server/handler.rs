@@ -1,0 +1,502 @@
+//! The proxy handler: one request from accept to response.
+//!
+//! Phases, in order (DESIGN.md, "The request path"):
+//! ```text
+//! load snapshot ─► request checks ─► normalise path ─► match host+method+path
+//!   ─► [filters: later issues] ─► respond directly, or pick target ─► forward (stream both ways)
+//!   ─► response header rules ─► access log when the body ends
+//! ```
+//! The snapshot is loaded once and kept for the whole exchange, so a config swap never changes
+//! the rules under a request in flight.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::BodySize;
+use actix_web::http::{StatusCode, header as ax};
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+
+use super::WorkerState;
+use crate::proxy::body::{BodyStats, OnFinish, ProxyBody, UpstreamBody, stream_request_body};
+use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
+use crate::proxy::{ForwardError, send};
+use crate::router::{PathError, RouteId, normalize_host, normalize_path};
+use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse, UpstreamHost};
+use crate::upstream::{Target, Upstream};
+
+/// Per-request facts for the access log, emitted once when the exchange ends.
+struct Exchange {
+    snapshot: Arc<Snapshot>,
+    started: Instant,
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    method: actix_web::http::Method,
+    host: String,
+    path: String,
+    route: Option<RouteId>,
+    upstream: Option<Arc<Upstream>>,
+    target: Option<usize>,
+    body: Option<Rc<BodyStats>>,
+    log: bool,
+}
+
+impl Exchange {
+    fn emit(&self, status: u16, bytes_out: u64, completed: bool) {
+        if !self.log {
+            return;
+        }
+        let route = self
+            .route
+            .and_then(|r| self.snapshot.routes.get(r))
+            .map(|r| r.name.as_str());
+        let target = match (&self.upstream, self.target) {
+            (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
+            _ => None,
+        };
+        tracing::info!(
+            target: "rustygate::access",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            client_ip = %self.client_ip,
+            method = self.method.as_str(),
+            host = self.host.as_str(),
+            path = self.path.as_str(),
+            route = route.unwrap_or(""),
+            upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
+            target = target.unwrap_or(""),
+            status,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
+            bytes_out,
+            completed,
+            config_version = self.snapshot.version.id.as_str(),
+        );
+    }
+
+    /// An error answered by the gateway itself: JSON body, request id, logged.
+    fn error(&self, status: u16, message: &str) -> HttpResponse {
+        let body = Bytes::from(
+            serde_json::json!({
+                "error": message,
+                "request_id": self.request_id.to_str().unwrap_or(""),
+            })
+            .to_string(),
+        );
+        let len = body.len() as u64;
+        let mut resp = HttpResponse::build(status_code(status));
+        resp.insert_header((ax::CONTENT_TYPE, "application/json"));
+        resp.insert_header(("x-request-id", self.request_id.as_bytes()));
+        self.emit(status, len, true);
+        resp.body(body)
+    }
+}
+
+fn status_code(s: u16) -> StatusCode {
+    StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// Entry point for every request on the proxy listener.
+pub(crate) async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<WorkerState>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let snapshot = state.store.load();
+    let heads = req.headers();
+    let request_id = heads
+        .get("x-request-id")
+        .filter(|v| valid_request_id(v.as_bytes()))
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        .unwrap_or_else(new_request_id);
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let client = client_ip(
+        peer,
+        heads.get_all("x-forwarded-for").map(|v| v.as_bytes()),
+        &snapshot.client_ip,
+    );
+    let raw_host = host_of(&req);
+    let mut ex = Exchange {
+        snapshot,
+        started,
+        request_id,
+        client_ip: client,
+        method: req.method().clone(),
+        host: raw_host
+            .map(|h| normalize_host(h).into_owned())
+            .unwrap_or_default(),
+        path: req.uri().path().to_owned(),
+        route: None,
+        upstream: None,
+        target: None,
+        body: None,
+        log: state.access_log,
+    };
+
+    if let Err(why) = check_request(&req) {
+        return ex.error(400, why);
+    }
+    let path = match normalize_path(req.uri().path()) {
+        Ok(p) => p.into_owned(),
+        Err(PathError::NotOriginForm)
+            if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
+        {
+            ex.emit(200, 0, true);
+            return HttpResponse::Ok()
+                .insert_header(("x-request-id", ex.request_id.as_bytes()))
+                .finish();
+        }
+        Err(e) => return ex.error(400, &e.to_string()),
+    };
+    ex.path.clone_from(&path);
+    let snap = Arc::clone(&ex.snapshot);
+    let Some(m) = snap.router.lookup(&ex.host, req.method().as_str(), &path) else {
+        let allowed = snap.router.allowed_methods(&ex.host, &path);
+        if allowed.is_empty() {
+            return ex.error(404, "no route matches this request");
+        }
+        let mut resp = ex.error(405, "method not allowed on this route");
+        if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
+            resp.headers_mut().insert(ax::ALLOW, v);
+        }
+        return resp;
+    };
+    ex.route = Some(m.route);
+    let Some(route) = snap.routes.get(m.route) else {
+        return ex.error(500, "internal routing error");
+    };
+    match &route.action {
+        RouteAction::Respond(r) => respond(&ex, r),
+        RouteAction::Proxy { upstream, rewrite } => {
+            let upstream_path = if rewrite.is_identity() {
+                path
+            } else {
+                rewrite.apply(&path, m.params.as_ref())
+            };
+            forward(ex, &req, payload, &state, route, upstream, upstream_path).await
+        }
+    }
+}
+
+/// Framing and header checks actix does not make itself (SECURITY.md).
+fn check_request(req: &HttpRequest) -> Result<(), &'static str> {
+    let h = req.headers();
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        return Err("the request target must be a path");
+    }
+    if h.contains_key(ax::TRANSFER_ENCODING) && h.contains_key(ax::CONTENT_LENGTH) {
+        return Err("both Transfer-Encoding and Content-Length are set");
+    }
+    if h.get_all(ax::CONTENT_LENGTH).count() > 1 {
+        return Err("more than one Content-Length header");
+    }
+    let hosts = h.get_all(ax::HOST).count();
+    if hosts > 1 {
+        return Err("more than one Host header");
+    }
+    if hosts == 0 && req.version() == actix_web::http::Version::HTTP_11 {
+        return Err("HTTP/1.1 requests need a Host header");
+    }
+    Ok(())
+}
+
+fn host_of(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(ax::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Uuid::new_v4();
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    HeaderValue::from_bytes(id.simple().encode_lower(&mut buf).as_bytes())
+        .unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
+    let mut resp = HttpResponse::build(status_code(r.status));
+    for (name, value) in &r.headers {
+        resp.append_header((name.as_str(), value.as_bytes()));
+    }
+    resp.insert_header(("x-request-id", ex.request_id.as_bytes()));
+    ex.emit(r.status, r.body.len() as u64, true);
+    resp.body(r.body.clone())
+}
+
+async fn forward(
+    mut ex: Exchange,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &WorkerState,
+    route: &Route,
+    upstream: &Arc<Upstream>,
+    upstream_path: String,
+) -> HttpResponse {
+    ex.upstream = Some(Arc::clone(upstream));
+    let Some((index, target)) = upstream.pick() else {
+        return ex.error(503, "no upstream target is available");
+    };
+    ex.target = Some(index);
+
+    let declared_len = match content_length(req) {
+        Ok(n) => n,
+        Err(()) => return ex.error(400, "invalid Content-Length"),
+    };
+    if declared_len.is_some_and(|n| n > route.max_body_size) {
+        return ex.error(413, "request body is larger than this route accepts");
+    }
+    let headers = match upstream_headers(req, &ex, route, target) {
+        Ok(h) => h,
+        Err(why) => return ex.error(400, &why),
+    };
+    let uri = match upstream_uri(target, &upstream_path, req.uri().query()) {
+        Some(u) => u,
+        None => return ex.error(400, "the request path cannot be forwarded"),
+    };
+    let has_body =
+        declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
+    let body = if has_body {
+        let (body, stats) =
+            stream_request_body(payload.into_inner(), declared_len, route.max_body_size);
+        ex.body = Some(stats);
+        body
+    } else {
+        ProxyBody::Empty
+    };
+    let mut upstream_req = http::Request::new(body);
+    *upstream_req.method_mut() = convert_method(req.method());
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.headers_mut() = headers;
+
+    let client = state.clients.get(upstream.connect_timeout);
+    let resp = match send(&client, upstream_req, route.timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            let e = match e {
+                ForwardError::ClientBody(_) | ForwardError::Upstream(_)
+                    if ex.body.as_ref().is_some_and(|b| b.too_large.get()) =>
+                {
+                    ForwardError::BodyTooLarge
+                }
+                e => e,
+            };
+            tracing::warn!(
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                route = route.name.as_str(),
+                upstream = upstream.name.as_str(),
+                target = target.url.as_str(),
+                kind = e.kind(),
+                error = %e,
+                "upstream request failed"
+            );
+            let message = match &e {
+                ForwardError::Connect(_) | ForwardError::Upstream(_) => {
+                    "the upstream could not be reached"
+                }
+                ForwardError::Timeout(_) => "the upstream did not answer in time",
+                ForwardError::BodyTooLarge => "request body is larger than this route accepts",
+                ForwardError::ClientBody(_) => "the request body could not be read",
+            };
+            return ex.error(e.status(), message);
+        }
+    };
+    client_response(ex, req, route, resp)
+}
+
+fn content_length(req: &HttpRequest) -> Result<Option<u64>, ()> {
+    match req.headers().get(ax::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().map_err(|_| ())?;
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            s.parse().map(Some).map_err(|_| ())
+        }
+    }
+}
+
+fn convert_method(m: &actix_web::http::Method) -> http::Method {
+    use actix_web::http::Method as A;
+    match *m {
+        A::GET => http::Method::GET,
+        A::POST => http::Method::POST,
+        A::PUT => http::Method::PUT,
+        A::DELETE => http::Method::DELETE,
+        A::HEAD => http::Method::HEAD,
+        A::OPTIONS => http::Method::OPTIONS,
+        A::PATCH => http::Method::PATCH,
+        A::TRACE => http::Method::TRACE,
+        A::CONNECT => http::Method::CONNECT,
+        _ => http::Method::from_bytes(m.as_str().as_bytes()).unwrap_or(http::Method::GET),
+    }
+}
+
+/// Request headers for the upstream: the client's, minus hop-by-hop and `Connection`-named
+/// ones, with the forwarding headers set by the gateway and the route's own rules applied.
+fn upstream_headers(
+    req: &HttpRequest,
+    ex: &Exchange,
+    route: &Route,
+    target: &Target,
+) -> Result<http::HeaderMap, String> {
+    let h = req.headers();
+    let dropped = connection_tokens(h.get_all(ax::CONNECTION).map(|v| v.as_bytes()))?;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let trusted = peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p));
+    let mut out = http::HeaderMap::with_capacity(h.len() + 4);
+    for (name, value) in h.iter() {
+        let n = name.as_str();
+        if is_hop_by_hop_str(n)
+            || matches!(n, "host" | "x-forwarded-for" | "x-request-id" | "expect")
+            || (!trusted
+                && matches!(
+                    n,
+                    "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
+                ))
+            || dropped.iter().any(|d| d == n)
+        {
+            continue;
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) else {
+            continue;
+        };
+        out.append(n, v);
+    }
+    // X-Forwarded-For: what trusted hops said, then the peer.
+    let peer_text = peer
+        .map(|p| crate::snapshot::canonical_ip(p).to_string())
+        .unwrap_or_default();
+    let xff = if trusted {
+        let prior: Vec<&str> = h
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", prior.join(", "))
+        }
+    } else {
+        peer_text
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert(header::HeaderName::from_static("x-forwarded-for"), v);
+    }
+    if !out.contains_key("x-forwarded-proto") {
+        out.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+    }
+    let client_host = h
+        .get(ax::HOST)
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+    if !out.contains_key("x-forwarded-host")
+        && let Some(v) = &client_host
+    {
+        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+    }
+    out.insert(
+        HeaderName::from_static("x-request-id"),
+        ex.request_id.clone(),
+    );
+    let host = match &route.upstream_host {
+        UpstreamHost::Preserve => client_host,
+        UpstreamHost::Target => HeaderValue::from_str(target.authority.as_str()).ok(),
+        UpstreamHost::Fixed(v) => Some(v.clone()),
+    };
+    if let Some(v) = host {
+        out.insert(header::HOST, v);
+    }
+    route.request_headers.apply(&mut out);
+    Ok(out)
+}
+
+fn upstream_uri(target: &Target, path: &str, query: Option<&str>) -> Option<http::Uri> {
+    let pq = match query {
+        Some(q) => PathAndQuery::from_maybe_shared(Bytes::from(format!("{path}?{q}"))),
+        None => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())),
+    }
+    .ok()?;
+    http::Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
+
+/// Turns the upstream's response into the client's, streaming the body.
+fn client_response(
+    ex: Exchange,
+    req: &HttpRequest,
+    route: &Route,
+    resp: http::Response<hyper::body::Incoming>,
+) -> HttpResponse {
+    let (mut parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // hyper refuses such responses already; this is the belt to its braces.
+        return ex.error(502, "the upstream sent an invalid response");
+    }
+    let dropped = connection_tokens(
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+    .unwrap_or_default();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    route.response_headers.apply(&mut parts.headers);
+
+    let mut out = HttpResponseBuilder::new(status_code(status));
+    for (name, value) in parts.headers.iter() {
+        let n = name.as_str();
+        if is_hop_by_hop_str(n) || n == "content-length" || dropped.iter().any(|d| d == n) {
+            continue;
+        }
+        out.append_header((n, value.as_bytes()));
+    }
+    out.insert_header(("x-request-id", ex.request_id.as_bytes()));
+
+    let no_body = req.method() == actix_web::http::Method::HEAD
+        || status == 204
+        || status == 304
+        || (100..200).contains(&status);
+    if no_body {
+        if let (Some(n), true) = (declared, req.method() == actix_web::http::Method::HEAD) {
+            out.insert_header((ax::CONTENT_LENGTH, n));
+        }
+        ex.emit(status, 0, true);
+        return out.finish();
+    }
+    let size = match declared {
+        Some(n) => BodySize::Sized(n),
+        None => BodySize::Stream,
+    };
+    let on_finish: Option<OnFinish> = if ex.log {
+        Some(Box::new(move |bytes, clean| ex.emit(status, bytes, clean)))
+    } else {
+        None
+    };
+    out.body(UpstreamBody::new(body, size, on_finish))
+}

@@ -1,0 +1,179 @@
+//! The Actix-web servers: the proxy listener, the admin listener, and their shutdown.
+//!
+//! Each proxy worker gets its own upstream client (pools stay on the worker's thread) and reads
+//! the shared [`SnapshotStore`] once per request. Signals are handled here, not by actix, so that
+//! both listeners stop together and in-flight requests get the grace period.
+
+mod admin;
+mod handler;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix_web::{App, HttpServer, web};
+
+use crate::proxy::UpstreamClients;
+use crate::snapshot::SnapshotStore;
+
+/// How this gateway process runs (flags and `RUSTYGATE_*` variables, never the config repo).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub workers: usize,
+    /// Time in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Emit one access-log event per request.
+    pub access_log: bool,
+    /// Idle keep-alive time for client connections.
+    pub keep_alive: Duration,
+    /// Time a client has to send its request head (slowloris guard).
+    pub client_request_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            shutdown_grace: Duration::from_secs(30),
+            access_log: true,
+            keep_alive: Duration::from_secs(75),
+            client_request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub(crate) struct WorkerState {
+    pub store: Arc<SnapshotStore>,
+    pub clients: UpstreamClients,
+    pub access_log: bool,
+}
+
+/// Both listeners, bound and running inside the current actix system.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    proxy: actix_web::dev::Server,
+    admin: actix_web::dev::Server,
+}
+
+impl Running {
+    /// Handles to stop both servers from elsewhere.
+    pub fn handles(&self) -> Handles {
+        Handles {
+            proxy: self.proxy.handle(),
+            admin: self.admin.handle(),
+        }
+    }
+
+    /// Runs until both servers have stopped.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let (a, b) = futures_util::future::join(self.proxy, self.admin).await;
+        a.and(b)
+    }
+}
+
+#[derive(Clone)]
+pub struct Handles {
+    proxy: actix_web::dev::ServerHandle,
+    admin: actix_web::dev::ServerHandle,
+}
+
+impl Handles {
+    /// Stops accepting, lets in-flight requests finish (up to the grace period), then returns.
+    pub async fn stop(&self, graceful: bool) {
+        futures_util::future::join(self.proxy.stop(graceful), self.admin.stop(graceful)).await;
+    }
+}
+
+/// Binds both listeners and starts serving. Must run inside an actix system.
+pub fn start(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(opts.listen)?;
+    let admin_listener = TcpListener::bind(opts.admin_listen)?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let grace = opts.shutdown_grace.as_secs().max(1);
+
+    let access_log = opts.access_log;
+    let proxy_store = Arc::clone(&store);
+    let proxy = HttpServer::new(move || {
+        let state = WorkerState {
+            store: Arc::clone(&proxy_store),
+            clients: UpstreamClients::default(),
+            access_log,
+        };
+        App::new()
+            .app_data(web::Data::new(state))
+            .app_data(web::PayloadConfig::new(usize::MAX))
+            .default_service(web::to(handler::handle))
+    })
+    .workers(opts.workers.max(1))
+    .keep_alive(opts.keep_alive)
+    .client_request_timeout(opts.client_request_timeout)
+    .shutdown_timeout(grace)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+
+    let admin_state = web::Data::new(admin::AdminState {
+        store,
+        started_at: SystemTime::now(),
+    });
+    let admin = HttpServer::new(move || {
+        App::new()
+            .app_data(admin_state.clone())
+            .configure(admin::configure)
+    })
+    .workers(1)
+    .shutdown_timeout(grace)
+    .disable_signals()
+    .listen(admin_listener)?
+    .run();
+
+    Ok(Running {
+        addr,
+        admin_addr,
+        proxy,
+        admin,
+    })
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<()> {
+    let running = start(opts, store)?;
+    tracing::info!(listen = %running.addr, admin = %running.admin_addr, workers = opts.workers, "rustygate listening");
+    let handles = running.handles();
+    let grace = opts.shutdown_grace;
+    actix_web::rt::spawn(async move {
+        let signal = shutdown_signal().await;
+        tracing::info!(
+            signal,
+            grace_seconds = grace.as_secs(),
+            "shutting down: no new connections, finishing in-flight requests"
+        );
+        handles.stop(true).await;
+    });
+    running.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

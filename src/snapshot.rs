@@ -1,0 +1,194 @@
+//! The immutable compiled config that requests are served from.
+//!
+//! A `Snapshot` is built by `compile::compile`, published into the [`SnapshotStore`] and never
+//! mutated afterwards. A request loads the current snapshot once and uses it for its whole life,
+//! so a swap never changes the rules under a request in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+use crate::router::Router;
+use crate::upstream::Upstream;
+
+/// Which config a snapshot was built from.
+#[derive(Debug, Clone)]
+pub struct ConfigVersion {
+    /// Commit SHA for git sources, content hash (`sha256:` + 12 hex) for a plain directory.
+    pub id: String,
+    /// Where it came from: a directory path or a git URL.
+    pub source: String,
+    pub loaded_at: SystemTime,
+}
+
+pub struct Snapshot {
+    pub version: ConfigVersion,
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub client_ip: ClientIpRules,
+    pub warnings: usize,
+}
+
+pub struct Route {
+    pub name: String,
+    pub action: RouteAction,
+    pub timeout: Duration,
+    pub max_body_size: u64,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub upstream_host: UpstreamHost,
+}
+
+pub enum RouteAction {
+    Proxy {
+        upstream: Arc<Upstream>,
+        rewrite: PathRewrite,
+    },
+    Respond(StaticResponse),
+}
+
+/// What `Host` header the upstream sees.
+#[derive(Debug, Clone)]
+pub enum UpstreamHost {
+    /// The client's `Host` (default).
+    Preserve,
+    /// The target's `host:port`.
+    Target,
+    Fixed(HeaderValue),
+}
+
+/// How the matched path becomes the upstream path.
+#[derive(Debug, Clone, Default)]
+pub struct PathRewrite {
+    pub strip_prefix: Option<String>,
+    pub add_prefix: Option<String>,
+    pub template: Option<Vec<TemplatePart>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Param(String),
+}
+
+impl PathRewrite {
+    pub fn is_identity(&self) -> bool {
+        self.strip_prefix.is_none() && self.add_prefix.is_none() && self.template.is_none()
+    }
+
+    /// The upstream path for a normalised request path and its route params.
+    pub fn apply(&self, path: &str, params: Option<&matchit::Params<'_, '_>>) -> String {
+        if let Some(parts) = &self.template {
+            let mut out = String::new();
+            for part in parts {
+                match part {
+                    TemplatePart::Literal(s) => out.push_str(s),
+                    TemplatePart::Param(name) => {
+                        out.push_str(params.and_then(|p| p.get(name)).unwrap_or(""))
+                    }
+                }
+            }
+            return out;
+        }
+        let mut rest = path;
+        if let Some(r) = self
+            .strip_prefix
+            .as_deref()
+            .and_then(|prefix| strip_segment_prefix(path, prefix))
+        {
+            rest = r;
+        }
+        let rest = if rest.is_empty() { "/" } else { rest };
+        match &self.add_prefix {
+            Some(prefix) if rest == "/" => prefix.clone(),
+            Some(prefix) => format!("{prefix}{rest}"),
+            None => rest.to_owned(),
+        }
+    }
+}
+
+/// `path` without `prefix`, if `prefix` ends at a segment boundary of `path`.
+pub fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+/// Headers to set and remove, validated at compile time.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A response the gateway answers itself.
+#[derive(Debug, Clone)]
+pub struct StaticResponse {
+    pub status: u16,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// Which peers' forwarding headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIpRules {
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl ClientIpRules {
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Maps IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, so one rule covers both.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The current snapshot, swapped atomically. Readers never block, writers never wait for readers.
+pub struct SnapshotStore {
+    current: ArcSwap<Snapshot>,
+}
+
+impl SnapshotStore {
+    pub fn new(initial: Snapshot) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(initial),
+        }
+    }
+
+    /// The snapshot to serve one request with.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new snapshot; requests already running keep the one they loaded.
+    pub fn publish(&self, next: Snapshot) -> Arc<Snapshot> {
+        self.current.swap(Arc::new(next))
+    }
+}
