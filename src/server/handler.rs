@@ -438,6 +438,24 @@ fn upstream_uri(target: &Target, path: &str, query: Option<&str>) -> Option<http
         .ok()
 }
 
+/// The empty body of a HEAD response, sized like the GET body would be.
+struct HeadBody(u64);
+
+impl actix_web::body::MessageBody for HeadBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.0)
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+}
+
 /// Turns the upstream's response into the client's, streaming the body.
 fn client_response(
     ex: Exchange,
@@ -483,11 +501,12 @@ fn client_response(
         || status == 304
         || (100..200).contains(&status);
     if no_body {
-        if let (Some(n), true) = (declared, req.method() == actix_web::http::Method::HEAD) {
-            out.insert_header((ax::CONTENT_LENGTH, n));
-        }
         ex.emit(status, 0, true);
-        return out.finish();
+        // A HEAD response announces the length of the body it does not carry.
+        return match declared {
+            Some(n) if req.method() == actix_web::http::Method::HEAD => out.body(HeadBody(n)),
+            _ => out.finish(),
+        };
     }
     let size = match declared {
         Some(n) => BodySize::Sized(n),

@@ -1,0 +1,390 @@
+//! Real things on loopback for the integration tests: HTTP backends on `127.0.0.1:0`, a gateway
+//! started in-process from a config repo written to a temp dir, and small clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use rustygate::compile::{CompileOptions, compile_dir};
+use rustygate::server::{Handles, ServeOptions};
+use rustygate::snapshot::SnapshotStore;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An HTTP/1.1 backend on 127.0.0.1:0 running `handler` for every request.
+pub struct Backend {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Backend {
+    pub fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = Arc::new(handler);
+        // The backend runs on its own thread and runtime, so tests of any flavour can use it.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let handler = Arc::clone(&handler);
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let fut = handler(req);
+                                async move { Ok::<_, Infallible>(fut.await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Backend {
+            addr,
+            stop: Some(stop),
+        }
+    }
+
+    /// Answers every request with a JSON echo of what it received.
+    pub fn echo() -> Backend {
+        Backend::start(|req: Request<Incoming>| async move {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let json = serde_json::json!({
+                "method": method,
+                "uri": uri,
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json.to_string()))
+                .unwrap()
+        })
+    }
+
+    /// Answers every request with `status` and `body`.
+    pub fn fixed(status: u16, body: &'static str) -> Backend {
+        Backend::start(move |_req| async move {
+            Response::builder().status(status).body(full(body)).unwrap()
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A raw TCP backend that answers each connection with `response` bytes, verbatim.
+pub fn raw_backend(response: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(response);
+                let _ = s.flush();
+                std::thread::sleep(Duration::from_millis(200));
+            });
+        }
+    });
+    addr
+}
+
+/// A port that nothing listens on (bound, then released).
+pub fn dead_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Writes a config repo (`(relative path, content)` pairs) into a temp dir.
+pub fn repo(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_files(dir.path(), files);
+    dir
+}
+
+pub fn write_files(root: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+}
+
+/// A gateway running in-process on 127.0.0.1:0, stopped on drop.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<SnapshotStore>,
+    pub dir: PathBuf,
+    handles: Handles,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _repo: Option<tempfile::TempDir>,
+}
+
+impl Gateway {
+    /// Compiles `files` as a config repo and serves it.
+    pub fn start(files: &[(&str, &str)]) -> Gateway {
+        let dir = repo(files);
+        let mut g = Gateway::start_dir(dir.path(), ServeOptions::default());
+        g._repo = Some(dir);
+        g
+    }
+
+    pub fn start_dir(dir: &Path, opts: ServeOptions) -> Gateway {
+        let compiled = compile_dir(
+            dir,
+            &CompileOptions {
+                resolve_secrets: true,
+                version_id: None,
+                source: dir.display().to_string(),
+            },
+        )
+        .unwrap();
+        let Some(snapshot) = compiled.snapshot else {
+            panic!(
+                "test config does not compile:\n{}",
+                compiled.diagnostics.render_human(&compiled.files)
+            );
+        };
+        let store = Arc::new(SnapshotStore::new(snapshot));
+        let opts = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            access_log: false,
+            ..opts
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_store = Arc::clone(&store);
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let running = rustygate::server::start(&opts, thread_store).unwrap();
+                tx.send((running.addr, running.admin_addr, running.handles()))
+                    .unwrap();
+                running.wait().await.unwrap();
+            });
+        });
+        let (addr, admin_addr, handles) = rx.recv().unwrap();
+        Gateway {
+            addr,
+            admin_addr,
+            store,
+            dir: dir.to_path_buf(),
+            handles,
+            thread: Some(thread),
+            _repo: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Stop from a plain thread: the test itself may be running inside a tokio runtime.
+        let handles = self.handles.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(handles.stop(false));
+        })
+        .join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A response read whole by [`send`].
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends a request on a fresh connection and reads the whole response.
+pub async fn send(req: Request<Body>) -> Reply {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Body>();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("gateway answered within 30 s")
+        .expect("request succeeded");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Reply {
+    send(Request::get(url).body(full("")).unwrap()).await
+}
+
+/// Writes raw bytes to the gateway and returns what it answered (until close or 2 s of quiet).
+pub fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && response_complete(&out) {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn response_complete(out: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    len.is_some_and(|n| body.len() >= n)
+}
+
+/// Waits for `cond` to hold, polling, up to `limit`.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// Routes everything to one upstream at `url`, with optional extra route keys.
+pub fn proxy_all(url: &str, route_extra: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "routes/all.toml",
+            format!(
+                "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n{route_extra}\n"
+            ),
+        ),
+        (
+            "upstreams/be.toml",
+            format!("[upstream.be]\ntargets = [\"{url}\"]\n"),
+        ),
+    ]
+}
+
+pub fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(a, b)| (*a, b.as_str())).collect()
+}

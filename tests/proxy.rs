@@ -1,0 +1,396 @@
+//! The proxy end to end: real backends on loopback, the gateway in-process.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::Request;
+
+fn header_of(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == name)
+        .map(|h| h[1].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwards_method_path_query_headers_and_body() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let reply = send(
+        Request::post(gw.url("/orders/7?x=1&y=%20z"))
+            .header("x-custom", "hello")
+            .header("content-type", "text/plain")
+            .body(full("the body"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let echo = reply.json();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["uri"], "/orders/7?x=1&y=%20z");
+    assert_eq!(echo["body"], "the body");
+    assert_eq!(header_of(&echo, "x-custom"), vec!["hello"]);
+    assert_eq!(header_of(&echo, "content-length"), vec!["8"]);
+    // The client's Host is preserved by default.
+    assert_eq!(header_of(&echo, "host"), vec![gw.addr.to_string()]);
+    assert_eq!(header_of(&echo, "x-forwarded-proto"), vec!["http"]);
+    assert_eq!(
+        header_of(&echo, "x-forwarded-host"),
+        vec![gw.addr.to_string()]
+    );
+    // A request id is generated, sent upstream and returned.
+    let id = reply.header("x-request-id").unwrap().to_owned();
+    assert_eq!(header_of(&echo, "x-request-id"), vec![id]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_method_is_forwarded() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    for m in ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+        let reply = send(
+            Request::builder()
+                .method(m)
+                .uri(gw.url("/x"))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.json()["method"], m);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_request_id_is_propagated_when_plain() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let reply = send(
+        Request::get(gw.url("/"))
+            .header("x-request-id", "abc-123")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.header("x-request-id"), Some("abc-123"));
+    assert_eq!(header_of(&reply.json(), "x-request-id"), vec!["abc-123"]);
+    let reply = send(
+        Request::get(gw.url("/"))
+            .header("x-request-id", "bad id <script>")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_ne!(reply.header("x-request-id"), Some("bad id <script>"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_stripped_towards_the_upstream() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let reply = send(
+        Request::get(gw.url("/"))
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "must not pass")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("trailer", "x-foo")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("upgrade", "websocket")
+            .header("x-kept", "yes")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    let echo = reply.json();
+    for h in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "upgrade",
+    ] {
+        assert!(header_of(&echo, h).is_empty(), "{h} reached the upstream");
+    }
+    assert_eq!(header_of(&echo, "x-kept"), vec!["yes"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_naming_a_gateway_header_is_refused() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    for named in ["X-Forwarded-For", "host", "x-forwarded-proto"] {
+        let reply = send(
+            Request::get(gw.url("/"))
+                .header("connection", named)
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, 400, "Connection: {named}");
+    }
+}
+
+#[test]
+fn hop_by_hop_headers_are_stripped_from_the_response() {
+    let be = raw_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nok",
+    );
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    let resp = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 200"), "{resp}");
+    assert!(resp.contains("x-kept: yes"), "{resp}");
+    for h in ["x-internal", "keep-alive:", "proxy-connection", "upgrade"] {
+        assert!(!resp.contains(h), "{h} reached the client: {resp}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_from_an_untrusted_peer_is_replaced() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let reply = send(
+        Request::get(gw.url("/"))
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("forwarded", "for=6.6.6.6")
+            .header("x-real-ip", "6.6.6.6")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    let echo = reply.json();
+    assert_eq!(header_of(&echo, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(header_of(&echo, "x-forwarded-proto"), vec!["http"]);
+    assert_eq!(
+        header_of(&echo, "x-forwarded-host"),
+        vec![gw.addr.to_string()]
+    );
+    assert!(header_of(&echo, "forwarded").is_empty());
+    assert!(header_of(&echo, "x-real-ip").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_from_a_trusted_peer_is_appended() {
+    let be = Backend::echo();
+    let mut files = proxy_all(&be.url(), "");
+    files.push((
+        "gateway.toml",
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.0/8\"]\n".into(),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    let reply = send(
+        Request::get(gw.url("/"))
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("x-forwarded-proto", "https")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    let echo = reply.json();
+    assert_eq!(
+        header_of(&echo, "x-forwarded-for"),
+        vec!["1.2.3.4, 127.0.0.1"]
+    );
+    assert_eq!(header_of(&echo, "x-forwarded-proto"), vec!["https"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_errors_are_json_with_the_right_status() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&[
+        ("routes/r.toml", "[[route]]\nname = \"only\"\npath = \"/only\"\nmethods = [\"GET\"]\nupstream = \"be\"\n".into()),
+        ("upstreams/u.toml", format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url())),
+    ]));
+    let reply = get(&gw.url("/nothing-here")).await;
+    assert_eq!(reply.status, 404);
+    let body = reply.json();
+    assert_eq!(body["error"], "no route matches this request");
+    assert_eq!(body["request_id"], reply.header("x-request-id").unwrap());
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+
+    let reply = send(Request::delete(gw.url("/only")).body(full("")).unwrap()).await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_upstream_is_502_without_leaking_its_address() {
+    let url = format!("http://127.0.0.1:{}", dead_port());
+    let gw = Gateway::start(&as_refs(&proxy_all(&url, "")));
+    let reply = get(&gw.url("/")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.json()["error"], "the upstream could not be reached");
+    assert!(!reply.text().contains("127.0.0.1"), "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_is_504() {
+    let be = Backend::start(|_req| async {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        http::Response::new(full("late"))
+    });
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "timeout = \"200ms\"")));
+    let started = std::time::Instant::now();
+    let reply = get(&gw.url("/")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["error"], "the upstream did not answer in time");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_over_the_limit_is_413_by_length_and_while_streaming() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "max_body_size = \"1KiB\"")));
+    let reply = send(
+        Request::post(gw.url("/"))
+            .body(full(vec![b'a'; 2048]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(
+        reply.json()["error"],
+        "request body is larger than this route accepts"
+    );
+    // Exactly at the limit passes.
+    let reply = send(
+        Request::post(gw.url("/"))
+            .body(full(vec![b'a'; 1024]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // Chunked, with no length announced: counted while streaming.
+    let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n400\r\n";
+    let mut req = chunked.to_vec();
+    req.extend_from_slice(&[b'a'; 1024]);
+    req.extend_from_slice(b"\r\n400\r\n");
+    req.extend_from_slice(&[b'a'; 1024]);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let resp = raw(gw.addr, &req);
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+}
+
+#[test]
+fn oversized_header_block_is_431() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let mut req = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+    for i in 0..200 {
+        req.extend_from_slice(format!("x-filler-{i}: {}\r\n", "v".repeat(500)).as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    let resp = raw(gw.addr, &req);
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "{}",
+        &resp[..resp.len().min(200)]
+    );
+}
+
+#[test]
+fn smuggling_shapes_are_refused() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let cases: [&[u8]; 5] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\nabcd",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ];
+    for case in cases {
+        let resp = raw(gw.addr, case);
+        assert!(
+            resp.starts_with("HTTP/1.1 400"),
+            "{:?} -> {resp}",
+            String::from_utf8_lossy(case)
+        );
+    }
+}
+
+#[test]
+fn upstream_with_both_framing_headers_is_502() {
+    let be = raw_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    let resp = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+}
+
+#[test]
+fn paths_are_normalised_before_matching_and_forwarding() {
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&[
+        ("routes/r.toml", "[[route]]\nname = \"public\"\nprefix = \"/public\"\nupstream = \"be\"\n\n[[route]]\nname = \"admin\"\nprefix = \"/admin\"\nrespond = { status = 403, body = \"admin needs auth\" }\n".into()),
+        ("upstreams/u.toml", format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url())),
+    ]));
+    let resp = raw(
+        gw.addr,
+        b"GET /public/../admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let resp = raw(
+        gw.addr,
+        b"GET /public/%2e%2e/admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let resp = raw(
+        gw.addr,
+        b"GET /public//x/./y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.contains("\"uri\":\"/public/x/y\""), "{resp}");
+    for bad in [
+        "/public/%00",
+        "/public/a\\b",
+        "/../etc/passwd",
+        "/public/%zz",
+    ] {
+        let resp = raw(
+            gw.addr,
+            format!("GET {bad} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(resp.starts_with("HTTP/1.1 400"), "{bad} -> {resp}");
+    }
+    let resp = raw(
+        gw.addr,
+        b"GET http://a/public HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 400"), "absolute-form -> {resp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn respond_routes_answer_directly() {
+    let gw = Gateway::start(&[(
+        "routes/r.toml",
+        "[[route]]\nname = \"health\"\npath = \"/\"\nrespond = { status = 200, body = \"RustyGate is running\", headers = { \"x-served-by\" = \"gw\" } }\n",
+    )]);
+    let reply = get(&gw.url("/")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "RustyGate is running");
+    assert_eq!(reply.header("x-served-by"), Some("gw"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn head_keeps_the_upstream_length() {
+    let be = Backend::fixed(200, "twelve bytes");
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let reply = send(Request::head(gw.url("/")).body(full("")).unwrap()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-length"), Some("12"));
+    assert!(reply.body.is_empty());
+}
