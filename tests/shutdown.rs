@@ -1,0 +1,118 @@
+//! Graceful shutdown of the real binary on a real SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
+    let (arrived_tx, arrived_rx) = mpsc::channel::<()>();
+    let arrived_tx = std::sync::Mutex::new(arrived_tx);
+    let be = Backend::start(move |_req| {
+        let _ = arrived_tx.lock().unwrap().send(());
+        async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            http::Response::new(full("slow answer"))
+        }
+    });
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let listen = format!("127.0.0.1:{}", dead_port());
+    let admin = format!("127.0.0.1:{}", dead_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo"])
+        .arg(dir.path())
+        .args([
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--workers",
+            "1",
+            "--shutdown-grace",
+            "10s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || http_get(&admin, "/healthz")
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))),
+        "the gateway did not come up"
+    );
+
+    // An idle keep-alive connection, open before the signal.
+    let mut idle = TcpStream::connect(&listen).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    arrived_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    let listen2 = listen.clone();
+    let in_flight = std::thread::spawn(move || http_get(&listen2, "/slow"));
+    arrived_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the slow request reached the backend");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // New connections are refused while the in-flight request is still running.
+    assert!(
+        wait_until(Duration::from_secs(1), || TcpStream::connect(&listen)
+            .is_err()),
+        "the listener still accepts after SIGTERM"
+    );
+    let answer = in_flight.join().unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("slow answer"), "{answer}");
+
+    // The idle keep-alive connection is closed rather than kept for the whole grace period.
+    idle.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed, "idle keep-alive connection left open");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}; logs:\n{logs}");
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(logs.contains("\"stopped\""), "{logs}");
+}
