@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::config::{
-    Diagnostic, Diagnostics, FileId, LoadError, RawConfig, SourceFiles, Spanned, load_dir,
+    Diagnostic, Diagnostics, FileId, LoadError, RawConfig, SourceFiles, Spanned, Unloaded, load_dir,
 };
 use crate::snapshot::{ConfigVersion, Snapshot};
 use crate::upstream::Upstream;
@@ -63,6 +63,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         diags: std::mem::take(&mut raw.diagnostics),
         opts,
         root: &raw.root,
+        unloaded: &raw.unloaded,
     };
     let defaults = gateway::compile_defaults(&mut cx, raw.gateway.as_ref());
     let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
@@ -97,6 +98,8 @@ pub(crate) struct Cx<'a> {
     pub diags: Diagnostics,
     pub opts: &'a CompileOptions,
     pub root: &'a Path,
+    /// Names from tables that failed to load: their error is reported, not its knock-on effects.
+    pub unloaded: &'a Unloaded,
 }
 
 impl Cx<'_> {

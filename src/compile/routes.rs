@@ -91,12 +91,12 @@ pub(crate) fn compile_routes(
             .as_ref()
             .map(|h| header_ops(cx, file, h, false))
             .unwrap_or_default();
+        let route_timeout = r.timeout.as_ref().and_then(|v| cx.duration(file, v));
         let max_body_size = r
             .max_body_size
             .as_ref()
             .and_then(|v| cx.size(file, v))
             .unwrap_or(defaults.max_body_size);
-        let route_timeout = r.timeout.as_ref().and_then(|v| cx.duration(file, v));
         if let Some(p) = &r.policy {
             check_policy(cx, file, p);
         }
@@ -402,6 +402,10 @@ fn action(
         }
         (Some(u), None) => {
             let Some((_, upstream)) = upstreams.get(u.get()) else {
+                if cx.unloaded.upstreams.contains(u.get()) {
+                    // Defined, with an error of its own already reported.
+                    return None;
+                }
                 let mut d = Diagnostic::error(
                     "unknown-upstream",
                     format!("unknown upstream `{}`", u.get()),

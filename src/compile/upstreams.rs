@@ -165,7 +165,7 @@ pub(crate) fn warn_unused(
     used: &HashSet<String>,
 ) {
     for (file, name, _) in raw {
-        if !used.contains(name.get()) {
+        if !used.contains(name.get()) && !cx.unloaded.route_upstreams.contains(name.get()) {
             cx.push(
                 Diagnostic::warning(
                     "unused-upstream",

@@ -1,6 +1,7 @@
 //! Reading a config repo directory into raw config, with a diagnostic for every file that does
 //! not parse and every table that does not fit the schema. Nothing here checks meaning.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -20,7 +21,21 @@ pub struct RawConfig {
     pub routes: Vec<(FileId, RawRoute)>,
     /// Upstreams with the span of their name key.
     pub upstreams: Vec<(FileId, Spanned<String>, RawUpstream)>,
+    /// Names from tables that did not load, so compile can skip knock-on diagnostics.
+    pub unloaded: Unloaded,
     pub diagnostics: Diagnostics,
+}
+
+/// Names seen in tables that failed to load (a syntax error in their file, or a table that does
+/// not fit the schema). That failure is already an error; these let the compiler avoid piling
+/// misleading ones on top: "unknown upstream `orders`" when `[upstream.orders]` has a typo, or
+/// "upstream `orders` is not used" when the route using it has one.
+#[derive(Debug, Default)]
+pub struct Unloaded {
+    /// Upstreams that are defined but did not load.
+    pub upstreams: HashSet<String>,
+    /// Upstreams named by routes that did not load.
+    pub route_upstreams: HashSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,16 +111,18 @@ fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Parses a file, reporting every syntax error. `None` when the file has any.
+/// Parses a file, reporting every syntax error in file order. `Err` holds what the parser
+/// recovered when the file has any: good enough to learn names from, not to load.
 fn parse<'a>(
     files: &'a SourceFiles,
     id: FileId,
     diags: &mut Diagnostics,
-) -> Option<toml::Spanned<DeTable<'a>>> {
-    let (table, errors) = DeTable::parse_recoverable(files.source(id));
+) -> Result<toml::Spanned<DeTable<'a>>, toml::Spanned<DeTable<'a>>> {
+    let (table, mut errors) = DeTable::parse_recoverable(files.source(id));
     if errors.is_empty() {
-        return Some(table);
+        return Ok(table);
     }
+    errors.sort_by_key(|e| e.span().map(|s| (s.start, s.end)));
     for e in errors {
         let span = e.span().unwrap_or(0..0);
         diags.push(
@@ -116,7 +133,7 @@ fn parse<'a>(
             .at(id, span, "here"),
         );
     }
-    None
+    Err(table)
 }
 
 /// Deserialises one TOML value into `T`, turning a serde error into a located diagnostic.
@@ -157,7 +174,7 @@ pub(crate) fn serde_diagnostic(
 }
 
 fn load_gateway(cfg: &mut RawConfig, id: FileId) {
-    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
+    let Ok(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
         return;
     };
     let span = table.span();
@@ -168,8 +185,16 @@ fn load_gateway(cfg: &mut RawConfig, id: FileId) {
 }
 
 fn load_routes(cfg: &mut RawConfig, id: FileId) {
-    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
-        return;
+    let table = match parse(&cfg.files, id, &mut cfg.diagnostics) {
+        Ok(t) => t,
+        Err(partial) => {
+            let items = partial.get_ref().get("route").map(|v| v.get_ref());
+            if let Some(DeValue::Array(items)) = items {
+                let names = items.iter().filter_map(|i| str_key(i, "upstream"));
+                cfg.unloaded.route_upstreams.extend(names);
+            }
+            return;
+        }
     };
     let mut routes = Vec::new();
     for (key, value) in table.into_inner() {
@@ -194,29 +219,41 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
             continue;
         };
         for item in items.iter().cloned() {
-            let what = route_name(&item)
+            let what = str_key(&item, "name")
                 .map(|n| format!("route `{n}`"))
                 .unwrap_or_else(|| "a route".into());
-            if let Some(r) = decode::<RawRoute>(item, id, &what, &mut cfg.diagnostics) {
-                routes.push((id, r));
+            let upstream = str_key(&item, "upstream");
+            match decode::<RawRoute>(item, id, &what, &mut cfg.diagnostics) {
+                Some(r) => routes.push((id, r)),
+                None => cfg.unloaded.route_upstreams.extend(upstream),
             }
         }
     }
     cfg.routes.extend(routes);
 }
 
-fn route_name(item: &toml::Spanned<DeValue<'_>>) -> Option<String> {
+/// A string value of a table, read before (or without) deserialising the table.
+fn str_key(item: &toml::Spanned<DeValue<'_>>, key: &str) -> Option<String> {
     item.get_ref()
         .as_table()?
-        .get("name")?
+        .get(key)?
         .get_ref()
         .as_str()
         .map(str::to_owned)
 }
 
 fn load_upstreams(cfg: &mut RawConfig, id: FileId) {
-    let Some(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
-        return;
+    let table = match parse(&cfg.files, id, &mut cfg.diagnostics) {
+        Ok(t) => t,
+        Err(partial) => {
+            if let Some(DeValue::Table(entries)) =
+                partial.get_ref().get("upstream").map(|v| v.get_ref())
+            {
+                let names = entries.keys().map(|k| k.get_ref().to_string());
+                cfg.unloaded.upstreams.extend(names);
+            }
+            return;
+        }
     };
     for (key, value) in table.into_inner() {
         if key.get_ref().as_ref() != "upstream" {
@@ -245,8 +282,11 @@ fn load_upstreams(cfg: &mut RawConfig, id: FileId) {
         for (name, body) in entries {
             let name = Spanned::new(name.get_ref().to_string(), name.span());
             let what = format!("upstream `{}`", name.get());
-            if let Some(u) = decode::<RawUpstream>(body, id, &what, &mut cfg.diagnostics) {
-                cfg.upstreams.push((id, name, u));
+            match decode::<RawUpstream>(body, id, &what, &mut cfg.diagnostics) {
+                Some(u) => cfg.upstreams.push((id, name, u)),
+                None => {
+                    cfg.unloaded.upstreams.insert(name.into_inner());
+                }
             }
         }
     }

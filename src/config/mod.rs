@@ -12,5 +12,5 @@ mod spanned;
 pub mod units;
 
 pub use diag::{Diagnostic, Diagnostics, FileId, Severity, SourceFiles};
-pub use load::{LoadError, RawConfig, load_dir};
+pub use load::{LoadError, RawConfig, Unloaded, load_dir};
 pub use spanned::Spanned;

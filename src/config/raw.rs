@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::Spanned;
 
@@ -131,13 +132,19 @@ pub struct RawRoute {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRespond {
+    /// HTTP status code, 200-599.
+    #[schemars(range(min = 200, max = 599))]
     pub status: Spanned<u16>,
+    /// Response body, sent as written (default: empty).
     #[serde(default)]
     pub body: String,
+    /// Response headers: name -> value.
     #[serde(default)]
     pub headers: BTreeMap<String, Spanned<String>>,
 }
 
+/// Headers to set and to remove. Headers the gateway owns (`Host`, `Content-Length`, hop-by-hop
+/// and `X-Forwarded-*`) cannot be named.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderRules {
@@ -150,15 +157,54 @@ pub struct HeaderRules {
 }
 
 /// A value written in the repo, or a reference to a secret kept outside it.
-#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, JsonSchema, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum ValueSource {
     Literal(String),
     Secret(SecretRef),
 }
 
+// Deserialised by hand, not `#[serde(untagged)]` (which only drives the schema), so that a
+// mistyped reference gets a precise, located error (unknown field `evn`) instead of "data did not
+// match any variant of untagged enum ValueSource".
+impl<'de> Deserialize<'de> for ValueSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ValueSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a string or a secret reference `{ env = \"NAME\" }` / `{ file = \"/path\" }`",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ValueSource, E> {
+                Ok(ValueSource::Literal(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ValueSource, A::Error> {
+                let t = SecretTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                match (t.env, t.file) {
+                    (Some(var), None) => Ok(ValueSource::Secret(SecretRef::Env(var))),
+                    (None, Some(path)) => Ok(ValueSource::Secret(SecretRef::File(path))),
+                    _ => Err(de::Error::custom(
+                        "a secret reference has exactly one key: `env` or `file`",
+                    )),
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// The table form of [`ValueSource`], checked for exactly one key after parsing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    env: Option<String>,
+    file: Option<String>,
+}
+
 /// A secret is never written in the repo: it names where the running gateway finds it.
-#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub enum SecretRef {
     /// Read from this environment variable.
@@ -192,15 +238,51 @@ pub struct RawUpstream {
     pub timeout: Option<Spanned<DurationText>>,
 }
 
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(untagged)]
+/// A target: `"http://host:port"` or `{ url = "http://host:port", weight = 2 }`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum RawTarget {
     Url(String),
     Weighted {
         url: String,
+        /// Share of requests relative to the other targets (1-1000, default 1).
         #[serde(default = "default_weight")]
+        #[schemars(range(min = 1, max = 1000))]
         weight: u32,
     },
+}
+
+/// The table form of [`RawTarget`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightedTarget {
+    url: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+// Deserialised by hand, not `#[serde(untagged)]` (which only drives the schema): an untagged
+// enum accepts unknown keys in the table form (`wieght = 2` silently meant weight 1) and replaces
+// the real error with "data did not match any variant".
+impl<'de> Deserialize<'de> for RawTarget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTarget;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a target URL string or a `{ url = \"...\", weight = N }` table")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTarget, E> {
+                Ok(RawTarget::Url(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTarget, A::Error> {
+                let WeightedTarget { url, weight } =
+                    WeightedTarget::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawTarget::Weighted { url, weight })
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 fn default_weight() -> u32 {

@@ -1,0 +1,709 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Every compiler check, seen from outside: a small config repo on disk, the real `compile_dir`,
+//! and the exact code, severity and `file:line:col` of what it reports. The last tests run the
+//! built `rustygate validate` binary to pin its CLI contract (exit codes, output formats).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use rustygate::compile::{CompileOptions, Compiled, compile_dir};
+use rustygate::config::diag::Label;
+use rustygate::config::{Diagnostic, Severity};
+use tempfile::TempDir;
+
+/// An upstream the route snippets below can use.
+const ORDERS_UPSTREAM: (&str, &str) = (
+    "upstreams/orders.toml",
+    "[upstream.orders]\ntargets = [\"http://127.0.0.1:8001\"]\n",
+);
+
+/// Writes a config repo: `(repo-relative path, content)` pairs.
+fn repo(files: &[(&str, &str)]) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in files {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn compile_with(dir: &Path, resolve_secrets: bool) -> Compiled {
+    let opts = CompileOptions {
+        resolve_secrets,
+        ..CompileOptions::default()
+    };
+    compile_dir(dir, &opts).unwrap()
+}
+
+fn compile(dir: &Path) -> Compiled {
+    compile_with(dir, true)
+}
+
+fn location(c: &Compiled, label: &Label) -> String {
+    let (line, col) = c.files.line_col(label.file, label.span.start);
+    format!("{}:{line}:{col}", c.files.name(label.file))
+}
+
+/// Every diagnostic as `severity[code] file:line:col`, in the order they were reported.
+fn summary(c: &Compiled) -> Vec<String> {
+    c.diagnostics
+        .iter()
+        .map(|d| {
+            let severity = match d.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            };
+            let at = d
+                .primary
+                .as_ref()
+                .map(|p| location(c, p))
+                .unwrap_or_default();
+            format!("{severity}[{}] {at}", d.code)
+        })
+        .collect()
+}
+
+/// The one diagnostic with this code; fails if there is not exactly one.
+fn the<'c>(c: &'c Compiled, code: &str) -> &'c Diagnostic {
+    let found: Vec<_> = c.diagnostics.iter().filter(|d| d.code == code).collect();
+    assert_eq!(found.len(), 1, "one `{code}` expected: {:#?}", summary(c));
+    found[0]
+}
+
+/// Asserts the repo compiles to exactly `expected` (see [`summary`]) and returns the result.
+fn expect(files: &[(&str, &str)], expected: &[&str]) -> Compiled {
+    let dir = repo(files);
+    let c = compile(dir.path());
+    assert_eq!(summary(&c), expected);
+    let has_error = expected.iter().any(|e| e.starts_with("error"));
+    assert_eq!(
+        c.snapshot.is_none(),
+        has_error,
+        "a snapshot exactly when there is no error"
+    );
+    c
+}
+
+#[test]
+fn toml_syntax_error_is_located() {
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/x\"\nmethods = [\"GET\" \"POST\"]\nrespond = { status = 200 }\n",
+        )],
+        &["error[toml-syntax] routes/a.toml:4:18"],
+    );
+    let d = the(&c, "toml-syntax");
+    assert!(d.message.contains("comma"), "{}", d.message);
+}
+
+#[test]
+fn unknown_key_points_at_the_key() {
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/x\"\nrespond = { status = 200 }\nupstrem = \"orders\"\n",
+        )],
+        &["error[unknown-key] routes/a.toml:5:1"],
+    );
+    let d = the(&c, "unknown-key");
+    assert!(d.message.contains("`upstrem`"), "{}", d.message);
+    assert!(d.message.contains("route `a`"), "{}", d.message);
+    let p = d.primary.as_ref().unwrap();
+    assert_eq!(&c.files.source(p.file)[p.span.clone()], "upstrem");
+}
+
+#[test]
+fn unknown_key_inside_inline_tables_and_targets() {
+    expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/x\"\nrespond = { status = 200, bdy = \"x\" }\n",
+        )],
+        &["error[unknown-key] routes/a.toml:4:27"],
+    );
+    // A weighted target with a typo used to be accepted silently with weight 1.
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/x\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/orders.toml",
+                "[upstream.orders]\ntargets = [{ url = \"http://127.0.0.1:8001\", wieght = 2 }]\n",
+            ),
+        ],
+        &["error[unknown-key] upstreams/orders.toml:2:45"],
+    );
+    // A mistyped secret reference names the key, not "did not match any variant".
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/x\"\nrespond = { status = 200 }\nresponse_headers = { set = { x-a = { evn = \"A\" } } }\n",
+        )],
+        &["error[unknown-key] routes/a.toml:5:38"],
+    );
+    assert!(the(&c, "unknown-key").message.contains("`evn`"));
+}
+
+#[test]
+fn secret_reference_needs_exactly_one_key() {
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/x\"\nrespond = { status = 200 }\nresponse_headers = { set = { x-a = { env = \"A\", file = \"/a\" } } }\n",
+        )],
+        &["error[invalid-value] routes/a.toml:5:36"],
+    );
+    assert!(the(&c, "invalid-value").message.contains("exactly one"));
+}
+
+#[test]
+fn unknown_top_level_table_in_a_routes_file() {
+    expect(
+        &[(
+            "routes/a.toml",
+            "[[routes]]\nname = \"a\"\npath = \"/x\"\nrespond = { status = 200 }\n",
+        )],
+        &["error[unknown-key] routes/a.toml:1:3"],
+    );
+}
+
+#[test]
+fn wrong_type_points_at_the_value() {
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = 5\nrespond = { status = 200 }\n",
+        )],
+        &["error[wrong-type] routes/a.toml:3:8"],
+    );
+    assert!(the(&c, "wrong-type").message.contains("integer"));
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/x\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/orders.toml",
+                "[upstream.orders]\ntargets = \"http://127.0.0.1:8001\"\n",
+            ),
+        ],
+        &["error[wrong-type] upstreams/orders.toml:2:11"],
+    );
+}
+
+#[test]
+fn duplicate_route_name_shows_both_definitions() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"orders\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "routes/b.toml",
+                "# second file\n[[route]]\nname = \"orders\"\npath = \"/b\"\nupstream = \"orders\"\n",
+            ),
+        ],
+        &["error[duplicate-route] routes/b.toml:3:8"],
+    );
+    let d = the(&c, "duplicate-route");
+    assert_eq!(d.secondary.len(), 1);
+    assert_eq!(location(&c, &d.secondary[0]), "routes/a.toml:2:8");
+    assert!(d.secondary[0].message.contains("first"));
+}
+
+#[test]
+fn unknown_upstream_suggests_the_closest_name() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"order\"\n",
+            ),
+        ],
+        &[
+            "error[unknown-upstream] routes/a.toml:4:12",
+            "warning[unused-upstream] upstreams/orders.toml:1:11",
+        ],
+    );
+    let d = the(&c, "unknown-upstream");
+    assert!(d.message.contains("`order`"), "{}", d.message);
+    assert_eq!(d.help, ["did you mean `orders`?"]);
+}
+
+#[test]
+fn upstream_that_failed_to_load_is_not_also_unknown() {
+    // The typo in the upstream is the one error; the route using it is not blamed.
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/orders.toml",
+                "[upstream.orders]\ntargets = [\"http://127.0.0.1:8001\"]\nbalanse = \"round_robin\"\n",
+            ),
+        ],
+        &["error[unknown-key] upstreams/orders.toml:3:1"],
+    );
+    // Nor is the upstream of a route that failed to load reported as unused.
+    expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\nupstream = \"orders\"\n",
+            ),
+        ],
+        &["error[toml-syntax] routes/a.toml:3:11"],
+    );
+}
+
+#[test]
+fn route_without_upstream_or_respond() {
+    let c = expect(
+        &[(
+            "routes/a.toml",
+            "[[route]]\nname = \"idle\"\npath = \"/a\"\n",
+        )],
+        &["error[no-action] routes/a.toml:2:8"],
+    );
+    assert!(the(&c, "no-action").message.contains("`idle`"));
+}
+
+#[test]
+fn route_conflict_shows_both_routes() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\nhost = \"api.example.com\"\npath = \"/orders/{id}\"\nmethods = [\"GET\"]\nupstream = \"orders\"\n",
+            ),
+            (
+                "routes/b.toml",
+                "[[route]]\nname = \"b\"\nhost = \"API.example.com\"\nmethods = [\"POST\", \"GET\"]\npath = \"/orders/{id}\"\nupstream = \"orders\"\n",
+            ),
+        ],
+        &["error[route-conflict] routes/b.toml:5:8"],
+    );
+    let d = the(&c, "route-conflict");
+    assert!(d.message.contains("`a` and `b`"), "{}", d.message);
+    assert!(d.message.contains("GET"), "{}", d.message);
+    assert_eq!(d.secondary.len(), 1);
+    assert_eq!(location(&c, &d.secondary[0]), "routes/a.toml:4:8");
+}
+
+#[test]
+fn same_path_with_other_method_or_host_is_no_conflict() {
+    expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/x\"\nmethods = [\"GET\"]\nupstream = \"orders\"\n\n\
+                 [[route]]\nname = \"b\"\npath = \"/x\"\nmethods = [\"POST\"]\nupstream = \"orders\"\n\n\
+                 [[route]]\nname = \"c\"\nhost = \"a.example.com\"\npath = \"/x\"\nupstream = \"orders\"\n",
+            ),
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn unreachable_route_is_a_warning() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a//b\"\nupstream = \"orders\"\n",
+            ),
+        ],
+        &["warning[unreachable-route] routes/a.toml:3:8"],
+    );
+    assert_eq!(the(&c, "unreachable-route").help, ["write `/a/b`"]);
+}
+
+#[test]
+fn upstream_without_targets() {
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            ("upstreams/orders.toml", "[upstream.orders]\ntargets = []\n"),
+        ],
+        &["error[no-targets] upstreams/orders.toml:2:11"],
+    );
+}
+
+#[test]
+fn invalid_target_url_points_at_the_target() {
+    let c = expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/orders.toml",
+                "[upstream.orders]\ntargets = [\n  \"http://127.0.0.1:8001\",\n  \"127.0.0.1:8002\",\n]\n",
+            ),
+        ],
+        &["error[invalid-target] upstreams/orders.toml:4:3"],
+    );
+    assert!(the(&c, "invalid-target").message.contains("127.0.0.1:8002"));
+}
+
+#[test]
+fn invalid_duration_and_size() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\ntimeout = \"5\"\nmax_body_size = \"10 MiBs\"\n",
+            ),
+            ("gateway.toml", "[defaults]\nconnect_timeout = \"soon\"\n"),
+        ],
+        &[
+            "error[invalid-duration] gateway.toml:2:19",
+            "error[invalid-duration] routes/a.toml:5:11",
+            "error[invalid-size] routes/a.toml:6:17",
+        ],
+    );
+    let messages: Vec<&str> = c.diagnostics.iter().map(|d| d.message.as_str()).collect();
+    assert!(
+        messages[0].contains("`soon` is not a duration"),
+        "{messages:?}"
+    );
+    assert!(messages[1].contains("`5` has no unit"), "{messages:?}");
+    assert!(
+        messages[2].contains("`10 MiBs` is not a size"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn missing_policy_file() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\npolicy = \"policies/a.rhai\"\n",
+            ),
+        ],
+        &["error[missing-file] routes/a.toml:5:10"],
+    );
+    assert!(the(&c, "missing-file").message.contains("policies/a.rhai"));
+}
+
+#[test]
+fn unused_upstream_is_a_warning() {
+    expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/spare.toml",
+                "# nothing routes here\n[upstream.spare]\ntargets = [\"http://127.0.0.1:8009\"]\n",
+            ),
+        ],
+        &["warning[unused-upstream] upstreams/spare.toml:2:11"],
+    );
+}
+
+const SECRET_ROUTE: &str = "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n\
+    request_headers = { set = { x-api-key = { env = \"RUSTYGATE_TEST_UNSET_SECRET_7F3A\" } } }\n";
+
+#[test]
+fn missing_env_secret_is_an_error_only_when_secrets_are_resolved() {
+    let dir = repo(&[ORDERS_UPSTREAM, ("routes/a.toml", SECRET_ROUTE)]);
+    let c = compile_with(dir.path(), true);
+    assert_eq!(summary(&c), ["error[missing-secret] routes/a.toml:5:41"]);
+    assert!(
+        the(&c, "missing-secret")
+            .message
+            .contains("RUSTYGATE_TEST_UNSET_SECRET_7F3A")
+    );
+    assert!(c.snapshot.is_none());
+
+    let c = compile_with(dir.path(), false);
+    assert!(c.diagnostics.is_empty(), "{:#?}", summary(&c));
+    assert!(c.snapshot.is_some());
+}
+
+#[test]
+fn file_secret_is_read_or_reported() {
+    let secrets = tempfile::tempdir().unwrap();
+    let present = secrets.path().join("key");
+    std::fs::write(&present, "s3cret\n").unwrap();
+    let absent = secrets.path().join("absent");
+    let route = |path: &Path| {
+        format!(
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\nrequest_headers = {{ set = {{ x-key = {{ file = {:?} }} }} }}\n",
+            path.display().to_string()
+        )
+    };
+    expect(&[ORDERS_UPSTREAM, ("routes/a.toml", &route(&present))], &[]);
+    expect(
+        &[ORDERS_UPSTREAM, ("routes/a.toml", &route(&absent))],
+        &["error[missing-secret] routes/a.toml:5:37"],
+    );
+}
+
+#[test]
+fn every_error_in_every_file_is_reported_at_once() {
+    let c = expect(
+        &[
+            ("gateway.toml", "[defaults]\ntimeout = \"forever\"\n"),
+            ("routes/a.toml", "[[route]]\nname = \"a\"\npath = \"/a\n"),
+            (
+                "routes/b.toml",
+                "[[route]]\nname = \"b\"\npath = \"/b\"\nupstream = \"orders\"\ntimeot = \"1s\"\n",
+            ),
+            (
+                "routes/c.toml",
+                "[[route]]\nname = \"c\"\npath = \"/c\"\nupstream = \"billing\"\n\n\
+                 [[route]]\nname = \"d\"\npath = \"/d\"\n",
+            ),
+            (
+                "upstreams/orders.toml",
+                "[upstream.orders]\ntargets = [\"ftp://127.0.0.1:21\"]\n",
+            ),
+        ],
+        &[
+            "error[toml-syntax] routes/a.toml:3:11",
+            "error[unknown-key] routes/b.toml:5:1",
+            "error[invalid-duration] gateway.toml:2:11",
+            "error[invalid-target] upstreams/orders.toml:2:12",
+            "error[unknown-upstream] routes/c.toml:4:12",
+            "error[no-action] routes/c.toml:7:8",
+        ],
+    );
+    assert_eq!(c.diagnostics.error_count(), 6);
+}
+
+#[test]
+fn warnings_alone_still_yield_a_snapshot() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a//b\"\nupstream = \"orders\"\n",
+            ),
+            (
+                "upstreams/spare.toml",
+                "[upstream.spare]\ntargets = [\"http://127.0.0.1:8009\"]\n",
+            ),
+        ],
+        &[
+            "warning[unreachable-route] routes/a.toml:3:8",
+            "warning[unused-upstream] upstreams/spare.toml:1:11",
+        ],
+    );
+    assert!(c.snapshot.is_some());
+    assert_eq!(c.diagnostics.warning_count(), 2);
+}
+
+#[test]
+fn one_error_among_warnings_yields_no_snapshot() {
+    let c = expect(
+        &[
+            ORDERS_UPSTREAM,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a//b\"\nupstream = \"orders\"\n\n\
+                 [[route]]\nname = \"b\"\npath = \"/b\"\n",
+            ),
+        ],
+        &[
+            "warning[unreachable-route] routes/a.toml:3:8",
+            "error[no-action] routes/a.toml:7:8",
+        ],
+    );
+    assert!(c.snapshot.is_none());
+}
+
+#[test]
+fn json_rendering_carries_file_line_and_column() {
+    let dir = repo(&[
+        ORDERS_UPSTREAM,
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"order\"\n",
+        ),
+    ]);
+    let c = compile(dir.path());
+    let json = serde_json::to_value(c.diagnostics.to_json(&c.files)).unwrap();
+    assert_eq!(
+        json[0],
+        serde_json::json!({
+            "severity": "error",
+            "code": "unknown-upstream",
+            "message": "unknown upstream `order`",
+            "file": "routes/a.toml",
+            "line": 4,
+            "column": 12,
+            "help": ["did you mean `orders`?"],
+        })
+    );
+}
+
+// ---- the `rustygate validate` command line ------------------------------------------------
+
+fn validate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .arg("validate")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn valid_repo() -> TempDir {
+    repo(&[
+        ORDERS_UPSTREAM,
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+        ),
+    ])
+}
+
+fn invalid_repo() -> TempDir {
+    repo(&[
+        ORDERS_UPSTREAM,
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"order\"\n",
+        ),
+    ])
+}
+
+fn warning_only_repo() -> TempDir {
+    repo(&[
+        ORDERS_UPSTREAM,
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+        ),
+        (
+            "upstreams/spare.toml",
+            "[upstream.spare]\ntargets = [\"http://127.0.0.1:8009\"]\n",
+        ),
+    ])
+}
+
+#[test]
+fn cli_valid_repo_exits_0() {
+    let dir = valid_repo();
+    let out = validate(&[dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("valid"));
+}
+
+#[test]
+fn cli_invalid_repo_exits_1_with_located_human_diagnostics() {
+    let dir = invalid_repo();
+    let out = validate(&[dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("error[unknown-upstream]"), "{stderr}");
+    assert!(stderr.contains("routes/a.toml:4:12"), "{stderr}");
+    assert!(stderr.contains("upstream = \"order\""), "snippet: {stderr}");
+    assert!(stderr.contains("did you mean `orders`?"), "{stderr}");
+    assert!(stderr.contains("1 error(s)"), "{stderr}");
+}
+
+#[test]
+fn cli_short_format_is_one_line_each() {
+    let dir = invalid_repo();
+    let out = validate(&["--format", "short", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).lines().collect::<Vec<_>>(),
+        [
+            "routes/a.toml:4:12: error[unknown-upstream]: unknown upstream `order`",
+            "upstreams/orders.toml:1:11: warning[unused-upstream]: upstream `orders` is not used by any route",
+        ]
+    );
+}
+
+#[test]
+fn cli_json_format_is_an_array_on_stdout() {
+    let dir = invalid_repo();
+    let out = validate(&["--format", "json", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = json.as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for item in items {
+        for key in ["file", "line", "column", "severity", "code", "message"] {
+            assert!(item.get(key).is_some(), "`{key}` missing in {item}");
+        }
+    }
+    assert_eq!(items[0]["file"], "routes/a.toml");
+    assert_eq!(items[0]["line"], 4);
+    assert_eq!(items[0]["column"], 12);
+    assert_eq!(items[0]["severity"], "error");
+    assert_eq!(items[0]["code"], "unknown-upstream");
+    assert_eq!(items[1]["severity"], "warning");
+
+    let dir = valid_repo();
+    let out = validate(&["--format", "json", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json, serde_json::json!([]));
+}
+
+#[test]
+fn cli_deny_warnings_fails_a_warning_only_repo() {
+    let dir = warning_only_repo();
+    let path = dir.path().to_str().unwrap();
+    let out = validate(&[path]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning[unused-upstream]"));
+
+    let out = validate(&["--deny-warnings", path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("error[unused-upstream]"));
+}
+
+#[test]
+fn cli_no_env_skips_secrets() {
+    let dir = repo(&[ORDERS_UPSTREAM, ("routes/a.toml", SECRET_ROUTE)]);
+    let path = dir.path().to_str().unwrap();
+    let out = validate(&[path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("missing-secret"));
+    let out = validate(&["--no-env", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn cli_missing_directory_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-repo");
+    let out = validate(&[missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no-such-repo"));
+}
