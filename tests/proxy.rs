@@ -394,3 +394,19 @@ async fn head_keeps_the_upstream_length() {
     assert_eq!(reply.header("content-length"), Some("12"));
     assert!(reply.body.is_empty());
 }
+
+#[test]
+fn slow_request_head_is_408() {
+    let be = Backend::echo();
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let opts = rustygate::server::ServeOptions {
+        client_request_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let gw = Gateway::start_dir(dir.path(), opts);
+    // Half a request head, then silence.
+    let started = std::time::Instant::now();
+    let resp = raw(gw.addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ");
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
