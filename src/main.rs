@@ -13,6 +13,11 @@ use rustygate::server::ServeOptions;
 use rustygate::snapshot::SnapshotStore;
 use rustygate::telemetry::{LogFormat, init_logging};
 
+/// mimalloc: the request path allocates small, short-lived buffers on every worker thread, which
+/// glibc malloc serves measurably slower (see bench/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rustygate",

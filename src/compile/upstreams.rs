@@ -151,10 +151,13 @@ fn parse_target(url: &str) -> Result<Target, String> {
             "a target is an origin only; use the route's `add_prefix` for a base path".into(),
         );
     }
+    let port = authority.port_u16().unwrap_or(80);
+    let connect_addr = format!("{}:{port}", authority.host());
     Ok(Target {
         url: url.to_owned(),
         scheme,
         authority,
+        connect_addr,
         weight: 1,
     })
 }

@@ -1,55 +1,16 @@
 //! Forwarding to upstreams: the pooled hyper client, header rules and streaming bodies.
 //!
-//! Connection pools live in the client, outside any snapshot, keyed by target address: a config
-//! swap that keeps a target keeps its warm connections.
+//! Connection pools live outside any snapshot, per worker, keyed by target address: a config swap
+//! that keeps a target keeps its warm connections.
 
 pub mod body;
 pub mod headers;
+pub mod pool;
 
-use std::cell::RefCell;
 use std::error::Error as _;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use body::{BodyError, ProxyBody};
-
-type HttpClient = Client<HttpConnector, ProxyBody>;
-
-/// How long an idle upstream connection is kept in the pool.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-const POOL_MAX_IDLE_PER_TARGET: usize = 512;
-
-/// One worker's upstream clients. The connect timeout lives in the connector, so there is one
-/// client per distinct connect timeout (in practice one or two).
-#[derive(Default)]
-pub struct UpstreamClients {
-    clients: RefCell<Vec<(Duration, HttpClient)>>,
-}
-
-impl UpstreamClients {
-    pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        let mut clients = self.clients.borrow_mut();
-        if let Some((_, c)) = clients.iter().find(|(t, _)| *t == connect_timeout) {
-            return c.clone();
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_TARGET)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        clients.push((connect_timeout, client.clone()));
-        client
-    }
-}
+use body::BodyError;
 
 /// Why forwarding failed, and so which status the client gets.
 #[derive(Debug, thiserror::Error)]
@@ -93,20 +54,8 @@ impl ForwardError {
     }
 }
 
-/// Sends a request and waits at most `timeout` for the response headers.
-pub async fn send(
-    client: &HttpClient,
-    req: http::Request<ProxyBody>,
-    timeout: Duration,
-) -> Result<http::Response<Incoming>, ForwardError> {
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(ForwardError::Timeout(timeout)),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(classify(&e, timeout)),
-    }
-}
-
-fn classify(e: &hyper_util::client::legacy::Error, timeout: Duration) -> ForwardError {
+/// Maps a hyper error to what the client is told.
+pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(b) = s.downcast_ref::<BodyError>() {
@@ -115,18 +64,9 @@ fn classify(e: &hyper_util::client::legacy::Error, timeout: Duration) -> Forward
                 BodyError::Client(m) => ForwardError::ClientBody(m.clone()),
             };
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return ForwardError::Timeout(timeout);
-        }
         source = s.source();
     }
-    if e.is_connect() {
-        ForwardError::Connect(chain(e))
-    } else {
-        ForwardError::Upstream(chain(e))
-    }
+    ForwardError::Upstream(chain(e))
 }
 
 /// The error and its causes on one line, for logs.

@@ -22,9 +22,9 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
 use super::WorkerState;
+use crate::proxy::ForwardError;
 use crate::proxy::body::{BodyStats, OnFinish, ProxyBody, UpstreamBody, stream_request_body};
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
-use crate::proxy::{ForwardError, send};
 use crate::router::{PathError, RouteId, normalize_host, normalize_path};
 use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse, UpstreamHost};
 use crate::upstream::{Target, Upstream};
@@ -257,7 +257,7 @@ async fn forward(
         Ok(h) => h,
         Err(why) => return ex.error(400, &why),
     };
-    let uri = match upstream_uri(target, &upstream_path, req.uri().query()) {
+    let uri = match upstream_uri(&upstream_path, req.uri().query()) {
         Some(u) => u,
         None => return ex.error(400, "the request path cannot be forwarded"),
     };
@@ -276,8 +276,16 @@ async fn forward(
     *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
 
-    let client = state.clients.get(upstream.connect_timeout);
-    let resp = match send(&client, upstream_req, route.timeout).await {
+    let sent = state
+        .pool
+        .send(
+            target,
+            upstream_req,
+            upstream.connect_timeout,
+            route.timeout,
+        )
+        .await;
+    let resp = match sent {
         Ok(r) => r,
         Err(e) => {
             let e = match e {
@@ -413,7 +421,9 @@ fn upstream_headers(
         ex.request_id.clone(),
     );
     let host = match &route.upstream_host {
-        UpstreamHost::Preserve => client_host,
+        UpstreamHost::Preserve => {
+            client_host.or_else(|| HeaderValue::from_str(target.authority.as_str()).ok())
+        }
         UpstreamHost::Target => HeaderValue::from_str(target.authority.as_str()).ok(),
         UpstreamHost::Fixed(v) => Some(v.clone()),
     };
@@ -424,18 +434,15 @@ fn upstream_headers(
     Ok(out)
 }
 
-fn upstream_uri(target: &Target, path: &str, query: Option<&str>) -> Option<http::Uri> {
+/// The upstream request target, in origin form (`/path?query`): the connection already names
+/// the target, and HTTP/1.1 servers expect origin form.
+fn upstream_uri(path: &str, query: Option<&str>) -> Option<http::Uri> {
     let pq = match query {
         Some(q) => PathAndQuery::from_maybe_shared(Bytes::from(format!("{path}?{q}"))),
         None => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())),
     }
     .ok()?;
-    http::Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .ok()
+    Some(http::Uri::from(pq))
 }
 
 /// The empty body of a HEAD response, sized like the GET body would be.

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use actix_web::{App, HttpServer, web};
 
-use crate::proxy::UpstreamClients;
+use crate::proxy::pool::LocalPool;
 use crate::snapshot::SnapshotStore;
 
 /// How this gateway process runs (flags and `RUSTYGATE_*` variables, never the config repo).
@@ -50,7 +50,7 @@ impl Default for ServeOptions {
 
 pub(crate) struct WorkerState {
     pub store: Arc<SnapshotStore>,
-    pub clients: UpstreamClients,
+    pub pool: std::rc::Rc<LocalPool>,
     pub access_log: bool,
 }
 
@@ -104,7 +104,7 @@ pub fn start(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<
     let proxy = HttpServer::new(move || {
         let state = WorkerState {
             store: Arc::clone(&proxy_store),
-            clients: UpstreamClients::default(),
+            pool: LocalPool::new(),
             access_log,
         };
         App::new()

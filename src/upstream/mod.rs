@@ -16,6 +16,8 @@ pub struct Target {
     pub url: String,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `host:port` to connect to (the scheme's default port filled in).
+    pub connect_addr: String,
     pub weight: u32,
 }
 
