@@ -410,3 +410,43 @@ fn slow_request_head_is_408() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn upstream_connections_are_reused() {
+    let be = Backend::fixed(200, "ok");
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let opts = rustygate::server::ServeOptions {
+        workers: 1,
+        ..Default::default()
+    };
+    let gw = Gateway::start_dir(dir.path(), opts);
+    for _ in 0..20 {
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    assert_eq!(be.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn an_upstream_that_closes_after_each_response_is_reconnected() {
+    // Announces keep-alive, then closes: the pooled connection is dead by the next request.
+    let be = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let dir = repo(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    let opts = rustygate::server::ServeOptions {
+        workers: 1,
+        ..Default::default()
+    };
+    let gw = Gateway::start_dir(dir.path(), opts);
+    for i in 0..10 {
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "request {i}: {resp}");
+        // Let the backend close its side.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}

@@ -4,9 +4,8 @@
 //! connections keyed by target address. Pools outlive snapshots (the key is the address, not the
 //! route), so a config swap that keeps a target keeps its warm connections.
 //!
-//! A connection goes back to the pool as soon as its response head has arrived; it is only
-//! handed out again once hyper reports it ready, that is once the previous response body has
-//! been read to the end.
+//! A connection goes back to the pool once hyper reports it ready, that is once its previous
+//! response body has been read to the end; every pooled connection is idle.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -50,7 +49,7 @@ impl LocalPool {
     /// Sends `req` to `target` on a pooled or new connection, waiting at most `timeout` (connect
     /// included) for the response head.
     pub async fn send(
-        &self,
+        self: &Rc<Self>,
         target: &Target,
         req: http::Request<ProxyBody>,
         connect_timeout: Duration,
@@ -63,7 +62,7 @@ impl LocalPool {
     }
 
     async fn send_inner(
-        &self,
+        self: &Rc<Self>,
         target: &Target,
         mut req: http::Request<ProxyBody>,
         connect_timeout: Duration,
@@ -82,7 +81,7 @@ impl LocalPool {
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin(&target.authority, conn);
+                    self.checkin_when_ready(target.authority.clone(), conn);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -100,9 +99,25 @@ impl LocalPool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        list.retain(|i| !i.conn.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
-        let ready = list.iter().rposition(|i| i.conn.is_ready())?;
-        Some(list.swap_remove(ready).conn)
+        while let Some(i) = list.pop() {
+            if !i.conn.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Pools the connection once its current response has been read to the end (hyper then
+    /// reports it ready); a connection that closes first is simply dropped.
+    fn checkin_when_ready(self: &Rc<Self>, key: Authority, mut conn: SendRequest<ProxyBody>) {
+        let pool = Rc::downgrade(self);
+        actix_web::rt::spawn(async move {
+            if conn.ready().await.is_ok()
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.checkin(&key, conn);
+            }
+        });
     }
 
     fn checkin(&self, key: &Authority, conn: SendRequest<ProxyBody>) {

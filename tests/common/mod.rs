@@ -29,6 +29,8 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 /// An HTTP/1.1 backend on 127.0.0.1:0 running `handler` for every request.
 pub struct Backend {
     pub addr: SocketAddr,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -43,6 +45,8 @@ impl Backend {
         let addr = std_listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handler = Arc::new(handler);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
         // The backend runs on its own thread and runtime, so tests of any flavour can use it.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -57,6 +61,7 @@ impl Backend {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let handler = Arc::clone(&handler);
                         tokio::spawn(async move {
                             let svc = hyper::service::service_fn(move |req| {
@@ -78,6 +83,7 @@ impl Backend {
         });
         Backend {
             addr,
+            connections,
             stop: Some(stop),
         }
     }
@@ -197,7 +203,11 @@ impl Gateway {
     /// Compiles `files` as a config repo and serves it.
     pub fn start(files: &[(&str, &str)]) -> Gateway {
         let dir = repo(files);
-        let mut g = Gateway::start_dir(dir.path(), ServeOptions::default());
+        let opts = ServeOptions {
+            workers: 2,
+            ..ServeOptions::default()
+        };
+        let mut g = Gateway::start_dir(dir.path(), opts);
         g._repo = Some(dir);
         g
     }
@@ -222,7 +232,6 @@ impl Gateway {
         let opts = ServeOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
-            workers: 2,
             access_log: false,
             ..opts
         };
