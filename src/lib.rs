@@ -13,5 +13,6 @@ pub mod router;
 pub mod schema;
 pub mod server;
 pub mod snapshot;
+pub mod source;
 pub mod telemetry;
 pub mod upstream;

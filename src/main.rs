@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use rustygate::compile::{CompileOptions, Compiled, compile_dir};
 use rustygate::server::ServeOptions;
-use rustygate::snapshot::SnapshotStore;
 use rustygate::telemetry::{LogFormat, init_logging};
 
 /// mimalloc: the request path allocates small, short-lived buffers on every worker thread, which
@@ -51,7 +50,7 @@ enum Command {
         kind: Option<String>,
     },
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,13 +65,32 @@ enum Format {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Config repo directory.
+    /// Config repo: a directory, a local git working copy, or a git URL (file://, https://,
+    /// ssh://, git@host:org/repo.git).
     #[arg(long, env = "RUSTYGATE_REPO")]
-    repo: PathBuf,
+    repo: String,
+    /// Branch to follow (git sources).
+    #[arg(long, env = "RUSTYGATE_BRANCH", default_value = "main")]
+    branch: String,
+    /// Pin a tag, branch or commit instead of following the branch head (git sources).
+    #[arg(long = "ref", env = "RUSTYGATE_REF")]
+    pin: Option<String>,
+    /// The config repo's directory inside the git repository (monorepos).
+    #[arg(long, env = "RUSTYGATE_SUBDIR")]
+    subdir: Option<PathBuf>,
+    /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
+    #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Poll interval for git sources, with up to 10% jitter; `0` disables polling.
+    #[arg(long, env = "RUSTYGATE_POLL", default_value = "30s", value_parser = parse_poll)]
+    poll: Duration,
+    /// Watch a plain directory source for changes and reload (debounced).
+    #[arg(long, env = "RUSTYGATE_WATCH", default_value_t = true, action = clap::ArgAction::Set)]
+    watch: bool,
     /// Proxy listener address.
     #[arg(long, env = "RUSTYGATE_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Admin listener address (/healthz, /readyz, /status).
+    /// Admin listener address (/healthz, /readyz, /status, /metrics, reload and webhooks).
     #[arg(long, env = "RUSTYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
     /// Worker threads for the proxy listener (default: number of cores).
@@ -88,6 +106,18 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
+fn parse_poll(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Reads a secret from the environment; empty counts as unset.
+fn env_secret(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -98,7 +128,7 @@ fn main() -> ExitCode {
             no_env,
         } => validate(&dir, format, deny_warnings, no_env),
         Command::Schema { kind } => schema(kind.as_deref()),
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -177,24 +207,41 @@ fn schema(kind: Option<&str>) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    use rustygate::server::Control;
+    use rustygate::source::reload::{Reloader, StartError, Started, spawn_poller, watch_dir};
+    use rustygate::source::{Source, SourceSpec};
+
     init_logging(args.log_format);
-    let opts = CompileOptions {
+    let spec = SourceSpec::from_repo_arg(
+        &args.repo,
+        &args.branch,
+        args.pin.clone(),
+        args.subdir.clone(),
+        args.cache_dir.clone(),
+    )?;
+    let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,
-        source: args.repo.display().to_string(),
+        source: spec.describe(),
     };
-    let compiled = compile_dir(&args.repo, &opts)
-        .with_context(|| format!("loading {}", args.repo.display()))?;
-    let Some(snapshot) = compiled.snapshot else {
-        eprint!("{}", compiled.diagnostics.render_human(&compiled.files));
-        eprintln!("{}: invalid config, not starting", args.repo.display());
-        return Ok(ExitCode::from(1));
+    let metrics = Arc::new(rustygate::telemetry::metrics::Metrics::new());
+    let Started {
+        reloader,
+        store,
+        status,
+    } = match Reloader::start(
+        Source::new(spec.clone()),
+        compile_opts,
+        Arc::clone(&metrics),
+    ) {
+        Ok(r) => r,
+        Err(StartError::Invalid(diagnostics)) => {
+            eprint!("{diagnostics}");
+            eprintln!("{}: invalid config, not starting", spec.describe());
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("loading {}", spec.describe()))),
     };
-    for d in compiled.diagnostics.iter() {
-        tracing::warn!(code = d.code, "{}", d.message);
-    }
-    tracing::info!(version = %snapshot.version.id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), "config loaded");
-    let store = Arc::new(SnapshotStore::new(snapshot));
     let defaults = ServeOptions::default();
     let opts = ServeOptions {
         listen: args.listen,
@@ -204,8 +251,44 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         access_log: args.access_log,
         ..defaults
     };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let control = Control {
+        status,
+        metrics,
+        reload: Some(tx.clone()),
+        admin_token: env_secret("RUSTYGATE_ADMIN_TOKEN"),
+        webhook_secret: env_secret("RUSTYGATE_WEBHOOK_SECRET"),
+        branch: match &spec {
+            SourceSpec::Git(g) if g.pin.is_none() => Some(g.branch.clone()),
+            _ => None,
+        },
+    };
+    let cancel = reloader.cancel_flag();
+    let on_shutdown = move || {
+        if let Some(c) = cancel {
+            c.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
     actix_web::rt::System::new()
-        .block_on(rustygate::server::serve(&opts, store))
+        .block_on(async move {
+            // Kept alive for the whole run: dropping it stops the watch.
+            let _watcher = match &spec {
+                SourceSpec::Dir(dir) if args.watch => match watch_dir(dir, tx.clone()) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the config directory; reload with POST /admin/reload");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if matches!(spec, SourceSpec::Git(_)) && !args.poll.is_zero() {
+                spawn_poller(tx.clone(), args.poll);
+            }
+            drop(tx);
+            actix_web::rt::spawn(reloader.run(rx));
+            rustygate::server::serve(&opts, store, control, on_shutdown).await
+        })
         .context("serving")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -23,6 +23,10 @@ pub struct ConfigVersion {
     /// Where it came from: a directory path or a git URL.
     pub source: String,
     pub loaded_at: SystemTime,
+    /// The commit, for git sources.
+    pub commit: Option<crate::source::git::CommitInfo>,
+    /// The branch or pinned ref that was followed, for git sources.
+    pub reference: Option<String>,
 }
 
 pub struct Snapshot {

@@ -79,6 +79,8 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
                 .unwrap_or_else(|| content_hash(&raw.files)),
             source: opts.source.clone(),
             loaded_at: SystemTime::now(),
+            commit: None,
+            reference: None,
         },
         router: routes.router,
         routes: routes.routes,
@@ -152,7 +154,7 @@ impl Cx<'_> {
 pub(crate) type UpstreamTable = HashMap<String, ((FileId, std::ops::Range<usize>), Arc<Upstream>)>;
 
 /// A stable id for a directory's content: sha256 over every file's name and text.
-fn content_hash(files: &SourceFiles) -> String {
+pub fn content_hash(files: &SourceFiles) -> String {
     let mut h = Sha256::new();
     for id in 0..files.len() {
         h.update(files.name(id).as_bytes());

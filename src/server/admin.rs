@@ -1,22 +1,63 @@
-//! The admin listener: health, readiness and status. Bound to loopback by default.
+//! The admin listener: health, readiness, status, metrics, and the reload triggers (admin call and
+//! git webhooks). Bound to loopback by default. Endpoints that change state need a secret; with
+//! none configured they are disabled (403), as the start-up log says.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
 use serde_json::json;
+use tokio::sync::mpsc;
 
+use super::Control;
+use super::webhooks::{
+    MAX_WEBHOOK_BODY, ReplayGuard, WindowLimit, github_signature_ok, pushed_branch, secret_matches,
+};
 use crate::snapshot::SnapshotStore;
+use crate::source::reload::Trigger;
 
 pub(crate) struct AdminState {
     pub store: Arc<SnapshotStore>,
+    pub control: Control,
     pub started_at: SystemTime,
+    pub deliveries: ReplayGuard,
+    pub limit: WindowLimit,
+}
+
+impl AdminState {
+    pub fn new(store: Arc<SnapshotStore>, control: Control) -> Self {
+        Self {
+            store,
+            control,
+            started_at: SystemTime::now(),
+            deliveries: ReplayGuard::new(4096),
+            limit: WindowLimit::new(60, Duration::from_secs(60)),
+        }
+    }
 }
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
+    let capped = web::PayloadConfig::new(MAX_WEBHOOK_BODY);
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/status", web::get().to(status));
+        .route("/status", web::get().to(status))
+        .route("/metrics", web::get().to(metrics))
+        .service(
+            web::resource("/admin/reload")
+                .app_data(capped.clone())
+                .route(web::post().to(admin_reload)),
+        )
+        .service(
+            web::resource("/hooks/github")
+                .app_data(capped.clone())
+                .route(web::post().to(github)),
+        )
+        .service(
+            web::resource("/hooks/gitlab")
+                .app_data(capped)
+                .route(web::post().to(gitlab)),
+        );
 }
 
 async fn healthz() -> HttpResponse {
@@ -31,24 +72,150 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
         .body(format!("ready {}\n", snap.version.id))
 }
 
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 async fn status(state: web::Data<AdminState>) -> HttpResponse {
     let snap = state.store.load();
+    let reload = state
+        .control
+        .status
+        .lock()
+        .map(|s| serde_json::to_value(&*s).unwrap_or_default())
+        .unwrap_or_default();
     let body = json!({
         "version": snap.version.id,
         "source": snap.version.source,
         "loaded_at": humantime::format_rfc3339_seconds(snap.version.loaded_at).to_string(),
-        "loaded_at_unix": unix_seconds(snap.version.loaded_at),
         "routes": snap.routes.len(),
         "upstreams": snap.upstreams.len(),
         "warnings": snap.warnings,
+        "applied": reload.get("applied"),
+        "attempted": reload.get("attempted"),
+        "last_fetch_at": reload.get("last_fetch_at"),
+        "last_fetch_error": reload.get("last_fetch_error"),
         "started_at": humantime::format_rfc3339_seconds(state.started_at).to_string(),
         "gateway_version": env!("CARGO_PKG_VERSION"),
     });
     HttpResponse::Ok().json(body)
+}
+
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.control.metrics.render())
+}
+
+fn reply(status: u16, message: &str) -> HttpResponse {
+    HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status)
+            .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+    )
+    .json(json!({ "message": message }))
+}
+
+/// Queues a reload; a full queue means one is already pending, which answers this one too.
+fn queue(tx: &mpsc::Sender<Trigger>, trigger: Trigger) -> HttpResponse {
+    match tx.try_send(trigger) {
+        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(202, "reload queued"),
+        Err(mpsc::error::TrySendError::Closed(_)) => reply(503, "the gateway is shutting down"),
+    }
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a [u8]> {
+    req.headers().get(name).map(|v| v.as_bytes())
+}
+
+/// `POST /admin/reload[?force=true]` with `Authorization: Bearer <RUSTYGATE_ADMIN_TOKEN>`.
+async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    let Some(token) = state.control.admin_token.as_deref() else {
+        return reply(
+            403,
+            "admin endpoints are disabled: no admin token is configured",
+        );
+    };
+    if !state.limit.allow() {
+        return reply(429, "too many requests");
+    }
+    let given = header(&req, "authorization")
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .unwrap_or(b"");
+    if !secret_matches(token, given) {
+        return HttpResponse::Unauthorized()
+            .insert_header(("www-authenticate", "Bearer"))
+            .json(json!({ "message": "a valid bearer token is required" }));
+    }
+    let Some(tx) = &state.control.reload else {
+        return reply(409, "this gateway has no reloadable source");
+    };
+    let force = req
+        .query_string()
+        .split('&')
+        .any(|kv| kv == "force=true" || kv == "force=1");
+    queue(tx, Trigger::Admin { force })
+}
+
+/// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
+async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+    let Some(secret) = state.control.webhook_secret.as_deref() else {
+        return reply(
+            403,
+            "webhooks are disabled: no webhook secret is configured",
+        );
+    };
+    if !state.limit.allow() {
+        return reply(429, "too many requests");
+    }
+    if !github_signature_ok(secret, &body, header(&req, "x-hub-signature-256")) {
+        tracing::warn!(peer = ?req.peer_addr(), "GitHub webhook with a missing or wrong signature");
+        return reply(401, "invalid signature");
+    }
+    if let Some(id) = header(&req, "x-github-delivery").and_then(|v| std::str::from_utf8(v).ok())
+        && !state.deliveries.first_time(id)
+    {
+        return reply(200, "delivery already processed");
+    }
+    match header(&req, "x-github-event") {
+        Some(b"ping") => reply(200, "pong"),
+        Some(b"push") => push(&state, &body, "github"),
+        _ => reply(202, "event ignored"),
+    }
+}
+
+/// `POST /hooks/gitlab`: the `X-Gitlab-Token` secret, compared in constant time.
+async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+    let Some(secret) = state.control.webhook_secret.as_deref() else {
+        return reply(
+            403,
+            "webhooks are disabled: no webhook secret is configured",
+        );
+    };
+    if !state.limit.allow() {
+        return reply(429, "too many requests");
+    }
+    if !secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b"")) {
+        tracing::warn!(peer = ?req.peer_addr(), "GitLab webhook with a missing or wrong token");
+        return reply(401, "invalid token");
+    }
+    if let Some(id) = header(&req, "x-gitlab-event-uuid").and_then(|v| std::str::from_utf8(v).ok())
+        && !state.deliveries.first_time(id)
+    {
+        return reply(200, "delivery already processed");
+    }
+    match header(&req, "x-gitlab-event") {
+        Some(b"Push Hook") => push(&state, &body, "gitlab"),
+        _ => reply(202, "event ignored"),
+    }
+}
+
+/// A push to the tracked branch (or any push, for a pinned ref) queues a fetch.
+fn push(state: &AdminState, body: &[u8], source: &'static str) -> HttpResponse {
+    let Some(tx) = &state.control.reload else {
+        return reply(409, "this gateway has no reloadable source");
+    };
+    if let Some(tracked) = &state.control.branch {
+        match pushed_branch(body) {
+            Some(b) if &b == tracked => {}
+            Some(_) => return reply(202, "push to another branch ignored"),
+            None => return reply(400, "push event without a branch ref"),
+        }
+    }
+    queue(tx, Trigger::Webhook(source))
 }

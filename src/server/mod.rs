@@ -6,15 +6,33 @@
 
 mod admin;
 mod handler;
+pub mod webhooks;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 
 use crate::proxy::pool::LocalPool;
 use crate::snapshot::SnapshotStore;
+use crate::source::reload::{ReloadStatus, Trigger};
+use crate::telemetry::metrics::Metrics;
+
+/// What the admin listener needs besides the snapshot: reload state and triggers, secrets.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub status: Arc<Mutex<ReloadStatus>>,
+    pub metrics: Arc<Metrics>,
+    /// Where reload triggers go; `None` when the source cannot be reloaded.
+    pub reload: Option<tokio::sync::mpsc::Sender<Trigger>>,
+    /// `RUSTYGATE_ADMIN_TOKEN`: without it `POST /admin/reload` is disabled.
+    pub admin_token: Option<String>,
+    /// `RUSTYGATE_WEBHOOK_SECRET`: without it the webhook endpoints are disabled.
+    pub webhook_secret: Option<String>,
+    /// Pushes to other branches are ignored; `None` (pinned ref) reacts to every push.
+    pub branch: Option<String>,
+}
 
 /// How this gateway process runs (flags and `RUSTYGATE_*` variables, never the config repo).
 #[derive(Debug, Clone)]
@@ -92,7 +110,11 @@ impl Handles {
 }
 
 /// Binds both listeners and starts serving. Must run inside an actix system.
-pub fn start(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<Running> {
+pub fn start(
+    opts: &ServeOptions,
+    store: Arc<SnapshotStore>,
+    control: Control,
+) -> std::io::Result<Running> {
     let listener = TcpListener::bind(opts.listen)?;
     let admin_listener = TcpListener::bind(opts.admin_listen)?;
     let addr = listener.local_addr()?;
@@ -120,10 +142,7 @@ pub fn start(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<
     .listen(listener)?
     .run();
 
-    let admin_state = web::Data::new(admin::AdminState {
-        store,
-        started_at: SystemTime::now(),
-    });
+    let admin_state = web::Data::new(admin::AdminState::new(store, control));
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
@@ -143,9 +162,23 @@ pub fn start(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<
     })
 }
 
-/// Serves until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn serve(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::Result<()> {
-    let running = start(opts, store)?;
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully. `on_shutdown` runs when the
+/// signal arrives, before the listeners drain (to abandon a reload in progress).
+pub async fn serve(
+    opts: &ServeOptions,
+    store: Arc<SnapshotStore>,
+    control: Control,
+    on_shutdown: impl FnOnce() + 'static,
+) -> std::io::Result<()> {
+    if control.admin_token.is_none() {
+        tracing::warn!("no RUSTYGATE_ADMIN_TOKEN: POST /admin/reload is disabled");
+    }
+    if control.webhook_secret.is_none() {
+        tracing::warn!(
+            "no RUSTYGATE_WEBHOOK_SECRET: POST /hooks/github and /hooks/gitlab are disabled"
+        );
+    }
+    let running = start(opts, store, control)?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, workers = opts.workers, "rustygate listening");
     let handles = running.handles();
     let grace = opts.shutdown_grace;
@@ -156,6 +189,7 @@ pub async fn serve(opts: &ServeOptions, store: Arc<SnapshotStore>) -> std::io::R
             grace_seconds = grace.as_secs(),
             "shutting down: no new connections, finishing in-flight requests"
         );
+        on_shutdown();
         handles.stop(true).await;
     });
     running.wait().await?;

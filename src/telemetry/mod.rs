@@ -3,6 +3,8 @@
 //! Structured `tracing` events: JSON when stderr is not a terminal or when asked, human-readable
 //! otherwise. Access-log events use the target `rustygate::access`.
 
+pub mod metrics;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;

@@ -239,7 +239,12 @@ impl Gateway {
         let thread_store = Arc::clone(&store);
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let running = rustygate::server::start(&opts, thread_store).unwrap();
+                let running = rustygate::server::start(
+                    &opts,
+                    thread_store,
+                    rustygate::server::Control::default(),
+                )
+                .unwrap();
                 tx.send((running.addr, running.admin_addr, running.handles()))
                     .unwrap();
                 running.wait().await.unwrap();

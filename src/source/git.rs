@@ -1,0 +1,277 @@
+//! Git as a config source: a bare mirror in the cache dir, fetched with git2, and one plain
+//! directory per commit exported from it (the compiler only ever reads a directory).
+//!
+//! Credentials come from the process, never from the repo: `RUSTYGATE_GIT_TOKEN` for HTTPS
+//! (sent as the password, user `x-access-token` unless the URL names one) and
+//! `RUSTYGATE_GIT_SSH_KEY` (a private key file) for SSH, falling back to the SSH agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use git2::{
+    FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, TreeWalkMode, TreeWalkResult,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("git: {0}")]
+    Git(#[from] git2::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{0}` names no commit in the repository")]
+    UnknownRev(String),
+    #[error("subdirectory `{0}` does not exist at this commit")]
+    NoSubdir(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
+    move |source| GitError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a config version was built from, for `/status`, logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub sha: String,
+    pub subject: String,
+    pub author: String,
+    pub committed_at: SystemTime,
+}
+
+impl CommitInfo {
+    pub fn of(commit: &git2::Commit<'_>) -> Self {
+        let secs = commit.time().seconds().max(0) as u64;
+        CommitInfo {
+            sha: commit.id().to_string(),
+            subject: commit.summary().unwrap_or("").to_owned(),
+            author: commit.author().name().unwrap_or("").to_owned(),
+            committed_at: UNIX_EPOCH + Duration::from_secs(secs),
+        }
+    }
+}
+
+/// Credentials for fetching, from the process environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub ssh_key: Option<PathBuf>,
+}
+
+impl Credentials {
+    pub fn from_env() -> Self {
+        Credentials {
+            token: std::env::var("RUSTYGATE_GIT_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+            ssh_key: std::env::var_os("RUSTYGATE_GIT_SSH_KEY").map(PathBuf::from),
+        }
+    }
+
+    /// The git2 credential answer for one request, or `None` when nothing fits.
+    pub fn answer(
+        &self,
+        url: &str,
+        username: Option<&str>,
+        allowed: git2::CredentialType,
+    ) -> Option<Result<git2::Cred, git2::Error>> {
+        if allowed.contains(git2::CredentialType::SSH_KEY) {
+            let user = username.unwrap_or("git");
+            return Some(match &self.ssh_key {
+                Some(key) => git2::Cred::ssh_key(user, None, key, None),
+                None => git2::Cred::ssh_key_from_agent(user),
+            });
+        }
+        if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT)
+            && url.starts_with("https://")
+        {
+            let token = self.token.as_deref()?;
+            return Some(git2::Cred::userpass_plaintext(
+                username.unwrap_or("x-access-token"),
+                token,
+            ));
+        }
+        None
+    }
+}
+
+/// A bare mirror of the config repo, kept in the cache dir across restarts.
+pub struct Mirror {
+    repo: Repository,
+    url: String,
+}
+
+impl Mirror {
+    /// Opens the mirror for `url` under `cache_dir`, creating it on first use.
+    pub fn open(cache_dir: &Path, url: &str) -> Result<Mirror, GitError> {
+        let dir = cache_dir.join("mirror");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let repo = match Repository::open_bare(&dir) {
+            Ok(r) => r,
+            Err(_) => Repository::init_bare(&dir)?,
+        };
+        Ok(Mirror {
+            repo,
+            url: url.to_owned(),
+        })
+    }
+
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// Fetches every branch and tag from the remote into the mirror.
+    /// Setting `cancel` aborts the transfer at its next progress report.
+    pub fn fetch(&self, creds: &Credentials, cancel: &AtomicBool) -> Result<(), GitError> {
+        let mut remote = self.repo.remote_anonymous(&self.url)?;
+        let mut callbacks = RemoteCallbacks::new();
+        callbacks.transfer_progress(|_| !cancel.load(Ordering::Relaxed));
+        let mut tries = 0;
+        callbacks.credentials(move |url, user, allowed| {
+            // libgit2 asks again after a refused credential: answer once, then give up.
+            tries += 1;
+            if tries > 1 {
+                return Err(git2::Error::from_str("authentication failed"));
+            }
+            creds.answer(url, user, allowed).unwrap_or_else(|| {
+                Err(git2::Error::from_str(
+                    "no credentials configured for this URL",
+                ))
+            })
+        });
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(callbacks);
+        opts.prune(git2::FetchPrune::On);
+        opts.download_tags(git2::AutotagOption::All);
+        remote.fetch(
+            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+            Some(&mut opts),
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// The commit to serve: `pin` (a tag, branch or SHA) when given, else the branch head.
+    pub fn resolve(&self, branch: &str, pin: Option<&str>) -> Result<Oid, GitError> {
+        resolve(&self.repo, pin.unwrap_or(branch))
+    }
+}
+
+/// Resolves a branch, tag or commit-ish to a commit id.
+pub fn resolve(repo: &Repository, rev: &str) -> Result<Oid, GitError> {
+    let candidates = [
+        format!("refs/heads/{rev}"),
+        format!("refs/remotes/origin/{rev}"),
+        format!("refs/tags/{rev}"),
+        rev.to_owned(),
+    ];
+    for c in &candidates {
+        if let Ok(obj) = repo.revparse_single(c)
+            && let Ok(commit) = obj.peel_to_commit()
+        {
+            return Ok(commit.id());
+        }
+    }
+    Err(GitError::UnknownRev(rev.to_owned()))
+}
+
+/// Writes the files of `commit` (only those under `subdir`, if given) into `dest`, which must
+/// not exist yet. Symlinks and submodules are skipped: a config repo is plain files, and a link
+/// must not lead the compiler outside the checkout.
+pub fn export_tree(
+    repo: &Repository,
+    commit: Oid,
+    subdir: Option<&Path>,
+    dest: &Path,
+) -> Result<(), GitError> {
+    let commit = repo.find_commit(commit)?;
+    let mut tree = commit.tree()?;
+    if let Some(sub) = subdir.filter(|s| !s.as_os_str().is_empty() && *s != Path::new(".")) {
+        let entry = tree
+            .get_path(sub)
+            .map_err(|_| GitError::NoSubdir(sub.display().to_string()))?;
+        tree = entry
+            .to_object(repo)?
+            .into_tree()
+            .map_err(|_| GitError::NoSubdir(sub.display().to_string()))?;
+    }
+    std::fs::create_dir_all(dest).map_err(io(dest))?;
+    let mut failure: Option<GitError> = None;
+    tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
+        let Some(name) = entry.name() else {
+            return TreeWalkResult::Skip;
+        };
+        let path = dest.join(parent).join(name);
+        let result = match entry.kind() {
+            Some(ObjectType::Tree) => std::fs::create_dir_all(&path).map_err(io(&path)),
+            Some(ObjectType::Blob) if entry.filemode() != 0o120000 => repo
+                .find_blob(entry.id())
+                .map_err(GitError::from)
+                .and_then(|blob| std::fs::write(&path, blob.content()).map_err(io(&path))),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => TreeWalkResult::Ok,
+            Err(e) => {
+                failure = Some(e);
+                TreeWalkResult::Abort
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_token_is_offered_only_for_https() {
+        let c = Credentials {
+            token: Some("t0k".into()),
+            ssh_key: None,
+        };
+        let plain = git2::CredentialType::USER_PASS_PLAINTEXT;
+        assert!(
+            c.answer("https://git.example/org/repo.git", None, plain)
+                .is_some()
+        );
+        assert!(
+            c.answer("http://git.example/org/repo.git", None, plain)
+                .is_none()
+        );
+        let none = Credentials::default();
+        assert!(
+            none.answer("https://git.example/org/repo.git", None, plain)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn ssh_uses_the_configured_key_or_the_agent() {
+        let key = tempfile::NamedTempFile::new().unwrap();
+        let c = Credentials {
+            token: None,
+            ssh_key: Some(key.path().to_path_buf()),
+        };
+        let ssh = git2::CredentialType::SSH_KEY;
+        assert!(matches!(
+            c.answer("ssh://git@host/repo", Some("git"), ssh),
+            Some(Ok(_))
+        ));
+        assert!(
+            Credentials::default()
+                .answer("git@host:org/repo.git", Some("git"), ssh)
+                .is_some()
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! Where configs come from, and turning "something may have changed" into a compiled snapshot.
+//!
+//! ```text
+//! Source::Dir  (plain directory)            ─┐
+//! Source::Git  (bare mirror ──► export/SHA) ─┴─► Source::load ──► compile ──► Candidate
+//! ```
+//! `load` runs on a blocking thread (git and the compiler do I/O and CPU work) and decides
+//! whether there is anything new: a version that is already applied, or that already failed,
+//! is not compiled again unless the reload is forced.
+
+pub mod git;
+pub mod reload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::compile::{CompileOptions, content_hash};
+use crate::config::{Diagnostics, SourceFiles, load_dir};
+use crate::snapshot::Snapshot;
+use git::{CommitInfo, Credentials, GitError, Mirror};
+
+/// How the config repo is reached, from `--repo` and its companion flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A plain directory, reloaded when its files change.
+    Dir(PathBuf),
+    Git(GitSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitSpec {
+    /// Remote URL, or a local repository path.
+    pub url: String,
+    pub branch: String,
+    /// A tag, branch or commit to serve instead of the branch head.
+    pub pin: Option<String>,
+    /// The config repo's directory inside the git repository.
+    pub subdir: Option<PathBuf>,
+    /// Where the mirror and checkouts live.
+    pub cache_dir: PathBuf,
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("`{0}` is neither a directory nor a git URL")]
+    NotFound(String),
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Load(#[from] crate::config::LoadError),
+    #[error("the reload was abandoned: the gateway is shutting down")]
+    Cancelled,
+}
+
+impl SourceSpec {
+    /// Classifies `--repo`: a local git working copy or a URL is a git source; any other
+    /// directory is a plain directory.
+    pub fn from_repo_arg(
+        repo: &str,
+        branch: &str,
+        pin: Option<String>,
+        subdir: Option<PathBuf>,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<SourceSpec, SourceError> {
+        let path = Path::new(repo);
+        let is_url = repo.contains("://") || is_scp_like(repo);
+        if !is_url && path.is_dir() && !path.join(".git").exists() && !looks_bare(path) {
+            return Ok(SourceSpec::Dir(
+                subdir
+                    .map(|s| path.join(s))
+                    .unwrap_or_else(|| path.to_path_buf()),
+            ));
+        }
+        if !is_url && !path.is_dir() {
+            return Err(SourceError::NotFound(repo.to_owned()));
+        }
+        let url = if is_url {
+            repo.to_owned()
+        } else {
+            std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_path_buf())
+                .display()
+                .to_string()
+        };
+        let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(&url));
+        Ok(SourceSpec::Git(GitSpec {
+            url,
+            branch: branch.to_owned(),
+            pin,
+            subdir,
+            cache_dir,
+            credentials: Credentials::from_env(),
+        }))
+    }
+
+    /// For `/status` and logs: never includes credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::Dir(p) => p.display().to_string(),
+            SourceSpec::Git(g) => redact_url(&g.url),
+        }
+    }
+}
+
+/// `git@host:org/repo.git`
+fn is_scp_like(s: &str) -> bool {
+    let Some(colon) = s.find(':') else {
+        return false;
+    };
+    let head = &s[..colon];
+    head.contains('@') && !head.contains('/')
+}
+
+fn looks_bare(p: &Path) -> bool {
+    p.join("HEAD").is_file() && p.join("objects").is_dir() && p.join("refs").is_dir()
+}
+
+/// Drops `user:password@` from a URL.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((auth, host)) = rest.split_once('@')
+        && !auth.contains('/')
+    {
+        return format!("{scheme}://{host}");
+    }
+    url.to_owned()
+}
+
+fn default_cache_dir(url: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(url.as_bytes()));
+    std::env::temp_dir().join("rustygate-cache").join(&h[..16])
+}
+
+/// A compiled (or failed) candidate config.
+pub struct Candidate {
+    pub version_id: String,
+    pub commit: Option<CommitInfo>,
+    pub snapshot: Option<Snapshot>,
+    pub diagnostics: Diagnostics,
+    pub files: SourceFiles,
+}
+
+/// What a load found.
+pub enum Loaded {
+    /// The version that would be loaded is the one already applied (or already failed, for an
+    /// unforced reload).
+    Unchanged {
+        version_id: String,
+    },
+    Candidate(Box<Candidate>),
+}
+
+/// A config source with the state needed to fetch it again.
+pub struct Source {
+    spec: SourceSpec,
+    mirror: Option<Mirror>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Source {
+    pub fn new(spec: SourceSpec) -> Source {
+        Source {
+            spec,
+            mirror: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn spec(&self) -> &SourceSpec {
+        &self.spec
+    }
+
+    /// Set to abandon a reload in progress (fetches stop at their next progress report).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// Fetches (for git) and compiles, unless the version is `applied` or, without `force`, is
+    /// `failed`. Blocking: call on a blocking thread.
+    pub fn load(
+        &mut self,
+        applied: Option<&str>,
+        failed: Option<&str>,
+        force: bool,
+        opts: &CompileOptions,
+    ) -> Result<Loaded, SourceError> {
+        let skip = |id: &str| applied == Some(id) || (!force && failed == Some(id));
+        match self.spec.clone() {
+            SourceSpec::Dir(dir) => {
+                let raw = load_dir(&dir)?;
+                let id = content_hash(&raw.files);
+                if skip(&id) {
+                    return Ok(Loaded::Unchanged { version_id: id });
+                }
+                let compiled = crate::compile::compile(
+                    raw,
+                    &CompileOptions {
+                        version_id: Some(id.clone()),
+                        ..opts.clone()
+                    },
+                );
+                Ok(Loaded::Candidate(Box::new(Candidate {
+                    version_id: id,
+                    commit: None,
+                    snapshot: compiled.snapshot,
+                    diagnostics: compiled.diagnostics,
+                    files: compiled.files,
+                })))
+            }
+            SourceSpec::Git(g) => self.load_git(&g, skip, opts),
+        }
+    }
+
+    fn load_git(
+        &mut self,
+        g: &GitSpec,
+        skip: impl Fn(&str) -> bool,
+        opts: &CompileOptions,
+    ) -> Result<Loaded, SourceError> {
+        if self.mirror.is_none() {
+            self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(SourceError::Cancelled);
+        };
+        mirror.fetch(&g.credentials, &self.cancel)?;
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(SourceError::Cancelled);
+        }
+        let oid = mirror.resolve(&g.branch, g.pin.as_deref())?;
+        let sha = oid.to_string();
+        if skip(&sha) {
+            return Ok(Loaded::Unchanged { version_id: sha });
+        }
+        let commit = mirror.repo().find_commit(oid).map_err(GitError::from)?;
+        let info = CommitInfo::of(&commit);
+        let checkouts = g.cache_dir.join("checkouts");
+        let dest = checkouts.join(&sha);
+        let partial = checkouts.join(format!(".{sha}.partial"));
+        if !dest.is_dir() {
+            let _ = std::fs::remove_dir_all(&partial);
+            git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial)?;
+            std::fs::rename(&partial, &dest).map_err(|source| GitError::Io {
+                path: dest.clone(),
+                source,
+            })?;
+        }
+        let compiled = crate::compile::compile_dir(
+            &dest,
+            &CompileOptions {
+                version_id: Some(sha.clone()),
+                ..opts.clone()
+            },
+        )?;
+        Ok(Loaded::Candidate(Box::new(Candidate {
+            version_id: sha,
+            commit: Some(info),
+            snapshot: compiled.snapshot,
+            diagnostics: compiled.diagnostics,
+            files: compiled.files,
+        })))
+    }
+
+    /// Removes exported checkouts other than `keep`.
+    pub fn clean_checkouts(&self, keep: &str) {
+        let SourceSpec::Git(g) = &self.spec else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(g.cache_dir.join("checkouts")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy() != keep {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// The ref followed, for `/status`.
+    pub fn reference(&self) -> Option<String> {
+        match &self.spec {
+            SourceSpec::Dir(_) => None,
+            SourceSpec::Git(g) => Some(g.pin.clone().unwrap_or_else(|| g.branch.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_argument_classification() {
+        let plain = tempfile::tempdir().unwrap();
+        let spec =
+            SourceSpec::from_repo_arg(plain.path().to_str().unwrap(), "main", None, None, None)
+                .unwrap();
+        assert_eq!(spec, SourceSpec::Dir(plain.path().to_path_buf()));
+
+        let work = tempfile::tempdir().unwrap();
+        git2::Repository::init(work.path()).unwrap();
+        let spec =
+            SourceSpec::from_repo_arg(work.path().to_str().unwrap(), "main", None, None, None)
+                .unwrap();
+        assert!(matches!(spec, SourceSpec::Git(_)));
+
+        for url in [
+            "https://git.example/org/cfg.git",
+            "ssh://git@git.example/org/cfg.git",
+            "git@git.example:org/cfg.git",
+            "file:///srv/cfg.git",
+        ] {
+            let spec = SourceSpec::from_repo_arg(url, "main", None, None, None).unwrap();
+            assert!(
+                matches!(spec, SourceSpec::Git(ref g) if g.url == url),
+                "{url}"
+            );
+        }
+        assert!(SourceSpec::from_repo_arg("/no/such/dir", "main", None, None, None).is_err());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://user:tok@git.example/org/cfg.git"),
+            "https://git.example/org/cfg.git"
+        );
+        assert_eq!(
+            redact_url("git@git.example:org/cfg.git"),
+            "git@git.example:org/cfg.git"
+        );
+        assert_eq!(redact_url("file:///srv/cfg.git"), "file:///srv/cfg.git");
+    }
+}

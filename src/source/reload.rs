@@ -1,0 +1,358 @@
+//! The reload loop: every trigger (poll, webhook, admin call, file watch) lands in one channel,
+//! bursts are coalesced, and one reload runs at a time, off the actix workers.
+//!
+//! A reload fetches, compiles and, only if the compile produced a snapshot, publishes it. A
+//! failure of any kind keeps the last-known-good snapshot serving and is reported in `/status`
+//! (attempted vs applied, as Flux does), in the metrics and in the log. A version that failed is
+//! not compiled again until a new version arrives or a reload is forced.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::{Loaded, Source, SourceSpec};
+use crate::compile::CompileOptions;
+use crate::snapshot::SnapshotStore;
+use crate::telemetry::metrics::Metrics;
+
+/// Quiet time after the last file event before a directory is reloaded (editor save storms).
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Poll,
+    Watch,
+    Webhook(&'static str),
+    /// `POST /admin/reload`; `force` recompiles even a version that already failed.
+    Admin {
+        force: bool,
+    },
+}
+
+impl Trigger {
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Poll => "poll",
+            Trigger::Watch => "watch",
+            Trigger::Webhook(source) => source,
+            Trigger::Admin { .. } => "admin",
+        }
+    }
+
+    fn force(self) -> bool {
+        matches!(self, Trigger::Admin { force: true })
+    }
+}
+
+/// The version being served.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub sha: String,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub subject: Option<String>,
+    pub author: Option<String>,
+    pub committed_at: Option<String>,
+    pub loaded_at: String,
+    pub routes: usize,
+    pub upstreams: usize,
+}
+
+/// The last version the gateway tried to load, successful or not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempted {
+    pub sha: Option<String>,
+    pub ok: bool,
+    pub trigger: &'static str,
+    pub at: String,
+    /// Located diagnostics (`file`, `line`, `column`, `code`, `message`) or a fetch error.
+    pub errors: serde_json::Value,
+}
+
+/// Reload state for `/status`. Behind a mutex: read by the admin listener, written by the
+/// reload loop, never touched by the request path.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadStatus {
+    pub applied: Option<Applied>,
+    pub attempted: Option<Attempted>,
+    pub last_fetch_at: Option<String>,
+    pub last_fetch_error: Option<String>,
+    #[serde(skip)]
+    failed: Option<String>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub struct Reloader {
+    source: Option<Source>,
+    spec: SourceSpec,
+    store: Arc<SnapshotStore>,
+    status: Arc<Mutex<ReloadStatus>>,
+    metrics: Arc<Metrics>,
+    opts: CompileOptions,
+}
+
+/// Why the first load failed: nothing can be served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Source(#[from] super::SourceError),
+    #[error("the config does not compile:\n{0}")]
+    Invalid(String),
+}
+
+/// A gateway's config state right after the first successful load.
+pub struct Started {
+    pub reloader: Reloader,
+    pub store: Arc<SnapshotStore>,
+    pub status: Arc<Mutex<ReloadStatus>>,
+}
+
+impl Reloader {
+    /// Loads and compiles the first version; the gateway cannot start without one.
+    pub fn start(
+        mut source: Source,
+        opts: CompileOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Started, StartError> {
+        let spec = source.spec().clone();
+        let Loaded::Candidate(c) = source.load(None, None, true, &opts)? else {
+            return Err(StartError::Invalid("nothing to load".into()));
+        };
+        let Some(mut snapshot) = c.snapshot else {
+            metrics.reload_failed();
+            return Err(StartError::Invalid(c.diagnostics.render_human(&c.files)));
+        };
+        for d in c.diagnostics.iter() {
+            tracing::warn!(code = d.code, version = %c.version_id, "{}", d.message);
+        }
+        snapshot.version.commit = c.commit;
+        snapshot.version.reference = source.reference();
+        snapshot.version.source = spec.describe();
+        let now = SystemTime::now();
+        let status = ReloadStatus {
+            applied: Some(applied(&snapshot)),
+            attempted: Some(Attempted {
+                sha: Some(c.version_id.clone()),
+                ok: true,
+                trigger: "startup",
+                at: rfc3339(now),
+                errors: serde_json::Value::Array(Vec::new()),
+            }),
+            last_fetch_at: Some(rfc3339(now)),
+            last_fetch_error: None,
+            failed: None,
+        };
+        metrics.reload_succeeded(None, &c.version_id, unix(now));
+        source.clean_checkouts(&c.version_id);
+        tracing::info!(version = %c.version_id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), source = %spec.describe(), "config loaded");
+        let store = Arc::new(SnapshotStore::new(snapshot));
+        let status = Arc::new(Mutex::new(status));
+        let reloader = Reloader {
+            source: Some(source),
+            spec,
+            store: Arc::clone(&store),
+            status: Arc::clone(&status),
+            metrics,
+            opts,
+        };
+        Ok(Started {
+            reloader,
+            store,
+            status,
+        })
+    }
+
+    /// Handle to abandon a reload in progress (on shutdown).
+    pub fn cancel_flag(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.source.as_ref().map(Source::cancel_flag)
+    }
+
+    /// Serves triggers until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Trigger>) {
+        while let Some(first) = rx.recv().await {
+            let mut force = first.force();
+            if first == Trigger::Watch {
+                // Wait for the files to settle: each new event restarts the quiet period.
+                loop {
+                    match tokio::time::timeout(WATCH_DEBOUNCE, rx.recv()).await {
+                        Ok(Some(t)) => force |= t.force(),
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+            }
+            // Everything queued meanwhile is answered by this one reload.
+            while let Ok(t) = rx.try_recv() {
+                force |= t.force();
+            }
+            self.reload(first.name(), force).await;
+        }
+    }
+
+    /// One reload, start to finish.
+    pub async fn reload(&mut self, trigger: &'static str, force: bool) {
+        let started = Instant::now();
+        let (applied_id, failed_id) = {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            (s.applied.as_ref().map(|a| a.sha.clone()), s.failed.clone())
+        };
+        let mut source = self
+            .source
+            .take()
+            .unwrap_or_else(|| Source::new(self.spec.clone()));
+        let opts = self.opts.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = source.load(applied_id.as_deref(), failed_id.as_deref(), force, &opts);
+            (source, r)
+        })
+        .await;
+        let result = match joined {
+            Ok((source, r)) => {
+                self.source = Some(source);
+                r
+            }
+            Err(e) => {
+                tracing::error!(trigger, error = %e, "reload task failed; the next reload starts afresh");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let candidate = match result {
+            Err(e) => {
+                tracing::warn!(trigger, error = %e, "config fetch failed; still serving the last good config");
+                status.last_fetch_error = Some(e.to_string());
+                status.attempted = Some(Attempted {
+                    sha: None,
+                    ok: false,
+                    trigger,
+                    at: rfc3339(now),
+                    errors: serde_json::json!([{ "message": e.to_string() }]),
+                });
+                self.metrics.reload_failed();
+                return;
+            }
+            Ok(Loaded::Unchanged { version_id }) => {
+                status.last_fetch_at = Some(rfc3339(now));
+                status.last_fetch_error = None;
+                tracing::debug!(trigger, version = %version_id, "config unchanged");
+                return;
+            }
+            Ok(Loaded::Candidate(c)) => c,
+        };
+        status.last_fetch_at = Some(rfc3339(now));
+        status.last_fetch_error = None;
+        let id = candidate.version_id.clone();
+        let Some(mut snapshot) = candidate.snapshot else {
+            let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
+                .unwrap_or_default();
+            tracing::warn!(
+                trigger,
+                version = %id,
+                errors = candidate.diagnostics.error_count(),
+                diagnostics = %candidate.diagnostics.render_short(&candidate.files).trim_end(),
+                "config rejected; still serving the last good config"
+            );
+            status.failed = Some(id.clone());
+            status.attempted = Some(Attempted {
+                sha: Some(id),
+                ok: false,
+                trigger,
+                at: rfc3339(now),
+                errors,
+            });
+            self.metrics.reload_failed();
+            return;
+        };
+        snapshot.version.commit = candidate.commit;
+        snapshot.version.reference = self.source.as_ref().and_then(Source::reference);
+        snapshot.version.source = self.spec.describe();
+        let info = applied(&snapshot);
+        let previous = self.store.publish(snapshot);
+        self.metrics
+            .reload_succeeded(Some(&previous.version.id), &id, unix(now));
+        tracing::info!(
+            trigger,
+            from = %previous.version.id,
+            to = %id,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            routes = info.routes,
+            warnings = candidate.diagnostics.warning_count(),
+            "config reloaded"
+        );
+        status.applied = Some(info);
+        status.failed = None;
+        status.attempted = Some(Attempted {
+            sha: Some(id.clone()),
+            ok: true,
+            trigger,
+            at: rfc3339(now),
+            errors: serde_json::Value::Array(Vec::new()),
+        });
+        drop(status);
+        if let Some(s) = &self.source {
+            s.clean_checkouts(&id);
+        }
+    }
+}
+
+fn applied(s: &crate::snapshot::Snapshot) -> Applied {
+    let commit = s.version.commit.as_ref();
+    Applied {
+        sha: s.version.id.clone(),
+        reference: s.version.reference.clone(),
+        subject: commit.map(|c| c.subject.clone()),
+        author: commit.map(|c| c.author.clone()),
+        committed_at: commit.map(|c| rfc3339(c.committed_at)),
+        loaded_at: rfc3339(s.version.loaded_at),
+        routes: s.routes.len(),
+        upstreams: s.upstreams.len(),
+    }
+}
+
+/// Sends a poll trigger every `every`, plus up to 10% jitter so a fleet does not fetch in step.
+/// A poll is dropped when a reload is already queued.
+pub fn spawn_poller(tx: mpsc::Sender<Trigger>, every: Duration) {
+    actix_web::rt::spawn(async move {
+        loop {
+            let jitter = every.mul_f64(rand::random::<f64>() * 0.1);
+            tokio::time::sleep(every + jitter).await;
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Trigger::Poll) {
+                return;
+            }
+        }
+    });
+}
+
+/// Watches a config directory and sends a trigger on every change. Keep the returned watcher
+/// alive for as long as the directory should be watched.
+pub fn watch_dir(
+    dir: &std::path::Path,
+    tx: mpsc::Sender<Trigger>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && matches!(
+                e.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            )
+        {
+            let _ = tx.try_send(Trigger::Watch);
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
