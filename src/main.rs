@@ -211,7 +211,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     use rustygate::source::reload::{Reloader, StartError, Started, spawn_poller, watch_dir};
     use rustygate::source::{Source, SourceSpec};
 
-    init_logging(args.log_format);
+    // Held until serve returns: dropping it flushes buffered log lines.
+    let _log_guard = init_logging(args.log_format);
     let spec = SourceSpec::from_repo_arg(
         &args.repo,
         &args.branch,

@@ -402,3 +402,217 @@ pub fn proxy_all(url: &str, route_extra: &str) -> Vec<(&'static str, String)> {
 pub fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(a, b)| (*a, b.as_str())).collect()
 }
+
+/// The real `rustygate serve` binary, on free loopback ports, killed on drop.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub listen: String,
+    pub admin: String,
+    /// Everything the gateway logged so far (stderr is drained continuously).
+    pub logs: Arc<std::sync::Mutex<String>>,
+}
+
+impl GatewayProcess {
+    /// Starts `rustygate serve` with `args` (after `serve`) and `envs`, and waits for `/healthz`.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
+        let listen = format!("127.0.0.1:{}", dead_port());
+        let admin = format!("127.0.0.1:{}", dead_port());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"));
+        cmd.arg("serve")
+            .args(args)
+            .args([
+                "--listen",
+                &listen,
+                "--admin-listen",
+                &admin,
+                "--workers",
+                "1",
+                "--log-format",
+                "json",
+            ])
+            .env_remove("RUSTYGATE_ADMIN_TOKEN")
+            .env_remove("RUSTYGATE_WEBHOOK_SECRET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let logs = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let up = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            http(&admin, "GET", "/healthz", &[], b"").is_some_and(|(s, _)| s == 200)
+        });
+        if let Ok(Some(status)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("rustygate exited with {status}:\n{}", logs.lock().unwrap());
+        }
+        assert!(up, "rustygate did not come up");
+        GatewayProcess {
+            child,
+            listen,
+            admin,
+            logs,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http(&self.listen, "GET", path, &[], b"")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (_, body) = http(&self.admin, "GET", "/status", &[], b"").unwrap();
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = http(&self.admin, "GET", "/metrics", &[], b"")?;
+        body.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    pub fn admin_post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+        http(&self.admin, "POST", path, headers, body).unwrap()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; `None` when the connection fails.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Commits `files` as the whole tree of `branch` (bare or not), returning the commit id.
+pub fn commit_files(
+    repo: &git2::Repository,
+    branch: &str,
+    files: &[(&str, &str)],
+    message: &str,
+) -> git2::Oid {
+    fn build(repo: &git2::Repository, files: &[(String, String)]) -> git2::Oid {
+        let mut tb = repo.treebuilder(None).unwrap();
+        let mut dirs: std::collections::BTreeMap<String, Vec<(String, String)>> =
+            Default::default();
+        for (path, content) in files {
+            match path.split_once('/') {
+                Some((dir, rest)) => dirs
+                    .entry(dir.to_owned())
+                    .or_default()
+                    .push((rest.to_owned(), content.clone())),
+                None => {
+                    let blob = repo.blob(content.as_bytes()).unwrap();
+                    tb.insert(path, blob, 0o100644).unwrap();
+                }
+            }
+        }
+        for (dir, sub) in dirs {
+            let oid = build(repo, &sub);
+            tb.insert(&dir, oid, 0o040000).unwrap();
+        }
+        tb.write().unwrap()
+    }
+    let owned: Vec<(String, String)> = files
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let tree = repo.find_tree(build(repo, &owned)).unwrap();
+    let sig = git2::Signature::now("Config Author", "author@example.com").unwrap();
+    let refname = format!("refs/heads/{branch}");
+    let parent = repo
+        .find_reference(&refname)
+        .ok()
+        .and_then(|r| r.peel_to_commit().ok());
+    let parents: Vec<&git2::Commit> = parent.iter().collect();
+    repo.commit(Some(&refname), &sig, &sig, message, &tree, &parents)
+        .unwrap()
+}
+
+/// A keep-alive HTTP/1.1 client connection for load loops (no port churn).
+pub struct KeepAlive {
+    stream: std::io::BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: &str) -> Option<KeepAlive> {
+        let s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        Some(KeepAlive {
+            stream: std::io::BufReader::new(s),
+        })
+    }
+
+    /// `GET path`; `None` on any I/O or framing error.
+    pub fn get(&mut self, path: &str) -> Option<(u16, String)> {
+        use std::io::BufRead;
+        write!(
+            self.stream.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"
+        )
+        .ok()?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).ok()?;
+        let status: u16 = line.get(9..12)?.parse().ok()?;
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).ok()?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).ok()?;
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}

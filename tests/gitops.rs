@@ -1,0 +1,448 @@
+//! The GitOps loop end to end: the real binary following real git repositories (bare, over
+//! `file://`), reloaded by the admin call, webhooks, polling and file watching.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hmac::{Hmac, Mac};
+
+fn config(body: &str) -> Vec<(&'static str, String)> {
+    vec![(
+        "routes/main.toml",
+        format!(
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+        ),
+    )]
+}
+
+fn commit(
+    repo: &git2::Repository,
+    branch: &str,
+    files: &[(&'static str, String)],
+    msg: &str,
+) -> String {
+    commit_files(repo, branch, &as_refs(files), msg).to_string()
+}
+
+fn bare_repo() -> (tempfile::TempDir, git2::Repository, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    (dir, repo, url)
+}
+
+fn wait_body(gw: &GatewayProcess, expected: &str) -> bool {
+    wait_until(Duration::from_secs(15), || {
+        gw.get("/").is_some_and(|(_, b)| b == expected)
+    })
+}
+
+const TOKEN: &str = "admin-t0ken";
+const AUTH: (&str, &str) = ("Authorization", "Bearer admin-t0ken");
+
+#[test]
+fn git_source_applies_new_commits_and_keeps_the_last_good_one() {
+    let (_d, repo, url) = bare_repo();
+    let cache = tempfile::tempdir().unwrap();
+    let v1 = commit(&repo, "main", &config("v1"), "first config");
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+        ],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+    let st = gw.status();
+    assert_eq!(st["applied"]["sha"], v1.as_str());
+    assert_eq!(st["applied"]["subject"], "first config");
+    assert_eq!(st["applied"]["ref"], "main");
+
+    let v2 = commit(&repo, "main", &config("v2"), "second config");
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    assert!(wait_body(&gw, "v2"));
+    assert_eq!(gw.status()["applied"]["sha"], v2.as_str());
+    assert_eq!(
+        gw.metric(&format!("rustygate_config_info{{sha=\"{v2}\"}}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric(&format!("rustygate_config_info{{sha=\"{v1}\"}}")),
+        None
+    );
+
+    // A commit that does not compile is rejected and v2 keeps serving.
+    let mut broken = config("v3");
+    broken[0].1.push_str("timeout = \"soon\"\n");
+    let bad = commit(&repo, "main", &broken, "broken config");
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == bad.as_str()
+    ));
+    let st = gw.status();
+    assert_eq!(st["applied"]["sha"], v2.as_str());
+    assert_eq!(st["attempted"]["ok"], false);
+    let err = &st["attempted"]["errors"][0];
+    assert_eq!(err["code"], "invalid-duration");
+    assert_eq!(err["file"], "routes/main.toml");
+    assert_eq!(err["line"], 5);
+    assert_eq!(gw.get("/").unwrap(), (200, "v2".into()));
+    assert_eq!(
+        gw.metric("rustygate_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+
+    // The failed SHA is not compiled again by an ordinary reload, only by a forced one.
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        gw.metric("rustygate_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    gw.admin_post("/admin/reload?force=true", &[AUTH], b"");
+    assert!(wait_until(Duration::from_secs(15), || gw
+        .metric("rustygate_config_reloads_total{result=\"failure\"}")
+        == Some(2.0)));
+
+    // A fixed commit is applied.
+    let v4 = commit(&repo, "main", &config("v4"), "fixed");
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_body(&gw, "v4"));
+    assert_eq!(gw.status()["attempted"]["ok"], true);
+    assert_eq!(gw.status()["applied"]["sha"], v4.as_str());
+    // Only the applied checkout is kept.
+    let checkouts: Vec<_> = std::fs::read_dir(cache.path().join("checkouts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(checkouts, vec![std::ffi::OsString::from(&v4)]);
+}
+
+#[test]
+fn admin_reload_needs_the_token() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let without = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
+    assert_eq!(without.admin_post("/admin/reload", &[AUTH], b"").0, 403);
+    let with = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(with.admin_post("/admin/reload", &[], b"").0, 401);
+    assert_eq!(
+        with.admin_post("/admin/reload", &[("Authorization", "Bearer wrong")], b"")
+            .0,
+        401
+    );
+    assert_eq!(with.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[test]
+fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let secret = "hook-s3cret";
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_WEBHOOK_SECRET", secret)],
+    );
+    commit(&repo, "main", &config("v2"), "second");
+
+    let push = br#"{"ref":"refs/heads/main","after":"abc"}"#;
+    let ev = ("X-GitHub-Event", "push");
+    assert_eq!(
+        gw.admin_post("/hooks/github", &[ev], push).0,
+        401,
+        "unsigned"
+    );
+    let wrong = sign("not-the-secret", push);
+    assert_eq!(
+        gw.admin_post(
+            "/hooks/github",
+            &[ev, ("X-Hub-Signature-256", &wrong)],
+            push
+        )
+        .0,
+        401
+    );
+    let sha1_only = ("X-Hub-Signature", "sha1=0000");
+    assert_eq!(
+        gw.admin_post("/hooks/github", &[ev, sha1_only], push).0,
+        401
+    );
+    // Same JSON, re-serialised: the signature no longer matches.
+    let good = sign(secret, push);
+    assert_eq!(
+        gw.admin_post(
+            "/hooks/github",
+            &[ev, ("X-Hub-Signature-256", &good)],
+            br#"{ "ref": "refs/heads/main", "after": "abc" }"#
+        )
+        .0,
+        401
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        gw.get("/").unwrap().1,
+        "v1",
+        "no unauthenticated call may reload"
+    );
+
+    let ping = br#"{"zen":"hi"}"#;
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "ping"),
+            ("X-Hub-Signature-256", &sign(secret, ping)),
+        ],
+        ping,
+    );
+    assert_eq!((status, body.contains("pong")), (200, true));
+
+    let other = br#"{"ref":"refs/heads/feature"}"#;
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, ("X-Hub-Signature-256", &sign(secret, other))],
+        other,
+    );
+    assert_eq!((status, body.contains("another branch")), (202, true));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+
+    let delivery = ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958");
+    assert_eq!(
+        gw.admin_post(
+            "/hooks/github",
+            &[ev, delivery, ("X-Hub-Signature-256", &good)],
+            push
+        )
+        .0,
+        202
+    );
+    assert!(wait_body(&gw, "v2"));
+    // The same delivery again is acknowledged and ignored.
+    commit(&repo, "main", &config("v3"), "third");
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, delivery, ("X-Hub-Signature-256", &good)],
+        push,
+    );
+    assert_eq!((status, body.contains("already processed")), (200, true));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+
+    // Oversized payloads are refused before parsing.
+    let huge = vec![b'x'; 2 << 20];
+    assert_eq!(
+        gw.admin_post(
+            "/hooks/github",
+            &[ev, ("X-Hub-Signature-256", &sign(secret, &huge))],
+            &huge
+        )
+        .0,
+        413
+    );
+}
+
+#[test]
+fn gitlab_webhook_checks_the_token() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_WEBHOOK_SECRET", "gl-token")],
+    );
+    commit(&repo, "main", &config("v2"), "second");
+    let push = br#"{"object_kind":"push","ref":"refs/heads/main"}"#;
+    let ev = ("X-Gitlab-Event", "Push Hook");
+    assert_eq!(gw.admin_post("/hooks/gitlab", &[ev], push).0, 401);
+    assert_eq!(
+        gw.admin_post("/hooks/gitlab", &[ev, ("X-Gitlab-Token", "gl-tokeN")], push)
+            .0,
+        401
+    );
+    assert_eq!(
+        gw.admin_post("/hooks/gitlab", &[ev, ("X-Gitlab-Token", "gl-token")], push)
+            .0,
+        202
+    );
+    assert!(wait_body(&gw, "v2"));
+}
+
+#[test]
+fn webhooks_are_disabled_without_a_secret() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
+    assert_eq!(
+        gw.admin_post("/hooks/gitlab", &[("X-Gitlab-Token", "")], b"{}")
+            .0,
+        403
+    );
+    assert_eq!(gw.admin_post("/hooks/github", &[], b"{}").0, 403);
+}
+
+#[test]
+fn polling_picks_up_new_commits() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "200ms"], &[]);
+    commit(&repo, "main", &config("v2"), "second");
+    assert!(wait_body(&gw, "v2"));
+    assert_eq!(gw.status()["attempted"]["trigger"], "poll");
+}
+
+#[test]
+fn subdir_and_pinned_ref() {
+    let (_d, repo, url) = bare_repo();
+    let in_subdir = |body: &str| {
+        vec![
+            ("gateway/routes/main.toml", config(body)[0].1.clone()),
+            ("README.md", "monorepo".to_string()),
+        ]
+    };
+    let v1 = commit_files(&repo, "main", &as_refs(&in_subdir("pinned")), "first");
+    repo.tag_lightweight("v1", &repo.find_object(v1, None).unwrap(), false)
+        .unwrap();
+    commit(&repo, "main", &in_subdir("later"), "second");
+    let gw = GatewayProcess::start(
+        &[
+            "--repo", &url, "--subdir", "gateway", "--ref", "v1", "--poll", "0",
+        ],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "pinned");
+    assert_eq!(gw.status()["applied"]["ref"], "v1");
+}
+
+#[test]
+fn local_working_copy_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init(dir.path()).unwrap();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", dir.path().to_str().unwrap(), "--poll", "200ms"],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    commit(&repo, "main", &config("v2"), "second");
+    assert!(wait_body(&gw, "v2"));
+}
+
+#[test]
+fn directory_source_reloads_when_files_change() {
+    let dir = repo(&as_refs(&config("v1")));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    write_files(dir.path(), &as_refs(&config("v2")));
+    assert!(wait_body(&gw, "v2"));
+    assert_eq!(gw.status()["attempted"]["trigger"], "watch");
+    // A broken edit is rejected; the last good version keeps serving.
+    write_files(dir.path(), &[("routes/main.toml", "[[route]\nname = ")]);
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["ok"] == false
+    ));
+    assert_eq!(gw.status()["attempted"]["errors"][0]["code"], "toml-syntax");
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+}
+
+#[test]
+fn config_swaps_under_load_fail_no_request() {
+    let be = Backend::fixed(200, "from backend");
+    let files = |n: usize| {
+        let mut f = proxy_all(
+            &be.url(),
+            &format!("response_headers = {{ set = {{ \"x-config\" = \"{n}\" }} }}"),
+        );
+        f.push(("routes/extra.toml", format!("[[route]]\nname = \"extra{n}\"\npath = \"/extra/{n}\"\nrespond = {{ status = 204 }}\n")));
+        f
+    };
+    let dir = repo(&as_refs(&files(0)));
+    let gw = GatewayProcess::start(
+        &["--repo", dir.path().to_str().unwrap(), "--watch", "false"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let loaders: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, stop, ok, failed) = (
+                gw.listen.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&ok),
+                Arc::clone(&failed),
+            );
+            std::thread::spawn(move || {
+                // Bounded in count and time whatever happens to the swaps.
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let Some(mut conn) = KeepAlive::connect(&addr) else {
+                    failed.fetch_add(1, Relaxed);
+                    return;
+                };
+                for _ in 0..50_000 {
+                    if stop.load(Relaxed) || std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    match conn.get("/x") {
+                        Some((200, body)) if body == "from backend" => ok.fetch_add(1, Relaxed),
+                        _ => failed.fetch_add(1, Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for n in 1..=10 {
+        // Let traffic flow on this config before swapping it out.
+        let seen = ok.load(Relaxed);
+        wait_until(Duration::from_secs(10), || ok.load(Relaxed) >= seen + 200);
+        write_files(dir.path(), &as_refs(&files(n)));
+        let posted = gw.admin_post("/admin/reload", &[AUTH], b"");
+        assert!(
+            wait_until(Duration::from_secs(10), || http(
+                &gw.listen,
+                "GET",
+                &format!("/extra/{n}"),
+                &[],
+                b""
+            )
+            .is_some_and(|(s, _)| s == 204)),
+            "swap {n} applied: reload answered {posted:?}"
+        );
+    }
+    let seen = ok.load(Relaxed);
+    wait_until(Duration::from_secs(10), || ok.load(Relaxed) >= seen + 200);
+    stop.store(true, Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    assert!(ok >= 2000, "only {ok} requests ran");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across 10 swaps",
+        ok + failed
+    );
+    assert_eq!(
+        gw.metric("rustygate_config_reloads_total{result=\"success\"}"),
+        Some(11.0)
+    );
+}
