@@ -8,6 +8,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod plan;
 pub mod proxy;
 pub mod router;
 pub mod schema;

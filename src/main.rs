@@ -49,6 +49,24 @@ enum Command {
         /// One file kind only: gateway, routes or upstreams. Default: all in one schema.
         kind: Option<String>,
     },
+    /// Route-level diff between two commits of the config repo, as Markdown for a PR comment.
+    /// Exit 0 head compiles, 1 head does not compile, 2 usage/git error.
+    Plan {
+        /// The commit the change starts from: branch, tag or SHA (e.g. origin/main).
+        #[arg(long)]
+        base: String,
+        /// The commit the change leads to (a commit, not the working tree).
+        #[arg(long, default_value = "HEAD")]
+        head: String,
+        #[arg(long, default_value = "markdown", value_parser = ["markdown", "json"])]
+        format: String,
+        /// Do not resolve secret references (env vars, files): for CI without the secrets.
+        #[arg(long)]
+        no_env: bool,
+        /// Config repo directory inside a git working copy (may be a subdirectory of it).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Run the gateway.
     Serve(Box<ServeArgs>),
 }
@@ -128,6 +146,21 @@ fn main() -> ExitCode {
             no_env,
         } => validate(&dir, format, deny_warnings, no_env),
         Command::Schema { kind } => schema(kind.as_deref()),
+        Command::Plan {
+            base,
+            head,
+            format,
+            no_env,
+            dir,
+        } => plan(
+            rustygate::plan::PlanOptions {
+                dir,
+                base,
+                head,
+                resolve_secrets: !no_env,
+            },
+            &format,
+        ),
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -204,6 +237,32 @@ fn schema(kind: Option<&str>) -> ExitCode {
     };
     print!("{}", rustygate::schema::render(&value));
     ExitCode::SUCCESS
+}
+
+fn plan(opts: rustygate::plan::PlanOptions, format: &str) -> ExitCode {
+    let plan = match rustygate::plan::plan(&opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if format == "json" {
+        match serde_json::to_string_pretty(&plan) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", plan.to_markdown());
+    }
+    if plan.head_compiles() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
