@@ -73,10 +73,6 @@ pub enum PlanError {
     },
     #[error("the config directory `{dir}` does not exist at head commit {sha}")]
     NoConfigAtHead { dir: String, sha: String },
-    #[error(
-        "commit {sha} has a tree entry `{path}` that is not a plain file name; refusing to export it"
-    )]
-    UnsafeTree { sha: String, path: String },
     #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
@@ -255,7 +251,6 @@ fn side(
     opts: &PlanOptions,
 ) -> Result<Option<CommitConfig>, PlanError> {
     let sub = (!subdir.as_os_str().is_empty()).then_some(subdir);
-    check_entry_names(repo, oid, sub)?;
     match git::export_tree(repo, oid, sub, dest) {
         Ok(()) => {}
         Err(GitError::NoSubdir(_)) => return Ok(None),
@@ -289,46 +284,6 @@ fn side(
         compiled: Some(compiled),
         raw_routes,
     }))
-}
-
-/// Refuses a tree with an entry name that is not a plain file name. `export_tree` joins names
-/// onto the destination as they are, and a crafted commit (the head of a pull request is
-/// untrusted input) can name a tree entry `..` to write outside the temp dir.
-fn check_entry_names(
-    repo: &Repository,
-    oid: git2::Oid,
-    sub: Option<&Path>,
-) -> Result<(), PlanError> {
-    let mut tree = repo.find_commit(oid)?.tree()?;
-    if let Some(sub) = sub {
-        // A missing subdirectory is reported by `export_tree`.
-        let Ok(entry) = tree.get_path(sub) else {
-            return Ok(());
-        };
-        let Ok(subtree) = entry.to_object(repo)?.into_tree() else {
-            return Ok(());
-        };
-        tree = subtree;
-    }
-    let mut bad = None;
-    let walked = tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-        let name = entry.name_bytes();
-        let plain = !matches!(name, b"" | b"." | b"..")
-            && !name.iter().any(|b| matches!(b, b'/' | b'\\' | 0));
-        if plain {
-            git2::TreeWalkResult::Ok
-        } else {
-            bad = Some(format!("{parent}{}", String::from_utf8_lossy(name)));
-            git2::TreeWalkResult::Abort
-        }
-    });
-    match bad {
-        Some(path) => Err(PlanError::UnsafeTree {
-            sha: oid.to_string(),
-            path,
-        }),
-        None => walked.map_err(PlanError::from),
-    }
 }
 
 fn assemble(mut base: CommitConfig, head: CommitConfig, config_dir: String) -> Plan {

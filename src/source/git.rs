@@ -27,6 +27,8 @@ pub enum GitError {
     UnknownRev(String),
     #[error("subdirectory `{0}` does not exist at this commit")]
     NoSubdir(String),
+    #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
+    UnsafePath(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
@@ -203,10 +205,15 @@ pub fn export_tree(
     }
     std::fs::create_dir_all(dest).map_err(io(dest))?;
     let mut failure: Option<GitError> = None;
-    tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
+    let walked = tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         let Some(name) = entry.name() else {
             return TreeWalkResult::Skip;
         };
+        // Git objects are untrusted input: a crafted tree can hold names that climb out.
+        if !safe_entry_name(name) {
+            failure = Some(GitError::UnsafePath(format!("{parent}{name}")));
+            return TreeWalkResult::Abort;
+        }
         let path = dest.join(parent).join(name);
         let result = match entry.kind() {
             Some(ObjectType::Tree) => std::fs::create_dir_all(&path).map_err(io(&path)),
@@ -223,16 +230,59 @@ pub fn export_tree(
                 TreeWalkResult::Abort
             }
         }
-    })?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    });
+    // The callback's own error says more than libgit2's "callback returned -7".
+    if let Some(e) = failure {
+        return Err(e);
     }
+    walked?;
+    Ok(())
+}
+
+/// A tree entry name that stays inside the directory it is written to.
+fn safe_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.eq_ignore_ascii_case(".git")
+        && !name.contains(['/', '\\', '\0'])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_names_that_climb_out_are_refused() {
+        for bad in ["", ".", "..", ".git", ".GIT", "a/b", "a\\b", "a\0b"] {
+            assert!(!safe_entry_name(bad), "{bad:?}");
+        }
+        for ok in ["routes", "main.toml", "..hidden", ".gitignore"] {
+            assert!(safe_entry_name(ok), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn a_tree_with_a_dotdot_entry_is_not_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let blob = repo.blob(b"escaped").unwrap();
+        let mut inner = repo.treebuilder(None).unwrap();
+        inner.insert("escaped.txt", blob, 0o100644).unwrap();
+        let inner = inner.write().unwrap();
+        // TreeBuilder refuses `..` itself; write the raw tree object as a hostile remote would.
+        let mut raw = b"40000 ..\0".to_vec();
+        raw.extend_from_slice(inner.as_bytes());
+        let odb = repo.odb().unwrap();
+        let tree = odb.write(ObjectType::Tree, &raw).unwrap();
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
+        let dest = dir.path().join("out/export");
+        let err = export_tree(&repo, commit, None, &dest).unwrap_err();
+        assert!(matches!(err, GitError::UnsafePath(_)), "{err}");
+        assert!(!dir.path().join("out/escaped.txt").exists());
+    }
 
     #[test]
     fn https_token_is_offered_only_for_https() {
