@@ -43,17 +43,33 @@ struct Exchange {
     target: Option<usize>,
     body: Option<Rc<BodyStats>>,
     log: bool,
+    state: web::Data<WorkerState>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.state.recorder.metrics().in_flight.dec();
+    }
 }
 
 impl Exchange {
+    /// Records the finished request: metrics always, the access log when enabled.
     fn emit(&self, status: u16, bytes_out: u64, completed: bool) {
-        if !self.log {
-            return;
-        }
         let route = self
             .route
             .and_then(|r| self.snapshot.routes.get(r))
             .map(|r| r.name.as_str());
+        let elapsed = self.started.elapsed();
+        self.state.recorder.request(
+            &self.snapshot.version.id,
+            route,
+            self.method.as_str(),
+            status,
+            elapsed.as_secs_f64(),
+        );
+        if !self.log {
+            return;
+        }
         let target = match (&self.upstream, self.target) {
             (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
             _ => None,
@@ -69,7 +85,7 @@ impl Exchange {
             upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
             target = target.unwrap_or(""),
             status,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
             bytes_out,
             completed,
@@ -138,7 +154,9 @@ pub(crate) async fn handle(
         target: None,
         body: None,
         log: state.access_log,
+        state: state.clone(),
     };
+    state.recorder.metrics().in_flight.inc();
 
     if let Err(why) = check_request(&req) {
         return ex.error(400, why);
@@ -276,6 +294,7 @@ async fn forward(
     *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
 
+    let sent_at = Instant::now();
     let sent = state
         .pool
         .send(
@@ -286,7 +305,12 @@ async fn forward(
         )
         .await;
     let resp = match sent {
-        Ok(r) => r,
+        Ok(r) => {
+            state
+                .recorder
+                .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
+            r
+        }
         Err(e) => {
             let e = match e {
                 ForwardError::ClientBody(_) | ForwardError::Upstream(_)
@@ -305,6 +329,15 @@ async fn forward(
                 error = %e,
                 "upstream request failed"
             );
+            // The error path only: a labelled lookup is fine here.
+            if !matches!(e, ForwardError::BodyTooLarge | ForwardError::ClientBody(_)) {
+                state
+                    .recorder
+                    .metrics()
+                    .upstream_errors
+                    .with_label_values(&[upstream.name.as_str(), e.kind()])
+                    .inc();
+            }
             let message = match &e {
                 ForwardError::Connect(_) | ForwardError::Upstream(_) => {
                     "the upstream could not be reached"
@@ -519,10 +552,8 @@ fn client_response(
         Some(n) => BodySize::Sized(n),
         None => BodySize::Stream,
     };
-    let on_finish: Option<OnFinish> = if ex.log {
-        Some(Box::new(move |bytes, clean| ex.emit(status, bytes, clean)))
-    } else {
-        None
-    };
-    out.body(UpstreamBody::new(body, size, on_finish))
+    // Metrics and the access log are recorded when the body ends, so they count its bytes and
+    // time; the exchange (and its in-flight count) lives until then.
+    let on_finish: OnFinish = Box::new(move |bytes, clean| ex.emit(status, bytes, clean));
+    out.body(UpstreamBody::new(body, size, Some(on_finish)))
 }

@@ -70,6 +70,7 @@ pub(crate) struct WorkerState {
     pub store: Arc<SnapshotStore>,
     pub pool: std::rc::Rc<LocalPool>,
     pub access_log: bool,
+    pub recorder: crate::telemetry::recorder::Recorder,
 }
 
 /// Both listeners, bound and running inside the current actix system.
@@ -123,11 +124,13 @@ pub fn start(
 
     let access_log = opts.access_log;
     let proxy_store = Arc::clone(&store);
+    let metrics = Arc::clone(&control.metrics);
     let proxy = HttpServer::new(move || {
         let state = WorkerState {
             store: Arc::clone(&proxy_store),
             pool: LocalPool::new(),
             access_log,
+            recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
         };
         App::new()
             .app_data(web::Data::new(state))

@@ -2,7 +2,15 @@
 //!
 //! One registry per gateway process (not global), so tests can run several gateways at once.
 
-use prometheus::{Encoder, Gauge, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: sub-millisecond proxying up to slow upstreams.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -12,6 +20,20 @@ pub struct Metrics {
     pub config_last_success: Gauge,
     /// `rustygate_config_info{sha}` = 1 for the config being served.
     pub config_info: IntGaugeVec,
+    /// `rustygate_requests_total{route,method,status}`; unmatched requests use `route="<none>"`.
+    pub requests: IntCounterVec,
+    /// `rustygate_request_duration_seconds{route}`: accept to last response byte.
+    pub request_duration: HistogramVec,
+    /// `rustygate_upstream_request_duration_seconds{upstream}`: send to response head.
+    pub upstream_duration: HistogramVec,
+    /// `rustygate_upstream_errors_total{upstream,kind}`
+    pub upstream_errors: IntCounterVec,
+    /// `rustygate_in_flight_requests`
+    pub in_flight: IntGauge,
+    /// `rustygate_auth_failures_total{route,reason}`
+    pub auth_failures: IntCounterVec,
+    /// `rustygate_rate_limited_total{route}`
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -38,10 +60,60 @@ impl Metrics {
             &["sha"],
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|_| unreachable_metric())
+        };
+        let histogram = |name: &str, help: &str, label: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                &[label],
+            )
+            .unwrap_or_else(|_| unreachable_metric())
+        };
+        let requests = counter(
+            "rustygate_requests_total",
+            "Requests answered, by route, method and status.",
+            &["route", "method", "status"],
+        );
+        let request_duration = histogram(
+            "rustygate_request_duration_seconds",
+            "Time from request to the last response byte, by route.",
+            "route",
+        );
+        let upstream_duration = histogram(
+            "rustygate_upstream_request_duration_seconds",
+            "Time from sending upstream to the response head, by upstream.",
+            "upstream",
+        );
+        let upstream_errors = counter(
+            "rustygate_upstream_errors_total",
+            "Upstream requests that failed, by upstream and kind (connect, timeout, upstream, ...).",
+            &["upstream", "kind"],
+        );
+        let in_flight = IntGauge::new("rustygate_in_flight_requests", "Requests being served.")
+            .unwrap_or_else(|_| unreachable_metric());
+        let auth_failures = counter(
+            "rustygate_auth_failures_total",
+            "Requests refused by authentication, by route and reason.",
+            &["route", "reason"],
+        );
+        let rate_limited = counter(
+            "rustygate_rate_limited_total",
+            "Requests refused by a rate limit, by route.",
+            &["route"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_last_success.clone()),
             Box::new(config_info.clone()),
+            Box::new(requests.clone()),
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(rate_limited.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -53,6 +125,13 @@ impl Metrics {
             config_reloads,
             config_last_success,
             config_info,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_errors,
+            in_flight,
+            auth_failures,
+            rate_limited,
         }
     }
 

@@ -6,6 +6,7 @@
 //! are dropped and counted rather than stalling traffic).
 
 pub mod metrics;
+pub mod recorder;
 
 use std::io::IsTerminal;
 

@@ -1,0 +1,96 @@
+//! Per-worker request metrics without a shared lock on the request path.
+//!
+//! `prometheus`' labelled vectors take a read lock and hash the labels on every lookup. Each
+//! worker instead keeps the handles it has resolved, by route name, in a `RefCell` only it
+//! touches; a request then costs one small hash lookup and a few atomic adds. The cache is
+//! dropped when the snapshot version changes, so routes that disappear do not pin memory.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::{Histogram, IntCounter};
+
+use super::metrics::Metrics;
+use crate::router::{METHODS, method_slot};
+
+/// Label used for requests that matched no route.
+pub const NO_ROUTE: &str = "<none>";
+
+struct RouteHandles {
+    duration: Histogram,
+    /// By (method slot, status).
+    requests: HashMap<(usize, u16), IntCounter>,
+}
+
+pub struct Recorder {
+    metrics: Arc<Metrics>,
+    cache: RefCell<(String, HashMap<String, RouteHandles>)>,
+    upstreams: RefCell<HashMap<String, Histogram>>,
+}
+
+impl Recorder {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            cache: RefCell::new((String::new(), HashMap::new())),
+            upstreams: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// One finished request.
+    pub fn request(
+        &self,
+        version: &str,
+        route: Option<&str>,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) {
+        let route = route.unwrap_or(NO_ROUTE);
+        let mut cache = self.cache.borrow_mut();
+        if cache.0 != version {
+            cache.0.clear();
+            cache.0.push_str(version);
+            cache.1.clear();
+        }
+        if !cache.1.contains_key(route) {
+            let handles = RouteHandles {
+                duration: self.metrics.request_duration.with_label_values(&[route]),
+                requests: HashMap::new(),
+            };
+            cache.1.insert(route.to_owned(), handles);
+        }
+        let Some(h) = cache.1.get_mut(route) else {
+            return;
+        };
+        h.duration.observe(seconds);
+        let slot = method_slot(method);
+        let counter = h.requests.entry((slot, status)).or_insert_with(|| {
+            let method = METHODS.get(slot).copied().unwrap_or("OTHER");
+            self.metrics
+                .requests
+                .with_label_values(&[route, method, &status.to_string()])
+        });
+        counter.inc();
+    }
+
+    /// Time to the upstream's response head.
+    pub fn upstream(&self, upstream: &str, seconds: f64) {
+        let mut cache = self.upstreams.borrow_mut();
+        if let Some(h) = cache.get(upstream) {
+            h.observe(seconds);
+            return;
+        }
+        let h = self
+            .metrics
+            .upstream_duration
+            .with_label_values(&[upstream]);
+        h.observe(seconds);
+        cache.insert(upstream.to_owned(), h);
+    }
+}
