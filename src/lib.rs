@@ -8,7 +8,10 @@
 
 pub mod compile;
 pub mod config;
+pub mod decide;
+pub mod filters;
 pub mod plan;
+pub mod policy;
 pub mod proxy;
 pub mod router;
 pub mod schema;

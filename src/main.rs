@@ -322,6 +322,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             SourceSpec::Git(g) if g.pin.is_none() => Some(g.branch.clone()),
             _ => None,
         },
+        limiters: Default::default(),
     };
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {

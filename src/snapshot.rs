@@ -46,6 +46,12 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub upstream_host: UpstreamHost,
+    /// The route's Rhai policy: `on_request` after the filters, `on_response` before the client.
+    pub policy: Option<crate::policy::RoutePolicy>,
+    /// CORS: preflights answered by the gateway, headers added for allowed origins.
+    pub cors: Option<Arc<crate::filters::cors::CorsPolicy>>,
+    /// The rate limit; its buckets live outside the snapshot (see `filters::rate_limit`).
+    pub rate_limit: Option<crate::filters::rate_limit::LimitSpec>,
 }
 
 pub enum RouteAction {

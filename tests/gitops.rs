@@ -118,13 +118,20 @@ fn git_source_applies_new_commits_and_keeps_the_last_good_one() {
     assert!(wait_body(&gw, "v4"));
     assert_eq!(gw.status()["attempted"]["ok"], true);
     assert_eq!(gw.status()["applied"]["sha"], v4.as_str());
-    // Only the applied checkout is kept.
-    let checkouts: Vec<_> = std::fs::read_dir(cache.path().join("checkouts"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert_eq!(checkouts, vec![std::ffi::OsString::from(&v4)]);
+    // Only the applied checkout is kept (cleaned right after the swap).
+    let checkouts = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(cache.path().join("checkouts"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    };
+    let only_v4 = vec![std::ffi::OsString::from(&v4)];
+    assert!(
+        wait_until(Duration::from_secs(10), || checkouts() == only_v4),
+        "{:?}",
+        checkouts()
+    );
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //! `rustygate validate`, `rustygate test`, `rustygate plan` and `rustygate serve` all call
 //! [`compile`]: there is no second checker that could drift from what the server accepts.
 
+mod edge;
 mod gateway;
+mod policies;
 mod routes;
 mod upstreams;
 
@@ -64,19 +66,29 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         opts,
         root: &raw.root,
         unloaded: &raw.unloaded,
+        files: std::mem::take(&mut raw.files),
+        policies: policies::Policies::new(Default::default()),
     };
     let defaults = gateway::compile_defaults(&mut cx, raw.gateway.as_ref());
+    cx.policies = policies::Policies::new(policies::limits(&mut cx, raw.gateway.as_ref()));
     let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
-    let routes = routes::compile_routes(&mut cx, &raw.routes, &upstreams, &defaults);
-    upstreams::warn_unused(&mut cx, &raw.upstreams, &routes.used_upstreams);
+    let edge = edge::compile_edge_defaults(&mut cx, raw.gateway.as_ref());
+    let routes = routes::compile_routes(&mut cx, &raw.routes, &upstreams, &defaults, &edge);
+    let mut used = routes.used_upstreams;
+    used.extend(cx.policies.used_upstreams.iter().cloned());
+    upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
 
-    let diagnostics = cx.diags;
+    let Cx {
+        diags: diagnostics,
+        files,
+        ..
+    } = cx;
     let snapshot = (!diagnostics.has_errors()).then(|| Snapshot {
         version: ConfigVersion {
             id: opts
                 .version_id
                 .clone()
-                .unwrap_or_else(|| content_hash(&raw.files)),
+                .unwrap_or_else(|| content_hash(&files)),
             source: opts.source.clone(),
             loaded_at: SystemTime::now(),
             commit: None,
@@ -91,7 +103,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     Compiled {
         snapshot,
         diagnostics,
-        files: raw.files,
+        files,
     }
 }
 
@@ -102,6 +114,9 @@ pub(crate) struct Cx<'a> {
     pub root: &'a Path,
     /// Names from tables that failed to load: their error is reported, not its knock-on effects.
     pub unloaded: &'a Unloaded,
+    /// Every file read, the TOML files and the policy scripts compile reads.
+    pub files: SourceFiles,
+    pub policies: policies::Policies,
 }
 
 impl Cx<'_> {

@@ -33,6 +33,7 @@ pub(crate) fn compile_routes(
     raw: &[(FileId, RawRoute)],
     upstreams: &UpstreamTable,
     defaults: &Defaults,
+    edge: &super::edge::EdgeDefaults,
 ) -> CompiledRoutes {
     let mut out = CompiledRoutes {
         router: Router::default(),
@@ -81,6 +82,11 @@ pub(crate) fn compile_routes(
         let path = path_pattern(cx, file, r);
         let methods = r.methods.as_ref().and_then(|m| method_slots(cx, file, m));
         let upstream_host = upstream_host(cx, file, r);
+        let cors = r
+            .cors
+            .as_ref()
+            .and_then(|c| super::edge::route_cors(cx, file, c, edge));
+        let rate_limit = super::edge::route_rate_limit(cx, file, r.rate_limit.as_ref(), edge);
         let request_headers = r
             .request_headers
             .as_ref()
@@ -97,9 +103,7 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|v| cx.size(file, v))
             .unwrap_or(defaults.max_body_size);
-        if let Some(p) = &r.policy {
-            check_policy(cx, file, p);
-        }
+        let policy = super::policies::route_policy(cx, file, r, upstreams);
         let action = action(cx, file, r, path.as_ref(), upstreams);
 
         let (Some((path, path_span)), Some(action)) = (path, action) else {
@@ -154,6 +158,9 @@ pub(crate) fn compile_routes(
             request_headers,
             response_headers,
             upstream_host,
+            policy,
+            cors,
+            rate_limit,
         });
     }
     out.router.finish();
@@ -748,43 +755,6 @@ fn respond(cx: &mut Cx<'_>, file: FileId, r: &Spanned<RawRespond>) -> Option<Sta
         headers,
         body: Bytes::from(r.body.clone()),
     })
-}
-
-fn check_policy(cx: &mut Cx<'_>, file: FileId, p: &Spanned<String>) {
-    let rel = std::path::Path::new(p.get());
-    if rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        cx.push(
-            Diagnostic::error(
-                "invalid-path",
-                "a policy path is relative to the repo root and stays inside it",
-            )
-            .at(file, p.span(), "outside the repo"),
-        );
-        return;
-    }
-    if !cx.root.join(rel).is_file() {
-        cx.push(
-            Diagnostic::error(
-                "missing-file",
-                format!("policy file `{}` does not exist", p.get()),
-            )
-            .at(file, p.span(), "file not found")
-            .help("paths are relative to the config repo root, e.g. \"policies/orders.rhai\""),
-        );
-        return;
-    }
-    cx.push(
-        Diagnostic::error(
-            "unsupported",
-            "Rhai policies are not executed by this version of rustygate",
-        )
-        .at(file, p.span(), "policy not supported yet")
-        .help("a route never runs without its policy; remove `policy` until policy support lands"),
-    );
 }
 
 #[cfg(test)]

@@ -58,6 +58,34 @@ pub struct GatewayFile {
     /// How the client address is found when the gateway sits behind other proxies.
     #[serde(default)]
     pub client_ip: ClientIp,
+    /// Named CORS presets that routes refer to with `cors = "<name>"`.
+    #[serde(default)]
+    pub cors: BTreeMap<String, Spanned<RawCors>>,
+    /// A rate limit for every route that does not set its own (e.g. 100 per minute per IP).
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// Hard limits for Rhai policy scripts; a hook that exceeds one fails its request with 500.
+    #[serde(default)]
+    pub policy_limits: PolicyLimits,
+}
+
+/// `[policy_limits]`: every field optional, defaults in code.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyLimits {
+    /// Rhai operations one hook call may run (default 100000).
+    pub max_operations: Option<Spanned<u64>>,
+    /// Depth of nested function calls (default 32).
+    pub max_call_depth: Option<Spanned<u32>>,
+    /// Nesting depth of expressions, checked at compile time (default 64).
+    pub max_expr_depth: Option<Spanned<u32>>,
+    /// Longest string a script may build (default "64KiB").
+    pub max_string_size: Option<Spanned<SizeText>>,
+    /// Most elements in one array (default 10000).
+    pub max_array_size: Option<Spanned<u32>>,
+    /// Most entries in one object map (default 10000).
+    pub max_map_size: Option<Spanned<u32>>,
+    /// Wall-clock time one hook call may take (default "50ms").
+    pub budget: Option<Spanned<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -124,8 +152,14 @@ pub struct RawRoute {
     pub request_headers: Option<HeaderRules>,
     /// Headers set on or removed from the response before it goes to the client.
     pub response_headers: Option<HeaderRules>,
-    /// Rhai policy script, relative to the repo root.
+    /// Rhai policy script, relative to the repo root: `"policies/orders.rhai"`.
     pub policy: Option<Spanned<String>>,
+    /// Values handed to the policy as the read-only map `req.config`.
+    pub policy_config: Option<Spanned<serde_json::Map<String, serde_json::Value>>>,
+    /// CORS: the name of a preset in gateway.toml, or settings of its own.
+    pub cors: Option<Spanned<RawCorsRef>>,
+    /// Rate limit for this route; overrides the gateway default (`enabled = false` turns it off).
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
 }
 
 /// A direct response.
@@ -295,4 +329,48 @@ pub enum Balance {
     /// Smooth weighted round-robin.
     #[default]
     RoundRobin,
+}
+
+/// CORS settings.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// `"https://app.example.com"`, `"https://*.example.com"`, or `"*"` for any origin.
+    pub allow_origins: Vec<String>,
+    /// Methods allowed cross-origin (default: GET, HEAD, POST).
+    pub allow_methods: Option<Vec<String>>,
+    /// Request headers allowed (default: whatever the preflight asks for).
+    pub allow_headers: Option<Vec<String>>,
+    /// Response headers the browser may read.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Allow cookies and credentials (never together with `"*"`).
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight.
+    pub max_age: Option<DurationText>,
+}
+
+/// A route's CORS: a preset name, or settings of its own.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawCorsRef {
+    Preset(String),
+    Inline(RawCors),
+}
+
+/// A rate limit.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests allowed per `per`.
+    pub requests: Option<u32>,
+    /// The window, e.g. "1m".
+    pub per: Option<DurationText>,
+    /// Requests allowed at once after a quiet period (default: `requests`).
+    pub burst: Option<u32>,
+    /// `client_ip` (default), `route`, or `header:<name>`.
+    pub key: Option<String>,
+    /// `false` turns the gateway default off for this route.
+    pub enabled: Option<bool>,
 }

@@ -21,12 +21,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
-use super::WorkerState;
+use super::{WorkerState, edge};
+use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::proxy::ForwardError;
 use crate::proxy::body::{BodyStats, OnFinish, ProxyBody, UpstreamBody, stream_request_body};
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
 use crate::router::{PathError, RouteId, normalize_host, normalize_path};
-use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse, UpstreamHost};
+use crate::snapshot::{Route, Snapshot, StaticResponse, UpstreamHost};
 use crate::upstream::{Target, Upstream};
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
@@ -44,6 +45,8 @@ struct Exchange {
     body: Option<Rc<BodyStats>>,
     log: bool,
     state: web::Data<WorkerState>,
+    /// Headers the edge filters add to whatever response this request gets (CORS).
+    extra: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Drop for Exchange {
@@ -53,6 +56,19 @@ impl Drop for Exchange {
 }
 
 impl Exchange {
+    /// Adds the edge filters' response headers.
+    fn with_extra(&self, mut resp: HttpResponse) -> HttpResponse {
+        for (n, v) in &self.extra {
+            if let (Ok(n), Ok(v)) = (
+                ax::HeaderName::from_bytes(n.as_str().as_bytes()),
+                ax::HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                resp.headers_mut().append(n, v);
+            }
+        }
+        resp
+    }
+
     /// Records the finished request: metrics always, the access log when enabled.
     fn emit(&self, status: u16, bytes_out: u64, completed: bool) {
         let route = self
@@ -107,7 +123,7 @@ impl Exchange {
         resp.insert_header((ax::CONTENT_TYPE, "application/json"));
         resp.insert_header(("x-request-id", self.request_id.as_bytes()));
         self.emit(status, len, true);
-        resp.body(body)
+        self.with_extra(resp.body(body))
     }
 }
 
@@ -155,6 +171,7 @@ pub(crate) async fn handle(
         body: None,
         log: state.access_log,
         state: state.clone(),
+        extra: Vec::new(),
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -175,32 +192,105 @@ pub(crate) async fn handle(
     };
     ex.path.clone_from(&path);
     let snap = Arc::clone(&ex.snapshot);
-    let Some(m) = snap.router.lookup(&ex.host, req.method().as_str(), &path) else {
-        let allowed = snap.router.allowed_methods(&ex.host, &path);
-        if allowed.is_empty() {
-            return ex.error(404, "no route matches this request");
+    let incoming = Incoming {
+        method: req.method().as_str(),
+        host: &ex.host,
+        path: &path,
+        query: req.uri().query(),
+        client_ip: ex.client_ip,
+        // The auth filter fills this with the verified claims; no route has auth yet.
+        claims: None,
+    };
+    // A CORS preflight is routed by the method it asks about, and answered here when that
+    // route has CORS; otherwise it is an ordinary OPTIONS request.
+    if let Some(asked) = edge::preflight_method(&req) {
+        let probe = Incoming {
+            method: asked,
+            host: &ex.host,
+            path: &path,
+            query: None,
+            client_ip: ex.client_ip,
+            claims: None,
+        };
+        if let Routed::Matched(pm) = decide::route(&snap, &probe)
+            && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())
+        {
+            ex.route = Some(pm.route);
+            let (status, resp) = edge::preflight(cors, &req, asked, &ex.request_id);
+            ex.emit(status, 0, true);
+            return resp;
         }
-        let mut resp = ex.error(405, "method not allowed on this route");
-        if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
-            resp.headers_mut().insert(ax::ALLOW, v);
+    }
+    let m = match decide::route(&snap, &incoming) {
+        Routed::Matched(m) => m,
+        Routed::NoRoute => return ex.error(404, "no route matches this request"),
+        Routed::MethodNotAllowed(allowed) => {
+            let mut resp = ex.error(405, "method not allowed on this route");
+            if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(ax::ALLOW, v);
+            }
+            return resp;
         }
-        return resp;
     };
     ex.route = Some(m.route);
     let Some(route) = snap.routes.get(m.route) else {
         return ex.error(500, "internal routing error");
     };
-    match &route.action {
-        RouteAction::Respond(r) => respond(&ex, r),
-        RouteAction::Proxy { upstream, rewrite } => {
-            let upstream_path = if rewrite.is_identity() {
-                path
-            } else {
-                rewrite.apply(&path, m.params.as_ref())
-            };
-            forward(ex, &req, payload, &state, route, upstream, upstream_path).await
+    if let Some(cors) = &route.cors {
+        ex.extra = edge::cors_headers(cors, &req);
+    }
+    if let Some(limited) =
+        state
+            .limiters
+            .check(&snap, m.route, route, &req, ex.client_ip, &ex.request_id)
+    {
+        state
+            .recorder
+            .metrics()
+            .rate_limited
+            .with_label_values(&[route.name.as_str()])
+            .inc();
+        ex.emit(429, 0, true);
+        return ex.with_extra(limited);
+    }
+    let (_, plan) = decide::request(&snap, &m, &incoming, || client_headers(&req));
+    match plan {
+        Plan::Forward(f) => forward(ex, &req, payload, &state, route, f).await,
+        other => answer(&ex, &state, other),
+    }
+}
+
+/// A decision answered by the gateway itself (not forwarded).
+fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
+    match plan {
+        Plan::Respond(r) => respond(ex, &r),
+        Plan::Deny { status, message } => ex.error(status, &message),
+        Plan::Failed(f) => {
+            f.log(ex.request_id.to_str().unwrap_or(""));
+            state
+                .recorder
+                .metrics()
+                .policy_errors
+                .with_label_values(&[f.route.as_ref(), f.reason.as_str()])
+                .inc();
+            ex.error(500, "the route's policy failed")
+        }
+        Plan::Forward(_) => ex.error(500, "internal routing error"),
+    }
+}
+
+/// The client's request headers as the policy sees them (only built for routes with a policy).
+fn client_headers(req: &HttpRequest) -> http::HeaderMap {
+    let mut out = http::HeaderMap::with_capacity(req.headers().len());
+    for (name, value) in req.headers().iter() {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            out.append(n, v);
         }
     }
+    out
 }
 
 /// Framing and header checks actix does not make itself (SECURITY.md).
@@ -246,7 +336,7 @@ fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
     }
     resp.insert_header(("x-request-id", ex.request_id.as_bytes()));
     ex.emit(r.status, r.body.len() as u64, true);
-    resp.body(r.body.clone())
+    ex.with_extra(resp.body(r.body.clone()))
 }
 
 async fn forward(
@@ -255,9 +345,9 @@ async fn forward(
     payload: web::Payload,
     state: &WorkerState,
     route: &Route,
-    upstream: &Arc<Upstream>,
-    upstream_path: String,
+    plan: decide::Forward,
 ) -> HttpResponse {
+    let upstream = &plan.upstream;
     ex.upstream = Some(Arc::clone(upstream));
     let Some((index, target)) = upstream.pick() else {
         return ex.error(503, "no upstream target is available");
@@ -271,11 +361,18 @@ async fn forward(
     if declared_len.is_some_and(|n| n > route.max_body_size) {
         return ex.error(413, "request body is larger than this route accepts");
     }
-    let headers = match upstream_headers(req, &ex, route, target) {
+    let mut headers = match upstream_headers(req, &ex, route, target) {
         Ok(h) => h,
         Err(why) => return ex.error(400, &why),
     };
-    let uri = match upstream_uri(&upstream_path, req.uri().query()) {
+    if let Some(run) = &plan.policy {
+        run.apply_edits(&mut headers);
+    }
+    let query = match &plan.query {
+        Some(q) => q.as_deref(),
+        None => req.uri().query(),
+    };
+    let uri = match upstream_uri(&plan.path, query) {
         Some(u) => u,
         None => return ex.error(400, "the request path cannot be forwarded"),
     };
@@ -349,7 +446,7 @@ async fn forward(
             return ex.error(e.status(), message);
         }
     };
-    client_response(ex, req, route, resp)
+    client_response(ex, req, state, route, plan.policy.as_ref(), resp)
 }
 
 fn content_length(req: &HttpRequest) -> Result<Option<u64>, ()> {
@@ -500,11 +597,13 @@ impl actix_web::body::MessageBody for HeadBody {
 fn client_response(
     ex: Exchange,
     req: &HttpRequest,
+    state: &WorkerState,
     route: &Route,
+    policy: Option<&decide::PolicyRun>,
     resp: http::Response<hyper::body::Incoming>,
 ) -> HttpResponse {
     let (mut parts, body) = resp.into_parts();
-    let status = parts.status.as_u16();
+    let mut status = parts.status.as_u16();
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
@@ -525,6 +624,13 @@ fn client_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
     route.response_headers.apply(&mut parts.headers);
+    if let Some(run) = policy
+        && let ResponsePlan::Replace(plan) =
+            decide::on_response(run, &mut status, &mut parts.headers)
+    {
+        // The upstream body is dropped unread; its connection is not reused.
+        return answer(&ex, state, plan);
+    }
 
     let mut out = HttpResponseBuilder::new(status_code(status));
     for (name, value) in parts.headers.iter() {
@@ -535,6 +641,9 @@ fn client_response(
         out.append_header((n, value.as_bytes()));
     }
     out.insert_header(("x-request-id", ex.request_id.as_bytes()));
+    for (n, v) in &ex.extra {
+        out.append_header((n.as_str(), v.as_bytes()));
+    }
 
     let no_body = req.method() == actix_web::http::Method::HEAD
         || status == 204

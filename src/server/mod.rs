@@ -5,6 +5,7 @@
 //! both listeners stop together and in-flight requests get the grace period.
 
 mod admin;
+mod edge;
 mod handler;
 pub mod webhooks;
 
@@ -32,6 +33,8 @@ pub struct Control {
     pub webhook_secret: Option<String>,
     /// Pushes to other branches are ignored; `None` (pinned ref) reacts to every push.
     pub branch: Option<String>,
+    /// Rate-limit buckets, kept across snapshots.
+    pub limiters: Arc<crate::filters::rate_limit::Limiters>,
 }
 
 /// How this gateway process runs (flags and `RUSTYGATE_*` variables, never the config repo).
@@ -71,6 +74,7 @@ pub(crate) struct WorkerState {
     pub pool: std::rc::Rc<LocalPool>,
     pub access_log: bool,
     pub recorder: crate::telemetry::recorder::Recorder,
+    pub limiters: edge::WorkerLimiters,
 }
 
 /// Both listeners, bound and running inside the current actix system.
@@ -125,12 +129,17 @@ pub fn start(
     let access_log = opts.access_log;
     let proxy_store = Arc::clone(&store);
     let metrics = Arc::clone(&control.metrics);
+    let limiters = Arc::clone(&control.limiters);
+    actix_web::rt::spawn(crate::filters::rate_limit::Limiters::evict_forever(
+        Arc::downgrade(&limiters),
+    ));
     let proxy = HttpServer::new(move || {
         let state = WorkerState {
             store: Arc::clone(&proxy_store),
             pool: LocalPool::new(),
             access_log,
             recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
+            limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
         };
         App::new()
             .app_data(web::Data::new(state))

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// `rustygate_rate_limited_total{route}`
     pub rate_limited: IntCounterVec,
+    /// `rustygate_policy_errors_total{route,reason}`: policy hooks that failed or hit a limit.
+    pub policy_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -103,6 +105,11 @@ impl Metrics {
             "Requests refused by a rate limit, by route.",
             &["route"],
         );
+        let policy_errors = counter(
+            "rustygate_policy_errors_total",
+            "Requests failed closed by their policy, by route and reason (operations, call_depth, string_size, array_size, map_size, timeout, unknown_upstream, invalid_action, runtime_error).",
+            &["route", "reason"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_last_success.clone()),
@@ -114,6 +121,7 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(auth_failures.clone()),
             Box::new(rate_limited.clone()),
+            Box::new(policy_errors.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -132,6 +140,7 @@ impl Metrics {
             in_flight,
             auth_failures,
             rate_limited,
+            policy_errors,
         }
     }
 

@@ -1,0 +1,270 @@
+//! What the gateway does with a request, decided without sockets: route match, path rewrite,
+//! the route's policy hooks and the upstream they leave chosen.
+//!
+//! The proxy handler and `rustygate test` both go through here, so a fixture exercises the
+//! decisions the server makes, not a copy of them:
+//! ```text
+//! route() ──► [filters: auth fills claims, rate limit, CORS] ──► request() ──► Plan
+//!   Plan::Forward ──► (handler: pick target, send | test: synthetic response) ──► on_response()
+//! ```
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use http::HeaderMap;
+
+use crate::policy::{PolicyFailure, Req, RequestState, Res, ResponseState, RoutePolicy, Verdict};
+use crate::router::{RouteId, RouteMatch};
+use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse};
+use crate::upstream::Upstream;
+
+/// Verified JWT claims of a request, filled by the auth filter (empty until it has run).
+pub type Claims = Arc<serde_json::Map<String, serde_json::Value>>;
+
+/// The facts about a request that decisions depend on. `host` is lower-case without port,
+/// `path` is normalised.
+pub struct Incoming<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub client_ip: IpAddr,
+    /// The seam for auth: verified claims, `None` when the route has no auth.
+    pub claims: Option<Claims>,
+}
+
+/// The outcome of matching a request against the snapshot's router.
+pub enum Routed<'s, 'p> {
+    Matched(RouteMatch<'s, 'p>),
+    /// The path matches, but not with this method: these would.
+    MethodNotAllowed(Vec<&'static str>),
+    NoRoute,
+}
+
+/// Matches host, method and path.
+pub fn route<'s, 'p>(snap: &'s Snapshot, inc: &Incoming<'p>) -> Routed<'s, 'p> {
+    match snap.router.lookup(inc.host, inc.method, inc.path) {
+        Some(m) => Routed::Matched(m),
+        None => {
+            let allowed = snap.router.allowed_methods(inc.host, inc.path);
+            if allowed.is_empty() {
+                Routed::NoRoute
+            } else {
+                Routed::MethodNotAllowed(allowed)
+            }
+        }
+    }
+}
+
+/// What to do with a matched request.
+pub enum Plan<'s> {
+    /// Answer from the gateway: the route's `respond`, or a policy's `respond` / `redirect`.
+    Respond(Cow<'s, StaticResponse>),
+    /// A policy's `deny(status, message)`: a JSON error with the request id.
+    Deny { status: u16, message: String },
+    /// Proxy it.
+    Forward(Forward),
+    /// The policy failed or ran over a limit: 500, fail closed.
+    Failed(PolicyFailure),
+}
+
+/// A request that goes upstream.
+pub struct Forward {
+    pub upstream: Arc<Upstream>,
+    /// The path the upstream sees.
+    pub path: String,
+    /// The query the upstream sees, when a policy changed it; `None`: as the client sent it.
+    pub query: Option<Option<String>>,
+    /// The policy's state, for its header edits and `on_response`.
+    pub policy: Option<PolicyRun>,
+}
+
+/// A policy in the middle of one exchange: the `req` both hooks see.
+pub struct PolicyRun {
+    pub policy: RoutePolicy,
+    pub req: Req,
+}
+
+impl PolicyRun {
+    /// Applies the header changes `on_request` made to the headers going upstream.
+    pub fn apply_edits(&self, headers: &mut HeaderMap) {
+        for e in &self.req.state().edits {
+            e.apply(headers);
+        }
+    }
+}
+
+/// Runs the route's action and `on_request`. `headers` gives the client's request headers; it is
+/// called only when the route has a policy.
+pub fn request<'s>(
+    snap: &'s Snapshot,
+    m: &RouteMatch<'_, '_>,
+    inc: &Incoming<'_>,
+    headers: impl FnOnce() -> HeaderMap,
+) -> (RouteId, Plan<'s>) {
+    let id = m.route;
+    let Some(route) = snap.routes.get(id) else {
+        // The router only holds ids of compiled routes.
+        return (id, Plan::Respond(Cow::Owned(internal_error())));
+    };
+    let (upstream, path) = match &route.action {
+        RouteAction::Respond(r) if route.policy.is_none() => {
+            return (id, Plan::Respond(Cow::Borrowed(r)));
+        }
+        RouteAction::Respond(_) => (None, inc.path.to_owned()),
+        RouteAction::Proxy { upstream, rewrite } => {
+            let path = if rewrite.is_identity() {
+                inc.path.to_owned()
+            } else {
+                rewrite.apply(inc.path, m.params.as_ref())
+            };
+            (Some(upstream), path)
+        }
+    };
+    let Some(policy) = &route.policy else {
+        let upstream = upstream.map(Arc::clone);
+        return (id, forward_or_internal(upstream, path, None, None));
+    };
+    let params = m
+        .params
+        .as_ref()
+        .map(|p| {
+            p.iter()
+                .map(|(k, v)| {
+                    (
+                        k.into(),
+                        rhai::Dynamic::from(rhai::ImmutableString::from(v)),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = RequestState {
+        method: inc.method.into(),
+        path: inc.path.into(),
+        query: inc.query.map(str::to_owned),
+        host: inc.host.into(),
+        client_ip: crate::snapshot::canonical_ip(inc.client_ip)
+            .to_string()
+            .into(),
+        route: route.name.as_str().into(),
+        upstream: upstream.map(|u| u.name.as_str()).unwrap_or("").into(),
+        params,
+        claims: inc
+            .claims
+            .as_deref()
+            .map(crate::policy::to_map)
+            .unwrap_or_default(),
+        config: Arc::clone(&policy.config),
+        headers: headers(),
+        upstream_path: path,
+        ..RequestState::default()
+    };
+    let run = PolicyRun {
+        policy: policy.clone(),
+        req: Req(Arc::new(Mutex::new(state))),
+    };
+    match policy.on_request(&run.req) {
+        Err(f) => (id, Plan::Failed(f)),
+        Ok(Some(v)) => (id, verdict(v)),
+        Ok(None) => (id, after_on_request(snap, route, upstream, run)),
+    }
+}
+
+fn after_on_request<'s>(
+    snap: &'s Snapshot,
+    route: &'s Route,
+    upstream: Option<&Arc<Upstream>>,
+    run: PolicyRun,
+) -> Plan<'s> {
+    let (chosen, path, query) = {
+        let s = run.req.state();
+        let chosen = s.upstream_changed.then(|| s.upstream.to_string());
+        let query = s.query_changed.then(|| s.query.clone());
+        (chosen, s.upstream_path.clone(), query)
+    };
+    let upstream = match chosen {
+        None => upstream.map(Arc::clone),
+        Some(name) => match snap.upstreams.iter().find(|u| u.name == name) {
+            Some(u) => Some(Arc::clone(u)),
+            None => {
+                return Plan::Failed(PolicyFailure {
+                    route: Arc::clone(&run.policy.route),
+                    script: Arc::clone(&run.policy.policy.path),
+                    hook: "on_request",
+                    reason: crate::policy::Reason::UnknownUpstream,
+                    line: None,
+                    message: format!("set_upstream(\"{name}\"): this config has no such upstream"),
+                });
+            }
+        },
+    };
+    match (upstream, &route.action) {
+        (None, RouteAction::Respond(r)) => Plan::Respond(Cow::Borrowed(r)),
+        (upstream, _) => forward_or_internal(upstream, path, query, Some(run)),
+    }
+}
+
+fn forward_or_internal<'s>(
+    upstream: Option<Arc<Upstream>>,
+    path: String,
+    query: Option<Option<String>>,
+    policy: Option<PolicyRun>,
+) -> Plan<'s> {
+    match upstream {
+        Some(upstream) => Plan::Forward(Forward {
+            upstream,
+            path,
+            query,
+            policy,
+        }),
+        None => Plan::Respond(Cow::Owned(internal_error())),
+    }
+}
+
+fn verdict<'s>(v: Verdict) -> Plan<'s> {
+    match v {
+        Verdict::Deny { status, message } => Plan::Deny { status, message },
+        Verdict::Respond(r) => Plan::Respond(Cow::Owned(r)),
+    }
+}
+
+fn internal_error() -> StaticResponse {
+    StaticResponse {
+        status: 500,
+        headers: Vec::new(),
+        body: bytes::Bytes::from_static(b"internal routing error"),
+    }
+}
+
+/// What `on_response` decided about a response.
+pub enum ResponsePlan<'s> {
+    /// Send the (possibly changed) upstream response.
+    Pass,
+    Replace(Plan<'s>),
+}
+
+/// Runs `on_response` on the status and headers the client would get, changing them in place.
+pub fn on_response<'s>(
+    run: &PolicyRun,
+    status: &mut u16,
+    headers: &mut HeaderMap,
+) -> ResponsePlan<'s> {
+    if !run.policy.policy.has_on_response {
+        return ResponsePlan::Pass;
+    }
+    let res = Res(Arc::new(Mutex::new(ResponseState {
+        status: *status,
+        headers: std::mem::take(headers),
+    })));
+    let out = run.policy.on_response(&run.req, &res);
+    let mut s = res.state();
+    *status = s.status;
+    *headers = std::mem::take(&mut s.headers);
+    match out {
+        Ok(None) => ResponsePlan::Pass,
+        Ok(Some(v)) => ResponsePlan::Replace(verdict(v)),
+        Err(f) => ResponsePlan::Replace(Plan::Failed(f)),
+    }
+}

@@ -1,0 +1,515 @@
+//! The host API scripts see: the `req` and `res` objects, the actions a hook can return
+//! (`deny`, `redirect`, `respond`) and a few helpers (regex, base64, hashes, JSON, time, random).
+//!
+//! `req` and `res` are handles onto state the gateway owns: a hook changes the request that goes
+//! upstream (or the response that goes back) through them, and `req.ctx` carries values from
+//! `on_request` to `on_response`. Headers the gateway owns cannot be touched from a script.
+//! Reference with one example each: `policies/README.md`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, Map};
+use sha2::{Digest, Sha256};
+
+use super::engine::INVALID_ACTION;
+use crate::snapshot::StaticResponse;
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// A change a hook made to the upstream request's headers, replayed in order on the headers the
+/// proxy builds (after the route's own `request_headers` rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    Set(HeaderName, HeaderValue),
+    Append(HeaderName, HeaderValue),
+    Remove(HeaderName),
+}
+
+impl HeaderEdit {
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        match self {
+            HeaderEdit::Set(n, v) => {
+                headers.insert(n.clone(), v.clone());
+            }
+            HeaderEdit::Append(n, v) => {
+                headers.append(n.clone(), v.clone());
+            }
+            HeaderEdit::Remove(n) => {
+                headers.remove(n);
+            }
+        }
+    }
+}
+
+/// What a hook sees of the request and what it changed.
+#[derive(Debug, Default)]
+pub struct RequestState {
+    pub method: ImmutableString,
+    /// The normalised request path the route matched.
+    pub path: ImmutableString,
+    pub query: Option<String>,
+    pub host: ImmutableString,
+    pub client_ip: ImmutableString,
+    pub route: ImmutableString,
+    /// The route's upstream (or the one `set_upstream` chose); empty for `respond` routes.
+    pub upstream: ImmutableString,
+    pub params: Map,
+    pub claims: Map,
+    pub config: Arc<Map>,
+    pub ctx: Map,
+    /// The client's headers with the hook's edits applied, for reads.
+    pub headers: HeaderMap,
+    pub edits: Vec<HeaderEdit>,
+    /// The path the upstream will see (after the route's rewrite, then `set_path`).
+    pub upstream_path: String,
+    /// Set by `set_upstream`.
+    pub upstream_changed: bool,
+    /// Set by `set_query`; `Some("")` drops the query.
+    pub query_changed: bool,
+}
+
+/// What `on_response` sees of the response and changes.
+#[derive(Debug, Default)]
+pub struct ResponseState {
+    pub status: u16,
+    pub headers: HeaderMap,
+}
+
+/// `req` in a script.
+#[derive(Clone)]
+pub struct Req(pub Arc<Mutex<RequestState>>);
+
+/// `res` in a script.
+#[derive(Clone)]
+pub struct Res(pub Arc<Mutex<ResponseState>>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic inside a hook cannot leave the state half-written in a way that matters: the
+    // request that owned it fails anyway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Req {
+    pub fn state(&self) -> MutexGuard<'_, RequestState> {
+        lock(&self.0)
+    }
+}
+
+impl Res {
+    pub fn state(&self) -> MutexGuard<'_, ResponseState> {
+        lock(&self.0)
+    }
+}
+
+/// What a hook returned to answer the request itself.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// A gateway error: JSON body with the message and the request id.
+    Deny { status: u16, message: String },
+    /// A response built by the script (`respond`, `redirect`).
+    Respond(StaticResponse),
+}
+
+impl Verdict {
+    pub fn status(&self) -> u16 {
+        match self {
+            Verdict::Deny { status, .. } => *status,
+            Verdict::Respond(r) => r.status,
+        }
+    }
+}
+
+fn invalid(msg: impl std::fmt::Display) -> Box<EvalAltResult> {
+    format!("{INVALID_ACTION}{msg}").into()
+}
+
+/// Headers that only the gateway may set or remove: framing, hop-by-hop and forwarding.
+pub fn gateway_owned(name: &HeaderName) -> bool {
+    crate::proxy::headers::is_hop_by_hop(name)
+        || matches!(
+            name.as_str(),
+            "content-length"
+                | "host"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "forwarded"
+                | "x-request-id"
+        )
+}
+
+fn header_name(name: &str) -> RhaiResult<HeaderName> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(format!("`{name}` is not a valid header name")))?;
+    if gateway_owned(&n) {
+        return Err(invalid(format!(
+            "header `{name}` is managed by the gateway"
+        )));
+    }
+    Ok(n)
+}
+
+fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
+    HeaderValue::from_str(value).map_err(|_| {
+        invalid(format!(
+            "the value for header `{name}` is not a valid header value"
+        ))
+    })
+}
+
+fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| Dynamic::from(ImmutableString::from(s)))
+        .unwrap_or(Dynamic::UNIT)
+}
+
+fn header_values(h: &HeaderMap, name: &str) -> Array {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|s| Dynamic::from(ImmutableString::from(s)))
+        .collect()
+}
+
+fn status_in(status: i64, range: std::ops::RangeInclusive<i64>, what: &str) -> RhaiResult<u16> {
+    if range.contains(&status) {
+        Ok(status as u16)
+    } else {
+        Err(invalid(format!(
+            "{what} status {status} is outside {}-{}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Dynamic {
+    let Some(q) = query else {
+        return Dynamic::UNIT;
+    };
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            return Dynamic::from(ImmutableString::from(percent_decode(v)));
+        }
+    }
+    Dynamic::UNIT
+}
+
+/// `%XX` and `+` decoding for query values; invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Registers the host API on `engine`.
+pub(crate) fn register(engine: &mut Engine) {
+    register_request(engine);
+    register_response(engine);
+    register_actions(engine);
+    register_helpers(engine);
+}
+
+fn register_request(engine: &mut Engine) {
+    engine.register_type_with_name::<Req>("Request");
+    engine
+        .register_get("method", |r: &mut Req| r.state().method.clone())
+        .register_get("path", |r: &mut Req| r.state().path.clone())
+        .register_get("query", |r: &mut Req| {
+            ImmutableString::from(r.state().query.as_deref().unwrap_or(""))
+        })
+        .register_get("host", |r: &mut Req| r.state().host.clone())
+        .register_get("client_ip", |r: &mut Req| r.state().client_ip.clone())
+        .register_get("route", |r: &mut Req| r.state().route.clone())
+        .register_get("upstream", |r: &mut Req| r.state().upstream.clone())
+        .register_get("upstream_path", |r: &mut Req| {
+            ImmutableString::from(r.state().upstream_path.as_str())
+        })
+        .register_get("params", |r: &mut Req| r.state().params.clone())
+        .register_get("claims", |r: &mut Req| r.state().claims.clone())
+        .register_get("config", |r: &mut Req| (*r.state().config).clone())
+        .register_get_set(
+            "ctx",
+            |r: &mut Req| r.state().ctx.clone(),
+            |r: &mut Req, m: Map| r.state().ctx = m,
+        )
+        .register_fn("header", |r: &mut Req, name: &str| {
+            get_header(&r.state().headers, name)
+        })
+        .register_fn("header_values", |r: &mut Req, name: &str| {
+            header_values(&r.state().headers, name)
+        })
+        .register_fn("has_header", |r: &mut Req, name: &str| {
+            r.state().headers.contains_key(name)
+        })
+        .register_fn("query_param", |r: &mut Req, name: &str| {
+            query_param(r.state().query.as_deref(), name)
+        })
+        .register_fn(
+            "set_header",
+            |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let mut s = r.state();
+                s.headers.insert(n.clone(), v.clone());
+                s.edits.push(HeaderEdit::Set(n, v));
+                Ok(())
+            },
+        )
+        .register_fn(
+            "append_header",
+            |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let mut s = r.state();
+                s.headers.append(n.clone(), v.clone());
+                s.edits.push(HeaderEdit::Append(n, v));
+                Ok(())
+            },
+        )
+        .register_fn(
+            "remove_header",
+            |r: &mut Req, name: &str| -> RhaiResult<()> {
+                let n = header_name(name)?;
+                let mut s = r.state();
+                s.headers.remove(&n);
+                s.edits.push(HeaderEdit::Remove(n));
+                Ok(())
+            },
+        )
+        .register_fn("set_path", |r: &mut Req, path: &str| -> RhaiResult<()> {
+            let normal = crate::router::normalize_path(path)
+                .map_err(|e| invalid(format!("set_path(\"{path}\"): {e}")))?;
+            if normal != path || path.contains('?') {
+                return Err(invalid(format!(
+                    "set_path(\"{path}\"): write a normalised path without a query (\"{normal}\")"
+                )));
+            }
+            r.state().upstream_path = path.to_owned();
+            Ok(())
+        })
+        .register_fn("set_query", |r: &mut Req, q: &str| -> RhaiResult<()> {
+            if q.bytes().any(|b| b <= b' ' || b == b'#' || b >= 0x7f) {
+                return Err(invalid("set_query: the query must be percent-encoded"));
+            }
+            let mut s = r.state();
+            s.query = (!q.is_empty()).then(|| q.trim_start_matches('?').to_owned());
+            s.query_changed = true;
+            Ok(())
+        })
+        .register_fn("set_upstream", |r: &mut Req, name: &str| {
+            let mut s = r.state();
+            s.upstream = name.into();
+            s.upstream_changed = true;
+        });
+}
+
+fn register_response(engine: &mut Engine) {
+    engine.register_type_with_name::<Res>("Response");
+    engine
+        .register_get("status", |r: &mut Res| r.state().status as i64)
+        .register_fn("set_status", |r: &mut Res, status: i64| -> RhaiResult<()> {
+            r.state().status = status_in(status, 200..=599, "set_status")?;
+            Ok(())
+        })
+        .register_fn("header", |r: &mut Res, name: &str| {
+            get_header(&r.state().headers, name)
+        })
+        .register_fn("header_values", |r: &mut Res, name: &str| {
+            header_values(&r.state().headers, name)
+        })
+        .register_fn("has_header", |r: &mut Res, name: &str| {
+            r.state().headers.contains_key(name)
+        })
+        .register_fn(
+            "set_header",
+            |r: &mut Res, name: &str, value: &str| -> RhaiResult<()> {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().headers.insert(n, v);
+                Ok(())
+            },
+        )
+        .register_fn(
+            "append_header",
+            |r: &mut Res, name: &str, value: &str| -> RhaiResult<()> {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().headers.append(n, v);
+                Ok(())
+            },
+        )
+        .register_fn(
+            "remove_header",
+            |r: &mut Res, name: &str| -> RhaiResult<()> {
+                let n = header_name(name)?;
+                r.state().headers.remove(&n);
+                Ok(())
+            },
+        );
+}
+
+fn register_actions(engine: &mut Engine) {
+    engine.register_type_with_name::<Verdict>("Decision");
+    engine
+        .register_fn(
+            "deny",
+            |status: i64, message: &str| -> RhaiResult<Verdict> {
+                Ok(Verdict::Deny {
+                    status: status_in(status, 400..=599, "deny")?,
+                    message: message.to_owned(),
+                })
+            },
+        )
+        .register_fn(
+            "redirect",
+            |status: i64, location: &str| -> RhaiResult<Verdict> {
+                let status = status_in(status, 300..=399, "redirect")?;
+                let v = header_value("location", location)?;
+                Ok(Verdict::Respond(StaticResponse {
+                    status,
+                    headers: vec![(http::header::LOCATION, v)],
+                    body: Bytes::new(),
+                }))
+            },
+        )
+        .register_fn(
+            "respond",
+            |status: i64, headers: Map, body: &str| -> RhaiResult<Verdict> {
+                let status = status_in(status, 200..=599, "respond")?;
+                let mut out = Vec::with_capacity(headers.len());
+                for (k, v) in headers {
+                    let n = header_name(&k)?;
+                    let text = v.to_string();
+                    out.push((n, header_value(&k, &text)?));
+                }
+                Ok(Verdict::Respond(StaticResponse {
+                    status,
+                    headers: out,
+                    body: Bytes::from(body.to_owned()),
+                }))
+            },
+        )
+        .register_get("status", |v: &mut Verdict| v.status() as i64);
+}
+
+fn register_helpers(engine: &mut Engine) {
+    engine
+        .register_fn(
+            "regex_match",
+            |pattern: &str, text: &str| -> RhaiResult<bool> {
+                Ok(super::regex_cache::get(pattern)
+                    .map_err(|e| invalid(format!("regex `{pattern}`: {e}")))?
+                    .is_match(text))
+            },
+        )
+        .register_fn(
+            "regex_captures",
+            |pattern: &str, text: &str| -> RhaiResult<Dynamic> {
+                let re = super::regex_cache::get(pattern)
+                    .map_err(|e| invalid(format!("regex `{pattern}`: {e}")))?;
+                Ok(match re.captures(text) {
+                    Some(c) => Dynamic::from_array(
+                        c.iter()
+                            .map(|m| {
+                                m.map(|m| Dynamic::from(ImmutableString::from(m.as_str())))
+                                    .unwrap_or(Dynamic::UNIT)
+                            })
+                            .collect(),
+                    ),
+                    None => Dynamic::UNIT,
+                })
+            },
+        )
+        .register_fn("base64_encode", |s: &str| {
+            base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+        })
+        .register_fn("base64_decode", |s: &str| -> RhaiResult<String> {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(s.trim())
+                .map_err(|e| -> Box<EvalAltResult> { format!("base64_decode: {e}").into() })?;
+            String::from_utf8(bytes)
+                .map_err(|_| "base64_decode: the decoded bytes are not UTF-8".into())
+        })
+        .register_fn("sha256", |s: &str| {
+            hex::encode(Sha256::digest(s.as_bytes()))
+        })
+        .register_fn("hmac_sha256", |key: &str, msg: &str| {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            mac.update(msg.as_bytes());
+            hex::encode(mac.finalize().into_bytes())
+        })
+        .register_fn("parse_json", |s: &str| -> RhaiResult<Dynamic> {
+            let v: serde_json::Value = serde_json::from_str(s)
+                .map_err(|e| -> Box<EvalAltResult> { format!("parse_json: {e}").into() })?;
+            rhai::serde::to_dynamic(v)
+        })
+        .register_fn("to_json", |v: Dynamic| -> RhaiResult<String> {
+            serde_json::to_string(&v)
+                .map_err(|e| -> Box<EvalAltResult> { format!("to_json: {e}").into() })
+        })
+        .register_fn("unix_time", || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        })
+        .register_fn("unix_time_ms", || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        })
+        .register_fn("random", rand::random::<f64>)
+        .register_fn("random_int", |lo: i64, hi: i64| -> RhaiResult<i64> {
+            if lo > hi {
+                return Err(format!("random_int({lo}, {hi}): the range is empty").into());
+            }
+            Ok(rand::random_range(lo..=hi))
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(
+            query_param(Some("a=1&b=x%20y+z&c"), "b").into_string().ok(),
+            Some("x y z".into())
+        );
+        assert!(query_param(Some("a=1"), "b").is_unit());
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn gateway_owned_headers_are_refused() {
+        assert!(header_name("host").is_err());
+        assert!(header_name("X-Forwarded-For").is_err());
+        assert!(header_name("x-tenant").is_ok());
+    }
+}

@@ -1,0 +1,233 @@
+//! The Rhai engine every policy of a snapshot runs on: hard limits, the wall-clock budget, no
+//! file access, and the mapping from Rhai's errors to the reasons the gateway reports.
+//!
+//! Rhai has no timer of its own. The budget is enforced from the progress callback, which Rhai
+//! calls on every operation: the deadline of the hook running on this thread sits in a
+//! thread-local (a hook never yields, so one thread runs one hook at a time), and the callback
+//! terminates the script once it has passed. Together with the operation limit this bounds how
+//! long a policy can hold an actix worker.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rhai::{Dynamic, Engine, EvalAltResult, Position};
+
+/// Hard limits for policy scripts. Defaults in code, overridable in `gateway.toml`
+/// `[policy_limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Rhai operations per hook call.
+    pub max_operations: u64,
+    /// Nested function calls (recursion depth).
+    pub max_call_depth: usize,
+    /// Nesting of expressions, checked when the script is compiled.
+    pub max_expr_depth: usize,
+    /// Longest string a script may build, in bytes.
+    pub max_string_size: usize,
+    /// Most elements in one array.
+    pub max_array_size: usize,
+    /// Most entries in one object map.
+    pub max_map_size: usize,
+    /// Wall-clock time one hook call may take.
+    pub budget: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 100_000,
+            max_call_depth: 32,
+            max_expr_depth: 64,
+            max_string_size: 64 * 1024,
+            max_array_size: 10_000,
+            max_map_size: 10_000,
+            budget: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The wall clock is read every this many operations: often enough that a budget of a few
+/// milliseconds holds, rarely enough to cost nothing measurable.
+const CLOCK_EVERY: u64 = 256;
+
+/// What the hook running on this thread is, for the budget and for `print`/`debug`.
+struct Running {
+    deadline: Cell<Option<Instant>>,
+    who: RefCell<Option<(Arc<str>, Arc<str>)>>,
+}
+
+thread_local! {
+    static RUNNING: Running = const {
+        Running { deadline: Cell::new(None), who: RefCell::new(None) }
+    };
+}
+
+/// Marks a hook call on this thread; the budget ends when it is dropped.
+pub(crate) struct CallGuard(());
+
+impl CallGuard {
+    pub(crate) fn enter(budget: Duration, route: &Arc<str>, script: &Arc<str>) -> CallGuard {
+        RUNNING.with(|r| {
+            r.deadline.set(Some(Instant::now() + budget));
+            *r.who.borrow_mut() = Some((Arc::clone(route), Arc::clone(script)));
+        });
+        CallGuard(())
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        RUNNING.with(|r| {
+            r.deadline.set(None);
+            r.who.borrow_mut().take();
+        });
+    }
+}
+
+/// The value a terminated script carries: the reason, read back by [`classify`].
+const TIMEOUT_TOKEN: &str = "timeout";
+
+fn over_budget(ops: u64) -> Option<Dynamic> {
+    if !ops.is_multiple_of(CLOCK_EVERY) {
+        return None;
+    }
+    RUNNING.with(|r| match r.deadline.get() {
+        Some(d) if Instant::now() >= d => Some(Dynamic::from(TIMEOUT_TOKEN)),
+        _ => None,
+    })
+}
+
+fn log_print(text: &str, level: &'static str) {
+    RUNNING.with(|r| {
+        let who = r.who.borrow();
+        let (route, script) = who
+            .as_ref()
+            .map(|(r, s)| (r.as_ref(), s.as_ref()))
+            .unwrap_or(("", ""));
+        if level == "debug" {
+            tracing::debug!(target: "rustygate::policy", route, script, "{text}");
+        } else {
+            tracing::info!(target: "rustygate::policy", route, script, "{text}");
+        }
+    });
+}
+
+/// One engine configuration for every policy in a snapshot.
+pub fn build(limits: &Limits) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_depth)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_strict_variables(true)
+        .set_fail_on_invalid_map_property(false);
+    // Policies are self-contained: no `import` of files, no `eval` of strings built at run time.
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    engine.disable_symbol("eval");
+    engine.on_progress(over_budget);
+    engine.on_print(|s| log_print(s, "print"));
+    engine.on_debug(|s, _, _| log_print(s, "debug"));
+    super::api::register(&mut engine);
+    engine
+}
+
+/// Why a hook failed, as it appears in logs and in `rustygate_policy_errors_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Over `max_operations`.
+    Operations,
+    /// Over `max_call_depth`.
+    CallDepth,
+    StringSize,
+    ArraySize,
+    MapSize,
+    /// Over the wall-clock budget.
+    Timeout,
+    /// `set_upstream` named an upstream the snapshot does not have.
+    UnknownUpstream,
+    /// A hook asked for something invalid: a bad status, header, path or return value.
+    InvalidAction,
+    /// Any other error the script raised (type errors, `throw`, missing map keys used as
+    /// values, ...).
+    Runtime,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Operations => "operations",
+            Reason::CallDepth => "call_depth",
+            Reason::StringSize => "string_size",
+            Reason::ArraySize => "array_size",
+            Reason::MapSize => "map_size",
+            Reason::Timeout => "timeout",
+            Reason::UnknownUpstream => "unknown_upstream",
+            Reason::InvalidAction => "invalid_action",
+            Reason::Runtime => "runtime_error",
+        }
+    }
+}
+
+/// Prefix of errors raised by the host API for an invalid action.
+pub(crate) const INVALID_ACTION: &str = "invalid action: ";
+
+/// The reason, the innermost position (a line inside the function that failed, not the call
+/// site of the hook) and a message for the log.
+pub(crate) fn classify(err: &EvalAltResult) -> (Reason, Position, String) {
+    let mut e = err;
+    let mut pos = err.position();
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, p) = e {
+        if !p.is_none() {
+            pos = *p;
+        }
+        e = inner;
+    }
+    if !e.position().is_none() {
+        pos = e.position();
+    }
+    let reason = match e {
+        EvalAltResult::ErrorTooManyOperations(_) => Reason::Operations,
+        EvalAltResult::ErrorStackOverflow(_) => Reason::CallDepth,
+        EvalAltResult::ErrorDataTooLarge(what, _) => {
+            let what = what.to_ascii_lowercase();
+            if what.contains("string") {
+                Reason::StringSize
+            } else if what.contains("map") {
+                Reason::MapSize
+            } else {
+                Reason::ArraySize
+            }
+        }
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.clone().into_string().ok().as_deref() == Some(TIMEOUT_TOKEN) =>
+        {
+            Reason::Timeout
+        }
+        EvalAltResult::ErrorRuntime(v, _)
+            if v.is_string()
+                && v.clone()
+                    .into_string()
+                    .is_ok_and(|s| s.starts_with(INVALID_ACTION)) =>
+        {
+            Reason::InvalidAction
+        }
+        _ => Reason::Runtime,
+    };
+    let message = match e {
+        EvalAltResult::ErrorTerminated(..) => "the wall-clock budget ran out".to_owned(),
+        EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        other => {
+            // Rhai appends the position itself; the log carries the line separately.
+            let text = other.to_string();
+            match text.rfind(" (line ") {
+                Some(i) => text[..i].to_owned(),
+                None => text,
+            }
+        }
+    };
+    (reason, pos, message)
+}

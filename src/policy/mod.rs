@@ -1,0 +1,331 @@
+//! Rhai policies: engine setup and limits (`engine`), the host API (`api`), compiling a script
+//! once per snapshot, and running its hooks for one request.
+//!
+//! ```text
+//! policies/x.rhai ──► compile (in compile::compile, once per snapshot) ──► Arc<Policy> in Route
+//! request ──► on_request(req) ──► forward ──► on_response(req, res) ──► client
+//! ```
+//! A `Policy` holds an AST and the snapshot's engine; both are immutable and shared by every
+//! worker without locks. Each hook call gets a fresh scope, a fresh `req`/`res`, the snapshot's
+//! hard limits and a wall-clock budget. Any error or exceeded limit fails the request closed.
+//! This module knows nothing about actix or sockets: the proxy handler and `rustygate test` run
+//! hooks through `crate::decide`.
+
+pub mod api;
+pub mod engine;
+mod regex_cache;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rhai::{AST, CallFnOptions, Dynamic, Engine, Map, Position, Scope};
+
+pub use api::{HeaderEdit, Req, RequestState, Res, ResponseState, Verdict};
+pub use engine::{Limits, Reason};
+
+/// A compiled policy script.
+pub struct Policy {
+    /// Repo-relative path, as the route names it.
+    pub path: Arc<str>,
+    ast: AST,
+    engine: Arc<Engine>,
+    budget: Duration,
+    pub has_on_request: bool,
+    pub has_on_response: bool,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy").field("path", &self.path).finish()
+    }
+}
+
+/// A policy bound to a route, with the route's `policy_config`.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    pub policy: Arc<Policy>,
+    /// `policy_config`, read-only to the script as `req.config`.
+    pub config: Arc<Map>,
+    /// The route's name, for logs.
+    pub route: Arc<str>,
+}
+
+/// A problem in a script found while compiling it.
+#[derive(Debug, Clone)]
+pub struct ScriptError {
+    pub code: &'static str,
+    pub message: String,
+    /// Byte range in the script.
+    pub span: Range<usize>,
+    pub label: &'static str,
+    pub help: Option<String>,
+}
+
+/// The hooks a policy may define, with their parameters.
+const HOOKS: [(&str, usize, &str); 2] = [
+    ("on_request", 1, "fn on_request(req)"),
+    ("on_response", 2, "fn on_response(req, res)"),
+];
+
+/// Compiles `source` (the file at repo path `path`) with the snapshot's engine.
+pub fn compile(
+    engine: &Arc<Engine>,
+    limits: &Limits,
+    path: &str,
+    source: &str,
+) -> Result<Policy, Vec<ScriptError>> {
+    let mut ast = match engine.compile(source) {
+        Ok(ast) => ast,
+        Err(e) => {
+            let (kind, pos) = (e.err_type(), e.position());
+            let (code, help) = match kind {
+                rhai::ParseErrorType::VariableUndefined(_) => (
+                    "policy-unknown-variable",
+                    Some("functions only see their parameters and the variables they declare; request data is on `req` (e.g. `req.config`, `req.ctx`)".to_owned()),
+                ),
+                rhai::ParseErrorType::ExprTooDeep => (
+                    "policy-too-deep",
+                    Some(format!(
+                        "expressions nest at most {} deep (`[policy_limits] max_expr_depth`)",
+                        limits.max_expr_depth
+                    )),
+                ),
+                rhai::ParseErrorType::LiteralTooLarge(..) => (
+                    "policy-too-large",
+                    Some(
+                        "raise `[policy_limits] max_array_size` / `max_map_size` / `max_string_size` in gateway.toml if this is intended".into(),
+                    ),
+                ),
+                _ => ("policy-syntax", None),
+            };
+            return Err(vec![ScriptError {
+                code,
+                message: format!("{path}: {kind}"),
+                span: span_at(source, pos),
+                label: "here",
+                help,
+            }]);
+        }
+    };
+    ast.set_source(path);
+    let mut errors = Vec::new();
+    let mut found = [false; 2];
+    for f in ast.iter_functions() {
+        for (i, (name, arity, shape)) in HOOKS.iter().enumerate() {
+            if f.name != *name {
+                continue;
+            }
+            if f.params.len() == *arity {
+                found[i] = true;
+            } else {
+                errors.push(ScriptError {
+                    code: "policy-hook-arity",
+                    message: format!(
+                        "{path}: `{name}` takes {arity} parameter(s), this one takes {}",
+                        f.params.len()
+                    ),
+                    span: fn_span(source, name),
+                    label: "wrong parameters",
+                    help: Some(format!("write `{shape}`")),
+                });
+            }
+        }
+    }
+    if errors.is_empty() && !found.iter().any(|f| *f) {
+        errors.push(ScriptError {
+            code: "policy-no-hooks",
+            message: format!("{path} defines neither `on_request` nor `on_response`"),
+            span: 0..0,
+            label: "no hook in this script",
+            help: Some(
+                "define `fn on_request(req)` and/or `fn on_response(req, res)`; top-level code is not run per request".into(),
+            ),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        path: Arc::from(path),
+        ast,
+        engine: Arc::clone(engine),
+        budget: limits.budget,
+        has_on_request: found[0],
+        has_on_response: found[1],
+    })
+}
+
+/// The byte range of a Rhai position (1-based line, 1-based character column) in `source`.
+fn span_at(source: &str, pos: Position) -> Range<usize> {
+    let Some(line) = pos.line() else {
+        return 0..0;
+    };
+    let col = pos.position().unwrap_or(1);
+    let line_start: usize = source
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    let line_text = source[line_start.min(source.len())..]
+        .split('\n')
+        .next()
+        .unwrap_or("");
+    let offset = line_text
+        .char_indices()
+        .nth(col.saturating_sub(1))
+        .map(|(i, _)| i)
+        .unwrap_or(line_text.len());
+    let start = line_start + offset;
+    let end = line_text[offset..]
+        .chars()
+        .next()
+        .map(|c| start + c.len_utf8())
+        .unwrap_or(start);
+    start..end
+}
+
+/// Where `fn name` is written, for hook diagnostics.
+fn fn_span(source: &str, name: &str) -> Range<usize> {
+    let needle = format!("fn {name}");
+    source
+        .find(&needle)
+        .map(|i| i + 3..i + 3 + name.len())
+        .unwrap_or(0..0)
+}
+
+/// A hook that failed or ran over a limit. The request fails closed with a 500.
+#[derive(Debug, Clone)]
+pub struct PolicyFailure {
+    pub route: Arc<str>,
+    pub script: Arc<str>,
+    pub hook: &'static str,
+    pub reason: Reason,
+    /// Line in the script, when Rhai knows it.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl PolicyFailure {
+    /// The log event every failure gets (the handler and `rustygate test` both report this way).
+    pub fn log(&self, request_id: &str) {
+        tracing::error!(
+            target: "rustygate::policy",
+            request_id,
+            route = self.route.as_ref(),
+            script = self.script.as_ref(),
+            hook = self.hook,
+            line = self.line.unwrap_or(0),
+            reason = self.reason.as_str(),
+            error = self.message.as_str(),
+            "policy failed; request refused"
+        );
+    }
+}
+
+impl std::fmt::Display for PolicyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.script)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(
+            f,
+            ": {} failed ({}): {}",
+            self.hook,
+            self.reason.as_str(),
+            self.message
+        )
+    }
+}
+
+impl RoutePolicy {
+    fn failure(
+        &self,
+        hook: &'static str,
+        reason: Reason,
+        line: Option<usize>,
+        message: String,
+    ) -> PolicyFailure {
+        PolicyFailure {
+            route: Arc::clone(&self.route),
+            script: Arc::clone(&self.policy.path),
+            hook,
+            reason,
+            line,
+            message,
+        }
+    }
+
+    /// Calls `hook` with `args` under the limits; `Ok(Some)` when it returned a decision.
+    fn call(
+        &self,
+        hook: &'static str,
+        args: impl rhai::FuncArgs,
+    ) -> Result<Option<Verdict>, PolicyFailure> {
+        let p = &self.policy;
+        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path);
+        let mut scope = Scope::new();
+        let opts = CallFnOptions::new().eval_ast(false).rewind_scope(false);
+        let out = p
+            .engine
+            .call_fn_with_options::<Dynamic>(opts, &mut scope, &p.ast, hook, args);
+        match out {
+            Ok(v) if v.is_unit() => Ok(None),
+            Ok(v) if v.is::<Verdict>() => Ok(v.try_cast::<Verdict>()),
+            Ok(v) => Err(self.failure(
+                hook,
+                Reason::InvalidAction,
+                None,
+                format!(
+                    "{hook} returned a value of type `{}`; return deny(...), redirect(...), respond(...) or nothing",
+                    v.type_name()
+                ),
+            )),
+            Err(e) => {
+                let (reason, pos, message) = engine::classify(&e);
+                Err(self.failure(hook, reason, pos.line(), message))
+            }
+        }
+    }
+
+    /// Runs `on_request` when the script has it.
+    pub fn on_request(&self, req: &Req) -> Result<Option<Verdict>, PolicyFailure> {
+        if !self.policy.has_on_request {
+            return Ok(None);
+        }
+        self.call("on_request", (Dynamic::from(req.clone()),))
+    }
+
+    /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
+    pub fn on_response(&self, req: &Req, res: &Res) -> Result<Option<Verdict>, PolicyFailure> {
+        if !self.policy.has_on_response {
+            return Ok(None);
+        }
+        self.call(
+            "on_response",
+            (Dynamic::from(req.clone()), Dynamic::from(res.clone())),
+        )
+    }
+}
+
+/// The engine for a snapshot's policies.
+pub fn engine(limits: &Limits) -> Arc<Engine> {
+    Arc::new(engine::build(limits))
+}
+
+/// Compiles (and caches) a regular expression written as a literal in a script.
+pub fn check_regex(pattern: &str) -> Result<(), regex::Error> {
+    regex_cache::get(pattern).map(|_| ())
+}
+
+/// Converts a JSON object (claims, `policy_config`) into a Rhai map.
+pub fn to_map(v: &serde_json::Map<String, serde_json::Value>) -> Map {
+    rhai::serde::to_dynamic(v)
+        .ok()
+        .and_then(|d| d.try_cast::<Map>())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

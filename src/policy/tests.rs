@@ -1,0 +1,180 @@
+use super::*;
+
+fn policy(src: &str, limits: &Limits) -> RoutePolicy {
+    let engine = engine(limits);
+    let p = compile(&engine, limits, "policies/t.rhai", src)
+        .unwrap_or_else(|e| panic!("does not compile: {e:?}"));
+    RoutePolicy {
+        policy: Arc::new(p),
+        config: Arc::new(Map::new()),
+        route: Arc::from("r"),
+    }
+}
+
+fn req() -> Req {
+    Req(Arc::new(std::sync::Mutex::new(RequestState {
+        method: "GET".into(),
+        path: "/a".into(),
+        ..RequestState::default()
+    })))
+}
+
+fn fails(src: &str, limits: &Limits) -> PolicyFailure {
+    match policy(src, limits).on_request(&req()) {
+        Err(f) => f,
+        Ok(v) => panic!("script did not fail: {v:?}"),
+    }
+}
+
+#[test]
+fn endless_loop_stops_on_operations() {
+    let f = fails("fn on_request(req) {\n  loop {}\n}", &Limits::default());
+    assert_eq!(f.reason, Reason::Operations, "{f}");
+    assert_eq!(f.hook, "on_request");
+}
+
+#[test]
+fn endless_loop_stops_on_the_wall_clock() {
+    let limits = Limits {
+        max_operations: 0, // unlimited: only the budget stops it
+        budget: Duration::from_millis(20),
+        ..Limits::default()
+    };
+    let started = std::time::Instant::now();
+    let f = fails("fn on_request(req) { loop { let x = 1; } }", &limits);
+    assert_eq!(f.reason, Reason::Timeout, "{f}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn unbounded_recursion_stops_on_call_depth() {
+    let f = fails(
+        "fn down(n) { down(n + 1) }\nfn on_request(req) { down(0) }",
+        &Limits::default(),
+    );
+    assert_eq!(f.reason, Reason::CallDepth, "{f}");
+}
+
+#[test]
+fn doubling_a_string_stops_on_string_size() {
+    let f = fails(
+        "fn on_request(req) { let s = \"x\"; loop { s += s; } }",
+        &Limits::default(),
+    );
+    assert_eq!(f.reason, Reason::StringSize, "{f}");
+}
+
+#[test]
+fn growing_arrays_and_maps_stop_on_size() {
+    let limits = Limits {
+        max_array_size: 100,
+        max_map_size: 100,
+        ..Limits::default()
+    };
+    let f = fails(
+        "fn on_request(req) { let a = []; loop { a.push(1); } }",
+        &limits,
+    );
+    assert_eq!(f.reason, Reason::ArraySize, "{f}");
+    let f = fails(
+        "fn on_request(req) { let a = []; a.pad(1000000, 0); }",
+        &limits,
+    );
+    assert_eq!(f.reason, Reason::ArraySize, "{f}");
+    let f = fails(
+        "fn on_request(req) { let m = #{}; let i = 0; loop { let n = #{}; n[`k${i}`] = i; m += n; i += 1; } }",
+        &limits,
+    );
+    assert_eq!(f.reason, Reason::MapSize, "{f}");
+}
+
+#[test]
+fn huge_array_and_map_literals_do_not_compile() {
+    let limits = Limits {
+        max_array_size: 100,
+        max_map_size: 100,
+        ..Limits::default()
+    };
+    let items: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    let src = format!("fn on_request(req) {{ let a = [{}]; }}", items.join(","));
+    let e = compile(&engine(&limits), &limits, "p.rhai", &src).unwrap_err();
+    assert_eq!(e[0].code, "policy-too-large", "{e:?}");
+    let entries: Vec<String> = (0..200).map(|i| format!("k{i}: {i}")).collect();
+    let src = format!(
+        "fn on_request(req) {{ let m = #{{{}}}; }}",
+        entries.join(",")
+    );
+    let e = compile(&engine(&limits), &limits, "p.rhai", &src).unwrap_err();
+    assert_eq!(e[0].code, "policy-too-large", "{e:?}");
+}
+
+#[test]
+fn runtime_errors_fail_with_the_line() {
+    let f = fails(
+        "fn on_request(req) {\n\n  throw \"no\";\n}",
+        &Limits::default(),
+    );
+    assert_eq!(f.reason, Reason::Runtime);
+    assert_eq!(f.line, Some(3), "{f}");
+    let f = fails(
+        "fn on_request(req) { req.set_header(\"host\", \"evil\") }",
+        &Limits::default(),
+    );
+    assert_eq!(f.reason, Reason::InvalidAction, "{f}");
+    let f = fails("fn on_request(req) { 42 }", &Limits::default());
+    assert_eq!(f.reason, Reason::InvalidAction, "{f}");
+}
+
+#[test]
+fn a_failed_call_leaves_no_budget_behind() {
+    let limits = Limits {
+        budget: Duration::from_millis(5),
+        ..Limits::default()
+    };
+    let p = policy(
+        "fn on_request(req) { req.set_header(\"x-a\", \"1\") }",
+        &limits,
+    );
+    let r = req();
+    assert!(p.on_request(&r).unwrap().is_none());
+    std::thread::sleep(Duration::from_millis(10));
+    // A later call on this thread gets a fresh deadline, not the expired one.
+    assert!(p.on_request(&r).unwrap().is_none());
+    assert_eq!(r.state().edits.len(), 2);
+}
+
+#[test]
+fn decisions_are_returned() {
+    let p = policy(
+        "fn on_request(req) { if req.method == \"GET\" { return deny(403, \"no\"); } }",
+        &Limits::default(),
+    );
+    match p.on_request(&req()) {
+        Ok(Some(Verdict::Deny { status, message })) => {
+            assert_eq!((status, message.as_str()), (403, "no"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn compile_errors(src: &str) -> Vec<ScriptError> {
+    let limits = Limits::default();
+    match compile(&engine(&limits), &limits, "p.rhai", src) {
+        Ok(_) => panic!("compiled"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn compile_errors_are_located() {
+    let e = compile_errors("fn on_request(req) {\n  let x = y;\n}");
+    assert_eq!(e[0].code, "policy-unknown-variable");
+    assert_eq!(e[0].span, 31..32);
+    let e = compile_errors("fn on_request(req) {\n  let x = ;\n}");
+    assert_eq!(e[0].code, "policy-syntax");
+    let e = compile_errors("fn on_request(req, res) { }");
+    assert_eq!(e[0].code, "policy-hook-arity");
+    assert_eq!(e[0].span, 3..13);
+    let e = compile_errors("fn helper(x) { x }");
+    assert_eq!(e[0].code, "policy-no-hooks");
+}

@@ -1,0 +1,148 @@
+//! The edge filters' actix side: reading what they need from the request, and their answers.
+//! The decisions themselves live in `crate::filters`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse};
+use http::{HeaderName, HeaderValue};
+
+use crate::filters::cors::CorsPolicy;
+use crate::filters::rate_limit::{Decision, KeyValue, LimitKey, Limiter, Limiters};
+use crate::router::RouteId;
+use crate::snapshot::{Route, Snapshot};
+
+/// The method a CORS preflight asks about, if this request is one (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`).
+pub(crate) fn preflight_method(req: &HttpRequest) -> Option<&str> {
+    if req.method() != actix_web::http::Method::OPTIONS || !req.headers().contains_key("origin") {
+        return None;
+    }
+    req.headers()
+        .get("access-control-request-method")?
+        .to_str()
+        .ok()
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Answers a preflight: 204 with the CORS headers, or 403 without any.
+pub(crate) fn preflight(
+    cors: &CorsPolicy,
+    req: &HttpRequest,
+    method: &str,
+    request_id: &HeaderValue,
+) -> (u16, HttpResponse) {
+    let origin = header(req, "origin").unwrap_or("");
+    match cors.preflight(
+        origin,
+        method,
+        header(req, "access-control-request-headers"),
+    ) {
+        Ok(headers) => {
+            let mut resp = HttpResponse::NoContent();
+            for (n, v) in &headers {
+                resp.insert_header((n.as_str(), v.as_bytes()));
+            }
+            resp.insert_header(("x-request-id", request_id.as_bytes()));
+            (204, resp.finish())
+        }
+        Err(why) => {
+            tracing::debug!(origin, ?why, "CORS preflight refused");
+            let resp = HttpResponse::Forbidden()
+                .insert_header(("x-request-id", request_id.as_bytes()))
+                .insert_header(("vary", "Origin"))
+                .json(serde_json::json!({
+                    "error": "CORS preflight refused",
+                    "request_id": request_id.to_str().unwrap_or(""),
+                }));
+            (403, resp)
+        }
+    }
+}
+
+/// CORS headers for the response to an actual request on a route with CORS (always `Vary`).
+pub(crate) fn cors_headers(cors: &CorsPolicy, req: &HttpRequest) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = match header(req, "origin") {
+        Some(origin) => cors.response_headers(origin),
+        None => Vec::new(),
+    };
+    out.push((http::header::VARY, HeaderValue::from_static("Origin")));
+    out
+}
+
+/// Each worker's limiters for the current snapshot, found in the shared registry once per route
+/// and snapshot version; afterwards a check is a vector index and the limiter's own atomics.
+/// Limiters by route for one snapshot version.
+type LimiterCache = (String, HashMap<RouteId, Option<Arc<dyn Limiter>>>);
+
+pub(crate) struct WorkerLimiters {
+    registry: Arc<Limiters>,
+    cache: RefCell<LimiterCache>,
+}
+
+impl WorkerLimiters {
+    pub fn new(registry: Arc<Limiters>) -> Self {
+        Self {
+            registry,
+            cache: RefCell::new((String::new(), HashMap::new())),
+        }
+    }
+
+    fn limiter(&self, snap: &Snapshot, id: RouteId, route: &Route) -> Option<Arc<dyn Limiter>> {
+        let spec = route.rate_limit.as_ref()?;
+        let mut cache = self.cache.borrow_mut();
+        if cache.0 != snap.version.id {
+            cache.0.clone_from(&snap.version.id);
+            cache.1.clear();
+        }
+        cache
+            .1
+            .entry(id)
+            .or_insert_with(|| self.registry.get(&route.name, spec))
+            .clone()
+    }
+
+    /// Checks the route's limit; `Some(429 response)` when the request is over it.
+    pub fn check(
+        &self,
+        snap: &Snapshot,
+        id: RouteId,
+        route: &Route,
+        req: &HttpRequest,
+        client: std::net::IpAddr,
+        request_id: &HeaderValue,
+    ) -> Option<HttpResponse> {
+        let spec = route.rate_limit.as_ref()?;
+        let limiter = self.limiter(snap, id, route)?;
+        let key = match &spec.key {
+            LimitKey::ClientIp => KeyValue::Ip(client),
+            LimitKey::Route => KeyValue::Whole,
+            LimitKey::Header(name) => match req.headers().get(name.as_str()) {
+                Some(v) => KeyValue::Text(String::from_utf8_lossy(v.as_bytes()).into()),
+                None => KeyValue::Whole,
+            },
+        };
+        match limiter.check(&key) {
+            Decision::Allowed { .. } => None,
+            Decision::Limited { limit, retry_after } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Some(
+                    HttpResponse::TooManyRequests()
+                        .insert_header(("retry-after", secs.to_string()))
+                        .insert_header(("ratelimit-limit", limit.to_string()))
+                        .insert_header(("ratelimit-remaining", "0"))
+                        .insert_header(("ratelimit-reset", secs.max(1).to_string()))
+                        .insert_header(("x-request-id", request_id.as_bytes()))
+                        .json(serde_json::json!({
+                            "error": "rate limit exceeded",
+                            "request_id": request_id.to_str().unwrap_or(""),
+                        })),
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! CORS and rate limiting through the running proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn gateway_with(be: &Backend, gateway_toml: &str, route_extra: &str) -> Gateway {
+    let mut files = proxy_all(&be.url(), route_extra);
+    files.push(("gateway.toml", gateway_toml.to_owned()));
+    Gateway::start(&as_refs(&files))
+}
+
+/// Sends a raw request and returns (status, lower-cased head, body).
+fn exchange(gw: &Gateway, req: &str) -> (u16, String, String) {
+    let resp = raw(gw.addr, req.as_bytes());
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (
+        head[9..12].parse().unwrap(),
+        head.to_ascii_lowercase(),
+        body.to_owned(),
+    )
+}
+
+const CORS: &str = r#"
+[cors.app]
+allow_origins = ["https://app.example.com", "https://*.example.org"]
+allow_methods = ["GET", "POST"]
+allow_headers = ["content-type", "authorization"]
+expose_headers = ["x-request-id"]
+allow_credentials = true
+max_age = "10m"
+"#;
+
+#[test]
+fn preflight_is_answered_by_the_gateway() {
+    let be = Backend::echo();
+    let gw = gateway_with(&be, CORS, "cors = \"app\"");
+    let (status, head, _) = exchange(
+        &gw,
+        "OPTIONS /items HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: Content-Type\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example.com"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-methods: get, post"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: content-type"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-credentials: true"),
+        "{head}"
+    );
+    assert!(head.contains("access-control-max-age: 600"), "{head}");
+    // Never reached the upstream: the echo backend would have answered 200 with JSON.
+    let (status, head, _) = exchange(
+        &gw,
+        "OPTIONS /items HTTP/1.1\r\nHost: a\r\nOrigin: https://evil.example.net\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 403);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    let (status, _, _) = exchange(
+        &gw,
+        "OPTIONS /items HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: DELETE\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 403);
+}
+
+#[test]
+fn actual_requests_get_cors_headers_only_for_allowed_origins() {
+    let be = Backend::echo();
+    let gw = gateway_with(&be, CORS, "cors = \"app\"");
+    let (status, head, _) = exchange(
+        &gw,
+        "GET /x HTTP/1.1\r\nHost: a\r\nOrigin: https://shop.example.org\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("access-control-allow-origin: https://shop.example.org"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-expose-headers: x-request-id"),
+        "{head}"
+    );
+    assert!(head.contains("vary: origin"), "{head}");
+    let (status, head, _) = exchange(
+        &gw,
+        "GET /x HTTP/1.1\r\nHost: a\r\nOrigin: https://evil.com\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    assert!(head.contains("vary: origin"), "{head}");
+}
+
+#[test]
+fn a_route_without_cors_forwards_options_upstream() {
+    let be = Backend::echo();
+    let gw = gateway_with(&be, CORS, "");
+    let (status, _, body) = exchange(
+        &gw,
+        "OPTIONS /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("\"method\":\"OPTIONS\""), "{body}");
+}
+
+#[test]
+fn rate_limit_answers_429_with_headers_and_counts_it() {
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway_with(&be, "[rate_limit]\nrequests = 3\nper = \"1m\"\n", "");
+    for _ in 0..3 {
+        assert_eq!(
+            exchange(
+                &gw,
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            .0,
+            200
+        );
+    }
+    let (status, head, body) = exchange(
+        &gw,
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 429, "{head}");
+    let header = |name: &str| -> u64 {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!((15..=20).contains(&header("retry-after")), "{head}");
+    assert_eq!(header("ratelimit-limit"), 3);
+    assert_eq!(header("ratelimit-remaining"), 0);
+    assert!(header("ratelimit-reset") >= 1);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "rate limit exceeded");
+    let (_, metrics) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
+    assert!(
+        metrics.contains("rustygate_rate_limited_total{route=\"all\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn rate_limit_keys_by_header_and_routes_can_opt_out() {
+    let be = Backend::fixed(200, "ok");
+    let routes = r#"
+[[route]]
+name = "keyed"
+prefix = "/keyed"
+upstream = "be"
+rate_limit = { requests = 1, per = "1m", key = "header:x-api-key" }
+
+[[route]]
+name = "free"
+prefix = "/free"
+upstream = "be"
+rate_limit = { enabled = false }
+"#;
+    let gw = Gateway::start(&[
+        ("gateway.toml", "[rate_limit]\nrequests = 1\nper = \"1m\"\n"),
+        ("routes/r.toml", routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let keyed = |key: &str| {
+        exchange(
+            &gw,
+            &format!(
+                "GET /keyed HTTP/1.1\r\nHost: a\r\nX-Api-Key: {key}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .0
+    };
+    assert_eq!(keyed("alice"), 200);
+    assert_eq!(keyed("alice"), 429);
+    assert_eq!(keyed("bob"), 200, "each key has its own bucket");
+    for _ in 0..5 {
+        assert_eq!(
+            exchange(
+                &gw,
+                "GET /free HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            .0,
+            200
+        );
+    }
+}
+
+#[test]
+fn buckets_survive_a_swap_that_keeps_the_route_and_its_limit() {
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway_with(&be, "[rate_limit]\nrequests = 2\nper = \"1m\"\n", "");
+    for _ in 0..2 {
+        assert_eq!(
+            exchange(
+                &gw,
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            .0,
+            200
+        );
+    }
+    // Recompile the same config (plus an unrelated route) and publish it.
+    write_files(
+        &gw.dir,
+        &[(
+            "routes/other.toml",
+            "[[route]]\nname = \"other\"\npath = \"/other\"\nrespond = { status = 204 }\n",
+        )],
+    );
+    let compiled = rustygate::compile::compile_dir(&gw.dir, &Default::default()).unwrap();
+    gw.store.publish(compiled.snapshot.unwrap());
+    assert!(wait_until(Duration::from_secs(5), || exchange(
+        &gw,
+        "GET /other HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .0 == 204));
+    assert_eq!(
+        exchange(
+            &gw,
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .0,
+        429,
+        "the bucket was kept"
+    );
+}
+
+fn compile_errors(files: &[(&str, &str)]) -> Vec<(String, String)> {
+    let dir = repo(files);
+    let c = rustygate::compile::compile_dir(dir.path(), &Default::default()).unwrap();
+    c.diagnostics
+        .iter()
+        .map(|d| (d.code.to_string(), d.message.clone()))
+        .collect()
+}
+
+#[test]
+fn edge_settings_are_checked_at_compile_time() {
+    let route = |extra: &str| {
+        format!("[[route]]\nname = \"r\"\npath = \"/\"\nrespond = {{ status = 200 }}\n{extra}\n")
+    };
+    let creds_any = "[cors.open]\nallow_origins = [\"*\"]\nallow_credentials = true\n";
+    let d = compile_errors(&[
+        ("gateway.toml", creds_any),
+        ("routes/r.toml", &route("cors = \"open\"")),
+    ]);
+    assert!(
+        d.iter()
+            .any(|(c, m)| c == "invalid-cors" && m.contains("allow_credentials")),
+        "{d:?}"
+    );
+    let d = compile_errors(&[
+        (
+            "gateway.toml",
+            "[cors.public]\nallow_origins = [\"https://a.com\"]\n",
+        ),
+        ("routes/r.toml", &route("cors = \"pubic\"")),
+    ]);
+    assert!(
+        d.iter()
+            .any(|(c, m)| c == "unknown-cors" && m.contains("pubic")),
+        "{d:?}"
+    );
+    let d = compile_errors(&[("routes/r.toml", &route("rate_limit = { requests = 10 }"))]);
+    assert!(d.iter().any(|(c, _)| c == "invalid-rate-limit"), "{d:?}");
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route("rate_limit = { requests = 10, per = \"1m\", key = \"claim:sub\" }"),
+    )]);
+    assert!(
+        d.iter()
+            .any(|(c, m)| c == "invalid-rate-limit" && m.contains("claim:sub")),
+        "{d:?}"
+    );
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route(
+            "cors = { allow_origins = [\"https://a.com\"] }\nrate_limit = { requests = 10, per = \"1m\", key = \"header:x-api-key\" }",
+        ),
+    )]);
+    assert!(d.is_empty(), "{d:?}");
+}
