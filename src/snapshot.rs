@@ -52,6 +52,15 @@ pub struct Route {
     pub cors: Option<Arc<crate::filters::cors::CorsPolicy>>,
     /// The rate limit; its buckets live outside the snapshot (see `filters::rate_limit`).
     pub rate_limit: Option<crate::filters::rate_limit::LimitSpec>,
+    /// Authentication; verified claims reach policies and, if configured, upstream headers.
+    pub auth: Option<RouteAuth>,
+}
+
+/// A route's authentication.
+pub struct RouteAuth {
+    pub provider: Arc<crate::filters::jwt::JwtProvider>,
+    /// Requests without a token pass (a token that is present must be valid).
+    pub optional: bool,
 }
 
 pub enum RouteAction {

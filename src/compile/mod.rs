@@ -11,6 +11,7 @@
 //! `rustygate validate`, `rustygate test`, `rustygate plan` and `rustygate serve` all call
 //! [`compile`]: there is no second checker that could drift from what the server accepts.
 
+mod auth;
 mod edge;
 mod gateway;
 mod policies;
@@ -73,7 +74,15 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     cx.policies = policies::Policies::new(policies::limits(&mut cx, raw.gateway.as_ref()));
     let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
     let edge = edge::compile_edge_defaults(&mut cx, raw.gateway.as_ref());
-    let routes = routes::compile_routes(&mut cx, &raw.routes, &upstreams, &defaults, &edge);
+    let providers = auth::compile_providers(&mut cx, raw.gateway.as_ref());
+    let routes = routes::compile_routes(
+        &mut cx,
+        &raw.routes,
+        &upstreams,
+        &defaults,
+        &edge,
+        &providers,
+    );
     let mut used = routes.used_upstreams;
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);

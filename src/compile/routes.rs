@@ -34,6 +34,7 @@ pub(crate) fn compile_routes(
     upstreams: &UpstreamTable,
     defaults: &Defaults,
     edge: &super::edge::EdgeDefaults,
+    providers: &super::auth::Providers,
 ) -> CompiledRoutes {
     let mut out = CompiledRoutes {
         router: Router::default(),
@@ -87,6 +88,9 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|c| super::edge::route_cors(cx, file, c, edge));
         let rate_limit = super::edge::route_rate_limit(cx, file, r.rate_limit.as_ref(), edge);
+        let auth = r.auth.as_ref().and_then(|a| {
+            super::auth::route_auth(cx, file, a, r.auth_optional.unwrap_or(false), providers)
+        });
         let request_headers = r
             .request_headers
             .as_ref()
@@ -161,6 +165,7 @@ pub(crate) fn compile_routes(
             policy,
             cors,
             rate_limit,
+            auth,
         });
     }
     out.router.finish();
@@ -675,7 +680,7 @@ fn header_name(
     }
 }
 
-fn resolve_secret(
+pub(super) fn resolve_secret(
     cx: &mut Cx<'_>,
     file: FileId,
     span: Range<usize>,

@@ -63,6 +63,9 @@ pub struct GatewayFile {
     pub cors: BTreeMap<String, Spanned<RawCors>>,
     /// A rate limit for every route that does not set its own (e.g. 100 per minute per IP).
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// Named authentication providers that routes refer to with `auth = "<name>"`.
+    #[serde(default)]
+    pub auth: BTreeMap<String, Spanned<RawAuthProvider>>,
     /// Hard limits for Rhai policy scripts; a hook that exceeds one fails its request with 500.
     #[serde(default)]
     pub policy_limits: PolicyLimits,
@@ -160,6 +163,10 @@ pub struct RawRoute {
     pub cors: Option<Spanned<RawCorsRef>>,
     /// Rate limit for this route; overrides the gateway default (`enabled = false` turns it off).
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// Authentication provider (a name from gateway.toml `[auth.<name>]`).
+    pub auth: Option<Spanned<String>>,
+    /// Let requests without a token through (a token that is present must still be valid).
+    pub auth_optional: Option<bool>,
 }
 
 /// A direct response.
@@ -373,4 +380,58 @@ pub struct RawRateLimit {
     pub key: Option<String>,
     /// `false` turns the gateway default off for this route.
     pub enabled: Option<bool>,
+}
+
+/// `[auth.<name>]`: a JWT provider.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthProvider {
+    /// Only `"jwt"` for now.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Accepted algorithms (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA); the
+    /// token's own `alg` is only accepted if listed here.
+    pub algorithms: Vec<String>,
+    /// HMAC secret for HS* algorithms: a secret reference, never a literal.
+    pub secret: Option<Spanned<ValueSource>>,
+    /// PEM public key (RSA, EC or Ed25519): a secret reference or a file.
+    pub public_key_pem: Option<Spanned<ValueSource>>,
+    /// URL of a JWKS document with the signing keys.
+    pub jwks_url: Option<Spanned<String>>,
+    /// How long fetched keys are used before a background refresh (default "10m").
+    pub jwks_ttl: Option<DurationText>,
+    /// Least time between two fetches triggered by unknown key ids (default "30s").
+    pub jwks_min_refresh: Option<DurationText>,
+    /// Accepted `iss` values.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default "30s").
+    pub leeway: Option<DurationText>,
+    /// Refuse tokens without `exp` (default true).
+    pub require_exp: Option<bool>,
+    /// Claims that must be present.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Claim checks; failing one is 403.
+    #[serde(default)]
+    pub claim_rules: Vec<RawClaimRule>,
+    /// Where the token is read: `"bearer"` (default), `"header:<name>"`, `"query:<name>"`, `"cookie:<name>"`.
+    pub token: Option<Spanned<String>>,
+    /// Claim → upstream header, set over anything the client sent under that name.
+    #[serde(default)]
+    pub claims_to_headers: BTreeMap<String, String>,
+    /// Pass the token to the upstream (default false: removed).
+    pub forward_token: Option<bool>,
+}
+
+/// A claim check: `{ claim = "scope", contains = "orders:read" }` or `{ claim = "tenant", equals = "acme" }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaimRule {
+    pub claim: String,
+    pub equals: Option<String>,
+    pub contains: Option<String>,
 }

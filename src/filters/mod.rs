@@ -3,4 +3,6 @@
 //! Plain Rust types over `http` values: no actix types here, so each is unit-testable alone.
 
 pub mod cors;
+pub mod jwks;
+pub mod jwt;
 pub mod rate_limit;

@@ -146,3 +146,48 @@ impl WorkerLimiters {
         }
     }
 }
+
+/// What a successful authentication hands to the rest of the request.
+pub(crate) struct Verified {
+    pub claims: crate::filters::jwt::Claims,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub drop_header: Option<HeaderName>,
+}
+
+/// Runs the route's auth filter. `Ok(None)`: no token on an optional route.
+pub(crate) async fn authenticate(
+    auth: &crate::snapshot::RouteAuth,
+    req: &HttpRequest,
+) -> Result<Option<Verified>, crate::filters::jwt::AuthError> {
+    use crate::filters::jwt::{AuthError, TokenPlaces, TokenSource};
+    let p = &auth.provider;
+    let named = match &p.source {
+        TokenSource::Header(h) => header(req, h.as_str()),
+        _ => None,
+    };
+    let places = TokenPlaces {
+        authorization: header(req, "authorization"),
+        header: named,
+        query: req.uri().query(),
+        cookie: header(req, "cookie"),
+    };
+    let Some(token) = p.token(&places)? else {
+        return if auth.optional {
+            Ok(None)
+        } else {
+            Err(AuthError::Missing)
+        };
+    };
+    let claims = p.verify(token).await?;
+    let drop_header = match (&p.source, p.forward_token) {
+        (_, true) => None,
+        (TokenSource::Bearer, false) => Some(http::header::AUTHORIZATION),
+        (TokenSource::Header(h), false) => Some(h.clone()),
+        _ => None,
+    };
+    Ok(Some(Verified {
+        headers: p.claim_headers(&claims),
+        claims,
+        drop_header,
+    }))
+}

@@ -47,6 +47,10 @@ struct Exchange {
     state: web::Data<WorkerState>,
     /// Headers the edge filters add to whatever response this request gets (CORS).
     extra: Vec<(HeaderName, HeaderValue)>,
+    /// Headers from verified claims, set on the upstream request over the client's.
+    auth_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The header that carried the token, removed before forwarding (unless configured not to).
+    drop_header: Option<HeaderName>,
 }
 
 impl Drop for Exchange {
@@ -172,6 +176,8 @@ pub(crate) async fn handle(
         log: state.access_log,
         state: state.clone(),
         extra: Vec::new(),
+        auth_headers: Vec::new(),
+        drop_header: None,
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -192,13 +198,13 @@ pub(crate) async fn handle(
     };
     ex.path.clone_from(&path);
     let snap = Arc::clone(&ex.snapshot);
-    let incoming = Incoming {
+    let mut incoming = Incoming {
         method: req.method().as_str(),
         host: &ex.host,
         path: &path,
         query: req.uri().query(),
         client_ip: ex.client_ip,
-        // The auth filter fills this with the verified claims; no route has auth yet.
+        // Filled by the auth filter with the verified claims.
         claims: None,
     };
     // A CORS preflight is routed by the method it asks about, and answered here when that
@@ -238,6 +244,44 @@ pub(crate) async fn handle(
     };
     if let Some(cors) = &route.cors {
         ex.extra = edge::cors_headers(cors, &req);
+    }
+    if let Some(auth) = &route.auth {
+        match edge::authenticate(auth, &req).await {
+            Ok(Some(verified)) => {
+                ex.auth_headers = verified.headers;
+                ex.drop_header = verified.drop_header;
+                incoming.claims = Some(verified.claims);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(
+                    request_id = ex.request_id.to_str().unwrap_or(""),
+                    route = route.name.as_str(),
+                    provider = auth.provider.name.as_str(),
+                    reason = e.reason(),
+                    "authentication failed"
+                );
+                state
+                    .recorder
+                    .metrics()
+                    .auth_failures
+                    .with_label_values(&[route.name.as_str(), e.reason()])
+                    .inc();
+                let status = e.status();
+                let mut resp = ex.error(
+                    status,
+                    if status == 403 {
+                        "forbidden"
+                    } else {
+                        "a valid token is required"
+                    },
+                );
+                if let Ok(v) = ax::HeaderValue::from_bytes(e.www_authenticate().as_bytes()) {
+                    resp.headers_mut().insert(ax::WWW_AUTHENTICATE, v);
+                }
+                return resp;
+            }
+        }
     }
     if let Some(limited) =
         state
@@ -559,6 +603,12 @@ fn upstream_headers(
     };
     if let Some(v) = host {
         out.insert(header::HOST, v);
+    }
+    if let Some(h) = &ex.drop_header {
+        out.remove(h);
+    }
+    for (n, v) in &ex.auth_headers {
+        out.insert(n.clone(), v.clone());
     }
     route.request_headers.apply(&mut out);
     Ok(out)

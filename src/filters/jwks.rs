@@ -1,0 +1,187 @@
+//! JWKS: signing keys fetched from a URL, cached by URL for the life of the process (not of a
+//! snapshot), refreshed on a TTL and when a token names a key the cache does not have.
+//!
+//! An unknown `kid` triggers at most one fetch per `min_refresh` interval however many requests
+//! ask (no stampede: they wait on the one fetch in flight). A failed fetch keeps the keys already
+//! cached; with no key, verification fails (never open).
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+/// Time allowed for one JWKS fetch.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted.
+pub const MAX_JWKS_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, Arc<DecodingKey>>,
+    /// Keys without a `kid`, tried for tokens without one.
+    anonymous: Vec<Arc<DecodingKey>>,
+    fetched_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Refresh {
+    in_flight: bool,
+    last_attempt: Option<Instant>,
+}
+
+pub struct JwksCache {
+    url: String,
+    ttl: Duration,
+    min_refresh: Duration,
+    keys: ArcSwap<KeySet>,
+    refresh: Mutex<Refresh>,
+    done: tokio::sync::Notify,
+}
+
+/// All JWKS caches of the process, by URL: a config swap that keeps the URL keeps the keys.
+static REGISTRY: LazyLock<Mutex<HashMap<String, Arc<JwksCache>>>> = LazyLock::new(Default::default);
+
+impl JwksCache {
+    /// The cache for `url`, shared with every provider and snapshot that names it.
+    pub fn for_url(url: &str, ttl: Duration, min_refresh: Duration) -> Arc<JwksCache> {
+        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        let key = format!(
+            "{url}\u{0}{}\u{0}{}",
+            ttl.as_millis(),
+            min_refresh.as_millis()
+        );
+        Arc::clone(reg.entry(key).or_insert_with(|| {
+            Arc::new(JwksCache {
+                url: url.to_owned(),
+                ttl,
+                min_refresh,
+                keys: ArcSwap::from_pointee(KeySet::default()),
+                refresh: Mutex::new(Refresh::default()),
+                done: tokio::sync::Notify::new(),
+            })
+        }))
+    }
+
+    fn find(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
+        let set = self.keys.load();
+        match kid {
+            Some(k) => set.by_kid.get(k).cloned(),
+            None => set.anonymous.first().cloned().or_else(|| {
+                (set.by_kid.len() == 1)
+                    .then(|| set.by_kid.values().next().cloned())
+                    .flatten()
+            }),
+        }
+    }
+
+    /// The key for a token's `kid`, fetching the JWKS when it is unknown (rate limited).
+    pub async fn key(
+        self: &Arc<Self>,
+        kid: Option<&str>,
+        _alg: Algorithm,
+    ) -> Option<Arc<DecodingKey>> {
+        if let Some(k) = self.find(kid) {
+            let stale = self
+                .keys
+                .load()
+                .fetched_at
+                .is_none_or(|t| t.elapsed() >= self.ttl);
+            if stale {
+                let _ = self.start_refresh();
+            }
+            return Some(k);
+        }
+        let done = self.done.notified();
+        if self.start_refresh() || self.refresh.lock().map(|r| r.in_flight).unwrap_or(false) {
+            let _ = tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done).await;
+        }
+        self.find(kid)
+    }
+
+    /// Starts a fetch unless one is running or one started less than `min_refresh` ago.
+    fn start_refresh(self: &Arc<Self>) -> bool {
+        {
+            let mut r = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
+            if r.in_flight
+                || r.last_attempt
+                    .is_some_and(|t| t.elapsed() < self.min_refresh)
+            {
+                return false;
+            }
+            r.in_flight = true;
+            r.last_attempt = Some(Instant::now());
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            match fetch(&this.url).await {
+                Ok(set) => {
+                    tracing::info!(url = %this.url, keys = set.by_kid.len() + set.anonymous.len(), "JWKS fetched");
+                    this.keys.store(Arc::new(set));
+                }
+                Err(e) => {
+                    tracing::warn!(url = %this.url, error = %e, "JWKS fetch failed; keeping the cached keys")
+                }
+            }
+            this.refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .in_flight = false;
+            this.done.notify_waiters();
+        });
+        true
+    }
+}
+
+async fn fetch(url: &str) -> Result<KeySet, String> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no TLS roots: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, Empty<Bytes>>(https);
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let req = http::Request::get(uri)
+        .header("accept", "application/json")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(FETCH_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let body = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| "timed out reading the body".to_string())?
+    .map_err(|e| e.to_string())?
+    .to_bytes();
+    let jwks: JwkSet =
+        serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut set = KeySet {
+        fetched_at: Some(Instant::now()),
+        ..KeySet::default()
+    };
+    for jwk in &jwks.keys {
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        match &jwk.common.key_id {
+            Some(kid) => {
+                set.by_kid.insert(kid.clone(), Arc::new(key));
+            }
+            None => set.anonymous.push(Arc::new(key)),
+        }
+    }
+    Ok(set)
+}

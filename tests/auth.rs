@@ -1,0 +1,385 @@
+//! JWT authentication end to end, with the JWKS served by a real local HTTP server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A fixed ES256 key pair (test-only, derived from a constant).
+struct Keys {
+    secret: p256::SecretKey,
+}
+
+impl Keys {
+    fn new(seed: u8) -> Keys {
+        Keys {
+            secret: p256::SecretKey::from_slice(&[seed; 32]).unwrap(),
+        }
+    }
+
+    fn encoding(&self) -> EncodingKey {
+        EncodingKey::from_ec_pem(self.secret.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes())
+            .unwrap()
+    }
+
+    fn jwk(&self, kid: &str) -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&self.secret.public_key().to_jwk_string()).unwrap();
+        v["kid"] = kid.into();
+        v["alg"] = "ES256".into();
+        v["use"] = "sig".into();
+        v
+    }
+
+    fn public_pem(&self) -> String {
+        self.secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    }
+
+    fn token(&self, kid: &str, claims: serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        encode(&h, &claims, &self.encoding()).unwrap()
+    }
+}
+
+fn claims() -> serde_json::Value {
+    serde_json::json!({"sub": "ana", "iss": "https://issuer.test", "aud": "orders-api", "exp": now() + 300, "scope": "orders:read", "tenant": "acme"})
+}
+
+/// A JWKS server whose document can be swapped, counting fetches.
+fn jwks_server(doc: Arc<std::sync::Mutex<serde_json::Value>>, hits: Arc<AtomicUsize>) -> Backend {
+    Backend::start(move |_req| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let body = doc.lock().unwrap().to_string();
+        async move {
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(body))
+                .unwrap()
+        }
+    })
+}
+
+fn gateway(jwks_url: &str, be: &Backend, route_extra: &str, min_refresh: &str) -> Gateway {
+    let gw_toml = format!(
+        r#"
+[auth.idp]
+type = "jwt"
+algorithms = ["ES256"]
+jwks_url = "{jwks_url}"
+jwks_min_refresh = "{min_refresh}"
+issuers = ["https://issuer.test"]
+audiences = ["orders-api"]
+claims_to_headers = {{ sub = "x-user", tenant = "x-tenant" }}
+"#
+    );
+    let routes = format!(
+        "[[route]]\nname = \"orders\"\nprefix = \"/orders\"\nupstream = \"be\"\nauth = \"idp\"\n{route_extra}\n\n[[route]]\nname = \"maybe\"\nprefix = \"/maybe\"\nupstream = \"be\"\nauth = \"idp\"\nauth_optional = true\n"
+    );
+    Gateway::start(&[
+        ("gateway.toml", &gw_toml),
+        ("routes/r.toml", &routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ])
+}
+
+fn req(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    let resp = raw(gw.addr, r.as_bytes());
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (
+        head[9..12].parse().unwrap(),
+        head.to_ascii_lowercase(),
+        body.to_owned(),
+    )
+}
+
+fn upstream_header(body: &str, name: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == name)
+        .map(|h| h[1].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn jwks_tokens_are_verified_and_claims_reach_the_upstream() {
+    let keys = Keys::new(7);
+    let hits = Arc::new(AtomicUsize::new(0));
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [keys.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(Arc::clone(&doc), Arc::clone(&hits));
+    let be = Backend::echo();
+    let gw = gateway(&format!("{}/jwks.json", jwks.url()), &be, "", "30s");
+    let bearer = format!("Bearer {}", keys.token("k1", claims()));
+
+    let (status, _, body) = req(
+        &gw,
+        "/orders/1",
+        &[("Authorization", &bearer), ("X-User", "spoofed")],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        upstream_header(&body, "x-user"),
+        vec!["ana"],
+        "claims overwrite client headers"
+    );
+    assert_eq!(upstream_header(&body, "x-tenant"), vec!["acme"]);
+    assert!(
+        upstream_header(&body, "authorization").is_empty(),
+        "the token is not forwarded"
+    );
+
+    // No token.
+    let (status, head, body) = req(&gw, "/orders/1", &[]);
+    assert_eq!(status, 401);
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
+        "a valid token is required"
+    );
+
+    // Expired, wrong audience, wrong issuer.
+    for (field, value) in [
+        ("exp", serde_json::json!(now() - 3600)),
+        ("aud", "other".into()),
+        ("iss", "https://evil.test".into()),
+    ] {
+        let mut c = claims();
+        c[field] = value;
+        let (status, head, _) = req(
+            &gw,
+            "/orders/1",
+            &[("Authorization", &format!("Bearer {}", keys.token("k1", c)))],
+        );
+        assert_eq!(status, 401, "{field}");
+        assert!(head.contains("error=\"invalid_token\""), "{head}");
+    }
+    // Signed by another key under the same kid.
+    let forged = Keys::new(9).token("k1", claims());
+    assert_eq!(
+        req(
+            &gw,
+            "/orders/1",
+            &[("Authorization", &format!("Bearer {forged}"))]
+        )
+        .0,
+        401
+    );
+
+    // Algorithm confusion: HS256 "signed" with the public key as the HMAC secret.
+    let pem = keys.public_pem();
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let confused = encode(&h, &claims(), &EncodingKey::from_secret(pem.as_bytes())).unwrap();
+    assert_eq!(
+        req(
+            &gw,
+            "/orders/1",
+            &[("Authorization", &format!("Bearer {confused}"))]
+        )
+        .0,
+        401
+    );
+
+    // alg none with an empty signature.
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let none = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&claims().to_string())
+    );
+    assert_eq!(
+        req(
+            &gw,
+            "/orders/1",
+            &[("Authorization", &format!("Bearer {none}"))]
+        )
+        .0,
+        401
+    );
+
+    // Oversized token: refused before any crypto.
+    let huge = format!("Bearer {}", "a".repeat(9000));
+    assert_eq!(req(&gw, "/orders/1", &[("Authorization", &huge)]).0, 401);
+
+    // The same token in two places.
+    let path = format!("/orders/1?access_token={}", keys.token("k1", claims()));
+    assert_eq!(req(&gw, &path, &[("Authorization", &bearer)]).0, 401);
+
+    // Optional auth: no token passes, a bad one does not.
+    assert_eq!(req(&gw, "/maybe", &[]).0, 200);
+    assert_eq!(
+        req(&gw, "/maybe", &[("Authorization", "Bearer garbage")]).0,
+        401
+    );
+
+    let (_, metrics) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
+    assert!(
+        metrics.contains(r#"rustygate_auth_failures_total{reason="missing",route="orders"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"rustygate_auth_failures_total{reason="expired",route="orders"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn unknown_kid_refreshes_once_and_a_down_jwks_keeps_cached_keys() {
+    let (k1, k2) = (Keys::new(7), Keys::new(11));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [k1.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(Arc::clone(&doc), Arc::clone(&hits));
+    let be = Backend::fixed(200, "ok");
+    // A URL of its own: JWKS caches are shared by URL across the process.
+    let gw = gateway(&format!("{}/rotate.json", jwks.url()), &be, "", "3s");
+    let t1 = format!("Bearer {}", k1.token("k1", claims()));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &t1)]).0, 200);
+    let after_first = hits.load(Ordering::SeqCst);
+    assert_eq!(after_first, 1);
+
+    // The issuer rotates to k2: a token with the new kid triggers one refetch, as soon as the
+    // refresh interval (3 s) since the last fetch allows...
+    *doc.lock().unwrap() = serde_json::json!({"keys": [k1.jwk("k1"), k2.jwk("k2")]});
+    let t2 = format!("Bearer {}", k2.token("k2", claims()));
+    assert!(wait_until(Duration::from_secs(10), || req(
+        &gw,
+        "/orders",
+        &[("Authorization", &t2)]
+    )
+    .0 == 200));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // ...and a burst of unknown kids does not stampede the JWKS endpoint.
+    let t3 = format!("Bearer {}", Keys::new(13).token("k3", claims()));
+    for _ in 0..10 {
+        assert_eq!(req(&gw, "/orders", &[("Authorization", &t3)]).0, 401);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "refreshes are rate limited");
+
+    // The JWKS endpoint goes away: cached keys keep working.
+    drop(jwks);
+    assert!(wait_until(Duration::from_secs(5), || req(
+        &gw,
+        "/orders",
+        &[("Authorization", &t1)]
+    )
+    .0 == 200));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &t2)]).0, 200);
+}
+
+#[test]
+fn claim_rules_answer_403_and_policies_see_claims() {
+    let keys = Keys::new(7);
+    let hits = Arc::new(AtomicUsize::new(0));
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [keys.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(doc, hits);
+    let be = Backend::echo();
+    let url = format!("{}/rules.json", jwks.url());
+    let gw_toml = format!(
+        "[auth.strict]\ntype = \"jwt\"\nalgorithms = [\"ES256\"]\njwks_url = \"{url}\"\nclaim_rules = [{{ claim = \"scope\", contains = \"orders:write\" }}]\n\n[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\"]\njwks_url = \"{url}\"\n"
+    );
+    let routes = "[[route]]\nname = \"write\"\nprefix = \"/write\"\nupstream = \"be\"\nauth = \"strict\"\n\n[[route]]\nname = \"read\"\nprefix = \"/read\"\nupstream = \"be\"\nauth = \"idp\"\npolicy = \"policies/tenant.rhai\"\n";
+    let policy =
+        "fn on_request(req) {\n    req.set_header(\"x-policy-tenant\", req.claims.tenant);\n}\n";
+    let gw = Gateway::start(&[
+        ("gateway.toml", &gw_toml),
+        ("routes/r.toml", routes),
+        ("policies/tenant.rhai", policy),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let bearer = format!("Bearer {}", keys.token("k1", claims()));
+    let (status, head, _) = req(&gw, "/write", &[("Authorization", &bearer)]);
+    assert_eq!(status, 403);
+    assert!(head.contains("insufficient_scope"), "{head}");
+    let (status, _, body) = req(&gw, "/read", &[("Authorization", &bearer)]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream_header(&body, "x-policy-tenant"), vec!["acme"]);
+}
+
+#[test]
+fn auth_config_is_checked_at_compile_time() {
+    let check = |gw: &str, route: &str| -> Vec<String> {
+        let dir = repo(&[
+            ("gateway.toml", gw),
+            (
+                "routes/r.toml",
+                &format!(
+                    "[[route]]\nname = \"r\"\npath = \"/\"\nrespond = {{ status = 200 }}\n{route}\n"
+                ),
+            ),
+        ]);
+        let c = rustygate::compile::compile_dir(dir.path(), &Default::default()).unwrap();
+        c.diagnostics.iter().map(|d| d.code.to_string()).collect()
+    };
+    assert_eq!(
+        check(
+            "[auth.a]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = \"inline-secret\"\n",
+            ""
+        ),
+        vec!["inline-secret"]
+    );
+    assert_eq!(
+        check(
+            "[auth.a]\ntype = \"jwt\"\nalgorithms = [\"HS256\", \"RS256\"]\njwks_url = \"https://x/jwks\"\n",
+            ""
+        ),
+        vec!["invalid-auth"]
+    );
+    assert_eq!(
+        check(
+            "[auth.a]\ntype = \"jwt\"\nalgorithms = [\"none\"]\njwks_url = \"https://x/jwks\"\n",
+            ""
+        ),
+        vec!["invalid-auth", "invalid-auth"]
+    );
+    assert_eq!(
+        check(
+            "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"RS256\"]\njwks_url = \"https://x/jwks\"\n",
+            "auth = \"ipd\""
+        ),
+        vec!["unknown-auth"]
+    );
+    assert!(
+        check(
+            "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"RS256\"]\njwks_url = \"https://x/jwks\"\n",
+            "auth = \"idp\""
+        )
+        .is_empty()
+    );
+}
