@@ -383,3 +383,32 @@ fn auth_config_is_checked_at_compile_time() {
         .is_empty()
     );
 }
+
+#[test]
+fn rate_limits_can_key_on_a_verified_claim() {
+    let keys = Keys::new(7);
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [keys.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(doc, Arc::new(AtomicUsize::new(0)));
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway(
+        &format!("{}/claimkey.json", jwks.url()),
+        &be,
+        "rate_limit = { requests = 1, per = \"1m\", key = \"claim:sub\" }",
+        "30s",
+    );
+    let token_for = |sub: &str| {
+        let mut c = claims();
+        c["sub"] = sub.into();
+        format!("Bearer {}", keys.token("k1", c))
+    };
+    let (ana, bo) = (token_for("ana"), token_for("bo"));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &ana)]).0, 200);
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &ana)]).0, 429);
+    assert_eq!(
+        req(&gw, "/orders", &[("Authorization", &bo)]).0,
+        200,
+        "another subject, another bucket"
+    );
+}

@@ -285,7 +285,7 @@ fn edge_settings_are_checked_at_compile_time() {
     )]);
     assert!(
         d.iter()
-            .any(|(c, m)| c == "invalid-rate-limit" && m.contains("claim:sub")),
+            .any(|(c, m)| c == "invalid-rate-limit" && m.contains("limits by claim `sub`")),
         "{d:?}"
     );
     let d = compile_errors(&[(

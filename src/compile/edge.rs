@@ -238,12 +238,14 @@ fn limit_spec(
             .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
         {
             Some(Ok(h)) => LimitKey::Header(h),
+            _ if k
+                .strip_prefix("claim:")
+                .is_some_and(|c| !c.trim().is_empty()) =>
+            {
+                LimitKey::Claim(k["claim:".len()..].trim().to_owned())
+            }
             _ => {
-                let help = if k.starts_with("claim:") {
-                    "claim keys need JWT authentication on the route, which this version does not have yet"
-                } else {
-                    "use `client_ip`, `route` or `header:<name>`"
-                };
+                let help = "use `client_ip`, `route`, `header:<name>` or `claim:<name>`";
                 return Err(Diagnostic::error(
                     "invalid-rate-limit",
                     format!("unknown rate-limit key `{k}`"),

@@ -91,6 +91,26 @@ pub(crate) fn compile_routes(
         let auth = r.auth.as_ref().and_then(|a| {
             super::auth::route_auth(cx, file, a, r.auth_optional.unwrap_or(false), providers)
         });
+        if let Some(crate::filters::rate_limit::LimitSpec {
+            key: crate::filters::rate_limit::LimitKey::Claim(c),
+            ..
+        }) = &rate_limit
+            && r.auth.is_none()
+        {
+            let span = r
+                .rate_limit
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or_else(|| r.name.span());
+            cx.push(
+                Diagnostic::error(
+                    "invalid-rate-limit",
+                    format!("route `{name}` limits by claim `{c}` but has no `auth`"),
+                )
+                .at(file, span, "no verified claims on this route")
+                .help("add `auth = \"<provider>\"`, or key by `client_ip`"),
+            );
+        }
         let request_headers = r
             .request_headers
             .as_ref()

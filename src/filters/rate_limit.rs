@@ -30,6 +30,8 @@ pub enum LimitKey {
     Header(HeaderName),
     /// One bucket for the whole route.
     Route,
+    /// A verified JWT claim (the route must have `auth`); requests without it share one bucket.
+    Claim(String),
 }
 
 /// A compiled limit: `requests` per `per`, with bursts of up to `burst`.

@@ -107,6 +107,7 @@ impl WorkerLimiters {
     }
 
     /// Checks the route's limit; `Some(429 response)` when the request is over it.
+    #[allow(clippy::too_many_arguments)]
     pub fn check(
         &self,
         snap: &Snapshot,
@@ -114,6 +115,7 @@ impl WorkerLimiters {
         route: &Route,
         req: &HttpRequest,
         client: std::net::IpAddr,
+        claims: Option<&crate::filters::jwt::Claims>,
         request_id: &HeaderValue,
     ) -> Option<HttpResponse> {
         let spec = route.rate_limit.as_ref()?;
@@ -123,6 +125,11 @@ impl WorkerLimiters {
             LimitKey::Route => KeyValue::Whole,
             LimitKey::Header(name) => match req.headers().get(name.as_str()) {
                 Some(v) => KeyValue::Text(String::from_utf8_lossy(v.as_bytes()).into()),
+                None => KeyValue::Whole,
+            },
+            LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {
+                Some(serde_json::Value::String(s)) => KeyValue::Text(s.as_str().into()),
+                Some(other) => KeyValue::Text(other.to_string().into()),
                 None => KeyValue::Whole,
             },
         };

@@ -283,11 +283,15 @@ pub(crate) async fn handle(
             }
         }
     }
-    if let Some(limited) =
-        state
-            .limiters
-            .check(&snap, m.route, route, &req, ex.client_ip, &ex.request_id)
-    {
+    if let Some(limited) = state.limiters.check(
+        &snap,
+        m.route,
+        route,
+        &req,
+        ex.client_ip,
+        incoming.claims.as_ref(),
+        &ex.request_id,
+    ) {
         state
             .recorder
             .metrics()
