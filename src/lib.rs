@@ -19,4 +19,5 @@ pub mod server;
 pub mod snapshot;
 pub mod source;
 pub mod telemetry;
+pub mod testing;
 pub mod upstream;

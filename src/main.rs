@@ -44,9 +44,24 @@ enum Command {
         #[arg(long)]
         no_env: bool,
     },
+    /// Run the config repo's tests/*.toml fixtures in-process, without a network.
+    /// Exit 0 all pass, 1 a case failed or the repo/fixtures do not compile, 2 usage/IO error.
+    Test {
+        /// Config repo directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Run only the cases whose name (or file path) contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long, value_enum, default_value_t = TestFormat::Human)]
+        format: TestFormat,
+        /// Resolve secret references (env vars, files); off by default, so CI needs no secrets.
+        #[arg(long)]
+        env: bool,
+    },
     /// Print the JSON Schema of the config repo's TOML files.
     Schema {
-        /// One file kind only: gateway, routes or upstreams. Default: all in one schema.
+        /// One file kind only: gateway, routes, upstreams or tests. Default: all in one schema.
         kind: Option<String>,
     },
     /// Route-level diff between two commits of the config repo, as Markdown for a PR comment.
@@ -78,6 +93,14 @@ enum Format {
     /// One line per diagnostic: `file:line:col: severity[code]: message`.
     Short,
     /// A JSON array of diagnostics.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TestFormat {
+    /// `cargo test`-like: each case ok or FAILED, expected vs got for failures.
+    Human,
+    /// One JSON object: counts, diagnostics, and every case with what it got.
     Json,
 }
 
@@ -145,6 +168,19 @@ fn main() -> ExitCode {
             deny_warnings,
             no_env,
         } => validate(&dir, format, deny_warnings, no_env),
+        Command::Test {
+            dir,
+            filter,
+            format,
+            env,
+        } => test(
+            rustygate::testing::TestOptions {
+                dir,
+                filter,
+                resolve_secrets: env,
+            },
+            format,
+        ),
         Command::Schema { kind } => schema(kind.as_deref()),
         Command::Plan {
             base,
@@ -221,6 +257,45 @@ fn validate(dir: &std::path::Path, format: Format, deny_warnings: bool, no_env: 
     }
 }
 
+fn test(opts: rustygate::testing::TestOptions, format: TestFormat) -> ExitCode {
+    // A failing policy is part of its case's report; its log line (and a script's `print`)
+    // only shows with RUST_LOG set, e.g. RUST_LOG=rustygate::policy=debug.
+    let _log_guard = std::env::var_os("RUST_LOG").and_then(|_| init_logging(LogFormat::Pretty));
+    let report = match rustygate::testing::run(&opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match format {
+        TestFormat::Human => {
+            eprint!("{}", report.diagnostics.render_human(&report.files));
+            if report.invalid() {
+                eprintln!(
+                    "{}: {} error(s): the config or its tests do not compile, no test ran",
+                    opts.dir.display(),
+                    report.diagnostics.error_count()
+                );
+            } else {
+                print!("{}", report.render_human());
+            }
+        }
+        TestFormat::Json => match serde_json::to_string_pretty(&report.to_json()) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }
+    if report.invalid() || report.failed() > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn schema(kind: Option<&str>) -> ExitCode {
     let value = match kind {
         None => rustygate::schema::combined(),
@@ -230,7 +305,9 @@ fn schema(kind: Option<&str>) -> ExitCode {
         {
             Some((_, s)) => s.to_value(),
             None => {
-                eprintln!("error: unknown file kind `{k}`; expected gateway, routes or upstreams");
+                eprintln!(
+                    "error: unknown file kind `{k}`; expected gateway, routes, upstreams or tests"
+                );
                 return ExitCode::from(2);
             }
         },

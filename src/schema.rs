@@ -6,6 +6,7 @@ use schemars::{JsonSchema, Schema};
 use serde_json::{Value, json};
 
 use crate::config::raw::{GatewayFile, RoutesFile, UpstreamsFile};
+use crate::testing::TestsFile;
 
 /// The kinds of file in a config repo, with the schema of each.
 pub fn schemas() -> Vec<(&'static str, Schema)> {
@@ -13,6 +14,7 @@ pub fn schemas() -> Vec<(&'static str, Schema)> {
         ("gateway", schema_of::<GatewayFile>()),
         ("routes", schema_of::<RoutesFile>()),
         ("upstreams", schema_of::<UpstreamsFile>()),
+        ("tests", schema_of::<TestsFile>()),
     ]
 }
 
@@ -70,7 +72,7 @@ pub fn combined() -> Value {
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "RustyGate config repo file",
-        "description": "gateway.toml, routes/*.toml or upstreams/*.toml of a RustyGate config repo.",
+        "description": "gateway.toml, routes/*.toml, upstreams/*.toml or tests/*.toml of a RustyGate config repo.",
         "anyOf": any_of,
         "$defs": defs,
     })

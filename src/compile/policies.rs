@@ -117,6 +117,18 @@ pub(crate) fn route_policy(
     upstreams: &UpstreamTable,
 ) -> Option<RoutePolicy> {
     let p = r.policy.as_ref()?;
+    if let Some(c) = &r.policy_config {
+        // A policy that routes by config (`tenants = { acme = "tenant-eu" }`) names its
+        // upstreams there: they are used, not worth an "unused upstream" warning.
+        let mut names = Vec::new();
+        strings_in(c.get(), &mut names);
+        cx.policies.used_upstreams.extend(
+            names
+                .into_iter()
+                .filter(|n| upstreams.contains_key(*n))
+                .map(str::to_owned),
+        );
+    }
     let compiled = match cx.policies.compiled.get(p.get()) {
         Some(c) => c.clone(),
         None => {
@@ -135,6 +147,19 @@ pub(crate) fn route_policy(
         config: Arc::new(config),
         route: Arc::from(r.name.get().as_str()),
     })
+}
+
+/// Every string value in a JSON object, at any depth.
+fn strings_in<'a>(m: &'a serde_json::Map<String, serde_json::Value>, out: &mut Vec<&'a str>) {
+    fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            serde_json::Value::Object(m) => m.values().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    m.values().for_each(|v| walk(v, out));
 }
 
 /// Reads and compiles one script, reporting every problem in it.

@@ -1,0 +1,500 @@
+//! One fixture case through the compiled snapshot, in-process and without a network: the same
+//! `decide` calls the proxy handler makes (route match, rewrite, policy hooks), the same header
+//! rules, and a synthetic upstream response instead of a socket.
+//!
+//! ```text
+//! Case ─► normalise path ─► [CORS preflight] ─► decide::route ─► decide::request ─► Plan
+//!   Plan::Forward ─► upstream request recorded ─► synthetic response ─► decide::on_response
+//!   otherwise     ─► the gateway's own answer (respond, deny, 404/405/413/500)
+//! ```
+//! Rate limits are off: a fixture run must not depend on how many cases ran before it. On a
+//! route with auth, a case's `claims` stand for a verified token (the claim rules still apply);
+//! without them, the case's token is verified for real against static keys (`--env` resolves
+//! the secret); JWKS keys would need the network, so such a case is refused with a note.
+
+use std::future::Future as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::fixture::Case;
+use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
+use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
+use crate::router::normalize_path;
+use crate::snapshot::{Route, Snapshot, StaticResponse, UpstreamHost, canonical_ip};
+
+/// The request id of a case whose request does not bring a valid one.
+pub const TEST_REQUEST_ID: &str = "rustygate-test";
+
+/// The request the upstream would have received.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamRequest {
+    pub upstream: String,
+    /// The target a request would be sent to (the upstream's first: tests do not balance).
+    pub target: String,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    #[serde(serialize_with = "ser_headers")]
+    pub headers: HeaderMap,
+}
+
+/// What happened to a case's request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub status: u16,
+    /// The matched route.
+    pub route: Option<String>,
+    /// Set when the request was forwarded.
+    pub upstream_request: Option<UpstreamRequest>,
+    #[serde(serialize_with = "ser_headers")]
+    pub response_headers: HeaderMap,
+    pub body: String,
+    /// Why a policy failed (the client got 500), as the gateway logs it.
+    pub policy_error: Option<String>,
+    /// What the runner could not do as the server would, or why auth refused the request.
+    pub note: Option<String>,
+}
+
+fn ser_headers<S: serde::Serializer>(h: &HeaderMap, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(h.len()))?;
+    for (n, v) in h {
+        m.serialize_entry(n.as_str(), &String::from_utf8_lossy(v.as_bytes()))?;
+    }
+    m.end()
+}
+
+struct Run<'a> {
+    case: &'a Case,
+    request_id: HeaderValue,
+    /// Headers the edge filters add to any answer (CORS).
+    extra: Vec<(HeaderName, HeaderValue)>,
+    route: Option<String>,
+    /// The peer is a trusted proxy: its forwarding headers are believed.
+    trusted: bool,
+    /// From auth: headers set from claims, and the token header not forwarded.
+    auth_headers: Vec<(HeaderName, HeaderValue)>,
+    drop_header: Option<HeaderName>,
+}
+
+impl Run<'_> {
+    fn finish(&self, status: u16, mut headers: HeaderMap, body: Bytes) -> Outcome {
+        headers.insert(
+            HeaderName::from_static("x-request-id"),
+            self.request_id.clone(),
+        );
+        for (n, v) in &self.extra {
+            headers.append(n.clone(), v.clone());
+        }
+        Outcome {
+            status,
+            route: self.route.clone(),
+            upstream_request: None,
+            response_headers: headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            policy_error: None,
+            note: None,
+        }
+    }
+
+    /// An error answered by the gateway: JSON with the request id, like the handler's.
+    fn error(&self, status: u16, message: &str) -> Outcome {
+        let body = serde_json::json!({
+            "error": message,
+            "request_id": self.request_id.to_str().unwrap_or(""),
+        })
+        .to_string();
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.finish(status, h, Bytes::from(body))
+    }
+
+    fn respond(&self, r: &StaticResponse) -> Outcome {
+        let mut h = HeaderMap::new();
+        for (n, v) in &r.headers {
+            h.append(n.clone(), v.clone());
+        }
+        self.finish(r.status, h, r.body.clone())
+    }
+
+    fn answer(&self, plan: Plan<'_>) -> Outcome {
+        match plan {
+            Plan::Respond(r) => self.respond(&r),
+            Plan::Deny { status, message } => self.error(status, &message),
+            Plan::Failed(f) => {
+                f.log(self.request_id.to_str().unwrap_or(""));
+                let mut out = self.error(500, "the route's policy failed");
+                out.policy_error = Some(f.to_string());
+                out
+            }
+            Plan::Forward(_) => self.error(500, "internal routing error"),
+        }
+    }
+}
+
+/// Runs one case against `snap`.
+pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
+    let request_id = case
+        .headers
+        .get("x-request-id")
+        .filter(|v| valid_request_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(TEST_REQUEST_ID));
+    let mut run = Run {
+        case,
+        request_id,
+        extra: Vec::new(),
+        route: None,
+        trusted: snap.client_ip.is_trusted(case.peer),
+        auth_headers: Vec::new(),
+        drop_header: None,
+    };
+    let client = client_ip(
+        case.peer,
+        case.headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        &snap.client_ip,
+    );
+    let path = match normalize_path(&case.path) {
+        Ok(p) => p.into_owned(),
+        Err(e) => return run.error(400, &e.to_string()),
+    };
+    let mut incoming = Incoming {
+        method: &case.method,
+        host: &case.host,
+        path: &path,
+        query: case.query.as_deref(),
+        client_ip: client,
+        // Claims exist only where auth verified them.
+        claims: None,
+    };
+    if let Some(out) = preflight(snap, &mut run, &incoming) {
+        return out;
+    }
+    let m = match decide::route(snap, &incoming) {
+        Routed::Matched(m) => m,
+        Routed::NoRoute => return run.error(404, "no route matches this request"),
+        Routed::MethodNotAllowed(allowed) => {
+            let mut out = run.error(405, "method not allowed on this route");
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                out.response_headers.insert(http::header::ALLOW, v);
+            }
+            return out;
+        }
+    };
+    let Some(route) = snap.routes.get(m.route) else {
+        return run.error(500, "internal routing error");
+    };
+    run.route = Some(route.name.clone());
+    if let Some(cors) = &route.cors {
+        if let Some(origin) = header(&case.headers, "origin") {
+            run.extra = cors.response_headers(origin);
+        }
+        run.extra
+            .push((http::header::VARY, HeaderValue::from_static("Origin")));
+    }
+    match (&route.auth, &case.claims) {
+        (Some(auth), _) => match authenticate(&mut run, auth) {
+            Ok(claims) => incoming.claims = claims,
+            Err(out) => return *out,
+        },
+        (None, Some(_)) => {
+            let mut out = run.error(500, "this case gives claims to a route without auth");
+            out.note = Some(format!(
+                "route `{}` has no `auth`, so the gateway hands its policy no claims; remove `claims` from the case or add auth to the route",
+                route.name
+            ));
+            return out;
+        }
+        (None, None) => {}
+    }
+    let (_, plan) = decide::request(snap, &m, &incoming, || case.headers.clone());
+    match plan {
+        Plan::Forward(f) => forward(&run, route, f),
+        other => run.answer(other),
+    }
+}
+
+/// The route's auth filter: the verified claims, or the 401/403 the client gets.
+fn authenticate(
+    run: &mut Run<'_>,
+    auth: &crate::snapshot::RouteAuth,
+) -> Result<Option<decide::Claims>, Box<Outcome>> {
+    use crate::filters::jwt::{AuthError, Keys, TokenPlaces, TokenSource};
+    let p = &auth.provider;
+    let h = &run.case.headers;
+    let refused = |run: &Run<'_>, e: AuthError, note: Option<String>| {
+        let status = e.status();
+        let mut out = run.error(
+            status,
+            if status == 403 {
+                "forbidden"
+            } else {
+                "a valid token is required"
+            },
+        );
+        out.response_headers
+            .insert(http::header::WWW_AUTHENTICATE, e.www_authenticate());
+        out.note = note.or_else(|| Some(format!("auth refused the request: {}", e.reason())));
+        Box::new(out)
+    };
+    let claims = if let Some(given) = &run.case.claims {
+        p.check_rules(given).map_err(|e| refused(run, e, None))?;
+        Arc::clone(given)
+    } else {
+        let named = match &p.source {
+            TokenSource::Header(n) => header(h, n.as_str()),
+            _ => None,
+        };
+        let places = TokenPlaces {
+            authorization: header(h, "authorization"),
+            header: named,
+            query: run.case.query.as_deref(),
+            cookie: header(h, "cookie"),
+        };
+        let token = match p.token(&places) {
+            Ok(Some(t)) => t,
+            Ok(None) if auth.optional => return Ok(None),
+            Ok(None) => return Err(refused(run, AuthError::Missing, None)),
+            Err(e) => return Err(refused(run, e, None)),
+        };
+        if matches!(p.keys, Keys::Jwks(_)) {
+            let note = "the route's provider fetches keys from a JWKS URL, which a test does not do: give the case `claims` instead of a token".to_owned();
+            return Err(refused(run, AuthError::UnknownKey, Some(note)));
+        }
+        // Static keys: verifying never waits on anything, so one poll finishes it.
+        let mut verify = std::pin::pin!(p.verify(token));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match verify.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(c)) => c,
+            std::task::Poll::Ready(Err(e)) => return Err(refused(run, e, None)),
+            std::task::Poll::Pending => {
+                return Err(refused(
+                    run,
+                    AuthError::UnknownKey,
+                    Some("token verification would wait on the network".into()),
+                ));
+            }
+        }
+    };
+    run.auth_headers = p.claim_headers(&claims);
+    run.drop_header = match (&p.source, p.forward_token) {
+        (_, true) => None,
+        (TokenSource::Bearer, false) => Some(http::header::AUTHORIZATION),
+        (TokenSource::Header(n), false) => Some(n.clone()),
+        _ => None,
+    };
+    Ok(Some(claims))
+}
+
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Answers a CORS preflight for a route with CORS, as the handler does.
+fn preflight(snap: &Snapshot, run: &mut Run<'_>, inc: &Incoming<'_>) -> Option<Outcome> {
+    let h = &run.case.headers;
+    if inc.method != "OPTIONS" || !h.contains_key("origin") {
+        return None;
+    }
+    let asked = header(h, "access-control-request-method")?;
+    let probe = Incoming {
+        method: asked,
+        host: inc.host,
+        path: inc.path,
+        query: None,
+        client_ip: inc.client_ip,
+        claims: None,
+    };
+    let Routed::Matched(pm) = decide::route(snap, &probe) else {
+        return None;
+    };
+    let route = snap.routes.get(pm.route)?;
+    let cors = route.cors.as_ref()?;
+    run.route = Some(route.name.clone());
+    let origin = header(h, "origin").unwrap_or("");
+    Some(
+        match cors.preflight(origin, asked, header(h, "access-control-request-headers")) {
+            Ok(headers) => {
+                let mut out = HeaderMap::new();
+                for (n, v) in headers {
+                    out.insert(n, v);
+                }
+                run.finish(204, out, Bytes::new())
+            }
+            Err(_) => {
+                let mut out = run.error(403, "CORS preflight refused");
+                out.response_headers
+                    .insert(http::header::VARY, HeaderValue::from_static("Origin"));
+                out
+            }
+        },
+    )
+}
+
+fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
+    let case = run.case;
+    let Some(target) = plan.upstream.targets.first() else {
+        return run.error(503, "no upstream target is available");
+    };
+    let declared = match case.headers.get(http::header::CONTENT_LENGTH) {
+        None => Some(case.body.len() as u64),
+        Some(v) => match v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => return run.error(400, "invalid Content-Length"),
+        },
+    };
+    if declared.is_some_and(|n| n > route.max_body_size)
+        || case.body.len() as u64 > route.max_body_size
+    {
+        return run.error(413, "request body is larger than this route accepts");
+    }
+    let mut headers = match upstream_headers(run, route, target.authority.as_str()) {
+        Ok(h) => h,
+        Err(why) => return run.error(400, &why),
+    };
+    if let Some(p) = &plan.policy {
+        p.apply_edits(&mut headers);
+    }
+    let query = match &plan.query {
+        Some(q) => q.clone(),
+        None => case.query.clone(),
+    };
+    let sent = UpstreamRequest {
+        upstream: plan.upstream.name.clone(),
+        target: target.url.clone(),
+        method: case.method.clone(),
+        path: plan.path.clone(),
+        query,
+        headers,
+    };
+    let resp = &case.upstream_response;
+    let mut status = resp.status;
+    let mut rh = resp.headers.clone();
+    route.response_headers.apply(&mut rh);
+    let mut out = match plan
+        .policy
+        .as_ref()
+        .map(|p| decide::on_response(p, &mut status, &mut rh))
+    {
+        Some(ResponsePlan::Replace(p)) => run.answer(p),
+        _ => {
+            let dropped = connection_tokens(
+                rh.get_all(http::header::CONNECTION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            )
+            .unwrap_or_default();
+            let mut client_headers = HeaderMap::with_capacity(rh.len());
+            for (n, v) in &rh {
+                let s = n.as_str();
+                if is_hop_by_hop_str(s) || s == "content-length" || dropped.iter().any(|d| d == s) {
+                    continue;
+                }
+                client_headers.append(n.clone(), v.clone());
+            }
+            let no_body = case.method == "HEAD" || matches!(status, 204 | 304 | 100..=199);
+            let body = if no_body {
+                Bytes::new()
+            } else {
+                resp.body.clone()
+            };
+            run.finish(status, client_headers, body)
+        }
+    };
+    out.upstream_request = Some(sent);
+    out
+}
+
+/// The headers the upstream gets: the client's minus hop-by-hop and `Connection`-named ones,
+/// forwarding headers set by the gateway, then the route's `request_headers` rules (the policy's
+/// edits come after). The same rules as the proxy handler's `upstream_headers`.
+fn upstream_headers(
+    run: &Run<'_>,
+    route: &Route,
+    target_authority: &str,
+) -> Result<HeaderMap, String> {
+    let h = &run.case.headers;
+    let dropped = connection_tokens(
+        h.get_all(http::header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )?;
+    let peer = canonical_ip(run.case.peer);
+    let trusted = run.trusted;
+    let mut out = HeaderMap::with_capacity(h.len() + 4);
+    for (name, value) in h {
+        let n = name.as_str();
+        if is_hop_by_hop_str(n)
+            || matches!(n, "host" | "x-forwarded-for" | "x-request-id" | "expect")
+            || (!trusted
+                && matches!(
+                    n,
+                    "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
+                ))
+            || dropped.iter().any(|d| d == n)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    let peer_text = peer.to_string();
+    let xff = if trusted {
+        let prior: Vec<&str> = h
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", prior.join(", "))
+        }
+    } else {
+        peer_text
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    if !out.contains_key("x-forwarded-proto") {
+        out.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+    }
+    let client_host = h.get(http::header::HOST).cloned();
+    if !out.contains_key("x-forwarded-host")
+        && let Some(v) = &client_host
+    {
+        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+    }
+    out.insert(
+        HeaderName::from_static("x-request-id"),
+        run.request_id.clone(),
+    );
+    let host = match &route.upstream_host {
+        UpstreamHost::Preserve => {
+            client_host.or_else(|| HeaderValue::from_str(target_authority).ok())
+        }
+        UpstreamHost::Target => HeaderValue::from_str(target_authority).ok(),
+        UpstreamHost::Fixed(v) => Some(v.clone()),
+    };
+    if let Some(v) = host {
+        out.insert(http::header::HOST, v);
+    }
+    if let Some(n) = &run.drop_header {
+        out.remove(n);
+    }
+    for (n, v) in &run.auth_headers {
+        out.insert(n.clone(), v.clone());
+    }
+    route.request_headers.apply(&mut out);
+    Ok(out)
+}

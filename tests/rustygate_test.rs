@@ -1,0 +1,282 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `rustygate test`, the binary: the example repos' fixtures pass, a failing fixture fails with a
+//! readable expected-vs-got, fixture mistakes are located diagnostics, and the exit codes hold
+//! (0 all pass, 1 a failure or a config/fixture error, 2 usage or I/O error).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rustygate_test(args: &[&str]) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .arg("test")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A copy of examples/policies to break on purpose.
+fn policies_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("examples/policies"), dir.path());
+    dir
+}
+
+fn example_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn every_example_repo_passes_its_own_tests() {
+    for dir in example_dirs() {
+        let (code, out, err) = rustygate_test(&[dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{}:\n{out}\n{err}", dir.display());
+        assert!(out.contains("test result: ok."), "{out}");
+    }
+    let (_, out, _) = rustygate_test(&[root().join("examples/policies").to_str().unwrap()]);
+    let line = out.lines().find(|l| l.starts_with("test result")).unwrap();
+    assert!(line.contains("31 passed; 0 failed"), "{line}");
+    for policy in [
+        "ab",
+        "guards",
+        "headers",
+        "maintenance",
+        "sunset",
+        "tenants",
+    ] {
+        assert!(
+            out.contains(&format!("test {policy}: ")),
+            "{policy} untested:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn the_example_scripts_are_the_library_scripts() {
+    let lib = root().join("policies");
+    let mut names: Vec<_> = std::fs::read_dir(&lib)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".rhai"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 6, "{names:?}");
+    for name in names {
+        let original = std::fs::read_to_string(lib.join(&name)).unwrap();
+        let copy = std::fs::read_to_string(root().join("examples/policies/policies").join(&name))
+            .unwrap_or_default();
+        assert!(
+            original == copy,
+            "examples/policies/policies/{name} differs from policies/{name}: run `cp policies/*.rhai examples/policies/policies/`"
+        );
+    }
+}
+
+#[test]
+fn a_failing_case_shows_expected_and_got() {
+    let dir = policies_copy();
+    std::fs::write(
+        dir.path().join("tests/zz-broken.toml"),
+        r#"
+[[test]]
+name = "deliberately wrong"
+request = { url = "/api/v1/orders" }
+expect = { status = 200, upstream = "api", response_headers = { "sunset" = "never" } }
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("test deliberately wrong ... FAILED"), "{out}");
+    assert!(
+        out.contains("---- deliberately wrong (tests/zz-broken.toml:3:8) ----"),
+        "{out}"
+    );
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    for expected in [
+        "status                    expected 200",
+        "got 410",
+        "upstream                  expected \"api\"",
+        "got not forwarded: the gateway answered 410",
+        "response header `sunset`  expected \"never\"",
+        "got \"Wed, 31 Dec 2025 23:59:59 GMT\"",
+    ] {
+        assert!(lines.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+    assert!(
+        out.contains("test result: FAILED. 31 passed; 1 failed; 0 filtered out"),
+        "{out}"
+    );
+
+    // --filter runs only the matching cases.
+    let (code, out, _) = rustygate_test(&[dir.path().to_str().unwrap(), "--filter", "sunset"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("4 passed; 0 failed; 28 filtered out"), "{out}");
+    let (code, _, _) = rustygate_test(&[dir.path().to_str().unwrap(), "--filter", "zz-broken"]);
+    assert_eq!(code, 1, "a filter matches file names too");
+}
+
+#[test]
+fn json_output_carries_every_case_and_what_it_got() {
+    let dir = policies_copy();
+    std::fs::write(
+        dir.path().join("tests/zz-broken.toml"),
+        "[[test]]\nname = \"tenant: wrong upstream\"\nrequest = { url = \"/tenant/x\", headers = { \"x-tenant\" = \"acme\" } }\nexpect = { upstream = \"tenant-us\" }\n",
+    )
+    .unwrap();
+    let (code, out, _) = rustygate_test(&[
+        dir.path().to_str().unwrap(),
+        "--format",
+        "json",
+        "--filter",
+        "tenant",
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["passed"], 5);
+    assert_eq!(v["failed"], 1);
+    let case = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tenant: wrong upstream")
+        .unwrap();
+    assert_eq!(case["location"], "tests/zz-broken.toml:2:8");
+    assert_eq!(case["mismatches"][0]["check"], "upstream");
+    assert_eq!(case["mismatches"][0]["expected"], "\"tenant-us\"");
+    assert_eq!(case["mismatches"][0]["got"], "\"tenant-eu\"");
+    assert_eq!(
+        case["got"]["upstream_request"]["headers"]["x-tenant"],
+        "acme"
+    );
+    assert_eq!(
+        case["got"]["upstream_request"]["target"],
+        "http://127.0.0.1:9011"
+    );
+}
+
+#[test]
+fn fixture_mistakes_are_located_diagnostics() {
+    let dir = common::repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\nprefix = \"/\"\nrespond = { status = 200 }\n",
+        ),
+        (
+            "tests/a.toml",
+            "[[test]]\nname = \"one\"\nrequest = { url = \"/\", methd = \"GET\" }\nexpect = { status = 200 }\n\n[[test]]\nname = \"two\"\nrequest = { url = \"/\", method = \"G T\" }\nexpect = { status = 200 }\n\n[[test]]\nname = \"three\"\nrequest = { url = \"/\" }\nexpect = { }\n",
+        ),
+        ("tests/b.toml", "[[test]]\nname = \"x\nexpect = 1\n"),
+        (
+            "tests/c.toml",
+            "[[test]]\nname = \"four\"\nrequest = { url = \"/\" }\nexpect = { status = 200, headers = { \"x\" = 3 } }\n\n[[test]]\nname = \"five\"\nrequest = { url = \"/\" }\nexpect = { status = 200 }\n\n[[test]]\nname = \"five\"\nrequest = { url = \"/\" }\nexpect = { status = 200 }\n",
+        ),
+    ]);
+    let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!out.contains("test result"), "nothing runs:\n{out}");
+    for expected in [
+        "error[unknown-key]: unknown field `methd`",
+        "tests/a.toml:3:24",
+        "error[invalid-value]: `G T` is not an HTTP method",
+        "tests/a.toml:8:33",
+        "error[empty-expect]: test `three` checks nothing",
+        "tests/a.toml:14:10",
+        "error[toml-syntax]: invalid TOML",
+        "tests/b.toml:2:",
+        "error[wrong-type]",
+        "tests/c.toml:4:",
+        "error[duplicate-test]: two tests are named `five`",
+        "no test ran",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_config_that_does_not_compile_runs_nothing() {
+    let dir = common::repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\nprefix = \"/\"\nupstream = \"nope\"\n",
+        ),
+        (
+            "tests/a.toml",
+            "[[test]]\nname = \"one\"\nrequest = { url = \"/\" }\nexpect = { status = 200 }\n",
+        ),
+    ]);
+    let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("routes/r.toml:4:12"), "{err}");
+    assert!(err.contains("unknown-upstream"), "{err}");
+    assert!(!out.contains("test result"), "{out}");
+
+    let (code, _, err) = rustygate_test(&[dir.path().join("missing").to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, _) = rustygate_test(&["--format", "yaml"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn a_failing_policy_names_its_script_and_line() {
+    let dir = common::repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\nprefix = \"/\"\nupstream = \"u\"\npolicy = \"policies/p.rhai\"\n",
+        ),
+        (
+            "upstreams/u.toml",
+            "[upstream.u]\ntargets = [\"http://127.0.0.1:9\"]\n",
+        ),
+        (
+            "policies/p.rhai",
+            "fn on_request(req) {\n    let n = req.header(\"x-n\");\n    req.set_header(\"x-double\", `${n * 2}`);\n}\n",
+        ),
+        (
+            "tests/a.toml",
+            "[[test]]\nname = \"doubles\"\nrequest = { url = \"/\", headers = { \"x-n\" = \"2\" } }\nexpect = { status = 200 }\n",
+        ),
+    ]);
+    let (code, out, _) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("got 500"), "{out}");
+    assert!(
+        out.contains("note: policies/p.rhai:3: on_request failed (runtime_error)"),
+        "{out}"
+    );
+}
