@@ -2,6 +2,15 @@
 # Gateway command for ../shared/bench/compare.sh: writes a config repo that proxies every path to
 # http://127.0.0.1:$BACKEND_PORT (exported by compare.sh) and serves it on 127.0.0.1:18080.
 #   ../shared/bench/compare.sh -- bench/serve-for-compare.sh [extra serve flags]
+# FILTERS=1 puts JWT auth (HS256), a rate limit too high to trigger and CORS on the route; the
+# client must then send a token and an Origin, e.g.:
+#   export JWT_BENCH_SECRET=$(head -c 32 /dev/urandom | base64)
+#   FILTERS=1 ../shared/bench/compare.sh --header "Authorization: Bearer $(bench/jwt-token.sh)" \
+#     --header "Origin: https://app.example.com" -- bench/serve-for-compare.sh
+# POLICY=1 puts the typical policy of issue #4 on the route (on_request: read 3 headers, one
+# condition, set 1 header); send the headers it reads so the condition holds:
+#   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
+#     -- bench/serve-for-compare.sh
 set -euo pipefail
 repo=$(mktemp -d)
 trap 'rm -rf "$repo"' EXIT
@@ -12,6 +21,41 @@ name = "all"
 prefix = "/"
 upstream = "backend"
 TOML
+if [[ ${FILTERS:-0} == 1 ]]; then
+  : "${JWT_BENCH_SECRET:?FILTERS=1 needs JWT_BENCH_SECRET (the HS256 secret the token is signed with)}"
+  cat >>"$repo/routes/all.toml" <<TOML
+auth = "bench"
+cors = "app"
+rate_limit = { requests = 1000000000, per = "1s" }
+TOML
+  cat >"$repo/gateway.toml" <<TOML
+[auth.bench]
+type = "jwt"
+algorithms = ["HS256"]
+secret = { env = "JWT_BENCH_SECRET" }
+issuers = ["https://bench.example"]
+audiences = ["bench"]
+claims_to_headers = { sub = "x-user" }
+
+[cors.app]
+allow_origins = ["https://app.example.com"]
+allow_methods = ["GET", "POST"]
+TOML
+fi
+if [[ ${POLICY:-0} == 1 ]]; then
+  mkdir -p "$repo/policies"
+  echo 'policy = "policies/typical.rhai"' >>"$repo/routes/all.toml"
+  cat >"$repo/policies/typical.rhai" <<'RHAI'
+fn on_request(req) {
+    let tenant = req.header("x-tenant");
+    let version = req.header("x-api-version");
+    let agent = req.header("user-agent");
+    if version == "2" && tenant != () {
+        req.set_header("x-route-hint", `${tenant}-v2`);
+    }
+}
+RHAI
+fi
 cat >"$repo/upstreams/backend.toml" <<TOML
 [upstream.backend]
 targets = ["http://127.0.0.1:${BACKEND_PORT:?compare.sh exports BACKEND_PORT}"]

@@ -13,6 +13,7 @@ use crate::config::raw::{GatewayFile, RawAuthProvider, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::filters::jwks::JwksCache;
 use crate::filters::jwt::{ClaimRule, JwtProvider, Keys, TokenSource, algorithm};
+
 use crate::snapshot::RouteAuth;
 
 pub(crate) type Providers = HashMap<String, Arc<JwtProvider>>;
@@ -337,6 +338,7 @@ fn provider(
         }
     }
     Some(JwtProvider {
+        id: crate::filters::jwt::next_provider_id(),
         name: name.to_owned(),
         validation,
         keys,

@@ -46,6 +46,9 @@ pub enum Keys {
 }
 
 pub struct JwtProvider {
+    /// Unique for each compiled provider (see [`next_provider_id`]): keys the verified-token
+    /// cache, so a recompiled provider never trusts what an older one verified.
+    pub id: u64,
     pub name: String,
     pub validation: Validation,
     pub keys: Keys,
@@ -173,6 +176,15 @@ impl JwtProvider {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TooLarge);
         }
+        if let Some(hit) = cached(self.id, token, self.validation.leeway) {
+            return hit;
+        }
+        let claims = self.verify_uncached(token).await?;
+        remember(self.id, token, &claims);
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         if !self.validation.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm);
@@ -272,6 +284,73 @@ fn check_rule(claims: &Map<String, Value>, rule: &ClaimRule) -> Result<(), AuthE
     }
 }
 
+/// A fresh id for a compiled provider.
+pub fn next_provider_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Verified tokens kept per worker thread.
+const TOKEN_CACHE_ENTRIES: usize = 4096;
+
+struct Verified {
+    claims: Claims,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+thread_local! {
+    /// Tokens this worker verified recently, by (provider id, token). Signature, issuer,
+    /// audience and claim rules depend only on the token and the provider, so a hit skips the
+    /// crypto and the JSON; time-based claims are checked again on every use.
+    static TOKENS: std::cell::RefCell<std::collections::HashMap<(u64, Box<str>), Verified>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn cached(provider: u64, token: &str, leeway: u64) -> Option<Result<Claims, AuthError>> {
+    TOKENS.with(|t| {
+        let t = t.borrow();
+        let v = t.get(&(provider, Box::<str>::from(token)))?;
+        let now = unix_now();
+        if v.exp.is_some_and(|exp| now > exp.saturating_add(leeway)) {
+            return Some(Err(AuthError::Expired));
+        }
+        if v.nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+            return Some(Err(AuthError::NotYetValid));
+        }
+        Some(Ok(Arc::clone(&v.claims)))
+    })
+}
+
+fn remember(provider: u64, token: &str, claims: &Claims) {
+    let num = |k: &str| claims.get(k).and_then(Value::as_u64);
+    TOKENS.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.len() >= TOKEN_CACHE_ENTRIES {
+            let now = unix_now();
+            t.retain(|_, v| v.exp.is_none_or(|e| e > now));
+            if t.len() >= TOKEN_CACHE_ENTRIES {
+                t.clear();
+            }
+        }
+        t.insert(
+            (provider, token.into()),
+            Verified {
+                claims: Arc::clone(claims),
+                exp: num("exp"),
+                nbf: num("nbf"),
+            },
+        );
+    });
+}
+
 /// Every algorithm a provider may accept, by config name.
 pub fn algorithm(name: &str) -> Option<Algorithm> {
     Some(match name {
@@ -303,6 +382,7 @@ mod tests {
         v.leeway = 5;
         v.validate_nbf = true;
         JwtProvider {
+            id: next_provider_id(),
             name: "t".into(),
             validation: v,
             keys: Keys::Static(vec![DecodingKey::from_secret(
@@ -424,6 +504,29 @@ mod tests {
         let e = block_on(p.verify(&token(Algorithm::HS256, good_claims(), SECRET))).unwrap_err();
         assert_eq!(e, AuthError::Forbidden("scope".into()));
         assert_eq!(e.status(), 403);
+    }
+
+    #[test]
+    fn cached_tokens_are_rechecked_for_time_and_scoped_to_their_provider() {
+        let p = provider(vec![]);
+        let t = token(Algorithm::HS256, good_claims(), SECRET);
+        let first = block_on(p.verify(&t)).unwrap();
+        assert!(
+            cached(p.id, &t, 0).is_some(),
+            "verified tokens are remembered"
+        );
+        assert!(
+            cached(next_provider_id(), &t, 0).is_none(),
+            "another provider does not trust it"
+        );
+        assert_eq!(block_on(p.verify(&t)).unwrap(), first);
+        let mut stale = (*first).clone();
+        stale.insert("exp".into(), (now() - 100).into());
+        remember(p.id, "stale-token", &Arc::new(stale));
+        assert_eq!(
+            cached(p.id, "stale-token", 5),
+            Some(Err(AuthError::Expired))
+        );
     }
 
     #[test]
