@@ -45,7 +45,7 @@ enum Command {
         no_env: bool,
     },
     /// Run the config repo's tests/*.toml fixtures in-process, without a network.
-    /// Exit 0 all pass, 1 a case failed or the repo/fixtures do not compile, 2 usage/IO error.
+    /// Exit 0 all pass, 1 a case failed, 2 the repo or its fixtures do not compile, or a usage/IO error.
     Test {
         /// Config repo directory.
         #[arg(default_value = ".")]
@@ -289,7 +289,10 @@ fn test(opts: rustygate::testing::TestOptions, format: TestFormat) -> ExitCode {
             }
         },
     }
-    if report.invalid() || report.failed() > 0 {
+    if report.invalid() {
+        // The contract: a repo that does not compile is 2, a failing case is 1.
+        ExitCode::from(2)
+    } else if report.failed() > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -208,7 +208,7 @@ fn fixture_mistakes_are_located_diagnostics() {
         ),
     ]);
     let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
-    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(code, 2, "{out}{err}");
     assert!(!out.contains("test result"), "nothing runs:\n{out}");
     for expected in [
         "error[unknown-key]: unknown field `methd`",
@@ -241,7 +241,7 @@ fn a_config_that_does_not_compile_runs_nothing() {
         ),
     ]);
     let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(err.contains("routes/r.toml:4:12"), "{err}");
     assert!(err.contains("unknown-upstream"), "{err}");
     assert!(!out.contains("test result"), "{out}");
