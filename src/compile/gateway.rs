@@ -15,6 +15,15 @@ pub(crate) struct Defaults {
     pub connect_timeout: Duration,
     pub max_body_size: u64,
     pub client_ip: ClientIpRules,
+    /// The default policy (with its config), from the gateway file.
+    pub policy: Option<DefaultPolicy>,
+}
+
+/// `policy` / `policy_config` in gateway.toml.
+pub(crate) struct DefaultPolicy {
+    pub file: FileId,
+    pub path: crate::config::Spanned<String>,
+    pub config: Option<crate::config::Spanned<serde_json::Map<String, serde_json::Value>>>,
 }
 
 pub(crate) fn compile_defaults(
@@ -26,10 +35,16 @@ pub(crate) fn compile_defaults(
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         max_body_size: DEFAULT_MAX_BODY_SIZE,
         client_ip: ClientIpRules::default(),
+        policy: None,
     };
     let Some((file, g)) = gateway else {
         return out;
     };
+    out.policy = g.policy.as_ref().map(|p| DefaultPolicy {
+        file: *file,
+        path: p.clone(),
+        config: g.policy_config.clone(),
+    });
     let file = *file;
     if let Some(d) = g
         .defaults

@@ -109,15 +109,20 @@ pub(crate) fn limits(cx: &mut Cx<'_>, gateway: Option<&(FileId, GatewayFile)>) -
     out
 }
 
-/// The compiled policy for a route that names one, or `None` with diagnostics.
+/// The compiled policy for a route: its own, else the gateway default; `None` with diagnostics.
 pub(crate) fn route_policy(
     cx: &mut Cx<'_>,
     file: FileId,
     r: &RawRoute,
     upstreams: &UpstreamTable,
+    default: Option<&super::gateway::DefaultPolicy>,
 ) -> Option<RoutePolicy> {
-    let p = r.policy.as_ref()?;
-    if let Some(c) = &r.policy_config {
+    let (file, p, policy_config) = match (&r.policy, default) {
+        (Some(p), _) => (file, p, r.policy_config.as_ref()),
+        (None, Some(d)) => (d.file, &d.path, d.config.as_ref()),
+        (None, None) => return None,
+    };
+    if let Some(c) = policy_config {
         // A policy that routes by config (`tenants = { acme = "tenant-eu" }`) names its
         // upstreams there: they are used, not worth an "unused upstream" warning.
         let mut names = Vec::new();
@@ -137,9 +142,7 @@ pub(crate) fn route_policy(
             c
         }
     }?;
-    let config = r
-        .policy_config
-        .as_ref()
+    let config = policy_config
         .map(|c| policy::to_map(c.get()))
         .unwrap_or_default();
     Some(RoutePolicy {

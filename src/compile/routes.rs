@@ -127,7 +127,8 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|v| cx.size(file, v))
             .unwrap_or(defaults.max_body_size);
-        let policy = super::policies::route_policy(cx, file, r, upstreams);
+        let policy =
+            super::policies::route_policy(cx, file, r, upstreams, defaults.policy.as_ref());
         let action = action(cx, file, r, path.as_ref(), upstreams);
 
         let (Some((path, path_span)), Some(action)) = (path, action) else {

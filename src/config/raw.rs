@@ -69,6 +69,10 @@ pub struct GatewayFile {
     /// Hard limits for Rhai policy scripts; a hook that exceeds one fails its request with 500.
     #[serde(default)]
     pub policy_limits: PolicyLimits,
+    /// A policy for every route that does not name its own, relative to the repo root.
+    pub policy: Option<Spanned<String>>,
+    /// `req.config` for the default policy.
+    pub policy_config: Option<Spanned<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// `[policy_limits]`: every field optional, defaults in code.
