@@ -41,7 +41,14 @@ pub struct Snapshot {
 pub struct Route {
     pub name: String,
     pub action: RouteAction,
+    /// Response-header timeout per attempt.
     pub timeout: Duration,
+    /// Overrides the upstream's connect timeout.
+    pub connect_timeout: Option<Duration>,
+    /// Overrides the upstream's deadline for all attempts.
+    pub total_timeout: Option<Duration>,
+    /// Overrides the upstream's retry settings.
+    pub retry: Option<crate::upstream::RetryOverride>,
     pub max_body_size: u64,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
@@ -192,13 +199,21 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 /// The current snapshot, swapped atomically. Readers never block, writers never wait for readers.
 pub struct SnapshotStore {
     current: ArcSwap<Snapshot>,
+    /// Bumped on every publish, for background tasks that follow the config (health checks).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl SnapshotStore {
     pub fn new(initial: Snapshot) -> Self {
         Self {
             current: ArcSwap::from_pointee(initial),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes up after each publish.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The snapshot to serve one request with.
@@ -208,6 +223,8 @@ impl SnapshotStore {
 
     /// Publishes a new snapshot; requests already running keep the one they loaded.
     pub fn publish(&self, next: Snapshot) -> Arc<Snapshot> {
-        self.current.swap(Arc::new(next))
+        let previous = self.current.swap(Arc::new(next));
+        self.changes.send_modify(|n| *n += 1);
+        previous
     }
 }

@@ -81,9 +81,23 @@ fn request_counts_and_latency_histograms_match_the_traffic() {
         get(r#"rustygate_upstream_request_duration_seconds_count{upstream="be"}"#),
         7.0
     );
+    // Errors count attempts: the default retries a refused connection once.
     assert_eq!(
         get(r#"rustygate_upstream_errors_total{kind="connect",upstream="dead"}"#),
-        2.0
+        4.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"rustygate_upstream_requests_total{{status="failed",target="{dead}",upstream="dead"}}"#
+        )),
+        4.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"rustygate_upstream_requests_total{{status="200",target="{}",upstream="be"}}"#,
+            be.url()
+        )),
+        7.0
     );
     assert_eq!(get("rustygate_in_flight_requests"), 0.0);
     // No raw paths in labels: bounded cardinality.

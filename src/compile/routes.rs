@@ -122,6 +122,15 @@ pub(crate) fn compile_routes(
             .map(|h| header_ops(cx, file, h, false))
             .unwrap_or_default();
         let route_timeout = r.timeout.as_ref().and_then(|v| cx.duration(file, v));
+        let connect_timeout = r
+            .connect_timeout
+            .as_ref()
+            .and_then(|v| cx.duration(file, v));
+        let total_timeout = r.total_timeout.as_ref().and_then(|v| cx.duration(file, v));
+        let retry = r
+            .retries
+            .as_ref()
+            .map(|v| super::upstreams::retries(cx, file, v, false).0);
         let max_body_size = r
             .max_body_size
             .as_ref()
@@ -179,6 +188,9 @@ pub(crate) fn compile_routes(
             name: name.clone(),
             action,
             timeout,
+            connect_timeout,
+            total_timeout,
+            retry,
             max_body_size,
             request_headers,
             response_headers,

@@ -153,6 +153,12 @@ pub struct RawRoute {
     pub host_rewrite: Option<Spanned<String>>,
     /// Time allowed for the upstream's response headers; overrides the upstream and gateway default.
     pub timeout: Option<Spanned<DurationText>>,
+    /// Time allowed to connect to a target; overrides the upstream's.
+    pub connect_timeout: Option<Spanned<DurationText>>,
+    /// Time allowed for all attempts together; overrides the upstream's.
+    pub total_timeout: Option<Spanned<DurationText>>,
+    /// Retries for this route: a number, or a table that overrides the upstream's settings.
+    pub retries: Option<Spanned<RawRetries>>,
     /// Largest request body accepted on this route; larger gets 413.
     pub max_body_size: Option<Spanned<SizeText>>,
     /// Headers set on or removed from the request before it goes upstream.
@@ -279,8 +285,142 @@ pub struct RawUpstream {
     pub balance: Balance,
     /// Time allowed to connect to a target.
     pub connect_timeout: Option<Spanned<DurationText>>,
-    /// Time allowed for the response headers.
+    /// Time allowed for the response headers, per attempt.
     pub timeout: Option<Spanned<DurationText>>,
+    /// Time allowed for all attempts together (retries and backoff included) until the response
+    /// headers arrive. Default: no limit beyond the per-attempt `timeout`s.
+    pub total_timeout: Option<Spanned<DurationText>>,
+    /// How long an idle pooled connection to a target is kept (default "90s").
+    pub idle_timeout: Option<Spanned<DurationText>>,
+    /// The request key for `balance = "consistent_hash"`: `client_ip`, `path`,
+    /// `header:<name>` or `cookie:<name>`.
+    pub hash_key: Option<Spanned<String>>,
+    /// When every target is unhealthy or ejected: `true` sends to all of them anyway, `false`
+    /// (default) answers 503.
+    pub fail_open: Option<bool>,
+    /// Active health checks, run in the background against every target.
+    pub health: Option<Spanned<RawHealth>>,
+    /// Passive outlier detection: targets that keep failing are ejected for a while.
+    pub outlier: Option<Spanned<RawOutlier>>,
+    /// Retries: how many, on what, with which backoff and budget.
+    pub retries: Option<Spanned<RawRetries>>,
+    /// Concurrency limits; requests over them get 503 at once.
+    pub circuit_breaker: Option<Spanned<RawCircuitBreaker>>,
+}
+
+/// `health = { path = "/healthz", interval = "5s" }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Path requested with GET, e.g. "/healthz".
+    pub path: Spanned<String>,
+    /// Time between two checks of a target (default "5s").
+    pub interval: Option<Spanned<DurationText>>,
+    /// Time one check may take (default "2s").
+    pub timeout: Option<Spanned<DurationText>>,
+    /// Statuses that count as healthy: codes (`200`) or classes (`"2xx"`). Default: 2xx and 3xx.
+    pub expect_status: Option<Spanned<Vec<Spanned<StatusPattern>>>>,
+    /// Consecutive passing checks that bring an unhealthy target back (default 2).
+    pub healthy_after: Option<Spanned<u32>>,
+    /// Consecutive failing checks that mark a target unhealthy (default 3).
+    pub unhealthy_after: Option<Spanned<u32>>,
+    /// `Host` header for the checks (default: the target's host:port).
+    pub host: Option<Spanned<String>>,
+}
+
+/// A status code (`503`) or class (`"5xx"`).
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum StatusPattern {
+    Code(u16),
+    Text(String),
+}
+
+/// `outlier = { consecutive_failures = 5 }`. Passive detection is on by default for connection
+/// failures; 5xx responses count only when `consecutive_5xx` is set.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    /// Consecutive connect failures, timeouts or resets that eject a target (default 5, 0 = off).
+    pub consecutive_failures: Option<Spanned<u32>>,
+    /// Consecutive 5xx responses that eject a target (default 0 = off).
+    pub consecutive_5xx: Option<Spanned<u32>>,
+    /// First ejection time; each further ejection doubles it (default "30s").
+    pub base_ejection: Option<Spanned<DurationText>>,
+    /// Longest ejection (default "5m").
+    pub max_ejection: Option<Spanned<DurationText>>,
+    /// Most targets ejected at once, as a share of the upstream (default 50; at least one target
+    /// can always be ejected).
+    pub max_ejected_percent: Option<Spanned<u32>>,
+}
+
+/// Retries: `retries = 2` or `retries = { attempts = 2, on = ["connect_failure", "503"] }`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(untagged)]
+pub enum RawRetries {
+    Attempts(u32),
+    Table(Box<RawRetryTable>),
+}
+
+/// The table form of [`RawRetries`].
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryTable {
+    /// Retries after the first attempt (default 1).
+    pub attempts: Option<u32>,
+    /// What is retried: `connect_failure` (default), `timeout`, `reset`, `5xx`, or status codes
+    /// like `"503"`.
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    /// First backoff; doubles with each retry, with jitter (default "25ms").
+    pub backoff: Option<Spanned<DurationText>>,
+    /// Longest backoff (default "250ms").
+    pub max_backoff: Option<Spanned<DurationText>>,
+    /// Retry methods that are not idempotent (POST, PATCH) too (default false).
+    pub non_idempotent: Option<bool>,
+    /// Request bodies up to this size are buffered so that a retry can send them again (default
+    /// "64KiB"); larger bodies are streamed and only retried when no byte went upstream.
+    pub replay_body_limit: Option<Spanned<SizeText>>,
+    /// Upstream only: retries may be at most this percentage of requests (default 20).
+    pub budget_percent: Option<Spanned<u32>>,
+    /// Upstream only: retries always allowed per second, whatever the budget (default 10).
+    pub min_retries_per_second: Option<Spanned<u32>>,
+}
+
+impl<'de> Deserialize<'de> for RawRetries {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawRetries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of retries or a `{ attempts = N, on = [...] }` table")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawRetries, E> {
+                u32::try_from(v)
+                    .map(RawRetries::Attempts)
+                    .map_err(|_| E::custom(format!("retries must be between 0 and 10, not {v}")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawRetries, E> {
+                u32::try_from(v)
+                    .map(RawRetries::Attempts)
+                    .map_err(|_| E::custom(format!("retries must be between 0 and 10, not {v}")))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRetries, A::Error> {
+                RawRetryTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|t| RawRetries::Table(Box::new(t)))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// `circuit_breaker = { max_requests = 1000, max_pending = 100 }`.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    /// Most requests in flight to the upstream at once, all gateway workers together.
+    pub max_requests: Option<Spanned<u32>>,
+    /// Most requests waiting for a new connection to the upstream at once.
+    pub max_pending: Option<Spanned<u32>>,
 }
 
 /// A target: `"http://host:port"` or `{ url = "http://host:port", weight = 2 }`.
@@ -340,6 +480,12 @@ pub enum Balance {
     /// Smooth weighted round-robin.
     #[default]
     RoundRobin,
+    /// The target with the fewest requests in flight (relative to its weight).
+    LeastConnections,
+    /// Two targets drawn at random (by weight); the one with fewer requests in flight.
+    RandomTwoChoices,
+    /// A hash ring on `hash_key`: the same key goes to the same target while it is available.
+    ConsistentHash,
 }
 
 /// CORS settings.

@@ -133,7 +133,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
-fn cookie<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
     cookies
         .split(';')
         .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))

@@ -278,11 +278,24 @@ fn one_upstream(u: &Upstream) -> UpstreamFacts {
     UpstreamFacts {
         name: u.name.clone(),
         targets,
-        balance: match u.balancer {
-            Balancer::RoundRobin { .. } => "round_robin".to_owned(),
+        balance: match &u.balancer {
+            Balancer::RoundRobin(_) => "round_robin".to_owned(),
+            Balancer::LeastConnections { .. } => "least_connections".to_owned(),
+            Balancer::RandomTwoChoices { .. } => "random_two_choices".to_owned(),
+            Balancer::ConsistentHash { key, .. } => format!("consistent_hash on {}", hash_key(key)),
         },
         connect_timeout: duration(u.connect_timeout),
         timeout: u.timeout.map(duration),
+    }
+}
+
+fn hash_key(k: &crate::upstream::HashKey) -> String {
+    use crate::upstream::HashKey;
+    match k {
+        HashKey::ClientIp => "client_ip".to_owned(),
+        HashKey::Path => "path".to_owned(),
+        HashKey::Header(h) => format!("header:{h}"),
+        HashKey::Cookie(c) => format!("cookie:{c}"),
     }
 }
 

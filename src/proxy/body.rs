@@ -30,6 +30,8 @@ pub enum BodyError {
 /// The request body sent upstream.
 pub enum ProxyBody {
     Empty,
+    /// A body read whole beforehand (small enough to replay on a retry).
+    Full(Option<Bytes>),
     Channel {
         rx: mpsc::Receiver<Result<Bytes, BodyError>>,
         len: Option<u64>,
@@ -46,6 +48,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Channel { rx, .. } => {
                 Poll::Ready(ready!(rx.poll_recv(cx)).map(|r| r.map(Frame::data)))
             }
@@ -53,15 +56,17 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(
-            self,
-            ProxyBody::Empty | ProxyBody::Channel { len: Some(0), .. }
-        )
+        match self {
+            ProxyBody::Empty | ProxyBody::Channel { len: Some(0), .. } => true,
+            ProxyBody::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            ProxyBody::Channel { .. } => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Channel { len: Some(n), .. } => SizeHint::with_exact(*n),
             ProxyBody::Channel { len: None, .. } => SizeHint::default(),
         }
@@ -107,6 +112,27 @@ pub fn stream_request_body(
         }
     });
     (ProxyBody::Channel { rx, len }, stats)
+}
+
+/// Reads the client's whole body (at most `limit` bytes), so that it can be sent again on a
+/// retry.
+pub async fn read_request_body(
+    payload: &mut actix_web::dev::Payload,
+    limit: u64,
+    stats: &BodyStats,
+) -> Result<Bytes, BodyError> {
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(limit).unwrap_or(0).min(1 << 20));
+    while let Some(chunk) = payload.next().await {
+        let bytes = chunk.map_err(|e| BodyError::Client(e.to_string()))?;
+        let total = stats.bytes.get() + bytes.len() as u64;
+        stats.bytes.set(total);
+        if total > limit {
+            stats.too_large.set(true);
+            return Err(BodyError::TooLarge { limit });
+        }
+        buf.extend_from_slice(&bytes);
+    }
+    Ok(buf.freeze())
 }
 
 /// Called once when a response body ends: bytes sent, and whether it ended cleanly.

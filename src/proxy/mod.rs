@@ -30,6 +30,9 @@ pub enum ForwardError {
     /// 502: the upstream broke the protocol or the connection.
     #[error("the upstream failed: {0}")]
     Upstream(String),
+    /// 503: a circuit-breaker limit of the upstream is reached.
+    #[error("the upstream's {} limit is reached", .0.as_str())]
+    Overloaded(crate::upstream::state::Overflow),
 }
 
 impl ForwardError {
@@ -39,6 +42,7 @@ impl ForwardError {
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
             ForwardError::ClientBody(_) => 400,
+            ForwardError::Overloaded(_) => 503,
         }
     }
 
@@ -50,6 +54,7 @@ impl ForwardError {
             ForwardError::BodyTooLarge => "body_too_large",
             ForwardError::ClientBody(_) => "client_body",
             ForwardError::Upstream(_) => "upstream",
+            ForwardError::Overloaded(_) => "overloaded",
         }
     }
 }

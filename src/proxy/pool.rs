@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
@@ -20,20 +21,38 @@ use hyper_util::rt::TokioIo;
 use super::ForwardError;
 use super::body::ProxyBody;
 use crate::upstream::Target;
+use crate::upstream::state::UpstreamShared;
 
-/// How long an idle upstream connection is kept.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often expired idle connections are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Idle connections kept per target and worker.
 pub const MAX_IDLE_PER_TARGET: usize = 512;
 
 struct Idle {
     conn: SendRequest<ProxyBody>,
-    since: Instant,
+    expires: Instant,
 }
 
 #[derive(Default)]
 pub struct LocalPool {
     idle: RefCell<HashMap<Authority, Vec<Idle>>>,
+}
+
+/// How one attempt is made.
+pub struct SendOptions<'a> {
+    pub connect_timeout: Duration,
+    /// Time allowed until the response head, connecting included.
+    pub timeout: Duration,
+    /// How long the connection may then wait idle in the pool.
+    pub idle_timeout: Duration,
+    /// The upstream's counters and its `max_pending` limit for opening connections.
+    pub pending: Option<(&'a Arc<UpstreamShared>, u32)>,
+}
+
+/// A failed attempt, with the request when none of it was sent (so it can go elsewhere).
+pub struct SendFailure {
+    pub error: ForwardError,
+    pub request: Option<http::Request<ProxyBody>>,
 }
 
 impl LocalPool {
@@ -46,18 +65,20 @@ impl LocalPool {
         pool
     }
 
-    /// Sends `req` to `target` on a pooled or new connection, waiting at most `timeout` (connect
-    /// included) for the response head.
+    /// Sends `req` to `target` on a pooled or new connection, waiting at most `opts.timeout`
+    /// (connect included) for the response head.
     pub async fn send(
         self: &Rc<Self>,
         target: &Target,
         req: http::Request<ProxyBody>,
-        connect_timeout: Duration,
-        timeout: Duration,
-    ) -> Result<http::Response<Incoming>, ForwardError> {
-        match tokio::time::timeout(timeout, self.send_inner(target, req, connect_timeout)).await {
+        opts: &SendOptions<'_>,
+    ) -> Result<http::Response<Incoming>, SendFailure> {
+        match tokio::time::timeout(opts.timeout, self.send_inner(target, req, opts)).await {
             Ok(r) => r,
-            Err(_) => Err(ForwardError::Timeout(timeout)),
+            Err(_) => Err(SendFailure {
+                error: ForwardError::Timeout(opts.timeout),
+                request: None,
+            }),
         }
     }
 
@@ -65,8 +86,8 @@ impl LocalPool {
         self: &Rc<Self>,
         target: &Target,
         mut req: http::Request<ProxyBody>,
-        connect_timeout: Duration,
-    ) -> Result<http::Response<Incoming>, ForwardError> {
+        opts: &SendOptions<'_>,
+    ) -> Result<http::Response<Incoming>, SendFailure> {
         // A pooled connection can close between the check and the send; hyper then hands the
         // untouched request back and it is sent once more on a fresh connection.
         for fresh in [false, true] {
@@ -77,22 +98,50 @@ impl LocalPool {
             };
             let mut conn = match pooled {
                 Some(c) => c,
-                None => connect(target, connect_timeout).await?,
+                None => {
+                    let _slot = match opts.pending {
+                        Some((shared, limit)) => match shared.acquire_pending(Some(limit)) {
+                            Ok(slot) => slot,
+                            Err(o) => {
+                                return Err(SendFailure {
+                                    error: ForwardError::Overloaded(o),
+                                    request: Some(req),
+                                });
+                            }
+                        },
+                        None => None,
+                    };
+                    match connect(&target.connect_addr, opts.connect_timeout).await {
+                        Ok(c) => c,
+                        Err(error) => {
+                            return Err(SendFailure {
+                                error,
+                                request: Some(req),
+                            });
+                        }
+                    }
+                }
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin_when_ready(target.authority.clone(), conn);
+                    self.checkin_when_ready(target.authority.clone(), conn, opts.idle_timeout);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
                     Some(returned) if !fresh => req = returned,
-                    _ => return Err(super::classify(&e.into_error())),
+                    returned => {
+                        return Err(SendFailure {
+                            error: super::classify(&e.into_error()),
+                            request: returned,
+                        });
+                    }
                 },
             }
         }
-        Err(ForwardError::Upstream(
-            "no connection could take the request".into(),
-        ))
+        Err(SendFailure {
+            error: ForwardError::Upstream("no connection could take the request".into()),
+            request: None,
+        })
     }
 
     fn checkout(&self, key: &Authority) -> Option<SendRequest<ProxyBody>> {
@@ -100,7 +149,7 @@ impl LocalPool {
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         while let Some(i) = list.pop() {
-            if !i.conn.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT {
+            if !i.conn.is_closed() && now < i.expires {
                 return Some(i.conn);
             }
         }
@@ -109,18 +158,23 @@ impl LocalPool {
 
     /// Pools the connection once its current response has been read to the end (hyper then
     /// reports it ready); a connection that closes first is simply dropped.
-    fn checkin_when_ready(self: &Rc<Self>, key: Authority, mut conn: SendRequest<ProxyBody>) {
+    fn checkin_when_ready(
+        self: &Rc<Self>,
+        key: Authority,
+        mut conn: SendRequest<ProxyBody>,
+        idle_timeout: Duration,
+    ) {
         let pool = Rc::downgrade(self);
         actix_web::rt::spawn(async move {
             if conn.ready().await.is_ok()
                 && let Some(pool) = pool.upgrade()
             {
-                pool.checkin(&key, conn);
+                pool.checkin(&key, conn, idle_timeout);
             }
         });
     }
 
-    fn checkin(&self, key: &Authority, conn: SendRequest<ProxyBody>) {
+    fn checkin(&self, key: &Authority, conn: SendRequest<ProxyBody>, idle_timeout: Duration) {
         let mut idle = self.idle.borrow_mut();
         let list = match idle.get_mut(key) {
             Some(l) => l,
@@ -129,7 +183,7 @@ impl LocalPool {
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(Idle {
                 conn,
-                since: Instant::now(),
+                expires: Instant::now() + idle_timeout,
             });
         }
     }
@@ -137,7 +191,7 @@ impl LocalPool {
     fn sweep(&self) {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|i| !i.conn.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            list.retain(|i| !i.conn.is_closed() && now < i.expires);
             !list.is_empty()
         });
     }
@@ -149,7 +203,7 @@ impl LocalPool {
 }
 
 async fn sweep(pool: Weak<LocalPool>) {
-    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
         match pool.upgrade() {
@@ -159,11 +213,12 @@ async fn sweep(pool: Weak<LocalPool>) {
     }
 }
 
-async fn connect(
-    target: &Target,
+/// Opens an HTTP/1.1 connection to `addr` (`host:port`); the connection task runs on the
+/// current worker.
+pub(crate) async fn connect(
+    addr: &str,
     timeout: Duration,
 ) -> Result<SendRequest<ProxyBody>, ForwardError> {
-    let addr = target.connect_addr.as_str();
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => return Err(ForwardError::Timeout(timeout)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {

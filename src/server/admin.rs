@@ -98,6 +98,7 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    state.control.metrics.observe_upstreams(&state.store.load());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.control.metrics.render())

@@ -24,11 +24,15 @@ use http::uri::PathAndQuery;
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::proxy::ForwardError;
-use crate::proxy::body::{BodyStats, OnFinish, ProxyBody, UpstreamBody, stream_request_body};
+use crate::proxy::body::{
+    BodyError, BodyStats, OnFinish, ProxyBody, UpstreamBody, read_request_body, stream_request_body,
+};
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
+use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::router::{PathError, RouteId, normalize_host, normalize_path};
 use crate::snapshot::{Route, Snapshot, StaticResponse, UpstreamHost};
-use crate::upstream::{Target, Upstream};
+use crate::upstream::state::{InFlight, Overflow, Slot};
+use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -51,6 +55,10 @@ struct Exchange {
     auth_headers: Vec<(HeaderName, HeaderValue)>,
     /// The header that carried the token, removed before forwarding (unless configured not to).
     drop_header: Option<HeaderName>,
+    /// Counts this request in its target's in-flight number until the response ends.
+    in_flight: Option<InFlight>,
+    /// This request's place under the upstream's `max_requests`.
+    slot: Option<Slot>,
 }
 
 impl Drop for Exchange {
@@ -178,6 +186,8 @@ pub(crate) async fn handle(
         extra: Vec::new(),
         auth_headers: Vec::new(),
         drop_header: None,
+        in_flight: None,
+        slot: None,
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -387,6 +397,30 @@ fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
     ex.with_extra(resp.body(r.body.clone()))
 }
 
+/// What is sent as the request body on each attempt.
+enum Outgoing {
+    Empty,
+    /// Read whole beforehand: every attempt sends it again.
+    Replayable(Bytes),
+    /// Streamed from the client: sent once, and taken back only if none of it went out.
+    Once(Option<ProxyBody>),
+}
+
+impl Outgoing {
+    fn next(&mut self) -> Option<ProxyBody> {
+        match self {
+            Outgoing::Empty => Some(ProxyBody::Empty),
+            Outgoing::Replayable(b) => Some(ProxyBody::Full(Some(b.clone()))),
+            Outgoing::Once(b) => b.take(),
+        }
+    }
+
+    /// Whether another attempt could send the body (from its start).
+    fn can_resend(&self) -> bool {
+        !matches!(self, Outgoing::Once(None))
+    }
+}
+
 async fn forward(
     mut ex: Exchange,
     req: &HttpRequest,
@@ -395,12 +429,15 @@ async fn forward(
     route: &Route,
     plan: decide::Forward,
 ) -> HttpResponse {
-    let upstream = &plan.upstream;
-    ex.upstream = Some(Arc::clone(upstream));
-    let Some((index, target)) = upstream.pick() else {
-        return ex.error(503, "no upstream target is available");
-    };
-    ex.target = Some(index);
+    let upstream = Arc::clone(&plan.upstream);
+    ex.upstream = Some(Arc::clone(&upstream));
+    match upstream
+        .shared
+        .acquire_request(upstream.limits.max_requests)
+    {
+        Ok(slot) => ex.slot = slot,
+        Err(o) => return overloaded(&ex, state, &upstream, o),
+    }
 
     let declared_len = match content_length(req) {
         Ok(n) => n,
@@ -409,92 +446,275 @@ async fn forward(
     if declared_len.is_some_and(|n| n > route.max_body_size) {
         return ex.error(413, "request body is larger than this route accepts");
     }
-    let mut headers = match upstream_headers(req, &ex, route, target) {
-        Ok(h) => h,
-        Err(why) => return ex.error(400, &why),
+    let method = convert_method(req.method());
+    let retry = match &route.retry {
+        Some(o) => o.apply(&upstream.retry),
+        None => upstream.retry,
     };
-    if let Some(run) = &plan.policy {
-        run.apply_edits(&mut headers);
+    // Retrying after (part of) the request went out needs an idempotent method, or the
+    // route's permission.
+    let may_resend = retry.allows_method(&method);
+    if retry.attempts > 0 {
+        upstream.shared.deposit(upstream.budget.percent);
     }
+    let has_body =
+        declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
+    let mut body = if !has_body {
+        Outgoing::Empty
+    } else if may_resend && declared_len.is_some_and(|n| n <= retry.replay_body_limit) {
+        let stats = Rc::new(BodyStats::default());
+        ex.body = Some(Rc::clone(&stats));
+        let mut payload = payload.into_inner();
+        match read_request_body(&mut payload, route.max_body_size, &stats).await {
+            Ok(b) => Outgoing::Replayable(b),
+            Err(BodyError::TooLarge { .. }) => {
+                return ex.error(413, "request body is larger than this route accepts");
+            }
+            Err(BodyError::Client(_)) => {
+                return ex.error(400, "the request body could not be read");
+            }
+        }
+    } else {
+        let (body, stats) =
+            stream_request_body(payload.into_inner(), declared_len, route.max_body_size);
+        ex.body = Some(stats);
+        Outgoing::Once(Some(body))
+    };
     let query = match &plan.query {
         Some(q) => q.as_deref(),
         None => req.uri().query(),
     };
-    let uri = match upstream_uri(&plan.path, query) {
-        Some(u) => u,
-        None => return ex.error(400, "the request path cannot be forwarded"),
+    let Some(uri) = upstream_uri(&plan.path, query) else {
+        return ex.error(400, "the request path cannot be forwarded");
     };
-    let has_body =
-        declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
-    let body = if has_body {
-        let (body, stats) =
-            stream_request_body(payload.into_inner(), declared_len, route.max_body_size);
-        ex.body = Some(stats);
-        body
-    } else {
-        ProxyBody::Empty
+    let key = upstream
+        .balancer
+        .hash_key()
+        .and_then(|k| request_hash(k, req, &ex));
+    let opts_base = SendOptions {
+        connect_timeout: route.connect_timeout.unwrap_or(upstream.connect_timeout),
+        timeout: route.timeout,
+        idle_timeout: upstream.idle_timeout,
+        pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
     };
-    let mut upstream_req = http::Request::new(body);
-    *upstream_req.method_mut() = convert_method(req.method());
-    *upstream_req.uri_mut() = uri;
-    *upstream_req.headers_mut() = headers;
-
-    let sent_at = Instant::now();
-    let sent = state
-        .pool
-        .send(
-            target,
-            upstream_req,
-            upstream.connect_timeout,
-            route.timeout,
-        )
-        .await;
-    let resp = match sent {
-        Ok(r) => {
+    let deadline = route
+        .total_timeout
+        .or(upstream.total_timeout)
+        .map(|t| Instant::now() + t);
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let Some(index) = upstream.pick(key, &tried) else {
             state
                 .recorder
-                .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
-            r
+                .metrics()
+                .upstream_no_target
+                .with_label_values(&[upstream.name.as_str()])
+                .inc();
+            return ex.error(503, "no healthy upstream target is available");
+        };
+        let target = &upstream.targets[index];
+        ex.target = Some(index);
+        let mut headers = match upstream_headers(req, &ex, route, target) {
+            Ok(h) => h,
+            Err(why) => return ex.error(400, &why),
+        };
+        if let Some(run) = &plan.policy {
+            run.apply_edits(&mut headers);
         }
-        Err(e) => {
-            let e = match e {
-                ForwardError::ClientBody(_) | ForwardError::Upstream(_)
-                    if ex.body.as_ref().is_some_and(|b| b.too_large.get()) =>
-                {
-                    ForwardError::BodyTooLarge
-                }
-                e => e,
-            };
-            tracing::warn!(
-                request_id = ex.request_id.to_str().unwrap_or(""),
-                route = route.name.as_str(),
-                upstream = upstream.name.as_str(),
-                target = target.url.as_str(),
-                kind = e.kind(),
-                error = %e,
-                "upstream request failed"
-            );
-            // The error path only: a labelled lookup is fine here.
-            if !matches!(e, ForwardError::BodyTooLarge | ForwardError::ClientBody(_)) {
+        let Some(attempt_body) = body.next() else {
+            return ex.error(502, "the upstream could not be reached");
+        };
+        let mut upstream_req = http::Request::new(attempt_body);
+        *upstream_req.method_mut() = method.clone();
+        *upstream_req.uri_mut() = uri.clone();
+        *upstream_req.headers_mut() = headers;
+        let mut opts = SendOptions { ..opts_base };
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return ex.error(504, "the upstream did not answer in time");
+            }
+            opts.timeout = opts.timeout.min(left);
+        }
+
+        ex.in_flight = Some(target.state.begin());
+        let sent_at = Instant::now();
+        let failure = match state.pool.send(target, upstream_req, &opts).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                upstream.record_response(index, status);
+                state.recorder.attempt(&upstream, index, Some(status));
                 state
                     .recorder
-                    .metrics()
-                    .upstream_errors
-                    .with_label_values(&[upstream.name.as_str(), e.kind()])
-                    .inc();
-            }
-            let message = match &e {
-                ForwardError::Connect(_) | ForwardError::Upstream(_) => {
-                    "the upstream could not be reached"
+                    .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
+                let reason = RetryReason::Status(status);
+                if retry.retries_on(reason)
+                    && may_resend
+                    && body.can_resend()
+                    && tried.len() < retry.attempts as usize
+                    && retry_wait(
+                        &ex, state, &upstream, &retry, &mut tried, index, reason, deadline,
+                    )
+                    .await
+                {
+                    continue;
                 }
-                ForwardError::Timeout(_) => "the upstream did not answer in time",
-                ForwardError::BodyTooLarge => "request body is larger than this route accepts",
-                ForwardError::ClientBody(_) => "the request body could not be read",
-            };
-            return ex.error(e.status(), message);
+                return client_response(ex, req, state, route, plan.policy.as_ref(), resp);
+            }
+            Err(f) => f,
+        };
+        ex.in_flight = None;
+        let SendFailure { error, request } = failure;
+        let error = match error {
+            ForwardError::ClientBody(_) | ForwardError::Upstream(_)
+                if ex.body.as_ref().is_some_and(|b| b.too_large.get()) =>
+            {
+                ForwardError::BodyTooLarge
+            }
+            e => e,
+        };
+        match &error {
+            ForwardError::BodyTooLarge => {
+                return ex.error(413, "request body is larger than this route accepts");
+            }
+            ForwardError::ClientBody(_) => {
+                return ex.error(400, "the request body could not be read");
+            }
+            ForwardError::Overloaded(o) => return overloaded(&ex, state, &upstream, *o),
+            _ => {}
         }
-    };
-    client_response(ex, req, state, route, plan.policy.as_ref(), resp)
+        upstream.record_failure(index);
+        state.recorder.attempt(&upstream, index, None);
+        // A request handed back was never sent: like a connect failure, whatever the method.
+        let unsent = request.is_some();
+        if let (Some(r), Outgoing::Once(slot)) = (request, &mut body) {
+            *slot = Some(r.into_body());
+        }
+        let reason = match &error {
+            _ if unsent => RetryReason::ConnectFailure,
+            ForwardError::Connect(_) => RetryReason::ConnectFailure,
+            ForwardError::Timeout(_) => RetryReason::Timeout,
+            _ => RetryReason::Reset,
+        };
+        tracing::warn!(
+            request_id = ex.request_id.to_str().unwrap_or(""),
+            route = route.name.as_str(),
+            upstream = upstream.name.as_str(),
+            target = target.url.as_str(),
+            attempt = tried.len() + 1,
+            kind = error.kind(),
+            error = %error,
+            "upstream request failed"
+        );
+        // The error path only: a labelled lookup is fine here.
+        state
+            .recorder
+            .metrics()
+            .upstream_errors
+            .with_label_values(&[upstream.name.as_str(), error.kind()])
+            .inc();
+        if retry.retries_on(reason)
+            && (unsent || may_resend)
+            && body.can_resend()
+            && tried.len() < retry.attempts as usize
+            && retry_wait(
+                &ex, state, &upstream, &retry, &mut tried, index, reason, deadline,
+            )
+            .await
+        {
+            continue;
+        }
+        let message = match &error {
+            ForwardError::Timeout(_) => "the upstream did not answer in time",
+            _ => "the upstream could not be reached",
+        };
+        return ex.error(error.status(), message);
+    }
+}
+
+/// Decides whether one more attempt is made after a failure on target `index`: within the
+/// retry budget and the deadline. Logs and counts the retry, then waits the backoff.
+#[allow(clippy::too_many_arguments)]
+async fn retry_wait(
+    ex: &Exchange,
+    state: &WorkerState,
+    upstream: &Upstream,
+    retry: &RetryPolicy,
+    tried: &mut Vec<usize>,
+    index: usize,
+    reason: RetryReason,
+    deadline: Option<Instant>,
+) -> bool {
+    let retry_no = tried.len() as u32 + 1;
+    let wait = retry.backoff_for(retry_no);
+    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        return false;
+    }
+    if !upstream.shared.withdraw(upstream.budget.min_per_second) {
+        tracing::info!(
+            request_id = ex.request_id.to_str().unwrap_or(""),
+            upstream = upstream.name.as_str(),
+            reason = reason.label().as_ref(),
+            "not retried: the upstream's retry budget is spent"
+        );
+        return false;
+    }
+    tried.push(index);
+    let label = reason.label();
+    tracing::info!(
+        request_id = ex.request_id.to_str().unwrap_or(""),
+        upstream = upstream.name.as_str(),
+        target = upstream.targets.get(index).map_or("", |t| t.url.as_str()),
+        attempt = retry_no + 1,
+        reason = label.as_ref(),
+        backoff_ms = wait.as_secs_f64() * 1000.0,
+        "retrying upstream request"
+    );
+    state
+        .recorder
+        .metrics()
+        .upstream_retries
+        .with_label_values(&[upstream.name.as_str(), label.as_ref()])
+        .inc();
+    tokio::time::sleep(wait).await;
+    true
+}
+
+/// 503 from an upstream's circuit breaker.
+fn overloaded(
+    ex: &Exchange,
+    state: &WorkerState,
+    upstream: &Upstream,
+    o: Overflow,
+) -> HttpResponse {
+    state
+        .recorder
+        .metrics()
+        .upstream_overflow
+        .with_label_values(&[upstream.name.as_str(), o.as_str()])
+        .inc();
+    ex.error(503, "the upstream is at its concurrency limit")
+}
+
+/// The consistent-hash key of this request, if it has one.
+fn request_hash(key: &HashKey, req: &HttpRequest, ex: &Exchange) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(match crate::snapshot::canonical_ip(ex.client_ip) {
+            IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+        }),
+        HashKey::Path => Some(hash_bytes(ex.path.as_bytes())),
+        HashKey::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(ax::COOKIE)
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| crate::filters::jwt::cookie(c, name))
+            .map(|v| hash_bytes(v.as_bytes())),
+    }
 }
 
 fn content_length(req: &HttpRequest) -> Result<Option<u64>, ()> {

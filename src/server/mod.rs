@@ -133,6 +133,7 @@ pub fn start(
     actix_web::rt::spawn(crate::filters::rate_limit::Limiters::evict_forever(
         Arc::downgrade(&limiters),
     ));
+    actix_web::rt::spawn(crate::upstream::health::supervise(Arc::downgrade(&store)));
     let proxy = HttpServer::new(move || {
         let state = WorkerState {
             store: Arc::clone(&proxy_store),

@@ -36,6 +36,20 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// `rustygate_policy_errors_total{route,reason}`: policy hooks that failed or hit a limit.
     pub policy_errors: IntCounterVec,
+    /// `rustygate_upstream_target_healthy{upstream,target}`: 1 when the target takes requests
+    /// (healthy and not ejected); set from the served snapshot at each scrape.
+    pub target_healthy: IntGaugeVec,
+    /// `rustygate_upstream_requests_total{upstream,target,status}`: attempts, by the upstream's
+    /// status, or `failed` when no response came.
+    pub upstream_requests: IntCounterVec,
+    /// `rustygate_upstream_retries_total{upstream,reason}`
+    pub upstream_retries: IntCounterVec,
+    /// `rustygate_upstream_overflow_total{upstream,limit}`: requests turned away by a circuit
+    /// breaker (`max_requests`, `max_pending`).
+    pub upstream_overflow: IntCounterVec,
+    /// `rustygate_upstream_no_target_total{upstream}`: requests answered 503 because no target
+    /// was usable.
+    pub upstream_no_target: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,8 +124,41 @@ impl Metrics {
             "Requests failed closed by their policy, by route and reason (operations, call_depth, string_size, array_size, map_size, timeout, unknown_upstream, invalid_action, runtime_error).",
             &["route", "reason"],
         );
+        let target_healthy = IntGaugeVec::new(
+            Opts::new(
+                "rustygate_upstream_target_healthy",
+                "1 when the target takes requests (healthy and not ejected), else 0.",
+            ),
+            &["upstream", "target"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let upstream_requests = counter(
+            "rustygate_upstream_requests_total",
+            "Attempts sent to upstream targets, by response status (`failed`: no response).",
+            &["upstream", "target", "status"],
+        );
+        let upstream_retries = counter(
+            "rustygate_upstream_retries_total",
+            "Retries, by upstream and reason (connect_failure, timeout, reset, or a status).",
+            &["upstream", "reason"],
+        );
+        let upstream_overflow = counter(
+            "rustygate_upstream_overflow_total",
+            "Requests answered 503 by an upstream's circuit breaker, by limit.",
+            &["upstream", "limit"],
+        );
+        let upstream_no_target = counter(
+            "rustygate_upstream_no_target_total",
+            "Requests answered 503 because no target of the upstream was usable.",
+            &["upstream"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(target_healthy.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(upstream_overflow.clone()),
+            Box::new(upstream_no_target.clone()),
             Box::new(config_last_success.clone()),
             Box::new(config_info.clone()),
             Box::new(requests.clone()),
@@ -141,6 +188,24 @@ impl Metrics {
             auth_failures,
             rate_limited,
             policy_errors,
+            target_healthy,
+            upstream_requests,
+            upstream_retries,
+            upstream_overflow,
+            upstream_no_target,
+        }
+    }
+
+    /// Sets `rustygate_upstream_target_healthy` from the snapshot being served: targets that
+    /// left the config disappear from the output.
+    pub fn observe_upstreams(&self, snapshot: &crate::snapshot::Snapshot) {
+        self.target_healthy.reset();
+        for u in &snapshot.upstreams {
+            for t in &u.targets {
+                self.target_healthy
+                    .with_label_values(&[u.name.as_str(), t.url.as_str()])
+                    .set(i64::from(t.state.available()));
+            }
         }
     }
 

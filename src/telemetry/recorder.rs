@@ -7,12 +7,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use prometheus::{Histogram, IntCounter};
 
 use super::metrics::Metrics;
 use crate::router::{METHODS, method_slot};
+use crate::upstream::Upstream;
 
 /// Label used for requests that matched no route.
 pub const NO_ROUTE: &str = "<none>";
@@ -23,10 +24,17 @@ struct RouteHandles {
     requests: HashMap<(usize, u16), IntCounter>,
 }
 
+/// (upstream address, target index, status or 0).
+type AttemptKey = (usize, usize, u16);
+
 pub struct Recorder {
     metrics: Arc<Metrics>,
     cache: RefCell<(String, HashMap<String, RouteHandles>)>,
     upstreams: RefCell<HashMap<String, Histogram>>,
+    /// `upstream_requests_total` handles by (upstream address, target index, status; 0 for
+    /// failed). The weak reference keeps the upstream's allocation (so its address cannot be
+    /// reused by another upstream while the entry exists) without keeping its targets alive.
+    attempts: RefCell<HashMap<AttemptKey, (Weak<Upstream>, IntCounter)>>,
 }
 
 impl Recorder {
@@ -35,6 +43,7 @@ impl Recorder {
             metrics,
             cache: RefCell::new((String::new(), HashMap::new())),
             upstreams: RefCell::new(HashMap::new()),
+            attempts: RefCell::new(HashMap::new()),
         }
     }
 
@@ -57,6 +66,8 @@ impl Recorder {
             cache.0.clear();
             cache.0.push_str(version);
             cache.1.clear();
+            // Drops the old snapshot's upstreams too.
+            self.attempts.borrow_mut().clear();
         }
         if !cache.1.contains_key(route) {
             let handles = RouteHandles {
@@ -77,6 +88,28 @@ impl Recorder {
                 .with_label_values(&[route, method, &status.to_string()])
         });
         counter.inc();
+    }
+
+    /// One attempt sent to target `target` of `upstream`: its status, or `None` when no
+    /// response came.
+    pub fn attempt(&self, upstream: &Arc<Upstream>, target: usize, status: Option<u16>) {
+        let key = (Arc::as_ptr(upstream) as usize, target, status.unwrap_or(0));
+        let mut cache = self.attempts.borrow_mut();
+        if let Some((_, c)) = cache.get(&key) {
+            c.inc();
+            return;
+        }
+        let url = upstream.targets.get(target).map_or("", |t| t.url.as_str());
+        let label = status.map_or_else(|| "failed".to_owned(), |s| s.to_string());
+        let c = self.metrics.upstream_requests.with_label_values(&[
+            upstream.name.as_str(),
+            url,
+            label.as_str(),
+        ]);
+        c.inc();
+        if cache.len() < 10_000 {
+            cache.insert(key, (Arc::downgrade(upstream), c));
+        }
     }
 
     /// Time to the upstream's response head.

@@ -1,13 +1,23 @@
-//! Upstreams and how a target is picked for a request.
+//! Upstreams: their targets, how a target is picked, and the state that outlives snapshots.
 //!
-//! The balancer is chosen per upstream at compile time. Picking must never take a lock shared by
-//! all workers: round-robin is one relaxed atomic increment into a precomputed sequence.
-//! Health checks and least-connections plug in here (issue #6) without touching the proxy.
+//! The compiled [`Upstream`] is immutable and lives in a snapshot. What changes per request
+//! (in-flight counts, health, ejections, retry budget, circuit-breaker counters) is in
+//! [`state`], shared by reference with every snapshot that keeps the target. Picking never
+//! takes a lock shared by workers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+pub mod balance;
+pub mod health;
+pub mod retry;
+pub mod state;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
+
+pub use balance::{Balancer, HashKey, hash_bytes};
+pub use retry::{RetryBudget, RetryOverride, RetryPolicy, RetryReason};
+use state::{TargetState, UpstreamShared};
 
 /// One address an upstream can send requests to.
 #[derive(Debug)]
@@ -19,6 +29,57 @@ pub struct Target {
     /// `host:port` to connect to (the scheme's default port filled in).
     pub connect_addr: String,
     pub weight: u32,
+    /// In-flight count, health and ejection, shared across snapshots.
+    pub state: Arc<TargetState>,
+}
+
+impl Target {
+    /// A target with detached state, for unit tests and benches.
+    pub fn for_tests(url: &str, weight: u32) -> Target {
+        let authority: Authority = url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|_| Authority::from_static("invalid"));
+        Target {
+            url: url.to_owned(),
+            scheme: Scheme::HTTP,
+            connect_addr: authority.as_str().to_owned(),
+            authority,
+            weight,
+            state: TargetState::detached("test", url),
+        }
+    }
+}
+
+/// Passive outlier detection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outlier {
+    /// Consecutive connect failures, timeouts or resets that eject (0: never).
+    pub consecutive_failures: u32,
+    /// Consecutive 5xx responses that eject (0: never).
+    pub consecutive_5xx: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            consecutive_5xx: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Circuit-breaker limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_requests: Option<u32>,
+    pub max_pending: Option<u32>,
 }
 
 /// A named group of targets.
@@ -28,100 +89,200 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     pub balancer: Balancer,
     pub connect_timeout: Duration,
-    /// Response-header timeout, unless the route sets its own.
+    /// Response-header timeout per attempt, unless the route sets its own.
     pub timeout: Option<Duration>,
+    /// Deadline for all attempts together, unless the route sets its own.
+    pub total_timeout: Option<Duration>,
+    /// How long idle pooled connections are kept.
+    pub idle_timeout: Duration,
+    /// Use every target when none is usable, instead of answering 503.
+    pub fail_open: bool,
+    pub health: Option<Arc<health::HealthCheck>>,
+    pub outlier: Outlier,
+    pub retry: RetryPolicy,
+    pub budget: RetryBudget,
+    pub limits: Limits,
+    /// Retry budget and circuit-breaker counters, shared across workers and snapshots.
+    pub shared: Arc<UpstreamShared>,
 }
+
+/// Default idle time for pooled upstream connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Upstream {
-    /// The target for the next request, or `None` when there is none to send to.
-    pub fn pick(&self) -> Option<(usize, &Target)> {
-        let i = self.balancer.pick()?;
-        self.targets.get(i).map(|t| (i, t))
-    }
-}
-
-/// Target selection strategy.
-#[derive(Debug)]
-pub enum Balancer {
-    /// Smooth weighted round-robin (nginx's): weights 5,1,1 give a,a,b,a,c,a,a rather than
-    /// a,a,a,a,a,b,c. The sequence is computed once; picking walks it with one atomic.
-    RoundRobin {
-        sequence: Vec<usize>,
-        next: AtomicUsize,
-    },
-}
-
-impl Balancer {
-    /// Builds a smooth weighted round-robin over targets with these weights (each >= 1).
-    pub fn round_robin(weights: &[u32]) -> Self {
-        Balancer::RoundRobin {
-            sequence: smooth_wrr_sequence(weights),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    fn pick(&self) -> Option<usize> {
-        match self {
-            Balancer::RoundRobin { sequence, next } => {
-                if sequence.is_empty() {
-                    return None;
-                }
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                Some(sequence[n % sequence.len()])
+    /// The target for the next attempt: a usable one not tried yet; else a usable one; else,
+    /// with `fail_open`, any; else `None` (the caller answers 503).
+    pub fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        let targets = &self.targets;
+        let usable = |i: usize| targets[i].state.available();
+        if tried.is_empty() {
+            if let Some(i) = self.balancer.pick(targets, key, &usable) {
+                return Some(i);
+            }
+        } else {
+            let fresh = |i: usize| !tried.contains(&i) && usable(i);
+            if let Some(i) = self
+                .balancer
+                .pick(targets, key, &fresh)
+                .or_else(|| self.balancer.pick(targets, key, &usable))
+            {
+                return Some(i);
             }
         }
-    }
-}
-
-/// One full cycle of smooth weighted round-robin, with weights reduced by their gcd.
-fn smooth_wrr_sequence(weights: &[u32]) -> Vec<usize> {
-    let g = weights.iter().copied().fold(0, gcd).max(1);
-    let w: Vec<i64> = weights.iter().map(|&x| i64::from(x.max(1) / g)).collect();
-    let total: i64 = w.iter().sum();
-    let mut current = vec![0i64; w.len()];
-    let mut seq = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for _ in 0..total {
-        for (c, wi) in current.iter_mut().zip(&w) {
-            *c += wi;
+        if self.fail_open {
+            return self.balancer.pick(targets, key, &|_| true);
         }
-        let Some(best) = (0..w.len()).max_by_key(|&i| (current[i], std::cmp::Reverse(i))) else {
-            break;
-        };
-        current[best] -= total;
-        seq.push(best);
+        None
     }
-    seq
-}
 
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    /// Passive outlier detection: a response head from target `i`.
+    #[inline]
+    pub fn record_response(&self, i: usize, status: u16) {
+        let Some(t) = self.targets.get(i) else {
+            return;
+        };
+        let limit = self.outlier.consecutive_5xx;
+        let streak = t.state.record_response(status, limit > 0);
+        if limit > 0 && streak >= limit {
+            self.maybe_eject(i, &format!("{streak} consecutive 5xx responses"));
+        }
+    }
+
+    /// Passive outlier detection: a connect failure, timeout or reset on target `i`.
+    pub fn record_failure(&self, i: usize) {
+        let Some(t) = self.targets.get(i) else {
+            return;
+        };
+        let streak = t.state.record_failure();
+        let limit = self.outlier.consecutive_failures;
+        if limit > 0 && streak >= limit {
+            self.maybe_eject(i, &format!("{streak} consecutive connection failures"));
+        }
+    }
+
+    fn maybe_eject(&self, i: usize, reason: &str) {
+        let n = self.targets.len();
+        let ejected = self.targets.iter().filter(|t| t.state.is_ejected()).count();
+        let cap = (n * self.outlier.max_ejected_percent as usize / 100).max(1);
+        if ejected >= cap {
+            tracing::debug!(
+                upstream = self.name.as_str(),
+                target = self.targets[i].url.as_str(),
+                reason,
+                "not ejected: the upstream's ejection cap is reached"
+            );
+            return;
+        }
+        if self.targets[i].state.is_ejected() {
+            return;
+        }
+        self.targets[i].state.eject(
+            self.outlier.base_ejection,
+            self.outlier.max_ejection,
+            reason,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn picks(b: &Balancer, n: usize) -> Vec<usize> {
-        (0..n).filter_map(|_| b.pick()).collect()
+    fn upstream(n: usize, outlier: Outlier, fail_open: bool) -> Upstream {
+        let targets: Vec<Target> = (0..n)
+            .map(|i| Target::for_tests(&format!("http://10.1.0.{i}:80"), 1))
+            .collect();
+        Upstream {
+            name: "u".into(),
+            balancer: Balancer::round_robin(&vec![1; n]),
+            targets,
+            connect_timeout: Duration::from_secs(1),
+            timeout: None,
+            total_timeout: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            fail_open,
+            health: None,
+            outlier,
+            retry: RetryPolicy::default(),
+            budget: RetryBudget::default(),
+            limits: Limits::default(),
+            shared: Arc::default(),
+        }
     }
 
     #[test]
-    fn smooth_sequence_interleaves() {
-        assert_eq!(smooth_wrr_sequence(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
-        assert_eq!(smooth_wrr_sequence(&[1, 1]), vec![0, 1]);
-        assert_eq!(smooth_wrr_sequence(&[2, 4]), vec![1, 0, 1]);
+    fn failures_eject_up_to_the_cap() {
+        let u = upstream(4, Outlier::default(), false);
+        for _ in 0..5 {
+            u.record_failure(0);
+        }
+        assert!(!u.targets[0].state.available());
+        for _ in 0..5 {
+            u.record_failure(1);
+        }
+        assert!(!u.targets[1].state.available());
+        // 50% of 4: a third target is not ejected.
+        for _ in 0..5 {
+            u.record_failure(2);
+        }
+        assert!(u.targets[2].state.available());
+        // Picks avoid the ejected targets.
+        for _ in 0..20 {
+            let i = u.pick(None, &[]).unwrap();
+            assert!(i >= 2);
+        }
     }
 
     #[test]
-    fn distribution_follows_weights() {
-        let b = Balancer::round_robin(&[1, 2, 3]);
-        let p = picks(&b, 600);
-        let count = |t| p.iter().filter(|&&x| x == t).count();
-        assert_eq!((count(0), count(1), count(2)), (100, 200, 300));
+    fn a_success_resets_the_streak_and_5xx_counts_when_asked() {
+        let u = upstream(
+            2,
+            Outlier {
+                consecutive_5xx: 3,
+                ..Outlier::default()
+            },
+            false,
+        );
+        for _ in 0..4 {
+            u.record_failure(0);
+        }
+        u.record_response(0, 200);
+        u.record_failure(0);
+        assert!(u.targets[0].state.available());
+        u.record_response(1, 500);
+        u.record_response(1, 503);
+        u.record_response(1, 404);
+        u.record_response(1, 500);
+        assert!(u.targets[1].state.available());
+        u.record_response(1, 500);
+        u.record_response(1, 502);
+        assert!(!u.targets[1].state.available());
     }
 
     #[test]
-    fn empty_upstream_picks_nothing() {
-        assert_eq!(Balancer::round_robin(&[]).pick(), None);
+    fn nothing_usable_is_none_unless_fail_open() {
+        let closed = upstream(2, Outlier::default(), false);
+        let open = upstream(2, Outlier::default(), true);
+        for u in [&closed, &open] {
+            for t in &u.targets {
+                t.state.set_healthy(false, "test");
+            }
+        }
+        assert_eq!(closed.pick(None, &[]), None);
+        assert!(open.pick(None, &[]).is_some());
+    }
+
+    #[test]
+    fn retries_go_to_another_target_when_there_is_one() {
+        let u = upstream(3, Outlier::default(), false);
+        for _ in 0..10 {
+            let first = u.pick(None, &[]).unwrap();
+            let second = u.pick(None, &[first]).unwrap();
+            assert_ne!(first, second);
+            let third = u.pick(None, &[first, second]).unwrap();
+            assert!(third != first && third != second);
+            // Everything tried: a usable one again.
+            assert!(u.pick(None, &[0, 1, 2]).is_some());
+        }
     }
 }

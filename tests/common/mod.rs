@@ -40,7 +40,16 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Backend::start_at("127.0.0.1:0".parse().unwrap(), handler)
+    }
+
+    /// A backend on a given address (to bring a stopped backend back on its port).
+    pub fn start_at<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let std_listener = TcpListener::bind(addr).unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -264,6 +273,19 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// Writes `files` into the config dir, compiles it and publishes the result (a config swap).
+    pub fn swap(&self, files: &[(&str, &str)]) {
+        write_files(&self.dir, files);
+        let compiled = compile_dir(&self.dir, &CompileOptions::default()).unwrap();
+        let Some(snapshot) = compiled.snapshot else {
+            panic!(
+                "swapped config does not compile:\n{}",
+                compiled.diagnostics.render_human(&compiled.files)
+            );
+        };
+        self.store.publish(snapshot);
     }
 }
 

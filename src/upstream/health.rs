@@ -1,0 +1,166 @@
+//! Active health checks: background tasks, never on the request path.
+//!
+//! A supervisor watches the snapshot store. For every target of an upstream with `health`
+//! settings it starts one checker, unless one already runs for that target's state (a swap
+//! that keeps the target keeps its checker and verdict). A checker holds only a weak
+//! reference to the state: once no snapshot uses the target, the state is dropped and the
+//! checker stops at its next tick.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::uri::Authority;
+
+use super::state::TargetState;
+use crate::proxy::body::ProxyBody;
+use crate::snapshot::SnapshotStore;
+
+/// `health = { ... }`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Healthy statuses: exact codes and classes (`2` for 2xx).
+    pub expect_codes: Vec<u16>,
+    pub expect_classes: Vec<u16>,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    pub host: Option<String>,
+}
+
+impl HealthCheck {
+    pub fn expects(&self, status: u16) -> bool {
+        self.expect_codes.contains(&status) || self.expect_classes.contains(&(status / 100))
+    }
+
+    /// Identifies these settings in the state registry.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Where a checker connects, copied out of the snapshot's target (never the target itself,
+/// which would keep its state alive).
+struct Probe {
+    connect_addr: String,
+    authority: Authority,
+    check: Arc<HealthCheck>,
+}
+
+/// Starts checkers for the current snapshot and for every snapshot published after it.
+/// Runs until the store is dropped. Must run on an actix (local) runtime.
+pub async fn supervise(store: Weak<SnapshotStore>) {
+    let Some(mut changes) = store.upgrade().map(|s| s.subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(snapshot) = store.upgrade().map(|s| s.load()) else {
+            return;
+        };
+        for upstream in &snapshot.upstreams {
+            let Some(check) = &upstream.health else {
+                continue;
+            };
+            for t in &upstream.targets {
+                if t.state.checker.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
+                let probe = Probe {
+                    connect_addr: t.connect_addr.clone(),
+                    authority: t.authority.clone(),
+                    check: Arc::clone(check),
+                };
+                actix_web::rt::spawn(run(Arc::downgrade(&t.state), probe));
+            }
+        }
+        drop(snapshot);
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn run(state: Weak<TargetState>, probe: Probe) {
+    let (mut passes, mut fails) = (0u32, 0u32);
+    // Spread the checks of many targets over the interval instead of firing them together.
+    let first = probe.check.interval.mul_f64(rand::random::<f64>() * 0.1);
+    tokio::time::sleep(first).await;
+    loop {
+        if state.strong_count() == 0 {
+            return;
+        }
+        let verdict = check_once(&probe).await;
+        let Some(s) = state.upgrade() else {
+            return;
+        };
+        match verdict {
+            Ok(()) => {
+                passes += 1;
+                fails = 0;
+                if passes >= probe.check.healthy_after {
+                    let reason = format!("{passes} health checks passed in a row");
+                    if !s.is_healthy() {
+                        s.set_healthy(true, &reason);
+                    }
+                    // Like Envoy: a target the checks find healthy again is not kept out by an
+                    // earlier passive ejection.
+                    s.unject(&reason);
+                }
+            }
+            Err(why) => {
+                fails += 1;
+                passes = 0;
+                tracing::debug!(
+                    upstream = s.upstream.as_str(),
+                    target = s.url.as_str(),
+                    error = why.as_str(),
+                    "health check failed"
+                );
+                if s.is_healthy() && fails >= probe.check.unhealthy_after {
+                    s.set_healthy(
+                        false,
+                        &format!("{fails} health checks failed in a row, last: {why}"),
+                    );
+                }
+            }
+        }
+        drop(s);
+        tokio::time::sleep(probe.check.interval).await;
+    }
+}
+
+/// One GET of the check path on a fresh connection.
+async fn check_once(probe: &Probe) -> Result<(), String> {
+    let check = &probe.check;
+    let host = match &check.host {
+        Some(h) => h.clone(),
+        None => probe.authority.to_string(),
+    };
+    let attempt = async {
+        let mut conn = crate::proxy::pool::connect(&probe.connect_addr, check.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = http::Request::get(check.path.as_str())
+            .header(http::header::HOST, host)
+            .header(http::header::USER_AGENT, "rustygate-health-check")
+            .header(http::header::CONNECTION, "close")
+            .body(ProxyBody::Empty)
+            .map_err(|e| e.to_string())?;
+        let resp = conn
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        Ok::<u16, String>(resp.status().as_u16())
+    };
+    match tokio::time::timeout(check.timeout, attempt).await {
+        Err(_) => Err(format!("no answer in {:?}", check.timeout)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(status)) if check.expects(status) => Ok(()),
+        Ok(Ok(status)) => Err(format!("status {status}")),
+    }
+}
