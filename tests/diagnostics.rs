@@ -707,3 +707,117 @@ fn cli_missing_directory_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no-such-repo"));
 }
+
+/// A route on `be` plus an `[upstream.be]` with `extra` settings.
+fn upstream_with(extra: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"be\"\n".to_owned(),
+        ),
+        (
+            "upstreams/be.toml",
+            format!("[upstream.be]\ntargets = [\"http://127.0.0.1:8001\"]\n{extra}\n"),
+        ),
+    ]
+}
+
+fn expect_upstream(extra: &str, expected: &[&str]) -> Compiled {
+    let files = upstream_with(extra);
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    expect(&refs, expected)
+}
+
+#[test]
+fn upstream_resilience_settings_are_checked_and_located() {
+    // Every setting at once, valid.
+    expect_upstream(
+        "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"\nfail_open = true\n\
+         health = { path = \"/healthz\", interval = \"2s\", timeout = \"1s\", expect_status = [200, \"3xx\"], healthy_after = 1, unhealthy_after = 2, host = \"be.internal\" }\n\
+         outlier = { consecutive_failures = 3, consecutive_5xx = 5, base_ejection = \"10s\", max_ejection = \"1m\", max_ejected_percent = 30 }\n\
+         retries = { attempts = 2, on = [\"connect_failure\", \"timeout\", \"5xx\"], backoff = \"10ms\", max_backoff = \"100ms\", replay_body_limit = \"8KiB\", budget_percent = 10, min_retries_per_second = 2 }\n\
+         circuit_breaker = { max_requests = 100, max_pending = 10 }\n\
+         total_timeout = \"10s\"\nidle_timeout = \"30s\"",
+        &[],
+    );
+    let c = expect_upstream(
+        "balance = \"consistent_hash\"",
+        &["error[missing-hash-key] upstreams/be.toml:1:11"],
+    );
+    assert!(!the(&c, "missing-hash-key").help.is_empty());
+    expect_upstream(
+        "balance = \"consistent_hash\"\nhash_key = \"ip\"",
+        &["error[invalid-hash-key] upstreams/be.toml:4:12"],
+    );
+    expect_upstream(
+        "hash_key = \"path\"",
+        &["warning[unused-hash-key] upstreams/be.toml:3:12"],
+    );
+    expect_upstream(
+        "balance = \"fastest\"",
+        &["error[invalid-value] upstreams/be.toml:3:11"],
+    );
+    let c = expect_upstream(
+        "retries = { attempts = 2, on = [\"timeout\", \"sometimes\"] }",
+        &["error[invalid-value] upstreams/be.toml:3:44"],
+    );
+    assert!(the(&c, "invalid-value").message.contains("`sometimes`"));
+    expect_upstream(
+        "retries = 11",
+        &["error[invalid-value] upstreams/be.toml:3:11"],
+    );
+    expect_upstream(
+        "retries = { attemps = 2 }",
+        &["error[unknown-key] upstreams/be.toml:3:13"],
+    );
+    expect_upstream(
+        "health = { path = \"healthz\", expect_status = [\"2yy\"], unhealthy_after = 0 }",
+        &[
+            "error[invalid-value] upstreams/be.toml:3:19",
+            "error[invalid-value] upstreams/be.toml:3:47",
+            "error[invalid-value] upstreams/be.toml:3:73",
+        ],
+    );
+    expect_upstream(
+        "health = { path = \"/h\", interval = \"1s\", timeout = \"5s\" }",
+        &["warning[health-timeout] upstreams/be.toml:3:52"],
+    );
+    expect_upstream(
+        "outlier = { max_ejected_percent = 150, base_ejection = \"1m\", max_ejection = \"10s\" }",
+        &[
+            "error[invalid-value] upstreams/be.toml:3:35",
+            "error[invalid-value] upstreams/be.toml:3:77",
+        ],
+    );
+    expect_upstream(
+        "circuit_breaker = { max_requests = 0 }",
+        &["error[invalid-value] upstreams/be.toml:3:36"],
+    );
+    expect_upstream(
+        "idle_timeout = \"soon\"",
+        &["error[invalid-duration] upstreams/be.toml:3:16"],
+    );
+}
+
+#[test]
+fn route_retry_overrides_cannot_set_the_upstream_budget() {
+    let files = [
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"orders\"\nretries = { attempts = 1, budget_percent = 50 }\nconnect_timeout = \"1s\"\ntotal_timeout = \"5s\"\n",
+        ),
+        ORDERS_UPSTREAM,
+    ];
+    let c = expect(&files, &["error[upstream-only] routes/a.toml:5:44"]);
+    assert!(the(&c, "upstream-only").message.contains("budget_percent"));
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"orders\"\nretries = 3\n",
+            ),
+            ORDERS_UPSTREAM,
+        ],
+        &[],
+    );
+}
