@@ -7,6 +7,8 @@
 #   export JWT_BENCH_SECRET=$(head -c 32 /dev/urandom | base64)
 #   FILTERS=1 ../shared/bench/compare.sh --header "Authorization: Bearer $(bench/jwt-token.sh)" \
 #     --header "Origin: https://app.example.com" -- bench/serve-for-compare.sh
+# TARGETS=2 gives the upstream two targets (the backend twice) with health checks every second;
+# BALANCE=least_connections (or random_two_choices) picks another balancer.
 # POLICY=1 puts the typical policy of issue #4 on the route (on_request: read 3 headers, one
 # condition, set 1 header); send the headers it reads so the condition holds:
 #   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
@@ -60,6 +62,15 @@ cat >"$repo/upstreams/backend.toml" <<TOML
 [upstream.backend]
 targets = ["http://127.0.0.1:${BACKEND_PORT:?compare.sh exports BACKEND_PORT}"]
 TOML
+if [[ ${TARGETS:-1} == 2 ]]; then
+  # Two targets (the same backend twice: compare.sh has one) and active health checks.
+  cat >"$repo/upstreams/backend.toml" <<TOML
+[upstream.backend]
+targets = ["http://127.0.0.1:${BACKEND_PORT}", "http://127.0.0.1:${BACKEND_PORT}"]
+balance = "${BALANCE:-round_robin}"
+health = { path = "/", interval = "1s", timeout = "1s" }
+TOML
+fi
 bin=${RUSTYGATE_BIN:-$(dirname "$0")/../target/release/rustygate}
 # No exec: the trap must run to remove the temp repo when the gateway stops.
 "$bin" serve --repo "$repo" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 \

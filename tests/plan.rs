@@ -568,3 +568,54 @@ fn a_tree_entry_named_dotdot_is_refused_not_exported() {
     // The plan's own temp dir is gone too.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn health_retries_and_circuit_breaker_changes_are_listed() {
+    let repo = Repo::new();
+    let base = repo.commit(
+        "Orders",
+        &[
+            ("routes/orders.toml", Some(ORDERS)),
+            ("upstreams/orders.toml", Some(UPSTREAMS)),
+        ],
+    );
+    let resilient = UPSTREAMS.replace(
+        "targets = [\"http://127.0.0.1:9001\"]",
+        "targets = [\"http://127.0.0.1:9001\"]\nhealth = { path = \"/healthz\", interval = \"2s\" }\nretries = { attempts = 2, on = [\"connect_failure\", \"503\"] }\ncircuit_breaker = { max_requests = 100 }",
+    );
+    repo.commit(
+        "Orders v2: checks, retries, breaker",
+        &[("upstreams/orders.toml", Some(&resilient))],
+    );
+    let p = plan(&options(repo.path(), &base)).unwrap();
+    let diff = p.diff.as_ref().unwrap();
+    let changed: Vec<_> = diff
+        .upstreams
+        .changed
+        .iter()
+        .map(|c| (c.name.as_str(), c.changes.clone()))
+        .collect();
+    assert_eq!(
+        changed,
+        [(
+            "orders-v2",
+            vec![
+                change(
+                    "circuit_breaker",
+                    None,
+                    Some("max_requests 100, max_pending none")
+                ),
+                change(
+                    "health",
+                    None,
+                    Some("GET /healthz every 2s, timeout 2s, out after 3, back after 2")
+                ),
+                change(
+                    "retries",
+                    Some("1 on [connect_failure], backoff 25ms..250ms, budget 20% + 10/s"),
+                    Some("2 on [connect_failure, 503], backoff 25ms..250ms, budget 20% + 10/s")
+                ),
+            ]
+        )]
+    );
+}

@@ -47,6 +47,9 @@ pub struct UpstreamFacts {
     pub balance: String,
     pub connect_timeout: String,
     pub timeout: Option<String>,
+    /// Health checks, outlier detection, retries, circuit breaker and the other timeouts, as
+    /// short text per setting (absent: not set).
+    pub settings: BTreeMap<String, String>,
 }
 
 /// One field that differs; `None` means unset on that side.
@@ -286,7 +289,90 @@ fn one_upstream(u: &Upstream) -> UpstreamFacts {
         },
         connect_timeout: duration(u.connect_timeout),
         timeout: u.timeout.map(duration),
+        settings: upstream_settings(u),
     }
+}
+
+fn upstream_settings(u: &Upstream) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        out.insert(k.to_owned(), v);
+    };
+    if let Some(t) = u.total_timeout {
+        put("total_timeout", duration(t));
+    }
+    put("idle_timeout", duration(u.idle_timeout));
+    put("fail_open", u.fail_open.to_string());
+    if let Some(h) = &u.health {
+        put(
+            "health",
+            format!(
+                "GET {} every {}, timeout {}, out after {}, back after {}",
+                h.path,
+                duration(h.interval),
+                duration(h.timeout),
+                h.unhealthy_after,
+                h.healthy_after
+            ),
+        );
+    }
+    let o = &u.outlier;
+    put(
+        "outlier",
+        format!(
+            "eject after {} failures / {} 5xx (0 = off) for {}..{}, at most {}%",
+            o.consecutive_failures,
+            o.consecutive_5xx,
+            duration(o.base_ejection),
+            duration(o.max_ejection),
+            o.max_ejected_percent
+        ),
+    );
+    let r = &u.retry;
+    let mut on = Vec::new();
+    if r.on_connect_failure {
+        on.push("connect_failure".to_owned());
+    }
+    if r.on_timeout {
+        on.push("timeout".to_owned());
+    }
+    if r.on_reset {
+        on.push("reset".to_owned());
+    }
+    on.extend(
+        (500u16..600)
+            .filter(|s| r.statuses & (1u128 << (s - 500)) != 0)
+            .map(|s| s.to_string()),
+    );
+    put(
+        "retries",
+        format!(
+            "{} on [{}], backoff {}..{}, budget {}% + {}/s{}",
+            r.attempts,
+            on.join(", "),
+            duration(r.backoff),
+            duration(r.max_backoff),
+            u.budget.percent,
+            u.budget.min_per_second,
+            if r.non_idempotent {
+                ", non-idempotent too"
+            } else {
+                ""
+            }
+        ),
+    );
+    if u.limits != crate::upstream::Limits::default() {
+        let lim = |v: Option<u32>| v.map_or("none".to_owned(), |n| n.to_string());
+        put(
+            "circuit_breaker",
+            format!(
+                "max_requests {}, max_pending {}",
+                lim(u.limits.max_requests),
+                lim(u.limits.max_pending)
+            ),
+        );
+    }
+    out
 }
 
 fn hash_key(k: &crate::upstream::HashKey) -> String {
@@ -338,6 +424,17 @@ pub(super) fn diff_upstream(old: &UpstreamFacts, new: &UpstreamFacts) -> Vec<Fie
             ("timeout", new.timeout.clone()),
         ],
     ));
+    let keys: BTreeSet<&String> = old.settings.keys().chain(new.settings.keys()).collect();
+    for k in keys {
+        let (o, n) = (old.settings.get(k), new.settings.get(k));
+        if o != n {
+            out.push(FieldChange {
+                field: k.clone(),
+                old: o.cloned(),
+                new: n.cloned(),
+            });
+        }
+    }
     out
 }
 
@@ -445,6 +542,7 @@ mod tests {
             balance: "round_robin".into(),
             connect_timeout: "5s".into(),
             timeout: None,
+            settings: BTreeMap::new(),
         };
         let changes = diff_upstream(
             &up(&[("http://a", 1), ("http://b", 1)]),
