@@ -4,9 +4,9 @@
 
 use std::net::IpAddr;
 
-use http::HeaderName;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::snapshot::{ClientIpRules, canonical_ip};
+use crate::snapshot::{ClientIpRules, HeaderOps, UpstreamHost, canonical_ip};
 
 /// Headers that describe one connection and never cross the proxy, in either direction.
 pub const HOP_BY_HOP: [&str; 8] = [
@@ -98,6 +98,119 @@ pub fn client_ip<'a>(
         }
     }
     client
+}
+
+/// What, besides the client's own headers, decides the headers an upstream gets.
+pub struct Forwarding<'a> {
+    /// The socket peer.
+    pub peer: Option<IpAddr>,
+    /// Whether the peer is a trusted proxy (its `X-Forwarded-*` headers are kept).
+    pub trusted: bool,
+    pub request_id: &'a HeaderValue,
+    pub upstream_host: &'a UpstreamHost,
+    /// `host:port` of the target the request goes to.
+    pub target_authority: &'a str,
+    /// The header that carried the token, removed (unless the provider forwards it).
+    pub drop_header: Option<&'a HeaderName>,
+    /// Headers from verified claims, set over the client's.
+    pub auth_headers: &'a [(HeaderName, HeaderValue)],
+    /// The route's `request_headers` rules, applied last (a policy's edits come after).
+    pub rules: &'a HeaderOps,
+}
+
+/// The request headers for the upstream: the client's, minus hop-by-hop and `Connection`-named
+/// ones, with the forwarding headers set by the gateway, the claims headers and the route's
+/// rules. `client` lists the client's headers (name lower-case, raw value) each time it is
+/// called. Used by the proxy and by `rustygate test`, so both send the same headers.
+pub fn upstream_headers<'h, I>(
+    client: impl Fn() -> I,
+    len: usize,
+    f: &Forwarding<'_>,
+) -> Result<HeaderMap, String>
+where
+    I: Iterator<Item = (&'h str, &'h [u8])>,
+{
+    let dropped = connection_tokens(client().filter(|(n, _)| *n == "connection").map(|(_, v)| v))?;
+    let mut out = HeaderMap::with_capacity(len + 4);
+    let mut client_host = None;
+    let mut prior_xff: Vec<&str> = Vec::new();
+    for (n, value) in client() {
+        match n {
+            "host" => {
+                client_host = HeaderValue::from_bytes(value).ok();
+                continue;
+            }
+            "x-forwarded-for" => {
+                if f.trusted
+                    && let Ok(v) = std::str::from_utf8(value)
+                {
+                    prior_xff.push(v);
+                }
+                continue;
+            }
+            "x-request-id" | "expect" => continue,
+            "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip" if !f.trusted => {
+                continue;
+            }
+            _ => {}
+        }
+        if is_hop_by_hop_str(n) || dropped.iter().any(|d| d == n) {
+            continue;
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) else {
+            continue;
+        };
+        out.append(n, v);
+    }
+    // X-Forwarded-For: what trusted hops said, then the peer.
+    let peer_text = f
+        .peer
+        .map(|p| canonical_ip(p).to_string())
+        .unwrap_or_default();
+    let xff = if prior_xff.is_empty() {
+        peer_text
+    } else {
+        format!("{}, {peer_text}", prior_xff.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    if !out.contains_key("x-forwarded-proto") {
+        out.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+    }
+    if !out.contains_key("x-forwarded-host")
+        && let Some(v) = &client_host
+    {
+        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+    }
+    out.insert(
+        HeaderName::from_static("x-request-id"),
+        f.request_id.clone(),
+    );
+    let host = match f.upstream_host {
+        UpstreamHost::Preserve => {
+            client_host.or_else(|| HeaderValue::from_str(f.target_authority).ok())
+        }
+        UpstreamHost::Target => HeaderValue::from_str(f.target_authority).ok(),
+        UpstreamHost::Fixed(v) => Some(v.clone()),
+    };
+    if let Some(v) = host {
+        out.insert(http::header::HOST, v);
+    }
+    if let Some(h) = f.drop_header {
+        out.remove(h);
+    }
+    for (n, v) in f.auth_headers {
+        out.insert(n.clone(), v.clone());
+    }
+    f.rules.apply(&mut out);
+    Ok(out)
 }
 
 /// Accepts a client-supplied request id only if it is short and plain.

@@ -27,10 +27,12 @@ use crate::proxy::ForwardError;
 use crate::proxy::body::{
     BodyError, BodyStats, OnFinish, ProxyBody, UpstreamBody, read_request_body, stream_request_body,
 };
-use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
+use crate::proxy::headers::{
+    Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
+};
 use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::router::{PathError, RouteId, normalize_host, normalize_path};
-use crate::snapshot::{Route, Snapshot, StaticResponse, UpstreamHost};
+use crate::snapshot::{Route, Snapshot, StaticResponse};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 
@@ -746,96 +748,29 @@ fn convert_method(m: &actix_web::http::Method) -> http::Method {
     }
 }
 
-/// Request headers for the upstream: the client's, minus hop-by-hop and `Connection`-named
-/// ones, with the forwarding headers set by the gateway and the route's own rules applied.
+/// Request headers for the upstream (see [`crate::proxy::headers::upstream_headers`]).
 fn upstream_headers(
     req: &HttpRequest,
     ex: &Exchange,
     route: &Route,
     target: &Target,
 ) -> Result<http::HeaderMap, String> {
-    let h = req.headers();
-    let dropped = connection_tokens(h.get_all(ax::CONNECTION).map(|v| v.as_bytes()))?;
     let peer = req.peer_addr().map(|a| a.ip());
-    let trusted = peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p));
-    let mut out = http::HeaderMap::with_capacity(h.len() + 4);
-    for (name, value) in h.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop_str(n)
-            || matches!(n, "host" | "x-forwarded-for" | "x-request-id" | "expect")
-            || (!trusted
-                && matches!(
-                    n,
-                    "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
-                ))
-            || dropped.iter().any(|d| d == n)
-        {
-            continue;
-        }
-        let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(value.as_bytes()),
-        ) else {
-            continue;
-        };
-        out.append(n, v);
-    }
-    // X-Forwarded-For: what trusted hops said, then the peer.
-    let peer_text = peer
-        .map(|p| crate::snapshot::canonical_ip(p).to_string())
-        .unwrap_or_default();
-    let xff = if trusted {
-        let prior: Vec<&str> = h
-            .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            peer_text
-        } else {
-            format!("{}, {peer_text}", prior.join(", "))
-        }
-    } else {
-        peer_text
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert(header::HeaderName::from_static("x-forwarded-for"), v);
-    }
-    if !out.contains_key("x-forwarded-proto") {
-        out.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
-    }
-    let client_host = h
-        .get(ax::HOST)
-        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
-    if !out.contains_key("x-forwarded-host")
-        && let Some(v) = &client_host
-    {
-        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
-    }
-    out.insert(
-        HeaderName::from_static("x-request-id"),
-        ex.request_id.clone(),
-    );
-    let host = match &route.upstream_host {
-        UpstreamHost::Preserve => {
-            client_host.or_else(|| HeaderValue::from_str(target.authority.as_str()).ok())
-        }
-        UpstreamHost::Target => HeaderValue::from_str(target.authority.as_str()).ok(),
-        UpstreamHost::Fixed(v) => Some(v.clone()),
-    };
-    if let Some(v) = host {
-        out.insert(header::HOST, v);
-    }
-    if let Some(h) = &ex.drop_header {
-        out.remove(h);
-    }
-    for (n, v) in &ex.auth_headers {
-        out.insert(n.clone(), v.clone());
-    }
-    route.request_headers.apply(&mut out);
-    Ok(out)
+    let h = req.headers();
+    crate::proxy::headers::upstream_headers(
+        || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        h.len(),
+        &Forwarding {
+            peer,
+            trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),
+            request_id: &ex.request_id,
+            upstream_host: &route.upstream_host,
+            target_authority: target.authority.as_str(),
+            drop_header: ex.drop_header.as_ref(),
+            auth_headers: &ex.auth_headers,
+            rules: &route.request_headers,
+        },
+    )
 }
 
 /// The upstream request target, in origin form (`/path?query`): the connection already names

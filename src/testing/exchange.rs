@@ -20,9 +20,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::fixture::Case;
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
+use crate::proxy::headers::Forwarding;
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
 use crate::router::normalize_path;
-use crate::snapshot::{Route, Snapshot, StaticResponse, UpstreamHost, canonical_ip};
+use crate::snapshot::{Route, Snapshot, StaticResponse};
 
 /// The request id of a case whose request does not bring a valid one.
 pub const TEST_REQUEST_ID: &str = "rustygate-test";
@@ -413,88 +414,25 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
     out
 }
 
-/// The headers the upstream gets: the client's minus hop-by-hop and `Connection`-named ones,
-/// forwarding headers set by the gateway, then the route's `request_headers` rules (the policy's
-/// edits come after). The same rules as the proxy handler's `upstream_headers`.
+/// The headers the upstream gets: the proxy's own function, so both agree.
 fn upstream_headers(
     run: &Run<'_>,
     route: &Route,
     target_authority: &str,
 ) -> Result<HeaderMap, String> {
     let h = &run.case.headers;
-    let dropped = connection_tokens(
-        h.get_all(http::header::CONNECTION)
-            .iter()
-            .map(|v| v.as_bytes()),
-    )?;
-    let peer = canonical_ip(run.case.peer);
-    let trusted = run.trusted;
-    let mut out = HeaderMap::with_capacity(h.len() + 4);
-    for (name, value) in h {
-        let n = name.as_str();
-        if is_hop_by_hop_str(n)
-            || matches!(n, "host" | "x-forwarded-for" | "x-request-id" | "expect")
-            || (!trusted
-                && matches!(
-                    n,
-                    "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
-                ))
-            || dropped.iter().any(|d| d == n)
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    let peer_text = peer.to_string();
-    let xff = if trusted {
-        let prior: Vec<&str> = h
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            peer_text
-        } else {
-            format!("{}, {peer_text}", prior.join(", "))
-        }
-    } else {
-        peer_text
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
-    if !out.contains_key("x-forwarded-proto") {
-        out.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
-    }
-    let client_host = h.get(http::header::HOST).cloned();
-    if !out.contains_key("x-forwarded-host")
-        && let Some(v) = &client_host
-    {
-        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
-    }
-    out.insert(
-        HeaderName::from_static("x-request-id"),
-        run.request_id.clone(),
-    );
-    let host = match &route.upstream_host {
-        UpstreamHost::Preserve => {
-            client_host.or_else(|| HeaderValue::from_str(target_authority).ok())
-        }
-        UpstreamHost::Target => HeaderValue::from_str(target_authority).ok(),
-        UpstreamHost::Fixed(v) => Some(v.clone()),
-    };
-    if let Some(v) = host {
-        out.insert(http::header::HOST, v);
-    }
-    if let Some(n) = &run.drop_header {
-        out.remove(n);
-    }
-    for (n, v) in &run.auth_headers {
-        out.insert(n.clone(), v.clone());
-    }
-    route.request_headers.apply(&mut out);
-    Ok(out)
+    crate::proxy::headers::upstream_headers(
+        || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        h.len(),
+        &Forwarding {
+            peer: Some(run.case.peer),
+            trusted: run.trusted,
+            request_id: &run.request_id,
+            upstream_host: &route.upstream_host,
+            target_authority,
+            drop_header: run.drop_header.as_ref(),
+            auth_headers: &run.auth_headers,
+            rules: &route.request_headers,
+        },
+    )
 }

@@ -33,8 +33,9 @@ pub struct Target {
     pub state: Arc<TargetState>,
 }
 
+#[cfg(test)]
 impl Target {
-    /// A target with detached state, for unit tests and benches.
+    /// A target with detached state, for unit tests.
     pub fn for_tests(url: &str, weight: u32) -> Target {
         let authority: Authority = url
             .trim_start_matches("http://")
