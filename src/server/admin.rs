@@ -153,25 +153,42 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
     queue(tx, Trigger::Admin { force })
 }
 
-/// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
-async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+/// The checks every webhook shares: configured, within the rate limit, authentic (`verify` gets
+/// the secret), and not a replay of a delivery id already seen. `Some` is the refusal to send.
+fn webhook_refusal(
+    req: &HttpRequest,
+    state: &AdminState,
+    source: &str,
+    verify: impl FnOnce(&str) -> bool,
+    delivery_header: &str,
+) -> Option<HttpResponse> {
     let Some(secret) = state.control.webhook_secret.as_deref() else {
-        return reply(
+        return Some(reply(
             403,
             "webhooks are disabled: no webhook secret is configured",
-        );
+        ));
     };
     if !state.limit.allow() {
-        return reply(429, "too many requests");
+        return Some(reply(429, "too many requests"));
     }
-    if !github_signature_ok(secret, &body, header(&req, "x-hub-signature-256")) {
-        tracing::warn!(peer = ?req.peer_addr(), "GitHub webhook with a missing or wrong signature");
-        return reply(401, "invalid signature");
+    if !verify(secret) {
+        tracing::warn!(peer = ?req.peer_addr(), source, "webhook with a missing or wrong signature or token");
+        return Some(reply(401, "invalid signature or token"));
     }
-    if let Some(id) = header(&req, "x-github-delivery").and_then(|v| std::str::from_utf8(v).ok())
+    if let Some(id) = header(req, delivery_header).and_then(|v| std::str::from_utf8(v).ok())
         && !state.deliveries.first_time(id)
     {
-        return reply(200, "delivery already processed");
+        return Some(reply(200, "delivery already processed"));
+    }
+    None
+}
+
+/// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
+async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+    let verify =
+        |secret: &str| github_signature_ok(secret, &body, header(&req, "x-hub-signature-256"));
+    if let Some(answer) = webhook_refusal(&req, &state, "github", verify, "x-github-delivery") {
+        return answer;
     }
     match header(&req, "x-github-event") {
         Some(b"ping") => reply(200, "pong"),
@@ -182,23 +199,10 @@ async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
 
 /// `POST /hooks/gitlab`: the `X-Gitlab-Token` secret, compared in constant time.
 async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
-    let Some(secret) = state.control.webhook_secret.as_deref() else {
-        return reply(
-            403,
-            "webhooks are disabled: no webhook secret is configured",
-        );
-    };
-    if !state.limit.allow() {
-        return reply(429, "too many requests");
-    }
-    if !secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b"")) {
-        tracing::warn!(peer = ?req.peer_addr(), "GitLab webhook with a missing or wrong token");
-        return reply(401, "invalid token");
-    }
-    if let Some(id) = header(&req, "x-gitlab-event-uuid").and_then(|v| std::str::from_utf8(v).ok())
-        && !state.deliveries.first_time(id)
-    {
-        return reply(200, "delivery already processed");
+    let verify =
+        |secret: &str| secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b""));
+    if let Some(answer) = webhook_refusal(&req, &state, "gitlab", verify, "x-gitlab-event-uuid") {
+        return answer;
     }
     match header(&req, "x-gitlab-event") {
         Some(b"Push Hook") => push(&state, &body, "gitlab"),
