@@ -16,6 +16,7 @@ mod edge;
 mod gateway;
 mod policies;
 mod routes;
+mod tls;
 mod upstreams;
 
 use std::collections::HashMap;
