@@ -137,7 +137,21 @@ struct TestBackend {
 
 impl TestBackend {
     fn start(mode: Mode, delay: Duration) -> TestBackend {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        TestBackend::start_at("127.0.0.1:0".parse().unwrap(), mode, delay)
+    }
+
+    /// A backend on a given address (to bring a stopped backend back on its port).
+    fn start_at(addr: SocketAddr, mode: Mode, delay: Duration) -> TestBackend {
+        // A backend just stopped may still hold the port for a moment.
+        let mut bound = None;
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                bound = std::net::TcpListener::bind(addr).ok();
+                bound.is_some()
+            }),
+            "{addr} is free"
+        );
+        let listener = bound.unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -163,86 +177,110 @@ impl TestBackend {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let accept =
-                    async {
-                        loop {
-                            let Ok((stream, _)) = listener.accept().await else {
-                                continue;
-                            };
-                            connections.fetch_add(1, Ordering::SeqCst);
-                            let (mode, seen, active, max) = (
-                                Arc::clone(&mode),
-                                Arc::clone(&seen),
-                                Arc::clone(&active),
-                                Arc::clone(&max_concurrent),
-                            );
-                            let failures = Arc::clone(&handshake_failures);
-                            tokio::spawn(async move {
-                                let record = move |sni: Option<String>,
-                                               client_cert: bool,
-                                               alpn: Option<Vec<u8>>| {
-                                hyper::service::service_fn(move |req: hyper::Request<_>| {
-                                    let (seen, active, max) =
-                                        (Arc::clone(&seen), Arc::clone(&active), Arc::clone(&max));
-                                    let entry = Seen {
-                                        path: req.uri().path().to_owned(),
-                                        version: req.version(),
-                                        sni: sni.clone(),
-                                        client_cert,
-                                        alpn: alpn.clone(),
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        connections.fetch_add(1, Ordering::SeqCst);
+                        let (mode, seen, active, max) = (
+                            Arc::clone(&mode),
+                            Arc::clone(&seen),
+                            Arc::clone(&active),
+                            Arc::clone(&max_concurrent),
+                        );
+                        let failures = Arc::clone(&handshake_failures);
+                        tokio::spawn(async move {
+                            let record =
+                                move |sni: Option<String>,
+                                      client_cert: bool,
+                                      alpn: Option<Vec<u8>>| {
+                                    hyper::service::service_fn(move |req: hyper::Request<_>| {
+                                        let (seen, active, max) = (
+                                            Arc::clone(&seen),
+                                            Arc::clone(&active),
+                                            Arc::clone(&max),
+                                        );
+                                        let entry = Seen {
+                                            path: req.uri().path().to_owned(),
+                                            version: req.version(),
+                                            sni: sni.clone(),
+                                            client_cert,
+                                            alpn: alpn.clone(),
+                                        };
+                                        async move {
+                                            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                                            max.fetch_max(now, Ordering::SeqCst);
+                                            tokio::time::sleep(delay).await;
+                                            active.fetch_sub(1, Ordering::SeqCst);
+                                            let body = format!("{:?}", entry.version);
+                                            let trailers = entry.path == "/trailers";
+                                            seen.lock().unwrap().push(entry);
+                                            if !trailers {
+                                                return Ok::<_, Infallible>(Response::new(full(
+                                                    body,
+                                                )));
+                                            }
+                                            // Like a gRPC answer: the status comes in trailers.
+                                            let mut t = http::HeaderMap::new();
+                                            t.insert(
+                                                "grpc-status",
+                                                http::HeaderValue::from_static("0"),
+                                            );
+                                            let frames = vec![
+                                                Ok(hyper::body::Frame::data(bytes::Bytes::from(
+                                                    body,
+                                                ))),
+                                                Ok(hyper::body::Frame::trailers(t)),
+                                            ];
+                                            let stream = futures_util::stream::iter(frames);
+                                            Ok(Response::new(http_body_util::BodyExt::boxed(
+                                                http_body_util::StreamBody::new(stream),
+                                            )))
+                                        }
+                                    })
+                                };
+                            match &*mode {
+                                Mode::H2c => {
+                                    let _ = hyper::server::conn::http2::Builder::new(
+                                        hyper_util::rt::TokioExecutor::new(),
+                                    )
+                                    .serve_connection(
+                                        hyper_util::rt::TokioIo::new(stream),
+                                        record(None, false, None),
+                                    )
+                                    .await;
+                                }
+                                Mode::Tls { config } => {
+                                    let acceptor =
+                                        tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                                    let Ok(tls) = acceptor.accept(stream).await else {
+                                        failures.fetch_add(1, Ordering::SeqCst);
+                                        return;
                                     };
-                                    async move {
-                                        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-                                        max.fetch_max(now, Ordering::SeqCst);
-                                        tokio::time::sleep(delay).await;
-                                        active.fetch_sub(1, Ordering::SeqCst);
-                                        let body = format!("{:?}", entry.version);
-                                        seen.lock().unwrap().push(entry);
-                                        Ok::<_, Infallible>(Response::new(full(body)))
-                                    }
-                                })
-                            };
-                                match &*mode {
-                                    Mode::H2c => {
+                                    let (_, session) = tls.get_ref();
+                                    let sni = session.server_name().map(str::to_owned);
+                                    let client_cert = session.peer_certificates().is_some();
+                                    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+                                    let h2 = alpn.as_deref() == Some(b"h2");
+                                    let svc = record(sni, client_cert, alpn);
+                                    let io = hyper_util::rt::TokioIo::new(tls);
+                                    if h2 {
                                         let _ = hyper::server::conn::http2::Builder::new(
                                             hyper_util::rt::TokioExecutor::new(),
                                         )
-                                        .serve_connection(
-                                            hyper_util::rt::TokioIo::new(stream),
-                                            record(None, false, None),
-                                        )
+                                        .serve_connection(io, svc)
                                         .await;
-                                    }
-                                    Mode::Tls { config } => {
-                                        let acceptor =
-                                            tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-                                        let Ok(tls) = acceptor.accept(stream).await else {
-                                            failures.fetch_add(1, Ordering::SeqCst);
-                                            return;
-                                        };
-                                        let (_, session) = tls.get_ref();
-                                        let sni = session.server_name().map(str::to_owned);
-                                        let client_cert = session.peer_certificates().is_some();
-                                        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-                                        let h2 = alpn.as_deref() == Some(b"h2");
-                                        let svc = record(sni, client_cert, alpn);
-                                        let io = hyper_util::rt::TokioIo::new(tls);
-                                        if h2 {
-                                            let _ = hyper::server::conn::http2::Builder::new(
-                                                hyper_util::rt::TokioExecutor::new(),
-                                            )
+                                    } else {
+                                        let _ = hyper::server::conn::http1::Builder::new()
                                             .serve_connection(io, svc)
                                             .await;
-                                        } else {
-                                            let _ = hyper::server::conn::http1::Builder::new()
-                                                .serve_connection(io, svc)
-                                                .await;
-                                        }
                                     }
                                 }
-                            });
-                        }
-                    };
+                            }
+                        });
+                    }
+                };
                 tokio::select! {
                     _ = accept => {}
                     _ = stopped => {}
@@ -565,4 +603,58 @@ fn health_checks_use_tls_for_https_targets() {
         "a target whose certificate does not verify is unhealthy"
     );
     assert!(be.handshake_failures.load(Ordering::SeqCst) > failures);
+}
+
+#[test]
+fn a_closed_h2_connection_is_replaced() {
+    let be = TestBackend::start(Mode::H2c, Duration::ZERO);
+    let addr = be.addr;
+    let dir = repo(&[
+        (
+            "routes/all.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
+        ),
+        (
+            "upstreams/be.toml",
+            &format!("[upstream.be]\ntargets = [\"http://{addr}\"]\nprotocol = \"http2\"\n"),
+        ),
+    ]);
+    let gw = start(&dir, 1);
+    assert_eq!(get(&gw, "/x").0, 200);
+    // The backend goes away, closing the shared connection, and comes back on its port.
+    drop(be);
+    let back = TestBackend::start_at(addr, Mode::H2c, Duration::ZERO);
+    assert!(
+        wait_until(Duration::from_secs(5), || get(&gw, "/x").0 == 200),
+        "a new connection is opened"
+    );
+    assert_eq!(back.connections.load(Ordering::SeqCst), 1);
+    assert!(get(&gw, "/y").0 == 200 && back.connections.load(Ordering::SeqCst) == 1);
+}
+
+#[test]
+fn trailers_of_an_h2_response_are_not_passed_to_an_http1_client() {
+    let be = TestBackend::start(Mode::H2c, Duration::ZERO);
+    let dir = repo(&[
+        (
+            "routes/all.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
+        ),
+        (
+            "upstreams/be.toml",
+            &format!(
+                "[upstream.be]\ntargets = [\"http://{}\"]\nprotocol = \"http2\"\n",
+                be.addr
+            ),
+        ),
+    ]);
+    let gw = start(&dir, 1);
+    // The body arrives whole; the trailers (gRPC's status) do not: the client side is HTTP/1.1.
+    let text = raw(
+        gw.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: t\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/2.0"), "{text}");
+    assert!(!text.contains("grpc-status"), "{text}");
 }
