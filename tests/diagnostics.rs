@@ -409,6 +409,204 @@ fn missing_policy_file() {
     assert!(the(&c, "missing-file").message.contains("policies/a.rhai"));
 }
 
+/// A route to `orders` and `[upstream.orders]` with an https target and these extra lines.
+fn tls_repo(upstream_lines: &str, files: &[(&str, &str)]) -> TempDir {
+    let upstream =
+        format!("[upstream.orders]\ntargets = [\"https://127.0.0.1:8443\"]\n{upstream_lines}\n");
+    let mut all = vec![
+        (
+            "routes/a.toml",
+            "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+        ),
+        ("upstreams/orders.toml", upstream.as_str()),
+    ];
+    all.extend_from_slice(files);
+    repo(&all)
+}
+
+/// `upstreams/orders.toml:3:<column of needle>`: where a key on the upstream's third line is.
+fn at_line_3(upstream_lines: &str, needle: &str) -> String {
+    let line = upstream_lines.lines().next().unwrap();
+    format!("upstreams/orders.toml:3:{}", line.find(needle).unwrap() + 1)
+}
+
+/// A CA certificate, a client certificate it signs and that certificate's key, in PEM.
+fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["gateway".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_settings_that_are_valid_compile_into_a_snapshot() {
+    let (ca, cert, key) = test_pki();
+    let secrets = tempfile::tempdir().unwrap();
+    let key_path = secrets.path().join("client.key");
+    std::fs::write(&key_path, key).unwrap();
+    let lines = format!(
+        "protocol = \"http2\"\ntls = {{ ca_file = \"certs/ca.pem\", server_name = \"orders.internal\", client_cert_file = \"certs/client.pem\", client_key = {{ file = {:?} }} }}",
+        key_path.display().to_string()
+    );
+    let dir = tls_repo(
+        &lines,
+        &[("certs/ca.pem", &ca), ("certs/client.pem", &cert)],
+    );
+    let c = compile(dir.path());
+    assert!(c.diagnostics.is_empty(), "{:#?}", summary(&c));
+    let snapshot = c.snapshot.unwrap();
+    let target = &snapshot.upstreams[0].targets[0];
+    assert_eq!(target.connect_addr, "127.0.0.1:8443");
+    let tls = target.tls.as_ref().unwrap();
+    assert_eq!(tls.server_name.to_str(), "orders.internal");
+    assert_eq!(tls.config.alpn_protocols, [b"h2".to_vec()]);
+    assert!(tls.config.client_auth_cert_resolver.has_certs());
+
+    // Without secrets (`validate --no-env`) the key is not read and the rest is still checked.
+    let lines = "tls = { ca_file = \"certs/ca.pem\", client_cert_file = \"certs/client.pem\", client_key = { env = \"RUSTYGATE_TEST_UNSET_KEY_5C1D\" } }";
+    let dir = tls_repo(lines, &[("certs/ca.pem", &ca), ("certs/client.pem", &cert)]);
+    assert!(compile_with(dir.path(), false).diagnostics.is_empty());
+    assert_eq!(
+        summary(&compile(dir.path())),
+        [format!(
+            "error[missing-secret] {}",
+            at_line_3(lines, "{ env")
+        )]
+    );
+}
+
+#[test]
+fn missing_ca_file_is_located() {
+    let lines = "tls = { ca_file = \"certs/ca.pem\" }";
+    let dir = tls_repo(lines, &[]);
+    let c = compile(dir.path());
+    assert_eq!(
+        summary(&c),
+        [format!(
+            "error[missing-file] {}",
+            at_line_3(lines, "\"certs")
+        )]
+    );
+    assert!(the(&c, "missing-file").message.contains("certs/ca.pem"));
+    assert!(c.snapshot.is_none());
+
+    let lines = "tls = { ca_file = \"../ca.pem\" }";
+    let dir = tls_repo(lines, &[]);
+    assert_eq!(
+        summary(&compile(dir.path())),
+        [format!("error[invalid-path] {}", at_line_3(lines, "\"../"))]
+    );
+}
+
+#[test]
+fn bad_pem_is_located() {
+    let lines = "tls = { ca_file = \"certs/ca.pem\" }";
+    let at = at_line_3(lines, "\"certs");
+    for (pem, says) in [
+        ("just text\n", "no PEM certificate"),
+        (
+            "-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n",
+            "not valid PEM",
+        ),
+        (
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+            "not a valid CA",
+        ),
+    ] {
+        let dir = tls_repo(lines, &[("certs/ca.pem", pem)]);
+        let c = compile(dir.path());
+        assert_eq!(summary(&c), [format!("error[invalid-tls] {at}")], "{pem}");
+        let d = the(&c, "invalid-tls");
+        assert!(d.message.contains(says), "{}", d.message);
+        assert!(d.message.contains("certs/ca.pem"), "{}", d.message);
+    }
+}
+
+#[test]
+fn client_certificate_and_key_go_together() {
+    let (ca, cert, _) = test_pki();
+    let files = [
+        ("certs/ca.pem", ca.as_str()),
+        ("certs/client.pem", cert.as_str()),
+    ];
+    let lines = "tls = { ca_file = \"certs/ca.pem\", client_cert_file = \"certs/client.pem\" }";
+    expect_tls(lines, &files, &[("error[invalid-tls]", "\"certs/client")]);
+    let lines = "tls = { ca_file = \"certs/ca.pem\", client_key = { env = \"HOME\" } }";
+    expect_tls(lines, &files, &[("error[invalid-tls]", "{ env")]);
+    // A private key is never written in the repo.
+    let lines = "tls = { client_cert_file = \"certs/client.pem\", client_key = \"-----BEGIN PRIVATE KEY-----\" }";
+    expect_tls(lines, &files, &[("error[inline-secret]", "\"-----")]);
+    // A key that is not PEM.
+    let secrets = tempfile::tempdir().unwrap();
+    let key_path = secrets.path().join("client.key");
+    std::fs::write(&key_path, "not a key").unwrap();
+    let lines = format!(
+        "tls = {{ client_cert_file = \"certs/client.pem\", client_key = {{ file = {:?} }} }}",
+        key_path.display().to_string()
+    );
+    expect_tls(&lines, &files, &[("error[invalid-tls]", "{ file")]);
+}
+
+#[test]
+fn tls_and_protocol_values_are_checked() {
+    expect_tls(
+        "tls = { server_name = \"not a name!\" }",
+        &[],
+        &[("error[invalid-tls]", "\"not")],
+    );
+    expect_tls(
+        "protocol = \"http3\"",
+        &[],
+        &[("error[invalid-value]", "\"http3")],
+    );
+    // `tls` on an upstream without https:// targets does nothing: a warning.
+    let upstream = "[upstream.orders]\ntargets = [\"http://127.0.0.1:8001\"]\ntls = { ca_file = \"certs/ca.pem\" }\n";
+    expect(
+        &[
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+            ),
+            ("upstreams/orders.toml", upstream),
+        ],
+        &["warning[unused-tls] upstreams/orders.toml:3:7"],
+    );
+}
+
+/// Compiles [`tls_repo`] and expects exactly these `(severity[code], needle)` diagnostics.
+fn expect_tls(lines: &str, files: &[(&str, &str)], expected: &[(&str, &str)]) {
+    let dir = tls_repo(lines, files);
+    let c = compile(dir.path());
+    let expected: Vec<String> = expected
+        .iter()
+        .map(|(code, needle)| format!("{code} {}", at_line_3(lines, needle)))
+        .collect();
+    assert_eq!(summary(&c), expected, "{lines}");
+}
+
+#[test]
+fn cli_validate_catches_a_bad_certificate() {
+    let dir = tls_repo(
+        "tls = { ca_file = \"certs/ca.pem\" }",
+        &[("certs/ca.pem", "not a certificate\n")],
+    );
+    let out = validate(&["--format", "short", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("upstreams/orders.toml:3:19: error[invalid-tls]"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn unused_upstream_is_a_warning() {
     expect(

@@ -16,6 +16,7 @@ mod edge;
 mod gateway;
 mod policies;
 mod routes;
+mod tls;
 mod upstreams;
 
 use std::collections::HashMap;
@@ -157,6 +158,51 @@ impl Cx<'_> {
                     v.span(),
                     "not a duration",
                 ));
+                None
+            }
+        }
+    }
+
+    /// Reads a file the config names by a path relative to the repo root (a policy script, a
+    /// CA bundle), reporting a located error when the path leaves the repo or the file cannot
+    /// be read. `what` names the kind of file in messages, `example` is a path to suggest.
+    pub fn read_repo_file(
+        &mut self,
+        file: FileId,
+        p: &Spanned<String>,
+        what: &str,
+        example: &str,
+    ) -> Option<String> {
+        let rel = Path::new(p.get());
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            self.push(
+                Diagnostic::error(
+                    "invalid-path",
+                    format!("a {what} path is relative to the repo root and stays inside it"),
+                )
+                .at(file, p.span(), "outside the repo"),
+            );
+            return None;
+        }
+        match std::fs::read_to_string(self.root.join(rel)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let message = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("{what} file `{}` does not exist", p.get())
+                } else {
+                    format!("{what} file `{}` cannot be read: {e}", p.get())
+                };
+                self.push(
+                    Diagnostic::error("missing-file", message)
+                        .at(file, p.span(), "file not found")
+                        .help(format!(
+                            "paths are relative to the config repo root, e.g. \"{example}\""
+                        )),
+                );
                 None
             }
         }

@@ -172,39 +172,7 @@ fn load(
     p: &Spanned<String>,
     upstreams: &UpstreamTable,
 ) -> Option<Arc<Policy>> {
-    let rel = std::path::Path::new(p.get());
-    if rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        cx.push(
-            Diagnostic::error(
-                "invalid-path",
-                "a policy path is relative to the repo root and stays inside it",
-            )
-            .at(file, p.span(), "outside the repo"),
-        );
-        return None;
-    }
-    let source = match std::fs::read_to_string(cx.root.join(rel)) {
-        Ok(s) => s,
-        Err(e) => {
-            let what = if e.kind() == std::io::ErrorKind::NotFound {
-                format!("policy file `{}` does not exist", p.get())
-            } else {
-                format!("policy file `{}` cannot be read: {e}", p.get())
-            };
-            cx.push(
-                Diagnostic::error("missing-file", what)
-                    .at(file, p.span(), "file not found")
-                    .help(
-                        "paths are relative to the config repo root, e.g. \"policies/orders.rhai\"",
-                    ),
-            );
-            return None;
-        }
-    };
+    let source = cx.read_repo_file(file, p, "policy", "policies/orders.rhai")?;
     let script = cx.files.add(p.get().clone(), source.clone());
     let engine = Arc::clone(
         cx.policies

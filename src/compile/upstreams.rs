@@ -14,8 +14,8 @@ use crate::config::{Diagnostic, FileId, Spanned};
 use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::MAX_ATTEMPTS;
 use crate::upstream::{
-    Balancer, DEFAULT_IDLE_TIMEOUT, HashKey, Limits, Outlier, RetryBudget, RetryOverride,
-    RetryPolicy, Target, Upstream, state,
+    Balancer, DEFAULT_IDLE_TIMEOUT, HashKey, Limits, Outlier, PoolKey, Protocol, RetryBudget,
+    RetryOverride, RetryPolicy, Target, Upstream, state,
 };
 
 /// Largest weight a target may have; keeps the round-robin cycle small.
@@ -47,7 +47,8 @@ pub(crate) fn compile_upstreams(
                     .at(file, name.span(), "invalid name"),
             );
         }
-        let targets = compile_targets(cx, file, name, &u.targets, u.health.as_ref());
+        let mut targets = compile_targets(cx, file, name, &u.targets, u.health.as_ref());
+        super::tls::apply(cx, file, name, u, &mut targets);
         let connect_timeout = u
             .connect_timeout
             .as_ref()
@@ -187,7 +188,7 @@ fn compile_targets(
                     format!("invalid target URL `{url}`: {why}"),
                 )
                 .at(file, t.span(), "invalid target")
-                .help("write targets as \"http://host:port\""),
+                .help("write targets as \"http://host:port\" or \"https://host:port\""),
             ),
         }
     }
@@ -197,11 +198,11 @@ fn compile_targets(
 fn parse_target(url: &str) -> Result<Target, String> {
     let uri: Uri = url.parse().map_err(|e| format!("{e}"))?;
     let scheme = uri.scheme().cloned().ok_or("no scheme")?;
-    match scheme.as_str() {
-        "http" => {}
-        "https" => return Err("https targets are not supported by this build yet".into()),
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
         other => return Err(format!("unsupported scheme `{other}`")),
-    }
+    };
     let authority = uri.authority().cloned().ok_or("no host")?;
     if authority.host().is_empty() {
         return Err("no host".into());
@@ -214,14 +215,20 @@ fn parse_target(url: &str) -> Result<Target, String> {
             "a target is an origin only; use the route's `add_prefix` for a base path".into(),
         );
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(default_port);
     let connect_addr = format!("{}:{port}", authority.host());
     Ok(Target {
         url: url.to_owned(),
         scheme,
+        pool_key: PoolKey {
+            authority: authority.clone(),
+            variant: 0,
+        },
         authority,
         connect_addr,
         weight: 1,
+        protocol: Protocol::Http1,
+        tls: None,
         state: state::TargetState::detached("", url),
     })
 }
@@ -572,6 +579,12 @@ mod tests {
         assert!(parse_target("http://127.0.0.1:8001/").is_ok());
         assert!(parse_target("127.0.0.1:8001").is_err());
         assert!(parse_target("ftp://x").is_err());
+        let t = parse_target("https://orders.internal").unwrap();
+        assert_eq!(t.connect_addr, "orders.internal:443");
+        assert_eq!(
+            parse_target("https://10.0.0.1:8443").unwrap().connect_addr,
+            "10.0.0.1:8443"
+        );
         assert!(parse_target("http://x/base").is_err());
         assert!(parse_target("http://u:p@x").is_err());
         assert!(parse_target("http://").is_err());

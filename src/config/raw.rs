@@ -306,6 +306,42 @@ pub struct RawUpstream {
     pub retries: Option<Spanned<RawRetries>>,
     /// Concurrency limits; requests over them get 503 at once.
     pub circuit_breaker: Option<Spanned<RawCircuitBreaker>>,
+    /// The HTTP version spoken to the targets (default `"http1"`). `"http2"` is HTTP/2 with prior
+    /// knowledge (h2c) on `http://` targets and HTTP/2 negotiated with ALPN on `https://` targets.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// How `https://` targets are verified and what the gateway presents to them.
+    pub tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// The HTTP version spoken to an upstream's targets.
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, connections pooled per worker.
+    #[default]
+    Http1,
+    /// HTTP/2: one connection per target and worker, shared by concurrent requests.
+    Http2,
+}
+
+/// `tls = { ca_file = "certs/ca.pem", server_name = "orders.internal" }`. There is no setting
+/// that turns certificate verification off.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// PEM file of the CA certificates that sign the targets' certificates, relative to the repo
+    /// root. Default: the operating system's root certificates.
+    pub ca_file: Option<Spanned<String>>,
+    /// Name sent as SNI and matched against the targets' certificates (default: each target's
+    /// host).
+    pub server_name: Option<Spanned<String>>,
+    /// PEM certificate chain the gateway presents to the targets (mutual TLS), relative to the
+    /// repo root. Needs `client_key`.
+    pub client_cert_file: Option<Spanned<String>>,
+    /// The private key of `client_cert_file`, in PEM: a secret reference
+    /// (`{ file = "/run/secrets/orders.key" }` or `{ env = "NAME" }`), never written in the repo.
+    pub client_key: Option<Spanned<ValueSource>>,
 }
 
 /// `health = { path = "/healthz", interval = "5s" }`.

@@ -178,10 +178,21 @@ impl MessageBody for UpstreamBody {
         loop {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => {
-                    // Trailers are not forwarded over HTTP/1.1 responses; skip them.
-                    if let Ok(data) = frame.into_data() {
-                        this.sent += data.len() as u64;
-                        return Poll::Ready(Some(Ok(data)));
+                    // Trailers (HTTP/2 upstreams, e.g. gRPC's `grpc-status`) cannot be passed
+                    // on: actix writes the client's response as HTTP/1.1 without trailers.
+                    match frame.into_data() {
+                        Ok(data) => {
+                            this.sent += data.len() as u64;
+                            return Poll::Ready(Some(Ok(data)));
+                        }
+                        Err(frame) => {
+                            if let Some(t) = frame.trailers_ref() {
+                                tracing::debug!(
+                                    trailers = t.len(),
+                                    "upstream response trailers dropped: the client side is HTTP/1.1"
+                                );
+                            }
+                        }
                     }
                 }
                 Some(Err(e)) => {

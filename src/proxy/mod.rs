@@ -6,6 +6,7 @@
 pub mod body;
 pub mod headers;
 pub mod pool;
+pub mod tls;
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -13,11 +14,15 @@ use std::time::Duration;
 use body::BodyError;
 
 /// Why forwarding failed, and so which status the client gets.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ForwardError {
     /// 502: the target refused or reset the connection.
     #[error("connecting to the upstream failed: {0}")]
     Connect(String),
+    /// 502: the TLS handshake with the target failed (certificate not trusted, name mismatch,
+    /// client certificate refused, protocol not agreed).
+    #[error("the TLS handshake with the upstream failed: {0}")]
+    Tls(String),
     /// 504: connecting or waiting for the response headers took too long.
     #[error("the upstream did not answer in {0:?}")]
     Timeout(Duration),
@@ -38,7 +43,7 @@ pub enum ForwardError {
 impl ForwardError {
     pub fn status(&self) -> u16 {
         match self {
-            ForwardError::Connect(_) | ForwardError::Upstream(_) => 502,
+            ForwardError::Connect(_) | ForwardError::Tls(_) | ForwardError::Upstream(_) => 502,
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
             ForwardError::ClientBody(_) => 400,
@@ -50,6 +55,7 @@ impl ForwardError {
     pub fn kind(&self) -> &'static str {
         match self {
             ForwardError::Connect(_) => "connect",
+            ForwardError::Tls(_) => "tls",
             ForwardError::Timeout(_) => "timeout",
             ForwardError::BodyTooLarge => "body_too_large",
             ForwardError::ClientBody(_) => "client_body",

@@ -1,11 +1,15 @@
-//! A per-worker pool of upstream HTTP/1.1 connections.
+//! Per-worker pools of upstream connections.
 //!
-//! Each actix worker is a single thread, so its pool needs no lock: a `RefCell` over idle
-//! connections keyed by target address. Pools outlive snapshots (the key is the address, not the
-//! route), so a config swap that keeps a target keeps its warm connections.
+//! Each actix worker is a single thread, so its pool needs no lock: `RefCell`s over connections
+//! keyed by [`PoolKey`] (target address plus how the connection was made). Pools outlive
+//! snapshots, so a config swap that keeps a target keeps its warm connections.
 //!
-//! A connection goes back to the pool once hyper reports it ready, that is once its previous
-//! response body has been read to the end; every pooled connection is idle.
+//! HTTP/1.1: a connection goes back to the pool once hyper reports it ready, that is once its
+//! previous response body has been read to the end; every pooled connection is idle.
+//!
+//! HTTP/2: one connection per target and worker, shared by every request (a cloned handle per
+//! request). Requests that arrive while it is being opened wait for that one connection instead
+//! of opening their own. A closed connection is dropped and the next request opens a new one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,15 +17,20 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::uri::Authority;
+use futures_util::FutureExt;
+use futures_util::future::{LocalBoxFuture, Shared};
+use http::uri::{Authority, PathAndQuery};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ForwardError;
 use super::body::ProxyBody;
-use crate::upstream::Target;
+use super::tls::{self, TargetTls};
 use crate::upstream::state::UpstreamShared;
+use crate::upstream::{PoolKey, Protocol, Target};
 
 /// How often expired idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -33,9 +42,22 @@ struct Idle {
     expires: Instant,
 }
 
+type H2Result = Result<http2::SendRequest<ProxyBody>, ForwardError>;
+
+/// A target's HTTP/2 connection on this worker.
+enum H2Slot {
+    Ready {
+        conn: http2::SendRequest<ProxyBody>,
+        expires: Instant,
+    },
+    /// Being opened; every request that needs it awaits the same future.
+    Connecting(Shared<LocalBoxFuture<'static, H2Result>>),
+}
+
 #[derive(Default)]
 pub struct LocalPool {
-    idle: RefCell<HashMap<Authority, Vec<Idle>>>,
+    idle: RefCell<HashMap<PoolKey, Vec<Idle>>>,
+    h2: RefCell<HashMap<PoolKey, H2Slot>>,
 }
 
 /// How one attempt is made.
@@ -73,7 +95,14 @@ impl LocalPool {
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
-        match tokio::time::timeout(opts.timeout, self.send_inner(target, req, opts)).await {
+        let attempt = async {
+            match target.protocol {
+                Protocol::Http1 => self.send_inner(target, req, opts).await,
+                // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
+                Protocol::Http2 => Box::pin(self.send_h2(target, req, opts)).await,
+            }
+        };
+        match tokio::time::timeout(opts.timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(SendFailure {
                 error: ForwardError::Timeout(opts.timeout),
@@ -94,7 +123,7 @@ impl LocalPool {
             let pooled = if fresh {
                 None
             } else {
-                self.checkout(&target.authority)
+                self.checkout(&target.pool_key)
             };
             let mut conn = match pooled {
                 Some(c) => c,
@@ -111,7 +140,8 @@ impl LocalPool {
                         },
                         None => None,
                     };
-                    match connect(&target.connect_addr, opts.connect_timeout).await {
+                    let tls = target.tls.as_ref();
+                    match connect_h1(&target.connect_addr, tls, opts.connect_timeout).await {
                         Ok(c) => c,
                         Err(error) => {
                             return Err(SendFailure {
@@ -124,7 +154,7 @@ impl LocalPool {
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin_when_ready(target.authority.clone(), conn, opts.idle_timeout);
+                    self.checkin_when_ready(target.pool_key.clone(), conn, opts.idle_timeout);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -144,7 +174,7 @@ impl LocalPool {
         })
     }
 
-    fn checkout(&self, key: &Authority) -> Option<SendRequest<ProxyBody>> {
+    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
@@ -160,7 +190,7 @@ impl LocalPool {
     /// reports it ready); a connection that closes first is simply dropped.
     fn checkin_when_ready(
         self: &Rc<Self>,
-        key: Authority,
+        key: PoolKey,
         mut conn: SendRequest<ProxyBody>,
         idle_timeout: Duration,
     ) {
@@ -174,7 +204,7 @@ impl LocalPool {
         });
     }
 
-    fn checkin(&self, key: &Authority, conn: SendRequest<ProxyBody>, idle_timeout: Duration) {
+    fn checkin(&self, key: &PoolKey, conn: SendRequest<ProxyBody>, idle_timeout: Duration) {
         let mut idle = self.idle.borrow_mut();
         let list = match idle.get_mut(key) {
             Some(l) => l,
@@ -194,11 +224,124 @@ impl LocalPool {
             list.retain(|i| !i.conn.is_closed() && now < i.expires);
             !list.is_empty()
         });
+        // Requests in flight hold their own handle: dropping the pool's only stops reuse.
+        self.h2.borrow_mut().retain(|_, slot| match slot {
+            H2Slot::Ready { conn, expires } => !conn.is_closed() && now < *expires,
+            H2Slot::Connecting(_) => true,
+        });
     }
 
-    /// Idle connections held for `key` (for tests and status).
-    pub fn idle_count(&self, key: &Authority) -> usize {
-        self.idle.borrow().get(key).map_or(0, Vec::len)
+    /// Idle HTTP/1.1 connections held for `authority`, whatever their TLS settings (for tests
+    /// and status).
+    pub fn idle_count(&self, authority: &Authority) -> usize {
+        self.idle
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.authority == *authority)
+            .map(|(_, l)| l.len())
+            .sum()
+    }
+
+    /// Sends on the target's shared HTTP/2 connection, opening it if there is none.
+    async fn send_h2(
+        self: &Rc<Self>,
+        target: &Target,
+        mut req: http::Request<ProxyBody>,
+        opts: &SendOptions<'_>,
+    ) -> Result<http::Response<Incoming>, SendFailure> {
+        to_h2_request(&mut req, target);
+        // The shared connection may have gone away (GOAWAY, reset) with the request unsent:
+        // then it is sent once more on a new connection.
+        for fresh in [false, true] {
+            let mut conn = match self.h2_conn(target, opts, fresh).await {
+                Ok(c) => c,
+                Err(error) => {
+                    return Err(SendFailure {
+                        error,
+                        request: Some(req),
+                    });
+                }
+            };
+            match conn.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(returned) if !fresh => req = returned,
+                    returned => {
+                        return Err(SendFailure {
+                            error: super::classify(&e.into_error()),
+                            request: returned,
+                        });
+                    }
+                },
+            }
+        }
+        Err(SendFailure {
+            error: ForwardError::Upstream("no connection could take the request".into()),
+            request: None,
+        })
+    }
+
+    /// The target's HTTP/2 connection on this worker: the pooled one unless `fresh` (or it is
+    /// closed), else the one being opened, else a new one.
+    async fn h2_conn(
+        self: &Rc<Self>,
+        target: &Target,
+        opts: &SendOptions<'_>,
+        fresh: bool,
+    ) -> H2Result {
+        let key = &target.pool_key;
+        let opening = {
+            let mut map = self.h2.borrow_mut();
+            match map.get_mut(key) {
+                Some(H2Slot::Ready { conn, expires }) if !fresh && !conn.is_closed() => {
+                    *expires = Instant::now() + opts.idle_timeout;
+                    return Ok(conn.clone());
+                }
+                Some(H2Slot::Connecting(f)) => f.clone(),
+                _ => {
+                    let slot = match opts.pending {
+                        Some((shared, limit)) => shared
+                            .acquire_pending(Some(limit))
+                            .map_err(ForwardError::Overloaded)?,
+                        None => None,
+                    };
+                    let addr = target.connect_addr.clone();
+                    let tls = target.tls.clone();
+                    let timeout = opts.connect_timeout;
+                    let f = async move {
+                        let _slot = slot;
+                        connect_h2(&addr, tls.as_ref(), timeout).await
+                    }
+                    .boxed_local()
+                    .shared();
+                    map.insert(key.clone(), H2Slot::Connecting(f.clone()));
+                    f
+                }
+            }
+        };
+        // A shared future keeps going when the request that started it is dropped: the next
+        // one to await it drives it on.
+        let result = opening.clone().await;
+        let mut map = self.h2.borrow_mut();
+        if let Some(H2Slot::Connecting(f)) = map.get(key)
+            && f.ptr_eq(&opening)
+        {
+            match &result {
+                Ok(conn) => {
+                    map.insert(
+                        key.clone(),
+                        H2Slot::Ready {
+                            conn: conn.clone(),
+                            expires: Instant::now() + opts.idle_timeout,
+                        },
+                    );
+                }
+                Err(_) => {
+                    map.remove(key);
+                }
+            }
+        }
+        result
     }
 }
 
@@ -213,12 +356,58 @@ async fn sweep(pool: Weak<LocalPool>) {
     }
 }
 
-/// Opens an HTTP/1.1 connection to `addr` (`host:port`); the connection task runs on the
-/// current worker.
+/// An HTTP/2 request carries its target in `:scheme` and `:authority`: the URI becomes
+/// absolute, with the `Host` the request would have had as its authority.
+fn to_h2_request(req: &mut http::Request<ProxyBody>, target: &Target) {
+    let authority = req
+        .headers_mut()
+        .remove(http::header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| target.authority.clone());
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// A connection of either protocol, for callers outside the pool (health checks).
+pub(crate) enum Conn {
+    H1(SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Conn {
+    pub(crate) async fn send_request(
+        &mut self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<Incoming>, hyper::Error> {
+        match self {
+            Conn::H1(c) => c.send_request(req).await,
+            Conn::H2(c) => c.send_request(req).await,
+        }
+    }
+}
+
+/// Opens a connection to `addr` (`host:port`) over TLS when `tls` is set, speaking `protocol`.
+/// `timeout` bounds the TCP connect and the handshakes together.
 pub(crate) async fn connect(
     addr: &str,
+    tls: Option<&TargetTls>,
+    protocol: Protocol,
     timeout: Duration,
-) -> Result<SendRequest<ProxyBody>, ForwardError> {
+) -> Result<Conn, ForwardError> {
+    match protocol {
+        Protocol::Http1 => connect_h1(addr, tls, timeout).await.map(Conn::H1),
+        Protocol::Http2 => connect_h2(addr, tls, timeout).await.map(Conn::H2),
+    }
+}
+
+async fn tcp(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, ForwardError> {
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => return Err(ForwardError::Timeout(timeout)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -228,13 +417,88 @@ pub(crate) async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// `fut`, or a timeout error once `deadline` passes.
+async fn by<T>(
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, ForwardError>>,
+) -> Result<T, ForwardError> {
+    tokio::time::timeout_at(deadline, fut)
+        .await
+        .unwrap_or(Err(ForwardError::Timeout(timeout)))
+}
+
+/// Opens an HTTP/1.1 connection; the connection task runs on the current worker.
+async fn connect_h1(
+    addr: &str,
+    tls: Option<&TargetTls>,
+    timeout: Duration,
+) -> Result<SendRequest<ProxyBody>, ForwardError> {
+    match tls {
+        None => h1_handshake(tcp(addr, timeout).await?, addr).await,
+        Some(t) => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let stream = tcp(addr, timeout).await?;
+            let stream = by(
+                deadline,
+                timeout,
+                tls::handshake(stream, t, Protocol::Http1, addr),
+            )
+            .await?;
+            h1_handshake(stream, addr).await
+        }
+    }
+}
+
+async fn h1_handshake<I>(io: I, addr: &str) -> Result<SendRequest<ProxyBody>, ForwardError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ForwardError::Connect(format!("{addr}: {e}")))?;
     actix_web::rt::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Opens an HTTP/2 connection (h2c with prior knowledge without `tls`); the connection task
+/// runs on the current worker.
+async fn connect_h2(addr: &str, tls: Option<&TargetTls>, timeout: Duration) -> H2Result {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = tcp(addr, timeout).await?;
+    match tls {
+        None => by(deadline, timeout, h2_handshake(stream, addr)).await,
+        Some(t) => {
+            let stream = by(
+                deadline,
+                timeout,
+                tls::handshake(stream, t, Protocol::Http2, addr),
+            )
+            .await?;
+            by(deadline, timeout, h2_handshake(stream, addr)).await
+        }
+    }
+}
+
+async fn h2_handshake<I>(io: I, addr: &str) -> H2Result
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ForwardError::Connect(format!("{addr}: HTTP/2 handshake failed: {e}")))?;
+    actix_web::rt::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
     Ok(sender)

@@ -594,7 +594,7 @@ async fn forward(
         }
         let reason = match &error {
             _ if unsent => RetryReason::ConnectFailure,
-            ForwardError::Connect(_) => RetryReason::ConnectFailure,
+            ForwardError::Connect(_) | ForwardError::Tls(_) => RetryReason::ConnectFailure,
             ForwardError::Timeout(_) => RetryReason::Timeout,
             _ => RetryReason::Reset,
         };

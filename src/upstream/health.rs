@@ -10,10 +10,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 
+use super::Protocol;
 use super::state::TargetState;
 use crate::proxy::body::ProxyBody;
+use crate::proxy::tls::TargetTls;
 use crate::snapshot::SnapshotStore;
 
 /// `health = { ... }`, compiled.
@@ -48,7 +50,10 @@ impl HealthCheck {
 /// which would keep its state alive).
 struct Probe {
     connect_addr: String,
+    scheme: Scheme,
     authority: Authority,
+    protocol: Protocol,
+    tls: Option<TargetTls>,
     check: Arc<HealthCheck>,
 }
 
@@ -72,7 +77,10 @@ pub async fn supervise(store: Weak<SnapshotStore>) {
                 }
                 let probe = Probe {
                     connect_addr: t.connect_addr.clone(),
+                    scheme: t.scheme.clone(),
                     authority: t.authority.clone(),
+                    protocol: t.protocol,
+                    tls: t.tls.clone(),
                     check: Arc::clone(check),
                 };
                 actix_web::rt::spawn(run(Arc::downgrade(&t.state), probe));
@@ -142,15 +150,32 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
         None => probe.authority.to_string(),
     };
     let attempt = async {
-        let mut conn = crate::proxy::pool::connect(&probe.connect_addr, check.timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let req = http::Request::get(check.path.as_str())
-            .header(http::header::HOST, host)
-            .header(http::header::USER_AGENT, "rustygate-health-check")
-            .header(http::header::CONNECTION, "close")
-            .body(ProxyBody::Empty)
-            .map_err(|e| e.to_string())?;
+        let mut conn = crate::proxy::pool::connect(
+            &probe.connect_addr,
+            probe.tls.as_ref(),
+            probe.protocol,
+            check.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let req = match probe.protocol {
+            Protocol::Http1 => http::Request::get(check.path.as_str())
+                .header(http::header::HOST, host)
+                .header(http::header::CONNECTION, "close"),
+            // HTTP/2 names the host in `:authority` and has no `Connection` header; the
+            // connection closes when the probe drops it.
+            Protocol::Http2 => http::Request::get(
+                http::Uri::builder()
+                    .scheme(probe.scheme.clone())
+                    .authority(host)
+                    .path_and_query(check.path.as_str())
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            ),
+        }
+        .header(http::header::USER_AGENT, "rustygate-health-check")
+        .body(ProxyBody::Empty)
+        .map_err(|e| e.to_string())?;
         let resp = conn
             .send_request(req)
             .await

@@ -19,6 +19,26 @@ pub use balance::{Balancer, HashKey, hash_bytes};
 pub use retry::{RetryBudget, RetryOverride, RetryPolicy, RetryReason};
 use state::{TargetState, UpstreamShared};
 
+/// The HTTP version spoken to a target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// h2c with prior knowledge on `http://`, ALPN `h2` on `https://`.
+    Http2,
+}
+
+/// Which pooled connections a request may reuse: the target's authority and, for anything but
+/// plain HTTP/1.1, a fingerprint of how the connection was made (scheme, protocol, TLS roots,
+/// SNI, client certificate). Two upstreams that reach one address with different TLS settings
+/// never share a connection; a config swap that keeps the settings keeps the connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub authority: Authority,
+    /// 0 for plain HTTP/1.1.
+    pub variant: u64,
+}
+
 /// One address an upstream can send requests to.
 #[derive(Debug)]
 pub struct Target {
@@ -29,6 +49,10 @@ pub struct Target {
     /// `host:port` to connect to (the scheme's default port filled in).
     pub connect_addr: String,
     pub weight: u32,
+    pub protocol: Protocol,
+    /// Set for `https://` targets.
+    pub tls: Option<crate::proxy::tls::TargetTls>,
+    pub pool_key: PoolKey,
     /// In-flight count, health and ejection, shared across snapshots.
     pub state: Arc<TargetState>,
 }
@@ -45,8 +69,14 @@ impl Target {
             url: url.to_owned(),
             scheme: Scheme::HTTP,
             connect_addr: authority.as_str().to_owned(),
+            pool_key: PoolKey {
+                authority: authority.clone(),
+                variant: 0,
+            },
             authority,
             weight,
+            protocol: Protocol::Http1,
+            tls: None,
             state: TargetState::detached("test", url),
         }
     }
