@@ -526,3 +526,45 @@ fn the_circuit_breaker_answers_503_beyond_its_limit() {
         Some(&4.0)
     );
 }
+
+#[test]
+fn max_pending_caps_requests_waiting_for_a_new_connection() {
+    // A target that accepts TCP but never answers the TLS handshake: every new connection to
+    // it stays pending until the connect timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten().take(16) {
+            held.push(s);
+        }
+    });
+    let gw = Gateway::start(&as_refs(&config(
+        &[format!("https://{addr}")],
+        "connect_timeout = \"2s\"\ncircuit_breaker = { max_pending = 1 }\nretries = 0",
+        "",
+    )));
+    let addr = gw.addr.to_string();
+    let first = {
+        let addr = addr.clone();
+        std::thread::spawn(move || http(&addr, "GET", "/x", &[], b"").map(|r| r.0))
+    };
+    // Wait until the first request holds the pending slot.
+    assert!(wait_until(Duration::from_secs(2), || {
+        scrape(&gw)
+            .get("rustygate_in_flight_requests")
+            .is_some_and(|&n| n >= 1.0)
+    }));
+    std::thread::sleep(Duration::from_millis(100));
+    // A waiting request would end in 504 after the connect timeout; these are refused.
+    for _ in 0..2 {
+        let (status, body) = get(&gw, "/x");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("concurrency limit"), "{body}");
+    }
+    assert_eq!(first.join().unwrap(), Some(504));
+    assert_eq!(
+        scrape(&gw).get("rustygate_upstream_overflow_total{limit=\"max_pending\",upstream=\"be\"}"),
+        Some(&2.0)
+    );
+}
