@@ -124,7 +124,10 @@ pub fn build(limits: &Limits) -> Engine {
         .set_max_array_size(limits.max_array_size)
         .set_max_map_size(limits.max_map_size)
         .set_strict_variables(true)
-        .set_fail_on_invalid_map_property(false);
+        .set_fail_on_invalid_map_property(false)
+        // Rhai interns the strings `let` binds behind one engine-wide lock; every worker shares
+        // this engine, so interning would serialise them for a memory saving policies don't need.
+        .set_max_strings_interned(0);
     // Policies are self-contained: no `import` of files, no `eval` of strings built at run time.
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.disable_symbol("eval");
