@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rhai::{AST, CallFnOptions, Dynamic, Engine, Map, Position, Scope};
 
-pub use api::{HeaderEdit, Req, RequestState, Res, ResponseState, Verdict};
+pub use api::{HeaderEdit, Req, RequestInit, RequestState, Res, ResponseState, Verdict};
 pub use engine::{Limits, Reason};
 
 /// A compiled policy script.

@@ -12,11 +12,22 @@ fn policy(src: &str, limits: &Limits) -> RoutePolicy {
 }
 
 fn req() -> Req {
-    Req(Arc::new(std::sync::Mutex::new(RequestState {
-        method: "GET".into(),
-        path: "/a".into(),
-        ..RequestState::default()
-    })))
+    Req(Arc::new(std::sync::Mutex::new(RequestState::new(
+        RequestInit {
+            method: "GET",
+            path: "/a",
+            query: None,
+            host: "example.com",
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            route: "r",
+            upstream: "be",
+            upstream_path: None,
+            params: Map::new(),
+            claims: None,
+            config: Arc::new(Map::new()),
+            headers: http::HeaderMap::new(),
+        },
+    ))))
 }
 
 fn fails(src: &str, limits: &Limits) -> PolicyFailure {
