@@ -189,3 +189,49 @@ fn compile_errors_are_located() {
     let e = compile_errors("fn helper(x) { x }");
     assert_eq!(e[0].code, "policy-no-hooks");
 }
+
+#[test]
+fn policies_on_one_thread_keep_their_own_functions() {
+    // Each thread caches what a script's calls resolve to, per policy: two scripts with a
+    // function of the same name must each call their own.
+    let limits = Limits::default();
+    let a = policy(
+        "fn pick() { \"a\" }\nfn on_request(req) { req.set_header(\"x-pick\", pick()) }",
+        &limits,
+    );
+    let b = policy(
+        "fn pick() { \"b\" }\nfn on_request(req) { req.set_header(\"x-pick\", pick()) }",
+        &limits,
+    );
+    for _ in 0..3 {
+        for (p, want) in [(&a, "a"), (&b, "b")] {
+            let r = req();
+            assert!(p.on_request(&r).unwrap().is_none());
+            let s = r.state();
+            assert_eq!(
+                s.headers.get("x-pick").and_then(|v| v.to_str().ok()),
+                Some(want)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failure_leaves_the_next_call_clean() {
+    let limits = Limits::default();
+    let failing = policy(
+        "fn on_request(req) { let a = 1; let b = 2; throw \"no\"; }",
+        &limits,
+    );
+    let fine = policy(
+        "fn on_request(req) { if req.path == \"/a\" { return deny(403, \"path\"); } }",
+        &limits,
+    );
+    for _ in 0..3 {
+        assert!(failing.on_request(&req()).is_err());
+        assert!(matches!(
+            fine.on_request(&req()),
+            Ok(Some(Verdict::Deny { status: 403, .. }))
+        ));
+    }
+}
