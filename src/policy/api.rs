@@ -354,14 +354,14 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Registers the host API on `engine`.
-pub(crate) fn register(engine: &mut Engine) {
-    register_request(engine);
+pub(crate) fn register(engine: &mut Engine, limits: &super::Limits) {
+    register_request(engine, limits.max_map_size);
     register_response(engine);
     register_actions(engine);
     register_helpers(engine);
 }
 
-fn register_request(engine: &mut Engine) {
+fn register_request(engine: &mut Engine, max_map_size: usize) {
     engine.register_type_with_name::<Req>("Request");
     engine
         .register_get("method", |r: &mut Req| {
@@ -392,7 +392,14 @@ fn register_request(engine: &mut Engine) {
         .register_get_set(
             "ctx",
             |r: &mut Req| r.state().ctx.clone(),
-            |r: &mut Req, m: Map| r.state().ctx = m,
+            // `req.ctx[k] = v` sets the whole map back: Rhai does not check its size here.
+            move |r: &mut Req, m: Map| -> RhaiResult<()> {
+                if max_map_size > 0 && m.len() > max_map_size {
+                    return Err(super::engine::map_too_large());
+                }
+                r.state().ctx = m;
+                Ok(())
+            },
         )
         .register_fn("header", |r: &mut Req, name: &str| {
             get_header(&r.state().headers, name)

@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rhai::{AST, Caches, Dynamic, Engine, EvalAltResult, ImmutableString, Map, Position, Scope};
+use rhai::{
+    AST, ASTNode, Caches, Dynamic, Engine, EvalAltResult, Expr, ImmutableString, Map, Position,
+    Scope, Stmt,
+};
 
 pub use api::{HeaderEdit, Req, RequestInit, RequestState, Res, ResponseState, Verdict};
 pub use engine::{Limits, Reason};
@@ -37,6 +40,8 @@ pub struct Policy {
     drivers: [AST; 2],
     /// Unique per compiled policy: keys the per-thread resolution caches.
     id: u64,
+    /// The script assigns into an index or a property (`m[k] = v`, `m.k = v`).
+    grows_maps: bool,
     source: ImmutableString,
     engine: Arc<Engine>,
     budget: Duration,
@@ -163,6 +168,7 @@ pub fn compile(
     if !errors.is_empty() {
         return Err(errors);
     }
+    let grows_maps = assigns_into_containers(&ast);
     let mut vars = Scope::new();
     vars.push("req", ()).push("res", ());
     let drivers = DRIVERS.map(|d| engine.compile_with_scope(&vars, d));
@@ -174,12 +180,27 @@ pub fn compile(
         ast,
         drivers: [on_request, on_response],
         id: NEXT_POLICY_ID.fetch_add(1, Ordering::Relaxed),
+        grows_maps,
         source: path.into(),
         engine: Arc::clone(engine),
         budget: limits.budget,
         has_on_request: found[0],
         has_on_response: found[1],
     })
+}
+
+/// Whether `ast` assigns into an index or a property anywhere (hooks, helpers, closures).
+fn assigns_into_containers(ast: &AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Stmt(Stmt::Assignment(a))) = path.last()
+            && matches!(a.1.lhs, Expr::Index(..) | Expr::Dot(..))
+        {
+            found = true;
+        }
+        !found
+    });
+    found
 }
 
 /// The byte range of a Rhai position (1-based line, 1-based character column) in `source`.
@@ -288,7 +309,7 @@ impl RoutePolicy {
     fn call(&self, i: usize, req: Dynamic, res: Dynamic) -> Result<Option<Verdict>, PolicyFailure> {
         let hook = HOOKS[i].0;
         let p = &self.policy;
-        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path);
+        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path, p.grows_maps);
         let mut global = p.engine.new_global_runtime_state();
         global.lib.push(p.ast.shared_lib().clone());
         global.source = Some(p.source.clone());

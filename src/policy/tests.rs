@@ -235,3 +235,37 @@ fn a_failure_leaves_the_next_call_clean() {
         ));
     }
 }
+
+#[test]
+fn growing_a_map_by_index_or_property_stops_on_map_size() {
+    let limits = Limits {
+        max_map_size: 100,
+        ..Limits::default()
+    };
+    for src in [
+        "fn on_request(req) { let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; } }",
+        "fn on_request(req) { let m = #{}; for i in 0..1000 { m[`k${i}`] = i; } }",
+        "fn on_request(req) { let c = req.ctx; let i = 0; loop { c[`k${i}`] = i; i += 1; } }",
+        "fn on_request(req) { let i = 0; loop { req.ctx[`k${i}`] = i; i += 1; } }",
+    ] {
+        let f = fails(src, &limits);
+        assert_eq!(f.reason, Reason::MapSize, "{src}: {f}");
+    }
+}
+
+#[test]
+fn only_scripts_that_assign_into_containers_check_map_sizes_on_each_read() {
+    let limits = Limits::default();
+    let reads = policy(
+        "fn on_request(req) { let t = req.header(\"x-tenant\"); let m = #{a: 1}; m += #{b: t}; }",
+        &limits,
+    );
+    assert!(!reads.policy.grows_maps);
+    for src in [
+        "fn on_request(req) { let m = #{}; m.k = 1; }",
+        "fn helper(m) { m[\"k\"] += 1; m }\nfn on_request(req) { helper(#{k: 1}); }",
+        "fn on_request(req) { req.ctx.seen = true; }",
+    ] {
+        assert!(policy(src, &limits).policy.grows_maps, "{src}");
+    }
+}
