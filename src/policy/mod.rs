@@ -12,6 +12,7 @@
 //! hooks through `crate::decide`.
 
 pub mod api;
+mod calls;
 pub mod engine;
 mod regex_cache;
 
@@ -164,6 +165,36 @@ pub fn compile(
                 "define `fn on_request(req)` and/or `fn on_response(req, res)`; top-level code is not run per request".into(),
             ),
         });
+    }
+    if errors.is_empty() {
+        errors.extend(calls::unknown(engine, &ast).into_iter().map(|c| {
+            let shown = if c.method {
+                format!(".{}(..)", c.name)
+            } else {
+                format!("{}(..)", c.name)
+            };
+            let help = match c.known_args.as_slice() {
+                [] => {
+                    "see the host API in docs/policies.md; a script's own functions are defined with `fn`".to_owned()
+                }
+                known => format!(
+                    "`{}` takes {} argument(s){}",
+                    c.name,
+                    known.iter().map(usize::to_string).collect::<Vec<_>>().join(" or "),
+                    if c.method { " after the value it is called on" } else { "" }
+                ),
+            };
+            ScriptError {
+                code: "policy-unknown-function",
+                message: format!(
+                    "{path}: no function `{shown}` takes {} argument(s)",
+                    c.args
+                ),
+                span: span_at(source, c.pos),
+                label: "unknown function",
+                help: Some(help),
+            }
+        }));
     }
     if !errors.is_empty() {
         return Err(errors);

@@ -269,3 +269,44 @@ fn only_scripts_that_assign_into_containers_check_map_sizes_on_each_read() {
         assert!(policy(src, &limits).policy.grows_maps, "{src}");
     }
 }
+
+#[test]
+fn unknown_functions_do_not_compile() {
+    for (src, span) in [
+        (
+            "fn on_request(req) {\n  req.set_heder(\"x-a\", \"1\");\n}",
+            27..28,
+        ),
+        ("fn on_request(req) {\n  let x = sha265(\"a\");\n}", 31..32),
+        ("fn on_request(req) {\n  req.header();\n}", 27..28),
+        (
+            "fn on_request(req) {\n  helper(1, 2);\n}\nfn helper(a) { a }",
+            23..24,
+        ),
+    ] {
+        let e = compile_errors(src);
+        assert_eq!(e[0].code, "policy-unknown-function", "{src}: {e:?}");
+        assert_eq!(e[0].span, span, "{src}: {e:?}");
+    }
+    let e = compile_errors("fn on_request(req) {\n  req.header();\n}");
+    assert!(
+        e[0].help
+            .as_deref()
+            .unwrap_or("")
+            .contains("takes 1 argument"),
+        "{e:?}"
+    );
+    // What Rhai resolves through values or by itself is left alone.
+    let limits = Limits::default();
+    for ok in [
+        "fn on_request(req) { let f = Fn(\"helper\"); f.call(1); print(type_of(f)); }\nfn helper(a) { a }",
+        "fn on_request(req) { let f = |x| x + 1; f(1); }",
+        "fn on_request(req) { let o = #{ act: |x| x }; o.act(1); }",
+        "fn on_request(req) { let s = \"abc\"; s.len(); \"a\".to_upper(); [1].push(2); req.header(\"a\"); }",
+        "fn on_request(req) { 1.helper(); }\nfn helper() { this }",
+    ] {
+        if let Err(e) = compile(&engine(&limits), &limits, "p.rhai", ok) {
+            panic!("{ok}: {e:?}");
+        }
+    }
+}
