@@ -63,7 +63,7 @@ pub struct RequestInit<'a> {
     /// Verified JWT claims; converted for the script only when it reads `req.claims`.
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     pub config: Arc<Map>,
-    /// The client's headers (or those the script can read, see `Policy::reads_headers`).
+    /// The client's headers.
     pub headers: HeaderMap,
 }
 
@@ -90,7 +90,7 @@ pub struct RequestState {
     claims_map: Option<Map>,
     pub config: Arc<Map>,
     pub ctx: Map,
-    /// The client's headers with the hook's edits applied, for reads.
+    /// The client's headers as they came; reads see them through `edits` ([`Self::header_values`]).
     pub headers: HeaderMap,
     pub edits: Vec<HeaderEdit>,
 }
@@ -176,6 +176,35 @@ impl RequestState {
     /// The path the upstream will see (after the route's rewrite, then `set_path`).
     pub fn upstream_path(&self) -> &str {
         self.upstream_path.as_deref().unwrap_or_else(|| self.path())
+    }
+
+    /// The values of header `name` (any case) as the upstream will get them: the client's,
+    /// changed by the hook's `set_header` / `append_header` / `remove_header` so far. The edits
+    /// are replayed on reads instead of on a copy of the headers: most hooks set a header or two
+    /// and never read it back.
+    pub fn header_values<'s>(
+        &'s self,
+        name: &'s str,
+    ) -> impl Iterator<Item = &'s HeaderValue> + 's {
+        let named = |n: &HeaderName| n.as_str().eq_ignore_ascii_case(name);
+        let last_reset = self.edits.iter().rposition(|e| match e {
+            HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => named(n),
+            HeaderEdit::Append(..) => false,
+        });
+        let (client, set, appended) = match last_reset.map(|i| (i, &self.edits[i])) {
+            None => (
+                Some(self.headers.get_all(name).iter()),
+                None,
+                &self.edits[..],
+            ),
+            Some((i, HeaderEdit::Set(_, v))) => (None, Some(v), &self.edits[i + 1..]),
+            Some((i, _)) => (None, None, &self.edits[i + 1..]),
+        };
+        let appended = appended.iter().filter_map(move |e| match e {
+            HeaderEdit::Append(n, v) if n.as_str().eq_ignore_ascii_case(name) => Some(v),
+            _ => None,
+        });
+        client.into_iter().flatten().chain(set).chain(appended)
     }
 
     fn client_ip_string(&self) -> ImmutableString {
@@ -287,15 +316,25 @@ fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
 }
 
 fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
-    h.get(name)
+    first_text(h.get(name).into_iter())
+}
+
+fn header_values(h: &HeaderMap, name: &str) -> Array {
+    texts(h.get_all(name).iter())
+}
+
+/// The first value, as a script string; `()` when there is none or it is not text.
+fn first_text<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Dynamic {
+    values
+        .next()
         .and_then(|v| v.to_str().ok())
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .unwrap_or(Dynamic::UNIT)
 }
 
-fn header_values(h: &HeaderMap, name: &str) -> Array {
-    h.get_all(name)
-        .iter()
+/// The values that are text, as script strings.
+fn texts<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Array {
+    values
         .filter_map(|v| v.to_str().ok())
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .collect()
@@ -402,13 +441,13 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
             },
         )
         .register_fn("header", |r: &mut Req, name: &str| {
-            get_header(&r.state().headers, name)
+            first_text(r.state().header_values(name))
         })
         .register_fn("header_values", |r: &mut Req, name: &str| {
-            header_values(&r.state().headers, name)
+            texts(r.state().header_values(name))
         })
         .register_fn("has_header", |r: &mut Req, name: &str| {
-            r.state().headers.contains_key(name)
+            r.state().header_values(name).next().is_some()
         })
         .register_fn("query_param", |r: &mut Req, name: &str| {
             query_param(r.state().query(), name)
@@ -417,9 +456,7 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
             "set_header",
             |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
                 let (n, v) = (header_name(name)?, header_value(name, value)?);
-                let mut s = r.state();
-                s.headers.insert(n.clone(), v.clone());
-                s.edits.push(HeaderEdit::Set(n, v));
+                r.state().edits.push(HeaderEdit::Set(n, v));
                 Ok(())
             },
         )
@@ -427,9 +464,7 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
             "append_header",
             |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
                 let (n, v) = (header_name(name)?, header_value(name, value)?);
-                let mut s = r.state();
-                s.headers.append(n.clone(), v.clone());
-                s.edits.push(HeaderEdit::Append(n, v));
+                r.state().edits.push(HeaderEdit::Append(n, v));
                 Ok(())
             },
         )
@@ -437,9 +472,7 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
             "remove_header",
             |r: &mut Req, name: &str| -> RhaiResult<()> {
                 let n = header_name(name)?;
-                let mut s = r.state();
-                s.headers.remove(&n);
-                s.edits.push(HeaderEdit::Remove(n));
+                r.state().edits.push(HeaderEdit::Remove(n));
                 Ok(())
             },
         )

@@ -209,7 +209,9 @@ fn policies_on_one_thread_keep_their_own_functions() {
             assert!(p.on_request(&r).unwrap().is_none());
             let s = r.state();
             assert_eq!(
-                s.headers.get("x-pick").and_then(|v| v.to_str().ok()),
+                s.header_values("x-pick")
+                    .next()
+                    .and_then(|v| v.to_str().ok()),
                 Some(want)
             );
         }
@@ -309,4 +311,44 @@ fn unknown_functions_do_not_compile() {
             panic!("{ok}: {e:?}");
         }
     }
+}
+
+#[test]
+fn header_reads_see_the_edits_so_far() {
+    let p = policy(
+        r#"fn on_request(req) {
+    let seen = [];
+    seen.push(req.header("X-A"));          // client: 1, 2
+    req.append_header("x-a", "3");
+    seen.push(req.header_values("x-a"));   // 1, 2, 3
+    req.set_header("x-a", "4");
+    req.append_header("x-a", "5");
+    seen.push(req.header_values("x-a"));   // 4, 5
+    req.remove_header("x-a");
+    seen.push(req.has_header("x-a"));      // false
+    req.append_header("x-a", "6");
+    seen.push(req.header_values("x-a"));   // 6
+    seen.push(req.header("x-b"));          // untouched: b
+    req.set_header("x-seen", to_json(seen));
+}"#,
+        &Limits::default(),
+    );
+    let r = req();
+    {
+        let mut s = r.state();
+        s.headers.append("x-a", http::HeaderValue::from_static("1"));
+        s.headers.append("x-a", http::HeaderValue::from_static("2"));
+        s.headers.append("x-b", http::HeaderValue::from_static("b"));
+    }
+    assert!(p.on_request(&r).unwrap().is_none());
+    let s = r.state();
+    let seen = s.header_values("x-seen").next().unwrap().to_str().unwrap();
+    assert_eq!(seen, r#"["1",["1","2","3"],["4","5"],false,["6"],"b"]"#);
+    // What goes upstream is the same replay.
+    let mut upstream = s.headers.clone();
+    for e in &s.edits {
+        e.apply(&mut upstream);
+    }
+    let a: Vec<_> = upstream.get_all("x-a").iter().collect();
+    assert_eq!(a, ["6"]);
 }
