@@ -127,7 +127,9 @@ pub fn build(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(limits.max_operations)
-        .set_max_call_levels(limits.max_call_depth)
+        // +1: a hook is itself called from a statement (see `DRIVERS` in `policy`), which
+        // takes one level before the script's own calls.
+        .set_max_call_levels(limits.max_call_depth.saturating_add(1))
         .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
         .set_max_string_size(limits.max_string_size)
         .set_max_array_size(limits.max_array_size)

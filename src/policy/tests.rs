@@ -352,3 +352,19 @@ fn header_reads_see_the_edits_so_far() {
     let a: Vec<_> = upstream.get_all("x-a").iter().collect();
     assert_eq!(a, ["6"]);
 }
+
+#[test]
+fn max_call_depth_counts_calls_made_from_the_hook() {
+    let limits = Limits {
+        max_call_depth: 5,
+        ..Limits::default()
+    };
+    let src = |depth: u32| {
+        format!(
+            "fn down(n) {{ if n > 1 {{ down(n - 1) }} }}\nfn on_request(req) {{ down({depth}) }}"
+        )
+    };
+    assert!(policy(&src(5), &limits).on_request(&req()).is_ok());
+    let f = policy(&src(6), &limits).on_request(&req()).unwrap_err();
+    assert_eq!(f.reason, Reason::CallDepth, "{f}");
+}
