@@ -71,7 +71,8 @@ balance = "${BALANCE:-round_robin}"
 health = { path = "/", interval = "1s", timeout = "1s" }
 TOML
 fi
-bin=${RUSTYGATE_BIN:-$(dirname "$0")/../target/release/rustygate}
+# The binary: $RUSTYGATE_BIN, else the release build in $CARGO_TARGET_DIR (or ./target).
+bin=${RUSTYGATE_BIN:-${CARGO_TARGET_DIR:-$(dirname "$0")/../target}/release/rustygate}
 # No exec: the trap must run to remove the temp repo when the gateway stops.
 "$bin" serve --repo "$repo" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 \
   --workers "${WORKERS:-1}" --access-log "${ACCESS_LOG:-false}" "$@" &

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use http::HeaderMap;
 
-use crate::policy::{PolicyFailure, Req, RequestState, Res, ResponseState, RoutePolicy, Verdict};
+use crate::policy::{
+    PolicyFailure, Req, RequestInit, RequestState, Res, ResponseState, RoutePolicy, Verdict,
+};
 use crate::router::{RouteId, RouteMatch};
 use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse};
 use crate::upstream::Upstream;
@@ -108,22 +110,19 @@ pub fn request<'s>(
         // The router only holds ids of compiled routes.
         return (id, Plan::Respond(Cow::Owned(internal_error())));
     };
-    let (upstream, path) = match &route.action {
+    let (upstream, rewritten) = match &route.action {
         RouteAction::Respond(r) if route.policy.is_none() => {
             return (id, Plan::Respond(Cow::Borrowed(r)));
         }
-        RouteAction::Respond(_) => (None, inc.path.to_owned()),
+        RouteAction::Respond(_) => (None, None),
         RouteAction::Proxy { upstream, rewrite } => {
-            let path = if rewrite.is_identity() {
-                inc.path.to_owned()
-            } else {
-                rewrite.apply(inc.path, m.params.as_ref())
-            };
+            let path = (!rewrite.is_identity()).then(|| rewrite.apply(inc.path, m.params.as_ref()));
             (Some(upstream), path)
         }
     };
     let Some(policy) = &route.policy else {
         let upstream = upstream.map(Arc::clone);
+        let path = rewritten.unwrap_or_else(|| inc.path.to_owned());
         return (id, forward_or_internal(upstream, path, None, None));
     };
     let params = m
@@ -140,27 +139,20 @@ pub fn request<'s>(
                 .collect()
         })
         .unwrap_or_default();
-    let state = RequestState {
-        method: inc.method.into(),
-        path: inc.path.into(),
-        query: inc.query.map(str::to_owned),
-        host: inc.host.into(),
-        client_ip: crate::snapshot::canonical_ip(inc.client_ip)
-            .to_string()
-            .into(),
-        route: route.name.as_str().into(),
-        upstream: upstream.map(|u| u.name.as_str()).unwrap_or("").into(),
+    let state = RequestState::new(RequestInit {
+        method: inc.method,
+        path: inc.path,
+        query: inc.query,
+        host: inc.host,
+        client_ip: inc.client_ip,
+        route: &route.name,
+        upstream: upstream.map(|u| u.name.as_str()).unwrap_or(""),
+        upstream_path: rewritten,
         params,
-        claims: inc
-            .claims
-            .as_deref()
-            .map(crate::policy::to_map)
-            .unwrap_or_default(),
+        claims: inc.claims.clone(),
         config: Arc::clone(&policy.config),
         headers: headers(),
-        upstream_path: path,
-        ..RequestState::default()
-    };
+    });
     let run = PolicyRun {
         policy: policy.clone(),
         req: Req(Arc::new(Mutex::new(state))),
@@ -180,9 +172,9 @@ fn after_on_request<'s>(
 ) -> Plan<'s> {
     let (chosen, path, query) = {
         let s = run.req.state();
-        let chosen = s.upstream_changed.then(|| s.upstream.to_string());
-        let query = s.query_changed.then(|| s.query.clone());
-        (chosen, s.upstream_path.clone(), query)
+        let chosen = s.chosen_upstream().map(str::to_owned);
+        let query = s.new_query().map(|q| q.map(str::to_owned));
+        (chosen, s.upstream_path().to_owned(), query)
     };
     let upstream = match chosen {
         None => upstream.map(Arc::clone),

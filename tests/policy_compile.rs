@@ -141,3 +141,22 @@ fn the_script_is_part_of_the_config_version() {
         .unwrap();
     assert_ne!(a.version.id, b.version.id);
 }
+
+#[test]
+fn unknown_functions_are_located_errors() {
+    let c = compile_with(
+        "fn on_request(req) {\n  req.set_heder(\"x-a\", \"1\");\n  let h = sha265(req.path);\n}",
+        &[],
+    );
+    assert!(c.snapshot.is_none());
+    assert_eq!(
+        short(&c),
+        vec![
+            "policies/p.rhai:2:7: error[policy-unknown-function]",
+            "policies/p.rhai:3:11: error[policy-unknown-function]"
+        ]
+    );
+    let c = compile_with("fn on_request(req) {\n  req.header();\n}", &[]);
+    let d = c.diagnostics.iter().next().unwrap();
+    assert!(d.help[0].contains("takes 1 argument"), "{:?}", d.help);
+}

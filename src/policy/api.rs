@@ -6,6 +6,7 @@
 //! `on_request` to `on_response`. Headers the gateway owns cannot be touched from a script.
 //! Reference with one example each: `policies/README.md`.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
@@ -45,31 +46,184 @@ impl HeaderEdit {
     }
 }
 
+/// The client's request as a hook is given it, for [`RequestState::new`].
+pub struct RequestInit<'a> {
+    pub method: &'a str,
+    /// The normalised request path the route matched.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub host: &'a str,
+    pub client_ip: IpAddr,
+    pub route: &'a str,
+    /// The route's upstream; empty for `respond` routes.
+    pub upstream: &'a str,
+    /// The path the upstream will see when it is not `path` (the route rewrites it).
+    pub upstream_path: Option<String>,
+    pub params: Map,
+    /// Verified JWT claims; converted for the script only when it reads `req.claims`.
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    pub config: Arc<Map>,
+    /// The client's headers.
+    pub headers: HeaderMap,
+}
+
 /// What a hook sees of the request and what it changed.
+///
+/// The request's own strings sit in one buffer and become script strings only when a script
+/// reads them: a hook that reads two headers should not pay for six string allocations it never
+/// looks at.
 #[derive(Debug, Default)]
 pub struct RequestState {
-    pub method: ImmutableString,
-    /// The normalised request path the route matched.
-    pub path: ImmutableString,
-    pub query: Option<String>,
-    pub host: ImmutableString,
-    pub client_ip: ImmutableString,
-    pub route: ImmutableString,
-    /// The route's upstream (or the one `set_upstream` chose); empty for `respond` routes.
-    pub upstream: ImmutableString,
+    /// method, path, host, query, route and upstream, back to back; `ends` marks where each stops.
+    text: String,
+    ends: [usize; 6],
+    has_query: bool,
+    client_ip: Option<IpAddr>,
+    /// Set by `set_upstream`.
+    chosen_upstream: Option<ImmutableString>,
+    /// Set by `set_query`; `Some(None)` drops the query.
+    new_query: Option<Option<String>>,
+    /// The path the upstream will see when it differs from `path` (rewrite, then `set_path`).
+    upstream_path: Option<String>,
     pub params: Map,
-    pub claims: Map,
+    claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    claims_map: Option<Map>,
     pub config: Arc<Map>,
     pub ctx: Map,
-    /// The client's headers with the hook's edits applied, for reads.
+    /// The client's headers as they came; reads see them through `edits` ([`Self::header_values`]).
     pub headers: HeaderMap,
     pub edits: Vec<HeaderEdit>,
+}
+
+impl RequestState {
+    pub fn new(init: RequestInit<'_>) -> RequestState {
+        let parts = [
+            init.method,
+            init.path,
+            init.host,
+            init.query.unwrap_or(""),
+            init.route,
+            init.upstream,
+        ];
+        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0; 6];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            text.push_str(part);
+            *end = text.len();
+        }
+        RequestState {
+            text,
+            ends,
+            has_query: init.query.is_some(),
+            client_ip: Some(crate::snapshot::canonical_ip(init.client_ip)),
+            upstream_path: init.upstream_path,
+            params: init.params,
+            claims: init.claims,
+            config: init.config,
+            headers: init.headers,
+            ..RequestState::default()
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.text.get(start..self.ends[i]).unwrap_or("")
+    }
+
+    pub fn method(&self) -> &str {
+        self.part(0)
+    }
+
+    /// The normalised request path the route matched.
+    pub fn path(&self) -> &str {
+        self.part(1)
+    }
+
+    pub fn host(&self) -> &str {
+        self.part(2)
+    }
+
+    /// The query as the upstream will see it (the client's, unless `set_query` changed it).
+    pub fn query(&self) -> Option<&str> {
+        match &self.new_query {
+            Some(q) => q.as_deref(),
+            None => self.has_query.then(|| self.part(3)),
+        }
+    }
+
+    pub fn route(&self) -> &str {
+        self.part(4)
+    }
+
+    /// The route's upstream, or the one `set_upstream` chose; empty for `respond` routes.
+    pub fn upstream(&self) -> &str {
+        match &self.chosen_upstream {
+            Some(u) => u.as_str(),
+            None => self.part(5),
+        }
+    }
+
+    /// The upstream `set_upstream` chose, if it was called.
+    pub fn chosen_upstream(&self) -> Option<&str> {
+        self.chosen_upstream.as_ref().map(|u| u.as_str())
+    }
+
+    /// The query `set_query` set, if it was called (`Some(None)`: drop the query).
+    pub fn new_query(&self) -> Option<Option<&str>> {
+        self.new_query.as_ref().map(|q| q.as_deref())
+    }
+
     /// The path the upstream will see (after the route's rewrite, then `set_path`).
-    pub upstream_path: String,
-    /// Set by `set_upstream`.
-    pub upstream_changed: bool,
-    /// Set by `set_query`; `Some("")` drops the query.
-    pub query_changed: bool,
+    pub fn upstream_path(&self) -> &str {
+        self.upstream_path.as_deref().unwrap_or_else(|| self.path())
+    }
+
+    /// The values of header `name` (any case) as the upstream will get them: the client's,
+    /// changed by the hook's `set_header` / `append_header` / `remove_header` so far. The edits
+    /// are replayed on reads instead of on a copy of the headers: most hooks set a header or two
+    /// and never read it back.
+    pub fn header_values<'s>(
+        &'s self,
+        name: &'s str,
+    ) -> impl Iterator<Item = &'s HeaderValue> + 's {
+        let named = |n: &HeaderName| n.as_str().eq_ignore_ascii_case(name);
+        let last_reset = self.edits.iter().rposition(|e| match e {
+            HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => named(n),
+            HeaderEdit::Append(..) => false,
+        });
+        let (client, set, appended) = match last_reset.map(|i| (i, &self.edits[i])) {
+            None => (
+                Some(self.headers.get_all(name).iter()),
+                None,
+                &self.edits[..],
+            ),
+            Some((i, HeaderEdit::Set(_, v))) => (None, Some(v), &self.edits[i + 1..]),
+            Some((i, _)) => (None, None, &self.edits[i + 1..]),
+        };
+        let appended = appended.iter().filter_map(move |e| match e {
+            HeaderEdit::Append(n, v) if n.as_str().eq_ignore_ascii_case(name) => Some(v),
+            _ => None,
+        });
+        client.into_iter().flatten().chain(set).chain(appended)
+    }
+
+    fn client_ip_string(&self) -> ImmutableString {
+        self.client_ip
+            .map(|ip| ImmutableString::from(ip.to_string()))
+            .unwrap_or_default()
+    }
+
+    fn claims(&mut self) -> Map {
+        if self.claims_map.is_none() {
+            let m = self
+                .claims
+                .as_deref()
+                .map(super::to_map)
+                .unwrap_or_default();
+            self.claims_map = Some(m);
+        }
+        self.claims_map.clone().unwrap_or_default()
+    }
 }
 
 /// What `on_response` sees of the response and changes.
@@ -162,15 +316,25 @@ fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
 }
 
 fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
-    h.get(name)
+    first_text(h.get(name).into_iter())
+}
+
+fn header_values(h: &HeaderMap, name: &str) -> Array {
+    texts(h.get_all(name).iter())
+}
+
+/// The first value, as a script string; `()` when there is none or it is not text.
+fn first_text<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Dynamic {
+    values
+        .next()
         .and_then(|v| v.to_str().ok())
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .unwrap_or(Dynamic::UNIT)
 }
 
-fn header_values(h: &HeaderMap, name: &str) -> Array {
-    h.get_all(name)
-        .iter()
+/// The values that are text, as script strings.
+fn texts<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Array {
+    values
         .filter_map(|v| v.to_str().ok())
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .collect()
@@ -229,55 +393,70 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Registers the host API on `engine`.
-pub(crate) fn register(engine: &mut Engine) {
-    register_request(engine);
+pub(crate) fn register(engine: &mut Engine, limits: &super::Limits) {
+    register_request(engine, limits.max_map_size);
     register_response(engine);
     register_actions(engine);
     register_helpers(engine);
 }
 
-fn register_request(engine: &mut Engine) {
+fn register_request(engine: &mut Engine, max_map_size: usize) {
     engine.register_type_with_name::<Req>("Request");
     engine
-        .register_get("method", |r: &mut Req| r.state().method.clone())
-        .register_get("path", |r: &mut Req| r.state().path.clone())
-        .register_get("query", |r: &mut Req| {
-            ImmutableString::from(r.state().query.as_deref().unwrap_or(""))
+        .register_get("method", |r: &mut Req| {
+            ImmutableString::from(r.state().method())
         })
-        .register_get("host", |r: &mut Req| r.state().host.clone())
-        .register_get("client_ip", |r: &mut Req| r.state().client_ip.clone())
-        .register_get("route", |r: &mut Req| r.state().route.clone())
-        .register_get("upstream", |r: &mut Req| r.state().upstream.clone())
+        .register_get("path", |r: &mut Req| {
+            ImmutableString::from(r.state().path())
+        })
+        .register_get("query", |r: &mut Req| {
+            ImmutableString::from(r.state().query().unwrap_or(""))
+        })
+        .register_get("host", |r: &mut Req| {
+            ImmutableString::from(r.state().host())
+        })
+        .register_get("client_ip", |r: &mut Req| r.state().client_ip_string())
+        .register_get("route", |r: &mut Req| {
+            ImmutableString::from(r.state().route())
+        })
+        .register_get("upstream", |r: &mut Req| {
+            ImmutableString::from(r.state().upstream())
+        })
         .register_get("upstream_path", |r: &mut Req| {
-            ImmutableString::from(r.state().upstream_path.as_str())
+            ImmutableString::from(r.state().upstream_path())
         })
         .register_get("params", |r: &mut Req| r.state().params.clone())
-        .register_get("claims", |r: &mut Req| r.state().claims.clone())
+        .register_get("claims", |r: &mut Req| r.state().claims())
         .register_get("config", |r: &mut Req| (*r.state().config).clone())
         .register_get_set(
             "ctx",
             |r: &mut Req| r.state().ctx.clone(),
-            |r: &mut Req, m: Map| r.state().ctx = m,
+            // `req.ctx[k] = v` sets the whole map back: Rhai does not check its size here.
+            move |r: &mut Req, m: Map| -> RhaiResult<()> {
+                if max_map_size > 0 && m.len() > max_map_size {
+                    return Err(super::engine::map_too_large());
+                }
+                r.state().ctx = m;
+                Ok(())
+            },
         )
         .register_fn("header", |r: &mut Req, name: &str| {
-            get_header(&r.state().headers, name)
+            first_text(r.state().header_values(name))
         })
         .register_fn("header_values", |r: &mut Req, name: &str| {
-            header_values(&r.state().headers, name)
+            texts(r.state().header_values(name))
         })
         .register_fn("has_header", |r: &mut Req, name: &str| {
-            r.state().headers.contains_key(name)
+            r.state().header_values(name).next().is_some()
         })
         .register_fn("query_param", |r: &mut Req, name: &str| {
-            query_param(r.state().query.as_deref(), name)
+            query_param(r.state().query(), name)
         })
         .register_fn(
             "set_header",
             |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
                 let (n, v) = (header_name(name)?, header_value(name, value)?);
-                let mut s = r.state();
-                s.headers.insert(n.clone(), v.clone());
-                s.edits.push(HeaderEdit::Set(n, v));
+                r.state().edits.push(HeaderEdit::Set(n, v));
                 Ok(())
             },
         )
@@ -285,9 +464,7 @@ fn register_request(engine: &mut Engine) {
             "append_header",
             |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
                 let (n, v) = (header_name(name)?, header_value(name, value)?);
-                let mut s = r.state();
-                s.headers.append(n.clone(), v.clone());
-                s.edits.push(HeaderEdit::Append(n, v));
+                r.state().edits.push(HeaderEdit::Append(n, v));
                 Ok(())
             },
         )
@@ -295,9 +472,7 @@ fn register_request(engine: &mut Engine) {
             "remove_header",
             |r: &mut Req, name: &str| -> RhaiResult<()> {
                 let n = header_name(name)?;
-                let mut s = r.state();
-                s.headers.remove(&n);
-                s.edits.push(HeaderEdit::Remove(n));
+                r.state().edits.push(HeaderEdit::Remove(n));
                 Ok(())
             },
         )
@@ -309,22 +484,19 @@ fn register_request(engine: &mut Engine) {
                     "set_path(\"{path}\"): write a normalised path without a query (\"{normal}\")"
                 )));
             }
-            r.state().upstream_path = path.to_owned();
+            r.state().upstream_path = Some(path.to_owned());
             Ok(())
         })
         .register_fn("set_query", |r: &mut Req, q: &str| -> RhaiResult<()> {
             if q.bytes().any(|b| b <= b' ' || b == b'#' || b >= 0x7f) {
                 return Err(invalid("set_query: the query must be percent-encoded"));
             }
-            let mut s = r.state();
-            s.query = (!q.is_empty()).then(|| q.trim_start_matches('?').to_owned());
-            s.query_changed = true;
+            r.state().new_query =
+                Some((!q.is_empty()).then(|| q.trim_start_matches('?').to_owned()));
             Ok(())
         })
         .register_fn("set_upstream", |r: &mut Req, name: &str| {
-            let mut s = r.state();
-            s.upstream = name.into();
-            s.upstream_changed = true;
+            r.state().chosen_upstream = Some(name.into());
         });
 }
 

@@ -54,12 +54,14 @@ const CLOCK_EVERY: u64 = 256;
 /// What the hook running on this thread is, for the budget and for `print`/`debug`.
 struct Running {
     deadline: Cell<Option<Instant>>,
+    /// The running script assigns into indexes or properties (see `on_var` in [`build`]).
+    check_maps: Cell<bool>,
     who: RefCell<Option<(Arc<str>, Arc<str>)>>,
 }
 
 thread_local! {
     static RUNNING: Running = const {
-        Running { deadline: Cell::new(None), who: RefCell::new(None) }
+        Running { deadline: Cell::new(None), check_maps: Cell::new(false), who: RefCell::new(None) }
     };
 }
 
@@ -67,9 +69,15 @@ thread_local! {
 pub(crate) struct CallGuard(());
 
 impl CallGuard {
-    pub(crate) fn enter(budget: Duration, route: &Arc<str>, script: &Arc<str>) -> CallGuard {
+    pub(crate) fn enter(
+        budget: Duration,
+        route: &Arc<str>,
+        script: &Arc<str>,
+        check_maps: bool,
+    ) -> CallGuard {
         RUNNING.with(|r| {
             r.deadline.set(Some(Instant::now() + budget));
+            r.check_maps.set(check_maps);
             *r.who.borrow_mut() = Some((Arc::clone(route), Arc::clone(script)));
         });
         CallGuard(())
@@ -80,6 +88,7 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         RUNNING.with(|r| {
             r.deadline.set(None);
+            r.check_maps.set(false);
             r.who.borrow_mut().take();
         });
     }
@@ -118,21 +127,50 @@ pub fn build(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(limits.max_operations)
-        .set_max_call_levels(limits.max_call_depth)
+        // +1: a hook is itself called from a statement (see `DRIVERS` in `policy`), which
+        // takes one level before the script's own calls.
+        .set_max_call_levels(limits.max_call_depth.saturating_add(1))
         .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
         .set_max_string_size(limits.max_string_size)
         .set_max_array_size(limits.max_array_size)
         .set_max_map_size(limits.max_map_size)
         .set_strict_variables(true)
-        .set_fail_on_invalid_map_property(false);
+        .set_fail_on_invalid_map_property(false)
+        // Rhai interns the strings `let` binds behind one engine-wide lock; every worker shares
+        // this engine, so interning would serialise them for a memory saving policies don't need.
+        .set_max_strings_interned(0);
     // Policies are self-contained: no `import` of files, no `eval` of strings built at run time.
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.disable_symbol("eval");
     engine.on_progress(over_budget);
+    if let Some(max) = std::num::NonZeroUsize::new(limits.max_map_size) {
+        // Rhai checks the size of a value assigned into a map (`m[k] = v`), not of the map that
+        // grew by one key; check a map's own size each time a script names its variable, so a
+        // loop adding keys stops one key over the limit. (A map nested in another one is
+        // counted when the outer one is returned, assigned with `+=`, or passed to a function.)
+        #[allow(deprecated)] // `on_var` is marked volatile, not going away
+        // Only scripts that assign into an index or property pay for the lookup.
+        engine.on_var(move |name, _, cx| {
+            if !RUNNING.with(|r| r.check_maps.get()) {
+                return Ok(None);
+            }
+            match cx.scope().get(name) {
+                Some(v) if v.is_map() && v.as_map_ref().is_ok_and(|m| m.len() > max.get()) => {
+                    Err(map_too_large())
+                }
+                _ => Ok(None),
+            }
+        });
+    }
     engine.on_print(|s| log_print(s, "print"));
     engine.on_debug(|s, _, _| log_print(s, "debug"));
-    super::api::register(&mut engine);
+    super::api::register(&mut engine, limits);
     engine
+}
+
+/// The error Rhai raises for a map over `max_map_size`, for the places Rhai does not check.
+pub(crate) fn map_too_large() -> Box<EvalAltResult> {
+    EvalAltResult::ErrorDataTooLarge("Size of object map".into(), Position::NONE).into()
 }
 
 /// Why a hook failed, as it appears in logs and in `rustygate_policy_errors_total{reason}`.

@@ -12,16 +12,22 @@
 //! hooks through `crate::decide`.
 
 pub mod api;
+mod calls;
 pub mod engine;
 mod regex_cache;
 
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rhai::{AST, CallFnOptions, Dynamic, Engine, Map, Position, Scope};
+use rhai::{
+    AST, ASTNode, Caches, Dynamic, Engine, EvalAltResult, Expr, ImmutableString, Map, Position,
+    Scope, Stmt,
+};
 
-pub use api::{HeaderEdit, Req, RequestState, Res, ResponseState, Verdict};
+pub use api::{HeaderEdit, Req, RequestInit, RequestState, Res, ResponseState, Verdict};
 pub use engine::{Limits, Reason};
 
 /// A compiled policy script.
@@ -29,6 +35,15 @@ pub struct Policy {
     /// Repo-relative path, as the route names it.
     pub path: Arc<str>,
     ast: AST,
+    /// `on_request(req)` and `on_response(req, res)` as statements: a hook runs as one of these
+    /// with the policy's functions in scope, so the call can reuse this thread's resolution
+    /// cache (see [`with_caches`]).
+    drivers: [AST; 2],
+    /// Unique per compiled policy: keys the per-thread resolution caches.
+    id: u64,
+    /// The script assigns into an index or a property (`m[k] = v`, `m.k = v`).
+    grows_maps: bool,
+    source: ImmutableString,
     engine: Arc<Engine>,
     budget: Duration,
     pub has_on_request: bool,
@@ -67,6 +82,14 @@ const HOOKS: [(&str, usize, &str); 2] = [
     ("on_request", 1, "fn on_request(req)"),
     ("on_response", 2, "fn on_response(req, res)"),
 ];
+
+/// How the gateway calls each hook, with `req` and `res` in scope. `!` runs the hook in that
+/// scope instead of a new one (the hook cannot name the caller's variables: strict variables
+/// limit a function to its parameters and its own `let`s), which saves allocating a scope per
+/// call.
+const DRIVERS: [&str; 2] = ["on_request!(req)", "on_response!(req, res)"];
+
+static NEXT_POLICY_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Compiles `source` (the file at repo path `path`) with the snapshot's engine.
 pub fn compile(
@@ -143,17 +166,72 @@ pub fn compile(
             ),
         });
     }
+    if errors.is_empty() {
+        errors.extend(calls::unknown(engine, &ast).into_iter().map(|c| {
+            let shown = if c.method {
+                format!(".{}(..)", c.name)
+            } else {
+                format!("{}(..)", c.name)
+            };
+            let help = match c.known_args.as_slice() {
+                [] => {
+                    "see the host API in docs/policies.md; a script's own functions are defined with `fn`".to_owned()
+                }
+                known => format!(
+                    "`{}` takes {} argument(s){}",
+                    c.name,
+                    known.iter().map(usize::to_string).collect::<Vec<_>>().join(" or "),
+                    if c.method { " after the value it is called on" } else { "" }
+                ),
+            };
+            ScriptError {
+                code: "policy-unknown-function",
+                message: format!(
+                    "{path}: no function `{shown}` takes {} argument(s)",
+                    c.args
+                ),
+                span: span_at(source, c.pos),
+                label: "unknown function",
+                help: Some(help),
+            }
+        }));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
+    let grows_maps = assigns_into_containers(&ast);
+    let mut vars = Scope::new();
+    vars.push("req", ()).push("res", ());
+    let drivers = DRIVERS.map(|d| engine.compile_with_scope(&vars, d));
+    let [Ok(on_request), Ok(on_response)] = drivers else {
+        unreachable!("the hook calls compile with `req` and `res` in scope")
+    };
     Ok(Policy {
         path: Arc::from(path),
         ast,
+        drivers: [on_request, on_response],
+        id: NEXT_POLICY_ID.fetch_add(1, Ordering::Relaxed),
+        grows_maps,
+        source: path.into(),
         engine: Arc::clone(engine),
         budget: limits.budget,
         has_on_request: found[0],
         has_on_response: found[1],
     })
+}
+
+/// Whether `ast` assigns into an index or a property anywhere (hooks, helpers, closures).
+fn assigns_into_containers(ast: &AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Stmt(Stmt::Assignment(a))) = path.last()
+            && matches!(a.1.lhs, Expr::Index(..) | Expr::Dot(..))
+        {
+            found = true;
+        }
+        !found
+    });
+    found
 }
 
 /// The byte range of a Rhai position (1-based line, 1-based character column) in `source`.
@@ -257,19 +335,22 @@ impl RoutePolicy {
         }
     }
 
-    /// Calls `hook` with `args` under the limits; `Ok(Some)` when it returned a decision.
-    fn call(
-        &self,
-        hook: &'static str,
-        args: impl rhai::FuncArgs,
-    ) -> Result<Option<Verdict>, PolicyFailure> {
+    /// Calls hook `i` of [`HOOKS`] with `args` (named as in [`DRIVERS`]) under the limits;
+    /// `Ok(Some)` when it returned a decision.
+    fn call(&self, i: usize, req: Dynamic, res: Dynamic) -> Result<Option<Verdict>, PolicyFailure> {
+        let hook = HOOKS[i].0;
         let p = &self.policy;
-        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path);
-        let mut scope = Scope::new();
-        let opts = CallFnOptions::new().eval_ast(false).rewind_scope(false);
-        let out = p
-            .engine
-            .call_fn_with_options::<Dynamic>(opts, &mut scope, &p.ast, hook, args);
+        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path, p.grows_maps);
+        let mut global = p.engine.new_global_runtime_state();
+        global.lib.push(p.ast.shared_lib().clone());
+        global.source = Some(p.source.clone());
+        let out = with_thread_state(p.id, req, res, |caches, scope| {
+            // `eval_statements_raw` is the one call that takes a resolution cache the caller
+            // keeps; Rhai marks it deprecated without a replacement yet.
+            #[allow(deprecated)]
+            p.engine
+                .eval_statements_raw(&mut global, caches, scope, p.drivers[i].statements())
+        });
         match out {
             Ok(v) if v.is_unit() => Ok(None),
             Ok(v) if v.is::<Verdict>() => Ok(v.try_cast::<Verdict>()),
@@ -283,6 +364,11 @@ impl RoutePolicy {
                 ),
             )),
             Err(e) => {
+                // As `call_fn` reports it: the error inside the hook, not the hook's call site.
+                let e = match *e {
+                    EvalAltResult::ErrorInFunctionCall(name, _, inner, _) if name == hook => inner,
+                    other => Box::new(other),
+                };
                 let (reason, pos, message) = engine::classify(&e);
                 Err(self.failure(hook, reason, pos.line(), message))
             }
@@ -294,7 +380,7 @@ impl RoutePolicy {
         if !self.policy.has_on_request {
             return Ok(None);
         }
-        self.call("on_request", (Dynamic::from(req.clone()),))
+        self.call(0, Dynamic::from(req.clone()), Dynamic::UNIT)
     }
 
     /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
@@ -302,11 +388,66 @@ impl RoutePolicy {
         if !self.policy.has_on_response {
             return Ok(None);
         }
-        self.call(
-            "on_response",
-            (Dynamic::from(req.clone()), Dynamic::from(res.clone())),
-        )
+        self.call(1, Dynamic::from(req.clone()), Dynamic::from(res.clone()))
     }
+}
+
+/// Policies whose resolution caches a thread keeps (the least recently used goes first).
+const CACHED_POLICIES: usize = 16;
+
+thread_local! {
+    /// Rhai resolves each function a script calls (name and argument types) against the
+    /// engine and the script, and caches the answer for one call only. The answer never changes
+    /// for a compiled policy, so each thread keeps it across calls, keyed by policy id.
+    static CACHES: RefCell<Vec<(u64, Caches)>> = const { RefCell::new(Vec::new()) };
+    /// The scope hooks run in, with `req` and `res`; kept to reuse its allocation.
+    static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
+}
+
+/// Runs `f` with this thread's resolution cache for policy `id` and its scope holding `req`
+/// and `res`.
+fn with_thread_state<T>(
+    id: u64,
+    req: Dynamic,
+    res: Dynamic,
+    f: impl FnOnce(&mut Caches, &mut Scope<'static>) -> T,
+) -> T {
+    let mut caches = CACHES.with_borrow_mut(|c| match c.iter().position(|(k, _)| *k == id) {
+        Some(i) => c.remove(i).1,
+        None => Caches::new(),
+    });
+    let mut scope = SCOPE.with_borrow_mut(std::mem::take);
+    match (scope.len(), scope.get_mut("req")) {
+        (2, Some(r)) => *r = req,
+        _ => {
+            scope.clear();
+            scope
+                .push_dynamic("req", req)
+                .push_dynamic("res", Dynamic::UNIT);
+        }
+    }
+    if let Some(r) = scope.get_mut("res") {
+        *r = res;
+    }
+    let out = f(&mut caches, &mut scope);
+    // Drop the request and response now, not with the next call on this thread; keep the
+    // names (each costs an allocation).
+    scope.rewind(2);
+    for name in ["req", "res"] {
+        if let Some(v) = scope.get_mut(name) {
+            *v = Dynamic::UNIT;
+        }
+    }
+    SCOPE.with_borrow_mut(|s| *s = scope);
+    // A failed call can leave nested cache levels behind; keep only the hook's own.
+    caches.rewind_fn_resolution_caches(caches.fn_resolution_caches_len().min(1));
+    CACHES.with_borrow_mut(|c| {
+        if c.len() >= CACHED_POLICIES {
+            c.remove(0);
+        }
+        c.push((id, caches));
+    });
+    out
 }
 
 /// The engine for a snapshot's policies.

@@ -12,11 +12,22 @@ fn policy(src: &str, limits: &Limits) -> RoutePolicy {
 }
 
 fn req() -> Req {
-    Req(Arc::new(std::sync::Mutex::new(RequestState {
-        method: "GET".into(),
-        path: "/a".into(),
-        ..RequestState::default()
-    })))
+    Req(Arc::new(std::sync::Mutex::new(RequestState::new(
+        RequestInit {
+            method: "GET",
+            path: "/a",
+            query: None,
+            host: "example.com",
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            route: "r",
+            upstream: "be",
+            upstream_path: None,
+            params: Map::new(),
+            claims: None,
+            config: Arc::new(Map::new()),
+            headers: http::HeaderMap::new(),
+        },
+    ))))
 }
 
 fn fails(src: &str, limits: &Limits) -> PolicyFailure {
@@ -177,4 +188,183 @@ fn compile_errors_are_located() {
     assert_eq!(e[0].span, 3..13);
     let e = compile_errors("fn helper(x) { x }");
     assert_eq!(e[0].code, "policy-no-hooks");
+}
+
+#[test]
+fn policies_on_one_thread_keep_their_own_functions() {
+    // Each thread caches what a script's calls resolve to, per policy: two scripts with a
+    // function of the same name must each call their own.
+    let limits = Limits::default();
+    let a = policy(
+        "fn pick() { \"a\" }\nfn on_request(req) { req.set_header(\"x-pick\", pick()) }",
+        &limits,
+    );
+    let b = policy(
+        "fn pick() { \"b\" }\nfn on_request(req) { req.set_header(\"x-pick\", pick()) }",
+        &limits,
+    );
+    for _ in 0..3 {
+        for (p, want) in [(&a, "a"), (&b, "b")] {
+            let r = req();
+            assert!(p.on_request(&r).unwrap().is_none());
+            let s = r.state();
+            assert_eq!(
+                s.header_values("x-pick")
+                    .next()
+                    .and_then(|v| v.to_str().ok()),
+                Some(want)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failure_leaves_the_next_call_clean() {
+    let limits = Limits::default();
+    let failing = policy(
+        "fn on_request(req) { let a = 1; let b = 2; throw \"no\"; }",
+        &limits,
+    );
+    let fine = policy(
+        "fn on_request(req) { if req.path == \"/a\" { return deny(403, \"path\"); } }",
+        &limits,
+    );
+    for _ in 0..3 {
+        assert!(failing.on_request(&req()).is_err());
+        assert!(matches!(
+            fine.on_request(&req()),
+            Ok(Some(Verdict::Deny { status: 403, .. }))
+        ));
+    }
+}
+
+#[test]
+fn growing_a_map_by_index_or_property_stops_on_map_size() {
+    let limits = Limits {
+        max_map_size: 100,
+        ..Limits::default()
+    };
+    for src in [
+        "fn on_request(req) { let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; } }",
+        "fn on_request(req) { let m = #{}; for i in 0..1000 { m[`k${i}`] = i; } }",
+        "fn on_request(req) { let c = req.ctx; let i = 0; loop { c[`k${i}`] = i; i += 1; } }",
+        "fn on_request(req) { let i = 0; loop { req.ctx[`k${i}`] = i; i += 1; } }",
+    ] {
+        let f = fails(src, &limits);
+        assert_eq!(f.reason, Reason::MapSize, "{src}: {f}");
+    }
+}
+
+#[test]
+fn only_scripts_that_assign_into_containers_check_map_sizes_on_each_read() {
+    let limits = Limits::default();
+    let reads = policy(
+        "fn on_request(req) { let t = req.header(\"x-tenant\"); let m = #{a: 1}; m += #{b: t}; }",
+        &limits,
+    );
+    assert!(!reads.policy.grows_maps);
+    for src in [
+        "fn on_request(req) { let m = #{}; m.k = 1; }",
+        "fn helper(m) { m[\"k\"] += 1; m }\nfn on_request(req) { helper(#{k: 1}); }",
+        "fn on_request(req) { req.ctx.seen = true; }",
+    ] {
+        assert!(policy(src, &limits).policy.grows_maps, "{src}");
+    }
+}
+
+#[test]
+fn unknown_functions_do_not_compile() {
+    for (src, span) in [
+        (
+            "fn on_request(req) {\n  req.set_heder(\"x-a\", \"1\");\n}",
+            27..28,
+        ),
+        ("fn on_request(req) {\n  let x = sha265(\"a\");\n}", 31..32),
+        ("fn on_request(req) {\n  req.header();\n}", 27..28),
+        (
+            "fn on_request(req) {\n  helper(1, 2);\n}\nfn helper(a) { a }",
+            23..24,
+        ),
+    ] {
+        let e = compile_errors(src);
+        assert_eq!(e[0].code, "policy-unknown-function", "{src}: {e:?}");
+        assert_eq!(e[0].span, span, "{src}: {e:?}");
+    }
+    let e = compile_errors("fn on_request(req) {\n  req.header();\n}");
+    assert!(
+        e[0].help
+            .as_deref()
+            .unwrap_or("")
+            .contains("takes 1 argument"),
+        "{e:?}"
+    );
+    // What Rhai resolves through values or by itself is left alone.
+    let limits = Limits::default();
+    for ok in [
+        "fn on_request(req) { let f = Fn(\"helper\"); f.call(1); print(type_of(f)); }\nfn helper(a) { a }",
+        "fn on_request(req) { let f = |x| x + 1; f(1); }",
+        "fn on_request(req) { let o = #{ act: |x| x }; o.act(1); }",
+        "fn on_request(req) { let s = \"abc\"; s.len(); \"a\".to_upper(); [1].push(2); req.header(\"a\"); }",
+        "fn on_request(req) { 1.helper(); }\nfn helper() { this }",
+    ] {
+        if let Err(e) = compile(&engine(&limits), &limits, "p.rhai", ok) {
+            panic!("{ok}: {e:?}");
+        }
+    }
+}
+
+#[test]
+fn header_reads_see_the_edits_so_far() {
+    let p = policy(
+        r#"fn on_request(req) {
+    let seen = [];
+    seen.push(req.header("X-A"));          // client: 1, 2
+    req.append_header("x-a", "3");
+    seen.push(req.header_values("x-a"));   // 1, 2, 3
+    req.set_header("x-a", "4");
+    req.append_header("x-a", "5");
+    seen.push(req.header_values("x-a"));   // 4, 5
+    req.remove_header("x-a");
+    seen.push(req.has_header("x-a"));      // false
+    req.append_header("x-a", "6");
+    seen.push(req.header_values("x-a"));   // 6
+    seen.push(req.header("x-b"));          // untouched: b
+    req.set_header("x-seen", to_json(seen));
+}"#,
+        &Limits::default(),
+    );
+    let r = req();
+    {
+        let mut s = r.state();
+        s.headers.append("x-a", http::HeaderValue::from_static("1"));
+        s.headers.append("x-a", http::HeaderValue::from_static("2"));
+        s.headers.append("x-b", http::HeaderValue::from_static("b"));
+    }
+    assert!(p.on_request(&r).unwrap().is_none());
+    let s = r.state();
+    let seen = s.header_values("x-seen").next().unwrap().to_str().unwrap();
+    assert_eq!(seen, r#"["1",["1","2","3"],["4","5"],false,["6"],"b"]"#);
+    // What goes upstream is the same replay.
+    let mut upstream = s.headers.clone();
+    for e in &s.edits {
+        e.apply(&mut upstream);
+    }
+    let a: Vec<_> = upstream.get_all("x-a").iter().collect();
+    assert_eq!(a, ["6"]);
+}
+
+#[test]
+fn max_call_depth_counts_calls_made_from_the_hook() {
+    let limits = Limits {
+        max_call_depth: 5,
+        ..Limits::default()
+    };
+    let src = |depth: u32| {
+        format!(
+            "fn down(n) {{ if n > 1 {{ down(n - 1) }} }}\nfn on_request(req) {{ down({depth}) }}"
+        )
+    };
+    assert!(policy(&src(5), &limits).on_request(&req()).is_ok());
+    let f = policy(&src(6), &limits).on_request(&req()).unwrap_err();
+    assert_eq!(f.reason, Reason::CallDepth, "{f}");
 }
