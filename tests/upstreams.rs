@@ -568,3 +568,18 @@ fn max_pending_caps_requests_waiting_for_a_new_connection() {
         Some(&2.0)
     );
 }
+
+#[test]
+fn a_replayable_body_that_never_arrives_is_408_after_the_route_timeout() {
+    let good = Knobs::new("good");
+    let bg = good.serve(None);
+    let gw = Gateway::start(&as_refs(&config(&[bg.url()], "", "timeout = \"300ms\"")));
+    // PUT is retryable and small, so the gateway buffers the body; only half of it is sent.
+    let reply = raw(
+        gw.addr,
+        b"PUT /x HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nhalf!",
+    );
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("not received in time"), "{reply}");
+    assert_eq!(good.hits(), 0, "nothing was sent upstream");
+}

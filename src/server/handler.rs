@@ -467,14 +467,18 @@ async fn forward(
         let stats = Rc::new(BodyStats::default());
         ex.body = Some(Rc::clone(&stats));
         let mut payload = payload.into_inner();
-        match read_request_body(&mut payload, route.max_body_size, &stats).await {
-            Ok(b) => Outgoing::Replayable(b),
-            Err(BodyError::TooLarge { .. }) => {
+        // Read before any attempt, so the client gets the route's timeout to send it (a
+        // streamed body is bounded by the attempt's timeout the same way).
+        let read = read_request_body(&mut payload, route.max_body_size, &stats);
+        match tokio::time::timeout(route.timeout, read).await {
+            Ok(Ok(b)) => Outgoing::Replayable(b),
+            Ok(Err(BodyError::TooLarge { .. })) => {
                 return ex.error(413, "request body is larger than this route accepts");
             }
-            Err(BodyError::Client(_)) => {
+            Ok(Err(BodyError::Client(_))) => {
                 return ex.error(400, "the request body could not be read");
             }
+            Err(_) => return ex.error(408, "the request body was not received in time"),
         }
     } else {
         let (body, stats) =
