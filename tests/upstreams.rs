@@ -433,6 +433,19 @@ fn health_and_in_flight_counts_survive_a_swap_that_keeps_the_target() {
         !target_available(&gw, &urls[1]),
         "a fresh state would start healthy"
     );
+    // Moving the upstream's lines around (a comment above it) is not a new health check.
+    let upstream_file = files
+        .iter()
+        .position(|(p, _)| *p == "upstreams/be.toml")
+        .unwrap();
+    files[upstream_file]
+        .1
+        .insert_str(0, "# Backends of the catch-all route.\n\n");
+    gw.swap(&as_refs(&files));
+    assert!(
+        !target_available(&gw, &urls[1]),
+        "same settings, same state"
+    );
     assert_eq!(get(&gw, "/other").0, 204);
 
     // In-flight counts: a slow request to b (made healthy) is still counted after a swap.

@@ -47,8 +47,19 @@ pub(crate) fn compile_upstreams(
                     .at(file, name.span(), "invalid name"),
             );
         }
-        let mut targets = compile_targets(cx, file, name, &u.targets, u.health.as_ref());
+        let mut targets = compile_targets(cx, file, name, &u.targets);
         super::tls::apply(cx, file, name, u, &mut targets);
+        let health = u
+            .health
+            .as_ref()
+            .and_then(|h| health(cx, file, h))
+            .map(Arc::new);
+        // A target's state is keyed by how it is checked and reached too: a changed health check
+        // or TLS setting starts a fresh verdict, and a checker with the new settings.
+        let how = health.as_ref().map_or(0, |h| h.fingerprint());
+        for t in &mut targets {
+            t.state = state::target_state(name.get(), &t.url, how ^ t.pool_key.variant);
+        }
         let connect_timeout = u
             .connect_timeout
             .as_ref()
@@ -63,11 +74,6 @@ pub(crate) fn compile_upstreams(
             .unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
         let balancer = balancer(cx, file, name, u, &targets, &weights);
-        let health = u
-            .health
-            .as_ref()
-            .and_then(|h| health(cx, file, h))
-            .map(Arc::new);
         let outlier = u
             .outlier
             .as_ref()
@@ -125,12 +131,7 @@ fn compile_targets(
     file: FileId,
     name: &Spanned<String>,
     raw: &Spanned<Vec<Spanned<RawTarget>>>,
-    health: Option<&Spanned<RawHealth>>,
 ) -> Vec<Target> {
-    // Targets' state is keyed by their health settings too: changing the check starts afresh.
-    let health_key = health.map_or(0, |h| {
-        crate::upstream::hash_bytes(format!("{:?}", h.get()).as_bytes())
-    });
     if raw.is_empty() {
         cx.push(
             Diagnostic::error(
@@ -175,12 +176,7 @@ fn compile_targets(
                         .help("use `weight` to send it more traffic"),
                     );
                 }
-                let state = state::target_state(name.get(), url, health_key);
-                out.push(Target {
-                    weight,
-                    state,
-                    ..target
-                });
+                out.push(Target { weight, ..target });
             }
             Err(why) => cx.push(
                 Diagnostic::error(
@@ -229,6 +225,7 @@ fn parse_target(url: &str) -> Result<Target, String> {
         weight: 1,
         protocol: Protocol::Http1,
         tls: None,
+        // Replaced by the registry's state once the upstream's health and TLS are compiled.
         state: state::TargetState::detached("", url),
     })
 }
