@@ -61,6 +61,7 @@ pub struct LocalPool {
 }
 
 /// How one attempt is made.
+#[derive(Clone, Copy)]
 pub struct SendOptions<'a> {
     pub connect_timeout: Duration,
     /// Time allowed until the response head, connecting included.
@@ -157,15 +158,7 @@ impl LocalPool {
                     self.checkin_when_ready(target.pool_key.clone(), conn, opts.idle_timeout);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(returned) if !fresh => req = returned,
-                    returned => {
-                        return Err(SendFailure {
-                            error: super::classify(&e.into_error()),
-                            request: returned,
-                        });
-                    }
-                },
+                Err(e) => req = resend_or_fail(e, fresh)?,
             }
         }
         Err(SendFailure {
@@ -264,15 +257,7 @@ impl LocalPool {
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(returned) if !fresh => req = returned,
-                    returned => {
-                        return Err(SendFailure {
-                            error: super::classify(&e.into_error()),
-                            request: returned,
-                        });
-                    }
-                },
+                Err(e) => req = resend_or_fail(e, fresh)?,
             }
         }
         Err(SendFailure {
@@ -429,6 +414,24 @@ async fn by<T>(
     tokio::time::timeout_at(deadline, fut)
         .await
         .unwrap_or(Err(ForwardError::Timeout(timeout)))
+}
+
+/// After `try_send_request` failed: the request back, for one more try on a fresh connection,
+/// when hyper returned it unsent from a pooled connection; else the failure (with the request
+/// when it was never sent, so that the caller may try another target).
+// Both sides carry a request; boxing would not make the result smaller.
+#[allow(clippy::result_large_err)]
+fn resend_or_fail(
+    mut e: hyper::client::conn::TrySendError<http::Request<ProxyBody>>,
+    fresh: bool,
+) -> Result<http::Request<ProxyBody>, SendFailure> {
+    match e.take_message() {
+        Some(returned) if !fresh => Ok(returned),
+        returned => Err(SendFailure {
+            error: super::classify(&e.into_error()),
+            request: returned,
+        }),
+    }
 }
 
 /// Opens an HTTP/1.1 connection; the connection task runs on the current worker.

@@ -507,9 +507,13 @@ async fn forward(
         .total_timeout
         .or(upstream.total_timeout)
         .map(|t| Instant::now() + t);
-    let mut tried: Vec<usize> = Vec::new();
+    let mut retries = Retries {
+        policy: retry,
+        tried: Vec::new(),
+        deadline,
+    };
     loop {
-        let Some(index) = upstream.pick(key, &tried) else {
+        let Some(index) = upstream.pick(key, &retries.tried) else {
             state
                 .recorder
                 .metrics()
@@ -534,7 +538,7 @@ async fn forward(
         *upstream_req.method_mut() = method.clone();
         *upstream_req.uri_mut() = uri.clone();
         *upstream_req.headers_mut() = headers;
-        let mut opts = SendOptions { ..opts_base };
+        let mut opts = opts_base;
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -554,13 +558,9 @@ async fn forward(
                     .recorder
                     .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
                 let reason = RetryReason::Status(status);
-                if retry.retries_on(reason)
-                    && may_resend
-                    && body.can_resend()
-                    && tried.len() < retry.attempts as usize
-                    && retry_wait(
-                        &ex, state, &upstream, &retry, &mut tried, index, reason, deadline,
-                    )
+                let allowed = may_resend && body.can_resend();
+                if retries
+                    .again(&ex, state, &upstream, index, reason, allowed)
                     .await
                 {
                     continue;
@@ -607,7 +607,7 @@ async fn forward(
             route = route.name.as_str(),
             upstream = upstream.name.as_str(),
             target = target.url.as_str(),
-            attempt = tried.len() + 1,
+            attempt = retries.tried.len() + 1,
             kind = error.kind(),
             error = %error,
             "upstream request failed"
@@ -619,13 +619,9 @@ async fn forward(
             .upstream_errors
             .with_label_values(&[upstream.name.as_str(), error.kind()])
             .inc();
-        if retry.retries_on(reason)
-            && (unsent || may_resend)
-            && body.can_resend()
-            && tried.len() < retry.attempts as usize
-            && retry_wait(
-                &ex, state, &upstream, &retry, &mut tried, index, reason, deadline,
-            )
+        let allowed = (unsent || may_resend) && body.can_resend();
+        if retries
+            .again(&ex, state, &upstream, index, reason, allowed)
             .await
         {
             continue;
@@ -638,52 +634,65 @@ async fn forward(
     }
 }
 
-/// Decides whether one more attempt is made after a failure on target `index`: within the
-/// retry budget and the deadline. Logs and counts the retry, then waits the backoff.
-#[allow(clippy::too_many_arguments)]
-async fn retry_wait(
-    ex: &Exchange,
-    state: &WorkerState,
-    upstream: &Upstream,
-    retry: &RetryPolicy,
-    tried: &mut Vec<usize>,
-    index: usize,
-    reason: RetryReason,
+/// The retry side of one request: its rules, the targets tried so far, its deadline.
+struct Retries {
+    policy: RetryPolicy,
+    tried: Vec<usize>,
     deadline: Option<Instant>,
-) -> bool {
-    let retry_no = tried.len() as u32 + 1;
-    let wait = retry.backoff_for(retry_no);
-    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-        return false;
-    }
-    if !upstream.shared.withdraw(upstream.budget.min_per_second) {
+}
+
+impl Retries {
+    /// Whether another attempt follows the failure of target `index` for `reason`. `allowed`
+    /// says whether this request may be sent again at all (method, body). Checks the rules, the
+    /// attempts left, the deadline and the upstream's budget; logs and counts the retry, then
+    /// waits its backoff.
+    async fn again(
+        &mut self,
+        ex: &Exchange,
+        state: &WorkerState,
+        upstream: &Upstream,
+        index: usize,
+        reason: RetryReason,
+        allowed: bool,
+    ) -> bool {
+        let retry = &self.policy;
+        if !allowed || !retry.retries_on(reason) || self.tried.len() >= retry.attempts as usize {
+            return false;
+        }
+        let retry_no = self.tried.len() as u32 + 1;
+        let wait = retry.backoff_for(retry_no);
+        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return false;
+        }
+        if !upstream.shared.withdraw(upstream.budget.min_per_second) {
+            tracing::info!(
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                upstream = upstream.name.as_str(),
+                reason = reason.label().as_ref(),
+                "not retried: the upstream's retry budget is spent"
+            );
+            return false;
+        }
+        self.tried.push(index);
+        let label = reason.label();
         tracing::info!(
             request_id = ex.request_id.to_str().unwrap_or(""),
             upstream = upstream.name.as_str(),
-            reason = reason.label().as_ref(),
-            "not retried: the upstream's retry budget is spent"
+            target = upstream.targets.get(index).map_or("", |t| t.url.as_str()),
+            attempt = retry_no + 1,
+            reason = label.as_ref(),
+            backoff_ms = wait.as_secs_f64() * 1000.0,
+            "retrying upstream request"
         );
-        return false;
+        state
+            .recorder
+            .metrics()
+            .upstream_retries
+            .with_label_values(&[upstream.name.as_str(), label.as_ref()])
+            .inc();
+        tokio::time::sleep(wait).await;
+        true
     }
-    tried.push(index);
-    let label = reason.label();
-    tracing::info!(
-        request_id = ex.request_id.to_str().unwrap_or(""),
-        upstream = upstream.name.as_str(),
-        target = upstream.targets.get(index).map_or("", |t| t.url.as_str()),
-        attempt = retry_no + 1,
-        reason = label.as_ref(),
-        backoff_ms = wait.as_secs_f64() * 1000.0,
-        "retrying upstream request"
-    );
-    state
-        .recorder
-        .metrics()
-        .upstream_retries
-        .with_label_values(&[upstream.name.as_str(), label.as_ref()])
-        .inc();
-    tokio::time::sleep(wait).await;
-    true
 }
 
 /// 503 from an upstream's circuit breaker.

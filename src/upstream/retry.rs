@@ -101,11 +101,6 @@ impl RetryPolicy {
         }
     }
 
-    /// Whether any status is retried (then responses must be looked at before streaming).
-    pub fn retries_statuses(&self) -> bool {
-        self.statuses != 0
-    }
-
     /// Whether requests with this method may be retried at all.
     pub fn allows_method(&self, method: &http::Method) -> bool {
         self.attempts > 0 && (self.non_idempotent || is_idempotent(method))

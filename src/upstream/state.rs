@@ -300,10 +300,6 @@ impl UpstreamShared {
         self.acquire(true, limit)
     }
 
-    pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
-    }
-
     /// A request that may be retried deposits `percent` hundredths of a retry (capped so that a
     /// long quiet period does not save up a storm).
     pub fn deposit(&self, percent: u32) {
