@@ -3,22 +3,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
-
-/// Parses the text exposition format into `series -> value`.
-fn scrape(gw: &Gateway) -> HashMap<String, f64> {
-    let (status, body) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 #[test]
 fn request_counts_and_latency_histograms_match_the_traffic() {

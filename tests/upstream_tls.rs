@@ -337,16 +337,8 @@ fn start(dir: &tempfile::TempDir, workers: usize) -> Gateway {
     )
 }
 
-fn get(gw: &Gateway, path: &str) -> (u16, String) {
-    http(&gw.addr.to_string(), "GET", path, &[], b"").expect("gateway answered")
-}
-
 fn metric(gw: &Gateway, series: &str) -> f64 {
-    let (status, body) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    scrape(gw).get(series).copied().unwrap_or(0.0)
 }
 
 #[test]
@@ -361,7 +353,7 @@ fn https_target_verified_with_the_configured_ca() {
     );
     let gw = start(&dir, 1);
     for _ in 0..3 {
-        assert_eq!(get(&gw, "/orders/7"), (200, "HTTP/1.1".to_owned()));
+        assert_eq!(gw.get("/orders/7"), (200, "HTTP/1.1".to_owned()));
     }
     let seen = be.seen();
     assert_eq!(seen.len(), 3);
@@ -428,7 +420,7 @@ fn sni_is_the_configured_server_name() {
         "tls = { ca_file = \"certs/ca.pem\", server_name = \"orders.internal\" }",
     );
     let gw = start(&dir, 1);
-    assert_eq!(get(&gw, "/x").0, 200);
+    assert_eq!(gw.get("/x").0, 200);
     assert_eq!(be.seen()[0].sni.as_deref(), Some("orders.internal"));
 
     // A target named by host sends that host when no server_name is set.
@@ -439,7 +431,7 @@ fn sni_is_the_configured_server_name() {
         "tls = { ca_file = \"certs/ca.pem\" }",
     );
     let gw2 = start(&dir2, 1);
-    assert_eq!(get(&gw2, "/x").0, 200);
+    assert_eq!(gw2.get("/x").0, 200);
     assert_eq!(be2.seen()[0].sni.as_deref(), Some("localhost"));
 }
 
@@ -454,13 +446,13 @@ fn mutual_tls_presents_the_client_certificate_when_configured() {
         "tls = { ca_file = \"certs/ca.pem\", client_cert_file = \"certs/client.pem\", client_key = { file = \"$KEY\" } }",
     );
     let gw = start(&dir, 1);
-    assert_eq!(get(&gw, "/x").0, 200);
+    assert_eq!(gw.get("/x").0, 200);
     assert!(be.seen()[0].client_cert);
 
     // The same backend refuses a gateway that has no client certificate.
     let (dir2, _s2) = tls_repo(&pki, &target, "tls = { ca_file = \"certs/ca.pem\" }");
     let gw2 = start(&dir2, 1);
-    let (status, body) = get(&gw2, "/x");
+    let (status, body) = gw2.get("/x");
     assert_eq!(status, 502, "{body}");
     assert_eq!(be.seen().len(), 1);
     assert!(be.handshake_failures.load(Ordering::SeqCst) >= 1);
@@ -469,19 +461,11 @@ fn mutual_tls_presents_the_client_certificate_when_configured() {
 #[test]
 fn h2c_upstream_shares_one_connection_between_concurrent_requests() {
     let be = TestBackend::start(Mode::H2c, Duration::from_millis(200));
-    let dir = repo(&[
-        (
-            "routes/all.toml",
-            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
-        ),
-        (
-            "upstreams/be.toml",
-            &format!(
-                "[upstream.be]\ntargets = [\"http://{}\"]\nprotocol = \"http2\"\n",
-                be.addr
-            ),
-        ),
-    ]);
+    let dir = repo(&as_refs(&proxy_to(
+        &[format!("http://{}", be.addr)],
+        "protocol = \"http2\"",
+        "",
+    )));
     let gw = start(&dir, 1);
     let addr = gw.addr.to_string();
     // Eight clients at once, on a cold pool: they wait for the one connection being opened.
@@ -502,7 +486,7 @@ fn h2c_upstream_shares_one_connection_between_concurrent_requests() {
         "requests were multiplexed"
     );
     // And it is kept for later requests.
-    assert_eq!(get(&gw, "/y").0, 200);
+    assert_eq!(gw.get("/y").0, 200);
     assert_eq!(be.connections.load(Ordering::SeqCst), 1);
 }
 
@@ -517,7 +501,7 @@ fn h2_over_tls_is_negotiated_with_alpn_and_health_checked() {
          health = { path = \"/healthz\", interval = \"100ms\", timeout = \"1s\" }",
     );
     let gw = start(&dir, 1);
-    assert_eq!(get(&gw, "/x"), (200, "HTTP/2.0".to_owned()));
+    assert_eq!(gw.get("/x"), (200, "HTTP/2.0".to_owned()));
     assert!(
         wait_until(Duration::from_secs(5), || be
             .seen()
@@ -546,7 +530,7 @@ fn h2_over_tls_is_negotiated_with_alpn_and_health_checked() {
         "protocol = \"http2\"\ntls = { ca_file = \"certs/ca.pem\" }",
     );
     let gw2 = start(&dir2, 1);
-    assert_eq!(get(&gw2, "/x").0, 502);
+    assert_eq!(gw2.get("/x").0, 502);
     assert!(h1_only.seen().is_empty());
     assert!(
         metric(
@@ -609,45 +593,32 @@ fn health_checks_use_tls_for_https_targets() {
 fn a_closed_h2_connection_is_replaced() {
     let be = TestBackend::start(Mode::H2c, Duration::ZERO);
     let addr = be.addr;
-    let dir = repo(&[
-        (
-            "routes/all.toml",
-            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
-        ),
-        (
-            "upstreams/be.toml",
-            &format!("[upstream.be]\ntargets = [\"http://{addr}\"]\nprotocol = \"http2\"\n"),
-        ),
-    ]);
+    let dir = repo(&as_refs(&proxy_to(
+        &[format!("http://{}", addr)],
+        "protocol = \"http2\"",
+        "",
+    )));
     let gw = start(&dir, 1);
-    assert_eq!(get(&gw, "/x").0, 200);
+    assert_eq!(gw.get("/x").0, 200);
     // The backend goes away, closing the shared connection, and comes back on its port.
     drop(be);
     let back = TestBackend::start_at(addr, Mode::H2c, Duration::ZERO);
     assert!(
-        wait_until(Duration::from_secs(5), || get(&gw, "/x").0 == 200),
+        wait_until(Duration::from_secs(5), || gw.get("/x").0 == 200),
         "a new connection is opened"
     );
     assert_eq!(back.connections.load(Ordering::SeqCst), 1);
-    assert!(get(&gw, "/y").0 == 200 && back.connections.load(Ordering::SeqCst) == 1);
+    assert!(gw.get("/y").0 == 200 && back.connections.load(Ordering::SeqCst) == 1);
 }
 
 #[test]
 fn trailers_of_an_h2_response_are_not_passed_to_an_http1_client() {
     let be = TestBackend::start(Mode::H2c, Duration::ZERO);
-    let dir = repo(&[
-        (
-            "routes/all.toml",
-            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
-        ),
-        (
-            "upstreams/be.toml",
-            &format!(
-                "[upstream.be]\ntargets = [\"http://{}\"]\nprotocol = \"http2\"\n",
-                be.addr
-            ),
-        ),
-    ]);
+    let dir = repo(&as_refs(&proxy_to(
+        &[format!("http://{}", be.addr)],
+        "protocol = \"http2\"",
+        "",
+    )));
     let gw = start(&dir, 1);
     // The body arrives whole; the trailers (gRPC's status) do not: the client side is HTTP/1.1.
     let text = raw(

@@ -94,43 +94,6 @@ impl Knobs {
     }
 }
 
-/// A config repo with one catch-all route to upstream `be` with these targets and settings.
-fn config(
-    targets: &[String],
-    upstream_extra: &str,
-    route_extra: &str,
-) -> Vec<(&'static str, String)> {
-    let list = targets
-        .iter()
-        .map(|t| format!("\"{t}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    vec![
-        (
-            "routes/all.toml",
-            format!(
-                "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n{route_extra}\n"
-            ),
-        ),
-        (
-            "upstreams/be.toml",
-            format!("[upstream.be]\ntargets = [{list}]\n{upstream_extra}\n"),
-        ),
-    ]
-}
-
-fn scrape(gw: &Gateway) -> HashMap<String, f64> {
-    let (status, body) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn target_available(gw: &Gateway, url: &str) -> bool {
     let snap = gw.store.load();
     let u = snap.upstreams.iter().find(|u| u.name == "be").unwrap();
@@ -140,10 +103,6 @@ fn target_available(gw: &Gateway, url: &str) -> bool {
         .unwrap()
         .state
         .available()
-}
-
-fn get(gw: &Gateway, path: &str) -> (u16, String) {
-    http(&gw.addr.to_string(), "GET", path, &[], b"").expect("gateway answered")
 }
 
 /// Runs `n` requests on `threads` threads at once; returns the statuses.
@@ -171,7 +130,7 @@ fn a_target_that_goes_down_is_checked_out_and_comes_back() {
     let (ba, bb, bc) = (a.serve(None), b.serve(None), c.serve(None));
     let urls = vec![ba.url(), bb.url(), bc.url()];
     let health = "health = { path = \"/healthz\", interval = \"100ms\", timeout = \"500ms\", healthy_after = 2, unhealthy_after = 2 }";
-    let gw = Gateway::start(&as_refs(&config(&urls, health, "")));
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls, health, "")));
     assert!(
         wait_until(Duration::from_secs(5), || b
             .health_checks
@@ -185,7 +144,7 @@ fn a_target_that_goes_down_is_checked_out_and_comes_back() {
     let b_addr = bb.addr;
     drop(bb);
     for i in 0..60 {
-        let (status, body) = get(&gw, "/x");
+        let (status, body) = gw.get("/x");
         assert_eq!(status, 200, "request {i} failed: {body}");
         assert!(!body.starts_with("b:"), "{body}");
     }
@@ -212,7 +171,7 @@ fn a_target_that_goes_down_is_checked_out_and_comes_back() {
     let before = b.hits();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            let _ = get(&gw, "/x");
+            let _ = gw.get("/x");
             b.hits() > before
         }),
         "b takes traffic again once healthy"
@@ -226,20 +185,20 @@ fn passive_detection_ejects_a_failing_target_without_health_checks() {
     let (a, b) = (Knobs::new("a"), Knobs::new("b").failing(500));
     let (ba, bb) = (a.serve(None), b.serve(None));
     let urls = vec![ba.url(), bb.url()];
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &urls,
         "outlier = { consecutive_5xx = 3, base_ejection = \"30s\" }",
         "",
     )));
     for _ in 0..20 {
-        get(&gw, "/x");
+        gw.get("/x");
     }
     // Three 5xx in a row ejected b; after that only a is used.
     assert_eq!(b.hits(), 3);
     assert!(!target_available(&gw, &urls[1]));
     let after = b.hits();
     for _ in 0..10 {
-        assert_eq!(get(&gw, "/x").0, 200);
+        assert_eq!(gw.get("/x").0, 200);
     }
     assert_eq!(b.hits(), after);
 }
@@ -248,13 +207,13 @@ fn passive_detection_ejects_a_failing_target_without_health_checks() {
 fn timeouts_are_504_and_retried_on_another_target_but_post_is_not() {
     let (slow, fast) = (Knobs::new("slow").slow(3000), Knobs::new("fast"));
     let (bs, bf) = (slow.serve(None), fast.serve(None));
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[bs.url(), bf.url()],
         "retries = { attempts = 1, on = [\"timeout\"], budget_percent = 100 }\noutlier = { consecutive_failures = 0 }",
         "timeout = \"300ms\"",
     )));
     for i in 0..6 {
-        let (status, body) = get(&gw, "/x");
+        let (status, body) = gw.get("/x");
         assert_eq!((status, body.as_str()), (200, "fast:"), "GET {i}");
     }
     assert!(
@@ -281,21 +240,21 @@ fn timeouts_are_504_and_retried_on_another_target_but_post_is_not() {
     );
 
     // A single slow target: 504, not a hang.
-    let only_slow = Gateway::start(&as_refs(&config(&[bs.url()], "", "timeout = \"200ms\"")));
-    assert_eq!(get(&only_slow, "/x").0, 504);
+    let only_slow = Gateway::start(&as_refs(&proxy_to(&[bs.url()], "", "timeout = \"200ms\"")));
+    assert_eq!(only_slow.get("/x").0, 504);
 }
 
 #[test]
 fn the_retry_budget_caps_retries_when_every_target_fails() {
     let (a, b) = (Knobs::new("a").failing(503), Knobs::new("b").failing(503));
     let (ba, bb) = (a.serve(None), b.serve(None));
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[ba.url(), bb.url()],
         "retries = { attempts = 3, on = [\"503\"], backoff = \"1ms\", max_backoff = \"2ms\", budget_percent = 20, min_retries_per_second = 0 }",
         "",
     )));
     for _ in 0..50 {
-        assert_eq!(get(&gw, "/x").0, 503);
+        assert_eq!(gw.get("/x").0, 503);
     }
     // Without a budget: 50 * 4 = 200 attempts. With 20%: 50 + 10.
     let attempts = a.hits() + b.hits();
@@ -320,7 +279,7 @@ fn the_retry_budget_caps_retries_when_every_target_fails() {
 fn small_bodies_are_replayed_on_retry_and_large_ones_are_not() {
     let (bad, good) = (Knobs::new("bad").failing(503), Knobs::new("good"));
     let (bb, bg) = (bad.serve(None), good.serve(None));
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[bb.url(), bg.url()],
         "retries = { attempts = 1, on = [\"503\"], replay_body_limit = \"16\", budget_percent = 100 }",
         "",
@@ -343,7 +302,7 @@ fn a_streamed_post_goes_to_another_target_when_the_first_refuses_the_connection(
     let good = Knobs::new("good");
     let bg = good.serve(None);
     let dead = format!("http://127.0.0.1:{}", dead_port());
-    let gw = Gateway::start(&as_refs(&config(&[dead, bg.url()], "", "")));
+    let gw = Gateway::start(&as_refs(&proxy_to(&[dead, bg.url()], "", "")));
     for _ in 0..4 {
         let (status, body) = http(&gw.addr.to_string(), "POST", "/x", &[], b"payload").unwrap();
         assert_eq!((status, body.as_str()), (200, "good:payload"));
@@ -354,7 +313,7 @@ fn a_streamed_post_goes_to_another_target_when_the_first_refuses_the_connection(
 fn least_connections_sends_fewer_requests_to_a_slow_target() {
     let (slow, fast) = (Knobs::new("slow").slow(300), Knobs::new("fast").slow(5));
     let (bs, bf) = (slow.serve(None), fast.serve(None));
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[bs.url(), bf.url()],
         "balance = \"least_connections\"",
         "",
@@ -375,7 +334,7 @@ fn consistent_hash_keeps_keys_and_moves_few_when_a_target_is_added() {
     let backends: Vec<Backend> = knobs.iter().map(|k| k.serve(None)).collect();
     let urls: Vec<String> = backends.iter().map(Backend::url).collect();
     let hashed = "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"";
-    let gw = Gateway::start(&as_refs(&config(&urls[..3], hashed, "")));
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls[..3], hashed, "")));
     let addr = gw.addr.to_string();
     let owner = |user: usize| {
         let (status, body) = http(
@@ -396,7 +355,7 @@ fn consistent_hash_keeps_keys_and_moves_few_when_a_target_is_added() {
     let spread: std::collections::HashSet<&String> = before.iter().collect();
     assert_eq!(spread.len(), 3, "keys spread over every target");
 
-    gw.swap(&as_refs(&config(&urls, hashed, "")));
+    gw.swap(&as_refs(&proxy_to(&urls, hashed, "")));
     let after: Vec<String> = (0..120).map(owner).collect();
     let moved: Vec<usize> = (0..120).filter(|&u| before[u] != after[u]).collect();
     assert!(
@@ -417,13 +376,13 @@ fn health_and_in_flight_counts_survive_a_swap_that_keeps_the_target() {
     let (ba, bb) = (a.serve(None), b.serve(None));
     let urls = vec![ba.url(), bb.url()];
     let health = "health = { path = \"/healthz\", interval = \"100ms\", healthy_after = 1, unhealthy_after = 1 }\nfail_open = false";
-    let gw = Gateway::start(&as_refs(&config(&urls, health, "")));
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls, health, "")));
     assert!(wait_until(Duration::from_secs(5), || !target_available(
         &gw, &urls[1]
     )));
 
     // A change elsewhere in the config: b stays unhealthy, with no new check needed.
-    let mut files = config(&urls, health, "");
+    let mut files = proxy_to(&urls, health, "");
     files.push((
         "routes/other.toml",
         "[[route]]\nname = \"other\"\npath = \"/other\"\nrespond = { status = 204 }\n".into(),
@@ -446,7 +405,7 @@ fn health_and_in_flight_counts_survive_a_swap_that_keeps_the_target() {
         !target_available(&gw, &urls[1]),
         "same settings, same state"
     );
-    assert_eq!(get(&gw, "/other").0, 204);
+    assert_eq!(gw.get("/other").0, 204);
 
     // In-flight counts: a slow request to b (made healthy) is still counted after a swap.
     b.health_status.store(200, Ordering::SeqCst);
@@ -482,7 +441,7 @@ fn health_and_in_flight_counts_survive_a_swap_that_keeps_the_target() {
 
     // A swap that removes b drops its state and stops its checks.
     let weak = Arc::downgrade(&gw.store.load().upstreams[0].targets[1].state);
-    gw.swap(&as_refs(&config(&urls[..1], health, "")));
+    gw.swap(&as_refs(&proxy_to(&urls[..1], health, "")));
     assert!(wait_until(Duration::from_secs(2), || weak
         .upgrade()
         .is_none()));
@@ -502,8 +461,8 @@ fn no_usable_target_is_503_unless_fail_open() {
     a.health_status.store(503, Ordering::SeqCst);
     let ba = a.serve(None);
     let health = "health = { path = \"/healthz\", interval = \"100ms\", unhealthy_after = 1 }";
-    let closed = Gateway::start(&as_refs(&config(&[ba.url()], health, "")));
-    let open = Gateway::start(&as_refs(&config(
+    let closed = Gateway::start(&as_refs(&proxy_to(&[ba.url()], health, "")));
+    let open = Gateway::start(&as_refs(&proxy_to(
         &[ba.url()],
         &format!("{health}\nfail_open = true"),
         "",
@@ -513,17 +472,17 @@ fn no_usable_target_is_503_unless_fail_open() {
         &ba.url()
     )
         && !target_available(&open, &ba.url())));
-    let (status, body) = get(&closed, "/x");
+    let (status, body) = closed.get("/x");
     assert_eq!(status, 503);
     assert!(body.contains("no healthy upstream target"), "{body}");
-    assert_eq!(get(&open, "/x"), (200, "a:".to_owned()));
+    assert_eq!(open.get("/x"), (200, "a:".to_owned()));
 }
 
 #[test]
 fn the_circuit_breaker_answers_503_beyond_its_limit() {
     let slow = Knobs::new("slow").slow(2000);
     let bs = slow.serve(None);
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[bs.url()],
         "circuit_breaker = { max_requests = 2 }",
         "",
@@ -552,7 +511,7 @@ fn max_pending_caps_requests_waiting_for_a_new_connection() {
             held.push(s);
         }
     });
-    let gw = Gateway::start(&as_refs(&config(
+    let gw = Gateway::start(&as_refs(&proxy_to(
         &[format!("https://{addr}")],
         "connect_timeout = \"2s\"\ncircuit_breaker = { max_pending = 1 }\nretries = 0",
         "",
@@ -571,7 +530,7 @@ fn max_pending_caps_requests_waiting_for_a_new_connection() {
     std::thread::sleep(Duration::from_millis(100));
     // A waiting request would end in 504 after the connect timeout; these are refused.
     for _ in 0..2 {
-        let (status, body) = get(&gw, "/x");
+        let (status, body) = gw.get("/x");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("concurrency limit"), "{body}");
     }
@@ -586,7 +545,7 @@ fn max_pending_caps_requests_waiting_for_a_new_connection() {
 fn a_replayable_body_that_never_arrives_is_408_after_the_route_timeout() {
     let good = Knobs::new("good");
     let bg = good.serve(None);
-    let gw = Gateway::start(&as_refs(&config(&[bg.url()], "", "timeout = \"300ms\"")));
+    let gw = Gateway::start(&as_refs(&proxy_to(&[bg.url()], "", "timeout = \"300ms\"")));
     // PUT is retryable and small, so the gateway buffers the body; only half of it is sent.
     let reply = raw(
         gw.addr,

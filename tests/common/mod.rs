@@ -275,6 +275,11 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` on a fresh connection: status and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(&self.addr.to_string(), "GET", path, &[], b"").expect("gateway answered")
+    }
+
     /// Writes `files` into the config dir, compiles it and publishes the result (a config swap).
     pub fn swap(&self, files: &[(&str, &str)]) {
         write_files(&self.dir, files);
@@ -407,6 +412,21 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Routes everything to one upstream at `url`, with optional extra route keys.
 pub fn proxy_all(url: &str, route_extra: &str) -> Vec<(&'static str, String)> {
+    proxy_to(&[url.to_owned()], "", route_extra)
+}
+
+/// A config repo with one catch-all route `all` to upstream `be`: these targets, and extra
+/// keys for the upstream and the route.
+pub fn proxy_to(
+    targets: &[String],
+    upstream_extra: &str,
+    route_extra: &str,
+) -> Vec<(&'static str, String)> {
+    let list = targets
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     vec![
         (
             "routes/all.toml",
@@ -416,9 +436,22 @@ pub fn proxy_all(url: &str, route_extra: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "upstreams/be.toml",
-            format!("[upstream.be]\ntargets = [\"{url}\"]\n"),
+            format!("[upstream.be]\ntargets = [{list}]\n{upstream_extra}\n"),
         ),
     ]
+}
+
+/// The admin listener's `/metrics`, parsed into `series -> value`.
+pub fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
+    let (status, body) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 pub fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
