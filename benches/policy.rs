@@ -10,6 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
+use rustygate::policy::ClientHeaders;
 
 const POLICY: &str = r#"
 fn on_request(req) {
@@ -53,12 +54,17 @@ fn snapshot() -> rustygate::snapshot::Snapshot {
         .expect("bench config compiles")
 }
 
-fn request_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-tenant", HeaderValue::from_static("acme"));
-    h.insert("x-api-version", HeaderValue::from_static("2"));
-    h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
-    h.insert("accept", HeaderValue::from_static("*/*"));
+/// The client's headers as the proxy hands them over (copied from the parsed request).
+fn request_headers() -> ClientHeaders {
+    let mut h = ClientHeaders::with_capacity(4, 64);
+    for (n, v) in [
+        ("x-tenant", "acme"),
+        ("x-api-version", "2"),
+        ("user-agent", "bench/1.0"),
+        ("accept", "*/*"),
+    ] {
+        h.push(n, v.as_bytes());
+    }
     h
 }
 

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use http::HeaderMap;
 
 use crate::policy::{
-    PolicyFailure, Req, RequestInit, RequestState, Res, ResponseState, RoutePolicy, Verdict,
+    ClientHeaders, PolicyFailure, Req, RequestInit, RequestState, Res, ResponseState, RoutePolicy,
+    Verdict,
 };
 use crate::router::{RouteId, RouteMatch};
 use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse};
@@ -103,7 +104,7 @@ pub fn request<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch<'_, '_>,
     inc: &Incoming<'_>,
-    headers: impl FnOnce() -> HeaderMap,
+    headers: impl FnOnce() -> ClientHeaders,
 ) -> (RouteId, Plan<'s>) {
     let id = m.route;
     let Some(route) = snap.routes.get(id) else {

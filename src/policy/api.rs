@@ -64,7 +64,62 @@ pub struct RequestInit<'a> {
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     pub config: Arc<Map>,
     /// The client's headers.
-    pub headers: HeaderMap,
+    pub headers: ClientHeaders,
+}
+
+/// The client's request headers as a hook reads them: name/value pairs in one buffer, a name's
+/// values in the order they came. A hook looks up two or three names, so scanning a dozen short
+/// names beats building a map for every request (parsing and hashing each name first).
+#[derive(Debug, Default, Clone)]
+pub struct ClientHeaders {
+    bytes: Vec<u8>,
+    /// Where each header's name and value end in `bytes`; each starts where the previous ended.
+    ends: Vec<(usize, usize)>,
+}
+
+impl ClientHeaders {
+    /// Room for `headers` headers of `bytes` bytes in all.
+    pub fn with_capacity(headers: usize, bytes: usize) -> ClientHeaders {
+        ClientHeaders {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(headers),
+        }
+    }
+
+    /// Adds a header as received (HTTP parsers give names in lower case).
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        self.bytes.extend_from_slice(name.as_bytes());
+        let name_end = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.ends.push((name_end, self.bytes.len()));
+    }
+
+    /// The values of `name` (any case), in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut start = 0;
+        self.ends.iter().filter_map(move |&(name_end, end)| {
+            let (n, v) = (
+                self.bytes.get(start..name_end).unwrap_or_default(),
+                self.bytes.get(name_end..end).unwrap_or_default(),
+            );
+            start = end;
+            n.eq_ignore_ascii_case(name.as_bytes()).then_some(v)
+        })
+    }
+}
+
+impl From<&HeaderMap> for ClientHeaders {
+    fn from(headers: &HeaderMap) -> ClientHeaders {
+        let bytes = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        let mut out = ClientHeaders::with_capacity(headers.len(), bytes);
+        for (n, v) in headers {
+            out.push(n.as_str(), v.as_bytes());
+        }
+        out
+    }
 }
 
 /// What a hook sees of the request and what it changed.
@@ -91,7 +146,7 @@ pub struct RequestState {
     pub config: Arc<Map>,
     pub ctx: Map,
     /// The client's headers as they came; reads see them through `edits` ([`Self::header_values`]).
-    pub headers: HeaderMap,
+    pub headers: ClientHeaders,
     pub edits: Vec<HeaderEdit>,
 }
 
@@ -182,26 +237,19 @@ impl RequestState {
     /// changed by the hook's `set_header` / `append_header` / `remove_header` so far. The edits
     /// are replayed on reads instead of on a copy of the headers: most hooks set a header or two
     /// and never read it back.
-    pub fn header_values<'s>(
-        &'s self,
-        name: &'s str,
-    ) -> impl Iterator<Item = &'s HeaderValue> + 's {
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
         let named = |n: &HeaderName| n.as_str().eq_ignore_ascii_case(name);
         let last_reset = self.edits.iter().rposition(|e| match e {
             HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => named(n),
             HeaderEdit::Append(..) => false,
         });
         let (client, set, appended) = match last_reset.map(|i| (i, &self.edits[i])) {
-            None => (
-                Some(self.headers.get_all(name).iter()),
-                None,
-                &self.edits[..],
-            ),
-            Some((i, HeaderEdit::Set(_, v))) => (None, Some(v), &self.edits[i + 1..]),
+            None => (Some(self.headers.get_all(name)), None, &self.edits[..]),
+            Some((i, HeaderEdit::Set(_, v))) => (None, Some(v.as_bytes()), &self.edits[i + 1..]),
             Some((i, _)) => (None, None, &self.edits[i + 1..]),
         };
         let appended = appended.iter().filter_map(move |e| match e {
-            HeaderEdit::Append(n, v) if n.as_str().eq_ignore_ascii_case(name) => Some(v),
+            HeaderEdit::Append(n, v) if n.as_str().eq_ignore_ascii_case(name) => Some(v.as_bytes()),
             _ => None,
         });
         client.into_iter().flatten().chain(set).chain(appended)
@@ -316,28 +364,37 @@ fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
 }
 
 fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
-    first_text(h.get(name).into_iter())
+    first_text(h.get(name).map(HeaderValue::as_bytes).into_iter())
 }
 
 fn header_values(h: &HeaderMap, name: &str) -> Array {
-    texts(h.get_all(name).iter())
+    texts(h.get_all(name).iter().map(HeaderValue::as_bytes))
 }
 
 /// The first value, as a script string; `()` when there is none or it is not text.
-fn first_text<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Dynamic {
+fn first_text<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Dynamic {
     values
         .next()
-        .and_then(|v| v.to_str().ok())
+        .and_then(text)
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .unwrap_or(Dynamic::UNIT)
 }
 
 /// The values that are text, as script strings.
-fn texts<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Array {
+fn texts<'a>(values: impl Iterator<Item = &'a [u8]>) -> Array {
     values
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(text)
         .map(|s| Dynamic::from(ImmutableString::from(s)))
         .collect()
+}
+
+/// A header value as text: visible ASCII, spaces and tabs (what `HeaderValue::to_str` accepts).
+fn text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
 }
 
 fn status_in(status: i64, range: std::ops::RangeInclusive<i64>, what: &str) -> RhaiResult<u16> {

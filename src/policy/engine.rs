@@ -127,9 +127,8 @@ pub fn build(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(limits.max_operations)
-        // +1: a hook is itself called from a statement (see `DRIVERS` in `policy`), which
-        // takes one level before the script's own calls.
-        .set_max_call_levels(limits.max_call_depth.saturating_add(1))
+        // A hook's body runs at level 0 (see `Hook` in `policy`): each call it makes is a level.
+        .set_max_call_levels(limits.max_call_depth)
         .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
         .set_max_string_size(limits.max_string_size)
         .set_max_array_size(limits.max_array_size)
@@ -142,6 +141,16 @@ pub fn build(limits: &Limits) -> Engine {
     // Policies are self-contained: no `import` of files, no `eval` of strings built at run time.
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.disable_symbol("eval");
+    // Rhai's `exit` ends a script with a value. A hook's body runs as statements (see `Hook` in
+    // `policy`), where that value would quietly become the hook's result; keep what a called
+    // function does with it, an error that fails the request. (The engine's own functions
+    // are found before the standard library's.)
+    let exit = || -> Result<(), Box<EvalAltResult>> {
+        Err("exit() is not available in policies: end a hook with `return`".into())
+    };
+    engine
+        .register_fn("exit", exit)
+        .register_fn("exit", move |_: Dynamic| exit());
     engine.on_progress(over_budget);
     if let Some(max) = std::num::NonZeroUsize::new(limits.max_map_size) {
         // Rhai checks the size of a value assigned into a map (`m[k] = v`), not of the map that

@@ -23,11 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rhai::{
-    AST, ASTNode, Caches, Dynamic, Engine, EvalAltResult, Expr, ImmutableString, Map, Position,
-    Scope, Stmt,
+    AST, ASTNode, Caches, Dynamic, Engine, Expr, ImmutableString, Map, Position, Scope, Stmt,
 };
 
-pub use api::{HeaderEdit, Req, RequestInit, RequestState, Res, ResponseState, Verdict};
+pub use api::{
+    ClientHeaders, HeaderEdit, Req, RequestInit, RequestState, Res, ResponseState, Verdict,
+};
 pub use engine::{Limits, Reason};
 
 /// A compiled policy script.
@@ -35,10 +36,8 @@ pub struct Policy {
     /// Repo-relative path, as the route names it.
     pub path: Arc<str>,
     ast: AST,
-    /// `on_request(req)` and `on_response(req, res)` as statements: a hook runs as one of these
-    /// with the policy's functions in scope, so the call can reuse this thread's resolution
-    /// cache (see [`with_caches`]).
-    drivers: [AST; 2],
+    /// `on_request` and `on_response`, when the script defines them (see [`Hook`]).
+    hooks: [Option<Hook>; 2],
     /// Unique per compiled policy: keys the per-thread resolution caches.
     id: u64,
     /// The script assigns into an index or a property (`m[k] = v`, `m.k = v`).
@@ -48,6 +47,42 @@ pub struct Policy {
     budget: Duration,
     pub has_on_request: bool,
     pub has_on_response: bool,
+}
+
+/// A hook as the gateway runs it: its body's statements evaluated directly in a scope that holds
+/// its parameters, with the script's functions in reach. That is what Rhai does when the
+/// function is called, minus the call itself (resolving the name, a new frame, moving the
+/// arguments), and it lets each thread keep its resolution cache across calls (see
+/// [`with_thread_state`]). Strict variables already limit a body to its parameters and its own
+/// `let`s, and `exit` is disabled (it would end the body like `return` here, not fail).
+#[derive(Debug)]
+struct Hook {
+    params: Vec<ImmutableString>,
+    body: Vec<Stmt>,
+}
+
+impl Hook {
+    fn find(ast: &AST, name: &str, arity: usize) -> Option<Hook> {
+        let def = ast
+            .iter_fn_def()
+            .find(|f| f.name == name && f.params.len() == arity)?;
+        // The body's top-level statements. Walking an AST of this one function keeps out the
+        // bodies of closures it defines, which Rhai stores as functions of their own.
+        let mut module = rhai::Module::new();
+        module.set_script_fn(def.clone());
+        let only = AST::new_from_module(module);
+        let mut body = Vec::new();
+        only.walk(&mut |path: &[ASTNode]| {
+            if let [ASTNode::Stmt(s)] = path {
+                body.push((*s).clone());
+            }
+            true
+        });
+        Some(Hook {
+            params: def.params.iter().cloned().collect(),
+            body,
+        })
+    }
 }
 
 impl std::fmt::Debug for Policy {
@@ -82,12 +117,6 @@ const HOOKS: [(&str, usize, &str); 2] = [
     ("on_request", 1, "fn on_request(req)"),
     ("on_response", 2, "fn on_response(req, res)"),
 ];
-
-/// How the gateway calls each hook, with `req` and `res` in scope. `!` runs the hook in that
-/// scope instead of a new one (the hook cannot name the caller's variables: strict variables
-/// limit a function to its parameters and its own `let`s), which saves allocating a scope per
-/// call.
-const DRIVERS: [&str; 2] = ["on_request!(req)", "on_response!(req, res)"];
 
 static NEXT_POLICY_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -200,16 +229,11 @@ pub fn compile(
         return Err(errors);
     }
     let grows_maps = assigns_into_containers(&ast);
-    let mut vars = Scope::new();
-    vars.push("req", ()).push("res", ());
-    let drivers = DRIVERS.map(|d| engine.compile_with_scope(&vars, d));
-    let [Ok(on_request), Ok(on_response)] = drivers else {
-        unreachable!("the hook calls compile with `req` and `res` in scope")
-    };
+    let hooks = HOOKS.map(|(name, arity, _)| Hook::find(&ast, name, arity));
     Ok(Policy {
         path: Arc::from(path),
         ast,
-        drivers: [on_request, on_response],
+        hooks,
         id: NEXT_POLICY_ID.fetch_add(1, Ordering::Relaxed),
         grows_maps,
         source: path.into(),
@@ -335,21 +359,24 @@ impl RoutePolicy {
         }
     }
 
-    /// Calls hook `i` of [`HOOKS`] with `args` (named as in [`DRIVERS`]) under the limits;
-    /// `Ok(Some)` when it returned a decision.
-    fn call(&self, i: usize, req: Dynamic, res: Dynamic) -> Result<Option<Verdict>, PolicyFailure> {
-        let hook = HOOKS[i].0;
-        let p = &self.policy;
+    /// Runs hook `i` of [`HOOKS`] with `args` under the limits; `Ok(Some)` when it returned a
+    /// decision.
+    fn call(&self, i: usize, args: [Dynamic; 2]) -> Result<Option<Verdict>, PolicyFailure> {
+        let (hook, p) = (HOOKS[i].0, &self.policy);
+        let Some(code) = &p.hooks[i] else {
+            return Ok(None);
+        };
         let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path, p.grows_maps);
         let mut global = p.engine.new_global_runtime_state();
         global.lib.push(p.ast.shared_lib().clone());
         global.source = Some(p.source.clone());
-        let out = with_thread_state(p.id, req, res, |caches, scope| {
+        let out = with_thread_state(p.id, &code.params, args, |caches, scope| {
             // `eval_statements_raw` is the one call that takes a resolution cache the caller
-            // keeps; Rhai marks it deprecated without a replacement yet.
+            // keeps; Rhai marks it deprecated without a replacement yet. It turns `return` into
+            // the body's value.
             #[allow(deprecated)]
             p.engine
-                .eval_statements_raw(&mut global, caches, scope, p.drivers[i].statements())
+                .eval_statements_raw(&mut global, caches, scope, &code.body)
         });
         match out {
             Ok(v) if v.is_unit() => Ok(None),
@@ -364,11 +391,6 @@ impl RoutePolicy {
                 ),
             )),
             Err(e) => {
-                // As `call_fn` reports it: the error inside the hook, not the hook's call site.
-                let e = match *e {
-                    EvalAltResult::ErrorInFunctionCall(name, _, inner, _) if name == hook => inner,
-                    other => Box::new(other),
-                };
                 let (reason, pos, message) = engine::classify(&e);
                 Err(self.failure(hook, reason, pos.line(), message))
             }
@@ -380,7 +402,7 @@ impl RoutePolicy {
         if !self.policy.has_on_request {
             return Ok(None);
         }
-        self.call(0, Dynamic::from(req.clone()), Dynamic::UNIT)
+        self.call(0, [Dynamic::from(req.clone()), Dynamic::UNIT])
     }
 
     /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
@@ -388,7 +410,7 @@ impl RoutePolicy {
         if !self.policy.has_on_response {
             return Ok(None);
         }
-        self.call(1, Dynamic::from(req.clone()), Dynamic::from(res.clone()))
+        self.call(1, [Dynamic::from(req.clone()), Dynamic::from(res.clone())])
     }
 }
 
@@ -400,16 +422,16 @@ thread_local! {
     /// engine and the script, and caches the answer for one call only. The answer never changes
     /// for a compiled policy, so each thread keeps it across calls, keyed by policy id.
     static CACHES: RefCell<Vec<(u64, Caches)>> = const { RefCell::new(Vec::new()) };
-    /// The scope hooks run in, with `req` and `res`; kept to reuse its allocation.
+    /// The scope hooks run in; kept to reuse its allocation.
     static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
 }
 
-/// Runs `f` with this thread's resolution cache for policy `id` and its scope holding `req`
-/// and `res`.
+/// Runs `f` with this thread's resolution cache for policy `id` and a scope holding `args`
+/// named `params` (a hook's body finds its parameters at the end of the scope, in order).
 fn with_thread_state<T>(
     id: u64,
-    req: Dynamic,
-    res: Dynamic,
+    params: &[ImmutableString],
+    args: [Dynamic; 2],
     f: impl FnOnce(&mut Caches, &mut Scope<'static>) -> T,
 ) -> T {
     let mut caches = CACHES.with_borrow_mut(|c| match c.iter().position(|(k, _)| *k == id) {
@@ -417,27 +439,13 @@ fn with_thread_state<T>(
         None => Caches::new(),
     });
     let mut scope = SCOPE.with_borrow_mut(std::mem::take);
-    match (scope.len(), scope.get_mut("req")) {
-        (2, Some(r)) => *r = req,
-        _ => {
-            scope.clear();
-            scope
-                .push_dynamic("req", req)
-                .push_dynamic("res", Dynamic::UNIT);
-        }
-    }
-    if let Some(r) = scope.get_mut("res") {
-        *r = res;
+    scope.clear();
+    for (name, value) in params.iter().zip(args) {
+        scope.push_dynamic(name.as_str(), value);
     }
     let out = f(&mut caches, &mut scope);
-    // Drop the request and response now, not with the next call on this thread; keep the
-    // names (each costs an allocation).
-    scope.rewind(2);
-    for name in ["req", "res"] {
-        if let Some(v) = scope.get_mut(name) {
-            *v = Dynamic::UNIT;
-        }
-    }
+    // Drop the request and response now, not with the next call on this thread.
+    scope.clear();
     SCOPE.with_borrow_mut(|s| *s = scope);
     // A failed call can leave nested cache levels behind; keep only the hook's own.
     caches.rewind_fn_resolution_caches(caches.fn_resolution_caches_len().min(1));

@@ -25,7 +25,7 @@ fn req() -> Req {
             params: Map::new(),
             claims: None,
             config: Arc::new(Map::new()),
-            headers: http::HeaderMap::new(),
+            headers: ClientHeaders::default(),
         },
     ))))
 }
@@ -208,12 +208,7 @@ fn policies_on_one_thread_keep_their_own_functions() {
             let r = req();
             assert!(p.on_request(&r).unwrap().is_none());
             let s = r.state();
-            assert_eq!(
-                s.header_values("x-pick")
-                    .next()
-                    .and_then(|v| v.to_str().ok()),
-                Some(want)
-            );
+            assert_eq!(s.header_values("x-pick").next(), Some(want.as_bytes()));
         }
     }
 }
@@ -336,16 +331,19 @@ fn header_reads_see_the_edits_so_far() {
     let r = req();
     {
         let mut s = r.state();
-        s.headers.append("x-a", http::HeaderValue::from_static("1"));
-        s.headers.append("x-a", http::HeaderValue::from_static("2"));
-        s.headers.append("x-b", http::HeaderValue::from_static("b"));
+        s.headers.push("x-a", b"1");
+        s.headers.push("x-b", b"b");
+        s.headers.push("x-a", b"2");
     }
     assert!(p.on_request(&r).unwrap().is_none());
     let s = r.state();
-    let seen = s.header_values("x-seen").next().unwrap().to_str().unwrap();
+    let seen = std::str::from_utf8(s.header_values("x-seen").next().unwrap()).unwrap();
     assert_eq!(seen, r#"["1",["1","2","3"],["4","5"],false,["6"],"b"]"#);
     // What goes upstream is the same replay.
-    let mut upstream = s.headers.clone();
+    let mut upstream = http::HeaderMap::new();
+    for (n, v) in [("x-a", "1"), ("x-b", "b"), ("x-a", "2")] {
+        upstream.append(n, http::HeaderValue::from_static(v));
+    }
     for e in &s.edits {
         e.apply(&mut upstream);
     }
@@ -367,4 +365,78 @@ fn max_call_depth_counts_calls_made_from_the_hook() {
     assert!(policy(&src(5), &limits).on_request(&req()).is_ok());
     let f = policy(&src(6), &limits).on_request(&req()).unwrap_err();
     assert_eq!(f.reason, Reason::CallDepth, "{f}");
+}
+#[test]
+fn hooks_run_their_own_body_with_closures_and_early_returns() {
+    // A hook's body runs as statements (`Hook`): a closure it defines is a function of its
+    // own, not part of the body, and `return` ends the body with its value.
+    let p = policy(
+        r#"
+fn twice(x) { x * 2 }
+fn on_request(r) {
+    let add = |x| x + 1;
+    r.set_header("x-a", add.call(twice(20)).to_string());
+    if r.has_header("x-a") { return deny(418, "early"); }
+    r.set_header("x-b", "never");
+}
+fn on_response(q, s) {
+    let f = |n| n * 10;
+    s.set_header("x-c", f.call(s.status).to_string());
+}
+"#,
+        &Limits::default(),
+    );
+    let r = req();
+    match p.on_request(&r) {
+        Ok(Some(Verdict::Deny { status: 418, .. })) => {}
+        other => panic!("expected the early deny, got {other:?}"),
+    }
+    let edits: Vec<_> = r.state().edits.iter().map(|e| format!("{e:?}")).collect();
+    assert_eq!(edits.len(), 1, "{edits:?}");
+    assert!(edits[0].contains("\"41\""), "{edits:?}");
+    let res = Res(Arc::new(std::sync::Mutex::new(ResponseState {
+        status: 204,
+        headers: http::HeaderMap::new(),
+    })));
+    assert!(p.on_response(&r, &res).unwrap().is_none());
+    assert_eq!(res.state().headers["x-c"], "2040");
+}
+
+#[test]
+fn exit_fails_the_request() {
+    for src in [
+        "fn on_request(req) {\n  exit();\n}",
+        "fn on_request(req) {\n  exit(1);\n}",
+    ] {
+        let f = fails(src, &Limits::default());
+        assert_eq!((f.reason, f.line), (Reason::Runtime, Some(2)), "{f}");
+        assert!(f.message.contains("exit() is not available"), "{f}");
+    }
+}
+
+#[test]
+fn client_headers_match_names_in_any_case_and_keep_value_order() {
+    let mut h = ClientHeaders::default();
+    h.push("x-a", b"1");
+    h.push("accept", b"*/*");
+    h.push("x-a", b"2");
+    h.push("x-bin", b"caf\xc3\xa9");
+    let all: Vec<_> = h.get_all("X-A").collect();
+    assert_eq!(all, [b"1".as_slice(), b"2"]);
+    assert_eq!(h.get_all("x-").count(), 0);
+    assert_eq!(h.get_all("accept-x").count(), 0);
+    let p = policy(
+        r#"fn on_request(req) {
+    req.set_header("x-out", `${req.header("X-A")}|${req.header("x-bin") == ()}|${req.header_values("x-bin").len()}`);
+}"#,
+        &Limits::default(),
+    );
+    let r = req();
+    r.state().headers = h;
+    assert!(p.on_request(&r).unwrap().is_none());
+    let s = r.state();
+    assert_eq!(
+        s.header_values("x-out").next(),
+        Some(b"1|true|0".as_slice())
+    );
 }

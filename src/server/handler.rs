@@ -23,6 +23,7 @@ use http::uri::PathAndQuery;
 
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
+use crate::policy::ClientHeaders;
 use crate::proxy::ForwardError;
 use crate::proxy::body::{
     BodyError, BodyStats, OnFinish, ProxyBody, UpstreamBody, read_request_body, stream_request_body,
@@ -340,15 +341,15 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
 }
 
 /// The client's request headers as the policy sees them (only built for routes with a policy).
-fn client_headers(req: &HttpRequest) -> http::HeaderMap {
-    let mut out = http::HeaderMap::with_capacity(req.headers().len());
-    for (name, value) in req.headers().iter() {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_str().as_bytes()),
-            HeaderValue::from_bytes(value.as_bytes()),
-        ) {
-            out.append(n, v);
-        }
+fn client_headers(req: &HttpRequest) -> ClientHeaders {
+    let headers = req.headers();
+    let bytes = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    let mut out = ClientHeaders::with_capacity(headers.len(), bytes);
+    for (name, value) in headers.iter() {
+        out.push(name.as_str(), value.as_bytes());
     }
     out
 }

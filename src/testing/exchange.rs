@@ -216,7 +216,7 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         }
         (None, None) => {}
     }
-    let (_, plan) = decide::request(snap, &m, &incoming, || case.headers.clone());
+    let (_, plan) = decide::request(snap, &m, &incoming, || (&case.headers).into());
     match plan {
         Plan::Forward(f) => forward(&run, route, f),
         other => run.answer(other),
