@@ -40,7 +40,7 @@ impl Call {
 }
 
 /// Names Rhai resolves itself rather than through registered functions.
-const KEYWORDS: [&str; 11] = [
+pub(crate) const KEYWORDS: [&str; 11] = [
     "print",
     "debug",
     "type_of",

@@ -14,6 +14,7 @@
 pub mod api;
 mod calls;
 pub mod engine;
+mod native_calls;
 mod regex_cache;
 
 use std::cell::RefCell;
@@ -78,6 +79,8 @@ impl Hook {
             }
             true
         });
+        let script_fns = ast.iter_functions().map(|f| f.name.to_owned()).collect();
+        native_calls::mark(&mut body, &script_fns);
         Some(Hook {
             params: def.params.iter().cloned().collect(),
             body,

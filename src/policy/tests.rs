@@ -440,3 +440,30 @@ fn client_headers_match_names_in_any_case_and_keep_value_order() {
         Some(b"1|true|0".as_slice())
     );
 }
+
+#[test]
+fn a_script_function_named_like_a_host_function_is_still_called() {
+    // Calls the script cannot answer skip Rhai's script-function lookup (`native_calls`); a
+    // name the script defines keeps it, so the script's own `header` wins as Rhai intends.
+    let p = policy(
+        r#"
+fn header(name) { `script:${name}` }
+fn on_request(req) {
+    req.set_header("x-a", req.header("x-in"));
+    req.set_header("x-b", header("y"));
+    req.set_header("x-c", req.method);
+}"#,
+        &Limits::default(),
+    );
+    let r = req();
+    assert!(p.on_request(&r).unwrap().is_none());
+    let s = r.state();
+    let get = |n| {
+        s.header_values(n)
+            .next()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(get("x-a").as_deref(), Some("script:x-in"));
+    assert_eq!(get("x-b").as_deref(), Some("script:y"));
+    assert_eq!(get("x-c").as_deref(), Some("GET"));
+}
