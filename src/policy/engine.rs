@@ -69,16 +69,18 @@ thread_local! {
 pub(crate) struct CallGuard(());
 
 impl CallGuard {
+    /// `who` (route and script, for `print`/`debug`) is only given for scripts that may print.
     pub(crate) fn enter(
         budget: Duration,
-        route: &Arc<str>,
-        script: &Arc<str>,
+        who: Option<(&Arc<str>, &Arc<str>)>,
         check_maps: bool,
     ) -> CallGuard {
         RUNNING.with(|r| {
             r.deadline.set(Some(Instant::now() + budget));
             r.check_maps.set(check_maps);
-            *r.who.borrow_mut() = Some((Arc::clone(route), Arc::clone(script)));
+            if let Some((route, script)) = who {
+                *r.who.borrow_mut() = Some((Arc::clone(route), Arc::clone(script)));
+            }
         });
         CallGuard(())
     }

@@ -43,6 +43,8 @@ pub struct Policy {
     id: u64,
     /// The script assigns into an index or a property (`m[k] = v`, `m.k = v`).
     grows_maps: bool,
+    /// The script may call `print` or `debug`, whose log events name the route and script.
+    prints: bool,
     source: ImmutableString,
     engine: Arc<Engine>,
     budget: Duration,
@@ -232,6 +234,7 @@ pub fn compile(
         return Err(errors);
     }
     let grows_maps = assigns_into_containers(&ast);
+    let prints = names_print(&ast);
     let hooks = HOOKS.map(|(name, arity, _)| Hook::find(&ast, name, arity));
     Ok(Policy {
         path: Arc::from(path),
@@ -239,6 +242,7 @@ pub fn compile(
         hooks,
         id: NEXT_POLICY_ID.fetch_add(1, Ordering::Relaxed),
         grows_maps,
+        prints,
         source: path.into(),
         engine: Arc::clone(engine),
         budget: limits.budget,
@@ -256,6 +260,23 @@ fn assigns_into_containers(ast: &AST) -> bool {
         {
             found = true;
         }
+        !found
+    });
+    found
+}
+
+/// Whether `ast` calls `print` or `debug` (they are keywords: `Fn("print")` is refused).
+fn names_print(ast: &AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        let name = match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(c, _) | Expr::MethodCall(c, _))) => {
+                Some(c.name.as_str())
+            }
+            Some(ASTNode::Stmt(Stmt::FnCall(c, _))) => Some(c.name.as_str()),
+            _ => None,
+        };
+        found = matches!(name, Some("print" | "debug"));
         !found
     });
     found
@@ -369,7 +390,8 @@ impl RoutePolicy {
         let Some(code) = &p.hooks[i] else {
             return Ok(None);
         };
-        let _guard = engine::CallGuard::enter(p.budget, &self.route, &p.path, p.grows_maps);
+        let who = p.prints.then_some((&self.route, &p.path));
+        let _guard = engine::CallGuard::enter(p.budget, who, p.grows_maps);
         let mut global = p.engine.new_global_runtime_state();
         global.lib.push(p.ast.shared_lib().clone());
         global.source = Some(p.source.clone());
@@ -417,16 +439,22 @@ impl RoutePolicy {
     }
 }
 
-/// Policies whose resolution caches a thread keeps (the least recently used goes first).
-const CACHED_POLICIES: usize = 16;
+/// Policies whose resolution caches a thread keeps (the oldest goes first).
+const CACHED_POLICIES: usize = 64;
 
-thread_local! {
+/// What a thread keeps between hook calls.
+#[derive(Default)]
+struct ThreadState {
     /// Rhai resolves each function a script calls (name and argument types) against the
     /// engine and the script, and caches the answer for one call only. The answer never changes
     /// for a compiled policy, so each thread keeps it across calls, keyed by policy id.
-    static CACHES: RefCell<Vec<(u64, Caches)>> = const { RefCell::new(Vec::new()) };
+    caches: Vec<(u64, Caches)>,
     /// The scope hooks run in; kept to reuse its allocation.
-    static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
+    scope: Scope<'static>,
+}
+
+thread_local! {
+    static THREAD_STATE: RefCell<ThreadState> = RefCell::new(ThreadState::default());
 }
 
 /// Runs `f` with this thread's resolution cache for policy `id` and a scope holding `args`
@@ -437,28 +465,37 @@ fn with_thread_state<T>(
     args: [Dynamic; 2],
     f: impl FnOnce(&mut Caches, &mut Scope<'static>) -> T,
 ) -> T {
-    let mut caches = CACHES.with_borrow_mut(|c| match c.iter().position(|(k, _)| *k == id) {
-        Some(i) => c.remove(i).1,
-        None => Caches::new(),
-    });
-    let mut scope = SCOPE.with_borrow_mut(std::mem::take);
-    scope.clear();
-    for (name, value) in params.iter().zip(args) {
-        scope.push_dynamic(name.as_str(), value);
-    }
-    let out = f(&mut caches, &mut scope);
-    // Drop the request and response now, not with the next call on this thread.
-    scope.clear();
-    SCOPE.with_borrow_mut(|s| *s = scope);
-    // A failed call can leave nested cache levels behind; keep only the hook's own.
-    caches.rewind_fn_resolution_caches(caches.fn_resolution_caches_len().min(1));
-    CACHES.with_borrow_mut(|c| {
-        if c.len() >= CACHED_POLICIES {
-            c.remove(0);
+    let run = |caches: &mut Caches, scope: &mut Scope<'static>| {
+        scope.clear();
+        for (name, value) in params.iter().zip(args) {
+            scope.push_dynamic(name.as_str(), value);
         }
-        c.push((id, caches));
-    });
-    out
+        let out = f(caches, scope);
+        // Drop the request and response now, not with the next call on this thread.
+        scope.clear();
+        // A failed call can leave nested cache levels behind; keep only the hook's own.
+        caches.rewind_fn_resolution_caches(caches.fn_resolution_caches_len().min(1));
+        out
+    };
+    THREAD_STATE.with(|state| match state.try_borrow_mut() {
+        Ok(mut state) => {
+            let ThreadState { caches, scope } = &mut *state;
+            let i = match caches.iter().position(|(k, _)| *k == id) {
+                Some(i) => i,
+                None => {
+                    if caches.len() >= CACHED_POLICIES {
+                        caches.remove(0);
+                    }
+                    caches.push((id, Caches::new()));
+                    caches.len() - 1
+                }
+            };
+            run(&mut caches[i].1, scope)
+        }
+        // A hook running inside another one on this thread (nothing does this today) gets
+        // state of its own.
+        Err(_) => run(&mut Caches::new(), &mut Scope::new()),
+    })
 }
 
 /// The engine for a snapshot's policies.

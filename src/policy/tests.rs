@@ -467,3 +467,44 @@ fn on_request(req) {
     assert_eq!(get("x-b").as_deref(), Some("script:y"));
     assert_eq!(get("x-c").as_deref(), Some("GET"));
 }
+
+#[test]
+fn print_and_debug_log_with_route_and_script() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let quiet = policy("fn on_request(req) { let x = 1; }", &Limits::default());
+    let p = policy(
+        r#"fn on_request(req) { print("one"); debug("two"); }"#,
+        &Limits::default(),
+    );
+    tracing::subscriber::with_default(subscriber, || {
+        quiet.on_request(&req()).unwrap();
+        p.on_request(&req()).unwrap();
+    });
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for (line, said) in lines.iter().zip(["one", "\"two\""]) {
+        assert!(line.contains(said), "{line}");
+        assert!(
+            line.contains("route=\"r\"") && line.contains("script=\"policies/t.rhai\""),
+            "{line}"
+        );
+    }
+}
