@@ -82,7 +82,8 @@ impl Hook {
             true
         });
         let script_fns = ast.iter_functions().map(|f| f.name.to_owned()).collect();
-        native_calls::mark(&mut body, &script_fns);
+        let params: Vec<&str> = def.params.iter().map(|p| p.as_str()).collect();
+        native_calls::rewrite(&mut body, &script_fns, &params);
         Some(Hook {
             params: def.params.iter().cloned().collect(),
             body,

@@ -1,26 +1,62 @@
-//! Marks the calls in a hook's body that no script function can answer as calls of host
-//! functions only.
+//! Two rewrites of the calls in a hook's body, made once when the policy is compiled. Both are
+//! optimisations only: a call they do not reach behaves the same, just slower.
 //!
-//! Before each call of a function or method, Rhai looks for a script function of that name
-//! (for a method, first under the receiver's type name, which it formats for the lookup) and
-//! only then for a host function. A policy's functions are fixed when it is compiled, so when the
-//! script defines no function of a name, those lookups can only miss: Rhai's own parser marks
-//! operators this way. This is an optimisation only; a call it does not reach behaves the same.
+//! * Calls that no script function can answer are marked as calls of host functions only.
+//!   Before each call, Rhai looks for a script function of that name (for a method, first under
+//!   the receiver's type name, which it formats for the lookup) and only then for a host
+//!   function. A policy's functions are fixed when it is compiled, so when the script defines no
+//!   function of a name, those lookups can only miss (Rhai's parser marks operators this way).
+//! * Such a method called on a hook parameter the body never rebinds (`req.header("x")`) becomes
+//!   the function call Rhai makes of it anyway (`header(req, "x")`, the receiver passed by
+//!   reference), without the machinery for chains like `a.b[c].d()`.
 
 use std::collections::HashSet;
 
-use rhai::{Expr, FnCallExpr, FnCallHashes, Stmt, StmtBlock};
+use rhai::{ASTFlags, ASTNode, Expr, FnCallExpr, FnCallHashes, Stmt, StmtBlock};
 
-/// Calls `native` where `script_fns` (every function name the script defines) has no match.
-pub(crate) fn mark(body: &mut [Stmt], script_fns: &HashSet<String>) {
-    let mut m = Marker { script_fns };
+/// Rewrites `body` given `script_fns` (every function name the script defines) and the hook's
+/// parameter names.
+pub(crate) fn rewrite(body: &mut [Stmt], script_fns: &HashSet<String>, params: &[&str]) {
+    let receivers = params
+        .iter()
+        .filter(|p| !rebinds(body, p))
+        .map(|p| p.to_string())
+        .collect();
+    let mut m = Marker {
+        script_fns,
+        receivers,
+    };
     for s in body {
         m.stmt(s);
     }
 }
 
+/// Whether `body` may give variable `name` another value: `let`, assignment, a loop or `catch`
+/// variable, or a closure capturing it.
+fn rebinds(body: &[Stmt], name: &str) -> bool {
+    let ast = rhai::AST::new(body.iter().cloned(), rhai::Module::new());
+    let var = |e: &Expr| matches!(e, Expr::Variable(v, ..) if v.1 == name);
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        found = match path.last() {
+            Some(ASTNode::Stmt(Stmt::Var(x, ..))) => x.0.name == name,
+            Some(ASTNode::Stmt(Stmt::Assignment(x))) => var(&x.1.lhs),
+            Some(ASTNode::Stmt(Stmt::For(x, _))) => {
+                x.0.name == name || x.1.as_ref().is_some_and(|c| c.name == name)
+            }
+            Some(ASTNode::Stmt(Stmt::TryCatch(f, _))) => var(&f.expr),
+            Some(ASTNode::Stmt(Stmt::Share(v))) => v.iter().any(|(i, _)| i.name == name),
+            _ => false,
+        };
+        !found
+    });
+    found
+}
+
 struct Marker<'a> {
     script_fns: &'a HashSet<String>,
+    /// Hook parameters a method call can be rewritten on.
+    receivers: HashSet<String>,
 }
 
 impl Marker<'_> {
@@ -40,6 +76,32 @@ impl Marker<'_> {
             return;
         }
         c.hashes = FnCallHashes::from_native_only(c.hashes.native());
+    }
+
+    /// `receiver.method(args)` as `method(receiver, args)`, when that is what it means.
+    fn method_on_receiver(&mut self, e: &mut Expr) -> Option<Expr> {
+        // `?.` (null-safe access) sets a flag; only a plain `.` is rewritten.
+        let Expr::Dot(x, flags, _) = e else {
+            return None;
+        };
+        if *flags != ASTFlags::NONE {
+            return None;
+        }
+        let receiver = match &x.lhs {
+            Expr::Variable(v, ..) if self.receivers.contains(v.1.as_str()) => x.lhs.clone(),
+            _ => return None,
+        };
+        let Expr::MethodCall(c, pos) = &mut x.rhs else {
+            return None;
+        };
+        self.call(c);
+        // Marked above only when no script function and nothing special answers the name.
+        if !c.hashes.is_native_only() {
+            return None;
+        }
+        let mut call = (**c).clone();
+        call.args.insert(0, receiver);
+        Some(Expr::FnCall(Box::new(call), *pos))
     }
 
     fn block(&mut self, b: &mut StmtBlock) {
@@ -74,6 +136,10 @@ impl Marker<'_> {
     }
 
     fn expr(&mut self, e: &mut Expr) {
+        if let Some(call) = self.method_on_receiver(e) {
+            *e = call;
+            return;
+        }
         match e {
             Expr::FnCall(c, _) | Expr::MethodCall(c, _) => self.call(c),
             Expr::Dot(x, ..) | Expr::Index(x, ..) => {

@@ -508,3 +508,25 @@ fn print_and_debug_log_with_route_and_script() {
         );
     }
 }
+
+#[test]
+fn methods_on_a_rebound_parameter_keep_rhai_method_semantics() {
+    // `req.m(..)` runs as `m(req, ..)` only while `req` is the hook's own parameter; once the body
+    // rebinds the name (here to a map holding a function), Rhai's method call must decide.
+    let p = policy(
+        r#"fn on_request(req) {
+    req.set_header("x-a", "1");
+    let keep = req;
+    let req = #{ set_header: |n, v| 7 };
+    let v = req.set_header("x", "y");
+    keep.set_header("x-b", `${v}`);
+}"#,
+        &Limits::default(),
+    );
+    let r = req();
+    assert!(p.on_request(&r).unwrap().is_none());
+    let s = r.state();
+    assert_eq!(s.header_values("x-a").next(), Some(b"1".as_slice()));
+    assert_eq!(s.header_values("x-b").next(), Some(b"7".as_slice()));
+    assert_eq!(s.header_values("x").next(), None);
+}
