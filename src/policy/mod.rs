@@ -57,7 +57,7 @@ pub struct Policy {
 /// function is called, minus the call itself (resolving the name, a new frame, moving the
 /// arguments), and it lets each thread keep its resolution cache across calls (see
 /// [`with_thread_state`]). Strict variables already limit a body to its parameters and its own
-/// `let`s, and `exit` is disabled (it would end the body like `return` here, not fail).
+/// `let`s; `return` ends the body with its value, and `exit()` fails (see [`engine::build`]).
 #[derive(Debug)]
 struct Hook {
     params: Vec<ImmutableString>,
