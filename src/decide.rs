@@ -244,7 +244,7 @@ pub fn on_response<'s>(
     status: &mut u16,
     headers: &mut HeaderMap,
 ) -> ResponsePlan<'s> {
-    if !run.policy.policy.has_on_response {
+    if !run.policy.policy.has_on_response() {
         return ResponsePlan::Pass;
     }
     let res = Res(Arc::new(Mutex::new(ResponseState {

@@ -48,8 +48,6 @@ pub struct Policy {
     source: ImmutableString,
     engine: Arc<Engine>,
     budget: Duration,
-    pub has_on_request: bool,
-    pub has_on_response: bool,
 }
 
 /// A hook as the gateway runs it: its body's statements evaluated directly in a scope that holds
@@ -88,6 +86,16 @@ impl Hook {
             params: def.params.iter().cloned().collect(),
             body,
         })
+    }
+}
+
+impl Policy {
+    pub fn has_on_request(&self) -> bool {
+        self.hooks[0].is_some()
+    }
+
+    pub fn has_on_response(&self) -> bool {
+        self.hooks[1].is_some()
     }
 }
 
@@ -247,8 +255,6 @@ pub fn compile(
         source: path.into(),
         engine: Arc::clone(engine),
         budget: limits.budget,
-        has_on_request: found[0],
-        has_on_response: found[1],
     })
 }
 
@@ -425,7 +431,7 @@ impl RoutePolicy {
 
     /// Runs `on_request` when the script has it.
     pub fn on_request(&self, req: &Req) -> Result<Option<Verdict>, PolicyFailure> {
-        if !self.policy.has_on_request {
+        if !self.policy.has_on_request() {
             return Ok(None);
         }
         self.call(0, [Dynamic::from(req.clone()), Dynamic::UNIT])
@@ -433,7 +439,7 @@ impl RoutePolicy {
 
     /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
     pub fn on_response(&self, req: &Req, res: &Res) -> Result<Option<Verdict>, PolicyFailure> {
-        if !self.policy.has_on_response {
+        if !self.policy.has_on_response() {
             return Ok(None);
         }
         self.call(1, [Dynamic::from(req.clone()), Dynamic::from(res.clone())])
