@@ -56,16 +56,15 @@ fn snapshot() -> rustygate::snapshot::Snapshot {
 
 /// The client's headers as the proxy hands them over (copied from the parsed request).
 fn request_headers() -> ClientHeaders {
-    let mut h = ClientHeaders::with_capacity(4, 64);
-    for (n, v) in [
+    [
         ("x-tenant", "acme"),
         ("x-api-version", "2"),
         ("user-agent", "bench/1.0"),
         ("accept", "*/*"),
-    ] {
-        h.push(n, v.as_bytes());
-    }
-    h
+    ]
+    .into_iter()
+    .map(|(n, v)| (n, v.as_bytes()))
+    .collect()
 }
 
 fn bench(c: &mut Criterion) {

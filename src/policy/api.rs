@@ -78,14 +78,6 @@ pub struct ClientHeaders {
 }
 
 impl ClientHeaders {
-    /// Room for `headers` headers of `bytes` bytes in all.
-    pub fn with_capacity(headers: usize, bytes: usize) -> ClientHeaders {
-        ClientHeaders {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(headers),
-        }
-    }
-
     /// Adds a header as received (HTTP parsers give names in lower case).
     pub fn push(&mut self, name: &str, value: &[u8]) {
         self.bytes.extend_from_slice(name.as_bytes());
@@ -108,17 +100,28 @@ impl ClientHeaders {
     }
 }
 
-impl From<&HeaderMap> for ClientHeaders {
-    fn from(headers: &HeaderMap) -> ClientHeaders {
-        let bytes = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        let mut out = ClientHeaders::with_capacity(headers.len(), bytes);
-        for (n, v) in headers {
-            out.push(n.as_str(), v.as_bytes());
+impl<'a> FromIterator<(&'a str, &'a [u8])> for ClientHeaders {
+    fn from_iter<I: IntoIterator<Item = (&'a str, &'a [u8])>>(headers: I) -> ClientHeaders {
+        let headers = headers.into_iter();
+        let n = headers.size_hint().0;
+        // Most request headers are short: one allocation for the usual request.
+        let mut out = ClientHeaders {
+            bytes: Vec::with_capacity(n * 48),
+            ends: Vec::with_capacity(n),
+        };
+        for (name, value) in headers {
+            out.push(name, value);
         }
         out
+    }
+}
+
+impl From<&HeaderMap> for ClientHeaders {
+    fn from(headers: &HeaderMap) -> ClientHeaders {
+        headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect()
     }
 }
 

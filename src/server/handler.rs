@@ -342,16 +342,10 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
 
 /// The client's request headers as the policy sees them (only built for routes with a policy).
 fn client_headers(req: &HttpRequest) -> ClientHeaders {
-    let headers = req.headers();
-    let bytes = headers
+    req.headers()
         .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum();
-    let mut out = ClientHeaders::with_capacity(headers.len(), bytes);
-    for (name, value) in headers.iter() {
-        out.push(name.as_str(), value.as_bytes());
-    }
-    out
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect()
 }
 
 /// Framing and header checks actix does not make itself (SECURITY.md).
