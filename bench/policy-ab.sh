@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Policy cost without nginx's drift: two gateways side by side on loopback, one with the plain
-# route and one with the typical policy of issue #4 (the script of serve-for-compare.sh POLICY=1),
+# route and one with the typical policy of issue #4 (bench/typical.rhai),
 # in front of one nginx backend, loaded alternately with wrk; prints the ratio of the medians.
 #   bench/policy-ab.sh            (N=6 runs of D=5 seconds each; BIN=path to another binary)
 # needs: nginx and wrk. Ports: 19001 (backend), 18080/18081 and 18090/18091 (gateways).
@@ -23,16 +23,7 @@ for k in plain pol; do
   printf '[[route]]\nname = "all"\nprefix = "/"\nupstream = "backend"\n' > $d/$k/routes/all.toml
 done
 echo 'policy = "policies/typical.rhai"' >> $d/pol/routes/all.toml
-cat > $d/pol/policies/typical.rhai <<'R'
-fn on_request(req) {
-    let tenant = req.header("x-tenant");
-    let version = req.header("x-api-version");
-    let agent = req.header("user-agent");
-    if version == "2" && tenant != () {
-        req.set_header("x-route-hint", `${tenant}-v2`);
-    }
-}
-R
+cp "$(dirname "$0")/typical.rhai" $d/pol/policies/typical.rhai
 $bin serve --repo $d/plain --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --workers 1 --access-log false >/dev/null 2>&1 &
 p1=$!
 $bin serve --repo $d/pol --listen 127.0.0.1:18090 --admin-listen 127.0.0.1:18091 --workers 1 --access-log false >/dev/null 2>&1 &

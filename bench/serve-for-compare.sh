@@ -9,8 +9,8 @@
 #     --header "Origin: https://app.example.com" -- bench/serve-for-compare.sh
 # TARGETS=2 gives the upstream two targets (the backend twice) with health checks every second;
 # BALANCE=least_connections (or random_two_choices) picks another balancer.
-# POLICY=1 puts the typical policy of issue #4 on the route (on_request: read 3 headers, one
-# condition, set 1 header); send the headers it reads so the condition holds:
+# POLICY=1 puts the typical policy of issue #4 (bench/typical.rhai) on the route; send the headers
+# it reads so its condition holds:
 #   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
 #     -- bench/serve-for-compare.sh
 set -euo pipefail
@@ -47,16 +47,7 @@ fi
 if [[ ${POLICY:-0} == 1 ]]; then
   mkdir -p "$repo/policies"
   echo 'policy = "policies/typical.rhai"' >>"$repo/routes/all.toml"
-  cat >"$repo/policies/typical.rhai" <<'RHAI'
-fn on_request(req) {
-    let tenant = req.header("x-tenant");
-    let version = req.header("x-api-version");
-    let agent = req.header("user-agent");
-    if version == "2" && tenant != () {
-        req.set_header("x-route-hint", `${tenant}-v2`);
-    }
-}
-RHAI
+  cp "$(dirname "$0")/typical.rhai" "$repo/policies/typical.rhai"
 fi
 cat >"$repo/upstreams/backend.toml" <<TOML
 [upstream.backend]

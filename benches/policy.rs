@@ -12,15 +12,10 @@ use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use rustygate::policy::ClientHeaders;
 
-const POLICY: &str = r#"
-fn on_request(req) {
-    let tenant = req.header("x-tenant");
-    let version = req.header("x-api-version");
-    let agent = req.header("user-agent");
-    if version == "2" && tenant != () {
-        req.set_header("x-route-hint", `${tenant}-v2`);
-    }
-}
+/// `on_request` is the one the whole-proxy runs use; `on_response` has the same shape.
+const POLICY: &str = concat!(
+    include_str!("../bench/typical.rhai"),
+    r#"
 fn on_response(req, res) {
     let ct = res.header("content-type");
     let cache = res.header("cache-control");
@@ -29,7 +24,8 @@ fn on_response(req, res) {
         res.set_header("cache-control", "no-store");
     }
 }
-"#;
+"#
+);
 
 fn snapshot() -> rustygate::snapshot::Snapshot {
     let dir = tempfile::tempdir().unwrap();
