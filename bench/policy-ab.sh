@@ -23,7 +23,7 @@ for k in plain pol; do
   printf '[[route]]\nname = "all"\nprefix = "/"\nupstream = "backend"\n' > $d/$k/routes/all.toml
 done
 echo 'policy = "policies/typical.rhai"' >> $d/pol/routes/all.toml
-cp "$(dirname "$0")/typical.rhai" $d/pol/policies/typical.rhai
+cp "${SCRIPT:-$(dirname "$0")/typical.rhai}" $d/pol/policies/typical.rhai
 $bin serve --repo $d/plain --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --workers 1 --access-log false >/dev/null 2>&1 &
 p1=$!
 $bin serve --repo $d/pol --listen 127.0.0.1:18090 --admin-listen 127.0.0.1:18091 --workers 1 --access-log false >/dev/null 2>&1 &
