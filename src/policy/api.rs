@@ -457,34 +457,257 @@ pub(crate) fn register(engine: &mut Engine, limits: &super::Limits) {
     register_request(engine, limits.max_map_size);
     register_response(engine);
     register_actions(engine);
+    register_host_calls(engine);
     register_helpers(engine);
+}
+
+/// What a call in [`HOST_CALLS`] gives back, for the direct form's type check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Returns {
+    Text,
+    /// A string, or `()` when there is none (a header that is not there).
+    TextOrUnit,
+    Bool,
+    Int,
+    Unit,
+    Decision,
+}
+
+/// How a call in [`HOST_CALLS`] is made: on `req` or `res` (a property or a method), or a
+/// function of an integer and a string.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum HostCall {
+    /// `req.name`.
+    ReqProp(fn(&RequestState) -> ImmutableString),
+    /// `res.name`.
+    ResProp(fn(&ResponseState) -> i64),
+    /// `req.name(text)`.
+    Req1(fn(&Req, &str) -> RhaiResult<Dynamic>),
+    /// `req.name(text, text)`.
+    Req2(fn(&Req, &str, &str) -> RhaiResult<Dynamic>),
+    /// `res.name(text)`.
+    Res1(fn(&Res, &str) -> RhaiResult<Dynamic>),
+    /// `res.name(text, text)`.
+    Res2(fn(&Res, &str, &str) -> RhaiResult<Dynamic>),
+    /// `res.name(integer)`.
+    ResInt(fn(&Res, i64) -> RhaiResult<Dynamic>),
+    /// `name(integer, text)`.
+    IntText(fn(i64, &str) -> RhaiResult<Dynamic>),
+}
+
+/// A host function whose arguments are strings and integers.
+pub(super) struct HostFn {
+    pub name: &'static str,
+    pub call: HostCall,
+    pub returns: Returns,
+}
+
+const fn host(name: &'static str, returns: Returns, call: HostCall) -> HostFn {
+    HostFn {
+        name,
+        call,
+        returns,
+    }
+}
+
+/// The host functions a simple hook calls. The engine registers them from this table, and the
+/// direct form of simple hooks (`super::direct`) calls the same entries, so both run one piece
+/// of code per function. The host API that takes or gives maps and arrays is registered below.
+pub(super) const HOST_CALLS: &[HostFn] = {
+    use HostCall::*;
+    use Returns::*;
+    &[
+        host("method", Text, ReqProp(|s| s.method().into())),
+        host("path", Text, ReqProp(|s| s.path().into())),
+        host("query", Text, ReqProp(|s| s.query().unwrap_or("").into())),
+        host("host", Text, ReqProp(|s| s.host().into())),
+        host("client_ip", Text, ReqProp(|s| s.client_ip_string())),
+        host("route", Text, ReqProp(|s| s.route().into())),
+        host("upstream", Text, ReqProp(|s| s.upstream().into())),
+        host("upstream_path", Text, ReqProp(|s| s.upstream_path().into())),
+        host(
+            "header",
+            TextOrUnit,
+            Req1(|r, name| Ok(first_text(r.state().header_values(name)))),
+        ),
+        host(
+            "has_header",
+            Bool,
+            Req1(|r, name| Ok(r.state().header_values(name).next().is_some().into())),
+        ),
+        host(
+            "query_param",
+            TextOrUnit,
+            Req1(|r, name| Ok(query_param(r.state().query(), name))),
+        ),
+        host(
+            "set_header",
+            Unit,
+            Req2(|r, name, value| {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().edits.push(HeaderEdit::Set(n, v));
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "append_header",
+            Unit,
+            Req2(|r, name, value| {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().edits.push(HeaderEdit::Append(n, v));
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "remove_header",
+            Unit,
+            Req1(|r, name| {
+                let n = header_name(name)?;
+                r.state().edits.push(HeaderEdit::Remove(n));
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "set_path",
+            Unit,
+            Req1(|r, path| {
+                let normal = crate::router::normalize_path(path)
+                    .map_err(|e| invalid(format!("set_path(\"{path}\"): {e}")))?;
+                if normal != path || path.contains('?') {
+                    return Err(invalid(format!(
+                        "set_path(\"{path}\"): write a normalised path without a query (\"{normal}\")"
+                    )));
+                }
+                r.state().upstream_path = Some(path.to_owned());
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "set_query",
+            Unit,
+            Req1(|r, q| {
+                if q.bytes().any(|b| b <= b' ' || b == b'#' || b >= 0x7f) {
+                    return Err(invalid("set_query: the query must be percent-encoded"));
+                }
+                r.state().new_query =
+                    Some((!q.is_empty()).then(|| q.trim_start_matches('?').to_owned()));
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "set_upstream",
+            Unit,
+            Req1(|r, name| {
+                r.state().chosen_upstream = Some(name.into());
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host("status", Int, ResProp(|s| s.status as i64)),
+        host(
+            "set_status",
+            Unit,
+            ResInt(|r, status| {
+                r.state().status = status_in(status, 200..=599, "set_status")?;
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "header",
+            TextOrUnit,
+            Res1(|r, name| Ok(get_header(&r.state().headers, name))),
+        ),
+        host(
+            "has_header",
+            Bool,
+            Res1(|r, name| Ok(r.state().headers.contains_key(name).into())),
+        ),
+        host(
+            "set_header",
+            Unit,
+            Res2(|r, name, value| {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().headers.insert(n, v);
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "append_header",
+            Unit,
+            Res2(|r, name, value| {
+                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                r.state().headers.append(n, v);
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "remove_header",
+            Unit,
+            Res1(|r, name| {
+                let n = header_name(name)?;
+                r.state().headers.remove(&n);
+                Ok(Dynamic::UNIT)
+            }),
+        ),
+        host(
+            "deny",
+            Decision,
+            IntText(|status, message| {
+                Ok(Dynamic::from(Verdict::Deny {
+                    status: status_in(status, 400..=599, "deny")?,
+                    message: message.to_owned(),
+                }))
+            }),
+        ),
+        host(
+            "redirect",
+            Decision,
+            IntText(|status, location| {
+                let status = status_in(status, 300..=399, "redirect")?;
+                let v = header_value("location", location)?;
+                Ok(Dynamic::from(Verdict::Respond(StaticResponse {
+                    status,
+                    headers: vec![(http::header::LOCATION, v)],
+                    body: Bytes::new(),
+                })))
+            }),
+        ),
+    ]
+};
+
+fn register_host_calls(engine: &mut Engine) {
+    for h in HOST_CALLS {
+        match h.call {
+            HostCall::ReqProp(f) => {
+                engine.register_get(h.name, move |r: &mut Req| f(&r.state()));
+            }
+            HostCall::ResProp(f) => {
+                engine.register_get(h.name, move |r: &mut Res| f(&r.state()));
+            }
+            HostCall::Req1(f) => {
+                engine.register_fn(h.name, move |r: &mut Req, a: &str| f(r, a));
+            }
+            HostCall::Req2(f) => {
+                engine.register_fn(h.name, move |r: &mut Req, a: &str, b: &str| f(r, a, b));
+            }
+            HostCall::Res1(f) => {
+                engine.register_fn(h.name, move |r: &mut Res, a: &str| f(r, a));
+            }
+            HostCall::Res2(f) => {
+                engine.register_fn(h.name, move |r: &mut Res, a: &str, b: &str| f(r, a, b));
+            }
+            HostCall::ResInt(f) => {
+                engine.register_fn(h.name, move |r: &mut Res, a: i64| f(r, a));
+            }
+            HostCall::IntText(f) => {
+                engine.register_fn(h.name, move |a: i64, b: &str| f(a, b));
+            }
+        }
+    }
 }
 
 fn register_request(engine: &mut Engine, max_map_size: usize) {
     engine.register_type_with_name::<Req>("Request");
     engine
-        .register_get("method", |r: &mut Req| {
-            ImmutableString::from(r.state().method())
-        })
-        .register_get("path", |r: &mut Req| {
-            ImmutableString::from(r.state().path())
-        })
-        .register_get("query", |r: &mut Req| {
-            ImmutableString::from(r.state().query().unwrap_or(""))
-        })
-        .register_get("host", |r: &mut Req| {
-            ImmutableString::from(r.state().host())
-        })
-        .register_get("client_ip", |r: &mut Req| r.state().client_ip_string())
-        .register_get("route", |r: &mut Req| {
-            ImmutableString::from(r.state().route())
-        })
-        .register_get("upstream", |r: &mut Req| {
-            ImmutableString::from(r.state().upstream())
-        })
-        .register_get("upstream_path", |r: &mut Req| {
-            ImmutableString::from(r.state().upstream_path())
-        })
         .register_get("params", |r: &mut Req| r.state().params.clone())
         .register_get("claims", |r: &mut Req| r.state().claims())
         .register_get("config", |r: &mut Req| (*r.state().config).clone())
@@ -500,133 +723,21 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
                 Ok(())
             },
         )
-        .register_fn("header", |r: &mut Req, name: &str| {
-            first_text(r.state().header_values(name))
-        })
         .register_fn("header_values", |r: &mut Req, name: &str| {
             texts(r.state().header_values(name))
-        })
-        .register_fn("has_header", |r: &mut Req, name: &str| {
-            r.state().header_values(name).next().is_some()
-        })
-        .register_fn("query_param", |r: &mut Req, name: &str| {
-            query_param(r.state().query(), name)
-        })
-        .register_fn(
-            "set_header",
-            |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
-                r.state().edits.push(HeaderEdit::Set(n, v));
-                Ok(())
-            },
-        )
-        .register_fn(
-            "append_header",
-            |r: &mut Req, name: &str, value: &str| -> RhaiResult<()> {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
-                r.state().edits.push(HeaderEdit::Append(n, v));
-                Ok(())
-            },
-        )
-        .register_fn(
-            "remove_header",
-            |r: &mut Req, name: &str| -> RhaiResult<()> {
-                let n = header_name(name)?;
-                r.state().edits.push(HeaderEdit::Remove(n));
-                Ok(())
-            },
-        )
-        .register_fn("set_path", |r: &mut Req, path: &str| -> RhaiResult<()> {
-            let normal = crate::router::normalize_path(path)
-                .map_err(|e| invalid(format!("set_path(\"{path}\"): {e}")))?;
-            if normal != path || path.contains('?') {
-                return Err(invalid(format!(
-                    "set_path(\"{path}\"): write a normalised path without a query (\"{normal}\")"
-                )));
-            }
-            r.state().upstream_path = Some(path.to_owned());
-            Ok(())
-        })
-        .register_fn("set_query", |r: &mut Req, q: &str| -> RhaiResult<()> {
-            if q.bytes().any(|b| b <= b' ' || b == b'#' || b >= 0x7f) {
-                return Err(invalid("set_query: the query must be percent-encoded"));
-            }
-            r.state().new_query =
-                Some((!q.is_empty()).then(|| q.trim_start_matches('?').to_owned()));
-            Ok(())
-        })
-        .register_fn("set_upstream", |r: &mut Req, name: &str| {
-            r.state().chosen_upstream = Some(name.into());
         });
 }
 
 fn register_response(engine: &mut Engine) {
     engine.register_type_with_name::<Res>("Response");
-    engine
-        .register_get("status", |r: &mut Res| r.state().status as i64)
-        .register_fn("set_status", |r: &mut Res, status: i64| -> RhaiResult<()> {
-            r.state().status = status_in(status, 200..=599, "set_status")?;
-            Ok(())
-        })
-        .register_fn("header", |r: &mut Res, name: &str| {
-            get_header(&r.state().headers, name)
-        })
-        .register_fn("header_values", |r: &mut Res, name: &str| {
-            header_values(&r.state().headers, name)
-        })
-        .register_fn("has_header", |r: &mut Res, name: &str| {
-            r.state().headers.contains_key(name)
-        })
-        .register_fn(
-            "set_header",
-            |r: &mut Res, name: &str, value: &str| -> RhaiResult<()> {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
-                r.state().headers.insert(n, v);
-                Ok(())
-            },
-        )
-        .register_fn(
-            "append_header",
-            |r: &mut Res, name: &str, value: &str| -> RhaiResult<()> {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
-                r.state().headers.append(n, v);
-                Ok(())
-            },
-        )
-        .register_fn(
-            "remove_header",
-            |r: &mut Res, name: &str| -> RhaiResult<()> {
-                let n = header_name(name)?;
-                r.state().headers.remove(&n);
-                Ok(())
-            },
-        );
+    engine.register_fn("header_values", |r: &mut Res, name: &str| {
+        header_values(&r.state().headers, name)
+    });
 }
 
 fn register_actions(engine: &mut Engine) {
     engine.register_type_with_name::<Verdict>("Decision");
     engine
-        .register_fn(
-            "deny",
-            |status: i64, message: &str| -> RhaiResult<Verdict> {
-                Ok(Verdict::Deny {
-                    status: status_in(status, 400..=599, "deny")?,
-                    message: message.to_owned(),
-                })
-            },
-        )
-        .register_fn(
-            "redirect",
-            |status: i64, location: &str| -> RhaiResult<Verdict> {
-                let status = status_in(status, 300..=399, "redirect")?;
-                let v = header_value("location", location)?;
-                Ok(Verdict::Respond(StaticResponse {
-                    status,
-                    headers: vec![(http::header::LOCATION, v)],
-                    body: Bytes::new(),
-                }))
-            },
-        )
         .register_fn(
             "respond",
             |status: i64, headers: Map, body: &str| -> RhaiResult<Verdict> {

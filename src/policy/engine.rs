@@ -49,7 +49,7 @@ impl Default for Limits {
 
 /// The wall clock is read every this many operations: often enough that a budget of a few
 /// milliseconds holds, rarely enough to cost nothing measurable.
-const CLOCK_EVERY: u64 = 256;
+pub(crate) const CLOCK_EVERY: u64 = 256;
 
 /// What the hook running on this thread is, for the budget and for `print`/`debug`.
 struct Running {

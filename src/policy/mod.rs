@@ -13,6 +13,7 @@
 
 pub mod api;
 mod calls;
+mod direct;
 pub mod engine;
 mod native_calls;
 mod regex_cache;
@@ -56,14 +57,17 @@ pub struct Policy {
 /// arguments), and it lets each thread keep its resolution cache across calls (see
 /// [`with_thread_state`]). Strict variables already limit a body to its parameters and its own
 /// `let`s; `return` ends the body with its value, and `exit()` fails (see [`engine::build`]).
+///
+/// A body simple enough also has a direct form (see [`direct`]), which runs instead.
 #[derive(Debug)]
 struct Hook {
     params: Vec<ImmutableString>,
     body: Vec<Stmt>,
+    direct: Option<direct::Direct>,
 }
 
 impl Hook {
-    fn find(ast: &AST, name: &str, arity: usize) -> Option<Hook> {
+    fn find(ast: &AST, name: &str, arity: usize, limits: &Limits) -> Option<Hook> {
         let def = ast
             .iter_fn_def()
             .find(|f| f.name == name && f.params.len() == arity)?;
@@ -82,9 +86,12 @@ impl Hook {
         let script_fns = ast.iter_functions().map(|f| f.name.to_owned()).collect();
         let params: Vec<&str> = def.params.iter().map(|p| p.as_str()).collect();
         native_calls::rewrite(&mut body, &script_fns, &params);
+        let direct =
+            direct::Direct::compile(&body, &params, limits.max_operations, engine::CLOCK_EVERY);
         Some(Hook {
             params: def.params.iter().cloned().collect(),
             body,
+            direct,
         })
     }
 }
@@ -244,7 +251,7 @@ pub fn compile(
     }
     let grows_maps = assigns_into_containers(&ast);
     let prints = names_print(&ast);
-    let hooks = HOOKS.map(|(name, arity, _)| Hook::find(&ast, name, arity));
+    let hooks = HOOKS.map(|(name, arity, _)| Hook::find(&ast, name, arity, limits));
     Ok(Policy {
         path: Arc::from(path),
         ast,
@@ -390,26 +397,22 @@ impl RoutePolicy {
         }
     }
 
-    /// Runs hook `i` of [`HOOKS`] with `args` under the limits; `Ok(Some)` when it returned a
-    /// decision.
-    fn call(&self, i: usize, args: [Dynamic; 2]) -> Result<Option<Verdict>, PolicyFailure> {
+    /// Runs hook `i` of [`HOOKS`] on `req` (and `res`) under the limits; `Ok(Some)` when it
+    /// returned a decision.
+    fn call(
+        &self,
+        i: usize,
+        req: &Req,
+        res: Option<&Res>,
+    ) -> Result<Option<Verdict>, PolicyFailure> {
         let (hook, p) = (HOOKS[i].0, &self.policy);
         let Some(code) = &p.hooks[i] else {
             return Ok(None);
         };
-        let who = p.prints.then_some((&self.route, &p.path));
-        let _guard = engine::CallGuard::enter(p.budget, who, p.grows_maps);
-        let mut global = p.engine.new_global_runtime_state();
-        global.lib.push(p.ast.shared_lib().clone());
-        global.source = Some(p.source.clone());
-        let out = with_thread_state(p.id, &code.params, args, |caches, scope| {
-            // `eval_statements_raw` is the one call that takes a resolution cache the caller
-            // keeps; Rhai marks it deprecated without a replacement yet. It turns `return` into
-            // the body's value.
-            #[allow(deprecated)]
-            p.engine
-                .eval_statements_raw(&mut global, caches, scope, &code.body)
-        });
+        let out = match &code.direct {
+            Some(d) => d.run(&p.engine, direct::Args { req, res }),
+            None => self.interpret(code, req, res),
+        };
         match out {
             Ok(v) if v.is_unit() => Ok(None),
             Ok(v) if v.is::<Verdict>() => Ok(v.try_cast::<Verdict>()),
@@ -429,12 +432,40 @@ impl RoutePolicy {
         }
     }
 
+    /// Runs a hook's body in Rhai.
+    fn interpret(
+        &self,
+        code: &Hook,
+        req: &Req,
+        res: Option<&Res>,
+    ) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+        let p = &self.policy;
+        let who = p.prints.then_some((&self.route, &p.path));
+        let _guard = engine::CallGuard::enter(p.budget, who, p.grows_maps);
+        let mut global = p.engine.new_global_runtime_state();
+        global.lib.push(p.ast.shared_lib().clone());
+        global.source = Some(p.source.clone());
+        let args = [
+            Dynamic::from(req.clone()),
+            res.map(|r| Dynamic::from(r.clone()))
+                .unwrap_or(Dynamic::UNIT),
+        ];
+        with_thread_state(p.id, &code.params, args, |caches, scope| {
+            // `eval_statements_raw` is the one call that takes a resolution cache the caller
+            // keeps; Rhai marks it deprecated without a replacement yet. It turns `return` into
+            // the body's value.
+            #[allow(deprecated)]
+            p.engine
+                .eval_statements_raw(&mut global, caches, scope, &code.body)
+        })
+    }
+
     /// Runs `on_request` when the script has it.
     pub fn on_request(&self, req: &Req) -> Result<Option<Verdict>, PolicyFailure> {
         if !self.policy.has_on_request() {
             return Ok(None);
         }
-        self.call(0, [Dynamic::from(req.clone()), Dynamic::UNIT])
+        self.call(0, req, None)
     }
 
     /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
@@ -442,7 +473,7 @@ impl RoutePolicy {
         if !self.policy.has_on_response() {
             return Ok(None);
         }
-        self.call(1, [Dynamic::from(req.clone()), Dynamic::from(res.clone())])
+        self.call(1, req, Some(res))
     }
 }
 

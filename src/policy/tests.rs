@@ -530,3 +530,290 @@ fn methods_on_a_rebound_parameter_keep_rhai_method_semantics() {
     assert_eq!(s.header_values("x-b").next(), Some(b"7".as_slice()));
     assert_eq!(s.header_values("x").next(), None);
 }
+
+// ---- The direct form of simple hooks against Rhai ----
+
+/// `src` compiled twice: as the gateway runs it, and with every direct form removed (Rhai only).
+fn direct_and_interpreted(src: &str, limits: &Limits) -> (RoutePolicy, RoutePolicy) {
+    let direct = policy(src, limits);
+    let mut interpreted = policy(src, limits);
+    let p = Arc::get_mut(&mut interpreted.policy).expect("not shared yet");
+    for h in p.hooks.iter_mut().flatten() {
+        h.direct = None;
+    }
+    (direct, interpreted)
+}
+
+fn has_direct(p: &RoutePolicy) -> [bool; 2] {
+    p.policy
+        .hooks
+        .each_ref()
+        .map(|h| h.as_ref().is_some_and(|h| h.direct.is_some()))
+}
+
+/// A request with `headers` (values as bytes: some are not text) and query `q`.
+fn req_with(headers: &[(&str, &[u8])], query: Option<&str>) -> Req {
+    let r = req();
+    {
+        let mut s = r.state();
+        let mut init = RequestInit {
+            method: "POST",
+            path: "/api/orders/7",
+            query,
+            host: "example.com",
+            client_ip: std::net::IpAddr::from([10, 0, 0, 9]),
+            route: "orders",
+            upstream: "be",
+            upstream_path: None,
+            params: Map::new(),
+            claims: None,
+            config: Arc::new(Map::new()),
+            headers: headers.iter().map(|(n, v)| (*n, *v)).collect(),
+        };
+        init.upstream_path = None;
+        *s = RequestState::new(init);
+    }
+    r
+}
+
+/// What a hook did, in a form two runs can be compared by.
+fn outcome(out: Result<Option<Verdict>, PolicyFailure>) -> String {
+    match out {
+        Ok(v) => format!("ok {v:?}"),
+        Err(f) => format!("failed {:?} line {:?}: {}", f.reason, f.line, f.message),
+    }
+}
+
+fn request_effects(r: &Req) -> String {
+    let s = r.state();
+    format!(
+        "edits {:?} upstream {:?} query {:?} path {:?}",
+        s.edits,
+        s.chosen_upstream(),
+        s.new_query(),
+        s.upstream_path()
+    )
+}
+
+fn response(status: u16, headers: &[(&str, &str)]) -> Res {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in headers {
+        h.append(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    Res(Arc::new(std::sync::Mutex::new(ResponseState {
+        status,
+        headers: h,
+    })))
+}
+
+/// Requests that take the test scripts down their different paths.
+fn sample_requests() -> Vec<Req> {
+    let long = "v".repeat(300);
+    vec![
+        req_with(&[], None),
+        req_with(
+            &[
+                ("x-tenant", b"acme"),
+                ("x-api-version", b"2"),
+                ("user-agent", b"t/1"),
+            ],
+            Some("page=2&debug=1"),
+        ),
+        req_with(
+            &[("X-Tenant", b"other"), ("x-api-version", b"1")],
+            Some("debug"),
+        ),
+        req_with(&[("x-tenant", b"\xff\xfe"), ("x-api-version", b"2")], None),
+        req_with(
+            &[("x-tenant", long.as_bytes()), ("x-api-version", b"2")],
+            None,
+        ),
+        req_with(
+            &[
+                ("x-tenant", b"acme"),
+                ("x-tenant", b"beta"),
+                ("accept", b"*/*"),
+            ],
+            None,
+        ),
+    ]
+}
+
+/// Runs every hook of `src` both ways on each sample and asserts they did the same; returns
+/// which hooks had a direct form.
+fn same_both_ways(src: &str, limits: &Limits) -> [bool; 2] {
+    let (direct, interpreted) = direct_and_interpreted(src, limits);
+    assert_eq!(has_direct(&interpreted), [false; 2]);
+    let responses = || {
+        [
+            response(200, &[("content-type", "application/json")]),
+            response(503, &[("cache-control", "no-cache"), ("server", "be")]),
+        ]
+    };
+    for (a, b) in sample_requests().into_iter().zip(sample_requests()) {
+        let (oa, ob) = (direct.on_request(&a), interpreted.on_request(&b));
+        assert_eq!(outcome(oa), outcome(ob), "on_request of:\n{src}");
+        assert_eq!(
+            request_effects(&a),
+            request_effects(&b),
+            "on_request of:\n{src}"
+        );
+        for (ra, rb) in responses().into_iter().zip(responses()) {
+            let (oa, ob) = (
+                direct.on_response(&a, &ra),
+                interpreted.on_response(&b, &rb),
+            );
+            assert_eq!(outcome(oa), outcome(ob), "on_response of:\n{src}");
+            let (sa, sb) = (ra.state(), rb.state());
+            assert_eq!(
+                (sa.status, &sa.headers),
+                (sb.status, &sb.headers),
+                "on_response of:\n{src}"
+            );
+        }
+    }
+    has_direct(&direct)
+}
+
+/// Scripts the direct form takes, each run both ways.
+const DIRECT_SCRIPTS: &[&str] = &[
+    include_str!("../../bench/typical.rhai"),
+    r#"fn on_request(req) {
+    let t = req.header("x-tenant") ?? "anonymous";
+    if !req.has_header("x-api-version") || req.header("x-api-version") == "1" {
+        return deny(410, `API v1 is gone for ${t}`);
+    }
+    req.set_header("x-tenant-id", t);
+    req.append_header("x-seen", `${req.method} ${req.path} ${1 + 0 == 1}`);
+}"#,
+    r#"fn on_request(req) {
+    let v = req.header("x-api-version");
+    if v == () { req.remove_header("x-debug"); } else if v != "2" { req.set_upstream("legacy"); } else {
+        let v = `${v}!`;
+        req.set_header("x-v", v);
+    }
+    req.set_header("x-q", `${req.query_param("page")}/${req.query}/${req.host}/${req.client_ip}`);
+    req.set_header("x-r", `${req.route}|${req.upstream}|${req.upstream_path}|${true}|${()}|${42}`);
+}"#,
+    // The value of the last statement is what the hook returns.
+    r#"fn on_request(req) {
+    deny(403, "discarded");
+    if req.header("x-tenant") == "acme" { deny(403, "acme is blocked") }
+}"#,
+    r#"fn on_request(req) {
+    req.header("x-tenant")
+}"#,
+    r#"fn on_request(req) {
+    if req.header("x-tenant") != () { return redirect(302, `/t/${req.header("x-tenant")}`); }
+    req.set_path("/v2/orders");
+    req.set_query("a=1");
+    { let x = "inner"; req.set_header("x-inner", x); }
+    return;
+}"#,
+    // Errors: a header the gateway owns, a bad status, a path that is not normalised.
+    r#"fn on_request(req) {
+    if req.header("x-tenant") == "acme" {
+        req.set_header("host", "evil");
+    }
+    if req.header("x-api-version") == "1" { return deny(200, "no"); }
+    if req.header("x-tenant") == () { req.set_path("/a/../b"); }
+}"#,
+    r#"fn on_request(req) {
+    req.set_header("x-t", `${req.header("x-tenant")}${req.header("x-tenant")}`);
+}"#,
+    r#"fn on_response(req, res) {
+    let ct = res.header("content-type");
+    if res.status >= 500 && res.status < 600 {
+        res.set_status(502);
+        res.set_header("retry-after", "5");
+        res.remove_header("server");
+    } else if ct == "application/json" && res.header("cache-control") == () {
+        res.append_header("cache-control", "no-store");
+    }
+    if req.header("x-tenant") == "other" && !res.has_header("x-a") { return deny(451, "legal"); }
+    if res.status <= 200 || res.status > 999 { res.set_status(700); }
+}"#,
+];
+
+#[test]
+fn direct_hooks_do_what_rhai_does() {
+    for src in DIRECT_SCRIPTS {
+        let direct = same_both_ways(src, &Limits::default());
+        assert!(direct.iter().any(|d| *d), "no direct form for:\n{src}");
+        // A small string limit: long header values and interpolations fail the same way.
+        let small = Limits {
+            max_string_size: 64,
+            ..Limits::default()
+        };
+        same_both_ways(src, &small);
+    }
+}
+
+#[test]
+fn direct_form_operation_bound_holds_in_rhai() {
+    for src in DIRECT_SCRIPTS {
+        let p = policy(src, &Limits::default());
+        for (i, h) in p.policy.hooks.iter().enumerate() {
+            let Some(bound) = h
+                .as_ref()
+                .and_then(|h| h.direct.as_ref())
+                .map(|d| d.ops_bound)
+            else {
+                continue;
+            };
+            // Rhai with exactly the bound as its operation limit never runs out.
+            let limits = Limits {
+                max_operations: bound,
+                ..Limits::default()
+            };
+            let (_, interpreted) = direct_and_interpreted(src, &limits);
+            for r in sample_requests() {
+                let res = response(503, &[]);
+                let out = if i == 0 {
+                    interpreted.on_request(&r)
+                } else {
+                    interpreted.on_response(&r, &res)
+                };
+                if let Err(f) = out {
+                    assert_ne!(
+                        f.reason,
+                        Reason::Operations,
+                        "bound {bound} too low for:\n{src}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hooks_outside_the_direct_form_run_in_rhai() {
+    for src in [
+        // A loop, a script function, a map, a method on a string, a print.
+        "fn on_request(req) { for i in 0..2 { req.set_header(`x-${i}`, \"v\"); } }",
+        "fn t(req) { req.header(\"x-tenant\") }\nfn on_request(req) { req.set_header(\"x-t\", t(req) ?? \"\"); }",
+        "fn on_request(req) { let c = req.config; if c.x != () { req.set_header(\"x\", \"y\"); } }",
+        "fn on_request(req) { let t = req.header(\"x-tenant\") ?? \"\"; req.set_header(\"x-len\", `${t.len()}`); }",
+        "fn on_request(req) { print(\"hi\"); }",
+        // A call whose argument may be `()` at run time: Rhai refuses it, the direct form would have to.
+        "fn on_request(req) { req.set_header(\"x-t\", req.header(\"x-tenant\")); }",
+        // A script function shadowing a host function.
+        "fn deny(a, b) { () }\nfn on_request(req) { return deny(403, \"x\"); }",
+    ] {
+        assert_eq!(same_both_ways(src, &Limits::default()), [false; 2], "{src}");
+    }
+    // Over the operation limit, the direct form is not used and Rhai stops the hook.
+    let tiny = Limits {
+        max_operations: 5,
+        ..Limits::default()
+    };
+    let src = include_str!("../../bench/typical.rhai");
+    assert_eq!(same_both_ways(src, &tiny), [false; 2]);
+    let f = policy(src, &tiny)
+        .on_request(&sample_requests()[1])
+        .unwrap_err();
+    assert_eq!(f.reason, Reason::Operations, "{f}");
+}
