@@ -252,6 +252,17 @@ pub fn compile(
     let grows_maps = assigns_into_containers(&ast);
     let prints = names_print(&ast);
     let hooks = HOOKS.map(|(name, arity, _)| Hook::find(&ast, name, arity, limits));
+    for ((hook, ..), code) in HOOKS.iter().zip(&hooks) {
+        if let Some(code) = code {
+            tracing::debug!(
+                target: "rustygate::policy",
+                script = path,
+                hook,
+                runs_directly = code.direct.is_some(),
+                "policy hook compiled"
+            );
+        }
+    }
     Ok(Policy {
         path: Arc::from(path),
         ast,
