@@ -366,6 +366,11 @@ fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
     })
 }
 
+/// A header a script sets or appends, checked.
+fn checked_header(name: &str, value: &str) -> RhaiResult<(HeaderName, HeaderValue)> {
+    Ok((header_name(name)?, header_value(name, value)?))
+}
+
 fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
     first_text(h.get(name).map(HeaderValue::as_bytes).into_iter())
 }
@@ -544,7 +549,7 @@ pub(super) const HOST_CALLS: &[HostFn] = {
             "set_header",
             Unit,
             Req2(|r, name, value| {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let (n, v) = checked_header(name, value)?;
                 r.state().edits.push(HeaderEdit::Set(n, v));
                 Ok(Dynamic::UNIT)
             }),
@@ -553,7 +558,7 @@ pub(super) const HOST_CALLS: &[HostFn] = {
             "append_header",
             Unit,
             Req2(|r, name, value| {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let (n, v) = checked_header(name, value)?;
                 r.state().edits.push(HeaderEdit::Append(n, v));
                 Ok(Dynamic::UNIT)
             }),
@@ -625,7 +630,7 @@ pub(super) const HOST_CALLS: &[HostFn] = {
             "set_header",
             Unit,
             Res2(|r, name, value| {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let (n, v) = checked_header(name, value)?;
                 r.state().headers.insert(n, v);
                 Ok(Dynamic::UNIT)
             }),
@@ -634,7 +639,7 @@ pub(super) const HOST_CALLS: &[HostFn] = {
             "append_header",
             Unit,
             Res2(|r, name, value| {
-                let (n, v) = (header_name(name)?, header_value(name, value)?);
+                let (n, v) = checked_header(name, value)?;
                 r.state().headers.append(n, v);
                 Ok(Dynamic::UNIT)
             }),
