@@ -1,6 +1,7 @@
 //! The direct form of simple hooks: a hook made only of `let`, `if`/`else`, `return`, calls of
-//! the host functions in [`HOST_CALLS`] on `req`/`res`, comparisons, `&&`/`||`/`!`, `??` and
-//! string interpolation runs as a small tree of Rust values instead of through Rhai's evaluator.
+//! the host functions in [`HOST_CALLS`] on `req`/`res`, a few string methods, comparisons,
+//! `&&`/`||`/`!`, `??`, string `+` and interpolation runs as a small tree of Rust values instead
+//! of through Rhai's evaluator.
 //! Most header policies look like that, and the interpreter's general machinery (resolving each
 //! call by name and argument types, searching the scope by name, counting operations) is most of
 //! their cost.
@@ -30,11 +31,11 @@ type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 /// Most variables a direct hook declares.
 const MAX_SLOTS: usize = 16;
 
-/// Rhai counts an operation for each statement and expression it evaluates, each argument, and
-/// each native call, including the `to_string` of a value formatted into a string and the
-/// getter behind `req.path`. The compiler counts the same things (a property read as five) and
-/// doubles the count for the bound, so a body's bound is never below what Rhai would count
-/// (checked against Rhai in `policy::tests`).
+/// Rhai counts an operation for each statement and expression it evaluates, each argument, each
+/// level of a chain (`req.path.len()`) and each native call, including the `to_string` of a
+/// value formatted into a string and the getter behind `req.path`. The compiler counts the same
+/// things, generously, and doubles the count for the bound, so a body's bound is never below
+/// what Rhai would count (checked against Rhai in `policy::tests`).
 const OPS_MARGIN: u64 = 2;
 
 /// The static type of a value in a direct body.
@@ -165,6 +166,69 @@ enum Cmp {
     Ge,
 }
 
+/// Rhai's standard string methods a direct body may call, on a string.
+#[derive(Debug, Clone, Copy)]
+enum TextFn {
+    StartsWith,
+    EndsWith,
+    Contains,
+    ToLower,
+    ToUpper,
+    Len,
+}
+
+impl TextFn {
+    /// The method `name` taking `args` (after the string), and what it gives back.
+    fn find(name: &str, args: &[Ty]) -> Option<(TextFn, Ty)> {
+        Some(match (name, args) {
+            ("starts_with", [Ty::Text]) => (TextFn::StartsWith, Ty::Bool),
+            ("ends_with", [Ty::Text]) => (TextFn::EndsWith, Ty::Bool),
+            ("contains", [Ty::Text]) => (TextFn::Contains, Ty::Bool),
+            ("to_lower", []) => (TextFn::ToLower, Ty::Text),
+            ("to_upper", []) => (TextFn::ToUpper, Ty::Text),
+            ("len", []) => (TextFn::Len, Ty::Int),
+            _ => return None,
+        })
+    }
+
+    /// What Rhai's string package does (`packages/string_more.rs`).
+    fn apply(self, s: &ImmutableString, args: &[Value]) -> RhaiResult<Value> {
+        let arg = || args.first().ok_or_else(mistyped).and_then(Value::text);
+        Ok(match self {
+            TextFn::StartsWith => Value::Bool(s.starts_with(arg()?)),
+            TextFn::EndsWith => Value::Bool(s.ends_with(arg()?)),
+            TextFn::Contains => Value::Bool(s.contains(arg()?)),
+            TextFn::ToLower if s.is_empty() || s.chars().all(char::is_lowercase) => {
+                Value::Text(s.clone())
+            }
+            TextFn::ToLower => Value::Text(s.to_lowercase().into()),
+            TextFn::ToUpper if s.chars().all(char::is_uppercase) => Value::Text(s.clone()),
+            TextFn::ToUpper => Value::Text(s.to_uppercase().into()),
+            TextFn::Len => Value::Int(i64::try_from(s.chars().count()).unwrap_or(i64::MAX)),
+        })
+    }
+}
+
+/// One `.name` or `.name(..)` of a chain.
+#[derive(Debug)]
+enum Step {
+    /// On `req` or `res`.
+    Host(HostCall),
+    /// On a string.
+    Text(TextFn),
+}
+
+/// What a chain starts from.
+#[derive(Debug)]
+enum Base {
+    /// The hook's `req` or `res`.
+    Param,
+    Value(Box<Ex>),
+}
+
+/// Most arguments a chain's calls take together.
+const MAX_CHAIN_ARGS: usize = 4;
+
 #[derive(Debug)]
 enum Ex {
     Const(Value),
@@ -183,6 +247,15 @@ enum Ex {
     Coalesce(Box<[Ex]>),
     /// Parts, each with the position a too-long result is reported at.
     Interp(Box<[(Ex, Position)]>),
+    /// String `+`.
+    Plus(Box<[Ex; 2]>, Position),
+    /// `base.step.step(..)`. Rhai evaluates every argument of the chain first, then the base,
+    /// then the steps in order; each step takes its arguments from `args` in turn.
+    Chain {
+        args: Box<[Ex]>,
+        base: Base,
+        steps: Box<[(Step, usize, Position)]>,
+    },
 }
 
 #[derive(Debug)]
@@ -348,29 +421,7 @@ impl Compiler {
                 Bound::Param(_) => None,
             },
             Expr::FnCall(call, pos) => self.call(call, *pos),
-            Expr::Dot(x, flags, pos) if *flags == ASTFlags::NONE => {
-                let Expr::Property(p, _) = &x.rhs else {
-                    return None;
-                };
-                self.nodes += 4;
-                let receiver = self.param(&x.lhs)?;
-                let name = p.2.as_str();
-                let h = HOST_CALLS.iter().find(|h| {
-                    h.name == name
-                        && matches!(
-                            (h.call, receiver),
-                            (HostCall::ReqProp(_), Ty::Req) | (HostCall::ResProp(_), Ty::Res)
-                        )
-                })?;
-                Some((
-                    Ex::Call {
-                        call: h.call,
-                        args: Box::default(),
-                        pos: *pos,
-                    },
-                    h.returns.into(),
-                ))
-            }
+            Expr::Dot(..) => self.chain(e),
             Expr::And(v, _) | Expr::Or(v, _) => {
                 let parts = v
                     .iter()
@@ -424,6 +475,82 @@ impl Compiler {
         }
     }
 
+    /// A chain of property reads and method calls: on `req`/`res`, the host functions; on a
+    /// string, [`TextFn`].
+    fn chain(&mut self, e: &Expr) -> Option<(Ex, Ty)> {
+        let Expr::Dot(x, ASTFlags::NONE, _) = e else {
+            return None;
+        };
+        let (base, mut ty) = match self.lookup(&x.lhs) {
+            Some(Bound::Param(t)) => {
+                self.nodes += 1;
+                (Base::Param, t)
+            }
+            _ => {
+                let (b, t) = self.expr(&x.lhs)?;
+                (Base::Value(Box::new(b)), t)
+            }
+        };
+        let (mut args, mut steps) = (Vec::new(), Vec::new());
+        let mut rest = &x.rhs;
+        loop {
+            let (step, next) = match rest {
+                Expr::Dot(y, ASTFlags::NONE, _) => (&y.lhs, Some(&y.rhs)),
+                Expr::Dot(..) => return None,
+                other => (other, None),
+            };
+            // The chain's bookkeeping for this level, the call itself and its receiver.
+            self.nodes += 3;
+            let (s, argc, returns, pos) = match step {
+                Expr::Property(p, pos) => {
+                    let (s, t) = self.step(ty, p.2.as_str(), &[])?;
+                    (s, 0, t, *pos)
+                }
+                Expr::MethodCall(c, pos) => {
+                    if !c.hashes.is_native_only() || c.is_qualified() || c.capture_parent_scope {
+                        return None;
+                    }
+                    let mut types = Vec::with_capacity(c.args.len());
+                    for a in c.args.iter() {
+                        let (a, t) = self.expr(a)?;
+                        args.push(a);
+                        types.push(t);
+                    }
+                    let (s, t) = self.step(ty, c.name.as_str(), &types)?;
+                    (s, c.args.len(), t, *pos)
+                }
+                _ => return None,
+            };
+            steps.push((s, argc, pos));
+            ty = returns;
+            match next {
+                Some(n) => rest = n,
+                None => break,
+            }
+        }
+        if args.len() > MAX_CHAIN_ARGS {
+            return None;
+        }
+        let chain = Ex::Chain {
+            args: args.into(),
+            base,
+            steps: steps.into(),
+        };
+        Some((chain, ty))
+    }
+
+    /// `.name` / `.name(args)` on a value of type `on`.
+    fn step(&self, on: Ty, name: &str, args: &[Ty]) -> Option<(Step, Ty)> {
+        if on == Ty::Text {
+            // `s.len` is a property as well as a method.
+            return TextFn::find(name, args).map(|(f, t)| (Step::Text(f), t));
+        }
+        let h = HOST_CALLS
+            .iter()
+            .find(|h| h.name == name && fits(h.call, Some(on), args))?;
+        Some((Step::Host(h.call), h.returns.into()))
+    }
+
     /// What variable `e` names, when it is a plain name in reach.
     fn lookup(&self, e: &Expr) -> Option<Bound> {
         let Expr::Variable(v, ..) = e else {
@@ -439,14 +566,6 @@ impl Compiler {
             .map(|(_, b)| *b)
     }
 
-    /// The type of hook parameter `e` (`req` or `res`).
-    fn param(&self, e: &Expr) -> Option<Ty> {
-        match self.lookup(e)? {
-            Bound::Param(t) => Some(t),
-            Bound::Slot(..) => None,
-        }
-    }
-
     fn call(&mut self, c: &FnCallExpr, pos: Position) -> Option<(Ex, Ty)> {
         // Only calls no script function can answer (see `native_calls`).
         if !c.hashes.is_native_only() || c.is_qualified() || c.capture_parent_scope {
@@ -454,7 +573,7 @@ impl Compiler {
         }
         self.nodes += 1;
         if let Some(op) = &c.op_token {
-            return self.operator(op, &c.args);
+            return self.operator(op, &c.args, pos);
         }
         let (receiver, rest) = match c.args.first().map(|a| self.lookup(a)) {
             Some(Some(Bound::Param(t))) => (Some(t), &c.args[1..]),
@@ -470,20 +589,9 @@ impl Compiler {
             args.push(e);
             types.push(t);
         }
-        let fits = |h: &&super::api::HostFn| {
-            use HostCall::*;
-            h.name == c.name.as_str()
-                && matches!(
-                    (h.call, receiver, types.as_slice()),
-                    (Req1(_), Some(Ty::Req), [Ty::Text])
-                        | (Req2(_), Some(Ty::Req), [Ty::Text, Ty::Text])
-                        | (Res1(_), Some(Ty::Res), [Ty::Text])
-                        | (Res2(_), Some(Ty::Res), [Ty::Text, Ty::Text])
-                        | (ResInt(_), Some(Ty::Res), [Ty::Int])
-                        | (IntText(_), None, [Ty::Int, Ty::Text])
-                )
-        };
-        let h = HOST_CALLS.iter().find(fits)?;
+        let h = HOST_CALLS
+            .iter()
+            .find(|h| h.name == c.name.as_str() && fits(h.call, receiver, &types))?;
         Some((
             Ex::Call {
                 call: h.call,
@@ -494,8 +602,16 @@ impl Compiler {
         ))
     }
 
-    fn operator(&mut self, op: &Token, args: &[Expr]) -> Option<(Ex, Ty)> {
+    fn operator(&mut self, op: &Token, args: &[Expr], pos: Position) -> Option<(Ex, Ty)> {
         match (op, args) {
+            // Rhai's built-in `+` for strings (`()` on one side gives the other); `() + ()` is
+            // an error, so one side must always be a string.
+            (Token::Plus, [a, b]) => {
+                let ((a, ta), (b, tb)) = (self.expr(a)?, self.expr(b)?);
+                let texty = |t| matches!(t, Ty::Text | Ty::TextOrUnit | Ty::Unit);
+                (texty(ta) && texty(tb) && (ta == Ty::Text || tb == Ty::Text))
+                    .then(|| (Ex::Plus(Box::new([a, b]), pos), Ty::Text))
+            }
             (Token::Bang, [a]) => match self.expr(a)? {
                 (a, Ty::Bool) => Some((Ex::Not(Box::new(a)), Ty::Bool)),
                 _ => None,
@@ -530,6 +646,22 @@ impl Compiler {
             _ => None,
         }
     }
+}
+
+/// Whether host function `call` takes a receiver of type `on` and arguments of `args`' types.
+fn fits(call: HostCall, on: Option<Ty>, args: &[Ty]) -> bool {
+    use HostCall::*;
+    matches!(
+        (call, on, args),
+        (ReqProp(_), Some(Ty::Req), [])
+            | (ResProp(_), Some(Ty::Res), [])
+            | (Req1(_), Some(Ty::Req), [Ty::Text])
+            | (Req2(_), Some(Ty::Req), [Ty::Text, Ty::Text])
+            | (Res1(_), Some(Ty::Res), [Ty::Text])
+            | (Res2(_), Some(Ty::Res), [Ty::Text, Ty::Text])
+            | (ResInt(_), Some(Ty::Res), [Ty::Int])
+            | (IntText(_), None, [Ty::Int, Ty::Text])
+    )
 }
 
 struct Env<'a> {
@@ -573,7 +705,52 @@ impl Env<'_> {
         Ok(match e {
             Ex::Const(v) => v.clone(),
             Ex::Local(slot) => self.slots.get(*slot).cloned().unwrap_or(Value::Unit),
-            Ex::Call { call, args, pos } => self.call(*call, args, *pos)?,
+            Ex::Call { call, args, pos } => {
+                let mut values = [Value::Unit, Value::Unit];
+                for (v, a) in values.iter_mut().zip(args) {
+                    *v = self.eval(a)?;
+                }
+                self.host(*call, &values, *pos)?
+            }
+            Ex::Plus(ab, pos) => {
+                let [a, b] = &**ab;
+                match (self.eval(a)?, self.eval(b)?) {
+                    (Value::Text(a), Value::Text(b)) => {
+                        self.check_len(a.len() + b.len(), *pos)?;
+                        Value::Text(a + b)
+                    }
+                    (Value::Unit, t @ Value::Text(_)) | (t @ Value::Text(_), Value::Unit) => t,
+                    _ => return Err(mistyped()),
+                }
+            }
+            Ex::Chain { args, base, steps } => {
+                let mut values = [const { Value::Unit }; MAX_CHAIN_ARGS];
+                for (v, a) in values.iter_mut().zip(args.iter()) {
+                    *v = self.eval(a)?;
+                }
+                let mut on = match base {
+                    Base::Param => None,
+                    Base::Value(e) => Some(self.eval(e)?),
+                };
+                let mut next = 0;
+                for (step, argc, pos) in steps.iter() {
+                    let a = values.get(next..next + argc).ok_or_else(mistyped)?;
+                    next += argc;
+                    let out = match (step, &on) {
+                        (Step::Host(call), None) => self.host(*call, a, *pos)?,
+                        (Step::Text(f), Some(Value::Text(s))) => {
+                            let out = f.apply(s, a)?;
+                            if let Value::Text(t) = &out {
+                                self.check_len(t.len(), *pos)?;
+                            }
+                            out
+                        }
+                        _ => return Err(mistyped()),
+                    };
+                    on = Some(out);
+                }
+                on.ok_or_else(mistyped)?
+            }
             Ex::Eq(ab, ne) => {
                 let [a, b] = &**ab;
                 let same = self.eval(a)?.same(&self.eval(b)?);
@@ -632,12 +809,10 @@ impl Env<'_> {
         })
     }
 
-    fn call(&mut self, call: HostCall, args: &[Ex], pos: Position) -> RhaiResult<Value> {
-        let mut values = [Value::Unit, Value::Unit];
-        for (v, a) in values.iter_mut().zip(args) {
-            *v = self.eval(a)?;
-        }
-        let [a, b] = &values;
+    /// Calls a host function with its arguments (the receiver is the hook's `req`/`res`).
+    fn host(&self, call: HostCall, args: &[Value], pos: Position) -> RhaiResult<Value> {
+        let unit = Value::Unit;
+        let (a, b) = (args.first().unwrap_or(&unit), args.get(1).unwrap_or(&unit));
         let req = self.args.req;
         let res = || self.args.res.ok_or_else(mistyped);
         let out = match call {

@@ -627,6 +627,8 @@ fn sample_requests() -> Vec<Req> {
             Some("debug"),
         ),
         req_with(&[("x-tenant", b"\xff\xfe"), ("x-api-version", b"2")], None),
+        // Within a 64-byte string limit, but not twice over.
+        req_with(&[("x-tenant", "ACME".repeat(10).as_bytes())], None),
         req_with(
             &[("x-tenant", long.as_bytes()), ("x-api-version", b"2")],
             None,
@@ -724,6 +726,20 @@ const DIRECT_SCRIPTS: &[&str] = &[
     r#"fn on_request(req) {
     req.set_header("x-t", `${req.header("x-tenant")}${req.header("x-tenant")}`);
 }"#,
+    // Chains, string methods and `+`.
+    r#"fn on_request(req) {
+    if req.path.starts_with("/api/") && !req.path.ends_with("/7") { return deny(404, "no"); }
+    let t = (req.header("x-tenant") ?? "").to_lower();
+    if t.contains("cm") || t.len() > 100 || req.method.to_upper() == "GET" {
+        req.set_header("x-t", "t-" + t + ());
+    }
+}"#,
+    r#"fn on_request(req) {
+    req.set_header("x-l", `${req.path.len} ${"ÄÖ".to_lower()} ${"straße".to_upper()} ${"".to_upper()}`);
+    let long = req.header("x-tenant") ?? "";
+    req.set_header("x-long", long + long);
+    if req.header("x-api-version") + "" == "2" { req.append_header("x-v", () + "two"); }
+}"#,
     r#"fn on_response(req, res) {
     let ct = res.header("content-type");
     if res.status >= 500 && res.status < 600 {
@@ -796,7 +812,11 @@ fn hooks_outside_the_direct_form_run_in_rhai() {
         "fn on_request(req) { for i in 0..2 { req.set_header(`x-${i}`, \"v\"); } }",
         "fn t(req) { req.header(\"x-tenant\") }\nfn on_request(req) { req.set_header(\"x-t\", t(req) ?? \"\"); }",
         "fn on_request(req) { let c = req.config; if c.x != () { req.set_header(\"x\", \"y\"); } }",
-        "fn on_request(req) { let t = req.header(\"x-tenant\") ?? \"\"; req.set_header(\"x-len\", `${t.len()}`); }",
+        // A string method on a value that may be `()`, a string method Rhai has but the direct
+        // form does not, `()` + `()` possible.
+        "fn on_request(req) { if req.header(\"x-tenant\").starts_with(\"a\") { req.set_header(\"x\", \"y\"); } }",
+        "fn on_request(req) { let t = req.header(\"x-tenant\") ?? \"\"; req.set_header(\"x-t\", t.sub_string(1)); }",
+        "fn on_request(req) { let t = req.header(\"x-tenant\"); if t + t == () { req.set_header(\"x\", \"y\"); } }",
         "fn on_request(req) { print(\"hi\"); }",
         // A call whose argument may be `()` at run time: Rhai refuses it, the direct form would have to.
         "fn on_request(req) { req.set_header(\"x-t\", req.header(\"x-tenant\")); }",
