@@ -86,25 +86,23 @@ enum Value {
 
 impl Value {
     fn from_dynamic(v: Dynamic) -> RhaiResult<Value> {
+        // The `is_*` checks first: `as_bool` and friends format the type's name when they fail.
         if v.is_unit() {
-            return Ok(Value::Unit);
-        }
-        if let Ok(b) = v.as_bool() {
-            return Ok(Value::Bool(b));
-        }
-        if let Ok(i) = v.as_int() {
-            return Ok(Value::Int(i));
-        }
-        if v.is_string() {
-            return v
-                .into_immutable_string()
+            Ok(Value::Unit)
+        } else if v.is_string() {
+            v.into_immutable_string()
                 .map(Value::Text)
-                .map_err(|_| mistyped());
-        }
-        let name = v.type_name();
-        match v.try_cast::<Verdict>() {
-            Some(d) => Ok(Value::Decision(Box::new(d))),
-            None => Err(format!("internal: a host function returned a `{name}`").into()),
+                .map_err(|_| mistyped())
+        } else if v.is_bool() {
+            v.as_bool().map(Value::Bool).map_err(|_| mistyped())
+        } else if v.is_int() {
+            v.as_int().map(Value::Int).map_err(|_| mistyped())
+        } else {
+            let name = v.type_name();
+            match v.try_cast::<Verdict>() {
+                Some(d) => Ok(Value::Decision(Box::new(d))),
+                None => Err(format!("internal: a host function returned a `{name}`").into()),
+            }
         }
     }
 
