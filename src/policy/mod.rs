@@ -473,17 +473,11 @@ impl RoutePolicy {
 
     /// Runs `on_request` when the script has it.
     pub fn on_request(&self, req: &Req) -> Result<Option<Verdict>, PolicyFailure> {
-        if !self.policy.has_on_request() {
-            return Ok(None);
-        }
         self.call(0, req, None)
     }
 
     /// Runs `on_response` when the script has it, on `res` (status and headers the client gets).
     pub fn on_response(&self, req: &Req, res: &Res) -> Result<Option<Verdict>, PolicyFailure> {
-        if !self.policy.has_on_response() {
-            return Ok(None);
-        }
         self.call(1, req, Some(res))
     }
 }

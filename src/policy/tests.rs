@@ -553,10 +553,8 @@ fn has_direct(p: &RoutePolicy) -> [bool; 2] {
 
 /// A request with `headers` (values as bytes: some are not text) and query `q`.
 fn req_with(headers: &[(&str, &[u8])], query: Option<&str>) -> Req {
-    let r = req();
-    {
-        let mut s = r.state();
-        let mut init = RequestInit {
+    Req(Arc::new(std::sync::Mutex::new(RequestState::new(
+        RequestInit {
             method: "POST",
             path: "/api/orders/7",
             query,
@@ -569,11 +567,8 @@ fn req_with(headers: &[(&str, &[u8])], query: Option<&str>) -> Req {
             claims: None,
             config: Arc::new(Map::new()),
             headers: headers.iter().map(|(n, v)| (*n, *v)).collect(),
-        };
-        init.upstream_path = None;
-        *s = RequestState::new(init);
-    }
-    r
+        },
+    ))))
 }
 
 /// What a hook did, in a form two runs can be compared by.
