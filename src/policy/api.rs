@@ -366,9 +366,25 @@ fn header_value(name: &str, value: &str) -> RhaiResult<HeaderValue> {
     })
 }
 
-/// A header a script sets or appends, checked.
-fn checked_header(name: &str, value: &str) -> RhaiResult<(HeaderName, HeaderValue)> {
-    Ok((header_name(name)?, header_value(name, value)?))
+/// A header a script sets or appends (`edit` is `HeaderEdit::Set` or `Append`), checked.
+fn checked_edit(
+    name: &str,
+    value: &str,
+    edit: fn(HeaderName, HeaderValue) -> HeaderEdit,
+) -> RhaiResult<HeaderEdit> {
+    Ok(edit(header_name(name)?, header_value(name, value)?))
+}
+
+/// Records a header change to the upstream request (replayed by the proxy, see [`HeaderEdit`]).
+fn edit_request(r: &Req, edit: RhaiResult<HeaderEdit>) -> RhaiResult<Dynamic> {
+    r.state().edits.push(edit?);
+    Ok(Dynamic::UNIT)
+}
+
+/// Makes a header change to the response the client gets.
+fn edit_response(r: &Res, edit: RhaiResult<HeaderEdit>) -> RhaiResult<Dynamic> {
+    edit?.apply(&mut r.state().headers);
+    Ok(Dynamic::UNIT)
 }
 
 fn get_header(h: &HeaderMap, name: &str) -> Dynamic {
@@ -548,29 +564,17 @@ pub(super) const HOST_CALLS: &[HostFn] = {
         host(
             "set_header",
             Unit,
-            Req2(|r, name, value| {
-                let (n, v) = checked_header(name, value)?;
-                r.state().edits.push(HeaderEdit::Set(n, v));
-                Ok(Dynamic::UNIT)
-            }),
+            Req2(|r, name, value| edit_request(r, checked_edit(name, value, HeaderEdit::Set))),
         ),
         host(
             "append_header",
             Unit,
-            Req2(|r, name, value| {
-                let (n, v) = checked_header(name, value)?;
-                r.state().edits.push(HeaderEdit::Append(n, v));
-                Ok(Dynamic::UNIT)
-            }),
+            Req2(|r, name, value| edit_request(r, checked_edit(name, value, HeaderEdit::Append))),
         ),
         host(
             "remove_header",
             Unit,
-            Req1(|r, name| {
-                let n = header_name(name)?;
-                r.state().edits.push(HeaderEdit::Remove(n));
-                Ok(Dynamic::UNIT)
-            }),
+            Req1(|r, name| edit_request(r, header_name(name).map(HeaderEdit::Remove))),
         ),
         host(
             "set_path",
@@ -629,29 +633,17 @@ pub(super) const HOST_CALLS: &[HostFn] = {
         host(
             "set_header",
             Unit,
-            Res2(|r, name, value| {
-                let (n, v) = checked_header(name, value)?;
-                r.state().headers.insert(n, v);
-                Ok(Dynamic::UNIT)
-            }),
+            Res2(|r, name, value| edit_response(r, checked_edit(name, value, HeaderEdit::Set))),
         ),
         host(
             "append_header",
             Unit,
-            Res2(|r, name, value| {
-                let (n, v) = checked_header(name, value)?;
-                r.state().headers.append(n, v);
-                Ok(Dynamic::UNIT)
-            }),
+            Res2(|r, name, value| edit_response(r, checked_edit(name, value, HeaderEdit::Append))),
         ),
         host(
             "remove_header",
             Unit,
-            Res1(|r, name| {
-                let n = header_name(name)?;
-                r.state().headers.remove(&n);
-                Ok(Dynamic::UNIT)
-            }),
+            Res1(|r, name| edit_response(r, header_name(name).map(HeaderEdit::Remove))),
         ),
         host(
             "deny",
