@@ -400,18 +400,15 @@ impl Compiler {
             Expr::IntegerConstant(i, _) => constant(Value::Int(*i), Ty::Int),
             Expr::StringConstant(s, _) => constant(Value::Text(s.clone()), Ty::Text),
             Expr::DynamicConstant(v, _) => {
-                let ty = if v.is_unit() {
-                    Ty::Unit
-                } else if v.is_bool() {
-                    Ty::Bool
-                } else if v.is_int() {
-                    Ty::Int
-                } else if v.is_string() {
-                    Ty::Text
-                } else {
-                    return None;
+                let v = Value::from_dynamic((**v).clone()).ok()?;
+                let ty = match v {
+                    Value::Unit => Ty::Unit,
+                    Value::Bool(_) => Ty::Bool,
+                    Value::Int(_) => Ty::Int,
+                    Value::Text(_) => Ty::Text,
+                    Value::Decision(_) => return None,
                 };
-                constant(Value::from_dynamic((**v).clone()).ok()?, ty)
+                constant(v, ty)
             }
             Expr::Variable(..) => match self.lookup(e)? {
                 Bound::Slot(slot, ty) => Some((Ex::Local(slot), ty)),
