@@ -68,8 +68,8 @@ for t in "${targets[@]}"; do
     mode=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
   fi
   echo "== $t: fuzzing for ${seconds}s"
-  # One libFuzzer process is one core. (`-jobs=1` would also be one core, but it runs the job
-  # in a child with its output in fuzz-0.log, and its exit status does not tell of a crash.)
+  # One libFuzzer process is one core. (`-jobs=1` would also be one core, but libFuzzer then
+  # runs the job in a child process with its output in fuzz-0.log instead of on the terminal.)
   cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -max_len=65536 -print_final_stats=1 "${dict[@]}" "${mode[@]}" || failed=1
