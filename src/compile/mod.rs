@@ -36,6 +36,7 @@ use crate::upstream::Upstream;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Knobs that change what compile checks, not what the config means.
 #[derive(Debug, Clone, Default)]
@@ -108,6 +109,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         routes: routes.routes,
         upstreams: upstreams.into_values().map(|(_, u)| u).collect(),
         client_ip: defaults.client_ip,
+        limits: defaults.limits,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -127,6 +127,11 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|v| cx.duration(file, v));
         let total_timeout = r.total_timeout.as_ref().and_then(|v| cx.duration(file, v));
+        let read_timeout = r
+            .read_timeout
+            .as_ref()
+            .and_then(|v| cx.duration(file, v))
+            .unwrap_or(defaults.read_timeout);
         let retry = r
             .retries
             .as_ref()
@@ -190,6 +195,7 @@ pub(crate) fn compile_routes(
             timeout,
             connect_timeout,
             total_timeout,
+            read_timeout,
             retry,
             max_body_size,
             request_headers,

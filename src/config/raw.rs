@@ -73,6 +73,28 @@ pub struct GatewayFile {
     pub policy: Option<Spanned<String>>,
     /// `req.config` for the default policy.
     pub policy_config: Option<Spanned<serde_json::Map<String, serde_json::Value>>>,
+    /// Limits on client connections and slow clients (docs/security.md).
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`: client connections and slow clients. Every field optional, defaults in code.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Time a client has to send each request head, on new and kept-alive connections alike
+    /// (default "10s"); then 408 and the connection is closed.
+    pub header_timeout: Option<Spanned<DurationText>>,
+    /// Longest pause between two pieces of a request body (default "30s"); then 408.
+    pub body_idle_timeout: Option<Spanned<DurationText>>,
+    /// Client connections open at once on the proxy listener, all workers together (default
+    /// 25000); beyond it new connections are closed at once.
+    pub max_connections: Option<Spanned<u32>>,
+    /// Client connections open at once from one client address (default: no cap).
+    pub max_connections_per_ip: Option<Spanned<u32>>,
+    /// Request bodies held in memory for retries, per worker (default "64MiB"); a request that
+    /// would go over it gets 503.
+    pub max_buffered_bodies: Option<Spanned<SizeText>>,
 }
 
 /// `[policy_limits]`: every field optional, defaults in code.
@@ -104,6 +126,9 @@ pub struct Defaults {
     pub connect_timeout: Option<Spanned<DurationText>>,
     /// Largest request body accepted (default "10MiB"); larger bodies get 413.
     pub max_body_size: Option<Spanned<SizeText>>,
+    /// Longest pause between two pieces of an upstream's response body (default "60s"); then
+    /// the client's connection is aborted.
+    pub read_timeout: Option<Spanned<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -157,6 +182,9 @@ pub struct RawRoute {
     pub connect_timeout: Option<Spanned<DurationText>>,
     /// Time allowed for all attempts together; overrides the upstream's.
     pub total_timeout: Option<Spanned<DurationText>>,
+    /// Longest pause between two pieces of the upstream's response body; overrides the gateway
+    /// default ("60s"). Then the client's connection is aborted.
+    pub read_timeout: Option<Spanned<DurationText>>,
     /// Retries for this route: a number, or a table that overrides the upstream's settings.
     pub retries: Option<Spanned<RawRetries>>,
     /// Largest request body accepted on this route; larger gets 413.

@@ -73,6 +73,7 @@ pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
             return match b {
                 BodyError::TooLarge { .. } => ForwardError::BodyTooLarge,
                 BodyError::Client(m) => ForwardError::ClientBody(m.clone()),
+                BodyError::Idle(_) => ForwardError::ClientBody(b.to_string()),
             };
         }
         source = s.source();

@@ -99,7 +99,8 @@ pub struct Router {
 }
 
 impl Router {
-    /// Adds a route for the given method slots (`None`: every method).
+    /// Adds a route for the given method slots (`None`: every method but `TRACE` and `CONNECT`,
+    /// which a route must list to receive).
     pub fn insert(
         &mut self,
         host: &HostPattern,
@@ -119,7 +120,11 @@ impl Router {
                 }
             },
         };
-        let all: Vec<usize> = (0..METHOD_SLOTS).collect();
+        // A gateway has no business tunnelling (CONNECT) or echoing requests back with their
+        // credentials (TRACE) unless a route asks for it: those get 405 elsewhere.
+        let all: Vec<usize> = (0..METHOD_SLOTS)
+            .filter(|&s| !matches!(METHODS.get(s), Some(&("TRACE" | "CONNECT"))))
+            .collect();
         let slots = methods.unwrap_or(&all);
         // Check every slot first so that a conflict leaves the table untouched.
         for &slot in slots {

@@ -21,12 +21,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
+use super::listener::{Busy, ConnState};
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::policy::ClientHeaders;
 use crate::proxy::ForwardError;
 use crate::proxy::body::{
-    BodyError, BodyStats, OnFinish, ProxyBody, UpstreamBody, read_request_body, stream_request_body,
+    BodyError, BodyStats, Ended, OnFinish, ProxyBody, UpstreamBody, read_request_body,
+    stream_request_body,
 };
 use crate::proxy::headers::{
     Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
@@ -62,6 +64,38 @@ struct Exchange {
     in_flight: Option<InFlight>,
     /// This request's place under the upstream's `max_requests`.
     slot: Option<Slot>,
+    /// Bytes of this request's body held for retries, counted against the worker's cap.
+    buffered: Option<Buffered>,
+    /// Keeps the connection's head timeout off until this request is done.
+    _busy: Option<Busy>,
+    /// The client connection's state (absent when served outside the proxy listener).
+    conn: Option<Rc<ConnState>>,
+}
+
+/// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
+struct Buffered {
+    total: Rc<std::cell::Cell<u64>>,
+    bytes: u64,
+}
+
+impl Buffered {
+    fn reserve(total: &Rc<std::cell::Cell<u64>>, bytes: u64, cap: u64) -> Option<Buffered> {
+        let now = total.get();
+        if now.saturating_add(bytes) > cap {
+            return None;
+        }
+        total.set(now + bytes);
+        Some(Buffered {
+            total: Rc::clone(total),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.total.set(self.total.get().saturating_sub(self.bytes));
+    }
 }
 
 impl Drop for Exchange {
@@ -85,7 +119,7 @@ impl Exchange {
     }
 
     /// Records the finished request: metrics always, the access log when enabled.
-    fn emit(&self, status: u16, bytes_out: u64, completed: bool) {
+    fn emit(&self, status: u16, bytes_out: u64, end: Ended) {
         let route = self
             .route
             .and_then(|r| self.snapshot.routes.get(r))
@@ -119,7 +153,8 @@ impl Exchange {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
             bytes_out,
-            completed,
+            completed = end.is_ok(),
+            error = end.err().unwrap_or(""),
             config_version = self.snapshot.version.id.as_str(),
         );
     }
@@ -137,7 +172,7 @@ impl Exchange {
         let mut resp = HttpResponse::build(status_code(status));
         resp.insert_header((ax::CONTENT_TYPE, "application/json"));
         resp.insert_header(("x-request-id", self.request_id.as_bytes()));
-        self.emit(status, len, true);
+        self.emit(status, len, Ok(()));
         self.with_extra(resp.body(body))
     }
 }
@@ -170,6 +205,7 @@ pub(crate) async fn handle(
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
+    let conn = req.conn_data::<Rc<ConnState>>();
     let mut ex = Exchange {
         snapshot,
         started,
@@ -191,6 +227,9 @@ pub(crate) async fn handle(
         drop_header: None,
         in_flight: None,
         slot: None,
+        buffered: None,
+        _busy: conn.map(ConnState::begin),
+        conn: conn.cloned(),
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -202,7 +241,7 @@ pub(crate) async fn handle(
         Err(PathError::NotOriginForm)
             if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
         {
-            ex.emit(200, 0, true);
+            ex.emit(200, 0, Ok(()));
             return HttpResponse::Ok()
                 .insert_header(("x-request-id", ex.request_id.as_bytes()))
                 .finish();
@@ -236,7 +275,7 @@ pub(crate) async fn handle(
         {
             ex.route = Some(pm.route);
             let (status, resp) = edge::preflight(cors, &req, asked, &ex.request_id);
-            ex.emit(status, 0, true);
+            ex.emit(status, 0, Ok(()));
             return resp;
         }
     }
@@ -311,7 +350,7 @@ pub(crate) async fn handle(
             .rate_limited
             .with_label_values(&[route.name.as_str()])
             .inc();
-        ex.emit(429, 0, true);
+        ex.emit(429, 0, Ok(()));
         return ex.with_extra(limited);
     }
     let (_, plan) = decide::request(&snap, &m, &incoming, || client_headers(&req));
@@ -367,7 +406,67 @@ fn check_request(req: &HttpRequest) -> Result<(), &'static str> {
     if hosts == 0 && req.version() == actix_web::http::Version::HTTP_11 {
         return Err("HTTP/1.1 requests need a Host header");
     }
+    if let Some(host) = h.get(ax::HOST)
+        && !valid_host(host.as_bytes())
+    {
+        return Err("the Host header is not a valid host[:port]");
+    }
     Ok(())
+}
+
+/// `host [ ":" port ]` of RFC 9110 §7.2: a registered name (unreserved, percent-encoded and
+/// sub-delimiter characters) or a bracketed IP literal, and an optional decimal port. Spaces,
+/// `/`, `@`, `?`, `#` and `\` never appear in one, and would confuse whatever reads the host
+/// after the gateway (routing, redirects, logs).
+fn valid_host(h: &[u8]) -> bool {
+    let (host, port) = if h.first() == Some(&b'[') {
+        let Some(end) = h.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &h[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        (&h[..=end], &h[end + 1..])
+    } else {
+        match h.iter().position(|&b| b == b':') {
+            Some(i) => (&h[..i], &h[i..]),
+            None => (h, &h[h.len()..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let name_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host.iter().all(|&b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            }));
+    port_ok && name_ok
 }
 
 fn host_of(req: &HttpRequest) -> Option<&str> {
@@ -390,7 +489,7 @@ fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
         resp.append_header((name.as_str(), value.as_bytes()));
     }
     resp.insert_header(("x-request-id", ex.request_id.as_bytes()));
-    ex.emit(r.status, r.body.len() as u64, true);
+    ex.emit(r.status, r.body.len() as u64, Ok(()));
     ex.with_extra(resp.body(r.body.clone()))
 }
 
@@ -428,13 +527,6 @@ async fn forward(
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
     ex.upstream = Some(Arc::clone(&upstream));
-    match upstream
-        .shared
-        .acquire_request(upstream.limits.max_requests)
-    {
-        Ok(slot) => ex.slot = slot,
-        Err(o) => return overloaded(&ex, state, &upstream, o),
-    }
 
     let declared_len = match content_length(req) {
         Ok(n) => n,
@@ -458,13 +550,28 @@ async fn forward(
         declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
     let mut body = if !has_body {
         Outgoing::Empty
-    } else if may_resend && declared_len.is_some_and(|n| n <= retry.replay_body_limit) {
+    } else if let Some(expected) =
+        declared_len.filter(|&n| may_resend && n <= retry.replay_body_limit)
+    {
+        // Held whole so that a retry can send it again: counted against the worker's cap
+        // before a byte of it is read.
+        let cap = ex.snapshot.limits.max_buffered_bodies;
+        match Buffered::reserve(&state.buffered, expected, cap) {
+            Some(b) => ex.buffered = Some(b),
+            None => {
+                return ex.error(
+                    503,
+                    "the gateway is holding too many request bodies; try again",
+                );
+            }
+        }
         let stats = Rc::new(BodyStats::default());
         ex.body = Some(Rc::clone(&stats));
         let mut payload = payload.into_inner();
         // Read before any attempt, so the client gets the route's timeout to send it (a
         // streamed body is bounded by the attempt's timeout the same way).
-        let read = read_request_body(&mut payload, route.max_body_size, &stats);
+        let idle = ex.snapshot.limits.body_idle_timeout;
+        let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
         match tokio::time::timeout(route.timeout, read).await {
             Ok(Ok(b)) => Outgoing::Replayable(b),
             Ok(Err(BodyError::TooLarge { .. })) => {
@@ -473,11 +580,17 @@ async fn forward(
             Ok(Err(BodyError::Client(_))) => {
                 return ex.error(400, "the request body could not be read");
             }
-            Err(_) => return ex.error(408, "the request body was not received in time"),
+            Ok(Err(BodyError::Idle(_))) | Err(_) => {
+                return body_timeout(&ex, state);
+            }
         }
     } else {
-        let (body, stats) =
-            stream_request_body(payload.into_inner(), declared_len, route.max_body_size);
+        let (body, stats) = stream_request_body(
+            payload.into_inner(),
+            declared_len,
+            route.max_body_size,
+            ex.snapshot.limits.body_idle_timeout,
+        );
         ex.body = Some(stats);
         Outgoing::Once(Some(body))
     };
@@ -507,6 +620,15 @@ async fn forward(
         tried: Vec::new(),
         deadline,
     };
+    // The upstream's place is taken only now that the request can go out: a client slow to
+    // send a replayable body holds no place under the upstream's `max_requests`.
+    match upstream
+        .shared
+        .acquire_request(upstream.limits.max_requests)
+    {
+        Ok(slot) => ex.slot = slot,
+        Err(o) => return overloaded(&ex, state, &upstream, o),
+    }
     loop {
         let Some(index) = upstream.pick(key, &retries.tried) else {
             state
@@ -577,6 +699,9 @@ async fn forward(
         match &error {
             ForwardError::BodyTooLarge => {
                 return ex.error(413, "request body is larger than this route accepts");
+            }
+            ForwardError::ClientBody(_) if ex.body.as_ref().is_some_and(|b| b.idle.get()) => {
+                return body_timeout(&ex, state);
             }
             ForwardError::ClientBody(_) => {
                 return ex.error(400, "the request body could not be read");
@@ -688,6 +813,24 @@ impl Retries {
         tokio::time::sleep(wait).await;
         true
     }
+}
+
+/// 408: the client paused too long while sending its body.
+fn body_timeout(ex: &Exchange, state: &WorkerState) -> HttpResponse {
+    state
+        .recorder
+        .metrics()
+        .client_timeouts
+        .with_label_values(&["body"])
+        .inc();
+    let mut resp = ex.error(408, "the request body was not received in time");
+    // The rest of the body may still be on its way: the connection cannot carry another request.
+    resp.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
+    if let Some(conn) = &ex.conn {
+        conn.close();
+    }
+    resp
 }
 
 /// 503 from an upstream's circuit breaker.
@@ -867,7 +1010,7 @@ fn client_response(
         || status == 304
         || (100..200).contains(&status);
     if no_body {
-        ex.emit(status, 0, true);
+        ex.emit(status, 0, Ok(()));
         // A HEAD response announces the length of the body it does not carry.
         return match declared {
             Some(n) if req.method() == actix_web::http::Method::HEAD => out.body(HeadBody(n)),
@@ -880,6 +1023,50 @@ fn client_response(
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
-    let on_finish: OnFinish = Box::new(move |bytes, clean| ex.emit(status, bytes, clean));
-    out.body(UpstreamBody::new(body, size, Some(on_finish)))
+    let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
+    out.body(UpstreamBody::new(
+        body,
+        size,
+        route.read_timeout,
+        Some(on_finish),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn host_header_must_be_host_and_port() {
+        for ok in [
+            "example.com",
+            "api.example.com:8443",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "xn--bcher-kva.example",
+            "under_score.internal",
+            "example.com:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok} should be valid");
+        }
+        for bad in [
+            "",
+            "a b.com",
+            "evil.com/path",
+            "user@evil.com",
+            "evil.com?x=1",
+            "evil.com#frag",
+            "a\\b.com",
+            "example.com:80a",
+            "example.com:123456",
+            ":80",
+            "[::1",
+            "[]:80",
+            "[evil.com]",
+            "example.com:80:90",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} should be refused");
+        }
+    }
 }
