@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub client_ip: ClientIpRules,
+    /// `[headers] allow_underscores`: client headers with `_` in their names are passed on.
+    pub allow_underscores: bool,
     pub warnings: usize,
 }
 

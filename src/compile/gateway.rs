@@ -17,6 +17,8 @@ pub(crate) struct Defaults {
     pub client_ip: ClientIpRules,
     /// The default policy (with its config), from the gateway file.
     pub policy: Option<DefaultPolicy>,
+    /// `[headers] allow_underscores`.
+    pub allow_underscores: bool,
 }
 
 /// `policy` / `policy_config` in gateway.toml.
@@ -36,6 +38,7 @@ pub(crate) fn compile_defaults(
         max_body_size: DEFAULT_MAX_BODY_SIZE,
         client_ip: ClientIpRules::default(),
         policy: None,
+        allow_underscores: false,
     };
     let Some((file, g)) = gateway else {
         return out;
@@ -46,6 +49,7 @@ pub(crate) fn compile_defaults(
         config: g.policy_config.clone(),
     });
     let file = *file;
+    out.allow_underscores = g.headers.allow_underscores;
     if let Some(d) = g
         .defaults
         .timeout
