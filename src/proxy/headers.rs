@@ -356,6 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn inbound_drops_underscores_and_identity_headers() {
+        let identity = [("sub".to_owned(), HeaderName::from_static("x-user-id"))];
+        let strict = Inbound {
+            allow_underscores: false,
+            identity: &identity,
+        };
+        assert!(strict.keeps("x-trace-id"));
+        assert!(!strict.keeps("x_trace_id"));
+        assert!(!strict.keeps("x-user-id"));
+        let lax = Inbound {
+            allow_underscores: true,
+            ..strict
+        };
+        assert!(lax.keeps("x_trace_id"));
+        assert!(!lax.keeps("x_user_id"));
+        assert!(!lax.keeps("x-user_id"));
+        assert!(lax.keeps("x-user-ids"));
+    }
+
+    #[test]
     fn request_ids() {
         assert!(valid_request_id(b"abc-123"));
         assert!(!valid_request_id(b""));
