@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub client_ip: ClientIpRules,
     /// Client connection and slow-client limits (`[limits]`).
     pub limits: Limits,
+    /// `[headers] allow_underscores`: client headers with `_` in their names are passed on.
+    pub allow_underscores: bool,
     pub warnings: usize,
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct Defaults {
     pub limits: Limits,
     /// The default policy (with its config), from the gateway file.
     pub policy: Option<DefaultPolicy>,
+    /// `[headers] allow_underscores`.
+    pub allow_underscores: bool,
 }
 
 /// `policy` / `policy_config` in gateway.toml.
@@ -42,6 +44,7 @@ pub(crate) fn compile_defaults(
         client_ip: ClientIpRules::default(),
         limits: Limits::default(),
         policy: None,
+        allow_underscores: false,
     };
     let Some((file, g)) = gateway else {
         return out;
@@ -52,6 +55,7 @@ pub(crate) fn compile_defaults(
         config: g.policy_config.clone(),
     });
     let file = *file;
+    out.allow_underscores = g.headers.allow_underscores;
     if let Some(d) = g
         .defaults
         .timeout

@@ -110,6 +110,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         upstreams: upstreams.into_values().map(|(_, u)| u).collect(),
         client_ip: defaults.client_ip,
         limits: defaults.limits,
+        allow_underscores: defaults.allow_underscores,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -76,6 +76,9 @@ pub struct GatewayFile {
     /// Limits on client connections and slow clients (docs/security.md).
     #[serde(default)]
     pub limits: RawLimits,
+    /// Which client request headers the gateway accepts.
+    #[serde(default)]
+    pub headers: ClientHeaderRules,
 }
 
 /// `[limits]`: client connections and slow clients. Every field optional, defaults in code.
@@ -95,6 +98,17 @@ pub struct RawLimits {
     /// Request bodies held in memory for retries, per worker (default "64MiB"); a request that
     /// would go over it gets 503.
     pub max_buffered_bodies: Option<Spanned<SizeText>>,
+}
+
+/// `[headers]`: rules for the headers of client requests.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientHeaderRules {
+    /// Pass on client request headers whose names contain `_` (default false: they are
+    /// dropped, like nginx's `underscores_in_headers off`, because many upstream frameworks
+    /// read `X_User_Id` as `X-User-Id`, the name of a header the gateway may set itself).
+    #[serde(default)]
+    pub allow_underscores: bool,
 }
 
 /// `[policy_limits]`: every field optional, defaults in code.
@@ -610,7 +624,8 @@ pub struct RawAuthProvider {
     pub secret: Option<Spanned<ValueSource>>,
     /// PEM public key (RSA, EC or Ed25519): a secret reference or a file.
     pub public_key_pem: Option<Spanned<ValueSource>>,
-    /// URL of a JWKS document with the signing keys.
+    /// URL of a JWKS document with the signing keys (`https://`; plain `http://` only to a
+    /// loopback host, else `validate` warns).
     pub jwks_url: Option<Spanned<String>>,
     /// How long fetched keys are used before a background refresh (default "10m").
     pub jwks_ttl: Option<DurationText>,
@@ -634,10 +649,13 @@ pub struct RawAuthProvider {
     pub claim_rules: Vec<RawClaimRule>,
     /// Where the token is read: `"bearer"` (default), `"header:<name>"`, `"query:<name>"`, `"cookie:<name>"`.
     pub token: Option<Spanned<String>>,
-    /// Claim → upstream header, set over anything the client sent under that name.
+    /// Claim → upstream header. On a route with this provider the client's headers of these
+    /// names are always removed; the header is set only from a verified claim (absent claim:
+    /// no header; an object, array or control characters: the request is refused with 401).
     #[serde(default)]
     pub claims_to_headers: BTreeMap<String, String>,
-    /// Pass the token to the upstream (default false: removed).
+    /// Pass the token to the upstream (default false: removed from the header, cookie or query
+    /// parameter it was found in).
     pub forward_token: Option<bool>,
 }
 

@@ -58,8 +58,8 @@ struct Exchange {
     extra: Vec<(HeaderName, HeaderValue)>,
     /// Headers from verified claims, set on the upstream request over the client's.
     auth_headers: Vec<(HeaderName, HeaderValue)>,
-    /// The header that carried the token, removed before forwarding (unless configured not to).
-    drop_header: Option<HeaderName>,
+    /// Where the token was found, removed before forwarding (unless configured not to).
+    drop_token: Option<crate::filters::jwt::TokenPlace>,
     /// Counts this request in its target's in-flight number until the response ends.
     in_flight: Option<InFlight>,
     /// This request's place under the upstream's `max_requests`.
@@ -224,7 +224,7 @@ pub(crate) async fn handle(
         state: state.clone(),
         extra: Vec::new(),
         auth_headers: Vec::new(),
-        drop_header: None,
+        drop_token: None,
         in_flight: None,
         slot: None,
         buffered: None,
@@ -250,6 +250,8 @@ pub(crate) async fn handle(
     };
     ex.path.clone_from(&path);
     let snap = Arc::clone(&ex.snapshot);
+    // The client's query without the token, when auth took it out.
+    let mut query_without_token: Option<Option<String>> = None;
     let mut incoming = Incoming {
         method: req.method().as_str(),
         host: &ex.host,
@@ -294,15 +296,21 @@ pub(crate) async fn handle(
     let Some(route) = snap.routes.get(m.route) else {
         return ex.error(500, "internal routing error");
     };
+    // The client headers that exist from here on, for auth, the policy and the upstream.
+    let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
     if let Some(cors) = &route.cors {
         ex.extra = edge::cors_headers(cors, &req);
     }
     if let Some(auth) = &route.auth {
-        match edge::authenticate(auth, &req).await {
+        match edge::authenticate(auth, &req, inbound).await {
             Ok(Some(verified)) => {
                 ex.auth_headers = verified.headers;
-                ex.drop_header = verified.drop_header;
+                ex.drop_token = verified.drop_token;
                 incoming.claims = Some(verified.claims);
+                query_without_token = verified.query;
+                if let Some(q) = &query_without_token {
+                    incoming.query = q.as_deref();
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -319,15 +327,7 @@ pub(crate) async fn handle(
                     .auth_failures
                     .with_label_values(&[route.name.as_str(), e.reason()])
                     .inc();
-                let status = e.status();
-                let mut resp = ex.error(
-                    status,
-                    if status == 403 {
-                        "forbidden"
-                    } else {
-                        "a valid token is required"
-                    },
-                );
+                let mut resp = ex.error(e.status(), e.message());
                 if let Ok(v) = ax::HeaderValue::from_bytes(e.www_authenticate().as_bytes()) {
                     resp.headers_mut().insert(ax::WWW_AUTHENTICATE, v);
                 }
@@ -353,7 +353,12 @@ pub(crate) async fn handle(
         ex.emit(429, 0, Ok(()));
         return ex.with_extra(limited);
     }
-    let (_, plan) = decide::request(&snap, &m, &incoming, || client_headers(&req));
+    let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(&req, inbound));
+    if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
+        && f.query.is_none()
+    {
+        f.query = Some(q);
+    }
     match plan {
         Plan::Forward(f) => forward(ex, &req, payload, &state, route, f).await,
         other => answer(&ex, &state, other),
@@ -379,11 +384,13 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
     }
 }
 
-/// The client's request headers as the policy sees them (only built for routes with a policy).
-fn client_headers(req: &HttpRequest) -> ClientHeaders {
+/// The client's request headers as the policy sees them (only built for routes with a policy):
+/// those `inbound` keeps.
+fn client_headers(req: &HttpRequest, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
     req.headers()
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .filter(|(n, _)| inbound.keeps(n))
         .collect()
 }
 
@@ -917,7 +924,8 @@ fn upstream_headers(
             request_id: &ex.request_id,
             upstream_host: &route.upstream_host,
             target_authority: target.authority.as_str(),
-            drop_header: ex.drop_header.as_ref(),
+            inbound: crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
+            drop_token: ex.drop_token.as_ref(),
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
         },
