@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub client_ip: ClientIpRules,
+    /// How request paths are normalised before routing (gateway.toml `[paths]`).
+    pub paths: crate::router::PathRules,
     pub warnings: usize,
 }
 

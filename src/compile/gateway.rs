@@ -5,8 +5,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::{Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_TIMEOUT};
-use crate::config::raw::GatewayFile;
+use crate::config::raw::{GatewayFile, RawEscapedSlashes};
 use crate::config::{Diagnostic, FileId};
+use crate::router::{EscapedSlashes, PathRules};
 use crate::snapshot::ClientIpRules;
 
 /// Values routes and upstreams inherit.
@@ -17,6 +18,8 @@ pub(crate) struct Defaults {
     pub client_ip: ClientIpRules,
     /// The default policy (with its config), from the gateway file.
     pub policy: Option<DefaultPolicy>,
+    /// `[paths]`: how request paths are normalised before routing.
+    pub paths: PathRules,
 }
 
 /// `policy` / `policy_config` in gateway.toml.
@@ -36,6 +39,7 @@ pub(crate) fn compile_defaults(
         max_body_size: DEFAULT_MAX_BODY_SIZE,
         client_ip: ClientIpRules::default(),
         policy: None,
+        paths: PathRules::default(),
     };
     let Some((file, g)) = gateway else {
         return out;
@@ -45,6 +49,13 @@ pub(crate) fn compile_defaults(
         path: p.clone(),
         config: g.policy_config.clone(),
     });
+    if let Some(choice) = g.paths.escaped_slashes {
+        out.paths.escaped_slashes = match choice {
+            RawEscapedSlashes::Reject => EscapedSlashes::Reject,
+            RawEscapedSlashes::Keep => EscapedSlashes::Keep,
+            RawEscapedSlashes::Decode => EscapedSlashes::Decode,
+        };
+    }
     let file = *file;
     if let Some(d) = g
         .defaults

@@ -108,6 +108,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         routes: routes.routes,
         upstreams: upstreams.into_values().map(|(_, u)| u).collect(),
         client_ip: defaults.client_ip,
+        paths: defaults.paths,
         warnings: diagnostics.warning_count(),
     });
     Compiled {
