@@ -36,6 +36,11 @@ const MAX_FAILING_CLIENTS: usize = 10_000;
 
 impl AdminState {
     pub fn new(store: Arc<SnapshotStore>, control: Control) -> Self {
+        // Registered once per registry; a second admin listener on the same metrics keeps the
+        // first registration (AlreadyReg), which serves the same counters.
+        let _ = control
+            .metrics
+            .register(Box::new(control.limiters.evicted_metric()));
         Self {
             store,
             control,
