@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// `[headers] allow_underscores`: client headers with `_` in their names are passed on.
     pub allow_underscores: bool,
+    /// How request paths are normalised before routing (gateway.toml `[paths]`).
+    pub paths: crate::router::PathRules,
     pub warnings: usize,
 }
 

@@ -7,8 +7,9 @@ use ipnet::IpNet;
 use super::{
     Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT,
 };
-use crate::config::raw::GatewayFile;
+use crate::config::raw::{GatewayFile, RawEscapedSlashes};
 use crate::config::{Diagnostic, FileId};
+use crate::router::{EscapedSlashes, PathRules};
 use crate::snapshot::{ClientIpRules, Limits};
 
 /// Values routes and upstreams inherit.
@@ -23,6 +24,8 @@ pub(crate) struct Defaults {
     pub policy: Option<DefaultPolicy>,
     /// `[headers] allow_underscores`.
     pub allow_underscores: bool,
+    /// `[paths]`: how request paths are normalised before routing.
+    pub paths: PathRules,
 }
 
 /// `policy` / `policy_config` in gateway.toml.
@@ -45,6 +48,7 @@ pub(crate) fn compile_defaults(
         limits: Limits::default(),
         policy: None,
         allow_underscores: false,
+        paths: PathRules::default(),
     };
     let Some((file, g)) = gateway else {
         return out;
@@ -54,6 +58,13 @@ pub(crate) fn compile_defaults(
         path: p.clone(),
         config: g.policy_config.clone(),
     });
+    if let Some(choice) = g.paths.escaped_slashes {
+        out.paths.escaped_slashes = match choice {
+            RawEscapedSlashes::Reject => EscapedSlashes::Reject,
+            RawEscapedSlashes::Keep => EscapedSlashes::Keep,
+            RawEscapedSlashes::Decode => EscapedSlashes::Decode,
+        };
+    }
     let file = *file;
     out.allow_underscores = g.headers.allow_underscores;
     if let Some(d) = g

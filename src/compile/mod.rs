@@ -111,6 +111,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         client_ip: defaults.client_ip,
         limits: defaults.limits,
         allow_underscores: defaults.allow_underscores,
+        paths: defaults.paths,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

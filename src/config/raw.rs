@@ -79,6 +79,9 @@ pub struct GatewayFile {
     /// Which client request headers the gateway accepts.
     #[serde(default)]
     pub headers: ClientHeaderRules,
+    /// How request paths are read before routing.
+    #[serde(default)]
+    pub paths: RawPaths,
 }
 
 /// `[limits]`: client connections and slow clients. Every field optional, defaults in code.
@@ -109,6 +112,27 @@ pub struct ClientHeaderRules {
     /// read `X_User_Id` as `X-User-Id`, the name of a header the gateway may set itself).
     #[serde(default)]
     pub allow_underscores: bool,
+}
+
+/// `[paths]`: how request paths are read before routing.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    /// What an escaped slash (`%2F`) in a request path means. `"reject"` (default): 400, since
+    /// many upstreams decode it and would see other segments than the route matched. `"keep"`:
+    /// it stays inside its segment and is forwarded as `%2F`, but a `.` or `..` hidden behind it
+    /// (`..%2F`) is still refused. `"decode"`: it becomes `/` before dot segments are resolved,
+    /// and the upstream gets the resolved path.
+    pub escaped_slashes: Option<RawEscapedSlashes>,
+}
+
+/// The values of `[paths] escaped_slashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEscapedSlashes {
+    Reject,
+    Keep,
+    Decode,
 }
 
 /// `[policy_limits]`: every field optional, defaults in code.

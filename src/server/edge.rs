@@ -123,13 +123,14 @@ impl WorkerLimiters {
         let key = match &spec.key {
             LimitKey::ClientIp => KeyValue::Ip(client),
             LimitKey::Route => KeyValue::Whole,
+            // Long values are hashed by `KeyValue::text`, so a key holds at most 256 bytes.
             LimitKey::Header(name) => match req.headers().get(name.as_str()) {
-                Some(v) => KeyValue::Text(String::from_utf8_lossy(v.as_bytes()).into()),
+                Some(v) => KeyValue::text(v.as_bytes()),
                 None => KeyValue::Whole,
             },
             LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {
-                Some(serde_json::Value::String(s)) => KeyValue::Text(s.as_str().into()),
-                Some(other) => KeyValue::Text(other.to_string().into()),
+                Some(serde_json::Value::String(s)) => KeyValue::text(s.as_bytes()),
+                Some(other) => KeyValue::text(other.to_string().as_bytes()),
                 None => KeyValue::Whole,
             },
         };

@@ -34,7 +34,7 @@ use crate::proxy::headers::{
     Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
 };
 use crate::proxy::pool::{SendFailure, SendOptions};
-use crate::router::{PathError, RouteId, normalize_host, normalize_path};
+use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot, StaticResponse};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
@@ -236,7 +236,7 @@ pub(crate) async fn handle(
     if let Err(why) = check_request(&req) {
         return ex.error(400, why);
     }
-    let path = match normalize_path(req.uri().path()) {
+    let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
         Ok(p) => p.into_owned(),
         Err(PathError::NotOriginForm)
             if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>

@@ -84,6 +84,22 @@ pub struct ReloadStatus {
     failed: Option<String>,
 }
 
+impl ReloadStatus {
+    /// Whether `sha` is the version being served or the last one tried (successful or not).
+    /// A push for such a commit cannot change what a reload would do, so the webhook endpoints
+    /// answer it without queueing one, whatever its delivery id.
+    pub fn seen(&self, sha: &str) -> Option<&'static str> {
+        if self.applied.as_ref().is_some_and(|a| a.sha == sha) {
+            return Some("commit already applied");
+        }
+        let attempted = self.attempted.as_ref().and_then(|a| a.sha.as_deref());
+        if attempted == Some(sha) || self.failed.as_deref() == Some(sha) {
+            return Some("commit already attempted");
+        }
+        None
+    }
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -252,6 +252,14 @@ impl Metrics {
         self.config_reloads.with_label_values(&["failure"]).inc();
     }
 
+    /// Adds a metric kept elsewhere (e.g. by the rate limiters, which outlive snapshots).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

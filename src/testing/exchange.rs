@@ -22,7 +22,7 @@ use super::fixture::Case;
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::proxy::headers::Forwarding;
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
-use crate::router::normalize_path;
+use crate::router::normalize_path_with;
 use crate::snapshot::{Route, Snapshot, StaticResponse};
 
 /// The request id of a case whose request does not bring a valid one.
@@ -169,7 +169,7 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
             .map(|v| v.as_bytes()),
         &snap.client_ip,
     );
-    let path = match normalize_path(&case.path) {
+    let path = match normalize_path_with(&case.path, snap.paths) {
         Ok(p) => p.into_owned(),
         Err(e) => return run.error(400, &e.to_string()),
     };
