@@ -480,3 +480,91 @@ fn cli_secret_root_flag_allows_a_secret_directory() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+const TOKEN: &str = "admin-t0ken";
+const AUTH: (&str, &str) = ("Authorization", "Bearer admin-t0ken");
+
+fn respond_config(body: &str) -> Vec<(&'static str, String)> {
+    vec![(
+        "routes/main.toml",
+        format!(
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+        ),
+    )]
+}
+
+/// A reload whose read really blocks: an object of the new commit in the remote is a FIFO,
+/// which libgit2 opens (and blocks on) while packing it for the fetch. The reload is abandoned at
+/// `--reload-timeout`, the next one applies the new commit while the first is still stuck, and
+/// SIGTERM still exits within the grace period.
+#[test]
+fn a_reload_stuck_on_io_never_blocks_later_reloads_or_sigterm() {
+    let remote = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(remote.path()).unwrap();
+    let url = format!("file://{}", remote.path().display());
+    let cache = tempfile::tempdir().unwrap();
+    common::commit_files(&repo, "main", &common::as_refs(&respond_config("v1")), "v1");
+    let mut gw = common::GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+            "--reload-timeout",
+            "2s",
+            "--shutdown-grace",
+            "3s",
+        ],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+
+    let v2 = respond_config("v2");
+    common::commit_files(&repo, "main", &common::as_refs(&v2), "v2");
+    // The new commit's one new blob becomes a FIFO: packing it for the fetch opens it.
+    let blob = git2::Oid::hash_object(git2::ObjectType::Blob, v2[0].1.as_bytes()).unwrap();
+    let hex = blob.to_string();
+    let object = remote
+        .path()
+        .join("objects")
+        .join(&hex[..2])
+        .join(&hex[2..]);
+    let saved = std::fs::read(&object).unwrap();
+    std::fs::remove_file(&object).unwrap();
+    mkfifo(&object);
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    let stuck = common::wait_until(Duration::from_secs(20), || {
+        gw.status()["attempted"]["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not finish"))
+    });
+    assert!(stuck, "the stuck reload was not abandoned: {}", gw.status());
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()), "still serving");
+
+    // The object is readable again; the stuck thread stays blocked on the FIFO it opened.
+    std::fs::remove_file(&object).unwrap();
+    std::fs::write(&object, saved).unwrap();
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    let applied = common::wait_until(Duration::from_secs(20), || {
+        gw.get("/").is_some_and(|(_, b)| b == "v2")
+    });
+    assert!(applied, "a later reload did not apply: {}", gw.status());
+
+    let started = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exited = common::wait_until(Duration::from_secs(15), || {
+        matches!(gw.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "SIGTERM did not end the gateway");
+    assert!(
+        started.elapsed() < Duration::from_secs(3 + 5),
+        "exit took {:?}",
+        started.elapsed()
+    );
+}
