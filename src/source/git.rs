@@ -342,6 +342,80 @@ mod tests {
         assert!(!dir.path().join("out/escaped.txt").exists());
     }
 
+    /// A commit holding `entries` as its root tree, written raw: a hostile remote is not bound
+    /// by what `TreeBuilder` allows (duplicate names).
+    fn raw_commit(repo: &Repository, entries: &[(&str, &str, Oid)]) -> Oid {
+        let mut raw = Vec::new();
+        for (mode, name, oid) in entries {
+            raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+            raw.extend_from_slice(oid.as_bytes());
+        }
+        let tree = repo.odb().unwrap().write(ObjectType::Tree, &raw).unwrap();
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        repo.commit(None, &sig, &sig, "c", &tree, &[]).unwrap()
+    }
+
+    #[test]
+    fn a_link_and_a_directory_under_one_name_never_write_through_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let target = repo
+            .blob(outside.path().to_str().unwrap().as_bytes())
+            .unwrap();
+        let file = repo.blob(b"written").unwrap();
+        let mut inner = repo.treebuilder(None).unwrap();
+        inner.insert("a.toml", file, 0o100644).unwrap();
+        let inner = inner.write().unwrap();
+        // The link first, so a one-pass export would create it before writing `routes/a.toml`.
+        let commit = raw_commit(
+            &repo,
+            &[("120000", "routes", target), ("40000", "routes", inner)],
+        );
+        let dest = dir.path().join("export");
+        assert!(export_tree(&repo, commit, None, &dest).is_err());
+        assert!(!outside.path().join("a.toml").exists());
+        let meta = std::fs::symlink_metadata(dest.join("routes")).unwrap();
+        assert!(meta.is_dir(), "the directory was written, the link refused");
+    }
+
+    #[test]
+    fn links_are_exported_as_links_and_big_blobs_as_sparse_stand_ins() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let cap = crate::config::files::CONFIG_FILE_CAP;
+        let big = repo.blob(&vec![b'#'; cap as usize + 10]).unwrap();
+        let small = repo.blob(b"x = 1").unwrap();
+        let link = repo.blob(b"small.toml").unwrap();
+        let commit = raw_commit(
+            &repo,
+            &[
+                ("100644", "big.toml", big),
+                ("120000", "link.toml", link),
+                ("100644", "small.toml", small),
+            ],
+        );
+        let dest = dir.path().join("export");
+        export_tree(&repo, commit, None, &dest).unwrap();
+        let meta = std::fs::metadata(dest.join("big.toml")).unwrap();
+        assert_eq!(
+            meta.len(),
+            cap + 1,
+            "just over the cap, not the blob's size"
+        );
+        let head = std::fs::read(dest.join("big.toml")).unwrap();
+        assert!(head.iter().all(|b| *b == 0), "not inflated from the blob");
+        assert_eq!(
+            std::fs::read_link(dest.join("link.toml")).unwrap(),
+            Path::new("small.toml")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.join("link.toml")).unwrap(),
+            "x = 1"
+        );
+    }
+
     #[test]
     fn https_token_is_offered_only_for_https() {
         let c = Credentials {
