@@ -133,9 +133,12 @@ pub fn resolve_in_repo(root: &Path, rel: &Path) -> Result<PathBuf, FileError> {
     }
     let root = std::fs::canonicalize(root).map_err(FileError::from_io)?;
     let path = std::fs::canonicalize(root.join(rel)).map_err(|e| {
-        // A dangling symlink is "not found" to canonicalize; if the link itself is there and
-        // points out of the repo, say that rather than "does not exist".
-        if e.kind() == std::io::ErrorKind::NotFound && link_points_out(&root, &root.join(rel)) {
+        // Say "outside the repo" rather than "does not exist" when the part of the path that
+        // exists already leads out: validate output must not tell a pusher which files exist
+        // outside the repo.
+        if e.kind() == std::io::ErrorKind::NotFound
+            && existing_part_leads_out(&root, &root.join(rel))
+        {
             FileError::OutsideRepo
         } else {
             FileError::from_io(e)
@@ -145,6 +148,22 @@ pub fn resolve_in_repo(root: &Path, rel: &Path) -> Result<PathBuf, FileError> {
         return Err(FileError::OutsideRepo);
     }
     Ok(path)
+}
+
+/// For a path that does not resolve: whether its longest existing prefix is outside `root`
+/// (a symlinked directory out, or a dangling link whose target is outside).
+fn existing_part_leads_out(root: &Path, path: &Path) -> bool {
+    // Bounded: one step per component of `path`.
+    for p in path.ancestors() {
+        if std::fs::symlink_metadata(p).is_err() {
+            continue;
+        }
+        return match std::fs::canonicalize(p) {
+            Ok(resolved) => !resolved.starts_with(root),
+            Err(_) => link_points_out(root, p),
+        };
+    }
+    false
 }
 
 /// Whether `path` is a symlink whose target is absolute or climbs with `..` out of `root`.
