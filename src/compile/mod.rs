@@ -16,6 +16,7 @@ mod edge;
 mod gateway;
 mod policies;
 mod routes;
+mod secrets;
 mod tls;
 mod upstreams;
 
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use crate::config::files::{FileError, FileKind, read_in_repo};
 use crate::config::{
     Diagnostic, Diagnostics, FileId, LoadError, RawConfig, SourceFiles, Spanned, Unloaded, load_dir,
 };
@@ -47,6 +49,9 @@ pub struct CompileOptions {
     pub version_id: Option<String>,
     /// Where the config came from, for `/status` and logs.
     pub source: String,
+    /// Directories `{ file = ... }` secrets may be read from, besides
+    /// [`crate::config::files::DEFAULT_SECRET_ROOTS`] (`--secret-root`).
+    pub secret_roots: Vec<std::path::PathBuf>,
 }
 
 /// What compiling produced: a snapshot when there were no errors, and every diagnostic.
@@ -168,44 +173,35 @@ impl Cx<'_> {
     }
 
     /// Reads a file the config names by a path relative to the repo root (a policy script, a
-    /// CA bundle), reporting a located error when the path leaves the repo or the file cannot
-    /// be read. `what` names the kind of file in messages, `example` is a path to suggest.
+    /// CA bundle) through [`crate::config::files`]: inside the repo after symlinks, a regular
+    /// file, within `kind`'s size cap. Anything else is a located error at the path in the
+    /// config; nothing of a file outside the repo is read. `what` names the kind of file in
+    /// messages, `example` is a path to suggest.
     pub fn read_repo_file(
         &mut self,
         file: FileId,
         p: &Spanned<String>,
+        kind: FileKind,
         what: &str,
         example: &str,
     ) -> Option<String> {
-        let rel = Path::new(p.get());
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            self.push(
-                Diagnostic::error(
-                    "invalid-path",
-                    format!("a {what} path is relative to the repo root and stays inside it"),
-                )
-                .at(file, p.span(), "outside the repo"),
-            );
-            return None;
-        }
-        match std::fs::read_to_string(self.root.join(rel)) {
+        match read_in_repo(self.root, Path::new(p.get()), kind) {
             Ok(s) => Some(s),
             Err(e) => {
-                let message = if e.kind() == std::io::ErrorKind::NotFound {
-                    format!("{what} file `{}` does not exist", p.get())
-                } else {
-                    format!("{what} file `{}` cannot be read: {e}", p.get())
+                let help = match e {
+                    FileError::NotFound
+                    | FileError::Absolute
+                    | FileError::ParentDir
+                    | FileError::OutsideRepo => format!(
+                        "paths are relative to the config repo root and stay inside it, e.g. \"{example}\""
+                    ),
+                    _ => "a file the config names is a regular file inside the config repo"
+                        .to_owned(),
                 };
                 self.push(
-                    Diagnostic::error("missing-file", message)
-                        .at(file, p.span(), "file not found")
-                        .help(format!(
-                            "paths are relative to the config repo root, e.g. \"{example}\""
-                        )),
+                    Diagnostic::error(e.code(), format!("{what} file `{}` {e}", p.get()))
+                        .at(file, p.span(), e.label())
+                        .help(help),
                 );
                 None
             }
