@@ -237,6 +237,7 @@ fn a_stalled_upstream_body_aborts_the_client_and_the_log_says_why() {
         gw.logs.lock().unwrap().lines().any(|l| {
             l.contains("rustygate::access")
                 && l.contains("\"error\":\"upstream_read_timeout\"")
+                && l.contains(&format!("\"upstream_target\":\"http://{upstream}\""))
                 && l.contains("\"completed\":false")
         })
     });

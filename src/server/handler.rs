@@ -148,7 +148,8 @@ impl Exchange {
             path = self.path.as_str(),
             route = route.unwrap_or(""),
             upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
-            target = target.unwrap_or(""),
+            // Not `target`: the JSON formatter writes the event's own target under that key.
+            upstream_target = target.unwrap_or(""),
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
