@@ -357,8 +357,9 @@ fn an_announced_keep_alive_timeout_of_one_second_is_honoured() {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(1200));
         }
-        let (status, body) = http(&addr, "POST", "/x", &[], b"p").unwrap();
-        assert_eq!(status, 200, "POST #{i}: {body}");
+        // A connection that is not pooled still delivers its response whole.
+        let reply = http(&addr, "POST", "/x", &[], b"p").unwrap();
+        assert_eq!(reply, (200, format!("{i}:0")), "POST #{i}");
     }
     assert_eq!(RawUpstream::get(&up.dropped), 0);
     assert_eq!(RawUpstream::get(&up.connections), 3);
