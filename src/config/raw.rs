@@ -356,7 +356,8 @@ pub struct RawUpstream {
     /// Time allowed for all attempts together (retries and backoff included) until the response
     /// headers arrive. Default: no limit beyond the per-attempt `timeout`s.
     pub total_timeout: Option<Spanned<DurationText>>,
-    /// How long an idle pooled connection to a target is kept (default "90s").
+    /// How long an idle pooled connection to a target is kept (default "4s", below common
+    /// upstream keep-alive timeouts); a response's `Keep-Alive: timeout=N` cuts it to N-1 s.
     pub idle_timeout: Option<Spanned<DurationText>>,
     /// The request key for `balance = "consistent_hash"`: `client_ip`, `path`,
     /// `header:<name>` or `cookie:<name>`.

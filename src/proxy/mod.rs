@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod keepalive;
 pub mod pool;
 pub mod tls;
 
