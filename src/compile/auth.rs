@@ -57,6 +57,17 @@ fn duration(
 ) -> Duration {
     match v.map(|d| crate::config::units::parse_duration(&d.0)) {
         None => default,
+        Some(Ok(d)) if d > super::MAX_DURATION => {
+            cx.push(
+                Diagnostic::error(
+                    "invalid-duration",
+                    "a duration longer than 365 days is not allowed",
+                )
+                .at(file, span, "too long")
+                .help("a leeway this long would overflow the clock when tokens are checked"),
+            );
+            default
+        }
         Some(Ok(d)) => d,
         Some(Err(e)) => {
             cx.push(Diagnostic::error("invalid-duration", e).at(file, span, "invalid duration"));

@@ -39,6 +39,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest duration a config may give: added to the clock at request time, a longer one
+/// could overflow it (`Instant + d` panics) — and no timeout, interval or leeway needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Knobs that change what compile checks, not what the config means.
 #[derive(Debug, Clone, Default)]
@@ -150,6 +153,17 @@ impl Cx<'_> {
         v: &Spanned<crate::config::raw::DurationText>,
     ) -> Option<Duration> {
         match crate::config::units::parse_duration(&v.0) {
+            Ok(d) if d > MAX_DURATION => {
+                self.push(
+                    Diagnostic::error(
+                        "invalid-duration",
+                        "a duration longer than 365 days is not allowed",
+                    )
+                    .at(file, v.span(), "too long")
+                    .help("timeouts, intervals and leeways this long would overflow the clock"),
+                );
+                None
+            }
             Ok(d) if d.is_zero() => {
                 self.push(
                     Diagnostic::error("invalid-duration", "a duration of zero is not allowed").at(
