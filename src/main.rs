@@ -43,6 +43,10 @@ enum Command {
         /// Do not resolve secret references (env vars, files): for CI without the secrets.
         #[arg(long)]
         no_env: bool,
+        /// A directory `{ file = ... }` secrets may be read from, besides /run/secrets,
+        /// /var/run/secrets and /etc/rustygate (repeatable).
+        #[arg(long = "secret-root", value_name = "DIR")]
+        secret_roots: Vec<PathBuf>,
     },
     /// Run the config repo's tests/*.toml fixtures in-process, without a network.
     /// Exit 0 all pass, 1 a case failed, 2 the repo or its fixtures do not compile, or a usage/IO error.
@@ -58,6 +62,10 @@ enum Command {
         /// Resolve secret references (env vars, files); off by default, so CI needs no secrets.
         #[arg(long)]
         env: bool,
+        /// A directory `{ file = ... }` secrets may be read from, besides /run/secrets,
+        /// /var/run/secrets and /etc/rustygate (repeatable).
+        #[arg(long = "secret-root", value_name = "DIR")]
+        secret_roots: Vec<PathBuf>,
     },
     /// Print the JSON Schema of the config repo's TOML files.
     Schema {
@@ -145,6 +153,14 @@ struct ServeArgs {
     access_log: bool,
     #[arg(long, env = "RUSTYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
+    /// A directory `{ file = ... }` secrets may be read from, besides /run/secrets,
+    /// /var/run/secrets and /etc/rustygate (repeatable).
+    #[arg(long = "secret-root", value_name = "DIR")]
+    secret_roots: Vec<PathBuf>,
+    /// Time a reload gets to fetch, read and compile the config; past it the reload is reported
+    /// as failed and the next one starts, whatever the stuck read is doing.
+    #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    reload_timeout: Duration,
 }
 
 fn parse_poll(s: &str) -> Result<Duration, String> {
@@ -167,17 +183,20 @@ fn main() -> ExitCode {
             format,
             deny_warnings,
             no_env,
-        } => validate(&dir, format, deny_warnings, no_env),
+            secret_roots,
+        } => validate(&dir, format, deny_warnings, no_env, secret_roots),
         Command::Test {
             dir,
             filter,
             format,
             env,
+            secret_roots,
         } => test(
             rustygate::testing::TestOptions {
                 dir,
                 filter,
                 resolve_secrets: env,
+                secret_roots,
             },
             format,
         ),
@@ -207,11 +226,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(dir: &std::path::Path, format: Format, deny_warnings: bool, no_env: bool) -> ExitCode {
+fn validate(
+    dir: &std::path::Path,
+    format: Format,
+    deny_warnings: bool,
+    no_env: bool,
+    secret_roots: Vec<PathBuf>,
+) -> ExitCode {
     let opts = CompileOptions {
         resolve_secrets: !no_env,
         version_id: None,
         source: dir.display().to_string(),
+        secret_roots,
     };
     let Compiled {
         mut diagnostics,
@@ -363,6 +389,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         resolve_secrets: true,
         version_id: None,
         source: spec.describe(),
+        secret_roots: args.secret_roots.clone(),
     };
     let metrics = Arc::new(rustygate::telemetry::metrics::Metrics::new());
     let Started {
@@ -404,6 +431,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         limiters: Default::default(),
     };
+    let reloader = reloader.with_load_timeout(args.reload_timeout);
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {
         if let Some(c) = cancel {

@@ -265,6 +265,7 @@ fn side(
             resolve_secrets: opts.resolve_secrets,
             version_id: Some(info.sha.clone()),
             source: format!("{}@{}", opts.dir.display(), info.sha),
+            secret_roots: Vec::new(),
         },
     );
     let (errors, warnings) = (

@@ -35,7 +35,42 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub client_ip: ClientIpRules,
+    /// Client connection and slow-client limits (`[limits]`).
+    pub limits: Limits,
+    /// `[headers] allow_underscores`: client headers with `_` in their names are passed on.
+    pub allow_underscores: bool,
+    /// How request paths are normalised before routing (gateway.toml `[paths]`).
+    pub paths: crate::router::PathRules,
     pub warnings: usize,
+}
+
+/// `[limits]` of gateway.toml: what one client may hold, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to send each request head.
+    pub header_timeout: Duration,
+    /// Longest pause between request body bytes.
+    pub body_idle_timeout: Duration,
+    /// Client connections, all workers together.
+    pub max_connections: usize,
+    /// Client connections per client address.
+    pub max_connections_per_ip: Option<u32>,
+    /// Request bodies buffered for retries, per worker, in bytes.
+    pub max_buffered_bodies: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            // Each open connection costs a few KiB of buffers; 25,000 stays far below the
+            // memory of a small node even when every one of them is mid-request.
+            max_connections: 25_000,
+            max_connections_per_ip: None,
+            max_buffered_bodies: 64 * 1024 * 1024,
+        }
+    }
 }
 
 pub struct Route {
@@ -47,6 +82,8 @@ pub struct Route {
     pub connect_timeout: Option<Duration>,
     /// Overrides the upstream's deadline for all attempts.
     pub total_timeout: Option<Duration>,
+    /// Longest pause between two pieces of the upstream's response body.
+    pub read_timeout: Duration,
     /// Overrides the upstream's retry settings.
     pub retry: Option<crate::upstream::RetryOverride>,
     pub max_body_size: u64,

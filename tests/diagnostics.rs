@@ -31,6 +31,8 @@ fn repo(files: &[(&str, &str)]) -> TempDir {
 fn compile_with(dir: &Path, resolve_secrets: bool) -> Compiled {
     let opts = CompileOptions {
         resolve_secrets,
+        // The tests keep their secret files in temp dirs; tests/file_boundary.rs checks roots.
+        secret_roots: vec![std::env::temp_dir()],
         ..CompileOptions::default()
     };
     compile_dir(dir, &opts).unwrap()
@@ -471,7 +473,7 @@ fn tls_settings_that_are_valid_compile_into_a_snapshot() {
     assert!(tls.config.client_auth_cert_resolver.has_certs());
 
     // Without secrets (`validate --no-env`) the key is not read and the rest is still checked.
-    let lines = "tls = { ca_file = \"certs/ca.pem\", client_cert_file = \"certs/client.pem\", client_key = { env = \"RUSTYGATE_TEST_UNSET_KEY_5C1D\" } }";
+    let lines = "tls = { ca_file = \"certs/ca.pem\", client_cert_file = \"certs/client.pem\", client_key = { env = \"TEST_UNSET_KEY_5C1D\" } }";
     let dir = tls_repo(lines, &[("certs/ca.pem", &ca), ("certs/client.pem", &cert)]);
     assert!(compile_with(dir.path(), false).diagnostics.is_empty());
     assert_eq!(
@@ -626,7 +628,7 @@ fn unused_upstream_is_a_warning() {
 }
 
 const SECRET_ROUTE: &str = "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n\
-    request_headers = { set = { x-api-key = { env = \"RUSTYGATE_TEST_UNSET_SECRET_7F3A\" } } }\n";
+    request_headers = { set = { x-api-key = { env = \"TEST_UNSET_SECRET_7F3A\" } } }\n";
 
 #[test]
 fn missing_env_secret_is_an_error_only_when_secrets_are_resolved() {
@@ -636,7 +638,7 @@ fn missing_env_secret_is_an_error_only_when_secrets_are_resolved() {
     assert!(
         the(&c, "missing-secret")
             .message
-            .contains("RUSTYGATE_TEST_UNSET_SECRET_7F3A")
+            .contains("TEST_UNSET_SECRET_7F3A")
     );
     assert!(c.snapshot.is_none());
 

@@ -26,6 +26,7 @@ fn compile_with(script: &str, extra: &[(&str, &str)]) -> Compiled {
             resolve_secrets: true,
             version_id: None,
             source: String::new(),
+            secret_roots: Vec::new(),
         },
     )
     .unwrap()

@@ -219,3 +219,106 @@ response_headers = {{ set = {{ "x-frame-options" = "DENY" }}, remove = ["content
     assert!(h("cookie").is_empty());
     assert_eq!(h("host"), vec!["internal.svc"]);
 }
+
+/// `..` spelled through an escaped slash or hidden behind path parameters must never reach a
+/// route other than the one matched, and the upstream gets exactly the path that was matched.
+#[test]
+fn escaped_slash_and_matrix_climbs_follow_the_paths_setting() {
+    let be = Backend::echo();
+    let routes = r#"
+[[route]]
+name = "public"
+prefix = "/public"
+upstream = "be"
+
+[[route]]
+name = "admin"
+prefix = "/admin"
+respond = { status = 403, body = "admin route" }
+"#;
+    let ups = format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url());
+    let files = |paths: &str| {
+        vec![
+            ("routes/r.toml", routes.to_owned()),
+            ("upstreams/u.toml", ups.clone()),
+            ("gateway.toml", paths.to_owned()),
+        ]
+    };
+    let climbs = [
+        "/public/..%2fadmin",
+        "/public/..%2Fadmin",
+        "/public/%2e%2e%2fadmin",
+        "/public/%2E%2E%2Fadmin",
+        "/public/x%2F..%2F..%2Fadmin",
+    ];
+    let refused = |gw: &Gateway, path: &str| {
+        let (status, body) = gw.get(path);
+        assert_eq!(status, 400, "{path}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(json["error"].is_string(), "{body}");
+    };
+    let gw = Gateway::start(&as_refs(&files("")));
+    let connections = || be.connections.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Default: every escaped slash is refused; so are backslashes and dot segments with params.
+    for p in climbs {
+        refused(&gw, p);
+    }
+    refused(&gw, "/public/group%2Fproject");
+    for p in [
+        "/public/..%5cadmin",
+        "/public/..%5Cadmin",
+        "/public/..\\admin",
+        "/public/..;/admin",
+        "/public/..;jsessionid=1/admin",
+        "/public/%2e%2e;/admin",
+        "/public/..%3B/admin",
+    ] {
+        refused(&gw, p);
+    }
+    assert_eq!(connections(), 0, "nothing refused reached the upstream");
+
+    // "keep": an escaped slash inside an id is forwarded as it came; one hiding `..` is refused.
+    gw.swap(&as_refs(&files("[paths]\nescaped_slashes = \"keep\"\n")));
+    for p in climbs {
+        refused(&gw, p);
+    }
+    refused(&gw, "/public/..;/admin");
+    assert_eq!(connections(), 0);
+    let (status, body) = gw.get("/public/group%2fproject/x");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["uri"], "/public/group%2Fproject/x");
+
+    // "decode": the escaped slash is a slash; the climb is resolved before matching, so it is
+    // the admin route that answers, and the public upstream never sees it.
+    gw.swap(&as_refs(&files("[paths]\nescaped_slashes = \"decode\"\n")));
+    let before = connections();
+    for p in climbs {
+        assert_eq!(gw.get(p), (403, "admin route".to_owned()), "{p}");
+    }
+    refused(&gw, "/public/..;/admin");
+    assert_eq!(connections(), before);
+    let (status, body) = gw.get("/public/group%2Fproject");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["uri"], "/public/group/project");
+}
+
+#[test]
+fn an_unknown_escaped_slashes_choice_is_a_located_error() {
+    let dir = repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\npath = \"/\"\nrespond = { status = 200 }\n",
+        ),
+        ("gateway.toml", "[paths]\nescaped_slashes = \"ignore\"\n"),
+    ]);
+    let compiled =
+        rustygate::compile::compile_dir(dir.path(), &rustygate::compile::CompileOptions::default())
+            .unwrap();
+    assert!(compiled.snapshot.is_none());
+    let text = compiled.diagnostics.render_short(&compiled.files);
+    assert!(text.contains("gateway.toml:2:"), "{text}");
+    assert!(text.contains("reject") && text.contains("decode"), "{text}");
+}

@@ -27,7 +27,7 @@ pub(crate) fn compile_providers(
         return out;
     };
     for (name, raw) in &g.auth {
-        if let Some(p) = provider(cx, *file, name, raw) {
+        if let Some(p) = provider(cx, *file, name, raw, g.headers.allow_underscores) {
             out.insert(name.clone(), Arc::new(p));
         }
     }
@@ -57,6 +57,17 @@ fn duration(
 ) -> Duration {
     match v.map(|d| crate::config::units::parse_duration(&d.0)) {
         None => default,
+        Some(Ok(d)) if d > super::MAX_DURATION => {
+            cx.push(
+                Diagnostic::error(
+                    "invalid-duration",
+                    "a duration longer than 365 days is not allowed",
+                )
+                .at(file, span, "too long")
+                .help("a leeway this long would overflow the clock when tokens are checked"),
+            );
+            default
+        }
         Some(Ok(d)) => d,
         Some(Err(e)) => {
             cx.push(Diagnostic::error("invalid-duration", e).at(file, span, "invalid duration"));
@@ -70,6 +81,7 @@ fn provider(
     file: FileId,
     name: &str,
     raw: &Spanned<RawAuthProvider>,
+    allow_underscores: bool,
 ) -> Option<JwtProvider> {
     let span = raw.span();
     let r = raw.get();
@@ -233,6 +245,21 @@ fn provider(
             );
             return None;
         }
+        if let Some(host) = plain_http_remote_host(u.get()) {
+            cx.push(
+                Diagnostic::warning(
+                    "insecure-jwks-url",
+                    format!(
+                        "auth provider `{name}` fetches its signing keys over plain http from `{host}`"
+                    ),
+                )
+                .at(file, u.span(), "not https")
+                .help(
+                    "anyone on the path can replace the keys and sign any token: use https:// \
+                     (plain http is accepted quietly only for a loopback host)",
+                ),
+            );
+        }
         let ttl = duration(
             cx,
             file,
@@ -253,7 +280,10 @@ fn provider(
     };
     let mut validation = Validation::new(algs[0]);
     validation.algorithms = algs;
-    validation.validate_nbf = true;
+    // `exp` and `nbf` are checked by the provider itself, by the same rules its token cache
+    // uses (`filters::jwt`): whenever present, whatever `require_exp` says.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
     validation.leeway = duration(
         cx,
         file,
@@ -265,8 +295,6 @@ fn provider(
     let mut required: Vec<String> = r.required_claims.clone();
     if r.require_exp != Some(false) {
         required.push("exp".into());
-    } else {
-        validation.validate_exp = false;
     }
     if !r.issuers.is_empty() {
         validation.set_issuer(&r.issuers);
@@ -304,7 +332,22 @@ fn provider(
         None | Some((_, "bearer")) => TokenSource::Bearer,
         Some((s, t)) => match t.split_once(':') {
             Some(("header", h)) => match HeaderName::from_bytes(h.as_bytes()) {
-                Ok(h) => TokenSource::Header(h),
+                Ok(h) => {
+                    if h.as_str().contains('_') && !allow_underscores {
+                        cx.push(
+                            Diagnostic::warning(
+                                "token-header-underscore",
+                                format!("the token header `{h}` has `_` in its name"),
+                            )
+                            .at(file, s.clone(), "never read")
+                            .help(
+                                "client headers with `_` are dropped unless gateway.toml sets \
+                                 [headers] allow_underscores = true: rename the header",
+                            ),
+                        );
+                    }
+                    TokenSource::Header(h)
+                }
                 Err(_) => {
                     err(cx, file, s, format!("`{h}` is not a header name"), "");
                     return None;
@@ -347,6 +390,22 @@ fn provider(
         claims_to_headers,
         forward_token: r.forward_token.unwrap_or(false),
     })
+}
+
+/// The host of a plain `http://` URL that is not a loopback address (`localhost`,
+/// `127.0.0.0/8`, `::1`).
+fn plain_http_remote_host(url: &str) -> Option<String> {
+    let uri = url.parse::<http::Uri>().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let host = uri.host()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| crate::snapshot::canonical_ip(ip).is_loopback());
+    (!loopback).then(|| host.to_owned())
 }
 
 /// A route's `auth = "<name>"`.

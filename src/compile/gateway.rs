@@ -4,19 +4,28 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_TIMEOUT};
-use crate::config::raw::GatewayFile;
+use super::{
+    Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT,
+};
+use crate::config::raw::{GatewayFile, RawEscapedSlashes};
 use crate::config::{Diagnostic, FileId};
-use crate::snapshot::ClientIpRules;
+use crate::router::{EscapedSlashes, PathRules};
+use crate::snapshot::{ClientIpRules, Limits};
 
 /// Values routes and upstreams inherit.
 pub(crate) struct Defaults {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_body_size: u64,
+    pub read_timeout: Duration,
     pub client_ip: ClientIpRules,
+    pub limits: Limits,
     /// The default policy (with its config), from the gateway file.
     pub policy: Option<DefaultPolicy>,
+    /// `[headers] allow_underscores`.
+    pub allow_underscores: bool,
+    /// `[paths]`: how request paths are normalised before routing.
+    pub paths: PathRules,
 }
 
 /// `policy` / `policy_config` in gateway.toml.
@@ -34,8 +43,12 @@ pub(crate) fn compile_defaults(
         timeout: DEFAULT_TIMEOUT,
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         max_body_size: DEFAULT_MAX_BODY_SIZE,
+        read_timeout: DEFAULT_READ_TIMEOUT,
         client_ip: ClientIpRules::default(),
+        limits: Limits::default(),
         policy: None,
+        allow_underscores: false,
+        paths: PathRules::default(),
     };
     let Some((file, g)) = gateway else {
         return out;
@@ -45,7 +58,15 @@ pub(crate) fn compile_defaults(
         path: p.clone(),
         config: g.policy_config.clone(),
     });
+    if let Some(choice) = g.paths.escaped_slashes {
+        out.paths.escaped_slashes = match choice {
+            RawEscapedSlashes::Reject => EscapedSlashes::Reject,
+            RawEscapedSlashes::Keep => EscapedSlashes::Keep,
+            RawEscapedSlashes::Decode => EscapedSlashes::Decode,
+        };
+    }
     let file = *file;
+    out.allow_underscores = g.headers.allow_underscores;
     if let Some(d) = g
         .defaults
         .timeout
@@ -70,6 +91,15 @@ pub(crate) fn compile_defaults(
     {
         out.max_body_size = n;
     }
+    if let Some(d) = g
+        .defaults
+        .read_timeout
+        .as_ref()
+        .and_then(|v| cx.duration(file, v))
+    {
+        out.read_timeout = d;
+    }
+    out.limits = limits(cx, file, &g.limits);
     for entry in &g.client_ip.trusted_proxies {
         let text = entry.get().trim();
         let net = text
@@ -86,6 +116,54 @@ pub(crate) fn compile_defaults(
                 .help("write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""),
             ),
         }
+    }
+    out
+}
+
+/// `[limits]`: unset fields keep their defaults; zero counts are errors (they would refuse
+/// every connection).
+fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) -> Limits {
+    let mut out = Limits::default();
+    if let Some(d) = raw
+        .header_timeout
+        .as_ref()
+        .and_then(|v| cx.duration(file, v))
+    {
+        out.header_timeout = d;
+    }
+    if let Some(d) = raw
+        .body_idle_timeout
+        .as_ref()
+        .and_then(|v| cx.duration(file, v))
+    {
+        out.body_idle_timeout = d;
+    }
+    for (v, what) in [
+        (&raw.max_connections, "max_connections"),
+        (&raw.max_connections_per_ip, "max_connections_per_ip"),
+    ] {
+        let Some(v) = v else { continue };
+        let n = *v.get();
+        if n == 0 {
+            cx.push(
+                Diagnostic::error("invalid-limit", format!("`{what}` must be at least 1")).at(
+                    file,
+                    v.span(),
+                    "would refuse every connection",
+                ),
+            );
+        } else if what == "max_connections" {
+            out.max_connections = n as usize;
+        } else {
+            out.max_connections_per_ip = Some(n);
+        }
+    }
+    if let Some(n) = raw
+        .max_buffered_bodies
+        .as_ref()
+        .and_then(|v| cx.size(file, v))
+    {
+        out.max_buffered_bodies = n;
     }
     out
 }

@@ -16,6 +16,7 @@ mod edge;
 mod gateway;
 mod policies;
 mod routes;
+mod secrets;
 mod tls;
 mod upstreams;
 
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use crate::config::files::{FileError, FileKind, read_in_repo};
 use crate::config::{
     Diagnostic, Diagnostics, FileId, LoadError, RawConfig, SourceFiles, Spanned, Unloaded, load_dir,
 };
@@ -36,6 +38,10 @@ use crate::upstream::Upstream;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest duration a config may give: added to the clock at request time, a longer one
+/// could overflow it (`Instant + d` panics) — and no timeout, interval or leeway needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Knobs that change what compile checks, not what the config means.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +52,9 @@ pub struct CompileOptions {
     pub version_id: Option<String>,
     /// Where the config came from, for `/status` and logs.
     pub source: String,
+    /// Directories `{ file = ... }` secrets may be read from, besides
+    /// [`crate::config::files::DEFAULT_SECRET_ROOTS`] (`--secret-root`).
+    pub secret_roots: Vec<std::path::PathBuf>,
 }
 
 /// What compiling produced: a snapshot when there were no errors, and every diagnostic.
@@ -108,6 +117,9 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         routes: routes.routes,
         upstreams: upstreams.into_values().map(|(_, u)| u).collect(),
         client_ip: defaults.client_ip,
+        limits: defaults.limits,
+        allow_underscores: defaults.allow_underscores,
+        paths: defaults.paths,
         warnings: diagnostics.warning_count(),
     });
     Compiled {
@@ -141,6 +153,17 @@ impl Cx<'_> {
         v: &Spanned<crate::config::raw::DurationText>,
     ) -> Option<Duration> {
         match crate::config::units::parse_duration(&v.0) {
+            Ok(d) if d > MAX_DURATION => {
+                self.push(
+                    Diagnostic::error(
+                        "invalid-duration",
+                        "a duration longer than 365 days is not allowed",
+                    )
+                    .at(file, v.span(), "too long")
+                    .help("timeouts, intervals and leeways this long would overflow the clock"),
+                );
+                None
+            }
             Ok(d) if d.is_zero() => {
                 self.push(
                     Diagnostic::error("invalid-duration", "a duration of zero is not allowed").at(
@@ -164,44 +187,35 @@ impl Cx<'_> {
     }
 
     /// Reads a file the config names by a path relative to the repo root (a policy script, a
-    /// CA bundle), reporting a located error when the path leaves the repo or the file cannot
-    /// be read. `what` names the kind of file in messages, `example` is a path to suggest.
+    /// CA bundle) through [`crate::config::files`]: inside the repo after symlinks, a regular
+    /// file, within `kind`'s size cap. Anything else is a located error at the path in the
+    /// config; nothing of a file outside the repo is read. `what` names the kind of file in
+    /// messages, `example` is a path to suggest.
     pub fn read_repo_file(
         &mut self,
         file: FileId,
         p: &Spanned<String>,
+        kind: FileKind,
         what: &str,
         example: &str,
     ) -> Option<String> {
-        let rel = Path::new(p.get());
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            self.push(
-                Diagnostic::error(
-                    "invalid-path",
-                    format!("a {what} path is relative to the repo root and stays inside it"),
-                )
-                .at(file, p.span(), "outside the repo"),
-            );
-            return None;
-        }
-        match std::fs::read_to_string(self.root.join(rel)) {
+        match read_in_repo(self.root, Path::new(p.get()), kind) {
             Ok(s) => Some(s),
             Err(e) => {
-                let message = if e.kind() == std::io::ErrorKind::NotFound {
-                    format!("{what} file `{}` does not exist", p.get())
-                } else {
-                    format!("{what} file `{}` cannot be read: {e}", p.get())
+                let help = match e {
+                    FileError::NotFound
+                    | FileError::Absolute
+                    | FileError::ParentDir
+                    | FileError::OutsideRepo => format!(
+                        "paths are relative to the config repo root and stay inside it, e.g. \"{example}\""
+                    ),
+                    _ => "a file the config names is a regular file inside the config repo"
+                        .to_owned(),
                 };
                 self.push(
-                    Diagnostic::error("missing-file", message)
-                        .at(file, p.span(), "file not found")
-                        .help(format!(
-                            "paths are relative to the config repo root, e.g. \"{example}\""
-                        )),
+                    Diagnostic::error(e.code(), format!("{what} file `{}` {e}", p.get()))
+                        .at(file, p.span(), e.label())
+                        .help(help),
                 );
                 None
             }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rhai::Engine;
 
 use super::{Cx, UpstreamTable, did_you_mean};
+use crate::config::files::FileKind;
 use crate::config::raw::{GatewayFile, RawRoute};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::policy::{self, Limits, Policy, RoutePolicy};
@@ -172,7 +173,7 @@ fn load(
     p: &Spanned<String>,
     upstreams: &UpstreamTable,
 ) -> Option<Arc<Policy>> {
-    let source = cx.read_repo_file(file, p, "policy", "policies/orders.rhai")?;
+    let source = cx.read_repo_file(file, p, FileKind::Policy, "policy", "policies/orders.rhai")?;
     let script = cx.files.add(p.get().clone(), source.clone());
     let engine = Arc::clone(
         cx.policies

@@ -10,7 +10,9 @@ use http::{HeaderName, HeaderValue};
 use super::gateway::Defaults;
 use super::upstreams::valid_name;
 use super::{Cx, UpstreamTable, did_you_mean};
-use crate::config::raw::{HeaderRules, RawRespond, RawRoute, SecretRef, ValueSource};
+// Secrets are resolved in one place; re-exported here, where the other compile modules look.
+pub(super) use super::secrets::resolve_secret;
+use crate::config::raw::{HeaderRules, RawRespond, RawRoute, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::proxy::headers::is_hop_by_hop;
 use crate::router::{
@@ -127,6 +129,11 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|v| cx.duration(file, v));
         let total_timeout = r.total_timeout.as_ref().and_then(|v| cx.duration(file, v));
+        let read_timeout = r
+            .read_timeout
+            .as_ref()
+            .and_then(|v| cx.duration(file, v))
+            .unwrap_or(defaults.read_timeout);
         let retry = r
             .retries
             .as_ref()
@@ -190,6 +197,7 @@ pub(crate) fn compile_routes(
             timeout,
             connect_timeout,
             total_timeout,
+            read_timeout,
             retry,
             max_body_size,
             request_headers,
@@ -710,43 +718,6 @@ fn header_name(
             );
             None
         }
-    }
-}
-
-pub(super) fn resolve_secret(
-    cx: &mut Cx<'_>,
-    file: FileId,
-    span: Range<usize>,
-    secret: &SecretRef,
-) -> Option<String> {
-    if !cx.opts.resolve_secrets {
-        return Some(String::new());
-    }
-    match secret {
-        SecretRef::Env(var) => match std::env::var(var) {
-            Ok(v) => Some(v),
-            Err(_) => {
-                cx.push(
-                    Diagnostic::error("missing-secret", format!("environment variable `{var}` is not set"))
-                        .at(file, span, "secret not found")
-                        .help(format!("set `{var}` in the gateway's environment, or run `rustygate validate --no-env` to skip secrets")),
-                );
-                None
-            }
-        },
-        SecretRef::File(path) => match std::fs::read_to_string(path) {
-            Ok(v) => Some(v.trim_end_matches(['\r', '\n']).to_owned()),
-            Err(e) => {
-                cx.push(
-                    Diagnostic::error(
-                        "missing-secret",
-                        format!("secret file `{path}` cannot be read: {e}"),
-                    )
-                    .at(file, span, "secret not found"),
-                );
-                None
-            }
-        },
     }
 }
 

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::Cx;
 use super::routes::resolve_secret;
+use crate::config::files::FileKind;
 use crate::config::raw::{RawTarget, RawUpstream, RawUpstreamTls, UpstreamProtocol, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::proxy::tls::{TargetTls, client_config, system_roots};
@@ -131,7 +132,7 @@ fn compile(
 
     let roots = match t.and_then(|t| t.ca_file.as_ref()) {
         Some(p) => {
-            let pem = cx.read_repo_file(file, p, "CA", "certs/ca.pem");
+            let pem = cx.read_repo_file(file, p, FileKind::Certificate, "CA", "certs/ca.pem");
             pem.and_then(|pem| {
                 fingerprint.update(pem.as_bytes());
                 cx.files.add(p.get().clone(), pem.clone());
@@ -286,7 +287,13 @@ fn client_identity(
     fingerprint: &mut Sha256,
 ) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let chain = cx
-        .read_repo_file(file, cert, "client certificate", "certs/gateway.pem")
+        .read_repo_file(
+            file,
+            cert,
+            FileKind::Certificate,
+            "client certificate",
+            "certs/gateway.pem",
+        )
         .and_then(|pem| {
             fingerprint.update(pem.as_bytes());
             cx.files.add(cert.get().clone(), pem.clone());

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::diag::{Diagnostic, Diagnostics, FileId, SourceFiles};
+use super::files::{FileError, FileKind, read_in_repo, read_toml_dir};
 use super::raw::{GatewayFile, RawRoute, RawUpstream};
 use super::spanned::Spanned;
 
@@ -51,7 +52,9 @@ pub enum LoadError {
 }
 
 /// Reads `gateway.toml`, `routes/*.toml` and `upstreams/*.toml` under `root`, in name order.
-/// Only an unreadable directory is an `Err`; every problem inside a file is a diagnostic.
+/// Only a root that is not a readable directory is an `Err`; every problem inside it (a file that
+/// leads out of the repo, is not a regular file, is too large or does not parse) is a diagnostic.
+/// Files are read through [`super::files`], the one reader for everything a config names.
 pub fn load_dir(root: &Path) -> Result<RawConfig, LoadError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -61,26 +64,28 @@ pub fn load_dir(root: &Path) -> Result<RawConfig, LoadError> {
     if !meta.is_dir() {
         return Err(LoadError::NotADirectory(root.to_path_buf()));
     }
+    // Every path check compares against the resolved root, so a repo reached through a symlink
+    // (`/etc/rustygate/config -> /srv/config`) works, and a link inside it cannot lead out.
+    let root = std::fs::canonicalize(root).map_err(io(root))?;
     let mut cfg = RawConfig {
-        root: root.to_path_buf(),
+        root: root.clone(),
         ..RawConfig::default()
     };
 
-    let gateway = root.join("gateway.toml");
-    if gateway.is_file() {
-        let text = std::fs::read_to_string(&gateway).map_err(io(&gateway))?;
-        let id = cfg.files.add("gateway.toml", text);
-        load_gateway(&mut cfg, id);
+    let gateway = read_in_repo(&root, Path::new("gateway.toml"), FileKind::Config);
+    match gateway {
+        Err(FileError::NotFound) => {}
+        text => {
+            if let Some(id) = add_file(&mut cfg.files, &mut cfg.diagnostics, "gateway.toml", text) {
+                load_gateway(&mut cfg, id);
+            }
+        }
     }
     for (dir, kind) in [("routes", Kind::Routes), ("upstreams", Kind::Upstreams)] {
-        for path in toml_files(&root.join(dir)).map_err(io(&root.join(dir)))? {
-            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-            let name = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
-            let id = cfg.files.add(name, text);
+        for f in read_toml_dir(&root, dir) {
+            let Some(id) = add_file(&mut cfg.files, &mut cfg.diagnostics, &f.name, f.text) else {
+                continue;
+            };
             match kind {
                 Kind::Routes => load_routes(&mut cfg, id),
                 Kind::Upstreams => load_upstreams(&mut cfg, id),
@@ -90,25 +95,33 @@ pub fn load_dir(root: &Path) -> Result<RawConfig, LoadError> {
     Ok(cfg)
 }
 
+/// Adds a file that was read to `files`; for one that was refused, adds an empty entry under its
+/// name and reports the refusal there (`routes/a.toml:1:1`), so the diagnostic is located
+/// without showing a byte of what the path leads to.
+pub(crate) fn add_file(
+    files: &mut SourceFiles,
+    diags: &mut Diagnostics,
+    name: &str,
+    text: Result<String, FileError>,
+) -> Option<FileId> {
+    match text {
+        Ok(text) => Some(files.add(name, text)),
+        Err(e) => {
+            let id = files.add(name, String::new());
+            diags.push(
+                Diagnostic::error(e.code(), format!("`{name}` {e}"))
+                    .at(id, 0..0, e.label())
+                    .help("config files are regular files inside the config repo"),
+            );
+            None
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Routes,
     Upstreams,
-}
-
-fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
-        return Ok(Vec::new());
-    }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// Parses a file, reporting every syntax error in file order. `Err` holds what the parser

@@ -6,6 +6,7 @@
 //! This module owns syntax only; it must not decide what a config means.
 
 pub mod diag;
+pub mod files;
 pub mod load;
 pub mod raw;
 mod spanned;

@@ -73,6 +73,66 @@ pub struct GatewayFile {
     pub policy: Option<Spanned<String>>,
     /// `req.config` for the default policy.
     pub policy_config: Option<Spanned<serde_json::Map<String, serde_json::Value>>>,
+    /// Limits on client connections and slow clients (docs/security.md).
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Which client request headers the gateway accepts.
+    #[serde(default)]
+    pub headers: ClientHeaderRules,
+    /// How request paths are read before routing.
+    #[serde(default)]
+    pub paths: RawPaths,
+}
+
+/// `[limits]`: client connections and slow clients. Every field optional, defaults in code.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Time a client has to send each request head, on new and kept-alive connections alike
+    /// (default "10s"); then 408 and the connection is closed.
+    pub header_timeout: Option<Spanned<DurationText>>,
+    /// Longest pause between two pieces of a request body (default "30s"); then 408.
+    pub body_idle_timeout: Option<Spanned<DurationText>>,
+    /// Client connections open at once on the proxy listener, all workers together (default
+    /// 25000); beyond it new connections are closed at once.
+    pub max_connections: Option<Spanned<u32>>,
+    /// Client connections open at once from one client address (default: no cap).
+    pub max_connections_per_ip: Option<Spanned<u32>>,
+    /// Request bodies held in memory for retries, per worker (default "64MiB"); a request that
+    /// would go over it gets 503.
+    pub max_buffered_bodies: Option<Spanned<SizeText>>,
+}
+
+/// `[headers]`: rules for the headers of client requests.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientHeaderRules {
+    /// Pass on client request headers whose names contain `_` (default false: they are
+    /// dropped, like nginx's `underscores_in_headers off`, because many upstream frameworks
+    /// read `X_User_Id` as `X-User-Id`, the name of a header the gateway may set itself).
+    #[serde(default)]
+    pub allow_underscores: bool,
+}
+
+/// `[paths]`: how request paths are read before routing.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    /// What an escaped slash (`%2F`) in a request path means. `"reject"` (default): 400, since
+    /// many upstreams decode it and would see other segments than the route matched. `"keep"`:
+    /// it stays inside its segment and is forwarded as `%2F`, but a `.` or `..` hidden behind it
+    /// (`..%2F`) is still refused. `"decode"`: it becomes `/` before dot segments are resolved,
+    /// and the upstream gets the resolved path.
+    pub escaped_slashes: Option<RawEscapedSlashes>,
+}
+
+/// The values of `[paths] escaped_slashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEscapedSlashes {
+    Reject,
+    Keep,
+    Decode,
 }
 
 /// `[policy_limits]`: every field optional, defaults in code.
@@ -104,6 +164,9 @@ pub struct Defaults {
     pub connect_timeout: Option<Spanned<DurationText>>,
     /// Largest request body accepted (default "10MiB"); larger bodies get 413.
     pub max_body_size: Option<Spanned<SizeText>>,
+    /// Longest pause between two pieces of an upstream's response body (default "60s"); then
+    /// the client's connection is aborted.
+    pub read_timeout: Option<Spanned<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -157,6 +220,9 @@ pub struct RawRoute {
     pub connect_timeout: Option<Spanned<DurationText>>,
     /// Time allowed for all attempts together; overrides the upstream's.
     pub total_timeout: Option<Spanned<DurationText>>,
+    /// Longest pause between two pieces of the upstream's response body; overrides the gateway
+    /// default ("60s"). Then the client's connection is aborted.
+    pub read_timeout: Option<Spanned<DurationText>>,
     /// Retries for this route: a number, or a table that overrides the upstream's settings.
     pub retries: Option<Spanned<RawRetries>>,
     /// Largest request body accepted on this route; larger gets 413.
@@ -290,7 +356,8 @@ pub struct RawUpstream {
     /// Time allowed for all attempts together (retries and backoff included) until the response
     /// headers arrive. Default: no limit beyond the per-attempt `timeout`s.
     pub total_timeout: Option<Spanned<DurationText>>,
-    /// How long an idle pooled connection to a target is kept (default "90s").
+    /// How long an idle pooled connection to a target is kept (default "4s", below common
+    /// upstream keep-alive timeouts); a response's `Keep-Alive: timeout=N` cuts it to N-1 s.
     pub idle_timeout: Option<Spanned<DurationText>>,
     /// The request key for `balance = "consistent_hash"`: `client_ip`, `path`,
     /// `header:<name>` or `cookie:<name>`.
@@ -582,7 +649,8 @@ pub struct RawAuthProvider {
     pub secret: Option<Spanned<ValueSource>>,
     /// PEM public key (RSA, EC or Ed25519): a secret reference or a file.
     pub public_key_pem: Option<Spanned<ValueSource>>,
-    /// URL of a JWKS document with the signing keys.
+    /// URL of a JWKS document with the signing keys (`https://`; plain `http://` only to a
+    /// loopback host, else `validate` warns).
     pub jwks_url: Option<Spanned<String>>,
     /// How long fetched keys are used before a background refresh (default "10m").
     pub jwks_ttl: Option<DurationText>,
@@ -606,10 +674,13 @@ pub struct RawAuthProvider {
     pub claim_rules: Vec<RawClaimRule>,
     /// Where the token is read: `"bearer"` (default), `"header:<name>"`, `"query:<name>"`, `"cookie:<name>"`.
     pub token: Option<Spanned<String>>,
-    /// Claim → upstream header, set over anything the client sent under that name.
+    /// Claim → upstream header. On a route with this provider the client's headers of these
+    /// names are always removed; the header is set only from a verified claim (absent claim:
+    /// no header; an object, array or control characters: the request is refused with 401).
     #[serde(default)]
     pub claims_to_headers: BTreeMap<String, String>,
-    /// Pass the token to the upstream (default false: removed).
+    /// Pass the token to the upstream (default false: removed from the header, cookie or query
+    /// parameter it was found in).
     pub forward_token: Option<bool>,
 }
 

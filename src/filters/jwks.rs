@@ -4,6 +4,11 @@
 //! An unknown `kid` triggers at most one fetch per `min_refresh` interval however many requests
 //! ask (no stampede: they wait on the one fetch in flight). A failed fetch keeps the keys already
 //! cached; with no key, verification fails (never open).
+//!
+//! A refresh keeps the very same key object for a `kid` whose JWK did not change, so the
+//! verified-token caches can ask [`JwksCache::still_publishes`] whether the key that verified a
+//! token is still served: a `kid` the issuer withdrew (or re-keyed) stops answering from any
+//! worker's cache as soon as the refreshed set is in.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 /// Time allowed for one JWKS fetch.
@@ -22,9 +27,9 @@ pub const MAX_JWKS_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 struct KeySet {
-    by_kid: HashMap<String, Arc<DecodingKey>>,
+    by_kid: HashMap<String, (Jwk, Arc<DecodingKey>)>,
     /// Keys without a `kid`, tried for tokens without one.
-    anonymous: Vec<Arc<DecodingKey>>,
+    anonymous: Vec<(Jwk, Arc<DecodingKey>)>,
     fetched_at: Option<Instant>,
 }
 
@@ -69,14 +74,34 @@ impl JwksCache {
 
     fn find(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
         let set = self.keys.load();
-        match kid {
-            Some(k) => set.by_kid.get(k).cloned(),
-            None => set.anonymous.first().cloned().or_else(|| {
-                (set.by_kid.len() == 1)
-                    .then(|| set.by_kid.values().next().cloned())
-                    .flatten()
-            }),
+        let found = match kid {
+            Some(k) => set.by_kid.get(k),
+            None => set
+                .anonymous
+                .first()
+                .or_else(|| (set.by_kid.len() == 1).then(|| set.by_kid.values().next())?),
+        };
+        found.map(|(_, key)| Arc::clone(key))
+    }
+
+    /// Starts a refresh when the keys are older than the TTL.
+    fn refresh_if_stale(self: &Arc<Self>) {
+        let stale = self
+            .keys
+            .load()
+            .fetched_at
+            .is_none_or(|t| t.elapsed() >= self.ttl);
+        if stale {
+            let _ = self.start_refresh();
         }
+    }
+
+    /// Whether `key` is still what the JWKS serves for `kid`: false once a refresh dropped the
+    /// `kid` or replaced its key. Starts a refresh when the keys are older than the TTL, as a
+    /// lookup does, so tokens answered from a cache still see the issuer's rotations.
+    pub fn still_publishes(self: &Arc<Self>, kid: Option<&str>, key: &Arc<DecodingKey>) -> bool {
+        self.refresh_if_stale();
+        self.find(kid).is_some_and(|k| Arc::ptr_eq(&k, key))
     }
 
     /// The key for a token's `kid`, fetching the JWKS when it is unknown (rate limited).
@@ -86,14 +111,7 @@ impl JwksCache {
         _alg: Algorithm,
     ) -> Option<Arc<DecodingKey>> {
         if let Some(k) = self.find(kid) {
-            let stale = self
-                .keys
-                .load()
-                .fetched_at
-                .is_none_or(|t| t.elapsed() >= self.ttl);
-            if stale {
-                let _ = self.start_refresh();
-            }
+            self.refresh_if_stale();
             return Some(k);
         }
         let done = self.done.notified();
@@ -118,7 +136,8 @@ impl JwksCache {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            match fetch(&this.url).await {
+            let previous = this.keys.load_full();
+            match fetch(&this.url, &previous).await {
                 Ok(set) => {
                     tracing::info!(url = %this.url, keys = set.by_kid.len() + set.anonymous.len(), "JWKS fetched");
                     this.keys.store(Arc::new(set));
@@ -137,7 +156,15 @@ impl JwksCache {
     }
 }
 
-async fn fetch(url: &str) -> Result<KeySet, String> {
+/// The key for `jwk`: the previous set's own object when the JWK is unchanged.
+fn key_for(jwk: &Jwk, previous: Option<&(Jwk, Arc<DecodingKey>)>) -> Option<Arc<DecodingKey>> {
+    match previous {
+        Some((old, key)) if old == jwk => Some(Arc::clone(key)),
+        _ => DecodingKey::from_jwk(jwk).ok().map(Arc::new),
+    }
+}
+
+async fn fetch(url: &str, previous: &KeySet) -> Result<KeySet, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
         .map_err(|e| format!("no TLS roots: {e}"))?
@@ -173,14 +200,18 @@ async fn fetch(url: &str) -> Result<KeySet, String> {
         ..KeySet::default()
     };
     for jwk in &jwks.keys {
-        let Ok(key) = DecodingKey::from_jwk(jwk) else {
-            continue;
-        };
         match &jwk.common.key_id {
             Some(kid) => {
-                set.by_kid.insert(kid.clone(), Arc::new(key));
+                if let Some(key) = key_for(jwk, previous.by_kid.get(kid)) {
+                    set.by_kid.insert(kid.clone(), (jwk.clone(), key));
+                }
             }
-            None => set.anonymous.push(Arc::new(key)),
+            None => {
+                let old = previous.anonymous.iter().find(|(old, _)| old == jwk);
+                if let Some(key) = key_for(jwk, old) {
+                    set.anonymous.push((jwk.clone(), key));
+                }
+            }
         }
     }
     Ok(set)

@@ -2,24 +2,39 @@
 //!
 //! Buckets are found by (route name, limit) in a process-wide registry, so a config swap that
 //! keeps a route and its limit keeps its buckets, and a changed limit starts fresh ones. Idle keys
-//! (whose bucket is full again, i.e. indistinguishable from a new one) are evicted periodically,
-//! which bounds memory under many distinct keys. [`Limiter`] is the seam for a shared backend
-//! (several replicas) later: routes only ever see the trait.
+//! (whose bucket is full again, i.e. indistinguishable from a new one) are evicted periodically.
+//! Memory is bounded by count and size whatever clients send: a key longer than
+//! [`MAX_KEY_BYTES`] is stored as its SHA-256, and each limit holds at most
+//! [`DEFAULT_MAX_KEYS`] keys, evicting the least recently used beyond (counted in
+//! `rustygate_rate_limit_keys_evicted_total{route}`). [`Limiter`] is the seam for a shared
+//! backend (several replicas) later: routes only ever see the trait.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::HeaderName;
+use prometheus::{IntCounter, IntCounterVec, Opts};
+use sha2::{Digest, Sha256};
 
 /// How often idle keys are evicted.
 pub const EVICT_EVERY: Duration = Duration::from_secs(10);
+
+/// Longest key stored as it is; longer ones (a 30 KB header value) are stored as their SHA-256.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Most live keys one limit holds; beyond, the least recently used are evicted.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// What a request is counted by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,8 +62,31 @@ pub struct LimitSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyValue {
     Ip(IpAddr),
+    /// Up to [`MAX_KEY_BYTES`]; build with [`KeyValue::text`].
     Text(Box<str>),
+    /// The SHA-256 of a longer key. A separate variant, so a short key can never equal a digest.
+    Digest([u8; 32]),
     Whole,
+}
+
+impl KeyValue {
+    /// A key from a header value or claim: kept as text up to [`MAX_KEY_BYTES`], hashed beyond,
+    /// so a key costs at most that much memory whatever its length.
+    pub fn text(bytes: &[u8]) -> KeyValue {
+        if bytes.len() > MAX_KEY_BYTES {
+            KeyValue::Digest(Sha256::digest(bytes).into())
+        } else {
+            KeyValue::Text(String::from_utf8_lossy(bytes).into())
+        }
+    }
+
+    /// Heap bytes this key holds besides its own size (for memory accounting).
+    fn heap_bytes(&self) -> usize {
+        match self {
+            KeyValue::Text(t) => t.len(),
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,35 +102,177 @@ pub trait Limiter: Send + Sync {
     fn tracked_keys(&self) -> usize;
     /// Drops keys whose bucket is full again.
     fn evict_idle(&self);
+    /// Bytes the tracked keys and their state hold, roughly (for tests and capacity planning).
+    fn held_bytes(&self) -> usize;
 }
 
-type Keyed = RateLimiter<
-    KeyValue,
-    DefaultKeyedStateStore<KeyValue>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+/// One live key's state.
+struct Slot {
+    /// GCRA's theoretical arrival time, as governor keeps it.
+    tat: u64,
+    /// When the key was last checked, in [`KeyTable`] ticks: the eviction order.
+    used: u64,
+}
+
+/// A keyed state store for governor that holds at most `max_keys` keys, evicting the least
+/// recently used. Sharded by key hash so that workers rarely wait on one another; each shard
+/// holds its share of the cap and evicts in batches (a sixteenth of its share at a time), which
+/// keeps a flood of new keys at O(1) amortised per request. The cap is a hard bound; since
+/// keys do not spread perfectly evenly, the first evictions come a little before it (at about
+/// 97% for 100,000 keys).
+pub struct KeyTable {
+    shards: Box<[Mutex<HashMap<KeyValue, Slot>>]>,
+    per_shard: usize,
+    hasher: RandomState,
+    tick: AtomicU64,
+    evicted: AtomicU64,
+    counter: Option<IntCounter>,
+}
+
+/// The governor state store: a handle on a [`KeyTable`] that the limiter also keeps, to count and
+/// measure its keys.
+#[derive(Clone)]
+pub struct CappedStore(Arc<KeyTable>);
+
+impl KeyTable {
+    fn new(max_keys: usize, counter: Option<IntCounter>) -> KeyTable {
+        let max_keys = max_keys.max(1);
+        let shards = if max_keys >= 1024 { 16 } else { 1 };
+        KeyTable {
+            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_keys.div_ceil(shards),
+            hasher: RandomState::new(),
+            tick: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            counter,
+        }
+    }
+
+    fn shard(&self, key: &KeyValue) -> std::sync::MutexGuard<'_, HashMap<KeyValue, Slot>> {
+        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the least recently used sixteenth of a full shard.
+    fn evict_lru(&self, map: &mut HashMap<KeyValue, Slot>) {
+        let batch = (self.per_shard / 16).max(1);
+        let mut used: Vec<u64> = map.values().map(|s| s.used).collect();
+        if used.len() < batch {
+            return;
+        }
+        // Ticks are unique, so exactly `batch` keys are at or below the threshold.
+        let (_, &mut threshold, _) = used.select_nth_unstable(batch - 1);
+        let before = map.len();
+        map.retain(|_, s| s.used > threshold);
+        let n = (before - map.len()) as u64;
+        self.evicted.fetch_add(n, Ordering::Relaxed);
+        if let Some(c) = &self.counter {
+            c.inc_by(n);
+        }
+    }
+}
+
+impl StateStore for CappedStore {
+    type Key = KeyValue;
+
+    fn measure_and_replace<T, F, E>(&self, key: &KeyValue, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let this = &*self.0;
+        let used = this.tick.fetch_add(1, Ordering::Relaxed);
+        let mut map = this.shard(key);
+        if let Some(slot) = map.get_mut(key) {
+            // A limited key is in use too: touching it keeps a busy abuser's bucket.
+            slot.used = used;
+            let (t, tat) = f(Some(Nanos::from(slot.tat)))?;
+            slot.tat = tat.into();
+            return Ok(t);
+        }
+        let (t, tat) = f(None)?;
+        if map.len() >= this.per_shard {
+            this.evict_lru(&mut map);
+        }
+        map.insert(
+            key.clone(),
+            Slot {
+                tat: tat.into(),
+                used,
+            },
+        );
+        Ok(t)
+    }
+}
+
+impl ShrinkableKeyedStateStore<KeyValue> for CappedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let below: u64 = drop_below.into();
+        for shard in &self.0.shards {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, s| s.tat > below);
+        }
+    }
+
+    fn shrink_to_fit(&self) {
+        for shard in &self.0.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shrink_to_fit();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type Keyed = RateLimiter<KeyValue, CappedStore, DefaultClock, StateInformationMiddleware>;
 
 /// In-process buckets.
 pub struct LocalLimiter {
     limit: u32,
     buckets: Keyed,
+    keys: Arc<KeyTable>,
     clock: DefaultClock,
 }
 
 impl LocalLimiter {
     pub fn new(spec: &LimitSpec) -> Option<LocalLimiter> {
+        LocalLimiter::with_max_keys(spec, DEFAULT_MAX_KEYS, None)
+    }
+
+    /// A limiter holding at most `max_keys` keys; evictions are added to `evicted`.
+    pub fn with_max_keys(
+        spec: &LimitSpec,
+        max_keys: usize,
+        evicted: Option<IntCounter>,
+    ) -> Option<LocalLimiter> {
         let requests = spec.requests.max(1);
         let period = spec.per.checked_div(requests)?;
         let burst = NonZeroU32::new(spec.burst.max(1))?;
         let quota = Quota::with_period(period)?.allow_burst(burst);
         let clock = DefaultClock::default();
+        let keys = Arc::new(KeyTable::new(max_keys, evicted));
         Some(LocalLimiter {
             limit: spec.burst.max(1),
-            buckets: RateLimiter::dashmap_with_clock(quota, clock.clone())
-                .with_middleware::<StateInformationMiddleware>(),
+            buckets: Keyed::new(quota, CappedStore(Arc::clone(&keys)), clock.clone()),
+            keys,
             clock,
         })
+    }
+
+    /// Keys evicted to stay under the cap so far.
+    pub fn evicted(&self) -> u64 {
+        self.keys.evicted.load(Ordering::Relaxed)
     }
 }
 
@@ -118,18 +298,61 @@ impl Limiter for LocalLimiter {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
     }
+
+    fn held_bytes(&self) -> usize {
+        let store = &*self.keys;
+        let entry = std::mem::size_of::<(KeyValue, Slot)>() + 8; // + hashbrown's control bytes
+        store
+            .shards
+            .iter()
+            .map(|s| {
+                let map = s.lock().unwrap_or_else(|p| p.into_inner());
+                map.capacity() * entry + map.keys().map(KeyValue::heap_bytes).sum::<usize>()
+            })
+            .sum()
+    }
 }
 
 /// Every limiter, by route name and limit. Only touched when a worker first meets a route in a
 /// new snapshot, and by the eviction task. A limiter stays while it has keys or a worker holds
 /// it; once neither (its buckets are all full again) it is dropped, which cannot be told apart
 /// from keeping it.
-#[derive(Default)]
 pub struct Limiters {
     map: Mutex<HashMap<(String, LimitSpec), Arc<dyn Limiter>>>,
+    max_keys: usize,
+    /// `rustygate_rate_limit_keys_evicted_total{route}`; registered with the gateway's metrics
+    /// by the admin listener.
+    evicted: IntCounterVec,
+}
+
+impl Default for Limiters {
+    fn default() -> Self {
+        Limiters::with_max_keys(DEFAULT_MAX_KEYS)
+    }
 }
 
 impl Limiters {
+    /// A registry whose limiters hold at most `max_keys` keys each.
+    pub fn with_max_keys(max_keys: usize) -> Limiters {
+        let evicted = IntCounterVec::new(
+            Opts::new(
+                "rustygate_rate_limit_keys_evicted_total",
+                "Rate-limit keys evicted (least recently used first) to keep a limit under its key cap, by route.",
+            ),
+            &["route"],
+        );
+        Limiters {
+            map: Mutex::default(),
+            max_keys,
+            evicted: evicted.unwrap_or_else(|_| invalid_metric()),
+        }
+    }
+
+    /// The eviction counter, to register with the gateway's metrics.
+    pub fn evicted_metric(&self) -> IntCounterVec {
+        self.evicted.clone()
+    }
+
     /// The limiter for this route and limit, shared with every worker and kept across swaps
     /// while any snapshot still uses it.
     pub fn get(&self, route: &str, spec: &LimitSpec) -> Option<Arc<dyn Limiter>> {
@@ -138,7 +361,9 @@ impl Limiters {
         if let Some(live) = map.get(&key) {
             return Some(Arc::clone(live));
         }
-        let fresh: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(spec)?);
+        let counter = self.evicted.get_metric_with_label_values(&[route]).ok();
+        let fresh: Arc<dyn Limiter> =
+            Arc::new(LocalLimiter::with_max_keys(spec, self.max_keys, counter)?);
         map.insert(key, Arc::clone(&fresh));
         Some(fresh)
     }
@@ -169,6 +394,12 @@ impl Limiters {
             }
         }
     }
+}
+
+/// The metric definition above is a constant; prometheus only rejects invalid names.
+#[cold]
+fn invalid_metric<T>() -> T {
+    panic!("invalid built-in metric definition")
 }
 
 #[cfg(test)]
@@ -247,7 +478,13 @@ mod tests {
     #[test]
     fn a_hundred_thousand_keys_are_evicted_once_idle() {
         // 1,000 requests per 100 ms: a key that made one request is full again 0.1 ms later.
-        let l = LocalLimiter::new(&spec(1000, Duration::from_millis(100), 1000)).unwrap();
+        // A cap well above the keys used: this is about idle eviction, not the cap.
+        let l = LocalLimiter::with_max_keys(
+            &spec(1000, Duration::from_millis(100), 1000),
+            200_000,
+            None,
+        )
+        .unwrap();
         for i in 0..100_000u32 {
             let ip = IpAddr::from(i.to_be_bytes());
             assert!(matches!(
@@ -259,5 +496,84 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         l.evict_idle();
         assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn long_keys_are_stored_as_their_digest() {
+        let short = vec![b'a'; MAX_KEY_BYTES];
+        assert!(matches!(KeyValue::text(&short), KeyValue::Text(t) if t.len() == MAX_KEY_BYTES));
+        let mut long = vec![b'a'; 30 * 1024];
+        let a = KeyValue::text(&long);
+        assert!(matches!(a, KeyValue::Digest(_)));
+        assert_eq!(a, KeyValue::text(&long), "the same value, the same key");
+        *long.last_mut().unwrap() = b'b';
+        assert_ne!(a, KeyValue::text(&long), "one byte apart, another key");
+
+        let l = LocalLimiter::new(&spec(1, Duration::from_secs(60), 1)).unwrap();
+        assert!(matches!(l.check(&a), Decision::Allowed { .. }));
+        assert!(matches!(l.check(&a), Decision::Limited { .. }));
+        assert!(matches!(
+            l.check(&KeyValue::text(&long)),
+            Decision::Allowed { .. }
+        ));
+        assert!(
+            l.held_bytes() < 4096,
+            "{} bytes for two 30 KB keys",
+            l.held_bytes()
+        );
+    }
+
+    #[test]
+    fn live_keys_are_capped_least_recently_used_first() {
+        let counter = IntCounter::new("evicted", "test").unwrap();
+        let l = LocalLimiter::with_max_keys(
+            &spec(1, Duration::from_secs(60), 1),
+            100,
+            Some(counter.clone()),
+        )
+        .unwrap();
+        let key = |i: u32| KeyValue::text(format!("client-{i}").as_bytes());
+        let busy = KeyValue::text(b"busy");
+        assert!(matches!(l.check(&busy), Decision::Allowed { .. }));
+        for i in 0..1000 {
+            assert!(matches!(l.check(&key(i)), Decision::Allowed { .. }));
+            if i % 10 == 0 {
+                // Recently used (even while limited): never the one evicted.
+                assert!(matches!(l.check(&busy), Decision::Limited { .. }), "at {i}");
+            }
+            assert!(l.tracked_keys() <= 100, "{} keys at {i}", l.tracked_keys());
+        }
+        assert!(l.evicted() >= 900, "{}", l.evicted());
+        assert_eq!(counter.get(), l.evicted());
+        assert!(matches!(l.check(&busy), Decision::Limited { .. }));
+        assert!(
+            matches!(l.check(&key(999)), Decision::Limited { .. }),
+            "newest key kept"
+        );
+        assert!(
+            matches!(l.check(&key(0)), Decision::Allowed { .. }),
+            "the oldest key was evicted: it starts afresh"
+        );
+    }
+
+    #[test]
+    fn evictions_are_counted_per_route_in_the_gateway_metrics() {
+        let metrics = crate::telemetry::metrics::Metrics::new();
+        let reg = Limiters::with_max_keys(10);
+        metrics.register(Box::new(reg.evicted_metric())).unwrap();
+        let l = reg
+            .get("orders", &spec(1, Duration::from_secs(60), 1))
+            .unwrap();
+        for i in 0..30u8 {
+            l.check(&KeyValue::Ip(IpAddr::from([10, 0, 0, i])));
+        }
+        assert!(l.tracked_keys() <= 10);
+        let text = metrics.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("rustygate_rate_limit_keys_evicted_total{route=\"orders\"}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 20, "{line}");
     }
 }

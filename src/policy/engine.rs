@@ -8,7 +8,8 @@
 //! long a policy can hold an actix worker.
 
 use std::cell::{Cell, RefCell};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rhai::{Dynamic, Engine, EvalAltResult, Position};
@@ -109,13 +110,89 @@ fn over_budget(ops: u64) -> Option<Dynamic> {
     })
 }
 
+/// Lines `print` and `debug` may log per route and second. Beyond, lines are dropped and
+/// counted, and the count is logged as one "suppressed N lines" line with the route's next
+/// print after the second is over: a policy cannot flood the logs, and the log says it tried.
+pub const PRINT_LINES_PER_SECOND: u32 = 100;
+
+/// Routes whose print windows are remembered at once; beyond, quiet windows are forgotten.
+const MAX_PRINT_WINDOWS: usize = 10_000;
+
+/// One route's current second of `print`/`debug` lines.
+#[derive(Debug)]
+struct PrintWindow {
+    start: Instant,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl PrintWindow {
+    fn new(now: Instant) -> Self {
+        PrintWindow {
+            start: now,
+            lines: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this line is logged, and how many lines the window that just ended suppressed.
+    fn admit(&mut self, now: Instant) -> (bool, u64) {
+        let mut ended_suppressed = 0;
+        if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
+            ended_suppressed = std::mem::take(&mut self.suppressed);
+            self.start = now;
+            self.lines = 0;
+        }
+        if self.lines < PRINT_LINES_PER_SECOND {
+            self.lines += 1;
+            (true, ended_suppressed)
+        } else {
+            self.suppressed += 1;
+            (false, ended_suppressed)
+        }
+    }
+}
+
+/// Print windows by route name, shared by every worker (a route's limit is per process).
+static PRINT_WINDOWS: LazyLock<Mutex<HashMap<Arc<str>, PrintWindow>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn admit_print(route: &Arc<str>, now: Instant) -> (bool, u64) {
+    let mut windows = PRINT_WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
+    if !windows.contains_key(route) && windows.len() >= MAX_PRINT_WINDOWS {
+        windows.retain(|_, w| {
+            w.suppressed > 0 || now.saturating_duration_since(w.start) < Duration::from_secs(1)
+        });
+    }
+    windows
+        .entry(Arc::clone(route))
+        .or_insert_with(|| PrintWindow::new(now))
+        .admit(now)
+}
+
 fn log_print(text: &str, level: &'static str) {
     RUNNING.with(|r| {
         let who = r.who.borrow();
+        let (log, suppressed) = match who.as_ref() {
+            Some((route, _)) => admit_print(route, Instant::now()),
+            None => (true, 0),
+        };
         let (route, script) = who
             .as_ref()
             .map(|(r, s)| (r.as_ref(), s.as_ref()))
             .unwrap_or(("", ""));
+        if suppressed > 0 {
+            tracing::warn!(
+                target: "rustygate::policy",
+                route,
+                script,
+                suppressed,
+                "print/debug: suppressed {suppressed} lines (over {PRINT_LINES_PER_SECOND} lines per second)"
+            );
+        }
+        if !log {
+            return;
+        }
         if level == "debug" {
             tracing::debug!(target: "rustygate::policy", route, script, "{text}");
         } else {
@@ -279,4 +356,75 @@ pub(crate) fn classify(err: &EvalAltResult) -> (Reason, Position, String) {
         }
     };
     (reason, pos, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_print_window_logs_its_share_then_reports_what_it_dropped() {
+        let t0 = Instant::now();
+        let mut w = PrintWindow::new(t0);
+        let logged = (0..250).filter(|_| w.admit(t0).0).count();
+        assert_eq!(logged, PRINT_LINES_PER_SECOND as usize);
+        // The next second: its first line is logged, after one line for the 150 dropped.
+        assert_eq!(w.admit(t0 + Duration::from_millis(1000)), (true, 150));
+        assert_eq!(w.admit(t0 + Duration::from_millis(1001)), (true, 0));
+        // A quiet second reports nothing.
+        assert_eq!(w.admit(t0 + Duration::from_secs(3)), (true, 0));
+    }
+
+    #[test]
+    fn a_printing_loop_logs_at_most_the_limit_per_second() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let engine = build(&Limits::default());
+        let (route, script): (Arc<str>, Arc<str>) =
+            ("print-flood-test".into(), "policies/flood.rhai".into());
+        let started = Instant::now();
+        tracing::subscriber::with_default(subscriber, || {
+            let _guard = CallGuard::enter(Duration::from_secs(30), Some((&route, &script)), false);
+            engine
+                .run("for i in 0..500 { print(`line ${i}`); debug(i); }")
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let seconds = started.elapsed().as_secs();
+        let text =
+            String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("print-flood-test"))
+            .count();
+        let most = (PRINT_LINES_PER_SECOND as u64 + 1) * (seconds + 1);
+        assert!(
+            lines >= PRINT_LINES_PER_SECOND as usize,
+            "{lines} lines:\n{text}"
+        );
+        assert!(lines as u64 <= most, "{lines} lines of 1000 in {seconds} s");
+        assert!(
+            text.contains("line 0"),
+            "the first lines are the ones logged"
+        );
+    }
 }

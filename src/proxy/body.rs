@@ -9,12 +9,14 @@ use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use actix_web::body::{BodySize, MessageBody};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 
 /// Chunks in flight between the client reader and the upstream writer.
 const CHANNEL_DEPTH: usize = 8;
@@ -25,6 +27,8 @@ pub enum BodyError {
     TooLarge { limit: u64 },
     #[error("reading the client's body failed: {0}")]
     Client(String),
+    #[error("the client sent nothing of its body for {0:?}")]
+    Idle(Duration),
 }
 
 /// The request body sent upstream.
@@ -78,20 +82,40 @@ impl Body for ProxyBody {
 pub struct BodyStats {
     pub bytes: Cell<u64>,
     pub too_large: Cell<bool>,
+    /// The client paused longer than the body idle timeout.
+    pub idle: Cell<bool>,
+}
+
+/// The next piece of the client's body, or `Idle` if none comes within `idle`.
+async fn next_chunk(
+    payload: &mut actix_web::dev::Payload,
+    idle: Duration,
+    stats: &BodyStats,
+) -> Option<Result<Bytes, BodyError>> {
+    match tokio::time::timeout(idle, payload.next()).await {
+        Ok(chunk) => chunk.map(|c| c.map_err(|e| BodyError::Client(e.to_string()))),
+        Err(_) => {
+            stats.idle.set(true);
+            Some(Err(BodyError::Idle(idle)))
+        }
+    }
 }
 
 /// Starts reading the client's body on this worker and returns the upstream side of it.
-/// `len` is the declared `Content-Length`, if any.
+/// `len` is the declared `Content-Length`, if any; a pause longer than `idle` between pieces
+/// ends the body with [`BodyError::Idle`] (time spent waiting for the upstream to take a piece
+/// does not count).
 pub fn stream_request_body(
     mut payload: actix_web::dev::Payload,
     len: Option<u64>,
     limit: u64,
+    idle: Duration,
 ) -> (ProxyBody, Rc<BodyStats>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let stats = Rc::new(BodyStats::default());
     let seen = Rc::clone(&stats);
     actix_web::rt::spawn(async move {
-        while let Some(chunk) = payload.next().await {
+        while let Some(chunk) = next_chunk(&mut payload, idle, &seen).await {
             let msg = match chunk {
                 Ok(bytes) => {
                     let total = seen.bytes.get() + bytes.len() as u64;
@@ -103,7 +127,7 @@ pub fn stream_request_body(
                         Ok(bytes)
                     }
                 }
-                Err(e) => Err(BodyError::Client(e.to_string())),
+                Err(e) => Err(e),
             };
             let stop = msg.is_err();
             if tx.send(msg).await.is_err() || stop {
@@ -115,15 +139,18 @@ pub fn stream_request_body(
 }
 
 /// Reads the client's whole body (at most `limit` bytes), so that it can be sent again on a
-/// retry.
+/// retry. Memory follows the bytes that arrive: the buffer starts at the declared length
+/// (`expected`, itself capped by `limit`), never at the limit.
 pub async fn read_request_body(
     payload: &mut actix_web::dev::Payload,
     limit: u64,
+    expected: u64,
+    idle: Duration,
     stats: &BodyStats,
 ) -> Result<Bytes, BodyError> {
-    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(limit).unwrap_or(0).min(1 << 20));
-    while let Some(chunk) = payload.next().await {
-        let bytes = chunk.map_err(|e| BodyError::Client(e.to_string()))?;
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(expected.min(limit)).unwrap_or(0));
+    while let Some(chunk) = next_chunk(payload, idle, stats).await {
+        let bytes = chunk?;
         let total = stats.bytes.get() + bytes.len() as u64;
         stats.bytes.set(total);
         if total > limit {
@@ -135,8 +162,21 @@ pub async fn read_request_body(
     Ok(buf.freeze())
 }
 
-/// Called once when a response body ends: bytes sent, and whether it ended cleanly.
-pub type OnFinish = Box<dyn FnOnce(u64, bool)>;
+/// How a response body ended: `Ok` when whole, else why not (`client_gone`,
+/// `upstream_error`, `upstream_read_timeout`).
+pub type Ended = Result<(), &'static str>;
+
+/// Called once when a response body ends: bytes sent, and how it ended.
+pub type OnFinish = Box<dyn FnOnce(u64, Ended)>;
+
+/// Why an upstream's response body could not be passed on; the client's connection is aborted.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    #[error("reading the upstream's response body failed: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("the upstream sent nothing of its response body for {0:?}")]
+    Idle(Duration),
+}
 
 /// The upstream's response body, handed to actix as it arrives.
 pub struct UpstreamBody {
@@ -144,27 +184,54 @@ pub struct UpstreamBody {
     size: BodySize,
     sent: u64,
     on_finish: Option<OnFinish>,
+    /// Longest pause between two pieces of the body.
+    idle: Duration,
+    /// Armed the first time the upstream makes us wait; `last` moves on with every piece, so
+    /// the timer is reset only when it fires early.
+    timer: Option<Pin<Box<Sleep>>>,
+    last: Option<Instant>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: hyper::body::Incoming, size: BodySize, on_finish: Option<OnFinish>) -> Self {
+    pub fn new(
+        inner: hyper::body::Incoming,
+        size: BodySize,
+        idle: Duration,
+        on_finish: Option<OnFinish>,
+    ) -> Self {
         Self {
             inner,
             size,
             sent: 0,
             on_finish,
+            idle,
+            timer: None,
+            last: None,
         }
     }
 
-    fn finish(&mut self, clean: bool) {
+    fn finish(&mut self, end: Ended) {
         if let Some(f) = self.on_finish.take() {
-            f(self.sent, clean);
+            f(self.sent, end);
         }
+    }
+
+    /// Whether the upstream has been silent for longer than `idle` (arms the wake-up if not).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let last = *self.last.get_or_insert_with(Instant::now);
+        let due = last + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
 impl MessageBody for UpstreamBody {
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn size(&self) -> BodySize {
         self.size
@@ -173,10 +240,21 @@ impl MessageBody for UpstreamBody {
     fn poll_next(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, hyper::Error>>> {
+    ) -> Poll<Option<Result<Bytes, UpstreamBodyError>>> {
         let this = self.get_mut();
         loop {
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            let Poll::Ready(frame) = polled else {
+                if this.stalled(cx) {
+                    this.finish(Err("upstream_read_timeout"));
+                    return Poll::Ready(Some(Err(UpstreamBodyError::Idle(this.idle))));
+                }
+                return Poll::Pending;
+            };
+            if this.timer.is_some() {
+                this.last = Some(Instant::now());
+            }
+            match frame {
                 Some(Ok(frame)) => {
                     // Trailers (HTTP/2 upstreams, e.g. gRPC's `grpc-status`) cannot be passed
                     // on: actix writes the client's response as HTTP/1.1 without trailers.
@@ -196,11 +274,11 @@ impl MessageBody for UpstreamBody {
                     }
                 }
                 Some(Err(e)) => {
-                    this.finish(false);
-                    return Poll::Ready(Some(Err(e)));
+                    this.finish(Err("upstream_error"));
+                    return Poll::Ready(Some(Err(e.into())));
                 }
                 None => {
-                    this.finish(true);
+                    this.finish(Ok(()));
                     return Poll::Ready(None);
                 }
             }
@@ -211,6 +289,6 @@ impl MessageBody for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // The client went away before the end.
-        self.finish(false);
+        self.finish(Err("client_gone"));
     }
 }

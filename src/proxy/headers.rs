@@ -6,7 +6,8 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::snapshot::{ClientIpRules, HeaderOps, UpstreamHost, canonical_ip};
+use crate::filters::jwt::{TokenPlace, without_cookie};
+use crate::snapshot::{ClientIpRules, HeaderOps, Route, Snapshot, UpstreamHost, canonical_ip};
 
 /// Headers that describe one connection and never cross the proxy, in either direction.
 pub const HOP_BY_HOP: [&str; 8] = [
@@ -100,6 +101,54 @@ pub fn client_ip<'a>(
     client
 }
 
+/// Which of the client's request headers exist for the gateway once a route is matched: the
+/// ones the auth filter, the policy and the upstream may see. Decided once per request, so
+/// every step sees the same client request.
+///
+/// * Names with `_` are dropped unless `[headers] allow_underscores = true` (nginx's
+///   `underscores_in_headers off`): many upstream frameworks read `X_User_Id` as `X-User-Id`.
+/// * On a route with `auth`, the headers named in `claims_to_headers` are dropped whatever the
+///   auth outcome: they come only from verified claims.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub allow_underscores: bool,
+    /// Claim name → header, from the route's auth provider.
+    pub identity: &'a [(String, HeaderName)],
+}
+
+impl<'a> Inbound<'a> {
+    /// The rules for a request matched to `route`.
+    pub fn for_route(snap: &Snapshot, route: &'a Route) -> Self {
+        Self::new(snap.allow_underscores, route)
+    }
+
+    pub fn new(allow_underscores: bool, route: &'a Route) -> Self {
+        Inbound {
+            allow_underscores,
+            identity: route
+                .auth
+                .as_ref()
+                .map_or(&[][..], |a| a.provider.claims_to_headers.as_slice()),
+        }
+    }
+
+    /// Whether the client's header `name` (lower-case) is kept. An identity header is matched
+    /// with `_` and `-` alike, so even with underscores allowed `X_User_Id` cannot stand in
+    /// for `X-User-Id` at an upstream that folds one into the other.
+    pub fn keeps(&self, name: &str) -> bool {
+        if !self.allow_underscores && name.contains('_') {
+            return false;
+        }
+        let same = |a: &str, b: &str| {
+            a.len() == b.len()
+                && a.bytes()
+                    .zip(b.bytes())
+                    .all(|(x, y)| x == y || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-')))
+        };
+        !self.identity.iter().any(|(_, h)| same(h.as_str(), name))
+    }
+}
+
 /// What, besides the client's own headers, decides the headers an upstream gets.
 pub struct Forwarding<'a> {
     /// The socket peer.
@@ -110,8 +159,11 @@ pub struct Forwarding<'a> {
     pub upstream_host: &'a UpstreamHost,
     /// `host:port` of the target the request goes to.
     pub target_authority: &'a str,
-    /// The header that carried the token, removed (unless the provider forwards it).
-    pub drop_header: Option<&'a HeaderName>,
+    /// Which client headers are kept at all.
+    pub inbound: Inbound<'a>,
+    /// Where the token was found, when it is not forwarded: its header, or its cookie, is
+    /// removed (a query parameter is removed from the query by the caller).
+    pub drop_token: Option<&'a TokenPlace>,
     /// Headers from verified claims, set over the client's.
     pub auth_headers: &'a [(HeaderName, HeaderValue)],
     /// The route's `request_headers` rules, applied last (a policy's edits come after).
@@ -154,7 +206,7 @@ where
             }
             _ => {}
         }
-        if is_hop_by_hop_str(n) || dropped.iter().any(|d| d == n) {
+        if is_hop_by_hop_str(n) || dropped.iter().any(|d| d == n) || !f.inbound.keeps(n) {
             continue;
         }
         let (Ok(n), Ok(v)) = (
@@ -203,8 +255,28 @@ where
     if let Some(v) = host {
         out.insert(http::header::HOST, v);
     }
-    if let Some(h) = f.drop_header {
-        out.remove(h);
+    match f.drop_token {
+        Some(TokenPlace::Authorization) => {
+            out.remove(http::header::AUTHORIZATION);
+        }
+        Some(TokenPlace::Header(h)) => {
+            out.remove(h);
+        }
+        Some(TokenPlace::Cookie(name)) => {
+            let kept: Vec<HeaderValue> = out
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| {
+                    let text = v.to_str().ok()?;
+                    HeaderValue::from_str(&without_cookie(text, name)?).ok()
+                })
+                .collect();
+            out.remove(http::header::COOKIE);
+            for v in kept {
+                out.append(http::header::COOKIE, v);
+            }
+        }
+        Some(TokenPlace::Query(_)) | None => {}
     }
     for (n, v) in f.auth_headers {
         out.insert(n.clone(), v.clone());
@@ -281,6 +353,26 @@ mod tests {
             connection_tokens([b"keep-alive, X-Secret".as_slice()].into_iter()).unwrap(),
             vec!["x-secret".to_string()]
         );
+    }
+
+    #[test]
+    fn inbound_drops_underscores_and_identity_headers() {
+        let identity = [("sub".to_owned(), HeaderName::from_static("x-user-id"))];
+        let strict = Inbound {
+            allow_underscores: false,
+            identity: &identity,
+        };
+        assert!(strict.keeps("x-trace-id"));
+        assert!(!strict.keeps("x_trace_id"));
+        assert!(!strict.keeps("x-user-id"));
+        let lax = Inbound {
+            allow_underscores: true,
+            ..strict
+        };
+        assert!(lax.keeps("x_trace_id"));
+        assert!(!lax.keeps("x_user_id"));
+        assert!(!lax.keeps("x-user_id"));
+        assert!(lax.keeps("x-user-ids"));
     }
 
     #[test]

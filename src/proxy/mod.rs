@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod keepalive;
 pub mod pool;
 pub mod tls;
 
@@ -73,6 +74,7 @@ pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
             return match b {
                 BodyError::TooLarge { .. } => ForwardError::BodyTooLarge,
                 BodyError::Client(m) => ForwardError::ClientBody(m.clone()),
+                BodyError::Idle(_) => ForwardError::ClientBody(b.to_string()),
             };
         }
         source = s.source();

@@ -5,7 +5,10 @@
 //! snapshots, so a config swap that keeps a target keeps its warm connections.
 //!
 //! HTTP/1.1: a connection goes back to the pool once hyper reports it ready, that is once its
-//! previous response body has been read to the end; every pooled connection is idle.
+//! previous response body has been read to the end; every pooled connection is idle. It is kept
+//! for the upstream's `idle_timeout`, or less when the response announced `Keep-Alive:
+//! timeout=N`; a reused connection that the upstream closed under the request is replaced by a
+//! fresh one for that request (see [`super::keepalive`]).
 //!
 //! HTTP/2: one connection per target and worker, shared by every request (a cloned handle per
 //! request). Requests that arrive while it is being opened wait for that one connection instead
@@ -28,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ForwardError;
 use super::body::ProxyBody;
+use super::keepalive::{self, CountingIo, ReadCount};
 use super::tls::{self, TargetTls};
 use crate::upstream::state::UpstreamShared;
 use crate::upstream::{PoolKey, Protocol, Target};
@@ -37,8 +41,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Idle connections kept per target and worker.
 pub const MAX_IDLE_PER_TARGET: usize = 512;
 
+/// An HTTP/1.1 connection, with the count of bytes read from it.
+pub(crate) struct H1Conn {
+    send: SendRequest<ProxyBody>,
+    read: ReadCount,
+}
+
 struct Idle {
-    conn: SendRequest<ProxyBody>,
+    conn: H1Conn,
     expires: Instant,
 }
 
@@ -119,13 +129,16 @@ impl LocalPool {
         opts: &SendOptions<'_>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
         // A pooled connection can close between the check and the send; hyper then hands the
-        // untouched request back and it is sent once more on a fresh connection.
+        // untouched request back and it is sent once more on a fresh connection. If it closes
+        // just after the request was written, before any response byte, an idempotent request
+        // is sent again from a copy: the target did nothing wrong, so the caller never sees it.
         for fresh in [false, true] {
             let pooled = if fresh {
                 None
             } else {
                 self.checkout(&target.pool_key)
             };
+            let replay = pooled.as_ref().and_then(|_| keepalive::replay_copy(&req));
             let mut conn = match pooled {
                 Some(c) => c,
                 None => {
@@ -153,12 +166,32 @@ impl LocalPool {
                     }
                 }
             };
-            match conn.try_send_request(req).await {
+            let read_before = conn.read.get();
+            match conn.send.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin_when_ready(target.pool_key.clone(), conn, opts.idle_timeout);
+                    if let Some(idle) = keepalive::idle_limit(resp.headers(), opts.idle_timeout) {
+                        self.checkin_when_ready(target.pool_key.clone(), conn, idle);
+                    }
                     return Ok(resp);
                 }
-                Err(e) => req = resend_or_fail(e, fresh)?,
+                Err(e) => {
+                    let stale = replay.is_some()
+                        && e.message().is_none()
+                        && keepalive::is_connection_lost(e.error())
+                        && conn.read.get() == read_before;
+                    match (stale, replay) {
+                        (true, Some(copy)) => {
+                            tracing::debug!(
+                                target = target.url.as_str(),
+                                error = %e.error(),
+                                "a reused upstream connection closed under the request; \
+                                 sending it again on a fresh connection"
+                            );
+                            req = copy;
+                        }
+                        _ => req = resend_or_fail(e, fresh)?,
+                    }
+                }
             }
         }
         Err(SendFailure {
@@ -167,12 +200,12 @@ impl LocalPool {
         })
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<ProxyBody>> {
+    fn checkout(&self, key: &PoolKey) -> Option<H1Conn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         while let Some(i) = list.pop() {
-            if !i.conn.is_closed() && now < i.expires {
+            if !i.conn.send.is_closed() && now < i.expires {
                 return Some(i.conn);
             }
         }
@@ -181,15 +214,10 @@ impl LocalPool {
 
     /// Pools the connection once its current response has been read to the end (hyper then
     /// reports it ready); a connection that closes first is simply dropped.
-    fn checkin_when_ready(
-        self: &Rc<Self>,
-        key: PoolKey,
-        mut conn: SendRequest<ProxyBody>,
-        idle_timeout: Duration,
-    ) {
+    fn checkin_when_ready(self: &Rc<Self>, key: PoolKey, mut conn: H1Conn, idle_timeout: Duration) {
         let pool = Rc::downgrade(self);
         actix_web::rt::spawn(async move {
-            if conn.ready().await.is_ok()
+            if conn.send.ready().await.is_ok()
                 && let Some(pool) = pool.upgrade()
             {
                 pool.checkin(&key, conn, idle_timeout);
@@ -197,7 +225,7 @@ impl LocalPool {
         });
     }
 
-    fn checkin(&self, key: &PoolKey, conn: SendRequest<ProxyBody>, idle_timeout: Duration) {
+    fn checkin(&self, key: &PoolKey, conn: H1Conn, idle_timeout: Duration) {
         let mut idle = self.idle.borrow_mut();
         let list = match idle.get_mut(key) {
             Some(l) => l,
@@ -214,7 +242,7 @@ impl LocalPool {
     fn sweep(&self) {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|i| !i.conn.is_closed() && now < i.expires);
+            list.retain(|i| !i.conn.send.is_closed() && now < i.expires);
             !list.is_empty()
         });
         // Requests in flight hold their own handle: dropping the pool's only stops reuse.
@@ -387,7 +415,9 @@ pub(crate) async fn connect(
     timeout: Duration,
 ) -> Result<Conn, ForwardError> {
     match protocol {
-        Protocol::Http1 => connect_h1(addr, tls, timeout).await.map(Conn::H1),
+        Protocol::Http1 => connect_h1(addr, tls, timeout)
+            .await
+            .map(|c| Conn::H1(c.send)),
         Protocol::Http2 => connect_h2(addr, tls, timeout).await.map(Conn::H2),
     }
 }
@@ -439,7 +469,7 @@ async fn connect_h1(
     addr: &str,
     tls: Option<&TargetTls>,
     timeout: Duration,
-) -> Result<SendRequest<ProxyBody>, ForwardError> {
+) -> Result<H1Conn, ForwardError> {
     match tls {
         None => h1_handshake(tcp(addr, timeout).await?, addr).await,
         Some(t) => {
@@ -456,10 +486,11 @@ async fn connect_h1(
     }
 }
 
-async fn h1_handshake<I>(io: I, addr: &str) -> Result<SendRequest<ProxyBody>, ForwardError>
+async fn h1_handshake<I>(io: I, addr: &str) -> Result<H1Conn, ForwardError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, read) = CountingIo::new(io);
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
@@ -469,7 +500,7 @@ where
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(H1Conn { send: sender, read })
 }
 
 /// Opens an HTTP/2 connection (h2c with prior knowledge without `tls`); the connection task

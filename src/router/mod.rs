@@ -99,7 +99,8 @@ pub struct Router {
 }
 
 impl Router {
-    /// Adds a route for the given method slots (`None`: every method).
+    /// Adds a route for the given method slots (`None`: every method but `TRACE` and `CONNECT`,
+    /// which a route must list to receive).
     pub fn insert(
         &mut self,
         host: &HostPattern,
@@ -119,7 +120,11 @@ impl Router {
                 }
             },
         };
-        let all: Vec<usize> = (0..METHOD_SLOTS).collect();
+        // A gateway has no business tunnelling (CONNECT) or echoing requests back with their
+        // credentials (TRACE) unless a route asks for it: those get 405 elsewhere.
+        let all: Vec<usize> = (0..METHOD_SLOTS)
+            .filter(|&s| !matches!(METHODS.get(s), Some(&("TRACE" | "CONNECT"))))
+            .collect();
         let slots = methods.unwrap_or(&all);
         // Check every slot first so that a conflict leaves the table untouched.
         for &slot in slots {
@@ -265,6 +270,32 @@ pub fn shape(pattern: &str) -> String {
     out
 }
 
+/// What an escaped slash (`%2F`) in a request path means: gateway.toml
+/// `[paths] escaped_slashes`, after Envoy's `path_with_escaped_slashes_action`.
+///
+/// The gateway sees `a%2Fb` as one segment; many upstreams decode it into two (Spring, Express
+/// route params, Tomcat with encoded slashes allowed, nginx `proxy_pass` with a URI), so
+/// `/public/..%2Fadmin` can match `/public` here and reach `/admin` there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashes {
+    /// 400 for any path with `%2F`: the only choice that cannot disagree with an upstream.
+    #[default]
+    Reject,
+    /// `%2F` stays inside its segment and is forwarded as `%2F` (APIs with slashes in ids,
+    /// e.g. `/projects/group%2Fproject`); a segment with a `.` or `..` piece between escaped
+    /// slashes (`..%2Fadmin`) is still refused, since an upstream that decodes it would climb.
+    Keep,
+    /// `%2F` is decoded to `/` before dot segments are resolved; the upstream gets the decoded,
+    /// resolved path (`/public/..%2Fadmin` is routed and forwarded as `/admin`).
+    Decode,
+}
+
+/// How request paths are normalised: the `[paths]` block of gateway.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathRules {
+    pub escaped_slashes: EscapedSlashes,
+}
+
 /// Why a request path was refused (400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -278,17 +309,29 @@ pub enum PathError {
     Backslash,
     #[error("the path climbs above the root with `..`")]
     AboveRoot,
+    #[error("the path contains an escaped slash (%2F)")]
+    EscapedSlash,
+    #[error("the path hides a `.` or `..` segment behind an escaped slash")]
+    EscapedDotSegment,
+    #[error("the path has a `.` or `..` segment with parameters (`..;`)")]
+    DotSegmentParams,
+}
+
+/// [`normalize_path_with`] under the default [`PathRules`].
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+    normalize_path_with(path, PathRules::default())
 }
 
 /// Normalises a request path once, before matching:
 /// * percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, once; other
-///   escapes are kept, with upper-case hex (`%2f` → `%2F`, so an encoded slash never splits a
-///   segment, and `%252e` stays `%252e`);
+///   escapes are kept, with upper-case hex (`%252e` stays `%252e`);
+/// * an escaped slash (`%2F`) is refused, kept or decoded as [`EscapedSlashes`] says;
 /// * `//` is merged, `.` segments dropped, `..` segments resolved (above the root: refused);
-/// * `%00`, backslashes (raw or `%5C`) and malformed escapes are refused.
+/// * `%00`, backslashes (raw or `%5C`), malformed escapes and dot segments with parameters
+///   (`..;/`, `.;x/`, `..%3B/`, which Tomcat and Jetty read as `..`) are refused.
 ///
 /// Returns the input unchanged (borrowed) when it is already normal, which is the common case.
-pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+pub fn normalize_path_with(path: &str, rules: PathRules) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotOriginForm);
     }
@@ -316,6 +359,11 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
             match byte {
                 0 => return Err(PathError::Nul),
                 b'\\' => return Err(PathError::Backslash),
+                b'/' => match rules.escaped_slashes {
+                    EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+                    EscapedSlashes::Keep => decoded.push_str("%2F"),
+                    EscapedSlashes::Decode => decoded.push('/'),
+                },
                 b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
                     decoded.push(byte as char)
                 }
@@ -343,6 +391,14 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
                     return Err(PathError::AboveRoot);
                 }
             }
+            s if dot_with_params(s) => return Err(PathError::DotSegmentParams),
+            // Only `Keep` leaves escaped slashes in a segment.
+            s if s.contains("%2F")
+                && s.split("%2F")
+                    .any(|piece| piece == "." || piece == ".." || dot_with_params(piece)) =>
+            {
+                return Err(PathError::EscapedDotSegment);
+            }
             s => segments.push(s),
         }
     }
@@ -355,6 +411,16 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
         out.push('/');
     }
     Ok(Cow::Owned(out))
+}
+
+/// `..;x`, `.;`, `..%3B`: a dot segment followed by path parameters, which servlet containers
+/// strip before resolving dot segments.
+fn dot_with_params(seg: &str) -> bool {
+    let rest = seg
+        .strip_prefix("..")
+        .or_else(|| seg.strip_prefix('.'))
+        .unwrap_or(seg);
+    rest.len() < seg.len() && (rest.starts_with(';') || rest.starts_with("%3B"))
 }
 
 fn utf8_len(first: u8) -> usize {

@@ -158,7 +158,11 @@ fn normalisation_rules() {
     assert_eq!(n("/public/%2e%2e/admin"), Ok("/admin".into()));
     assert_eq!(n("/public/%2E%2E/admin"), Ok("/admin".into()));
     assert_eq!(n("/%61dmin"), Ok("/admin".into()));
-    assert_eq!(n("/a%2fb"), Ok("/a%2Fb".into()));
+    assert_eq!(
+        n("/a%2fb"),
+        Err(PathError::EscapedSlash),
+        "escaped slashes: reject by default"
+    );
     assert_eq!(n("/a%252e"), Ok("/a%252e".into()));
     assert_eq!(n("/a/"), Ok("/a/".into()));
     assert_eq!(n("/.well-known/x"), Ok("/.well-known/x".into()));
@@ -172,6 +176,112 @@ fn normalisation_rules() {
     assert_eq!(n("/a%2"), Err(PathError::BadEscape));
     assert_eq!(n("*"), Err(PathError::NotOriginForm));
     assert_eq!(n("http://x/y"), Err(PathError::NotOriginForm));
+}
+
+fn with(p: &str, escaped_slashes: EscapedSlashes) -> Result<String, PathError> {
+    normalize_path_with(p, PathRules { escaped_slashes }).map(|c| c.into_owned())
+}
+
+/// Every way to spell `..` plus a slash through escapes, under each `escaped_slashes` choice.
+const CLIMBS: [&str; 6] = [
+    "/public/..%2fadmin",
+    "/public/..%2Fadmin",
+    "/public/%2e%2e%2fadmin",
+    "/public/%2E%2E%2Fadmin",
+    "/public/.%2e%2Fadmin",
+    "/public/x%2F..%2F..%2Fadmin",
+];
+
+#[test]
+fn escaped_slashes_are_rejected_by_default() {
+    for p in CLIMBS {
+        assert_eq!(normalize_path(p), Err(PathError::EscapedSlash), "{p}");
+    }
+    assert_eq!(
+        with("/projects/group%2Fproject", EscapedSlashes::Reject),
+        Err(PathError::EscapedSlash)
+    );
+}
+
+#[test]
+fn kept_escaped_slashes_never_hide_a_dot_segment() {
+    let keep = |p| with(p, EscapedSlashes::Keep);
+    for p in CLIMBS {
+        assert_eq!(keep(p), Err(PathError::EscapedDotSegment), "{p}");
+    }
+    assert_eq!(keep("/public/%2F..%2Fx"), Err(PathError::EscapedDotSegment));
+    assert_eq!(keep("/public/a%2F."), Err(PathError::EscapedDotSegment));
+    assert_eq!(
+        keep("/projects/group%2fproject/x"),
+        Ok("/projects/group%2Fproject/x".into())
+    );
+    assert_eq!(keep("/a%2F...%2Fb"), Ok("/a%2F...%2Fb".into()));
+}
+
+#[test]
+fn decoded_escaped_slashes_are_resolved_like_real_ones() {
+    let decode = |p| with(p, EscapedSlashes::Decode);
+    for p in &CLIMBS[..5] {
+        assert_eq!(decode(p), Ok("/admin".into()), "{p}");
+    }
+    assert_eq!(decode(CLIMBS[5]), Ok("/admin".into()));
+    assert_eq!(
+        decode("/projects/group%2Fproject"),
+        Ok("/projects/group/project".into())
+    );
+    assert_eq!(decode("/a/..%2F..%2Fetc"), Err(PathError::AboveRoot));
+}
+
+#[test]
+fn backslash_climbs_are_refused_under_every_choice() {
+    for mode in [
+        EscapedSlashes::Reject,
+        EscapedSlashes::Keep,
+        EscapedSlashes::Decode,
+    ] {
+        for p in [
+            "/public/..%5cadmin",
+            "/public/..%5Cadmin",
+            "/public/%2e%2e%5cadmin",
+            "/public/..\\admin",
+        ] {
+            assert_eq!(with(p, mode), Err(PathError::Backslash), "{p} {mode:?}");
+        }
+    }
+}
+
+#[test]
+fn dot_segments_with_parameters_are_refused() {
+    for mode in [
+        EscapedSlashes::Reject,
+        EscapedSlashes::Keep,
+        EscapedSlashes::Decode,
+    ] {
+        for p in [
+            "/public/..;/admin",
+            "/public/..;jsessionid=x/admin",
+            "/public/.;/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%3b/admin",
+            "/public/..;",
+        ] {
+            assert_eq!(
+                with(p, mode),
+                Err(PathError::DotSegmentParams),
+                "{p} {mode:?}"
+            );
+        }
+    }
+    assert_eq!(
+        with("/a%2F..;%2Fb", EscapedSlashes::Keep),
+        Err(PathError::EscapedDotSegment)
+    );
+    // Parameters on ordinary segments are the upstream's business.
+    assert_eq!(
+        normalize_path("/a;v=1/b..;/c"),
+        Ok(Cow::Borrowed("/a;v=1/b..;/c"))
+    );
+    assert_eq!(normalize_path("/a/...;/b"), Ok(Cow::Borrowed("/a/...;/b")));
 }
 
 #[test]

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 
 use super::Control;
 use super::webhooks::{
-    MAX_WEBHOOK_BODY, ReplayGuard, WindowLimit, github_signature_ok, pushed_branch, secret_matches,
+    FailureLimit, MAX_WEBHOOK_BODY, PushAction, ReplayGuard, github_signature_ok, parse_push,
+    push_action, secret_matches,
 };
 use crate::snapshot::SnapshotStore;
 use crate::source::reload::Trigger;
@@ -22,17 +23,30 @@ pub(crate) struct AdminState {
     pub control: Control,
     pub started_at: SystemTime,
     pub deliveries: ReplayGuard,
-    pub limit: WindowLimit,
+    /// Failed authentications per client address (admin token and webhook secrets alike).
+    pub failures: FailureLimit,
 }
+
+/// Failed authentications a client address may make per [`FAILURE_WINDOW`] before its further
+/// failures are answered 429 instead of 401.
+pub(crate) const MAX_FAILURES: u32 = 30;
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses whose failures are remembered at once.
+const MAX_FAILING_CLIENTS: usize = 10_000;
 
 impl AdminState {
     pub fn new(store: Arc<SnapshotStore>, control: Control) -> Self {
+        // Registered once per registry; a second admin listener on the same metrics keeps the
+        // first registration (AlreadyReg), which serves the same counters.
+        let _ = control
+            .metrics
+            .register(Box::new(control.limiters.evicted_metric()));
         Self {
             store,
             control,
             started_at: SystemTime::now(),
             deliveries: ReplayGuard::new(4096),
-            limit: WindowLimit::new(60, Duration::from_secs(60)),
+            failures: FailureLimit::new(MAX_FAILURES, FAILURE_WINDOW, MAX_FAILING_CLIENTS),
         }
     }
 }
@@ -120,6 +134,20 @@ fn queue(tx: &mpsc::Sender<Trigger>, trigger: Trigger) -> HttpResponse {
     }
 }
 
+/// The answer to a failed authentication: 401, or 429 once this client failed too often. Only
+/// called after the check, so valid calls never reach it.
+fn auth_failed(req: &HttpRequest, state: &AdminState, unauthorized: HttpResponse) -> HttpResponse {
+    let client = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    if state.failures.record_failure(client) {
+        unauthorized
+    } else {
+        reply(429, "too many failed authentications from this address")
+    }
+}
+
 fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a [u8]> {
     req.headers().get(name).map(|v| v.as_bytes())
 }
@@ -132,16 +160,15 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
             "admin endpoints are disabled: no admin token is configured",
         );
     };
-    if !state.limit.allow() {
-        return reply(429, "too many requests");
-    }
     let given = header(&req, "authorization")
         .and_then(|v| v.strip_prefix(b"Bearer "))
         .unwrap_or(b"");
     if !secret_matches(token, given) {
-        return HttpResponse::Unauthorized()
+        tracing::warn!(peer = ?req.peer_addr(), "admin call with a missing or wrong token");
+        let unauthorized = HttpResponse::Unauthorized()
             .insert_header(("www-authenticate", "Bearer"))
             .json(json!({ "message": "a valid bearer token is required" }));
+        return auth_failed(&req, &state, unauthorized);
     }
     let Some(tx) = &state.control.reload else {
         return reply(409, "this gateway has no reloadable source");
@@ -153,8 +180,9 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
     queue(tx, Trigger::Admin { force })
 }
 
-/// The checks every webhook shares: configured, within the rate limit, authentic (`verify` gets
-/// the secret), and not a replay of a delivery id already seen. `Some` is the refusal to send.
+/// The checks every webhook shares: configured, authentic (`verify` gets the secret; failures
+/// count towards the client's limit), and not a replay of a delivery id already seen. `Some` is
+/// the refusal to send.
 fn webhook_refusal(
     req: &HttpRequest,
     state: &AdminState,
@@ -168,12 +196,13 @@ fn webhook_refusal(
             "webhooks are disabled: no webhook secret is configured",
         ));
     };
-    if !state.limit.allow() {
-        return Some(reply(429, "too many requests"));
-    }
     if !verify(secret) {
         tracing::warn!(peer = ?req.peer_addr(), source, "webhook with a missing or wrong signature or token");
-        return Some(reply(401, "invalid signature or token"));
+        return Some(auth_failed(
+            req,
+            state,
+            reply(401, "invalid signature or token"),
+        ));
     }
     if let Some(id) = header(req, delivery_header).and_then(|v| std::str::from_utf8(v).ok())
         && !state.deliveries.first_time(id)
@@ -210,17 +239,31 @@ async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
     }
 }
 
-/// A push to the tracked branch (or any push, for a pinned ref) queues a fetch.
+/// A push of a new commit to the tracked branch (or any push, for a pinned ref) queues a fetch.
+/// Everything else that is authentic is acknowledged with 202 so that GitHub and GitLab do not
+/// mark the delivery as failed.
 fn push(state: &AdminState, body: &[u8], source: &'static str) -> HttpResponse {
     let Some(tx) = &state.control.reload else {
         return reply(409, "this gateway has no reloadable source");
     };
-    if let Some(tracked) = &state.control.branch {
-        match pushed_branch(body) {
-            Some(b) if &b == tracked => {}
-            Some(_) => return reply(202, "push to another branch ignored"),
-            None => return reply(400, "push event without a branch ref"),
+    let Some(event) = parse_push(body) else {
+        return reply(400, "push event without a ref");
+    };
+    let action = {
+        let status = state
+            .control
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        push_action(&event, state.control.branch.as_deref(), |sha| {
+            status.seen(sha)
+        })
+    };
+    match action {
+        PushAction::Reload => queue(tx, Trigger::Webhook(source)),
+        PushAction::Ignore(why) => {
+            tracing::debug!(source, reference = %event.reference, after = ?event.after, why, "push ignored");
+            reply(202, why)
         }
     }
-    queue(tx, Trigger::Webhook(source))
 }

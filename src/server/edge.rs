@@ -123,13 +123,14 @@ impl WorkerLimiters {
         let key = match &spec.key {
             LimitKey::ClientIp => KeyValue::Ip(client),
             LimitKey::Route => KeyValue::Whole,
+            // Long values are hashed by `KeyValue::text`, so a key holds at most 256 bytes.
             LimitKey::Header(name) => match req.headers().get(name.as_str()) {
-                Some(v) => KeyValue::Text(String::from_utf8_lossy(v.as_bytes()).into()),
+                Some(v) => KeyValue::text(v.as_bytes()),
                 None => KeyValue::Whole,
             },
             LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {
-                Some(serde_json::Value::String(s)) => KeyValue::Text(s.as_str().into()),
-                Some(other) => KeyValue::Text(other.to_string().into()),
+                Some(serde_json::Value::String(s)) => KeyValue::text(s.as_bytes()),
+                Some(other) => KeyValue::text(other.to_string().as_bytes()),
                 None => KeyValue::Whole,
             },
         };
@@ -157,28 +158,31 @@ impl WorkerLimiters {
 /// What a successful authentication hands to the rest of the request.
 pub(crate) struct Verified {
     pub claims: crate::filters::jwt::Claims,
+    /// Headers from verified claims, set on the upstream request.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub drop_header: Option<HeaderName>,
+    /// Where the token was found, when it is not forwarded.
+    pub drop_token: Option<crate::filters::jwt::TokenPlace>,
+    /// The client's query without the token, when it was found there and is not forwarded
+    /// (`Some(None)`: nothing is left).
+    pub query: Option<Option<String>>,
 }
 
-/// Runs the route's auth filter. `Ok(None)`: no token on an optional route.
+/// Runs the route's auth filter over the client headers `inbound` keeps. `Ok(None)`: no token
+/// on an optional route.
 pub(crate) async fn authenticate(
     auth: &crate::snapshot::RouteAuth,
     req: &HttpRequest,
+    inbound: crate::proxy::headers::Inbound<'_>,
 ) -> Result<Option<Verified>, crate::filters::jwt::AuthError> {
-    use crate::filters::jwt::{AuthError, TokenPlaces, TokenSource};
+    use crate::filters::jwt::{AuthError, TokenPlace, TokenPlaces, without_query_param};
     let p = &auth.provider;
-    let named = match &p.source {
-        TokenSource::Header(h) => header(req, h.as_str()),
-        _ => None,
-    };
-    let places = TokenPlaces {
-        authorization: header(req, "authorization"),
-        header: named,
-        query: req.uri().query(),
-        cookie: header(req, "cookie"),
-    };
-    let Some(token) = p.token(&places)? else {
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .filter(|(n, _)| inbound.keeps(n));
+    let places = TokenPlaces::collect(p, headers, req.uri().query());
+    let Some((token, place)) = p.token(&places)? else {
         return if auth.optional {
             Ok(None)
         } else {
@@ -186,15 +190,16 @@ pub(crate) async fn authenticate(
         };
     };
     let claims = p.verify(token).await?;
-    let drop_header = match (&p.source, p.forward_token) {
-        (_, true) => None,
-        (TokenSource::Bearer, false) => Some(http::header::AUTHORIZATION),
-        (TokenSource::Header(h), false) => Some(h.clone()),
+    let headers = p.claim_headers(&claims)?;
+    let drop_token = p.removal(place);
+    let query = match (&drop_token, req.uri().query()) {
+        (Some(TokenPlace::Query(name)), Some(q)) => Some(without_query_param(q, name)),
         _ => None,
     };
     Ok(Some(Verified {
-        headers: p.claim_headers(&claims),
         claims,
-        drop_header,
+        headers,
+        drop_token,
+        query,
     }))
 }

@@ -21,18 +21,20 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
+use super::listener::{Busy, ConnState};
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::policy::ClientHeaders;
 use crate::proxy::ForwardError;
 use crate::proxy::body::{
-    BodyError, BodyStats, OnFinish, ProxyBody, UpstreamBody, read_request_body, stream_request_body,
+    BodyError, BodyStats, Ended, OnFinish, ProxyBody, UpstreamBody, read_request_body,
+    stream_request_body,
 };
 use crate::proxy::headers::{
     Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
 };
 use crate::proxy::pool::{SendFailure, SendOptions};
-use crate::router::{PathError, RouteId, normalize_host, normalize_path};
+use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot, StaticResponse};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
@@ -56,12 +58,44 @@ struct Exchange {
     extra: Vec<(HeaderName, HeaderValue)>,
     /// Headers from verified claims, set on the upstream request over the client's.
     auth_headers: Vec<(HeaderName, HeaderValue)>,
-    /// The header that carried the token, removed before forwarding (unless configured not to).
-    drop_header: Option<HeaderName>,
+    /// Where the token was found, removed before forwarding (unless configured not to).
+    drop_token: Option<crate::filters::jwt::TokenPlace>,
     /// Counts this request in its target's in-flight number until the response ends.
     in_flight: Option<InFlight>,
     /// This request's place under the upstream's `max_requests`.
     slot: Option<Slot>,
+    /// Bytes of this request's body held for retries, counted against the worker's cap.
+    buffered: Option<Buffered>,
+    /// Keeps the connection's head timeout off until this request is done.
+    _busy: Option<Busy>,
+    /// The client connection's state (absent when served outside the proxy listener).
+    conn: Option<Rc<ConnState>>,
+}
+
+/// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
+struct Buffered {
+    total: Rc<std::cell::Cell<u64>>,
+    bytes: u64,
+}
+
+impl Buffered {
+    fn reserve(total: &Rc<std::cell::Cell<u64>>, bytes: u64, cap: u64) -> Option<Buffered> {
+        let now = total.get();
+        if now.saturating_add(bytes) > cap {
+            return None;
+        }
+        total.set(now + bytes);
+        Some(Buffered {
+            total: Rc::clone(total),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.total.set(self.total.get().saturating_sub(self.bytes));
+    }
 }
 
 impl Drop for Exchange {
@@ -85,7 +119,7 @@ impl Exchange {
     }
 
     /// Records the finished request: metrics always, the access log when enabled.
-    fn emit(&self, status: u16, bytes_out: u64, completed: bool) {
+    fn emit(&self, status: u16, bytes_out: u64, end: Ended) {
         let route = self
             .route
             .and_then(|r| self.snapshot.routes.get(r))
@@ -114,12 +148,14 @@ impl Exchange {
             path = self.path.as_str(),
             route = route.unwrap_or(""),
             upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
-            target = target.unwrap_or(""),
+            // Not `target`: the JSON formatter writes the event's own target under that key.
+            upstream_target = target.unwrap_or(""),
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
             bytes_out,
-            completed,
+            completed = end.is_ok(),
+            error = end.err().unwrap_or(""),
             config_version = self.snapshot.version.id.as_str(),
         );
     }
@@ -137,7 +173,7 @@ impl Exchange {
         let mut resp = HttpResponse::build(status_code(status));
         resp.insert_header((ax::CONTENT_TYPE, "application/json"));
         resp.insert_header(("x-request-id", self.request_id.as_bytes()));
-        self.emit(status, len, true);
+        self.emit(status, len, Ok(()));
         self.with_extra(resp.body(body))
     }
 }
@@ -170,6 +206,7 @@ pub(crate) async fn handle(
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
+    let conn = req.conn_data::<Rc<ConnState>>();
     let mut ex = Exchange {
         snapshot,
         started,
@@ -188,21 +225,24 @@ pub(crate) async fn handle(
         state: state.clone(),
         extra: Vec::new(),
         auth_headers: Vec::new(),
-        drop_header: None,
+        drop_token: None,
         in_flight: None,
         slot: None,
+        buffered: None,
+        _busy: conn.map(ConnState::begin),
+        conn: conn.cloned(),
     };
     state.recorder.metrics().in_flight.inc();
 
     if let Err(why) = check_request(&req) {
         return ex.error(400, why);
     }
-    let path = match normalize_path(req.uri().path()) {
+    let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
         Ok(p) => p.into_owned(),
         Err(PathError::NotOriginForm)
             if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
         {
-            ex.emit(200, 0, true);
+            ex.emit(200, 0, Ok(()));
             return HttpResponse::Ok()
                 .insert_header(("x-request-id", ex.request_id.as_bytes()))
                 .finish();
@@ -211,6 +251,8 @@ pub(crate) async fn handle(
     };
     ex.path.clone_from(&path);
     let snap = Arc::clone(&ex.snapshot);
+    // The client's query without the token, when auth took it out.
+    let mut query_without_token: Option<Option<String>> = None;
     let mut incoming = Incoming {
         method: req.method().as_str(),
         host: &ex.host,
@@ -236,7 +278,7 @@ pub(crate) async fn handle(
         {
             ex.route = Some(pm.route);
             let (status, resp) = edge::preflight(cors, &req, asked, &ex.request_id);
-            ex.emit(status, 0, true);
+            ex.emit(status, 0, Ok(()));
             return resp;
         }
     }
@@ -255,15 +297,21 @@ pub(crate) async fn handle(
     let Some(route) = snap.routes.get(m.route) else {
         return ex.error(500, "internal routing error");
     };
+    // The client headers that exist from here on, for auth, the policy and the upstream.
+    let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
     if let Some(cors) = &route.cors {
         ex.extra = edge::cors_headers(cors, &req);
     }
     if let Some(auth) = &route.auth {
-        match edge::authenticate(auth, &req).await {
+        match edge::authenticate(auth, &req, inbound).await {
             Ok(Some(verified)) => {
                 ex.auth_headers = verified.headers;
-                ex.drop_header = verified.drop_header;
+                ex.drop_token = verified.drop_token;
                 incoming.claims = Some(verified.claims);
+                query_without_token = verified.query;
+                if let Some(q) = &query_without_token {
+                    incoming.query = q.as_deref();
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -280,15 +328,7 @@ pub(crate) async fn handle(
                     .auth_failures
                     .with_label_values(&[route.name.as_str(), e.reason()])
                     .inc();
-                let status = e.status();
-                let mut resp = ex.error(
-                    status,
-                    if status == 403 {
-                        "forbidden"
-                    } else {
-                        "a valid token is required"
-                    },
-                );
+                let mut resp = ex.error(e.status(), e.message());
                 if let Ok(v) = ax::HeaderValue::from_bytes(e.www_authenticate().as_bytes()) {
                     resp.headers_mut().insert(ax::WWW_AUTHENTICATE, v);
                 }
@@ -311,10 +351,15 @@ pub(crate) async fn handle(
             .rate_limited
             .with_label_values(&[route.name.as_str()])
             .inc();
-        ex.emit(429, 0, true);
+        ex.emit(429, 0, Ok(()));
         return ex.with_extra(limited);
     }
-    let (_, plan) = decide::request(&snap, &m, &incoming, || client_headers(&req));
+    let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(&req, inbound));
+    if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
+        && f.query.is_none()
+    {
+        f.query = Some(q);
+    }
     match plan {
         Plan::Forward(f) => forward(ex, &req, payload, &state, route, f).await,
         other => answer(&ex, &state, other),
@@ -340,11 +385,13 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
     }
 }
 
-/// The client's request headers as the policy sees them (only built for routes with a policy).
-fn client_headers(req: &HttpRequest) -> ClientHeaders {
+/// The client's request headers as the policy sees them (only built for routes with a policy):
+/// those `inbound` keeps.
+fn client_headers(req: &HttpRequest, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
     req.headers()
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .filter(|(n, _)| inbound.keeps(n))
         .collect()
 }
 
@@ -367,7 +414,67 @@ fn check_request(req: &HttpRequest) -> Result<(), &'static str> {
     if hosts == 0 && req.version() == actix_web::http::Version::HTTP_11 {
         return Err("HTTP/1.1 requests need a Host header");
     }
+    if let Some(host) = h.get(ax::HOST)
+        && !valid_host(host.as_bytes())
+    {
+        return Err("the Host header is not a valid host[:port]");
+    }
     Ok(())
+}
+
+/// `host [ ":" port ]` of RFC 9110 §7.2: a registered name (unreserved, percent-encoded and
+/// sub-delimiter characters) or a bracketed IP literal, and an optional decimal port. Spaces,
+/// `/`, `@`, `?`, `#` and `\` never appear in one, and would confuse whatever reads the host
+/// after the gateway (routing, redirects, logs).
+fn valid_host(h: &[u8]) -> bool {
+    let (host, port) = if h.first() == Some(&b'[') {
+        let Some(end) = h.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &h[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        (&h[..=end], &h[end + 1..])
+    } else {
+        match h.iter().position(|&b| b == b':') {
+            Some(i) => (&h[..i], &h[i..]),
+            None => (h, &h[h.len()..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let name_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host.iter().all(|&b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            }));
+    port_ok && name_ok
 }
 
 fn host_of(req: &HttpRequest) -> Option<&str> {
@@ -390,7 +497,7 @@ fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
         resp.append_header((name.as_str(), value.as_bytes()));
     }
     resp.insert_header(("x-request-id", ex.request_id.as_bytes()));
-    ex.emit(r.status, r.body.len() as u64, true);
+    ex.emit(r.status, r.body.len() as u64, Ok(()));
     ex.with_extra(resp.body(r.body.clone()))
 }
 
@@ -428,13 +535,6 @@ async fn forward(
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
     ex.upstream = Some(Arc::clone(&upstream));
-    match upstream
-        .shared
-        .acquire_request(upstream.limits.max_requests)
-    {
-        Ok(slot) => ex.slot = slot,
-        Err(o) => return overloaded(&ex, state, &upstream, o),
-    }
 
     let declared_len = match content_length(req) {
         Ok(n) => n,
@@ -458,13 +558,28 @@ async fn forward(
         declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
     let mut body = if !has_body {
         Outgoing::Empty
-    } else if may_resend && declared_len.is_some_and(|n| n <= retry.replay_body_limit) {
+    } else if let Some(expected) =
+        declared_len.filter(|&n| may_resend && n <= retry.replay_body_limit)
+    {
+        // Held whole so that a retry can send it again: counted against the worker's cap
+        // before a byte of it is read.
+        let cap = ex.snapshot.limits.max_buffered_bodies;
+        match Buffered::reserve(&state.buffered, expected, cap) {
+            Some(b) => ex.buffered = Some(b),
+            None => {
+                return ex.error(
+                    503,
+                    "the gateway is holding too many request bodies; try again",
+                );
+            }
+        }
         let stats = Rc::new(BodyStats::default());
         ex.body = Some(Rc::clone(&stats));
         let mut payload = payload.into_inner();
         // Read before any attempt, so the client gets the route's timeout to send it (a
         // streamed body is bounded by the attempt's timeout the same way).
-        let read = read_request_body(&mut payload, route.max_body_size, &stats);
+        let idle = ex.snapshot.limits.body_idle_timeout;
+        let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
         match tokio::time::timeout(route.timeout, read).await {
             Ok(Ok(b)) => Outgoing::Replayable(b),
             Ok(Err(BodyError::TooLarge { .. })) => {
@@ -473,11 +588,17 @@ async fn forward(
             Ok(Err(BodyError::Client(_))) => {
                 return ex.error(400, "the request body could not be read");
             }
-            Err(_) => return ex.error(408, "the request body was not received in time"),
+            Ok(Err(BodyError::Idle(_))) | Err(_) => {
+                return body_timeout(&ex, state);
+            }
         }
     } else {
-        let (body, stats) =
-            stream_request_body(payload.into_inner(), declared_len, route.max_body_size);
+        let (body, stats) = stream_request_body(
+            payload.into_inner(),
+            declared_len,
+            route.max_body_size,
+            ex.snapshot.limits.body_idle_timeout,
+        );
         ex.body = Some(stats);
         Outgoing::Once(Some(body))
     };
@@ -507,6 +628,15 @@ async fn forward(
         tried: Vec::new(),
         deadline,
     };
+    // The upstream's place is taken only now that the request can go out: a client slow to
+    // send a replayable body holds no place under the upstream's `max_requests`.
+    match upstream
+        .shared
+        .acquire_request(upstream.limits.max_requests)
+    {
+        Ok(slot) => ex.slot = slot,
+        Err(o) => return overloaded(&ex, state, &upstream, o),
+    }
     loop {
         let Some(index) = upstream.pick(key, &retries.tried) else {
             state
@@ -577,6 +707,9 @@ async fn forward(
         match &error {
             ForwardError::BodyTooLarge => {
                 return ex.error(413, "request body is larger than this route accepts");
+            }
+            ForwardError::ClientBody(_) if ex.body.as_ref().is_some_and(|b| b.idle.get()) => {
+                return body_timeout(&ex, state);
             }
             ForwardError::ClientBody(_) => {
                 return ex.error(400, "the request body could not be read");
@@ -690,6 +823,24 @@ impl Retries {
     }
 }
 
+/// 408: the client paused too long while sending its body.
+fn body_timeout(ex: &Exchange, state: &WorkerState) -> HttpResponse {
+    state
+        .recorder
+        .metrics()
+        .client_timeouts
+        .with_label_values(&["body"])
+        .inc();
+    let mut resp = ex.error(408, "the request body was not received in time");
+    // The rest of the body may still be on its way: the connection cannot carry another request.
+    resp.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
+    if let Some(conn) = &ex.conn {
+        conn.close();
+    }
+    resp
+}
+
 /// 503 from an upstream's circuit breaker.
 fn overloaded(
     ex: &Exchange,
@@ -774,7 +925,8 @@ fn upstream_headers(
             request_id: &ex.request_id,
             upstream_host: &route.upstream_host,
             target_authority: target.authority.as_str(),
-            drop_header: ex.drop_header.as_ref(),
+            inbound: crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
+            drop_token: ex.drop_token.as_ref(),
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
         },
@@ -867,7 +1019,7 @@ fn client_response(
         || status == 304
         || (100..200).contains(&status);
     if no_body {
-        ex.emit(status, 0, true);
+        ex.emit(status, 0, Ok(()));
         // A HEAD response announces the length of the body it does not carry.
         return match declared {
             Some(n) if req.method() == actix_web::http::Method::HEAD => out.body(HeadBody(n)),
@@ -880,6 +1032,50 @@ fn client_response(
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
-    let on_finish: OnFinish = Box::new(move |bytes, clean| ex.emit(status, bytes, clean));
-    out.body(UpstreamBody::new(body, size, Some(on_finish)))
+    let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
+    out.body(UpstreamBody::new(
+        body,
+        size,
+        route.read_timeout,
+        Some(on_finish),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn host_header_must_be_host_and_port() {
+        for ok in [
+            "example.com",
+            "api.example.com:8443",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "xn--bcher-kva.example",
+            "under_score.internal",
+            "example.com:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok} should be valid");
+        }
+        for bad in [
+            "",
+            "a b.com",
+            "evil.com/path",
+            "user@evil.com",
+            "evil.com?x=1",
+            "evil.com#frag",
+            "a\\b.com",
+            "example.com:80a",
+            "example.com:123456",
+            ":80",
+            "[::1",
+            "[]:80",
+            "[evil.com]",
+            "example.com:80:90",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} should be refused");
+        }
+    }
 }

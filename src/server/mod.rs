@@ -7,12 +7,14 @@
 mod admin;
 mod edge;
 mod handler;
+mod listener;
 pub mod webhooks;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
 use actix_web::{App, HttpServer, web};
 
 use crate::proxy::pool::LocalPool;
@@ -49,7 +51,8 @@ pub struct ServeOptions {
     pub access_log: bool,
     /// Idle keep-alive time for client connections.
     pub keep_alive: Duration,
-    /// Time a client has to send its request head (slowloris guard).
+    /// Time a client has to send its first request head, before the config's own
+    /// `[limits] header_timeout` takes over (slowloris guard).
     pub client_request_timeout: Duration,
 }
 
@@ -75,6 +78,8 @@ pub(crate) struct WorkerState {
     pub access_log: bool,
     pub recorder: crate::telemetry::recorder::Recorder,
     pub limiters: edge::WorkerLimiters,
+    /// Bytes of request bodies this worker holds for retries (`[limits] max_buffered_bodies`).
+    pub buffered: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
 /// Both listeners, bound and running inside the current actix system.
@@ -134,26 +139,68 @@ pub fn start(
         Arc::downgrade(&limiters),
     ));
     actix_web::rt::spawn(crate::upstream::health::supervise(Arc::downgrade(&store)));
-    let proxy = HttpServer::new(move || {
-        let state = WorkerState {
-            store: Arc::clone(&proxy_store),
-            pool: LocalPool::new(),
-            access_log,
-            recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
-            limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
-        };
-        App::new()
-            .app_data(web::Data::new(state))
-            .app_data(web::PayloadConfig::new(usize::MAX))
-            .default_service(web::to(handler::handle))
-    })
-    .workers(opts.workers.max(1))
-    .keep_alive(opts.keep_alive)
-    .client_request_timeout(opts.client_request_timeout)
-    .shutdown_timeout(grace)
-    .disable_signals()
-    .listen(listener)?
-    .run();
+    let counts = Arc::new(listener::ConnCounts::new(
+        control.metrics.client_connections.clone(),
+    ));
+    let keep_alive = opts.keep_alive;
+    let request_timeout = opts.client_request_timeout;
+    // Built from its parts rather than with `HttpServer`, so that each accepted socket passes
+    // through `listener::accept` (limits, TCP_NODELAY, the head timeout of every request).
+    let builder = actix_server::Server::build();
+    let shutdown_signal = builder.graceful_shutdown_signal();
+    let proxy = builder
+        .workers(opts.workers.max(1))
+        .shutdown_timeout(grace)
+        .disable_signals()
+        .listen("rustygate-proxy", listener, move || {
+            let state = WorkerState {
+                store: Arc::clone(&proxy_store),
+                pool: LocalPool::new(),
+                access_log,
+                recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
+                limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
+                buffered: Default::default(),
+            };
+            let app = App::new()
+                .app_data(web::Data::new(state))
+                .app_data(web::PayloadConfig::new(usize::MAX))
+                .default_service(web::to(handler::handle))
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response());
+            let signal = shutdown_signal.clone();
+            let http = actix_http::HttpService::build()
+                .keep_alive(keep_alive)
+                .client_request_timeout(request_timeout)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                // A client that closes its side is gone: its request is dropped at once, with
+                // its upstream connection and its place under the upstream's limits.
+                .h1_allow_half_closed(false)
+                .local_addr(addr)
+                .graceful_shutdown_signal(move || {
+                    let signal = signal.clone();
+                    async move { signal.notified().await }
+                })
+                .on_connect_ext(|io: &listener::ClientIo, ext| {
+                    ext.insert(std::rc::Rc::clone(io.state()));
+                })
+                .finish(map_config(app, |_| actix_web::dev::AppConfig::default()));
+            let store = Arc::clone(&proxy_store);
+            let counts = Arc::clone(&counts);
+            let metrics = Arc::clone(&metrics);
+            fn_service(move |io: tokio::net::TcpStream| {
+                let admitted = listener::accept(io, &store, &counts, &metrics);
+                async move {
+                    match admitted {
+                        Some((io, peer)) => Ok((io, actix_http::Protocol::Http1, peer)),
+                        None => Err(actix_http::error::DispatchError::Io(
+                            std::io::ErrorKind::ConnectionRefused.into(),
+                        )),
+                    }
+                }
+            })
+            .and_then(http)
+        })?
+        .run();
 
     let admin_state = web::Data::new(admin::AdminState::new(store, control));
     let admin = HttpServer::new(move || {

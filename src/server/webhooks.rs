@@ -2,7 +2,8 @@
 //!
 //! Everything here runs before any JSON is parsed, over the raw body, in constant time.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -75,40 +76,128 @@ impl ReplayGuard {
     }
 }
 
-/// A fixed-window limit for the webhook and admin endpoints.
-pub struct WindowLimit {
-    inner: Mutex<(Instant, u32)>,
+/// Failed authentications per client address, in fixed windows: the webhook and admin
+/// endpoints' rate limit. Only failures count, and they are counted after the signature or token
+/// check, so that forged calls (however many, from wherever) never turn away a valid signed one;
+/// they only turn the forger's own 401s into 429s.
+pub struct FailureLimit {
+    inner: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     per_window: u32,
     window: Duration,
+    /// Most client addresses tracked; a flood from many addresses evicts the oldest windows
+    /// rather than growing the table.
+    max_clients: usize,
 }
 
-impl WindowLimit {
-    pub fn new(per_window: u32, window: Duration) -> Self {
+impl FailureLimit {
+    pub fn new(per_window: u32, window: Duration, max_clients: usize) -> Self {
         Self {
-            inner: Mutex::new((Instant::now(), 0)),
+            inner: Mutex::new(HashMap::new()),
             per_window,
             window,
+            max_clients: max_clients.max(1),
         }
     }
 
-    pub fn allow(&self) -> bool {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if now.duration_since(g.0) >= self.window {
-            *g = (now, 0);
+    /// Counts one failed authentication from `client`; true while the client is within its
+    /// limit (answer 401), false once over it (answer 429).
+    pub fn record_failure(&self, client: IpAddr) -> bool {
+        self.record_failure_at(client, Instant::now())
+    }
+
+    fn record_failure_at(&self, client: IpAddr, now: Instant) -> bool {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(&client) && map.len() >= self.max_clients {
+            let window = self.window;
+            map.retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
+            if map.len() >= self.max_clients
+                && let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, (start, _))| *start)
+                    .map(|(ip, _)| *ip)
+            {
+                map.remove(&oldest);
+            }
         }
-        g.1 += 1;
-        g.1 <= self.per_window
+        let entry = map.entry(client).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        entry.1 <= self.per_window
+    }
+
+    /// Client addresses tracked (for tests).
+    pub fn tracked(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
-/// The branch a push event is for (`refs/heads/main` → `main`), read from the JSON body.
-pub fn pushed_branch(body: &[u8]) -> Option<String> {
+/// The all-zero SHA GitHub and GitLab send as `after` when a ref is deleted.
+const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+
+/// What the gateway reads from a push event (GitHub `push`, GitLab `Push Hook`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    /// The full ref, e.g. `refs/heads/main` or `refs/tags/v1`.
+    pub reference: String,
+    /// The commit the ref points to after the push; `None` when the payload has none.
+    pub after: Option<String>,
+    /// The push deleted the ref (GitHub `deleted: true`, or an all-zero `after`).
+    pub deleted: bool,
+}
+
+/// Reads a push event from the JSON body (already authenticated). `None`: not a push payload.
+pub fn parse_push(body: &[u8]) -> Option<Push> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("ref")?
-        .as_str()?
-        .strip_prefix("refs/heads/")
-        .map(str::to_owned)
+    let reference = v.get("ref")?.as_str()?.to_owned();
+    let after = v
+        .get("after")
+        .and_then(|a| a.as_str())
+        .map(str::to_ascii_lowercase);
+    let deleted = v.get("deleted").and_then(|d| d.as_bool()) == Some(true)
+        || after.as_deref() == Some(ZERO_SHA);
+    Some(Push {
+        reference,
+        after,
+        deleted,
+    })
+}
+
+/// What to do with an authenticated push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushAction {
+    /// Queue a fetch of the tracked ref.
+    Reload,
+    /// Acknowledge (202) without acting, for the reason given.
+    Ignore(&'static str),
+}
+
+/// Decides on a push. `tracked`: the followed branch (`None` for a pinned ref, which any push
+/// may have moved); `seen`: whether a SHA was already applied or attempted, which a push for the
+/// same commit (a redelivery, or a replay under a new delivery id) cannot change.
+pub fn push_action(
+    push: &Push,
+    tracked: Option<&str>,
+    seen: impl Fn(&str) -> Option<&'static str>,
+) -> PushAction {
+    if push.reference.starts_with("refs/tags/") && tracked.is_some() {
+        return PushAction::Ignore("tag push ignored");
+    }
+    if let Some(tracked) = tracked {
+        match push.reference.strip_prefix("refs/heads/") {
+            Some(b) if b == tracked => {}
+            Some(_) => return PushAction::Ignore("push to another branch ignored"),
+            None => return PushAction::Ignore("push to a ref that is not a branch ignored"),
+        }
+    }
+    if push.deleted {
+        return PushAction::Ignore("ref deletion ignored; the applied config keeps serving");
+    }
+    if let Some(why) = push.after.as_deref().and_then(seen) {
+        return PushAction::Ignore(why);
+    }
+    PushAction::Reload
 }
 
 #[cfg(test)]
@@ -163,20 +252,88 @@ mod tests {
     }
 
     #[test]
-    fn window_limit() {
-        let l = WindowLimit::new(2, Duration::from_secs(60));
-        assert!(l.allow());
-        assert!(l.allow());
-        assert!(!l.allow());
+    fn failures_are_limited_per_client_and_window() {
+        let l = FailureLimit::new(2, Duration::from_secs(60), 100);
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let t0 = Instant::now();
+        assert!(l.record_failure_at(a, t0));
+        assert!(l.record_failure_at(a, t0));
+        assert!(!l.record_failure_at(a, t0), "third failure in the window");
+        assert!(
+            l.record_failure_at(b, t0),
+            "another client has its own window"
+        );
+        assert!(
+            l.record_failure_at(a, t0 + Duration::from_secs(61)),
+            "a new window starts afresh"
+        );
     }
 
     #[test]
-    fn push_branch() {
+    fn failure_table_is_capped() {
+        let l = FailureLimit::new(1, Duration::from_secs(60), 3);
+        let t0 = Instant::now();
+        for i in 0..10u8 {
+            l.record_failure_at(
+                IpAddr::from([10, 0, 0, i]),
+                t0 + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(l.tracked(), 3);
+        // The newest client is still tracked: its second failure is over the limit.
+        assert!(!l.record_failure_at(IpAddr::from([10, 0, 0, 9]), t0 + Duration::from_millis(20)));
+    }
+
+    fn push(reference: &str, after: &str) -> Push {
+        let body =
+            serde_json::json!({ "ref": reference, "after": after, "before": "1".repeat(40) });
+        parse_push(body.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn push_decisions() {
+        let sha = "a".repeat(40);
+        let never = |_: &str| None;
+        let main = Some("main");
         assert_eq!(
-            pushed_branch(br#"{"ref":"refs/heads/main"}"#).as_deref(),
-            Some("main")
+            push_action(&push("refs/heads/main", &sha), main, never),
+            PushAction::Reload
         );
-        assert_eq!(pushed_branch(br#"{"ref":"refs/tags/v1"}"#), None);
-        assert_eq!(pushed_branch(b"not json"), None);
+        assert!(matches!(
+            push_action(&push("refs/heads/feature", &sha), main, never),
+            PushAction::Ignore(w) if w.contains("another branch")
+        ));
+        assert!(matches!(
+            push_action(&push("refs/tags/v1", &sha), main, never),
+            PushAction::Ignore(w) if w.contains("tag")
+        ));
+        assert!(matches!(
+            push_action(&push("refs/heads/feature", ZERO_SHA), main, never),
+            PushAction::Ignore(_)
+        ));
+        assert!(matches!(
+            push_action(&push("refs/heads/main", ZERO_SHA), main, never),
+            PushAction::Ignore(w) if w.contains("deletion")
+        ));
+        let applied = |s: &str| (s == "a".repeat(40)).then_some("commit already applied");
+        assert_eq!(
+            push_action(
+                &push("refs/heads/main", &sha.to_ascii_uppercase()),
+                main,
+                applied
+            ),
+            PushAction::Ignore("commit already applied")
+        );
+        assert_eq!(
+            push_action(&push("refs/heads/main", &"b".repeat(40)), main, applied),
+            PushAction::Reload
+        );
+        // A pinned ref may be a tag or any branch: every push of a new commit is looked at.
+        assert_eq!(
+            push_action(&push("refs/tags/v1", &sha), None, never),
+            PushAction::Reload
+        );
+        assert_eq!(parse_push(b"not json"), None);
+        assert_eq!(parse_push(br#"{"zen":"hi"}"#), None);
     }
 }

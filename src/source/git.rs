@@ -184,8 +184,16 @@ pub fn resolve(repo: &Repository, rev: &str) -> Result<Oid, GitError> {
 }
 
 /// Writes the files of `commit` (only those under `subdir`, if given) into `dest`, which must
-/// not exist yet. Symlinks and submodules are skipped: a config repo is plain files, and a link
-/// must not lead the compiler outside the checkout.
+/// not exist yet. Submodules are skipped.
+///
+/// Symlinks are exported as symlinks, so that a git source follows the same rule as a plain
+/// directory: the config loader ([`crate::config::files`]) resolves every path and reports one
+/// that a link leads out of the repo as a located error, instead of the file seeming absent.
+/// They are created after every file and directory is written, so no write ever goes through a
+/// link (a crafted tree can hold a link and a directory under one name).
+///
+/// A blob larger than the config file cap is not inflated: its file is written as a sparse file
+/// just over the cap, which the loader then reports as too large.
 pub fn export_tree(
     repo: &Repository,
     commit: Oid,
@@ -204,7 +212,9 @@ pub fn export_tree(
             .map_err(|_| GitError::NoSubdir(sub.display().to_string()))?;
     }
     std::fs::create_dir_all(dest).map_err(io(dest))?;
+    let odb = repo.odb()?;
     let mut failure: Option<GitError> = None;
+    let mut links: Vec<(PathBuf, Oid)> = Vec::new();
     let walked = tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         let Some(name) = entry.name() else {
             return TreeWalkResult::Skip;
@@ -217,10 +227,11 @@ pub fn export_tree(
         let path = dest.join(parent).join(name);
         let result = match entry.kind() {
             Some(ObjectType::Tree) => std::fs::create_dir_all(&path).map_err(io(&path)),
-            Some(ObjectType::Blob) if entry.filemode() != 0o120000 => repo
-                .find_blob(entry.id())
-                .map_err(GitError::from)
-                .and_then(|blob| std::fs::write(&path, blob.content()).map_err(io(&path))),
+            Some(ObjectType::Blob) if entry.filemode() == 0o120000 => {
+                links.push((path, entry.id()));
+                Ok(())
+            }
+            Some(ObjectType::Blob) => write_blob(repo, &odb, entry.id(), &path),
             _ => Ok(()),
         };
         match result {
@@ -236,7 +247,54 @@ pub fn export_tree(
         return Err(e);
     }
     walked?;
+    for (path, id) in links {
+        write_link(repo, id, dest, &path)?;
+    }
     Ok(())
+}
+
+/// Writes one regular blob, or a sparse stand-in when it is over the config file cap.
+fn write_blob(
+    repo: &Repository,
+    odb: &git2::Odb<'_>,
+    id: Oid,
+    path: &Path,
+) -> Result<(), GitError> {
+    let cap = crate::config::files::CONFIG_FILE_CAP;
+    let (size, _) = odb.read_header(id)?;
+    if size as u64 > cap {
+        let f = std::fs::File::create(path).map_err(io(path))?;
+        return f.set_len(cap + 1).map_err(io(path));
+    }
+    let blob = repo.find_blob(id)?;
+    std::fs::write(path, blob.content()).map_err(io(path))
+}
+
+/// Creates one symlink of the tree. Its parent must be a directory this export created (not a
+/// link), and nothing may exist at its path yet.
+fn write_link(repo: &Repository, id: Oid, dest: &Path, path: &Path) -> Result<(), GitError> {
+    use std::os::unix::ffi::OsStrExt;
+    let unsafe_path = || {
+        GitError::UnsafePath(
+            path.strip_prefix(dest)
+                .unwrap_or(path)
+                .display()
+                .to_string(),
+        )
+    };
+    let parent_is_dir = path
+        .parent()
+        .and_then(|p| std::fs::symlink_metadata(p).ok())
+        .is_some_and(|m| m.file_type().is_dir());
+    if !parent_is_dir {
+        return Err(unsafe_path());
+    }
+    let blob = repo.find_blob(id)?;
+    let target = std::ffi::OsStr::from_bytes(blob.content());
+    if blob.content().len() > 4096 || blob.content().contains(&0) {
+        return Err(unsafe_path());
+    }
+    std::os::unix::fs::symlink(target, path).map_err(io(path))
 }
 
 /// A tree entry name that stays inside the directory it is written to.
@@ -282,6 +340,80 @@ mod tests {
         let err = export_tree(&repo, commit, None, &dest).unwrap_err();
         assert!(matches!(err, GitError::UnsafePath(_)), "{err}");
         assert!(!dir.path().join("out/escaped.txt").exists());
+    }
+
+    /// A commit holding `entries` as its root tree, written raw: a hostile remote is not bound
+    /// by what `TreeBuilder` allows (duplicate names).
+    fn raw_commit(repo: &Repository, entries: &[(&str, &str, Oid)]) -> Oid {
+        let mut raw = Vec::new();
+        for (mode, name, oid) in entries {
+            raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+            raw.extend_from_slice(oid.as_bytes());
+        }
+        let tree = repo.odb().unwrap().write(ObjectType::Tree, &raw).unwrap();
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        repo.commit(None, &sig, &sig, "c", &tree, &[]).unwrap()
+    }
+
+    #[test]
+    fn a_link_and_a_directory_under_one_name_never_write_through_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let target = repo
+            .blob(outside.path().to_str().unwrap().as_bytes())
+            .unwrap();
+        let file = repo.blob(b"written").unwrap();
+        let mut inner = repo.treebuilder(None).unwrap();
+        inner.insert("a.toml", file, 0o100644).unwrap();
+        let inner = inner.write().unwrap();
+        // The link first, so a one-pass export would create it before writing `routes/a.toml`.
+        let commit = raw_commit(
+            &repo,
+            &[("120000", "routes", target), ("40000", "routes", inner)],
+        );
+        let dest = dir.path().join("export");
+        assert!(export_tree(&repo, commit, None, &dest).is_err());
+        assert!(!outside.path().join("a.toml").exists());
+        let meta = std::fs::symlink_metadata(dest.join("routes")).unwrap();
+        assert!(meta.is_dir(), "the directory was written, the link refused");
+    }
+
+    #[test]
+    fn links_are_exported_as_links_and_big_blobs_as_sparse_stand_ins() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let cap = crate::config::files::CONFIG_FILE_CAP;
+        let big = repo.blob(&vec![b'#'; cap as usize + 10]).unwrap();
+        let small = repo.blob(b"x = 1").unwrap();
+        let link = repo.blob(b"small.toml").unwrap();
+        let commit = raw_commit(
+            &repo,
+            &[
+                ("100644", "big.toml", big),
+                ("120000", "link.toml", link),
+                ("100644", "small.toml", small),
+            ],
+        );
+        let dest = dir.path().join("export");
+        export_tree(&repo, commit, None, &dest).unwrap();
+        let meta = std::fs::metadata(dest.join("big.toml")).unwrap();
+        assert_eq!(
+            meta.len(),
+            cap + 1,
+            "just over the cap, not the blob's size"
+        );
+        let head = std::fs::read(dest.join("big.toml")).unwrap();
+        assert!(head.iter().all(|b| *b == 0), "not inflated from the blob");
+        assert_eq!(
+            std::fs::read_link(dest.join("link.toml")).unwrap(),
+            Path::new("small.toml")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.join("link.toml")).unwrap(),
+            "x = 1"
+        );
     }
 
     #[test]

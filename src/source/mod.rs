@@ -4,7 +4,8 @@
 //! Source::Dir  (plain directory)            ─┐
 //! Source::Git  (bare mirror ──► export/SHA) ─┴─► Source::load ──► compile ──► Candidate
 //! ```
-//! `load` runs on a blocking thread (git and the compiler do I/O and CPU work) and decides
+//! `load` runs on its own thread with a deadline (git and the compiler do I/O and CPU work;
+//! see [`reload::load_off_loop`]) and decides
 //! whether there is anything new: a version that is already applied, or that already failed,
 //! is not compiled again unless the reload is forced.
 
@@ -52,6 +53,8 @@ pub enum SourceError {
     Load(#[from] crate::config::LoadError),
     #[error("the reload was abandoned: the gateway is shutting down")]
     Cancelled,
+    #[error("{0}")]
+    Stuck(String),
 }
 
 impl SourceSpec {
@@ -166,6 +169,16 @@ impl Source {
             spec,
             mirror: None,
             cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A source that answers to an existing cancel flag: the one that replaces a load that was
+    /// abandoned at its deadline keeps obeying shutdown.
+    pub fn with_cancel(spec: SourceSpec, cancel: Arc<AtomicBool>) -> Source {
+        Source {
+            spec,
+            mirror: None,
+            cancel,
         }
     }
 

@@ -50,6 +50,14 @@ pub struct Metrics {
     /// `rustygate_upstream_no_target_total{upstream}`: requests answered 503 because no target
     /// was usable.
     pub upstream_no_target: IntCounterVec,
+    /// `rustygate_client_connections`: client connections open on the proxy listener.
+    pub client_connections: IntGauge,
+    /// `rustygate_client_connections_refused_total{limit}`: connections closed at accept by
+    /// `max_connections` or `max_connections_per_ip`.
+    pub connections_refused: IntCounterVec,
+    /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
+    /// was too slow (`header`: a request head, `body`: between request body bytes).
+    pub client_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -152,8 +160,26 @@ impl Metrics {
             "Requests answered 503 because no target of the upstream was usable.",
             &["upstream"],
         );
+        let client_connections = IntGauge::new(
+            "rustygate_client_connections",
+            "Client connections open on the proxy listener.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let connections_refused = counter(
+            "rustygate_client_connections_refused_total",
+            "Client connections closed at accept by a connection limit (max_connections, max_connections_per_ip).",
+            &["limit"],
+        );
+        let client_timeouts = counter(
+            "rustygate_client_timeouts_total",
+            "Client requests ended because the client was too slow, by phase (header, body).",
+            &["phase"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(client_connections.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(client_timeouts.clone()),
             Box::new(target_healthy.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_retries.clone()),
@@ -193,6 +219,9 @@ impl Metrics {
             upstream_retries,
             upstream_overflow,
             upstream_no_target,
+            client_connections,
+            connections_refused,
+            client_timeouts,
         }
     }
 
@@ -221,6 +250,14 @@ impl Metrics {
 
     pub fn reload_failed(&self) {
         self.config_reloads.with_label_values(&["failure"]).inc();
+    }
+
+    /// Adds a metric kept elsewhere (e.g. by the rate limiters, which outlive snapshots).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     /// The text exposition format.

@@ -22,7 +22,7 @@ use super::fixture::Case;
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::proxy::headers::Forwarding;
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
-use crate::router::normalize_path;
+use crate::router::normalize_path_with;
 use crate::snapshot::{Route, Snapshot, StaticResponse};
 
 /// The request id of a case whose request does not bring a valid one.
@@ -75,9 +75,13 @@ struct Run<'a> {
     route: Option<String>,
     /// The peer is a trusted proxy: its forwarding headers are believed.
     trusted: bool,
-    /// From auth: headers set from claims, and the token header not forwarded.
+    /// From auth: headers set from claims, where the token was (not forwarded), and the query
+    /// without it.
     auth_headers: Vec<(HeaderName, HeaderValue)>,
-    drop_header: Option<HeaderName>,
+    drop_token: Option<crate::filters::jwt::TokenPlace>,
+    query_without_token: Option<Option<String>>,
+    /// `[headers] allow_underscores`.
+    allow_underscores: bool,
 }
 
 impl Run<'_> {
@@ -153,7 +157,9 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         route: None,
         trusted: snap.client_ip.is_trusted(case.peer),
         auth_headers: Vec::new(),
-        drop_header: None,
+        drop_token: None,
+        query_without_token: None,
+        allow_underscores: snap.allow_underscores,
     };
     let client = client_ip(
         case.peer,
@@ -163,7 +169,7 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
             .map(|v| v.as_bytes()),
         &snap.client_ip,
     );
-    let path = match normalize_path(&case.path) {
+    let path = match normalize_path_with(&case.path, snap.paths) {
         Ok(p) => p.into_owned(),
         Err(e) => return run.error(400, &e.to_string()),
     };
@@ -201,8 +207,9 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         run.extra
             .push((http::header::VARY, HeaderValue::from_static("Origin")));
     }
+    let inbound = crate::proxy::headers::Inbound::for_route(snap, route);
     match (&route.auth, &case.claims) {
-        (Some(auth), _) => match authenticate(&mut run, auth) {
+        (Some(auth), _) => match authenticate(&mut run, auth, inbound) {
             Ok(claims) => incoming.claims = claims,
             Err(out) => return *out,
         },
@@ -216,9 +223,24 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         }
         (None, None) => {}
     }
-    let (_, plan) = decide::request(snap, &m, &incoming, || (&case.headers).into());
+    if let Some(q) = &run.query_without_token {
+        incoming.query = q.as_deref();
+    }
+    let kept = || {
+        case.headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .filter(|(n, _)| inbound.keeps(n))
+            .collect()
+    };
+    let (_, plan) = decide::request(snap, &m, &incoming, kept);
     match plan {
-        Plan::Forward(f) => forward(&run, route, f),
+        Plan::Forward(mut f) => {
+            if f.query.is_none() {
+                f.query.clone_from(&run.query_without_token);
+            }
+            forward(&run, route, f)
+        }
         other => run.answer(other),
     }
 }
@@ -227,41 +249,33 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
 fn authenticate(
     run: &mut Run<'_>,
     auth: &crate::snapshot::RouteAuth,
+    inbound: crate::proxy::headers::Inbound<'_>,
 ) -> Result<Option<decide::Claims>, Box<Outcome>> {
-    use crate::filters::jwt::{AuthError, Keys, TokenPlaces, TokenSource};
+    use crate::filters::jwt::{AuthError, Keys, TokenPlace, TokenPlaces, without_query_param};
     let p = &auth.provider;
     let h = &run.case.headers;
     let refused = |run: &Run<'_>, e: AuthError, note: Option<String>| {
-        let status = e.status();
-        let mut out = run.error(
-            status,
-            if status == 403 {
-                "forbidden"
-            } else {
-                "a valid token is required"
-            },
-        );
+        let mut out = run.error(e.status(), e.message());
         out.response_headers
             .insert(http::header::WWW_AUTHENTICATE, e.www_authenticate());
         out.note = note.or_else(|| Some(format!("auth refused the request: {}", e.reason())));
         Box::new(out)
     };
+    let mut place = None;
     let claims = if let Some(given) = &run.case.claims {
         p.check_rules(given).map_err(|e| refused(run, e, None))?;
         Arc::clone(given)
     } else {
-        let named = match &p.source {
-            TokenSource::Header(n) => header(h, n.as_str()),
-            _ => None,
-        };
-        let places = TokenPlaces {
-            authorization: header(h, "authorization"),
-            header: named,
-            query: run.case.query.as_deref(),
-            cookie: header(h, "cookie"),
-        };
+        let kept = h
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .filter(|(n, _)| inbound.keeps(n));
+        let places = TokenPlaces::collect(p, kept, run.case.query.as_deref());
         let token = match p.token(&places) {
-            Ok(Some(t)) => t,
+            Ok(Some((t, found))) => {
+                place = Some(found);
+                t
+            }
             Ok(None) if auth.optional => return Ok(None),
             Ok(None) => return Err(refused(run, AuthError::Missing, None)),
             Err(e) => return Err(refused(run, e, None)),
@@ -285,13 +299,13 @@ fn authenticate(
             }
         }
     };
-    run.auth_headers = p.claim_headers(&claims);
-    run.drop_header = match (&p.source, p.forward_token) {
-        (_, true) => None,
-        (TokenSource::Bearer, false) => Some(http::header::AUTHORIZATION),
-        (TokenSource::Header(n), false) => Some(n.clone()),
-        _ => None,
-    };
+    run.auth_headers = p
+        .claim_headers(&claims)
+        .map_err(|e| refused(run, e, None))?;
+    run.drop_token = place.and_then(|found| p.removal(found));
+    if let (Some(TokenPlace::Query(name)), Some(q)) = (&run.drop_token, &run.case.query) {
+        run.query_without_token = Some(without_query_param(q, name));
+    }
     Ok(Some(claims))
 }
 
@@ -430,7 +444,8 @@ fn upstream_headers(
             request_id: &run.request_id,
             upstream_host: &route.upstream_host,
             target_authority,
-            drop_header: run.drop_header.as_ref(),
+            inbound: crate::proxy::headers::Inbound::new(run.allow_underscores, route),
+            drop_token: run.drop_token.as_ref(),
             auth_headers: &run.auth_headers,
             rules: &route.request_headers,
         },

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -172,33 +172,15 @@ pub struct Expect {
     pub body_contains: Option<String>,
 }
 
-/// Reads every `tests/*.toml` under `root` into `files`, in name order. Problems are diagnostics;
-/// only an unreadable directory or file is an `Err`.
-pub fn load(
-    root: &Path,
-    files: &mut SourceFiles,
-    diags: &mut Diagnostics,
-) -> Result<Vec<Case>, (PathBuf, std::io::Error)> {
-    let dir = root.join("tests");
-    let mut paths = Vec::new();
-    if dir.is_dir() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| (dir.clone(), e))? {
-            let path = entry.map_err(|e| (dir.clone(), e))?.path();
-            if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
-                paths.push(path);
-            }
-        }
-    }
-    paths.sort();
+/// Reads every `tests/*.toml` under `root` into `files`, in name order. Every problem, an
+/// unreadable or refused file included, is a located diagnostic.
+pub fn load(root: &Path, files: &mut SourceFiles, diags: &mut Diagnostics) -> Vec<Case> {
+    // The same reader as the config files: inside the repo, regular files, size-capped.
     let mut cases = Vec::new();
-    for path in paths {
-        let text = std::fs::read_to_string(&path).map_err(|e| (path.clone(), e))?;
-        let name = path
-            .strip_prefix(root)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
-        let id = files.add(name, text);
+    for f in crate::config::files::read_toml_dir(root, "tests") {
+        let Some(id) = crate::config::load::add_file(files, diags, &f.name, f.text) else {
+            continue;
+        };
         for raw in parse_file(files, id, diags) {
             if let Some(c) = check(id, raw, diags) {
                 cases.push(c);
@@ -221,7 +203,7 @@ pub fn load(
             seen.insert(c.name.clone(), (c.file, c.span.clone()));
         }
     }
-    Ok(cases)
+    cases
 }
 
 /// The `[[test]]` tables of one file that fit the schema.

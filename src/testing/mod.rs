@@ -29,6 +29,8 @@ pub struct TestOptions {
     pub filter: Option<String>,
     /// Resolve secret references (`--env`); off by default so CI needs no secrets.
     pub resolve_secrets: bool,
+    /// Extra directories `{ file = ... }` secrets may be read from (`--secret-root`).
+    pub secret_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,11 +109,11 @@ pub fn run(opts: &TestOptions) -> Result<Report, TestError> {
         resolve_secrets: opts.resolve_secrets,
         version_id: None,
         source: opts.dir.display().to_string(),
+        secret_roots: opts.secret_roots.clone(),
     };
     let compiled = compile_dir(&opts.dir, &compile_opts)?;
     let (mut diagnostics, mut files) = (compiled.diagnostics, compiled.files);
-    let cases = fixture::load(&opts.dir, &mut files, &mut diagnostics)
-        .map_err(|(path, source)| TestError::Io { path, source })?;
+    let cases = fixture::load(&opts.dir, &mut files, &mut diagnostics);
     let mut report = Report {
         dir: opts.dir.clone(),
         diagnostics,

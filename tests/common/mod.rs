@@ -228,6 +228,8 @@ impl Gateway {
                 resolve_secrets: true,
                 version_id: None,
                 source: dir.display().to_string(),
+                // Tests keep their secret files in temp dirs.
+                secret_roots: vec![std::env::temp_dir()],
             },
         )
         .unwrap();

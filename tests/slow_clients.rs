@@ -1,0 +1,568 @@
+//! Slow, idle, stalled and aborting peers (docs/security.md, "Slow clients", "Memory",
+//! "Connections"): each is closed within its timeout + 1 s and gives back what it held. Raw
+//! sockets on loopback, against the gateway in-process or the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustygate::server::ServeOptions;
+
+/// Reads until the peer closes (or `limit` passes): what arrived and when it ended.
+fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
+    let started = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Reads one response with a `Content-Length` body from a kept-alive connection.
+fn read_response(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        out.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&out).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    head + String::from_utf8_lossy(&body).as_ref()
+}
+
+fn gateway(files: &[(&str, &str)], workers: usize) -> (Gateway, tempfile::TempDir) {
+    let dir = repo(files);
+    let gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers,
+            ..ServeOptions::default()
+        },
+    );
+    (gw, dir)
+}
+
+/// `proxy_to` plus a gateway.toml.
+fn with_gateway(
+    mut files: Vec<(&'static str, String)>,
+    gateway_toml: &str,
+) -> Vec<(&'static str, String)> {
+    files.push(("gateway.toml", gateway_toml.to_owned()));
+    files
+}
+
+fn hello_route() -> (&'static str, &'static str) {
+    (
+        "routes/r.toml",
+        "[[route]]\nname = \"hello\"\npath = \"/\"\nrespond = { status = 200, body = \"hi\" }\n",
+    )
+}
+
+/// An upstream on 127.0.0.1:0 that runs `script` on each accepted connection (with its index),
+/// each on its own thread.
+fn scripted_upstream(script: fn(TcpStream, usize)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (i, s) in listener.incoming().enumerate() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || script(s, i));
+        }
+    });
+    addr
+}
+
+/// Reads a request head from an upstream connection; false when the peer closed first.
+fn read_head(s: &mut TcpStream) -> bool {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+#[test]
+fn slowloris_on_the_first_and_on_a_later_request_head_gets_408_and_close() {
+    let (gw, _dir) = gateway(
+        &[
+            hello_route(),
+            ("gateway.toml", "[limits]\nheader_timeout = \"1s\"\n"),
+        ],
+        1,
+    );
+    // First request: half a head, then silence.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
+    let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+
+    // A later request on a kept-alive connection: one byte, then silence.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+    s.write_all(b"G").unwrap();
+    let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    let m = scrape(&gw);
+    assert_eq!(m["rustygate_client_timeouts_total{phase=\"header\"}"], 2.0);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_not_cut_by_the_header_timeout() {
+    let (gw, _dir) = gateway(
+        &[
+            hello_route(),
+            ("gateway.toml", "[limits]\nheader_timeout = \"1s\"\n"),
+        ],
+        1,
+    );
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+    // Idle between requests is the keep-alive timeout's business (75 s), not the head's.
+    std::thread::sleep(Duration::from_millis(2200));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn stalled_uploads_get_408_replayable_streamed_and_chunked() {
+    let echo = Backend::echo();
+    let files = with_gateway(
+        proxy_to(&[echo.url()], "", ""),
+        "[limits]\nbody_idle_timeout = \"1s\"\n",
+    );
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    for (what, head) in [
+        // PUT under the replay limit: read whole before it goes upstream.
+        (
+            "replayable",
+            "PUT /x HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789",
+        ),
+        // POST: streamed to the upstream as it arrives.
+        (
+            "streamed",
+            "POST /x HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789",
+        ),
+        (
+            "chunked",
+            "POST /x HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+        ),
+    ] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let mut first = [0u8; 12];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.read_exact(&mut first).unwrap();
+        let answered = started.elapsed();
+        assert_eq!(&first, b"HTTP/1.1 408", "{what}");
+        assert!(
+            answered >= Duration::from_millis(900) && answered < Duration::from_secs(2),
+            "{what}: answered after {answered:?}"
+        );
+        // Then closed: the rest of the body may still come, so the connection cannot be
+        // reused (actix lingers up to 1 s so that the 408 is not lost to a reset).
+        let (_, took) = read_to_close(&mut s, Duration::from_secs(5));
+        assert!(
+            answered + took < Duration::from_secs(3),
+            "{what}: closed after {took:?}"
+        );
+    }
+    let m = scrape(&gw);
+    assert_eq!(m["rustygate_client_timeouts_total{phase=\"body\"}"], 3.0);
+}
+
+#[test]
+fn a_stalled_upstream_body_aborts_the_client_and_the_log_says_why() {
+    let upstream = scripted_upstream(|mut s, _| {
+        if read_head(&mut s) {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+            std::thread::sleep(Duration::from_secs(10));
+        }
+    });
+    let files = proxy_to(&[format!("http://{upstream}")], "", "read_timeout = \"1s\"");
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let mut s = TcpStream::connect(&gw.listen).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 200"), "got {got:?}");
+    assert!(
+        got.ends_with("0123456789"),
+        "the first bytes are passed on: {got:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(2),
+        "aborted after {took:?}"
+    );
+    let logged = wait_until(Duration::from_secs(3), || {
+        gw.logs.lock().unwrap().lines().any(|l| {
+            l.contains("rustygate::access")
+                && l.contains("\"error\":\"upstream_read_timeout\"")
+                && l.contains(&format!("\"upstream_target\":\"http://{upstream}\""))
+                && l.contains("\"completed\":false")
+        })
+    });
+    assert!(logged, "access log:\n{}", gw.logs.lock().unwrap());
+}
+
+static STALLED_CLOSED: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn clients_that_go_away_from_a_stalled_upstream_give_their_places_back() {
+    // The first two upstream connections stall (and count when the gateway closes them); the
+    // next ones answer at once.
+    let upstream = scripted_upstream(|mut s, i| {
+        if !read_head(&mut s) {
+            return;
+        }
+        if i < 2 {
+            let mut buf = [0u8; 64];
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            STALLED_CLOSED.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let files = proxy_to(
+        &[format!("http://{upstream}")],
+        "circuit_breaker = { max_requests = 2 }",
+        "",
+    );
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let mut clients: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 2.0
+    }));
+    // Both places are taken: a third request is turned away.
+    assert_eq!(gw.get("/").0, 503);
+    // One client closes its side (FIN), the other closes outright.
+    clients[0].shutdown(std::net::Shutdown::Write).unwrap();
+    clients.truncate(1);
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || STALLED_CLOSED
+            .load(Ordering::SeqCst)
+            == 2),
+        "upstream connections still open after {:?}",
+        started.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(1), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 0.0
+    }));
+    assert_eq!(gw.get("/"), (200, "ok".to_owned()));
+}
+
+#[test]
+fn a_slow_replayable_body_holds_no_place_under_the_upstreams_limit() {
+    let echo = Backend::echo();
+    let files = proxy_to(&[echo.url()], "circuit_breaker = { max_requests = 1 }", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let mut slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.write_all(b"PUT /a HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 2.0
+    }));
+    let (status, _) = gw.get("/b");
+    assert_eq!(status, 200, "two slow uploads must not close the upstream");
+    // And the slow ones still go through once their bodies arrive.
+    for s in &mut slow {
+        s.write_all(b"hello").unwrap();
+        assert!(read_response(s).starts_with("HTTP/1.1 200"));
+    }
+}
+
+#[test]
+fn bodies_held_for_retries_are_capped_per_worker() {
+    let echo = Backend::echo();
+    let files = with_gateway(
+        proxy_to(&[echo.url()], "", ""),
+        "[limits]\nmax_buffered_bodies = \"100B\"\n",
+    );
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let mut held = TcpStream::connect(gw.addr).unwrap();
+    held.write_all(b"PUT /a HTTP/1.1\r\nHost: test\r\nContent-Length: 80\r\n\r\n")
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 1.0
+    }));
+    let body = [b'x'; 80];
+    let (status, text) = http(&gw.addr.to_string(), "PUT", "/b", &[], &body).unwrap();
+    assert_eq!(status, 503, "{text}");
+    // A streamed body (POST) is not held, so it is not refused.
+    assert_eq!(
+        http(&gw.addr.to_string(), "POST", "/c", &[], &body)
+            .unwrap()
+            .0,
+        200
+    );
+    held.write_all(&body).unwrap();
+    assert!(read_response(&mut held).starts_with("HTTP/1.1 200"));
+    // Given back once the first request ended.
+    assert_eq!(
+        http(&gw.addr.to_string(), "PUT", "/d", &[], &body)
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+/// Opens a connection from `source` (any 127.0.0.0/8 address) and proves it is served.
+fn served_from(source: [u8; 4], to: SocketAddr) -> Option<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from((source, 0))).unwrap();
+        sock.connect(to).await.unwrap().into_std().unwrap()
+    });
+    stream.set_nonblocking(false).unwrap();
+    let mut s = stream;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    let mut rest = [0u8; 512];
+    let _ = s.read(&mut rest);
+    buf.starts_with(b"HTTP/1.1 200").then_some(s)
+}
+
+#[test]
+fn connection_limits_refuse_early_and_count() {
+    let (gw, _dir) = gateway(
+        &[
+            hello_route(),
+            (
+                "gateway.toml",
+                "[limits]\nmax_connections = 3\nmax_connections_per_ip = 2\n",
+            ),
+        ],
+        2,
+    );
+    let a1 = served_from([127, 0, 0, 1], gw.addr).expect("first from .1");
+    let a2 = served_from([127, 0, 0, 1], gw.addr).expect("second from .1");
+    assert!(
+        served_from([127, 0, 0, 1], gw.addr).is_none(),
+        "third from .1 is over its cap"
+    );
+    let b1 = served_from([127, 0, 0, 2], gw.addr).expect("first from .2");
+    assert!(
+        served_from([127, 0, 0, 2], gw.addr).is_none(),
+        "over max_connections"
+    );
+    let m = scrape(&gw);
+    assert_eq!(m["rustygate_client_connections"], 3.0);
+    assert_eq!(
+        m["rustygate_client_connections_refused_total{limit=\"max_connections_per_ip\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["rustygate_client_connections_refused_total{limit=\"max_connections\"}"],
+        1.0
+    );
+    drop(a1);
+    assert!(wait_until(Duration::from_secs(2), || {
+        scrape(&gw)["rustygate_client_connections"] == 2.0
+    }));
+    let a3 = served_from([127, 0, 0, 1], gw.addr).expect("a place was given back");
+    drop((a2, a3, b1));
+}
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn memory_follows_the_bytes_received_not_the_limits() {
+    let echo = Backend::echo();
+    let files = proxy_to(
+        &[echo.url()],
+        "retries = { replay_body_limit = \"10MiB\" }",
+        "max_body_size = \"100MiB\"",
+    );
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let pid = gw.child.id();
+    // Warm up: the first requests allocate the worker's pools and buffers.
+    for _ in 0..5 {
+        assert_eq!(gw.get("/warm").map(|r| r.0), Some(200));
+    }
+    let before = rss(pid);
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(&gw.listen).unwrap();
+        s.write_all(b"PUT /a HTTP/1.1\r\nHost: test\r\nContent-Length: 16\r\n\r\nabc")
+            .unwrap();
+        conns.push(s);
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        gw.metric("rustygate_in_flight_requests") == Some(300.0)
+    }));
+    let grown = rss(pid).saturating_sub(before);
+    eprintln!("RSS grew by {} KiB for 300 slow PUTs", grown / 1024);
+    assert!(grown < 30 << 20, "RSS grew by {} MiB", grown >> 20);
+    for s in &mut conns {
+        s.write_all(b"defghijklmnop").unwrap();
+    }
+    for s in &mut conns {
+        assert!(read_response(s).starts_with("HTTP/1.1 200"));
+    }
+}
+
+#[test]
+fn responses_written_in_two_pieces_do_not_stall_a_kept_alive_client() {
+    // Like gunicorn: the head in one write, the body 5 ms later in another.
+    let upstream = scripted_upstream(|mut s, _| {
+        s.set_nodelay(true).unwrap();
+        while read_head(&mut s) {
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                .is_err()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            if s.write_all(b"hello").is_err() {
+                return;
+            }
+        }
+    });
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    // Like python's http.client or curl: each request leaves in one write, no TCP_NODELAY.
+    let mut client = TcpStream::connect(gw.addr).unwrap();
+    let mut get = || {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        read_response(&mut client)
+    };
+    assert!(get().ends_with("\r\n\r\nhello"));
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert!(get().ends_with("\r\n\r\nhello"));
+    }
+    let took = started.elapsed();
+    eprintln!("50 kept-alive requests: {took:?}");
+    // 50 × 5 ms of upstream pause is 0.25 s; a 40 ms delayed-ACK stall each would be 2 s+.
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+#[test]
+fn trace_and_connect_need_a_route_that_lists_them() {
+    let (gw, _dir) = gateway(
+        &[(
+            "routes/r.toml",
+            "[[route]]\nname = \"any\"\nprefix = \"/\"\nrespond = { status = 200, body = \"any\" }\n\n\
+             [[route]]\nname = \"traced\"\npath = \"/trace\"\nmethods = [\"TRACE\"]\n\
+             respond = { status = 200, body = \"traced\" }\n",
+        )],
+        1,
+    );
+    let addr = gw.addr.to_string();
+    let (status, _) = http(&addr, "TRACE", "/", &[], b"").unwrap();
+    assert_eq!(status, 405);
+    let (status, _) = http(&addr, "CONNECT", "/", &[], b"").unwrap();
+    assert_eq!(status, 405);
+    assert_eq!(
+        http(&addr, "TRACE", "/trace", &[], b"").unwrap(),
+        (200, "traced".to_owned())
+    );
+    assert_eq!(http(&addr, "GET", "/", &[], b"").unwrap().0, 200);
+}
+
+#[test]
+fn a_host_that_is_not_host_and_port_gets_400() {
+    let (gw, _dir) = gateway(&[hello_route()], 1);
+    for bad in [
+        "evil.com/x",
+        "user@evil.com",
+        "a b",
+        "evil.com?x",
+        "evil.com:80x",
+    ] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: {bad}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+        assert!(got.starts_with("HTTP/1.1 400"), "Host {bad:?}: {got:?}");
+    }
+    for good in ["example.com", "example.com:8080", "[::1]:8080", "127.0.0.1"] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: {good}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+        assert!(got.starts_with("HTTP/1.1 200"), "Host {good:?}: {got:?}");
+    }
+}
