@@ -174,6 +174,7 @@ fuzz_target!(|data: &[u8]| {
         resolve_secrets: false,
         version_id: None,
         source: "fuzz".into(),
+        ..CompileOptions::default()
     };
     // `Err` is an unreadable directory or a file that is not UTF-8: a clean refusal.
     let Ok(compiled) = compile_dir(root, &opts) else {

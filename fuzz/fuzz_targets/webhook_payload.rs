@@ -4,13 +4,17 @@
 //! * `secret_matches` is byte equality, and an empty secret never matches;
 //! * `github_signature_ok` accepts exactly `sha256=<hex of HMAC-SHA256(secret, body)>`: the
 //!   fuzzer may send the real signature, a damaged one, or bytes of its own;
-//! * `pushed_branch` returns a branch only for a JSON object whose `ref` is `refs/heads/<branch>`.
+//! * `parse_push` reads a push only from a JSON object with a string `ref`, and `push_action`
+//!   reloads only for the tracked branch (or any ref when none is tracked), never for a deletion
+//!   or a commit already seen.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
-use rustygate::server::webhooks::{github_signature_ok, pushed_branch, secret_matches};
+use rustygate::server::webhooks::{
+    PushAction, github_signature_ok, parse_push, push_action, secret_matches,
+};
 use sha2::Sha256;
 
 #[derive(Arbitrary, Debug)]
@@ -103,14 +107,31 @@ fuzz_target!(|input: Input<'_>| {
         "github_signature_ok({secret:?}, {body:?}, {header:?})"
     );
 
-    let branch = pushed_branch(body);
-    let expected = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("ref")?
-                .as_str()?
-                .strip_prefix("refs/heads/")
-                .map(str::to_owned)
-        });
-    assert_eq!(branch, expected, "pushed_branch({body:?})");
+    let push = parse_push(body);
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let expected_ref = json
+        .as_ref()
+        .and_then(|v| v.get("ref")?.as_str().map(str::to_owned));
+    assert_eq!(
+        push.as_ref().map(|p| p.reference.clone()),
+        expected_ref,
+        "parse_push({body:?})"
+    );
+    if let Some(push) = push {
+        let branch = push.reference.strip_prefix("refs/heads/");
+        for tracked in [Some("main"), branch, None] {
+            let action = push_action(&push, tracked, |_| None);
+            if action == PushAction::Reload {
+                assert!(!push.deleted, "a deletion reloads: {push:?}");
+                if let Some(t) = tracked {
+                    assert_eq!(branch, Some(t), "another ref reloads {t}: {push:?}");
+                }
+            }
+            // A commit already applied or attempted never reloads.
+            let seen = push_action(&push, tracked, |_| Some("already applied"));
+            if push.after.is_some() {
+                assert_ne!(seen, PushAction::Reload, "a seen commit reloads: {push:?}");
+            }
+        }
+    }
 });
