@@ -38,7 +38,10 @@ fn a_jwt_leeway_beyond_the_epoch_is_refused_or_verifies_without_overflow() {
     };
     let compiled = compile_dir(repo.path(), &opts).unwrap();
     let Some(snapshot) = compiled.snapshot else {
-        // Refusing such a leeway at compile time is a fix too.
+        // Refused at compile time, with a located error: the fix taken.
+        let text = compiled.diagnostics.render_human(&compiled.files);
+        assert!(text.contains("longer than 365 days"), "{text}");
+        assert!(text.contains("gateway.toml:1:"), "{text}");
         return;
     };
     let provider = &snapshot.routes[0].auth.as_ref().unwrap().provider;
@@ -75,6 +78,10 @@ fn a_timeout_past_the_clock_range_is_refused() {
     ]);
     let compiled = compile_dir(repo.path(), &CompileOptions::default()).unwrap();
     let Some(snapshot) = compiled.snapshot else {
+        let text = compiled.diagnostics.render_human(&compiled.files);
+        assert!(text.contains("longer than 365 days"), "{text}");
+        assert!(text.contains("routes/a.toml:5:"), "{text}");
+        assert!(text.contains("upstreams/u.toml:3:"), "{text}");
         return;
     };
     let now = std::time::Instant::now();
