@@ -251,3 +251,53 @@ fn a_token_place_given_twice_is_a_bad_request() {
     assert_eq!(req(&gw, &format!("/q?jwt={t}"), &[]).0, 200);
     assert_eq!(req(&gw, "/c", &[("Cookie", &one_cookie)]).0, 200);
 }
+
+#[test]
+fn a_rate_limit_keyed_on_an_identity_header_counts_the_verified_value_not_the_clients() {
+    let keys = Keys::new(9);
+    let (_jwks, url) = static_jwks(&keys, "k1", "limit.json");
+    let be = Backend::echo();
+    let gw_toml = format!("[auth.idp]\n{}", PROVIDER.replace("URL", &url));
+    let routes = "[[route]]\nname = \"per-user\"\nprefix = \"/per-user\"\nupstream = \"be\"\n\
+                  auth = \"idp\"\nauth_optional = true\n\
+                  rate_limit = { requests = 2, per = \"1m\", key = \"header:x-user-id\" }\n";
+    let gw = Gateway::start(&[
+        ("gateway.toml", gw_toml.as_str()),
+        ("routes/r.toml", routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let bearer = format!("Bearer {}", keys.token("k1", claims()));
+    // The same verified user, posing as someone new each time: one bucket, the verified one.
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| {
+            let spoof = format!("someone-{i}");
+            req(
+                &gw,
+                "/per-user",
+                &[
+                    ("Authorization", bearer.as_str()),
+                    ("X-User-Id", spoof.as_str()),
+                ],
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // Without a token the client's copy is gone too: anonymous requests share one bucket,
+    // whatever X-User-Id or X_User_Id they send.
+    let anonymous: Vec<u16> = (0..3)
+        .map(|i| {
+            let spoof = format!("anon-{i}");
+            req(
+                &gw,
+                "/per-user",
+                &[("X-User-Id", spoof.as_str()), ("X_User_Id", spoof.as_str())],
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(anonymous, [200, 200, 429]);
+}

@@ -74,6 +74,27 @@ pub(crate) fn cors_headers(cors: &CorsPolicy, req: &HttpRequest) -> Vec<(HeaderN
     out
 }
 
+/// Where a `header:<name>` rate-limit key is read: the headers the gateway set from verified
+/// claims first, then the client's headers the route keeps. A client's own copy of an identity
+/// header, or a header with `_` that is dropped, never picks the bucket it is counted in.
+pub(crate) struct KeySource<'a> {
+    pub req: &'a HttpRequest,
+    pub inbound: &'a crate::proxy::headers::Inbound<'a>,
+    pub verified: &'a [(HeaderName, HeaderValue)],
+}
+
+impl KeySource<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        if let Some((_, v)) = self.verified.iter().find(|(n, _)| n.as_str() == name) {
+            return Some(v.as_bytes());
+        }
+        if !self.inbound.keeps(name) {
+            return None;
+        }
+        self.req.headers().get(name).map(|v| v.as_bytes())
+    }
+}
+
 /// Each worker's limiters for the current snapshot, found in the shared registry once per route
 /// and snapshot version; afterwards a check is a vector index and the limiter's own atomics.
 /// Limiters by route for one snapshot version.
@@ -113,7 +134,7 @@ impl WorkerLimiters {
         snap: &Snapshot,
         id: RouteId,
         route: &Route,
-        req: &HttpRequest,
+        keys: KeySource<'_>,
         client: std::net::IpAddr,
         claims: Option<&crate::filters::jwt::Claims>,
         request_id: &HeaderValue,
@@ -124,8 +145,8 @@ impl WorkerLimiters {
             LimitKey::ClientIp => KeyValue::Ip(client),
             LimitKey::Route => KeyValue::Whole,
             // Long values are hashed by `KeyValue::text`, so a key holds at most 256 bytes.
-            LimitKey::Header(name) => match req.headers().get(name.as_str()) {
-                Some(v) => KeyValue::text(v.as_bytes()),
+            LimitKey::Header(name) => match keys.header(name.as_str()) {
+                Some(v) => KeyValue::text(v),
                 None => KeyValue::Whole,
             },
             LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {

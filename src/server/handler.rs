@@ -340,7 +340,11 @@ pub(crate) async fn handle(
         &snap,
         m.route,
         route,
-        &req,
+        edge::KeySource {
+            req: &req,
+            inbound: &inbound,
+            verified: &ex.auth_headers,
+        },
         ex.client_ip,
         incoming.claims.as_ref(),
         &ex.request_id,
