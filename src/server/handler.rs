@@ -66,10 +66,9 @@ struct Exchange {
     slot: Option<Slot>,
     /// Bytes of this request's body held for retries, counted against the worker's cap.
     buffered: Option<Buffered>,
-    /// Keeps the connection's head timeout off until this request is done.
-    _busy: Option<Busy>,
-    /// The client connection's state (absent when served outside the proxy listener).
-    conn: Option<Rc<ConnState>>,
+    /// Keeps the connection's head timeout off until this request is done (absent when
+    /// served outside the proxy listener).
+    busy: Option<Busy>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -206,7 +205,6 @@ pub(crate) async fn handle(
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
-    let conn = req.conn_data::<Rc<ConnState>>();
     let mut ex = Exchange {
         snapshot,
         started,
@@ -229,8 +227,7 @@ pub(crate) async fn handle(
         in_flight: None,
         slot: None,
         buffered: None,
-        _busy: conn.map(ConnState::begin),
-        conn: conn.cloned(),
+        busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -839,8 +836,8 @@ fn body_timeout(ex: &Exchange, state: &WorkerState) -> HttpResponse {
     // The rest of the body may still be on its way: the connection cannot carry another request.
     resp.head_mut()
         .set_connection_type(actix_web::http::ConnectionType::Close);
-    if let Some(conn) = &ex.conn {
-        conn.close();
+    if let Some(busy) = &ex.busy {
+        busy.close_connection();
     }
     resp
 }

@@ -189,6 +189,13 @@ impl ConnState {
 /// A request being handled on its connection.
 pub(crate) struct Busy(Rc<ConnState>);
 
+impl Busy {
+    /// See [`ConnState::close`].
+    pub fn close_connection(&self) {
+        self.0.close();
+    }
+}
+
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.set(self.0.busy.get().saturating_sub(1));
