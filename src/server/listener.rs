@@ -219,6 +219,47 @@ impl ClientIo {
         &self.state
     }
 
+    /// The socket and its place under the connection limits, for a protocol that times its
+    /// requests itself (HTTP/2).
+    pub fn into_parts(self) -> (TcpStream, ConnGuard) {
+        (self.io, self._guard)
+    }
+
+    /// Whether the client opens with the HTTP/2 preface (h2c with prior knowledge). Waits for
+    /// the first bytes up to the header timeout; `None` if none came (the client got 408 and
+    /// the connection is to be closed).
+    pub async fn starts_with_h2_preface(&self) -> Option<bool> {
+        let preface = super::h2::PREFACE;
+        let deadline = Instant::now() + self.state.header_timeout;
+        let mut buf = [0u8; 24];
+        loop {
+            let n = match tokio::time::timeout_at(deadline, self.io.peek(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                Ok(_) => return None,
+                Err(_) => return self.head_timed_out(),
+            };
+            if buf[..n] != preface[..n] {
+                return Some(false);
+            }
+            if n == preface.len() {
+                return Some(true);
+            }
+            // A preface cut into pieces: wait for the rest (rare; bounded by the deadline).
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+                .await
+                .is_err()
+            {
+                return self.head_timed_out();
+            }
+        }
+    }
+
+    fn head_timed_out(&self) -> Option<bool> {
+        self.state.timeouts.inc();
+        let _ = self.io.try_write(REQUEST_TIMEOUT);
+        None
+    }
+
     /// Whether the head deadline has passed; arms the timer's wake-up otherwise.
     fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(at) = self.state.head_deadline.get() else {

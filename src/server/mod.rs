@@ -6,6 +6,7 @@
 
 mod admin;
 mod edge;
+mod h2;
 mod handler;
 mod listener;
 pub mod webhooks;
@@ -14,7 +15,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
+use std::rc::Rc;
+
+use actix_service::{
+    IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt, fn_factory, fn_service,
+    map_config,
+};
 use actix_web::{App, HttpServer, web};
 
 use crate::proxy::pool::LocalPool;
@@ -153,20 +159,22 @@ pub fn start(
         .shutdown_timeout(grace)
         .disable_signals()
         .listen("rustygate-proxy", listener, move || {
-            let state = WorkerState {
+            let state = web::Data::new(WorkerState {
                 store: Arc::clone(&proxy_store),
                 pool: LocalPool::new(),
                 access_log,
                 recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
                 limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
                 buffered: Default::default(),
+            });
+            // One application per protocol, sharing the worker's state: actix-http's
+            // dispatcher calls one for HTTP/1.1, `h2::serve` the other for HTTP/2.
+            let make_app = move || {
+                App::new()
+                    .app_data(state.clone())
+                    .app_data(web::PayloadConfig::new(usize::MAX))
+                    .default_service(web::to(handler::handle))
             };
-            let app = App::new()
-                .app_data(web::Data::new(state))
-                .app_data(web::PayloadConfig::new(usize::MAX))
-                .default_service(web::to(handler::handle))
-                .into_factory()
-                .map_err(|e: actix_web::Error| e.error_response());
             let signal = shutdown_signal.clone();
             let http = actix_http::HttpService::build()
                 .keep_alive(keep_alive)
@@ -183,22 +191,70 @@ pub fn start(
                 .on_connect_ext(|io: &listener::ClientIo, ext| {
                     ext.insert(std::rc::Rc::clone(io.state()));
                 })
-                .finish(map_config(app, |_| actix_web::dev::AppConfig::default()));
+                .finish(map_config(
+                    make_app()
+                        .into_factory()
+                        .map_err(|e: actix_web::Error| e.error_response()),
+                    |_| actix_web::dev::AppConfig::default(),
+                ));
             let store = Arc::clone(&proxy_store);
             let counts = Arc::clone(&counts);
             let metrics = Arc::clone(&metrics);
-            fn_service(move |io: tokio::net::TcpStream| {
-                let admitted = listener::accept(io, &store, &counts, &metrics);
+            let signal = shutdown_signal.clone();
+            fn_factory(move || {
+                let h1 = http.new_service(());
+                let h2 = make_app()
+                    .into_factory()
+                    .new_service(actix_web::dev::AppConfig::default());
+                let (store, counts, metrics) = (
+                    Arc::clone(&store),
+                    Arc::clone(&counts),
+                    Arc::clone(&metrics),
+                );
+                let signal = signal.clone();
                 async move {
-                    match admitted {
-                        Some((io, peer)) => Ok((io, actix_http::Protocol::Http1, peer)),
-                        None => Err(actix_http::error::DispatchError::Io(
-                            std::io::ErrorKind::ConnectionRefused.into(),
-                        )),
-                    }
+                    let h1 = Rc::new(h1.await.map_err(|_| ())?);
+                    let h2: Rc<h2::AppService> =
+                        Rc::new(actix_service::boxed::service(h2.await.map_err(|_| ())?));
+                    Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
+                        let admitted = listener::accept(io, &store, &counts, &metrics);
+                        let settings = h2_settings(&store, keep_alive);
+                        let (h1, h2, metrics, signal) = (
+                            Rc::clone(&h1),
+                            Rc::clone(&h2),
+                            Arc::clone(&metrics),
+                            signal.clone(),
+                        );
+                        async move {
+                            let Some((io, peer)) = admitted else {
+                                return Err(());
+                            };
+                            match io.starts_with_h2_preface().await {
+                                None => Err(()),
+                                Some(true) => {
+                                    let (io, guard) = io.into_parts();
+                                    h2::serve(
+                                        io,
+                                        peer,
+                                        h2,
+                                        settings,
+                                        &metrics,
+                                        async move { signal.notified().await },
+                                        None,
+                                    )
+                                    .await;
+                                    drop(guard);
+                                    Ok(())
+                                }
+                                Some(false) => h1
+                                    .call((io, actix_http::Protocol::Http1, peer))
+                                    .await
+                                    .map_err(|_| ()),
+                            }
+                        }
+                    }))
                 }
             })
-            .and_then(http)
         })?
         .run();
 
@@ -220,6 +276,18 @@ pub fn start(
         proxy,
         admin,
     })
+}
+
+/// HTTP/2 settings for a connection accepted now.
+fn h2_settings(store: &SnapshotStore, idle_timeout: Duration) -> h2::Settings {
+    let limits = &store.load().limits;
+    h2::Settings {
+        max_concurrent_streams: limits.http2_max_concurrent_streams,
+        max_header_list_size: limits.http2_max_header_list_size,
+        max_resets_per_second: limits.http2_max_resets_per_second,
+        header_timeout: limits.header_timeout,
+        idle_timeout,
+    }
 }
 
 /// Serves until SIGTERM or SIGINT, then shuts down gracefully. `on_shutdown` runs when the

@@ -58,6 +58,12 @@ pub struct Metrics {
     /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
     /// was too slow (`header`: a request head, `body`: between request body bytes).
     pub client_timeouts: IntCounterVec,
+    /// `rustygate_http2_goaway_total{reason}`: HTTP/2 client connections the gateway ended
+    /// (`idle`, `header_timeout`, `resets`: the rapid-reset cap).
+    pub http2_goaway: IntCounterVec,
+    /// `rustygate_grpc_requests_total{route,grpc_status}`: gRPC calls by their final status
+    /// (from the response's trailers or headers; `none` when the call ended without one).
+    pub grpc_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -175,8 +181,20 @@ impl Metrics {
             "Client requests ended because the client was too slow, by phase (header, body).",
             &["phase"],
         );
+        let http2_goaway = counter(
+            "rustygate_http2_goaway_total",
+            "HTTP/2 client connections ended by the gateway, by reason (idle, header_timeout, resets).",
+            &["reason"],
+        );
+        let grpc_requests = counter(
+            "rustygate_grpc_requests_total",
+            "gRPC calls, by route and final grpc-status (none when the call ended without one).",
+            &["route", "grpc_status"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http2_goaway.clone()),
+            Box::new(grpc_requests.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -222,6 +240,8 @@ impl Metrics {
             client_connections,
             connections_refused,
             client_timeouts,
+            http2_goaway,
+            grpc_requests,
         }
     }
 
