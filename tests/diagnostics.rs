@@ -1021,3 +1021,18 @@ fn route_retry_overrides_cannot_set_the_upstream_budget() {
         &[],
     );
 }
+
+#[test]
+fn http2_limits_are_checked_where_written() {
+    expect(
+        &[(
+            "gateway.toml",
+            "[limits]\nhttp2_max_concurrent_streams = 0\nhttp2_max_resets_per_second = 0\nhttp2_max_header_list_size = \"100B\"\n",
+        )],
+        &[
+            "error[invalid-limit] gateway.toml:2:32",
+            "error[invalid-limit] gateway.toml:3:31",
+            "error[invalid-limit] gateway.toml:4:30",
+        ],
+    );
+}

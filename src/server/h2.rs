@@ -206,16 +206,20 @@ pub(crate) async fn serve<IO>(
     // the connection is dropped (a client that never answers the GOAWAY's PING holds nothing).
     let mut closing: Option<Instant> = None;
     let mut shutting_down = false;
-    loop {
-        let deadline = if let Some(hard) = closing {
-            Some(hard)
+    // When the connection is due to close, as things stand (`None`: a stream is in progress).
+    let due = |closing: Option<Instant>| {
+        if closing.is_some() {
+            closing
         } else if shared.active.get() > 0 {
             None
         } else if shared.started.get() {
             Some(shared.idle_since.get() + settings.idle_timeout)
         } else {
             Some(shared.idle_since.get() + settings.header_timeout)
-        };
+        }
+    };
+    loop {
+        let deadline = due(closing);
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -235,6 +239,10 @@ pub(crate) async fn serve<IO>(
                 return;
             }
             () = sleep => {
+                // A stream may have begun (or ended, moving the idle start) while asleep.
+                if closing.is_none() && due(None).is_none_or(|d| Instant::now() < d) {
+                    continue;
+                }
                 if closing.is_some() {
                     tracing::debug!(client = ?peer, "HTTP/2 connection dropped after GOAWAY");
                     return;
