@@ -58,6 +58,8 @@ pub struct Metrics {
     /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
     /// was too slow (`header`: a request head, `body`: between request body bytes).
     pub client_timeouts: IntCounterVec,
+    /// `rustygate_websocket_connections`: WebSocket tunnels open (101 relayed, not yet closed).
+    pub websocket_connections: IntGauge,
 }
 
 impl Metrics {
@@ -175,8 +177,14 @@ impl Metrics {
             "Client requests ended because the client was too slow, by phase (header, body).",
             &["phase"],
         );
+        let websocket_connections = IntGauge::new(
+            "rustygate_websocket_connections",
+            "WebSocket tunnels open through the gateway.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(websocket_connections.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -222,6 +230,7 @@ impl Metrics {
             client_connections,
             connections_refused,
             client_timeouts,
+            websocket_connections,
         }
     }
 
