@@ -510,3 +510,73 @@ fn the_access_log_line_at_close_has_bytes_and_duration() {
         .metric("rustygate_websocket_connections")
         == Some(0.0)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_holds_its_max_requests_place_until_it_closes() {
+    let be = WsBackend::start();
+    let files = proxy_to(&[be.url()], "circuit_breaker = { max_requests = 1 }", "");
+    let gw = Gateway::start(&as_refs(&files));
+    let mut first = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    assert_eq!(refused(gw.addr, "/chat").await, 503);
+    first.close(None).await.unwrap();
+    until_end(&mut first).await;
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+    let mut again = connect(gw.addr, "/chat").await.unwrap();
+    again.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv(&mut again).await, Some(Message::text("hi")));
+}
+
+/// The real binary: on SIGTERM an open tunnel keeps working for the grace period, then both
+/// of its connections are closed.
+#[test]
+fn sigterm_gives_tunnels_the_grace_period_then_closes_them() {
+    let be = WsBackend::start();
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let mut gw = GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--shutdown-grace",
+            "3s",
+        ],
+        &[],
+    );
+    let addr: SocketAddr = gw.listen.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut ws = connect(addr, "/chat").await.unwrap();
+        opened(&be);
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &gw.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        // Shutdown has begun once the listener stops taking connections.
+        let listen = gw.listen.clone();
+        let stopped = tokio::task::spawn_blocking(move || {
+            wait_until(Duration::from_secs(5), || {
+                std::net::TcpStream::connect(&listen).is_err()
+            })
+        });
+        assert!(
+            stopped.await.unwrap(),
+            "the listener still accepts after SIGTERM"
+        );
+        ws.send(Message::text("still here")).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Some(Message::text("still here")));
+        until_end(&mut ws).await;
+    });
+    assert!(matches!(be.next(), Event::Gone));
+    assert!(
+        wait_until(Duration::from_secs(10), || gw
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "the gateway exited after the grace period"
+    );
+}
