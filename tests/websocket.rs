@@ -71,6 +71,8 @@ impl WsBackend {
     }
 }
 
+// The handshake callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: TcpStream, tx: mpsc::Sender<Event>) {
     let seen = tx.clone();
     let callback = move |req: &tungstenite::handshake::server::Request,
@@ -113,7 +115,8 @@ async fn serve(stream: TcpStream, tx: mpsc::Sender<Event>) {
                 let _ = tx.send(Event::ClientClose(code, reason));
             }
             m @ (Message::Text(_) | Message::Binary(_)) => {
-                if ws.send(m).await.is_err() {
+                let echoed = ws.send(m).await;
+                if echoed.is_err() {
                     break;
                 }
             }
