@@ -128,6 +128,14 @@ async fn serve(stream: TcpStream, tx: mpsc::Sender<Event>) {
 }
 
 async fn connect(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
+    connect_with_head(addr, path).await.map(|(ws, _)| ws)
+}
+
+/// A handshake through the gateway: the client and the 101 it got.
+async fn connect_with_head(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
     let url = format!("ws://{addr}{path}");
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -135,7 +143,6 @@ async fn connect(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Er
     )
     .await
     .expect("the handshake finished within 10 s")
-    .map(|(ws, _)| ws)
 }
 
 /// The handshake's HTTP status when the gateway refused it.
@@ -298,7 +305,9 @@ async fn a_route_whose_policy_has_on_response_takes_no_upgrades_unless_it_says_s
     let mut files = as_refs(&opted_in);
     files.push(("policies/resp.rhai", policy));
     let gw = Gateway::start(&files);
-    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    let (mut ws, head) = connect_with_head(gw.addr, "/chat").await.unwrap();
+    // on_response ran on the 101's head.
+    assert_eq!(head.headers().get("x-seen").unwrap(), "1");
     ws.send(Message::text("hi")).await.unwrap();
     assert_eq!(recv(&mut ws).await, Some(Message::text("hi")));
 }

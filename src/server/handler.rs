@@ -704,7 +704,8 @@ async fn forward(
                     .recorder
                     .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
                 let reason = RetryReason::Status(status);
-                // A switched connection is never sent again.
+                // A switched connection is never sent again (retries name only 5xx statuses
+                // today; this keeps it so if that changes).
                 let allowed = may_resend && body.can_resend() && status != 101;
                 if retries
                     .again(&ex, state, &upstream, index, reason, allowed)
