@@ -31,7 +31,7 @@ enum Event {
 
 /// A tokio-tungstenite server on 127.0.0.1:0 that echoes every message. Text commands:
 /// `close:<code>:<reason>` closes with that code, `drop` drops the TCP connection without a
-/// close frame.
+/// close frame, `reset` resets it.
 struct WsBackend {
     addr: SocketAddr,
     events: mpsc::Receiver<Event>,
@@ -97,6 +97,11 @@ async fn serve(stream: TcpStream, tx: mpsc::Sender<Event>) {
     while let Some(Ok(msg)) = ws.next().await {
         match msg {
             Message::Text(t) if t.as_str() == "drop" => break,
+            Message::Text(t) if t.as_str() == "reset" => {
+                // RST instead of FIN.
+                let _ = ws.get_ref().set_zero_linger();
+                break;
+            }
             Message::Text(t) if t.as_str().starts_with("close:") => {
                 let mut parts = t.as_str().splitn(3, ':').skip(1);
                 let code: u16 = parts.next().unwrap().parse().unwrap();
@@ -357,6 +362,18 @@ async fn an_upstream_dropping_the_tunnel_ends_the_client_connection() {
     let mut ws = connect(gw.addr, "/chat").await.unwrap();
     opened(&be);
     ws.send(Message::text("drop")).await.unwrap();
+    until_end(&mut ws).await;
+    gone(&be);
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_resetting_the_tunnel_ends_the_client_connection() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.send(Message::text("reset")).await.unwrap();
     until_end(&mut ws).await;
     gone(&be);
     assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
