@@ -107,6 +107,10 @@ pub struct Route {
     pub rate_limit: Option<crate::filters::rate_limit::LimitSpec>,
     /// Authentication; verified claims reach policies and, if configured, upstream headers.
     pub auth: Option<RouteAuth>,
+    /// Whether `Upgrade: websocket` requests are tunnelled (see `proxy::websocket`).
+    pub websocket: bool,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub websocket_idle_timeout: Duration,
 }
 
 /// A route's authentication.

@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use super::{
     Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT,
+    DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
 };
 use crate::config::raw::{GatewayFile, RawEscapedSlashes};
 use crate::config::{Diagnostic, FileId};
@@ -18,6 +19,9 @@ pub(crate) struct Defaults {
     pub connect_timeout: Duration,
     pub max_body_size: u64,
     pub read_timeout: Duration,
+    /// `websocket`: whether routes proxy WebSocket upgrades unless they say otherwise.
+    pub websocket: bool,
+    pub websocket_idle_timeout: Duration,
     pub client_ip: ClientIpRules,
     pub limits: Limits,
     /// The default policy (with its config), from the gateway file.
@@ -44,6 +48,8 @@ pub(crate) fn compile_defaults(
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         max_body_size: DEFAULT_MAX_BODY_SIZE,
         read_timeout: DEFAULT_READ_TIMEOUT,
+        websocket: true,
+        websocket_idle_timeout: DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
         client_ip: ClientIpRules::default(),
         limits: Limits::default(),
         policy: None,
@@ -98,6 +104,15 @@ pub(crate) fn compile_defaults(
         .and_then(|v| cx.duration(file, v))
     {
         out.read_timeout = d;
+    }
+    out.websocket = g.defaults.websocket.unwrap_or(true);
+    if let Some(d) = g
+        .defaults
+        .websocket_idle_timeout
+        .as_ref()
+        .and_then(|v| cx.duration(file, v))
+    {
+        out.websocket_idle_timeout = d;
     }
     out.limits = limits(cx, file, &g.limits);
     for entry in &g.client_ip.trusted_proxies {

@@ -39,6 +39,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a WebSocket tunnel may be silent both ways before it is closed.
+pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest duration a config may give: added to the clock at request time, a longer one
 /// could overflow it (`Instant + d` panics) — and no timeout, interval or leeway needs more.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);

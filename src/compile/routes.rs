@@ -145,6 +145,16 @@ pub(crate) fn compile_routes(
             .unwrap_or(defaults.max_body_size);
         let policy =
             super::policies::route_policy(cx, file, r, upstreams, defaults.policy.as_ref());
+        // A policy's `on_response` sees the handshake's head only, never what the tunnel
+        // carries: such routes take upgrades only when they say so.
+        let websocket = r.websocket.unwrap_or_else(|| {
+            defaults.websocket && !policy.as_ref().is_some_and(|p| p.policy.has_on_response())
+        });
+        let websocket_idle_timeout = r
+            .websocket_idle_timeout
+            .as_ref()
+            .and_then(|v| cx.duration(file, v))
+            .unwrap_or(defaults.websocket_idle_timeout);
         let action = action(cx, file, r, path.as_ref(), upstreams);
 
         let (Some((path, path_span)), Some(action)) = (path, action) else {
@@ -207,6 +217,8 @@ pub(crate) fn compile_routes(
             cors,
             rate_limit,
             auth,
+            websocket,
+            websocket_idle_timeout,
         });
     }
     out.router.finish();

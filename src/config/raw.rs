@@ -176,6 +176,11 @@ pub struct Defaults {
     /// Longest pause between two pieces of an upstream's response body (default "60s"); then
     /// the client's connection is aborted.
     pub read_timeout: Option<Spanned<DurationText>>,
+    /// Whether routes proxy WebSocket upgrades (default true); a route's own `websocket` wins.
+    pub websocket: Option<bool>,
+    /// Longest a WebSocket tunnel may carry no bytes either way before both sides are closed
+    /// (default "1h").
+    pub websocket_idle_timeout: Option<Spanned<DurationText>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -252,6 +257,14 @@ pub struct RawRoute {
     pub auth: Option<Spanned<String>>,
     /// Let requests without a token through (a token that is present must still be valid).
     pub auth_optional: Option<bool>,
+    /// Proxy WebSocket upgrades (`Upgrade: websocket`) on this route. Default: true, unless the
+    /// route's policy defines `on_response` (it could not see or change what the tunnel
+    /// carries) or `[defaults] websocket = false`. When false, such a request is forwarded as a
+    /// plain request without its upgrade headers.
+    pub websocket: Option<bool>,
+    /// Longest a WebSocket tunnel may carry no bytes either way before both sides are closed;
+    /// overrides the gateway default ("1h").
+    pub websocket_idle_timeout: Option<Spanned<DurationText>>,
 }
 
 /// A direct response.

@@ -8,6 +8,7 @@ pub mod headers;
 pub mod keepalive;
 pub mod pool;
 pub mod tls;
+pub mod websocket;
 
 use std::error::Error as _;
 use std::time::Duration;

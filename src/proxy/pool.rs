@@ -200,6 +200,58 @@ impl LocalPool {
         })
     }
 
+    /// Sends a WebSocket handshake to `target` on a new HTTP/1.1 connection that can be
+    /// upgraded (`hyper::upgrade::on` on the response), whatever the target's `protocol`. The
+    /// connection is never pooled: after a 101 it belongs to the tunnel, otherwise it closes
+    /// with the response. Waits at most `opts.timeout` (connect included) for the response head.
+    pub async fn send_upgrade(
+        &self,
+        target: &Target,
+        req: http::Request<ProxyBody>,
+        opts: &SendOptions<'_>,
+    ) -> Result<http::Response<Incoming>, SendFailure> {
+        let attempt = async {
+            let _slot = match opts.pending {
+                Some((shared, limit)) => match shared.acquire_pending(Some(limit)) {
+                    Ok(slot) => slot,
+                    Err(o) => {
+                        return Err(SendFailure {
+                            error: ForwardError::Overloaded(o),
+                            request: Some(req),
+                        });
+                    }
+                },
+                None => None,
+            };
+            let tls = target.tls.as_ref();
+            let mut send =
+                match connect_upgradable(&target.connect_addr, tls, opts.connect_timeout).await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        return Err(SendFailure {
+                            error,
+                            request: Some(req),
+                        });
+                    }
+                };
+            drop(_slot);
+            send.try_send_request(req).await.map_err(|mut e| {
+                let request = e.take_message();
+                SendFailure {
+                    error: super::classify(&e.into_error()),
+                    request,
+                }
+            })
+        };
+        match tokio::time::timeout(opts.timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(SendFailure {
+                error: ForwardError::Timeout(opts.timeout),
+                request: None,
+            }),
+        }
+    }
+
     fn checkout(&self, key: &PoolKey) -> Option<H1Conn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
@@ -484,6 +536,45 @@ async fn connect_h1(
             h1_handshake(stream, addr).await
         }
     }
+}
+
+/// Opens an HTTP/1.1 connection whose responses can be upgraded (TLS offers only
+/// `http/1.1`); the connection task runs on the current worker until the upgrade takes its IO.
+async fn connect_upgradable(
+    addr: &str,
+    tls: Option<&TargetTls>,
+    timeout: Duration,
+) -> Result<SendRequest<ProxyBody>, ForwardError> {
+    match tls {
+        None => h1_upgradable(tcp(addr, timeout).await?, addr).await,
+        Some(t) => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let stream = tcp(addr, timeout).await?;
+            let stream = by(
+                deadline,
+                timeout,
+                tls::handshake(stream, t, Protocol::Http1, addr),
+            )
+            .await?;
+            h1_upgradable(stream, addr).await
+        }
+    }
+}
+
+async fn h1_upgradable<I>(io: I, addr: &str) -> Result<SendRequest<ProxyBody>, ForwardError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ForwardError::Connect(format!("{addr}: {e}")))?;
+    actix_web::rt::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 async fn h1_handshake<I>(io: I, addr: &str) -> Result<H1Conn, ForwardError>

@@ -34,6 +34,7 @@ use crate::proxy::headers::{
     Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
 };
 use crate::proxy::pool::{SendFailure, SendOptions};
+use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot, StaticResponse};
 use crate::upstream::state::{InFlight, Overflow, Slot};
@@ -686,6 +687,13 @@ async fn forward(
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
     ex.upstream = Some(Arc::clone(&upstream));
+    // WebSocket (proxy::websocket): a handshake goes out without a body on a connection of its
+    // own; what the client sends after the 101 is this request's payload.
+    let websocket = match websocket::handshake(req, route.websocket) {
+        Ok(h) => h == websocket::Handshake::WebSocket,
+        Err(why) => return ex.error(400, why),
+    };
+    let mut tunnel_in = None;
 
     let declared_len = match content_length(req) {
         Ok(n) => n,
@@ -708,7 +716,11 @@ async fn forward(
     let has_body = declared_len.is_some_and(|n| n > 0)
         || req.headers().contains_key(ax::TRANSFER_ENCODING)
         || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>());
-    let mut body = if !has_body {
+    let mut body = if websocket {
+        tunnel_in = Some(payload.into_inner());
+        ex.body = Some(Rc::new(BodyStats::default()));
+        Outgoing::Empty
+    } else if !has_body {
         Outgoing::Empty
     } else if let Some(expected) =
         declared_len.filter(|&n| may_resend && n <= retry.replay_body_limit)
@@ -822,6 +834,9 @@ async fn forward(
         if let Some(run) = &plan.policy {
             run.apply_edits(&mut headers);
         }
+        if websocket {
+            websocket::set_upgrade_headers(&mut headers);
+        }
         let Some(attempt_body) = body.next() else {
             return ex.error(502, "the upstream could not be reached");
         };
@@ -840,7 +855,12 @@ async fn forward(
 
         ex.in_flight = Some(target.state.begin());
         let sent_at = Instant::now();
-        let failure = match state.pool.send(target, upstream_req, &opts).await {
+        let sent = if websocket {
+            state.pool.send_upgrade(target, upstream_req, &opts).await
+        } else {
+            state.pool.send(target, upstream_req, &opts).await
+        };
+        let failure = match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 upstream.record_response(index, status);
@@ -849,14 +869,24 @@ async fn forward(
                     .recorder
                     .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
                 let reason = RetryReason::Status(status);
-                let allowed = may_resend && body.can_resend();
+                // A switched connection is never sent again (retries name only 5xx statuses
+                // today; this keeps it so if that changes).
+                let allowed = may_resend && body.can_resend() && status != 101;
                 if retries
                     .again(&ex, state, &upstream, index, reason, allowed)
                     .await
                 {
                     continue;
                 }
-                return client_response(ex, req, state, route, plan.policy.as_ref(), resp);
+                return client_response(
+                    ex,
+                    req,
+                    state,
+                    route,
+                    plan.policy.as_ref(),
+                    resp,
+                    tunnel_in.take(),
+                );
             }
             Err(f) => f,
         };
@@ -1128,7 +1158,8 @@ impl actix_web::body::MessageBody for HeadBody {
     }
 }
 
-/// Turns the upstream's response into the client's, streaming the body.
+/// Turns the upstream's response into the client's, streaming the body. `tunnel_in` is the
+/// client's payload when the request is a WebSocket handshake.
 fn client_response(
     mut ex: Exchange,
     req: &HttpRequest,
@@ -1136,11 +1167,30 @@ fn client_response(
     route: &Route,
     policy: Option<&decide::PolicyRun>,
     resp: http::Response<hyper::body::Incoming>,
+    tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
     let (mut parts, body) = resp.into_parts();
     let mut status = parts.status.as_u16();
     if ex.grpc {
         ex.grpc_status = parts.headers.get("grpc-status").cloned();
+    }
+    // WebSocket (proxy::websocket): a 101 only answers a handshake, and only from a WebSocket
+    // server. Any other answer to a handshake is relayed as a normal response.
+    if status == 101 {
+        let key = req.headers().get("sec-websocket-key");
+        let checked = match (&tunnel_in, key) {
+            (Some(_), Some(k)) => websocket::check_switch(&parts.headers, k.as_bytes()),
+            _ => Err("the upstream switched protocols for a request that did not ask to"),
+        };
+        if let Err(why) = checked {
+            tracing::warn!(
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                route = route.name.as_str(),
+                error = why,
+                "WebSocket handshake refused"
+            );
+            return ex.error(502, "the upstream sent an invalid response");
+        }
     }
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
@@ -1183,6 +1233,11 @@ fn client_response(
         out.append_header((n.as_str(), v.as_bytes()));
     }
 
+    // The policy may have turned the 101 into something else: then there is no tunnel.
+    if let (Some(payload), 101) = (tunnel_in, status) {
+        return websocket_tunnel(ex, state, route, out, &mut parts, payload);
+    }
+
     let no_body = req.method() == actix_web::http::Method::HEAD
         || status == 204
         || status == 304
@@ -1212,6 +1267,33 @@ fn client_response(
     out.body(
         UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
     )
+}
+
+/// The client's 101, whose body is the tunnel (see [`websocket::Tunnel`]). The exchange (its
+/// `max_requests` slot, in-flight counts and `Busy`) lives until the tunnel closes, and is
+/// logged then.
+fn websocket_tunnel(
+    ex: Exchange,
+    state: &WorkerState,
+    route: &Route,
+    mut out: HttpResponseBuilder,
+    parts: &mut http::response::Parts,
+    payload: actix_web::dev::Payload,
+) -> HttpResponse {
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return ex.error(502, "the upstream sent an invalid response");
+    };
+    let stats = ex.body.clone().unwrap_or_default();
+    let gauge = state.recorder.metrics().websocket_connections.clone();
+    let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(101, bytes, end));
+    out.upgrade("websocket").body(websocket::Tunnel::new(
+        on_upgrade,
+        payload,
+        route.websocket_idle_timeout,
+        stats,
+        gauge,
+        on_finish,
+    ))
 }
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ pub struct Metrics {
     /// `rustygate_grpc_requests_total{route,grpc_status}`: gRPC calls by their final status
     /// (from the response's trailers or headers; `none` when the call ended without one).
     pub grpc_requests: IntCounterVec,
+    /// `rustygate_websocket_connections`: WebSocket tunnels open (101 relayed, not yet closed).
+    pub websocket_connections: IntGauge,
 }
 
 impl Metrics {
@@ -191,10 +193,16 @@ impl Metrics {
             "gRPC calls, by route and final grpc-status (none when the call ended without one).",
             &["route", "grpc_status"],
         );
+        let websocket_connections = IntGauge::new(
+            "rustygate_websocket_connections",
+            "WebSocket tunnels open through the gateway.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http2_goaway.clone()),
             Box::new(grpc_requests.clone()),
+            Box::new(websocket_connections.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -242,6 +250,7 @@ impl Metrics {
             client_timeouts,
             http2_goaway,
             grpc_requests,
+            websocket_connections,
         }
     }
 

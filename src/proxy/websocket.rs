@@ -1,0 +1,432 @@
+//! WebSocket tunnels (RFC 6455 over HTTP/1.1).
+//!
+//! ```text
+//! client GET + Upgrade: websocket ─► handler: checks, auth, rate limit, policy on_request
+//!   ─► handshake(): is it one, may it be forwarded ─► pool.send_upgrade (new h1 connection)
+//!   ─► upstream 101 checked (Upgrade, Sec-WebSocket-Accept) ─► 101 relayed to the client
+//!   ─► Tunnel: upstream → client as the response body, client → upstream by a task on the
+//!      worker, until either side closes or nothing moves for the idle timeout ─► access log
+//! ```
+//! Frames are not parsed: bytes are relayed as they come, so extensions and subprotocols the
+//! two ends agree on pass untouched. Actix reads the client's bytes after a `Upgrade: websocket`
+//! head until EOF as that request's payload, and writes a response marked as an upgrade with no
+//! framing after its head: the tunnel needs no dispatcher of its own.
+//!
+//! This module owns recognising a handshake, the headers that carry it upstream, checking the
+//! upstream's 101 and the tunnel. It does not touch routing, the filters or the pool's reuse.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use actix_web::HttpRequest;
+use actix_web::body::{BodySize, MessageBody};
+use actix_web::http::{Method, Version, header as ax};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use super::body::{BodyStats, Ended, OnFinish};
+
+/// RFC 6455 §1.3: appended to the client's key before hashing.
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Bytes read from the upstream at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a request asks for, as far as WebSockets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Not a WebSocket handshake on a route that takes them: forwarded as a plain request
+    /// (upgrade headers are hop-by-hop and stripped, so `Upgrade: h2c` never goes upstream).
+    Plain,
+    /// A WebSocket handshake to forward with its upgrade headers.
+    WebSocket,
+}
+
+/// Whether `req` is a WebSocket handshake to tunnel on a route where `allowed`
+/// (`route.websocket`). `Err` (400) for requests that name `websocket` in `Upgrade` but cannot
+/// be forwarded as either: one with a body (actix reads everything after such a head as its
+/// payload, so a declared length would not bound it), a handshake that is not a GET, or one
+/// without a usable `Sec-WebSocket-Key`.
+pub fn handshake(req: &HttpRequest, allowed: bool) -> Result<Handshake, &'static str> {
+    let h = req.headers();
+    let names_websocket = h
+        .get_all(ax::UPGRADE)
+        .any(|v| has_token(v.as_bytes(), "websocket"));
+    if !names_websocket {
+        return Ok(Handshake::Plain);
+    }
+    let declares_body = h.contains_key(ax::TRANSFER_ENCODING)
+        || h.get_all(ax::CONTENT_LENGTH)
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'));
+    if declares_body {
+        return Err("a WebSocket handshake cannot carry a request body");
+    }
+    let asks_upgrade = h
+        .get_all(ax::CONNECTION)
+        .any(|v| has_token(v.as_bytes(), "upgrade"));
+    // HTTP/1.0 has no upgrade (RFC 9110 §7.8); other versions carry WebSockets differently.
+    if !allowed || !asks_upgrade || req.version() != Version::HTTP_11 {
+        return Ok(Handshake::Plain);
+    }
+    if req.method() != Method::GET {
+        return Err("a WebSocket handshake must be a GET request");
+    }
+    let mut keys = h.get_all("sec-websocket-key");
+    match (keys.next(), keys.next()) {
+        (Some(k), None) if valid_key(k.as_bytes()) => Ok(Handshake::WebSocket),
+        _ => Err("a WebSocket handshake needs one valid Sec-WebSocket-Key"),
+    }
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value)
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// RFC 6455 §4.1: the base64 encoding of 16 bytes.
+fn valid_key(key: &[u8]) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key.trim_ascii())
+        .is_ok_and(|k| k.len() == 16)
+}
+
+/// Puts back the headers that carry the handshake (stripped from every request as hop-by-hop).
+/// `Sec-WebSocket-*` are end-to-end and already there.
+pub fn set_upgrade_headers(headers: &mut http::HeaderMap) {
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+}
+
+/// Checks the upstream's 101 against the client's `Sec-WebSocket-Key`: it must switch to
+/// `websocket` and prove it read the key. Anything else is not a WebSocket server, and no
+/// tunnel is opened to it.
+pub fn check_switch(headers: &http::HeaderMap, key: &[u8]) -> Result<(), &'static str> {
+    if !headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), "websocket"))
+    {
+        return Err("the upstream switched protocols without `Upgrade: websocket`");
+    }
+    let expected = accept_for(key);
+    let mut accepts = headers.get_all("sec-websocket-accept").iter();
+    match (accepts.next(), accepts.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == expected.as_bytes() => Ok(()),
+        _ => Err("the upstream's Sec-WebSocket-Accept does not match the client's key"),
+    }
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+fn accept_for(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.trim_ascii());
+    sha.update(ACCEPT_GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// What both directions of a tunnel share.
+struct Shared {
+    /// When a byte last went either way.
+    last: Cell<Instant>,
+    /// Set by the client-to-upstream side when it failed: the tunnel ends.
+    failed: Cell<Option<&'static str>>,
+    /// The response body, to wake when `failed` is set.
+    waker: Cell<Option<Waker>>,
+    /// Bytes from the client (the access log's `bytes_in`).
+    stats: Rc<BodyStats>,
+}
+
+impl Shared {
+    fn fail(&self, why: &'static str) {
+        self.failed.set(Some(why));
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+type Io = TokioIo<Upgraded>;
+
+enum Upstream {
+    /// The 101 is on its way to the client; hyper hands over the connection once it has read
+    /// the head. The client's payload waits here for the other direction.
+    Switching(OnUpgrade, Option<actix_web::dev::Payload>),
+    Open(ReadHalf<Io>),
+    Closed,
+}
+
+/// Keeps `rustygate_websocket_connections` up for as long as it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(g: prometheus::IntGauge) -> Self {
+        g.inc();
+        Counted(g)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// An open tunnel, as the body of the client's 101 response: it yields what the upstream
+/// sends, while a task on the worker writes what the client sends to the upstream. Dropping it
+/// (the client's connection ended) closes the upstream's.
+pub struct Tunnel {
+    upstream: Upstream,
+    shared: Rc<Shared>,
+    buf: Box<[u8]>,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    sent: u64,
+    on_finish: Option<OnFinish>,
+    /// Dropped when the tunnel ends: stops the client-to-upstream task.
+    stop: Option<oneshot::Sender<()>>,
+    _counted: Counted,
+}
+
+impl Tunnel {
+    /// A tunnel over the upstream connection `on_upgrade` will yield and the client's
+    /// `payload`, closed after `idle` without a byte either way. `stats` counts the client's
+    /// bytes; `on_finish` gets the upstream's byte count and how the tunnel ended.
+    pub fn new(
+        on_upgrade: OnUpgrade,
+        payload: actix_web::dev::Payload,
+        idle: Duration,
+        stats: Rc<BodyStats>,
+        gauge: prometheus::IntGauge,
+        on_finish: OnFinish,
+    ) -> Self {
+        Tunnel {
+            upstream: Upstream::Switching(on_upgrade, Some(payload)),
+            shared: Rc::new(Shared {
+                last: Cell::new(Instant::now()),
+                failed: Cell::new(None),
+                waker: Cell::new(None),
+                stats,
+            }),
+            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            idle,
+            timer: None,
+            sent: 0,
+            on_finish: Some(on_finish),
+            stop: None,
+            _counted: Counted::new(gauge),
+        }
+    }
+
+    fn finish(&mut self, end: Ended) {
+        self.upstream = Upstream::Closed;
+        self.stop = None;
+        if let Some(f) = self.on_finish.take() {
+            f(self.sent, end);
+        }
+    }
+
+    /// Whether nothing moved either way for `idle` (arms the wake-up if not).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = self.shared.last.get() + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl MessageBody for Tunnel {
+    type Error = std::io::Error;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(why) = this.shared.failed.get() {
+                this.finish(Err(why));
+                return Poll::Ready(None);
+            }
+            match &mut this.upstream {
+                Upstream::Closed => return Poll::Ready(None),
+                Upstream::Switching(on_upgrade, payload) => match Pin::new(on_upgrade).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "the upstream's WebSocket upgrade failed");
+                        this.finish(Err("upstream_error"));
+                        return Poll::Ready(None);
+                    }
+                    Poll::Ready(Ok(upgraded)) => {
+                        let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+                        let (stop, stopped) = oneshot::channel();
+                        if let Some(payload) = payload.take() {
+                            actix_web::rt::spawn(client_to_upstream(
+                                payload,
+                                write,
+                                Rc::clone(&this.shared),
+                                stopped,
+                            ));
+                        }
+                        this.stop = Some(stop);
+                        this.shared.last.set(Instant::now());
+                        this.upstream = Upstream::Open(read);
+                    }
+                },
+                Upstream::Open(read) => {
+                    let mut buf = ReadBuf::new(&mut this.buf);
+                    match Pin::new(read).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                            this.finish(Ok(()));
+                            return Poll::Ready(None);
+                        }
+                        Poll::Ready(Ok(())) => {
+                            let data = Bytes::copy_from_slice(buf.filled());
+                            this.sent += data.len() as u64;
+                            this.shared.last.set(Instant::now());
+                            return Poll::Ready(Some(Ok(data)));
+                        }
+                        Poll::Ready(Err(e)) => {
+                            tracing::debug!(error = %e, "reading from the WebSocket upstream failed");
+                            this.finish(Err("upstream_error"));
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Poll::Pending => {
+                            this.shared.waker.set(Some(cx.waker().clone()));
+                            if this.idle_expired(cx) {
+                                this.finish(Err("websocket_idle_timeout"));
+                                return Poll::Ready(None);
+                            }
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // The client's connection ended before the tunnel did.
+        self.finish(Err("client_gone"));
+    }
+}
+
+/// Writes what the client sends to the upstream until the client closes (then the upstream's
+/// write side is shut, and the tunnel ends when the upstream closes too), a write fails, or the
+/// tunnel is over (`stop`).
+async fn client_to_upstream(
+    mut payload: actix_web::dev::Payload,
+    mut upstream: WriteHalf<Io>,
+    shared: Rc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let chunk = tokio::select! {
+            c = payload.next() => c,
+            _ = &mut stop => return,
+        };
+        match chunk {
+            Some(Ok(bytes)) => {
+                shared.last.set(Instant::now());
+                shared
+                    .stats
+                    .bytes
+                    .set(shared.stats.bytes.get() + bytes.len() as u64);
+                let written = tokio::select! {
+                    w = async {
+                        upstream.write_all(&bytes).await?;
+                        upstream.flush().await
+                    } => w,
+                    _ = &mut stop => return,
+                };
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "writing to the WebSocket upstream failed");
+                    shared.fail("upstream_error");
+                    return;
+                }
+                shared.last.set(Instant::now());
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "reading from the WebSocket client failed");
+                shared.fail("client_error");
+                return;
+            }
+            None => {
+                tokio::select! {
+                    _ = upstream.shutdown() => {}
+                    _ = &mut stop => {}
+                }
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matches_rfc_6455_example() {
+        assert_eq!(
+            accept_for(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn switch_needs_upgrade_and_matching_accept() {
+        let key = b"dGhlIHNhbXBsZSBub25jZQ==";
+        let mut h = http::HeaderMap::new();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert(
+            "sec-websocket-accept",
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".parse().unwrap(),
+        );
+        assert!(check_switch(&h, key).is_ok());
+        let mut wrong = h.clone();
+        wrong.insert("sec-websocket-accept", "AAAA".parse().unwrap());
+        assert!(check_switch(&wrong, key).is_err());
+        let mut other = h.clone();
+        other.insert("upgrade", "h2c".parse().unwrap());
+        assert!(check_switch(&other, key).is_err());
+        let mut none = h;
+        none.remove("sec-websocket-accept");
+        assert!(check_switch(&none, key).is_err());
+    }
+
+    #[test]
+    fn tokens_and_keys() {
+        assert!(has_token(b"keep-alive, Upgrade", "upgrade"));
+        assert!(!has_token(b"upgrades", "upgrade"));
+        assert!(valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_key(b"short"));
+        assert!(!valid_key(b""));
+    }
+}

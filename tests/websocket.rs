@@ -1,0 +1,611 @@
+//! WebSocket tunnels through the gateway: a real tokio-tungstenite client and echo server on
+//! loopback, the unhappy paths first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the echo server saw.
+#[derive(Debug)]
+enum Event {
+    /// A handshake it accepted, with its request headers (lower-case names).
+    Open(Vec<(String, String)>),
+    /// The client's close frame: code and reason.
+    ClientClose(u16, String),
+    /// The connection ended.
+    Gone,
+}
+
+/// A tokio-tungstenite server on 127.0.0.1:0 that echoes every message. Text commands:
+/// `close:<code>:<reason>` closes with that code, `drop` drops the TCP connection without a
+/// close frame, `reset` resets it.
+struct WsBackend {
+    addr: SocketAddr,
+    events: mpsc::Receiver<Event>,
+}
+
+impl WsBackend {
+    fn start() -> WsBackend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve(stream, tx.clone()));
+                }
+            });
+        });
+        WsBackend { addr, events }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next event, waiting up to 10 s.
+    fn next(&self) -> Event {
+        self.events
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the echo server reported within 10 s")
+    }
+}
+
+// The handshake callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
+async fn serve(stream: TcpStream, tx: mpsc::Sender<Event>) {
+    let seen = tx.clone();
+    let callback = move |req: &tungstenite::handshake::server::Request,
+                         resp: tungstenite::handshake::server::Response| {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let _ = seen.send(Event::Open(headers));
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        let _ = tx.send(Event::Gone);
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(t) if t.as_str() == "drop" => break,
+            Message::Text(t) if t.as_str() == "reset" => {
+                // RST instead of FIN.
+                let _ = ws.get_ref().set_zero_linger();
+                break;
+            }
+            Message::Text(t) if t.as_str().starts_with("close:") => {
+                let mut parts = t.as_str().splitn(3, ':').skip(1);
+                let code: u16 = parts.next().unwrap().parse().unwrap();
+                let reason = parts.next().unwrap_or("").to_owned();
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    }))
+                    .await;
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+                    .unwrap_or((0, String::new()));
+                let _ = tx.send(Event::ClientClose(code, reason));
+            }
+            m @ (Message::Text(_) | Message::Binary(_)) => {
+                let echoed = ws.send(m).await;
+                if echoed.is_err() {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    drop(ws);
+    let _ = tx.send(Event::Gone);
+}
+
+async fn connect(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
+    connect_with_head(addr, path).await.map(|(ws, _)| ws)
+}
+
+/// A handshake through the gateway: the client and the 101 it got.
+async fn connect_with_head(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+    let url = format!("ws://{addr}{path}");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("the handshake finished within 10 s")
+}
+
+/// The handshake's HTTP status when the gateway refused it.
+async fn refused(addr: SocketAddr, path: &str) -> u16 {
+    match connect(addr, path).await {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected the handshake to be refused"),
+    }
+}
+
+/// The next message from the gateway, waiting up to 10 s; `None` when the connection ended
+/// (closed or broken).
+async fn recv(ws: &mut Client) -> Option<Message> {
+    match tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the tunnel answered or ended within 10 s")
+    {
+        Some(Ok(m)) => Some(m),
+        Some(Err(_)) | None => None,
+    }
+}
+
+/// Reads until the connection ends (a close frame may come first); panics after 10 s.
+async fn until_end(ws: &mut Client) {
+    while recv(ws).await.is_some() {}
+}
+
+/// Waits for the echo server's connection to end (passing over a close frame it got).
+fn gone(be: &WsBackend) {
+    loop {
+        match be.next() {
+            Event::Gone => return,
+            Event::ClientClose(..) => {}
+            other => panic!("expected the connection to end, got {other:?}"),
+        }
+    }
+}
+
+fn opened(be: &WsBackend) -> Vec<(String, String)> {
+    match be.next() {
+        Event::Open(h) => h,
+        other => panic!("expected a handshake, got {other:?}"),
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn gateway(be_url: &str, route_extra: &str) -> Gateway {
+    Gateway::start(&as_refs(&proxy_all(be_url, route_extra)))
+}
+
+fn ws_gauge(gw: &Gateway) -> f64 {
+    scrape(gw)
+        .get("rustygate_websocket_connections")
+        .copied()
+        .unwrap_or(-1.0)
+}
+
+// ---- refusals and plain forwarding ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_refusing_the_upgrade_has_its_status_relayed() {
+    for status in [403u16, 426] {
+        let be = Backend::fixed(status, "no websockets here");
+        let gw = gateway(&be.url(), "");
+        assert_eq!(refused(gw.addr, "/chat").await, status);
+        assert_eq!(ws_gauge(&gw), 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_101_without_a_valid_accept_is_a_502() {
+    let upstream = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBvbmU=\r\n\r\n",
+    );
+    let gw = gateway(&format!("http://{upstream}"), "");
+    assert_eq!(refused(gw.addr, "/chat").await, 502);
+    let no_upgrade = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    );
+    let gw = gateway(&format!("http://{no_upgrade}"), "");
+    assert_eq!(refused(gw.addr, "/chat").await, 502);
+    assert_eq!(ws_gauge(&gw), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_closes_before_answering_is_a_502() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let gw = gateway(&format!("http://{addr}"), "");
+    assert_eq!(refused(gw.addr, "/chat").await, 502);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_runs_on_the_handshake_and_can_refuse_it() {
+    let be = WsBackend::start();
+    let files = proxy_all(&be.url(), "policy = \"policies/guard.rhai\"");
+    let mut files = as_refs(&files);
+    files.push((
+        "policies/guard.rhai",
+        "fn on_request(req) {\n    if req.path == \"/denied\" { return deny(403, \"no sockets\"); }\n    req.set_header(\"x-policy\", \"ran\");\n}\n",
+    ));
+    let gw = Gateway::start(&files);
+    assert_eq!(refused(gw.addr, "/denied").await, 403);
+    let mut ws = connect(gw.addr, "/allowed").await.unwrap();
+    let headers = opened(&be);
+    assert_eq!(header(&headers, "x-policy"), Some("ran"));
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Some(Message::text("hi")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_with_websocket_false_forwards_a_plain_request() {
+    let be = Backend::echo();
+    let gw = gateway(&be.url(), "websocket = false");
+    let reply = raw(
+        gw.addr,
+        b"GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "got {reply:?}");
+    let body = &reply[reply.find("\r\n\r\n").unwrap() + 4..];
+    let echoed: serde_json::Value = serde_json::from_str(body).unwrap();
+    let names: Vec<&str> = echoed["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"upgrade"), "{names:?}");
+    assert!(!names.contains(&"connection"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_whose_policy_has_on_response_takes_no_upgrades_unless_it_says_so() {
+    let be = WsBackend::start();
+    let policy = "fn on_response(req, res) {\n    res.set_header(\"x-seen\", \"1\");\n}\n";
+    let default_files = proxy_all(&be.url(), "policy = \"policies/resp.rhai\"");
+    let mut files = as_refs(&default_files);
+    files.push(("policies/resp.rhai", policy));
+    let gw = Gateway::start(&files);
+    // Forwarded without its upgrade headers: the echo server refuses a non-upgrade request.
+    assert!(connect(gw.addr, "/chat").await.is_err());
+    let opted_in = proxy_all(
+        &be.url(),
+        "policy = \"policies/resp.rhai\"\nwebsocket = true",
+    );
+    let mut files = as_refs(&opted_in);
+    files.push(("policies/resp.rhai", policy));
+    let gw = Gateway::start(&files);
+    let (mut ws, head) = connect_with_head(gw.addr, "/chat").await.unwrap();
+    // on_response ran on the 101's head.
+    assert_eq!(head.headers().get("x-seen").unwrap(), "1");
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Some(Message::text("hi")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_and_other_upgrade_tokens_are_never_forwarded() {
+    let be = Backend::echo();
+    let gw = gateway(&be.url(), "");
+    let reply = raw(
+        gw.addr,
+        b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "got {reply:?}");
+    let lower = reply.to_ascii_lowercase();
+    assert!(!lower.contains("\"upgrade\""), "{reply}");
+    assert!(!lower.contains("http2-settings"), "{reply}");
+    assert!(!lower.contains("h2c"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_with_a_body_or_another_method_are_refused() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let head = "Host: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let with_body = format!("GET /chat HTTP/1.1\r\n{head}Content-Length: 5\r\n\r\nhello");
+    assert!(raw(gw.addr, with_body.as_bytes()).starts_with("HTTP/1.1 400"));
+    let chunked =
+        format!("GET /chat HTTP/1.1\r\n{head}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert!(raw(gw.addr, chunked.as_bytes()).starts_with("HTTP/1.1 400"));
+    let post = format!("POST /chat HTTP/1.1\r\n{head}\r\n");
+    assert!(raw(gw.addr, post.as_bytes()).starts_with("HTTP/1.1 400"));
+    let no_key = "GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Version: 13\r\n\r\n";
+    assert!(raw(gw.addr, no_key.as_bytes()).starts_with("HTTP/1.1 400"));
+    // None of them reached the upstream.
+    assert!(be.events.recv_timeout(Duration::from_millis(200)).is_err());
+}
+
+// ---- tunnels ending badly ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_dropping_the_tunnel_ends_the_client_connection() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.send(Message::text("drop")).await.unwrap();
+    until_end(&mut ws).await;
+    gone(&be);
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_resetting_the_tunnel_ends_the_client_connection() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.send(Message::text("reset")).await.unwrap();
+    until_end(&mut ws).await;
+    gone(&be);
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_vanishing_closes_the_upstream_connection() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Some(Message::text("hi")));
+    assert_eq!(ws_gauge(&gw), 1.0);
+    // No close frame: the TCP connection just goes.
+    drop(ws);
+    assert!(matches!(be.next(), Event::Gone));
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_tunnel_is_closed_on_both_sides() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "websocket_idle_timeout = \"300ms\"");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    until_end(&mut ws).await;
+    gone(&be);
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+// ---- tunnels that work ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_messages_echo_in_order() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    let headers = opened(&be);
+    assert_eq!(header(&headers, "upgrade"), Some("websocket"));
+    assert!(header(&headers, "x-forwarded-for").is_some());
+    assert!(header(&headers, "x-request-id").is_some());
+    for i in 0..100 {
+        ws.send(Message::text(format!("message {i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..100 {
+        assert_eq!(
+            recv(&mut ws).await,
+            Some(Message::text(format!("message {i}")))
+        );
+    }
+    assert_eq!(ws_gauge(&gw), 1.0);
+    ws.close(None).await.unwrap();
+    until_end(&mut ws).await;
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_mib_binary_message_goes_both_ways() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    match recv(&mut ws).await {
+        Some(Message::Binary(b)) => assert!(b.as_ref() == big.as_slice(), "echo differs"),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_codes_are_relayed_both_ways() {
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    // The upstream closes: the client gets its code and reason.
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.send(Message::text("close:1000:done")).await.unwrap();
+    match recv(&mut ws).await {
+        Some(Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1000);
+            assert_eq!(f.reason.as_str(), "done");
+        }
+        other => panic!("expected the upstream's close frame, got {other:?}"),
+    }
+    until_end(&mut ws).await;
+    gone(&be);
+    // The client closes: the upstream gets its code and reason.
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    match be.next() {
+        Event::ClientClose(code, reason) => {
+            assert_eq!(code, 1001);
+            assert_eq!(reason, "bye");
+        }
+        other => panic!("expected the client's close frame, got {other:?}"),
+    }
+    until_end(&mut ws).await;
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+}
+
+/// The real binary: the access-log line written when a tunnel closes.
+#[test]
+fn the_access_log_line_at_close_has_bytes_and_duration() {
+    let be = WsBackend::start();
+    let files = proxy_all(&be.url(), "");
+    let dir = repo(&as_refs(&files));
+    let idle_files = [(
+        "routes/idle.toml",
+        "[[route]]\nname = \"idle\"\nprefix = \"/idle\"\nupstream = \"be\"\nwebsocket_idle_timeout = \"300ms\"\n",
+    )];
+    write_files(dir.path(), &idle_files);
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let addr: SocketAddr = gw.listen.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut ws = connect(addr, "/chat").await.unwrap();
+        ws.send(Message::text("0123456789")).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Some(Message::text("0123456789")));
+        assert_eq!(gw.metric("rustygate_websocket_connections"), Some(1.0));
+        ws.close(None).await.unwrap();
+        until_end(&mut ws).await;
+        let mut idle = connect(addr, "/idle").await.unwrap();
+        until_end(&mut idle).await;
+    });
+    let line = |route: &str| {
+        gw.logs
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("rustygate::access"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v.get("fields").cloned().unwrap_or(v))
+            .find(|f| f["route"] == route && f["status"] == 101)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || line("all").is_some()
+            && line("idle").is_some()),
+        "access log:\n{}",
+        gw.logs.lock().unwrap()
+    );
+    let closed = line("all").unwrap();
+    // A masked frame of 10 bytes is 16 bytes on the wire, and the close frame follows.
+    assert!(closed["bytes_in"].as_u64().unwrap() >= 16, "{closed}");
+    assert!(closed["bytes_out"].as_u64().unwrap() >= 12, "{closed}");
+    assert!(closed["duration_ms"].as_f64().unwrap() > 0.0, "{closed}");
+    assert_eq!(closed["completed"], true, "{closed}");
+    let idle = line("idle").unwrap();
+    assert_eq!(idle["completed"], false, "{idle}");
+    assert_eq!(idle["error"], "websocket_idle_timeout", "{idle}");
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("rustygate_websocket_connections")
+        == Some(0.0)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_holds_its_max_requests_place_until_it_closes() {
+    let be = WsBackend::start();
+    let files = proxy_to(&[be.url()], "circuit_breaker = { max_requests = 1 }", "");
+    let gw = Gateway::start(&as_refs(&files));
+    let mut first = connect(gw.addr, "/chat").await.unwrap();
+    opened(&be);
+    assert_eq!(refused(gw.addr, "/chat").await, 503);
+    first.close(None).await.unwrap();
+    until_end(&mut first).await;
+    assert!(wait_until(Duration::from_secs(5), || ws_gauge(&gw) == 0.0));
+    let mut again = connect(gw.addr, "/chat").await.unwrap();
+    again.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv(&mut again).await, Some(Message::text("hi")));
+}
+
+/// The real binary: on SIGTERM an open tunnel keeps working for the grace period, then both
+/// of its connections are closed.
+#[test]
+fn sigterm_gives_tunnels_the_grace_period_then_closes_them() {
+    let be = WsBackend::start();
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let mut gw = GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--shutdown-grace",
+            "3s",
+        ],
+        &[],
+    );
+    let addr: SocketAddr = gw.listen.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut ws = connect(addr, "/chat").await.unwrap();
+        opened(&be);
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &gw.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        // Shutdown has begun once the listener stops taking connections.
+        let listen = gw.listen.clone();
+        let stopped = tokio::task::spawn_blocking(move || {
+            wait_until(Duration::from_secs(5), || {
+                std::net::TcpStream::connect(&listen).is_err()
+            })
+        });
+        assert!(
+            stopped.await.unwrap(),
+            "the listener still accepts after SIGTERM"
+        );
+        ws.send(Message::text("still here")).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Some(Message::text("still here")));
+        until_end(&mut ws).await;
+    });
+    assert!(matches!(be.next(), Event::Gone));
+    assert!(
+        wait_until(Duration::from_secs(10), || gw
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "the gateway exited after the grace period"
+    );
+}
