@@ -69,6 +69,8 @@ struct Exchange {
     /// Keeps the connection's head timeout off until this request is done (absent when
     /// served outside the proxy listener).
     busy: Option<Busy>,
+    /// `http` or `https`, for the access log.
+    scheme: &'static str,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -149,6 +151,7 @@ impl Exchange {
             upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
             // Not `target`: the JSON formatter writes the event's own target under that key.
             upstream_target = target.unwrap_or(""),
+            scheme = self.scheme,
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
@@ -228,6 +231,7 @@ pub(crate) async fn handle(
         slot: None,
         buffered: None,
         busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
+        scheme: super::listener::conn_info(&req).map_or("http", |c| c.scheme()),
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -917,6 +921,8 @@ fn upstream_headers(
 ) -> Result<http::HeaderMap, String> {
     let peer = req.peer_addr().map(|a| a.ip());
     let h = req.headers();
+    let conn = super::listener::conn_info(req);
+    let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
     crate::proxy::headers::upstream_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
         h.len(),
@@ -930,6 +936,8 @@ fn upstream_headers(
             drop_token: ex.drop_token.as_ref(),
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
+            https: tls.is_some(),
+            client_cert: tls.and_then(|t| t.client_cert.as_ref()),
         },
     )
 }

@@ -322,6 +322,7 @@ impl Reloader {
         snapshot.version.source = self.spec.describe();
         let info = applied(&snapshot);
         let previous = self.store.publish(snapshot);
+        crate::server::warn_listener_changes(&previous, &self.store.load());
         self.metrics
             .reload_succeeded(Some(&previous.version.id), &id, unix(now));
         tracing::info!(

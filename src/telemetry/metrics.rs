@@ -58,6 +58,13 @@ pub struct Metrics {
     /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
     /// was too slow (`header`: a request head, `body`: between request body bytes).
     pub client_timeouts: IntCounterVec,
+    /// `rustygate_tls_handshakes_total{listener,version,result}`: TLS handshakes on the
+    /// listeners with `tls`; `result` is `success`, `failure` or `timeout`, `version` is
+    /// `TLSv1_3`/`TLSv1_2`, or `none` when the handshake did not finish.
+    pub tls_handshakes: IntCounterVec,
+    /// `rustygate_tls_certificate_expiry_timestamp_seconds{name}`: `notAfter` of each served
+    /// certificate, `name` = `<listener>/<index>`; set from the served snapshot at each scrape.
+    pub tls_certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -175,8 +182,23 @@ impl Metrics {
             "Client requests ended because the client was too slow, by phase (header, body).",
             &["phase"],
         );
+        let tls_handshakes = counter(
+            "rustygate_tls_handshakes_total",
+            "TLS handshakes on the proxy listeners, by listener, protocol version and result (success, failure, timeout).",
+            &["listener", "version", "result"],
+        );
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "rustygate_tls_certificate_expiry_timestamp_seconds",
+                "Unix time at which each served listener certificate expires (name: <listener>/<index>).",
+            ),
+            &["name"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_handshakes.clone()),
+            Box::new(tls_certificate_expiry.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -222,6 +244,21 @@ impl Metrics {
             client_connections,
             connections_refused,
             client_timeouts,
+            tls_handshakes,
+            tls_certificate_expiry,
+        }
+    }
+
+    /// Sets `rustygate_tls_certificate_expiry_timestamp_seconds` from the snapshot being
+    /// served: certificates that left the config disappear from the output.
+    pub fn observe_certificates(&self, snapshot: &crate::snapshot::Snapshot) {
+        self.tls_certificate_expiry.reset();
+        for l in &snapshot.listeners {
+            for c in l.tls.iter().flat_map(|t| &t.certificates) {
+                self.tls_certificate_expiry
+                    .with_label_values(&[c.name.as_str()])
+                    .set(c.not_after);
+            }
         }
     }
 
