@@ -65,7 +65,7 @@ pub(crate) fn compile_listeners(
                     format!("listener `{name}` is defined twice"),
                 )
                 .at(file, raw.name.span(), "second definition")
-                .at(file, first.clone(), "first definition"),
+                .also(file, first.clone(), "first definition"),
             );
         } else {
             names.insert(name, raw.name.span());
@@ -81,7 +81,7 @@ pub(crate) fn compile_listeners(
                             format!("two listeners bind `{a}`"),
                         )
                         .at(file, raw.address.span(), "second listener")
-                        .at(file, first.clone(), "first listener"),
+                        .also(file, first.clone(), "first listener"),
                     );
                 }
                 addresses.insert(a, raw.address.span());
