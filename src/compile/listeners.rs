@@ -537,10 +537,7 @@ impl SniResolver {
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         if let Some(sni) = sni {
             let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-            let exact = self
-                .certs
-                .iter()
-                .find(|(names, _)| names.iter().any(|n| *n == sni));
+            let exact = self.certs.iter().find(|(names, _)| names.contains(&sni));
             let wild = || {
                 let (_, parent) = sni.split_once('.')?;
                 self.certs.iter().find(|(names, _)| {

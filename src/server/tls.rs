@@ -44,10 +44,10 @@ impl TlsListener {
             .find(|l| *l.name == *self.name)
             .and_then(|l| l.tls.as_ref()?.config.clone());
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = current {
-            if !Arc::ptr_eq(&c, &last) {
-                *last = c;
-            }
+        if let Some(c) = current
+            && !Arc::ptr_eq(&c, &last)
+        {
+            *last = c;
         }
         Arc::clone(&last)
     }
