@@ -100,6 +100,12 @@ pub struct Limits {
     pub max_connections_per_ip: Option<u32>,
     /// Request bodies buffered for retries, per worker, in bytes.
     pub max_buffered_bodies: u64,
+    /// Open streams per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Decoded request header list per HTTP/2 stream, in bytes.
+    pub http2_max_header_list_size: u32,
+    /// Streams abandoned per second on one HTTP/2 connection before GOAWAY.
+    pub http2_max_resets_per_second: u32,
 }
 
 impl Default for Limits {
@@ -112,6 +118,9 @@ impl Default for Limits {
             max_connections: 25_000,
             max_connections_per_ip: None,
             max_buffered_bodies: 64 * 1024 * 1024,
+            http2_max_concurrent_streams: 128,
+            http2_max_header_list_size: 32 * 1024,
+            http2_max_resets_per_second: 100,
         }
     }
 }

@@ -798,3 +798,57 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_serves_http2_over_tls_with_the_connection_facts() {
+    use http_body_util::BodyExt;
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["a.test"], 90, false);
+    let client = pki.leaf("client", &["client.test"], 90, true);
+    let be = Backend::echo();
+    let tls_extra = format!(
+        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = false }}",
+        pki.ca_path().display()
+    );
+    let gw = start(&gateway_toml(&[&server], &tls_extra, ""), &be);
+    let mut config = (*client_config(&pki, rustls::DEFAULT_VERSIONS, Some(&client))).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.listener("https"))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::get("https://a.test/h2")
+        .header("x-client-cert-subject", "CN=admin")
+        .body(full(""))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(
+        echoed(&body, "x-client-cert-subject"),
+        vec!["CN=client one"]
+    );
+    assert_eq!(echoed(&body, "x-forwarded-proto"), vec!["https"]);
+
+    // A client offering only http/1.1 gets HTTP/1.1; without a certificate (not required)
+    // it passes with no client-cert headers.
+    let mut s = connect(gw.listener("https"), "a.test", default_client(&pki)).unwrap();
+    assert_eq!(s.conn.alpn_protocol(), None);
+    let (status, body) = request(&mut s, "/", &[("x-client-cert-subject", "CN=admin")]).unwrap();
+    assert_eq!(status, 200);
+    assert!(echoed(&body, "x-client-cert-subject").is_empty());
+}

@@ -141,21 +141,53 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
     for (v, what) in [
         (&raw.max_connections, "max_connections"),
         (&raw.max_connections_per_ip, "max_connections_per_ip"),
+        (
+            &raw.http2_max_concurrent_streams,
+            "http2_max_concurrent_streams",
+        ),
+        (
+            &raw.http2_max_resets_per_second,
+            "http2_max_resets_per_second",
+        ),
     ] {
         let Some(v) = v else { continue };
         let n = *v.get();
         if n == 0 {
+            let why = if what.starts_with("http2") {
+                "would refuse every HTTP/2 request"
+            } else {
+                "would refuse every connection"
+            };
             cx.push(
                 Diagnostic::error("invalid-limit", format!("`{what}` must be at least 1")).at(
                     file,
                     v.span(),
-                    "would refuse every connection",
+                    why,
                 ),
             );
-        } else if what == "max_connections" {
-            out.max_connections = n as usize;
+            continue;
+        }
+        match what {
+            "max_connections" => out.max_connections = n as usize,
+            "max_connections_per_ip" => out.max_connections_per_ip = Some(n),
+            "http2_max_concurrent_streams" => out.http2_max_concurrent_streams = n,
+            _ => out.http2_max_resets_per_second = n,
+        }
+    }
+    if let Some(v) = &raw.http2_max_header_list_size
+        && let Some(n) = cx.size(file, v)
+    {
+        // Below 1 KiB not even a browser's request fits; above 16 MiB it is no limit.
+        if !(1024..=16 * 1024 * 1024).contains(&n) {
+            cx.push(
+                Diagnostic::error(
+                    "invalid-limit",
+                    "`http2_max_header_list_size` must be between 1KiB and 16MiB",
+                )
+                .at(file, v.span(), "out of range"),
+            );
         } else {
-            out.max_connections_per_ip = Some(n);
+            out.http2_max_header_list_size = n as u32;
         }
     }
     if let Some(n) = raw

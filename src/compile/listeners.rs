@@ -287,7 +287,7 @@ fn alpn(cx: &mut Cx<'_>, file: FileId, t: &RawListenerTls, http2: bool) -> Vec<V
             );
         } else if v == "h2" && !(http2 && crate::server::SERVES_H2) {
             let why = if http2 {
-                "this build does not serve HTTP/2 yet"
+                "this build does not serve HTTP/2"
             } else {
                 "the listener has `http2 = false`"
             };

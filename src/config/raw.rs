@@ -158,6 +158,15 @@ pub struct RawLimits {
     /// Request bodies held in memory for retries, per worker (default "64MiB"); a request that
     /// would go over it gets 503.
     pub max_buffered_bodies: Option<Spanned<SizeText>>,
+    /// Streams one HTTP/2 client connection may have open at once (default 128, as nginx).
+    pub http2_max_concurrent_streams: Option<Spanned<u32>>,
+    /// Largest request header list an HTTP/2 client may send, decoded (default "32KiB");
+    /// beyond it the stream is refused.
+    pub http2_max_header_list_size: Option<Spanned<SizeText>>,
+    /// Streams an HTTP/2 client may abandon (reset before its response ended) per second on
+    /// one connection (default 100); beyond it the connection gets GOAWAY. The defence against
+    /// the 2023 "rapid reset" attack.
+    pub http2_max_resets_per_second: Option<Spanned<u32>>,
 }
 
 /// `[headers]`: rules for the headers of client requests.

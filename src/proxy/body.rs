@@ -169,6 +169,26 @@ pub type Ended = Result<(), &'static str>;
 /// Called once when a response body ends: bytes sent, and how it ended.
 pub type OnFinish = Box<dyn FnOnce(u64, Ended)>;
 
+/// Where the upstream's response trailers are left for the client side, when the client's
+/// connection can carry them (HTTP/2); shared by the response body and whoever writes it out.
+#[derive(Clone, Default)]
+pub struct Trailers(Rc<std::cell::RefCell<Option<http::HeaderMap>>>);
+
+impl Trailers {
+    pub fn set(&self, t: http::HeaderMap) {
+        *self.0.borrow_mut() = Some(t);
+    }
+
+    pub fn take(&self) -> Option<http::HeaderMap> {
+        self.0.borrow_mut().take()
+    }
+
+    /// Reads a trailer without taking it (for the access log).
+    pub fn get(&self, name: &str) -> Option<http::HeaderValue> {
+        self.0.borrow().as_ref().and_then(|t| t.get(name).cloned())
+    }
+}
+
 /// Why an upstream's response body could not be passed on; the client's connection is aborted.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBodyError {
@@ -190,6 +210,8 @@ pub struct UpstreamBody {
     /// the timer is reset only when it fires early.
     timer: Option<Pin<Box<Sleep>>>,
     last: Option<Instant>,
+    /// Where trailers go; `None` when the client cannot receive them (HTTP/1.1).
+    trailers: Option<Trailers>,
 }
 
 impl UpstreamBody {
@@ -207,7 +229,14 @@ impl UpstreamBody {
             idle,
             timer: None,
             last: None,
+            trailers: None,
         }
+    }
+
+    /// Keeps the upstream's trailers in `slot` for a client side that sends them.
+    pub fn with_trailers(mut self, slot: Option<Trailers>) -> Self {
+        self.trailers = slot;
+        self
     }
 
     fn finish(&mut self, end: Ended) {
@@ -256,21 +285,21 @@ impl MessageBody for UpstreamBody {
             }
             match frame {
                 Some(Ok(frame)) => {
-                    // Trailers (HTTP/2 upstreams, e.g. gRPC's `grpc-status`) cannot be passed
-                    // on: actix writes the client's response as HTTP/1.1 without trailers.
+                    // Trailers (HTTP/2 upstreams, e.g. gRPC's `grpc-status`) go to an HTTP/2
+                    // client; HTTP/1.1 responses are written without them.
                     match frame.into_data() {
                         Ok(data) => {
                             this.sent += data.len() as u64;
                             return Poll::Ready(Some(Ok(data)));
                         }
-                        Err(frame) => {
-                            if let Some(t) = frame.trailers_ref() {
-                                tracing::debug!(
-                                    trailers = t.len(),
-                                    "upstream response trailers dropped: the client side is HTTP/1.1"
-                                );
-                            }
-                        }
+                        Err(frame) => match (frame.into_trailers(), &this.trailers) {
+                            (Ok(t), Some(slot)) => slot.set(t),
+                            (Ok(t), None) => tracing::debug!(
+                                trailers = t.len(),
+                                "upstream response trailers dropped: the client side is HTTP/1.1"
+                            ),
+                            (Err(_), _) => {}
+                        },
                     }
                 }
                 Some(Err(e)) => {

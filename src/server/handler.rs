@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use actix_web::body::BodySize;
 use actix_web::http::{StatusCode, header as ax};
-use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -27,7 +27,7 @@ use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::policy::ClientHeaders;
 use crate::proxy::ForwardError;
 use crate::proxy::body::{
-    BodyError, BodyStats, Ended, OnFinish, ProxyBody, UpstreamBody, read_request_body,
+    BodyError, BodyStats, Ended, OnFinish, ProxyBody, Trailers, UpstreamBody, read_request_body,
     stream_request_body,
 };
 use crate::proxy::headers::{
@@ -46,6 +46,7 @@ struct Exchange {
     request_id: HeaderValue,
     client_ip: IpAddr,
     method: actix_web::http::Method,
+    version: actix_web::http::Version,
     host: String,
     path: String,
     route: Option<RouteId>,
@@ -71,6 +72,13 @@ struct Exchange {
     busy: Option<Busy>,
     /// `http` or `https`, for the access log.
     scheme: &'static str,
+    /// A gRPC call (`content-type: application/grpc…`): the gateway's own errors are answered
+    /// the gRPC way, and the call's status is logged and counted.
+    grpc: bool,
+    /// The upstream's `grpc-status` response header (a trailers-only response).
+    grpc_status: Option<http::HeaderValue>,
+    /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
+    trailers: Option<Trailers>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -121,10 +129,35 @@ impl Exchange {
 
     /// Records the finished request: metrics always, the access log when enabled.
     fn emit(&self, status: u16, bytes_out: u64, end: Ended) {
+        let grpc = if self.grpc {
+            let from_upstream = self
+                .grpc_status
+                .clone()
+                .or_else(|| self.trailers.as_ref().and_then(|t| t.get("grpc-status")));
+            Some(match &from_upstream {
+                Some(v) => v.to_str().unwrap_or("invalid").to_owned(),
+                None => "none".to_owned(),
+            })
+        } else {
+            None
+        };
+        self.emit_as(status, bytes_out, end, grpc.as_deref());
+    }
+
+    /// [`Exchange::emit`] with the call's gRPC status given (`None`: not a gRPC call).
+    fn emit_as(&self, status: u16, bytes_out: u64, end: Ended, grpc: Option<&str>) {
         let route = self
             .route
             .and_then(|r| self.snapshot.routes.get(r))
             .map(|r| r.name.as_str());
+        if let Some(code) = grpc {
+            self.state
+                .recorder
+                .metrics()
+                .grpc_requests
+                .with_label_values(&[route.unwrap_or(""), code])
+                .inc();
+        }
         let elapsed = self.started.elapsed();
         self.state.recorder.request(
             &self.snapshot.version.id,
@@ -145,6 +178,7 @@ impl Exchange {
             request_id = self.request_id.to_str().unwrap_or(""),
             client_ip = %self.client_ip,
             method = self.method.as_str(),
+            protocol = protocol_name(self.version),
             host = self.host.as_str(),
             path = self.path.as_str(),
             route = route.unwrap_or(""),
@@ -158,12 +192,19 @@ impl Exchange {
             bytes_out,
             completed = end.is_ok(),
             error = end.err().unwrap_or(""),
+            grpc_status = grpc.unwrap_or(""),
             config_version = self.snapshot.version.id.as_str(),
         );
     }
 
-    /// An error answered by the gateway itself: JSON body, request id, logged.
+    /// An error answered by the gateway itself: JSON body, request id, logged. A gRPC call gets
+    /// it the gRPC way instead ([`grpc_error`]).
     fn error(&self, status: u16, message: &str) -> HttpResponse {
+        if self.grpc {
+            let (resp, code) = grpc_error(status, message, &self.request_id);
+            self.emit_as(status, 0, Ok(()), Some(code));
+            return self.with_extra(resp);
+        }
         let body = Bytes::from(
             serde_json::json!({
                 "error": message,
@@ -177,6 +218,101 @@ impl Exchange {
         resp.insert_header(("x-request-id", self.request_id.as_bytes()));
         self.emit(status, len, Ok(()));
         self.with_extra(resp.body(body))
+    }
+}
+
+/// Whether the request is a gRPC call (`application/grpc` or `application/grpc+<codec>`; not
+/// gRPC-Web, which is plain HTTP/1.1 to the gateway).
+fn is_grpc(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(ax::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .is_some_and(|ct| {
+            ct.strip_prefix(b"application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+        })
+}
+
+/// Whether the client's `TE` header lists `trailers`.
+fn accepts_trailers(req: &HttpRequest) -> bool {
+    req.headers().get_all(ax::TE).any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        })
+    })
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), gRPC over HTTP/2 spec.
+fn grpc_timeout(v: &[u8]) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The gRPC status for an error the gateway answers with HTTP `status`, as Envoy maps them.
+fn grpc_code(status: u16) -> &'static str {
+    match status {
+        400 => "13",       // INTERNAL
+        401 => "16",       // UNAUTHENTICATED
+        403 => "7",        // PERMISSION_DENIED
+        404 | 405 => "12", // UNIMPLEMENTED
+        408 | 504 => "4",  // DEADLINE_EXCEEDED
+        413 | 429 => "8",  // RESOURCE_EXHAUSTED
+        502 | 503 => "14", // UNAVAILABLE
+        500 => "13",
+        _ => "2", // UNKNOWN
+    }
+}
+
+/// A gateway error for a gRPC client: HTTP 200 and a trailers-only response carrying
+/// `grpc-status` and `grpc-message` (percent-encoded, gRPC over HTTP/2 spec), as gRPC clients
+/// read only those.
+fn grpc_error(
+    status: u16,
+    message: &str,
+    request_id: &HeaderValue,
+) -> (HttpResponse, &'static str) {
+    let code = grpc_code(status);
+    let mut encoded = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let resp = HttpResponse::Ok()
+        .insert_header((ax::CONTENT_TYPE, "application/grpc"))
+        .insert_header(("grpc-status", code))
+        .insert_header(("grpc-message", encoded))
+        .insert_header(("x-request-id", request_id.as_bytes()))
+        .finish();
+    (resp, code)
+}
+
+fn protocol_name(v: actix_web::http::Version) -> &'static str {
+    use actix_web::http::Version;
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        _ => "HTTP/1.1",
     }
 }
 
@@ -214,6 +350,7 @@ pub(crate) async fn handle(
         request_id,
         client_ip: client,
         method: req.method().clone(),
+        version: req.version(),
         host: raw_host
             .map(|h| normalize_host(h).into_owned())
             .unwrap_or_default(),
@@ -232,6 +369,9 @@ pub(crate) async fn handle(
         buffered: None,
         busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
         scheme: super::listener::conn_info(&req).map_or("http", |c| c.scheme()),
+        grpc: is_grpc(&req),
+        grpc_status: None,
+        trailers: req.extensions().get::<Trailers>().cloned(),
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -356,6 +496,16 @@ pub(crate) async fn handle(
             .rate_limited
             .with_label_values(&[route.name.as_str()])
             .inc();
+        if ex.grpc {
+            // Keeps Retry-After and the RateLimit headers on the gRPC answer.
+            let mut resp = ex.error(429, "rate limit exceeded");
+            for (n, v) in limited.headers() {
+                if n.as_str().starts_with("ratelimit") || n == ax::RETRY_AFTER {
+                    resp.headers_mut().insert(n.clone(), v.clone());
+                }
+            }
+            return resp;
+        }
         ex.emit(429, 0, Ok(()));
         return ex.with_extra(limited);
     }
@@ -559,8 +709,9 @@ async fn forward(
     if retry.attempts > 0 {
         upstream.shared.deposit(upstream.budget.percent);
     }
-    let has_body =
-        declared_len.is_some_and(|n| n > 0) || req.headers().contains_key(ax::TRANSFER_ENCODING);
+    let has_body = declared_len.is_some_and(|n| n > 0)
+        || req.headers().contains_key(ax::TRANSFER_ENCODING)
+        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>());
     let mut body = if !has_body {
         Outgoing::Empty
     } else if let Some(expected) =
@@ -624,10 +775,20 @@ async fn forward(
         idle_timeout: upstream.idle_timeout,
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
     };
-    let deadline = route
+    let mut deadline = route
         .total_timeout
         .or(upstream.total_timeout)
         .map(|t| Instant::now() + t);
+    // A gRPC client's own deadline, when it is sooner: past it the client has given up.
+    if ex.grpc
+        && let Some(t) = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+    {
+        let at = Instant::now() + t;
+        deadline = Some(deadline.map_or(at, |d| d.min(at)));
+    }
     let mut retries = Retries {
         policy: retry,
         tried: Vec::new(),
@@ -658,6 +819,10 @@ async fn forward(
             Ok(h) => h,
             Err(why) => return ex.error(400, &why),
         };
+        if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
+            // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(run) = &plan.policy {
             run.apply_edits(&mut headers);
         }
@@ -973,7 +1138,7 @@ impl actix_web::body::MessageBody for HeadBody {
 
 /// Turns the upstream's response into the client's, streaming the body.
 fn client_response(
-    ex: Exchange,
+    mut ex: Exchange,
     req: &HttpRequest,
     state: &WorkerState,
     route: &Route,
@@ -982,6 +1147,9 @@ fn client_response(
 ) -> HttpResponse {
     let (mut parts, body) = resp.into_parts();
     let mut status = parts.status.as_u16();
+    if ex.grpc {
+        ex.grpc_status = parts.headers.get("grpc-status").cloned();
+    }
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
@@ -1035,24 +1203,62 @@ fn client_response(
             _ => out.finish(),
         };
     }
+    if http_body::Body::is_end_stream(&body) {
+        // Nothing follows the head (over HTTP/2: END_STREAM on the upstream's HEADERS, as in a
+        // gRPC trailers-only response): the client's response ends with its head too.
+        ex.emit(status, 0, Ok(()));
+        return out.finish();
+    }
     let size = match declared {
         Some(n) => BodySize::Sized(n),
         None => BodySize::Stream,
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
+    let trailers = ex.trailers.clone();
     let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
-    out.body(UpstreamBody::new(
-        body,
-        size,
-        route.read_timeout,
-        Some(on_finish),
-    ))
+    out.body(
+        UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::valid_host;
+    use super::{grpc_code, grpc_timeout, valid_host};
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_the_rest() {
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            grpc_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(grpc_timeout(b"5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S", " 1S"] {
+            assert_eq!(grpc_timeout(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn gateway_errors_map_to_grpc_codes_as_envoy_does() {
+        for (http, grpc) in [
+            (502, "14"),
+            (503, "14"),
+            (504, "4"),
+            (401, "16"),
+            (429, "8"),
+            (404, "12"),
+            (403, "7"),
+            (400, "13"),
+            (418, "2"),
+        ] {
+            assert_eq!(grpc_code(http), grpc, "{http}");
+        }
+    }
 
     #[test]
     fn host_header_must_be_host_and_port() {

@@ -339,11 +339,48 @@ impl ClientIo {
         &self.info
     }
 
-    /// The stream, its place under the connection limits (hold it as long as the stream) and
-    /// its facts, for a server that does not use the head-timeout wrapper (HTTP/2).
-    #[allow(dead_code)]
-    pub fn into_parts(self) -> (Stream, ConnGuard, Rc<ConnInfo>) {
-        (self.io, self._guard, self.info)
+    /// The stream and its place under the connection limits, for a protocol that times its
+    /// requests itself (HTTP/2). Take [`ClientIo::info`] first to keep the connection facts.
+    pub fn into_parts(self) -> (Stream, ConnGuard) {
+        (self.io, self._guard)
+    }
+
+    /// Whether the client opens with the HTTP/2 preface (h2c with prior knowledge). Waits for
+    /// the first bytes up to the header timeout; `None` if none came (the client got 408 and
+    /// the connection is to be closed). Over TLS, ALPN decides and this is `Some(false)`.
+    pub async fn starts_with_h2_preface(&self) -> Option<bool> {
+        let Stream::Plain(io) = &self.io else {
+            return Some(false);
+        };
+        let preface = super::h2::PREFACE;
+        let deadline = Instant::now() + self.state.header_timeout;
+        let mut buf = [0u8; 24];
+        loop {
+            let n = match tokio::time::timeout_at(deadline, io.peek(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                Ok(_) => return None,
+                Err(_) => return self.head_timed_out(io),
+            };
+            if buf[..n] != preface[..n] {
+                return Some(false);
+            }
+            if n == preface.len() {
+                return Some(true);
+            }
+            // A preface cut into pieces: wait for the rest (rare; bounded by the deadline).
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+                .await
+                .is_err()
+            {
+                return self.head_timed_out(io);
+            }
+        }
+    }
+
+    fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
+        self.state.timeouts.inc();
+        let _ = io.try_write(REQUEST_TIMEOUT);
+        None
     }
 
     /// Whether the head deadline has passed; arms the timer's wake-up otherwise.

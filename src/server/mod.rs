@@ -6,20 +6,25 @@
 
 mod admin;
 mod edge;
+mod h2;
 mod handler;
 mod listener;
 mod tls;
 pub mod webhooks;
 
-/// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`). Until it does, TLS
-/// listeners offer only `http/1.1`.
-pub const SERVES_H2: bool = false;
+/// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`, through [`h2::serve`]).
+pub const SERVES_H2: bool = true;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
+use std::rc::Rc;
+
+use actix_service::{
+    IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt, fn_factory, fn_service,
+    map_config,
+};
 use actix_web::{App, HttpServer, web};
 
 use crate::proxy::pool::LocalPool;
@@ -182,7 +187,9 @@ pub fn start(
             },
         };
         bound.push((spec.name.clone(), a));
-        kinds.push((spec.name.clone(), l, a, kind));
+        // h2c (HTTP/2 without TLS, prior knowledge) on plain listeners with `http2 = true`.
+        let h2c = spec.http2 && spec.tls.is_none();
+        kinds.push((spec.name.clone(), l, a, kind, h2c));
     }
     drop(first);
 
@@ -205,22 +212,25 @@ pub fn start(
     let builder = actix_server::Server::build();
     let shutdown_signal = builder.graceful_shutdown_signal();
     let workers = opts.workers.max(1);
-    // One worker's service for one listener.
-    let service = move |name: Arc<str>, local: SocketAddr, kind: Kind| {
-        let state = WorkerState {
+    // One worker's service for one listener: admission, then the TLS handshake on TLS
+    // listeners, then HTTP/2 (ALPN `h2`, or the h2c preface where `h2c` is on) or HTTP/1.1.
+    let service = move |name: Arc<str>, local: SocketAddr, kind: Kind, h2c: bool| {
+        let state = web::Data::new(WorkerState {
             store: Arc::clone(&proxy_store),
             pool: LocalPool::new(),
             access_log,
             recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
             limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
             buffered: Default::default(),
+        });
+        // One application per protocol, sharing the worker's state: actix-http's
+        // dispatcher calls one for HTTP/1.1, `h2::serve` the other for HTTP/2.
+        let make_app = move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(usize::MAX))
+                .default_service(web::to(tls::entry))
         };
-        let app = App::new()
-            .app_data(web::Data::new(state))
-            .app_data(web::PayloadConfig::new(usize::MAX))
-            .default_service(web::to(tls::entry))
-            .into_factory()
-            .map_err(|e: actix_web::Error| e.error_response());
         let signal = shutdown_signal.clone();
         let http = actix_http::HttpService::build()
             .keep_alive(keep_alive)
@@ -238,58 +248,108 @@ pub fn start(
                 ext.insert(std::rc::Rc::clone(io.state()));
                 ext.insert(std::rc::Rc::clone(io.info()));
             })
-            .finish(map_config(app, |_| actix_web::dev::AppConfig::default()));
+            .finish(map_config(
+                make_app()
+                    .into_factory()
+                    .map_err(|e: actix_web::Error| e.error_response()),
+                |_| actix_web::dev::AppConfig::default(),
+            ));
         let store = Arc::clone(&proxy_store);
         let counts = Arc::clone(&counts);
         let metrics = Arc::clone(&metrics);
-        fn_service(move |io: tokio::net::TcpStream| {
-            let admitted = listener::admit(io, &store, &counts, &metrics);
-            let (store, metrics, kind, name) = (
+        let signal = shutdown_signal.clone();
+        fn_factory(move || {
+            let h1 = http.new_service(());
+            let h2 = make_app()
+                .into_factory()
+                .new_service(actix_web::dev::AppConfig::default());
+            let (store, counts, metrics) = (
                 Arc::clone(&store),
+                Arc::clone(&counts),
                 Arc::clone(&metrics),
-                kind.clone(),
-                Arc::clone(&name),
             );
+            let (signal, kind, name) = (signal.clone(), kind.clone(), Arc::clone(&name));
             async move {
-                let refused = || {
-                    actix_http::error::DispatchError::Io(
-                        std::io::ErrorKind::ConnectionRefused.into(),
-                    )
-                };
-                let a = admitted.ok_or_else(refused)?;
-                let peer = a.peer;
-                let (stream, info) = match kind {
-                    Kind::Plain { redirect_to } => (
-                        listener::Stream::Plain(a.io),
-                        listener::ConnInfo {
-                            listener: name,
-                            tls: None,
-                            redirect_to,
-                        },
-                    ),
-                    Kind::Tls(t) => {
-                        let (stream, tls) = t
-                            .handshake(a.io, &store, a.header_timeout, &metrics)
-                            .await
-                            .ok_or_else(refused)?;
-                        // ALPN offers `h2` only once this build serves it (`SERVES_H2`); the
-                        // HTTP/2 server takes `tls.h2` connections from here
-                        // (`ClientIo::into_parts`).
-                        (
-                            listener::Stream::Tls(Box::new(stream)),
-                            listener::ConnInfo {
-                                listener: name,
-                                tls: Some(tls),
-                                redirect_to: None,
-                            },
-                        )
+                let h1 = Rc::new(h1.await.map_err(|_| ())?);
+                let h2: Rc<h2::AppService> =
+                    Rc::new(actix_service::boxed::service(h2.await.map_err(|_| ())?));
+                Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
+                    let admitted = listener::admit(io, &store, &counts, &metrics);
+                    let settings = h2_settings(&store, keep_alive);
+                    let (h1, h2, store, metrics, signal, kind, name) = (
+                        Rc::clone(&h1),
+                        Rc::clone(&h2),
+                        Arc::clone(&store),
+                        Arc::clone(&metrics),
+                        signal.clone(),
+                        kind.clone(),
+                        Arc::clone(&name),
+                    );
+                    async move {
+                        let a = admitted.ok_or(())?;
+                        let peer = a.peer;
+                        let (stream, info) = match kind {
+                            Kind::Plain { redirect_to } => (
+                                listener::Stream::Plain(a.io),
+                                listener::ConnInfo {
+                                    listener: name,
+                                    tls: None,
+                                    redirect_to,
+                                },
+                            ),
+                            Kind::Tls(t) => {
+                                let (stream, tls) = t
+                                    .handshake(a.io, &store, a.header_timeout, &metrics)
+                                    .await
+                                    .ok_or(())?;
+                                (
+                                    listener::Stream::Tls(Box::new(stream)),
+                                    listener::ConnInfo {
+                                        listener: name,
+                                        tls: Some(tls),
+                                        redirect_to: None,
+                                    },
+                                )
+                            }
+                        };
+                        let alpn_h2 = info.tls.as_ref().is_some_and(|t| t.h2);
+                        let io =
+                            listener::client_io(stream, a.guard, a.header_timeout, info, &metrics);
+                        let is_h2 = if alpn_h2 {
+                            true
+                        } else if h2c {
+                            io.starts_with_h2_preface().await.ok_or(())?
+                        } else {
+                            false
+                        };
+                        if is_h2 {
+                            let info = Rc::clone(io.info());
+                            let (io, guard) = io.into_parts();
+                            let conn_ext: h2::ConnExt = Rc::new(move |req| {
+                                actix_web::HttpMessage::extensions_mut(req)
+                                    .insert(Rc::clone(&info));
+                            });
+                            h2::serve(
+                                io,
+                                peer,
+                                h2,
+                                settings,
+                                &metrics,
+                                async move { signal.notified().await },
+                                Some(conn_ext),
+                            )
+                            .await;
+                            drop(guard);
+                            Ok(())
+                        } else {
+                            h1.call((io, actix_http::Protocol::Http1, peer))
+                                .await
+                                .map_err(|_| ())
+                        }
                     }
-                };
-                let io = listener::client_io(stream, a.guard, a.header_timeout, info, &metrics);
-                Ok((io, actix_http::Protocol::Http1, peer))
+                }))
             }
         })
-        .and_then(http)
     };
     let mut server = builder
         .workers(workers)
@@ -297,15 +357,16 @@ pub fn start(
         .disable_signals();
     {
         let service = service.clone();
+        // `--listen` takes h2c with prior knowledge, as before listeners existed.
         server = server.listen("rustygate-proxy", listener, move || {
-            service(Arc::from(""), addr, Kind::Plain { redirect_to: None })
+            service(Arc::from(""), addr, Kind::Plain { redirect_to: None }, true)
         })?;
     }
-    for (name, l, local, kind) in kinds {
+    for (name, l, local, kind, h2c) in kinds {
         let service = service.clone();
         let shared: Arc<str> = Arc::from(name.as_str());
         server = server.listen(format!("rustygate-{name}"), l, move || {
-            service(Arc::clone(&shared), local, kind.clone())
+            service(Arc::clone(&shared), local, kind.clone(), h2c)
         })?;
     }
     let proxy = server.run();
@@ -329,6 +390,18 @@ pub fn start(
         proxy,
         admin,
     })
+}
+
+/// HTTP/2 settings for a connection accepted now.
+fn h2_settings(store: &SnapshotStore, idle_timeout: Duration) -> h2::Settings {
+    let limits = &store.load().limits;
+    h2::Settings {
+        max_concurrent_streams: limits.http2_max_concurrent_streams,
+        max_header_list_size: limits.http2_max_header_list_size,
+        max_resets_per_second: limits.http2_max_resets_per_second,
+        header_timeout: limits.header_timeout,
+        idle_timeout,
+    }
 }
 
 /// Serves until SIGTERM or SIGINT, then shuts down gracefully. `on_shutdown` runs when the

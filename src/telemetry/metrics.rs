@@ -65,6 +65,12 @@ pub struct Metrics {
     /// `rustygate_tls_certificate_expiry_timestamp_seconds{name}`: `notAfter` of each served
     /// certificate, `name` = `<listener>/<index>`; set from the served snapshot at each scrape.
     pub tls_certificate_expiry: IntGaugeVec,
+    /// `rustygate_http2_goaway_total{reason}`: HTTP/2 client connections the gateway ended
+    /// (`idle`, `header_timeout`, `resets`: the rapid-reset cap).
+    pub http2_goaway: IntCounterVec,
+    /// `rustygate_grpc_requests_total{route,grpc_status}`: gRPC calls by their final status
+    /// (from the response's trailers or headers; `none` when the call ended without one).
+    pub grpc_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -195,10 +201,22 @@ impl Metrics {
             &["name"],
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let http2_goaway = counter(
+            "rustygate_http2_goaway_total",
+            "HTTP/2 client connections ended by the gateway, by reason (idle, header_timeout, resets).",
+            &["reason"],
+        );
+        let grpc_requests = counter(
+            "rustygate_grpc_requests_total",
+            "gRPC calls, by route and final grpc-status (none when the call ended without one).",
+            &["route", "grpc_status"],
+        );
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tls_handshakes.clone()),
             Box::new(tls_certificate_expiry.clone()),
+            Box::new(http2_goaway.clone()),
+            Box::new(grpc_requests.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -246,6 +264,8 @@ impl Metrics {
             client_timeouts,
             tls_handshakes,
             tls_certificate_expiry,
+            http2_goaway,
+            grpc_requests,
         }
     }
 

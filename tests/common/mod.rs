@@ -285,6 +285,11 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Keeps the config repo's temp dir alive as long as the gateway.
+    pub fn keep_repo(&mut self, dir: tempfile::TempDir) {
+        self._repo = Some(dir);
+    }
+
     /// `GET path` on a fresh connection: status and body.
     pub fn get(&self, path: &str) -> (u16, String) {
         http(&self.addr.to_string(), "GET", path, &[], b"").expect("gateway answered")

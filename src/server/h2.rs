@@ -1,0 +1,461 @@
+//! HTTP/2 from clients: each stream becomes a request for the same actix application that
+//! serves HTTP/1.1, so routing, filters, policies and logs are the same for both.
+//!
+//! ```text
+//! connection ─► hyper h2 server (SETTINGS: streams, header list, windows; PING keep-alive)
+//!   stream ─► actix Request (method, :path, :authority as Host, headers, body as a stream)
+//!          ─► proxy App ─► actix Response ─► h2 HEADERS, DATA…, trailers (from the upstream)
+//! ```
+//!
+//! actix-http's own HTTP/2 dispatcher cannot send trailers, which gRPC needs (`grpc-status`
+//! comes last); hyper's can. The application is the same one the HTTP/1.1 dispatcher calls.
+//!
+//! The connection is bounded like an HTTP/1.1 one: its first request must arrive within the
+//! header timeout, it is closed (GOAWAY) after the keep-alive time without streams, and a client
+//! that resets more than `[limits] http2_max_resets_per_second` streams in a second — the 2023
+//! "rapid reset" attack, where each reset stream costs the server work the client never waits
+//! for — gets GOAWAY and no new streams.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_http::{Payload, Request, Response};
+use actix_web::HttpMessage;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::dev::ServiceResponse;
+use actix_web::http as ax;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::proxy::body::Trailers;
+use crate::telemetry::metrics::Metrics;
+
+/// The proxy application, as one HTTP/2 connection calls it.
+pub(crate) type AppService =
+    actix_service::boxed::BoxService<Request, ServiceResponse, actix_web::Error>;
+
+/// Adds the connection's facts (e.g. its TLS session) to each request of the connection.
+pub(crate) type ConnExt = Rc<dyn Fn(&mut Request)>;
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Per-connection settings, from `[limits]` in the snapshot current at accept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub max_resets_per_second: u32,
+    /// Time the first request has to arrive.
+    pub header_timeout: Duration,
+    /// Time a connection without streams stays open.
+    pub idle_timeout: Duration,
+}
+
+/// Marks a request whose HTTP/2 stream carries a body (no END_STREAM on its HEADERS): HTTP/2
+/// needs neither `Content-Length` nor `Transfer-Encoding` for one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamedBody;
+
+/// Runs `fut` on the worker's thread: the application and its bodies are not `Send`.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// What the streams of one connection share with the task driving it.
+struct ConnShared {
+    /// Streams between request and the end of their response.
+    active: Cell<u32>,
+    /// When `active` last became 0.
+    idle_since: Cell<Instant>,
+    /// Any request seen yet.
+    started: Cell<bool>,
+    /// Streams the client abandoned in the current one-second window.
+    resets: Cell<u32>,
+    window: Cell<Instant>,
+    /// Set when the connection must stop taking streams.
+    goaway: Cell<Option<&'static str>>,
+    /// `[limits] http2_max_resets_per_second`
+    max_resets: u32,
+    wake: tokio::sync::Notify,
+}
+
+impl ConnShared {
+    fn new(max_resets: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            active: Cell::new(0),
+            idle_since: Cell::new(now),
+            started: Cell::new(false),
+            resets: Cell::new(0),
+            window: Cell::new(now),
+            goaway: Cell::new(None),
+            max_resets,
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn begin(self: &Rc<Self>) -> StreamGuard {
+        self.active.set(self.active.get() + 1);
+        self.started.set(true);
+        StreamGuard {
+            conn: Rc::clone(self),
+            done: false,
+        }
+    }
+
+    fn reset_seen(&self) {
+        let now = Instant::now();
+        if now.duration_since(self.window.get()) >= Duration::from_secs(1) {
+            self.window.set(now);
+            self.resets.set(0);
+        }
+        self.resets.set(self.resets.get() + 1);
+        if self.resets.get() > self.max_resets && self.goaway.get().is_none() {
+            self.goaway.set(Some("resets"));
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// One stream in progress; when dropped before its response ended, the client reset it.
+struct StreamGuard {
+    conn: Rc<ConnShared>,
+    done: bool,
+}
+
+impl StreamGuard {
+    fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let c = &self.conn;
+        c.active.set(c.active.get().saturating_sub(1));
+        if c.active.get() == 0 {
+            c.idle_since.set(Instant::now());
+            c.wake.notify_one();
+        }
+        if !self.done {
+            // Any stream that ends without its response ending: reset by the client, or its
+            // connection went away (then the count no longer matters).
+            c.reset_seen();
+        }
+    }
+}
+
+/// Serves one HTTP/2 connection until the client closes it, it idles out, or the server stops.
+pub(crate) async fn serve<IO>(
+    io: IO,
+    peer: Option<SocketAddr>,
+    app: Rc<AppService>,
+    settings: Settings,
+    metrics: &Metrics,
+    shutdown: impl Future<Output = ()>,
+    conn_ext: Option<ConnExt>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let shared = Rc::new(ConnShared::new(settings.max_resets_per_second));
+    let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_size)
+        // hyper's own guard against streams reset before they are accepted.
+        .max_pending_accept_reset_streams(Some(settings.max_resets_per_second as usize))
+        .max_local_error_reset_streams(Some(1024))
+        // A peer that stops answering PINGs is gone, even mid-stream.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // The upstream's Date header is passed on; the gateway adds none of its own.
+        .auto_date_header(false);
+    let service = {
+        let shared = Rc::clone(&shared);
+        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let guard = shared.begin();
+            let app = Rc::clone(&app);
+            let ext = conn_ext.clone();
+            async move { Ok::<_, Infallible>(call(&app, req, peer, guard, ext.as_deref()).await) }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::pin!(shutdown);
+    // Set when the gateway sent GOAWAY: the time left for the client's last streams before
+    // the connection is dropped (a client that never answers the GOAWAY's PING holds nothing).
+    let mut closing: Option<Instant> = None;
+    let mut shutting_down = false;
+    loop {
+        let deadline = if let Some(hard) = closing {
+            Some(hard)
+        } else if shared.active.get() > 0 {
+            None
+        } else if shared.started.get() {
+            Some(shared.idle_since.get() + settings.idle_timeout)
+        } else {
+            Some(shared.idle_since.get() + settings.header_timeout)
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let goaway = |reason: &'static str, conn: Pin<&mut _>| {
+            metrics.http2_goaway.with_label_values(&[reason]).inc();
+            hyper::server::conn::http2::Connection::graceful_shutdown(conn);
+            Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(1)))
+        };
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            () = sleep => {
+                if closing.is_some() {
+                    tracing::debug!(client = ?peer, "HTTP/2 connection dropped after GOAWAY");
+                    return;
+                }
+                let reason = if shared.started.get() { "idle" } else { "header_timeout" };
+                if reason == "header_timeout" {
+                    metrics.client_timeouts.with_label_values(&["header"]).inc();
+                }
+                closing = goaway(reason, conn.as_mut());
+            }
+            () = shared.wake.notified(), if closing.is_none() => {
+                if let Some(reason) = shared.goaway.get() {
+                    tracing::info!(client = ?peer, reason, "HTTP/2 connection sent GOAWAY");
+                    closing = goaway(reason, conn.as_mut());
+                }
+            }
+            () = &mut shutdown, if !shutting_down && closing.is_none() => {
+                // The server's own shutdown: streams in progress get the shutdown grace
+                // period (actix ends the connection when it is over).
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// One stream: the request into the application, its response back.
+async fn call(
+    app: &AppService,
+    req: hyper::Request<Incoming>,
+    peer: Option<SocketAddr>,
+    mut guard: StreamGuard,
+    conn_ext: Option<&dyn Fn(&mut Request)>,
+) -> hyper::Response<H2Body> {
+    let (parts, body) = req.into_parts();
+    let streamed = !body.is_end_stream();
+    let head_only = parts.method == http::Method::HEAD;
+    let payload: actix_http::BoxedPayloadStream = Box::pin(RequestStream(body));
+    let mut areq = Request::with_payload(Payload::Stream { payload });
+    {
+        let head = areq.head_mut();
+        head.method =
+            ax::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(ax::Method::GET);
+        head.version = ax::Version::HTTP_2;
+        head.peer_addr = peer;
+        // The origin-form target; the authority is the Host header below.
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        head.uri = target.parse().unwrap_or_else(|_| ax::Uri::from_static("/"));
+        let headers = &mut head.headers;
+        headers.reserve(parts.headers.len() + 1);
+        for (name, value) in &parts.headers {
+            if let (Ok(n), Ok(v)) = (
+                ax::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+                ax::header::HeaderValue::from_bytes(value.as_bytes()),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        // RFC 9113 §8.3.1: `:authority` stands for Host, and wins over a Host header.
+        if let Some(auth) = parts.uri.authority()
+            && let Ok(v) = ax::header::HeaderValue::from_str(auth.as_str())
+        {
+            headers.insert(ax::header::HOST, v);
+        }
+    }
+    let trailers = Trailers::default();
+    {
+        let mut ext = areq.extensions_mut();
+        ext.insert(trailers.clone());
+        if streamed {
+            ext.insert(StreamedBody);
+        }
+    }
+    if let Some(f) = conn_ext {
+        f(&mut areq);
+    }
+    let resp: Response<BoxBody> = match app.call(areq).await {
+        Ok(sr) => sr.into_parts().1.into(),
+        Err(e) => e.as_response_error().error_response().into(),
+    };
+    let (head, body) = resp.into_parts();
+    let status = head.status().as_u16();
+    let size = body.size();
+    let bodiless = head_only || status == 204 || status == 304 || (100..200).contains(&status);
+    let mut headers = http::HeaderMap::with_capacity(head.headers().len() + 1);
+    for (name, value) in head.headers() {
+        if is_connection_specific(name.as_str()) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if let BodySize::Sized(n) = size
+        && (head_only || !bodiless)
+    {
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+    }
+    let empty = bodiless || matches!(size, BodySize::None | BodySize::Sized(0));
+    let h2_body = if empty {
+        guard.finish();
+        H2Body::empty()
+    } else {
+        H2Body {
+            inner: Some(body),
+            trailers: Some(trailers),
+            guard: Some(guard),
+        }
+    };
+    let mut out = hyper::Response::new(h2_body);
+    *out.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Headers that mean something only on an HTTP/1.1 connection; HTTP/2 forbids them
+/// (RFC 9113 §8.2.2).
+fn is_connection_specific(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+    )
+}
+
+/// The client's request body, as the actix payload stream.
+struct RequestStream(Incoming);
+
+impl futures_util::Stream for RequestStream {
+    type Item = Result<Bytes, actix_http::error::PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let body = &mut self.get_mut().0;
+        loop {
+            match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => return Poll::Ready(Some(Ok(data))),
+                    // Request trailers are not forwarded (no gRPC client sends any).
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    return Poll::Ready(Some(Err(actix_http::error::PayloadError::Io(
+                        std::io::Error::other(e),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// Why a response body stopped early; the stream is reset.
+#[derive(Debug)]
+pub(crate) struct BodyFailed(String);
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BodyFailed {}
+
+/// The response body as hyper sends it: the application's body, then the upstream's trailers
+/// if it sent any.
+pub(crate) struct H2Body {
+    inner: Option<BoxBody>,
+    trailers: Option<Trailers>,
+    guard: Option<StreamGuard>,
+}
+
+impl H2Body {
+    fn empty() -> Self {
+        Self {
+            inner: None,
+            trailers: None,
+            guard: None,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
+        let this = self.get_mut();
+        if let Some(inner) = &mut this.inner {
+            match std::task::ready!(Pin::new(inner).poll_next(cx)) {
+                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Some(Err(e)) => {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(BodyFailed(e.to_string()))));
+                }
+                None => this.inner = None,
+            }
+        }
+        if let Some(g) = &mut this.guard {
+            g.finish();
+        }
+        this.guard = None;
+        match this.trailers.take().and_then(|t| t.take()) {
+            Some(t) if !t.is_empty() => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            _ => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.inner.as_ref().map(MessageBody::size) {
+            Some(BodySize::Sized(n)) => SizeHint::with_exact(n),
+            None => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}

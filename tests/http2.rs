@@ -1,0 +1,572 @@
+//! HTTP/2 from clients (h2c with prior knowledge on the plain listener) and gRPC through it:
+//! hyper's h2 client against the gateway, HTTP/1.1 and h2c backends on loopback. gRPC messages
+//! are framed by hand (1-byte flag, 4-byte length, payload), as the gRPC over HTTP/2 spec says.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Backend, Body, Gateway, as_refs, full, proxy_to, scrape};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustygate::server::ServeOptions;
+
+type Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+/// An h2c connection to `addr`; the connection task ends when the server closes it.
+async fn connect(addr: SocketAddr) -> (Sender, tokio::task::JoinHandle<()>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, task)
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(format!("http://gateway.test{path}"))
+        .body(full(""))
+        .unwrap()
+}
+
+/// A gRPC message frame.
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(5 + msg.len());
+    b.push(0);
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    Bytes::from(b)
+}
+
+fn grpc_call(path: &str, msg: &[u8], extra: &[(&str, &str)]) -> Request<Body> {
+    let mut r = Request::post(format!("http://gateway.test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (n, v) in extra {
+        r = r.header(*n, *v);
+    }
+    r.body(full(grpc_frame(msg))).unwrap()
+}
+
+/// A whole response: status, headers, body, trailers.
+struct Whole {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+async fn whole(resp: Response<Incoming>) -> Whole {
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    Whole {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// An h2c (HTTP/2 with prior knowledge) backend on 127.0.0.1:0.
+struct H2Backend {
+    addr: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl H2Backend {
+    fn start<F, Fut>(handler: F) -> H2Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+    {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = Arc::new(handler);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let handler = Arc::clone(&handler);
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let fut = handler(req);
+                                async move { Ok::<_, Infallible>(fut.await) }
+                            });
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        H2Backend { addr, _stop: stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A gRPC-shaped h2c backend: answers each call with the frames `reply` makes of the request
+/// body, then the trailers `grpc-status: 0`, `grpc-message: ok`; records the `te` header seen.
+fn grpc_backend(te_seen: Arc<std::sync::Mutex<Vec<String>>>) -> H2Backend {
+    H2Backend::start(move |req: Request<Incoming>| {
+        let te_seen = Arc::clone(&te_seen);
+        async move {
+            te_seen.lock().unwrap().push(
+                req.headers()
+                    .get("te")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default(),
+            );
+            if req.uri().path().ends_with("/Missing") {
+                // Trailers-only: the status in the HEADERS frame that ends the stream.
+                return Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "5")
+                    .header("grpc-message", "not found")
+                    .body(full(""))
+                    .unwrap();
+            }
+            let streaming = req.uri().path().ends_with("/Stream");
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let msg = body.slice(5.min(body.len())..);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+            tokio::spawn(async move {
+                let count = if streaming { 3 } else { 1 };
+                for i in 0..count {
+                    let mut m = msg.to_vec();
+                    m.extend_from_slice(format!("#{i}").as_bytes());
+                    if tx.send(Ok(Frame::data(grpc_frame(&m)))).await.is_err() {
+                        return;
+                    }
+                    if streaming {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                t.insert("grpc-message", "ok".parse().unwrap());
+                let _ = tx.send(Ok(Frame::trailers(t))).await;
+            });
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|f| (f, rx))
+            });
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
+    })
+}
+
+fn start(files: &[(&str, &str)], keep_alive: Duration) -> Gateway {
+    let dir = common::repo(files);
+    let opts = ServeOptions {
+        workers: 1,
+        keep_alive,
+        ..ServeOptions::default()
+    };
+    let mut gw = Gateway::start_dir(dir.path(), opts);
+    gw.keep_repo(dir);
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_streams_are_routed_and_forwarded_like_http1_requests() {
+    let be = Backend::echo();
+    let files = proxy_to(&[be.url()], "", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+
+    let r = whole(h2.send_request(get("/items?x=1")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["uri"], "/items?x=1");
+    let headers = echo["headers"].as_array().unwrap();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    // `:authority` stands for Host; the upstream is spoken to in HTTP/1.1.
+    assert_eq!(header("x-forwarded-host").as_deref(), Some("gateway.test"));
+    assert_eq!(header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert!(r.headers.contains_key("x-request-id"));
+
+    // A body without Content-Length (END_STREAM comes with the last DATA frame) is forwarded.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let req = Request::post("http://gateway.test/upload")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let pending = h2.send_request(req);
+    let feeder = tokio::spawn(async move {
+        for part in ["one,", "two,", "three"] {
+            tx.send(Ok(Frame::data(Bytes::from(part)))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let r = whole(pending.await.unwrap()).await;
+    feeder.await.unwrap();
+    assert_eq!(r.status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echo["body"], "one,two,three");
+
+    // Many streams at once on the one connection, each answered for itself.
+    let calls = (0..40).map(|i| {
+        let mut h2 = h2.clone();
+        async move {
+            let r = whole(h2.send_request(get(&format!("/n/{i}"))).await.unwrap()).await;
+            let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            (r.status, echo["uri"].as_str().unwrap().to_owned(), i)
+        }
+    });
+    for (status, uri, i) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200);
+        assert_eq!(uri, format!("/n/{i}"));
+    }
+
+    // Gateway answers keep their meaning: no route is 404, over HTTP/2 too.
+    let files = vec![(
+        "routes/all.toml",
+        "[[route]]\nname = \"only\"\npath = \"/only\"\nrespond = { status = 204 }\n".to_owned(),
+    )];
+    gw.swap(&as_refs(&files));
+    let r = whole(h2.send_request(get("/elsewhere")).await.unwrap()).await;
+    assert_eq!(r.status, 404);
+    let r = whole(h2.send_request(get("/only")).await.unwrap()).await;
+    assert_eq!(r.status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_streams_fast_gets_goaway() {
+    // The upstream never answers in time: every stream the client cancels was work started.
+    let be = Backend::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("late"))
+    });
+    let mut files = proxy_to(&[be.url()], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nhttp2_max_resets_per_second = 10\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (h2, conn) = connect(gw.addr).await;
+
+    // 40 streams opened and cancelled at once (hyper sends RST_STREAM(CANCEL) when a response
+    // future is dropped).
+    for round in 0..4 {
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                let mut h2 = h2.clone();
+                tokio::spawn(async move { h2.send_request(get(&format!("/r/{round}/{i}"))).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for c in calls {
+            c.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection is told to go away and ends (bounded wait; the streams still open are
+    // ended with it when their upstream requests are dropped).
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the connection should have been closed");
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_http2_goaway_total{reason="resets"}"#),
+        Some(&1.0)
+    );
+
+    // A well-behaved client on a new connection is served.
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let quick = Backend::fixed(200, "fine");
+    gw.swap(&as_refs(&proxy_to(&[quick.url()], "", "")));
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_silent_http2_connections_are_closed() {
+    let be = Backend::fixed(200, "ok");
+    let mut files = proxy_to(&[be.url()], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nheader_timeout = \"300ms\"\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_millis(300));
+
+    // Served, then idle past the keep-alive time: GOAWAY and close.
+    let (mut h2, conn) = connect(gw.addr).await;
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .is_ok(),
+        "an idle connection should be closed"
+    );
+
+    // The preface and nothing else: closed after the header timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent HTTP/2 connection should be closed");
+
+    // Half a preface, then silence: the sniffing step times out too (408, closed).
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "a half preface should not hold the connection"
+    );
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"));
+
+    let m = scrape(&gw);
+    assert!(
+        m.get(r#"rustygate_http2_goaway_total{reason="idle"}"#)
+            .copied()
+            >= Some(1.0)
+    );
+    assert!(
+        m.get(r#"rustygate_http2_goaway_total{reason="header_timeout"}"#)
+            .copied()
+            >= Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_lists_are_refused_per_stream() {
+    let be = Backend::fixed(200, "ok");
+    let mut files = proxy_to(&[be.url()], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nhttp2_max_header_list_size = \"4KiB\"\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let big = "a".repeat(8 * 1024);
+    let req = Request::get("http://gateway.test/")
+        .header("x-big", big.as_str())
+        .body(full(""))
+        .unwrap();
+    // h2 answers a header list over the advertised size with 431 and ends the stream.
+    let resp = h2.send_request(req).await.expect("answered");
+    assert_eq!(resp.status().as_u16(), 431);
+    // The connection and its other streams are fine.
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
+    let te_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let be = grpc_backend(Arc::clone(&te_seen));
+    let files = proxy_to(&[be.url()], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+
+    // Unary.
+    let r = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"hello", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/grpc");
+    assert_eq!(r.body, grpc_frame(b"hello#0"));
+    let t = r.trailers.expect("trailers relayed");
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["grpc-message"], "ok");
+
+    // Server streaming: three messages, in order, then the trailers.
+    let resp = h2
+        .send_request(grpc_call("/echo.Echo/Stream", b"s", &[]))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        match frame.into_data() {
+            Ok(d) => data.extend_from_slice(&d),
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        expected.extend_from_slice(&grpc_frame(format!("s#{i}").as_bytes()));
+    }
+    assert_eq!(data, expected);
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+
+    // Trailers-only stays trailers-only: the client's HEADERS frame ends the stream (gRPC
+    // clients refuse a status followed by an empty DATA frame).
+    let resp = h2
+        .send_request(grpc_call("/echo.Echo/Missing", b"x", &[]))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "5");
+    assert!(
+        http_body::Body::is_end_stream(resp.body()),
+        "END_STREAM on the response HEADERS"
+    );
+
+    // `te: trailers` went to the HTTP/2 upstream on every call.
+    assert_eq!(
+        *te_seen.lock().unwrap(),
+        vec!["trailers", "trailers", "trailers"]
+    );
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_grpc_requests_total{grpc_status="0",route="all"}"#),
+        Some(&2.0)
+    );
+    assert_eq!(
+        m.get(r#"rustygate_grpc_requests_total{grpc_status="5",route="all"}"#),
+        Some(&1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
+    // Nothing listens upstream: 502 → UNAVAILABLE.
+    let dead = format!("http://127.0.0.1:{}", common::dead_port());
+    let files = proxy_to(&[dead], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let r = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"x", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["grpc-status"], "14");
+    assert!(r.headers.contains_key("grpc-message"));
+    assert_eq!(r.headers["content-type"], "application/grpc");
+    assert!(r.body.is_empty());
+    // The same failure for a plain HTTP client stays a 502.
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(r.status, 502);
+
+    // A slow upstream and the client's own deadline: DEADLINE_EXCEEDED, not the route's 30 s.
+    let slow = H2Backend::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        Response::new(full(""))
+    });
+    gw.swap(&as_refs(&proxy_to(
+        &[slow.url()],
+        "protocol = \"http2\"",
+        "timeout = \"30s\"",
+    )));
+    let call = h2.send_request(grpc_call(
+        "/echo.Echo/Unary",
+        b"x",
+        &[("grpc-timeout", "200m")],
+    ));
+    let r = tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .expect("answered before the upstream")
+        .unwrap();
+    let r = whole(r).await;
+    assert_eq!(r.headers["grpc-status"], "4");
+
+    // Rate limited: RESOURCE_EXHAUSTED, with Retry-After kept.
+    let be = grpc_backend(Arc::default());
+    gw.swap(&as_refs(&proxy_to(
+        &[be.url()],
+        "protocol = \"http2\"",
+        "rate_limit = { requests = 1, per = \"1m\" }",
+    )));
+    let first = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"x", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(first.trailers.unwrap()["grpc-status"], "0");
+    let second = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"x", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.headers["grpc-status"], "8");
+    assert!(second.headers.contains_key("retry-after"));
+
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_grpc_requests_total{grpc_status="14",route="all"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get(r#"rustygate_grpc_requests_total{grpc_status="4",route="all"}"#),
+        Some(&1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_h2c_share_the_listener() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    let be = Backend::start(move |_req| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Response::new(full("hi")) }
+    });
+    let files = proxy_to(&[be.url()], "", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    // HTTP/1.1 methods that start like the preface (`P…`) are still HTTP/1.1.
+    for method in ["GET", "POST", "PUT", "PATCH"] {
+        let (status, body) =
+            common::http(&gw.addr.to_string(), method, "/", &[], b"").expect("answer");
+        assert_eq!((status, body.as_str()), (200, "hi"), "{method}");
+    }
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"hi"[..]));
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
+}
