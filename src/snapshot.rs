@@ -75,6 +75,34 @@ pub struct ListenerTls {
     pub certificates: Vec<CertificateInfo>,
     /// `client_auth` is set (required or not).
     pub client_auth: bool,
+    /// The `{ file = ... }` secrets read for it (certificates, keys, CA) with the SHA-256 of
+    /// what was read: a reload recompiles the same config version when one has changed, so
+    /// certificates renewed in place are served without a new commit.
+    pub files: Vec<(std::path::PathBuf, [u8; 32])>,
+}
+
+impl Snapshot {
+    /// Whether a secret file a TLS listener was built from now reads differently (renewed,
+    /// removed). Reads at most a few small files; call off the serving threads.
+    pub fn tls_files_changed(&self) -> bool {
+        use sha2::Digest;
+        self.listeners
+            .iter()
+            .flat_map(|l| l.tls.iter().flat_map(|t| &t.files))
+            .any(|(path, digest)| {
+                let now = std::fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file() && m.len() <= 64 * 1024)
+                    .and_then(|_| std::fs::read_to_string(path).ok());
+                match now {
+                    Some(text) => {
+                        let text = text.trim_end_matches(['\r', '\n']);
+                        sha2::Sha256::digest(text.as_bytes()).as_slice() != digest.as_slice()
+                    }
+                    None => true,
+                }
+            })
+    }
 }
 
 /// What the gateway reports about one served certificate.

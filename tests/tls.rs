@@ -852,3 +852,42 @@ async fn alpn_h2_serves_http2_over_tls_with_the_connection_facts() {
     assert_eq!(status, 200);
     assert!(echoed(&body, "x-client-cert-subject").is_empty());
 }
+
+#[test]
+fn a_certificate_renewed_in_place_is_served_after_the_next_poll() {
+    let pki = Pki::new();
+    let old = pki.leaf("api", &["a.test"], 90, false);
+    let be = Backend::echo();
+    let port = dead_port();
+    let gateway =
+        gateway_toml(&[&old], "", "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let mut files = proxy_all(&be.url(), "");
+    files.push(("gateway.toml", gateway));
+    let dir = repo(&as_refs(&files));
+    let root = pki.dir.path().to_str().unwrap().to_owned();
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--secret-root",
+            &root,
+            "--poll",
+            "200ms",
+        ],
+        &[],
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut before = connect(addr, "a.test", default_client(&pki)).unwrap();
+    assert_eq!(presented(&before), old.der);
+
+    // Same paths, new certificate and key: no commit, no change in the config repo.
+    let new = pki.leaf("api", &["a.test"], 60, false);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            connect(addr, "a.test", default_client(&pki)).is_ok_and(|s| presented(&s) == new.der)
+        }),
+        "{}",
+        gw.logs.lock().unwrap()
+    );
+    assert_eq!(request(&mut before, "/", &[]).unwrap().0, 200);
+}

@@ -144,8 +144,18 @@ fn invalid(cx: &mut Cx<'_>, file: FileId, span: Range<usize>, msg: String, label
     cx.push(Diagnostic::error("invalid-tls", msg).at(file, span, label));
 }
 
-/// A secret's text; `None` after an error, or when secrets are not read.
-fn secret(cx: &mut Cx<'_>, file: FileId, v: &Spanned<ValueSource>, what: &str) -> Option<String> {
+/// The secret files a listener's TLS settings were read from, with the SHA-256 of their text.
+type ReadFiles = Vec<(std::path::PathBuf, [u8; 32])>;
+
+/// A secret's text; `None` after an error, or when secrets are not read. A file's path and
+/// digest go to `read`.
+fn secret(
+    cx: &mut Cx<'_>,
+    file: FileId,
+    v: &Spanned<ValueSource>,
+    what: &str,
+    read: &mut ReadFiles,
+) -> Option<String> {
     let ValueSource::Secret(s) = v.get() else {
         cx.push(
             Diagnostic::error(
@@ -158,7 +168,14 @@ fn secret(cx: &mut Cx<'_>, file: FileId, v: &Spanned<ValueSource>, what: &str) -
         return None;
     };
     let text = resolve_secret(cx, file, v.span(), s)?;
-    cx.opts.resolve_secrets.then_some(text)
+    if !cx.opts.resolve_secrets {
+        return None;
+    }
+    if let crate::config::raw::SecretRef::File(path) = s {
+        use sha2::Digest;
+        read.push((path.into(), sha2::Sha256::digest(text.as_bytes()).into()));
+    }
+    Some(text)
 }
 
 fn compile_tls(
@@ -199,16 +216,17 @@ fn compile_tls(
     }
     let mut keys = Vec::new();
     let mut infos = Vec::new();
+    let mut read = ReadFiles::new();
     for (i, c) in t.certificates.get().iter().enumerate() {
         let name = format!("{listener}/{i}");
-        if let Some((key, info)) = certificate(cx, file, c, name) {
+        if let Some((key, info)) = certificate(cx, file, c, name, &mut read) {
             keys.push((info.dns_names.clone(), Arc::new(key)));
             infos.push(info);
         }
     }
     let client_auth = t.client_auth.as_ref().map(|c| {
         (
-            client_roots(cx, file, c),
+            client_roots(cx, file, c, &mut read),
             c.required.as_ref().is_none_or(|r| *r.get()),
         )
     });
@@ -219,6 +237,7 @@ fn compile_tls(
         config: None,
         certificates: infos,
         client_auth: client_auth.is_some(),
+        files: read,
     };
     if !cx.opts.resolve_secrets {
         return Some(out);
@@ -321,10 +340,11 @@ fn certificate(
     file: FileId,
     c: &Spanned<RawServerCertificate>,
     name: String,
+    read: &mut ReadFiles,
 ) -> Option<(CertifiedKey, CertificateInfo)> {
     let c = c.get();
-    let cert_text = secret(cx, file, &c.cert, "certificate");
-    let key_text = secret(cx, file, &c.key, "private key");
+    let cert_text = secret(cx, file, &c.cert, "certificate", read);
+    let key_text = secret(cx, file, &c.key, "private key", read);
     let (cert_text, key_text) = (cert_text?, key_text?);
     let chain: Vec<CertificateDer<'static>> =
         match CertificateDer::pem_slice_iter(cert_text.as_bytes()).collect::<Result<Vec<_>, _>>() {
@@ -482,9 +502,10 @@ fn client_roots(
     cx: &mut Cx<'_>,
     file: FileId,
     c: &Spanned<RawClientAuth>,
+    read: &mut ReadFiles,
 ) -> Option<RootCertStore> {
     let ca = &c.get().ca;
-    let text = secret(cx, file, ca, "CA certificate")?;
+    let text = secret(cx, file, ca, "CA certificate", read)?;
     let mut roots = RootCertStore::empty();
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(text.as_bytes()).collect();
     match certs {
