@@ -130,7 +130,8 @@ struct ServeArgs {
     /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
     #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// Poll interval for git sources, with up to 10% jitter; `0` disables polling.
+    /// Poll interval for git sources (and for renewed certificate files of TLS listeners), with
+    /// up to 10% jitter; `0` disables polling.
     #[arg(long, env = "RUSTYGATE_POLL", default_value = "30s", value_parser = parse_poll)]
     poll: Duration,
     /// Watch a plain directory source for changes and reload (debounced).
@@ -451,7 +452,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 },
                 _ => None,
             };
-            if matches!(spec, SourceSpec::Git(_)) && !args.poll.is_zero() {
+            // Git sources poll for commits; a directory with TLS listeners polls too, so that
+            // certificate files renewed in place are served (docs/tls.md).
+            let tls = store.load().listeners.iter().any(|l| l.tls.is_some());
+            if (matches!(spec, SourceSpec::Git(_)) || tls) && !args.poll.is_zero() {
                 spawn_poller(tx.clone(), args.poll);
             }
             drop(tx);

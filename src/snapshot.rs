@@ -41,7 +41,78 @@ pub struct Snapshot {
     pub allow_underscores: bool,
     /// How request paths are normalised before routing (gateway.toml `[paths]`).
     pub paths: crate::router::PathRules,
+    /// `[[listener]]` of gateway.toml. Which ones are bound is fixed at start-up; TLS settings
+    /// are read from the current snapshot at each handshake.
+    pub listeners: Vec<ListenerSpec>,
     pub warnings: usize,
+}
+
+/// A `[[listener]]`: where it binds and how it answers.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    /// HTTP/2 offered (ALPN `h2` on TLS listeners).
+    pub http2: bool,
+    /// Plain listener answering 308 to the HTTPS listener.
+    pub redirect_to_https: bool,
+    pub tls: Option<ListenerTls>,
+}
+
+impl ListenerSpec {
+    /// Name, address and whether TLS is on: what a running process cannot change by reload.
+    pub fn binding(&self) -> (&str, std::net::SocketAddr, bool) {
+        (&self.name, self.address, self.tls.is_some())
+    }
+}
+
+/// A listener's TLS termination, compiled.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// `None` when secrets were not read (`validate --no-env`); never in a served snapshot.
+    pub config: Option<Arc<rustls::ServerConfig>>,
+    /// The certificates, for the expiry metric and `plan`.
+    pub certificates: Vec<CertificateInfo>,
+    /// `client_auth` is set (required or not).
+    pub client_auth: bool,
+    /// The `{ file = ... }` secrets read for it (certificates, keys, CA) with the SHA-256 of
+    /// what was read: a reload recompiles the same config version when one has changed, so
+    /// certificates renewed in place are served without a new commit.
+    pub files: Vec<(std::path::PathBuf, [u8; 32])>,
+}
+
+impl Snapshot {
+    /// Whether a secret file a TLS listener was built from now reads differently (renewed,
+    /// removed). Reads at most a few small files; call off the serving threads.
+    pub fn tls_files_changed(&self) -> bool {
+        use sha2::Digest;
+        self.listeners
+            .iter()
+            .flat_map(|l| l.tls.iter().flat_map(|t| &t.files))
+            .any(|(path, digest)| {
+                let now = std::fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file() && m.len() <= 64 * 1024)
+                    .and_then(|_| std::fs::read_to_string(path).ok());
+                match now {
+                    Some(text) => {
+                        let text = text.trim_end_matches(['\r', '\n']);
+                        sha2::Sha256::digest(text.as_bytes()).as_slice() != digest.as_slice()
+                    }
+                    None => true,
+                }
+            })
+    }
+}
+
+/// What the gateway reports about one served certificate.
+#[derive(Debug, Clone)]
+pub struct CertificateInfo {
+    /// `<listener>/<index>`: the metric's `name` label.
+    pub name: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
+    pub dns_names: Vec<String>,
 }
 
 /// `[limits]` of gateway.toml: what one client may hold, and for how long.

@@ -14,6 +14,7 @@
 mod auth;
 mod edge;
 mod gateway;
+mod listeners;
 mod policies;
 mod routes;
 mod secrets;
@@ -98,6 +99,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let mut used = routes.used_upstreams;
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
+    let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
 
     let Cx {
         diags: diagnostics,
@@ -122,6 +124,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         limits: defaults.limits,
         allow_underscores: defaults.allow_underscores,
         paths: defaults.paths,
+        listeners,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -82,6 +82,63 @@ pub struct GatewayFile {
     /// How request paths are read before routing.
     #[serde(default)]
     pub paths: RawPaths,
+    /// Listeners the gateway opens besides `--listen`: plain HTTP, or HTTPS with `tls`
+    /// (docs/tls.md). Bound at start-up; their certificates follow each reload.
+    #[serde(default)]
+    pub listener: Vec<Spanned<RawListener>>,
+}
+
+/// One `[[listener]]` of gateway.toml.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name, used in metrics and logs.
+    pub name: Spanned<String>,
+    /// `ip:port` to bind, e.g. "0.0.0.0:8443".
+    pub address: Spanned<String>,
+    /// Terminate TLS on this listener. Absent: plain HTTP.
+    pub tls: Option<Spanned<RawListenerTls>>,
+    /// Answer every request with 308 to the same URL on the HTTPS listener (plain listeners
+    /// only; needs a listener with `tls`). Default false.
+    pub redirect_to_https: Option<Spanned<bool>>,
+    /// Offer HTTP/2 (by ALPN on TLS listeners). Default: true with `tls`, false without.
+    pub http2: Option<Spanned<bool>>,
+}
+
+/// `tls = { ... }` of a listener.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    /// Certificates with their keys; the client's SNI picks one by the certificate's DNS names,
+    /// the first one answers clients without SNI or with an unknown name.
+    pub certificates: Spanned<Vec<Spanned<RawServerCertificate>>>,
+    /// Lowest TLS version accepted: "1.2" (default) or "1.3".
+    pub min_version: Option<Spanned<String>>,
+    /// ALPN protocols offered, in order of preference: "h2", "http/1.1".
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Ask clients for a certificate signed by `ca` (mutual TLS).
+    pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+/// A certificate chain (PEM, leaf first) and its private key, both secret references.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerCertificate {
+    /// `{ file = "/run/secrets/api.crt" }` or `{ env = "API_CRT" }`.
+    pub cert: Spanned<ValueSource>,
+    /// `{ file = "/run/secrets/api.key" }` or `{ env = "API_KEY" }`: PKCS#8, PKCS#1 or SEC1.
+    pub key: Spanned<ValueSource>,
+}
+
+/// `client_auth = { ca = { file = ... }, required = true }`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAuth {
+    /// The CA certificates (PEM) client certificates must chain to, as a secret reference.
+    pub ca: Spanned<ValueSource>,
+    /// Refuse clients without a certificate (default true). With false, a certificate is
+    /// verified when one is sent, and requests without one pass with no client-cert headers.
+    pub required: Option<Spanned<bool>>,
 }
 
 /// `[limits]`: client connections and slow clients. Every field optional, defaults in code.

@@ -32,7 +32,9 @@ pub fn is_hop_by_hop_str(name: &str) -> bool {
 
 /// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
 /// them removed.
-const GATEWAY_SET: [&str; 7] = [
+const GATEWAY_SET: [&str; 9] = [
+    CLIENT_CERT_SUBJECT,
+    CLIENT_CERT_SHA256,
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -41,6 +43,30 @@ const GATEWAY_SET: [&str; 7] = [
     "forwarded",
     "x-real-ip",
 ];
+
+/// Set from the client certificate verified by a listener's `client_auth` (mutual TLS): its
+/// subject DN and the SHA-256 of its DER, lower-case hex. Always removed from the client's own
+/// request first, on every listener, so only the gateway can send them.
+pub const CLIENT_CERT_SUBJECT: &str = "x-client-cert-subject";
+pub const CLIENT_CERT_SHA256: &str = "x-client-cert-sha256";
+
+/// A client certificate verified during the TLS handshake, as header values.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub subject: HeaderValue,
+    pub sha256: HeaderValue,
+}
+
+/// Whether a client header could stand for one the gateway sets from the client certificate
+/// (`_` and `-` alike, as for identity headers).
+fn is_client_cert_header(name: &str) -> bool {
+    [CLIENT_CERT_SUBJECT, CLIENT_CERT_SHA256].iter().any(|h| {
+        h.len() == name.len()
+            && h.bytes()
+                .zip(name.bytes())
+                .all(|(x, y)| x == y || (x == b'-' && y == b'_'))
+    })
+}
 
 /// The extra header names a `Connection` header asks to drop, lower-cased. `Err` when it names a
 /// header the gateway owns: the request is refused (400) rather than half-honoured.
@@ -168,6 +194,10 @@ pub struct Forwarding<'a> {
     pub auth_headers: &'a [(HeaderName, HeaderValue)],
     /// The route's `request_headers` rules, applied last (a policy's edits come after).
     pub rules: &'a HeaderOps,
+    /// The client connection is TLS: `X-Forwarded-Proto: https` (unless a trusted proxy said).
+    pub https: bool,
+    /// The verified client certificate, sent as [`CLIENT_CERT_SUBJECT`] / [`CLIENT_CERT_SHA256`].
+    pub client_cert: Option<&'a ClientCert>,
 }
 
 /// The request headers for the upstream: the client's, minus hop-by-hop and `Connection`-named
@@ -206,7 +236,11 @@ where
             }
             _ => {}
         }
-        if is_hop_by_hop_str(n) || dropped.iter().any(|d| d == n) || !f.inbound.keeps(n) {
+        if is_hop_by_hop_str(n)
+            || dropped.iter().any(|d| d == n)
+            || !f.inbound.keeps(n)
+            || is_client_cert_header(n)
+        {
             continue;
         }
         let (Ok(n), Ok(v)) = (
@@ -233,7 +267,17 @@ where
     if !out.contains_key("x-forwarded-proto") {
         out.insert(
             HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
+            HeaderValue::from_static(if f.https { "https" } else { "http" }),
+        );
+    }
+    if let Some(c) = f.client_cert {
+        out.insert(
+            HeaderName::from_static(CLIENT_CERT_SUBJECT),
+            c.subject.clone(),
+        );
+        out.insert(
+            HeaderName::from_static(CLIENT_CERT_SHA256),
+            c.sha256.clone(),
         );
     }
     if !out.contains_key("x-forwarded-host")

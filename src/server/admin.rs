@@ -112,7 +112,9 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
-    state.control.metrics.observe_upstreams(&state.store.load());
+    let snapshot = state.store.load();
+    state.control.metrics.observe_upstreams(&snapshot);
+    state.control.metrics.observe_certificates(&snapshot);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.control.metrics.render())

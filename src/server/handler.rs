@@ -71,6 +71,8 @@ struct Exchange {
     /// Keeps the connection's head timeout off until this request is done (absent when
     /// served outside the proxy listener).
     busy: Option<Busy>,
+    /// `http` or `https`, for the access log.
+    scheme: &'static str,
     /// A gRPC call (`content-type: application/grpc…`): the gateway's own errors are answered
     /// the gRPC way, and the call's status is logged and counted.
     grpc: bool,
@@ -184,6 +186,7 @@ impl Exchange {
             upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
             // Not `target`: the JSON formatter writes the event's own target under that key.
             upstream_target = target.unwrap_or(""),
+            scheme = self.scheme,
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
@@ -366,6 +369,7 @@ pub(crate) async fn handle(
         slot: None,
         buffered: None,
         busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
+        scheme: super::listener::conn_info(&req).map_or("http", |c| c.scheme()),
         grpc: is_grpc(&req),
         grpc_status: None,
         trailers: req.extensions().get::<Trailers>().cloned(),
@@ -1112,6 +1116,8 @@ fn upstream_headers(
 ) -> Result<http::HeaderMap, String> {
     let peer = req.peer_addr().map(|a| a.ip());
     let h = req.headers();
+    let conn = super::listener::conn_info(req);
+    let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
     crate::proxy::headers::upstream_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
         h.len(),
@@ -1125,6 +1131,8 @@ fn upstream_headers(
             drop_token: ex.drop_token.as_ref(),
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
+            https: tls.is_some(),
+            client_cert: tls.and_then(|t| t.client_cert.as_ref()),
         },
     )
 }

@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! accept ─► admit (max_connections, max_connections_per_ip) ─► TCP_NODELAY
+//!        ─► [TLS handshake, within `header_timeout`: `server::tls`]
 //!        ─► ClientIo (header timeout on every request head) ─► actix-http dispatcher ─► handler
 //! ```
+//!
+//! What the handler may want to know about the connection (listener, TLS version, SNI, the
+//! verified client certificate) is one [`ConnInfo`] per connection, read with [`conn_info`].
 //!
 //! Actix times only a connection's *first* request head (`client_request_timeout`); once a
 //! keep-alive connection has served a request, bytes of the next head clear its keep-alive timer
@@ -31,8 +35,119 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::proxy::headers::ClientCert;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
+
+/// Facts about one client connection, shared by its requests. Inserted per connection by
+/// `on_connect_ext` (HTTP/1) or into each request's extensions (HTTP/2); read with
+/// [`conn_info`].
+#[derive(Debug, Default)]
+pub(crate) struct ConnInfo {
+    /// The `[[listener]]` name; `""` for `--listen`.
+    #[allow(dead_code)] // for the HTTP/2 server and logs; kept with the connection
+    pub listener: Arc<str>,
+    /// Set when the connection came over TLS.
+    pub tls: Option<TlsInfo>,
+    /// A plain listener with `redirect_to_https`: every request gets 308 to this port.
+    pub redirect_to: Option<u16>,
+}
+
+impl ConnInfo {
+    /// `"https"` or `"http"`, for the access log.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// What the TLS handshake settled.
+#[derive(Debug)]
+#[allow(dead_code)] // `h2` routes to the HTTP/2 server; `version`/`sni` for logs and policies
+pub(crate) struct TlsInfo {
+    /// `"TLSv1_3"` or `"TLSv1_2"`.
+    pub version: &'static str,
+    /// The server name the client asked for.
+    pub sni: Option<String>,
+    /// ALPN chose `h2`.
+    pub h2: bool,
+    /// The client certificate, verified against `client_auth.ca`.
+    pub client_cert: Option<ClientCert>,
+}
+
+/// The connection facts of a request: the HTTP/1 connection's data, else the request's
+/// extensions (where the HTTP/2 server puts them). `None` only outside the proxy listeners.
+pub(crate) fn conn_info(req: &actix_web::HttpRequest) -> Option<Rc<ConnInfo>> {
+    if let Some(i) = req.conn_data::<Rc<ConnInfo>>() {
+        return Some(Rc::clone(i));
+    }
+    actix_web::HttpMessage::extensions(req)
+        .get::<Rc<ConnInfo>>()
+        .cloned()
+}
+
+/// The client's byte stream: plain TCP or TLS over it.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Written to a client whose next request head did not arrive in time.
 const REQUEST_TIMEOUT: &[u8] =
@@ -207,8 +322,9 @@ impl Drop for Busy {
 
 /// The accepted socket as the HTTP dispatcher sees it.
 pub(crate) struct ClientIo {
-    io: TcpStream,
+    io: Stream,
     state: Rc<ConnState>,
+    info: Rc<ConnInfo>,
     timer: Option<Pin<Box<Sleep>>>,
     timed_out: bool,
     _guard: ConnGuard,
@@ -219,24 +335,31 @@ impl ClientIo {
         &self.state
     }
 
-    /// The socket and its place under the connection limits, for a protocol that times its
-    /// requests itself (HTTP/2).
-    pub fn into_parts(self) -> (TcpStream, ConnGuard) {
+    pub fn info(&self) -> &Rc<ConnInfo> {
+        &self.info
+    }
+
+    /// The stream and its place under the connection limits, for a protocol that times its
+    /// requests itself (HTTP/2). Take [`ClientIo::info`] first to keep the connection facts.
+    pub fn into_parts(self) -> (Stream, ConnGuard) {
         (self.io, self._guard)
     }
 
     /// Whether the client opens with the HTTP/2 preface (h2c with prior knowledge). Waits for
     /// the first bytes up to the header timeout; `None` if none came (the client got 408 and
-    /// the connection is to be closed).
+    /// the connection is to be closed). Over TLS, ALPN decides and this is `Some(false)`.
     pub async fn starts_with_h2_preface(&self) -> Option<bool> {
+        let Stream::Plain(io) = &self.io else {
+            return Some(false);
+        };
         let preface = super::h2::PREFACE;
         let deadline = Instant::now() + self.state.header_timeout;
         let mut buf = [0u8; 24];
         loop {
-            let n = match tokio::time::timeout_at(deadline, self.io.peek(&mut buf)).await {
+            let n = match tokio::time::timeout_at(deadline, io.peek(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => n,
                 Ok(_) => return None,
-                Err(_) => return self.head_timed_out(),
+                Err(_) => return self.head_timed_out(io),
             };
             if buf[..n] != preface[..n] {
                 return Some(false);
@@ -249,14 +372,14 @@ impl ClientIo {
                 .await
                 .is_err()
             {
-                return self.head_timed_out();
+                return self.head_timed_out(io);
             }
         }
     }
 
-    fn head_timed_out(&self) -> Option<bool> {
+    fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
         self.state.timeouts.inc();
-        let _ = self.io.try_write(REQUEST_TIMEOUT);
+        let _ = io.try_write(REQUEST_TIMEOUT);
         None
     }
 
@@ -296,7 +419,9 @@ impl AsyncRead for ClientIo {
             // Best effort: the client learns why; the dispatcher sees end of input and closes.
             this.timed_out = true;
             this.state.timeouts.inc();
-            let _ = this.io.try_write(REQUEST_TIMEOUT);
+            // A plain socket sends it at once if it has room; over TLS it is encrypted into the
+            // session and leaves with the dispatcher's flush before the close.
+            let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT);
             tracing::debug!("request head not received within the header timeout; closing");
             return Poll::Ready(Ok(()));
         }
@@ -354,14 +479,23 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// Admits an accepted socket: limits, `TCP_NODELAY`, the head-timeout wrapper. `None` when the
-/// connection is refused (it is closed by dropping it).
-pub(crate) fn accept(
+/// An admitted socket, before any TLS handshake.
+pub(crate) struct Admitted {
+    pub io: TcpStream,
+    pub peer: Option<SocketAddr>,
+    pub guard: ConnGuard,
+    /// `[limits] header_timeout` at accept: for the handshake and every request head.
+    pub header_timeout: Duration,
+}
+
+/// Admits an accepted socket: limits, `TCP_NODELAY`. `None` when the connection is refused (it
+/// is closed by dropping it).
+pub(crate) fn admit(
     io: TcpStream,
     store: &SnapshotStore,
     counts: &Arc<ConnCounts>,
     metrics: &Metrics,
-) -> Option<(ClientIo, Option<SocketAddr>)> {
+) -> Option<Admitted> {
     let peer = io.peer_addr().ok();
     let snap = store.load();
     let limits = &snap.limits;
@@ -382,17 +516,33 @@ pub(crate) fn accept(
     if let Err(e) = io.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let io = ClientIo {
+    Some(Admitted {
+        io,
+        peer,
+        guard,
+        header_timeout: limits.header_timeout,
+    })
+}
+
+/// Wraps the stream (plain, or TLS after its handshake) for the HTTP/1 dispatcher.
+pub(crate) fn client_io(
+    io: Stream,
+    guard: ConnGuard,
+    header_timeout: Duration,
+    info: ConnInfo,
+    metrics: &Metrics,
+) -> ClientIo {
+    ClientIo {
         io,
         state: Rc::new(ConnState::new(
-            limits.header_timeout,
+            header_timeout,
             metrics.client_timeouts.with_label_values(&["header"]),
         )),
+        info: Rc::new(info),
         timer: None,
         timed_out: false,
         _guard: guard,
-    };
-    Some((io, peer))
+    }
 }
 
 #[cfg(test)]

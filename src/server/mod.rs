@@ -9,7 +9,11 @@ mod edge;
 mod h2;
 mod handler;
 mod listener;
+mod tls;
 pub mod webhooks;
+
+/// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`, through [`h2::serve`]).
+pub const SERVES_H2: bool = true;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -92,6 +96,8 @@ pub(crate) struct WorkerState {
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The `[[listener]]`s, by name, with the address each is bound to.
+    pub listeners: Vec<(String, SocketAddr)>,
     proxy: actix_web::dev::Server,
     admin: actix_web::dev::Server,
 }
@@ -125,7 +131,15 @@ impl Handles {
     }
 }
 
-/// Binds both listeners and starts serving. Must run inside an actix system.
+/// How one bound proxy listener treats its connections.
+#[derive(Clone)]
+enum Kind {
+    Plain { redirect_to: Option<u16> },
+    Tls(Arc<tls::TlsListener>),
+}
+
+/// Binds the listeners (`--listen`, the first snapshot's `[[listener]]`s, admin) and starts
+/// serving. Must run inside an actix system.
 pub fn start(
     opts: &ServeOptions,
     store: Arc<SnapshotStore>,
@@ -136,6 +150,48 @@ pub fn start(
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let grace = opts.shutdown_grace.as_secs().max(1);
+
+    // Which listeners exist is fixed here; a reload that changes the set is logged
+    // (`warn_listener_changes`) and needs a restart.
+    let first = store.load();
+    let mut extra = Vec::new();
+    for spec in &first.listeners {
+        let l = TcpListener::bind(spec.address).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("listener `{}` cannot bind {}: {e}", spec.name, spec.address),
+            )
+        })?;
+        let bound = l.local_addr()?;
+        extra.push((spec, l, bound));
+    }
+    let https_port = extra
+        .iter()
+        .find(|(spec, _, _)| spec.tls.is_some())
+        .map(|(_, _, a)| a.port());
+    let mut bound = Vec::new();
+    let mut kinds = Vec::new();
+    for (spec, l, a) in extra {
+        let kind = match spec.tls.as_ref() {
+            Some(t) => {
+                let Some(config) = t.config.clone() else {
+                    return Err(std::io::Error::other(format!(
+                        "listener `{}` has no TLS settings: its secrets were not read",
+                        spec.name
+                    )));
+                };
+                Kind::Tls(Arc::new(tls::TlsListener::new(&spec.name, config)))
+            }
+            None => Kind::Plain {
+                redirect_to: https_port.filter(|_| spec.redirect_to_https),
+            },
+        };
+        bound.push((spec.name.clone(), a));
+        // h2c (HTTP/2 without TLS, prior knowledge) on plain listeners with `http2 = true`.
+        let h2c = spec.http2 && spec.tls.is_none();
+        kinds.push((spec.name.clone(), l, a, kind, h2c));
+    }
+    drop(first);
 
     let access_log = opts.access_log;
     let proxy_store = Arc::clone(&store);
@@ -151,112 +207,169 @@ pub fn start(
     let keep_alive = opts.keep_alive;
     let request_timeout = opts.client_request_timeout;
     // Built from its parts rather than with `HttpServer`, so that each accepted socket passes
-    // through `listener::accept` (limits, TCP_NODELAY, the head timeout of every request).
+    // through `listener::admit` (limits, TCP_NODELAY), the TLS handshake on TLS listeners, and
+    // `ClientIo` (the head timeout of every request).
     let builder = actix_server::Server::build();
     let shutdown_signal = builder.graceful_shutdown_signal();
-    let proxy = builder
-        .workers(opts.workers.max(1))
-        .shutdown_timeout(grace)
-        .disable_signals()
-        .listen("rustygate-proxy", listener, move || {
-            let state = web::Data::new(WorkerState {
-                store: Arc::clone(&proxy_store),
-                pool: LocalPool::new(),
-                access_log,
-                recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
-                limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
-                buffered: Default::default(),
-            });
-            // One application per protocol, sharing the worker's state: actix-http's
-            // dispatcher calls one for HTTP/1.1, `h2::serve` the other for HTTP/2.
-            let make_app = move || {
-                App::new()
-                    .app_data(state.clone())
-                    .app_data(web::PayloadConfig::new(usize::MAX))
-                    .default_service(web::to(handler::handle))
-            };
-            let signal = shutdown_signal.clone();
-            let http = actix_http::HttpService::build()
-                .keep_alive(keep_alive)
-                .client_request_timeout(request_timeout)
-                .client_disconnect_timeout(Duration::from_secs(1))
-                // A client that closes its side is gone: its request is dropped at once, with
-                // its upstream connection and its place under the upstream's limits.
-                .h1_allow_half_closed(false)
-                .local_addr(addr)
-                .graceful_shutdown_signal(move || {
-                    let signal = signal.clone();
-                    async move { signal.notified().await }
-                })
-                .on_connect_ext(|io: &listener::ClientIo, ext| {
-                    ext.insert(std::rc::Rc::clone(io.state()));
-                })
-                .finish(map_config(
-                    make_app()
-                        .into_factory()
-                        .map_err(|e: actix_web::Error| e.error_response()),
-                    |_| actix_web::dev::AppConfig::default(),
-                ));
-            let store = Arc::clone(&proxy_store);
-            let counts = Arc::clone(&counts);
-            let metrics = Arc::clone(&metrics);
-            let signal = shutdown_signal.clone();
-            fn_factory(move || {
-                let h1 = http.new_service(());
-                let h2 = make_app()
-                    .into_factory()
-                    .new_service(actix_web::dev::AppConfig::default());
-                let (store, counts, metrics) = (
-                    Arc::clone(&store),
-                    Arc::clone(&counts),
-                    Arc::clone(&metrics),
-                );
+    let workers = opts.workers.max(1);
+    // One worker's service for one listener: admission, then the TLS handshake on TLS
+    // listeners, then HTTP/2 (ALPN `h2`, or the h2c preface where `h2c` is on) or HTTP/1.1.
+    let service = move |name: Arc<str>, local: SocketAddr, kind: Kind, h2c: bool| {
+        let state = web::Data::new(WorkerState {
+            store: Arc::clone(&proxy_store),
+            pool: LocalPool::new(),
+            access_log,
+            recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
+            limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
+            buffered: Default::default(),
+        });
+        // One application per protocol, sharing the worker's state: actix-http's
+        // dispatcher calls one for HTTP/1.1, `h2::serve` the other for HTTP/2.
+        let make_app = move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(usize::MAX))
+                .default_service(web::to(tls::entry))
+        };
+        let signal = shutdown_signal.clone();
+        let http = actix_http::HttpService::build()
+            .keep_alive(keep_alive)
+            .client_request_timeout(request_timeout)
+            .client_disconnect_timeout(Duration::from_secs(1))
+            // A client that closes its side is gone: its request is dropped at once, with
+            // its upstream connection and its place under the upstream's limits.
+            .h1_allow_half_closed(false)
+            .local_addr(local)
+            .graceful_shutdown_signal(move || {
                 let signal = signal.clone();
-                async move {
-                    let h1 = Rc::new(h1.await.map_err(|_| ())?);
-                    let h2: Rc<h2::AppService> =
-                        Rc::new(actix_service::boxed::service(h2.await.map_err(|_| ())?));
-                    Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
-                        let admitted = listener::accept(io, &store, &counts, &metrics);
-                        let settings = h2_settings(&store, keep_alive);
-                        let (h1, h2, metrics, signal) = (
-                            Rc::clone(&h1),
-                            Rc::clone(&h2),
-                            Arc::clone(&metrics),
-                            signal.clone(),
-                        );
-                        async move {
-                            let Some((io, peer)) = admitted else {
-                                return Err(());
-                            };
-                            match io.starts_with_h2_preface().await {
-                                None => Err(()),
-                                Some(true) => {
-                                    let (io, guard) = io.into_parts();
-                                    h2::serve(
-                                        io,
-                                        peer,
-                                        h2,
-                                        settings,
-                                        &metrics,
-                                        async move { signal.notified().await },
-                                        None,
-                                    )
-                                    .await;
-                                    drop(guard);
-                                    Ok(())
-                                }
-                                Some(false) => h1
-                                    .call((io, actix_http::Protocol::Http1, peer))
-                                    .await
-                                    .map_err(|_| ()),
-                            }
-                        }
-                    }))
-                }
+                async move { signal.notified().await }
             })
-        })?
-        .run();
+            .on_connect_ext(|io: &listener::ClientIo, ext| {
+                ext.insert(std::rc::Rc::clone(io.state()));
+                ext.insert(std::rc::Rc::clone(io.info()));
+            })
+            .finish(map_config(
+                make_app()
+                    .into_factory()
+                    .map_err(|e: actix_web::Error| e.error_response()),
+                |_| actix_web::dev::AppConfig::default(),
+            ));
+        let store = Arc::clone(&proxy_store);
+        let counts = Arc::clone(&counts);
+        let metrics = Arc::clone(&metrics);
+        let signal = shutdown_signal.clone();
+        fn_factory(move || {
+            let h1 = http.new_service(());
+            let h2 = make_app()
+                .into_factory()
+                .new_service(actix_web::dev::AppConfig::default());
+            let (store, counts, metrics) = (
+                Arc::clone(&store),
+                Arc::clone(&counts),
+                Arc::clone(&metrics),
+            );
+            let (signal, kind, name) = (signal.clone(), kind.clone(), Arc::clone(&name));
+            async move {
+                let h1 = Rc::new(h1.await.map_err(|_| ())?);
+                let h2: Rc<h2::AppService> =
+                    Rc::new(actix_service::boxed::service(h2.await.map_err(|_| ())?));
+                Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
+                    let admitted = listener::admit(io, &store, &counts, &metrics);
+                    let settings = h2_settings(&store, keep_alive);
+                    let (h1, h2, store, metrics, signal, kind, name) = (
+                        Rc::clone(&h1),
+                        Rc::clone(&h2),
+                        Arc::clone(&store),
+                        Arc::clone(&metrics),
+                        signal.clone(),
+                        kind.clone(),
+                        Arc::clone(&name),
+                    );
+                    async move {
+                        let a = admitted.ok_or(())?;
+                        let peer = a.peer;
+                        let (stream, info) = match kind {
+                            Kind::Plain { redirect_to } => (
+                                listener::Stream::Plain(a.io),
+                                listener::ConnInfo {
+                                    listener: name,
+                                    tls: None,
+                                    redirect_to,
+                                },
+                            ),
+                            Kind::Tls(t) => {
+                                let (stream, tls) = t
+                                    .handshake(a.io, &store, a.header_timeout, &metrics)
+                                    .await
+                                    .ok_or(())?;
+                                (
+                                    listener::Stream::Tls(Box::new(stream)),
+                                    listener::ConnInfo {
+                                        listener: name,
+                                        tls: Some(tls),
+                                        redirect_to: None,
+                                    },
+                                )
+                            }
+                        };
+                        let alpn_h2 = info.tls.as_ref().is_some_and(|t| t.h2);
+                        let io =
+                            listener::client_io(stream, a.guard, a.header_timeout, info, &metrics);
+                        let is_h2 = if alpn_h2 {
+                            true
+                        } else if h2c {
+                            io.starts_with_h2_preface().await.ok_or(())?
+                        } else {
+                            false
+                        };
+                        if is_h2 {
+                            let info = Rc::clone(io.info());
+                            let (io, guard) = io.into_parts();
+                            let conn_ext: h2::ConnExt = Rc::new(move |req| {
+                                actix_web::HttpMessage::extensions_mut(req)
+                                    .insert(Rc::clone(&info));
+                            });
+                            h2::serve(
+                                io,
+                                peer,
+                                h2,
+                                settings,
+                                &metrics,
+                                async move { signal.notified().await },
+                                Some(conn_ext),
+                            )
+                            .await;
+                            drop(guard);
+                            Ok(())
+                        } else {
+                            h1.call((io, actix_http::Protocol::Http1, peer))
+                                .await
+                                .map_err(|_| ())
+                        }
+                    }
+                }))
+            }
+        })
+    };
+    let mut server = builder
+        .workers(workers)
+        .shutdown_timeout(grace)
+        .disable_signals();
+    {
+        let service = service.clone();
+        // `--listen` takes h2c with prior knowledge, as before listeners existed.
+        server = server.listen("rustygate-proxy", listener, move || {
+            service(Arc::from(""), addr, Kind::Plain { redirect_to: None }, true)
+        })?;
+    }
+    for (name, l, local, kind, h2c) in kinds {
+        let service = service.clone();
+        let shared: Arc<str> = Arc::from(name.as_str());
+        server = server.listen(format!("rustygate-{name}"), l, move || {
+            service(Arc::clone(&shared), local, kind.clone(), h2c)
+        })?;
+    }
+    let proxy = server.run();
 
     let admin_state = web::Data::new(admin::AdminState::new(store, control));
     let admin = HttpServer::new(move || {
@@ -273,6 +386,7 @@ pub fn start(
     Ok(Running {
         addr,
         admin_addr,
+        listeners: bound,
         proxy,
         admin,
     })
@@ -337,5 +451,23 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Logs what a reload changed in the `[[listener]]` set: bound at start-up, it needs a
+/// restart. Until then a listener keeps its address and, if gone from the config, the TLS
+/// settings it last had.
+pub fn warn_listener_changes(
+    previous: &crate::snapshot::Snapshot,
+    next: &crate::snapshot::Snapshot,
+) {
+    let before: Vec<_> = previous.listeners.iter().map(|l| l.binding()).collect();
+    let after: Vec<_> = next.listeners.iter().map(|l| l.binding()).collect();
+    if before != after {
+        tracing::warn!(
+            before = ?before,
+            after = ?after,
+            "the [[listener]] set changed; it takes effect at the next restart"
+        );
     }
 }

@@ -252,7 +252,13 @@ impl Reloader {
         let opts = self.opts.clone();
         // Off the reload loop and with a deadline: a read that hangs (a stuck network file
         // system, a fetch that never answers) fails this reload, never the next ones.
+        let served = self.store.load();
         let joined = load_off_loop(self.load_timeout, &self.loads_running, move || {
+            // A certificate renewed in place (same config version): compile this version again,
+            // also after a failed attempt (the renewal may have been half-written then).
+            let renewed = served.tls_files_changed();
+            let applied_id = applied_id.filter(|_| !renewed);
+            let failed_id = failed_id.filter(|_| !renewed);
             let r = source.load(applied_id.as_deref(), failed_id.as_deref(), force, &opts);
             (source, r)
         })
@@ -322,6 +328,7 @@ impl Reloader {
         snapshot.version.source = self.spec.describe();
         let info = applied(&snapshot);
         let previous = self.store.publish(snapshot);
+        crate::server::warn_listener_changes(&previous, &self.store.load());
         self.metrics
             .reload_succeeded(Some(&previous.version.id), &id, unix(now));
         tracing::info!(

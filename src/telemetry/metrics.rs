@@ -58,6 +58,13 @@ pub struct Metrics {
     /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
     /// was too slow (`header`: a request head, `body`: between request body bytes).
     pub client_timeouts: IntCounterVec,
+    /// `rustygate_tls_handshakes_total{listener,version,result}`: TLS handshakes on the
+    /// listeners with `tls`; `result` is `success`, `failure` or `timeout`, `version` is
+    /// `TLSv1_3`/`TLSv1_2`, or `none` when the handshake did not finish.
+    pub tls_handshakes: IntCounterVec,
+    /// `rustygate_tls_certificate_expiry_timestamp_seconds{name}`: `notAfter` of each served
+    /// certificate, `name` = `<listener>/<index>`; set from the served snapshot at each scrape.
+    pub tls_certificate_expiry: IntGaugeVec,
     /// `rustygate_http2_goaway_total{reason}`: HTTP/2 client connections the gateway ended
     /// (`idle`, `header_timeout`, `resets`: the rapid-reset cap).
     pub http2_goaway: IntCounterVec,
@@ -183,6 +190,19 @@ impl Metrics {
             "Client requests ended because the client was too slow, by phase (header, body).",
             &["phase"],
         );
+        let tls_handshakes = counter(
+            "rustygate_tls_handshakes_total",
+            "TLS handshakes on the proxy listeners, by listener, protocol version and result (success, failure, timeout).",
+            &["listener", "version", "result"],
+        );
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "rustygate_tls_certificate_expiry_timestamp_seconds",
+                "Unix time at which each served listener certificate expires (name: <listener>/<index>).",
+            ),
+            &["name"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let http2_goaway = counter(
             "rustygate_http2_goaway_total",
             "HTTP/2 client connections ended by the gateway, by reason (idle, header_timeout, resets).",
@@ -200,6 +220,8 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_handshakes.clone()),
+            Box::new(tls_certificate_expiry.clone()),
             Box::new(http2_goaway.clone()),
             Box::new(grpc_requests.clone()),
             Box::new(websocket_connections.clone()),
@@ -248,9 +270,24 @@ impl Metrics {
             client_connections,
             connections_refused,
             client_timeouts,
+            tls_handshakes,
+            tls_certificate_expiry,
             http2_goaway,
             grpc_requests,
             websocket_connections,
+        }
+    }
+
+    /// Sets `rustygate_tls_certificate_expiry_timestamp_seconds` from the snapshot being
+    /// served: certificates that left the config disappear from the output.
+    pub fn observe_certificates(&self, snapshot: &crate::snapshot::Snapshot) {
+        self.tls_certificate_expiry.reset();
+        for l in &snapshot.listeners {
+            for c in l.tls.iter().flat_map(|t| &t.certificates) {
+                self.tls_certificate_expiry
+                    .with_label_values(&[c.name.as_str()])
+                    .set(c.not_after);
+            }
         }
     }
 

@@ -448,6 +448,8 @@ fn upstream_headers(
             drop_token: run.drop_token.as_ref(),
             auth_headers: &run.auth_headers,
             rules: &route.request_headers,
+            https: false,
+            client_cert: None,
         },
     )
 }

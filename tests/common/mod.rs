@@ -201,6 +201,8 @@ pub fn write_files(root: &Path, files: &[(&str, &str)]) {
 pub struct Gateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The `[[listener]]`s by name, with their bound addresses.
+    pub listeners: Vec<(String, SocketAddr)>,
     pub store: Arc<SnapshotStore>,
     pub dir: PathBuf,
     handles: Handles,
@@ -256,15 +258,21 @@ impl Gateway {
                     rustygate::server::Control::default(),
                 )
                 .unwrap();
-                tx.send((running.addr, running.admin_addr, running.handles()))
-                    .unwrap();
+                tx.send((
+                    running.addr,
+                    running.admin_addr,
+                    running.listeners.clone(),
+                    running.handles(),
+                ))
+                .unwrap();
                 running.wait().await.unwrap();
             });
         });
-        let (addr, admin_addr, handles) = rx.recv().unwrap();
+        let (addr, admin_addr, listeners, handles) = rx.recv().unwrap();
         Gateway {
             addr,
             admin_addr,
+            listeners,
             store,
             dir: dir.to_path_buf(),
             handles,
@@ -287,10 +295,35 @@ impl Gateway {
         http(&self.addr.to_string(), "GET", path, &[], b"").expect("gateway answered")
     }
 
+    /// The bound address of the `[[listener]]` named `name`.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener `{name}`"))
+    }
+
     /// Writes `files` into the config dir, compiles it and publishes the result (a config swap).
     pub fn swap(&self, files: &[(&str, &str)]) {
+        self.swap_with(files, &CompileOptions::default());
+    }
+
+    /// [`Gateway::swap`], reading secrets (from files under the temp dir) as `start` does.
+    pub fn swap_resolved(&self, files: &[(&str, &str)]) {
+        self.swap_with(
+            files,
+            &CompileOptions {
+                resolve_secrets: true,
+                secret_roots: vec![std::env::temp_dir()],
+                ..CompileOptions::default()
+            },
+        );
+    }
+
+    fn swap_with(&self, files: &[(&str, &str)], opts: &CompileOptions) {
         write_files(&self.dir, files);
-        let compiled = compile_dir(&self.dir, &CompileOptions::default()).unwrap();
+        let compiled = compile_dir(&self.dir, opts).unwrap();
         let Some(snapshot) = compiled.snapshot else {
             panic!(
                 "swapped config does not compile:\n{}",

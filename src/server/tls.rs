@@ -1,0 +1,205 @@
+//! TLS termination on the `[[listener]]`s with `tls`, and the 308 of `redirect_to_https`.
+//!
+//! The listener set is bound once, from the first snapshot. Each handshake reads the TLS
+//! settings (certificates, `client_auth`, `min_version`, ALPN) of its listener from the
+//! snapshot current at accept, so a reload changes the next handshake and never an open
+//! connection. A listener the current config no longer has keeps the settings it last had.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use http::HeaderValue;
+use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::WorkerState;
+use super::listener::{TlsInfo, conn_info};
+use crate::proxy::headers::ClientCert;
+use crate::snapshot::SnapshotStore;
+use crate::telemetry::metrics::Metrics;
+
+/// One bound TLS listener: its name and the settings it last had in a snapshot.
+pub(crate) struct TlsListener {
+    pub name: Arc<str>,
+    last: Mutex<Arc<ServerConfig>>,
+}
+
+impl TlsListener {
+    pub fn new(name: &str, config: Arc<ServerConfig>) -> Self {
+        Self {
+            name: name.into(),
+            last: Mutex::new(config),
+        }
+    }
+
+    /// The listener's settings in the current snapshot (or the last ones it had).
+    fn config(&self, store: &SnapshotStore) -> Arc<ServerConfig> {
+        let snap = store.load();
+        let current = snap
+            .listeners
+            .iter()
+            .find(|l| *l.name == *self.name)
+            .and_then(|l| l.tls.as_ref()?.config.clone());
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = current
+            && !Arc::ptr_eq(&c, &last)
+        {
+            *last = c;
+        }
+        Arc::clone(&last)
+    }
+
+    /// Runs the server handshake within `timeout`, counting the result. `None` when it failed
+    /// (the connection is closed by dropping it).
+    pub async fn handshake(
+        &self,
+        io: TcpStream,
+        store: &SnapshotStore,
+        timeout: Duration,
+        metrics: &Metrics,
+    ) -> Option<(TlsStream<TcpStream>, TlsInfo)> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config(store));
+        let count = |version: &str, result: &str| {
+            metrics
+                .tls_handshakes
+                .with_label_values(&[&*self.name, version, result])
+                .inc();
+        };
+        match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+            Ok(Ok(stream)) => {
+                let (_, conn) = stream.get_ref();
+                let version = match conn.protocol_version() {
+                    Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+                    Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+                    _ => "other",
+                };
+                count(version, "success");
+                let info = TlsInfo {
+                    version,
+                    sni: conn.server_name().map(str::to_owned),
+                    h2: conn.alpn_protocol() == Some(b"h2"),
+                    client_cert: conn
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| client_cert(c.as_ref())),
+                };
+                Some((stream, info))
+            }
+            Ok(Err(e)) => {
+                count("none", "failure");
+                tracing::debug!(listener = %self.name, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                count("none", "timeout");
+                metrics
+                    .client_timeouts
+                    .with_label_values(&["tls_handshake"])
+                    .inc();
+                tracing::debug!(listener = %self.name, "TLS handshake not done within the header timeout; closing");
+                None
+            }
+        }
+    }
+}
+
+/// The verified client certificate as header values. A subject that cannot be read leaves the
+/// headers out rather than send something the upstream could mistake for an identity.
+fn client_cert(der: &[u8]) -> Option<ClientCert> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = HeaderValue::from_str(&cert.subject().to_string()).ok()?;
+    let sha256 = HeaderValue::from_str(&hex::encode(Sha256::digest(der))).ok()?;
+    Some(ClientCert { subject, sha256 })
+}
+
+/// The proxy listeners' entry point: a `redirect_to_https` listener answers 308 to every
+/// request, the others go to the proxy handler.
+pub(crate) async fn entry(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<WorkerState>,
+) -> HttpResponse {
+    if let Some(port) = conn_info(&req).and_then(|c| c.redirect_to) {
+        return redirect(&req, port, &state);
+    }
+    super::handler::handle(req, payload, state).await
+}
+
+/// `308` to `https://<host>[:port]<path?query>`; 400 when the request has no usable host.
+fn redirect(req: &HttpRequest, port: u16, state: &WorkerState) -> HttpResponse {
+    let started = std::time::Instant::now();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .and_then(host_without_port);
+    let status = match host {
+        Some(host) => {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let location = if port == 443 {
+                format!("https://{host}{pq}")
+            } else {
+                format!("https://{host}:{port}{pq}")
+            };
+            actix_web::http::header::HeaderValue::from_str(&location).map_err(|_| ())
+        }
+        None => Err(()),
+    };
+    let snapshot = state.store.load();
+    let (code, resp) = match status {
+        Ok(location) => (
+            308,
+            HttpResponse::PermanentRedirect()
+                .insert_header(("location", location))
+                .finish(),
+        ),
+        Err(()) => (400, HttpResponse::BadRequest().finish()),
+    };
+    state.recorder.request(
+        &snapshot.version.id,
+        None,
+        req.method().as_str(),
+        code,
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// The host of a `Host` header without its port, if it is a plain name or address.
+fn host_without_port(h: &str) -> Option<&str> {
+    let host = if h.starts_with('[') {
+        let end = h.find(']')?;
+        let rest = &h[end + 1..];
+        if !(rest.is_empty() || rest.starts_with(':')) {
+            return None;
+        }
+        &h[..=end]
+    } else {
+        h.split_once(':').map_or(h, |(host, _)| host)
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':'));
+    ok.then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_without_port;
+
+    #[test]
+    fn redirect_host() {
+        assert_eq!(host_without_port("a.example:8080"), Some("a.example"));
+        assert_eq!(host_without_port("a.example"), Some("a.example"));
+        assert_eq!(host_without_port("[::1]:80"), Some("[::1]"));
+        assert_eq!(host_without_port("[::1]x"), None);
+        assert_eq!(host_without_port("evil.example/x"), None);
+        assert_eq!(host_without_port("a@b"), None);
+        assert_eq!(host_without_port(""), None);
+    }
+}
