@@ -56,7 +56,7 @@ http { access_log off;
   upstream be { server 127.0.0.1:$backend; keepalive 128; }
   server { listen 127.0.0.1:$ng_tls ssl http2; listen 127.0.0.1:$ng_h2c http2;
     ssl_certificate $dir/cert.pem; ssl_certificate_key $dir/key.pem;
-    keepalive_requests 1000000; http2_max_requests 1000000;
+    keepalive_requests 1000000;
     location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 EOF
 mkdir -p "$dir/repo/routes" "$dir/repo/upstreams"
