@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_http::{Payload, Request, Response};
+use actix_service::Service;
 use actix_web::HttpMessage;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::ServiceResponse;
@@ -39,10 +40,6 @@ use tokio::time::Instant;
 
 use crate::proxy::body::Trailers;
 use crate::telemetry::metrics::Metrics;
-
-/// The proxy application, as one HTTP/2 connection calls it.
-pub(crate) type AppService =
-    actix_service::boxed::BoxService<Request, ServiceResponse, actix_web::Error>;
 
 /// Adds the connection's facts (e.g. its TLS session) to each request of the connection.
 pub(crate) type ConnExt = Rc<dyn Fn(&mut Request)>;
@@ -165,16 +162,17 @@ impl Drop for StreamGuard {
 }
 
 /// Serves one HTTP/2 connection until the client closes it, it idles out, or the server stops.
-pub(crate) async fn serve<IO>(
+pub(crate) async fn serve<IO, App>(
     io: IO,
     peer: Option<SocketAddr>,
-    app: Rc<AppService>,
+    app: Rc<App>,
     settings: Settings,
     metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
     conn_ext: Option<ConnExt>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
+    App: Service<Request, Response = ServiceResponse, Error = actix_web::Error> + 'static,
 {
     let shared = Rc::new(ConnShared::new(settings.max_resets_per_second));
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
@@ -270,18 +268,25 @@ pub(crate) async fn serve<IO>(
 }
 
 /// One stream: the request into the application, its response back.
-async fn call(
-    app: &AppService,
+async fn call<App>(
+    app: &App,
     req: hyper::Request<Incoming>,
     peer: Option<SocketAddr>,
     mut guard: StreamGuard,
     conn_ext: Option<&dyn Fn(&mut Request)>,
-) -> hyper::Response<H2Body> {
+) -> hyper::Response<H2Body>
+where
+    App: Service<Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
     let (parts, body) = req.into_parts();
     let streamed = !body.is_end_stream();
     let head_only = parts.method == http::Method::HEAD;
-    let payload: actix_http::BoxedPayloadStream = Box::pin(RequestStream(body));
-    let mut areq = Request::with_payload(Payload::Stream { payload });
+    let mut areq = if streamed {
+        let payload: actix_http::BoxedPayloadStream = Box::pin(RequestStream(body));
+        Request::with_payload(Payload::Stream { payload })
+    } else {
+        Request::with_payload(Payload::None)
+    };
     {
         let head = areq.head_mut();
         head.method =

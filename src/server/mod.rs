@@ -271,8 +271,7 @@ pub fn start(
             let (signal, kind, name) = (signal.clone(), kind.clone(), Arc::clone(&name));
             async move {
                 let h1 = Rc::new(h1.await.map_err(|_| ())?);
-                let h2: Rc<h2::AppService> =
-                    Rc::new(actix_service::boxed::service(h2.await.map_err(|_| ())?));
+                let h2 = Rc::new(h2.await.map_err(|_| ())?);
                 Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
                     let admitted = listener::admit(io, &store, &counts, &metrics);
                     let settings = h2_settings(&store, keep_alive);
