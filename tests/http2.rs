@@ -157,6 +157,24 @@ fn grpc_backend(te_seen: Arc<std::sync::Mutex<Vec<String>>>) -> H2Backend {
                     .body(full(""))
                     .unwrap();
             }
+            if req.uri().path().ends_with("/Collect") {
+                // Client streaming: one answer with every byte the client's messages held.
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                let frames = vec![
+                    Ok::<_, std::io::Error>(Frame::data(grpc_frame(
+                        format!("got {} bytes", body.len()).as_bytes(),
+                    ))),
+                    Ok(Frame::trailers(t)),
+                ];
+                return Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                        frames,
+                    ))))
+                    .unwrap();
+            }
             let streaming = req.uri().path().ends_with("/Stream");
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let msg = body.slice(5.min(body.len())..);
@@ -450,6 +468,28 @@ async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
     assert_eq!(data, expected);
     assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
 
+    // Client streaming: three messages, no Content-Length, the last DATA frame ends the stream.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let req = Request::post("http://gateway.test/echo.Echo/Collect")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let pending = h2.send_request(req);
+    let feeder = tokio::spawn(async move {
+        for m in [&b"one"[..], b"two", b"three"] {
+            tx.send(Ok(Frame::data(grpc_frame(m)))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let r = whole(pending.await.unwrap()).await;
+    feeder.await.unwrap();
+    // 3 frames: 5-byte prefixes and 3 + 3 + 5 bytes of messages.
+    assert_eq!(r.body, grpc_frame(b"got 26 bytes"));
+    assert_eq!(r.trailers.expect("trailers")["grpc-status"], "0");
+
     // Trailers-only stays trailers-only: the client's HEADERS frame ends the stream (gRPC
     // clients refuse a status followed by an empty DATA frame).
     let resp = h2
@@ -465,12 +505,12 @@ async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
     // `te: trailers` went to the HTTP/2 upstream on every call.
     assert_eq!(
         *te_seen.lock().unwrap(),
-        vec!["trailers", "trailers", "trailers"]
+        vec!["trailers", "trailers", "trailers", "trailers"]
     );
     let m = scrape(&gw);
     assert_eq!(
         m.get(r#"rustygate_grpc_requests_total{grpc_status="0",route="all"}"#),
-        Some(&2.0)
+        Some(&3.0)
     );
     assert_eq!(
         m.get(r#"rustygate_grpc_requests_total{grpc_status="5",route="all"}"#),
