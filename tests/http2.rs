@@ -667,5 +667,11 @@ fn curl_and_h2load_speak_http2_to_the_gateway() {
             text.contains("2000 succeeded, 0 failed") && text.contains("2000 2xx"),
             "{text}"
         );
+        // Streams that end normally never count as resets, however fast they come.
+        let m = scrape(&gw);
+        assert_eq!(
+            m.get(r#"rustygate_http2_goaway_total{reason="resets"}"#),
+            None
+        );
     }
 }
