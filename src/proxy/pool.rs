@@ -33,7 +33,7 @@ use super::ForwardError;
 use super::body::ProxyBody;
 use super::keepalive::{self, CountingIo, ReadCount};
 use super::tls::{self, TargetTls};
-use crate::upstream::state::UpstreamShared;
+use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 
 /// How often expired idle connections are swept.
@@ -80,6 +80,16 @@ pub struct SendOptions<'a> {
     pub idle_timeout: Duration,
     /// The upstream's counters and its `max_pending` limit for opening connections.
     pub pending: Option<(&'a Arc<UpstreamShared>, u32)>,
+}
+
+impl SendOptions<'_> {
+    /// A place under the upstream's `max_pending` for opening a connection (`None`: no limit).
+    fn pending_slot(&self) -> Result<Option<Slot>, Overflow> {
+        match self.pending {
+            Some((shared, limit)) => shared.acquire_pending(Some(limit)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// A failed attempt, with the request when none of it was sent (so it can go elsewhere).
@@ -142,17 +152,14 @@ impl LocalPool {
             let mut conn = match pooled {
                 Some(c) => c,
                 None => {
-                    let _slot = match opts.pending {
-                        Some((shared, limit)) => match shared.acquire_pending(Some(limit)) {
-                            Ok(slot) => slot,
-                            Err(o) => {
-                                return Err(SendFailure {
-                                    error: ForwardError::Overloaded(o),
-                                    request: Some(req),
-                                });
-                            }
-                        },
-                        None => None,
+                    let _slot = match opts.pending_slot() {
+                        Ok(slot) => slot,
+                        Err(o) => {
+                            return Err(SendFailure {
+                                error: ForwardError::Overloaded(o),
+                                request: Some(req),
+                            });
+                        }
                     };
                     let tls = target.tls.as_ref();
                     match connect_h1(&target.connect_addr, tls, opts.connect_timeout).await {
@@ -211,17 +218,14 @@ impl LocalPool {
         opts: &SendOptions<'_>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
         let attempt = async {
-            let _slot = match opts.pending {
-                Some((shared, limit)) => match shared.acquire_pending(Some(limit)) {
-                    Ok(slot) => slot,
-                    Err(o) => {
-                        return Err(SendFailure {
-                            error: ForwardError::Overloaded(o),
-                            request: Some(req),
-                        });
-                    }
-                },
-                None => None,
+            let _slot = match opts.pending_slot() {
+                Ok(slot) => slot,
+                Err(o) => {
+                    return Err(SendFailure {
+                        error: ForwardError::Overloaded(o),
+                        request: Some(req),
+                    });
+                }
             };
             let tls = target.tls.as_ref();
             let mut send =
@@ -364,12 +368,7 @@ impl LocalPool {
                 }
                 Some(H2Slot::Connecting(f)) => f.clone(),
                 _ => {
-                    let slot = match opts.pending {
-                        Some((shared, limit)) => shared
-                            .acquire_pending(Some(limit))
-                            .map_err(ForwardError::Overloaded)?,
-                        None => None,
-                    };
+                    let slot = opts.pending_slot().map_err(ForwardError::Overloaded)?;
                     let addr = target.connect_addr.clone();
                     let tls = target.tls.clone();
                     let timeout = opts.connect_timeout;
