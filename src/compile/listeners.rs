@@ -21,6 +21,7 @@ use rustls::sign::CertifiedKey;
 
 use super::Cx;
 use super::secrets::resolve_secret;
+use super::tls::invalid;
 use crate::config::raw::{
     GatewayFile, RawClientAuth, RawListener, RawListenerTls, RawServerCertificate, ValueSource,
 };
@@ -138,10 +139,6 @@ pub(crate) fn compile_listeners(
         }
     }
     out
-}
-
-fn invalid(cx: &mut Cx<'_>, file: FileId, span: Range<usize>, msg: String, label: &str) {
-    cx.push(Diagnostic::error("invalid-tls", msg).at(file, span, label));
 }
 
 /// The secret files a listener's TLS settings were read from, with the SHA-256 of their text.

@@ -114,7 +114,14 @@ fn target_span(u: &RawUpstream, url: &str) -> std::ops::Range<usize> {
         .map_or(u.targets.span(), |t| t.span())
 }
 
-fn invalid(cx: &mut Cx<'_>, file: FileId, span: std::ops::Range<usize>, msg: String, label: &str) {
+/// An `invalid-tls` error at `span` (upstream and listener TLS settings alike).
+pub(super) fn invalid(
+    cx: &mut Cx<'_>,
+    file: FileId,
+    span: std::ops::Range<usize>,
+    msg: String,
+    label: &str,
+) {
     cx.push(Diagnostic::error("invalid-tls", msg).at(file, span, label));
 }
 
