@@ -174,28 +174,27 @@ impl Exchange {
             (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
             _ => None,
         };
-        tracing::info!(
-            target: "rustygate::access",
-            request_id = self.request_id.to_str().unwrap_or(""),
-            client_ip = %self.client_ip,
-            method = self.method.as_str(),
-            protocol = protocol_name(self.version),
-            host = self.host.as_str(),
-            path = self.path.as_str(),
-            route = route.unwrap_or(""),
-            upstream = self.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or(""),
-            // Not `target`: the JSON formatter writes the event's own target under that key.
-            upstream_target = target.unwrap_or(""),
-            scheme = self.scheme,
+        crate::telemetry::access::AccessLine {
+            request_id: self.request_id.to_str().unwrap_or(""),
+            client_ip: self.client_ip,
+            method: self.method.as_str(),
+            protocol: protocol_name(self.version),
+            host: self.host.as_str(),
+            path: self.path.as_str(),
+            route: route.unwrap_or(""),
+            upstream: self.upstream.as_ref().map_or("", |u| u.name.as_str()),
+            upstream_target: target.unwrap_or(""),
+            scheme: self.scheme,
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            bytes_in = self.body.as_ref().map(|b| b.bytes.get()).unwrap_or(0),
+            duration: elapsed,
+            bytes_in: self.body.as_ref().map_or(0, |b| b.bytes.get()),
             bytes_out,
-            completed = end.is_ok(),
-            error = end.err().unwrap_or(""),
-            grpc_status = grpc.unwrap_or(""),
-            config_version = self.snapshot.version.id.as_str(),
-        );
+            completed: end.is_ok(),
+            error: end.err().unwrap_or(""),
+            grpc_status: grpc.unwrap_or(""),
+            config_version: self.snapshot.version.id.as_str(),
+        }
+        .log();
     }
 
     /// An error answered by the gateway itself: JSON body, request id, logged. A gRPC call gets

@@ -243,6 +243,7 @@ impl Metrics {
             Box::new(auth_failures.clone()),
             Box::new(rate_limited.clone()),
             Box::new(policy_errors.clone()),
+            Box::new(super::sink::DROPPED.clone()),
         ] {
             let _ = registry.register(c);
         }

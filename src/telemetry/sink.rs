@@ -1,0 +1,270 @@
+//! The one place log lines go: a shared buffer that a background thread writes to stderr.
+//!
+//! Workers append whole lines under a short lock (a `memcpy`, no allocation once the buffer has
+//! grown, no system call); the writer thread swaps the buffer out and writes it in one `write`
+//! when [`FLUSH_AT`] bytes are waiting, every [`FLUSH_EVERY`], and when the [`LogGuard`] is
+//! dropped at shutdown. A consumer that reads slowly stalls only the writer thread: past
+//! [`MAX_PENDING`] bytes waiting, lines are dropped and counted in
+//! `rustygate_log_lines_dropped_total`, never waited for. Access lines
+//! ([`super::access`]) and every other `tracing` event share the buffer, so lines never
+//! interleave and keep their order.
+
+use std::io::Write;
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+
+/// Bytes waiting that wake the writer before its next tick.
+pub const FLUSH_AT: usize = 64 * 1024;
+/// How long a line may wait in the buffer when traffic is light.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Bytes waiting past which new lines are dropped (the output is not keeping up).
+pub const MAX_PENDING: usize = 8 * 1024 * 1024;
+
+/// Lines dropped because the output did not keep up, for `rustygate_log_lines_dropped_total`.
+pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "rustygate_log_lines_dropped_total",
+        "Log lines (access and other) dropped because the log output did not keep up",
+    )
+    .unwrap_or_else(|_| unreachable!("constant metric definition"))
+});
+
+pub struct LogSink {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+struct Pending {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl LogSink {
+    pub fn new() -> LogSink {
+        LogSink {
+            pending: Mutex::new(Pending {
+                buf: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding this lock leaves only bytes behind; keep logging.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one or more whole lines. `false` (and counted) when they were dropped.
+    pub fn push(&self, lines: &[u8]) -> bool {
+        let mut p = self.lock();
+        if p.buf.len() + lines.len() > MAX_PENDING {
+            drop(p);
+            DROPPED.inc();
+            return false;
+        }
+        let below = p.buf.len() < FLUSH_AT;
+        p.buf.extend_from_slice(lines);
+        let wake = below && p.buf.len() >= FLUSH_AT;
+        drop(p);
+        if wake {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Writes what is queued to `out` until [`LogSink::close`], then what is left.
+    pub fn run(&self, out: &mut dyn Write) {
+        let mut spare = Vec::new();
+        loop {
+            let mut p = self.lock();
+            if p.buf.len() < FLUSH_AT && !p.closed {
+                p = self
+                    .wake
+                    .wait_timeout(p, FLUSH_EVERY)
+                    .map(|(p, _)| p)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            std::mem::swap(&mut p.buf, &mut spare);
+            let closed = p.closed;
+            drop(p);
+            if !spare.is_empty() {
+                // Nothing to tell if stderr is gone; the lines are lost either way.
+                let _ = out.write_all(&spare);
+                let _ = out.flush();
+                spare.clear();
+                // A burst does not pin its peak: keep a few flushes' worth.
+                spare.shrink_to(4 * FLUSH_AT);
+            }
+            if closed && self.lock().buf.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Asks [`LogSink::run`] to write what is left and return.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+}
+
+impl Default for LogSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The process's sink, once logging is initialised.
+static SINK: OnceLock<&'static LogSink> = OnceLock::new();
+
+pub fn global() -> Option<&'static LogSink> {
+    SINK.get().copied()
+}
+
+/// Installs the process-wide sink writing to stderr and starts its writer thread. `None` when
+/// one is already installed (the first keeps running).
+pub fn install_stderr() -> Option<LogGuard> {
+    let sink: &'static LogSink = Box::leak(Box::new(LogSink::new()));
+    SINK.set(sink).ok()?;
+    let thread = std::thread::Builder::new()
+        .name("rustygate-log".into())
+        .spawn(move || sink.run(&mut std::io::stderr()))
+        .ok()?;
+    Some(LogGuard {
+        sink,
+        thread: Some(thread),
+    })
+}
+
+/// Flushes the sink when dropped: keep it until the process is about to exit.
+pub struct LogGuard {
+    sink: &'static LogSink,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.sink.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `tracing_subscriber`'s writer: each event arrives as one `write_all` of a whole line.
+#[derive(Clone, Copy)]
+pub struct SinkWriter(pub &'static LogSink);
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Dropped lines are counted by the sink; the event's writer has nothing to retry.
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkWriter {
+    type Writer = SinkWriter;
+
+    fn make_writer(&'a self) -> SinkWriter {
+        *self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, mpsc};
+
+    /// An output that blocks until the test lets it go, recording what it got.
+    struct Gate {
+        open: mpsc::Receiver<()>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.open.recv();
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_drops_and_counts_lines_past_the_cap_and_close_writes_the_rest() {
+        let sink: &'static LogSink = Box::leak(Box::new(LogSink::new()));
+        let (open, gate) = mpsc::channel();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut out = Gate {
+            open: gate,
+            got: Arc::clone(&got),
+        };
+        let writer = std::thread::spawn(move || sink.run(&mut out));
+        // The first flush's worth is taken by the writer, which then stalls on the gate.
+        let line = vec![b'x'; 1023];
+        let line = [line.as_slice(), b"\n"].concat();
+        for _ in 0..FLUSH_AT / line.len() {
+            assert!(sink.push(&line));
+        }
+        std::thread::sleep(FLUSH_EVERY * 3);
+        let before = DROPPED.get();
+        let mut accepted = 0usize;
+        let mut refused = 0usize;
+        for _ in 0..(MAX_PENDING / line.len() + 100) {
+            if sink.push(&line) {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(refused >= 100, "past the cap lines are dropped: {refused}");
+        assert!(DROPPED.get() - before >= refused as u64);
+        assert!(accepted * line.len() <= MAX_PENDING);
+        // Let the output go and close: everything accepted is written, in whole lines.
+        sink.close();
+        for _ in 0..10_000 {
+            let _ = open.send(());
+        }
+        writer.join().unwrap();
+        let got = got.lock().unwrap();
+        let lines = got.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+        assert_eq!(lines, FLUSH_AT / line.len() + accepted);
+        assert!(
+            got.split(|b| *b == b'\n')
+                .all(|l| l.is_empty() || l.len() == 1023)
+        );
+    }
+
+    #[test]
+    fn lines_reach_the_output_within_the_tick_without_a_close() {
+        let sink: &'static LogSink = Box::leak(Box::new(LogSink::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (open, gate) = mpsc::channel();
+        for _ in 0..100 {
+            open.send(()).unwrap();
+        }
+        let mut out = Gate {
+            open: gate,
+            got: Arc::clone(&got),
+        };
+        std::thread::spawn(move || sink.run(&mut out));
+        assert!(sink.push(b"one\n"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(got.lock().unwrap().as_slice(), b"one\n");
+        sink.close();
+    }
+}

@@ -1,0 +1,205 @@
+//! The access log of the real binary: one JSON object per line with the documented keys, under
+//! load, nothing lost on a graceful shutdown, the `RUST_LOG` filter and `--access-log false`
+//! obeyed, and a log reader that stops reading never stalls traffic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const KEYS: [&str; 21] = [
+    "timestamp",
+    "level",
+    "request_id",
+    "client_ip",
+    "method",
+    "protocol",
+    "host",
+    "path",
+    "route",
+    "upstream",
+    "upstream_target",
+    "scheme",
+    "status",
+    "duration_ms",
+    "bytes_in",
+    "bytes_out",
+    "completed",
+    "error",
+    "grpc_status",
+    "config_version",
+    "target",
+];
+
+fn access_lines(logs: &str) -> Vec<&str> {
+    logs.lines()
+        .filter(|l| l.contains("\"target\":\"rustygate::access\""))
+        .collect()
+}
+
+fn sigterm(child: &std::process::Child) {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[test]
+fn every_request_under_load_is_one_json_line_and_none_is_lost_on_shutdown() {
+    let backend = Backend::fixed(200, "hello");
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let mut gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    const CLIENTS: usize = 4;
+    const EACH: usize = 400;
+    // A few paths, one with a query (not logged).
+    let paths = ["/plain", "/q%22uote", "/caf%C3%A9?x=%22y%22", "/a%20b"];
+    std::thread::scope(|s| {
+        for c in 0..CLIENTS {
+            let listen = gw.listen.clone();
+            s.spawn(move || {
+                let mut conn = KeepAlive::connect(&listen).unwrap();
+                for i in 0..EACH {
+                    let (status, _) = conn.get(paths[(c + i) % paths.len()]).unwrap();
+                    assert_eq!(status, 200);
+                }
+            });
+        }
+    });
+    // Graceful shutdown right after the last response: what is buffered must still be written.
+    sigterm(&gw.child);
+    let exited = wait_until(Duration::from_secs(20), || {
+        matches!(gw.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "the gateway did not stop on SIGTERM");
+    let total = CLIENTS * EACH;
+    wait_until(Duration::from_secs(5), || {
+        access_lines(&gw.logs.lock().unwrap()).len() >= total
+    });
+    let logs = gw.logs.lock().unwrap().clone();
+    let lines = access_lines(&logs);
+    assert_eq!(lines.len(), total, "one line per request, none lost");
+    let mut paths_seen = std::collections::HashSet::new();
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        let o = v.as_object().unwrap();
+        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut want = KEYS.to_vec();
+        want.sort_unstable();
+        assert_eq!(keys, want, "{l}");
+        // The raw text has each key once (a JSON parser would hide a duplicate).
+        for k in KEYS {
+            assert_eq!(l.matches(&format!("\"{k}\":")).count(), 1, "{k} in {l}");
+        }
+        assert_eq!(o["status"], 200);
+        assert_eq!(o["level"], "INFO");
+        assert_eq!(o["upstream_target"], backend.url().as_str());
+        assert_eq!(o["client_ip"], "127.0.0.1");
+        assert_eq!(o["completed"], true);
+        assert!(o["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
+        assert!(
+            o["timestamp"]
+                .as_str()
+                .is_some_and(|t| t.len() == 27 && t.ends_with('Z'))
+        );
+        paths_seen.insert(o["path"].as_str().unwrap().to_owned());
+    }
+    // Paths are logged as normalised (escapes kept), without the query.
+    assert_eq!(paths_seen.len(), paths.len(), "{paths_seen:?}");
+    assert!(paths_seen.contains("/caf%C3%A9"), "{paths_seen:?}");
+    // Ids are unique.
+    let ids: std::collections::HashSet<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), total);
+}
+
+#[test]
+fn the_log_filter_and_the_flag_turn_access_lines_off_and_keep_the_rest() {
+    let backend = Backend::fixed(200, "hello");
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let path = dir.path().to_str().unwrap();
+    let on = GatewayProcess::start(&["--repo", path], &[]);
+    let filtered = GatewayProcess::start(
+        &["--repo", path],
+        &[("RUST_LOG", "info,rustygate::access=off")],
+    );
+    let flagged = GatewayProcess::start(&["--repo", path, "--access-log", "false"], &[]);
+    for gw in [&on, &filtered, &flagged] {
+        for _ in 0..5 {
+            assert_eq!(gw.get("/x").unwrap().0, 200);
+        }
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        access_lines(&on.logs.lock().unwrap()).len() == 5
+    }));
+    // The others had as long (and the same flush tick) to write theirs.
+    std::thread::sleep(Duration::from_millis(300));
+    for gw in [&filtered, &flagged] {
+        let logs = gw.logs.lock().unwrap();
+        assert!(access_lines(&logs).is_empty(), "{logs}");
+        assert!(
+            logs.contains("\"level\":\"INFO\""),
+            "other events still logged: {logs}"
+        );
+    }
+}
+
+#[test]
+fn a_log_reader_that_stops_reading_does_not_stall_requests() {
+    let backend = Backend::fixed(200, "hello");
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let listen = format!("127.0.0.1:{}", dead_port());
+    let admin = format!("127.0.0.1:{}", dead_port());
+    // stderr is a pipe nobody reads: once its 64 KiB are full the log writer blocks.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo", dir.path().to_str().unwrap()])
+        .args([
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--workers",
+            "1",
+        ])
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(30), || {
+        http(&admin, "GET", "/healthz", &[], b"").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(up, "did not come up");
+    // ~400 bytes a line: 4,000 requests are ~25 pipe buffers of log.
+    let mut conn = KeepAlive::connect(&listen).unwrap();
+    for i in 0..4_000 {
+        let got = conn.get(&format!("/r{i}"));
+        assert!(
+            got.as_ref().is_some_and(|(s, _)| *s == 200),
+            "request {i} stalled or failed: {got:?}"
+        );
+    }
+    // Reading now releases the writer: the lines it kept come out.
+    let mut stderr = child.stderr.take().unwrap();
+    sigterm(&child);
+    let mut out = Vec::new();
+    stderr.read_to_end(&mut out).unwrap();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(
+        access_lines(&text).len(),
+        4_000,
+        "every line kept while stalled"
+    );
+}
