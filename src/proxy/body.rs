@@ -194,13 +194,51 @@ impl Trailers {
 pub enum UpstreamBodyError {
     #[error("reading the upstream's response body failed: {0}")]
     Upstream(#[from] hyper::Error),
+    #[error("reading the upstream's response body failed: {0}")]
+    H1(#[from] super::h1::H1Error),
     #[error("the upstream sent nothing of its response body for {0:?}")]
     Idle(Duration),
 }
 
+/// An upstream's response body: from hyper's client (HTTP/2, streamed requests, upgrades) or
+/// read by the request's own task ([`super::h1`]).
+pub enum UpstreamIncoming {
+    Hyper(hyper::body::Incoming),
+    H1(super::h1::ResponseBody),
+}
+
+impl Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = UpstreamBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        match self.get_mut() {
+            UpstreamIncoming::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamIncoming::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamIncoming::Hyper(b) => b.is_end_stream(),
+            UpstreamIncoming::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamIncoming::Hyper(b) => b.size_hint(),
+            UpstreamIncoming::H1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The upstream's response body, handed to actix as it arrives.
 pub struct UpstreamBody {
-    inner: hyper::body::Incoming,
+    inner: UpstreamIncoming,
     size: BodySize,
     sent: u64,
     on_finish: Option<OnFinish>,
@@ -216,7 +254,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub fn new(
-        inner: hyper::body::Incoming,
+        inner: UpstreamIncoming,
         size: BodySize,
         idle: Duration,
         on_finish: Option<OnFinish>,
@@ -304,7 +342,7 @@ impl MessageBody for UpstreamBody {
                 }
                 Some(Err(e)) => {
                     this.finish(Err("upstream_error"));
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 None => {
                     this.finish(Ok(()));

@@ -4,6 +4,7 @@
 //! that keeps a target keeps its warm connections.
 
 pub mod body;
+pub mod h1;
 pub mod headers;
 pub mod keepalive;
 pub mod pool;

@@ -30,7 +30,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ForwardError;
-use super::body::ProxyBody;
+use super::body::{ProxyBody, UpstreamIncoming};
+use super::h1::{self, H1Error};
 use super::keepalive::{self, CountingIo, ReadCount};
 use super::tls::{self, TargetTls};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
@@ -64,9 +65,18 @@ enum H2Slot {
     Connecting(Shared<LocalBoxFuture<'static, H2Result>>),
 }
 
+/// An idle connection of the request-task client ([`super::h1`]).
+struct IdleOwn {
+    conn: h1::Conn,
+    expires: Instant,
+}
+
 #[derive(Default)]
 pub struct LocalPool {
+    /// hyper HTTP/1.1 connections (requests with a streamed body).
     idle: RefCell<HashMap<PoolKey, Vec<Idle>>>,
+    /// Connections of the request-task client (requests whose body is in hand).
+    own: RefCell<HashMap<PoolKey, Vec<IdleOwn>>>,
     h2: RefCell<HashMap<PoolKey, H2Slot>>,
 }
 
@@ -115,12 +125,21 @@ impl LocalPool {
         target: &Target,
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
-    ) -> Result<http::Response<Incoming>, SendFailure> {
+    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
         let attempt = async {
-            match target.protocol {
-                Protocol::Http1 => self.send_inner(target, req, opts).await,
+            match (target.protocol, req.body()) {
+                (Protocol::Http1, ProxyBody::Empty | ProxyBody::Full(_)) => {
+                    self.send_own(target, req, opts).await
+                }
                 // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
-                Protocol::Http2 => Box::pin(self.send_h2(target, req, opts)).await,
+                (Protocol::Http1, ProxyBody::Channel { .. }) => {
+                    Box::pin(self.send_inner(target, req, opts))
+                        .await
+                        .map(|r| r.map(UpstreamIncoming::Hyper))
+                }
+                (Protocol::Http2, _) => Box::pin(self.send_h2(target, req, opts))
+                    .await
+                    .map(|r| r.map(UpstreamIncoming::Hyper)),
             }
         };
         match tokio::time::timeout(opts.timeout, attempt).await {
@@ -130,6 +149,81 @@ impl LocalPool {
                 request: None,
             }),
         }
+    }
+
+    /// A request whose body is in hand, on this task ([`super::h1`]): a pooled connection, or
+    /// a new one. A reused connection that turns out closed before any response byte is
+    /// replaced by a fresh one for an idempotent request (the upstream closed it while idle).
+    async fn send_own(
+        self: &Rc<Self>,
+        target: &Target,
+        req: http::Request<ProxyBody>,
+        opts: &SendOptions<'_>,
+    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
+        let replayable = crate::upstream::retry::is_idempotent(req.method());
+        for fresh in [false, true] {
+            let pooled = if fresh {
+                None
+            } else {
+                self.checkout_own(&target.pool_key)
+            };
+            let reused = pooled.is_some();
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let _slot = match opts.pending_slot() {
+                        Ok(slot) => slot,
+                        Err(o) => {
+                            return Err(SendFailure {
+                                error: ForwardError::Overloaded(o),
+                                request: Some(req),
+                            });
+                        }
+                    };
+                    match connect_io(
+                        &target.connect_addr,
+                        target.tls.as_ref(),
+                        opts.connect_timeout,
+                    )
+                    .await
+                    {
+                        Ok(io) => h1::Conn::new(io),
+                        Err(error) => {
+                            return Err(SendFailure {
+                                error,
+                                request: Some(req),
+                            });
+                        }
+                    }
+                }
+            };
+            let checkin = h1::Checkin {
+                pool: Rc::downgrade(self),
+                key: target.pool_key.clone(),
+                idle: Some(opts.idle_timeout),
+            };
+            match h1::exchange(conn, &req, checkin, opts.idle_timeout).await {
+                Ok(resp) => return Ok(resp.map(UpstreamIncoming::H1)),
+                Err(H1Error::Lost(e) | H1Error::Write(e)) if reused && replayable => {
+                    tracing::debug!(
+                        target = target.url.as_str(),
+                        error = %e,
+                        "a reused upstream connection closed under the request; \
+                         sending it again on a fresh connection"
+                    );
+                }
+                Err(e) => {
+                    return Err(SendFailure {
+                        error: ForwardError::Upstream(e.to_string()),
+                        request: None,
+                    });
+                }
+            }
+        }
+        Err(SendFailure {
+            error: ForwardError::Upstream("no connection could take the request".into()),
+            request: None,
+        })
     }
 
     async fn send_inner(
@@ -216,7 +310,7 @@ impl LocalPool {
         target: &Target,
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
-    ) -> Result<http::Response<Incoming>, SendFailure> {
+    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
         let attempt = async {
             let _slot = match opts.pending_slot() {
                 Ok(slot) => slot,
@@ -239,13 +333,16 @@ impl LocalPool {
                     }
                 };
             drop(_slot);
-            send.try_send_request(req).await.map_err(|mut e| {
-                let request = e.take_message();
-                SendFailure {
-                    error: super::classify(&e.into_error()),
-                    request,
-                }
-            })
+            send.try_send_request(req)
+                .await
+                .map(|r| r.map(UpstreamIncoming::Hyper))
+                .map_err(|mut e| {
+                    let request = e.take_message();
+                    SendFailure {
+                        error: super::classify(&e.into_error()),
+                        request,
+                    }
+                })
         };
         match tokio::time::timeout(opts.timeout, attempt).await {
             Ok(r) => r,
@@ -253,6 +350,33 @@ impl LocalPool {
                 error: ForwardError::Timeout(opts.timeout),
                 request: None,
             }),
+        }
+    }
+
+    fn checkout_own(&self, key: &PoolKey) -> Option<h1::Conn> {
+        let mut idle = self.own.borrow_mut();
+        let list = idle.get_mut(key)?;
+        let now = Instant::now();
+        while let Some(i) = list.pop() {
+            if now < i.expires && i.conn.is_usable() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection whose response was read to the end ([`h1::ResponseBody`]).
+    pub(crate) fn checkin_own(&self, key: &PoolKey, conn: h1::Conn, idle_timeout: Duration) {
+        let mut idle = self.own.borrow_mut();
+        let list = match idle.get_mut(key) {
+            Some(l) => l,
+            None => idle.entry(key.clone()).or_default(),
+        };
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push(IdleOwn {
+                conn,
+                expires: Instant::now() + idle_timeout,
+            });
         }
     }
 
@@ -301,6 +425,10 @@ impl LocalPool {
             list.retain(|i| !i.conn.send.is_closed() && now < i.expires);
             !list.is_empty()
         });
+        self.own.borrow_mut().retain(|_, list| {
+            list.retain(|i| now < i.expires && i.conn.is_usable());
+            !list.is_empty()
+        });
         // Requests in flight hold their own handle: dropping the pool's only stops reuse.
         self.h2.borrow_mut().retain(|_, slot| match slot {
             H2Slot::Ready { conn, expires } => !conn.is_closed() && now < *expires,
@@ -311,12 +439,21 @@ impl LocalPool {
     /// Idle HTTP/1.1 connections held for `authority`, whatever their TLS settings (for tests
     /// and status).
     pub fn idle_count(&self, authority: &Authority) -> usize {
-        self.idle
+        let hyper: usize = self
+            .idle
             .borrow()
             .iter()
             .filter(|(k, _)| k.authority == *authority)
             .map(|(_, l)| l.len())
-            .sum()
+            .sum();
+        let own: usize = self
+            .own
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.authority == *authority)
+            .map(|(_, l)| l.len())
+            .sum();
+        hyper + own
     }
 
     /// Sends on the target's shared HTTP/2 connection, opening it if there is none.
@@ -515,26 +652,34 @@ fn resend_or_fail(
     }
 }
 
-/// Opens an HTTP/1.1 connection; the connection task runs on the current worker.
+/// Opens a TCP connection to `addr`, with TLS when `tls` is set (offering `http/1.1`);
+/// `timeout` bounds the connect and the handshake together.
+async fn connect_io(
+    addr: &str,
+    tls: Option<&TargetTls>,
+    timeout: Duration,
+) -> Result<h1::Io, ForwardError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = tcp(addr, timeout).await?;
+    match tls {
+        None => Ok(h1::Io::Plain(stream)),
+        Some(t) => by(
+            deadline,
+            timeout,
+            tls::handshake(stream, t, Protocol::Http1, addr),
+        )
+        .await
+        .map(|s| h1::Io::Tls(Box::new(s))),
+    }
+}
+
+/// Opens a hyper HTTP/1.1 connection; the connection task runs on the current worker.
 async fn connect_h1(
     addr: &str,
     tls: Option<&TargetTls>,
     timeout: Duration,
 ) -> Result<H1Conn, ForwardError> {
-    match tls {
-        None => h1_handshake(tcp(addr, timeout).await?, addr).await,
-        Some(t) => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            let stream = tcp(addr, timeout).await?;
-            let stream = by(
-                deadline,
-                timeout,
-                tls::handshake(stream, t, Protocol::Http1, addr),
-            )
-            .await?;
-            h1_handshake(stream, addr).await
-        }
-    }
+    h1_handshake(connect_io(addr, tls, timeout).await?, addr).await
 }
 
 /// Opens an HTTP/1.1 connection whose responses can be upgraded (TLS offers only
@@ -544,20 +689,7 @@ async fn connect_upgradable(
     tls: Option<&TargetTls>,
     timeout: Duration,
 ) -> Result<SendRequest<ProxyBody>, ForwardError> {
-    match tls {
-        None => h1_upgradable(tcp(addr, timeout).await?, addr).await,
-        Some(t) => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            let stream = tcp(addr, timeout).await?;
-            let stream = by(
-                deadline,
-                timeout,
-                tls::handshake(stream, t, Protocol::Http1, addr),
-            )
-            .await?;
-            h1_upgradable(stream, addr).await
-        }
-    }
+    h1_upgradable(connect_io(addr, tls, timeout).await?, addr).await
 }
 
 async fn h1_upgradable<I>(io: I, addr: &str) -> Result<SendRequest<ProxyBody>, ForwardError>

@@ -1173,7 +1173,7 @@ fn client_response(
     state: &WorkerState,
     route: &Route,
     policy: Option<&decide::PolicyRun>,
-    resp: http::Response<hyper::body::Incoming>,
+    resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
     let (mut parts, body) = resp.into_parts();

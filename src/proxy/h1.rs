@@ -1,0 +1,899 @@
+//! HTTP/1.1 to upstreams, driven by the request's own task.
+//!
+//! hyper's client runs every connection as a task of its own and hands each request and
+//! response across channels to it; a proxied request then costs two task switches, two
+//! channel hand-offs and (for pooling) a third task that waits for the connection to be ready
+//! again. Here the request's future writes the request and reads the response head itself, and
+//! the response body reads the rest straight from the socket: when it has read the last byte,
+//! the connection goes back to the worker's pool from there, with no task, channel or timer.
+//!
+//! Used for requests whose body is in hand (none, or read whole for retries). A streamed
+//! request body, an upgrade and HTTP/2 go through hyper (see [`super::pool`]).
+//!
+//! What it accepts from upstreams follows RFC 9112 as strictly as hyper does: a head of at most
+//! [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields, one `Content-Length` value (or several equal
+//! ones), `Transfer-Encoding` whose last coding is `chunked` (else the body ends at close), no
+//! `Content-Length` with `Transfer-Encoding`, `1xx` interim responses skipped. A connection is
+//! reused only when its response was read to the end with nothing after it, the upstream did
+//! not say `Connection: close`, and the version is HTTP/1.1.
+
+use std::io;
+use std::pin::Pin;
+use std::rc::Weak;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::body::ProxyBody;
+use super::pool::LocalPool;
+use crate::upstream::PoolKey;
+
+/// Largest response head read (status line and fields).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+pub const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (size, extensions) or trailer section.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+/// Bodies up to this size are copied behind the head and written in one `write`.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// The socket, plain or TLS.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An idle HTTP/1.1 connection: its socket and what was read from it but not yet used.
+pub(crate) struct Conn {
+    io: Io,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether the upstream has closed or written to this idle connection (it may not be
+    /// used then). Costs a system call only when the reactor saw the socket readable.
+    pub(crate) fn is_usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.io.tcp().try_read(&mut probe) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            // Closed (0), or bytes nobody asked for.
+            Ok(_) => false,
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum H1Error {
+    /// The connection closed or failed before a byte of the response came: on a reused
+    /// connection, the upstream most likely closed it while idle.
+    Lost(io::Error),
+    /// Writing the request failed.
+    Write(io::Error),
+    /// Reading the response failed after it began, or it is not valid HTTP/1.1.
+    Read(io::Error),
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            H1Error::Lost(e) => write!(f, "connection closed before the response: {e}"),
+            H1Error::Write(e) => write!(f, "writing the request failed: {e}"),
+            H1Error::Read(e) => write!(f, "reading the response failed: {e}"),
+            H1Error::Invalid(why) => write!(f, "invalid response: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for H1Error {}
+
+/// Where the connection goes back to when its response has been read whole.
+pub(crate) struct Checkin {
+    pub pool: Weak<LocalPool>,
+    pub key: PoolKey,
+    /// How long it may wait idle; `None`: not reusable (announced `timeout=0`).
+    pub idle: Option<Duration>,
+}
+
+/// Writes `req` and reads the response head. The body (none when `head_only`) reads the rest
+/// and hands the connection to `checkin` at its end.
+pub(crate) async fn exchange(
+    mut conn: Conn,
+    req: &http::Request<ProxyBody>,
+    checkin: Checkin,
+    idle_timeout: Duration,
+) -> Result<http::Response<ResponseBody>, H1Error> {
+    let head_only = req.method() == http::Method::HEAD;
+    let mut out = BytesMut::with_capacity(512);
+    let body = encode_head(req, &mut out);
+    match body {
+        Some(b) if b.len() <= COALESCE_BODY => {
+            out.extend_from_slice(b);
+            conn.io.write_all(&out).await.map_err(H1Error::Write)?;
+        }
+        Some(b) => {
+            conn.io.write_all(&out).await.map_err(H1Error::Write)?;
+            conn.io.write_all(b).await.map_err(H1Error::Write)?;
+        }
+        None => conn.io.write_all(&out).await.map_err(H1Error::Write)?,
+    }
+    let (mut resp, framing, keep_alive) = loop {
+        let head = read_head(&mut conn).await?;
+        // Interim responses (100 Continue, 103 Early Hints) are skipped.
+        if head.0.status().is_informational()
+            && head.0.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            continue;
+        }
+        break head;
+    };
+    let status = resp.status().as_u16();
+    let framing = if head_only || status == 204 || status == 304 || status == 101 {
+        Framing::Length(0)
+    } else {
+        framing
+    };
+    let reusable = keep_alive && status != 101 && !matches!(framing, Framing::Close);
+    let idle = if reusable {
+        super::keepalive::idle_limit(resp.headers(), idle_timeout)
+    } else {
+        None
+    };
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        framing,
+        checkin: Checkin {
+            idle: idle.filter(|_| checkin.idle.is_some()),
+            ..checkin
+        },
+    };
+    body.end_if_done();
+    let (parts, ()) = std::mem::replace(&mut resp, http::Response::new(())).into_parts();
+    Ok(http::Response::from_parts(parts, body))
+}
+
+/// Writes the request head into `out`; returns the body bytes to send after it.
+fn encode_head<'a>(req: &'a http::Request<ProxyBody>, out: &mut BytesMut) -> Option<&'a [u8]> {
+    let body: Option<&[u8]> = match req.body() {
+        ProxyBody::Full(Some(b)) => Some(b),
+        _ => None,
+    };
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(if pq.is_empty() { b"/" } else { pq.as_bytes() });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    for (name, value) in req.headers() {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        has_host |= name == header::HOST;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host && let Some(a) = req.uri().authority() {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(a.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let len = body.map_or(0, <[u8]>::len);
+    // A length for every body, and `0` where the method defines a body (as hyper does).
+    let m = req.method();
+    if len > 0 || m == http::Method::POST || m == http::Method::PUT || m == http::Method::PATCH {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    body.filter(|b| !b.is_empty())
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a `size[;ext]\r\n` line.
+    Size,
+    /// Bytes of the current chunk still to come.
+    Data(u64),
+    /// The `\r\n` after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields up to an empty line.
+    Trailers,
+}
+
+/// Reads from the socket into the connection's buffer; `Ok(0)` at end of stream.
+fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if conn.buf.capacity() - conn.buf.len() < 1024 {
+        conn.buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+}
+
+type Head = (http::Response<()>, Framing, bool);
+
+/// Reads and parses a response head; its bytes are removed from the buffer.
+async fn read_head(conn: &mut Conn) -> Result<Head, H1Error> {
+    let mut first = true;
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.buf)? {
+                return Ok(head);
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(H1Error::Invalid("response head too large"));
+            }
+        }
+        let n = std::future::poll_fn(|cx| poll_fill(conn, cx)).await;
+        match n {
+            Ok(0) if first && conn.buf.is_empty() => {
+                return Err(H1Error::Lost(io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(0) => return Err(H1Error::Read(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) if first && conn.buf.is_empty() => return Err(H1Error::Lost(e)),
+            Err(e) => return Err(H1Error::Read(e)),
+        }
+        first = false;
+    }
+}
+
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+    // Uninitialised: zeroing 128 fields per response would cost more than parsing them.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("too many header fields"));
+        }
+        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+    };
+    let code = r.code.unwrap_or(0);
+    let status =
+        http::StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("invalid status code"))?;
+    let http11 = r.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = None::<bool>;
+    let mut close = !http11;
+    for f in r.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_bytes(f.value)
+            .map_err(|_| H1Error::Invalid("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(f.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("conflicting Content-Length"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding decides; several fields are one list.
+            let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            close |= has_token(f.value, b"close");
+            if !http11 && has_token(f.value, b"keep-alive") {
+                close = false;
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = match (chunked, length) {
+        (Some(_), Some(_)) => {
+            return Err(H1Error::Invalid(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        (Some(true), None) => Framing::Chunked(Chunk::Size),
+        (Some(false), None) => Framing::Close,
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::Close,
+    };
+    buf.advance(len);
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = if http11 {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    };
+    *resp.headers_mut() = headers;
+    Ok(Some((resp, framing, !close)))
+}
+
+/// A `Content-Length` value: digits only (several equal values joined by commas pass).
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let mut out = None;
+    for part in v.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        if out.is_some_and(|o| o != n) {
+            return None;
+        }
+        out = Some(n);
+    }
+    out
+}
+
+fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The upstream's response body, read from the connection as the client side asks for it.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    checkin: Checkin,
+}
+
+impl ResponseBody {
+    /// Once the body is complete: the connection back to the pool when it can be reused.
+    fn end_if_done(&mut self) {
+        if !matches!(self.framing, Framing::Length(0) | Framing::Done) {
+            return;
+        }
+        self.framing = Framing::Done;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if let (Some(idle), Some(pool)) = (self.checkin.idle, self.checkin.pool.upgrade())
+            && conn.buf.is_empty()
+        {
+            pool.checkin_own(&self.checkin.key, conn, idle);
+        }
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // What the buffer already holds.
+            match this.framing {
+                Framing::Done => {
+                    this.end_if_done();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(0) => {
+                    this.end_if_done();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if !conn.buf.is_empty() => {
+                    let n = (conn.buf.len() as u64).min(left) as usize;
+                    let data = conn.buf.split_to(n).freeze();
+                    this.framing = Framing::Length(left - n as u64);
+                    if left == n as u64 {
+                        this.end_if_done();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close if !conn.buf.is_empty() => {
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) if !conn.buf.is_empty() => {
+                    match chunk_step(&mut conn.buf, state) {
+                        Ok(Step::Need) => {}
+                        Ok(Step::State(s)) => {
+                            this.framing = Framing::Chunked(s);
+                            continue;
+                        }
+                        Ok(Step::Data(data, s)) => {
+                            this.framing = Framing::Chunked(s);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Step::End(trailers)) => {
+                            this.framing = Framing::Done;
+                            this.end_if_done();
+                            return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                        }
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                _ => {}
+            }
+            // More from the socket.
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(poll_fill(conn, cx)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(H1Error::Read(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(H1Error::Read(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Length(0) | Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Step {
+    /// More bytes are needed.
+    Need,
+    State(Chunk),
+    Data(Bytes, Chunk),
+    /// The body ended, with its trailer fields if it had any.
+    End(Option<HeaderMap>),
+}
+
+/// One step of the chunked decoder over what the buffer holds.
+fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, H1Error> {
+    match state {
+        Chunk::Size => {
+            let Some(end) = find_crlf(buf) else {
+                if buf.len() > MAX_CHUNK_LINE {
+                    return Err(H1Error::Invalid("chunk size line too long"));
+                }
+                return Ok(Step::Need);
+            };
+            let line = &buf[..end];
+            let size_part = line
+                .split(|b| *b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii_end();
+            if size_part.is_empty()
+                || size_part.len() > 15
+                || !size_part.iter().all(u8::is_ascii_hexdigit)
+            {
+                return Err(H1Error::Invalid("invalid chunk size"));
+            }
+            let size = u64::from_str_radix(std::str::from_utf8(size_part).unwrap_or("x"), 16)
+                .map_err(|_| H1Error::Invalid("invalid chunk size"))?;
+            buf.advance(end + 2);
+            Ok(Step::State(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            let n = (buf.len() as u64).min(left) as usize;
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Step::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::Need);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(H1Error::Invalid("chunk data not followed by CRLF"));
+            }
+            buf.advance(2);
+            Ok(Step::State(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End(None));
+            }
+            let Some(end) = find(buf, b"\r\n\r\n") else {
+                if buf.len() > MAX_TRAILERS {
+                    return Err(H1Error::Invalid("trailer section too large"));
+                }
+                return Ok(Step::Need);
+            };
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let parsed = httparse::parse_headers(&buf[..end + 4], &mut fields)
+                .map_err(|_| H1Error::Invalid("malformed trailer section"))?;
+            let mut map = HeaderMap::new();
+            if let httparse::Status::Complete((_, fields)) = parsed {
+                for f in fields {
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(f.name.as_bytes()),
+                        HeaderValue::from_bytes(f.value),
+                    ) {
+                        map.append(n, v);
+                    }
+                }
+            }
+            buf.advance(end + 4);
+            Ok(Step::End(Some(map)))
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    find(buf, b"\r\n")
+}
+
+fn find(buf: &[u8], needle: &[u8]) -> Option<usize> {
+    buf.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// An upstream that reads one request head, then writes `pieces` with a pause between
+    /// them (so that the client sees them in separate reads), then closes if `close`.
+    async fn upstream(
+        pieces: Vec<&'static [u8]>,
+        close: bool,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while find(&got, b"\r\n\r\n").is_none() {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            for p in pieces {
+                s.write_all(p).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if close {
+                drop(s);
+            } else {
+                // Held open until the client is done.
+                let _ = s.read(&mut buf).await;
+            }
+            got
+        });
+        (addr, task)
+    }
+
+    fn get(path: &str) -> http::Request<ProxyBody> {
+        let mut r = http::Request::new(ProxyBody::Empty);
+        *r.uri_mut() = path.parse().unwrap();
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("up.example"));
+        r
+    }
+
+    fn no_pool() -> Checkin {
+        Checkin {
+            pool: Weak::new(),
+            key: PoolKey {
+                authority: http::uri::Authority::from_static("up.example"),
+                variant: 0,
+            },
+            idle: Some(Duration::from_secs(60)),
+        }
+    }
+
+    async fn run(
+        pieces: Vec<&'static [u8]>,
+        close: bool,
+        req: http::Request<ProxyBody>,
+    ) -> (
+        Result<
+            (
+                http::response::Parts,
+                Result<http_body_util::Collected<Bytes>, H1Error>,
+            ),
+            H1Error,
+        >,
+        Vec<u8>,
+    ) {
+        let (addr, task) = upstream(pieces, close).await;
+        let io = Io::Plain(TcpStream::connect(addr).await.unwrap());
+        let out = match exchange(Conn::new(io), &req, no_pool(), Duration::from_secs(60)).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                Ok((parts, body.collect().await))
+            }
+            Err(e) => Err(e),
+        };
+        drop(req);
+        let got = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        (out, got)
+    }
+
+    #[tokio::test]
+    async fn the_request_head_is_written_in_one_piece_with_its_length() {
+        let mut req = get("/p?q=1");
+        *req.method_mut() = http::Method::POST;
+        *req.body_mut() = ProxyBody::Full(Some(Bytes::from_static(b"hello")));
+        req.headers_mut()
+            .insert("content-length", HeaderValue::from_static("999"));
+        req.headers_mut()
+            .insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let (out, got) = run(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            false,
+            req,
+        )
+        .await;
+        let (parts, body) = out.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(body.unwrap().to_bytes(), "ok");
+        let got = String::from_utf8(got).unwrap();
+        assert!(
+            got.starts_with("POST /p?q=1 HTTP/1.1\r\nhost: up.example\r\n"),
+            "{got}"
+        );
+        assert!(got.contains("content-length: 5\r\n"), "{got}");
+        assert!(!got.contains("999") && !got.contains("chunked"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_split_across_reads_keeps_its_bytes_and_trailers() {
+        let (out, _) = run(
+            vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel",
+                b"lo\r",
+                b"\n6\r\n world\r\n0\r\ngrpc-status: 0\r\n",
+                b"x-t: y\r\n\r\n",
+            ],
+            false,
+            get("/"),
+        )
+        .await;
+        let (parts, body) = out.unwrap();
+        assert_eq!(parts.status, 200);
+        let body = body.unwrap();
+        let trailers = body.trailers().cloned().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["x-t"], "y");
+        assert_eq!(body.to_bytes(), "hello world");
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let (out, _) = run(
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+                b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+            ],
+            false,
+            get("/"),
+        )
+        .await;
+        let (parts, body) = out.unwrap();
+        assert_eq!(parts.status, 201);
+        assert!(body.unwrap().to_bytes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_ends_when_the_upstream_closes() {
+        let (out, _) = run(
+            vec![b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it"],
+            true,
+            get("/"),
+        )
+        .await;
+        assert_eq!(out.unwrap().1.unwrap().to_bytes(), "all of it");
+    }
+
+    #[tokio::test]
+    async fn hostile_heads_are_refused() {
+        for (head, why) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\nok"[..],
+                "both",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+                "conflicting",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+                "invalid Content-Length",
+            ),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed"),
+            (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed"),
+            (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "malformed"),
+        ] {
+            let (out, _) = run(vec![head], true, get("/")).await;
+            let e = out
+                .err()
+                .unwrap_or_else(|| panic!("accepted {}", String::from_utf8_lossy(head)));
+            assert!(
+                e.to_string().contains(why),
+                "{e} for {}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_that_never_ends_is_cut_at_the_cap() {
+        static BIG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while v.len() < MAX_HEAD + 4096 {
+                v.extend_from_slice(
+                    b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+                );
+            }
+            v
+        });
+        let (out, _) = run(vec![BIG.as_slice()], true, get("/")).await;
+        let e = out.err().unwrap();
+        assert!(e.to_string().contains("too"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn bodies_cut_short_and_bad_chunks_are_errors() {
+        for pieces in [
+            vec![&b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"[..]],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab"],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n"],
+        ] {
+            let (out, _) = run(pieces.clone(), true, get("/")).await;
+            let (_, body) = out.unwrap();
+            assert!(body.is_err(), "{:?}", String::from_utf8_lossy(pieces[0]));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_any_response_byte_is_lost_not_invalid() {
+        let (out, _) = run(vec![], true, get("/")).await;
+        assert!(matches!(out, Err(H1Error::Lost(_))), "{:?}", out.err());
+    }
+
+    /// Which connections may go back to the pool.
+    #[test]
+    fn reuse_needs_http11_no_close_and_a_framed_body() {
+        let parse = |head: &[u8]| {
+            let mut b = BytesMut::from(head);
+            let (_, framing, keep) = parse_head(&mut b).unwrap().unwrap();
+            (framing, keep)
+        };
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), true)
+        );
+        assert!(!parse(b"HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 1\r\n\r\n").1);
+        assert!(!parse(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").1);
+        assert!(parse(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n").1);
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\n\r\n").0, Framing::Close);
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").0,
+            Framing::Close
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n").0,
+            Framing::Chunked(Chunk::Size)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n").0,
+            Framing::Length(3)
+        );
+    }
+}
