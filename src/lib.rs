@@ -21,3 +21,4 @@ pub mod source;
 pub mod telemetry;
 pub mod testing;
 pub mod upstream;
+pub mod util;

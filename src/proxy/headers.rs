@@ -252,16 +252,20 @@ where
         out.append(n, v);
     }
     // X-Forwarded-For: what trusted hops said, then the peer.
-    let peer_text = f
-        .peer
-        .map(|p| canonical_ip(p).to_string())
-        .unwrap_or_default();
-    let xff = if prior_xff.is_empty() {
-        peer_text
-    } else {
-        format!("{}, {peer_text}", prior_xff.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut xff = Vec::with_capacity(48);
+    for hop in &prior_xff {
+        if !xff.is_empty() {
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(hop.as_bytes());
+    }
+    if let Some(p) = f.peer {
+        if !xff.is_empty() {
+            xff.extend_from_slice(b", ");
+        }
+        crate::util::push_ip(&mut xff, canonical_ip(p));
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         out.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     if !out.contains_key("x-forwarded-proto") {

@@ -15,7 +15,6 @@
 //! of opening their own. A closed connection is dropped and the next request opens a new one.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +35,7 @@ use super::keepalive::{self, CountingIo, ReadCount};
 use super::tls::{self, TargetTls};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
+use crate::util::FastMap as HashMap;
 
 /// How often expired idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);

@@ -11,7 +11,6 @@
 //! (`rustygate::access`, so filters on the event target keep working).
 
 use std::cell::RefCell;
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -131,7 +130,7 @@ impl AccessLine<'_> {
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"request_id\":");
         string(out, self.request_id);
         out.extend_from_slice(b",\"client_ip\":\"");
-        ip(out, self.client_ip);
+        crate::util::push_ip(out, self.client_ip);
         out.extend_from_slice(b"\",\"method\":");
         string(out, self.method);
         out.extend_from_slice(b",\"protocol\":");
@@ -220,23 +219,6 @@ fn string(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
-}
-
-/// An address as `Display` writes it, without the formatter for the common IPv4 case.
-fn ip(out: &mut Vec<u8>, addr: IpAddr) {
-    match addr {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                number(out, u64::from(octet));
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it:
@@ -386,7 +368,7 @@ mod tests {
             "2001:db8::8a2e:370:7334".parse().unwrap(),
         ] {
             let mut out = Vec::new();
-            super::ip(&mut out, ip);
+            crate::util::push_ip(&mut out, ip);
             assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
         }
         for (micros, want) in [

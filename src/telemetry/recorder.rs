@@ -6,7 +6,6 @@
 //! dropped when the snapshot version changes, so routes that disappear do not pin memory.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use prometheus::{Histogram, IntCounter};
@@ -14,6 +13,7 @@ use prometheus::{Histogram, IntCounter};
 use super::metrics::Metrics;
 use crate::router::{METHODS, method_slot};
 use crate::upstream::Upstream;
+use crate::util::FastMap as HashMap;
 
 /// Label used for requests that matched no route.
 pub const NO_ROUTE: &str = "<none>";
@@ -41,9 +41,9 @@ impl Recorder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
-            cache: RefCell::new((String::new(), HashMap::new())),
-            upstreams: RefCell::new(HashMap::new()),
-            attempts: RefCell::new(HashMap::new()),
+            cache: RefCell::new((String::new(), HashMap::default())),
+            upstreams: RefCell::new(HashMap::default()),
+            attempts: RefCell::new(HashMap::default()),
         }
     }
 
@@ -72,7 +72,7 @@ impl Recorder {
         if !cache.1.contains_key(route) {
             let handles = RouteHandles {
                 duration: self.metrics.request_duration.with_label_values(&[route]),
-                requests: HashMap::new(),
+                requests: HashMap::default(),
             };
             cache.1.insert(route.to_owned(), handles);
         }

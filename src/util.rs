@@ -1,0 +1,26 @@
+//! Small shared helpers.
+
+/// A hash map for per-worker tables keyed by config-made values (pool keys, route and upstream
+/// names, status codes): foldhash instead of SipHash, whose per-byte cost showed in profiles.
+/// Not for keys a client chooses (rate-limit keys keep a keyed hasher against flooding).
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Appends `addr` as `Display` writes it, without the formatting machinery for IPv4 (the
+/// common case: X-Forwarded-For and the access log write one per request).
+pub fn push_ip(out: &mut Vec<u8>, addr: std::net::IpAddr) {
+    match addr {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
