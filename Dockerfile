@@ -1,22 +1,78 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build: a static musl binary on a distroless base, running as non-root.
-FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
+# RustyGate: a static musl binary on distroless/static (CA certificates, /etc/passwd with the
+# nonroot user, nothing else), running as uid 65532.
+#
+#   docker build --build-arg RUSTYGATE_GIT_COMMIT="$(git rev-parse HEAD)" -t rustygate .
+#
+# The build context has no .git (see .dockerignore), so the commit `rustygate --version` prints
+# comes from the RUSTYGATE_GIT_COMMIT build arg ("unknown" without it).
+#
+# Stages: `build` compiles (dependencies in a layer of their own, rebuilt only when Cargo.toml,
+# Cargo.lock or build.rs change); `image` (the default) copies its binary; `prebuilt` copies
+# dist/<arch>/rustygate instead, which release.yml uses to put the very binaries of a release
+# into the multi-arch image.
+
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS build
+ARG TARGET=x86_64-unknown-linux-musl
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add "${TARGET}"
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+
+# Dependencies first: a stub crate with the real manifest, lock file and build script.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && for b in route_match policy balance; do echo 'fn main() {}' > "benches/${b}.rs"; done \
+ && cargo build --release --locked --target "${TARGET}" --bin rustygate \
+ && rm -rf src benches
+
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin rustygate \
- && cp target/x86_64-unknown-linux-musl/release/rustygate /rustygate
+ARG RUSTYGATE_GIT_COMMIT=unknown
+ARG SOURCE_DATE_EPOCH
+# touch: the stub sources built above are newer than the copied ones; make cargo see the change.
+RUN touch src/main.rs src/lib.rs \
+ && cargo build --release --locked --target "${TARGET}" --bin rustygate \
+ && install -D -m 0755 "target/${TARGET}/release/rustygate" /out/rustygate \
+ && /out/rustygate --version
 
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /rustygate /usr/local/bin/rustygate
+FROM gcr.io/distroless/static-debian12:nonroot AS base
+ARG VERSION=dev
+ARG RUSTYGATE_GIT_COMMIT=unknown
+ARG CREATED=unknown
+ARG SOURCE_URL=
+LABEL org.opencontainers.image.title="rustygate" \
+      org.opencontainers.image.description="A declarative GitOps API gateway: routes in TOML, policies in Rhai, pulled from git and swapped in atomically." \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${RUSTYGATE_GIT_COMMIT}" \
+      org.opencontainers.image.created="${CREATED}"
+# The example config answers "RustyGate is running" on /: mount or pull a real one
+# (RUSTYGATE_REPO=https://... or a ConfigMap directory, see docs/operations.md).
 COPY examples/quickstart /etc/rustygate/config
+# HOME: libgit2 reads $HOME/.ssh/known_hosts for SSH config repos. A git source keeps its
+# mirror under /tmp unless RUSTYGATE_CACHE_DIR says otherwise (the Helm chart mounts an emptyDir
+# there, so the root filesystem can be read-only).
 ENV RUSTYGATE_REPO=/etc/rustygate/config \
     RUSTYGATE_LISTEN=0.0.0.0:8080 \
-    RUSTYGATE_ADMIN_LISTEN=0.0.0.0:8081
+    RUSTYGATE_ADMIN_LISTEN=0.0.0.0:8081 \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    HOME=/home/nonroot
 EXPOSE 8080 8081
-USER nonroot:nonroot
+USER 65532:65532
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/rustygate"]
 CMD ["serve"]
+
+FROM base AS prebuilt
+ARG TARGETARCH
+COPY --chmod=0755 dist/${TARGETARCH}/rustygate /usr/local/bin/rustygate
+
+FROM base AS image
+COPY --from=build /out/rustygate /usr/local/bin/rustygate

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rustygate::compile::{CompileOptions, Compiled, compile_dir};
 use rustygate::server::ServeOptions;
 use rustygate::telemetry::{LogFormat, init_logging};
@@ -17,10 +17,21 @@ use rustygate::telemetry::{LogFormat, init_logging};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `rustygate --version`: the package version, the git commit and the date it was built from
+/// (see build.rs; the commit is `unknown` for a build from a tree without git metadata).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RUSTYGATE_BUILD_COMMIT"),
+    ", built ",
+    env!("RUSTYGATE_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "rustygate",
-    version,
+    version = VERSION,
     about = "A declarative GitOps API gateway"
 )]
 struct Cli {
@@ -92,6 +103,17 @@ enum Command {
     },
     /// Run the gateway.
     Serve(Box<ServeArgs>),
+    /// Print a shell completion script, e.g. `rustygate completions bash > /etc/bash_completion.d/rustygate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of rustygate, e.g. `rustygate man | man -l -`; with --out-dir,
+    /// write rustygate.1 and one rustygate-<command>.1 per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,6 +124,9 @@ enum Format {
     Short,
     /// A JSON array of diagnostics.
     Json,
+    /// GitHub Actions workflow commands (`::error file=...,line=...,col=...::message`) on
+    /// stdout, shown as annotations on the pull request's diff.
+    Github,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -217,6 +242,16 @@ fn main() -> ExitCode {
             },
             &format,
         ),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "rustygate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { out_dir } => man(out_dir.as_deref()),
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -269,6 +304,14 @@ fn validate(
             }
         }
         Format::Short => eprint!("{}", diagnostics.render_short(&files)),
+        Format::Github => {
+            print!(
+                "{}",
+                diagnostics.render_github(&files, &workspace_relative(dir))
+            );
+            let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
+            eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
+        }
         Format::Json => match serde_json::to_string_pretty(&diagnostics.to_json(&files)) {
             Ok(s) => println!("{s}"),
             Err(e) => {
@@ -281,6 +324,38 @@ fn validate(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The config directory as GitHub names files in annotations: relative to the workspace (the
+/// checkout), so that `file=` points into the pull request's diff.
+fn workspace_relative(dir: &std::path::Path) -> PathBuf {
+    let workspace = std::env::var_os("GITHUB_WORKSPACE").map(PathBuf::from);
+    let dir = match (dir.is_absolute(), workspace) {
+        (true, Some(ws)) => dir.strip_prefix(&ws).unwrap_or(dir),
+        _ => dir,
+    };
+    dir.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+fn man(out_dir: Option<&std::path::Path>) -> ExitCode {
+    let cmd = Cli::command();
+    let result = match out_dir {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(cmd, dir))
+            .map_err(|e| format!("{}: {e}", dir.display())),
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

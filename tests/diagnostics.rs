@@ -270,6 +270,36 @@ fn upstream_that_failed_to_load_is_not_also_unknown() {
 }
 
 #[test]
+fn auth_provider_that_failed_to_compile_is_not_also_unknown() {
+    // The provider's missing secret is the one error; the routes naming it are not blamed.
+    let gateway = (
+        "gateway.toml",
+        "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = { env = \"DIAGNOSTICS_TEST_UNSET_JWT_SECRET\" }\n",
+    );
+    let routes = (
+        "routes/a.toml",
+        "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\nauth = \"idp\"\n\n[[route]]\nname = \"b\"\npath = \"/b\"\nupstream = \"orders\"\nauth = \"idp\"\n",
+    );
+    expect(
+        &[ORDERS_UPSTREAM, gateway, routes],
+        &["error[missing-secret] gateway.toml:4:10"],
+    );
+    // A name that no provider declares is still unknown, next to the failed one.
+    let typo = (
+        "routes/a.toml",
+        "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\nauth = \"idp2\"\n",
+    );
+    let c = expect(
+        &[ORDERS_UPSTREAM, gateway, typo],
+        &[
+            "error[missing-secret] gateway.toml:4:10",
+            "error[unknown-auth] routes/a.toml:5:8",
+        ],
+    );
+    assert_eq!(the(&c, "unknown-auth").help, ["did you mean `idp`?"]);
+}
+
+#[test]
 fn route_without_upstream_or_respond() {
     let c = expect(
         &[(

@@ -481,6 +481,46 @@ fn secrets_are_named_never_resolved_into_the_plan() {
 }
 
 #[test]
+fn head_is_the_checked_out_commit_in_a_clone_too() {
+    // A clone has `refs/remotes/origin/HEAD` (the remote's default branch): `--head HEAD`, the
+    // default, must still be the commit checked out here, as on a CI runner's pull request.
+    let origin = Repo::new();
+    let (_, base) = two_commits(&origin);
+    let clone_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", origin.path().display());
+    let clone = Repo {
+        repo: git2::Repository::clone(&url, clone_dir.path()).unwrap(),
+        dir: clone_dir,
+    };
+    assert!(
+        clone
+            .repo
+            .find_reference("refs/remotes/origin/HEAD")
+            .is_ok()
+    );
+    clone.commit("Add carts", &[("routes/carts.toml", Some(CARTS))]);
+    let out = run(clone.path(), &["--base", &base]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let md = stdout(&out);
+    assert!(md.contains("→ `") && md.contains("Add carts"), "{md}");
+    assert!(md.contains("#### Routes added (1)"), "{md}");
+    // HEAD~1 is relative to the checkout as well: the base itself, so nothing changed.
+    let out = run(clone.path(), &["--base", &base, "--head", "HEAD~1"]);
+    assert!(
+        stdout(&out).contains("No route, upstream or gateway changes."),
+        "{}",
+        stdout(&out)
+    );
+}
+
+const CARTS: &str = r#"
+[[route]]
+name = "carts"
+path = "/carts/{id}"
+upstream = "orders"
+"#;
+
+#[test]
 fn no_changes_says_so() {
     let repo = Repo::new();
     let (_, head) = two_commits(&repo);

@@ -16,7 +16,9 @@ use crate::filters::jwt::{ClaimRule, JwtProvider, Keys, TokenSource, algorithm};
 
 use crate::snapshot::RouteAuth;
 
-pub(crate) type Providers = HashMap<String, Arc<JwtProvider>>;
+/// Every declared provider by name; `None` for one that failed to compile (its own error is
+/// already reported, so a route naming it is not blamed again as naming an unknown provider).
+pub(crate) type Providers = HashMap<String, Option<Arc<JwtProvider>>>;
 
 pub(crate) fn compile_providers(
     cx: &mut Cx<'_>,
@@ -27,9 +29,8 @@ pub(crate) fn compile_providers(
         return out;
     };
     for (name, raw) in &g.auth {
-        if let Some(p) = provider(cx, *file, name, raw, g.headers.allow_underscores) {
-            out.insert(name.clone(), Arc::new(p));
-        }
+        let compiled = provider(cx, *file, name, raw, g.headers.allow_underscores);
+        out.insert(name.clone(), compiled.map(Arc::new));
     }
     out
 }
@@ -417,10 +418,11 @@ pub(crate) fn route_auth(
     providers: &Providers,
 ) -> Option<RouteAuth> {
     match providers.get(name.get()) {
-        Some(p) => Some(RouteAuth {
+        Some(Some(p)) => Some(RouteAuth {
             provider: Arc::clone(p),
             optional,
         }),
+        Some(None) => None,
         None => {
             let mut d = Diagnostic::error(
                 "unknown-auth",

@@ -221,6 +221,57 @@ impl Diagnostics {
         out
     }
 
+    /// GitHub Actions workflow commands, one per diagnostic
+    /// (`::error file=F,line=L,col=C,endLine=..,endColumn=..,title=..::message`), which the runner
+    /// shows as annotations on the pull request's diff. `dir` is the config repo's directory
+    /// relative to the workspace root, prefixed to each file name so the annotation finds its
+    /// file. The message carries the label and the help lines too.
+    pub fn render_github(&self, files: &SourceFiles, dir: &std::path::Path) -> String {
+        let mut out = String::new();
+        for d in &self.items {
+            out.push_str("::");
+            out.push_str(severity_word(d.severity));
+            let mut props = Vec::new();
+            let mut text = d.message.clone();
+            if let Some(p) = &d.primary {
+                let name = dir.join(files.name(p.file));
+                let (line, col) = files.line_col(p.file, p.span.start);
+                let (end_line, end_col) = files.line_col(p.file, p.span.end);
+                props.push(format!("file={}", escape_property(&name.to_string_lossy())));
+                props.push(format!("line={line}"));
+                props.push(format!("col={col}"));
+                props.push(format!("endLine={end_line}"));
+                if end_line == line && end_col > col {
+                    props.push(format!("endColumn={end_col}"));
+                }
+                if !p.message.is_empty() {
+                    text.push_str(&format!("\n{}: {}", severity_word(d.severity), p.message));
+                }
+            }
+            props.push(format!(
+                "title={}",
+                escape_property(&format!("rustygate validate: {}", d.code))
+            ));
+            for s in &d.secondary {
+                let (line, col) = files.line_col(s.file, s.span.start);
+                text.push_str(&format!(
+                    "\nnote: {}:{line}:{col}: {}",
+                    dir.join(files.name(s.file)).display(),
+                    s.message
+                ));
+            }
+            for h in &d.help {
+                text.push_str(&format!("\nhelp: {h}"));
+            }
+            out.push(' ');
+            out.push_str(&props.join(","));
+            out.push_str("::");
+            out.push_str(&escape_data(&text));
+            out.push('\n');
+        }
+        out
+    }
+
     pub fn to_json<'a>(&'a self, files: &'a SourceFiles) -> Vec<JsonDiagnostic<'a>> {
         self.items
             .iter()
@@ -251,6 +302,18 @@ impl IntoIterator for Diagnostics {
     }
 }
 
+/// A workflow command's message: `%`, CR and LF are escaped, the runner unescapes them.
+fn escape_data(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+/// A workflow command's property value: like [`escape_data`], and `:` and `,` too.
+fn escape_property(s: &str) -> String {
+    escape_data(s).replace(':', "%3A").replace(',', "%2C")
+}
+
 fn severity_word(s: Severity) -> &'static str {
     match s {
         Severity::Error => "error",
@@ -274,4 +337,30 @@ fn to_codespan(d: &Diagnostic) -> cs::Diagnostic<FileId> {
         .with_message(&d.message)
         .with_labels(labels)
         .with_notes(d.help.iter().map(|h| format!("help: {h}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn github_commands_escape_what_the_runner_would_split_on() {
+        let mut files = SourceFiles::default();
+        let f = files.add("routes/a,b:c.toml", "name = \"100%\"\n");
+        let mut ds = Diagnostics::default();
+        ds.push(
+            Diagnostic::error("bad", "line one\nline two 100%")
+                .at(f, 7..13, "here")
+                .help("fix it, then: retry"),
+        );
+        ds.push(Diagnostic::warning("unplaced", "no file"));
+        let out = ds.render_github(&files, std::path::Path::new("gw"));
+        assert_eq!(
+            out,
+            "::error file=gw/routes/a%2Cb%3Ac.toml,line=1,col=8,endLine=1,endColumn=14,\
+             title=rustygate validate%3A bad::line one%0Aline two 100%25%0Aerror: here\
+             %0Ahelp: fix it, then: retry\n\
+             ::warning title=rustygate validate%3A unplaced::no file\n"
+        );
+    }
 }

@@ -167,6 +167,13 @@ impl Mirror {
 
 /// Resolves a branch, tag or commit-ish to a commit id.
 pub fn resolve(repo: &Repository, rev: &str) -> Result<Oid, GitError> {
+    // `HEAD` (`HEAD~1`, `HEAD^`, ...) is the checked-out commit. Tried as `origin/HEAD` first, it
+    // would be the remote's default branch, which every clone also has.
+    let head_relative = rev == "HEAD" || rev.starts_with("HEAD~") || rev.starts_with("HEAD^");
+    if head_relative && let Ok(commit) = repo.revparse_single(rev).and_then(|o| o.peel_to_commit())
+    {
+        return Ok(commit.id());
+    }
     let candidates = [
         format!("refs/heads/{rev}"),
         format!("refs/remotes/origin/{rev}"),

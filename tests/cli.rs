@@ -1,0 +1,202 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The command line around the gateway: `--version` names the commit it was built from,
+//! `completions` and `man` print what shells and `man` read, and `validate --format github`
+//! prints workflow commands that GitHub shows on the pull request's diff.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn rustygate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(args)
+        .env_remove("GITHUB_WORKSPACE")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn git_head() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| text(&out.stdout).trim().to_owned())
+}
+
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let out = rustygate(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let line = text(&out.stdout);
+    let line = line.trim_end();
+    let prefix = concat!("rustygate ", env!("CARGO_PKG_VERSION"), " (commit ");
+    let rest = line
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let (commit, rest) = rest.split_once(", built ").unwrap();
+    let date = rest.strip_suffix(')').unwrap();
+    let d: Vec<&str> = date.split('-').collect();
+    assert!(
+        d.len() == 3 && d[0].len() == 4 && d[1].len() == 2 && d[2].len() == 2,
+        "date {date:?}"
+    );
+    assert!(d.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())));
+    match (option_env!("RUSTYGATE_GIT_COMMIT"), git_head()) {
+        // Stamped by the builder (Docker build arg): exactly that.
+        (Some(stamped), _) if !stamped.is_empty() => assert_eq!(commit, stamped),
+        // Built from this checkout: its HEAD (cargo reruns build.rs when HEAD moves).
+        (_, Some(head)) => assert_eq!(commit, head),
+        (_, None) => assert_eq!(commit, "unknown"),
+    }
+    // `-V` says the same.
+    assert_eq!(text(&rustygate(&["-V"]).stdout).trim_end(), line);
+}
+
+#[test]
+fn completions_for_each_shell_know_the_commands_and_flags() {
+    for (shell, marker) in [
+        ("bash", "complete -F _rustygate"),
+        ("zsh", "#compdef rustygate"),
+        ("fish", "complete -c rustygate"),
+    ] {
+        let out = rustygate(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains(marker), "{shell}: no `{marker}`");
+        for word in ["validate", "serve", "deny-warnings", "admin-listen"] {
+            assert!(script.contains(word), "{shell}: no `{word}`");
+        }
+    }
+    let out = rustygate(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("tcsh"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn man_page_is_roff_with_every_command() {
+    let out = rustygate(&["man"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH rustygate 1"), "{page}");
+    assert!(page.contains(".SH NAME"));
+    for cmd in ["validate", "test", "plan", "schema", "serve", "completions"] {
+        assert!(page.contains(cmd), "no `{cmd}` in the man page");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("man1");
+    let out = rustygate(&["man", "--out-dir", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for page in ["rustygate.1", "rustygate-serve.1", "rustygate-validate.1"] {
+        let body = std::fs::read_to_string(out_dir.join(page)).unwrap();
+        assert!(body.contains(".TH"), "{page}");
+    }
+    // `serve`'s page lists its environment variables.
+    let serve = std::fs::read_to_string(out_dir.join("rustygate-serve.1")).unwrap();
+    assert!(serve.contains("RUSTYGATE_REPO"), "{serve}");
+
+    // A place it cannot write is a usage error naming the place.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let out = rustygate(&["man", "--out-dir", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("a-file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A workspace holding a config repo in `gateway/` with one error and one warning.
+fn workspace() -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    let write = |path: &str, body: &str| {
+        let p = ws.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    };
+    write(
+        "gateway/routes/a.toml",
+        "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"order\"\n",
+    );
+    write(
+        "gateway/upstreams/orders.toml",
+        "[upstream.orders]\ntargets = [\"http://127.0.0.1:8001\"]\n",
+    );
+    ws
+}
+
+fn validate_github(cwd: &Path, dir: &str, workspace: Option<&Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rustygate"));
+    cmd.args(["validate", "--format", "github", dir])
+        .current_dir(cwd)
+        .env_remove("GITHUB_WORKSPACE");
+    if let Some(ws) = workspace {
+        cmd.env("GITHUB_WORKSPACE", ws);
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_annotations(out: &Output) {
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(
+            "::error file=gateway/routes/a.toml,line=4,col=12,endLine=4,endColumn=19,\
+             title=rustygate validate%3A unknown-upstream::unknown upstream `order`%0A"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].ends_with("%0Ahelp: did you mean `orders`?"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(
+            "::warning file=gateway/upstreams/orders.toml,line=1,col=11,endLine=1,endColumn=17,\
+             title=rustygate validate%3A unused-upstream::"
+        ),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        text(&out.stderr).contains("1 error(s), 1 warning(s)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn github_format_annotates_files_relative_to_the_workspace() {
+    let ws = workspace();
+    // The action runs from the checkout with a relative path ...
+    assert_annotations(&validate_github(ws.path(), "./gateway", None));
+    assert_annotations(&validate_github(ws.path(), "gateway/", None));
+    // ... or with an absolute one under $GITHUB_WORKSPACE.
+    let abs = ws.path().join("gateway");
+    let elsewhere = tempfile::tempdir().unwrap();
+    assert_annotations(&validate_github(
+        elsewhere.path(),
+        abs.to_str().unwrap(),
+        Some(ws.path()),
+    ));
+    // A valid repo prints no command and exits 0.
+    std::fs::write(
+        ws.path().join("gateway/routes/a.toml"),
+        "[[route]]\nname = \"a\"\npath = \"/a\"\nupstream = \"orders\"\n",
+    )
+    .unwrap();
+    let out = validate_github(ws.path(), "gateway", None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+}
