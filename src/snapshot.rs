@@ -3,8 +3,14 @@
 //! A `Snapshot` is built by `compile::compile`, published into the [`SnapshotStore`] and never
 //! mutated afterwards. A request loads the current snapshot once and uses it for its whole life,
 //! so a swap never changes the rules under a request in flight.
+//!
+//! Whoever lets go of a snapshot last (the reload loop after a swap, or a request that was still
+//! running on it) does not free it: its routing tables go to a background thread
+//! ([`Snapshot`]'s `Drop`), so freeing 100,000 routes never stalls a worker's requests.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -79,6 +85,78 @@ pub struct ListenerTls {
     /// what was read: a reload recompiles the same config version when one has changed, so
     /// certificates renewed in place are served without a new commit.
     pub files: Vec<(std::path::PathBuf, [u8; 32])>,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        retire(Retired {
+            _router: std::mem::take(&mut self.router),
+            _routes: std::mem::take(&mut self.routes),
+            _upstreams: std::mem::take(&mut self.upstreams),
+            _listeners: std::mem::take(&mut self.listeners),
+        });
+    }
+}
+
+/// The large parts of a snapshot, held only to be freed.
+struct Retired {
+    _router: Router,
+    _routes: Vec<Route>,
+    _upstreams: Vec<Arc<Upstream>>,
+    _listeners: Vec<ListenerSpec>,
+}
+
+/// Name of the thread that frees retired snapshots.
+pub const DROPPER_THREAD: &str = "rustygate-drop";
+
+static FREED_IN_BACKGROUND: AtomicU64 = AtomicU64::new(0);
+static FREED_IN_PLACE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Retired {
+    fn drop(&mut self) {
+        // Counted before the fields are freed, on the thread that frees them.
+        let counter = if std::thread::current().name() == Some(DROPPER_THREAD) {
+            &FREED_IN_BACKGROUND
+        } else {
+            &FREED_IN_PLACE
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        tests::FREED_ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
+    }
+}
+
+/// How many snapshots have been freed since the process started: by the background thread, and
+/// in place (only when that thread could not be started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedSnapshots {
+    pub in_background: u64,
+    pub in_place: u64,
+}
+
+pub fn freed_snapshots() -> FreedSnapshots {
+    FreedSnapshots {
+        in_background: FREED_IN_BACKGROUND.load(Ordering::Relaxed),
+        in_place: FREED_IN_PLACE.load(Ordering::Relaxed),
+    }
+}
+
+/// Hands `r` to the dropper thread (started on first use), or frees it here if there is none.
+fn retire(r: Retired) {
+    static DROPPER: OnceLock<Option<Sender<Retired>>> = OnceLock::new();
+    let dropper = DROPPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Retired>();
+        std::thread::Builder::new()
+            .name(DROPPER_THREAD.into())
+            // Ends when every sender is gone, i.e. never before the process exits.
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    // Without the thread (or if it is gone: `send` gives `r` back), `r` is freed here.
+    if let Some(tx) = dropper {
+        let _ = tx.send(r);
+    }
 }
 
 impl Snapshot {
@@ -347,5 +425,65 @@ impl SnapshotStore {
         let previous = self.current.swap(Arc::new(next));
         self.changes.send_modify(|n| *n += 1);
         previous
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    thread_local! {
+        /// Snapshots whose tables this thread freed.
+        pub(super) static FREED_ON_THIS_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn snapshot(id: &str) -> Snapshot {
+        Snapshot {
+            version: ConfigVersion {
+                id: id.into(),
+                source: String::new(),
+                loaded_at: SystemTime::now(),
+                commit: None,
+                reference: None,
+            },
+            router: Router::default(),
+            routes: Vec::new(),
+            upstreams: Vec::new(),
+            client_ip: ClientIpRules::default(),
+            limits: Limits::default(),
+            allow_underscores: false,
+            paths: Default::default(),
+            listeners: Vec::new(),
+            warnings: 0,
+        }
+    }
+
+    #[test]
+    fn a_request_that_lets_go_of_a_swapped_out_snapshot_last_does_not_free_it() {
+        let store = SnapshotStore::new(snapshot("old"));
+        let in_flight = store.load();
+        drop(store.publish(snapshot("new")));
+        let before = freed_snapshots().in_background;
+        // The request ends on a worker thread, holding the last reference to "old".
+        let freed_by_worker = std::thread::Builder::new()
+            .name("actix-server worker 0".into())
+            .spawn(move || {
+                assert_eq!(in_flight.version.id, "old");
+                drop(in_flight);
+                FREED_ON_THIS_THREAD.with(|n| n.get())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(freed_by_worker, 0, "the worker freed the snapshot itself");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while freed_snapshots().in_background == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            freed_snapshots().in_background > before,
+            "not freed in the background"
+        );
+        assert_eq!(freed_snapshots().in_place, 0);
     }
 }

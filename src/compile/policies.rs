@@ -119,7 +119,7 @@ pub(crate) fn route_policy(
     default: Option<&super::gateway::DefaultPolicy>,
 ) -> Option<RoutePolicy> {
     let (file, p, policy_config) = match (&r.policy, default) {
-        (Some(p), _) => (file, p, r.policy_config.as_ref()),
+        (Some(p), _) => (file, p, r.policy_config.as_deref()),
         (None, Some(d)) => (d.file, &d.path, d.config.as_ref()),
         (None, None) => return None,
     };

@@ -40,17 +40,17 @@ pub(crate) fn compile_routes(
 ) -> CompiledRoutes {
     let mut out = CompiledRoutes {
         router: Router::default(),
-        routes: Vec::new(),
+        routes: Vec::with_capacity(raw.len()),
         used_upstreams: HashSet::new(),
     };
-    let mut names: HashMap<String, (FileId, Range<usize>)> = HashMap::new();
+    let mut names: HashMap<&str, (FileId, Range<usize>)> = HashMap::with_capacity(raw.len());
     // Where each compiled route's path was written, by RouteId, for conflict messages.
-    let mut path_spans: Vec<(FileId, Range<usize>, String)> = Vec::new();
+    let mut path_spans: Vec<(FileId, Range<usize>, &str)> = Vec::with_capacity(raw.len());
 
     for (file, r) in raw {
         let file = *file;
         let errors_before = cx.diags.error_count();
-        let name = r.name.get();
+        let name = r.name.get().as_str();
         if !valid_name(name) {
             cx.push(
                 Diagnostic::error(
@@ -71,9 +71,11 @@ pub(crate) fn compile_routes(
                 .help("route names must be unique across all files"),
             );
         } else {
-            names.insert(name.clone(), (file, r.name.span()));
+            names.insert(name, (file, r.name.span()));
         }
-        if let Some(u) = &r.upstream {
+        if let Some(u) = &r.upstream
+            && !out.used_upstreams.contains(u.get())
+        {
             out.used_upstreams.insert(u.get().clone());
         }
 
@@ -89,7 +91,7 @@ pub(crate) fn compile_routes(
             .cors
             .as_ref()
             .and_then(|c| super::edge::route_cors(cx, file, c, edge));
-        let rate_limit = super::edge::route_rate_limit(cx, file, r.rate_limit.as_ref(), edge);
+        let rate_limit = super::edge::route_rate_limit(cx, file, r.rate_limit.as_deref(), edge);
         let auth = r.auth.as_ref().and_then(|a| {
             super::auth::route_auth(cx, file, a, r.auth_optional.unwrap_or(false), providers)
         });
@@ -200,9 +202,9 @@ pub(crate) fn compile_routes(
                 continue;
             }
         }
-        path_spans.push((file, path_span, name.clone()));
+        path_spans.push((file, path_span, name));
         out.routes.push(Route {
-            name: name.clone(),
+            name: name.to_owned(),
             action,
             timeout,
             connect_timeout,

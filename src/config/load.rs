@@ -1,6 +1,7 @@
 //! Reading a config repo directory into raw config, with a diagnostic for every file that does
 //! not parse and every table that does not fit the schema. Nothing here checks meaning.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -149,18 +150,19 @@ fn parse<'a>(
     Err(table)
 }
 
-/// Deserialises one TOML value into `T`, turning a serde error into a located diagnostic.
+/// Deserialises one TOML value into `T`, turning a serde error into a located diagnostic about
+/// `what()` (called only then: a file of thousands of routes should not format a name for each).
 fn decode<T: for<'de> Deserialize<'de>>(
     value: toml::Spanned<DeValue<'_>>,
     id: FileId,
-    what: &str,
+    what: impl FnOnce() -> String,
     diags: &mut Diagnostics,
 ) -> Option<T> {
     let whole = value.span();
     match T::deserialize(ValueDeserializer::from(value)) {
         Ok(v) => Some(v),
         Err(e) => {
-            diags.push(serde_diagnostic(&e, id, whole, what));
+            diags.push(serde_diagnostic(&e, id, whole, &what()));
             None
         }
     }
@@ -192,7 +194,9 @@ fn load_gateway(cfg: &mut RawConfig, id: FileId) {
     };
     let span = table.span();
     let value = toml::Spanned::new(span, DeValue::Table(table.into_inner()));
-    if let Some(g) = decode::<GatewayFile>(value, id, "gateway.toml", &mut cfg.diagnostics) {
+    if let Some(g) =
+        decode::<GatewayFile>(value, id, || "gateway.toml".into(), &mut cfg.diagnostics)
+    {
         cfg.gateway = Some((id, g));
     }
 }
@@ -204,7 +208,9 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
             let items = partial.get_ref().get("route").map(|v| v.get_ref());
             if let Some(DeValue::Array(items)) = items {
                 let names = items.iter().filter_map(|i| str_key(i, "upstream"));
-                cfg.unloaded.route_upstreams.extend(names);
+                cfg.unloaded
+                    .route_upstreams
+                    .extend(names.map(Cow::into_owned));
             }
             return;
         }
@@ -231,14 +237,22 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
             );
             continue;
         };
-        for item in items.iter().cloned() {
-            let what = str_key(&item, "name")
-                .map(|n| format!("route `{n}`"))
-                .unwrap_or_else(|| "a route".into());
+        routes.reserve(items.len());
+        for item in items {
+            // Borrowed from the file's text (owned only when written with escapes), so reading
+            // them costs nothing unless the route fails to load.
+            let name = str_key(&item, "name");
             let upstream = str_key(&item, "upstream");
-            match decode::<RawRoute>(item, id, &what, &mut cfg.diagnostics) {
+            let what = || match name {
+                Some(n) => format!("route `{n}`"),
+                None => "a route".into(),
+            };
+            match decode::<RawRoute>(item, id, what, &mut cfg.diagnostics) {
                 Some(r) => routes.push((id, r)),
-                None => cfg.unloaded.route_upstreams.extend(upstream),
+                None => cfg
+                    .unloaded
+                    .route_upstreams
+                    .extend(upstream.map(Cow::into_owned)),
             }
         }
     }
@@ -246,13 +260,11 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
 }
 
 /// A string value of a table, read before (or without) deserialising the table.
-fn str_key(item: &toml::Spanned<DeValue<'_>>, key: &str) -> Option<String> {
-    item.get_ref()
-        .as_table()?
-        .get(key)?
-        .get_ref()
-        .as_str()
-        .map(str::to_owned)
+fn str_key<'i>(item: &toml::Spanned<DeValue<'i>>, key: &str) -> Option<Cow<'i, str>> {
+    match item.get_ref().as_table()?.get(key)?.get_ref() {
+        DeValue::String(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 fn load_upstreams(cfg: &mut RawConfig, id: FileId) {
@@ -294,8 +306,8 @@ fn load_upstreams(cfg: &mut RawConfig, id: FileId) {
         };
         for (name, body) in entries {
             let name = Spanned::new(name.get_ref().to_string(), name.span());
-            let what = format!("upstream `{}`", name.get());
-            match decode::<RawUpstream>(body, id, &what, &mut cfg.diagnostics) {
+            let what = || format!("upstream `{}`", name.get());
+            match decode::<RawUpstream>(body, id, what, &mut cfg.diagnostics) {
                 Some(u) => cfg.upstreams.push((id, name, u)),
                 None => {
                     cfg.unloaded.upstreams.insert(name.into_inner());

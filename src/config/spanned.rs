@@ -7,21 +7,30 @@ use serde::{Deserialize, Deserializer};
 
 /// A config value and where it was written. Deserialises like `T`; the span is filled in by the
 /// TOML deserializer so that every diagnostic can point at `file:line:col`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The span is kept as two `u32` (config files are capped far below 4 GiB): a route has some
+/// twenty spanned fields, and a repo can have 100,000 routes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Spanned<T> {
     value: T,
-    span: Range<usize>,
+    start: u32,
+    end: u32,
 }
 
 impl<T> Spanned<T> {
     /// Wraps a value with a span (used by tests and by the loader for table keys).
     pub fn new(value: T, span: Range<usize>) -> Self {
-        Self { value, span }
+        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        Self {
+            value,
+            start: at(span.start),
+            end: at(span.end),
+        }
     }
 
     /// Byte range of the value in its file.
     pub fn span(&self) -> Range<usize> {
-        self.span.clone()
+        self.start as usize..self.end as usize
     }
 
     pub fn get(&self) -> &T {
@@ -44,10 +53,16 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let inner = toml::Spanned::<T>::deserialize(deserializer)?;
         let span = inner.span();
-        Ok(Self {
-            value: inner.into_inner(),
-            span,
-        })
+        Ok(Self::new(inner.into_inner(), span))
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Spanned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spanned")
+            .field("value", &self.value)
+            .field("span", &self.span())
+            .finish()
     }
 }
 

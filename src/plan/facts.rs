@@ -133,8 +133,8 @@ pub(super) fn raw_route_facts(routes: &[(FileId, RawRoute)]) -> HashMap<String, 
                 }
             }),
             methods,
-            request_headers: header_rules(r.request_headers.as_ref()),
-            response_headers: header_rules(r.response_headers.as_ref()),
+            request_headers: header_rules(r.request_headers.as_deref()),
+            response_headers: header_rules(r.response_headers.as_deref()),
         };
         out.entry(r.name.get().clone()).or_insert(facts);
     }

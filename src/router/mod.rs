@@ -6,12 +6,19 @@
 //!    next one.
 //! 2. path, inside one table: exact path > `{param}` path > prefix; among prefixes the longest wins.
 //!    Prefixes match on segment boundaries (`/api` matches `/api` and `/api/x`, never `/apix`).
-//! 3. method: each method has its own table, so a route only ever competes with routes that
-//!    accept the same method. Two routes that accept the same host + method + path conflict, and
-//!    that is a compile error, not an ordering rule.
+//! 3. method: each method is matched as if it had a table of its own, so a route only ever
+//!    competes with routes that accept the same method. Two routes that accept the same host +
+//!    method + path conflict, and that is a compile error, not an ordering rule.
 //!
 //! Matching always runs on the normalised path ([`normalize_path`]), and the proxy forwards that
 //! same normalised path, so what was authorised is what the upstream sees.
+//!
+//! Layout, chosen so that a table of 100,000 routes stays small and quick to build: each path is
+//! stored once per host with the route of every method beside it ([`Slots`]). Exact paths without
+//! parameters and prefixes are hash lookups; `{param}` patterns go to `matchit` radix trees, one
+//! per group of methods that received the same patterns (usually two or three trees, not one per
+//! method). A path that equals an exact path wins over every `{param}` pattern, as it does inside
+//! one `matchit` tree, which tries static segments first and backtracks.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -51,24 +58,51 @@ pub enum PathPattern {
     Prefix(String),
 }
 
-#[derive(Default)]
-struct MethodTable {
-    paths: matchit::Router<RouteId>,
-    /// Exact patterns by [`shape`], to name the route a new one conflicts with.
-    shapes: HashMap<String, RouteId>,
-    prefixes: HashMap<String, RouteId>,
-}
+/// Hashing for the router's maps. Their keys come from the config, not from requests, so there is
+/// nothing for a client to flood; foldhash hashes a short path several times faster than SipHash.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-struct Table {
-    methods: Vec<MethodTable>,
-}
+/// A set of method slots, bit `i` for slot `i`.
+type SlotMask = u16;
 
-impl Default for Table {
-    fn default() -> Self {
-        Self {
-            methods: (0..METHOD_SLOTS).map(|_| MethodTable::default()).collect(),
+/// The route of each method slot for one path. Route ids are kept as `u32` to keep this small.
+#[derive(Clone, Copy)]
+struct Slots([u32; METHOD_SLOTS]);
+
+const NO_ROUTE: u32 = u32::MAX;
+
+impl Slots {
+    const EMPTY: Slots = Slots([NO_ROUTE; METHOD_SLOTS]);
+
+    fn get(&self, slot: usize) -> Option<RouteId> {
+        match self.0[slot] {
+            NO_ROUTE => None,
+            id => Some(id as RouteId),
         }
     }
+}
+
+/// `{param}` patterns for a group of method slots that received exactly the same patterns.
+#[derive(Clone)]
+struct ParamTree {
+    slots: SlotMask,
+    paths: matchit::Router<u32>,
+    /// Patterns inserted; an empty tree is not searched.
+    len: usize,
+}
+
+/// The routes of one host scope.
+#[derive(Default)]
+struct Table {
+    /// Exact paths without `{param}` segments.
+    exact: Map<Box<str>, Slots>,
+    /// Trees of `{param}` patterns; every method slot is in at most one tree's `slots`.
+    trees: Vec<ParamTree>,
+    /// Segment-boundary prefixes, without trailing slash (except `/`).
+    prefixes: Map<Box<str>, Slots>,
+    /// `{param}` patterns by [`shape`], to find the route a new one conflicts with. Only needed
+    /// while the table is built: [`Router::finish`] drops it.
+    shapes: Map<Box<str>, Slots>,
 }
 
 /// A successful lookup.
@@ -92,10 +126,44 @@ pub enum InsertError {
 
 #[derive(Default)]
 pub struct Router {
-    exact_hosts: HashMap<String, Table>,
-    /// Sorted longest suffix first by [`Router::finish`].
-    suffix_hosts: Vec<(String, Table)>,
+    exact_hosts: Map<Box<str>, Table>,
+    /// Wildcard hosts by suffix (`.example.com`): a host's suffixes are looked up from the
+    /// longest down, one per label.
+    suffix_hosts: Map<Box<str>, Table>,
     any_host: Table,
+}
+
+/// Slots a route without `methods` accepts: every method but `TRACE` and `CONNECT`. A gateway has
+/// no business tunnelling (CONNECT) or echoing requests back with their credentials (TRACE)
+/// unless a route asks for it: those get 405 elsewhere.
+const DEFAULT_SLOTS: SlotMask = {
+    let mut mask: SlotMask = (1 << METHOD_SLOTS) - 1;
+    mask &= !(1 << 7); // TRACE
+    mask &= !(1 << 8); // CONNECT
+    mask
+};
+
+fn method_name(slot: usize) -> &'static str {
+    METHODS.get(slot).copied().unwrap_or("other methods")
+}
+
+fn slots_in(mask: SlotMask) -> impl Iterator<Item = usize> {
+    (0..METHOD_SLOTS).filter(move |s| mask & (1 << s) != 0)
+}
+
+/// The first of `slots` that already has a route in `taken`, with that route.
+fn first_taken(taken: &Slots, slots: &[usize]) -> Option<(RouteId, usize)> {
+    slots
+        .iter()
+        .find_map(|&slot| taken.get(slot).map(|id| (id, slot)))
+}
+
+/// Which map of a [`Table`] a path goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Exact,
+    Param,
+    Prefix,
 }
 
 impl Router {
@@ -108,70 +176,45 @@ impl Router {
         methods: Option<&[usize]>,
         id: RouteId,
     ) -> Result<(), InsertError> {
+        let id = u32::try_from(id)
+            .ok()
+            .filter(|&id| id != NO_ROUTE)
+            .ok_or_else(|| InsertError::InvalidPath("too many routes".into()))?;
+        let default: Vec<usize>;
+        let slots = match methods {
+            Some(slots) => slots,
+            None => {
+                default = slots_in(DEFAULT_SLOTS).collect();
+                &default
+            }
+        };
+        let slots: Vec<usize> = slots
+            .iter()
+            .copied()
+            .filter(|&s| s < METHOD_SLOTS)
+            .collect();
         let table = match host {
             HostPattern::Any => &mut self.any_host,
-            HostPattern::Exact(h) => self.exact_hosts.entry(h.clone()).or_default(),
-            HostPattern::Suffix(s) => match self.suffix_hosts.iter().position(|(k, _)| k == s) {
-                Some(i) => &mut self.suffix_hosts[i].1,
-                None => {
-                    self.suffix_hosts.push((s.clone(), Table::default()));
-                    let last = self.suffix_hosts.len() - 1;
-                    &mut self.suffix_hosts[last].1
-                }
-            },
+            HostPattern::Exact(h) => self.exact_hosts.entry(h.as_str().into()).or_default(),
+            HostPattern::Suffix(s) => self.suffix_hosts.entry(s.as_str().into()).or_default(),
         };
-        // A gateway has no business tunnelling (CONNECT) or echoing requests back with their
-        // credentials (TRACE) unless a route asks for it: those get 405 elsewhere.
-        let all: Vec<usize> = (0..METHOD_SLOTS)
-            .filter(|&s| !matches!(METHODS.get(s), Some(&("TRACE" | "CONNECT"))))
-            .collect();
-        let slots = methods.unwrap_or(&all);
-        // Check every slot first so that a conflict leaves the table untouched.
-        for &slot in slots {
-            let t = &table.methods[slot];
-            let existing = match path {
-                PathPattern::Exact(p) => t.shapes.get(&shape(p)).copied(),
-                PathPattern::Prefix(p) => t.prefixes.get(p).copied(),
-            };
-            if let Some(existing) = existing {
-                return Err(InsertError::Conflict {
-                    existing,
-                    method: METHODS.get(slot).copied().unwrap_or("other methods"),
-                });
-            }
-        }
-        for &slot in slots {
-            let t = &mut table.methods[slot];
-            match path {
-                PathPattern::Exact(p) => {
-                    t.paths.insert(p.as_str(), id).map_err(|e| match e {
-                        matchit::InsertError::Conflict { with } => {
-                            match t.shapes.get(&shape(&with)) {
-                                Some(&existing) => InsertError::Conflict {
-                                    existing,
-                                    method: METHODS.get(slot).copied().unwrap_or("other methods"),
-                                },
-                                None => {
-                                    InsertError::InvalidPath(format!("conflicts with `{with}`"))
-                                }
-                            }
-                        }
-                        other => InsertError::InvalidPath(other.to_string()),
-                    })?;
-                    t.shapes.insert(shape(p), id);
-                }
-                PathPattern::Prefix(p) => {
-                    t.prefixes.insert(p.clone(), id);
-                }
-            }
-        }
-        Ok(())
+        table.insert(path, &slots, id)
     }
 
-    /// Orders wildcard hosts longest suffix first. Call once after the last insert.
+    /// Frees what was only needed to detect conflicts. Call once, after the last insert.
     pub fn finish(&mut self) {
-        self.suffix_hosts
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        for t in self
+            .exact_hosts
+            .values_mut()
+            .chain(self.suffix_hosts.values_mut())
+            .chain(std::iter::once(&mut self.any_host))
+        {
+            t.shapes = Map::default();
+            t.exact.shrink_to_fit();
+            t.prefixes.shrink_to_fit();
+        }
+        self.exact_hosts.shrink_to_fit();
+        self.suffix_hosts.shrink_to_fit();
     }
 
     /// Finds the route for a request. `host` must be lower-case without port; `path` normalised.
@@ -182,8 +225,7 @@ impl Router {
         path: &'p str,
     ) -> Option<RouteMatch<'r, 'p>> {
         let slot = method_slot(method);
-        self.tables_for(host)
-            .find_map(|t| t.methods[slot].lookup(path))
+        self.tables_for(host).find_map(|t| t.lookup(slot, path))
     }
 
     /// Methods that would match this host and path: for a 405's `Allow` header.
@@ -193,22 +235,29 @@ impl Router {
             .enumerate()
             .filter(|(slot, _)| {
                 self.tables_for(host)
-                    .any(|t| t.methods[*slot].lookup(path).is_some())
+                    .any(|t| t.lookup(*slot, path).is_some())
             })
             .map(|(_, m)| *m)
             .collect()
     }
 
+    /// The tables that may hold a route for `host`, in precedence order.
     fn tables_for<'r, 'h>(
         &'r self,
         host: &'h str,
     ) -> impl Iterator<Item = &'r Table> + use<'r, 'h> {
         let exact = self.exact_hosts.get(host);
-        let suffixes = self
-            .suffix_hosts
-            .iter()
-            .filter(move |(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
-            .map(|(_, t)| t);
+        // `.example.com` matches `a.example.com` and `a.b.example.com`, never `example.com`:
+        // the suffixes of `host` that start at a dot after its first character, longest first.
+        let suffixes = (!self.suffix_hosts.is_empty())
+            .then(|| {
+                host.char_indices()
+                    .skip(1)
+                    .filter(|&(_, c)| c == '.')
+                    .filter_map(|(i, _)| self.suffix_hosts.get(&host[i..]))
+            })
+            .into_iter()
+            .flatten();
         exact
             .into_iter()
             .chain(suffixes)
@@ -216,11 +265,124 @@ impl Router {
     }
 }
 
-impl MethodTable {
-    fn lookup<'r, 'p>(&'r self, path: &'p str) -> Option<RouteMatch<'r, 'p>> {
-        if let Ok(m) = self.paths.at(path) {
+impl Table {
+    /// Adds `path` for `slots` (conflicts are reported for the first slot in this order).
+    fn insert(&mut self, path: &PathPattern, slots: &[usize], id: u32) -> Result<(), InsertError> {
+        let mask = slots.iter().fold(0, |m, &s| m | (1 << s));
+        let (kind, key): (Kind, Box<str>) = match path {
+            PathPattern::Prefix(p) => (Kind::Prefix, p.as_str().into()),
+            PathPattern::Exact(p) if !p.contains(['{', '}']) => (Kind::Exact, p.as_str().into()),
+            PathPattern::Exact(p) => (Kind::Param, shape(p).into()),
+        };
+        // Check first, so that a conflict leaves the table untouched.
+        if let Some((existing, slot)) = self
+            .map(kind)
+            .get(&key)
+            .and_then(|taken| first_taken(taken, slots))
+        {
+            return Err(InsertError::Conflict {
+                existing,
+                method: method_name(slot),
+            });
+        }
+        if let PathPattern::Exact(p) = path
+            && kind == Kind::Param
+        {
+            self.insert_param(p, slots, mask, id)?;
+        }
+        let entry = self.map_mut(kind).entry(key).or_insert(Slots::EMPTY);
+        for &slot in slots {
+            entry.0[slot] = id;
+        }
+        Ok(())
+    }
+
+    fn map(&self, kind: Kind) -> &Map<Box<str>, Slots> {
+        match kind {
+            Kind::Exact => &self.exact,
+            Kind::Param => &self.shapes,
+            Kind::Prefix => &self.prefixes,
+        }
+    }
+
+    fn map_mut(&mut self, kind: Kind) -> &mut Map<Box<str>, Slots> {
+        match kind {
+            Kind::Exact => &mut self.exact,
+            Kind::Param => &mut self.shapes,
+            Kind::Prefix => &mut self.prefixes,
+        }
+    }
+
+    /// Adds a `{param}` pattern to the trees of `mask`'s slots, first splitting off the slots of
+    /// a tree that `mask` covers only in part (the split-off tree starts as a copy).
+    fn insert_param(
+        &mut self,
+        pattern: &str,
+        slots: &[usize],
+        mask: SlotMask,
+        id: u32,
+    ) -> Result<(), InsertError> {
+        if self.trees.is_empty() {
+            self.trees.push(ParamTree {
+                slots: (1 << METHOD_SLOTS) - 1,
+                paths: matchit::Router::new(),
+                len: 0,
+            });
+        }
+        // Bounded: a tree is split at most once per method slot.
+        for i in 0..self.trees.len() {
+            let inside = self.trees[i].slots & mask;
+            if inside == 0 {
+                continue;
+            }
+            let tree = if inside == self.trees[i].slots {
+                i
+            } else {
+                let mut split = self.trees[i].clone();
+                split.slots = inside;
+                self.trees[i].slots &= !inside;
+                self.trees.push(split);
+                self.trees.len() - 1
+            };
+            let inserted = self.trees[tree].paths.insert(pattern, id);
+            if let Err(e) = inserted {
+                return Err(match e {
+                    matchit::InsertError::Conflict { with } => {
+                        match self
+                            .shapes
+                            .get(shape(&with).as_str())
+                            .and_then(|taken| first_taken(taken, slots))
+                        {
+                            Some((existing, slot)) => InsertError::Conflict {
+                                existing,
+                                method: method_name(slot),
+                            },
+                            None => InsertError::InvalidPath(format!("conflicts with `{with}`")),
+                        }
+                    }
+                    other => InsertError::InvalidPath(other.to_string()),
+                });
+            }
+            self.trees[tree].len += 1;
+        }
+        Ok(())
+    }
+
+    fn lookup<'r, 'p>(&'r self, slot: usize, path: &'p str) -> Option<RouteMatch<'r, 'p>> {
+        if let Some(route) = self.exact.get(path).and_then(|s| s.get(slot)) {
             return Some(RouteMatch {
-                route: *m.value,
+                route,
+                params: Some(matchit::Params::new()),
+            });
+        }
+        if let Some(tree) = self
+            .trees
+            .iter()
+            .find(|t| t.len > 0 && t.slots & (1 << slot) != 0)
+            && let Ok(m) = tree.paths.at(path)
+        {
+            return Some(RouteMatch {
+                route: *m.value as RouteId,
                 params: Some(m.params),
             });
         }
@@ -232,9 +394,9 @@ impl MethodTable {
             p = &p[..p.len() - 1];
         }
         loop {
-            if let Some(&id) = self.prefixes.get(p) {
+            if let Some(route) = self.prefixes.get(p).and_then(|s| s.get(slot)) {
                 return Some(RouteMatch {
-                    route: id,
+                    route,
                     params: None,
                 });
             }

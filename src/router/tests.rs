@@ -290,3 +290,272 @@ fn hosts_are_normalised() {
     assert_eq!(normalize_host("example.com."), "example.com");
     assert_eq!(normalize_host("[::1]:80"), "[::1]");
 }
+
+/// The router as it was built before the per-host layout (one `matchit` tree and two maps per
+/// method slot): the definition of the precedence rules the new layout must keep.
+mod reference {
+    use super::super::{
+        HostPattern, METHOD_SLOTS, METHODS, PathPattern, RouteId, method_slot, shape,
+    };
+    use std::collections::HashMap;
+
+    /// A route and its `{param}` values, as (name, value) pairs.
+    pub type Found = (RouteId, Option<Vec<(String, String)>>);
+
+    #[derive(Default)]
+    struct MethodTable {
+        paths: matchit::Router<RouteId>,
+        shapes: HashMap<String, RouteId>,
+        prefixes: HashMap<String, RouteId>,
+    }
+
+    struct Table {
+        methods: Vec<MethodTable>,
+    }
+
+    impl Default for Table {
+        fn default() -> Self {
+            Self {
+                methods: (0..METHOD_SLOTS).map(|_| MethodTable::default()).collect(),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    pub struct Router {
+        exact_hosts: HashMap<String, Table>,
+        suffix_hosts: Vec<(String, Table)>,
+        any_host: Table,
+    }
+
+    impl Router {
+        /// `Err` with the conflicting route, or `None` for an invalid path.
+        pub fn insert(
+            &mut self,
+            host: &HostPattern,
+            path: &PathPattern,
+            methods: Option<&[usize]>,
+            id: RouteId,
+        ) -> Result<(), Option<(RouteId, &'static str)>> {
+            let table = match host {
+                HostPattern::Any => &mut self.any_host,
+                HostPattern::Exact(h) => self.exact_hosts.entry(h.clone()).or_default(),
+                HostPattern::Suffix(s) => {
+                    match self.suffix_hosts.iter().position(|(k, _)| k == s) {
+                        Some(i) => &mut self.suffix_hosts[i].1,
+                        None => {
+                            self.suffix_hosts.push((s.clone(), Table::default()));
+                            let last = self.suffix_hosts.len() - 1;
+                            &mut self.suffix_hosts[last].1
+                        }
+                    }
+                }
+            };
+            let all: Vec<usize> = (0..METHOD_SLOTS)
+                .filter(|&s| !matches!(METHODS.get(s), Some(&("TRACE" | "CONNECT"))))
+                .collect();
+            let slots = methods.unwrap_or(&all);
+            let name = |slot: usize| METHODS.get(slot).copied().unwrap_or("other methods");
+            for &slot in slots {
+                let t = &table.methods[slot];
+                let existing = match path {
+                    PathPattern::Exact(p) => t.shapes.get(&shape(p)).copied(),
+                    PathPattern::Prefix(p) => t.prefixes.get(p).copied(),
+                };
+                if let Some(existing) = existing {
+                    return Err(Some((existing, name(slot))));
+                }
+            }
+            for &slot in slots {
+                let t = &mut table.methods[slot];
+                match path {
+                    PathPattern::Exact(p) => {
+                        t.paths.insert(p.as_str(), id).map_err(|_| None)?;
+                        t.shapes.insert(shape(p), id);
+                    }
+                    PathPattern::Prefix(p) => {
+                        t.prefixes.insert(p.clone(), id);
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        pub fn finish(&mut self) {
+            self.suffix_hosts
+                .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        }
+
+        /// The route and its params as (name, value) pairs.
+        pub fn lookup(&self, host: &str, method: &str, path: &str) -> Option<Found> {
+            let slot = method_slot(method);
+            self.tables_for(host)
+                .find_map(|t| lookup_in(&t.methods[slot], path))
+        }
+
+        pub fn allowed_methods(&self, host: &str, path: &str) -> Vec<&'static str> {
+            METHODS
+                .iter()
+                .enumerate()
+                .filter(|(slot, _)| {
+                    self.tables_for(host)
+                        .any(|t| lookup_in(&t.methods[*slot], path).is_some())
+                })
+                .map(|(_, m)| *m)
+                .collect()
+        }
+
+        fn tables_for<'r>(&'r self, host: &'r str) -> impl Iterator<Item = &'r Table> + 'r {
+            let exact = self.exact_hosts.get(host);
+            let suffixes = self
+                .suffix_hosts
+                .iter()
+                .filter(move |(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                .map(|(_, t)| t);
+            exact
+                .into_iter()
+                .chain(suffixes)
+                .chain(std::iter::once(&self.any_host))
+        }
+    }
+
+    fn lookup_in(t: &MethodTable, path: &str) -> Option<Found> {
+        if let Ok(m) = t.paths.at(path) {
+            let params = m
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            return Some((*m.value, Some(params)));
+        }
+        let mut p = path;
+        if p.len() > 1 && p.ends_with('/') {
+            p = &p[..p.len() - 1];
+        }
+        loop {
+            if let Some(&id) = t.prefixes.get(p) {
+                return Some((id, None));
+            }
+            if p == "/" {
+                return None;
+            }
+            p = match p.rfind('/') {
+                Some(0) | None => "/",
+                Some(i) => &p[..i],
+            };
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a failure reproduces from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[self.below(from.len())]
+    }
+}
+
+const SEGMENTS: [&str; 6] = ["a", "b", "ab", "v1", "{x}", "{y}"];
+const REQUEST_SEGMENTS: [&str; 7] = ["a", "b", "ab", "v1", "7", "v", "{x}"];
+const HOSTS: [&str; 5] = ["", "h.com", "x.h.com", "*.h.com", "*.x.h.com"];
+const REQUEST_HOSTS: [&str; 5] = ["h.com", "x.h.com", "a.x.h.com", "b.h.com", "other"];
+const REQUEST_METHODS: [&str; 11] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PURGE", "get",
+];
+
+fn random_path(rng: &mut Rng, segments: &[&str], params: bool) -> String {
+    let depth = 1 + rng.below(3);
+    let mut p = String::new();
+    for _ in 0..depth {
+        p.push('/');
+        let mut s = rng.pick(segments);
+        while !params && s.starts_with('{') {
+            s = rng.pick(segments);
+        }
+        p.push_str(s);
+    }
+    if rng.below(8) == 0 {
+        p.push('/');
+    }
+    if rng.below(10) == 0 { "/".into() } else { p }
+}
+
+/// Random route tables (hosts, wildcards, exact and `{param}` paths, prefixes, method lists,
+/// conflicts) and random requests: the router answers every lookup, every `Allow` list and
+/// every insert error exactly as the per-method reference does.
+#[test]
+fn matches_the_per_method_reference_on_random_tables() {
+    for seed in 1..=150u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut new = Router::default();
+        let mut old = reference::Router::default();
+        let mut id = 0;
+        let routes = 1 + rng.below(40);
+        for _ in 0..routes {
+            let host = host(rng.pick(&HOSTS));
+            let path = if rng.below(3) == 0 {
+                let p = random_path(&mut rng, &SEGMENTS, false);
+                let t = p.trim_end_matches('/');
+                prefix(if t.is_empty() { "/" } else { t })
+            } else {
+                exact(&random_path(&mut rng, &SEGMENTS, true))
+            };
+            let methods: Option<Vec<usize>> = (rng.below(2) == 0).then(|| {
+                let n = 1 + rng.below(3);
+                // Without repeats, as the compiler gives them.
+                let mut m: Vec<usize> = Vec::new();
+                for _ in 0..n {
+                    let slot = rng.below(METHODS.len());
+                    if !m.contains(&slot) {
+                        m.push(slot);
+                    }
+                }
+                m
+            });
+            let a = new.insert(&host, &path, methods.as_deref(), id);
+            let b = old.insert(&host, &path, methods.as_deref(), id);
+            let ctx = format!("seed {seed}: insert {host:?} {path:?} {methods:?}");
+            match (&a, &b) {
+                (Ok(()), Ok(())) => id += 1,
+                (Err(InsertError::Conflict { existing, method }), Err(Some((e, m)))) => {
+                    assert_eq!((existing, method), (e, m), "{ctx}")
+                }
+                (Err(InsertError::InvalidPath(_)), Err(None)) => {}
+                _ => panic!("{ctx}: {a:?} vs {b:?}"),
+            }
+        }
+        new.finish();
+        old.finish();
+        for _ in 0..100 {
+            let h = rng.pick(&REQUEST_HOSTS);
+            let m = rng.pick(&REQUEST_METHODS);
+            let p = random_path(&mut rng, &REQUEST_SEGMENTS, true);
+            let got = new.lookup(h, m, &p).map(|x| {
+                let params = x.params.map(|ps| {
+                    ps.iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect::<Vec<_>>()
+                });
+                (x.route, params)
+            });
+            assert_eq!(got, old.lookup(h, m, &p), "seed {seed}: {m} {h}{p}");
+            assert_eq!(
+                new.allowed_methods(h, &p),
+                old.allowed_methods(h, &p),
+                "seed {seed}: allowed {h}{p}"
+            );
+        }
+    }
+}

@@ -241,7 +241,12 @@ impl Gateway {
                 compiled.diagnostics.render_human(&compiled.files)
             );
         };
-        let store = Arc::new(SnapshotStore::new(snapshot));
+        Gateway::serve_store(dir, Arc::new(SnapshotStore::new(snapshot)), opts)
+    }
+
+    /// Serves snapshots from `store` (filled by the caller, e.g. a `Reloader`); `dir` is the
+    /// config repo it came from.
+    pub fn serve_store(dir: &Path, store: Arc<SnapshotStore>, opts: ServeOptions) -> Gateway {
         let opts = ServeOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
