@@ -134,6 +134,7 @@ pub struct FreedSnapshots {
     pub in_place: u64,
 }
 
+/// Counts of freed snapshots so far (tests check that workers never free one).
 pub fn freed_snapshots() -> FreedSnapshots {
     FreedSnapshots {
         in_background: FREED_IN_BACKGROUND.load(Ordering::Relaxed),
