@@ -9,9 +9,11 @@
 # * serve: resident memory (VmRSS, and the peak VmHWM) of `rustygate serve` once ready, per size.
 # * swap: `serve --workers 1` with $SWAP_ROUTES routes (default 10000); wrk -t1 -c32 on a route
 #   the gateway answers itself, for $SWAP_SECS s (default 10) without reloads, then as long again
-#   while the config is swapped $SWAPS times (default 6, one every second or so). Prints the
-#   latency percentiles of both runs. Every loop is bounded in count and time; traffic stays on
-#   loopback (ports $PORT and $PORT+1, default 18090).
+#   while the config is swapped $SWAPS times (default 6, one every second or so). Meanwhile a
+#   second wrk keeps 4 requests in flight on a route to a backend that answers after 200 ms, so
+#   that at each swap some requests still hold the old snapshot (the worker lets go of it last).
+#   Prints the latency percentiles of the fast route for both runs. Every loop is bounded in count
+#   and time; traffic stays on loopback (ports $PORT to $PORT+2, default 18090).
 #
 # The repos come from bench/gen-routes.py (the route mix is described there). The binary is
 # $RUSTYGATE_BIN, else the release build in $CARGO_TARGET_DIR (or ./target). Figures in
@@ -30,8 +32,10 @@ modes=${*:-validate serve swap}
 
 work=$(mktemp -d)
 server=
+backend=
 cleanup() {
   [[ -n $server ]] && kill -TERM "$server" 2>/dev/null && wait "$server" 2>/dev/null
+  [[ -n $backend ]] && kill "$backend" 2>/dev/null && wait "$backend" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -102,10 +106,45 @@ mode_serve() {
   done
 }
 
+# The slow backend for the swap benchmark: answers each request after 200 ms, for at most 10 min.
+slow_backend() {
+  python3 - "$1" <<'PY' &
+import asyncio, sys
+async def conn(r, w):
+    try:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.2)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def main():
+    server = await asyncio.start_server(conn, "127.0.0.1", int(sys.argv[1]))
+    try:
+        await asyncio.wait_for(server.serve_forever(), 600)
+    except asyncio.TimeoutError:
+        pass
+asyncio.run(main())
+PY
+  backend=$!
+}
+
 mode_swap() {
-  local n=${SWAP_ROUTES:-10000} secs=${SWAP_SECS:-10} swaps=${SWAPS:-6} dir v
+  local n=${SWAP_ROUTES:-10000} secs=${SWAP_SECS:-10} swaps=${SWAPS:-6} dir v slow_pid
   echo "## swap: $n routes, 1 worker, wrk -t1 -c32 -d${secs}s on GET /bench (ms)"
-  dir=$(repo "$n")
+  # A repo of its own: the swaps rewrite it.
+  dir=$work/swap$n
+  python3 "$here/gen-routes.py" "$n" "$dir"
+  slow_backend $((port + 2))
+  printf '[upstream.slow]\ntargets = ["http://127.0.0.1:%d"]\n' $((port + 2)) >"$dir/upstreams/zz-slow.toml"
+  bench_route() {
+    printf '[[route]]\nname = "bench"\npath = "/bench"\nrespond = { status = 200, body = "variant %d" }\n\n' "$1"
+    printf '[[route]]\nname = "slow"\npath = "/slow"\nupstream = "slow"\n'
+  }
+  bench_route 0 >"$dir/routes/zz-bench.toml"
   cat >"$work/pct.lua" <<'LUA'
 done = function(summary, latency, requests)
   io.write(string.format("requests %d  errors %d  p50 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n",
@@ -118,24 +157,31 @@ LUA
   start_serve "$dir"
   v=$(wait_ready "$server")
   wrk -t1 -c32 -d2s "http://127.0.0.1:$port/bench" >/dev/null # warm-up
+  wrk -t1 -c4 -d"${secs}s" "http://127.0.0.1:$port/slow" >/dev/null &
+  slow_pid=$!
   printf 'no swap:  '
   wrk -t1 -c32 -d"${secs}s" -s "$work/pct.lua" "http://127.0.0.1:$port/bench" | tail -1
+  wait "$slow_pid"
+  wrk -t1 -c4 -d"${secs}s" "http://127.0.0.1:$port/slow" >/dev/null &
+  slow_pid=$!
   wrk -t1 -c32 -d"${secs}s" -s "$work/pct.lua" "http://127.0.0.1:$port/bench" >"$work/wrk.out" &
   local wrk_pid=$! done=0 started
   started=$(date +%s)
   sleep 1
   for k in $(seq "$swaps"); do
     (($(date +%s) - started < secs - 1)) || break
-    printf '[[route]]\nname = "bench"\npath = "/bench"\nrespond = { status = 200, body = "variant %d" }\n' \
-      "$k" >"$dir/routes/zz-bench.toml"
+    bench_route "$k" >"$dir/routes/zz-bench.toml"
     curl -sf -X POST -H "Authorization: Bearer $RUSTYGATE_ADMIN_TOKEN" \
       "http://127.0.0.1:$aport/admin/reload" >/dev/null
     v=$(wait_ready "$server" "$v") && done=$((done + 1))
     sleep 0.5
   done
-  wait "$wrk_pid"
+  wait "$wrk_pid" "$slow_pid"
   printf 'swapping: %s  (%d swaps)\n' "$(tail -1 "$work/wrk.out")" "$done"
   stop_serve
+  kill "$backend" 2>/dev/null || true
+  wait "$backend" 2>/dev/null || true
+  backend=
 }
 
 echo "# $("$bin" --version 2>/dev/null || echo rustygate) ($bin), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"

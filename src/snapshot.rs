@@ -134,6 +134,7 @@ pub struct FreedSnapshots {
     pub in_place: u64,
 }
 
+/// Counts of freed snapshots so far (tests check that workers never free one).
 pub fn freed_snapshots() -> FreedSnapshots {
     FreedSnapshots {
         in_background: FREED_IN_BACKGROUND.load(Ordering::Relaxed),
@@ -141,20 +142,26 @@ pub fn freed_snapshots() -> FreedSnapshots {
     }
 }
 
-/// Hands `r` to the dropper thread (started on first use), or frees it here if there is none.
-fn retire(r: Retired) {
+/// The dropper thread's queue, the thread started on first use; `None` if it could not start.
+fn dropper() -> Option<&'static Sender<Retired>> {
     static DROPPER: OnceLock<Option<Sender<Retired>>> = OnceLock::new();
-    let dropper = DROPPER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Retired>();
-        std::thread::Builder::new()
-            .name(DROPPER_THREAD.into())
-            // Ends when every sender is gone, i.e. never before the process exits.
-            .spawn(move || rx.into_iter().for_each(drop))
-            .ok()
-            .map(|_| tx)
-    });
+    DROPPER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Retired>();
+            std::thread::Builder::new()
+                .name(DROPPER_THREAD.into())
+                // Ends when every sender is gone, i.e. never before the process exits.
+                .spawn(move || rx.into_iter().for_each(drop))
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// Hands `r` to the dropper thread, or frees it here if there is none.
+fn retire(r: Retired) {
     // Without the thread (or if it is gone: `send` gives `r` back), `r` is freed here.
-    if let Some(tx) = dropper {
+    if let Some(tx) = dropper() {
         let _ = tx.send(r);
     }
 }
@@ -404,6 +411,8 @@ pub struct SnapshotStore {
 
 impl SnapshotStore {
     pub fn new(initial: Snapshot) -> Self {
+        // Started now, so that the first request to let go of a snapshot never starts it.
+        let _ = dropper();
         Self {
             current: ArcSwap::from_pointee(initial),
             changes: tokio::sync::watch::Sender::new(0),

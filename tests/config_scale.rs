@@ -148,6 +148,41 @@ fn ten_thousand_routes_compile_and_each_matches_its_own_requests() {
     assert!(checked > 1000);
 }
 
+/// Mistakes among 10,000 good routes are each reported where they were written, with the
+/// other route named, as in a small repo.
+#[test]
+fn mistakes_among_ten_thousand_routes_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    write_routes(dir.path(), 10_000);
+    // r0 is `/api/v1/orders0` on any host, r12 `/api/v2/search12` on svc12 (GET and HEAD).
+    std::fs::write(
+        dir.path().join("routes/zz-bad.toml"),
+        "[[route]]\nname = \"r5000\"\npath = \"/fresh\"\nupstream = \"be1\"\n\n\
+         [[route]]\nname = \"same-path\"\npath = \"/api/v1/orders0\"\nupstream = \"be1\"\n\n\
+         [[route]]\nname = \"typo\"\npath = \"/typo\"\nupstream = \"be_1\"\n",
+    )
+    .unwrap();
+    let compiled = compile_dir(dir.path(), &compile_opts()).unwrap();
+    assert!(compiled.snapshot.is_none());
+    let short = compiled.diagnostics.render_short(&compiled.files);
+    let lines: Vec<&str> = short.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "routes/zz-bad.toml:2:8: error[duplicate-route]: route name `r5000` is used twice",
+            "routes/zz-bad.toml:8:8: error[route-conflict]: routes `r0` and `same-path` both match GET /api/v1/orders0",
+            "routes/zz-bad.toml:14:12: error[unknown-upstream]: unknown upstream `be_1`",
+        ],
+        "{short}"
+    );
+    let human = compiled.diagnostics.render_human(&compiled.files);
+    assert!(
+        human.contains("routes/part0010.toml:"),
+        "the first r5000: {human}"
+    );
+    assert!(human.contains("did you mean `be1`?"), "{human}");
+}
+
 /// 10,000 routes swapped by the real reload path (compiled on its own thread, published, the
 /// previous snapshot let go) while a client keeps sending requests, and while a request that
 /// started on the old snapshot is still running on a worker: every request succeeds, and every

@@ -90,7 +90,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let providers = auth::compile_providers(&mut cx, raw.gateway.as_ref());
     let routes = routes::compile_routes(
         &mut cx,
-        &raw.routes,
+        std::mem::take(&mut raw.routes),
         &upstreams,
         &defaults,
         &edge,

@@ -30,25 +30,65 @@ pub(crate) struct CompiledRoutes {
     pub used_upstreams: HashSet<String>,
 }
 
+/// Compiles the routes of every file, in order, freeing each file's raw routes once compiled:
+/// with 100,000 routes the raw and the compiled forms need not be held together.
 pub(crate) fn compile_routes(
     cx: &mut Cx<'_>,
-    raw: &[(FileId, RawRoute)],
+    raw: Vec<(FileId, Vec<RawRoute>)>,
     upstreams: &UpstreamTable,
     defaults: &Defaults,
     edge: &super::edge::EdgeDefaults,
     providers: &super::auth::Providers,
 ) -> CompiledRoutes {
-    let mut out = CompiledRoutes {
-        router: Router::default(),
-        routes: Vec::with_capacity(raw.len()),
-        used_upstreams: HashSet::new(),
+    let count = raw.iter().map(|(_, routes)| routes.len()).sum();
+    let mut b = Builder {
+        upstreams,
+        defaults,
+        edge,
+        providers,
+        out: CompiledRoutes {
+            router: Router::default(),
+            routes: Vec::with_capacity(count),
+            used_upstreams: HashSet::new(),
+        },
+        names: HashMap::with_capacity(count),
+        path_spans: Vec::with_capacity(count),
     };
-    let mut names: HashMap<&str, (FileId, Range<usize>)> = HashMap::with_capacity(raw.len());
-    // Where each compiled route's path was written, by RouteId, for conflict messages.
-    let mut path_spans: Vec<(FileId, Range<usize>, &str)> = Vec::with_capacity(raw.len());
+    for (file, routes) in raw {
+        for r in routes {
+            b.route(cx, file, r);
+        }
+    }
+    b.out.router.finish();
+    b.out
+}
 
-    for (file, r) in raw {
-        let file = *file;
+/// The routes compiled so far, and what every route may refer to.
+struct Builder<'a> {
+    upstreams: &'a UpstreamTable,
+    defaults: &'a Defaults,
+    edge: &'a super::edge::EdgeDefaults,
+    providers: &'a super::auth::Providers,
+    out: CompiledRoutes,
+    /// Where each route name was first used.
+    names: HashMap<String, (FileId, Range<usize>)>,
+    /// Where each compiled route's path was written, by RouteId, for conflict messages.
+    path_spans: Vec<(FileId, Range<usize>)>,
+}
+
+impl Builder<'_> {
+    /// Compiles one route into `self.out`, or reports why it cannot be.
+    fn route(&mut self, cx: &mut Cx<'_>, file: FileId, r: RawRoute) {
+        let Builder {
+            upstreams,
+            defaults,
+            edge,
+            providers,
+            out,
+            names,
+            path_spans,
+        } = self;
+        let (upstreams, defaults, edge, providers) = (*upstreams, *defaults, *edge, *providers);
         let errors_before = cx.diags.error_count();
         let name = r.name.get().as_str();
         if !valid_name(name) {
@@ -71,7 +111,7 @@ pub(crate) fn compile_routes(
                 .help("route names must be unique across all files"),
             );
         } else {
-            names.insert(name, (file, r.name.span()));
+            names.insert(name.to_owned(), (file, r.name.span()));
         }
         if let Some(u) = &r.upstream
             && !out.used_upstreams.contains(u.get())
@@ -84,9 +124,9 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|h| host_pattern(cx, file, h))
             .unwrap_or(HostPattern::Any);
-        let path = path_pattern(cx, file, r);
+        let path = path_pattern(cx, file, &r);
         let methods = r.methods.as_ref().and_then(|m| method_slots(cx, file, m));
-        let upstream_host = upstream_host(cx, file, r);
+        let upstream_host = upstream_host(cx, file, &r);
         let cors = r
             .cors
             .as_ref()
@@ -146,7 +186,7 @@ pub(crate) fn compile_routes(
             .and_then(|v| cx.size(file, v))
             .unwrap_or(defaults.max_body_size);
         let policy =
-            super::policies::route_policy(cx, file, r, upstreams, defaults.policy.as_ref());
+            super::policies::route_policy(cx, file, &r, upstreams, defaults.policy.as_ref());
         // A policy's `on_response` sees the handshake's head only, never what the tunnel
         // carries: such routes take upgrades only when they say so.
         let websocket = r.websocket.unwrap_or_else(|| {
@@ -157,13 +197,13 @@ pub(crate) fn compile_routes(
             .as_ref()
             .and_then(|v| cx.duration(file, v))
             .unwrap_or(defaults.websocket_idle_timeout);
-        let action = action(cx, file, r, path.as_ref(), upstreams);
+        let action = action(cx, file, &r, path.as_ref(), upstreams);
 
         let (Some((path, path_span)), Some(action)) = (path, action) else {
-            continue;
+            return;
         };
         if cx.diags.error_count() > errors_before {
-            continue;
+            return;
         }
         let timeout = route_timeout
             .or(match &action {
@@ -175,7 +215,8 @@ pub(crate) fn compile_routes(
         match out.router.insert(&host, &path, methods.as_deref(), id) {
             Ok(()) => {}
             Err(InsertError::Conflict { existing, method }) => {
-                let (ef, es, ename) = path_spans[existing].clone();
+                let (ef, es) = path_spans[existing].clone();
+                let ename = &out.routes[existing].name;
                 cx.push(
                     Diagnostic::error(
                         "route-conflict",
@@ -189,7 +230,7 @@ pub(crate) fn compile_routes(
                     .also(ef, es, format!("`{ename}` already matches here"))
                     .help("give one of them a different host, path or `methods`"),
                 );
-                continue;
+                return;
             }
             Err(InsertError::InvalidPath(why)) => {
                 cx.push(
@@ -199,12 +240,12 @@ pub(crate) fn compile_routes(
                     )
                     .at(file, path_span, "invalid path"),
                 );
-                continue;
+                return;
             }
         }
-        path_spans.push((file, path_span, name));
+        path_spans.push((file, path_span));
         out.routes.push(Route {
-            name: name.to_owned(),
+            name: r.name.into_inner(),
             action,
             timeout,
             connect_timeout,
@@ -223,8 +264,6 @@ pub(crate) fn compile_routes(
             websocket_idle_timeout,
         });
     }
-    out.router.finish();
-    out
 }
 
 fn host_label(h: &HostPattern) -> String {

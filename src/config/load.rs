@@ -20,7 +20,9 @@ pub struct RawConfig {
     pub root: PathBuf,
     pub files: SourceFiles,
     pub gateway: Option<(FileId, GatewayFile)>,
-    pub routes: Vec<(FileId, RawRoute)>,
+    /// The routes of each routes file that loaded, in file order. Kept per file so that the
+    /// compiler can free each file's routes once it has compiled them.
+    pub routes: Vec<(FileId, Vec<RawRoute>)>,
     /// Upstreams with the span of their name key.
     pub upstreams: Vec<(FileId, Spanned<String>, RawUpstream)>,
     /// Names from tables that did not load, so compile can skip knock-on diagnostics.
@@ -248,7 +250,7 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
                 None => "a route".into(),
             };
             match decode::<RawRoute>(item, id, what, &mut cfg.diagnostics) {
-                Some(r) => routes.push((id, r)),
+                Some(r) => routes.push(r),
                 None => cfg
                     .unloaded
                     .route_upstreams
@@ -256,7 +258,9 @@ fn load_routes(cfg: &mut RawConfig, id: FileId) {
             }
         }
     }
-    cfg.routes.extend(routes);
+    if !routes.is_empty() {
+        cfg.routes.push((id, routes));
+    }
 }
 
 /// A string value of a table, read before (or without) deserialising the table.

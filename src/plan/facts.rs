@@ -111,9 +111,11 @@ pub(super) struct RawRouteFacts {
     response_headers: Vec<String>,
 }
 
-pub(super) fn raw_route_facts(routes: &[(FileId, RawRoute)]) -> HashMap<String, RawRouteFacts> {
+pub(super) fn raw_route_facts(
+    routes: &[(FileId, Vec<RawRoute>)],
+) -> HashMap<String, RawRouteFacts> {
     let mut out = HashMap::new();
-    for (_, r) in routes {
+    for r in routes.iter().flat_map(|(_, file)| file) {
         let methods = r.methods.as_ref().map(|m| {
             let set: BTreeSet<String> = m.iter().map(|s| s.to_ascii_uppercase()).collect();
             let mut v: Vec<String> = set.into_iter().collect();

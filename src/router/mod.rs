@@ -14,7 +14,7 @@
 //! same normalised path, so what was authorised is what the upstream sees.
 //!
 //! Layout, chosen so that a table of 100,000 routes stays small and quick to build: each path is
-//! stored once per host with the route of every method beside it ([`Slots`]). Exact paths without
+//! stored once per host with the route of every method beside it (`Slots`). Exact paths without
 //! parameters and prefixes are hash lookups; `{param}` patterns go to `matchit` radix trees, one
 //! per group of methods that received the same patterns (usually two or three trees, not one per
 //! method). A path that equals an exact path wins over every `{param}` pattern, as it does inside
@@ -133,22 +133,13 @@ pub struct Router {
     any_host: Table,
 }
 
-/// Slots a route without `methods` accepts: every method but `TRACE` and `CONNECT`. A gateway has
-/// no business tunnelling (CONNECT) or echoing requests back with their credentials (TRACE)
-/// unless a route asks for it: those get 405 elsewhere.
-const DEFAULT_SLOTS: SlotMask = {
-    let mut mask: SlotMask = (1 << METHOD_SLOTS) - 1;
-    mask &= !(1 << 7); // TRACE
-    mask &= !(1 << 8); // CONNECT
-    mask
-};
+/// Slots a route without `methods` accepts, in order: every method but `TRACE` and `CONNECT`.
+/// A gateway has no business tunnelling (CONNECT) or echoing requests back with their
+/// credentials (TRACE) unless a route asks for it: those get 405 elsewhere.
+const DEFAULT_SLOTS: [usize; METHOD_SLOTS - 2] = [0, 1, 2, 3, 4, 5, 6, 9];
 
 fn method_name(slot: usize) -> &'static str {
     METHODS.get(slot).copied().unwrap_or("other methods")
-}
-
-fn slots_in(mask: SlotMask) -> impl Iterator<Item = usize> {
-    (0..METHOD_SLOTS).filter(move |s| mask & (1 << s) != 0)
 }
 
 /// The first of `slots` that already has a route in `taken`, with that route.
@@ -180,25 +171,16 @@ impl Router {
             .ok()
             .filter(|&id| id != NO_ROUTE)
             .ok_or_else(|| InsertError::InvalidPath("too many routes".into()))?;
-        let default: Vec<usize>;
-        let slots = match methods {
-            Some(slots) => slots,
-            None => {
-                default = slots_in(DEFAULT_SLOTS).collect();
-                &default
-            }
-        };
-        let slots: Vec<usize> = slots
-            .iter()
-            .copied()
-            .filter(|&s| s < METHOD_SLOTS)
-            .collect();
+        let slots = methods.unwrap_or(&DEFAULT_SLOTS);
+        if slots.iter().any(|&s| s >= METHOD_SLOTS) {
+            return Err(InsertError::InvalidPath("unknown method slot".into()));
+        }
         let table = match host {
             HostPattern::Any => &mut self.any_host,
             HostPattern::Exact(h) => self.exact_hosts.entry(h.as_str().into()).or_default(),
             HostPattern::Suffix(s) => self.suffix_hosts.entry(s.as_str().into()).or_default(),
         };
-        table.insert(path, &slots, id)
+        table.insert(path, slots, id)
     }
 
     /// Frees what was only needed to detect conflicts. Call once, after the last insert.

@@ -559,3 +559,25 @@ fn matches_the_per_method_reference_on_random_tables() {
         }
     }
 }
+
+#[test]
+fn routes_without_methods_take_every_method_but_trace_and_connect() {
+    let names: Vec<&str> = DEFAULT_SLOTS.iter().map(|&s| method_name(s)).collect();
+    assert_eq!(
+        names,
+        [
+            "GET",
+            "HEAD",
+            "POST",
+            "PUT",
+            "DELETE",
+            "PATCH",
+            "OPTIONS",
+            "other methods"
+        ]
+    );
+    let r = router(&[("", exact("/a"), None)]);
+    assert_eq!(hit(&r, "h", "PURGE", "/a"), Some(0));
+    assert_eq!(hit(&r, "h", "TRACE", "/a"), None);
+    assert_eq!(hit(&r, "h", "CONNECT", "/a"), None);
+}
