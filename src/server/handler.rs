@@ -36,9 +36,10 @@ use crate::proxy::headers::{
 use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
-use crate::snapshot::{Route, Snapshot, StaticResponse};
+use crate::snapshot::{Route, Snapshot};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
+use crate::wire::StaticResponse;
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -1059,7 +1060,7 @@ fn overloaded(
 /// The consistent-hash key of this request, if it has one.
 fn request_hash(key: &HashKey, req: &HttpRequest, ex: &Exchange) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(match crate::snapshot::canonical_ip(ex.client_ip) {
+        HashKey::ClientIp => Some(match crate::util::canonical_ip(ex.client_ip) {
             IpAddr::V4(v4) => hash_bytes(&v4.octets()),
             IpAddr::V6(v6) => hash_bytes(&v6.octets()),
         }),
