@@ -453,3 +453,55 @@ fn config_swaps_under_load_fail_no_request() {
         Some(11.0)
     );
 }
+
+/// A directory's version covers every file the compile reads: an edit to a policy script alone
+/// is a new version, applied like any other (it was once skipped as "already applied").
+#[test]
+fn a_policy_edit_alone_is_a_new_version_of_a_directory() {
+    let policy =
+        |body: &str| format!("fn on_request(req) {{\n    respond(200, #{{}}, \"{body}\")\n}}\n");
+    let files = [
+        (
+            "routes/main.toml",
+            "[[route]]\nname = \"home\"\npath = \"/\"\nupstream = \"api\"\npolicy = \"policies/p.rhai\"\n"
+                .to_string(),
+        ),
+        (
+            "upstreams/api.toml",
+            "[upstream.api]\ntargets = [\"http://127.0.0.1:9\"]\n".to_string(),
+        ),
+        ("policies/p.rhai", policy("p1")),
+    ];
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "p1");
+    let first = gw.status()["applied"]["sha"].clone();
+    write_files(dir.path(), &as_refs(&[("policies/p.rhai", policy("p2"))]));
+    assert!(wait_body(&gw, "p2"));
+    assert_ne!(gw.status()["applied"]["sha"], first);
+}
+
+/// `--ref v1` pins the tag: a branch pushed under the same name never changes what is served;
+/// the reload that meets both is refused with the reason, and the tag's commit keeps serving.
+#[test]
+fn a_branch_named_like_the_pinned_tag_changes_nothing() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("tagged")), "first");
+    repo.tag_lightweight("v1", &repo.find_object(v1, None).unwrap(), false)
+        .unwrap();
+    let gw = GatewayProcess::start(&["--repo", &url, "--ref", "v1", "--poll", "200ms"], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "tagged");
+    commit(
+        &repo,
+        "v1",
+        &config("branch"),
+        "a branch named like the tag",
+    );
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("both a tag and a branch"))
+    }));
+    assert_eq!(gw.get("/").unwrap().1, "tagged");
+    assert_eq!(gw.status()["applied"]["sha"], v1.to_string());
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::compile::{CompileOptions, content_hash};
+use crate::compile::CompileOptions;
 use crate::config::{Diagnostics, SourceFiles, load_dir};
 use crate::snapshot::Snapshot;
 use git::{CommitInfo, Credentials, GitError, Mirror};
@@ -200,21 +200,25 @@ impl Source {
         force: bool,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
-        let skip = |id: &str| applied == Some(id) || (!force && failed == Some(id));
+        // A forced reload always compiles again: a secret may have been rotated under an
+        // unchanged commit.
+        let skip = |id: &str| !force && (applied == Some(id) || failed == Some(id));
         match self.spec.clone() {
             SourceSpec::Dir(dir) => {
+                // A directory's version is everything the compile reads (policies,
+                // certificates and secrets too), so it is known only once compiled.
                 let raw = load_dir(&dir)?;
-                let id = content_hash(&raw.files);
-                if skip(&id) {
-                    return Ok(Loaded::Unchanged { version_id: id });
-                }
                 let compiled = crate::compile::compile(
                     raw,
                     &CompileOptions {
-                        version_id: Some(id.clone()),
+                        version_id: None,
                         ..opts.clone()
                     },
                 );
+                let id = compiled.inputs_id.clone();
+                if skip(&id) {
+                    return Ok(Loaded::Unchanged { version_id: id });
+                }
                 Ok(Loaded::Candidate(Box::new(Candidate {
                     version_id: id,
                     commit: None,
@@ -346,5 +350,54 @@ mod tests {
             "git@git.example:org/cfg.git"
         );
         assert_eq!(redact_url("file:///srv/cfg.git"), "file:///srv/cfg.git");
+    }
+
+    fn id_of(loaded: &Loaded) -> (&'static str, String) {
+        match loaded {
+            Loaded::Unchanged { version_id } => ("unchanged", version_id.clone()),
+            Loaded::Candidate(c) => ("candidate", c.version_id.clone()),
+        }
+    }
+
+    /// A directory's version covers the secrets it resolves: a rotated secret file is a new
+    /// version; the same inputs are the same version, skipped unless forced.
+    #[test]
+    fn a_rotated_secret_is_a_new_directory_version_and_force_always_compiles() {
+        let secrets = tempfile::tempdir().unwrap();
+        let secret = secrets.path().join("api-key");
+        std::fs::write(&secret, "one\n").unwrap();
+        let repo = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(repo.path().join("routes")).unwrap();
+        std::fs::write(
+            repo.path().join("routes/main.toml"),
+            format!(
+                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200 }}\n\
+                 request_headers = {{ set = {{ \"x-key\" = {{ file = \"{}\" }} }} }}\n",
+                secret.display()
+            ),
+        )
+        .unwrap();
+        let opts = CompileOptions {
+            resolve_secrets: true,
+            secret_roots: vec![secrets.path().to_path_buf()],
+            ..CompileOptions::default()
+        };
+        let mut source = Source::new(SourceSpec::Dir(repo.path().to_path_buf()));
+        let first = source.load(None, None, false, &opts).unwrap();
+        let (kind, id1) = id_of(&first);
+        assert_eq!(kind, "candidate");
+        if let Loaded::Candidate(c) = &first {
+            assert!(c.snapshot.is_some(), "{:?}", c.diagnostics);
+        }
+        let again = source.load(Some(&id1), None, false, &opts).unwrap();
+        assert_eq!(id_of(&again), ("unchanged", id1.clone()));
+        let forced = source.load(Some(&id1), None, true, &opts).unwrap();
+        assert_eq!(id_of(&forced), ("candidate", id1.clone()));
+
+        std::fs::write(&secret, "two\n").unwrap();
+        let rotated = source.load(Some(&id1), None, false, &opts).unwrap();
+        let (kind, id2) = id_of(&rotated);
+        assert_eq!(kind, "candidate");
+        assert_ne!(id1, id2);
     }
 }
