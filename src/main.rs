@@ -495,10 +495,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..defaults
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let force_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let control = Control {
         status,
         metrics,
         reload: Some(tx.clone()),
+        force_pending: Arc::clone(&force_pending),
         admin_token: env_secret("RUSTYGATE_ADMIN_TOKEN"),
         webhook_secret: env_secret("RUSTYGATE_WEBHOOK_SECRET"),
         branch: match &spec {
@@ -507,7 +509,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         limiters: Default::default(),
     };
-    let reloader = reloader.with_load_timeout(args.reload_timeout);
+    let reloader = reloader
+        .with_load_timeout(args.reload_timeout)
+        .with_force_flag(force_pending);
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {
         if let Some(c) = cancel {

@@ -128,7 +128,8 @@ fn reply(status: u16, message: &str) -> HttpResponse {
     .json(json!({ "message": message }))
 }
 
-/// Queues a reload; a full queue means one is already pending, which answers this one too.
+/// Queues a reload; a full queue means one is already pending, which answers this one too (a
+/// force is carried by [`Control::force_pending`](super::Control::force_pending) then).
 fn queue(tx: &mpsc::Sender<Trigger>, trigger: Trigger) -> HttpResponse {
     match tx.try_send(trigger) {
         Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(202, "reload queued"),
@@ -179,6 +180,12 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         .query_string()
         .split('&')
         .any(|kv| kv == "force=true" || kv == "force=1");
+    if force {
+        state
+            .control
+            .force_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     queue(tx, Trigger::Admin { force })
 }
 

@@ -6,7 +6,7 @@
 //! (attempted vs applied, as Flux does), in the metrics and in the log. A version that failed is
 //! not compiled again until a new version arrives or a reload is forced.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -129,6 +129,8 @@ pub struct Reloader {
     load_timeout: Duration,
     /// Load threads still running, the current one and any abandoned at their deadline.
     loads_running: Arc<AtomicUsize>,
+    /// Set when a forced reload was asked for (see [`Reloader::with_force_flag`]).
+    force_pending: Arc<AtomicBool>,
 }
 
 /// Why the first load failed: nothing can be served.
@@ -196,6 +198,7 @@ impl Reloader {
             opts,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             loads_running: Arc::new(AtomicUsize::new(0)),
+            force_pending: Arc::default(),
         };
         Ok(Started {
             reloader,
@@ -205,6 +208,12 @@ impl Reloader {
     }
 
     /// Sets the time a reload gets before it is abandoned (default [`DEFAULT_LOAD_TIMEOUT`]).
+    /// The flag a forced reload request sets when it is queued (see `server::Control`).
+    pub fn with_force_flag(mut self, flag: Arc<AtomicBool>) -> Reloader {
+        self.force_pending = flag;
+        self
+    }
+
     pub fn with_load_timeout(mut self, timeout: Duration) -> Reloader {
         self.load_timeout = timeout;
         self
@@ -229,10 +238,12 @@ impl Reloader {
                     }
                 }
             }
-            // Everything queued meanwhile is answered by this one reload.
+            // Everything queued meanwhile is answered by this one reload, and a force that
+            // found the queue full.
             while let Ok(t) = rx.try_recv() {
                 force |= t.force();
             }
+            force |= self.force_pending.swap(false, Ordering::SeqCst);
             self.reload(first.name(), force).await;
         }
     }
@@ -543,5 +554,41 @@ mod tests {
         assert!(wait_for(Duration::from_secs(10), || running
             .load(Ordering::SeqCst)
             == 0));
+    }
+
+    /// A forced reload asked while the queue is full is answered by the reload already queued,
+    /// still forced: the flag set by the admin call is read with the queued triggers.
+    #[tokio::test]
+    async fn a_force_that_found_the_queue_full_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+        std::fs::write(
+            dir.path().join("routes/main.toml"),
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+        )
+        .unwrap();
+        let attempted_trigger = |forced: bool| {
+            let source = Source::new(SourceSpec::Dir(dir.path().to_path_buf()));
+            let started =
+                Reloader::start(source, CompileOptions::default(), Arc::new(Metrics::new()))
+                    .unwrap();
+            let flag = Arc::new(AtomicBool::new(false));
+            let reloader = started.reloader.with_force_flag(Arc::clone(&flag));
+            let (tx, rx) = mpsc::channel(1);
+            // The queue is full with an unforced trigger; the forced call only sets the flag.
+            tx.try_send(Trigger::Poll).unwrap();
+            flag.store(forced, Ordering::SeqCst);
+            drop(tx);
+            let status = Arc::clone(&started.status);
+            async move {
+                reloader.run(rx).await;
+                assert!(!flag.load(Ordering::SeqCst), "the flag is consumed");
+                let s = status.lock().unwrap();
+                s.attempted.as_ref().unwrap().trigger
+            }
+        };
+        // Unchanged files: unforced, nothing is compiled again; forced, it is.
+        assert_eq!(attempted_trigger(false).await, "startup");
+        assert_eq!(attempted_trigger(true).await, "poll");
     }
 }
