@@ -505,3 +505,35 @@ fn a_branch_named_like_the_pinned_tag_changes_nothing() {
     assert_eq!(gw.get("/").unwrap().1, "tagged");
     assert_eq!(gw.status()["applied"]["sha"], v1.to_string());
 }
+
+/// A restart while the git host is down serves the commit cached by the earlier run (loudly,
+/// `stale` in `/status`) instead of exiting; the first fetch that works clears it.
+#[test]
+fn a_restart_with_the_remote_down_serves_the_cached_commit() {
+    let (remote, repo, url) = bare_repo();
+    let sha = commit(&repo, "main", &config("cached"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    assert_eq!(gw.status()["stale"], false);
+    drop(gw);
+
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).unwrap();
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    let status = gw.status();
+    assert_eq!(status["stale"], true);
+    assert_eq!(status["applied"]["sha"], sha);
+    assert!(
+        status["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    );
+
+    std::fs::rename(&away, remote.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
+    assert!(gw.status()["last_fetch_error"].is_null());
+}

@@ -105,6 +105,7 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
         "attempted": reload.get("attempted"),
         "last_fetch_at": reload.get("last_fetch_at"),
         "last_fetch_error": reload.get("last_fetch_error"),
+        "stale": reload.get("stale"),
         "started_at": humantime::format_rfc3339_seconds(state.started_at).to_string(),
         "gateway_version": env!("CARGO_PKG_VERSION"),
     });

@@ -144,6 +144,9 @@ pub struct Candidate {
     pub snapshot: Option<Snapshot>,
     pub diagnostics: Diagnostics,
     pub files: SourceFiles,
+    /// Why the remote could not be fetched, when this first version came from the cached
+    /// mirror instead (start-up with the git host down).
+    pub stale: Option<String>,
 }
 
 /// What a load found.
@@ -225,9 +228,10 @@ impl Source {
                     snapshot: compiled.snapshot,
                     diagnostics: compiled.diagnostics,
                     files: compiled.files,
+                    stale: None,
                 })))
             }
-            SourceSpec::Git(g) => self.load_git(&g, skip, opts),
+            SourceSpec::Git(g) => self.load_git(&g, skip, applied.is_none(), opts),
         }
     }
 
@@ -235,6 +239,7 @@ impl Source {
         &mut self,
         g: &GitSpec,
         skip: impl Fn(&str) -> bool,
+        first: bool,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
         if self.mirror.is_none() {
@@ -243,11 +248,19 @@ impl Source {
         let Some(mirror) = self.mirror.as_ref() else {
             return Err(SourceError::Cancelled);
         };
-        mirror.fetch(&g.credentials, &self.cancel)?;
+        let fetched = mirror.fetch(&g.credentials, &self.cancel);
         if self.cancel.load(Ordering::Relaxed) {
             return Err(SourceError::Cancelled);
         }
-        let oid = mirror.resolve(&g.branch, g.pin.as_deref())?;
+        // Nothing served yet and the remote unreachable: the commit the cached mirror holds
+        // for the ref beats not starting at all. Later reloads only ever serve fetched commits.
+        let (oid, stale) = match fetched {
+            Ok(()) => (mirror.resolve(&g.branch, g.pin.as_deref())?, None),
+            Err(e) => match mirror.resolve(&g.branch, g.pin.as_deref()) {
+                Ok(oid) if first => (oid, Some(e.to_string())),
+                _ => return Err(e.into()),
+            },
+        };
         let sha = oid.to_string();
         if skip(&sha) {
             return Ok(Loaded::Unchanged { version_id: sha });
@@ -278,6 +291,7 @@ impl Source {
             snapshot: compiled.snapshot,
             diagnostics: compiled.diagnostics,
             files: compiled.files,
+            stale,
         })))
     }
 

@@ -89,6 +89,9 @@ pub struct ReloadStatus {
     pub attempted: Option<Attempted>,
     pub last_fetch_at: Option<String>,
     pub last_fetch_error: Option<String>,
+    /// The version served came from the cached mirror because the remote could not be
+    /// fetched at start-up; cleared by the next successful fetch.
+    pub stale: bool,
     #[serde(skip)]
     failed: Option<String>,
 }
@@ -167,6 +170,13 @@ impl Reloader {
         for d in c.diagnostics.iter() {
             tracing::warn!(code = d.code, version = %c.version_id, "{}", d.message);
         }
+        if let Some(why) = &c.stale {
+            tracing::error!(
+                version = %c.version_id,
+                error = %why,
+                "the config repo could not be fetched: serving the commit cached from an earlier run until a fetch succeeds"
+            );
+        }
         snapshot.version.commit = c.commit;
         snapshot.version.reference = source.reference();
         snapshot.version.source = spec.describe();
@@ -180,8 +190,9 @@ impl Reloader {
                 at: rfc3339(now),
                 errors: serde_json::Value::Array(Vec::new()),
             }),
-            last_fetch_at: Some(rfc3339(now)),
-            last_fetch_error: None,
+            last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
+            last_fetch_error: c.stale.clone(),
+            stale: c.stale.is_some(),
             failed: None,
         };
         metrics.reload_succeeded(None, &c.version_id, unix(now));
@@ -305,6 +316,7 @@ impl Reloader {
             Ok(Loaded::Unchanged { version_id }) => {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
+                status.stale = false;
                 tracing::debug!(trigger, version = %version_id, "config unchanged");
                 return;
             }
@@ -312,6 +324,7 @@ impl Reloader {
         };
         status.last_fetch_at = Some(rfc3339(now));
         status.last_fetch_error = None;
+        status.stale = false;
         let id = candidate.version_id.clone();
         let Some(mut snapshot) = candidate.snapshot else {
             let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
