@@ -461,6 +461,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.subdir.clone(),
         args.cache_dir.clone(),
     )?;
+    // Held until serve returns: one gateway per cache dir.
+    let _cache_lock = match &spec {
+        SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
+        SourceSpec::Dir(_) => None,
+    };
     let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,

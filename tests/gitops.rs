@@ -140,6 +140,8 @@ fn admin_reload_needs_the_token() {
     commit(&repo, "main", &config("v1"), "first");
     let without = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
     assert_eq!(without.admin_post("/admin/reload", &[AUTH], b"").0, 403);
+    // One gateway per cache dir (the default one is per repository URL).
+    drop(without);
     let with = GatewayProcess::start(
         &["--repo", &url, "--poll", "0"],
         &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
@@ -536,4 +538,46 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     std::fs::rename(&away, remote.path()).unwrap();
     assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
     assert!(gw.status()["last_fetch_error"].is_null());
+}
+
+/// Two gateways on one cache dir would delete each other's checkouts: the second refuses to
+/// start and says which process holds it.
+#[test]
+fn a_second_gateway_on_the_same_cache_dir_refuses_to_start() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("one"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let gw = GatewayProcess::start(&["--repo", &url, "--cache-dir", cache_dir], &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo", &url, "--cache-dir", cache_dir])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another rustygate (pid "),
+        "{stderr}"
+    );
+    assert_eq!(gw.get("/").unwrap().1, "one");
+}
+
+/// A lock file left in the mirror by a crash mid-fetch does not stop the next run from
+/// fetching (and serving) the new commit.
+#[test]
+fn a_lock_file_left_by_a_crash_is_cleared_at_start_up() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("old"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "0"];
+    drop(GatewayProcess::start(&args, &[]));
+    let lock = cache.path().join("mirror/refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    commit(&repo, "main", &config("new"), "second");
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "new");
+    assert_eq!(gw.status()["stale"], false);
+    assert!(!lock.exists());
 }

@@ -55,6 +55,78 @@ pub enum SourceError {
     Cancelled,
     #[error("{0}")]
     Stuck(String),
+    #[error(
+        "the cache dir {dir} is in use by another rustygate{holder}; give each gateway its own \
+         --cache-dir"
+    )]
+    CacheInUse { dir: String, holder: String },
+}
+
+/// The exclusive hold of one gateway on its git cache dir, for as long as it runs: two gateways
+/// sharing one would delete each other's checkouts and fight over the mirror's ref locks.
+pub struct CacheLock {
+    _file: std::fs::File,
+}
+
+/// Takes the cache dir for this process (a lock file the OS releases when the process ends,
+/// however it ends), then removes the `*.lock` files a crash left in the mirror: with the dir
+/// held, no other process can be writing them.
+pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
+    use std::io::{Read, Seek, Write};
+    let io = |source: std::io::Error| GitError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join("instance.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(SourceError::CacheInUse {
+                dir: dir.display().to_string(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e).into()),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    remove_stale_locks(&dir.join("mirror"));
+    Ok(CacheLock { _file: file })
+}
+
+/// Removes every `*.lock` file under `dir` (ref, index and pack locks of an interrupted git
+/// operation).
+fn remove_stale_locks(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => remove_stale_locks(&path),
+            Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "lock") => {
+                tracing::warn!(path = %path.display(), "removing a lock file left by an interrupted git operation");
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl SourceSpec {
