@@ -481,6 +481,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Source::new(spec.clone()),
         compile_opts,
         Arc::clone(&metrics),
+        args.reload_timeout,
     ) {
         Ok(r) => r,
         Err(StartError::Invalid(diagnostics)) => {

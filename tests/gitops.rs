@@ -581,3 +581,79 @@ fn a_lock_file_left_by_a_crash_is_cleared_at_start_up() {
     assert_eq!(gw.status()["stale"], false);
     assert!(!lock.exists());
 }
+
+/// A git host that accepts the connection and never answers: start-up waits for the fetch no
+/// longer than `--reload-timeout`, then serves the commit cached by an earlier run (stale), and
+/// answers requests; without a cached commit it exits with the reason instead of hanging.
+#[test]
+fn a_git_host_that_never_answers_does_not_hang_start_up() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("cached"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    drop(GatewayProcess::start(
+        &["--repo", &url, "--cache-dir", cache_dir, "--poll", "0"],
+        &[],
+    ));
+
+    // Accepts, reads, never writes a byte.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/config.git", silent.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+
+    let started = std::time::Instant::now();
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &silent_url,
+            "--cache-dir",
+            cache_dir,
+            "--poll",
+            "0",
+            "--reload-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    let status = gw.status();
+    assert_eq!(status["stale"], true);
+    assert!(
+        status["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within")),
+        "{status}"
+    );
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the fetch reached the host"
+    );
+    drop(gw);
+
+    // Nothing cached for this cache dir: a clear failure, not a hang.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args([
+            "serve",
+            "--repo",
+            &silent_url,
+            "--poll",
+            "0",
+            "--reload-timeout",
+            "1s",
+        ])
+        .args(["--cache-dir", empty.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not finish within"), "{stderr}");
+}

@@ -333,6 +333,38 @@ impl Source {
                 _ => return Err(e.into()),
             },
         };
+        self.candidate(g, oid, stale, skip, opts)
+    }
+
+    /// The first version from the cached mirror alone, without fetching: start-up when the
+    /// fetch did not finish in time (`why`). `Err` when the cache holds no commit for the ref.
+    pub fn load_cached(&mut self, why: &str, opts: &CompileOptions) -> Result<Loaded, SourceError> {
+        let SourceSpec::Git(g) = self.spec.clone() else {
+            return Err(SourceError::Stuck(why.to_owned()));
+        };
+        if self.mirror.is_none() {
+            self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        let oid = self
+            .mirror
+            .as_ref()
+            .and_then(|m| m.resolve(&g.branch, g.pin.as_deref()).ok())
+            .ok_or_else(|| SourceError::Stuck(why.to_owned()))?;
+        self.candidate(&g, oid, Some(why.to_owned()), |_| false, opts)
+    }
+
+    /// Exports and compiles commit `oid` of the mirror, unless `skip` says it is known.
+    fn candidate(
+        &mut self,
+        g: &GitSpec,
+        oid: git2::Oid,
+        stale: Option<String>,
+        skip: impl Fn(&str) -> bool,
+        opts: &CompileOptions,
+    ) -> Result<Loaded, SourceError> {
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(SourceError::Cancelled);
+        };
         let sha = oid.to_string();
         if skip(&sha) {
             return Ok(Loaded::Unchanged { version_id: sha });

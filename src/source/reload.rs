@@ -153,14 +153,38 @@ pub struct Started {
 }
 
 impl Reloader {
-    /// Loads and compiles the first version; the gateway cannot start without one.
+    /// Loads and compiles the first version; the gateway cannot start without one. The load
+    /// gets `deadline`: past it (a git host that accepts the connection and never answers),
+    /// a git source serves the commit its cached mirror holds, marked stale, and fails only
+    /// when there is none.
     pub fn start(
-        mut source: Source,
+        source: Source,
         opts: CompileOptions,
         metrics: Arc<Metrics>,
+        deadline: Duration,
     ) -> Result<Started, StartError> {
         let spec = source.spec().clone();
-        let Loaded::Candidate(c) = source.load(None, None, true, &opts)? else {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first_opts = opts.clone();
+        std::thread::Builder::new()
+            .name("rustygate-load".into())
+            .spawn(move || {
+                let mut source = source;
+                let r = source.load(None, None, true, &first_opts);
+                let _ = tx.send((source, r));
+            })
+            .map_err(|e| StartError::Invalid(format!("cannot start the load thread: {e}")))?;
+        let (source, loaded) = match rx.recv_timeout(deadline) {
+            Ok((source, r)) => (source, r?),
+            Err(_) => {
+                // The stuck fetch keeps its thread; the process does not wait for it.
+                let why = format!("the first fetch did not finish within {deadline:?}");
+                let mut source = Source::new(spec.clone());
+                let r = source.load_cached(&why, &opts)?;
+                (source, r)
+            }
+        };
+        let Loaded::Candidate(c) = loaded else {
             return Err(StartError::Invalid("nothing to load".into()));
         };
         let Some(mut snapshot) = c.snapshot else {
@@ -582,9 +606,13 @@ mod tests {
         .unwrap();
         let attempted_trigger = |forced: bool| {
             let source = Source::new(SourceSpec::Dir(dir.path().to_path_buf()));
-            let started =
-                Reloader::start(source, CompileOptions::default(), Arc::new(Metrics::new()))
-                    .unwrap();
+            let started = Reloader::start(
+                source,
+                CompileOptions::default(),
+                Arc::new(Metrics::new()),
+                DEFAULT_LOAD_TIMEOUT,
+            )
+            .unwrap();
             let flag = Arc::new(AtomicBool::new(false));
             let reloader = started.reloader.with_force_flag(Arc::clone(&flag));
             let (tx, rx) = mpsc::channel(1);
