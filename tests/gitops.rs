@@ -657,3 +657,33 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did not finish within"), "{stderr}");
 }
+
+/// A force-push that rewrites the branch is held back: the served commit stays, `/status` says
+/// non-fast-forward; a forced reload serves the new head.
+#[test]
+fn a_rewritten_branch_is_held_until_a_forced_reload() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("v1")), "first");
+    commit(&repo, "main", &config("v2"), "second");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "200ms"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    // Rewind main to v1 and commit on top: the new head does not descend from v2.
+    repo.reference("refs/heads/main", v1, true, "force-push")
+        .unwrap();
+    let rewritten = commit(&repo, "main", &config("rewritten"), "rewritten");
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("non-fast-forward") && e.contains(&rewritten))
+    }));
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    assert_eq!(
+        gw.admin_post("/admin/reload?force=true", &[AUTH], b"").0,
+        202
+    );
+    assert!(wait_body(&gw, "rewritten"));
+    assert_eq!(gw.status()["applied"]["sha"], rewritten);
+}

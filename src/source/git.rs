@@ -30,6 +30,12 @@ pub enum GitError {
          (`refs/tags/{0}` or `refs/heads/{0}`)"
     )]
     AmbiguousRev(String),
+    #[error(
+        "non-fast-forward: the new head {head} does not descend from the served commit {served} \
+         (history was rewritten); still serving {served}. Force a reload, or start with \
+         --allow-rewrites, to serve it"
+    )]
+    NonFastForward { served: String, head: String },
     #[error("subdirectory `{0}` does not exist at this commit")]
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
