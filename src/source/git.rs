@@ -6,6 +6,7 @@
 //! `RUSTYGATE_GIT_SSH_KEY` (a private key file) for SSH, falling back to the SSH agent.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -160,19 +161,27 @@ impl Mirror {
                 ))
             })
         });
+        // libgit2 replaces a refused host key's reason with a generic message: the check
+        // keeps its own, to report instead.
+        let refused = std::rc::Rc::new(std::cell::RefCell::new(None));
         if let Some((host, port)) = super::known_hosts::ssh_host_port(&self.url) {
-            callbacks.certificate_check(host_key_check(host, port)?);
+            callbacks.certificate_check(host_key_check(host, port, Rc::clone(&refused))?);
         }
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks);
         opts.prune(git2::FetchPrune::On);
         opts.download_tags(git2::AutotagOption::All);
-        remote.fetch(
+        let fetched = remote.fetch(
             &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
             Some(&mut opts),
             None,
-        )?;
-        Ok(())
+        );
+        drop(opts);
+        match (fetched, refused.take()) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(why)) => Err(GitError::HostKey(why)),
+            (Err(e), None) => Err(e.into()),
+        }
     }
 
     /// The commit to serve: `pin` (a tag, branch, full ref name or SHA) when given, else the
@@ -193,6 +202,7 @@ impl Mirror {
 fn host_key_check(
     host: String,
     port: u16,
+    refused: Rc<std::cell::RefCell<Option<String>>>,
 ) -> Result<
     impl FnMut(&git2::cert::Cert<'_>, &str) -> Result<git2::CertificateCheckStatus, git2::Error>,
     GitError,
@@ -235,7 +245,9 @@ fn host_key_check(
                 "the SSH host key of {name} is marked @revoked in {shown}: refusing to fetch"
             ),
         };
-        Err(git2::Error::from_str(&why))
+        let err = git2::Error::from_str(&why);
+        *refused.borrow_mut() = Some(why);
+        Err(err)
     })
 }
 
