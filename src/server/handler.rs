@@ -37,6 +37,7 @@ use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot, StaticResponse};
+use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 
@@ -80,6 +81,8 @@ struct Exchange {
     grpc_status: Option<http::HeaderValue>,
     /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
     trailers: Option<Trailers>,
+    /// Trace ids and, when sampled, span facts (`[tracing]` on).
+    trace: Option<RequestTrace>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -167,6 +170,24 @@ impl Exchange {
             status,
             elapsed.as_secs_f64(),
         );
+        if let Some(t) = &self.trace {
+            t.finish(&ServerFacts {
+                method: self.method.as_str(),
+                scheme: self.scheme,
+                host: &self.host,
+                path: &self.path,
+                protocol: protocol_name(self.version),
+                client_ip: self.client_ip,
+                status,
+                route: self
+                    .route
+                    .and_then(|r| self.snapshot.routes.get(r))
+                    .map(|r| (r.name.as_str(), &r.tracing)),
+                upstream: self.upstream.as_ref().map(|u| u.name.as_str()),
+                config_sha: &self.snapshot.version.id,
+                error: end.err(),
+            });
+        }
         if !self.log {
             return;
         }
@@ -174,6 +195,7 @@ impl Exchange {
             (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
             _ => None,
         };
+        let ids = self.trace.as_ref().map(RequestTrace::hex_ids);
         crate::telemetry::access::AccessLine {
             request_id: self.request_id.to_str().unwrap_or(""),
             client_ip: self.client_ip,
@@ -193,6 +215,8 @@ impl Exchange {
             error: end.err().unwrap_or(""),
             grpc_status: grpc.unwrap_or(""),
             config_version: self.snapshot.version.id.as_str(),
+            trace_id: ids.as_ref().map_or("", |i| id_str(&i.0)),
+            span_id: ids.as_ref().map_or("", |i| id_str(&i.1)),
         }
         .log();
     }
@@ -316,6 +340,11 @@ fn protocol_name(v: actix_web::http::Version) -> &'static str {
     }
 }
 
+/// Hex ids as text (always ASCII).
+fn id_str(hex: &[u8]) -> &str {
+    crate::telemetry::trace::ids::as_str(hex)
+}
+
 fn status_code(s: u16) -> StatusCode {
     StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
@@ -344,6 +373,10 @@ pub(crate) async fn handle(
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
+    let trace = snapshot
+        .tracing
+        .as_ref()
+        .map(|c| RequestTrace::start(c, &req, started));
     let mut ex = Exchange {
         snapshot,
         started,
@@ -372,6 +405,7 @@ pub(crate) async fn handle(
         grpc: is_grpc(&req),
         grpc_status: None,
         trailers: req.extensions().get::<Trailers>().cloned(),
+        trace,
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -438,6 +472,9 @@ pub(crate) async fn handle(
     let Some(route) = snap.routes.get(m.route) else {
         return ex.error(500, "internal routing error");
     };
+    if let Some(t) = &ex.trace {
+        t.decide(Some(&route.tracing), Some(&req));
+    }
     // The client headers that exist from here on, for auth, the policy and the upstream.
     let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
     if let Some(cors) = &route.cors {
@@ -456,6 +493,12 @@ pub(crate) async fn handle(
             }
             Ok(None) => {}
             Err(e) => {
+                if let Some(t) = &ex.trace {
+                    t.event(
+                        "auth.denied",
+                        &[("rustygate.auth.provider", auth.provider.name.as_str()), ("rustygate.reason", e.reason())],
+                    );
+                }
                 tracing::info!(
                     request_id = ex.request_id.to_str().unwrap_or(""),
                     route = route.name.as_str(),
@@ -496,6 +539,9 @@ pub(crate) async fn handle(
             .rate_limited
             .with_label_values(&[route.name.as_str()])
             .inc();
+        if let Some(t) = &ex.trace {
+            t.event("rate_limit.denied", &[("rustygate.route", route.name.as_str())]);
+        }
         if ex.grpc {
             // Keeps Retry-After and the RateLimit headers on the gRPC answer.
             let mut resp = ex.error(429, "rate limit exceeded");
@@ -527,6 +573,9 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
         Plan::Respond(r) => respond(ex, &r),
         Plan::Deny { status, message } => ex.error(status, &message),
         Plan::Failed(f) => {
+            if let Some(t) = &ex.trace {
+                t.event("policy.failed", &[("rustygate.reason", f.reason.as_str())]);
+            }
             f.log(ex.request_id.to_str().unwrap_or(""));
             state
                 .recorder
@@ -840,6 +889,11 @@ async fn forward(
         if websocket {
             websocket::set_upgrade_headers(&mut headers);
         }
+        if let Some(t) = &ex.trace {
+            let port = if target.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+            let resend = retries.tried.len() as u32;
+            t.attempt(&mut headers, &method, &target.authority, port, resend);
+        }
         let Some(attempt_body) = body.next() else {
             return ex.error(502, "the upstream could not be reached");
         };
@@ -866,6 +920,9 @@ async fn forward(
         let failure = match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                if let Some(t) = &ex.trace {
+                    t.attempt_done(Some(status), None);
+                }
                 upstream.record_response(index, status);
                 state.recorder.attempt(&upstream, index, Some(status));
                 state
@@ -918,6 +975,9 @@ async fn forward(
         }
         upstream.record_failure(index);
         state.recorder.attempt(&upstream, index, None);
+        if let Some(t) = &ex.trace {
+            t.attempt_done(None, Some(error.kind()));
+        }
         // A request handed back was never sent: like a connect failure, whatever the method.
         let unsent = request.is_some();
         if let (Some(r), Outgoing::Once(slot)) = (request, &mut body) {
