@@ -87,6 +87,7 @@ pub struct RequestTrace {
     start_ns: u64,
     started: Instant,
     peer: Option<IpAddr>,
+    /// The port of the client's `Host` (absent when it has none).
     server_port: Option<u16>,
     user_agent: Option<actix_web::http::header::HeaderValue>,
     /// Filled only for sampled requests.
@@ -146,8 +147,7 @@ impl RequestTrace {
             .get(actix_web::http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse().ok())
-            .or_else(|| Some(req.app_config().local_addr().port()));
+            .and_then(|(_, p)| p.parse().ok());
         RequestTrace {
             cfg: Arc::clone(cfg),
             trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
