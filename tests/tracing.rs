@@ -141,9 +141,9 @@ fn kind(s: &Span) -> SpanKind {
 }
 
 fn status_code(s: &Span) -> StatusCode {
-    s.status
-        .as_ref()
-        .map_or(StatusCode::Unset, |st| StatusCode::try_from(st.code).unwrap())
+    s.status.as_ref().map_or(StatusCode::Unset, |st| {
+        StatusCode::try_from(st.code).unwrap()
+    })
 }
 
 fn gateway_toml(endpoint: &str, extra: &str) -> String {
@@ -158,9 +158,10 @@ fn call(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
 /// The value of `name` among the request headers an echo backend reports.
 fn echoed(body: &str, name: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    v["headers"].as_array()?.iter().find_map(|pair| {
-        (pair[0].as_str()? == name).then(|| pair[1].as_str().unwrap().to_owned())
-    })
+    v["headers"]
+        .as_array()?
+        .iter()
+        .find_map(|pair| (pair[0].as_str()? == name).then(|| pair[1].as_str().unwrap().to_owned()))
 }
 
 /// A traceparent's (trace id, parent id, flags).
@@ -243,8 +244,14 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
     assert_eq!(status, 200);
     let sent = echoed(&body, "traceparent").expect("the upstream got a traceparent");
     let (trace, parent, flags) = parse_tp(&sent);
-    assert_eq!(trace, CLIENT_TRACE, "the client's trace is continued upstream");
-    assert_ne!(parent, CLIENT_SPAN, "the upstream's parent is the gateway's span");
+    assert_eq!(
+        trace, CLIENT_TRACE,
+        "the client's trace is continued upstream"
+    );
+    assert_ne!(
+        parent, CLIENT_SPAN,
+        "the upstream's parent is the gateway's span"
+    );
     assert_eq!(flags, "01");
 
     let spans = collector.wait_for(CLIENT_TRACE, 2);
@@ -255,7 +262,11 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
     assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);
     assert_eq!(client.name, "GET");
     assert_eq!(hex(&client.parent_span_id), hex(&server.span_id));
-    assert_eq!(hex(&client.span_id), parent, "the upstream's parent is the client span");
+    assert_eq!(
+        hex(&client.span_id),
+        parent,
+        "the upstream's parent is the client span"
+    );
     assert!(server.start_time_unix_nano <= client.start_time_unix_nano);
     assert!(client.end_time_unix_nano <= server.end_time_unix_nano);
     assert!(server.start_time_unix_nano > 0);
@@ -280,8 +291,16 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
     );
     assert_eq!(int_attr(server, "http.response.status_code"), Some(200));
     assert_eq!(str_attr(server, "server.address").as_deref(), Some("test"));
-    assert_eq!(int_attr(server, "server.port"), None, "`Host: test` names no port");
-    assert_eq!(str_attr(server, "url.query"), None, "queries are not recorded");
+    assert_eq!(
+        int_attr(server, "server.port"),
+        None,
+        "`Host: test` names no port"
+    );
+    assert_eq!(
+        str_attr(server, "url.query"),
+        None,
+        "queries are not recorded"
+    );
     assert_eq!(status_code(server), StatusCode::Unset);
     assert_eq!(
         str_attr(client, "server.address").as_deref(),
@@ -295,7 +314,11 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
     assert_eq!(int_attr(client, "http.request.resend_count"), None);
 
     let g = collector.got.lock().unwrap();
-    assert!(g.posts.iter().all(|(p, ct)| p == "/v1/traces" && ct == "application/x-protobuf"));
+    assert!(
+        g.posts
+            .iter()
+            .all(|(p, ct)| p == "/v1/traces" && ct == "application/x-protobuf")
+    );
     assert!(g.service_names.iter().all(|s| s == "edge-test"));
 }
 
@@ -303,13 +326,20 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
 fn a_5xx_marks_the_server_span_as_an_error_and_a_4xx_does_not() {
     let collector = Collector::start();
     let backend = Backend::start(|req: Request<hyper::body::Incoming>| async move {
-        let status = if req.uri().path() == "/fail" { 503 } else { 404 };
+        let status = if req.uri().path() == "/fail" {
+            503
+        } else {
+            404
+        };
         Response::builder().status(status).body(full("x")).unwrap()
     });
     let mut files = proxy_all(&backend.url(), "");
     files.push((
         "gateway.toml",
-        gateway_toml(&collector.endpoint(), "sample_ratio = 1.0\ntrust_incoming_sampled = true"),
+        gateway_toml(
+            &collector.endpoint(),
+            "sample_ratio = 1.0\ntrust_incoming_sampled = true",
+        ),
     ));
     let gw = Gateway::start(&as_refs(&files));
     let five = "0af7651916cd43dd8448eb211c80319c";
@@ -327,7 +357,11 @@ fn a_5xx_marks_the_server_span_as_an_error_and_a_4xx_does_not() {
 
     let spans = collector.wait_for(four, 2);
     let server = spans.iter().find(|s| kind(s) == SpanKind::Server).unwrap();
-    assert_eq!(status_code(server), StatusCode::Unset, "4xx is the client's error");
+    assert_eq!(
+        status_code(server),
+        StatusCode::Unset,
+        "4xx is the client's error"
+    );
     assert_eq!(str_attr(server, "error.type"), None);
     let client = spans.iter().find(|s| kind(s) == SpanKind::Client).unwrap();
     assert_eq!(int_attr(client, "http.response.status_code"), Some(404));
@@ -352,15 +386,24 @@ fn each_retry_is_a_client_span_of_its_own() {
     );
     files.push((
         "gateway.toml",
-        gateway_toml(&collector.endpoint(), "sample_ratio = 1.0\ntrust_incoming_sampled = true"),
+        gateway_toml(
+            &collector.endpoint(),
+            "sample_ratio = 1.0\ntrust_incoming_sampled = true",
+        ),
     ));
     let gw = Gateway::start(&as_refs(&files));
-    assert_eq!(call(&gw, "/r", &[("traceparent", &traceparent(true))]).0, 200);
+    assert_eq!(
+        call(&gw, "/r", &[("traceparent", &traceparent(true))]).0,
+        200
+    );
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
 
     let spans = collector.wait_for(CLIENT_TRACE, 3);
     let server = spans.iter().find(|s| kind(s) == SpanKind::Server).unwrap();
-    let mut clients: Vec<&Span> = spans.iter().filter(|s| kind(s) == SpanKind::Client).collect();
+    let mut clients: Vec<&Span> = spans
+        .iter()
+        .filter(|s| kind(s) == SpanKind::Client)
+        .collect();
     clients.sort_by_key(|s| s.start_time_unix_nano);
     assert_eq!(clients.len(), 2);
     for c in &clients {
@@ -372,7 +415,11 @@ fn each_retry_is_a_client_span_of_its_own() {
     assert_eq!(status_code(clients[0]), StatusCode::Error);
     assert_eq!(int_attr(clients[1], "http.response.status_code"), Some(200));
     assert_eq!(int_attr(clients[1], "http.request.resend_count"), Some(1));
-    assert_eq!(status_code(server), StatusCode::Unset, "the request succeeded");
+    assert_eq!(
+        status_code(server),
+        StatusCode::Unset,
+        "the request succeeded"
+    );
 }
 
 /// Three routes: `quiet` (the gateway's ratio 0), `health` (`tracing = false`) and `marker`
@@ -405,7 +452,10 @@ fn marker(gw: &Gateway, collector: &Collector, trace: &str) -> Span {
     let (status, _) = call(gw, "/marker?q=1", &[("traceparent", &tp)]);
     assert_eq!(status, 200);
     let spans = collector.wait_for(trace, 2);
-    spans.into_iter().find(|s| kind(s) == SpanKind::Server).unwrap()
+    spans
+        .into_iter()
+        .find(|s| kind(s) == SpanKind::Server)
+        .unwrap()
 }
 
 #[test]
@@ -416,8 +466,14 @@ fn a_clients_sampled_flag_does_not_force_recording_unless_trusted() {
     let (status, body) = call(&gw, "/quiet/a", &[("traceparent", &traceparent(true))]);
     assert_eq!(status, 200);
     let (trace, _, flags) = parse_tp(&echoed(&body, "traceparent").unwrap());
-    assert_eq!(trace, CLIENT_TRACE, "the trace id is continued even when not recorded");
-    assert_eq!(flags, "00", "the upstream is told the request is not recorded");
+    assert_eq!(
+        trace, CLIENT_TRACE,
+        "the trace id is continued even when not recorded"
+    );
+    assert_eq!(
+        flags, "00",
+        "the upstream is told the request is not recorded"
+    );
     // A request without a trace gets one, and the upstream always receives a traceparent.
     let (_, body) = call(&gw, "/quiet/b", &[]);
     let (fresh, _, _) = parse_tp(&echoed(&body, "traceparent").unwrap());
@@ -425,7 +481,11 @@ fn a_clients_sampled_flag_does_not_force_recording_unless_trusted() {
     assert_eq!(fresh.len(), 32);
 
     let m = marker(&gw, &collector, "2af7651916cd43dd8448eb211c80319c");
-    assert_eq!(str_attr(&m, "url.query").as_deref(), Some("q=1"), "the route opted in");
+    assert_eq!(
+        str_attr(&m, "url.query").as_deref(),
+        Some("q=1"),
+        "the route opted in"
+    );
     assert!(
         collector.of_trace(CLIENT_TRACE).is_empty() && collector.of_trace(&fresh).is_empty(),
         "ratio 0 exported spans"
@@ -434,7 +494,15 @@ fn a_clients_sampled_flag_does_not_force_recording_unless_trusted() {
     // Trusted: the client's flag decides.
     let collector = Collector::start();
     let trusting = sampling_gateway(&collector, &backend, "trust_incoming_sampled = true");
-    assert_eq!(call(&trusting, "/quiet/a", &[("traceparent", &traceparent(true))]).0, 200);
+    assert_eq!(
+        call(
+            &trusting,
+            "/quiet/a",
+            &[("traceparent", &traceparent(true))]
+        )
+        .0,
+        200
+    );
     let spans = collector.wait_for(CLIENT_TRACE, 2);
     assert_eq!(spans.len(), 2);
 }
@@ -453,7 +521,12 @@ fn a_route_with_tracing_false_is_never_recorded_but_still_propagates() {
         collector.of_trace(CLIENT_TRACE).is_empty(),
         "the health route was traced"
     );
-    assert!(collector.all().iter().all(|s| str_attr(s, "rustygate.route").as_deref() != Some("health")));
+    assert!(
+        collector
+            .all()
+            .iter()
+            .all(|s| str_attr(s, "rustygate.route").as_deref() != Some("health"))
+    );
 }
 
 #[test]
@@ -515,11 +588,9 @@ fn bad_tracing_config_is_a_located_error() {
         "gateway.toml",
         "[tracing]\nendpoint = \"localhost:4318\"\nsample_ratio = 1.5\npropagators = [\"tracecontext\", \"b4\"]\n",
     )]);
-    let compiled = rustygate::compile::compile_dir(
-        dir.path(),
-        &rustygate::compile::CompileOptions::default(),
-    )
-    .unwrap();
+    let compiled =
+        rustygate::compile::compile_dir(dir.path(), &rustygate::compile::CompileOptions::default())
+            .unwrap();
     assert!(compiled.snapshot.is_none());
     let text = compiled.diagnostics.render_human(&compiled.files);
     assert!(text.contains("gateway.toml:2:"), "{text}");
@@ -529,11 +600,9 @@ fn bad_tracing_config_is_a_located_error() {
         "gateway.toml",
         "[tracing]\npropagators = [\"tracecontext\", \"b4\"]\n",
     )]);
-    let compiled = rustygate::compile::compile_dir(
-        dir.path(),
-        &rustygate::compile::CompileOptions::default(),
-    )
-    .unwrap();
+    let compiled =
+        rustygate::compile::compile_dir(dir.path(), &rustygate::compile::CompileOptions::default())
+            .unwrap();
     let text = compiled.diagnostics.render_human(&compiled.files);
     assert!(text.contains("unknown propagator `b4`"), "{text}");
     assert!(text.contains("gateway.toml:2:"), "{text}");

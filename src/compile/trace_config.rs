@@ -116,28 +116,24 @@ pub(crate) fn compile_with(
         .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
     let propagators = match &raw.propagators {
         None => Propagators::default(),
-        Some(list) => {
-            match Propagators::from_names(list.iter().map(|n| n.get().as_str())) {
-                Ok(p) => p,
-                Err(bad) => {
-                    let at = list
-                        .iter()
-                        .find(|n| n.get() == bad)
-                        .map_or_else(|| list.span(), Spanned::span);
-                    let mut d = Diagnostic::error(
-                        "invalid-tracing",
-                        format!("unknown propagator `{bad}`"),
-                    )
-                    .at(file, at, "unknown propagator")
-                    .help(format!("choose from {}", NAMES.join(", ")));
-                    if let Some(m) = super::did_you_mean(bad, NAMES.into_iter()) {
-                        d = d.help(format!("did you mean `{m}`?"));
-                    }
-                    cx.push(d);
-                    return None;
+        Some(list) => match Propagators::from_names(list.iter().map(|n| n.get().as_str())) {
+            Ok(p) => p,
+            Err(bad) => {
+                let at = list
+                    .iter()
+                    .find(|n| n.get() == bad)
+                    .map_or_else(|| list.span(), Spanned::span);
+                let mut d =
+                    Diagnostic::error("invalid-tracing", format!("unknown propagator `{bad}`"))
+                        .at(file, at, "unknown propagator")
+                        .help(format!("choose from {}", NAMES.join(", ")));
+                if let Some(m) = super::did_you_mean(bad, NAMES.into_iter()) {
+                    d = d.help(format!("did you mean `{m}`?"));
                 }
+                cx.push(d);
+                return None;
             }
-        }
+        },
     };
     let mut headers = Vec::new();
     for (name, value) in &raw.headers {
@@ -201,9 +197,12 @@ fn ratio(cx: &mut Cx<'_>, file: FileId, r: &Spanned<f64>) -> Option<f64> {
         return Some(v);
     }
     cx.push(
-        Diagnostic::error("invalid-tracing", "`sample_ratio` must be between 0.0 and 1.0")
-            .at(file, r.span(), "out of range")
-            .help("0.05 records one request in twenty; 0 records none"),
+        Diagnostic::error(
+            "invalid-tracing",
+            "`sample_ratio` must be between 0.0 and 1.0",
+        )
+        .at(file, r.span(), "out of range")
+        .help("0.05 records one request in twenty; 0 records none"),
     );
     None
 }

@@ -496,7 +496,10 @@ pub(crate) async fn handle(
                 if let Some(t) = &ex.trace {
                     t.event(
                         "auth.denied",
-                        &[("rustygate.auth.provider", auth.provider.name.as_str()), ("rustygate.reason", e.reason())],
+                        &[
+                            ("rustygate.auth.provider", auth.provider.name.as_str()),
+                            ("rustygate.reason", e.reason()),
+                        ],
                     );
                 }
                 tracing::info!(
@@ -540,7 +543,10 @@ pub(crate) async fn handle(
             .with_label_values(&[route.name.as_str()])
             .inc();
         if let Some(t) = &ex.trace {
-            t.event("rate_limit.denied", &[("rustygate.route", route.name.as_str())]);
+            t.event(
+                "rate_limit.denied",
+                &[("rustygate.route", route.name.as_str())],
+            );
         }
         if ex.grpc {
             // Keeps Retry-After and the RateLimit headers on the gRPC answer.
@@ -890,7 +896,11 @@ async fn forward(
             websocket::set_upgrade_headers(&mut headers);
         }
         if let Some(t) = &ex.trace {
-            let port = if target.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+            let port = if target.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            };
             let resend = retries.tried.len() as u32;
             t.attempt(&mut headers, &method, &target.authority, port, resend);
         }

@@ -208,7 +208,10 @@ impl Exporter {
         let body = otlp::encode(&target.resource, &spans);
         let mut req = http::Request::post(target.endpoint.clone())
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .header(http::header::USER_AGENT, concat!("rustygate/", env!("CARGO_PKG_VERSION")));
+            .header(
+                http::header::USER_AGENT,
+                concat!("rustygate/", env!("CARGO_PKG_VERSION")),
+            );
         for (k, v) in &target.headers {
             req = req.header(k, v);
         }

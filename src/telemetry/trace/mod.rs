@@ -140,9 +140,8 @@ impl RequestTrace {
         started: Instant,
     ) -> RequestTrace {
         let headers = req.headers();
-        let parent = propagation::extract(&cfg.propagators, |n| {
-            headers.get(n).map(|v| v.as_bytes())
-        });
+        let parent =
+            propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
         let server_port = headers
             .get(actix_web::http::header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -366,10 +365,7 @@ impl RequestTrace {
             attrs.push(("rustygate.upstream", s(u)));
         }
         attrs.push(("rustygate.config.sha", s(f.config_sha)));
-        attrs.push((
-            "http.response.status_code",
-            Value::Int(i64::from(f.status)),
-        ));
+        attrs.push(("http.response.status_code", Value::Int(i64::from(f.status))));
         // Semantic conventions: a server span is an error for 5xx, not for 4xx (the client's).
         let error = if f.status >= 500 {
             Some(f.error.map_or_else(|| f.status.to_string(), str::to_owned))

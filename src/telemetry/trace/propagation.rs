@@ -226,7 +226,9 @@ mod tests {
             assert_eq!(traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
         }
         // A later version may carry more fields.
-        assert!(traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ab").is_some());
+        assert!(
+            traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ab").is_some()
+        );
     }
 
     trait ReplaceLast {
@@ -243,7 +245,10 @@ mod tests {
     #[test]
     fn b3_is_read_only_when_enabled_and_written_in_both_forms() {
         let headers = [
-            ("b3", &b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"[..]),
+            (
+                "b3",
+                &b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"[..],
+            ),
             ("x-b3-traceid", b"463ac35c9f6413ad"),
             ("x-b3-spanid", b"a2fb4a1d1a96d312"),
             ("x-b3-sampled", b"1"),
