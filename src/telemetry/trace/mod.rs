@@ -372,7 +372,7 @@ impl RequestTrace {
         } else {
             None
         };
-        if let Some(e) = error.as_ref().map(String::as_str).or(f.error) {
+        if let Some(e) = error.as_deref().or(f.error) {
             attrs.push(("error.type", s(e)));
         }
         spans.insert(
