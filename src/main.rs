@@ -152,6 +152,10 @@ struct ServeArgs {
     /// The config repo's directory inside the git repository (monorepos).
     #[arg(long, env = "RUSTYGATE_SUBDIR")]
     subdir: Option<PathBuf>,
+    /// Serve a new head of the branch even when it does not descend from the served commit
+    /// (a force-push). Without it such a head is held back until a forced reload.
+    #[arg(long, env = "RUSTYGATE_ALLOW_REWRITES")]
+    allow_rewrites: bool,
     /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
     #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -454,13 +458,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Held until serve returns: dropping it flushes buffered log lines.
     let _log_guard = init_logging(args.log_format);
-    let spec = SourceSpec::from_repo_arg(
+    let mut spec = SourceSpec::from_repo_arg(
         &args.repo,
         &args.branch,
         args.pin.clone(),
         args.subdir.clone(),
         args.cache_dir.clone(),
     )?;
+    if let SourceSpec::Git(g) = &mut spec {
+        g.allow_rewrites = args.allow_rewrites;
+    }
+    // Held until serve returns: one gateway per cache dir.
+    let _cache_lock = match &spec {
+        SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
+        SourceSpec::Dir(_) => None,
+    };
     let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,
@@ -476,6 +488,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Source::new(spec.clone()),
         compile_opts,
         Arc::clone(&metrics),
+        args.reload_timeout,
     ) {
         Ok(r) => r,
         Err(StartError::Invalid(diagnostics)) => {
@@ -495,10 +508,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..defaults
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let force_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let control = Control {
         status,
         metrics,
         reload: Some(tx.clone()),
+        force_pending: Arc::clone(&force_pending),
         admin_token: env_secret("RUSTYGATE_ADMIN_TOKEN"),
         webhook_secret: env_secret("RUSTYGATE_WEBHOOK_SECRET"),
         branch: match &spec {
@@ -507,7 +522,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         limiters: Default::default(),
     };
-    let reloader = reloader.with_load_timeout(args.reload_timeout);
+    let reloader = reloader
+        .with_load_timeout(args.reload_timeout)
+        .with_force_flag(force_pending);
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {
         if let Some(c) = cancel {
