@@ -608,14 +608,14 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
     });
 
     let started = std::time::Instant::now();
-    let gw = GatewayProcess::start(
+    let mut gw = GatewayProcess::start(
         &[
             "--repo",
             &silent_url,
             "--cache-dir",
             cache_dir,
             "--poll",
-            "0",
+            "200ms",
             "--reload-timeout",
             "2s",
         ],
@@ -631,9 +631,24 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
             .is_some_and(|e| e.contains("did not finish within")),
         "{status}"
     );
+    // A poll's fetch is stuck on the host too; SIGTERM still ends the process promptly.
+    assert!(wait_until(Duration::from_secs(15), || held
+        .lock()
+        .unwrap()
+        .len()
+        >= 2));
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exited = wait_until(
+        Duration::from_secs(15),
+        || matches!(gw.child.try_wait(), Ok(Some(s)) if s.success()),
+    );
     assert!(
-        !held.lock().unwrap().is_empty(),
-        "the fetch reached the host"
+        exited,
+        "the gateway did not exit on SIGTERM during a stuck fetch"
     );
     drop(gw);
 

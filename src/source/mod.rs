@@ -10,6 +10,7 @@
 //! is not compiled again unless the reload is forced.
 
 pub mod git;
+pub mod known_hosts;
 pub mod reload;
 
 use std::path::{Path, PathBuf};
