@@ -87,8 +87,9 @@ struct Exchange {
     grpc_status: Option<http::HeaderValue>,
     /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
     trailers: Option<Trailers>,
-    /// Trace ids and, when sampled, span facts (`[tracing]` on).
-    trace: Option<RequestTrace>,
+    /// Trace ids and, when sampled, span facts (`[tracing]` on). Boxed: the exchange lives in
+    /// the handler's future, which is moved, and most of this is needed only when sampled.
+    trace: Option<Box<RequestTrace>>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -201,7 +202,7 @@ impl Exchange {
             (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
             _ => None,
         };
-        let ids = self.trace.as_ref().map(RequestTrace::hex_ids);
+        let ids = self.trace.as_ref().map(|t| t.hex_ids());
         crate::telemetry::access::AccessLine {
             request_id: self.request_id.to_str().unwrap_or(""),
             client_ip: self.client_ip,
@@ -382,7 +383,7 @@ pub(crate) async fn handle(
     let trace = snapshot
         .tracing
         .as_ref()
-        .map(|c| RequestTrace::start(c, &req, started));
+        .map(|c| Box::new(RequestTrace::start(c, &req, started)));
     let mut ex = Exchange {
         snapshot,
         started,
