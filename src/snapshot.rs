@@ -52,6 +52,8 @@ pub struct Snapshot {
     /// `[[listener]]` of gateway.toml. Which ones are bound is fixed at start-up; TLS settings
     /// are read from the current snapshot at each handshake.
     pub listeners: Vec<ListenerSpec>,
+    /// `[tracing]`: `None` when tracing is off.
+    pub tracing: Option<Arc<crate::telemetry::trace::TraceConfig>>,
     pub warnings: usize,
 }
 
@@ -269,6 +271,8 @@ pub struct Route {
     pub websocket: bool,
     /// A tunnel with no bytes either way for this long is closed.
     pub websocket_idle_timeout: Duration,
+    /// Sampling and span settings (`tracing` key; `http.route`).
+    pub tracing: crate::telemetry::trace::RouteTrace,
 }
 
 /// A route's authentication.
@@ -449,6 +453,7 @@ mod tests {
             allow_underscores: false,
             paths: Default::default(),
             listeners: Vec::new(),
+            tracing: None,
             warnings: 0,
         }
     }

@@ -19,6 +19,7 @@ mod policies;
 mod routes;
 mod secrets;
 mod tls;
+mod trace_config;
 mod upstreams;
 
 use std::collections::HashMap;
@@ -104,6 +105,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
+    let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref());
 
     let Cx {
         diags: diagnostics,
@@ -128,6 +130,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         allow_underscores: defaults.allow_underscores,
         paths: defaults.paths,
         listeners,
+        tracing,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -202,6 +202,7 @@ impl Builder<'_> {
         let (Some((path, path_span)), Some(action)) = (path, action) else {
             return;
         };
+        let tracing = super::trace_config::route_trace(cx, file, r.tracing.as_ref(), &path);
         if cx.diags.error_count() > errors_before {
             return;
         }
@@ -262,6 +263,7 @@ impl Builder<'_> {
             auth,
             websocket,
             websocket_idle_timeout,
+            tracing,
         });
     }
 }

@@ -86,6 +86,8 @@ pub struct GatewayFile {
     /// (docs/tls.md). Bound at start-up; their certificates follow each reload.
     #[serde(default)]
     pub listener: Vec<Spanned<RawListener>>,
+    /// OpenTelemetry tracing (README, "Tracing").
+    pub tracing: Option<Spanned<super::raw_tracing::RawTracing>>,
 }
 
 /// One `[[listener]]` of gateway.toml.
@@ -325,6 +327,9 @@ pub struct RawRoute {
     /// Longest a WebSocket tunnel may carry no bytes either way before both sides are closed;
     /// overrides the gateway default ("1h").
     pub websocket_idle_timeout: Option<Spanned<DurationText>>,
+    /// `false`: this route's requests are never traced (health checks); or
+    /// `{ sample_ratio = 0.1, record_query = true }`. Default: `[tracing]`'s settings.
+    pub tracing: Option<Spanned<super::raw_tracing::RawRouteTracing>>,
 }
 
 /// A direct response.

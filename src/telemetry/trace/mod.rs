@@ -1,0 +1,412 @@
+//! Distributed tracing: a SERVER span per request, a CLIENT span per upstream attempt, W3C
+//! (and B3) propagation, exported as OTLP/HTTP protobuf.
+//!
+//! ```text
+//! request ─► start (ids: the client's trace continued, or a new one)
+//!   ─► decide (after routing: the route's ratio; a client's sampled flag only if trusted)
+//!   ─► attempt × n (a client span id each, `traceparent` set on the upstream request)
+//!   ─► finish (when the body ends: spans built, handed to the exporter thread)
+//! ```
+//! This does not go through `tracing` layers or the OpenTelemetry SDK per request: ids come from
+//! a per-thread generator, the request's facts stay on its exchange, and span records are only
+//! built for sampled requests. Every request gets ids (they are in the access log), sampled or
+//! not. Encoding and sending happen on the exporter's thread ([`export`]), which a slow or dead
+//! collector can stall without a request noticing.
+
+pub mod export;
+pub mod ids;
+pub mod otlp;
+pub mod propagation;
+
+use std::cell::{Cell, RefCell};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub use export::{DROPPED, ExportConfig, flush};
+pub use ids::{SpanId, TraceId};
+pub use propagation::{Parent, Propagators};
+
+use otlp::{Attr, Event, Kind, SpanRecord, Value};
+
+/// `[tracing]` of gateway.toml, compiled; part of the snapshot.
+#[derive(Debug)]
+pub struct TraceConfig {
+    pub export: Arc<ExportConfig>,
+    /// Share of new traces recorded, 0.0 to 1.0.
+    pub sample_ratio: f64,
+    /// Whether a client's `sampled` flag decides (parent-based sampling). Off by default: a
+    /// client could otherwise make the gateway record (and export) every request it sends.
+    pub trust_incoming_sampled: bool,
+    pub propagators: Propagators,
+}
+
+/// A route's tracing settings.
+#[derive(Debug, Clone)]
+pub struct RouteTrace {
+    /// `tracing = false`: never recorded (ids are still made and propagated).
+    pub enabled: bool,
+    /// Overrides the gateway's ratio.
+    pub sample_ratio: Option<f64>,
+    /// Record `url.query` (off by default: query strings carry tokens and personal data).
+    pub record_query: bool,
+    /// `http.route`: the route's path pattern (`/orders/{id}`, or `/orders/*` for a prefix).
+    pub http_route: Arc<str>,
+}
+
+impl Default for RouteTrace {
+    fn default() -> Self {
+        RouteTrace {
+            enabled: true,
+            sample_ratio: None,
+            record_query: false,
+            http_route: Arc::from(""),
+        }
+    }
+}
+
+/// Whether a trace is in the `ratio` share, as OpenTelemetry's `TraceIdRatioBased` decides.
+pub fn in_ratio(trace_id: &TraceId, ratio: f64) -> bool {
+    let bound = (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
+    trace_id.sampling_value() < bound
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+/// One request's trace: its ids, and (when sampled) what its spans will say.
+pub struct RequestTrace {
+    cfg: Arc<TraceConfig>,
+    pub trace_id: TraceId,
+    /// The server span.
+    pub span_id: SpanId,
+    parent: Option<Parent>,
+    sampled: Cell<Option<bool>>,
+    start_ns: u64,
+    started: Instant,
+    peer: Option<IpAddr>,
+    /// The port of the client's `Host` (absent when it has none).
+    server_port: Option<u16>,
+    user_agent: Option<actix_web::http::header::HeaderValue>,
+    /// Filled only for sampled requests.
+    rec: RefCell<Option<Box<Recording>>>,
+}
+
+#[derive(Default)]
+struct Recording {
+    query: Option<String>,
+    attempts: Vec<Attempt>,
+    events: Vec<Event>,
+}
+
+struct Attempt {
+    span_id: SpanId,
+    start_ns: u64,
+    end_ns: u64,
+    method: String,
+    address: String,
+    port: u16,
+    resend: u32,
+    status: Option<u16>,
+    error: Option<&'static str>,
+}
+
+/// What the server span says about the finished request.
+pub struct ServerFacts<'a> {
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'a str,
+    pub client_ip: IpAddr,
+    pub status: u16,
+    /// The matched route's name and settings.
+    pub route: Option<(&'a str, &'a RouteTrace)>,
+    pub upstream: Option<&'a str>,
+    pub config_sha: &'a str,
+    /// How the response ended early, if it did.
+    pub error: Option<&'a str>,
+}
+
+impl RequestTrace {
+    /// Ids for a new request when `cfg` is set: the client's trace continued when it sent one
+    /// the configured propagators read, a new trace otherwise.
+    pub fn start(
+        cfg: &Arc<TraceConfig>,
+        req: &actix_web::HttpRequest,
+        started: Instant,
+    ) -> RequestTrace {
+        let headers = req.headers();
+        let parent =
+            propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
+        let server_port = headers
+            .get(actix_web::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok());
+        RequestTrace {
+            cfg: Arc::clone(cfg),
+            trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
+            span_id: SpanId::random(),
+            parent,
+            sampled: Cell::new(None),
+            start_ns: unix_nanos(SystemTime::now()),
+            started,
+            peer: req.peer_addr().map(|a| a.ip()),
+            server_port,
+            user_agent: headers.get(actix_web::http::header::USER_AGENT).cloned(),
+            rec: RefCell::new(None),
+        }
+    }
+
+    /// Decides whether this request is recorded, with the matched route's settings (`None`:
+    /// no route). Later calls keep the first decision.
+    pub fn decide(&self, route: Option<&RouteTrace>, req: Option<&actix_web::HttpRequest>) -> bool {
+        if let Some(s) = self.sampled.get() {
+            return s;
+        }
+        let sampled = match (route, self.parent) {
+            (Some(r), _) if !r.enabled => false,
+            (_, Some(p)) if self.cfg.trust_incoming_sampled => p.sampled,
+            (r, _) => in_ratio(
+                &self.trace_id,
+                r.and_then(|r| r.sample_ratio)
+                    .unwrap_or(self.cfg.sample_ratio),
+            ),
+        };
+        self.sampled.set(Some(sampled));
+        if sampled {
+            let query = route
+                .filter(|r| r.record_query)
+                .and(req)
+                .and_then(|r| r.uri().query())
+                .map(str::to_owned);
+            *self.rec.borrow_mut() = Some(Box::new(Recording {
+                query,
+                ..Recording::default()
+            }));
+        }
+        sampled
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start_ns
+            .saturating_add(self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64)
+    }
+
+    /// One upstream attempt starts: our context goes on its request. `resend` is how many
+    /// attempts came before it.
+    pub fn attempt(
+        &self,
+        headers: &mut http::HeaderMap,
+        method: &http::Method,
+        authority: &http::uri::Authority,
+        default_port: u16,
+        resend: u32,
+    ) {
+        let sampled = self.decide(None, None);
+        let mut rec = self.rec.borrow_mut();
+        let span_id = match rec.as_deref_mut() {
+            Some(rec) if sampled => {
+                let span_id = SpanId::random();
+                let now = self.now_ns();
+                // A previous attempt that got an answer ends when this one starts.
+                if let Some(prev) = rec.attempts.last_mut()
+                    && prev.end_ns == 0
+                {
+                    prev.end_ns = now;
+                }
+                rec.attempts.push(Attempt {
+                    span_id,
+                    start_ns: now,
+                    end_ns: 0,
+                    method: method.as_str().to_owned(),
+                    address: authority.host().to_owned(),
+                    port: authority.port_u16().unwrap_or(default_port),
+                    resend,
+                    status: None,
+                    error: None,
+                });
+                span_id
+            }
+            // Not recorded: the upstream's work hangs under our (unrecorded) server span.
+            _ => self.span_id,
+        };
+        propagation::inject(
+            &self.cfg.propagators,
+            headers,
+            &self.trace_id,
+            &span_id,
+            sampled,
+        );
+    }
+
+    /// The current attempt got a response head (`status`), or failed (`error`: its kind).
+    pub fn attempt_done(&self, status: Option<u16>, error: Option<&'static str>) {
+        let now = self.now_ns();
+        if let Some(rec) = self.rec.borrow_mut().as_deref_mut()
+            && let Some(a) = rec.attempts.last_mut()
+        {
+            a.status = status;
+            a.error = error;
+            // A failure ends the attempt; a response ends it when its body does.
+            if status.is_none() {
+                a.end_ns = now;
+            }
+        }
+    }
+
+    /// A decision inside the request (authentication refused, rate limited, policy failed),
+    /// as an event on the server span.
+    pub fn event(&self, name: &'static str, attrs: &[(&'static str, &str)]) {
+        let now = self.now_ns();
+        if let Some(rec) = self.rec.borrow_mut().as_deref_mut() {
+            rec.events.push(Event {
+                time_ns: now,
+                name,
+                attrs: attrs
+                    .iter()
+                    .map(|(k, v)| (*k, Value::Str((*v).to_owned())))
+                    .collect(),
+            });
+        }
+    }
+
+    /// `(trace_id, span_id)` in hex, for the access log.
+    pub fn hex_ids(&self) -> ([u8; 32], [u8; 16]) {
+        (self.trace_id.hex(), self.span_id.hex())
+    }
+
+    /// The request ended: when it was recorded, its spans go to the exporter.
+    pub fn finish(&self, f: &ServerFacts<'_>) {
+        let sampled = self.decide(f.route.map(|(_, r)| r), None);
+        if !sampled {
+            return;
+        }
+        let Some(rec) = self.rec.borrow_mut().take() else {
+            return;
+        };
+        let end_ns = self.now_ns();
+        let mut spans = Vec::with_capacity(1 + rec.attempts.len());
+        for a in rec.attempts {
+            let mut attrs: Vec<Attr> = vec![
+                ("http.request.method", Value::Str(a.method.clone())),
+                ("server.address", Value::Str(a.address)),
+                ("server.port", Value::Int(i64::from(a.port))),
+            ];
+            if a.resend > 0 {
+                attrs.push(("http.request.resend_count", Value::Int(i64::from(a.resend))));
+            }
+            if let Some(s) = a.status {
+                attrs.push(("http.response.status_code", Value::Int(i64::from(s))));
+            }
+            let error = match (a.status, a.error) {
+                (_, Some(kind)) => Some(kind.to_owned()),
+                (Some(s), None) if s >= 400 => Some(s.to_string()),
+                _ => None,
+            };
+            if let Some(e) = &error {
+                attrs.push(("error.type", Value::Str(e.clone())));
+            }
+            spans.push(SpanRecord {
+                trace_id: self.trace_id,
+                span_id: a.span_id,
+                parent: Some(self.span_id),
+                name: a.method,
+                kind: Kind::Client,
+                start_ns: a.start_ns,
+                end_ns: if a.end_ns == 0 { end_ns } else { a.end_ns },
+                attrs,
+                events: Vec::new(),
+                error,
+                remote_parent: false,
+            });
+        }
+        let name = match f.route {
+            Some((_, r)) if !r.http_route.is_empty() => format!("{} {}", f.method, r.http_route),
+            _ => f.method.to_owned(),
+        };
+        let mut attrs: Vec<Attr> = Vec::with_capacity(18);
+        let s = |v: &str| Value::Str(v.to_owned());
+        attrs.push(("http.request.method", s(f.method)));
+        attrs.push(("url.path", s(f.path)));
+        attrs.push(("url.scheme", s(f.scheme)));
+        if let Some(q) = &rec.query {
+            attrs.push(("url.query", s(q)));
+        }
+        if !f.host.is_empty() {
+            attrs.push(("server.address", s(f.host)));
+        }
+        if let Some(p) = self.server_port {
+            attrs.push(("server.port", Value::Int(i64::from(p))));
+        }
+        attrs.push(("client.address", Value::Str(f.client_ip.to_string())));
+        if let Some(peer) = self.peer {
+            attrs.push(("network.peer.address", Value::Str(peer.to_string())));
+        }
+        let version = f.protocol.strip_prefix("HTTP/").unwrap_or(f.protocol);
+        attrs.push((
+            "network.protocol.version",
+            s(if version == "2" { "2" } else { version }),
+        ));
+        if let Some(ua) = self.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+            attrs.push(("user_agent.original", s(ua)));
+        }
+        if let Some((name, r)) = f.route {
+            if !r.http_route.is_empty() {
+                attrs.push(("http.route", s(&r.http_route)));
+            }
+            attrs.push(("rustygate.route", s(name)));
+        }
+        if let Some(u) = f.upstream {
+            attrs.push(("rustygate.upstream", s(u)));
+        }
+        attrs.push(("rustygate.config.sha", s(f.config_sha)));
+        attrs.push(("http.response.status_code", Value::Int(i64::from(f.status))));
+        // Semantic conventions: a server span is an error for 5xx, not for 4xx (the client's).
+        let error = if f.status >= 500 {
+            Some(f.error.map_or_else(|| f.status.to_string(), str::to_owned))
+        } else {
+            None
+        };
+        if let Some(e) = error.as_deref().or(f.error) {
+            attrs.push(("error.type", s(e)));
+        }
+        spans.insert(
+            0,
+            SpanRecord {
+                trace_id: self.trace_id,
+                span_id: self.span_id,
+                parent: self.parent.map(|p| p.span_id),
+                name,
+                kind: Kind::Server,
+                start_ns: self.start_ns,
+                end_ns,
+                attrs,
+                events: rec.events,
+                error,
+                remote_parent: self.parent.is_some(),
+            },
+        );
+        export::submit(&self.cfg.export, spans);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_sampling_follows_the_trace_id_and_its_bounds() {
+        let ids: Vec<TraceId> = (0..20_000).map(|_| TraceId::random()).collect();
+        assert!(ids.iter().all(|t| in_ratio(t, 1.0)));
+        assert!(!ids.iter().any(|t| in_ratio(t, 0.0)));
+        let tenth = ids.iter().filter(|t| in_ratio(t, 0.1)).count();
+        assert!((1_500..2_500).contains(&tenth), "{tenth} of 20000 at 0.1");
+        // The same trace id gets the same decision every time.
+        assert!(ids.iter().all(|t| in_ratio(t, 0.5) == in_ratio(t, 0.5)));
+    }
+}
