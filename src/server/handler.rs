@@ -928,10 +928,11 @@ async fn forward(
             Err(failure) => {
                 ex.in_flight = None;
                 let attempt = retries.tried.len() + 1;
-                let failed = match attempt_failed(&ex, state, route, index, attempt, failure) {
-                    Ok(f) => f,
-                    Err(resp) => return resp,
-                };
+                let failed =
+                    match attempt_failed(&ex, state, route, &upstream, index, attempt, failure) {
+                        Ok(f) => f,
+                        Err(resp) => return resp,
+                    };
                 // A request handed back was never sent: like a connect failure, whatever
                 // the method.
                 let unsent = failed.request.is_some();
@@ -1078,13 +1079,11 @@ fn attempt_failed(
     ex: &Exchange,
     state: &WorkerState,
     route: &Route,
+    upstream: &Arc<Upstream>,
     index: usize,
     attempt: usize,
     failure: SendFailure,
 ) -> Result<Failed, HttpResponse> {
-    let Some(upstream) = ex.upstream.as_ref() else {
-        return Err(ex.error(500, "internal routing error"));
-    };
     let SendFailure { error, request } = failure;
     if let Some(t) = &ex.trace {
         t.attempt_done(None, Some(error.kind()));
