@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,8 +34,8 @@ fn traceparent(sampled: bool) -> String {
 #[derive(Default)]
 struct Received {
     spans: Vec<Span>,
-    /// (path, content-type) of each export.
-    posts: Vec<(String, String)>,
+    /// (path, content-type, content-encoding) of each export.
+    posts: Vec<(String, String, String)>,
     service_names: Vec<String>,
 }
 
@@ -52,15 +53,29 @@ impl Collector {
             let sink = Arc::clone(&sink);
             async move {
                 let path = req.uri().path().to_owned();
-                let ct = req
-                    .headers()
-                    .get("content-type")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default()
+                };
+                let (ct, encoding) = (header("content-type"), header("content-encoding"));
                 let body = req.into_body().collect().await.unwrap().to_bytes();
-                let decoded = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
+                let body = match encoding.as_str() {
+                    "" => body.to_vec(),
+                    "gzip" => {
+                        let mut out = Vec::new();
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut out)
+                            .expect("a valid gzip body");
+                        out
+                    }
+                    other => panic!("unexpected content-encoding {other}"),
+                };
+                let decoded =
+                    ExportTraceServiceRequest::decode(&body[..]).expect("valid OTLP protobuf");
                 let mut g = sink.lock().unwrap();
-                g.posts.push((path, ct));
+                g.posts.push((path, ct, encoding));
                 for rs in decoded.resource_spans {
                     for kv in rs.resource.iter().flat_map(|r| &r.attributes) {
                         if kv.key == "service.name"
@@ -315,9 +330,11 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
 
     let g = collector.got.lock().unwrap();
     assert!(
+        g.posts.iter().all(|(p, ct, encoding)| p == "/v1/traces"
+            && ct == "application/x-protobuf"
+            && encoding.is_empty()),
+        "uncompressed unless configured: {:?}",
         g.posts
-            .iter()
-            .all(|(p, ct)| p == "/v1/traces" && ct == "application/x-protobuf")
     );
     assert!(g.service_names.iter().all(|s| s == "edge-test"));
 }
@@ -606,4 +623,81 @@ fn bad_tracing_config_is_a_located_error() {
     let text = compiled.diagnostics.render_human(&compiled.files);
     assert!(text.contains("unknown propagator `b4`"), "{text}");
     assert!(text.contains("gateway.toml:2:"), "{text}");
+}
+
+#[test]
+fn compression_gzip_from_the_config_or_the_otel_variables_sends_gzipped_batches() {
+    let backend = Backend::echo();
+    let tp = traceparent(true);
+    // The config key, in process.
+    let collector = Collector::start();
+    let mut files = proxy_all(&backend.url(), "");
+    files.push((
+        "gateway.toml",
+        gateway_toml(&collector.endpoint(), "compression = \"gzip\""),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    assert_eq!(call(&gw, "/zipped", &[("traceparent", &tp)]).0, 200);
+    let spans = collector.wait_for(CLIENT_TRACE, 2);
+    assert!(spans.iter().any(|s| s.name == "GET /*"), "{spans:?}");
+    let posts = collector.got.lock().unwrap().posts.clone();
+    assert!(!posts.is_empty());
+    assert!(
+        posts.iter().all(|(_, _, encoding)| encoding == "gzip"),
+        "{posts:?}"
+    );
+    drop(gw);
+
+    // The standard variables, in a process of its own (the environment is per process): the
+    // traces variable wins over the general one, the config key over both, and a value the
+    // exporter does not know is a warning and no compression.
+    for (config, envs, want, warned) in [
+        (
+            "",
+            &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")][..],
+            "gzip",
+            false,
+        ),
+        (
+            "",
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ][..],
+            "",
+            false,
+        ),
+        (
+            "compression = \"none\"",
+            &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")][..],
+            "",
+            false,
+        ),
+        (
+            "",
+            &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")][..],
+            "",
+            true,
+        ),
+    ] {
+        let collector = Collector::start();
+        let mut files = proxy_all(&backend.url(), "");
+        files.push(("gateway.toml", gateway_toml(&collector.endpoint(), config)));
+        let dir = repo(&as_refs(&files));
+        let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], envs);
+        let (status, _) = http(&gw.listen, "GET", "/env", &[("traceparent", &tp)], b"").unwrap();
+        assert_eq!(status, 200);
+        collector.wait_for(CLIENT_TRACE, 2);
+        let posts = collector.got.lock().unwrap().posts.clone();
+        assert!(
+            posts.iter().all(|(_, _, encoding)| encoding == want),
+            "{config} {envs:?}: {posts:?}"
+        );
+        let logs = gw.logs.lock().unwrap().clone();
+        assert_eq!(
+            logs.contains("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=`zstd` is not a compression"),
+            warned,
+            "{logs}"
+        );
+    }
 }

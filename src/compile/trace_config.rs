@@ -8,11 +8,11 @@ use http::header::{HeaderName, HeaderValue};
 use super::Cx;
 use super::secrets::resolve_secret;
 use crate::config::raw::{GatewayFile, ValueSource};
-use crate::config::raw_tracing::{RawRouteTracing, RawTracing};
+use crate::config::raw_tracing::{RawCompression, RawRouteTracing, RawTracing};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::router::PathPattern;
 use crate::telemetry::trace::propagation::{NAMES, Propagators};
-use crate::telemetry::trace::{ExportConfig, RouteTrace, TraceConfig};
+use crate::telemetry::trace::{Compression, ExportConfig, RouteTrace, TraceConfig};
 
 pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318/v1/traces";
@@ -25,6 +25,8 @@ pub(crate) struct OtelEnv {
     pub service_name: Option<String>,
     pub sampler: Option<String>,
     pub sampler_arg: Option<String>,
+    pub traces_compression: Option<String>,
+    pub compression: Option<String>,
 }
 
 impl OtelEnv {
@@ -36,6 +38,8 @@ impl OtelEnv {
             service_name: var("OTEL_SERVICE_NAME"),
             sampler: var("OTEL_TRACES_SAMPLER"),
             sampler_arg: var("OTEL_TRACES_SAMPLER_ARG"),
+            traces_compression: var("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+            compression: var("OTEL_EXPORTER_OTLP_COMPRESSION"),
         }
     }
 
@@ -44,6 +48,16 @@ impl OtelEnv {
             (Some(t), _) => t.clone(),
             (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
             (None, None) => DEFAULT_ENDPOINT.to_owned(),
+        }
+    }
+
+    /// `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION`, else `OTEL_EXPORTER_OTLP_COMPRESSION`: the
+    /// variable's name and value when it is set.
+    fn compression(&self) -> Option<(&'static str, &str)> {
+        match (&self.traces_compression, &self.compression) {
+            (Some(t), _) => Some(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", t)),
+            (None, Some(c)) => Some(("OTEL_EXPORTER_OTLP_COMPRESSION", c)),
+            (None, None) => None,
         }
     }
 
@@ -114,6 +128,22 @@ pub(crate) fn compile_with(
         .as_ref()
         .and_then(|t| cx.duration(file, t))
         .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
+    let compression = match (raw.compression, env.compression()) {
+        (Some(RawCompression::Gzip), _) => Compression::Gzip,
+        (Some(RawCompression::None), _) | (None, None) => Compression::None,
+        (None, Some((var, value))) => Compression::from_name(value).unwrap_or_else(|| {
+            // The OpenTelemetry SDKs ignore an unknown value too; a warning says so.
+            cx.push(
+                Diagnostic::warning(
+                    "invalid-tracing",
+                    format!("{var}=`{value}` is not a compression the exporter knows; exporting uncompressed"),
+                )
+                .at(file, raw.span(), "in this [tracing]")
+                .help(format!("set {var} to \"gzip\" or \"none\", or `compression` here")),
+            );
+            Compression::None
+        }),
+    };
     let propagators = match &raw.propagators {
         None => Propagators::default(),
         Some(list) => match Propagators::from_names(list.iter().map(|n| n.get().as_str())) {
@@ -184,6 +214,7 @@ pub(crate) fn compile_with(
                     env!("CARGO_PKG_VERSION").to_owned(),
                 ),
             ],
+            compression,
         }),
         sample_ratio,
         trust_incoming_sampled: raw.trust_incoming_sampled.unwrap_or(false),

@@ -12,6 +12,7 @@ use super::raw::{DurationText, ValueSource};
 /// `[tracing]`: OpenTelemetry spans for each request and upstream attempt, exported over
 /// OTLP/HTTP (protobuf). Absent: no spans, no trace ids in logs, `traceparent` passed through
 /// untouched. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION`, `OTEL_EXPORTER_OTLP_COMPRESSION`,
 /// `OTEL_SERVICE_NAME` and `OTEL_TRACES_SAMPLER_ARG` give the defaults of the unset keys.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +27,10 @@ pub struct RawTracing {
     pub headers: BTreeMap<String, Spanned<ValueSource>>,
     /// Longest one export may take (default "10s"); the exporter never holds up a request.
     pub timeout: Option<Spanned<DurationText>>,
+    /// Body encoding of the exports: "gzip" (`Content-Encoding: gzip`) or "none". Default:
+    /// `$OTEL_EXPORTER_OTLP_TRACES_COMPRESSION`, else `$OTEL_EXPORTER_OTLP_COMPRESSION`, else
+    /// "none".
+    pub compression: Option<RawCompression>,
     /// Share of new traces recorded, 0.0 to 1.0 (default 1.0; 0.05 is a common production
     /// value). Request ids and trace ids are logged for every request either way.
     pub sample_ratio: Option<Spanned<f64>>,
@@ -37,6 +42,14 @@ pub struct RawTracing {
     pub propagators: Option<Spanned<Vec<Spanned<String>>>>,
     /// `service.name` of the spans (default `$OTEL_SERVICE_NAME`, else "rustygate").
     pub service_name: Option<Spanned<String>>,
+}
+
+/// `[tracing] compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RawCompression {
+    Gzip,
+    None,
 }
 
 /// A route's `tracing`: `false` never records the route's requests (health checks); a table

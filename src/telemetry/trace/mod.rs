@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-pub use export::{DROPPED, ExportConfig, flush};
+pub use export::{Compression, DROPPED, ExportConfig, flush};
 pub use ids::{SpanId, TraceId};
 pub use propagation::{Parent, Propagators};
 
