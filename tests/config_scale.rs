@@ -134,6 +134,7 @@ fn ten_thousand_routes_compile_and_each_matches_its_own_requests() {
             query: None,
             client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             claims: None,
+            trace_id: None,
         };
         match route(&snap, &inc) {
             Routed::Matched(m) => assert_eq!(

@@ -443,6 +443,7 @@ pub(crate) async fn handle(
         client_ip: ex.client_ip,
         // Filled by the auth filter with the verified claims.
         claims: None,
+        trace_id: ex.trace.as_ref().map(|t| t.trace_id),
     };
     // A CORS preflight is routed by the method it asks about, and answered here when that
     // route has CORS; otherwise it is an ordinary OPTIONS request.
@@ -454,6 +455,7 @@ pub(crate) async fn handle(
             query: None,
             client_ip: ex.client_ip,
             claims: None,
+            trace_id: None,
         };
         if let Routed::Matched(pm) = decide::route(&snap, &probe)
             && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())

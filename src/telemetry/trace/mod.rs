@@ -71,6 +71,25 @@ pub fn in_ratio(trace_id: &TraceId, ratio: f64) -> bool {
     trace_id.sampling_value() < bound
 }
 
+/// Whether a request is recorded, for the server and `rustygate test` alike: never on a route
+/// with `tracing = false`; as the client's `sampled` flag says when that is trusted; otherwise
+/// by the route's ratio, else the gateway's. `route`: the matched route's settings, if any.
+pub fn sampled(
+    cfg: &TraceConfig,
+    route: Option<&RouteTrace>,
+    parent: Option<Parent>,
+    trace_id: &TraceId,
+) -> bool {
+    match (route, parent) {
+        (Some(r), _) if !r.enabled => false,
+        (_, Some(p)) if cfg.trust_incoming_sampled => p.sampled,
+        (r, _) => in_ratio(
+            trace_id,
+            r.and_then(|r| r.sample_ratio).unwrap_or(cfg.sample_ratio),
+        ),
+    }
+}
+
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
@@ -168,15 +187,7 @@ impl RequestTrace {
         if let Some(s) = self.sampled.get() {
             return s;
         }
-        let sampled = match (route, self.parent) {
-            (Some(r), _) if !r.enabled => false,
-            (_, Some(p)) if self.cfg.trust_incoming_sampled => p.sampled,
-            (r, _) => in_ratio(
-                &self.trace_id,
-                r.and_then(|r| r.sample_ratio)
-                    .unwrap_or(self.cfg.sample_ratio),
-            ),
-        };
+        let sampled = sampled(&self.cfg, route, self.parent, &self.trace_id);
         self.sampled.set(Some(sampled));
         if sampled {
             let query = route
