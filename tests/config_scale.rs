@@ -292,7 +292,7 @@ fn swapping_ten_thousand_routes_under_load_frees_old_snapshots_off_the_workers()
             > seen));
         let old = Arc::downgrade(&store.load());
         std::fs::write(dir.path().join("routes/zz-bench.toml"), bench_route(k)).unwrap();
-        rt.block_on(reloader.reload("test", false));
+        rt.block_on(reloader.reload("test", false, None));
         let now = store.load();
         assert_ne!(
             now.version.id,

@@ -17,6 +17,7 @@ use super::{Loaded, Source, SourceSpec};
 use crate::compile::CompileOptions;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::TraceContext;
 
 /// Time a reload gets to fetch, export, read and compile (`serve --reload-timeout`).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -29,15 +30,21 @@ pub const MAX_STUCK_LOADS: usize = 4;
 /// Quiet time after the last file event before a directory is reloaded (editor save storms).
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Why a reload was asked for.
+/// Why a reload was asked for. A request that asks for one (webhook, admin call) brings its
+/// trace context when `[tracing]` is on, and the reload's log lines carry its ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Poll,
     Watch,
-    Webhook(&'static str),
+    /// A push webhook; `source` is `github` or `gitlab`.
+    Webhook {
+        source: &'static str,
+        trace: Option<TraceContext>,
+    },
     /// `POST /admin/reload`; `force` recompiles even a version that already failed.
     Admin {
         force: bool,
+        trace: Option<TraceContext>,
     },
 }
 
@@ -46,13 +53,21 @@ impl Trigger {
         match self {
             Trigger::Poll => "poll",
             Trigger::Watch => "watch",
-            Trigger::Webhook(source) => source,
+            Trigger::Webhook { source, .. } => source,
             Trigger::Admin { .. } => "admin",
         }
     }
 
     fn force(self) -> bool {
-        matches!(self, Trigger::Admin { force: true })
+        matches!(self, Trigger::Admin { force: true, .. })
+    }
+
+    /// The trace of the request that asked for this reload.
+    pub fn trace(self) -> Option<TraceContext> {
+        match self {
+            Trigger::Webhook { trace, .. } | Trigger::Admin { trace, .. } => trace,
+            Trigger::Poll | Trigger::Watch => None,
+        }
     }
 }
 
@@ -263,11 +278,17 @@ impl Reloader {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Trigger>) {
         while let Some(first) = rx.recv().await {
             let mut force = first.force();
+            // The logs follow the first request that asked (a poll that a webhook joined is
+            // still the webhook's doing, as far as anyone will look for it).
+            let mut trace = first.trace();
             if first == Trigger::Watch {
                 // Wait for the files to settle: each new event restarts the quiet period.
                 loop {
                     match tokio::time::timeout(WATCH_DEBOUNCE, rx.recv()).await {
-                        Ok(Some(t)) => force |= t.force(),
+                        Ok(Some(t)) => {
+                            force |= t.force();
+                            trace = trace.or(t.trace());
+                        }
                         Ok(None) => return,
                         Err(_) => break,
                     }
@@ -277,15 +298,25 @@ impl Reloader {
             // found the queue full.
             while let Ok(t) = rx.try_recv() {
                 force |= t.force();
+                trace = trace.or(t.trace());
             }
             force |= self.force_pending.swap(false, Ordering::SeqCst);
-            self.reload(first.name(), force).await;
+            self.reload(first.name(), force, trace).await;
         }
     }
 
-    /// One reload, start to finish.
-    pub async fn reload(&mut self, trigger: &'static str, force: bool) {
+    /// One reload, start to finish. `cause`: the trace of the request that asked for it, whose
+    /// ids the reload's log lines carry.
+    pub async fn reload(
+        &mut self,
+        trigger: &'static str,
+        force: bool,
+        cause: Option<TraceContext>,
+    ) {
         let started = Instant::now();
+        let ids = cause.map(|c| c.hex());
+        let trace_id = ids.as_ref().map(|i| i.0.as_str());
+        let span_id = ids.as_ref().map(|i| i.1.as_str());
         let (applied_id, failed_id) = {
             let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
             (s.applied.as_ref().map(|a| a.sha.clone()), s.failed.clone())
@@ -325,7 +356,7 @@ impl Reloader {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let candidate = match result {
             Err(e) => {
-                tracing::warn!(trigger, error = %e, "config fetch failed; still serving the last good config");
+                tracing::warn!(trigger, trace_id, span_id, error = %e, "config fetch failed; still serving the last good config");
                 status.last_fetch_error = Some(e.to_string());
                 status.attempted = Some(Attempted {
                     sha: None,
@@ -341,7 +372,7 @@ impl Reloader {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
                 status.stale = false;
-                tracing::debug!(trigger, version = %version_id, "config unchanged");
+                tracing::debug!(trigger, trace_id, span_id, version = %version_id, "config unchanged");
                 return;
             }
             Ok(Loaded::Candidate(c)) => c,
@@ -355,6 +386,8 @@ impl Reloader {
                 .unwrap_or_default();
             tracing::warn!(
                 trigger,
+                trace_id,
+                span_id,
                 version = %id,
                 errors = candidate.diagnostics.error_count(),
                 diagnostics = %candidate.diagnostics.render_short(&candidate.files).trim_end(),
@@ -381,6 +414,8 @@ impl Reloader {
             .reload_succeeded(Some(&previous.version.id), &id, unix(now));
         tracing::info!(
             trigger,
+            trace_id,
+            span_id,
             from = %previous.version.id,
             to = %id,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -41,6 +41,38 @@ pub struct TraceConfig {
     pub propagators: Propagators,
 }
 
+/// A request's place in a trace, carried past the request itself: a reload a webhook asked for
+/// logs the webhook request's ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+}
+
+impl TraceContext {
+    /// A request's context when `cfg` is set: the client's trace continued (when it sent one the
+    /// configured propagators read), a new trace otherwise; a span id of its own either way.
+    /// `get` looks a request header up by its lowercase name.
+    pub fn for_request<'h>(
+        cfg: &TraceConfig,
+        get: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> TraceContext {
+        let parent = propagation::extract(&cfg.propagators, get);
+        TraceContext {
+            trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
+            span_id: SpanId::random(),
+        }
+    }
+
+    /// `(trace_id, span_id)` in lowercase hex, as the access log writes them.
+    pub fn hex(&self) -> (String, String) {
+        (
+            String::from_utf8_lossy(&self.trace_id.hex()).into_owned(),
+            String::from_utf8_lossy(&self.span_id.hex()).into_owned(),
+        )
+    }
+}
+
 /// A route's tracing settings.
 #[derive(Debug, Clone)]
 pub struct RouteTrace {
