@@ -1295,7 +1295,8 @@ fn upstream_headers(
     let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
     crate::proxy::headers::upstream_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-        h.len(),
+        // Room for the trace context set after these (the map would grow for it otherwise).
+        h.len() + if ex.trace.is_some() { 2 } else { 0 },
         &Forwarding {
             peer,
             trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),

@@ -122,6 +122,38 @@ pub fn sampled(
     }
 }
 
+/// An address as text; IPv4 without the formatting machinery (every sampled span has one or two).
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+            out
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
+/// The port of a `Host` value (`example.com:8080`, `[::1]:8080`), scanned by hand: this runs
+/// for every request, sampled or not.
+fn port_of(host: &[u8]) -> Option<u16> {
+    let colon = host.iter().rposition(|&b| b == b':')?;
+    let digits = host.get(colon + 1..)?;
+    if digits.is_empty() || digits.len() > 5 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+    u16::try_from(n).ok()
+}
+
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
@@ -135,7 +167,9 @@ pub struct RequestTrace {
     pub span_id: SpanId,
     parent: Option<Parent>,
     sampled: Cell<Option<bool>>,
-    start_ns: u64,
+    /// Wall-clock start, read only once the request is sampled (0 until then): most requests
+    /// never need it.
+    start_ns: Cell<u64>,
     started: Instant,
     peer: Option<IpAddr>,
     /// The port of the client's `Host` (absent when it has none).
@@ -195,16 +229,14 @@ impl RequestTrace {
             propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
         let server_port = headers
             .get(actix_web::http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse().ok());
+            .and_then(|h| port_of(h.as_bytes()));
         RequestTrace {
             cfg: Arc::clone(cfg),
             trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
             span_id: SpanId::random(),
             parent,
             sampled: Cell::new(None),
-            start_ns: unix_nanos(SystemTime::now()),
+            start_ns: Cell::new(0),
             started,
             peer: req.peer_addr().map(|a| a.ip()),
             server_port,
@@ -222,6 +254,10 @@ impl RequestTrace {
         let sampled = sampled(&self.cfg, route, self.parent, &self.trace_id);
         self.sampled.set(Some(sampled));
         if sampled {
+            // The wall clock when the request started: now, less the time it has taken so far.
+            let taken = self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            self.start_ns
+                .set(unix_nanos(SystemTime::now()).saturating_sub(taken));
             let query = route
                 .filter(|r| r.record_query)
                 .and(req)
@@ -237,6 +273,7 @@ impl RequestTrace {
 
     fn now_ns(&self) -> u64 {
         self.start_ns
+            .get()
             .saturating_add(self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64)
     }
 
@@ -289,7 +326,6 @@ impl RequestTrace {
 
     /// The current attempt got a response head (`status`), or failed (`error`: its kind).
     pub fn attempt_done(&self, status: Option<u16>, error: Option<&'static str>) {
-        let now = self.now_ns();
         if let Some(rec) = self.rec.borrow_mut().as_deref_mut()
             && let Some(a) = rec.attempts.last_mut()
         {
@@ -297,7 +333,7 @@ impl RequestTrace {
             a.error = error;
             // A failure ends the attempt; a response ends it when its body does.
             if status.is_none() {
-                a.end_ns = now;
+                a.end_ns = self.now_ns();
             }
         }
     }
@@ -305,10 +341,9 @@ impl RequestTrace {
     /// A decision inside the request (authentication refused, rate limited, policy failed),
     /// as an event on the server span.
     pub fn event(&self, name: &'static str, attrs: &[(&'static str, &str)]) {
-        let now = self.now_ns();
         if let Some(rec) = self.rec.borrow_mut().as_deref_mut() {
             rec.events.push(Event {
-                time_ns: now,
+                time_ns: self.now_ns(),
                 name,
                 attrs: attrs
                     .iter()
@@ -369,7 +404,13 @@ impl RequestTrace {
             });
         }
         let name = match f.route {
-            Some((_, r)) if !r.http_route.is_empty() => format!("{} {}", f.method, r.http_route),
+            Some((_, r)) if !r.http_route.is_empty() => {
+                let mut name = String::with_capacity(f.method.len() + 1 + r.http_route.len());
+                name.push_str(f.method);
+                name.push(' ');
+                name.push_str(&r.http_route);
+                name
+            }
             _ => f.method.to_owned(),
         };
         let mut attrs: Vec<Attr> = Vec::with_capacity(18);
@@ -386,9 +427,17 @@ impl RequestTrace {
         if let Some(p) = self.server_port {
             attrs.push(("server.port", Value::Int(i64::from(p))));
         }
-        attrs.push(("client.address", Value::Str(f.client_ip.to_string())));
-        if let Some(peer) = self.peer {
-            attrs.push(("network.peer.address", Value::Str(peer.to_string())));
+        let client = ip_text(f.client_ip);
+        let peer = self.peer.map(|p| {
+            if p == f.client_ip {
+                client.clone()
+            } else {
+                ip_text(p)
+            }
+        });
+        attrs.push(("client.address", Value::Str(client)));
+        if let Some(p) = peer {
+            attrs.push(("network.peer.address", Value::Str(p)));
         }
         let version = f.protocol.strip_prefix("HTTP/").unwrap_or(f.protocol);
         attrs.push((
@@ -426,7 +475,7 @@ impl RequestTrace {
                 parent: self.parent.map(|p| p.span_id),
                 name,
                 kind: Kind::Server,
-                start_ns: self.start_ns,
+                start_ns: self.start_ns.get(),
                 end_ns,
                 attrs,
                 events: rec.events,
@@ -441,6 +490,42 @@ impl RequestTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.3.4",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn ports_are_read_from_host_values_as_rsplit_and_parse_would() {
+        for (host, want) in [
+            ("example.com:8080", Some(8080)),
+            ("example.com", None),
+            ("[::1]:443", Some(443)),
+            ("[::1]", None),
+            ("example.com:", None),
+            ("example.com:65535", Some(65535)),
+            ("example.com:65536", None),
+            ("example.com:123456", None),
+            ("example.com:8o", None),
+        ] {
+            let parsed = host
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            assert_eq!(port_of(host.as_bytes()), want, "{host}");
+            assert_eq!(parsed, want, "{host}");
+        }
+    }
 
     #[test]
     fn ratio_sampling_follows_the_trace_id_and_its_bounds() {

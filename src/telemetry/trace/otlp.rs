@@ -153,16 +153,53 @@ fn string(out: &mut Vec<u8>, field: u32, s: &str) {
     bytes(out, field, s.as_bytes());
 }
 
-/// A nested message: encoded on its own, then written with its length.
+/// A nested message, encoded in place: a one-byte length goes before it, widened afterwards
+/// when the message is 128 bytes or more (a span; the batch). A buffer per message would cost
+/// an allocation, its growth and a copy for each attribute of each span.
 fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    body(&mut inner);
-    bytes(out, field, &inner);
+    tag(out, field, 2);
+    let at = out.len();
+    out.push(0);
+    body(out);
+    let mut len = (out.len() - at - 1) as u64;
+    // The length as a varint (a u64 takes 10 bytes at most).
+    let mut prefix = [0u8; 10];
+    let mut n = 0;
+    for b in prefix.iter_mut() {
+        n += 1;
+        if len < 0x80 {
+            *b = len as u8;
+            break;
+        }
+        *b = (len as u8) | 0x80;
+        len >>= 7;
+    }
+    let prefix = prefix.get(..n).unwrap_or_default();
+    if n > 1 {
+        // The first byte takes the placeholder's place; the rest is inserted after it.
+        out.splice(at + 1..at + 1, prefix.iter().skip(1).copied());
+    }
+    if let Some(dst) = out.get_mut(at..at + n) {
+        dst.copy_from_slice(prefix);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_messages_carry_their_length_at_every_width() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let mut out = vec![0xaa];
+            message(&mut out, 3, |m| m.extend(std::iter::repeat_n(7u8, len)));
+            let mut want = vec![0xaa];
+            tag(&mut want, 3, 2);
+            varint(&mut want, len as u64);
+            want.extend(std::iter::repeat_n(7u8, len));
+            assert_eq!(out, want, "{len}");
+        }
+    }
 
     #[test]
     fn varints_match_the_protobuf_examples() {

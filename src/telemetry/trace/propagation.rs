@@ -147,6 +147,10 @@ fn trim(v: &[u8]) -> &[u8] {
     v.trim_ascii()
 }
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+const B3: HeaderName = HeaderName::from_static("b3");
+
 /// `00-{trace}-{span}-{01|00}`.
 pub fn format_traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> [u8; 55] {
     let mut out = [b'-'; 55];
@@ -170,10 +174,11 @@ pub fn inject(
     if p.tracecontext
         && let Ok(v) = HeaderValue::from_bytes(&format_traceparent(trace_id, span_id, sampled))
     {
-        headers.insert(HeaderName::from_static("traceparent"), v);
+        headers.insert(TRACEPARENT, v);
     }
     if !p.baggage {
-        headers.remove("baggage");
+        // By name, not `&str`: a string key is parsed and validated first.
+        headers.remove(BAGGAGE);
     }
     if p.b3 {
         let mut v = Vec::with_capacity(52);
@@ -182,7 +187,7 @@ pub fn inject(
         v.extend_from_slice(&span_id.hex());
         v.extend_from_slice(if sampled { b"-1" } else { b"-0" });
         if let Ok(v) = HeaderValue::from_bytes(&v) {
-            headers.insert(HeaderName::from_static("b3"), v);
+            headers.insert(B3, v);
         }
     }
     if p.b3multi {
