@@ -58,6 +58,17 @@ enum Command {
         /// /var/run/secrets and /etc/rustygate (repeatable).
         #[arg(long = "secret-root", value_name = "DIR")]
         secret_roots: Vec<PathBuf>,
+        /// Also check that HEAD of the git working copy holding DIR carries an SSH signature by
+        /// a key in --allowed-signers (`all`: every commit since --base too); an unsigned or
+        /// badly signed commit is an error (`unsigned-commit`, `bad-signature`).
+        #[arg(long, value_enum, value_name = "MODE", requires = "allowed_signers")]
+        require_signed: Option<SignedArg>,
+        /// git's allowed signers file (the `gpg.ssh.allowedSignersFile` format).
+        #[arg(long, value_name = "FILE", requires = "require_signed")]
+        allowed_signers: Option<PathBuf>,
+        /// With `--require-signed all`: where the checked commits start (e.g. origin/main).
+        #[arg(long, value_name = "REV", required_if_eq("require_signed", "all"))]
+        base: Option<String>,
     },
     /// Run the config repo's tests/*.toml fixtures in-process, without a network.
     /// Exit 0 all pass, 1 a case failed, 2 the repo or its fixtures do not compile, or a usage/IO error.
@@ -131,6 +142,28 @@ enum Format {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TestFormat {
+/// `--require-signed`
+#[derive(Clone, Copy, ValueEnum)]
+enum SignedArg {
+    /// The commit to serve (validate: HEAD) must be signed.
+    Head,
+    /// Every commit since the last one served (validate: since --base) must be signed.
+    All,
+}
+
+impl SignedArg {
+    fn policy(self, allowed_signers: PathBuf) -> rustygate::source::signing::SigningPolicy {
+        use rustygate::source::signing::{SignedMode, SigningPolicy};
+        SigningPolicy {
+            mode: match self {
+                SignedArg::Head => SignedMode::Head,
+                SignedArg::All => SignedMode::All,
+            },
+            allowed_signers,
+        }
+    }
+}
+
     /// `cargo test`-like: each case ok or FAILED, expected vs got for failures.
     Human,
     /// One JSON object: counts, diagnostics, and every case with what it got.
@@ -158,6 +191,26 @@ struct ServeArgs {
     allow_rewrites: bool,
     /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
     #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
+    /// Serve only commits carrying an SSH signature (git's `gpg.format ssh`) by a key in
+    /// --allowed-signers: `head` checks the commit to serve, `all` every commit since the last
+    /// one served. A refused commit is never served (git sources).
+    #[arg(
+        long,
+        env = "RUSTYGATE_REQUIRE_SIGNED",
+        value_enum,
+        value_name = "MODE",
+        requires = "allowed_signers"
+    )]
+    require_signed: Option<SignedArg>,
+    /// git's allowed signers file (`gpg.ssh.allowedSignersFile` format: principals, options such
+    /// as `namespaces="git"` and `valid-before=...`, key), read again at every check.
+    #[arg(
+        long,
+        env = "RUSTYGATE_ALLOWED_SIGNERS",
+        value_name = "FILE",
+        requires = "require_signed"
+    )]
+    allowed_signers: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     /// Poll interval for git sources (and for renewed certificate files of TLS listeners), with
     /// up to 10% jitter; `0` disables polling.
@@ -214,7 +267,15 @@ fn main() -> ExitCode {
             deny_warnings,
             no_env,
             secret_roots,
-        } => validate(&dir, format, deny_warnings, no_env, secret_roots),
+            require_signed,
+            allowed_signers,
+            base,
+        } => {
+            let signing = require_signed
+                .zip(allowed_signers)
+                .map(|(mode, file)| (mode.policy(file), base));
+            validate(&dir, format, deny_warnings, no_env, secret_roots, signing)
+        }
         Command::Test {
             dir,
             filter,
@@ -274,6 +335,7 @@ fn validate(
     secret_roots: Vec<PathBuf>,
 ) -> ExitCode {
     let opts = CompileOptions {
+    signing: Option<(rustygate::source::signing::SigningPolicy, Option<String>)>,
         resolve_secrets: !no_env,
         version_id: None,
         source: dir.display().to_string(),
@@ -295,9 +357,23 @@ fn validate(
     }
     match format {
         Format::Human => {
+    let mut signer = None;
+    if let Some((policy, base)) = signing {
+        match rustygate::source::signing::check_working_copy(dir, base.as_deref(), &policy) {
+            Ok(Ok(principal)) => signer = Some(principal),
+            Ok(Err(refusal)) => diagnostics.push(refusal.to_diagnostic()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
             eprint!("{}", diagnostics.render_human(&files));
             let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
             if e > 0 {
+            if let Some(principal) = &signer {
+                eprintln!("{}: HEAD is signed by {principal}", dir.display());
+            }
                 eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
             } else {
                 eprintln!(
@@ -472,6 +548,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let _cache_lock = match &spec {
         SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
         SourceSpec::Dir(_) => None,
+    if let (Some(mode), Some(file)) = (args.require_signed, args.allowed_signers.clone()) {
+        let SourceSpec::Git(g) = &mut spec else {
+            anyhow::bail!(
+                "--require-signed needs a git source: {} is a plain directory, which has no commits to verify",
+                spec.describe()
+            );
+        };
+        // Checked now, so a typo fails the start, not the first reload.
+        rustygate::source::signing::AllowedSigners::load(&file)?;
+        g.signing = Some(mode.policy(file));
+    }
     };
     let compile_opts = CompileOptions {
         resolve_secrets: true,
