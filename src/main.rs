@@ -94,8 +94,10 @@ enum Command {
         /// One file kind only: gateway, routes, upstreams or tests. Default: all in one schema.
         kind: Option<String>,
     },
-    /// Route-level diff between two commits of the config repo, as Markdown for a PR comment.
-    /// Exit 0 head compiles, 1 head does not compile, 2 usage/git error.
+    /// Route-level diff between two commits of the config repo, as Markdown for a PR comment:
+    /// compiled meaning, not text, safety-relevant changes first. Exit 0 head compiles and
+    /// changes nothing, 3 head compiles and changes something, 1 head does not compile,
+    /// 2 usage/git error.
     Plan {
         /// The commit the change starts from: branch, tag or SHA (e.g. origin/main).
         #[arg(long)]
@@ -140,8 +142,6 @@ enum Format {
     Github,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum TestFormat {
 /// `--require-signed`
 #[derive(Clone, Copy, ValueEnum)]
 enum SignedArg {
@@ -164,6 +164,8 @@ impl SignedArg {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TestFormat {
     /// `cargo test`-like: each case ok or FAILED, expected vs got for failures.
     Human,
     /// One JSON object: counts, diagnostics, and every case with what it got.
@@ -189,8 +191,6 @@ struct ServeArgs {
     /// (a force-push). Without it such a head is held back until a forced reload.
     #[arg(long, env = "RUSTYGATE_ALLOW_REWRITES")]
     allow_rewrites: bool,
-    /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
-    #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     /// Serve only commits carrying an SSH signature (git's `gpg.format ssh`) by a key in
     /// --allowed-signers: `head` checks the commit to serve, `all` every commit since the last
     /// one served. A refused commit is never served (git sources).
@@ -211,6 +211,8 @@ struct ServeArgs {
         requires = "require_signed"
     )]
     allowed_signers: Option<PathBuf>,
+    /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
+    #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Poll interval for git sources (and for renewed certificate files of TLS listeners), with
     /// up to 10% jitter; `0` disables polling.
@@ -333,9 +335,9 @@ fn validate(
     deny_warnings: bool,
     no_env: bool,
     secret_roots: Vec<PathBuf>,
+    signing: Option<(rustygate::source::signing::SigningPolicy, Option<String>)>,
 ) -> ExitCode {
     let opts = CompileOptions {
-    signing: Option<(rustygate::source::signing::SigningPolicy, Option<String>)>,
         resolve_secrets: !no_env,
         version_id: None,
         source: dir.display().to_string(),
@@ -355,8 +357,6 @@ fn validate(
     if deny_warnings {
         diagnostics.deny_warnings();
     }
-    match format {
-        Format::Human => {
     let mut signer = None;
     if let Some((policy, base)) = signing {
         match rustygate::source::signing::check_working_copy(dir, base.as_deref(), &policy) {
@@ -368,12 +368,14 @@ fn validate(
             }
         }
     }
+    match format {
+        Format::Human => {
             eprint!("{}", diagnostics.render_human(&files));
-            let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
-            if e > 0 {
             if let Some(principal) = &signer {
                 eprintln!("{}: HEAD is signed by {principal}", dir.display());
             }
+            let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
+            if e > 0 {
                 eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
             } else {
                 eprintln!(
@@ -520,10 +522,12 @@ fn plan(opts: rustygate::plan::PlanOptions, format: &str) -> ExitCode {
     } else {
         print!("{}", plan.to_markdown());
     }
-    if plan.head_compiles() {
-        ExitCode::SUCCESS
-    } else {
+    if !plan.head_compiles() {
         ExitCode::from(1)
+    } else if plan.has_changes() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -544,10 +548,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let SourceSpec::Git(g) = &mut spec {
         g.allow_rewrites = args.allow_rewrites;
     }
-    // Held until serve returns: one gateway per cache dir.
-    let _cache_lock = match &spec {
-        SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
-        SourceSpec::Dir(_) => None,
     if let (Some(mode), Some(file)) = (args.require_signed, args.allowed_signers.clone()) {
         let SourceSpec::Git(g) = &mut spec else {
             anyhow::bail!(
@@ -559,6 +559,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         rustygate::source::signing::AllowedSigners::load(&file)?;
         g.signing = Some(mode.policy(file));
     }
+    // Held until serve returns: one gateway per cache dir.
+    let _cache_lock = match &spec {
+        SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
+        SourceSpec::Dir(_) => None,
     };
     let compile_opts = CompileOptions {
         resolve_secrets: true,
