@@ -116,6 +116,16 @@ enum Command {
     },
     /// Run the gateway.
     Serve(Box<ServeArgs>),
+    /// One fetch into a git mirror, run by `serve` in a child process it can kill.
+    #[command(name = "__fetch", hide = true)]
+    Fetch {
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        deadline_ms: u64,
+    },
     /// Print a shell completion script, e.g. `rustygate completions bash > /etc/bash_completion.d/rustygate`.
     Completions {
         #[arg(value_enum)]
@@ -246,6 +256,11 @@ struct ServeArgs {
     /// as failed and the next one starts, whatever the stuck read is doing.
     #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     reload_timeout: Duration,
+    /// Time one git fetch gets (at most --reload-timeout). Each fetch runs in a child process,
+    /// killed at this deadline or on shutdown, so a git host that stops answering holds no
+    /// connection or thread; the reload is reported failed and the next one starts afresh.
+    #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    fetch_timeout: Duration,
 }
 
 fn parse_poll(s: &str) -> Result<Duration, String> {
@@ -319,6 +334,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { out_dir } => man(out_dir.as_deref()),
+        Command::Fetch {
+            cache_dir,
+            url,
+            deadline_ms,
+        } => {
+            rustygate::source::fetch::child_main(cache_dir, url, Duration::from_millis(deadline_ms))
+        }
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -547,6 +569,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let SourceSpec::Git(g) = &mut spec {
         g.allow_rewrites = args.allow_rewrites;
+        // `/proc/self/exe` runs this very binary even after a package upgrade replaced the
+        // file; elsewhere, the path it was started from.
+        let exe = Some(PathBuf::from("/proc/self/exe"))
+            .filter(|p| p.exists())
+            .or_else(|| std::env::current_exe().ok());
+        if let Some(exe) = exe {
+            g.fetch = rustygate::source::fetch::FetchMode::Child {
+                exe,
+                deadline: args.fetch_timeout.min(args.reload_timeout),
+            };
+        }
     }
     if let (Some(mode), Some(file)) = (args.require_signed, args.allowed_signers.clone()) {
         let SourceSpec::Git(g) = &mut spec else {

@@ -9,6 +9,7 @@
 //! whether there is anything new: a version that is already applied, or that already failed,
 //! is not compiled again unless the reload is forced.
 
+pub mod fetch;
 pub mod git;
 pub mod known_hosts;
 pub mod reload;
@@ -27,6 +28,8 @@ use git::{CommitInfo, Credentials, GitError, Mirror};
 const SERVED_FILE: &str = "served";
 
 /// How the config repo is reached, from `--repo` and its companion flags.
+// One per gateway, made once at start-up: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSpec {
     /// A plain directory, reloaded when its files change.
@@ -52,6 +55,8 @@ pub struct GitSpec {
     /// `--require-signed` with `--allowed-signers`: only commits signed by an allowed key are
     /// served.
     pub signing: Option<signing::SigningPolicy>,
+    /// In this process, or in a child process killed at a deadline (`serve`).
+    pub fetch: fetch::FetchMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +187,7 @@ impl SourceSpec {
             credentials: Credentials::from_env(),
             allow_rewrites: false,
             signing: None,
+            fetch: fetch::FetchMode::InProcess,
         }))
     }
 
@@ -347,13 +353,34 @@ impl Source {
         if self.mirror.is_none() {
             self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
         }
-        let Some(mirror) = self.mirror.as_ref() else {
-            return Err(SourceError::Cancelled);
+        let fetched = match &g.fetch {
+            fetch::FetchMode::InProcess => {
+                let Some(mirror) = self.mirror.as_ref() else {
+                    return Err(SourceError::Cancelled);
+                };
+                let fetched = mirror.fetch(&g.credentials, &self.cancel);
+                if fetched.is_ok()
+                    && let Err(e) = mirror.maybe_repack()
+                {
+                    tracing::warn!(error = %e, "repacking the git mirror failed; it is tried again after the next fetch");
+                }
+                fetched
+            }
+            fetch::FetchMode::Child { exe, deadline } => {
+                let fetched =
+                    fetch::fetch_in_child(exe, &g.cache_dir, &g.url, *deadline, &self.cancel);
+                // The child may have repacked: a fresh handle sees the mirror's packs as they
+                // are now, not the files it had open.
+                self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+                fetched
+            }
         };
-        let fetched = mirror.fetch(&g.credentials, &self.cancel);
         if self.cancel.load(Ordering::Relaxed) {
             return Err(SourceError::Cancelled);
         }
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(SourceError::Cancelled);
+        };
         // Nothing served yet and the remote unreachable: the commit the cached mirror holds
         // for the ref beats not starting at all. Later reloads only ever serve fetched commits.
         let (oid, stale) = match fetched {
