@@ -261,6 +261,10 @@ struct ServeArgs {
     /// connection or thread; the reload is reported failed and the next one starts afresh.
     #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     fetch_timeout: Duration,
+    /// PEM CA certificates trusted for git over HTTPS, besides the system's roots (a git host
+    /// with a certificate from a private CA).
+    #[arg(long, env = "RUSTYGATE_GIT_CA_FILE", value_name = "FILE")]
+    git_ca_file: Option<PathBuf>,
 }
 
 fn parse_poll(s: &str) -> Result<Duration, String> {
@@ -578,6 +582,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             g.fetch = rustygate::source::fetch::FetchMode::Child {
                 exe,
                 deadline: args.fetch_timeout.min(args.reload_timeout),
+                ssl_cert_file: None,
             };
         }
     }
@@ -597,6 +602,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
         SourceSpec::Dir(_) => None,
     };
+    if let Some(ca) = &args.git_ca_file {
+        use rustygate::source::fetch::{FetchMode, write_ca_bundle};
+        match &mut spec {
+            SourceSpec::Git(g) => match &mut g.fetch {
+                FetchMode::Child { ssl_cert_file, .. } => {
+                    *ssl_cert_file = Some(write_ca_bundle(ca, &g.cache_dir)?);
+                }
+                FetchMode::InProcess => {
+                    anyhow::bail!(
+                        "--git-ca-file needs the fetch process, which cannot be started here"
+                    )
+                }
+            },
+            SourceSpec::Dir(_) => anyhow::bail!("--git-ca-file is for git sources"),
+        }
+    }
     let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,

@@ -33,8 +33,51 @@ pub enum FetchMode {
     /// abandoned (see [`super::reload::load_off_loop`]).
     #[default]
     InProcess,
-    /// In a child process running `exe __fetch`, killed after `deadline`.
-    Child { exe: PathBuf, deadline: Duration },
+    /// In a child process running `exe __fetch`, killed after `deadline`. `ssl_cert_file`: the
+    /// trust roots for git over HTTPS (see [`write_ca_bundle`]), given to the child's OpenSSL as
+    /// `SSL_CERT_FILE`.
+    Child {
+        exe: PathBuf,
+        deadline: Duration,
+        ssl_cert_file: Option<PathBuf>,
+    },
+}
+
+/// Writes `cache_dir/https-ca-bundle.pem`: the system's trust roots plus the certificates of
+/// `ca_file` (`--git-ca-file`), for git over HTTPS to a host whose certificate a private CA
+/// issued. libgit2 takes a CA file only through an `unsafe` global option; the child fetch
+/// process gets it as OpenSSL's `SSL_CERT_FILE` instead, which replaces only the default file
+/// (hence the system roots in the bundle), and touches nothing in the gateway itself.
+pub fn write_ca_bundle(ca_file: &Path, cache_dir: &Path) -> Result<PathBuf, GitError> {
+    use base64::Engine as _;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| GitError::Io { path, source }
+    };
+    let extra = std::fs::read_to_string(ca_file).map_err(io(ca_file))?;
+    if !extra.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(GitError::Fetch(format!(
+            "--git-ca-file {}: no PEM certificate (`-----BEGIN CERTIFICATE-----`) in it",
+            ca_file.display()
+        )));
+    }
+    let mut bundle = String::new();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        bundle.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            bundle.push_str(&String::from_utf8_lossy(line));
+            bundle.push('\n');
+        }
+        bundle.push_str("-----END CERTIFICATE-----\n");
+    }
+    bundle.push_str(&extra);
+    if !extra.ends_with('\n') {
+        bundle.push('\n');
+    }
+    let path = cache_dir.join("https-ca-bundle.pem");
+    std::fs::write(&path, bundle).map_err(io(&path))?;
+    Ok(path)
 }
 
 /// One fetch child at a time: the cleanup after a kill must not remove the lock files of a
@@ -48,10 +91,15 @@ pub fn fetch_in_child(
     cache_dir: &Path,
     url: &str,
     deadline: Duration,
+    ssl_cert_file: Option<&Path>,
     cancel: &AtomicBool,
 ) -> Result<(), GitError> {
     let _one = FETCHING.lock().unwrap_or_else(|p| p.into_inner());
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if let Some(file) = ssl_cert_file {
+        cmd.env("SSL_CERT_FILE", file);
+    }
+    let mut child = cmd
         .arg(SUBCOMMAND)
         .arg("--cache-dir")
         .arg(cache_dir)

@@ -366,9 +366,19 @@ impl Source {
                 }
                 fetched
             }
-            fetch::FetchMode::Child { exe, deadline } => {
-                let fetched =
-                    fetch::fetch_in_child(exe, &g.cache_dir, &g.url, *deadline, &self.cancel);
+            fetch::FetchMode::Child {
+                exe,
+                deadline,
+                ssl_cert_file,
+            } => {
+                let fetched = fetch::fetch_in_child(
+                    exe,
+                    &g.cache_dir,
+                    &g.url,
+                    *deadline,
+                    ssl_cert_file.as_deref(),
+                    &self.cancel,
+                );
                 // The child may have repacked: a fresh handle sees the mirror's packs as they
                 // are now, not the files it had open.
                 self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
