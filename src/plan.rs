@@ -15,6 +15,7 @@
 
 mod facts;
 mod render;
+mod safety;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,11 +27,13 @@ use crate::compile::{CompileOptions, Compiled, compile};
 use crate::config::{Diagnostics, LoadError, Severity, SourceFiles, load_dir};
 use crate::snapshot::Snapshot;
 use crate::source::git::{self, CommitInfo, GitError};
-pub use facts::{Changed, Changes, Diff, FieldChange, RouteFacts, SafetyFlag, UpstreamFacts};
+pub use facts::{Changed, Changes, Diff, FieldChange, RouteFacts, UpstreamFacts};
 use facts::{
     RawRouteFacts, diff_by_name, diff_upstream, field_changes, gateway_fields, raw_route_facts,
-    route_facts, safety_flags, upstream_facts,
+    route_facts, upstream_facts,
 };
+pub use safety::SafetyFlag;
+use safety::safety_flags;
 
 /// What to compare.
 #[derive(Debug, Clone)]
