@@ -97,7 +97,7 @@ struct Setup {
     alice: PathBuf,
     mallory: PathBuf,
     allowed: PathBuf,
-    _repo_dir: tempfile::TempDir,
+    repo_dir: tempfile::TempDir,
     repo: git2::Repository,
     url: String,
     cache: tempfile::TempDir,
@@ -126,7 +126,7 @@ fn setup(alice_line: &str) -> Setup {
         alice,
         mallory,
         allowed,
-        _repo_dir: repo_dir,
+        repo_dir,
         repo,
         url,
         cache: tempfile::tempdir().unwrap(),
@@ -150,6 +150,23 @@ impl Setup {
             ],
             &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
         )
+    }
+
+    /// `git verify-commit` with the same allowed signers file: git's own verdict.
+    fn git_verifies(&self, sha: &str) -> bool {
+        Command::new("git")
+            .arg("-C")
+            .arg(self.repo_dir.path())
+            .arg("-c")
+            .arg(format!(
+                "gpg.ssh.allowedSignersFile={}",
+                self.allowed.display()
+            ))
+            .args(["verify-commit", sha])
+            .output()
+            .expect("git is needed for this test")
+            .status
+            .success()
     }
 
     fn policy(&self, mode: SignedMode) -> SigningPolicy {
@@ -274,6 +291,7 @@ fn the_signers_window_is_checked_at_the_commit_time() {
         check(&s.repo, oid(&inside), None, &policy).unwrap(),
         Ok("alice@example.com".to_owned())
     );
+    assert!(s.git_verifies(&inside), "git disagrees");
     for (when, word) in [(1_640_995_200, "before"), (1_546_300_800, "after")] {
         let outside = commit(&s.repo, "outside", Some(&s.alice), Some(when));
         let refusal = check(&s.repo, oid(&outside), None, &policy)
@@ -286,6 +304,7 @@ fn the_signers_window_is_checked_at_the_commit_time() {
             "{}",
             refusal.message
         );
+        assert!(!s.git_verifies(&outside), "git disagrees");
     }
 
     // Served end to end: a commit made now is outside the window and is not served; with
@@ -315,6 +334,7 @@ fn a_key_listed_for_other_namespaces_does_not_sign_commits() {
         "{}",
         refusal.message
     );
+    assert!(!s.git_verifies(&sha), "git disagrees");
 }
 
 /// Runs `serve`, expecting it to exit by itself (it refuses to start); (exit code, stderr).
