@@ -145,8 +145,9 @@ fn a_stalled_fetch_is_killed_at_its_deadline_and_the_next_commit_is_served() {
             cache.path().to_str().unwrap(),
             "--poll",
             "0",
+            // Long enough for a healthy fetch on a loaded machine, short enough to wait out.
             "--fetch-timeout",
-            "1s",
+            "5s",
         ],
         &[("RUSTYGATE_ADMIN_TOKEN", "admin-t0ken")],
     );
