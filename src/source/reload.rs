@@ -83,6 +83,9 @@ pub struct Applied {
     pub loaded_at: String,
     pub routes: usize,
     pub upstreams: usize,
+    /// With `--require-signed`: the allowed-signers principals of the commit's signer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// The last version the gateway tried to load, successful or not.
@@ -94,6 +97,13 @@ pub struct Attempted {
     pub at: String,
     /// Located diagnostics (`file`, `line`, `column`, `code`, `message`) or a fetch error.
     pub errors: serde_json::Value,
+    /// With `--require-signed`: why the commit was not served (`unsigned-commit`,
+    /// `bad-signature`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// With `--require-signed`: the allowed-signers principals of the commit's signer, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// Reload state for `/status`. Behind a mutex: read by the admin listener, written by the
@@ -204,6 +214,10 @@ impl Reloader {
         };
         let Some(mut snapshot) = c.snapshot else {
             metrics.reload_failed();
+            if let Some(reason) = c.refused {
+                metrics.commit_refused(reason);
+                tracing::error!(version = %c.version_id, reason, signer = c.signer.as_deref().unwrap_or(""), "the commit to serve is not signed as --require-signed requires");
+            }
             return Err(StartError::Invalid(c.diagnostics.render_human(&c.files)));
         };
         for d in c.diagnostics.iter() {
@@ -221,13 +235,18 @@ impl Reloader {
         snapshot.version.source = spec.describe();
         let now = SystemTime::now();
         let status = ReloadStatus {
-            applied: Some(applied(&snapshot)),
+            applied: Some(Applied {
+                signer: c.signer.clone(),
+                ..applied(&snapshot)
+            }),
             attempted: Some(Attempted {
                 sha: Some(c.version_id.clone()),
                 ok: true,
                 trigger: "startup",
                 at: rfc3339(now),
                 errors: serde_json::Value::Array(Vec::new()),
+                reason: None,
+                signer: c.signer.clone(),
             }),
             last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
             last_fetch_error: c.stale.clone(),
@@ -364,6 +383,8 @@ impl Reloader {
                     trigger,
                     at: rfc3339(now),
                     errors: serde_json::json!([{ "message": e.to_string() }]),
+                    reason: None,
+                    signer: None,
                 });
                 self.metrics.reload_failed();
                 return;
@@ -384,6 +405,16 @@ impl Reloader {
         let Some(mut snapshot) = candidate.snapshot else {
             let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
                 .unwrap_or_default();
+            if let Some(reason) = candidate.refused {
+                self.metrics.commit_refused(reason);
+                tracing::warn!(
+                    trigger,
+                    version = %id,
+                    reason,
+                    signer = candidate.signer.as_deref().unwrap_or(""),
+                    "commit not served: it is not signed as --require-signed requires; still serving the last good config"
+                );
+            }
             tracing::warn!(
                 trigger,
                 trace_id,
@@ -400,6 +431,8 @@ impl Reloader {
                 trigger,
                 at: rfc3339(now),
                 errors,
+                reason: candidate.refused,
+                signer: candidate.signer,
             });
             self.metrics.reload_failed();
             return;
@@ -407,7 +440,10 @@ impl Reloader {
         snapshot.version.commit = candidate.commit;
         snapshot.version.reference = self.source.as_ref().and_then(Source::reference);
         snapshot.version.source = self.spec.describe();
-        let info = applied(&snapshot);
+        let info = Applied {
+            signer: candidate.signer.clone(),
+            ..applied(&snapshot)
+        };
         let previous = self.store.publish(snapshot);
         crate::server::warn_listener_changes(&previous, &self.store.load());
         self.metrics
@@ -431,6 +467,8 @@ impl Reloader {
             trigger,
             at: rfc3339(now),
             errors: serde_json::Value::Array(Vec::new()),
+            reason: None,
+            signer: candidate.signer,
         });
         drop(status);
         if let Some(s) = &self.source {
@@ -504,6 +542,7 @@ fn applied(s: &crate::snapshot::Snapshot) -> Applied {
         loaded_at: rfc3339(s.version.loaded_at),
         routes: s.routes.len(),
         upstreams: s.upstreams.len(),
+        signer: None,
     }
 }
 
