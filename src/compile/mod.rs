@@ -105,7 +105,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
-    let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref());
+    let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref(), &routes.routes);
 
     let Cx {
         diags: diagnostics,

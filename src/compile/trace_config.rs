@@ -11,6 +11,7 @@ use crate::config::raw::{GatewayFile, ValueSource};
 use crate::config::raw_tracing::{RawCompression, RawRouteTracing, RawTracing};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::router::PathPattern;
+use crate::snapshot::Route;
 use crate::telemetry::trace::propagation::{NAMES, Propagators};
 use crate::telemetry::trace::{Compression, ExportConfig, RouteTrace, TraceConfig};
 
@@ -77,20 +78,29 @@ impl OtelEnv {
     }
 }
 
+/// `routes`: the compiled routes, whose own ratios bound what any request can be sampled with.
 pub(crate) fn compile_tracing(
     cx: &mut Cx<'_>,
     gateway: Option<&(FileId, GatewayFile)>,
+    routes: &[Route],
 ) -> Option<Arc<TraceConfig>> {
     let (file, g) = gateway?;
     let raw = g.tracing.as_ref()?;
-    compile_with(cx, *file, raw, &OtelEnv::from_process())
+    let route_max = routes
+        .iter()
+        .filter(|r| r.tracing.enabled)
+        .filter_map(|r| r.tracing.sample_ratio)
+        .fold(0.0, f64::max);
+    compile_with(cx, *file, raw, &OtelEnv::from_process(), route_max)
 }
 
+/// `route_max`: the largest ratio a route sets for itself (0 when none does).
 pub(crate) fn compile_with(
     cx: &mut Cx<'_>,
     file: FileId,
     raw: &Spanned<RawTracing>,
     env: &OtelEnv,
+    route_max: f64,
 ) -> Option<Arc<TraceConfig>> {
     if raw.enabled == Some(false) {
         return None;
@@ -217,6 +227,7 @@ pub(crate) fn compile_with(
             compression,
         }),
         sample_ratio,
+        max_ratio: sample_ratio.max(route_max),
         trust_incoming_sampled: raw.trust_incoming_sampled.unwrap_or(false),
         propagators,
     }))

@@ -160,8 +160,8 @@ fn request_trace(req: &HttpRequest, store: &SnapshotStore) -> Option<TraceContex
     let snapshot = store.load();
     let cfg = snapshot.tracing.as_ref()?;
     let headers = req.headers();
-    Some(TraceContext::for_request(cfg, |n| {
-        headers.get(n).map(|v| v.as_bytes())
+    Some(TraceContext::for_request(cfg, |f| {
+        crate::telemetry::trace::actix_field(headers, f)
     }))
 }
 

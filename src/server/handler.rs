@@ -87,9 +87,9 @@ struct Exchange {
     grpc_status: Option<http::HeaderValue>,
     /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
     trailers: Option<Trailers>,
-    /// Trace ids and, when sampled, span facts (`[tracing]` on). Boxed: the exchange lives in
-    /// the handler's future, which is moved, and most of this is needed only when sampled.
-    trace: Option<Box<RequestTrace>>,
+    /// Trace ids and, when sampled, span facts (`[tracing]` on). Not boxed: it is small, and
+    /// what only a recorded request needs is boxed inside it.
+    trace: Option<RequestTrace>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -383,7 +383,7 @@ pub(crate) async fn handle(
     let trace = snapshot
         .tracing
         .as_ref()
-        .map(|c| Box::new(RequestTrace::start(c, &req, started)));
+        .map(|c| RequestTrace::start(c, &req, started));
     let mut ex = Exchange {
         snapshot,
         started,

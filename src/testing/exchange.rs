@@ -101,8 +101,9 @@ struct CaseTrace {
 
 impl CaseTrace {
     fn start(cfg: &Arc<TraceConfig>, headers: &HeaderMap) -> CaseTrace {
-        let parent =
-            propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
+        let parent = propagation::extract(&cfg.propagators, |f| {
+            headers.get(f.header()).map(|v| v.as_bytes())
+        });
         CaseTrace {
             cfg: Arc::clone(cfg),
             parent,

@@ -53,8 +53,10 @@ impl TraceId {
     }
 
     pub fn hex(&self) -> [u8; 32] {
+        let id = u128::from_be_bytes(self.0);
         let mut out = [0; 32];
-        encode(&self.0, &mut out);
+        out[..16].copy_from_slice(&hex_u64((id >> 64) as u64));
+        out[16..].copy_from_slice(&hex_u64(id as u64));
         out
     }
 }
@@ -74,19 +76,29 @@ impl SpanId {
     }
 
     pub fn hex(&self) -> [u8; 16] {
-        let mut out = [0; 16];
-        encode(&self.0, &mut out);
-        out
+        hex_u64(u64::from_be_bytes(self.0))
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The 16 lowercase hex digits of `x`, eight at a time in a register rather than a table
+/// lookup per nibble: every request writes a trace and a span id into its upstream
+/// `traceparent`, sampled or not.
+fn hex_u64(x: u64) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&spread_hex(x >> 32));
+    out[8..].copy_from_slice(&spread_hex(x & 0xffff_ffff));
+    out
+}
 
-fn encode(bytes: &[u8], out: &mut [u8]) {
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[(b >> 4) as usize];
-        out[2 * i + 1] = HEX[(b & 0xf) as usize];
-    }
+/// The 8 hex digits of `v` (below 2^32), most significant first.
+fn spread_hex(v: u64) -> [u8; 8] {
+    // One nibble per byte: 0x12345678 -> 0x0102030405060708.
+    let mut x = (v | (v << 16)) & 0x0000_ffff_0000_ffff;
+    x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // Bytes of 10 and more (bit 4 set once 6 is added) become letters: '0' + n + 39 = 'a' + n - 10.
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
 }
 
 /// Lowercase hex of exactly `N` bytes (uppercase is refused, as W3C Trace Context requires).
@@ -132,5 +144,21 @@ mod tests {
         assert_eq!(decode::<8>(b"00F067aa0ba902b7"), None, "uppercase");
         assert_eq!(decode::<8>(b"00f067aa0ba902b"), None, "short");
         assert_eq!(decode::<8>(b"00f067aa0ba902bz"), None, "not hex");
+    }
+
+    #[test]
+    fn hex_is_what_format_writes_for_every_byte_at_every_position() {
+        for b in 0..=255u8 {
+            for pos in 0..16 {
+                let mut id = [0x5a; 16];
+                id[pos] = b;
+                let want: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(as_str(&TraceId(id).hex()), want);
+                let mut span = [0xa5; 8];
+                span[pos % 8] = b;
+                let want: String = span.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(as_str(&SpanId(span).hex()), want);
+            }
+        }
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub use export::{Compression, DROPPED, ExportConfig, flush};
 pub use ids::{SpanId, TraceId};
-pub use propagation::{Parent, Propagators};
+pub use propagation::{Field, Parent, Propagators};
 
 use otlp::{Attr, Event, Kind, SpanRecord, Value};
 
@@ -35,6 +35,9 @@ pub struct TraceConfig {
     pub export: Arc<ExportConfig>,
     /// Share of new traces recorded, 0.0 to 1.0.
     pub sample_ratio: f64,
+    /// The largest ratio a request can be sampled with: `sample_ratio` or a route's own. A trace
+    /// id outside it (and no trusted parent) is never recorded, so nothing is kept for its spans.
+    pub max_ratio: f64,
     /// Whether a client's `sampled` flag decides (parent-based sampling). Off by default: a
     /// client could otherwise make the gateway record (and export) every request it sends.
     pub trust_incoming_sampled: bool,
@@ -52,10 +55,10 @@ pub struct TraceContext {
 impl TraceContext {
     /// A request's context when `cfg` is set: the client's trace continued (when it sent one the
     /// configured propagators read), a new trace otherwise; a span id of its own either way.
-    /// `get` looks a request header up by its lowercase name.
+    /// `get` looks a request header up.
     pub fn for_request<'h>(
         cfg: &TraceConfig,
-        get: impl Fn(&str) -> Option<&'h [u8]>,
+        get: impl Fn(Field) -> Option<&'h [u8]>,
     ) -> TraceContext {
         let parent = propagation::extract(&cfg.propagators, get);
         TraceContext {
@@ -95,6 +98,24 @@ impl Default for RouteTrace {
             http_route: Arc::from(""),
         }
     }
+}
+
+/// The propagation headers as actix names (`http` 0.2), by [`Field::index`].
+static ACTIX_FIELDS: [actix_web::http::header::HeaderName; 6] = [
+    actix_web::http::header::HeaderName::from_static(Field::TraceParent.name()),
+    actix_web::http::header::HeaderName::from_static(Field::B3.name()),
+    actix_web::http::header::HeaderName::from_static(Field::B3TraceId.name()),
+    actix_web::http::header::HeaderName::from_static(Field::B3SpanId.name()),
+    actix_web::http::header::HeaderName::from_static(Field::B3Sampled.name()),
+    actix_web::http::header::HeaderName::from_static(Field::B3Flags.name()),
+];
+
+/// A client request's propagation header, looked up by a name made once.
+pub fn actix_field(headers: &actix_web::http::header::HeaderMap, f: Field) -> Option<&[u8]> {
+    ACTIX_FIELDS
+        .get(f.index())
+        .and_then(|n| headers.get(n))
+        .map(|v| v.as_bytes())
 }
 
 /// Whether a trace is in the `ratio` share, as OpenTelemetry's `TraceIdRatioBased` decides.
@@ -159,7 +180,8 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
-/// One request's trace: its ids, and (when sampled) what its spans will say.
+/// One request's trace: its ids, and (when sampled) what its spans will say. Small and not
+/// boxed: most requests are not recorded and carry only their ids.
 pub struct RequestTrace {
     cfg: Arc<TraceConfig>,
     pub trace_id: TraceId,
@@ -167,23 +189,29 @@ pub struct RequestTrace {
     pub span_id: SpanId,
     parent: Option<Parent>,
     sampled: Cell<Option<bool>>,
-    /// Wall-clock start, read only once the request is sampled (0 until then): most requests
-    /// never need it.
-    start_ns: Cell<u64>,
+    /// Kept only while the request may be recorded (its trace id within the largest ratio, or
+    /// a trusted sampled parent), and dropped once it is decided that it is not.
+    rec: RefCell<Option<Box<Recording>>>,
+}
+
+struct Recording {
     started: Instant,
+    /// Wall-clock start, read once the request is sampled (0 until then).
+    start_ns: u64,
     peer: Option<IpAddr>,
     /// The port of the client's `Host` (absent when it has none).
     server_port: Option<u16>,
     user_agent: Option<actix_web::http::header::HeaderValue>,
-    /// Filled only for sampled requests.
-    rec: RefCell<Option<Box<Recording>>>,
-}
-
-#[derive(Default)]
-struct Recording {
     query: Option<String>,
     attempts: Vec<Attempt>,
     events: Vec<Event>,
+}
+
+impl Recording {
+    fn now_ns(&self) -> u64 {
+        self.start_ns
+            .saturating_add(self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64)
+    }
 }
 
 struct Attempt {
@@ -225,23 +253,35 @@ impl RequestTrace {
         started: Instant,
     ) -> RequestTrace {
         let headers = req.headers();
-        let parent =
-            propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
-        let server_port = headers
-            .get(actix_web::http::header::HOST)
-            .and_then(|h| port_of(h.as_bytes()));
+        let parent = propagation::extract(&cfg.propagators, |f| actix_field(headers, f));
+        let trace_id = parent.map_or_else(TraceId::random, |p| p.trace_id);
+        // No route's ratio can take a trace outside the largest one in: what `sampled` decides
+        // is known now for most requests that are not recorded.
+        let may_record = match parent {
+            Some(p) if cfg.trust_incoming_sampled => p.sampled,
+            _ => in_ratio(&trace_id, cfg.max_ratio),
+        };
+        let rec = may_record.then(|| {
+            Box::new(Recording {
+                started,
+                start_ns: 0,
+                peer: req.peer_addr().map(|a| a.ip()),
+                server_port: headers
+                    .get(actix_web::http::header::HOST)
+                    .and_then(|h| port_of(h.as_bytes())),
+                user_agent: headers.get(actix_web::http::header::USER_AGENT).cloned(),
+                query: None,
+                attempts: Vec::new(),
+                events: Vec::new(),
+            })
+        });
         RequestTrace {
             cfg: Arc::clone(cfg),
-            trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
+            trace_id,
             span_id: SpanId::random(),
             parent,
-            sampled: Cell::new(None),
-            start_ns: Cell::new(0),
-            started,
-            peer: req.peer_addr().map(|a| a.ip()),
-            server_port,
-            user_agent: headers.get(actix_web::http::header::USER_AGENT).cloned(),
-            rec: RefCell::new(None),
+            sampled: Cell::new((!may_record).then_some(false)),
+            rec: RefCell::new(rec),
         }
     }
 
@@ -253,28 +293,20 @@ impl RequestTrace {
         }
         let sampled = sampled(&self.cfg, route, self.parent, &self.trace_id);
         self.sampled.set(Some(sampled));
-        if sampled {
+        let mut rec = self.rec.borrow_mut();
+        if !sampled {
+            *rec = None;
+        } else if let Some(rec) = rec.as_deref_mut() {
             // The wall clock when the request started: now, less the time it has taken so far.
-            let taken = self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-            self.start_ns
-                .set(unix_nanos(SystemTime::now()).saturating_sub(taken));
-            let query = route
+            let taken = rec.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            rec.start_ns = unix_nanos(SystemTime::now()).saturating_sub(taken);
+            rec.query = route
                 .filter(|r| r.record_query)
                 .and(req)
                 .and_then(|r| r.uri().query())
                 .map(str::to_owned);
-            *self.rec.borrow_mut() = Some(Box::new(Recording {
-                query,
-                ..Recording::default()
-            }));
         }
         sampled
-    }
-
-    fn now_ns(&self) -> u64 {
-        self.start_ns
-            .get()
-            .saturating_add(self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64)
     }
 
     /// One upstream attempt starts: our context goes on its request. `resend` is how many
@@ -292,7 +324,7 @@ impl RequestTrace {
         let span_id = match rec.as_deref_mut() {
             Some(rec) if sampled => {
                 let span_id = SpanId::random();
-                let now = self.now_ns();
+                let now = rec.now_ns();
                 // A previous attempt that got an answer ends when this one starts.
                 if let Some(prev) = rec.attempts.last_mut()
                     && prev.end_ns == 0
@@ -326,14 +358,15 @@ impl RequestTrace {
 
     /// The current attempt got a response head (`status`), or failed (`error`: its kind).
     pub fn attempt_done(&self, status: Option<u16>, error: Option<&'static str>) {
-        if let Some(rec) = self.rec.borrow_mut().as_deref_mut()
-            && let Some(a) = rec.attempts.last_mut()
-        {
-            a.status = status;
-            a.error = error;
+        if let Some(rec) = self.rec.borrow_mut().as_deref_mut() {
             // A failure ends the attempt; a response ends it when its body does.
-            if status.is_none() {
-                a.end_ns = self.now_ns();
+            let end_ns = if status.is_none() { rec.now_ns() } else { 0 };
+            if let Some(a) = rec.attempts.last_mut() {
+                a.status = status;
+                a.error = error;
+                if status.is_none() {
+                    a.end_ns = end_ns;
+                }
             }
         }
     }
@@ -343,7 +376,7 @@ impl RequestTrace {
     pub fn event(&self, name: &'static str, attrs: &[(&'static str, &str)]) {
         if let Some(rec) = self.rec.borrow_mut().as_deref_mut() {
             rec.events.push(Event {
-                time_ns: self.now_ns(),
+                time_ns: rec.now_ns(),
                 name,
                 attrs: attrs
                     .iter()
@@ -367,7 +400,8 @@ impl RequestTrace {
         let Some(rec) = self.rec.borrow_mut().take() else {
             return;
         };
-        let end_ns = self.now_ns();
+        let rec = *rec;
+        let end_ns = rec.now_ns();
         let mut spans = Vec::with_capacity(1 + rec.attempts.len());
         for a in rec.attempts {
             let mut attrs: Vec<Attr> = vec![
@@ -424,11 +458,11 @@ impl RequestTrace {
         if !f.host.is_empty() {
             attrs.push(("server.address", s(f.host)));
         }
-        if let Some(p) = self.server_port {
+        if let Some(p) = rec.server_port {
             attrs.push(("server.port", Value::Int(i64::from(p))));
         }
         let client = ip_text(f.client_ip);
-        let peer = self.peer.map(|p| {
+        let peer = rec.peer.map(|p| {
             if p == f.client_ip {
                 client.clone()
             } else {
@@ -444,7 +478,7 @@ impl RequestTrace {
             "network.protocol.version",
             s(if version == "2" { "2" } else { version }),
         ));
-        if let Some(ua) = self.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+        if let Some(ua) = rec.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
             attrs.push(("user_agent.original", s(ua)));
         }
         if let Some((name, r)) = f.route {
@@ -475,7 +509,7 @@ impl RequestTrace {
                 parent: self.parent.map(|p| p.span_id),
                 name,
                 kind: Kind::Server,
-                start_ns: self.start_ns.get(),
+                start_ns: rec.start_ns,
                 end_ns,
                 attrs,
                 events: rec.events,

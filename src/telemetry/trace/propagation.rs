@@ -4,6 +4,9 @@
 //! A context that does not parse is ignored as a whole (the request starts a new trace), as the
 //! W3C spec asks; nothing here fails a request.
 
+use std::cell::RefCell;
+
+use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ids::{SpanId, TraceId, decode};
@@ -61,16 +64,72 @@ pub struct Parent {
     pub sampled: bool,
 }
 
+/// A request header a context is read from. Callers look it up by a header name made once
+/// ([`Field::header`], or their own table by [`Field::index`]), not by text: a `&str` key is
+/// parsed into a header name on every lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    TraceParent,
+    B3,
+    B3TraceId,
+    B3SpanId,
+    B3Sampled,
+    B3Flags,
+}
+
+impl Field {
+    /// Every field, in [`Field::index`] order.
+    pub const ALL: [Field; 6] = [
+        Field::TraceParent,
+        Field::B3,
+        Field::B3TraceId,
+        Field::B3SpanId,
+        Field::B3Sampled,
+        Field::B3Flags,
+    ];
+
+    /// The lowercase header name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Field::TraceParent => "traceparent",
+            Field::B3 => "b3",
+            Field::B3TraceId => "x-b3-traceid",
+            Field::B3SpanId => "x-b3-spanid",
+            Field::B3Sampled => "x-b3-sampled",
+            Field::B3Flags => "x-b3-flags",
+        }
+    }
+
+    /// The position in [`Field::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The header name (`http` 1).
+    pub fn header(self) -> &'static HeaderName {
+        &FIELD_NAMES[self.index()]
+    }
+}
+
+static FIELD_NAMES: [HeaderName; 6] = [
+    HeaderName::from_static(Field::TraceParent.name()),
+    HeaderName::from_static(Field::B3.name()),
+    HeaderName::from_static(Field::B3TraceId.name()),
+    HeaderName::from_static(Field::B3SpanId.name()),
+    HeaderName::from_static(Field::B3Sampled.name()),
+    HeaderName::from_static(Field::B3Flags.name()),
+];
+
 /// Reads the client's context: `traceparent` first, then B3 when enabled. `get` looks a
-/// request header up by its lowercase name.
-pub fn extract<'h>(p: &Propagators, get: impl Fn(&str) -> Option<&'h [u8]>) -> Option<Parent> {
+/// request header up.
+pub fn extract<'h>(p: &Propagators, get: impl Fn(Field) -> Option<&'h [u8]>) -> Option<Parent> {
     if p.tracecontext
-        && let Some(found) = get("traceparent").and_then(traceparent)
+        && let Some(found) = get(Field::TraceParent).and_then(traceparent)
     {
         return Some(found);
     }
     if p.b3
-        && let Some(found) = get("b3").and_then(b3_single)
+        && let Some(found) = get(Field::B3).and_then(b3_single)
     {
         return Some(found);
     }
@@ -118,11 +177,11 @@ fn b3_single(v: &[u8]) -> Option<Parent> {
     })
 }
 
-fn b3_multi<'h>(get: &impl Fn(&str) -> Option<&'h [u8]>) -> Option<Parent> {
-    let trace_id = b3_trace_id(trim(get("x-b3-traceid")?))?;
-    let span_id = SpanId(decode::<8>(trim(get("x-b3-spanid")?))?);
-    let sampled = matches!(get("x-b3-sampled").map(trim), Some(b"1" | b"true"))
-        || get("x-b3-flags").map(trim) == Some(b"1");
+fn b3_multi<'h>(get: &impl Fn(Field) -> Option<&'h [u8]>) -> Option<Parent> {
+    let trace_id = b3_trace_id(trim(get(Field::B3TraceId)?))?;
+    let span_id = SpanId(decode::<8>(trim(get(Field::B3SpanId)?))?);
+    let sampled = matches!(get(Field::B3Sampled).map(trim), Some(b"1" | b"true"))
+        || get(Field::B3Flags).map(trim) == Some(b"1");
     (trace_id.is_valid() && span_id.is_valid()).then_some(Parent {
         trace_id,
         span_id,
@@ -147,9 +206,8 @@ fn trim(v: &[u8]) -> &[u8] {
     v.trim_ascii()
 }
 
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
-const B3: HeaderName = HeaderName::from_static("b3");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 /// `00-{trace}-{span}-{01|00}`.
 pub fn format_traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> [u8; 55] {
@@ -159,6 +217,27 @@ pub fn format_traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -
     out[36..52].copy_from_slice(&span_id.hex());
     out[53..55].copy_from_slice(if sampled { b"01" } else { b"00" });
     out
+}
+
+/// Header values are cut from this per-thread buffer: a value then costs a reference count,
+/// not an allocation of its own. A buffer is let go of once full and freed when the last
+/// value cut from it is dropped.
+const SLAB: usize = 4096;
+
+thread_local! {
+    static VALUES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// `v` as a header value (validated as `HeaderValue::from_bytes` does).
+fn header_value(v: &[u8]) -> Option<HeaderValue> {
+    VALUES.with(|slab| {
+        let mut slab = slab.try_borrow_mut().ok()?;
+        if slab.capacity() - slab.len() < v.len() {
+            *slab = BytesMut::with_capacity(SLAB.max(v.len()));
+        }
+        slab.extend_from_slice(v);
+        HeaderValue::from_maybe_shared(slab.split().freeze()).ok()
+    })
 }
 
 /// Sets our context on the upstream request: `span_id` is the span the upstream's work hangs
@@ -172,9 +251,9 @@ pub fn inject(
     sampled: bool,
 ) {
     if p.tracecontext
-        && let Ok(v) = HeaderValue::from_bytes(&format_traceparent(trace_id, span_id, sampled))
+        && let Some(v) = header_value(&format_traceparent(trace_id, span_id, sampled))
     {
-        headers.insert(TRACEPARENT, v);
+        headers.insert(Field::TraceParent.header(), v);
     }
     if !p.baggage {
         // By name, not `&str`: a string key is parsed and validated first.
@@ -186,22 +265,22 @@ pub fn inject(
         v.push(b'-');
         v.extend_from_slice(&span_id.hex());
         v.extend_from_slice(if sampled { b"-1" } else { b"-0" });
-        if let Ok(v) = HeaderValue::from_bytes(&v) {
-            headers.insert(B3, v);
+        if let Some(v) = header_value(&v) {
+            headers.insert(Field::B3.header(), v);
         }
     }
     if p.b3multi {
-        for (name, value) in [
-            ("x-b3-traceid", &trace_id.hex()[..]),
-            ("x-b3-spanid", &span_id.hex()[..]),
-            ("x-b3-sampled", if sampled { b"1" } else { b"0" }),
+        for (field, value) in [
+            (Field::B3TraceId, &trace_id.hex()[..]),
+            (Field::B3SpanId, &span_id.hex()[..]),
+            (Field::B3Sampled, if sampled { b"1" } else { b"0" }),
         ] {
-            if let Ok(v) = HeaderValue::from_bytes(value) {
-                headers.insert(HeaderName::from_static(name), v);
+            if let Some(v) = header_value(value) {
+                headers.insert(field.header(), v);
             }
         }
-        headers.remove("x-b3-parentspanid");
-        headers.remove("x-b3-flags");
+        headers.remove(B3_PARENT_SPAN_ID);
+        headers.remove(Field::B3Flags.header());
     }
 }
 
@@ -258,7 +337,12 @@ mod tests {
             ("x-b3-spanid", b"a2fb4a1d1a96d312"),
             ("x-b3-sampled", b"1"),
         ];
-        let get = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        let get = |f: Field| {
+            headers
+                .iter()
+                .find(|(k, _)| *k == f.name())
+                .map(|(_, v)| *v)
+        };
         assert_eq!(extract(&Propagators::default(), get), None);
         let single = Propagators::from_names(["b3"]).unwrap();
         let p = extract(&single, get).unwrap();
