@@ -17,9 +17,9 @@ use http::header::{HeaderName, HeaderValue};
 use http_body_util::Full;
 use prometheus::IntCounterVec;
 
-use super::otlp::{self, SpanRecord};
+use super::otlp;
 
-/// Requests' span sets the queue holds before new ones are dropped.
+/// Requests' span sets (encoded) the queue holds before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Spans sent in one POST at most.
 pub const MAX_BATCH: usize = 512;
@@ -86,7 +86,8 @@ pub static DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 enum Msg {
-    Spans(Arc<ExportConfig>, Vec<SpanRecord>),
+    /// One request's spans, encoded ([`otlp::push_span`]), and how many there are.
+    Spans(Arc<ExportConfig>, Vec<u8>, usize),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -105,14 +106,14 @@ fn queue() -> Option<&'static SyncSender<Msg>> {
         .as_ref()
 }
 
-/// Queues one request's spans; never blocks.
-pub fn submit(export: &Arc<ExportConfig>, spans: Vec<SpanRecord>) {
-    let n = spans.len() as u64;
+/// Queues one request's `count` spans, encoded; never blocks.
+pub fn submit(export: &Arc<ExportConfig>, spans: Vec<u8>, count: usize) {
+    let n = count as u64;
     let Some(q) = queue() else {
         DROPPED.with_label_values(&["queue_full"]).inc_by(n);
         return;
     };
-    match q.try_send(Msg::Spans(Arc::clone(export), spans)) {
+    match q.try_send(Msg::Spans(Arc::clone(export), spans, count)) {
         Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
             DROPPED.with_label_values(&["queue_full"]).inc_by(n);
@@ -173,6 +174,7 @@ fn run(rx: Receiver<Msg>) {
     let mut exporter = Exporter {
         client,
         pending: Vec::new(),
+        pending_spans: 0,
         target: None,
         last_warning: None,
     };
@@ -190,7 +192,7 @@ fn run(rx: Receiver<Msg>) {
             },
         };
         match msg {
-            Some(Msg::Spans(target, spans)) => {
+            Some(Msg::Spans(target, spans, count)) => {
                 if exporter
                     .target
                     .as_ref()
@@ -199,8 +201,9 @@ fn run(rx: Receiver<Msg>) {
                     rt.block_on(exporter.send());
                 }
                 exporter.target = Some(target);
-                exporter.pending.extend(spans);
-                if exporter.pending.len() >= MAX_BATCH {
+                exporter.pending.extend_from_slice(&spans);
+                exporter.pending_spans += count;
+                if exporter.pending_spans >= MAX_BATCH {
                     rt.block_on(exporter.send());
                     due = None;
                 } else if due.is_none() {
@@ -222,7 +225,9 @@ fn run(rx: Receiver<Msg>) {
 
 struct Exporter {
     client: Option<Client>,
-    pending: Vec<SpanRecord>,
+    /// Encoded spans waiting for the next POST, and how many.
+    pending: Vec<u8>,
+    pending_spans: usize,
     target: Option<Arc<ExportConfig>>,
     last_warning: Option<Instant>,
 }
@@ -230,16 +235,19 @@ struct Exporter {
 impl Exporter {
     /// POSTs what is pending to the current target.
     async fn send(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending_spans == 0 {
             return;
         }
-        let spans = std::mem::take(&mut self.pending);
-        let n = spans.len() as u64;
+        let n = std::mem::take(&mut self.pending_spans) as u64;
+        // Kept (cleared) for the next batch: it has grown to a batch's size.
+        let spans = &mut self.pending;
         let (Some(client), Some(target)) = (&self.client, &self.target) else {
+            spans.clear();
             DROPPED.with_label_values(&["export_failed"]).inc_by(n);
             return;
         };
-        let mut body = otlp::encode(&target.resource, &spans);
+        let mut body = otlp::encode(&target.resource, spans);
+        spans.clear();
         let mut req = http::Request::post(target.endpoint.clone())
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
             .header(

@@ -27,7 +27,7 @@ pub use export::{Compression, DROPPED, ExportConfig, flush};
 pub use ids::{SpanId, TraceId};
 pub use propagation::{Field, Parent, Propagators};
 
-use otlp::{Attr, Event, Kind, SpanRecord, Value};
+use otlp::{Event, Kind, SpanBody, SpanHead, Value};
 
 /// `[tracing]` of gateway.toml, compiled; part of the snapshot.
 #[derive(Debug)]
@@ -143,22 +143,32 @@ pub fn sampled(
     }
 }
 
-/// An address as text; IPv4 without the formatting machinery (every sampled span has one or two).
-fn ip_text(ip: IpAddr) -> String {
+/// An address as text, written into `buf` (45 bytes hold the longest IPv6 form); IPv4 without
+/// the formatting machinery (every sampled span has one or two).
+fn ip_text(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
+    let mut len = 0;
     match ip {
         IpAddr::V4(v4) => {
-            let mut out = String::with_capacity(15);
             let mut digits = itoa::Buffer::new();
             for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
+                let d = digits.format(octet).as_bytes();
+                let sep = usize::from(i > 0);
+                if let Some(dst) = buf.get_mut(len..len + sep + d.len()) {
+                    dst[..sep].copy_from_slice(&b"."[..sep]);
+                    dst[sep..].copy_from_slice(d);
+                    len += sep + d.len();
                 }
-                out.push_str(digits.format(octet));
             }
-            out
         }
-        IpAddr::V6(_) => ip.to_string(),
+        IpAddr::V6(_) => {
+            use std::io::Write;
+            let mut rest = &mut buf[..];
+            if write!(rest, "{ip}").is_ok() {
+                len = 45 - rest.len();
+            }
+        }
     }
+    std::str::from_utf8(buf.get(..len).unwrap_or_default()).unwrap_or_default()
 }
 
 /// The port of a `Host` value (`example.com:8080`, `[::1]:8080`), scanned by hand: this runs
@@ -218,8 +228,8 @@ struct Attempt {
     span_id: SpanId,
     start_ns: u64,
     end_ns: u64,
-    method: String,
-    address: String,
+    method: http::Method,
+    authority: http::uri::Authority,
     port: u16,
     resend: u32,
     status: Option<u16>,
@@ -335,8 +345,8 @@ impl RequestTrace {
                     span_id,
                     start_ns: now,
                     end_ns: 0,
-                    method: method.as_str().to_owned(),
-                    address: authority.host().to_owned(),
+                    method: method.clone(),
+                    authority: authority.clone(),
                     port: authority.port_u16().unwrap_or(default_port),
                     resend,
                     status: None,
@@ -391,7 +401,8 @@ impl RequestTrace {
         (self.trace_id.hex(), self.span_id.hex())
     }
 
-    /// The request ended: when it was recorded, its spans go to the exporter.
+    /// The request ended: when it was recorded, its spans go to the exporter, encoded here
+    /// (into this thread's buffers: a request's spans cost one allocation, the copy handed over).
     pub fn finish(&self, f: &ServerFacts<'_>) {
         let sampled = self.decide(f.route.map(|(_, r)| r), None);
         if !sampled {
@@ -400,125 +411,136 @@ impl RequestTrace {
         let Some(rec) = self.rec.borrow_mut().take() else {
             return;
         };
-        let rec = *rec;
         let end_ns = rec.now_ns();
-        let mut spans = Vec::with_capacity(1 + rec.attempts.len());
-        for a in rec.attempts {
-            let mut attrs: Vec<Attr> = vec![
-                ("http.request.method", Value::Str(a.method.clone())),
-                ("server.address", Value::Str(a.address)),
-                ("server.port", Value::Int(i64::from(a.port))),
-            ];
-            if a.resend > 0 {
-                attrs.push(("http.request.resend_count", Value::Int(i64::from(a.resend))));
+        let count = 1 + rec.attempts.len();
+        let encoded = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => {
+                let (spans, body) = &mut *scratch;
+                spans.clear();
+                self.encode(spans, body, &rec, f, end_ns);
+                spans.as_slice().to_vec()
             }
-            if let Some(s) = a.status {
-                attrs.push(("http.response.status_code", Value::Int(i64::from(s))));
-            }
-            let error = match (a.status, a.error) {
-                (_, Some(kind)) => Some(kind.to_owned()),
-                (Some(s), None) if s >= 400 => Some(s.to_string()),
-                _ => None,
-            };
-            if let Some(e) = &error {
-                attrs.push(("error.type", Value::Str(e.clone())));
-            }
-            spans.push(SpanRecord {
-                trace_id: self.trace_id,
-                span_id: a.span_id,
-                parent: Some(self.span_id),
-                name: a.method,
-                kind: Kind::Client,
-                start_ns: a.start_ns,
-                end_ns: if a.end_ns == 0 { end_ns } else { a.end_ns },
-                attrs,
-                events: Vec::new(),
-                error,
-                remote_parent: false,
-            });
-        }
-        let name = match f.route {
-            Some((_, r)) if !r.http_route.is_empty() => {
-                let mut name = String::with_capacity(f.method.len() + 1 + r.http_route.len());
-                name.push_str(f.method);
-                name.push(' ');
-                name.push_str(&r.http_route);
-                name
-            }
-            _ => f.method.to_owned(),
-        };
-        let mut attrs: Vec<Attr> = Vec::with_capacity(18);
-        let s = |v: &str| Value::Str(v.to_owned());
-        attrs.push(("http.request.method", s(f.method)));
-        attrs.push(("url.path", s(f.path)));
-        attrs.push(("url.scheme", s(f.scheme)));
-        if let Some(q) = &rec.query {
-            attrs.push(("url.query", s(q)));
-        }
-        if !f.host.is_empty() {
-            attrs.push(("server.address", s(f.host)));
-        }
-        if let Some(p) = rec.server_port {
-            attrs.push(("server.port", Value::Int(i64::from(p))));
-        }
-        let client = ip_text(f.client_ip);
-        let peer = rec.peer.map(|p| {
-            if p == f.client_ip {
-                client.clone()
-            } else {
-                ip_text(p)
+            // Not reached (nothing here calls back into tracing); correct all the same.
+            Err(_) => {
+                let mut spans = Vec::new();
+                self.encode(&mut spans, &mut Vec::new(), &rec, f, end_ns);
+                spans
             }
         });
-        attrs.push(("client.address", Value::Str(client)));
-        if let Some(p) = peer {
-            attrs.push(("network.peer.address", Value::Str(p)));
-        }
-        let version = f.protocol.strip_prefix("HTTP/").unwrap_or(f.protocol);
-        attrs.push((
-            "network.protocol.version",
-            s(if version == "2" { "2" } else { version }),
-        ));
-        if let Some(ua) = rec.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
-            attrs.push(("user_agent.original", s(ua)));
-        }
-        if let Some((name, r)) = f.route {
-            if !r.http_route.is_empty() {
-                attrs.push(("http.route", s(&r.http_route)));
-            }
-            attrs.push(("rustygate.route", s(name)));
-        }
-        if let Some(u) = f.upstream {
-            attrs.push(("rustygate.upstream", s(u)));
-        }
-        attrs.push(("rustygate.config.sha", s(f.config_sha)));
-        attrs.push(("http.response.status_code", Value::Int(i64::from(f.status))));
-        // Semantic conventions: a server span is an error for 5xx, not for 4xx (the client's).
-        let error = if f.status >= 500 {
-            Some(f.error.map_or_else(|| f.status.to_string(), str::to_owned))
-        } else {
-            None
+        export::submit(&self.cfg.export, encoded, count);
+    }
+
+    /// The server span, then a client span per attempt.
+    fn encode(
+        &self,
+        spans: &mut Vec<u8>,
+        body: &mut Vec<u8>,
+        rec: &Recording,
+        f: &ServerFacts<'_>,
+        end_ns: u64,
+    ) {
+        let route_name: &[&str] = match f.route {
+            Some((_, r)) if !r.http_route.is_empty() => &[f.method, " ", &r.http_route],
+            _ => &[f.method],
         };
-        if let Some(e) = error.as_deref().or(f.error) {
-            attrs.push(("error.type", s(e)));
-        }
-        spans.insert(
-            0,
-            SpanRecord {
-                trace_id: self.trace_id,
-                span_id: self.span_id,
-                parent: self.parent.map(|p| p.span_id),
-                name,
+        let mut s = SpanBody::start(
+            body,
+            &SpanHead {
+                trace_id: &self.trace_id,
+                span_id: &self.span_id,
+                parent: self.parent.as_ref().map(|p| &p.span_id),
+                name: route_name,
                 kind: Kind::Server,
                 start_ns: rec.start_ns,
                 end_ns,
-                attrs,
-                events: rec.events,
-                error,
-                remote_parent: self.parent.is_some(),
             },
         );
-        export::submit(&self.cfg.export, spans);
+        s.str("http.request.method", f.method);
+        s.str("url.path", f.path);
+        s.str("url.scheme", f.scheme);
+        if let Some(q) = &rec.query {
+            s.str("url.query", q);
+        }
+        if !f.host.is_empty() {
+            s.str("server.address", f.host);
+        }
+        if let Some(p) = rec.server_port {
+            s.int("server.port", i64::from(p));
+        }
+        let mut ip = [0; 45];
+        s.str("client.address", ip_text(f.client_ip, &mut ip));
+        if let Some(p) = rec.peer {
+            s.str("network.peer.address", ip_text(p, &mut ip));
+        }
+        let version = f.protocol.strip_prefix("HTTP/").unwrap_or(f.protocol);
+        s.str("network.protocol.version", version);
+        if let Some(ua) = rec.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+            s.str("user_agent.original", ua);
+        }
+        if let Some((name, r)) = f.route {
+            if !r.http_route.is_empty() {
+                s.str("http.route", &r.http_route);
+            }
+            s.str("rustygate.route", name);
+        }
+        if let Some(u) = f.upstream {
+            s.str("rustygate.upstream", u);
+        }
+        s.str("rustygate.config.sha", f.config_sha);
+        s.int("http.response.status_code", i64::from(f.status));
+        // Semantic conventions: a server span is an error for 5xx, not for 4xx (the client's).
+        let mut digits = itoa::Buffer::new();
+        let status_text = digits.format(f.status);
+        let error = (f.status >= 500).then(|| f.error.unwrap_or(status_text));
+        if let Some(e) = error.or(f.error) {
+            s.str("error.type", e);
+        }
+        for e in &rec.events {
+            s.event(e);
+        }
+        s.finish(error, self.parent.is_some());
+        otlp::push_span(spans, body);
+
+        for a in &rec.attempts {
+            let mut s = SpanBody::start(
+                body,
+                &SpanHead {
+                    trace_id: &self.trace_id,
+                    span_id: &a.span_id,
+                    parent: Some(&self.span_id),
+                    name: &[a.method.as_str()],
+                    kind: Kind::Client,
+                    start_ns: a.start_ns,
+                    end_ns: if a.end_ns == 0 { end_ns } else { a.end_ns },
+                },
+            );
+            s.str("http.request.method", a.method.as_str());
+            s.str("server.address", a.authority.host());
+            s.int("server.port", i64::from(a.port));
+            if a.resend > 0 {
+                s.int("http.request.resend_count", i64::from(a.resend));
+            }
+            if let Some(st) = a.status {
+                s.int("http.response.status_code", i64::from(st));
+            }
+            let mut digits = itoa::Buffer::new();
+            let error = match (a.status, a.error) {
+                (_, Some(kind)) => Some(kind),
+                (Some(st), None) if st >= 400 => Some(digits.format(st)),
+                _ => None,
+            };
+            if let Some(e) = error {
+                s.str("error.type", e);
+            }
+            s.finish(error, false);
+            otlp::push_span(spans, body);
+        }
     }
+}
+
+thread_local! {
+    /// A worker's span encoding buffers: the request's spans, and the span being written.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::new((Vec::with_capacity(2048), Vec::with_capacity(1024)));
 }
 
 #[cfg(test)]
@@ -536,7 +558,7 @@ mod tests {
             "2001:db8::7",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(ip_text(ip, &mut [0; 45]), ip.to_string());
         }
     }
 

@@ -31,68 +31,92 @@ pub struct Event {
     pub attrs: Vec<Attr>,
 }
 
-/// One finished span.
-#[derive(Debug, Clone)]
-pub struct SpanRecord {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    pub parent: Option<SpanId>,
-    pub name: String,
-    pub kind: Kind,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub attrs: Vec<Attr>,
-    pub events: Vec<Event>,
-    /// `Some(message)`: status ERROR. `None`: status unset.
-    pub error: Option<String>,
-    /// The parent was in another process (bit 9 of `flags`, and bit 8 saying it is known).
-    pub remote_parent: bool,
-}
-
-/// `ExportTraceServiceRequest` with one resource and one scope.
-pub fn encode(resource: &[(String, String)], spans: &[SpanRecord]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + spans.len() * 384);
-    // resource_spans = 1
-    message(&mut out, 1, |rs| {
-        // resource = 1
-        message(rs, 1, |r| {
-            for (k, v) in resource {
-                message(r, 1, |kv| key_value(kv, k, &Value::Str(v.clone())));
-            }
-        });
-        // scope_spans = 2
-        message(rs, 2, |ss| {
-            // scope = 1: InstrumentationScope { name = 1, version = 2 }
-            message(ss, 1, |scope| {
-                string(scope, 1, "rustygate");
-                string(scope, 2, env!("CARGO_PKG_VERSION"));
-            });
-            for s in spans {
-                message(ss, 2, |buf| span(buf, s));
-            }
-        });
-    });
+/// `ExportTraceServiceRequest` with one resource and one scope, around `spans`: span fields
+/// of `ScopeSpans` as [`push_span`] writes them, one request's after another's. The lengths are
+/// known beforehand, so nothing is moved once written.
+pub fn encode(resource: &[(String, String)], spans: &[u8]) -> Vec<u8> {
+    // Resource { attributes = 1 }
+    let mut res = Vec::with_capacity(64);
+    for (k, v) in resource {
+        attr_str_field(&mut res, 1, k, v.as_bytes());
+    }
+    // InstrumentationScope { name = 1, version = 2 }
+    let mut scope = Vec::with_capacity(32);
+    string(&mut scope, 1, "rustygate");
+    string(&mut scope, 2, env!("CARGO_PKG_VERSION"));
+    // ScopeSpans { scope = 1, spans = 2 }
+    let scope_spans = field_len(scope.len()) + spans.len();
+    // ResourceSpans { resource = 1, scope_spans = 2 }
+    let resource_spans = field_len(res.len()) + field_len(scope_spans);
+    let mut out = Vec::with_capacity(field_len(resource_spans));
+    // ExportTraceServiceRequest { resource_spans = 1 }
+    tag(&mut out, 1, 2);
+    varint(&mut out, resource_spans as u64);
+    bytes(&mut out, 1, &res);
+    tag(&mut out, 2, 2);
+    varint(&mut out, scope_spans as u64);
+    bytes(&mut out, 1, &scope);
+    out.extend_from_slice(spans);
     out
 }
 
-fn span(out: &mut Vec<u8>, s: &SpanRecord) {
-    bytes(out, 1, &s.trace_id.0);
-    bytes(out, 2, &s.span_id.0);
-    if let Some(p) = &s.parent {
-        bytes(out, 4, &p.0);
+/// One span's body (`Span`), written field by field into a buffer the caller reuses; then
+/// [`push_span`] appends it to a request's spans. Attribute keys are static, values borrowed:
+/// nothing is allocated per attribute.
+pub struct SpanBody<'b>(pub &'b mut Vec<u8>);
+
+/// The fields every span has.
+pub struct SpanHead<'a> {
+    pub trace_id: &'a TraceId,
+    pub span_id: &'a SpanId,
+    pub parent: Option<&'a SpanId>,
+    /// Concatenated: `["GET", " ", "/orders/{id}"]`.
+    pub name: &'a [&'a str],
+    pub kind: Kind,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+impl SpanBody<'_> {
+    /// Starts a span (the buffer is cleared): ids, name, kind and times.
+    pub fn start<'b>(b: &'b mut Vec<u8>, h: &SpanHead<'_>) -> SpanBody<'b> {
+        b.clear();
+        bytes(b, 1, &h.trace_id.0);
+        bytes(b, 2, &h.span_id.0);
+        if let Some(p) = h.parent {
+            bytes(b, 4, &p.0);
+        }
+        tag(b, 5, 2);
+        varint(b, h.name.iter().map(|p| p.len()).sum::<usize>() as u64);
+        for part in h.name {
+            b.extend_from_slice(part.as_bytes());
+        }
+        tag(b, 6, 0);
+        varint(b, h.kind as u64);
+        tag(b, 7, 1);
+        b.extend_from_slice(&h.start_ns.to_le_bytes());
+        tag(b, 8, 1);
+        b.extend_from_slice(&h.end_ns.max(h.start_ns).to_le_bytes());
+        SpanBody(b)
     }
-    string(out, 5, &s.name);
-    tag(out, 6, 0);
-    varint(out, s.kind as u64);
-    tag(out, 7, 1);
-    out.extend_from_slice(&s.start_ns.to_le_bytes());
-    tag(out, 8, 1);
-    out.extend_from_slice(&s.end_ns.max(s.start_ns).to_le_bytes());
-    for (k, v) in &s.attrs {
-        message(out, 9, |kv| key_value(kv, k, v));
+
+    /// A string attribute (`attributes = 9`).
+    pub fn str(&mut self, key: &str, value: &str) {
+        attr_str_field(self.0, 9, key, value.as_bytes());
     }
-    for e in &s.events {
-        message(out, 11, |ev| {
+
+    /// An integer attribute.
+    pub fn int(&mut self, key: &str, value: i64) {
+        // AnyValue { int_value = 3 }
+        let any = 1 + varint_len(value as u64);
+        key_header(self.0, 9, key, any);
+        tag(self.0, 3, 0);
+        varint(self.0, value as u64);
+    }
+
+    /// A span event (`events = 11`).
+    pub fn event(&mut self, e: &Event) {
+        message(self.0, 11, |ev| {
             tag(ev, 1, 1);
             ev.extend_from_slice(&e.time_ns.to_le_bytes());
             string(ev, 2, e.name);
@@ -101,18 +125,55 @@ fn span(out: &mut Vec<u8>, s: &SpanRecord) {
             }
         });
     }
-    if let Some(msg) = &s.error {
-        // Status { message = 2, code = 3 (ERROR = 2) }
-        message(out, 15, |st| {
-            string(st, 2, msg);
-            tag(st, 3, 0);
-            varint(st, 2);
-        });
+
+    /// Ends the span: status ERROR with `error` as its message when set (unset otherwise),
+    /// and whether the parent was in another process (bit 9 of `flags`, with bit 8 saying it
+    /// is known).
+    pub fn finish(self, error: Option<&str>, remote_parent: bool) {
+        if let Some(msg) = error {
+            // Status { message = 2, code = 3 (ERROR = 2) }
+            tag(self.0, 15, 2);
+            varint(self.0, (field_len(msg.len()) + 2) as u64);
+            string(self.0, 2, msg);
+            tag(self.0, 3, 0);
+            varint(self.0, 2);
+        }
+        // flags = 16 (fixed32)
+        tag(self.0, 16, 5);
+        let flags: u32 = 0x100 | if remote_parent { 0x200 } else { 0 };
+        self.0.extend_from_slice(&flags.to_le_bytes());
     }
-    // flags = 16 (fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, and IS_REMOTE when it is.
-    tag(out, 16, 5);
-    let flags: u32 = 0x100 | if s.remote_parent { 0x200 } else { 0 };
-    out.extend_from_slice(&flags.to_le_bytes());
+}
+
+/// Appends a finished span body to `out` as `ScopeSpans.spans` (field 2).
+pub fn push_span(out: &mut Vec<u8>, body: &[u8]) {
+    bytes(out, 2, body);
+}
+
+/// A string `KeyValue` as field `field`, its lengths worked out first.
+fn attr_str_field(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
+    // AnyValue { string_value = 1 }
+    key_header(out, field, key, field_len(value.len()));
+    bytes(out, 1, value);
+}
+
+/// `field` (a `KeyValue` of `key` and an `AnyValue` of `any` bytes): everything up to the
+/// `AnyValue`'s own fields.
+fn key_header(out: &mut Vec<u8>, field: u32, key: &str, any: usize) {
+    tag(out, field, 2);
+    varint(out, (field_len(key.len()) + field_len(any)) as u64);
+    string(out, 1, key);
+    tag(out, 2, 2);
+    varint(out, any as u64);
+}
+
+/// Bytes a length-delimited field of `len` bytes takes (a tag below 16 is one byte).
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// `KeyValue { key = 1, value = 2: AnyValue { string = 1 | bool = 2 | int = 3 } }`.
@@ -154,8 +215,8 @@ fn string(out: &mut Vec<u8>, field: u32, s: &str) {
 }
 
 /// A nested message, encoded in place: a one-byte length goes before it, widened afterwards
-/// when the message is 128 bytes or more (a span; the batch). A buffer per message would cost
-/// an allocation, its growth and a copy for each attribute of each span.
+/// when the message is 128 bytes or more. Only for span events, whose size is not worked out
+/// beforehand.
 fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     tag(out, field, 2);
     let at = out.len();
@@ -199,6 +260,134 @@ mod tests {
             want.extend(std::iter::repeat_n(7u8, len));
             assert_eq!(out, want, "{len}");
         }
+    }
+
+    #[test]
+    fn attributes_with_lengths_worked_out_first_are_the_nested_encoding() {
+        for len in [
+            0usize, 1, 100, 113, 114, 127, 128, 200, 16_370, 16_400, 70_000,
+        ] {
+            let value = "v".repeat(len);
+            let mut direct = Vec::new();
+            SpanBody(&mut direct).str("user_agent.original", &value);
+            let mut nested = Vec::new();
+            message(&mut nested, 9, |kv| {
+                key_value(kv, "user_agent.original", &Value::Str(value.clone()))
+            });
+            assert_eq!(direct, nested, "{len}");
+        }
+        for n in [0i64, 1, 127, 128, 65_535, i64::MAX, -1] {
+            let mut direct = Vec::new();
+            SpanBody(&mut direct).int("server.port", n);
+            let mut nested = Vec::new();
+            message(&mut nested, 9, |kv| {
+                key_value(kv, "server.port", &Value::Int(n))
+            });
+            assert_eq!(direct, nested, "{n}");
+        }
+        for n in [0usize, 1, 127, 128, 16_383, 16_384] {
+            assert_eq!(field_len(n), {
+                let mut v = Vec::new();
+                bytes(&mut v, 1, &vec![0; n]);
+                v.len()
+            });
+        }
+    }
+
+    #[test]
+    fn a_batch_decodes_as_opentelemetry_proto_reads_it() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use prost::Message;
+
+        let trace_id = TraceId([7; 16]);
+        let (server, client) = (SpanId([1; 8]), SpanId([2; 8]));
+        let long = "a".repeat(300);
+        let event = Event {
+            time_ns: 5,
+            name: "auth.denied",
+            attrs: vec![("rustygate.reason", Value::Str("expired".into()))],
+        };
+        let mut spans = Vec::new();
+        let mut body = Vec::new();
+        let mut s = SpanBody::start(
+            &mut body,
+            &SpanHead {
+                trace_id: &trace_id,
+                span_id: &server,
+                parent: None,
+                name: &["GET", " ", "/orders/{id}"],
+                kind: Kind::Server,
+                start_ns: 10,
+                end_ns: 20,
+            },
+        );
+        s.str("url.path", &long);
+        s.int("http.response.status_code", 503);
+        s.event(&event);
+        s.finish(Some("503"), false);
+        push_span(&mut spans, &body);
+        let s = SpanBody::start(
+            &mut body,
+            &SpanHead {
+                trace_id: &trace_id,
+                span_id: &client,
+                parent: Some(&server),
+                name: &["GET"],
+                kind: Kind::Client,
+                start_ns: 12,
+                end_ns: 11,
+            },
+        );
+        s.finish(None, true);
+        push_span(&mut spans, &body);
+        let resource = [("service.name".to_owned(), "gw".repeat(100))];
+
+        let req = ExportTraceServiceRequest::decode(&encode(&resource, &spans)[..]).unwrap();
+        let rs = &req.resource_spans[0];
+        let attr = &rs.resource.as_ref().unwrap().attributes[0];
+        assert_eq!(attr.key, "service.name");
+        let Some(Any::StringValue(v)) = &attr.value.as_ref().unwrap().value else {
+            panic!("{attr:?}")
+        };
+        assert_eq!(v, &"gw".repeat(100));
+        let ss = &rs.scope_spans[0];
+        assert_eq!(ss.scope.as_ref().unwrap().name, "rustygate");
+        let [s, c] = &ss.spans[..] else {
+            panic!("{:?}", ss.spans)
+        };
+        assert_eq!(s.name, "GET /orders/{id}");
+        assert_eq!(
+            (s.trace_id.as_slice(), s.span_id.as_slice()),
+            (&[7; 16][..], &[1; 8][..])
+        );
+        assert!(s.parent_span_id.is_empty());
+        assert_eq!(
+            (s.kind, s.start_time_unix_nano, s.end_time_unix_nano),
+            (2, 10, 20)
+        );
+        assert_eq!(s.attributes[0].key, "url.path");
+        assert_eq!(
+            s.attributes[0].value.as_ref().unwrap().value,
+            Some(Any::StringValue(long))
+        );
+        assert_eq!(
+            s.attributes[1].value.as_ref().unwrap().value,
+            Some(Any::IntValue(503))
+        );
+        assert_eq!(s.events[0].name, "auth.denied");
+        assert_eq!(s.events[0].attributes[0].key, "rustygate.reason");
+        let status = s.status.as_ref().unwrap();
+        assert_eq!((status.code, status.message.as_str()), (2, "503"));
+        assert_eq!(s.flags, 0x100);
+        assert_eq!(c.name, "GET");
+        assert_eq!(c.parent_span_id, vec![1; 8]);
+        assert_eq!(
+            (c.kind, c.start_time_unix_nano, c.end_time_unix_nano),
+            (3, 12, 12)
+        );
+        assert!(c.status.is_none() && c.attributes.is_empty());
+        assert_eq!(c.flags, 0x300);
     }
 
     #[test]
