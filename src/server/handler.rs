@@ -178,7 +178,7 @@ impl Exchange {
             elapsed.as_secs_f64(),
         );
         if let Some(t) = &self.trace {
-            t.finish(&ServerFacts {
+            t.finish(|| ServerFacts {
                 method: self.method.as_str(),
                 scheme: self.scheme,
                 host: &self.host,

@@ -8,7 +8,7 @@
 //! endpoint of the snapshot its requests were served with, so a reload that changes the endpoint
 //! applies to the requests that start after it.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const MAX_BATCH: usize = 512;
 /// How long a span waits for its batch to fill before it is sent anyway.
 pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// How often the queue is looked at while a batch fills (an idle exporter waits on it).
+const POLL: Duration = Duration::from_millis(10);
 
 /// Where and how spans are exported (`[tracing]` in gateway.toml).
 #[derive(Debug)]
@@ -175,16 +177,26 @@ fn run(rx: Receiver<Msg>) {
         client,
         pending: Vec::new(),
         pending_spans: 0,
+        last_batch: 0,
         target: None,
         last_warning: None,
     };
     let mut due: Option<Instant> = None;
     loop {
         let msg = match due {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+            // A batch is filling: the queue is looked at every `POLL` rather than waited on,
+            // so that requests hand their spans over without waking this thread each time.
+            Some(at) => match rx.try_recv() {
                 Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if !left.is_zero() {
+                        std::thread::sleep(left.min(POLL));
+                        continue;
+                    }
+                    None
+                }
+                Err(TryRecvError::Disconnected) => break,
             },
             None => match rx.recv() {
                 Ok(m) => Some(m),
@@ -201,8 +213,7 @@ fn run(rx: Receiver<Msg>) {
                     rt.block_on(exporter.send());
                 }
                 exporter.target = Some(target);
-                exporter.pending.extend_from_slice(&spans);
-                exporter.pending_spans += count;
+                exporter.add(&spans, count);
                 if exporter.pending_spans >= MAX_BATCH {
                     rt.block_on(exporter.send());
                     due = None;
@@ -225,29 +236,41 @@ fn run(rx: Receiver<Msg>) {
 
 struct Exporter {
     client: Option<Client>,
-    /// Encoded spans waiting for the next POST, and how many.
+    /// Encoded spans waiting for the next POST, after [`otlp::BATCH_PREFIX`] bytes of room
+    /// (empty when none wait), and how many.
     pending: Vec<u8>,
     pending_spans: usize,
+    /// The size of the last batch sent: the next is given as much room up front, rather than
+    /// growing (and being copied) to it.
+    last_batch: usize,
     target: Option<Arc<ExportConfig>>,
     last_warning: Option<Instant>,
 }
 
 impl Exporter {
+    fn add(&mut self, spans: &[u8], count: usize) {
+        if self.pending.is_empty() {
+            self.pending
+                .reserve(otlp::BATCH_PREFIX + self.last_batch.max(spans.len()));
+            self.pending.resize(otlp::BATCH_PREFIX, 0);
+        }
+        self.pending.extend_from_slice(spans);
+        self.pending_spans += count;
+    }
+
     /// POSTs what is pending to the current target.
     async fn send(&mut self) {
         if self.pending_spans == 0 {
             return;
         }
         let n = std::mem::take(&mut self.pending_spans) as u64;
-        // Kept (cleared) for the next batch: it has grown to a batch's size.
-        let spans = &mut self.pending;
+        let batch = std::mem::take(&mut self.pending);
+        self.last_batch = batch.len();
         let (Some(client), Some(target)) = (&self.client, &self.target) else {
-            spans.clear();
             DROPPED.with_label_values(&["export_failed"]).inc_by(n);
             return;
         };
-        let mut body = otlp::encode(&target.resource, spans);
-        spans.clear();
+        let mut body = otlp::encode_batch(&target.resource, batch);
         let mut req = http::Request::post(target.endpoint.clone())
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
             .header(
@@ -257,7 +280,7 @@ impl Exporter {
         if target.compression == Compression::Gzip {
             match gzip(&body) {
                 Ok(z) => {
-                    body = z;
+                    body = Bytes::from(z);
                     req = req.header(http::header::CONTENT_ENCODING, "gzip");
                 }
                 // Writing into a Vec does not fail; were it to, the batch goes uncompressed.
@@ -267,7 +290,7 @@ impl Exporter {
         for (k, v) in &target.headers {
             req = req.header(k, v);
         }
-        let Ok(req) = req.body(Full::new(Bytes::from(body))) else {
+        let Ok(req) = req.body(Full::new(body)) else {
             DROPPED.with_label_values(&["export_failed"]).inc_by(n);
             return;
         };

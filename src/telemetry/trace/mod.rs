@@ -297,10 +297,19 @@ impl RequestTrace {
 
     /// Decides whether this request is recorded, with the matched route's settings (`None`:
     /// no route). Later calls keep the first decision.
+    #[inline]
     pub fn decide(&self, route: Option<&RouteTrace>, req: Option<&actix_web::HttpRequest>) -> bool {
-        if let Some(s) = self.sampled.get() {
-            return s;
+        match self.sampled.get() {
+            Some(s) => s,
+            None => self.decide_first(route, req),
         }
+    }
+
+    fn decide_first(
+        &self,
+        route: Option<&RouteTrace>,
+        req: Option<&actix_web::HttpRequest>,
+    ) -> bool {
         let sampled = sampled(&self.cfg, route, self.parent, &self.trace_id);
         self.sampled.set(Some(sampled));
         let mut rec = self.rec.borrow_mut();
@@ -403,7 +412,12 @@ impl RequestTrace {
 
     /// The request ended: when it was recorded, its spans go to the exporter, encoded here
     /// (into this thread's buffers: a request's spans cost one allocation, the copy handed over).
-    pub fn finish(&self, f: &ServerFacts<'_>) {
+    /// `facts` is only called for a request that may still be recorded.
+    pub fn finish<'a>(&self, facts: impl FnOnce() -> ServerFacts<'a>) {
+        if self.sampled.get() == Some(false) {
+            return;
+        }
+        let f = &facts();
         let sampled = self.decide(f.route.map(|(_, r)| r), None);
         if !sampled {
             return;
@@ -468,9 +482,12 @@ impl RequestTrace {
             s.int("server.port", i64::from(p));
         }
         let mut ip = [0; 45];
-        s.str("client.address", ip_text(f.client_ip, &mut ip));
-        if let Some(p) = rec.peer {
-            s.str("network.peer.address", ip_text(p, &mut ip));
+        let client = ip_text(f.client_ip, &mut ip);
+        s.str("client.address", client);
+        match rec.peer {
+            Some(p) if p == f.client_ip => s.str("network.peer.address", client),
+            Some(p) => s.str("network.peer.address", ip_text(p, &mut [0; 45])),
+            None => {}
         }
         let version = f.protocol.strip_prefix("HTTP/").unwrap_or(f.protocol);
         s.str("network.protocol.version", version);

@@ -3,6 +3,8 @@
 //! code generator in the build. Field numbers are those of `opentelemetry/proto/trace/v1`; the
 //! tests decode this output with the `opentelemetry-proto` crate.
 
+use bytes::Bytes;
+
 use super::ids::{SpanId, TraceId};
 
 /// An attribute value.
@@ -35,6 +37,34 @@ pub struct Event {
 /// of `ScopeSpans` as [`push_span`] writes them, one request's after another's. The lengths are
 /// known beforehand, so nothing is moved once written.
 pub fn encode(resource: &[(String, String)], spans: &[u8]) -> Vec<u8> {
+    let mut out = batch_head(resource, spans.len(), spans.len());
+    out.extend_from_slice(spans);
+    out
+}
+
+/// Room the exporter leaves before a batch's spans for [`encode_batch`] to write the heads in.
+pub const BATCH_PREFIX: usize = 512;
+
+/// [`encode`] of the spans in `batch[BATCH_PREFIX..]`, the heads written into the room before
+/// them: a batch's spans (hundreds of kilobytes) are not copied again.
+pub fn encode_batch(resource: &[(String, String)], mut batch: Vec<u8>) -> Bytes {
+    let spans = batch.len().saturating_sub(BATCH_PREFIX);
+    let head = batch_head(resource, spans, 0);
+    if let Some(at) = BATCH_PREFIX.checked_sub(head.len())
+        && let Some(room) = batch.get_mut(at..BATCH_PREFIX)
+    {
+        room.copy_from_slice(&head);
+        return Bytes::from(batch).slice(at..);
+    }
+    // A resource too large for the room: copied after all.
+    Bytes::from(encode(
+        resource,
+        batch.get(BATCH_PREFIX..).unwrap_or_default(),
+    ))
+}
+
+/// Everything of the batch before its spans (`spans` bytes of them), with room for `extra`.
+fn batch_head(resource: &[(String, String)], spans: usize, extra: usize) -> Vec<u8> {
     // Resource { attributes = 1 }
     let mut res = Vec::with_capacity(64);
     for (k, v) in resource {
@@ -45,10 +75,10 @@ pub fn encode(resource: &[(String, String)], spans: &[u8]) -> Vec<u8> {
     string(&mut scope, 1, "rustygate");
     string(&mut scope, 2, env!("CARGO_PKG_VERSION"));
     // ScopeSpans { scope = 1, spans = 2 }
-    let scope_spans = field_len(scope.len()) + spans.len();
+    let scope_spans = field_len(scope.len()) + spans;
     // ResourceSpans { resource = 1, scope_spans = 2 }
     let resource_spans = field_len(res.len()) + field_len(scope_spans);
-    let mut out = Vec::with_capacity(field_len(resource_spans));
+    let mut out = Vec::with_capacity(field_len(resource_spans) - spans + extra);
     // ExportTraceServiceRequest { resource_spans = 1 }
     tag(&mut out, 1, 2);
     varint(&mut out, resource_spans as u64);
@@ -56,7 +86,6 @@ pub fn encode(resource: &[(String, String)], spans: &[u8]) -> Vec<u8> {
     tag(&mut out, 2, 2);
     varint(&mut out, scope_spans as u64);
     bytes(&mut out, 1, &scope);
-    out.extend_from_slice(spans);
     out
 }
 
@@ -81,22 +110,33 @@ impl SpanBody<'_> {
     /// Starts a span (the buffer is cleared): ids, name, kind and times.
     pub fn start<'b>(b: &'b mut Vec<u8>, h: &SpanHead<'_>) -> SpanBody<'b> {
         b.clear();
-        bytes(b, 1, &h.trace_id.0);
-        bytes(b, 2, &h.span_id.0);
+        let name_len: usize = h.name.iter().map(|p| p.len()).sum();
+        let mut head = Head::new();
+        head.tag(1, 2);
+        head.varint(16);
+        head.bytes(&h.trace_id.0);
+        head.tag(2, 2);
+        head.varint(8);
+        head.bytes(&h.span_id.0);
         if let Some(p) = h.parent {
-            bytes(b, 4, &p.0);
+            head.tag(4, 2);
+            head.varint(8);
+            head.bytes(&p.0);
         }
-        tag(b, 5, 2);
-        varint(b, h.name.iter().map(|p| p.len()).sum::<usize>() as u64);
+        head.tag(5, 2);
+        head.varint(name_len as u64);
+        b.extend_from_slice(head.as_slice());
         for part in h.name {
             b.extend_from_slice(part.as_bytes());
         }
-        tag(b, 6, 0);
-        varint(b, h.kind as u64);
-        tag(b, 7, 1);
-        b.extend_from_slice(&h.start_ns.to_le_bytes());
-        tag(b, 8, 1);
-        b.extend_from_slice(&h.end_ns.max(h.start_ns).to_le_bytes());
+        let mut head = Head::new();
+        head.tag(6, 0);
+        head.varint(h.kind as u64);
+        head.tag(7, 1);
+        head.bytes(&h.start_ns.to_le_bytes());
+        head.tag(8, 1);
+        head.bytes(&h.end_ns.max(h.start_ns).to_le_bytes());
+        b.extend_from_slice(head.as_slice());
         SpanBody(b)
     }
 
@@ -109,6 +149,7 @@ impl SpanBody<'_> {
     pub fn int(&mut self, key: &str, value: i64) {
         // AnyValue { int_value = 3 }
         let any = 1 + varint_len(value as u64);
+        self.0.reserve(24 + key.len());
         key_header(self.0, 9, key, any);
         tag(self.0, 3, 0);
         varint(self.0, value as u64);
@@ -153,12 +194,64 @@ pub fn push_span(out: &mut Vec<u8>, body: &[u8]) {
 /// A string `KeyValue` as field `field`, its lengths worked out first.
 fn attr_str_field(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
     // AnyValue { string_value = 1 }
-    key_header(out, field, key, field_len(value.len()));
-    bytes(out, 1, value);
+    let any = field_len(value.len());
+    // Once, rather than growing field by field (tags and lengths take 24 bytes at most).
+    out.reserve(24 + key.len() + value.len());
+    key_header(out, field, key, any);
+    tag(out, 1, 2);
+    varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+/// A span's fixed fields put together on the stack and appended at once. Callers keep within
+/// its 96 bytes (what does not fit is dropped).
+struct Head {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl Head {
+    fn new() -> Head {
+        Head {
+            buf: [0; 96],
+            len: 0,
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some(d) = self.buf.get_mut(self.len) {
+            *d = b;
+            self.len += 1;
+        }
+    }
+
+    fn tag(&mut self, field: u32, wire: u8) {
+        self.varint((u64::from(field) << 3) | u64::from(wire));
+    }
+
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        if let Some(d) = self.buf.get_mut(self.len..self.len + b.len()) {
+            d.copy_from_slice(b);
+            self.len += b.len();
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
 }
 
 /// `field` (a `KeyValue` of `key` and an `AnyValue` of `any` bytes): everything up to the
 /// `AnyValue`'s own fields.
+#[inline]
 fn key_header(out: &mut Vec<u8>, field: u32, key: &str, any: usize) {
     tag(out, field, 2);
     varint(out, (field_len(key.len()) + field_len(any)) as u64);
@@ -192,10 +285,12 @@ fn key_value(out: &mut Vec<u8>, key: &str, v: &Value) {
     });
 }
 
+#[inline]
 fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
     varint(out, (u64::from(field) << 3) | u64::from(wire));
 }
 
+#[inline]
 fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -204,12 +299,14 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[inline]
 fn bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     tag(out, field, 2);
     varint(out, b.len() as u64);
     out.extend_from_slice(b);
 }
 
+#[inline]
 fn string(out: &mut Vec<u8>, field: u32, s: &str) {
     bytes(out, field, s.as_bytes());
 }
@@ -275,6 +372,20 @@ mod tests {
                 key_value(kv, "user_agent.original", &Value::Str(value.clone()))
             });
             assert_eq!(direct, nested, "{len}");
+        }
+        // Keys too long for the stack header take the general path.
+        for key in ["k".repeat(48), "k".repeat(49), "k".repeat(200)] {
+            for value in [String::new(), "v".repeat(300)] {
+                let mut direct = Vec::new();
+                SpanBody(&mut direct).str(&key, &value);
+                SpanBody(&mut direct).int(&key, -1);
+                let mut nested = Vec::new();
+                message(&mut nested, 9, |kv| {
+                    key_value(kv, &key, &Value::Str(value.clone()))
+                });
+                message(&mut nested, 9, |kv| key_value(kv, &key, &Value::Int(-1)));
+                assert_eq!(direct, nested, "{} {}", key.len(), value.len());
+            }
         }
         for n in [0i64, 1, 127, 128, 65_535, i64::MAX, -1] {
             let mut direct = Vec::new();
@@ -343,7 +454,17 @@ mod tests {
         push_span(&mut spans, &body);
         let resource = [("service.name".to_owned(), "gw".repeat(100))];
 
-        let req = ExportTraceServiceRequest::decode(&encode(&resource, &spans)[..]).unwrap();
+        let encoded = encode(&resource, &spans);
+        // The exporter's way: the heads written into the room left before the spans.
+        for resource in [
+            &resource[..],
+            &[("service.name".to_owned(), "x".repeat(600))],
+        ] {
+            let mut batch = vec![0xee; BATCH_PREFIX];
+            batch.extend_from_slice(&spans);
+            assert_eq!(encode_batch(resource, batch), encode(resource, &spans));
+        }
+        let req = ExportTraceServiceRequest::decode(&encoded[..]).unwrap();
         let rs = &req.resource_spans[0];
         let attr = &rs.resource.as_ref().unwrap().attributes[0];
         assert_eq!(attr.key, "service.name");
