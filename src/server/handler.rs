@@ -46,6 +46,7 @@ use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 use crate::wire::StaticResponse;
+use crate::wire::headers::actix_name;
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -1405,17 +1406,7 @@ fn client_response(
     }
 
     let mut out = HttpResponseBuilder::new(status_code(status));
-    for (name, value) in parts.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop_str(n) || n == "content-length" || dropped.iter().any(|d| d == n) {
-            continue;
-        }
-        out.append_header((n, value.as_bytes()));
-    }
-    out.insert_header(("x-request-id", ex.request_id.as_bytes()));
-    for (n, v) in &ex.extra {
-        out.append_header((n.as_str(), v.as_bytes()));
-    }
+    relay_headers(&mut out, &parts.headers, &dropped, &ex);
 
     // The policy may have turned the 101 into something else: then there is no tunnel.
     if let (Some(payload), 101) = (tunnel_in, status) {
@@ -1452,6 +1443,48 @@ fn client_response(
         UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
     )
 }
+
+/// The upstream's response headers on the client's response: all but hop-by-hop, the ones its
+/// `Connection` header named (`dropped`) and `Content-Length` (actix sets it from the body),
+/// then the request id and the edge filters' headers. Names of the common standard headers
+/// are mapped without parsing; the values are copied into one buffer and shared from it.
+fn relay_headers(
+    out: &mut HttpResponseBuilder,
+    headers: &http::HeaderMap,
+    dropped: &[String],
+    ex: &Exchange,
+) {
+    let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+        + ex.request_id.len()
+        + ex.extra.iter().map(|(_, v)| v.len()).sum::<usize>();
+    let mut values = bytes::BytesMut::with_capacity(total);
+    let mut append = |name: Option<ax::HeaderName>, value: &HeaderValue| {
+        values.extend_from_slice(value.as_bytes());
+        let shared = values.split().freeze();
+        if let (Some(n), Ok(v)) = (name, ax::HeaderValue::from_maybe_shared(shared)) {
+            out.append_header((n, v));
+        }
+    };
+    for (name, value) in headers {
+        let n = name.as_str();
+        if is_hop_by_hop_str(n) || name == header::CONTENT_LENGTH || dropped.iter().any(|d| d == n)
+        {
+            continue;
+        }
+        if name == X_REQUEST_ID {
+            // Replaced by the gateway's own below.
+            continue;
+        }
+        append(actix_name(name), value);
+    }
+    append(Some(AX_REQUEST_ID), &ex.request_id);
+    for (n, v) in &ex.extra {
+        append(actix_name(n), v);
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const AX_REQUEST_ID: ax::HeaderName = ax::HeaderName::from_static("x-request-id");
 
 /// The client's 101, whose body is the tunnel (see [`websocket::Tunnel`]). The exchange (its
 /// `max_requests` slot, in-flight counts and `Busy`) lives until the tunnel closes, and is
