@@ -42,6 +42,8 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Largest request-head buffer an idle connection keeps.
+const KEEP_OUT: usize = 4 * 1024;
 /// Bodies up to this size are copied behind the head and written in one `write`.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -49,6 +51,8 @@ const COALESCE_BODY: usize = 16 * 1024;
 pub(crate) struct Conn {
     io: Io,
     buf: BytesMut,
+    /// Where request heads are written, kept for the next request on this connection.
+    out: BytesMut,
 }
 
 impl Conn {
@@ -56,6 +60,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            out: BytesMut::new(),
         }
     }
 
@@ -117,7 +122,9 @@ pub(crate) async fn exchange(
     idle_timeout: Duration,
 ) -> Result<http::Response<ResponseBody>, H1Error> {
     let head_only = req.method() == http::Method::HEAD;
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    out.reserve(512);
     let body = encode_head(req, &mut out);
     match body {
         Some(b) if b.len() <= COALESCE_BODY => {
@@ -129,6 +136,10 @@ pub(crate) async fn exchange(
             conn.io.write_all(b).await.map_err(H1Error::Write)?;
         }
         None => conn.io.write_all(&out).await.map_err(H1Error::Write)?,
+    }
+    // Kept for the next request unless a body made it grow: an idle connection holds little.
+    if out.capacity() <= KEEP_OUT {
+        conn.out = out;
     }
     let (mut resp, framing, keep_alive) = loop {
         let head = read_head(&mut conn).await?;
