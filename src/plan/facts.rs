@@ -36,6 +36,8 @@ pub struct RouteFacts {
     pub upstream_host: String,
     pub request_headers: Vec<String>,
     pub response_headers: Vec<String>,
+    /// WASM plugins in the order they run: name, module sha256 (short), configuration.
+    pub plugins: Vec<String>,
 }
 
 /// An upstream as compiled.
@@ -199,6 +201,18 @@ pub(super) fn route_facts(
             },
             request_headers: raw.request_headers,
             response_headers: raw.response_headers,
+            plugins: r
+                .plugins
+                .iter()
+                .map(|u| {
+                    let p = &u.plugin;
+                    let mut s = format!("{} (sha256 {})", p.name, p.sha256.get(..12).unwrap_or(""));
+                    if !u.config.is_empty() {
+                        s.push_str(&format!(" config {}", String::from_utf8_lossy(&u.config)));
+                    }
+                    s
+                })
+                .collect(),
         };
         match &r.action {
             RouteAction::Proxy { upstream, rewrite } => {
@@ -264,6 +278,7 @@ impl RouteFacts {
             ("upstream_host", Some(self.upstream_host.clone())),
             ("request_headers", list(&self.request_headers)),
             ("response_headers", list(&self.response_headers)),
+            ("plugins", list(&self.plugins)),
         ]
     }
 }

@@ -834,6 +834,9 @@ async fn forward(
             // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        if let Some(p) = &plan.plugins {
+            p.apply_edits(&mut headers);
+        }
         if let Some(run) = &plan.policy {
             run.apply_edits(&mut headers);
         }
@@ -887,6 +890,7 @@ async fn forward(
                     state,
                     route,
                     plan.policy.as_ref(),
+                    plan.plugins.as_ref(),
                     resp,
                     tunnel_in.take(),
                 );
@@ -1173,6 +1177,7 @@ fn client_response(
     state: &WorkerState,
     route: &Route,
     policy: Option<&decide::PolicyRun>,
+    plugins: Option<&crate::plugins::PluginRun>,
     resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
@@ -1224,6 +1229,12 @@ fn client_response(
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
+        return answer(&ex, state, plan);
+    }
+    if let Some(p) = plugins
+        && let ResponsePlan::Replace(plan) =
+            decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
+    {
         return answer(&ex, state, plan);
     }
 

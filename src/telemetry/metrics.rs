@@ -244,6 +244,7 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(policy_errors.clone()),
             Box::new(super::sink::DROPPED.clone()),
+            Box::new(crate::plugins::ERRORS.clone()),
         ] {
             let _ = registry.register(c);
         }
