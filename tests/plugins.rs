@@ -317,9 +317,15 @@ fn an_unknown_plugin_and_a_bad_import_are_named() {
                    (memory (export "memory") 1))"#,
     )
     .unwrap();
-    let dir = plugin_repo("bad", &bad, "", "http://127.0.0.1:9", r#"{ name = "bda" }"#);
+    let dir = plugin_repo(
+        "badimport",
+        &bad,
+        "",
+        "http://127.0.0.1:9",
+        r#"{ name = "badimprt" }"#,
+    );
     let out = diagnostics(dir.path());
     assert!(out.contains("wasi_snapshot_preview1.path_open"), "{out}");
-    assert!(out.contains("unknown plugin `bda`"), "{out}");
-    assert!(out.contains("did you mean `bad`?"), "{out}");
+    assert!(out.contains("unknown plugin `badimprt`"), "{out}");
+    assert!(out.contains("did you mean `badimport`?"), "{out}");
 }
