@@ -884,16 +884,7 @@ async fn forward(
                 {
                     continue;
                 }
-                return client_response(
-                    ex,
-                    req,
-                    state,
-                    route,
-                    plan.policy.as_ref(),
-                    plan.plugins.as_ref(),
-                    resp,
-                    tunnel_in.take(),
-                );
+                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
             }
             Err(f) => f,
         };
@@ -1176,8 +1167,7 @@ fn client_response(
     req: &HttpRequest,
     state: &WorkerState,
     route: &Route,
-    policy: Option<&decide::PolicyRun>,
-    plugins: Option<&crate::plugins::PluginRun>,
+    plan: &decide::Forward,
     resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
@@ -1224,14 +1214,14 @@ fn client_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
     route.response_headers.apply(&mut parts.headers);
-    if let Some(run) = policy
+    if let Some(run) = &plan.policy
         && let ResponsePlan::Replace(plan) =
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
         return answer(&ex, state, plan);
     }
-    if let Some(p) = plugins
+    if let Some(p) = &plan.plugins
         && let ResponsePlan::Replace(plan) =
             decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
     {
