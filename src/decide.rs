@@ -22,8 +22,9 @@ use crate::policy::{
     Verdict,
 };
 use crate::router::{RouteId, RouteMatch};
-use crate::snapshot::{Route, RouteAction, Snapshot, StaticResponse};
+use crate::snapshot::{Route, RouteAction, Snapshot};
 use crate::upstream::Upstream;
+use crate::wire::StaticResponse;
 
 /// Verified JWT claims of a request, filled by the auth filter (empty until it has run).
 pub type Claims = Arc<serde_json::Map<String, serde_json::Value>>;

@@ -23,3 +23,4 @@ pub mod telemetry;
 pub mod testing;
 pub mod upstream;
 pub mod util;
+pub mod wire;

@@ -461,6 +461,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.subdir.clone(),
         args.cache_dir.clone(),
     )?;
+    // Held until serve returns: one gateway per cache dir.
+    let _cache_lock = match &spec {
+        SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
+        SourceSpec::Dir(_) => None,
+    };
     let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,
@@ -476,6 +481,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Source::new(spec.clone()),
         compile_opts,
         Arc::clone(&metrics),
+        args.reload_timeout,
     ) {
         Ok(r) => r,
         Err(StartError::Invalid(diagnostics)) => {
@@ -495,10 +501,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..defaults
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let force_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let control = Control {
         status,
         metrics,
         reload: Some(tx.clone()),
+        force_pending: Arc::clone(&force_pending),
         admin_token: env_secret("RUSTYGATE_ADMIN_TOKEN"),
         webhook_secret: env_secret("RUSTYGATE_WEBHOOK_SECRET"),
         branch: match &spec {
@@ -507,7 +515,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         limiters: Default::default(),
     };
-    let reloader = reloader.with_load_timeout(args.reload_timeout);
+    let reloader = reloader
+        .with_load_timeout(args.reload_timeout)
+        .with_force_flag(force_pending);
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {
         if let Some(c) = cancel {

@@ -14,12 +14,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+
 use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 use crate::router::Router;
 use crate::upstream::Upstream;
+use crate::util::canonical_ip;
+use crate::wire::StaticResponse;
 
 /// Which config a snapshot was built from.
 #[derive(Debug, Clone)]
@@ -376,14 +378,6 @@ impl HeaderOps {
     }
 }
 
-/// A response the gateway answers itself.
-#[derive(Debug, Clone)]
-pub struct StaticResponse {
-    pub status: u16,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: Bytes,
-}
-
 /// Which peers' forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
 pub struct ClientIpRules {
@@ -394,14 +388,6 @@ impl ClientIpRules {
     pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
-    }
-}
-
-/// Maps IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, so one rule covers both.
-pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

@@ -236,6 +236,7 @@ fn swapping_ten_thousand_routes_under_load_frees_old_snapshots_off_the_workers()
         Source::new(SourceSpec::Dir(dir.path().to_path_buf())),
         compile_opts(),
         metrics,
+        rustygate::source::reload::DEFAULT_LOAD_TIMEOUT,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let mut reloader = started.reloader;

@@ -140,6 +140,8 @@ fn admin_reload_needs_the_token() {
     commit(&repo, "main", &config("v1"), "first");
     let without = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
     assert_eq!(without.admin_post("/admin/reload", &[AUTH], b"").0, 403);
+    // One gateway per cache dir (the default one is per repository URL).
+    drop(without);
     let with = GatewayProcess::start(
         &["--repo", &url, "--poll", "0"],
         &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
@@ -452,4 +454,206 @@ fn config_swaps_under_load_fail_no_request() {
         gw.metric("rustygate_config_reloads_total{result=\"success\"}"),
         Some(11.0)
     );
+}
+
+/// A directory's version covers every file the compile reads: an edit to a policy script alone
+/// is a new version, applied like any other (it was once skipped as "already applied").
+#[test]
+fn a_policy_edit_alone_is_a_new_version_of_a_directory() {
+    let policy =
+        |body: &str| format!("fn on_request(req) {{\n    respond(200, #{{}}, \"{body}\")\n}}\n");
+    let files = [
+        (
+            "routes/main.toml",
+            "[[route]]\nname = \"home\"\npath = \"/\"\nupstream = \"api\"\npolicy = \"policies/p.rhai\"\n"
+                .to_string(),
+        ),
+        (
+            "upstreams/api.toml",
+            "[upstream.api]\ntargets = [\"http://127.0.0.1:9\"]\n".to_string(),
+        ),
+        ("policies/p.rhai", policy("p1")),
+    ];
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "p1");
+    let first = gw.status()["applied"]["sha"].clone();
+    write_files(dir.path(), &as_refs(&[("policies/p.rhai", policy("p2"))]));
+    assert!(wait_body(&gw, "p2"));
+    assert_ne!(gw.status()["applied"]["sha"], first);
+}
+
+/// `--ref v1` pins the tag: a branch pushed under the same name never changes what is served;
+/// the reload that meets both is refused with the reason, and the tag's commit keeps serving.
+#[test]
+fn a_branch_named_like_the_pinned_tag_changes_nothing() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("tagged")), "first");
+    repo.tag_lightweight("v1", &repo.find_object(v1, None).unwrap(), false)
+        .unwrap();
+    let gw = GatewayProcess::start(&["--repo", &url, "--ref", "v1", "--poll", "200ms"], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "tagged");
+    commit(
+        &repo,
+        "v1",
+        &config("branch"),
+        "a branch named like the tag",
+    );
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("both a tag and a branch"))
+    }));
+    assert_eq!(gw.get("/").unwrap().1, "tagged");
+    assert_eq!(gw.status()["applied"]["sha"], v1.to_string());
+}
+
+/// A restart while the git host is down serves the commit cached by the earlier run (loudly,
+/// `stale` in `/status`) instead of exiting; the first fetch that works clears it.
+#[test]
+fn a_restart_with_the_remote_down_serves_the_cached_commit() {
+    let (remote, repo, url) = bare_repo();
+    let sha = commit(&repo, "main", &config("cached"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    assert_eq!(gw.status()["stale"], false);
+    drop(gw);
+
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).unwrap();
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    let status = gw.status();
+    assert_eq!(status["stale"], true);
+    assert_eq!(status["applied"]["sha"], sha);
+    assert!(
+        status["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    );
+
+    std::fs::rename(&away, remote.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
+    assert!(gw.status()["last_fetch_error"].is_null());
+}
+
+/// Two gateways on one cache dir would delete each other's checkouts: the second refuses to
+/// start and says which process holds it.
+#[test]
+fn a_second_gateway_on_the_same_cache_dir_refuses_to_start() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("one"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let gw = GatewayProcess::start(&["--repo", &url, "--cache-dir", cache_dir], &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo", &url, "--cache-dir", cache_dir])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another rustygate (pid "),
+        "{stderr}"
+    );
+    assert_eq!(gw.get("/").unwrap().1, "one");
+}
+
+/// A lock file left in the mirror by a crash mid-fetch does not stop the next run from
+/// fetching (and serving) the new commit.
+#[test]
+fn a_lock_file_left_by_a_crash_is_cleared_at_start_up() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("old"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "0"];
+    drop(GatewayProcess::start(&args, &[]));
+    let lock = cache.path().join("mirror/refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    commit(&repo, "main", &config("new"), "second");
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "new");
+    assert_eq!(gw.status()["stale"], false);
+    assert!(!lock.exists());
+}
+
+/// A git host that accepts the connection and never answers: start-up waits for the fetch no
+/// longer than `--reload-timeout`, then serves the commit cached by an earlier run (stale), and
+/// answers requests; without a cached commit it exits with the reason instead of hanging.
+#[test]
+fn a_git_host_that_never_answers_does_not_hang_start_up() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("cached"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    drop(GatewayProcess::start(
+        &["--repo", &url, "--cache-dir", cache_dir, "--poll", "0"],
+        &[],
+    ));
+
+    // Accepts, reads, never writes a byte.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/config.git", silent.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+
+    let started = std::time::Instant::now();
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &silent_url,
+            "--cache-dir",
+            cache_dir,
+            "--poll",
+            "0",
+            "--reload-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(gw.get("/").unwrap().1, "cached");
+    let status = gw.status();
+    assert_eq!(status["stale"], true);
+    assert!(
+        status["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within")),
+        "{status}"
+    );
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the fetch reached the host"
+    );
+    drop(gw);
+
+    // Nothing cached for this cache dir: a clear failure, not a hang.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args([
+            "serve",
+            "--repo",
+            &silent_url,
+            "--poll",
+            "0",
+            "--reload-timeout",
+            "1s",
+        ])
+        .args(["--cache-dir", empty.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not finish within"), "{stderr}");
 }

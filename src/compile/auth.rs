@@ -405,7 +405,7 @@ fn plain_http_remote_host(url: &str) -> Option<String> {
     let loopback = bare.eq_ignore_ascii_case("localhost")
         || bare
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| crate::snapshot::canonical_ip(ip).is_loopback());
+            .is_ok_and(|ip| crate::util::canonical_ip(ip).is_loopback());
     (!loopback).then(|| host.to_owned())
 }
 

@@ -66,6 +66,9 @@ pub struct Compiled {
     pub snapshot: Option<Snapshot>,
     pub diagnostics: Diagnostics,
     pub files: SourceFiles,
+    /// A hash of everything the compile read: every file (TOML, policies, certificates) and
+    /// the resolved secret values. Equal inputs, equal id; any edit, a new id.
+    pub inputs_id: String,
 }
 
 /// Loads and compiles a config directory.
@@ -84,6 +87,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         files: std::mem::take(&mut raw.files),
         policies: policies::Policies::new(Default::default()),
         plugins: plugins::Plugins::default(),
+        secrets: Sha256::new(),
     };
     let defaults = gateway::compile_defaults(&mut cx, raw.gateway.as_ref());
     cx.policies = policies::Policies::new(policies::limits(&mut cx, raw.gateway.as_ref()));
@@ -108,14 +112,13 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let Cx {
         diags: diagnostics,
         files,
+        secrets,
         ..
     } = cx;
+    let inputs_id = inputs_hash(&files, secrets);
     let snapshot = (!diagnostics.has_errors()).then(|| Snapshot {
         version: ConfigVersion {
-            id: opts
-                .version_id
-                .clone()
-                .unwrap_or_else(|| content_hash(&files)),
+            id: opts.version_id.clone().unwrap_or_else(|| inputs_id.clone()),
             source: opts.source.clone(),
             loaded_at: SystemTime::now(),
             commit: None,
@@ -135,6 +138,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         snapshot,
         diagnostics,
         files,
+        inputs_id,
     }
 }
 
@@ -149,6 +153,8 @@ pub(crate) struct Cx<'a> {
     pub files: SourceFiles,
     pub policies: policies::Policies,
     pub plugins: plugins::Plugins,
+    /// The resolved secret values, hashed (never kept): part of [`Compiled::inputs_id`].
+    pub secrets: Sha256,
 }
 
 impl Cx<'_> {
@@ -247,8 +253,8 @@ impl Cx<'_> {
 /// Compiled upstreams by name, with where each was defined.
 pub(crate) type UpstreamTable = HashMap<String, ((FileId, std::ops::Range<usize>), Arc<Upstream>)>;
 
-/// A stable id for a directory's content: sha256 over every file's name and text.
-pub fn content_hash(files: &SourceFiles) -> String {
+/// [`Compiled::inputs_id`]: the files' names and contents, then the secrets' digest.
+fn inputs_hash(files: &SourceFiles, secrets: Sha256) -> String {
     let mut h = Sha256::new();
     for id in 0..files.len() {
         h.update(files.name(id).as_bytes());
@@ -256,8 +262,8 @@ pub fn content_hash(files: &SourceFiles) -> String {
         h.update(files.source(id).as_bytes());
         h.update([0]);
     }
-    let digest = h.finalize();
-    format!("sha256:{}", &hex::encode(digest)[..12])
+    h.update(secrets.finalize());
+    format!("sha256:{}", &hex::encode(h.finalize())[..12])
 }
 
 /// The closest candidate to `name`, if it is close enough to be a likely typo.

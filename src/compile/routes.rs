@@ -14,15 +14,15 @@ use super::{Cx, UpstreamTable, did_you_mean};
 pub(super) use super::secrets::resolve_secret;
 use crate::config::raw::{HeaderRules, RawRespond, RawRoute, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
-use crate::proxy::headers::is_hop_by_hop;
 use crate::router::{
     HostPattern, InsertError, METHODS, PathPattern, Router, method_slot, normalize_path,
 };
 use crate::snapshot::{
-    HeaderOps, PathRewrite, Route, RouteAction, StaticResponse, TemplatePart, UpstreamHost,
-    strip_segment_prefix,
+    HeaderOps, PathRewrite, Route, RouteAction, TemplatePart, UpstreamHost, strip_segment_prefix,
 };
 use crate::upstream::Upstream;
+use crate::wire::StaticResponse;
+use crate::wire::headers::is_hop_by_hop;
 
 pub(crate) struct CompiledRoutes {
     pub router: Router,

@@ -30,6 +30,26 @@ pub(crate) fn resolve_secret(
     span: Range<usize>,
     secret: &SecretRef,
 ) -> Option<String> {
+    let value = resolve(cx, file, span, secret)?;
+    // A rotated secret is a new config version (the value is hashed, never kept).
+    use sha2::Digest;
+    let (kind, name) = match secret {
+        SecretRef::Env(var) => ("env", var.as_str()),
+        SecretRef::File(path) => ("file", path.as_str()),
+    };
+    for part in [kind.as_bytes(), name.as_bytes(), value.as_bytes()] {
+        cx.secrets.update((part.len() as u64).to_le_bytes());
+        cx.secrets.update(part);
+    }
+    Some(value)
+}
+
+fn resolve(
+    cx: &mut Cx<'_>,
+    file: FileId,
+    span: Range<usize>,
+    secret: &SecretRef,
+) -> Option<String> {
     match secret {
         SecretRef::Env(var) => {
             if var

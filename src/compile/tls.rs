@@ -14,8 +14,8 @@ use super::routes::resolve_secret;
 use crate::config::files::FileKind;
 use crate::config::raw::{RawTarget, RawUpstream, RawUpstreamTls, UpstreamProtocol, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
-use crate::proxy::tls::{TargetTls, client_config, system_roots};
 use crate::upstream::{Protocol, Target};
+use crate::wire::tls::{TargetTls, client_config, system_roots};
 
 /// An upstream's compiled TLS settings.
 struct UpstreamTls {

@@ -17,7 +17,7 @@ use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, Map};
 use sha2::{Digest, Sha256};
 
 use super::engine::INVALID_ACTION;
-use crate::snapshot::StaticResponse;
+use crate::wire::StaticResponse;
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -185,7 +185,7 @@ impl RequestState {
             text,
             ends,
             has_query: init.query.is_some(),
-            client_ip: Some(crate::snapshot::canonical_ip(init.client_ip)),
+            client_ip: Some(crate::util::canonical_ip(init.client_ip)),
             upstream_path: init.upstream_path,
             params: init.params,
             claims: init.claims,
@@ -346,7 +346,7 @@ fn invalid(msg: impl std::fmt::Display) -> Box<EvalAltResult> {
 
 /// Headers that only the gateway may set or remove: framing, hop-by-hop and forwarding.
 pub fn gateway_owned(name: &HeaderName) -> bool {
-    crate::proxy::headers::is_hop_by_hop(name)
+    crate::wire::headers::is_hop_by_hop(name)
         || matches!(
             name.as_str(),
             "content-length"

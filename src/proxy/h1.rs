@@ -26,13 +26,12 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use tokio::io::AsyncWriteExt;
 
 use super::body::ProxyBody;
 use super::pool::LocalPool;
 use crate::upstream::PoolKey;
+pub(crate) use crate::wire::connect::Io;
 
 /// Largest response head read (status line and fields).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -45,61 +44,6 @@ const MAX_TRAILERS: usize = 16 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// Bodies up to this size are copied behind the head and written in one `write`.
 const COALESCE_BODY: usize = 16 * 1024;
-
-/// The socket, plain or TLS.
-pub(crate) enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Io {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
 
 /// An idle HTTP/1.1 connection: its socket and what was read from it but not yet used.
 pub(crate) struct Conn {
@@ -708,7 +652,7 @@ mod tests {
         Vec<u8>,
     ) {
         let (addr, task) = upstream(pieces, close).await;
-        let io = Io::Plain(TcpStream::connect(addr).await.unwrap());
+        let io = Io::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let out = match exchange(Conn::new(io), &req, no_pool(), Duration::from_secs(60)).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();

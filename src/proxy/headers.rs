@@ -7,28 +7,9 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::filters::jwt::{TokenPlace, without_cookie};
-use crate::snapshot::{ClientIpRules, HeaderOps, Route, Snapshot, UpstreamHost, canonical_ip};
-
-/// Headers that describe one connection and never cross the proxy, in either direction.
-pub const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
-
-/// True for a hop-by-hop header name (lower-case, as `http` stores names).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    is_hop_by_hop_str(name.as_str())
-}
-
-pub fn is_hop_by_hop_str(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name)
-}
+use crate::snapshot::{ClientIpRules, HeaderOps, Route, Snapshot, UpstreamHost};
+use crate::util::canonical_ip;
+pub use crate::wire::headers::{HOP_BY_HOP, is_hop_by_hop, is_hop_by_hop_str, valid_request_id};
 
 /// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
 /// them removed.
@@ -331,14 +312,6 @@ where
     }
     f.rules.apply(&mut out);
     Ok(out)
-}
-
-/// Accepts a client-supplied request id only if it is short and plain.
-pub fn valid_request_id(v: &[u8]) -> bool {
-    !v.is_empty()
-        && v.len() <= 128
-        && v.iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 #[cfg(test)]

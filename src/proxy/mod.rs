@@ -8,13 +8,23 @@ pub mod h1;
 pub mod headers;
 pub mod keepalive;
 pub mod pool;
-pub mod tls;
 pub mod websocket;
 
 use std::error::Error as _;
 use std::time::Duration;
 
 use body::BodyError;
+
+impl From<crate::wire::connect::ConnectError> for ForwardError {
+    fn from(e: crate::wire::connect::ConnectError) -> Self {
+        use crate::wire::connect::ConnectError;
+        match e {
+            ConnectError::Refused(m) => ForwardError::Connect(m),
+            ConnectError::Tls(m) => ForwardError::Tls(m),
+            ConnectError::Timeout(t) => ForwardError::Timeout(t),
+        }
+    }
+}
 
 /// Why forwarding failed, and so which status the client gets.
 #[derive(Debug, Clone, thiserror::Error)]

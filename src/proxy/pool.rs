@@ -32,10 +32,11 @@ use super::ForwardError;
 use super::body::{ProxyBody, UpstreamIncoming};
 use super::h1::{self, H1Error};
 use super::keepalive::{self, CountingIo, ReadCount};
-use super::tls::{self, TargetTls};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 use crate::util::FastMap as HashMap;
+use crate::wire::connect;
+use crate::wire::tls::TargetTls;
 
 /// How often expired idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -576,64 +577,6 @@ fn to_h2_request(req: &mut http::Request<ProxyBody>, target: &Target) {
     }
 }
 
-/// A connection of either protocol, for callers outside the pool (health checks).
-pub(crate) enum Conn {
-    H1(SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
-}
-
-impl Conn {
-    pub(crate) async fn send_request(
-        &mut self,
-        req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<Incoming>, hyper::Error> {
-        match self {
-            Conn::H1(c) => c.send_request(req).await,
-            Conn::H2(c) => c.send_request(req).await,
-        }
-    }
-}
-
-/// Opens a connection to `addr` (`host:port`) over TLS when `tls` is set, speaking `protocol`.
-/// `timeout` bounds the TCP connect and the handshakes together.
-pub(crate) async fn connect(
-    addr: &str,
-    tls: Option<&TargetTls>,
-    protocol: Protocol,
-    timeout: Duration,
-) -> Result<Conn, ForwardError> {
-    match protocol {
-        Protocol::Http1 => connect_h1(addr, tls, timeout)
-            .await
-            .map(|c| Conn::H1(c.send)),
-        Protocol::Http2 => connect_h2(addr, tls, timeout).await.map(Conn::H2),
-    }
-}
-
-async fn tcp(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, ForwardError> {
-    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Err(_) => return Err(ForwardError::Timeout(timeout)),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-            return Err(ForwardError::Timeout(timeout));
-        }
-        Ok(Err(e)) => return Err(ForwardError::Connect(format!("{addr}: {e}"))),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// `fut`, or a timeout error once `deadline` passes.
-async fn by<T>(
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, ForwardError>>,
-) -> Result<T, ForwardError> {
-    tokio::time::timeout_at(deadline, fut)
-        .await
-        .unwrap_or(Err(ForwardError::Timeout(timeout)))
-}
-
 /// After `try_send_request` failed: the request back, for one more try on a fresh connection,
 /// when hyper returned it unsent from a pooled connection; else the failure (with the request
 /// when it was never sent, so that the caller may try another target).
@@ -659,18 +602,7 @@ async fn connect_io(
     tls: Option<&TargetTls>,
     timeout: Duration,
 ) -> Result<h1::Io, ForwardError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = tcp(addr, timeout).await?;
-    match tls {
-        None => Ok(h1::Io::Plain(stream)),
-        Some(t) => by(
-            deadline,
-            timeout,
-            tls::handshake(stream, t, Protocol::Http1, addr),
-        )
-        .await
-        .map(|s| h1::Io::Tls(Box::new(s))),
-    }
+    Ok(connect::connect(addr, tls, Protocol::Http1, timeout).await?)
 }
 
 /// Opens a hyper HTTP/1.1 connection; the connection task runs on the current worker.
@@ -729,19 +661,8 @@ where
 /// runs on the current worker.
 async fn connect_h2(addr: &str, tls: Option<&TargetTls>, timeout: Duration) -> H2Result {
     let deadline = tokio::time::Instant::now() + timeout;
-    let stream = tcp(addr, timeout).await?;
-    match tls {
-        None => by(deadline, timeout, h2_handshake(stream, addr)).await,
-        Some(t) => {
-            let stream = by(
-                deadline,
-                timeout,
-                tls::handshake(stream, t, Protocol::Http2, addr),
-            )
-            .await?;
-            by(deadline, timeout, h2_handshake(stream, addr)).await
-        }
-    }
+    let io = connect::connect(addr, tls, Protocol::Http2, timeout).await?;
+    connect::by(deadline, timeout, h2_handshake(io, addr)).await
 }
 
 async fn h2_handshake<I>(io: I, addr: &str) -> H2Result

@@ -105,6 +105,7 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
         "attempted": reload.get("attempted"),
         "last_fetch_at": reload.get("last_fetch_at"),
         "last_fetch_error": reload.get("last_fetch_error"),
+        "stale": reload.get("stale"),
         "started_at": humantime::format_rfc3339_seconds(state.started_at).to_string(),
         "gateway_version": env!("CARGO_PKG_VERSION"),
     });
@@ -128,7 +129,8 @@ fn reply(status: u16, message: &str) -> HttpResponse {
     .json(json!({ "message": message }))
 }
 
-/// Queues a reload; a full queue means one is already pending, which answers this one too.
+/// Queues a reload; a full queue means one is already pending, which answers this one too (a
+/// force is carried by [`Control::force_pending`](super::Control::force_pending) then).
 fn queue(tx: &mpsc::Sender<Trigger>, trigger: Trigger) -> HttpResponse {
     match tx.try_send(trigger) {
         Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(202, "reload queued"),
@@ -179,6 +181,12 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         .query_string()
         .split('&')
         .any(|kv| kv == "force=true" || kv == "force=1");
+    if force {
+        state
+            .control
+            .force_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     queue(tx, Trigger::Admin { force })
 }
 

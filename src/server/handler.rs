@@ -1,10 +1,15 @@
 //! The proxy handler: one request from accept to response.
 //!
-//! Phases, in order (DESIGN.md, "The request path"):
+//! Phases, in order (DESIGN.md, "The request path"), each a function here:
 //! ```text
-//! load snapshot ─► request checks ─► normalise path ─► match host+method+path
-//!   ─► [filters: later issues] ─► respond directly, or pick target ─► forward (stream both ways)
-//!   ─► response header rules ─► access log when the body ends
+//! handle:        load snapshot ─► request checks ─► normalise path ─► CORS preflight
+//!                ─► match host+method+path ─► auth ─► rate limit ─► policy (decide::request)
+//! answer:        respond directly or deny                       ┐ or
+//! forward:       WebSocket handshake, body limits ─► outgoing_body (read whole for retries, or
+//!                stream)
+//! send_attempts: per attempt: pick target ─► attempt_request (header rules, policy edits)
+//!                ─► send ─► client_response (response rules, stream back, access log when the
+//!                body ends) or attempt_failed ─► Retries::again
 //! ```
 //! The snapshot is loaded once and kept for the whole exchange, so a config swap never changes
 //! the rules under a request in flight.
@@ -36,9 +41,10 @@ use crate::proxy::headers::{
 use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
-use crate::snapshot::{Route, Snapshot, StaticResponse};
+use crate::snapshot::{Route, Snapshot};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
+use crate::wire::StaticResponse;
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -680,6 +686,10 @@ impl Outgoing {
     }
 }
 
+/// Forwards the request to the plan's upstream, retrying as its rules allow, and relays the
+/// response. Phases: read or stream the body ([`outgoing_body`]), then per attempt pick a
+/// target, build the request ([`attempt_request`]), send it, and either relay the response
+/// ([`client_response`]) or classify the failure ([`attempt_failed`]) and try again.
 async fn forward(
     mut ex: Exchange,
     req: &HttpRequest,
@@ -696,8 +706,6 @@ async fn forward(
         Ok(h) => h == websocket::Handshake::WebSocket,
         Err(why) => return ex.error(400, why),
     };
-    let mut tunnel_in = None;
-
     let declared_len = match content_length(req) {
         Ok(n) => n,
         Err(()) => return ex.error(400, "invalid Content-Length"),
@@ -716,59 +724,64 @@ async fn forward(
     if retry.attempts > 0 {
         upstream.shared.deposit(upstream.budget.percent);
     }
-    let has_body = declared_len.is_some_and(|n| n > 0)
-        || req.headers().contains_key(ax::TRANSFER_ENCODING)
-        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>());
-    let mut body = if websocket {
-        tunnel_in = Some(payload.into_inner());
+    let (body, tunnel_in) = if websocket {
         ex.body = Some(Rc::new(BodyStats::default()));
-        Outgoing::Empty
-    } else if !has_body {
-        Outgoing::Empty
-    } else if let Some(expected) =
-        declared_len.filter(|&n| may_resend && n <= retry.replay_body_limit)
-    {
-        // Held whole so that a retry can send it again: counted against the worker's cap
-        // before a byte of it is read.
-        let cap = ex.snapshot.limits.max_buffered_bodies;
-        match Buffered::reserve(&state.buffered, expected, cap) {
-            Some(b) => ex.buffered = Some(b),
-            None => {
-                return ex.error(
-                    503,
-                    "the gateway is holding too many request bodies; try again",
-                );
-            }
-        }
-        let stats = Rc::new(BodyStats::default());
-        ex.body = Some(Rc::clone(&stats));
-        let mut payload = payload.into_inner();
-        // Read before any attempt, so the client gets the route's timeout to send it (a
-        // streamed body is bounded by the attempt's timeout the same way).
-        let idle = ex.snapshot.limits.body_idle_timeout;
-        let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
-        match tokio::time::timeout(route.timeout, read).await {
-            Ok(Ok(b)) => Outgoing::Replayable(b),
-            Ok(Err(BodyError::TooLarge { .. })) => {
-                return ex.error(413, "request body is larger than this route accepts");
-            }
-            Ok(Err(BodyError::Client(_))) => {
-                return ex.error(400, "the request body could not be read");
-            }
-            Ok(Err(BodyError::Idle(_))) | Err(_) => {
-                return body_timeout(&ex, state);
-            }
-        }
+        (Outgoing::Empty, Some(payload.into_inner()))
     } else {
-        let (body, stats) = stream_request_body(
-            payload.into_inner(),
+        let replay_limit = may_resend.then_some(retry.replay_body_limit);
+        match outgoing_body(
+            &mut ex,
+            req,
+            payload,
+            state,
+            route,
             declared_len,
-            route.max_body_size,
-            ex.snapshot.limits.body_idle_timeout,
-        );
-        ex.body = Some(stats);
-        Outgoing::Once(Some(body))
+            replay_limit,
+        )
+        .await
+        {
+            Ok(b) => (b, None),
+            Err(resp) => return resp,
+        }
     };
+    let how = Sending {
+        method,
+        retry,
+        may_resend,
+        websocket,
+    };
+    send_attempts(ex, req, state, route, plan, how, body, tunnel_in).await
+}
+
+/// How every attempt of one request is sent.
+struct Sending {
+    method: http::Method,
+    retry: RetryPolicy,
+    /// Whether the request may go out again once (part of) it was sent.
+    may_resend: bool,
+    websocket: bool,
+}
+
+/// The attempts: pick a target, build its request, send it; relay the response, or retry as
+/// the rules allow and answer the last failure.
+#[allow(clippy::too_many_arguments)]
+async fn send_attempts(
+    mut ex: Exchange,
+    req: &HttpRequest,
+    state: &WorkerState,
+    route: &Route,
+    plan: decide::Forward,
+    how: Sending,
+    mut body: Outgoing,
+    mut tunnel_in: Option<actix_http::Payload>,
+) -> HttpResponse {
+    let upstream = Arc::clone(&plan.upstream);
+    let Sending {
+        method,
+        retry,
+        may_resend,
+        websocket,
+    } = how;
     let query = match &plan.query {
         Some(q) => q.as_deref(),
         None => req.uri().query(),
@@ -786,24 +799,10 @@ async fn forward(
         idle_timeout: upstream.idle_timeout,
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
     };
-    let mut deadline = route
-        .total_timeout
-        .or(upstream.total_timeout)
-        .map(|t| Instant::now() + t);
-    // A gRPC client's own deadline, when it is sooner: past it the client has given up.
-    if ex.grpc
-        && let Some(t) = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| grpc_timeout(v.as_bytes()))
-    {
-        let at = Instant::now() + t;
-        deadline = Some(deadline.map_or(at, |d| d.min(at)));
-    }
     let mut retries = Retries {
         policy: retry,
         tried: Vec::new(),
-        deadline,
+        deadline: deadline(route, &upstream, req, ex.grpc),
     };
     // The upstream's place is taken only now that the request can go out: a client slow to
     // send a replayable body holds no place under the upstream's `max_requests`.
@@ -826,32 +825,24 @@ async fn forward(
         };
         let target = &upstream.targets[index];
         ex.target = Some(index);
-        let mut headers = match upstream_headers(req, &ex, route, target) {
-            Ok(h) => h,
-            Err(why) => return ex.error(400, &why),
-        };
-        if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
-            // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        if let Some(p) = &plan.plugins {
-            p.apply_edits(&mut headers);
-        }
-        if let Some(run) = &plan.policy {
-            run.apply_edits(&mut headers);
-        }
-        if websocket {
-            websocket::set_upgrade_headers(&mut headers);
-        }
         let Some(attempt_body) = body.next() else {
             return ex.error(502, "the upstream could not be reached");
         };
-        let mut upstream_req = http::Request::new(attempt_body);
-        *upstream_req.method_mut() = method.clone();
-        *upstream_req.uri_mut() = uri.clone();
-        *upstream_req.headers_mut() = headers;
+        let upstream_req = match attempt_request(
+            req,
+            &ex,
+            route,
+            target,
+            &plan,
+            websocket,
+            (&method, &uri),
+            attempt_body,
+        ) {
+            Ok(r) => r,
+            Err(why) => return ex.error(400, &why),
+        };
         let mut opts = opts_base;
-        if let Some(d) = deadline {
+        if let Some(d) = retries.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return ex.error(504, "the upstream did not answer in time");
@@ -866,7 +857,7 @@ async fn forward(
         } else {
             state.pool.send(target, upstream_req, &opts).await
         };
-        let failure = match sent {
+        match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 upstream.record_response(index, status);
@@ -884,76 +875,226 @@ async fn forward(
                 {
                     continue;
                 }
-                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
+                return client_response(
+                    ex,
+                    req,
+                    state,
+                    route,
+                    &plan,
+                    resp,
+                    tunnel_in.take(),
+                );
             }
-            Err(f) => f,
-        };
-        ex.in_flight = None;
-        let SendFailure { error, request } = failure;
-        let error = match error {
-            ForwardError::ClientBody(_) | ForwardError::Upstream(_)
-                if ex.body.as_ref().is_some_and(|b| b.too_large.get()) =>
-            {
-                ForwardError::BodyTooLarge
+            Err(failure) => {
+                ex.in_flight = None;
+                let attempt = retries.tried.len() + 1;
+                let failed = match attempt_failed(&ex, state, route, index, attempt, failure) {
+                    Ok(f) => f,
+                    Err(resp) => return resp,
+                };
+                // A request handed back was never sent: like a connect failure, whatever
+                // the method.
+                let unsent = failed.request.is_some();
+                if let (Some(r), Outgoing::Once(slot)) = (failed.request, &mut body) {
+                    *slot = Some(r.into_body());
+                }
+                let allowed = (unsent || may_resend) && body.can_resend();
+                if retries
+                    .again(&ex, state, &upstream, index, failed.reason, allowed)
+                    .await
+                {
+                    continue;
+                }
+                let message = match &failed.error {
+                    ForwardError::Timeout(_) => "the upstream did not answer in time",
+                    _ => "the upstream could not be reached",
+                };
+                return ex.error(failed.error.status(), message);
             }
-            e => e,
-        };
-        match &error {
-            ForwardError::BodyTooLarge => {
-                return ex.error(413, "request body is larger than this route accepts");
-            }
-            ForwardError::ClientBody(_) if ex.body.as_ref().is_some_and(|b| b.idle.get()) => {
-                return body_timeout(&ex, state);
-            }
-            ForwardError::ClientBody(_) => {
-                return ex.error(400, "the request body could not be read");
-            }
-            ForwardError::Overloaded(o) => return overloaded(&ex, state, &upstream, *o),
-            _ => {}
         }
-        upstream.record_failure(index);
-        state.recorder.attempt(&upstream, index, None);
-        // A request handed back was never sent: like a connect failure, whatever the method.
-        let unsent = request.is_some();
-        if let (Some(r), Outgoing::Once(slot)) = (request, &mut body) {
-            *slot = Some(r.into_body());
-        }
-        let reason = match &error {
-            _ if unsent => RetryReason::ConnectFailure,
-            ForwardError::Connect(_) | ForwardError::Tls(_) => RetryReason::ConnectFailure,
-            ForwardError::Timeout(_) => RetryReason::Timeout,
-            _ => RetryReason::Reset,
-        };
-        tracing::warn!(
-            request_id = ex.request_id.to_str().unwrap_or(""),
-            route = route.name.as_str(),
-            upstream = upstream.name.as_str(),
-            target = target.url.as_str(),
-            attempt = retries.tried.len() + 1,
-            kind = error.kind(),
-            error = %error,
-            "upstream request failed"
-        );
-        // The error path only: a labelled lookup is fine here.
-        state
-            .recorder
-            .metrics()
-            .upstream_errors
-            .with_label_values(&[upstream.name.as_str(), error.kind()])
-            .inc();
-        let allowed = (unsent || may_resend) && body.can_resend();
-        if retries
-            .again(&ex, state, &upstream, index, reason, allowed)
-            .await
-        {
-            continue;
-        }
-        let message = match &error {
-            ForwardError::Timeout(_) => "the upstream did not answer in time",
-            _ => "the upstream could not be reached",
-        };
-        return ex.error(error.status(), message);
     }
+}
+
+/// The request body as the attempts will send it: none; read whole first, when the request may
+/// be sent again and its declared length (already checked against the route's limit) is within
+/// `replay_limit` (counted against the worker's cap before a byte is read); or streamed from the client, sent once. `Err` is the
+/// answer when the body is refused or cannot be read.
+async fn outgoing_body(
+    ex: &mut Exchange,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &WorkerState,
+    route: &Route,
+    declared_len: Option<u64>,
+    replay_limit: Option<u64>,
+) -> Result<Outgoing, HttpResponse> {
+    let has_body = declared_len.is_some_and(|n| n > 0)
+        || req.headers().contains_key(ax::TRANSFER_ENCODING)
+        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>());
+    if !has_body {
+        return Ok(Outgoing::Empty);
+    }
+    let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
+        let (body, stats) = stream_request_body(
+            payload.into_inner(),
+            declared_len,
+            route.max_body_size,
+            ex.snapshot.limits.body_idle_timeout,
+        );
+        ex.body = Some(stats);
+        return Ok(Outgoing::Once(Some(body)));
+    };
+    // Held whole so that a retry can send it again.
+    let cap = ex.snapshot.limits.max_buffered_bodies;
+    match Buffered::reserve(&state.buffered, expected, cap) {
+        Some(b) => ex.buffered = Some(b),
+        None => {
+            let why = "the gateway is holding too many request bodies; try again";
+            return Err(ex.error(503, why));
+        }
+    }
+    let stats = Rc::new(BodyStats::default());
+    ex.body = Some(Rc::clone(&stats));
+    let mut payload = payload.into_inner();
+    // Read before any attempt, so the client gets the route's timeout to send it (a streamed
+    // body is bounded by the attempt's timeout the same way).
+    let idle = ex.snapshot.limits.body_idle_timeout;
+    let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
+    match tokio::time::timeout(route.timeout, read).await {
+        Ok(Ok(b)) => Ok(Outgoing::Replayable(b)),
+        Ok(Err(BodyError::TooLarge { .. })) => {
+            Err(ex.error(413, "request body is larger than this route accepts"))
+        }
+        Ok(Err(BodyError::Client(_))) => Err(ex.error(400, "the request body could not be read")),
+        Ok(Err(BodyError::Idle(_))) | Err(_) => Err(body_timeout(ex, state)),
+    }
+}
+
+/// When the whole exchange must be over: the route's or upstream's total timeout, or a gRPC
+/// client's own deadline when it is sooner (past it the client has given up).
+fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -> Option<Instant> {
+    let mut deadline = route
+        .total_timeout
+        .or(upstream.total_timeout)
+        .map(|t| Instant::now() + t);
+    if grpc
+        && let Some(t) = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+    {
+        let at = Instant::now() + t;
+        deadline = Some(deadline.map_or(at, |d| d.min(at)));
+    }
+    deadline
+}
+
+/// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
+/// policy's edits,
+/// then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the upgrade headers of a
+/// WebSocket handshake). `Err` names a client header that cannot be forwarded (400).
+#[allow(clippy::too_many_arguments)]
+fn attempt_request(
+    req: &HttpRequest,
+    ex: &Exchange,
+    route: &Route,
+    target: &Target,
+    plan: &decide::Forward,
+    websocket: bool,
+    (method, uri): (&http::Method, &http::Uri),
+    body: ProxyBody,
+) -> Result<http::Request<ProxyBody>, String> {
+    let mut headers = upstream_headers(req, ex, route, target)?;
+    if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
+        // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(p) = &plan.plugins {
+        p.apply_edits(&mut headers);
+    }
+    if let Some(run) = &plan.policy {
+        run.apply_edits(&mut headers);
+    }
+    if websocket {
+        websocket::set_upgrade_headers(&mut headers);
+    }
+    let mut upstream_req = http::Request::new(body);
+    *upstream_req.method_mut() = method.clone();
+    *upstream_req.uri_mut() = uri.clone();
+    *upstream_req.headers_mut() = headers;
+    Ok(upstream_req)
+}
+
+/// A failed attempt that another attempt may follow.
+struct Failed {
+    error: ForwardError,
+    reason: RetryReason,
+    /// The request, when it was handed back unsent.
+    request: Option<http::Request<ProxyBody>>,
+}
+
+/// Classifies a failed attempt: a failure of the client's side (body too large, too slow,
+/// malformed) or the upstream's overload is answered at once (`Err`); an upstream failure is
+/// recorded against the target, logged and counted, and returned for the retry rules.
+// The failure path only; the answer is moved once.
+#[allow(clippy::result_large_err)]
+fn attempt_failed(
+    ex: &Exchange,
+    state: &WorkerState,
+    route: &Route,
+    index: usize,
+    attempt: usize,
+    failure: SendFailure,
+) -> Result<Failed, HttpResponse> {
+    let Some(upstream) = ex.upstream.as_ref() else {
+        return Err(ex.error(500, "internal routing error"));
+    };
+    let SendFailure { error, request } = failure;
+    let too_large = ex.body.as_ref().is_some_and(|b| b.too_large.get());
+    match &error {
+        ForwardError::BodyTooLarge => {}
+        ForwardError::ClientBody(_) | ForwardError::Upstream(_) if too_large => {}
+        ForwardError::ClientBody(_) if ex.body.as_ref().is_some_and(|b| b.idle.get()) => {
+            return Err(body_timeout(ex, state));
+        }
+        ForwardError::ClientBody(_) => {
+            return Err(ex.error(400, "the request body could not be read"));
+        }
+        ForwardError::Overloaded(o) => return Err(overloaded(ex, state, upstream, *o)),
+        _ => {
+            upstream.record_failure(index);
+            state.recorder.attempt(upstream, index, None);
+            let reason = match &error {
+                _ if request.is_some() => RetryReason::ConnectFailure,
+                ForwardError::Connect(_) | ForwardError::Tls(_) => RetryReason::ConnectFailure,
+                ForwardError::Timeout(_) => RetryReason::Timeout,
+                _ => RetryReason::Reset,
+            };
+            tracing::warn!(
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                route = route.name.as_str(),
+                upstream = upstream.name.as_str(),
+                target = upstream.targets[index].url.as_str(),
+                attempt,
+                kind = error.kind(),
+                error = %error,
+                "upstream request failed"
+            );
+            // The error path only: a labelled lookup is fine here.
+            state
+                .recorder
+                .metrics()
+                .upstream_errors
+                .with_label_values(&[upstream.name.as_str(), error.kind()])
+                .inc();
+            return Ok(Failed {
+                error,
+                reason,
+                request,
+            });
+        }
+    }
+    Err(ex.error(413, "request body is larger than this route accepts"))
 }
 
 /// The retry side of one request: its rules, the targets tried so far, its deadline.
@@ -1054,7 +1195,7 @@ fn overloaded(
 /// The consistent-hash key of this request, if it has one.
 fn request_hash(key: &HashKey, req: &HttpRequest, ex: &Exchange) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(match crate::snapshot::canonical_ip(ex.client_ip) {
+        HashKey::ClientIp => Some(match crate::util::canonical_ip(ex.client_ip) {
             IpAddr::V4(v4) => hash_bytes(&v4.octets()),
             IpAddr::V6(v6) => hash_bytes(&v6.octets()),
         }),

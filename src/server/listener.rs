@@ -198,7 +198,7 @@ impl ConnCounts {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::MaxConnections);
         }
-        let ip = crate::snapshot::canonical_ip(ip);
+        let ip = crate::util::canonical_ip(ip);
         if let Some(cap) = max_per_ip {
             let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(ip).or_insert(0);

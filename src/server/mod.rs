@@ -39,6 +39,9 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Where reload triggers go; `None` when the source cannot be reloaded.
     pub reload: Option<tokio::sync::mpsc::Sender<Trigger>>,
+    /// Set by a forced reload request before it is queued, read by the reloader: a force that
+    /// meets a full queue is answered by the reload already pending, still forced.
+    pub force_pending: Arc<std::sync::atomic::AtomicBool>,
     /// `RUSTYGATE_ADMIN_TOKEN`: without it `POST /admin/reload` is disabled.
     pub admin_token: Option<String>,
     /// `RUSTYGATE_WEBHOOK_SECRET`: without it the webhook endpoints are disabled.

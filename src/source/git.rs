@@ -25,6 +25,11 @@ pub enum GitError {
     },
     #[error("`{0}` names no commit in the repository")]
     UnknownRev(String),
+    #[error(
+        "`{0}` is both a tag and a branch, on different commits; name one in full \
+         (`refs/tags/{0}` or `refs/heads/{0}`)"
+    )]
+    AmbiguousRev(String),
     #[error("subdirectory `{0}` does not exist at this commit")]
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
@@ -159,35 +164,52 @@ impl Mirror {
         Ok(())
     }
 
-    /// The commit to serve: `pin` (a tag, branch or SHA) when given, else the branch head.
+    /// The commit to serve: `pin` (a tag, branch, full ref name or SHA) when given, else the
+    /// branch head (`refs/heads/<branch>`: a tag of the same name does not stand in for it).
     pub fn resolve(&self, branch: &str, pin: Option<&str>) -> Result<Oid, GitError> {
-        resolve(&self.repo, pin.unwrap_or(branch))
+        match pin {
+            Some(rev) => resolve(&self.repo, rev),
+            None => resolve(&self.repo, &format!("refs/heads/{branch}"))
+                .or_else(|_| resolve(&self.repo, branch)),
+        }
     }
 }
 
-/// Resolves a branch, tag or commit-ish to a commit id.
+/// Resolves a full ref name (`refs/...`), a short tag or branch name, or a commit-ish to a
+/// commit id. A short name is looked up as a tag first, then as a branch, then as a
+/// remote-tracking branch (`origin/<name>`); a name that is both a tag and a branch on
+/// different commits is refused as ambiguous, so pushing a branch named like a pinned tag can
+/// never change what a pin resolves to.
 pub fn resolve(repo: &Repository, rev: &str) -> Result<Oid, GitError> {
+    let commit_of = |name: &str| {
+        repo.revparse_single(name)
+            .and_then(|o| o.peel_to_commit())
+            .map(|c| c.id())
+            .ok()
+    };
     // `HEAD` (`HEAD~1`, `HEAD^`, ...) is the checked-out commit. Tried as `origin/HEAD` first, it
     // would be the remote's default branch, which every clone also has.
     let head_relative = rev == "HEAD" || rev.starts_with("HEAD~") || rev.starts_with("HEAD^");
-    if head_relative && let Ok(commit) = repo.revparse_single(rev).and_then(|o| o.peel_to_commit())
-    {
-        return Ok(commit.id());
+    if head_relative || rev.starts_with("refs/") {
+        return commit_of(rev).ok_or_else(|| GitError::UnknownRev(rev.to_owned()));
     }
-    let candidates = [
-        format!("refs/heads/{rev}"),
-        format!("refs/remotes/origin/{rev}"),
-        format!("refs/tags/{rev}"),
-        rev.to_owned(),
-    ];
-    for c in &candidates {
-        if let Ok(obj) = repo.revparse_single(c)
-            && let Ok(commit) = obj.peel_to_commit()
-        {
-            return Ok(commit.id());
-        }
+    let tag = repo
+        .find_reference(&format!("refs/tags/{rev}"))
+        .ok()
+        .and_then(|r| r.peel_to_commit().ok())
+        .map(|c| c.id());
+    let branch = repo
+        .find_reference(&format!("refs/heads/{rev}"))
+        .ok()
+        .and_then(|r| r.peel_to_commit().ok())
+        .map(|c| c.id());
+    match (tag, branch) {
+        (Some(t), Some(b)) if t != b => Err(GitError::AmbiguousRev(rev.to_owned())),
+        (Some(id), _) | (None, Some(id)) => Ok(id),
+        (None, None) => commit_of(&format!("refs/remotes/origin/{rev}"))
+            .or_else(|| commit_of(rev))
+            .ok_or_else(|| GitError::UnknownRev(rev.to_owned())),
     }
-    Err(GitError::UnknownRev(rev.to_owned()))
 }
 
 /// Writes the files of `commit` (only those under `subdir`, if given) into `dest`, which must

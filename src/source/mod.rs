@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::compile::{CompileOptions, content_hash};
+use crate::compile::CompileOptions;
 use crate::config::{Diagnostics, SourceFiles, load_dir};
 use crate::snapshot::Snapshot;
 use git::{CommitInfo, Credentials, GitError, Mirror};
@@ -55,6 +55,78 @@ pub enum SourceError {
     Cancelled,
     #[error("{0}")]
     Stuck(String),
+    #[error(
+        "the cache dir {dir} is in use by another rustygate{holder}; give each gateway its own \
+         --cache-dir"
+    )]
+    CacheInUse { dir: String, holder: String },
+}
+
+/// The exclusive hold of one gateway on its git cache dir, for as long as it runs: two gateways
+/// sharing one would delete each other's checkouts and fight over the mirror's ref locks.
+pub struct CacheLock {
+    _file: std::fs::File,
+}
+
+/// Takes the cache dir for this process (a lock file the OS releases when the process ends,
+/// however it ends), then removes the `*.lock` files a crash left in the mirror: with the dir
+/// held, no other process can be writing them.
+pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
+    use std::io::{Read, Seek, Write};
+    let io = |source: std::io::Error| GitError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join("instance.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(SourceError::CacheInUse {
+                dir: dir.display().to_string(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e).into()),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    remove_stale_locks(&dir.join("mirror"));
+    Ok(CacheLock { _file: file })
+}
+
+/// Removes every `*.lock` file under `dir` (ref, index and pack locks of an interrupted git
+/// operation).
+fn remove_stale_locks(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => remove_stale_locks(&path),
+            Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "lock") => {
+                tracing::warn!(path = %path.display(), "removing a lock file left by an interrupted git operation");
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl SourceSpec {
@@ -144,6 +216,9 @@ pub struct Candidate {
     pub snapshot: Option<Snapshot>,
     pub diagnostics: Diagnostics,
     pub files: SourceFiles,
+    /// Why the remote could not be fetched, when this first version came from the cached
+    /// mirror instead (start-up with the git host down).
+    pub stale: Option<String>,
 }
 
 /// What a load found.
@@ -200,30 +275,35 @@ impl Source {
         force: bool,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
-        let skip = |id: &str| applied == Some(id) || (!force && failed == Some(id));
+        // A forced reload always compiles again: a secret may have been rotated under an
+        // unchanged commit.
+        let skip = |id: &str| !force && (applied == Some(id) || failed == Some(id));
         match self.spec.clone() {
             SourceSpec::Dir(dir) => {
+                // A directory's version is everything the compile reads (policies,
+                // certificates and secrets too), so it is known only once compiled.
                 let raw = load_dir(&dir)?;
-                let id = content_hash(&raw.files);
-                if skip(&id) {
-                    return Ok(Loaded::Unchanged { version_id: id });
-                }
                 let compiled = crate::compile::compile(
                     raw,
                     &CompileOptions {
-                        version_id: Some(id.clone()),
+                        version_id: None,
                         ..opts.clone()
                     },
                 );
+                let id = compiled.inputs_id.clone();
+                if skip(&id) {
+                    return Ok(Loaded::Unchanged { version_id: id });
+                }
                 Ok(Loaded::Candidate(Box::new(Candidate {
                     version_id: id,
                     commit: None,
                     snapshot: compiled.snapshot,
                     diagnostics: compiled.diagnostics,
                     files: compiled.files,
+                    stale: None,
                 })))
             }
-            SourceSpec::Git(g) => self.load_git(&g, skip, opts),
+            SourceSpec::Git(g) => self.load_git(&g, skip, applied.is_none(), opts),
         }
     }
 
@@ -231,6 +311,7 @@ impl Source {
         &mut self,
         g: &GitSpec,
         skip: impl Fn(&str) -> bool,
+        first: bool,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
         if self.mirror.is_none() {
@@ -239,11 +320,51 @@ impl Source {
         let Some(mirror) = self.mirror.as_ref() else {
             return Err(SourceError::Cancelled);
         };
-        mirror.fetch(&g.credentials, &self.cancel)?;
+        let fetched = mirror.fetch(&g.credentials, &self.cancel);
         if self.cancel.load(Ordering::Relaxed) {
             return Err(SourceError::Cancelled);
         }
-        let oid = mirror.resolve(&g.branch, g.pin.as_deref())?;
+        // Nothing served yet and the remote unreachable: the commit the cached mirror holds
+        // for the ref beats not starting at all. Later reloads only ever serve fetched commits.
+        let (oid, stale) = match fetched {
+            Ok(()) => (mirror.resolve(&g.branch, g.pin.as_deref())?, None),
+            Err(e) => match mirror.resolve(&g.branch, g.pin.as_deref()) {
+                Ok(oid) if first => (oid, Some(e.to_string())),
+                _ => return Err(e.into()),
+            },
+        };
+        self.candidate(g, oid, stale, skip, opts)
+    }
+
+    /// The first version from the cached mirror alone, without fetching: start-up when the
+    /// fetch did not finish in time (`why`). `Err` when the cache holds no commit for the ref.
+    pub fn load_cached(&mut self, why: &str, opts: &CompileOptions) -> Result<Loaded, SourceError> {
+        let SourceSpec::Git(g) = self.spec.clone() else {
+            return Err(SourceError::Stuck(why.to_owned()));
+        };
+        if self.mirror.is_none() {
+            self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        let oid = self
+            .mirror
+            .as_ref()
+            .and_then(|m| m.resolve(&g.branch, g.pin.as_deref()).ok())
+            .ok_or_else(|| SourceError::Stuck(why.to_owned()))?;
+        self.candidate(&g, oid, Some(why.to_owned()), |_| false, opts)
+    }
+
+    /// Exports and compiles commit `oid` of the mirror, unless `skip` says it is known.
+    fn candidate(
+        &mut self,
+        g: &GitSpec,
+        oid: git2::Oid,
+        stale: Option<String>,
+        skip: impl Fn(&str) -> bool,
+        opts: &CompileOptions,
+    ) -> Result<Loaded, SourceError> {
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(SourceError::Cancelled);
+        };
         let sha = oid.to_string();
         if skip(&sha) {
             return Ok(Loaded::Unchanged { version_id: sha });
@@ -274,6 +395,7 @@ impl Source {
             snapshot: compiled.snapshot,
             diagnostics: compiled.diagnostics,
             files: compiled.files,
+            stale,
         })))
     }
 
@@ -346,5 +468,54 @@ mod tests {
             "git@git.example:org/cfg.git"
         );
         assert_eq!(redact_url("file:///srv/cfg.git"), "file:///srv/cfg.git");
+    }
+
+    fn id_of(loaded: &Loaded) -> (&'static str, String) {
+        match loaded {
+            Loaded::Unchanged { version_id } => ("unchanged", version_id.clone()),
+            Loaded::Candidate(c) => ("candidate", c.version_id.clone()),
+        }
+    }
+
+    /// A directory's version covers the secrets it resolves: a rotated secret file is a new
+    /// version; the same inputs are the same version, skipped unless forced.
+    #[test]
+    fn a_rotated_secret_is_a_new_directory_version_and_force_always_compiles() {
+        let secrets = tempfile::tempdir().unwrap();
+        let secret = secrets.path().join("api-key");
+        std::fs::write(&secret, "one\n").unwrap();
+        let repo = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(repo.path().join("routes")).unwrap();
+        std::fs::write(
+            repo.path().join("routes/main.toml"),
+            format!(
+                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200 }}\n\
+                 request_headers = {{ set = {{ \"x-key\" = {{ file = \"{}\" }} }} }}\n",
+                secret.display()
+            ),
+        )
+        .unwrap();
+        let opts = CompileOptions {
+            resolve_secrets: true,
+            secret_roots: vec![secrets.path().to_path_buf()],
+            ..CompileOptions::default()
+        };
+        let mut source = Source::new(SourceSpec::Dir(repo.path().to_path_buf()));
+        let first = source.load(None, None, false, &opts).unwrap();
+        let (kind, id1) = id_of(&first);
+        assert_eq!(kind, "candidate");
+        if let Loaded::Candidate(c) = &first {
+            assert!(c.snapshot.is_some(), "{:?}", c.diagnostics);
+        }
+        let again = source.load(Some(&id1), None, false, &opts).unwrap();
+        assert_eq!(id_of(&again), ("unchanged", id1.clone()));
+        let forced = source.load(Some(&id1), None, true, &opts).unwrap();
+        assert_eq!(id_of(&forced), ("candidate", id1.clone()));
+
+        std::fs::write(&secret, "two\n").unwrap();
+        let rotated = source.load(Some(&id1), None, false, &opts).unwrap();
+        let (kind, id2) = id_of(&rotated);
+        assert_eq!(kind, "candidate");
+        assert_ne!(id1, id2);
     }
 }

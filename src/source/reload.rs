@@ -6,7 +6,7 @@
 //! (attempted vs applied, as Flux does), in the metrics and in the log. A version that failed is
 //! not compiled again until a new version arrives or a reload is forced.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,6 +89,9 @@ pub struct ReloadStatus {
     pub attempted: Option<Attempted>,
     pub last_fetch_at: Option<String>,
     pub last_fetch_error: Option<String>,
+    /// The version served came from the cached mirror because the remote could not be
+    /// fetched at start-up; cleared by the next successful fetch.
+    pub stale: bool,
     #[serde(skip)]
     failed: Option<String>,
 }
@@ -129,6 +132,8 @@ pub struct Reloader {
     load_timeout: Duration,
     /// Load threads still running, the current one and any abandoned at their deadline.
     loads_running: Arc<AtomicUsize>,
+    /// Set when a forced reload was asked for (see [`Reloader::with_force_flag`]).
+    force_pending: Arc<AtomicBool>,
 }
 
 /// Why the first load failed: nothing can be served.
@@ -148,14 +153,38 @@ pub struct Started {
 }
 
 impl Reloader {
-    /// Loads and compiles the first version; the gateway cannot start without one.
+    /// Loads and compiles the first version; the gateway cannot start without one. The load
+    /// gets `deadline`: past it (a git host that accepts the connection and never answers),
+    /// a git source serves the commit its cached mirror holds, marked stale, and fails only
+    /// when there is none.
     pub fn start(
-        mut source: Source,
+        source: Source,
         opts: CompileOptions,
         metrics: Arc<Metrics>,
+        deadline: Duration,
     ) -> Result<Started, StartError> {
         let spec = source.spec().clone();
-        let Loaded::Candidate(c) = source.load(None, None, true, &opts)? else {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first_opts = opts.clone();
+        std::thread::Builder::new()
+            .name("rustygate-load".into())
+            .spawn(move || {
+                let mut source = source;
+                let r = source.load(None, None, true, &first_opts);
+                let _ = tx.send((source, r));
+            })
+            .map_err(|e| StartError::Invalid(format!("cannot start the load thread: {e}")))?;
+        let (source, loaded) = match rx.recv_timeout(deadline) {
+            Ok((source, r)) => (source, r?),
+            Err(_) => {
+                // The stuck fetch keeps its thread; the process does not wait for it.
+                let why = format!("the first fetch did not finish within {deadline:?}");
+                let mut source = Source::new(spec.clone());
+                let r = source.load_cached(&why, &opts)?;
+                (source, r)
+            }
+        };
+        let Loaded::Candidate(c) = loaded else {
             return Err(StartError::Invalid("nothing to load".into()));
         };
         let Some(mut snapshot) = c.snapshot else {
@@ -164,6 +193,13 @@ impl Reloader {
         };
         for d in c.diagnostics.iter() {
             tracing::warn!(code = d.code, version = %c.version_id, "{}", d.message);
+        }
+        if let Some(why) = &c.stale {
+            tracing::error!(
+                version = %c.version_id,
+                error = %why,
+                "the config repo could not be fetched: serving the commit cached from an earlier run until a fetch succeeds"
+            );
         }
         snapshot.version.commit = c.commit;
         snapshot.version.reference = source.reference();
@@ -178,8 +214,9 @@ impl Reloader {
                 at: rfc3339(now),
                 errors: serde_json::Value::Array(Vec::new()),
             }),
-            last_fetch_at: Some(rfc3339(now)),
-            last_fetch_error: None,
+            last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
+            last_fetch_error: c.stale.clone(),
+            stale: c.stale.is_some(),
             failed: None,
         };
         metrics.reload_succeeded(None, &c.version_id, unix(now));
@@ -196,6 +233,7 @@ impl Reloader {
             opts,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             loads_running: Arc::new(AtomicUsize::new(0)),
+            force_pending: Arc::default(),
         };
         Ok(Started {
             reloader,
@@ -205,6 +243,12 @@ impl Reloader {
     }
 
     /// Sets the time a reload gets before it is abandoned (default [`DEFAULT_LOAD_TIMEOUT`]).
+    /// The flag a forced reload request sets when it is queued (see `server::Control`).
+    pub fn with_force_flag(mut self, flag: Arc<AtomicBool>) -> Reloader {
+        self.force_pending = flag;
+        self
+    }
+
     pub fn with_load_timeout(mut self, timeout: Duration) -> Reloader {
         self.load_timeout = timeout;
         self
@@ -229,10 +273,12 @@ impl Reloader {
                     }
                 }
             }
-            // Everything queued meanwhile is answered by this one reload.
+            // Everything queued meanwhile is answered by this one reload, and a force that
+            // found the queue full.
             while let Ok(t) = rx.try_recv() {
                 force |= t.force();
             }
+            force |= self.force_pending.swap(false, Ordering::SeqCst);
             self.reload(first.name(), force).await;
         }
     }
@@ -294,6 +340,7 @@ impl Reloader {
             Ok(Loaded::Unchanged { version_id }) => {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
+                status.stale = false;
                 tracing::debug!(trigger, version = %version_id, "config unchanged");
                 return;
             }
@@ -301,6 +348,7 @@ impl Reloader {
         };
         status.last_fetch_at = Some(rfc3339(now));
         status.last_fetch_error = None;
+        status.stale = false;
         let id = candidate.version_id.clone();
         let Some(mut snapshot) = candidate.snapshot else {
             let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
@@ -543,5 +591,45 @@ mod tests {
         assert!(wait_for(Duration::from_secs(10), || running
             .load(Ordering::SeqCst)
             == 0));
+    }
+
+    /// A forced reload asked while the queue is full is answered by the reload already queued,
+    /// still forced: the flag set by the admin call is read with the queued triggers.
+    #[tokio::test]
+    async fn a_force_that_found_the_queue_full_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+        std::fs::write(
+            dir.path().join("routes/main.toml"),
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+        )
+        .unwrap();
+        let attempted_trigger = |forced: bool| {
+            let source = Source::new(SourceSpec::Dir(dir.path().to_path_buf()));
+            let started = Reloader::start(
+                source,
+                CompileOptions::default(),
+                Arc::new(Metrics::new()),
+                DEFAULT_LOAD_TIMEOUT,
+            )
+            .unwrap();
+            let flag = Arc::new(AtomicBool::new(false));
+            let reloader = started.reloader.with_force_flag(Arc::clone(&flag));
+            let (tx, rx) = mpsc::channel(1);
+            // The queue is full with an unforced trigger; the forced call only sets the flag.
+            tx.try_send(Trigger::Poll).unwrap();
+            flag.store(forced, Ordering::SeqCst);
+            drop(tx);
+            let status = Arc::clone(&started.status);
+            async move {
+                reloader.run(rx).await;
+                assert!(!flag.load(Ordering::SeqCst), "the flag is consumed");
+                let s = status.lock().unwrap();
+                s.attempted.as_ref().unwrap().trigger
+            }
+        };
+        // Unchanged files: unforced, nothing is compiled again; forced, it is.
+        assert_eq!(attempted_trigger(false).await, "startup");
+        assert_eq!(attempted_trigger(true).await, "poll");
     }
 }

@@ -23,7 +23,8 @@ use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::proxy::headers::Forwarding;
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
 use crate::router::normalize_path_with;
-use crate::snapshot::{Route, Snapshot, StaticResponse};
+use crate::snapshot::{Route, Snapshot};
+use crate::wire::StaticResponse;
 
 /// The request id of a case whose request does not bring a valid one.
 pub const TEST_REQUEST_ID: &str = "rustygate-test";

@@ -10,13 +10,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
+use http_body_util::Empty;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Protocol;
 use super::state::TargetState;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::tls::TargetTls;
 use crate::snapshot::SnapshotStore;
+use crate::wire::connect::{Io, connect};
+use crate::wire::tls::TargetTls;
 
 /// `health = { ... }`, compiled.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -142,6 +146,43 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
     }
 }
 
+/// A probe's own connection, closed when the probe drops it: never one of the request pools'.
+enum ProbeConn {
+    H1(http1::SendRequest<Empty<Bytes>>),
+    H2(http2::SendRequest<Empty<Bytes>>),
+}
+
+impl ProbeConn {
+    /// The HTTP handshake on a connected socket; the connection task runs on this worker.
+    async fn handshake(io: Io, protocol: Protocol) -> Result<ProbeConn, String> {
+        let io = TokioIo::new(io);
+        match protocol {
+            Protocol::Http1 => {
+                let (send, conn) = http1::handshake(io).await.map_err(|e| e.to_string())?;
+                actix_web::rt::spawn(conn);
+                Ok(ProbeConn::H1(send))
+            }
+            Protocol::Http2 => {
+                let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+                actix_web::rt::spawn(conn);
+                Ok(ProbeConn::H2(send))
+            }
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: http::Request<Empty<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            ProbeConn::H1(c) => c.send_request(req).await,
+            ProbeConn::H2(c) => c.send_request(req).await,
+        }
+    }
+}
+
 /// One GET of the check path on a fresh connection.
 async fn check_once(probe: &Probe) -> Result<(), String> {
     let check = &probe.check;
@@ -150,7 +191,7 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
         None => probe.authority.to_string(),
     };
     let attempt = async {
-        let mut conn = crate::proxy::pool::connect(
+        let io = connect(
             &probe.connect_addr,
             probe.tls.as_ref(),
             probe.protocol,
@@ -158,6 +199,7 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
         )
         .await
         .map_err(|e| e.to_string())?;
+        let mut conn = ProbeConn::handshake(io, probe.protocol).await?;
         let req = match probe.protocol {
             Protocol::Http1 => http::Request::get(check.path.as_str())
                 .header(http::header::HOST, host)
@@ -174,7 +216,7 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
             ),
         }
         .header(http::header::USER_AGENT, "rustygate-health-check")
-        .body(ProxyBody::Empty)
+        .body(Empty::new())
         .map_err(|e| e.to_string())?;
         let resp = conn
             .send_request(req)

@@ -19,14 +19,7 @@ pub use balance::{Balancer, HashKey, hash_bytes};
 pub use retry::{RetryBudget, RetryOverride, RetryPolicy, RetryReason};
 use state::{TargetState, UpstreamShared};
 
-/// The HTTP version spoken to a target.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    #[default]
-    Http1,
-    /// h2c with prior knowledge on `http://`, ALPN `h2` on `https://`.
-    Http2,
-}
+pub use crate::wire::Protocol;
 
 /// Which pooled connections a request may reuse: the target's authority and, for anything but
 /// plain HTTP/1.1, a fingerprint of how the connection was made (scheme, protocol, TLS roots,
@@ -51,7 +44,7 @@ pub struct Target {
     pub weight: u32,
     pub protocol: Protocol,
     /// Set for `https://` targets.
-    pub tls: Option<crate::proxy::tls::TargetTls>,
+    pub tls: Option<crate::wire::tls::TargetTls>,
     pub pool_key: PoolKey,
     /// In-flight count, health and ejection, shared across snapshots.
     pub state: Arc<TargetState>,

@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::ForwardError;
-use crate::upstream::Protocol;
+use super::Protocol;
+use super::connect::ConnectError;
 
 /// How a target's TLS connections are made: the upstream's shared config and the name sent
 /// as SNI and checked against the certificate. Cheap to clone.
@@ -70,16 +70,16 @@ pub(crate) async fn handshake(
     tls: &TargetTls,
     protocol: Protocol,
     addr: &str,
-) -> Result<TlsStream<TcpStream>, ForwardError> {
+) -> Result<TlsStream<TcpStream>, ConnectError> {
     let connector = TlsConnector::from(Arc::clone(&tls.config));
     let stream = connector
         .connect(tls.server_name.clone(), stream)
         .await
-        .map_err(|e| ForwardError::Tls(format!("{addr}: {e}")))?;
+        .map_err(|e| ConnectError::Tls(format!("{addr}: {e}")))?;
     if protocol == Protocol::Http2 {
         let (_, session) = stream.get_ref();
         if session.alpn_protocol() != Some(b"h2") {
-            return Err(ForwardError::Tls(format!(
+            return Err(ConnectError::Tls(format!(
                 "{addr}: the server did not agree to HTTP/2 (ALPN h2); set protocol = \"http1\" \
                  or enable HTTP/2 on the server"
             )));
