@@ -103,6 +103,10 @@ fn load(cx: &mut Cx<'_>, file: FileId, name: &str, raw: &Spanned<RawPlugin>) -> 
     };
     let bytes = read(cx, file, &raw.file)?;
     let actual = hex::encode(Sha256::digest(&bytes));
+    // The module is not a source file: its digest joins the compile's inputs id (with the
+    // secrets' digests), so that a reload notices a changed module even under an unchanged pin.
+    cx.secrets.update(b"plugin\0");
+    cx.secrets.update(actual.as_bytes());
     if cx.diags.error_count() > errors_before {
         return None;
     }

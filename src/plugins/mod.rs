@@ -35,7 +35,7 @@ pub use host::VmError;
 use host::{CallData, Props, Vm};
 
 use crate::policy::ClientHeaders;
-use crate::snapshot::StaticResponse;
+use crate::wire::StaticResponse;
 
 /// Default instruction budget of one call into a plugin.
 pub const DEFAULT_MAX_INSTRUCTIONS: u64 = 10_000_000;
@@ -135,7 +135,7 @@ pub type RoutePlugins = Arc<[Arc<PluginUse>]>;
 
 // ---- instances per worker thread ------------------------------------------------------------
 
-/// Instances a worker keeps at most; past this the least useful go (a repo with many distinct
+/// Instances a worker keeps at most; past this an arbitrary one goes (a repo with many distinct
 /// plugin configurations does not pin one instance each forever).
 const MAX_INSTANCES_PER_THREAD: usize = 256;
 
@@ -169,13 +169,13 @@ fn with_vm<R>(
             if generation.is_some() {
                 return Err(VmError::Refused("the instance was replaced".into()));
             }
-            if map.len() >= MAX_INSTANCES_PER_THREAD {
-                map.retain(|_, s| s.owner.strong_count() > 0);
-                if map.len() >= MAX_INSTANCES_PER_THREAD
-                    && let Some(k) = map.keys().next().copied()
-                {
-                    map.remove(&k);
-                }
+            // Instances of plugin uses no snapshot holds any more (an earlier config) go now:
+            // a worker never keeps one per reload.
+            map.retain(|_, s| s.owner.strong_count() > 0);
+            if map.len() >= MAX_INSTANCES_PER_THREAD
+                && let Some(k) = map.keys().next().copied()
+            {
+                map.remove(&k);
             }
             let vm = Vm::new(u)?;
             map.insert(

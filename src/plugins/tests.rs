@@ -470,3 +470,26 @@ fn compiled_modules_are_cached_by_sha256() {
     // Nothing holds it any more: a later snapshot compiles it afresh.
     assert!(!is_cached(&sha, DEFAULT_MAX_MEMORY));
 }
+
+#[test]
+fn instances_of_an_earlier_config_are_freed_when_the_next_one_starts() {
+    let count = || INSTANCES.with(|m| m.borrow().len());
+    let old = plugin(
+        "old-config",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    drop(request(std::slice::from_ref(&old)));
+    assert_eq!(count(), 1);
+    // A reload: no snapshot holds the old use any more.
+    drop(old);
+    let new = plugin(
+        "new-config",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    drop(request(&[new]));
+    assert_eq!(count(), 1, "the old config's instance is still held");
+}

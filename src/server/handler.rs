@@ -875,15 +875,7 @@ async fn send_attempts(
                 {
                     continue;
                 }
-                return client_response(
-                    ex,
-                    req,
-                    state,
-                    route,
-                    &plan,
-                    resp,
-                    tunnel_in.take(),
-                );
+                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
             }
             Err(failure) => {
                 ex.in_flight = None;
