@@ -152,6 +152,10 @@ struct ServeArgs {
     /// The config repo's directory inside the git repository (monorepos).
     #[arg(long, env = "RUSTYGATE_SUBDIR")]
     subdir: Option<PathBuf>,
+    /// Serve a new head of the branch even when it does not descend from the served commit
+    /// (a force-push). Without it such a head is held back until a forced reload.
+    #[arg(long, env = "RUSTYGATE_ALLOW_REWRITES")]
+    allow_rewrites: bool,
     /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
     #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -454,13 +458,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Held until serve returns: dropping it flushes buffered log lines.
     let _log_guard = init_logging(args.log_format);
-    let spec = SourceSpec::from_repo_arg(
+    let mut spec = SourceSpec::from_repo_arg(
         &args.repo,
         &args.branch,
         args.pin.clone(),
         args.subdir.clone(),
         args.cache_dir.clone(),
     )?;
+    if let SourceSpec::Git(g) = &mut spec {
+        g.allow_rewrites = args.allow_rewrites;
+    }
     // Held until serve returns: one gateway per cache dir.
     let _cache_lock = match &spec {
         SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),

@@ -608,14 +608,14 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
     });
 
     let started = std::time::Instant::now();
-    let gw = GatewayProcess::start(
+    let mut gw = GatewayProcess::start(
         &[
             "--repo",
             &silent_url,
             "--cache-dir",
             cache_dir,
             "--poll",
-            "0",
+            "200ms",
             "--reload-timeout",
             "2s",
         ],
@@ -631,9 +631,24 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
             .is_some_and(|e| e.contains("did not finish within")),
         "{status}"
     );
+    // A poll's fetch is stuck on the host too; SIGTERM still ends the process promptly.
+    assert!(wait_until(Duration::from_secs(15), || held
+        .lock()
+        .unwrap()
+        .len()
+        >= 2));
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exited = wait_until(
+        Duration::from_secs(15),
+        || matches!(gw.child.try_wait(), Ok(Some(s)) if s.success()),
+    );
     assert!(
-        !held.lock().unwrap().is_empty(),
-        "the fetch reached the host"
+        exited,
+        "the gateway did not exit on SIGTERM during a stuck fetch"
     );
     drop(gw);
 
@@ -656,4 +671,34 @@ fn a_git_host_that_never_answers_does_not_hang_start_up() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did not finish within"), "{stderr}");
+}
+
+/// A force-push that rewrites the branch is held back: the served commit stays, `/status` says
+/// non-fast-forward; a forced reload serves the new head.
+#[test]
+fn a_rewritten_branch_is_held_until_a_forced_reload() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("v1")), "first");
+    commit(&repo, "main", &config("v2"), "second");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "200ms"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    // Rewind main to v1 and commit on top: the new head does not descend from v2.
+    repo.reference("refs/heads/main", v1, true, "force-push")
+        .unwrap();
+    let rewritten = commit(&repo, "main", &config("rewritten"), "rewritten");
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("non-fast-forward") && e.contains(&rewritten))
+    }));
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    assert_eq!(
+        gw.admin_post("/admin/reload?force=true", &[AUTH], b"").0,
+        202
+    );
+    assert!(wait_body(&gw, "rewritten"));
+    assert_eq!(gw.status()["applied"]["sha"], rewritten);
 }

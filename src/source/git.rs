@@ -30,6 +30,14 @@ pub enum GitError {
          (`refs/tags/{0}` or `refs/heads/{0}`)"
     )]
     AmbiguousRev(String),
+    #[error(
+        "non-fast-forward: the new head {head} does not descend from the served commit {served} \
+         (history was rewritten); still serving {served}. Force a reload, or start with \
+         --allow-rewrites, to serve it"
+    )]
+    NonFastForward { served: String, head: String },
+    #[error("{0}")]
+    HostKey(String),
     #[error("subdirectory `{0}` does not exist at this commit")]
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
@@ -152,6 +160,9 @@ impl Mirror {
                 ))
             })
         });
+        if let Some((host, port)) = super::known_hosts::ssh_host_port(&self.url) {
+            callbacks.certificate_check(host_key_check(host, port)?);
+        }
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks);
         opts.prune(git2::FetchPrune::On);
@@ -173,6 +184,59 @@ impl Mirror {
                 .or_else(|_| resolve(&self.repo, branch)),
         }
     }
+}
+
+/// The SSH host-key check for `host`:`port` against the known-hosts file: only a key listed
+/// for the host is accepted; an unknown host or a changed key refuses the fetch, saying which
+/// and how to fix it.
+#[allow(clippy::type_complexity)]
+fn host_key_check(
+    host: String,
+    port: u16,
+) -> Result<
+    impl FnMut(&git2::cert::Cert<'_>, &str) -> Result<git2::CertificateCheckStatus, git2::Error>,
+    GitError,
+> {
+    use super::known_hosts::{KnownHosts, Verdict};
+    let path = KnownHosts::default_path().ok_or_else(|| {
+        GitError::HostKey(
+            "no known_hosts file: set RUSTYGATE_GIT_KNOWN_HOSTS (HOME is not set either)".into(),
+        )
+    })?;
+    let known = KnownHosts::load(&path).map_err(GitError::HostKey)?;
+    let shown = path.display().to_string();
+    Ok(move |cert: &git2::cert::Cert<'_>, _: &str| {
+        let Some(hostkey) = cert.as_hostkey() else {
+            return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+        };
+        let Some(key) = hostkey.hostkey() else {
+            return Err(git2::Error::from_str(
+                "the SSH server's host key could not be read",
+            ));
+        };
+        let name = if port == 22 {
+            host.clone()
+        } else {
+            format!("[{host}]:{port}")
+        };
+        let why = match known.check(&host, port, key) {
+            Verdict::Known => return Ok(git2::CertificateCheckStatus::CertificateOk),
+            Verdict::Unknown => format!(
+                "the SSH host key of {name} is not in {shown}: refusing to fetch (no trust on \
+                 first use); add it after checking its fingerprint (`ssh-keyscan -p {port} {host}`), \
+                 or point RUSTYGATE_GIT_KNOWN_HOSTS at a file that has it"
+            ),
+            Verdict::Changed => format!(
+                "the SSH host key of {name} does not match {shown}: refusing to fetch (the \
+                 key changed, possibly a man in the middle); if the server's key was rotated, \
+                 replace its line"
+            ),
+            Verdict::Revoked => format!(
+                "the SSH host key of {name} is marked @revoked in {shown}: refusing to fetch"
+            ),
+        };
+        Err(git2::Error::from_str(&why))
+    })
 }
 
 /// Resolves a full ref name (`refs/...`), a short tag or branch name, or a commit-ish to a

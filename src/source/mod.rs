@@ -10,6 +10,7 @@
 //! is not compiled again unless the reload is forced.
 
 pub mod git;
+pub mod known_hosts;
 pub mod reload;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ pub struct GitSpec {
     /// Where the mirror and checkouts live.
     pub cache_dir: PathBuf,
     pub credentials: Credentials,
+    /// Serve a new head that does not descend from the served commit (`--allow-rewrites`);
+    /// otherwise such a head is held back until a forced reload.
+    pub allow_rewrites: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,7 @@ impl SourceSpec {
             subdir,
             cache_dir,
             credentials: Credentials::from_env(),
+            allow_rewrites: false,
         }))
     }
 
@@ -303,7 +308,12 @@ impl Source {
                     stale: None,
                 })))
             }
-            SourceSpec::Git(g) => self.load_git(&g, skip, applied.is_none(), opts),
+            SourceSpec::Git(g) => {
+                // A forced reload may serve a rewritten history; otherwise the served commit
+                // must be an ancestor of the new one.
+                let served = applied.filter(|_| !force && !g.allow_rewrites);
+                self.load_git(&g, skip, applied.is_none(), served, opts)
+            }
         }
     }
 
@@ -312,6 +322,7 @@ impl Source {
         g: &GitSpec,
         skip: impl Fn(&str) -> bool,
         first: bool,
+        must_descend_from: Option<&str>,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
         if self.mirror.is_none() {
@@ -333,6 +344,19 @@ impl Source {
                 _ => return Err(e.into()),
             },
         };
+        if let Some(served) = must_descend_from.and_then(|s| git2::Oid::from_str(s).ok())
+            && oid != served
+            && !mirror
+                .repo()
+                .graph_descendant_of(oid, served)
+                .unwrap_or(false)
+        {
+            return Err(GitError::NonFastForward {
+                served: served.to_string(),
+                head: oid.to_string(),
+            }
+            .into());
+        }
         self.candidate(g, oid, stale, skip, opts)
     }
 
