@@ -13,6 +13,9 @@
 # it reads so its condition holds:
 #   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
 #     -- bench/serve-for-compare.sh
+# TRACE_RATIO=r turns [tracing] on with sample_ratio r, exporting to $TRACE_ENDPOINT (default
+# http://127.0.0.1:4318/v1/traces; bench/otlp-discard.py answers there and drops what it gets):
+#   bench/otlp-discard.py & TRACE_RATIO=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
 set -euo pipefail
 repo=$(mktemp -d)
 trap 'rm -rf "$repo"' EXIT
@@ -48,6 +51,13 @@ if [[ ${POLICY:-0} == 1 ]]; then
   mkdir -p "$repo/policies"
   echo 'policy = "policies/typical.rhai"' >>"$repo/routes/all.toml"
   cp "$(dirname "$0")/typical.rhai" "$repo/policies/typical.rhai"
+fi
+if [[ -n ${TRACE_RATIO:-} ]]; then
+  cat >>"$repo/gateway.toml" <<TOML
+[tracing]
+endpoint = "${TRACE_ENDPOINT:-http://127.0.0.1:4318/v1/traces}"
+sample_ratio = ${TRACE_RATIO}
+TOML
 fi
 cat >"$repo/upstreams/backend.toml" <<TOML
 [upstream.backend]

@@ -86,6 +86,7 @@ fn bench(c: &mut Criterion) {
         query: Some("page=2"),
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         claims: None,
+        trace_id: None,
     };
     let Routed::Matched(m) = decide::route(&snap, &inc) else {
         panic!("no route")

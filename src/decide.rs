@@ -23,6 +23,7 @@ use crate::policy::{
 };
 use crate::router::{RouteId, RouteMatch};
 use crate::snapshot::{Route, RouteAction, Snapshot};
+use crate::telemetry::trace::TraceId;
 use crate::upstream::Upstream;
 use crate::wire::StaticResponse;
 
@@ -39,6 +40,8 @@ pub struct Incoming<'a> {
     pub client_ip: IpAddr,
     /// The seam for auth: verified claims, `None` when the route has no auth.
     pub claims: Option<Claims>,
+    /// The request's trace (`req.trace_id`); `None` without `[tracing]`.
+    pub trace_id: Option<TraceId>,
 }
 
 /// The outcome of matching a request against the snapshot's router.
@@ -178,6 +181,7 @@ pub fn request<'s>(
         query: inc.query,
         host: inc.host,
         client_ip: inc.client_ip,
+        trace_id: inc.trace_id,
         route: &route.name,
         upstream: upstream.map(|u| u.name.as_str()).unwrap_or(""),
         upstream_path: rewritten,

@@ -58,6 +58,17 @@ enum Command {
         /// /var/run/secrets and /etc/rustygate (repeatable).
         #[arg(long = "secret-root", value_name = "DIR")]
         secret_roots: Vec<PathBuf>,
+        /// Also check that HEAD of the git working copy holding DIR carries an SSH signature by
+        /// a key in --allowed-signers (`all`: every commit since --base too); an unsigned or
+        /// badly signed commit is an error (`unsigned-commit`, `bad-signature`).
+        #[arg(long, value_enum, value_name = "MODE", requires = "allowed_signers")]
+        require_signed: Option<SignedArg>,
+        /// git's allowed signers file (the `gpg.ssh.allowedSignersFile` format).
+        #[arg(long, value_name = "FILE", requires = "require_signed")]
+        allowed_signers: Option<PathBuf>,
+        /// With `--require-signed all`: where the checked commits start (e.g. origin/main).
+        #[arg(long, value_name = "REV", required_if_eq("require_signed", "all"))]
+        base: Option<String>,
     },
     /// Run the config repo's tests/*.toml fixtures in-process, without a network.
     /// Exit 0 all pass, 1 a case failed, 2 the repo or its fixtures do not compile, or a usage/IO error.
@@ -83,8 +94,10 @@ enum Command {
         /// One file kind only: gateway, routes, upstreams or tests. Default: all in one schema.
         kind: Option<String>,
     },
-    /// Route-level diff between two commits of the config repo, as Markdown for a PR comment.
-    /// Exit 0 head compiles, 1 head does not compile, 2 usage/git error.
+    /// Route-level diff between two commits of the config repo, as Markdown for a PR comment:
+    /// compiled meaning, not text, safety-relevant changes first. Exit 0 head compiles and
+    /// changes nothing, 3 head compiles and changes something, 1 head does not compile,
+    /// 2 usage/git error.
     Plan {
         /// The commit the change starts from: branch, tag or SHA (e.g. origin/main).
         #[arg(long)]
@@ -103,6 +116,16 @@ enum Command {
     },
     /// Run the gateway.
     Serve(Box<ServeArgs>),
+    /// One fetch into a git mirror, run by `serve` in a child process it can kill.
+    #[command(name = "__fetch", hide = true)]
+    Fetch {
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        deadline_ms: u64,
+    },
     /// Print a shell completion script, e.g. `rustygate completions bash > /etc/bash_completion.d/rustygate`.
     Completions {
         #[arg(value_enum)]
@@ -127,6 +150,28 @@ enum Format {
     /// GitHub Actions workflow commands (`::error file=...,line=...,col=...::message`) on
     /// stdout, shown as annotations on the pull request's diff.
     Github,
+}
+
+/// `--require-signed`
+#[derive(Clone, Copy, ValueEnum)]
+enum SignedArg {
+    /// The commit to serve (validate: HEAD) must be signed.
+    Head,
+    /// Every commit since the last one served (validate: since --base) must be signed.
+    All,
+}
+
+impl SignedArg {
+    fn policy(self, allowed_signers: PathBuf) -> rustygate::source::signing::SigningPolicy {
+        use rustygate::source::signing::{SignedMode, SigningPolicy};
+        SigningPolicy {
+            mode: match self {
+                SignedArg::Head => SignedMode::Head,
+                SignedArg::All => SignedMode::All,
+            },
+            allowed_signers,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -156,6 +201,26 @@ struct ServeArgs {
     /// (a force-push). Without it such a head is held back until a forced reload.
     #[arg(long, env = "RUSTYGATE_ALLOW_REWRITES")]
     allow_rewrites: bool,
+    /// Serve only commits carrying an SSH signature (git's `gpg.format ssh`) by a key in
+    /// --allowed-signers: `head` checks the commit to serve, `all` every commit since the last
+    /// one served. A refused commit is never served (git sources).
+    #[arg(
+        long,
+        env = "RUSTYGATE_REQUIRE_SIGNED",
+        value_enum,
+        value_name = "MODE",
+        requires = "allowed_signers"
+    )]
+    require_signed: Option<SignedArg>,
+    /// git's allowed signers file (`gpg.ssh.allowedSignersFile` format: principals, options such
+    /// as `namespaces="git"` and `valid-before=...`, key), read again at every check.
+    #[arg(
+        long,
+        env = "RUSTYGATE_ALLOWED_SIGNERS",
+        value_name = "FILE",
+        requires = "require_signed"
+    )]
+    allowed_signers: Option<PathBuf>,
     /// Where the git mirror and checkouts are kept (default: a folder under the temp dir).
     #[arg(long, env = "RUSTYGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -191,6 +256,15 @@ struct ServeArgs {
     /// as failed and the next one starts, whatever the stuck read is doing.
     #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     reload_timeout: Duration,
+    /// Time one git fetch gets (at most --reload-timeout). Each fetch runs in a child process,
+    /// killed at this deadline or on shutdown, so a git host that stops answering holds no
+    /// connection or thread; the reload is reported failed and the next one starts afresh.
+    #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    fetch_timeout: Duration,
+    /// PEM CA certificates trusted for git over HTTPS, besides the system's roots (a git host
+    /// with a certificate from a private CA).
+    #[arg(long, env = "RUSTYGATE_GIT_CA_FILE", value_name = "FILE")]
+    git_ca_file: Option<PathBuf>,
 }
 
 fn parse_poll(s: &str) -> Result<Duration, String> {
@@ -214,7 +288,15 @@ fn main() -> ExitCode {
             deny_warnings,
             no_env,
             secret_roots,
-        } => validate(&dir, format, deny_warnings, no_env, secret_roots),
+            require_signed,
+            allowed_signers,
+            base,
+        } => {
+            let signing = require_signed
+                .zip(allowed_signers)
+                .map(|(mode, file)| (mode.policy(file), base));
+            validate(&dir, format, deny_warnings, no_env, secret_roots, signing)
+        }
         Command::Test {
             dir,
             filter,
@@ -256,6 +338,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { out_dir } => man(out_dir.as_deref()),
+        Command::Fetch {
+            cache_dir,
+            url,
+            deadline_ms,
+        } => {
+            rustygate::source::fetch::child_main(cache_dir, url, Duration::from_millis(deadline_ms))
+        }
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -272,6 +361,7 @@ fn validate(
     deny_warnings: bool,
     no_env: bool,
     secret_roots: Vec<PathBuf>,
+    signing: Option<(rustygate::source::signing::SigningPolicy, Option<String>)>,
 ) -> ExitCode {
     let opts = CompileOptions {
         resolve_secrets: !no_env,
@@ -293,9 +383,23 @@ fn validate(
     if deny_warnings {
         diagnostics.deny_warnings();
     }
+    let mut signer = None;
+    if let Some((policy, base)) = signing {
+        match rustygate::source::signing::check_working_copy(dir, base.as_deref(), &policy) {
+            Ok(Ok(principal)) => signer = Some(principal),
+            Ok(Err(refusal)) => diagnostics.push(refusal.to_diagnostic()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match format {
         Format::Human => {
             eprint!("{}", diagnostics.render_human(&files));
+            if let Some(principal) = &signer {
+                eprintln!("{}: HEAD is signed by {principal}", dir.display());
+            }
             let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
             if e > 0 {
                 eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
@@ -444,10 +548,12 @@ fn plan(opts: rustygate::plan::PlanOptions, format: &str) -> ExitCode {
     } else {
         print!("{}", plan.to_markdown());
     }
-    if plan.head_compiles() {
-        ExitCode::SUCCESS
-    } else {
+    if !plan.head_compiles() {
         ExitCode::from(1)
+    } else if plan.has_changes() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -467,12 +573,51 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let SourceSpec::Git(g) = &mut spec {
         g.allow_rewrites = args.allow_rewrites;
+        // `/proc/self/exe` runs this very binary even after a package upgrade replaced the
+        // file; elsewhere, the path it was started from.
+        let exe = Some(PathBuf::from("/proc/self/exe"))
+            .filter(|p| p.exists())
+            .or_else(|| std::env::current_exe().ok());
+        if let Some(exe) = exe {
+            g.fetch = rustygate::source::fetch::FetchMode::Child {
+                exe,
+                deadline: args.fetch_timeout.min(args.reload_timeout),
+                ssl_cert_file: None,
+            };
+        }
+    }
+    if let (Some(mode), Some(file)) = (args.require_signed, args.allowed_signers.clone()) {
+        let SourceSpec::Git(g) = &mut spec else {
+            anyhow::bail!(
+                "--require-signed needs a git source: {} is a plain directory, which has no commits to verify",
+                spec.describe()
+            );
+        };
+        // Checked now, so a typo fails the start, not the first reload.
+        rustygate::source::signing::AllowedSigners::load(&file)?;
+        g.signing = Some(mode.policy(file));
     }
     // Held until serve returns: one gateway per cache dir.
     let _cache_lock = match &spec {
         SourceSpec::Git(g) => Some(rustygate::source::lock_cache_dir(&g.cache_dir)?),
         SourceSpec::Dir(_) => None,
     };
+    if let Some(ca) = &args.git_ca_file {
+        use rustygate::source::fetch::{FetchMode, write_ca_bundle};
+        match &mut spec {
+            SourceSpec::Git(g) => match &mut g.fetch {
+                FetchMode::Child { ssl_cert_file, .. } => {
+                    *ssl_cert_file = Some(write_ca_bundle(ca, &g.cache_dir)?);
+                }
+                FetchMode::InProcess => {
+                    anyhow::bail!(
+                        "--git-ca-file needs the fetch process, which cannot be started here"
+                    )
+                }
+            },
+            SourceSpec::Dir(_) => anyhow::bail!("--git-ca-file is for git sources"),
+        }
+    }
     let compile_opts = CompileOptions {
         resolve_secrets: true,
         version_id: None,

@@ -15,6 +15,7 @@
 
 mod facts;
 mod render;
+mod safety;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ use facts::{
     RawRouteFacts, diff_by_name, diff_upstream, field_changes, gateway_fields, raw_route_facts,
     route_facts, upstream_facts,
 };
+pub use safety::SafetyFlag;
+use safety::safety_flags;
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -143,6 +146,11 @@ impl Plan {
     pub fn head_compiles(&self) -> bool {
         self.head.compiles
     }
+
+    /// Whether head compiles and serves differently from base (`plan` exits 3).
+    pub fn has_changes(&self) -> bool {
+        self.diff.as_ref().is_some_and(|d| !d.is_empty())
+    }
 }
 
 /// Compares the config at `base` and `head`. `Ok` whether or not head compiles.
@@ -209,6 +217,8 @@ struct CommitConfig {
     side: Side,
     compiled: Option<Compiled>,
     raw_routes: HashMap<String, RawRouteFacts>,
+    /// The exported config directory.
+    root: PathBuf,
 }
 
 impl CommitConfig {
@@ -230,6 +240,7 @@ impl CommitConfig {
             },
             compiled: None,
             raw_routes: HashMap::new(),
+            root: PathBuf::new(),
         }
     }
 
@@ -284,6 +295,7 @@ fn side(
         },
         compiled: Some(compiled),
         raw_routes,
+        root: dest.to_path_buf(),
     }))
 }
 
@@ -337,16 +349,21 @@ fn assemble(mut base: CommitConfig, head: CommitConfig, config_dir: String) -> P
     }
     let base_routes = base
         .snapshot()
-        .map(|s| route_facts(s, &base.raw_routes))
+        .map(|s| route_facts(s, &base.raw_routes, &base.root))
         .unwrap_or_default();
     let base_upstreams = base.snapshot().map(upstream_facts).unwrap_or_default();
+    let head_routes = route_facts(head_snap, &head.raw_routes, &head.root);
+    let head_upstreams = upstream_facts(head_snap);
     let diff = Diff {
-        routes: diff_by_name(
-            &base_routes,
-            &route_facts(head_snap, &head.raw_routes),
-            |o, n| field_changes(&o.fields(), &n.fields()),
-        ),
-        upstreams: diff_by_name(&base_upstreams, &upstream_facts(head_snap), diff_upstream),
+        // Against an empty base everything is new: every route is listed as added instead.
+        safety: match base.snapshot() {
+            Some(_) => safety_flags(&base_routes, &head_routes, &base_upstreams, &head_upstreams),
+            None => Vec::new(),
+        },
+        routes: diff_by_name(&base_routes, &head_routes, |o, n| {
+            field_changes(&o.fields(), &n.fields())
+        }),
+        upstreams: diff_by_name(&base_upstreams, &head_upstreams, diff_upstream),
         gateway: field_changes(
             &base.snapshot().map(gateway_fields).unwrap_or_default(),
             &gateway_fields(head_snap),
@@ -373,7 +390,13 @@ fn assemble(mut base: CommitConfig, head: CommitConfig, config_dir: String) -> P
 fn verdict(diff: &Diff, head: &Side, new_warnings: usize, base_note: bool) -> String {
     let (r, u) = (&diff.routes, &diff.upstreams);
     let mut parts = Vec::new();
-    if r.is_empty() && u.is_empty() && diff.gateway.is_empty() {
+    if !diff.safety.is_empty() {
+        parts.push(format!(
+            "{} to review",
+            plural(diff.safety.len(), "safety-relevant change")
+        ));
+    }
+    if diff.is_empty() {
         parts.push("no route, upstream or gateway changes".to_owned());
     } else {
         parts.push(format!(
@@ -481,6 +504,7 @@ mod tests {
     #[test]
     fn verdict_says_when_nothing_changed() {
         let diff = Diff {
+            safety: Vec::new(),
             routes: Changes::default(),
             upstreams: Changes::default(),
             gateway: Vec::new(),

@@ -52,6 +52,8 @@ pub struct Snapshot {
     /// `[[listener]]` of gateway.toml. Which ones are bound is fixed at start-up; TLS settings
     /// are read from the current snapshot at each handshake.
     pub listeners: Vec<ListenerSpec>,
+    /// `[tracing]`: `None` when tracing is off.
+    pub tracing: Option<Arc<crate::telemetry::trace::TraceConfig>>,
     pub warnings: usize,
 }
 
@@ -272,6 +274,8 @@ pub struct Route {
     /// WASM plugins, in request order: after the filters, before the policy
     /// (see [`crate::plugins`]). Empty for most routes.
     pub plugins: crate::plugins::RoutePlugins,
+    /// Sampling and span settings (`tracing` key; `http.route`).
+    pub tracing: crate::telemetry::trace::RouteTrace,
 }
 
 /// A route's authentication.
@@ -452,6 +456,7 @@ mod tests {
             allow_underscores: false,
             paths: Default::default(),
             listeners: Vec::new(),
+            tracing: None,
             warnings: 0,
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 23] = [
     "timestamp",
     "level",
     "request_id",
@@ -32,6 +32,8 @@ const KEYS: [&str; 21] = [
     "error",
     "grpc_status",
     "config_version",
+    "trace_id",
+    "span_id",
     "target",
 ];
 

@@ -134,6 +134,7 @@ fn ten_thousand_routes_compile_and_each_matches_its_own_requests() {
             query: None,
             client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             claims: None,
+            trace_id: None,
         };
         match route(&snap, &inc) {
             Routed::Matched(m) => assert_eq!(
@@ -291,7 +292,7 @@ fn swapping_ten_thousand_routes_under_load_frees_old_snapshots_off_the_workers()
             > seen));
         let old = Arc::downgrade(&store.load());
         std::fs::write(dir.path().join("routes/zz-bench.toml"), bench_route(k)).unwrap();
-        rt.block_on(reloader.reload("test", false));
+        rt.block_on(reloader.reload("test", false, None));
         let now = store.load();
         assert_ne!(
             now.version.id,

@@ -274,3 +274,139 @@ fn tag_pushes_other_branch_deletes_and_unhandled_events_are_acknowledged_and_ign
     );
     assert!(wait_body(&gw, "v2"));
 }
+
+/// The gateway's JSON log lines so far.
+fn log_lines(gw: &GatewayProcess) -> Vec<serde_json::Value> {
+    gw.logs
+        .lock()
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits for the log line with `message` whose `key` is `value`.
+fn wait_line(gw: &GatewayProcess, message: &str, key: &str, value: &str) -> serde_json::Value {
+    let find = || {
+        log_lines(gw)
+            .into_iter()
+            .find(|l| l["message"] == message && l[key] == value)
+    };
+    wait_until(Duration::from_secs(15), || find().is_some());
+    find().unwrap_or_else(|| {
+        panic!(
+            "no `{message}` line with {key} = {value}:\n{}",
+            gw.logs.lock().unwrap()
+        )
+    })
+}
+
+#[test]
+fn reload_logs_carry_the_trace_of_the_request_that_asked_for_them() {
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let auth = format!("Bearer {TOKEN}");
+    // Ratio 0: the ids exist for requests that are not recorded, too.
+    let traced = |body: &str| {
+        let mut files = config(body);
+        files.push((
+            "gateway.toml",
+            "[tracing]\nendpoint = \"http://127.0.0.1:9/v1/traces\"\nsample_ratio = 0.0\n".into(),
+        ));
+        files
+    };
+    let (_dir, repo, url) = bare_repo();
+    commit(&repo, &traced("one"), "one");
+    let gw = start(&url);
+    assert_eq!(gw.get("/").unwrap().1, "one");
+
+    // An admin call that brings its caller's trace: the reload continues it.
+    let two = commit(&repo, &traced("two"), "two");
+    let (status, _) = gw.admin_post(
+        "/admin/reload",
+        &[("Authorization", &auth), ("traceparent", &caller)],
+        b"",
+    );
+    assert_eq!(status, 202);
+    let queued = wait_line(&gw, "reload queued", "trace_id", CALLER_TRACE);
+    assert_eq!(queued["trigger"], "admin");
+    let span = queued["span_id"].as_str().unwrap().to_owned();
+    assert_eq!(span.len(), 16);
+    assert_ne!(span, CALLER_SPAN, "the admin request's own span");
+    let applied = wait_line(&gw, "config reloaded", "to", &two);
+    assert_eq!(applied["trace_id"], CALLER_TRACE, "{applied}");
+    assert_eq!(applied["span_id"], span.as_str(), "{applied}");
+
+    // A signed push without a trace context starts a trace of its own.
+    let three = commit(&repo, &traced("three"), "three");
+    assert_eq!(
+        github(&gw, "push", &github_push("refs/heads/main", &two, &three)).0,
+        202
+    );
+    let applied = wait_line(&gw, "config reloaded", "to", &three);
+    assert_eq!(applied["trigger"], "github");
+    let trace = applied["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(trace.len(), 32);
+    assert_ne!(trace, CALLER_TRACE);
+    let queued = wait_line(&gw, "reload queued", "trace_id", &trace);
+    assert_eq!(queued["trigger"], "github");
+    assert_eq!(queued["span_id"], applied["span_id"]);
+
+    // A rejected version: the failure is logged under the trace of the push that brought it.
+    let bad = commit(
+        &repo,
+        &[
+            ("routes/main.toml", "[[route]]\nname = 1\n".to_owned()),
+            ("gateway.toml", "[tracing]\nsample_ratio = 0.0\n".to_owned()),
+        ],
+        "bad",
+    );
+    let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (status, _) = gw.admin_post(
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "d-bad"),
+            (
+                "X-Hub-Signature-256",
+                &sign(SECRET, &github_push("refs/heads/main", &three, &bad)),
+            ),
+            ("traceparent", other),
+        ],
+        &github_push("refs/heads/main", &three, &bad),
+    );
+    assert_eq!(status, 202);
+    let rejected = wait_line(
+        &gw,
+        "config rejected; still serving the last good config",
+        "version",
+        &bad,
+    );
+    assert_eq!(rejected["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_ne!(rejected["span_id"], "b7ad6b7169203331");
+
+    // Tracing off: no ids, on the request's line or the reload's.
+    let four = commit(&repo, &config("four"), "four");
+    let (status, _) = gw.admin_post(
+        "/admin/reload",
+        &[("Authorization", &auth), ("traceparent", &caller)],
+        b"",
+    );
+    assert_eq!(status, 202);
+    let applied = wait_line(&gw, "config reloaded", "to", &four);
+    assert_eq!(
+        applied["trace_id"], CALLER_TRACE,
+        "asked while tracing was on"
+    );
+    let five = commit(&repo, &config("five"), "five");
+    let (status, _) = gw.admin_post(
+        "/admin/reload",
+        &[("Authorization", &auth), ("traceparent", &caller)],
+        b"",
+    );
+    assert_eq!(status, 202);
+    let applied = wait_line(&gw, "config reloaded", "to", &five);
+    assert!(applied.get("trace_id").is_none(), "{applied}");
+    assert!(applied.get("span_id").is_none(), "{applied}");
+}

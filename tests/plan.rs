@@ -242,7 +242,7 @@ fn upstream_target_weight_change_and_new_target() {
     );
 
     let out = run(repo.path(), &["--base", &base]);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(3));
     let md = stdout(&out);
     for line in [
         "#### Upstreams changed (2)",
@@ -279,7 +279,7 @@ fn config_in_a_subdirectory() {
     let out = run(repo.path(), &["--base", &base, "deploy/gateway"]);
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -374,7 +374,7 @@ fn base_that_fails_to_compile_still_shows_head() {
     );
     repo.commit("Fixed", &[("upstreams/orders.toml", Some(UPSTREAMS))]);
     let out = run(repo.path(), &["--base", &base]);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(3));
     let md = stdout(&out);
     assert!(
         md.contains(&format!(
@@ -395,7 +395,7 @@ fn json_format_has_the_same_facts() {
         repo.path(),
         &["--base", &base, "--head", &head, "--format", "json"],
     );
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["base"]["sha"], base.as_str());
     assert_eq!(v["head"]["short"], &head[..7]);
@@ -459,7 +459,7 @@ fn secrets_are_named_never_resolved_into_the_plan() {
         .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -477,7 +477,7 @@ fn secrets_are_named_never_resolved_into_the_plan() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(stdout(&missing).contains("missing-secret"));
     let no_env = run(repo.path(), &["--base", &base, "--no-env"]);
-    assert_eq!(no_env.status.code(), Some(0));
+    assert_eq!(no_env.status.code(), Some(3));
 }
 
 #[test]
@@ -500,7 +500,7 @@ fn head_is_the_checked_out_commit_in_a_clone_too() {
     );
     clone.commit("Add carts", &[("routes/carts.toml", Some(CARTS))]);
     let out = run(clone.path(), &["--base", &base]);
-    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
     let md = stdout(&out);
     assert!(md.contains("→ `") && md.contains("Add carts"), "{md}");
     assert!(md.contains("#### Routes added (1)"), "{md}");

@@ -280,3 +280,157 @@ fn a_failing_policy_names_its_script_and_line() {
         "{out}"
     );
 }
+
+#[test]
+fn upstream_trace_id_checks_the_traceparent_the_gateway_sends_upstream() {
+    const CLIENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let routes = "[[route]]\nname = \"r\"\nprefix = \"/\"\nupstream = \"be\"\npolicy = \"policies/t.rhai\"\n";
+    let files = |gateway: &'static str| {
+        vec![
+            ("gateway.toml", gateway.to_owned()),
+            ("routes/r.toml", routes.to_owned()),
+            (
+                "upstreams/be.toml",
+                "[upstream.be]\ntargets = [\"http://127.0.0.1:9011\"]\n".to_owned(),
+            ),
+            // The policy sees the trace id, and cannot choose the context sent upstream.
+            (
+                "policies/t.rhai",
+                "fn on_request(req) {\n    req.set_header(\"x-trace\", `[${req.trace_id}]`);\n    req.set_header(\"traceparent\", \"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\");\n}\n".to_owned(),
+            ),
+            (
+                "tests/t.toml",
+                format!(
+                    r#"[[test]]
+name = "continued"
+request = {{ url = "/a", headers = {{ "traceparent" = "{CLIENT}" }} }}
+expect = {{ upstream_trace_id = true, headers = {{ "x-trace" = "[4bf92f3577b34da6a3ce929d0e0e4736]" }} }}
+
+[[test]]
+name = "continued, written out"
+request = {{ url = "/a", headers = {{ "traceparent" = "{CLIENT}" }} }}
+expect = {{ upstream_trace_id = "4bf92f3577b34da6a3ce929d0e0e4736" }}
+
+[[test]]
+name = "wrongly expected new"
+request = {{ url = "/a", headers = {{ "traceparent" = "{CLIENT}" }} }}
+expect = {{ upstream_trace_id = false }}
+
+[[test]]
+name = "new trace"
+request = {{ url = "/a" }}
+expect = {{ headers = {{ "traceparent" = true }}, upstream_trace_id = "0af7651916cd43dd8448eb211c80319c" }}
+"#
+                ),
+            ),
+        ]
+    };
+    let traced = common::repo(&common::as_refs(&files(
+        "[tracing]\nendpoint = \"http://127.0.0.1:9/v1/traces\"\nsample_ratio = 1.0\n",
+    )));
+    let (code, out, _) = rustygate_test(&[traced.path().to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let case = |name: &str| {
+        v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no case {name} in {out}"))
+            .clone()
+    };
+    for passing in ["continued", "continued, written out"] {
+        let c = case(passing);
+        assert_eq!(c["mismatches"], serde_json::json!([]), "{c}");
+        // The gateway's own span is the upstream's parent, not the client's span, and the
+        // policy's traceparent is replaced.
+        let sent = c["got"]["upstream_request"]["headers"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{sent}"
+        );
+        assert!(!sent.contains("00f067aa0ba902b7"), "{sent}");
+        assert!(sent.ends_with("-01"), "sampled at ratio 1: {sent}");
+    }
+    let wrong = case("wrongly expected new");
+    assert_eq!(wrong["mismatches"][0]["check"], "upstream_trace_id");
+    assert_eq!(
+        wrong["mismatches"][0]["expected"],
+        "a trace id other than the client's \"4bf92f3577b34da6a3ce929d0e0e4736\""
+    );
+    assert!(
+        wrong["mismatches"][0]["got"]
+            .as_str()
+            .unwrap()
+            .starts_with("traceparent \"00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{wrong}"
+    );
+    // Without a client trace the gateway starts its own: a random one, not the policy's.
+    let new = case("new trace");
+    assert_eq!(new["mismatches"].as_array().unwrap().len(), 1, "{new}");
+    assert_eq!(new["mismatches"][0]["check"], "upstream_trace_id");
+    let sent = new["got"]["upstream_request"]["headers"]["traceparent"]
+        .as_str()
+        .unwrap();
+    assert!(!sent.contains("0af7651916cd43dd8448eb211c80319c"), "{sent}");
+    assert_eq!(
+        new["got"]["upstream_request"]["headers"]["x-trace"],
+        format!("[{}]", &sent[3..35])
+    );
+
+    // Without `[tracing]` headers pass through untouched and `req.trace_id` is empty: here the
+    // policy's traceparent is what the upstream gets.
+    let plain = common::repo(&common::as_refs(&files("")));
+    let (_, out, _) = rustygate_test(&[plain.path().to_str().unwrap(), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "continued")
+        .unwrap();
+    assert_eq!(c["got"]["upstream_request"]["headers"]["x-trace"], "[]");
+    let m = c["mismatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["check"] == "upstream_trace_id")
+        .unwrap();
+    assert_eq!(
+        m["got"],
+        "traceparent \"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\""
+    );
+    let n = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "new trace")
+        .unwrap();
+    assert_eq!(n["mismatches"], serde_json::json!([]), "{n}");
+
+    // Mistakes in the check itself are located diagnostics.
+    let bad = common::repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\nprefix = \"/\"\nrespond = { status = 200 }\n",
+        ),
+        (
+            "tests/a.toml",
+            "[[test]]\nname = \"one\"\nrequest = { url = \"/\" }\nexpect = { upstream_trace_id = \"4BF9\" }\n\n[[test]]\nname = \"two\"\nrequest = { url = \"/\" }\nexpect = { upstream_trace_id = true }\n",
+        ),
+    ]);
+    let (code, out, err) = rustygate_test(&[bad.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    for expected in [
+        "error[invalid-value]: `4BF9` is not a trace id",
+        "tests/a.toml:4:32",
+        "compares with the case's `traceparent` header, and the case sends no valid one",
+        "tests/a.toml:9:32",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}

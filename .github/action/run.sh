@@ -140,11 +140,12 @@ check() {
         cat "$work/plan.md" "$work/plan.err" >&2
         log "::endgroup::"
         case "$rc" in
-          0) rows+="| plan | ✅ head compiles |"$'\n' ;;
+          # 3: head compiles and changes what the gateway serves (the plan says what).
+          0 | 3) rows+="| plan | ✅ head compiles |"$'\n' ;;
           1) failed=1 && rows+="| plan | ❌ head does not compile |"$'\n' ;;
           *) failed=1 && rows+="| plan | ❌ could not run (exit $rc): $(head -n1 "$work/plan.err") |"$'\n' ;;
         esac
-        if [ "$rc" -le 1 ]; then plan_md="$(capped "$work/plan.md" 30000)"; fi
+        if [ "$rc" -le 1 ] || [ "$rc" -eq 3 ]; then plan_md="$(capped "$work/plan.md" 30000)"; fi
         ;;
     esac
   done

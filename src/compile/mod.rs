@@ -20,6 +20,7 @@ mod policies;
 mod routes;
 mod secrets;
 mod tls;
+mod trace_config;
 mod upstreams;
 
 use std::collections::HashMap;
@@ -108,6 +109,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
     plugins::warn_unused(&mut cx);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
+    let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref());
 
     let Cx {
         diags: diagnostics,
@@ -132,6 +134,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         allow_underscores: defaults.allow_underscores,
         paths: defaults.paths,
         listeners,
+        tracing,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -203,6 +203,7 @@ impl Builder<'_> {
         let (Some((path, path_span)), Some(action)) = (path, action) else {
             return;
         };
+        let tracing = super::trace_config::route_trace(cx, file, r.tracing.as_ref(), &path);
         if cx.diags.error_count() > errors_before {
             return;
         }
@@ -264,6 +265,7 @@ impl Builder<'_> {
             websocket,
             websocket_idle_timeout,
             plugins,
+            tracing,
         });
     }
 }

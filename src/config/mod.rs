@@ -9,6 +9,7 @@ pub mod diag;
 pub mod files;
 pub mod load;
 pub mod raw;
+pub mod raw_tracing;
 mod spanned;
 pub mod units;
 

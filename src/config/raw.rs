@@ -86,6 +86,8 @@ pub struct GatewayFile {
     /// (docs/tls.md). Bound at start-up; their certificates follow each reload.
     #[serde(default)]
     pub listener: Vec<Spanned<RawListener>>,
+    /// OpenTelemetry tracing (README, "Tracing").
+    pub tracing: Option<Spanned<super::raw_tracing::RawTracing>>,
     /// WASM plugins (proxy-wasm ABI, docs/plugins.md): `[plugin.<name>]` names a `.wasm` file
     /// of the repo and pins its sha256.
     #[serde(default)]
@@ -376,6 +378,9 @@ pub struct RawRoute {
     /// WASM plugins this route runs after the gateway's `plugins`, in order: after auth, rate
     /// limit and CORS, before the policy (docs/plugins.md).
     pub plugins: Option<Vec<Spanned<RawPluginUse>>>,
+    /// `false`: this route's requests are never traced (health checks); or
+    /// `{ sample_ratio = 0.1, record_query = true }`. Default: `[tracing]`'s settings.
+    pub tracing: Option<Spanned<super::raw_tracing::RawRouteTracing>>,
 }
 
 /// A direct response.

@@ -38,6 +38,20 @@ pub struct RouteFacts {
     pub response_headers: Vec<String>,
     /// WASM plugins in the order they run: name, module sha256 (short), configuration.
     pub plugins: Vec<String>,
+    /// `provider <name>`, `(optional)` when a request without a token is let through.
+    pub auth: Option<String>,
+    /// `<requests> per <duration>, burst <n>, by <key>`.
+    pub rate_limit: Option<String>,
+    /// Origins, methods, headers, credentials, as compiled.
+    pub cors: Option<String>,
+    /// The script's path and the SHA-256 of its content (an edited script is a change).
+    pub policy: Option<String>,
+    /// The route's retry settings over its upstream's.
+    pub retries: Option<String>,
+    pub websocket: bool,
+    /// What the safety checks compare, beyond the text above.
+    #[serde(skip)]
+    pub(super) safety: super::safety::RouteSafety,
 }
 
 /// An upstream as compiled.
@@ -93,9 +107,18 @@ impl<T> Changes<T> {
     }
 }
 
+impl Diff {
+    /// No route, upstream or gateway setting serves differently.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.upstreams.is_empty() && self.gateway.is_empty()
+    }
+}
+
 /// The route-level difference between two compiled configs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Diff {
+    /// Safety-relevant changes (also listed in their section below).
+    pub safety: Vec<super::safety::SafetyFlag>,
     pub routes: Changes<RouteFacts>,
     pub upstreams: Changes<UpstreamFacts>,
     /// Repo-wide settings kept in the snapshot (trusted proxies).
@@ -172,13 +195,24 @@ fn header_rules(rules: Option<&HeaderRules>) -> Vec<String> {
     out
 }
 
+/// `root`: the exported config directory the snapshot was compiled from (policy scripts are
+/// hashed from there).
 pub(super) fn route_facts(
     snap: &Snapshot,
     raw: &HashMap<String, RawRouteFacts>,
+    root: &std::path::Path,
 ) -> BTreeMap<String, RouteFacts> {
     let mut out = BTreeMap::new();
     for r in &snap.routes {
         let raw = raw.get(&r.name).cloned().unwrap_or_default();
+        let safety = super::safety::RouteSafety {
+            auth_required: r.auth.as_ref().is_some_and(|a| !a.optional),
+            rate: r
+                .rate_limit
+                .as_ref()
+                .map(|l| (l.requests, l.per.as_millis())),
+            cors_any_origin: r.cors.as_ref().is_some_and(|c| c.origins.any),
+        };
         let mut f = RouteFacts {
             name: r.name.clone(),
             host: raw.host,
@@ -213,6 +247,29 @@ pub(super) fn route_facts(
                     s
                 })
                 .collect(),
+            auth: r.auth.as_ref().map(|a| {
+                format!(
+                    "provider {}{}",
+                    a.provider.name,
+                    if a.optional { " (optional)" } else { "" }
+                )
+            }),
+            rate_limit: r.rate_limit.as_ref().map(rate_limit),
+            cors: r.cors.as_deref().map(cors),
+            policy: r.policy.as_ref().map(|p| {
+                use sha2::Digest;
+                let path: &str = &p.policy.path;
+                match std::fs::read(root.join(path)) {
+                    Ok(text) => format!(
+                        "{path} (sha256 {})",
+                        &hex::encode(sha2::Sha256::digest(&text))[..12]
+                    ),
+                    Err(_) => path.to_owned(),
+                }
+            }),
+            retries: r.retry.as_ref().map(retry_override),
+            websocket: r.websocket,
+            safety,
         };
         match &r.action {
             RouteAction::Proxy { upstream, rewrite } => {
@@ -279,8 +336,100 @@ impl RouteFacts {
             ("request_headers", list(&self.request_headers)),
             ("response_headers", list(&self.response_headers)),
             ("plugins", list(&self.plugins)),
+            ("auth", self.auth.clone()),
+            ("rate_limit", self.rate_limit.clone()),
+            ("cors", self.cors.clone()),
+            ("policy", self.policy.clone()),
+            ("retries", self.retries.clone()),
+            ("websocket", self.websocket.then(|| "on".to_owned())),
         ]
     }
+}
+
+fn retry_override(o: &crate::upstream::RetryOverride) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = o.attempts {
+        parts.push(format!("attempts {n}"));
+    }
+    if let Some((connect, timeout, reset, statuses)) = o.conditions {
+        let mut on: Vec<String> = [
+            (connect, "connect_failure"),
+            (timeout, "timeout"),
+            (reset, "reset"),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .map(|(_, n)| (*n).to_owned())
+        .collect();
+        on.extend(
+            (500u16..600)
+                .filter(|s| statuses & (1u128 << (s - 500)) != 0)
+                .map(|s| s.to_string()),
+        );
+        parts.push(format!("on [{}]", on.join(", ")));
+    }
+    if let Some(b) = o.backoff {
+        parts.push(format!("backoff {}", duration(b)));
+    }
+    if let Some(b) = o.max_backoff {
+        parts.push(format!("max_backoff {}", duration(b)));
+    }
+    if let Some(n) = o.non_idempotent {
+        parts.push(format!("non_idempotent {n}"));
+    }
+    if let Some(n) = o.replay_body_limit {
+        parts.push(format!("replay_body_limit {}", size(n)));
+    }
+    parts.join(", ")
+}
+
+fn rate_limit(l: &crate::filters::rate_limit::LimitSpec) -> String {
+    use crate::filters::rate_limit::LimitKey;
+    let key = match &l.key {
+        LimitKey::ClientIp => "client_ip".to_owned(),
+        LimitKey::Header(h) => format!("header:{h}"),
+        LimitKey::Route => "route".to_owned(),
+        LimitKey::Claim(c) => format!("claim:{c}"),
+    };
+    format!(
+        "{} per {}, burst {}, by {key}",
+        l.requests,
+        duration(l.per),
+        l.burst
+    )
+}
+
+fn cors(c: &crate::filters::cors::CorsPolicy) -> String {
+    let origins = if c.origins.any {
+        "*".to_owned()
+    } else {
+        let mut o: Vec<String> = c.origins.exact.iter().cloned().collect();
+        o.extend(c.origins.suffixes.iter().map(|s| format!("*{s}")));
+        o.sort();
+        o.join(" ")
+    };
+    let mut methods = c.methods.clone();
+    methods.sort();
+    let headers = match &c.headers {
+        None => "any".to_owned(),
+        Some(h) => {
+            let mut h = h.clone();
+            h.sort();
+            h.join(" ")
+        }
+    };
+    let show = |v: &Option<http::HeaderValue>| {
+        v.as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "origins {origins}; methods {}; headers {headers}; credentials {}; expose {}; max_age {}",
+        methods.join(" "),
+        c.credentials,
+        show(&c.expose),
+        show(&c.max_age)
+    )
 }
 
 pub(super) fn upstream_facts(snap: &Snapshot) -> BTreeMap<String, UpstreamFacts> {

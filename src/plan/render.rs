@@ -50,9 +50,20 @@ impl Plan {
 }
 
 fn render_diff(md: &mut String, diff: &Diff) {
-    if diff.routes.is_empty() && diff.upstreams.is_empty() && diff.gateway.is_empty() {
+    if diff.is_empty() {
         let _ = writeln!(md, "No route, upstream or gateway changes.\n");
         return;
+    }
+    if !diff.safety.is_empty() {
+        let _ = writeln!(
+            md,
+            "#### ⚠️ Safety-relevant changes ({})\n",
+            diff.safety.len()
+        );
+        for f in &diff.safety {
+            let _ = writeln!(md, "- **{}**: {}", f.kind, text(&f.message));
+        }
+        md.push('\n');
     }
     let r = &diff.routes;
     section(md, "Routes added", &r.added, route_summary);

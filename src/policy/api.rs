@@ -54,6 +54,8 @@ pub struct RequestInit<'a> {
     pub query: Option<&'a str>,
     pub host: &'a str,
     pub client_ip: IpAddr,
+    /// The request's trace; `None` without `[tracing]`.
+    pub trace_id: Option<crate::telemetry::trace::TraceId>,
     pub route: &'a str,
     /// The route's upstream; empty for `respond` routes.
     pub upstream: &'a str,
@@ -149,6 +151,7 @@ pub struct RequestState {
     ends: [usize; 6],
     has_query: bool,
     client_ip: Option<IpAddr>,
+    trace_id: Option<crate::telemetry::trace::TraceId>,
     /// Set by `set_upstream`.
     chosen_upstream: Option<ImmutableString>,
     /// Set by `set_query`; `Some(None)` drops the query.
@@ -186,6 +189,7 @@ impl RequestState {
             ends,
             has_query: init.query.is_some(),
             client_ip: Some(crate::util::canonical_ip(init.client_ip)),
+            trace_id: init.trace_id,
             upstream_path: init.upstream_path,
             params: init.params,
             claims: init.claims,
@@ -273,6 +277,17 @@ impl RequestState {
     fn client_ip_string(&self) -> ImmutableString {
         self.client_ip
             .map(|ip| ImmutableString::from(ip.to_string()))
+            .unwrap_or_default()
+    }
+
+    /// The trace id in lowercase hex (as in `traceparent` and the access log); `""` without
+    /// `[tracing]`. Made only when a script reads it.
+    fn trace_id_string(&self) -> ImmutableString {
+        self.trace_id
+            .map(|t| {
+                let hex = t.hex();
+                ImmutableString::from(std::str::from_utf8(&hex).unwrap_or(""))
+            })
             .unwrap_or_default()
     }
 
@@ -555,6 +570,7 @@ pub(super) const HOST_CALLS: &[HostFn] = {
         host("query", Text, ReqProp(|s| s.query().unwrap_or("").into())),
         host("host", Text, ReqProp(|s| s.host().into())),
         host("client_ip", Text, ReqProp(|s| s.client_ip_string())),
+        host("trace_id", Text, ReqProp(|s| s.trace_id_string())),
         host("route", Text, ReqProp(|s| s.route().into())),
         host("upstream", Text, ReqProp(|s| s.upstream().into())),
         host("upstream_path", Text, ReqProp(|s| s.upstream_path().into())),

@@ -19,6 +19,7 @@ fn req() -> Req {
             query: None,
             host: "example.com",
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            trace_id: None,
             route: "r",
             upstream: "be",
             upstream_path: None,
@@ -565,6 +566,9 @@ fn req_with(headers: &[(&str, &[u8])], query: Option<&str>) -> Req {
             query,
             host: "example.com",
             client_ip: std::net::IpAddr::from([10, 0, 0, 9]),
+            trace_id: Some(crate::telemetry::trace::TraceId(
+                *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36",
+            )),
             route: "orders",
             upstream: "be",
             upstream_path: None,
@@ -699,6 +703,7 @@ const DIRECT_SCRIPTS: &[&str] = &[
     }
     req.set_header("x-q", `${req.query_param("page")}/${req.query}/${req.host}/${req.client_ip}`);
     req.set_header("x-r", `${req.route}|${req.upstream}|${req.upstream_path}|${true}|${()}|${42}`);
+    req.set_header("x-trace", req.trace_id);
 }"#,
     // The value of the last statement is what the hook returns.
     r#"fn on_request(req) {
@@ -836,4 +841,35 @@ fn hooks_outside_the_direct_form_run_in_rhai() {
         .on_request(&sample_requests()[1])
         .unwrap_err();
     assert_eq!(f.reason, Reason::Operations, "{f}");
+}
+
+#[test]
+fn req_trace_id_is_the_requests_trace_in_hex_and_empty_without_tracing() {
+    // `interpolated` goes through Rhai (string interpolation), `direct` through the direct form.
+    let limits = Limits::default();
+    let interpolated = policy(
+        "fn on_request(req) { let t = req.trace_id; req.set_header(\"x-trace\", `${t}|${t.len()}`) }",
+        &limits,
+    );
+    let direct = policy(
+        "fn on_request(req) { req.set_header(\"x-trace\", req.trace_id) }",
+        &limits,
+    );
+    let traced = || req_with(&[], None);
+    for (p, r, want) in [
+        (
+            &interpolated,
+            traced(),
+            "4bf92f3577b34da6a3ce929d0e0e4736|32",
+        ),
+        (&interpolated, req(), "|0"),
+        (&direct, traced(), "4bf92f3577b34da6a3ce929d0e0e4736"),
+        (&direct, req(), ""),
+    ] {
+        assert!(p.on_request(&r).unwrap().is_none());
+        assert_eq!(
+            r.state().header_values("x-trace").next(),
+            Some(want.as_bytes())
+        );
+    }
 }

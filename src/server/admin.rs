@@ -17,6 +17,7 @@ use super::webhooks::{
 };
 use crate::snapshot::SnapshotStore;
 use crate::source::reload::Trigger;
+use crate::telemetry::trace::TraceContext;
 
 pub(crate) struct AdminState {
     pub store: Arc<SnapshotStore>,
@@ -132,10 +133,36 @@ fn reply(status: u16, message: &str) -> HttpResponse {
 /// Queues a reload; a full queue means one is already pending, which answers this one too (a
 /// force is carried by [`Control::force_pending`](super::Control::force_pending) then).
 fn queue(tx: &mpsc::Sender<Trigger>, trigger: Trigger) -> HttpResponse {
+    let ids = trigger.trace().map(|t| t.hex());
+    let trace_id = ids.as_ref().map(|i| i.0.as_str());
+    let span_id = ids.as_ref().map(|i| i.1.as_str());
     match tx.try_send(trigger) {
-        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(202, "reload queued"),
+        Ok(()) => {
+            tracing::info!(trigger = trigger.name(), trace_id, span_id, "reload queued");
+            reply(202, "reload queued")
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::info!(
+                trigger = trigger.name(),
+                trace_id,
+                span_id,
+                "reload already pending; it answers this request too"
+            );
+            reply(202, "reload queued")
+        }
         Err(mpsc::error::TrySendError::Closed(_)) => reply(503, "the gateway is shutting down"),
     }
+}
+
+/// The trace of a request that asks for a reload, when `[tracing]` is on: the caller's (a CI
+/// job that sends a `traceparent`) continued, or a new one. The reload's log lines carry it.
+fn request_trace(req: &HttpRequest, store: &SnapshotStore) -> Option<TraceContext> {
+    let snapshot = store.load();
+    let cfg = snapshot.tracing.as_ref()?;
+    let headers = req.headers();
+    Some(TraceContext::for_request(cfg, |n| {
+        headers.get(n).map(|v| v.as_bytes())
+    }))
 }
 
 /// The answer to a failed authentication: 401, or 429 once this client failed too often. Only
@@ -187,7 +214,8 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
             .force_pending
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    queue(tx, Trigger::Admin { force })
+    let trace = request_trace(&req, &state.store);
+    queue(tx, Trigger::Admin { force, trace })
 }
 
 /// The checks every webhook shares: configured, authentic (`verify` gets the secret; failures
@@ -231,7 +259,7 @@ async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
     }
     match header(&req, "x-github-event") {
         Some(b"ping") => reply(200, "pong"),
-        Some(b"push") => push(&state, &body, "github"),
+        Some(b"push") => push(&req, &state, &body, "github"),
         _ => reply(202, "event ignored"),
     }
 }
@@ -244,7 +272,7 @@ async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
         return answer;
     }
     match header(&req, "x-gitlab-event") {
-        Some(b"Push Hook") => push(&state, &body, "gitlab"),
+        Some(b"Push Hook") => push(&req, &state, &body, "gitlab"),
         _ => reply(202, "event ignored"),
     }
 }
@@ -252,7 +280,7 @@ async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
 /// A push of a new commit to the tracked branch (or any push, for a pinned ref) queues a fetch.
 /// Everything else that is authentic is acknowledged with 202 so that GitHub and GitLab do not
 /// mark the delivery as failed.
-fn push(state: &AdminState, body: &[u8], source: &'static str) -> HttpResponse {
+fn push(req: &HttpRequest, state: &AdminState, body: &[u8], source: &'static str) -> HttpResponse {
     let Some(tx) = &state.control.reload else {
         return reply(409, "this gateway has no reloadable source");
     };
@@ -270,7 +298,10 @@ fn push(state: &AdminState, body: &[u8], source: &'static str) -> HttpResponse {
         })
     };
     match action {
-        PushAction::Reload => queue(tx, Trigger::Webhook(source)),
+        PushAction::Reload => {
+            let trace = request_trace(req, &state.store);
+            queue(tx, Trigger::Webhook { source, trace })
+        }
         PushAction::Ignore(why) => {
             tracing::debug!(source, reference = %event.reference, after = ?event.after, why, "push ignored");
             reply(202, why)

@@ -42,6 +42,7 @@ use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot};
+use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 use crate::wire::StaticResponse;
@@ -86,6 +87,9 @@ struct Exchange {
     grpc_status: Option<http::HeaderValue>,
     /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
     trailers: Option<Trailers>,
+    /// Trace ids and, when sampled, span facts (`[tracing]` on). Boxed: the exchange lives in
+    /// the handler's future, which is moved, and most of this is needed only when sampled.
+    trace: Option<Box<RequestTrace>>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -173,6 +177,24 @@ impl Exchange {
             status,
             elapsed.as_secs_f64(),
         );
+        if let Some(t) = &self.trace {
+            t.finish(&ServerFacts {
+                method: self.method.as_str(),
+                scheme: self.scheme,
+                host: &self.host,
+                path: &self.path,
+                protocol: protocol_name(self.version),
+                client_ip: self.client_ip,
+                status,
+                route: self
+                    .route
+                    .and_then(|r| self.snapshot.routes.get(r))
+                    .map(|r| (r.name.as_str(), &r.tracing)),
+                upstream: self.upstream.as_ref().map(|u| u.name.as_str()),
+                config_sha: &self.snapshot.version.id,
+                error: end.err(),
+            });
+        }
         if !self.log {
             return;
         }
@@ -180,6 +202,7 @@ impl Exchange {
             (Some(u), Some(t)) => u.targets.get(t).map(|t| t.url.as_str()),
             _ => None,
         };
+        let ids = self.trace.as_ref().map(|t| t.hex_ids());
         crate::telemetry::access::AccessLine {
             request_id: self.request_id.to_str().unwrap_or(""),
             client_ip: self.client_ip,
@@ -199,6 +222,8 @@ impl Exchange {
             error: end.err().unwrap_or(""),
             grpc_status: grpc.unwrap_or(""),
             config_version: self.snapshot.version.id.as_str(),
+            trace_id: ids.as_ref().map_or("", |i| id_str(&i.0)),
+            span_id: ids.as_ref().map_or("", |i| id_str(&i.1)),
         }
         .log();
     }
@@ -322,6 +347,11 @@ fn protocol_name(v: actix_web::http::Version) -> &'static str {
     }
 }
 
+/// Hex ids as text (always ASCII).
+fn id_str(hex: &[u8]) -> &str {
+    crate::telemetry::trace::ids::as_str(hex)
+}
+
 fn status_code(s: u16) -> StatusCode {
     StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
@@ -350,6 +380,10 @@ pub(crate) async fn handle(
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
+    let trace = snapshot
+        .tracing
+        .as_ref()
+        .map(|c| Box::new(RequestTrace::start(c, &req, started)));
     let mut ex = Exchange {
         snapshot,
         started,
@@ -378,6 +412,7 @@ pub(crate) async fn handle(
         grpc: is_grpc(&req),
         grpc_status: None,
         trailers: req.extensions().get::<Trailers>().cloned(),
+        trace,
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -408,6 +443,7 @@ pub(crate) async fn handle(
         client_ip: ex.client_ip,
         // Filled by the auth filter with the verified claims.
         claims: None,
+        trace_id: ex.trace.as_ref().map(|t| t.trace_id),
     };
     // A CORS preflight is routed by the method it asks about, and answered here when that
     // route has CORS; otherwise it is an ordinary OPTIONS request.
@@ -419,6 +455,7 @@ pub(crate) async fn handle(
             query: None,
             client_ip: ex.client_ip,
             claims: None,
+            trace_id: None,
         };
         if let Routed::Matched(pm) = decide::route(&snap, &probe)
             && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())
@@ -444,6 +481,9 @@ pub(crate) async fn handle(
     let Some(route) = snap.routes.get(m.route) else {
         return ex.error(500, "internal routing error");
     };
+    if let Some(t) = &ex.trace {
+        t.decide(Some(&route.tracing), Some(&req));
+    }
     // The client headers that exist from here on, for auth, the policy and the upstream.
     let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
     if let Some(cors) = &route.cors {
@@ -462,6 +502,14 @@ pub(crate) async fn handle(
             }
             Ok(None) => {}
             Err(e) => {
+                if let Some(t) = &ex.trace {
+                    let provider = auth.provider.name.as_str();
+                    let attrs = [
+                        ("rustygate.auth.provider", provider),
+                        ("rustygate.reason", e.reason()),
+                    ];
+                    t.event("auth.denied", &attrs);
+                }
                 tracing::info!(
                     request_id = ex.request_id.to_str().unwrap_or(""),
                     route = route.name.as_str(),
@@ -502,6 +550,12 @@ pub(crate) async fn handle(
             .rate_limited
             .with_label_values(&[route.name.as_str()])
             .inc();
+        if let Some(t) = &ex.trace {
+            t.event(
+                "rate_limit.denied",
+                &[("rustygate.route", route.name.as_str())],
+            );
+        }
         if ex.grpc {
             // Keeps Retry-After and the RateLimit headers on the gRPC answer.
             let mut resp = ex.error(429, "rate limit exceeded");
@@ -533,6 +587,9 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
         Plan::Respond(r) => respond(ex, &r),
         Plan::Deny { status, message } => ex.error(status, &message),
         Plan::Failed(f) => {
+            if let Some(t) = &ex.trace {
+                t.event("policy.failed", &[("rustygate.reason", f.reason.as_str())]);
+            }
             f.log(ex.request_id.to_str().unwrap_or(""));
             state
                 .recorder
@@ -794,7 +851,7 @@ async fn forward(
         let Some(attempt_body) = body.next() else {
             return ex.error(502, "the upstream could not be reached");
         };
-        let upstream_req = match attempt_request(
+        let mut upstream_req = match attempt_request(
             req,
             &ex,
             route,
@@ -807,6 +864,22 @@ async fn forward(
             Ok(r) => r,
             Err(why) => return ex.error(400, &why),
         };
+        if let Some(t) = &ex.trace {
+            // After the policy's edits: the gateway owns the trace context it sends.
+            let port = if target.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            };
+            let resend = retries.tried.len() as u32;
+            t.attempt(
+                upstream_req.headers_mut(),
+                &method,
+                &target.authority,
+                port,
+                resend,
+            );
+        }
         let mut opts = opts_base;
         if let Some(d) = retries.deadline {
             let left = d.saturating_duration_since(Instant::now());
@@ -826,6 +899,9 @@ async fn forward(
         match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                if let Some(t) = &ex.trace {
+                    t.attempt_done(Some(status), None);
+                }
                 upstream.record_response(index, status);
                 state.recorder.attempt(&upstream, index, Some(status));
                 state
@@ -846,10 +922,11 @@ async fn forward(
             Err(failure) => {
                 ex.in_flight = None;
                 let attempt = retries.tried.len() + 1;
-                let failed = match attempt_failed(&ex, state, route, index, attempt, failure) {
-                    Ok(f) => f,
-                    Err(resp) => return resp,
-                };
+                let failed =
+                    match attempt_failed(&ex, state, route, &upstream, index, attempt, failure) {
+                        Ok(f) => f,
+                        Err(resp) => return resp,
+                    };
                 // A request handed back was never sent: like a connect failure, whatever
                 // the method.
                 let unsent = failed.request.is_some();
@@ -1000,14 +1077,15 @@ fn attempt_failed(
     ex: &Exchange,
     state: &WorkerState,
     route: &Route,
+    upstream: &Arc<Upstream>,
     index: usize,
     attempt: usize,
     failure: SendFailure,
 ) -> Result<Failed, HttpResponse> {
-    let Some(upstream) = ex.upstream.as_ref() else {
-        return Err(ex.error(500, "internal routing error"));
-    };
     let SendFailure { error, request } = failure;
+    if let Some(t) = &ex.trace {
+        t.attempt_done(None, Some(error.kind()));
+    }
     let too_large = ex.body.as_ref().is_some_and(|b| b.too_large.get());
     match &error {
         ForwardError::BodyTooLarge => {}
@@ -1213,7 +1291,8 @@ fn upstream_headers(
     let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
     crate::proxy::headers::upstream_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-        h.len(),
+        // Room for the trace context set after these (the map would grow for it otherwise).
+        h.len() + if ex.trace.is_some() { 2 } else { 0 },
         &Forwarding {
             peer,
             trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),

@@ -437,6 +437,10 @@ pub async fn serve(
         handles.stop(true).await;
     });
     running.wait().await?;
+    // Spans of the last requests: sent before exit (the collector gets a few seconds).
+    if !crate::telemetry::trace::flush(Duration::from_secs(5)) {
+        tracing::warn!("spans still queued at exit were not exported");
+    }
     tracing::info!("stopped");
     Ok(())
 }

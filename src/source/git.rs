@@ -6,6 +6,7 @@
 //! `RUSTYGATE_GIT_SSH_KEY` (a private key file) for SSH, falling back to the SSH agent.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +43,15 @@ pub enum GitError {
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
     UnsafePath(String),
+    #[error("the fetch did not finish within {0:?}; its process was killed")]
+    FetchTimedOut(Duration),
+    /// A fetch run in a child process failed; its own message.
+    #[error("{0}")]
+    Fetch(String),
 }
+
+/// Packs in the mirror past which it is repacked into one (each fetch adds one).
+pub const MAX_PACKS: usize = 16;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
     move |source| GitError::Io {
@@ -160,19 +169,85 @@ impl Mirror {
                 ))
             })
         });
+        // libgit2 replaces a refused host key's reason with a generic message: the check
+        // keeps its own, to report instead.
+        let refused = std::rc::Rc::new(std::cell::RefCell::new(None));
         if let Some((host, port)) = super::known_hosts::ssh_host_port(&self.url) {
-            callbacks.certificate_check(host_key_check(host, port)?);
+            callbacks.certificate_check(host_key_check(host, port, Rc::clone(&refused))?);
         }
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks);
         opts.prune(git2::FetchPrune::On);
         opts.download_tags(git2::AutotagOption::All);
-        remote.fetch(
+        let fetched = remote.fetch(
             &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
             Some(&mut opts),
             None,
-        )?;
-        Ok(())
+        );
+        drop(opts);
+        match (fetched, refused.take()) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(why)) => Err(GitError::HostKey(why)),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
+    /// The pack files in the mirror.
+    pub fn pack_count(&self) -> usize {
+        std::fs::read_dir(self.repo.path().join("objects/pack"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// `git gc --auto` for the mirror: past [`MAX_PACKS`] packs, writes every object reachable
+    /// from a ref into one new pack and deletes the others (objects no ref reaches any more, of
+    /// a rewritten branch, go with them). Returns whether it repacked. The gateway holds the
+    /// cache dir, so nothing else writes the mirror meanwhile; a repack cut short leaves at most
+    /// an extra pack.
+    pub fn maybe_repack(&self) -> Result<bool, GitError> {
+        if self.pack_count() <= MAX_PACKS {
+            return Ok(false);
+        }
+        let mut builder = self.repo.packbuilder()?;
+        let mut walk = self.repo.revwalk()?;
+        for r in self.repo.references()?.flatten() {
+            let Some(target) = r.target() else { continue };
+            match self.repo.find_object(target, None) {
+                // An annotated tag: the tag object itself, then what it points at.
+                Ok(o) if o.kind() == Some(ObjectType::Tag) => {
+                    builder.insert_object(target, None)?;
+                    if let Ok(c) = o.peel_to_commit() {
+                        walk.push(c.id())?;
+                    }
+                }
+                Ok(o) if o.kind() == Some(ObjectType::Commit) => walk.push(target)?,
+                _ => {}
+            }
+        }
+        builder.insert_walk(&mut walk)?;
+        let dir = self.repo.path().join("objects/pack");
+        builder.write(&dir, 0o444)?;
+        let keep = builder
+            .name()
+            .map(|n| format!("pack-{n}"))
+            .ok_or_else(|| git2::Error::from_str("the new pack has no name"))?;
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.split('.').next().unwrap_or("");
+            let is_pack_file = name.starts_with("pack-")
+                && [".pack", ".idx", ".rev"].iter().any(|x| name.ends_with(x));
+            if is_pack_file && stem != keep {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        // Open pack files of the old set are dropped from this handle's view.
+        self.repo.odb()?.refresh()?;
+        Ok(true)
     }
 
     /// The commit to serve: `pin` (a tag, branch, full ref name or SHA) when given, else the
@@ -193,6 +268,7 @@ impl Mirror {
 fn host_key_check(
     host: String,
     port: u16,
+    refused: Rc<std::cell::RefCell<Option<String>>>,
 ) -> Result<
     impl FnMut(&git2::cert::Cert<'_>, &str) -> Result<git2::CertificateCheckStatus, git2::Error>,
     GitError,
@@ -235,7 +311,9 @@ fn host_key_check(
                 "the SSH host key of {name} is marked @revoked in {shown}: refusing to fetch"
             ),
         };
-        Err(git2::Error::from_str(&why))
+        let err = git2::Error::from_str(&why);
+        *refused.borrow_mut() = Some(why);
+        Err(err)
     })
 }
 
@@ -506,6 +584,54 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(dest.join("link.toml")).unwrap(),
             "x = 1"
+        );
+    }
+
+    /// One pack per fetch, forever, was the old mirror; repacking keeps the count bounded and
+    /// every ref's history (and an annotated tag) readable.
+    #[test]
+    fn the_mirror_is_repacked_so_its_pack_count_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("origin")).unwrap();
+        let url = format!("file://{}", dir.path().join("origin").display());
+        let mirror = Mirror::open(&dir.path().join("cache"), &url).unwrap();
+        let never = AtomicBool::new(false);
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let (mut most, mut repacks, mut commits) = (0, 0, Vec::new());
+        for i in 0..MAX_PACKS * 3 {
+            let blob = origin.blob(format!("n = {i}\n").as_bytes()).unwrap();
+            let mut tb = origin.treebuilder(None).unwrap();
+            tb.insert("main.toml", blob, 0o100644).unwrap();
+            let tree = origin.find_tree(tb.write().unwrap()).unwrap();
+            let parent = commits.last().map(|c| origin.find_commit(*c).unwrap());
+            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+            let c = origin
+                .commit(Some("refs/heads/main"), &sig, &sig, "c", &tree, &parents)
+                .unwrap();
+            commits.push(c);
+            if i == 3 {
+                let target = origin.find_object(c, None).unwrap();
+                origin.tag("v1", &target, &sig, "release", false).unwrap();
+            }
+            mirror.fetch(&Credentials::default(), &never).unwrap();
+            most = most.max(mirror.pack_count());
+            repacks += usize::from(mirror.maybe_repack().unwrap());
+            assert!(mirror.pack_count() <= MAX_PACKS, "after fetch {i}");
+            assert_eq!(mirror.resolve("main", None).unwrap(), c);
+        }
+        assert!(repacks >= 2, "{repacks} repacks");
+        assert!(most <= MAX_PACKS + 1, "{most} packs at most");
+        // A fresh handle (as the gateway's after a child fetch) reads everything.
+        let reopened = Mirror::open(&dir.path().join("cache"), &url).unwrap();
+        let mut walk = reopened.repo().revwalk().unwrap();
+        walk.push(*commits.last().unwrap()).unwrap();
+        assert_eq!(walk.count(), commits.len());
+        assert_eq!(reopened.resolve("main", Some("v1")).unwrap(), commits[3]);
+        let dest = dir.path().join("export");
+        export_tree(reopened.repo(), commits[0], None, &dest).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("main.toml")).unwrap(),
+            "n = 0\n"
         );
     }
 

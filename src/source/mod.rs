@@ -9,9 +9,11 @@
 //! whether there is anything new: a version that is already applied, or that already failed,
 //! is not compiled again unless the reload is forced.
 
+pub mod fetch;
 pub mod git;
 pub mod known_hosts;
 pub mod reload;
+pub mod signing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +24,12 @@ use crate::config::{Diagnostics, SourceFiles, load_dir};
 use crate::snapshot::Snapshot;
 use git::{CommitInfo, Credentials, GitError, Mirror};
 
+/// The file in the cache dir naming the commit last served.
+const SERVED_FILE: &str = "served";
+
 /// How the config repo is reached, from `--repo` and its companion flags.
+// One per gateway, made once at start-up: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSpec {
     /// A plain directory, reloaded when its files change.
@@ -45,6 +52,11 @@ pub struct GitSpec {
     /// Serve a new head that does not descend from the served commit (`--allow-rewrites`);
     /// otherwise such a head is held back until a forced reload.
     pub allow_rewrites: bool,
+    /// `--require-signed` with `--allowed-signers`: only commits signed by an allowed key are
+    /// served.
+    pub signing: Option<signing::SigningPolicy>,
+    /// In this process, or in a child process killed at a deadline (`serve`).
+    pub fetch: fetch::FetchMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +71,8 @@ pub enum SourceError {
     Cancelled,
     #[error("{0}")]
     Stuck(String),
+    #[error("{0}; not serving any new commit until it is fixed")]
+    Signers(#[from] signing::SignersError),
     #[error(
         "the cache dir {dir} is in use by another rustygate{holder}; give each gateway its own \
          --cache-dir"
@@ -172,6 +186,8 @@ impl SourceSpec {
             cache_dir,
             credentials: Credentials::from_env(),
             allow_rewrites: false,
+            signing: None,
+            fetch: fetch::FetchMode::InProcess,
         }))
     }
 
@@ -224,6 +240,12 @@ pub struct Candidate {
     /// Why the remote could not be fetched, when this first version came from the cached
     /// mirror instead (start-up with the git host down).
     pub stale: Option<String>,
+    /// With `--require-signed`: the allowed-signers principals of the commit's signer (also of
+    /// a refused commit, when its key is listed).
+    pub signer: Option<String>,
+    /// With `--require-signed`: why the commit is not served (`unsigned-commit`,
+    /// `bad-signature`); its diagnostics say the same.
+    pub refused: Option<&'static str>,
 }
 
 /// What a load found.
@@ -306,13 +328,15 @@ impl Source {
                     diagnostics: compiled.diagnostics,
                     files: compiled.files,
                     stale: None,
+                    signer: None,
+                    refused: None,
                 })))
             }
             SourceSpec::Git(g) => {
                 // A forced reload may serve a rewritten history; otherwise the served commit
                 // must be an ancestor of the new one.
                 let served = applied.filter(|_| !force && !g.allow_rewrites);
-                self.load_git(&g, skip, applied.is_none(), served, opts)
+                self.load_git(&g, skip, applied, served, opts)
             }
         }
     }
@@ -321,20 +345,52 @@ impl Source {
         &mut self,
         g: &GitSpec,
         skip: impl Fn(&str) -> bool,
-        first: bool,
+        applied: Option<&str>,
         must_descend_from: Option<&str>,
         opts: &CompileOptions,
     ) -> Result<Loaded, SourceError> {
+        let first = applied.is_none();
         if self.mirror.is_none() {
             self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        let fetched = match &g.fetch {
+            fetch::FetchMode::InProcess => {
+                let Some(mirror) = self.mirror.as_ref() else {
+                    return Err(SourceError::Cancelled);
+                };
+                let fetched = mirror.fetch(&g.credentials, &self.cancel);
+                if fetched.is_ok()
+                    && let Err(e) = mirror.maybe_repack()
+                {
+                    tracing::warn!(error = %e, "repacking the git mirror failed; it is tried again after the next fetch");
+                }
+                fetched
+            }
+            fetch::FetchMode::Child {
+                exe,
+                deadline,
+                ssl_cert_file,
+            } => {
+                let fetched = fetch::fetch_in_child(
+                    exe,
+                    &g.cache_dir,
+                    &g.url,
+                    *deadline,
+                    ssl_cert_file.as_deref(),
+                    &self.cancel,
+                );
+                // The child may have repacked: a fresh handle sees the mirror's packs as they
+                // are now, not the files it had open.
+                self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+                fetched
+            }
+        };
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(SourceError::Cancelled);
         }
         let Some(mirror) = self.mirror.as_ref() else {
             return Err(SourceError::Cancelled);
         };
-        let fetched = mirror.fetch(&g.credentials, &self.cancel);
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(SourceError::Cancelled);
-        }
         // Nothing served yet and the remote unreachable: the commit the cached mirror holds
         // for the ref beats not starting at all. Later reloads only ever serve fetched commits.
         let (oid, stale) = match fetched {
@@ -357,7 +413,10 @@ impl Source {
             }
             .into());
         }
-        self.candidate(g, oid, stale, skip, opts)
+        let since = applied
+            .and_then(|s| git2::Oid::from_str(s).ok())
+            .or_else(|| self.recorded_served(g));
+        self.candidate(g, oid, since, stale, skip, opts)
     }
 
     /// The first version from the cached mirror alone, without fetching: start-up when the
@@ -374,14 +433,26 @@ impl Source {
             .as_ref()
             .and_then(|m| m.resolve(&g.branch, g.pin.as_deref()).ok())
             .ok_or_else(|| SourceError::Stuck(why.to_owned()))?;
-        self.candidate(&g, oid, Some(why.to_owned()), |_| false, opts)
+        let since = self.recorded_served(&g);
+        self.candidate(&g, oid, since, Some(why.to_owned()), |_| false, opts)
     }
 
-    /// Exports and compiles commit `oid` of the mirror, unless `skip` says it is known.
+    /// The commit this cache dir last served (see [`Source::clean_checkouts`]), for
+    /// `--require-signed all` after a restart.
+    fn recorded_served(&self, g: &GitSpec) -> Option<git2::Oid> {
+        let text = std::fs::read_to_string(g.cache_dir.join(SERVED_FILE)).ok()?;
+        git2::Oid::from_str(text.trim()).ok()
+    }
+
+    /// Exports and compiles commit `oid` of the mirror, unless `skip` says it is known. With
+    /// `--require-signed`, checks the signatures first (of the commits since `since`, the last
+    /// served one, in `all` mode): a refused commit is a candidate without a snapshot, handled
+    /// like one that does not compile.
     fn candidate(
         &mut self,
         g: &GitSpec,
         oid: git2::Oid,
+        since: Option<git2::Oid>,
         stale: Option<String>,
         skip: impl Fn(&str) -> bool,
         opts: &CompileOptions,
@@ -395,6 +466,26 @@ impl Source {
         }
         let commit = mirror.repo().find_commit(oid).map_err(GitError::from)?;
         let info = CommitInfo::of(&commit);
+        let mut signer = None;
+        if let Some(policy) = &g.signing {
+            match signing::check(mirror.repo(), oid, since, policy)? {
+                Ok(principal) => signer = Some(principal),
+                Err(refusal) => {
+                    let mut diagnostics = Diagnostics::default();
+                    diagnostics.push(refusal.to_diagnostic());
+                    return Ok(Loaded::Candidate(Box::new(Candidate {
+                        version_id: sha,
+                        commit: Some(info),
+                        snapshot: None,
+                        diagnostics,
+                        files: SourceFiles::default(),
+                        stale,
+                        signer: refusal.principal,
+                        refused: Some(refusal.reason.code()),
+                    })));
+                }
+            }
+        }
         let checkouts = g.cache_dir.join("checkouts");
         let dest = checkouts.join(&sha);
         let partial = checkouts.join(format!(".{sha}.partial"));
@@ -420,14 +511,20 @@ impl Source {
             diagnostics: compiled.diagnostics,
             files: compiled.files,
             stale,
+            signer,
+            refused: None,
         })))
     }
 
-    /// Removes exported checkouts other than `keep`.
+    /// Removes exported checkouts other than `keep`, the commit now served, and records it as
+    /// served in the cache dir.
     pub fn clean_checkouts(&self, keep: &str) {
         let SourceSpec::Git(g) = &self.spec else {
             return;
         };
+        if let Err(e) = std::fs::write(g.cache_dir.join(SERVED_FILE), format!("{keep}\n")) {
+            tracing::warn!(error = %e, "cannot record the served commit in the cache dir");
+        }
         let Ok(entries) = std::fs::read_dir(g.cache_dir.join("checkouts")) else {
             return;
         };

@@ -17,6 +17,7 @@ use super::{Loaded, Source, SourceSpec};
 use crate::compile::CompileOptions;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::TraceContext;
 
 /// Time a reload gets to fetch, export, read and compile (`serve --reload-timeout`).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -29,15 +30,21 @@ pub const MAX_STUCK_LOADS: usize = 4;
 /// Quiet time after the last file event before a directory is reloaded (editor save storms).
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Why a reload was asked for.
+/// Why a reload was asked for. A request that asks for one (webhook, admin call) brings its
+/// trace context when `[tracing]` is on, and the reload's log lines carry its ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Poll,
     Watch,
-    Webhook(&'static str),
+    /// A push webhook; `source` is `github` or `gitlab`.
+    Webhook {
+        source: &'static str,
+        trace: Option<TraceContext>,
+    },
     /// `POST /admin/reload`; `force` recompiles even a version that already failed.
     Admin {
         force: bool,
+        trace: Option<TraceContext>,
     },
 }
 
@@ -46,13 +53,21 @@ impl Trigger {
         match self {
             Trigger::Poll => "poll",
             Trigger::Watch => "watch",
-            Trigger::Webhook(source) => source,
+            Trigger::Webhook { source, .. } => source,
             Trigger::Admin { .. } => "admin",
         }
     }
 
     fn force(self) -> bool {
-        matches!(self, Trigger::Admin { force: true })
+        matches!(self, Trigger::Admin { force: true, .. })
+    }
+
+    /// The trace of the request that asked for this reload.
+    pub fn trace(self) -> Option<TraceContext> {
+        match self {
+            Trigger::Webhook { trace, .. } | Trigger::Admin { trace, .. } => trace,
+            Trigger::Poll | Trigger::Watch => None,
+        }
     }
 }
 
@@ -68,6 +83,9 @@ pub struct Applied {
     pub loaded_at: String,
     pub routes: usize,
     pub upstreams: usize,
+    /// With `--require-signed`: the allowed-signers principals of the commit's signer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// The last version the gateway tried to load, successful or not.
@@ -79,6 +97,13 @@ pub struct Attempted {
     pub at: String,
     /// Located diagnostics (`file`, `line`, `column`, `code`, `message`) or a fetch error.
     pub errors: serde_json::Value,
+    /// With `--require-signed`: why the commit was not served (`unsigned-commit`,
+    /// `bad-signature`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// With `--require-signed`: the allowed-signers principals of the commit's signer, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// Reload state for `/status`. Behind a mutex: read by the admin listener, written by the
@@ -189,6 +214,10 @@ impl Reloader {
         };
         let Some(mut snapshot) = c.snapshot else {
             metrics.reload_failed();
+            if let Some(reason) = c.refused {
+                metrics.commit_refused(reason);
+                tracing::error!(version = %c.version_id, reason, signer = c.signer.as_deref().unwrap_or(""), "the commit to serve is not signed as --require-signed requires");
+            }
             return Err(StartError::Invalid(c.diagnostics.render_human(&c.files)));
         };
         for d in c.diagnostics.iter() {
@@ -206,13 +235,18 @@ impl Reloader {
         snapshot.version.source = spec.describe();
         let now = SystemTime::now();
         let status = ReloadStatus {
-            applied: Some(applied(&snapshot)),
+            applied: Some(Applied {
+                signer: c.signer.clone(),
+                ..applied(&snapshot)
+            }),
             attempted: Some(Attempted {
                 sha: Some(c.version_id.clone()),
                 ok: true,
                 trigger: "startup",
                 at: rfc3339(now),
                 errors: serde_json::Value::Array(Vec::new()),
+                reason: None,
+                signer: c.signer.clone(),
             }),
             last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
             last_fetch_error: c.stale.clone(),
@@ -263,11 +297,17 @@ impl Reloader {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Trigger>) {
         while let Some(first) = rx.recv().await {
             let mut force = first.force();
+            // The logs follow the first request that asked (a poll that a webhook joined is
+            // still the webhook's doing, as far as anyone will look for it).
+            let mut trace = first.trace();
             if first == Trigger::Watch {
                 // Wait for the files to settle: each new event restarts the quiet period.
                 loop {
                     match tokio::time::timeout(WATCH_DEBOUNCE, rx.recv()).await {
-                        Ok(Some(t)) => force |= t.force(),
+                        Ok(Some(t)) => {
+                            force |= t.force();
+                            trace = trace.or(t.trace());
+                        }
                         Ok(None) => return,
                         Err(_) => break,
                     }
@@ -277,15 +317,25 @@ impl Reloader {
             // found the queue full.
             while let Ok(t) = rx.try_recv() {
                 force |= t.force();
+                trace = trace.or(t.trace());
             }
             force |= self.force_pending.swap(false, Ordering::SeqCst);
-            self.reload(first.name(), force).await;
+            self.reload(first.name(), force, trace).await;
         }
     }
 
-    /// One reload, start to finish.
-    pub async fn reload(&mut self, trigger: &'static str, force: bool) {
+    /// One reload, start to finish. `cause`: the trace of the request that asked for it, whose
+    /// ids the reload's log lines carry.
+    pub async fn reload(
+        &mut self,
+        trigger: &'static str,
+        force: bool,
+        cause: Option<TraceContext>,
+    ) {
         let started = Instant::now();
+        let ids = cause.map(|c| c.hex());
+        let trace_id = ids.as_ref().map(|i| i.0.as_str());
+        let span_id = ids.as_ref().map(|i| i.1.as_str());
         let (applied_id, failed_id) = {
             let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
             (s.applied.as_ref().map(|a| a.sha.clone()), s.failed.clone())
@@ -325,7 +375,7 @@ impl Reloader {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let candidate = match result {
             Err(e) => {
-                tracing::warn!(trigger, error = %e, "config fetch failed; still serving the last good config");
+                tracing::warn!(trigger, trace_id, span_id, error = %e, "config fetch failed; still serving the last good config");
                 status.last_fetch_error = Some(e.to_string());
                 status.attempted = Some(Attempted {
                     sha: None,
@@ -333,6 +383,8 @@ impl Reloader {
                     trigger,
                     at: rfc3339(now),
                     errors: serde_json::json!([{ "message": e.to_string() }]),
+                    reason: None,
+                    signer: None,
                 });
                 self.metrics.reload_failed();
                 return;
@@ -341,7 +393,7 @@ impl Reloader {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
                 status.stale = false;
-                tracing::debug!(trigger, version = %version_id, "config unchanged");
+                tracing::debug!(trigger, trace_id, span_id, version = %version_id, "config unchanged");
                 return;
             }
             Ok(Loaded::Candidate(c)) => c,
@@ -353,8 +405,20 @@ impl Reloader {
         let Some(mut snapshot) = candidate.snapshot else {
             let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
                 .unwrap_or_default();
+            if let Some(reason) = candidate.refused {
+                self.metrics.commit_refused(reason);
+                tracing::warn!(
+                    trigger,
+                    version = %id,
+                    reason,
+                    signer = candidate.signer.as_deref().unwrap_or(""),
+                    "commit not served: it is not signed as --require-signed requires; still serving the last good config"
+                );
+            }
             tracing::warn!(
                 trigger,
+                trace_id,
+                span_id,
                 version = %id,
                 errors = candidate.diagnostics.error_count(),
                 diagnostics = %candidate.diagnostics.render_short(&candidate.files).trim_end(),
@@ -367,6 +431,8 @@ impl Reloader {
                 trigger,
                 at: rfc3339(now),
                 errors,
+                reason: candidate.refused,
+                signer: candidate.signer,
             });
             self.metrics.reload_failed();
             return;
@@ -374,13 +440,18 @@ impl Reloader {
         snapshot.version.commit = candidate.commit;
         snapshot.version.reference = self.source.as_ref().and_then(Source::reference);
         snapshot.version.source = self.spec.describe();
-        let info = applied(&snapshot);
+        let info = Applied {
+            signer: candidate.signer.clone(),
+            ..applied(&snapshot)
+        };
         let previous = self.store.publish(snapshot);
         crate::server::warn_listener_changes(&previous, &self.store.load());
         self.metrics
             .reload_succeeded(Some(&previous.version.id), &id, unix(now));
         tracing::info!(
             trigger,
+            trace_id,
+            span_id,
             from = %previous.version.id,
             to = %id,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -396,6 +467,8 @@ impl Reloader {
             trigger,
             at: rfc3339(now),
             errors: serde_json::Value::Array(Vec::new()),
+            reason: None,
+            signer: candidate.signer,
         });
         drop(status);
         if let Some(s) = &self.source {
@@ -469,6 +542,7 @@ fn applied(s: &crate::snapshot::Snapshot) -> Applied {
         loaded_at: rfc3339(s.version.loaded_at),
         routes: s.routes.len(),
         upstreams: s.upstreams.len(),
+        signer: None,
     }
 }
 

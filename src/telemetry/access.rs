@@ -40,6 +40,10 @@ pub struct AccessLine<'a> {
     pub error: &'a str,
     pub grpc_status: &'a str,
     pub config_version: &'a str,
+    /// W3C trace id and the request's server span id, hex; empty when tracing is off. Set for
+    /// sampled and unsampled requests alike.
+    pub trace_id: &'a str,
+    pub span_id: &'a str,
 }
 
 /// Where access lines go, decided once when logging is set up.
@@ -120,6 +124,8 @@ impl AccessLine<'_> {
             error = self.error,
             grpc_status = self.grpc_status,
             config_version = self.config_version,
+            trace_id = self.trace_id,
+            span_id = self.span_id,
         );
     }
 
@@ -165,6 +171,10 @@ impl AccessLine<'_> {
         string(out, self.grpc_status);
         out.extend_from_slice(b",\"config_version\":");
         string(out, self.config_version);
+        out.extend_from_slice(b",\"trace_id\":");
+        string(out, self.trace_id);
+        out.extend_from_slice(b",\"span_id\":");
+        string(out, self.span_id);
         out.extend_from_slice(b",\"target\":\"rustygate::access\"}\n");
     }
 }
@@ -302,6 +312,8 @@ mod tests {
             error: "upstream_error",
             grpc_status: "",
             config_version: "3f2a9c1",
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            span_id: "00f067aa0ba902b7",
         }
     }
 
@@ -342,6 +354,8 @@ mod tests {
             "error",
             "grpc_status",
             "config_version",
+            "trace_id",
+            "span_id",
             "target",
         ];
         want.sort_unstable();
@@ -356,6 +370,8 @@ mod tests {
         assert_eq!(o["completed"], false);
         assert_eq!(o["target"], TARGET);
         assert_eq!(o["upstream_target"], "http://127.0.0.1:8001");
+        assert_eq!(o["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(o["span_id"], "00f067aa0ba902b7");
     }
 
     #[test]

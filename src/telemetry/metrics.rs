@@ -16,6 +16,9 @@ pub struct Metrics {
     registry: Registry,
     /// `rustygate_config_reloads_total{result="success|failure"}`
     pub config_reloads: IntCounterVec,
+    /// `rustygate_config_commits_refused_total{reason="unsigned-commit|bad-signature"}`:
+    /// commits not served under `--require-signed` (each is also a failed reload).
+    pub config_commits_refused: IntCounterVec,
     /// Unix time of the last successful reload.
     pub config_last_success: Gauge,
     /// `rustygate_config_info{sha}` = 1 for the config being served.
@@ -84,6 +87,14 @@ impl Metrics {
                 "Config reload attempts, by result.",
             ),
             &["result"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let config_commits_refused = IntCounterVec::new(
+            Opts::new(
+                "rustygate_config_commits_refused_total",
+                "Commits not served because --require-signed refused their signature, by reason.",
+            ),
+            &["reason"],
         )
         .unwrap_or_else(|_| unreachable_metric());
         let config_last_success = Gauge::new(
@@ -220,6 +231,7 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_commits_refused.clone()),
             Box::new(tls_handshakes.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(http2_goaway.clone()),
@@ -245,6 +257,7 @@ impl Metrics {
             Box::new(policy_errors.clone()),
             Box::new(super::sink::DROPPED.clone()),
             Box::new(crate::plugins::ERRORS.clone()),
+            Box::new(super::trace::DROPPED.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -254,6 +267,7 @@ impl Metrics {
         Metrics {
             registry,
             config_reloads,
+            config_commits_refused,
             config_last_success,
             config_info,
             requests,
@@ -318,6 +332,13 @@ impl Metrics {
 
     pub fn reload_failed(&self) {
         self.config_reloads.with_label_values(&["failure"]).inc();
+    }
+
+    /// A commit refused by `--require-signed` (`reason`: `unsigned-commit`, `bad-signature`).
+    pub fn commit_refused(&self, reason: &str) {
+        self.config_commits_refused
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// Adds a metric kept elsewhere (e.g. by the rate limiters, which outlive snapshots).

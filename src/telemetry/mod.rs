@@ -1,4 +1,4 @@
-//! Logs, metrics (and, in a later issue, traces).
+//! Logs, metrics and traces ([`trace`]).
 //!
 //! Structured `tracing` events: JSON when stderr is not a terminal or when asked, human-readable
 //! otherwise. Access-log lines ([`access`]) are formatted without `tracing` in the JSON format and
@@ -10,6 +10,7 @@ pub mod access;
 pub mod metrics;
 pub mod recorder;
 pub mod sink;
+pub mod trace;
 
 use std::io::IsTerminal;
 

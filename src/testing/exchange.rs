@@ -7,10 +7,13 @@
 //!   Plan::Forward ─► upstream request recorded ─► synthetic response ─► decide::on_response
 //!   otherwise     ─► the gateway's own answer (respond, deny, 404/405/413/500)
 //! ```
-//! Rate limits are off: a fixture run must not depend on how many cases ran before it. On a
-//! route with auth, a case's `claims` stand for a verified token (the claim rules still apply);
-//! without them, the case's token is verified for real against static keys (`--env` resolves
-//! the secret); JWKS keys would need the network, so such a case is refused with a note.
+//! With `[tracing]`, the case's request gets a trace as on the server (the client's continued,
+//! or a new one; `req.trace_id`) and the upstream request the gateway's `traceparent`, set
+//! after the policy's edits. Rate limits are off: a fixture run must not depend on how many
+//! cases ran before it. On a route with auth, a case's `claims` stand for a verified token (the
+//! claim rules still apply); without them, the case's token is verified for real against static
+//! keys (`--env` resolves the secret); JWKS keys would need the network, so such a case is
+//! refused with a note.
 
 use std::future::Future as _;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use crate::proxy::headers::Forwarding;
 use crate::proxy::headers::{client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id};
 use crate::router::normalize_path_with;
 use crate::snapshot::{Route, Snapshot};
+use crate::telemetry::trace::{self, Parent, SpanId, TraceConfig, TraceId, propagation};
 use crate::wire::StaticResponse;
 
 /// The request id of a case whose request does not bring a valid one.
@@ -83,6 +87,40 @@ struct Run<'a> {
     query_without_token: Option<Option<String>>,
     /// `[headers] allow_underscores`.
     allow_underscores: bool,
+    /// The request's trace, when `[tracing]` is on.
+    trace: Option<CaseTrace>,
+}
+
+/// A case's trace, made as the server makes a request's.
+struct CaseTrace {
+    cfg: Arc<TraceConfig>,
+    /// The client's context, when the configured propagators read one.
+    parent: Option<Parent>,
+    trace_id: TraceId,
+}
+
+impl CaseTrace {
+    fn start(cfg: &Arc<TraceConfig>, headers: &HeaderMap) -> CaseTrace {
+        let parent =
+            propagation::extract(&cfg.propagators, |n| headers.get(n).map(|v| v.as_bytes()));
+        CaseTrace {
+            cfg: Arc::clone(cfg),
+            parent,
+            trace_id: parent.map_or_else(TraceId::random, |p| p.trace_id),
+        }
+    }
+
+    /// Sets the context the upstream gets, as the server's first attempt does.
+    fn inject(&self, route: &Route, headers: &mut HeaderMap) {
+        let sampled = trace::sampled(&self.cfg, Some(&route.tracing), self.parent, &self.trace_id);
+        propagation::inject(
+            &self.cfg.propagators,
+            headers,
+            &self.trace_id,
+            &SpanId::random(),
+            sampled,
+        );
+    }
 }
 
 impl Run<'_> {
@@ -161,6 +199,10 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         drop_token: None,
         query_without_token: None,
         allow_underscores: snap.allow_underscores,
+        trace: snap
+            .tracing
+            .as_ref()
+            .map(|c| CaseTrace::start(c, &case.headers)),
     };
     let client = client_ip(
         case.peer,
@@ -182,6 +224,7 @@ pub fn run(snap: &Snapshot, case: &Case) -> Outcome {
         client_ip: client,
         // Claims exist only where auth verified them.
         claims: None,
+        trace_id: run.trace.as_ref().map(|t| t.trace_id),
     };
     if let Some(out) = preflight(snap, &mut run, &incoming) {
         return out;
@@ -328,6 +371,7 @@ fn preflight(snap: &Snapshot, run: &mut Run<'_>, inc: &Incoming<'_>) -> Option<O
         query: None,
         client_ip: inc.client_ip,
         claims: None,
+        trace_id: None,
     };
     let Routed::Matched(pm) = decide::route(snap, &probe) else {
         return None;
@@ -381,6 +425,9 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
     }
     if let Some(p) = &plan.policy {
         p.apply_edits(&mut headers);
+    }
+    if let Some(t) = &run.trace {
+        t.inject(route, &mut headers);
     }
     let query = match &plan.query {
         Some(q) => q.clone(),

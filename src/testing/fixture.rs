@@ -100,6 +100,47 @@ pub struct RawExpect {
     pub response_headers: BTreeMap<String, Spanned<HeaderExpect>>,
     /// Text the response body contains.
     pub body_contains: Option<String>,
+    /// The trace id of the `traceparent` sent upstream: 32 hex digits to equal; `true`: the
+    /// trace id of the case's own `traceparent` header (the client's trace is continued);
+    /// `false`: the upstream does not get that trace id (a new trace, or no `traceparent`).
+    pub upstream_trace_id: Option<Spanned<TraceIdExpect>>,
+}
+
+/// What the trace id sent upstream must be: a given one, or (not) the client's.
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(untagged)]
+pub enum TraceIdExpect {
+    Equals(String),
+    Client(bool),
+}
+
+impl<'de> Deserialize<'de> for TraceIdExpect {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TraceIdExpect;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a trace id (32 hex digits), `true` (the client's) or `false` (not the client's)",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TraceIdExpect, E> {
+                Ok(TraceIdExpect::Equals(v.to_owned()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<TraceIdExpect, E> {
+                Ok(TraceIdExpect::Client(v))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A checked `upstream_trace_id`: the trace id (lowercase hex) that the `traceparent` sent
+/// upstream must carry, or must not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceIdCheck {
+    Is(String),
+    IsNot(String),
 }
 
 /// What a header must be: equal to a value, or just present or absent.
@@ -170,6 +211,7 @@ pub struct Expect {
     pub headers: Vec<(HeaderName, HeaderExpect)>,
     pub response_headers: Vec<(HeaderName, HeaderExpect)>,
     pub body_contains: Option<String>,
+    pub upstream_trace_id: Option<TraceIdCheck>,
 }
 
 /// Reads every `tests/*.toml` under `root` into `files`, in name order. Every problem, an
@@ -335,6 +377,10 @@ fn check(file: FileId, raw: RawCase, diags: &mut Diagnostics) -> Option<Case> {
         headers: expected_headers(&e.headers, &mut err),
         response_headers: expected_headers(&e.response_headers, &mut err),
         body_contains: e.body_contains.clone(),
+        upstream_trace_id: e
+            .upstream_trace_id
+            .as_ref()
+            .and_then(|t| trace_id_check(t, &headers, &mut err)),
     };
     let checks_nothing = expect.status.is_none()
         && expect.route.is_none()
@@ -344,12 +390,13 @@ fn check(file: FileId, raw: RawCase, diags: &mut Diagnostics) -> Option<Case> {
         && expect.upstream_query.is_none()
         && expect.headers.is_empty()
         && expect.response_headers.is_empty()
-        && expect.body_contains.is_none();
+        && expect.body_contains.is_none()
+        && expect.upstream_trace_id.is_none();
     if checks_nothing {
         diags.push(
             Diagnostic::error("empty-expect", format!("test `{}` checks nothing", raw.name.get()))
                 .at(file, raw.expect.span(), "no check here")
-                .help("give at least one of status, route, no_route, upstream, upstream_path, upstream_query, headers, response_headers, body_contains"),
+                .help("give at least one of status, route, no_route, upstream, upstream_path, upstream_query, headers, response_headers, body_contains, upstream_trace_id"),
         );
     }
     if expect.no_route && (expect.route.is_some() || expect.upstream.is_some()) {
@@ -379,6 +426,53 @@ fn check(file: FileId, raw: RawCase, diags: &mut Diagnostics) -> Option<Case> {
         upstream_response,
         expect,
     })
+}
+
+/// `upstream_trace_id`, checked: a valid trace id, or a case that sends a `traceparent` for
+/// `true`/`false` to compare with.
+fn trace_id_check(
+    t: &Spanned<TraceIdExpect>,
+    headers: &HeaderMap,
+    err: &mut impl FnMut(&'static str, String, Range<usize>, &str),
+) -> Option<TraceIdCheck> {
+    match t.get() {
+        TraceIdExpect::Equals(id) => {
+            let valid = id.len() == 32
+                && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                && id.bytes().any(|b| b != b'0');
+            if valid {
+                return Some(TraceIdCheck::Is(id.clone()));
+            }
+            err(
+                "invalid-value",
+                format!("`{id}` is not a trace id"),
+                t.span(),
+                "not 32 lowercase hex digits (and not all zero)",
+            );
+            None
+        }
+        TraceIdExpect::Client(keep) => {
+            let client = headers
+                .get("traceparent")
+                .and_then(|v| crate::telemetry::trace::propagation::traceparent(v.as_bytes()));
+            let Some(client) = client else {
+                err(
+                    "invalid-value",
+                    "`upstream_trace_id = true|false` compares with the case's `traceparent` header, and the case sends no valid one".into(),
+                    t.span(),
+                    "no client trace to compare with",
+                );
+                return None;
+            };
+            let hex = client.trace_id.hex();
+            let id = String::from_utf8_lossy(&hex).into_owned();
+            Some(if *keep {
+                TraceIdCheck::Is(id)
+            } else {
+                TraceIdCheck::IsNot(id)
+            })
+        }
+    }
 }
 
 fn status(

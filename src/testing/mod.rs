@@ -19,7 +19,7 @@ use http::HeaderMap;
 use crate::compile::{CompileOptions, compile_dir};
 use crate::config::{Diagnostics, SourceFiles};
 pub use exchange::{Outcome, UpstreamRequest};
-pub use fixture::{Case, HeaderExpect, TestsFile};
+pub use fixture::{Case, HeaderExpect, TestsFile, TraceIdCheck, TraceIdExpect};
 
 /// What `rustygate test` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -240,6 +240,37 @@ pub fn check(case: &Case, got: &Outcome) -> Vec<Mismatch> {
     for (name, want) in &e.response_headers {
         if let Some((x, g)) = header_mismatch(&got.response_headers, name, want) {
             miss(&format!("response header `{name}`"), x, g);
+        }
+    }
+    if let Some(want) = &e.upstream_trace_id {
+        let check = "upstream_trace_id";
+        let expected = match want {
+            TraceIdCheck::Is(id) => format!("{id:?} in the upstream's traceparent"),
+            TraceIdCheck::IsNot(id) => format!("a trace id other than the client's {id:?}"),
+        };
+        match sent {
+            None => miss(check, expected, answered()),
+            Some(s) => {
+                let tp = s.headers.get("traceparent");
+                let got = tp
+                    .and_then(|v| crate::telemetry::trace::propagation::traceparent(v.as_bytes()))
+                    .map(|p| String::from_utf8_lossy(&p.trace_id.hex()).into_owned());
+                let ok = match (want, &got) {
+                    (TraceIdCheck::Is(id), Some(g)) => g == id,
+                    (TraceIdCheck::IsNot(id), Some(g)) => g != id,
+                    (TraceIdCheck::Is(_), None) => false,
+                    (TraceIdCheck::IsNot(_), None) => true,
+                };
+                if !ok {
+                    let got = match tp {
+                        Some(v) => {
+                            format!("traceparent {:?}", String::from_utf8_lossy(v.as_bytes()))
+                        }
+                        None => "no traceparent".to_owned(),
+                    };
+                    miss(check, expected, got);
+                }
+            }
         }
     }
     if let Some(text) = &e.body_contains

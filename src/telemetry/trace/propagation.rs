@@ -1,0 +1,287 @@
+//! Reading a trace context from the client and writing ours for the upstream: W3C
+//! `traceparent`/`tracestate` (and `baggage`), and B3 single (`b3`) or multi (`X-B3-*`).
+//!
+//! A context that does not parse is ignored as a whole (the request starts a new trace), as the
+//! W3C spec asks; nothing here fails a request.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::ids::{SpanId, TraceId, decode};
+
+/// Which formats are read from clients and written to upstreams (`propagators`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Propagators {
+    pub tracecontext: bool,
+    pub baggage: bool,
+    pub b3: bool,
+    pub b3multi: bool,
+}
+
+impl Default for Propagators {
+    fn default() -> Self {
+        Propagators {
+            tracecontext: true,
+            baggage: true,
+            b3: false,
+            b3multi: false,
+        }
+    }
+}
+
+/// The names `propagators` accepts.
+pub const NAMES: [&str; 4] = ["tracecontext", "baggage", "b3", "b3multi"];
+
+impl Propagators {
+    /// From the config's list; `Err` names the unknown entry.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, &'a str> {
+        let mut p = Propagators {
+            tracecontext: false,
+            baggage: false,
+            b3: false,
+            b3multi: false,
+        };
+        for n in names {
+            match n {
+                "tracecontext" => p.tracecontext = true,
+                "baggage" => p.baggage = true,
+                "b3" => p.b3 = true,
+                "b3multi" => p.b3multi = true,
+                other => return Err(other),
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// The caller's span, as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parent {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub sampled: bool,
+}
+
+/// Reads the client's context: `traceparent` first, then B3 when enabled. `get` looks a
+/// request header up by its lowercase name.
+pub fn extract<'h>(p: &Propagators, get: impl Fn(&str) -> Option<&'h [u8]>) -> Option<Parent> {
+    if p.tracecontext
+        && let Some(found) = get("traceparent").and_then(traceparent)
+    {
+        return Some(found);
+    }
+    if p.b3
+        && let Some(found) = get("b3").and_then(b3_single)
+    {
+        return Some(found);
+    }
+    if p.b3multi {
+        return b3_multi(&get);
+    }
+    None
+}
+
+/// `version-traceid-parentid-flags`. Version `00` is exactly that; a later version may append
+/// fields after a `-`, which are ignored; version `ff` is invalid.
+pub fn traceparent(v: &[u8]) -> Option<Parent> {
+    let v = trim(v);
+    if v.len() < 55 || (v.len() > 55 && (v[55] != b'-' || &v[..2] == b"00")) {
+        return None;
+    }
+    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let version = decode::<1>(&v[..2])?;
+    if version[0] == 0xff {
+        return None;
+    }
+    let trace_id = TraceId(decode::<16>(&v[3..35])?);
+    let span_id = SpanId(decode::<8>(&v[36..52])?);
+    let flags = decode::<1>(&v[53..55])?[0];
+    (trace_id.is_valid() && span_id.is_valid()).then_some(Parent {
+        trace_id,
+        span_id,
+        sampled: flags & 1 == 1,
+    })
+}
+
+/// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]`; a 64-bit trace id is left-padded.
+/// The sampling-only forms (`b3: 0`) carry no ids and start a new trace.
+fn b3_single(v: &[u8]) -> Option<Parent> {
+    let mut parts = trim(v).split(|&b| b == b'-');
+    let trace_id = b3_trace_id(parts.next()?)?;
+    let span_id = SpanId(decode::<8>(parts.next()?)?);
+    let sampled = matches!(parts.next(), Some(b"1" | b"d"));
+    (trace_id.is_valid() && span_id.is_valid()).then_some(Parent {
+        trace_id,
+        span_id,
+        sampled,
+    })
+}
+
+fn b3_multi<'h>(get: &impl Fn(&str) -> Option<&'h [u8]>) -> Option<Parent> {
+    let trace_id = b3_trace_id(trim(get("x-b3-traceid")?))?;
+    let span_id = SpanId(decode::<8>(trim(get("x-b3-spanid")?))?);
+    let sampled = matches!(get("x-b3-sampled").map(trim), Some(b"1" | b"true"))
+        || get("x-b3-flags").map(trim) == Some(b"1");
+    (trace_id.is_valid() && span_id.is_valid()).then_some(Parent {
+        trace_id,
+        span_id,
+        sampled,
+    })
+}
+
+fn b3_trace_id(v: &[u8]) -> Option<TraceId> {
+    match v.len() {
+        32 => decode::<16>(v).map(TraceId),
+        16 => {
+            let low = decode::<8>(v)?;
+            let mut id = [0; 16];
+            id[8..].copy_from_slice(&low);
+            Some(TraceId(id))
+        }
+        _ => None,
+    }
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+const B3: HeaderName = HeaderName::from_static("b3");
+
+/// `00-{trace}-{span}-{01|00}`.
+pub fn format_traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> [u8; 55] {
+    let mut out = [b'-'; 55];
+    out[..2].copy_from_slice(b"00");
+    out[3..35].copy_from_slice(&trace_id.hex());
+    out[36..52].copy_from_slice(&span_id.hex());
+    out[53..55].copy_from_slice(if sampled { b"01" } else { b"00" });
+    out
+}
+
+/// Sets our context on the upstream request: `span_id` is the span the upstream's work hangs
+/// under. The client's `tracestate` was forwarded with its other headers, and stays with the
+/// `traceparent` it belongs to; `baggage` is removed unless that propagator is on.
+pub fn inject(
+    p: &Propagators,
+    headers: &mut HeaderMap,
+    trace_id: &TraceId,
+    span_id: &SpanId,
+    sampled: bool,
+) {
+    if p.tracecontext
+        && let Ok(v) = HeaderValue::from_bytes(&format_traceparent(trace_id, span_id, sampled))
+    {
+        headers.insert(TRACEPARENT, v);
+    }
+    if !p.baggage {
+        // By name, not `&str`: a string key is parsed and validated first.
+        headers.remove(BAGGAGE);
+    }
+    if p.b3 {
+        let mut v = Vec::with_capacity(52);
+        v.extend_from_slice(&trace_id.hex());
+        v.push(b'-');
+        v.extend_from_slice(&span_id.hex());
+        v.extend_from_slice(if sampled { b"-1" } else { b"-0" });
+        if let Ok(v) = HeaderValue::from_bytes(&v) {
+            headers.insert(B3, v);
+        }
+    }
+    if p.b3multi {
+        for (name, value) in [
+            ("x-b3-traceid", &trace_id.hex()[..]),
+            ("x-b3-spanid", &span_id.hex()[..]),
+            ("x-b3-sampled", if sampled { b"1" } else { b"0" }),
+        ] {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+        headers.remove("x-b3-parentspanid");
+        headers.remove("x-b3-flags");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_reads_the_spec_example_and_refuses_what_the_spec_refuses() {
+        let p = traceparent(TP).unwrap();
+        assert_eq!(p.trace_id.hex(), *b"4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(p.span_id.hex(), *b"00f067aa0ba902b7");
+        assert!(p.sampled);
+        assert!(!traceparent(&TP.replace_last(b"00")).unwrap().sampled);
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            b"00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"",
+        ] {
+            assert_eq!(traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // A later version may carry more fields.
+        assert!(
+            traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ab").is_some()
+        );
+    }
+
+    trait ReplaceLast {
+        fn replace_last(&self, with: &[u8]) -> Vec<u8>;
+    }
+    impl ReplaceLast for [u8] {
+        fn replace_last(&self, with: &[u8]) -> Vec<u8> {
+            let mut v = self[..self.len() - with.len()].to_vec();
+            v.extend_from_slice(with);
+            v
+        }
+    }
+
+    #[test]
+    fn b3_is_read_only_when_enabled_and_written_in_both_forms() {
+        let headers = [
+            (
+                "b3",
+                &b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"[..],
+            ),
+            ("x-b3-traceid", b"463ac35c9f6413ad"),
+            ("x-b3-spanid", b"a2fb4a1d1a96d312"),
+            ("x-b3-sampled", b"1"),
+        ];
+        let get = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        assert_eq!(extract(&Propagators::default(), get), None);
+        let single = Propagators::from_names(["b3"]).unwrap();
+        let p = extract(&single, get).unwrap();
+        assert_eq!(p.span_id.hex(), *b"e457b5a2e4d86bd1");
+        assert!(p.sampled);
+        let multi = Propagators::from_names(["b3multi"]).unwrap();
+        let p = extract(&multi, get).unwrap();
+        assert_eq!(p.trace_id.hex(), *b"0000000000000000463ac35c9f6413ad");
+        assert_eq!(Propagators::from_names(["b3", "jaeger"]), Err("jaeger"));
+
+        let mut out = HeaderMap::new();
+        out.insert("baggage", HeaderValue::from_static("k=v"));
+        let all = Propagators::from_names(["tracecontext", "b3", "b3multi"]).unwrap();
+        inject(&all, &mut out, &p.trace_id, &p.span_id, false);
+        assert_eq!(
+            out["traceparent"],
+            "00-0000000000000000463ac35c9f6413ad-a2fb4a1d1a96d312-00"
+        );
+        assert_eq!(
+            out["b3"],
+            "0000000000000000463ac35c9f6413ad-a2fb4a1d1a96d312-0"
+        );
+        assert_eq!(out["x-b3-sampled"], "0");
+        assert!(!out.contains_key("baggage"), "baggage is not on the list");
+    }
+}

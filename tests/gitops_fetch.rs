@@ -1,0 +1,219 @@
+//! A git host that stops answering while the gateway runs: `git daemon` on loopback behind a TCP
+//! proxy that, on command, accepts connections and never answers. Each fetch runs in a child
+//! process killed at `--fetch-timeout`: the stuck connection is closed (nothing is left holding
+//! it), the reload is reported failed, the next commit is served once the host answers again,
+//! and SIGTERM during a stuck fetch ends the gateway and its fetch.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer admin-t0ken");
+
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `git daemon` serving the repositories under `base` on a loopback port; `None` (the test is
+/// skipped, loudly) where git has no daemon.
+fn git_daemon(base: &Path) -> Option<(Daemon, u16)> {
+    let port = dead_port();
+    let child = std::process::Command::new("git")
+        .args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        eprintln!("SKIPPED: no `git daemon` here");
+        return None;
+    };
+    let daemon = Daemon(child);
+    let up = wait_until(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    if !up {
+        eprintln!("SKIPPED: `git daemon` did not start");
+        return None;
+    }
+    Some((daemon, port))
+}
+
+/// A TCP proxy to `upstream` that, while `stall` is set, accepts connections and holds them
+/// without a byte in either direction.
+struct StallProxy {
+    port: u16,
+    stall: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl StallProxy {
+    fn start(upstream: u16) -> StallProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stall = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (s, h) = (Arc::clone(&stall), Arc::clone(&held));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if s.load(Ordering::SeqCst) {
+                    h.lock().unwrap().push(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        StallProxy { port, stall, held }
+    }
+
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    /// Whether held connection `i` was closed by the gateway's side (EOF after what it sent).
+    fn closed(&self, i: usize) -> bool {
+        let mut conn = self.held.lock().unwrap()[i].try_clone().unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+fn config(body: &str) -> Vec<(&'static str, String)> {
+    vec![(
+        "routes/main.toml",
+        format!(
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+        ),
+    )]
+}
+
+#[test]
+fn a_stalled_fetch_is_killed_at_its_deadline_and_the_next_commit_is_served() {
+    let base = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(base.path().join("config.git")).unwrap();
+    commit_files(&repo, "main", &as_refs(&config("v1")), "first");
+    let Some((_daemon, daemon_port)) = git_daemon(base.path()) else {
+        return;
+    };
+    let proxy = StallProxy::start(daemon_port);
+    let url = format!("git://127.0.0.1:{}/config.git", proxy.port);
+    let cache = tempfile::tempdir().unwrap();
+    let mut gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+            // Long enough for a healthy fetch on a loaded machine, short enough to wait out.
+            "--fetch-timeout",
+            "5s",
+        ],
+        &[("RUSTYGATE_ADMIN_TOKEN", "admin-t0ken")],
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+
+    // The host stalls: the fetch is killed at its deadline, its connection closed, the reload
+    // reported failed, and v1 keeps serving.
+    proxy.stall.store(true, Ordering::SeqCst);
+    commit_files(&repo, "main", &as_refs(&config("v2")), "second");
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    assert!(wait_until(Duration::from_secs(30), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within"))
+    }));
+    assert_eq!(proxy.held(), 1);
+    assert!(
+        wait_until(Duration::from_secs(15), || proxy.closed(0)),
+        "the stuck fetch's connection is still open"
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+
+    // The host answers again: the next reload serves the new commit.
+    proxy.stall.store(false, Ordering::SeqCst);
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(Duration::from_secs(30), || gw
+        .get("/")
+        .is_some_and(|(_, b)| b == "v2")));
+    assert_eq!(gw.status()["last_fetch_error"], serde_json::Value::Null);
+
+    // SIGTERM in the middle of a stuck fetch: the gateway exits, and the fetch with it.
+    proxy.stall.store(true, Ordering::SeqCst);
+    commit_files(&repo, "main", &as_refs(&config("v3")), "third");
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(Duration::from_secs(15), || proxy.held() == 2));
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert!(
+        wait_until(Duration::from_secs(15), || matches!(
+            gw.child.try_wait(),
+            Ok(Some(s)) if s.success()
+        )),
+        "the gateway did not exit on SIGTERM during a stuck fetch"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || proxy.closed(1)),
+        "the fetch outlived the gateway"
+    );
+    // Nothing was left writing the mirror: the next gateway on this cache dir starts and
+    // serves the newest commit it can fetch.
+    proxy.stall.store(false, Ordering::SeqCst);
+    drop(gw);
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v3".into()));
+    let _ = std::io::stderr().flush();
+}
