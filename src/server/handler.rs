@@ -921,15 +921,7 @@ async fn forward(
                 {
                     continue;
                 }
-                return client_response(
-                    ex,
-                    req,
-                    state,
-                    route,
-                    plan.policy.as_ref(),
-                    resp,
-                    tunnel_in.take(),
-                );
+                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
             }
             Err(failure) => {
                 ex.in_flight = None;
@@ -1036,7 +1028,8 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
     deadline
 }
 
-/// One attempt's request to `target`: the forwarding header rules, then the policy's edits,
+/// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
+/// policy's edits,
 /// then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the upgrade headers of a
 /// WebSocket handshake). `Err` names a client header that cannot be forwarded (400).
 #[allow(clippy::too_many_arguments)]
@@ -1054,6 +1047,9 @@ fn attempt_request(
     if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
         // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(p) = &plan.plugins {
+        p.apply_edits(&mut headers);
     }
     if let Some(run) = &plan.policy {
         run.apply_edits(&mut headers);
@@ -1355,7 +1351,7 @@ fn client_response(
     req: &HttpRequest,
     state: &WorkerState,
     route: &Route,
-    policy: Option<&decide::PolicyRun>,
+    plan: &decide::Forward,
     resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
@@ -1402,11 +1398,17 @@ fn client_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
     route.response_headers.apply(&mut parts.headers);
-    if let Some(run) = policy
+    if let Some(run) = &plan.policy
         && let ResponsePlan::Replace(plan) =
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
+        return answer(&ex, state, plan);
+    }
+    if let Some(p) = &plan.plugins
+        && let ResponsePlan::Replace(plan) =
+            decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
+    {
         return answer(&ex, state, plan);
     }
 
