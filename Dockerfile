@@ -27,7 +27,7 @@ COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && for b in route_match policy balance; do echo 'fn main() {}' > "benches/${b}.rs"; done \
+ && for b in route_match policy balance plugins; do echo 'fn main() {}' > "benches/${b}.rs"; done \
  && cargo build --release --locked --target "${TARGET}" --bin rustygate \
  && rm -rf src benches
 

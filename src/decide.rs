@@ -5,7 +5,9 @@
 //! decisions the server makes, not a copy of them:
 //! ```text
 //! route() ──► [filters: auth fills claims, rate limit, CORS] ──► request() ──► Plan
+//!   request(): WASM plugins' on_request_headers ──► Rhai on_request
 //!   Plan::Forward ──► (handler: pick target, send | test: synthetic response) ──► on_response()
+//!     ──► plugins_on_response() (WASM plugins, reverse order)
 //! ```
 
 use std::borrow::Cow;
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use http::HeaderMap;
 
+use crate::plugins::{Outcome, PluginRun};
 use crate::policy::{
     ClientHeaders, PolicyFailure, Req, RequestInit, RequestState, Res, ResponseState, RoutePolicy,
     Verdict,
@@ -85,6 +88,9 @@ pub struct Forward {
     pub query: Option<Option<String>>,
     /// The policy's state, for its header edits and `on_response`.
     pub policy: Option<PolicyRun>,
+    /// The route's WASM plugins in this exchange: their header edits, `on_response_headers`,
+    /// and `on_log` when dropped.
+    pub plugins: Option<PluginRun>,
 }
 
 /// A policy in the middle of one exchange: the `req` both hooks see.
@@ -115,6 +121,31 @@ pub fn request<'s>(
         // The router only holds ids of compiled routes.
         return (id, Plan::Respond(Cow::Owned(internal_error())));
     };
+    // Plugins run on the client's headers before the policy, which sees what they left.
+    let mut headers = Some(headers);
+    let (plugins, edited) = if route.plugins.is_empty() {
+        (None, None)
+    } else {
+        let client = headers.take().map(|f| f()).unwrap_or_default();
+        let info = crate::plugins::RequestInfo {
+            method: inc.method,
+            host: inc.host,
+            path: inc.path,
+            query: inc.query,
+            client_ip: inc.client_ip,
+            route: &route.name,
+            config_sha: &snap.version.id,
+        };
+        match crate::plugins::on_request(&route.plugins, &info, &client) {
+            (run, Outcome::Continue) => {
+                let h = run.client_headers();
+                (Some(run), Some(h))
+            }
+            (_, Outcome::Respond(r)) => return (id, Plan::Respond(Cow::Owned(r))),
+            (_, Outcome::Failed) => return (id, plugin_failed()),
+        }
+    };
+    let headers = move || edited.or_else(|| headers.map(|f| f())).unwrap_or_default();
     let (upstream, rewritten) = match &route.action {
         RouteAction::Respond(r) if route.policy.is_none() => {
             return (id, Plan::Respond(Cow::Borrowed(r)));
@@ -128,7 +159,7 @@ pub fn request<'s>(
     let Some(policy) = &route.policy else {
         let upstream = upstream.map(Arc::clone);
         let path = rewritten.unwrap_or_else(|| inc.path.to_owned());
-        return (id, forward_or_internal(upstream, path, None, None));
+        return (id, forward_or_internal(upstream, path, None, None, plugins));
     };
     let params = m
         .params
@@ -166,7 +197,7 @@ pub fn request<'s>(
     match policy.on_request(&run.req) {
         Err(f) => (id, Plan::Failed(f)),
         Ok(Some(v)) => (id, verdict(v)),
-        Ok(None) => (id, after_on_request(snap, route, upstream, run)),
+        Ok(None) => (id, after_on_request(snap, route, upstream, run, plugins)),
     }
 }
 
@@ -175,6 +206,7 @@ fn after_on_request<'s>(
     route: &'s Route,
     upstream: Option<&Arc<Upstream>>,
     run: PolicyRun,
+    plugins: Option<PluginRun>,
 ) -> Plan<'s> {
     let (chosen, path, query) = {
         let s = run.req.state();
@@ -200,7 +232,7 @@ fn after_on_request<'s>(
     };
     match (upstream, &route.action) {
         (None, RouteAction::Respond(r)) => Plan::Respond(Cow::Borrowed(r)),
-        (upstream, _) => forward_or_internal(upstream, path, query, Some(run)),
+        (upstream, _) => forward_or_internal(upstream, path, query, Some(run), plugins),
     }
 }
 
@@ -209,6 +241,7 @@ fn forward_or_internal<'s>(
     path: String,
     query: Option<Option<String>>,
     policy: Option<PolicyRun>,
+    plugins: Option<PluginRun>,
 ) -> Plan<'s> {
     match upstream {
         Some(upstream) => Plan::Forward(Forward {
@@ -216,6 +249,7 @@ fn forward_or_internal<'s>(
             path,
             query,
             policy,
+            plugins,
         }),
         None => Plan::Respond(Cow::Owned(internal_error())),
     }
@@ -225,6 +259,14 @@ fn verdict<'s>(v: Verdict) -> Plan<'s> {
     match v {
         Verdict::Deny { status, message } => Plan::Deny { status, message },
         Verdict::Respond(r) => Plan::Respond(Cow::Owned(r)),
+    }
+}
+
+/// A `fail_closed` plugin failed (logged and counted by `plugins`): a 500 with the request id.
+fn plugin_failed<'s>() -> Plan<'s> {
+    Plan::Deny {
+        status: 500,
+        message: "a plugin of this route failed".to_owned(),
     }
 }
 
@@ -264,5 +306,20 @@ pub fn on_response<'s>(
         Ok(None) => ResponsePlan::Pass,
         Ok(Some(v)) => ResponsePlan::Replace(verdict(v)),
         Err(f) => ResponsePlan::Replace(Plan::Failed(f)),
+    }
+}
+
+/// Runs the route's plugins' `on_response_headers`, in reverse order, after the policy's
+/// `on_response`, changing the headers in place.
+pub fn plugins_on_response<'s>(
+    run: &PluginRun,
+    route: &str,
+    status: u16,
+    headers: &mut HeaderMap,
+) -> ResponsePlan<'s> {
+    match run.on_response(route, status, headers) {
+        Outcome::Continue => ResponsePlan::Pass,
+        Outcome::Respond(r) => ResponsePlan::Replace(Plan::Respond(Cow::Owned(r))),
+        Outcome::Failed => ResponsePlan::Replace(plugin_failed()),
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decide;
 pub mod filters;
 pub mod plan;
+pub mod plugins;
 pub mod policy;
 pub mod proxy;
 pub mod router;

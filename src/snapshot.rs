@@ -271,6 +271,9 @@ pub struct Route {
     pub websocket: bool,
     /// A tunnel with no bytes either way for this long is closed.
     pub websocket_idle_timeout: Duration,
+    /// WASM plugins, in request order: after the filters, before the policy
+    /// (see [`crate::plugins`]). Empty for most routes.
+    pub plugins: crate::plugins::RoutePlugins,
     /// Sampling and span settings (`tracing` key; `http.route`).
     pub tracing: crate::telemetry::trace::RouteTrace,
 }

@@ -4,57 +4,10 @@
 //! lost, rate limit removed or raised tenfold, CORS opened to `*`, a new upstream host), on real
 //! git repositories made with git2 in a temp dir.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use rustygate::plan::plan;
 
-use rustygate::plan::{PlanOptions, plan};
-use tempfile::TempDir;
-
-/// A git working copy in a temp dir, committed to with a fixed signature.
-struct Repo {
-    dir: TempDir,
-    repo: git2::Repository,
-}
-
-impl Repo {
-    fn new() -> Repo {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = git2::Repository::init(dir.path()).unwrap();
-        Repo { dir, repo }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Writes (`Some`) or deletes (`None`) files, commits everything, returns the SHA.
-    fn commit(&self, message: &str, files: &[(&str, Option<&str>)]) -> String {
-        for (path, text) in files {
-            let path = self.path().join(path);
-            match text {
-                Some(text) => {
-                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                    std::fs::write(path, text).unwrap();
-                }
-                None => std::fs::remove_file(path).unwrap(),
-            }
-        }
-        let mut index = self.repo.index().unwrap();
-        index
-            .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-            .unwrap();
-        index.update_all(["*"], None).unwrap();
-        index.write().unwrap();
-        let tree = self.repo.find_tree(index.write_tree().unwrap()).unwrap();
-        let sig = git2::Signature::now("Plan Test", "plan@example.com").unwrap();
-        let parent = self.repo.head().ok().map(|h| h.peel_to_commit().unwrap());
-        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-        self.repo
-            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
-            .unwrap()
-            .to_string()
-    }
-}
+mod plan_support;
+use plan_support::{Repo, options, run, stdout};
 
 const UPSTREAMS: &str = r#"
 [upstream.orders]
@@ -63,28 +16,6 @@ targets = ["http://127.0.0.1:8001", { url = "http://127.0.0.1:8002", weight = 1 
 [upstream.orders-v2]
 targets = ["http://127.0.0.1:9001"]
 "#;
-
-fn options(dir: &Path, base: &str) -> PlanOptions {
-    PlanOptions {
-        dir: dir.to_path_buf(),
-        base: base.to_owned(),
-        head: "HEAD".to_owned(),
-        resolve_secrets: true,
-    }
-}
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .arg("plan")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A config with auth, CORS, a rate limit and one upstream: the base of the meaning tests.
 const MEANING_GATEWAY: &str = r#"

@@ -15,6 +15,7 @@ mod auth;
 mod edge;
 mod gateway;
 mod listeners;
+mod plugins;
 mod policies;
 mod routes;
 mod secrets;
@@ -86,6 +87,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         unloaded: &raw.unloaded,
         files: std::mem::take(&mut raw.files),
         policies: policies::Policies::new(Default::default()),
+        plugins: plugins::Plugins::default(),
         secrets: Sha256::new(),
     };
     let defaults = gateway::compile_defaults(&mut cx, raw.gateway.as_ref());
@@ -93,6 +95,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
     let edge = edge::compile_edge_defaults(&mut cx, raw.gateway.as_ref());
     let providers = auth::compile_providers(&mut cx, raw.gateway.as_ref());
+    plugins::compile_plugins(&mut cx, raw.gateway.as_ref());
     let routes = routes::compile_routes(
         &mut cx,
         std::mem::take(&mut raw.routes),
@@ -104,6 +107,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let mut used = routes.used_upstreams;
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
+    plugins::warn_unused(&mut cx);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
     let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref(), &routes.routes);
 
@@ -151,6 +155,7 @@ pub(crate) struct Cx<'a> {
     /// Every file read, the TOML files and the policy scripts compile reads.
     pub files: SourceFiles,
     pub policies: policies::Policies,
+    pub plugins: plugins::Plugins,
     /// The resolved secret values, hashed (never kept): part of [`Compiled::inputs_id`].
     pub secrets: Sha256,
 }

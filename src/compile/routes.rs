@@ -198,6 +198,7 @@ impl Builder<'_> {
             .and_then(|v| cx.duration(file, v))
             .unwrap_or(defaults.websocket_idle_timeout);
         let action = action(cx, file, &r, path.as_ref(), upstreams);
+        let plugins = super::plugins::route_plugins(cx, file, r.plugins.as_ref());
 
         let (Some((path, path_span)), Some(action)) = (path, action) else {
             return;
@@ -263,6 +264,7 @@ impl Builder<'_> {
             auth,
             websocket,
             websocket_idle_timeout,
+            plugins,
             tracing,
         });
     }

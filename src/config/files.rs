@@ -22,6 +22,8 @@ pub const CONFIG_FILE_CAP: u64 = 8 * 1024 * 1024;
 pub const POLICY_CAP: u64 = 1024 * 1024;
 /// A `{ file = ... }` secret.
 pub const SECRET_CAP: u64 = 64 * 1024;
+/// A WASM plugin (`plugins/*.wasm`).
+pub const PLUGIN_CAP: u64 = 32 * 1024 * 1024;
 
 /// Directories `{ file = ... }` secrets may be read from unless the operator adds more with
 /// `--secret-root`: where container runtimes and Kubernetes mount secrets, and our own.
@@ -34,6 +36,7 @@ pub enum FileKind {
     Certificate,
     Policy,
     Secret,
+    Plugin,
 }
 
 impl FileKind {
@@ -42,6 +45,7 @@ impl FileKind {
             FileKind::Config | FileKind::Certificate => CONFIG_FILE_CAP,
             FileKind::Policy => POLICY_CAP,
             FileKind::Secret => SECRET_CAP,
+            FileKind::Plugin => PLUGIN_CAP,
         }
     }
 
@@ -51,6 +55,7 @@ impl FileKind {
             FileKind::Certificate => "certificate file",
             FileKind::Policy => "policy",
             FileKind::Secret => "secret file",
+            FileKind::Plugin => "plugin",
         }
     }
 }
@@ -193,6 +198,12 @@ pub fn read_in_repo(root: &Path, rel: &Path, kind: FileKind) -> Result<String, F
     read_regular(&path, kind)
 }
 
+/// [`read_in_repo`] for a binary file (a WASM plugin): the same rules, no UTF-8 check.
+pub fn read_bytes_in_repo(root: &Path, rel: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
+    let path = resolve_in_repo(root, rel)?;
+    read_regular_bytes(&path, kind)
+}
+
 /// The secret roots to use: the defaults plus the operator's, each resolved (symlinks followed,
 /// `/var/run` is often a link to `/run`); roots that do not exist are left out.
 pub fn secret_roots(extra: &[PathBuf]) -> Vec<PathBuf> {
@@ -252,6 +263,11 @@ pub fn read_secret(path: &Path, extra_roots: &[PathBuf]) -> Result<String, FileE
 /// Opens `path` (already resolved and checked) if it is a regular file and reads it, bounded by
 /// the kind's cap.
 pub fn read_regular(path: &Path, kind: FileKind) -> Result<String, FileError> {
+    String::from_utf8(read_regular_bytes(path, kind)?).map_err(|_| FileError::NotUtf8)
+}
+
+/// [`read_regular`] without the UTF-8 check.
+pub fn read_regular_bytes(path: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
     use std::os::unix::fs::OpenOptionsExt;
     // Refuse by type before opening: opening a FIFO or a device can block or have effects.
     let meta = std::fs::symlink_metadata(path).map_err(FileError::from_io)?;
@@ -268,7 +284,7 @@ pub fn read_regular(path: &Path, kind: FileKind) -> Result<String, FileError> {
     if on_pseudo_fs(&meta) {
         return Err(FileError::NotRegular("a /proc or /sys file"));
     }
-    read_capped(file, meta.len(), kind)
+    read_capped_bytes(file, meta.len(), kind)
 }
 
 /// `/proc` and `/sys` files look regular (size 0) but are generated on read: the environment,
@@ -283,6 +299,15 @@ fn on_pseudo_fs(meta: &std::fs::Metadata) -> bool {
 
 /// Reads at most cap + 1 bytes of `reader`, refusing a declared or actual size over the cap.
 pub fn read_capped(reader: impl Read, declared: u64, kind: FileKind) -> Result<String, FileError> {
+    String::from_utf8(read_capped_bytes(reader, declared, kind)?).map_err(|_| FileError::NotUtf8)
+}
+
+/// [`read_capped`] without the UTF-8 check.
+pub fn read_capped_bytes(
+    reader: impl Read,
+    declared: u64,
+    kind: FileKind,
+) -> Result<Vec<u8>, FileError> {
     let cap = kind.cap();
     let too_large = FileError::TooLarge {
         cap,
@@ -299,7 +324,7 @@ pub fn read_capped(reader: impl Read, declared: u64, kind: FileKind) -> Result<S
     if buf.len() as u64 > cap {
         return Err(too_large);
     }
-    String::from_utf8(buf).map_err(|_| FileError::NotUtf8)
+    Ok(buf)
 }
 
 fn not_regular(t: &std::fs::FileType) -> Result<(), FileError> {

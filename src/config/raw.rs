@@ -88,6 +88,54 @@ pub struct GatewayFile {
     pub listener: Vec<Spanned<RawListener>>,
     /// OpenTelemetry tracing (README, "Tracing").
     pub tracing: Option<Spanned<super::raw_tracing::RawTracing>>,
+    /// WASM plugins (proxy-wasm ABI, docs/plugins.md): `[plugin.<name>]` names a `.wasm` file
+    /// of the repo and pins its sha256.
+    #[serde(default)]
+    pub plugin: BTreeMap<String, Spanned<RawPlugin>>,
+    /// Plugins every route runs, in order, before the route's own `plugins`.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<RawPluginUse>>,
+}
+
+/// `[plugin.tag]`: a WASM plugin of the repo.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    /// The `.wasm` file, relative to the repo root, e.g. "plugins/tag.wasm".
+    pub file: Spanned<String>,
+    /// The file's sha256 in hex (`sha256sum plugins/tag.wasm`): a file that does not match is
+    /// refused, so a plugin changes only with a reviewed config change.
+    pub sha256: Spanned<String>,
+    /// What a request gets when the plugin traps or runs over a limit: `fail_closed` (500, the
+    /// default) or `fail_open` (the request goes on without the plugin).
+    #[serde(default)]
+    pub on_error: RawOnError,
+    /// Instructions one call into the plugin may run (default 10,000,000).
+    pub max_instructions: Option<Spanned<u64>>,
+    /// Memory one instance of the plugin may have (default "16MiB"), in 64 KiB pages.
+    pub max_memory: Option<Spanned<SizeText>>,
+}
+
+/// A plugin's answer to its own failure.
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOnError {
+    /// The request is answered 500 with a JSON error and its request id.
+    #[default]
+    FailClosed,
+    /// The request goes on without the plugin; the failure is logged and counted.
+    FailOpen,
+}
+
+/// `{ name = "tag", config = { value = "edge" } }`: a plugin and its configuration.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPluginUse {
+    /// A plugin declared as `[plugin.<name>]` in `gateway.toml`.
+    pub name: Spanned<String>,
+    /// What the plugin reads in `proxy_on_configure`: a string as written, anything else as
+    /// JSON.
+    pub config: Option<Spanned<serde_json::Value>>,
 }
 
 /// One `[[listener]]` of gateway.toml.
@@ -327,6 +375,9 @@ pub struct RawRoute {
     /// Longest a WebSocket tunnel may carry no bytes either way before both sides are closed;
     /// overrides the gateway default ("1h").
     pub websocket_idle_timeout: Option<Spanned<DurationText>>,
+    /// WASM plugins this route runs after the gateway's `plugins`, in order: after auth, rate
+    /// limit and CORS, before the policy (docs/plugins.md).
+    pub plugins: Option<Vec<Spanned<RawPluginUse>>>,
     /// `false`: this route's requests are never traced (health checks); or
     /// `{ sample_ratio = 0.1, record_query = true }`. Default: `[tracing]`'s settings.
     pub tracing: Option<Spanned<super::raw_tracing::RawRouteTracing>>,

@@ -36,6 +36,8 @@ pub struct RouteFacts {
     pub upstream_host: String,
     pub request_headers: Vec<String>,
     pub response_headers: Vec<String>,
+    /// WASM plugins in the order they run: name, module sha256 (short), configuration.
+    pub plugins: Vec<String>,
     /// `provider <name>`, `(optional)` when a request without a token is let through.
     pub auth: Option<String>,
     /// `<requests> per <duration>, burst <n>, by <key>`.
@@ -233,6 +235,18 @@ pub(super) fn route_facts(
             },
             request_headers: raw.request_headers,
             response_headers: raw.response_headers,
+            plugins: r
+                .plugins
+                .iter()
+                .map(|u| {
+                    let p = &u.plugin;
+                    let mut s = format!("{} (sha256 {})", p.name, p.sha256.get(..12).unwrap_or(""));
+                    if !u.config.is_empty() {
+                        s.push_str(&format!(" config {}", String::from_utf8_lossy(&u.config)));
+                    }
+                    s
+                })
+                .collect(),
             auth: r.auth.as_ref().map(|a| {
                 format!(
                     "provider {}{}",
@@ -321,6 +335,7 @@ impl RouteFacts {
             ("upstream_host", Some(self.upstream_host.clone())),
             ("request_headers", list(&self.request_headers)),
             ("response_headers", list(&self.response_headers)),
+            ("plugins", list(&self.plugins)),
             ("auth", self.auth.clone()),
             ("rate_limit", self.rate_limit.clone()),
             ("cors", self.cors.clone()),

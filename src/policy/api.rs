@@ -100,6 +100,18 @@ impl ClientHeaders {
             n.eq_ignore_ascii_case(name.as_bytes()).then_some(v)
         })
     }
+
+    /// Every header, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&(name_end, end)| {
+            let n = self.bytes.get(start..name_end).unwrap_or_default();
+            let v = self.bytes.get(name_end..end).unwrap_or_default();
+            start = end;
+            // Names were pushed as `&str`.
+            (std::str::from_utf8(n).unwrap_or(""), v)
+        })
+    }
 }
 
 impl<'a> FromIterator<(&'a str, &'a [u8])> for ClientHeaders {

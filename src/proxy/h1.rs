@@ -42,6 +42,8 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Largest request-head buffer an idle connection keeps.
+const KEEP_OUT: usize = 4 * 1024;
 /// Bodies up to this size are copied behind the head and written in one `write`.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -49,6 +51,8 @@ const COALESCE_BODY: usize = 16 * 1024;
 pub(crate) struct Conn {
     io: Io,
     buf: BytesMut,
+    /// Where request heads are written, kept for the next request on this connection.
+    out: BytesMut,
 }
 
 impl Conn {
@@ -56,6 +60,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            out: BytesMut::new(),
         }
     }
 
@@ -117,7 +122,9 @@ pub(crate) async fn exchange(
     idle_timeout: Duration,
 ) -> Result<http::Response<ResponseBody>, H1Error> {
     let head_only = req.method() == http::Method::HEAD;
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    out.reserve(512);
     let body = encode_head(req, &mut out);
     match body {
         Some(b) if b.len() <= COALESCE_BODY => {
@@ -129,6 +136,10 @@ pub(crate) async fn exchange(
             conn.io.write_all(b).await.map_err(H1Error::Write)?;
         }
         None => conn.io.write_all(&out).await.map_err(H1Error::Write)?,
+    }
+    // Kept for the next request unless a body made it grow: an idle connection holds little.
+    if out.capacity() <= KEEP_OUT {
+        conn.out = out;
     }
     let (mut resp, framing, keep_alive) = loop {
         let head = read_head(&mut conn).await?;
@@ -289,11 +300,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let mut length: Option<u64> = None;
     let mut chunked = None::<bool>;
     let mut close = !http11;
+    // The values are slices of the head, taken out of the buffer whole once it is parsed: one
+    // shared buffer instead of an allocation and a copy per value. Each value is named by its
+    // place in the head until then.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Spans::new();
     for f in r.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| H1Error::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_bytes(f.value)
-            .map_err(|_| H1Error::Invalid("invalid header value"))?;
+        let start = (f.value.as_ptr() as usize).wrapping_sub(base);
+        if start > len || len - start < f.value.len() {
+            return Err(H1Error::Invalid("malformed response head"));
+        }
         if name == header::CONTENT_LENGTH {
             let n = parse_length(f.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
@@ -310,7 +328,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
                 close = false;
             }
         }
-        headers.append(name, value);
+        spans.push(name, start, start + f.value.len());
     }
     let framing = match (chunked, length) {
         (Some(_), Some(_)) => {
@@ -323,7 +341,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         (None, Some(n)) => Framing::Length(n),
         (None, None) => Framing::Close,
     };
-    buf.advance(len);
+    let head = buf.split_to(len).freeze();
+    for (name, start, end) in spans.drain() {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| H1Error::Invalid("invalid header value"))?;
+        headers.append(name, value);
+    }
     let mut resp = http::Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = if http11 {
@@ -333,6 +356,44 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     };
     *resp.headers_mut() = headers;
     Ok(Some((resp, framing, !close)))
+}
+
+/// The fields of a head being parsed: each name, and where its value lies in the head. Most
+/// heads have a few fields, held on the stack; more go to the heap.
+struct Spans {
+    few: [Option<(HeaderName, usize, usize)>; FEW_FIELDS],
+    len: usize,
+    more: Vec<(HeaderName, usize, usize)>,
+}
+
+const FEW_FIELDS: usize = 16;
+
+impl Spans {
+    fn new() -> Spans {
+        Spans {
+            few: [const { None }; FEW_FIELDS],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, name: HeaderName, start: usize, end: usize) {
+        match self.few.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some((name, start, end));
+                self.len += 1;
+            }
+            None => self.more.push((name, start, end)),
+        }
+    }
+
+    /// The fields in the order they came.
+    fn drain(&mut self) -> impl Iterator<Item = (HeaderName, usize, usize)> + '_ {
+        self.few[..self.len]
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.more.drain(..))
+    }
 }
 
 /// A `Content-Length` value: digits only (several equal values joined by commas pass).
@@ -809,6 +870,57 @@ mod tests {
     async fn a_connection_closed_before_any_response_byte_is_lost_not_invalid() {
         let (out, _) = run(vec![], true, get("/")).await;
         assert!(matches!(out, Err(H1Error::Lost(_))), "{:?}", out.err());
+    }
+
+    #[test]
+    fn response_values_are_kept_whole_for_many_fields_and_repeated_names() {
+        let mut head = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n".to_vec();
+        for i in 0..40 {
+            head.extend_from_slice(format!("X-H-{i}: value {i}\r\n").as_bytes());
+            head.extend_from_slice(format!("set-cookie: c{i}=1\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"X-Tab: a\tb\r\nX-Empty:\r\n\r\nokNEXT");
+        let mut buf = BytesMut::from(&head[..]);
+        let (resp, framing, keep) = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!((framing, keep), (Framing::Length(2), true));
+        // What follows the head stays in the buffer.
+        assert_eq!(&buf[..], b"okNEXT");
+        let h = resp.headers();
+        assert_eq!(h["server"], "nginx");
+        for i in 0..40 {
+            assert_eq!(
+                h[format!("x-h-{i}").as_str()],
+                format!("value {i}").as_str()
+            );
+        }
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies.len(), 40);
+        assert!(
+            cookies
+                .iter()
+                .enumerate()
+                .all(|(i, c)| *c == format!("c{i}=1").as_str())
+        );
+        assert_eq!(h["x-tab"], "a\tb");
+        assert_eq!(h["x-empty"], "");
+    }
+
+    #[test]
+    fn control_characters_in_response_fields_are_refused() {
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nx-a: b\r\n c\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nx-a: b\rc\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-a: b\0c\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx a: b\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-a\0: b\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            assert!(
+                parse_head(&mut buf).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     /// Which connections may go back to the pool.

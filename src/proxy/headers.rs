@@ -4,12 +4,15 @@
 
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::filters::jwt::{TokenPlace, without_cookie};
 use crate::snapshot::{ClientIpRules, HeaderOps, Route, Snapshot, UpstreamHost};
 use crate::util::canonical_ip;
-pub use crate::wire::headers::{HOP_BY_HOP, is_hop_by_hop, is_hop_by_hop_str, valid_request_id};
+pub use crate::wire::headers::{
+    HOP_BY_HOP, header_name, is_hop_by_hop, is_hop_by_hop_str, valid_request_id,
+};
 
 /// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
 /// them removed.
@@ -24,6 +27,20 @@ const GATEWAY_SET: [&str; 9] = [
     "forwarded",
     "x-real-ip",
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const CLIENT_CERT_SUBJECT_NAME: HeaderName = HeaderName::from_static(CLIENT_CERT_SUBJECT);
+const CLIENT_CERT_SHA256_NAME: HeaderName = HeaderName::from_static(CLIENT_CERT_SHA256);
+
+/// `value` as a header value shared from `values` (copied to its end, then split off), or
+/// `None` when it is not a valid value (CR, LF, NUL and other controls but tab are refused).
+fn shared_value(values: &mut BytesMut, value: &[u8]) -> Option<HeaderValue> {
+    values.extend_from_slice(value);
+    HeaderValue::from_maybe_shared(values.split().freeze()).ok()
+}
 
 /// Set from the client certificate verified by a listener's `client_auth` (mutual TLS): its
 /// subject DN and the SHA-256 of its DER, lower-case hex. Always removed from the client's own
@@ -197,10 +214,13 @@ where
     let mut out = HeaderMap::with_capacity(len + 4);
     let mut client_host = None;
     let mut prior_xff: Vec<&str> = Vec::new();
+    // The kept values are copied into one buffer and shared from it: one allocation for all.
+    let mut values = BytesMut::with_capacity(client().map(|(_, v)| v.len()).sum());
+    let (mut has_proto, mut has_forwarded_host) = (false, false);
     for (n, value) in client() {
         match n {
             "host" => {
-                client_host = HeaderValue::from_bytes(value).ok();
+                client_host = shared_value(&mut values, value);
                 continue;
             }
             "x-forwarded-for" => {
@@ -224,13 +244,15 @@ where
         {
             continue;
         }
-        let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) else {
+        let Some(name) = header_name(n) else {
             continue;
         };
-        out.append(n, v);
+        let Some(v) = shared_value(&mut values, value) else {
+            continue;
+        };
+        has_proto |= name == X_FORWARDED_PROTO;
+        has_forwarded_host |= name == X_FORWARDED_HOST;
+        out.append(name, v);
     }
     // X-Forwarded-For: what trusted hops said, then the peer.
     let mut xff = Vec::with_capacity(48);
@@ -246,34 +268,25 @@ where
         }
         crate::util::push_ip(&mut xff, canonical_ip(p));
     }
+    // The client's own X-Forwarded-For, X-Request-Id, Host and client-certificate headers were
+    // skipped above: these are the only ones, and are appended.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        out.insert(HeaderName::from_static("x-forwarded-for"), v);
+        out.append(X_FORWARDED_FOR, v);
     }
-    if !out.contains_key("x-forwarded-proto") {
-        out.insert(
-            HeaderName::from_static("x-forwarded-proto"),
+    if !has_proto {
+        out.append(
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if f.https { "https" } else { "http" }),
         );
     }
     if let Some(c) = f.client_cert {
-        out.insert(
-            HeaderName::from_static(CLIENT_CERT_SUBJECT),
-            c.subject.clone(),
-        );
-        out.insert(
-            HeaderName::from_static(CLIENT_CERT_SHA256),
-            c.sha256.clone(),
-        );
+        out.append(CLIENT_CERT_SUBJECT_NAME, c.subject.clone());
+        out.append(CLIENT_CERT_SHA256_NAME, c.sha256.clone());
     }
-    if !out.contains_key("x-forwarded-host")
-        && let Some(v) = &client_host
-    {
-        out.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+    if !has_forwarded_host && let Some(v) = &client_host {
+        out.append(X_FORWARDED_HOST, v.clone());
     }
-    out.insert(
-        HeaderName::from_static("x-request-id"),
-        f.request_id.clone(),
-    );
+    out.append(X_REQUEST_ID, f.request_id.clone());
     let host = match f.upstream_host {
         UpstreamHost::Preserve => {
             client_host.or_else(|| HeaderValue::from_str(f.target_authority).ok())
@@ -282,7 +295,7 @@ where
         UpstreamHost::Fixed(v) => Some(v.clone()),
     };
     if let Some(v) = host {
-        out.insert(http::header::HOST, v);
+        out.append(http::header::HOST, v);
     }
     match f.drop_token {
         Some(TokenPlace::Authorization) => {
@@ -394,6 +407,177 @@ mod tests {
         assert!(!lax.keeps("x_user_id"));
         assert!(!lax.keeps("x-user_id"));
         assert!(lax.keeps("x-user-ids"));
+    }
+
+    /// The upstream headers for `client` (lower-case names, raw values) from an untrusted or
+    /// trusted peer, with the default rules.
+    fn forward(client: &[(&str, &[u8])], trusted: bool) -> Result<HeaderMap, String> {
+        let rid = HeaderValue::from_static("rid-1");
+        let rules = HeaderOps::default();
+        let f = Forwarding {
+            peer: Some(ip("192.0.2.7")),
+            trusted,
+            request_id: &rid,
+            upstream_host: &UpstreamHost::Preserve,
+            target_authority: "10.0.0.1:8080",
+            inbound: Inbound {
+                allow_underscores: false,
+                identity: &[],
+            },
+            drop_token: None,
+            auth_headers: &[],
+            rules: &rules,
+            https: false,
+            client_cert: None,
+        };
+        upstream_headers(|| client.iter().copied(), client.len(), &f)
+    }
+
+    fn all<'a>(h: &'a HeaderMap, name: &str) -> Vec<&'a [u8]> {
+        h.get_all(name).iter().map(HeaderValue::as_bytes).collect()
+    }
+
+    #[test]
+    fn the_gateway_sets_its_own_headers_over_the_clients() {
+        let client: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("x-forwarded-for", b"6.6.6.6"),
+            ("x-request-id", b"forged"),
+            ("x-forwarded-proto", b"https"),
+            ("x-forwarded-host", b"evil.example"),
+            ("forwarded", b"for=6.6.6.6"),
+            ("x-real-ip", b"6.6.6.6"),
+            ("x-client-cert-subject", b"CN=admin"),
+            ("x-client-cert-sha256", b"00"),
+            ("x_client_cert_subject", b"CN=admin"),
+            ("user-agent", b"curl/8"),
+        ];
+        let out = forward(client, false).unwrap();
+        assert_eq!(all(&out, "host"), [b"a.example"]);
+        assert_eq!(all(&out, "x-forwarded-for"), [b"192.0.2.7"]);
+        assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
+        assert_eq!(all(&out, "x-forwarded-proto"), [b"http"]);
+        assert_eq!(all(&out, "x-forwarded-host"), [b"a.example"]);
+        assert_eq!(all(&out, "user-agent"), [b"curl/8"]);
+        for gone in [
+            "forwarded",
+            "x-real-ip",
+            "x-client-cert-subject",
+            "x-client-cert-sha256",
+            "x_client_cert_subject",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} was forwarded");
+        }
+        // From a trusted proxy its forwarding headers are kept, and the peer is appended.
+        let out = forward(client, true).unwrap();
+        assert_eq!(all(&out, "x-forwarded-for"), [b"6.6.6.6, 192.0.2.7"]);
+        assert_eq!(all(&out, "x-forwarded-proto"), [b"https"]);
+        assert_eq!(all(&out, "x-forwarded-host"), [b"evil.example"]);
+        assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
+        assert!(!out.contains_key("x-client-cert-subject"));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_not_forwarded() {
+        let client: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("connection", b"keep-alive, X-Secret , x-other"),
+            ("keep-alive", b"timeout=5"),
+            ("proxy-connection", b"keep-alive"),
+            ("te", b"trailers"),
+            ("trailer", b"x-t"),
+            ("transfer-encoding", b"chunked"),
+            ("upgrade", b"h2c"),
+            ("proxy-authorization", b"Basic eA=="),
+            ("x-secret", b"1"),
+            ("x-other", b"2"),
+            ("x-kept", b"3"),
+            ("expect", b"100-continue"),
+        ];
+        let out = forward(client, false).unwrap();
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-kept",
+                "x-request-id"
+            ]
+        );
+        for owned in [
+            "host",
+            "Host",
+            "x-forwarded-for",
+            "X-Forwarded-Anything",
+            "x-request-id",
+        ] {
+            let value = format!("close, {owned}");
+            let client: &[(&str, &[u8])] = &[("host", b"a"), ("connection", value.as_bytes())];
+            assert!(forward(client, false).is_err(), "{owned}");
+        }
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_upstream() {
+        let client: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("x-crlf", b"a\r\nx-injected: 1"),
+            ("x-lf", b"a\nb"),
+            ("x-cr", b"a\rb"),
+            ("x-nul", b"a\0b"),
+            ("x-fold", b"a\r\n b"),
+            ("x injected", b"1"),
+            ("x-injected\r\nx", b"1"),
+            ("x_under", b"1"),
+            ("x-tab", b"a\tb"),
+            ("x-obs-text", b"caf\xe9"),
+        ];
+        let out = forward(client, false).unwrap();
+        for (name, _) in client
+            .iter()
+            .filter(|(n, _)| !matches!(*n, "host" | "x-tab" | "x-obs-text"))
+        {
+            assert!(!out.contains_key(*name), "{name:?} was forwarded");
+        }
+        assert!(!out.contains_key("x-injected"));
+        assert_eq!(all(&out, "x-tab"), [b"a\tb"]);
+        assert_eq!(all(&out, "x-obs-text"), [b"caf\xe9"]);
+        for (_, v) in &out {
+            assert!(!v.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)));
+        }
+    }
+
+    #[test]
+    fn many_headers_and_repeated_names_keep_their_values_and_order() {
+        let names: Vec<String> = (0..300).map(|i| format!("x-h-{i}")).collect();
+        let values: Vec<String> = (0..300).map(|i| format!("value {i}")).collect();
+        let mut client: Vec<(&str, &[u8])> = vec![("host", b"a.example")];
+        for (n, v) in names.iter().zip(&values) {
+            client.push((n.as_str(), v.as_bytes()));
+        }
+        for v in ["one", "two", "three"] {
+            client.push(("accept", v.as_bytes()));
+            client.push(("x-dup", v.as_bytes()));
+        }
+        let out = forward(&client, false).unwrap();
+        for (n, v) in names.iter().zip(&values) {
+            assert_eq!(all(&out, n), [v.as_bytes()]);
+        }
+        assert_eq!(all(&out, "accept"), [&b"one"[..], b"two", b"three"]);
+        assert_eq!(all(&out, "x-dup"), [&b"one"[..], b"two", b"three"]);
+    }
+
+    #[test]
+    fn one_host_goes_out_even_when_the_client_sent_two() {
+        // The handler refuses a request with two (400); this is the rule beneath it.
+        let client: &[(&str, &[u8])] = &[("host", b"a.example"), ("host", b"b.example")];
+        let out = forward(client, false).unwrap();
+        assert_eq!(all(&out, "host").len(), 1);
+        assert_eq!(all(&out, "x-forwarded-host").len(), 1);
     }
 
     #[test]

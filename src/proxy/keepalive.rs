@@ -30,11 +30,13 @@ use super::body::ProxyBody;
 /// response was read, and the next request takes time to arrive.
 pub const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+
 /// How long a connection whose response carried `headers` may wait idle in the pool: the
 /// configured `idle_timeout`, cut to N-1 s by `Keep-Alive: timeout=N`. `None`: not reused.
 pub fn idle_limit(headers: &http::HeaderMap, configured: Duration) -> Option<Duration> {
     let announced = headers
-        .get_all("keep-alive")
+        .get_all(KEEP_ALIVE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))

@@ -46,6 +46,7 @@ use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 use crate::wire::StaticResponse;
+use crate::wire::headers::actix_name;
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -366,7 +367,7 @@ pub(crate) async fn handle(
     let snapshot = state.store.load();
     let heads = req.headers();
     let request_id = heads
-        .get("x-request-id")
+        .get(&AX_REQUEST_ID)
         .filter(|v| valid_request_id(v.as_bytes()))
         .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(new_request_id);
@@ -376,7 +377,7 @@ pub(crate) async fn handle(
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let client = client_ip(
         peer,
-        heads.get_all("x-forwarded-for").map(|v| v.as_bytes()),
+        heads.get_all(&AX_FORWARDED_FOR).map(|v| v.as_bytes()),
         &snapshot.client_ip,
     );
     let raw_host = host_of(&req);
@@ -420,7 +421,7 @@ pub(crate) async fn handle(
         return ex.error(400, why);
     }
     let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
-        Ok(p) => p.into_owned(),
+        Ok(p) => p,
         Err(PathError::NotOriginForm)
             if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
         {
@@ -431,7 +432,10 @@ pub(crate) async fn handle(
         }
         Err(e) => return ex.error(400, &e.to_string()),
     };
-    ex.path.clone_from(&path);
+    if let std::borrow::Cow::Owned(p) = &path {
+        // Otherwise the path is the client's, already there.
+        ex.path.clone_from(p);
+    }
     let snap = Arc::clone(&ex.snapshot);
     // The client's query without the token, when auth took it out.
     let mut query_without_token: Option<Option<String>> = None;
@@ -757,7 +761,7 @@ async fn forward(
     payload: web::Payload,
     state: &WorkerState,
     route: &Route,
-    plan: decide::Forward,
+    mut plan: decide::Forward,
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
     ex.upstream = Some(Arc::clone(&upstream));
@@ -809,7 +813,7 @@ async fn forward(
         Some(q) => q.as_deref(),
         None => req.uri().query(),
     };
-    let Some(uri) = upstream_uri(&plan.path, query) else {
+    let Some(uri) = upstream_uri(std::mem::take(&mut plan.path), query) else {
         return ex.error(400, "the request path cannot be forwarded");
     };
     let key = upstream
@@ -917,15 +921,7 @@ async fn forward(
                 {
                     continue;
                 }
-                return client_response(
-                    ex,
-                    req,
-                    state,
-                    route,
-                    plan.policy.as_ref(),
-                    resp,
-                    tunnel_in.take(),
-                );
+                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
             }
             Err(failure) => {
                 ex.in_flight = None;
@@ -1023,7 +1019,7 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
     if grpc
         && let Some(t) = req
             .headers()
-            .get("grpc-timeout")
+            .get(&AX_GRPC_TIMEOUT)
             .and_then(|v| grpc_timeout(v.as_bytes()))
     {
         let at = Instant::now() + t;
@@ -1032,7 +1028,8 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
     deadline
 }
 
-/// One attempt's request to `target`: the forwarding header rules, then the policy's edits,
+/// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
+/// policy's edits,
 /// then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the upgrade headers of a
 /// WebSocket handshake). `Err` names a client header that cannot be forwarded (400).
 #[allow(clippy::too_many_arguments)]
@@ -1050,6 +1047,9 @@ fn attempt_request(
     if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
         // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(p) = &plan.plugins {
+        p.apply_edits(&mut headers);
     }
     if let Some(run) = &plan.policy {
         run.apply_edits(&mut headers);
@@ -1315,12 +1315,14 @@ fn upstream_headers(
 
 /// The upstream request target, in origin form (`/path?query`): the connection already names
 /// the target, and HTTP/1.1 servers expect origin form.
-fn upstream_uri(path: &str, query: Option<&str>) -> Option<http::Uri> {
-    let pq = match query {
-        Some(q) => PathAndQuery::from_maybe_shared(Bytes::from(format!("{path}?{q}"))),
-        None => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())),
+fn upstream_uri(mut path: String, query: Option<&str>) -> Option<http::Uri> {
+    if let Some(q) = query {
+        path.reserve_exact(1 + q.len());
+        path.push('?');
+        path.push_str(q);
     }
-    .ok()?;
+    // The string's own buffer becomes the URI's: no copy.
+    let pq = PathAndQuery::from_maybe_shared(Bytes::from(path)).ok()?;
     Some(http::Uri::from(pq))
 }
 
@@ -1349,19 +1351,19 @@ fn client_response(
     req: &HttpRequest,
     state: &WorkerState,
     route: &Route,
-    policy: Option<&decide::PolicyRun>,
+    plan: &decide::Forward,
     resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> HttpResponse {
     let (mut parts, body) = resp.into_parts();
     let mut status = parts.status.as_u16();
     if ex.grpc {
-        ex.grpc_status = parts.headers.get("grpc-status").cloned();
+        ex.grpc_status = parts.headers.get(&GRPC_STATUS).cloned();
     }
     // WebSocket (proxy::websocket): a 101 only answers a handshake, and only from a WebSocket
     // server. Any other answer to a handshake is relayed as a normal response.
     if status == 101 {
-        let key = req.headers().get("sec-websocket-key");
+        let key = req.headers().get(&AX_SEC_WEBSOCKET_KEY);
         let checked = match (&tunnel_in, key) {
             (Some(_), Some(k)) => websocket::check_switch(&parts.headers, k.as_bytes()),
             _ => Err("the upstream switched protocols for a request that did not ask to"),
@@ -1396,26 +1398,22 @@ fn client_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
     route.response_headers.apply(&mut parts.headers);
-    if let Some(run) = policy
+    if let Some(run) = &plan.policy
         && let ResponsePlan::Replace(plan) =
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
         return answer(&ex, state, plan);
     }
+    if let Some(p) = &plan.plugins
+        && let ResponsePlan::Replace(plan) =
+            decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
+    {
+        return answer(&ex, state, plan);
+    }
 
     let mut out = HttpResponseBuilder::new(status_code(status));
-    for (name, value) in parts.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop_str(n) || n == "content-length" || dropped.iter().any(|d| d == n) {
-            continue;
-        }
-        out.append_header((n, value.as_bytes()));
-    }
-    out.insert_header(("x-request-id", ex.request_id.as_bytes()));
-    for (n, v) in &ex.extra {
-        out.append_header((n.as_str(), v.as_bytes()));
-    }
+    relay_headers(&mut out, &parts.headers, &dropped, &ex);
 
     // The policy may have turned the 101 into something else: then there is no tunnel.
     if let (Some(payload), 101) = (tunnel_in, status) {
@@ -1453,6 +1451,53 @@ fn client_response(
     )
 }
 
+/// The upstream's response headers on the client's response: all but hop-by-hop, the ones its
+/// `Connection` header named (`dropped`) and `Content-Length` (actix sets it from the body),
+/// then the request id and the edge filters' headers. Names of the common standard headers
+/// are mapped without parsing; the values are copied into one buffer and shared from it.
+fn relay_headers(
+    out: &mut HttpResponseBuilder,
+    headers: &http::HeaderMap,
+    dropped: &[String],
+    ex: &Exchange,
+) {
+    let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+        + ex.request_id.len()
+        + ex.extra.iter().map(|(_, v)| v.len()).sum::<usize>();
+    let mut values = bytes::BytesMut::with_capacity(total);
+    let mut append = |name: Option<ax::HeaderName>, value: &HeaderValue| {
+        values.extend_from_slice(value.as_bytes());
+        let shared = values.split().freeze();
+        if let (Some(n), Ok(v)) = (name, ax::HeaderValue::from_maybe_shared(shared)) {
+            out.append_header((n, v));
+        }
+    };
+    for (name, value) in headers {
+        let n = name.as_str();
+        if is_hop_by_hop_str(n) || name == header::CONTENT_LENGTH || dropped.iter().any(|d| d == n)
+        {
+            continue;
+        }
+        if name == X_REQUEST_ID {
+            // Replaced by the gateway's own below.
+            continue;
+        }
+        append(actix_name(name), value);
+    }
+    append(Some(AX_REQUEST_ID), &ex.request_id);
+    for (n, v) in &ex.extra {
+        append(actix_name(n), v);
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+// Looked up by constant names: a name given as text is parsed on every lookup.
+const AX_REQUEST_ID: ax::HeaderName = ax::HeaderName::from_static("x-request-id");
+const AX_FORWARDED_FOR: ax::HeaderName = ax::HeaderName::from_static("x-forwarded-for");
+const AX_GRPC_TIMEOUT: ax::HeaderName = ax::HeaderName::from_static("grpc-timeout");
+const AX_SEC_WEBSOCKET_KEY: ax::HeaderName = ax::HeaderName::from_static("sec-websocket-key");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The client's 101, whose body is the tunnel (see [`websocket::Tunnel`]). The exchange (its
 /// `max_requests` slot, in-flight counts and `Busy`) lives until the tunnel closes, and is
 /// logged then.
@@ -1482,8 +1527,23 @@ fn websocket_tunnel(
 
 #[cfg(test)]
 mod tests {
-    use super::{grpc_code, grpc_timeout, valid_host};
+    use super::{grpc_code, grpc_timeout, upstream_uri, valid_host};
     use std::time::Duration;
+
+    #[test]
+    fn the_upstream_target_is_the_path_and_query_or_nothing() {
+        let uri = upstream_uri("/a/b".to_owned(), Some("x=1&y")).unwrap();
+        assert_eq!(uri.to_string(), "/a/b?x=1&y");
+        assert_eq!(upstream_uri("/".to_owned(), None).unwrap().to_string(), "/");
+        assert_eq!(
+            upstream_uri("/p".to_owned(), Some("")).unwrap().to_string(),
+            "/p?"
+        );
+        for bad in ["/a b", "/a\r\nHost: x", "/a\0"] {
+            assert!(upstream_uri(bad.to_owned(), None).is_none(), "{bad:?}");
+        }
+        assert!(upstream_uri("/a".to_owned(), Some("q=\r\n")).is_none());
+    }
 
     #[test]
     fn grpc_timeout_reads_every_unit_and_refuses_the_rest() {

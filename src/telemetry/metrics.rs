@@ -256,6 +256,7 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(policy_errors.clone()),
             Box::new(super::sink::DROPPED.clone()),
+            Box::new(crate::plugins::ERRORS.clone()),
             Box::new(super::trace::DROPPED.clone()),
         ] {
             let _ = registry.register(c);

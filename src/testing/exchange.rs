@@ -421,6 +421,9 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
         Ok(h) => h,
         Err(why) => return run.error(400, &why),
     };
+    if let Some(p) = &plan.plugins {
+        p.apply_edits(&mut headers);
+    }
     if let Some(p) = &plan.policy {
         p.apply_edits(&mut headers);
     }
@@ -443,12 +446,23 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
     let mut status = resp.status;
     let mut rh = resp.headers.clone();
     route.response_headers.apply(&mut rh);
-    let mut out = match plan
+    let policy_plan = plan
         .policy
         .as_ref()
-        .map(|p| decide::on_response(p, &mut status, &mut rh))
-    {
-        Some(ResponsePlan::Replace(p)) => run.answer(p),
+        .map(|p| decide::on_response(p, &mut status, &mut rh));
+    let decided = match policy_plan {
+        Some(ResponsePlan::Replace(p)) => Some(p),
+        _ => match plan
+            .plugins
+            .as_ref()
+            .map(|p| decide::plugins_on_response(p, &route.name, status, &mut rh))
+        {
+            Some(ResponsePlan::Replace(p)) => Some(p),
+            _ => None,
+        },
+    };
+    let mut out = match decided {
+        Some(p) => run.answer(p),
         _ => {
             let dropped = connection_tokens(
                 rh.get_all(http::header::CONNECTION)

@@ -32,3 +32,114 @@ pub fn valid_request_id(v: &[u8]) -> bool {
         && v.iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
+
+/// Declares the common standard header names once, for the lookups below.
+macro_rules! common_names {
+    ($($konst:ident = $text:literal),* $(,)?) => {
+        /// The `http` name for a lower-case header name: a constant for the common standard
+        /// names (no parsing, no allocation), parsed otherwise. `None` when it is not a valid
+        /// header name.
+        pub fn header_name(name: &str) -> Option<HeaderName> {
+            match name {
+                $($text => Some(http::header::$konst),)*
+                _ => HeaderName::from_bytes(name.as_bytes()).ok(),
+            }
+        }
+
+        /// The same name in actix's `http` 0.2 types: a constant for the common standard names,
+        /// parsed otherwise.
+        pub fn actix_name(name: &HeaderName) -> Option<actix_http::header::HeaderName> {
+            $(if *name == http::header::$konst {
+                return Some(actix_http::header::$konst);
+            })*
+            actix_http::header::HeaderName::from_bytes(name.as_str().as_bytes()).ok()
+        }
+
+        #[cfg(test)]
+        const COMMON_NAMES: &[&str] = &[$($text),*];
+    };
+}
+
+common_names! {
+    ACCEPT = "accept",
+    ACCEPT_ENCODING = "accept-encoding",
+    ACCEPT_LANGUAGE = "accept-language",
+    ACCEPT_RANGES = "accept-ranges",
+    ACCESS_CONTROL_ALLOW_CREDENTIALS = "access-control-allow-credentials",
+    ACCESS_CONTROL_ALLOW_HEADERS = "access-control-allow-headers",
+    ACCESS_CONTROL_ALLOW_METHODS = "access-control-allow-methods",
+    ACCESS_CONTROL_ALLOW_ORIGIN = "access-control-allow-origin",
+    ACCESS_CONTROL_EXPOSE_HEADERS = "access-control-expose-headers",
+    ACCESS_CONTROL_MAX_AGE = "access-control-max-age",
+    AGE = "age",
+    AUTHORIZATION = "authorization",
+    CACHE_CONTROL = "cache-control",
+    CONNECTION = "connection",
+    CONTENT_DISPOSITION = "content-disposition",
+    CONTENT_ENCODING = "content-encoding",
+    CONTENT_LANGUAGE = "content-language",
+    CONTENT_LENGTH = "content-length",
+    CONTENT_LOCATION = "content-location",
+    CONTENT_RANGE = "content-range",
+    CONTENT_SECURITY_POLICY = "content-security-policy",
+    CONTENT_TYPE = "content-type",
+    COOKIE = "cookie",
+    DATE = "date",
+    ETAG = "etag",
+    EXPECT = "expect",
+    EXPIRES = "expires",
+    FORWARDED = "forwarded",
+    HOST = "host",
+    IF_MATCH = "if-match",
+    IF_MODIFIED_SINCE = "if-modified-since",
+    IF_NONE_MATCH = "if-none-match",
+    IF_RANGE = "if-range",
+    IF_UNMODIFIED_SINCE = "if-unmodified-since",
+    LAST_MODIFIED = "last-modified",
+    LINK = "link",
+    LOCATION = "location",
+    ORIGIN = "origin",
+    PRAGMA = "pragma",
+    PROXY_AUTHORIZATION = "proxy-authorization",
+    RANGE = "range",
+    REFERER = "referer",
+    RETRY_AFTER = "retry-after",
+    SERVER = "server",
+    SET_COOKIE = "set-cookie",
+    STRICT_TRANSPORT_SECURITY = "strict-transport-security",
+    TE = "te",
+    TRAILER = "trailer",
+    TRANSFER_ENCODING = "transfer-encoding",
+    UPGRADE = "upgrade",
+    USER_AGENT = "user-agent",
+    VARY = "vary",
+    VIA = "via",
+    WWW_AUTHENTICATE = "www-authenticate",
+    X_CONTENT_TYPE_OPTIONS = "x-content-type-options",
+    X_FRAME_OPTIONS = "x-frame-options",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_names_map_to_the_same_name_in_both_crates() {
+        for text in COMMON_NAMES {
+            let name = header_name(text).unwrap();
+            assert_eq!(name.as_str(), *text);
+            assert_eq!(name, HeaderName::from_static(text));
+            assert_eq!(actix_name(&name).unwrap().as_str(), *text);
+        }
+    }
+
+    #[test]
+    fn other_names_are_parsed_and_bad_ones_refused() {
+        let n = header_name("x-custom-thing").unwrap();
+        assert_eq!(n.as_str(), "x-custom-thing");
+        assert_eq!(actix_name(&n).unwrap().as_str(), "x-custom-thing");
+        for bad in ["", "a b", "a\r\nb", "a\0b", "host:", "x:y", "caf\u{e9}"] {
+            assert!(header_name(bad).is_none(), "{bad:?}");
+        }
+    }
+}

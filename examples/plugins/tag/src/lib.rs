@@ -1,0 +1,89 @@
+//! The example RustyGate plugin (proxy-wasm ABI 0.2.1, Rust SDK).
+//!
+//! Configuration (the route's `config = { ... }`, handed over as JSON by `proxy_on_configure`):
+//! - `value`: the value of the `X-RustyGate-Plugin` header added to every response
+//!   (default `"tag"`);
+//! - `deny_header`: when a request carries this header, the plugin answers it with 403 itself
+//!   and the request goes no further (optional).
+//!
+//! It also tells the upstream it ran, with `X-RustyGate-Plugin-Seen: <value>`.
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(TagRoot { settings: Settings::default() })
+    });
+}}
+
+#[derive(Clone)]
+struct Settings {
+    value: String,
+    deny_header: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { value: "tag".to_owned(), deny_header: None }
+    }
+}
+
+struct TagRoot {
+    settings: Settings,
+}
+
+impl Context for TagRoot {}
+
+impl RootContext for TagRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = self.get_plugin_configuration() else {
+            return true;
+        };
+        let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(&bytes) else {
+            proxy_wasm::hostcalls::log(LogLevel::Error, "config is not a JSON object").ok();
+            return false;
+        };
+        if let Some(v) = m.get("value").and_then(|v| v.as_str()) {
+            self.settings.value = v.to_owned();
+        }
+        self.settings.deny_header = m
+            .get("deny_header")
+            .and_then(|v| v.as_str())
+            .map(str::to_ascii_lowercase);
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Tag { settings: self.settings.clone() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Tag {
+    settings: Settings,
+}
+
+impl Context for Tag {}
+
+impl HttpContext for Tag {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(h) = &self.settings.deny_header {
+            if self.get_http_request_header(h).is_some() {
+                self.send_http_response(403, vec![("content-type", "text/plain")], Some(b"denied by plugin\n"));
+                return Action::Pause;
+            }
+        }
+        self.set_http_request_header("x-rustygate-plugin-seen", Some(&self.settings.value));
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.add_http_response_header("x-rustygate-plugin", &self.settings.value);
+        Action::Continue
+    }
+}

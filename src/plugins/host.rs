@@ -1,0 +1,892 @@
+//! The host side of the ABI: the functions a plugin imports, and [`Vm`], one instance of a
+//! plugin with its store, that calls the plugin's callbacks each under a fresh instruction
+//! budget.
+//!
+//! What a callback may see lives in [`CallData`], put into the instance's environment for the
+//! length of one call and taken back after it: the host functions never see another request's
+//! headers, and nothing of a request outlives its calls inside the instance's host state.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use wasmer::{
+    Function, FunctionEnv, FunctionEnvMut, Global, Imports, Instance, Memory, RuntimeError, Store,
+    TypedFunction, Value,
+};
+
+use super::abi::{self, Pairs, errno, status};
+use super::{PluginUse, engine::PAGE};
+
+/// What the current callback may read and change.
+#[derive(Default)]
+pub(crate) struct CallData {
+    /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`) first.
+    pub request: Option<Pairs>,
+    pub request_writable: bool,
+    /// Response headers, `:status` first.
+    pub response: Option<Pairs>,
+    pub response_writable: bool,
+    /// Set by `proxy_send_local_response`.
+    pub local: Option<LocalResponse>,
+    pub props: Option<Arc<Props>>,
+}
+
+/// A response the plugin answers with instead of the upstream's.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+}
+
+/// The attributes `proxy_get_property` serves (docs/plugins.md).
+#[derive(Debug, Default)]
+pub struct Props {
+    pub method: String,
+    /// Path and query, as `request.path` is in Envoy.
+    pub path: String,
+    pub url_path: String,
+    pub query: String,
+    pub host: String,
+    pub source_address: String,
+    pub route: String,
+    pub config_sha: String,
+}
+
+impl Props {
+    fn get(&self, path: &str, plugin: &str) -> Option<Vec<u8>> {
+        let s = match path {
+            "request.method" => &self.method,
+            "request.path" => &self.path,
+            "request.url_path" => &self.url_path,
+            "request.query" => &self.query,
+            "request.host" => &self.host,
+            "source.address" => &self.source_address,
+            "rustygate.route" | "route_name" => &self.route,
+            "rustygate.config_sha" => &self.config_sha,
+            "plugin_name" => plugin,
+            _ => return None,
+        };
+        Some(s.as_bytes().to_vec())
+    }
+}
+
+/// The host state an instance's imports share.
+pub(crate) struct HostState {
+    memory: Option<Memory>,
+    alloc: Option<TypedFunction<i32, i32>>,
+    plugin: Arc<str>,
+    config: bytes::Bytes,
+    pub call: CallData,
+}
+
+/// Why a call into a plugin failed; `reason()` is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("ran over its instruction budget (max_instructions = {0})")]
+    Instructions(u64),
+    #[error("ran out of memory (max_memory = {0} bytes)")]
+    Memory(u64),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl VmError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VmError::Instructions(_) => "instructions",
+            VmError::Memory(_) => "memory",
+            VmError::Trap(_) => "trap",
+            VmError::Refused(_) => "refused",
+        }
+    }
+}
+
+type Cb1 = TypedFunction<i32, ()>;
+type Cb2 = TypedFunction<(i32, i32), i32>;
+type Cb3 = TypedFunction<(i32, i32, i32), i32>;
+
+/// The plugin's callbacks the host calls; each may be missing.
+struct Callbacks {
+    context_create: TypedFunction<(i32, i32), ()>,
+    vm_start: Option<Cb2>,
+    configure: Option<Cb2>,
+    request_headers: Option<Cb3>,
+    response_headers: Option<Cb3>,
+    log: Option<Cb1>,
+    done: Option<TypedFunction<i32, i32>>,
+    delete: Option<Cb1>,
+}
+
+/// The root context every instance configures (one plugin configuration per instance).
+pub const ROOT_CONTEXT: i32 = 1;
+
+/// One instance of a plugin, owned by one worker thread.
+pub(crate) struct Vm {
+    store: Store,
+    env: FunctionEnv<HostState>,
+    remaining: Global,
+    exhausted: Global,
+    memory: Memory,
+    cb: Callbacks,
+    max_instructions: u64,
+    max_memory: u64,
+    next_context: i32,
+}
+
+impl Vm {
+    /// Instantiates the plugin and runs its start-up: `_initialize`, the root context,
+    /// `proxy_on_vm_start`, `proxy_on_configure` with the plugin configuration.
+    pub fn new(u: &PluginUse) -> Result<Vm, VmError> {
+        let p = &u.plugin;
+        let mut store = Store::new(p.compiled.engine.clone());
+        let env = FunctionEnv::new(
+            &mut store,
+            HostState {
+                memory: None,
+                alloc: None,
+                plugin: Arc::clone(&p.name),
+                config: u.config.clone(),
+                call: CallData::default(),
+            },
+        );
+        let imports = imports(&mut store, &env, &p.compiled.module);
+        let instance = Instance::new(&mut store, &p.compiled.module, &imports)
+            .map_err(|e| VmError::Refused(format!("could not be instantiated: {e}")))?;
+        let ex = &instance.exports;
+        let missing = |what: &str| VmError::Refused(format!("does not export `{what}`"));
+        let memory = ex
+            .get_memory("memory")
+            .map_err(|_| missing("memory"))?
+            .clone();
+        let alloc = ex
+            .get_typed_function::<i32, i32>(&store, "proxy_on_memory_allocate")
+            .or_else(|_| ex.get_typed_function::<i32, i32>(&store, "malloc"))
+            .map_err(|_| missing("proxy_on_memory_allocate"))?;
+        let global = |name: &str| {
+            ex.get_global(name)
+                .cloned()
+                .map_err(|_| VmError::Refused("was not compiled with metering".into()))
+        };
+        let (remaining, exhausted) = (
+            global("wasmer_metering_remaining_points")?,
+            global("wasmer_metering_points_exhausted")?,
+        );
+        let t2 = |n: &str| ex.get_typed_function::<(i32, i32), i32>(&store, n).ok();
+        let t3 = |n: &str| {
+            ex.get_typed_function::<(i32, i32, i32), i32>(&store, n)
+                .ok()
+        };
+        let t1 = |n: &str| ex.get_typed_function::<i32, ()>(&store, n).ok();
+        let cb = Callbacks {
+            context_create: ex
+                .get_typed_function(&store, "proxy_on_context_create")
+                .map_err(|_| missing("proxy_on_context_create(i32, i32)"))?,
+            vm_start: t2("proxy_on_vm_start"),
+            configure: t2("proxy_on_configure"),
+            request_headers: t3("proxy_on_request_headers"),
+            response_headers: t3("proxy_on_response_headers"),
+            log: t1("proxy_on_log"),
+            done: ex.get_typed_function(&store, "proxy_on_done").ok(),
+            delete: t1("proxy_on_delete"),
+        };
+        let init = ex
+            .get_typed_function::<(), ()>(&store, "_initialize")
+            .or_else(|_| ex.get_typed_function::<(), ()>(&store, "_start"))
+            .ok();
+        {
+            let s = env.as_mut(&mut store);
+            s.memory = Some(memory.clone());
+            s.alloc = Some(alloc);
+        }
+        let mut vm = Vm {
+            store,
+            env,
+            remaining,
+            exhausted,
+            memory,
+            cb,
+            max_instructions: p.limits.max_instructions,
+            max_memory: p.limits.max_memory,
+            next_context: ROOT_CONTEXT + 1,
+        };
+        if let Some(init) = init {
+            vm.call(|s, _| init.call(s))?;
+        }
+        vm.call(|s, cb| cb.context_create.call(s, ROOT_CONTEXT, 0))?;
+        if let Some(f) = vm.cb.vm_start.clone()
+            && vm.call(|s, _| f.call(s, ROOT_CONTEXT, 0))? == 0
+        {
+            return Err(VmError::Refused("proxy_on_vm_start returned false".into()));
+        }
+        let size = u.config.len() as i32;
+        if let Some(f) = vm.cb.configure.clone()
+            && vm.call(|s, _| f.call(s, ROOT_CONTEXT, size))? == 0
+        {
+            return Err(VmError::Refused(
+                "proxy_on_configure returned false: the plugin refused its `config`".into(),
+            ));
+        }
+        Ok(vm)
+    }
+
+    /// Runs `f` with a fresh instruction budget, telling a budget or memory failure from
+    /// another trap.
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&mut Store, &Callbacks) -> Result<R, RuntimeError>,
+    ) -> Result<R, VmError> {
+        let budget = Value::I64(self.max_instructions.min(i64::MAX as u64) as i64);
+        self.remaining
+            .set(&mut self.store, budget)
+            .and_then(|()| self.exhausted.set(&mut self.store, Value::I32(0)))
+            .map_err(|e| VmError::Trap(format!("could not set the budget: {e}")))?;
+        match f(&mut self.store, &self.cb) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if matches!(self.exhausted.get(&mut self.store), Value::I32(n) if n != 0) {
+                    Err(VmError::Instructions(self.max_instructions))
+                } else if self.memory.view(&self.store).data_size() + PAGE > self.max_memory {
+                    Err(VmError::Memory(self.max_memory))
+                } else {
+                    Err(VmError::Trap(e.message()))
+                }
+            }
+        }
+    }
+
+    /// A new HTTP context under the root context.
+    pub fn create_context(&mut self) -> Result<i32, VmError> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        self.call(|s, cb| cb.context_create.call(s, id, ROOT_CONTEXT))?;
+        Ok(id)
+    }
+
+    /// Calls `on_request_headers` or `on_response_headers` with `data` in view, and gives
+    /// `data` back with the plugin's changes.
+    pub fn on_headers(
+        &mut self,
+        request: bool,
+        ctx: i32,
+        data: CallData,
+    ) -> (CallData, Result<i32, VmError>) {
+        let f = if request {
+            self.cb.request_headers.clone()
+        } else {
+            self.cb.response_headers.clone()
+        };
+        let Some(f) = f else {
+            return (data, Ok(abi::ACTION_CONTINUE));
+        };
+        let n = if request {
+            &data.request
+        } else {
+            &data.response
+        };
+        let n = n.as_ref().map_or(0, |p| p.len()) as i32;
+        self.env.as_mut(&mut self.store).call = data;
+        let out = self.call(|s, _| f.call(s, ctx, n, 0));
+        (
+            std::mem::take(&mut self.env.as_mut(&mut self.store).call),
+            out,
+        )
+    }
+
+    /// `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` for a finished context.
+    pub fn finish(&mut self, ctx: i32, data: CallData) -> Result<(), VmError> {
+        self.env.as_mut(&mut self.store).call = data;
+        let out = (|| {
+            if let Some(f) = self.cb.log.clone() {
+                self.call(|s, _| f.call(s, ctx))?;
+            }
+            if let Some(f) = self.cb.done.clone() {
+                self.call(|s, _| f.call(s, ctx))?;
+            }
+            if let Some(f) = self.cb.delete.clone() {
+                self.call(|s, _| f.call(s, ctx))?;
+            }
+            Ok(())
+        })();
+        self.env.as_mut(&mut self.store).call = CallData::default();
+        out
+    }
+}
+
+// ---- memory helpers -------------------------------------------------------------------------
+
+fn read(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let len = len as u32 as usize;
+    if len > abi::MAX_TRANSFER {
+        return None;
+    }
+    let memory = env.data().memory.as_ref()?;
+    let mut buf = vec![0; len];
+    memory
+        .view(env)
+        .read(u64::from(ptr as u32), &mut buf)
+        .ok()?;
+    Some(buf)
+}
+
+fn write(env: &FunctionEnvMut<'_, HostState>, ptr: i32, data: &[u8]) -> bool {
+    env.data()
+        .memory
+        .as_ref()
+        .is_some_and(|m| m.view(env).write(u64::from(ptr as u32), data).is_ok())
+}
+
+fn write_u32(env: &FunctionEnvMut<'_, HostState>, ptr: i32, v: u32) -> bool {
+    write(env, ptr, &v.to_le_bytes())
+}
+
+/// Copies `data` into memory the plugin allocates, and writes where and how long to
+/// `ret_ptr` / `ret_size`. The allocation runs plugin code, under the current budget.
+fn give(
+    env: &mut FunctionEnvMut<'_, HostState>,
+    data: &[u8],
+    ret_ptr: i32,
+    ret_size: i32,
+) -> Result<i32, RuntimeError> {
+    if data.len() > abi::MAX_TRANSFER {
+        return Ok(status::BAD_ARGUMENT);
+    }
+    let Some(alloc) = env.data().alloc.clone() else {
+        return Ok(status::INVALID_MEMORY_ACCESS);
+    };
+    let p = alloc.call(env, data.len() as i32)?;
+    if p == 0 && !data.is_empty() {
+        return Ok(status::INVALID_MEMORY_ACCESS);
+    }
+    if write(env, p, data)
+        && write_u32(env, ret_ptr, p as u32)
+        && write_u32(env, ret_size, data.len() as u32)
+    {
+        Ok(status::OK)
+    } else {
+        Ok(status::INVALID_MEMORY_ACCESS)
+    }
+}
+
+// ---- header maps ----------------------------------------------------------------------------
+
+/// The map a call may read, if it is in view now.
+fn map(call: &CallData, id: i32) -> Option<&Pairs> {
+    match id {
+        abi::map::REQUEST_HEADERS => call.request.as_ref(),
+        abi::map::RESPONSE_HEADERS => call.response.as_ref(),
+        _ => None,
+    }
+}
+
+/// The map a call may change, if it may.
+fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Pairs> {
+    match id {
+        abi::map::REQUEST_HEADERS if call.request_writable => call.request.as_mut(),
+        abi::map::RESPONSE_HEADERS if call.response_writable => call.response.as_mut(),
+        _ => None,
+    }
+}
+
+/// A header a plugin may set: a valid name and value, not a pseudo-header, not one that
+/// frames the message or names the hop (those stay the gateway's).
+fn settable(name: &str, value: &[u8]) -> bool {
+    !name.starts_with(':')
+        && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+        && http::HeaderValue::from_bytes(value).is_ok()
+        && !crate::proxy::headers::is_hop_by_hop_str(name)
+        && !matches!(name, "content-length" | "host")
+}
+
+fn key(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
+    String::from_utf8(read(env, ptr, len)?)
+        .ok()
+        .map(|s| s.to_ascii_lowercase())
+}
+
+enum Edit {
+    Add,
+    Replace,
+}
+
+fn edit(
+    mut env: FunctionEnvMut<'_, HostState>,
+    how: Edit,
+    id: i32,
+    kp: i32,
+    kl: i32,
+    vp: i32,
+    vl: i32,
+) -> i32 {
+    let (Some(k), Some(v)) = (key(&env, kp, kl), read(&env, vp, vl)) else {
+        return status::INVALID_MEMORY_ACCESS;
+    };
+    if !settable(&k, &v) {
+        return status::BAD_ARGUMENT;
+    }
+    let Some(m) = map_mut(&mut env.data_mut().call, id) else {
+        return status::BAD_ARGUMENT;
+    };
+    if let Edit::Replace = how {
+        m.retain(|(n, _)| *n != k);
+    }
+    m.push((k, v));
+    status::OK
+}
+
+// ---- the imports ----------------------------------------------------------------------------
+
+fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Module) -> Imports {
+    let mut i = Imports::new();
+    // Host functions outside the subset that the module imports (`abi::Import::Stub`): typed
+    // as the module declares them, answering `UNIMPLEMENTED`.
+    for imp in module.imports() {
+        let (wasmer::ExternType::Function(ty), Ok(abi::Import::Stub)) =
+            (imp.ty(), abi::check_import(imp.module(), imp.name()))
+        else {
+            continue;
+        };
+        let results: Vec<Value> = ty
+            .results()
+            .iter()
+            .map(|t| match t {
+                wasmer::Type::I32 => Value::I32(status::UNIMPLEMENTED),
+                wasmer::Type::I64 => Value::I64(0),
+                wasmer::Type::F32 => Value::F32(0.0),
+                wasmer::Type::F64 => Value::F64(0.0),
+                _ => Value::I32(0),
+            })
+            .collect();
+        let name = imp.name().to_owned();
+        let stub = Function::new_with_env(store, env, ty.clone(), move |env, _args| {
+            tracing::debug!(
+                plugin = &*env.data().plugin,
+                "{name} is not supported by RustyGate: answered UNIMPLEMENTED"
+            );
+            Ok(results.clone())
+        });
+        i.define(imp.module(), imp.name(), stub);
+    }
+    macro_rules! f {
+        ($body:expr) => {
+            Function::new_typed_with_env(store, env, $body)
+        };
+    }
+    let e = "env";
+    i.define(
+        e,
+        "proxy_log",
+        f!(
+            |env: FunctionEnvMut<HostState>, level: i32, p: i32, l: i32| -> i32 {
+                let Some(msg) = read(&env, p, l.min(4096)) else {
+                    return status::INVALID_MEMORY_ACCESS;
+                };
+                log(&env.data().plugin, level, &String::from_utf8_lossy(&msg));
+                status::OK
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_get_log_level",
+        f!(|env: FunctionEnvMut<HostState>, ret: i32| -> i32 {
+            // INFO: debug and trace lines are not worth a call across the boundary.
+            if write_u32(&env, ret, 2) {
+                status::OK
+            } else {
+                status::INVALID_MEMORY_ACCESS
+            }
+        }),
+    );
+    i.define(
+        e,
+        "proxy_set_effective_context",
+        f!(|_env: FunctionEnvMut<HostState>, _ctx: i32| -> i32 { status::OK }),
+    );
+    i.define(
+        e,
+        "proxy_get_buffer_bytes",
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            start: i32,
+            max: i32,
+            rp: i32,
+            rs: i32|
+         -> Result<i32, RuntimeError> {
+            let buf = match id {
+                abi::buffer::PLUGIN_CONFIGURATION => env.data().config.clone(),
+                abi::buffer::VM_CONFIGURATION => bytes::Bytes::new(),
+                _ => return Ok(status::NOT_FOUND),
+            };
+            let start = start as u32 as usize;
+            let end = start.saturating_add(max as u32 as usize).min(buf.len());
+            let Some(slice) = buf.get(start..end) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            give(&mut env, slice, rp, rs)
+        }),
+    );
+    i.define(
+        e,
+        "proxy_get_buffer_status",
+        f!(
+            |env: FunctionEnvMut<HostState>, id: i32, rl: i32, rf: i32| -> i32 {
+                let len = match id {
+                    abi::buffer::PLUGIN_CONFIGURATION => env.data().config.len(),
+                    abi::buffer::VM_CONFIGURATION => 0,
+                    _ => return status::NOT_FOUND,
+                };
+                if write_u32(&env, rl, len as u32) && write_u32(&env, rf, 0) {
+                    status::OK
+                } else {
+                    status::INVALID_MEMORY_ACCESS
+                }
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_set_buffer_bytes",
+        // Bodies are not handed to plugins (docs/plugins.md); configurations are read-only.
+        f!(|_env: FunctionEnvMut<HostState>,
+            _id: i32,
+            _s: i32,
+            _n: i32,
+            _p: i32,
+            _l: i32|
+         -> i32 { status::NOT_FOUND }),
+    );
+    i.define(
+        e,
+        "proxy_get_header_map_pairs",
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            rp: i32,
+            rs: i32|
+         -> Result<i32, RuntimeError> {
+            let Some(m) = map(&env.data().call, id) else {
+                return Ok(status::NOT_FOUND);
+            };
+            let bytes = abi::serialize_map(m);
+            give(&mut env, &bytes, rp, rs)
+        }),
+    );
+    i.define(
+        e,
+        "proxy_get_header_map_size",
+        f!(|env: FunctionEnvMut<HostState>, id: i32, rs: i32| -> i32 {
+            let Some(m) = map(&env.data().call, id) else {
+                return status::NOT_FOUND;
+            };
+            let size = abi::serialize_map(m).len() as u32;
+            if write_u32(&env, rs, size) {
+                status::OK
+            } else {
+                status::INVALID_MEMORY_ACCESS
+            }
+        }),
+    );
+    i.define(
+        e,
+        "proxy_set_header_map_pairs",
+        f!(
+            |mut env: FunctionEnvMut<HostState>, id: i32, p: i32, l: i32| -> i32 {
+                let Some(bytes) = read(&env, p, l) else {
+                    return status::INVALID_MEMORY_ACCESS;
+                };
+                let Some(pairs) = abi::deserialize_map(&bytes) else {
+                    return status::BAD_ARGUMENT;
+                };
+                if pairs
+                    .iter()
+                    .any(|(k, v)| !k.starts_with(':') && !settable(k, v))
+                {
+                    return status::BAD_ARGUMENT;
+                }
+                let Some(m) = map_mut(&mut env.data_mut().call, id) else {
+                    return status::BAD_ARGUMENT;
+                };
+                // Pseudo-headers stay as they are; the rest is replaced.
+                m.retain(|(k, _)| k.starts_with(':'));
+                m.extend(pairs.into_iter().filter(|(k, _)| !k.starts_with(':')));
+                status::OK
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_get_header_map_value",
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            kp: i32,
+            kl: i32,
+            rp: i32,
+            rs: i32|
+         -> Result<i32, RuntimeError> {
+            let Some(k) = key(&env, kp, kl) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Some(m) = map(&env.data().call, id) else {
+                return Ok(status::NOT_FOUND);
+            };
+            let mut values = m.iter().filter(|(n, _)| *n == k).map(|(_, v)| v.as_slice());
+            let Some(first) = values.next() else {
+                return Ok(status::NOT_FOUND);
+            };
+            // Several values read as one, comma-separated, as HTTP allows.
+            let mut v = first.to_vec();
+            for more in values {
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(more);
+            }
+            give(&mut env, &v, rp, rs)
+        }),
+    );
+    i.define(
+        e,
+        "proxy_add_header_map_value",
+        f!(
+            |env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+                edit(env, Edit::Add, id, kp, kl, vp, vl)
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_replace_header_map_value",
+        f!(
+            |env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+                edit(env, Edit::Replace, id, kp, kl, vp, vl)
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_remove_header_map_value",
+        f!(
+            |mut env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32| -> i32 {
+                let Some(k) = key(&env, kp, kl) else {
+                    return status::INVALID_MEMORY_ACCESS;
+                };
+                if !settable(&k, b"") {
+                    return status::BAD_ARGUMENT;
+                }
+                let Some(m) = map_mut(&mut env.data_mut().call, id) else {
+                    return status::BAD_ARGUMENT;
+                };
+                m.retain(|(n, _)| *n != k);
+                status::OK
+            }
+        ),
+    );
+    i.define(
+        e,
+        "proxy_send_local_response",
+        f!(|mut env: FunctionEnvMut<HostState>,
+            code: i32,
+            _dp: i32,
+            _dl: i32,
+            bp: i32,
+            bl: i32,
+            hp: i32,
+            hl: i32,
+            _grpc: i32|
+         -> i32 {
+            let (Some(body), Some(h)) = (read(&env, bp, bl), read(&env, hp, hl)) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(headers) = abi::deserialize_map(&h) else {
+                return status::BAD_ARGUMENT;
+            };
+            let call = &mut env.data_mut().call;
+            let in_headers_phase = call.request_writable || call.response_writable;
+            if !(200..=599).contains(&code)
+                || !in_headers_phase
+                || headers.iter().any(|(k, v)| !settable(k, v))
+            {
+                return status::BAD_ARGUMENT;
+            }
+            call.local = Some(LocalResponse {
+                status: code as u16,
+                headers,
+                body,
+            });
+            status::OK
+        }),
+    );
+    for name in [
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_done",
+    ] {
+        // Nothing is ever paused, so continuing is a no-op.
+        i.define(
+            e,
+            name,
+            f!(|_env: FunctionEnvMut<HostState>| -> i32 { status::OK }),
+        );
+    }
+    i.define(
+        e,
+        "proxy_continue_stream",
+        f!(|_env: FunctionEnvMut<HostState>, _stream: i32| -> i32 { status::OK }),
+    );
+    i.define(
+        e,
+        "proxy_get_property",
+        f!(|mut env: FunctionEnvMut<HostState>,
+            pp: i32,
+            pl: i32,
+            rp: i32,
+            rs: i32|
+         -> Result<i32, RuntimeError> {
+            let Some(path) = read(&env, pp, pl) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Some(path) = abi::property_path(&path) else {
+                return Ok(status::NOT_FOUND);
+            };
+            let d = env.data();
+            let value = match &d.call.props {
+                Some(p) => p.get(&path, &d.plugin),
+                None if path == "plugin_name" => Some(d.plugin.as_bytes().to_vec()),
+                None => None,
+            };
+            match value {
+                Some(v) => give(&mut env, &v, rp, rs),
+                None => Ok(status::NOT_FOUND),
+            }
+        }),
+    );
+    i.define(
+        e,
+        "proxy_get_current_time_nanoseconds",
+        f!(|env: FunctionEnvMut<HostState>, ret: i32| -> i32 {
+            if write(&env, ret, &now_nanos().to_le_bytes()) {
+                status::OK
+            } else {
+                status::INVALID_MEMORY_ACCESS
+            }
+        }),
+    );
+
+    let w = "wasi_snapshot_preview1";
+    i.define(
+        w,
+        "fd_write",
+        f!(
+            |env: FunctionEnvMut<HostState>, fd: i32, iovs: i32, n: i32, ret: i32| -> i32 {
+                if fd != 1 && fd != 2 {
+                    return errno::BADF;
+                }
+                let mut text = Vec::new();
+                for k in 0..n.clamp(0, 64) {
+                    let Some(iov) = read(&env, iovs.wrapping_add(k * 8), 8) else {
+                        return errno::FAULT;
+                    };
+                    let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                    let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                    let room = (abi::MAX_TRANSFER - text.len()) as i32;
+                    let Some(b) = read(&env, ptr, len.clamp(0, room)) else {
+                        return errno::FAULT;
+                    };
+                    text.extend_from_slice(&b);
+                }
+                let level = if fd == 2 { 3 } else { 2 };
+                for line in String::from_utf8_lossy(&text).lines().take(64) {
+                    log(
+                        &env.data().plugin,
+                        level,
+                        &line.chars().take(4096).collect::<String>(),
+                    );
+                }
+                if write_u32(&env, ret, text.len() as u32) {
+                    errno::SUCCESS
+                } else {
+                    errno::FAULT
+                }
+            }
+        ),
+    );
+    i.define(
+        w,
+        "clock_time_get",
+        f!(
+            |env: FunctionEnvMut<HostState>, _id: i32, _precision: i64, ret: i32| -> i32 {
+                if write(&env, ret, &now_nanos().to_le_bytes()) {
+                    errno::SUCCESS
+                } else {
+                    errno::FAULT
+                }
+            }
+        ),
+    );
+    i.define(
+        w,
+        "random_get",
+        f!(|env: FunctionEnvMut<HostState>, p: i32, l: i32| -> i32 {
+            let len = l as u32 as usize;
+            if len > abi::MAX_TRANSFER {
+                return errno::INVAL;
+            }
+            let mut buf = vec![0u8; len];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut buf);
+            if write(&env, p, &buf) {
+                errno::SUCCESS
+            } else {
+                errno::FAULT
+            }
+        }),
+    );
+    for name in ["environ_sizes_get", "args_sizes_get"] {
+        // No environment and no arguments: a plugin sees nothing of the gateway's process.
+        i.define(
+            w,
+            name,
+            f!(
+                |env: FunctionEnvMut<HostState>, count: i32, size: i32| -> i32 {
+                    if write_u32(&env, count, 0) && write_u32(&env, size, 0) {
+                        errno::SUCCESS
+                    } else {
+                        errno::FAULT
+                    }
+                }
+            ),
+        );
+    }
+    for name in ["environ_get", "args_get"] {
+        i.define(
+            w,
+            name,
+            f!(|_env: FunctionEnvMut<HostState>, _a: i32, _b: i32| -> i32 { errno::SUCCESS }),
+        );
+    }
+    i.define(
+        w,
+        "proc_exit",
+        f!(
+            |_env: FunctionEnvMut<HostState>, code: i32| -> Result<(), RuntimeError> {
+                Err(RuntimeError::new(format!("proc_exit({code})")))
+            }
+        ),
+    );
+    i
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn log(plugin: &str, level: i32, msg: &str) {
+    match level {
+        0 => tracing::trace!(plugin, "{msg}"),
+        1 => tracing::debug!(plugin, "{msg}"),
+        2 => tracing::info!(plugin, "{msg}"),
+        3 => tracing::warn!(plugin, "{msg}"),
+        _ => tracing::error!(plugin, "{msg}"),
+    }
+}

@@ -1,0 +1,495 @@
+//! Plugins written in WAT, each doing one thing (or one wrong thing), run through the same
+//! `on_request` / `on_response` / drop path the handler uses.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+/// A minimal proxy-wasm module: a bump allocator, a context-create no-op, some strings in
+/// memory, and the functions in `extra`.
+fn module(extra: &str) -> Vec<u8> {
+    let src = format!(
+        r#"(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (data (i32.const 0) "x-added")
+  (data (i32.const 16) "yes")
+  (data (i32.const 32) "x-drop")
+  (data (i32.const 48) "user-agent")
+  (data (i32.const 64) "replaced")
+  (data (i32.const 80) "denied")
+  (data (i32.const 96) "content-length")
+  {extra}
+)"#
+    );
+    wat::parse_str(&src).expect("test module is valid WAT")
+}
+
+const NOOP_CREATE: &str = r#"(func (export "proxy_on_context_create") (param i32 i32))"#;
+
+fn plugin(name: &str, extra: &str, on_error: OnError, limits: Limits) -> Arc<PluginUse> {
+    let bytes = module(&format!("{NOOP_CREATE}\n{extra}"));
+    plugin_from(name, &bytes, on_error, limits)
+}
+
+fn plugin_from(name: &str, bytes: &[u8], on_error: OnError, limits: Limits) -> Arc<PluginUse> {
+    let sha = hex::encode(Sha256::digest(bytes));
+    let p = Plugin::compile(name, "plugins/test.wasm", bytes, &sha, on_error, limits)
+        .unwrap_or_else(|e| panic!("{name} compiles: {e}"));
+    Arc::new(PluginUse {
+        plugin: Arc::new(p),
+        config: Bytes::new(),
+    })
+}
+
+fn info() -> RequestInfo<'static> {
+    RequestInfo {
+        method: "GET",
+        host: "example.com",
+        path: "/orders",
+        query: Some("page=2"),
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        route: "orders",
+        config_sha: "abc123",
+    }
+}
+
+fn client() -> ClientHeaders {
+    [
+        ("user-agent", &b"curl"[..]),
+        ("x-drop", b"1"),
+        ("accept", b"*/*"),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn errors(name: &str, reason: &str) -> u64 {
+    ERRORS.with_label_values(&[name, reason]).get()
+}
+
+fn request(plugins: &[Arc<PluginUse>]) -> (PluginRun, Outcome) {
+    on_request(plugins, &info(), &client())
+}
+
+fn is_continue(o: &Outcome) -> bool {
+    matches!(o, Outcome::Continue)
+}
+
+fn is_failed(o: &Outcome) -> bool {
+    matches!(o, Outcome::Failed)
+}
+
+const CONTINUE_ON_REQUEST: &str =
+    r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))"#;
+
+#[test]
+fn an_endless_loop_is_stopped_by_metering_and_the_thread_keeps_serving() {
+    let name = "loop-forever";
+    let looping = plugin(
+        name,
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (loop $l (br $l)) (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits {
+            max_instructions: 1_000_000,
+            ..Limits::default()
+        },
+    );
+    let (_, out) = request(std::slice::from_ref(&looping));
+    assert!(is_failed(&out));
+    assert_eq!(errors(name, "instructions"), 1);
+    // The next request gets a fresh instance, stopped the same way: nothing hangs.
+    let (_, out) = request(std::slice::from_ref(&looping));
+    assert!(is_failed(&out));
+    assert_eq!(errors(name, "instructions"), 2);
+    // And the same thread serves other plugins as before.
+    let fine = plugin(
+        "fine-after-loop",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (_, out) = request(&[fine]);
+    assert!(is_continue(&out));
+}
+
+/// Grows memory a page at a time until `memory.grow` refuses, then checks (inside the plugin)
+/// that it stopped at exactly 4 pages: the 256 KiB cap.
+const GROW_UNTIL_REFUSED: &str = r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (block $done
+      (loop $more
+        (br_if $done (i32.eq (memory.grow (i32.const 1)) (i32.const -1)))
+        (br $more)))
+    (if (i32.ne (memory.size) (i32.const 4)) (then unreachable))
+    (i32.const 0))"#;
+
+#[test]
+fn memory_cannot_grow_past_max_memory() {
+    let p = plugin(
+        "grow-to-cap",
+        GROW_UNTIL_REFUSED,
+        OnError::FailClosed,
+        Limits {
+            max_memory: 4 * PAGE,
+            ..Limits::default()
+        },
+    );
+    let (_, out) = request(&[p]);
+    assert!(is_continue(&out), "memory.grow went past the 4-page cap");
+}
+
+#[test]
+fn running_out_of_memory_is_a_memory_failure_and_fail_open_goes_on() {
+    let name = "oom-open";
+    let p = plugin(
+        name,
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (block $done
+               (loop $more
+                 (br_if $done (i32.eq (memory.grow (i32.const 1)) (i32.const -1)))
+                 (br $more)))
+             unreachable)"#,
+        OnError::FailOpen,
+        Limits {
+            max_memory: 2 * PAGE,
+            ..Limits::default()
+        },
+    );
+    let (run, out) = request(&[p]);
+    assert!(is_continue(&out));
+    assert_eq!(errors(name, "memory"), 1);
+    // The failed plugin's context is gone: it gets no response or log callbacks.
+    assert!(run.active.is_empty());
+}
+
+#[test]
+fn imports_outside_the_subset_are_refused_by_name() {
+    let bytes = wat::parse_str(
+        r#"(module
+             (import "env" "proxy_frobnicate" (func (param i32) (result i32)))
+             (import "wasi_snapshot_preview1" "path_open" (func (param i32) (result i32)))
+             (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let e = Plugin::compile(
+        "bad",
+        "plugins/bad.wasm",
+        &bytes,
+        &sha,
+        OnError::FailClosed,
+        Limits::default(),
+    )
+    .err()
+    .expect("refused");
+    let msg = e.to_string();
+    assert!(msg.contains("env.proxy_frobnicate"), "{msg}");
+    assert!(msg.contains("wasi_snapshot_preview1.path_open"), "{msg}");
+}
+
+#[test]
+fn a_module_that_imports_its_memory_is_refused() {
+    let bytes = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let e = Plugin::compile(
+        "mem",
+        "p.wasm",
+        &bytes,
+        &sha,
+        OnError::FailClosed,
+        Limits::default(),
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("env.memory"), "{e}");
+}
+
+#[test]
+fn an_sdk_import_outside_the_subset_answers_unimplemented() {
+    // proxy_http_call is imported by every Rust SDK plugin; calling it gets status 12.
+    let p = plugin(
+        "calls-out",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (if (i32.ne (call $http_call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                   (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
+                   (i32.const 12))
+               (then unreachable))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (_, out) = request(&[p]);
+    assert!(is_continue(&out));
+}
+
+const TRAP: &str = "unreachable";
+
+#[test]
+fn a_trap_at_start_up_or_a_refused_configuration_fails_the_check() {
+    let vm_start = plugin(
+        "trap-vm-start",
+        &format!(r#"(func (export "proxy_on_vm_start") (param i32 i32) (result i32) {TRAP})"#),
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    assert_eq!(vm_start.check().unwrap_err().reason(), "trap");
+    let configure = plugin(
+        "refuse-config",
+        r#"(func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let e = configure.check().unwrap_err();
+    assert!(e.to_string().contains("proxy_on_configure"), "{e}");
+    // The trap in `proxy_on_context_create` of the root context.
+    let bytes = module(&format!(
+        r#"(func (export "proxy_on_context_create") (param i32 i32) {TRAP})"#
+    ));
+    let create = plugin_from(
+        "trap-create",
+        &bytes,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    assert_eq!(create.check().unwrap_err().reason(), "trap");
+}
+
+#[test]
+fn a_trap_in_on_request_headers_fails_closed_or_goes_on_without_the_plugins_edits() {
+    let body = format!(
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $add (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)))
+             {TRAP})"#
+    );
+    let closed = plugin(
+        "trap-req-closed",
+        &body,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (_, out) = request(&[closed]);
+    assert!(is_failed(&out));
+    assert_eq!(errors("trap-req-closed", "trap"), 1);
+
+    let open = plugin("trap-req-open", &body, OnError::FailOpen, Limits::default());
+    let (run, out) = request(&[open]);
+    assert!(is_continue(&out));
+    assert_eq!(errors("trap-req-open", "trap"), 1);
+    let mut upstream = HeaderMap::new();
+    run.apply_edits(&mut upstream);
+    assert!(
+        upstream.is_empty(),
+        "the trapped plugin's edit was kept: {upstream:?}"
+    );
+}
+
+#[test]
+fn a_trap_in_on_response_headers_fails_closed_or_goes_on() {
+    let body = format!(
+        r#"{CONTINUE_ON_REQUEST}
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {TRAP})"#
+    );
+    let closed = plugin(
+        "trap-res-closed",
+        &body,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, out) = request(&[closed]);
+    assert!(is_continue(&out));
+    let mut h = HeaderMap::new();
+    assert!(is_failed(&run.on_response("orders", 200, &mut h)));
+    assert_eq!(errors("trap-res-closed", "trap"), 1);
+
+    let open = plugin("trap-res-open", &body, OnError::FailOpen, Limits::default());
+    let (run, _) = request(&[open]);
+    assert!(is_continue(&run.on_response("orders", 200, &mut h)));
+    assert_eq!(errors("trap-res-open", "trap"), 1);
+}
+
+#[test]
+fn a_trap_in_on_log_is_counted() {
+    let body = format!(
+        r#"{CONTINUE_ON_REQUEST}
+           (func (export "proxy_on_log") (param i32) {TRAP})"#
+    );
+    let p = plugin("trap-log", &body, OnError::FailClosed, Limits::default());
+    let (run, out) = request(&[p]);
+    assert!(is_continue(&out));
+    assert_eq!(errors("trap-log", "trap"), 0);
+    drop(run);
+    assert_eq!(errors("trap-log", "trap"), 1);
+}
+
+#[test]
+fn header_edits_reach_the_upstream_and_the_client() {
+    let p = plugin(
+        "edits",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $add (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)))
+             (drop (call $replace (i32.const 0) (i32.const 48) (i32.const 10) (i32.const 64) (i32.const 8)))
+             (drop (call $remove (i32.const 0) (i32.const 32) (i32.const 6)))
+             (i32.const 0))
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+             (drop (call $add (i32.const 2) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)))
+             (drop (call $remove (i32.const 2) (i32.const 32) (i32.const 6)))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, out) = request(&[p]);
+    assert!(is_continue(&out));
+    // What the policy sees next.
+    let seen = run.client_headers();
+    assert_eq!(
+        seen.get_all("x-added").collect::<Vec<_>>(),
+        vec![&b"yes"[..]]
+    );
+    assert_eq!(
+        seen.get_all("user-agent").collect::<Vec<_>>(),
+        vec![&b"replaced"[..]]
+    );
+    assert_eq!(seen.get_all("x-drop").count(), 0);
+    // What the upstream gets: the gateway's own headers stay.
+    let mut up = HeaderMap::new();
+    up.insert("user-agent", HeaderValue::from_static("curl"));
+    up.insert("x-drop", HeaderValue::from_static("1"));
+    up.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
+    run.apply_edits(&mut up);
+    assert_eq!(up.get("x-added").unwrap(), "yes");
+    assert_eq!(up.get("user-agent").unwrap(), "replaced");
+    assert!(up.get("x-drop").is_none());
+    assert_eq!(up.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    // The response side.
+    let mut res = HeaderMap::new();
+    res.insert("x-drop", HeaderValue::from_static("1"));
+    res.insert("content-type", HeaderValue::from_static("text/plain"));
+    assert!(is_continue(&run.on_response("orders", 200, &mut res)));
+    assert_eq!(res.get("x-added").unwrap(), "yes");
+    assert!(res.get("x-drop").is_none());
+    assert_eq!(res.get("content-type").unwrap(), "text/plain");
+}
+
+#[test]
+fn framing_headers_cannot_be_set() {
+    // The plugin traps unless adding `content-length` is refused with BAD_ARGUMENT (2).
+    let p = plugin(
+        "framing",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (if (i32.ne (call $add (i32.const 0) (i32.const 96) (i32.const 14) (i32.const 16) (i32.const 3))
+                         (i32.const 2))
+               (then unreachable))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (_, out) = request(&[p]);
+    assert!(is_continue(&out));
+}
+
+#[test]
+fn a_local_response_answers_the_request() {
+    let p = plugin(
+        "deny",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 80) (i32.const 6)
+                   (i32.const 0) (i32.const 0) (i32.const -1)))
+             (i32.const 1))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let never = plugin(
+        "after-deny",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, out) = request(&[p, never]);
+    let Outcome::Respond(r) = out else {
+        panic!("expected the plugin's response")
+    };
+    assert_eq!(r.status, 403);
+    assert_eq!(&r.body[..], b"denied");
+    // The plugin after it did not run.
+    assert_eq!(run.active.len(), 1);
+}
+
+#[test]
+fn pausing_without_answering_is_refused() {
+    let name = "pauses";
+    let p = plugin(
+        name,
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 1))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (_, out) = request(&[p]);
+    assert!(is_failed(&out));
+    assert_eq!(errors(name, "refused"), 1);
+}
+
+#[test]
+fn compiled_modules_are_cached_by_sha256() {
+    let bytes = module(&format!("{NOOP_CREATE}\n(func $unique_to_cache_test)"));
+    let sha = hex::encode(Sha256::digest(&bytes));
+    assert!(!is_cached(&sha, DEFAULT_MAX_MEMORY));
+    let a = Plugin::compile(
+        "c",
+        "p.wasm",
+        &bytes,
+        &sha,
+        OnError::FailClosed,
+        Limits::default(),
+    )
+    .unwrap();
+    assert!(is_cached(&sha, DEFAULT_MAX_MEMORY));
+    let b = Plugin::compile(
+        "c",
+        "p.wasm",
+        &bytes,
+        &sha,
+        OnError::FailClosed,
+        Limits::default(),
+    )
+    .unwrap();
+    assert!(Arc::ptr_eq(&a.compiled, &b.compiled));
+    drop((a, b));
+    // Nothing holds it any more: a later snapshot compiles it afresh.
+    assert!(!is_cached(&sha, DEFAULT_MAX_MEMORY));
+}
+
+#[test]
+fn instances_of_an_earlier_config_are_freed_when_the_next_one_starts() {
+    let count = || INSTANCES.with(|m| m.borrow().len());
+    let old = plugin(
+        "old-config",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    drop(request(std::slice::from_ref(&old)));
+    assert_eq!(count(), 1);
+    // A reload: no snapshot holds the old use any more.
+    drop(old);
+    let new = plugin(
+        "new-config",
+        CONTINUE_ON_REQUEST,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    drop(request(&[new]));
+    assert_eq!(count(), 1, "the old config's instance is still held");
+}

@@ -1,0 +1,331 @@
+//! WASM plugins on a running gateway: the example plugin (built from Rust with the proxy-wasm
+//! SDK) changes real requests and responses; a trapping plugin fails closed with a JSON 500 or
+//! is skipped when `fail_open`; a reload swaps a plugin; config mistakes are located errors.
+//!
+//! `RUSTYGATE_TAG_WASM` names a freshly built example plugin (`.ci/run` builds it from
+//! source); without it the module committed in `examples/plugins/plugins/` is served.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use rustygate::compile::{CompileOptions, compile_dir};
+use rustygate::server::ServeOptions;
+use sha2::{Digest, Sha256};
+
+fn example_wasm() -> Vec<u8> {
+    let path = std::env::var_os("RUSTYGATE_TAG_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins/plugins/tag.wasm")
+        });
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A config repo with `plugins/<name>.wasm` = `wasm`, declared with `decl_extra`, and one
+/// catch-all route to `upstream` running `uses`.
+fn plugin_repo(
+    name: &str,
+    wasm: &[u8],
+    decl_extra: &str,
+    upstream: &str,
+    uses: &str,
+) -> tempfile::TempDir {
+    let dir = repo(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[plugin.{name}]\nfile = \"plugins/{name}.wasm\"\nsha256 = \"{}\"\n{decl_extra}\n",
+                sha(wasm)
+            ),
+        ),
+        (
+            "routes/all.toml",
+            &format!(
+                "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\nplugins = [{uses}]\n"
+            ),
+        ),
+        (
+            "upstreams/be.toml",
+            &format!("[upstream.be]\ntargets = [\"{upstream}\"]\n"),
+        ),
+    ]);
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::write(dir.path().join(format!("plugins/{name}.wasm")), wasm).unwrap();
+    dir
+}
+
+fn one_worker(dir: tempfile::TempDir) -> Gateway {
+    let mut gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers: 1,
+            ..ServeOptions::default()
+        },
+    );
+    gw.keep_repo(dir);
+    gw
+}
+
+fn echoed_header(echo: &serde_json::Value, name: &str) -> Option<String> {
+    echo["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .map(|h| h[1].as_str().unwrap_or("").to_owned())
+}
+
+#[test]
+fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
+    let be = Backend::echo();
+    let dir = plugin_repo(
+        "tag",
+        &example_wasm(),
+        "",
+        &be.url(),
+        r#"{ name = "tag", config = { value = "from-test", deny_header = "x-block-me" } }"#,
+    );
+    let gw = one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let reply = get(&gw.url("/orders")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-rustygate-plugin"), Some("from-test"));
+        let echo = reply.json();
+        assert_eq!(
+            echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),
+            Some("from-test"),
+            "{echo}"
+        );
+
+        let denied = send(
+            http::Request::get(gw.url("/orders"))
+                .header("x-block-me", "1")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(denied.status, 403);
+        assert_eq!(denied.text(), "denied by plugin\n");
+    });
+}
+
+#[test]
+fn a_reload_swaps_the_plugin_configuration() {
+    let be = Backend::echo();
+    let wasm = example_wasm();
+    let dir = plugin_repo(
+        "tag",
+        &wasm,
+        "",
+        &be.url(),
+        r#"{ name = "tag", config = { value = "one" } }"#,
+    );
+    let gw = one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert_eq!(get(&gw.url("/")).await.header("x-rustygate-plugin"), Some("one"));
+        gw.swap(&[(
+            "routes/all.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\nplugins = [{ name = \"tag\", config = { value = \"two\" } }]\n",
+        )]);
+        assert_eq!(get(&gw.url("/")).await.header("x-rustygate-plugin"), Some("two"));
+        // And away: a route without plugins.
+        gw.swap(&[(
+            "routes/all.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n",
+        )]);
+        assert_eq!(get(&gw.url("/")).await.header("x-rustygate-plugin"), None);
+    });
+}
+
+/// A plugin that traps in `on_request_headers`.
+const TRAPS: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable))"#;
+
+/// A plugin that never returns from `on_request_headers`.
+const LOOPS: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (loop $l (br $l)) (i32.const 0)))"#;
+
+#[test]
+fn a_trapping_plugin_fails_closed_with_a_json_500_and_the_request_id() {
+    let be = Backend::echo();
+    let wasm = wat::parse_str(TRAPS).unwrap();
+    let dir = plugin_repo("traps", &wasm, "", &be.url(), r#"{ name = "traps" }"#);
+    let gw = one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let reply = get(&gw.url("/x")).await;
+        assert_eq!(reply.status, 500, "{}", reply.text());
+        let body = reply.json();
+        assert_eq!(body["error"], "a plugin of this route failed");
+        assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+        assert_eq!(body["request_id"].as_str(), reply.header("x-request-id"));
+    });
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get("rustygate_plugin_errors_total{plugin=\"traps\",reason=\"trap\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn a_fail_open_plugin_that_traps_is_skipped_and_counted() {
+    let be = Backend::echo();
+    let wasm = wat::parse_str(TRAPS).unwrap();
+    let dir = plugin_repo(
+        "traps_open",
+        &wasm,
+        "on_error = \"fail_open\"",
+        &be.url(),
+        r#"{ name = "traps_open" }"#,
+    );
+    let gw = one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for _ in 0..2 {
+            let reply = get(&gw.url("/x")).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    });
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get("rustygate_plugin_errors_total{plugin=\"traps_open\",reason=\"trap\"}"),
+        Some(&2.0),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn an_endless_plugin_is_stopped_and_the_single_worker_keeps_serving() {
+    let be = Backend::echo();
+    let looping = wat::parse_str(LOOPS).unwrap();
+    let tag = example_wasm();
+    let dir = repo(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[plugin.loops]\nfile = \"plugins/loops.wasm\"\nsha256 = \"{}\"\n\n[plugin.tag]\nfile = \"plugins/tag.wasm\"\nsha256 = \"{}\"\n",
+                sha(&looping),
+                sha(&tag)
+            ),
+        ),
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"loops\"\nprefix = \"/loop\"\nupstream = \"be\"\nplugins = [{ name = \"loops\" }]\n\n[[route]]\nname = \"ok\"\nprefix = \"/ok\"\nupstream = \"be\"\nplugins = [{ name = \"tag\", config = { value = \"still-here\" } }]\n",
+        ),
+        (
+            "upstreams/be.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::write(dir.path().join("plugins/loops.wasm"), &looping).unwrap();
+    std::fs::write(dir.path().join("plugins/tag.wasm"), &tag).unwrap();
+    let gw = one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for _ in 0..2 {
+            let reply = get(&gw.url("/loop")).await;
+            assert_eq!(reply.status, 500, "{}", reply.text());
+            let ok = get(&gw.url("/ok")).await;
+            assert_eq!(ok.status, 200);
+            assert_eq!(ok.header("x-rustygate-plugin"), Some("still-here"));
+        }
+    });
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get("rustygate_plugin_errors_total{plugin=\"loops\",reason=\"instructions\"}"),
+        Some(&2.0),
+        "{m:?}"
+    );
+}
+
+fn diagnostics(dir: &Path) -> String {
+    let c = compile_dir(dir, &CompileOptions::default()).unwrap();
+    assert!(c.snapshot.is_none(), "expected errors");
+    c.diagnostics.render_human(&c.files)
+}
+
+#[test]
+fn a_sha256_mismatch_is_a_located_error() {
+    let wasm = example_wasm();
+    let dir = plugin_repo(
+        "tag",
+        &wasm,
+        "",
+        "http://127.0.0.1:9",
+        r#"{ name = "tag" }"#,
+    );
+    // The file changes; the pin does not.
+    let mut changed = wasm.clone();
+    changed.extend_from_slice(&[0, 0]);
+    std::fs::write(dir.path().join("plugins/tag.wasm"), &changed).unwrap();
+    let out = diagnostics(dir.path());
+    assert!(out.contains("plugin-sha256-mismatch"), "{out}");
+    assert!(out.contains(&sha(&changed)), "{out}");
+    assert!(
+        out.contains("gateway.toml:3:"),
+        "not located at the pin:\n{out}"
+    );
+}
+
+#[test]
+fn plugin_files_stay_inside_the_repo() {
+    let outside = tempfile::tempdir().unwrap();
+    let wasm = example_wasm();
+    std::fs::write(outside.path().join("evil.wasm"), &wasm).unwrap();
+    let dir = repo(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[plugin.evil]\nfile = \"{}\"\nsha256 = \"{}\"\n\n[plugin.up]\nfile = \"../evil.wasm\"\nsha256 = \"{}\"\n",
+                outside.path().join("evil.wasm").display(),
+                sha(&wasm),
+                sha(&wasm)
+            ),
+        ),
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"r\"\nprefix = \"/\"\nrespond = { status = 200 }\nplugins = [{ name = \"evil\" }, { name = \"up\" }]\n",
+        ),
+    ]);
+    let out = diagnostics(dir.path());
+    assert!(out.contains("absolute"), "{out}");
+    assert!(out.contains("gateway.toml:2:"), "{out}");
+    assert!(out.contains("gateway.toml:6:"), "{out}");
+}
+
+#[test]
+fn an_unknown_plugin_and_a_bad_import_are_named() {
+    let bad = wat::parse_str(
+        r#"(module (import "wasi_snapshot_preview1" "path_open" (func (param i32) (result i32)))
+                   (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    let dir = plugin_repo(
+        "badimport",
+        &bad,
+        "",
+        "http://127.0.0.1:9",
+        r#"{ name = "badimprt" }"#,
+    );
+    let out = diagnostics(dir.path());
+    assert!(out.contains("wasi_snapshot_preview1.path_open"), "{out}");
+    assert!(out.contains("unknown plugin `badimprt`"), "{out}");
+    assert!(out.contains("did you mean `badimport`?"), "{out}");
+}
