@@ -5,13 +5,14 @@
 //! request ─► start (ids: the client's trace continued, or a new one)
 //!   ─► decide (after routing: the route's ratio; a client's sampled flag only if trusted)
 //!   ─► attempt × n (a client span id each, `traceparent` set on the upstream request)
-//!   ─► finish (when the body ends: spans built, handed to the exporter thread)
+//!   ─► finish (when the body ends: spans encoded, handed to the exporter thread)
 //! ```
 //! This does not go through `tracing` layers or the OpenTelemetry SDK per request: ids come from
 //! a per-thread generator, the request's facts stay on its exchange, and span records are only
 //! built for sampled requests. Every request gets ids (they are in the access log), sampled or
-//! not. Encoding and sending happen on the exporter's thread ([`export`]), which a slow or dead
-//! collector can stall without a request noticing.
+//! not. A sampled request's spans are encoded as OTLP protobuf when it ends ([`otlp`], into
+//! reused buffers); batching and sending happen on the exporter's thread ([`export`]), which a
+//! slow or dead collector can stall without a request noticing.
 
 pub mod export;
 pub mod ids;
