@@ -13,6 +13,9 @@
 # it reads so its condition holds:
 #   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
 #     -- bench/serve-for-compare.sh
+# PLUGIN=1 puts the example WASM plugin (examples/plugins, proxy-wasm ABI) on the route: it adds
+# X-RustyGate-Plugin to every response (issue #16: ratio to plain >= 0.85):
+#   PLUGIN=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
 # TRACE_RATIO=r turns [tracing] on with sample_ratio r, exporting to $TRACE_ENDPOINT (default
 # http://127.0.0.1:4318/v1/traces; bench/otlp-discard.py answers there and drops what it gets):
 #   bench/otlp-discard.py & TRACE_RATIO=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
@@ -51,6 +54,14 @@ if [[ ${POLICY:-0} == 1 ]]; then
   mkdir -p "$repo/policies"
   echo 'policy = "policies/typical.rhai"' >>"$repo/routes/all.toml"
   cp "$(dirname "$0")/typical.rhai" "$repo/policies/typical.rhai"
+fi
+if [[ ${PLUGIN:-0} == 1 ]]; then
+  mkdir -p "$repo/plugins"
+  examples="$(dirname "$0")/../examples/plugins"
+  cp "$examples/plugins/tag.wasm" "$repo/plugins/tag.wasm"
+  # The [plugin.tag] table as the example pins it (file and sha256).
+  sed -n '/^\[plugin.tag\]/,/^$/p' "$examples/gateway.toml" >>"$repo/gateway.toml"
+  echo 'plugins = [{ name = "tag", config = { value = "bench" } }]' >>"$repo/routes/all.toml"
 fi
 if [[ -n ${TRACE_RATIO:-} ]]; then
   cat >>"$repo/gateway.toml" <<TOML
