@@ -19,6 +19,7 @@ pub mod schema;
 pub mod server;
 pub mod snapshot;
 pub mod source;
+pub mod store;
 pub mod telemetry;
 pub mod testing;
 pub mod upstream;

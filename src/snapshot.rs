@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerSpec>,
     /// `[tracing]`: `None` when tracing is off.
     pub tracing: Option<Arc<crate::telemetry::trace::TraceConfig>>,
+    /// `[rate_limit_store]`: the fleet's shared store (shared limits, fleet view, new-head
+    /// fan-out); `None` without one.
+    pub rate_limit_store: Option<Arc<crate::store::StoreSpec>>,
     pub warnings: usize,
 }
 
@@ -457,6 +460,7 @@ mod tests {
             paths: Default::default(),
             listeners: Vec::new(),
             tracing: None,
+            rate_limit_store: None,
             warnings: 0,
         }
     }

@@ -25,6 +25,7 @@ fn a_hundred_thousand_30_kb_keys_stay_under_50_mib() {
         per: Duration::from_secs(3600),
         burst: 10,
         key: LimitKey::Header(http::HeaderName::from_static("x-api-key")),
+        shared: None,
     };
     let limiter = LocalLimiter::new(&spec).unwrap();
     // One 30 KB buffer, made distinct per key in its first bytes, as a client would send.

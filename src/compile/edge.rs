@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 use super::Cx;
-use crate::config::raw::{GatewayFile, RawCors, RawCorsRef, RawRateLimit};
+use crate::config::raw::{GatewayFile, RawCors, RawCorsRef, RawLimitStore, RawRateLimit};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::filters::cors::{CorsPolicy, Origins};
 use crate::filters::rate_limit::{LimitKey, LimitSpec};
@@ -18,13 +18,18 @@ use crate::filters::rate_limit::{LimitKey, LimitSpec};
 pub(crate) struct EdgeDefaults {
     pub cors: HashMap<String, Arc<CorsPolicy>>,
     pub rate_limit: Option<(FileId, Spanned<RawRateLimit>)>,
+    /// `[rate_limit_store]`, for limits with `store = "redis"`.
+    pub store: super::store::StoreRef,
 }
 
 pub(crate) fn compile_edge_defaults(
     cx: &mut Cx<'_>,
     gateway: Option<&(FileId, GatewayFile)>,
 ) -> EdgeDefaults {
-    let mut out = EdgeDefaults::default();
+    let mut out = EdgeDefaults {
+        store: super::store::compile_store(cx, gateway),
+        ..EdgeDefaults::default()
+    };
     let Some((file, g)) = gateway else {
         return out;
     };
@@ -36,7 +41,7 @@ pub(crate) fn compile_edge_defaults(
     if let Some(rl) = &g.rate_limit {
         // Checked once here, so that every route inheriting it is not reported again.
         if rl.enabled != Some(false)
-            && let Err(d) = limit_spec(*file, rl.get(), rl.span())
+            && let Err(d) = limit_spec(*file, rl.get(), rl.span(), &out.store)
         {
             cx.push(d);
         }
@@ -171,7 +176,7 @@ pub(crate) fn route_rate_limit(
                 return None;
             }
             // Already reported by compile_edge_defaults if wrong; not again for every route.
-            return limit_spec(*f, d.get(), d.span()).ok();
+            return limit_spec(*f, d.get(), d.span(), &edge.store).ok();
         }
         (Some(o), d) => {
             let d = d.map(|(_, d)| d.get().clone()).unwrap_or_default();
@@ -182,6 +187,7 @@ pub(crate) fn route_rate_limit(
                 burst: o.burst.or(d.burst),
                 key: o.key.clone().or(d.key),
                 enabled: o.enabled.or(d.enabled),
+                store: o.store.or(d.store),
             };
             (merged, file, own.map(Spanned::span).unwrap_or_default())
         }
@@ -189,7 +195,7 @@ pub(crate) fn route_rate_limit(
     if merged.enabled == Some(false) {
         return None;
     }
-    match limit_spec(at_file, &merged, span) {
+    match limit_spec(at_file, &merged, span, &edge.store) {
         Ok(s) => Some(s),
         Err(d) => {
             cx.push(d);
@@ -204,6 +210,7 @@ fn limit_spec(
     file: FileId,
     raw: &RawRateLimit,
     span: Range<usize>,
+    store: &super::store::StoreRef,
 ) -> Result<LimitSpec, Diagnostic> {
     let (Some(requests), Some(per)) = (raw.requests, raw.per.as_ref()) else {
         return Err(Diagnostic::error(
@@ -255,10 +262,30 @@ fn limit_spec(
             }
         },
     };
+    let shared = match raw.store {
+        None | Some(RawLimitStore::Local) => None,
+        Some(RawLimitStore::Redis) => {
+            match (&store.spec, store.declared) {
+                (Some(s), _) => Some(Arc::clone(s)),
+                // `[rate_limit_store]` has errors of its own, already reported; the limit is
+                // compiled as local so that its other errors are still found.
+                (None, true) => None,
+                (None, false) => {
+                    return Err(Diagnostic::error(
+                    "invalid-rate-limit",
+                    "a limit with `store = \"redis\"` needs `[rate_limit_store]` in gateway.toml",
+                )
+                .at(file, span, "no store")
+                .help("add [rate_limit_store] with url = { env = \"REDIS_URL\" } (docs/scale-out.md)"));
+                }
+            }
+        }
+    };
     Ok(LimitSpec {
         requests,
         per,
         burst: raw.burst.unwrap_or(requests),
         key,
+        shared,
     })
 }

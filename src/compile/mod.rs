@@ -19,6 +19,7 @@ mod plugins;
 mod policies;
 mod routes;
 mod secrets;
+mod store;
 mod tls;
 mod trace_config;
 mod upstreams;
@@ -94,6 +95,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     cx.policies = policies::Policies::new(policies::limits(&mut cx, raw.gateway.as_ref()));
     let upstreams = upstreams::compile_upstreams(&mut cx, &raw.upstreams, &defaults);
     let edge = edge::compile_edge_defaults(&mut cx, raw.gateway.as_ref());
+    let edge_store = edge.store.spec.clone();
     let providers = auth::compile_providers(&mut cx, raw.gateway.as_ref());
     plugins::compile_plugins(&mut cx, raw.gateway.as_ref());
     let routes = routes::compile_routes(
@@ -135,6 +137,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         paths: defaults.paths,
         listeners,
         tracing,
+        rate_limit_store: edge_store,
         warnings: diagnostics.warning_count(),
     });
     Compiled {

@@ -63,6 +63,9 @@ pub struct GatewayFile {
     pub cors: BTreeMap<String, Spanned<RawCors>>,
     /// A rate limit for every route that does not set its own (e.g. 100 per minute per IP).
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// The Redis that rate limits with `store = "redis"` share across replicas, and where
+    /// replicas publish which commit they serve (docs/scale-out.md).
+    pub rate_limit_store: Option<Spanned<RawRateLimitStore>>,
     /// Named authentication providers that routes refer to with `auth = "<name>"`.
     #[serde(default)]
     pub auth: BTreeMap<String, Spanned<RawAuthProvider>>,
@@ -771,6 +774,57 @@ pub struct RawRateLimit {
     pub key: Option<String>,
     /// `false` turns the gateway default off for this route.
     pub enabled: Option<bool>,
+    /// Where the buckets live: `"local"` (default, in this process) or `"redis"` (shared by
+    /// every replica through `[rate_limit_store]`).
+    pub store: Option<RawLimitStore>,
+}
+
+/// Where a rate limit's buckets live.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLimitStore {
+    /// In this process: each replica limits on its own.
+    Local,
+    /// In `[rate_limit_store]`: the limit holds for the whole fleet.
+    Redis,
+}
+
+/// `[rate_limit_store]` in gateway.toml.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimitStore {
+    /// `redis://host:6379/0`, or `rediss://` for TLS (also `valkey://`, `valkeys://`); a string
+    /// or a secret reference `{ env = "REDIS_URL" }`. No password in it: use `password`.
+    pub url: Spanned<ValueSource>,
+    /// The ACL user, if any: a string or a secret reference.
+    pub username: Option<Spanned<ValueSource>>,
+    /// The password: a secret reference, never a literal.
+    pub password: Option<Spanned<ValueSource>>,
+    /// Time one check may wait for the store (default "25ms"); past it `on_store_error`
+    /// applies.
+    pub timeout: Option<Spanned<DurationText>>,
+    /// What a check does when the store fails or times out: `allow`, `deny`, or `local`
+    /// (default: this replica's in-process limit at `requests ÷ expected_replicas`).
+    #[serde(default)]
+    pub on_store_error: RawOnStoreError,
+    /// Replicas sharing the store (default 1), for the `local` fallback.
+    pub expected_replicas: Option<Spanned<u32>>,
+    /// Prefix of every key and channel (default "rustygate:"); fleets sharing one Redis use
+    /// different prefixes.
+    pub key_prefix: Option<Spanned<String>>,
+}
+
+/// `on_store_error`
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOnStoreError {
+    /// The request passes.
+    Allow,
+    /// The request is answered 429 with `Retry-After: 1`.
+    Deny,
+    /// This replica's in-process limit at `requests ÷ expected_replicas` decides.
+    #[default]
+    Local,
 }
 
 /// `[auth.<name>]`: a JWT provider.

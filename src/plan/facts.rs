@@ -391,8 +391,13 @@ fn rate_limit(l: &crate::filters::rate_limit::LimitSpec) -> String {
         LimitKey::Route => "route".to_owned(),
         LimitKey::Claim(c) => format!("claim:{c}"),
     };
+    let store = if l.shared.is_some() {
+        ", shared (redis)"
+    } else {
+        ""
+    };
     format!(
-        "{} per {}, burst {}, by {key}",
+        "{} per {}, burst {}, by {key}{store}",
         l.requests,
         duration(l.per),
         l.burst

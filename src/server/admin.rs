@@ -42,6 +42,9 @@ impl AdminState {
         let _ = control
             .metrics
             .register(Box::new(control.limiters.evicted_metric()));
+        let shared = control.limiters.store_metrics();
+        let _ = control.metrics.register(Box::new(shared.errors));
+        let _ = control.metrics.register(Box::new(shared.latency));
         Self {
             store,
             control,

@@ -9,7 +9,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use http::{HeaderName, HeaderValue};
 
 use crate::filters::cors::CorsPolicy;
-use crate::filters::rate_limit::{Decision, KeyValue, LimitKey, Limiter, Limiters};
+use crate::filters::rate_limit::{Decision, KeyValue, LimitKey, Limiters, RouteLimiter};
 use crate::router::RouteId;
 use crate::snapshot::{Route, Snapshot};
 
@@ -98,7 +98,7 @@ impl KeySource<'_> {
 /// Each worker's limiters for the current snapshot, found in the shared registry once per route
 /// and snapshot version; afterwards a check is a vector index and the limiter's own atomics.
 /// Limiters by route for one snapshot version.
-type LimiterCache = (String, HashMap<RouteId, Option<Arc<dyn Limiter>>>);
+type LimiterCache = (String, HashMap<RouteId, Option<RouteLimiter>>);
 
 pub(crate) struct WorkerLimiters {
     registry: Arc<Limiters>,
@@ -113,7 +113,7 @@ impl WorkerLimiters {
         }
     }
 
-    fn limiter(&self, snap: &Snapshot, id: RouteId, route: &Route) -> Option<Arc<dyn Limiter>> {
+    fn limiter(&self, snap: &Snapshot, id: RouteId, route: &Route) -> Option<RouteLimiter> {
         let spec = route.rate_limit.as_ref()?;
         let mut cache = self.cache.borrow_mut();
         if cache.0 != snap.version.id {
@@ -123,13 +123,14 @@ impl WorkerLimiters {
         cache
             .1
             .entry(id)
-            .or_insert_with(|| self.registry.get(&route.name, spec))
+            .or_insert_with(|| self.registry.route_limiter(&route.name, spec))
             .clone()
     }
 
-    /// Checks the route's limit; `Some(429 response)` when the request is over it.
+    /// Checks the route's limit; `Some(429 response)` when the request is over it. Awaits only
+    /// for a limit in the shared store.
     #[allow(clippy::too_many_arguments)]
-    pub fn check(
+    pub async fn check(
         &self,
         snap: &Snapshot,
         id: RouteId,
@@ -155,7 +156,7 @@ impl WorkerLimiters {
                 None => KeyValue::Whole,
             },
         };
-        match limiter.check(&key) {
+        match limiter.check(&key).await {
             Decision::Allowed { .. } => None,
             Decision::Limited { limit, retry_after } => {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

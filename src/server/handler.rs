@@ -535,19 +535,23 @@ pub(crate) async fn handle(
             }
         }
     }
-    if let Some(limited) = state.limiters.check(
-        &snap,
-        m.route,
-        route,
-        edge::KeySource {
-            req: &req,
-            inbound: &inbound,
-            verified: &ex.auth_headers,
-        },
-        ex.client_ip,
-        incoming.claims.as_ref(),
-        &ex.request_id,
-    ) {
+    if let Some(limited) = state
+        .limiters
+        .check(
+            &snap,
+            m.route,
+            route,
+            edge::KeySource {
+                req: &req,
+                inbound: &inbound,
+                verified: &ex.auth_headers,
+            },
+            ex.client_ip,
+            incoming.claims.as_ref(),
+            &ex.request_id,
+        )
+        .await
+    {
         state
             .recorder
             .metrics()

@@ -6,8 +6,13 @@
 //! Memory is bounded by count and size whatever clients send: a key longer than
 //! [`MAX_KEY_BYTES`] is stored as its SHA-256, and each limit holds at most
 //! [`DEFAULT_MAX_KEYS`] keys, evicting the least recently used beyond (counted in
-//! `rustygate_rate_limit_keys_evicted_total{route}`). [`Limiter`] is the seam for a shared
-//! backend (several replicas) later: routes only ever see the trait.
+//! `rustygate_rate_limit_keys_evicted_total{route}`). Limits with `store = "redis"` keep their
+//! buckets in the fleet's shared store instead ([`shared`]); routes see either through
+//! [`RouteLimiter`].
+
+mod shared;
+
+pub use shared::{MAX_OVER_LIMIT_KEYS, SharedLimiter};
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -56,6 +61,8 @@ pub struct LimitSpec {
     pub per: Duration,
     pub burst: u32,
     pub key: LimitKey,
+    /// `store = "redis"`: the store the buckets live in; `None`: in this process.
+    pub shared: Option<Arc<crate::store::StoreSpec>>,
 }
 
 /// A key value for one request.
@@ -319,6 +326,11 @@ impl Limiter for LocalLimiter {
 /// from keeping it.
 pub struct Limiters {
     map: Mutex<HashMap<(String, LimitSpec), Arc<dyn Limiter>>>,
+    shared: Mutex<HashMap<(String, LimitSpec), Arc<SharedLimiter>>>,
+    /// Open stores by spec: one connection per store, whatever the number of limits.
+    stores: Mutex<HashMap<crate::store::StoreSpec, Arc<crate::store::Store>>>,
+    store_metrics: crate::store::StoreMetrics,
+    sha: Arc<str>,
     max_keys: usize,
     /// `rustygate_rate_limit_keys_evicted_total{route}`; registered with the gateway's metrics
     /// by the admin listener.
@@ -343,6 +355,10 @@ impl Limiters {
         );
         Limiters {
             map: Mutex::default(),
+            shared: Mutex::default(),
+            stores: Mutex::default(),
+            store_metrics: crate::store::StoreMetrics::default(),
+            sha: crate::store::gcra::script_sha().into(),
             max_keys,
             evicted: evicted.unwrap_or_else(|_| invalid_metric()),
         }
@@ -351,6 +367,52 @@ impl Limiters {
     /// The eviction counter, to register with the gateway's metrics.
     pub fn evicted_metric(&self) -> IntCounterVec {
         self.evicted.clone()
+    }
+
+    /// The shared store's metrics (errors, per-check latency), to register with the gateway's.
+    pub fn store_metrics(&self) -> crate::store::StoreMetrics {
+        self.store_metrics.clone()
+    }
+
+    /// The limiter of a route's limit: in-process, or in the shared store for
+    /// `store = "redis"`. Kept across swaps while any snapshot still uses it.
+    pub fn route_limiter(&self, route: &str, spec: &LimitSpec) -> Option<RouteLimiter> {
+        let Some(store_spec) = &spec.shared else {
+            return self.get(route, spec).map(RouteLimiter::Local);
+        };
+        let key = (route.to_owned(), spec.clone());
+        if let Some(live) = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Some(RouteLimiter::Shared(Arc::clone(live)));
+        }
+        let store = {
+            let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+            match stores.get(&**store_spec) {
+                Some(s) => Arc::clone(s),
+                None => {
+                    let s = Arc::new(crate::store::Store::new(
+                        Arc::clone(store_spec),
+                        self.store_metrics.clone(),
+                    ));
+                    s.warm_up();
+                    stores.insert((**store_spec).clone(), Arc::clone(&s));
+                    s
+                }
+            }
+        };
+        let fresh = Arc::new(SharedLimiter::new(
+            route,
+            spec,
+            store,
+            Arc::clone(&self.sha),
+        ));
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let live = shared.entry(key).or_insert(fresh);
+        Some(RouteLimiter::Shared(Arc::clone(live)))
     }
 
     /// The limiter for this route and limit, shared with every worker and kept across swaps
@@ -381,6 +443,27 @@ impl Limiters {
         drop(all);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, l| Arc::strong_count(l) > 1 || l.tracked_keys() > 0);
+        drop(map);
+        let shared: Vec<Arc<SharedLimiter>> = {
+            let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        for l in &shared {
+            l.evict_idle();
+        }
+        drop(shared);
+        // A shared limiter's buckets are in the store: forgetting it loses only the local
+        // over-limit memory and fallback of keys whose reset has passed.
+        let mut map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, l| Arc::strong_count(l) > 1 || l.tracked_keys() > 0);
+        let live: std::collections::HashSet<crate::store::StoreSpec> = map
+            .keys()
+            .filter_map(|(_, s)| s.shared.as_deref().cloned())
+            .collect();
+        drop(map);
+        // Stores no limit uses any more (a changed URL or password) are closed.
+        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        stores.retain(|spec, _| live.contains(spec));
     }
 
     /// Runs eviction every [`EVICT_EVERY`] until the registry is dropped.
@@ -392,6 +475,23 @@ impl Limiters {
                 Some(l) => l.evict_idle(),
                 None => return,
             }
+        }
+    }
+}
+
+/// A route's limiter, as workers hold it.
+#[derive(Clone)]
+pub enum RouteLimiter {
+    Local(Arc<dyn Limiter>),
+    Shared(Arc<SharedLimiter>),
+}
+
+impl RouteLimiter {
+    /// Checks one request. Only a shared limit awaits (the store's round-trip).
+    pub async fn check(&self, key: &KeyValue) -> Decision {
+        match self {
+            RouteLimiter::Local(l) => l.check(key),
+            RouteLimiter::Shared(s) => s.check(key).await,
         }
     }
 }
@@ -412,6 +512,7 @@ mod tests {
             per,
             burst,
             key: LimitKey::ClientIp,
+            shared: None,
         }
     }
 

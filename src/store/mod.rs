@@ -1,0 +1,345 @@
+//! The store a fleet of replicas shares: one Redis (or Valkey) named by gateway.toml's
+//! `[rate_limit_store]`. It holds what replicas must agree on and nothing else:
+//!
+//! * the buckets of rate limits with `store = "redis"` ([`gcra`], one Lua script per check).
+//!
+//! Health state, circuit breakers, connection pools and local limits stay per replica
+//! (docs/scale-out.md). A store is opened lazily by a running gateway, never by `validate`, and
+//! one that is down never stops a gateway from starting: its limits apply `on_store_error`.
+
+pub mod gcra;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionInfo, IntoConnectionInfo, RedisResult};
+
+/// Time one rate-limit check may wait for the store (`timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(25);
+/// Prefix of every key and channel the gateway uses (`key_prefix`).
+pub const DEFAULT_KEY_PREFIX: &str = "rustygate:";
+/// After a failed or timed-out call, checks skip the store for this long: a store that is down
+/// or stalled costs requests neither a round-trip nor a timeout each.
+pub const PAUSE_AFTER_ERROR: Duration = Duration::from_millis(250);
+/// Store errors are logged at most once per this interval, with how many there were meanwhile.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Time a connection to the store gets to be established.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a limit does when the store cannot answer within its `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OnStoreError {
+    /// The request passes (availability over the limit).
+    Allow,
+    /// The request is answered 429 (the limit over availability).
+    Deny,
+    /// This replica's own in-process limit at `requests ÷ expected_replicas` decides.
+    Local,
+}
+
+impl OnStoreError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny",
+            OnStoreError::Local => "local",
+        }
+    }
+}
+
+/// `[rate_limit_store]`, compiled: where the store is and how limits use it. Equal specs share
+/// one connection; a changed spec (a rotated password) opens a new one.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreSpec {
+    /// `redis://`, `rediss://` (TLS), `valkey://` or `valkeys://`, without a password.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Time one check may wait for the store.
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+    /// Replicas sharing the store: the local fallback allows `requests ÷ expected_replicas`.
+    pub expected_replicas: u32,
+    pub key_prefix: String,
+}
+
+// The password never reaches a log line.
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSpec")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .field("expected_replicas", &self.expected_replicas)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl StoreSpec {
+    /// How redis-rs connects: the URL with the credentials from their secret references.
+    /// Parsing only; nothing is connected.
+    pub fn connection_info(&self) -> RedisResult<ConnectionInfo> {
+        let info = self.url.as_str().into_connection_info()?;
+        let mut redis = info.redis_settings().clone();
+        if let Some(u) = &self.username {
+            redis = redis.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            redis = redis.set_password(p);
+        }
+        Ok(info.set_redis_settings(redis))
+    }
+
+    /// A key or channel name under this store's prefix.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.key_prefix)
+    }
+}
+
+/// `rustygate_rate_limit_store_errors_total{route,reason}` and
+/// `rustygate_rate_limit_store_seconds`: kept by the limiter registry, registered with the
+/// gateway's metrics by the admin listener.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub errors: IntCounterVec,
+    pub latency: Histogram,
+}
+
+/// Per-check latency buckets: a loopback round-trip is tens of microseconds, the default
+/// timeout 25 ms.
+const CHECK_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "rustygate_rate_limit_store_errors_total",
+                "Rate-limit checks the shared store did not answer (reason: timeout, error, or unavailable while paused after one); on_store_error decided them.",
+            ),
+            &["route", "reason"],
+        );
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "rustygate_rate_limit_store_seconds",
+                "Time of rate-limit checks answered by the shared store (one script call).",
+            )
+            .buckets(CHECK_BUCKETS.to_vec()),
+        );
+        match (errors, latency) {
+            (Ok(errors), Ok(latency)) => StoreMetrics { errors, latency },
+            _ => invalid_metric(),
+        }
+    }
+}
+
+/// Why a call to the store gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("paused after an error")]
+    Paused,
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected answer: {0}")]
+    Answer(String),
+}
+
+impl StoreError {
+    /// The `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Paused => "unavailable",
+            StoreError::Redis(_) | StoreError::Answer(_) => "error",
+        }
+    }
+}
+
+/// A live store: one multiplexed connection (redis-rs `ConnectionManager`, which reconnects by
+/// itself), shared by every limit of the process that uses this spec.
+pub struct Store {
+    pub spec: Arc<StoreSpec>,
+    client: Option<redis::Client>,
+    /// Made on first use, inside the runtime that first uses it (its reconnects run there).
+    conn: OnceLock<Option<ConnectionManager>>,
+    started: Instant,
+    /// Milliseconds since `started` before which calls are skipped.
+    paused_until: AtomicU64,
+    /// Milliseconds since `started` of the last error log line (`u64::MAX`: none yet).
+    logged_at: AtomicU64,
+    unlogged: AtomicU64,
+    pub metrics: StoreMetrics,
+}
+
+impl Store {
+    pub fn new(spec: Arc<StoreSpec>, metrics: StoreMetrics) -> Store {
+        let client = match spec.connection_info().and_then(redis::Client::open) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // compile checked the URL; a store that cannot be opened answers every call
+                // with an error, and the limits apply `on_store_error`.
+                tracing::error!(url = %spec.url, error = %e, "rate-limit store cannot be opened");
+                None
+            }
+        };
+        Store {
+            spec,
+            client,
+            conn: OnceLock::new(),
+            started: Instant::now(),
+            paused_until: AtomicU64::new(0),
+            logged_at: AtomicU64::new(u64::MAX),
+            unlogged: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The connection, made lazily: `None` only when the store cannot be opened at all.
+    pub fn connection(&self) -> Option<ConnectionManager> {
+        self.conn
+            .get_or_init(|| {
+                let client = self.client.clone()?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None)
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                match ConnectionManager::new_lazy_with_config(client, config) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(url = %self.spec.url, error = %e, "rate-limit store cannot be opened");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// Runs `call` on the store within the spec's timeout, unless the store is paused after an
+    /// error. A failure pauses the store for [`PAUSE_AFTER_ERROR`] and is logged (throttled).
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        if self.now_ms() < self.paused_until.load(Ordering::Relaxed) {
+            return Err(StoreError::Paused);
+        }
+        let Some(conn) = self.connection() else {
+            return Err(StoreError::Answer("the store cannot be opened".into()));
+        };
+        let timeout = self.spec.timeout;
+        let r = match tokio::time::timeout(timeout, call(conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        if let Err(e) = &r {
+            self.paused_until.store(
+                self.now_ms() + PAUSE_AFTER_ERROR.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            self.log_error(e);
+        }
+        r
+    }
+
+    /// One warning per [`LOG_EVERY`] at most, counting the errors in between.
+    pub fn log_error(&self, e: &StoreError) {
+        let now = self.now_ms();
+        let last = self.logged_at.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64;
+        if due
+            && self
+                .logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let more = self.unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                url = %self.spec.url,
+                error = %e,
+                errors_since_last_log = more,
+                on_store_error = self.spec.on_error.as_str(),
+                "rate-limit store unavailable; on_store_error applies (logged at most every {}s)",
+                LOG_EVERY.as_secs()
+            );
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connects and loads the script ahead of the first request (best effort, in the
+    /// background of the current runtime).
+    pub fn warm_up(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                CONNECT_TIMEOUT * 2,
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(gcra::SCRIPT)
+                    .query_async::<String>(&mut conn),
+            )
+            .await;
+        });
+    }
+}
+
+/// The metric definitions above are constants; prometheus only rejects invalid names.
+#[cold]
+fn invalid_metric<T>() -> T {
+    panic!("invalid built-in metric definition")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> StoreSpec {
+        StoreSpec {
+            url: url.into(),
+            username: Some("gw".into()),
+            password: Some("s3cret".into()),
+            timeout: DEFAULT_TIMEOUT,
+            on_error: OnStoreError::Local,
+            expected_replicas: 3,
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+        }
+    }
+
+    #[test]
+    fn credentials_come_from_their_references_and_never_reach_debug_output() {
+        let info = spec("rediss://redis.internal:6380/2")
+            .connection_info()
+            .unwrap();
+        assert_eq!(info.redis_settings().username(), Some("gw"));
+        assert_eq!(info.redis_settings().password(), Some("s3cret"));
+        assert_eq!(info.redis_settings().db(), 2);
+        assert!(matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "redis.internal"
+        ));
+        let debug = format!("{:?}", spec("redis://127.0.0.1/"));
+        assert!(!debug.contains("s3cret"), "{debug}");
+    }
+}

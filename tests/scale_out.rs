@@ -1,0 +1,519 @@
+//! Scale-out against a real Redis: limits shared by several gateways, every `on_store_error`
+//! mode with Redis killed and back, `NOSCRIPT` recovery, a stalled store held to its timeout.
+//!
+//! Each test starts its own `redis-server` on a free loopback port, without persistence, and
+//! kills it at the end. Without the binary the tests are skipped with a loud message, except
+//! under CI (`CI` set), where a missing `redis-server` fails them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A `redis-server` of this test, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// A fresh server, or `None` (test skipped) when there is no `redis-server` outside CI.
+    fn start() -> Option<RedisServer> {
+        RedisServer::installed().then(|| RedisServer::start_on(dead_port(), &[]))
+    }
+
+    /// Whether `redis-server` can be run; outside CI a missing one is reported loudly.
+    fn installed() -> bool {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "redis-server is not installed; CI must run these tests (.ci/run installs it)"
+                );
+            }
+            eprintln!(
+                "\n!!!!!!!! SKIPPED: redis-server is not installed; the scale-out tests need it (apt-get install redis-server) !!!!!!!!\n"
+            );
+            return false;
+        }
+        true
+    }
+
+    fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || server
+                .try_conn()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
+                .is_some()),
+            "redis-server did not come up on port {port}"
+        );
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn try_conn(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url())
+            .ok()?
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.try_conn().expect("connected to redis-server")
+    }
+
+    /// Calls of `command` the server has answered so far (`INFO commandstats`).
+    fn calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn())
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn keys(&self, pattern: &str) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query(&mut self.conn())
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config repo whose routes `names` answer 200 under `limit` (a TOML inline table), with
+/// `store` as `[rate_limit_store]`.
+fn limited_repo(store: &str, limit: &str, names: &[&str]) -> Vec<(&'static str, String)> {
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, limit)).collect();
+    repo_of(store, &pairs)
+}
+
+/// [`limited_repo`] with a limit per route.
+fn repo_of(store: &str, routes_and_limits: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    let mut routes = String::new();
+    for (n, limit) in routes_and_limits {
+        routes.push_str(&format!(
+            "[[route]]\nname = \"{n}\"\npath = \"/{n}\"\nrespond = {{ status = 200, body = \"ok\" }}\nrate_limit = {limit}\n\n"
+        ));
+    }
+    vec![
+        ("gateway.toml", format!("[rate_limit_store]\n{store}\n")),
+        ("routes/main.toml", routes),
+    ]
+}
+
+fn gateway(files: &[(&'static str, String)]) -> Gateway {
+    Gateway::start(&as_refs(files))
+}
+
+/// The status of `GET path`, and the whole response head.
+fn get_head(gw: &Gateway, path: &str) -> (u16, String) {
+    let text = raw(
+        gw.addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let head = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    (status, head)
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map(str::to_owned)
+}
+
+fn metric(gw: &Gateway, series: &str) -> f64 {
+    scrape(gw).get(series).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn three_gateways_share_one_limit_in_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let files = repo_of(
+        &format!("url = \"{}\"", redis.url()),
+        &[
+            (
+                "shared",
+                "{ requests = 60, per = \"1m\", key = \"route\", store = \"redis\" }",
+            ),
+            (
+                "flood",
+                "{ requests = 2, per = \"1m\", key = \"route\", store = \"redis\" }",
+            ),
+        ],
+    );
+    let gws = [gateway(&files), gateway(&files), gateway(&files)];
+    let mut clients: Vec<KeepAlive> = gws
+        .iter()
+        .map(|g| KeepAlive::connect(&g.addr.to_string()).unwrap())
+        .collect();
+    let mut allowed = [0u32; 3];
+    let mut limited = 0;
+    for i in 0..150 {
+        match clients[i % 3].get("/shared").unwrap().0 {
+            200 => allowed[i % 3] += 1,
+            429 => limited += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    let total: u32 = allowed.iter().sum();
+    assert!(
+        (58..=62).contains(&total),
+        "60/min shared by three gateways allowed {total} ({allowed:?}), {limited} limited"
+    );
+    assert!(
+        allowed.iter().all(|&a| a > 0),
+        "every gateway served some: {allowed:?}"
+    );
+    // The answer carries the store's own numbers: one request per second refills.
+    let (status, head) = get_head(&gws[1], "/shared");
+    assert_eq!(status, 429, "{head}");
+    assert_eq!(header(&head, "retry-after").as_deref(), Some("1"), "{head}");
+    assert_eq!(header(&head, "ratelimit-limit").as_deref(), Some("60"));
+    assert_eq!(header(&head, "ratelimit-remaining").as_deref(), Some("0"));
+
+    // One bucket for the three gateways, expiring when it is full again (within the window).
+    let keys = redis.keys("rustygate:rl:shared:*");
+    assert_eq!(keys, vec!["rustygate:rl:shared:60-60000-60:all".to_owned()]);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "bucket TTL {ttl} ms");
+
+    // A key over its limit is answered from the local cache until its reset (30 s here): a
+    // flood costs Redis nothing.
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| clients[0].get("/flood").unwrap().0)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let before = redis.calls("evalsha");
+    for _ in 0..200 {
+        assert_eq!(clients[0].get("/flood").unwrap().0, 429);
+    }
+    let after = redis.calls("evalsha");
+    assert_eq!(
+        after, before,
+        "script calls for 200 requests over the limit"
+    );
+    assert_eq!(
+        metric(
+            &gws[0],
+            "rustygate_rate_limit_store_errors_total{reason=\"timeout\",route=\"shared\"}"
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn each_on_store_error_mode_while_redis_is_down_and_recovery() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let port = redis.port;
+    let limit = "{ requests = 4, per = \"1m\", key = \"route\", store = \"redis\" }";
+    let routes = ["before", "outage", "probe", "after"];
+    let modes = ["allow", "deny", "local"];
+    let gws: Vec<Gateway> = modes
+        .iter()
+        .map(|mode| {
+            let store = format!(
+                "url = \"{}\"\non_store_error = \"{mode}\"\nexpected_replicas = 2\nkey_prefix = \"{mode}:\"",
+                redis.url()
+            );
+            gateway(&limited_repo(&store, limit, &routes))
+        })
+        .collect();
+    // With Redis: 4 allowed, then limited, in every mode.
+    for gw in &gws {
+        let statuses: Vec<u16> = (0..5).map(|_| gw.get("/before").0).collect();
+        assert_eq!(statuses, [200, 200, 200, 200, 429]);
+    }
+
+    drop(redis);
+    let mut slowest = Duration::ZERO;
+    let mut outage = |gw: &Gateway| -> Vec<u16> {
+        (0..6)
+            .map(|_| {
+                let t = Instant::now();
+                let s = gw.get("/outage").0;
+                slowest = slowest.max(t.elapsed());
+                s
+            })
+            .collect()
+    };
+    assert_eq!(outage(&gws[0]), [200; 6], "allow: every request passes");
+    assert_eq!(outage(&gws[1]), [429; 6], "deny: every request is refused");
+    assert_eq!(
+        outage(&gws[2]),
+        [200, 200, 429, 429, 429, 429],
+        "local: this replica's share, 4 ÷ 2 expected replicas"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request took {slowest:?} with Redis down"
+    );
+    for gw in &gws {
+        let errors: f64 = scrape(gw)
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("rustygate_rate_limit_store_errors_total") && k.contains("outage")
+            })
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(errors, 6.0, "every check without the store is counted");
+    }
+    let (_, head) = get_head(&gws[1], "/outage");
+    assert_eq!(header(&head, "retry-after").as_deref(), Some("1"), "{head}");
+
+    // Redis comes back (empty, on the same port): each gateway uses it again within moments.
+    redis = RedisServer::start_on(port, &[]);
+    for (gw, mode) in gws.iter().zip(modes) {
+        let key = format!("{mode}:rl:probe:*");
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                gw.get("/probe");
+                !redis.keys(&key).is_empty()
+            }),
+            "{mode}: the store was not used again after it came back"
+        );
+        let statuses: Vec<u16> = (0..5).map(|_| gw.get("/after").0).collect();
+        assert_eq!(statuses, [200, 200, 200, 200, 429], "{mode} after recovery");
+    }
+}
+
+#[test]
+fn noscript_after_script_flush_recovers_without_an_error() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let files = limited_repo(
+        &format!("url = \"{}\"", redis.url()),
+        "{ requests = 3, per = \"1m\", key = \"route\", store = \"redis\" }",
+        &["r"],
+    );
+    let gw = gateway(&files);
+    assert_eq!(gw.get("/r").0, 200);
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.conn())
+        .unwrap();
+    // The bucket survives (keys are not scripts): 2 more, then limited.
+    let statuses: Vec<u16> = (0..3).map(|_| gw.get("/r").0).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let sha = rustygate::store::gcra::script_sha();
+    let exists: Vec<i64> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(exists, [1], "the script was loaded again");
+    let errors: f64 = scrape(&gw)
+        .iter()
+        .filter(|(k, _)| k.starts_with("rustygate_rate_limit_store_errors_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(errors, 0.0, "NOSCRIPT is handled inside the check");
+}
+
+#[test]
+fn a_stalled_store_costs_a_request_at_most_its_timeout() {
+    let Some(redis) = RedisServer::start_on_debug() else {
+        return;
+    };
+    // A listener that accepts and never answers: every call to it times out.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("redis://{}/", silent.local_addr().unwrap());
+    let limit = "{ requests = 1000, per = \"1m\", key = \"route\", store = \"redis\" }";
+    let stalled = gateway(&limited_repo(
+        &format!("url = \"{silent_url}\"\ntimeout = \"25ms\"\non_store_error = \"allow\""),
+        limit,
+        &["r"],
+    ));
+    let mut client = KeepAlive::connect(&stalled.addr.to_string()).unwrap();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(client.get("/r").unwrap().0, 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    // 25 ms of budget, plus the request itself on a loaded machine.
+    assert!(
+        slowest < Duration::from_millis(150),
+        "slowest request {slowest:?}"
+    );
+    let m = scrape(&stalled);
+    assert!(
+        m.get("rustygate_rate_limit_store_errors_total{reason=\"timeout\",route=\"r\"}")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{m:?}"
+    );
+    drop(silent);
+
+    // A real Redis that stalls (DEBUG SLEEP): requests keep their budget, and the store is
+    // used again once it answers.
+    let gw = gateway(&limited_repo(
+        &format!(
+            "url = \"{}\"\ntimeout = \"25ms\"\non_store_error = \"allow\"",
+            redis.url()
+        ),
+        limit,
+        &["r"],
+    ));
+    let mut client = KeepAlive::connect(&gw.addr.to_string()).unwrap();
+    assert_eq!(client.get("/r").unwrap().0, 200);
+    let url = redis.url();
+    let sleeper = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("1")
+            .query(&mut c)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        assert_eq!(client.get("/r").unwrap().0, 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(150),
+        "slowest request during DEBUG SLEEP {slowest:?}"
+    );
+    sleeper.join().unwrap();
+    let timeouts = |gw: &Gateway| {
+        metric(
+            gw,
+            "rustygate_rate_limit_store_errors_total{reason=\"timeout\",route=\"r\"}",
+        )
+    };
+    assert!(timeouts(&gw) >= 1.0);
+    let before = redis.calls("evalsha");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            client.get("/r");
+            redis.calls("evalsha") > before
+        }),
+        "the store was not used again after the stall"
+    );
+}
+
+impl RedisServer {
+    /// A server that accepts `DEBUG` (off by default since Redis 7).
+    fn start_on_debug() -> Option<RedisServer> {
+        RedisServer::installed()
+            .then(|| RedisServer::start_on(dead_port(), &["--enable-debug-command", "yes"]))
+    }
+}
+
+#[test]
+fn validate_needs_no_redis_and_locates_store_errors() {
+    let ok = repo(&as_refs(&limited_repo(
+        "url = \"redis://127.0.0.1:1/\"",
+        "{ requests = 5, per = \"1s\", store = \"redis\" }",
+        &["r"],
+    )));
+    let out = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["validate", "--deny-warnings"])
+        .arg(ok.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = repo(&[
+        (
+            "gateway.toml",
+            "[rate_limit_store]\nurl = \"redis://:hunter2@redis.internal/\"\npassword = \"plain\"\nexpected_replicas = 0\n",
+        ),
+        (
+            "routes/main.toml",
+            "[[route]]\nname = \"r\"\npath = \"/\"\nrespond = { status = 200 }\nrate_limit = { requests = 5, per = \"1s\", store = \"redis\" }\n",
+        ),
+    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["validate", "--format", "short"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("gateway.toml:2:7: error[inline-secret]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway.toml:3:12: error[inline-secret]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway.toml:4:21: error[invalid-store]"),
+        "{text}"
+    );
+
+    let no_store = repo(&[(
+        "routes/main.toml",
+        "[[route]]\nname = \"r\"\npath = \"/\"\nrespond = { status = 200 }\nrate_limit = { requests = 5, per = \"1s\", store = \"redis\" }\n",
+    )]);
+    let out = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["validate", "--format", "short"])
+        .arg(no_store.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("routes/main.toml:5:14: error[invalid-rate-limit]")
+            && text.contains("[rate_limit_store]"),
+        "{text}"
+    );
+}
