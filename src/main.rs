@@ -116,6 +116,23 @@ enum Command {
     },
     /// Run the gateway.
     Serve(Box<ServeArgs>),
+    /// Show what a running gateway serves (its admin listener's /status); with --fleet, every
+    /// live replica sharing its `[rate_limit_store]` and whether they serve one commit.
+    /// Exit 0 in agreement (and the last reload succeeded), 1 not, 2 the gateway did not answer.
+    Status {
+        /// The admin listener, e.g. http://127.0.0.1:8081.
+        #[arg(
+            long,
+            env = "RUSTYGATE_ADMIN_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        admin: String,
+        /// Also show the fleet view.
+        #[arg(long)]
+        fleet: bool,
+        #[arg(long, value_enum, default_value_t = TestFormat::Human)]
+        format: TestFormat,
+    },
     /// One fetch into a git mirror, run by `serve` in a child process it can kill.
     #[command(name = "__fetch", hide = true)]
     Fetch {
@@ -261,6 +278,10 @@ struct ServeArgs {
     /// connection or thread; the reload is reported failed and the next one starts afresh.
     #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     fetch_timeout: Duration,
+    /// This replica's name in the fleet view (`/status?fleet=true`), with `[rate_limit_store]`
+    /// (default: the host name and the process id).
+    #[arg(long, env = "RUSTYGATE_REPLICA_ID")]
+    replica_id: Option<String>,
     /// PEM CA certificates trusted for git over HTTPS, besides the system's roots (a git host
     /// with a certificate from a private CA).
     #[arg(long, env = "RUSTYGATE_GIT_CA_FILE", value_name = "FILE")]
@@ -345,6 +366,11 @@ fn main() -> ExitCode {
         } => {
             rustygate::source::fetch::child_main(cache_dir, url, Duration::from_millis(deadline_ms))
         }
+        Command::Status {
+            admin,
+            fleet,
+            format,
+        } => status(&admin, fleet, format),
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -353,6 +379,116 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `rustygate status`: one GET of the admin listener's `/status`.
+fn status(admin: &str, fleet: bool, format: TestFormat) -> ExitCode {
+    let path = if fleet {
+        "/status?fleet=true"
+    } else {
+        "/status"
+    };
+    let body = match admin_get(admin, path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {admin}: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let v: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {admin}{path} did not answer JSON: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let last_ok = v["attempted"]["ok"].as_bool().unwrap_or(true);
+    let agree = !fleet || v["fleet"]["agree"].as_bool().unwrap_or(true);
+    match format {
+        TestFormat::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        TestFormat::Human => {
+            if let Some(r) = v["replica"].as_str() {
+                println!("replica    {r}");
+            }
+            println!(
+                "applied    {} (loaded {})",
+                str_of(&v["version"]),
+                str_of(&v["loaded_at"])
+            );
+            println!(
+                "attempted  {} {}",
+                str_of(&v["attempted"]["sha"]),
+                if last_ok { "ok" } else { "FAILED" }
+            );
+            if fleet {
+                let f = &v["fleet"];
+                if f.is_null() {
+                    println!("fleet      none: the gateway has no [rate_limit_store]");
+                } else if let Some(e) = f["error"].as_str() {
+                    println!("fleet      unknown: {e}");
+                } else {
+                    let replicas = f["replicas"].as_array().cloned().unwrap_or_default();
+                    let shas = f["shas"].as_object().map_or(0, |m| m.len());
+                    println!(
+                        "fleet      {} replica(s), {shas} commit(s): {}",
+                        replicas.len(),
+                        if agree {
+                            "in agreement"
+                        } else {
+                            "NOT in agreement"
+                        }
+                    );
+                    for r in &replicas {
+                        println!(
+                            "  {:<30} applied {}  attempted {} {}  loaded {}",
+                            str_of(&r["replica"]),
+                            str_of(&r["applied"]),
+                            str_of(&r["attempted"]),
+                            if r["ok"].as_bool() == Some(true) {
+                                "ok"
+                            } else {
+                                "FAILED"
+                            },
+                            str_of(&r["loaded_at"]),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if last_ok && agree {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// GET `path` from an `http://host:port` admin listener; the body of a 200.
+fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let hostport = admin
+        .strip_prefix("http://")
+        .context("the admin URL starts with http://")?
+        .trim_end_matches('/');
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
+        .next()
+        .context("the admin address does not resolve")?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    s.take(16 * 1024 * 1024).read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no complete HTTP response")?;
+    let status = head.get(9..12).unwrap_or("");
+    anyhow::ensure!(status == "200", "{path} answered {status}");
+    Ok(body.to_owned())
 }
 
 fn validate(
@@ -653,6 +789,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..defaults
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let fleet = Arc::new(rustygate::store::fleet::Fleet::new(
+        args.replica_id
+            .clone()
+            .unwrap_or_else(rustygate::store::fleet::Fleet::default_replica_id),
+        Arc::clone(&store),
+        Arc::clone(&status),
+    ));
     let force_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let control = Control {
         status,
@@ -666,10 +809,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         },
         limiters: Default::default(),
+        fleet: Some(Arc::clone(&fleet)),
     };
     let reloader = reloader
         .with_load_timeout(args.reload_timeout)
-        .with_force_flag(force_pending);
+        .with_force_flag(force_pending)
+        .with_notify(Arc::clone(&fleet.changed));
     let cancel = reloader.cancel_flag();
     let on_shutdown = move || {
         if let Some(c) = cancel {
@@ -695,6 +840,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if (matches!(spec, SourceSpec::Git(_)) || tls) && !args.poll.is_zero() {
                 spawn_poller(tx.clone(), args.poll);
             }
+            actix_web::rt::spawn(Arc::clone(&fleet).run(tx.clone()));
             drop(tx);
             actix_web::rt::spawn(reloader.run(rx));
             rustygate::server::serve(&opts, store, control, on_shutdown).await

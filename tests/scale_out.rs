@@ -1,5 +1,6 @@
 //! Scale-out against a real Redis: limits shared by several gateways, every `on_store_error`
-//! mode with Redis killed and back, `NOSCRIPT` recovery, a stalled store held to its timeout.
+//! mode with Redis killed and back, `NOSCRIPT` recovery, a stalled store held to its timeout,
+//! the fleet view during a partial rollout, and the webhook fan-out (docs/scale-out.md).
 //!
 //! Each test starts its own `redis-server` on a free loopback port, without persistence, and
 //! kills it at the end. Without the binary the tests are skipped with a loud message, except
@@ -13,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use hmac::{Hmac, Mac};
 
 /// A `redis-server` of this test, killed on drop.
 struct RedisServer {
@@ -516,4 +518,218 @@ fn validate_needs_no_redis_and_locates_store_errors() {
             && text.contains("[rate_limit_store]"),
         "{text}"
     );
+}
+
+// ---- the fleet: real `rustygate serve` processes on one git repository ----
+
+fn fleet_config(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "gateway.toml",
+            format!("[rate_limit_store]\nurl = \"{}\"\n", redis.url()),
+        ),
+        (
+            "routes/main.toml",
+            format!(
+                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+            ),
+        ),
+    ]
+}
+
+const TOKEN: &str = "admin-t0ken";
+const SECRET: &str = "hook-s3cret";
+
+/// Three replicas of one bare repository, `--poll 0`, each with its own cache dir.
+fn three_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
+    let caches: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas = ["a", "b", "c"]
+        .iter()
+        .zip(&caches)
+        .map(|(id, cache)| {
+            GatewayProcess::start(
+                &[
+                    "--repo",
+                    url,
+                    "--poll",
+                    "0",
+                    "--replica-id",
+                    id,
+                    "--cache-dir",
+                    cache.path().to_str().unwrap(),
+                ],
+                &[
+                    ("RUSTYGATE_ADMIN_TOKEN", TOKEN),
+                    ("RUSTYGATE_WEBHOOK_SECRET", SECRET),
+                ],
+            )
+        })
+        .collect();
+    (replicas, caches)
+}
+
+fn fleet(gw: &GatewayProcess) -> serde_json::Value {
+    let (status, body) = http(&gw.admin, "GET", "/status?fleet=true", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["fleet"].clone()
+}
+
+fn rustygate_status(gw: &GatewayProcess) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args([
+            "status",
+            "--admin",
+            &format!("http://{}", gw.admin),
+            "--fleet",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn the_fleet_view_shows_a_partial_rollout_then_agreement() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let v1 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v1")), "v1").to_string();
+    let (gws, _caches) = three_replicas(&url);
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet(&gws[0])["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 3)),
+        "{}",
+        fleet(&gws[0])
+    );
+    let f = fleet(&gws[1]);
+    assert_eq!(f["agree"], true, "{f}");
+    assert_eq!(f["shas"][v1.as_str()], 3, "{f}");
+
+    // A new commit, applied by one replica only (no webhook, polling off).
+    let v2 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v2")), "v2").to_string();
+    let auth = ("Authorization", "Bearer admin-t0ken");
+    assert_eq!(gws[0].admin_post("/admin/reload", &[auth], b"").0, 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet(&gws[2])["shas"]
+            [v2.as_str()]
+            == 1),
+        "{}",
+        fleet(&gws[2])
+    );
+    let f = fleet(&gws[2]);
+    assert_eq!(f["agree"], false, "{f}");
+    assert_eq!(f["shas"][v1.as_str()], 2, "{f}");
+    let names: Vec<&str> = f["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replica"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(
+        gws[2].metric(&format!("rustygate_fleet_replicas{{sha=\"{v1}\"}}")),
+        Some(2.0)
+    );
+    assert_eq!(
+        gws[2].metric(&format!("rustygate_fleet_replicas{{sha=\"{v2}\"}}")),
+        Some(1.0)
+    );
+    let (code, out) = rustygate_status(&gws[1]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("3 replica(s), 2 commit(s): NOT in agreement"),
+        "{out}"
+    );
+
+    for gw in &gws[1..] {
+        assert_eq!(gw.admin_post("/admin/reload", &[auth], b"").0, 202);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet(&gws[0])["agree"] == true),
+        "{}",
+        fleet(&gws[0])
+    );
+    assert_eq!(fleet(&gws[0])["shas"][v2.as_str()], 3);
+    let (code, out) = rustygate_status(&gws[0]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("3 replica(s), 1 commit(s): in agreement"),
+        "{out}"
+    );
+    drop(redis);
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[test]
+fn one_webhook_makes_every_replica_serve_the_new_commit_within_2s() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v1")), "v1");
+    let (gws, _caches) = three_replicas(&url);
+    // Every replica follows the heads channel.
+    assert!(wait_until(Duration::from_secs(10), || {
+        let n: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("rustygate:heads")
+            .query(&mut redis.conn())
+            .unwrap();
+        n.first().is_some_and(|(_, n)| *n == 3)
+    }));
+    for gw in &gws {
+        assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+    }
+
+    let v2 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v2")), "v2").to_string();
+    let push = format!(r#"{{"ref":"refs/heads/main","after":"{v2}"}}"#);
+    let signature = sign(push.as_bytes());
+    let started = Instant::now();
+    let (status, _) = gws[1].admin_post(
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "fanout-1"),
+            ("X-Hub-Signature-256", &signature),
+        ],
+        push.as_bytes(),
+    );
+    assert_eq!(status, 202);
+    let mut served = [None; 3];
+    while started.elapsed() < Duration::from_secs(5) && served.iter().any(Option::is_none) {
+        for (i, gw) in gws.iter().enumerate() {
+            if served[i].is_none() && gw.get("/").is_some_and(|(_, b)| b == "v2") {
+                served[i] = Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("webhook fan-out: replicas serving the new commit after {served:?}");
+    let slowest = served
+        .iter()
+        .map(|s| s.expect("every replica serves v2"))
+        .max()
+        .unwrap();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "converged in {slowest:?}: {served:?}"
+    );
+    for gw in &gws {
+        assert_eq!(gw.status()["applied"]["sha"], v2.as_str());
+    }
+    let logs = gws[0].logs.lock().unwrap().clone();
+    assert!(logs.contains("another replica saw a new head"), "{logs}");
 }

@@ -45,6 +45,9 @@ impl AdminState {
         let shared = control.limiters.store_metrics();
         let _ = control.metrics.register(Box::new(shared.errors));
         let _ = control.metrics.register(Box::new(shared.latency));
+        if let Some(f) = &control.fleet {
+            let _ = control.metrics.register(Box::new(f.gauge.clone()));
+        }
         Self {
             store,
             control,
@@ -90,7 +93,13 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
         .body(format!("ready {}\n", snap.version.id))
 }
 
-async fn status(state: web::Data<AdminState>) -> HttpResponse {
+/// `GET /status`; with `?fleet=true` also every live replica of the fleet (from the store of
+/// `[rate_limit_store]`; `"fleet": null` without one).
+async fn status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    let fleet = req
+        .query_string()
+        .split('&')
+        .any(|kv| kv == "fleet=true" || kv == "fleet=1");
     let snap = state.store.load();
     let reload = state
         .control
@@ -113,6 +122,21 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
         "started_at": humantime::format_rfc3339_seconds(state.started_at).to_string(),
         "gateway_version": env!("CARGO_PKG_VERSION"),
     });
+    let mut body = body;
+    if let Some(f) = &state.control.fleet {
+        body["replica"] = json!(f.replica);
+    }
+    if fleet {
+        let view = match &state.control.fleet {
+            Some(f) => match f.view().await {
+                Some(Ok(v)) => serde_json::to_value(v).unwrap_or_default(),
+                Some(Err(e)) => json!({ "error": format!("the store did not answer: {e}") }),
+                None => serde_json::Value::Null,
+            },
+            None => serde_json::Value::Null,
+        };
+        body["fleet"] = view;
+    }
     HttpResponse::Ok().json(body)
 }
 
@@ -303,6 +327,9 @@ fn push(req: &HttpRequest, state: &AdminState, body: &[u8], source: &'static str
     match action {
         PushAction::Reload => {
             let trace = request_trace(req, &state.store);
+            if let Some(f) = &state.control.fleet {
+                f.announce_head(event.after.clone());
+            }
             queue(tx, Trigger::Webhook { source, trace })
         }
         PushAction::Ignore(why) => {

@@ -50,6 +50,8 @@ pub struct Control {
     pub branch: Option<String>,
     /// Rate-limit buckets, kept across snapshots.
     pub limiters: Arc<crate::filters::rate_limit::Limiters>,
+    /// The fleet view and head fan-out (used when the snapshot has `[rate_limit_store]`).
+    pub fleet: Option<Arc<crate::store::fleet::Fleet>>,
 }
 
 /// How this gateway process runs (flags and `RUSTYGATE_*` variables, never the config repo).

@@ -46,6 +46,8 @@ pub enum Trigger {
         force: bool,
         trace: Option<TraceContext>,
     },
+    /// Another replica announced a new head on the fleet's store (`store::fleet`).
+    Peer,
 }
 
 impl Trigger {
@@ -55,6 +57,7 @@ impl Trigger {
             Trigger::Watch => "watch",
             Trigger::Webhook { source, .. } => source,
             Trigger::Admin { .. } => "admin",
+            Trigger::Peer => "peer",
         }
     }
 
@@ -66,7 +69,7 @@ impl Trigger {
     pub fn trace(self) -> Option<TraceContext> {
         match self {
             Trigger::Webhook { trace, .. } | Trigger::Admin { trace, .. } => trace,
-            Trigger::Poll | Trigger::Watch => None,
+            Trigger::Poll | Trigger::Watch | Trigger::Peer => None,
         }
     }
 }
@@ -159,6 +162,8 @@ pub struct Reloader {
     loads_running: Arc<AtomicUsize>,
     /// Set when a forced reload was asked for (see [`Reloader::with_force_flag`]).
     force_pending: Arc<AtomicBool>,
+    /// Woken after every reload attempt (the fleet view publishes then).
+    attempted: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Why the first load failed: nothing can be served.
@@ -268,6 +273,7 @@ impl Reloader {
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             loads_running: Arc::new(AtomicUsize::new(0)),
             force_pending: Arc::default(),
+            attempted: None,
         };
         Ok(Started {
             reloader,
@@ -280,6 +286,12 @@ impl Reloader {
     /// The flag a forced reload request sets when it is queued (see `server::Control`).
     pub fn with_force_flag(mut self, flag: Arc<AtomicBool>) -> Reloader {
         self.force_pending = flag;
+        self
+    }
+
+    /// Wakes `notify` after every reload attempt, whatever its outcome.
+    pub fn with_notify(mut self, notify: Arc<tokio::sync::Notify>) -> Reloader {
+        self.attempted = Some(notify);
         self
     }
 
@@ -321,6 +333,9 @@ impl Reloader {
             }
             force |= self.force_pending.swap(false, Ordering::SeqCst);
             self.reload(first.name(), force, trace).await;
+            if let Some(n) = &self.attempted {
+                n.notify_one();
+            }
         }
     }
 

@@ -1,12 +1,15 @@
 //! The store a fleet of replicas shares: one Redis (or Valkey) named by gateway.toml's
 //! `[rate_limit_store]`. It holds what replicas must agree on and nothing else:
 //!
-//! * the buckets of rate limits with `store = "redis"` ([`gcra`], one Lua script per check).
+//! * the buckets of rate limits with `store = "redis"` ([`gcra`], one Lua script per check);
+//! * the fleet view, which commit each replica serves, and the "new head seen" channel that
+//!   makes every replica fetch when one of them got a webhook ([`fleet`]).
 //!
 //! Health state, circuit breakers, connection pools and local limits stay per replica
 //! (docs/scale-out.md). A store is opened lazily by a running gateway, never by `validate`, and
 //! one that is down never stops a gateway from starting: its limits apply `on_store_error`.
 
+pub mod fleet;
 pub mod gcra;
 
 use std::sync::atomic::{AtomicU64, Ordering};
