@@ -278,7 +278,7 @@ impl Store {
                 error = %e,
                 errors_since_last_log = more,
                 on_store_error = self.spec.on_error.as_str(),
-                "rate-limit store unavailable; on_store_error applies (logged at most every {}s)",
+                "the shared store did not answer; rate-limit checks apply on_store_error (logged at most every {}s)",
                 LOG_EVERY.as_secs()
             );
         } else {
@@ -344,5 +344,33 @@ mod tests {
         ));
         let debug = format!("{:?}", spec("redis://127.0.0.1/"));
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn errors_are_logged_once_per_interval_and_counted_in_between() {
+        let mut store = Store::new(
+            Arc::new(spec("redis://127.0.0.1/")),
+            StoreMetrics::default(),
+        );
+        // A store opened two intervals ago.
+        store.started = Instant::now()
+            .checked_sub(LOG_EVERY * 2)
+            .unwrap_or(store.started);
+        let e = StoreError::Timeout(DEFAULT_TIMEOUT);
+        store.log_error(&e);
+        let first = store.logged_at.load(Ordering::Relaxed);
+        assert_ne!(first, u64::MAX, "the first error is logged");
+        for _ in 0..99 {
+            store.log_error(&e);
+        }
+        assert_eq!(store.unlogged.load(Ordering::Relaxed), 99, "the rest wait");
+        assert_eq!(store.logged_at.load(Ordering::Relaxed), first);
+        // An interval later the next one is logged, with the count, which starts over.
+        store.logged_at.store(
+            first.saturating_sub(LOG_EVERY.as_millis() as u64),
+            Ordering::Relaxed,
+        );
+        store.log_error(&e);
+        assert_eq!(store.unlogged.load(Ordering::Relaxed), 0);
     }
 }

@@ -196,3 +196,35 @@ impl SharedLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_over_limit_cache_is_capped_and_forgets_keys_at_their_reset() {
+        let cache = OverLimit::default();
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(20);
+        let later = now + Duration::from_secs(60);
+        for i in 0..MAX_OVER_LIMIT_KEYS as u32 {
+            cache.insert(&KeyValue::Ip(i.to_be_bytes().into()), soon, now);
+        }
+        let extra = KeyValue::Text("extra".into());
+        cache.insert(&extra, later, now);
+        assert_eq!(cache.len(), MAX_OVER_LIMIT_KEYS, "full: not remembered");
+        assert_eq!(cache.until(&extra, now), None);
+        assert_eq!(
+            cache.until(&KeyValue::Ip([0, 0, 0, 1].into()), now),
+            Some(soon)
+        );
+        // Once their reset has passed, keys are answered by the store again and make room.
+        std::thread::sleep(Duration::from_millis(30));
+        let now = Instant::now();
+        assert_eq!(cache.until(&KeyValue::Ip([0, 0, 0, 1].into()), now), None);
+        cache.insert(&extra, later, now);
+        assert_eq!(cache.until(&extra, now), Some(later));
+        cache.evict_expired();
+        assert_eq!(cache.len(), 1);
+    }
+}
