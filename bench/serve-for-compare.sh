@@ -19,6 +19,14 @@
 # TRACE_RATIO=r turns [tracing] on with sample_ratio r, exporting to $TRACE_ENDPOINT (default
 # http://127.0.0.1:4318/v1/traces; bench/otlp-discard.py answers there and drops what it gets):
 #   bench/otlp-discard.py & TRACE_RATIO=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
+# LIMIT=local puts a rate limit too high to trigger on the route (in-process GCRA, governor);
+# LIMIT=redis the same limit with store = "redis", in the Redis at $REDIS_URL (default
+# redis://127.0.0.1:6379/; issue #18: ratio to LIMIT=local >= 0.7 on 1 worker):
+#   redis-server --port 6379 --save '' --appendonly no &
+#   LIMIT=redis ../shared/bench/compare.sh -- bench/serve-for-compare.sh
+# LIMIT_REQUESTS=1 LIMIT_PER=1h makes the limit trigger after one request (a flood of 429s:
+# served from the over-limit cache with LIMIT=redis); ON_STORE_ERROR=allow|deny|local sets
+# on_store_error (stop Redis to measure it). compare.sh needs 2xx answers: drive those with wrk.
 set -euo pipefail
 repo=$(mktemp -d)
 trap 'rm -rf "$repo"' EXIT
@@ -49,6 +57,18 @@ claims_to_headers = { sub = "x-user" }
 allow_origins = ["https://app.example.com"]
 allow_methods = ["GET", "POST"]
 TOML
+fi
+if [[ -n ${LIMIT:-} ]]; then
+  store=""
+  if [[ $LIMIT == redis ]]; then
+    store=', store = "redis"'
+    cat >>"$repo/gateway.toml" <<TOML
+[rate_limit_store]
+url = "${REDIS_URL:-redis://127.0.0.1:6379/}"
+on_store_error = "${ON_STORE_ERROR:-local}"
+TOML
+  fi
+  echo "rate_limit = { requests = ${LIMIT_REQUESTS:-1000000000}, per = \"${LIMIT_PER:-1s}\"$store }" >>"$repo/routes/all.toml"
 fi
 if [[ ${POLICY:-0} == 1 ]]; then
   mkdir -p "$repo/policies"
