@@ -1,4 +1,4 @@
-//! The dashboard's JSON API on the admin listener (issue #20): who may read them, what
+//! The dashboard's JSON API and page on the admin listener (issue #20): who may read them, what
 //! they say about routes, upstreams, reloads and traffic, and "which route would serve this
 //! request?" with hostile input. Real gateways on loopback, a real backend, a real git repo.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -179,6 +179,34 @@ fn with_a_token_the_api_needs_it_and_failures_are_limited_per_address() {
         "no probing without the token"
     );
 
+    // The page itself carries no data: served without the token, under a strict CSP.
+    let page = get("/ui/", None);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<script src=\"app.js\" defer></script>"));
+    let csp = page.header("content-security-policy").unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(
+        csp.contains("connect-src 'self'") && !csp.contains("http"),
+        "{csp}"
+    );
+    assert_eq!(
+        page.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    assert_eq!(page.header("x-frame-options").as_deref(), Some("DENY"));
+    let js = get("/ui/app.js", None);
+    assert_eq!(
+        js.header("content-type").as_deref(),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert!(js.body.contains("sessionStorage"));
+    assert_eq!(get("/ui/app.css", None).status, 200);
+    assert_eq!(get("/ui/../admin/reload", None).status, 404);
+    assert_eq!(get("/ui/missing.js", None).status, 404);
+    let moved = get("/ui", None);
+    assert_eq!(moved.status, 308);
+    assert_eq!(moved.header("location").as_deref(), Some("/ui/"));
+
     // Forged tokens run into the failure limit; the valid token is never locked out.
     let mut limited = false;
     for _ in 0..40 {
@@ -204,7 +232,7 @@ fn without_a_token_the_api_answers_only_on_loopback_and_for_loopback_names() {
         assert_eq!(r.json()["access"], "loopback-without-token");
     }
     // A page on another site whose name was rebound to 127.0.0.1 cannot read it.
-    for path in ["/api/v1/status", "/api/v1/routes"] {
+    for path in ["/api/v1/status", "/api/v1/routes", "/ui/"] {
         let r = call(&admin, "evil.example:8081", "GET", path, &[], b"");
         assert_eq!(r.status, 403, "{path}");
         assert!(
@@ -213,10 +241,11 @@ fn without_a_token_the_api_answers_only_on_loopback_and_for_loopback_names() {
             r.body
         );
     }
+    assert_eq!(call(&admin, &admin, "GET", "/ui/", &[], b"").status, 200);
 
     // Bound to every address, with no token: disabled, and it says how to enable it.
     let (_open, admin) = gateway(&files, Control::default(), "0.0.0.0:0");
-    for path in ["/api/v1/status"] {
+    for path in ["/api/v1/status", "/ui/"] {
         let r = call(&admin, &admin, "GET", path, &[], b"");
         assert_eq!(r.status, 403, "{path}");
         assert!(r.body.contains("RUSTYGATE_ADMIN_TOKEN"), "{}", r.body);

@@ -1,5 +1,5 @@
 //! The admin listener: health, readiness, status, metrics, the reload triggers (admin call and
-//! git webhooks), and the read-only JSON API of the operator dashboard
+//! git webhooks), and the read-only operator dashboard (`/ui/`, see `ui`) with its JSON API
 //! (`/api/v1/...`, see `api`). Bound to loopback by default. Endpoints that change state need a
 //! secret; with none configured they are disabled (403), as the start-up log says.
 
@@ -69,6 +69,7 @@ impl AdminState {
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     let capped = web::PayloadConfig::new(MAX_WEBHOOK_BODY);
     cfg.configure(super::api::configure)
+        .configure(super::ui::configure)
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/status", web::get().to(status))

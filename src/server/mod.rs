@@ -11,6 +11,7 @@ mod h2;
 mod handler;
 mod listener;
 mod tls;
+mod ui;
 pub mod webhooks;
 
 /// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`, through [`h2::serve`]).
