@@ -169,7 +169,7 @@
         box.append(el("div", { class: "diag" },
           el("div", {}, loc ? el("span", { class: "loc", text: loc }) : null, loc ? " " : null,
             d.code ? el("code", { text: d.code }) : null, " ", d.message || ""),
-          d.snippet !== undefined && d.snippet !== null ? el("pre", { text: (d.line ? d.line + " | " : "") + d.snippet + (d.label ? "   ← " + d.label : "") }) : null,
+          d.snippet !== undefined && d.snippet !== null ? el("pre", { class: "snippet", text: snippet(d) }) : null,
           (d.help || []).map((h) => el("div", { class: "muted", text: "help: " + h }))));
       }
       if (errors.length > 20) box.append(el("p", { class: "muted", text: (errors.length - 20) + " more" }));
@@ -196,6 +196,15 @@
     }
   }
 
+  // rustc-like: the line, then a caret under the column with what is said there.
+  function snippet(d) {
+    const gutter = d.line ? String(d.line) : "";
+    const pad = " ".repeat(gutter.length);
+    let out = gutter + " | " + d.snippet;
+    if (d.column) out += "\n" + pad + " | " + " ".repeat(Math.max(0, d.column - 1)) + "^ " + (d.label || "");
+    return out;
+  }
+
   async function routes(status, force) {
     const q = $("route-filter").value.trim();
     if (!force && routesVersion === status.version && lastFilter === q) return;
@@ -205,7 +214,7 @@
     $("routes-count").textContent = (q ? r.matched + " of " + r.total : r.total) + " routes" + (r.truncated ? ", first " + r.routes.length + " shown" : "");
     const body = clear($("routes").tBodies[0]);
     for (const x of r.routes) {
-      const path = x.path !== null ? x.path : (x.prefix + (x.prefix.endsWith("/") ? "" : "/") + "…");
+      const path = x.path !== null ? x.path : x.prefix;
       body.append(el("tr", { class: "route-row", "data-name": x.name },
         el("td", {}, el("strong", { text: x.name })),
         el("td", { text: dash(x.host) }),
