@@ -84,7 +84,11 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
                      `chromium` and `chromium-driver` (.ci/run does)"
                 );
             }
-            eprintln!(
+            // Straight to the process's stderr: libtest would hide an `eprintln!` of a test
+            // that passes.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n==== SKIPPED: the dashboard browser tests did not run ({missing}). \
                  apt-get install chromium chromium-driver to run them; CI runs them. ====\n"
             );
@@ -129,12 +133,13 @@ impl Drop for Driver {
     }
 }
 
-/// Chromium's `performance` log (DevTools events), drained on each call: chromedriver's
+/// One of Chromium's logs, drained on each call: `performance` (DevTools events) or `browser`
+/// (the console: script errors, CSP violations, failed loads). chromedriver's
 /// `POST /session/{id}/se/log`, which fantoccini has no method for.
 #[derive(Debug)]
-struct PerformanceLog;
+struct Log(&'static str);
 
-impl WebDriverCompatibleCommand for PerformanceLog {
+impl WebDriverCompatibleCommand for Log {
     fn endpoint(
         &self,
         base: &url::Url,
@@ -144,16 +149,29 @@ impl WebDriverCompatibleCommand for PerformanceLog {
     }
 
     fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
-        (
-            http::Method::POST,
-            Some(r#"{"type":"performance"}"#.to_owned()),
-        )
+        let body = json!({ "type": self.0 }).to_string();
+        (http::Method::POST, Some(body))
     }
+}
+
+/// The console messages of level SEVERE (errors) in a drained browser log.
+async fn console_errors(c: &Client) -> Vec<String> {
+    let log = c.issue_cmd(Log("browser")).await.expect("browser log");
+    log.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+        .collect()
 }
 
 /// The http(s) and ws(s) URLs the browser asked for, from a drained performance log.
 async fn requested_urls(c: &Client) -> Vec<String> {
-    let log = c.issue_cmd(PerformanceLog).await.expect("performance log");
+    let log = c
+        .issue_cmd(Log("performance"))
+        .await
+        .expect("performance log");
     let mut urls = Vec::new();
     for entry in log.as_array().cloned().unwrap_or_default() {
         let Some(msg) = entry["message"].as_str() else {
@@ -318,7 +336,7 @@ async fn the_dashboard_in_headless_chromium() {
     let caps = json!({
         "browserName": "chrome",
         "goog:chromeOptions": { "binary": chromium, "args": args },
-        "goog:loggingPrefs": { "performance": "ALL" },
+        "goog:loggingPrefs": { "performance": "ALL", "browser": "ALL" },
     });
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     let c = ClientBuilder::new(connector)
@@ -340,6 +358,7 @@ async fn the_dashboard_in_headless_chromium() {
     // What the browser does on its own at start-up (its home page) is not the page's doing.
     c.goto("about:blank").await.unwrap();
     let startup = requested_urls(&c).await;
+    let _ = console_errors(&c).await;
     println!(
         "browser start-up, before the page: {} http(s) requests {startup:?} (not the page's)",
         startup.len()
@@ -618,8 +637,11 @@ async fn the_dashboard_in_headless_chromium() {
         println!("screenshot copied to {}", Path::new(&to).display());
     }
 
-    // 7. Nothing but the admin listener was asked for anything.
+    // 7. Nothing but the admin listener was asked for anything, and the console has no error
+    // but the API's own refusals (the 401 before the token, the 400 of the refused URL): no
+    // script error, no CSP violation (a blocked load never reaches the network log).
     let urls = requested_urls(&c).await;
+    let errors = console_errors(&c).await;
     let timing = c
         .execute(
             "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]",
@@ -635,6 +657,21 @@ async fn the_dashboard_in_headless_chromium() {
             .unwrap()
             .iter()
             .map(|v| v.as_str().unwrap().to_owned()),
+    );
+    let unexpected: Vec<&String> = errors
+        .iter()
+        .filter(|e| {
+            !(e.starts_with(&format!("{origin}api/v1/"))
+                && (e.contains("status of 401") || e.contains("status of 400")))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "console errors: {unexpected:?} (all: {errors:?})"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("status of 401")),
+        "the console log is read: the 401 before the token is in it ({errors:?})"
     );
     let elsewhere: Vec<&String> = all.iter().filter(|u| !u.starts_with(&origin)).collect();
     assert!(
