@@ -463,6 +463,20 @@ fn explain_answers_with_the_decision_code_and_refuses_hostile_input_clearly() {
         (json!("home"), json!(200))
     );
     assert_eq!(v["request"]["normalized_path"], "/");
+    // A path the proxy refuses before routing is explained with the proxy's own answer.
+    let v = explain(br#"{"url": "http://x/a%00b"}"#).json();
+    assert_eq!(
+        (v["status"].clone(), v["route"].clone()),
+        (json!(400), Value::Null)
+    );
+    assert_eq!(v["request"]["normalized_path"], Value::Null);
+    assert!(
+        v["why"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("answered 400 before routing: "),
+        "{v}"
+    );
 
     let huge_url = format!(r#"{{"url": "http://x/{}"}}"#, "a".repeat(10_000));
     let huge_header = format!(

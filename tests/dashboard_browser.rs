@@ -62,11 +62,13 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
     // behind it takes exactly ours.
     let chromium = find(
         "RUSTYGATE_CHROMIUM",
+        // Debian's Chromium first; then Google Chrome, whose chromedriver GitHub's Ubuntu image
+        // puts on PATH beside it (the versions must match).
         &[
             "/usr/lib/chromium/chromium",
+            "google-chrome",
             "chromium",
             "chromium-browser",
-            "google-chrome",
         ],
     );
     let driver = find("RUSTYGATE_CHROMEDRIVER", &["chromedriver"]);

@@ -662,7 +662,12 @@ fn explanation(
             case.method
         )),
         None if out.status == 404 => why.push(format!("no route matches {at}")),
-        None => {}
+        // Refused before routing (a path that does not normalise): the gateway's message.
+        None => why.push(format!(
+            "answered {} before routing: {}",
+            out.status,
+            out.body.chars().take(200).collect::<String>()
+        )),
     }
     match &out.upstream_request {
         Some(u) => why.push(format!(
