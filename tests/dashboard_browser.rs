@@ -14,6 +14,7 @@
 
 mod common;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use common::{Backend, GatewayProcess, as_refs, commit_files, dead_port, wait_until};
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "br0wser-token";
@@ -357,347 +359,357 @@ async fn the_dashboard_in_headless_chromium() {
         n: 0,
     };
 
-    // What the browser does on its own at start-up (its home page) is not the page's doing.
-    c.goto("about:blank").await.unwrap();
-    let startup = requested_urls(&c).await;
-    let _ = console_errors(&c).await;
-    println!(
-        "browser start-up, before the page: {} http(s) requests {startup:?} (not the page's)",
-        startup.len()
-    );
+    // The walk, as an operator would do it. Whatever happens in it, the browser session is
+    // closed after (Chromium is chromedriver's child: killing the driver alone may leave it).
+    let walk = AssertUnwindSafe(async {
+        // What the browser does on its own at start-up (its home page) is not the page's doing.
+        c.goto("about:blank").await.unwrap();
+        let startup = requested_urls(&c).await;
+        let _ = console_errors(&c).await;
+        println!(
+            "browser start-up, before the page: {} http(s) requests {startup:?} (not the page's)",
+            startup.len()
+        );
 
-    // 1. The token prompt, then the applied commit.
-    c.goto(&page).await.unwrap();
-    wait_for(
-        &c,
-        &mut shots,
-        "the token prompt",
-        "return !document.getElementById('login').hidden",
-    )
-    .await;
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    c.find(Locator::Id("token-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let sha = wait_for(
-        &c,
-        &mut shots,
-        "the applied sha",
-        "const e = document.getElementById('applied-sha'); return e && e.dataset.sha",
-    )
-    .await;
-    assert_eq!(sha, json!(v1));
-    let shown = c
-        .find(Locator::Id("applied"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(shown.contains(&v1[..12]), "{shown}");
-    assert!(
-        shown.contains("Route orders and users to the orders service"),
-        "{shown}"
-    );
-    let stored = c
-        .execute(
-            "return sessionStorage.getItem('rustygate.admin-token')",
-            vec![],
+        // 1. The token prompt, then the applied commit.
+        c.goto(&page).await.unwrap();
+        wait_for(
+            &c,
+            &mut shots,
+            "the token prompt",
+            "return !document.getElementById('login').hidden",
         )
-        .await
-        .unwrap();
-    assert_eq!(stored, json!(TOKEN), "the token is kept for the tab");
-    let reloads = wait_for(
-        &c,
-        &mut shots,
-        "the reload history",
-        "return document.querySelector('#reloads tbody').innerText",
-    )
-    .await;
-    assert!(reloads.as_str().unwrap().contains("startup"), "{reloads}");
-    shots.take(&c, "overview").await;
-
-    // 2. The routes table, filtered.
-    c.find(Locator::Css("#tabs button[data-view=routes]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_for(
-        &c,
-        &mut shots,
-        "six routes",
-        "return document.querySelectorAll('#routes tr.route-row').length === 6",
-    )
-    .await;
-    c.find(Locator::Id("route-filter"))
-        .await
-        .unwrap()
-        .send_keys("ORDER")
-        .await
-        .unwrap();
-    let rows = wait_for(
-        &c,
-        &mut shots,
-        "the filtered table",
-        "const r = [...document.querySelectorAll('#routes tr.route-row')]; \
-         return r.length === 1 && r[0].dataset.name",
-    )
-    .await;
-    assert_eq!(rows, json!("orders"));
-    let source = c
-        .find(Locator::Css("#routes tr.route-row code.source"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(source, "routes/main.toml:2:8");
-    let count = c
-        .find(Locator::Id("routes-count"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(count, "1 of 6 routes");
-
-    // 3. Which route would serve this request?
-    c.find(Locator::Id("explain-url"))
-        .await
-        .unwrap()
-        .send_keys("http://api.example.com/orders/7?x=1")
-        .await
-        .unwrap();
-    c.find(Locator::Id("explain-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let route = wait_for(&c, &mut shots, "the explanation", "const e = document.querySelector('#explain-result .explain-route'); return e && e.textContent").await;
-    assert_eq!(route, json!("orders"));
-    let answer = c
-        .find(Locator::Id("explain-result"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        answer.starts_with("200 route orders routes/main.toml:2:8 → upstream orders /7?x=1"),
-        "{answer}"
-    );
-    assert!(
-        answer.contains("forwarded to upstream `orders`"),
-        "{answer}"
-    );
-    shots.take(&c, "routes-and-explain").await;
-    let input = c.find(Locator::Id("explain-url")).await.unwrap();
-    input.clear().await.unwrap();
-    input.send_keys("orders/7").await.unwrap();
-    c.find(Locator::Id("explain-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let refused = wait_for(
-        &c,
-        &mut shots,
-        "the refusal",
-        "const e = document.getElementById('explain-error'); return e && e.textContent",
-    )
-    .await;
-    assert!(
-        refused
-            .as_str()
+        .await;
+        c.find(Locator::Id("token"))
+            .await
             .unwrap()
-            .contains("`orders/7` is not a URL"),
-        "{refused}"
-    );
-
-    // 4. Upstreams and 5. traffic.
-    c.find(Locator::Css("#tabs button[data-view=upstreams]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let target = wait_for(&c, &mut shots, "the orders upstream", "const e = document.querySelector('.upstream[data-name=orders] tr.target'); return e && e.innerText").await;
-    let target = target.as_str().unwrap();
-    assert!(
-        target.contains(&backend.url()) && target.contains("not checked") && target.contains("ok"),
-        "{target}"
-    );
-    let latency = c
-        .find(Locator::Css(".upstream[data-name=orders] dl"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(latency.contains("5 requests since start"), "{latency}");
-    shots.take(&c, "upstreams").await;
-    c.find(Locator::Css("#tabs button[data-view=traffic]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_for(
-        &c,
-        &mut shots,
-        "the charts",
-        "return document.querySelectorAll('#charts .chart svg').length >= 3",
-    )
-    .await;
-    shots.take(&c, "traffic").await;
-
-    // 6. A broken commit, reloaded: the attempted commit and its diagnostic, located.
-    let bad = commit_files(
-        &repo,
-        "main",
-        &as_refs(&config(&backend.url(), true)),
-        "Add reports",
-    )
-    .to_string();
-    let (status, _) = gw.admin_post(
-        "/admin/reload",
-        &[("Authorization", &format!("Bearer {TOKEN}"))],
-        b"",
-    );
-    assert_eq!(status, 202);
-    c.find(Locator::Css("#tabs button[data-view=overview]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let attempted = wait_for(
-        &c,
-        &mut shots,
-        "the rejected commit",
-        "const e = document.getElementById('attempted-sha'); \
-         return document.getElementById('attempted-result').textContent === 'rejected' && e.dataset.sha",
-    )
-    .await;
-    assert_eq!(attempted, json!(bad));
-    let diag = c
-        .find(Locator::Css("#attempted .diag"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        diag.starts_with("routes/main.toml:41:12 unknown-upstream unknown upstream `order`"),
-        "{diag}"
-    );
-    assert!(
-        diag.contains("41 | upstream = \"order\"\n   |            ^ "),
-        "{diag}"
-    );
-    assert!(diag.contains("help: did you mean `orders`?"), "{diag}");
-    let still = c
-        .find(Locator::Id("applied-sha"))
-        .await
-        .unwrap()
-        .attr("data-sha")
-        .await
-        .unwrap();
-    assert_eq!(
-        still.as_deref(),
-        Some(v1.as_str()),
-        "the last good commit still serves"
-    );
-    let history = c
-        .find(Locator::Css("#reloads tbody tr"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        history.contains("admin") && history.contains("rejected") && history.contains(&bad[..12]),
-        "{history}"
-    );
-    // Sized to what the overview shows, for the README's picture.
-    c.set_window_size(1200, 720).await.unwrap();
-    let overview = shots.take(&c, "rejected-commit").await;
-    if let Some(to) = std::env::var_os("RUSTYGATE_DASHBOARD_SCREENSHOT") {
-        std::fs::copy(&overview, &to).unwrap();
-        println!("screenshot copied to {}", Path::new(&to).display());
-    }
-
-    // 7. Nothing but the admin listener was asked for anything, and the console has no error
-    // but the API's own refusals (the 401 before the token, the 400 of the refused URL): no
-    // script error, no CSP violation (a blocked load never reaches the network log).
-    let urls = requested_urls(&c).await;
-    let errors = console_errors(&c).await;
-    let timing = c
-        .execute(
-            "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]",
-            vec![],
+            .send_keys(TOKEN)
+            .await
+            .unwrap();
+        c.find(Locator::Id("token-go"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let sha = wait_for(
+            &c,
+            &mut shots,
+            "the applied sha",
+            "const e = document.getElementById('applied-sha'); return e && e.dataset.sha",
         )
-        .await
-        .unwrap();
-    let origin = format!("http://{admin}/");
-    let mut all: Vec<String> = urls.clone();
-    all.extend(
-        timing
-            .as_array()
+        .await;
+        assert_eq!(sha, json!(v1));
+        let shown = c
+            .find(Locator::Id("applied"))
+            .await
             .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(shown.contains(&v1[..12]), "{shown}");
+        assert!(
+            shown.contains("Route orders and users to the orders service"),
+            "{shown}"
+        );
+        let stored = c
+            .execute(
+                "return sessionStorage.getItem('rustygate.admin-token')",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored, json!(TOKEN), "the token is kept for the tab");
+        let reloads = wait_for(
+            &c,
+            &mut shots,
+            "the reload history",
+            "return document.querySelector('#reloads tbody').innerText",
+        )
+        .await;
+        assert!(reloads.as_str().unwrap().contains("startup"), "{reloads}");
+        shots.take(&c, "overview").await;
+
+        // 2. The routes table, filtered.
+        c.find(Locator::Css("#tabs button[data-view=routes]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(
+            &c,
+            &mut shots,
+            "six routes",
+            "return document.querySelectorAll('#routes tr.route-row').length === 6",
+        )
+        .await;
+        c.find(Locator::Id("route-filter"))
+            .await
+            .unwrap()
+            .send_keys("ORDER")
+            .await
+            .unwrap();
+        let rows = wait_for(
+            &c,
+            &mut shots,
+            "the filtered table",
+            "const r = [...document.querySelectorAll('#routes tr.route-row')]; \
+             return r.length === 1 && r[0].dataset.name",
+        )
+        .await;
+        assert_eq!(rows, json!("orders"));
+        let source = c
+            .find(Locator::Css("#routes tr.route-row code.source"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(source, "routes/main.toml:2:8");
+        let count = c
+            .find(Locator::Id("routes-count"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(count, "1 of 6 routes");
+
+        // 3. Which route would serve this request?
+        c.find(Locator::Id("explain-url"))
+            .await
+            .unwrap()
+            .send_keys("http://api.example.com/orders/7?x=1")
+            .await
+            .unwrap();
+        c.find(Locator::Id("explain-go"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let route = wait_for(&c, &mut shots, "the explanation", "const e = document.querySelector('#explain-result .explain-route'); return e && e.textContent").await;
+        assert_eq!(route, json!("orders"));
+        let answer = c
+            .find(Locator::Id("explain-result"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with("200 route orders routes/main.toml:2:8 → upstream orders /7?x=1"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("forwarded to upstream `orders`"),
+            "{answer}"
+        );
+        shots.take(&c, "routes-and-explain").await;
+        let input = c.find(Locator::Id("explain-url")).await.unwrap();
+        input.clear().await.unwrap();
+        input.send_keys("orders/7").await.unwrap();
+        c.find(Locator::Id("explain-go"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let refused = wait_for(
+            &c,
+            &mut shots,
+            "the refusal",
+            "const e = document.getElementById('explain-error'); return e && e.textContent",
+        )
+        .await;
+        assert!(
+            refused
+                .as_str()
+                .unwrap()
+                .contains("`orders/7` is not a URL"),
+            "{refused}"
+        );
+
+        // 4. Upstreams and 5. traffic.
+        c.find(Locator::Css("#tabs button[data-view=upstreams]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let target = wait_for(&c, &mut shots, "the orders upstream", "const e = document.querySelector('.upstream[data-name=orders] tr.target'); return e && e.innerText").await;
+        let target = target.as_str().unwrap();
+        assert!(
+            target.contains(&backend.url()) && target.contains("not checked") && target.contains("ok"),
+            "{target}"
+        );
+        let latency = c
+            .find(Locator::Css(".upstream[data-name=orders] dl"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(latency.contains("5 requests since start"), "{latency}");
+        shots.take(&c, "upstreams").await;
+        c.find(Locator::Css("#tabs button[data-view=traffic]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(
+            &c,
+            &mut shots,
+            "the charts",
+            "return document.querySelectorAll('#charts .chart svg').length >= 3",
+        )
+        .await;
+        shots.take(&c, "traffic").await;
+
+        // 6. A broken commit, reloaded: the attempted commit and its diagnostic, located.
+        let bad = commit_files(
+            &repo,
+            "main",
+            &as_refs(&config(&backend.url(), true)),
+            "Add reports",
+        )
+        .to_string();
+        let (status, _) = gw.admin_post(
+            "/admin/reload",
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+            b"",
+        );
+        assert_eq!(status, 202);
+        c.find(Locator::Css("#tabs button[data-view=overview]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let attempted = wait_for(
+            &c,
+            &mut shots,
+            "the rejected commit",
+            "const e = document.getElementById('attempted-sha'); \
+             return document.getElementById('attempted-result').textContent === 'rejected' && e.dataset.sha",
+        )
+        .await;
+        assert_eq!(attempted, json!(bad));
+        let diag = c
+            .find(Locator::Css("#attempted .diag"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            diag.starts_with("routes/main.toml:41:12 unknown-upstream unknown upstream `order`"),
+            "{diag}"
+        );
+        assert!(
+            diag.contains("41 | upstream = \"order\"\n   |            ^ "),
+            "{diag}"
+        );
+        assert!(diag.contains("help: did you mean `orders`?"), "{diag}");
+        let still = c
+            .find(Locator::Id("applied-sha"))
+            .await
+            .unwrap()
+            .attr("data-sha")
+            .await
+            .unwrap();
+        assert_eq!(
+            still.as_deref(),
+            Some(v1.as_str()),
+            "the last good commit still serves"
+        );
+        let history = c
+            .find(Locator::Css("#reloads tbody tr"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            history.contains("admin") && history.contains("rejected") && history.contains(&bad[..12]),
+            "{history}"
+        );
+        // Sized to what the overview shows, for the README's picture.
+        c.set_window_size(1200, 720).await.unwrap();
+        let overview = shots.take(&c, "rejected-commit").await;
+        if let Some(to) = std::env::var_os("RUSTYGATE_DASHBOARD_SCREENSHOT") {
+            std::fs::copy(&overview, &to).unwrap();
+            println!("screenshot copied to {}", Path::new(&to).display());
+        }
+
+        // 7. Nothing but the admin listener was asked for anything, and the console has no error
+        // but the API's own refusals (the 401 before the token, the 400 of the refused URL): no
+        // script error, no CSP violation (a blocked load never reaches the network log).
+        let urls = requested_urls(&c).await;
+        let errors = console_errors(&c).await;
+        let timing = c
+            .execute(
+                "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let origin = format!("http://{admin}/");
+        let mut all: Vec<String> = urls.clone();
+        all.extend(
+            timing
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+        let unexpected: Vec<&String> = errors
             .iter()
-            .map(|v| v.as_str().unwrap().to_owned()),
-    );
-    let unexpected: Vec<&String> = errors
-        .iter()
-        .filter(|e| {
-            !(e.starts_with(&format!("{origin}api/v1/"))
-                && (e.contains("status of 401") || e.contains("status of 400")))
-        })
-        .collect();
-    assert!(
-        unexpected.is_empty(),
-        "console errors: {unexpected:?} (all: {errors:?})"
-    );
-    assert!(
-        errors.iter().any(|e| e.contains("status of 401")),
-        "the console log is read: the 401 before the token is in it ({errors:?})"
-    );
-    let elsewhere: Vec<&String> = all.iter().filter(|u| !u.starts_with(&origin)).collect();
-    assert!(
-        elsewhere.is_empty(),
-        "the page asked other hosts: {elsewhere:?}"
-    );
-    let api_calls = urls
-        .iter()
-        .filter(|u| u.starts_with(&format!("{origin}api/v1/")))
-        .count();
-    assert!(
-        urls.iter().any(|u| u == &page),
-        "the page load is in the log: {urls:?}"
-    );
-    assert!(
-        api_calls >= 8,
-        "only {api_calls} API calls in the log: {urls:?}"
-    );
-    println!(
-        "{} requests, all to {origin} ({api_calls} API calls)",
-        all.len()
-    );
+            .filter(|e| {
+                !(e.starts_with(&format!("{origin}api/v1/"))
+                    && (e.contains("status of 401") || e.contains("status of 400")))
+            })
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "console errors: {unexpected:?} (all: {errors:?})"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("status of 401")),
+            "the console log is read: the 401 before the token is in it ({errors:?})"
+        );
+        let elsewhere: Vec<&String> = all.iter().filter(|u| !u.starts_with(&origin)).collect();
+        assert!(
+            elsewhere.is_empty(),
+            "the page asked other hosts: {elsewhere:?}"
+        );
+        let api_calls = urls
+            .iter()
+            .filter(|u| u.starts_with(&format!("{origin}api/v1/")))
+            .count();
+        assert!(
+            urls.iter().any(|u| u == &page),
+            "the page load is in the log: {urls:?}"
+        );
+        assert!(
+            api_calls >= 8,
+            "only {api_calls} API calls in the log: {urls:?}"
+        );
+        println!(
+            "{} requests, all to {origin} ({api_calls} API calls)",
+            all.len()
+        );
 
-    c.close().await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    let closed = c.close().await;
     drop(driver);
+    if let Err(panic) = walk {
+        std::panic::resume_unwind(panic);
+    }
+    closed.unwrap();
     println!("browser test took {:?}", started.elapsed());
 }
