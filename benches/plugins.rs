@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
+use rustygate::decide::Incoming;
 use rustygate::plugins::{self, Limits, OnError, Plugin, PluginUse, RequestInfo};
 use rustygate::policy::ClientHeaders;
 use sha2::{Digest, Sha256};
@@ -50,12 +51,17 @@ fn client() -> ClientHeaders {
 fn bench(c: &mut Criterion) {
     let u = example();
     let plugins = vec![Arc::clone(&u)];
-    let info = RequestInfo {
+    let incoming = Incoming {
         method: "GET",
         host: "api.example.com",
         path: "/orders/42",
         query: None,
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        claims: None,
+        trace_id: None,
+    };
+    let info = RequestInfo {
+        incoming: &incoming,
         route: "orders",
         config_sha: "0123456789ab",
     };
