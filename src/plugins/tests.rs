@@ -410,6 +410,29 @@ fn framing_headers_cannot_be_set() {
 }
 
 #[test]
+fn content_length_can_be_removed_but_not_replaced() {
+    // What the SDKs' body examples do in on_response_headers before changing a body: the
+    // removal answers OK (0), a replacement BAD_ARGUMENT (2); anything else traps.
+    let p = plugin(
+        "drop-length",
+        r#"(func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+             (if (i32.ne (call $replace (i32.const 2) (i32.const 96) (i32.const 14) (i32.const 16) (i32.const 3))
+                         (i32.const 2))
+               (then unreachable))
+             (if (i32.ne (call $remove (i32.const 2) (i32.const 96) (i32.const 14)) (i32.const 0))
+               (then unreachable))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, _) = request(&[p]);
+    let mut res = HeaderMap::new();
+    res.insert("content-length", HeaderValue::from_static("42"));
+    assert!(is_continue(&run.on_response("orders", 200, &mut res)));
+    assert!(res.get("content-length").is_none(), "{res:?}");
+}
+
+#[test]
 fn a_local_response_answers_the_request() {
     let p = plugin(
         "deny",
