@@ -97,6 +97,14 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         let reply = get(&gw.url("/orders")).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.header("x-rustygate-plugin"), Some("from-test"));
+        // The SDK exports the body callbacks (they continue by default): a response whose
+        // declared length arrives in one piece still goes out with that length.
+        assert_eq!(
+            reply.header("content-length"),
+            Some(reply.body.len().to_string().as_str()),
+            "{:?}",
+            reply.headers
+        );
         let echo = reply.json();
         assert_eq!(
             echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),

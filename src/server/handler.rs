@@ -1519,6 +1519,7 @@ fn client_response(
                     out,
                     status,
                     body,
+                    declared,
                     filter,
                 }));
             }

@@ -177,6 +177,9 @@ pub(super) struct Response {
     pub out: actix_web::HttpResponseBuilder,
     pub status: u16,
     pub body: UpstreamBody,
+    /// The upstream's `Content-Length`: its last byte ends the body for the plugins (as a
+    /// declared request length does), so a body read in one piece goes out with its length.
+    pub declared: Option<u64>,
     pub filter: BodyFilter,
 }
 
@@ -189,15 +192,27 @@ impl Response {
             mut out,
             status,
             mut body,
+            declared,
             mut filter,
         } = self;
+        let mut received = 0u64;
         let first = loop {
             match poll_fn(|cx| Pin::new(&mut body).poll_next(cx)).await {
-                Some(Ok(data)) => match filter.chunk(data, false) {
-                    Ok(b) if b.is_empty() => {}
-                    Ok(b) => break b,
-                    Err(s) => return stopped(&ex, &s, false),
-                },
+                Some(Ok(data)) => {
+                    received += data.len() as u64;
+                    let end = declared == Some(received);
+                    match filter.chunk(data, end) {
+                        Ok(whole) if end => {
+                            // Read to its end, so that the upstream's connection can be reused.
+                            let _ = poll_fn(|cx| Pin::new(&mut body).poll_next(cx)).await;
+                            ex.emit(status, whole.len() as u64, Ok(()));
+                            return out.body(whole);
+                        }
+                        Ok(b) if b.is_empty() => {}
+                        Ok(b) => break b,
+                        Err(s) => return stopped(&ex, &s, false),
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::warn!(
                         request_id = ex.request_id.to_str().unwrap_or(""),
@@ -222,6 +237,8 @@ impl Response {
             first: Some(first),
             inner: body,
             filter,
+            declared,
+            received,
             sent: 0,
             on_finish: Some(on_finish),
             done: false,
@@ -243,6 +260,8 @@ struct Filtered {
     first: Option<Bytes>,
     inner: UpstreamBody,
     filter: BodyFilter,
+    declared: Option<u64>,
+    received: u64,
     sent: u64,
     on_finish: Option<OnFinish>,
     done: bool,
@@ -261,6 +280,7 @@ impl Filtered {
     }
 
     fn stop(&mut self, s: BodyStop) -> Poll<Option<Result<Bytes, FilteredError>>> {
+        self.done = true;
         self.finish(Err("plugin_failed"));
         Poll::Ready(Some(Err(FilteredError::Plugin(s))))
     }
@@ -287,11 +307,17 @@ impl MessageBody for Filtered {
             }
             match Pin::new(&mut this.inner).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => match this.filter.chunk(data, false) {
-                    Ok(b) if b.is_empty() => {}
-                    Ok(b) => return this.give(b),
-                    Err(s) => return this.stop(s),
-                },
+                Poll::Ready(Some(Ok(data))) => {
+                    this.received += data.len() as u64;
+                    // With a declared length, the last byte is the plugins' last call; the
+                    // upstream body's end that follows finds the filter ended.
+                    let end = this.declared == Some(this.received);
+                    match this.filter.chunk(data, end) {
+                        Ok(b) if b.is_empty() => {}
+                        Ok(b) => return this.give(b),
+                        Err(s) => return this.stop(s),
+                    }
+                }
                 Poll::Ready(Some(Err(e))) => {
                     this.finish(Err("upstream_error"));
                     return Poll::Ready(Some(Err(e.into())));
