@@ -115,6 +115,11 @@ impl BodyFilter {
         if self.ended {
             return Ok(data);
         }
+        if self.closed.load(Ordering::Acquire) {
+            // The exchange is over (its answer was given): the rest of a request body has
+            // nowhere to go. Not the plugin's failure, so not counted as one.
+            return Err(BodyStop::Failed);
+        }
         self.ended = end;
         let hook = self.hook();
         let id = if self.request {
@@ -152,20 +157,17 @@ impl BodyFilter {
                 }),
                 ..CallData::default()
             };
-            let called = if self.closed.load(Ordering::Acquire) {
-                Err(VmError::Refused("called after the exchange ended".into()))
-            } else {
-                with_vm(&stage.plugin, Some(stage.generation), |vm| {
-                    let (data, action) = vm.on_body(self.request, stage.ctx, call, end);
-                    let action = action?;
-                    if data.local.is_none() && action != abi::ACTION_CONTINUE && end {
-                        return Err(VmError::Refused(
-                            "paused at the end of the body (Action::Pause), which nothing would resume".into(),
-                        ));
-                    }
-                    Ok((data, action))
-                })
-            };
+            let called = with_vm(&stage.plugin, Some(stage.generation), |vm| {
+                let (data, action) = vm.on_body(self.request, stage.ctx, call, end);
+                let action = action?;
+                if data.local.is_none() && action != abi::ACTION_CONTINUE && end {
+                    return Err(VmError::Refused(
+                        "paused at the end of the body (Action::Pause), which nothing would resume"
+                            .into(),
+                    ));
+                }
+                Ok((data, action))
+            });
             match called {
                 Ok(((mut out, action), _)) => {
                     if let Some(local) = out.local.take() {
