@@ -6,10 +6,11 @@
 //!                ─► match host+method+path ─► auth ─► rate limit ─► policy (decide::request)
 //! answer:        respond directly or deny                       ┐ or
 //! forward:       WebSocket handshake, body limits ─► outgoing_body (read whole for retries, or
-//!                stream)
+//!                stream; or plugin_body::request when a WASM plugin reads it)
 //!                per attempt: pick target ─► attempt_request (header rules, policy edits)
 //!                ─► send ─► client_response (response rules, stream back, access log when the
-//!                body ends) or attempt_failed ─► Retries::again
+//!                body ends; plugin_body::Response when a plugin reads it) or attempt_failed
+//!                ─► Retries::again
 //! ```
 //! The snapshot is loaded once and kept for the whole exchange, so a config swap never changes
 //! the rules under a request in flight.
