@@ -516,3 +516,35 @@ fn a_trap_after_request_bytes_went_upstream_aborts_it_and_answers_500() {
     });
     assert_eq!(metric(&gw, "trap_request_second_chunk", "trap"), Some(1.0));
 }
+
+const RESPONSE_TRAP: &str = r#"
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) unreachable)"#;
+
+#[test]
+fn a_response_body_over_the_limit_or_a_trap_before_its_head_gets_a_proper_answer() {
+    let big =
+        Backend::start(|_req| async { http::Response::new(full(Bytes::from(vec![b'z'; 4096]))) });
+    let held = gateway(
+        "hold_big_response",
+        RESPONSE_PAUSE_UNTIL_END,
+        "",
+        &big.url(),
+        "max_body_size = \"1KiB\"",
+    );
+    let trapped = gateway("trap_response", RESPONSE_TRAP, "", &big.url(), "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Over the route's limit while the plugin holds it: the upstream's fault, 502.
+        let reply = get(&held.url("/x")).await;
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert_eq!(
+            reply.json()["request_id"].as_str(),
+            reply.header("x-request-id")
+        );
+        // A trap before anything went to the client: fail_closed still answers 500.
+        let reply = get(&trapped.url("/x")).await;
+        assert_eq!(reply.status, 500, "{}", reply.text());
+        assert_eq!(reply.json()["error"], "a plugin of this route failed");
+    });
+    assert_eq!(metric(&trapped, "trap_response", "trap"), Some(1.0));
+}
