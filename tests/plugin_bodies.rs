@@ -522,8 +522,16 @@ const RESPONSE_TRAP: &str = r#"
 
 #[test]
 fn a_response_body_over_the_limit_or_a_trap_before_its_head_gets_a_proper_answer() {
-    let big =
-        Backend::start(|_req| async { http::Response::new(full(Bytes::from(vec![b'z'; 4096]))) });
+    // 4 KiB, chunked: the plugin pauses on it before its end.
+    let big = Backend::start(|_req| async {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from(vec![b'z'; 4096]))))
+                .await;
+        });
+        http::Response::new(body)
+    });
     let held = gateway(
         "hold_big_response",
         RESPONSE_PAUSE_UNTIL_END,

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! Each call gets the buffer the plugin holds (`body_size` is its length) and may read it
-//! (`proxy_get_buffer_bytes`) and change it (`proxy_set_buffer_bytes`); on `Continue` the
-//! buffer, as the plugin left it, goes on. What a plugin holds is bounded by the route's body
-//! limit. The last call of a body has `end_of_stream` set; pausing there fails the plugin
+//! (`proxy_get_buffer_bytes`) and change it (`proxy_set_buffer_bytes`, up to the route's body
+//! limit or 1 MiB, whichever is larger); on `Continue` the buffer, as the plugin left it, goes
+//! on. What a plugin holds (pauses on) is bounded by the route's body limit; a chunk that only
+//! passes through is not. The last call of a body has `end_of_stream` set; pausing there fails the plugin
 //! (nothing would ever resume it). A request's plugins run in order, a response's in reverse.
 //!
 //! A failure is the plugin's `on_error`: `fail_closed` stops the body ([`BodyStop::Failed`]),
@@ -140,11 +141,13 @@ impl BodyFilter {
                 data
             } else {
                 stage.held.extend_from_slice(&data);
-                stage.held.split().freeze()
+                let view = stage.held.split().freeze();
+                // What it held and what came: more than a plugin may hold.
+                if view.len() > self.limit {
+                    return Err(BodyStop::TooLarge);
+                }
+                view
             };
-            if view.len() > self.limit {
-                return Err(BodyStop::TooLarge);
-            }
             let call = CallData {
                 request: Some(self.request_headers.clone()),
                 response: self.response_headers.clone(),
@@ -153,7 +156,9 @@ impl BodyFilter {
                     id,
                     data: view.clone(),
                     edited: false,
-                    limit: self.limit,
+                    // A chunk that only passes may be edited past a small route limit; the
+                    // bound is on host memory, and holding is checked below.
+                    limit: self.limit.max(abi::MAX_TRANSFER),
                 }),
                 ..CallData::default()
             };
@@ -180,6 +185,8 @@ impl BodyFilter {
                     let now = edited.unwrap_or(view);
                     if action == abi::ACTION_CONTINUE {
                         data = now;
+                    } else if now.len() > self.limit {
+                        return Err(BodyStop::TooLarge);
                     } else {
                         stage.held = now
                             .try_into_mut()

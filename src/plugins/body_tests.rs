@@ -105,12 +105,20 @@ fn what_a_pausing_plugin_holds_is_bounded_by_the_limit() {
 
 #[test]
 fn a_plugin_cannot_grow_a_body_past_the_limit() {
-    // "REWRITTEN" is 9 bytes, over the limit of 8: refused with BAD_ARGUMENT (2), else a trap.
+    // Appends its whole 64 KiB memory page until refused with BAD_ARGUMENT (2): with a limit
+    // under 1 MiB, 1 MiB is the bound; never refused in 100 appends traps.
     let p = plugin(
         "grow-body",
         &on_request_body(
-            r#"(if (i32.ne (call $set_buf (i32.const 0) (i32.const 0) (local.get $size) (i32.const 128) (i32.const 9))
-                           (i32.const 2)) (then unreachable))
+            r#"(local $i i32) (local $st i32)
+               (block $done
+                 (loop $more
+                   (local.set $st (call $set_buf (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 0) (i32.const 65536)))
+                   (br_if $done (i32.eq (local.get $st) (i32.const 2)))
+                   (if (i32.ne (local.get $st) (i32.const 0)) (then unreachable))
+                   (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                   (br_if $more (i32.lt_u (local.get $i) (i32.const 100)))
+                   unreachable))
                (i32.const 0)"#,
         ),
         OnError::FailClosed,
@@ -118,7 +126,37 @@ fn a_plugin_cannot_grow_a_body_past_the_limit() {
     );
     let (run, _) = request(&[p]);
     let mut f = run.request_body(8).unwrap();
-    assert_eq!(chunk(&mut f, b"body", true), "body");
+    // 15 pages fit with the 4 bytes under 1 MiB; the 16th does not.
+    assert_eq!(chunk(&mut f, b"body", true).len(), 4 + 15 * 65536);
+}
+
+#[test]
+fn a_chunk_that_only_passes_is_not_held_to_the_limit() {
+    let p = plugin(
+        "pass-big-chunk",
+        &on_request_body("(i32.const 0)"),
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, _) = request(&[p]);
+    let mut f = run.request_body(4).unwrap();
+    assert_eq!(
+        chunk(&mut f, b"longer than four", false),
+        "longer than four"
+    );
+    // A plugin that pauses on it holds it: over the limit.
+    let held = plugin(
+        "hold-big-chunk",
+        &on_request_body("(i32.const 1)"),
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, _) = request(&[held]);
+    let mut f = run.request_body(4).unwrap();
+    assert!(matches!(
+        f.chunk(Bytes::from_static(b"longer than four"), false),
+        Err(BodyStop::TooLarge)
+    ));
 }
 
 #[test]
