@@ -32,6 +32,9 @@ use facts::{
     RawRouteFacts, diff_by_name, diff_upstream, field_changes, gateway_fields, raw_route_facts,
     route_facts, upstream_facts,
 };
+/// The words `plan` uses for a route's rate limit and CORS and for an upstream, which the admin
+/// API (`/api/v1/routes`, `/api/v1/upstreams`) shows too.
+pub(crate) use facts::{cors as describe_cors, one_upstream, rate_limit as describe_rate_limit};
 pub use safety::SafetyFlag;
 use safety::safety_flags;
 

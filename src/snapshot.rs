@@ -276,6 +276,26 @@ pub struct Route {
     pub plugins: crate::plugins::RoutePlugins,
     /// Sampling and span settings (`tracing` key; `http.route`).
     pub tracing: crate::telemetry::trace::RouteTrace,
+    /// Where the route is written and what it matches, for the admin API (`/api/v1/routes`).
+    pub source: RouteSource,
+}
+
+/// A route's place in the config repo and its match, as written: the router folds host, path
+/// and methods into its tables, where they cannot be listed back route by route.
+#[derive(Debug, Clone, Default)]
+pub struct RouteSource {
+    /// Repo-relative file (shared by the routes of one file).
+    pub file: Arc<str>,
+    /// 1-based line and column of the route's `name`.
+    pub line: u32,
+    pub column: u32,
+    /// Lower-case exact host or `*.suffix`; `None`: any host.
+    pub host: Option<Box<str>>,
+    /// The `path` pattern, or the `prefix` when [`RouteSource::prefix`] is set.
+    pub path: Box<str>,
+    pub prefix: bool,
+    /// `None`: every method.
+    pub methods: Option<Box<[&'static str]>>,
 }
 
 /// A route's authentication.

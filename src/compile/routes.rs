@@ -18,7 +18,8 @@ use crate::router::{
     HostPattern, InsertError, METHODS, PathPattern, Router, method_slot, normalize_path,
 };
 use crate::snapshot::{
-    HeaderOps, PathRewrite, Route, RouteAction, TemplatePart, UpstreamHost, strip_segment_prefix,
+    HeaderOps, PathRewrite, Route, RouteAction, RouteSource, TemplatePart, UpstreamHost,
+    strip_segment_prefix,
 };
 use crate::upstream::Upstream;
 use crate::wire::StaticResponse;
@@ -53,6 +54,7 @@ pub(crate) fn compile_routes(
         },
         names: HashMap::with_capacity(count),
         path_spans: Vec::with_capacity(count),
+        file_name: None,
     };
     for (file, routes) in raw {
         for r in routes {
@@ -74,6 +76,8 @@ struct Builder<'a> {
     names: HashMap<String, (FileId, Range<usize>)>,
     /// Where each compiled route's path was written, by RouteId, for conflict messages.
     path_spans: Vec<(FileId, Range<usize>)>,
+    /// The name of the file being compiled, shared by its routes' [`RouteSource`].
+    file_name: Option<(FileId, Arc<str>)>,
 }
 
 impl Builder<'_> {
@@ -87,6 +91,7 @@ impl Builder<'_> {
             out,
             names,
             path_spans,
+            file_name,
         } = self;
         let (upstreams, defaults, edge, providers) = (*upstreams, *defaults, *edge, *providers);
         let errors_before = cx.diags.error_count();
@@ -246,6 +251,34 @@ impl Builder<'_> {
             }
         }
         path_spans.push((file, path_span));
+        let file_name = match file_name {
+            Some((id, n)) if *id == file => Arc::clone(n),
+            _ => {
+                let n: Arc<str> = Arc::from(cx.files.name(file));
+                *file_name = Some((file, Arc::clone(&n)));
+                n
+            }
+        };
+        let (line, column) = cx.files.line_col(file, r.name.span().start);
+        let source = RouteSource {
+            file: file_name,
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+            column: u32::try_from(column).unwrap_or(u32::MAX),
+            host: match &host {
+                HostPattern::Any => None,
+                h => Some(host_label(h).into_boxed_str()),
+            },
+            prefix: matches!(path, PathPattern::Prefix(_)),
+            path: match path {
+                PathPattern::Exact(p) | PathPattern::Prefix(p) => p.into_boxed_str(),
+            },
+            methods: methods.map(|slots| {
+                slots
+                    .iter()
+                    .filter_map(|s| METHODS.get(*s).copied())
+                    .collect()
+            }),
+        };
         out.routes.push(Route {
             name: r.name.into_inner(),
             action,
@@ -266,6 +299,7 @@ impl Builder<'_> {
             websocket_idle_timeout,
             plugins,
             tracing,
+            source,
         });
     }
 }

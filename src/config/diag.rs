@@ -49,6 +49,18 @@ impl SourceFiles {
             .unwrap_or("")
     }
 
+    /// The text of 1-based `line` of a file, without its line ending.
+    pub fn line_text(&self, id: FileId, line: usize) -> &str {
+        let range = self
+            .files
+            .line_range(id, line.saturating_sub(1))
+            .unwrap_or(0..0);
+        self.source(id)
+            .get(range)
+            .unwrap_or("")
+            .trim_end_matches(['\r', '\n'])
+    }
+
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, id: FileId, offset: usize) -> (usize, usize) {
         self.files
@@ -294,6 +306,35 @@ impl Diagnostics {
     }
 }
 
+/// Longest snippet [`Diagnostics::to_json_with_snippets`] gives, in characters.
+pub const SNIPPET_MAX_CHARS: usize = 240;
+
+impl Diagnostics {
+    /// [`Diagnostics::to_json`] plus, for each located diagnostic, `snippet` (the line it
+    /// points at, cut to [`SNIPPET_MAX_CHARS`]) and `label` (what is said at that place): what
+    /// the status endpoint and the dashboard show of a rejected commit.
+    pub fn to_json_with_snippets(&self, files: &SourceFiles) -> Vec<serde_json::Value> {
+        self.to_json(files)
+            .into_iter()
+            .zip(&self.items)
+            .map(|(json, d)| {
+                let mut v = serde_json::to_value(&json).unwrap_or_default();
+                if let (Some(p), Some(obj)) = (&d.primary, v.as_object_mut()) {
+                    let (line, _) = files.line_col(p.file, p.span.start);
+                    let text: String = files
+                        .line_text(p.file, line)
+                        .chars()
+                        .take(SNIPPET_MAX_CHARS)
+                        .collect();
+                    obj.insert("snippet".into(), text.into());
+                    obj.insert("label".into(), p.message.clone().into());
+                }
+                v
+            })
+            .collect()
+    }
+}
+
 impl IntoIterator for Diagnostics {
     type Item = Diagnostic;
     type IntoIter = std::vec::IntoIter<Diagnostic>;
@@ -362,5 +403,33 @@ mod tests {
              %0Ahelp: fix it, then: retry\n\
              ::warning title=rustygate validate%3A unplaced::no file\n"
         );
+    }
+
+    #[test]
+    fn json_with_snippets_carries_the_line_pointed_at_cut_to_its_cap() {
+        let mut files = SourceFiles::default();
+        let long = "x".repeat(SNIPPET_MAX_CHARS + 50);
+        let f = files.add(
+            "routes/a.toml",
+            format!("[[route]]\r\nupstream = \"order\"\n{long}\n"),
+        );
+        let mut ds = Diagnostics::default();
+        ds.push(
+            Diagnostic::error("unknown-upstream", "unknown upstream `order`").at(
+                f,
+                22..29,
+                "no such upstream",
+            ),
+        );
+        ds.push(Diagnostic::error("long", "long line").at(f, 31..32, "here"));
+        ds.push(Diagnostic::warning("unplaced", "no file"));
+        let json = ds.to_json_with_snippets(&files);
+        assert_eq!(json[0]["line"], 2);
+        assert_eq!(json[0]["column"], 12);
+        assert_eq!(json[0]["snippet"], "upstream = \"order\"");
+        assert_eq!(json[0]["label"], "no such upstream");
+        assert_eq!(json[1]["snippet"], "x".repeat(SNIPPET_MAX_CHARS));
+        assert!(json[2].get("snippet").is_none());
+        assert_eq!(json[2]["code"], "unplaced");
     }
 }

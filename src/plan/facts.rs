@@ -383,7 +383,7 @@ fn retry_override(o: &crate::upstream::RetryOverride) -> String {
     parts.join(", ")
 }
 
-fn rate_limit(l: &crate::filters::rate_limit::LimitSpec) -> String {
+pub(crate) fn rate_limit(l: &crate::filters::rate_limit::LimitSpec) -> String {
     use crate::filters::rate_limit::LimitKey;
     let key = match &l.key {
         LimitKey::ClientIp => "client_ip".to_owned(),
@@ -399,7 +399,7 @@ fn rate_limit(l: &crate::filters::rate_limit::LimitSpec) -> String {
     )
 }
 
-fn cors(c: &crate::filters::cors::CorsPolicy) -> String {
+pub(crate) fn cors(c: &crate::filters::cors::CorsPolicy) -> String {
     let origins = if c.origins.any {
         "*".to_owned()
     } else {
@@ -439,7 +439,7 @@ pub(super) fn upstream_facts(snap: &Snapshot) -> BTreeMap<String, UpstreamFacts>
         .collect()
 }
 
-fn one_upstream(u: &Upstream) -> UpstreamFacts {
+pub(crate) fn one_upstream(u: &Upstream) -> UpstreamFacts {
     let mut targets = BTreeMap::new();
     for t in &u.targets {
         *targets.entry(t.url.clone()).or_insert(0) += t.weight;

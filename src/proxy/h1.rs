@@ -30,6 +30,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::ProxyBody;
 use super::pool::LocalPool;
+use crate::telemetry::trace::Field;
 use crate::upstream::PoolKey;
 pub(crate) use crate::wire::connect::Io;
 
@@ -113,11 +114,13 @@ pub(crate) struct Checkin {
     pub idle: Option<Duration>,
 }
 
-/// Writes `req` and reads the response head. The body (none when `head_only`) reads the rest
-/// and hands the connection to `checkin` at its end.
+/// Writes `req` (with `traceparent` in place of any in its headers) and reads the response
+/// head. The body (none when `head_only`) reads the rest and hands the connection to `checkin`
+/// at its end.
 pub(crate) async fn exchange(
     mut conn: Conn,
     req: &http::Request<ProxyBody>,
+    traceparent: Option<&[u8; 55]>,
     checkin: Checkin,
     idle_timeout: Duration,
 ) -> Result<http::Response<ResponseBody>, H1Error> {
@@ -125,7 +128,7 @@ pub(crate) async fn exchange(
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     out.reserve(512);
-    let body = encode_head(req, &mut out);
+    let body = encode_head(req, traceparent, &mut out);
     match body {
         Some(b) if b.len() <= COALESCE_BODY => {
             out.extend_from_slice(b);
@@ -176,8 +179,13 @@ pub(crate) async fn exchange(
     Ok(http::Response::from_parts(parts, body))
 }
 
-/// Writes the request head into `out`; returns the body bytes to send after it.
-fn encode_head<'a>(req: &'a http::Request<ProxyBody>, out: &mut BytesMut) -> Option<&'a [u8]> {
+/// Writes the request head into `out`, with `traceparent` in place of any in the request's
+/// headers; returns the body bytes to send after it.
+fn encode_head<'a>(
+    req: &'a http::Request<ProxyBody>,
+    traceparent: Option<&[u8; 55]>,
+    out: &mut BytesMut,
+) -> Option<&'a [u8]> {
     let body: Option<&[u8]> = match req.body() {
         ProxyBody::Full(Some(b)) => Some(b),
         _ => None,
@@ -188,8 +196,12 @@ fn encode_head<'a>(req: &'a http::Request<ProxyBody>, out: &mut BytesMut) -> Opt
     out.extend_from_slice(if pq.is_empty() { b"/" } else { pq.as_bytes() });
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
+    let trace_name = Field::TraceParent.header();
     for (name, value) in req.headers() {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || (traceparent.is_some() && name == trace_name)
+        {
             continue;
         }
         has_host |= name == header::HOST;
@@ -201,6 +213,11 @@ fn encode_head<'a>(req: &'a http::Request<ProxyBody>, out: &mut BytesMut) -> Opt
     if !has_host && let Some(a) = req.uri().authority() {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(a.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(tp) = traceparent {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(tp);
         out.extend_from_slice(b"\r\n");
     }
     let len = body.map_or(0, <[u8]>::len);
@@ -712,9 +729,28 @@ mod tests {
         >,
         Vec<u8>,
     ) {
+        run_traced(pieces, close, req, None).await
+    }
+
+    async fn run_traced(
+        pieces: Vec<&'static [u8]>,
+        close: bool,
+        req: http::Request<ProxyBody>,
+        traceparent: Option<&[u8; 55]>,
+    ) -> (
+        Result<
+            (
+                http::response::Parts,
+                Result<http_body_util::Collected<Bytes>, H1Error>,
+            ),
+            H1Error,
+        >,
+        Vec<u8>,
+    ) {
         let (addr, task) = upstream(pieces, close).await;
         let io = Io::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
-        let out = match exchange(Conn::new(io), &req, no_pool(), Duration::from_secs(60)).await {
+        let idle = Duration::from_secs(60);
+        let out = match exchange(Conn::new(io), &req, traceparent, no_pool(), idle).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
                 Ok((parts, body.collect().await))
@@ -754,6 +790,45 @@ mod tests {
         );
         assert!(got.contains("content-length: 5\r\n"), "{got}");
         assert!(!got.contains("999") && !got.contains("chunked"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn the_attempts_traceparent_replaces_any_in_the_headers_once() {
+        const OURS: &[u8; 55] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ok: Vec<&'static [u8]> = vec![b"HTTP/1.1 204 No Content\r\n\r\n"];
+        let mut req = get("/");
+        // The client's (or a policy's) context, in two fields and with another case.
+        for v in [
+            "00-11111111111111111111111111111111-2222222222222222-01",
+            "x",
+        ] {
+            req.headers_mut()
+                .append("TraceParent", HeaderValue::from_static(v));
+        }
+        req.headers_mut()
+            .insert("tracestate", HeaderValue::from_static("k=v"));
+        let (out, got) = run_traced(ok.clone(), false, req, Some(OURS)).await;
+        assert_eq!(out.unwrap().0.status, 204);
+        let got = String::from_utf8(got).unwrap();
+        let ours = std::str::from_utf8(OURS).unwrap();
+        assert_eq!(got.matches("traceparent").count(), 1, "{got}");
+        assert!(
+            got.contains(&format!("\r\ntraceparent: {ours}\r\n")),
+            "{got}"
+        );
+        assert!(got.contains("\r\ntracestate: k=v\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\n"), "{got}");
+
+        // Without a trace, what the headers hold goes as it is.
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("traceparent", HeaderValue::from_static("kept"));
+        let (_, got) = run_traced(ok, false, req, None).await;
+        assert!(
+            String::from_utf8(got)
+                .unwrap()
+                .contains("\r\ntraceparent: kept\r\n")
+        );
     }
 
     #[tokio::test]

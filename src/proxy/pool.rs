@@ -91,6 +91,10 @@ pub struct SendOptions<'a> {
     pub idle_timeout: Duration,
     /// The upstream's counters and its `max_pending` limit for opening connections.
     pub pending: Option<(&'a Arc<UpstreamShared>, u32)>,
+    /// The trace context's `traceparent` for this attempt, replacing any in the request's
+    /// headers: written straight into an HTTP/1.1 head by [`super::h1`], set as a header on
+    /// the other paths.
+    pub traceparent: Option<[u8; 55]>,
 }
 
 impl SendOptions<'_> {
@@ -101,6 +105,22 @@ impl SendOptions<'_> {
             None => Ok(None),
         }
     }
+}
+
+/// `req` with the attempt's `traceparent` as a header, for the paths that hand it to hyper.
+fn with_traceparent(
+    mut req: http::Request<ProxyBody>,
+    opts: &SendOptions<'_>,
+) -> http::Request<ProxyBody> {
+    use crate::telemetry::trace::{Field, propagation};
+    if let Some(v) = opts
+        .traceparent
+        .as_ref()
+        .and_then(propagation::traceparent_value)
+    {
+        req.headers_mut().insert(Field::TraceParent.header(), v);
+    }
+    req
 }
 
 /// A failed attempt, with the request when none of it was sent (so it can go elsewhere).
@@ -134,13 +154,15 @@ impl LocalPool {
                 }
                 // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
                 (Protocol::Http1, ProxyBody::Channel { .. }) => {
-                    Box::pin(self.send_inner(target, req, opts))
+                    Box::pin(self.send_inner(target, with_traceparent(req, opts), opts))
                         .await
                         .map(|r| r.map(UpstreamIncoming::Hyper))
                 }
-                (Protocol::Http2, _) => Box::pin(self.send_h2(target, req, opts))
-                    .await
-                    .map(|r| r.map(UpstreamIncoming::Hyper)),
+                (Protocol::Http2, _) => {
+                    Box::pin(self.send_h2(target, with_traceparent(req, opts), opts))
+                        .await
+                        .map(|r| r.map(UpstreamIncoming::Hyper))
+                }
             }
         };
         match tokio::time::timeout(opts.timeout, attempt).await {
@@ -203,7 +225,8 @@ impl LocalPool {
                 key: target.pool_key.clone(),
                 idle: Some(opts.idle_timeout),
             };
-            match h1::exchange(conn, &req, checkin, opts.idle_timeout).await {
+            let traceparent = opts.traceparent.as_ref();
+            match h1::exchange(conn, &req, traceparent, checkin, opts.idle_timeout).await {
                 Ok(resp) => return Ok(resp.map(UpstreamIncoming::H1)),
                 Err(H1Error::Lost(e) | H1Error::Write(e)) if reused && replayable => {
                     tracing::debug!(
@@ -312,6 +335,7 @@ impl LocalPool {
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
     ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
+        let req = with_traceparent(req, opts);
         let attempt = async {
             let _slot = match opts.pending_slot() {
                 Ok(slot) => slot,

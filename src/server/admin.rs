@@ -1,8 +1,10 @@
-//! The admin listener: health, readiness, status, metrics, and the reload triggers (admin call and
-//! git webhooks). Bound to loopback by default. Endpoints that change state need a secret; with
-//! none configured they are disabled (403), as the start-up log says.
+//! The admin listener: health, readiness, status, metrics, the reload triggers (admin call and
+//! git webhooks), and the read-only operator dashboard (`/ui/`, see `ui`) with its JSON API
+//! (`/api/v1/...`, see `api`). Bound to loopback by default. Endpoints that change state need a
+//! secret; with none configured they are disabled (403), as the start-up log says.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -26,6 +28,11 @@ pub(crate) struct AdminState {
     pub deliveries: ReplayGuard,
     /// Failed authentications per client address (admin token and webhook secrets alike).
     pub failures: FailureLimit,
+    /// The admin listener is bound to a loopback address: without an admin token, the
+    /// dashboard and its API answer only then.
+    pub loopback: bool,
+    /// The dashboard's traffic ring, filled by [`crate::telemetry::traffic::run`].
+    pub traffic: Arc<Mutex<crate::telemetry::traffic::Traffic>>,
 }
 
 /// Failed authentications a client address may make per [`FAILURE_WINDOW`] before its further
@@ -36,7 +43,12 @@ pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const MAX_FAILING_CLIENTS: usize = 10_000;
 
 impl AdminState {
-    pub fn new(store: Arc<SnapshotStore>, control: Control) -> Self {
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        control: Control,
+        bound: SocketAddr,
+        traffic: Arc<Mutex<crate::telemetry::traffic::Traffic>>,
+    ) -> Self {
         // Registered once per registry; a second admin listener on the same metrics keeps the
         // first registration (AlreadyReg), which serves the same counters.
         let _ = control
@@ -48,13 +60,17 @@ impl AdminState {
             started_at: SystemTime::now(),
             deliveries: ReplayGuard::new(4096),
             failures: FailureLimit::new(MAX_FAILURES, FAILURE_WINDOW, MAX_FAILING_CLIENTS),
+            loopback: bound.ip().is_loopback(),
+            traffic,
         }
     }
 }
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     let capped = web::PayloadConfig::new(MAX_WEBHOOK_BODY);
-    cfg.route("/healthz", web::get().to(healthz))
+    cfg.configure(super::api::configure)
+        .configure(super::ui::configure)
+        .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/status", web::get().to(status))
         .route("/metrics", web::get().to(metrics))
@@ -167,7 +183,11 @@ fn request_trace(req: &HttpRequest, store: &SnapshotStore) -> Option<TraceContex
 
 /// The answer to a failed authentication: 401, or 429 once this client failed too often. Only
 /// called after the check, so valid calls never reach it.
-fn auth_failed(req: &HttpRequest, state: &AdminState, unauthorized: HttpResponse) -> HttpResponse {
+pub(crate) fn auth_failed(
+    req: &HttpRequest,
+    state: &AdminState,
+    unauthorized: HttpResponse,
+) -> HttpResponse {
     let client = req
         .peer_addr()
         .map(|a| a.ip())

@@ -843,6 +843,7 @@ async fn forward(
         timeout: route.timeout,
         idle_timeout: upstream.idle_timeout,
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
+        traceparent: None,
     };
     let mut retries = Retries {
         policy: retry,
@@ -886,6 +887,7 @@ async fn forward(
             Ok(r) => r,
             Err(why) => return ex.error(400, &why),
         };
+        let mut opts = opts_base;
         if let Some(t) = &ex.trace {
             // After the policy's edits: the gateway owns the trace context it sends.
             let port = if target.scheme == http::uri::Scheme::HTTPS {
@@ -894,7 +896,7 @@ async fn forward(
                 80
             };
             let resend = retries.tried.len() as u32;
-            t.attempt(
+            opts.traceparent = t.attempt(
                 upstream_req.headers_mut(),
                 &method,
                 &target.authority,
@@ -902,7 +904,6 @@ async fn forward(
                 resend,
             );
         }
-        let mut opts = opts_base;
         if let Some(d) = retries.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -1344,8 +1345,8 @@ fn upstream_headers(
     let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
     crate::proxy::headers::upstream_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-        // Room for the trace context set after these (the map would grow for it otherwise).
-        h.len() + if ex.trace.is_some() { 2 } else { 0 },
+        // The trace context's `traceparent` is written by the connection, not kept here.
+        h.len(),
         &Forwarding {
             peer,
             trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),

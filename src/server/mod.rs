@@ -5,11 +5,13 @@
 //! both listeners stop together and in-flight requests get the grace period.
 
 mod admin;
+mod api;
 mod edge;
 mod h2;
 mod handler;
 mod listener;
 mod tls;
+mod ui;
 pub mod webhooks;
 
 /// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`, through [`h2::serve`]).
@@ -67,6 +69,8 @@ pub struct ServeOptions {
     /// Time a client has to send its first request head, before the config's own
     /// `[limits] header_timeout` takes over (slowloris guard).
     pub client_request_timeout: Duration,
+    /// How often the dashboard's traffic ring is sampled (tests shorten it).
+    pub traffic_sample_every: Duration,
 }
 
 impl Default for ServeOptions {
@@ -81,6 +85,7 @@ impl Default for ServeOptions {
             access_log: true,
             keep_alive: Duration::from_secs(75),
             client_request_timeout: Duration::from_secs(10),
+            traffic_sample_every: crate::telemetry::traffic::SAMPLE_EVERY,
         }
     }
 }
@@ -373,7 +378,16 @@ pub fn start(
     }
     let proxy = server.run();
 
-    let admin_state = web::Data::new(admin::AdminState::new(store, control));
+    let traffic = Arc::new(Mutex::new(crate::telemetry::traffic::Traffic::new(
+        opts.traffic_sample_every,
+    )));
+    actix_web::rt::spawn(crate::telemetry::traffic::run(
+        Arc::downgrade(&traffic),
+        Arc::downgrade(&store),
+        Arc::clone(&control.metrics),
+        opts.traffic_sample_every,
+    ));
+    let admin_state = web::Data::new(admin::AdminState::new(store, control, admin_addr, traffic));
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
@@ -416,6 +430,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     if control.admin_token.is_none() {
         tracing::warn!("no RUSTYGATE_ADMIN_TOKEN: POST /admin/reload is disabled");
+        if opts.admin_listen.ip().is_loopback() {
+            tracing::warn!(admin = %opts.admin_listen, "no RUSTYGATE_ADMIN_TOKEN: the dashboard (/ui/) and its API answer anyone on this machine (loopback)");
+        } else {
+            tracing::warn!(admin = %opts.admin_listen, "no RUSTYGATE_ADMIN_TOKEN and the admin listener is not on loopback: the dashboard (/ui/) and its API are disabled");
+        }
     }
     if control.webhook_secret.is_none() {
         tracing::warn!(

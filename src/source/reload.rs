@@ -6,6 +6,7 @@
 //! (attempted vs applied, as Flux does), in the metrics and in the log. A version that failed is
 //! not compiled again until a new version arrives or a reload is forced.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -106,6 +107,30 @@ pub struct Attempted {
     pub signer: Option<String>,
 }
 
+/// Reloads kept in [`ReloadStatus::history`]: the dashboard's "last 50 reloads".
+pub const RELOAD_HISTORY: usize = 50;
+
+/// One reload that tried a version (or failed to fetch one), for `/api/v1/reloads`. A reload
+/// that found nothing new (a poll of an unchanged branch) is not one: polls would push every
+/// real reload out of the history within minutes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadRecord {
+    /// When it finished.
+    pub at: String,
+    pub trigger: &'static str,
+    /// The version served before it.
+    pub from: Option<String>,
+    /// The version it tried; `None` when the fetch failed before one was known.
+    pub to: Option<String>,
+    pub duration_ms: u64,
+    /// `applied`, `rejected` (did not compile or not signed as required) or `fetch-failed`.
+    pub result: &'static str,
+    /// Errors found in the version tried.
+    pub errors: usize,
+    /// The first error, in one line.
+    pub message: Option<String>,
+}
+
 /// Reload state for `/status`. Behind a mutex: read by the admin listener, written by the
 /// reload loop, never touched by the request path.
 #[derive(Debug, Default, Serialize)]
@@ -119,6 +144,9 @@ pub struct ReloadStatus {
     pub stale: bool,
     #[serde(skip)]
     failed: Option<String>,
+    /// The last [`RELOAD_HISTORY`] reloads, oldest first.
+    #[serde(skip)]
+    history: VecDeque<ReloadRecord>,
 }
 
 impl ReloadStatus {
@@ -135,6 +163,35 @@ impl ReloadStatus {
         }
         None
     }
+
+    /// The last [`RELOAD_HISTORY`] reloads, oldest first.
+    pub fn history(&self) -> &VecDeque<ReloadRecord> {
+        &self.history
+    }
+
+    fn record(&mut self, r: ReloadRecord) {
+        if self.history.len() >= RELOAD_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(r);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The first line of a failed reload's first error.
+fn first_error(errors: &serde_json::Value) -> Option<String> {
+    let e = errors.get(0)?;
+    let message = e.get("message")?.as_str()?;
+    let line = message.lines().next().unwrap_or("");
+    Some(
+        match (e.get("file").and_then(|f| f.as_str()), e.get("line")) {
+            (Some(file), Some(l)) => format!("{file}:{l}: {line}"),
+            _ => line.to_owned(),
+        },
+    )
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -188,6 +245,7 @@ impl Reloader {
         metrics: Arc<Metrics>,
         deadline: Duration,
     ) -> Result<Started, StartError> {
+        let began = Instant::now();
         let spec = source.spec().clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let first_opts = opts.clone();
@@ -234,7 +292,7 @@ impl Reloader {
         snapshot.version.reference = source.reference();
         snapshot.version.source = spec.describe();
         let now = SystemTime::now();
-        let status = ReloadStatus {
+        let mut status = ReloadStatus {
             applied: Some(Applied {
                 signer: c.signer.clone(),
                 ..applied(&snapshot)
@@ -252,7 +310,18 @@ impl Reloader {
             last_fetch_error: c.stale.clone(),
             stale: c.stale.is_some(),
             failed: None,
+            history: VecDeque::with_capacity(RELOAD_HISTORY),
         };
+        status.record(ReloadRecord {
+            at: rfc3339(now),
+            trigger: "startup",
+            from: None,
+            to: Some(c.version_id.clone()),
+            duration_ms: millis(began.elapsed()),
+            result: "applied",
+            errors: 0,
+            message: None,
+        });
         metrics.reload_succeeded(None, &c.version_id, unix(now));
         source.clean_checkouts(&c.version_id);
         tracing::info!(version = %c.version_id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), source = %spec.describe(), "config loaded");
@@ -386,6 +455,17 @@ impl Reloader {
                     reason: None,
                     signer: None,
                 });
+                let from = status.applied.as_ref().map(|a| a.sha.clone());
+                status.record(ReloadRecord {
+                    at: rfc3339(now),
+                    trigger,
+                    from,
+                    to: None,
+                    duration_ms: millis(started.elapsed()),
+                    result: "fetch-failed",
+                    errors: 1,
+                    message: Some(e.to_string()),
+                });
                 self.metrics.reload_failed();
                 return;
             }
@@ -403,8 +483,11 @@ impl Reloader {
         status.stale = false;
         let id = candidate.version_id.clone();
         let Some(mut snapshot) = candidate.snapshot else {
-            let errors = serde_json::to_value(candidate.diagnostics.to_json(&candidate.files))
-                .unwrap_or_default();
+            let errors = serde_json::Value::Array(
+                candidate
+                    .diagnostics
+                    .to_json_with_snippets(&candidate.files),
+            );
             if let Some(reason) = candidate.refused {
                 self.metrics.commit_refused(reason);
                 tracing::warn!(
@@ -425,6 +508,17 @@ impl Reloader {
                 "config rejected; still serving the last good config"
             );
             status.failed = Some(id.clone());
+            let from = status.applied.as_ref().map(|a| a.sha.clone());
+            status.record(ReloadRecord {
+                at: rfc3339(now),
+                trigger,
+                from,
+                to: Some(id.clone()),
+                duration_ms: millis(started.elapsed()),
+                result: "rejected",
+                errors: candidate.diagnostics.error_count(),
+                message: first_error(&errors),
+            });
             status.attempted = Some(Attempted {
                 sha: Some(id),
                 ok: false,
@@ -461,6 +555,16 @@ impl Reloader {
         );
         status.applied = Some(info);
         status.failed = None;
+        status.record(ReloadRecord {
+            at: rfc3339(now),
+            trigger,
+            from: Some(previous.version.id.clone()),
+            to: Some(id.clone()),
+            duration_ms: millis(started.elapsed()),
+            result: "applied",
+            errors: 0,
+            message: None,
+        });
         status.attempted = Some(Attempted {
             sha: Some(id.clone()),
             ok: true,
@@ -665,6 +769,32 @@ mod tests {
         assert!(wait_for(Duration::from_secs(10), || running
             .load(Ordering::SeqCst)
             == 0));
+    }
+
+    #[test]
+    fn the_reload_history_keeps_the_last_fifty_oldest_first() {
+        let mut s = ReloadStatus::default();
+        for i in 0..RELOAD_HISTORY + 10 {
+            s.record(ReloadRecord {
+                at: String::new(),
+                trigger: "poll",
+                from: None,
+                to: Some(format!("v{i}")),
+                duration_ms: 1,
+                result: "applied",
+                errors: 0,
+                message: None,
+            });
+        }
+        assert_eq!(s.history().len(), RELOAD_HISTORY);
+        assert_eq!(s.history()[0].to.as_deref(), Some("v10"));
+        assert_eq!(s.history()[RELOAD_HISTORY - 1].to.as_deref(), Some("v59"));
+        assert_eq!(
+            first_error(
+                &serde_json::json!([{"message": "unknown upstream `a`\nmore", "file": "routes/a.toml", "line": 4}])
+            ),
+            Some("routes/a.toml:4: unknown upstream `a`".to_owned())
+        );
     }
 
     /// A forced reload asked while the queue is full is answered by the reload already queued,

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod recorder;
 pub mod sink;
 pub mod trace;
+pub mod traffic;
 
 use std::io::IsTerminal;
 

@@ -428,6 +428,44 @@ fn check(file: FileId, raw: RawCase, diags: &mut Diagnostics) -> Option<Case> {
     })
 }
 
+impl Case {
+    /// A request given by hand, with nothing expected of it: the admin API's "which route
+    /// would serve this request?" (`/api/v1/explain`), run by [`super::exchange::run`] like a
+    /// fixture. `url` is a full `http(s)://` URL or a path; a `Host` header wins over the
+    /// URL's host, as on the server. The client address is 127.0.0.1 and the upstream answers
+    /// 200 with no body, as in a fixture that does not say otherwise.
+    pub fn adhoc(method: &str, url: &str, mut headers: HeaderMap) -> Result<Case, String> {
+        if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+            return Err(format!("`{method}` is not an HTTP method"));
+        }
+        let (host_header, host, path, query) = split_url(url, &headers)?;
+        if !headers.contains_key(http::header::HOST) {
+            let v = HeaderValue::from_str(&host_header)
+                .map_err(|_| format!("`{host_header}` is not a valid Host"))?;
+            headers.insert(http::header::HOST, v);
+        }
+        Ok(Case {
+            file: 0,
+            span: 0..0,
+            name: "explain".to_owned(),
+            method: method.to_ascii_uppercase(),
+            host,
+            path,
+            query,
+            headers,
+            body: Bytes::new(),
+            claims: None,
+            peer: IpAddr::from([127, 0, 0, 1]),
+            upstream_response: UpstreamResponse {
+                status: 200,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+            },
+            expect: Expect::default(),
+        })
+    }
+}
+
 /// `upstream_trace_id`, checked: a valid trace id, or a case that sends a `traceparent` for
 /// `true`/`false` to compare with.
 fn trace_id_check(

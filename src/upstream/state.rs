@@ -70,6 +70,29 @@ impl TargetState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Ejections in the current streak (reset once the target stays in long enough).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Time left of the current ejection; `None` when the target is not ejected.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        if !self.is_ejected() {
+            return None;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        Some(Duration::from_millis(until.saturating_sub(now_ms())))
+    }
+
+    /// Connect failures, timeouts or resets in a row, and 5xx responses in a row (counted
+    /// only where outlier detection counts them).
+    pub fn streaks(&self) -> (u32, u32) {
+        (
+            self.consecutive_failures.load(Ordering::Relaxed),
+            self.consecutive_5xx.load(Ordering::Relaxed),
+        )
+    }
+
     /// Counts a request to this target until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +311,16 @@ impl UpstreamShared {
             shared: Arc::clone(self),
             pending,
         }))
+    }
+
+    /// Requests holding a `max_requests` slot now (counted only when the limit is set).
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections being opened under `max_pending` now (counted only when the limit is set).
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// A request slot under `max_requests`; `Ok(None)` when there is no limit.

@@ -248,8 +248,22 @@ impl Gateway {
     /// config repo it came from.
     pub fn serve_store(dir: &Path, store: Arc<SnapshotStore>, opts: ServeOptions) -> Gateway {
         let opts = ServeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
+            ..opts
+        };
+        Gateway::serve_with(dir, store, opts, rustygate::server::Control::default())
+    }
+
+    /// Like [`Gateway::serve_store`], with the admin side's `control` (tokens, reload state,
+    /// metrics) and the admin address of `opts` (the proxy listens on 127.0.0.1:0).
+    pub fn serve_with(
+        dir: &Path,
+        store: Arc<SnapshotStore>,
+        opts: ServeOptions,
+        control: rustygate::server::Control,
+    ) -> Gateway {
+        let opts = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
             access_log: false,
             ..opts
         };
@@ -257,12 +271,7 @@ impl Gateway {
         let thread_store = Arc::clone(&store);
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let running = rustygate::server::start(
-                    &opts,
-                    thread_store,
-                    rustygate::server::Control::default(),
-                )
-                .unwrap();
+                let running = rustygate::server::start(&opts, thread_store, control).unwrap();
                 tx.send((
                     running.addr,
                     running.admin_addr,

@@ -330,7 +330,8 @@ impl RequestTrace {
     }
 
     /// One upstream attempt starts: our context goes on its request. `resend` is how many
-    /// attempts came before it.
+    /// attempts came before it. The `traceparent` is returned, not set: it goes in the
+    /// attempt's [`SendOptions`](crate::proxy::pool::SendOptions) for the connection to write.
     pub fn attempt(
         &self,
         headers: &mut http::HeaderMap,
@@ -338,7 +339,7 @@ impl RequestTrace {
         authority: &http::uri::Authority,
         default_port: u16,
         resend: u32,
-    ) {
+    ) -> Option<[u8; 55]> {
         let sampled = self.decide(None, None);
         let mut rec = self.rec.borrow_mut();
         let span_id = match rec.as_deref_mut() {
@@ -367,13 +368,13 @@ impl RequestTrace {
             // Not recorded: the upstream's work hangs under our (unrecorded) server span.
             _ => self.span_id,
         };
-        propagation::inject(
+        propagation::inject_but_traceparent(
             &self.cfg.propagators,
             headers,
             &self.trace_id,
             &span_id,
             sampled,
-        );
+        )
     }
 
     /// The current attempt got a response head (`status`), or failed (`error`: its kind).

@@ -240,6 +240,11 @@ fn header_value(v: &[u8]) -> Option<HeaderValue> {
     })
 }
 
+/// `traceparent` as a header value (the bytes [`format_traceparent`] writes are all valid).
+pub fn traceparent_value(v: &[u8; 55]) -> Option<HeaderValue> {
+    header_value(v)
+}
+
 /// Sets our context on the upstream request: `span_id` is the span the upstream's work hangs
 /// under. The client's `tracestate` was forwarded with its other headers, and stays with the
 /// `traceparent` it belongs to; `baggage` is removed unless that propagator is on.
@@ -250,11 +255,27 @@ pub fn inject(
     span_id: &SpanId,
     sampled: bool,
 ) {
-    if p.tracecontext
-        && let Some(v) = header_value(&format_traceparent(trace_id, span_id, sampled))
+    if let Some(tp) = inject_but_traceparent(p, headers, trace_id, span_id, sampled)
+        && let Some(v) = traceparent_value(&tp)
     {
         headers.insert(Field::TraceParent.header(), v);
     }
+}
+
+/// [`inject`] but for the `traceparent`, which is returned (when that propagator is on) for the
+/// caller to write: the upstream connection writes it straight into the request head, so the
+/// hot path neither validates it as a `HeaderValue` nor hashes it into the map. Whoever writes
+/// it replaces any `traceparent` already in `headers` (the client's, or a policy's).
+pub fn inject_but_traceparent(
+    p: &Propagators,
+    headers: &mut HeaderMap,
+    trace_id: &TraceId,
+    span_id: &SpanId,
+    sampled: bool,
+) -> Option<[u8; 55]> {
+    let tp = p
+        .tracecontext
+        .then(|| format_traceparent(trace_id, span_id, sampled));
     if !p.baggage {
         // By name, not `&str`: a string key is parsed and validated first.
         headers.remove(BAGGAGE);
@@ -282,6 +303,7 @@ pub fn inject(
         headers.remove(B3_PARENT_SPAN_ID);
         headers.remove(Field::B3Flags.header());
     }
+    tp
 }
 
 #[cfg(test)]
