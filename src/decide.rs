@@ -128,11 +128,7 @@ pub fn request<'s>(
     } else {
         let client = headers.take().map(|f| f()).unwrap_or_default();
         let info = crate::plugins::RequestInfo {
-            method: inc.method,
-            host: inc.host,
-            path: inc.path,
-            query: inc.query,
-            client_ip: inc.client_ip,
+            incoming: inc,
             route: &route.name,
             config_sha: &snap.version.id,
         };

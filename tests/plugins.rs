@@ -89,7 +89,7 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         &example_wasm(),
         "",
         &be.url(),
-        r#"{ name = "tag", config = { value = "from-test", deny_header = "x-block-me" } }"#,
+        r#"{ name = "tag", config = { value = "from-test", deny_header = "x-block-me", deny_body_contains = "DROP TABLE" } }"#,
     );
     let gw = one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -97,6 +97,14 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         let reply = get(&gw.url("/orders")).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.header("x-rustygate-plugin"), Some("from-test"));
+        // The SDK exports the body callbacks (they continue by default): a response whose
+        // declared length arrives in one piece still goes out with that length.
+        assert_eq!(
+            reply.header("content-length"),
+            Some(reply.body.len().to_string().as_str()),
+            "{:?}",
+            reply.headers
+        );
         let echo = reply.json();
         assert_eq!(
             echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),
@@ -113,6 +121,25 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         .await;
         assert_eq!(denied.status, 403);
         assert_eq!(denied.text(), "denied by plugin\n");
+
+        // The SDK's body callback: it holds the body to its end, reads it whole, and denies
+        // or lets it go to the upstream unchanged, with its length.
+        let post = |body: &'static str| {
+            http::Request::post(gw.url("/orders"))
+                .body(full(body))
+                .unwrap()
+        };
+        let denied = send(post("{\"q\": \"1; DROP TABLE orders\"}")).await;
+        assert_eq!(denied.status, 403, "{}", denied.text());
+        assert_eq!(denied.text(), "denied by plugin (body)\n");
+        let fine = send(post("{\"q\": \"1\"}")).await;
+        assert_eq!(fine.status, 200, "{}", fine.text());
+        let echo = fine.json();
+        assert_eq!(echo["body"], "{\"q\": \"1\"}");
+        assert_eq!(
+            echoed_header(&echo, "content-length").as_deref(),
+            Some("10")
+        );
     });
 }
 

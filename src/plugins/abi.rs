@@ -20,12 +20,27 @@ pub mod map {
 
 /// `proxy_buffer_type_t` values the gateway has.
 pub mod buffer {
+    pub const HTTP_REQUEST_BODY: i32 = 0;
+    pub const HTTP_RESPONSE_BODY: i32 = 1;
     pub const VM_CONFIGURATION: i32 = 6;
     pub const PLUGIN_CONFIGURATION: i32 = 7;
 }
 
 /// `proxy_action_t`.
 pub const ACTION_CONTINUE: i32 = 0;
+
+/// Replaces `size` bytes of `buf` from `start` with `value`, as `proxy_set_buffer_bytes` does:
+/// `start = 0, size = 0` prepends, `start` at or past the end appends, anything else replaces
+/// (a `size` running past the end replaces to the end).
+pub fn splice(buf: &[u8], start: usize, size: usize, value: &[u8]) -> Vec<u8> {
+    let start = start.min(buf.len());
+    let end = start.saturating_add(size).min(buf.len());
+    let mut out = Vec::with_capacity(buf.len() - (end - start) + value.len());
+    out.extend_from_slice(&buf[..start]);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&buf[end..]);
+    out
+}
 
 /// WASI `errno`.
 pub mod errno {
@@ -246,6 +261,18 @@ mod tests {
         assert!(e.contains("env.proxy_make_coffee"), "{e}");
         let e = check_import("wasi_snapshot_preview1", "path_open").unwrap_err();
         assert!(e.contains("wasi_snapshot_preview1.path_open"), "{e}");
+    }
+
+    #[test]
+    fn set_buffer_bytes_prepends_appends_and_replaces() {
+        assert_eq!(splice(b"body", 0, 0, b">"), b">body");
+        assert_eq!(splice(b"body", 4, 0, b"!"), b"body!");
+        assert_eq!(splice(b"body", usize::MAX, 7, b"!"), b"body!");
+        assert_eq!(splice(b"body", 0, 4, b"new"), b"new");
+        assert_eq!(splice(b"body", 1, 2, b"OO"), b"bOOy");
+        // A size past the end replaces to the end, never panics.
+        assert_eq!(splice(b"body", 2, usize::MAX, b"x"), b"box");
+        assert_eq!(splice(b"", 0, 10, b"x"), b"x");
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub const PAGE: u64 = 64 * 1024;
 pub struct Compiled {
     pub engine: Engine,
     pub module: Module,
+    /// Whether it exports `proxy_on_request_body` / `proxy_on_response_body` (with the ABI's
+    /// signature): a plugin without them costs nothing on the body path.
+    pub request_body: bool,
+    pub response_body: bool,
 }
 
 /// Why a plugin did not compile. Messages name what to fix; the caller adds the file.
@@ -73,7 +77,12 @@ pub fn compile(bytes: &[u8], sha256: &str, max_memory: u64) -> Result<Arc<Compil
     let engine: Engine = EngineBuilder::new(compiler).into();
     let module = Module::new(&engine, &capped).map_err(|e| CompileError::Invalid(e.to_string()))?;
     check_module(&module)?;
-    let compiled = Arc::new(Compiled { engine, module });
+    let compiled = Arc::new(Compiled {
+        request_body: exports_body_callback(&module, "proxy_on_request_body"),
+        response_body: exports_body_callback(&module, "proxy_on_response_body"),
+        engine,
+        module,
+    });
     if let Ok(mut c) = CACHE.lock() {
         c.retain(|_, w| w.strong_count() > 0);
         c.insert(key, Arc::downgrade(&compiled));
@@ -110,6 +119,16 @@ fn check_module(module: &Module) -> Result<(), CompileError> {
         return Err(CompileError::Export("proxy_on_context_create"));
     }
     Ok(())
+}
+
+/// Whether the module exports `name` as `(i32, i32, i32) -> i32`, the ABI's body callback.
+fn exports_body_callback(module: &Module, name: &str) -> bool {
+    use wasmer::Type::I32;
+    module.exports().any(|e| {
+        e.name() == name
+            && matches!(e.ty(), wasmer::ExternType::Function(f)
+                if f.params() == [I32, I32, I32] && f.results() == [I32])
+    })
 }
 
 /// Rewrites the memory section so that every memory's maximum is at most `max_pages`.

@@ -29,6 +29,20 @@ pub(crate) struct CallData {
     /// Set by `proxy_send_local_response`.
     pub local: Option<LocalResponse>,
     pub props: Option<Arc<Props>>,
+    /// The body buffer of a body callback.
+    pub body: Option<BodyView>,
+}
+
+/// The body a body callback sees (`HTTP_REQUEST_BODY` or `HTTP_RESPONSE_BODY`): what the host
+/// holds for it, as the plugin has left it so far.
+pub(crate) struct BodyView {
+    /// Which buffer this is (`abi::buffer`).
+    pub id: i32,
+    pub data: bytes::Bytes,
+    /// Whether `proxy_set_buffer_bytes` changed it.
+    pub edited: bool,
+    /// The most it may hold after a change (the route's body limit).
+    pub limit: usize,
 }
 
 /// A response the plugin answers with instead of the upstream's.
@@ -115,6 +129,8 @@ struct Callbacks {
     configure: Option<Cb2>,
     request_headers: Option<Cb3>,
     response_headers: Option<Cb3>,
+    request_body: Option<Cb3>,
+    response_body: Option<Cb3>,
     log: Option<Cb1>,
     done: Option<TypedFunction<i32, i32>>,
     delete: Option<Cb1>,
@@ -188,6 +204,8 @@ impl Vm {
             configure: t2("proxy_on_configure"),
             request_headers: t3("proxy_on_request_headers"),
             response_headers: t3("proxy_on_response_headers"),
+            request_body: t3("proxy_on_request_body"),
+            response_body: t3("proxy_on_response_body"),
             log: t1("proxy_on_log"),
             done: ex.get_typed_function(&store, "proxy_on_done").ok(),
             delete: t1("proxy_on_delete"),
@@ -295,6 +313,32 @@ impl Vm {
         )
     }
 
+    /// Calls `on_request_body` or `on_response_body` with `data` (its `body` set) in view, and
+    /// gives `data` back with the plugin's changes. A plugin without the callback continues.
+    pub fn on_body(
+        &mut self,
+        request: bool,
+        ctx: i32,
+        data: CallData,
+        end: bool,
+    ) -> (CallData, Result<i32, VmError>) {
+        let f = if request {
+            self.cb.request_body.clone()
+        } else {
+            self.cb.response_body.clone()
+        };
+        let Some(f) = f else {
+            return (data, Ok(abi::ACTION_CONTINUE));
+        };
+        let size = data.body.as_ref().map_or(0, |b| b.data.len()) as i32;
+        self.env.as_mut(&mut self.store).call = data;
+        let out = self.call(|s, _| f.call(s, ctx, size, i32::from(end)));
+        (
+            std::mem::take(&mut self.env.as_mut(&mut self.store).call),
+            out,
+        )
+    }
+
     /// `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` for a finished context.
     pub fn finish(&mut self, ctx: i32, data: CallData) -> Result<(), VmError> {
         self.env.as_mut(&mut self.store).call = data;
@@ -318,16 +362,27 @@ impl Vm {
 // ---- memory helpers -------------------------------------------------------------------------
 
 fn read(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    read_at_most(env, ptr, len, abi::MAX_TRANSFER)
+}
+
+/// [`read`] with another bound than [`abi::MAX_TRANSFER`] (a body, bounded by its route).
+fn read_at_most(
+    env: &FunctionEnvMut<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    most: usize,
+) -> Option<Vec<u8>> {
     let len = len as u32 as usize;
-    if len > abi::MAX_TRANSFER {
+    if len > most {
         return None;
     }
-    let memory = env.data().memory.as_ref()?;
+    let view = env.data().memory.as_ref()?.view(env);
+    // Nothing is allocated for a range the plugin's memory cannot hold.
+    if (ptr as u32 as u64).saturating_add(len as u64) > view.data_size() {
+        return None;
+    }
     let mut buf = vec![0; len];
-    memory
-        .view(env)
-        .read(u64::from(ptr as u32), &mut buf)
-        .ok()?;
+    view.read(u64::from(ptr as u32), &mut buf).ok()?;
     Some(buf)
 }
 
@@ -350,7 +405,18 @@ fn give(
     ret_ptr: i32,
     ret_size: i32,
 ) -> Result<i32, RuntimeError> {
-    if data.len() > abi::MAX_TRANSFER {
+    give_at_most(env, data, ret_ptr, ret_size, abi::MAX_TRANSFER)
+}
+
+/// [`give`] with another bound than [`abi::MAX_TRANSFER`] (a body, bounded by its route).
+fn give_at_most(
+    env: &mut FunctionEnvMut<'_, HostState>,
+    data: &[u8],
+    ret_ptr: i32,
+    ret_size: i32,
+    most: usize,
+) -> Result<i32, RuntimeError> {
+    if data.len() > most {
         return Ok(status::BAD_ARGUMENT);
     }
     let Some(alloc) = env.data().alloc.clone() else {
@@ -368,6 +434,33 @@ fn give(
     } else {
         Ok(status::INVALID_MEMORY_ACCESS)
     }
+}
+
+// ---- buffers --------------------------------------------------------------------------------
+
+/// The buffer `id` as the current call may read it.
+fn buffer(state: &HostState, id: i32) -> Option<bytes::Bytes> {
+    match id {
+        abi::buffer::PLUGIN_CONFIGURATION => Some(state.config.clone()),
+        abi::buffer::VM_CONFIGURATION => Some(bytes::Bytes::new()),
+        abi::buffer::HTTP_REQUEST_BODY | abi::buffer::HTTP_RESPONSE_BODY => state
+            .call
+            .body
+            .as_ref()
+            .filter(|b| b.id == id)
+            .map(|b| b.data.clone()),
+        _ => None,
+    }
+}
+
+/// How much of a body one host call may move: the route's body limit (at least
+/// [`abi::MAX_TRANSFER`]); `None` outside a body callback.
+fn body_limit(state: &HostState) -> Option<usize> {
+    state
+        .call
+        .body
+        .as_ref()
+        .map(|b| b.limit.max(abi::MAX_TRANSFER))
 }
 
 // ---- header maps ----------------------------------------------------------------------------
@@ -515,17 +608,16 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rp: i32,
             rs: i32|
          -> Result<i32, RuntimeError> {
-            let buf = match id {
-                abi::buffer::PLUGIN_CONFIGURATION => env.data().config.clone(),
-                abi::buffer::VM_CONFIGURATION => bytes::Bytes::new(),
-                _ => return Ok(status::NOT_FOUND),
+            let Some(buf) = buffer(env.data(), id) else {
+                return Ok(status::NOT_FOUND);
             };
             let start = start as u32 as usize;
             let end = start.saturating_add(max as u32 as usize).min(buf.len());
             let Some(slice) = buf.get(start..end) else {
                 return Ok(status::BAD_ARGUMENT);
             };
-            give(&mut env, slice, rp, rs)
+            let most = body_limit(env.data()).unwrap_or(abi::MAX_TRANSFER);
+            give_at_most(&mut env, slice, rp, rs, most)
         }),
     );
     i.define(
@@ -533,10 +625,8 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
         "proxy_get_buffer_status",
         f!(
             |env: FunctionEnvMut<HostState>, id: i32, rl: i32, rf: i32| -> i32 {
-                let len = match id {
-                    abi::buffer::PLUGIN_CONFIGURATION => env.data().config.len(),
-                    abi::buffer::VM_CONFIGURATION => 0,
-                    _ => return status::NOT_FOUND,
+                let Some(len) = buffer(env.data(), id).map(|b| b.len()) else {
+                    return status::NOT_FOUND;
                 };
                 if write_u32(&env, rl, len as u32) && write_u32(&env, rf, 0) {
                     status::OK
@@ -549,14 +639,37 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         e,
         "proxy_set_buffer_bytes",
-        // Bodies are not handed to plugins (docs/plugins.md); configurations are read-only.
-        f!(|_env: FunctionEnvMut<HostState>,
-            _id: i32,
-            _s: i32,
-            _n: i32,
-            _p: i32,
-            _l: i32|
-         -> i32 { status::NOT_FOUND }),
+        // Only the body in view is writable; configurations are read-only.
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            start: i32,
+            size: i32,
+            p: i32,
+            l: i32|
+         -> i32 {
+            let Some(most) = body_limit(env.data()) else {
+                return status::NOT_FOUND;
+            };
+            let Some(value) = read_at_most(&env, p, l, most) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(body) = env.data_mut().call.body.as_mut().filter(|b| b.id == id) else {
+                return status::NOT_FOUND;
+            };
+            let new = abi::splice(
+                &body.data,
+                start as u32 as usize,
+                size as u32 as usize,
+                &value,
+            );
+            if new.len() > body.limit {
+                // The route's body limit bounds what a plugin can make of a body too.
+                return status::BAD_ARGUMENT;
+            }
+            body.data = bytes::Bytes::from(new);
+            body.edited = true;
+            status::OK
+        }),
     );
     i.define(
         e,
@@ -670,7 +783,9 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 let Some(k) = key(&env, kp, kl) else {
                     return status::INVALID_MEMORY_ACCESS;
                 };
-                if !settable(&k, b"") {
+                // `content-length` may go (what the SDKs' body examples do before changing a
+                // body; the gateway frames bodies itself), never be set.
+                if !settable(&k, b"") && k != "content-length" {
                     return status::BAD_ARGUMENT;
                 }
                 let Some(m) = map_mut(&mut env.data_mut().call, id) else {
@@ -701,9 +816,10 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 return status::BAD_ARGUMENT;
             };
             let call = &mut env.data_mut().call;
-            let in_headers_phase = call.request_writable || call.response_writable;
+            // From a headers or a body callback, not from on_log.
+            let may_answer = call.request_writable || call.response_writable || call.body.is_some();
             if !(200..=599).contains(&code)
-                || !in_headers_phase
+                || !may_answer
                 || headers.iter().any(|(k, v)| !settable(k, v))
             {
                 return status::BAD_ARGUMENT;

@@ -4,9 +4,15 @@
 //! plugins/*.wasm ─► sha256 checked ─► engine::compile (Cranelift + metering, memory cap,
 //!                   imports checked; cached by sha256) ─► Plugin ─► PluginUse (plugin + config)
 //! request:  filters ─► on_request: each plugin's on_request_headers, in order ─► Rhai policy
+//!           body: PluginRun::request_body ─► BodyFilter (on_request_body, per chunk, in order)
 //! response: Rhai on_response ─► PluginRun::on_response: on_response_headers, in reverse order
-//! end:      PluginRun dropped ─► on_log, on_done, on_delete
+//!           body: PluginRun::into_response_body ─► BodyFilter (on_response_body, reverse order)
+//! end:      PluginRun dropped (with the response body, when a plugin reads it)
+//!           ─► on_log, on_done, on_delete
 //! ```
+//!
+//! Whether a plugin exports a body callback is read once, when it is compiled: a route whose
+//! plugins do not read bodies streams them exactly as a route without plugins.
 //!
 //! Every call into a plugin gets a fresh instruction budget (`max_instructions`); its memory
 //! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use, and
@@ -17,23 +23,25 @@
 //! This module owns the plugin lifecycle; it does not know about actix or sockets.
 
 mod abi;
+mod body;
 mod engine;
 mod host;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::{IntCounterVec, Opts};
 
+pub use body::{BodyFilter, BodyStop};
 pub use engine::{CompileError, PAGE, is_cached};
 pub use host::VmError;
 use host::{CallData, Props, Vm};
 
+use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
 use crate::wire::StaticResponse;
 
@@ -111,6 +119,16 @@ impl Plugin {
             limits,
             compiled,
         })
+    }
+
+    /// Whether it exports `proxy_on_request_body` (checked when compiled).
+    pub fn reads_request_bodies(&self) -> bool {
+        self.compiled.request_body
+    }
+
+    /// Whether it exports `proxy_on_response_body` (checked when compiled).
+    pub fn reads_response_bodies(&self) -> bool {
+        self.compiled.response_body
     }
 }
 
@@ -207,13 +225,10 @@ fn with_vm<R>(
 
 // ---- one request ----------------------------------------------------------------------------
 
-/// The facts about a request the plugins may read (`proxy_get_property`).
+/// The facts about a request the plugins may read (`proxy_get_property`): the request as
+/// decisions see it, its route and the config version serving it.
 pub struct RequestInfo<'a> {
-    pub method: &'a str,
-    pub host: &'a str,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub client_ip: IpAddr,
+    pub incoming: &'a Incoming<'a>,
     pub route: &'a str,
     pub config_sha: &'a str,
 }
@@ -232,6 +247,8 @@ pub struct PluginRun {
     original: abi::Pairs,
     headers: abi::Pairs,
     props: Arc<Props>,
+    /// Set when the contexts are finished, for a request body still on its way.
+    closed: Arc<AtomicBool>,
 }
 
 /// What the plugins decided about a request or a response.
@@ -271,14 +288,15 @@ pub fn on_request(
     info: &RequestInfo<'_>,
     client: &ClientHeaders,
 ) -> (PluginRun, Outcome) {
-    let path = match info.query {
-        Some(q) => format!("{}?{q}", info.path),
-        None => info.path.to_owned(),
+    let inc = info.incoming;
+    let path = match inc.query {
+        Some(q) => format!("{}?{q}", inc.path),
+        None => inc.path.to_owned(),
     };
     let mut headers: abi::Pairs = vec![
-        (":method".into(), info.method.as_bytes().to_vec()),
+        (":method".into(), inc.method.as_bytes().to_vec()),
         (":path".into(), path.as_bytes().to_vec()),
-        (":authority".into(), info.host.as_bytes().to_vec()),
+        (":authority".into(), inc.host.as_bytes().to_vec()),
     ];
     headers.extend(
         client
@@ -286,12 +304,12 @@ pub fn on_request(
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())),
     );
     let props = Arc::new(Props {
-        method: info.method.to_owned(),
+        method: inc.method.to_owned(),
         path,
-        url_path: info.path.to_owned(),
-        query: info.query.unwrap_or("").to_owned(),
-        host: info.host.to_owned(),
-        source_address: info.client_ip.to_string(),
+        url_path: inc.path.to_owned(),
+        query: inc.query.unwrap_or("").to_owned(),
+        host: inc.host.to_owned(),
+        source_address: inc.client_ip.to_string(),
         route: info.route.to_owned(),
         config_sha: info.config_sha.to_owned(),
     });
@@ -300,6 +318,7 @@ pub fn on_request(
         original: headers.clone(),
         headers,
         props,
+        closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
         let data = CallData {
@@ -361,6 +380,53 @@ fn local_response(l: host::LocalResponse) -> StaticResponse {
 }
 
 impl PluginRun {
+    /// The request body's way through the plugins that read it, in order; `None` when none
+    /// does (the body then streams as it would without plugins). `limit` bounds what a plugin
+    /// may hold.
+    pub fn request_body(&self, limit: u64) -> Option<BodyFilter> {
+        let readers = self
+            .active
+            .iter()
+            .filter(|a| a.plugin.plugin.reads_request_bodies())
+            .collect();
+        BodyFilter::new(self, true, readers, limit)
+    }
+
+    /// Whether a plugin of this exchange reads the response body.
+    pub fn reads_response_body(&self) -> bool {
+        self.active
+            .iter()
+            .any(|a| a.plugin.plugin.reads_response_bodies())
+    }
+
+    /// The response body's way through the plugins that read it, in reverse order, seeing
+    /// `status` and `headers` as the client gets them. The filter owns this run: the contexts
+    /// end (`on_log` …) when the body does. `Err` gives the run back when no plugin reads it.
+    pub fn into_response_body(
+        self,
+        limit: u64,
+        status: u16,
+        headers: &HeaderMap,
+    ) -> Result<BodyFilter, PluginRun> {
+        let readers = self
+            .active
+            .iter()
+            .rev()
+            .filter(|a| a.plugin.plugin.reads_response_bodies())
+            .collect();
+        let Some(filter) = BodyFilter::new(&self, false, readers, limit) else {
+            return Err(self);
+        };
+        let mut pairs: abi::Pairs = Vec::with_capacity(headers.len() + 1);
+        pairs.push((":status".into(), status.to_string().into_bytes()));
+        pairs.extend(
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
+        );
+        Ok(filter.owning(self, pairs))
+    }
+
     /// The request headers as the plugins left them, for the policy.
     pub fn client_headers(&self) -> ClientHeaders {
         self.headers
@@ -477,6 +543,7 @@ impl Drop for PluginRun {
     /// `on_log`, `on_done`, `on_delete` for each context, in request order. Failures here can
     /// no longer change the response: they are logged and counted.
     fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
         for a in &self.active {
             let data = CallData {
                 request: Some(self.headers.clone()),
@@ -494,3 +561,6 @@ impl Drop for PluginRun {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod body_tests;

@@ -6,10 +6,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use sha2::{Digest, Sha256};
 
 use super::*;
+use crate::decide::Incoming;
 
 /// A minimal proxy-wasm module: a bump allocator, a context-create no-op, some strings in
 /// memory, and the functions in `extra`.
-fn module(extra: &str) -> Vec<u8> {
+pub(super) fn module(extra: &str) -> Vec<u8> {
     let src = format!(
         r#"(module
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
@@ -17,6 +18,8 @@ fn module(extra: &str) -> Vec<u8> {
   (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
   (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $get_buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $set_buf (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 4096))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
@@ -37,14 +40,19 @@ fn module(extra: &str) -> Vec<u8> {
     wat::parse_str(&src).expect("test module is valid WAT")
 }
 
-const NOOP_CREATE: &str = r#"(func (export "proxy_on_context_create") (param i32 i32))"#;
+pub(super) const NOOP_CREATE: &str = r#"(func (export "proxy_on_context_create") (param i32 i32))"#;
 
-fn plugin(name: &str, extra: &str, on_error: OnError, limits: Limits) -> Arc<PluginUse> {
+pub(super) fn plugin(name: &str, extra: &str, on_error: OnError, limits: Limits) -> Arc<PluginUse> {
     let bytes = module(&format!("{NOOP_CREATE}\n{extra}"));
     plugin_from(name, &bytes, on_error, limits)
 }
 
-fn plugin_from(name: &str, bytes: &[u8], on_error: OnError, limits: Limits) -> Arc<PluginUse> {
+pub(super) fn plugin_from(
+    name: &str,
+    bytes: &[u8],
+    on_error: OnError,
+    limits: Limits,
+) -> Arc<PluginUse> {
     let sha = hex::encode(Sha256::digest(bytes));
     let p = Plugin::compile(name, "plugins/test.wasm", bytes, &sha, on_error, limits)
         .unwrap_or_else(|e| panic!("{name} compiles: {e}"));
@@ -54,15 +62,15 @@ fn plugin_from(name: &str, bytes: &[u8], on_error: OnError, limits: Limits) -> A
     })
 }
 
-fn info() -> RequestInfo<'static> {
-    RequestInfo {
-        method: "GET",
+fn incoming() -> Incoming<'static> {
+    Incoming {
+        method: "POST",
         host: "example.com",
         path: "/orders",
         query: Some("page=2"),
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        route: "orders",
-        config_sha: "abc123",
+        claims: None,
+        trace_id: None,
     }
 }
 
@@ -76,15 +84,21 @@ fn client() -> ClientHeaders {
     .collect()
 }
 
-fn errors(name: &str, reason: &str) -> u64 {
+pub(super) fn errors(name: &str, reason: &str) -> u64 {
     ERRORS.with_label_values(&[name, reason]).get()
 }
 
-fn request(plugins: &[Arc<PluginUse>]) -> (PluginRun, Outcome) {
-    on_request(plugins, &info(), &client())
+pub(super) fn request(plugins: &[Arc<PluginUse>]) -> (PluginRun, Outcome) {
+    let inc = incoming();
+    let info = RequestInfo {
+        incoming: &inc,
+        route: "orders",
+        config_sha: "abc123",
+    };
+    on_request(plugins, &info, &client())
 }
 
-fn is_continue(o: &Outcome) -> bool {
+pub(super) fn is_continue(o: &Outcome) -> bool {
     matches!(o, Outcome::Continue)
 }
 
@@ -92,7 +106,7 @@ fn is_failed(o: &Outcome) -> bool {
     matches!(o, Outcome::Failed)
 }
 
-const CONTINUE_ON_REQUEST: &str =
+pub(super) const CONTINUE_ON_REQUEST: &str =
     r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))"#;
 
 #[test]
@@ -175,6 +189,22 @@ fn running_out_of_memory_is_a_memory_failure_and_fail_open_goes_on() {
     assert!(run.active.is_empty());
 }
 
+/// The error `Plugin::compile` refuses `bytes` with, as text.
+fn refused(name: &str, bytes: &[u8]) -> String {
+    let sha = hex::encode(Sha256::digest(bytes));
+    match Plugin::compile(
+        name,
+        "plugins/test.wasm",
+        bytes,
+        &sha,
+        OnError::FailClosed,
+        Limits::default(),
+    ) {
+        Ok(_) => panic!("{name} compiled, but should have been refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn imports_outside_the_subset_are_refused_by_name() {
     let bytes = wat::parse_str(
@@ -184,18 +214,7 @@ fn imports_outside_the_subset_are_refused_by_name() {
              (memory (export "memory") 1))"#,
     )
     .unwrap();
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let e = Plugin::compile(
-        "bad",
-        "plugins/bad.wasm",
-        &bytes,
-        &sha,
-        OnError::FailClosed,
-        Limits::default(),
-    )
-    .err()
-    .expect("refused");
-    let msg = e.to_string();
+    let msg = refused("bad", &bytes);
     assert!(msg.contains("env.proxy_frobnicate"), "{msg}");
     assert!(msg.contains("wasi_snapshot_preview1.path_open"), "{msg}");
 }
@@ -203,18 +222,8 @@ fn imports_outside_the_subset_are_refused_by_name() {
 #[test]
 fn a_module_that_imports_its_memory_is_refused() {
     let bytes = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let e = Plugin::compile(
-        "mem",
-        "p.wasm",
-        &bytes,
-        &sha,
-        OnError::FailClosed,
-        Limits::default(),
-    )
-    .err()
-    .expect("refused");
-    assert!(e.to_string().contains("env.memory"), "{e}");
+    let msg = refused("mem", &bytes);
+    assert!(msg.contains("env.memory"), "{msg}");
 }
 
 #[test]
@@ -398,6 +407,29 @@ fn framing_headers_cannot_be_set() {
     );
     let (_, out) = request(&[p]);
     assert!(is_continue(&out));
+}
+
+#[test]
+fn content_length_can_be_removed_but_not_replaced() {
+    // What the SDKs' body examples do in on_response_headers before changing a body: the
+    // removal answers OK (0), a replacement BAD_ARGUMENT (2); anything else traps.
+    let p = plugin(
+        "drop-length",
+        r#"(func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+             (if (i32.ne (call $replace (i32.const 2) (i32.const 96) (i32.const 14) (i32.const 16) (i32.const 3))
+                         (i32.const 2))
+               (then unreachable))
+             (if (i32.ne (call $remove (i32.const 2) (i32.const 96) (i32.const 14)) (i32.const 0))
+               (then unreachable))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, _) = request(&[p]);
+    let mut res = HeaderMap::new();
+    res.insert("content-length", HeaderValue::from_static("42"));
+    assert!(is_continue(&run.on_response("orders", 200, &mut res)));
+    assert!(res.get("content-length").is_none(), "{res:?}");
 }
 
 #[test]

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 /// Chunks in flight between the client reader and the upstream writer.
-const CHANNEL_DEPTH: usize = 8;
+pub(crate) const CHANNEL_DEPTH: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -29,6 +29,9 @@ pub enum BodyError {
     Client(String),
     #[error("the client sent nothing of its body for {0:?}")]
     Idle(Duration),
+    /// A filter on the way (a WASM plugin) stopped the body; the handler knows why.
+    #[error("the request body was stopped on its way")]
+    Stopped,
 }
 
 /// The request body sent upstream.
@@ -87,7 +90,7 @@ pub struct BodyStats {
 }
 
 /// The next piece of the client's body, or `Idle` if none comes within `idle`.
-async fn next_chunk(
+pub(crate) async fn next_chunk(
     payload: &mut actix_web::dev::Payload,
     idle: Duration,
     stats: &BodyStats,

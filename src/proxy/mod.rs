@@ -86,7 +86,7 @@ pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
             return match b {
                 BodyError::TooLarge { .. } => ForwardError::BodyTooLarge,
                 BodyError::Client(m) => ForwardError::ClientBody(m.clone()),
-                BodyError::Idle(_) => ForwardError::ClientBody(b.to_string()),
+                BodyError::Idle(_) | BodyError::Stopped => ForwardError::ClientBody(b.to_string()),
             };
         }
         source = s.source();

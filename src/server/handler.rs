@@ -6,10 +6,11 @@
 //!                ─► match host+method+path ─► auth ─► rate limit ─► policy (decide::request)
 //! answer:        respond directly or deny                       ┐ or
 //! forward:       WebSocket handshake, body limits ─► outgoing_body (read whole for retries, or
-//!                stream)
+//!                stream; or plugin_body::request when a WASM plugin reads it)
 //!                per attempt: pick target ─► attempt_request (header rules, policy edits)
 //!                ─► send ─► client_response (response rules, stream back, access log when the
-//!                body ends) or attempt_failed ─► Retries::again
+//!                body ends; plugin_body::Response when a plugin reads it) or attempt_failed
+//!                ─► Retries::again
 //! ```
 //! The snapshot is loaded once and kept for the whole exchange, so a config swap never changes
 //! the rules under a request in flight.
@@ -47,6 +48,8 @@ use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 use crate::wire::StaticResponse;
 use crate::wire::headers::actix_name;
+
+mod plugin_body;
 
 /// Per-request facts for the access log, emitted once when the exchange ends.
 struct Exchange {
@@ -91,6 +94,8 @@ struct Exchange {
     /// Trace ids and, when sampled, span facts (`[tracing]` on). Not boxed: it is small, and
     /// what only a recorded request needs is boxed inside it.
     trace: Option<RequestTrace>,
+    /// Set when the request body goes through WASM plugins: why one stopped it, if one did.
+    plugin_stop: Option<plugin_body::Stop>,
 }
 
 /// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
@@ -414,6 +419,7 @@ pub(crate) async fn handle(
         grpc_status: None,
         trailers: req.extensions().get::<Trailers>().cloned(),
         trace,
+        plugin_stop: None,
     };
     state.recorder.metrics().in_flight.inc();
 
@@ -796,6 +802,18 @@ async fn forward(
     let (mut body, mut tunnel_in) = if websocket {
         ex.body = Some(Rc::new(BodyStats::default()));
         (Outgoing::Empty, Some(payload.into_inner()))
+    } else if let Some(filter) = plan
+        .plugins
+        .as_ref()
+        .filter(|_| has_body(req, declared_len))
+        .and_then(|p| p.request_body(route.max_body_size))
+    {
+        // Boxed: only requests whose body a plugin reads pay for this future's size.
+        let read = plugin_body::request(&mut ex, payload, state, route, declared_len, filter);
+        match Box::pin(read).await {
+            Ok(b) => (b, None),
+            Err(resp) => return resp,
+        }
     } else {
         let replay_limit = may_resend.then_some(retry.replay_body_limit);
         match outgoing_body(
@@ -926,7 +944,19 @@ async fn forward(
                 {
                     continue;
                 }
-                return client_response(ex, req, state, route, &plan, resp, tunnel_in.take());
+                return match client_response(
+                    ex,
+                    req,
+                    state,
+                    route,
+                    &mut plan,
+                    resp,
+                    tunnel_in.take(),
+                ) {
+                    Relay::Now(r) => r,
+                    // Boxed: only responses whose body a plugin reads pay for this future.
+                    Relay::ThroughPlugins(r) => Box::pin(r.send()).await,
+                };
             }
             Err(failure) => {
                 ex.in_flight = None;
@@ -972,10 +1002,7 @@ async fn outgoing_body(
     declared_len: Option<u64>,
     replay_limit: Option<u64>,
 ) -> Result<Outgoing, HttpResponse> {
-    let has_body = declared_len.is_some_and(|n| n > 0)
-        || req.headers().contains_key(ax::TRANSFER_ENCODING)
-        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>());
-    if !has_body {
+    if !has_body(req, declared_len) {
         return Ok(Outgoing::Empty);
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
@@ -1009,9 +1036,19 @@ async fn outgoing_body(
         Ok(Err(BodyError::TooLarge { .. })) => {
             Err(ex.error(413, "request body is larger than this route accepts"))
         }
-        Ok(Err(BodyError::Client(_))) => Err(ex.error(400, "the request body could not be read")),
+        Ok(Err(BodyError::Client(_) | BodyError::Stopped)) => {
+            Err(ex.error(400, "the request body could not be read"))
+        }
         Ok(Err(BodyError::Idle(_))) | Err(_) => Err(body_timeout(ex, state)),
     }
+}
+
+/// Whether the request has a body to send (a declared length over 0, chunked, or an HTTP/2
+/// stream that did not end with its headers).
+fn has_body(req: &HttpRequest, declared_len: Option<u64>) -> bool {
+    declared_len.is_some_and(|n| n > 0)
+        || req.headers().contains_key(ax::TRANSFER_ENCODING)
+        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>())
 }
 
 /// When the whole exchange must be over: the route's or upstream's total timeout, or a gRPC
@@ -1059,6 +1096,14 @@ fn attempt_request(
     if let Some(run) = &plan.policy {
         run.apply_edits(&mut headers);
     }
+    if ex.plugin_stop.is_some() {
+        // A plugin may have changed the body: its length is the one sent whole, or none
+        // (streamed chunked).
+        headers.remove(header::CONTENT_LENGTH);
+        if let ProxyBody::Full(Some(b)) = &body {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+        }
+    }
     if websocket {
         websocket::set_upgrade_headers(&mut headers);
     }
@@ -1094,6 +1139,10 @@ fn attempt_failed(
     let SendFailure { error, request } = failure;
     if let Some(t) = &ex.trace {
         t.attempt_done(None, Some(error.kind()));
+    }
+    if let Some(stop) = ex.plugin_stop.as_ref().and_then(|s| s.borrow_mut().take()) {
+        // A plugin stopped the request body on its way: its answer, not the upstream's failure.
+        return Err(plugin_body::stopped(ex, &stop, true));
     }
     let too_large = ex.body.as_ref().is_some_and(|b| b.too_large.get());
     match &error {
@@ -1349,6 +1398,18 @@ impl actix_web::body::MessageBody for HeadBody {
     }
 }
 
+/// The client's response: ready now, or a body a plugin reads before the head may go.
+enum Relay {
+    Now(HttpResponse),
+    ThroughPlugins(Box<plugin_body::Response>),
+}
+
+impl From<HttpResponse> for Relay {
+    fn from(r: HttpResponse) -> Relay {
+        Relay::Now(r)
+    }
+}
+
 /// Turns the upstream's response into the client's, streaming the body. `tunnel_in` is the
 /// client's payload when the request is a WebSocket handshake.
 fn client_response(
@@ -1356,10 +1417,10 @@ fn client_response(
     req: &HttpRequest,
     state: &WorkerState,
     route: &Route,
-    plan: &decide::Forward,
+    plan: &mut decide::Forward,
     resp: http::Response<crate::proxy::body::UpstreamIncoming>,
     tunnel_in: Option<actix_web::dev::Payload>,
-) -> HttpResponse {
+) -> Relay {
     let (mut parts, body) = resp.into_parts();
     let mut status = parts.status.as_u16();
     if ex.grpc {
@@ -1380,14 +1441,18 @@ fn client_response(
                 error = why,
                 "WebSocket handshake refused"
             );
-            return ex.error(502, "the upstream sent an invalid response");
+            return ex
+                .error(502, "the upstream sent an invalid response")
+                .into();
         }
     }
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
         // hyper refuses such responses already; this is the belt to its braces.
-        return ex.error(502, "the upstream sent an invalid response");
+        return ex
+            .error(502, "the upstream sent an invalid response")
+            .into();
     }
     let dropped = connection_tokens(
         parts
@@ -1408,13 +1473,13 @@ fn client_response(
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
-        return answer(&ex, state, plan);
+        return answer(&ex, state, plan).into();
     }
     if let Some(p) = &plan.plugins
         && let ResponsePlan::Replace(plan) =
             decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
     {
-        return answer(&ex, state, plan);
+        return answer(&ex, state, plan).into();
     }
 
     let mut out = HttpResponseBuilder::new(status_code(status));
@@ -1422,7 +1487,7 @@ fn client_response(
 
     // The policy may have turned the 101 into something else: then there is no tunnel.
     if let (Some(payload), 101) = (tunnel_in, status) {
-        return websocket_tunnel(ex, state, route, out, &mut parts, payload);
+        return websocket_tunnel(ex, state, route, out, &mut parts, payload).into();
     }
 
     let no_body = req.method() == actix_web::http::Method::HEAD
@@ -1435,13 +1500,37 @@ fn client_response(
         return match declared {
             Some(n) if req.method() == actix_web::http::Method::HEAD => out.body(HeadBody(n)),
             _ => out.finish(),
-        };
+        }
+        .into();
     }
     if http_body::Body::is_end_stream(&body) {
         // Nothing follows the head (over HTTP/2: END_STREAM on the upstream's HEADERS, as in a
         // gRPC trailers-only response): the client's response ends with its head too.
         ex.emit(status, 0, Ok(()));
-        return out.finish();
+        return out.finish().into();
+    }
+    let trailers = ex.trailers.clone();
+    if plan
+        .plugins
+        .as_ref()
+        .is_some_and(|p| p.reads_response_body())
+        && let Some(run) = plan.plugins.take()
+    {
+        match run.into_response_body(route.max_body_size, status, &parts.headers) {
+            Ok(filter) => {
+                let body = UpstreamBody::new(body, BodySize::Stream, route.read_timeout, None)
+                    .with_trailers(trailers);
+                return Relay::ThroughPlugins(Box::new(plugin_body::Response {
+                    ex,
+                    out,
+                    status,
+                    body,
+                    declared,
+                    filter,
+                }));
+            }
+            Err(run) => plan.plugins = Some(run),
+        }
     }
     let size = match declared {
         Some(n) => BodySize::Sized(n),
@@ -1449,11 +1538,11 @@ fn client_response(
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
-    let trailers = ex.trailers.clone();
     let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
     out.body(
         UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
     )
+    .into()
 }
 
 /// The upstream's response headers on the client's response: all but hop-by-hop, the ones its

@@ -400,7 +400,7 @@ fn preflight(snap: &Snapshot, run: &mut Run<'_>, inc: &Incoming<'_>) -> Option<O
     )
 }
 
-fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
+fn forward(run: &Run<'_>, route: &Route, mut plan: decide::Forward) -> Outcome {
     let case = run.case;
     let Some(target) = plan.upstream.targets.first() else {
         return run.error(503, "no upstream target is available");
@@ -416,6 +416,17 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
         || case.body.len() as u64 > route.max_body_size
     {
         return run.error(413, "request body is larger than this route accepts");
+    }
+    // The body, whole, through the plugins that read it, as the server does for a body that
+    // arrives in one piece.
+    if !case.body.is_empty()
+        && let Some(mut filter) = plan
+            .plugins
+            .as_ref()
+            .and_then(|p| p.request_body(route.max_body_size))
+        && let Err(stop) = filter.chunk(case.body.clone(), true)
+    {
+        return body_stopped(run, stop, true);
     }
     let mut headers = match upstream_headers(run, route, target.authority.as_str()) {
         Ok(h) => h,
@@ -480,15 +491,57 @@ fn forward(run: &Run<'_>, route: &Route, plan: decide::Forward) -> Outcome {
             }
             let no_body = case.method == "HEAD" || matches!(status, 204 | 304 | 100..=199);
             let body = if no_body {
-                Bytes::new()
+                Ok(Bytes::new())
             } else {
-                resp.body.clone()
+                response_body(&mut plan, route, status, &client_headers, &resp.body)
             };
-            run.finish(status, client_headers, body)
+            match body {
+                Ok(body) => run.finish(status, client_headers, body),
+                Err(stop) => body_stopped(run, stop, false),
+            }
         }
     };
     out.upstream_request = Some(sent);
     out
+}
+
+/// The upstream's response body, whole, through the plugins that read it.
+fn response_body(
+    plan: &mut decide::Forward,
+    route: &Route,
+    status: u16,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Bytes, crate::plugins::BodyStop> {
+    let Some(run) = plan
+        .plugins
+        .take_if(|p| p.reads_response_body() && !body.is_empty())
+    else {
+        return Ok(body.clone());
+    };
+    match run.into_response_body(route.max_body_size, status, headers) {
+        Ok(mut filter) => filter.chunk(body.clone(), true),
+        Err(run) => {
+            plan.plugins = Some(run);
+            Ok(body.clone())
+        }
+    }
+}
+
+/// The answer for a body a plugin stopped, as the server gives it before anything was sent.
+fn body_stopped(run: &Run<'_>, stop: crate::plugins::BodyStop, request: bool) -> Outcome {
+    use crate::plugins::BodyStop;
+    match stop {
+        BodyStop::Respond(r) => run.respond(&r),
+        BodyStop::Failed => run.error(500, "a plugin of this route failed"),
+        BodyStop::TooLarge if request => {
+            run.error(413, "request body is larger than this route accepts")
+        }
+        BodyStop::TooLarge => run.error(
+            502,
+            "the upstream's response body is larger than this route's plugins may hold",
+        ),
+    }
 }
 
 /// The headers the upstream gets: the proxy's own function, so both agree.

@@ -4,7 +4,11 @@
 //! - `value`: the value of the `X-RustyGate-Plugin` header added to every response
 //!   (default `"tag"`);
 //! - `deny_header`: when a request carries this header, the plugin answers it with 403 itself
-//!   and the request goes no further (optional).
+//!   and the request goes no further (optional);
+//! - `deny_body_contains`: when a request's body contains this text, the plugin answers it with
+//!   403 itself (optional). It holds the body until its end to look (`Action::Pause`), so
+//!   nothing of it reaches the upstream before it has been read whole; without this setting
+//!   bodies go on chunk by chunk as they arrive.
 //!
 //! It also tells the upstream it ran, with `X-RustyGate-Plugin-Seen: <value>`.
 
@@ -22,11 +26,12 @@ proxy_wasm::main! {{
 struct Settings {
     value: String,
     deny_header: Option<String>,
+    deny_body_contains: Option<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { value: "tag".to_owned(), deny_header: None }
+        Settings { value: "tag".to_owned(), deny_header: None, deny_body_contains: None }
     }
 }
 
@@ -52,6 +57,11 @@ impl RootContext for TagRoot {
             .get("deny_header")
             .and_then(|v| v.as_str())
             .map(str::to_ascii_lowercase);
+        self.settings.deny_body_contains = m
+            .get("deny_body_contains")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
         true
     }
 
@@ -79,6 +89,22 @@ impl HttpContext for Tag {
             }
         }
         self.set_http_request_header("x-rustygate-plugin-seen", Some(&self.settings.value));
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(needle) = &self.settings.deny_body_contains else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            // Called again with the whole body so far, and the next chunk, until the end.
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        if body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            self.send_http_response(403, vec![("content-type", "text/plain")], Some(b"denied by plugin (body)\n"));
+            return Action::Pause;
+        }
         Action::Continue
     }
 
