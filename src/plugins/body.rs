@@ -53,8 +53,8 @@ pub struct BodyFilter {
     stages: Vec<Stage>,
     limit: usize,
     props: Arc<Props>,
-    request_headers: abi::Pairs,
-    response_headers: Option<abi::Pairs>,
+    request_headers: Arc<abi::Pairs>,
+    response_headers: Option<Arc<abi::Pairs>>,
     /// Set when the exchange's contexts are finished (`on_log` …): no call may follow.
     closed: Arc<AtomicBool>,
     /// A response body's exchange: its plugins' contexts end (`on_log` …) when the body does.
@@ -86,7 +86,7 @@ impl BodyFilter {
                 .collect(),
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             props: Arc::clone(&run.props),
-            request_headers: run.headers.clone(),
+            request_headers: Arc::clone(&run.headers),
             response_headers: None,
             closed: Arc::clone(&run.closed),
             _run: None,
@@ -97,7 +97,7 @@ impl BodyFilter {
     /// Makes this response body's filter own the exchange's plugin run, which it sees with
     /// `response_headers`.
     pub(super) fn owning(mut self, run: PluginRun, response_headers: abi::Pairs) -> BodyFilter {
-        self.response_headers = Some(response_headers);
+        self.response_headers = Some(Arc::new(response_headers));
         self._run = Some(run);
         self
     }
@@ -149,7 +149,7 @@ impl BodyFilter {
                 view
             };
             let call = CallData {
-                request: Some(self.request_headers.clone()),
+                request: Some(Arc::clone(&self.request_headers)),
                 response: self.response_headers.clone(),
                 props: Some(Arc::clone(&self.props)),
                 body: Some(BodyView {

@@ -20,11 +20,12 @@ use super::{PluginUse, engine::PAGE};
 /// What the current callback may read and change.
 #[derive(Default)]
 pub(crate) struct CallData {
-    /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`) first.
-    pub request: Option<Pairs>,
+    /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`) first. Shared
+    /// with the exchange, copied only when a plugin changes them.
+    pub request: Option<Arc<Pairs>>,
     pub request_writable: bool,
     /// Response headers, `:status` first.
-    pub response: Option<Pairs>,
+    pub response: Option<Arc<Pairs>>,
     pub response_writable: bool,
     /// Set by `proxy_send_local_response`.
     pub local: Option<LocalResponse>,
@@ -468,8 +469,8 @@ fn body_limit(state: &HostState) -> Option<usize> {
 /// The map a call may read, if it is in view now.
 fn map(call: &CallData, id: i32) -> Option<&Pairs> {
     match id {
-        abi::map::REQUEST_HEADERS => call.request.as_ref(),
-        abi::map::RESPONSE_HEADERS => call.response.as_ref(),
+        abi::map::REQUEST_HEADERS => call.request.as_deref(),
+        abi::map::RESPONSE_HEADERS => call.response.as_deref(),
         _ => None,
     }
 }
@@ -477,8 +478,12 @@ fn map(call: &CallData, id: i32) -> Option<&Pairs> {
 /// The map a call may change, if it may.
 fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Pairs> {
     match id {
-        abi::map::REQUEST_HEADERS if call.request_writable => call.request.as_mut(),
-        abi::map::RESPONSE_HEADERS if call.response_writable => call.response.as_mut(),
+        abi::map::REQUEST_HEADERS if call.request_writable => {
+            call.request.as_mut().map(Arc::make_mut)
+        }
+        abi::map::RESPONSE_HEADERS if call.response_writable => {
+            call.response.as_mut().map(Arc::make_mut)
+        }
         _ => None,
     }
 }

@@ -243,9 +243,10 @@ struct Active {
 /// The plugins of one request: their contexts, and the request headers as they left them.
 pub struct PluginRun {
     active: Vec<Active>,
-    /// The client's headers as the plugins got them, and as they left them.
-    original: abi::Pairs,
-    headers: abi::Pairs,
+    /// The client's headers as the plugins got them, and as they left them (the same until a
+    /// plugin changes them: each call shares them, and a change copies them).
+    original: Arc<abi::Pairs>,
+    headers: Arc<abi::Pairs>,
     props: Arc<Props>,
     /// Set when the contexts are finished, for a request body still on its way.
     closed: Arc<AtomicBool>,
@@ -303,6 +304,7 @@ pub fn on_request(
             .iter()
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())),
     );
+    let headers = Arc::new(headers);
     let props = Arc::new(Props {
         method: inc.method.to_owned(),
         path,
@@ -315,14 +317,14 @@ pub fn on_request(
     });
     let mut run = PluginRun {
         active: Vec::with_capacity(plugins.len()),
-        original: headers.clone(),
+        original: Arc::clone(&headers),
         headers,
         props,
         closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
         let data = CallData {
-            request: Some(run.headers.clone()),
+            request: Some(Arc::clone(&run.headers)),
             request_writable: true,
             props: Some(Arc::clone(&run.props)),
             ..CallData::default()
@@ -439,7 +441,7 @@ impl PluginRun {
     /// Makes the plugins' header changes on the headers going upstream: headers they removed
     /// are removed, headers whose values they changed or added are set to their values.
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
-        if self.headers == self.original {
+        if Arc::ptr_eq(&self.headers, &self.original) || self.headers == self.original {
             return;
         }
         let values = |pairs: &abi::Pairs, name: &str| -> Vec<Vec<u8>> {
@@ -452,7 +454,7 @@ impl PluginRun {
         let mut names: Vec<&str> = self
             .original
             .iter()
-            .chain(&self.headers)
+            .chain(self.headers.iter())
             .map(|(n, _)| n.as_str())
             .filter(|n| !n.starts_with(':'))
             .collect();
@@ -488,11 +490,12 @@ impl PluginRun {
                 .iter()
                 .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
         );
-        let before = pairs.clone();
+        let mut pairs = Arc::new(pairs);
+        let before = Arc::clone(&pairs);
         for a in self.active.iter().rev() {
             let data = CallData {
-                request: Some(self.headers.clone()),
-                response: Some(pairs.clone()),
+                request: Some(Arc::clone(&self.headers)),
+                response: Some(Arc::clone(&pairs)),
                 response_writable: true,
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
@@ -524,7 +527,10 @@ impl PluginRun {
                 }
             }
         }
-        if pairs != before {
+        // A plugin that changed nothing left the very same headers.
+        if !Arc::ptr_eq(&pairs, &before) && pairs != before {
+            drop(before);
+            let pairs = Arc::try_unwrap(pairs).unwrap_or_else(|shared| (*shared).clone());
             headers.clear();
             for (n, v) in pairs.into_iter().filter(|(n, _)| !n.starts_with(':')) {
                 if let (Ok(n), Ok(v)) = (
@@ -546,7 +552,7 @@ impl Drop for PluginRun {
         self.closed.store(true, Ordering::Release);
         for a in &self.active {
             let data = CallData {
-                request: Some(self.headers.clone()),
+                request: Some(Arc::clone(&self.headers)),
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
             };
