@@ -14,7 +14,6 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use rustygate::server::ServeOptions;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -132,23 +131,7 @@ fn gateway(
     ]);
     std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
     std::fs::write(dir.path().join("plugins/p.wasm"), &bytes).unwrap();
-    let mut gw = Gateway::start_dir(
-        dir.path(),
-        ServeOptions {
-            workers: 1,
-            ..ServeOptions::default()
-        },
-    );
-    gw.keep_repo(dir);
-    gw
-}
-
-fn echoed_header(echo: &serde_json::Value, name: &str) -> Option<String> {
-    echo["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h[0] == name)
-        .map(|h| h[1].as_str().unwrap_or("").to_owned())
+    Gateway::start_one_worker(dir)
 }
 
 fn post(url: &str, body: &'static str) -> http::Request<Body> {
@@ -392,8 +375,11 @@ fn a_plugin_that_pauses_until_the_end_rewrites_both_bodies_with_their_exact_leng
         assert_eq!(reply.status, 200, "{}", reply.text());
         let echo = reply.json();
         assert_eq!(echo["body"], "REWRITTEN");
-        assert_eq!(echoed_header(&echo, "content-length").as_deref(), Some("9"));
-        assert_eq!(echoed_header(&echo, "transfer-encoding"), None);
+        assert_eq!(
+            Backend::echoed_header(&echo, "content-length").as_deref(),
+            Some("9")
+        );
+        assert_eq!(Backend::echoed_header(&echo, "transfer-encoding"), None);
     });
 }
 

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use rustygate::compile::{CompileOptions, compile_dir};
-use rustygate::server::ServeOptions;
 use sha2::{Digest, Sha256};
 
 fn example_wasm() -> Vec<u8> {
@@ -61,26 +60,6 @@ fn plugin_repo(
     dir
 }
 
-fn one_worker(dir: tempfile::TempDir) -> Gateway {
-    let mut gw = Gateway::start_dir(
-        dir.path(),
-        ServeOptions {
-            workers: 1,
-            ..ServeOptions::default()
-        },
-    );
-    gw.keep_repo(dir);
-    gw
-}
-
-fn echoed_header(echo: &serde_json::Value, name: &str) -> Option<String> {
-    echo["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h[0] == name)
-        .map(|h| h[1].as_str().unwrap_or("").to_owned())
-}
-
 #[test]
 fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
     let be = Backend::echo();
@@ -91,7 +70,7 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         &be.url(),
         r#"{ name = "tag", config = { value = "from-test", deny_header = "x-block-me", deny_body_contains = "DROP TABLE" } }"#,
     );
-    let gw = one_worker(dir);
+    let gw = Gateway::start_one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let reply = get(&gw.url("/orders")).await;
@@ -107,7 +86,7 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         );
         let echo = reply.json();
         assert_eq!(
-            echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),
+            Backend::echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),
             Some("from-test"),
             "{echo}"
         );
@@ -137,7 +116,7 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
         let echo = fine.json();
         assert_eq!(echo["body"], "{\"q\": \"1\"}");
         assert_eq!(
-            echoed_header(&echo, "content-length").as_deref(),
+            Backend::echoed_header(&echo, "content-length").as_deref(),
             Some("10")
         );
     });
@@ -154,7 +133,7 @@ fn a_reload_swaps_the_plugin_configuration() {
         &be.url(),
         r#"{ name = "tag", config = { value = "one" } }"#,
     );
-    let gw = one_worker(dir);
+    let gw = Gateway::start_one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         assert_eq!(get(&gw.url("/")).await.header("x-rustygate-plugin"), Some("one"));
@@ -192,7 +171,7 @@ fn a_trapping_plugin_fails_closed_with_a_json_500_and_the_request_id() {
     let be = Backend::echo();
     let wasm = wat::parse_str(TRAPS).unwrap();
     let dir = plugin_repo("traps", &wasm, "", &be.url(), r#"{ name = "traps" }"#);
-    let gw = one_worker(dir);
+    let gw = Gateway::start_one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let reply = get(&gw.url("/x")).await;
@@ -221,7 +200,7 @@ fn a_fail_open_plugin_that_traps_is_skipped_and_counted() {
         &be.url(),
         r#"{ name = "traps_open" }"#,
     );
-    let gw = one_worker(dir);
+    let gw = Gateway::start_one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         for _ in 0..2 {
@@ -263,7 +242,7 @@ fn an_endless_plugin_is_stopped_and_the_single_worker_keeps_serving() {
     std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
     std::fs::write(dir.path().join("plugins/loops.wasm"), &looping).unwrap();
     std::fs::write(dir.path().join("plugins/tag.wasm"), &tag).unwrap();
-    let gw = one_worker(dir);
+    let gw = Gateway::start_one_worker(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         for _ in 0..2 {

@@ -131,6 +131,15 @@ impl Backend {
         })
     }
 
+    /// The value of header `name` in an [`Backend::echo`] answer (the first, if repeated).
+    pub fn echoed_header(echo: &serde_json::Value, name: &str) -> Option<String> {
+        echo["headers"]
+            .as_array()?
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap_or("").to_owned())
+    }
+
     /// Answers every request with `status` and `body`.
     pub fn fixed(status: u16, body: &'static str) -> Backend {
         Backend::start(move |_req| async move {
@@ -242,6 +251,20 @@ impl Gateway {
             );
         };
         Gateway::serve_store(dir, Arc::new(SnapshotStore::new(snapshot)), opts)
+    }
+
+    /// Serves the config repo `dir` (kept for the gateway's life) on one worker: tests that
+    /// count what one worker's instances or pools did.
+    pub fn start_one_worker(dir: tempfile::TempDir) -> Gateway {
+        let mut gw = Gateway::start_dir(
+            dir.path(),
+            ServeOptions {
+                workers: 1,
+                ..ServeOptions::default()
+            },
+        );
+        gw.keep_repo(dir);
+        gw
     }
 
     /// Serves snapshots from `store` (filled by the caller, e.g. a `Reloader`); `dir` is the
