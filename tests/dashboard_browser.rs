@@ -218,6 +218,11 @@ impl Shots {
 
 /// Runs `script` until it returns something truthy, for at most 15 s; panics with the last
 /// value (and a screenshot) otherwise.
+/// The text of the element `at` finds (the test fails if there is none).
+async fn text_of(c: &Client, at: Locator<'_>) -> String {
+    c.find(at).await.unwrap().text().await.unwrap()
+}
+
 async fn wait_for(c: &Client, shots: &mut Shots, what: &str, script: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut last = Value::Null;
@@ -400,13 +405,7 @@ async fn the_dashboard_in_headless_chromium() {
         )
         .await;
         assert_eq!(sha, json!(v1));
-        let shown = c
-            .find(Locator::Id("applied"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let shown = text_of(&c, Locator::Id("applied")).await;
         assert!(shown.contains(&v1[..12]), "{shown}");
         assert!(
             shown.contains("Route orders and users to the orders service"),
@@ -459,21 +458,9 @@ async fn the_dashboard_in_headless_chromium() {
         )
         .await;
         assert_eq!(rows, json!("orders"));
-        let source = c
-            .find(Locator::Css("#routes tr.route-row code.source"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let source = text_of(&c, Locator::Css("#routes tr.route-row code.source")).await;
         assert_eq!(source, "routes/main.toml:2:8");
-        let count = c
-            .find(Locator::Id("routes-count"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let count = text_of(&c, Locator::Id("routes-count")).await;
         assert_eq!(count, "1 of 6 routes");
 
         // 3. Which route would serve this request?
@@ -491,13 +478,7 @@ async fn the_dashboard_in_headless_chromium() {
             .unwrap();
         let route = wait_for(&c, &mut shots, "the explanation", "const e = document.querySelector('#explain-result .explain-route'); return e && e.textContent").await;
         assert_eq!(route, json!("orders"));
-        let answer = c
-            .find(Locator::Id("explain-result"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let answer = text_of(&c, Locator::Id("explain-result")).await;
         assert!(
             answer.starts_with("200 route orders routes/main.toml:2:8 → upstream orders /7?x=1"),
             "{answer}"
@@ -544,13 +525,7 @@ async fn the_dashboard_in_headless_chromium() {
             target.contains(&backend.url()) && target.contains("not checked") && target.contains("ok"),
             "{target}"
         );
-        let latency = c
-            .find(Locator::Css(".upstream[data-name=orders] dl"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let latency = text_of(&c, Locator::Css(".upstream[data-name=orders] dl")).await;
         assert!(latency.contains("5 requests since start"), "{latency}");
         shots.take(&c, "upstreams").await;
         c.find(Locator::Css("#tabs button[data-view=traffic]"))
@@ -597,13 +572,7 @@ async fn the_dashboard_in_headless_chromium() {
         )
         .await;
         assert_eq!(attempted, json!(bad));
-        let diag = c
-            .find(Locator::Css("#attempted .diag"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let diag = text_of(&c, Locator::Css("#attempted .diag")).await;
         assert!(
             diag.starts_with("routes/main.toml:41:12 unknown-upstream unknown upstream `order`"),
             "{diag}"
@@ -625,13 +594,7 @@ async fn the_dashboard_in_headless_chromium() {
             Some(v1.as_str()),
             "the last good commit still serves"
         );
-        let history = c
-            .find(Locator::Css("#reloads tbody tr"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let history = text_of(&c, Locator::Css("#reloads tbody tr")).await;
         assert!(
             history.contains("admin") && history.contains("rejected") && history.contains(&bad[..12]),
             "{history}"
