@@ -1,6 +1,7 @@
 //! The dashboard's JSON API and page on the admin listener (issue #20): who may read them, what
-//! they say about routes, upstreams, reloads and traffic, and "which route would serve this
-//! request?" with hostile input. Real gateways on loopback, a real backend, a real git repo.
+//! they say about routes, upstreams, reloads, traffic and the fleet of replicas, and "which
+//! route would serve this request?" with hostile input. Real gateways on loopback, a real
+//! backend, a real git repo, a real redis-server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,6 +11,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::redis_server::RedisServer;
 use common::{Backend, Gateway, GatewayProcess, as_refs, commit_files, dead_port, wait_until};
 use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::server::{Control, ServeOptions};
@@ -167,7 +169,12 @@ fn with_a_token_the_api_needs_it_and_failures_are_limited_per_address() {
     assert_eq!(st["routes"], 1);
     assert_eq!(st["gateway_version"], env!("CARGO_PKG_VERSION"));
     assert!(st["uptime_seconds"].as_u64().is_some());
-    for path in ["/api/v1/upstreams", "/api/v1/reloads", "/api/v1/traffic"] {
+    for path in [
+        "/api/v1/upstreams",
+        "/api/v1/reloads",
+        "/api/v1/traffic",
+        "/api/v1/fleet",
+    ] {
         assert_eq!(get(path, None).status, 401, "{path}");
         assert_eq!(get(path, Some(&bearer())).status, 200, "{path}");
     }
@@ -242,6 +249,24 @@ fn without_a_token_the_api_answers_only_on_loopback_and_for_loopback_names() {
         );
     }
     assert_eq!(call(&admin, &admin, "GET", "/ui/", &[], b"").status, 200);
+
+    // No shared store: one replica on its own, said plainly, not an error.
+    let f = call(&admin, &admin, "GET", "/api/v1/fleet", &[], b"");
+    assert_eq!(f.status, 200, "{}", f.body);
+    let f = f.json();
+    assert_eq!(f["state"], "single", "{f}");
+    assert_eq!(f["replica"], Value::Null);
+    assert!(
+        f["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("single replica: this gateway has no [rate_limit_store]"),
+        "{f}"
+    );
+    assert_eq!(
+        (f["replicas"].clone(), f["error"].clone()),
+        (json!([]), Value::Null)
+    );
 
     // Bound to every address, with no token: disabled, and it says how to enable it.
     let (_open, admin) = gateway(&files, Control::default(), "0.0.0.0:0");
@@ -556,6 +581,11 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
         assert_eq!(r.status, 200, "{path}: {}", r.body);
         r.json()
     };
+    // The binary always has a fleet; without [rate_limit_store] it is a single replica.
+    let f = get("/api/v1/fleet");
+    assert_eq!(f["state"], "single", "{f}");
+    assert!(f["replica"].is_string(), "{f}");
+    assert_eq!(f["replicas"], json!([]));
     let h = get("/api/v1/reloads");
     assert_eq!(h["capacity"], 50);
     assert_eq!(h["reloads"][0]["trigger"], "startup");
@@ -625,4 +655,188 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
     );
     assert!(last["duration_ms"].as_u64().is_some());
     assert_eq!(h["reloads"].as_array().unwrap().len(), 2);
+}
+
+// ---- the fleet: real `rustygate serve` replicas sharing one redis-server ----
+
+/// Two replicas, `a` and `b`, of one bare repository (`--poll 0`), sharing `redis`.
+fn two_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
+    let caches: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let gws = ["a", "b"]
+        .iter()
+        .zip(&caches)
+        .map(|(id, cache)| {
+            GatewayProcess::start(
+                &[
+                    "--repo",
+                    url,
+                    "--poll",
+                    "0",
+                    "--replica-id",
+                    id,
+                    "--cache-dir",
+                    cache.path().to_str().unwrap(),
+                ],
+                &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+            )
+        })
+        .collect();
+    (gws, caches)
+}
+
+fn fleet_files(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "gateway.toml",
+            format!("[rate_limit_store]\nurl = \"{}\"\n", redis.url()),
+        ),
+        (
+            "routes/main.toml",
+            format!(
+                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+            ),
+        ),
+    ]
+}
+
+/// `GET path` on a replica's admin listener with the token: the JSON of a 200.
+fn admin_get(gw: &GatewayProcess, path: &str) -> Value {
+    let auth = bearer();
+    let r = call(
+        &gw.admin,
+        &gw.admin,
+        "GET",
+        path,
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    r.json()
+}
+
+#[test]
+fn the_fleet_agrees_then_says_who_serves_which_commit_and_survives_a_stalled_or_dead_store() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let v1 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v1")), "v1").to_string();
+    let (gws, _caches) = two_replicas(&url);
+    let fleet = |gw: &GatewayProcess| admin_get(gw, "/api/v1/fleet");
+
+    let mut f = Value::Null;
+    let both = wait_until(Duration::from_secs(20), || {
+        f = fleet(&gws[0]);
+        f["replicas"].as_array().is_some_and(|r| r.len() == 2)
+    });
+    assert!(both, "{f}");
+    assert_eq!(f["state"], "ok", "{f}");
+    assert_eq!(f["agree"], true, "{f}");
+    assert_eq!(f["replica"], "a");
+    assert_eq!(f["verdict"], format!("all 2 replicas serve {}", &v1[..12]));
+    assert_eq!(f["commits"], json!([{ "sha": v1, "replicas": ["a", "b"] }]));
+    for (r, (name, this)) in f["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([("a", true), ("b", false)])
+    {
+        assert_eq!(
+            (
+                r["replica"].clone(),
+                r["this"].clone(),
+                r["applied"].clone(),
+                r["ok"].clone()
+            ),
+            (json!(name), json!(this), json!(v1), json!(true)),
+            "{r}"
+        );
+        let age = r["heartbeat_age_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(age <= 15_000, "older than the entry's TTL: {r}");
+        assert_eq!(r["stale"], false, "{r}");
+    }
+
+    // A new commit, applied by `a` only (polling is off, no webhook): they disagree, and `b`
+    // says which replica serves which commit.
+    let v2 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v2")), "v2").to_string();
+    let auth = bearer();
+    assert_eq!(
+        gws[0]
+            .admin_post("/admin/reload", &[("Authorization", &auth)], b"")
+            .0,
+        202
+    );
+    let split = wait_until(Duration::from_secs(20), || {
+        f = fleet(&gws[1]);
+        f["agree"] == false
+    });
+    assert!(split, "{f}");
+    assert_eq!(f["state"], "ok", "{f}");
+    assert_eq!(f["replica"], "b");
+    let verdict = f["verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("replicas disagree: "), "{verdict}");
+    assert!(
+        verdict.contains(&format!("1 on {} (a)", &v2[..12])),
+        "{verdict}"
+    );
+    assert!(
+        verdict.contains(&format!("1 on {} (b)", &v1[..12])),
+        "{verdict}"
+    );
+    let commits = f["commits"].as_array().unwrap();
+    assert!(
+        commits.contains(&json!({ "sha": v2, "replicas": ["a"] })),
+        "{f}"
+    );
+    assert!(
+        commits.contains(&json!({ "sha": v1, "replicas": ["b"] })),
+        "{f}"
+    );
+
+    // Redis stalls (SIGSTOP: the port is open, nothing answers). The fleet view answers with
+    // the error within its bound (a hung call would leave this read with nothing), and the
+    // rest of the status is intact.
+    redis.signal("STOP");
+    let stalled = fleet(&gws[0]);
+    assert_eq!(stalled["state"], "error", "{stalled}");
+    assert_eq!(
+        stalled["verdict"],
+        "unknown: the shared store did not answer"
+    );
+    let error = stalled["error"].as_str().unwrap();
+    // Redis answered everything before the stop: this first call waited its whole bound.
+    assert_eq!(
+        error,
+        format!(
+            "the shared store {} did not answer: no answer within 2s",
+            redis.url()
+        )
+    );
+    assert_eq!(stalled["timeout_ms"], 2000);
+    assert_eq!(stalled["replicas"], json!([]));
+    let st = admin_get(&gws[0], "/api/v1/status");
+    assert_eq!(st["applied"]["sha"], v2.as_str(), "{st}");
+    assert_eq!(st["routes"], 1);
+    assert_eq!(gws[0].get("/").unwrap(), (200, "v2".to_owned()));
+
+    // Redis killed: the same, from the other replica.
+    redis.signal("CONT");
+    let store = redis.url();
+    drop(redis);
+    let dead = fleet(&gws[1]);
+    assert_eq!(dead["state"], "error", "{dead}");
+    assert!(
+        dead["error"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("the shared store {store} did not answer: ")),
+        "{dead}"
+    );
+    let st = admin_get(&gws[1], "/api/v1/status");
+    assert_eq!(st["applied"]["sha"], v1.as_str(), "{st}");
+    assert_eq!(gws[1].get("/").unwrap(), (200, "v1".to_owned()));
 }

@@ -1,12 +1,15 @@
 //! The dashboard's JSON API on the admin listener (`/api/v1/...`, documented in
 //! docs/admin-api.md): what `/status` says plus routes, upstreams, the last reloads, sampled
-//! traffic, and "which route would serve this request?". Read-only.
+//! traffic, the fleet of replicas ([`fleet`]), and "which route would serve this request?".
+//! Read-only.
 //!
 //! Access: with `RUSTYGATE_ADMIN_TOKEN` set, every call needs `Authorization: Bearer <token>`
 //! (compared in constant time; failures count towards the admin listener's per-address limit).
 //! Without one, the API answers only when the admin listener is bound to loopback, and only
 //! requests whose `Host` is a loopback name (a web page that rebinds its own domain to
 //! 127.0.0.1 cannot read it). Answers are never cached.
+
+mod fleet;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -42,6 +45,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/upstreams", web::get().to(upstreams))
             .route("/reloads", web::get().to(reloads))
             .route("/traffic", web::get().to(traffic))
+            .route("/fleet", web::get().to(fleet::fleet))
             .route("/explain", web::post().to(explain))
             .default_service(web::to(not_found)),
     );
