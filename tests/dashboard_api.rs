@@ -1,7 +1,7 @@
 //! The dashboard's JSON API and page on the admin listener (issue #20): who may read them, what
-//! they say about routes, upstreams, reloads, traffic and the fleet of replicas, and "which
-//! route would serve this request?" with hostile input. Real gateways on loopback, a real
-//! backend, a real git repo, a real redis-server.
+//! they say about routes, upstreams (latency over the last window), reloads, traffic and the
+//! fleet of replicas, and "which route would serve this request?" with hostile input. Real
+//! gateways on loopback, a real backend, a real git repo, a real redis-server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,10 +9,13 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{Backend, Gateway, GatewayProcess, as_refs, commit_files, dead_port, wait_until};
+use common::{
+    Backend, Gateway, GatewayProcess, as_refs, commit_files, dead_port, full, wait_until,
+};
 use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::server::{Control, ServeOptions};
 use rustygate::snapshot::SnapshotStore;
@@ -77,8 +80,19 @@ fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
 
-/// A gateway in-process with `control`, its admin listener on `admin`.
+/// A gateway in-process with `control`, its admin listener on `admin`, the traffic ring
+/// sampled every 200 ms.
 fn gateway(files: &[(&str, &str)], control: Control, admin: &str) -> (Gateway, String) {
+    sampled(files, control, admin, Duration::from_millis(200))
+}
+
+/// [`gateway`], the traffic ring sampled `every` (its window is 180 samples).
+fn sampled(
+    files: &[(&str, &str)],
+    control: Control,
+    admin: &str,
+    every: Duration,
+) -> (Gateway, String) {
     let dir = common::repo(files);
     let compiled = compile_dir(
         dir.path(),
@@ -96,7 +110,7 @@ fn gateway(files: &[(&str, &str)], control: Control, admin: &str) -> (Gateway, S
     let opts = ServeOptions {
         workers: 1,
         admin_listen: admin.parse().unwrap(),
-        traffic_sample_every: Duration::from_millis(200),
+        traffic_sample_every: every,
         ..ServeOptions::default()
     };
     let mut gw = Gateway::serve_with(
@@ -382,6 +396,10 @@ fn routes_upstreams_and_traffic_describe_what_is_served() {
     assert_eq!(orders["targets"][0]["in_flight"], 0);
     assert_eq!(orders["latency"]["requests"], 3);
     assert!(orders["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        orders["latency"]["window_seconds"], 36.0,
+        "180 samples of 200 ms"
+    );
     let dead_target = &upstream("dead")["targets"][0];
     assert_eq!(dead_target["passive_health"], "ejected", "{dead_target}");
     assert_eq!(dead_target["available"], false);
@@ -655,6 +673,76 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
     );
     assert!(last["duration_ms"].as_u64().is_some());
     assert_eq!(h["reloads"].as_array().unwrap().len(), 2);
+}
+
+/// An upstream whose answers take `delay` milliseconds (changeable while it runs).
+fn slow_backend(delay: Arc<AtomicU64>) -> Backend {
+    Backend::start(move |_req| {
+        let ms = delay.load(Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            hyper::Response::new(full("ok"))
+        }
+    })
+}
+
+#[test]
+fn upstream_latency_covers_the_last_window_not_the_time_since_start() {
+    let delay = Arc::new(AtomicU64::new(600));
+    let backend = slow_backend(Arc::clone(&delay));
+    let files = common::proxy_all(&backend.url(), "");
+    // Sampled every 100 ms: the window is 180 samples, 18 s.
+    let (gw, admin) = sampled(
+        &as_refs(&files),
+        Control::default(),
+        "127.0.0.1:0",
+        Duration::from_millis(100),
+    );
+    let latency = || {
+        let u = call(&admin, &admin, "GET", "/api/v1/upstreams", &[], b"").json();
+        u["upstreams"][0]["latency"].clone()
+    };
+    let proxy = gw.addr.to_string();
+    let send = |n: usize| {
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let proxy = proxy.clone();
+                std::thread::spawn(move || call(&proxy, "x", "GET", "/", &[], b"").status)
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 200);
+        }
+    };
+
+    // Three answers of 600 ms: p50 in the histogram's (500 ms, 1 s] bucket.
+    send(3);
+    let slow = latency();
+    assert_eq!(slow["requests"], 3, "{slow}");
+    assert!(slow["p50_ms"].as_f64().unwrap() > 500.0, "{slow}");
+    assert_eq!(slow["window_seconds"], 18.0, "{slow}");
+    assert!(slow["since"].is_string(), "{slow}");
+
+    // Once their samples have left the window, they count no more.
+    let mut seen = Value::Null;
+    let gone = wait_until(Duration::from_secs(60), || {
+        seen = latency();
+        seen["requests"] == 0
+    });
+    assert!(gone, "the slow requests never left the window: {seen}");
+    assert_eq!(
+        (seen["p50_ms"].clone(), seen["p99_ms"].clone()),
+        (Value::Null, Value::Null)
+    );
+
+    // Fast answers now: the quantiles are theirs alone (since the start, 3 of 8 would be slow
+    // and p99 above 500 ms).
+    delay.store(0, Ordering::SeqCst);
+    send(5);
+    let fast = latency();
+    assert_eq!(fast["requests"], 5, "{fast}");
+    assert!(fast["p99_ms"].as_f64().unwrap() < 500.0, "{fast}");
+    assert_ne!(fast["since"], slow["since"], "the window moved on: {fast}");
 }
 
 // ---- the fleet: real `rustygate serve` replicas sharing one redis-server ----

@@ -597,7 +597,10 @@ async fn the_dashboard_in_headless_chromium() {
             "{target}"
         );
         let latency = text_of(&c, Locator::Css(".upstream[data-name=orders] dl")).await;
-        assert!(latency.contains("5 requests since start"), "{latency}");
+        assert!(
+            latency.contains("5 requests in the last 15 min"),
+            "{latency}"
+        );
         shots.take(&c, "upstreams").await;
         c.find(Locator::Css("#tabs button[data-view=traffic]"))
             .await

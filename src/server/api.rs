@@ -339,14 +339,26 @@ async fn routes(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
 }
 
 /// `GET /api/v1/upstreams`: targets with their health, in-flight requests, ejections, the
-/// circuit breaker, and latency from the metrics.
+/// circuit breaker, and latency from the metrics over the traffic ring's window (15 minutes).
 async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     if let Err(refusal) = gate(&req, &state) {
         return *refusal;
     }
     let snap = state.store.load();
     let metrics = &state.control.metrics;
-    let latency = crate::telemetry::traffic::upstream_latency(metrics);
+    let (bounds, live) = crate::telemetry::latency::UpstreamWindow::read(metrics);
+    let (latency, window_seconds, from) = {
+        let t = state.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            t.upstreams().window(&bounds, &live),
+            t.window_seconds(),
+            t.upstreams().from(),
+        )
+    };
+    // Where the window begins: after the last sample that left it, or at the start.
+    let since = from
+        .map(|at| SystemTime::UNIX_EPOCH + Duration::from_secs(at))
+        .unwrap_or(state.started_at);
     let overflow = counter_by(&metrics.upstream_overflow, "upstream", "limit");
     let list: Vec<Value> = snap
         .upstreams
@@ -378,7 +390,7 @@ async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
                     })
                 })
                 .collect();
-            let (requests, p50, p99) = latency.get(&u.name).copied().unwrap_or((0, None, None));
+            let lat = latency.get(u.name.as_str()).copied();
             let active = u.shared.active();
             let pending = u.shared.pending();
             let full = u.limits.max_requests.is_some_and(|m| active >= m)
@@ -400,7 +412,13 @@ async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
                     "pending": pending,
                     "overflowed": overflow.get(&u.name).cloned().unwrap_or_default(),
                 },
-                "latency": { "requests": requests, "p50_ms": p50, "p99_ms": p99, "since": "start" },
+                "latency": {
+                    "requests": lat.map_or(0, |l| l.requests),
+                    "p50_ms": lat.and_then(|l| l.p50_ms),
+                    "p99_ms": lat.and_then(|l| l.p99_ms),
+                    "window_seconds": window_seconds,
+                    "since": rfc3339(since),
+                },
             })
         })
         .collect();

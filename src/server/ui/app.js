@@ -47,6 +47,11 @@
     if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
     return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
   }
+  // A window's length: whole minutes as such ("15 min").
+  function span(seconds) {
+    const s = Math.round(seconds);
+    return s >= 60 && s % 60 === 0 ? s / 60 + " min" : human(s);
+  }
   function dl(node, pairs) {
     clear(node);
     for (const [k, v] of pairs) node.append(el("dt", { text: k }), el("dd", {}, v));
@@ -304,7 +309,7 @@
           el("span", { class: "muted", text: u.balance }),
           el("span", { class: b.state === "open" ? "bad" : "ok", text: "breaker " + b.state })),
         el("dl", {},
-          el("dt", { text: "Latency" }), el("dd", { text: "p50 " + fmt(lat.p50_ms) + " ms · p99 " + fmt(lat.p99_ms) + " ms · " + lat.requests + " requests since start" }),
+          el("dt", { text: "Latency" }), el("dd", { text: "p50 " + fmt(lat.p50_ms) + " ms · p99 " + fmt(lat.p99_ms) + " ms · " + lat.requests + " requests in the last " + span(lat.window_seconds) }),
           el("dt", { text: "Health check" }), el("dd", { text: u.health_check ? "GET " + u.health_check.path + " every " + (u.health_check.interval_ms / 1000) + " s" : "none (passive only)" }),
           el("dt", { text: "Breaker" }), el("dd", { text: "requests " + b.active + "/" + dash(b.max_requests) + " · pending " + b.pending + "/" + dash(b.max_pending) + overflowText(b.overflowed) })),
         el("table", {},
