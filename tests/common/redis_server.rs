@@ -38,7 +38,7 @@ impl RedisServer {
             use std::io::Write as _;
             let _ = writeln!(
                 std::io::stderr(),
-                "\n!!!!!!!! SKIPPED: redis-server is not installed; this test needs it (apt-get install redis-server) !!!!!!!!\n"
+                "\n!!!!!!!! SKIPPED: redis-server is not installed; what needs it in this test does not run (apt-get install redis-server) !!!!!!!!\n"
             );
             return false;
         }
