@@ -14,6 +14,7 @@ use super::routes::resolve_secret;
 use crate::config::files::FileKind;
 use crate::config::raw::{RawTarget, RawUpstream, RawUpstreamTls, UpstreamProtocol, ValueSource};
 use crate::config::{Diagnostic, FileId, Spanned};
+use crate::upstream::PoolKey;
 use crate::upstream::{Protocol, Target};
 use crate::wire::tls::{TargetTls, client_config, system_roots};
 
@@ -99,7 +100,8 @@ pub(crate) fn apply(
             let digest = key.finalize();
             let mut first = [0u8; 8];
             first.copy_from_slice(&digest[..8]);
-            t.pool_key.variant = u64::from_le_bytes(first).max(1);
+            let variant = u64::from_le_bytes(first).max(1);
+            t.pool_key = PoolKey::new(t.pool_key.authority().clone(), variant);
         }
     }
 }

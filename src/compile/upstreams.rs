@@ -58,7 +58,7 @@ pub(crate) fn compile_upstreams(
         // or TLS setting starts a fresh verdict, and a checker with the new settings.
         let how = health.as_ref().map_or(0, |h| h.fingerprint());
         for t in &mut targets {
-            t.state = state::target_state(name.get(), &t.url, how ^ t.pool_key.variant);
+            t.state = state::target_state(name.get(), &t.url, how ^ t.pool_key.variant());
         }
         let connect_timeout = u
             .connect_timeout
@@ -216,10 +216,7 @@ fn parse_target(url: &str) -> Result<Target, String> {
     Ok(Target {
         url: url.to_owned(),
         scheme,
-        pool_key: PoolKey {
-            authority: authority.clone(),
-            variant: 0,
-        },
+        pool_key: PoolKey::new(authority.clone(), 0),
         authority,
         connect_addr,
         weight: 1,

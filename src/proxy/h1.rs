@@ -707,10 +707,7 @@ mod tests {
     fn no_pool() -> Checkin {
         Checkin {
             pool: Weak::new(),
-            key: PoolKey {
-                authority: http::uri::Authority::from_static("up.example"),
-                variant: 0,
-            },
+            key: PoolKey::new(http::uri::Authority::from_static("up.example"), 0),
             idle: Some(Duration::from_secs(60)),
         }
     }

@@ -469,14 +469,14 @@ impl LocalPool {
             .idle
             .borrow()
             .iter()
-            .filter(|(k, _)| k.authority == *authority)
+            .filter(|(k, _)| k.authority() == authority)
             .map(|(_, l)| l.len())
             .sum();
         let own: usize = self
             .own
             .borrow()
             .iter()
-            .filter(|(k, _)| k.authority == *authority)
+            .filter(|(k, _)| k.authority() == authority)
             .map(|(_, l)| l.len())
             .sum();
         hyper + own

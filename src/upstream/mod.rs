@@ -25,11 +25,56 @@ pub use crate::wire::Protocol;
 /// plain HTTP/1.1, a fingerprint of how the connection was made (scheme, protocol, TLS roots,
 /// SNI, client certificate). Two upstreams that reach one address with different TLS settings
 /// never share a connection; a config swap that keeps the settings keeps the connections.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Its hash is computed once, when the target is compiled: the pool looks a key up twice per
+/// request, and `Authority` hashes itself a byte at a time, lowercasing each.
+#[derive(Debug, Clone)]
 pub struct PoolKey {
-    pub authority: Authority,
+    authority: Authority,
     /// 0 for plain HTTP/1.1.
-    pub variant: u64,
+    variant: u64,
+    hash: u64,
+}
+
+impl PoolKey {
+    pub fn new(authority: Authority, variant: u64) -> PoolKey {
+        // FNV-1a over the lowercased authority, then the variant: equal keys (the authority
+        // compares without case) hash alike. The keys come from the config, not from clients.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = authority.as_str().bytes().map(|b| b.to_ascii_lowercase());
+        for b in bytes.chain(variant.to_le_bytes()) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        PoolKey {
+            authority,
+            variant,
+            hash,
+        }
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    pub fn variant(&self) -> u64 {
+        self.variant
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &PoolKey) -> bool {
+        self.hash == other.hash
+            && self.variant == other.variant
+            && self.authority == other.authority
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 /// One address an upstream can send requests to.
@@ -62,10 +107,7 @@ impl Target {
             url: url.to_owned(),
             scheme: Scheme::HTTP,
             connect_addr: authority.as_str().to_owned(),
-            pool_key: PoolKey {
-                authority: authority.clone(),
-                variant: 0,
-            },
+            pool_key: PoolKey::new(authority.clone(), 0),
             authority,
             weight,
             protocol: Protocol::Http1,
@@ -213,6 +255,27 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_keys_are_one_key_whatever_the_case_and_apart_by_variant() {
+        use std::hash::BuildHasher;
+        let hasher = foldhash::fast::RandomState::default();
+        let a = PoolKey::new(Authority::from_static("API.example:8080"), 0);
+        let b = PoolKey::new(Authority::from_static("api.example:8080"), 0);
+        assert_eq!(a, b);
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
+        let tls = PoolKey::new(Authority::from_static("api.example:8080"), 7);
+        assert_ne!(a, tls);
+        assert_ne!(
+            a,
+            PoolKey::new(Authority::from_static("api.example:8081"), 0)
+        );
+        let mut pool = crate::util::FastMap::default();
+        pool.insert(a, "plain");
+        pool.insert(tls, "tls");
+        assert_eq!(pool.get(&b), Some(&"plain"));
+        assert_eq!(pool.len(), 2);
+    }
 
     fn upstream(n: usize, outlier: Outlier, fail_open: bool) -> Upstream {
         let targets: Vec<Target> = (0..n)
