@@ -25,12 +25,13 @@
 mod abi;
 mod body;
 mod engine;
+mod headers;
 mod host;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -38,8 +39,9 @@ use prometheus::{IntCounterVec, Opts};
 
 pub use body::{BodyFilter, BodyStop};
 pub use engine::{CompileError, PAGE, is_cached};
+use headers::{Changed, Headers};
 pub use host::VmError;
-use host::{CallData, Props, Vm};
+use host::{CallData, Props, PropsOf, Vm};
 
 use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
@@ -165,8 +167,32 @@ struct Slot {
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// Hashes the address of a `PluginUse` (the instances' key) as it is: no SipHash per call.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(*b);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Allocations are 8-aligned: the low bits carry nothing; mixed so that the high bits
+        // hashbrown uses for its control bytes differ too.
+        self.0 = ((n >> 3) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Instances = HashMap<usize, Slot, std::hash::BuildHasherDefault<AddressHasher>>;
+
 thread_local! {
-    static INSTANCES: RefCell<HashMap<usize, Slot>> = RefCell::new(HashMap::new());
+    static INSTANCES: RefCell<Instances> = RefCell::new(Instances::default());
 }
 
 /// Runs `f` on this thread's instance of `u`: a new one when there is none (`generation`
@@ -245,9 +271,12 @@ pub struct PluginRun {
     active: Vec<Active>,
     /// The client's headers as the plugins got them, and as they left them (the same until a
     /// plugin changes them: each call shares them, and a change copies them).
-    original: Arc<abi::Pairs>,
-    headers: Arc<abi::Pairs>,
+    original: Arc<Headers>,
+    headers: Arc<Headers>,
     props: Arc<Props>,
+    /// The response headers as `on_response` left them (what the client gets), for the
+    /// response body's callbacks.
+    response: OnceLock<Arc<Headers>>,
     /// Set when the contexts are finished, for a request body still on its way.
     closed: Arc<AtomicBool>,
 }
@@ -290,36 +319,39 @@ pub fn on_request(
     client: &ClientHeaders,
 ) -> (PluginRun, Outcome) {
     let inc = info.incoming;
-    let path = match inc.query {
-        Some(q) => format!("{}?{q}", inc.path),
-        None => inc.path.to_owned(),
-    };
-    let mut headers: abi::Pairs = vec![
-        (":method".into(), inc.method.as_bytes().to_vec()),
-        (":path".into(), path.as_bytes().to_vec()),
-        (":authority".into(), inc.host.as_bytes().to_vec()),
-    ];
-    headers.extend(
-        client
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())),
+    let (n, bytes) = client
+        .iter()
+        .fold((3, 32), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
+    // Room for a plugin's usual edit or two.
+    let mut headers = Headers::with_capacity(
+        n + 2,
+        bytes + 64 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
     );
+    headers.push(":method", inc.method.as_bytes());
+    match inc.query {
+        Some(q) => headers.push_parts(":path", &[inc.path.as_bytes(), b"?", q.as_bytes()]),
+        None => headers.push(":path", inc.path.as_bytes()),
+    }
+    headers.push(":authority", inc.host.as_bytes());
+    for (n, v) in client.iter() {
+        headers.push(n, v);
+    }
     let headers = Arc::new(headers);
-    let props = Arc::new(Props {
-        method: inc.method.to_owned(),
-        path,
-        url_path: inc.path.to_owned(),
-        query: inc.query.unwrap_or("").to_owned(),
-        host: inc.host.to_owned(),
-        source_address: inc.client_ip.to_string(),
-        route: info.route.to_owned(),
-        config_sha: info.config_sha.to_owned(),
-    });
+    let props = Arc::new(Props::new(&PropsOf {
+        method: inc.method,
+        url_path: inc.path,
+        query: inc.query,
+        host: inc.host,
+        source: inc.client_ip,
+        route: info.route,
+        config_sha: info.config_sha,
+    }));
     let mut run = PluginRun {
         active: Vec::with_capacity(plugins.len()),
         original: Arc::clone(&headers),
         headers,
         props,
+        response: OnceLock::new(),
         closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
@@ -389,8 +421,7 @@ impl PluginRun {
         let readers = self
             .active
             .iter()
-            .filter(|a| a.plugin.plugin.reads_request_bodies())
-            .collect();
+            .filter(|a| a.plugin.plugin.reads_request_bodies());
         BodyFilter::new(self, true, readers, limit)
     }
 
@@ -414,19 +445,16 @@ impl PluginRun {
             .active
             .iter()
             .rev()
-            .filter(|a| a.plugin.plugin.reads_response_bodies())
-            .collect();
+            .filter(|a| a.plugin.plugin.reads_response_bodies());
         let Some(filter) = BodyFilter::new(&self, false, readers, limit) else {
             return Err(self);
         };
-        let mut pairs: abi::Pairs = Vec::with_capacity(headers.len() + 1);
-        pairs.push((":status".into(), status.to_string().into_bytes()));
-        pairs.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
-        );
-        Ok(filter.owning(self, pairs))
+        // The headers `on_response` left are these: shared, not built again.
+        let seen = match self.response.get() {
+            Some(h) => Arc::clone(h),
+            None => Arc::new(response_headers(status, headers)),
+        };
+        Ok(filter.owning(self, seen))
     }
 
     /// The request headers as the plugins left them, for the policy.
@@ -434,47 +462,14 @@ impl PluginRun {
         self.headers
             .iter()
             .filter(|(n, _)| !n.starts_with(':'))
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
             .collect()
     }
 
     /// Makes the plugins' header changes on the headers going upstream: headers they removed
-    /// are removed, headers whose values they changed or added are set to their values.
+    /// are removed, headers whose values they changed or added are set to their values. Only
+    /// the names they changed are looked at.
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
-        if Arc::ptr_eq(&self.headers, &self.original) || self.headers == self.original {
-            return;
-        }
-        let values = |pairs: &abi::Pairs, name: &str| -> Vec<Vec<u8>> {
-            pairs
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-                .collect()
-        };
-        let mut names: Vec<&str> = self
-            .original
-            .iter()
-            .chain(self.headers.iter())
-            .map(|(n, _)| n.as_str())
-            .filter(|n| !n.starts_with(':'))
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        for name in names {
-            let now = values(&self.headers, name);
-            if now == values(&self.original, name) {
-                continue;
-            }
-            let Ok(h) = HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            upstream.remove(&h);
-            for v in now {
-                if let Ok(v) = HeaderValue::from_bytes(&v) {
-                    upstream.append(h.clone(), v);
-                }
-            }
-        }
+        apply(&self.original, &self.headers, upstream);
     }
 
     /// Runs `on_response_headers` of each plugin, in reverse order, on the status and headers
@@ -483,15 +478,8 @@ impl PluginRun {
         if self.active.is_empty() {
             return Outcome::Continue;
         }
-        let mut pairs: abi::Pairs = Vec::with_capacity(headers.len() + 1);
-        pairs.push((":status".into(), status.to_string().into_bytes()));
-        pairs.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
-        );
-        let mut pairs = Arc::new(pairs);
-        let before = Arc::clone(&pairs);
+        let before = Arc::new(response_headers(status, headers));
+        let mut pairs = Arc::clone(&before);
         for a in self.active.iter().rev() {
             let data = CallData {
                 request: Some(Arc::clone(&self.headers)),
@@ -527,21 +515,66 @@ impl PluginRun {
                 }
             }
         }
-        // A plugin that changed nothing left the very same headers.
-        if !Arc::ptr_eq(&pairs, &before) && pairs != before {
-            drop(before);
-            let pairs = Arc::try_unwrap(pairs).unwrap_or_else(|shared| (*shared).clone());
-            headers.clear();
-            for (n, v) in pairs.into_iter().filter(|(n, _)| !n.starts_with(':')) {
-                if let (Ok(n), Ok(v)) = (
-                    HeaderName::from_bytes(n.as_bytes()),
-                    HeaderValue::from_bytes(&v),
-                ) {
-                    headers.append(n, v);
-                }
+        apply(&before, &pairs, headers);
+        let _ = self.response.set(pairs);
+        Outcome::Continue
+    }
+}
+
+/// The response headers a plugin sees: `:status`, then `headers` as the client would get them.
+fn response_headers(status: u16, headers: &HeaderMap) -> Headers {
+    let bytes = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum::<usize>();
+    // Room for a plugin's usual edit or two.
+    let mut out = Headers::with_capacity(headers.len() + 3, bytes + 64);
+    if (100..1000).contains(&status) {
+        let digit = |d: u16| b'0' + (d % 10) as u8;
+        out.push(
+            ":status",
+            &[digit(status / 100), digit(status / 10), digit(status)],
+        );
+    } else {
+        out.push(":status", status.to_string().as_bytes());
+    }
+    for (n, v) in headers {
+        out.push(n.as_str(), v.as_bytes());
+    }
+    out
+}
+
+/// Makes on `target` the changes that turned `before` into `now`: each name the plugins changed
+/// gets its values in `now` (none: removed), unless they are the values it had in `before`.
+fn apply(before: &Headers, now: &Headers, target: &mut HeaderMap) {
+    let mut set = |name: &str| {
+        if now.values(name).eq(before.values(name)) {
+            return;
+        }
+        let Some(h) = crate::proxy::headers::header_name(name) else {
+            return;
+        };
+        target.remove(&h);
+        for v in now.values(name) {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                target.append(h.clone(), v);
             }
         }
-        Outcome::Continue
+    };
+    match now.changed() {
+        Changed::None => {}
+        Changed::Names(names) => names.iter().for_each(|n| set(n)),
+        Changed::All => {
+            let mut every: Vec<&str> = before
+                .iter()
+                .chain(now.iter())
+                .map(|(n, _)| n)
+                .filter(|n| !n.starts_with(':'))
+                .collect();
+            every.sort_unstable();
+            every.dedup();
+            every.into_iter().for_each(set);
+        }
     }
 }
 
@@ -559,7 +592,7 @@ impl Drop for PluginRun {
             if let Err(e) = with_vm(&a.plugin, Some(a.generation), |vm| vm.finish(a.ctx, data))
                 && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
             {
-                failed(&a.plugin, &self.props.route, "on_log", &e);
+                failed(&a.plugin, self.props.route(), "on_log", &e);
             }
         }
     }
