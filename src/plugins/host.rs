@@ -28,8 +28,8 @@ pub(crate) struct CallData {
     /// Response headers, `:status` first.
     pub response: Option<Arc<Headers>>,
     pub response_writable: bool,
-    /// Set by `proxy_send_local_response`.
-    pub local: Option<LocalResponse>,
+    /// Set by `proxy_send_local_response` (boxed: rare, and this moves in and out of calls).
+    pub local: Option<Box<LocalResponse>>,
     pub props: Option<Arc<Props>>,
     /// The body buffer of a body callback.
     pub body: Option<BodyView>,
@@ -941,11 +941,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             {
                 return status::BAD_ARGUMENT;
             }
-            call.local = Some(LocalResponse {
+            call.local = Some(Box::new(LocalResponse {
                 status: code as u16,
                 headers,
                 body,
-            });
+            }));
             status::OK
         }),
     );

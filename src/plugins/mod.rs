@@ -396,7 +396,8 @@ pub fn on_request(
     (run, Outcome::Continue)
 }
 
-fn local_response(l: host::LocalResponse) -> StaticResponse {
+fn local_response(l: Box<host::LocalResponse>) -> StaticResponse {
+    let l = *l;
     StaticResponse {
         status: l.status,
         headers: l
