@@ -163,7 +163,7 @@ impl BodyFilter {
                 }),
                 ..CallData::default()
             };
-            let called = with_vm(&stage.plugin, Some(stage.generation), |vm| {
+            let called = with_vm(&stage.plugin, Some((stage.generation, stage.ctx)), |vm| {
                 let (data, action) = vm.on_body(self.request, stage.ctx, call, end);
                 let action = action?;
                 if data.local.is_none() && action != abi::ACTION_CONTINUE && end {
@@ -175,7 +175,7 @@ impl BodyFilter {
                 Ok((data, action))
             });
             match called {
-                Ok(((mut out, action), _)) => {
+                Ok(((mut out, action), _, _)) => {
                     if let Some(local) = out.local.take() {
                         return Err(BodyStop::Respond(local_response(local)));
                     }

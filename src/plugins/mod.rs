@@ -15,8 +15,10 @@
 //! plugins do not read bodies streams them exactly as a route without plugins.
 //!
 //! Every call into a plugin gets a fresh instruction budget (`max_instructions`); its memory
-//! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use, and
-//! are dropped after any failure, so the next request gets a fresh one. A failing plugin
+//! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use. After
+//! any failure the next request gets a fresh one; the other requests with contexts in the
+//! failed instance go on in it until they end (a context whose call failed is not called
+//! again), so one request's trap does not fail its neighbours. A failing plugin
 //! answers 500 (`fail_closed`, the default) or is skipped (`fail_open`); both are logged and
 //! counted in `rustygate_plugin_errors_total{plugin,reason}`.
 //!
@@ -163,7 +165,22 @@ struct Slot {
     owner: Weak<PluginUse>,
     vm: Vm,
     generation: u64,
+    /// Held by each request with a context in this instance (`Active::lease`).
+    lease: Arc<()>,
 }
+
+/// An instance that failed while other requests had contexts in it: kept for them (their
+/// contexts finish, or fail by their own calls), never given to a new request.
+struct Retired {
+    key: usize,
+    slot: Slot,
+    /// Contexts whose call failed: not called again.
+    failed: Vec<i32>,
+}
+
+/// Failed instances a worker keeps at most for the requests still in them; past this the
+/// oldest goes (its requests' next calls fail as `refused`). Each may hold `max_memory`.
+const MAX_RETIRED_PER_THREAD: usize = 8;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -191,58 +208,107 @@ impl std::hash::Hasher for AddressHasher {
 
 type Instances = HashMap<usize, Slot, std::hash::BuildHasherDefault<AddressHasher>>;
 
-thread_local! {
-    static INSTANCES: RefCell<Instances> = RefCell::new(Instances::default());
+#[derive(Default)]
+struct Worker {
+    current: Instances,
+    retired: Vec<Retired>,
 }
 
-/// Runs `f` on this thread's instance of `u`: a new one when there is none (`generation`
-/// `None`), or only the one of that generation. An instance that fails is dropped.
+thread_local! {
+    static INSTANCES: RefCell<Worker> = RefCell::new(Worker::default());
+}
+
+/// What a call into an instance gives back besides its result: the instance's generation and
+/// a lease on it for the request's context.
+type Called<R> = Result<(R, u64, Arc<()>), VmError>;
+
+/// Runs `f` on this thread's instance of `u`: for a new request (`at` `None`) the current one,
+/// made when there is none; for a context (`at`: generation and context id) the instance that
+/// context lives in, current or retired. An instance that fails is no longer given to new
+/// requests; it is kept (retired) while other requests have contexts in it.
 fn with_vm<R>(
     u: &Arc<PluginUse>,
-    generation: Option<u64>,
+    at: Option<(u64, i32)>,
     f: impl FnOnce(&mut Vm) -> Result<R, VmError>,
-) -> Result<(R, u64), VmError> {
+) -> Called<R> {
     let key = Arc::as_ptr(u) as usize;
     INSTANCES.with(|cell| {
-        let mut map = cell.borrow_mut();
-        let live = map
+        let mut worker = cell.borrow_mut();
+        let Worker { current, retired } = &mut *worker;
+        if !retired.is_empty() {
+            retired.retain(|r| Arc::strong_count(&r.slot.lease) > 1);
+        }
+        // The slot's `Weak` keeps its `PluginUse`'s allocation: no other one can be at the
+        // same address while it exists, so the same address is the same plugin use.
+        let live = current
             .get(&key)
-            .is_some_and(|s| s.owner.upgrade().is_some_and(|o| Arc::ptr_eq(&o, u)));
-        if !live {
-            map.remove(&key);
-            if generation.is_some() {
-                return Err(VmError::Refused("the instance was replaced".into()));
+            .is_some_and(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)));
+        if let Some((generation, ctx)) = at
+            && !(live
+                && current
+                    .get(&key)
+                    .is_some_and(|s| s.generation == generation))
+        {
+            let replaced = || VmError::Refused("the instance was replaced".into());
+            let Some(r) = retired
+                .iter_mut()
+                .find(|r| r.key == key && r.slot.generation == generation)
+            else {
+                return Err(replaced());
+            };
+            if r.failed.contains(&ctx) {
+                return Err(replaced());
             }
+            return match f(&mut r.slot.vm) {
+                Ok(out) => Ok((out, generation, Arc::clone(&r.slot.lease))),
+                Err(e) => {
+                    r.failed.push(ctx);
+                    Err(e)
+                }
+            };
+        }
+        if !live {
+            current.remove(&key);
             // Instances of plugin uses no snapshot holds any more (an earlier config) go now:
             // a worker never keeps one per reload.
-            map.retain(|_, s| s.owner.strong_count() > 0);
-            if map.len() >= MAX_INSTANCES_PER_THREAD
-                && let Some(k) = map.keys().next().copied()
+            current.retain(|_, s| s.owner.strong_count() > 0);
+            if current.len() >= MAX_INSTANCES_PER_THREAD
+                && let Some(k) = current.keys().next().copied()
             {
-                map.remove(&k);
+                current.remove(&k);
             }
             let vm = Vm::new(u)?;
-            map.insert(
+            current.insert(
                 key,
                 Slot {
                     owner: Arc::downgrade(u),
                     vm,
                     generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                    lease: Arc::new(()),
                 },
             );
         }
-        let Some(slot) = map.get_mut(&key) else {
+        let Some(slot) = current.get_mut(&key) else {
             return Err(VmError::Refused("no instance".into()));
         };
-        if generation.is_some_and(|g| g != slot.generation) {
-            return Err(VmError::Refused("the instance was replaced".into()));
-        }
         let g = slot.generation;
         match f(&mut slot.vm) {
-            Ok(r) => Ok((r, g)),
+            Ok(r) => Ok((r, g, Arc::clone(&slot.lease))),
             Err(e) => {
-                // A trapped instance may be in any state: the next request gets a new one.
-                map.remove(&key);
+                // A trapped instance may be in any state: the next request gets a new one;
+                // requests with contexts in it keep it until they end.
+                if let Some(slot) = current.remove(&key)
+                    && Arc::strong_count(&slot.lease) > 1
+                {
+                    if retired.len() >= MAX_RETIRED_PER_THREAD {
+                        retired.remove(0);
+                    }
+                    retired.push(Retired {
+                        key,
+                        slot,
+                        failed: at.map(|(_, ctx)| ctx).into_iter().collect(),
+                    });
+                }
                 Err(e)
             }
         }
@@ -264,6 +330,8 @@ struct Active {
     plugin: Arc<PluginUse>,
     generation: u64,
     ctx: i32,
+    /// Keeps the instance the context lives in, should it fail for another request.
+    _lease: Arc<()>,
 }
 
 /// The plugins of one request: their contexts, and the request headers as they left them.
@@ -373,11 +441,12 @@ pub fn on_request(
             Ok((ctx, data))
         });
         match called {
-            Ok(((ctx, data), generation)) => {
+            Ok(((ctx, data), generation, lease)) => {
                 run.active.push(Active {
                     plugin: Arc::clone(u),
                     generation,
                     ctx,
+                    _lease: lease,
                 });
                 if let Some(h) = data.request {
                     run.headers = h;
@@ -489,7 +558,7 @@ impl PluginRun {
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
             };
-            let called = with_vm(&a.plugin, Some(a.generation), |vm| {
+            let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
                 let (data, action) = vm.on_headers(false, a.ctx, data);
                 let action = action?;
                 if data.local.is_none() && action != abi::ACTION_CONTINUE {
@@ -501,7 +570,7 @@ impl PluginRun {
                 Ok(data)
             });
             match called {
-                Ok((data, _)) => {
+                Ok((data, _, _)) => {
                     if let Some(local) = data.local {
                         return Outcome::Respond(local_response(local));
                     }
@@ -590,8 +659,9 @@ impl Drop for PluginRun {
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
             };
-            if let Err(e) = with_vm(&a.plugin, Some(a.generation), |vm| vm.finish(a.ctx, data))
-                && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
+            if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
+                vm.finish(a.ctx, data)
+            }) && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
             {
                 failed(&a.plugin, self.props.route(), "on_log", &e);
             }
