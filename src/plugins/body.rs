@@ -177,7 +177,7 @@ impl BodyFilter {
             match called {
                 Ok(((mut out, action), _, _)) => {
                     if let Some(local) = out.local.take() {
-                        return Err(BodyStop::Respond(local_response(local)));
+                        return Err(BodyStop::Respond(local_response(*local)));
                     }
                     // The plugin's version when it changed the body; otherwise the same bytes
                     // (and the only reference to them, so holding them again copies nothing).

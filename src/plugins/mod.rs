@@ -195,7 +195,7 @@ impl std::hash::Hasher for AddressHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(*b);
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
 
@@ -452,7 +452,7 @@ pub fn on_request(
                     run.headers = h;
                 }
                 if let Some(local) = data.local {
-                    return (run, Outcome::Respond(local_response(local)));
+                    return (run, Outcome::Respond(local_response(*local)));
                 }
             }
             Err(e) => {
@@ -465,8 +465,7 @@ pub fn on_request(
     (run, Outcome::Continue)
 }
 
-fn local_response(l: Box<host::LocalResponse>) -> StaticResponse {
-    let l = *l;
+fn local_response(l: host::LocalResponse) -> StaticResponse {
     StaticResponse {
         status: l.status,
         headers: l
@@ -572,7 +571,7 @@ impl PluginRun {
             match called {
                 Ok((data, _, _)) => {
                     if let Some(local) = data.local {
-                        return Outcome::Respond(local_response(local));
+                        return Outcome::Respond(local_response(*local));
                     }
                     if let Some(r) = data.response {
                         pairs = r;
