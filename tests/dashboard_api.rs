@@ -1,6 +1,7 @@
 //! The dashboard's JSON API and page on the admin listener (issue #20): who may read them, what
-//! they say about routes, upstreams, reloads and traffic, and "which route would serve this
-//! request?" with hostile input. Real gateways on loopback, a real backend, a real git repo.
+//! they say about routes, upstreams (latency over the last window), reloads, traffic and the
+//! fleet of replicas, and "which route would serve this request?" with hostile input. Real
+//! gateways on loopback, a real backend, a real git repo, a real redis-server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,9 +9,13 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Backend, Gateway, GatewayProcess, as_refs, commit_files, dead_port, wait_until};
+use common::redis_server::RedisServer;
+use common::{
+    Backend, Gateway, GatewayProcess, as_refs, commit_files, dead_port, full, wait_until,
+};
 use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::server::{Control, ServeOptions};
 use rustygate::snapshot::SnapshotStore;
@@ -75,8 +80,19 @@ fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
 
-/// A gateway in-process with `control`, its admin listener on `admin`.
+/// A gateway in-process with `control`, its admin listener on `admin`, the traffic ring
+/// sampled every 200 ms.
 fn gateway(files: &[(&str, &str)], control: Control, admin: &str) -> (Gateway, String) {
+    sampled(files, control, admin, Duration::from_millis(200))
+}
+
+/// [`gateway`], the traffic ring sampled `every` (its window is 180 samples).
+fn sampled(
+    files: &[(&str, &str)],
+    control: Control,
+    admin: &str,
+    every: Duration,
+) -> (Gateway, String) {
     let dir = common::repo(files);
     let compiled = compile_dir(
         dir.path(),
@@ -94,7 +110,7 @@ fn gateway(files: &[(&str, &str)], control: Control, admin: &str) -> (Gateway, S
     let opts = ServeOptions {
         workers: 1,
         admin_listen: admin.parse().unwrap(),
-        traffic_sample_every: Duration::from_millis(200),
+        traffic_sample_every: every,
         ..ServeOptions::default()
     };
     let mut gw = Gateway::serve_with(
@@ -167,7 +183,12 @@ fn with_a_token_the_api_needs_it_and_failures_are_limited_per_address() {
     assert_eq!(st["routes"], 1);
     assert_eq!(st["gateway_version"], env!("CARGO_PKG_VERSION"));
     assert!(st["uptime_seconds"].as_u64().is_some());
-    for path in ["/api/v1/upstreams", "/api/v1/reloads", "/api/v1/traffic"] {
+    for path in [
+        "/api/v1/upstreams",
+        "/api/v1/reloads",
+        "/api/v1/traffic",
+        "/api/v1/fleet",
+    ] {
         assert_eq!(get(path, None).status, 401, "{path}");
         assert_eq!(get(path, Some(&bearer())).status, 200, "{path}");
     }
@@ -242,6 +263,24 @@ fn without_a_token_the_api_answers_only_on_loopback_and_for_loopback_names() {
         );
     }
     assert_eq!(call(&admin, &admin, "GET", "/ui/", &[], b"").status, 200);
+
+    // No shared store: one replica on its own, said plainly, not an error.
+    let f = call(&admin, &admin, "GET", "/api/v1/fleet", &[], b"");
+    assert_eq!(f.status, 200, "{}", f.body);
+    let f = f.json();
+    assert_eq!(f["state"], "single", "{f}");
+    assert_eq!(f["replica"], Value::Null);
+    assert!(
+        f["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("single replica: this gateway has no [rate_limit_store]"),
+        "{f}"
+    );
+    assert_eq!(
+        (f["replicas"].clone(), f["error"].clone()),
+        (json!([]), Value::Null)
+    );
 
     // Bound to every address, with no token: disabled, and it says how to enable it.
     let (_open, admin) = gateway(&files, Control::default(), "0.0.0.0:0");
@@ -357,6 +396,10 @@ fn routes_upstreams_and_traffic_describe_what_is_served() {
     assert_eq!(orders["targets"][0]["in_flight"], 0);
     assert_eq!(orders["latency"]["requests"], 3);
     assert!(orders["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        orders["latency"]["window_seconds"], 36.0,
+        "180 samples of 200 ms"
+    );
     let dead_target = &upstream("dead")["targets"][0];
     assert_eq!(dead_target["passive_health"], "ejected", "{dead_target}");
     assert_eq!(dead_target["available"], false);
@@ -556,6 +599,11 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
         assert_eq!(r.status, 200, "{path}: {}", r.body);
         r.json()
     };
+    // The binary always has a fleet; without [rate_limit_store] it is a single replica.
+    let f = get("/api/v1/fleet");
+    assert_eq!(f["state"], "single", "{f}");
+    assert!(f["replica"].is_string(), "{f}");
+    assert_eq!(f["replicas"], json!([]));
     let h = get("/api/v1/reloads");
     assert_eq!(h["capacity"], 50);
     assert_eq!(h["reloads"][0]["trigger"], "startup");
@@ -625,4 +673,256 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
     );
     assert!(last["duration_ms"].as_u64().is_some());
     assert_eq!(h["reloads"].as_array().unwrap().len(), 2);
+}
+
+/// An upstream whose answers take `delay` milliseconds (changeable while it runs).
+fn slow_backend(delay: Arc<AtomicU64>) -> Backend {
+    Backend::start(move |_req| {
+        let ms = delay.load(Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            hyper::Response::new(full("ok"))
+        }
+    })
+}
+
+#[test]
+fn upstream_latency_covers_the_last_window_not_the_time_since_start() {
+    let delay = Arc::new(AtomicU64::new(600));
+    let backend = slow_backend(Arc::clone(&delay));
+    let files = common::proxy_all(&backend.url(), "");
+    // Sampled every 100 ms: the window is 180 samples, 18 s.
+    let (gw, admin) = sampled(
+        &as_refs(&files),
+        Control::default(),
+        "127.0.0.1:0",
+        Duration::from_millis(100),
+    );
+    let latency = || {
+        let u = call(&admin, &admin, "GET", "/api/v1/upstreams", &[], b"").json();
+        u["upstreams"][0]["latency"].clone()
+    };
+    let proxy = gw.addr.to_string();
+    let send = |n: usize| {
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let proxy = proxy.clone();
+                std::thread::spawn(move || call(&proxy, "x", "GET", "/", &[], b"").status)
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 200);
+        }
+    };
+
+    // Three answers of 600 ms: p50 in the histogram's (500 ms, 1 s] bucket.
+    send(3);
+    let slow = latency();
+    assert_eq!(slow["requests"], 3, "{slow}");
+    assert!(slow["p50_ms"].as_f64().unwrap() > 500.0, "{slow}");
+    assert_eq!(slow["window_seconds"], 18.0, "{slow}");
+    assert!(slow["since"].is_string(), "{slow}");
+
+    // Once their samples have left the window, they count no more.
+    let mut seen = Value::Null;
+    let gone = wait_until(Duration::from_secs(60), || {
+        seen = latency();
+        seen["requests"] == 0
+    });
+    assert!(gone, "the slow requests never left the window: {seen}");
+    assert_eq!(
+        (seen["p50_ms"].clone(), seen["p99_ms"].clone()),
+        (Value::Null, Value::Null)
+    );
+
+    // Fast answers now: the quantiles are theirs alone (since the start, 3 of 8 would be slow
+    // and p99 above 500 ms).
+    delay.store(0, Ordering::SeqCst);
+    send(5);
+    let fast = latency();
+    assert_eq!(fast["requests"], 5, "{fast}");
+    assert!(fast["p99_ms"].as_f64().unwrap() < 500.0, "{fast}");
+    assert_ne!(fast["since"], slow["since"], "the window moved on: {fast}");
+}
+
+// ---- the fleet: real `rustygate serve` replicas sharing one redis-server ----
+
+/// Two replicas, `a` and `b`, of one bare repository (`--poll 0`), sharing `redis`.
+fn two_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
+    let caches: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let gws = ["a", "b"]
+        .iter()
+        .zip(&caches)
+        .map(|(id, cache)| {
+            GatewayProcess::start(
+                &[
+                    "--repo",
+                    url,
+                    "--poll",
+                    "0",
+                    "--replica-id",
+                    id,
+                    "--cache-dir",
+                    cache.path().to_str().unwrap(),
+                ],
+                &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+            )
+        })
+        .collect();
+    (gws, caches)
+}
+
+fn fleet_files(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "gateway.toml",
+            format!("[rate_limit_store]\nurl = \"{}\"\n", redis.url()),
+        ),
+        (
+            "routes/main.toml",
+            format!(
+                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+            ),
+        ),
+    ]
+}
+
+/// `GET path` on a replica's admin listener with the token: the JSON of a 200.
+fn admin_get(gw: &GatewayProcess, path: &str) -> Value {
+    let auth = bearer();
+    let r = call(
+        &gw.admin,
+        &gw.admin,
+        "GET",
+        path,
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    r.json()
+}
+
+#[test]
+fn the_fleet_agrees_then_says_who_serves_which_commit_and_survives_a_stalled_or_dead_store() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let v1 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v1")), "v1").to_string();
+    let (gws, _caches) = two_replicas(&url);
+    let fleet = |gw: &GatewayProcess| admin_get(gw, "/api/v1/fleet");
+
+    let mut f = Value::Null;
+    let both = wait_until(Duration::from_secs(20), || {
+        f = fleet(&gws[0]);
+        f["replicas"].as_array().is_some_and(|r| r.len() == 2)
+    });
+    assert!(both, "{f}");
+    assert_eq!(f["state"], "ok", "{f}");
+    assert_eq!(f["agree"], true, "{f}");
+    assert_eq!(f["replica"], "a");
+    assert_eq!(f["verdict"], format!("all 2 replicas serve {}", &v1[..12]));
+    assert_eq!(f["commits"], json!([{ "sha": v1, "replicas": ["a", "b"] }]));
+    for (r, (name, this)) in f["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([("a", true), ("b", false)])
+    {
+        assert_eq!(
+            (
+                r["replica"].clone(),
+                r["this"].clone(),
+                r["applied"].clone(),
+                r["ok"].clone()
+            ),
+            (json!(name), json!(this), json!(v1), json!(true)),
+            "{r}"
+        );
+        // Both wrote their entry moments ago: a heartbeat, not stale.
+        assert!(r["heartbeat_age_ms"].is_u64(), "{r}");
+        assert_eq!(r["stale"], false, "{r}");
+    }
+
+    // A new commit, applied by `a` only (polling is off, no webhook): they disagree, and `b`
+    // says which replica serves which commit.
+    let v2 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v2")), "v2").to_string();
+    let auth = bearer();
+    assert_eq!(
+        gws[0]
+            .admin_post("/admin/reload", &[("Authorization", &auth)], b"")
+            .0,
+        202
+    );
+    let split = wait_until(Duration::from_secs(20), || {
+        f = fleet(&gws[1]);
+        f["agree"] == false
+    });
+    assert!(split, "{f}");
+    assert_eq!(f["state"], "ok", "{f}");
+    assert_eq!(f["replica"], "b");
+    let verdict = f["verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("replicas disagree: "), "{verdict}");
+    assert!(
+        verdict.contains(&format!("1 on {} (a)", &v2[..12])),
+        "{verdict}"
+    );
+    assert!(
+        verdict.contains(&format!("1 on {} (b)", &v1[..12])),
+        "{verdict}"
+    );
+    let commits = f["commits"].as_array().unwrap();
+    assert!(
+        commits.contains(&json!({ "sha": v2, "replicas": ["a"] })),
+        "{f}"
+    );
+    assert!(
+        commits.contains(&json!({ "sha": v1, "replicas": ["b"] })),
+        "{f}"
+    );
+
+    // Redis stalls (SIGSTOP: the port is open, nothing answers). The fleet view answers with
+    // the error within its bound (a hung call would leave this read with nothing), and the
+    // rest of the status is intact.
+    redis.signal("STOP");
+    let stalled = fleet(&gws[0]);
+    assert_eq!(stalled["state"], "error", "{stalled}");
+    assert_eq!(
+        stalled["verdict"],
+        "unknown: the shared store did not answer"
+    );
+    let error = stalled["error"].as_str().unwrap();
+    // Redis answered everything before the stop: this first call waited its whole bound.
+    assert_eq!(
+        error,
+        format!(
+            "the shared store {} did not answer: no answer within 2s",
+            redis.url()
+        )
+    );
+    assert_eq!(stalled["timeout_ms"], 2000);
+    assert_eq!(stalled["replicas"], json!([]));
+    let st = admin_get(&gws[0], "/api/v1/status");
+    assert_eq!(st["applied"]["sha"], v2.as_str(), "{st}");
+    assert_eq!(st["routes"], 1);
+    assert_eq!(gws[0].get("/").unwrap(), (200, "v2".to_owned()));
+
+    // Redis killed: the same, from the other replica.
+    redis.signal("CONT");
+    let store = redis.url();
+    drop(redis);
+    let dead = fleet(&gws[1]);
+    assert_eq!(dead["state"], "error", "{dead}");
+    assert!(
+        dead["error"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("the shared store {store} did not answer: ")),
+        "{dead}"
+    );
+    let st = admin_get(&gws[1], "/api/v1/status");
+    assert_eq!(st["applied"]["sha"], v1.as_str(), "{st}");
+    assert_eq!(gws[1].get("/").unwrap(), (200, "v1".to_owned()));
 }

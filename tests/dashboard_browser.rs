@@ -2,14 +2,17 @@
 //! `chromium-driver`) driven over WebDriver by `fantoccini`, against the real `rustygate serve`
 //! binary following a real git repository (`file://`).
 //!
-//! One session walks the page as an operator would: token prompt, applied commit, routes table
-//! and its filter, "which route would serve this request?", upstreams, traffic charts, then a
-//! broken commit pushed and reloaded, whose diagnostic (file:line:col and the line) must appear.
+//! One session walks the page as an operator would: token prompt, applied commit, the fleet of
+//! two replicas sharing a real redis-server, routes table and its filter, "which route would
+//! serve this request?", upstreams, traffic charts, then a broken commit pushed and reloaded,
+//! whose diagnostic (file:line:col and the line) must appear, and the store killed, which the
+//! fleet panel must say while the rest of the overview stays.
 //! Screenshots of each step go to a temp dir (paths printed). At the end, Chromium's own network
 //! log and the page's resource timing entries must name no host but the admin listener.
 //!
 //! Without Chromium the test is skipped, loudly, unless `CI` is set: CI must run it
-//! (`.ci/run` installs the packages).
+//! (`.ci/run` installs the packages). Without `redis-server` (outside CI) it runs with one
+//! replica and no store, and checks that the fleet panel says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -19,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis_server::RedisServer;
 use common::{Backend, GatewayProcess, as_refs, commit_files, dead_port, wait_until};
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -251,7 +255,9 @@ async fn wait_for(c: &Client, shots: &mut Shots, what: &str, script: &str) -> Va
     );
 }
 
-fn config(backend: &str, broken: bool) -> Vec<(&'static str, String)> {
+/// The config repo: six routes (one more, to a missing upstream, when `broken`), with `store`
+/// (a Redis URL) as `[rate_limit_store]`.
+fn config(backend: &str, broken: bool, store: Option<&str>) -> Vec<(&'static str, String)> {
     let mut routes = String::from(
         "[[route]]\nname = \"orders\"\nhost = \"api.example.com\"\nprefix = \"/orders\"\n\
          methods = [\"GET\", \"POST\"]\nupstream = \"orders\"\nstrip_prefix = \"/orders\"\n",
@@ -269,7 +275,7 @@ fn config(backend: &str, broken: bool) -> Vec<(&'static str, String)> {
             "\n[[route]]\nname = \"reports\"\nprefix = \"/reports\"\nupstream = \"order\"\n",
         );
     }
-    vec![
+    let mut files = vec![
         ("routes/main.toml", routes),
         (
             "upstreams/all.toml",
@@ -278,7 +284,14 @@ fn config(backend: &str, broken: bool) -> Vec<(&'static str, String)> {
                  [upstream.accounts]\ntargets = [\"{backend}\"]\n"
             ),
         ),
-    ]
+    ];
+    if let Some(url) = store {
+        files.push((
+            "gateway.toml",
+            format!("[rate_limit_store]\nurl = \"{url}\"\n"),
+        ));
+    }
+    files
 }
 
 /// `GET path` on `addr` with `Host: host` (chromedriver refuses other names than its own, the
@@ -310,28 +323,39 @@ async fn the_dashboard_in_headless_chromium() {
     };
     let started = Instant::now();
     let backend = Backend::fixed(200, "order");
+    // Outside CI, without redis-server: one replica, no store (the panel says so).
+    let mut redis = RedisServer::start();
+    let store = redis.as_ref().map(RedisServer::url);
     let repo_dir = tempfile::tempdir().unwrap();
     let repo = git2::Repository::init_bare(repo_dir.path()).unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    let cache = tempfile::tempdir().unwrap();
     let v1 = commit_files(
         &repo,
         "main",
-        &as_refs(&config(&backend.url(), false)),
+        &as_refs(&config(&backend.url(), false, store.as_deref())),
         "Route orders and users to the orders service",
     )
     .to_string();
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-            "--poll",
-            "0",
-        ],
-        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
-    );
+    let replica = |id: &str, cache: &Path| {
+        GatewayProcess::start(
+            &[
+                "--repo",
+                &url,
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--poll",
+                "0",
+                "--replica-id",
+                id,
+            ],
+            &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+        )
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let gw = replica("gw-a", cache.path());
+    // The second replica of the fleet, on the same repository and store.
+    let other_cache = tempfile::tempdir().unwrap();
+    let _other = redis.is_some().then(|| replica("gw-b", other_cache.path()));
     for _ in 0..5 {
         assert_eq!(get(&gw.listen, "api.example.com", "/orders/7").0, 200);
     }
@@ -427,6 +451,53 @@ async fn the_dashboard_in_headless_chromium() {
         )
         .await;
         assert!(reloads.as_str().unwrap().contains("startup"), "{reloads}");
+        // The fleet: both replicas on the applied commit, or, without a store, one replica.
+        if store.is_some() {
+            let verdict = wait_for(
+                &c,
+                &mut shots,
+                "two replicas in the fleet panel",
+                "const v = document.getElementById('fleet-verdict'); \
+                 return document.querySelectorAll('#fleet tr.fleet-row').length === 2 && v.textContent",
+            )
+            .await;
+            assert_eq!(verdict, json!(format!("all 2 replicas serve {}", &v1[..12])));
+            let rows = text_of(&c, Locator::Id("fleet")).await;
+            assert!(
+                rows.contains("gw-a (this one)") && rows.contains("gw-b"),
+                "{rows}"
+            );
+            assert_eq!(
+                rows.matches(&v1[..12]).count(),
+                4,
+                "applied and attempted, for each replica: {rows}"
+            );
+            let class = c
+                .find(Locator::Id("fleet-verdict"))
+                .await
+                .unwrap()
+                .attr("class")
+                .await
+                .unwrap();
+            assert_eq!(class.as_deref(), Some("ok"));
+        } else {
+            let verdict = wait_for(
+                &c,
+                &mut shots,
+                "the single-replica fleet panel",
+                "const v = document.getElementById('fleet-verdict'); \
+                 return v.dataset.state === 'single' && v.textContent",
+            )
+            .await;
+            assert!(
+                verdict.as_str().unwrap().starts_with("single replica: "),
+                "{verdict}"
+            );
+            assert!(
+                !c.find(Locator::Id("fleet")).await.unwrap().is_displayed().await.unwrap(),
+                "no replicas listed for a single replica"
+            );
+        }
         shots.take(&c, "overview").await;
 
         // 2. The routes table, filtered.
@@ -526,7 +597,10 @@ async fn the_dashboard_in_headless_chromium() {
             "{target}"
         );
         let latency = text_of(&c, Locator::Css(".upstream[data-name=orders] dl")).await;
-        assert!(latency.contains("5 requests since start"), "{latency}");
+        assert!(
+            latency.contains("5 requests in the last 15 min"),
+            "{latency}"
+        );
         shots.take(&c, "upstreams").await;
         c.find(Locator::Css("#tabs button[data-view=traffic]"))
             .await
@@ -547,7 +621,7 @@ async fn the_dashboard_in_headless_chromium() {
         let bad = commit_files(
             &repo,
             "main",
-            &as_refs(&config(&backend.url(), true)),
+            &as_refs(&config(&backend.url(), true, store.as_deref())),
             "Add reports",
         )
         .to_string();
@@ -607,7 +681,37 @@ async fn the_dashboard_in_headless_chromium() {
             println!("screenshot copied to {}", Path::new(&to).display());
         }
 
-        // 7. Nothing but the admin listener was asked for anything, and the console has no error
+        // 7. The store killed: the fleet panel says it did not answer; the rest stays.
+        if let Some(server) = redis.take() {
+            drop(server);
+            let down = wait_for(
+                &c,
+                &mut shots,
+                "the fleet panel's error",
+                "const v = document.getElementById('fleet-verdict'); \
+                 return v.dataset.state === 'error' && v.textContent",
+            )
+            .await;
+            let down = down.as_str().unwrap();
+            assert!(
+                down.starts_with(&format!(
+                    "the shared store {} did not answer: ",
+                    store.as_deref().unwrap()
+                )),
+                "{down}"
+            );
+            assert!(
+                !c.find(Locator::Id("fleet")).await.unwrap().is_displayed().await.unwrap(),
+                "no replicas listed without the store"
+            );
+            let applied = text_of(&c, Locator::Id("applied")).await;
+            assert!(applied.contains(&v1[..12]), "{applied}");
+            let history = text_of(&c, Locator::Css("#reloads tbody tr")).await;
+            assert!(history.contains(&bad[..12]), "{history}");
+            shots.take(&c, "store-down").await;
+        }
+
+        // 8. Nothing but the admin listener was asked for anything, and the console has no error
         // but the API's own refusals (the 401 before the token, the 400 of the refused URL): no
         // script error, no CSP violation (a blocked load never reaches the network log).
         let urls = requested_urls(&c).await;

@@ -10,114 +10,12 @@
 mod common;
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::redis_server::RedisServer;
 use common::*;
 use hmac::{Hmac, Mac};
-
-/// A `redis-server` of this test, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// A fresh server, or `None` (test skipped) when there is no `redis-server` outside CI.
-    fn start() -> Option<RedisServer> {
-        RedisServer::installed().then(|| RedisServer::start_on(dead_port(), &[]))
-    }
-
-    /// Whether `redis-server` can be run; outside CI a missing one is reported loudly.
-    fn installed() -> bool {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "redis-server is not installed; CI must run these tests (.ci/run installs it)"
-                );
-            }
-            eprintln!(
-                "\n!!!!!!!! SKIPPED: redis-server is not installed; the scale-out tests need it (apt-get install redis-server) !!!!!!!!\n"
-            );
-            return false;
-        }
-        true
-    }
-
-    fn start_on(port: u16, extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.path().to_str().unwrap()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        assert!(
-            wait_until(Duration::from_secs(10), || server
-                .try_conn()
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
-                .is_some()),
-            "redis-server did not come up on port {port}"
-        );
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn try_conn(&self) -> Option<redis::Connection> {
-        redis::Client::open(self.url())
-            .ok()?
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .ok()
-    }
-
-    fn conn(&self) -> redis::Connection {
-        self.try_conn().expect("connected to redis-server")
-    }
-
-    /// Calls of `command` the server has answered so far (`INFO commandstats`).
-    fn calls(&self, command: &str) -> u64 {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut self.conn())
-            .unwrap();
-        let prefix = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn keys(&self, pattern: &str) -> Vec<String> {
-        redis::cmd("KEYS")
-            .arg(pattern)
-            .query(&mut self.conn())
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A config repo whose routes `names` answer 200 under `limit` (a TOML inline table), with
 /// `store` as `[rate_limit_store]`.

@@ -203,13 +203,14 @@ impl LocalPool {
                             });
                         }
                     };
-                    match connect_io(
+                    // Boxed: a new connection is the rare case, and its TCP and TLS
+                    // handshake futures would otherwise weigh on every request's future.
+                    let connect = connect_io(
                         &target.connect_addr,
                         target.tls.as_ref(),
                         opts.connect_timeout,
-                    )
-                    .await
-                    {
+                    );
+                    match Box::pin(connect).await {
                         Ok(io) => h1::Conn::new(io),
                         Err(error) => {
                             return Err(SendFailure {

@@ -1,12 +1,15 @@
 //! The dashboard's JSON API on the admin listener (`/api/v1/...`, documented in
 //! docs/admin-api.md): what `/status` says plus routes, upstreams, the last reloads, sampled
-//! traffic, and "which route would serve this request?". Read-only.
+//! traffic, the fleet of replicas ([`fleet`]), and "which route would serve this request?".
+//! Read-only.
 //!
 //! Access: with `RUSTYGATE_ADMIN_TOKEN` set, every call needs `Authorization: Bearer <token>`
 //! (compared in constant time; failures count towards the admin listener's per-address limit).
 //! Without one, the API answers only when the admin listener is bound to loopback, and only
 //! requests whose `Host` is a loopback name (a web page that rebinds its own domain to
 //! 127.0.0.1 cannot read it). Answers are never cached.
+
+mod fleet;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -42,6 +45,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/upstreams", web::get().to(upstreams))
             .route("/reloads", web::get().to(reloads))
             .route("/traffic", web::get().to(traffic))
+            .route("/fleet", web::get().to(fleet::fleet))
             .route("/explain", web::post().to(explain))
             .default_service(web::to(not_found)),
     );
@@ -335,14 +339,26 @@ async fn routes(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
 }
 
 /// `GET /api/v1/upstreams`: targets with their health, in-flight requests, ejections, the
-/// circuit breaker, and latency from the metrics.
+/// circuit breaker, and latency from the metrics over the traffic ring's window (15 minutes).
 async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     if let Err(refusal) = gate(&req, &state) {
         return *refusal;
     }
     let snap = state.store.load();
     let metrics = &state.control.metrics;
-    let latency = crate::telemetry::traffic::upstream_latency(metrics);
+    let (bounds, live) = crate::telemetry::latency::UpstreamWindow::read(metrics);
+    let (latency, window_seconds, from) = {
+        let t = state.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            t.upstreams().window(&bounds, &live),
+            t.window_seconds(),
+            t.upstreams().from(),
+        )
+    };
+    // Where the window begins: after the last sample that left it, or at the start.
+    let since = from
+        .map(|at| SystemTime::UNIX_EPOCH + Duration::from_secs(at))
+        .unwrap_or(state.started_at);
     let overflow = counter_by(&metrics.upstream_overflow, "upstream", "limit");
     let list: Vec<Value> = snap
         .upstreams
@@ -374,7 +390,7 @@ async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
                     })
                 })
                 .collect();
-            let (requests, p50, p99) = latency.get(&u.name).copied().unwrap_or((0, None, None));
+            let lat = latency.get(u.name.as_str()).copied();
             let active = u.shared.active();
             let pending = u.shared.pending();
             let full = u.limits.max_requests.is_some_and(|m| active >= m)
@@ -396,7 +412,13 @@ async fn upstreams(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
                     "pending": pending,
                     "overflowed": overflow.get(&u.name).cloned().unwrap_or_default(),
                 },
-                "latency": { "requests": requests, "p50_ms": p50, "p99_ms": p99, "since": "start" },
+                "latency": {
+                    "requests": lat.map_or(0, |l| l.requests),
+                    "p50_ms": lat.and_then(|l| l.p50_ms),
+                    "p99_ms": lat.and_then(|l| l.p99_ms),
+                    "window_seconds": window_seconds,
+                    "since": rfc3339(since),
+                },
             })
         })
         .collect();

@@ -919,7 +919,8 @@ async fn forward(
         ex.in_flight = Some(target.state.begin());
         let sent_at = Instant::now();
         let sent = if websocket {
-            state.pool.send_upgrade(target, upstream_req, &opts).await
+            // Boxed: only WebSocket handshakes pay for the hyper handshake's future.
+            Box::pin(state.pool.send_upgrade(target, upstream_req, &opts)).await
         } else {
             state.pool.send(target, upstream_req, &opts).await
         };

@@ -5,6 +5,8 @@
 //! snapshot current at accept, so a reload changes the next handshake and never an open
 //! connection. A listener the current config no longer has keeps the settings it last had.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,15 +119,20 @@ fn client_cert(der: &[u8]) -> Option<ClientCert> {
 
 /// The proxy listeners' entry point: a `redirect_to_https` listener answers 308 to every
 /// request, the others go to the proxy handler.
-pub(crate) async fn entry(
+///
+/// The handler's future is boxed here, where it is built, so that what actix-web boxes and
+/// moves per request is a pointer rather than the whole exchange's state (kilobytes, copied
+/// with every request).
+pub(crate) fn entry(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<WorkerState>,
-) -> HttpResponse {
+) -> Pin<Box<dyn Future<Output = HttpResponse>>> {
     if let Some(port) = conn_info(&req).and_then(|c| c.redirect_to) {
-        return redirect(&req, port, &state);
+        let resp = redirect(&req, port, &state);
+        return Box::pin(std::future::ready(resp));
     }
-    super::handler::handle(req, payload, state).await
+    Box::pin(super::handler::handle(req, payload, state))
 }
 
 /// `308` to `https://<host>[:port]<path?query>`; 400 when the request has no usable host.

@@ -29,6 +29,9 @@ pub const TTL: Duration = Duration::from_secs(15);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait before a lost subscription is made again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+/// A replica whose entry is this old missed a refresh: it is shown as stale until its entry
+/// expires at [`TTL`].
+pub const STALE_AFTER: Duration = Duration::from_secs(2 * REFRESH.as_secs());
 
 /// One replica as it last reported itself.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -38,6 +41,25 @@ pub struct Replica {
     pub attempted: String,
     pub ok: bool,
     pub loaded_at: String,
+    /// Milliseconds since the replica last wrote its entry, from the entry's remaining TTL in
+    /// the store (so the replicas' clocks do not matter); `None` if the store gave no TTL.
+    pub heartbeat_age_ms: Option<u64>,
+    /// The entry is [`STALE_AFTER`] old or more: the replica missed a refresh (stopped, cut
+    /// off from the store, or stalled) and leaves the view when the entry expires.
+    pub stale: bool,
+}
+
+impl Replica {
+    /// Sets the heartbeat from the entry's remaining time to live (`PTTL`: negative when the
+    /// key is gone or has no expiry).
+    fn with_pttl(mut self, pttl_ms: i64) -> Replica {
+        let age = u64::try_from(pttl_ms)
+            .ok()
+            .map(|left| (TTL.as_millis() as u64).saturating_sub(left));
+        self.heartbeat_age_ms = age;
+        self.stale = age.is_some_and(|a| a >= STALE_AFTER.as_millis() as u64);
+        self
+    }
 }
 
 /// Every live replica, and whether they serve one commit.
@@ -48,6 +70,76 @@ pub struct FleetView {
     pub shas: BTreeMap<String, usize>,
     /// Every live replica applies the same commit.
     pub agree: bool,
+}
+
+/// How a commit is named in a verdict: its first 12 characters.
+fn short(sha: &str) -> &str {
+    match sha {
+        "" => "nothing applied",
+        s => s.get(..12).unwrap_or(s),
+    }
+}
+
+impl FleetView {
+    /// The view of these replicas, sorted by name.
+    pub fn of(mut replicas: Vec<Replica>) -> FleetView {
+        replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
+        let mut shas = BTreeMap::new();
+        for r in &replicas {
+            *shas.entry(r.applied.clone()).or_insert(0) += 1;
+        }
+        FleetView {
+            agree: shas.len() <= 1,
+            shas,
+            replicas,
+        }
+    }
+
+    /// The replicas by the commit they apply: the commit most replicas apply first (ties by
+    /// SHA), each with its replicas by name.
+    pub fn commits(&self) -> Vec<(&str, Vec<&str>)> {
+        let mut by: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for r in &self.replicas {
+            by.entry(&r.applied).or_default().push(&r.replica);
+        }
+        let mut out: Vec<(&str, Vec<&str>)> = by.into_iter().collect();
+        out.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
+        out
+    }
+
+    /// In one line: `all 3 replicas serve 3f1c2a4b5c6d`, or `replicas disagree: 2 on
+    /// 3f1c2a4b5c6d (a, b); 1 on 9ab04c1d2e3f (c)`, and the stale replicas, if any.
+    pub fn verdict(&self) -> String {
+        let commits = self.commits();
+        let mut out = match (self.replicas.len(), commits.as_slice()) {
+            (0, _) => "no replica has reported to the store yet".to_owned(),
+            (1, [(sha, _)]) => format!("the only replica serves {}", short(sha)),
+            (n, [(sha, _)]) => format!("all {n} replicas serve {}", short(sha)),
+            (_, groups) => {
+                let parts: Vec<String> = groups
+                    .iter()
+                    .map(|(sha, names)| {
+                        format!("{} on {} ({})", names.len(), short(sha), names.join(", "))
+                    })
+                    .collect();
+                format!("replicas disagree: {}", parts.join("; "))
+            }
+        };
+        let stale: Vec<&str> = self
+            .replicas
+            .iter()
+            .filter(|r| r.stale)
+            .map(|r| r.replica.as_str())
+            .collect();
+        if !stale.is_empty() {
+            out.push_str(&format!(
+                " (stale, no heartbeat for {}s or more: {})",
+                STALE_AFTER.as_secs(),
+                stale.join(", ")
+            ));
+        }
+        out
+    }
 }
 
 /// This replica's part in the fleet: publishing itself, reading the others, and the head
@@ -125,7 +217,15 @@ impl Fleet {
             attempted: attempted.and_then(|a| a.sha.clone()).unwrap_or_default(),
             ok: attempted.is_none_or(|a| a.ok),
             loaded_at: applied.map(|a| a.loaded_at.clone()).unwrap_or_default(),
+            heartbeat_age_ms: Some(0),
+            stale: false,
         }
+    }
+
+    /// The URL of the store the fleet view uses (never with a password), or `None` without
+    /// `[rate_limit_store]`.
+    pub fn store_url(&self) -> Option<String> {
+        Some(self.store()?.spec.url.clone())
     }
 
     /// Writes this replica's entry.
@@ -165,6 +265,7 @@ impl Fleet {
     }
 
     /// Every live replica, or `None` without a store. Entries that expired leave the set.
+    /// Bounded by [`CALL_TIMEOUT`] however the store behaves (`Store::call`).
     pub async fn view(&self) -> Option<Result<FleetView, StoreError>> {
         let store = self.store()?;
         let set = store.spec.key("fleet");
@@ -175,30 +276,49 @@ impl Fleet {
                     .arg(&set)
                     .query_async(&mut conn)
                     .await?;
+                // Each entry, then each entry's remaining TTL (its heartbeat), in one round-trip.
                 let mut pipe = redis::pipe();
                 for n in &names {
                     pipe.hgetall(format!("{prefix}{n}"));
                 }
-                let entries: Vec<BTreeMap<String, String>> = if names.is_empty() {
+                for n in &names {
+                    pipe.pttl(format!("{prefix}{n}"));
+                }
+                let answers: Vec<redis::Value> = if names.is_empty() {
                     Vec::new()
                 } else {
                     pipe.query_async(&mut conn).await?
                 };
+                if answers.len() != 2 * names.len() {
+                    return Err(StoreError::Answer(format!(
+                        "{} answers to {} fleet reads",
+                        answers.len(),
+                        2 * names.len()
+                    )));
+                }
+                let (entries, ttls) = answers.split_at(names.len());
+                let parse = |e: redis::ParsingError| StoreError::Answer(e.to_string());
                 let mut replicas = Vec::new();
                 let mut gone = Vec::new();
-                for (name, mut h) in names.into_iter().zip(entries) {
+                for ((name, entry), ttl) in names.into_iter().zip(entries).zip(ttls) {
+                    let mut h: BTreeMap<String, String> =
+                        redis::from_redis_value_ref(entry).map_err(parse)?;
                     if h.is_empty() {
                         gone.push(name);
                         continue;
                     }
+                    let pttl: i64 = redis::from_redis_value_ref(ttl).map_err(parse)?;
                     let mut take = |k: &str| h.remove(k).unwrap_or_default();
-                    replicas.push(Replica {
+                    let r = Replica {
                         replica: take("replica"),
                         applied: take("applied"),
                         attempted: take("attempted"),
                         ok: take("ok") == "1",
                         loaded_at: take("loaded_at"),
-                    });
+                        heartbeat_age_ms: None,
+                        stale: false,
+                    };
+                    replicas.push(r.with_pttl(pttl));
                 }
                 if !gone.is_empty() {
                     redis::cmd("SREM")
@@ -210,21 +330,13 @@ impl Fleet {
                 Ok::<_, StoreError>(replicas)
             })
             .await;
-        Some(r.map(|mut replicas| {
-            replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
-            let mut shas = BTreeMap::new();
-            for r in &replicas {
-                *shas.entry(r.applied.clone()).or_insert(0) += 1;
-            }
+        Some(r.map(|replicas| {
+            let view = FleetView::of(replicas);
             self.gauge.reset();
-            for (sha, n) in &shas {
+            for (sha, n) in &view.shas {
                 self.gauge.with_label_values(&[sha.as_str()]).set(*n as i64);
             }
-            FleetView {
-                agree: shas.len() <= 1,
-                shas,
-                replicas,
-            }
+            view
         }))
     }
 
@@ -356,5 +468,83 @@ impl Fleet {
             tracing::debug!("fleet heads channel lost; subscribing again");
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(name: &str, applied: &str, pttl_ms: i64) -> Replica {
+        Replica {
+            replica: name.into(),
+            applied: applied.into(),
+            attempted: applied.into(),
+            ok: true,
+            loaded_at: String::new(),
+            heartbeat_age_ms: None,
+            stale: false,
+        }
+        .with_pttl(pttl_ms)
+    }
+
+    const V1: &str = "3f1c2a4b5c6d7e8f90a1b2c3d4e5f60718293a4b";
+    const V2: &str = "9ab04c1d2e3f405162738495a6b7c8d9e0f1a2b3";
+
+    #[test]
+    fn the_heartbeat_is_the_entry_age_from_its_remaining_ttl() {
+        let fresh = replica("a", V1, 14_000);
+        assert_eq!((fresh.heartbeat_age_ms, fresh.stale), (Some(1_000), false));
+        // One refresh missed (5 s) is not yet stale; two are.
+        let late = replica("b", V1, 6_000);
+        assert_eq!((late.heartbeat_age_ms, late.stale), (Some(9_000), false));
+        let stale = replica("c", V1, 5_000);
+        assert_eq!((stale.heartbeat_age_ms, stale.stale), (Some(10_000), true));
+        // A key without expiry (-1) or gone meanwhile (-2): no age, not called stale.
+        for pttl in [-1, -2] {
+            let r = replica("d", V1, pttl);
+            assert_eq!((r.heartbeat_age_ms, r.stale), (None, false), "{pttl}");
+        }
+        // A TTL longer than ours (another version's): age 0, never negative.
+        assert_eq!(replica("e", V1, 60_000).heartbeat_age_ms, Some(0));
+    }
+
+    #[test]
+    fn the_verdict_names_the_commits_and_who_serves_which() {
+        let none = FleetView::of(vec![]);
+        assert!(none.agree);
+        assert_eq!(none.verdict(), "no replica has reported to the store yet");
+
+        let one = FleetView::of(vec![replica("a", V1, 15_000)]);
+        assert_eq!(one.verdict(), "the only replica serves 3f1c2a4b5c6d");
+
+        let agree = FleetView::of(vec![replica("b", V1, 15_000), replica("a", V1, 12_000)]);
+        assert!(agree.agree);
+        assert_eq!(agree.verdict(), "all 2 replicas serve 3f1c2a4b5c6d");
+        assert_eq!(agree.replicas[0].replica, "a", "sorted by name");
+
+        let split = FleetView::of(vec![
+            replica("c", V2, 15_000),
+            replica("b", V1, 15_000),
+            replica("a", V1, 15_000),
+            replica("d", "", 15_000),
+        ]);
+        assert!(!split.agree);
+        assert_eq!(
+            split.commits(),
+            vec![(V1, vec!["a", "b"]), ("", vec!["d"]), (V2, vec!["c"])]
+        );
+        assert_eq!(
+            split.verdict(),
+            "replicas disagree: 2 on 3f1c2a4b5c6d (a, b); 1 on nothing applied (d); \
+             1 on 9ab04c1d2e3f (c)"
+        );
+        assert_eq!(split.shas.get(V1), Some(&2));
+
+        let stale = FleetView::of(vec![replica("a", V1, 15_000), replica("b", V1, 2_000)]);
+        assert_eq!(
+            stale.verdict(),
+            "all 2 replicas serve 3f1c2a4b5c6d (stale, no heartbeat for 10s or more: b)"
+        );
     }
 }

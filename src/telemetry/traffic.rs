@@ -7,6 +7,9 @@
 //! route that answered requests in its interval (idle routes take nothing), and only the routes
 //! of the served snapshot (plus `<none>`, the unmatched requests) are followed. Nothing here is
 //! on the request path: the workers only ever touch their prometheus handles.
+//!
+//! The same samples keep the upstreams' latency histograms over the window
+//! ([`super::latency`]), for the Upstreams view's p50/p99.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -70,6 +73,8 @@ pub struct Traffic {
     every: Duration,
     /// Set once the first read (the baseline) is done.
     started: bool,
+    /// The upstreams' latency over the same window, sampled at the same times.
+    upstreams: super::latency::UpstreamWindow,
 }
 
 /// The `/api/v1/traffic` answer.
@@ -132,7 +137,18 @@ impl Traffic {
             routes: (String::new(), HashSet::new()),
             every,
             started: false,
+            upstreams: super::latency::UpstreamWindow::new(SAMPLES),
         }
+    }
+
+    /// The upstreams' latency over the window (see [`super::latency`]).
+    pub fn upstreams(&self) -> &super::latency::UpstreamWindow {
+        &self.upstreams
+    }
+
+    /// Seconds the ring spans when full.
+    pub fn window_seconds(&self) -> f64 {
+        SAMPLES as f64 * self.secs()
     }
 
     /// Samples held now (at most [`SAMPLES`]).
@@ -161,6 +177,8 @@ impl Traffic {
             names.insert(Arc::from(NO_ROUTE));
             self.routes = (snap.version.id.clone(), names);
         }
+        let (_, upstreams) = super::latency::UpstreamWindow::read(metrics);
+        self.upstreams.sample(upstreams, at);
         let now = self.read(metrics);
         let secs = elapsed.as_secs_f64().max(0.001);
         let mut routes = Vec::new();
@@ -352,33 +370,6 @@ pub fn quantile(q: f64, bounds: &[f64], counts: &[u64]) -> Option<f64> {
         lower = upper;
     }
     bounds.last().copied()
-}
-
-/// Cumulative latency of each upstream since the start (`rustygate_upstream_request_duration_seconds`):
-/// requests, p50 and p99 in milliseconds.
-pub fn upstream_latency(metrics: &Metrics) -> HashMap<String, (u64, Option<f64>, Option<f64>)> {
-    let mut out = HashMap::new();
-    for family in metrics.upstream_duration.collect() {
-        for m in family.get_metric() {
-            let Some(name) = m.get_label().iter().find(|l| l.name() == "upstream") else {
-                continue;
-            };
-            let h = m.get_histogram();
-            let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
-            let mut counts: Vec<u64> = h
-                .get_bucket()
-                .iter()
-                .map(|b| b.cumulative_count())
-                .collect();
-            counts.push(h.get_sample_count());
-            let ms = |q| quantile(q, &bounds, &counts).map(|s| s * 1000.0);
-            out.insert(
-                name.value().to_owned(),
-                (h.get_sample_count(), ms(0.5), ms(0.99)),
-            );
-        }
-    }
-    out
 }
 
 /// Samples `traffic` every `every` for as long as both it and the store exist.

@@ -18,6 +18,8 @@ use rustygate::compile::{CompileOptions, compile_dir};
 use rustygate::server::{Handles, ServeOptions};
 use rustygate::snapshot::SnapshotStore;
 
+pub mod redis_server;
+
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub fn full(b: impl Into<Bytes>) -> Body {

@@ -47,6 +47,11 @@
     if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
     return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
   }
+  // A window's length: whole minutes as such ("15 min").
+  function span(seconds) {
+    const s = Math.round(seconds);
+    return s >= 60 && s % 60 === 0 ? s / 60 + " min" : human(s);
+  }
   function dl(node, pairs) {
     clear(node);
     for (const [k, v] of pairs) node.append(el("dt", { text: k }), el("dd", {}, v));
@@ -140,6 +145,8 @@
   }
 
   async function overview(status) {
+    // Alongside the rest: a shared store that is down or stalls holds up the fleet panel only.
+    const pending = fleet();
     const a = status.applied || {};
     const shaNode = a.commit_url && /^https:\/\//.test(a.commit_url)
       ? el("a", { id: "applied-sha", href: a.commit_url, "data-sha": a.sha, title: a.sha, rel: "noreferrer", target: "_blank" }, el("code", { text: short(a.sha) }))
@@ -193,6 +200,36 @@
         el("td", { text: x.duration_ms + " ms" }),
         el("td", {}, el("span", { class: "badge " + (x.result === "applied" ? "ok" : "bad"), text: x.result })),
         el("td", { text: x.message || "" })));
+    }
+    await pending;
+  }
+
+  // The replicas sharing this gateway's store and whether they serve one commit. Never throws:
+  // whatever goes wrong is shown in the panel.
+  async function fleet() {
+    let f;
+    try {
+      f = await api("/api/v1/fleet");
+    } catch (e) {
+      f = { state: "error", error: "the fleet view could not be read: " + e.message, replicas: [], commits: [] };
+    }
+    const v = $("fleet-verdict");
+    v.dataset.state = f.state;
+    v.className = f.state === "ok" ? (f.agree ? "ok" : "bad") : f.state === "error" ? "bad" : "muted";
+    v.textContent = f.state === "error" ? f.error : f.verdict;
+    const table = $("fleet");
+    table.hidden = !f.replicas.length;
+    const body = clear(table.tBodies[0]);
+    const most = f.commits.length ? f.commits[0].sha : null;
+    for (const r of f.replicas) {
+      const age = r.heartbeat_age_ms === null ? "—" : fmt(r.heartbeat_age_ms / 1000) + " s ago";
+      body.append(el("tr", { class: "fleet-row" + (r.stale ? " stale" : ""), "data-replica": r.replica, "data-sha": r.applied },
+        el("td", {}, el("strong", { text: r.replica }), r.this ? el("span", { class: "muted", text: " (this one)" }) : null),
+        el("td", {}, el("code", { class: f.agree || r.applied === most ? "" : "bad", title: r.applied, text: r.applied ? short(r.applied) : "nothing applied" })),
+        el("td", {}, el("code", { title: r.attempted, text: short(r.attempted) }), " ",
+          el("span", { class: r.ok ? "ok" : "bad", text: r.ok ? "ok" : "failed" })),
+        el("td", { text: age + (r.stale ? " (stale)" : "") }),
+        el("td", { text: dash(r.loaded_at) })));
     }
   }
 
@@ -272,7 +309,7 @@
           el("span", { class: "muted", text: u.balance }),
           el("span", { class: b.state === "open" ? "bad" : "ok", text: "breaker " + b.state })),
         el("dl", {},
-          el("dt", { text: "Latency" }), el("dd", { text: "p50 " + fmt(lat.p50_ms) + " ms · p99 " + fmt(lat.p99_ms) + " ms · " + lat.requests + " requests since start" }),
+          el("dt", { text: "Latency" }), el("dd", { text: "p50 " + fmt(lat.p50_ms) + " ms · p99 " + fmt(lat.p99_ms) + " ms · " + lat.requests + " requests in the last " + span(lat.window_seconds) }),
           el("dt", { text: "Health check" }), el("dd", { text: u.health_check ? "GET " + u.health_check.path + " every " + (u.health_check.interval_ms / 1000) + " s" : "none (passive only)" }),
           el("dt", { text: "Breaker" }), el("dd", { text: "requests " + b.active + "/" + dash(b.max_requests) + " · pending " + b.pending + "/" + dash(b.max_pending) + overflowText(b.overflowed) })),
         el("table", {},
