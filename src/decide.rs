@@ -134,8 +134,9 @@ pub fn request<'s>(
         };
         match crate::plugins::on_request(&route.plugins, &info, &client) {
             (run, Outcome::Continue) => {
-                let h = run.client_headers();
-                (Some(run), Some(h))
+                // Only a policy reads them.
+                let h = route.policy.is_some().then(|| run.client_headers());
+                (Some(run), h)
             }
             (_, Outcome::Respond(r)) => return (id, Plan::Respond(Cow::Owned(r))),
             (_, Outcome::Failed) => return (id, plugin_failed()),

@@ -148,26 +148,7 @@ pub const SUPPORTED_WASI: &[&str] = &[
 /// A header map as the ABI carries it: names in lower case, values as bytes, in order.
 pub type Pairs = Vec<(String, Vec<u8>)>;
 
-/// Serialises a map: count, then (key length, value length) pairs, then each key and value
-/// followed by a NUL byte; all integers little-endian `u32`.
-pub fn serialize_map(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let data: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + data);
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
-    out
-}
-
-/// Reads a serialised map; `None` when it is malformed (lengths past the end, a missing NUL, a
+/// Reads a serialised map (the layout `Headers::serialize` writes); `None` when it is malformed (lengths past the end, a missing NUL, a
 /// key that is not UTF-8). An empty input is an empty map.
 pub fn deserialize_map(bytes: &[u8]) -> Option<Pairs> {
     if bytes.is_empty() || bytes == [0] {
@@ -223,7 +204,11 @@ mod tests {
             ("a".to_owned(), b"1".to_vec()),
             ("b".to_owned(), b"22".to_vec()),
         ];
-        let bytes = serialize_map(&pairs);
+        let mut map = super::super::headers::Headers::default();
+        for (k, v) in &pairs {
+            map.push(k, v);
+        }
+        let bytes = map.serialize();
         // The spec's own example: {"a": "1"}, {"b": "22"}.
         let mut want = vec![2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0];
         want.extend_from_slice(b"a\x001\x00b\x0022\x00");
@@ -234,7 +219,9 @@ mod tests {
 
     #[test]
     fn malformed_maps_are_refused_not_trusted() {
-        let good = serialize_map(&[("k".to_owned(), b"v".to_vec())]);
+        let mut map = super::super::headers::Headers::default();
+        map.push("k", b"v");
+        let good = map.serialize();
         // A length running past the end.
         let mut long = good.clone();
         long[8] = 200;

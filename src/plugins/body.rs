@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
+use super::headers::Headers;
 use super::host::{BodyView, CallData, Props};
 use super::{Active, Outcome, PluginRun, PluginUse, VmError, abi, failed, local_response, with_vm};
 use crate::wire::StaticResponse;
@@ -53,8 +54,8 @@ pub struct BodyFilter {
     stages: Vec<Stage>,
     limit: usize,
     props: Arc<Props>,
-    request_headers: Arc<abi::Pairs>,
-    response_headers: Option<Arc<abi::Pairs>>,
+    request_headers: Arc<Headers>,
+    response_headers: Option<Arc<Headers>>,
     /// Set when the exchange's contexts are finished (`on_log` …): no call may follow.
     closed: Arc<AtomicBool>,
     /// A response body's exchange: its plugins' contexts end (`on_log` …) when the body does.
@@ -63,27 +64,27 @@ pub struct BodyFilter {
 }
 
 impl BodyFilter {
-    pub(super) fn new(
+    pub(super) fn new<'a>(
         run: &PluginRun,
         request: bool,
-        active: Vec<&Active>,
+        active: impl Iterator<Item = &'a Active>,
         limit: u64,
     ) -> Option<BodyFilter> {
-        if active.is_empty() {
+        let stages: Vec<Stage> = active
+            .map(|a| Stage {
+                plugin: Arc::clone(&a.plugin),
+                generation: a.generation,
+                ctx: a.ctx,
+                held: BytesMut::new(),
+                skipped: false,
+            })
+            .collect();
+        if stages.is_empty() {
             return None;
         }
         Some(BodyFilter {
             request,
-            stages: active
-                .into_iter()
-                .map(|a| Stage {
-                    plugin: Arc::clone(&a.plugin),
-                    generation: a.generation,
-                    ctx: a.ctx,
-                    held: BytesMut::new(),
-                    skipped: false,
-                })
-                .collect(),
+            stages,
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             props: Arc::clone(&run.props),
             request_headers: Arc::clone(&run.headers),
@@ -96,8 +97,8 @@ impl BodyFilter {
 
     /// Makes this response body's filter own the exchange's plugin run, which it sees with
     /// `response_headers`.
-    pub(super) fn owning(mut self, run: PluginRun, response_headers: abi::Pairs) -> BodyFilter {
-        self.response_headers = Some(Arc::new(response_headers));
+    pub(super) fn owning(mut self, run: PluginRun, response_headers: Arc<Headers>) -> BodyFilter {
+        self.response_headers = Some(response_headers);
         self._run = Some(run);
         self
     }
@@ -162,7 +163,7 @@ impl BodyFilter {
                 }),
                 ..CallData::default()
             };
-            let called = with_vm(&stage.plugin, Some(stage.generation), |vm| {
+            let called = with_vm(&stage.plugin, Some((stage.generation, stage.ctx)), |vm| {
                 let (data, action) = vm.on_body(self.request, stage.ctx, call, end);
                 let action = action?;
                 if data.local.is_none() && action != abi::ACTION_CONTINUE && end {
@@ -174,9 +175,9 @@ impl BodyFilter {
                 Ok((data, action))
             });
             match called {
-                Ok(((mut out, action), _)) => {
+                Ok(((mut out, action), _, _)) => {
                     if let Some(local) = out.local.take() {
-                        return Err(BodyStop::Respond(local_response(local)));
+                        return Err(BodyStop::Respond(local_response(*local)));
                     }
                     // The plugin's version when it changed the body; otherwise the same bytes
                     // (and the only reference to them, so holding them again copies nothing).
@@ -195,7 +196,7 @@ impl BodyFilter {
                     }
                 }
                 Err(e) => {
-                    if let Outcome::Failed = failed(&stage.plugin, &self.props.route, hook, &e) {
+                    if let Outcome::Failed = failed(&stage.plugin, self.props.route(), hook, &e) {
                         return Err(BodyStop::Failed);
                     }
                     // Fail open: what it was given goes on as it was; it is called no more.

@@ -15,6 +15,7 @@ use wasmer::{
 };
 
 use super::abi::{self, Pairs, errno, status};
+use super::headers::Headers;
 use super::{PluginUse, engine::PAGE};
 
 /// What the current callback may read and change.
@@ -22,13 +23,13 @@ use super::{PluginUse, engine::PAGE};
 pub(crate) struct CallData {
     /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`) first. Shared
     /// with the exchange, copied only when a plugin changes them.
-    pub request: Option<Arc<Pairs>>,
+    pub request: Option<Arc<Headers>>,
     pub request_writable: bool,
     /// Response headers, `:status` first.
-    pub response: Option<Arc<Pairs>>,
+    pub response: Option<Arc<Headers>>,
     pub response_writable: bool,
-    /// Set by `proxy_send_local_response`.
-    pub local: Option<LocalResponse>,
+    /// Set by `proxy_send_local_response` (boxed: rare, and this moves in and out of calls).
+    pub local: Option<Box<LocalResponse>>,
     pub props: Option<Arc<Props>>,
     /// The body buffer of a body callback.
     pub body: Option<BodyView>,
@@ -54,31 +55,98 @@ pub struct LocalResponse {
     pub body: Vec<u8>,
 }
 
-/// The attributes `proxy_get_property` serves (docs/plugins.md).
+/// The attributes `proxy_get_property` serves (docs/plugins.md), in one buffer; the client's
+/// address is written out only when a plugin asks for it.
 #[derive(Debug, Default)]
 pub struct Props {
-    pub method: String,
-    /// Path and query, as `request.path` is in Envoy.
-    pub path: String,
-    pub url_path: String,
-    pub query: String,
-    pub host: String,
-    pub source_address: String,
-    pub route: String,
-    pub config_sha: String,
+    /// The method, the path (without its query), the query, the host, the route and the
+    /// config SHA, one after the other.
+    text: String,
+    ends: [usize; 6],
+    /// Whether the request has a query (`request.path` ends with `?` for an empty one).
+    has_query: bool,
+    source: Option<std::net::IpAddr>,
+}
+
+/// What a request's properties are made of.
+pub struct PropsOf<'a> {
+    pub method: &'a str,
+    pub url_path: &'a str,
+    pub query: Option<&'a str>,
+    pub host: &'a str,
+    pub source: std::net::IpAddr,
+    pub route: &'a str,
+    pub config_sha: &'a str,
 }
 
 impl Props {
+    pub fn new(p: &PropsOf<'_>) -> Props {
+        let parts = [
+            p.method,
+            p.url_path,
+            p.query.unwrap_or(""),
+            p.host,
+            p.route,
+            p.config_sha,
+        ];
+        let mut text = String::with_capacity(parts.iter().map(|s| s.len()).sum());
+        let mut ends = [0; 6];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            text.push_str(part);
+            *end = text.len();
+        }
+        Props {
+            text,
+            ends,
+            has_query: p.query.is_some(),
+            source: Some(p.source),
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.text.get(start..self.ends[i]).unwrap_or("")
+    }
+
+    pub fn method(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn url_path(&self) -> &str {
+        self.part(1)
+    }
+
+    /// The query, `None` when the request has none.
+    pub fn query(&self) -> Option<&str> {
+        self.has_query.then(|| self.part(2))
+    }
+
+    pub fn host(&self) -> &str {
+        self.part(3)
+    }
+
+    pub fn route(&self) -> &str {
+        self.part(4)
+    }
+
     fn get(&self, path: &str, plugin: &str) -> Option<Vec<u8>> {
         let s = match path {
-            "request.method" => &self.method,
-            "request.path" => &self.path,
-            "request.url_path" => &self.url_path,
-            "request.query" => &self.query,
-            "request.host" => &self.host,
-            "source.address" => &self.source_address,
-            "rustygate.route" | "route_name" => &self.route,
-            "rustygate.config_sha" => &self.config_sha,
+            "request.method" => self.method(),
+            "request.path" => {
+                // Path and query, as `request.path` is in Envoy.
+                let mut v = self.url_path().as_bytes().to_vec();
+                if let Some(q) = self.query() {
+                    v.push(b'?');
+                    v.extend_from_slice(q.as_bytes());
+                }
+                return Some(v);
+            }
+            "request.url_path" => self.url_path(),
+            "request.query" => self.part(2),
+            "request.host" => self.host(),
+            "source.address" => return Some(self.source?.to_string().into_bytes()),
+            "rustygate.route" | "route_name" => self.route(),
+            "rustygate.config_sha" => self.part(5),
             "plugin_name" => plugin,
             _ => return None,
         };
@@ -151,6 +219,8 @@ pub(crate) struct Vm {
     max_instructions: u64,
     max_memory: u64,
     next_context: i32,
+    /// A call failed: the metering's `exhausted` flag may be set and is cleared before the next.
+    failed: bool,
 }
 
 impl Vm {
@@ -230,6 +300,7 @@ impl Vm {
             max_instructions: p.limits.max_instructions,
             max_memory: p.limits.max_memory,
             next_context: ROOT_CONTEXT + 1,
+            failed: false,
         };
         if let Some(init) = init {
             vm.call(|s, _| init.call(s))?;
@@ -260,11 +331,19 @@ impl Vm {
         let budget = Value::I64(self.max_instructions.min(i64::MAX as u64) as i64);
         self.remaining
             .set(&mut self.store, budget)
-            .and_then(|()| self.exhausted.set(&mut self.store, Value::I32(0)))
+            .and_then(|()| {
+                // Only a failed call can have left it set.
+                if self.failed {
+                    self.exhausted.set(&mut self.store, Value::I32(0))
+                } else {
+                    Ok(())
+                }
+            })
             .map_err(|e| VmError::Trap(format!("could not set the budget: {e}")))?;
         match f(&mut self.store, &self.cb) {
             Ok(r) => Ok(r),
             Err(e) => {
+                self.failed = true;
                 if matches!(self.exhausted.get(&mut self.store), Value::I32(n) if n != 0) {
                     Err(VmError::Instructions(self.max_instructions))
                 } else if self.memory.view(&self.store).data_size() + PAGE > self.max_memory {
@@ -467,7 +546,7 @@ fn body_limit(state: &HostState) -> Option<usize> {
 // ---- header maps ----------------------------------------------------------------------------
 
 /// The map a call may read, if it is in view now.
-fn map(call: &CallData, id: i32) -> Option<&Pairs> {
+fn map(call: &CallData, id: i32) -> Option<&Headers> {
     match id {
         abi::map::REQUEST_HEADERS => call.request.as_deref(),
         abi::map::RESPONSE_HEADERS => call.response.as_deref(),
@@ -476,7 +555,7 @@ fn map(call: &CallData, id: i32) -> Option<&Pairs> {
 }
 
 /// The map a call may change, if it may.
-fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Pairs> {
+fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Headers> {
     match id {
         abi::map::REQUEST_HEADERS if call.request_writable => {
             call.request.as_mut().map(Arc::make_mut)
@@ -488,20 +567,60 @@ fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Pairs> {
     }
 }
 
-/// A header a plugin may set: a valid name and value, not a pseudo-header, not one that
-/// frames the message or names the hop (those stay the gateway's).
+/// A header a plugin may set: a valid name (in lower case) and value, not a pseudo-header, not
+/// one that frames the message or names the hop (those stay the gateway's).
 fn settable(name: &str, value: &[u8]) -> bool {
-    !name.starts_with(':')
-        && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
-        && http::HeaderValue::from_bytes(value).is_ok()
+    valid_name(name)
+        && valid_value(value)
         && !crate::proxy::headers::is_hop_by_hop_str(name)
         && !matches!(name, "content-length" | "host")
 }
 
+/// What `http::HeaderName::from_bytes` accepts, for a name already in lower case (an RFC 9110
+/// token), checked without copying it.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| TOKEN[usize::from(b)])
+}
+
+/// The bytes of a header name in lower case: `a-z`, `0-9`, ``!#$%&'*+-.^_`|~``.
+static TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// What `http::HeaderValue::from_bytes` accepts, checked without copying it.
+fn valid_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
+}
+
 fn key(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
-    String::from_utf8(read(env, ptr, len)?)
-        .ok()
-        .map(|s| s.to_ascii_lowercase())
+    let mut k = String::from_utf8(read(env, ptr, len)?).ok()?;
+    k.make_ascii_lowercase();
+    Some(k)
 }
 
 enum Edit {
@@ -527,10 +646,10 @@ fn edit(
     let Some(m) = map_mut(&mut env.data_mut().call, id) else {
         return status::BAD_ARGUMENT;
     };
-    if let Edit::Replace = how {
-        m.retain(|(n, _)| *n != k);
+    match how {
+        Edit::Add => m.add(&k, &v),
+        Edit::Replace => m.replace(&k, &v),
     }
-    m.push((k, v));
     status::OK
 }
 
@@ -687,7 +806,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             let Some(m) = map(&env.data().call, id) else {
                 return Ok(status::NOT_FOUND);
             };
-            let bytes = abi::serialize_map(m);
+            let bytes = m.serialize();
             give(&mut env, &bytes, rp, rs)
         }),
     );
@@ -698,7 +817,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             let Some(m) = map(&env.data().call, id) else {
                 return status::NOT_FOUND;
             };
-            let size = abi::serialize_map(m).len() as u32;
+            let size = m.serialized_len() as u32;
             if write_u32(&env, rs, size) {
                 status::OK
             } else {
@@ -727,8 +846,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                     return status::BAD_ARGUMENT;
                 };
                 // Pseudo-headers stay as they are; the rest is replaced.
-                m.retain(|(k, _)| k.starts_with(':'));
-                m.extend(pairs.into_iter().filter(|(k, _)| !k.starts_with(':')));
+                m.set_all(&pairs);
                 status::OK
             }
         ),
@@ -749,16 +867,10 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             let Some(m) = map(&env.data().call, id) else {
                 return Ok(status::NOT_FOUND);
             };
-            let mut values = m.iter().filter(|(n, _)| *n == k).map(|(_, v)| v.as_slice());
-            let Some(first) = values.next() else {
+            // Several values read as one, comma-separated, as HTTP allows.
+            let Some(v) = m.joined(&k) else {
                 return Ok(status::NOT_FOUND);
             };
-            // Several values read as one, comma-separated, as HTTP allows.
-            let mut v = first.to_vec();
-            for more in values {
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(more);
-            }
             give(&mut env, &v, rp, rs)
         }),
     );
@@ -796,7 +908,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 let Some(m) = map_mut(&mut env.data_mut().call, id) else {
                     return status::BAD_ARGUMENT;
                 };
-                m.retain(|(n, _)| *n != k);
+                m.remove(&k);
                 status::OK
             }
         ),
@@ -829,11 +941,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             {
                 return status::BAD_ARGUMENT;
             }
-            call.local = Some(LocalResponse {
+            call.local = Some(Box::new(LocalResponse {
                 status: code as u16,
                 headers,
                 body,
-            });
+            }));
             status::OK
         }),
     );

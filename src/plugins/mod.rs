@@ -15,8 +15,10 @@
 //! plugins do not read bodies streams them exactly as a route without plugins.
 //!
 //! Every call into a plugin gets a fresh instruction budget (`max_instructions`); its memory
-//! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use, and
-//! are dropped after any failure, so the next request gets a fresh one. A failing plugin
+//! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use. After
+//! any failure the next request gets a fresh one; the other requests with contexts in the
+//! failed instance go on in it until they end (a context whose call failed is not called
+//! again), so one request's trap does not fail its neighbours. A failing plugin
 //! answers 500 (`fail_closed`, the default) or is skipped (`fail_open`); both are logged and
 //! counted in `rustygate_plugin_errors_total{plugin,reason}`.
 //!
@@ -25,12 +27,13 @@
 mod abi;
 mod body;
 mod engine;
+mod headers;
 mod host;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -38,8 +41,9 @@ use prometheus::{IntCounterVec, Opts};
 
 pub use body::{BodyFilter, BodyStop};
 pub use engine::{CompileError, PAGE, is_cached};
+use headers::{Changed, Headers};
 pub use host::VmError;
-use host::{CallData, Props, Vm};
+use host::{CallData, Props, PropsOf, Vm};
 
 use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
@@ -161,62 +165,150 @@ struct Slot {
     owner: Weak<PluginUse>,
     vm: Vm,
     generation: u64,
+    /// Held by each request with a context in this instance (`Active::lease`).
+    lease: Arc<()>,
 }
+
+/// An instance that failed while other requests had contexts in it: kept for them (their
+/// contexts finish, or fail by their own calls), never given to a new request.
+struct Retired {
+    key: usize,
+    slot: Slot,
+    /// Contexts whose call failed: not called again.
+    failed: Vec<i32>,
+}
+
+/// Failed instances a worker keeps at most for the requests still in them; past this the
+/// oldest goes (its requests' next calls fail as `refused`). Each may hold `max_memory`.
+const MAX_RETIRED_PER_THREAD: usize = 8;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
-thread_local! {
-    static INSTANCES: RefCell<HashMap<usize, Slot>> = RefCell::new(HashMap::new());
+/// Hashes the address of a `PluginUse` (the instances' key) as it is: no SipHash per call.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Allocations are 8-aligned: the low bits carry nothing; mixed so that the high bits
+        // hashbrown uses for its control bytes differ too.
+        self.0 = ((n >> 3) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
-/// Runs `f` on this thread's instance of `u`: a new one when there is none (`generation`
-/// `None`), or only the one of that generation. An instance that fails is dropped.
+type Instances = HashMap<usize, Slot, std::hash::BuildHasherDefault<AddressHasher>>;
+
+#[derive(Default)]
+struct Worker {
+    current: Instances,
+    retired: Vec<Retired>,
+}
+
+thread_local! {
+    static INSTANCES: RefCell<Worker> = RefCell::new(Worker::default());
+}
+
+/// What a call into an instance gives back besides its result: the instance's generation and
+/// a lease on it for the request's context.
+type Called<R> = Result<(R, u64, Arc<()>), VmError>;
+
+/// Runs `f` on this thread's instance of `u`: for a new request (`at` `None`) the current one,
+/// made when there is none; for a context (`at`: generation and context id) the instance that
+/// context lives in, current or retired. An instance that fails is no longer given to new
+/// requests; it is kept (retired) while other requests have contexts in it.
 fn with_vm<R>(
     u: &Arc<PluginUse>,
-    generation: Option<u64>,
+    at: Option<(u64, i32)>,
     f: impl FnOnce(&mut Vm) -> Result<R, VmError>,
-) -> Result<(R, u64), VmError> {
+) -> Called<R> {
     let key = Arc::as_ptr(u) as usize;
     INSTANCES.with(|cell| {
-        let mut map = cell.borrow_mut();
-        let live = map
+        let mut worker = cell.borrow_mut();
+        let Worker { current, retired } = &mut *worker;
+        if !retired.is_empty() {
+            retired.retain(|r| Arc::strong_count(&r.slot.lease) > 1);
+        }
+        // The slot's `Weak` keeps its `PluginUse`'s allocation: no other one can be at the
+        // same address while it exists, so the same address is the same plugin use.
+        let live = current
             .get(&key)
-            .is_some_and(|s| s.owner.upgrade().is_some_and(|o| Arc::ptr_eq(&o, u)));
-        if !live {
-            map.remove(&key);
-            if generation.is_some() {
-                return Err(VmError::Refused("the instance was replaced".into()));
+            .is_some_and(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)));
+        if let Some((generation, ctx)) = at
+            && !(live
+                && current
+                    .get(&key)
+                    .is_some_and(|s| s.generation == generation))
+        {
+            let replaced = || VmError::Refused("the instance was replaced".into());
+            let Some(r) = retired
+                .iter_mut()
+                .find(|r| r.key == key && r.slot.generation == generation)
+            else {
+                return Err(replaced());
+            };
+            if r.failed.contains(&ctx) {
+                return Err(replaced());
             }
+            return match f(&mut r.slot.vm) {
+                Ok(out) => Ok((out, generation, Arc::clone(&r.slot.lease))),
+                Err(e) => {
+                    r.failed.push(ctx);
+                    Err(e)
+                }
+            };
+        }
+        if !live {
+            current.remove(&key);
             // Instances of plugin uses no snapshot holds any more (an earlier config) go now:
             // a worker never keeps one per reload.
-            map.retain(|_, s| s.owner.strong_count() > 0);
-            if map.len() >= MAX_INSTANCES_PER_THREAD
-                && let Some(k) = map.keys().next().copied()
+            current.retain(|_, s| s.owner.strong_count() > 0);
+            if current.len() >= MAX_INSTANCES_PER_THREAD
+                && let Some(k) = current.keys().next().copied()
             {
-                map.remove(&k);
+                current.remove(&k);
             }
             let vm = Vm::new(u)?;
-            map.insert(
+            current.insert(
                 key,
                 Slot {
                     owner: Arc::downgrade(u),
                     vm,
                     generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                    lease: Arc::new(()),
                 },
             );
         }
-        let Some(slot) = map.get_mut(&key) else {
+        let Some(slot) = current.get_mut(&key) else {
             return Err(VmError::Refused("no instance".into()));
         };
-        if generation.is_some_and(|g| g != slot.generation) {
-            return Err(VmError::Refused("the instance was replaced".into()));
-        }
         let g = slot.generation;
         match f(&mut slot.vm) {
-            Ok(r) => Ok((r, g)),
+            Ok(r) => Ok((r, g, Arc::clone(&slot.lease))),
             Err(e) => {
-                // A trapped instance may be in any state: the next request gets a new one.
-                map.remove(&key);
+                // A trapped instance may be in any state: the next request gets a new one;
+                // requests with contexts in it keep it until they end.
+                if let Some(slot) = current.remove(&key)
+                    && Arc::strong_count(&slot.lease) > 1
+                {
+                    if retired.len() >= MAX_RETIRED_PER_THREAD {
+                        retired.remove(0);
+                    }
+                    retired.push(Retired {
+                        key,
+                        slot,
+                        failed: at.map(|(_, ctx)| ctx).into_iter().collect(),
+                    });
+                }
                 Err(e)
             }
         }
@@ -238,6 +330,8 @@ struct Active {
     plugin: Arc<PluginUse>,
     generation: u64,
     ctx: i32,
+    /// Keeps the instance the context lives in, should it fail for another request.
+    _lease: Arc<()>,
 }
 
 /// The plugins of one request: their contexts, and the request headers as they left them.
@@ -245,9 +339,12 @@ pub struct PluginRun {
     active: Vec<Active>,
     /// The client's headers as the plugins got them, and as they left them (the same until a
     /// plugin changes them: each call shares them, and a change copies them).
-    original: Arc<abi::Pairs>,
-    headers: Arc<abi::Pairs>,
+    original: Arc<Headers>,
+    headers: Arc<Headers>,
     props: Arc<Props>,
+    /// The response headers as `on_response` left them (what the client gets), for the
+    /// response body's callbacks.
+    response: OnceLock<Arc<Headers>>,
     /// Set when the contexts are finished, for a request body still on its way.
     closed: Arc<AtomicBool>,
 }
@@ -290,36 +387,39 @@ pub fn on_request(
     client: &ClientHeaders,
 ) -> (PluginRun, Outcome) {
     let inc = info.incoming;
-    let path = match inc.query {
-        Some(q) => format!("{}?{q}", inc.path),
-        None => inc.path.to_owned(),
-    };
-    let mut headers: abi::Pairs = vec![
-        (":method".into(), inc.method.as_bytes().to_vec()),
-        (":path".into(), path.as_bytes().to_vec()),
-        (":authority".into(), inc.host.as_bytes().to_vec()),
-    ];
-    headers.extend(
-        client
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())),
+    let (n, bytes) = client
+        .iter()
+        .fold((3, 32), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
+    // Room for a plugin's usual edit or two.
+    let mut headers = Headers::with_capacity(
+        n + 2,
+        bytes + 64 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
     );
+    headers.push(":method", inc.method.as_bytes());
+    match inc.query {
+        Some(q) => headers.push_parts(":path", &[inc.path.as_bytes(), b"?", q.as_bytes()]),
+        None => headers.push(":path", inc.path.as_bytes()),
+    }
+    headers.push(":authority", inc.host.as_bytes());
+    for (n, v) in client.iter() {
+        headers.push(n, v);
+    }
     let headers = Arc::new(headers);
-    let props = Arc::new(Props {
-        method: inc.method.to_owned(),
-        path,
-        url_path: inc.path.to_owned(),
-        query: inc.query.unwrap_or("").to_owned(),
-        host: inc.host.to_owned(),
-        source_address: inc.client_ip.to_string(),
-        route: info.route.to_owned(),
-        config_sha: info.config_sha.to_owned(),
-    });
+    let props = Arc::new(Props::new(&PropsOf {
+        method: inc.method,
+        url_path: inc.path,
+        query: inc.query,
+        host: inc.host,
+        source: inc.client_ip,
+        route: info.route,
+        config_sha: info.config_sha,
+    }));
     let mut run = PluginRun {
         active: Vec::with_capacity(plugins.len()),
         original: Arc::clone(&headers),
         headers,
         props,
+        response: OnceLock::new(),
         closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
@@ -341,17 +441,18 @@ pub fn on_request(
             Ok((ctx, data))
         });
         match called {
-            Ok(((ctx, data), generation)) => {
+            Ok(((ctx, data), generation, lease)) => {
                 run.active.push(Active {
                     plugin: Arc::clone(u),
                     generation,
                     ctx,
+                    _lease: lease,
                 });
                 if let Some(h) = data.request {
                     run.headers = h;
                 }
                 if let Some(local) = data.local {
-                    return (run, Outcome::Respond(local_response(local)));
+                    return (run, Outcome::Respond(local_response(*local)));
                 }
             }
             Err(e) => {
@@ -389,8 +490,7 @@ impl PluginRun {
         let readers = self
             .active
             .iter()
-            .filter(|a| a.plugin.plugin.reads_request_bodies())
-            .collect();
+            .filter(|a| a.plugin.plugin.reads_request_bodies());
         BodyFilter::new(self, true, readers, limit)
     }
 
@@ -414,19 +514,16 @@ impl PluginRun {
             .active
             .iter()
             .rev()
-            .filter(|a| a.plugin.plugin.reads_response_bodies())
-            .collect();
+            .filter(|a| a.plugin.plugin.reads_response_bodies());
         let Some(filter) = BodyFilter::new(&self, false, readers, limit) else {
             return Err(self);
         };
-        let mut pairs: abi::Pairs = Vec::with_capacity(headers.len() + 1);
-        pairs.push((":status".into(), status.to_string().into_bytes()));
-        pairs.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
-        );
-        Ok(filter.owning(self, pairs))
+        // The headers `on_response` left are these: shared, not built again.
+        let seen = match self.response.get() {
+            Some(h) => Arc::clone(h),
+            None => Arc::new(response_headers(status, headers)),
+        };
+        Ok(filter.owning(self, seen))
     }
 
     /// The request headers as the plugins left them, for the policy.
@@ -434,47 +531,14 @@ impl PluginRun {
         self.headers
             .iter()
             .filter(|(n, _)| !n.starts_with(':'))
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
             .collect()
     }
 
     /// Makes the plugins' header changes on the headers going upstream: headers they removed
-    /// are removed, headers whose values they changed or added are set to their values.
+    /// are removed, headers whose values they changed or added are set to their values. Only
+    /// the names they changed are looked at.
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
-        if Arc::ptr_eq(&self.headers, &self.original) || self.headers == self.original {
-            return;
-        }
-        let values = |pairs: &abi::Pairs, name: &str| -> Vec<Vec<u8>> {
-            pairs
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-                .collect()
-        };
-        let mut names: Vec<&str> = self
-            .original
-            .iter()
-            .chain(self.headers.iter())
-            .map(|(n, _)| n.as_str())
-            .filter(|n| !n.starts_with(':'))
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        for name in names {
-            let now = values(&self.headers, name);
-            if now == values(&self.original, name) {
-                continue;
-            }
-            let Ok(h) = HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            upstream.remove(&h);
-            for v in now {
-                if let Ok(v) = HeaderValue::from_bytes(&v) {
-                    upstream.append(h.clone(), v);
-                }
-            }
-        }
+        apply(&self.original, &self.headers, upstream);
     }
 
     /// Runs `on_response_headers` of each plugin, in reverse order, on the status and headers
@@ -483,15 +547,8 @@ impl PluginRun {
         if self.active.is_empty() {
             return Outcome::Continue;
         }
-        let mut pairs: abi::Pairs = Vec::with_capacity(headers.len() + 1);
-        pairs.push((":status".into(), status.to_string().into_bytes()));
-        pairs.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
-        );
-        let mut pairs = Arc::new(pairs);
-        let before = Arc::clone(&pairs);
+        let before = Arc::new(response_headers(status, headers));
+        let mut pairs = Arc::clone(&before);
         for a in self.active.iter().rev() {
             let data = CallData {
                 request: Some(Arc::clone(&self.headers)),
@@ -500,7 +557,7 @@ impl PluginRun {
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
             };
-            let called = with_vm(&a.plugin, Some(a.generation), |vm| {
+            let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
                 let (data, action) = vm.on_headers(false, a.ctx, data);
                 let action = action?;
                 if data.local.is_none() && action != abi::ACTION_CONTINUE {
@@ -512,9 +569,9 @@ impl PluginRun {
                 Ok(data)
             });
             match called {
-                Ok((data, _)) => {
+                Ok((data, _, _)) => {
                     if let Some(local) = data.local {
-                        return Outcome::Respond(local_response(local));
+                        return Outcome::Respond(local_response(*local));
                     }
                     if let Some(r) = data.response {
                         pairs = r;
@@ -527,21 +584,66 @@ impl PluginRun {
                 }
             }
         }
-        // A plugin that changed nothing left the very same headers.
-        if !Arc::ptr_eq(&pairs, &before) && pairs != before {
-            drop(before);
-            let pairs = Arc::try_unwrap(pairs).unwrap_or_else(|shared| (*shared).clone());
-            headers.clear();
-            for (n, v) in pairs.into_iter().filter(|(n, _)| !n.starts_with(':')) {
-                if let (Ok(n), Ok(v)) = (
-                    HeaderName::from_bytes(n.as_bytes()),
-                    HeaderValue::from_bytes(&v),
-                ) {
-                    headers.append(n, v);
-                }
+        apply(&before, &pairs, headers);
+        let _ = self.response.set(pairs);
+        Outcome::Continue
+    }
+}
+
+/// The response headers a plugin sees: `:status`, then `headers` as the client would get them.
+fn response_headers(status: u16, headers: &HeaderMap) -> Headers {
+    let bytes = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum::<usize>();
+    // Room for a plugin's usual edit or two.
+    let mut out = Headers::with_capacity(headers.len() + 3, bytes + 64);
+    if (100..1000).contains(&status) {
+        let digit = |d: u16| b'0' + (d % 10) as u8;
+        out.push(
+            ":status",
+            &[digit(status / 100), digit(status / 10), digit(status)],
+        );
+    } else {
+        out.push(":status", status.to_string().as_bytes());
+    }
+    for (n, v) in headers {
+        out.push(n.as_str(), v.as_bytes());
+    }
+    out
+}
+
+/// Makes on `target` the changes that turned `before` into `now`: each name the plugins changed
+/// gets its values in `now` (none: removed), unless they are the values it had in `before`.
+fn apply(before: &Headers, now: &Headers, target: &mut HeaderMap) {
+    let mut set = |name: &str| {
+        if now.values(name).eq(before.values(name)) {
+            return;
+        }
+        let Some(h) = crate::proxy::headers::header_name(name) else {
+            return;
+        };
+        target.remove(&h);
+        for v in now.values(name) {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                target.append(h.clone(), v);
             }
         }
-        Outcome::Continue
+    };
+    match now.changed() {
+        Changed::None => {}
+        Changed::Names(names) => names.iter().for_each(|n| set(n)),
+        Changed::All => {
+            let mut every: Vec<&str> = before
+                .iter()
+                .chain(now.iter())
+                .map(|(n, _)| n)
+                .filter(|n| !n.starts_with(':'))
+                .collect();
+            every.sort_unstable();
+            every.dedup();
+            every.into_iter().for_each(set);
+        }
     }
 }
 
@@ -556,10 +658,11 @@ impl Drop for PluginRun {
                 props: Some(Arc::clone(&self.props)),
                 ..CallData::default()
             };
-            if let Err(e) = with_vm(&a.plugin, Some(a.generation), |vm| vm.finish(a.ctx, data))
-                && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
+            if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
+                vm.finish(a.ctx, data)
+            }) && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
             {
-                failed(&a.plugin, &self.props.route, "on_log", &e);
+                failed(&a.plugin, self.props.route(), "on_log", &e);
             }
         }
     }

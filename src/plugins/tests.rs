@@ -330,6 +330,37 @@ fn a_trap_in_on_response_headers_fails_closed_or_goes_on() {
 }
 
 #[test]
+fn a_trap_leaves_the_other_requests_in_the_instance_to_finish() {
+    // Contexts 2 and 3 are the first two requests' in a fresh instance; the second traps.
+    let body = format!(
+        r#"{CONTINUE_ON_REQUEST}
+           (func (export "proxy_on_response_headers") (param $ctx i32) (param i32 i32) (result i32)
+             (if (i32.eq (local.get $ctx) (i32.const 3)) (then {TRAP}))
+             (i32.const 0))
+           (func (export "proxy_on_log") (param $ctx i32)
+             (if (i32.eq (local.get $ctx) (i32.const 3)) (then {TRAP})))"#
+    );
+    let p = plugin("neighbours", &body, OnError::FailClosed, Limits::default());
+    let (first, out) = request(&[Arc::clone(&p)]);
+    assert!(is_continue(&out));
+    let (second, out) = request(&[Arc::clone(&p)]);
+    assert!(is_continue(&out));
+    let mut h = HeaderMap::new();
+    assert!(is_failed(&second.on_response("orders", 200, &mut h)));
+    // The first request is still in the instance that trapped, and finishes there.
+    assert!(is_continue(&first.on_response("orders", 200, &mut h)));
+    // A new request gets a fresh instance (its context is 2 there, which does not trap).
+    let (third, out) = request(&[Arc::clone(&p)]);
+    assert!(is_continue(&out));
+    assert!(is_continue(&third.on_response("orders", 200, &mut h)));
+    drop((first, third));
+    // The context that failed is not called again (its on_log would trap).
+    drop(second);
+    assert_eq!(errors("neighbours", "trap"), 1);
+    assert_eq!(errors("neighbours", "refused"), 0);
+}
+
+#[test]
 fn a_trap_in_on_log_is_counted() {
     let body = format!(
         r#"{CONTINUE_ON_REQUEST}
@@ -505,7 +536,7 @@ fn compiled_modules_are_cached_by_sha256() {
 
 #[test]
 fn instances_of_an_earlier_config_are_freed_when_the_next_one_starts() {
-    let count = || INSTANCES.with(|m| m.borrow().len());
+    let count = || INSTANCES.with(|m| m.borrow().current.len());
     let old = plugin(
         "old-config",
         CONTINUE_ON_REQUEST,
