@@ -77,10 +77,15 @@ pub fn connection_tokens<'a>(
             return Err("Connection header is not valid text".into());
         };
         for token in s.split(',') {
-            let t = token.trim().to_ascii_lowercase();
-            if t.is_empty() || t == "close" || t == "keep-alive" {
+            let t = token.trim();
+            if t.is_empty()
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("keep-alive")
+            {
                 continue;
             }
+            // Only the names to drop are copied (most Connection headers say only keep-alive).
+            let t = t.to_ascii_lowercase();
             if GATEWAY_SET.contains(&t.as_str()) || t.starts_with("x-forwarded-") {
                 return Err(format!(
                     "Connection header names `{t}`, which the gateway sets"

@@ -132,7 +132,17 @@ pub(crate) fn entry(
         let resp = redirect(&req, port, &state);
         return Box::pin(std::future::ready(resp));
     }
-    Box::pin(super::handler::handle(req, payload, state))
+    in_place(|| super::handler::handle(req, payload, state))
+}
+
+/// `make()`'s future in a box allocated before it is built, so that the compiler can build it
+/// there instead of on the stack and then copy its kilobytes over.
+fn in_place<F: Future<Output = HttpResponse> + 'static>(
+    make: impl FnOnce() -> F,
+) -> Pin<Box<dyn Future<Output = HttpResponse>>> {
+    let slot = Box::<F>::new_uninit();
+    let built: Box<F> = Box::write(slot, make());
+    Box::into_pin(built)
 }
 
 /// `308` to `https://<host>[:port]<path?query>`; 400 when the request has no usable host.
