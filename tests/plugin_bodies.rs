@@ -542,3 +542,177 @@ fn a_response_body_over_the_limit_or_a_trap_before_its_head_gets_a_proper_answer
     });
     assert_eq!(metric(&trapped, "trap_response", "trap"), Some(1.0));
 }
+
+/// Held request bodies count against this cap, per worker.
+const SMALL_CAP: &str = "\n[limits]\nmax_buffered_bodies = \"1KiB\"";
+
+/// Waits until the one worker has no request in flight: every exchange has ended, so what it
+/// held is given back.
+fn wait_idle(gw: &Gateway) {
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            scrape(gw).get("rustygate_in_flight_requests") == Some(&0.0)
+        }),
+        "requests still in flight"
+    );
+}
+
+#[test]
+fn bodies_plugins_hold_count_against_the_workers_cap_and_are_given_back() {
+    let be = Backend::echo();
+    let gw = gateway("hold_cap", PAUSE_UNTIL_END, SMALL_CAP, &be.url(), "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Two bodies of 600 bytes, neither ended: once the gateway has read both, the plugin
+        // would hold 1200 bytes, past the 1 KiB cap. Whichever is read second is refused.
+        let (tx_a, body_a) = channel_body();
+        let (tx_b, body_b) = channel_body();
+        let mut a = tokio::spawn(send(
+            http::Request::post(gw.url("/a")).body(body_a).unwrap(),
+        ));
+        let mut b = tokio::spawn(send(
+            http::Request::post(gw.url("/b")).body(body_b).unwrap(),
+        ));
+        for (tx, byte) in [(&tx_a, b'a'), (&tx_b, b'b')] {
+            tx.send(Ok(Frame::data(Bytes::from(vec![byte; 600]))))
+                .await
+                .unwrap();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                r = &mut a => (r.unwrap(), b, tx_b, b'b'),
+                r = &mut b => (r.unwrap(), a, tx_a, b'a'),
+            }
+        })
+        .await
+        .expect("one of the two held bodies was refused");
+        let (refused, other, tx, byte) = first;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        let json = refused.json();
+        assert_eq!(
+            json["error"],
+            "the gateway is holding too many request bodies; try again"
+        );
+        assert_eq!(json["request_id"].as_str(), refused.header("x-request-id"));
+
+        // The other goes through whole once it ends.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"!"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let passed = other.await.unwrap();
+        assert_eq!(passed.status, 200, "{}", passed.text());
+        let mut expected = String::from_utf8(vec![byte; 600]).unwrap();
+        expected.push('!');
+        assert_eq!(passed.json()["body"], expected);
+    });
+    assert_eq!(be.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Both ended: all of the cap is free again, for a body of nearly its size.
+    wait_idle(&gw);
+    let body = [b'c'; 1000];
+    let (status, text) = http(&gw.addr.to_string(), "POST", "/c", &[], &body).unwrap();
+    assert_eq!(status, 200, "{text}");
+}
+
+#[test]
+fn a_client_that_closes_while_a_plugin_holds_its_body_gives_its_share_back() {
+    let be = Backend::echo();
+    let gw = gateway("hold_cap_gone", PAUSE_UNTIL_END, SMALL_CAP, &be.url(), "");
+    let addr = gw.addr.to_string();
+    let full_cap = [b'x'; 1024];
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1024\r\n\r\n")
+        .unwrap();
+    s.write_all(&[b'y'; 1000]).unwrap();
+    // Held: a body of the cap's size is refused (once the gateway has read the 1000 bytes;
+    // until then it may pass).
+    let mut refused = false;
+    for _ in 0..100 {
+        let (status, text) = http(&addr, "POST", "/probe", &[], &full_cap).unwrap();
+        if status == 503 {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, 200, "{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused, "the held bytes never counted against the cap");
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    wait_idle(&gw);
+    let (status, text) = http(&addr, "POST", "/after", &[], &full_cap).unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(&"x".repeat(1024)), "{text}");
+}
+
+/// Lets the first chunk of the request body go, then holds the rest until its end.
+const LET_FIRST_GO_THEN_HOLD: &str = r#"
+  (func (export "proxy_on_request_body") (param i32) (param i32) (param $end i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (i32.eq (global.get $calls) (i32.const 1)) (then (return (i32.const 0))))
+    (i32.eqz (local.get $end)))"#;
+
+static OVER_SMALL_CAP: [u8; 1100] = [b'z'; 1100];
+
+#[test]
+fn a_body_held_past_the_cap_after_bytes_went_upstream_aborts_it_and_answers_503() {
+    let (be, mut seen) = recording_backend();
+    let gw = gateway(
+        "hold_cap_streamed",
+        LET_FIRST_GO_THEN_HOLD,
+        SMALL_CAP,
+        &be.url(),
+        "",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (got, reply) = send_in_two(&gw, &mut seen, None, (b"first", &OVER_SMALL_CAP[..])).await;
+        assert_eq!(&got[..], b"first");
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert_eq!(
+            reply.json()["error"],
+            "the gateway is holding too many request bodies; try again"
+        );
+    });
+    wait_idle(&gw);
+    let (status, text) = http(&gw.addr.to_string(), "POST", "/after", &[], &[b'c'; 1000]).unwrap();
+    assert_eq!(status, 200, "{text}");
+}
+
+#[test]
+fn a_held_body_sent_whole_stays_counted_until_its_exchange_ends() {
+    // Reports each body it receives, and answers only once `release` says so.
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel::<usize>();
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let be = Backend::start(move |req| {
+        let arrived = arrived_tx.clone();
+        let mut gate = gate.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let _ = arrived.send(body.len());
+            let _ = gate.wait_for(|open| *open).await;
+            http::Response::new(full(body))
+        }
+    });
+    let gw = gateway("hold_cap_whole", PAUSE_UNTIL_END, SMALL_CAP, &be.url(), "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let post = |byte| {
+            let req = http::Request::post(gw.url("/x")).body(full(vec![byte; 600]));
+            send(req.unwrap())
+        };
+        let a = tokio::spawn(post(b'a'));
+        let got = tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+            .await
+            .expect("the first body reached the upstream");
+        assert_eq!(got, Some(600));
+        // The plugin let it go whole; the gateway holds it (for a retry) until the upstream
+        // answers, so a second one does not fit.
+        let b = post(b'b').await;
+        assert_eq!(b.status, 503, "{}", b.text());
+        release.send(true).unwrap();
+        let a = a.await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.body, vec![b'a'; 600]);
+    });
+}

@@ -208,8 +208,9 @@ pub struct RawLimits {
     pub max_connections: Option<Spanned<u32>>,
     /// Client connections open at once from one client address (default: no cap).
     pub max_connections_per_ip: Option<Spanned<u32>>,
-    /// Request bodies held in memory for retries, per worker (default "64MiB"); a request that
-    /// would go over it gets 503.
+    /// Request bodies held in memory, per worker (default "64MiB"): bodies read whole for
+    /// retries and what WASM plugins hold of request bodies; a request that would go over it
+    /// gets 503.
     pub max_buffered_bodies: Option<Spanned<SizeText>>,
     /// Streams one HTTP/2 client connection may have open at once (default 128, as nginx).
     pub http2_max_concurrent_streams: Option<Spanned<u32>>,

@@ -103,6 +103,12 @@ impl BodyFilter {
         self
     }
 
+    /// Bytes the plugins hold now (paused on, waiting for more), all stages together: what
+    /// this body costs the worker between calls.
+    pub fn held(&self) -> u64 {
+        self.stages.iter().map(|s| s.held.len() as u64).sum()
+    }
+
     fn hook(&self) -> &'static str {
         if self.request {
             "on_request_body"

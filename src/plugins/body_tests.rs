@@ -60,9 +60,14 @@ fn a_plugin_that_pauses_sees_the_whole_body_at_the_end_and_rewrites_it() {
     let (run, out) = request(&[p]);
     assert!(is_continue(&out));
     let mut f = filter(&run);
+    assert_eq!(f.held(), 0);
     assert_eq!(chunk(&mut f, b"ab", false), "");
+    assert_eq!(f.held(), 2);
     assert_eq!(chunk(&mut f, b"cd", false), "");
+    assert_eq!(f.held(), 4);
     assert_eq!(chunk(&mut f, b"ef", true), "REWRITTEN");
+    // Let go: held no more.
+    assert_eq!(f.held(), 0);
     assert_eq!(errors("pause-rewrite", "trap"), 0);
 }
 

@@ -98,7 +98,11 @@ struct Exchange {
     plugin_stop: Option<plugin_body::Stop>,
 }
 
-/// A replayable body's share of the worker's `max_buffered_bodies`, given back on drop.
+/// The answer when a request body would take the worker past `max_buffered_bodies`.
+const TOO_MANY_BODIES: &str = "the gateway is holding too many request bodies; try again";
+
+/// A request body's share of the worker's `max_buffered_bodies` (a body read whole for
+/// retries, or what a WASM plugin holds), given back on drop.
 struct Buffered {
     total: Rc<std::cell::Cell<u64>>,
     bytes: u64,
@@ -106,15 +110,23 @@ struct Buffered {
 
 impl Buffered {
     fn reserve(total: &Rc<std::cell::Cell<u64>>, bytes: u64, cap: u64) -> Option<Buffered> {
-        let now = total.get();
-        if now.saturating_add(bytes) > cap {
-            return None;
-        }
-        total.set(now + bytes);
-        Some(Buffered {
+        let mut b = Buffered {
             total: Rc::clone(total),
-            bytes,
-        })
+            bytes: 0,
+        };
+        b.resize(bytes, cap).then_some(b)
+    }
+
+    /// Makes this share `bytes`: less always succeeds; more only within `cap` for the worker's
+    /// total, else (`false`) it stays as it was.
+    fn resize(&mut self, bytes: u64, cap: u64) -> bool {
+        let others = self.total.get().saturating_sub(self.bytes);
+        if bytes > self.bytes && others.saturating_add(bytes) > cap {
+            return false;
+        }
+        self.total.set(others.saturating_add(bytes));
+        self.bytes = bytes;
+        true
     }
 }
 
@@ -1020,10 +1032,7 @@ async fn outgoing_body(
     let cap = ex.snapshot.limits.max_buffered_bodies;
     match Buffered::reserve(&state.buffered, expected, cap) {
         Some(b) => ex.buffered = Some(b),
-        None => {
-            let why = "the gateway is holding too many request bodies; try again";
-            return Err(ex.error(503, why));
-        }
+        None => return Err(ex.error(503, TOO_MANY_BODIES)),
     }
     let stats = Rc::new(BodyStats::default());
     ex.body = Some(Rc::clone(&stats));
@@ -1142,8 +1151,9 @@ fn attempt_failed(
         t.attempt_done(None, Some(error.kind()));
     }
     if let Some(stop) = ex.plugin_stop.as_ref().and_then(|s| s.borrow_mut().take()) {
-        // A plugin stopped the request body on its way: its answer, not the upstream's failure.
-        return Err(plugin_body::stopped(ex, &stop, true));
+        // A plugin stopped the request body on its way, or what it held went over the worker's
+        // cap: that answer, not the upstream's failure.
+        return Err(plugin_body::halted(ex, &stop));
     }
     let too_large = ex.body.as_ref().is_some_and(|b| b.too_large.get());
     match &error {
@@ -1622,7 +1632,8 @@ fn websocket_tunnel(
 
 #[cfg(test)]
 mod tests {
-    use super::{grpc_code, grpc_timeout, upstream_uri, valid_host};
+    use super::{Buffered, grpc_code, grpc_timeout, upstream_uri, valid_host};
+    use std::rc::Rc;
     use std::time::Duration;
 
     #[test]
@@ -1638,6 +1649,26 @@ mod tests {
             assert!(upstream_uri(bad.to_owned(), None).is_none(), "{bad:?}");
         }
         assert!(upstream_uri("/a".to_owned(), Some("q=\r\n")).is_none());
+    }
+
+    #[test]
+    fn buffered_shares_grow_within_the_cap_shrink_freely_and_are_given_back_on_drop() {
+        let total = Rc::new(std::cell::Cell::new(0));
+        let mut a = Buffered::reserve(&total, 0, 100).unwrap();
+        let b = Buffered::reserve(&total, 30, 100).unwrap();
+        assert!(a.resize(70, 100));
+        assert_eq!(total.get(), 100);
+        // One byte more for either is past the cap, and changes nothing.
+        assert!(!a.resize(71, 100));
+        assert!(Buffered::reserve(&total, 1, 100).is_none());
+        assert_eq!((a.bytes, total.get()), (70, 100));
+        // Shrinking always works, even past a cap lowered meanwhile.
+        assert!(a.resize(20, 10));
+        assert_eq!(total.get(), 50);
+        drop(b);
+        assert_eq!(total.get(), 20);
+        drop(a);
+        assert_eq!(total.get(), 0);
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! ```
 //!
 //! Until the first bytes go on, every failure still gets a proper answer: a plugin's local
-//! response, 500 (`fail_closed`), 413 (request body over the route's limit), 502 (response body
-//! over it, or the upstream broke off). After that, a failure can only end the stream: the
-//! upstream request is aborted (and the client answered as above, if its response has not
-//! started), or the client's connection is aborted mid-response.
+//! response, 500 (`fail_closed`), 413 (request body over the route's limit), 503 (what the
+//! plugins hold of request bodies would take the worker past `max_buffered_bodies`), 502
+//! (response body over the route's limit, or the upstream broke off). After that, a failure
+//! can only end the stream: the upstream request is aborted (and the client answered as
+//! above, if its response has not started), or the client's connection is aborted
+//! mid-response.
 
 use std::cell::RefCell;
 use std::pin::Pin;
@@ -28,7 +30,7 @@ use bytes::Bytes;
 use futures_util::future::poll_fn;
 use tokio::sync::mpsc;
 
-use super::{Exchange, Outgoing, WorkerState, body_timeout, respond};
+use super::{Buffered, Exchange, Outgoing, TOO_MANY_BODIES, WorkerState, body_timeout, respond};
 use crate::plugins::{BodyFilter, BodyStop};
 use crate::proxy::body::{
     BodyError, BodyStats, CHANNEL_DEPTH, Ended, OnFinish, ProxyBody, UpstreamBody,
@@ -36,9 +38,26 @@ use crate::proxy::body::{
 };
 use crate::snapshot::Route;
 
-/// Why a plugin stopped a request body that was already on its way upstream: the answer the
-/// handler gives when the upstream request fails for it.
-pub(super) type Stop = Rc<RefCell<Option<BodyStop>>>;
+/// Why a request body already on its way upstream was stopped: the answer the handler gives
+/// when the upstream request fails for it.
+pub(super) type Stop = Rc<RefCell<Option<Halt>>>;
+
+/// Why a request body read through the plugins cannot go on.
+#[derive(Debug)]
+pub(super) enum Halt {
+    /// A plugin stopped it.
+    Plugin(BodyStop),
+    /// What the plugins hold would take the worker past `max_buffered_bodies`.
+    Busy,
+}
+
+/// The client's answer for a request body that was stopped on its way.
+pub(super) fn halted(ex: &Exchange, halt: &Halt) -> HttpResponse {
+    match halt {
+        Halt::Plugin(s) => stopped(ex, s, true),
+        Halt::Busy => ex.error(503, TOO_MANY_BODIES),
+    }
+}
 
 /// The client's answer for a body a plugin stopped.
 pub(super) fn stopped(ex: &Exchange, stop: &BodyStop, request: bool) -> HttpResponse {
@@ -58,7 +77,7 @@ pub(super) fn stopped(ex: &Exchange, stop: &BodyStop, request: bool) -> HttpResp
 /// What reading one more piece of the client's body gave.
 enum Pulled {
     Client(BodyError),
-    Stop(BodyStop),
+    Stop(Halt),
 }
 
 /// The client's body as read so far, and how it is read.
@@ -68,6 +87,10 @@ struct Reader {
     limit: u64,
     idle: std::time::Duration,
     stats: Rc<BodyStats>,
+    /// What the plugins hold, counted against the worker's `max_buffered_bodies` (`cap`) as
+    /// it grows; given back as they let it go, and whatever way the body ends (on drop).
+    held: Buffered,
+    cap: u64,
 }
 
 impl Reader {
@@ -88,7 +111,12 @@ impl Reader {
                 (b, self.declared == Some(total))
             }
         };
-        let out = filter.chunk(data, end).map_err(Pulled::Stop)?;
+        let out = filter
+            .chunk(data, end)
+            .map_err(|s| Pulled::Stop(Halt::Plugin(s)))?;
+        if !self.held.resize(filter.held(), self.cap) {
+            return Err(Pulled::Stop(Halt::Busy));
+        }
         Ok((out, end))
     }
 }
@@ -114,6 +142,11 @@ pub(super) async fn request(
         limit: route.max_body_size,
         idle: ex.snapshot.limits.body_idle_timeout,
         stats,
+        held: Buffered {
+            total: Rc::clone(&state.buffered),
+            bytes: 0,
+        },
+        cap: ex.snapshot.limits.max_buffered_bodies,
     };
     let first = tokio::time::timeout(route.timeout, async {
         loop {
@@ -126,7 +159,7 @@ pub(super) async fn request(
     .await;
     let (first, end) = match first {
         Ok(Ok(f)) => f,
-        Ok(Err(Pulled::Stop(s))) => return Err(stopped(ex, &s, true)),
+        Ok(Err(Pulled::Stop(h))) => return Err(halted(ex, &h)),
         Ok(Err(Pulled::Client(BodyError::TooLarge { .. }))) => {
             return Err(ex.error(413, "request body is larger than this route accepts"));
         }
@@ -139,6 +172,12 @@ pub(super) async fn request(
     };
     if end {
         // Whole, as the plugins left it: sent with its exact length, and again on a retry.
+        // Held until the exchange ends, so it stays counted, as a body read for retries is.
+        let mut held = reader.held;
+        if !held.resize(first.len() as u64, reader.cap) {
+            return Err(ex.error(503, TOO_MANY_BODIES));
+        }
+        ex.buffered = Some(held);
         return Ok(Outgoing::Replayable(first));
     }
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
