@@ -587,18 +587,7 @@ fn reloads_and_the_attempted_commit_with_its_located_diagnostic() {
         &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
     );
     let auth = bearer();
-    let get = |path: &str| {
-        let r = call(
-            &gw.admin,
-            &gw.admin,
-            "GET",
-            path,
-            &[("Authorization", &auth)],
-            b"",
-        );
-        assert_eq!(r.status, 200, "{path}: {}", r.body);
-        r.json()
-    };
+    let get = |path: &str| admin_get(&gw, path);
     // The binary always has a fleet; without [rate_limit_store] it is a single replica.
     let f = get("/api/v1/fleet");
     assert_eq!(f["state"], "single", "{f}");
@@ -749,27 +738,7 @@ fn upstream_latency_covers_the_last_window_not_the_time_since_start() {
 
 /// Two replicas, `a` and `b`, of one bare repository (`--poll 0`), sharing `redis`.
 fn two_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
-    let caches: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let gws = ["a", "b"]
-        .iter()
-        .zip(&caches)
-        .map(|(id, cache)| {
-            GatewayProcess::start(
-                &[
-                    "--repo",
-                    url,
-                    "--poll",
-                    "0",
-                    "--replica-id",
-                    id,
-                    "--cache-dir",
-                    cache.path().to_str().unwrap(),
-                ],
-                &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
-            )
-        })
-        .collect();
-    (gws, caches)
+    GatewayProcess::replicas(url, &["a", "b"], &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)])
 }
 
 fn fleet_files(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {

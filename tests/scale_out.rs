@@ -442,30 +442,11 @@ const SECRET: &str = "hook-s3cret";
 
 /// Three replicas of one bare repository, `--poll 0`, each with its own cache dir.
 fn three_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
-    let caches: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let replicas = ["a", "b", "c"]
-        .iter()
-        .zip(&caches)
-        .map(|(id, cache)| {
-            GatewayProcess::start(
-                &[
-                    "--repo",
-                    url,
-                    "--poll",
-                    "0",
-                    "--replica-id",
-                    id,
-                    "--cache-dir",
-                    cache.path().to_str().unwrap(),
-                ],
-                &[
-                    ("RUSTYGATE_ADMIN_TOKEN", TOKEN),
-                    ("RUSTYGATE_WEBHOOK_SECRET", SECRET),
-                ],
-            )
-        })
-        .collect();
-    (replicas, caches)
+    let envs = [
+        ("RUSTYGATE_ADMIN_TOKEN", TOKEN),
+        ("RUSTYGATE_WEBHOOK_SECRET", SECRET),
+    ];
+    GatewayProcess::replicas(url, &["a", "b", "c"], &envs)
 }
 
 fn fleet(gw: &GatewayProcess) -> serde_json::Value {

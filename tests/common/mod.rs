@@ -605,6 +605,36 @@ impl GatewayProcess {
         }
     }
 
+    /// One replica per id of the repository at `url` (`--poll 0`, `--replica-id`), each with
+    /// its own cache dir (kept alive by the returned dirs) and `envs`.
+    pub fn replicas(
+        url: &str,
+        ids: &[&str],
+        envs: &[(&str, &str)],
+    ) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
+        let caches: Vec<tempfile::TempDir> =
+            ids.iter().map(|_| tempfile::tempdir().unwrap()).collect();
+        let gws = ids
+            .iter()
+            .zip(&caches)
+            .map(|(id, cache)| {
+                let dir = cache.path().to_str().unwrap();
+                let args = [
+                    "--repo",
+                    url,
+                    "--poll",
+                    "0",
+                    "--replica-id",
+                    id,
+                    "--cache-dir",
+                    dir,
+                ];
+                GatewayProcess::start(&args, envs)
+            })
+            .collect();
+        (gws, caches)
+    }
+
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http(&self.listen, "GET", path, &[], b"")
     }
