@@ -741,21 +741,6 @@ fn two_replicas(url: &str) -> (Vec<GatewayProcess>, Vec<tempfile::TempDir>) {
     GatewayProcess::replicas(url, &["a", "b"], &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)])
 }
 
-fn fleet_files(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {
-    vec![
-        (
-            "gateway.toml",
-            format!("[rate_limit_store]\nurl = \"{}\"\n", redis.url()),
-        ),
-        (
-            "routes/main.toml",
-            format!(
-                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
-            ),
-        ),
-    ]
-}
-
 /// `GET path` on a replica's admin listener with the token: the JSON of a 200.
 fn admin_get(gw: &GatewayProcess, path: &str) -> Value {
     let auth = bearer();
@@ -779,7 +764,7 @@ fn the_fleet_agrees_then_says_who_serves_which_commit_and_survives_a_stalled_or_
     let dir = tempfile::tempdir().unwrap();
     let repo = git2::Repository::init_bare(dir.path()).unwrap();
     let url = format!("file://{}", dir.path().display());
-    let v1 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v1")), "v1").to_string();
+    let v1 = commit_files(&repo, "main", &as_refs(&redis.fleet_config("v1")), "v1").to_string();
     let (gws, _caches) = two_replicas(&url);
     let fleet = |gw: &GatewayProcess| admin_get(gw, "/api/v1/fleet");
 
@@ -817,7 +802,7 @@ fn the_fleet_agrees_then_says_who_serves_which_commit_and_survives_a_stalled_or_
 
     // A new commit, applied by `a` only (polling is off, no webhook): they disagree, and `b`
     // says which replica serves which commit.
-    let v2 = commit_files(&repo, "main", &as_refs(&fleet_files(&redis, "v2")), "v2").to_string();
+    let v2 = commit_files(&repo, "main", &as_refs(&redis.fleet_config("v2")), "v2").to_string();
     let auth = bearer();
     assert_eq!(
         gws[0]

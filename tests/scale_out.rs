@@ -422,21 +422,6 @@ fn validate_needs_no_redis_and_locates_store_errors() {
 
 // ---- the fleet: real `rustygate serve` processes on one git repository ----
 
-fn fleet_config(redis: &RedisServer, body: &str) -> Vec<(&'static str, String)> {
-    vec![
-        (
-            "gateway.toml",
-            format!("[rate_limit_store]\nurl = \"{}\"\n", redis.url()),
-        ),
-        (
-            "routes/main.toml",
-            format!(
-                "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
-            ),
-        ),
-    ]
-}
-
 const TOKEN: &str = "admin-t0ken";
 const SECRET: &str = "hook-s3cret";
 
@@ -479,7 +464,7 @@ fn the_fleet_view_shows_a_partial_rollout_then_agreement() {
     let dir = tempfile::tempdir().unwrap();
     let repo = git2::Repository::init_bare(dir.path()).unwrap();
     let url = format!("file://{}", dir.path().display());
-    let v1 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v1")), "v1").to_string();
+    let v1 = commit_files(&repo, "main", &as_refs(&redis.fleet_config("v1")), "v1").to_string();
     let (gws, _caches) = three_replicas(&url);
     assert!(
         wait_until(Duration::from_secs(10), || fleet(&gws[0])["replicas"]
@@ -493,7 +478,7 @@ fn the_fleet_view_shows_a_partial_rollout_then_agreement() {
     assert_eq!(f["shas"][v1.as_str()], 3, "{f}");
 
     // A new commit, applied by one replica only (no webhook, polling off).
-    let v2 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v2")), "v2").to_string();
+    let v2 = commit_files(&repo, "main", &as_refs(&redis.fleet_config("v2")), "v2").to_string();
     let auth = ("Authorization", "Bearer admin-t0ken");
     assert_eq!(gws[0].admin_post("/admin/reload", &[auth], b"").0, 202);
     assert!(
@@ -560,7 +545,7 @@ fn one_webhook_makes_every_replica_serve_the_new_commit_within_2s() {
     let dir = tempfile::tempdir().unwrap();
     let repo = git2::Repository::init_bare(dir.path()).unwrap();
     let url = format!("file://{}", dir.path().display());
-    commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v1")), "v1");
+    commit_files(&repo, "main", &as_refs(&redis.fleet_config("v1")), "v1");
     let (gws, _caches) = three_replicas(&url);
     // Every replica follows the heads channel.
     assert!(wait_until(Duration::from_secs(10), || {
@@ -575,7 +560,7 @@ fn one_webhook_makes_every_replica_serve_the_new_commit_within_2s() {
         assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
     }
 
-    let v2 = commit_files(&repo, "main", &as_refs(&fleet_config(&redis, "v2")), "v2").to_string();
+    let v2 = commit_files(&repo, "main", &as_refs(&redis.fleet_config("v2")), "v2").to_string();
     let push = format!(r#"{{"ref":"refs/heads/main","after":"{v2}"}}"#);
     let signature = sign(push.as_bytes());
     let started = Instant::now();

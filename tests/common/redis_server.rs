@@ -75,6 +75,23 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// A config repo's files for a fleet on this server: `[rate_limit_store]` naming it and one
+    /// route answering `body` itself, so each commit is told apart by what `/` says.
+    pub fn fleet_config(&self, body: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "gateway.toml",
+                format!("[rate_limit_store]\nurl = \"{}\"\n", self.url()),
+            ),
+            (
+                "routes/main.toml",
+                format!(
+                    "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+                ),
+            ),
+        ]
+    }
+
     pub fn try_conn(&self) -> Option<redis::Connection> {
         redis::Client::open(self.url())
             .ok()?
