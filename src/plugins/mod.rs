@@ -31,7 +31,6 @@ mod headers;
 mod host;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
@@ -184,29 +183,8 @@ const MAX_RETIRED_PER_THREAD: usize = 8;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
-/// Hashes the address of a `PluginUse` (the instances' key) as it is: no SipHash per call.
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl std::hash::Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        // Allocations are 8-aligned: the low bits carry nothing; mixed so that the high bits
-        // hashbrown uses for its control bytes differ too.
-        self.0 = ((n >> 3) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type Instances = HashMap<usize, Slot, std::hash::BuildHasherDefault<AddressHasher>>;
+/// The instances by the address of their `PluginUse`; foldhash, not SipHash, per call.
+type Instances = crate::util::FastMap<usize, Slot>;
 
 #[derive(Default)]
 struct Worker {

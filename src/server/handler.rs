@@ -109,11 +109,16 @@ struct Buffered {
 }
 
 impl Buffered {
-    fn reserve(total: &Rc<std::cell::Cell<u64>>, bytes: u64, cap: u64) -> Option<Buffered> {
-        let mut b = Buffered {
+    /// A share of nothing yet, grown by [`Buffered::resize`].
+    fn empty(total: &Rc<std::cell::Cell<u64>>) -> Buffered {
+        Buffered {
             total: Rc::clone(total),
             bytes: 0,
-        };
+        }
+    }
+
+    fn reserve(total: &Rc<std::cell::Cell<u64>>, bytes: u64, cap: u64) -> Option<Buffered> {
+        let mut b = Buffered::empty(total);
         b.resize(bytes, cap).then_some(b)
     }
 

@@ -142,10 +142,7 @@ pub(super) async fn request(
         limit: route.max_body_size,
         idle: ex.snapshot.limits.body_idle_timeout,
         stats,
-        held: Buffered {
-            total: Rc::clone(&state.buffered),
-            bytes: 0,
-        },
+        held: Buffered::empty(&state.buffered),
         cap: ex.snapshot.limits.max_buffered_bodies,
     };
     let first = tokio::time::timeout(route.timeout, async {
