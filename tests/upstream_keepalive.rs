@@ -160,10 +160,13 @@ fn serve(
             .map(|k| format!("Keep-Alive: {k}\r\n"))
             .unwrap_or_default();
         let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n{keep_alive}\r\n{body}");
+        // Counted before the write: the client may read the answer and look at the count
+        // before this thread runs again.
+        answered.fetch_add(1, Ordering::SeqCst);
         if s.write_all(resp.as_bytes()).is_err() {
+            answered.fetch_sub(1, Ordering::SeqCst);
             return;
         }
-        answered.fetch_add(1, Ordering::SeqCst);
         last = Instant::now();
     }
 }
