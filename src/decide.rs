@@ -93,6 +93,17 @@ pub struct Forward {
     pub plugins: Option<PluginRun>,
 }
 
+impl Forward {
+    /// Whether a policy's `on_response` or a plugin may see or change the response head.
+    pub fn edits_response(&self) -> bool {
+        self.plugins.is_some()
+            || self
+                .policy
+                .as_ref()
+                .is_some_and(|r| r.policy.policy.has_on_response())
+    }
+}
+
 /// A policy in the middle of one exchange: the `req` both hooks see.
 pub struct PolicyRun {
     pub policy: RoutePolicy,

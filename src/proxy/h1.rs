@@ -23,6 +23,7 @@ use std::rc::Weak;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use actix_http::header as ax;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
@@ -30,6 +31,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::ProxyBody;
 use super::pool::LocalPool;
+use super::response::{HeadShape, UpstreamHead};
 use crate::telemetry::trace::Field;
 use crate::upstream::PoolKey;
 pub(crate) use crate::wire::connect::Io;
@@ -115,15 +117,16 @@ pub(crate) struct Checkin {
 }
 
 /// Writes `req` (with `traceparent` in place of any in its headers) and reads the response
-/// head. The body (none when `head_only`) reads the rest and hands the connection to `checkin`
-/// at its end.
+/// head, parsed into `shape`. The body (none when `head_only`) reads the rest and hands the
+/// connection to `checkin` at its end.
 pub(crate) async fn exchange(
     mut conn: Conn,
     req: &http::Request<ProxyBody>,
     traceparent: Option<&[u8; 55]>,
     checkin: Checkin,
     idle_timeout: Duration,
-) -> Result<http::Response<ResponseBody>, H1Error> {
+    shape: HeadShape,
+) -> Result<(UpstreamHead, ResponseBody), H1Error> {
     let head_only = req.method() == http::Method::HEAD;
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
@@ -144,25 +147,24 @@ pub(crate) async fn exchange(
     if out.capacity() <= KEEP_OUT {
         conn.out = out;
     }
-    let (mut resp, framing, keep_alive) = loop {
-        let head = read_head(&mut conn).await?;
+    let head = loop {
+        let head = read_head(&mut conn, shape).await?;
         // Interim responses (100 Continue, 103 Early Hints) are skipped.
-        if head.0.status().is_informational()
-            && head.0.status() != http::StatusCode::SWITCHING_PROTOCOLS
-        {
+        let status = head.head.status();
+        if status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS {
             continue;
         }
         break head;
     };
-    let status = resp.status().as_u16();
+    let status = head.head.status().as_u16();
     let framing = if head_only || status == 204 || status == 304 || status == 101 {
         Framing::Length(0)
     } else {
-        framing
+        head.framing
     };
-    let reusable = keep_alive && status != 101 && !matches!(framing, Framing::Close);
+    let reusable = head.keep_alive && status != 101 && !matches!(framing, Framing::Close);
     let idle = if reusable {
-        super::keepalive::idle_limit(resp.headers(), idle_timeout)
+        super::keepalive::idle_limit_of(head.announced_idle, idle_timeout)
     } else {
         None
     };
@@ -175,8 +177,7 @@ pub(crate) async fn exchange(
         },
     };
     body.end_if_done();
-    let (parts, ()) = std::mem::replace(&mut resp, http::Response::new(())).into_parts();
-    Ok(http::Response::from_parts(parts, body))
+    Ok((head.head, body))
 }
 
 /// Writes the request head into `out`, with `traceparent` in place of any in the request's
@@ -263,14 +264,23 @@ fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
 }
 
-type Head = (http::Response<()>, Framing, bool);
+/// A parsed response head.
+struct Head {
+    head: UpstreamHead,
+    framing: Framing,
+    /// Whether the connection may carry another request (HTTP/1.1 or `keep-alive`, no
+    /// `close`).
+    keep_alive: bool,
+    /// The smallest `timeout=` of its `Keep-Alive` fields (seconds).
+    announced_idle: Option<u64>,
+}
 
 /// Reads and parses a response head; its bytes are removed from the buffer.
-async fn read_head(conn: &mut Conn) -> Result<Head, H1Error> {
+async fn read_head(conn: &mut Conn, shape: HeadShape) -> Result<Head, H1Error> {
     let mut first = true;
     loop {
         if !conn.buf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.buf)? {
+            if let Some(head) = parse_head(&mut conn.buf, shape)? {
                 return Ok(head);
             }
             if conn.buf.len() > MAX_HEAD {
@@ -291,7 +301,7 @@ async fn read_head(conn: &mut Conn) -> Result<Head, H1Error> {
     }
 }
 
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Error> {
     // Uninitialised: zeroing 128 fields per response would cost more than parsing them.
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -313,39 +323,44 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let status =
         http::StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("invalid status code"))?;
     let http11 = r.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = None::<bool>;
     let mut close = !http11;
-    // The values are slices of the head, taken out of the buffer whole once it is parsed: one
-    // shared buffer instead of an allocation and a copy per value. Each value is named by its
-    // place in the head until then.
+    let mut announced_idle = None::<u64>;
+    // Names and values are slices of the head, taken out of the buffer whole once it is
+    // parsed: one shared buffer instead of an allocation and a copy per value. Each field is
+    // named by its place in the head until then.
     let base = buf.as_ptr() as usize;
+    let place = |s: &[u8]| {
+        let start = (s.as_ptr() as usize).wrapping_sub(base);
+        (start <= len && len - start >= s.len())
+            .then_some(start..start + s.len())
+            .ok_or(H1Error::Invalid("malformed response head"))
+    };
     let mut spans = Spans::new();
     for f in r.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| H1Error::Invalid("invalid header name"))?;
-        let start = (f.value.as_ptr() as usize).wrapping_sub(base);
-        if start > len || len - start < f.value.len() {
-            return Err(H1Error::Invalid("malformed response head"));
-        }
-        if name == header::CONTENT_LENGTH {
+        let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_length(f.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Invalid("conflicting Content-Length"));
             }
             length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // The last coding decides; several fields are one list.
             let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             close |= has_token(f.value, b"close");
             if !http11 && has_token(f.value, b"keep-alive") {
                 close = false;
             }
+        } else if name.eq_ignore_ascii_case(b"keep-alive")
+            && let Some(t) = super::keepalive::announced_timeout(f.value)
+        {
+            announced_idle = Some(announced_idle.map_or(t, |a| a.min(t)));
         }
-        spans.push(name, start, start + f.value.len());
+        spans.push(place(name)?, place(f.value)?);
     }
     let framing = match (chunked, length) {
         (Some(_), Some(_)) => {
@@ -358,29 +373,92 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         (None, Some(n)) => Framing::Length(n),
         (None, None) => Framing::Close,
     };
-    let head = buf.split_to(len).freeze();
-    for (name, start, end) in spans.drain() {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-            .map_err(|_| H1Error::Invalid("invalid header value"))?;
-        headers.append(name, value);
-    }
-    let mut resp = http::Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = if http11 {
-        http::Version::HTTP_11
-    } else {
-        http::Version::HTTP_10
+    let n = spans.len();
+    let fields = buf.split_to(len).freeze();
+    let head = match shape {
+        HeadShape::Http => {
+            let mut headers = HeaderMap::with_capacity(n);
+            spans.fill(&fields, &mut headers)?;
+            let (mut parts, ()) = http::Response::new(()).into_parts();
+            parts.status = status;
+            parts.version = if http11 {
+                http::Version::HTTP_11
+            } else {
+                http::Version::HTTP_10
+            };
+            parts.headers = headers;
+            UpstreamHead::Http(parts)
+        }
+        HeadShape::Client => {
+            let mut list = Vec::with_capacity(n);
+            spans.fill(&fields, &mut list)?;
+            UpstreamHead::Client {
+                status,
+                fields: list,
+            }
+        }
     };
-    *resp.headers_mut() = headers;
-    Ok(Some((resp, framing, !close)))
+    Ok(Some(Head {
+        head,
+        framing,
+        keep_alive: !close,
+        announced_idle,
+    }))
 }
 
-/// The fields of a head being parsed: each name, and where its value lies in the head. Most
-/// heads have a few fields, held on the stack; more go to the heap.
+/// A header map a parsed head's fields go into, named and valued by slices of the head.
+trait Fields {
+    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error>;
+}
+
+impl Fields for HeaderMap {
+    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error> {
+        let name =
+            HeaderName::from_bytes(name).map_err(|_| H1Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| H1Error::Invalid("invalid header value"))?;
+        self.append(name, value);
+        Ok(())
+    }
+}
+
+impl Fields for Vec<(ax::HeaderName, ax::HeaderValue)> {
+    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error> {
+        let name = match COMMON_RESPONSE_NAMES
+            .iter()
+            .find(|(text, _)| name.eq_ignore_ascii_case(text.as_bytes()))
+        {
+            Some((_, n)) => n.clone(),
+            None => ax::HeaderName::from_bytes(name)
+                .map_err(|_| H1Error::Invalid("invalid header name"))?,
+        };
+        let value = ax::HeaderValue::from_maybe_shared(value)
+            .map_err(|_| H1Error::Invalid("invalid header value"))?;
+        self.push((name, value));
+        Ok(())
+    }
+}
+
+/// Names most responses carry, matched without parsing (a miss costs a length comparison each).
+const COMMON_RESPONSE_NAMES: [(&str, ax::HeaderName); 8] = [
+    ("content-type", ax::CONTENT_TYPE),
+    ("content-length", ax::CONTENT_LENGTH),
+    ("date", ax::DATE),
+    ("server", ax::SERVER),
+    ("connection", ax::CONNECTION),
+    ("keep-alive", ax::HeaderName::from_static("keep-alive")),
+    ("cache-control", ax::CACHE_CONTROL),
+    ("transfer-encoding", ax::TRANSFER_ENCODING),
+];
+
+type Span = std::ops::Range<usize>;
+
+/// The fields of a head being parsed: where each name and value lies in the head. Most heads
+/// have a few fields, held on the stack; more go to the heap.
 struct Spans {
-    few: [Option<(HeaderName, usize, usize)>; FEW_FIELDS],
+    few: [(Span, Span); FEW_FIELDS],
     len: usize,
-    more: Vec<(HeaderName, usize, usize)>,
+    more: Vec<(Span, Span)>,
 }
 
 const FEW_FIELDS: usize = 16;
@@ -388,28 +466,31 @@ const FEW_FIELDS: usize = 16;
 impl Spans {
     fn new() -> Spans {
         Spans {
-            few: [const { None }; FEW_FIELDS],
+            few: [const { (0..0, 0..0) }; FEW_FIELDS],
             len: 0,
             more: Vec::new(),
         }
     }
 
-    fn push(&mut self, name: HeaderName, start: usize, end: usize) {
+    fn push(&mut self, name: Span, value: Span) {
         match self.few.get_mut(self.len) {
-            Some(slot) => {
-                *slot = Some((name, start, end));
-                self.len += 1;
-            }
-            None => self.more.push((name, start, end)),
+            Some(slot) => *slot = (name, value),
+            None => self.more.push((name, value)),
         }
+        self.len += 1;
     }
 
-    /// The fields in the order they came.
-    fn drain(&mut self) -> impl Iterator<Item = (HeaderName, usize, usize)> + '_ {
-        self.few[..self.len]
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(self.more.drain(..))
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends the fields, in the order they came, to `map`.
+    fn fill(&self, head: &Bytes, map: &mut impl Fields) -> Result<(), H1Error> {
+        let few = &self.few[..self.len.min(FEW_FIELDS)];
+        for (name, value) in few.iter().chain(&self.more) {
+            map.append_field(&head[name.clone()], head.slice(value.clone()))?;
+        }
+        Ok(())
     }
 }
 
@@ -747,11 +828,9 @@ mod tests {
         let (addr, task) = upstream(pieces, close).await;
         let io = Io::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let idle = Duration::from_secs(60);
-        let out = match exchange(Conn::new(io), &req, traceparent, no_pool(), idle).await {
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
-                Ok((parts, body.collect().await))
-            }
+        let shape = HeadShape::Http;
+        let out = match exchange(Conn::new(io), &req, traceparent, no_pool(), idle, shape).await {
+            Ok((head, body)) => Ok((head.into_http(), body.collect().await)),
             Err(e) => Err(e),
         };
         drop(req);
@@ -953,11 +1032,17 @@ mod tests {
         }
         head.extend_from_slice(b"X-Tab: a\tb\r\nX-Empty:\r\n\r\nokNEXT");
         let mut buf = BytesMut::from(&head[..]);
-        let (resp, framing, keep) = parse_head(&mut buf).unwrap().unwrap();
-        assert_eq!((framing, keep), (Framing::Length(2), true));
+        let parsed = parse_head(&mut buf, HeadShape::Http).unwrap().unwrap();
+        assert_eq!(
+            (parsed.framing, parsed.keep_alive),
+            (Framing::Length(2), true)
+        );
         // What follows the head stays in the buffer.
         assert_eq!(&buf[..], b"okNEXT");
-        let h = resp.headers();
+        let UpstreamHead::Http(parts) = parsed.head else {
+            panic!("not an http head")
+        };
+        let h = &parts.headers;
         assert_eq!(h["server"], "nginx");
         for i in 0..40 {
             assert_eq!(
@@ -986,13 +1071,66 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nx a: b\r\ncontent-length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nx-a\0: b\r\ncontent-length: 0\r\n\r\n",
         ] {
-            let mut buf = BytesMut::from(head);
-            assert!(
-                parse_head(&mut buf).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(head)
-            );
+            for shape in [HeadShape::Http, HeadShape::Client] {
+                let mut buf = BytesMut::from(head);
+                assert!(
+                    parse_head(&mut buf, shape).is_err(),
+                    "{shape:?} {:?}",
+                    String::from_utf8_lossy(head)
+                );
+            }
         }
+    }
+
+    /// A head parsed into the client's types holds what the `http` one holds.
+    #[test]
+    fn both_shapes_of_a_head_hold_the_same_fields() {
+        let head = b"HTTP/1.1 404 Not Found\r\nServer: up\r\nSet-Cookie: a=1\r\n\
+            set-cookie: b=2\r\nX-Tab: a\tb\r\nX-Empty:\r\nX-Obs: caf\xc3\xa9\r\n\
+            Keep-Alive: timeout=9, max=5\r\nkeep-alive: timeout=4\r\nContent-Length: 0\r\n\r\n";
+        let parse = |shape| {
+            let mut buf = BytesMut::from(&head[..]);
+            let parsed = parse_head(&mut buf, shape).unwrap().unwrap();
+            assert!(buf.is_empty());
+            assert_eq!(parsed.announced_idle, Some(4), "{shape:?}");
+            assert_eq!(parsed.framing, Framing::Length(0), "{shape:?}");
+            parsed.head
+        };
+        let http = parse(HeadShape::Http).into_http();
+        let UpstreamHead::Client { status, fields } = parse(HeadShape::Client) else {
+            panic!("not a client head")
+        };
+        assert_eq!((status.as_u16(), http.status.as_u16()), (404, 404));
+        let mut from_http: Vec<(String, Vec<u8>)> = http
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let mut from_client: Vec<(String, Vec<u8>)> = fields
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        from_http.sort();
+        from_client.sort();
+        assert_eq!(from_http.len(), 9);
+        assert_eq!(from_http, from_client);
+        // In the order they came, names lower-case.
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "server",
+                "set-cookie",
+                "set-cookie",
+                "x-tab",
+                "x-empty",
+                "x-obs",
+                "keep-alive",
+                "keep-alive",
+                "content-length"
+            ]
+        );
+        assert_eq!(fields[2].1, "b=2");
     }
 
     /// Which connections may go back to the pool.
@@ -1000,8 +1138,8 @@ mod tests {
     fn reuse_needs_http11_no_close_and_a_framed_body() {
         let parse = |head: &[u8]| {
             let mut b = BytesMut::from(head);
-            let (_, framing, keep) = parse_head(&mut b).unwrap().unwrap();
-            (framing, keep)
+            let parsed = parse_head(&mut b, HeadShape::Http).unwrap().unwrap();
+            (parsed.framing, parsed.keep_alive)
         };
         assert_eq!(
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"),

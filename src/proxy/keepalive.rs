@@ -38,8 +38,25 @@ pub fn idle_limit(headers: &http::HeaderMap, configured: Duration) -> Option<Dur
     let announced = headers
         .get_all(KEEP_ALIVE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .filter_map(|v| announced_timeout(v.as_bytes()))
+        .min();
+    idle_limit_of(announced, configured)
+}
+
+/// [`idle_limit`] for the smallest announced `timeout=` (seconds), if any.
+pub fn idle_limit_of(announced: Option<u64>, configured: Duration) -> Option<Duration> {
+    let limit = match announced {
+        Some(secs) => configured.min(Duration::from_secs(secs).saturating_sub(KEEP_ALIVE_MARGIN)),
+        None => configured,
+    };
+    (!limit.is_zero()).then_some(limit)
+}
+
+/// The smallest `timeout=N` parameter of one `Keep-Alive` field value (seconds), if any.
+pub fn announced_timeout(value: &[u8]) -> Option<u64> {
+    let value = std::str::from_utf8(value).ok()?;
+    value
+        .split(',')
         .filter_map(|param| {
             let (name, value) = param.split_once('=')?;
             if !name.trim().eq_ignore_ascii_case("timeout") {
@@ -47,12 +64,7 @@ pub fn idle_limit(headers: &http::HeaderMap, configured: Duration) -> Option<Dur
             }
             value.trim().trim_matches('"').parse::<u64>().ok()
         })
-        .min();
-    let limit = match announced {
-        Some(secs) => configured.min(Duration::from_secs(secs).saturating_sub(KEEP_ALIVE_MARGIN)),
-        None => configured,
-    };
-    (!limit.is_zero()).then_some(limit)
+        .min()
 }
 
 /// A copy of `req` to send again should a reused connection turn out to be stale: only for an

@@ -8,6 +8,7 @@ pub mod h1;
 pub mod headers;
 pub mod keepalive;
 pub mod pool;
+pub mod response;
 pub mod websocket;
 
 use std::error::Error as _;

@@ -32,6 +32,7 @@ use super::ForwardError;
 use super::body::{ProxyBody, UpstreamIncoming};
 use super::h1::{self, H1Error};
 use super::keepalive::{self, CountingIo, ReadCount};
+use super::response::{HeadShape, UpstreamResponse};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 use crate::util::FastMap as HashMap;
@@ -95,6 +96,9 @@ pub struct SendOptions<'a> {
     /// headers: written straight into an HTTP/1.1 head by [`super::h1`], set as a header on
     /// the other paths.
     pub traceparent: Option<[u8; 55]>,
+    /// The shape an HTTP/1.1 response head is parsed into ([`super::h1`]; hyper's are always
+    /// `http` 1.x): the client's types for a head that is only relayed.
+    pub head: HeadShape,
 }
 
 impl SendOptions<'_> {
@@ -146,8 +150,9 @@ impl LocalPool {
         target: &Target,
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
-    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
-        let attempt = async {
+    ) -> Result<UpstreamResponse, SendFailure> {
+        // Pinned where it is: moved into the timeout, the whole attempt's state would be copied.
+        let attempt = std::pin::pin!(async {
             match (target.protocol, req.body()) {
                 (Protocol::Http1, ProxyBody::Empty | ProxyBody::Full(_)) => {
                     self.send_own(target, req, opts).await
@@ -156,15 +161,15 @@ impl LocalPool {
                 (Protocol::Http1, ProxyBody::Channel { .. }) => {
                     Box::pin(self.send_inner(target, with_traceparent(req, opts), opts))
                         .await
-                        .map(|r| r.map(UpstreamIncoming::Hyper))
+                        .map(|r| r.map(UpstreamIncoming::Hyper).into())
                 }
                 (Protocol::Http2, _) => {
                     Box::pin(self.send_h2(target, with_traceparent(req, opts), opts))
                         .await
-                        .map(|r| r.map(UpstreamIncoming::Hyper))
+                        .map(|r| r.map(UpstreamIncoming::Hyper).into())
                 }
             }
-        };
+        });
         match tokio::time::timeout(opts.timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(SendFailure {
@@ -182,7 +187,7 @@ impl LocalPool {
         target: &Target,
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
-    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
+    ) -> Result<UpstreamResponse, SendFailure> {
         let replayable = crate::upstream::retry::is_idempotent(req.method());
         for fresh in [false, true] {
             let pooled = if fresh {
@@ -227,8 +232,14 @@ impl LocalPool {
                 idle: Some(opts.idle_timeout),
             };
             let traceparent = opts.traceparent.as_ref();
-            match h1::exchange(conn, &req, traceparent, checkin, opts.idle_timeout).await {
-                Ok(resp) => return Ok(resp.map(UpstreamIncoming::H1)),
+            let idle = opts.idle_timeout;
+            match h1::exchange(conn, &req, traceparent, checkin, idle, opts.head).await {
+                Ok((head, body)) => {
+                    return Ok(UpstreamResponse {
+                        head,
+                        body: UpstreamIncoming::H1(body),
+                    });
+                }
                 Err(H1Error::Lost(e) | H1Error::Write(e)) if reused && replayable => {
                     tracing::debug!(
                         target = target.url.as_str(),
@@ -335,7 +346,7 @@ impl LocalPool {
         target: &Target,
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
-    ) -> Result<http::Response<UpstreamIncoming>, SendFailure> {
+    ) -> Result<UpstreamResponse, SendFailure> {
         let req = with_traceparent(req, opts);
         let attempt = async {
             let _slot = match opts.pending_slot() {
@@ -361,7 +372,7 @@ impl LocalPool {
             drop(_slot);
             send.try_send_request(req)
                 .await
-                .map(|r| r.map(UpstreamIncoming::Hyper))
+                .map(|r| r.map(UpstreamIncoming::Hyper).into())
                 .map_err(|mut e| {
                     let request = e.take_message();
                     SendFailure {

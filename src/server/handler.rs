@@ -40,6 +40,7 @@ use crate::proxy::headers::{
     Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
 };
 use crate::proxy::pool::{SendFailure, SendOptions};
+use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot};
@@ -56,6 +57,8 @@ struct Exchange {
     snapshot: Arc<Snapshot>,
     started: Instant,
     request_id: HeaderValue,
+    /// The same id in the client side's type, for the response.
+    reply_id: ax::HeaderValue,
     client_ip: IpAddr,
     method: actix_web::http::Method,
     version: actix_web::http::Version,
@@ -388,10 +391,10 @@ pub(crate) async fn handle(
     let started = Instant::now();
     let snapshot = state.store.load();
     let heads = req.headers();
-    let request_id = heads
+    let (request_id, reply_id) = heads
         .get(&AX_REQUEST_ID)
         .filter(|v| valid_request_id(v.as_bytes()))
-        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        .and_then(|v| Some((HeaderValue::from_bytes(v.as_bytes()).ok()?, v.clone())))
         .unwrap_or_else(new_request_id);
     let peer = req
         .peer_addr()
@@ -411,6 +414,7 @@ pub(crate) async fn handle(
         snapshot,
         started,
         request_id,
+        reply_id,
         client_ip: client,
         method: req.method().clone(),
         version: req.version(),
@@ -733,11 +737,21 @@ fn host_of(req: &HttpRequest) -> Option<&str> {
         .or_else(|| req.uri().host())
 }
 
-fn new_request_id() -> HeaderValue {
+/// A new request id, for the upstream's request and for the client's response (one buffer).
+fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
     let id = uuid::Uuid::new_v4();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    HeaderValue::from_bytes(id.simple().encode_lower(&mut buf).as_bytes())
-        .unwrap_or(HeaderValue::from_static("unknown"))
+    let id = Bytes::copy_from_slice(id.simple().encode_lower(&mut buf).as_bytes());
+    match (
+        HeaderValue::from_maybe_shared(id.clone()),
+        ax::HeaderValue::from_maybe_shared(id),
+    ) {
+        (Ok(upstream), Ok(client)) => (upstream, client),
+        _ => (
+            HeaderValue::from_static("unknown"),
+            ax::HeaderValue::from_static("unknown"),
+        ),
+    }
 }
 
 fn respond(ex: &Exchange, r: &StaticResponse) -> HttpResponse {
@@ -865,6 +879,11 @@ async fn forward(
         idle_timeout: upstream.idle_timeout,
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
         traceparent: None,
+        head: if relays_head_as_is(&ex, route, &plan, websocket) {
+            HeadShape::Client
+        } else {
+            HeadShape::Http
+        },
     };
     let mut retries = Retries {
         policy: retry,
@@ -1426,6 +1445,17 @@ impl From<HttpResponse> for Relay {
     }
 }
 
+/// Whether the response head goes to the client as the upstream sent it, but for the
+/// forwarding rules ([`relay_client_head`]): nothing reads or edits it on the way.
+fn relays_head_as_is(
+    ex: &Exchange,
+    route: &Route,
+    plan: &decide::Forward,
+    websocket: bool,
+) -> bool {
+    !websocket && !ex.grpc && route.response_headers.is_empty() && !plan.edits_response()
+}
+
 /// Turns the upstream's response into the client's, streaming the body. `tunnel_in` is the
 /// client's payload when the request is a WebSocket handshake.
 fn client_response(
@@ -1434,77 +1464,35 @@ fn client_response(
     state: &WorkerState,
     route: &Route,
     plan: &mut decide::Forward,
-    resp: http::Response<crate::proxy::body::UpstreamIncoming>,
+    resp: UpstreamResponse,
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> Relay {
-    let (mut parts, body) = resp.into_parts();
-    let mut status = parts.status.as_u16();
-    if ex.grpc {
-        ex.grpc_status = parts.headers.get(&GRPC_STATUS).cloned();
-    }
-    // WebSocket (proxy::websocket): a 101 only answers a handshake, and only from a WebSocket
-    // server. Any other answer to a handshake is relayed as a normal response.
-    if status == 101 {
-        let key = req.headers().get(&AX_SEC_WEBSOCKET_KEY);
-        let checked = match (&tunnel_in, key) {
-            (Some(_), Some(k)) => websocket::check_switch(&parts.headers, k.as_bytes()),
-            _ => Err("the upstream switched protocols for a request that did not ask to"),
-        };
-        if let Err(why) = checked {
-            tracing::warn!(
-                request_id = ex.request_id.to_str().unwrap_or(""),
-                route = route.name.as_str(),
-                error = why,
-                "WebSocket handshake refused"
-            );
-            return ex
-                .error(502, "the upstream sent an invalid response")
-                .into();
+    let UpstreamResponse { head, body } = resp;
+    // The head in the client's types is relayed as it is; any other is read and edited first.
+    let (mut out, status, declared, parts) = match head {
+        UpstreamHead::Client { status, fields }
+            if status != http::StatusCode::SWITCHING_PROTOCOLS
+                && tunnel_in.is_none()
+                && relays_head_as_is(&ex, route, plan, false) =>
+        {
+            let (out, declared) = relay_client_head(status, fields, &ex);
+            (out, status.as_u16(), declared, None)
         }
-    }
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        // hyper refuses such responses already; this is the belt to its braces.
-        return ex
-            .error(502, "the upstream sent an invalid response")
-            .into();
-    }
-    let dropped = connection_tokens(
-        parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .map(|v| v.as_bytes()),
-    )
-    .unwrap_or_default();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<u64>().ok());
-    route.response_headers.apply(&mut parts.headers);
-    if let Some(run) = &plan.policy
-        && let ResponsePlan::Replace(plan) =
-            decide::on_response(run, &mut status, &mut parts.headers)
-    {
-        // The upstream body is dropped unread; its connection is not reused.
-        return answer(&ex, state, plan).into();
-    }
-    if let Some(p) = &plan.plugins
-        && let ResponsePlan::Replace(plan) =
-            decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
-    {
-        return answer(&ex, state, plan).into();
-    }
-
-    let mut out = HttpResponseBuilder::new(status_code(status));
-    relay_headers(&mut out, &parts.headers, &dropped, &ex);
-
-    // The policy may have turned the 101 into something else: then there is no tunnel.
-    if let (Some(payload), 101) = (tunnel_in, status) {
-        return websocket_tunnel(ex, state, route, out, &mut parts, payload).into();
-    }
+        head => {
+            let mut parts = head.into_http();
+            let handshake = tunnel_in.is_some();
+            let (out, status, declared) =
+                match edited_head(&mut ex, req, state, route, plan, &mut parts, handshake) {
+                    Ok(h) => h,
+                    Err(resp) => return resp.into(),
+                };
+            // The policy may have turned the 101 into something else: then there is no tunnel.
+            if let (Some(payload), 101) = (tunnel_in, status) {
+                return websocket_tunnel(ex, state, route, out, &mut parts, payload).into();
+            }
+            (out, status, declared, Some(parts))
+        }
+    };
 
     let no_body = req.method() == actix_web::http::Method::HEAD
         || status == 204
@@ -1526,10 +1514,11 @@ fn client_response(
         return out.finish().into();
     }
     let trailers = ex.trailers.clone();
-    if plan
-        .plugins
-        .as_ref()
-        .is_some_and(|p| p.reads_response_body())
+    if let Some(parts) = &parts
+        && plan
+            .plugins
+            .as_ref()
+            .is_some_and(|p| p.reads_response_body())
         && let Some(run) = plan.plugins.take()
     {
         match run.into_response_body(route.max_body_size, status, &parts.headers) {
@@ -1561,6 +1550,79 @@ fn client_response(
     .into()
 }
 
+/// The client's response head from an `http` 1.x one: checked (a 101 only for a WebSocket
+/// `handshake`, framing), edited by the route's response header rules, the policy's
+/// `on_response` and the plugins, then relayed. Returns it with its status and declared
+/// `Content-Length`, or the answer that replaces it.
+fn edited_head(
+    ex: &mut Exchange,
+    req: &HttpRequest,
+    state: &WorkerState,
+    route: &Route,
+    plan: &decide::Forward,
+    parts: &mut http::response::Parts,
+    handshake: bool,
+) -> Result<(HttpResponseBuilder, u16, Option<u64>), HttpResponse> {
+    let mut status = parts.status.as_u16();
+    if ex.grpc {
+        ex.grpc_status = parts.headers.get(&GRPC_STATUS).cloned();
+    }
+    // WebSocket (proxy::websocket): a 101 only answers a handshake, and only from a WebSocket
+    // server. Any other answer to a handshake is relayed as a normal response.
+    if status == 101 {
+        let key = req.headers().get(&AX_SEC_WEBSOCKET_KEY);
+        let checked = match (handshake, key) {
+            (true, Some(k)) => websocket::check_switch(&parts.headers, k.as_bytes()),
+            _ => Err("the upstream switched protocols for a request that did not ask to"),
+        };
+        if let Err(why) = checked {
+            tracing::warn!(
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                route = route.name.as_str(),
+                error = why,
+                "WebSocket handshake refused"
+            );
+            return Err(ex.error(502, "the upstream sent an invalid response"));
+        }
+    }
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // hyper refuses such responses already; this is the belt to its braces.
+        return Err(ex.error(502, "the upstream sent an invalid response"));
+    }
+    let dropped = connection_tokens(
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+    .unwrap_or_default();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    route.response_headers.apply(&mut parts.headers);
+    if let Some(run) = &plan.policy
+        && let ResponsePlan::Replace(plan) =
+            decide::on_response(run, &mut status, &mut parts.headers)
+    {
+        // The upstream body is dropped unread; its connection is not reused.
+        return Err(answer(ex, state, plan));
+    }
+    if let Some(p) = &plan.plugins
+        && let ResponsePlan::Replace(plan) =
+            decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
+    {
+        return Err(answer(ex, state, plan));
+    }
+    let mut out = HttpResponseBuilder::new(status_code(status));
+    relay_headers(&mut out, &parts.headers, &dropped, ex);
+    Ok((out, status, declared))
+}
+
 /// The upstream's response headers on the client's response: all but hop-by-hop, the ones its
 /// `Connection` header named (`dropped`) and `Content-Length` (actix sets it from the body),
 /// then the request id and the edge filters' headers. Names of the common standard headers
@@ -1571,17 +1633,8 @@ fn relay_headers(
     dropped: &[String],
     ex: &Exchange,
 ) {
-    let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>()
-        + ex.request_id.len()
-        + ex.extra.iter().map(|(_, v)| v.len()).sum::<usize>();
+    let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>() + own_headers_len(ex);
     let mut values = bytes::BytesMut::with_capacity(total);
-    let mut append = |name: Option<ax::HeaderName>, value: &HeaderValue| {
-        values.extend_from_slice(value.as_bytes());
-        let shared = values.split().freeze();
-        if let (Some(n), Ok(v)) = (name, ax::HeaderValue::from_maybe_shared(shared)) {
-            out.append_header((n, v));
-        }
-    };
     for (name, value) in headers {
         let n = name.as_str();
         if is_hop_by_hop_str(n) || name == header::CONTENT_LENGTH || dropped.iter().any(|d| d == n)
@@ -1592,11 +1645,68 @@ fn relay_headers(
             // Replaced by the gateway's own below.
             continue;
         }
-        append(actix_name(name), value);
+        append_copy(out, &mut values, actix_name(name), value);
     }
-    append(Some(AX_REQUEST_ID), &ex.request_id);
+    own_headers(out, &mut values, ex);
+}
+
+/// [`relay_headers`] for a head already in the client's types: its fields are moved, not
+/// copied. Also returns its declared `Content-Length`.
+fn relay_client_head(
+    status: http::StatusCode,
+    fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
+    ex: &Exchange,
+) -> (HttpResponseBuilder, Option<u64>) {
+    let dropped = connection_tokens(
+        fields
+            .iter()
+            .filter(|(n, _)| *n == ax::CONNECTION)
+            .map(|(_, v)| v.as_bytes()),
+    )
+    .unwrap_or_default();
+    let mut declared = None;
+    let mut out = HttpResponseBuilder::new(status_code(status.as_u16()));
+    for (name, value) in fields {
+        if name == ax::CONTENT_LENGTH {
+            declared = value.to_str().ok().and_then(|s| s.parse::<u64>().ok());
+            continue;
+        }
+        let n = name.as_str();
+        if is_hop_by_hop_str(n) || name == AX_REQUEST_ID || dropped.iter().any(|d| d == n) {
+            continue;
+        }
+        out.append_header((name, value));
+    }
+    // Empty (no allocation) unless edge filters added headers.
+    let mut values = bytes::BytesMut::with_capacity(own_headers_len(ex));
+    own_headers(&mut out, &mut values, ex);
+    (out, declared)
+}
+
+/// The request id and the edge filters' headers (CORS), on every relayed response.
+fn own_headers(out: &mut HttpResponseBuilder, values: &mut bytes::BytesMut, ex: &Exchange) {
+    out.append_header((AX_REQUEST_ID, ex.reply_id.clone()));
     for (n, v) in &ex.extra {
-        append(actix_name(n), v);
+        append_copy(out, values, actix_name(n), v);
+    }
+}
+
+fn own_headers_len(ex: &Exchange) -> usize {
+    ex.extra.iter().map(|(_, v)| v.len()).sum::<usize>()
+}
+
+/// Appends `value` to the response under `name` (none: not a valid name there), copied into
+/// `values` and shared from it.
+fn append_copy(
+    out: &mut HttpResponseBuilder,
+    values: &mut bytes::BytesMut,
+    name: Option<ax::HeaderName>,
+    value: &HeaderValue,
+) {
+    values.extend_from_slice(value.as_bytes());
+    let shared = values.split().freeze();
+    if let (Some(n), Ok(v)) = (name, ax::HeaderValue::from_maybe_shared(shared)) {
+        out.append_header((n, v));
     }
 }
 
