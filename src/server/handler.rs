@@ -1484,7 +1484,7 @@ fn client_response(
             let (out, status, declared) =
                 match edited_head(&mut ex, req, state, route, plan, &mut parts, handshake) {
                     Ok(h) => h,
-                    Err(resp) => return resp.into(),
+                    Err(resp) => return (*resp).into(),
                 };
             // The policy may have turned the 101 into something else: then there is no tunnel.
             if let (Some(payload), 101) = (tunnel_in, status) {
@@ -1562,7 +1562,7 @@ fn edited_head(
     plan: &decide::Forward,
     parts: &mut http::response::Parts,
     handshake: bool,
-) -> Result<(HttpResponseBuilder, u16, Option<u64>), HttpResponse> {
+) -> Result<(HttpResponseBuilder, u16, Option<u64>), Box<HttpResponse>> {
     let mut status = parts.status.as_u16();
     if ex.grpc {
         ex.grpc_status = parts.headers.get(&GRPC_STATUS).cloned();
@@ -1582,14 +1582,18 @@ fn edited_head(
                 error = why,
                 "WebSocket handshake refused"
             );
-            return Err(ex.error(502, "the upstream sent an invalid response"));
+            return Err(Box::new(
+                ex.error(502, "the upstream sent an invalid response"),
+            ));
         }
     }
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
         // hyper refuses such responses already; this is the belt to its braces.
-        return Err(ex.error(502, "the upstream sent an invalid response"));
+        return Err(Box::new(
+            ex.error(502, "the upstream sent an invalid response"),
+        ));
     }
     let dropped = connection_tokens(
         parts
@@ -1610,13 +1614,13 @@ fn edited_head(
             decide::on_response(run, &mut status, &mut parts.headers)
     {
         // The upstream body is dropped unread; its connection is not reused.
-        return Err(answer(ex, state, plan));
+        return Err(Box::new(answer(ex, state, plan)));
     }
     if let Some(p) = &plan.plugins
         && let ResponsePlan::Replace(plan) =
             decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
     {
-        return Err(answer(ex, state, plan));
+        return Err(Box::new(answer(ex, state, plan)));
     }
     let mut out = HttpResponseBuilder::new(status_code(status));
     relay_headers(&mut out, &parts.headers, &dropped, ex);
