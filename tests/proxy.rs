@@ -153,6 +153,50 @@ fn hop_by_hop_headers_are_stripped_from_the_response() {
     }
 }
 
+/// A head only relayed (parsed straight into the client's types) and one a header rule edits
+/// (parsed into `http` 1.x, then converted) reach the client with the same fields.
+#[test]
+fn relayed_and_edited_response_heads_carry_the_same_fields() {
+    let be = raw_backend(
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nX-Request-Id: from-upstream\r\n\
+          Connection: x-internal\r\nX-Internal: secret\r\nX-Custom-Thing: caf\xc3\xa9\r\n\
+          set-cookie: b=2\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=5\r\n\r\nok",
+    );
+    let fields = |route_extra: &str| {
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), route_extra)));
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: from-client-0123\r\nConnection: close\r\n\r\n",
+        );
+        let (head, body) = resp.split_once("\r\n\r\n").expect("a whole response");
+        assert_eq!(body, "ok");
+        let mut lines: Vec<String> = head
+            .lines()
+            .skip(1)
+            .map(str::to_ascii_lowercase)
+            .filter(|l| !l.starts_with("date:") && !l.starts_with("x-rule:"))
+            .collect();
+        lines.sort();
+        (head.lines().next().unwrap_or("").to_owned(), lines)
+    };
+    let (status, relayed) = fields("");
+    assert_eq!(status, "HTTP/1.1 201 Created");
+    assert_eq!(
+        relayed,
+        [
+            "connection: close",
+            "content-length: 2",
+            "content-type: text/plain",
+            "set-cookie: a=1",
+            "set-cookie: b=2",
+            "x-custom-thing: café",
+            "x-request-id: from-client-0123",
+        ],
+    );
+    let edited = fields(r#"response_headers = { set = { "x-rule" = "1" } }"#);
+    assert_eq!(edited, (status, relayed));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarded_for_from_an_untrusted_peer_is_replaced() {
     let be = Backend::echo();
