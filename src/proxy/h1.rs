@@ -440,7 +440,8 @@ impl Fields for Vec<(ax::HeaderName, ax::HeaderValue)> {
 }
 
 /// Names most responses carry, matched without parsing (a miss costs a length comparison each).
-const COMMON_RESPONSE_NAMES: [(&str, ax::HeaderName); 8] = [
+/// A `static`: a `const` array of names would be built and dropped at each use.
+static COMMON_RESPONSE_NAMES: [(&str, ax::HeaderName); 8] = [
     ("content-type", ax::CONTENT_TYPE),
     ("content-length", ax::CONTENT_LENGTH),
     ("date", ax::DATE),

@@ -215,12 +215,21 @@ pub fn upstream_headers<'h, I>(
 where
     I: Iterator<Item = (&'h str, &'h [u8])>,
 {
-    let dropped = connection_tokens(client().filter(|(n, _)| *n == "connection").map(|(_, v)| v))?;
+    // One pass for the `Connection` values and the room the values take.
+    let mut room = 0;
+    let mut connection: Vec<&[u8]> = Vec::new();
+    for (n, v) in client() {
+        room += v.len();
+        if n == "connection" {
+            connection.push(v);
+        }
+    }
+    let dropped = connection_tokens(connection.into_iter())?;
     let mut out = HeaderMap::with_capacity(len + 4);
     let mut client_host = None;
     let mut prior_xff: Vec<&str> = Vec::new();
     // The kept values are copied into one buffer and shared from it: one allocation for all.
-    let mut values = BytesMut::with_capacity(client().map(|(_, v)| v.len()).sum());
+    let mut values = BytesMut::with_capacity(room);
     let (mut has_proto, mut has_forwarded_host) = (false, false);
     for (n, value) in client() {
         match n {

@@ -741,7 +741,10 @@ fn host_of(req: &HttpRequest) -> Option<&str> {
 fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
     let id = uuid::Uuid::new_v4();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    let id = Bytes::copy_from_slice(id.simple().encode_lower(&mut buf).as_bytes());
+    let mut shared = bytes::BytesMut::with_capacity(buf.len());
+    shared.extend_from_slice(id.simple().encode_lower(&mut buf).as_bytes());
+    // Split off, so that it is already shared: cloning it only counts a reference.
+    let id = shared.split().freeze();
     match (
         HeaderValue::from_maybe_shared(id.clone()),
         ax::HeaderValue::from_maybe_shared(id),
