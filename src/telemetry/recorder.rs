@@ -69,25 +69,28 @@ impl Recorder {
             // Drops the old snapshot's upstreams too.
             self.attempts.borrow_mut().clear();
         }
-        if !cache.1.contains_key(route) {
-            let handles = RouteHandles {
-                duration: self.metrics.request_duration.with_label_values(&[route]),
-                requests: HashMap::default(),
-            };
-            cache.1.insert(route.to_owned(), handles);
-        }
-        let Some(h) = cache.1.get_mut(route) else {
-            return;
+        let record = |h: &mut RouteHandles| {
+            h.duration.observe(seconds);
+            let slot = method_slot(method);
+            let counter = h.requests.entry((slot, status)).or_insert_with(|| {
+                let method = METHODS.get(slot).copied().unwrap_or("OTHER");
+                self.metrics
+                    .requests
+                    .with_label_values(&[route, method, &status.to_string()])
+            });
+            counter.inc();
         };
-        h.duration.observe(seconds);
-        let slot = method_slot(method);
-        let counter = h.requests.entry((slot, status)).or_insert_with(|| {
-            let method = METHODS.get(slot).copied().unwrap_or("OTHER");
-            self.metrics
-                .requests
-                .with_label_values(&[route, method, &status.to_string()])
-        });
-        counter.inc();
+        // One lookup for a route already seen.
+        if let Some(h) = cache.1.get_mut(route) {
+            record(h);
+            return;
+        }
+        let mut handles = RouteHandles {
+            duration: self.metrics.request_duration.with_label_values(&[route]),
+            requests: HashMap::default(),
+        };
+        record(&mut handles);
+        cache.1.insert(route.to_owned(), handles);
     }
 
     /// One attempt sent to target `target` of `upstream`: its status, or `None` when no
