@@ -395,7 +395,7 @@ impl HeaderOps {
         self.set.is_empty() && self.remove.is_empty()
     }
 
-    pub fn apply(&self, headers: &mut http::HeaderMap) {
+    pub fn apply(&self, headers: &mut impl crate::wire::headers::HeaderSink) {
         for name in &self.remove {
             headers.remove(name);
         }

@@ -30,6 +30,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 
 use super::body::ProxyBody;
+use super::headers::HeaderList;
 use super::pool::LocalPool;
 use super::response::{HeadShape, UpstreamHead};
 use crate::telemetry::trace::Field;
@@ -116,22 +117,30 @@ pub(crate) struct Checkin {
     pub idle: Option<Duration>,
 }
 
-/// Writes `req` (with `traceparent` in place of any in its headers) and reads the response
-/// head, parsed into `shape`. The body (none when `head_only`) reads the rest and hands the
-/// connection to `checkin` at its end.
+/// A request as written on the connection.
+pub(crate) struct RequestHead<'a> {
+    pub req: &'a http::Request<ProxyBody>,
+    /// Header fields written after the request's own (a list built for this head).
+    pub fields: Option<&'a HeaderList>,
+    /// Written in place of any `traceparent` in the fields.
+    pub traceparent: Option<&'a [u8; 55]>,
+}
+
+/// Writes the request and reads the response head, parsed into `shape`. The body (none when
+/// `head_only`) reads the rest and hands the connection to `checkin` at its end.
 pub(crate) async fn exchange(
     mut conn: Conn,
-    req: &http::Request<ProxyBody>,
-    traceparent: Option<&[u8; 55]>,
+    request: RequestHead<'_>,
     checkin: Checkin,
     idle_timeout: Duration,
     shape: HeadShape,
 ) -> Result<(UpstreamHead, ResponseBody), H1Error> {
+    let req = request.req;
     let head_only = req.method() == http::Method::HEAD;
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     out.reserve(512);
-    let body = encode_head(req, traceparent, &mut out);
+    let body = encode_head(&request, &mut out);
     match body {
         Some(b) if b.len() <= COALESCE_BODY => {
             out.extend_from_slice(b);
@@ -182,11 +191,8 @@ pub(crate) async fn exchange(
 
 /// Writes the request head into `out`, with `traceparent` in place of any in the request's
 /// headers; returns the body bytes to send after it.
-fn encode_head<'a>(
-    req: &'a http::Request<ProxyBody>,
-    traceparent: Option<&[u8; 55]>,
-    out: &mut BytesMut,
-) -> Option<&'a [u8]> {
+fn encode_head<'a>(head: &RequestHead<'a>, out: &mut BytesMut) -> Option<&'a [u8]> {
+    let (req, traceparent) = (head.req, head.traceparent);
     let body: Option<&[u8]> = match req.body() {
         ProxyBody::Full(Some(b)) => Some(b),
         _ => None,
@@ -198,7 +204,8 @@ fn encode_head<'a>(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
     let trace_name = Field::TraceParent.header();
-    for (name, value) in req.headers() {
+    let listed = head.fields.into_iter().flat_map(HeaderList::iter);
+    for (name, value) in req.headers().iter().chain(listed) {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
             || (traceparent.is_some() && name == trace_name)
@@ -830,7 +837,12 @@ mod tests {
         let io = Io::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let idle = Duration::from_secs(60);
         let shape = HeadShape::Http;
-        let out = match exchange(Conn::new(io), &req, traceparent, no_pool(), idle, shape).await {
+        let head = RequestHead {
+            req: &req,
+            fields: None,
+            traceparent,
+        };
+        let out = match exchange(Conn::new(io), head, no_pool(), idle, shape).await {
             Ok((head, body)) => Ok((head.into_http(), body.collect().await)),
             Err(e) => Err(e),
         };
@@ -1081,6 +1093,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Fields given as a list are written as the same fields in the request's map are.
+    #[test]
+    fn listed_fields_are_written_like_the_requests_own() {
+        use super::super::headers::HeaderSink;
+        let mut with_map = http::Request::new(ProxyBody::Full(Some(Bytes::from_static(b"hi"))));
+        *with_map.method_mut() = http::Method::PUT;
+        *with_map.uri_mut() = "/p?q=1".parse().unwrap();
+        let mut list = HeaderList::default();
+        for (n, v) in [
+            ("host", "up.example"),
+            ("x-a", "1"),
+            ("x-a", "2"),
+            ("content-length", "999"),
+            ("traceparent", "00-client-value"),
+        ] {
+            let (n, v) = (HeaderName::from_static(n), HeaderValue::from_static(v));
+            with_map.headers_mut().append(n.clone(), v.clone());
+            list.append(n, v);
+        }
+        let mut with_list = http::Request::new(ProxyBody::Full(Some(Bytes::from_static(b"hi"))));
+        *with_list.method_mut() = http::Method::PUT;
+        *with_list.uri_mut() = "/p?q=1".parse().unwrap();
+        let tp = [b'0'; 55];
+        let encode = |req: &http::Request<ProxyBody>, fields: Option<&HeaderList>| {
+            let mut out = BytesMut::new();
+            let head = RequestHead {
+                req,
+                fields,
+                traceparent: Some(&tp),
+            };
+            let body = encode_head(&head, &mut out).map(<[u8]>::to_vec);
+            (String::from_utf8(out.to_vec()).unwrap(), body)
+        };
+        let (from_map, body) = encode(&with_map, None);
+        assert_eq!(encode(&with_list, Some(&list)), (from_map.clone(), body));
+        assert_eq!(
+            from_map,
+            format!(
+                "PUT /p?q=1 HTTP/1.1\r\nhost: up.example\r\nx-a: 1\r\nx-a: 2\r\n\
+                 traceparent: {}\r\ncontent-length: 2\r\n\r\n",
+                "0".repeat(55)
+            )
+        );
     }
 
     /// A head parsed into the client's types holds what the `http` one holds.

@@ -11,7 +11,8 @@ use crate::filters::jwt::{TokenPlace, without_cookie};
 use crate::snapshot::{ClientIpRules, HeaderOps, Route, Snapshot, UpstreamHost};
 use crate::util::canonical_ip;
 pub use crate::wire::headers::{
-    HOP_BY_HOP, header_name, is_hop_by_hop, is_hop_by_hop_str, valid_request_id,
+    HOP_BY_HOP, HeaderList, HeaderSink, header_name, is_hop_by_hop, is_hop_by_hop_str,
+    valid_request_id,
 };
 
 /// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
@@ -215,6 +216,19 @@ pub fn upstream_headers<'h, I>(
 where
     I: Iterator<Item = (&'h str, &'h [u8])>,
 {
+    forwarded_headers(client, HeaderMap::with_capacity(len + 4), f)
+}
+
+/// [`upstream_headers`] into `out`: an `http` 1.x map, or a [`HeaderList`] for a head written
+/// as it is.
+pub fn forwarded_headers<'h, I, S: HeaderSink>(
+    client: impl Fn() -> I,
+    mut out: S,
+    f: &Forwarding<'_>,
+) -> Result<S, String>
+where
+    I: Iterator<Item = (&'h str, &'h [u8])>,
+{
     // One pass for the `Connection` values and the room the values take.
     let mut room = 0;
     let mut connection: Vec<&[u8]> = Vec::new();
@@ -225,7 +239,6 @@ where
         }
     }
     let dropped = connection_tokens(connection.into_iter())?;
-    let mut out = HeaderMap::with_capacity(len + 4);
     let mut client_host = None;
     let mut prior_xff: Vec<&str> = Vec::new();
     // The kept values are copied into one buffer and shared from it: one allocation for all.
@@ -313,21 +326,21 @@ where
     }
     match f.drop_token {
         Some(TokenPlace::Authorization) => {
-            out.remove(http::header::AUTHORIZATION);
+            out.remove(&http::header::AUTHORIZATION);
         }
         Some(TokenPlace::Header(h)) => {
             out.remove(h);
         }
         Some(TokenPlace::Cookie(name)) => {
             let kept: Vec<HeaderValue> = out
-                .get_all(http::header::COOKIE)
+                .values(&http::header::COOKIE)
                 .iter()
                 .filter_map(|v| {
                     let text = v.to_str().ok()?;
                     HeaderValue::from_str(&without_cookie(text, name)?).ok()
                 })
                 .collect();
-            out.remove(http::header::COOKIE);
+            out.remove(&http::header::COOKIE);
             for v in kept {
                 out.append(http::header::COOKIE, v);
             }
@@ -445,6 +458,77 @@ mod tests {
             client_cert: None,
         };
         upstream_headers(|| client.iter().copied(), client.len(), &f)
+    }
+
+    /// The fields built as a list are the fields built as a map: token removal, claims
+    /// headers set over the client's, the route's rules, and the gateway's own headers.
+    #[test]
+    fn a_list_and_a_map_get_the_same_fields() {
+        let client: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("cookie", b"session=tok; theme=dark"),
+            ("cookie", b"other=1"),
+            ("authorization", b"Bearer tok"),
+            ("x-user", b"forged"),
+            ("x-strip", b"1"),
+            ("x-a", b"1"),
+            ("x-a", b"2"),
+            ("x-forwarded-for", b"203.0.113.9"),
+            ("connection", b"x-hop"),
+            ("x-hop", b"dropped"),
+        ];
+        let rid = HeaderValue::from_static("rid-1");
+        let rules = HeaderOps {
+            set: vec![(
+                HeaderName::from_static("x-set"),
+                HeaderValue::from_static("s"),
+            )],
+            remove: vec![HeaderName::from_static("x-strip")],
+        };
+        let claims = [(
+            HeaderName::from_static("x-user"),
+            HeaderValue::from_static("alice"),
+        )];
+        let places = [
+            TokenPlace::Cookie("session".into()),
+            TokenPlace::Authorization,
+            TokenPlace::Header(HeaderName::from_static("x-a")),
+        ];
+        for place in &places {
+            for trusted in [false, true] {
+                let f = Forwarding {
+                    peer: Some(ip("192.0.2.7")),
+                    trusted,
+                    request_id: &rid,
+                    upstream_host: &UpstreamHost::Target,
+                    target_authority: "10.0.0.1:8080",
+                    inbound: Inbound {
+                        allow_underscores: false,
+                        identity: &[],
+                    },
+                    drop_token: Some(place),
+                    auth_headers: &claims,
+                    rules: &rules,
+                    https: true,
+                    client_cert: None,
+                };
+                let fields = || client.iter().copied();
+                let map = forwarded_headers(fields, HeaderMap::new(), &f).unwrap();
+                let list = forwarded_headers(fields, HeaderList::default(), &f).unwrap();
+                let sorted = |h: &HeaderMap| {
+                    let mut v: Vec<(String, Vec<u8>)> = h
+                        .iter()
+                        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                assert_eq!(sorted(&list.to_map()), sorted(&map), "{place:?} {trusted}");
+                assert_eq!(all(&map, "x-user"), [b"alice"]);
+                assert!(map.get("x-strip").is_none() && map.get("x-hop").is_none());
+                assert_eq!(all(&map, "x-set"), [b"s"]);
+            }
+        }
     }
 
     fn all<'a>(h: &'a HeaderMap, name: &str) -> Vec<&'a [u8]> {

@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::ForwardError;
 use super::body::{ProxyBody, UpstreamIncoming};
 use super::h1::{self, H1Error};
+use super::headers::HeaderList;
 use super::keepalive::{self, CountingIo, ReadCount};
 use super::response::{HeadShape, UpstreamResponse};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
@@ -96,6 +97,9 @@ pub struct SendOptions<'a> {
     /// headers: written straight into an HTTP/1.1 head by [`super::h1`], set as a header on
     /// the other paths.
     pub traceparent: Option<[u8; 55]>,
+    /// The request's header fields, when they are a list written as it is rather than the
+    /// request's own map ([`super::h1`]; the paths through hyper move them into the map).
+    pub fields: Option<&'a HeaderList>,
     /// The shape an HTTP/1.1 response head is parsed into ([`super::h1`]; hyper's are always
     /// `http` 1.x): the client's types for a head that is only relayed.
     pub head: HeadShape,
@@ -111,12 +115,20 @@ impl SendOptions<'_> {
     }
 }
 
-/// `req` with the attempt's `traceparent` as a header, for the paths that hand it to hyper.
+/// `req` with the attempt's header fields (when they came as a list) and `traceparent` in its
+/// map, for the paths that hand it to hyper.
 fn with_traceparent(
     mut req: http::Request<ProxyBody>,
     opts: &SendOptions<'_>,
 ) -> http::Request<ProxyBody> {
     use crate::telemetry::trace::{Field, propagation};
+    if let Some(fields) = opts.fields {
+        let headers = req.headers_mut();
+        headers.reserve(fields.len());
+        for (n, v) in fields.iter() {
+            headers.append(n.clone(), v.clone());
+        }
+    }
     if let Some(v) = opts
         .traceparent
         .as_ref()
@@ -233,7 +245,12 @@ impl LocalPool {
             };
             let traceparent = opts.traceparent.as_ref();
             let idle = opts.idle_timeout;
-            match h1::exchange(conn, &req, traceparent, checkin, idle, opts.head).await {
+            let head = h1::RequestHead {
+                req: &req,
+                fields: opts.fields,
+                traceparent,
+            };
+            match h1::exchange(conn, head, checkin, idle, opts.head).await {
                 Ok((head, body)) => {
                     return Ok(UpstreamResponse {
                         head,

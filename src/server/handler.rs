@@ -37,7 +37,8 @@ use crate::proxy::body::{
     stream_request_body,
 };
 use crate::proxy::headers::{
-    Forwarding, client_ip, connection_tokens, is_hop_by_hop_str, valid_request_id,
+    Forwarding, HeaderList, HeaderSink, client_ip, connection_tokens, is_hop_by_hop_str,
+    valid_request_id,
 };
 use crate::proxy::pool::{SendFailure, SendOptions};
 use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
@@ -882,6 +883,7 @@ async fn forward(
         idle_timeout: upstream.idle_timeout,
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
         traceparent: None,
+        fields: None,
         head: if relays_head_as_is(&ex, route, &plan, websocket) {
             HeadShape::Client
         } else {
@@ -917,7 +919,7 @@ async fn forward(
         let Some(attempt_body) = body.next() else {
             return ex.error(502, "the upstream could not be reached");
         };
-        let mut upstream_req = match attempt_request(
+        let (mut upstream_req, fields) = match attempt_request(
             req,
             &ex,
             route,
@@ -931,6 +933,7 @@ async fn forward(
             Err(why) => return ex.error(400, &why),
         };
         let mut opts = opts_base;
+        opts.fields = fields.as_ref();
         if let Some(t) = &ex.trace {
             // After the policy's edits: the gateway owns the trace context it sends.
             let port = if target.scheme == http::uri::Scheme::HTTPS {
@@ -1108,9 +1111,11 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
 }
 
 /// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
-/// policy's edits,
-/// then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the upgrade headers of a
-/// WebSocket handshake). `Err` names a client header that cannot be forwarded (400).
+/// policy's edits, then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the
+/// upgrade headers of a WebSocket handshake). When nothing edits the fields and the request
+/// goes out on the gateway's own HTTP/1.1 client, they are a list written as it is (the
+/// request's own map is then empty). `Err` names a client header that cannot be forwarded
+/// (400).
 #[allow(clippy::too_many_arguments)]
 fn attempt_request(
     req: &HttpRequest,
@@ -1121,8 +1126,24 @@ fn attempt_request(
     websocket: bool,
     (method, uri): (&http::Method, &http::Uri),
     body: ProxyBody,
-) -> Result<http::Request<ProxyBody>, String> {
-    let mut headers = upstream_headers(req, ex, route, target)?;
+) -> Result<(http::Request<ProxyBody>, Option<HeaderList>), String> {
+    let mut upstream_req = http::Request::new(body);
+    *upstream_req.method_mut() = method.clone();
+    *upstream_req.uri_mut() = uri.clone();
+    let as_is = target.protocol == crate::upstream::Protocol::Http1
+        && !matches!(upstream_req.body(), ProxyBody::Channel { .. })
+        && plan.plugins.is_none()
+        && plan.policy.is_none()
+        && ex.plugin_stop.is_none()
+        && ex.trace.is_none()
+        && !websocket;
+    let room = req.headers().len() + 4;
+    if as_is {
+        let list = upstream_headers(req, ex, route, target, HeaderList::with_capacity(room))?;
+        return Ok((upstream_req, Some(list)));
+    }
+    let mut headers =
+        upstream_headers(req, ex, route, target, http::HeaderMap::with_capacity(room))?;
     if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
         // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -1137,18 +1158,15 @@ fn attempt_request(
         // A plugin may have changed the body: its length is the one sent whole, or none
         // (streamed chunked).
         headers.remove(header::CONTENT_LENGTH);
-        if let ProxyBody::Full(Some(b)) = &body {
+        if let ProxyBody::Full(Some(b)) = upstream_req.body() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
         }
     }
     if websocket {
         websocket::set_upgrade_headers(&mut headers);
     }
-    let mut upstream_req = http::Request::new(body);
-    *upstream_req.method_mut() = method.clone();
-    *upstream_req.uri_mut() = uri.clone();
     *upstream_req.headers_mut() = headers;
-    Ok(upstream_req)
+    Ok((upstream_req, None))
 }
 
 /// A failed attempt that another attempt may follow.
@@ -1374,21 +1392,23 @@ fn convert_method(m: &actix_web::http::Method) -> http::Method {
     }
 }
 
-/// Request headers for the upstream (see [`crate::proxy::headers::upstream_headers`]).
-fn upstream_headers(
+/// Request headers for the upstream, into `out` (see
+/// [`crate::proxy::headers::upstream_headers`]).
+fn upstream_headers<S: HeaderSink>(
     req: &HttpRequest,
     ex: &Exchange,
     route: &Route,
     target: &Target,
-) -> Result<http::HeaderMap, String> {
+    out: S,
+) -> Result<S, String> {
     let peer = req.peer_addr().map(|a| a.ip());
     let h = req.headers();
     let conn = super::listener::conn_info(req);
     let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
-    crate::proxy::headers::upstream_headers(
+    // The trace context's `traceparent` is written by the connection, not kept here.
+    crate::proxy::headers::forwarded_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-        // The trace context's `traceparent` is written by the connection, not kept here.
-        h.len(),
+        out,
         &Forwarding {
             peer,
             trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),

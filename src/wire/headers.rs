@@ -2,7 +2,7 @@
 //! which request ids a client may supply. See SECURITY.md, "Hop-by-hop and headers the gateway
 //! owns".
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 
 /// Headers that describe one connection and never cross the proxy, in either direction.
 pub const HOP_BY_HOP: [&str; 8] = [
@@ -31,6 +31,88 @@ pub fn valid_request_id(v: &[u8]) -> bool {
         && v.len() <= 128
         && v.iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Where request header fields are built: an `http` 1.x map, or a [`HeaderList`].
+pub trait HeaderSink {
+    fn append(&mut self, name: HeaderName, value: HeaderValue);
+    /// Removes every field named `name`.
+    fn remove(&mut self, name: &HeaderName);
+    /// Replaces every field named `name` with this one.
+    fn insert(&mut self, name: HeaderName, value: HeaderValue) {
+        self.remove(&name);
+        self.append(name, value);
+    }
+    /// The values of the fields named `name`, in order.
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue>;
+}
+
+impl HeaderSink for http::HeaderMap {
+    fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        http::HeaderMap::append(self, name, value);
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        http::HeaderMap::remove(self, name);
+    }
+
+    fn insert(&mut self, name: HeaderName, value: HeaderValue) {
+        http::HeaderMap::insert(self, name, value);
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue> {
+        self.get_all(name).iter().cloned().collect()
+    }
+}
+
+/// Header fields in the order they were added: for a request head written out as it is (a
+/// list of a dozen fields is cheaper to build, look through and write than a hash map).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderList(Vec<(HeaderName, HeaderValue)>);
+
+impl HeaderList {
+    pub fn with_capacity(n: usize) -> HeaderList {
+        HeaderList(Vec::with_capacity(n))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The same fields in an `http` 1.x map.
+    pub fn to_map(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::with_capacity(self.0.len());
+        for (n, v) in &self.0 {
+            map.append(n.clone(), v.clone());
+        }
+        map
+    }
+}
+
+impl HeaderSink for HeaderList {
+    fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        self.0.push((name, value));
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
 }
 
 /// Declares the common standard header names once, for the lookups below.
