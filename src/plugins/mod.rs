@@ -32,7 +32,7 @@ mod host;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock, Weak};
+use std::sync::{Arc, LazyLock, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -40,9 +40,9 @@ use prometheus::{IntCounterVec, Opts};
 
 pub use body::{BodyFilter, BodyStop};
 pub use engine::{CompileError, PAGE, is_cached};
-use headers::{Changed, Headers};
+use headers::Headers;
 pub use host::VmError;
-use host::{CallData, Props, PropsOf, Vm};
+use host::{Props, PropsOf, ResponseHead, ResponseView, Vm};
 
 use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
@@ -315,17 +315,16 @@ struct Active {
 /// The plugins of one request: their contexts, and the request headers as they left them.
 pub struct PluginRun {
     active: Vec<Active>,
-    /// The client's headers as the plugins got them, and as they left them (the same until a
-    /// plugin changes them: each call shares them, and a change copies them).
-    original: Arc<Headers>,
+    /// The client's headers as the plugins left them, with the names they changed and the
+    /// values those had (shared with each later call).
     headers: Arc<Headers>,
     props: Arc<Props>,
-    /// The response headers as `on_response` left them (what the client gets), for the
-    /// response body's callbacks.
-    response: OnceLock<Arc<Headers>>,
     /// Set when the contexts are finished, for a request body still on its way.
     closed: Arc<AtomicBool>,
 }
+
+/// What `PluginRun::headers` holds while a plugin that may change them in place has them.
+static LENT: LazyLock<Arc<Headers>> = LazyLock::new(Arc::default);
 
 /// What the plugins decided about a request or a response.
 pub enum Outcome {
@@ -380,7 +379,8 @@ pub fn on_request(
     }
     headers.push(":authority", inc.host.as_bytes());
     for (n, v) in client.iter() {
-        headers.push(n, v);
+        // HTTP parsers give names in lower case.
+        headers.push_lower(n, v);
     }
     let headers = Arc::new(headers);
     let props = Arc::new(Props::new(&PropsOf {
@@ -394,42 +394,52 @@ pub fn on_request(
     }));
     let mut run = PluginRun {
         active: Vec::with_capacity(plugins.len()),
-        original: Arc::clone(&headers),
         headers,
         props,
-        response: OnceLock::new(),
         closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
-        let data = CallData {
-            request: Some(Arc::clone(&run.headers)),
-            request_writable: true,
-            props: Some(Arc::clone(&run.props)),
-            ..CallData::default()
+        // The plugin changes the headers in place, unless its changes might have to be undone:
+        // it fails open, or earlier plugins' contexts would see them (`on_log` after it failed
+        // closed). Then it shares them, and its first change copies them.
+        let shared = u.plugin.on_error == OnError::FailOpen || !run.active.is_empty();
+        let request = if shared {
+            Arc::clone(&run.headers)
+        } else {
+            std::mem::replace(&mut run.headers, Arc::clone(&LENT))
         };
+        let props = &run.props;
         let called = with_vm(u, None, |vm| {
             let ctx = vm.create_context()?;
-            let (data, action) = vm.on_headers(true, ctx, data);
-            let action = action?;
-            if data.local.is_none() && action != abi::ACTION_CONTINUE {
-                return Err(VmError::Refused(
-                    "paused the request (Action::Pause), which RustyGate does not support".into(),
-                ));
-            }
-            Ok((ctx, data))
+            vm.in_call(|vm| {
+                let d = vm.data();
+                d.request = Some(request);
+                d.request_writable = true;
+                d.props = Some(Arc::clone(props));
+                let action = vm.on_headers(true, ctx)?;
+                let d = vm.data();
+                let local = d.local.take();
+                if local.is_none() && action != abi::ACTION_CONTINUE {
+                    return Err(VmError::Refused(
+                        "paused the request (Action::Pause), which RustyGate does not support"
+                            .into(),
+                    ));
+                }
+                Ok((ctx, d.request.take(), local))
+            })
         });
         match called {
-            Ok(((ctx, data), generation, lease)) => {
+            Ok(((ctx, request, local), generation, lease)) => {
                 run.active.push(Active {
                     plugin: Arc::clone(u),
                     generation,
                     ctx,
                     _lease: lease,
                 });
-                if let Some(h) = data.request {
+                if let Some(h) = request {
                     run.headers = h;
                 }
-                if let Some(local) = data.local {
+                if let Some(local) = local {
                     return (run, Outcome::Respond(local_response(*local)));
                 }
             }
@@ -482,11 +492,12 @@ impl PluginRun {
     /// The response body's way through the plugins that read it, in reverse order, seeing
     /// `status` and `headers` as the client gets them. The filter owns this run: the contexts
     /// end (`on_log` …) when the body does. `Err` gives the run back when no plugin reads it.
+    /// The filter takes `headers` (what the client got already); they stay when `Err`.
     pub fn into_response_body(
         self,
         limit: u64,
         status: u16,
-        headers: &HeaderMap,
+        headers: &mut HeaderMap,
     ) -> Result<BodyFilter, PluginRun> {
         let readers = self
             .active
@@ -496,11 +507,10 @@ impl PluginRun {
         let Some(filter) = BodyFilter::new(&self, false, readers, limit) else {
             return Err(self);
         };
-        // The headers `on_response` left are these: shared, not built again.
-        let seen = match self.response.get() {
-            Some(h) => Arc::clone(h),
-            None => Arc::new(response_headers(status, headers)),
-        };
+        let seen = Arc::new(ResponseHead {
+            status,
+            headers: std::mem::take(headers),
+        });
         Ok(filter.owning(self, seen))
     }
 
@@ -514,47 +524,78 @@ impl PluginRun {
 
     /// Makes the plugins' header changes on the headers going upstream: headers they removed
     /// are removed, headers whose values they changed or added are set to their values. Only
-    /// the names they changed are looked at.
+    /// the names they changed are looked at, and only those whose values are not the client's:
+    /// a plugin that "replaces" a header with the client's value leaves what the gateway set.
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
-        apply(&self.original, &self.headers, upstream);
+        let h = &self.headers;
+        for name in h.changed() {
+            if h.values(name).eq(h.values_before(name)) {
+                continue;
+            }
+            let Some(n) = crate::proxy::headers::header_name(name) else {
+                continue;
+            };
+            let mut values = h
+                .values(name)
+                .filter_map(|v| HeaderValue::from_bytes(v).ok());
+            match (values.next(), values.next()) {
+                (None, _) => {
+                    upstream.remove(&n);
+                }
+                // One value (the usual): the name moves into the map, not copied.
+                (Some(v), None) => {
+                    upstream.insert(n, v);
+                }
+                (Some(first), Some(second)) => {
+                    upstream.remove(&n);
+                    for v in [first, second].into_iter().chain(values) {
+                        upstream.append(n.clone(), v);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `on_response_headers` of each plugin, in reverse order, on the status and headers
-    /// the client would get, changing the headers in place.
+    /// the client would get, changing the headers in place (a plugin that fails open has its
+    /// changes undone).
     pub fn on_response(&self, route: &str, status: u16, headers: &mut HeaderMap) -> Outcome {
-        if self.active.is_empty() {
-            return Outcome::Continue;
-        }
-        let before = Arc::new(response_headers(status, headers));
-        let mut pairs = Arc::clone(&before);
         for a in self.active.iter().rev() {
-            let data = CallData {
-                request: Some(Arc::clone(&self.headers)),
-                response: Some(Arc::clone(&pairs)),
-                response_writable: true,
-                props: Some(Arc::clone(&self.props)),
-                ..CallData::default()
-            };
+            // The headers go into the call (and come back) only when the instance is there.
             let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
-                let (data, action) = vm.on_headers(false, a.ctx, data);
-                let action = action?;
-                if data.local.is_none() && action != abi::ACTION_CONTINUE {
-                    return Err(VmError::Refused(
-                        "paused the response (Action::Pause), which RustyGate does not support"
-                            .into(),
-                    ));
-                }
-                Ok(data)
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.headers));
+                    d.response = ResponseView::Edit {
+                        status,
+                        headers: std::mem::take(headers),
+                    };
+                    d.props = Some(Arc::clone(&self.props));
+                    let action = vm.on_headers(false, a.ctx);
+                    let d = vm.data();
+                    if let ResponseView::Edit { headers: h, .. } = std::mem::take(&mut d.response) {
+                        *headers = h;
+                    }
+                    let local = d.local.take();
+                    let out = action.and_then(|action| {
+                        if local.is_none() && action != abi::ACTION_CONTINUE {
+                            return Err(VmError::Refused(
+                                "paused the response (Action::Pause), which RustyGate does not \
+                                 support"
+                                    .into(),
+                            ));
+                        }
+                        Ok(local)
+                    });
+                    if out.is_err() {
+                        vm.undo(headers);
+                    }
+                    out
+                })
             });
             match called {
-                Ok((data, _, _)) => {
-                    if let Some(local) = data.local {
-                        return Outcome::Respond(local_response(*local));
-                    }
-                    if let Some(r) = data.response {
-                        pairs = r;
-                    }
-                }
+                Ok((Some(local), _, _)) => return Outcome::Respond(local_response(*local)),
+                Ok((None, _, _)) => {}
                 Err(e) => {
                     if let Outcome::Failed = failed(&a.plugin, route, "on_response_headers", &e) {
                         return Outcome::Failed;
@@ -562,66 +603,7 @@ impl PluginRun {
                 }
             }
         }
-        apply(&before, &pairs, headers);
-        let _ = self.response.set(pairs);
         Outcome::Continue
-    }
-}
-
-/// The response headers a plugin sees: `:status`, then `headers` as the client would get them.
-fn response_headers(status: u16, headers: &HeaderMap) -> Headers {
-    let bytes = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum::<usize>();
-    // Room for a plugin's usual edit or two.
-    let mut out = Headers::with_capacity(headers.len() + 3, bytes + 64);
-    if (100..1000).contains(&status) {
-        let digit = |d: u16| b'0' + (d % 10) as u8;
-        out.push(
-            ":status",
-            &[digit(status / 100), digit(status / 10), digit(status)],
-        );
-    } else {
-        out.push(":status", status.to_string().as_bytes());
-    }
-    for (n, v) in headers {
-        out.push(n.as_str(), v.as_bytes());
-    }
-    out
-}
-
-/// Makes on `target` the changes that turned `before` into `now`: each name the plugins changed
-/// gets its values in `now` (none: removed), unless they are the values it had in `before`.
-fn apply(before: &Headers, now: &Headers, target: &mut HeaderMap) {
-    let mut set = |name: &str| {
-        if now.values(name).eq(before.values(name)) {
-            return;
-        }
-        let Some(h) = crate::proxy::headers::header_name(name) else {
-            return;
-        };
-        target.remove(&h);
-        for v in now.values(name) {
-            if let Ok(v) = HeaderValue::from_bytes(v) {
-                target.append(h.clone(), v);
-            }
-        }
-    };
-    match now.changed() {
-        Changed::None => {}
-        Changed::Names(names) => names.iter().for_each(|n| set(n)),
-        Changed::All => {
-            let mut every: Vec<&str> = before
-                .iter()
-                .chain(now.iter())
-                .map(|(n, _)| n)
-                .filter(|n| !n.starts_with(':'))
-                .collect();
-            every.sort_unstable();
-            every.dedup();
-            every.into_iter().for_each(set);
-        }
     }
 }
 
@@ -631,13 +613,13 @@ impl Drop for PluginRun {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
         for a in &self.active {
-            let data = CallData {
-                request: Some(Arc::clone(&self.headers)),
-                props: Some(Arc::clone(&self.props)),
-                ..CallData::default()
-            };
             if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
-                vm.finish(a.ctx, data)
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.headers));
+                    d.props = Some(Arc::clone(&self.props));
+                    vm.finish(a.ctx)
+                })
             }) && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
             {
                 failed(&a.plugin, self.props.route(), "on_log", &e);
