@@ -17,7 +17,6 @@
 //! `fail_open` lets the bytes of that call go on unchanged and calls that plugin no more.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
@@ -56,8 +55,6 @@ pub struct BodyFilter {
     props: Arc<Props>,
     request_headers: Arc<Headers>,
     response_headers: Option<Arc<ResponseHead>>,
-    /// Set when the exchange's contexts are finished (`on_log` …): no call may follow.
-    closed: Arc<AtomicBool>,
     /// A response body's exchange: its plugins' contexts end (`on_log` …) when the body does.
     _run: Option<PluginRun>,
     ended: bool,
@@ -89,7 +86,6 @@ impl BodyFilter {
             props: Arc::clone(&run.props),
             request_headers: Arc::clone(&run.headers),
             response_headers: None,
-            closed: Arc::clone(&run.closed),
             _run: None,
             ended: false,
         })
@@ -127,7 +123,7 @@ impl BodyFilter {
         if self.ended {
             return Ok(data);
         }
-        if self.closed.load(Ordering::Acquire) {
+        if self.props.is_closed() {
             // The exchange is over (its answer was given): the rest of a request body has
             // nowhere to go. Not the plugin's failure, so not counted as one.
             return Err(BodyStop::Failed);

@@ -10,7 +10,32 @@
 //! The response's are the `http::HeaderMap` the client gets, changed in place
 //! ([`ResponseEdit`]); [`Undo`] puts back what a failing `fail_open` plugin changed.
 
+use std::cell::RefCell;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Header names the plugins set, parsed once per worker thread: a name outside `http`'s
+/// standard ones is otherwise parsed and allocated anew for every request it is set on.
+const NAMES_PER_THREAD: usize = 32;
+
+thread_local! {
+    static NAMES: RefCell<Vec<HeaderName>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The `http` name for a lower-case header name (`None`: not a valid one), from this thread's
+/// names when it was seen before.
+pub(crate) fn header_name(name: &str) -> Option<HeaderName> {
+    NAMES.with_borrow_mut(|names| {
+        if let Some(h) = names.iter().find(|h| h.as_str() == name) {
+            return Some(h.clone());
+        }
+        let h = crate::proxy::headers::header_name(name)?;
+        if names.len() < NAMES_PER_THREAD {
+            names.push(h.clone());
+        }
+        Some(h)
+    })
+}
 
 /// Headers in one buffer, in order.
 #[derive(Debug, Clone, Default)]
@@ -42,7 +67,14 @@ impl List {
     }
 
     fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.raw().filter(move |(n, _)| *n == name).map(|(_, v)| v)
+        let mut start = 0;
+        self.ends.iter().filter_map(move |&(name_end, end)| {
+            let from = start;
+            start = end;
+            // Lengths first: most names differ in length.
+            (name_end - from == name.len() && self.bytes.get(from..name_end) == Some(name))
+                .then(|| self.bytes.get(name_end..end).unwrap_or_default())
+        })
     }
 
     /// Keeps the headers whose name `keep` accepts, in order, moving them down in place.
@@ -151,17 +183,21 @@ impl Headers {
         self.changed.split(|&b| b == 0).any(|n| n == name)
     }
 
-    /// Records `name` as changed, with the values it has now, unless it is already.
-    fn mark(&mut self, name: &[u8]) {
+    /// Records `name` as changed, with the values it has now, unless it is already; whether
+    /// it may have values now (`false`: it has none).
+    fn mark(&mut self, name: &[u8]) -> bool {
         if self.is_marked(name) {
-            return;
+            return true;
         }
         self.changed.extend_from_slice(name);
         self.changed.push(0);
         let Headers { list, before, .. } = self;
+        let mut any = false;
         for v in list.values(name) {
             before.push_parts(name, &[v]);
+            any = true;
         }
+        any
     }
 
     /// Adds a value to `name` (lower case).
@@ -172,15 +208,17 @@ impl Headers {
 
     /// Replaces the values of `name` (lower case) with `value`, which goes last.
     pub fn replace(&mut self, name: &str, value: &[u8]) {
-        self.mark(name.as_bytes());
-        self.list.retain(|n| n != name.as_bytes());
+        if self.mark(name.as_bytes()) {
+            self.list.retain(|n| n != name.as_bytes());
+        }
         self.list.push_parts(name.as_bytes(), &[value]);
     }
 
     /// Removes every value of `name` (lower case).
     pub fn remove(&mut self, name: &str) {
-        self.mark(name.as_bytes());
-        self.list.retain(|n| n != name.as_bytes());
+        if self.mark(name.as_bytes()) {
+            self.list.retain(|n| n != name.as_bytes());
+        }
     }
 
     /// Replaces every header but the pseudo-headers with `pairs` (names in lower case).
@@ -336,10 +374,7 @@ impl ResponseEdit<'_> {
 
     /// Adds a value to `name` (lower case; both checked by the caller).
     pub fn add(&mut self, name: &str, value: &[u8]) {
-        if let (Some(n), Ok(v)) = (
-            crate::proxy::headers::header_name(name),
-            HeaderValue::from_bytes(value),
-        ) {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
             self.record(&n);
             self.headers.append(n, v);
         }
@@ -347,10 +382,7 @@ impl ResponseEdit<'_> {
 
     /// Replaces the values of `name` (lower case) with `value`.
     pub fn replace(&mut self, name: &str, value: &[u8]) {
-        if let (Some(n), Ok(v)) = (
-            crate::proxy::headers::header_name(name),
-            HeaderValue::from_bytes(value),
-        ) {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
             self.record(&n);
             self.headers.insert(n, v);
         }
@@ -358,7 +390,7 @@ impl ResponseEdit<'_> {
 
     /// Removes every value of `name` (lower case).
     pub fn remove(&mut self, name: &str) {
-        if let Some(n) = crate::proxy::headers::header_name(name)
+        if let Some(n) = header_name(name)
             && self.headers.contains_key(&n)
         {
             self.record(&n);
@@ -371,12 +403,7 @@ impl ResponseEdit<'_> {
         let pairs: Vec<(HeaderName, HeaderValue)> = pairs
             .iter()
             .filter(|(n, _)| !n.starts_with(':'))
-            .filter_map(|(n, v)| {
-                Some((
-                    crate::proxy::headers::header_name(n)?,
-                    HeaderValue::from_bytes(v).ok()?,
-                ))
-            })
+            .filter_map(|(n, v)| Some((header_name(n)?, HeaderValue::from_bytes(v).ok()?)))
             .collect();
         if self.undo.is_some() {
             let names: Vec<HeaderName> = self

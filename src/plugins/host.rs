@@ -85,6 +85,9 @@ pub struct Props {
     /// Whether the request has a query (`request.path` ends with `?` for an empty one).
     has_query: bool,
     source: Option<std::net::IpAddr>,
+    /// Set when the exchange's contexts are finished, for a request body still on its way
+    /// (here, not in an allocation of its own: whatever holds the properties needs this).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// What a request's properties are made of.
@@ -119,7 +122,19 @@ impl Props {
             ends,
             has_query: p.query.is_some(),
             source: Some(p.source),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the exchange's contexts finished.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the exchange's contexts are finished: no call may follow.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn part(&self, i: usize) -> &str {

@@ -31,7 +31,7 @@ mod headers;
 mod host;
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use bytes::Bytes;
@@ -218,14 +218,13 @@ fn with_vm<R>(
         }
         // The slot's `Weak` keeps its `PluginUse`'s allocation: no other one can be at the
         // same address while it exists, so the same address is the same plugin use.
+        // The current instance's generation, when there is one for `u`.
         let live = current
             .get(&key)
-            .is_some_and(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)));
+            .filter(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)))
+            .map(|s| s.generation);
         if let Some((generation, ctx)) = at
-            && !(live
-                && current
-                    .get(&key)
-                    .is_some_and(|s| s.generation == generation))
+            && live != Some(generation)
         {
             let replaced = || VmError::Refused("the instance was replaced".into());
             let Some(r) = retired
@@ -245,7 +244,7 @@ fn with_vm<R>(
                 }
             };
         }
-        if !live {
+        if live.is_none() {
             current.remove(&key);
             // Instances of plugin uses no snapshot holds any more (an earlier config) go now:
             // a worker never keeps one per reload.
@@ -318,9 +317,9 @@ pub struct PluginRun {
     /// The client's headers as the plugins left them, with the names they changed and the
     /// values those had (shared with each later call).
     headers: Arc<Headers>,
+    /// The request's properties; they also tell a request body still on its way when the
+    /// contexts are finished.
     props: Arc<Props>,
-    /// Set when the contexts are finished, for a request body still on its way.
-    closed: Arc<AtomicBool>,
 }
 
 /// What `PluginRun::headers` holds while a plugin that may change them in place has them.
@@ -364,20 +363,19 @@ pub fn on_request(
     client: &ClientHeaders,
 ) -> (PluginRun, Outcome) {
     let inc = info.incoming;
-    let (n, bytes) = client
-        .iter()
-        .fold((3, 32), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
-    // Room for a plugin's usual edit or two.
+    // Room for the usual request's headers (as `ClientHeaders` guesses) and a plugin's usual
+    // edit or two, without a pass over them.
+    let n = client.iter().size_hint().0;
     let mut headers = Headers::with_capacity(
-        n + 2,
-        bytes + 64 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
+        n + 5,
+        n * 48 + 128 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
     );
-    headers.push(":method", inc.method.as_bytes());
+    headers.push_lower(":method", inc.method.as_bytes());
     match inc.query {
         Some(q) => headers.push_parts(":path", &[inc.path.as_bytes(), b"?", q.as_bytes()]),
-        None => headers.push(":path", inc.path.as_bytes()),
+        None => headers.push_lower(":path", inc.path.as_bytes()),
     }
-    headers.push(":authority", inc.host.as_bytes());
+    headers.push_lower(":authority", inc.host.as_bytes());
     for (n, v) in client.iter() {
         // HTTP parsers give names in lower case.
         headers.push_lower(n, v);
@@ -396,7 +394,6 @@ pub fn on_request(
         active: Vec::with_capacity(plugins.len()),
         headers,
         props,
-        closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
         // The plugin changes the headers in place, unless its changes might have to be undone:
@@ -532,7 +529,7 @@ impl PluginRun {
             if h.values(name).eq(h.values_before(name)) {
                 continue;
             }
-            let Some(n) = crate::proxy::headers::header_name(name) else {
+            let Some(n) = headers::header_name(name) else {
                 continue;
             };
             let mut values = h
@@ -611,7 +608,7 @@ impl Drop for PluginRun {
     /// `on_log`, `on_done`, `on_delete` for each context, in request order. Failures here can
     /// no longer change the response: they are logged and counted.
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.props.close();
         for a in &self.active {
             if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
                 vm.in_call(|vm| {
