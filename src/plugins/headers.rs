@@ -26,7 +26,10 @@ thread_local! {
 /// names when it was seen before.
 pub(crate) fn header_name(name: &str) -> Option<HeaderName> {
     NAMES.with_borrow_mut(|names| {
-        if let Some(h) = names.iter().find(|h| h.as_str() == name) {
+        if let Some(h) = names
+            .iter()
+            .find(|h| same(h.as_str().as_bytes(), name.as_bytes()))
+        {
             return Some(h.clone());
         }
         let h = crate::proxy::headers::header_name(name)?;
@@ -35,6 +38,67 @@ pub(crate) fn header_name(name: &str) -> Option<HeaderName> {
         }
         Some(h)
     })
+}
+
+/// Whether two names are the same bytes. Eight at a time: names are short, and the C library's
+/// `memcmp` (musl's) that slice equality calls compares one byte at a time.
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let word = |w: &[u8]| u64::from_ne_bytes(<[u8; 8]>::try_from(w).unwrap_or_default());
+    let (wa, wb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (wa.remainder(), wb.remainder());
+    a.len() == b.len()
+        && wa.zip(wb).all(|(x, y)| word(x) == word(y))
+        && ra.iter().zip(rb).all(|(x, y)| x == y)
+}
+
+/// Names changed, each followed by a NUL byte: in place up to `INLINE` bytes (a plugin's usual
+/// edit or two, without an allocation), then in `spill`.
+#[derive(Debug, Clone)]
+struct Names {
+    inline: [u8; Names::INLINE],
+    len: usize,
+    spill: Vec<u8>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            inline: [0; Names::INLINE],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+}
+
+impl Names {
+    const INLINE: usize = 64;
+
+    fn bytes(&self) -> &[u8] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn push(&mut self, name: &[u8]) {
+        let end = self.len + name.len() + 1;
+        if self.spill.is_empty() && end <= Names::INLINE {
+            self.inline[self.len..end - 1].copy_from_slice(name);
+            self.inline[end - 1] = 0;
+            self.len = end;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spill.extend_from_slice(name);
+            self.spill.push(0);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.bytes().split(|&b| b == 0).filter(|n| !n.is_empty())
+    }
 }
 
 /// Headers in one buffer, in order.
@@ -72,7 +136,7 @@ impl List {
             let from = start;
             start = end;
             // Lengths first: most names differ in length.
-            (name_end - from == name.len() && self.bytes.get(from..name_end) == Some(name))
+            (name_end - from == name.len() && same(&self.bytes[from..name_end], name))
                 .then(|| self.bytes.get(name_end..end).unwrap_or_default())
         })
     }
@@ -105,8 +169,8 @@ impl List {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Headers {
     list: List,
-    /// The names changed since the map was built, each once, each followed by a NUL byte.
-    changed: Vec<u8>,
+    /// The names changed since the map was built, each once.
+    changed: Names,
     /// The values the changed names had when the map was built (only names that had any).
     before: List,
 }
@@ -169,8 +233,7 @@ impl Headers {
     /// The names changed since the map was built, each once.
     pub fn changed(&self) -> impl Iterator<Item = &str> + '_ {
         self.changed
-            .split(|&b| b == 0)
-            .filter(|n| !n.is_empty())
+            .iter()
             .map(|n| std::str::from_utf8(n).unwrap_or(""))
     }
 
@@ -180,7 +243,7 @@ impl Headers {
     }
 
     fn is_marked(&self, name: &[u8]) -> bool {
-        self.changed.split(|&b| b == 0).any(|n| n == name)
+        self.changed.iter().any(|n| same(n, name))
     }
 
     /// Records `name` as changed, with the values it has now, unless it is already; whether
@@ -189,8 +252,7 @@ impl Headers {
         if self.is_marked(name) {
             return true;
         }
-        self.changed.extend_from_slice(name);
-        self.changed.push(0);
+        self.changed.push(name);
         let Headers { list, before, .. } = self;
         let mut any = false;
         for v in list.values(name) {
@@ -545,6 +607,33 @@ mod tests {
         let pairs = super::super::abi::deserialize_map(&bytes).unwrap();
         assert_eq!(pairs[0], (":status".to_owned(), b"200".to_vec()));
         assert_eq!(pairs.len(), 4);
+    }
+
+    #[test]
+    fn names_compare_and_spill() {
+        assert!(same(b"x-rustygate-plugin-seen", b"x-rustygate-plugin-seen"));
+        assert!(!same(
+            b"x-rustygate-plugin-seen",
+            b"x-rustygate-plugin-seem"
+        ));
+        assert!(!same(
+            b"x-rustygate-plugin-seen",
+            b"y-rustygate-plugin-seen"
+        ));
+        assert!(!same(b"x-a", b"x-ab"));
+        assert!(same(b"", b""));
+        let mut h = map();
+        let long: Vec<String> = (0..12)
+            .map(|i| format!("x-a-long-header-name-{i}"))
+            .collect();
+        for n in &long {
+            h.add(n, b"v");
+            h.add(n, b"w");
+        }
+        let mut want = long.clone();
+        h.remove("x-a");
+        want.push("x-a".to_owned());
+        assert_eq!(h.changed().collect::<Vec<_>>(), want);
     }
 
     #[test]

@@ -526,15 +526,21 @@ impl PluginRun {
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
         let h = &self.headers;
         for name in h.changed() {
-            if h.values(name).eq(h.values_before(name)) {
+            // Usually a name the client did not send: then it changed when it has values now,
+            // and the scan that finds them is the one that sets them.
+            let mut now = h.values(name).peekable();
+            let unchanged = if h.values_before(name).next().is_none() {
+                now.peek().is_none()
+            } else {
+                h.values(name).eq(h.values_before(name))
+            };
+            if unchanged {
                 continue;
             }
             let Some(n) = headers::header_name(name) else {
                 continue;
             };
-            let mut values = h
-                .values(name)
-                .filter_map(|v| HeaderValue::from_bytes(v).ok());
+            let mut values = now.filter_map(|v| HeaderValue::from_bytes(v).ok());
             match (values.next(), values.next()) {
                 (None, _) => {
                     upstream.remove(&n);
