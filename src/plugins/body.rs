@@ -17,12 +17,11 @@
 //! `fail_open` lets the bytes of that call go on unchanged and calls that plugin no more.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
 use super::headers::Headers;
-use super::host::{BodyView, CallData, Props};
+use super::host::{BodyView, Props, ResponseHead, ResponseView};
 use super::{Active, Outcome, PluginRun, PluginUse, VmError, abi, failed, local_response, with_vm};
 use crate::wire::StaticResponse;
 
@@ -55,9 +54,7 @@ pub struct BodyFilter {
     limit: usize,
     props: Arc<Props>,
     request_headers: Arc<Headers>,
-    response_headers: Option<Arc<Headers>>,
-    /// Set when the exchange's contexts are finished (`on_log` …): no call may follow.
-    closed: Arc<AtomicBool>,
+    response_headers: Option<Arc<ResponseHead>>,
     /// A response body's exchange: its plugins' contexts end (`on_log` …) when the body does.
     _run: Option<PluginRun>,
     ended: bool,
@@ -89,7 +86,6 @@ impl BodyFilter {
             props: Arc::clone(&run.props),
             request_headers: Arc::clone(&run.headers),
             response_headers: None,
-            closed: Arc::clone(&run.closed),
             _run: None,
             ended: false,
         })
@@ -97,7 +93,11 @@ impl BodyFilter {
 
     /// Makes this response body's filter own the exchange's plugin run, which it sees with
     /// `response_headers`.
-    pub(super) fn owning(mut self, run: PluginRun, response_headers: Arc<Headers>) -> BodyFilter {
+    pub(super) fn owning(
+        mut self,
+        run: PluginRun,
+        response_headers: Arc<ResponseHead>,
+    ) -> BodyFilter {
         self.response_headers = Some(response_headers);
         self._run = Some(run);
         self
@@ -123,7 +123,7 @@ impl BodyFilter {
         if self.ended {
             return Ok(data);
         }
-        if self.closed.load(Ordering::Acquire) {
+        if self.props.is_closed() {
             // The exchange is over (its answer was given): the rest of a request body has
             // nowhere to go. Not the plugin's failure, so not counted as one.
             return Err(BodyStop::Failed);
@@ -155,40 +155,45 @@ impl BodyFilter {
                 }
                 view
             };
-            let call = CallData {
-                request: Some(Arc::clone(&self.request_headers)),
-                response: self.response_headers.clone(),
-                props: Some(Arc::clone(&self.props)),
-                body: Some(BodyView {
-                    id,
-                    data: view.clone(),
-                    edited: false,
-                    // A chunk that only passes may be edited past a small route limit; the
-                    // bound is on host memory, and holding is checked below.
-                    limit: self.limit.max(abi::MAX_TRANSFER),
-                }),
-                ..CallData::default()
-            };
             let called = with_vm(&stage.plugin, Some((stage.generation, stage.ctx)), |vm| {
-                let (data, action) = vm.on_body(self.request, stage.ctx, call, end);
-                let action = action?;
-                if data.local.is_none() && action != abi::ACTION_CONTINUE && end {
-                    return Err(VmError::Refused(
-                        "paused at the end of the body (Action::Pause), which nothing would resume"
-                            .into(),
-                    ));
-                }
-                Ok((data, action))
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.request_headers));
+                    d.response = match &self.response_headers {
+                        Some(h) => ResponseView::Seen(Arc::clone(h)),
+                        None => ResponseView::None,
+                    };
+                    d.props = Some(Arc::clone(&self.props));
+                    d.body = Some(BodyView {
+                        id,
+                        data: view.clone(),
+                        edited: false,
+                        // A chunk that only passes may be edited past a small route limit; the
+                        // bound is on host memory, and holding is checked below.
+                        limit: self.limit.max(abi::MAX_TRANSFER),
+                    });
+                    let action = vm.on_body(self.request, stage.ctx, end)?;
+                    let d = vm.data();
+                    let local = d.local.take();
+                    if local.is_none() && action != abi::ACTION_CONTINUE && end {
+                        return Err(VmError::Refused(
+                            "paused at the end of the body (Action::Pause), which nothing would \
+                             resume"
+                                .into(),
+                        ));
+                    }
+                    // The plugin's version when it changed the body.
+                    let edited = d.body.take().filter(|b| b.edited).map(|b| b.data);
+                    Ok((local, edited, action))
+                })
             });
             match called {
-                Ok(((mut out, action), _, _)) => {
-                    if let Some(local) = out.local.take() {
+                Ok(((local, edited, action), _, _)) => {
+                    if let Some(local) = local {
                         return Err(BodyStop::Respond(local_response(*local)));
                     }
-                    // The plugin's version when it changed the body; otherwise the same bytes
-                    // (and the only reference to them, so holding them again copies nothing).
-                    let edited = out.body.take().filter(|b| b.edited).map(|b| b.data);
-                    drop(out);
+                    // Otherwise the same bytes (and, the call's view cleared, the only reference
+                    // to them, so holding them again copies nothing).
                     let now = edited.unwrap_or(view);
                     if action == abi::ACTION_CONTINUE {
                         data = now;

@@ -1,63 +1,122 @@
-//! A header map as the plugins see it: pseudo-headers first (`:method`, `:path`, `:authority`
-//! or `:status`), then the rest, names in lower case, all in one buffer, with the names a
-//! plugin changed.
+//! The header maps as the plugins see them.
 //!
-//! One buffer, so that sharing a copy with a plugin that changes it costs two allocations, not
-//! two per header; the changed names, so that making the plugins' changes on the real headers
-//! looks at those names only, not at every value of every header.
+//! [`Headers`], the request's: pseudo-headers first (`:method`, `:path`, `:authority`), then
+//! the rest, names in lower case, all in one buffer, with the names the plugins changed and
+//! the values those names had before. One buffer, so that a copy (for a `fail_open` plugin,
+//! whose changes must be undone should it fail) costs two allocations, not two per header;
+//! the changed names with their earlier values, so that making the plugins' changes on the
+//! headers going upstream looks at those names only, and needs no copy of the whole map.
+//!
+//! The response's are the `http::HeaderMap` the client gets, changed in place
+//! ([`ResponseEdit`]); [`Undo`] puts back what a failing `fail_open` plugin changed.
 
-/// A header map (see the module docs). Cloned when a plugin changes a map it shares.
+use std::cell::RefCell;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Header names the plugins set, parsed once per worker thread: a name outside `http`'s
+/// standard ones is otherwise parsed and allocated anew for every request it is set on.
+const NAMES_PER_THREAD: usize = 32;
+
+thread_local! {
+    static NAMES: RefCell<Vec<HeaderName>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The `http` name for a lower-case header name (`None`: not a valid one), from this thread's
+/// names when it was seen before.
+pub(crate) fn header_name(name: &str) -> Option<HeaderName> {
+    NAMES.with_borrow_mut(|names| {
+        if let Some(h) = names
+            .iter()
+            .find(|h| same(h.as_str().as_bytes(), name.as_bytes()))
+        {
+            return Some(h.clone());
+        }
+        let h = crate::proxy::headers::header_name(name)?;
+        if names.len() < NAMES_PER_THREAD {
+            names.push(h.clone());
+        }
+        Some(h)
+    })
+}
+
+/// Whether two names are the same bytes. Eight at a time: names are short, and the C library's
+/// `memcmp` (musl's) that slice equality calls compares one byte at a time.
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let word = |w: &[u8]| u64::from_ne_bytes(<[u8; 8]>::try_from(w).unwrap_or_default());
+    let (wa, wb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (wa.remainder(), wb.remainder());
+    a.len() == b.len()
+        && wa.zip(wb).all(|(x, y)| word(x) == word(y))
+        && ra.iter().zip(rb).all(|(x, y)| x == y)
+}
+
+/// Names changed, each followed by a NUL byte: in place up to `INLINE` bytes (a plugin's usual
+/// edit or two, without an allocation), then in `spill`.
+#[derive(Debug, Clone)]
+struct Names {
+    inline: [u8; Names::INLINE],
+    len: usize,
+    spill: Vec<u8>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            inline: [0; Names::INLINE],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+}
+
+impl Names {
+    const INLINE: usize = 64;
+
+    fn bytes(&self) -> &[u8] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn push(&mut self, name: &[u8]) {
+        let end = self.len + name.len() + 1;
+        if self.spill.is_empty() && end <= Names::INLINE {
+            self.inline[self.len..end - 1].copy_from_slice(name);
+            self.inline[end - 1] = 0;
+            self.len = end;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spill.extend_from_slice(name);
+            self.spill.push(0);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.bytes().split(|&b| b == 0).filter(|n| !n.is_empty())
+    }
+}
+
+/// Headers in one buffer, in order.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Headers {
+struct List {
     bytes: Vec<u8>,
     /// Where each header's name and value end in `bytes`; each starts where the previous ended.
     ends: Vec<(usize, usize)>,
-    changed: Changed,
 }
 
-/// The names a plugin changed since the map was built.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) enum Changed {
-    #[default]
-    None,
-    /// Added to, replaced or removed (lower case, each once).
-    Names(Vec<String>),
-    /// Every header was replaced (`proxy_set_header_map_pairs`).
-    All,
-}
-
-impl Headers {
-    /// An empty map with room for `n` headers of `bytes` bytes in all.
-    pub fn with_capacity(n: usize, bytes: usize) -> Headers {
-        Headers {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(n),
-            changed: Changed::None,
-        }
-    }
-
-    /// Adds a header; its name is stored in lower case. Not counted as a change.
-    pub fn push(&mut self, name: &str, value: &[u8]) {
-        self.push_parts(name, &[value]);
-    }
-
-    /// [`Headers::push`] with a value in pieces (a path and its query).
-    pub fn push_parts(&mut self, name: &str, value: &[&[u8]]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(name.as_bytes());
-        // Names from `http` and from the SDKs are in lower case already.
-        if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.bytes[start..].make_ascii_lowercase();
-        }
+impl List {
+    fn push_parts(&mut self, name: &[u8], value: &[&[u8]]) {
+        self.bytes.extend_from_slice(name);
         let name_end = self.bytes.len();
         for part in value {
             self.bytes.extend_from_slice(part);
         }
         self.ends.push((name_end, self.bytes.len()));
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
     }
 
     /// Every header as bytes, in order.
@@ -71,69 +130,15 @@ impl Headers {
         })
     }
 
-    /// Every header, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        // Names were pushed as `&str`, lower-cased byte by byte (ASCII only changes).
-        self.raw()
-            .map(|(n, v)| (std::str::from_utf8(n).unwrap_or(""), v))
-    }
-
-    /// The values of `name` (lower case), in order.
-    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.raw()
-            .filter(move |(n, _)| *n == name.as_bytes())
-            .map(|(_, v)| v)
-    }
-
-    /// The values of `name` as one, comma-separated, as HTTP allows; `None` when it has none.
-    pub fn joined(&self, name: &str) -> Option<Vec<u8>> {
-        let mut values = self.values(name);
-        let mut v = values.next()?.to_vec();
-        for more in values {
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(more);
-        }
-        Some(v)
-    }
-
-    pub fn changed(&self) -> &Changed {
-        &self.changed
-    }
-
-    fn mark(&mut self, name: &str) {
-        match &mut self.changed {
-            Changed::All => {}
-            Changed::Names(names) if names.iter().any(|n| n == name) => {}
-            Changed::Names(names) => names.push(name.to_owned()),
-            Changed::None => self.changed = Changed::Names(vec![name.to_owned()]),
-        }
-    }
-
-    /// Adds a value to `name` (lower case).
-    pub fn add(&mut self, name: &str, value: &[u8]) {
-        self.push(name, value);
-        self.mark(name);
-    }
-
-    /// Replaces the values of `name` (lower case) with `value`, which goes last.
-    pub fn replace(&mut self, name: &str, value: &[u8]) {
-        self.retain(|n| n != name.as_bytes());
-        self.add(name, value);
-    }
-
-    /// Removes every value of `name` (lower case).
-    pub fn remove(&mut self, name: &str) {
-        self.retain(|n| n != name.as_bytes());
-        self.mark(name);
-    }
-
-    /// Replaces every header but the pseudo-headers with `pairs` (names in lower case).
-    pub fn set_all(&mut self, pairs: &[(String, Vec<u8>)]) {
-        self.retain(|n| n.starts_with(b":"));
-        for (n, v) in pairs.iter().filter(|(n, _)| !n.starts_with(':')) {
-            self.push(n, v);
-        }
-        self.changed = Changed::All;
+    fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut start = 0;
+        self.ends.iter().filter_map(move |&(name_end, end)| {
+            let from = start;
+            start = end;
+            // Lengths first: most names differ in length.
+            (name_end - from == name.len() && same(&self.bytes[from..name_end], name))
+                .then(|| self.bytes.get(name_end..end).unwrap_or_default())
+        })
     }
 
     /// Keeps the headers whose name `keep` accepts, in order, moving them down in place.
@@ -146,7 +151,9 @@ impl Headers {
             if !keep(&self.bytes[from..name_end]) {
                 continue;
             }
-            self.bytes.copy_within(from..end, to);
+            if from != to {
+                self.bytes.copy_within(from..end, to);
+            }
             let shift = from - to;
             self.ends[kept] = (name_end - shift, end - shift);
             to += end - from;
@@ -155,28 +162,336 @@ impl Headers {
         self.ends.truncate(kept);
         self.bytes.truncate(to);
     }
+}
+
+/// The request's header map (see the module docs). Cloned when a `fail_open` plugin changes a
+/// map it shares.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Headers {
+    list: List,
+    /// The names changed since the map was built, each once.
+    changed: Names,
+    /// The values the changed names had when the map was built (only names that had any).
+    before: List,
+}
+
+impl Headers {
+    /// An empty map with room for `n` headers of `bytes` bytes in all.
+    pub fn with_capacity(n: usize, bytes: usize) -> Headers {
+        Headers {
+            list: List {
+                bytes: Vec::with_capacity(bytes),
+                ends: Vec::with_capacity(n),
+            },
+            ..Headers::default()
+        }
+    }
+
+    /// Adds a header; its name is stored in lower case. Not counted as a change.
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        self.push_parts(name, &[value]);
+    }
+
+    /// [`Headers::push`] with a value in pieces (a path and its query).
+    pub fn push_parts(&mut self, name: &str, value: &[&[u8]]) {
+        let start = self.list.bytes.len();
+        self.list.push_parts(name.as_bytes(), value);
+        // Names from `http` and from the SDKs are in lower case already.
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            let name_end = start + name.len();
+            self.list.bytes[start..name_end].make_ascii_lowercase();
+        }
+    }
+
+    /// [`Headers::push`] for a name known to be in lower case (as HTTP parsers give them).
+    pub fn push_lower(&mut self, name: &str, value: &[u8]) {
+        self.list.push_parts(name.as_bytes(), &[value]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.ends.len()
+    }
+
+    /// Every header, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        // Names were pushed as `&str`, lower-cased byte by byte (ASCII only changes).
+        self.list
+            .raw()
+            .map(|(n, v)| (std::str::from_utf8(n).unwrap_or(""), v))
+    }
+
+    /// The values of `name` (lower case), in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.list.values(name.as_bytes())
+    }
+
+    /// The values of `name` as one, comma-separated, as HTTP allows; `None` when it has none.
+    pub fn joined(&self, name: &str) -> Option<Vec<u8>> {
+        joined(self.values(name))
+    }
+
+    /// The names changed since the map was built, each once.
+    pub fn changed(&self) -> impl Iterator<Item = &str> + '_ {
+        self.changed
+            .iter()
+            .map(|n| std::str::from_utf8(n).unwrap_or(""))
+    }
+
+    /// The values `name` (a changed name) had when the map was built, in order.
+    pub fn values_before<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.before.values(name.as_bytes())
+    }
+
+    fn is_marked(&self, name: &[u8]) -> bool {
+        self.changed.iter().any(|n| same(n, name))
+    }
+
+    /// Records `name` as changed, with the values it has now, unless it is already; whether
+    /// it may have values now (`false`: it has none).
+    fn mark(&mut self, name: &[u8]) -> bool {
+        if self.is_marked(name) {
+            return true;
+        }
+        self.changed.push(name);
+        let Headers { list, before, .. } = self;
+        let mut any = false;
+        for v in list.values(name) {
+            before.push_parts(name, &[v]);
+            any = true;
+        }
+        any
+    }
+
+    /// Adds a value to `name` (lower case).
+    pub fn add(&mut self, name: &str, value: &[u8]) {
+        self.mark(name.as_bytes());
+        self.list.push_parts(name.as_bytes(), &[value]);
+    }
+
+    /// Replaces the values of `name` (lower case) with `value`, which goes last.
+    pub fn replace(&mut self, name: &str, value: &[u8]) {
+        if self.mark(name.as_bytes()) {
+            self.list.retain(|n| n != name.as_bytes());
+        }
+        self.list.push_parts(name.as_bytes(), &[value]);
+    }
+
+    /// Removes every value of `name` (lower case).
+    pub fn remove(&mut self, name: &str) {
+        if self.mark(name.as_bytes()) {
+            self.list.retain(|n| n != name.as_bytes());
+        }
+    }
+
+    /// Replaces every header but the pseudo-headers with `pairs` (names in lower case).
+    pub fn set_all(&mut self, pairs: &[(String, Vec<u8>)]) {
+        let names: Vec<Vec<u8>> = self
+            .list
+            .raw()
+            .map(|(n, _)| n.to_vec())
+            .filter(|n| !n.starts_with(b":"))
+            .collect();
+        for n in &names {
+            self.mark(n);
+        }
+        for (n, _) in pairs.iter().filter(|(n, _)| !n.starts_with(':')) {
+            self.mark(n.as_bytes());
+        }
+        self.list.retain(|n| n.starts_with(b":"));
+        for (n, v) in pairs.iter().filter(|(n, _)| !n.starts_with(':')) {
+            self.push(n, v);
+        }
+    }
 
     /// The map in the ABI's wire format: count, then (key length, value length) pairs, then
     /// each key and value followed by a NUL byte; all integers little-endian `u32`.
     pub fn serialize(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.serialized_len());
-        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
-        for (k, v) in self.raw() {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in self.raw() {
-            out.extend_from_slice(k);
-            out.push(0);
-            out.extend_from_slice(v);
-            out.push(0);
-        }
-        out
+        let mut w = Writer::new(self.len(), self.serialized_len());
+        w.sizes(self.list.raw());
+        w.pairs(self.list.raw());
+        w.out
     }
 
     /// The length of [`Headers::serialize`]'s output.
     pub fn serialized_len(&self) -> usize {
-        4 + self.len() * 10 + self.bytes.len()
+        4 + self.len() * 10 + self.list.bytes.len()
+    }
+}
+
+/// Values joined with `, `; `None` when there are none.
+fn joined<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let mut v = values.next()?.to_vec();
+    for more in values {
+        v.extend_from_slice(b", ");
+        v.extend_from_slice(more);
+    }
+    Some(v)
+}
+
+/// Writes a map in the ABI's wire format.
+struct Writer {
+    out: Vec<u8>,
+}
+
+impl Writer {
+    fn new(count: usize, len: usize) -> Writer {
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        Writer { out }
+    }
+
+    fn sizes<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
+        for (k, v) in pairs {
+            self.out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            self.out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+    }
+
+    fn pairs<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
+        for (k, v) in pairs {
+            self.out.extend_from_slice(k);
+            self.out.push(0);
+            self.out.extend_from_slice(v);
+            self.out.push(0);
+        }
+    }
+}
+
+// ---- the response's headers -----------------------------------------------------------------
+
+/// The `:status` pseudo-header's value.
+fn status_text(status: u16) -> ([u8; 5], usize) {
+    let digit = |d: u16| b'0' + (d % 10) as u8;
+    if (100..1000).contains(&status) {
+        return (
+            [digit(status / 100), digit(status / 10), digit(status), 0, 0],
+            3,
+        );
+    }
+    let mut out = [0; 5];
+    let s = status.to_string();
+    let n = s.len().min(5);
+    out[..n].copy_from_slice(&s.as_bytes()[..n]);
+    (out, n)
+}
+
+/// A response's status and headers, read by a plugin: `:status`, then the headers.
+pub(crate) fn response_pairs<'a>(
+    status: &'a ([u8; 5], usize),
+    headers: &'a HeaderMap,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    std::iter::once((&b":status"[..], &status.0[..status.1])).chain(
+        headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+    )
+}
+
+/// A response's status and headers as the ABI reads them (see [`Headers::serialize`]).
+pub(crate) fn serialize_response(status: u16, headers: &HeaderMap) -> Vec<u8> {
+    let s = status_text(status);
+    let mut w = Writer::new(headers.len() + 1, serialized_response_len(status, headers));
+    w.sizes(response_pairs(&s, headers));
+    w.pairs(response_pairs(&s, headers));
+    w.out
+}
+
+/// The length of [`serialize_response`]'s output.
+pub(crate) fn serialized_response_len(status: u16, headers: &HeaderMap) -> usize {
+    let s = status_text(status);
+    4 + response_pairs(&s, headers)
+        .map(|(n, v)| 10 + n.len() + v.len())
+        .sum::<usize>()
+}
+
+/// The values of `name` (lower case) in a response, joined (see [`Headers::joined`]).
+pub(crate) fn response_value(status: u16, headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    if name == ":status" {
+        let (s, n) = status_text(status);
+        return Some(s[..n].to_vec());
+    }
+    if name.starts_with(':') {
+        return None;
+    }
+    joined(headers.get_all(name).iter().map(HeaderValue::as_bytes))
+}
+
+/// What a change to a response's headers replaced: the values a name had before it.
+pub(crate) type Undo = Vec<(HeaderName, Vec<HeaderValue>)>;
+
+/// A response's headers being changed by a plugin, in place; `undo`, when given, records what
+/// each change replaced (a `fail_open` plugin's, undone should it fail).
+pub(crate) struct ResponseEdit<'a> {
+    pub headers: &'a mut HeaderMap,
+    pub undo: Option<&'a mut Undo>,
+}
+
+impl ResponseEdit<'_> {
+    fn record(&mut self, name: &HeaderName) {
+        if let Some(undo) = self.undo.as_deref_mut() {
+            let values = self.headers.get_all(name).iter().cloned().collect();
+            undo.push((name.clone(), values));
+        }
+    }
+
+    /// Adds a value to `name` (lower case; both checked by the caller).
+    pub fn add(&mut self, name: &str, value: &[u8]) {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
+            self.record(&n);
+            self.headers.append(n, v);
+        }
+    }
+
+    /// Replaces the values of `name` (lower case) with `value`.
+    pub fn replace(&mut self, name: &str, value: &[u8]) {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
+            self.record(&n);
+            self.headers.insert(n, v);
+        }
+    }
+
+    /// Removes every value of `name` (lower case).
+    pub fn remove(&mut self, name: &str) {
+        if let Some(n) = header_name(name)
+            && self.headers.contains_key(&n)
+        {
+            self.record(&n);
+            self.headers.remove(&n);
+        }
+    }
+
+    /// Replaces every header with `pairs` (pseudo-headers skipped; names in lower case).
+    pub fn set_all(&mut self, pairs: &[(String, Vec<u8>)]) {
+        let pairs: Vec<(HeaderName, HeaderValue)> = pairs
+            .iter()
+            .filter(|(n, _)| !n.starts_with(':'))
+            .filter_map(|(n, v)| Some((header_name(n)?, HeaderValue::from_bytes(v).ok()?)))
+            .collect();
+        if self.undo.is_some() {
+            let names: Vec<HeaderName> = self
+                .headers
+                .keys()
+                .chain(pairs.iter().map(|(n, _)| n))
+                .cloned()
+                .collect();
+            for n in &names {
+                self.record(n);
+            }
+        }
+        self.headers.clear();
+        for (n, v) in pairs {
+            self.headers.append(n, v);
+        }
+    }
+}
+
+/// Puts back what the changes recorded in `undo` replaced, latest first.
+pub(crate) fn undo(headers: &mut HeaderMap, undo: &mut Undo) {
+    while let Some((name, values)) = undo.pop() {
+        headers.remove(&name);
+        for v in values {
+            headers.append(name.clone(), v);
+        }
     }
 }
 
@@ -205,7 +520,7 @@ mod tests {
         assert_eq!(h.values("accept").collect::<Vec<_>>(), [b"*/*"]);
         assert_eq!(h.joined("x-a").as_deref(), Some(&b"1, 3"[..]));
         assert_eq!(h.joined("x-c"), None);
-        assert_eq!(*h.changed(), Changed::None);
+        assert_eq!(h.changed().count(), 0);
     }
 
     #[test]
@@ -226,10 +541,11 @@ mod tests {
         h.remove("x-none");
         assert_eq!(h.joined("x-a").as_deref(), Some(&b"new, more"[..]));
         assert_eq!(h.values("accept").count(), 0);
-        assert_eq!(
-            *h.changed(),
-            Changed::Names(vec!["x-a".into(), "accept".into(), "x-none".into()])
-        );
+        assert_eq!(h.changed().collect::<Vec<_>>(), ["x-a", "accept", "x-none"]);
+        // What the changed names had when the map was built.
+        assert_eq!(h.values_before("x-a").collect::<Vec<_>>(), [b"1", b"3"]);
+        assert_eq!(h.values_before("accept").collect::<Vec<_>>(), [b"*/*"]);
+        assert_eq!(h.values_before("x-none").count(), 0);
         h.set_all(&[("x-z".to_owned(), b"9".to_vec())]);
         assert_eq!(
             all(&h),
@@ -238,7 +554,86 @@ mod tests {
                 ("x-z".to_owned(), b"9".to_vec())
             ]
         );
-        assert_eq!(*h.changed(), Changed::All);
+        assert_eq!(
+            h.changed().collect::<Vec<_>>(),
+            ["x-a", "accept", "x-none", "x-b", "x-z"]
+        );
+        assert_eq!(h.values_before("x-b").collect::<Vec<_>>(), [b"2"]);
+        assert_eq!(h.values_before("x-a").collect::<Vec<_>>(), [b"1", b"3"]);
+    }
+
+    #[test]
+    fn response_edits_are_undone_latest_first() {
+        let mut res = HeaderMap::new();
+        res.insert("x-a", HeaderValue::from_static("1"));
+        res.append("x-a", HeaderValue::from_static("2"));
+        res.insert("content-type", HeaderValue::from_static("text/plain"));
+        let before = res.clone();
+        let mut log = Undo::new();
+        let mut e = ResponseEdit {
+            headers: &mut res,
+            undo: Some(&mut log),
+        };
+        e.add("x-new", b"yes");
+        e.replace("x-a", b"one");
+        e.add("x-a", b"two");
+        e.remove("content-type");
+        e.remove("x-none");
+        assert_eq!(
+            res.get_all("x-a").iter().collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert!(res.get("content-type").is_none());
+        undo(&mut res, &mut log);
+        assert_eq!(res, before);
+        let mut e = ResponseEdit {
+            headers: &mut res,
+            undo: Some(&mut log),
+        };
+        e.set_all(&[("x-z".to_owned(), b"9".to_vec())]);
+        assert_eq!(res.len(), 1);
+        undo(&mut res, &mut log);
+        assert_eq!(res, before);
+        assert_eq!(
+            response_value(200, &res, ":status").as_deref(),
+            Some(&b"200"[..])
+        );
+        assert_eq!(
+            response_value(200, &res, "x-a").as_deref(),
+            Some(&b"1, 2"[..])
+        );
+        let bytes = serialize_response(200, &res);
+        assert_eq!(bytes.len(), serialized_response_len(200, &res));
+        let pairs = super::super::abi::deserialize_map(&bytes).unwrap();
+        assert_eq!(pairs[0], (":status".to_owned(), b"200".to_vec()));
+        assert_eq!(pairs.len(), 4);
+    }
+
+    #[test]
+    fn names_compare_and_spill() {
+        assert!(same(b"x-rustygate-plugin-seen", b"x-rustygate-plugin-seen"));
+        assert!(!same(
+            b"x-rustygate-plugin-seen",
+            b"x-rustygate-plugin-seem"
+        ));
+        assert!(!same(
+            b"x-rustygate-plugin-seen",
+            b"y-rustygate-plugin-seen"
+        ));
+        assert!(!same(b"x-a", b"x-ab"));
+        assert!(same(b"", b""));
+        let mut h = map();
+        let long: Vec<String> = (0..12)
+            .map(|i| format!("x-a-long-header-name-{i}"))
+            .collect();
+        for n in &long {
+            h.add(n, b"v");
+            h.add(n, b"w");
+        }
+        let mut want = long.clone();
+        h.remove("x-a");
+        want.push("x-a".to_owned());
+        assert_eq!(h.changed().collect::<Vec<_>>(), want);
     }
 
     #[test]

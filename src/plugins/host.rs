@@ -2,9 +2,10 @@
 //! plugin with its store, that calls the plugin's callbacks each under a fresh instruction
 //! budget.
 //!
-//! What a callback may see lives in [`CallData`], put into the instance's environment for the
-//! length of one call and taken back after it: the host functions never see another request's
-//! headers, and nothing of a request outlives its calls inside the instance's host state.
+//! What a callback may see lives in [`CallData`], set in the instance's environment for the
+//! length of one call ([`Vm::in_call`]) and cleared after it: the host functions never see
+//! another request's headers, and nothing of a request outlives its calls inside the instance's
+//! host state.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,8 +15,10 @@ use wasmer::{
     TypedFunction, Value,
 };
 
+use http::HeaderMap;
+
 use super::abi::{self, Pairs, errno, status};
-use super::headers::Headers;
+use super::headers::{self, Headers, ResponseEdit, Undo};
 use super::{PluginUse, engine::PAGE};
 
 /// What the current callback may read and change.
@@ -26,13 +29,29 @@ pub(crate) struct CallData {
     pub request: Option<Arc<Headers>>,
     pub request_writable: bool,
     /// Response headers, `:status` first.
-    pub response: Option<Arc<Headers>>,
-    pub response_writable: bool,
+    pub response: ResponseView,
     /// Set by `proxy_send_local_response` (boxed: rare, and this moves in and out of calls).
     pub local: Option<Box<LocalResponse>>,
     pub props: Option<Arc<Props>>,
     /// The body buffer of a body callback.
     pub body: Option<BodyView>,
+}
+
+/// The response's status and headers as a callback sees them.
+#[derive(Default)]
+pub(crate) enum ResponseView {
+    #[default]
+    None,
+    /// A response headers callback: the headers the client gets, changed in place.
+    Edit { status: u16, headers: HeaderMap },
+    /// A response body callback: the headers the client got.
+    Seen(Arc<ResponseHead>),
+}
+
+/// A response's status and headers, as its body callbacks see them.
+pub(crate) struct ResponseHead {
+    pub status: u16,
+    pub headers: HeaderMap,
 }
 
 /// The body a body callback sees (`HTTP_REQUEST_BODY` or `HTTP_RESPONSE_BODY`): what the host
@@ -66,6 +85,9 @@ pub struct Props {
     /// Whether the request has a query (`request.path` ends with `?` for an empty one).
     has_query: bool,
     source: Option<std::net::IpAddr>,
+    /// Set when the exchange's contexts are finished, for a request body still on its way
+    /// (here, not in an allocation of its own: whatever holds the properties needs this).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// What a request's properties are made of.
@@ -100,7 +122,19 @@ impl Props {
             ends,
             has_query: p.query.is_some(),
             source: Some(p.source),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the exchange's contexts finished.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the exchange's contexts are finished: no call may follow.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn part(&self, i: usize) -> &str {
@@ -161,6 +195,11 @@ pub(crate) struct HostState {
     plugin: Arc<str>,
     config: bytes::Bytes,
     pub call: CallData,
+    /// What the current call's changes to the response headers replaced, recorded only for a
+    /// `fail_open` plugin (undone should the call fail); kept for its allocation.
+    pub undo: Option<Undo>,
+    /// Host calls read names and values into this, kept for its allocation.
+    scratch: Vec<u8>,
 }
 
 /// Why a call into a plugin failed; `reason()` is the metric label.
@@ -237,6 +276,8 @@ impl Vm {
                 plugin: Arc::clone(&p.name),
                 config: u.config.clone(),
                 call: CallData::default(),
+                undo: (p.on_error == super::OnError::FailOpen).then(Undo::new),
+                scratch: Vec::new(),
             },
         );
         let imports = imports(&mut store, &env, &p.compiled.module);
@@ -363,79 +404,83 @@ impl Vm {
         Ok(id)
     }
 
-    /// Calls `on_request_headers` or `on_response_headers` with `data` in view, and gives
-    /// `data` back with the plugin's changes.
-    pub fn on_headers(
-        &mut self,
-        request: bool,
-        ctx: i32,
-        data: CallData,
-    ) -> (CallData, Result<i32, VmError>) {
+    /// What the next callback sees, set in place (nothing is moved in and out of a call),
+    /// and what it changed, read after it. Only inside [`Vm::in_call`].
+    pub fn data(&mut self) -> &mut CallData {
+        &mut self.env.as_mut(&mut self.store).call
+    }
+
+    /// Runs `f`, which sets [`Vm::data`], calls callbacks and reads what they changed; then
+    /// clears the data, so that nothing of a request outlives its calls in the instance.
+    pub fn in_call<R>(&mut self, f: impl FnOnce(&mut Vm) -> R) -> R {
+        let out = f(self);
+        let state = self.env.as_mut(&mut self.store);
+        state.call = CallData::default();
+        if let Some(u) = &mut state.undo {
+            u.clear();
+        }
+        out
+    }
+
+    /// Calls `on_request_headers` or `on_response_headers` with [`Vm::data`] in view.
+    pub fn on_headers(&mut self, request: bool, ctx: i32) -> Result<i32, VmError> {
         let f = if request {
             self.cb.request_headers.clone()
         } else {
             self.cb.response_headers.clone()
         };
         let Some(f) = f else {
-            return (data, Ok(abi::ACTION_CONTINUE));
+            return Ok(abi::ACTION_CONTINUE);
         };
+        let data = self.data();
         let n = if request {
-            &data.request
+            data.request.as_ref().map_or(0, |p| p.len())
         } else {
-            &data.response
-        };
-        let n = n.as_ref().map_or(0, |p| p.len()) as i32;
-        self.env.as_mut(&mut self.store).call = data;
-        let out = self.call(|s, _| f.call(s, ctx, n, 0));
-        (
-            std::mem::take(&mut self.env.as_mut(&mut self.store).call),
-            out,
-        )
+            match &data.response {
+                ResponseView::None => 0,
+                ResponseView::Edit { headers, .. } => headers.len() + 1,
+                ResponseView::Seen(h) => h.headers.len() + 1,
+            }
+        } as i32;
+        self.call(|s, _| f.call(s, ctx, n, 0))
     }
 
-    /// Calls `on_request_body` or `on_response_body` with `data` (its `body` set) in view, and
-    /// gives `data` back with the plugin's changes. A plugin without the callback continues.
-    pub fn on_body(
-        &mut self,
-        request: bool,
-        ctx: i32,
-        data: CallData,
-        end: bool,
-    ) -> (CallData, Result<i32, VmError>) {
+    /// Puts back what the current call changed in the response headers, when it recorded that
+    /// (a `fail_open` plugin).
+    pub fn undo(&mut self, headers: &mut HeaderMap) {
+        if let Some(u) = &mut self.env.as_mut(&mut self.store).undo {
+            headers::undo(headers, u);
+        }
+    }
+
+    /// Calls `on_request_body` or `on_response_body` with [`Vm::data`] (its `body` set) in
+    /// view. A plugin without the callback continues.
+    pub fn on_body(&mut self, request: bool, ctx: i32, end: bool) -> Result<i32, VmError> {
         let f = if request {
             self.cb.request_body.clone()
         } else {
             self.cb.response_body.clone()
         };
         let Some(f) = f else {
-            return (data, Ok(abi::ACTION_CONTINUE));
+            return Ok(abi::ACTION_CONTINUE);
         };
-        let size = data.body.as_ref().map_or(0, |b| b.data.len()) as i32;
-        self.env.as_mut(&mut self.store).call = data;
-        let out = self.call(|s, _| f.call(s, ctx, size, i32::from(end)));
-        (
-            std::mem::take(&mut self.env.as_mut(&mut self.store).call),
-            out,
-        )
+        let size = self.data().body.as_ref().map_or(0, |b| b.data.len()) as i32;
+        self.call(|s, _| f.call(s, ctx, size, i32::from(end)))
     }
 
-    /// `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` for a finished context.
-    pub fn finish(&mut self, ctx: i32, data: CallData) -> Result<(), VmError> {
-        self.env.as_mut(&mut self.store).call = data;
-        let out = (|| {
-            if let Some(f) = self.cb.log.clone() {
-                self.call(|s, _| f.call(s, ctx))?;
-            }
-            if let Some(f) = self.cb.done.clone() {
-                self.call(|s, _| f.call(s, ctx))?;
-            }
-            if let Some(f) = self.cb.delete.clone() {
-                self.call(|s, _| f.call(s, ctx))?;
-            }
-            Ok(())
-        })();
-        self.env.as_mut(&mut self.store).call = CallData::default();
-        out
+    /// `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` for a finished context, with
+    /// [`Vm::data`] in view.
+    pub fn finish(&mut self, ctx: i32) -> Result<(), VmError> {
+        if let Some(f) = self.cb.log.clone() {
+            self.call(|s, _| f.call(s, ctx))?;
+        }
+        if let Some(f) = self.cb.done.clone() {
+            self.call(|s, _| f.call(s, ctx))?;
+        }
+        if let Some(f) = self.cb.delete.clone() {
+            self.call(|s, _| f.call(s, ctx))?;
+        }
+        Ok(())
     }
 }
 
@@ -545,24 +590,100 @@ fn body_limit(state: &HostState) -> Option<usize> {
 
 // ---- header maps ----------------------------------------------------------------------------
 
+/// A header map in view.
+enum MapRef<'a> {
+    Request(&'a Headers),
+    Response(u16, &'a HeaderMap),
+}
+
+impl MapRef<'_> {
+    fn serialize(&self) -> Vec<u8> {
+        match self {
+            MapRef::Request(h) => h.serialize(),
+            MapRef::Response(s, h) => headers::serialize_response(*s, h),
+        }
+    }
+
+    fn serialized_len(&self) -> usize {
+        match self {
+            MapRef::Request(h) => h.serialized_len(),
+            MapRef::Response(s, h) => headers::serialized_response_len(*s, h),
+        }
+    }
+
+    fn joined(&self, name: &str) -> Option<Vec<u8>> {
+        match self {
+            MapRef::Request(h) => h.joined(name),
+            MapRef::Response(s, h) => headers::response_value(*s, h, name),
+        }
+    }
+}
+
 /// The map a call may read, if it is in view now.
-fn map(call: &CallData, id: i32) -> Option<&Headers> {
+fn map(call: &CallData, id: i32) -> Option<MapRef<'_>> {
     match id {
-        abi::map::REQUEST_HEADERS => call.request.as_deref(),
-        abi::map::RESPONSE_HEADERS => call.response.as_deref(),
+        abi::map::REQUEST_HEADERS => call.request.as_deref().map(MapRef::Request),
+        abi::map::RESPONSE_HEADERS => match &call.response {
+            ResponseView::None => None,
+            ResponseView::Edit { status, headers } => Some(MapRef::Response(*status, headers)),
+            ResponseView::Seen(h) => Some(MapRef::Response(h.status, &h.headers)),
+        },
         _ => None,
     }
 }
 
+/// A header map a call may change.
+enum MapMut<'a> {
+    /// Shared with the exchange until changed (then copied, for a `fail_open` plugin).
+    Request(&'a mut Headers),
+    Response(ResponseEdit<'a>),
+}
+
+impl MapMut<'_> {
+    fn add(&mut self, name: &str, value: &[u8]) {
+        match self {
+            MapMut::Request(h) => h.add(name, value),
+            MapMut::Response(r) => r.add(name, value),
+        }
+    }
+
+    fn replace(&mut self, name: &str, value: &[u8]) {
+        match self {
+            MapMut::Request(h) => h.replace(name, value),
+            MapMut::Response(r) => r.replace(name, value),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        match self {
+            MapMut::Request(h) => h.remove(name),
+            MapMut::Response(r) => r.remove(name),
+        }
+    }
+
+    fn set_all(&mut self, pairs: &[(String, Vec<u8>)]) {
+        match self {
+            MapMut::Request(h) => h.set_all(pairs),
+            MapMut::Response(r) => r.set_all(pairs),
+        }
+    }
+}
+
 /// The map a call may change, if it may.
-fn map_mut(call: &mut CallData, id: i32) -> Option<&mut Headers> {
+fn map_mut(state: &mut HostState, id: i32) -> Option<MapMut<'_>> {
+    let HostState { call, undo, .. } = state;
     match id {
-        abi::map::REQUEST_HEADERS if call.request_writable => {
-            call.request.as_mut().map(Arc::make_mut)
-        }
-        abi::map::RESPONSE_HEADERS if call.response_writable => {
-            call.response.as_mut().map(Arc::make_mut)
-        }
+        abi::map::REQUEST_HEADERS if call.request_writable => call
+            .request
+            .as_mut()
+            .map(|h| MapMut::Request(Arc::make_mut(h))),
+        abi::map::RESPONSE_HEADERS => match &mut call.response {
+            ResponseView::Edit { headers, .. } => Some(MapMut::Response(ResponseEdit {
+                headers,
+                undo: undo.as_mut(),
+            })),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -617,10 +738,40 @@ fn valid_value(value: &[u8]) -> bool {
     value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
 }
 
-fn key(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
-    let mut k = String::from_utf8(read(env, ptr, len)?).ok()?;
-    k.make_ascii_lowercase();
-    Some(k)
+/// Reads a header name (lower-cased) and a value (`vl` 0: none) from the plugin's memory into
+/// the instance's scratch buffer, and runs `f` on them with the host state: no allocation per
+/// host call. `None` when the memory does not hold them or the name is not UTF-8.
+fn with_name_value<R>(
+    env: &mut FunctionEnvMut<'_, HostState>,
+    (kp, kl): (i32, i32),
+    (vp, vl): (i32, i32),
+    f: impl FnOnce(&mut HostState, &str, &[u8]) -> R,
+) -> Option<R> {
+    let (state, store) = env.data_and_store_mut();
+    let (kl, vl) = (kl as u32 as usize, vl as u32 as usize);
+    if kl > abi::MAX_TRANSFER || vl > abi::MAX_TRANSFER {
+        return None;
+    }
+    let view = state.memory.as_ref()?.view(&store);
+    let fits = |p: i32, l: usize| (p as u32 as u64).saturating_add(l as u64) <= view.data_size();
+    // Nothing is allocated for a range the plugin's memory cannot hold.
+    if !fits(kp, kl) || !fits(vp, vl) {
+        return None;
+    }
+    let mut buf = std::mem::take(&mut state.scratch);
+    buf.clear();
+    buf.resize(kl + vl, 0);
+    let read = view.read(u64::from(kp as u32), &mut buf[..kl]).is_ok()
+        && view.read(u64::from(vp as u32), &mut buf[kl..]).is_ok();
+    buf[..kl].make_ascii_lowercase();
+    let out = match std::str::from_utf8(&buf[..kl]) {
+        Ok(k) if read => Some(f(state, k, &buf[kl..])),
+        _ => None,
+    };
+    if buf.capacity() <= 64 * 1024 {
+        state.scratch = buf;
+    }
+    out
 }
 
 enum Edit {
@@ -637,20 +788,20 @@ fn edit(
     vp: i32,
     vl: i32,
 ) -> i32 {
-    let (Some(k), Some(v)) = (key(&env, kp, kl), read(&env, vp, vl)) else {
-        return status::INVALID_MEMORY_ACCESS;
-    };
-    if !settable(&k, &v) {
-        return status::BAD_ARGUMENT;
-    }
-    let Some(m) = map_mut(&mut env.data_mut().call, id) else {
-        return status::BAD_ARGUMENT;
-    };
-    match how {
-        Edit::Add => m.add(&k, &v),
-        Edit::Replace => m.replace(&k, &v),
-    }
-    status::OK
+    with_name_value(&mut env, (kp, kl), (vp, vl), |state, k, v| {
+        if !settable(k, v) {
+            return status::BAD_ARGUMENT;
+        }
+        let Some(mut m) = map_mut(state, id) else {
+            return status::BAD_ARGUMENT;
+        };
+        match how {
+            Edit::Add => m.add(k, v),
+            Edit::Replace => m.replace(k, v),
+        }
+        status::OK
+    })
+    .unwrap_or(status::INVALID_MEMORY_ACCESS)
 }
 
 // ---- the imports ----------------------------------------------------------------------------
@@ -803,10 +954,9 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rp: i32,
             rs: i32|
          -> Result<i32, RuntimeError> {
-            let Some(m) = map(&env.data().call, id) else {
+            let Some(bytes) = map(&env.data().call, id).map(|m| m.serialize()) else {
                 return Ok(status::NOT_FOUND);
             };
-            let bytes = m.serialize();
             give(&mut env, &bytes, rp, rs)
         }),
     );
@@ -842,7 +992,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 {
                     return status::BAD_ARGUMENT;
                 }
-                let Some(m) = map_mut(&mut env.data_mut().call, id) else {
+                let Some(mut m) = map_mut(env.data_mut(), id) else {
                     return status::BAD_ARGUMENT;
                 };
                 // Pseudo-headers stay as they are; the rest is replaced.
@@ -861,17 +1011,15 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rp: i32,
             rs: i32|
          -> Result<i32, RuntimeError> {
-            let Some(k) = key(&env, kp, kl) else {
-                return Ok(status::INVALID_MEMORY_ACCESS);
-            };
-            let Some(m) = map(&env.data().call, id) else {
-                return Ok(status::NOT_FOUND);
-            };
             // Several values read as one, comma-separated, as HTTP allows.
-            let Some(v) = m.joined(&k) else {
-                return Ok(status::NOT_FOUND);
-            };
-            give(&mut env, &v, rp, rs)
+            let found = with_name_value(&mut env, (kp, kl), (0, 0), |state, k, _| {
+                map(&state.call, id).map(|m| m.joined(k))
+            });
+            match found {
+                None => Ok(status::INVALID_MEMORY_ACCESS),
+                Some(None | Some(None)) => Ok(status::NOT_FOUND),
+                Some(Some(Some(v))) => give(&mut env, &v, rp, rs),
+            }
         }),
     );
     i.define(
@@ -897,19 +1045,19 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
         "proxy_remove_header_map_value",
         f!(
             |mut env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32| -> i32 {
-                let Some(k) = key(&env, kp, kl) else {
-                    return status::INVALID_MEMORY_ACCESS;
-                };
-                // `content-length` may go (what the SDKs' body examples do before changing a
-                // body; the gateway frames bodies itself), never be set.
-                if !settable(&k, b"") && k != "content-length" {
-                    return status::BAD_ARGUMENT;
-                }
-                let Some(m) = map_mut(&mut env.data_mut().call, id) else {
-                    return status::BAD_ARGUMENT;
-                };
-                m.remove(&k);
-                status::OK
+                with_name_value(&mut env, (kp, kl), (0, 0), |state, k, _| {
+                    // `content-length` may go (what the SDKs' body examples do before changing
+                    // a body; the gateway frames bodies itself), never be set.
+                    if !settable(k, b"") && k != "content-length" {
+                        return status::BAD_ARGUMENT;
+                    }
+                    let Some(mut m) = map_mut(state, id) else {
+                        return status::BAD_ARGUMENT;
+                    };
+                    m.remove(k);
+                    status::OK
+                })
+                .unwrap_or(status::INVALID_MEMORY_ACCESS)
             }
         ),
     );
@@ -934,7 +1082,9 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             };
             let call = &mut env.data_mut().call;
             // From a headers or a body callback, not from on_log.
-            let may_answer = call.request_writable || call.response_writable || call.body.is_some();
+            let may_answer = call.request_writable
+                || matches!(call.response, ResponseView::Edit { .. })
+                || call.body.is_some();
             if !(200..=599).contains(&code)
                 || !may_answer
                 || headers.iter().any(|(k, v)| !settable(k, v))

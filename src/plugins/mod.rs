@@ -31,8 +31,8 @@ mod headers;
 mod host;
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -40,9 +40,9 @@ use prometheus::{IntCounterVec, Opts};
 
 pub use body::{BodyFilter, BodyStop};
 pub use engine::{CompileError, PAGE, is_cached};
-use headers::{Changed, Headers};
+use headers::Headers;
 pub use host::VmError;
-use host::{CallData, Props, PropsOf, Vm};
+use host::{Props, PropsOf, ResponseHead, ResponseView, Vm};
 
 use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
@@ -218,14 +218,13 @@ fn with_vm<R>(
         }
         // The slot's `Weak` keeps its `PluginUse`'s allocation: no other one can be at the
         // same address while it exists, so the same address is the same plugin use.
+        // The current instance's generation, when there is one for `u`.
         let live = current
             .get(&key)
-            .is_some_and(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)));
+            .filter(|s| std::ptr::eq(s.owner.as_ptr(), Arc::as_ptr(u)))
+            .map(|s| s.generation);
         if let Some((generation, ctx)) = at
-            && !(live
-                && current
-                    .get(&key)
-                    .is_some_and(|s| s.generation == generation))
+            && live != Some(generation)
         {
             let replaced = || VmError::Refused("the instance was replaced".into());
             let Some(r) = retired
@@ -245,7 +244,7 @@ fn with_vm<R>(
                 }
             };
         }
-        if !live {
+        if live.is_none() {
             current.remove(&key);
             // Instances of plugin uses no snapshot holds any more (an earlier config) go now:
             // a worker never keeps one per reload.
@@ -315,17 +314,16 @@ struct Active {
 /// The plugins of one request: their contexts, and the request headers as they left them.
 pub struct PluginRun {
     active: Vec<Active>,
-    /// The client's headers as the plugins got them, and as they left them (the same until a
-    /// plugin changes them: each call shares them, and a change copies them).
-    original: Arc<Headers>,
+    /// The client's headers as the plugins left them, with the names they changed and the
+    /// values those had (shared with each later call).
     headers: Arc<Headers>,
+    /// The request's properties; they also tell a request body still on its way when the
+    /// contexts are finished.
     props: Arc<Props>,
-    /// The response headers as `on_response` left them (what the client gets), for the
-    /// response body's callbacks.
-    response: OnceLock<Arc<Headers>>,
-    /// Set when the contexts are finished, for a request body still on its way.
-    closed: Arc<AtomicBool>,
 }
+
+/// What `PluginRun::headers` holds while a plugin that may change them in place has them.
+static LENT: LazyLock<Arc<Headers>> = LazyLock::new(Arc::default);
 
 /// What the plugins decided about a request or a response.
 pub enum Outcome {
@@ -365,22 +363,22 @@ pub fn on_request(
     client: &ClientHeaders,
 ) -> (PluginRun, Outcome) {
     let inc = info.incoming;
-    let (n, bytes) = client
-        .iter()
-        .fold((3, 32), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
-    // Room for a plugin's usual edit or two.
+    // Room for the usual request's headers (as `ClientHeaders` guesses) and a plugin's usual
+    // edit or two, without a pass over them.
+    let n = client.iter().size_hint().0;
     let mut headers = Headers::with_capacity(
-        n + 2,
-        bytes + 64 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
+        n + 5,
+        n * 48 + 128 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
     );
-    headers.push(":method", inc.method.as_bytes());
+    headers.push_lower(":method", inc.method.as_bytes());
     match inc.query {
         Some(q) => headers.push_parts(":path", &[inc.path.as_bytes(), b"?", q.as_bytes()]),
-        None => headers.push(":path", inc.path.as_bytes()),
+        None => headers.push_lower(":path", inc.path.as_bytes()),
     }
-    headers.push(":authority", inc.host.as_bytes());
+    headers.push_lower(":authority", inc.host.as_bytes());
     for (n, v) in client.iter() {
-        headers.push(n, v);
+        // HTTP parsers give names in lower case.
+        headers.push_lower(n, v);
     }
     let headers = Arc::new(headers);
     let props = Arc::new(Props::new(&PropsOf {
@@ -394,42 +392,51 @@ pub fn on_request(
     }));
     let mut run = PluginRun {
         active: Vec::with_capacity(plugins.len()),
-        original: Arc::clone(&headers),
         headers,
         props,
-        response: OnceLock::new(),
-        closed: Arc::new(AtomicBool::new(false)),
     };
     for u in plugins {
-        let data = CallData {
-            request: Some(Arc::clone(&run.headers)),
-            request_writable: true,
-            props: Some(Arc::clone(&run.props)),
-            ..CallData::default()
+        // The plugin changes the headers in place, unless its changes might have to be undone:
+        // it fails open, or earlier plugins' contexts would see them (`on_log` after it failed
+        // closed). Then it shares them, and its first change copies them.
+        let shared = u.plugin.on_error == OnError::FailOpen || !run.active.is_empty();
+        let request = if shared {
+            Arc::clone(&run.headers)
+        } else {
+            std::mem::replace(&mut run.headers, Arc::clone(&LENT))
         };
+        let props = &run.props;
         let called = with_vm(u, None, |vm| {
             let ctx = vm.create_context()?;
-            let (data, action) = vm.on_headers(true, ctx, data);
-            let action = action?;
-            if data.local.is_none() && action != abi::ACTION_CONTINUE {
-                return Err(VmError::Refused(
-                    "paused the request (Action::Pause), which RustyGate does not support".into(),
-                ));
-            }
-            Ok((ctx, data))
+            vm.in_call(|vm| {
+                let d = vm.data();
+                d.request = Some(request);
+                d.request_writable = true;
+                d.props = Some(Arc::clone(props));
+                let action = vm.on_headers(true, ctx)?;
+                let d = vm.data();
+                let local = d.local.take();
+                if local.is_none() && action != abi::ACTION_CONTINUE {
+                    return Err(VmError::Refused(
+                        "paused the request (Action::Pause), which RustyGate does not support"
+                            .into(),
+                    ));
+                }
+                Ok((ctx, d.request.take(), local))
+            })
         });
         match called {
-            Ok(((ctx, data), generation, lease)) => {
+            Ok(((ctx, request, local), generation, lease)) => {
                 run.active.push(Active {
                     plugin: Arc::clone(u),
                     generation,
                     ctx,
                     _lease: lease,
                 });
-                if let Some(h) = data.request {
+                if let Some(h) = request {
                     run.headers = h;
                 }
-                if let Some(local) = data.local {
+                if let Some(local) = local {
                     return (run, Outcome::Respond(local_response(*local)));
                 }
             }
@@ -482,11 +489,12 @@ impl PluginRun {
     /// The response body's way through the plugins that read it, in reverse order, seeing
     /// `status` and `headers` as the client gets them. The filter owns this run: the contexts
     /// end (`on_log` …) when the body does. `Err` gives the run back when no plugin reads it.
+    /// The filter takes `headers` (what the client got already); they stay when `Err`.
     pub fn into_response_body(
         self,
         limit: u64,
         status: u16,
-        headers: &HeaderMap,
+        headers: &mut HeaderMap,
     ) -> Result<BodyFilter, PluginRun> {
         let readers = self
             .active
@@ -496,11 +504,10 @@ impl PluginRun {
         let Some(filter) = BodyFilter::new(&self, false, readers, limit) else {
             return Err(self);
         };
-        // The headers `on_response` left are these: shared, not built again.
-        let seen = match self.response.get() {
-            Some(h) => Arc::clone(h),
-            None => Arc::new(response_headers(status, headers)),
-        };
+        let seen = Arc::new(ResponseHead {
+            status,
+            headers: std::mem::take(headers),
+        });
         Ok(filter.owning(self, seen))
     }
 
@@ -514,47 +521,84 @@ impl PluginRun {
 
     /// Makes the plugins' header changes on the headers going upstream: headers they removed
     /// are removed, headers whose values they changed or added are set to their values. Only
-    /// the names they changed are looked at.
+    /// the names they changed are looked at, and only those whose values are not the client's:
+    /// a plugin that "replaces" a header with the client's value leaves what the gateway set.
     pub fn apply_edits(&self, upstream: &mut HeaderMap) {
-        apply(&self.original, &self.headers, upstream);
+        let h = &self.headers;
+        for name in h.changed() {
+            // Usually a name the client did not send: then it changed when it has values now,
+            // and the scan that finds them is the one that sets them.
+            let mut now = h.values(name).peekable();
+            let unchanged = if h.values_before(name).next().is_none() {
+                now.peek().is_none()
+            } else {
+                h.values(name).eq(h.values_before(name))
+            };
+            if unchanged {
+                continue;
+            }
+            let Some(n) = headers::header_name(name) else {
+                continue;
+            };
+            let mut values = now.filter_map(|v| HeaderValue::from_bytes(v).ok());
+            match (values.next(), values.next()) {
+                (None, _) => {
+                    upstream.remove(&n);
+                }
+                // One value (the usual): the name moves into the map, not copied.
+                (Some(v), None) => {
+                    upstream.insert(n, v);
+                }
+                (Some(first), Some(second)) => {
+                    upstream.remove(&n);
+                    for v in [first, second].into_iter().chain(values) {
+                        upstream.append(n.clone(), v);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `on_response_headers` of each plugin, in reverse order, on the status and headers
-    /// the client would get, changing the headers in place.
+    /// the client would get, changing the headers in place (a plugin that fails open has its
+    /// changes undone).
     pub fn on_response(&self, route: &str, status: u16, headers: &mut HeaderMap) -> Outcome {
-        if self.active.is_empty() {
-            return Outcome::Continue;
-        }
-        let before = Arc::new(response_headers(status, headers));
-        let mut pairs = Arc::clone(&before);
         for a in self.active.iter().rev() {
-            let data = CallData {
-                request: Some(Arc::clone(&self.headers)),
-                response: Some(Arc::clone(&pairs)),
-                response_writable: true,
-                props: Some(Arc::clone(&self.props)),
-                ..CallData::default()
-            };
+            // The headers go into the call (and come back) only when the instance is there.
             let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
-                let (data, action) = vm.on_headers(false, a.ctx, data);
-                let action = action?;
-                if data.local.is_none() && action != abi::ACTION_CONTINUE {
-                    return Err(VmError::Refused(
-                        "paused the response (Action::Pause), which RustyGate does not support"
-                            .into(),
-                    ));
-                }
-                Ok(data)
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.headers));
+                    d.response = ResponseView::Edit {
+                        status,
+                        headers: std::mem::take(headers),
+                    };
+                    d.props = Some(Arc::clone(&self.props));
+                    let action = vm.on_headers(false, a.ctx);
+                    let d = vm.data();
+                    if let ResponseView::Edit { headers: h, .. } = std::mem::take(&mut d.response) {
+                        *headers = h;
+                    }
+                    let local = d.local.take();
+                    let out = action.and_then(|action| {
+                        if local.is_none() && action != abi::ACTION_CONTINUE {
+                            return Err(VmError::Refused(
+                                "paused the response (Action::Pause), which RustyGate does not \
+                                 support"
+                                    .into(),
+                            ));
+                        }
+                        Ok(local)
+                    });
+                    if out.is_err() {
+                        vm.undo(headers);
+                    }
+                    out
+                })
             });
             match called {
-                Ok((data, _, _)) => {
-                    if let Some(local) = data.local {
-                        return Outcome::Respond(local_response(*local));
-                    }
-                    if let Some(r) = data.response {
-                        pairs = r;
-                    }
-                }
+                Ok((Some(local), _, _)) => return Outcome::Respond(local_response(*local)),
+                Ok((None, _, _)) => {}
                 Err(e) => {
                     if let Outcome::Failed = failed(&a.plugin, route, "on_response_headers", &e) {
                         return Outcome::Failed;
@@ -562,66 +606,7 @@ impl PluginRun {
                 }
             }
         }
-        apply(&before, &pairs, headers);
-        let _ = self.response.set(pairs);
         Outcome::Continue
-    }
-}
-
-/// The response headers a plugin sees: `:status`, then `headers` as the client would get them.
-fn response_headers(status: u16, headers: &HeaderMap) -> Headers {
-    let bytes = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum::<usize>();
-    // Room for a plugin's usual edit or two.
-    let mut out = Headers::with_capacity(headers.len() + 3, bytes + 64);
-    if (100..1000).contains(&status) {
-        let digit = |d: u16| b'0' + (d % 10) as u8;
-        out.push(
-            ":status",
-            &[digit(status / 100), digit(status / 10), digit(status)],
-        );
-    } else {
-        out.push(":status", status.to_string().as_bytes());
-    }
-    for (n, v) in headers {
-        out.push(n.as_str(), v.as_bytes());
-    }
-    out
-}
-
-/// Makes on `target` the changes that turned `before` into `now`: each name the plugins changed
-/// gets its values in `now` (none: removed), unless they are the values it had in `before`.
-fn apply(before: &Headers, now: &Headers, target: &mut HeaderMap) {
-    let mut set = |name: &str| {
-        if now.values(name).eq(before.values(name)) {
-            return;
-        }
-        let Some(h) = crate::proxy::headers::header_name(name) else {
-            return;
-        };
-        target.remove(&h);
-        for v in now.values(name) {
-            if let Ok(v) = HeaderValue::from_bytes(v) {
-                target.append(h.clone(), v);
-            }
-        }
-    };
-    match now.changed() {
-        Changed::None => {}
-        Changed::Names(names) => names.iter().for_each(|n| set(n)),
-        Changed::All => {
-            let mut every: Vec<&str> = before
-                .iter()
-                .chain(now.iter())
-                .map(|(n, _)| n)
-                .filter(|n| !n.starts_with(':'))
-                .collect();
-            every.sort_unstable();
-            every.dedup();
-            every.into_iter().for_each(set);
-        }
     }
 }
 
@@ -629,15 +614,15 @@ impl Drop for PluginRun {
     /// `on_log`, `on_done`, `on_delete` for each context, in request order. Failures here can
     /// no longer change the response: they are logged and counted.
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.props.close();
         for a in &self.active {
-            let data = CallData {
-                request: Some(Arc::clone(&self.headers)),
-                props: Some(Arc::clone(&self.props)),
-                ..CallData::default()
-            };
             if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
-                vm.finish(a.ctx, data)
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.headers));
+                    d.props = Some(Arc::clone(&self.props));
+                    vm.finish(a.ctx)
+                })
             }) && !matches!(&e, VmError::Refused(m) if m.contains("replaced"))
             {
                 failed(&a.plugin, self.props.route(), "on_log", &e);

@@ -309,7 +309,11 @@ fn a_trap_in_on_request_headers_fails_closed_or_goes_on_without_the_plugins_edit
 fn a_trap_in_on_response_headers_fails_closed_or_goes_on() {
     let body = format!(
         r#"{CONTINUE_ON_REQUEST}
-           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {TRAP})"#
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+             (drop (call $add (i32.const 2) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)))
+             (drop (call $replace (i32.const 2) (i32.const 48) (i32.const 10) (i32.const 64) (i32.const 8)))
+             (drop (call $remove (i32.const 2) (i32.const 32) (i32.const 6)))
+             {TRAP})"#
     );
     let closed = plugin(
         "trap-res-closed",
@@ -325,8 +329,15 @@ fn a_trap_in_on_response_headers_fails_closed_or_goes_on() {
 
     let open = plugin("trap-res-open", &body, OnError::FailOpen, Limits::default());
     let (run, _) = request(&[open]);
+    // Its changes, made in place before it trapped, are undone.
+    let mut h = HeaderMap::new();
+    h.insert("user-agent", HeaderValue::from_static("upstream"));
+    h.append("user-agent", HeaderValue::from_static("again"));
+    h.insert("x-drop", HeaderValue::from_static("1"));
+    let before = h.clone();
     assert!(is_continue(&run.on_response("orders", 200, &mut h)));
     assert_eq!(errors("trap-res-open", "trap"), 1);
+    assert_eq!(h, before);
 }
 
 #[test]
@@ -421,6 +432,30 @@ fn header_edits_reach_the_upstream_and_the_client() {
     assert_eq!(res.get("x-added").unwrap(), "yes");
     assert!(res.get("x-drop").is_none());
     assert_eq!(res.get("content-type").unwrap(), "text/plain");
+}
+
+#[test]
+fn a_header_replaced_with_the_clients_own_value_leaves_the_gateways() {
+    // `user-agent` replaced with what the client sent ("curl"): upstream, the gateway's value
+    // (as for a header it sets from verified data) stays; a real change still lands.
+    let p = plugin(
+        "same-value",
+        r#"(data (i32.const 128) "curl")
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $replace (i32.const 0) (i32.const 48) (i32.const 10) (i32.const 128) (i32.const 4)))
+             (drop (call $replace (i32.const 0) (i32.const 32) (i32.const 6) (i32.const 16) (i32.const 3)))
+             (i32.const 0))"#,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, out) = request(&[p]);
+    assert!(is_continue(&out));
+    let mut up = HeaderMap::new();
+    up.insert("user-agent", HeaderValue::from_static("set-by-the-gateway"));
+    up.insert("x-drop", HeaderValue::from_static("1"));
+    run.apply_edits(&mut up);
+    assert_eq!(up.get("user-agent").unwrap(), "set-by-the-gateway");
+    assert_eq!(up.get("x-drop").unwrap(), "yes");
 }
 
 #[test]

@@ -1544,7 +1544,7 @@ fn client_response(
             .is_some_and(|p| p.reads_response_body())
         && let Some(run) = plan.plugins.take()
     {
-        match run.into_response_body(route.max_body_size, status, &parts.headers) {
+        match run.into_response_body(route.max_body_size, status, &mut parts.headers) {
             Ok(filter) => {
                 let body = UpstreamBody::new(body, BodySize::Stream, route.read_timeout, None)
                     .with_trailers(trailers);
