@@ -1492,7 +1492,7 @@ fn client_response(
 ) -> Relay {
     let UpstreamResponse { head, body } = resp;
     // The head in the client's types is relayed as it is; any other is read and edited first.
-    let (mut out, status, declared, parts) = match head {
+    let (mut out, status, declared, mut parts) = match head {
         UpstreamHead::Client { status, fields }
             if status != http::StatusCode::SWITCHING_PROTOCOLS
                 && tunnel_in.is_none()
@@ -1537,7 +1537,7 @@ fn client_response(
         return out.finish().into();
     }
     let trailers = ex.trailers.clone();
-    if let Some(parts) = &parts
+    if let Some(parts) = &mut parts
         && plan
             .plugins
             .as_ref()
