@@ -15,6 +15,10 @@ pub use crate::wire::headers::{
     valid_request_id,
 };
 
+/// Room for the fields the gateway adds to the client's (forwarding headers, request id, host,
+/// client certificate) and a plugin's or policy's additions, so that the map need not grow.
+pub const GATEWAY_FIELDS: usize = 8;
+
 /// Headers the gateway sets for the upstream; a client cannot name them in `Connection` to have
 /// them removed.
 const GATEWAY_SET: [&str; 9] = [
@@ -216,7 +220,7 @@ pub fn upstream_headers<'h, I>(
 where
     I: Iterator<Item = (&'h str, &'h [u8])>,
 {
-    forwarded_headers(client, HeaderMap::with_capacity(len + 4), f)
+    forwarded_headers(client, HeaderMap::with_capacity(len + GATEWAY_FIELDS), f)
 }
 
 /// [`upstream_headers`] into `out`: an `http` 1.x map, or a [`HeaderList`] for a head written

@@ -117,17 +117,13 @@ impl SendOptions<'_> {
 
 /// `req` with the attempt's header fields (when they came as a list) and `traceparent` in its
 /// map, for the paths that hand it to hyper.
-fn with_traceparent(
+fn for_hyper(
     mut req: http::Request<ProxyBody>,
     opts: &SendOptions<'_>,
 ) -> http::Request<ProxyBody> {
     use crate::telemetry::trace::{Field, propagation};
     if let Some(fields) = opts.fields {
-        let headers = req.headers_mut();
-        headers.reserve(fields.len());
-        for (n, v) in fields.iter() {
-            headers.append(n.clone(), v.clone());
-        }
+        fields.append_to(req.headers_mut());
     }
     if let Some(v) = opts
         .traceparent
@@ -171,15 +167,13 @@ impl LocalPool {
                 }
                 // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
                 (Protocol::Http1, ProxyBody::Channel { .. }) => {
-                    Box::pin(self.send_inner(target, with_traceparent(req, opts), opts))
+                    Box::pin(self.send_inner(target, for_hyper(req, opts), opts))
                         .await
                         .map(|r| r.map(UpstreamIncoming::Hyper).into())
                 }
-                (Protocol::Http2, _) => {
-                    Box::pin(self.send_h2(target, with_traceparent(req, opts), opts))
-                        .await
-                        .map(|r| r.map(UpstreamIncoming::Hyper).into())
-                }
+                (Protocol::Http2, _) => Box::pin(self.send_h2(target, for_hyper(req, opts), opts))
+                    .await
+                    .map(|r| r.map(UpstreamIncoming::Hyper).into()),
             }
         });
         match tokio::time::timeout(opts.timeout, attempt).await {
@@ -364,7 +358,7 @@ impl LocalPool {
         req: http::Request<ProxyBody>,
         opts: &SendOptions<'_>,
     ) -> Result<UpstreamResponse, SendFailure> {
-        let req = with_traceparent(req, opts);
+        let req = for_hyper(req, opts);
         let attempt = async {
             let _slot = match opts.pending_slot() {
                 Ok(slot) => slot,

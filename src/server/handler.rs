@@ -1137,9 +1137,7 @@ fn attempt_request(
         && ex.plugin_stop.is_none()
         && ex.trace.is_none()
         && !websocket;
-    // The client's fields and the gateway's own (forwarding headers, request id, host, client
-    // certificate), with room for a plugin's or policy's additions before the map grows.
-    let room = req.headers().len() + 8;
+    let room = req.headers().len() + crate::proxy::headers::GATEWAY_FIELDS;
     if as_is {
         let list = upstream_headers(req, ex, route, target, HeaderList::with_capacity(room))?;
         return Ok((upstream_req, Some(list)));

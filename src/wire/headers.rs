@@ -90,10 +90,16 @@ impl HeaderList {
     /// The same fields in an `http` 1.x map.
     pub fn to_map(&self) -> http::HeaderMap {
         let mut map = http::HeaderMap::with_capacity(self.0.len());
+        self.append_to(&mut map);
+        map
+    }
+
+    /// Appends a copy of each field to `map`.
+    pub fn append_to(&self, map: &mut http::HeaderMap) {
+        map.reserve(self.0.len());
         for (n, v) in &self.0 {
             map.append(n.clone(), v.clone());
         }
-        map
     }
 }
 
