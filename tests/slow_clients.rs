@@ -161,6 +161,91 @@ fn an_idle_keep_alive_connection_is_not_cut_by_the_header_timeout() {
     assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
 }
 
+/// A gateway with `keep_alive` and `header_timeout` as given (one worker).
+fn gateway_with_keep_alive(
+    keep_alive: Duration,
+    header_timeout: &str,
+) -> (Gateway, tempfile::TempDir) {
+    let toml = format!("[limits]\nheader_timeout = \"{header_timeout}\"\n");
+    let dir = repo(&[hello_route(), ("gateway.toml", &toml)]);
+    let gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers: 1,
+            keep_alive,
+            ..ServeOptions::default()
+        },
+    );
+    (gw, dir)
+}
+
+fn get(s: &mut TcpStream) {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert!(read_response(s).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time_and_a_busy_one_is_not() {
+    let (gw, _dir) = gateway_with_keep_alive(Duration::from_secs(1), "10s");
+    let mut idle = TcpStream::connect(gw.addr).unwrap();
+    get(&mut idle);
+    // Requests every 400 ms for 2.4 s: each one starts the idle time again.
+    let mut busy = TcpStream::connect(gw.addr).unwrap();
+    for _ in 0..6 {
+        get(&mut busy);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    get(&mut busy);
+    // The idle connection was closed quietly (no 408: no head was under way) by then.
+    let (got, took) = read_to_close(&mut idle, Duration::from_secs(5));
+    assert_eq!(got, "");
+    assert!(
+        took < Duration::from_secs(1),
+        "still open {took:?} after 2.8 s idle"
+    );
+    // And the busy one, once left alone, goes the same way about a second later.
+    let (got, took) = read_to_close(&mut busy, Duration::from_secs(5));
+    assert_eq!(got, "");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    let m = scrape(&gw);
+    assert_eq!(m["rustygate_client_timeouts_total{phase=\"header\"}"], 0.0);
+}
+
+#[test]
+fn a_head_begun_on_an_idle_connection_has_the_header_timeout_not_the_keep_alive() {
+    // Keep-alive shorter than the header timeout: the head's first bytes end the idle wait.
+    let (gw, _dir) = gateway_with_keep_alive(Duration::from_secs(1), "2s");
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    get(&mut s);
+    std::thread::sleep(Duration::from_millis(500));
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+
+    // Keep-alive longer than the header timeout: the head is timed from its first bytes, however
+    // far away the idle deadline is (1.5 s idle first: the connection's timer has fired once
+    // since the last head, and must not have been moved out to the idle deadline).
+    let (gw, _dir) = gateway_with_keep_alive(Duration::from_secs(30), "1s");
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    get(&mut s);
+    std::thread::sleep(Duration::from_millis(1500));
+    s.write_all(b"G").unwrap();
+    let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+}
+
 #[test]
 fn stalled_uploads_get_408_replayable_streamed_and_chunked() {
     let echo = Backend::echo();

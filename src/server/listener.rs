@@ -16,6 +16,13 @@
 //! handler clears it when the head has been parsed ([`ConnState::begin`]). If the deadline
 //! passes first, the client gets `408` and the connection is closed.
 //!
+//! [`ClientIo`] times the keep-alive idle too (the time between one request's end and the next
+//! request's first bytes): when it passes, the dispatcher sees end of input and closes. Actix's
+//! own keep-alive timer is off (`KeepAlive::Os`): it boxed and registered a new timer after
+//! every response. Here one timer per connection serves both deadlines and is moved only when
+//! it fires: a deadline is only ever set at least `min(header_timeout, keep_alive)` from now,
+//! so a timer armed for no later than that is never late for one.
+//!
 //! The limits are read from the snapshot current at accept time, so a config swap applies to
 //! the next connection.
 
@@ -254,12 +261,17 @@ impl Drop for ConnGuard {
 /// deadline of the next head. Lives on the worker thread.
 pub(crate) struct ConnState {
     header_timeout: Duration,
+    /// Idle time allowed between requests; `None`: keep-alive is off.
+    keep_alive: Option<Duration>,
     /// `rustygate_client_timeouts_total{phase="header"}`
     timeouts: prometheus::IntCounter,
     /// Requests of this connection between head parsed and response finished.
     busy: Cell<u32>,
     /// When the head being received must be complete (set on its first bytes).
     head_deadline: Cell<Option<Instant>>,
+    /// When the connection, idle since its last request ended, is closed (set at that end,
+    /// cleared by the next request's first bytes).
+    idle_deadline: Cell<Option<Instant>>,
     /// End the connection once no request is in progress ([`ConnState::close`]).
     closing: Cell<bool>,
     /// The dispatcher waiting for input, woken by `close`.
@@ -267,12 +279,18 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
-    fn new(header_timeout: Duration, timeouts: prometheus::IntCounter) -> Self {
+    fn new(
+        header_timeout: Duration,
+        keep_alive: Option<Duration>,
+        timeouts: prometheus::IntCounter,
+    ) -> Self {
         Self {
             header_timeout,
+            keep_alive,
             timeouts,
             busy: Cell::new(0),
             head_deadline: Cell::new(None),
+            idle_deadline: Cell::new(None),
             closing: Cell::new(false),
             reader: Cell::new(None),
         }
@@ -297,8 +315,37 @@ impl ConnState {
     pub fn begin(self: &Rc<Self>) -> Busy {
         self.busy.set(self.busy.get() + 1);
         self.head_deadline.set(None);
+        self.idle_deadline.set(None);
         Busy(Rc::clone(self))
     }
+
+    /// The deadline that applies now: none while a request is being handled.
+    fn deadline(&self) -> Option<(Instant, Expired)> {
+        if self.busy.get() > 0 {
+            return None;
+        }
+        match (self.head_deadline.get(), self.idle_deadline.get()) {
+            (Some(at), _) => Some((at, Expired::Head)),
+            (None, Some(at)) => Some((at, Expired::Idle)),
+            (None, None) => None,
+        }
+    }
+
+    /// How far ahead of now any deadline set from now on lies, at least: the timer may wait that
+    /// long before looking again, never longer.
+    fn shortest_wait(&self) -> Duration {
+        self.keep_alive
+            .map_or(self.header_timeout, |k| k.min(self.header_timeout))
+    }
+}
+
+/// Which wait of a connection ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// A request head did not arrive whole in time: `408`, then close.
+    Head,
+    /// Nothing came after the last request within the keep-alive time: close.
+    Idle,
 }
 
 /// A request being handled on its connection.
@@ -313,9 +360,17 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.set(self.0.busy.get().saturating_sub(1));
-        if self.0.closing.get() {
-            self.0.wake_reader();
+        let state = &self.0;
+        let busy = state.busy.get().saturating_sub(1);
+        state.busy.set(busy);
+        if busy == 0
+            && let Some(k) = state.keep_alive
+        {
+            // The timer need not move: it fires within `shortest_wait` of when it was armed.
+            state.idle_deadline.set(Some(Instant::now() + k));
+        }
+        if state.closing.get() {
+            state.wake_reader();
         }
     }
 }
@@ -383,24 +438,28 @@ impl ClientIo {
         None
     }
 
-    /// Whether the head deadline has passed; arms the timer's wake-up otherwise.
-    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(at) = self.state.head_deadline.get() else {
-            return false;
-        };
-        if self.state.busy.get() > 0 {
-            return false;
-        }
+    /// Which deadline has passed, if one has; keeps the timer's wake-up registered otherwise.
+    /// The clock is read only when the timer fires (see the module doc).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<Expired> {
         let timer = match &mut self.timer {
-            Some(t) => {
-                if t.deadline() != at {
-                    t.as_mut().reset(at);
-                }
-                t
+            Some(t) => t,
+            None => {
+                let (at, _) = self.state.deadline()?;
+                let at = at.min(Instant::now() + self.state.shortest_wait());
+                self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
             }
-            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
         };
-        timer.as_mut().poll(cx).is_ready()
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let latest = now + self.state.shortest_wait();
+            let next = match self.state.deadline() {
+                Some((at, why)) if at <= now => return Some(why),
+                Some((at, _)) => at.min(latest),
+                None => latest,
+            };
+            timer.as_mut().reset(next);
+        }
+        None
     }
 }
 
@@ -415,15 +474,24 @@ impl AsyncRead for ClientIo {
             // End of input: the dispatcher flushes what it has written, then closes.
             return Poll::Ready(Ok(()));
         }
-        if this.head_expired(cx) {
-            // Best effort: the client learns why; the dispatcher sees end of input and closes.
-            this.timed_out = true;
-            this.state.timeouts.inc();
-            // A plain socket sends it at once if it has room; over TLS it is encrypted into the
-            // session and leaves with the dispatcher's flush before the close.
-            let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT);
-            tracing::debug!("request head not received within the header timeout; closing");
-            return Poll::Ready(Ok(()));
+        match this.expired(cx) {
+            Some(Expired::Head) => {
+                // Best effort: the client learns why; the dispatcher sees end of input and
+                // closes.
+                this.timed_out = true;
+                this.state.timeouts.inc();
+                // A plain socket sends it at once if it has room; over TLS it is encrypted into
+                // the session and leaves with the dispatcher's flush before the close.
+                let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT);
+                tracing::debug!("request head not received within the header timeout; closing");
+                return Poll::Ready(Ok(()));
+            }
+            Some(Expired::Idle) => {
+                this.timed_out = true;
+                tracing::debug!("keep-alive connection idle past its timeout; closing");
+                return Poll::Ready(Ok(()));
+            }
+            None => {}
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
@@ -442,8 +510,9 @@ impl AsyncRead for ClientIo {
             this.state
                 .head_deadline
                 .set(Some(Instant::now() + this.state.header_timeout));
-            // Registers the timer's wake-up.
-            let _ = this.head_expired(cx);
+            this.state.idle_deadline.set(None);
+            // Creates the timer for the connection's first head; registers its wake-up.
+            let _ = this.expired(cx);
         }
         res
     }
@@ -529,6 +598,7 @@ pub(crate) fn client_io(
     io: Stream,
     guard: ConnGuard,
     header_timeout: Duration,
+    keep_alive: Option<Duration>,
     info: ConnInfo,
     metrics: &Metrics,
 ) -> ClientIo {
@@ -536,6 +606,7 @@ pub(crate) fn client_io(
         io,
         state: Rc::new(ConnState::new(
             header_timeout,
+            keep_alive,
             metrics.client_timeouts.with_label_values(&["header"]),
         )),
         info: Rc::new(info),

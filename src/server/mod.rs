@@ -243,7 +243,12 @@ pub fn start(
         };
         let signal = shutdown_signal.clone();
         let http = actix_http::HttpService::build()
-            .keep_alive(keep_alive)
+            // `ClientIo` times the idle between requests (see `listener`).
+            .keep_alive(if keep_alive.is_zero() {
+                actix_http::KeepAlive::Disabled
+            } else {
+                actix_http::KeepAlive::Os
+            })
             .client_request_timeout(request_timeout)
             .client_disconnect_timeout(Duration::from_secs(1))
             // A client that closes its side is gone: its request is dropped at once, with
@@ -322,8 +327,14 @@ pub fn start(
                             }
                         };
                         let alpn_h2 = info.tls.as_ref().is_some_and(|t| t.h2);
-                        let io =
-                            listener::client_io(stream, a.guard, a.header_timeout, info, &metrics);
+                        let io = listener::client_io(
+                            stream,
+                            a.guard,
+                            a.header_timeout,
+                            (!keep_alive.is_zero()).then_some(keep_alive),
+                            info,
+                            &metrics,
+                        );
                         let is_h2 = if alpn_h2 {
                             true
                         } else if h2c {
