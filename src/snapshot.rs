@@ -454,7 +454,7 @@ impl SnapshotStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     thread_local! {
@@ -462,7 +462,8 @@ mod tests {
         pub(super) static FREED_ON_THIS_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
 
-    fn snapshot(id: &str) -> Snapshot {
+    /// An empty snapshot of version `id`.
+    pub(crate) fn snapshot(id: &str) -> Snapshot {
         Snapshot {
             version: ConfigVersion {
                 id: id.into(),

@@ -198,7 +198,7 @@ impl Exchange {
         }
         let elapsed = self.started.elapsed();
         self.state.recorder.request(
-            &self.snapshot.version.id,
+            &self.snapshot,
             route,
             self.method.as_str(),
             status,

@@ -177,7 +177,7 @@ fn redirect(req: &HttpRequest, port: u16, state: &WorkerState) -> HttpResponse {
         Err(()) => (400, HttpResponse::BadRequest().finish()),
     };
     state.recorder.request(
-        &snapshot.version.id,
+        &snapshot,
         None,
         req.method().as_str(),
         code,

@@ -3,7 +3,7 @@
 //! `prometheus`' labelled vectors take a read lock and hash the labels on every lookup. Each
 //! worker instead keeps the handles it has resolved, by route name, in a `RefCell` only it
 //! touches; a request then costs one small hash lookup and a few atomic adds. The cache is
-//! dropped when the snapshot version changes, so routes that disappear do not pin memory.
+//! dropped when the snapshot changes, so routes that disappear do not pin memory.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Weak};
@@ -12,6 +12,7 @@ use prometheus::{Histogram, IntCounter};
 
 use super::metrics::Metrics;
 use crate::router::{METHODS, method_slot};
+use crate::snapshot::Snapshot;
 use crate::upstream::Upstream;
 use crate::util::FastMap as HashMap;
 
@@ -29,7 +30,10 @@ type AttemptKey = (usize, usize, u16);
 
 pub struct Recorder {
     metrics: Arc<Metrics>,
-    cache: RefCell<(String, HashMap<String, RouteHandles>)>,
+    /// The snapshot the handles are for, told apart by address: a pointer comparison per
+    /// request instead of comparing version strings (byte by byte in musl's `memcmp`). The weak
+    /// reference keeps the allocation, so no later snapshot can take its address.
+    cache: RefCell<(Weak<Snapshot>, HashMap<String, RouteHandles>)>,
     upstreams: RefCell<HashMap<String, Histogram>>,
     /// `upstream_requests_total` handles by (upstream address, target index, status; 0 for
     /// failed). The weak reference keeps the upstream's allocation (so its address cannot be
@@ -41,7 +45,7 @@ impl Recorder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
-            cache: RefCell::new((String::new(), HashMap::default())),
+            cache: RefCell::new((Weak::new(), HashMap::default())),
             upstreams: RefCell::new(HashMap::default()),
             attempts: RefCell::new(HashMap::default()),
         }
@@ -54,7 +58,7 @@ impl Recorder {
     /// One finished request.
     pub fn request(
         &self,
-        version: &str,
+        snapshot: &Arc<Snapshot>,
         route: Option<&str>,
         method: &str,
         status: u16,
@@ -62,9 +66,8 @@ impl Recorder {
     ) {
         let route = route.unwrap_or(NO_ROUTE);
         let mut cache = self.cache.borrow_mut();
-        if cache.0 != version {
-            cache.0.clear();
-            cache.0.push_str(version);
+        if !std::ptr::eq(cache.0.as_ptr(), Arc::as_ptr(snapshot)) {
+            cache.0 = Arc::downgrade(snapshot);
             cache.1.clear();
             // Drops the old snapshot's upstreams too.
             self.attempts.borrow_mut().clear();
@@ -128,5 +131,37 @@ impl Recorder {
             .with_label_values(&[upstream]);
         h.observe(seconds);
         cache.insert(upstream.to_owned(), h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::snapshot;
+
+    #[test]
+    fn the_route_cache_follows_the_snapshot_and_the_counts_carry_on() {
+        let metrics = Arc::new(Metrics::new());
+        let recorder = Recorder::new(Arc::clone(&metrics));
+        let count = |route: &str| {
+            metrics
+                .requests
+                .with_label_values(&[route, "GET", "200"])
+                .get()
+        };
+        let old = Arc::new(snapshot("v1"));
+        recorder.request(&old, Some("api"), "GET", 200, 0.01);
+        recorder.request(&old, Some("gone"), "GET", 200, 0.01);
+        recorder.request(&old, Some("api"), "GET", 200, 0.01);
+        assert_eq!(recorder.cache.borrow().1.len(), 2);
+        // A new snapshot, even of the same version: the handles are resolved again, and those
+        // of routes it no longer sees are let go.
+        let new = Arc::new(snapshot("v1"));
+        recorder.request(&new, Some("api"), "GET", 200, 0.01);
+        let cache = recorder.cache.borrow();
+        assert_eq!(cache.1.keys().collect::<Vec<_>>(), ["api"]);
+        assert!(std::ptr::eq(cache.0.as_ptr(), Arc::as_ptr(&new)));
+        drop(cache);
+        assert_eq!((count("api"), count("gone")), (3, 1));
     }
 }
