@@ -984,7 +984,7 @@ async fn forward(
                 state.recorder.attempt(&upstream, index, Some(status));
                 state
                     .recorder
-                    .upstream(&upstream.name, sent_at.elapsed().as_secs_f64());
+                    .upstream(&upstream, sent_at.elapsed().as_secs_f64());
                 let reason = RetryReason::Status(status);
                 // A switched connection is never sent again (retries name only 5xx statuses
                 // today; this keeps it so if that changes).

@@ -34,7 +34,8 @@ pub struct Recorder {
     /// request instead of comparing version strings (byte by byte in musl's `memcmp`). The weak
     /// reference keeps the allocation, so no later snapshot can take its address.
     cache: RefCell<(Weak<Snapshot>, HashMap<String, RouteHandles>)>,
-    upstreams: RefCell<HashMap<String, Histogram>>,
+    /// `upstream_duration_seconds` handles by upstream address (as `attempts`).
+    upstreams: RefCell<HashMap<usize, (Weak<Upstream>, Histogram)>>,
     /// `upstream_requests_total` handles by (upstream address, target index, status; 0 for
     /// failed). The weak reference keeps the upstream's allocation (so its address cannot be
     /// reused by another upstream while the entry exists) without keeping its targets alive.
@@ -71,6 +72,7 @@ impl Recorder {
             cache.1.clear();
             // Drops the old snapshot's upstreams too.
             self.attempts.borrow_mut().clear();
+            self.upstreams.borrow_mut().clear();
         }
         let record = |h: &mut RouteHandles| {
             h.duration.observe(seconds);
@@ -119,18 +121,21 @@ impl Recorder {
     }
 
     /// Time to the upstream's response head.
-    pub fn upstream(&self, upstream: &str, seconds: f64) {
+    pub fn upstream(&self, upstream: &Arc<Upstream>, seconds: f64) {
+        let key = Arc::as_ptr(upstream) as usize;
         let mut cache = self.upstreams.borrow_mut();
-        if let Some(h) = cache.get(upstream) {
+        if let Some((_, h)) = cache.get(&key) {
             h.observe(seconds);
             return;
         }
         let h = self
             .metrics
             .upstream_duration
-            .with_label_values(&[upstream]);
+            .with_label_values(&[upstream.name.as_str()]);
         h.observe(seconds);
-        cache.insert(upstream.to_owned(), h);
+        if cache.len() < 10_000 {
+            cache.insert(key, (Arc::downgrade(upstream), h));
+        }
     }
 }
 
