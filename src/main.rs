@@ -260,6 +260,10 @@ struct ServeArgs {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, env = "RUSTYGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Time a client connection may sit idle between requests before it is closed (HTTP/1.1
+    /// keep-alive; over HTTP/2, a connection without streams). At least 1s.
+    #[arg(long, env = "RUSTYGATE_KEEP_ALIVE", default_value = "75s", value_parser = parse_keep_alive)]
+    keep_alive: Duration,
     /// Emit one access-log event per request.
     #[arg(long, env = "RUSTYGATE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
@@ -293,6 +297,14 @@ fn parse_poll(s: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_keep_alive(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 /// Reads a secret from the environment; empty counts as unset.
@@ -785,6 +797,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         admin_listen: args.admin_listen,
         workers: args.workers.unwrap_or(defaults.workers),
         shutdown_grace: args.shutdown_grace,
+        keep_alive: args.keep_alive,
         access_log: args.access_log,
         ..defaults
     };
