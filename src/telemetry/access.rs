@@ -201,7 +201,19 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        // Eight bytes at a time past a run that needs no escaping (most of every value).
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            && !any_to_escape(u64::from_le_bytes(word))
+        {
+            i += 8;
+            continue;
+        }
+        let at = i;
+        i += 1;
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -211,7 +223,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
             0..=0x1f | 0x7f => b"",
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(&bytes[start..at]);
         if esc.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.extend_from_slice(&[
@@ -225,10 +237,25 @@ fn string(out: &mut Vec<u8>, s: &str) {
         } else {
             out.extend_from_slice(esc);
         }
-        start = i + 1;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether any byte of `w` is one that [`string`] escapes: below 0x20, DEL, `"` or `\`.
+/// Exact, not a hint: the zero-byte and less-than tests of "Bit Twiddling Hacks" (a borrow can
+/// set a high bit above a matching byte, never without one).
+fn any_to_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    below_space
+        | has_zero(w ^ (ONES * u64::from(b'"')))
+        | has_zero(w ^ (ONES * u64::from(b'\\')))
+        | has_zero(w ^ (ONES * 0x7f))
+        != 0
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it:
@@ -372,6 +399,40 @@ mod tests {
         assert_eq!(o["upstream_target"], "http://127.0.0.1:8001");
         assert_eq!(o["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(o["span_id"], "00f067aa0ba902b7");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_reads_them_wherever_the_byte_falls() {
+        // Every ASCII byte and a few multi-byte characters, at each place in and around the
+        // eight-byte steps, alone and among others that need escaping.
+        let mut specials: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+        specials.extend(["é", "\u{2028}", "€", "😀"].map(String::from));
+        for special in &specials {
+            for len in 0..20 {
+                for at in 0..=len {
+                    let mut text: String = "abcdefghijklmnopqrstu".chars().take(len).collect();
+                    text.insert_str(at, special);
+                    text.push('\n');
+                    let mut out = Vec::new();
+                    string(&mut out, &text);
+                    let back: String = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                        panic!("{text:?} -> {:?}: {e}", String::from_utf8_lossy(&out))
+                    });
+                    assert_eq!(back, text);
+                    assert!(
+                        !out.iter().any(|b| *b < 0x20 || *b == 0x7f),
+                        "{text:?}: a control byte left raw"
+                    );
+                }
+            }
+        }
+        for w in [0u64, u64::MAX, 0x2020_2020_2020_2020, 0x8080_8080_8080_8080] {
+            let bytes = w.to_le_bytes();
+            let want = bytes
+                .iter()
+                .any(|b| *b < 0x20 || matches!(*b, b'"' | b'\\' | 0x7f));
+            assert_eq!(any_to_escape(w), want, "{w:#x}");
+        }
     }
 
     #[test]
