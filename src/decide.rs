@@ -142,7 +142,7 @@ pub fn request<'s>(
             route: &route.name,
             config_sha: &snap.version.id,
         };
-        match crate::plugins::on_request(&route.plugins, &info, &client) {
+        match crate::plugins::on_request(&route.plugins, &info, client) {
             (run, Outcome::Continue) => {
                 // Only a policy reads them.
                 let h = route.policy.is_some().then(|| run.client_headers());

@@ -175,13 +175,37 @@ pub(crate) struct Headers {
 }
 
 impl Headers {
-    /// An empty map with room for `n` headers of `bytes` bytes in all.
-    pub fn with_capacity(n: usize, bytes: usize) -> Headers {
+    /// The map of `client`'s headers (a buffer and where each name and value end in it, names
+    /// in lower case) with `pseudo` (names in lower case, values in pieces) in front, made in
+    /// `client`'s buffers.
+    pub fn with_pseudo(
+        pseudo: &[(&str, &[&[u8]])],
+        (mut bytes, mut ends): (Vec<u8>, Vec<(usize, usize)>),
+    ) -> Headers {
+        let shift: usize = pseudo
+            .iter()
+            .map(|(n, v)| n.len() + v.iter().map(|p| p.len()).sum::<usize>())
+            .sum();
+        let old = bytes.len();
+        bytes.resize(old + shift, 0);
+        bytes.copy_within(0..old, shift);
+        for e in &mut ends {
+            *e = (e.0 + shift, e.1 + shift);
+        }
+        let mut at = 0;
+        for (name, value) in pseudo {
+            let name_end = at + name.len();
+            bytes[at..name_end].copy_from_slice(name.as_bytes());
+            at = name_end;
+            for part in *value {
+                bytes[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            ends.push((name_end, at));
+        }
+        ends.rotate_right(pseudo.len());
         Headers {
-            list: List {
-                bytes: Vec::with_capacity(bytes),
-                ends: Vec::with_capacity(n),
-            },
+            list: List { bytes, ends },
             ..Headers::default()
         }
     }
@@ -200,11 +224,6 @@ impl Headers {
             let name_end = start + name.len();
             self.list.bytes[start..name_end].make_ascii_lowercase();
         }
-    }
-
-    /// [`Headers::push`] for a name known to be in lower case (as HTTP parsers give them).
-    pub fn push_lower(&mut self, name: &str, value: &[u8]) {
-        self.list.push_parts(name.as_bytes(), &[value]);
     }
 
     pub fn len(&self) -> usize {
@@ -372,6 +391,25 @@ mod tests {
 
     fn all(h: &Headers) -> Vec<(String, Vec<u8>)> {
         h.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect()
+    }
+
+    #[test]
+    fn pseudo_headers_go_in_front_of_the_clients_in_their_buffers() {
+        let client = (b"acceptx/yx-a1".to_vec(), vec![(6, 9), (12, 13)]);
+        let h = Headers::with_pseudo(
+            &[(":method", &[b"GET"]), (":path", &[b"/a", b"?", b"q=1"])],
+            client,
+        );
+        assert_eq!(
+            all(&h),
+            [
+                (":method".to_owned(), b"GET".to_vec()),
+                (":path".to_owned(), b"/a?q=1".to_vec()),
+                ("accept".to_owned(), b"x/y".to_vec()),
+                ("x-a".to_owned(), b"1".to_vec()),
+            ]
+        );
+        assert_eq!(h.changed().count(), 0);
     }
 
     #[test]

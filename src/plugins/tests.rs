@@ -95,7 +95,7 @@ pub(super) fn request(plugins: &[Arc<PluginUse>]) -> (PluginRun, Outcome) {
         route: "orders",
         config_sha: "abc123",
     };
-    on_request(plugins, &info, &client())
+    on_request(plugins, &info, client())
 }
 
 pub(super) fn is_continue(o: &Outcome) -> bool {
