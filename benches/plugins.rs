@@ -67,12 +67,12 @@ fn bench(c: &mut Criterion) {
     };
     let headers = client();
     // Warm: the worker's instance exists.
-    drop(plugins::on_request(&plugins, &info, &headers));
+    drop(plugins::on_request(&plugins, &info, headers.clone()));
 
     c.bench_function("plugin/on_request_headers (warm, example)", |b| {
-        b.iter_with_large_drop(|| plugins::on_request(black_box(&plugins), &info, &headers))
+        b.iter_with_large_drop(|| plugins::on_request(black_box(&plugins), &info, headers.clone()))
     });
-    let (run, _) = plugins::on_request(&plugins, &info, &headers);
+    let (run, _) = plugins::on_request(&plugins, &info, headers.clone());
     let mut response = HeaderMap::new();
     response.insert("content-type", HeaderValue::from_static("application/json"));
     response.insert("content-length", HeaderValue::from_static("42"));
@@ -98,7 +98,15 @@ fn bench(c: &mut Criterion) {
     drop(run);
     c.bench_function(
         "plugin/request lifecycle (create, headers, log, done, delete)",
-        |b| b.iter(|| drop(plugins::on_request(black_box(&plugins), &info, &headers))),
+        |b| {
+            b.iter(|| {
+                drop(plugins::on_request(
+                    black_box(&plugins),
+                    &info,
+                    headers.clone(),
+                ))
+            })
+        },
     );
 
     let mut g = c.benchmark_group("plugin/compile");

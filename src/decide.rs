@@ -94,13 +94,12 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Whether a policy's `on_response` or a plugin may see or change the response head.
-    pub fn edits_response(&self) -> bool {
-        self.plugins.is_some()
-            || self
-                .policy
-                .as_ref()
-                .is_some_and(|r| r.policy.policy.has_on_response())
+    /// Whether a policy's `on_response` may see or change the response head (a plugin may
+    /// too, in either shape of it: see `plugins::ResponseFields`).
+    pub fn policy_edits_response(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|r| r.policy.policy.has_on_response())
     }
 }
 
@@ -143,7 +142,7 @@ pub fn request<'s>(
             route: &route.name,
             config_sha: &snap.version.id,
         };
-        match crate::plugins::on_request(&route.plugins, &info, &client) {
+        match crate::plugins::on_request(&route.plugins, &info, client) {
             (run, Outcome::Continue) => {
                 // Only a policy reads them.
                 let h = route.policy.is_some().then(|| run.client_headers());
@@ -325,7 +324,24 @@ pub fn plugins_on_response<'s>(
     status: u16,
     headers: &mut HeaderMap,
 ) -> ResponsePlan<'s> {
-    match run.on_response(route, status, headers) {
+    plugins_plan(run.on_response(route, status, headers))
+}
+
+/// [`plugins_on_response`] on a head in the client side's types, as a list.
+pub fn plugins_on_response_list<'s>(
+    run: &PluginRun,
+    route: &str,
+    status: u16,
+    fields: &mut Vec<(
+        actix_http::header::HeaderName,
+        actix_http::header::HeaderValue,
+    )>,
+) -> ResponsePlan<'s> {
+    plugins_plan(run.on_response_list(route, status, fields))
+}
+
+fn plugins_plan<'s>(o: Outcome) -> ResponsePlan<'s> {
+    match o {
         Outcome::Continue => ResponsePlan::Pass,
         Outcome::Respond(r) => ResponsePlan::Replace(Plan::Respond(Cow::Owned(r))),
         Outcome::Failed => ResponsePlan::Replace(plugin_failed()),

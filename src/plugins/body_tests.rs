@@ -329,7 +329,7 @@ fn request_bodies_go_through_plugins_in_order_responses_in_reverse() {
     let mut req = filter(&run);
     assert_eq!(chunk(&mut req, b"x", true), "xab");
     let mut res = run
-        .into_response_body(LIMIT, 200, &mut HeaderMap::new())
+        .into_response_body(LIMIT, 200, HeaderMap::new())
         .ok()
         .expect("plugins read the response");
     assert_eq!(chunk(&mut res, b"x", true), "xba");
@@ -351,7 +351,7 @@ fn a_response_body_filter_ends_the_contexts_when_it_is_dropped() {
     );
     let (run, _) = request(&[p]);
     let mut res = run
-        .into_response_body(LIMIT, 200, &mut HeaderMap::new())
+        .into_response_body(LIMIT, 200, HeaderMap::new())
         .ok()
         .unwrap();
     assert_eq!(chunk(&mut res, b"x", false), "x");

@@ -7,16 +7,15 @@
 //! the changed names with their earlier values, so that making the plugins' changes on the
 //! headers going upstream looks at those names only, and needs no copy of the whole map.
 //!
-//! The response's are the `http::HeaderMap` the client gets, changed in place
-//! ([`ResponseEdit`]); [`Undo`] puts back what a failing `fail_open` plugin changed.
+//! The response's are in [`super::response`].
 
 use std::cell::RefCell;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderName;
 
 /// Header names the plugins set, parsed once per worker thread: a name outside `http`'s
 /// standard ones is otherwise parsed and allocated anew for every request it is set on.
-const NAMES_PER_THREAD: usize = 32;
+pub(super) const NAMES_PER_THREAD: usize = 32;
 
 thread_local! {
     static NAMES: RefCell<Vec<HeaderName>> = const { RefCell::new(Vec::new()) };
@@ -176,13 +175,37 @@ pub(crate) struct Headers {
 }
 
 impl Headers {
-    /// An empty map with room for `n` headers of `bytes` bytes in all.
-    pub fn with_capacity(n: usize, bytes: usize) -> Headers {
+    /// The map of `client`'s headers (a buffer and where each name and value end in it, names
+    /// in lower case) with `pseudo` (names in lower case, values in pieces) in front, made in
+    /// `client`'s buffers.
+    pub fn with_pseudo(
+        pseudo: &[(&str, &[&[u8]])],
+        (mut bytes, mut ends): (Vec<u8>, Vec<(usize, usize)>),
+    ) -> Headers {
+        let shift: usize = pseudo
+            .iter()
+            .map(|(n, v)| n.len() + v.iter().map(|p| p.len()).sum::<usize>())
+            .sum();
+        let old = bytes.len();
+        bytes.resize(old + shift, 0);
+        bytes.copy_within(0..old, shift);
+        for e in &mut ends {
+            *e = (e.0 + shift, e.1 + shift);
+        }
+        let mut at = 0;
+        for (name, value) in pseudo {
+            let name_end = at + name.len();
+            bytes[at..name_end].copy_from_slice(name.as_bytes());
+            at = name_end;
+            for part in *value {
+                bytes[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            ends.push((name_end, at));
+        }
+        ends.rotate_right(pseudo.len());
         Headers {
-            list: List {
-                bytes: Vec::with_capacity(bytes),
-                ends: Vec::with_capacity(n),
-            },
+            list: List { bytes, ends },
             ..Headers::default()
         }
     }
@@ -201,11 +224,6 @@ impl Headers {
             let name_end = start + name.len();
             self.list.bytes[start..name_end].make_ascii_lowercase();
         }
-    }
-
-    /// [`Headers::push`] for a name known to be in lower case (as HTTP parsers give them).
-    pub fn push_lower(&mut self, name: &str, value: &[u8]) {
-        self.list.push_parts(name.as_bytes(), &[value]);
     }
 
     pub fn len(&self) -> usize {
@@ -319,7 +337,7 @@ impl Headers {
 }
 
 /// Values joined with `, `; `None` when there are none.
-fn joined<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+pub(super) fn joined<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
     let mut v = values.next()?.to_vec();
     for more in values {
         v.extend_from_slice(b", ");
@@ -329,168 +347,30 @@ fn joined<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
 }
 
 /// Writes a map in the ABI's wire format.
-struct Writer {
-    out: Vec<u8>,
+pub(super) struct Writer {
+    pub out: Vec<u8>,
 }
 
 impl Writer {
-    fn new(count: usize, len: usize) -> Writer {
+    pub fn new(count: usize, len: usize) -> Writer {
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&(count as u32).to_le_bytes());
         Writer { out }
     }
 
-    fn sizes<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
+    pub fn sizes<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
         for (k, v) in pairs {
             self.out.extend_from_slice(&(k.len() as u32).to_le_bytes());
             self.out.extend_from_slice(&(v.len() as u32).to_le_bytes());
         }
     }
 
-    fn pairs<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
+    pub fn pairs<'a>(&mut self, pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
         for (k, v) in pairs {
             self.out.extend_from_slice(k);
             self.out.push(0);
             self.out.extend_from_slice(v);
             self.out.push(0);
-        }
-    }
-}
-
-// ---- the response's headers -----------------------------------------------------------------
-
-/// The `:status` pseudo-header's value.
-fn status_text(status: u16) -> ([u8; 5], usize) {
-    let digit = |d: u16| b'0' + (d % 10) as u8;
-    if (100..1000).contains(&status) {
-        return (
-            [digit(status / 100), digit(status / 10), digit(status), 0, 0],
-            3,
-        );
-    }
-    let mut out = [0; 5];
-    let s = status.to_string();
-    let n = s.len().min(5);
-    out[..n].copy_from_slice(&s.as_bytes()[..n]);
-    (out, n)
-}
-
-/// A response's status and headers, read by a plugin: `:status`, then the headers.
-pub(crate) fn response_pairs<'a>(
-    status: &'a ([u8; 5], usize),
-    headers: &'a HeaderMap,
-) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
-    std::iter::once((&b":status"[..], &status.0[..status.1])).chain(
-        headers
-            .iter()
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
-    )
-}
-
-/// A response's status and headers as the ABI reads them (see [`Headers::serialize`]).
-pub(crate) fn serialize_response(status: u16, headers: &HeaderMap) -> Vec<u8> {
-    let s = status_text(status);
-    let mut w = Writer::new(headers.len() + 1, serialized_response_len(status, headers));
-    w.sizes(response_pairs(&s, headers));
-    w.pairs(response_pairs(&s, headers));
-    w.out
-}
-
-/// The length of [`serialize_response`]'s output.
-pub(crate) fn serialized_response_len(status: u16, headers: &HeaderMap) -> usize {
-    let s = status_text(status);
-    4 + response_pairs(&s, headers)
-        .map(|(n, v)| 10 + n.len() + v.len())
-        .sum::<usize>()
-}
-
-/// The values of `name` (lower case) in a response, joined (see [`Headers::joined`]).
-pub(crate) fn response_value(status: u16, headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
-    if name == ":status" {
-        let (s, n) = status_text(status);
-        return Some(s[..n].to_vec());
-    }
-    if name.starts_with(':') {
-        return None;
-    }
-    joined(headers.get_all(name).iter().map(HeaderValue::as_bytes))
-}
-
-/// What a change to a response's headers replaced: the values a name had before it.
-pub(crate) type Undo = Vec<(HeaderName, Vec<HeaderValue>)>;
-
-/// A response's headers being changed by a plugin, in place; `undo`, when given, records what
-/// each change replaced (a `fail_open` plugin's, undone should it fail).
-pub(crate) struct ResponseEdit<'a> {
-    pub headers: &'a mut HeaderMap,
-    pub undo: Option<&'a mut Undo>,
-}
-
-impl ResponseEdit<'_> {
-    fn record(&mut self, name: &HeaderName) {
-        if let Some(undo) = self.undo.as_deref_mut() {
-            let values = self.headers.get_all(name).iter().cloned().collect();
-            undo.push((name.clone(), values));
-        }
-    }
-
-    /// Adds a value to `name` (lower case; both checked by the caller).
-    pub fn add(&mut self, name: &str, value: &[u8]) {
-        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
-            self.record(&n);
-            self.headers.append(n, v);
-        }
-    }
-
-    /// Replaces the values of `name` (lower case) with `value`.
-    pub fn replace(&mut self, name: &str, value: &[u8]) {
-        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_bytes(value)) {
-            self.record(&n);
-            self.headers.insert(n, v);
-        }
-    }
-
-    /// Removes every value of `name` (lower case).
-    pub fn remove(&mut self, name: &str) {
-        if let Some(n) = header_name(name)
-            && self.headers.contains_key(&n)
-        {
-            self.record(&n);
-            self.headers.remove(&n);
-        }
-    }
-
-    /// Replaces every header with `pairs` (pseudo-headers skipped; names in lower case).
-    pub fn set_all(&mut self, pairs: &[(String, Vec<u8>)]) {
-        let pairs: Vec<(HeaderName, HeaderValue)> = pairs
-            .iter()
-            .filter(|(n, _)| !n.starts_with(':'))
-            .filter_map(|(n, v)| Some((header_name(n)?, HeaderValue::from_bytes(v).ok()?)))
-            .collect();
-        if self.undo.is_some() {
-            let names: Vec<HeaderName> = self
-                .headers
-                .keys()
-                .chain(pairs.iter().map(|(n, _)| n))
-                .cloned()
-                .collect();
-            for n in &names {
-                self.record(n);
-            }
-        }
-        self.headers.clear();
-        for (n, v) in pairs {
-            self.headers.append(n, v);
-        }
-    }
-}
-
-/// Puts back what the changes recorded in `undo` replaced, latest first.
-pub(crate) fn undo(headers: &mut HeaderMap, undo: &mut Undo) {
-    while let Some((name, values)) = undo.pop() {
-        headers.remove(&name);
-        for v in values {
-            headers.append(name.clone(), v);
         }
     }
 }
@@ -511,6 +391,25 @@ mod tests {
 
     fn all(h: &Headers) -> Vec<(String, Vec<u8>)> {
         h.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect()
+    }
+
+    #[test]
+    fn pseudo_headers_go_in_front_of_the_clients_in_their_buffers() {
+        let client = (b"acceptx/yx-a1".to_vec(), vec![(6, 9), (12, 13)]);
+        let h = Headers::with_pseudo(
+            &[(":method", &[b"GET"]), (":path", &[b"/a", b"?", b"q=1"])],
+            client,
+        );
+        assert_eq!(
+            all(&h),
+            [
+                (":method".to_owned(), b"GET".to_vec()),
+                (":path".to_owned(), b"/a?q=1".to_vec()),
+                ("accept".to_owned(), b"x/y".to_vec()),
+                ("x-a".to_owned(), b"1".to_vec()),
+            ]
+        );
+        assert_eq!(h.changed().count(), 0);
     }
 
     #[test]
@@ -560,53 +459,6 @@ mod tests {
         );
         assert_eq!(h.values_before("x-b").collect::<Vec<_>>(), [b"2"]);
         assert_eq!(h.values_before("x-a").collect::<Vec<_>>(), [b"1", b"3"]);
-    }
-
-    #[test]
-    fn response_edits_are_undone_latest_first() {
-        let mut res = HeaderMap::new();
-        res.insert("x-a", HeaderValue::from_static("1"));
-        res.append("x-a", HeaderValue::from_static("2"));
-        res.insert("content-type", HeaderValue::from_static("text/plain"));
-        let before = res.clone();
-        let mut log = Undo::new();
-        let mut e = ResponseEdit {
-            headers: &mut res,
-            undo: Some(&mut log),
-        };
-        e.add("x-new", b"yes");
-        e.replace("x-a", b"one");
-        e.add("x-a", b"two");
-        e.remove("content-type");
-        e.remove("x-none");
-        assert_eq!(
-            res.get_all("x-a").iter().collect::<Vec<_>>(),
-            ["one", "two"]
-        );
-        assert!(res.get("content-type").is_none());
-        undo(&mut res, &mut log);
-        assert_eq!(res, before);
-        let mut e = ResponseEdit {
-            headers: &mut res,
-            undo: Some(&mut log),
-        };
-        e.set_all(&[("x-z".to_owned(), b"9".to_vec())]);
-        assert_eq!(res.len(), 1);
-        undo(&mut res, &mut log);
-        assert_eq!(res, before);
-        assert_eq!(
-            response_value(200, &res, ":status").as_deref(),
-            Some(&b"200"[..])
-        );
-        assert_eq!(
-            response_value(200, &res, "x-a").as_deref(),
-            Some(&b"1, 2"[..])
-        );
-        let bytes = serialize_response(200, &res);
-        assert_eq!(bytes.len(), serialized_response_len(200, &res));
-        let pairs = super::super::abi::deserialize_map(&bytes).unwrap();
-        assert_eq!(pairs[0], (":status".to_owned(), b"200".to_vec()));
-        assert_eq!(pairs.len(), 4);
     }
 
     #[test]

@@ -15,10 +15,9 @@ use wasmer::{
     TypedFunction, Value,
 };
 
-use http::HeaderMap;
-
 use super::abi::{self, Pairs, errno, status};
-use super::headers::{self, Headers, ResponseEdit, Undo};
+use super::headers::Headers;
+use super::response::{self, ResponseEdit, ResponseFields, Undo};
 use super::{PluginUse, engine::PAGE};
 
 /// What the current callback may read and change.
@@ -43,7 +42,10 @@ pub(crate) enum ResponseView {
     #[default]
     None,
     /// A response headers callback: the headers the client gets, changed in place.
-    Edit { status: u16, headers: HeaderMap },
+    Edit {
+        status: u16,
+        headers: ResponseFields,
+    },
     /// A response body callback: the headers the client got.
     Seen(Arc<ResponseHead>),
 }
@@ -51,7 +53,7 @@ pub(crate) enum ResponseView {
 /// A response's status and headers, as its body callbacks see them.
 pub(crate) struct ResponseHead {
     pub status: u16,
-    pub headers: HeaderMap,
+    pub headers: ResponseFields,
 }
 
 /// The body a body callback sees (`HTTP_REQUEST_BODY` or `HTTP_RESPONSE_BODY`): what the host
@@ -447,9 +449,9 @@ impl Vm {
 
     /// Puts back what the current call changed in the response headers, when it recorded that
     /// (a `fail_open` plugin).
-    pub fn undo(&mut self, headers: &mut HeaderMap) {
+    pub fn undo(&mut self, headers: &mut ResponseFields) {
         if let Some(u) = &mut self.env.as_mut(&mut self.store).undo {
-            headers::undo(headers, u);
+            response::undo(headers, u);
         }
     }
 
@@ -593,28 +595,28 @@ fn body_limit(state: &HostState) -> Option<usize> {
 /// A header map in view.
 enum MapRef<'a> {
     Request(&'a Headers),
-    Response(u16, &'a HeaderMap),
+    Response(u16, &'a ResponseFields),
 }
 
 impl MapRef<'_> {
     fn serialize(&self) -> Vec<u8> {
         match self {
             MapRef::Request(h) => h.serialize(),
-            MapRef::Response(s, h) => headers::serialize_response(*s, h),
+            MapRef::Response(s, h) => response::serialize_response(*s, h),
         }
     }
 
     fn serialized_len(&self) -> usize {
         match self {
             MapRef::Request(h) => h.serialized_len(),
-            MapRef::Response(s, h) => headers::serialized_response_len(*s, h),
+            MapRef::Response(s, h) => response::serialized_response_len(*s, h),
         }
     }
 
     fn joined(&self, name: &str) -> Option<Vec<u8>> {
         match self {
             MapRef::Request(h) => h.joined(name),
-            MapRef::Response(s, h) => headers::response_value(*s, h, name),
+            MapRef::Response(s, h) => response::response_value(*s, h, name),
         }
     }
 }

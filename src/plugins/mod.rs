@@ -29,11 +29,13 @@ mod body;
 mod engine;
 mod headers;
 mod host;
+mod response;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
+use actix_http::header as ax;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::{IntCounterVec, Opts};
@@ -43,10 +45,12 @@ pub use engine::{CompileError, PAGE, is_cached};
 use headers::Headers;
 pub use host::VmError;
 use host::{Props, PropsOf, ResponseHead, ResponseView, Vm};
+pub use response::ResponseFields;
 
 use crate::decide::Incoming;
 use crate::policy::ClientHeaders;
 use crate::wire::StaticResponse;
+use crate::wire::headers::HeaderSink;
 
 /// Default instruction budget of one call into a plugin.
 pub const DEFAULT_MAX_INSTRUCTIONS: u64 = 10_000_000;
@@ -356,30 +360,26 @@ fn failed(u: &PluginUse, route: &str, hook: &str, e: &VmError) -> Outcome {
     }
 }
 
-/// Runs each plugin's `on_request_headers` on the client's headers, in order.
+/// Runs each plugin's `on_request_headers` on the client's headers, in order. Their map is
+/// made in `client`'s buffers (room for a usual edit is worth leaving in them).
 pub fn on_request(
     plugins: &[Arc<PluginUse>],
     info: &RequestInfo<'_>,
-    client: &ClientHeaders,
+    client: ClientHeaders,
 ) -> (PluginRun, Outcome) {
     let inc = info.incoming;
-    // Room for the usual request's headers (as `ClientHeaders` guesses) and a plugin's usual
-    // edit or two, without a pass over them.
-    let n = client.iter().size_hint().0;
-    let mut headers = Headers::with_capacity(
-        n + 5,
-        n * 48 + 128 + inc.path.len() + inc.query.map_or(0, str::len) + inc.host.len(),
+    let path: &[&[u8]] = match inc.query {
+        Some(q) => &[inc.path.as_bytes(), b"?", q.as_bytes()],
+        None => &[inc.path.as_bytes()],
+    };
+    let headers = Headers::with_pseudo(
+        &[
+            (":method", &[inc.method.as_bytes()]),
+            (":path", path),
+            (":authority", &[inc.host.as_bytes()]),
+        ],
+        client.into_parts(),
     );
-    headers.push_lower(":method", inc.method.as_bytes());
-    match inc.query {
-        Some(q) => headers.push_parts(":path", &[inc.path.as_bytes(), b"?", q.as_bytes()]),
-        None => headers.push_lower(":path", inc.path.as_bytes()),
-    }
-    headers.push_lower(":authority", inc.host.as_bytes());
-    for (n, v) in client.iter() {
-        // HTTP parsers give names in lower case.
-        headers.push_lower(n, v);
-    }
     let headers = Arc::new(headers);
     let props = Arc::new(Props::new(&PropsOf {
         method: inc.method,
@@ -489,12 +489,11 @@ impl PluginRun {
     /// The response body's way through the plugins that read it, in reverse order, seeing
     /// `status` and `headers` as the client gets them. The filter owns this run: the contexts
     /// end (`on_log` …) when the body does. `Err` gives the run back when no plugin reads it.
-    /// The filter takes `headers` (what the client got already); they stay when `Err`.
     pub fn into_response_body(
         self,
         limit: u64,
         status: u16,
-        headers: &mut HeaderMap,
+        headers: impl Into<ResponseFields>,
     ) -> Result<BodyFilter, PluginRun> {
         let readers = self
             .active
@@ -506,7 +505,7 @@ impl PluginRun {
         };
         let seen = Arc::new(ResponseHead {
             status,
-            headers: std::mem::take(headers),
+            headers: headers.into(),
         });
         Ok(filter.owning(self, seen))
     }
@@ -523,7 +522,8 @@ impl PluginRun {
     /// are removed, headers whose values they changed or added are set to their values. Only
     /// the names they changed are looked at, and only those whose values are not the client's:
     /// a plugin that "replaces" a header with the client's value leaves what the gateway set.
-    pub fn apply_edits(&self, upstream: &mut HeaderMap) {
+    /// `upstream` is an `http` 1.x map or the list an HTTP/1.1 head is written from.
+    pub fn apply_edits(&self, upstream: &mut impl HeaderSink) {
         let h = &self.headers;
         for name in h.changed() {
             // Usually a name the client did not send: then it changed when it has values now,
@@ -542,13 +542,9 @@ impl PluginRun {
             };
             let mut values = now.filter_map(|v| HeaderValue::from_bytes(v).ok());
             match (values.next(), values.next()) {
-                (None, _) => {
-                    upstream.remove(&n);
-                }
+                (None, _) => upstream.remove(&n),
                 // One value (the usual): the name moves into the map, not copied.
-                (Some(v), None) => {
-                    upstream.insert(n, v);
-                }
+                (Some(v), None) => upstream.insert(n, v),
                 (Some(first), Some(second)) => {
                     upstream.remove(&n);
                     for v in [first, second].into_iter().chain(values) {
@@ -563,6 +559,36 @@ impl PluginRun {
     /// the client would get, changing the headers in place (a plugin that fails open has its
     /// changes undone).
     pub fn on_response(&self, route: &str, status: u16, headers: &mut HeaderMap) -> Outcome {
+        let mut fields = ResponseFields::Map(std::mem::take(headers));
+        let out = self.on_response_fields(route, status, &mut fields);
+        if let ResponseFields::Map(m) = fields {
+            *headers = m;
+        }
+        out
+    }
+
+    /// [`PluginRun::on_response`] on a head in the client side's types, as a list.
+    pub fn on_response_list(
+        &self,
+        route: &str,
+        status: u16,
+        fields: &mut Vec<(ax::HeaderName, ax::HeaderValue)>,
+    ) -> Outcome {
+        let mut list = ResponseFields::List(std::mem::take(fields));
+        let out = self.on_response_fields(route, status, &mut list);
+        if let ResponseFields::List(l) = list {
+            *fields = l;
+        }
+        out
+    }
+
+    /// [`PluginRun::on_response`] on either shape of the response's fields.
+    fn on_response_fields(
+        &self,
+        route: &str,
+        status: u16,
+        headers: &mut ResponseFields,
+    ) -> Outcome {
         for a in self.active.iter().rev() {
             // The headers go into the call (and come back) only when the instance is there.
             let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {

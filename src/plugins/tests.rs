@@ -95,7 +95,7 @@ pub(super) fn request(plugins: &[Arc<PluginUse>]) -> (PluginRun, Outcome) {
         route: "orders",
         config_sha: "abc123",
     };
-    on_request(plugins, &info, &client())
+    on_request(plugins, &info, client())
 }
 
 pub(super) fn is_continue(o: &Outcome) -> bool {
@@ -338,6 +338,44 @@ fn a_trap_in_on_response_headers_fails_closed_or_goes_on() {
     assert!(is_continue(&run.on_response("orders", 200, &mut h)));
     assert_eq!(errors("trap-res-open", "trap"), 1);
     assert_eq!(h, before);
+
+    // The same on a head in the client's types (a list, as the gateway's HTTP/1.1 client parses
+    // a head only plugins edit): the same values again.
+    let open = plugin(
+        "trap-res-open-list",
+        &body,
+        OnError::FailOpen,
+        Limits::default(),
+    );
+    let (run, _) = request(&[open]);
+    let field = |n: &'static str, v: &'static str| {
+        (
+            actix_http::header::HeaderName::from_static(n),
+            actix_http::header::HeaderValue::from_static(v),
+        )
+    };
+    let before = vec![
+        field("user-agent", "upstream"),
+        field("x-drop", "1"),
+        field("user-agent", "again"),
+    ];
+    let mut l = before.clone();
+    assert!(is_continue(&run.on_response_list("orders", 200, &mut l)));
+    assert_eq!(errors("trap-res-open-list", "trap"), 1);
+    let values = |l: &[(
+        actix_http::header::HeaderName,
+        actix_http::header::HeaderValue,
+    )],
+                  n: &str| {
+        l.iter()
+            .filter(|(m, _)| m.as_str() == n)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(l.len(), before.len());
+    for n in ["user-agent", "x-drop"] {
+        assert_eq!(values(&l, n), values(&before, n), "{n}");
+    }
 }
 
 #[test]

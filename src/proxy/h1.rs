@@ -397,7 +397,8 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
             UpstreamHead::Http(parts)
         }
         HeadShape::Client => {
-            let mut list = Vec::with_capacity(n);
+            // Room for a field or two a plugin adds (it edits this list in place).
+            let mut list = Vec::with_capacity(n + 2);
             spans.fill(&fields, &mut list)?;
             UpstreamHead::Client {
                 status,

@@ -30,6 +30,7 @@ use http::uri::PathAndQuery;
 use super::listener::{Busy, ConnState};
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
+use crate::plugins::ResponseFields;
 use crate::policy::ClientHeaders;
 use crate::proxy::ForwardError;
 use crate::proxy::body::{
@@ -639,14 +640,19 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
     }
 }
 
-/// The client's request headers as the policy sees them (only built for routes with a policy):
-/// those `inbound` keeps.
+/// The client's request headers as the policy and the WASM plugins see them (only built for
+/// routes with either): those `inbound` keeps.
 fn client_headers(req: &HttpRequest, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
-    req.headers()
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .filter(|(n, _)| inbound.keeps(n))
-        .collect()
+    let n = req.headers().len();
+    // Sized once (a filtered iterator would grow it from nothing): room for the usual request's
+    // headers, and for the plugins' pseudo-headers and a usual edit, as their map reuses it.
+    let mut out = ClientHeaders::with_capacity(n + 6, n * 48 + 192);
+    for (name, v) in req.headers().iter() {
+        if inbound.keeps(name.as_str()) {
+            out.push(name.as_str(), v.as_bytes());
+        }
+    }
+    out
 }
 
 /// Framing and header checks actix does not make itself (SECURITY.md).
@@ -1120,9 +1126,9 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
 
 /// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
 /// policy's edits, then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the
-/// upgrade headers of a WebSocket handshake). When nothing edits the fields and the request
-/// goes out on the gateway's own HTTP/1.1 client, they are a list written as it is (the
-/// request's own map is then empty). `Err` names a client header that cannot be forwarded
+/// upgrade headers of a WebSocket handshake). When nothing but the plugins edits the fields
+/// and the request goes out on the gateway's own HTTP/1.1 client, they are a list written as
+/// it is (the request's own map is then empty). `Err` names a client header that cannot be forwarded
 /// (400).
 #[allow(clippy::too_many_arguments)]
 fn attempt_request(
@@ -1140,14 +1146,16 @@ fn attempt_request(
     *upstream_req.uri_mut() = uri.clone();
     let as_is = target.protocol == crate::upstream::Protocol::Http1
         && !matches!(upstream_req.body(), ProxyBody::Channel { .. })
-        && plan.plugins.is_none()
         && plan.policy.is_none()
         && ex.plugin_stop.is_none()
         && ex.trace.is_none()
         && !websocket;
     let room = req.headers().len() + crate::proxy::headers::GATEWAY_FIELDS;
     if as_is {
-        let list = upstream_headers(req, ex, route, target, HeaderList::with_capacity(room))?;
+        let mut list = upstream_headers(req, ex, route, target, HeaderList::with_capacity(room))?;
+        if let Some(p) = &plan.plugins {
+            p.apply_edits(&mut list);
+        }
         return Ok((upstream_req, Some(list)));
     }
     let mut headers =
@@ -1477,14 +1485,15 @@ impl From<HttpResponse> for Relay {
 }
 
 /// Whether the response head goes to the client as the upstream sent it, but for the
-/// forwarding rules ([`relay_client_head`]): nothing reads or edits it on the way.
+/// forwarding rules ([`relay_client_head`]) and the route's plugins' edits: no header rule,
+/// policy, gRPC status or protocol switch reads or edits it on the way.
 fn relays_head_as_is(
     ex: &Exchange,
     route: &Route,
     plan: &decide::Forward,
     websocket: bool,
 ) -> bool {
-    !websocket && !ex.grpc && route.response_headers.is_empty() && !plan.edits_response()
+    !websocket && !ex.grpc && route.response_headers.is_empty() && !plan.policy_edits_response()
 }
 
 /// Turns the upstream's response into the client's, streaming the body. `tunnel_in` is the
@@ -1499,15 +1508,34 @@ fn client_response(
     tunnel_in: Option<actix_web::dev::Payload>,
 ) -> Relay {
     let UpstreamResponse { head, body } = resp;
-    // The head in the client's types is relayed as it is; any other is read and edited first.
-    let (mut out, status, declared, mut parts) = match head {
-        UpstreamHead::Client { status, fields }
+    let reads_body = plan
+        .plugins
+        .as_ref()
+        .is_some_and(|p| p.reads_response_body());
+    // The head in the client's types is relayed as it is, edited in place by the plugins; any
+    // other is read and edited first.
+    let (mut out, status, declared, seen) = match head {
+        UpstreamHead::Client { status, mut fields }
             if status != http::StatusCode::SWITCHING_PROTOCOLS
                 && tunnel_in.is_none()
                 && relays_head_as_is(&ex, route, plan, false) =>
         {
-            let (out, declared) = relay_client_head(status, fields, &ex);
-            (out, status.as_u16(), declared, None)
+            // What the upstream sent decides these, as for an edited head.
+            let dropped = connection_dropped(&fields);
+            let mut framed = None;
+            if let Some(p) = &plan.plugins {
+                // A plugin may remove `Content-Length`; the body is still the upstream's length.
+                framed = Some(declared_length(&fields));
+                if let ResponsePlan::Replace(r) =
+                    decide::plugins_on_response_list(p, &route.name, status.as_u16(), &mut fields)
+                {
+                    return answer(&ex, state, r).into();
+                }
+            }
+            // The body's plugins see the fields as the client gets them: a copy, when one reads.
+            let seen = reads_body.then(|| ResponseFields::List(fields.clone()));
+            let (out, declared) = relay_client_head(status, fields, &dropped, &ex);
+            (out, status.as_u16(), framed.unwrap_or(declared), seen)
         }
         head => {
             let mut parts = head.into_http();
@@ -1521,7 +1549,8 @@ fn client_response(
             if let (Some(payload), 101) = (tunnel_in, status) {
                 return websocket_tunnel(ex, state, route, out, &mut parts, payload).into();
             }
-            (out, status, declared, Some(parts))
+            let seen = reads_body.then(|| ResponseFields::Map(std::mem::take(&mut parts.headers)));
+            (out, status, declared, seen)
         }
     };
 
@@ -1545,14 +1574,10 @@ fn client_response(
         return out.finish().into();
     }
     let trailers = ex.trailers.clone();
-    if let Some(parts) = &mut parts
-        && plan
-            .plugins
-            .as_ref()
-            .is_some_and(|p| p.reads_response_body())
+    if let Some(seen) = seen
         && let Some(run) = plan.plugins.take()
     {
-        match run.into_response_body(route.max_body_size, status, &mut parts.headers) {
+        match run.into_response_body(route.max_body_size, status, seen) {
             Ok(filter) => {
                 let body = UpstreamBody::new(body, BodySize::Stream, route.read_timeout, None)
                     .with_trailers(trailers);
@@ -1685,20 +1710,33 @@ fn relay_headers(
     own_headers(out, &mut values, ex);
 }
 
-/// [`relay_headers`] for a head already in the client's types: its fields are moved, not
-/// copied. Also returns its declared `Content-Length`.
-fn relay_client_head(
-    status: http::StatusCode,
-    fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
-    ex: &Exchange,
-) -> (HttpResponseBuilder, Option<u64>) {
-    let dropped = connection_tokens(
+/// The names a head in the client's types drops: its `Connection` tokens.
+fn connection_dropped(fields: &[(ax::HeaderName, ax::HeaderValue)]) -> Vec<String> {
+    connection_tokens(
         fields
             .iter()
             .filter(|(n, _)| *n == ax::CONNECTION)
             .map(|(_, v)| v.as_bytes()),
     )
-    .unwrap_or_default();
+    .unwrap_or_default()
+}
+
+/// The `Content-Length` a head in the client's types declares.
+fn declared_length(fields: &[(ax::HeaderName, ax::HeaderValue)]) -> Option<u64> {
+    fields
+        .iter()
+        .rfind(|(n, _)| *n == ax::CONTENT_LENGTH)
+        .and_then(|(_, v)| v.to_str().ok()?.parse::<u64>().ok())
+}
+
+/// [`relay_headers`] for a head already in the client's types: its fields are moved, not
+/// copied. Also returns the `Content-Length` it declares (`dropped`: [`connection_dropped`]).
+fn relay_client_head(
+    status: http::StatusCode,
+    fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
+    dropped: &[String],
+    ex: &Exchange,
+) -> (HttpResponseBuilder, Option<u64>) {
     let mut declared = None;
     let mut out = HttpResponseBuilder::new(status_code(status.as_u16()));
     for (name, value) in fields {

@@ -519,8 +519,8 @@ fn response_body(
     else {
         return Ok(body.clone());
     };
-    // The filter takes the headers it is given; the client gets `headers`.
-    match run.into_response_body(route.max_body_size, status, &mut headers.clone()) {
+    // The filter takes a copy of the headers; the client gets `headers`.
+    match run.into_response_body(route.max_body_size, status, headers.clone()) {
         Ok(mut filter) => filter.chunk(body.clone(), true),
         Err(run) => {
             plan.plugins = Some(run);
