@@ -209,7 +209,7 @@ pub(super) async fn request(
 
 /// A response whose body a plugin reads, its head ready but not yet sent.
 pub(super) struct Response {
-    pub ex: Exchange,
+    pub ex: Box<Exchange>,
     pub out: actix_web::HttpResponseBuilder,
     pub status: u16,
     pub body: UpstreamBody,
