@@ -558,29 +558,6 @@ mod tests {
                 ])
             },
         ];
-        let same_view = |map: &ResponseFields, list: &ResponseFields| {
-            assert_eq!(serialize_response(200, map), serialize_response(200, list));
-            assert_eq!(
-                serialized_response_len(200, list),
-                serialize_response(200, list).len()
-            );
-            assert_eq!(map.len(), list.len());
-            for n in [
-                "x-a",
-                "set-cookie",
-                "content-type",
-                "x-new",
-                "x-z",
-                "x-other",
-                "x-none",
-            ] {
-                assert_eq!(
-                    response_value(200, map, n),
-                    response_value(200, list, n),
-                    "{n}"
-                );
-            }
-        };
         let names = [
             "x-a",
             "set-cookie",
@@ -588,7 +565,23 @@ mod tests {
             "x-new",
             "x-z",
             "x-other",
+            "x-none",
         ];
+        let same_view = |map: &ResponseFields, list: &ResponseFields| {
+            assert_eq!(serialize_response(200, map), serialize_response(200, list));
+            assert_eq!(
+                serialized_response_len(200, list),
+                serialize_response(200, list).len()
+            );
+            assert_eq!(map.len(), list.len());
+            for n in names {
+                assert_eq!(
+                    response_value(200, map, n),
+                    response_value(200, list, n),
+                    "{n}"
+                );
+            }
+        };
         same_view(&map, &list);
         for (i, step) in steps.iter().enumerate() {
             // Each step undone (as for a failing `fail_open` plugin): the same values again,
