@@ -381,6 +381,8 @@ pub(crate) struct ClientIo {
     state: Rc<ConnState>,
     info: Rc<ConnInfo>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The task the timer last registered a wake-up for, while it has not fired since.
+    timer_wakes: Option<Waker>,
     timed_out: bool,
     _guard: ConnGuard,
 }
@@ -439,16 +441,35 @@ impl ClientIo {
     }
 
     /// Which deadline has passed, if one has; keeps the timer's wake-up registered otherwise.
-    /// The clock is read only when the timer fires (see the module doc).
+    /// The clock is read only when the timer fires (see the module doc). The timer is polled
+    /// only when it has fired or this task is not the one it wakes: polling it on every read
+    /// registered the same wake-up again each time.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<Expired> {
         let timer = match &mut self.timer {
-            Some(t) => t,
+            Some(t) => {
+                if !t.is_elapsed()
+                    && self
+                        .timer_wakes
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    return None;
+                }
+                t
+            }
             None => {
                 let (at, _) = self.state.deadline()?;
                 let at = at.min(Instant::now() + self.state.shortest_wait());
                 self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
             }
         };
+        if !self
+            .timer_wakes
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.timer_wakes = Some(cx.waker().clone());
+        }
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             let latest = now + self.state.shortest_wait();
@@ -611,6 +632,7 @@ pub(crate) fn client_io(
         )),
         info: Rc::new(info),
         timer: None,
+        timer_wakes: None,
         timed_out: false,
         _guard: guard,
     }
