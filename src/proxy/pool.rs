@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -176,9 +177,9 @@ impl LocalPool {
                     .map(|r| r.map(UpstreamIncoming::Hyper).into()),
             }
         });
-        match tokio::time::timeout(opts.timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(SendFailure {
+        match within(opts.timeout, attempt).await {
+            Some(r) => r,
+            None => Err(SendFailure {
                 error: ForwardError::Timeout(opts.timeout),
                 request: None,
             }),
@@ -704,6 +705,29 @@ where
     Ok(H1Conn { send: sender, read })
 }
 
+/// `fut`'s output, or `None` once `timeout` has passed first: `tokio::time::timeout`, except
+/// that the timer is polled only when it has fired or when the task it wakes is not this one
+/// (`Timeout` polls it again, registering the same wake-up, whenever `fut` is pending).
+async fn within<F: Future>(timeout: Duration, fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let mut fut = fut;
+    let mut timer = std::pin::pin!(tokio::time::sleep(timeout));
+    let mut wakes: Option<Waker> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let same_task = wakes.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        if !same_task {
+            wakes = Some(cx.waker().clone());
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 /// Opens an HTTP/2 connection (h2c with prior knowledge without `tls`); the connection task
 /// runs on the current worker.
 async fn connect_h2(addr: &str, tls: Option<&TargetTls>, timeout: Duration) -> H2Result {
@@ -726,4 +750,84 @@ where
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+    use std::time::Duration;
+
+    use super::within;
+
+    #[tokio::test]
+    async fn within_gives_the_output_of_a_future_that_ends_in_time() {
+        let fut = pin!(async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            7
+        });
+        assert_eq!(within(Duration::from_secs(5), fut).await, Some(7));
+    }
+
+    /// Pending again and again in the same task: the timer is polled once, and must fire.
+    #[tokio::test]
+    async fn within_ends_a_future_that_keeps_waking_its_task_but_never_ends() {
+        let restless = pin!(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
+        let bounded = within(Duration::from_millis(50), restless);
+        let out = tokio::time::timeout(Duration::from_secs(10), bounded).await;
+        assert_eq!(out.ok(), Some(None::<()>));
+    }
+
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Polled from another task, the timer wakes that one.
+    #[tokio::test]
+    async fn within_wakes_the_task_that_polled_it_last() {
+        let never = pin!(std::future::pending::<()>());
+        let mut bounded = pin!(within(Duration::from_millis(30), never));
+        let (a, b) = (
+            Arc::new(Wakes(AtomicUsize::new(0))),
+            Arc::new(Wakes(AtomicUsize::new(0))),
+        );
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        assert!(
+            bounded
+                .as_mut()
+                .poll(&mut Context::from_waker(&wa))
+                .is_pending()
+        );
+        assert!(
+            bounded
+                .as_mut()
+                .poll(&mut Context::from_waker(&wb))
+                .is_pending()
+        );
+        for _ in 0..1000 {
+            if b.0.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            b.0.load(Ordering::SeqCst),
+            1,
+            "the last task polling is woken"
+        );
+        assert_eq!(a.0.load(Ordering::SeqCst), 0, "the task before it is not");
+        let ready = bounded.as_mut().poll(&mut Context::from_waker(&wb));
+        assert!(matches!(ready, Poll::Ready(None)));
+    }
 }
