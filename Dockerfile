@@ -22,8 +22,10 @@ RUN apt-get update \
  && rustup target add "${TARGET}"
 WORKDIR /src
 
-# Dependencies first: a stub crate with the real manifest, lock file and build script.
+# Dependencies first: a stub crate with the real manifest, lock file and build script, and the
+# crates it has beside it (crates/fastmem: the static build's memcpy and kin).
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY crates ./crates
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

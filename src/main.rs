@@ -17,6 +17,11 @@ use rustygate::telemetry::{LogFormat, init_logging};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The static musl build takes its `memcpy`, `memmove`, `memcmp` and `bcmp` from
+/// here: musl's copy and compare short pieces byte by byte (see crates/fastmem).
+#[cfg(target_env = "musl")]
+use fastmem as _;
+
 /// `rustygate --version`: the package version, the git commit and the date it was built from
 /// (see build.rs; the commit is `unknown` for a build from a tree without git metadata).
 const VERSION: &str = concat!(
