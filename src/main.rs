@@ -17,7 +17,7 @@ use rustygate::telemetry::{LogFormat, init_logging};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The static musl build takes its `memcpy`, `memmove`, `memcmp` and `bcmp` from
+/// The static x86_64 musl build takes its `memcpy`, `memmove`, `memcmp` and `bcmp` from
 /// here: musl's copy and compare short pieces byte by byte (see crates/fastmem).
 #[cfg(target_env = "musl")]
 use fastmem as _;
