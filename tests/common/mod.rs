@@ -548,7 +548,20 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     /// Starts `rustygate serve` with `args` (after `serve`) and `envs`, and waits for `/healthz`.
+    /// The ports are free when picked, but another test may bind one before the gateway does:
+    /// a gateway that exits on `Address already in use` is started again on new ports.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
+        for _ in 0..4 {
+            match Self::try_start(args, envs) {
+                Ok(gw) => return gw,
+                Err(logs) if logs.contains("Address already in use") => continue,
+                Err(logs) => panic!("{logs}"),
+            }
+        }
+        Self::try_start(args, envs).unwrap_or_else(|logs| panic!("{logs}"))
+    }
+
+    fn try_start(args: &[&str], envs: &[(&str, &str)]) -> Result<GatewayProcess, String> {
         let listen = format!("127.0.0.1:{}", dead_port());
         let admin = format!("127.0.0.1:{}", dead_port());
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"));
@@ -594,15 +607,18 @@ impl GatewayProcess {
         });
         if let Ok(Some(status)) = child.try_wait() {
             std::thread::sleep(Duration::from_millis(100));
-            panic!("rustygate exited with {status}:\n{}", logs.lock().unwrap());
+            return Err(format!(
+                "rustygate exited with {status}:\n{}",
+                logs.lock().unwrap()
+            ));
         }
         assert!(up, "rustygate did not come up");
-        GatewayProcess {
+        Ok(GatewayProcess {
             child,
             listen,
             admin,
             logs,
-        }
+        })
     }
 
     /// One replica per id of the repository at `url` (`--poll 0`, `--replica-id`), each with
