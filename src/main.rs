@@ -13,14 +13,12 @@ use rustygate::server::ServeOptions;
 use rustygate::telemetry::{LogFormat, init_logging};
 
 /// mimalloc: the request path allocates small, short-lived buffers on every worker thread, which
-/// glibc malloc serves measurably slower (see bench/README.md).
+/// glibc malloc serves measurably slower (see bench/README.md); through crates/fastmem, which
+/// asks it for an alignment only when `malloc`'s would not do. The static x86_64 musl build also
+/// takes its `memcpy`, `memmove`, `memcmp` and `bcmp` from there: musl's copy and compare short
+/// pieces byte by byte.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The static x86_64 musl build takes its `memcpy`, `memmove`, `memcmp` and `bcmp` from
-/// here: musl's copy and compare short pieces byte by byte (see crates/fastmem).
-#[cfg(target_env = "musl")]
-use fastmem as _;
+static GLOBAL: fastmem::Mimalloc = fastmem::Mimalloc;
 
 /// `rustygate --version`: the package version, the git commit and the date it was built from
 /// (see build.rs; the commit is `unknown` for a build from a tree without git metadata).

@@ -1,4 +1,5 @@
-//! `memcpy`, `memmove`, `memcmp` and `bcmp` for RustyGate's static musl build.
+//! The memory functions under RustyGate: the global allocator ([`Mimalloc`], every build) and
+//! `memcpy`, `memmove`, `memcmp` and `bcmp` for the static musl build.
 //!
 //! musl's x86_64 `memcpy` moves single bytes up to an 8-byte boundary and after the last whole
 //! word, around a `rep movsq` that takes tens of cycles to start (its `memmove` copies forward
@@ -23,6 +24,10 @@
 //! `no_builtins`: LLVM must not turn these loops back into calls to the functions they define.
 #![no_builtins]
 #![cfg_attr(not(test), no_std)]
+
+mod allocator;
+
+pub use allocator::Mimalloc;
 
 #[cfg(target_arch = "x86_64")]
 mod wide {
