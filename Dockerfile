@@ -23,7 +23,7 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependencies first: a stub crate with the real manifest, lock file and build script, and the
-# crates it has beside it (crates/fastmem: the static build's memcpy and kin).
+# crates it has beside it (crates/fastmem: the global allocator, the static build's memcpy).
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY crates ./crates
 RUN mkdir -p src benches \
