@@ -34,6 +34,7 @@ pub struct Backend {
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Backend {
@@ -59,7 +60,7 @@ impl Backend {
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accepted = Arc::clone(&connections);
         // The backend runs on its own thread and runtime, so tests of any flavour can use it.
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -96,6 +97,7 @@ impl Backend {
             addr,
             connections,
             stop: Some(stop),
+            thread: Some(thread),
         }
     }
 
@@ -154,10 +156,16 @@ impl Backend {
     }
 }
 
+/// Returns once the listener is closed: a connection made after the drop is refused, never
+/// accepted by a backend on its way out and then closed (a test that stops a target once saw a
+/// request written to it that way, and a 502).
 impl Drop for Backend {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
