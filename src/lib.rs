@@ -6,6 +6,11 @@
 //! ```
 //! Modules are listed in the order data flows through them.
 
+// On x86_64 musl, whatever links this library (the binary, its tests) takes `memcpy`, `memmove`,
+// `memcmp` and `bcmp` from crates/fastmem: musl's copy and compare short pieces byte by byte.
+#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
+use fastmem as _;
+
 pub mod compile;
 pub mod config;
 pub mod decide;
