@@ -402,7 +402,10 @@ mod tests {
         unsafe extern "C" {
             fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8;
         }
-        assert_eq!(memcpy as usize, symbols::memcpy as usize);
+        assert_eq!(
+            memcpy as *const () as usize,
+            symbols::memcpy as *const () as usize
+        );
         let v = pattern(1000);
         let w = v.clone();
         assert_eq!(v, w);
