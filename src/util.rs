@@ -32,3 +32,24 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
         v4 => v4,
     }
 }
+
+/// Polls `timer` for `cx`'s task, but only when it has fired or when `wakes` (the task its
+/// wake-up was last registered for) is another task; otherwise answers `Pending` at once.
+/// Polling a pending timer again for the same task registers the same wake-up again, which is
+/// most of what a poll costs, and a future polled on every read or every wake-up of its task
+/// (a connection's deadline, an attempt's timeout) would pay it each time.
+pub fn poll_timer(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    wakes: &mut Option<std::task::Waker>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future;
+    let same_task = wakes.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+    if same_task && !timer.is_elapsed() {
+        return std::task::Poll::Pending;
+    }
+    if !same_task {
+        *wakes = Some(cx.waker().clone());
+    }
+    timer.poll(cx)
+}

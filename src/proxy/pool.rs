@@ -706,8 +706,8 @@ where
 }
 
 /// `fut`'s output, or `None` once `timeout` has passed first: `tokio::time::timeout`, except
-/// that the timer is polled only when it has fired or when the task it wakes is not this one
-/// (`Timeout` polls it again, registering the same wake-up, whenever `fut` is pending).
+/// that the timer is polled only when it has fired or another task polls
+/// ([`crate::util::poll_timer`]; `Timeout` polls it whenever `fut` is pending).
 async fn within<F: Future>(timeout: Duration, fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
     let mut fut = fut;
     let mut timer = std::pin::pin!(tokio::time::sleep(timeout));
@@ -716,14 +716,7 @@ async fn within<F: Future>(timeout: Duration, fut: std::pin::Pin<&mut F>) -> Opt
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        let same_task = wakes.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if same_task && !timer.is_elapsed() {
-            return Poll::Pending;
-        }
-        if !same_task {
-            wakes = Some(cx.waker().clone());
-        }
-        timer.as_mut().poll(cx).map(|()| None)
+        crate::util::poll_timer(timer.as_mut(), &mut wakes, cx).map(|()| None)
     })
     .await
 }

@@ -441,36 +441,20 @@ impl ClientIo {
     }
 
     /// Which deadline has passed, if one has; keeps the timer's wake-up registered otherwise.
-    /// The clock is read only when the timer fires (see the module doc). The timer is polled
-    /// only when it has fired or this task is not the one it wakes: polling it on every read
-    /// registered the same wake-up again each time.
+    /// The clock is read only when the timer fires (see the module doc), and the timer is
+    /// polled only when it has fired or another task reads ([`crate::util::poll_timer`]).
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<Expired> {
         let timer = match &mut self.timer {
-            Some(t) => {
-                if !t.is_elapsed()
-                    && self
-                        .timer_wakes
-                        .as_ref()
-                        .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    return None;
-                }
-                t
-            }
+            Some(t) => t,
             None => {
                 let (at, _) = self.state.deadline()?;
                 let at = at.min(Instant::now() + self.state.shortest_wait());
+                self.timer_wakes = None;
                 self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
             }
         };
-        if !self
-            .timer_wakes
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            self.timer_wakes = Some(cx.waker().clone());
-        }
-        while timer.as_mut().poll(cx).is_ready() {
+        let mut fired = crate::util::poll_timer(timer.as_mut(), &mut self.timer_wakes, cx);
+        while fired.is_ready() {
             let now = Instant::now();
             let latest = now + self.state.shortest_wait();
             let next = match self.state.deadline() {
@@ -479,6 +463,8 @@ impl ClientIo {
                 None => latest,
             };
             timer.as_mut().reset(next);
+            // Moved: polled at once, for this task, in case the new deadline has passed too.
+            fired = timer.as_mut().poll(cx);
         }
         None
     }
