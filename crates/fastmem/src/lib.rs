@@ -166,23 +166,28 @@ unsafe fn copy_short(dst: *mut u8, src: *const u8, n: usize) {
             store(dst, a);
             store(dst.add(n - 16), b);
         } else if n >= 8 {
-            let a = read_unaligned(src.cast::<u64>());
-            let b = read_unaligned(src.add(n - 8).cast::<u64>());
-            write_unaligned(dst.cast::<u64>(), a);
-            write_unaligned(dst.add(n - 8).cast::<u64>(), b);
+            copy_ends::<u64>(dst, src, n);
         } else if n >= 4 {
-            let a = read_unaligned(src.cast::<u32>());
-            let b = read_unaligned(src.add(n - 4).cast::<u32>());
-            write_unaligned(dst.cast::<u32>(), a);
-            write_unaligned(dst.add(n - 4).cast::<u32>(), b);
+            copy_ends::<u32>(dst, src, n);
         } else if n >= 2 {
-            let a = read_unaligned(src.cast::<u16>());
-            let b = read_unaligned(src.add(n - 2).cast::<u16>());
-            write_unaligned(dst.cast::<u16>(), a);
-            write_unaligned(dst.add(n - 2).cast::<u16>(), b);
+            copy_ends::<u16>(dst, src, n);
         } else if n == 1 {
             *dst = *src;
         }
+    }
+}
+
+/// The first and the last `T` of `n` bytes (`size_of::<T>() <= n <= 2 * size_of::<T>()`, so the
+/// two cover them all), both read before either is written.
+#[inline(always)]
+unsafe fn copy_ends<T>(dst: *mut u8, src: *const u8, n: usize) {
+    let last = n - size_of::<T>();
+    // SAFETY: the caller's: both accesses lie within the `n` bytes.
+    unsafe {
+        let a = read_unaligned(src.cast::<T>());
+        let b = read_unaligned(src.add(last).cast::<T>());
+        write_unaligned(dst.cast::<T>(), a);
+        write_unaligned(dst.add(last).cast::<T>(), b);
     }
 }
 
