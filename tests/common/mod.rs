@@ -559,14 +559,14 @@ impl GatewayProcess {
     /// The ports are free when picked, but another test may bind one before the gateway does:
     /// a gateway that exits on `Address already in use` is started again on new ports.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
-        for _ in 0..4 {
+        let mut retries = 0;
+        loop {
             match Self::try_start(args, envs) {
                 Ok(gw) => return gw,
-                Err(logs) if logs.contains("Address already in use") => continue,
+                Err(logs) if retries < 4 && logs.contains("Address already in use") => retries += 1,
                 Err(logs) => panic!("{logs}"),
             }
         }
-        Self::try_start(args, envs).unwrap_or_else(|logs| panic!("{logs}"))
     }
 
     fn try_start(args: &[&str], envs: &[(&str, &str)]) -> Result<GatewayProcess, String> {
