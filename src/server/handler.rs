@@ -1130,8 +1130,8 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
 /// policy's edits, then what the protocol needs (`TE: trailers` for gRPC over HTTP/2, the
 /// upgrade headers of a WebSocket handshake). When nothing but the plugins edits the fields
 /// and the request goes out on the gateway's own HTTP/1.1 client, they are a list written as
-/// it is (the request's own map is then empty). `Err` names a client header that cannot be forwarded
-/// (400).
+/// it is (the request's own map is then empty). `Err` names a client header that cannot be
+/// forwarded (400).
 #[allow(clippy::too_many_arguments)]
 fn attempt_request(
     req: &HttpRequest,
