@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use actix_web::HttpRequest;
+use actix_http::{HttpMessage as _, Request};
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::{Method, Version, header as ax};
 use base64::Engine as _;
@@ -57,7 +57,7 @@ pub enum Handshake {
 /// be forwarded as either: one with a body (actix reads everything after such a head as its
 /// payload, so a declared length would not bound it), a handshake that is not a GET, or one
 /// without a usable `Sec-WebSocket-Key`.
-pub fn handshake(req: &HttpRequest, allowed: bool) -> Result<Handshake, &'static str> {
+pub fn handshake(req: &Request, allowed: bool) -> Result<Handshake, &'static str> {
     let h = req.headers();
     let names_websocket = h
         .get_all(ax::UPGRADE)

@@ -5,7 +5,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use actix_web::{HttpRequest, HttpResponse};
+use actix_http::{HttpMessage as _, Request};
+use actix_web::HttpResponse;
 use http::{HeaderName, HeaderValue};
 
 use crate::filters::cors::CorsPolicy;
@@ -15,7 +16,7 @@ use crate::snapshot::{Route, Snapshot};
 
 /// The method a CORS preflight asks about, if this request is one (`OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method`).
-pub(crate) fn preflight_method(req: &HttpRequest) -> Option<&str> {
+pub(crate) fn preflight_method(req: &Request) -> Option<&str> {
     if req.method() != actix_web::http::Method::OPTIONS || !req.headers().contains_key("origin") {
         return None;
     }
@@ -25,14 +26,14 @@ pub(crate) fn preflight_method(req: &HttpRequest) -> Option<&str> {
         .ok()
 }
 
-fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Answers a preflight: 204 with the CORS headers, or 403 without any.
 pub(crate) fn preflight(
     cors: &CorsPolicy,
-    req: &HttpRequest,
+    req: &Request,
     method: &str,
     request_id: &HeaderValue,
 ) -> (u16, HttpResponse) {
@@ -65,7 +66,7 @@ pub(crate) fn preflight(
 }
 
 /// CORS headers for the response to an actual request on a route with CORS (always `Vary`).
-pub(crate) fn cors_headers(cors: &CorsPolicy, req: &HttpRequest) -> Vec<(HeaderName, HeaderValue)> {
+pub(crate) fn cors_headers(cors: &CorsPolicy, req: &Request) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = match header(req, "origin") {
         Some(origin) => cors.response_headers(origin),
         None => Vec::new(),
@@ -78,7 +79,7 @@ pub(crate) fn cors_headers(cors: &CorsPolicy, req: &HttpRequest) -> Vec<(HeaderN
 /// claims first, then the client's headers the route keeps. A client's own copy of an identity
 /// header, or a header with `_` that is dropped, never picks the bucket it is counted in.
 pub(crate) struct KeySource<'a> {
-    pub req: &'a HttpRequest,
+    pub req: &'a Request,
     pub inbound: &'a crate::proxy::headers::Inbound<'a>,
     pub verified: &'a [(HeaderName, HeaderValue)],
 }
@@ -193,7 +194,7 @@ pub(crate) struct Verified {
 /// on an optional route.
 pub(crate) async fn authenticate(
     auth: &crate::snapshot::RouteAuth,
-    req: &HttpRequest,
+    req: &Request,
     inbound: crate::proxy::headers::Inbound<'_>,
 ) -> Result<Option<Verified>, crate::filters::jwt::AuthError> {
     use crate::filters::jwt::{AuthError, TokenPlace, TokenPlaces, without_query_param};

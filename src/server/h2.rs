@@ -4,7 +4,7 @@
 //! ```text
 //! connection ─► hyper h2 server (SETTINGS: streams, header list, windows; PING keep-alive)
 //!   stream ─► actix Request (method, :path, :authority as Host, headers, body as a stream)
-//!          ─► proxy App ─► actix Response ─► h2 HEADERS, DATA…, trailers (from the upstream)
+//!          ─► proxy service ─► actix Response ─► h2 HEADERS, DATA…, trailers (from the upstream)
 //! ```
 //!
 //! actix-http's own HTTP/2 dispatcher cannot send trailers, which gRPC needs (`grpc-status`
@@ -29,7 +29,6 @@ use actix_http::{Payload, Request, Response};
 use actix_service::Service;
 use actix_web::HttpMessage;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
-use actix_web::dev::ServiceResponse;
 use actix_web::http as ax;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -162,17 +161,17 @@ impl Drop for StreamGuard {
 }
 
 /// Serves one HTTP/2 connection until the client closes it, it idles out, or the server stops.
-pub(crate) async fn serve<IO, App>(
+pub(crate) async fn serve<IO, S>(
     io: IO,
     peer: Option<SocketAddr>,
-    app: Rc<App>,
+    app: Rc<S>,
     settings: Settings,
     metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
     conn_ext: Option<ConnExt>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
-    App: Service<Request, Response = ServiceResponse, Error = actix_web::Error> + 'static,
+    S: Service<Request, Response = Response<BoxBody>, Error = actix_web::Error> + 'static,
 {
     let shared = Rc::new(ConnShared::new(settings.max_resets_per_second));
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
@@ -268,15 +267,15 @@ pub(crate) async fn serve<IO, App>(
 }
 
 /// One stream: the request into the application, its response back.
-async fn call<App>(
-    app: &App,
+async fn call<S>(
+    app: &S,
     req: hyper::Request<Incoming>,
     peer: Option<SocketAddr>,
     mut guard: StreamGuard,
     conn_ext: Option<&dyn Fn(&mut Request)>,
 ) -> hyper::Response<H2Body>
 where
-    App: Service<Request, Response = ServiceResponse, Error = actix_web::Error>,
+    S: Service<Request, Response = Response<BoxBody>, Error = actix_web::Error>,
 {
     let (parts, body) = req.into_parts();
     let streamed = !body.is_end_stream();
@@ -325,7 +324,7 @@ where
         f(&mut areq);
     }
     let resp: Response<BoxBody> = match app.call(areq).await {
-        Ok(sr) => sr.into_parts().1.into(),
+        Ok(resp) => resp,
         Err(e) => e.as_response_error().error_response().into(),
     };
     let (head, body) = resp.into_parts();

@@ -20,9 +20,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use actix_http::{Payload, Request};
 use actix_web::body::BodySize;
 use actix_web::http::{StatusCode, header as ax};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use actix_web::{HttpMessage, HttpResponse, HttpResponseBuilder, web};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -282,7 +283,7 @@ impl Exchange {
 
 /// Whether the request is a gRPC call (`application/grpc` or `application/grpc+<codec>`; not
 /// gRPC-Web, which is plain HTTP/1.1 to the gateway).
-fn is_grpc(req: &HttpRequest) -> bool {
+fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(ax::CONTENT_TYPE)
         .map(|v| v.as_bytes())
@@ -293,7 +294,7 @@ fn is_grpc(req: &HttpRequest) -> bool {
 }
 
 /// Whether the client's `TE` header lists `trailers`.
-fn accepts_trailers(req: &HttpRequest) -> bool {
+fn accepts_trailers(req: &Request) -> bool {
     req.headers().get_all(ax::TE).any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',').any(|t| {
@@ -386,8 +387,8 @@ fn status_code(s: u16) -> StatusCode {
 
 /// Entry point for every request on the proxy listener.
 pub(crate) async fn handle(
-    req: HttpRequest,
-    payload: web::Payload,
+    req: Request,
+    payload: Payload,
     state: web::Data<WorkerState>,
 ) -> HttpResponse {
     let started = Instant::now();
@@ -644,7 +645,7 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
 
 /// The client's request headers as the policy and the WASM plugins see them (only built for
 /// routes with either): those `inbound` keeps.
-fn client_headers(req: &HttpRequest, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
+fn client_headers(req: &Request, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
     let n = req.headers().len();
     // Sized once (a filtered iterator would grow it from nothing): room for the usual request's
     // headers, and for the plugins' pseudo-headers and a usual edit, as their map reuses it.
@@ -658,7 +659,7 @@ fn client_headers(req: &HttpRequest, inbound: crate::proxy::headers::Inbound<'_>
 }
 
 /// Framing and header checks actix does not make itself (SECURITY.md).
-fn check_request(req: &HttpRequest) -> Result<(), &'static str> {
+fn check_request(req: &Request) -> Result<(), &'static str> {
     let h = req.headers();
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         return Err("the request target must be a path");
@@ -747,7 +748,7 @@ static REG_NAME: [bool; 256] = {
     table
 };
 
-fn host_of(req: &HttpRequest) -> Option<&str> {
+fn host_of(req: &Request) -> Option<&str> {
     req.headers()
         .get(ax::HOST)
         .and_then(|v| v.to_str().ok())
@@ -818,8 +819,8 @@ impl Outgoing {
 /// request pays for moving it (+8.9k instructions per request, measured).
 async fn forward(
     mut ex: Box<Exchange>,
-    req: &HttpRequest,
-    payload: web::Payload,
+    req: &Request,
+    payload: Payload,
     state: &WorkerState,
     route: &Route,
     mut plan: decide::Forward,
@@ -852,7 +853,7 @@ async fn forward(
     }
     let (mut body, mut tunnel_in) = if websocket {
         ex.body = Some(Rc::new(BodyStats::default()));
-        (Outgoing::Empty, Some(payload.into_inner()))
+        (Outgoing::Empty, Some(payload))
     } else if let Some(filter) = plan
         .plugins
         .as_ref()
@@ -1054,8 +1055,8 @@ async fn forward(
 /// answer when the body is refused or cannot be read.
 async fn outgoing_body(
     ex: &mut Exchange,
-    req: &HttpRequest,
-    payload: web::Payload,
+    req: &Request,
+    payload: Payload,
     state: &WorkerState,
     route: &Route,
     declared_len: Option<u64>,
@@ -1066,7 +1067,7 @@ async fn outgoing_body(
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
         let (body, stats) = stream_request_body(
-            payload.into_inner(),
+            payload,
             declared_len,
             route.max_body_size,
             ex.snapshot.limits.body_idle_timeout,
@@ -1082,7 +1083,7 @@ async fn outgoing_body(
     }
     let stats = Rc::new(BodyStats::default());
     ex.body = Some(Rc::clone(&stats));
-    let mut payload = payload.into_inner();
+    let mut payload = payload;
     // Read before any attempt, so the client gets the route's timeout to send it (a streamed
     // body is bounded by the attempt's timeout the same way).
     let idle = ex.snapshot.limits.body_idle_timeout;
@@ -1101,7 +1102,7 @@ async fn outgoing_body(
 
 /// Whether the request has a body to send (a declared length over 0, chunked, or an HTTP/2
 /// stream that did not end with its headers).
-fn has_body(req: &HttpRequest, declared_len: Option<u64>) -> bool {
+fn has_body(req: &Request, declared_len: Option<u64>) -> bool {
     declared_len.is_some_and(|n| n > 0)
         || req.headers().contains_key(ax::TRANSFER_ENCODING)
         || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>())
@@ -1109,7 +1110,7 @@ fn has_body(req: &HttpRequest, declared_len: Option<u64>) -> bool {
 
 /// When the whole exchange must be over: the route's or upstream's total timeout, or a gRPC
 /// client's own deadline when it is sooner (past it the client has given up).
-fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -> Option<Instant> {
+fn deadline(route: &Route, upstream: &Upstream, req: &Request, grpc: bool) -> Option<Instant> {
     let mut deadline = route
         .total_timeout
         .or(upstream.total_timeout)
@@ -1134,7 +1135,7 @@ fn deadline(route: &Route, upstream: &Upstream, req: &HttpRequest, grpc: bool) -
 /// forwarded (400).
 #[allow(clippy::too_many_arguments)]
 fn attempt_request(
-    req: &HttpRequest,
+    req: &Request,
     ex: &Exchange,
     route: &Route,
     target: &Target,
@@ -1361,7 +1362,7 @@ fn overloaded(
 }
 
 /// The consistent-hash key of this request, if it has one.
-fn request_hash(key: &HashKey, req: &HttpRequest, ex: &Exchange) -> Option<u64> {
+fn request_hash(key: &HashKey, req: &Request, ex: &Exchange) -> Option<u64> {
     match key {
         HashKey::ClientIp => Some(match crate::util::canonical_ip(ex.client_ip) {
             IpAddr::V4(v4) => hash_bytes(&v4.octets()),
@@ -1381,7 +1382,7 @@ fn request_hash(key: &HashKey, req: &HttpRequest, ex: &Exchange) -> Option<u64> 
     }
 }
 
-fn content_length(req: &HttpRequest) -> Result<Option<u64>, ()> {
+fn content_length(req: &Request) -> Result<Option<u64>, ()> {
     match req.headers().get(ax::CONTENT_LENGTH) {
         None => Ok(None),
         Some(v) => {
@@ -1413,7 +1414,7 @@ fn convert_method(m: &actix_web::http::Method) -> http::Method {
 /// Request headers for the upstream, into `out` (see
 /// [`crate::proxy::headers::upstream_headers`]).
 fn upstream_headers<S: HeaderSink>(
-    req: &HttpRequest,
+    req: &Request,
     ex: &Exchange,
     route: &Route,
     target: &Target,
@@ -1502,12 +1503,12 @@ fn relays_head_as_is(
 /// client's payload when the request is a WebSocket handshake.
 fn client_response(
     mut ex: Box<Exchange>,
-    req: &HttpRequest,
+    req: &Request,
     state: &WorkerState,
     route: &Route,
     plan: &mut decide::Forward,
     resp: UpstreamResponse,
-    tunnel_in: Option<actix_web::dev::Payload>,
+    tunnel_in: Option<Payload>,
 ) -> Relay {
     let UpstreamResponse { head, body } = resp;
     let reads_body = plan
@@ -1614,7 +1615,7 @@ fn client_response(
 /// `Content-Length`, or the answer that replaces it.
 fn edited_head(
     ex: &mut Exchange,
-    req: &HttpRequest,
+    req: &Request,
     state: &WorkerState,
     route: &Route,
     plan: &decide::Forward,
@@ -1802,7 +1803,7 @@ fn websocket_tunnel(
     route: &Route,
     mut out: HttpResponseBuilder,
     parts: &mut http::response::Parts,
-    payload: actix_web::dev::Payload,
+    payload: Payload,
 ) -> HttpResponse {
     let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         return ex.error(502, "the upstream sent an invalid response");

@@ -83,7 +83,7 @@ pub(crate) struct TlsInfo {
 
 /// The connection facts of a request: the HTTP/1 connection's data, else the request's
 /// extensions (where the HTTP/2 server puts them). `None` only outside the proxy listeners.
-pub(crate) fn conn_info(req: &actix_web::HttpRequest) -> Option<Rc<ConnInfo>> {
+pub(crate) fn conn_info(req: &actix_http::Request) -> Option<Rc<ConnInfo>> {
     if let Some(i) = req.conn_data::<Rc<ConnInfo>>() {
         return Some(Rc::clone(i));
     }

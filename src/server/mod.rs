@@ -23,10 +23,7 @@ use std::time::Duration;
 
 use std::rc::Rc;
 
-use actix_service::{
-    IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt, fn_factory, fn_service,
-    map_config,
-};
+use actix_service::{Service, ServiceFactory, fn_factory, fn_service};
 use actix_web::{App, HttpServer, web};
 
 use crate::proxy::pool::LocalPool;
@@ -233,13 +230,11 @@ pub fn start(
             limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
             buffered: Default::default(),
         });
-        // One application per protocol, sharing the worker's state: actix-http's
-        // dispatcher calls one for HTTP/1.1, `h2::serve` the other for HTTP/2.
-        let make_app = move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(usize::MAX))
-                .default_service(web::to(tls::entry))
+        // One service per protocol, sharing the worker's state: actix-http's dispatcher calls
+        // one for HTTP/1.1, `h2::serve` the other for HTTP/2.
+        let proxy = move || {
+            let state = state.clone();
+            fn_service(move |req: actix_http::Request| tls::entry(req, state.clone()))
         };
         let signal = shutdown_signal.clone();
         let http = actix_http::HttpService::build()
@@ -263,21 +258,14 @@ pub fn start(
                 ext.insert(std::rc::Rc::clone(io.state()));
                 ext.insert(std::rc::Rc::clone(io.info()));
             })
-            .finish(map_config(
-                make_app()
-                    .into_factory()
-                    .map_err(|e: actix_web::Error| e.error_response()),
-                |_| actix_web::dev::AppConfig::default(),
-            ));
+            .finish(proxy());
         let store = Arc::clone(&proxy_store);
         let counts = Arc::clone(&counts);
         let metrics = Arc::clone(&metrics);
         let signal = shutdown_signal.clone();
         fn_factory(move || {
             let h1 = http.new_service(());
-            let h2 = make_app()
-                .into_factory()
-                .new_service(actix_web::dev::AppConfig::default());
+            let h2 = proxy().new_service(());
             let (store, counts, metrics) = (
                 Arc::clone(&store),
                 Arc::clone(&counts),

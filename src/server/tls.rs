@@ -8,9 +8,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_http::{HttpMessage as _, Request, Response};
+use actix_web::body::BoxBody;
+use actix_web::{HttpResponse, web};
 use http::HeaderValue;
 use rustls::ServerConfig;
 use sha2::{Digest, Sha256};
@@ -118,21 +121,31 @@ fn client_cert(der: &[u8]) -> Option<ClientCert> {
 }
 
 /// The proxy listeners' entry point: a `redirect_to_https` listener answers 308 to every
-/// request, the others go to the proxy handler.
+/// request, the others go to the proxy handler. actix-http's dispatchers call this for every
+/// request (no actix-web `App`: no routing, extractors or request object of its own).
 ///
-/// The handler's future is boxed here, where it is built, so that what actix-web boxes and
+/// The handler's future is boxed here, where it is built, so that what the dispatcher boxes and
 /// moves per request is a pointer rather than the whole exchange's state (kilobytes, copied
 /// with every request).
-pub(crate) fn entry(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<WorkerState>,
-) -> Pin<Box<dyn Future<Output = HttpResponse>>> {
+pub(crate) fn entry(mut req: Request, state: web::Data<WorkerState>) -> Exchanging {
     if let Some(port) = conn_info(&req).and_then(|c| c.redirect_to) {
         let resp = redirect(&req, port, &state);
-        return Box::pin(std::future::ready(resp));
+        return Exchanging(Box::pin(std::future::ready(resp)));
     }
-    in_place(|| super::handler::handle(req, payload, state))
+    let payload = req.take_payload();
+    Exchanging(in_place(|| super::handler::handle(req, payload, state)))
+}
+
+/// A request's way through the proxy, as the dispatchers take it: its response, never an
+/// error (errors are responses).
+pub(crate) struct Exchanging(Pin<Box<dyn Future<Output = HttpResponse>>>);
+
+impl Future for Exchanging {
+    type Output = Result<Response<BoxBody>, actix_web::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx).map(|resp| Ok(resp.into()))
+    }
 }
 
 /// `make()`'s future in a box allocated before it is built, so that the compiler can build it
@@ -146,7 +159,7 @@ fn in_place<F: Future<Output = HttpResponse> + 'static>(
 }
 
 /// `308` to `https://<host>[:port]<path?query>`; 400 when the request has no usable host.
-fn redirect(req: &HttpRequest, port: u16, state: &WorkerState) -> HttpResponse {
+fn redirect(req: &Request, port: u16, state: &WorkerState) -> HttpResponse {
     let started = std::time::Instant::now();
     let host = req
         .headers()

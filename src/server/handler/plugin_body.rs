@@ -126,7 +126,7 @@ impl Reader {
 /// the body is refused.
 pub(super) async fn request(
     ex: &mut Exchange,
-    payload: actix_web::web::Payload,
+    payload: actix_web::dev::Payload,
     state: &WorkerState,
     route: &Route,
     declared: Option<u64>,
@@ -137,7 +137,7 @@ pub(super) async fn request(
     let stop: Stop = Rc::default();
     ex.plugin_stop = Some(Rc::clone(&stop));
     let mut reader = Reader {
-        payload: payload.into_inner(),
+        payload,
         declared,
         limit: route.max_body_size,
         idle: ex.snapshot.limits.body_idle_timeout,

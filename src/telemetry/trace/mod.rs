@@ -260,10 +260,10 @@ impl RequestTrace {
     /// the configured propagators read, a new trace otherwise.
     pub fn start(
         cfg: &Arc<TraceConfig>,
-        req: &actix_web::HttpRequest,
+        req: &actix_http::Request,
         started: Instant,
     ) -> RequestTrace {
-        let headers = req.headers();
+        let headers = actix_http::HttpMessage::headers(req);
         let parent = propagation::extract(&cfg.propagators, |f| actix_field(headers, f));
         let trace_id = parent.map_or_else(TraceId::random, |p| p.trace_id);
         // No route's ratio can take a trace outside the largest one in: what `sampled` decides
@@ -299,18 +299,14 @@ impl RequestTrace {
     /// Decides whether this request is recorded, with the matched route's settings (`None`:
     /// no route). Later calls keep the first decision.
     #[inline]
-    pub fn decide(&self, route: Option<&RouteTrace>, req: Option<&actix_web::HttpRequest>) -> bool {
+    pub fn decide(&self, route: Option<&RouteTrace>, req: Option<&actix_http::Request>) -> bool {
         match self.sampled.get() {
             Some(s) => s,
             None => self.decide_first(route, req),
         }
     }
 
-    fn decide_first(
-        &self,
-        route: Option<&RouteTrace>,
-        req: Option<&actix_web::HttpRequest>,
-    ) -> bool {
+    fn decide_first(&self, route: Option<&RouteTrace>, req: Option<&actix_http::Request>) -> bool {
         let sampled = sampled(&self.cfg, route, self.parent, &self.trace_id);
         self.sampled.set(Some(sampled));
         let mut rec = self.rec.borrow_mut();
