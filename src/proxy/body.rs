@@ -210,6 +210,17 @@ pub enum UpstreamIncoming {
     H1(super::h1::ResponseBody),
 }
 
+impl UpstreamIncoming {
+    /// The whole body, when it is already received (see [`super::h1::ResponseBody::take_whole`]);
+    /// `None` leaves it to be streamed.
+    pub fn take_whole(&mut self) -> Option<Bytes> {
+        match self {
+            UpstreamIncoming::Hyper(_) => None,
+            UpstreamIncoming::H1(b) => b.take_whole(),
+        }
+    }
+}
+
 impl Body for UpstreamIncoming {
     type Data = Bytes;
     type Error = UpstreamBodyError;

@@ -340,34 +340,43 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
     let base = buf.as_ptr() as usize;
     let place = |s: &[u8]| {
         let start = (s.as_ptr() as usize).wrapping_sub(base);
-        (start <= len && len - start >= s.len())
-            .then_some(start..start + s.len())
+        // A head is at most MAX_HEAD bytes: its offsets fit in a u32.
+        (start <= len && len - start >= s.len() && len <= u32::MAX as usize)
+            .then_some((start as u32, (start + s.len()) as u32))
             .ok_or(H1Error::Invalid("malformed response head"))
     };
     let mut spans = Spans::new();
     for f in r.headers.iter() {
-        let name = f.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(f.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Invalid("conflicting Content-Length"));
+        // One lower-casing pass names the field for the framing rules here and for the map
+        // it goes into (no comparison per rule, no parsing of a common name).
+        let known = known_name(f.name.as_bytes());
+        match known {
+            Some(Known::ContentLength) => {
+                let n = parse_length(f.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Invalid("conflicting Content-Length"));
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // The last coding decides; several fields are one list.
-            let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= has_token(f.value, b"close");
-            if !http11 && has_token(f.value, b"keep-alive") {
-                close = false;
+            Some(Known::TransferEncoding) => {
+                // The last coding decides; several fields are one list.
+                let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
-        } else if name.eq_ignore_ascii_case(b"keep-alive")
-            && let Some(t) = super::keepalive::announced_timeout(f.value)
-        {
-            announced_idle = Some(announced_idle.map_or(t, |a| a.min(t)));
+            Some(Known::Connection) => {
+                close |= has_token(f.value, b"close");
+                if !http11 && has_token(f.value, b"keep-alive") {
+                    close = false;
+                }
+            }
+            Some(Known::KeepAlive) => {
+                if let Some(t) = super::keepalive::announced_timeout(f.value) {
+                    announced_idle = Some(announced_idle.map_or(t, |a| a.min(t)));
+                }
+            }
+            _ => {}
         }
-        spans.push(place(name)?, place(f.value)?);
+        spans.push(known, place(f.name.as_bytes())?, place(f.value)?);
     }
     let framing = match (chunked, length) {
         (Some(_), Some(_)) => {
@@ -416,13 +425,27 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
 
 /// A header map a parsed head's fields go into, named and valued by slices of the head.
 trait Fields {
-    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error>;
+    fn append_field(
+        &mut self,
+        known: Option<Known>,
+        name: &[u8],
+        value: Bytes,
+    ) -> Result<(), H1Error>;
 }
 
 impl Fields for HeaderMap {
-    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error> {
-        let name =
-            HeaderName::from_bytes(name).map_err(|_| H1Error::Invalid("invalid header name"))?;
+    fn append_field(
+        &mut self,
+        known: Option<Known>,
+        name: &[u8],
+        value: Bytes,
+    ) -> Result<(), H1Error> {
+        let name = match known {
+            Some(k) => KNOWN[k as usize].1.clone(),
+            None => {
+                HeaderName::from_bytes(name).map_err(|_| H1Error::Invalid("invalid header name"))?
+            }
+        };
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| H1Error::Invalid("invalid header value"))?;
         self.append(name, value);
@@ -431,12 +454,14 @@ impl Fields for HeaderMap {
 }
 
 impl Fields for Vec<(ax::HeaderName, ax::HeaderValue)> {
-    fn append_field(&mut self, name: &[u8], value: Bytes) -> Result<(), H1Error> {
-        let name = match COMMON_RESPONSE_NAMES
-            .iter()
-            .find(|(text, _)| name.eq_ignore_ascii_case(text.as_bytes()))
-        {
-            Some((_, n)) => n.clone(),
+    fn append_field(
+        &mut self,
+        known: Option<Known>,
+        name: &[u8],
+        value: Bytes,
+    ) -> Result<(), H1Error> {
+        let name = match known {
+            Some(k) => KNOWN[k as usize].0.clone(),
             None => ax::HeaderName::from_bytes(name)
                 .map_err(|_| H1Error::Invalid("invalid header name"))?,
         };
@@ -447,44 +472,95 @@ impl Fields for Vec<(ax::HeaderName, ax::HeaderValue)> {
     }
 }
 
-/// Names most responses carry, matched without parsing (a miss costs a length comparison each).
-/// A `static`: a `const` array of names would be built and dropped at each use.
-static COMMON_RESPONSE_NAMES: [(&str, ax::HeaderName); 8] = [
-    ("content-type", ax::CONTENT_TYPE),
-    ("content-length", ax::CONTENT_LENGTH),
-    ("date", ax::DATE),
-    ("server", ax::SERVER),
-    ("connection", ax::CONNECTION),
-    ("keep-alive", ax::HeaderName::from_static("keep-alive")),
-    ("cache-control", ax::CACHE_CONTROL),
-    ("transfer-encoding", ax::TRANSFER_ENCODING),
+/// Names most responses carry, and those the framing rules read: [`known_name`] finds them
+/// with one pass over the name, and their `HeaderName`s are taken from [`KNOWN`], not parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    ContentType,
+    ContentLength,
+    Date,
+    Server,
+    Connection,
+    KeepAlive,
+    CacheControl,
+    TransferEncoding,
+}
+
+/// The names of [`Known`], in its order, in both `http` versions. A `static`: a `const` array
+/// of names would be built and dropped at each use.
+static KNOWN: [(ax::HeaderName, HeaderName); 8] = [
+    (ax::CONTENT_TYPE, header::CONTENT_TYPE),
+    (ax::CONTENT_LENGTH, header::CONTENT_LENGTH),
+    (ax::DATE, header::DATE),
+    (ax::SERVER, header::SERVER),
+    (ax::CONNECTION, header::CONNECTION),
+    (
+        ax::HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("keep-alive"),
+    ),
+    (ax::CACHE_CONTROL, header::CACHE_CONTROL),
+    (ax::TRANSFER_ENCODING, header::TRANSFER_ENCODING),
 ];
 
-type Span = std::ops::Range<usize>;
+/// Which [`Known`] name `name` is, in any case.
+fn known_name(name: &[u8]) -> Option<Known> {
+    // As long as the longest known name: a longer one is none of them.
+    let mut lower = [0u8; 17];
+    let lower = lower.get_mut(..name.len())?;
+    for (l, b) in lower.iter_mut().zip(name) {
+        *l = b.to_ascii_lowercase();
+    }
+    Some(match &*lower {
+        b"content-type" => Known::ContentType,
+        b"content-length" => Known::ContentLength,
+        b"date" => Known::Date,
+        b"server" => Known::Server,
+        b"connection" => Known::Connection,
+        b"keep-alive" => Known::KeepAlive,
+        b"cache-control" => Known::CacheControl,
+        b"transfer-encoding" => Known::TransferEncoding,
+        _ => return None,
+    })
+}
 
-/// The fields of a head being parsed: where each name and value lies in the head. Most heads
-/// have a few fields, held on the stack; more go to the heap.
+/// Where a field's name and value lie in the head (offsets: a head is at most [`MAX_HEAD`]
+/// bytes), and which known name it has.
+#[derive(Clone, Copy)]
+struct Span {
+    known: Option<Known>,
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// The fields of a head being parsed. Most heads have a few fields, held on the stack; more go
+/// to the heap.
 struct Spans {
-    few: [(Span, Span); FEW_FIELDS],
+    few: [Span; FEW_FIELDS],
     len: usize,
-    more: Vec<(Span, Span)>,
+    more: Vec<Span>,
 }
 
 const FEW_FIELDS: usize = 16;
 
 impl Spans {
     fn new() -> Spans {
+        const NONE: Span = Span {
+            known: None,
+            name: (0, 0),
+            value: (0, 0),
+        };
         Spans {
-            few: [const { (0..0, 0..0) }; FEW_FIELDS],
+            few: [NONE; FEW_FIELDS],
             len: 0,
             more: Vec::new(),
         }
     }
 
-    fn push(&mut self, name: Span, value: Span) {
+    fn push(&mut self, known: Option<Known>, name: (u32, u32), value: (u32, u32)) {
+        let span = Span { known, name, value };
         match self.few.get_mut(self.len) {
-            Some(slot) => *slot = (name, value),
-            None => self.more.push((name, value)),
+            Some(slot) => *slot = span,
+            None => self.more.push(span),
         }
         self.len += 1;
     }
@@ -496,8 +572,9 @@ impl Spans {
     /// Appends the fields, in the order they came, to `map`.
     fn fill(&self, head: &Bytes, map: &mut impl Fields) -> Result<(), H1Error> {
         let few = &self.few[..self.len.min(FEW_FIELDS)];
-        for (name, value) in few.iter().chain(&self.more) {
-            map.append_field(&head[name.clone()], head.slice(value.clone()))?;
+        let range = |(start, end): (u32, u32)| start as usize..end as usize;
+        for s in few.iter().chain(&self.more) {
+            map.append_field(s.known, &head[range(s.name)], head.slice(range(s.value)))?;
         }
         Ok(())
     }
@@ -547,6 +624,23 @@ impl ResponseBody {
         {
             pool.checkin_own(&self.checkin.key, conn, idle);
         }
+    }
+
+    /// The whole body when all of it is already in the buffer (a `Content-Length` body that
+    /// came with its head, as most small ones do): taken at once, and the connection goes
+    /// back to the pool as after the last read. `None` leaves the body as it was.
+    pub fn take_whole(&mut self) -> Option<Bytes> {
+        let Framing::Length(left) = self.framing else {
+            return None;
+        };
+        let conn = self.conn.as_mut()?;
+        let left = usize::try_from(left)
+            .ok()
+            .filter(|&n| n <= conn.buf.len())?;
+        let data = conn.buf.split_to(left).freeze();
+        self.framing = Framing::Length(0);
+        self.end_if_done();
+        Some(data)
     }
 
     fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
@@ -1139,6 +1233,30 @@ mod tests {
                 "0".repeat(55)
             )
         );
+    }
+
+    /// Known names are found in any case, and only whole: a name that starts or ends like one
+    /// is another field.
+    #[test]
+    fn known_names_are_matched_whole_in_any_case() {
+        for (name, known) in [
+            (&b"Content-Length"[..], Some(Known::ContentLength)),
+            (b"TRANSFER-ENCODING", Some(Known::TransferEncoding)),
+            (b"keep-ALIVE", Some(Known::KeepAlive)),
+            (b"date", Some(Known::Date)),
+            (b"content-lengths", None),
+            (b"content-lengt", None),
+            (b"transfer-encodings", None),
+            (b"x-content-type", None),
+            (b"", None),
+        ] {
+            assert_eq!(known_name(name), known, "{}", String::from_utf8_lossy(name));
+        }
+        for (k, (ax_name, name)) in KNOWN.iter().enumerate() {
+            assert_eq!(ax_name.as_str(), name.as_str());
+            let known = known_name(name.as_str().to_ascii_uppercase().as_bytes());
+            assert_eq!(known.map(|k| k as usize), Some(k), "{name}");
+        }
     }
 
     /// A head parsed into the client's types holds what the `http` one holds.

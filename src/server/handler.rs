@@ -1510,7 +1510,7 @@ fn client_response(
     resp: UpstreamResponse,
     tunnel_in: Option<Payload>,
 ) -> Relay {
-    let UpstreamResponse { head, body } = resp;
+    let UpstreamResponse { head, mut body } = resp;
     let reads_body = plan
         .plugins
         .as_ref()
@@ -1595,6 +1595,12 @@ fn client_response(
             }
             Err(run) => plan.plugins = Some(run),
         }
+    }
+    // A body already received whole (most small ones come with their head) goes out as bytes
+    // with the head: nothing left to stream, so the exchange is recorded now.
+    if let Some(whole) = body.take_whole() {
+        ex.emit(status, whole.len() as u64, Ok(()));
+        return out.body(whole).into();
     }
     let size = match declared {
         Some(n) => BodySize::Sized(n),
