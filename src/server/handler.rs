@@ -1582,6 +1582,9 @@ fn client_response(
     {
         match run.into_response_body(route.max_body_size, status, seen) {
             Ok(filter) => {
+                if let Some(data) = body.take_whole() {
+                    return plugin_body::whole(&ex, out, status, data, filter).into();
+                }
                 let body = UpstreamBody::new(body, BodySize::Stream, route.read_timeout, None)
                     .with_trailers(trailers);
                 return Relay::ThroughPlugins(Box::new(plugin_body::Response {

@@ -207,6 +207,27 @@ pub(super) async fn request(
     Ok(Outgoing::Once(Some(ProxyBody::Channel { rx, len: None })))
 }
 
+/// A response body that came whole with its head ([`UpstreamIncoming::take_whole`]), through
+/// the plugins that read it in one last call: what [`Response::send`] does for a body read to
+/// its end, without a stream to poll.
+///
+/// [`UpstreamIncoming::take_whole`]: crate::proxy::body::UpstreamIncoming::take_whole
+pub(super) fn whole(
+    ex: &Exchange,
+    mut out: actix_web::HttpResponseBuilder,
+    status: u16,
+    data: Bytes,
+    mut filter: BodyFilter,
+) -> HttpResponse {
+    match filter.chunk(data, true) {
+        Ok(whole) => {
+            ex.emit(status, whole.len() as u64, Ok(()));
+            out.body(whole)
+        }
+        Err(s) => stopped(ex, &s, false),
+    }
+}
+
 /// A response whose body a plugin reads, its head ready but not yet sent.
 pub(super) struct Response {
     pub ex: Box<Exchange>,
