@@ -134,13 +134,13 @@ impl AccessLine<'_> {
         out.extend_from_slice(b"{\"timestamp\":\"");
         timestamp(out, now);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"request_id\":");
-        string(out, self.request_id);
+        plain(out, self.request_id);
         out.extend_from_slice(b",\"client_ip\":\"");
         crate::util::push_ip(out, self.client_ip);
         out.extend_from_slice(b"\",\"method\":");
-        string(out, self.method);
+        plain(out, self.method);
         out.extend_from_slice(b",\"protocol\":");
-        string(out, self.protocol);
+        plain(out, self.protocol);
         out.extend_from_slice(b",\"host\":");
         string(out, self.host);
         out.extend_from_slice(b",\"path\":");
@@ -152,7 +152,7 @@ impl AccessLine<'_> {
         out.extend_from_slice(b",\"upstream_target\":");
         string(out, self.upstream_target);
         out.extend_from_slice(b",\"scheme\":");
-        string(out, self.scheme);
+        plain(out, self.scheme);
         out.extend_from_slice(b",\"status\":");
         number(out, u64::from(self.status));
         out.extend_from_slice(b",\"duration_ms\":");
@@ -166,15 +166,15 @@ impl AccessLine<'_> {
         } else {
             b",\"completed\":false,\"error\":"
         });
-        string(out, self.error);
+        plain(out, self.error);
         out.extend_from_slice(b",\"grpc_status\":");
         string(out, self.grpc_status);
         out.extend_from_slice(b",\"config_version\":");
         string(out, self.config_version);
         out.extend_from_slice(b",\"trace_id\":");
-        string(out, self.trace_id);
+        plain(out, self.trace_id);
         out.extend_from_slice(b",\"span_id\":");
-        string(out, self.span_id);
+        plain(out, self.span_id);
         out.extend_from_slice(b",\"target\":\"rustygate::access\"}\n");
     }
 }
@@ -194,6 +194,21 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
         b'0' + (frac / 10 % 10) as u8,
         b'0' + (frac % 10) as u8,
     ]);
+}
+
+/// A JSON string whose text never needs escaping, written without [`string`]'s scan. It is for
+/// the request id (a valid `X-Request-Id` is `[A-Za-z0-9._:-]`, a generated one hex), the
+/// method (an HTTP token), static text (protocol, scheme, error) and hex trace ids. The log's
+/// other fields may hold anything a client or a config sends, and go through [`string`].
+fn plain(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(
+        !s.bytes()
+            .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f)),
+        "{s:?} needs escaping"
+    );
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
 }
 
 /// A JSON string: quotes, and `"`, `\` and control characters escaped (RFC 8259 §7).
