@@ -278,15 +278,8 @@ impl Response {
                     );
                     return ex.error(502, "the upstream's response broke off");
                 }
-                None => {
-                    return match filter.chunk(Bytes::new(), true) {
-                        Ok(whole) => {
-                            ex.emit(status, whole.len() as u64, Ok(()));
-                            out.body(whole)
-                        }
-                        Err(s) => stopped(&ex, &s, false),
-                    };
-                }
+                // The end, with nothing more: the plugins' last call is an empty one.
+                None => return whole(&ex, out, status, Bytes::new(), filter),
             }
         };
         let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
