@@ -409,3 +409,46 @@ fn the_default_idle_timeout_is_below_a_node_upstreams_keep_alive() {
         "default idle_timeout {idle:?}"
     );
 }
+
+/// An upstream that writes more than its `Content-Length` after the body (here, a second,
+/// forged response in the same write): the client gets the declared body only, and the
+/// connection is not reused, so the extra bytes are never read as the next request's response.
+/// The body arrives with its head, as a small one usually does (the path that takes it whole).
+#[test]
+fn bytes_past_the_declared_length_are_never_read_as_the_next_response() {
+    const REPLY: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=60\r\n\r\nok\
+        HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                // Every request on the connection gets the same over-long answer.
+                let mut first = [0u8; 1];
+                while matches!(s.read(&mut first), Ok(1)) {
+                    if read_request(&mut s, first[0]).is_none() || s.write_all(REPLY).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (gw, _dir) = gateway(&url, "", "");
+    let addr = gw.addr.to_string();
+    for i in 0..3 {
+        // Time for a reusable connection to go back to the pool.
+        std::thread::sleep(Duration::from_millis(50));
+        let (status, body) = http(&addr, "GET", "/x", &[], b"").unwrap();
+        assert_eq!((status, body.as_str()), (200, "ok"), "request #{i}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        3,
+        "a connection with bytes left over was reused"
+    );
+}
