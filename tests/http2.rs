@@ -675,3 +675,54 @@ fn curl_and_h2load_speak_http2_to_the_gateway() {
         );
     }
 }
+
+/// A graceful stop: a stream in flight finishes, and both the busy and the idle connection are
+/// closed right after, not at the end of the grace period (30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_lets_the_stream_in_flight_finish_and_closes_the_connections() {
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let be = Backend::start(move |req: Request<Incoming>| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = arrived_tx.send(());
+                tokio::time::sleep(Duration::from_millis(800)).await;
+            }
+            Response::new(full("ok"))
+        }
+    });
+    let gw = Gateway::start(&as_refs(&proxy_to(&[be.url()], "", "")));
+    let (mut busy, busy_conn) = connect(gw.addr).await;
+    let (mut idle, idle_conn) = connect(gw.addr).await;
+    for tx in [&mut busy, &mut idle] {
+        let r = whole(tx.send_request(get("/")).await.unwrap()).await;
+        assert_eq!(r.status, 200);
+    }
+
+    let slow = tokio::spawn(async move {
+        let resp = busy.send_request(get("/slow")).await.unwrap();
+        whole(resp).await
+    });
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the slow request reached the backend");
+    let stopping = gw.stop_gracefully();
+
+    let r = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the stream in flight finished")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"ok");
+    for (name, conn) in [("idle", idle_conn), ("busy", busy_conn)] {
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .unwrap_or_else(|_| panic!("the {name} connection was left open"))
+            .unwrap();
+    }
+    // New connections are refused once the stop has begun.
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+    tokio::task::spawn_blocking(move || stopping.join().unwrap())
+        .await
+        .unwrap();
+}

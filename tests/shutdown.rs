@@ -92,10 +92,14 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("slow answer"), "{answer}");
 
-    // The idle keep-alive connection is closed rather than kept for the whole grace period.
-    idle.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-    let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
-    assert!(closed, "idle keep-alive connection left open");
+    // The idle keep-alive connection is closed at once rather than kept for the whole grace
+    // period (10 s): a read that times out means it is still open.
+    idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("idle keep-alive connection left open: {other:?}"),
+    }
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let exit = loop {

@@ -6,6 +6,7 @@
 
 mod admin;
 mod api;
+mod drain;
 mod edge;
 mod h2;
 mod handler;
@@ -236,7 +237,8 @@ pub fn start(
             let state = state.clone();
             fn_service(move |req: actix_http::Request| tls::entry(req, state.clone()))
         };
-        let signal = shutdown_signal.clone();
+        // This worker's graceful shutdown, for its HTTP/1.1 and HTTP/2 connections.
+        let drain = drain::Drain::new(shutdown_signal.clone());
         let http = actix_http::HttpService::build()
             // `ClientIo` times the idle between requests (see `listener`).
             .keep_alive(if keep_alive.is_zero() {
@@ -250,9 +252,9 @@ pub fn start(
             // its upstream connection and its place under the upstream's limits.
             .h1_allow_half_closed(false)
             .local_addr(local)
-            .graceful_shutdown_signal(move || {
-                let signal = signal.clone();
-                async move { signal.notified().await }
+            .graceful_shutdown_signal({
+                let drain = drain.clone();
+                move || drain.started()
             })
             .on_connect_ext(|io: &listener::ClientIo, ext| {
                 ext.insert(std::rc::Rc::clone(io.state()));
@@ -262,7 +264,6 @@ pub fn start(
         let store = Arc::clone(&proxy_store);
         let counts = Arc::clone(&counts);
         let metrics = Arc::clone(&metrics);
-        let signal = shutdown_signal.clone();
         fn_factory(move || {
             let h1 = http.new_service(());
             let h2 = proxy().new_service(());
@@ -271,19 +272,19 @@ pub fn start(
                 Arc::clone(&counts),
                 Arc::clone(&metrics),
             );
-            let (signal, kind, name) = (signal.clone(), kind.clone(), Arc::clone(&name));
+            let (drain, kind, name) = (drain.clone(), kind.clone(), Arc::clone(&name));
             async move {
                 let h1 = Rc::new(h1.await.map_err(|_| ())?);
                 let h2 = Rc::new(h2.await.map_err(|_| ())?);
                 Ok::<_, ()>(fn_service(move |io: tokio::net::TcpStream| {
                     let admitted = listener::admit(io, &store, &counts, &metrics);
                     let settings = h2_settings(&store, keep_alive);
-                    let (h1, h2, store, metrics, signal, kind, name) = (
+                    let (h1, h2, store, metrics, drain, kind, name) = (
                         Rc::clone(&h1),
                         Rc::clone(&h2),
                         Arc::clone(&store),
                         Arc::clone(&metrics),
-                        signal.clone(),
+                        drain.clone(),
                         kind.clone(),
                         Arc::clone(&name),
                     );
@@ -343,7 +344,7 @@ pub fn start(
                                 h2,
                                 settings,
                                 &metrics,
-                                async move { signal.notified().await },
+                                drain.started(),
                                 Some(conn_ext),
                             )
                             .await;

@@ -381,6 +381,21 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Starts a graceful stop (the grace period of the gateway's options) from another thread,
+    /// which ends when the gateway has stopped.
+    pub fn stop_gracefully(&self) -> std::thread::JoinHandle<()> {
+        let handles = self.handles.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(handles.stop(true));
+        })
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         // Stop from a plain thread: the test itself may be running inside a tokio runtime.
