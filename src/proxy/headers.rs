@@ -78,18 +78,20 @@ pub fn connection_tokens<'a>(
 ) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for v in values {
-        let Ok(s) = std::str::from_utf8(v) else {
-            return Err("Connection header is not valid text".into());
-        };
-        for token in s.split(',') {
-            let t = token.trim();
+        // Split as bytes: most values say only `keep-alive` or `close`, and no text is made for
+        // them. Any byte outside ASCII lands in a token that is neither, and is refused there.
+        for token in v.split(|&b| b == b',') {
+            let t = token.trim_ascii();
             if t.is_empty()
-                || t.eq_ignore_ascii_case("close")
-                || t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
             {
                 continue;
             }
-            // Only the names to drop are copied (most Connection headers say only keep-alive).
+            let Ok(t) = std::str::from_utf8(t) else {
+                return Err("Connection header is not valid text".into());
+            };
+            // Only the names to drop are copied.
             let t = t.to_ascii_lowercase();
             if GATEWAY_SET.contains(&t.as_str()) || t.starts_with("x-forwarded-") {
                 return Err(format!(
@@ -418,6 +420,28 @@ mod tests {
             connection_tokens([b"keep-alive, X-Secret".as_slice()].into_iter()).unwrap(),
             vec!["x-secret".to_string()]
         );
+    }
+
+    #[test]
+    fn connection_tokens_are_split_trimmed_and_lower_cased_across_values() {
+        let values = [
+            b"Keep-Alive".as_slice(),
+            b" CLOSE ,\tX-A , ,x-b".as_slice(),
+            b"".as_slice(),
+            b"Upgrade".as_slice(),
+        ];
+        assert_eq!(
+            connection_tokens(values.into_iter()).unwrap(),
+            vec!["x-a", "x-b", "upgrade"]
+        );
+        assert!(
+            connection_tokens([b"keep-alive".as_slice(), b"close".as_slice()].into_iter())
+                .unwrap()
+                .is_empty()
+        );
+        // A byte that is not text, even beside `keep-alive`, is refused.
+        assert!(connection_tokens([b"keep-alive, x-\xff".as_slice()].into_iter()).is_err());
+        assert!(connection_tokens([b"keep-alive\xff".as_slice()].into_iter()).is_err());
     }
 
     #[test]
