@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
-use super::listener::{Busy, ConnState};
+use super::listener::{Busy, ConnInfo, ConnState};
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
 use crate::plugins::ResponseFields;
@@ -88,6 +88,8 @@ struct Exchange {
     /// Keeps the connection's head timeout off until this request is done (absent when
     /// served outside the proxy listener).
     busy: Option<Busy>,
+    /// The connection's facts (TLS, listener), looked up once per request.
+    conn: Option<Rc<ConnInfo>>,
     /// `http` or `https`, for the access log.
     scheme: &'static str,
     /// A gRPC call (`content-type: application/grpc…`): the gateway's own errors are answered
@@ -390,6 +392,7 @@ pub(crate) async fn handle(
     req: Request,
     payload: Payload,
     state: web::Data<WorkerState>,
+    conn: Option<Rc<ConnInfo>>,
 ) -> HttpResponse {
     let started = Instant::now();
     let snapshot = state.store.load();
@@ -408,7 +411,7 @@ pub(crate) async fn handle(
         heads.get_all(&AX_FORWARDED_FOR).map(|v| v.as_bytes()),
         &snapshot.client_ip,
     );
-    let raw_host = host_of(&req);
+    let (host, host_check) = host_of(&req);
     let trace = snapshot
         .tracing
         .as_ref()
@@ -423,9 +426,7 @@ pub(crate) async fn handle(
         client_ip: client,
         method: req.method().clone(),
         version: req.version(),
-        host: raw_host
-            .map(|h| normalize_host(h).into_owned())
-            .unwrap_or_default(),
+        host,
         path: req.uri().path().to_owned(),
         route: None,
         upstream: None,
@@ -440,7 +441,8 @@ pub(crate) async fn handle(
         slot: None,
         buffered: None,
         busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
-        scheme: super::listener::conn_info(&req).map_or("http", |c| c.scheme()),
+        scheme: conn.as_ref().map_or("http", |c| c.scheme()),
+        conn,
         grpc: is_grpc(&req),
         grpc_status: None,
         trailers: req.extensions().get::<Trailers>().cloned(),
@@ -449,7 +451,7 @@ pub(crate) async fn handle(
     });
     state.recorder.metrics().in_flight.inc();
 
-    if let Err(why) = check_request(&req) {
+    if let Err(why) = check_request(&req).and(host_check) {
         return ex.error(400, why);
     }
     let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
@@ -670,17 +672,64 @@ fn check_request(req: &Request) -> Result<(), &'static str> {
     if h.get_all(ax::CONTENT_LENGTH).count() > 1 {
         return Err("more than one Content-Length header");
     }
-    let mut hosts = h.get_all(ax::HOST);
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => Err("more than one Host header"),
+    Ok(())
+}
+
+/// The host the request is routed by (see [`routing_host`]), with what is wrong with its `Host`
+/// fields, if anything: checked after [`check_request`]. A refused request still logs the
+/// host it named, as [`normalize_host`] keys it.
+fn host_of(req: &Request) -> (String, Result<(), &'static str>) {
+    let mut hosts = req.headers().get_all(ax::HOST);
+    let (first, check) = match (hosts.next(), hosts.next()) {
+        (Some(one), None) => match routing_host(one.as_bytes()) {
+            Some(host) => return (host, Ok(())),
+            None => (Some(one), Err("the Host header is not a valid host[:port]")),
+        },
+        (Some(first), Some(_)) => (Some(first), Err("more than one Host header")),
         (None, _) if req.version() == actix_web::http::Version::HTTP_11 => {
-            Err("HTTP/1.1 requests need a Host header")
+            (None, Err("HTTP/1.1 requests need a Host header"))
         }
-        (Some(host), None) if !valid_host(host.as_bytes()) => {
-            Err("the Host header is not a valid host[:port]")
+        (None, _) => (None, Ok(())),
+    };
+    let host = first
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(|h| normalize_host(h).into_owned())
+        .unwrap_or_default();
+    (host, check)
+}
+
+/// A valid `Host` value (see [`valid_host`]) keyed as [`normalize_host`] keys it: lower-cased,
+/// without the port and a trailing dot. A registered name, by far the most common, is checked
+/// and copied in one pass. `None` when the value is not a valid host.
+fn routing_host(h: &[u8]) -> Option<String> {
+    if h.first() == Some(&b'[') {
+        if !valid_host(h) {
+            return None;
         }
-        _ => Ok(()),
+        return std::str::from_utf8(h)
+            .ok()
+            .map(|s| normalize_host(s).into_owned());
     }
+    let end = h
+        .iter()
+        .position(|&b| !REG_NAME[usize::from(b)])
+        .unwrap_or(h.len());
+    let (name, port) = h.split_at(end);
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    if name.is_empty() || !port_ok {
+        return None;
+    }
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    Some(
+        name.iter()
+            .map(|&b| char::from(b.to_ascii_lowercase()))
+            .collect(),
+    )
 }
 
 /// `host [ ":" port ]` of RFC 9110 §7.2: a registered name (unreserved, percent-encoded and
@@ -747,13 +796,6 @@ static REG_NAME: [bool; 256] = {
     }
     table
 };
-
-fn host_of(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(ax::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().host())
-}
 
 /// A new request id, for the upstream's request and for the client's response (one buffer).
 fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
@@ -1422,8 +1464,7 @@ fn upstream_headers<S: HeaderSink>(
 ) -> Result<S, String> {
     let peer = req.peer_addr().map(|a| a.ip());
     let h = req.headers();
-    let conn = super::listener::conn_info(req);
-    let tls = conn.as_ref().and_then(|c| c.tls.as_ref());
+    let tls = ex.conn.as_ref().and_then(|c| c.tls.as_ref());
     // The trace context's `traceparent` is written by the connection, not kept here.
     crate::proxy::headers::forwarded_headers(
         || h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
@@ -1832,7 +1873,7 @@ fn websocket_tunnel(
 
 #[cfg(test)]
 mod tests {
-    use super::{Buffered, grpc_code, grpc_timeout, upstream_uri, valid_host};
+    use super::{Buffered, grpc_code, grpc_timeout, routing_host, upstream_uri, valid_host};
     use std::rc::Rc;
     use std::time::Duration;
 
@@ -1915,8 +1956,17 @@ mod tests {
             "xn--bcher-kva.example",
             "under_score.internal",
             "example.com:",
+            "Example.COM.:443",
+            "[2001:DB8::A]:8443",
+            "a.",
         ] {
             assert!(valid_host(ok.as_bytes()), "{ok} should be valid");
+            // Checked and keyed in one pass, as the two steps do it.
+            assert_eq!(
+                routing_host(ok.as_bytes()).as_deref(),
+                Some(&*crate::router::normalize_host(ok)),
+                "{ok}"
+            );
         }
         for bad in [
             "",
@@ -1935,6 +1985,7 @@ mod tests {
             "example.com:80:90",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?} should be refused");
+            assert_eq!(routing_host(bad.as_bytes()), None, "{bad:?}");
         }
     }
 }

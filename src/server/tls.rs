@@ -128,12 +128,15 @@ fn client_cert(der: &[u8]) -> Option<ClientCert> {
 /// moves per request is a pointer rather than the whole exchange's state (kilobytes, copied
 /// with every request).
 pub(crate) fn entry(mut req: Request, state: web::Data<WorkerState>) -> Exchanging {
-    if let Some(port) = conn_info(&req).and_then(|c| c.redirect_to) {
+    let conn = conn_info(&req);
+    if let Some(port) = conn.as_ref().and_then(|c| c.redirect_to) {
         let resp = redirect(&req, port, &state);
         return Exchanging(Box::pin(std::future::ready(resp)));
     }
     let payload = req.take_payload();
-    Exchanging(in_place(|| super::handler::handle(req, payload, state)))
+    Exchanging(in_place(|| {
+        super::handler::handle(req, payload, state, conn)
+    }))
 }
 
 /// A request's way through the proxy, as the dispatchers take it: its response, never an
