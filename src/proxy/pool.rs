@@ -15,9 +15,10 @@
 //! of opening their own. A closed connection is dropped and the next request opens a new one.
 
 use std::cell::RefCell;
+use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -28,6 +29,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 
 use super::ForwardError;
 use super::body::{ProxyBody, UpstreamIncoming};
@@ -82,11 +84,19 @@ pub struct LocalPool {
     /// Connections of the request-task client (requests whose body is in hand).
     own: RefCell<HashMap<PoolKey, Vec<IdleOwn>>>,
     h2: RefCell<HashMap<PoolKey, H2Slot>>,
+    /// The attempts' timers, kept for the next attempts (see [`LocalPool::within`]).
+    timers: RefCell<Vec<Pin<Box<Sleep>>>>,
 }
+
+/// Timers kept per worker: as many as attempts ran at once, up to this.
+const KEPT_TIMERS: usize = 1024;
 
 /// How one attempt is made.
 #[derive(Clone, Copy)]
 pub struct SendOptions<'a> {
+    /// When the attempt was sent: its `timeout` and the pool's idle deadlines count from then
+    /// (one clock read for the attempt rather than one for each).
+    pub started: Instant,
     pub connect_timeout: Duration,
     /// Time allowed until the response head, connecting included.
     pub timeout: Duration,
@@ -177,7 +187,8 @@ impl LocalPool {
                     .map(|r| r.map(UpstreamIncoming::Hyper).into()),
             }
         });
-        match within(opts.timeout, attempt).await {
+        let deadline = opts.started + opts.timeout;
+        match self.within(deadline.into(), attempt).await {
             Some(r) => r,
             None => Err(SendFailure {
                 error: ForwardError::Timeout(opts.timeout),
@@ -200,7 +211,7 @@ impl LocalPool {
             let pooled = if fresh {
                 None
             } else {
-                self.checkout_own(&target.pool_key)
+                self.checkout_own(&target.pool_key, opts.started)
             };
             let reused = pooled.is_some();
             let conn = match pooled {
@@ -402,10 +413,10 @@ impl LocalPool {
         }
     }
 
-    fn checkout_own(&self, key: &PoolKey) -> Option<h1::Conn> {
+    /// A pooled connection still usable at `now`.
+    fn checkout_own(&self, key: &PoolKey, now: Instant) -> Option<h1::Conn> {
         let mut idle = self.own.borrow_mut();
         let list = idle.get_mut(key)?;
-        let now = Instant::now();
         while let Some(i) = list.pop() {
             if now < i.expires && i.conn.is_usable() {
                 return Some(i.conn);
@@ -705,20 +716,76 @@ where
     Ok(H1Conn { send: sender, read })
 }
 
-/// `fut`'s output, or `None` once `timeout` has passed first: `tokio::time::timeout`, except
-/// that the timer is polled only when it has fired or another task polls
-/// ([`crate::util::poll_timer`]; `Timeout` polls it whenever `fut` is pending).
-async fn within<F: Future>(timeout: Duration, fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
-    let mut fut = fut;
-    let mut timer = std::pin::pin!(tokio::time::sleep(timeout));
-    let mut wakes: Option<Waker> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
+impl LocalPool {
+    /// `fut`'s output, or `None` once `deadline` has passed first: `tokio::time::timeout_at`,
+    /// except for two things.
+    /// - The timer is polled only when it has fired or another task polls
+    ///   ([`crate::util::poll_timer`]; `Timeout` polls it whenever `fut` is pending).
+    /// - The timer is one the worker kept from an earlier attempt, set to the new deadline. A
+    ///   new tokio timer is entered into the timer wheel on its first poll and taken out when
+    ///   dropped (about 600 instructions per attempt); a kept one that is still entered, set
+    ///   later, only has its deadline raised, and is moved in the wheel when the old one comes.
+    async fn within<F: Future>(
+        &self,
+        deadline: tokio::time::Instant,
+        fut: Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let mut fut = fut;
+        let mut timer = Lent::new(&self.timers, deadline);
+        let mut wakes: Option<Waker> = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            match timer.sleep.as_mut() {
+                Some(sleep) => {
+                    crate::util::poll_timer(sleep.as_mut(), &mut wakes, cx).map(|()| None)
+                }
+                // Taken only when the attempt ends.
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// A worker's timer, lent to one attempt and given back when the attempt ends.
+struct Lent<'a> {
+    kept: &'a RefCell<Vec<Pin<Box<Sleep>>>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<'a> Lent<'a> {
+    fn new(kept: &'a RefCell<Vec<Pin<Box<Sleep>>>>, deadline: tokio::time::Instant) -> Self {
+        let taken = kept.borrow_mut().pop();
+        let sleep = match taken {
+            Some(mut s) => {
+                s.as_mut().reset(deadline);
+                s
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        Lent {
+            kept,
+            sleep: Some(sleep),
         }
-        crate::util::poll_timer(timer.as_mut(), &mut wakes, cx).map(|()| None)
-    })
-    .await
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let Some(mut sleep) = self.sleep.take() else {
+            return;
+        };
+        // It would wake the attempt's task when its deadline comes: it wakes nobody instead.
+        if !sleep.is_elapsed() {
+            let _ = sleep.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        }
+        let mut kept = self.kept.borrow_mut();
+        if kept.len() < KEPT_TIMERS {
+            kept.push(sleep);
+        }
+    }
 }
 
 /// Opens an HTTP/2 connection (h2c with prior knowledge without `tls`); the connection task
@@ -754,7 +821,11 @@ mod tests {
     use std::task::{Context, Poll, Wake, Waker};
     use std::time::Duration;
 
-    use super::within;
+    use super::LocalPool;
+
+    fn after(d: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::now() + d
+    }
 
     #[tokio::test]
     async fn within_gives_the_output_of_a_future_that_ends_in_time() {
@@ -762,7 +833,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             7
         });
-        assert_eq!(within(Duration::from_secs(5), fut).await, Some(7));
+        let pool = LocalPool::default();
+        assert_eq!(
+            pool.within(after(Duration::from_secs(5)), fut).await,
+            Some(7)
+        );
     }
 
     /// Pending again and again in the same task: the timer is polled once, and must fire.
@@ -773,7 +848,8 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        let bounded = within(Duration::from_millis(50), restless);
+        let pool = LocalPool::default();
+        let bounded = pool.within(after(Duration::from_millis(50)), restless);
         let out = tokio::time::timeout(Duration::from_secs(10), bounded).await;
         assert_eq!(out.ok(), Some(None::<()>));
     }
@@ -790,7 +866,8 @@ mod tests {
     #[tokio::test]
     async fn within_wakes_the_task_that_polled_it_last() {
         let never = pin!(std::future::pending::<()>());
-        let mut bounded = pin!(within(Duration::from_millis(30), never));
+        let pool = LocalPool::default();
+        let mut bounded = pin!(pool.within(after(Duration::from_millis(30)), never));
         let (a, b) = (
             Arc::new(Wakes(AtomicUsize::new(0))),
             Arc::new(Wakes(AtomicUsize::new(0))),
@@ -822,5 +899,61 @@ mod tests {
         assert_eq!(a.0.load(Ordering::SeqCst), 0, "the task before it is not");
         let ready = bounded.as_mut().poll(&mut Context::from_waker(&wb));
         assert!(matches!(ready, Poll::Ready(None)));
+    }
+
+    /// Attempts one after another share one timer. Set to an earlier deadline than the one it
+    /// had, it fires at the new one; an attempt that ended never hears from it again.
+    #[tokio::test]
+    async fn within_reuses_one_timer_and_it_keeps_each_deadline() {
+        let pool = LocalPool::default();
+        for _ in 0..3 {
+            let quick = pin!(async { 1 });
+            assert_eq!(
+                pool.within(after(Duration::from_secs(60)), quick).await,
+                Some(1)
+            );
+        }
+        assert_eq!(pool.timers.borrow().len(), 1, "one timer, kept");
+
+        // Entered for 60 s above; this attempt's deadline is 30 ms.
+        let started = std::time::Instant::now();
+        let never = pin!(std::future::pending::<()>());
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.within(after(Duration::from_millis(30)), never),
+        )
+        .await;
+        assert_eq!(out.ok(), Some(None), "the earlier deadline fired");
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert_eq!(pool.timers.borrow().len(), 1);
+
+        // An attempt that ends before its deadline: the kept timer must not wake its task.
+        let woken = Arc::new(Wakes(AtomicUsize::new(0)));
+        {
+            let waker = Waker::from(Arc::clone(&woken));
+            let short = pin!(tokio::time::sleep(Duration::from_millis(5)));
+            let mut attempt = pin!(pool.within(after(Duration::from_millis(20)), short));
+            let cx = &mut Context::from_waker(&waker);
+            while attempt.as_mut().poll(cx).is_pending() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Ended: its timer is back with the pool.
+            let seen = woken.0.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert_eq!(
+                woken.0.load(Ordering::SeqCst),
+                seen,
+                "woken after its attempt ended"
+            );
+        }
+        // A second attempt while the first is running takes a timer of its own.
+        let a = pin!(std::future::pending::<()>());
+        let b = pin!(std::future::pending::<()>());
+        let (ra, rb) = tokio::join!(
+            pool.within(after(Duration::from_millis(20)), a),
+            pool.within(after(Duration::from_millis(40)), b)
+        );
+        assert_eq!((ra, rb), (None, None));
+        assert_eq!(pool.timers.borrow().len(), 2);
     }
 }

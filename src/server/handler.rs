@@ -725,11 +725,8 @@ fn routing_host(h: &[u8]) -> Option<String> {
         return None;
     }
     let name = name.strip_suffix(b".").unwrap_or(name);
-    Some(
-        name.iter()
-            .map(|&b| char::from(b.to_ascii_lowercase()))
-            .collect(),
-    )
+    // All ASCII (see `REG_NAME`): the text check passes.
+    std::str::from_utf8(name).ok().map(str::to_ascii_lowercase)
 }
 
 /// `host [ ":" port ]` of RFC 9110 §7.2: a registered name (unreserved, percent-encoded and
@@ -797,18 +794,14 @@ static REG_NAME: [bool; 256] = {
     table
 };
 
-/// A new request id, for the upstream's request and for the client's response (one buffer).
+/// A new request id, for the upstream's request and for the client's response. Each value
+/// has its own 32-byte copy: cheaper than one buffer made shareable (its split allocates the
+/// sharing's count too).
 fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
     let id = uuid::Uuid::new_v4();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    let mut shared = bytes::BytesMut::with_capacity(buf.len());
-    shared.extend_from_slice(id.simple().encode_lower(&mut buf).as_bytes());
-    // Split off, so that it is already shared: cloning it only counts a reference.
-    let id = shared.split().freeze();
-    match (
-        HeaderValue::from_maybe_shared(id.clone()),
-        ax::HeaderValue::from_maybe_shared(id),
-    ) {
+    let hex = id.simple().encode_lower(&mut buf);
+    match (HeaderValue::from_str(hex), ax::HeaderValue::from_str(hex)) {
         (Ok(upstream), Ok(client)) => (upstream, client),
         _ => (
             HeaderValue::from_static("unknown"),
@@ -937,6 +930,8 @@ async fn forward(
         .hash_key()
         .and_then(|k| request_hash(k, req, &ex));
     let opts_base = SendOptions {
+        // Set again when each attempt is sent.
+        started: ex.started,
         connect_timeout: route.connect_timeout.unwrap_or(upstream.connect_timeout),
         timeout: route.timeout,
         idle_timeout: upstream.idle_timeout,
@@ -1019,6 +1014,7 @@ async fn forward(
 
         ex.in_flight = Some(target.state.begin());
         let sent_at = Instant::now();
+        opts.started = sent_at;
         let sent = if websocket {
             // Boxed: only WebSocket handshakes pay for the hyper handshake's future.
             Box::pin(state.pool.send_upgrade(target, upstream_req, &opts)).await
