@@ -335,3 +335,52 @@ fn an_unknown_plugin_and_a_bad_import_are_named() {
     assert!(out.contains("unknown plugin `badimprt`"), "{out}");
     assert!(out.contains("did you mean `badimport`?"), "{out}");
 }
+
+/// A plugin that removes the response's `Content-Length`.
+const DROPS_LENGTH: &str = r#"(module
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "content-length")
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $remove (i32.const 2) (i32.const 0) (i32.const 14)))
+    (i32.const 0)))"#;
+
+/// The body is the upstream's whatever a plugin does to the head: with `Content-Length`
+/// removed, a small body (in the buffer with its head), a large one (streamed) and a HEAD
+/// response still go out with the upstream's length, and the connection stays usable.
+#[test]
+fn a_plugin_removing_content_length_leaves_the_upstreams_length() {
+    let big = "b".repeat(300_000);
+    let big_len = big.len().to_string();
+    let be = Backend::start(move |req: http::Request<hyper::body::Incoming>| {
+        let body = if req.uri().path() == "/big" {
+            big.clone()
+        } else {
+            "small".to_owned()
+        };
+        async move { http::Response::new(full(body)) }
+    });
+    let wasm = wat::parse_str(DROPS_LENGTH).unwrap();
+    let dir = plugin_repo("drops", &wasm, "", &be.url(), r#"{ name = "drops" }"#);
+    let gw = Gateway::start_one_worker(dir);
+    let mut conn = KeepAlive::connect(&gw.addr.to_string()).unwrap();
+    let (status, small) = conn.get("/small").unwrap();
+    assert_eq!((status, small.as_str()), (200, "small"));
+    let (status, body) = conn.get("/big").unwrap();
+    assert_eq!((status, body.len()), (200, 300_000));
+
+    let head = |path: &str| {
+        let resp = raw(
+            gw.addr,
+            format!("HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .to_ascii_lowercase();
+        let (head, body) = resp.split_once("\r\n\r\n").expect("a whole head");
+        assert!(body.is_empty(), "{resp}");
+        head.to_owned()
+    };
+    assert!(head("/small").contains("content-length: 5\r\n"));
+    assert!(head("/big").contains(&format!("content-length: {big_len}\r\n")));
+}

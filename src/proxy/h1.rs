@@ -412,6 +412,7 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
             UpstreamHead::Client {
                 status,
                 fields: list,
+                length,
             }
         }
     };
@@ -1274,7 +1275,7 @@ mod tests {
             parsed.head
         };
         let http = parse(HeadShape::Http).into_http();
-        let UpstreamHead::Client { status, fields } = parse(HeadShape::Client) else {
+        let UpstreamHead::Client { status, fields, .. } = parse(HeadShape::Client) else {
             panic!("not a client head")
         };
         assert_eq!((status.as_u16(), http.status.as_u16()), (404, 404));

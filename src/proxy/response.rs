@@ -22,6 +22,9 @@ pub enum UpstreamHead {
     Client {
         status: http::StatusCode,
         fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
+        /// What its `Content-Length` fields say, already checked by the parser (digits, and
+        /// several only when they agree): the length is not parsed again.
+        length: Option<u64>,
     },
 }
 
@@ -45,7 +48,7 @@ impl UpstreamHead {
     pub fn into_http(self) -> http::response::Parts {
         match self {
             UpstreamHead::Http(p) => p,
-            UpstreamHead::Client { status, fields } => {
+            UpstreamHead::Client { status, fields, .. } => {
                 let (mut parts, ()) = http::Response::new(()).into_parts();
                 parts.status = status;
                 parts.headers.reserve(fields.len());
@@ -102,6 +105,7 @@ mod tests {
         let head = UpstreamHead::Client {
             status: http::StatusCode::IM_A_TEAPOT,
             fields,
+            length: None,
         };
         assert_eq!(head.status(), 418);
         let parts = head.into_http();

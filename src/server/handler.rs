@@ -1555,27 +1555,28 @@ fn client_response(
     // The head in the client's types is relayed as it is, edited in place by the plugins; any
     // other is read and edited first.
     let (mut out, status, declared, seen) = match head {
-        UpstreamHead::Client { status, mut fields }
-            if status != http::StatusCode::SWITCHING_PROTOCOLS
-                && tunnel_in.is_none()
-                && relays_head_as_is(&ex, route, plan, false) =>
+        UpstreamHead::Client {
+            status,
+            mut fields,
+            length,
+        } if status != http::StatusCode::SWITCHING_PROTOCOLS
+            && tunnel_in.is_none()
+            && relays_head_as_is(&ex, route, plan, false) =>
         {
-            // What the upstream sent decides these, as for an edited head.
+            // What the upstream sent decides these, as for an edited head: the fields it named
+            // in `Connection`, and its length (a plugin that removes `Content-Length` does not
+            // change the body's).
             let dropped = connection_dropped(&fields);
-            let mut framed = None;
-            if let Some(p) = &plan.plugins {
-                // A plugin may remove `Content-Length`; the body is still the upstream's length.
-                framed = Some(declared_length(&fields));
-                if let ResponsePlan::Replace(r) =
+            if let Some(p) = &plan.plugins
+                && let ResponsePlan::Replace(r) =
                     decide::plugins_on_response_list(p, &route.name, status.as_u16(), &mut fields)
-                {
-                    return answer(&ex, state, r).into();
-                }
+            {
+                return answer(&ex, state, r).into();
             }
             // The body's plugins see the fields as the client gets them: a copy, when one reads.
             let seen = reads_body.then(|| ResponseFields::List(fields.clone()));
-            let (out, declared) = relay_client_head(status, fields, &dropped, &ex);
-            (out, status.as_u16(), framed.unwrap_or(declared), seen)
+            let out = relay_client_head(status, fields, &dropped, &ex);
+            (out, status.as_u16(), length, seen)
         }
         head => {
             let mut parts = head.into_http();
@@ -1770,31 +1771,22 @@ fn connection_dropped(fields: &[(ax::HeaderName, ax::HeaderValue)]) -> Vec<Strin
     .unwrap_or_default()
 }
 
-/// The `Content-Length` a head in the client's types declares.
-fn declared_length(fields: &[(ax::HeaderName, ax::HeaderValue)]) -> Option<u64> {
-    fields
-        .iter()
-        .rfind(|(n, _)| *n == ax::CONTENT_LENGTH)
-        .and_then(|(_, v)| v.to_str().ok()?.parse::<u64>().ok())
-}
-
 /// [`relay_headers`] for a head already in the client's types: its fields are moved, not
-/// copied. Also returns the `Content-Length` it declares (`dropped`: [`connection_dropped`]).
+/// copied (`dropped`: [`connection_dropped`]). `Content-Length` is left to the body.
 fn relay_client_head(
     status: http::StatusCode,
     fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
     dropped: &[String],
     ex: &Exchange,
-) -> (HttpResponseBuilder, Option<u64>) {
-    let mut declared = None;
+) -> HttpResponseBuilder {
     let mut out = HttpResponseBuilder::new(status_code(status.as_u16()));
     for (name, value) in fields {
-        if name == ax::CONTENT_LENGTH {
-            declared = value.to_str().ok().and_then(|s| s.parse::<u64>().ok());
-            continue;
-        }
         let n = name.as_str();
-        if is_hop_by_hop_str(n) || name == AX_REQUEST_ID || dropped.iter().any(|d| d == n) {
+        if name == ax::CONTENT_LENGTH
+            || is_hop_by_hop_str(n)
+            || name == AX_REQUEST_ID
+            || dropped.iter().any(|d| d == n)
+        {
             continue;
         }
         out.append_header((name, value));
@@ -1802,7 +1794,7 @@ fn relay_client_head(
     // Empty (no allocation) unless edge filters added headers.
     let mut values = bytes::BytesMut::with_capacity(own_headers_len(ex));
     own_headers(&mut out, &mut values, ex);
-    (out, declared)
+    out
 }
 
 /// The request id and the edge filters' headers (CORS), on every relayed response.
