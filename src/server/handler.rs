@@ -699,68 +699,51 @@ fn host_of(req: &Request) -> (String, Result<(), &'static str>) {
     (host, check)
 }
 
-/// A valid `Host` value (see [`valid_host`]) keyed as [`normalize_host`] keys it: lower-cased,
-/// without the port and a trailing dot. A registered name, by far the most common, is checked
-/// and copied in one pass. `None` when the value is not a valid host.
+/// A valid `Host` value (see [`host_part`]) keyed as [`normalize_host`] keys it: lower-cased,
+/// without the port and a trailing dot. `None` when the value is not a valid host.
 fn routing_host(h: &[u8]) -> Option<String> {
-    if h.first() == Some(&b'[') {
-        if !valid_host(h) {
-            return None;
-        }
-        return std::str::from_utf8(h)
-            .ok()
-            .map(|s| normalize_host(s).into_owned());
-    }
-    let end = h
-        .iter()
-        .position(|&b| !REG_NAME[usize::from(b)])
-        .unwrap_or(h.len());
-    let (name, port) = h.split_at(end);
-    let port_ok = match port.split_first() {
-        None => true,
-        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
-        Some(_) => false,
-    };
-    if name.is_empty() || !port_ok {
-        return None;
-    }
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    // All ASCII (see `REG_NAME`): the text check passes.
-    std::str::from_utf8(name).ok().map(str::to_ascii_lowercase)
+    let host = host_part(h)?;
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    // All ASCII (a registered name's bytes or an IP literal's): the text check passes.
+    std::str::from_utf8(host).ok().map(str::to_ascii_lowercase)
 }
 
-/// `host [ ":" port ]` of RFC 9110 §7.2: a registered name (unreserved, percent-encoded and
-/// sub-delimiter characters) or a bracketed IP literal, and an optional decimal port. Spaces,
-/// `/`, `@`, `?`, `#` and `\` never appear in one, and would confuse whatever reads the host
-/// after the gateway (routing, redirects, logs).
+/// Whether `h` is a valid `Host` value (see [`host_part`]).
+#[cfg(test)]
 fn valid_host(h: &[u8]) -> bool {
-    let (host, port) = if h.first() == Some(&b'[') {
-        let Some(end) = h.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let literal = &h[1..end];
+    host_part(h).is_some()
+}
+
+/// The host of a `host [ ":" port ]` value (RFC 9110 §7.2): a registered name (unreserved,
+/// percent-encoded and sub-delimiter characters) or a bracketed IP literal, then an optional
+/// decimal port. `None` when the value is not one. Spaces, `/`, `@`, `?`, `#` and `\` never
+/// appear in one, and would confuse whatever reads the host after the gateway (routing,
+/// redirects, logs). A registered name is checked in one pass up to the first byte that cannot
+/// be in it, which must begin the port.
+fn host_part(h: &[u8]) -> Option<&[u8]> {
+    let end = if h.first() == Some(&b'[') {
+        let close = h.iter().position(|&b| b == b']')?;
+        let literal = &h[1..close];
         if literal.is_empty()
             || !literal
                 .iter()
                 .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
         {
-            return false;
+            return None;
         }
-        (&h[..=end], &h[end + 1..])
+        close + 1
     } else {
-        match h.iter().position(|&b| b == b':') {
-            Some(i) => (&h[..i], &h[i..]),
-            None => (h, &h[h.len()..]),
-        }
+        h.iter()
+            .position(|&b| !REG_NAME[usize::from(b)])
+            .unwrap_or(h.len())
     };
+    let (host, port) = h.split_at(end);
     let port_ok = match port.split_first() {
         None => true,
         Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
     };
-    let name_ok = host.first() == Some(&b'[')
-        || (!host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]));
-    port_ok && name_ok
+    (!host.is_empty() && port_ok).then_some(host)
 }
 
 /// The bytes of a registered name: unreserved, percent-encoded and sub-delimiter characters.
