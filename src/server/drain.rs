@@ -80,13 +80,13 @@ pub(crate) struct Started {
 impl Future for Started {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.inner.started.get() {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.inner.started.get() {
             return Poll::Ready(());
         }
-        let inner = Rc::clone(&self.inner);
-        let mut w = inner.waiters.borrow_mut();
-        match self.slot {
+        let mut w = this.inner.waiters.borrow_mut();
+        match this.slot {
             Some(i) => {
                 let kept = &mut w.slots[i];
                 if !kept.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
@@ -105,7 +105,7 @@ impl Future for Started {
                         w.slots.len() - 1
                     }
                 };
-                self.slot = Some(i);
+                this.slot = Some(i);
             }
         }
         Poll::Pending
