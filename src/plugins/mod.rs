@@ -200,18 +200,19 @@ thread_local! {
     static INSTANCES: RefCell<Worker> = RefCell::new(Worker::default());
 }
 
-/// What a call into an instance gives back besides its result: the instance's generation and
-/// a lease on it for the request's context.
-type Called<R> = Result<(R, u64, Arc<()>), VmError>;
+/// What a call into an instance gives back besides its result: the instance's generation.
+type Called<R> = Result<(R, u64), VmError>;
 
 /// Runs `f` on this thread's instance of `u`: for a new request (`at` `None`) the current one,
 /// made when there is none; for a context (`at`: generation and context id) the instance that
 /// context lives in, current or retired. An instance that fails is no longer given to new
-/// requests; it is kept (retired) while other requests have contexts in it.
+/// requests; it is kept (retired) while other requests have contexts in it. `f` also gets the
+/// instance's lease: a new request's context takes one (`Active::lease`); the later calls into
+/// that context, which already hold it, leave it alone.
 fn with_vm<R>(
     u: &Arc<PluginUse>,
     at: Option<(u64, i32)>,
-    f: impl FnOnce(&mut Vm) -> Result<R, VmError>,
+    f: impl FnOnce(&mut Vm, &Arc<()>) -> Result<R, VmError>,
 ) -> Called<R> {
     let key = Arc::as_ptr(u) as usize;
     INSTANCES.with(|cell| {
@@ -240,8 +241,8 @@ fn with_vm<R>(
             if r.failed.contains(&ctx) {
                 return Err(replaced());
             }
-            return match f(&mut r.slot.vm) {
-                Ok(out) => Ok((out, generation, Arc::clone(&r.slot.lease))),
+            return match f(&mut r.slot.vm, &r.slot.lease) {
+                Ok(out) => Ok((out, generation)),
                 Err(e) => {
                     r.failed.push(ctx);
                     Err(e)
@@ -273,8 +274,8 @@ fn with_vm<R>(
             return Err(VmError::Refused("no instance".into()));
         };
         let g = slot.generation;
-        match f(&mut slot.vm) {
-            Ok(r) => Ok((r, g, Arc::clone(&slot.lease))),
+        match f(&mut slot.vm, &slot.lease) {
+            Ok(r) => Ok((r, g)),
             Err(e) => {
                 // A trapped instance may be in any state: the next request gets a new one;
                 // requests with contexts in it keep it until they end.
@@ -406,9 +407,9 @@ pub fn on_request(
             std::mem::replace(&mut run.headers, Arc::clone(&LENT))
         };
         let props = &run.props;
-        let called = with_vm(u, None, |vm| {
+        let called = with_vm(u, None, |vm, lease| {
             let ctx = vm.create_context()?;
-            vm.in_call(|vm| {
+            let out = vm.in_call(|vm| {
                 let d = vm.data();
                 d.request = Some(request);
                 d.request_writable = true;
@@ -423,10 +424,12 @@ pub fn on_request(
                     ));
                 }
                 Ok((ctx, d.request.take(), local))
-            })
+            })?;
+            // This request's context now lives in the instance.
+            Ok((out, Arc::clone(lease)))
         });
         match called {
-            Ok(((ctx, request, local), generation, lease)) => {
+            Ok((((ctx, request, local), lease), generation)) => {
                 run.active.push(Active {
                     plugin: Arc::clone(u),
                     generation,
@@ -591,7 +594,7 @@ impl PluginRun {
     ) -> Outcome {
         for a in self.active.iter().rev() {
             // The headers go into the call (and come back) only when the instance is there.
-            let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
+            let called = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm, _| {
                 vm.in_call(|vm| {
                     let d = vm.data();
                     d.request = Some(Arc::clone(&self.headers));
@@ -623,8 +626,8 @@ impl PluginRun {
                 })
             });
             match called {
-                Ok((Some(local), _, _)) => return Outcome::Respond(local_response(*local)),
-                Ok((None, _, _)) => {}
+                Ok((Some(local), _)) => return Outcome::Respond(local_response(*local)),
+                Ok((None, _)) => {}
                 Err(e) => {
                     if let Outcome::Failed = failed(&a.plugin, route, "on_response_headers", &e) {
                         return Outcome::Failed;
@@ -642,7 +645,7 @@ impl Drop for PluginRun {
     fn drop(&mut self) {
         self.props.close();
         for a in &self.active {
-            if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm| {
+            if let Err(e) = with_vm(&a.plugin, Some((a.generation, a.ctx)), |vm, _| {
                 vm.in_call(|vm| {
                     let d = vm.data();
                     d.request = Some(Arc::clone(&self.headers));
