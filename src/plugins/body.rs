@@ -155,42 +155,39 @@ impl BodyFilter {
                 }
                 view
             };
-            let called = with_vm(
-                &stage.plugin,
-                Some((stage.generation, stage.ctx)),
-                |vm, _| {
-                    vm.in_call(|vm| {
-                        let d = vm.data();
-                        d.request = Some(Arc::clone(&self.request_headers));
-                        d.response = match &self.response_headers {
-                            Some(h) => ResponseView::Seen(Arc::clone(h)),
-                            None => ResponseView::None,
-                        };
-                        d.props = Some(Arc::clone(&self.props));
-                        d.body = Some(BodyView {
-                            id,
-                            data: view.clone(),
-                            edited: false,
-                            // A chunk that only passes may be edited past a small route limit; the
-                            // bound is on host memory, and holding is checked below.
-                            limit: self.limit.max(abi::MAX_TRANSFER),
-                        });
-                        let action = vm.on_body(self.request, stage.ctx, end)?;
-                        let d = vm.data();
-                        let local = d.local.take();
-                        if local.is_none() && action != abi::ACTION_CONTINUE && end {
-                            return Err(VmError::Refused(
+            let at = Some((stage.generation, stage.ctx));
+            let called = with_vm(&stage.plugin, at, |vm, _| {
+                vm.in_call(|vm| {
+                    let d = vm.data();
+                    d.request = Some(Arc::clone(&self.request_headers));
+                    d.response = match &self.response_headers {
+                        Some(h) => ResponseView::Seen(Arc::clone(h)),
+                        None => ResponseView::None,
+                    };
+                    d.props = Some(Arc::clone(&self.props));
+                    d.body = Some(BodyView {
+                        id,
+                        data: view.clone(),
+                        edited: false,
+                        // A chunk that only passes may be edited past a small route limit; the
+                        // bound is on host memory, and holding is checked below.
+                        limit: self.limit.max(abi::MAX_TRANSFER),
+                    });
+                    let action = vm.on_body(self.request, stage.ctx, end)?;
+                    let d = vm.data();
+                    let local = d.local.take();
+                    if local.is_none() && action != abi::ACTION_CONTINUE && end {
+                        return Err(VmError::Refused(
                             "paused at the end of the body (Action::Pause), which nothing would \
                              resume"
                                 .into(),
                         ));
-                        }
-                        // The plugin's version when it changed the body.
-                        let edited = d.body.take().filter(|b| b.edited).map(|b| b.data);
-                        Ok((local, edited, action))
-                    })
-                },
-            );
+                    }
+                    // The plugin's version when it changed the body.
+                    let edited = d.body.take().filter(|b| b.edited).map(|b| b.data);
+                    Ok((local, edited, action))
+                })
+            });
             match called {
                 Ok(((local, edited, action), _)) => {
                     if let Some(local) = local {

@@ -168,7 +168,7 @@ struct Slot {
     owner: Weak<PluginUse>,
     vm: Vm,
     generation: u64,
-    /// Held by each request with a context in this instance (`Active::lease`).
+    /// Held by each request with a context in this instance (`Active::_lease`).
     lease: Arc<()>,
 }
 
@@ -207,7 +207,7 @@ type Called<R> = Result<(R, u64), VmError>;
 /// made when there is none; for a context (`at`: generation and context id) the instance that
 /// context lives in, current or retired. An instance that fails is no longer given to new
 /// requests; it is kept (retired) while other requests have contexts in it. `f` also gets the
-/// instance's lease: a new request's context takes one (`Active::lease`); the later calls into
+/// instance's lease: a new request's context takes one (`Active::_lease`); the later calls into
 /// that context, which already hold it, leave it alone.
 fn with_vm<R>(
     u: &Arc<PluginUse>,
