@@ -83,7 +83,8 @@ run() { # path → "rps user_us sys_us" per request
   after=$(cpu_ticks)
   awk -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" '
     /requests in/ {n = $1} /Requests\/sec/ {rps = $2}
-    END { split(b, x, " "); split(a, y, " ");
+    END { if (n == 0) { print "wrk completed no request" > "/dev/stderr"; exit 1 }
+          split(b, x, " "); split(a, y, " ");
           printf "%s %.2f %.2f\n", rps, (y[1]-x[1]) * 1e6 / hz / n, (y[2]-x[2]) * 1e6 / hz / n }' <<<"$out"
 }
 
