@@ -205,3 +205,54 @@ fn a_log_reader_that_stops_reading_does_not_stall_requests() {
         "every line kept while stalled"
     );
 }
+
+#[test]
+fn events_about_an_upstream_target_name_it_once_beside_the_events_own_target() {
+    // Nothing listens there: each request fails to connect, is retried, and the target is
+    // ejected, and each of those events names the target.
+    let gone = format!("http://127.0.0.1:{}", dead_port());
+    let files = proxy_to(
+        std::slice::from_ref(&gone),
+        "outlier = { consecutive_failures = 1 }",
+        "",
+    );
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    // 502, or 503 once the only target is ejected (a retry can find it so).
+    for _ in 0..2 {
+        let status = gw.get("/x").unwrap().0;
+        assert!(status == 502 || status == 503, "{status}");
+    }
+    let named = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(&format!("\"upstream_target\":\"{gone}\"")))
+            .count()
+    };
+    // The two access lines, and at least the failed attempt before them.
+    assert!(wait_until(Duration::from_secs(5), || named(
+        &gw.logs.lock().unwrap()
+    ) > 2));
+    let logs = gw.logs.lock().unwrap().clone();
+    let mut failed = 0;
+    for l in logs.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        // A duplicate key would be lost to every JSON reader: each appears once in the text.
+        for k in v.as_object().unwrap().keys() {
+            assert_eq!(
+                l.matches(&format!("\"{k}\":")).count(),
+                1,
+                "{k} twice in {l}"
+            );
+        }
+        if v["message"] == "upstream request failed" {
+            failed += 1;
+            assert_eq!(v["upstream_target"], gone.as_str(), "{l}");
+            assert!(
+                v["target"].as_str().unwrap().starts_with("rustygate::"),
+                "{l}"
+            );
+        }
+    }
+    assert!(failed >= 1, "no failed attempt was logged: {logs}");
+}

@@ -265,7 +265,7 @@ impl LocalPool {
                 }
                 Err(H1Error::Lost(e) | H1Error::Write(e)) if reused && replayable => {
                     tracing::debug!(
-                        target = target.url.as_str(),
+                        upstream_target = target.url.as_str(),
                         error = %e,
                         "a reused upstream connection closed under the request; \
                          sending it again on a fresh connection"
@@ -342,7 +342,7 @@ impl LocalPool {
                     match (stale, replay) {
                         (true, Some(copy)) => {
                             tracing::debug!(
-                                target = target.url.as_str(),
+                                upstream_target = target.url.as_str(),
                                 error = %e.error(),
                                 "a reused upstream connection closed under the request; \
                                  sending it again on a fresh connection"

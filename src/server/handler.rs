@@ -1264,7 +1264,7 @@ fn attempt_failed(
                 request_id = ex.request_id.to_str().unwrap_or(""),
                 route = route.name.as_str(),
                 upstream = upstream.name.as_str(),
-                target = upstream.targets[index].url.as_str(),
+                upstream_target = upstream.targets[index].url.as_str(),
                 attempt,
                 kind = error.kind(),
                 error = %error,
@@ -1331,7 +1331,7 @@ impl Retries {
         tracing::info!(
             request_id = ex.request_id.to_str().unwrap_or(""),
             upstream = upstream.name.as_str(),
-            target = upstream.targets.get(index).map_or("", |t| t.url.as_str()),
+            upstream_target = upstream.targets.get(index).map_or("", |t| t.url.as_str()),
             attempt = retry_no + 1,
             reason = label.as_ref(),
             backoff_ms = wait.as_secs_f64() * 1000.0,

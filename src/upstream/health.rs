@@ -129,7 +129,7 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
                 passes = 0;
                 tracing::debug!(
                     upstream = s.upstream.as_str(),
-                    target = s.url.as_str(),
+                    upstream_target = s.url.as_str(),
                     error = why.as_str(),
                     "health check failed"
                 );

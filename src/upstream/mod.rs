@@ -239,7 +239,7 @@ impl Upstream {
         if ejected >= cap {
             tracing::debug!(
                 upstream = self.name.as_str(),
-                target = self.targets[i].url.as_str(),
+                upstream_target = self.targets[i].url.as_str(),
                 reason,
                 "not ejected: the upstream's ejection cap is reached"
             );

@@ -126,7 +126,7 @@ impl TargetState {
         {
             tracing::info!(
                 upstream = self.upstream.as_str(),
-                target = self.url.as_str(),
+                upstream_target = self.url.as_str(),
                 from = "ejected",
                 to = "available",
                 reason = "ejection time over",
@@ -148,7 +148,7 @@ impl TargetState {
             if healthy {
                 tracing::info!(
                     upstream = self.upstream.as_str(),
-                    target = self.url.as_str(),
+                    upstream_target = self.url.as_str(),
                     from,
                     to,
                     reason,
@@ -157,7 +157,7 @@ impl TargetState {
             } else {
                 tracing::warn!(
                     upstream = self.upstream.as_str(),
-                    target = self.url.as_str(),
+                    upstream_target = self.url.as_str(),
                     from,
                     to,
                     reason,
@@ -173,7 +173,7 @@ impl TargetState {
         if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
             tracing::info!(
                 upstream = self.upstream.as_str(),
-                target = self.url.as_str(),
+                upstream_target = self.url.as_str(),
                 from = "ejected",
                 to = "available",
                 reason,
@@ -220,7 +220,7 @@ impl TargetState {
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         tracing::warn!(
             upstream = self.upstream.as_str(),
-            target = self.url.as_str(),
+            upstream_target = self.url.as_str(),
             from = "available",
             to = "ejected",
             reason,
