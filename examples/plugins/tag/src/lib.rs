@@ -12,17 +12,18 @@
 //!
 //! It also tells the upstream it ran, with `X-RustyGate-Plugin-Seen: <value>`.
 
+use std::rc::Rc;
+
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(TagRoot { settings: Settings::default() })
+        Box::new(TagRoot { settings: Rc::new(Settings::default()) })
     });
 }}
 
-#[derive(Clone)]
 struct Settings {
     value: String,
     deny_header: Option<String>,
@@ -36,7 +37,9 @@ impl Default for Settings {
 }
 
 struct TagRoot {
-    settings: Settings,
+    /// Shared with every request's context: a context takes a reference, not a copy of the
+    /// strings (no allocation and copy per request for them).
+    settings: Rc<Settings>,
 }
 
 impl Context for TagRoot {}
@@ -50,23 +53,25 @@ impl RootContext for TagRoot {
             proxy_wasm::hostcalls::log(LogLevel::Error, "config is not a JSON object").ok();
             return false;
         };
+        let mut settings = Settings::default();
         if let Some(v) = m.get("value").and_then(|v| v.as_str()) {
-            self.settings.value = v.to_owned();
+            settings.value = v.to_owned();
         }
-        self.settings.deny_header = m
+        settings.deny_header = m
             .get("deny_header")
             .and_then(|v| v.as_str())
             .map(str::to_ascii_lowercase);
-        self.settings.deny_body_contains = m
+        settings.deny_body_contains = m
             .get("deny_body_contains")
             .and_then(|v| v.as_str())
             .filter(|s| !s.is_empty())
             .map(str::to_owned);
+        self.settings = Rc::new(settings);
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Tag { settings: self.settings.clone() }))
+        Some(Box::new(Tag { settings: Rc::clone(&self.settings) }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -75,7 +80,7 @@ impl RootContext for TagRoot {
 }
 
 struct Tag {
-    settings: Settings,
+    settings: Rc<Settings>,
 }
 
 impl Context for Tag {}
