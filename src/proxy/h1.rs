@@ -171,7 +171,15 @@ pub(crate) async fn exchange(
     } else {
         head.framing
     };
-    let reusable = head.keep_alive && status != 101 && !matches!(framing, Framing::Close);
+    // A 204 that announces a body (it may have none, RFC 9110 15.3.5) is from an upstream
+    // whose next bytes cannot be trusted to start the next response: were they a body sent
+    // anyway, the next request on the connection would get them as its answer.
+    let bodiless_204_with_a_body =
+        status == 204 && matches!(head.framing, Framing::Length(1..) | Framing::Chunked(_));
+    let reusable = head.keep_alive
+        && status != 101
+        && !bodiless_204_with_a_body
+        && !matches!(framing, Framing::Close);
     let idle = if reusable {
         super::keepalive::idle_limit_of(head.announced_idle, idle_timeout)
     } else {
@@ -319,6 +327,10 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
         &mut fields,
     );
     let len = match parsed {
+        // A head that arrived whole in one read is held to the same cap as one still coming.
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+            return Err(H1Error::Invalid("response head too large"));
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -331,7 +343,7 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
         http::StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("invalid status code"))?;
     let http11 = r.version == Some(1);
     let mut length: Option<u64> = None;
-    let mut chunked = None::<bool>;
+    let mut chunked = false;
     let mut close = !http11;
     let mut announced_idle = None::<u64>;
     // Names and values are slices of the head, taken out of the buffer whole once it is
@@ -359,9 +371,21 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
                 length = Some(n);
             }
             Some(Known::TransferEncoding) => {
-                // The last coding decides; several fields are one list.
-                let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                // Only `chunked`, once (several fields are one list). Any other coding would
+                // reach the client undecoded once the framing is taken off, and an unknown one
+                // cannot be framed at all: 502, and the connection is not reused (as nginx).
+                for coding in f.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                        return Err(H1Error::Invalid("unsupported Transfer-Encoding"));
+                    }
+                    chunked = true;
+                }
+                if !chunked {
+                    return Err(H1Error::Invalid("unsupported Transfer-Encoding"));
+                }
             }
             Some(Known::Connection) => {
                 close |= has_token(f.value, b"close");
@@ -379,15 +403,14 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
         spans.push(known, place(f.name.as_bytes())?, place(f.value)?);
     }
     let framing = match (chunked, length) {
-        (Some(_), Some(_)) => {
+        (true, Some(_)) => {
             return Err(H1Error::Invalid(
                 "both Content-Length and Transfer-Encoding",
             ));
         }
-        (Some(true), None) => Framing::Chunked(Chunk::Size),
-        (Some(false), None) => Framing::Close,
-        (None, Some(n)) => Framing::Length(n),
-        (None, None) => Framing::Close,
+        (true, None) => Framing::Chunked(Chunk::Size),
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Close,
     };
     let n = spans.len();
     let fields = buf.split_to(len).freeze();
@@ -1083,6 +1106,31 @@ mod tests {
             (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed"),
             (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed"),
             (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "malformed"),
+            // Transfer codings other than one `chunked` (SECURITY.md: invalid TE -> 502).
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nraw",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
         ] {
             let (out, _) = run(vec![head], true, get("/")).await;
             let e = out
@@ -1110,6 +1158,54 @@ mod tests {
         let (out, _) = run(vec![BIG.as_slice()], true, get("/")).await;
         let e = out.err().unwrap();
         assert!(e.to_string().contains("too"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_whole_head_over_the_cap_in_one_read_is_refused_too() {
+        static BIG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+            v.resize(MAX_HEAD + 4096, b'a');
+            v.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+            v
+        });
+        let mut buf = BytesMut::from(BIG.as_slice());
+        let e = parse_head(&mut buf, HeadShape::Http).err().unwrap();
+        assert!(e.to_string().contains("too large"), "{e}");
+        let (out, _) = run(vec![BIG.as_slice()], true, get("/")).await;
+        let e = out.err().unwrap();
+        assert!(e.to_string().contains("too"), "{e}");
+    }
+
+    /// Whether the connection goes back to the pool after `head` (and nothing else).
+    async fn reused_after(head: &'static [u8]) -> bool {
+        let (addr, _task) = upstream(vec![head], false).await;
+        let io = Io::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let req = get("/");
+        let head = RequestHead {
+            req: &req,
+            fields: None,
+            traceparent: None,
+        };
+        let idle = Duration::from_secs(60);
+        let (_, body) = exchange(Conn::new(io), head, no_pool(), idle, HeadShape::Http)
+            .await
+            .unwrap();
+        body.checkin.idle.is_some()
+    }
+
+    #[tokio::test]
+    async fn a_204_that_announces_a_body_does_not_leave_its_connection_to_the_next_request() {
+        // Whatever follows such a head (a body sent anyway, or a whole second response) would
+        // be read as the next request's response.
+        assert!(!reused_after(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n").await);
+        assert!(
+            !reused_after(b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n").await
+        );
+        // Without one, and a 304 whose length is the representation's, they are reused.
+        assert!(reused_after(b"HTTP/1.1 204 No Content\r\n\r\n").await);
+        assert!(reused_after(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await);
+        assert!(reused_after(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n").await);
+        assert!(reused_after(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await);
     }
 
     #[tokio::test]
@@ -1328,11 +1424,7 @@ mod tests {
         assert!(parse(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n").1);
         assert_eq!(parse(b"HTTP/1.1 200 OK\r\n\r\n").0, Framing::Close);
         assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").0,
-            Framing::Close
-        );
-        assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n").0,
+            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked \r\n\r\n").0,
             Framing::Chunked(Chunk::Size)
         );
         assert_eq!(
