@@ -614,6 +614,14 @@ fn trace_and_connect_need_a_route_that_lists_them() {
     assert_eq!(status, 405);
     let (status, _) = http(&addr, "CONNECT", "/", &[], b"").unwrap();
     assert_eq!(status, 405);
+    // In any case: upstreams that upper-case the method would take these for TRACE, CONNECT.
+    for m in ["trace", "Connect"] {
+        assert_eq!(http(&addr, m, "/", &[], b"").unwrap().0, 405, "{m}");
+    }
+    assert_eq!(
+        http(&addr, "trace", "/trace", &[], b"").unwrap(),
+        (200, "traced".to_owned())
+    );
     assert_eq!(
         http(&addr, "TRACE", "/trace", &[], b"").unwrap(),
         (200, "traced".to_owned())
@@ -630,6 +638,7 @@ fn a_host_that_is_not_host_and_port_gets_400() {
         "a b",
         "evil.com?x",
         "evil.com:80x",
+        "evil.com:99999",
     ] {
         let mut s = TcpStream::connect(gw.addr).unwrap();
         write!(

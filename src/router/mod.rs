@@ -37,8 +37,15 @@ pub fn method_slot(method: &str) -> usize {
     METHODS
         .iter()
         .position(|m| *m == method)
+        // `trace` and `connect` are other methods to HTTP, but many servers upper-case the
+        // method they get: those two in any case have TRACE's and CONNECT's slots (405 unless
+        // a route lists them).
+        .or_else(|| (TRACE_SLOT..METHODS.len()).find(|&s| METHODS[s].eq_ignore_ascii_case(method)))
         .unwrap_or(METHODS.len())
 }
+
+/// The slot of `TRACE`; `CONNECT`'s follows.
+const TRACE_SLOT: usize = 7;
 
 /// A host scope a route can be bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -471,8 +471,9 @@ const SEGMENTS: [&str; 6] = ["a", "b", "ab", "v1", "{x}", "{y}"];
 const REQUEST_SEGMENTS: [&str; 7] = ["a", "b", "ab", "v1", "7", "v", "{x}"];
 const HOSTS: [&str; 5] = ["", "h.com", "x.h.com", "*.h.com", "*.x.h.com"];
 const REQUEST_HOSTS: [&str; 5] = ["h.com", "x.h.com", "a.x.h.com", "b.h.com", "other"];
-const REQUEST_METHODS: [&str; 11] = [
+const REQUEST_METHODS: [&str; 13] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PURGE", "get",
+    "trace", "Connect",
 ];
 
 fn random_path(rng: &mut Rng, segments: &[&str], params: bool) -> String {
@@ -580,4 +581,11 @@ fn routes_without_methods_take_every_method_but_trace_and_connect() {
     assert_eq!(hit(&r, "h", "PURGE", "/a"), Some(0));
     assert_eq!(hit(&r, "h", "TRACE", "/a"), None);
     assert_eq!(hit(&r, "h", "CONNECT", "/a"), None);
+    // In any case: servers that upper-case the method would take them for TRACE and CONNECT.
+    for m in ["trace", "Trace", "connect", "cONNECT"] {
+        assert_eq!(hit(&r, "h", m, "/a"), None, "{m}");
+    }
+    let r = router(&[("", exact("/a"), Some(&["TRACE"]))]);
+    assert_eq!(hit(&r, "h", "trace", "/a"), Some(0));
+    assert_eq!(hit(&r, "h", "get", "/a"), None);
 }

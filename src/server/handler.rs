@@ -740,7 +740,15 @@ fn host_part(h: &[u8]) -> Option<&[u8]> {
     let (host, port) = h.split_at(end);
     let port_ok = match port.split_first() {
         None => true,
-        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        // At most 65535 (an empty port is allowed by RFC 3986).
+        Some((b':', digits)) => {
+            digits.len() <= 5
+                && digits.iter().all(u8::is_ascii_digit)
+                && digits
+                    .iter()
+                    .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                    <= 65535
+        }
         Some(_) => false,
     };
     (!host.is_empty() && port_ok).then_some(host)
@@ -1930,6 +1938,8 @@ mod tests {
             "Example.COM.:443",
             "[2001:DB8::A]:8443",
             "a.",
+            "example.com:65535",
+            "example.com:0",
         ] {
             assert!(valid_host(ok.as_bytes()), "{ok} should be valid");
             // Checked and keyed in one pass, as the two steps do it.
@@ -1949,6 +1959,9 @@ mod tests {
             "a\\b.com",
             "example.com:80a",
             "example.com:123456",
+            "example.com:65536",
+            "example.com:99999",
+            "[::1]:70000",
             ":80",
             "[::1",
             "[]:80",
