@@ -268,6 +268,9 @@ where
             "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip" if !f.trusted => {
                 continue;
             }
+            // The rest of the family (Port, Prefix, Server, Ssl...) from an untrusted peer too:
+            // frameworks believe them as they believe Proto and Host.
+            n if !f.trusted && n.starts_with("x-forwarded-") => continue,
             _ => {}
         }
         if is_hop_by_hop_str(n)
@@ -573,6 +576,8 @@ mod tests {
             ("x-forwarded-host", b"evil.example"),
             ("forwarded", b"for=6.6.6.6"),
             ("x-real-ip", b"6.6.6.6"),
+            ("x-forwarded-port", b"443"),
+            ("x-forwarded-prefix", b"/admin"),
             ("x-client-cert-subject", b"CN=admin"),
             ("x-client-cert-sha256", b"00"),
             ("x_client_cert_subject", b"CN=admin"),
@@ -588,6 +593,8 @@ mod tests {
         for gone in [
             "forwarded",
             "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
             "x-client-cert-subject",
             "x-client-cert-sha256",
             "x_client_cert_subject",
@@ -599,6 +606,7 @@ mod tests {
         assert_eq!(all(&out, "x-forwarded-for"), [b"6.6.6.6, 192.0.2.7"]);
         assert_eq!(all(&out, "x-forwarded-proto"), [b"https"]);
         assert_eq!(all(&out, "x-forwarded-host"), [b"evil.example"]);
+        assert_eq!(all(&out, "x-forwarded-port"), [b"443"]);
         assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
         assert!(!out.contains_key("x-client-cert-subject"));
     }
