@@ -630,6 +630,49 @@ fn trace_and_connect_need_a_route_that_lists_them() {
 }
 
 #[test]
+fn a_request_target_over_16_kib_gets_414_and_the_connection_serves_on() {
+    let (gw, _dir) = gateway(&[hello_route()], 1);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    // The route is `/`: the query makes the length.
+    let long = format!("/?q={}", "b".repeat(16 * 1024));
+    let path = format!("/{}", "a".repeat(20 * 1024));
+    for (target, want) in [(&long[..16 * 1024], "200"), (&long, "414"), (&path, "414")] {
+        write!(s, "GET {target} HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One response: its head, then its JSON or text body.
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {want}")),
+            "{}: {text}",
+            target.len()
+        );
+        // What is left of the body, so that the next response starts clean.
+        let len: usize = text
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let head = text.find("\r\n\r\n").unwrap() + 4;
+        let mut have = got.len() - head;
+        while have < len {
+            have += s.read(&mut buf).unwrap();
+        }
+    }
+}
+
+#[test]
 fn a_host_that_is_not_host_and_port_gets_400() {
     let (gw, _dir) = gateway(&[hello_route()], 1);
     for bad in [

@@ -451,6 +451,9 @@ pub(crate) async fn handle(
     });
     state.recorder.metrics().in_flight.inc();
 
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
+        return ex.error(414, "the request target is too long");
+    }
     if let Err(why) = check_request(&req).and(host_check) {
         return ex.error(400, why);
     }
@@ -659,6 +662,10 @@ fn client_headers(req: &Request, inbound: crate::proxy::headers::Inbound<'_>) ->
     }
     out
 }
+
+/// The longest request target (path and query) served; longer ones get 414. Twice nginx's
+/// default (8 KiB for the whole request line), as CDNs allow: longer URLs break along the way.
+const MAX_REQUEST_TARGET: usize = 16 * 1024;
 
 /// Framing and header checks actix does not make itself (SECURITY.md).
 fn check_request(req: &Request) -> Result<(), &'static str> {
