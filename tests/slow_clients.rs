@@ -703,3 +703,98 @@ fn a_host_that_is_not_host_and_port_gets_400() {
         assert!(got.starts_with("HTTP/1.1 200"), "Host {good:?}: {got:?}");
     }
 }
+
+/// An upstream that answers each request on its connection after 30 ms, with its path as the
+/// body (and only the head for HEAD), so that a client's pipelined requests pile up meanwhile.
+fn slow_echo_upstream() -> SocketAddr {
+    scripted_upstream(|mut s, _| {
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..end + 4);
+            let mut line = head.split(' ');
+            let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+            std::thread::sleep(Duration::from_millis(30));
+            let body = if method == "HEAD" { "" } else { path };
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                path.len()
+            );
+            if s.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Reads the response to a HEAD: its head only.
+fn read_head_response(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        out.push(byte[0]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn pipelined_requests_around_a_head_each_get_their_own_response() {
+    let upstream = slow_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let head = |p: &str| format!("HEAD {p} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    let check_get = |s: &mut TcpStream, p: &str| {
+        let r = read_response(s);
+        assert!(r.starts_with("HTTP/1.1 200"), "{p}: {r:?}");
+        assert!(r.ends_with(&format!("\r\n\r\n{p}")), "{p}: {r:?}");
+    };
+    let check_head = |s: &mut TcpStream, p: &str| {
+        let r = read_head_response(s);
+        assert!(r.starts_with("HTTP/1.1 200"), "{p}: {r:?}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains(&format!("content-length: {}\r\n", p.len())),
+            "{p}: {r:?}"
+        );
+    };
+    // All in one write: a GET, a HEAD behind it, a GET behind that.
+    s.write_all(
+        [get("/one"), head("/two-"), get("/three")]
+            .concat()
+            .as_bytes(),
+    )
+    .unwrap();
+    check_get(&mut s, "/one");
+    check_head(&mut s, "/two-");
+    check_get(&mut s, "/three");
+    // A HEAD first.
+    s.write_all([head("/four"), get("/five-")].concat().as_bytes())
+        .unwrap();
+    check_head(&mut s, "/four");
+    check_get(&mut s, "/five-");
+    // The same sent piece by piece while the first is still at the upstream.
+    for (i, r) in [get("/six"), head("/seven"), get("/eight-")]
+        .iter()
+        .enumerate()
+    {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s.write_all(r.as_bytes()).unwrap();
+    }
+    check_get(&mut s, "/six");
+    check_head(&mut s, "/seven");
+    check_get(&mut s, "/eight-");
+}

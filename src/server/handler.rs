@@ -440,7 +440,9 @@ pub(crate) async fn handle(
         in_flight: None,
         slot: None,
         buffered: None,
-        busy: req.conn_data::<Rc<ConnState>>().map(ConnState::begin),
+        busy: req
+            .conn_data::<Rc<ConnState>>()
+            .map(|c| c.begin(matches!(payload, Payload::None) && !req.upgrade())),
         scheme: conn.as_ref().map_or("http", |c| c.scheme()),
         conn,
         grpc: is_grpc(&req),

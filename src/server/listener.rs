@@ -276,6 +276,13 @@ pub(crate) struct ConnState {
     closing: Cell<bool>,
     /// The dispatcher waiting for input, woken by `close`.
     reader: Cell<Option<Waker>>,
+    /// Requests of this connection that have ended: when held pipelined bytes may go.
+    ended: Cell<u64>,
+    /// The request in progress has no body: whatever the client sends meanwhile is its next
+    /// requests ([`ClientIo`] holds them).
+    bodyless: Cell<bool>,
+    /// [`ClientIo`] holds bytes of pipelined requests: wake it when a request ends.
+    holding: Cell<bool>,
 }
 
 impl ConnState {
@@ -293,6 +300,9 @@ impl ConnState {
             idle_deadline: Cell::new(None),
             closing: Cell::new(false),
             reader: Cell::new(None),
+            ended: Cell::new(0),
+            bodyless: Cell::new(false),
+            holding: Cell::new(false),
         }
     }
 
@@ -311,9 +321,11 @@ impl ConnState {
     }
 
     /// A request head has arrived: no head timeout until the returned guard drops (when the
-    /// request is done).
-    pub fn begin(self: &Rc<Self>) -> Busy {
+    /// request is done). `bodyless`: the request has no body and is no upgrade, so that any
+    /// bytes the client sends before its end are its next requests.
+    pub fn begin(self: &Rc<Self>, bodyless: bool) -> Busy {
         self.busy.set(self.busy.get() + 1);
+        self.bodyless.set(bodyless);
         self.head_deadline.set(None);
         self.idle_deadline.set(None);
         Busy(Rc::clone(self))
@@ -363,13 +375,16 @@ impl Drop for Busy {
         let state = &self.0;
         let busy = state.busy.get().saturating_sub(1);
         state.busy.set(busy);
-        if busy == 0
-            && let Some(k) = state.keep_alive
-        {
-            // The timer need not move: it fires within `shortest_wait` of when it was armed.
-            state.idle_deadline.set(Some(Instant::now() + k));
+        if busy == 0 {
+            state.ended.set(state.ended.get() + 1);
+            state.bodyless.set(false);
+            if let Some(k) = state.keep_alive {
+                // The timer need not move: it fires within `shortest_wait` of when it was
+                // armed.
+                state.idle_deadline.set(Some(Instant::now() + k));
+            }
         }
-        if state.closing.get() {
+        if state.closing.get() || (busy == 0 && state.holding.get()) {
             state.wake_reader();
         }
     }
@@ -384,7 +399,58 @@ pub(crate) struct ClientIo {
     /// The task the timer last registered a wake-up for, while it has not fired since.
     timer_wakes: Option<Waker>,
     timed_out: bool,
+    /// Pipelined requests, read but not yet given to the dispatcher (see [`Pipelined`]).
+    held: Pipelined,
     _guard: ConnGuard,
+}
+
+/// Bytes of requests that came after one still in progress (HTTP/1.1 pipelining), given to the
+/// dispatcher only once it has ended. actix-http keeps one HEAD flag, HTTP version and
+/// connection type per connection, set by the last head it parsed and read when it writes a
+/// response head: a pipelined HEAD parsed early dropped the body of the response before it
+/// (and the client read the next response as that body), and a request after a HEAD had the
+/// HEAD's response written as its own. Only what follows a request without a body is held:
+/// bytes after a head with a body are that body.
+#[derive(Default)]
+struct Pipelined {
+    bytes: bytes::BytesMut,
+    /// Bytes at the front that may be given now (the next request's head).
+    free: usize,
+    /// Bytes read are held until `until` requests of the connection have ended.
+    gated: bool,
+    until: u64,
+}
+
+/// Where the first request head in `bytes` ends, when it is whole and a plain request without
+/// a body (no `Content-Length`, `Transfer-Encoding` or `Upgrade`; not `CONNECT`); `None`
+/// otherwise (a head cut short, a body, anything odd): then nothing after it is held.
+fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
+    let end = memchr::memmem::find(bytes, b"\r\n\r\n")? + 4;
+    is_plain_bodyless(&bytes[..end]).then_some(end)
+}
+
+/// Whether a whole request head (ending with its empty line) is a plain request without a
+/// body (see [`bodyless_head_end`]).
+fn is_plain_bodyless(head: &[u8]) -> bool {
+    if !head.first().is_some_and(u8::is_ascii_uppercase) {
+        return false;
+    }
+    let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    let mut lines = fields.split(|&b| b == b'\n');
+    let Some(request_line) = lines.next() else {
+        return false;
+    };
+    if request_line.starts_with(b"CONNECT ")
+        || memchr::memmem::find(request_line, b" HTTP/1.").is_none()
+    {
+        return false;
+    }
+    !lines.any(|l| {
+        let name = l.split(|&b| b == b':').next().unwrap_or_default();
+        [&b"content-length"[..], b"transfer-encoding", b"upgrade"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    })
 }
 
 impl ClientIo {
@@ -432,6 +498,47 @@ impl ClientIo {
                 return self.head_timed_out(io);
             }
         }
+    }
+
+    /// Waits for input: registers the dispatcher's wake-up for `close` and held requests.
+    fn pending(&self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        let waker = self.state.reader.take();
+        self.state.reader.set(match waker {
+            Some(w) if w.will_wake(cx.waker()) => Some(w),
+            _ => Some(cx.waker().clone()),
+        });
+        Poll::Pending
+    }
+
+    /// Held bytes the dispatcher may have now (`Some(Ready)`), or none while the request
+    /// before them is in progress (`Some(Pending)`); `None`: nothing held, read the socket.
+    /// The next held request goes alone when it has no body: what follows waits for it to end.
+    fn held_or_gated(&mut self, buf: &mut ReadBuf<'_>) -> Option<Poll<io::Result<()>>> {
+        let ended = self.state.ended.get();
+        let held = &mut self.held;
+        if held.gated && ended >= held.until {
+            held.gated = false;
+        }
+        if held.free == 0 && !held.gated && !held.bytes.is_empty() {
+            held.free = match bodyless_head_end(&held.bytes) {
+                Some(end) => {
+                    held.gated = true;
+                    held.until = ended + 1;
+                    end
+                }
+                None => held.bytes.len(),
+            };
+        }
+        if held.free > 0 {
+            let n = held.free.min(buf.remaining());
+            buf.put_slice(&held.bytes[..n]);
+            bytes::Buf::advance(&mut held.bytes, n);
+            held.free -= n;
+            self.state.holding.set(held.gated || !held.bytes.is_empty());
+            return Some(Poll::Ready(Ok(())));
+        }
+        // Gated with bytes held: nothing more is read meanwhile (it would only be held).
+        (held.gated && !held.bytes.is_empty()).then_some(Poll::Pending)
     }
 
     fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
@@ -501,19 +608,50 @@ impl AsyncRead for ClientIo {
             None => {}
         }
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.io).poll_read(cx, buf);
+        let (res, read) = match this.held_or_gated(buf) {
+            Some(given) => (given, false),
+            None => (Pin::new(&mut this.io).poll_read(cx, buf), true),
+        };
+        if read
+            && let Poll::Ready(Ok(())) = res
+            && buf.filled().len() > before
+            && (this.held.gated || (this.state.busy.get() > 0 && this.state.bodyless.get()))
+        {
+            // Sent while a request without a body is in progress (or before it began): the
+            // next requests. Held until it ends.
+            if !this.held.gated {
+                this.held.gated = true;
+                this.held.until = this.state.ended.get() + 1;
+            }
+            this.held.bytes.extend_from_slice(&buf.filled()[before..]);
+            buf.set_filled(before);
+            this.state.holding.set(true);
+            return this.pending(cx);
+        }
         if res.is_pending() {
-            let waker = this.state.reader.take();
-            this.state.reader.set(match waker {
-                Some(w) if w.will_wake(cx.waker()) => Some(w),
-                _ => Some(cx.waker().clone()),
-            });
+            return this.pending(cx);
         }
         if let Poll::Ready(Ok(())) = res
             && buf.filled().len() > before
             && this.state.busy.get() == 0
             && this.state.head_deadline.get().is_none()
         {
+            // A new request's first bytes as read; more requests behind it wait for it.
+            let new = &buf.filled()[before..];
+            // Most reads hold one whole head: only where more follows is the head looked at.
+            if this.held.bytes.is_empty()
+                && let Some(end) = memchr::memmem::find(new, b"\r\n\r\n").map(|e| e + 4)
+                && end < new.len()
+                && is_plain_bodyless(&new[..end])
+            {
+                this.held
+                    .bytes
+                    .extend_from_slice(&buf.filled()[before + end..]);
+                buf.set_filled(before + end);
+                this.held.gated = true;
+                this.held.until = this.state.ended.get() + 1;
+                this.state.holding.set(true);
+            }
             this.state
                 .head_deadline
                 .set(Some(Instant::now() + this.state.header_timeout));
@@ -620,6 +758,7 @@ pub(crate) fn client_io(
         timer: None,
         timer_wakes: None,
         timed_out: false,
+        held: Pipelined::default(),
         _guard: guard,
     }
 }
@@ -627,6 +766,33 @@ pub(crate) fn client_io(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_follows_a_whole_plain_head_without_a_body_is_held() {
+        let get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(bodyless_head_end(get), Some(get.len()));
+        let two = [&get[..], b"HEAD /b HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(bodyless_head_end(&two), Some(get.len()));
+        for framed in [
+            &b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\n\r\n"[..],
+            b"POST /a HTTP/1.1\r\ncontent-length:2\r\n\r\nok",
+            b"POST /a HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes",
+            b"CONNECT a:443 HTTP/1.1\r\n\r\ntunnel",
+            // Cut short, leading empty lines, not HTTP/1.x: nothing is held.
+            b"GET /a HTTP/1.1\r\nHost: x\r\n",
+            b"\r\nGET /a HTTP/1.1\r\n\r\n",
+            b"GET /a\r\n\r\n",
+            b"",
+        ] {
+            assert_eq!(
+                bodyless_head_end(framed),
+                None,
+                "{}",
+                String::from_utf8_lossy(framed)
+            );
+        }
+    }
 
     #[test]
     fn connection_limits_count_and_give_back() {
