@@ -256,3 +256,56 @@ fn events_about_an_upstream_target_name_it_once_beside_the_events_own_target() {
     }
     assert!(failed >= 1, "no failed attempt was logged: {logs}");
 }
+
+#[test]
+fn a_request_whose_client_leaves_before_the_response_is_logged_as_499() {
+    // An upstream that takes the request and never answers.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { continue };
+            let seen = seen_tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).is_ok_and(|n| n > 0) {
+                    let _ = seen.send(());
+                }
+                std::thread::sleep(Duration::from_secs(20));
+            });
+        }
+    });
+    let files = proxy_all(&format!("http://{addr}"), "");
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    seen_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request reached the upstream");
+    drop(s);
+    let line = || {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .find(|l| l.contains("\"path\":\"/gone\""))
+            .map(|l| l.to_string())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || line().is_some()),
+        "no access line: {}",
+        gw.logs.lock().unwrap()
+    );
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    assert_eq!(v["status"], 499, "{v}");
+    assert_eq!(v["completed"], false, "{v}");
+    assert_eq!(v["error"], "client_gone", "{v}");
+    assert_eq!(v["upstream_target"], format!("http://{addr}"), "{v}");
+    // And counted.
+    assert!(
+        gw.metric("rustygate_requests_total{method=\"GET\",route=\"all\",status=\"499\"}")
+            .is_some_and(|n| n == 1.0),
+        "{:?}",
+        gw.metric("rustygate_requests_total{method=\"GET\",route=\"all\",status=\"499\"}")
+    );
+}

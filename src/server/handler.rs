@@ -104,6 +104,9 @@ struct Exchange {
     trace: Option<RequestTrace>,
     /// Set when the request body goes through WASM plugins: why one stopped it, if one did.
     plugin_stop: Option<plugin_body::Stop>,
+    /// The exchange has been recorded (metrics, access log); one that is dropped before (the
+    /// client went away while it was in progress) is recorded then, as 499.
+    recorded: std::cell::Cell<bool>,
 }
 
 /// The answer when a request body would take the worker past `max_buffered_bodies`.
@@ -149,8 +152,17 @@ impl Drop for Buffered {
     }
 }
 
+/// The status recorded for a request whose client went away before its response was given
+/// (nginx's "client closed request").
+const CLIENT_CLOSED: u16 = 499;
+
 impl Drop for Exchange {
     fn drop(&mut self) {
+        if !self.recorded.get() {
+            // The dispatcher dropped the request (its client closed or reset the connection)
+            // before any response: it may have reached the upstream, so it is logged too.
+            self.emit(CLIENT_CLOSED, 0, Err("client_gone"));
+        }
         self.state.recorder.metrics().in_flight.dec();
     }
 }
@@ -188,6 +200,9 @@ impl Exchange {
 
     /// [`Exchange::emit`] with the call's gRPC status given (`None`: not a gRPC call).
     fn emit_as(&self, status: u16, bytes_out: u64, end: Ended, grpc: Option<&str>) {
+        if self.recorded.replace(true) {
+            return;
+        }
         let route = self
             .route
             .and_then(|r| self.snapshot.routes.get(r))
@@ -450,6 +465,7 @@ pub(crate) async fn handle(
         trailers: req.extensions().get::<Trailers>().cloned(),
         trace,
         plugin_stop: None,
+        recorded: std::cell::Cell::new(false),
     });
     state.recorder.metrics().in_flight.inc();
 
