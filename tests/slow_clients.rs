@@ -33,14 +33,7 @@ fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
 
 /// Reads one response with a `Content-Length` body from a kept-alive connection.
 fn read_response(s: &mut TcpStream) -> String {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = Vec::new();
-    let mut byte = [0u8; 1];
-    while !out.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
-        out.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&out).into_owned();
+    let head = read_head_response(s);
     let len: usize = head
         .lines()
         .find_map(|l| {
@@ -735,7 +728,7 @@ fn slow_echo_upstream() -> SocketAddr {
     })
 }
 
-/// Reads the response to a HEAD: its head only.
+/// Reads a response head (all of the response to a HEAD) from a kept-alive connection.
 fn read_head_response(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut out = Vec::new();

@@ -425,8 +425,16 @@ struct Pipelined {
 /// a body (no `Content-Length`, `Transfer-Encoding` or `Upgrade`; not `CONNECT`); `None`
 /// otherwise (a head cut short, a body, anything odd): then nothing after it is held.
 fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
-    let end = memchr::memmem::find(bytes, b"\r\n\r\n")? + 4;
+    let end = head_end(bytes)?;
     is_plain_bodyless(&bytes[..end]).then_some(end)
+}
+
+/// Where the first head in `bytes` ends (after its empty line), if it does. A head has a few
+/// line feeds: each is looked at, which costs less than setting up a substring search.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes)
+        .find(|&i| i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n")
+        .map(|i| i + 1)
 }
 
 /// Whether a whole request head (ending with its empty line) is a plain request without a
@@ -640,7 +648,7 @@ impl AsyncRead for ClientIo {
             let new = &buf.filled()[before..];
             // Most reads hold one whole head: only where more follows is the head looked at.
             if this.held.bytes.is_empty()
-                && let Some(end) = memchr::memmem::find(new, b"\r\n\r\n").map(|e| e + 4)
+                && let Some(end) = head_end(new)
                 && end < new.len()
                 && is_plain_bodyless(&new[..end])
             {
@@ -766,6 +774,21 @@ pub(crate) fn client_io(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\n"), Some(18));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET"), Some(24));
+        assert_eq!(head_end(b"\r\n\r\n"), Some(4));
+        for cut in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"GET / HTTP/1.1\r\n\r",
+            b"\n\n\n",
+            b"",
+        ] {
+            assert_eq!(head_end(cut), None, "{}", String::from_utf8_lossy(cut));
+        }
+    }
 
     #[test]
     fn only_what_follows_a_whole_plain_head_without_a_body_is_held() {
