@@ -429,11 +429,31 @@ fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
     is_plain_bodyless(&bytes[..end]).then_some(end)
 }
 
-/// Where the first head in `bytes` ends (after its empty line), if it does. A head has a few
-/// line feeds: each is looked at, which costs less than setting up a substring search.
+/// Where the first head in `bytes` ends (after its empty line), if it does. Every request's
+/// first read is looked at: line feeds are found eight bytes at a time (a word XORed with
+/// `\n`s has a zero byte where one was; the test may also flag a byte after a real one, which
+/// the check of the four bytes ending there rules out). A substring search cost ~390
+/// instructions a request to set up, `memchr` per line feed ~270.
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', bytes)
-        .find(|&i| i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n")
+    const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let ends_head = |i: usize| i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n";
+    let words = bytes.chunks_exact(8);
+    let tail = bytes.len() - words.remainder().len();
+    for (k, w) in words.enumerate() {
+        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) ^ LF;
+        let mut found = w.wrapping_sub(ONES) & !w & HIGH;
+        while found != 0 {
+            let i = k * 8 + (found.trailing_zeros() / 8) as usize;
+            if ends_head(i) {
+                return Some(i + 1);
+            }
+            found &= found - 1;
+        }
+    }
+    (tail..bytes.len())
+        .find(|&i| bytes[i] == b'\n' && ends_head(i))
         .map(|i| i + 1)
 }
 
@@ -787,6 +807,18 @@ mod tests {
             b"",
         ] {
             assert_eq!(head_end(cut), None, "{}", String::from_utf8_lossy(cut));
+        }
+        // Against the plain definition, with the empty line at every offset and after bytes
+        // that may fool the word test (0x0b, 0x01, 0x8a, more line feeds).
+        let naive = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        for fill in [b'a', 0x0b, 0x01, 0x8a, b'\n', b'\r'] {
+            for at in 0..40 {
+                let mut b = vec![fill; at];
+                b.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+                assert_eq!(head_end(&b), naive(&b), "fill {fill:#x} at {at}");
+                b.truncate(at + 3);
+                assert_eq!(head_end(&b), naive(&b), "cut: fill {fill:#x} at {at}");
+            }
         }
     }
 
