@@ -538,6 +538,19 @@ impl ClientIo {
         Poll::Pending
     }
 
+    /// Takes what `buf` holds from `from` on back from the dispatcher, to be given once the
+    /// request in progress (or whose head it has just got) has ended.
+    fn hold(&mut self, buf: &mut ReadBuf<'_>, from: usize) {
+        let held = &mut self.held;
+        if !held.gated {
+            held.gated = true;
+            held.until = self.state.ended.get() + 1;
+        }
+        held.bytes.extend_from_slice(&buf.filled()[from..]);
+        buf.set_filled(from);
+        self.state.holding.set(true);
+    }
+
     /// Held bytes the dispatcher may have now (`Some(Ready)`), or none while the request
     /// before them is in progress (`Some(Pending)`); `None`: nothing held, read the socket.
     /// The next held request goes alone when it has no body: what follows waits for it to end.
@@ -646,14 +659,8 @@ impl AsyncRead for ClientIo {
             && (this.held.gated || (this.state.busy.get() > 0 && this.state.bodyless.get()))
         {
             // Sent while a request without a body is in progress (or before it began): the
-            // next requests. Held until it ends.
-            if !this.held.gated {
-                this.held.gated = true;
-                this.held.until = this.state.ended.get() + 1;
-            }
-            this.held.bytes.extend_from_slice(&buf.filled()[before..]);
-            buf.set_filled(before);
-            this.state.holding.set(true);
+            // next requests.
+            this.hold(buf, before);
             return this.pending(cx);
         }
         if res.is_pending() {
@@ -672,13 +679,7 @@ impl AsyncRead for ClientIo {
                 && end < new.len()
                 && is_plain_bodyless(&new[..end])
             {
-                this.held
-                    .bytes
-                    .extend_from_slice(&buf.filled()[before + end..]);
-                buf.set_filled(before + end);
-                this.held.gated = true;
-                this.held.until = this.state.ended.get() + 1;
-                this.state.holding.set(true);
+                this.hold(buf, before + end);
             }
             this.state
                 .head_deadline
