@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod drain;
 mod edge;
+mod expect;
 mod h2;
 mod handler;
 mod listener;
@@ -233,6 +234,10 @@ pub fn start(
         });
         // One service per protocol, sharing the worker's state: actix-http's dispatcher calls
         // one for HTTP/1.1, `h2::serve` the other for HTTP/2.
+        let expect = {
+            let state = state.clone();
+            fn_service(move |req: actix_http::Request| expect::call(req, state.clone()))
+        };
         let proxy = move || {
             let state = state.clone();
             fn_service(move |req: actix_http::Request| tls::entry(req, state.clone()))
@@ -256,6 +261,8 @@ pub fn start(
                 let drain = drain.clone();
                 move || drain.started()
             })
+            // `100 Continue` only once the body is wanted (see `expect`).
+            .expect(expect)
             .on_connect_ext(|io: &listener::ClientIo, ext| {
                 ext.insert(std::rc::Rc::clone(io.state()));
                 ext.insert(std::rc::Rc::clone(io.info()));

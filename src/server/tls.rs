@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::WorkerState;
+use super::expect::Continued;
 use super::listener::{TlsInfo, conn_info};
 use crate::proxy::headers::ClientCert;
 use crate::snapshot::SnapshotStore;
@@ -128,20 +129,35 @@ fn client_cert(der: &[u8]) -> Option<ClientCert> {
 /// moves per request is a pointer rather than the whole exchange's state (kilobytes, copied
 /// with every request).
 pub(crate) fn entry(mut req: Request, state: web::Data<WorkerState>) -> Exchanging {
+    // A request whose exchange began in the expect service (`Expect: 100-continue`).
+    if let Some(Continued(exchange)) = req.extensions_mut().remove::<Continued>() {
+        return Exchanging(exchange);
+    }
+    let payload = req.take_payload();
+    Exchanging(entry_with(req, payload, state))
+}
+
+/// A request's exchange: the future of its answer.
+pub(crate) type Exchange = Pin<Box<dyn Future<Output = HttpResponse>>>;
+
+/// The exchange of a request whose body is `payload`: the 308 on a listener that redirects
+/// to HTTPS, else the proxy's handler.
+pub(crate) fn entry_with(
+    req: Request,
+    payload: actix_http::Payload,
+    state: web::Data<WorkerState>,
+) -> Exchange {
     let conn = conn_info(&req);
     if let Some(port) = conn.as_ref().and_then(|c| c.redirect_to) {
         let resp = redirect(&req, port, &state);
-        return Exchanging(Box::pin(std::future::ready(resp)));
+        return Box::pin(std::future::ready(resp));
     }
-    let payload = req.take_payload();
-    Exchanging(in_place(|| {
-        super::handler::handle(req, payload, state, conn)
-    }))
+    in_place(|| super::handler::handle(req, payload, state, conn))
 }
 
 /// A request's way through the proxy, as the dispatchers take it: its response, never an
 /// error (errors are responses).
-pub(crate) struct Exchanging(Pin<Box<dyn Future<Output = HttpResponse>>>);
+pub(crate) struct Exchanging(Exchange);
 
 impl Future for Exchanging {
     type Output = Result<Response<BoxBody>, actix_web::Error>;
