@@ -174,6 +174,9 @@ pub(crate) async fn exchange(
     // A 204 that announces a body (it may have none, RFC 9110 15.3.5) is from an upstream
     // whose next bytes cannot be trusted to start the next response: were they a body sent
     // anyway, the next request on the connection would get them as its answer.
+    if let Framing::Chunked(_) = framing {
+        check_buffered_chunks(&conn.buf)?;
+    }
     let bodiless_204_with_a_body =
         status == 204 && matches!(head.framing, Framing::Length(1..) | Framing::Chunked(_));
     let reusable = head.keep_alive
@@ -782,20 +785,7 @@ fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, H1Error> {
                 }
                 return Ok(Step::Need);
             };
-            let line = &buf[..end];
-            let size_part = line
-                .split(|b| *b == b';')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii_end();
-            if size_part.is_empty()
-                || size_part.len() > 15
-                || !size_part.iter().all(u8::is_ascii_hexdigit)
-            {
-                return Err(H1Error::Invalid("invalid chunk size"));
-            }
-            let size = u64::from_str_radix(std::str::from_utf8(size_part).unwrap_or("x"), 16)
-                .map_err(|_| H1Error::Invalid("invalid chunk size"))?;
+            let size = chunk_size(&buf[..end])?;
             buf.advance(end + 2);
             Ok(Step::State(if size == 0 {
                 Chunk::Trailers
@@ -850,6 +840,54 @@ fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, H1Error> {
             }
             buf.advance(end + 4);
             Ok(Step::End(Some(map)))
+        }
+    }
+}
+
+/// The size on a chunk's `size[;ext]` line (without its CRLF).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let size_part = line
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii_end();
+    if size_part.is_empty() || size_part.len() > 15 || !size_part.iter().all(u8::is_ascii_hexdigit)
+    {
+        return Err(H1Error::Invalid("invalid chunk size"));
+    }
+    u64::from_str_radix(std::str::from_utf8(size_part).unwrap_or("x"), 16)
+        .map_err(|_| H1Error::Invalid("invalid chunk size"))
+}
+
+/// Checks the chunks that `buf` (the bytes read past the head) already holds, without taking
+/// them: a body that came with its head and is broken fails the exchange (a 502) instead of
+/// failing once its head is relayed, when the client could only be cut off. What has not come
+/// yet is checked as it is decoded.
+fn check_buffered_chunks(buf: &[u8]) -> Result<(), H1Error> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let Some(end) = find_crlf(rest) else {
+            if rest.len() > MAX_CHUNK_LINE {
+                return Err(H1Error::Invalid("chunk size line too long"));
+            }
+            return Ok(());
+        };
+        let size = chunk_size(&rest[..end])?;
+        if size == 0 {
+            // Trailers are checked as they are decoded.
+            return Ok(());
+        }
+        let Some(data_end) = usize::try_from(size)
+            .ok()
+            .and_then(|n| (at + end + 2).checked_add(n))
+        else {
+            return Ok(());
+        };
+        match buf.get(data_end..data_end.saturating_add(2)) {
+            Some(b"\r\n") => at = data_end + 2,
+            Some(_) => return Err(H1Error::Invalid("chunk data not followed by CRLF")),
+            None => return Ok(()),
         }
     }
 }
@@ -1217,9 +1255,78 @@ mod tests {
             vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n"],
         ] {
             let (out, _) = run(pieces.clone(), true, get("/")).await;
-            let (_, body) = out.unwrap();
-            assert!(body.is_err(), "{:?}", String::from_utf8_lossy(pieces[0]));
+            // A broken chunk that came with the head fails the exchange itself.
+            let failed = out.map_or(true, |(_, body)| body.is_err());
+            assert!(failed, "{:?}", String::from_utf8_lossy(pieces[0]));
         }
+    }
+
+    #[tokio::test]
+    async fn a_broken_chunk_that_came_with_the_head_fails_before_the_head_is_relayed() {
+        for response in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n10000000000000000\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabcde",
+        ] {
+            let (out, _) = run(vec![response], false, get("/")).await;
+            assert!(
+                matches!(out, Err(H1Error::Invalid(_))),
+                "{:?}",
+                String::from_utf8_lossy(response)
+            );
+        }
+        // Whole and good, or good as far as it came: the head is handed on.
+        for (response, body) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"[..],
+                &b"hello!"[..],
+            ),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", b"hel"),
+        ] {
+            let (out, _) = run(vec![response], true, get("/")).await;
+            let (_, got) = out.expect("the head is relayed");
+            match got {
+                Ok(c) => assert_eq!(&c.to_bytes()[..], body),
+                // Cut short by the close: an error, but only once the head went on.
+                Err(_) => assert!(body.len() < 6),
+            }
+        }
+    }
+
+    #[test]
+    fn buffered_chunks_are_checked_as_far_as_they_came() {
+        for ok in [
+            &b""[..],
+            b"5",
+            b"5\r\nhel",
+            b"5\r\nhello",
+            b"5\r\nhello\r",
+            b"5\r\nhello\r\n0\r\nx-t: 1\r\n",
+            b"a\r\n0123456789\r\n0\r\n\r\n",
+            b"fffffffffffffff\r\nab",
+        ] {
+            assert!(
+                check_buffered_chunks(ok).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(ok)
+            );
+        }
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloXY",
+            b"1\r\na\r\n2\r\nabc\r\n",
+            b"1000000000000000\r\n",
+        ] {
+            assert!(
+                check_buffered_chunks(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(check_buffered_chunks(&long).is_err());
     }
 
     #[tokio::test]
