@@ -325,6 +325,61 @@ async fn body_over_the_limit_is_413_by_length_and_while_streaming() {
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
 }
 
+/// Reads from `s` until `end` has been seen (or 5 s pass): what came.
+fn read_until(s: &mut std::net::TcpStream, end: &str) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(end) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn expect_100_continue_is_answered_by_the_route_before_the_body_is_sent() {
+    use std::io::Write;
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "max_body_size = \"1KiB\"")));
+    // Announced over the limit: the 413 instead of `100 Continue`, so the client never starts
+    // sending what would be refused.
+    let resp = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\nExpect: 100-continue\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(!resp.contains("100 Continue"), "{resp}");
+    // Within the limit, read whole (it can be sent again), or streamed (chunked, read by a task
+    // of its own): `100 Continue` first, then the body goes through.
+    for (framing, body) in [
+        ("Content-Length: 5", "hello"),
+        ("Transfer-Encoding: chunked", "5\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        let head =
+            format!("POST /up HTTP/1.1\r\nHost: a\r\n{framing}\r\nExpect: 100-continue\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let interim = read_until(&mut s, "\r\n\r\n");
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n", "{framing}");
+        s.write_all(body.as_bytes()).unwrap();
+        let resp = read_until(&mut s, "hello\"");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{framing}: {resp}");
+        assert!(resp.contains("\"body\":\"hello\""), "{framing}: {resp}");
+    }
+    // No route, no body wanted: the 404 alone.
+    let gw = Gateway::start(&[("routes/none.toml", "")]);
+    let resp = raw(
+        gw.addr,
+        b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+}
+
 #[test]
 fn oversized_header_block_is_431() {
     let be = Backend::echo();
@@ -374,6 +429,24 @@ fn upstream_with_both_framing_headers_is_502() {
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+}
+
+/// A broken chunked body that comes with its head is a 502, not a response cut off before any
+/// of it reached the client.
+#[test]
+fn upstream_chunks_broken_in_the_first_read_are_502() {
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nfffffffffffffffff\r\n",
+    ] {
+        let be = raw_backend(response);
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    }
 }
 
 #[test]
