@@ -371,6 +371,16 @@ fn expect_100_continue_is_answered_by_the_route_before_the_body_is_sent() {
         assert!(resp.starts_with("HTTP/1.1 200"), "{framing}: {resp}");
         assert!(resp.contains("\"body\":\"hello\""), "{framing}: {resp}");
     }
+    // The method the gateway marks a continued exchange with, sent by a client: served as any.
+    let resp = raw(
+        gw.addr,
+        b"RUSTYGATE-CONTINUED /m HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.contains("\"method\":\"RUSTYGATE-CONTINUED\""),
+        "{resp}"
+    );
     // No route, no body wanted: the 404 alone.
     let gw = Gateway::start(&[("routes/none.toml", "")]);
     let resp = raw(

@@ -82,6 +82,9 @@ impl Stream for Wanted {
 /// go on with.
 pub(crate) struct Continued(pub(crate) Exchange);
 
+/// The method of that request, so that the main service looks for an exchange only there.
+pub(crate) const CONTINUED: &str = "RUSTYGATE-CONTINUED";
+
 /// The expect service's future: `Ok` (actix-http writes `100 Continue`) when the body is
 /// wanted, the answer as `Err` when the exchange answered first.
 pub(crate) struct Expecting {
@@ -101,7 +104,10 @@ impl Future for Expecting {
             return Poll::Ready(Err(resp.into()));
         }
         if self.asked.yes.get() {
-            let req = Request::new();
+            let mut req = Request::new();
+            if let Ok(m) = actix_http::Method::from_bytes(CONTINUED.as_bytes()) {
+                req.head_mut().method = m;
+            }
             if let Some(exchange) = self.exchange.take() {
                 req.extensions_mut().insert(Continued(exchange));
             }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::WorkerState;
-use super::expect::Continued;
+use super::expect::{CONTINUED, Continued};
 use super::listener::{TlsInfo, conn_info};
 use crate::proxy::headers::ClientCert;
 use crate::snapshot::SnapshotStore;
@@ -129,8 +129,12 @@ fn client_cert(der: &[u8]) -> Option<ClientCert> {
 /// moves per request is a pointer rather than the whole exchange's state (kilobytes, copied
 /// with every request).
 pub(crate) fn entry(mut req: Request, state: web::Data<WorkerState>) -> Exchanging {
-    // A request whose exchange began in the expect service (`Expect: 100-continue`).
-    if let Some(Continued(exchange)) = req.extensions_mut().remove::<Continued>() {
+    // A request whose exchange began in the expect service (`Expect: 100-continue`): a method
+    // check first, which costs the other requests nothing like an extensions lookup. A client
+    // that sends this method itself has no exchange there and is served as any other.
+    if req.method().as_str() == CONTINUED
+        && let Some(Continued(exchange)) = req.extensions_mut().remove::<Continued>()
+    {
         return Exchanging(exchange);
     }
     let payload = req.take_payload();
