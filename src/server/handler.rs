@@ -421,11 +421,11 @@ pub(crate) async fn handle(
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let client = client_ip(
-        peer,
-        heads.get_all(&AX_FORWARDED_FOR).map(|v| v.as_bytes()),
-        &snapshot.client_ip,
-    );
+    // Looked up only if read: only from a trusted proxy.
+    let forwarded_for = std::iter::once(())
+        .flat_map(|()| heads.get_all(&AX_FORWARDED_FOR))
+        .map(|v| v.as_bytes());
+    let client = client_ip(peer, forwarded_for, &snapshot.client_ip);
     let (host, host_check) = host_of(&req);
     let trace = snapshot
         .tracing
@@ -462,7 +462,12 @@ pub(crate) async fn handle(
         conn,
         grpc: is_grpc(&req),
         grpc_status: None,
-        trailers: req.extensions().get::<Trailers>().cloned(),
+        // Only the HTTP/2 server sets them: no extensions lookup for the others.
+        trailers: if req.version() == actix_web::http::Version::HTTP_2 {
+            req.extensions().get::<Trailers>().cloned()
+        } else {
+            None
+        },
         trace,
         plugin_stop: None,
         recorded: std::cell::Cell::new(false),
@@ -472,9 +477,10 @@ pub(crate) async fn handle(
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
         return ex.error(414, "the request target is too long");
     }
-    if let Err(why) = check_request(&req).and(host_check) {
-        return ex.error(400, why);
-    }
+    let framing = match (check_request(&req), host_check) {
+        (Ok(f), Ok(())) => f,
+        (Err(why), _) | (Ok(_), Err(why)) => return ex.error(400, why),
+    };
     let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
         Ok(p) => p,
         Err(PathError::NotOriginForm)
@@ -639,7 +645,7 @@ pub(crate) async fn handle(
         f.query = Some(q);
     }
     match plan {
-        Plan::Forward(f) => forward(ex, &req, payload, &state, route, f).await,
+        Plan::Forward(f) => forward(ex, &req, payload, &state, route, f, framing).await,
         other => answer(&ex, &state, other),
     }
 }
@@ -685,19 +691,34 @@ fn client_headers(req: &Request, inbound: crate::proxy::headers::Inbound<'_>) ->
 /// default (8 KiB for the whole request line), as CDNs allow: longer URLs break along the way.
 const MAX_REQUEST_TARGET: usize = 16 * 1024;
 
-/// Framing and header checks actix does not make itself (SECURITY.md).
-fn check_request(req: &Request) -> Result<(), &'static str> {
+/// What the request's framing fields say, read once for all who need them.
+#[derive(Clone, Copy)]
+struct Framing {
+    /// A `Transfer-Encoding` field is there (actix-http takes only `chunked`).
+    transfer_encoding: bool,
+    /// The `Content-Length`, if any (`Err`: not a length).
+    length: Result<Option<u64>, ()>,
+}
+
+/// Framing and header checks actix does not make itself (SECURITY.md), and the framing.
+fn check_request(req: &Request) -> Result<Framing, &'static str> {
     let h = req.headers();
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         return Err("the request target must be a path");
     }
-    if h.contains_key(ax::TRANSFER_ENCODING) && h.contains_key(ax::CONTENT_LENGTH) {
+    let transfer_encoding = h.contains_key(ax::TRANSFER_ENCODING);
+    let mut lengths = h.get_all(ax::CONTENT_LENGTH);
+    let length = lengths.next();
+    if transfer_encoding && length.is_some() {
         return Err("both Transfer-Encoding and Content-Length are set");
     }
-    if h.get_all(ax::CONTENT_LENGTH).count() > 1 {
+    if lengths.next().is_some() {
         return Err("more than one Content-Length header");
     }
-    Ok(())
+    Ok(Framing {
+        transfer_encoding,
+        length: length.map_or(Ok(None), |v| content_length(v).map(Some)),
+    })
 }
 
 /// The host the request is routed by (see [`routing_host`]), with what is wrong with its `Host`
@@ -875,6 +896,7 @@ async fn forward(
     state: &WorkerState,
     route: &Route,
     mut plan: decide::Forward,
+    framing: Framing,
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
     ex.upstream = Some(Arc::clone(&upstream));
@@ -884,7 +906,7 @@ async fn forward(
         Ok(h) => h == websocket::Handshake::WebSocket,
         Err(why) => return ex.error(400, why),
     };
-    let declared_len = match content_length(req) {
+    let declared_len = match framing.length {
         Ok(n) => n,
         Err(()) => return ex.error(400, "invalid Content-Length"),
     };
@@ -908,7 +930,7 @@ async fn forward(
     } else if let Some(filter) = plan
         .plugins
         .as_ref()
-        .filter(|_| has_body(req, declared_len))
+        .filter(|_| has_body(req, framing.transfer_encoding, declared_len))
         .and_then(|p| p.request_body(route.max_body_size))
     {
         // Boxed: only requests whose body a plugin reads pay for this future's size.
@@ -925,7 +947,7 @@ async fn forward(
             payload,
             state,
             route,
-            declared_len,
+            (declared_len, framing.transfer_encoding),
             replay_limit,
         )
         .await
@@ -1113,10 +1135,10 @@ async fn outgoing_body(
     payload: Payload,
     state: &WorkerState,
     route: &Route,
-    declared_len: Option<u64>,
+    (declared_len, transfer_encoding): (Option<u64>, bool),
     replay_limit: Option<u64>,
 ) -> Result<Outgoing, HttpResponse> {
-    if !has_body(req, declared_len) {
+    if !has_body(req, transfer_encoding, declared_len) {
         return Ok(Outgoing::Empty);
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
@@ -1156,10 +1178,12 @@ async fn outgoing_body(
 
 /// Whether the request has a body to send (a declared length over 0, chunked, or an HTTP/2
 /// stream that did not end with its headers).
-fn has_body(req: &Request, declared_len: Option<u64>) -> bool {
+fn has_body(req: &Request, transfer_encoding: bool, declared_len: Option<u64>) -> bool {
     declared_len.is_some_and(|n| n > 0)
-        || req.headers().contains_key(ax::TRANSFER_ENCODING)
-        || (declared_len.is_none() && req.extensions().contains::<super::h2::StreamedBody>())
+        || transfer_encoding
+        || (declared_len.is_none()
+            && req.version() == actix_web::http::Version::HTTP_2
+            && req.extensions().contains::<super::h2::StreamedBody>())
 }
 
 /// When the whole exchange must be over: the route's or upstream's total timeout, or a gRPC
@@ -1436,17 +1460,12 @@ fn request_hash(key: &HashKey, req: &Request, ex: &Exchange) -> Option<u64> {
     }
 }
 
-fn content_length(req: &Request) -> Result<Option<u64>, ()> {
-    match req.headers().get(ax::CONTENT_LENGTH) {
-        None => Ok(None),
-        Some(v) => {
-            let s = v.to_str().map_err(|_| ())?;
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(());
-            }
-            s.parse().map(Some).map_err(|_| ())
-        }
+fn content_length(v: &ax::HeaderValue) -> Result<u64, ()> {
+    let s = v.to_str().map_err(|_| ())?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
     }
+    s.parse().map_err(|_| ())
 }
 
 fn convert_method(m: &actix_web::http::Method) -> http::Method {
