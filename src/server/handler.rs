@@ -402,12 +402,14 @@ fn status_code(s: u16) -> StatusCode {
     StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// Entry point for every request on the proxy listener.
+/// Entry point for every request on the proxy listener. `conn`: the connection's facts;
+/// `conn_state`: what an HTTP/1.1 connection shares with its requests.
 pub(crate) async fn handle(
     req: Request,
     payload: Payload,
     state: web::Data<WorkerState>,
     conn: Option<Rc<ConnInfo>>,
+    conn_state: Option<Rc<ConnState>>,
 ) -> HttpResponse {
     let started = Instant::now();
     let snapshot = state.store.load();
@@ -455,8 +457,8 @@ pub(crate) async fn handle(
         in_flight: None,
         slot: None,
         buffered: None,
-        busy: req
-            .conn_data::<Rc<ConnState>>()
+        busy: conn_state
+            .as_ref()
             .map(|c| c.begin(matches!(payload, Payload::None) && !req.upgrade())),
         scheme: conn.as_ref().map_or("http", |c| c.scheme()),
         conn,

@@ -81,12 +81,9 @@ pub(crate) struct TlsInfo {
     pub client_cert: Option<ClientCert>,
 }
 
-/// The connection facts of a request: the HTTP/1 connection's data, else the request's
-/// extensions (where the HTTP/2 server puts them). `None` only outside the proxy listeners.
+/// The connection facts of an HTTP/2 request, in its extensions (where the HTTP/2 server puts
+/// them; an HTTP/1 request finds them in its connection's [`ConnState`]).
 pub(crate) fn conn_info(req: &actix_http::Request) -> Option<Rc<ConnInfo>> {
-    if let Some(i) = req.conn_data::<Rc<ConnInfo>>() {
-        return Some(Rc::clone(i));
-    }
     actix_web::HttpMessage::extensions(req)
         .get::<Rc<ConnInfo>>()
         .cloned()
@@ -283,6 +280,8 @@ pub(crate) struct ConnState {
     bodyless: Cell<bool>,
     /// [`ClientIo`] holds bytes of pipelined requests: wake it when a request ends.
     holding: Cell<bool>,
+    /// The connection's facts, here too so that a request finds both in one lookup.
+    info: Rc<ConnInfo>,
 }
 
 impl ConnState {
@@ -290,6 +289,7 @@ impl ConnState {
         header_timeout: Duration,
         keep_alive: Option<Duration>,
         timeouts: prometheus::IntCounter,
+        info: Rc<ConnInfo>,
     ) -> Self {
         Self {
             header_timeout,
@@ -303,7 +303,13 @@ impl ConnState {
             ended: Cell::new(0),
             bodyless: Cell::new(false),
             holding: Cell::new(false),
+            info,
         }
+    }
+
+    /// The connection's facts.
+    pub fn info(&self) -> &Rc<ConnInfo> {
+        &self.info
     }
 
     /// Ends the connection as soon as the current response is out, whatever the client still
@@ -394,7 +400,6 @@ impl Drop for Busy {
 pub(crate) struct ClientIo {
     io: Stream,
     state: Rc<ConnState>,
-    info: Rc<ConnInfo>,
     timer: Option<Pin<Box<Sleep>>>,
     /// The task the timer last registered a wake-up for, while it has not fired since.
     timer_wakes: Option<Waker>,
@@ -487,7 +492,7 @@ impl ClientIo {
     }
 
     pub fn info(&self) -> &Rc<ConnInfo> {
-        &self.info
+        &self.state.info
     }
 
     /// The stream and its place under the connection limits, for a protocol that times its
@@ -782,8 +787,8 @@ pub(crate) fn client_io(
             header_timeout,
             keep_alive,
             metrics.client_timeouts.with_label_values(&["header"]),
+            Rc::new(info),
         )),
-        info: Rc::new(info),
         timer: None,
         timer_wakes: None,
         timed_out: false,

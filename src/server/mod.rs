@@ -264,8 +264,8 @@ pub fn start(
             // `100 Continue` only once the body is wanted (see `expect`).
             .expect(expect)
             .on_connect_ext(|io: &listener::ClientIo, ext| {
+                // Its facts too: `ConnState::info`.
                 ext.insert(std::rc::Rc::clone(io.state()));
-                ext.insert(std::rc::Rc::clone(io.info()));
             })
             .finish(proxy());
         let store = Arc::clone(&proxy_store);

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::WorkerState;
 use super::expect::{CONTINUED, Continued};
-use super::listener::{TlsInfo, conn_info};
+use super::listener::{ConnState, TlsInfo, conn_info};
 use crate::proxy::headers::ClientCert;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
@@ -151,12 +152,17 @@ pub(crate) fn entry_with(
     payload: actix_http::Payload,
     state: web::Data<WorkerState>,
 ) -> Exchange {
-    let conn = conn_info(&req);
+    // An HTTP/1.1 connection's state holds its facts: one lookup finds both.
+    let conn_state = req.conn_data::<Rc<ConnState>>().cloned();
+    let conn = match &conn_state {
+        Some(c) => Some(Rc::clone(c.info())),
+        None => conn_info(&req),
+    };
     if let Some(port) = conn.as_ref().and_then(|c| c.redirect_to) {
         let resp = redirect(&req, port, &state);
         return Box::pin(std::future::ready(resp));
     }
-    in_place(|| super::handler::handle(req, payload, state, conn))
+    in_place(|| super::handler::handle(req, payload, state, conn, conn_state))
 }
 
 /// A request's way through the proxy, as the dispatchers take it: its response, never an
