@@ -119,6 +119,25 @@ fn the_example_plugin_tags_responses_tells_the_upstream_and_can_deny() {
             Backend::echoed_header(&echo, "content-length").as_deref(),
             Some("10")
         );
+
+        // A body of a megabyte fits in the default instruction budget (the example's search
+        // once ran out of it at ~300 KB and answered 500): text full of near misses goes
+        // through whole, and the text at its very end is found.
+        let filler = "{\"note\": \"DROP TABL\", \"id\": 12345}, ".repeat(1024 * 1024 / 36);
+        let big = |tail: &str| {
+            http::Request::post(gw.url("/orders"))
+                .body(full(format!("{filler}{tail}")))
+                .unwrap()
+        };
+        let fine = send(big("")).await;
+        assert_eq!(fine.status, 200, "{}", fine.text());
+        assert_eq!(
+            fine.json()["body"].as_str().map(str::len),
+            Some(filler.len())
+        );
+        let denied = send(big("DROP TABLE")).await;
+        assert_eq!(denied.status, 403, "{}", denied.text());
+        assert_eq!(denied.text(), "denied by plugin (body)\n");
     });
 }
 
