@@ -353,6 +353,59 @@ async fn handshakes_with_a_body_or_another_method_are_refused() {
     assert!(be.events.recv_timeout(Duration::from_millis(200)).is_err());
 }
 
+/// A handshake that also asks `Expect: 100-continue` (no client does, but nothing forbids it)
+/// gets its 101 and its tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_that_asks_for_100_continue_still_opens_its_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let be = WsBackend::start();
+    let gw = gateway(&be.url(), "");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Expect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let head_end = loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(at) = text.find("HTTP/1.1 101")
+            && let Some(end) = text[at..].find("\r\n\r\n")
+        {
+            break at + end + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the 101 within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let before = String::from_utf8_lossy(&got[..head_end]).into_owned();
+    // The handshake has no body to wait for: no `100 Continue` (which WebSocket clients would
+    // take for the handshake's answer), the 101 alone.
+    assert!(before.starts_with("HTTP/1.1 101"), "{before}");
+    // A masked text frame "hi"; the echo comes back unmasked.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 2];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hi".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    s.write_all(&frame).await.unwrap();
+    let mut echo = got[head_end..].to_vec();
+    while echo.len() < 4 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the echo within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the echo");
+        echo.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&echo[..4], &[0x81, 2, b'h', b'i']);
+}
+
 // ---- tunnels ending badly ----
 
 #[tokio::test(flavor = "multi_thread")]
