@@ -912,6 +912,7 @@ async fn forward(
         Ok(n) => n,
         Err(()) => return ex.error(400, "invalid Content-Length"),
     };
+    let has_body = has_body(req, framing.transfer_encoding, declared_len);
     if declared_len.is_some_and(|n| n > route.max_body_size) {
         return ex.error(413, "request body is larger than this route accepts");
     }
@@ -932,7 +933,7 @@ async fn forward(
     } else if let Some(filter) = plan
         .plugins
         .as_ref()
-        .filter(|_| has_body(req, framing.transfer_encoding, declared_len))
+        .filter(|_| has_body)
         .and_then(|p| p.request_body(route.max_body_size))
     {
         // Boxed: only requests whose body a plugin reads pay for this future's size.
@@ -945,11 +946,11 @@ async fn forward(
         let replay_limit = may_resend.then_some(retry.replay_body_limit);
         match outgoing_body(
             &mut ex,
-            req,
             payload,
             state,
             route,
-            (declared_len, framing.transfer_encoding),
+            declared_len,
+            has_body,
             replay_limit,
         )
         .await
@@ -1127,20 +1128,21 @@ async fn forward(
     }
 }
 
-/// The request body as the attempts will send it: none; read whole first, when the request may
-/// be sent again and its declared length (already checked against the route's limit) is within
-/// `replay_limit` (counted against the worker's cap before a byte is read); or streamed from the client, sent once. `Err` is the
-/// answer when the body is refused or cannot be read.
+/// The request body as the attempts will send it: none (`has_body`: [`has_body`]); read whole
+/// first, when the request may be sent again and its declared length (already checked against
+/// the route's limit) is within `replay_limit` (counted against the worker's cap before a byte
+/// is read); or streamed from the client, sent once. `Err` is the answer when the body is
+/// refused or cannot be read.
 async fn outgoing_body(
     ex: &mut Exchange,
-    req: &Request,
     payload: Payload,
     state: &WorkerState,
     route: &Route,
-    (declared_len, transfer_encoding): (Option<u64>, bool),
+    declared_len: Option<u64>,
+    has_body: bool,
     replay_limit: Option<u64>,
 ) -> Result<Outgoing, HttpResponse> {
-    if !has_body(req, transfer_encoding, declared_len) {
+    if !has_body {
         return Ok(Outgoing::Empty);
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
