@@ -179,9 +179,7 @@ impl Future for Exchanging {
 
 /// `make()`'s future in a box allocated before it is built, so that the compiler can build it
 /// there instead of on the stack and then copy its kilobytes over.
-fn in_place<F: Future<Output = HttpResponse> + 'static>(
-    make: impl FnOnce() -> F,
-) -> Pin<Box<dyn Future<Output = HttpResponse>>> {
+fn in_place<F: Future<Output = HttpResponse> + 'static>(make: impl FnOnce() -> F) -> Exchange {
     let slot = Box::<F>::new_uninit();
     let built: Box<F> = Box::write(slot, make());
     Box::into_pin(built)
