@@ -390,6 +390,68 @@ fn expect_100_continue_is_answered_by_the_route_before_the_body_is_sent() {
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
 }
 
+/// A chunked request body that breaks the chunked grammar gets `400` and the connection
+/// closes, whether the bad bytes come with the head, in a later read, after good chunks or
+/// after `100 Continue`. actix-http alone took such a body for a client that had left and
+/// closed the connection without an answer.
+#[test]
+fn malformed_chunked_request_bodies_are_400() {
+    use std::io::{Read, Write};
+    let be = Backend::echo();
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let head = "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n";
+    let cases: &[(&str, &[&str])] = &[
+        ("bad size with the head", &["\r\nzz\r\nhello\r\n0\r\n\r\n"]),
+        ("data not followed by CRLF", &["\r\n5\r\nhelloXX0\r\n\r\n"]),
+        ("bad size in a later read", &["\r\n", "zz\r\n"]),
+        ("after a good chunk", &["\r\n5\r\nhello\r\n", "3\r\nabcXX"]),
+        ("bare LF after the size", &["\r\n", "5\nhello\r\n0\r\n\r\n"]),
+        (
+            "after 100 Continue",
+            &["Expect: 100-continue\r\n\r\n", "5\r\nhello\r\nq\r\n"],
+        ),
+    ];
+    for (name, parts) in cases {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        for (i, part) in parts.iter().enumerate() {
+            s.write_all(part.as_bytes()).unwrap();
+            if i == 0 && part.contains("Expect") {
+                assert_eq!(
+                    read_until(&mut s, "\r\n\r\n"),
+                    "HTTP/1.1 100 Continue\r\n\r\n"
+                );
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        let mut resp = Vec::new();
+        // The connection closes after the answer: read to its end.
+        let _ = s.read_to_end(&mut resp);
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{name}: {resp:?}");
+        assert!(resp.contains("connection: close"), "{name}: {resp:?}");
+        assert_eq!(resp.matches("HTTP/1.1").count(), 1, "{name}: {resp:?}");
+    }
+    // Well-formed bodies, however they are cut, still go through, with extensions and
+    // trailers.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    for part in [head, "\r\n5;x=1\r\nhe", "llo\r\n0\r", "\nx-t: 1\r\n\r\n"] {
+        s.write_all(part.as_bytes()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    let resp = read_until(&mut s, "hello\"");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let resp = raw(
+        gw.addr,
+        format!("{head}Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"body\":\"hello\""), "{resp}");
+}
+
 #[test]
 fn oversized_header_block_is_431() {
     let be = Backend::echo();

@@ -159,9 +159,14 @@ const CLIENT_CLOSED: u16 = 499;
 impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.recorded.get() {
-            // The dispatcher dropped the request (its client closed or reset the connection)
-            // before any response: it may have reached the upstream, so it is logged too.
-            self.emit(CLIENT_CLOSED, 0, Err("client_gone"));
+            // The dispatcher dropped the request before any response: its client closed or
+            // reset the connection, or sent a malformed chunked body (the listener answered
+            // 400). It may have reached the upstream, so it is logged too.
+            if self.busy.as_ref().is_some_and(Busy::body_broken) {
+                self.emit(400, 0, Err("client_body"));
+            } else {
+                self.emit(CLIENT_CLOSED, 0, Err("client_gone"));
+            }
         }
         self.state.recorder.metrics().in_flight.dec();
     }

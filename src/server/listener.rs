@@ -45,6 +45,7 @@ use tokio::time::{Instant, Sleep};
 use crate::proxy::headers::ClientCert;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
+use crate::wire::chunked::{ChunkCheck, Fed};
 
 /// Facts about one client connection, shared by its requests. Inserted per connection by
 /// `on_connect_ext` (HTTP/1) or into each request's extensions (HTTP/2); read with
@@ -156,6 +157,18 @@ impl AsyncWrite for Stream {
 /// Written to a client whose next request head did not arrive in time.
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The answer to a request whose chunked body breaks the chunked grammar.
+const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
+content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
+
+/// The most of a request head cut across reads kept to find its end. Each read rescans what
+/// is kept, so a client sending a long head a byte at a time costs a bounded scan per read;
+/// the body of a longer head cut across reads is left to actix-http alone.
+const MAX_PARTIAL_HEAD: usize = 8 * 1024;
+
+/// What actix-http writes for `Expect: 100-continue`: not yet the request's response.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Open client connections, process-wide (all workers), for the connection limits.
 #[derive(Default)]
@@ -280,6 +293,9 @@ pub(crate) struct ConnState {
     bodyless: Cell<bool>,
     /// [`ClientIo`] holds bytes of pipelined requests: wake it when a request ends.
     holding: Cell<bool>,
+    /// The request's chunked body broke the chunked grammar: [`ClientIo`] has answered `400`
+    /// (when no response had begun) and ends the connection.
+    body_broken: Cell<bool>,
     /// The connection's facts, here too so that a request finds both in one lookup.
     info: Rc<ConnInfo>,
 }
@@ -303,6 +319,7 @@ impl ConnState {
             ended: Cell::new(0),
             bodyless: Cell::new(false),
             holding: Cell::new(false),
+            body_broken: Cell::new(false),
             info,
         }
     }
@@ -374,6 +391,11 @@ impl Busy {
     pub fn close_connection(&self) {
         self.0.close();
     }
+
+    /// Whether the request's chunked body was malformed (its client has been told `400`).
+    pub fn body_broken(&self) -> bool {
+        self.0.body_broken.get()
+    }
 }
 
 impl Drop for Busy {
@@ -406,6 +428,17 @@ pub(crate) struct ClientIo {
     timed_out: bool,
     /// Pipelined requests, read but not yet given to the dispatcher (see [`Pipelined`]).
     held: Pipelined,
+    /// The request's chunked body as far as it has been read, when its first read began with
+    /// its head (see [`ClientIo::check_chunks`]).
+    chunks: Option<ChunkCheck>,
+    /// The start of a request head that did not come whole in its first read, kept (up to
+    /// [`MAX_PARTIAL_HEAD`]) to find where its body starts.
+    partial_head: Vec<u8>,
+    /// Bytes of the request's response (not a `100 Continue`) have been written.
+    responded: bool,
+    /// The gateway answered a malformed body itself: end of input for the dispatcher, and
+    /// nothing it writes afterwards goes out.
+    answered: bool,
     _guard: ConnGuard,
 }
 
@@ -434,16 +467,46 @@ fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
     is_plain_bodyless(&bytes[..end]).then_some(end)
 }
 
-/// Where the first head in `bytes` ends (after its empty line), if it does. Every request's
-/// first read is looked at: line feeds are found eight bytes at a time (a word XORed with
-/// `\n`s has a zero byte where one was; the test may also flag a byte after a real one, which
-/// the check of the four bytes ending there rules out). A substring search cost ~390
-/// instructions a request to set up, `memchr` per line feed ~270.
+/// Where the first head in `bytes` ends (after its empty line), if it does.
 fn head_end(bytes: &[u8]) -> Option<usize> {
+    scan_head(bytes).map(|h| h.end)
+}
+
+/// A whole head found at the start of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    /// Just past its empty line.
+    end: usize,
+    /// One of its lines starts with `transfer-encoding:` (in any case).
+    transfer_encoding: bool,
+}
+
+/// Finds the first head in `bytes` (see [`Head`]). Every request's first read is looked at:
+/// line feeds are found eight bytes at a time (a word XORed with `\n`s has a zero byte where one
+/// was; the test may also flag a byte after a real one, which the check of the four bytes
+/// ending there rules out). A substring search cost ~390 instructions a request to set up,
+/// `memchr` per line feed ~270. At each line feed, one byte tells whether the next line could
+/// be `Transfer-Encoding`.
+fn scan_head(bytes: &[u8]) -> Option<Head> {
     const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    let ends_head = |i: usize| i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n";
+    const TE: &[u8] = b"transfer-encoding:";
+    let mut transfer_encoding = false;
+    let mut at_lf = |i: usize| {
+        if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
+            return Some(Head {
+                end: i + 1,
+                transfer_encoding,
+            });
+        }
+        if bytes.get(i + TE.len()) == Some(&b':')
+            && bytes[i + 1..=i + TE.len()].eq_ignore_ascii_case(TE)
+        {
+            transfer_encoding = true;
+        }
+        None
+    };
     let words = bytes.chunks_exact(8);
     let tail = bytes.len() - words.remainder().len();
     for (k, w) in words.enumerate() {
@@ -451,15 +514,37 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
         let mut found = w.wrapping_sub(ONES) & !w & HIGH;
         while found != 0 {
             let i = k * 8 + (found.trailing_zeros() / 8) as usize;
-            if ends_head(i) {
-                return Some(i + 1);
+            if bytes[i] == b'\n'
+                && let Some(head) = at_lf(i)
+            {
+                return Some(head);
             }
             found &= found - 1;
         }
     }
     (tail..bytes.len())
-        .find(|&i| bytes[i] == b'\n' && ends_head(i))
-        .map(|i| i + 1)
+        .filter(|&i| bytes[i] == b'\n')
+        .find_map(at_lf)
+}
+
+/// Whether a whole request head (ending with its empty line) gets a chunked body from
+/// actix-http's decoder: HTTP/1.1 and exactly one `Transfer-Encoding` field, `chunked`.
+fn is_chunked_request(head: &[u8]) -> bool {
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    if !lines.next().is_some_and(|l| l.ends_with(b" HTTP/1.1")) {
+        return false;
+    }
+    let mut values = lines.filter_map(|l| {
+        let (name, value) = l.split_at(l.iter().position(|&b| b == b':')?);
+        name.eq_ignore_ascii_case(b"transfer-encoding")
+            .then(|| value[1..].trim_ascii())
+    });
+    matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if v.eq_ignore_ascii_case(b"chunked")
+    )
 }
 
 /// Whether a whole request head (ending with its empty line) is a plain request without a
@@ -587,6 +672,70 @@ impl ClientIo {
         (held.gated && !held.bytes.is_empty()).then_some(Poll::Pending)
     }
 
+    /// Checks the chunked body's bytes in `buf` from `from` on before the dispatcher gets them.
+    /// actix-http takes a body that breaks the chunked grammar for a client that went away: it
+    /// drops the connection without a word, and the request is logged as 499. Here the client
+    /// is told `400` (unless its response has begun), the dispatcher gets the bytes before the
+    /// bad one and then end of input, and nothing it writes afterwards goes out. The check
+    /// starts only where a read began with the request's whole head; a head cut across reads
+    /// leaves its body to actix-http alone.
+    fn check_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        from: usize,
+        before: usize,
+    ) -> Poll<io::Result<()>> {
+        let Some(check) = &mut self.chunks else {
+            return Poll::Ready(Ok(()));
+        };
+        match check.feed(&buf.filled()[from..]) {
+            Fed::More => {}
+            Fed::Ended(_) => self.chunks = None,
+            Fed::Broken(at) => {
+                self.chunks = None;
+                buf.set_filled(from + at);
+                self.state.body_broken.set(true);
+                if !self.responded {
+                    // Like the 408: a plain socket sends it at once (nothing else is queued
+                    // before a response begins); over TLS it leaves with the dispatcher's flush.
+                    let _ = Pin::new(&mut self.io).poll_write(cx, MALFORMED_BODY);
+                }
+                self.answered = true;
+                tracing::debug!("malformed chunked request body; closing");
+                if buf.filled().len() == before {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next bytes of a head cut across reads: where in `new` its body starts (once the
+    /// head is whole; `new.len()` before), and whether that body is to be checked.
+    fn head_completed(&mut self, new: &[u8]) -> usize {
+        let had = self.partial_head.len();
+        self.partial_head.extend_from_slice(new);
+        let Some(head) = scan_head(&self.partial_head) else {
+            if self.partial_head.len() > MAX_PARTIAL_HEAD {
+                self.partial_head = Vec::new();
+            }
+            return new.len();
+        };
+        if head.transfer_encoding && is_chunked_request(&self.partial_head[..head.end]) {
+            self.chunks = Some(ChunkCheck::new());
+        }
+        self.partial_head = Vec::new();
+        head.end.saturating_sub(had)
+    }
+
+    /// Notes what the dispatcher writes: whether the request's response has begun.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if !self.responded && self.state.busy.get() > 0 && bytes != CONTINUE {
+            self.responded = true;
+        }
+    }
+
     fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
         self.state.timeouts.inc();
         let _ = io.try_write(REQUEST_TIMEOUT);
@@ -630,7 +779,10 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.timed_out || (this.state.closing.get() && this.state.busy.get() == 0) {
+        if this.timed_out
+            || this.answered
+            || (this.state.closing.get() && this.state.busy.get() == 0)
+        {
             // End of input: the dispatcher flushes what it has written, then closes.
             return Poll::Ready(Ok(()));
         }
@@ -671,6 +823,7 @@ impl AsyncRead for ClientIo {
         if res.is_pending() {
             return this.pending(cx);
         }
+        let mut body_from = before;
         if let Poll::Ready(Ok(())) = res
             && buf.filled().len() > before
             && this.state.busy.get() == 0
@@ -678,13 +831,29 @@ impl AsyncRead for ClientIo {
         {
             // A new request's first bytes as read; more requests behind it wait for it.
             let new = &buf.filled()[before..];
-            // Most reads hold one whole head: only where more follows is the head looked at.
-            if this.held.bytes.is_empty()
-                && let Some(end) = head_end(new)
-                && end < new.len()
-                && is_plain_bodyless(&new[..end])
-            {
-                this.hold(buf, before + end);
+            this.chunks = None;
+            this.partial_head.clear();
+            this.responded = false;
+            this.state.body_broken.set(false);
+            // Most reads hold one whole head: only where more follows, or the head has a
+            // `Transfer-Encoding`, is the head looked at.
+            if this.held.bytes.is_empty() {
+                match scan_head(new) {
+                    Some(head) => {
+                        let end = head.end;
+                        if end < new.len() && is_plain_bodyless(&new[..end]) {
+                            this.hold(buf, before + end);
+                        } else if head.transfer_encoding && is_chunked_request(&new[..end]) {
+                            this.chunks = Some(ChunkCheck::new());
+                            body_from = before + end;
+                        }
+                    }
+                    // A head cut across reads (rare): kept until it is whole.
+                    None if new.len() <= MAX_PARTIAL_HEAD => {
+                        this.partial_head.extend_from_slice(new)
+                    }
+                    None => {}
+                }
             }
             this.state
                 .head_deadline
@@ -692,6 +861,19 @@ impl AsyncRead for ClientIo {
             this.state.idle_deadline.set(None);
             // Creates the timer for the connection's first head; registers its wake-up.
             let _ = this.expired(cx);
+        } else if !this.partial_head.is_empty()
+            && let Poll::Ready(Ok(())) = res
+            && buf.filled().len() > before
+        {
+            if this.state.busy.get() == 0 {
+                body_from = this.head_completed(&buf.filled()[before..]) + before;
+            } else {
+                // actix-http found a head end this scan did not (bare line feeds).
+                this.partial_head = Vec::new();
+            }
+        }
+        if this.chunks.is_some() && buf.filled().len() > body_from {
+            return this.check_chunks(cx, buf, body_from, before);
         }
         res
     }
@@ -703,7 +885,13 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.answered {
+            // The client has its answer (see `check_chunks`): the dispatcher's is dropped.
+            return Poll::Ready(Ok(buf.len()));
+        }
+        this.wrote(buf);
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -711,7 +899,14 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.answered {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.wrote(first);
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -792,6 +987,10 @@ pub(crate) fn client_io(
         timer: None,
         timer_wakes: None,
         timed_out: false,
+        chunks: None,
+        partial_head: Vec::new(),
+        responded: false,
+        answered: false,
         held: Pipelined::default(),
         _guard: guard,
     }
@@ -800,6 +999,40 @@ pub(crate) fn client_io(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_request_heads_are_told_as_actix_http_tells_them() {
+        let te = |h: &[u8]| scan_head(h).map(|h| h.transfer_encoding);
+        assert_eq!(
+            te(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(true)
+        );
+        assert_eq!(
+            te(b"POST / HTTP/1.1\r\nTRANSFER-ENCODING:chunked\r\n\r\n"),
+            Some(true)
+        );
+        assert_eq!(
+            te(b"POST / HTTP/1.1\r\nx-transfer-encoding: a\r\n\r\n"),
+            Some(false)
+        );
+        assert_eq!(te(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"), Some(false));
+        assert_eq!(
+            te(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n"),
+            None
+        );
+        for (head, chunked) in [
+            (&b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..], true),
+            (b"POST / HTTP/1.1\r\ntransfer-encoding:  Chunked \r\nhost: a\r\n\r\n", true),
+            (b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", true),
+            // HTTP/1.0 ignores it; two fields, or another coding, are a 400 before any body.
+            (b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n", false),
+            (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n", false),
+            (b"POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n", false),
+            (b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n", false),
+        ] {
+            assert_eq!(is_chunked_request(head), chunked, "{}", String::from_utf8_lossy(head));
+        }
+    }
 
     #[test]
     fn a_head_ends_at_its_first_empty_line() {

@@ -6,6 +6,7 @@
 //! proxy and the health checks all build on it, so none of them has to import another to share
 //! a rule or a socket.
 
+pub mod chunked;
 pub mod connect;
 pub mod headers;
 pub mod tls;
