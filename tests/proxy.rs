@@ -404,6 +404,7 @@ fn malformed_chunked_request_bodies_are_400() {
         ("bad size with the head", &["\r\nzz\r\nhello\r\n0\r\n\r\n"]),
         ("data not followed by CRLF", &["\r\n5\r\nhelloXX0\r\n\r\n"]),
         ("bad size in a later read", &["\r\n", "zz\r\n"]),
+        ("head cut across reads", &["x-a: 1\r\n", "\r\nzz\r\n"]),
         ("after a good chunk", &["\r\n5\r\nhello\r\n", "3\r\nabcXX"]),
         ("bare LF after the size", &["\r\n", "5\nhello\r\n0\r\n\r\n"]),
         (

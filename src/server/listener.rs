@@ -428,8 +428,8 @@ pub(crate) struct ClientIo {
     timed_out: bool,
     /// Pipelined requests, read but not yet given to the dispatcher (see [`Pipelined`]).
     held: Pipelined,
-    /// The request's chunked body as far as it has been read, when its first read began with
-    /// its head (see [`ClientIo::check_chunks`]).
+    /// The request's chunked body as far as it has been read, when its head was found (see
+    /// [`ClientIo::check_chunks`]).
     chunks: Option<ChunkCheck>,
     /// The start of a request head that did not come whole in its first read, kept (up to
     /// [`MAX_PARTIAL_HEAD`]) to find where its body starts.
@@ -676,24 +676,19 @@ impl ClientIo {
     /// actix-http takes a body that breaks the chunked grammar for a client that went away: it
     /// drops the connection without a word, and the request is logged as 499. Here the client
     /// is told `400` (unless its response has begun), the dispatcher gets the bytes before the
-    /// bad one and then end of input, and nothing it writes afterwards goes out. The check
-    /// starts only where a read began with the request's whole head; a head cut across reads
-    /// leaves its body to actix-http alone.
-    fn check_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-        from: usize,
-        before: usize,
-    ) -> Poll<io::Result<()>> {
+    /// bad one and then end of input, and nothing it writes afterwards goes out. The body's
+    /// start is known from its head: whole in the request's first read, or put together from
+    /// reads up to [`MAX_PARTIAL_HEAD`]; past that the body is left to actix-http alone.
+    fn check_chunks(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, from: usize) {
         let Some(check) = &mut self.chunks else {
-            return Poll::Ready(Ok(()));
+            return;
         };
         match check.feed(&buf.filled()[from..]) {
             Fed::More => {}
             Fed::Ended(_) => self.chunks = None,
             Fed::Broken(at) => {
                 self.chunks = None;
+                // What is left of this read may be empty: end of input at once.
                 buf.set_filled(from + at);
                 self.state.body_broken.set(true);
                 if !self.responded {
@@ -703,12 +698,8 @@ impl ClientIo {
                 }
                 self.answered = true;
                 tracing::debug!("malformed chunked request body; closing");
-                if buf.filled().len() == before {
-                    return Poll::Ready(Ok(()));
-                }
             }
         }
-        Poll::Ready(Ok(()))
     }
 
     /// The next bytes of a head cut across reads: where in `new` its body starts (once the
@@ -873,7 +864,7 @@ impl AsyncRead for ClientIo {
             }
         }
         if this.chunks.is_some() && buf.filled().len() > body_from {
-            return this.check_chunks(cx, buf, body_from, before);
+            this.check_chunks(cx, buf, body_from);
         }
         res
     }
