@@ -791,3 +791,172 @@ fn pipelined_requests_around_a_head_each_get_their_own_response() {
     check_head(&mut s, "/seven");
     check_get(&mut s, "/eight-");
 }
+
+/// An upstream that reads each request on its connection with its body (`Content-Length` or
+/// chunked) and answers after 30 ms with `{path} {body bytes}` as the body.
+fn body_echo_upstream() -> SocketAddr {
+    scripted_upstream(|mut s, _| {
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 16384];
+        // Until `pending` holds `n` bytes (or the peer closed).
+        let mut fill = |s: &mut TcpStream, pending: &mut Vec<u8>, n: usize| {
+            while pending.len() < n {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(k) => pending.extend_from_slice(&buf[..k]),
+                }
+            }
+            true
+        };
+        loop {
+            let end = loop {
+                if let Some(e) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break e;
+                }
+                let want = pending.len() + 1;
+                if !fill(&mut s, &mut pending, want) {
+                    return;
+                }
+            };
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            pending.drain(..end + 4);
+            let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            let mut body = 0;
+            if let Some(n) = length {
+                if !fill(&mut s, &mut pending, n) {
+                    return;
+                }
+                pending.drain(..n);
+                body = n;
+            } else if head.contains("transfer-encoding: chunked") {
+                loop {
+                    let line_end = loop {
+                        if let Some(e) = pending.windows(2).position(|w| w == b"\r\n") {
+                            break e;
+                        }
+                        let want = pending.len() + 1;
+                        if !fill(&mut s, &mut pending, want) {
+                            return;
+                        }
+                    };
+                    let size = String::from_utf8_lossy(&pending[..line_end]).into_owned();
+                    let size =
+                        usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+                    pending.drain(..line_end + 2);
+                    if !fill(&mut s, &mut pending, size + 2) {
+                        return;
+                    }
+                    pending.drain(..size + 2);
+                    body += size;
+                    if size == 0 {
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            let text = format!("{path} {body}");
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if s.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn pipelined_requests_behind_requests_with_bodies_each_get_their_own_response() {
+    let upstream = body_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let big = "a".repeat(70_000);
+    let chunked = |p: &str, body: &str| {
+        format!(
+            "POST {p} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+    };
+    let chunked_head =
+        |p: &str| format!("POST {p} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let chunked_rest = |body: &str| format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let sized_head =
+        |p: &str, n: usize| format!("POST {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {n}\r\n\r\n");
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let last = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    // Each case: what is written (one write per piece, 20 ms apart), then the answers due, in
+    // order; the last request says `Connection: close`, which only its own response may carry.
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "a chunked body and a request behind it in one write",
+            vec![[chunked("/one", "hello"), last("/two")].concat()],
+            vec!["/one 5", "/two 0"],
+        ),
+        (
+            "a chunked head, then its body with a request behind it",
+            vec![
+                chunked_head("/one"),
+                [chunked_rest(&big), last("/two")].concat(),
+            ],
+            vec!["/one 70000", "/two 0"],
+        ),
+        (
+            "a sized head, then its body with a request behind it",
+            vec![
+                sized_head("/one", big.len()),
+                [big.clone(), last("/two")].concat(),
+            ],
+            vec!["/one 70000", "/two 0"],
+        ),
+        (
+            "a sized body cut across writes, a request behind it",
+            vec![
+                [sized_head("/one", big.len()), big[..30_000].to_owned()].concat(),
+                [big[30_000..].to_owned(), last("/two")].concat(),
+            ],
+            vec!["/one 70000", "/two 0"],
+        ),
+        (
+            "bodies and bodyless requests mixed, all behind a slow first",
+            vec![
+                chunked_head("/one"),
+                [
+                    chunked_rest(&big),
+                    get("/two"),
+                    sized_head("/three", 5),
+                    "hello".to_owned(),
+                    chunked("/four", &big),
+                    last("/five"),
+                ]
+                .concat(),
+            ],
+            vec!["/one 70000", "/two 0", "/three 5", "/four 70000", "/five 0"],
+        ),
+    ];
+    for (case, writes, answers) in cases {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        for (i, w) in writes.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.write_all(w.as_bytes()).unwrap();
+        }
+        for (i, want) in answers.iter().enumerate() {
+            let r = read_response(&mut s);
+            assert!(r.starts_with("HTTP/1.1 200"), "{case}: {want}: {r:?}");
+            assert!(
+                r.ends_with(&format!("\r\n\r\n{want}")),
+                "{case}: {want}: {r:?}"
+            );
+            let closes = r.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
+            assert_eq!(closes, i + 1 == answers.len(), "{case}: {want}: {r:?}");
+        }
+        let (rest, _) = read_to_close(&mut s, Duration::from_secs(5));
+        assert_eq!(rest, "", "{case}: nothing after the last response");
+    }
+}

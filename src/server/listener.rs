@@ -428,9 +428,9 @@ pub(crate) struct ClientIo {
     timed_out: bool,
     /// Pipelined requests, read but not yet given to the dispatcher (see [`Pipelined`]).
     held: Pipelined,
-    /// The request's chunked body as far as it has been read, when its head was found (see
-    /// [`ClientIo::check_chunks`]).
-    chunks: Option<ChunkCheck>,
+    /// The request's body as far as it has been read, when its head was found (see
+    /// [`ClientIo::check_body`]).
+    body: Option<BodyCheck>,
     /// The start of a request head that did not come whole in its first read, kept (up to
     /// [`MAX_PARTIAL_HEAD`]) to find where its body starts.
     partial_head: Vec<u8>,
@@ -479,31 +479,41 @@ struct Head {
     end: usize,
     /// One of its lines starts with `transfer-encoding:` (in any case).
     transfer_encoding: bool,
+    /// One of its lines starts with `content-length:` (in any case).
+    content_length: bool,
 }
 
 /// Finds the first head in `bytes` (see [`Head`]). Every request's first read is looked at:
 /// line feeds are found eight bytes at a time (a word XORed with `\n`s has a zero byte where one
 /// was; the test may also flag a byte after a real one, which the check of the four bytes
 /// ending there rules out). A substring search cost ~390 instructions a request to set up,
-/// `memchr` per line feed ~270. At each line feed, one byte tells whether the next line could
-/// be `Transfer-Encoding`.
+/// `memchr` per line feed ~270. At each line feed, one byte each tells whether the next line
+/// could be `Transfer-Encoding` or `Content-Length`.
 fn scan_head(bytes: &[u8]) -> Option<Head> {
     const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     const TE: &[u8] = b"transfer-encoding:";
+    const CL: &[u8] = b"content-length:";
     let mut transfer_encoding = false;
+    let mut content_length = false;
     let mut at_lf = |i: usize| {
         if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
             return Some(Head {
                 end: i + 1,
                 transfer_encoding,
+                content_length,
             });
         }
         if bytes.get(i + TE.len()) == Some(&b':')
             && bytes[i + 1..=i + TE.len()].eq_ignore_ascii_case(TE)
         {
             transfer_encoding = true;
+        }
+        if bytes.get(i + CL.len()) == Some(&b':')
+            && bytes[i + 1..=i + CL.len()].eq_ignore_ascii_case(CL)
+        {
+            content_length = true;
         }
         None
     };
@@ -545,6 +555,66 @@ fn is_chunked_request(head: &[u8]) -> bool {
         (values.next(), values.next()),
         (Some(v), None) if v.eq_ignore_ascii_case(b"chunked")
     )
+}
+
+/// Where a request's body stands, as far as the client has sent it: the listener follows each
+/// body to its end so that what comes after it (pipelined requests) waits for the request to
+/// end, as after a request without a body (see [`Pipelined`]).
+struct BodyCheck {
+    left: Left,
+    /// [`ConnState::ended`] once the body's request has ended: what follows the body is held
+    /// only while the request is in progress.
+    owner: u64,
+}
+
+enum Left {
+    /// A chunked body, checked as it passes (see [`ClientIo::check_body`]).
+    Chunks(ChunkCheck),
+    /// Bytes of a `Content-Length` body still to come.
+    Bytes(u64),
+}
+
+/// How actix-http's decoder frames the body of the whole request head `bytes` (found by
+/// [`scan_head`] as `head`): chunked, by a length, or not followed here (no body, an upgrade,
+/// `CONNECT`, or a head the decoder refuses with `400`).
+fn request_body(head: Head, bytes: &[u8]) -> Option<Left> {
+    if head.transfer_encoding {
+        return is_chunked_request(bytes).then(|| Left::Chunks(ChunkCheck::new()));
+    }
+    if !head.content_length {
+        return None;
+    }
+    content_length_of(bytes).filter(|&n| n > 0).map(Left::Bytes)
+}
+
+/// The length of the body of a whole request head that actix-http's decoder reads by
+/// `Content-Length`: one such field whose value is digits that fit in a `u64`; `None` with an
+/// `Upgrade` field (what follows a handshake is the tunnel's), `Transfer-Encoding`, or `CONNECT`.
+fn content_length_of(head: &[u8]) -> Option<u64> {
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    if lines.next()?.starts_with(b"CONNECT ") {
+        return None;
+    }
+    let mut length = None;
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            length = Some(std::str::from_utf8(value).ok()?.parse::<u64>().ok()?);
+        } else if name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            return None;
+        }
+    }
+    length
 }
 
 /// Whether a whole request head (ending with its empty line) is a plain request without a
@@ -672,34 +742,76 @@ impl ClientIo {
         (held.gated && !held.bytes.is_empty()).then_some(Poll::Pending)
     }
 
-    /// Checks the chunked body's bytes in `buf` from `from` on before the dispatcher gets them.
-    /// actix-http takes a body that breaks the chunked grammar for a client that went away: it
-    /// drops the connection without a word, and the request is logged as 499. Here the client
-    /// is told `400` (unless its response has begun), the dispatcher gets the bytes before the
-    /// bad one and then end of input, and nothing it writes afterwards goes out. The body's
-    /// start is known from its head: whole in the request's first read, or put together from
-    /// reads up to [`MAX_PARTIAL_HEAD`]; past that the body is left to actix-http alone.
-    fn check_chunks(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, from: usize) {
-        let Some(check) = &mut self.chunks else {
+    /// Follows the request body's bytes in `buf` from `from` on before the dispatcher gets
+    /// them. Where the body ends before the bytes do, the rest (the next requests) is held until
+    /// the body's request has ended: actix-http would parse the next head at once, and a
+    /// `Connection: close` in it closed the connection before its response (and went out on the
+    /// response before it). The body's start is known from its head: whole in the request's
+    /// first read, or put together from reads up to [`MAX_PARTIAL_HEAD`]; past that the body is
+    /// left to actix-http alone.
+    ///
+    /// A chunked body is checked as well. actix-http takes a body that breaks the chunked
+    /// grammar for a client that went away: it drops the connection without a word, and the
+    /// request is logged as 499. Here the client is told `400` (unless its response has begun),
+    /// the dispatcher gets the bytes before the bad one and then end of input, and nothing it
+    /// writes afterwards goes out.
+    fn check_body(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, from: usize) {
+        let Some(check) = &mut self.body else {
             return;
         };
-        match check.feed(&buf.filled()[from..]) {
-            Fed::More => {}
-            Fed::Ended(_) => self.chunks = None,
-            Fed::Broken(at) => {
-                self.chunks = None;
-                // What is left of this read may be empty: end of input at once.
-                buf.set_filled(from + at);
-                self.state.body_broken.set(true);
-                if !self.responded {
-                    // Like the 408: a plain socket sends it at once (nothing else is queued
-                    // before a response begins); over TLS it leaves with the dispatcher's flush.
-                    let _ = Pin::new(&mut self.io).poll_write(cx, MALFORMED_BODY);
-                }
-                self.answered = true;
-                tracing::debug!("malformed chunked request body; closing");
+        let new = &buf.filled()[from..];
+        let body_ends = match &mut check.left {
+            Left::Bytes(left) => {
+                let n = (*left).min(new.len() as u64);
+                *left -= n;
+                // `n` is at most `new.len()`.
+                (*left == 0).then_some(n as usize)
             }
+            Left::Chunks(chunks) => match chunks.feed(new) {
+                Fed::More => None,
+                Fed::Ended(at) => Some(at),
+                Fed::Broken(at) => {
+                    self.body = None;
+                    // What is left of this read may be empty: end of input at once.
+                    buf.set_filled(from + at);
+                    self.state.body_broken.set(true);
+                    if !self.responded {
+                        // Like the 408: a plain socket sends it at once (nothing else is queued
+                        // before a response begins); over TLS it leaves with the dispatcher's
+                        // flush.
+                        let _ = Pin::new(&mut self.io).poll_write(cx, MALFORMED_BODY);
+                    }
+                    self.answered = true;
+                    tracing::debug!("malformed chunked request body; closing");
+                    return;
+                }
+            },
+        };
+        let Some(at) = body_ends else {
+            return;
+        };
+        let owner = check.owner;
+        self.body = None;
+        if from + at < buf.filled().len() && self.state.ended.get() < owner {
+            self.hold_next(buf, from + at, owner);
         }
+    }
+
+    /// Takes what follows a request's body in `buf` (from `from` on) back from the dispatcher,
+    /// to be given once `until` requests have ended. The bytes may be held ones being given:
+    /// they go back in front of the rest.
+    fn hold_next(&mut self, buf: &mut ReadBuf<'_>, from: usize, until: u64) {
+        let held = &mut self.held;
+        let rest = &buf.filled()[from..];
+        let mut bytes = bytes::BytesMut::with_capacity(rest.len() + held.bytes.len());
+        bytes.extend_from_slice(rest);
+        bytes.extend_from_slice(&held.bytes);
+        held.bytes = bytes;
+        held.free = 0;
+        held.gated = true;
+        held.until = until;
+        buf.set_filled(from);
+        self.state.holding.set(true);
     }
 
     /// The next bytes of a head cut across reads: where in `new` its body starts (once the
@@ -713,9 +825,10 @@ impl ClientIo {
             }
             return new.len();
         };
-        if head.transfer_encoding && is_chunked_request(&self.partial_head[..head.end]) {
-            self.chunks = Some(ChunkCheck::new());
-        }
+        self.body = request_body(head, &self.partial_head[..head.end]).map(|left| BodyCheck {
+            left,
+            owner: self.state.ended.get() + 1,
+        });
         self.partial_head = Vec::new();
         head.end.saturating_sub(had)
     }
@@ -822,29 +935,32 @@ impl AsyncRead for ClientIo {
         {
             // A new request's first bytes as read; more requests behind it wait for it.
             let new = &buf.filled()[before..];
-            this.chunks = None;
+            this.body = None;
             this.partial_head.clear();
             this.responded = false;
             this.state.body_broken.set(false);
             // Most reads hold one whole head: only where more follows, or the head has a
-            // `Transfer-Encoding`, is the head looked at.
-            if this.held.bytes.is_empty() {
-                match scan_head(new) {
-                    Some(head) => {
-                        let end = head.end;
-                        if end < new.len() && is_plain_bodyless(&new[..end]) {
-                            this.hold(buf, before + end);
-                        } else if head.transfer_encoding && is_chunked_request(&new[..end]) {
-                            this.chunks = Some(ChunkCheck::new());
-                            body_from = before + end;
-                        }
+            // `Transfer-Encoding` or `Content-Length`, is the head looked at further.
+            match scan_head(new) {
+                Some(head) => {
+                    let end = head.end;
+                    // Held bytes being given go out one bodyless request at a time already.
+                    if end < new.len()
+                        && this.held.bytes.is_empty()
+                        && is_plain_bodyless(&new[..end])
+                    {
+                        this.hold(buf, before + end);
+                    } else if let Some(left) = request_body(head, &new[..end]) {
+                        this.body = Some(BodyCheck {
+                            left,
+                            owner: this.state.ended.get() + 1,
+                        });
+                        body_from = before + end;
                     }
-                    // A head cut across reads (rare): kept until it is whole.
-                    None if new.len() <= MAX_PARTIAL_HEAD => {
-                        this.partial_head.extend_from_slice(new)
-                    }
-                    None => {}
                 }
+                // A head cut across reads (rare): kept until it is whole.
+                None if new.len() <= MAX_PARTIAL_HEAD => this.partial_head.extend_from_slice(new),
+                None => {}
             }
             this.state
                 .head_deadline
@@ -863,8 +979,8 @@ impl AsyncRead for ClientIo {
                 this.partial_head = Vec::new();
             }
         }
-        if this.chunks.is_some() && buf.filled().len() > body_from {
-            this.check_chunks(cx, buf, body_from);
+        if this.body.is_some() && buf.filled().len() > body_from {
+            this.check_body(cx, buf, body_from);
         }
         res
     }
@@ -878,7 +994,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.answered {
-            // The client has its answer (see `check_chunks`): the dispatcher's is dropped.
+            // The client has its answer (see `check_body`): the dispatcher's is dropped.
             return Poll::Ready(Ok(buf.len()));
         }
         this.wrote(buf);
@@ -978,7 +1094,7 @@ pub(crate) fn client_io(
         timer: None,
         timer_wakes: None,
         timed_out: false,
-        chunks: None,
+        body: None,
         partial_head: Vec::new(),
         responded: false,
         answered: false,
@@ -1022,6 +1138,59 @@ mod tests {
             (b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n", false),
         ] {
             assert_eq!(is_chunked_request(head), chunked, "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn sized_request_bodies_are_told_as_actix_http_tells_them() {
+        let body = |h: &[u8]| {
+            let head = scan_head(h).expect("a whole head");
+            match request_body(head, &h[..head.end]) {
+                Some(Left::Bytes(n)) => Some(n),
+                Some(Left::Chunks(_)) => Some(u64::MAX),
+                None => None,
+            }
+        };
+        for (head, want) in [
+            (
+                &b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"[..],
+                Some(5),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\nCONTENT-LENGTH:12\r\n\r\n",
+                Some(12),
+            ),
+            (
+                b"GET / HTTP/1.0\r\ncontent-length: 18446744073709551615\r\n\r\n",
+                Some(u64::MAX),
+            ),
+            (
+                b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+                Some(u64::MAX),
+            ),
+            // No body: none announced, or zero.
+            (b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nx-content-length: 5\r\n\r\n", None),
+            // Refused by the decoder (400, then close): a sign, not digits, two fields, too big.
+            (b"POST / HTTP/1.1\r\ncontent-length: +5\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\ncontent-length: 5 5\r\n\r\n", None),
+            (
+                b"POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+                None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\ncontent-length: 18446744073709551616\r\n\r\n",
+                None,
+            ),
+            // What follows is a tunnel's.
+            (
+                b"GET / HTTP/1.1\r\nupgrade: websocket\r\ncontent-length: 5\r\n\r\n",
+                None,
+            ),
+            (b"CONNECT a:443 HTTP/1.1\r\ncontent-length: 5\r\n\r\n", None),
+        ] {
+            assert_eq!(body(head), want, "{}", String::from_utf8_lossy(head));
         }
     }
 
