@@ -487,36 +487,13 @@ struct Head {
 /// line feeds are found eight bytes at a time (a word XORed with `\n`s has a zero byte where one
 /// was; the test may also flag a byte after a real one, which the check of the four bytes
 /// ending there rules out). A substring search cost ~390 instructions a request to set up,
-/// `memchr` per line feed ~270. At each line feed, one byte each tells whether the next line
-/// could be `Transfer-Encoding` or `Content-Length`.
+/// `memchr` per line feed ~270. At each line feed, the next line's first byte and one more
+/// tell whether it could be `Transfer-Encoding` or `Content-Length`.
 fn scan_head(bytes: &[u8]) -> Option<Head> {
     const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    const TE: &[u8] = b"transfer-encoding:";
-    const CL: &[u8] = b"content-length:";
-    let mut transfer_encoding = false;
-    let mut content_length = false;
-    let mut at_lf = |i: usize| {
-        if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
-            return Some(Head {
-                end: i + 1,
-                transfer_encoding,
-                content_length,
-            });
-        }
-        if bytes.get(i + TE.len()) == Some(&b':')
-            && bytes[i + 1..=i + TE.len()].eq_ignore_ascii_case(TE)
-        {
-            transfer_encoding = true;
-        }
-        if bytes.get(i + CL.len()) == Some(&b':')
-            && bytes[i + 1..=i + CL.len()].eq_ignore_ascii_case(CL)
-        {
-            content_length = true;
-        }
-        None
-    };
+    let mut names = Names::default();
     let words = bytes.chunks_exact(8);
     let tail = bytes.len() - words.remainder().len();
     for (k, w) in words.enumerate() {
@@ -525,16 +502,56 @@ fn scan_head(bytes: &[u8]) -> Option<Head> {
         while found != 0 {
             let i = k * 8 + (found.trailing_zeros() / 8) as usize;
             if bytes[i] == b'\n'
-                && let Some(head) = at_lf(i)
+                && let Some(head) = names.at_lf(bytes, i)
             {
                 return Some(head);
             }
             found &= found - 1;
         }
     }
-    (tail..bytes.len())
-        .filter(|&i| bytes[i] == b'\n')
-        .find_map(at_lf)
+    for i in tail..bytes.len() {
+        if bytes[i] == b'\n'
+            && let Some(head) = names.at_lf(bytes, i)
+        {
+            return Some(head);
+        }
+    }
+    None
+}
+
+/// The names [`scan_head`] has seen so far.
+#[derive(Default)]
+struct Names {
+    transfer_encoding: bool,
+    content_length: bool,
+}
+
+impl Names {
+    /// At the line feed `bytes[i]`: the head, if it ends there; else notes the next line's name.
+    #[inline(always)]
+    fn at_lf(&mut self, bytes: &[u8], i: usize) -> Option<Head> {
+        const TE: &[u8] = b"transfer-encoding:";
+        const CL: &[u8] = b"content-length:";
+        if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
+            return Some(Head {
+                end: i + 1,
+                transfer_encoding: self.transfer_encoding,
+                content_length: self.content_length,
+            });
+        }
+        // The next line's first letter picks the one name it could be.
+        let (name, seen) = match bytes.get(i + 1).map(|b| b | 0x20) {
+            Some(b't') => (TE, &mut self.transfer_encoding),
+            Some(b'c') => (CL, &mut self.content_length),
+            _ => return None,
+        };
+        if bytes.get(i + name.len()) == Some(&b':')
+            && bytes[i + 1..=i + name.len()].eq_ignore_ascii_case(name)
+        {
+            *seen = true;
+        }
+        None
+    }
 }
 
 /// Whether a whole request head (ending with its empty line) gets a chunked body from
