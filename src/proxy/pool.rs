@@ -721,10 +721,12 @@ impl LocalPool {
     /// except for two things.
     /// - The timer is polled only when it has fired or another task polls
     ///   ([`crate::util::poll_timer`]; `Timeout` polls it whenever `fut` is pending).
-    /// - The timer is one the worker kept from an earlier attempt, set to the new deadline. A
-    ///   new tokio timer is entered into the timer wheel on its first poll and taken out when
-    ///   dropped (about 600 instructions per attempt); a kept one that is still entered, set
-    ///   later, only has its deadline raised, and is moved in the wheel when the old one comes.
+    /// - The timer is one the worker kept from an earlier attempt. A new tokio timer is entered
+    ///   into the timer wheel on its first poll and taken out when dropped (about 600
+    ///   instructions per attempt).
+    /// - A kept timer set for no later than `deadline` (an earlier attempt's, with the same
+    ///   timeout) is left as it is: when it fires before `deadline`, it is set to `deadline`
+    ///   then. Attempts with one timeout set it about once per timeout, not once each.
     async fn within<F: Future>(
         &self,
         deadline: tokio::time::Instant,
@@ -737,13 +739,20 @@ impl LocalPool {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
-            match timer.sleep.as_mut() {
-                Some(sleep) => {
-                    crate::util::poll_timer(sleep.as_mut(), &mut wakes, cx).map(|()| None)
+            // Taken only when the attempt ends.
+            let Some(sleep) = timer.sleep.as_mut() else {
+                return Poll::Pending;
+            };
+            while crate::util::poll_timer(sleep.as_mut(), &mut wakes, cx).is_ready() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Poll::Ready(None);
                 }
-                // Taken only when the attempt ends.
-                None => Poll::Pending,
+                // Fired for an earlier deadline: set for this one, and polled again for this
+                // task (a timer that has fired holds no wake-up).
+                sleep.as_mut().reset(deadline);
+                wakes = None;
             }
+            Poll::Pending
         })
         .await
     }
@@ -759,6 +768,8 @@ impl<'a> Lent<'a> {
     fn new(kept: &'a RefCell<Vec<Pin<Box<Sleep>>>>, deadline: tokio::time::Instant) -> Self {
         let taken = kept.borrow_mut().pop();
         let sleep = match taken {
+            // Firing no later than `deadline`, it need not move (see `within`).
+            Some(s) if s.deadline() <= deadline => s,
             Some(mut s) => {
                 s.as_mut().reset(deadline);
                 s
@@ -899,6 +910,39 @@ mod tests {
         assert_eq!(a.0.load(Ordering::SeqCst), 0, "the task before it is not");
         let ready = bounded.as_mut().poll(&mut Context::from_waker(&wb));
         assert!(matches!(ready, Poll::Ready(None)));
+    }
+
+    /// A kept timer left set for an earlier attempt's deadline fires before this attempt's:
+    /// the attempt goes on until its own deadline, and ends then.
+    #[tokio::test]
+    async fn within_outlives_a_kept_timer_set_for_an_earlier_deadline() {
+        let pool = LocalPool::default();
+        let quick = pin!(async { 1 });
+        assert_eq!(
+            pool.within(after(Duration::from_millis(20)), quick).await,
+            Some(1)
+        );
+        let started = std::time::Instant::now();
+        let slow = pin!(async {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            2
+        });
+        assert_eq!(
+            pool.within(after(Duration::from_millis(400)), slow).await,
+            Some(2),
+            "not ended by the kept timer's 20 ms"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(120));
+        let never = pin!(std::future::pending::<()>());
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.within(after(Duration::from_millis(150)), never),
+        )
+        .await;
+        assert_eq!(out.ok(), Some(None), "ended at its own deadline");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert_eq!(pool.timers.borrow().len(), 1, "one timer throughout");
     }
 
     /// Attempts one after another share one timer. Set to an earlier deadline than the one it
