@@ -792,34 +792,55 @@ fn pipelined_requests_around_a_head_each_get_their_own_response() {
     check_get(&mut s, "/eight-");
 }
 
+/// What an upstream has read from its connection and not used yet.
+struct Received {
+    s: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Received {
+    /// Reads until at least `n` bytes are pending; false when the peer closed first.
+    fn fill(&mut self, n: usize) -> bool {
+        let mut buf = [0u8; 16384];
+        while self.pending.len() < n {
+            match self.s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => self.pending.extend_from_slice(&buf[..k]),
+            }
+        }
+        true
+    }
+
+    /// The next `n` bytes; `None` when the peer closed first.
+    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        self.fill(n).then(|| self.pending.drain(..n).collect())
+    }
+
+    /// The bytes up to the next `end` (taken with it, returned without it).
+    fn until(&mut self, end: &[u8]) -> Option<Vec<u8>> {
+        loop {
+            if let Some(at) = self.pending.windows(end.len()).position(|w| w == end) {
+                let mut line = self.take(at + end.len())?;
+                line.truncate(at);
+                return Some(line);
+            }
+            if !self.fill(self.pending.len() + 1) {
+                return None;
+            }
+        }
+    }
+}
+
 /// An upstream that reads each request on its connection with its body (`Content-Length` or
 /// chunked) and answers after 30 ms with `{path} {body bytes}` as the body.
 fn body_echo_upstream() -> SocketAddr {
-    scripted_upstream(|mut s, _| {
-        let mut pending = Vec::new();
-        let mut buf = [0u8; 16384];
-        // Until `pending` holds `n` bytes (or the peer closed).
-        let mut fill = |s: &mut TcpStream, pending: &mut Vec<u8>, n: usize| {
-            while pending.len() < n {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => return false,
-                    Ok(k) => pending.extend_from_slice(&buf[..k]),
-                }
-            }
-            true
+    scripted_upstream(|s, _| {
+        let mut r = Received {
+            s,
+            pending: Vec::new(),
         };
-        loop {
-            let end = loop {
-                if let Some(e) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break e;
-                }
-                let want = pending.len() + 1;
-                if !fill(&mut s, &mut pending, want) {
-                    return;
-                }
-            };
-            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-            pending.drain(..end + 4);
+        while let Some(head) = r.until(b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
             let path = head.split(' ').nth(1).unwrap_or("").to_owned();
             let length = head.lines().find_map(|l| {
                 l.strip_prefix("content-length:")
@@ -827,30 +848,15 @@ fn body_echo_upstream() -> SocketAddr {
             });
             let mut body = 0;
             if let Some(n) = length {
-                if !fill(&mut s, &mut pending, n) {
-                    return;
-                }
-                pending.drain(..n);
-                body = n;
+                let Some(got) = r.take(n) else { return };
+                body = got.len();
             } else if head.contains("transfer-encoding: chunked") {
                 loop {
-                    let line_end = loop {
-                        if let Some(e) = pending.windows(2).position(|w| w == b"\r\n") {
-                            break e;
-                        }
-                        let want = pending.len() + 1;
-                        if !fill(&mut s, &mut pending, want) {
-                            return;
-                        }
-                    };
-                    let size = String::from_utf8_lossy(&pending[..line_end]).into_owned();
+                    let Some(line) = r.until(b"\r\n") else { return };
+                    let line = String::from_utf8_lossy(&line).into_owned();
                     let size =
-                        usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
-                    pending.drain(..line_end + 2);
-                    if !fill(&mut s, &mut pending, size + 2) {
-                        return;
-                    }
-                    pending.drain(..size + 2);
+                        usize::from_str_radix(line.split(';').next().unwrap().trim(), 16).unwrap();
+                    let Some(_) = r.take(size + 2) else { return };
                     body += size;
                     if size == 0 {
                         break;
@@ -863,7 +869,7 @@ fn body_echo_upstream() -> SocketAddr {
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
                 text.len()
             );
-            if s.write_all(out.as_bytes()).is_err() {
+            if r.s.write_all(out.as_bytes()).is_err() {
                 return;
             }
         }
