@@ -557,21 +557,31 @@ impl Names {
 /// Whether a whole request head (ending with its empty line) gets a chunked body from
 /// actix-http's decoder: HTTP/1.1 and exactly one `Transfer-Encoding` field, `chunked`.
 fn is_chunked_request(head: &[u8]) -> bool {
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    if !lines.next().is_some_and(|l| l.ends_with(b" HTTP/1.1")) {
+    let (request_line, fields) = head_lines(head);
+    if !request_line.ends_with(b" HTTP/1.1") {
         return false;
     }
-    let mut values = lines.filter_map(|l| {
-        let (name, value) = l.split_at(l.iter().position(|&b| b == b':')?);
-        name.eq_ignore_ascii_case(b"transfer-encoding")
-            .then(|| value[1..].trim_ascii())
-    });
+    let mut values = fields
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"transfer-encoding"))
+        .map(|(_, value)| value);
     matches!(
         (values.next(), values.next()),
         (Some(v), None) if v.eq_ignore_ascii_case(b"chunked")
     )
+}
+
+/// A whole request head's request line, and its fields as name and value (the value without
+/// the whitespace around it); lines without a colon are left out.
+fn head_lines(head: &[u8]) -> (&[u8], impl Iterator<Item = (&[u8], &[u8])>) {
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    let fields = lines.filter_map(|l| {
+        let colon = l.iter().position(|&b| b == b':')?;
+        Some((&l[..colon], l[colon + 1..].trim_ascii()))
+    });
+    (request_line, fields)
 }
 
 /// Where a request's body stands, as far as the client has sent it: the listener follows each
@@ -608,18 +618,12 @@ fn request_body(head: Head, bytes: &[u8]) -> Option<Left> {
 /// `Content-Length`: one such field whose value is digits that fit in a `u64`; `None` with an
 /// `Upgrade` field (what follows a handshake is the tunnel's), `Transfer-Encoding`, or `CONNECT`.
 fn content_length_of(head: &[u8]) -> Option<u64> {
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    if lines.next()?.starts_with(b"CONNECT ") {
+    let (request_line, fields) = head_lines(head);
+    if request_line.starts_with(b"CONNECT ") {
         return None;
     }
     let mut length = None;
-    for line in lines {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+    for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"content-length") {
             if length.is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
                 return None;
@@ -640,18 +644,13 @@ fn is_plain_bodyless(head: &[u8]) -> bool {
     if !head.first().is_some_and(u8::is_ascii_uppercase) {
         return false;
     }
-    let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
-    let mut lines = fields.split(|&b| b == b'\n');
-    let Some(request_line) = lines.next() else {
-        return false;
-    };
+    let (request_line, mut fields) = head_lines(head);
     if request_line.starts_with(b"CONNECT ")
         || memchr::memmem::find(request_line, b" HTTP/1.").is_none()
     {
         return false;
     }
-    !lines.any(|l| {
-        let name = l.split(|&b| b == b':').next().unwrap_or_default();
+    !fields.any(|(name, _)| {
         [&b"content-length"[..], b"transfer-encoding", b"upgrade"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
