@@ -7,39 +7,34 @@
 # The build context has no .git (see .dockerignore), so the commit `rustygate --version` prints
 # comes from the RUSTYGATE_GIT_COMMIT build arg ("unknown" without it).
 #
-# Stages: `build` compiles (dependencies in a layer of their own, rebuilt only when Cargo.toml,
-# Cargo.lock or build.rs change); `image` (the default) copies its binary; `prebuilt` copies
-# dist/<arch>/rustygate instead, which release.yml uses to put the very binaries of a release
-# into the multi-arch image.
+# Stages: `build` compiles a profile-guided binary (scripts/pgo-build.sh: instrumented, trained
+# on loopback, optimised with the profile; docs/performance.md); `image` (the default) copies
+# its binary; `prebuilt` copies dist/<arch>/rustygate instead, which release.yml uses to put the
+# very binaries of a release into the multi-arch image.
 
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGET=x86_64-unknown-linux-musl
+# nghttp2-client: h2load, the training load. Unpinned: Debian's security updates replace it.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
+ && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 nghttp2-client \
  && rm -rf /var/lib/apt/lists/* \
- && rustup target add "${TARGET}"
+ && rustup target add "${TARGET}" \
+ && rustup component add llvm-tools
 WORKDIR /src
 
-# Dependencies first: a stub crate with the real manifest, lock file and build script, and the
-# crates it has beside it (crates/fastmem: the global allocator, the static build's memcpy).
+# No layer of dependencies built ahead: every crate is compiled twice with flags of this build
+# (instrumented, then with the profile), so none could be reused from a stub build.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY crates ./crates
-RUN mkdir -p src benches \
- && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && for b in route_match policy balance plugins; do echo 'fn main() {}' > "benches/${b}.rs"; done \
- && cargo build --release --locked --target "${TARGET}" --bin rustygate \
- && rm -rf src benches
-
 COPY src ./src
 COPY benches ./benches
+COPY scripts/pgo-build.sh ./scripts/
 ARG RUSTYGATE_GIT_COMMIT=unknown
 ARG SOURCE_DATE_EPOCH
-# touch: the stub sources built above are newer than the copied ones; make cargo see the change.
-RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --target "${TARGET}" --bin rustygate \
+RUN PGO_CLEAN=1 scripts/pgo-build.sh --locked --target "${TARGET}" \
  && install -D -m 0755 "target/${TARGET}/release/rustygate" /out/rustygate \
  && /out/rustygate --version
 
