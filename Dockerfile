@@ -33,6 +33,7 @@ COPY crates ./crates
 COPY src ./src
 COPY benches ./benches
 COPY scripts/pgo-build.sh ./scripts/
+COPY examples/plugins/plugins/tag.wasm ./examples/plugins/plugins/
 ARG RUSTYGATE_GIT_COMMIT=unknown
 ARG SOURCE_DATE_EPOCH
 RUN PGO_CLEAN=1 scripts/pgo-build.sh --locked --target "${TARGET}" \

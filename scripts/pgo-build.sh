@@ -9,8 +9,8 @@
 # 1. builds an instrumented binary (-Cprofile-generate) in target/pgo/target;
 # 2. trains it on loopback: one instrumented gateway answers as the upstream, another proxies
 #    to it, and h2load sends it HTTP/1.1 GETs and POSTs, h2c streams, HTTPS (HTTP/1.1 and h2),
-#    requests through JWT auth, a rate limit and CORS, through a policy, and requests no route
-#    matches (bounded counts, 127.0.0.1 only);
+#    requests through JWT auth, a rate limit and CORS, through a policy, through the example
+#    WASM plugin, and requests no route matches (bounded counts, 127.0.0.1 only);
 # 3. merges the profiles (llvm-profdata from the toolchain's llvm-tools component);
 # 4. builds the release binary with them (-Cprofile-use) where cargo always puts it
 #    (target/[TRIPLE/]release/rustygate).
@@ -56,7 +56,7 @@ rm -f "$pgo/raw"/*.profraw
 echo "== pgo-build: training"
 # Code the training never runs is taken as cold and optimised for size: each feature whose
 # speed matters is run here (proxying over HTTP/1.1, h2c and TLS, bodies, auth, rate limits,
-# CORS, a policy, the access log, 404s).
+# CORS, a policy, a WASM plugin, the access log, 404s).
 train="$pgo/train"
 # Five free loopback ports from 19500 up (bash alone: the Docker build stage has no python).
 ports=()
@@ -126,6 +126,26 @@ claims_to_headers = { sub = "x-user" }
 allow_origins = ["https://app.example.com"]
 allow_methods = ["GET", "POST"]
 TOML
+# The example WASM plugin (proxy-wasm), where the sources have it (the Docker stage copies it).
+plugin=examples/plugins/plugins/tag.wasm
+if [ -f "$plugin" ]; then
+  mkdir -p "$gw/plugins"
+  cp "$plugin" "$gw/plugins/tag.wasm"
+  cat >>"$gw/gateway.toml" <<TOML
+
+[plugin.tag]
+file = "plugins/tag.wasm"
+sha256 = "$(sha256sum "$plugin" | cut -d' ' -f1)"
+TOML
+  cat >>"$gw/routes/all.toml" <<TOML
+
+[[route]]
+name = "plugin"
+prefix = "/plugin"
+upstream = "backend"
+plugins = [{ name = "tag", config = { value = "train", deny_body_contains = "DROP TABLE" } }]
+TOML
+fi
 head -c 2048 /dev/zero | tr '\0' 'a' >"$train/body"
 PGO_TRAIN_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export PGO_TRAIN_JWT_SECRET
@@ -170,6 +190,10 @@ load "JWT, rate limit, CORS" --h1 -n 20000 -c 16 -H "authorization: Bearer $toke
 load "policy" --h1 -n 20000 -c 16 -H "x-tenant: acme" -H "x-api-version: 2" "$url/policy/get"
 load "TLS HTTP/1.1" --h1 -n 10000 -c 8 "https://127.0.0.1:$tls_port/api/tls"
 load "TLS h2" -n 10000 -c 8 -m 10 "https://127.0.0.1:$tls_port/api/tls"
+if [ -f "$plugin" ]; then
+  load "WASM plugin" --h1 -n 20000 -c 16 "$url/plugin/get"
+  load "WASM plugin, body" --h1 -n 5000 -c 8 -d "$train/body" "$url/plugin/post"
+fi
 # No route: 404s (h2load counts them as failed).
 load "404" --h1 -n 5000 -c 8 "$url/missing"
 curl -fs -o /dev/null "http://127.0.0.1:$gw_admin/metrics"
