@@ -44,7 +44,7 @@ for tool in h2load curl openssl; do
   command -v "$tool" >/dev/null || { echo "pgo-build: needs $tool" >&2; exit 2; }
 done
 
-rm -rf "$pgo/raw" "$pgo/train"
+rm -rf "$pgo/raw" "$pgo/train" "$pgo"/*.profdata
 mkdir -p "$pgo/raw" "$pgo/train"
 echo "== pgo-build: instrumented build"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$pgo/raw" CARGO_TARGET_DIR="$pgo/target" \
@@ -203,8 +203,12 @@ trap - EXIT
 
 echo "== pgo-build: merging $(find "$pgo/raw" -name '*.profraw' | wc -l) profile(s)"
 "$profdata" merge -o "$pgo/merged.profdata" "$pgo/raw"
+# Named by its content: cargo tells builds apart by their flags, not by the files they name, so
+# a new profile under the old name would leave every crate built with the old one.
+profile="$pgo/profile-$(sha256sum "$pgo/merged.profdata" | cut -c1-16).profdata"
+mv "$pgo/merged.profdata" "$profile"
 
 echo "== pgo-build: optimised build"
 if [ "${PGO_CLEAN:-0}" = 1 ]; then rm -rf "$pgo/target"; fi
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$pgo/merged.profdata" \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profile" \
   "${build[@]}" --release --bin rustygate "$@"
