@@ -63,6 +63,10 @@ ports=()
 for ((p = 19500; ${#ports[@]} < 5 && p < 20500; p++)); do
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then ports+=("$p"); fi
 done
+if [ "${#ports[@]}" -ne 5 ]; then
+  echo "pgo-build: no five free ports between 19500 and 20499 on 127.0.0.1" >&2
+  exit 1
+fi
 read -r up_port up_admin gw_port gw_admin tls_port <<<"${ports[*]}"
 up="$train/upstream" gw="$train/gateway"
 secrets="$train/secrets"
@@ -165,7 +169,7 @@ stop() {
 }
 trap stop EXIT
 "$bin" serve --repo "$up" --listen "127.0.0.1:$up_port" --admin-listen "127.0.0.1:$up_admin" \
-  --workers 1 --cache-dir "$train/cache-upstream" --access-log false 2>/dev/null &
+  --workers 1 --cache-dir "$train/cache-upstream" --access-log false 2>"$train/upstream.log" &
 pids+=($!)
 "$bin" serve --repo "$gw" --listen "127.0.0.1:$gw_port" --admin-listen "127.0.0.1:$gw_admin" \
   --workers 1 --cache-dir "$train/cache-gateway" --secret-root "$secrets" \
@@ -173,16 +177,20 @@ pids+=($!)
 pids+=($!)
 url="http://127.0.0.1:$gw_port"
 for _ in $(seq 300); do
-  curl -fs -o /dev/null "$url/api/ready" && break
+  curl -fs --max-time 2 -o /dev/null "$url/api/ready" && break
   sleep 0.1
 done
-curl -fsS -o /dev/null "$url/api/ready" || { tail -n 20 "$train/gateway.log" >&2; exit 1; }
+if ! curl -fsS --max-time 2 -o /dev/null "$url/api/ready"; then
+  tail -n 20 "$train/upstream.log" "$train/gateway.log" >&2
+  exit 1
+fi
 # load WHAT 2xx|4xx H2LOAD_ARGS...: fails unless every request got the expected class of status
-# (a training that ran into 401s or 500s would profile the wrong code).
+# (a training that ran into 401s or 500s would profile the wrong code), or when it takes over
+# $PGO_LOAD_TIMEOUT seconds (a stalled gateway must not hang a CI run or an image build).
 load() {
   local what=$1 expect=$2
   shift 2
-  h2load -t 1 "$@" | awk -v w="$what" -v e="$expect" '
+  timeout "${PGO_LOAD_TIMEOUT:-300}" h2load -t 1 "$@" | awk -v w="$what" -v e="$expect" '
     /^requests:/ { print "  " w ": " $0; ok = (($8 == $2) == (e == "2xx")) }
     /^status codes:/ { print "  " w ": " $0 }
     END { if (!ok) print "pgo-build: " w ": not every request got " e > "/dev/stderr"; exit !ok }'
@@ -201,7 +209,7 @@ if [ -f "$plugin" ]; then
 fi
 # No route: 404s.
 load "404" 4xx --h1 -n 5000 -c 8 "$url/missing"
-curl -fs -o /dev/null "http://127.0.0.1:$gw_admin/metrics"
+curl -fs --max-time 10 -o /dev/null "http://127.0.0.1:$gw_admin/metrics"
 # SIGTERM: a gateway that exits writes its profile.
 stop
 trap - EXIT
