@@ -5,6 +5,7 @@
 #
 # PGO_CARGO: the build command (default `cargo build`; release.yml: `cargo zigbuild`).
 # PGO_CLEAN=1: the instrumented build's target dir is removed once trained (CI's disk).
+# PGO_LOAD_TIMEOUT: seconds each training load may take (default 300): a stall fails the build.
 #
 # 1. builds an instrumented binary (-Cprofile-generate) in target/pgo/target;
 # 2. trains it on loopback: one instrumented gateway answers as the upstream, another proxies
