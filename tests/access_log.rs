@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -161,30 +161,10 @@ fn a_log_reader_that_stops_reading_does_not_stall_requests() {
     let backend = Backend::fixed(200, "hello");
     let files = proxy_all(&backend.url(), "");
     let dir = repo(&as_refs(&files));
-    let listen = format!("127.0.0.1:{}", dead_port());
-    let admin = format!("127.0.0.1:{}", dead_port());
     // stderr is a pipe nobody reads: once its 64 KiB are full the log writer blocks.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .args(["serve", "--repo", dir.path().to_str().unwrap()])
-        .args([
-            "--listen",
-            &listen,
-            "--admin-listen",
-            &admin,
-            "--workers",
-            "1",
-        ])
-        .args(["--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let up = wait_until(Duration::from_secs(30), || {
-        http(&admin, "GET", "/healthz", &[], b"").is_some_and(|(s, _)| s == 200)
-    });
-    assert!(up, "did not come up");
+    let mut gw = GatewayProcess::start_undrained(&["--repo", dir.path().to_str().unwrap()], &[]);
     // ~400 bytes a line: 4,000 requests are ~25 pipe buffers of log.
-    let mut conn = KeepAlive::connect(&listen).unwrap();
+    let mut conn = KeepAlive::connect(&gw.listen).unwrap();
     for i in 0..4_000 {
         let got = conn.get(&format!("/r{i}"));
         assert!(
@@ -193,11 +173,11 @@ fn a_log_reader_that_stops_reading_does_not_stall_requests() {
         );
     }
     // Reading now releases the writer: the lines it kept come out.
-    let mut stderr = child.stderr.take().unwrap();
-    sigterm(&child);
+    let mut stderr = gw.stderr.take().unwrap();
+    sigterm(&gw.child);
     let mut out = Vec::new();
     stderr.read_to_end(&mut out).unwrap();
-    let _ = child.wait();
+    let _ = gw.child.wait();
     let text = String::from_utf8_lossy(&out);
     assert_eq!(
         access_lines(&text).len(),

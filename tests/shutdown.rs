@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -35,30 +35,16 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         }
     });
     let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
-    let listen = format!("127.0.0.1:{}", dead_port());
-    let admin = format!("127.0.0.1:{}", dead_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .args(["serve", "--repo"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &listen,
-            "--admin-listen",
-            &admin,
-            "--workers",
-            "1",
+    let mut gw = GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
             "--shutdown-grace",
             "10s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || http_get(&admin, "/healthz")
-            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))),
-        "the gateway did not come up"
+        ],
+        &[],
     );
+    let listen = gw.listen.clone();
 
     // An idle keep-alive connection, open before the signal.
     let mut idle = TcpStream::connect(&listen).unwrap();
@@ -77,7 +63,7 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         .expect("the slow request reached the backend");
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &gw.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -103,19 +89,17 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = gw.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "the gateway did not exit");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    // The drain thread may still be reading the last lines.
+    wait_until(Duration::from_secs(5), || {
+        gw.logs.lock().unwrap().contains("\"stopped\"")
+    });
+    let logs = gw.logs.lock().unwrap().clone();
     assert!(exit.success(), "exit status {exit}; logs:\n{logs}");
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(logs.contains("\"stopped\""), "{logs}");

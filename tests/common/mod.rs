@@ -565,8 +565,12 @@ pub struct GatewayProcess {
     pub child: std::process::Child,
     pub listen: String,
     pub admin: String,
-    /// Everything the gateway logged so far (stderr is drained continuously).
+    /// Everything the gateway logged so far (stderr is drained continuously), or nothing
+    /// when it was started with [`GatewayProcess::start_undrained`].
     pub logs: Arc<std::sync::Mutex<String>>,
+    /// The stderr pipe, left unread, of a gateway started with
+    /// [`GatewayProcess::start_undrained`].
+    pub stderr: Option<std::process::ChildStderr>,
 }
 
 impl GatewayProcess {
@@ -574,9 +578,19 @@ impl GatewayProcess {
     /// The ports are free when picked, but another test may bind one before the gateway does:
     /// a gateway that exits on `Address already in use` is started again on new ports.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
+        Self::start_with(args, envs, true)
+    }
+
+    /// Like [`GatewayProcess::start`], but nobody reads the gateway's stderr: once the pipe's
+    /// buffer is full its log writer blocks. The pipe is in [`GatewayProcess::stderr`].
+    pub fn start_undrained(args: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
+        Self::start_with(args, envs, false)
+    }
+
+    fn start_with(args: &[&str], envs: &[(&str, &str)], drain: bool) -> GatewayProcess {
         let mut retries = 0;
         loop {
-            match Self::try_start(args, envs) {
+            match Self::try_start(args, envs, drain) {
                 Ok(gw) => return gw,
                 Err(logs) if retries < 4 && logs.contains("Address already in use") => retries += 1,
                 Err(logs) => panic!("{logs}"),
@@ -584,7 +598,11 @@ impl GatewayProcess {
         }
     }
 
-    fn try_start(args: &[&str], envs: &[(&str, &str)]) -> Result<GatewayProcess, String> {
+    fn try_start(
+        args: &[&str],
+        envs: &[(&str, &str)],
+        drain: bool,
+    ) -> Result<GatewayProcess, String> {
         let listen = format!("127.0.0.1:{}", dead_port());
         let admin = format!("127.0.0.1:{}", dead_port());
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"));
@@ -609,19 +627,22 @@ impl GatewayProcess {
         }
         let mut child = cmd.spawn().unwrap();
         let logs = Arc::new(std::sync::Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
+        let mut stderr = child.stderr.take();
+        if drain {
+            let mut stderr = stderr.take().unwrap();
+            let sink = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+            });
+        }
         let up = wait_until(Duration::from_secs(30), || {
             if let Ok(Some(_)) = child.try_wait() {
                 return true;
@@ -630,6 +651,13 @@ impl GatewayProcess {
         });
         if let Ok(Some(status)) = child.try_wait() {
             std::thread::sleep(Duration::from_millis(100));
+            if let Some(mut stderr) = stderr {
+                let mut out = Vec::new();
+                let _ = stderr.read_to_end(&mut out);
+                logs.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&out));
+            }
             return Err(format!(
                 "rustygate exited with {status}:\n{}",
                 logs.lock().unwrap()
@@ -641,6 +669,7 @@ impl GatewayProcess {
             listen,
             admin,
             logs,
+            stderr,
         })
     }
 
