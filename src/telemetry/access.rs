@@ -213,22 +213,47 @@ fn plain(out: &mut Vec<u8>, s: &str) {
 
 /// A JSON string: quotes, and `"`, `\` and control characters escaped (RFC 8259 §7).
 fn string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
     let bytes = s.as_bytes();
-    let mut start = 0;
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        // Eight bytes at a time past a run that needs no escaping (most of every value).
-        if let Some(word) = bytes
-            .get(i..i + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-            && !any_to_escape(u64::from_le_bytes(word))
-        {
-            i += 8;
-            continue;
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    if needs_escaping(bytes) {
+        escape(out, bytes);
+    } else {
+        // Most values: one copy.
+        out.extend_from_slice(bytes);
+    }
+    out.push(b'"');
+}
+
+/// Whether any byte of `bytes` is one that [`string`] escapes, eight at a time. A value of
+/// eight bytes or more ends with its last eight (overlapping the words before: the question
+/// is only whether one is there); a shorter one is read into a word padded with `a`.
+fn needs_escaping(bytes: &[u8]) -> bool {
+    let (words, tail) = bytes.as_chunks::<8>();
+    if words.iter().any(|w| any_to_escape(u64::from_le_bytes(*w))) {
+        return true;
+    }
+    if tail.is_empty() {
+        return false;
+    }
+    let last = match bytes.last_chunk::<8>() {
+        Some(w) => *w,
+        None => {
+            let mut w = [b'a'; 8];
+            for (to, b) in w.iter_mut().zip(tail) {
+                *to = *b;
+            }
+            w
         }
-        let at = i;
-        i += 1;
+    };
+    any_to_escape(u64::from_le_bytes(last))
+}
+
+/// The text of a value that has something to escape, escaped.
+#[cold]
+fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut start = 0;
+    for (at, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -252,10 +277,9 @@ fn string(out: &mut Vec<u8>, s: &str) {
         } else {
             out.extend_from_slice(esc);
         }
-        start = i;
+        start = at + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 /// Whether any byte of `w` is one that [`string`] escapes: below 0x20, DEL, `"` or `\`.
@@ -424,10 +448,14 @@ mod tests {
         specials.extend(["é", "\u{2028}", "€", "😀"].map(String::from));
         for special in &specials {
             for len in 0..20 {
-                for at in 0..=len {
+                for (at, newline) in (0..=len).flat_map(|at| [(at, false), (at, true)]) {
                     let mut text: String = "abcdefghijklmnopqrstu".chars().take(len).collect();
                     text.insert_str(at, special);
-                    text.push('\n');
+                    // Alone, the special byte is what must be found; with a newline after
+                    // it, it is escaped among others.
+                    if newline {
+                        text.push('\n');
+                    }
                     let mut out = Vec::new();
                     string(&mut out, &text);
                     let back: String = serde_json::from_slice(&out).unwrap_or_else(|e| {
