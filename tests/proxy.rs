@@ -412,6 +412,22 @@ fn malformed_chunked_request_bodies_are_400() {
             &["Expect: 100-continue\r\n\r\n", "5\r\nhello\r\nq\r\n"],
         ),
     ];
+    // A head of 20 KiB (a long cookie) cut into 1 KiB reads: followed as far as actix-http
+    // takes a head (128 KiB), not only the first 8 KiB.
+    let long_head: Vec<String> = {
+        let mut whole = format!("cookie: {}\r\n\r\nzz\r\n", "c".repeat(20 * 1024));
+        let mut parts = Vec::new();
+        while !whole.is_empty() {
+            let rest = whole.split_off(whole.len().min(1024));
+            parts.push(std::mem::replace(&mut whole, rest));
+        }
+        parts
+    };
+    let long_head: Vec<&str> = long_head.iter().map(String::as_str).collect();
+    let cases = cases
+        .iter()
+        .copied()
+        .chain([("a 20 KiB head cut across 1 KiB reads", &long_head[..])]);
     for (name, parts) in cases {
         let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))

@@ -920,6 +920,23 @@ fn pipelined_requests_behind_requests_with_bodies_each_get_their_own_response() 
             vec!["/one 70000", "/two 0"],
         ),
         (
+            "a 20 KiB head cut across writes, then its body with a request behind it",
+            {
+                let head = format!(
+                    "POST /one HTTP/1.1\r\nHost: t\r\ncookie: {}\r\nContent-Length: 5\r\n\r\n",
+                    "c".repeat(20 * 1024)
+                );
+                let mut pieces: Vec<String> = head
+                    .as_bytes()
+                    .chunks(4096)
+                    .map(|c| String::from_utf8(c.to_vec()).unwrap())
+                    .collect();
+                pieces.push(["hello".to_owned(), last("/two")].concat());
+                pieces
+            },
+            vec!["/one 5", "/two 0"],
+        ),
+        (
             "a sized body cut across writes, a request behind it",
             vec![
                 [sized_head("/one", big.len()), big[..30_000].to_owned()].concat(),

@@ -162,10 +162,11 @@ const REQUEST_TIMEOUT: &[u8] =
 const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
 content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
 
-/// The most of a request head cut across reads kept to find its end. Each read rescans what
-/// is kept, so a client sending a long head a byte at a time costs a bounded scan per read;
-/// the body of a longer head cut across reads is left to actix-http alone.
-const MAX_PARTIAL_HEAD: usize = 8 * 1024;
+/// The most of a request head cut across reads kept to find its end: actix-http's own limit
+/// (its decoder closes the connection on a longer head). Each read scans only its new bytes
+/// (and the last line's start, see [`PartialHead`]), so a client sending a long head a byte at
+/// a time costs a scan linear in the head.
+const MAX_PARTIAL_HEAD: usize = 131_072;
 
 /// What actix-http writes for `Expect: 100-continue`: not yet the request's response.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -433,7 +434,7 @@ pub(crate) struct ClientIo {
     body: Option<BodyCheck>,
     /// The start of a request head that did not come whole in its first read, kept (up to
     /// [`MAX_PARTIAL_HEAD`]) to find where its body starts.
-    partial_head: Vec<u8>,
+    partial_head: PartialHead,
     /// Bytes of the request's response (not a `100 Continue`) have been written.
     responded: bool,
     /// The gateway answered a malformed body itself: end of input for the dispatcher, and
@@ -527,11 +528,15 @@ struct Names {
 }
 
 impl Names {
+    /// How far past a line feed [`Names::at_lf`] looks: the longer name's length.
+    const NAME_LOOKAHEAD: usize = 18;
+
     /// At the line feed `bytes[i]`: the head, if it ends there; else notes the next line's name.
     #[inline(always)]
     fn at_lf(&mut self, bytes: &[u8], i: usize) -> Option<Head> {
         const TE: &[u8] = b"transfer-encoding:";
         const CL: &[u8] = b"content-length:";
+        const { assert!(TE.len() == Names::NAME_LOOKAHEAD && CL.len() < TE.len()) };
         if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
             return Some(Head {
                 end: i + 1,
@@ -550,6 +555,50 @@ impl Names {
         {
             *seen = true;
         }
+        None
+    }
+}
+
+/// A request head cut across reads, as far as it came, scanned as it grows: the same
+/// [`Names`] and line feeds [`scan_head`] looks at, each line feed once, except the last one
+/// while the name of the line after it may still be coming.
+#[derive(Default)]
+struct PartialHead {
+    bytes: Vec<u8>,
+    names: Names,
+    /// Where the next scan starts: the last line feed when the bytes after it do not yet tell
+    /// the next line's name, else the end of what was scanned.
+    next: usize,
+}
+
+impl PartialHead {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn clear(&mut self) {
+        *self = PartialHead::default();
+    }
+
+    /// Adds the next bytes of the head; the head, once whole (its `end` counts from the
+    /// head's first byte).
+    fn extend(&mut self, new: &[u8]) -> Option<Head> {
+        self.bytes.extend_from_slice(new);
+        let bytes = &self.bytes[..];
+        let mut last_lf = None;
+        for i in self.next..bytes.len() {
+            if bytes[i] == b'\n' {
+                if let Some(head) = self.names.at_lf(bytes, i) {
+                    return Some(head);
+                }
+                last_lf = Some(i);
+            }
+        }
+        // `at_lf` looks at most `NAME_LOOKAHEAD` bytes past a line feed.
+        self.next = match last_lf {
+            Some(i) if i + Names::NAME_LOOKAHEAD >= bytes.len() => i,
+            _ => bytes.len(),
+        };
         None
     }
 }
@@ -833,19 +882,19 @@ impl ClientIo {
     /// The next bytes of a head cut across reads: where in `new` its body starts (once the
     /// head is whole; `new.len()` before), and whether that body is to be checked.
     fn head_completed(&mut self, new: &[u8]) -> usize {
-        let had = self.partial_head.len();
-        self.partial_head.extend_from_slice(new);
-        let Some(head) = scan_head(&self.partial_head) else {
-            if self.partial_head.len() > MAX_PARTIAL_HEAD {
-                self.partial_head = Vec::new();
+        let had = self.partial_head.bytes.len();
+        let Some(head) = self.partial_head.extend(new) else {
+            if self.partial_head.bytes.len() > MAX_PARTIAL_HEAD {
+                self.partial_head.clear();
             }
             return new.len();
         };
-        self.body = request_body(head, &self.partial_head[..head.end]).map(|left| BodyCheck {
-            left,
-            owner: self.state.ended.get() + 1,
-        });
-        self.partial_head = Vec::new();
+        self.body =
+            request_body(head, &self.partial_head.bytes[..head.end]).map(|left| BodyCheck {
+                left,
+                owner: self.state.ended.get() + 1,
+            });
+        self.partial_head.clear();
         head.end.saturating_sub(had)
     }
 
@@ -975,7 +1024,10 @@ impl AsyncRead for ClientIo {
                     }
                 }
                 // A head cut across reads (rare): kept until it is whole.
-                None if new.len() <= MAX_PARTIAL_HEAD => this.partial_head.extend_from_slice(new),
+                None if new.len() <= MAX_PARTIAL_HEAD => {
+                    // Scanned again from its start with the next read: once.
+                    this.partial_head.bytes.extend_from_slice(new);
+                }
                 None => {}
             }
             this.state
@@ -992,7 +1044,7 @@ impl AsyncRead for ClientIo {
                 body_from = this.head_completed(&buf.filled()[before..]) + before;
             } else {
                 // actix-http found a head end this scan did not (bare line feeds).
-                this.partial_head = Vec::new();
+                this.partial_head.clear();
             }
         }
         if this.body.is_some() && buf.filled().len() > body_from {
@@ -1111,7 +1163,7 @@ pub(crate) fn client_io(
         timer_wakes: None,
         timed_out: false,
         body: None,
-        partial_head: Vec::new(),
+        partial_head: PartialHead::default(),
         responded: false,
         answered: false,
         held: Pipelined::default(),
@@ -1154,6 +1206,37 @@ mod tests {
             (b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n", false),
         ] {
             assert_eq!(is_chunked_request(head), chunked, "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn a_head_cut_across_reads_is_found_as_whole_and_each_byte_is_scanned_a_bounded_number_of_times()
+     {
+        let long = format!("cookie: {}\r\n", "c".repeat(3000));
+        let heads = [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+            "POST / HTTP/1.1\r\nhost: a\r\nCONTENT-LENGTH: 5\r\n\r\nhello".to_owned(),
+            format!("POST / HTTP/1.1\r\n{long}transfer-encoding: chunked\r\n{long}\r\n5\r\n"),
+            format!("GET / HTTP/1.1\r\n{long}x-content-length: 1\r\n\r\nGET /"),
+            format!("GET /{} HTTP/1.1\r\n\r\n", "p".repeat(5000)),
+        ];
+        for whole in &heads {
+            let whole = whole.as_bytes();
+            let want = scan_head(whole).expect("a whole head");
+            for piece in [1, 2, 3, 7, 17, 18, 19, 64, 1000] {
+                let mut partial = PartialHead::default();
+                let mut found = None;
+                for chunk in whole.chunks(piece) {
+                    if let Some(head) = partial.extend(chunk) {
+                        found = Some(head);
+                        break;
+                    }
+                    // What the next read scans again: at most the last line's first bytes.
+                    let again = partial.bytes.len() - partial.next;
+                    assert!(again <= Names::NAME_LOOKAHEAD, "{piece}: {again}");
+                }
+                assert_eq!(found, Some(want), "pieces of {piece}");
+            }
         }
     }
 
