@@ -163,7 +163,7 @@ const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/p
 content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
 
 /// The most of a request head cut across reads kept to find its end: actix-http's own limit
-/// (its decoder closes the connection on a longer head). Each read scans only its new bytes
+/// (its decoder answers a longer head with 431 and closes). Each read scans only its new bytes
 /// (and the last line's start, see [`PartialHead`]), so a client sending a long head a byte at
 /// a time costs a scan linear in the head.
 const MAX_PARTIAL_HEAD: usize = 131_072;
