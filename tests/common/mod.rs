@@ -587,6 +587,13 @@ impl GatewayProcess {
         Self::start_with(args, envs, false)
     }
 
+    /// One try of [`GatewayProcess::start`]: the gateway's logs when it exits before it is up
+    /// (for a caller whose own config names a port, to pick another on `Address already in
+    /// use`).
+    pub fn try_start_once(args: &[&str], envs: &[(&str, &str)]) -> Result<GatewayProcess, String> {
+        Self::try_start(args, envs, true)
+    }
+
     fn start_with(args: &[&str], envs: &[(&str, &str)], drain: bool) -> GatewayProcess {
         let mut retries = 0;
         loop {
