@@ -845,11 +845,8 @@ fn a_certificate_renewed_in_place_is_served_after_the_next_poll() {
     let old = pki.leaf("api", &["a.test"], 90, false);
     let be = Backend::echo();
     let root = pki.dir.path().to_str().unwrap().to_owned();
-    // The listener's port is in the config: another test may bind it before the gateway does,
-    // and then the gateway is started again on another.
-    let mut tries = 0;
-    let (gw, port, _dir) = loop {
-        let port = dead_port();
+    // The listener's port is in the config: written again with another one if it is taken.
+    let (gw, port, _dir) = GatewayProcess::start_on_own_port(|port| {
         let gateway =
             gateway_toml(&[&old], "", "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
         let mut files = proxy_all(&be.url(), "");
@@ -862,13 +859,11 @@ fn a_certificate_renewed_in_place_is_served_after_the_next_poll() {
             &root,
             "--poll",
             "200ms",
-        ];
-        match GatewayProcess::try_start_once(&args, &[]) {
-            Ok(gw) => break (gw, port, dir),
-            Err(logs) if tries < 4 && logs.contains("Address already in use") => tries += 1,
-            Err(logs) => panic!("{logs}"),
-        }
-    };
+        ]
+        .map(String::from)
+        .to_vec();
+        (args, dir)
+    });
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut before = connect(addr, "a.test", default_client(&pki)).unwrap();
     assert_eq!(presented(&before), old.der);

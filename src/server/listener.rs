@@ -528,15 +528,15 @@ struct Names {
 }
 
 impl Names {
+    const TE: &[u8] = b"transfer-encoding:";
+    const CL: &[u8] = b"content-length:";
     /// How far past a line feed [`Names::at_lf`] looks: the longer name's length.
-    const NAME_LOOKAHEAD: usize = 18;
+    const NAME_LOOKAHEAD: usize = Self::TE.len();
 
     /// At the line feed `bytes[i]`: the head, if it ends there; else notes the next line's name.
     #[inline(always)]
     fn at_lf(&mut self, bytes: &[u8], i: usize) -> Option<Head> {
-        const TE: &[u8] = b"transfer-encoding:";
-        const CL: &[u8] = b"content-length:";
-        const { assert!(TE.len() == Names::NAME_LOOKAHEAD && CL.len() < TE.len()) };
+        const { assert!(Names::CL.len() < Names::NAME_LOOKAHEAD) };
         if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
             return Some(Head {
                 end: i + 1,
@@ -546,8 +546,8 @@ impl Names {
         }
         // The next line's first letter picks the one name it could be.
         let (name, seen) = match bytes.get(i + 1).map(|b| b | 0x20) {
-            Some(b't') => (TE, &mut self.transfer_encoding),
-            Some(b'c') => (CL, &mut self.content_length),
+            Some(b't') => (Self::TE, &mut self.transfer_encoding),
+            Some(b'c') => (Self::CL, &mut self.content_length),
             _ => return None,
         };
         if bytes.get(i + name.len()) == Some(&b':')

@@ -240,9 +240,7 @@ fn needs_escaping(bytes: &[u8]) -> bool {
         Some(w) => *w,
         None => {
             let mut w = [b'a'; 8];
-            for (to, b) in w.iter_mut().zip(tail) {
-                *to = *b;
-            }
+            w[..tail.len()].copy_from_slice(tail);
             w
         }
     };

@@ -560,6 +560,20 @@ pub fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a st
     v.iter().map(|(a, b)| (*a, b.as_str())).collect()
 }
 
+/// Runs `start` again (up to four more times) while the gateway exits on `Address already in
+/// use`: its ports were free when picked, but another test may bind one first. Other exits
+/// panic with the gateway's logs.
+fn on_taken_port_again<R>(mut start: impl FnMut() -> Result<R, String>) -> R {
+    let mut retries = 0;
+    loop {
+        match start() {
+            Ok(r) => return r,
+            Err(logs) if retries < 4 && logs.contains("Address already in use") => retries += 1,
+            Err(logs) => panic!("{logs}"),
+        }
+    }
+}
+
 /// The real `rustygate serve` binary, on free loopback ports, killed on drop.
 pub struct GatewayProcess {
     pub child: std::process::Child,
@@ -587,22 +601,23 @@ impl GatewayProcess {
         Self::start_with(args, envs, false)
     }
 
-    /// One try of [`GatewayProcess::start`]: the gateway's logs when it exits before it is up
-    /// (for a caller whose own config names a port, to pick another on `Address already in
-    /// use`).
-    pub fn try_start_once(args: &[&str], envs: &[(&str, &str)]) -> Result<GatewayProcess, String> {
-        Self::try_start(args, envs, true)
+    /// Like [`GatewayProcess::start`], for a config that names a port of its own: `setup`
+    /// writes the config for a port and gives the arguments (and whatever must live as long as
+    /// the gateway, such as the repo's directory). On `Address already in use` it is called
+    /// again with another port.
+    pub fn start_on_own_port<T>(
+        mut setup: impl FnMut(u16) -> (Vec<String>, T),
+    ) -> (GatewayProcess, u16, T) {
+        on_taken_port_again(|| {
+            let port = dead_port();
+            let (args, keep) = setup(port);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Self::try_start(&args, &[], true).map(|gw| (gw, port, keep))
+        })
     }
 
     fn start_with(args: &[&str], envs: &[(&str, &str)], drain: bool) -> GatewayProcess {
-        let mut retries = 0;
-        loop {
-            match Self::try_start(args, envs, drain) {
-                Ok(gw) => return gw,
-                Err(logs) if retries < 4 && logs.contains("Address already in use") => retries += 1,
-                Err(logs) => panic!("{logs}"),
-            }
-        }
+        on_taken_port_again(|| Self::try_start(args, envs, drain))
     }
 
     fn try_start(
