@@ -29,10 +29,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, UpstreamIncoming};
 use super::headers::HeaderList;
 use super::pool::LocalPool;
-use super::response::{HeadShape, UpstreamHead};
+use super::response::{HeadShape, UpstreamHead, UpstreamResponse};
 use crate::telemetry::trace::Field;
 use crate::upstream::PoolKey;
 pub(crate) use crate::wire::connect::Io;
@@ -127,14 +127,15 @@ pub(crate) struct RequestHead<'a> {
 }
 
 /// Writes the request and reads the response head, parsed into `shape`. The body (none when
-/// `head_only`) reads the rest and hands the connection to `checkin` at its end.
+/// `head_only`) reads the rest and hands the connection to `checkin` at its end. Boxed: the
+/// response goes up through the attempt's futures as a pointer (see `pool::Sent`).
 pub(crate) async fn exchange(
     mut conn: Conn,
     request: RequestHead<'_>,
     checkin: Checkin,
     idle_timeout: Duration,
     shape: HeadShape,
-) -> Result<(UpstreamHead, ResponseBody), H1Error> {
+) -> Result<Box<UpstreamResponse>, H1Error> {
     let req = request.req;
     let head_only = req.method() == http::Method::HEAD;
     let mut out = std::mem::take(&mut conn.out);
@@ -198,7 +199,10 @@ pub(crate) async fn exchange(
         },
     };
     body.end_if_done();
-    Ok((head.head, body))
+    Ok(Box::new(UpstreamResponse {
+        head: head.head,
+        body: UpstreamIncoming::H1(body),
+    }))
 }
 
 /// Writes the request head into `out`, with `traceparent` in place of any in the request's
@@ -959,6 +963,17 @@ mod tests {
         }
     }
 
+    /// A response read here: its head and its body, which is always this module's.
+    fn own_parts(resp: Box<UpstreamResponse>) -> (UpstreamHead, ResponseBody) {
+        match *resp {
+            UpstreamResponse {
+                head,
+                body: UpstreamIncoming::H1(body),
+            } => (head, body),
+            UpstreamResponse { .. } => panic!("a response read by h1 has a hyper body"),
+        }
+    }
+
     async fn run(
         pieces: Vec<&'static [u8]>,
         close: bool,
@@ -1001,7 +1016,10 @@ mod tests {
             traceparent,
         };
         let out = match exchange(Conn::new(io), head, no_pool(), idle, shape).await {
-            Ok((head, body)) => Ok((head.into_http(), body.collect().await)),
+            Ok(resp) => {
+                let (head, body) = own_parts(resp);
+                Ok((head.into_http(), body.collect().await))
+            }
             Err(e) => Err(e),
         };
         drop(req);
@@ -1226,10 +1244,10 @@ mod tests {
             traceparent: None,
         };
         let idle = Duration::from_secs(60);
-        let (_, body) = exchange(Conn::new(io), head, no_pool(), idle, HeadShape::Http)
+        let resp = exchange(Conn::new(io), head, no_pool(), idle, HeadShape::Http)
             .await
             .unwrap();
-        body.checkin.idle.is_some()
+        own_parts(resp).1.checkin.idle.is_some()
     }
 
     #[tokio::test]

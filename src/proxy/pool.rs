@@ -126,13 +126,20 @@ impl SendOptions<'_> {
     }
 }
 
+/// An attempt's request, boxed: it is handed down through the attempt's futures and back in a
+/// [`SendFailure`], and a box moves as a pointer where the request would be copied whole
+/// (264 bytes) into each future's state.
+pub type OutRequest = Box<http::Request<ProxyBody>>;
+
+/// An attempt's outcome, its response boxed for the same reason as [`OutRequest`]: it is
+/// returned up through as many futures (~300 bytes each time).
+pub type Sent = Result<Box<UpstreamResponse>, SendFailure>;
+
 /// `req` with the attempt's header fields (when they came as a list) and `traceparent` in its
 /// map, for the paths that hand it to hyper.
-fn for_hyper(
-    mut req: http::Request<ProxyBody>,
-    opts: &SendOptions<'_>,
-) -> http::Request<ProxyBody> {
+fn for_hyper(req: OutRequest, opts: &SendOptions<'_>) -> http::Request<ProxyBody> {
     use crate::telemetry::trace::{Field, propagation};
+    let mut req = *req;
     if let Some(fields) = opts.fields {
         fields.append_to(req.headers_mut());
     }
@@ -149,7 +156,7 @@ fn for_hyper(
 /// A failed attempt, with the request when none of it was sent (so it can go elsewhere).
 pub struct SendFailure {
     pub error: ForwardError,
-    pub request: Option<http::Request<ProxyBody>>,
+    pub request: Option<OutRequest>,
 }
 
 impl LocalPool {
@@ -167,9 +174,9 @@ impl LocalPool {
     pub async fn send(
         self: &Rc<Self>,
         target: &Target,
-        req: http::Request<ProxyBody>,
+        req: OutRequest,
         opts: &SendOptions<'_>,
-    ) -> Result<UpstreamResponse, SendFailure> {
+    ) -> Sent {
         // Pinned where it is: moved into the timeout, the whole attempt's state would be copied.
         let attempt = std::pin::pin!(async {
             match (target.protocol, req.body()) {
@@ -180,11 +187,11 @@ impl LocalPool {
                 (Protocol::Http1, ProxyBody::Channel { .. }) => {
                     Box::pin(self.send_inner(target, for_hyper(req, opts), opts))
                         .await
-                        .map(|r| r.map(UpstreamIncoming::Hyper).into())
+                        .map(hyper_response)
                 }
                 (Protocol::Http2, _) => Box::pin(self.send_h2(target, for_hyper(req, opts), opts))
                     .await
-                    .map(|r| r.map(UpstreamIncoming::Hyper).into()),
+                    .map(hyper_response),
             }
         });
         let deadline = opts.started + opts.timeout;
@@ -203,9 +210,9 @@ impl LocalPool {
     async fn send_own(
         self: &Rc<Self>,
         target: &Target,
-        req: http::Request<ProxyBody>,
+        req: OutRequest,
         opts: &SendOptions<'_>,
-    ) -> Result<UpstreamResponse, SendFailure> {
+    ) -> Sent {
         let replayable = crate::upstream::retry::is_idempotent(req.method());
         for fresh in [false, true] {
             let pooled = if fresh {
@@ -257,12 +264,7 @@ impl LocalPool {
                 traceparent,
             };
             match h1::exchange(conn, head, checkin, idle, opts.head).await {
-                Ok((head, body)) => {
-                    return Ok(UpstreamResponse {
-                        head,
-                        body: UpstreamIncoming::H1(body),
-                    });
-                }
+                Ok(resp) => return Ok(resp),
                 Err(H1Error::Lost(e) | H1Error::Write(e)) if reused && replayable => {
                     tracing::debug!(
                         upstream_target = target.url.as_str(),
@@ -310,7 +312,7 @@ impl LocalPool {
                         Err(o) => {
                             return Err(SendFailure {
                                 error: ForwardError::Overloaded(o),
-                                request: Some(req),
+                                request: Some(Box::new(req)),
                             });
                         }
                     };
@@ -320,7 +322,7 @@ impl LocalPool {
                         Err(error) => {
                             return Err(SendFailure {
                                 error,
-                                request: Some(req),
+                                request: Some(Box::new(req)),
                             });
                         }
                     }
@@ -367,9 +369,9 @@ impl LocalPool {
     pub async fn send_upgrade(
         &self,
         target: &Target,
-        req: http::Request<ProxyBody>,
+        req: OutRequest,
         opts: &SendOptions<'_>,
-    ) -> Result<UpstreamResponse, SendFailure> {
+    ) -> Sent {
         let req = for_hyper(req, opts);
         let attempt = async {
             let _slot = match opts.pending_slot() {
@@ -377,7 +379,7 @@ impl LocalPool {
                 Err(o) => {
                     return Err(SendFailure {
                         error: ForwardError::Overloaded(o),
-                        request: Some(req),
+                        request: Some(Box::new(req)),
                     });
                 }
             };
@@ -388,16 +390,16 @@ impl LocalPool {
                     Err(error) => {
                         return Err(SendFailure {
                             error,
-                            request: Some(req),
+                            request: Some(Box::new(req)),
                         });
                     }
                 };
             drop(_slot);
             send.try_send_request(req)
                 .await
-                .map(|r| r.map(UpstreamIncoming::Hyper).into())
+                .map(hyper_response)
                 .map_err(|mut e| {
-                    let request = e.take_message();
+                    let request = e.take_message().map(Box::new);
                     SendFailure {
                         error: super::classify(&e.into_error()),
                         request,
@@ -532,7 +534,7 @@ impl LocalPool {
                 Err(error) => {
                     return Err(SendFailure {
                         error,
-                        request: Some(req),
+                        request: Some(Box::new(req)),
                     });
                 }
             };
@@ -649,9 +651,14 @@ fn resend_or_fail(
         Some(returned) if !fresh => Ok(returned),
         returned => Err(SendFailure {
             error: super::classify(&e.into_error()),
-            request: returned,
+            request: returned.map(Box::new),
         }),
     }
+}
+
+/// A response through hyper, as an attempt returns it.
+fn hyper_response(r: http::Response<Incoming>) -> Box<UpstreamResponse> {
+    Box::new(r.map(UpstreamIncoming::Hyper).into())
 }
 
 /// Opens a TCP connection to `addr`, with TLS when `tls` is set (offering `http/1.1`);

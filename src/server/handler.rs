@@ -42,7 +42,7 @@ use crate::proxy::headers::{
     Forwarding, HeaderList, HeaderSink, client_ip, connection_tokens, is_hop_by_hop_str,
     valid_request_id,
 };
-use crate::proxy::pool::{SendFailure, SendOptions};
+use crate::proxy::pool::{OutRequest, SendFailure, SendOptions};
 use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
@@ -439,46 +439,50 @@ pub(crate) async fn handle(
         .as_ref()
         .map(|c| RequestTrace::start(c, &req, started));
     // Boxed: the exchange (~500 bytes) is moved into the forwarding future and then into the
-    // response body's completion; a pointer moves for it each time.
-    let mut ex = Box::new(Exchange {
-        snapshot,
-        started,
-        request_id,
-        reply_id,
-        client_ip: client,
-        method: req.method().clone(),
-        version: req.version(),
-        host,
-        path: req.uri().path().to_owned(),
-        route: None,
-        upstream: None,
-        target: None,
-        body: None,
-        log: state.access_log,
-        state: state.clone(),
-        extra: Vec::new(),
-        auth_headers: Vec::new(),
-        drop_token: None,
-        in_flight: None,
-        slot: None,
-        buffered: None,
-        busy: conn_state
-            .as_ref()
-            .map(|c| c.begin(matches!(payload, Payload::None) && !req.upgrade())),
-        scheme: conn.as_ref().map_or("http", |c| c.scheme()),
-        conn,
-        grpc: is_grpc(&req),
-        grpc_status: None,
-        // Only the HTTP/2 server sets them: no extensions lookup for the others.
-        trailers: if req.version() == actix_web::http::Version::HTTP_2 {
-            req.extensions().get::<Trailers>().cloned()
-        } else {
-            None
+    // response body's completion; a pointer moves for it each time. Written into a box
+    // allocated first, so that it is built there rather than on the stack and copied.
+    let mut ex = Box::write(
+        Box::new_uninit(),
+        Exchange {
+            snapshot,
+            started,
+            request_id,
+            reply_id,
+            client_ip: client,
+            method: req.method().clone(),
+            version: req.version(),
+            host,
+            path: req.uri().path().to_owned(),
+            route: None,
+            upstream: None,
+            target: None,
+            body: None,
+            log: state.access_log,
+            state: state.clone(),
+            extra: Vec::new(),
+            auth_headers: Vec::new(),
+            drop_token: None,
+            in_flight: None,
+            slot: None,
+            buffered: None,
+            busy: conn_state
+                .as_ref()
+                .map(|c| c.begin(matches!(payload, Payload::None) && !req.upgrade())),
+            scheme: conn.as_ref().map_or("http", |c| c.scheme()),
+            conn,
+            grpc: is_grpc(&req),
+            grpc_status: None,
+            // Only the HTTP/2 server sets them: no extensions lookup for the others.
+            trailers: if req.version() == actix_web::http::Version::HTTP_2 {
+                req.extensions().get::<Trailers>().cloned()
+            } else {
+                None
+            },
+            trace,
+            plugin_stop: None,
+            recorded: std::cell::Cell::new(false),
         },
-        trace,
-        plugin_stop: None,
-        recorded: std::cell::Cell::new(false),
-    });
+    );
     state.recorder.metrics().in_flight.inc();
 
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
@@ -651,10 +655,12 @@ pub(crate) async fn handle(
     {
         f.query = Some(q);
     }
-    match plan {
-        Plan::Forward(f) => forward(ex, &req, payload, &state, route, f, framing).await,
-        other => answer(&ex, &state, other),
+    // The plan stays here and `forward` borrows it: moved into its future, its bytes would be
+    // copied once more per request.
+    if let Plan::Forward(f) = &mut plan {
+        return forward(ex, &req, payload, &state, route, f, framing).await;
     }
+    answer(&ex, &state, plan)
 }
 
 /// A decision answered by the gateway itself (not forwarded).
@@ -902,7 +908,7 @@ async fn forward(
     payload: Payload,
     state: &WorkerState,
     route: &Route,
-    mut plan: decide::Forward,
+    plan: &mut decide::Forward,
     framing: Framing,
 ) -> HttpResponse {
     let upstream = Arc::clone(&plan.upstream);
@@ -984,7 +990,7 @@ async fn forward(
         pending: upstream.limits.max_pending.map(|l| (&upstream.shared, l)),
         traceparent: None,
         fields: None,
-        head: if relays_head_as_is(&ex, route, &plan, websocket) {
+        head: if relays_head_as_is(&ex, route, plan, websocket) {
             HeadShape::Client
         } else {
             HeadShape::Http
@@ -1024,7 +1030,7 @@ async fn forward(
             &ex,
             route,
             target,
-            &plan,
+            plan,
             websocket,
             (&method, &uri),
             attempt_body,
@@ -1088,15 +1094,7 @@ async fn forward(
                 {
                     continue;
                 }
-                return match client_response(
-                    ex,
-                    req,
-                    state,
-                    route,
-                    &mut plan,
-                    resp,
-                    tunnel_in.take(),
-                ) {
+                return match client_response(ex, req, state, route, plan, resp, tunnel_in.take()) {
                     Relay::Now(r) => r,
                     // Boxed: only responses whose body a plugin reads pay for this future.
                     Relay::ThroughPlugins(r) => Box::pin(r.send()).await,
@@ -1114,7 +1112,7 @@ async fn forward(
                 // the method.
                 let unsent = failed.request.is_some();
                 if let (Some(r), Outgoing::Once(slot)) = (failed.request, &mut body) {
-                    *slot = Some(r.into_body());
+                    *slot = Some((*r).into_body());
                 }
                 let allowed = (unsent || may_resend) && body.can_resend();
                 if retries
@@ -1230,8 +1228,8 @@ fn attempt_request(
     websocket: bool,
     (method, uri): (&http::Method, &http::Uri),
     body: ProxyBody,
-) -> Result<(http::Request<ProxyBody>, Option<HeaderList>), String> {
-    let mut upstream_req = http::Request::new(body);
+) -> Result<(OutRequest, Option<HeaderList>), String> {
+    let mut upstream_req = Box::new(http::Request::new(body));
     *upstream_req.method_mut() = method.clone();
     *upstream_req.uri_mut() = uri.clone();
     let as_is = target.protocol == crate::upstream::Protocol::Http1
@@ -1280,7 +1278,7 @@ struct Failed {
     error: ForwardError,
     reason: RetryReason,
     /// The request, when it was handed back unsent.
-    request: Option<http::Request<ProxyBody>>,
+    request: Option<OutRequest>,
 }
 
 /// Classifies a failed attempt: a failure of the client's side (body too large, too slow,
@@ -1588,10 +1586,10 @@ fn client_response(
     state: &WorkerState,
     route: &Route,
     plan: &mut decide::Forward,
-    resp: UpstreamResponse,
+    resp: Box<UpstreamResponse>,
     tunnel_in: Option<Payload>,
 ) -> Relay {
-    let UpstreamResponse { head, mut body } = resp;
+    let UpstreamResponse { head, mut body } = *resp;
     let reads_body = plan
         .plugins
         .as_ref()
