@@ -49,6 +49,8 @@ done
 
 rm -rf "$pgo/raw" "$pgo/train" "$pgo"/*.profdata
 mkdir -p "$pgo/raw" "$pgo/train"
+# What this run's instrumented build makes is newer than this (the OpenSSL it compiles, below).
+touch "$pgo/build-started"
 echo "== pgo-build: instrumented build"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$pgo/raw" CARGO_TARGET_DIR="$pgo/target" \
   "${build[@]}" --release --bin rustygate "$@"
@@ -59,7 +61,8 @@ rm -f "$pgo/raw"/*.profraw
 # for the optimised build: compiling it took 220 of a musl build's ~800 seconds on 2 cores.
 rm -rf "$pgo/openssl"
 openssl_built=$(find "$pgo/target/${triple:+$triple/}release/build" -maxdepth 4 -type d \
-  -path '*/openssl-sys-*/out/openssl-build/install' -newer "$pgo/raw" 2>/dev/null | head -n1)
+  -path '*/openssl-sys-*/out/openssl-build/install' -newer "$pgo/build-started" 2>/dev/null |
+  head -n1)
 if [ -n "$openssl_built" ]; then cp -a "$openssl_built" "$pgo/openssl"; fi
 
 echo "== pgo-build: training"
