@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Cache misses per proxied request, simulated by callgrind: what instructions.sh counts, plus
+# instruction-cache and data-cache (read and write) misses, the same on a busy machine as on an
+# idle one. Under 32 connections a request's own state is no longer in the cache when it is next
+# touched, so a change that moves fewer bytes into it shows here before it shows in throughput
+# (docs/performance.md, "Fewer copies into cold state").
+#
+# usage: bench/cache-misses.sh GATEWAY_BINARY [extra `serve` flags]
+#   e.g. bench/cache-misses.sh target/x86_64-unknown-linux-musl/release/rustygate --access-log false
+# env: REQUESTS (default 20000), CONNS (default 32), PORT (gateway, default 18080),
+#   BACKEND_PORT (default 19001), KEEP=FILE to keep callgrind's output. The cache geometry
+#   is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way LL, 64-byte lines) so that figures from
+#   different hosts compare; valgrind's own choice follows the host's CPU.
+# needs: valgrind, nginx, h2load, curl (Debian: valgrind nginx-light nghttp2-client curl)
+#
+# Like instructions.sh: a config repo proxying every path to an nginx backend, 1 worker, 2,000
+# requests to warm up, the counters zeroed, then REQUESTS requests and a dump. Loopback only.
+# Function names come out of a glibc build; a static musl build gives the totals only.
+set -euo pipefail
+
+[[ $# -ge 1 ]] || { echo "usage: bench/cache-misses.sh GATEWAY_BINARY [serve flags]" >&2; exit 2; }
+bin=$1
+shift
+requests=${REQUESTS:-20000} conns=${CONNS:-32} port=${PORT:-18080} backend_port=${BACKEND_PORT:-19001}
+for tool in valgrind callgrind_control callgrind_annotate nginx h2load curl; do
+  command -v "$tool" >/dev/null || { echo "cache-misses.sh: needs $tool" >&2; exit 2; }
+done
+
+dir=$(mktemp -d)
+vg=""
+cleanup() {
+  if [[ -n $vg ]]; then kill "$vg" 2>/dev/null || true; fi
+  if [[ -f $dir/backend.pid ]]; then kill "$(cat "$dir/backend.pid")" 2>/dev/null || true; fi
+  sleep 0.3
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+mkdir -p "$dir/repo/routes" "$dir/repo/upstreams"
+printf '[[route]]\nname = "all"\nprefix = "/"\nupstream = "backend"\n' >"$dir/repo/routes/all.toml"
+printf '[upstream.backend]\ntargets = ["http://127.0.0.1:%s"]\n' "$backend_port" \
+  >"$dir/repo/upstreams/backend.toml"
+cat >"$dir/backend.conf" <<EOF
+worker_processes 1; pid $dir/backend.pid; error_log $dir/backend.err; daemon on;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:$backend_port; keepalive_requests 1000000;
+    location / { return 200 "hello from backend\n"; } } }
+EOF
+nginx -c "$dir/backend.conf"
+
+valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=8388608,16,64 \
+  --callgrind-out-file="$dir/cg.out" \
+  "$bin" serve --repo "$dir/repo" --listen "127.0.0.1:$port" \
+  --admin-listen "127.0.0.1:$((port + 1))" --workers 1 --cache-dir "$dir/cache" "$@" \
+  >"$dir/gateway.log" 2>&1 &
+vg=$!
+up=0
+for _ in $(seq 1 600); do
+  if curl -fs -o /dev/null "http://127.0.0.1:$port/"; then up=1; break; fi
+  kill -0 "$vg" 2>/dev/null || break
+  sleep 0.2
+done
+if [[ $up != 1 ]]; then
+  echo "cache-misses.sh: the gateway did not answer on 127.0.0.1:$port; its log:" >&2
+  tail -n 20 "$dir/gateway.log" >&2
+  exit 1
+fi
+h2load --h1 -n 2000 -c "$conns" "http://127.0.0.1:$port/" >/dev/null
+callgrind_control -z "$vg" >/dev/null 2>&1
+ok=$(h2load --h1 -n "$requests" -c "$conns" "http://127.0.0.1:$port/" | awk '/^status codes:/ {print $3}')
+if [[ $ok != "$requests" ]]; then
+  echo "cache-misses.sh: $ok of $requests requests got a 2xx" >&2
+  exit 1
+fi
+callgrind_control -d "$vg" >/dev/null 2>&1
+kill "$vg"
+wait "$vg" 2>/dev/null || true
+vg=""
+# The dump asked for above (`cg.out.1`); the exit writes its own to `cg.out`.
+dump=$(find "$dir" -maxdepth 1 -name 'cg.out.*' | sort | tail -1)
+# Totals: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+callgrind_annotate "$dump" | grep 'PROGRAM TOTALS' | head -1 | tr -d , |
+  awk -v n="$requests" '{printf "per request: %d instructions, %d instruction-cache misses, %d data-cache read misses, %d data-cache write misses\n", $1/n, $7/n, $9/n, $11/n}'
+if [[ -n ${KEEP:-} ]]; then
+  cp "$dump" "$KEEP"
+  echo "callgrind output kept in $KEEP (callgrind_annotate --sort=D1mw $KEEP)"
+fi
