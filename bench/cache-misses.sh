@@ -40,13 +40,9 @@ mkdir -p "$dir/repo/routes" "$dir/repo/upstreams"
 printf '[[route]]\nname = "all"\nprefix = "/"\nupstream = "backend"\n' >"$dir/repo/routes/all.toml"
 printf '[upstream.backend]\ntargets = ["http://127.0.0.1:%s"]\n' "$backend_port" \
   >"$dir/repo/upstreams/backend.toml"
-cat >"$dir/backend.conf" <<EOF
-worker_processes 1; pid $dir/backend.pid; error_log $dir/backend.err; daemon on;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$backend_port; keepalive_requests 1000000;
-    location / { return 200 "hello from backend\n"; } } }
-EOF
+# shellcheck source=bench/backend.sh
+. "$(dirname "$0")/backend.sh"
+backend_conf "$dir" "$backend_port"
 nginx -c "$dir/backend.conf"
 
 valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=8388608,16,64 \

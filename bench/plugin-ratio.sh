@@ -33,13 +33,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$dir/backend.conf" <<EOF
-worker_processes 1; pid $dir/backend.pid; error_log $dir/backend.err; daemon on;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$backend_port; keepalive_requests 1000000;
-    location / { return 200 "hello from backend\n"; } } }
-EOF
+# shellcheck source=bench/backend.sh
+. "$here/backend.sh"
+backend_conf "$dir" "$backend_port"
 # nginx's daemon keeps no descriptor of ours open.
 nginx -c "$dir/backend.conf" </dev/null >/dev/null 2>&1
 

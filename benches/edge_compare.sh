@@ -42,13 +42,9 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
   -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
 
-cat >"$dir/backend.conf" <<EOF
-worker_processes 1; pid $dir/backend.pid; error_log $dir/backend.err; daemon on;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$backend; keepalive_requests 1000000;
-    location / { return 200 "hello from backend\n"; } } }
-EOF
+# shellcheck source=bench/backend.sh
+. "$(dirname "$0")/../bench/backend.sh"
+backend_conf "$dir" "$backend"
 cat >"$dir/proxy.conf" <<EOF
 worker_processes 1; pid $dir/proxy.pid; error_log $dir/proxy.err; daemon on;
 events { worker_connections 4096; }
