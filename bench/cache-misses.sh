@@ -8,9 +8,10 @@
 # usage: bench/cache-misses.sh GATEWAY_BINARY [extra `serve` flags]
 #   e.g. bench/cache-misses.sh target/x86_64-unknown-linux-musl/release/rustygate --access-log false
 # env: REQUESTS (default 20000), CONNS (default 32), PORT (gateway, default 18080),
-#   BACKEND_PORT (default 19001), KEEP=FILE to keep callgrind's output. The cache geometry
-#   is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way LL, 64-byte lines) so that figures from
-#   different hosts compare; valgrind's own choice follows the host's CPU.
+#   BACKEND_PORT (default 19001), LOAD_TIMEOUT (seconds per load, default 900), KEEP=FILE to
+#   keep callgrind's output. The cache geometry is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way
+#   LL, 64-byte lines) so that figures from different hosts compare; valgrind's own choice
+#   follows the host's CPU.
 # needs: valgrind, nginx, h2load, curl (Debian: valgrind nginx-light nghttp2-client curl)
 #
 # Like instructions.sh: a config repo proxying every path to an nginx backend, 1 worker, 2,000
@@ -29,7 +30,11 @@ done
 dir=$(mktemp -d)
 vg=""
 cleanup() {
-  if [[ -n $vg ]]; then kill "$vg" 2>/dev/null || true; fi
+  # CONT: a stopped gateway would keep the TERM pending and outlive the run.
+  if [[ -n $vg ]]; then
+    kill "$vg" 2>/dev/null || true
+    kill -CONT "$vg" 2>/dev/null || true
+  fi
   if [[ -f $dir/backend.pid ]]; then kill "$(cat "$dir/backend.pid")" 2>/dev/null || true; fi
   sleep 0.3
   rm -rf "$dir"
@@ -62,9 +67,15 @@ if [[ $up != 1 ]]; then
   tail -n 20 "$dir/gateway.log" >&2
   exit 1
 fi
-h2load --h1 -n 2000 -c "$conns" "http://127.0.0.1:$port/" >/dev/null
+# Bounded in time too: a gateway that stalls under valgrind ends the run, not hangs it.
+load() {
+  timeout "${LOAD_TIMEOUT:-900}" h2load --h1 -n "$1" -c "$conns" "http://127.0.0.1:$port/" ||
+    { echo "cache-misses.sh: $1 requests did not finish within ${LOAD_TIMEOUT:-900} s" >&2; exit 1; }
+}
+load 2000 >/dev/null
 callgrind_control -z "$vg" >/dev/null 2>&1
-ok=$(h2load --h1 -n "$requests" -c "$conns" "http://127.0.0.1:$port/" | awk '/^status codes:/ {print $3}')
+out=$(load "$requests")
+ok=$(awk '/^status codes:/ {print $3}' <<<"$out")
 if [[ $ok != "$requests" ]]; then
   echo "cache-misses.sh: $ok of $requests requests got a 2xx" >&2
   exit 1
