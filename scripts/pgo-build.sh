@@ -5,6 +5,9 @@
 #
 # PGO_CARGO: the build command (default `cargo build`; release.yml: `cargo zigbuild`).
 # PGO_CLEAN=1: the instrumented build's target dir is removed once trained (CI's disk).
+# PGO_STOP=profile: stop once the profile is merged, without the optimised build; the trained
+# instrumented binary stays in target/pgo/target (CI: the build, the training and the profile
+# are checked in half the time; the Dockerfile and release.yml do the whole build).
 # A build that compiles OpenSSL from source (git2's `vendored-openssl`, the musl builds) does
 # it once: the optimised build links the instrumented build's (C code takes no Rust profile).
 # PGO_LOAD_TIMEOUT: seconds each training load may take (default 300): a stall fails the build.
@@ -232,6 +235,10 @@ echo "== pgo-build: merging $(find "$pgo/raw" -name '*.profraw' | wc -l) profile
 # a new profile under the old name would leave every crate built with the old one.
 profile="$pgo/profile-$(sha256sum "$pgo/merged.profdata" | cut -c1-16).profdata"
 mv "$pgo/merged.profdata" "$profile"
+if [ "${PGO_STOP:-}" = profile ]; then
+  echo "pgo-build: profile $profile ($(wc -c <"$profile") bytes); stopping there (PGO_STOP=profile): the instrumented binary is $bin"
+  exit 0
+fi
 
 echo "== pgo-build: optimised build"
 if [ "${PGO_CLEAN:-0}" = 1 ]; then rm -rf "$pgo/target"; fi
