@@ -983,3 +983,147 @@ fn pipelined_requests_behind_requests_with_bodies_each_get_their_own_response() 
         assert_eq!(rest, "", "{case}: nothing after the last response");
     }
 }
+
+/// Answers the gateway gives without forwarding (404, 405) read a small sized body and keep
+/// the connection for the requests behind it, mixed with forwarded requests with bodies. A
+/// declared body over 64 KiB, one that stalls or one whose client goes away is not waited for
+/// long: the answer closes the connection, as does one to a request that asked `Expect`.
+#[test]
+fn answers_given_without_forwarding_read_a_small_body_and_keep_the_connection() {
+    let upstream = body_echo_upstream();
+    let files = vec![
+        (
+            "routes/api.toml",
+            "[[route]]\nname = \"api\"\nprefix = \"/api\"\nmethods = [\"GET\", \"POST\"]\nupstream = \"be\"\n"
+                .to_owned(),
+        ),
+        (
+            "upstreams/be.toml",
+            format!("[upstream.be]\ntargets = [\"http://{upstream}\"]\n"),
+        ),
+    ];
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let sized = |m: &str, p: &str, body: &str| {
+        format!(
+            "{m} {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let last = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let at_limit = "b".repeat(64 * 1024);
+    let mut mixed = Vec::new();
+    let mut mixed_answers = Vec::new();
+    for i in 0..10 {
+        mixed.push(sized("POST", &format!("/nope/{i}"), &"x".repeat(100 * i)));
+        mixed_answers.push("404".to_owned());
+        mixed.push(sized("POST", &format!("/api/{i}"), &"y".repeat(1000 * i)));
+        mixed_answers.push(format!("200 /api/{i} {}", 1000 * i));
+    }
+    mixed.push(last("/api/end"));
+    mixed_answers.push("200 /api/end 0".to_owned());
+    // Each case: what is written (one write per piece, 20 ms apart), then the answers due, in
+    // order ("404", or "200 " and the upstream's body); only the last may close.
+    let cases: Vec<(&str, Vec<String>, Vec<String>)> = vec![
+        (
+            "a 404 with a body, a request behind it in the same write",
+            vec![[sized("POST", "/nope", "hello"), last("/api/two")].concat()],
+            vec!["404".into(), "200 /api/two 0".into()],
+        ),
+        (
+            "a 405 whose body comes in two writes",
+            vec![
+                sized("PUT", "/api/one", &"z".repeat(2048))[..100].to_owned(),
+                [
+                    sized("PUT", "/api/one", &"z".repeat(2048))[100..].to_owned(),
+                    last("/api/two"),
+                ]
+                .concat(),
+            ],
+            vec!["405".into(), "200 /api/two 0".into()],
+        ),
+        (
+            "a 404 with a body of exactly 64 KiB",
+            vec![[sized("POST", "/nope", &at_limit), last("/api/two")].concat()],
+            vec!["404".into(), "200 /api/two 0".into()],
+        ),
+        (
+            "404s and forwarded requests with bodies, alternating, in one write",
+            vec![mixed.concat()],
+            mixed_answers,
+        ),
+    ];
+    for (case, writes, answers) in cases {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        for (i, w) in writes.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.write_all(w.as_bytes()).unwrap();
+        }
+        for (i, want) in answers.iter().enumerate() {
+            let r = read_response(&mut s);
+            let (status, body) = want.split_once(' ').unwrap_or((want, ""));
+            assert!(
+                r.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{case}: {want}: {r:?}"
+            );
+            if !body.is_empty() {
+                assert!(
+                    r.ends_with(&format!("\r\n\r\n{body}")),
+                    "{case}: {want}: {r:?}"
+                );
+            }
+            let closes = r.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
+            assert_eq!(closes, i + 1 == answers.len(), "{case}: {want}: {r:?}");
+        }
+        let (rest, _) = read_to_close(&mut s, Duration::from_secs(5));
+        assert_eq!(rest, "", "{case}: nothing after the last response");
+    }
+
+    // Answers that close: (case, what is written, then whether the write side shuts, and how
+    // long the answer may take at most).
+    let over = "POST /nope HTTP/1.1\r\nHost: t\r\nContent-Length: 65537\r\n\r\nabc".to_owned();
+    let stalled = "POST /nope HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc".to_owned();
+    let expect =
+        "POST /nope HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            .to_owned();
+    let absolute = "POST http://t/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhelloGET /api/x HTTP/1.1\r\nHost: t\r\n\r\n".to_owned();
+    let closing = [
+        ("a declared body over 64 KiB", over, false, 1.5),
+        (
+            "a 400 (its body and what follows are not read)",
+            absolute,
+            false,
+            1.5,
+        ),
+        ("a body that stalls", stalled.clone(), false, 4.0),
+        ("a client that stops sending", stalled, true, 1.5),
+        ("Expect: 100-continue", expect, false, 1.5),
+    ];
+    for (case, write, shut, within) in closing {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.write_all(write.as_bytes()).unwrap();
+        if shut {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let (out, took) = read_to_close(&mut s, Duration::from_secs(10));
+        assert!(
+            out.starts_with("HTTP/1.1 404 ") || out.starts_with("HTTP/1.1 400 "),
+            "{case}: {out:?}"
+        );
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n")
+                || shut,
+            "{case}: {out:?}"
+        );
+        assert!(!out.contains("100 Continue"), "{case}: {out:?}");
+        assert_eq!(out.matches("HTTP/1.1").count(), 1, "{case}: {out:?}");
+        assert!(took.as_secs_f64() < within, "{case}: took {took:?}");
+    }
+    // The worker is still there for the next client.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(last("/api/after").as_bytes()).unwrap();
+    let r = read_response(&mut s);
+    assert!(r.ends_with("\r\n\r\n/api/after 0"), "{r:?}");
+}

@@ -416,6 +416,32 @@ pub(crate) async fn handle(
     conn: Option<Rc<ConnInfo>>,
     conn_state: Option<Rc<ConnState>>,
 ) -> HttpResponse {
+    // The requests pipelined behind one with a body stay unread until its answer is out, also
+    // while the body is read after an answer given without forwarding: one of them saying
+    // `Connection: close` would otherwise close the connection after this answer.
+    let _hold = match payload {
+        Payload::None => None,
+        _ => conn_state.as_ref().map(ConnState::hold),
+    };
+    let mut body = Some(payload);
+    let resp = exchange(&req, &mut body, &state, conn, conn_state).await;
+    match body {
+        // Answered without forwarding: the body was not read.
+        Some(unread) if !matches!(unread, Payload::None) => {
+            discard_unread(&req, unread, &state, resp).await
+        }
+        _ => resp,
+    }
+}
+
+/// The request's phases up to its answer; `body` is taken when the request is forwarded.
+async fn exchange(
+    req: &Request,
+    body: &mut Option<Payload>,
+    state: &web::Data<WorkerState>,
+    conn: Option<Rc<ConnInfo>>,
+    conn_state: Option<Rc<ConnState>>,
+) -> HttpResponse {
     let started = Instant::now();
     let snapshot = state.store.load();
     let heads = req.headers();
@@ -433,11 +459,11 @@ pub(crate) async fn handle(
         .flat_map(|()| heads.get_all(&AX_FORWARDED_FOR))
         .map(|v| v.as_bytes());
     let client = client_ip(peer, forwarded_for, &snapshot.client_ip);
-    let (host, host_check) = host_of(&req);
+    let (host, host_check) = host_of(req);
     let trace = snapshot
         .tracing
         .as_ref()
-        .map(|c| RequestTrace::start(c, &req, started));
+        .map(|c| RequestTrace::start(c, req, started));
     // Boxed: the exchange (~500 bytes) is moved into the forwarding future and then into the
     // response body's completion; a pointer moves for it each time. Written into a box
     // allocated first, so that it is built there rather than on the stack and copied.
@@ -467,10 +493,10 @@ pub(crate) async fn handle(
             buffered: None,
             busy: conn_state
                 .as_ref()
-                .map(|c| c.begin(matches!(payload, Payload::None) && !req.upgrade())),
+                .map(|c| c.begin(matches!(body, None | Some(Payload::None)) && !req.upgrade())),
             scheme: conn.as_ref().map_or("http", |c| c.scheme()),
             conn,
-            grpc: is_grpc(&req),
+            grpc: is_grpc(req),
             grpc_status: None,
             // Only the HTTP/2 server sets them: no extensions lookup for the others.
             trailers: if req.version() == actix_web::http::Version::HTTP_2 {
@@ -488,7 +514,7 @@ pub(crate) async fn handle(
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
         return ex.error(414, "the request target is too long");
     }
-    let framing = match (check_request(&req), host_check) {
+    let framing = match (check_request(req), host_check) {
         (Ok(f), Ok(())) => f,
         (Err(why), _) | (Ok(_), Err(why)) => return ex.error(400, why),
     };
@@ -523,7 +549,7 @@ pub(crate) async fn handle(
     };
     // A CORS preflight is routed by the method it asks about, and answered here when that
     // route has CORS; otherwise it is an ordinary OPTIONS request.
-    if let Some(asked) = edge::preflight_method(&req) {
+    if let Some(asked) = edge::preflight_method(req) {
         let probe = Incoming {
             method: asked,
             host: &ex.host,
@@ -537,7 +563,7 @@ pub(crate) async fn handle(
             && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())
         {
             ex.route = Some(pm.route);
-            let (status, resp) = edge::preflight(cors, &req, asked, &ex.request_id);
+            let (status, resp) = edge::preflight(cors, req, asked, &ex.request_id);
             ex.emit(status, 0, Ok(()));
             return resp;
         }
@@ -558,15 +584,15 @@ pub(crate) async fn handle(
         return ex.error(500, "internal routing error");
     };
     if let Some(t) = &ex.trace {
-        t.decide(Some(&route.tracing), Some(&req));
+        t.decide(Some(&route.tracing), Some(req));
     }
     // The client headers that exist from here on, for auth, the policy and the upstream.
     let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
     if let Some(cors) = &route.cors {
-        ex.extra = edge::cors_headers(cors, &req);
+        ex.extra = edge::cors_headers(cors, req);
     }
     if let Some(auth) = &route.auth {
-        match edge::authenticate(auth, &req, inbound).await {
+        match edge::authenticate(auth, req, inbound).await {
             Ok(Some(verified)) => {
                 ex.auth_headers = verified.headers;
                 ex.drop_token = verified.drop_token;
@@ -614,7 +640,7 @@ pub(crate) async fn handle(
             m.route,
             route,
             edge::KeySource {
-                req: &req,
+                req,
                 inbound: &inbound,
                 verified: &ex.auth_headers,
             },
@@ -649,7 +675,7 @@ pub(crate) async fn handle(
         ex.emit(429, 0, Ok(()));
         return ex.with_extra(limited);
     }
-    let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(&req, inbound));
+    let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(req, inbound));
     if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
         && f.query.is_none()
     {
@@ -658,9 +684,64 @@ pub(crate) async fn handle(
     // The plan stays here and `forward` borrows it: moved into its future, its bytes would be
     // copied once more per request.
     if let Plan::Forward(f) = &mut plan {
-        return forward(ex, &req, payload, &state, route, f, framing).await;
+        let payload = body.take().unwrap_or(Payload::None);
+        return forward(ex, req, payload, state, route, f, framing).await;
     }
-    answer(&ex, &state, plan)
+    answer(&ex, state, plan)
+}
+
+/// At most this much of a request body is read and dropped after an answer given without
+/// forwarding (404, 401, 429, a policy's answer...), so that the connection carries the next
+/// request instead of closing: a small body has usually arrived with its head. A longer one is
+/// left unread and actix-http closes the connection after the answer, as it does when reading
+/// it stops short.
+const DISCARD_MAX: u64 = 64 * 1024;
+
+/// How long the answer may wait for that body, at most (less when the body idle timeout is
+/// shorter): a client still sending it then has its connection closed after the answer.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what is left of an unread `Content-Length` body of at most [`DISCARD_MAX`]
+/// bytes, within [`DISCARD_TIME`] in all, then gives the answer. Chunked bodies are left
+/// to actix-http, which drains them itself once the body is dropped; a `400` closes the
+/// connection (the request's framing may be what was wrong); a request with `Expect`
+/// never sent its body (it was answered instead of `100 Continue`); HTTP/2 streams end alone.
+async fn discard_unread(
+    req: &Request,
+    mut payload: Payload,
+    state: &WorkerState,
+    resp: HttpResponse,
+) -> HttpResponse {
+    use futures_util::StreamExt as _;
+    let head = req.head();
+    let small = head
+        .headers()
+        .get(ax::CONTENT_LENGTH)
+        .and_then(|v| content_length(v).ok())
+        .is_some_and(|n| n <= DISCARD_MAX);
+    if !small
+        || head.version > actix_web::http::Version::HTTP_11
+        || head.connection_type() != actix_web::http::ConnectionType::KeepAlive
+        || head.headers().contains_key(ax::EXPECT)
+        // A request refused for its form (its framing among others) ends its connection.
+        || resp.status() == StatusCode::BAD_REQUEST
+        || !resp.head().keep_alive()
+    {
+        return resp;
+    }
+    let limit = DISCARD_TIME.min(state.store.load().limits.body_idle_timeout);
+    let drain = async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = payload.next().await {
+            read += chunk.len() as u64;
+            if read > DISCARD_MAX {
+                break;
+            }
+        }
+    };
+    // Not in time, cut short or over: the body stays unfinished and the connection closes.
+    let _ = tokio::time::timeout(limit, drain).await;
+    resp
 }
 
 /// A decision answered by the gateway itself (not forwarded).

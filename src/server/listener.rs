@@ -355,6 +355,13 @@ impl ConnState {
         Busy(Rc::clone(self))
     }
 
+    /// Counts the request being handled once more, until the returned guard drops: it is not
+    /// over (nor are the bytes pipelined behind it let through) until both guards are gone.
+    pub fn hold(self: &Rc<Self>) -> Busy {
+        self.busy.set(self.busy.get() + 1);
+        Busy(Rc::clone(self))
+    }
+
     /// The deadline that applies now: none while a request is being handled.
     fn deadline(&self) -> Option<(Instant, Expired)> {
         if self.busy.get() > 0 {
@@ -461,8 +468,9 @@ struct Pipelined {
 }
 
 /// Where the first request head in `bytes` ends, when it is whole and a plain request without
-/// a body (no `Content-Length`, `Transfer-Encoding` or `Upgrade`; not `CONNECT`); `None`
-/// otherwise (a head cut short, a body, anything odd): then nothing after it is held.
+/// a body (no `Transfer-Encoding` or `Upgrade`, no `Content-Length` but one of `0`; not
+/// `CONNECT`); `None` otherwise (a head cut short, a body, anything odd): then nothing after
+/// it is held.
 fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
     let end = head_end(bytes)?;
     is_plain_bodyless(&bytes[..end]).then_some(end)
@@ -693,17 +701,22 @@ fn is_plain_bodyless(head: &[u8]) -> bool {
     if !head.first().is_some_and(u8::is_ascii_uppercase) {
         return false;
     }
-    let (request_line, mut fields) = head_lines(head);
+    let (request_line, fields) = head_lines(head);
     if request_line.starts_with(b"CONNECT ")
         || memchr::memmem::find(request_line, b" HTTP/1.").is_none()
     {
         return false;
     }
-    !fields.any(|(name, _)| {
-        [&b"content-length"[..], b"transfer-encoding", b"upgrade"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-    })
+    let mut length_field = false;
+    for (name, _) in fields {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return false;
+        }
+        length_field |= name.eq_ignore_ascii_case(b"content-length");
+    }
+    // `Content-Length: 0` (as POSTs without a body often say): no body either.
+    !length_field || content_length_of(head) == Some(0)
 }
 
 impl ClientIo {
@@ -1326,9 +1339,14 @@ mod tests {
         assert_eq!(bodyless_head_end(get), Some(get.len()));
         let two = [&get[..], b"HEAD /b HTTP/1.1\r\n\r\n"].concat();
         assert_eq!(bodyless_head_end(&two), Some(get.len()));
+        let empty = b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        let two = [&empty[..], get].concat();
+        assert_eq!(bodyless_head_end(&two), Some(empty.len()));
         for framed in [
             &b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\n\r\n"[..],
             b"POST /a HTTP/1.1\r\ncontent-length:2\r\n\r\nok",
+            b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST /a HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n0\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes",
             b"CONNECT a:443 HTTP/1.1\r\n\r\ntunnel",
