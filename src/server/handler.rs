@@ -424,270 +424,263 @@ pub(crate) async fn handle(
         _ => conn_state.as_ref().map(ConnState::hold),
     };
     let mut body = Some(payload);
-    let resp = exchange(&req, &mut body, &state, conn, conn_state).await;
+    let resp = 'answer: {
+        let (req, state) = (&req, &state);
+        let started = Instant::now();
+        let snapshot = state.store.load();
+        let heads = req.headers();
+        let (request_id, reply_id) = heads
+            .get(&AX_REQUEST_ID)
+            .filter(|v| valid_request_id(v.as_bytes()))
+            .and_then(|v| Some((HeaderValue::from_bytes(v.as_bytes()).ok()?, v.clone())))
+            .unwrap_or_else(new_request_id);
+        let peer = req
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        // Looked up only if read: only from a trusted proxy.
+        let forwarded_for = std::iter::once(())
+            .flat_map(|()| heads.get_all(&AX_FORWARDED_FOR))
+            .map(|v| v.as_bytes());
+        let client = client_ip(peer, forwarded_for, &snapshot.client_ip);
+        let (host, host_check) = host_of(req);
+        let trace = snapshot
+            .tracing
+            .as_ref()
+            .map(|c| RequestTrace::start(c, req, started));
+        // Boxed: the exchange (~500 bytes) is moved into the forwarding future and then into the
+        // response body's completion; a pointer moves for it each time. Written into a box
+        // allocated first, so that it is built there rather than on the stack and copied.
+        let mut ex = Box::write(
+            Box::new_uninit(),
+            Exchange {
+                snapshot,
+                started,
+                request_id,
+                reply_id,
+                client_ip: client,
+                method: req.method().clone(),
+                version: req.version(),
+                host,
+                path: req.uri().path().to_owned(),
+                route: None,
+                upstream: None,
+                target: None,
+                body: None,
+                log: state.access_log,
+                state: state.clone(),
+                extra: Vec::new(),
+                auth_headers: Vec::new(),
+                drop_token: None,
+                in_flight: None,
+                slot: None,
+                buffered: None,
+                busy: conn_state
+                    .as_ref()
+                    .map(|c| c.begin(matches!(body, None | Some(Payload::None)) && !req.upgrade())),
+                scheme: conn.as_ref().map_or("http", |c| c.scheme()),
+                conn,
+                grpc: is_grpc(req),
+                grpc_status: None,
+                // Only the HTTP/2 server sets them: no extensions lookup for the others.
+                trailers: if req.version() == actix_web::http::Version::HTTP_2 {
+                    req.extensions().get::<Trailers>().cloned()
+                } else {
+                    None
+                },
+                trace,
+                plugin_stop: None,
+                recorded: std::cell::Cell::new(false),
+            },
+        );
+        state.recorder.metrics().in_flight.inc();
+
+        if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
+            break 'answer ex.error(414, "the request target is too long");
+        }
+        let framing = match (check_request(req), host_check) {
+            (Ok(f), Ok(())) => f,
+            (Err(why), _) | (Ok(_), Err(why)) => break 'answer ex.error(400, why),
+        };
+        let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
+            Ok(p) => p,
+            Err(PathError::NotOriginForm)
+                if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
+            {
+                ex.emit(200, 0, Ok(()));
+                break 'answer HttpResponse::Ok()
+                    .insert_header(("x-request-id", ex.request_id.as_bytes()))
+                    .finish();
+            }
+            Err(e) => break 'answer ex.error(400, &e.to_string()),
+        };
+        if let std::borrow::Cow::Owned(p) = &path {
+            // Otherwise the path is the client's, already there.
+            ex.path.clone_from(p);
+        }
+        let snap = Arc::clone(&ex.snapshot);
+        // The client's query without the token, when auth took it out.
+        let mut query_without_token: Option<Option<String>> = None;
+        let mut incoming = Incoming {
+            method: req.method().as_str(),
+            host: &ex.host,
+            path: &path,
+            query: req.uri().query(),
+            client_ip: ex.client_ip,
+            // Filled by the auth filter with the verified claims.
+            claims: None,
+            trace_id: ex.trace.as_ref().map(|t| t.trace_id),
+        };
+        // A CORS preflight is routed by the method it asks about, and answered here when that
+        // route has CORS; otherwise it is an ordinary OPTIONS request.
+        if let Some(asked) = edge::preflight_method(req) {
+            let probe = Incoming {
+                method: asked,
+                host: &ex.host,
+                path: &path,
+                query: None,
+                client_ip: ex.client_ip,
+                claims: None,
+                trace_id: None,
+            };
+            if let Routed::Matched(pm) = decide::route(&snap, &probe)
+                && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())
+            {
+                ex.route = Some(pm.route);
+                let (status, resp) = edge::preflight(cors, req, asked, &ex.request_id);
+                ex.emit(status, 0, Ok(()));
+                break 'answer resp;
+            }
+        }
+        let m = match decide::route(&snap, &incoming) {
+            Routed::Matched(m) => m,
+            Routed::NoRoute => break 'answer ex.error(404, "no route matches this request"),
+            Routed::MethodNotAllowed(allowed) => {
+                let mut resp = ex.error(405, "method not allowed on this route");
+                if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
+                    resp.headers_mut().insert(ax::ALLOW, v);
+                }
+                break 'answer resp;
+            }
+        };
+        ex.route = Some(m.route);
+        let Some(route) = snap.routes.get(m.route) else {
+            break 'answer ex.error(500, "internal routing error");
+        };
+        if let Some(t) = &ex.trace {
+            t.decide(Some(&route.tracing), Some(req));
+        }
+        // The client headers that exist from here on, for auth, the policy and the upstream.
+        let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
+        if let Some(cors) = &route.cors {
+            ex.extra = edge::cors_headers(cors, req);
+        }
+        if let Some(auth) = &route.auth {
+            match edge::authenticate(auth, req, inbound).await {
+                Ok(Some(verified)) => {
+                    ex.auth_headers = verified.headers;
+                    ex.drop_token = verified.drop_token;
+                    incoming.claims = Some(verified.claims);
+                    query_without_token = verified.query;
+                    if let Some(q) = &query_without_token {
+                        incoming.query = q.as_deref();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(t) = &ex.trace {
+                        let provider = auth.provider.name.as_str();
+                        let attrs = [
+                            ("rustygate.auth.provider", provider),
+                            ("rustygate.reason", e.reason()),
+                        ];
+                        t.event("auth.denied", &attrs);
+                    }
+                    tracing::info!(
+                        request_id = ex.request_id.to_str().unwrap_or(""),
+                        route = route.name.as_str(),
+                        provider = auth.provider.name.as_str(),
+                        reason = e.reason(),
+                        "authentication failed"
+                    );
+                    state
+                        .recorder
+                        .metrics()
+                        .auth_failures
+                        .with_label_values(&[route.name.as_str(), e.reason()])
+                        .inc();
+                    let mut resp = ex.error(e.status(), e.message());
+                    if let Ok(v) = ax::HeaderValue::from_bytes(e.www_authenticate().as_bytes()) {
+                        resp.headers_mut().insert(ax::WWW_AUTHENTICATE, v);
+                    }
+                    break 'answer resp;
+                }
+            }
+        }
+        if let Some(limited) = state
+            .limiters
+            .check(
+                &snap,
+                m.route,
+                route,
+                edge::KeySource {
+                    req,
+                    inbound: &inbound,
+                    verified: &ex.auth_headers,
+                },
+                ex.client_ip,
+                incoming.claims.as_ref(),
+                &ex.request_id,
+            )
+            .await
+        {
+            state
+                .recorder
+                .metrics()
+                .rate_limited
+                .with_label_values(&[route.name.as_str()])
+                .inc();
+            if let Some(t) = &ex.trace {
+                t.event(
+                    "rate_limit.denied",
+                    &[("rustygate.route", route.name.as_str())],
+                );
+            }
+            if ex.grpc {
+                // Keeps Retry-After and the RateLimit headers on the gRPC answer.
+                let mut resp = ex.error(429, "rate limit exceeded");
+                for (n, v) in limited.headers() {
+                    if n.as_str().starts_with("ratelimit") || n == ax::RETRY_AFTER {
+                        resp.headers_mut().insert(n.clone(), v.clone());
+                    }
+                }
+                break 'answer resp;
+            }
+            ex.emit(429, 0, Ok(()));
+            break 'answer ex.with_extra(limited);
+        }
+        let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(req, inbound));
+        if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
+            && f.query.is_none()
+        {
+            f.query = Some(q);
+        }
+        // The plan stays here and `forward` borrows it: moved into its future, its bytes would be
+        // copied once more per request.
+        if let Plan::Forward(f) = &mut plan {
+            let payload = body.take().unwrap_or(Payload::None);
+            return forward(ex, req, payload, state, route, f, framing).await;
+        }
+        answer(&ex, state, plan)
+    };
     match body {
         // Answered without forwarding: the body was not read.
+        // Boxed: its timer would otherwise make every request's future larger.
         Some(unread) if !matches!(unread, Payload::None) => {
-            discard_unread(&req, unread, &state, resp).await
+            Box::pin(discard_unread(&req, unread, &state, resp)).await
         }
         _ => resp,
     }
-}
-
-/// The request's phases up to its answer; `body` is taken when the request is forwarded.
-async fn exchange(
-    req: &Request,
-    body: &mut Option<Payload>,
-    state: &web::Data<WorkerState>,
-    conn: Option<Rc<ConnInfo>>,
-    conn_state: Option<Rc<ConnState>>,
-) -> HttpResponse {
-    let started = Instant::now();
-    let snapshot = state.store.load();
-    let heads = req.headers();
-    let (request_id, reply_id) = heads
-        .get(&AX_REQUEST_ID)
-        .filter(|v| valid_request_id(v.as_bytes()))
-        .and_then(|v| Some((HeaderValue::from_bytes(v.as_bytes()).ok()?, v.clone())))
-        .unwrap_or_else(new_request_id);
-    let peer = req
-        .peer_addr()
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    // Looked up only if read: only from a trusted proxy.
-    let forwarded_for = std::iter::once(())
-        .flat_map(|()| heads.get_all(&AX_FORWARDED_FOR))
-        .map(|v| v.as_bytes());
-    let client = client_ip(peer, forwarded_for, &snapshot.client_ip);
-    let (host, host_check) = host_of(req);
-    let trace = snapshot
-        .tracing
-        .as_ref()
-        .map(|c| RequestTrace::start(c, req, started));
-    // Boxed: the exchange (~500 bytes) is moved into the forwarding future and then into the
-    // response body's completion; a pointer moves for it each time. Written into a box
-    // allocated first, so that it is built there rather than on the stack and copied.
-    let mut ex = Box::write(
-        Box::new_uninit(),
-        Exchange {
-            snapshot,
-            started,
-            request_id,
-            reply_id,
-            client_ip: client,
-            method: req.method().clone(),
-            version: req.version(),
-            host,
-            path: req.uri().path().to_owned(),
-            route: None,
-            upstream: None,
-            target: None,
-            body: None,
-            log: state.access_log,
-            state: state.clone(),
-            extra: Vec::new(),
-            auth_headers: Vec::new(),
-            drop_token: None,
-            in_flight: None,
-            slot: None,
-            buffered: None,
-            busy: conn_state
-                .as_ref()
-                .map(|c| c.begin(matches!(body, None | Some(Payload::None)) && !req.upgrade())),
-            scheme: conn.as_ref().map_or("http", |c| c.scheme()),
-            conn,
-            grpc: is_grpc(req),
-            grpc_status: None,
-            // Only the HTTP/2 server sets them: no extensions lookup for the others.
-            trailers: if req.version() == actix_web::http::Version::HTTP_2 {
-                req.extensions().get::<Trailers>().cloned()
-            } else {
-                None
-            },
-            trace,
-            plugin_stop: None,
-            recorded: std::cell::Cell::new(false),
-        },
-    );
-    state.recorder.metrics().in_flight.inc();
-
-    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
-        return ex.error(414, "the request target is too long");
-    }
-    let framing = match (check_request(req), host_check) {
-        (Ok(f), Ok(())) => f,
-        (Err(why), _) | (Ok(_), Err(why)) => return ex.error(400, why),
-    };
-    let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
-        Ok(p) => p,
-        Err(PathError::NotOriginForm)
-            if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
-        {
-            ex.emit(200, 0, Ok(()));
-            return HttpResponse::Ok()
-                .insert_header(("x-request-id", ex.request_id.as_bytes()))
-                .finish();
-        }
-        Err(e) => return ex.error(400, &e.to_string()),
-    };
-    if let std::borrow::Cow::Owned(p) = &path {
-        // Otherwise the path is the client's, already there.
-        ex.path.clone_from(p);
-    }
-    let snap = Arc::clone(&ex.snapshot);
-    // The client's query without the token, when auth took it out.
-    let mut query_without_token: Option<Option<String>> = None;
-    let mut incoming = Incoming {
-        method: req.method().as_str(),
-        host: &ex.host,
-        path: &path,
-        query: req.uri().query(),
-        client_ip: ex.client_ip,
-        // Filled by the auth filter with the verified claims.
-        claims: None,
-        trace_id: ex.trace.as_ref().map(|t| t.trace_id),
-    };
-    // A CORS preflight is routed by the method it asks about, and answered here when that
-    // route has CORS; otherwise it is an ordinary OPTIONS request.
-    if let Some(asked) = edge::preflight_method(req) {
-        let probe = Incoming {
-            method: asked,
-            host: &ex.host,
-            path: &path,
-            query: None,
-            client_ip: ex.client_ip,
-            claims: None,
-            trace_id: None,
-        };
-        if let Routed::Matched(pm) = decide::route(&snap, &probe)
-            && let Some(cors) = snap.routes.get(pm.route).and_then(|r| r.cors.as_ref())
-        {
-            ex.route = Some(pm.route);
-            let (status, resp) = edge::preflight(cors, req, asked, &ex.request_id);
-            ex.emit(status, 0, Ok(()));
-            return resp;
-        }
-    }
-    let m = match decide::route(&snap, &incoming) {
-        Routed::Matched(m) => m,
-        Routed::NoRoute => return ex.error(404, "no route matches this request"),
-        Routed::MethodNotAllowed(allowed) => {
-            let mut resp = ex.error(405, "method not allowed on this route");
-            if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
-                resp.headers_mut().insert(ax::ALLOW, v);
-            }
-            return resp;
-        }
-    };
-    ex.route = Some(m.route);
-    let Some(route) = snap.routes.get(m.route) else {
-        return ex.error(500, "internal routing error");
-    };
-    if let Some(t) = &ex.trace {
-        t.decide(Some(&route.tracing), Some(req));
-    }
-    // The client headers that exist from here on, for auth, the policy and the upstream.
-    let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
-    if let Some(cors) = &route.cors {
-        ex.extra = edge::cors_headers(cors, req);
-    }
-    if let Some(auth) = &route.auth {
-        match edge::authenticate(auth, req, inbound).await {
-            Ok(Some(verified)) => {
-                ex.auth_headers = verified.headers;
-                ex.drop_token = verified.drop_token;
-                incoming.claims = Some(verified.claims);
-                query_without_token = verified.query;
-                if let Some(q) = &query_without_token {
-                    incoming.query = q.as_deref();
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                if let Some(t) = &ex.trace {
-                    let provider = auth.provider.name.as_str();
-                    let attrs = [
-                        ("rustygate.auth.provider", provider),
-                        ("rustygate.reason", e.reason()),
-                    ];
-                    t.event("auth.denied", &attrs);
-                }
-                tracing::info!(
-                    request_id = ex.request_id.to_str().unwrap_or(""),
-                    route = route.name.as_str(),
-                    provider = auth.provider.name.as_str(),
-                    reason = e.reason(),
-                    "authentication failed"
-                );
-                state
-                    .recorder
-                    .metrics()
-                    .auth_failures
-                    .with_label_values(&[route.name.as_str(), e.reason()])
-                    .inc();
-                let mut resp = ex.error(e.status(), e.message());
-                if let Ok(v) = ax::HeaderValue::from_bytes(e.www_authenticate().as_bytes()) {
-                    resp.headers_mut().insert(ax::WWW_AUTHENTICATE, v);
-                }
-                return resp;
-            }
-        }
-    }
-    if let Some(limited) = state
-        .limiters
-        .check(
-            &snap,
-            m.route,
-            route,
-            edge::KeySource {
-                req,
-                inbound: &inbound,
-                verified: &ex.auth_headers,
-            },
-            ex.client_ip,
-            incoming.claims.as_ref(),
-            &ex.request_id,
-        )
-        .await
-    {
-        state
-            .recorder
-            .metrics()
-            .rate_limited
-            .with_label_values(&[route.name.as_str()])
-            .inc();
-        if let Some(t) = &ex.trace {
-            t.event(
-                "rate_limit.denied",
-                &[("rustygate.route", route.name.as_str())],
-            );
-        }
-        if ex.grpc {
-            // Keeps Retry-After and the RateLimit headers on the gRPC answer.
-            let mut resp = ex.error(429, "rate limit exceeded");
-            for (n, v) in limited.headers() {
-                if n.as_str().starts_with("ratelimit") || n == ax::RETRY_AFTER {
-                    resp.headers_mut().insert(n.clone(), v.clone());
-                }
-            }
-            return resp;
-        }
-        ex.emit(429, 0, Ok(()));
-        return ex.with_extra(limited);
-    }
-    let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(req, inbound));
-    if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
-        && f.query.is_none()
-    {
-        f.query = Some(q);
-    }
-    // The plan stays here and `forward` borrows it: moved into its future, its bytes would be
-    // copied once more per request.
-    if let Plan::Forward(f) = &mut plan {
-        let payload = body.take().unwrap_or(Payload::None);
-        return forward(ex, req, payload, state, route, f, framing).await;
-    }
-    answer(&ex, state, plan)
 }
 
 /// At most this much of a request body is read and dropped after an answer given without
