@@ -962,26 +962,44 @@ fn pipelined_requests_behind_requests_with_bodies_each_get_their_own_response() 
         ),
     ];
     for (case, writes, answers) in cases {
-        let mut s = TcpStream::connect(gw.addr).unwrap();
-        for (i, w) in writes.iter().enumerate() {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            s.write_all(w.as_bytes()).unwrap();
+        let answers: Vec<String> = answers.iter().map(|a| format!("200 {a}")).collect();
+        expect_answers(&mut write_apart(gw.addr, &writes), case, &answers);
+    }
+}
+
+/// Connects and writes each piece, 20 ms apart.
+fn write_apart(addr: SocketAddr, writes: &[String]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    for (i, w) in writes.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        for (i, want) in answers.iter().enumerate() {
-            let r = read_response(&mut s);
-            assert!(r.starts_with("HTTP/1.1 200"), "{case}: {want}: {r:?}");
+        s.write_all(w.as_bytes()).unwrap();
+    }
+    s
+}
+
+/// Reads the answers due, in order: each a status, then optionally a space and the whole body.
+/// Only the last one may say `Connection: close`, and nothing may come after it.
+fn expect_answers(s: &mut TcpStream, case: &str, answers: &[String]) {
+    for (i, want) in answers.iter().enumerate() {
+        let r = read_response(s);
+        let (status, body) = want.split_once(' ').unwrap_or((want, ""));
+        assert!(
+            r.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{case}: {want}: {r:?}"
+        );
+        if !body.is_empty() {
             assert!(
-                r.ends_with(&format!("\r\n\r\n{want}")),
+                r.ends_with(&format!("\r\n\r\n{body}")),
                 "{case}: {want}: {r:?}"
             );
-            let closes = r.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
-            assert_eq!(closes, i + 1 == answers.len(), "{case}: {want}: {r:?}");
         }
-        let (rest, _) = read_to_close(&mut s, Duration::from_secs(5));
-        assert_eq!(rest, "", "{case}: nothing after the last response");
+        let closes = r.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
+        assert_eq!(closes, i + 1 == answers.len(), "{case}: {want}: {r:?}");
     }
+    let (rest, _) = read_to_close(s, Duration::from_secs(5));
+    assert_eq!(rest, "", "{case}: nothing after the last response");
 }
 
 /// Answers the gateway gives without forwarding (404, 405) read a small sized body and keep
@@ -1053,31 +1071,7 @@ fn answers_given_without_forwarding_read_a_small_body_and_keep_the_connection() 
         ),
     ];
     for (case, writes, answers) in cases {
-        let mut s = TcpStream::connect(gw.addr).unwrap();
-        for (i, w) in writes.iter().enumerate() {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            s.write_all(w.as_bytes()).unwrap();
-        }
-        for (i, want) in answers.iter().enumerate() {
-            let r = read_response(&mut s);
-            let (status, body) = want.split_once(' ').unwrap_or((want, ""));
-            assert!(
-                r.starts_with(&format!("HTTP/1.1 {status} ")),
-                "{case}: {want}: {r:?}"
-            );
-            if !body.is_empty() {
-                assert!(
-                    r.ends_with(&format!("\r\n\r\n{body}")),
-                    "{case}: {want}: {r:?}"
-                );
-            }
-            let closes = r.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
-            assert_eq!(closes, i + 1 == answers.len(), "{case}: {want}: {r:?}");
-        }
-        let (rest, _) = read_to_close(&mut s, Duration::from_secs(5));
-        assert_eq!(rest, "", "{case}: nothing after the last response");
+        expect_answers(&mut write_apart(gw.addr, &writes), case, &answers);
     }
 
     // Answers that close: (case, what is written, then whether the write side shuts, and how
