@@ -1121,3 +1121,120 @@ fn answers_given_without_forwarding_read_a_small_body_and_keep_the_connection() 
     let r = read_response(&mut s);
     assert!(r.ends_with("\r\n\r\n/api/after 0"), "{r:?}");
 }
+
+/// Answers given after routing but before anything goes upstream (the upstream's
+/// `max_requests` all taken, no healthy target, too many bodies held for retries) read a small
+/// unread body too: the connection carries the request behind it, as after a 404.
+#[test]
+fn answers_given_before_sending_upstream_read_a_small_body_and_keep_the_connection() {
+    // The upstream of /full: each request is held until its client goes away.
+    let holding = scripted_upstream(|mut s, _| {
+        if read_head(&mut s) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut buf = [0u8; 64];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    // The upstream of /down: every answer (health checks too) is a 503.
+    let failing = scripted_upstream(|mut s, _| {
+        while read_head(&mut s) {
+            let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+            if s.write_all(answer).is_err() {
+                break;
+            }
+        }
+    });
+    let echo = body_echo_upstream();
+    let route = |name: &str, methods: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nprefix = \"/{name}\"\nmethods = [{methods}]\nupstream = \"{name}\"\n"
+        )
+    };
+    let files = vec![
+        (
+            "routes/full.toml",
+            route("full", "\"GET\", \"POST\", \"PUT\""),
+        ),
+        ("routes/down.toml", route("down", "\"GET\", \"POST\"")),
+        ("routes/held.toml", route("held", "\"GET\", \"PUT\"")),
+        (
+            "upstreams/full.toml",
+            format!(
+                "[upstream.full]\ntargets = [\"http://{holding}\"]\ncircuit_breaker = {{ max_requests = 1 }}\n"
+            ),
+        ),
+        (
+            "upstreams/down.toml",
+            format!(
+                "[upstream.down]\ntargets = [\"http://{failing}\"]\nhealth = {{ path = \"/healthz\", interval = \"100ms\", unhealthy_after = 1 }}\n"
+            ),
+        ),
+        (
+            "upstreams/held.toml",
+            format!("[upstream.held]\ntargets = [\"http://{echo}\"]\n"),
+        ),
+        (
+            "gateway.toml",
+            "[limits]\nmax_buffered_bodies = \"100B\"\n".to_owned(),
+        ),
+    ];
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let sized = |m: &str, p: &str, body: &str| {
+        format!(
+            "{m} {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let last = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let in_flight = |n: f64| {
+        wait_until(Duration::from_secs(5), || {
+            scrape(&gw)["rustygate_in_flight_requests"] == n
+        })
+    };
+
+    // max_requests: one request holds the only place. A POST (streamed, never resent) and a
+    // PUT (read whole for retries) are both turned away with their bodies unread.
+    let mut holder = TcpStream::connect(gw.addr).unwrap();
+    holder
+        .write_all(b"GET /full/hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(in_flight(1.0));
+    for m in ["POST", "PUT"] {
+        let writes = [sized(m, "/full/a", &"p".repeat(3000)), last("/full/b")];
+        let case = format!("{m} over max_requests");
+        expect_answers(
+            &mut write_apart(gw.addr, &writes),
+            &case,
+            &["503".into(), "503".into()],
+        );
+    }
+    drop(holder);
+    assert!(in_flight(0.0));
+
+    // No healthy target.
+    assert!(wait_until(Duration::from_secs(5), || {
+        gw.get("/down/x").1.contains("no healthy upstream target")
+    }));
+    let writes = [sized("POST", "/down/a", &"d".repeat(5000)), last("/down/b")];
+    expect_answers(
+        &mut write_apart(gw.addr, &writes),
+        "no healthy target",
+        &["503".into(), "503".into()],
+    );
+
+    // Too many bodies held: a PUT whose 80 bytes are awaited holds 80 of the 100.
+    let mut held = TcpStream::connect(gw.addr).unwrap();
+    held.write_all(b"PUT /held/a HTTP/1.1\r\nHost: t\r\nContent-Length: 80\r\n\r\n")
+        .unwrap();
+    assert!(in_flight(1.0));
+    let writes = [sized("PUT", "/held/b", &"h".repeat(50)), last("/held/c")];
+    expect_answers(
+        &mut write_apart(gw.addr, &writes),
+        "too many bodies held",
+        &["503".into(), "200 /held/c 0".into()],
+    );
+    // The held one goes through once its body arrives.
+    held.write_all(&[b'x'; 80]).unwrap();
+    let r = read_response(&mut held);
+    assert!(r.ends_with("\r\n\r\n/held/a 80"), "{r:?}");
+}

@@ -667,9 +667,10 @@ pub(crate) async fn handle(
         }
         // The plan stays here and `forward` borrows it: moved into its future, its bytes would be
         // copied once more per request.
+        // `forward` takes the body only when it reads it: one it answers without reading
+        // (no healthy target, `max_requests`, too many bodies held) is dropped below.
         if let Plan::Forward(f) = &mut plan {
-            let payload = body.take().unwrap_or(Payload::None);
-            return forward(ex, req, payload, state, route, f, framing).await;
+            break 'answer forward(ex, req, &mut body, state, route, f, framing).await;
         }
         answer(&ex, state, plan)
     };
@@ -949,15 +950,32 @@ enum Outgoing {
     Empty,
     /// Read whole beforehand: every attempt sends it again.
     Replayable(Bytes),
+    /// To be streamed from the client, still unread: the first attempt that has a target
+    /// starts reading it. Until then an answer given instead (no healthy target, the
+    /// upstream's `max_requests`) leaves it to the handler, which drops a small body and keeps
+    /// the connection.
+    Unread {
+        len: Option<u64>,
+        limit: u64,
+        idle: std::time::Duration,
+    },
     /// Streamed from the client: sent once, and taken back only if none of it went out.
     Once(Option<ProxyBody>),
 }
 
 impl Outgoing {
-    fn next(&mut self) -> Option<ProxyBody> {
+    /// The body for the next attempt; `payload` is the client's, taken when first streamed.
+    fn next(&mut self, payload: &mut Option<Payload>, ex: &mut Exchange) -> Option<ProxyBody> {
         match self {
             Outgoing::Empty => Some(ProxyBody::Empty),
             Outgoing::Replayable(b) => Some(ProxyBody::Full(Some(b.clone()))),
+            Outgoing::Unread { len, limit, idle } => {
+                let payload = payload.take().unwrap_or(Payload::None);
+                let (body, stats) = stream_request_body(payload, *len, *limit, *idle);
+                ex.body = Some(stats);
+                *self = Outgoing::Once(None);
+                Some(body)
+            }
             Outgoing::Once(b) => b.take(),
         }
     }
@@ -979,7 +997,7 @@ impl Outgoing {
 async fn forward(
     mut ex: Box<Exchange>,
     req: &Request,
-    payload: Payload,
+    payload: &mut Option<Payload>,
     state: &WorkerState,
     route: &Route,
     plan: &mut decide::Forward,
@@ -1014,7 +1032,7 @@ async fn forward(
     }
     let (mut body, mut tunnel_in) = if websocket {
         ex.body = Some(Rc::new(BodyStats::default()));
-        (Outgoing::Empty, Some(payload))
+        (Outgoing::Empty, payload.take())
     } else if let Some(filter) = plan
         .plugins
         .as_ref()
@@ -1022,6 +1040,7 @@ async fn forward(
         .and_then(|p| p.request_body(route.max_body_size))
     {
         // Boxed: only requests whose body a plugin reads pay for this future's size.
+        let payload = payload.take().unwrap_or(Payload::None);
         let read = plugin_body::request(&mut ex, payload, state, route, declared_len, filter);
         match Box::pin(read).await {
             Ok(b) => (b, None),
@@ -1096,7 +1115,7 @@ async fn forward(
         };
         let target = &upstream.targets[index];
         ex.target = Some(index);
-        let Some(attempt_body) = body.next() else {
+        let Some(attempt_body) = body.next(payload, &mut ex) else {
             return ex.error(502, "the upstream could not be reached");
         };
         let (mut upstream_req, fields) = match attempt_request(
@@ -1208,11 +1227,12 @@ async fn forward(
 /// The request body as the attempts will send it: none (`has_body`: [`has_body`]); read whole
 /// first, when the request may be sent again and its declared length (already checked against
 /// the route's limit) is within `replay_limit` (counted against the worker's cap before a byte
-/// is read); or streamed from the client, sent once. `Err` is the answer when the body is
-/// refused or cannot be read.
+/// is read); or streamed from the client by the first attempt, sent once. `Err` is the answer
+/// when the body is refused or cannot be read. `payload` is taken only once it is read: refused
+/// unread, it stays with the handler.
 async fn outgoing_body(
     ex: &mut Exchange,
-    payload: Payload,
+    payload: &mut Option<Payload>,
     state: &WorkerState,
     route: &Route,
     declared_len: Option<u64>,
@@ -1220,17 +1240,16 @@ async fn outgoing_body(
     replay_limit: Option<u64>,
 ) -> Result<Outgoing, HttpResponse> {
     if !has_body {
+        // Nothing to read (an HTTP/2 stream ended with its headers): dropped here, as read.
+        payload.take();
         return Ok(Outgoing::Empty);
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
-        let (body, stats) = stream_request_body(
-            payload,
-            declared_len,
-            route.max_body_size,
-            ex.snapshot.limits.body_idle_timeout,
-        );
-        ex.body = Some(stats);
-        return Ok(Outgoing::Once(Some(body)));
+        return Ok(Outgoing::Unread {
+            len: declared_len,
+            limit: route.max_body_size,
+            idle: ex.snapshot.limits.body_idle_timeout,
+        });
     };
     // Held whole so that a retry can send it again.
     let cap = ex.snapshot.limits.max_buffered_bodies;
@@ -1240,7 +1259,7 @@ async fn outgoing_body(
     }
     let stats = Rc::new(BodyStats::default());
     ex.body = Some(Rc::clone(&stats));
-    let mut payload = payload;
+    let mut payload = payload.take().unwrap_or(Payload::None);
     // Read before any attempt, so the client gets the route's timeout to send it (a streamed
     // body is bounded by the attempt's timeout the same way).
     let idle = ex.snapshot.limits.body_idle_timeout;
