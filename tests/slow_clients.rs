@@ -979,6 +979,19 @@ fn write_apart(addr: SocketAddr, writes: &[String]) -> TcpStream {
     s
 }
 
+/// A request with a `Content-Length` body.
+fn sized(m: &str, p: &str, body: &str) -> String {
+    format!(
+        "{m} {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A GET that ends its connection.
+fn last(p: &str) -> String {
+    format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+}
+
 /// Reads the answers due, in order: each a status, then optionally a space and the whole body.
 /// Only the last one may say `Connection: close`, and nothing may come after it.
 fn expect_answers(s: &mut TcpStream, case: &str, answers: &[String]) {
@@ -1021,13 +1034,6 @@ fn answers_given_without_forwarding_read_a_small_body_and_keep_the_connection() 
         ),
     ];
     let (gw, _dir) = gateway(&as_refs(&files), 1);
-    let sized = |m: &str, p: &str, body: &str| {
-        format!(
-            "{m} {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let last = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     let at_limit = "b".repeat(64 * 1024);
     let mut mixed = Vec::new();
     let mut mixed_answers = Vec::new();
@@ -1179,13 +1185,6 @@ fn answers_given_before_sending_upstream_read_a_small_body_and_keep_the_connecti
         ),
     ];
     let (gw, _dir) = gateway(&as_refs(&files), 1);
-    let sized = |m: &str, p: &str, body: &str| {
-        format!(
-            "{m} {p} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let last = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     let in_flight = |n: f64| {
         wait_until(Duration::from_secs(5), || {
             scrape(&gw)["rustygate_in_flight_requests"] == n
