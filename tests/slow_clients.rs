@@ -1191,8 +1191,9 @@ fn answers_given_before_sending_upstream_read_a_small_body_and_keep_the_connecti
         })
     };
 
-    // max_requests: one request holds the only place. A POST (streamed, never resent) and a
-    // PUT (read whole for retries) are both turned away with their bodies unread.
+    // max_requests: one request holds the only place. A POST (streamed, never resent) is
+    // turned away with its body unread; a PUT's body is read whole for retries before the
+    // place is asked for, so its connection stays either way.
     let mut holder = TcpStream::connect(gw.addr).unwrap();
     holder
         .write_all(b"GET /full/hold HTTP/1.1\r\nHost: t\r\n\r\n")
