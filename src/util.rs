@@ -8,7 +8,7 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// Appends `addr` as `Display` writes it, without the formatting machinery for IPv4 (the
 /// common case: X-Forwarded-For and the access log write one per request). An IPv4 address is
 /// four copies from a table into a stack buffer, appended once.
-pub fn push_ip(out: &mut Vec<u8>, addr: std::net::IpAddr) {
+pub fn push_ip<B: bytes::BufMut>(out: &mut B, addr: std::net::IpAddr) {
     match addr {
         std::net::IpAddr::V4(v4) => {
             // Four octets of at most "255.": 16 bytes.
@@ -22,11 +22,11 @@ pub fn push_ip(out: &mut Vec<u8>, addr: std::net::IpAddr) {
                 len += usize::from(*n);
             }
             // Without the dot after the last octet.
-            out.extend_from_slice(text.get(..len - 1).unwrap_or_default());
+            out.put_slice(text.get(..len - 1).unwrap_or_default());
         }
         std::net::IpAddr::V6(v6) => {
             use std::io::Write;
-            let _ = write!(out, "{v6}");
+            let _ = write!(bytes::BufMut::writer(&mut *out), "{v6}");
         }
     }
 }

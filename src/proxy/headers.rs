@@ -33,6 +33,9 @@ const GATEWAY_SET: [&str; 9] = [
     "x-real-ip",
 ];
 
+/// The longest text of an address: IPv6 ending in an IPv4 address.
+const MAX_IP_TEXT: usize = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".len();
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -242,13 +245,16 @@ where
         room += v.len();
         if n == "connection" {
             connection.push(v);
+        } else if n == "x-forwarded-for" {
+            room += 2; // the ", " after it
         }
     }
     let dropped = connection_tokens(connection.into_iter())?;
     let mut client_host = None;
     let mut prior_xff: Vec<&str> = Vec::new();
-    // The kept values are copied into one buffer and shared from it: one allocation for all.
-    let mut values = BytesMut::with_capacity(room);
+    // The kept values and X-Forwarded-For are copied into one buffer and shared from it: one
+    // allocation for all.
+    let mut values = BytesMut::with_capacity(room + MAX_IP_TEXT);
     let (mut has_proto, mut has_forwarded_host) = (false, false);
     for (n, value) in client() {
         match n {
@@ -290,23 +296,23 @@ where
         has_forwarded_host |= name == X_FORWARDED_HOST;
         out.append(name, v);
     }
-    // X-Forwarded-For: what trusted hops said, then the peer.
-    let mut xff = Vec::with_capacity(48);
+    // X-Forwarded-For: what trusted hops said, then the peer, shared from the same buffer.
+    values.reserve(prior_xff.iter().map(|h| h.len() + 2).sum::<usize>() + MAX_IP_TEXT);
     for hop in &prior_xff {
-        if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
+        if !values.is_empty() {
+            values.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(hop.as_bytes());
+        values.extend_from_slice(hop.as_bytes());
     }
     if let Some(p) = f.peer {
-        if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
+        if !values.is_empty() {
+            values.extend_from_slice(b", ");
         }
-        crate::util::push_ip(&mut xff, canonical_ip(p));
+        crate::util::push_ip(&mut values, canonical_ip(p));
     }
     // The client's own X-Forwarded-For, X-Request-Id, Host and client-certificate headers were
     // skipped above: these are the only ones, and are appended.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(values.split().freeze()) {
         out.append(X_FORWARDED_FOR, v);
     }
     if !has_proto {
@@ -470,10 +476,18 @@ mod tests {
     /// The upstream headers for `client` (lower-case names, raw values) from an untrusted or
     /// trusted peer, with the default rules.
     fn forward(client: &[(&str, &[u8])], trusted: bool) -> Result<HeaderMap, String> {
+        forward_from(client, trusted, ip("192.0.2.7"))
+    }
+
+    fn forward_from(
+        client: &[(&str, &[u8])],
+        trusted: bool,
+        peer: IpAddr,
+    ) -> Result<HeaderMap, String> {
         let rid = HeaderValue::from_static("rid-1");
         let rules = HeaderOps::default();
         let f = Forwarding {
-            peer: Some(ip("192.0.2.7")),
+            peer: Some(peer),
             trusted,
             request_id: &rid,
             upstream_host: &UpstreamHost::Preserve,
@@ -609,6 +623,41 @@ mod tests {
         assert_eq!(all(&out, "x-forwarded-port"), [b"443"]);
         assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
         assert!(!out.contains_key("x-client-cert-subject"));
+    }
+
+    #[test]
+    fn x_forwarded_for_is_written_after_the_other_values_into_their_buffer() {
+        // Several trusted hops and the longest peer addresses: the buffer grows past what the
+        // first pass counted without touching the values already shared from it.
+        let client: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("x-forwarded-for", b"198.51.100.1, 198.51.100.2"),
+            ("user-agent", b"curl/8"),
+            ("x-forwarded-for", b"2001:db8::1"),
+            ("x-kept", b"k"),
+        ];
+        let long_v6 = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff";
+        for (peer, trusted, want) in [
+            ("192.0.2.7", false, "192.0.2.7".to_owned()),
+            (long_v6, false, long_v6.to_owned()),
+            (
+                "255.255.255.255",
+                true,
+                "198.51.100.1, 198.51.100.2, 2001:db8::1, 255.255.255.255".to_owned(),
+            ),
+            (
+                long_v6,
+                true,
+                format!("198.51.100.1, 198.51.100.2, 2001:db8::1, {long_v6}"),
+            ),
+        ] {
+            let out = forward_from(client, trusted, ip(peer)).unwrap();
+            assert_eq!(all(&out, "x-forwarded-for"), [want.as_bytes()], "{peer}");
+            assert_eq!(all(&out, "host"), [b"a.example"]);
+            assert_eq!(all(&out, "x-forwarded-host"), [b"a.example"]);
+            assert_eq!(all(&out, "user-agent"), [b"curl/8"]);
+            assert_eq!(all(&out, "x-kept"), [b"k"]);
+        }
     }
 
     #[test]
