@@ -255,7 +255,9 @@ impl Exchange {
         };
         let ids = self.trace.as_ref().map(|t| t.hex_ids());
         crate::telemetry::access::AccessLine {
-            request_id: self.request_id.to_str().unwrap_or(""),
+            // The id is ASCII (a checked client id or hex): `from_utf8` checks it a word at a time,
+            // where `to_str` took a byte at a time.
+            request_id: std::str::from_utf8(self.request_id.as_bytes()).unwrap_or(""),
             client_ip: self.client_ip,
             method: self.method.as_str(),
             protocol: protocol_name(self.version),
