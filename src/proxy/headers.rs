@@ -627,8 +627,8 @@ mod tests {
 
     #[test]
     fn x_forwarded_for_is_written_after_the_other_values_into_their_buffer() {
-        // Several trusted hops and the longest peer addresses: the buffer grows past what the
-        // first pass counted without touching the values already shared from it.
+        // Several trusted hops and the longest peer addresses, written into the buffer after
+        // the values already shared from it: each of those keeps its bytes.
         let client: &[(&str, &[u8])] = &[
             ("host", b"a.example"),
             ("x-forwarded-for", b"198.51.100.1, 198.51.100.2"),
