@@ -296,8 +296,8 @@ where
         has_forwarded_host |= name == X_FORWARDED_HOST;
         out.append(name, v);
     }
-    // X-Forwarded-For: what trusted hops said, then the peer, shared from the same buffer.
-    values.reserve(prior_xff.iter().map(|h| h.len() + 2).sum::<usize>() + MAX_IP_TEXT);
+    // X-Forwarded-For: what trusted hops said, then the peer, shared from the same buffer (the
+    // first pass counted its room).
     for hop in &prior_xff {
         if !values.is_empty() {
             values.extend_from_slice(b", ");
