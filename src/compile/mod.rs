@@ -24,6 +24,11 @@ mod tls;
 mod trace_config;
 mod upstreams;
 
+/// Route and upstream names are plain: the access log writes them without escaping, and its
+/// tests check that against this rule.
+#[cfg(test)]
+pub(crate) use upstreams::valid_name;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

@@ -28,6 +28,8 @@ pub struct AccessLine<'a> {
     pub protocol: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The route's and the upstream's names: the config compiler accepts only letters, digits,
+    /// `-`, `_` and `.` in them, so they are written without the escape scan.
     pub route: &'a str,
     pub upstream: &'a str,
     pub upstream_target: &'a str,
@@ -39,6 +41,7 @@ pub struct AccessLine<'a> {
     pub completed: bool,
     pub error: &'a str,
     pub grpc_status: &'a str,
+    /// A commit id or `sha256:` and a content hash, in hex: written without the escape scan.
     pub config_version: &'a str,
     /// W3C trace id and the request's server span id, hex; empty when tracing is off. Set for
     /// sampled and unsampled requests alike.
@@ -146,9 +149,9 @@ impl AccessLine<'_> {
         out.extend_from_slice(b",\"path\":");
         string(out, self.path);
         out.extend_from_slice(b",\"route\":");
-        string(out, self.route);
+        plain(out, self.route);
         out.extend_from_slice(b",\"upstream\":");
-        string(out, self.upstream);
+        plain(out, self.upstream);
         out.extend_from_slice(b",\"upstream_target\":");
         string(out, self.upstream_target);
         out.extend_from_slice(b",\"scheme\":");
@@ -170,7 +173,7 @@ impl AccessLine<'_> {
         out.extend_from_slice(b",\"grpc_status\":");
         string(out, self.grpc_status);
         out.extend_from_slice(b",\"config_version\":");
-        string(out, self.config_version);
+        plain(out, self.config_version);
         out.extend_from_slice(b",\"trace_id\":");
         plain(out, self.trace_id);
         out.extend_from_slice(b",\"span_id\":");
@@ -198,8 +201,9 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 
 /// A JSON string whose text never needs escaping, written without [`string`]'s scan. It is for
 /// the request id (a valid `X-Request-Id` is `[A-Za-z0-9._:-]`, a generated one hex), the
-/// method (an HTTP token), static text (protocol, scheme, error) and hex trace ids. The log's
-/// other fields may hold anything a client or a config sends, and go through [`string`].
+/// method (an HTTP token), static text (protocol, scheme, error), hex trace ids and config
+/// versions, and the route's and upstream's names (checked when the config is compiled). The
+/// log's other fields may hold anything a client or a config sends, and go through [`string`].
 fn plain(out: &mut Vec<u8>, s: &str) {
     debug_assert!(
         !s.bytes()
@@ -227,7 +231,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 /// Whether any byte of `bytes` is one that [`string`] escapes, eight at a time. A value of
 /// eight bytes or more ends with its last eight (overlapping the words before: the question
-/// is only whether one is there); a shorter one is read into a word padded with `a`.
+/// is only whether one is there); a shorter one is checked a byte at a time.
 fn needs_escaping(bytes: &[u8]) -> bool {
     let (words, tail) = bytes.as_chunks::<8>();
     if words.iter().any(|w| any_to_escape(u64::from_le_bytes(*w))) {
@@ -236,15 +240,13 @@ fn needs_escaping(bytes: &[u8]) -> bool {
     if tail.is_empty() {
         return false;
     }
-    let last = match bytes.last_chunk::<8>() {
-        Some(w) => *w,
-        None => {
-            let mut w = [b'a'; 8];
-            w[..tail.len()].copy_from_slice(tail);
-            w
-        }
-    };
-    any_to_escape(u64::from_le_bytes(last))
+    match bytes.last_chunk::<8>() {
+        Some(last) => any_to_escape(u64::from_le_bytes(*last)),
+        // Shorter than a word (a path of `/`): copying it into a padded word cost a `memcpy`.
+        None => tail
+            .iter()
+            .any(|&b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f)),
+    }
 }
 
 /// The text of a value that has something to escape, escaped.
@@ -474,6 +476,30 @@ mod tests {
                 .any(|b| *b < 0x20 || matches!(*b, b'"' | b'\\' | 0x7f));
             assert_eq!(any_to_escape(w), want, "{w:#x}");
         }
+    }
+
+    #[test]
+    fn names_the_compiler_accepts_are_never_escaped() {
+        // `route` and `upstream` are written unscanned (`plain`): no byte the compiler lets
+        // into a name may be one that `string` escapes.
+        let mut accepted = 0;
+        for b in 0..=u8::MAX {
+            let text = [b'a', b, b'z'];
+            if let Ok(name) = std::str::from_utf8(&text)
+                && crate::compile::valid_name(name)
+            {
+                accepted += 1;
+                assert!(!needs_escaping(name.as_bytes()), "{name:?}");
+                let mut out = Vec::new();
+                string(&mut out, name);
+                assert_eq!(out, [&b"\""[..], name.as_bytes(), b"\""].concat());
+            }
+        }
+        assert_eq!(
+            accepted,
+            26 * 2 + 10 + 3,
+            "letters, digits, `-`, `_` and `.`"
+        );
     }
 
     #[test]
