@@ -7,7 +7,9 @@
 #
 # usage: bench/cache-misses.sh GATEWAY_BINARY [extra `serve` flags]
 #   e.g. bench/cache-misses.sh target/x86_64-unknown-linux-musl/release/rustygate --access-log false
-# env: REQUESTS (default 20000), CONNS (default 32), PORT (gateway, default 18080),
+#        bench/cache-misses.sh --nginx   (nginx as the proxy instead, as instructions.sh runs it:
+#        one process, upstream keep-alive, no access log; the same harness and cache geometry)
+# env: REQUESTS (default 20000), CONNS (default 32), PORT (the proxy measured, default 18080),
 #   BACKEND_PORT (default 19001), LOAD_TIMEOUT (seconds per load, default 900), KEEP=FILE to
 #   keep callgrind's output. The cache geometry is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way
 #   LL, 64-byte lines) so that figures from different hosts compare; valgrind's own choice
@@ -19,9 +21,11 @@
 # Function names come out of a glibc build; a static musl build gives the totals only.
 set -euo pipefail
 
-[[ $# -ge 1 ]] || { echo "usage: bench/cache-misses.sh GATEWAY_BINARY [serve flags]" >&2; exit 2; }
+[[ $# -ge 1 ]] || { echo "usage: bench/cache-misses.sh GATEWAY_BINARY [serve flags] | --nginx" >&2; exit 2; }
 bin=$1
 shift
+proxy=gateway
+[[ $bin == --nginx ]] && proxy=nginx
 requests=${REQUESTS:-20000} conns=${CONNS:-32} port=${PORT:-18080} backend_port=${BACKEND_PORT:-19001}
 for tool in valgrind callgrind_control callgrind_annotate nginx h2load curl; do
   command -v "$tool" >/dev/null || { echo "cache-misses.sh: needs $tool" >&2; exit 2; }
@@ -50,11 +54,22 @@ printf '[upstream.backend]\ntargets = ["http://127.0.0.1:%s"]\n' "$backend_port"
 backend_conf "$dir" "$backend_port"
 nginx -c "$dir/backend.conf"
 
+if [[ $proxy == nginx ]]; then
+  cat >"$dir/proxy.conf" <<CONF
+worker_processes 1; pid $dir/proxy.pid; error_log $dir/proxy.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream be { server 127.0.0.1:$backend_port; keepalive 128; }
+  server { listen 127.0.0.1:$port; keepalive_requests 1000000;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+  set -- nginx -c "$dir/proxy.conf" -g 'daemon off; master_process off;'
+else
+  set -- "$bin" serve --repo "$dir/repo" --listen "127.0.0.1:$port" \
+    --admin-listen "127.0.0.1:$((port + 1))" --workers 1 --cache-dir "$dir/cache" "$@"
+fi
 valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=8388608,16,64 \
-  --callgrind-out-file="$dir/cg.out" \
-  "$bin" serve --repo "$dir/repo" --listen "127.0.0.1:$port" \
-  --admin-listen "127.0.0.1:$((port + 1))" --workers 1 --cache-dir "$dir/cache" "$@" \
-  >"$dir/gateway.log" 2>&1 &
+  --callgrind-out-file="$dir/cg.out" "$@" >"$dir/$proxy.log" 2>&1 &
 vg=$!
 up=0
 for _ in $(seq 1 600); do
@@ -63,8 +78,8 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 if [[ $up != 1 ]]; then
-  echo "cache-misses.sh: the gateway did not answer on 127.0.0.1:$port; its log:" >&2
-  tail -n 20 "$dir/gateway.log" >&2
+  echo "cache-misses.sh: the $proxy did not answer on 127.0.0.1:$port; its log:" >&2
+  tail -n 20 "$dir/$proxy.log" >&2
   exit 1
 fi
 # Bounded in time too: a gateway that stalls under valgrind ends the run, not hangs it.
