@@ -11,7 +11,8 @@
 #        one process, upstream keep-alive, no access log; the same harness and cache geometry)
 # env: REQUESTS (default 20000), CONNS (default 32), PORT (the proxy measured, default 18080),
 #   BACKEND_PORT (default 19001), LOAD_TIMEOUT (seconds per load, default 900), KEEP=FILE to
-#   keep callgrind's output. The cache geometry is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way
+#   keep callgrind's output, TOP=N to list the N functions with the most data-cache read misses
+#   of their own. The cache geometry is fixed (32 KiB 8-way I1 and D1, 8 MiB 16-way
 #   LL, 64-byte lines) so that figures from different hosts compare; valgrind's own choice
 #   follows the host's CPU.
 # needs: valgrind, nginx, h2load, curl (Debian: valgrind nginx-light nghttp2-client curl)
@@ -104,7 +105,34 @@ dump=$(find "$dir" -maxdepth 1 -name 'cg.out.*' | sort | tail -1)
 # Totals: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
 callgrind_annotate "$dump" | grep 'PROGRAM TOTALS' | head -1 | tr -d , |
   awk -v n="$requests" '{printf "per request: %d instructions, %d instruction-cache misses, %d data-cache read misses, %d data-cache write misses\n", $1/n, $7/n, $9/n, $11/n}'
+if [[ ${TOP:-0} -gt 0 ]]; then
+  # Each function's own cost (not its callees'), per request, most data-cache read misses
+  # first. Read from the dump here: callgrind_annotate 3.19 puts the whole of this dump under
+  # `clone` (the worker thread's start), with --inclusive=no too. Names are compressed: the
+  # first `fn=(id) name` or `cfn=(id) name` names the id. The line after a `calls=` line is
+  # the callee's inclusive cost, counted in the callee's own lines already.
+  echo "functions by their own data-cache read misses, per request (glibc builds name them):"
+  printf '%9s %9s %7s %7s  %s\n' instr I1miss D1rmiss D1wmiss function
+  awk -v n="$requests" '
+    function id(s,   m) {
+      if (match(s, /^\([0-9]+\)/)) {
+        m = substr(s, 2, RLENGTH - 2)
+        if (length(s) > RLENGTH + 1) name[m] = substr(s, RLENGTH + 2)
+        return name[m]
+      }
+      return s
+    }
+    /^fn=/ { fn = id(substr($0, 4)); next }
+    /^cfn=/ { id(substr($0, 5)); next }
+    /^calls=/ { skip = 1; next }
+    /^[0-9+*-]/ {
+      if (skip) { skip = 0; next }
+      ir[fn] += $2; i1[fn] += $5; d1r[fn] += $6; d1w[fn] += $7
+    }
+    END { for (f in d1r) printf "%9.1f %9.1f %7.1f %7.1f  %s\n", ir[f] / n, i1[f] / n, d1r[f] / n, d1w[f] / n, substr(f, 1, 120) }
+  ' "$dump" | sort -k3,3 -g -r | head -n "$TOP"
+fi
 if [[ -n ${KEEP:-} ]]; then
   cp "$dump" "$KEEP"
-  echo "callgrind output kept in $KEEP (callgrind_annotate --sort=D1mw $KEEP)"
+  echo "callgrind output kept in $KEEP"
 fi
