@@ -205,11 +205,7 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 /// versions, and the route's and upstream's names (checked when the config is compiled). The
 /// log's other fields may hold anything a client or a config sends, and go through [`string`].
 fn plain(out: &mut Vec<u8>, s: &str) {
-    debug_assert!(
-        !s.bytes()
-            .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f)),
-        "{s:?} needs escaping"
-    );
+    debug_assert!(!s.bytes().any(escaped), "{s:?} needs escaping");
     out.push(b'"');
     out.extend_from_slice(s.as_bytes());
     out.push(b'"');
@@ -243,10 +239,13 @@ fn needs_escaping(bytes: &[u8]) -> bool {
     match bytes.last_chunk::<8>() {
         Some(last) => any_to_escape(u64::from_le_bytes(*last)),
         // Shorter than a word (a path of `/`): copying it into a padded word cost a `memcpy`.
-        None => tail
-            .iter()
-            .any(|&b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f)),
+        None => tail.iter().copied().any(escaped),
     }
+}
+
+/// Whether [`string`] escapes `b`: below 0x20, DEL, `"` or `\`.
+fn escaped(b: u8) -> bool {
+    b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f)
 }
 
 /// The text of a value that has something to escape, escaped.
@@ -282,7 +281,7 @@ fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&bytes[start..]);
 }
 
-/// Whether any byte of `w` is one that [`string`] escapes: below 0x20, DEL, `"` or `\`.
+/// Whether any byte of `w` is one that [`string`] escapes ([`escaped`]), eight at a time.
 /// Exact, not a hint: the zero-byte and less-than tests of "Bit Twiddling Hacks" (a borrow can
 /// set a high bit above a matching byte, never without one).
 fn any_to_escape(w: u64) -> bool {
