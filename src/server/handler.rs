@@ -168,7 +168,7 @@ impl Drop for Exchange {
                 self.emit(CLIENT_CLOSED, 0, Err("client_gone"));
             }
         }
-        self.state.recorder.metrics().in_flight.dec();
+        self.state.recorder.ended();
     }
 }
 
@@ -223,7 +223,7 @@ impl Exchange {
         let elapsed = self.started.elapsed();
         self.state.recorder.request(
             &self.snapshot,
-            route,
+            self.route,
             self.method.as_str(),
             status,
             elapsed.as_secs_f64(),
@@ -495,7 +495,7 @@ pub(crate) async fn handle(
                 recorded: std::cell::Cell::new(false),
             },
         );
-        state.recorder.metrics().in_flight.inc();
+        state.recorder.began();
 
         if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
             break 'answer ex.error(414, "the request target is too long");
@@ -1189,10 +1189,10 @@ async fn forward(
                     t.attempt_done(Some(status), None);
                 }
                 upstream.record_response(index, status);
-                state.recorder.attempt(&upstream, index, Some(status));
+                let head = sent_at.elapsed().as_secs_f64();
                 state
                     .recorder
-                    .upstream(&upstream, sent_at.elapsed().as_secs_f64());
+                    .attempt(&upstream, index, Some((status, head)));
                 let reason = RetryReason::Status(status);
                 // A switched connection is never sent again (retries name only 5xx statuses
                 // today; this keeps it so if that changes).

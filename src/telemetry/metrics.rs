@@ -3,12 +3,13 @@
 //! One registry per gateway process (not global), so tests can run several gateways at once.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::counts::{Count, Family, Level, Timing};
+
 /// Latency buckets in seconds: sub-millisecond proxying up to slow upstreams.
-const LATENCY_BUCKETS: &[f64] = &[
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
@@ -24,15 +25,16 @@ pub struct Metrics {
     /// `rustygate_config_info{sha}` = 1 for the config being served.
     pub config_info: IntGaugeVec,
     /// `rustygate_requests_total{route,method,status}`; unmatched requests use `route="<none>"`.
-    pub requests: IntCounterVec,
+    /// Counted per worker ([`super::counts`]), as are the three below.
+    pub requests: Family<Count>,
     /// `rustygate_request_duration_seconds{route}`: accept to last response byte.
-    pub request_duration: HistogramVec,
+    pub request_duration: Family<Timing>,
     /// `rustygate_upstream_request_duration_seconds{upstream}`: send to response head.
-    pub upstream_duration: HistogramVec,
+    pub upstream_duration: Family<Timing>,
     /// `rustygate_upstream_errors_total{upstream,kind}`
     pub upstream_errors: IntCounterVec,
-    /// `rustygate_in_flight_requests`
-    pub in_flight: IntGauge,
+    /// `rustygate_in_flight_requests`, counted per worker.
+    pub in_flight: Family<Level>,
     /// `rustygate_auth_failures_total{route,reason}`
     pub auth_failures: IntCounterVec,
     /// `rustygate_rate_limited_total{route}`
@@ -44,7 +46,7 @@ pub struct Metrics {
     pub target_healthy: IntGaugeVec,
     /// `rustygate_upstream_requests_total{upstream,target,status}`: attempts, by the upstream's
     /// status, or `failed` when no response came.
-    pub upstream_requests: IntCounterVec,
+    pub upstream_requests: Family<Count>,
     /// `rustygate_upstream_retries_total{upstream,reason}`
     pub upstream_retries: IntCounterVec,
     /// `rustygate_upstream_overflow_total{upstream,limit}`: requests turned away by a circuit
@@ -115,17 +117,14 @@ impl Metrics {
                 .unwrap_or_else(|_| unreachable_metric())
         };
         let histogram = |name: &str, help: &str, label: &str| {
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                &[label],
-            )
-            .unwrap_or_else(|_| unreachable_metric())
+            Family::<Timing>::new(name, help, &[label]).unwrap_or_else(|_| unreachable_metric())
         };
-        let requests = counter(
+        let requests = Family::<Count>::new(
             "rustygate_requests_total",
             "Requests answered, by route, method and status.",
             &["route", "method", "status"],
-        );
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let request_duration = histogram(
             "rustygate_request_duration_seconds",
             "Time from request to the last response byte, by route.",
@@ -141,8 +140,12 @@ impl Metrics {
             "Upstream requests that failed, by upstream and kind (connect, timeout, upstream, ...).",
             &["upstream", "kind"],
         );
-        let in_flight = IntGauge::new("rustygate_in_flight_requests", "Requests being served.")
-            .unwrap_or_else(|_| unreachable_metric());
+        let in_flight = Family::<Level>::new(
+            "rustygate_in_flight_requests",
+            "Requests being served.",
+            &[],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let auth_failures = counter(
             "rustygate_auth_failures_total",
             "Requests refused by authentication, by route and reason.",
@@ -166,11 +169,12 @@ impl Metrics {
             &["upstream", "target"],
         )
         .unwrap_or_else(|_| unreachable_metric());
-        let upstream_requests = counter(
+        let upstream_requests = Family::<Count>::new(
             "rustygate_upstream_requests_total",
             "Attempts sent to upstream targets, by response status (`failed`: no response).",
             &["upstream", "target", "status"],
-        );
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let upstream_retries = counter(
             "rustygate_upstream_retries_total",
             "Retries, by upstream and reason (connect_failure, timeout, reset, or a status).",

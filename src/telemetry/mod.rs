@@ -7,6 +7,7 @@
 //! lines are dropped and counted rather than stalling traffic).
 
 pub mod access;
+pub mod counts;
 pub mod latency;
 pub mod metrics;
 pub mod recorder;

@@ -445,20 +445,13 @@ mod tests {
         let mut t = Traffic::new(SAMPLE_EVERY);
         let every = SAMPLE_EVERY;
         let mut at = 1_000_000;
+        let w = crate::telemetry::counts::Writer::new();
         let mut tick = |t: &mut Traffic, per_interval: u64| {
-            metrics
-                .requests
-                .with_label_values(&["busy", "GET", "200"])
-                .inc_by(per_interval * 99 / 100);
-            metrics
-                .requests
-                .with_label_values(&["busy", "GET", "503"])
-                .inc_by(per_interval / 100);
-            metrics
-                .requests
-                .with_label_values(&["gone", "GET", "200"])
-                .inc_by(per_interval);
-            let h = metrics.request_duration.with_label_values(&["busy"]);
+            let requests = |labels: &[&str], n| metrics.requests.cell(&w, labels).inc_by(n);
+            requests(&["busy", "GET", "200"], per_interval * 99 / 100);
+            requests(&["busy", "GET", "503"], per_interval / 100);
+            requests(&["gone", "GET", "200"], per_interval);
+            let h = metrics.request_duration.cell(&w, &["busy"]);
             for _ in 0..per_interval / 100 {
                 h.observe(0.003);
             }
