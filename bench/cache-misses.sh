@@ -130,7 +130,8 @@ if [[ ${TOP:-0} -gt 0 ]]; then
       ir[fn] += $2; i1[fn] += $5; d1r[fn] += $6; d1w[fn] += $7
     }
     END { for (f in d1r) printf "%9.1f %9.1f %7.1f %7.1f  %s\n", ir[f] / n, i1[f] / n, d1r[f] / n, d1w[f] / n, substr(f, 1, 120) }
-  ' "$dump" | sort -k3,3 -g -r | head -n "$TOP"
+  ' "$dump" | sort -k3,3 -g -r | sed -n "1,${TOP}p" # sed reads to the end: `head` would
+  # leave sort writing to a closed pipe, and pipefail would end the script before KEEP.
 fi
 if [[ -n ${KEEP:-} ]]; then
   cp "$dump" "$KEEP"
