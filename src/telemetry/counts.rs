@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
@@ -194,7 +194,9 @@ pub struct Family<C> {
 
 struct Inner<C> {
     desc: Desc,
-    series: Mutex<Series<C>>,
+    /// Read-locked by scrapes and by a writer finding a cell it has; write-locked only to add
+    /// one, so a scrape holds up no request whose cell exists.
+    series: RwLock<Series<C>>,
 }
 
 impl<C> Clone for Family<C> {
@@ -212,7 +214,7 @@ impl<C: Cell> Family<C> {
         Ok(Family {
             inner: Arc::new(Inner {
                 desc,
-                series: Mutex::new(HashMap::new()),
+                series: RwLock::new(HashMap::new()),
             }),
         })
     }
@@ -223,14 +225,31 @@ impl<C: Cell> Family<C> {
     pub fn cell(&self, writer: &Writer, values: &[&str]) -> Arc<C> {
         debug_assert_eq!(values.len(), self.inner.desc.variable_labels.len());
         let key: Box<[Box<str>]> = values.iter().map(|v| Box::from(*v)).collect();
+        let mine = |cells: &[(usize, Arc<C>)]| {
+            cells
+                .iter()
+                .find(|(id, _)| *id == writer.id)
+                .map(|(_, c)| Arc::clone(c))
+        };
+        let found = self
+            .inner
+            .series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .and_then(|cells| mine(cells));
+        if let Some(cell) = found {
+            return cell;
+        }
         let mut series = self
             .inner
             .series
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner);
         let cells = series.entry(key).or_default();
-        if let Some((_, c)) = cells.iter().find(|(id, _)| *id == writer.id) {
-            return Arc::clone(c);
+        // Only this writer adds its cells, but it costs nothing to look again.
+        if let Some(cell) = mine(cells) {
+            return cell;
         }
         let cell = Arc::new(C::default());
         cells.push((writer.id, Arc::clone(&cell)));
@@ -266,7 +285,7 @@ impl<C: Cell> Collector for Family<C> {
         let series = self
             .inner
             .series
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner);
         let mut cells = Vec::new();
         let metrics = series
@@ -394,6 +413,27 @@ mod tests {
         let out = text(family);
         assert!(out.contains("c_total{route=\"x\"} 3\n"), "{out}");
         assert!(out.contains("c_total{route=\"y\"} 1\n"), "{out}");
+    }
+
+    /// A scrape in progress (its read lock held) holds up no writer whose cell exists: a
+    /// request after a snapshot swap finds its cells again without waiting for it.
+    #[test]
+    fn a_scrape_in_progress_holds_up_no_writer_with_its_cell() {
+        let family = Family::<Count>::new("c_total", "help", &["route"]).unwrap();
+        let w = Writer::new();
+        family.cell(&w, &["x"]);
+        let scrape = family.inner.series.read().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = family.clone();
+        std::thread::spawn(move || {
+            other.cell(&w, &["x"]).inc();
+            let _ = tx.send(());
+        });
+        let found = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(scrape);
+        assert!(found.is_ok(), "the writer waited for the scrape");
+        let out = text(family);
+        assert!(out.contains("c_total{route=\"x\"} 1\n"), "{out}");
     }
 
     /// Writers on their own threads while a reader scrapes: every scrape is a valid
