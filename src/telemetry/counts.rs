@@ -60,7 +60,7 @@ pub trait Cell: Default + Send + Sync + 'static {
     const KIND: MetricType;
 
     /// One series from every writer's cell of its label set.
-    fn read(cells: &[Arc<Self>], into: &mut proto::Metric);
+    fn read<'a>(cells: impl Iterator<Item = &'a Self>, into: &mut proto::Metric);
 }
 
 /// A counter's cell.
@@ -83,10 +83,8 @@ impl Count {
 impl Cell for Count {
     const KIND: MetricType = MetricType::COUNTER;
 
-    fn read(cells: &[Arc<Self>], into: &mut proto::Metric) {
-        let total = cells
-            .iter()
-            .fold(0u64, |t, c| t.wrapping_add(c.0.load(Relaxed)));
+    fn read<'a>(cells: impl Iterator<Item = &'a Self>, into: &mut proto::Metric) {
+        let total = cells.fold(0u64, |t, c| t.wrapping_add(c.0.load(Relaxed)));
         let mut counter = proto::Counter::default();
         counter.set_value(total as f64);
         into.set_counter(counter);
@@ -108,10 +106,8 @@ impl Level {
 impl Cell for Level {
     const KIND: MetricType = MetricType::GAUGE;
 
-    fn read(cells: &[Arc<Self>], into: &mut proto::Metric) {
-        let total = cells
-            .iter()
-            .fold(0i64, |t, c| t.wrapping_add(c.0.load(Relaxed)));
+    fn read<'a>(cells: impl Iterator<Item = &'a Self>, into: &mut proto::Metric) {
+        let total = cells.fold(0i64, |t, c| t.wrapping_add(c.0.load(Relaxed)));
         let mut gauge = proto::Gauge::default();
         gauge.set_value(total as f64);
         into.set_gauge(gauge);
@@ -152,7 +148,7 @@ impl Timing {
 impl Cell for Timing {
     const KIND: MetricType = MetricType::HISTOGRAM;
 
-    fn read(cells: &[Arc<Self>], into: &mut proto::Metric) {
+    fn read<'a>(cells: impl Iterator<Item = &'a Self>, into: &mut proto::Metric) {
         let mut counts = [0u64; BUCKETS + 1];
         let mut sum = 0.0;
         for c in cells {
@@ -287,14 +283,11 @@ impl<C: Cell> Collector for Family<C> {
             .series
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut cells = Vec::new();
         let metrics = series
             .iter()
             .map(|(values, by_writer)| {
-                cells.clear();
-                cells.extend(by_writer.iter().map(|(_, c)| Arc::clone(c)));
                 let mut m = proto::Metric::from_label(self.labels(values));
-                C::read(&cells, &mut m);
+                C::read(by_writer.iter().map(|(_, c)| &**c), &mut m);
                 m
             })
             .collect();

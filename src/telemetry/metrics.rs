@@ -6,7 +6,7 @@ use prometheus::{
     Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::counts::{Count, Family, Level, Timing};
+use super::counts::{Cell, Count, Family, Level, Timing};
 
 /// Latency buckets in seconds: sub-millisecond proxying up to slow upstreams.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -25,7 +25,8 @@ pub struct Metrics {
     /// `rustygate_config_info{sha}` = 1 for the config being served.
     pub config_info: IntGaugeVec,
     /// `rustygate_requests_total{route,method,status}`; unmatched requests use `route="<none>"`.
-    /// Counted per worker ([`super::counts`]), as are the three below.
+    /// Counted per worker ([`super::counts`]), as are `request_duration`, `upstream_duration`,
+    /// `in_flight` and `upstream_requests`.
     pub requests: Family<Count>,
     /// `rustygate_request_duration_seconds{route}`: accept to last response byte.
     pub request_duration: Family<Timing>,
@@ -116,36 +117,31 @@ impl Metrics {
             IntCounterVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|_| unreachable_metric())
         };
-        let histogram = |name: &str, help: &str, label: &str| {
-            Family::<Timing>::new(name, help, &[label]).unwrap_or_else(|_| unreachable_metric())
-        };
-        let requests = Family::<Count>::new(
+        let requests: Family<Count> = per_worker(
             "rustygate_requests_total",
             "Requests answered, by route, method and status.",
             &["route", "method", "status"],
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let request_duration = histogram(
+        );
+        let request_duration: Family<Timing> = per_worker(
             "rustygate_request_duration_seconds",
             "Time from request to the last response byte, by route.",
-            "route",
+            &["route"],
         );
-        let upstream_duration = histogram(
+        let upstream_duration: Family<Timing> = per_worker(
             "rustygate_upstream_request_duration_seconds",
             "Time from sending upstream to the response head, by upstream.",
-            "upstream",
+            &["upstream"],
         );
         let upstream_errors = counter(
             "rustygate_upstream_errors_total",
             "Upstream requests that failed, by upstream and kind (connect, timeout, upstream, ...).",
             &["upstream", "kind"],
         );
-        let in_flight = Family::<Level>::new(
+        let in_flight: Family<Level> = per_worker(
             "rustygate_in_flight_requests",
             "Requests being served.",
             &[],
-        )
-        .unwrap_or_else(|_| unreachable_metric());
+        );
         let auth_failures = counter(
             "rustygate_auth_failures_total",
             "Requests refused by authentication, by route and reason.",
@@ -169,12 +165,11 @@ impl Metrics {
             &["upstream", "target"],
         )
         .unwrap_or_else(|_| unreachable_metric());
-        let upstream_requests = Family::<Count>::new(
+        let upstream_requests: Family<Count> = per_worker(
             "rustygate_upstream_requests_total",
             "Attempts sent to upstream targets, by response status (`failed`: no response).",
             &["upstream", "target", "status"],
-        )
-        .unwrap_or_else(|_| unreachable_metric());
+        );
         let upstream_retries = counter(
             "rustygate_upstream_retries_total",
             "Retries, by upstream and reason (connect_failure, timeout, reset, or a status).",
@@ -365,6 +360,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A family counted per worker ([`super::counts`]).
+fn per_worker<C: Cell>(name: &str, help: &str, labels: &[&str]) -> Family<C> {
+    Family::new(name, help, labels).unwrap_or_else(|_| unreachable_metric())
 }
 
 /// Metric definitions above are constants; prometheus only rejects invalid names.
