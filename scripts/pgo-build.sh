@@ -16,14 +16,18 @@
 # 2. trains it on loopback: one instrumented gateway answers as the upstream, another proxies
 #    to it, and h2load sends it HTTP/1.1 GETs and POSTs, h2c streams, HTTPS (HTTP/1.1 and h2),
 #    requests through JWT auth, a rate limit and CORS, through a policy, through the example
-#    WASM plugin, and requests no route matches (bounded counts, 127.0.0.1 only);
+#    WASM plugin, gRPC-shaped streams to an HTTP/2 upstream, requests retried after a refused
+#    connection, and requests no route matches; where python3 has `websockets`, a WebSocket
+#    client exchanges messages through it with an echo server (bounded counts, 127.0.0.1 only);
 # 3. merges the profiles (llvm-profdata from the toolchain's llvm-tools component);
 # 4. builds the release binary with them (-Cprofile-use) where cargo always puts it
 #    (target/[TRIPLE/]release/rustygate).
 #
 # The profile lays out hot code together and the request path's branches as they are taken:
 # the proxy's code no longer misses the instruction cache as often (see the doc).
-# needs: h2load (Debian: nghttp2-client), curl, openssl, `rustup component add llvm-tools`.
+# needs: h2load (Debian: nghttp2-client), curl, openssl, `rustup component add llvm-tools`;
+# python3 with websockets (Debian: python3-websockets) for the WebSocket training, which is
+# skipped with a warning without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a build <<<"${PGO_CARGO:-cargo build}"
@@ -71,18 +75,26 @@ if [ -n "$openssl_built" ]; then cp -a "$openssl_built" "$pgo/openssl"; fi
 echo "== pgo-build: training"
 # Code the training never runs is taken as cold and optimised for size: each feature whose
 # speed matters is run here (proxying over HTTP/1.1, h2c and TLS, bodies, auth, rate limits,
-# CORS, a policy, a WASM plugin, the access log, 404s).
+# CORS, a policy, a WASM plugin, an HTTP/2 upstream, retries, WebSocket tunnels, the access
+# log, 404s). Not yet: Redis rate limits and tracing.
 train="$pgo/train"
-# Five free loopback ports from 19500 up (bash alone: the Docker build stage has no python).
+# Seven free loopback ports from 19500 up (bash alone: python may be missing).
 ports=()
-for ((p = 19500; ${#ports[@]} < 5 && p < 20500; p++)); do
+for ((p = 19500; ${#ports[@]} < 7 && p < 20500; p++)); do
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then ports+=("$p"); fi
 done
-if [ "${#ports[@]}" -ne 5 ]; then
-  echo "pgo-build: no five free ports between 19500 and 20499 on 127.0.0.1" >&2
+if [ "${#ports[@]}" -ne 7 ]; then
+  echo "pgo-build: no seven free ports between 19500 and 20499 on 127.0.0.1" >&2
   exit 1
 fi
-read -r up_port up_admin gw_port gw_admin tls_port <<<"${ports[*]}"
+# Nothing listens on $refused_port: the retried upstream's first target.
+read -r up_port up_admin gw_port gw_admin tls_port ws_port refused_port <<<"${ports[*]}"
+websocket=0
+if command -v python3 >/dev/null && python3 -c 'import websockets' 2>/dev/null; then
+  websocket=1
+else
+  echo "pgo-build: warning: no python3 with websockets: WebSocket tunnels are not trained" >&2
+fi
 up="$train/upstream" gw="$train/gateway"
 secrets="$train/secrets"
 mkdir -p "$up/routes" "$gw/routes" "$gw/upstreams" "$gw/policies" "$secrets"
@@ -112,7 +124,26 @@ name = "policy"
 prefix = "/policy"
 upstream = "backend"
 policy = "policies/hint.rhai"
+
+[[route]]
+name = "grpc"
+prefix = "/grpc"
+upstream = "h2"
+
+[[route]]
+name = "retry"
+prefix = "/retry"
+upstream = "retried"
 TOML
+if [ "$websocket" = 1 ]; then
+  cat >>"$gw/routes/all.toml" <<TOML
+
+[[route]]
+name = "ws"
+prefix = "/ws"
+upstream = "echo"
+TOML
+fi
 cat >"$gw/policies/hint.rhai" <<'RHAI'
 fn on_request(req) {
     let tenant = req.header("x-tenant");
@@ -124,6 +155,20 @@ RHAI
 cat >"$gw/upstreams/backend.toml" <<TOML
 [upstream.backend]
 targets = ["http://127.0.0.1:$up_port"]
+
+[upstream.h2]
+targets = ["http://127.0.0.1:$up_port"]
+protocol = "http2"
+
+# Round robin starts every other request on the target that refuses it; the retry goes to the
+# other. Not ejected (passive detection off), so that it stays in the rotation.
+[upstream.retried]
+targets = ["http://127.0.0.1:$refused_port", "http://127.0.0.1:$up_port"]
+retries = { attempts = 1, backoff = "1ms", max_backoff = "1ms", budget_percent = 100 }
+outlier = { consecutive_failures = 0 }
+
+[upstream.echo]
+targets = ["http://127.0.0.1:$ws_port"]
 TOML
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
   -subj "/CN=localhost" -keyout "$secrets/train.key" -out "$secrets/train.crt" 2>/dev/null
@@ -166,6 +211,8 @@ plugins = [{ name = "tag", config = { value = "train", deny_body_contains = "DRO
 TOML
 fi
 head -c 2048 /dev/zero | tr '\0' 'a' >"$train/body"
+# One gRPC message: uncompressed, 5 bytes long.
+printf '\x00\x00\x00\x00\x05hello' >"$train/grpc-message"
 PGO_TRAIN_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export PGO_TRAIN_JWT_SECRET
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
@@ -190,6 +237,24 @@ pids+=($!)
   --workers 1 --cache-dir "$train/cache-gateway" --secret-root "$secrets" \
   2>"$train/gateway.log" >/dev/null &
 pids+=($!)
+if [ "$websocket" = 1 ]; then
+  # The WebSocket upstream: echoes every message.
+  python3 - "$ws_port" 2>"$train/ws-echo.log" <<'PY' &
+import asyncio, sys, websockets
+async def echo(ws, *_):
+    async for message in ws:
+        await ws.send(message)
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1]), compression=None):
+        await asyncio.Future()
+asyncio.run(main())
+PY
+  pids+=($!)
+  for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$ws_port") 2>/dev/null && break
+    sleep 0.1
+  done
+fi
 url="http://127.0.0.1:$gw_port"
 for _ in $(seq 300); do
   curl -fs --max-time 2 -o /dev/null "$url/api/ready" && break
@@ -221,6 +286,26 @@ load "TLS h2" 2xx -n 10000 -c 8 -m 10 "https://127.0.0.1:$tls_port/api/tls"
 if [ -f "$plugin" ]; then
   load "WASM plugin" 2xx --h1 -n 20000 -c 16 "$url/plugin/get"
   load "WASM plugin, body" 2xx --h1 -n 5000 -c 8 -d "$train/body" "$url/plugin/post"
+fi
+load "HTTP/2 upstream, gRPC" 2xx -n 20000 -c 8 -m 10 -H "content-type: application/grpc" \
+  -H "te: trailers" -d "$train/grpc-message" "$url/grpc/train.Echo/Call"
+load "retry after a refused connection" 2xx --h1 -n 10000 -c 8 "$url/retry/get"
+if [ "$websocket" = 1 ]; then
+  # 8 connections, 2,000 messages each (text and binary, 64 B to 4 KiB), every echo checked.
+  timeout "${PGO_LOAD_TIMEOUT:-300}" python3 - "ws://127.0.0.1:$gw_port/ws" <<'PY'
+import asyncio, sys, websockets
+async def client(url):
+    async with websockets.connect(url, compression=None) as ws:
+        for i in range(2000):
+            message = "x" * 64 if i % 2 else bytes(4096 if i % 10 == 0 else 512)
+            await ws.send(message)
+            if await ws.recv() != message:
+                raise SystemExit("pgo-build: WebSocket: an echo differs from its message")
+async def main():
+    await asyncio.gather(*(client(sys.argv[1]) for _ in range(8)))
+    print("  WebSocket: 8 connections, 16000 messages echoed")
+asyncio.run(main())
+PY
 fi
 # No route: 404s.
 load "404" 4xx --h1 -n 5000 -c 8 "$url/missing"
