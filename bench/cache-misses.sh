@@ -56,14 +56,7 @@ backend_conf "$dir" "$backend_port"
 nginx -c "$dir/backend.conf"
 
 if [[ $proxy == nginx ]]; then
-  cat >"$dir/proxy.conf" <<CONF
-worker_processes 1; pid $dir/proxy.pid; error_log $dir/proxy.err;
-events { worker_connections 4096; }
-http { access_log off;
-  upstream be { server 127.0.0.1:$backend_port; keepalive 128; }
-  server { listen 127.0.0.1:$port; keepalive_requests 1000000;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+  proxy_conf "$dir" "$port" "$backend_port"
   set -- nginx -c "$dir/proxy.conf" -g 'daemon off; master_process off;'
 else
   set -- "$bin" serve --repo "$dir/repo" --listen "127.0.0.1:$port" \

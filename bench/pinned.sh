@@ -8,7 +8,10 @@
 # gateway/nginx.
 #
 # usage: bench/pinned.sh [--rounds N] [--duration S] [--conns N] [-- extra serve flags]
-#   The binary: $RUSTYGATE_BIN, else the release build in $CARGO_TARGET_DIR (or ./target).
+#   The gateway is bench/serve-for-compare.sh's (port 18080, one worker; the binary
+#   $RUSTYGATE_BIN, else the release build in $CARGO_TARGET_DIR or ./target); its settings that
+#   need no request headers apply (ACCESS_LOG=true, TARGETS=2, PLUGIN=1, ...), to the gateway
+#   only.
 #   PROXY_CPU (default: the last CPU) and PEER_CPU (default 0) choose the cores.
 #   NGINX_FORWARDED=1: nginx sends the upstream the fields the gateway adds by default
 #   (X-Forwarded-For, -Proto and -Host, X-Request-Id, the client's Host), so that both proxies
@@ -35,13 +38,13 @@ cpus=$(nproc)
 proxy_cpu=${PROXY_CPU:-$((cpus - 1))} peer_cpu=${PEER_CPU:-0}
 [[ $proxy_cpu != "$peer_cpu" ]] || { echo "pinned.sh: PROXY_CPU and PEER_CPU must differ" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
-bin=${RUSTYGATE_BIN:-${CARGO_TARGET_DIR:-$here/../target}/release/rustygate}
-backend_port=19021 nginx_port=19022 port=18095 admin_port=18096
+backend_port=19021 nginx_port=19022 port=18080
 
 dir=$(mktemp -d)
-gw=
+serve='' gw=''
 cleanup() {
-  if [[ -n $gw ]]; then kill "$gw" 2>/dev/null || true; fi
+  # serve-for-compare.sh stops its gateway and removes its config repo on SIGTERM.
+  if [[ -n $serve ]]; then kill -TERM "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true; fi
   for p in backend proxy; do
     if [[ -f $dir/$p.pid ]]; then kill "$(cat "$dir/$p.pid")" 2>/dev/null || true; fi
   done
@@ -52,7 +55,6 @@ trap cleanup EXIT
 # shellcheck source=bench/backend.sh
 . "$here/backend.sh"
 backend_conf "$dir" "$backend_port"
-# The nginx proxy as ../shared/bench/compare.sh configures it.
 forwarded=
 if [[ ${NGINX_FORWARDED:-0} == 1 ]]; then
   # shellcheck disable=SC2016 # nginx's variables, for nginx to expand
@@ -60,35 +62,15 @@ if [[ ${NGINX_FORWARDED:-0} == 1 ]]; then
     proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host;
     proxy_set_header X-Request-Id $request_id;'
 fi
-cat >"$dir/proxy.conf" <<CONF
-worker_processes 1; pid $dir/proxy.pid; error_log $dir/proxy.err; daemon on;
-events { worker_connections 4096; }
-http { access_log off;
-  upstream be { server 127.0.0.1:$backend_port; keepalive 128; }
-  server { listen 127.0.0.1:$nginx_port; keepalive_requests 1000000;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; $forwarded } } }
-CONF
+proxy_conf "$dir" "$nginx_port" "$backend_port" "$forwarded"
 # nginx's daemons keep no descriptor of ours open.
 nginx -c "$dir/backend.conf" </dev/null >/dev/null 2>&1
-nginx -c "$dir/proxy.conf" </dev/null >/dev/null 2>&1
+nginx -c "$dir/proxy.conf" -g 'daemon on;' </dev/null >/dev/null 2>&1
 
-repo="$dir/repo"
-mkdir -p "$repo/routes" "$repo/upstreams"
-cat >"$repo/routes/all.toml" <<TOML
-[[route]]
-name = "all"
-prefix = "/"
-upstream = "backend"
-TOML
-cat >"$repo/upstreams/backend.toml" <<TOML
-[upstream.backend]
-targets = ["http://127.0.0.1:$backend_port"]
-TOML
-# Pinned from its start: every thread it makes inherits the core.
-taskset -c "$proxy_cpu" "$bin" serve --repo "$repo" --listen "127.0.0.1:$port" \
-  --admin-listen "127.0.0.1:$admin_port" --workers 1 --access-log false "$@" \
+# Pinned from its start: the gateway and every thread it makes inherit the core.
+BACKEND_PORT=$backend_port taskset -c "$proxy_cpu" "$here/serve-for-compare.sh" "$@" \
   >"$dir/gateway.log" 2>&1 &
-gw=$!
+serve=$!
 wait_port() {
   for _ in $(seq 1 300); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
   return 1
@@ -96,6 +78,7 @@ wait_port() {
 wait_port "$backend_port" || { echo "the backend did not start" >&2; exit 1; }
 wait_port "$nginx_port" || { echo "the nginx proxy did not start" >&2; exit 1; }
 wait_port "$port" || { echo "the gateway did not answer; its log:" >&2; tail -n 20 "$dir/gateway.log" >&2; exit 1; }
+gw=$(pgrep -P "$serve") # serve-for-compare.sh waits on its one child, the gateway
 
 nginx_procs() { # the proxy's master and its worker, one per line
   local master; master=$(cat "$dir/proxy.pid")
