@@ -254,6 +254,11 @@ PY
     (exec 3<>"/dev/tcp/127.0.0.1/$ws_port") 2>/dev/null && break
     sleep 0.1
   done
+  if ! (exec 3<>"/dev/tcp/127.0.0.1/$ws_port") 2>/dev/null; then
+    echo "pgo-build: the WebSocket echo server did not listen on 127.0.0.1:$ws_port; its log:" >&2
+    tail -n 20 "$train/ws-echo.log" >&2
+    exit 1
+  fi
 fi
 url="http://127.0.0.1:$gw_port"
 for _ in $(seq 300); do
