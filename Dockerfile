@@ -16,12 +16,13 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGET=x86_64-unknown-linux-musl
-# nghttp2-client (h2load), openssl (a certificate, a JWT) and python3-websockets (a WebSocket
-# client and echo server) for the training. Unpinned: Debian's security updates replace them.
+# nghttp2-client (h2load), openssl (a certificate, a JWT), python3-websockets (a WebSocket
+# client and echo server) and redis-server (rate limits kept in Redis) for the training.
+# Unpinned: Debian's security updates replace them.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 nghttp2-client openssl \
-    python3-websockets \
+    python3-websockets redis-server \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add "${TARGET}" \
  && rustup component add llvm-tools

@@ -18,7 +18,10 @@
 #    requests through JWT auth, a rate limit and CORS, through a policy, through the example
 #    WASM plugin, gRPC-shaped streams to an HTTP/2 upstream, requests retried after a refused
 #    connection, and requests no route matches; where python3 has `websockets`, a WebSocket
-#    client exchanges messages through it with an echo server (bounded counts, 127.0.0.1 only);
+#    client exchanges messages through it with an echo server; where redis-server is installed,
+#    requests through rate limits kept in Redis (under and over the limit); a third gateway
+#    with tracing on (one request in ten sampled, and a route recording every request) exports
+#    its spans over OTLP/HTTP to the upstream gateway (bounded counts, 127.0.0.1 only);
 # 3. merges the profiles (llvm-profdata from the toolchain's llvm-tools component);
 # 4. builds the release binary with them (-Cprofile-use) where cargo always puts it
 #    (target/[TRIPLE/]release/rustygate).
@@ -26,8 +29,8 @@
 # The profile lays out hot code together and the request path's branches as they are taken:
 # the proxy's code no longer misses the instruction cache as often (see the doc).
 # needs: h2load (Debian: nghttp2-client), curl, openssl, `rustup component add llvm-tools`;
-# python3 with websockets (Debian: python3-websockets) for the WebSocket training, which is
-# skipped with a warning without it.
+# python3 with websockets (Debian: python3-websockets) for the WebSocket training and
+# redis-server for the Redis rate limits; each is skipped with a warning without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a build <<<"${PGO_CARGO:-cargo build}"
@@ -74,35 +77,50 @@ if [ -n "$openssl_built" ]; then cp -a "$openssl_built" "$pgo/openssl"; fi
 
 echo "== pgo-build: training"
 # Code the training never runs is taken as cold and optimised for size: each feature whose
-# speed matters is run here (proxying over HTTP/1.1, h2c and TLS, bodies, auth, rate limits,
-# CORS, a policy, a WASM plugin, an HTTP/2 upstream, retries, WebSocket tunnels, the access
-# log, 404s). Not yet: Redis rate limits and tracing.
+# speed matters is run here (proxying over HTTP/1.1, h2c and TLS, bodies, auth, rate limits
+# in process and in Redis, CORS, a policy, a WASM plugin, an HTTP/2 upstream, retries,
+# WebSocket tunnels, tracing, the access log, 404s).
 train="$pgo/train"
-# Seven free loopback ports from 19500 up (bash alone: python may be missing).
+# Ten free loopback ports from 19500 up (bash alone: python may be missing).
 ports=()
-for ((p = 19500; ${#ports[@]} < 7 && p < 20500; p++)); do
+for ((p = 19500; ${#ports[@]} < 10 && p < 20500; p++)); do
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then ports+=("$p"); fi
 done
-if [ "${#ports[@]}" -ne 7 ]; then
-  echo "pgo-build: no seven free ports between 19500 and 20499 on 127.0.0.1" >&2
+if [ "${#ports[@]}" -ne 10 ]; then
+  echo "pgo-build: no ten free ports between 19500 and 20499 on 127.0.0.1" >&2
   exit 1
 fi
 # Nothing listens on $refused_port: the retried upstream's first target.
-read -r up_port up_admin gw_port gw_admin tls_port ws_port refused_port <<<"${ports[*]}"
+read -r up_port up_admin gw_port gw_admin tls_port ws_port refused_port redis_port \
+  traced_port traced_admin <<<"${ports[*]}"
 websocket=0
 if command -v python3 >/dev/null && python3 -c 'import websockets' 2>/dev/null; then
   websocket=1
 else
   echo "pgo-build: warning: no python3 with websockets: WebSocket tunnels are not trained" >&2
 fi
-up="$train/upstream" gw="$train/gateway"
+redis=0
+if command -v redis-server >/dev/null; then
+  redis=1
+else
+  echo "pgo-build: warning: no redis-server: rate limits kept in Redis are not trained" >&2
+fi
+up="$train/upstream" gw="$train/gateway" traced="$train/traced"
 secrets="$train/secrets"
-mkdir -p "$up/routes" "$gw/routes" "$gw/upstreams" "$gw/policies" "$secrets"
+mkdir -p "$up/routes" "$gw/routes" "$gw/upstreams" "$gw/policies" "$secrets" \
+  "$traced/routes" "$traced/upstreams"
+# The upstream also stands in for an OTLP collector: the exporter needs only a 2xx.
 cat >"$up/routes/all.toml" <<TOML
 [[route]]
 name = "hello"
 prefix = "/"
 respond = { status = 200, body = "hello from the training upstream\n" }
+
+[[route]]
+name = "otlp"
+prefix = "/v1/traces"
+methods = ["POST"]
+respond = { status = 200, headers = { "content-type" = "application/x-protobuf" } }
 TOML
 cat >"$gw/routes/all.toml" <<TOML
 [[route]]
@@ -142,6 +160,24 @@ if [ "$websocket" = 1 ]; then
 name = "ws"
 prefix = "/ws"
 upstream = "echo"
+TOML
+fi
+if [ "$redis" = 1 ]; then
+  # Under the limit (each request a Redis round trip, batched), and over it (429s answered
+  # from the over-limit cache).
+  cat >>"$gw/routes/all.toml" <<TOML
+
+[[route]]
+name = "shared-limit"
+prefix = "/shared"
+upstream = "backend"
+rate_limit = { requests = 1000000000, per = "1s", store = "redis" }
+
+[[route]]
+name = "shared-limit-over"
+prefix = "/over"
+upstream = "backend"
+rate_limit = { requests = 1, per = "1h", store = "redis" }
 TOML
 fi
 cat >"$gw/policies/hint.rhai" <<'RHAI'
@@ -190,6 +226,37 @@ claims_to_headers = { sub = "x-user" }
 allow_origins = ["https://app.example.com"]
 allow_methods = ["GET", "POST"]
 TOML
+if [ "$redis" = 1 ]; then
+  cat >>"$gw/gateway.toml" <<TOML
+
+[rate_limit_store]
+url = "redis://127.0.0.1:$redis_port/"
+TOML
+fi
+# The traced gateway: tracing on, as in production one new trace in ten recorded; one route
+# records every request. Its own process, so that the other gateway's profile is that of a
+# gateway without tracing (the default).
+cat >"$traced/routes/all.toml" <<TOML
+[[route]]
+name = "api"
+prefix = "/api"
+upstream = "backend"
+
+[[route]]
+name = "recorded"
+prefix = "/recorded"
+upstream = "backend"
+tracing = { sample_ratio = 1.0 }
+TOML
+cat >"$traced/upstreams/backend.toml" <<TOML
+[upstream.backend]
+targets = ["http://127.0.0.1:$up_port"]
+TOML
+cat >"$traced/gateway.toml" <<TOML
+[tracing]
+endpoint = "http://127.0.0.1:$up_port/v1/traces"
+sample_ratio = 0.1
+TOML
 # The example WASM plugin (proxy-wasm), where the sources have it (the Docker stage copies it).
 plugin=examples/plugins/plugins/tag.wasm
 if [ -f "$plugin" ]; then
@@ -230,12 +297,33 @@ stop() {
   pids=()
 }
 trap stop EXIT
+# listening PORT WHAT LOG: waits up to 30 s for a listener on 127.0.0.1:PORT; stops the build
+# with LOG's tail if none comes.
+listening() {
+  for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "pgo-build: $2 did not listen on 127.0.0.1:$1; its log:" >&2
+  tail -n 20 "$3" >&2
+  exit 1
+}
+if [ "$redis" = 1 ]; then
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+    >"$train/redis.log" 2>&1 &
+  pids+=($!)
+  listening "$redis_port" redis-server "$train/redis.log"
+fi
 "$bin" serve --repo "$up" --listen "127.0.0.1:$up_port" --admin-listen "127.0.0.1:$up_admin" \
   --workers 1 --cache-dir "$train/cache-upstream" --access-log false 2>"$train/upstream.log" &
 pids+=($!)
 "$bin" serve --repo "$gw" --listen "127.0.0.1:$gw_port" --admin-listen "127.0.0.1:$gw_admin" \
   --workers 1 --cache-dir "$train/cache-gateway" --secret-root "$secrets" \
   2>"$train/gateway.log" >/dev/null &
+pids+=($!)
+"$bin" serve --repo "$traced" --listen "127.0.0.1:$traced_port" \
+  --admin-listen "127.0.0.1:$traced_admin" --workers 1 --cache-dir "$train/cache-traced" \
+  2>"$train/traced.log" >/dev/null &
 pids+=($!)
 if [ "$websocket" = 1 ]; then
   # The WebSocket upstream: echoes every message.
@@ -250,25 +338,25 @@ async def main():
 asyncio.run(main())
 PY
   pids+=($!)
-  for _ in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$ws_port") 2>/dev/null && break
-    sleep 0.1
-  done
-  if ! (exec 3<>"/dev/tcp/127.0.0.1/$ws_port") 2>/dev/null; then
-    echo "pgo-build: the WebSocket echo server did not listen on 127.0.0.1:$ws_port; its log:" >&2
-    tail -n 20 "$train/ws-echo.log" >&2
-    exit 1
-  fi
+  listening "$ws_port" "the WebSocket echo server" "$train/ws-echo.log"
 fi
 url="http://127.0.0.1:$gw_port"
-for _ in $(seq 300); do
-  curl -fs --max-time 2 -o /dev/null "$url/api/ready" && break
-  sleep 0.1
+traced_url="http://127.0.0.1:$traced_port"
+for u in "$url" "$traced_url"; do
+  for _ in $(seq 300); do
+    curl -fs --max-time 2 -o /dev/null "$u/api/ready" && break
+    sleep 0.1
+  done
+  if ! curl -fsS --max-time 2 -o /dev/null "$u/api/ready"; then
+    tail -n 20 "$train/upstream.log" "$train/gateway.log" "$train/traced.log" >&2
+    exit 1
+  fi
 done
-if ! curl -fsS --max-time 2 -o /dev/null "$url/api/ready"; then
-  tail -n 20 "$train/upstream.log" "$train/gateway.log" >&2
-  exit 1
-fi
+# counted ADMIN_PORT METRIC_LINE_START: the sum of the metric's samples (0 when absent).
+counted() {
+  curl -fs --max-time 10 "http://127.0.0.1:$1/metrics" |
+    awk -v m="$2" 'index($0, m) == 1 { n += $NF } END { print n + 0 }'
+}
 # load WHAT 2xx|4xx H2LOAD_ARGS...: fails unless every request got the expected class of status
 # (a training that ran into 401s or 500s would profile the wrong code), or when it takes over
 # $PGO_LOAD_TIMEOUT seconds (a stalled gateway must not hang a CI run or an image build).
@@ -312,6 +400,34 @@ async def main():
 asyncio.run(main())
 PY
 fi
+if [ "$redis" = 1 ]; then
+  load "rate limit in Redis" 2xx --h1 -n 20000 -c 16 "$url/shared/get"
+  # The limit's one request, then 429s.
+  curl -fs --max-time 10 -o /dev/null "$url/over/get"
+  load "over a rate limit in Redis" 4xx --h1 -n 5000 -c 8 "$url/over/get"
+  # Requests Redis did not answer were decided without it (the local fallback), not the
+  # path being trained.
+  store_errors=$(counted "$gw_admin" rustygate_rate_limit_store_errors_total)
+  if [ "$store_errors" != 0 ]; then
+    echo "pgo-build: $store_errors rate limit check(s) went without Redis; its log:" >&2
+    tail -n 20 "$train/redis.log" "$train/gateway.log" >&2
+    exit 1
+  fi
+fi
+# Tracing: new traces (one in ten recorded), traces continued from a client's traceparent,
+# and a route that records every request; the spans go to the upstream gateway.
+load "tracing" 2xx --h1 -n 10000 -c 16 "$traced_url/api/get"
+load "tracing, traceparent" 2xx --h1 -n 10000 -c 16 \
+  -H "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" "$traced_url/api/get"
+load "tracing, every request recorded" 2xx --h1 -n 10000 -c 8 "$traced_url/recorded/get"
+export_failed=$(counted "$traced_admin" 'rustygate_trace_spans_dropped_total{reason="export_failed"}')
+exports=$(counted "$up_admin" 'rustygate_requests_total{method="POST",route="otlp",status="200"}')
+if [ "$export_failed" != 0 ] || [ "$exports" = 0 ]; then
+  echo "pgo-build: tracing: $exports export(s) received, $export_failed span(s) not exported; the logs:" >&2
+  tail -n 20 "$train/traced.log" "$train/upstream.log" >&2
+  exit 1
+fi
+echo "  tracing: $exports span batches exported"
 # No route: 404s.
 load "404" 4xx --h1 -n 5000 -c 8 "$url/missing"
 curl -fs --max-time 10 -o /dev/null "http://127.0.0.1:$gw_admin/metrics"
