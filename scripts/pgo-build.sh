@@ -163,7 +163,7 @@ upstream = "echo"
 TOML
 fi
 if [ "$redis" = 1 ]; then
-  # Under the limit (each request a Redis round trip, batched), and over it (429s answered
+  # Under the limit (a Redis round trip per request), and over it (429s answered
   # from the over-limit cache).
   cat >>"$gw/routes/all.toml" <<TOML
 
