@@ -352,10 +352,13 @@ for u in "$url" "$traced_url"; do
     exit 1
   fi
 done
-# counted ADMIN_PORT METRIC_LINE_START: the sum of the metric's samples (0 when absent).
+# counted ADMIN_PORT METRIC_LINE_START: the sum of the metric's samples (0 when absent); fails,
+# saying so, when the admin listener does not answer (a check must not pass on no data).
 counted() {
-  curl -fs --max-time 10 "http://127.0.0.1:$1/metrics" |
-    awk -v m="$2" 'index($0, m) == 1 { n += $NF } END { print n + 0 }'
+  local metrics
+  metrics=$(curl -fsS --max-time 10 "http://127.0.0.1:$1/metrics") ||
+    { echo "pgo-build: no metrics from the admin listener on 127.0.0.1:$1" >&2; return 1; }
+  awk -v m="$2" 'index($0, m) == 1 { n += $NF } END { print n + 0 }' <<<"$metrics"
 }
 # load WHAT 2xx|4xx H2LOAD_ARGS...: fails unless every request got the expected class of status
 # (a training that ran into 401s or 500s would profile the wrong code), or when it takes over
