@@ -4,6 +4,8 @@
 #   scripts/pgo-build.sh [cargo build options]   e.g. --locked --target x86_64-unknown-linux-musl
 #
 # PGO_CARGO: the build command (default `cargo build`; release.yml: `cargo zigbuild`).
+# PGO_RUN: a command the instrumented gateways run under, for a binary this machine cannot run
+# itself (release.yml's aarch64 build on an x86-64 runner: `qemu-aarch64-static`).
 # PGO_CLEAN=1: the instrumented build's target dir is removed once trained (CI's disk).
 # PGO_STOP=profile: stop once the profile is merged, without the optimised build; the trained
 # instrumented binary stays in target/pgo/target (CI: the build, the training and the profile
@@ -14,10 +16,12 @@
 #
 # 1. builds an instrumented binary (-Cprofile-generate) in target/pgo/target;
 # 2. trains it on loopback: one instrumented gateway answers as the upstream, another proxies
-#    to it, and h2load sends it HTTP/1.1 GETs and POSTs, h2c streams, HTTPS (HTTP/1.1 and h2),
-#    requests through JWT auth, a rate limit and CORS, through a policy, through the example
-#    WASM plugin, gRPC-shaped streams to an HTTP/2 upstream, requests retried after a refused
-#    connection, and requests no route matches; where python3 has `websockets`, a WebSocket
+#    to it, and h2load sends it HTTP/1.1 GETs and POSTs, h2c streams, HTTPS (HTTP/1.1 and h2,
+#    and new TLS connections), requests through JWT auth (HS256, and RS256 with keys from a
+#    JWKS), a rate limit and CORS, through a policy, through the example WASM plugin,
+#    gRPC-shaped streams to an HTTP/2 upstream, requests to an upstream over TLS with a client
+#    certificate, requests retried after a refused connection, requests no route matches and
+#    admin API scrapes; where python3 has `websockets`, a WebSocket
 #    client exchanges messages through it with an echo server; where redis-server is installed,
 #    requests through rate limits kept in Redis (under and over the limit); a third gateway
 #    with tracing on (one request in ten sampled, and a route recording every request) exports
@@ -34,6 +38,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a build <<<"${PGO_CARGO:-cargo build}"
+read -r -a run <<<"${PGO_RUN:-}"
 root=$PWD
 pgo="$root/target/pgo"
 
@@ -53,7 +58,7 @@ if [ ! -x "$profdata" ]; then
   echo "pgo-build: no llvm-profdata at $profdata: run \`rustup component add llvm-tools\`" >&2
   exit 2
 fi
-for tool in h2load curl openssl; do
+for tool in h2load curl openssl ${run[0]:+"${run[0]}"}; do
   command -v "$tool" >/dev/null || { echo "pgo-build: needs $tool" >&2; exit 2; }
 done
 
@@ -77,22 +82,23 @@ if [ -n "$openssl_built" ]; then cp -a "$openssl_built" "$pgo/openssl"; fi
 
 echo "== pgo-build: training"
 # Code the training never runs is taken as cold and optimised for size: each feature whose
-# speed matters is run here (proxying over HTTP/1.1, h2c and TLS, bodies, auth, rate limits
-# in process and in Redis, CORS, a policy, a WASM plugin, an HTTP/2 upstream, retries,
-# WebSocket tunnels, tracing, the access log, 404s).
+# speed matters is run here (proxying over HTTP/1.1, h2c and TLS, TLS handshakes, bodies,
+# auth, rate limits in process and in Redis, CORS, a policy, a WASM plugin, an HTTP/2
+# upstream, TLS and client certificates to an upstream, retries, WebSocket tunnels, tracing,
+# the access log, 404s, the admin API).
 train="$pgo/train"
-# Ten free loopback ports from 19500 up (bash alone: python may be missing).
+# Eleven free loopback ports from 19500 up (bash alone: python may be missing).
 ports=()
-for ((p = 19500; ${#ports[@]} < 10 && p < 20500; p++)); do
+for ((p = 19500; ${#ports[@]} < 11 && p < 20500; p++)); do
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then ports+=("$p"); fi
 done
-if [ "${#ports[@]}" -ne 10 ]; then
-  echo "pgo-build: no ten free ports between 19500 and 20499 on 127.0.0.1" >&2
+if [ "${#ports[@]}" -ne 11 ]; then
+  echo "pgo-build: no eleven free ports between 19500 and 20499 on 127.0.0.1" >&2
   exit 1
 fi
 # Nothing listens on $refused_port: the retried upstream's first target.
 read -r up_port up_admin gw_port gw_admin tls_port ws_port refused_port redis_port \
-  traced_port traced_admin <<<"${ports[*]}"
+  traced_port traced_admin mtls_port <<<"${ports[*]}"
 websocket=0
 if command -v python3 >/dev/null && python3 -c 'import websockets' 2>/dev/null; then
   websocket=1
@@ -107,7 +113,7 @@ else
 fi
 up="$train/upstream" gw="$train/gateway" traced="$train/traced"
 secrets="$train/secrets"
-mkdir -p "$up/routes" "$gw/routes" "$gw/upstreams" "$gw/policies" "$secrets" \
+mkdir -p "$up/routes" "$gw/routes" "$gw/upstreams" "$gw/policies" "$gw/certs" "$secrets" \
   "$traced/routes" "$traced/upstreams"
 # The upstream also stands in for an OTLP collector: the exporter needs only a 2xx.
 cat >"$up/routes/all.toml" <<TOML
@@ -152,6 +158,20 @@ upstream = "h2"
 name = "retry"
 prefix = "/retry"
 upstream = "retried"
+
+[[route]]
+name = "jwks"
+prefix = "/jwks"
+upstream = "backend"
+auth = "jwks"
+
+# Over TLS with a client certificate to the mutual-TLS listener, which serves it as /api.
+[[route]]
+name = "secure"
+prefix = "/secure"
+upstream = "secure"
+strip_prefix = "/secure"
+add_prefix = "/api"
 TOML
 if [ "$websocket" = 1 ]; then
   cat >>"$gw/routes/all.toml" <<TOML
@@ -205,14 +225,39 @@ outlier = { consecutive_failures = 0 }
 
 [upstream.echo]
 targets = ["http://127.0.0.1:$ws_port"]
+
+[upstream.secure]
+targets = ["https://127.0.0.1:$mtls_port"]
+tls = { ca_file = "certs/ca.crt", client_cert_file = "certs/client.crt", client_key = { file = "$secrets/client.key" } }
 TOML
+# A CA, and the certificates it signs: the TLS listeners' (for 127.0.0.1) and the gateway's
+# as a client of the mutual-TLS listener.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-  -subj "/CN=localhost" -keyout "$secrets/train.key" -out "$secrets/train.crt" 2>/dev/null
+  -subj "/CN=training CA" -keyout "$secrets/ca.key" -out "$secrets/ca.crt" 2>/dev/null
+for cert in train client; do
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$cert" \
+    -keyout "$secrets/$cert.key" -out "$secrets/$cert.csr" 2>/dev/null
+  printf 'basicConstraints = CA:FALSE\nsubjectAltName = IP:127.0.0.1, DNS:localhost\n' \
+    >"$secrets/$cert.ext"
+  openssl x509 -req -days 1 -in "$secrets/$cert.csr" -CA "$secrets/ca.crt" \
+    -CAkey "$secrets/ca.key" -CAcreateserial -extfile "$secrets/$cert.ext" \
+    -out "$secrets/$cert.crt" 2>/dev/null
+done
+cp "$secrets/ca.crt" "$secrets/client.crt" "$gw/certs/"
+# The JWKS the upstream serves: one RSA key; tokens signed with it (RS256) name it by `kid`.
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$secrets/jwks.key" 2>/dev/null
+modulus=$(openssl rsa -in "$secrets/jwks.key" -noout -modulus | cut -d= -f2)
+server_cert='{ cert = { file = "'"$secrets/train.crt"'" }, key = { file = "'"$secrets/train.key"'" } }'
 cat >"$gw/gateway.toml" <<TOML
 [[listener]]
 name = "tls"
 address = "127.0.0.1:$tls_port"
-tls = { certificates = [{ cert = { file = "$secrets/train.crt" }, key = { file = "$secrets/train.key" } }] }
+tls = { certificates = [$server_cert] }
+
+[[listener]]
+name = "mtls"
+address = "127.0.0.1:$mtls_port"
+tls = { certificates = [$server_cert], client_auth = { ca = { file = "$secrets/ca.crt" } } }
 
 [auth.train]
 type = "jwt"
@@ -221,6 +266,13 @@ secret = { env = "PGO_TRAIN_JWT_SECRET" }
 issuers = ["https://train.example"]
 audiences = ["train"]
 claims_to_headers = { sub = "x-user" }
+
+[auth.jwks]
+type = "jwt"
+algorithms = ["RS256"]
+jwks_url = "http://127.0.0.1:$up_port/jwks.json"
+issuers = ["https://train.example"]
+audiences = ["train"]
 
 [cors.app]
 allow_origins = ["https://app.example.com"]
@@ -289,6 +341,20 @@ jwt_claims=$(printf '{"sub":"train","iss":"https://train.example","aud":"train",
 jwt_sig=$(printf '%s.%s' "$jwt_head" "$jwt_claims" |
   openssl dgst -sha256 -hmac "$PGO_TRAIN_JWT_SECRET" -binary | b64url)
 token="$jwt_head.$jwt_claims.$jwt_sig"
+jwks_head=$(printf '{"alg":"RS256","typ":"JWT","kid":"train"}' | b64url)
+jwks_sig=$(printf '%s.%s' "$jwks_head" "$jwt_claims" |
+  openssl dgst -sha256 -sign "$secrets/jwks.key" -binary | b64url)
+jwks_token="$jwks_head.$jwt_claims.$jwks_sig"
+# The modulus in hex to bytes: each pair as a \xHH escape.
+# shellcheck disable=SC2001 # bash's ${var//} has no pattern for "each two characters"
+jwks_n=$(printf '%b' "$(sed 's/../\\x&/g' <<<"$modulus")" | b64url)
+cat >>"$up/routes/all.toml" <<TOML
+
+[[route]]
+name = "jwks"
+prefix = "/jwks.json"
+respond = { status = 200, headers = { "content-type" = "application/json" }, body = '{"keys":[{"kty":"RSA","kid":"train","alg":"RS256","use":"sig","n":"$jwks_n","e":"AQAB"}]}' }
+TOML
 
 pids=()
 stop() {
@@ -314,14 +380,16 @@ if [ "$redis" = 1 ]; then
   pids+=($!)
   listening "$redis_port" redis-server "$train/redis.log"
 fi
-"$bin" serve --repo "$up" --listen "127.0.0.1:$up_port" --admin-listen "127.0.0.1:$up_admin" \
+"${run[@]}" "$bin" serve --repo "$up" --listen "127.0.0.1:$up_port" \
+  --admin-listen "127.0.0.1:$up_admin" \
   --workers 1 --cache-dir "$train/cache-upstream" --access-log false 2>"$train/upstream.log" &
 pids+=($!)
-"$bin" serve --repo "$gw" --listen "127.0.0.1:$gw_port" --admin-listen "127.0.0.1:$gw_admin" \
+"${run[@]}" "$bin" serve --repo "$gw" --listen "127.0.0.1:$gw_port" \
+  --admin-listen "127.0.0.1:$gw_admin" \
   --workers 1 --cache-dir "$train/cache-gateway" --secret-root "$secrets" \
   2>"$train/gateway.log" >/dev/null &
 pids+=($!)
-"$bin" serve --repo "$traced" --listen "127.0.0.1:$traced_port" \
+"${run[@]}" "$bin" serve --repo "$traced" --listen "127.0.0.1:$traced_port" \
   --admin-listen "127.0.0.1:$traced_admin" --workers 1 --cache-dir "$train/cache-traced" \
   2>"$train/traced.log" >/dev/null &
 pids+=($!)
@@ -386,6 +454,13 @@ fi
 load "HTTP/2 upstream, gRPC" 2xx -n 20000 -c 8 -m 10 -H "content-type: application/grpc" \
   -H "te: trailers" -d "$train/grpc-message" "$url/grpc/train.Echo/Call"
 load "retry after a refused connection" 2xx --h1 -n 10000 -c 8 "$url/retry/get"
+load "JWT from a JWKS (RS256)" 2xx --h1 -n 10000 -c 8 -H "authorization: Bearer $jwks_token" \
+  "$url/jwks/get"
+load "TLS and a client certificate to the upstream" 2xx --h1 -n 10000 -c 8 "$url/secure/get"
+# New TLS connections: one request each, 100 opened every 0.1 s.
+load "TLS handshakes" 2xx --h1 -n 2000 -c 2000 -r 100 --rate-period 100ms \
+  "https://127.0.0.1:$tls_port/api/tls"
+load "admin API" 2xx --h1 -n 2000 -c 2 "http://127.0.0.1:$gw_admin/metrics"
 if [ "$websocket" = 1 ]; then
   # 8 connections, 2,000 messages each (text and binary, 64 B to 4 KiB), every echo checked.
   timeout "${PGO_LOAD_TIMEOUT:-300}" python3 - "ws://127.0.0.1:$gw_port/ws" <<'PY'
