@@ -66,8 +66,16 @@ rm -rf "$pgo/raw" "$pgo/train" "$pgo"/*.profdata
 mkdir -p "$pgo/raw" "$pgo/train"
 # What this run's instrumented build makes is newer than this (the OpenSSL it compiles, below).
 touch "$pgo/build-started"
+# Under `cargo zigbuild` the instrumented binary links through scripts/pgo-zigcc.sh, which
+# passes zig cc the profiler runtime's symbol in a form it takes (see there).
+linker=""
+if [ "${build[1]:-}" = zigbuild ]; then
+  linker="-Clinker=$root/scripts/pgo-zigcc.sh"
+  PGO_ZIGCC_LINKER_VAR="CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"${triple:-$host}")_LINKER"
+  export PGO_ZIGCC_LINKER_VAR
+fi
 echo "== pgo-build: instrumented build"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$pgo/raw" CARGO_TARGET_DIR="$pgo/target" \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$pgo/raw $linker" CARGO_TARGET_DIR="$pgo/target" \
   "${build[@]}" --release --bin rustygate "$@"
 bin="$pgo/target/${triple:+$triple/}release/rustygate"
 # Build scripts and proc macros ran instrumented too: only the gateway's runs count.
