@@ -21,11 +21,11 @@
 #    JWKS), a rate limit and CORS, through a policy, through the example WASM plugin,
 #    gRPC-shaped streams to an HTTP/2 upstream, requests to an upstream over TLS with a client
 #    certificate, requests retried after a refused connection, requests no route matches and
-#    admin API scrapes; where python3 has `websockets`, a WebSocket
-#    client exchanges messages through it with an echo server; where redis-server is installed,
-#    requests through rate limits kept in Redis (under and over the limit); a third gateway
-#    with tracing on (one request in ten sampled, and a route recording every request) exports
-#    its spans over OTLP/HTTP to the upstream gateway (bounded counts, 127.0.0.1 only);
+#    admin API scrapes; where python3 has `websockets`, a WebSocket client exchanges messages
+#    through it with an echo server; where redis-server is installed, requests through rate
+#    limits kept in Redis (under and over the limit); a third gateway with tracing on (one
+#    request in ten sampled, and a route recording every request) exports its spans over
+#    OTLP/HTTP to the upstream gateway (bounded counts, 127.0.0.1 only);
 # 3. merges the profiles (llvm-profdata from the toolchain's llvm-tools component);
 # 4. builds the release binary with them (-Cprofile-use) where cargo always puts it
 #    (target/[TRIPLE/]release/rustygate).
