@@ -102,6 +102,45 @@ fn actual_requests_get_cors_headers_only_for_allowed_origins() {
 }
 
 #[test]
+fn the_routes_cors_answer_replaces_the_upstreams() {
+    // An upstream that answers CORS on its own, for any origin.
+    let be = raw_backend(
+        b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\nAccess-Control-Allow-Credentials: true\r\nAccess-Control-Expose-Headers: x-secret\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    );
+    let mut files = proxy_all(&format!("http://{be}"), "cors = \"app\"");
+    files.push(("gateway.toml", CORS.to_owned()));
+    let gw = Gateway::start(&as_refs(&files));
+    let acao = |head: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.strip_prefix("access-control-allow-origin: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (status, head, _) = exchange(
+        &gw,
+        "GET /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(acao(&head), ["https://app.example.com"], "{head}");
+    assert!(
+        head.contains("access-control-expose-headers: x-request-id"),
+        "{head}"
+    );
+    assert!(!head.contains("x-secret"), "{head}");
+    // An origin the route refuses gets no CORS header, not the upstream's `*`; nor does a
+    // wildcard's subdomain on another scheme.
+    for origin in ["https://evil.com", "http://shop.example.org"] {
+        let (status, head, _) = exchange(
+            &gw,
+            &format!("GET /x HTTP/1.1\r\nHost: a\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 200, "{head}");
+        assert!(acao(&head).is_empty(), "{origin}: {head}");
+        assert!(!head.contains("access-control-allow-credentials"), "{head}");
+    }
+}
+
+#[test]
 fn a_route_without_cors_forwards_options_upstream() {
     let be = Backend::echo();
     let gw = gateway_with(&be, CORS, "");
@@ -197,6 +236,51 @@ rate_limit = { enabled = false }
             )
             .0,
             200
+        );
+    }
+}
+
+#[test]
+fn a_default_turned_off_leaves_the_limits_routes_set_themselves() {
+    let be = Backend::fixed(200, "ok");
+    let routes = r#"
+[[route]]
+name = "login"
+prefix = "/login"
+upstream = "be"
+rate_limit = { requests = 1, per = "1m" }
+
+[[route]]
+name = "keyed"
+prefix = "/keyed"
+upstream = "be"
+rate_limit = { key = "route" }
+"#;
+    let gw = Gateway::start(&[
+        (
+            "gateway.toml",
+            "[rate_limit]\nrequests = 1\nper = \"1m\"\nenabled = false\n",
+        ),
+        ("routes/r.toml", routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let get = |path: &str| {
+        exchange(
+            &gw,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+        )
+        .0
+    };
+    assert_eq!(get("/login"), 200);
+    assert_eq!(get("/login"), 429, "the route's own limit holds");
+    for _ in 0..3 {
+        assert_eq!(
+            get("/keyed"),
+            200,
+            "no numbers of its own: the default, which is off"
         );
     }
 }

@@ -186,7 +186,13 @@ pub(crate) fn route_rate_limit(
                 per: o.per.clone().or(d.per),
                 burst: o.burst.or(d.burst),
                 key: o.key.clone().or(d.key),
-                enabled: o.enabled.or(d.enabled),
+                // A default turned off (`[rate_limit] enabled = false`) means no limit for the
+                // routes that set none; a route that gives its own numbers has its own limit.
+                enabled: o.enabled.or(if o.requests.is_some() || o.per.is_some() {
+                    Some(true)
+                } else {
+                    d.enabled
+                }),
                 store: o.store.or(d.store),
             };
             (merged, file, own.map(Spanned::span).unwrap_or_default())

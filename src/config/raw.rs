@@ -737,7 +737,8 @@ pub enum Balance {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCors {
-    /// `"https://app.example.com"`, `"https://*.example.com"`, or `"*"` for any origin.
+    /// `"https://app.example.com"`, `"https://*.example.com"` (subdomains, that scheme only;
+    /// `"*.example.com"` is https only), or `"*"` for any origin.
     pub allow_origins: Vec<String>,
     /// Methods allowed cross-origin (default: GET, HEAD, POST).
     pub allow_methods: Option<Vec<String>>,
@@ -773,7 +774,9 @@ pub struct RawRateLimit {
     pub burst: Option<u32>,
     /// `client_ip` (default), `route`, or `header:<name>`.
     pub key: Option<String>,
-    /// `false` turns the gateway default off for this route.
+    /// `false` turns the limit off. On a route: the gateway default, for this route. In
+    /// gateway.toml's `[rate_limit]`: the default, for every route that does not give its own
+    /// `requests` or `per` (a route that does keeps its limit).
     pub enabled: Option<bool>,
     /// Where the buckets live: `"local"` (default, in this process) or `"redis"` (shared by
     /// every replica through `[rate_limit_store]`).

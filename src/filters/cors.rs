@@ -9,27 +9,33 @@ use http::{HeaderName, HeaderValue};
 pub struct Origins {
     pub any: bool,
     pub exact: HashSet<String>,
-    /// `*.example.com` stored as `.example.com`; matches subdomains of any depth.
-    pub suffixes: Vec<String>,
+    /// `https://*.example.com` stored as `("https", ".example.com")`: that scheme, and
+    /// subdomains of any depth on any port.
+    pub suffixes: Vec<(String, String)>,
 }
 
 impl Origins {
-    /// Parses `https://app.example.com`, `https://*.example.com` / `*.example.com`, or `*`.
+    /// Parses `https://app.example.com`, `https://*.example.com`, or `*`. A wildcard without a
+    /// scheme (`*.example.com`) is `https://` only: a page served over plain HTTP can be changed
+    /// by anyone on its path, so it is let in only when written out (`http://*.example.com`).
     pub fn parse(list: &[String]) -> Result<Origins, String> {
         let mut o = Origins::default();
         for entry in list {
             let e = entry.trim().to_ascii_lowercase();
+            let wildcard = if let Some(rest) = e.strip_prefix("https://*.") {
+                Some(("https", rest))
+            } else if let Some(rest) = e.strip_prefix("http://*.") {
+                Some(("http", rest))
+            } else {
+                e.strip_prefix("*.").map(|rest| ("https", rest))
+            };
             if e == "*" {
                 o.any = true;
-            } else if let Some(rest) = e
-                .strip_prefix("https://*.")
-                .or_else(|| e.strip_prefix("http://*."))
-                .or_else(|| e.strip_prefix("*."))
-            {
+            } else if let Some((scheme, rest)) = wildcard {
                 if rest.is_empty() || rest.contains('*') || rest.contains('/') {
                     return Err(format!("`{entry}` is not a valid wildcard origin"));
                 }
-                o.suffixes.push(format!(".{rest}"));
+                o.suffixes.push((scheme.to_owned(), format!(".{rest}")));
             } else {
                 let valid = (e.starts_with("https://") || e.starts_with("http://"))
                     && !e.contains('*')
@@ -56,11 +62,14 @@ impl Origins {
         if self.exact.contains(&o) {
             return true;
         }
-        let host = o.split_once("://").map(|(_, h)| h).unwrap_or(&o);
+        // An origin is `scheme://host[:port]`; anything else matches no wildcard.
+        let Some((scheme, host)) = o.split_once("://") else {
+            return false;
+        };
         let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-        self.suffixes
-            .iter()
-            .any(|s| host.len() > s.len() && host.ends_with(s.as_str()))
+        self.suffixes.iter().any(|(sch, suffix)| {
+            sch == scheme && host.len() > suffix.len() && host.ends_with(suffix.as_str())
+        })
     }
 }
 
@@ -207,6 +216,13 @@ mod tests {
         assert!(o.allows("https://a.b.example.org:8443"));
         assert!(!o.allows("https://example.org"));
         assert!(!o.allows("https://notexample.org"));
+        // A wildcard keeps its scheme; one written without is https only.
+        assert!(!o.allows("http://a.example.org"));
+        assert!(!o.allows("ftp://a.example.org"));
+        assert!(!o.allows("a.example.org"));
+        let plain = Origins::parse(&["http://*.example.org".into()]).unwrap();
+        assert!(plain.allows("http://a.example.org"));
+        assert!(!plain.allows("https://a.example.org"));
         assert!(Origins::parse(&["example.com".into()]).is_err());
         assert!(Origins::parse(&["https://a.com/path".into()]).is_err());
     }

@@ -409,7 +409,12 @@ pub(crate) fn cors(c: &crate::filters::cors::CorsPolicy) -> String {
         "*".to_owned()
     } else {
         let mut o: Vec<String> = c.origins.exact.iter().cloned().collect();
-        o.extend(c.origins.suffixes.iter().map(|s| format!("*{s}")));
+        o.extend(
+            c.origins
+                .suffixes
+                .iter()
+                .map(|(scheme, suffix)| format!("{scheme}://*{suffix}")),
+        );
         o.sort();
         o.join(" ")
     };

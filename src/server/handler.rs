@@ -75,6 +75,9 @@ struct Exchange {
     state: web::Data<WorkerState>,
     /// Headers the edge filters add to whatever response this request gets (CORS).
     extra: Vec<(HeaderName, HeaderValue)>,
+    /// The route answers CORS itself: the upstream's `Access-Control-*` headers are dropped,
+    /// so that a browser sees one answer, the route's (not two, nor the upstream's alone).
+    cors: bool,
     /// Headers from verified claims, set on the upstream request over the client's.
     auth_headers: Vec<(HeaderName, HeaderValue)>,
     /// Where the token was found, removed before forwarding (unless configured not to).
@@ -472,6 +475,7 @@ pub(crate) async fn handle(
                 log: state.access_log,
                 state: state.clone(),
                 extra: Vec::new(),
+                cors: false,
                 auth_headers: Vec::new(),
                 drop_token: None,
                 in_flight: None,
@@ -576,6 +580,7 @@ pub(crate) async fn handle(
         let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
         if let Some(cors) = &route.cors {
             ex.extra = edge::cors_headers(cors, req);
+            ex.cors = true;
         }
         if let Some(auth) = &route.auth {
             match edge::authenticate(auth, req, inbound).await {
@@ -1902,7 +1907,7 @@ fn relay_headers(
         {
             continue;
         }
-        if name == X_REQUEST_ID {
+        if name == X_REQUEST_ID || (ex.cors && is_cors_response_header(n)) {
             // Replaced by the gateway's own below.
             continue;
         }
@@ -1936,6 +1941,7 @@ fn relay_client_head(
         if name == ax::CONTENT_LENGTH
             || is_hop_by_hop_str(n)
             || name == AX_REQUEST_ID
+            || (ex.cors && is_cors_response_header(n))
             || dropped.iter().any(|d| d == n)
         {
             continue;
@@ -1946,6 +1952,11 @@ fn relay_client_head(
     let mut values = bytes::BytesMut::with_capacity(own_headers_len(ex));
     own_headers(&mut out, &mut values, ex);
     out
+}
+
+/// `Access-Control-Allow-Origin` and the other CORS response headers (lower-case `name`).
+fn is_cors_response_header(name: &str) -> bool {
+    name.starts_with("access-control-")
 }
 
 /// The request id and the edge filters' headers (CORS), on every relayed response.
