@@ -151,6 +151,13 @@ fn jwks_tokens_are_verified_and_claims_reach_the_upstream() {
         req(&gw, "/maybe", &[("Authorization", "Bearer garbage")]).0,
         401
     );
+    // The scheme's case does not matter (RFC 9110 §11.1): a bad token in any case is checked.
+    assert_eq!(
+        req(&gw, "/maybe", &[("Authorization", "BEARER garbage")]).0,
+        401
+    );
+    let upper = format!("BEARER {}", keys.token("k1", claims()));
+    assert_eq!(req(&gw, "/orders/1", &[("Authorization", &upper)]).0, 200);
 
     let (_, metrics) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
     assert!(

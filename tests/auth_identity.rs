@@ -202,6 +202,14 @@ fn a_token_that_is_not_forwarded_is_removed_from_wherever_it_was() {
     assert_eq!(status, 200, "{body}");
     assert!(upstream_header(&body, "x-token").is_empty());
 
+    // A query provider reads `access_token` too: a second token there is not passed on
+    // unverified next to the verified one.
+    let (status, _, body) = req(&gw, &format!("/q?jwt={t}&access_token=forged.x.y"), &[]);
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = req(&gw, &format!("/q?access_token={t}&x=1"), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream_uri(&body), "/q?x=1");
+
     // forward_token = true keeps it where it was.
     let (status, _, body) = req(&gw, &format!("/fwd?jwt={t}"), &[]);
     assert_eq!(status, 200, "{body}");

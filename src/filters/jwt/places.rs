@@ -132,6 +132,15 @@ pub fn without_cookie(header: &str, name: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("; "))
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme's case does not matter
+/// (RFC 9110 §11.1). `None` for another scheme.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 fn text(v: &[u8]) -> &str {
     // A value that is not text cannot be a token; "" fails verification as malformed.
     std::str::from_utf8(v).unwrap_or("")
@@ -157,11 +166,9 @@ impl JwtProvider {
         // valid, and which one an upstream reads is anyone's guess.
         let auth: Vec<&str> = places.authorization.iter().copied().map(text).collect();
         if let Some(a) = one(&auth)?
-            && let Some(t) = a
-                .strip_prefix("Bearer ")
-                .or_else(|| a.strip_prefix("bearer "))
+            && let Some(t) = bearer(a)
         {
-            found.push((t.trim(), TokenPlace::Authorization));
+            found.push((t, TokenPlace::Authorization));
         }
         if let TokenSource::Header(h) = &self.source {
             let values: Vec<&str> = places.header.iter().copied().map(text).collect();
@@ -169,14 +176,18 @@ impl JwtProvider {
                 found.push((t.trim(), TokenPlace::Header(h.clone())));
             }
         }
-        let param = match &self.source {
-            TokenSource::Query(n) => n.as_str(),
-            _ => DEFAULT_QUERY_PARAM,
+        // `access_token` always (RFC 6750 §2.3), and a query provider's own parameter too: a
+        // token there would otherwise reach the upstream unverified next to the verified one.
+        let own = match &self.source {
+            TokenSource::Query(n) if n != DEFAULT_QUERY_PARAM => Some(n.as_str()),
+            _ => None,
         };
-        if let Some(q) = places.query
-            && let Some(t) = one(&query_params(q, param))?
-        {
-            found.push((t, TokenPlace::Query(param.to_owned())));
+        if let Some(q) = places.query {
+            for param in std::iter::once(DEFAULT_QUERY_PARAM).chain(own) {
+                if let Some(t) = one(&query_params(q, param))? {
+                    found.push((t, TokenPlace::Query(param.to_owned())));
+                }
+            }
         }
         if let TokenSource::Cookie(n) = &self.source {
             let values: Vec<&str> = places
@@ -217,6 +228,16 @@ mod tests {
         );
         assert_eq!(without_query_param("access_token=x", "access_token"), None);
         assert_eq!(decoded("%zz%4"), b"%zz%4");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        assert_eq!(bearer("Bearer a.b.c"), Some("a.b.c"));
+        assert_eq!(bearer("BEARER  a.b.c "), Some("a.b.c"));
+        assert_eq!(bearer("bEaReR\ta.b.c"), Some("a.b.c"));
+        assert_eq!(bearer("Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearerx a.b.c"), None);
     }
 
     #[test]
