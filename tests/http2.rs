@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,6 +90,19 @@ impl H2Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
     {
+        H2Backend::start_fallible(move |req| {
+            let fut = handler(req);
+            async move { Ok(fut.await) }
+        })
+    }
+
+    /// [`H2Backend::start`] with a handler that may fail: hyper then resets the stream
+    /// (RST_STREAM) and keeps the connection.
+    fn start_fallible<F, Fut>(handler: F) -> H2Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Response<Body>, std::io::Error>> + Send + 'static,
+    {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -111,10 +123,7 @@ impl H2Backend {
                         };
                         let handler = Arc::clone(&handler);
                         tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                let fut = handler(req);
-                                async move { Ok::<_, Infallible>(fut.await) }
-                            });
+                            let svc = hyper::service::service_fn(move |req| handler(req));
                             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                                 .serve_connection(TokioIo::new(stream), svc)
                                 .await;
@@ -594,6 +603,60 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     assert_eq!(
         m.get(r#"rustygate_grpc_requests_total{grpc_status="4",route="all"}"#),
         Some(&1.0)
+    );
+}
+
+/// Neither a deadline the client chose nor a stream the upstream refused says the target is
+/// down: a client sending either, however often, must not get it ejected for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_deadline_or_a_refused_stream_never_ejects_the_target() {
+    let be = H2Backend::start_fallible(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/echo.Echo/Slow" => tokio::time::sleep(Duration::from_millis(600)).await,
+            "/echo.Echo/Refuse" => return Err(std::io::Error::other("refused")),
+            _ => {}
+        }
+        Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .body(full(""))
+            .unwrap())
+    });
+    // The default passive ejection: five failures in a row take a target out.
+    let files = proxy_to(&[be.url()], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    for _ in 0..6 {
+        let call = grpc_call("/echo.Echo/Slow", b"x", &[("grpc-timeout", "50m")]);
+        let r = whole(h2.send_request(call).await.unwrap()).await;
+        assert_eq!(r.headers["grpc-status"], "4", "{:?}", r.headers);
+    }
+    for _ in 0..6 {
+        let call = grpc_call("/echo.Echo/Refuse", b"x", &[]);
+        let r = whole(h2.send_request(call).await.unwrap()).await;
+        assert_eq!(r.headers["grpc-status"], "14", "{:?}", r.headers);
+        assert_eq!(
+            r.headers["grpc-message"], "the upstream refused the request",
+            "{:?}",
+            r.headers
+        );
+    }
+    let r = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"x", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        r.headers["grpc-status"], "0",
+        "still in rotation: {:?}",
+        r.headers
+    );
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_upstream_errors_total{kind="stream_reset",upstream="be"}"#),
+        Some(&6.0),
+        "{m:?}"
     );
 }
 

@@ -49,6 +49,11 @@ pub enum ForwardError {
     /// 502: the upstream broke the protocol or the connection.
     #[error("the upstream failed: {0}")]
     Upstream(String),
+    /// 502: an HTTP/2 upstream reset this request's stream (RST_STREAM) and kept the
+    /// connection: it answered, and turned this request down. Not the target's failure (a
+    /// client can provoke one with a request the upstream refuses).
+    #[error("the upstream reset the request's stream: {0}")]
+    StreamReset(String),
     /// 503: a circuit-breaker limit of the upstream is reached.
     #[error("the upstream's {} limit is reached", .0.as_str())]
     Overloaded(crate::upstream::state::Overflow),
@@ -57,7 +62,10 @@ pub enum ForwardError {
 impl ForwardError {
     pub fn status(&self) -> u16 {
         match self {
-            ForwardError::Connect(_) | ForwardError::Tls(_) | ForwardError::Upstream(_) => 502,
+            ForwardError::Connect(_)
+            | ForwardError::Tls(_)
+            | ForwardError::Upstream(_)
+            | ForwardError::StreamReset(_) => 502,
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
             ForwardError::ClientBody(_) => 400,
@@ -74,6 +82,7 @@ impl ForwardError {
             ForwardError::BodyTooLarge => "body_too_large",
             ForwardError::ClientBody(_) => "client_body",
             ForwardError::Upstream(_) => "upstream",
+            ForwardError::StreamReset(_) => "stream_reset",
             ForwardError::Overloaded(_) => "overloaded",
         }
     }
@@ -89,6 +98,12 @@ pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
                 BodyError::Client(m) => ForwardError::ClientBody(m.clone()),
                 BodyError::Idle(_) | BodyError::Stopped => ForwardError::ClientBody(b.to_string()),
             };
+        }
+        if let Some(h) = s.downcast_ref::<h2::Error>()
+            && h.is_reset()
+            && h.is_remote()
+        {
+            return ForwardError::StreamReset(chain(e));
         }
         source = s.source();
     }

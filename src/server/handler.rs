@@ -18,7 +18,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_http::{Payload, Request};
 use actix_web::body::BodySize;
@@ -1113,7 +1113,7 @@ async fn forward(
     let mut retries = Retries {
         policy: retry,
         tried: Vec::new(),
-        deadline: deadline(route, &upstream, req, ex.grpc),
+        deadlines: deadlines(route, &upstream, req, ex.grpc),
     };
     // The upstream's place is taken only now that the request can go out: a client slow to
     // send a replayable body holds no place under the upstream's `max_requests`.
@@ -1170,7 +1170,8 @@ async fn forward(
                 resend,
             );
         }
-        if let Some(d) = retries.deadline {
+        let client_ends = retries.deadlines.client_ends(Instant::now(), opts.timeout);
+        if let Some(d) = retries.deadlines.first() {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return ex.error(504, "the upstream did not answer in time");
@@ -1216,6 +1217,18 @@ async fn forward(
             }
             Err(failure) => {
                 ex.in_flight = None;
+                if client_ends && matches!(failure.error, ForwardError::Timeout(_)) {
+                    // The client's own deadline ended the attempt: it has given up, so no
+                    // retry, and the target is not to blame (a client choosing a short
+                    // `grpc-timeout` must not be able to eject it).
+                    if let Some(t) = &ex.trace {
+                        t.attempt_done(None, Some("deadline"));
+                    }
+                    return ex.error(
+                        504,
+                        "the upstream did not answer within the client's deadline",
+                    );
+                }
                 let attempt = retries.tried.len() + 1;
                 let failed =
                     match attempt_failed(&ex, state, route, &upstream, index, attempt, failure) {
@@ -1237,6 +1250,7 @@ async fn forward(
                 }
                 let message = match &failed.error {
                     ForwardError::Timeout(_) => "the upstream did not answer in time",
+                    ForwardError::StreamReset(_) => "the upstream refused the request",
                     _ => "the upstream could not be reached",
                 };
                 return ex.error(failed.error.status(), message);
@@ -1307,23 +1321,46 @@ fn has_body(req: &Request, transfer_encoding: bool, declared_len: Option<u64>) -
             && req.extensions().contains::<super::h2::StreamedBody>())
 }
 
-/// When the whole exchange must be over: the route's or upstream's total timeout, or a gRPC
-/// client's own deadline when it is sooner (past it the client has given up).
-fn deadline(route: &Route, upstream: &Upstream, req: &Request, grpc: bool) -> Option<Instant> {
-    let mut deadline = route
+/// When the whole exchange must be over: the route's or upstream's total timeout, and a gRPC
+/// client's own deadline (`grpc-timeout`; past it the client has given up).
+fn deadlines(route: &Route, upstream: &Upstream, req: &Request, grpc: bool) -> Deadlines {
+    let own = route
         .total_timeout
         .or(upstream.total_timeout)
         .map(|t| Instant::now() + t);
-    if grpc
-        && let Some(t) = req
-            .headers()
-            .get(&AX_GRPC_TIMEOUT)
-            .and_then(|v| grpc_timeout(v.as_bytes()))
-    {
-        let at = Instant::now() + t;
-        deadline = Some(deadline.map_or(at, |d| d.min(at)));
+    let client = req
+        .headers()
+        .get(&AX_GRPC_TIMEOUT)
+        .filter(|_| grpc)
+        .and_then(|v| grpc_timeout(v.as_bytes()))
+        .map(|t| Instant::now() + t);
+    Deadlines { own, client }
+}
+
+/// The deadlines of one exchange ([`deadlines`]).
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// The config's (`total_timeout`).
+    own: Option<Instant>,
+    /// The client's (`grpc-timeout`).
+    client: Option<Instant>,
+}
+
+impl Deadlines {
+    /// The sooner of the two.
+    fn first(self) -> Option<Instant> {
+        match (self.own, self.client) {
+            (Some(o), Some(c)) => Some(o.min(c)),
+            (o, c) => o.or(c),
+        }
     }
-    deadline
+
+    /// Whether the client's deadline, not the config, is what ends an attempt that may take
+    /// `timeout` from `now`: a timeout then says nothing about the target.
+    fn client_ends(self, now: Instant, timeout: Duration) -> bool {
+        self.client
+            .is_some_and(|c| c <= now + timeout && self.own.is_none_or(|o| c <= o))
+    }
 }
 
 /// One attempt's request to `target`: the forwarding header rules, then the plugins' and the
@@ -1430,7 +1467,11 @@ fn attempt_failed(
         }
         ForwardError::Overloaded(o) => return Err(overloaded(ex, state, upstream, *o)),
         _ => {
-            upstream.record_failure(index);
+            // A stream the upstream reset on a connection it kept is an answer to this request,
+            // not a sign the target is down: it does not count towards ejecting it.
+            if !matches!(error, ForwardError::StreamReset(_)) {
+                upstream.record_failure(index);
+            }
             state.recorder.attempt(upstream, index, None);
             let reason = match &error {
                 _ if request.is_some() => RetryReason::ConnectFailure,
@@ -1465,11 +1506,11 @@ fn attempt_failed(
     Err(ex.error(413, "request body is larger than this route accepts"))
 }
 
-/// The retry side of one request: its rules, the targets tried so far, its deadline.
+/// The retry side of one request: its rules, the targets tried so far, its deadlines.
 struct Retries {
     policy: RetryPolicy,
     tried: Vec<usize>,
-    deadline: Option<Instant>,
+    deadlines: Deadlines,
 }
 
 impl Retries {
@@ -1492,7 +1533,11 @@ impl Retries {
         }
         let retry_no = self.tried.len() as u32 + 1;
         let wait = retry.backoff_for(retry_no);
-        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        if self
+            .deadlines
+            .first()
+            .is_some_and(|d| Instant::now() + wait >= d)
+        {
             return false;
         }
         if !upstream.shared.withdraw(upstream.budget.min_per_second) {
