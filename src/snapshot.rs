@@ -214,6 +214,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Longest pause between request body bytes.
     pub body_idle_timeout: Duration,
+    /// Longest time a client's connection may take none of what the gateway writes to it.
+    pub send_timeout: Duration,
     /// Client connections, all workers together.
     pub max_connections: usize,
     /// Client connections per client address.
@@ -233,6 +235,7 @@ impl Default for Limits {
         Self {
             header_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             // Each open connection costs a few KiB of buffers; 25,000 stays far below the
             // memory of a small node even when every one of them is mid-request.
             max_connections: 25_000,

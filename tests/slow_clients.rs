@@ -382,6 +382,81 @@ fn clients_that_go_away_from_a_stalled_upstream_give_their_places_back() {
     assert_eq!(gw.get("/"), (200, "ok".to_owned()));
 }
 
+static SENDING_CLOSED: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn clients_that_take_nothing_of_their_response_are_cut_at_the_send_timeout() {
+    // The first two upstream connections send an endless body (and count when the gateway
+    // closes them); the next ones answer at once.
+    let upstream = scripted_upstream(|mut s, i| {
+        if !read_head(&mut s) {
+            return;
+        }
+        if i < 2 {
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            let started = Instant::now();
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
+            let chunk = [b'x'; 64 * 1024];
+            while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok() {}
+            SENDING_CLOSED.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let files = with_gateway(
+        proxy_to(
+            &[format!("http://{upstream}")],
+            "circuit_breaker = { max_requests = 2 }",
+            "read_timeout = \"30s\"",
+        ),
+        "[limits]\nsend_timeout = \"1s\"\n",
+    );
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    // Two clients that ask and never read.
+    let _clients: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 2.0
+    }));
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(6), || SENDING_CLOSED
+            .load(Ordering::SeqCst)
+            == 2),
+        "upstream connections still open after {:?}",
+        started.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(1), || {
+        scrape(&gw)["rustygate_in_flight_requests"] == 0.0
+    }));
+    let m = scrape(&gw);
+    assert_eq!(m["rustygate_client_timeouts_total{phase=\"send\"}"], 2.0);
+    assert_eq!(gw.get("/"), (200, "ok".to_owned()));
+}
+
+#[test]
+fn a_send_timeout_under_a_second_is_refused() {
+    let dir = repo(&[
+        hello_route(),
+        ("gateway.toml", "[limits]\nsend_timeout = \"100ms\"\n"),
+    ]);
+    let compiled = rustygate::compile::compile_dir(dir.path(), &Default::default()).unwrap();
+    let err = compiled
+        .diagnostics
+        .iter()
+        .find(|d| d.message.contains("send_timeout"))
+        .expect("a diagnostic for send_timeout");
+    assert_eq!(err.code, "invalid-duration");
+    assert!(compiled.snapshot.is_none(), "not served");
+}
+
 #[test]
 fn a_slow_replayable_body_holds_no_place_under_the_upstreams_limit() {
     let echo = Backend::echo();

@@ -153,6 +153,19 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
     {
         out.body_idle_timeout = d;
     }
+    if let Some(v) = &raw.send_timeout
+        && let Some(d) = cx.duration(file, v)
+    {
+        if d < Duration::from_secs(1) {
+            cx.push(
+                Diagnostic::error("invalid-duration", "`send_timeout` must be at least 1s")
+                    .at(file, v.span(), "too short")
+                    .help("a client on a slow link takes longer than this to drain a full buffer"),
+            );
+        } else {
+            out.send_timeout = d;
+        }
+    }
     for (v, what) in [
         (&raw.max_connections, "max_connections"),
         (&raw.max_connections_per_ip, "max_connections_per_ip"),

@@ -203,6 +203,10 @@ pub struct RawLimits {
     pub header_timeout: Option<Spanned<DurationText>>,
     /// Longest pause between two pieces of a request body (default "30s"); then 408.
     pub body_idle_timeout: Option<Spanned<DurationText>>,
+    /// Longest time a client may leave the gateway's writes to it untaken, its connection's
+    /// buffers full (default "60s", as nginx's `send_timeout`); then the connection is closed
+    /// and its request abandoned: the upstream connection is closed and its places given back.
+    pub send_timeout: Option<Spanned<DurationText>>,
     /// Client connections open at once on the proxy listener, all workers together (default
     /// 25000); beyond it new connections are closed at once.
     pub max_connections: Option<Spanned<u32>>,

@@ -447,7 +447,61 @@ pub(crate) struct ClientIo {
     /// The gateway answered a malformed body itself: end of input for the dispatcher, and
     /// nothing it writes afterwards goes out.
     answered: bool,
+    /// How long a write to the client may wait for it to take bytes.
+    send: SendStall,
     _guard: ConnGuard,
+}
+
+/// A client that stops taking what the gateway writes to it (its receive window and the
+/// socket's buffer full): the write waits, and so would the request behind it, its upstream
+/// connection and its places under the upstream's limits, for as long as the client likes.
+/// Past `[limits] send_timeout` without a byte taken, the write fails and the connection ends.
+/// Only a write that must wait reads the clock; the timer is made on the first such wait.
+struct SendStall {
+    timeout: Duration,
+    /// When the write waiting now must have moved; `None` while writes go through.
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// `rustygate_client_timeouts_total{phase="send"}`
+    timeouts: prometheus::IntCounter,
+}
+
+impl SendStall {
+    /// `res` of a write or flush to the client: progress clears the deadline; a wait starts
+    /// it (or keeps it) and, once it has passed, becomes an error that ends the connection.
+    fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if !res.is_pending() {
+            self.deadline = None;
+            return res;
+        }
+        let at = match self.deadline {
+            Some(at) => at,
+            None => {
+                let at = Instant::now() + self.timeout;
+                self.deadline = Some(at);
+                match &mut self.timer {
+                    Some(t) => t.as_mut().reset(at),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+                at
+            }
+        };
+        let Some(timer) = &mut self.timer else {
+            return res;
+        };
+        if timer.as_mut().poll(cx).is_pending() && Instant::now() < at {
+            return res;
+        }
+        self.timeouts.inc();
+        tracing::debug!(
+            timeout_s = self.timeout.as_secs_f64(),
+            "client took nothing of its response within the send timeout; closing"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took nothing within the send timeout",
+        )))
+    }
 }
 
 /// Bytes of requests that came after one still in progress (HTTP/1.1 pipelining), given to the
@@ -728,10 +782,17 @@ impl ClientIo {
         &self.state.info
     }
 
-    /// The stream and its place under the connection limits, for a protocol that times its
-    /// requests itself (HTTP/2). Take [`ClientIo::info`] first to keep the connection facts.
-    pub fn into_parts(self) -> (Stream, ConnGuard) {
-        (self.io, self._guard)
+    /// The stream (its writes still under the send timeout) and its place under the
+    /// connection limits, for a protocol that times its requests itself (HTTP/2). Take
+    /// [`ClientIo::info`] first to keep the connection facts.
+    pub fn into_parts(self) -> (SendLimited<Stream>, ConnGuard) {
+        (
+            SendLimited {
+                io: self.io,
+                send: self.send,
+            },
+            self._guard,
+        )
     }
 
     /// Whether the client opens with the HTTP/2 preface (h2c with prior knowledge). Waits for
@@ -1079,7 +1140,8 @@ impl AsyncWrite for ClientIo {
             return Poll::Ready(Ok(buf.len()));
         }
         this.wrote(buf);
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.send.check(cx, res)
     }
 
     fn poll_write_vectored(
@@ -1094,7 +1156,8 @@ impl AsyncWrite for ClientIo {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             this.wrote(first);
         }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.send.check(cx, res)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -1102,11 +1165,70 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_flush(cx);
+        this.send.check(cx, res)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.send.check(cx, res)
+    }
+}
+
+/// A stream whose writes fail once the client has taken nothing for the send timeout (see
+/// [`SendStall`]); reads pass through.
+pub(crate) struct SendLimited<T> {
+    io: T,
+    send: SendStall,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendLimited<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendLimited<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.send.check(cx, res)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.send.check(cx, res)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_flush(cx);
+        this.send.check(cx, res)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.send.check(cx, res)
     }
 }
 
@@ -1117,6 +1239,8 @@ pub(crate) struct Admitted {
     pub guard: ConnGuard,
     /// `[limits] header_timeout` at accept: for the handshake and every request head.
     pub header_timeout: Duration,
+    /// `[limits] send_timeout` at accept.
+    pub send_timeout: Duration,
 }
 
 /// Admits an accepted socket: limits, `TCP_NODELAY`. `None` when the connection is refused (it
@@ -1152,6 +1276,7 @@ pub(crate) fn admit(
         peer,
         guard,
         header_timeout: limits.header_timeout,
+        send_timeout: limits.send_timeout,
     })
 }
 
@@ -1159,7 +1284,7 @@ pub(crate) fn admit(
 pub(crate) fn client_io(
     io: Stream,
     guard: ConnGuard,
-    header_timeout: Duration,
+    (header_timeout, send_timeout): (Duration, Duration),
     keep_alive: Option<Duration>,
     info: ConnInfo,
     metrics: &Metrics,
@@ -1180,6 +1305,12 @@ pub(crate) fn client_io(
         responded: false,
         answered: false,
         held: Pipelined::default(),
+        send: SendStall {
+            timeout: send_timeout,
+            deadline: None,
+            timer: None,
+            timeouts: metrics.client_timeouts.with_label_values(&["send"]),
+        },
         _guard: guard,
     }
 }

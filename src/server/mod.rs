@@ -326,7 +326,7 @@ pub fn start(
                         let io = listener::client_io(
                             stream,
                             a.guard,
-                            a.header_timeout,
+                            (a.header_timeout, a.send_timeout),
                             (!keep_alive.is_zero()).then_some(keep_alive),
                             info,
                             &metrics,

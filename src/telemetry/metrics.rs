@@ -62,7 +62,8 @@ pub struct Metrics {
     /// `max_connections` or `max_connections_per_ip`.
     pub connections_refused: IntCounterVec,
     /// `rustygate_client_timeouts_total{phase}`: client connections closed because the client
-    /// was too slow (`header`: a request head, `body`: between request body bytes).
+    /// was too slow (`header`: a request head, `body`: between request body bytes, `send`:
+    /// taking none of its response within `send_timeout`).
     pub client_timeouts: IntCounterVec,
     /// `rustygate_tls_handshakes_total{listener,version,result}`: TLS handshakes on the
     /// listeners with `tls`; `result` is `success`, `failure` or `timeout`, `version` is
@@ -197,7 +198,7 @@ impl Metrics {
         );
         let client_timeouts = counter(
             "rustygate_client_timeouts_total",
-            "Client requests ended because the client was too slow, by phase (header, body).",
+            "Client requests ended because the client was too slow, by phase (header, body, send).",
             &["phase"],
         );
         let tls_handshakes = counter(
