@@ -457,6 +457,56 @@ fn a_send_timeout_under_a_second_is_refused() {
     assert!(compiled.snapshot.is_none(), "not served");
 }
 
+/// The admin listener takes webhooks from the internet: a body that never ends is cut at the
+/// admin request timeout, and a flood of them leaves the proxy listener serving.
+#[test]
+fn admin_requests_whose_body_never_ends_are_cut_and_the_proxy_serves_on() {
+    let dir = repo(&[hello_route()]);
+    let compiled = rustygate::compile::compile_dir(dir.path(), &Default::default()).unwrap();
+    let control = rustygate::server::Control {
+        webhook_secret: Some("hook-secret".into()),
+        ..Default::default()
+    };
+    let opts = ServeOptions {
+        workers: 1,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_request_timeout: Duration::from_secs(1),
+        ..ServeOptions::default()
+    };
+    let gw = Gateway::serve_with(
+        dir.path(),
+        std::sync::Arc::new(rustygate::snapshot::SnapshotStore::new(
+            compiled.snapshot.unwrap(),
+        )),
+        opts,
+        control,
+    );
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.admin_addr).unwrap();
+            s.write_all(
+                b"POST /hooks/github HTTP/1.1\r\nHost: a\r\nX-GitHub-Event: push\r\n\
+                  X-Hub-Signature-256: sha256=00\r\nContent-Length: 100000\r\n\r\n{",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    assert_eq!(gw.get("/"), (200, "hi".to_owned()));
+    for s in &mut slow {
+        let (resp, _) = read_to_close(s, Duration::from_secs(5));
+        assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, body) = http(&gw.admin_addr.to_string(), "GET", "/healthz", &[], b"").unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
+
 #[test]
 fn a_slow_replayable_body_holds_no_place_under_the_upstreams_limit() {
     let echo = Backend::echo();

@@ -72,7 +72,14 @@ pub struct ServeOptions {
     pub client_request_timeout: Duration,
     /// How often the dashboard's traffic ring is sampled (tests shorten it).
     pub traffic_sample_every: Duration,
+    /// Time one request on the admin listener may take, its body included (tests shorten it).
+    pub admin_request_timeout: Duration,
 }
+
+/// Connections the admin listener holds open at once; more wait in the kernel's backlog. The
+/// admin listener takes webhooks from the internet, so a flood of slow connections there must
+/// not use up the process's file descriptors (and starve the proxy listener with them).
+const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 impl Default for ServeOptions {
     fn default() -> Self {
@@ -87,6 +94,7 @@ impl Default for ServeOptions {
             keep_alive: Duration::from_secs(75),
             client_request_timeout: Duration::from_secs(10),
             traffic_sample_every: crate::telemetry::traffic::SAMPLE_EVERY,
+            admin_request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -397,12 +405,27 @@ pub fn start(
         opts.traffic_sample_every,
     ));
     let admin_state = web::Data::new(admin::AdminState::new(store, control, admin_addr, traffic));
+    let admin_timeout = opts.admin_request_timeout;
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
+            // A whole request, its body included: actix times only the head, and a webhook
+            // body that never ends would hold its connection for ever.
+            .wrap_fn(move |req, srv| {
+                let call = actix_web::dev::Service::call(srv, req);
+                async move {
+                    match tokio::time::timeout(admin_timeout, call).await {
+                        Ok(res) => res,
+                        Err(_) => Err(actix_web::error::ErrorRequestTimeout(
+                            "the request did not arrive whole in time",
+                        )),
+                    }
+                }
+            })
             .configure(admin::configure)
     })
     .workers(1)
+    .max_connections(ADMIN_MAX_CONNECTIONS)
     .shutdown_timeout(grace)
     .disable_signals()
     .listen(admin_listener)?
