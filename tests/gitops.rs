@@ -508,6 +508,40 @@ fn a_branch_named_like_the_pinned_tag_changes_nothing() {
     assert_eq!(gw.status()["applied"]["sha"], v1.to_string());
 }
 
+/// Without `--ref` the branch is `refs/heads/<branch>` only: once it is deleted, a tag pushed
+/// under its name is not served (tags are often less protected than the branch).
+#[test]
+fn a_tag_named_like_the_branch_is_not_served_when_the_branch_is_gone() {
+    let (_d, repo, url) = bare_repo();
+    let good = commit(&repo, "main", &config("branch"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "branch");
+    // A commit that descends from the served one, pushed as the tag `main`; then the branch
+    // is deleted.
+    let next = commit(&repo, "main", &config("from-tag"), "pushed as a tag");
+    let oid = git2::Oid::from_str(&next).unwrap();
+    repo.tag_lightweight("main", &repo.find_object(oid, None).unwrap(), false)
+        .unwrap();
+    repo.set_head("refs/heads/other").unwrap();
+    repo.find_reference("refs/heads/main")
+        .unwrap()
+        .delete()
+        .unwrap();
+    let (status, _) = gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert_eq!(status, 202);
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+            || gw.status()["attempted"]["ok"] == false
+    }));
+    assert_eq!(gw.get("/").unwrap().1, "branch");
+    assert_eq!(gw.status()["applied"]["sha"], good);
+}
+
 /// A restart while the git host is down serves the commit cached by the earlier run (loudly,
 /// `stale` in `/status`) instead of exiting; the first fetch that works clears it.
 #[test]

@@ -251,12 +251,13 @@ impl Mirror {
     }
 
     /// The commit to serve: `pin` (a tag, branch, full ref name or SHA) when given, else the
-    /// branch head (`refs/heads/<branch>`: a tag of the same name does not stand in for it).
+    /// branch head, `refs/heads/<branch>` only: a tag or any other revision of the same name
+    /// does not stand in for it (where tags are less protected than the branch, a pushed tag
+    /// would otherwise be served once the branch is gone).
     pub fn resolve(&self, branch: &str, pin: Option<&str>) -> Result<Oid, GitError> {
         match pin {
             Some(rev) => resolve(&self.repo, rev),
-            None => resolve(&self.repo, &format!("refs/heads/{branch}"))
-                .or_else(|_| resolve(&self.repo, branch)),
+            None => resolve(&self.repo, &format!("refs/heads/{branch}")),
         }
     }
 }

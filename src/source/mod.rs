@@ -180,7 +180,11 @@ impl SourceSpec {
         let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(&url));
         Ok(SourceSpec::Git(GitSpec {
             url,
-            branch: branch.to_owned(),
+            // `--branch refs/heads/main` names the branch `main`: webhooks name it so too.
+            branch: branch
+                .strip_prefix("refs/heads/")
+                .unwrap_or(branch)
+                .to_owned(),
             pin,
             subdir,
             cache_dir,
