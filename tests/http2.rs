@@ -252,6 +252,22 @@ async fn h2c_streams_are_routed_and_forwarded_like_http1_requests() {
     assert_eq!(header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert!(r.headers.contains_key("x-request-id"));
 
+    // Cookies sent one per field (as browsers do over HTTP/2) reach an HTTP/1.1 upstream as
+    // one field (RFC 9113 §8.2.3).
+    let mut req = get("/cookies");
+    req.headers_mut().append("cookie", "a=1".parse().unwrap());
+    req.headers_mut().append("cookie", "b=2".parse().unwrap());
+    let r = whole(h2.send_request(req).await.unwrap()).await;
+    let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let cookies: Vec<&str> = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "cookie")
+        .map(|h| h[1].as_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+
     // A body without Content-Length (END_STREAM comes with the last DATA frame) is forwarded.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
     let stream =

@@ -266,6 +266,18 @@ pub(crate) async fn serve<IO, S>(
     }
 }
 
+/// The request's `cookie` fields as one value, joined with "; "; `None` without any.
+fn joined_cookies(headers: &http::HeaderMap) -> Option<ax::header::HeaderValue> {
+    let mut fields = headers.get_all(http::header::COOKIE).iter();
+    let first = fields.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for v in fields {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    ax::header::HeaderValue::from_bytes(&joined).ok()
+}
+
 /// One stream: the request into the application, its response back.
 async fn call<S>(
     app: &S,
@@ -298,12 +310,21 @@ where
         let headers = &mut head.headers;
         headers.reserve(parts.headers.len() + 1);
         for (name, value) in &parts.headers {
+            if name == http::header::COOKIE {
+                continue;
+            }
             if let (Ok(n), Ok(v)) = (
                 ax::header::HeaderName::from_bytes(name.as_str().as_bytes()),
                 ax::header::HeaderValue::from_bytes(value.as_bytes()),
             ) {
                 headers.append(n, v);
             }
+        }
+        // RFC 9113 §8.2.3: browsers send each cookie in a field of its own over HTTP/2; they
+        // are one field again (joined with "; ") before an HTTP/1.1 hop, where many
+        // applications read only the first `Cookie` line.
+        if let Some(cookie) = joined_cookies(&parts.headers) {
+            headers.append(ax::header::COOKIE, cookie);
         }
         // RFC 9113 §8.3.1: `:authority` stands for Host, and wins over a Host header.
         if let Some(auth) = parts.uri.authority()
