@@ -207,3 +207,53 @@ fn a_plain_http_jwks_url_to_another_host_is_a_warning() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("error[insecure-jwks-url]"));
 }
+
+/// Two public-key families listed at once (ES256 and EdDSA): each token is checked with its
+/// own algorithm, and each verifies against its key in one JWKS.
+#[test]
+fn tokens_of_two_listed_key_families_each_verify() {
+    use base64::Engine as _;
+    let es = Keys::new(7);
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ed.public_key_raw());
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!({"keys": [
+        es.jwk("es"),
+        {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "ed", "alg": "EdDSA", "use": "sig"},
+    ]})));
+    let jwks = jwks_server(doc, std::sync::Arc::default());
+    let be = Backend::fixed(200, "ok");
+    let dir = repo(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\", \"EdDSA\"]\njwks_url = \"{}/mixed.json\"\nissuers = [\"https://issuer.test\"]\naudiences = [\"orders-api\"]\n",
+                jwks.url()
+            ),
+        ),
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"orders\"\nprefix = \"/orders\"\nupstream = \"be\"\nauth = \"idp\"\n",
+        ),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers: 1,
+            ..ServeOptions::default()
+        },
+    );
+    assert_eq!(status(&gw, &es.token("es", claims())), 200);
+    let mut h = Header::new(jsonwebtoken::Algorithm::EdDSA);
+    h.kid = Some("ed".into());
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap();
+    let token = jsonwebtoken::encode(&h, &claims(), &key).unwrap();
+    assert_eq!(status(&gw, &token), 200);
+    // Each key still verifies only its own algorithm's tokens.
+    h.kid = Some("es".into());
+    let token = jsonwebtoken::encode(&h, &claims(), &key).unwrap();
+    assert_eq!(status(&gw, &token), 401);
+}

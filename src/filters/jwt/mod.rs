@@ -195,12 +195,23 @@ impl JwtProvider {
         if !self.validation.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
+        // jsonwebtoken wants every listed algorithm to fit the key: with RS256 and ES256 both
+        // listed, each token is checked against its own (already allowed) algorithm only.
+        let single;
+        let validation = if self.validation.algorithms.len() > 1 {
+            let mut v = self.validation.clone();
+            v.algorithms = vec![header.alg];
+            single = v;
+            &single
+        } else {
+            &self.validation
+        };
         let (claims, used) = match &self.keys {
             Keys::Static(keys) => {
                 let mut last = AuthError::Signature;
                 let mut ok = None;
                 for key in keys {
-                    match decode(token, key, &self.validation) {
+                    match decode(token, key, validation) {
                         Ok(c) => {
                             ok = Some(c);
                             break;
@@ -215,7 +226,7 @@ impl JwtProvider {
                     .key(header.kid.as_deref(), header.alg)
                     .await
                     .ok_or(AuthError::UnknownKey)?;
-                let claims = decode(token, &key, &self.validation)?;
+                let claims = decode(token, &key, validation)?;
                 let used = cache::KeyUsed {
                     kid: header.kid,
                     key,
