@@ -271,6 +271,50 @@ async fn a_policy_runs_on_the_handshake_and_can_refuse_it() {
     assert_eq!(recv(&mut ws).await, Some(Message::text("hi")));
 }
 
+/// A handshake with this `Origin` (none: no such field, as a non-browser client).
+async fn connect_from(
+    addr: SocketAddr,
+    origin: Option<&str>,
+) -> Result<Client, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/chat").into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("the handshake finished within 10 s")
+    .map(|(ws, _)| ws)
+}
+
+/// Browsers send no preflight for WebSockets: on a route with CORS the handshake's Origin is
+/// checked by the gateway (cross-site WebSocket hijacking).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_with_cors_refuses_handshakes_from_other_origins() {
+    let be = WsBackend::start();
+    let gw = gateway(
+        &be.url(),
+        "cors = { allow_origins = [\"https://app.example.com\"] }",
+    );
+    for origin in ["https://evil.example.net", "null", "http://app.example.com"] {
+        match connect_from(gw.addr, Some(origin)).await {
+            Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403, "{origin}"),
+            other => panic!("{origin}: expected a 403, got {:?}", other.map(|_| ())),
+        }
+    }
+    for origin in [Some("https://app.example.com"), None] {
+        let mut ws = connect_from(gw.addr, origin).await.unwrap();
+        opened(&be);
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Some(Message::text("hi")), "{origin:?}");
+        drop(ws);
+        gone(&be);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_route_with_websocket_false_forwards_a_plain_request() {
     let be = Backend::echo();

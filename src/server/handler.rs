@@ -1032,6 +1032,16 @@ async fn forward(
         Ok(h) => h == websocket::Handshake::WebSocket,
         Err(why) => return ex.error(400, why),
     };
+    // Browsers send no preflight for a WebSocket and the response's CORS headers do not bind
+    // it: on a route with CORS, the handshake's Origin is checked here (cross-site WebSocket
+    // hijacking). A client that sends no Origin is not a browser page and is let through.
+    if websocket
+        && let Some(cors) = &route.cors
+        && let Some(origin) = req.headers().get(ax::ORIGIN)
+        && !origin.to_str().is_ok_and(|o| cors.origins.allows(o))
+    {
+        return ex.error(403, "this origin may not open a WebSocket on this route");
+    }
     let declared_len = match framing.length {
         Ok(n) => n,
         Err(()) => return ex.error(400, "invalid Content-Length"),
