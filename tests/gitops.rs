@@ -574,6 +574,42 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     assert!(gw.status()["last_fetch_error"].is_null());
 }
 
+/// A restart while the branch head does not compile serves the commit this cache dir served
+/// before (the head is the failed attempt in `/status`) instead of not starting; the next good
+/// commit is picked up as usual.
+#[test]
+fn a_restart_while_the_head_is_broken_serves_the_commit_served_before() {
+    let (_d, repo, url) = bare_repo();
+    let good = commit(&repo, "main", &config("good"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "good");
+    drop(gw);
+
+    let mut broken = config("broken");
+    broken.push((
+        "routes/bad.toml",
+        "[[route]]\nname = \"bad\"\nprefix = \"/bad\"\nupstream = \"nosuch\"\n".to_owned(),
+    ));
+    let bad = commit(&repo, "main", &broken, "a route to no upstream");
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "good");
+    let status = gw.status();
+    assert_eq!(status["applied"]["sha"], good);
+    assert_eq!(status["attempted"]["sha"], bad);
+    assert_eq!(status["attempted"]["ok"], false);
+    assert!(
+        status["attempted"]["errors"].to_string().contains("nosuch"),
+        "{status}"
+    );
+
+    commit(&repo, "main", &config("fixed"), "fixed");
+    assert!(wait_body(&gw, "fixed"));
+    assert_eq!(gw.status()["attempted"]["ok"], true);
+}
+
 /// Two gateways on one cache dir would delete each other's checkouts: the second refuses to
 /// start and says which process holds it.
 #[test]

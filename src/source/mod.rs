@@ -441,6 +441,29 @@ impl Source {
         self.candidate(&g, oid, since, Some(why.to_owned()), |_| false, opts)
     }
 
+    /// The commit this cache dir last served, compiled again: start-up when the head does not
+    /// compile (or is refused), so that a restart while the branch is broken serves what the
+    /// gateway served before rather than nothing. `None` for a directory source, or when no
+    /// commit was recorded or it is `head` itself.
+    pub fn load_served(
+        &mut self,
+        head: &str,
+        opts: &CompileOptions,
+    ) -> Result<Option<Loaded>, SourceError> {
+        let SourceSpec::Git(g) = self.spec.clone() else {
+            return Ok(None);
+        };
+        let Some(served) = self.recorded_served(&g).filter(|s| s.to_string() != head) else {
+            return Ok(None);
+        };
+        if self.mirror.is_none() {
+            self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        // Signed as required when it was served; checked again, alone.
+        self.candidate(&g, served, Some(served), None, |_| false, opts)
+            .map(Some)
+    }
+
     /// The commit this cache dir last served (see [`Source::clean_checkouts`]), for
     /// `--require-signed all` after a restart.
     fn recorded_served(&self, g: &GitSpec) -> Option<git2::Oid> {

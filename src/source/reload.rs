@@ -275,13 +275,33 @@ impl Reloader {
         let Loaded::Candidate(c) = loaded else {
             return Err(StartError::Invalid("nothing to load".into()));
         };
-        let Some(mut snapshot) = c.snapshot else {
+        let mut source = source;
+        let (c, rejected) = if c.snapshot.is_some() {
+            (c, None)
+        } else {
             metrics.reload_failed();
             if let Some(reason) = c.refused {
                 metrics.commit_refused(reason);
                 tracing::error!(version = %c.version_id, reason, signer = c.signer.as_deref().unwrap_or(""), "the commit to serve is not signed as --require-signed requires");
             }
-            return Err(StartError::Invalid(c.diagnostics.render_human(&c.files)));
+            // A restart while the branch head is broken: the commit this cache dir served
+            // before, if it still compiles, rather than no gateway at all.
+            match source.load_served(&c.version_id, &opts) {
+                Ok(Some(Loaded::Candidate(prev))) if prev.snapshot.is_some() => {
+                    tracing::error!(
+                        version = %c.version_id,
+                        serving = %prev.version_id,
+                        errors = c.diagnostics.error_count(),
+                        diagnostics = %c.diagnostics.render_short(&c.files).trim_end(),
+                        "the branch head is rejected: serving the commit served before the restart until a good one arrives"
+                    );
+                    (prev, Some(c))
+                }
+                _ => return Err(StartError::Invalid(c.diagnostics.render_human(&c.files))),
+            }
+        };
+        let Some(mut snapshot) = c.snapshot else {
+            return Err(StartError::Invalid("nothing to load".into()));
         };
         for d in c.diagnostics.iter() {
             tracing::warn!(code = d.code, version = %c.version_id, "{}", d.message);
@@ -327,6 +347,32 @@ impl Reloader {
             errors: 0,
             message: None,
         });
+        if let Some(head) = rejected {
+            // The head stays the failed attempt: /status and `rustygate status` say it, and
+            // later reloads skip it until it changes (or one is forced).
+            let errors =
+                serde_json::Value::Array(head.diagnostics.to_json_with_snippets(&head.files));
+            status.failed = Some(head.version_id.clone());
+            status.record(ReloadRecord {
+                at: rfc3339(now),
+                trigger: "startup",
+                from: Some(c.version_id.clone()),
+                to: Some(head.version_id.clone()),
+                duration_ms: millis(began.elapsed()),
+                result: "rejected",
+                errors: head.diagnostics.error_count(),
+                message: first_error(&errors),
+            });
+            status.attempted = Some(Attempted {
+                sha: Some(head.version_id),
+                ok: false,
+                trigger: "startup",
+                at: rfc3339(now),
+                errors,
+                reason: head.refused,
+                signer: head.signer,
+            });
+        }
         metrics.reload_succeeded(None, &c.version_id, unix(now));
         source.clean_checkouts(&c.version_id);
         tracing::info!(version = %c.version_id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), source = %spec.describe(), "config loaded");
