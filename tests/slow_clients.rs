@@ -915,6 +915,21 @@ fn pipelined_requests_around_a_head_each_get_their_own_response() {
     check_get(&mut s, "/six");
     check_head(&mut s, "/seven");
     check_get(&mut s, "/eight-");
+    // An upgrade to something else than WebSocket is a plain request: a HEAD behind it waits
+    // for it too.
+    s.write_all(
+        [
+            "GET /nine HTTP/1.1\r\nHost: t\r\nUpgrade: foo\r\n\r\n".to_owned(),
+            head("/ten-"),
+            get("/eleven"),
+        ]
+        .concat()
+        .as_bytes(),
+    )
+    .unwrap();
+    check_get(&mut s, "/nine");
+    check_head(&mut s, "/ten-");
+    check_get(&mut s, "/eleven");
 }
 
 /// What an upstream has read from its connection and not used yet.

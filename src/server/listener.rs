@@ -752,7 +752,8 @@ fn content_length_of(head: &[u8]) -> Option<u64> {
 /// Whether a whole request head (ending with its empty line) is a plain request without a
 /// body (see [`bodyless_head_end`]).
 fn is_plain_bodyless(head: &[u8]) -> bool {
-    if !head.first().is_some_and(u8::is_ascii_uppercase) {
+    // A method is a token; `get` is one too (another method than `GET`, and forwarded).
+    if !head.first().is_some_and(u8::is_ascii_alphabetic) {
         return false;
     }
     let (request_line, fields) = head_lines(head);
@@ -762,8 +763,16 @@ fn is_plain_bodyless(head: &[u8]) -> bool {
         return false;
     }
     let mut length_field = false;
-    for (name, _) in fields {
-        if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"upgrade")
+    for (name, value) in fields {
+        // What follows a WebSocket handshake may be its first frames; any other upgrade (h2c,
+        // ...) is served as a plain request, and what follows it is its next request.
+        let websocket = || {
+            value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        };
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || (name.eq_ignore_ascii_case(b"upgrade") && websocket())
         {
             return false;
         }
@@ -1473,6 +1482,16 @@ mod tests {
         let empty = b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
         let two = [&empty[..], get].concat();
         assert_eq!(bodyless_head_end(&two), Some(empty.len()));
+        // Served as plain requests: an upgrade to something else than WebSocket, a method in
+        // lower case.
+        for plain in [
+            &b"GET /a HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"[..],
+            b"GET /a HTTP/1.1\r\nUpgrade: foo\r\n\r\n",
+            b"get /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            let two = [plain, get].concat();
+            assert_eq!(bodyless_head_end(&two), Some(plain.len()));
+        }
         for framed in [
             &b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\n\r\n"[..],
             b"POST /a HTTP/1.1\r\ncontent-length:2\r\n\r\nok",
@@ -1480,6 +1499,7 @@ mod tests {
             b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST /a HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n0\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes",
+            b"GET /ws HTTP/1.1\r\nUpgrade: foo, WebSocket\r\nConnection: upgrade\r\n\r\nframes",
             b"CONNECT a:443 HTTP/1.1\r\n\r\ntunnel",
             // Cut short, leading empty lines, not HTTP/1.x: nothing is held.
             b"GET /a HTTP/1.1\r\nHost: x\r\n",
