@@ -322,6 +322,33 @@ fn a_stalled_upstream_body_aborts_the_client_and_the_log_says_why() {
     assert!(logged, "access log:\n{}", gw.logs.lock().unwrap());
 }
 
+/// An upstream that sends its head and part of its body, then closes: the client gets the head
+/// and the bytes that came, then the connection ends (a response cut short, not an empty
+/// reply), every time.
+#[test]
+fn a_response_cut_right_after_its_head_reaches_the_client_as_far_as_it_came() {
+    let upstream = scripted_upstream(|mut s, i| {
+        if read_head(&mut s) {
+            let cut: &[u8] = if i % 2 == 0 {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+            } else {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n"
+            };
+            let _ = s.write_all(cut);
+        }
+    });
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    for round in 0..20 {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+        assert!(got.starts_with("HTTP/1.1 200"), "round {round}: {got:?}");
+        assert!(got.contains("0123456789"), "round {round}: {got:?}");
+    }
+}
+
 static STALLED_CLOSED: AtomicUsize = AtomicUsize::new(0);
 
 #[test]

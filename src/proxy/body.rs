@@ -264,6 +264,8 @@ pub struct UpstreamBody {
     last: Option<Instant>,
     /// Where trailers go; `None` when the client cannot receive them (HTTP/1.1).
     trailers: Option<Trailers>,
+    /// The upstream's error, held for one turn (see [`UpstreamBody::poll_next`]).
+    failed: Option<UpstreamBodyError>,
 }
 
 impl UpstreamBody {
@@ -282,6 +284,7 @@ impl UpstreamBody {
             timer: None,
             last: None,
             trailers: None,
+            failed: None,
         }
     }
 
@@ -323,6 +326,9 @@ impl MessageBody for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, UpstreamBodyError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
             let Poll::Ready(frame) = polled else {
@@ -356,7 +362,13 @@ impl MessageBody for UpstreamBody {
                 }
                 Some(Err(e)) => {
                     this.finish(Err("upstream_error"));
-                    return Poll::Ready(Some(Err(e)));
+                    // Held for one turn: the dispatcher writes out what it has (the head, the
+                    // body so far) before the error ends the connection. Given at once, the
+                    // error dropped its unwritten buffer, and a response cut short right after
+                    // its head reached the client as nothing at all.
+                    this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 None => {
                     this.finish(Ok(()));
