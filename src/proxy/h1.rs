@@ -347,8 +347,12 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
         Err(_) => return Err(H1Error::Invalid("malformed response head")),
     };
     let code = r.code.unwrap_or(0);
-    let status =
-        http::StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("invalid status code"))?;
+    // RFC 9110 §15 defines 100-599; `http` takes up to 999, which no client knows what to do
+    // with.
+    let status = http::StatusCode::from_u16(code)
+        .ok()
+        .filter(|_| code <= 599)
+        .ok_or(H1Error::Invalid("invalid status code"))?;
     let http11 = r.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -1161,6 +1165,8 @@ mod tests {
                 "invalid Content-Length",
             ),
             (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed"),
+            (b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n", "invalid status code"),
+            (b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n", "invalid status code"),
             (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed"),
             (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "malformed"),
             // Transfer codings other than one `chunked` (SECURITY.md: invalid TE -> 502).
