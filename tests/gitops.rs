@@ -610,6 +610,43 @@ fn a_restart_while_the_head_is_broken_serves_the_commit_served_before() {
     assert_eq!(gw.status()["attempted"]["ok"], true);
 }
 
+/// A fetch that fails for a while stands as the last attempt only while it fails: once the
+/// remote answers again with the same (rejected) head, that head's located errors are the last
+/// attempt again, not the old fetch error.
+#[test]
+fn a_passing_fetch_failure_gives_back_the_attempt_before_it() {
+    let (remote, repo, url) = bare_repo();
+    commit(&repo, "main", &config("good"), "first");
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "200ms"], &[]);
+    let mut broken = config("broken");
+    broken.push((
+        "routes/bad.toml",
+        "[[route]]\nname = \"bad\"\nprefix = \"/bad\"\nupstream = \"nosuch\"\n".to_owned(),
+    ));
+    let bad = commit(&repo, "main", &broken, "a route to no upstream");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == bad
+    ));
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["attempted"]["sha"].is_null()
+    }));
+    std::fs::rename(&away, remote.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_error"].is_null()
+    }));
+    let status = gw.status();
+    assert_eq!(status["attempted"]["sha"], bad, "{status}");
+    assert_eq!(status["attempted"]["ok"], false);
+    assert!(
+        status["attempted"]["errors"].to_string().contains("nosuch"),
+        "{status}"
+    );
+    assert_eq!(gw.get("/").unwrap().1, "good");
+}
+
 /// Two gateways on one cache dir would delete each other's checkouts: the second refuses to
 /// start and says which process holds it.
 #[test]

@@ -147,6 +147,10 @@ pub struct ReloadStatus {
     pub stale: bool,
     #[serde(skip)]
     failed: Option<String>,
+    /// The last attempt that reached a commit, while a fetch failure stands in `attempted`:
+    /// put back when a fetch works again and finds the same commit.
+    #[serde(skip)]
+    before_fetch_error: Option<Attempted>,
     /// The last [`RELOAD_HISTORY`] reloads, oldest first.
     #[serde(skip)]
     history: VecDeque<ReloadRecord>,
@@ -335,6 +339,7 @@ impl Reloader {
             last_fetch_error: c.stale.clone(),
             stale: c.stale.is_some(),
             failed: None,
+            before_fetch_error: None,
             history: VecDeque::with_capacity(RELOAD_HISTORY),
         };
         status.record(ReloadRecord {
@@ -507,6 +512,9 @@ impl Reloader {
             Err(e) => {
                 tracing::warn!(trigger, trace_id, span_id, error = %e, "config fetch failed; still serving the last good config");
                 status.last_fetch_error = Some(e.to_string());
+                if status.attempted.as_ref().is_some_and(|a| a.sha.is_some()) {
+                    status.before_fetch_error = status.attempted.take();
+                }
                 status.attempted = Some(Attempted {
                     sha: None,
                     ok: false,
@@ -534,6 +542,14 @@ impl Reloader {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
                 status.stale = false;
+                // A fetch that failed for a while found the commit tried before it: that
+                // attempt (its success, or its located errors) is the last one again.
+                if status.attempted.as_ref().is_some_and(|a| a.sha.is_none())
+                    && let Some(before) = status.before_fetch_error.take()
+                    && before.sha.as_deref() == Some(version_id.as_str())
+                {
+                    status.attempted = Some(before);
+                }
                 tracing::debug!(trigger, trace_id, span_id, version = %version_id, "config unchanged");
                 return;
             }
