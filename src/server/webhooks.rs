@@ -147,9 +147,14 @@ pub struct Push {
     pub deleted: bool,
 }
 
-/// Reads a push event from the JSON body (already authenticated). `None`: not a push payload.
+/// Reads a push event from the body (already authenticated): JSON, or the JSON in the
+/// `payload` field of a form (GitHub's default content type,
+/// `application/x-www-form-urlencoded`). `None`: not a push payload.
 pub fn parse_push(body: &[u8]) -> Option<Push> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => serde_json::from_slice(&form_field(body, b"payload")?).ok()?,
+    };
     let reference = v.get("ref")?.as_str()?.to_owned();
     let after = v
         .get("after")
@@ -198,6 +203,34 @@ pub fn push_action(
         return PushAction::Ignore(why);
     }
     PushAction::Reload
+}
+
+/// The value of field `name` of a form body (`a=1&payload=...`), decoded (`+` is a space,
+/// `%XX` a byte).
+fn form_field(body: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let value = body.split(|&b| b == b'&').find_map(|kv| {
+        let eq = kv.iter().position(|&b| b == b'=')?;
+        (&kv[..eq] == name).then(|| &kv[eq + 1..])
+    })?;
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        match value[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let (h, l) = (
+                    value.get(i + 1).copied().and_then(hex)?,
+                    value.get(i + 2).copied().and_then(hex)?,
+                );
+                out.push(h * 16 + l);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -335,5 +368,17 @@ mod tests {
         );
         assert_eq!(parse_push(b"not json"), None);
         assert_eq!(parse_push(br#"{"zen":"hi"}"#), None);
+        // GitHub's default content type: the JSON in a form's `payload` field.
+        let form = b"payload=%7B%22ref%22%3A+%22refs%2Fheads%2Fmain%22%2C%22after%22%3A%22AB%22%7D";
+        assert_eq!(
+            parse_push(form),
+            Some(Push {
+                reference: "refs/heads/main".into(),
+                after: Some("ab".into()),
+                deleted: false,
+            })
+        );
+        assert_eq!(parse_push(b"payload=%7B%22ref"), None);
+        assert_eq!(parse_push(b"payload=%zz"), None);
     }
 }
