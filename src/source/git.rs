@@ -43,12 +43,24 @@ pub enum GitError {
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
     UnsafePath(String),
+    #[error(
+        "the commit's tree is too large to export: {0}; keep the config repo (or --subdir) \
+         to the config and the files it names"
+    )]
+    TreeTooLarge(String),
     #[error("the fetch did not finish within {0:?}; its process was killed")]
     FetchTimedOut(Duration),
     /// A fetch run in a child process failed; its own message.
     #[error("{0}")]
     Fetch(String),
 }
+
+/// Bytes of files one export writes at most: a small repository can unpack into gigabytes
+/// (many copies of one large blob cost a pack almost nothing), and each checkout lives on the
+/// cache volume. 100,000 routes take 13 MB.
+pub const EXPORT_BYTES_CAP: u64 = 256 * 1024 * 1024;
+/// Tree entries (files, directories, links) one export creates at most.
+pub const EXPORT_ENTRIES_CAP: usize = 100_000;
 
 /// Packs in the mirror past which it is repacked into one (each fetch adds one).
 pub const MAX_PACKS: usize = 16;
@@ -372,6 +384,23 @@ pub fn export_tree(
     subdir: Option<&Path>,
     dest: &Path,
 ) -> Result<(), GitError> {
+    export_tree_capped(
+        repo,
+        commit,
+        subdir,
+        dest,
+        (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP),
+    )
+}
+
+/// [`export_tree`] with its caps (bytes of files, entries) given.
+fn export_tree_capped(
+    repo: &Repository,
+    commit: Oid,
+    subdir: Option<&Path>,
+    dest: &Path,
+    (bytes_cap, entries_cap): (u64, usize),
+) -> Result<(), GitError> {
     let commit = repo.find_commit(commit)?;
     let mut tree = commit.tree()?;
     if let Some(sub) = subdir.filter(|s| !s.as_os_str().is_empty() && *s != Path::new(".")) {
@@ -387,10 +416,18 @@ pub fn export_tree(
     let odb = repo.odb()?;
     let mut failure: Option<GitError> = None;
     let mut links: Vec<(PathBuf, Oid)> = Vec::new();
+    let (mut bytes, mut entries) = (0u64, 0usize);
     let walked = tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         let Some(name) = entry.name() else {
             return TreeWalkResult::Skip;
         };
+        entries += 1;
+        if entries > entries_cap {
+            failure = Some(GitError::TreeTooLarge(format!(
+                "more than {entries_cap} files and directories"
+            )));
+            return TreeWalkResult::Abort;
+        }
         // Git objects are untrusted input: a crafted tree can hold names that climb out.
         if !safe_entry_name(name) {
             failure = Some(GitError::UnsafePath(format!("{parent}{name}")));
@@ -403,7 +440,20 @@ pub fn export_tree(
                 links.push((path, entry.id()));
                 Ok(())
             }
-            Some(ObjectType::Blob) => write_blob(repo, &odb, entry.id(), &path),
+            Some(ObjectType::Blob) => match write_blob(repo, &odb, entry.id(), &path) {
+                Ok(written) => {
+                    bytes += written;
+                    if bytes > bytes_cap {
+                        failure = Some(GitError::TreeTooLarge(format!(
+                            "more than {} KiB of files",
+                            bytes_cap / 1024
+                        )));
+                        return TreeWalkResult::Abort;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
             _ => Ok(()),
         };
         match result {
@@ -425,21 +475,24 @@ pub fn export_tree(
     Ok(())
 }
 
-/// Writes one regular blob, or a sparse stand-in when it is over the config file cap.
+/// Writes one regular blob, or a sparse stand-in when it is over the config file cap (which
+/// takes no space: reading it says it is too large). The bytes written.
 fn write_blob(
     repo: &Repository,
     odb: &git2::Odb<'_>,
     id: Oid,
     path: &Path,
-) -> Result<(), GitError> {
+) -> Result<u64, GitError> {
     let cap = crate::config::files::CONFIG_FILE_CAP;
     let (size, _) = odb.read_header(id)?;
     if size as u64 > cap {
         let f = std::fs::File::create(path).map_err(io(path))?;
-        return f.set_len(cap + 1).map_err(io(path));
+        f.set_len(cap + 1).map_err(io(path))?;
+        return Ok(0);
     }
     let blob = repo.find_blob(id)?;
-    std::fs::write(path, blob.content()).map_err(io(path))
+    std::fs::write(path, blob.content()).map_err(io(path))?;
+    Ok(blob.content().len() as u64)
 }
 
 /// Creates one symlink of the tree. Its parent must be a directory this export created (not a
@@ -586,6 +639,28 @@ mod tests {
             std::fs::read_to_string(dest.join("link.toml")).unwrap(),
             "x = 1"
         );
+    }
+
+    #[test]
+    fn an_export_stops_at_its_caps() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        // Many names for one blob: the pack stays small, the checkout would not.
+        let blob = repo.blob(&[b'#'; 4096]).unwrap();
+        let names: Vec<String> = (0..20).map(|i| format!("f{i:02}.toml")).collect();
+        let files: Vec<(&str, &str, Oid)> =
+            names.iter().map(|n| ("100644", n.as_str(), blob)).collect();
+        let commit = raw_commit(&repo, &files);
+        let dest = dir.path().join("a");
+        let e = export_tree_capped(&repo, commit, None, &dest, (40 * 1024, 1000)).unwrap_err();
+        assert!(matches!(e, GitError::TreeTooLarge(_)), "{e}");
+        assert!(e.to_string().contains("more than 40 KiB of files"), "{e}");
+        let written = std::fs::read_dir(&dest).unwrap().count();
+        assert!(written <= 11, "stopped at the cap: {written} files");
+        let e = export_tree_capped(&repo, commit, None, &dir.path().join("b"), (1 << 30, 10))
+            .unwrap_err();
+        assert!(e.to_string().contains("more than 10 files"), "{e}");
+        export_tree_capped(&repo, commit, None, &dir.path().join("c"), (1 << 30, 1000)).unwrap();
     }
 
     /// One pack per fetch, forever, was the old mirror; repacking keeps the count bounded and
