@@ -622,6 +622,63 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     );
 }
 
+/// Streams the gateway itself ends (an upstream stalled past `read_timeout`) are not resets by
+/// the client: however many, they never bring the rapid-reset GOAWAY on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_gateway_aborts_do_not_count_as_client_resets() {
+    let stalling = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123");
+                    std::thread::sleep(Duration::from_secs(5));
+                });
+            }
+        });
+        addr
+    };
+    let mut files = proxy_to(
+        &[format!("http://{stalling}")],
+        "",
+        "read_timeout = \"300ms\"",
+    );
+    files.push((
+        "gateway.toml",
+        "[limits]\nhttp2_max_resets_per_second = 2\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (h2, _conn) = connect(gw.addr).await;
+    let calls = (0..6).map(|i| {
+        let mut h2 = h2.clone();
+        async move {
+            let resp = h2.send_request(get(&format!("/s/{i}"))).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(resp.into_body().collect().await.is_err(), "cut short");
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_http2_goaway_total{reason="resets"}"#)
+            .copied()
+            .unwrap_or(0.0),
+        0.0,
+        "GOAWAY for resets the client did not make"
+    );
+    // The connection still serves.
+    let quick = Backend::fixed(200, "fine");
+    gw.swap(&as_refs(&proxy_to(&[quick.url()], "", "")));
+    let mut h2 = h2.clone();
+    let r = whole(h2.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+}
+
 /// Neither a deadline the client chose nor a stream the upstream refused says the target is
 /// down: a client sending either, however often, must not get it ejected for everyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,6 +465,13 @@ impl Body for H2Body {
                 Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Some(Err(e)) => {
                     this.inner = None;
+                    // The gateway ends this stream (an upstream that broke off or stalled past
+                    // `read_timeout`): not a reset by the client, so not counted towards the
+                    // rapid-reset limit.
+                    if let Some(g) = &mut this.guard {
+                        g.finish();
+                    }
+                    this.guard = None;
                     return Poll::Ready(Some(Err(BodyFailed(e.to_string()))));
                 }
                 None => this.inner = None,
