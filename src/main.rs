@@ -133,8 +133,8 @@ enum Command {
         /// Also show the fleet view.
         #[arg(long)]
         fleet: bool,
-        #[arg(long, value_enum, default_value_t = TestFormat::Human)]
-        format: TestFormat,
+        #[arg(long, value_enum, default_value_t = StatusFormat::Human)]
+        format: StatusFormat,
     },
     /// One fetch into a git mirror, run by `serve` in a child process it can kill.
     #[command(name = "__fetch", hide = true)]
@@ -192,6 +192,14 @@ impl SignedArg {
             allowed_signers,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusFormat {
+    /// What is served, the last attempt (with its first errors when it failed), the fleet.
+    Human,
+    /// The gateway's `/status` answer as it came.
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -278,12 +286,12 @@ struct ServeArgs {
     secret_roots: Vec<PathBuf>,
     /// Time a reload gets to fetch, read and compile the config; past it the reload is reported
     /// as failed and the next one starts, whatever the stuck read is doing.
-    #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = parse_timeout)]
     reload_timeout: Duration,
     /// Time one git fetch gets (at most --reload-timeout). Each fetch runs in a child process,
     /// killed at this deadline or on shutdown, so a git host that stops answering holds no
     /// connection or thread; the reload is reported failed and the next one starts afresh.
-    #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RUSTYGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
     fetch_timeout: Duration,
     /// This replica's name in the fleet view (`/status?fleet=true`), with `[rate_limit_store]`
     /// (default: the host name and the process id).
@@ -299,7 +307,21 @@ fn parse_poll(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|e| e.to_string())
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    // Each poll is a fetch (a child process, a round trip to the git host).
+    if d < Duration::from_millis(100) && !d.is_zero() {
+        return Err("must be 0 (no polling) or at least 100ms".into());
+    }
+    Ok(d)
+}
+
+/// A timeout of at least 1s (`--fetch-timeout`, `--reload-timeout`).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_keep_alive(s: &str) -> Result<Duration, String> {
@@ -397,7 +419,7 @@ fn main() -> ExitCode {
 }
 
 /// `rustygate status`: one GET of the admin listener's `/status`.
-fn status(admin: &str, fleet: bool, format: TestFormat) -> ExitCode {
+fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
     let path = if fleet {
         "/status?fleet=true"
     } else {
@@ -421,8 +443,8 @@ fn status(admin: &str, fleet: bool, format: TestFormat) -> ExitCode {
     let last_ok = v["attempted"]["ok"].as_bool().unwrap_or(true);
     let agree = !fleet || v["fleet"]["agree"].as_bool().unwrap_or(true);
     match format {
-        TestFormat::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-        TestFormat::Human => {
+        StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        StatusFormat::Human => {
             if let Some(r) = v["replica"].as_str() {
                 println!("replica    {r}");
             }
@@ -436,6 +458,21 @@ fn status(admin: &str, fleet: bool, format: TestFormat) -> ExitCode {
                 str_of(&v["attempted"]["sha"]),
                 if last_ok { "ok" } else { "FAILED" }
             );
+            // Why it failed: the first errors, located when the commit did not compile.
+            let errors = v["attempted"]["errors"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for e in errors.iter().take(3) {
+                let at = match (e["file"].as_str(), e["line"].as_u64(), e["column"].as_u64()) {
+                    (Some(f), Some(l), Some(c)) => format!("{f}:{l}:{c}: "),
+                    _ => String::new(),
+                };
+                println!("  {at}{}", str_of(&e["message"]));
+            }
+            if errors.len() > 3 {
+                println!("  ... and {} more", errors.len() - 3);
+            }
             if fleet {
                 let f = &v["fleet"];
                 if f.is_null() {
@@ -792,7 +829,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{}: invalid config, not starting", spec.describe());
             return Ok(ExitCode::from(1));
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("loading {}", spec.describe()))),
+        // The error's own text already names its cause: not its chain again.
+        Err(e) => anyhow::bail!("loading {}: {e}", spec.describe()),
     };
     let defaults = ServeOptions::default();
     let opts = ServeOptions {

@@ -604,6 +604,15 @@ fn a_restart_while_the_head_is_broken_serves_the_commit_served_before() {
         status["attempted"]["errors"].to_string().contains("nosuch"),
         "{status}"
     );
+    // `rustygate status` says so, and why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["status", "--admin", &format!("http://{}", gw.admin)])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("attempted  {bad} FAILED")), "{said}");
+    assert!(said.contains("routes/bad.toml:4:"), "{said}");
 
     commit(&repo, "main", &config("fixed"), "fixed");
     assert!(wait_body(&gw, "fixed"));
