@@ -959,6 +959,40 @@ fn pipelined_requests_around_a_head_each_get_their_own_response() {
     check_get(&mut s, "/eleven");
 }
 
+/// A request head with a line ending in a bare line feed is refused (400, close), in one read
+/// or cut across reads, and never reaches the upstream: proxies and servers split such heads
+/// differently (request smuggling).
+#[test]
+fn a_head_line_without_its_carriage_return_gets_400_and_close() {
+    let upstream = slow_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    for pieces in [
+        &[&b"GET /a HTTP/1.1\nHost: t\n\n"[..]][..],
+        &[b"GET /a HTTP/1.1\r\nHost: t\r\nX-A: 1\n\r\n"],
+        &[b"GET /a HTTP/1.1\r\nHo", b"st: t\n\r\n"],
+        // Pipelined behind a good request: that one is answered, then the connection ends.
+        &[b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\nHost: t\n\n"],
+    ] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        for (i, p) in pieces.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            s.write_all(p).unwrap();
+        }
+        let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+        let last = got.rfind("HTTP/1.1 ").unwrap_or(0);
+        assert!(got[last..].starts_with("HTTP/1.1 400"), "{got:?}");
+        assert!(got.contains("without a carriage return"), "{got:?}");
+        assert!(
+            !got.contains("\r\n\r\n/a") && !got.contains("/b"),
+            "{got:?}"
+        );
+    }
+    assert_eq!(gw.get("/fine").0, 200);
+}
+
 /// What an upstream has read from its connection and not used yet.
 struct Received {
     s: TcpStream,

@@ -158,6 +158,12 @@ impl AsyncWrite for Stream {
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+/// The answer to a request head with a line ending in a bare line feed (SECURITY.md: bare CR or
+/// LF in a head is a 400). Proxies and servers split such heads differently, which is what
+/// request smuggling is made of.
+const BARE_LF_HEAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
+content-length: 58\r\nconnection: close\r\n\r\na line of the request head ends without a carriage return\n";
+
 /// The answer to a request whose chunked body breaks the chunked grammar.
 const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
 content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
@@ -532,7 +538,7 @@ fn bodyless_head_end(bytes: &[u8]) -> Option<usize> {
 
 /// Where the first head in `bytes` ends (after its empty line), if it does.
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    scan_head(bytes).map(|h| h.end)
+    scan_head(bytes).filter(|h| !h.bare_lf).map(|h| h.end)
 }
 
 /// A whole head found at the start of a read.
@@ -544,6 +550,9 @@ struct Head {
     transfer_encoding: bool,
     /// One of its lines starts with `content-length:` (in any case).
     content_length: bool,
+    /// A line ends in a bare line feed (no carriage return before it): the head is refused
+    /// (`end` is then just past that line feed, not the head's end).
+    bare_lf: bool,
 }
 
 /// Finds the first head in `bytes` (see [`Head`]). Every request's first read is looked at:
@@ -599,11 +608,13 @@ impl Names {
     #[inline(always)]
     fn at_lf(&mut self, bytes: &[u8], i: usize) -> Option<Head> {
         const { assert!(Names::CL.len() < Names::NAME_LOOKAHEAD) };
-        if i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n" {
+        let bare_lf = i == 0 || bytes[i - 1] != b'\r';
+        if bare_lf || (i >= 3 && bytes[i - 3..=i] == *b"\r\n\r\n") {
             return Some(Head {
                 end: i + 1,
                 transfer_encoding: self.transfer_encoding,
                 content_length: self.content_length,
+                bare_lf,
             });
         }
         // The next line's first letter picks the one name it could be.
@@ -964,21 +975,34 @@ impl ClientIo {
 
     /// The next bytes of a head cut across reads: where in `new` its body starts (once the
     /// head is whole; `new.len()` before), and whether that body is to be checked.
-    fn head_completed(&mut self, new: &[u8]) -> usize {
+    fn head_completed(&mut self, new: &[u8]) -> Option<usize> {
         let had = self.partial_head.bytes.len();
         let Some(head) = self.partial_head.extend(new) else {
             if self.partial_head.bytes.len() > MAX_PARTIAL_HEAD {
                 self.partial_head.clear();
             }
-            return new.len();
+            return Some(new.len());
         };
+        if head.bare_lf {
+            return None;
+        }
         self.body =
             request_body(head, &self.partial_head.bytes[..head.end]).map(|left| BodyCheck {
                 left,
                 owner: self.state.ended.get() + 1,
             });
         self.partial_head.clear();
-        head.end.saturating_sub(had)
+        Some(head.end.saturating_sub(had))
+    }
+
+    /// Refuses a request head with a bare line feed ([`BARE_LF_HEAD`]): the dispatcher gets
+    /// none of this read and then end of input; nothing it writes goes out.
+    fn refuse_bare_lf(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, before: usize) {
+        buf.set_filled(before);
+        let _ = Pin::new(&mut self.io).poll_write(cx, BARE_LF_HEAD);
+        self.answered = true;
+        self.partial_head.clear();
+        tracing::debug!("request head line without a carriage return; closing");
     }
 
     /// Notes what the dispatcher writes: whether the request's response has begun.
@@ -1090,6 +1114,10 @@ impl AsyncRead for ClientIo {
             // Most reads hold one whole head: only where more follows, or the head has a
             // `Transfer-Encoding` or `Content-Length`, is the head looked at further.
             match scan_head(new) {
+                Some(head) if head.bare_lf => {
+                    this.refuse_bare_lf(cx, buf, before);
+                    return Poll::Ready(Ok(()));
+                }
                 Some(head) => {
                     let end = head.end;
                     // Held bytes being given go out one bodyless request at a time already.
@@ -1124,7 +1152,13 @@ impl AsyncRead for ClientIo {
             && buf.filled().len() > before
         {
             if this.state.busy.get() == 0 {
-                body_from = this.head_completed(&buf.filled()[before..]) + before;
+                match this.head_completed(&buf.filled()[before..]) {
+                    Some(n) => body_from = n + before,
+                    None => {
+                        this.refuse_bare_lf(cx, buf, before);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
             } else {
                 // actix-http found a head end this scan did not (bare line feeds).
                 this.partial_head.clear();
@@ -1447,6 +1481,25 @@ mod tests {
     }
 
     #[test]
+    fn a_line_feed_without_its_carriage_return_marks_the_head_refused() {
+        for (bytes, at) in [
+            (&b"GET / HTTP/1.1\nHost: a\n\n"[..], 15),
+            (b"GET / HTTP/1.1\r\nHost: a\n\r\n", 24),
+            (b"\nGET / HTTP/1.1\r\n\r\n", 1),
+        ] {
+            let head = scan_head(bytes).expect("refused at the bare line feed");
+            assert!(head.bare_lf, "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(head.end, at, "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(head_end(bytes), None);
+        }
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\nmore";
+        assert!(
+            !scan_head(whole).unwrap().bare_lf,
+            "after the head: the body's"
+        );
+    }
+
+    #[test]
     fn a_head_ends_at_its_first_empty_line() {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\n"), Some(18));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET"), Some(24));
@@ -1462,7 +1515,7 @@ mod tests {
         // Against the plain definition, with the empty line at every offset and after bytes
         // that may fool the word test (0x0b, 0x01, 0x8a, more line feeds).
         let naive = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-        for fill in [b'a', 0x0b, 0x01, 0x8a, b'\n', b'\r'] {
+        for fill in [b'a', 0x0b, 0x01, 0x8a, b'\r'] {
             for at in 0..40 {
                 let mut b = vec![fill; at];
                 b.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n");
