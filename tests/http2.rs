@@ -622,6 +622,66 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     );
 }
 
+static FLOOD_ENDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A client that keeps its connection (it answers PINGs) but never makes room for a response
+/// (its stream window stays full) is cut at the send timeout, and the upstream connection with
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_grants_no_window_is_cut_at_the_send_timeout() {
+    let flooding = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf);
+                    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let started = std::time::Instant::now();
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
+                    let chunk = [b'x'; 64 * 1024];
+                    while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok()
+                    {
+                    }
+                    FLOOD_ENDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        addr
+    };
+    let mut files = proxy_to(&[format!("http://{flooding}")], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nsend_timeout = \"1s\"\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    // The head is read, the body never: the client's window for the stream stays full.
+    let resp = h2.send_request(get("/big")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = std::time::Instant::now();
+    let ended = tokio::task::spawn_blocking(|| {
+        common::wait_until(Duration::from_secs(6), || {
+            FLOOD_ENDED.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        ended,
+        "upstream still sending after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        scrape(&gw).get(r#"rustygate_client_timeouts_total{phase="send"}"#),
+        Some(&1.0)
+    );
+    drop(resp);
+}
+
 /// Streams the gateway itself ends (an upstream stalled past `read_timeout`) are not resets by
 /// the client: however many, they never bring the rapid-reset GOAWAY on its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

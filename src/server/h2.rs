@@ -56,6 +56,8 @@ pub(crate) struct Settings {
     pub header_timeout: Duration,
     /// Time a connection without streams stays open.
     pub idle_timeout: Duration,
+    /// `[limits] send_timeout`: longest a response may wait for the client to take it.
+    pub send_timeout: Duration,
 }
 
 /// Marks a request whose HTTP/2 stream carries a body (no END_STREAM on its HEADERS): HTTP/2
@@ -92,6 +94,8 @@ struct ConnShared {
     /// `[limits] http2_max_resets_per_second`
     max_resets: u32,
     wake: tokio::sync::Notify,
+    /// Each stream's [`StreamGuard::waiting`], while the stream lasts.
+    waits: std::cell::RefCell<Vec<std::rc::Weak<Cell<Option<Instant>>>>>,
 }
 
 impl ConnShared {
@@ -106,16 +110,32 @@ impl ConnShared {
             goaway: Cell::new(None),
             max_resets,
             wake: tokio::sync::Notify::new(),
+            waits: std::cell::RefCell::default(),
         }
     }
 
     fn begin(self: &Rc<Self>) -> StreamGuard {
         self.active.set(self.active.get() + 1);
         self.started.set(true);
+        let waiting = Rc::new(Cell::new(None));
+        self.waits.borrow_mut().push(Rc::downgrade(&waiting));
         StreamGuard {
             conn: Rc::clone(self),
             done: false,
+            waiting,
         }
+    }
+
+    /// Whether a stream's response has waited for the client to take it (flow-control window,
+    /// or the socket) since before `limit` ago; forgets the streams that ended.
+    fn stalled(&self, limit: Duration) -> bool {
+        let now = Instant::now();
+        let mut waits = self.waits.borrow_mut();
+        waits.retain(|w| w.strong_count() > 0);
+        waits.iter().filter_map(std::rc::Weak::upgrade).any(|w| {
+            w.get()
+                .is_some_and(|since| now.duration_since(since) >= limit)
+        })
     }
 
     fn reset_seen(&self) {
@@ -136,6 +156,10 @@ impl ConnShared {
 struct StreamGuard {
     conn: Rc<ConnShared>,
     done: bool,
+    /// Since when the response has a frame out that the client has not made room for: hyper
+    /// polls the body for the next frame only once the client's window allows it. `None`
+    /// while the body itself waits (for the upstream).
+    waiting: Rc<Cell<Option<Instant>>>,
 }
 
 impl StreamGuard {
@@ -199,6 +223,11 @@ pub(crate) async fn serve<IO, S>(
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::pin!(shutdown);
+    // A client that keeps its connection alive (it answers PINGs) but grants a stream no
+    // window holds that stream, its upstream connection and its places: looked at twice per
+    // send timeout while streams are open.
+    let mut stall_check = tokio::time::interval(settings.send_timeout / 2);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set when the gateway sent GOAWAY: the time left for the client's last streams before
     // the connection is dropped (a client that never answers the GOAWAY's PING holds nothing).
     let mut closing: Option<Instant> = None;
@@ -254,6 +283,14 @@ pub(crate) async fn serve<IO, S>(
                 if let Some(reason) = shared.goaway.get() {
                     tracing::info!(client = ?peer, reason, "HTTP/2 connection sent GOAWAY");
                     closing = goaway(reason, conn.as_mut());
+                }
+            }
+            // Always armed: a branch disabled here would stay so until another one fired.
+            _ = stall_check.tick() => {
+                if shared.active.get() > 0 && shared.stalled(settings.send_timeout) {
+                    metrics.client_timeouts.with_label_values(&["send"]).inc();
+                    tracing::debug!(client = ?peer, "HTTP/2 client took none of a response within the send timeout; closing");
+                    return;
                 }
             }
             () = &mut shutdown, if !shutting_down && closing.is_none() => {
@@ -460,9 +497,18 @@ impl Body for H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
         let this = self.get_mut();
+        if let Some(g) = &this.guard {
+            // Polled: the client made room for what came before.
+            g.waiting.set(None);
+        }
         if let Some(inner) = &mut this.inner {
             match std::task::ready!(Pin::new(inner).poll_next(cx)) {
-                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Some(Ok(data)) => {
+                    if let Some(g) = &this.guard {
+                        g.waiting.set(Some(Instant::now()));
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
                 Some(Err(e)) => {
                     this.inner = None;
                     // The gateway ends this stream (an upstream that broke off or stalled past

@@ -449,6 +449,7 @@ fn h2_settings(store: &SnapshotStore, idle_timeout: Duration) -> h2::Settings {
         max_resets_per_second: limits.http2_max_resets_per_second,
         header_timeout: limits.header_timeout,
         idle_timeout,
+        send_timeout: limits.send_timeout,
     }
 }
 
