@@ -274,6 +274,17 @@ where
             "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip" if !f.trusted => {
                 continue;
             }
+            // Client-address headers of CDNs and other proxies, which upstreams often believe:
+            // only from a trusted proxy (a CDN in front is one), never from the client itself.
+            "true-client-ip"
+            | "cf-connecting-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "fastly-client-ip"
+                if !f.trusted =>
+            {
+                continue;
+            }
             // The rest of the family (Port, Prefix, Server, Ssl...) from an untrusted peer too:
             // frameworks believe them as they believe Proto and Host.
             n if !f.trusted && n.starts_with("x-forwarded-") => continue,
@@ -592,6 +603,9 @@ mod tests {
             ("x-real-ip", b"6.6.6.6"),
             ("x-forwarded-port", b"443"),
             ("x-forwarded-prefix", b"/admin"),
+            ("true-client-ip", b"6.6.6.6"),
+            ("cf-connecting-ip", b"6.6.6.6"),
+            ("x-client-ip", b"6.6.6.6"),
             ("x-client-cert-subject", b"CN=admin"),
             ("x-client-cert-sha256", b"00"),
             ("x_client_cert_subject", b"CN=admin"),
@@ -609,6 +623,9 @@ mod tests {
             "x-real-ip",
             "x-forwarded-port",
             "x-forwarded-prefix",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-client-ip",
             "x-client-cert-subject",
             "x-client-cert-sha256",
             "x_client_cert_subject",
@@ -621,6 +638,7 @@ mod tests {
         assert_eq!(all(&out, "x-forwarded-proto"), [b"https"]);
         assert_eq!(all(&out, "x-forwarded-host"), [b"evil.example"]);
         assert_eq!(all(&out, "x-forwarded-port"), [b"443"]);
+        assert_eq!(all(&out, "cf-connecting-ip"), [b"6.6.6.6"]);
         assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
         assert!(!out.contains_key("x-client-cert-subject"));
     }
