@@ -15,14 +15,23 @@ use common::*;
 use jsonwebtoken::Header;
 use rustygate::server::ServeOptions;
 
-/// A one-worker gateway whose `/orders` needs a token from the JWKS at `url`.
+/// A one-worker gateway whose `/orders` needs an ES256 token from the JWKS at `url`.
 fn gateway(url: &str, provider_extra: &str) -> (Gateway, Backend, tempfile::TempDir) {
+    gateway_for(url, "[\"ES256\"]", provider_extra)
+}
+
+/// [`gateway`] with the provider's `algorithms` list.
+fn gateway_for(
+    url: &str,
+    algorithms: &str,
+    provider_extra: &str,
+) -> (Gateway, Backend, tempfile::TempDir) {
     let be = Backend::fixed(200, "ok");
     let dir = repo(&[
         (
             "gateway.toml",
             &format!(
-                "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\"]\njwks_url = \"{url}\"\nissuers = [\"https://issuer.test\"]\naudiences = [\"orders-api\"]\n{provider_extra}\n"
+                "[auth.idp]\ntype = \"jwt\"\nalgorithms = {algorithms}\njwks_url = \"{url}\"\nissuers = [\"https://issuer.test\"]\naudiences = [\"orders-api\"]\n{provider_extra}\n"
             ),
         ),
         (
@@ -221,31 +230,8 @@ fn tokens_of_two_listed_key_families_each_verify() {
         {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "ed", "alg": "EdDSA", "use": "sig"},
     ]})));
     let jwks = jwks_server(doc, std::sync::Arc::default());
-    let be = Backend::fixed(200, "ok");
-    let dir = repo(&[
-        (
-            "gateway.toml",
-            &format!(
-                "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\", \"EdDSA\"]\njwks_url = \"{}/mixed.json\"\nissuers = [\"https://issuer.test\"]\naudiences = [\"orders-api\"]\n",
-                jwks.url()
-            ),
-        ),
-        (
-            "routes/r.toml",
-            "[[route]]\nname = \"orders\"\nprefix = \"/orders\"\nupstream = \"be\"\nauth = \"idp\"\n",
-        ),
-        (
-            "upstreams/u.toml",
-            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
-        ),
-    ]);
-    let gw = Gateway::start_dir(
-        dir.path(),
-        ServeOptions {
-            workers: 1,
-            ..ServeOptions::default()
-        },
-    );
+    let url = format!("{}/mixed.json", jwks.url());
+    let (gw, _be, _dir) = gateway_for(&url, "[\"ES256\", \"EdDSA\"]", "");
     assert_eq!(status(&gw, &es.token("es", claims())), 200);
     let mut h = Header::new(jsonwebtoken::Algorithm::EdDSA);
     h.kid = Some("ed".into());

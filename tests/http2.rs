@@ -622,6 +622,25 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     );
 }
 
+/// An HTTP/1.1 upstream on 127.0.0.1:0 that runs `script` on each connection, after reading
+/// its request head, each on a thread of its own.
+fn scripted_upstream(script: fn(&mut std::net::TcpStream)) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                script(&mut s);
+            });
+        }
+    });
+    addr
+}
+
 static FLOOD_ENDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A client that keeps its connection (it answers PINGs) but never makes room for a response
@@ -629,29 +648,15 @@ static FLOOD_ENDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 /// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_grants_no_window_is_cut_at_the_send_timeout() {
-    let flooding = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    use std::io::{Read, Write};
-                    let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf);
-                    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-                    let started = std::time::Instant::now();
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
-                    let chunk = [b'x'; 64 * 1024];
-                    while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok()
-                    {
-                    }
-                    FLOOD_ENDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                });
-            }
-        });
-        addr
-    };
+    let flooding = scripted_upstream(|s| {
+        use std::io::Write;
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = std::time::Instant::now();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
+        let chunk = [b'x'; 64 * 1024];
+        while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok() {}
+        FLOOD_ENDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
     let mut files = proxy_to(&[format!("http://{flooding}")], "", "");
     files.push((
         "gateway.toml",
@@ -686,23 +691,11 @@ async fn a_client_that_grants_no_window_is_cut_at_the_send_timeout() {
 /// the client: however many, they never bring the rapid-reset GOAWAY on its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_the_gateway_aborts_do_not_count_as_client_resets() {
-    let stalling = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    use std::io::{Read, Write};
-                    let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf);
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123");
-                    std::thread::sleep(Duration::from_secs(5));
-                });
-            }
-        });
-        addr
-    };
+    let stalling = scripted_upstream(|s| {
+        use std::io::Write;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123");
+        std::thread::sleep(Duration::from_secs(5));
+    });
     let mut files = proxy_to(
         &[format!("http://{stalling}")],
         "",

@@ -434,7 +434,8 @@ impl Drop for Busy {
 
 /// The accepted socket as the HTTP dispatcher sees it.
 pub(crate) struct ClientIo {
-    io: Stream,
+    /// The socket; its writes fail past the send timeout (see [`SendStall`]).
+    io: SendLimited<Stream>,
     state: Rc<ConnState>,
     timer: Option<Pin<Box<Sleep>>>,
     /// The task the timer last registered a wake-up for, while it has not fired since.
@@ -453,8 +454,6 @@ pub(crate) struct ClientIo {
     /// The gateway answered a malformed body itself: end of input for the dispatcher, and
     /// nothing it writes afterwards goes out.
     answered: bool,
-    /// How long a write to the client may wait for it to take bytes.
-    send: SendStall,
     _guard: ConnGuard,
 }
 
@@ -806,20 +805,14 @@ impl ClientIo {
     /// connection limits, for a protocol that times its requests itself (HTTP/2). Take
     /// [`ClientIo::info`] first to keep the connection facts.
     pub fn into_parts(self) -> (SendLimited<Stream>, ConnGuard) {
-        (
-            SendLimited {
-                io: self.io,
-                send: self.send,
-            },
-            self._guard,
-        )
+        (self.io, self._guard)
     }
 
     /// Whether the client opens with the HTTP/2 preface (h2c with prior knowledge). Waits for
     /// the first bytes up to the header timeout; `None` if none came (the client got 408 and
     /// the connection is to be closed). Over TLS, ALPN decides and this is `Some(false)`.
     pub async fn starts_with_h2_preface(&self) -> Option<bool> {
-        let Stream::Plain(io) = &self.io else {
+        let Stream::Plain(io) = &self.io.io else {
             return Some(false);
         };
         let preface = super::h2::PREFACE;
@@ -1183,8 +1176,7 @@ impl AsyncWrite for ClientIo {
             return Poll::Ready(Ok(buf.len()));
         }
         this.wrote(buf);
-        let res = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.send.check(cx, res)
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -1199,8 +1191,7 @@ impl AsyncWrite for ClientIo {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             this.wrote(first);
         }
-        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.send.check(cx, res)
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -1208,15 +1199,11 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.io).poll_flush(cx);
-        this.send.check(cx, res)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.send.check(cx, res)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -1333,7 +1320,15 @@ pub(crate) fn client_io(
     metrics: &Metrics,
 ) -> ClientIo {
     ClientIo {
-        io,
+        io: SendLimited {
+            io,
+            send: SendStall {
+                timeout: send_timeout,
+                deadline: None,
+                timer: None,
+                timeouts: metrics.client_timeouts.with_label_values(&["send"]),
+            },
+        },
         state: Rc::new(ConnState::new(
             header_timeout,
             keep_alive,
@@ -1348,12 +1343,6 @@ pub(crate) fn client_io(
         responded: false,
         answered: false,
         held: Pipelined::default(),
-        send: SendStall {
-            timeout: send_timeout,
-            deadline: None,
-            timer: None,
-            timeouts: metrics.client_timeouts.with_label_values(&["send"]),
-        },
         _guard: guard,
     }
 }
