@@ -375,6 +375,27 @@ async fn h2c_and_other_upgrade_tokens_are_never_forwarded() {
     assert!(!lower.contains("\"upgrade\""), "{reply}");
     assert!(!lower.contains("http2-settings"), "{reply}");
     assert!(!lower.contains("h2c"), "{reply}");
+
+    // Served as a plain request, it keeps its connection (`curl --http2` on an http:// URL
+    // sends this upgrade with every request): the next request on it is answered too.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    for path in ["/one", "/two"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{h2c}\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(path) {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: upgrade"), "{head}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -549,6 +549,8 @@ struct Head {
     transfer_encoding: bool,
     /// One of its lines starts with `content-length:` (in any case).
     content_length: bool,
+    /// One of its lines starts with `upgrade:` (in any case).
+    upgrade: bool,
     /// A line ends in a bare line feed (no carriage return before it): the head is refused
     /// (`end` is then just past that line feed, not the head's end).
     bare_lf: bool,
@@ -595,11 +597,13 @@ fn scan_head(bytes: &[u8]) -> Option<Head> {
 struct Names {
     transfer_encoding: bool,
     content_length: bool,
+    upgrade: bool,
 }
 
 impl Names {
     const TE: &[u8] = b"transfer-encoding:";
     const CL: &[u8] = b"content-length:";
+    const UPGRADE: &[u8] = b"upgrade:";
     /// How far past a line feed [`Names::at_lf`] looks: the longer name's length.
     const NAME_LOOKAHEAD: usize = Self::TE.len();
 
@@ -613,12 +617,14 @@ impl Names {
                 end: i + 1,
                 transfer_encoding: self.transfer_encoding,
                 content_length: self.content_length,
+                upgrade: self.upgrade,
                 bare_lf,
             });
         }
         // The next line's first letter picks the one name it could be.
         let (name, seen) = match bytes.get(i + 1).map(|b| b | 0x20) {
             Some(b't') => (Self::TE, &mut self.transfer_encoding),
+            Some(b'u') => (Self::UPGRADE, &mut self.upgrade),
             Some(b'c') => (Self::CL, &mut self.content_length),
             _ => return None,
         };
@@ -757,6 +763,48 @@ fn content_length_of(head: &[u8]) -> Option<u64> {
         }
     }
     length
+}
+
+/// A head with `Upgrade` to something else than WebSocket (`h2c` from `curl --http2`, ...) is
+/// served as a plain request, but actix-http reads `Connection: upgrade` as an upgrade and ends
+/// the connection after the response (answering `connection: upgrade`). The `upgrade` token of
+/// its `Connection` fields is blanked in place (same length, so nothing else moves); the field
+/// is hop-by-hop and goes no further either way.
+fn plain_if_not_websocket(head: &mut [u8]) {
+    let websocket = head_lines(head).1.any(|(name, value)| {
+        name.eq_ignore_ascii_case(b"upgrade")
+            && value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    });
+    if websocket {
+        return;
+    }
+    let mut at = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &head[at..]) {
+        // The line without its line feed and carriage return.
+        let cr = usize::from(nl > 0 && head[at + nl - 1] == b'\r');
+        let line = at..at + nl - cr;
+        at += nl + 1;
+        let Some(colon) = memchr::memchr(b':', &head[line.clone()]) else {
+            continue;
+        };
+        if !head[line.start..line.start + colon].eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        let mut start = line.start + colon + 1;
+        let mut tokens = Vec::new();
+        for piece in head[start..line.end].split(|&b| b == b',') {
+            let end = start + piece.len();
+            if piece.trim_ascii().eq_ignore_ascii_case(b"upgrade") {
+                tokens.push(start..end);
+            }
+            start = end + 1;
+        }
+        for t in tokens {
+            head[t].fill(b' ');
+        }
+    }
 }
 
 /// Whether a whole request head (ending with its empty line) is a plain request without a
@@ -1113,6 +1161,10 @@ impl AsyncRead for ClientIo {
                 }
                 Some(head) => {
                     let end = head.end;
+                    if head.upgrade {
+                        plain_if_not_websocket(&mut buf.filled_mut()[before..before + end]);
+                    }
+                    let new = &buf.filled()[before..];
                     // Held bytes being given go out one bodyless request at a time already.
                     if end < new.len()
                         && this.held.bytes.is_empty()
@@ -1467,6 +1519,23 @@ mod tests {
         ] {
             assert_eq!(body(head), want, "{}", String::from_utf8_lossy(head));
         }
+    }
+
+    #[test]
+    fn an_upgrade_other_than_websocket_loses_its_connection_token() {
+        let mut h2c = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+            Upgrade: h2c\r\nconnection: keep-alive,upgrade\r\n\r\n"
+            .to_vec();
+        plain_if_not_websocket(&mut h2c);
+        assert_eq!(
+            String::from_utf8(h2c).unwrap(),
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection:        , HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nconnection: keep-alive,       \r\n\r\n"
+        );
+        let ws = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let mut kept = ws.to_vec();
+        plain_if_not_websocket(&mut kept);
+        assert_eq!(kept, ws);
     }
 
     #[test]
