@@ -164,6 +164,16 @@ const REQUEST_TIMEOUT: &[u8] =
 const BARE_LF_HEAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
 content-length: 58\r\nconnection: close\r\n\r\na line of the request head ends without a carriage return\n";
 
+/// The answer to a request line longer than [`MAX_REQUEST_LINE`].
+const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain\r\n\
+content-length: 31\r\nconnection: close\r\n\r\nthe request target is too long\n";
+
+/// The longest request line the listener lets through: the `http` crate refuses targets of
+/// 65,534 bytes and more, which actix-http then answers with a bare 400. Targets over the
+/// handler's 16 KiB limit and under this one get the handler's 414 (the connection serves on);
+/// longer lines get [`URI_TOO_LONG`] here, and the connection is closed.
+const MAX_REQUEST_LINE: usize = 65_000;
+
 /// The answer to a request whose chunked body breaks the chunked grammar.
 const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
 content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
@@ -807,6 +817,11 @@ fn plain_if_not_websocket(head: &mut [u8]) {
     }
 }
 
+/// Whether the first line of `head` (as far as it came) is longer than [`MAX_REQUEST_LINE`].
+fn line_too_long(head: &[u8]) -> bool {
+    head.len() > MAX_REQUEST_LINE && memchr::memchr(b'\n', &head[..=MAX_REQUEST_LINE]).is_none()
+}
+
 /// Whether a whole request head (ending with its empty line) is a plain request without a
 /// body (see [`bodyless_head_end`]).
 fn is_plain_bodyless(head: &[u8]) -> bool {
@@ -1016,16 +1031,23 @@ impl ClientIo {
 
     /// The next bytes of a head cut across reads: where in `new` its body starts (once the
     /// head is whole; `new.len()` before), and whether that body is to be checked.
-    fn head_completed(&mut self, new: &[u8]) -> Option<usize> {
+    /// `Err`: the head is refused with that answer.
+    fn head_completed(&mut self, new: &[u8]) -> Result<usize, &'static [u8]> {
         let had = self.partial_head.bytes.len();
         let Some(head) = self.partial_head.extend(new) else {
+            if line_too_long(&self.partial_head.bytes) {
+                return Err(URI_TOO_LONG);
+            }
             if self.partial_head.bytes.len() > MAX_PARTIAL_HEAD {
                 self.partial_head.clear();
             }
-            return Some(new.len());
+            return Ok(new.len());
         };
         if head.bare_lf {
-            return None;
+            return Err(BARE_LF_HEAD);
+        }
+        if head.end > MAX_REQUEST_LINE && line_too_long(&self.partial_head.bytes) {
+            return Err(URI_TOO_LONG);
         }
         self.body =
             request_body(head, &self.partial_head.bytes[..head.end]).map(|left| BodyCheck {
@@ -1033,17 +1055,27 @@ impl ClientIo {
                 owner: self.state.ended.get() + 1,
             });
         self.partial_head.clear();
-        Some(head.end.saturating_sub(had))
+        Ok(head.end.saturating_sub(had))
     }
 
-    /// Refuses a request head with a bare line feed ([`BARE_LF_HEAD`]): the dispatcher gets
-    /// none of this read and then end of input; nothing it writes goes out.
-    fn refuse_bare_lf(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, before: usize) {
+    /// Refuses a request head with `answer` ([`BARE_LF_HEAD`], [`URI_TOO_LONG`]) before the
+    /// parser has a whole head: the dispatcher gets none of this read and then end of input;
+    /// nothing it writes goes out.
+    fn refuse_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        before: usize,
+        answer: &'static [u8],
+    ) {
         buf.set_filled(before);
-        let _ = Pin::new(&mut self.io).poll_write(cx, BARE_LF_HEAD);
+        let _ = Pin::new(&mut self.io).poll_write(cx, answer);
         self.answered = true;
         self.partial_head.clear();
-        tracing::debug!("request head line without a carriage return; closing");
+        tracing::debug!(
+            answer = %String::from_utf8_lossy(&answer[..answer.iter().position(|&b| b == b'\r').unwrap_or(0)]),
+            "request head refused; closing"
+        );
     }
 
     /// Notes what the dispatcher writes: whether the request's response has begun.
@@ -1156,7 +1188,15 @@ impl AsyncRead for ClientIo {
             // `Transfer-Encoding` or `Content-Length`, is the head looked at further.
             match scan_head(new) {
                 Some(head) if head.bare_lf => {
-                    this.refuse_bare_lf(cx, buf, before);
+                    this.refuse_head(cx, buf, before, BARE_LF_HEAD);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(head) if head.end > MAX_REQUEST_LINE && line_too_long(new) => {
+                    this.refuse_head(cx, buf, before, URI_TOO_LONG);
+                    return Poll::Ready(Ok(()));
+                }
+                None if line_too_long(new) => {
+                    this.refuse_head(cx, buf, before, URI_TOO_LONG);
                     return Poll::Ready(Ok(()));
                 }
                 Some(head) => {
@@ -1198,9 +1238,9 @@ impl AsyncRead for ClientIo {
         {
             if this.state.busy.get() == 0 {
                 match this.head_completed(&buf.filled()[before..]) {
-                    Some(n) => body_from = n + before,
-                    None => {
-                        this.refuse_bare_lf(cx, buf, before);
+                    Ok(n) => body_from = n + before,
+                    Err(answer) => {
+                        this.refuse_head(cx, buf, before, answer);
                         return Poll::Ready(Ok(()));
                     }
                 }
