@@ -526,6 +526,11 @@ async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
         http_body::Body::is_end_stream(resp.body()),
         "END_STREAM on the response HEADERS"
     );
+    assert!(
+        !resp.headers().contains_key("content-length"),
+        "{:?}",
+        resp.headers()
+    );
 
     // `te: trailers` went to the HTTP/2 upstream on every call.
     assert_eq!(
@@ -560,6 +565,11 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     assert_eq!(r.headers["grpc-status"], "14");
     assert!(r.headers.contains_key("grpc-message"));
     assert_eq!(r.headers["content-type"], "application/grpc");
+    assert!(
+        !r.headers.contains_key("content-length"),
+        "a trailers-only answer carries no length: {:?}",
+        r.headers
+    );
     assert!(r.body.is_empty());
     // The same failure for a plain HTTP client stays a 502.
     let r = whole(h2.send_request(get("/")).await.unwrap()).await;

@@ -401,8 +401,16 @@ where
             headers.append(n, v);
         }
     }
+    // A gRPC trailers-only answer (the status in the one HEADERS frame) carries no length: a
+    // gRPC client shows every field of that frame to the application as trailing metadata.
+    let grpc_trailers_only = matches!(size, BodySize::Sized(0))
+        && headers.contains_key("grpc-status")
+        && headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if let BodySize::Sized(n) = size
         && (head_only || !bodiless)
+        && !grpc_trailers_only
     {
         headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
     }
