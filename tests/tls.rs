@@ -672,6 +672,23 @@ fn expired_not_yet_valid_and_mismatched_certificates_are_located_errors() {
         ),
         "{out}"
     );
+
+    // Cut short: the missing end line is named in words, not as a list of byte values.
+    let whole = std::fs::read_to_string(&a.cert).unwrap();
+    std::fs::write(pki.dir.path().join("cut.pem"), &whole[..whole.len() / 2]).unwrap();
+    let cut = Cert {
+        cert: pki.dir.path().join("cut.pem"),
+        key: a.key.clone(),
+        der: Vec::new(),
+    };
+    let (ok, out) = diagnostics(&gateway_toml(&[&cut], "", ""));
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "the certificate is not valid PEM: a section has no `-----END CERTIFICATE-----` line"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

@@ -361,7 +361,10 @@ fn certificate(
                     cx,
                     file,
                     c.cert.span(),
-                    format!("the certificate is not valid PEM: {e}"),
+                    format!(
+                        "the certificate is not valid PEM: {}",
+                        super::tls::pem_error(&e)
+                    ),
                     "invalid PEM",
                 );
                 return None;
@@ -536,7 +539,10 @@ fn client_roots(
                 cx,
                 file,
                 ca.span(),
-                format!("the client CA is not valid PEM: {e}"),
+                format!(
+                    "the client CA is not valid PEM: {}",
+                    super::tls::pem_error(&e)
+                ),
                 "invalid PEM",
             );
             None

@@ -6,6 +6,23 @@ use std::sync::Arc;
 use http::uri::Scheme;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
+
+/// A PEM parse error in words: the crate's own text shows the marker it missed as a list of
+/// byte values.
+pub(crate) fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no `-----END {}-----` line (the file is cut short?)",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "a section starts with the malformed line `{}`",
+            String::from_utf8_lossy(line).trim()
+        ),
+        other => other.to_string(),
+    }
+}
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
@@ -278,7 +295,7 @@ fn certificates(
                 cx,
                 file,
                 p.span(),
-                format!("`{}` is not valid PEM: {e}", p.get()),
+                format!("`{}` is not valid PEM: {}", p.get(), pem_error(&e)),
                 "invalid PEM",
             );
             None
