@@ -967,3 +967,49 @@ fn bodies_are_followed_over_tls_for_pipelined_requests_and_malformed_chunks() {
     assert!(head.starts_with("http/1.1 400"), "{head}");
     assert_eq!(text, "the chunked body is malformed\n");
 }
+
+/// An expired client CA fails every client certificate at the handshake: `validate` says so
+/// (an error when every CA of the bundle expired, a warning when others still serve).
+#[test]
+fn an_expired_client_ca_is_located_by_validate() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.test"], 90, false);
+    let mut old = CertificateParams::new(Vec::<String>::new()).unwrap();
+    old.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    old.distinguished_name
+        .push(DnType::CommonName, "an expired test CA");
+    old.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(60);
+    old.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let old_pem = old
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let expired = pki.dir.path().join("expired-ca.pem");
+    std::fs::write(&expired, &old_pem).unwrap();
+    let bundle = pki.dir.path().join("bundle-ca.pem");
+    std::fs::write(&bundle, format!("{}{old_pem}", pki.ca_pem)).unwrap();
+    let with_ca = |ca: &std::path::Path| {
+        gateway_toml(
+            &[&a],
+            &format!(
+                ", client_auth = {{ ca = {{ file = \"{}\" }}, required = true }}",
+                ca.display()
+            ),
+            "",
+        )
+    };
+    let (ok, out) = diagnostics(&with_ca(&expired));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("error[expired-certificate]: the client CA expired on"),
+        "{out}"
+    );
+    let (ok, out) = diagnostics(&with_ca(&bundle));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "warning[expired-certificate]: a certificate of the client CA bundle expired on"
+        ),
+        "{out}"
+    );
+}

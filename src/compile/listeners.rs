@@ -510,6 +510,41 @@ fn client_roots(
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(text.as_bytes()).collect();
     match certs {
         Ok(certs) if !certs.is_empty() => {
+            // An expired CA fails every client certificate it signed, at the handshake, with
+            // nothing in the config to say why.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let expired: Vec<i64> = certs
+                .iter()
+                .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+                .map(|(_, x)| x.validity().not_after.timestamp())
+                .filter(|&not_after| not_after <= now)
+                .collect();
+            if let Some(&first) = expired.first() {
+                let all = expired.len() == certs.len();
+                let d = if all {
+                    Diagnostic::error(
+                        "expired-certificate",
+                        format!("the client CA expired on {}", date(first)),
+                    )
+                } else {
+                    Diagnostic::warning(
+                        "expired-certificate",
+                        format!(
+                            "a certificate of the client CA bundle expired on {}",
+                            date(first)
+                        ),
+                    )
+                };
+                cx.push(
+                    d.at(file, ca.span(), "expired")
+                        .help("every client certificate it signed is refused at the handshake"),
+                );
+                if all {
+                    return None;
+                }
+            }
             for cert in certs {
                 if let Err(e) = roots.add(cert) {
                     invalid(
