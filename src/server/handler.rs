@@ -1180,7 +1180,7 @@ async fn forward(
                 resend,
             );
         }
-        let client_ends = retries.deadlines.client_ends(Instant::now(), opts.timeout);
+        let client_ends = retries.deadlines.client_ends(opts.timeout);
         if let Some(d) = retries.deadlines.first() {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -1366,10 +1366,11 @@ impl Deadlines {
     }
 
     /// Whether the client's deadline, not the config, is what ends an attempt that may take
-    /// `timeout` from `now`: a timeout then says nothing about the target.
-    fn client_ends(self, now: Instant, timeout: Duration) -> bool {
+    /// `timeout` from now: a timeout then says nothing about the target. Reads the clock only
+    /// for a request with a deadline of its own (gRPC).
+    fn client_ends(self, timeout: Duration) -> bool {
         self.client
-            .is_some_and(|c| c <= now + timeout && self.own.is_none_or(|o| c <= o))
+            .is_some_and(|c| c <= Instant::now() + timeout && self.own.is_none_or(|o| c <= o))
     }
 }
 
