@@ -474,8 +474,8 @@ pub(crate) struct ClientIo {
 /// Only a write that must wait reads the clock; the timer is made on the first such wait.
 struct SendStall {
     timeout: Duration,
-    /// When the write waiting now must have moved; `None` while writes go through.
-    deadline: Option<Instant>,
+    /// A write is waiting; `timer` is then set to when it must have moved.
+    waiting: bool,
     timer: Option<Pin<Box<Sleep>>>,
     /// `rustygate_client_timeouts_total{phase="send"}`
     timeouts: prometheus::IntCounter,
@@ -486,25 +486,22 @@ impl SendStall {
     /// it (or keeps it) and, once it has passed, becomes an error that ends the connection.
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if !res.is_pending() {
-            self.deadline = None;
+            self.waiting = false;
             return res;
         }
-        let at = match self.deadline {
-            Some(at) => at,
-            None => {
-                let at = Instant::now() + self.timeout;
-                self.deadline = Some(at);
-                match &mut self.timer {
-                    Some(t) => t.as_mut().reset(at),
-                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-                }
-                at
+        // The clock is read when a wait begins, not on every poll of it.
+        let timer = match &mut self.timer {
+            Some(t) if self.waiting => t,
+            Some(t) => {
+                t.as_mut().reset(Instant::now() + self.timeout);
+                t
             }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep(self.timeout))),
         };
-        let Some(timer) = &mut self.timer else {
-            return res;
-        };
-        if timer.as_mut().poll(cx).is_pending() && Instant::now() < at {
+        self.waiting = true;
+        if timer.as_mut().poll(cx).is_pending() {
             return res;
         }
         self.timeouts.inc();
@@ -781,13 +778,10 @@ fn content_length_of(head: &[u8]) -> Option<u64> {
 /// its `Connection` fields is blanked in place (same length, so nothing else moves); the field
 /// is hop-by-hop and goes no further either way.
 fn plain_if_not_websocket(head: &mut [u8]) {
-    let websocket = head_lines(head).1.any(|(name, value)| {
-        name.eq_ignore_ascii_case(b"upgrade")
-            && value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    });
-    if websocket {
+    if head_lines(head)
+        .1
+        .any(|(name, value)| name.eq_ignore_ascii_case(b"upgrade") && names_websocket(value))
+    {
         return;
     }
     let mut at = 0;
@@ -817,6 +811,13 @@ fn plain_if_not_websocket(head: &mut [u8]) {
     }
 }
 
+/// Whether an `Upgrade` value lists `websocket` among its tokens.
+fn names_websocket(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+}
+
 /// Whether the first line of `head` (as far as it came) is longer than [`MAX_REQUEST_LINE`].
 fn line_too_long(head: &[u8]) -> bool {
     head.len() > MAX_REQUEST_LINE && memchr::memchr(b'\n', &head[..=MAX_REQUEST_LINE]).is_none()
@@ -839,13 +840,8 @@ fn is_plain_bodyless(head: &[u8]) -> bool {
     for (name, value) in fields {
         // What follows a WebSocket handshake may be its first frames; any other upgrade (h2c,
         // ...) is served as a plain request, and what follows it is its next request.
-        let websocket = || {
-            value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-        };
         if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || (name.eq_ignore_ascii_case(b"upgrade") && websocket())
+            || (name.eq_ignore_ascii_case(b"upgrade") && names_websocket(value))
         {
             return false;
         }
@@ -1416,7 +1412,7 @@ pub(crate) fn client_io(
             io,
             send: SendStall {
                 timeout: send_timeout,
-                deadline: None,
+                waiting: false,
                 timer: None,
                 timeouts: metrics.client_timeouts.with_label_values(&["send"]),
             },
