@@ -118,7 +118,15 @@ impl ConnShared {
         self.active.set(self.active.get() + 1);
         self.started.set(true);
         let waiting = Rc::new(Cell::new(None));
-        self.waits.borrow_mut().push(Rc::downgrade(&waiting));
+        let mut waits = self.waits.borrow_mut();
+        // Streams that ended are forgotten here too, not only by the periodic look: a
+        // connection running thousands of short streams between two looks keeps the list (and
+        // the cells its weak pointers hold) to about twice its open streams.
+        if waits.len() >= 2 * (self.active.get() as usize).max(16) {
+            waits.retain(|w| w.strong_count() > 0);
+        }
+        waits.push(Rc::downgrade(&waiting));
+        drop(waits);
         StreamGuard {
             conn: Rc::clone(self),
             done: false,
@@ -551,5 +559,31 @@ impl Body for H2Body {
             None => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waits_of_ended_streams_are_forgotten_as_new_ones_begin() {
+        let conn = Rc::new(ConnShared::new(100));
+        let open: Vec<StreamGuard> = (0..10).map(|_| conn.begin()).collect();
+        for _ in 0..10_000 {
+            let mut g = conn.begin();
+            g.finish();
+        }
+        assert!(
+            conn.waits.borrow().len() <= 32,
+            "{}",
+            conn.waits.borrow().len()
+        );
+        // A stream still open and waiting is still seen.
+        open[3]
+            .waiting
+            .set(Some(Instant::now() - Duration::from_secs(5)));
+        assert!(conn.stalled(Duration::from_secs(1)));
+        assert!(!conn.stalled(Duration::from_secs(10)));
     }
 }
