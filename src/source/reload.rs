@@ -157,6 +157,40 @@ pub struct ReloadStatus {
 }
 
 impl ReloadStatus {
+    /// Records a version that was not served (it does not compile, or is not signed as
+    /// required): the failed attempt, skipped by later reloads until it changes, and a
+    /// `rejected` line in the history.
+    fn rejected(
+        &mut self,
+        c: super::Candidate,
+        trigger: &'static str,
+        from: Option<String>,
+        took: Duration,
+        now: SystemTime,
+    ) {
+        let errors = serde_json::Value::Array(c.diagnostics.to_json_with_snippets(&c.files));
+        self.failed = Some(c.version_id.clone());
+        self.record(ReloadRecord {
+            at: rfc3339(now),
+            trigger,
+            from,
+            to: Some(c.version_id.clone()),
+            duration_ms: millis(took),
+            result: "rejected",
+            errors: c.diagnostics.error_count(),
+            message: first_error(&errors),
+        });
+        self.attempted = Some(Attempted {
+            sha: Some(c.version_id),
+            ok: false,
+            trigger,
+            at: rfc3339(now),
+            errors,
+            reason: c.refused,
+            signer: c.signer,
+        });
+    }
+
     /// Whether `sha` is the version being served or the last one tried (successful or not).
     /// A push for such a commit cannot change what a reload would do, so the webhook endpoints
     /// answer it without queueing one, whatever its delivery id.
@@ -355,28 +389,8 @@ impl Reloader {
         if let Some(head) = rejected {
             // The head stays the failed attempt: /status and `rustygate status` say it, and
             // later reloads skip it until it changes (or one is forced).
-            let errors =
-                serde_json::Value::Array(head.diagnostics.to_json_with_snippets(&head.files));
-            status.failed = Some(head.version_id.clone());
-            status.record(ReloadRecord {
-                at: rfc3339(now),
-                trigger: "startup",
-                from: Some(c.version_id.clone()),
-                to: Some(head.version_id.clone()),
-                duration_ms: millis(began.elapsed()),
-                result: "rejected",
-                errors: head.diagnostics.error_count(),
-                message: first_error(&errors),
-            });
-            status.attempted = Some(Attempted {
-                sha: Some(head.version_id),
-                ok: false,
-                trigger: "startup",
-                at: rfc3339(now),
-                errors,
-                reason: head.refused,
-                signer: head.signer,
-            });
+            let from = Some(c.version_id.clone());
+            status.rejected(*head, "startup", from, began.elapsed(), now);
         }
         metrics.reload_succeeded(None, &c.version_id, unix(now));
         source.clean_checkouts(&c.version_id);
@@ -560,11 +574,6 @@ impl Reloader {
         status.stale = false;
         let id = candidate.version_id.clone();
         let Some(mut snapshot) = candidate.snapshot else {
-            let errors = serde_json::Value::Array(
-                candidate
-                    .diagnostics
-                    .to_json_with_snippets(&candidate.files),
-            );
             if let Some(reason) = candidate.refused {
                 self.metrics.commit_refused(reason);
                 tracing::warn!(
@@ -584,27 +593,8 @@ impl Reloader {
                 diagnostics = %candidate.diagnostics.render_short(&candidate.files).trim_end(),
                 "config rejected; still serving the last good config"
             );
-            status.failed = Some(id.clone());
             let from = status.applied.as_ref().map(|a| a.sha.clone());
-            status.record(ReloadRecord {
-                at: rfc3339(now),
-                trigger,
-                from,
-                to: Some(id.clone()),
-                duration_ms: millis(started.elapsed()),
-                result: "rejected",
-                errors: candidate.diagnostics.error_count(),
-                message: first_error(&errors),
-            });
-            status.attempted = Some(Attempted {
-                sha: Some(id),
-                ok: false,
-                trigger,
-                at: rfc3339(now),
-                errors,
-                reason: candidate.refused,
-                signer: candidate.signer,
-            });
+            status.rejected(*candidate, trigger, from, started.elapsed(), now);
             self.metrics.reload_failed();
             return;
         };
