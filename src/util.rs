@@ -1,5 +1,7 @@
 //! Small shared helpers.
 
+pub mod clock;
+
 /// A hash map for per-worker tables keyed by config-made values (pool keys, route and upstream
 /// names, status codes): foldhash instead of SipHash, whose per-byte cost showed in profiles.
 /// Not for keys a client chooses (rate-limit keys keep a keyed hasher against flooding).

@@ -40,6 +40,7 @@ use super::response::{HeadShape, UpstreamResponse};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 use crate::util::FastMap as HashMap;
+use crate::util::clock;
 use crate::wire::connect;
 use crate::wire::tls::TargetTls;
 
@@ -437,7 +438,7 @@ impl LocalPool {
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(IdleOwn {
                 conn,
-                expires: Instant::now() + idle_timeout,
+                expires: clock::now() + idle_timeout,
             });
         }
     }
@@ -445,7 +446,7 @@ impl LocalPool {
     fn checkout(&self, key: &PoolKey) -> Option<H1Conn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
-        let now = Instant::now();
+        let now = clock::now();
         while let Some(i) = list.pop() {
             if !i.conn.send.is_closed() && now < i.expires {
                 return Some(i.conn);
@@ -476,7 +477,7 @@ impl LocalPool {
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(Idle {
                 conn,
-                expires: Instant::now() + idle_timeout,
+                expires: clock::now() + idle_timeout,
             });
         }
     }
@@ -562,7 +563,7 @@ impl LocalPool {
             let mut map = self.h2.borrow_mut();
             match map.get_mut(key) {
                 Some(H2Slot::Ready { conn, expires }) if !fresh && !conn.is_closed() => {
-                    *expires = Instant::now() + opts.idle_timeout;
+                    *expires = clock::now() + opts.idle_timeout;
                     return Ok(conn.clone());
                 }
                 Some(H2Slot::Connecting(f)) => f.clone(),
@@ -595,7 +596,7 @@ impl LocalPool {
                         key.clone(),
                         H2Slot::Ready {
                             conn: conn.clone(),
-                            expires: Instant::now() + opts.idle_timeout,
+                            expires: clock::now() + opts.idle_timeout,
                         },
                     );
                 }

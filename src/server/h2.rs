@@ -74,7 +74,8 @@ where
     F: Future + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
+        // Each stream's and the connection's task shares one clock reading per poll.
+        tokio::task::spawn_local(crate::util::clock::Turns::new(fut));
     }
 }
 

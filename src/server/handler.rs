@@ -50,6 +50,7 @@ use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
+use crate::util::clock;
 use crate::wire::StaticResponse;
 use crate::wire::headers::actix_name;
 
@@ -223,7 +224,7 @@ impl Exchange {
                 .with_label_values(&[route.unwrap_or(""), code])
                 .inc();
         }
-        let elapsed = self.started.elapsed();
+        let elapsed = clock::now().saturating_duration_since(self.started);
         self.state.recorder.request(
             &self.snapshot,
             self.route,
@@ -431,7 +432,7 @@ pub(crate) async fn handle(
     let mut body = Some(payload);
     let resp = 'answer: {
         let (req, state) = (&req, &state);
-        let started = Instant::now();
+        let started = clock::now();
         let snapshot = state.store.load();
         let heads = req.headers();
         let (request_id, reply_id) = heads
@@ -1182,7 +1183,7 @@ async fn forward(
         }
         let client_ends = retries.deadlines.client_ends(opts.timeout);
         if let Some(d) = retries.deadlines.first() {
-            let left = d.saturating_duration_since(Instant::now());
+            let left = d.saturating_duration_since(clock::now());
             if left.is_zero() {
                 return ex.error(504, "the upstream did not answer in time");
             }
@@ -1190,7 +1191,8 @@ async fn forward(
         }
 
         ex.in_flight = Some(target.state.begin());
-        let sent_at = Instant::now();
+        // Read again: routing, auth and the policy ran since the poll's first reading.
+        let sent_at = clock::fresh();
         opts.started = sent_at;
         let sent = if websocket {
             // Boxed: only WebSocket handshakes pay for the hyper handshake's future.
@@ -1205,7 +1207,9 @@ async fn forward(
                     t.attempt_done(Some(status), None);
                 }
                 upstream.record_response(index, status);
-                let head = sent_at.elapsed().as_secs_f64();
+                let head = clock::fresh()
+                    .saturating_duration_since(sent_at)
+                    .as_secs_f64();
                 state
                     .recorder
                     .attempt(&upstream, index, Some((status, head)));
@@ -1337,13 +1341,13 @@ fn deadlines(route: &Route, upstream: &Upstream, req: &Request, grpc: bool) -> D
     let own = route
         .total_timeout
         .or(upstream.total_timeout)
-        .map(|t| Instant::now() + t);
+        .map(|t| clock::now() + t);
     let client = req
         .headers()
         .get(&AX_GRPC_TIMEOUT)
         .filter(|_| grpc)
         .and_then(|v| grpc_timeout(v.as_bytes()))
-        .map(|t| Instant::now() + t);
+        .map(|t| clock::now() + t);
     Deadlines { own, client }
 }
 
@@ -1370,7 +1374,7 @@ impl Deadlines {
     /// for a request with a deadline of its own (gRPC).
     fn client_ends(self, timeout: Duration) -> bool {
         self.client
-            .is_some_and(|c| c <= Instant::now() + timeout && self.own.is_none_or(|o| c <= o))
+            .is_some_and(|c| c <= clock::now() + timeout && self.own.is_none_or(|o| c <= o))
     }
 }
 

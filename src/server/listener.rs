@@ -47,6 +47,11 @@ use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
 use crate::wire::chunked::{ChunkCheck, Fed};
 
+/// The connection poll's clock reading (`util::clock`), as the timers take it.
+fn now() -> Instant {
+    Instant::from_std(crate::util::clock::now())
+}
+
 /// Facts about one client connection, shared by its requests. Inserted per connection by
 /// `on_connect_ext` (HTTP/1) or into each request's extensions (HTTP/2); read with
 /// [`conn_info`].
@@ -433,7 +438,7 @@ impl Drop for Busy {
             if let Some(k) = state.keep_alive {
                 // The timer need not move: it fires within `shortest_wait` of when it was
                 // armed.
-                state.idle_deadline.set(Some(Instant::now() + k));
+                state.idle_deadline.set(Some(now() + k));
             }
         }
         if state.closing.get() || (busy == 0 && state.holding.get()) {
@@ -493,7 +498,7 @@ impl SendStall {
         let timer = match &mut self.timer {
             Some(t) if self.waiting => t,
             Some(t) => {
-                t.as_mut().reset(Instant::now() + self.timeout);
+                t.as_mut().reset(now() + self.timeout);
                 t
             }
             None => self
@@ -1224,7 +1229,7 @@ impl AsyncRead for ClientIo {
             }
             this.state
                 .head_deadline
-                .set(Some(Instant::now() + this.state.header_timeout));
+                .set(Some(now() + this.state.header_timeout));
             this.state.idle_deadline.set(None);
             // Creates the timer for the connection's first head; registers its wake-up.
             let _ = this.expired(cx);

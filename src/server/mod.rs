@@ -303,7 +303,8 @@ pub fn start(
                         kind.clone(),
                         Arc::clone(&name),
                     );
-                    async move {
+                    // Each poll of the connection shares one clock reading (`util::clock`).
+                    crate::util::clock::Turns::new(async move {
                         let a = admitted.ok_or(())?;
                         let peer = a.peer;
                         let (stream, info) = match kind {
@@ -370,7 +371,7 @@ pub fn start(
                                 .await
                                 .map_err(|_| ())
                         }
-                    }
+                    })
                 }))
             }
         })
