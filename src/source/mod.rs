@@ -217,13 +217,14 @@ fn looks_bare(p: &Path) -> bool {
     p.join("HEAD").is_file() && p.join("objects").is_dir() && p.join("refs").is_dir()
 }
 
-/// Drops `user:password@` from a URL.
+/// Drops `user:password@` from a URL: everything of its authority up to the last `@`, which
+/// a password may contain unencoded.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((auth, host)) = rest.split_once('@')
-        && !auth.contains('/')
-    {
-        return format!("{scheme}://{host}");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return format!("{scheme}://{}", &rest[at + 1..]);
+        }
     }
     url.to_owned()
 }
@@ -616,6 +617,19 @@ mod tests {
             "git@git.example:org/cfg.git"
         );
         assert_eq!(redact_url("file:///srv/cfg.git"), "file:///srv/cfg.git");
+        // A password with an unencoded `@`, a URL without a path, an `@` in the path only.
+        assert_eq!(
+            redact_url("redis://default:p@ss@redis.internal:6379"),
+            "redis://redis.internal:6379"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@10.0.0.1:6379/0?timeout=1"),
+            "redis://10.0.0.1:6379/0?timeout=1"
+        );
+        assert_eq!(
+            redact_url("https://git.example/org/@cfg.git"),
+            "https://git.example/org/@cfg.git"
+        );
     }
 
     fn id_of(loaded: &Loaded) -> (&'static str, String) {

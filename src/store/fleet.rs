@@ -225,7 +225,7 @@ impl Fleet {
     /// The URL of the store the fleet view uses (never with a password), or `None` without
     /// `[rate_limit_store]`.
     pub fn store_url(&self) -> Option<String> {
-        Some(self.store()?.spec.url.clone())
+        Some(self.store()?.spec.shown_url())
     }
 
     /// Writes this replica's entry.

@@ -57,7 +57,8 @@ impl OnStoreError {
 /// one connection; a changed spec (a rotated password) opens a new one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StoreSpec {
-    /// `redis://`, `rediss://` (TLS), `valkey://` or `valkeys://`, without a password.
+    /// `redis://`, `rediss://` (TLS), `valkey://` or `valkeys://`. One written in the repo
+    /// holds no password; one read from a secret may: show it with [`StoreSpec::shown_url`].
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -73,7 +74,7 @@ pub struct StoreSpec {
 impl std::fmt::Debug for StoreSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSpec")
-            .field("url", &self.url)
+            .field("url", &self.shown_url())
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
@@ -85,6 +86,11 @@ impl std::fmt::Debug for StoreSpec {
 }
 
 impl StoreSpec {
+    /// The URL without its `user:password@`, for logs and the admin API.
+    pub fn shown_url(&self) -> String {
+        crate::source::redact_url(&self.url)
+    }
+
     /// How redis-rs connects: the URL with the credentials from their secret references.
     /// Parsing only; nothing is connected.
     pub fn connection_info(&self) -> RedisResult<ConnectionInfo> {
@@ -191,7 +197,7 @@ impl Store {
             Err(e) => {
                 // compile checked the URL; a store that cannot be opened answers every call
                 // with an error, and the limits apply `on_store_error`.
-                tracing::error!(url = %spec.url, error = %e, "rate-limit store cannot be opened");
+                tracing::error!(url = %spec.shown_url(), error = %e, "rate-limit store cannot be opened");
                 None
             }
         };
@@ -225,7 +231,7 @@ impl Store {
                 match ConnectionManager::new_lazy_with_config(client, config) {
                     Ok(c) => Some(c),
                     Err(e) => {
-                        tracing::error!(url = %self.spec.url, error = %e, "rate-limit store cannot be opened");
+                        tracing::error!(url = %self.spec.shown_url(), error = %e, "rate-limit store cannot be opened");
                         None
                     }
                 }
@@ -274,7 +280,7 @@ impl Store {
         {
             let more = self.unlogged.swap(0, Ordering::Relaxed);
             tracing::warn!(
-                url = %self.spec.url,
+                url = %self.spec.shown_url(),
                 error = %e,
                 errors_since_last_log = more,
                 on_store_error = self.spec.on_error.as_str(),
@@ -344,6 +350,20 @@ mod tests {
         ));
         let debug = format!("{:?}", spec("redis://127.0.0.1/"));
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    /// A URL read from a secret (`url = { env = "REDIS_URL" }`) may carry the password: it
+    /// still connects with it, and neither the logs, the fleet API nor `Debug` show it.
+    #[test]
+    fn a_password_inside_a_secret_url_is_used_and_never_shown() {
+        let mut s = spec("redis://default:hunter2pw@127.0.0.1:6379/1");
+        s.password = None;
+        s.username = None;
+        let info = s.connection_info().unwrap();
+        assert_eq!(info.redis_settings().password(), Some("hunter2pw"));
+        assert_eq!(s.shown_url(), "redis://127.0.0.1:6379/1");
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2pw"), "{debug}");
     }
 
     #[test]
