@@ -416,6 +416,79 @@ fn client_cert_headers_sent_by_clients_never_reach_the_upstream() {
     }
 }
 
+/// Policies, rate-limit keys (and plugins and hash keys, which read headers the same way) see
+/// the client-certificate headers only as the gateway sets them from a verified certificate:
+/// a forged copy let any client pass a policy that checks the subject, and pick a new
+/// rate-limit bucket with each request.
+#[test]
+fn policies_and_rate_limit_keys_see_only_the_verified_client_certificate() {
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["a.test"], 90, false);
+    let client = pki.leaf("client", &["client.test"], 90, true);
+    let be = Backend::echo();
+    let tls_extra = format!(
+        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = true }}",
+        pki.ca_path().display()
+    );
+    let policy = r#"fn on_request(req) {
+    if req.has_header("x-client-cert-subject") {
+        req.set_header("x-policy-saw", req.header("x-client-cert-subject"));
+    }
+}
+"#;
+    let mut files = proxy_all(
+        &be.url(),
+        "policy = \"policies/see.rhai\"\nrate_limit = { requests = 2, per = \"1m\", key = \"header:x-client-cert-sha256\" }",
+    );
+    files.push((
+        "gateway.toml",
+        gateway_toml(
+            &[&server],
+            &tls_extra,
+            "[headers]\nallow_underscores = true\n",
+        ),
+    ));
+    files.push(("policies/see.rhai", policy.to_owned()));
+    let dir = repo(&as_refs(&files));
+    let gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers: 1,
+            ..ServeOptions::default()
+        },
+    );
+
+    let forged = |sha: &'static str| {
+        [
+            ("X-Client-Cert-Subject", "CN=admin"),
+            ("x_client_cert_subject", "CN=admin"),
+            ("X-Client-Cert-Sha256", sha),
+        ]
+    };
+    // With a verified certificate, the policy sees its subject, not the client's copy.
+    let mut s = connect(
+        gw.listener("https"),
+        "a.test",
+        client_config(&pki, rustls::DEFAULT_VERSIONS, Some(&client)),
+    )
+    .unwrap();
+    let (status, body) = request(&mut s, "/", &forged("01")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(echoed(&body, "x-policy-saw"), vec!["CN=client one"]);
+
+    // Without one (the plain listener), the policy sees none; and the forged fingerprints
+    // all count in the one bucket of requests without the header.
+    let mut statuses = Vec::new();
+    for sha in ["a1", "a2", "a3"] {
+        let (status, body) = http(&gw.addr.to_string(), "GET", "/", &forged(sha), b"").unwrap();
+        if status == 200 {
+            assert!(echoed(&body, "x-policy-saw").is_empty(), "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+}
+
 #[test]
 fn min_version_1_3_refuses_a_tls_1_2_client() {
     let pki = Pki::new();

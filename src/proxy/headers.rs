@@ -63,6 +63,23 @@ pub struct ClientCert {
     pub sha256: HeaderValue,
 }
 
+impl ClientCert {
+    /// The headers the gateway sets from it, as a policy, a plugin or a key sees them.
+    pub fn fields(&self) -> [(&'static str, &HeaderValue); 2] {
+        [
+            (CLIENT_CERT_SUBJECT, &self.subject),
+            (CLIENT_CERT_SHA256, &self.sha256),
+        ]
+    }
+
+    /// The value of the header `name` (lower-case) the gateway sets from it, if it is one.
+    pub fn field(&self, name: &str) -> Option<&HeaderValue> {
+        self.fields()
+            .into_iter()
+            .find_map(|(n, v)| (n == name).then_some(v))
+    }
+}
+
 /// Whether a client header could stand for one the gateway sets from the client certificate
 /// (`_` and `-` alike, as for identity headers).
 fn is_client_cert_header(name: &str) -> bool {
@@ -173,9 +190,14 @@ impl<'a> Inbound<'a> {
 
     /// Whether the client's header `name` (lower-case) is kept. An identity header is matched
     /// with `_` and `-` alike, so even with underscores allowed `X_User_Id` cannot stand in
-    /// for `X-User-Id` at an upstream that folds one into the other.
+    /// for `X-User-Id` at an upstream that folds one into the other. The client's own
+    /// client-certificate headers are never kept: policies, plugins, rate-limit and hash keys
+    /// see only the ones the gateway sets from a verified certificate ([`ClientCert::fields`]).
     pub fn keeps(&self, name: &str) -> bool {
         if !self.allow_underscores && name.contains('_') {
+            return false;
+        }
+        if is_client_cert_header(name) {
             return false;
         }
         let same = |a: &str, b: &str| {

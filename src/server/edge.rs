@@ -75,18 +75,23 @@ pub(crate) fn cors_headers(cors: &CorsPolicy, req: &Request) -> Vec<(HeaderName,
     out
 }
 
-/// Where a `header:<name>` rate-limit key is read: the headers the gateway set from verified
-/// claims first, then the client's headers the route keeps. A client's own copy of an identity
-/// header, or a header with `_` that is dropped, never picks the bucket it is counted in.
+/// Where a `header:<name>` rate-limit or hash key is read: the headers the gateway sets from
+/// verified claims and from a verified client certificate first, then the client's headers the
+/// route keeps. A client's own copy of an identity or client-certificate header, or a header
+/// with `_` that is dropped, never picks the bucket it is counted in.
 pub(crate) struct KeySource<'a> {
     pub req: &'a Request,
     pub inbound: &'a crate::proxy::headers::Inbound<'a>,
     pub verified: &'a [(HeaderName, HeaderValue)],
+    pub client_cert: Option<&'a crate::proxy::headers::ClientCert>,
 }
 
 impl KeySource<'_> {
-    fn header(&self, name: &str) -> Option<&[u8]> {
+    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         if let Some((_, v)) = self.verified.iter().find(|(n, _)| n.as_str() == name) {
+            return Some(v.as_bytes());
+        }
+        if let Some(v) = self.client_cert.and_then(|c| c.field(name)) {
             return Some(v.as_bytes());
         }
         if !self.inbound.keeps(name) {

@@ -39,8 +39,8 @@ use crate::proxy::body::{
     stream_request_body,
 };
 use crate::proxy::headers::{
-    Forwarding, HeaderList, HeaderSink, client_ip, connection_tokens, is_hop_by_hop_str,
-    valid_request_id,
+    ClientCert, Forwarding, HeaderList, HeaderSink, client_ip, connection_tokens,
+    is_hop_by_hop_str, valid_request_id,
 };
 use crate::proxy::pool::{OutRequest, SendFailure, SendOptions};
 use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
@@ -177,6 +177,14 @@ impl Drop for Exchange {
 }
 
 impl Exchange {
+    /// The client certificate the connection's TLS handshake verified.
+    fn client_cert(&self) -> Option<&ClientCert> {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.tls.as_ref())
+            .and_then(|t| t.client_cert.as_ref())
+    }
+
     /// Adds the edge filters' response headers.
     fn with_extra(&self, mut resp: HttpResponse) -> HttpResponse {
         for (n, v) in &self.extra {
@@ -635,6 +643,7 @@ pub(crate) async fn handle(
                     req,
                     inbound: &inbound,
                     verified: &ex.auth_headers,
+                    client_cert: ex.client_cert(),
                 },
                 ex.client_ip,
                 incoming.claims.as_ref(),
@@ -667,7 +676,9 @@ pub(crate) async fn handle(
             ex.emit(429, 0, Ok(()));
             break 'answer ex.with_extra(limited);
         }
-        let (_, mut plan) = decide::request(&snap, &m, &incoming, || client_headers(req, inbound));
+        let (_, mut plan) = decide::request(&snap, &m, &incoming, || {
+            client_headers(req, inbound, ex.client_cert())
+        });
         if let (Plan::Forward(f), Some(q)) = (&mut plan, query_without_token)
             && f.query.is_none()
         {
@@ -770,7 +781,13 @@ fn answer(ex: &Exchange, state: &WorkerState, plan: Plan<'_>) -> HttpResponse {
 
 /// The client's request headers as the policy and the WASM plugins see them (only built for
 /// routes with either): those `inbound` keeps.
-fn client_headers(req: &Request, inbound: crate::proxy::headers::Inbound<'_>) -> ClientHeaders {
+/// The request's headers as a policy or plugin sees them: the client's the route keeps, and
+/// those set from a verified client certificate (never the client's own copies).
+fn client_headers(
+    req: &Request,
+    inbound: crate::proxy::headers::Inbound<'_>,
+    cert: Option<&ClientCert>,
+) -> ClientHeaders {
     let n = req.headers().len();
     // Sized once (a filtered iterator would grow it from nothing): room for the usual request's
     // headers, and for the plugins' pseudo-headers and a usual edit, as their map reuses it.
@@ -779,6 +796,9 @@ fn client_headers(req: &Request, inbound: crate::proxy::headers::Inbound<'_>) ->
         if inbound.keeps(name.as_str()) {
             out.push(name.as_str(), v.as_bytes());
         }
+    }
+    for (name, v) in cert.iter().flat_map(|c| c.fields()) {
+        out.push(name, v.as_bytes());
     }
     out
 }
@@ -1105,7 +1125,7 @@ async fn forward(
     let key = upstream
         .balancer
         .hash_key()
-        .and_then(|k| request_hash(k, req, &ex));
+        .and_then(|k| request_hash(k, req, &ex, route));
     let opts_base = SendOptions {
         // Set again when each attempt is sent.
         started: ex.started,
@@ -1621,17 +1641,23 @@ fn overloaded(
 }
 
 /// The consistent-hash key of this request, if it has one.
-fn request_hash(key: &HashKey, req: &Request, ex: &Exchange) -> Option<u64> {
+fn request_hash(key: &HashKey, req: &Request, ex: &Exchange, route: &Route) -> Option<u64> {
     match key {
         HashKey::ClientIp => Some(match crate::util::canonical_ip(ex.client_ip) {
             IpAddr::V4(v4) => hash_bytes(&v4.octets()),
             IpAddr::V6(v6) => hash_bytes(&v6.octets()),
         }),
         HashKey::Path => Some(hash_bytes(ex.path.as_bytes())),
-        HashKey::Header(name) => req
-            .headers()
-            .get(name.as_str())
-            .map(|v| hash_bytes(v.as_bytes())),
+        // Read as a rate-limit key is: a client's copy of a header the gateway sets never
+        // picks the target.
+        HashKey::Header(name) => edge::KeySource {
+            req,
+            inbound: &crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
+            verified: &ex.auth_headers,
+            client_cert: ex.client_cert(),
+        }
+        .header(name.as_str())
+        .map(hash_bytes),
         HashKey::Cookie(name) => req
             .headers()
             .get_all(ax::COOKIE)
@@ -1692,7 +1718,7 @@ fn upstream_headers<S: HeaderSink>(
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
             https: tls.is_some(),
-            client_cert: tls.and_then(|t| t.client_cert.as_ref()),
+            client_cert: ex.client_cert(),
         },
     )
 }
