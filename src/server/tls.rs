@@ -117,9 +117,83 @@ impl TlsListener {
 /// headers out rather than send something the upstream could mistake for an identity.
 fn client_cert(der: &[u8]) -> Option<ClientCert> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = HeaderValue::from_str(&cert.subject().to_string()).ok()?;
+    let subject = HeaderValue::from_str(&subject_text(cert.subject())).ok()?;
     let sha256 = HeaderValue::from_str(&hex::encode(Sha256::digest(der))).ok()?;
     Some(ClientCert { subject, sha256 })
+}
+
+/// A subject DN as RFC 4514 text, in the certificate's order (`CN=client one, O=Example`):
+/// `,` between RDNs, `+` inside one, each value escaped (§2.4), so that a CN of
+/// `mallory, O=Admins` reads `CN=mallory\, O=Admins` and cannot pass for another DN. Control
+/// characters are written as `\XX`, so every subject makes a header value. A value that is not
+/// a string is `#` and its bytes in hex.
+fn subject_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in name.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match x509_parser::objects::oid2abbrev(attr.attr_type(), registry) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let value = attr.attr_value();
+            let text = match value.tag() {
+                Tag::BmpString => {
+                    let units = value
+                        .as_bytes()
+                        .chunks_exact(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    char::decode_utf16(units)
+                        .collect::<Result<String, _>>()
+                        .ok()
+                }
+                Tag::NumericString
+                | Tag::PrintableString
+                | Tag::Utf8String
+                | Tag::Ia5String
+                | Tag::VisibleString
+                | Tag::T61String
+                | Tag::GeneralString
+                | Tag::GraphicString => std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .map(str::to_owned),
+                _ => None,
+            };
+            match text {
+                Some(t) => escape_dn_value(&t, &mut out),
+                None => {
+                    out.push('#');
+                    out.push_str(&hex::encode(value.as_bytes()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Appends `value` escaped as RFC 4514 §2.4 asks.
+fn escape_dn_value(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_ascii_control() => out.push_str(&format!("\\{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
 }
 
 /// The proxy listeners' entry point: a `redirect_to_https` listener answers 308 to every
@@ -247,7 +321,48 @@ fn host_without_port(h: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_without_port;
+    use super::{client_cert, host_without_port};
+
+    /// The subject header of a self-signed certificate with these subject attributes.
+    fn subject_of(attrs: &[(rcgen::DnType, &str)]) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in attrs {
+            params.distinguished_name.push(t.clone(), *v);
+        }
+        let cert = params.self_signed(&key).unwrap();
+        let c = client_cert(cert.der()).expect("a header value");
+        c.subject.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn subjects_are_escaped_as_rfc_4514_asks() {
+        use rcgen::DnType::{CommonName, OrganizationName};
+        assert_eq!(
+            subject_of(&[(CommonName, "client one"), (OrganizationName, "Example")]),
+            "CN=client one, O=Example"
+        );
+        // A CN that would otherwise read as a second RDN.
+        assert_eq!(
+            subject_of(&[(CommonName, "mallory, O=Admins")]),
+            "CN=mallory\\, O=Admins"
+        );
+        assert_ne!(
+            subject_of(&[(CommonName, "mallory, O=Admins")]),
+            subject_of(&[(CommonName, "mallory"), (OrganizationName, "Admins")])
+        );
+        assert_eq!(
+            subject_of(&[(CommonName, " #a+b;c<d>e\"q\\ ")]),
+            "CN=\\ #a\\+b\\;c\\<d\\>e\\\"q\\\\\\ "
+        );
+        assert_eq!(subject_of(&[(CommonName, "#x")]), "CN=\\#x");
+        // A line feed no longer drops the headers: it is written as a hex pair.
+        assert_eq!(
+            subject_of(&[(CommonName, "a\nb")]),
+            "CN=a\\0Ab"
+        );
+    }
 
     #[test]
     fn redirect_host() {
