@@ -287,6 +287,84 @@ fn stalled_uploads_get_408_replayable_streamed_and_chunked() {
     assert_eq!(m["rustygate_client_timeouts_total{phase=\"body\"}"], 3.0);
 }
 
+/// POSTs a chunked body to `path` in `pieces` pieces `gap` apart, and reads the answer.
+fn slow_upload(addr: SocketAddr, path: &str, pieces: usize, gap: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    for i in 0..pieces {
+        if i > 0 {
+            std::thread::sleep(gap);
+        }
+        // A client the gateway answered already may be gone: the answer is what counts.
+        if s.write_all(format!("6\r\npiece{i}\r\n").as_bytes())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n");
+    read_response(&mut s)
+}
+
+/// A client slow to upload, within the body idle timeout, is not the upstream's failure: the
+/// attempt's `timeout` counts from when the upstream last had to take a piece of a streamed
+/// body, or from its end. Before, it ran from the send: an upload longer than `timeout` got
+/// 504 and counted towards ejecting the target, so a few slow clients took the only target
+/// out for everyone. Where the exchange's own end (`total_timeout`) comes while the client is
+/// still sending, the answer is 408 and the target is not blamed either.
+#[test]
+fn slow_uploads_neither_time_out_nor_eject_the_target() {
+    let echo = Backend::echo();
+    let files = [
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"up\"\nprefix = \"/\"\nupstream = \"be\"\ntimeout = \"1s\"\n\n\
+             [[route]]\nname = \"cut\"\nprefix = \"/cut\"\nupstream = \"be\"\ntimeout = \"1s\"\n\
+             total_timeout = \"1s\"\n"
+                .to_owned(),
+        ),
+        (
+            "upstreams/be.toml",
+            format!(
+                "[upstream.be]\ntargets = [\"{}\"]\noutlier = {{ consecutive_failures = 2 }}\n",
+                echo.url()
+            ),
+        ),
+    ];
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    for _ in 0..3 {
+        // 1.6 s of upload against a 1 s timeout.
+        let answer = slow_upload(gw.addr, "/up", 5, Duration::from_millis(400));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains("piece0piece1piece2piece3piece4"),
+            "{answer}"
+        );
+    }
+    for _ in 0..3 {
+        let answer = slow_upload(gw.addr, "/cut", 3, Duration::from_millis(700));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    // Not ejected: two failures in a row would have done it.
+    let (status, body) = gw.get("/after");
+    assert_eq!(status, 200, "{body}");
+    let m = scrape(&gw);
+    let errors: Vec<_> = m
+        .keys()
+        .filter(|k| k.starts_with("rustygate_upstream_errors_total"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let healthy: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("rustygate_upstream_target_healthy"))
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(healthy, [1.0]);
+    assert_eq!(m["rustygate_client_timeouts_total{phase=\"body\"}"], 3.0);
+}
+
 #[test]
 fn a_stalled_upstream_body_aborts_the_client_and_the_log_says_why() {
     let upstream = scripted_upstream(|mut s, _| {

@@ -87,6 +87,46 @@ pub struct BodyStats {
     pub too_large: Cell<bool>,
     /// The client paused longer than the body idle timeout.
     pub idle: Cell<bool>,
+    /// Where a streamed body stands: whose turn it is.
+    pub progress: Cell<BodyProgress>,
+}
+
+/// Where a body streamed to the upstream stands, for the attempt's timeout
+/// ([`BodyStats::deadline`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyProgress {
+    /// Waiting for the client's next piece (its own idle timeout bounds the wait).
+    #[default]
+    Client,
+    /// Since then a piece waits for the upstream to take it.
+    Upstream(std::time::Instant),
+    /// The whole body was handed on then.
+    Sent(std::time::Instant),
+}
+
+impl BodyStats {
+    /// When an attempt that streams this body and may wait `timeout` for its response head
+    /// ends, seen `now` (at or after its first deadline): `timeout` after the upstream last
+    /// had to take a piece, or after the body ended; never while the client is still to send
+    /// (a client slow to upload is not the upstream's failure); never after `until`.
+    pub fn deadline(
+        &self,
+        now: std::time::Instant,
+        timeout: Duration,
+        until: Option<std::time::Instant>,
+    ) -> Option<std::time::Instant> {
+        let from = match self.progress.get() {
+            BodyProgress::Client => now,
+            BodyProgress::Upstream(at) | BodyProgress::Sent(at) => at,
+        };
+        let at = until.map_or(from + timeout, |u| (from + timeout).min(u));
+        (at > now).then_some(at)
+    }
+
+    /// Whether the client still has to send more of the body.
+    pub fn awaits_client(&self) -> bool {
+        self.progress.get() == BodyProgress::Client
+    }
 }
 
 /// The next piece of the client's body, or `Idle` if none comes within `idle`.
@@ -118,7 +158,15 @@ pub fn stream_request_body(
     let stats = Rc::new(BodyStats::default());
     let seen = Rc::clone(&stats);
     actix_web::rt::spawn(async move {
-        while let Some(chunk) = next_chunk(&mut payload, idle, &seen).await {
+        loop {
+            seen.progress.set(BodyProgress::Client);
+            let Some(chunk) = next_chunk(&mut payload, idle, &seen).await else {
+                seen.progress
+                    .set(BodyProgress::Sent(std::time::Instant::now()));
+                break;
+            };
+            seen.progress
+                .set(BodyProgress::Upstream(std::time::Instant::now()));
             let msg = match chunk {
                 Ok(bytes) => {
                     let total = seen.bytes.get() + bytes.len() as u64;

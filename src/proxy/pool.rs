@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::ForwardError;
-use super::body::{ProxyBody, UpstreamIncoming};
+use super::body::{BodyStats, ProxyBody, UpstreamIncoming};
 use super::h1::{self, H1Error};
 use super::headers::HeaderList;
 use super::keepalive::{self, CountingIo, ReadCount};
@@ -115,6 +115,12 @@ pub struct SendOptions<'a> {
     /// The shape an HTTP/1.1 response head is parsed into ([`super::h1`]; hyper's are always
     /// `http` 1.x): the client's types for a head that is only relayed.
     pub head: HeadShape,
+    /// A body streamed from the client as it arrives: `timeout` then counts from when the
+    /// upstream last had to take a piece of it, or from its end ([`BodyStats::deadline`]).
+    pub streamed: Option<&'a BodyStats>,
+    /// The exchange's own end (`total_timeout`, the client's `grpc-timeout`), which a streamed
+    /// body does not move.
+    pub until: Option<Instant>,
 }
 
 impl SendOptions<'_> {
@@ -178,6 +184,11 @@ impl LocalPool {
         req: OutRequest,
         opts: &SendOptions<'_>,
     ) -> Sent {
+        // Only a body still coming from the client moves the deadline.
+        let streamed = match req.body() {
+            ProxyBody::Channel { .. } => opts.streamed,
+            _ => None,
+        };
         // Pinned where it is: moved into the timeout, the whole attempt's state would be copied.
         let attempt = std::pin::pin!(async {
             match (target.protocol, req.body()) {
@@ -196,7 +207,13 @@ impl LocalPool {
             }
         });
         let deadline = opts.started + opts.timeout;
-        match self.within(deadline.into(), attempt).await {
+        let later = streamed.map(|b| {
+            move |now: tokio::time::Instant| {
+                b.deadline(now.into_std(), opts.timeout, opts.until)
+                    .map(tokio::time::Instant::from_std)
+            }
+        });
+        match self.within(deadline.into(), later, attempt).await {
             Some(r) => r,
             None => Err(SendFailure {
                 error: ForwardError::Timeout(opts.timeout),
@@ -735,12 +752,17 @@ impl LocalPool {
     /// - A kept timer set for no later than `deadline` (an earlier attempt's, with the same
     ///   timeout) is left as it is: when it fires before `deadline`, it is set to `deadline`
     ///   then. Attempts with one timeout set it about once per timeout, not once each.
+    ///
+    /// `later`, when given, is asked at the deadline whether the attempt may go on, and until
+    /// when (a streamed request body: [`SendOptions::streamed`]).
     async fn within<F: Future>(
         &self,
         deadline: tokio::time::Instant,
+        later: Option<impl Fn(tokio::time::Instant) -> Option<tokio::time::Instant>>,
         fut: Pin<&mut F>,
     ) -> Option<F::Output> {
         let mut fut = fut;
+        let mut deadline = deadline;
         let mut timer = Lent::new(&self.timers, deadline);
         let mut wakes: Option<Waker> = None;
         std::future::poll_fn(|cx| {
@@ -752,8 +774,12 @@ impl LocalPool {
                 return Poll::Pending;
             };
             while crate::util::poll_timer(sleep.as_mut(), &mut wakes, cx).is_ready() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Poll::Ready(None);
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    match later.as_ref().and_then(|l| l(now)) {
+                        Some(at) => deadline = at,
+                        None => return Poll::Ready(None),
+                    }
                 }
                 // Fired for an earlier deadline: set for this one, and polled again for this
                 // task (a timer that has fired holds no wake-up).
@@ -842,6 +868,9 @@ mod tests {
 
     use super::LocalPool;
 
+    /// No streamed body: the first deadline is the last.
+    const NO_LATER: Option<fn(tokio::time::Instant) -> Option<tokio::time::Instant>> = None;
+
     fn after(d: Duration) -> tokio::time::Instant {
         tokio::time::Instant::now() + d
     }
@@ -854,7 +883,8 @@ mod tests {
         });
         let pool = LocalPool::default();
         assert_eq!(
-            pool.within(after(Duration::from_secs(5)), fut).await,
+            pool.within(after(Duration::from_secs(5)), NO_LATER, fut)
+                .await,
             Some(7)
         );
     }
@@ -868,7 +898,7 @@ mod tests {
             }
         });
         let pool = LocalPool::default();
-        let bounded = pool.within(after(Duration::from_millis(50)), restless);
+        let bounded = pool.within(after(Duration::from_millis(50)), NO_LATER, restless);
         let out = tokio::time::timeout(Duration::from_secs(10), bounded).await;
         assert_eq!(out.ok(), Some(None::<()>));
     }
@@ -886,7 +916,7 @@ mod tests {
     async fn within_wakes_the_task_that_polled_it_last() {
         let never = pin!(std::future::pending::<()>());
         let pool = LocalPool::default();
-        let mut bounded = pin!(pool.within(after(Duration::from_millis(30)), never));
+        let mut bounded = pin!(pool.within(after(Duration::from_millis(30)), NO_LATER, never));
         let (a, b) = (
             Arc::new(Wakes(AtomicUsize::new(0))),
             Arc::new(Wakes(AtomicUsize::new(0))),
@@ -927,7 +957,8 @@ mod tests {
         let pool = LocalPool::default();
         let quick = pin!(async { 1 });
         assert_eq!(
-            pool.within(after(Duration::from_millis(20)), quick).await,
+            pool.within(after(Duration::from_millis(20)), NO_LATER, quick)
+                .await,
             Some(1)
         );
         let started = std::time::Instant::now();
@@ -936,7 +967,8 @@ mod tests {
             2
         });
         assert_eq!(
-            pool.within(after(Duration::from_millis(400)), slow).await,
+            pool.within(after(Duration::from_millis(400)), NO_LATER, slow)
+                .await,
             Some(2),
             "not ended by the kept timer's 20 ms"
         );
@@ -945,7 +977,7 @@ mod tests {
         let started = std::time::Instant::now();
         let out = tokio::time::timeout(
             Duration::from_secs(10),
-            pool.within(after(Duration::from_millis(150)), never),
+            pool.within(after(Duration::from_millis(150)), NO_LATER, never),
         )
         .await;
         assert_eq!(out.ok(), Some(None), "ended at its own deadline");
@@ -961,7 +993,8 @@ mod tests {
         for _ in 0..3 {
             let quick = pin!(async { 1 });
             assert_eq!(
-                pool.within(after(Duration::from_secs(60)), quick).await,
+                pool.within(after(Duration::from_secs(60)), NO_LATER, quick)
+                    .await,
                 Some(1)
             );
         }
@@ -972,7 +1005,7 @@ mod tests {
         let never = pin!(std::future::pending::<()>());
         let out = tokio::time::timeout(
             Duration::from_secs(10),
-            pool.within(after(Duration::from_millis(30)), never),
+            pool.within(after(Duration::from_millis(30)), NO_LATER, never),
         )
         .await;
         assert_eq!(out.ok(), Some(None), "the earlier deadline fired");
@@ -984,7 +1017,7 @@ mod tests {
         {
             let waker = Waker::from(Arc::clone(&woken));
             let short = pin!(tokio::time::sleep(Duration::from_millis(5)));
-            let mut attempt = pin!(pool.within(after(Duration::from_millis(20)), short));
+            let mut attempt = pin!(pool.within(after(Duration::from_millis(20)), NO_LATER, short));
             let cx = &mut Context::from_waker(&waker);
             while attempt.as_mut().poll(cx).is_pending() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1002,8 +1035,8 @@ mod tests {
         let a = pin!(std::future::pending::<()>());
         let b = pin!(std::future::pending::<()>());
         let (ra, rb) = tokio::join!(
-            pool.within(after(Duration::from_millis(20)), a),
-            pool.within(after(Duration::from_millis(40)), b)
+            pool.within(after(Duration::from_millis(20)), NO_LATER, a),
+            pool.within(after(Duration::from_millis(40)), NO_LATER, b)
         );
         assert_eq!((ra, rb), (None, None));
         assert_eq!(pool.timers.borrow().len(), 2);

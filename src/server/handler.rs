@@ -1140,6 +1140,8 @@ async fn forward(
         } else {
             HeadShape::Http
         },
+        streamed: None,
+        until: None,
     };
     let mut retries = Retries {
         policy: retry,
@@ -1185,6 +1187,13 @@ async fn forward(
         };
         let mut opts = opts_base;
         opts.fields = fields.as_ref();
+        // A body streamed from the client: the attempt waits on the client as long as its body
+        // keeps coming (`BodyStats::deadline`).
+        let streamed = matches!(upstream_req.body(), ProxyBody::Channel { .. })
+            .then(|| ex.body.clone())
+            .flatten();
+        opts.streamed = streamed.as_deref();
+        opts.until = retries.deadlines.first();
         if let Some(t) = &ex.trace {
             // After the policy's edits: the gateway owns the trace context it sends.
             let port = if target.scheme == http::uri::Scheme::HTTPS {
@@ -1251,7 +1260,13 @@ async fn forward(
             }
             Err(failure) => {
                 ex.in_flight = None;
-                if client_ends && matches!(failure.error, ForwardError::Timeout(_)) {
+                let timed_out = matches!(failure.error, ForwardError::Timeout(_));
+                if timed_out && streamed.as_ref().is_some_and(|b| b.awaits_client()) {
+                    // The exchange's own end came while the client was still sending its
+                    // body: the client was slow, the target is not to blame.
+                    return body_timeout(&ex, state);
+                }
+                if client_ends && timed_out {
                     // The client's own deadline ended the attempt: it has given up, so no
                     // retry, and the target is not to blame (a client choosing a short
                     // `grpc-timeout` must not be able to eject it).
@@ -1330,7 +1345,7 @@ async fn outgoing_body(
     ex.body = Some(Rc::clone(&stats));
     let mut payload = payload.take().unwrap_or(Payload::None);
     // Read before any attempt, so the client gets the route's timeout to send it (a streamed
-    // body is bounded by the attempt's timeout the same way).
+    // body by the body idle timeout between pieces: `BodyStats::deadline`).
     let idle = ex.snapshot.limits.body_idle_timeout;
     let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
     match tokio::time::timeout(route.timeout, read).await {

@@ -358,10 +358,7 @@ mod tests {
         );
         assert_eq!(subject_of(&[(CommonName, "#x")]), "CN=\\#x");
         // A line feed no longer drops the headers: it is written as a hex pair.
-        assert_eq!(
-            subject_of(&[(CommonName, "a\nb")]),
-            "CN=a\\0Ab"
-        );
+        assert_eq!(subject_of(&[(CommonName, "a\nb")]), "CN=a\\0Ab");
     }
 
     #[test]
