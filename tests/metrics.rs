@@ -91,3 +91,45 @@ fn request_counts_and_latency_histograms_match_the_traffic() {
             .any(|k| k.contains("/api/x") || k.contains("/nowhere"))
     );
 }
+
+/// A gRPC call's status label is one of the 17 codes, `none` or `invalid`: an upstream whose
+/// `grpc-status` carried other text (here, echoed from the query) made a new series of
+/// `rustygate_grpc_requests_total` for each value, kept for ever.
+#[test]
+fn grpc_status_labels_are_the_codes_whatever_the_upstream_sends() {
+    use hyper::Response;
+    let be = Backend::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let status = req.uri().query().unwrap_or("").to_owned();
+        Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", status)
+            .body(full(""))
+            .unwrap()
+    });
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let addr = gw.addr.to_string();
+    let grpc = [("content-type", "application/grpc")];
+    for query in ["0", "14", "x1", "99", "007", "weird%20value", "16", "17"] {
+        let path = format!("/svc/M?{query}");
+        assert_eq!(http(&addr, "POST", &path, &grpc, b"").unwrap().0, 200);
+    }
+    let m = scrape(&gw);
+    let mut labels: Vec<(String, f64)> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("rustygate_grpc_requests_total"))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    labels.sort_by(|a, b| a.0.cmp(&b.0));
+    let series = |code: &str| {
+        format!("rustygate_grpc_requests_total{{grpc_status=\"{code}\",route=\"all\"}}")
+    };
+    assert_eq!(
+        labels,
+        [
+            (series("0"), 1.0),
+            (series("14"), 1.0),
+            (series("16"), 1.0),
+            (series("invalid"), 5.0),
+        ]
+    );
+}

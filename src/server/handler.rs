@@ -176,6 +176,24 @@ impl Drop for Exchange {
     }
 }
 
+/// A `grpc-status` as the metrics and the access log name it: one of the 17 codes (0-16),
+/// `none` when there is none, else `invalid`. The upstream's own text would make a label value
+/// any upstream (or a client that gets an upstream to echo it) could multiply without end.
+fn grpc_status_label(v: Option<&http::HeaderValue>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    let Some(v) = v else {
+        return "none";
+    };
+    std::str::from_utf8(v.as_bytes())
+        .ok()
+        .filter(|s| (1..=2).contains(&s.len()) && !(s.len() == 2 && s.starts_with('0')))
+        .and_then(|s| s.parse::<usize>().ok())
+        .and_then(|n| CODES.get(n).copied())
+        .unwrap_or("invalid")
+}
+
 impl Exchange {
     /// The client certificate the connection's TLS handshake verified.
     fn client_cert(&self) -> Option<&ClientCert> {
@@ -205,14 +223,11 @@ impl Exchange {
                 .grpc_status
                 .clone()
                 .or_else(|| self.trailers.as_ref().and_then(|t| t.get("grpc-status")));
-            Some(match &from_upstream {
-                Some(v) => v.to_str().unwrap_or("invalid").to_owned(),
-                None => "none".to_owned(),
-            })
+            Some(grpc_status_label(from_upstream.as_ref()))
         } else {
             None
         };
-        self.emit_as(status, bytes_out, end, grpc.as_deref());
+        self.emit_as(status, bytes_out, end, grpc);
     }
 
     /// [`Exchange::emit`] with the call's gRPC status given (`None`: not a gRPC call).
