@@ -142,3 +142,58 @@ async fn download_of_100_mib_streams_to_the_client() {
         "resident memory grew by {grown_mib} MiB for a 100 MiB download"
     );
 }
+
+/// An HTTP/1.0 client gets a body of unknown length as it comes, ended by the close of the
+/// connection: never `Transfer-Encoding: chunked`, which it cannot read (RFC 9112 §6.1), also
+/// when it asked for keep-alive. Before, actix-http chunked it, and with `Connection:
+/// keep-alive` kept the connection: the client read the chunk framing as the body and could
+/// not find where it ended.
+#[test]
+fn http_1_0_clients_get_a_streamed_body_ended_by_close() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    // Chunked, its second piece a moment after the head: streamed, not sent whole.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let be = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                );
+                std::thread::sleep(Duration::from_millis(150));
+                let _ = s.write_all(b"6\r\n world\r\n0\r\n\r\n");
+                std::thread::sleep(Duration::from_millis(500));
+            });
+        }
+    });
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    for connection in ["", "Connection: keep-alive\r\n"] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET /s HTTP/1.0\r\nHost: test\r\n{connection}\r\n").as_bytes())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("http/1.0 200"), "{text}");
+        assert!(!head.contains("transfer-encoding"), "{text}");
+        assert!(!head.contains("keep-alive"), "{text}");
+        assert_eq!(body, "hello world", "{connection}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "closed at its end"
+        );
+    }
+}

@@ -708,6 +708,11 @@ pub(crate) async fn handle(
         }
         answer(&ex, state, plan)
     };
+    let resp = if req.version() == actix_web::http::Version::HTTP_10 {
+        for_http10(resp)
+    } else {
+        resp
+    };
     match body {
         // Answered without forwarding: the body was not read.
         // Boxed: its timer would otherwise make every request's future larger.
@@ -716,6 +721,21 @@ pub(crate) async fn handle(
         }
         _ => resp,
     }
+}
+
+/// An HTTP/1.0 client knows no chunked framing (RFC 9112 §6.1: never sent to it): a body of
+/// unknown length is written as it comes and ended by closing the connection, also when the
+/// client asked to keep it alive.
+fn for_http10(mut resp: HttpResponse) -> HttpResponse {
+    if matches!(
+        actix_web::body::MessageBody::size(resp.body()),
+        BodySize::Stream
+    ) {
+        let head = resp.head_mut();
+        head.no_chunking(true);
+        head.set_connection_type(actix_web::http::ConnectionType::Close);
+    }
+    resp
 }
 
 /// At most this much of a request body is read and dropped after an answer given without
