@@ -516,6 +516,48 @@ fn upstream_with_both_framing_headers_is_502() {
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
 }
 
+/// Response heads the gateway does not relay get 502 "invalid response" whichever client sends
+/// the request: a GET goes through the gateway's own HTTP/1.1 client, a POST with a body
+/// streamed from the client through hyper, which took statuses up to 999, a 70 KB head, and
+/// read `gzip, chunked` as chunked and `xchunked` as a body until close (the client got 200
+/// with gzip bytes and no `Content-Encoding`, or the chunk framing as the body).
+#[test]
+fn invalid_response_heads_are_502_on_every_request_path() {
+    let big_head: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+            "a".repeat(70_000)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw",
+        b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
+        big_head,
+    ] {
+        let be = raw_backend(response);
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody",
+        ] {
+            let resp = raw(gw.addr, request);
+            let shown = String::from_utf8_lossy(&response[..response.len().min(60)]);
+            let req_line = String::from_utf8_lossy(&request[..6]);
+            assert!(
+                resp.starts_with("HTTP/1.1 502"),
+                "{req_line} {shown}: {}",
+                &resp[..resp.len().min(300)]
+            );
+            assert!(resp.contains("invalid response"), "{shown}: {resp}");
+        }
+    }
+}
+
 /// A broken chunked body that comes with its head is a 502, not a response cut off before any
 /// of it reached the client.
 #[test]

@@ -49,6 +49,10 @@ pub enum ForwardError {
     /// 502: the upstream broke the protocol or the connection.
     #[error("the upstream failed: {0}")]
     Upstream(String),
+    /// 502: the upstream's response head is not one the gateway relays (a status over 599, a
+    /// `Transfer-Encoding` other than `chunked`, conflicting framing, too large a head).
+    #[error("the upstream sent an invalid response: {0}")]
+    Invalid(String),
     /// 502: an HTTP/2 upstream reset this request's stream (RST_STREAM) and kept the
     /// connection: it answered, and turned this request down. Not the target's failure (a
     /// client can provoke one with a request the upstream refuses).
@@ -65,6 +69,7 @@ impl ForwardError {
             ForwardError::Connect(_)
             | ForwardError::Tls(_)
             | ForwardError::Upstream(_)
+            | ForwardError::Invalid(_)
             | ForwardError::StreamReset(_) => 502,
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
@@ -82,6 +87,7 @@ impl ForwardError {
             ForwardError::BodyTooLarge => "body_too_large",
             ForwardError::ClientBody(_) => "client_body",
             ForwardError::Upstream(_) => "upstream",
+            ForwardError::Invalid(_) => "invalid_response",
             ForwardError::StreamReset(_) => "stream_reset",
             ForwardError::Overloaded(_) => "overloaded",
         }

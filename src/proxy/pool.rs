@@ -199,11 +199,11 @@ impl LocalPool {
                 (Protocol::Http1, ProxyBody::Channel { .. }) => {
                     Box::pin(self.send_inner(target, for_hyper(req, opts), opts))
                         .await
-                        .map(hyper_response)
+                        .and_then(checked_hyper_response)
                 }
                 (Protocol::Http2, _) => Box::pin(self.send_h2(target, for_hyper(req, opts), opts))
                     .await
-                    .map(hyper_response),
+                    .and_then(checked_hyper_response),
             }
         });
         let deadline = opts.started + opts.timeout;
@@ -292,8 +292,12 @@ impl LocalPool {
                     );
                 }
                 Err(e) => {
+                    let error = match e {
+                        H1Error::Invalid(why) => ForwardError::Invalid(why.into()),
+                        e => ForwardError::Upstream(e.to_string()),
+                    };
                     return Err(SendFailure {
-                        error: ForwardError::Upstream(e.to_string()),
+                        error,
                         request: None,
                     });
                 }
@@ -415,7 +419,6 @@ impl LocalPool {
             drop(_slot);
             send.try_send_request(req)
                 .await
-                .map(hyper_response)
                 .map_err(|mut e| {
                     let request = e.take_message().map(Box::new);
                     SendFailure {
@@ -423,6 +426,7 @@ impl LocalPool {
                         request,
                     }
                 })
+                .and_then(checked_hyper_response)
         };
         match tokio::time::timeout(opts.timeout, attempt).await {
             Ok(r) => r,
@@ -679,6 +683,45 @@ fn hyper_response(r: http::Response<Incoming>) -> Box<UpstreamResponse> {
     Box::new(r.map(UpstreamIncoming::Hyper).into())
 }
 
+/// A response hyper read, held to the rules the gateway's own HTTP/1.1 client applies
+/// ([`h1`]): a status of at most 599, no `Transfer-Encoding` but one `chunked`, a head of at
+/// most [`h1::MAX_HEAD`] bytes. hyper takes statuses up to 999, reads `gzip, chunked` as
+/// chunked (the client would then get gzip bytes without a `Content-Encoding`) and `xchunked`
+/// as a body until close, and its `max_buf_size` lets a head whose last read crosses it in.
+fn checked_hyper_response(r: http::Response<Incoming>) -> Sent {
+    let invalid = |why: &str| {
+        Err(SendFailure {
+            error: ForwardError::Invalid(why.into()),
+            request: None,
+        })
+    };
+    if r.status().as_u16() > 599 {
+        return invalid("status over 599");
+    }
+    // Each field as a line of the head: name, ": ", value, CRLF.
+    let head: usize = r
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if head > h1::MAX_HEAD {
+        return invalid("response head too large");
+    }
+    let mut chunked = false;
+    for v in r.headers().get_all(http::header::TRANSFER_ENCODING) {
+        for coding in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue;
+            }
+            if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                return invalid("unsupported Transfer-Encoding");
+            }
+            chunked = true;
+        }
+    }
+    Ok(hyper_response(r))
+}
+
 /// Opens a TCP connection to `addr`, with TLS when `tls` is set (offering `http/1.1`);
 /// `timeout` bounds the connect and the handshake together.
 async fn connect_io(
@@ -713,6 +756,9 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        // The own client's limits ([`h1`]): a larger head is an error, not a response.
+        .max_headers(h1::MAX_HEADERS)
+        .max_buf_size(h1::MAX_HEAD)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ForwardError::Connect(format!("{addr}: {e}")))?;
@@ -730,6 +776,9 @@ where
 {
     let (io, read) = CountingIo::new(io);
     let (sender, conn) = http1::Builder::new()
+        // The own client's limits ([`h1`]): a larger head is an error, not a response.
+        .max_headers(h1::MAX_HEADERS)
+        .max_buf_size(h1::MAX_HEAD)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ForwardError::Connect(format!("{addr}: {e}")))?;

@@ -1335,6 +1335,7 @@ async fn forward(
                 let message = match &failed.error {
                     ForwardError::Timeout(_) => "the upstream did not answer in time",
                     ForwardError::StreamReset(_) => "the upstream refused the request",
+                    ForwardError::Invalid(_) => "the upstream sent an invalid response",
                     _ => "the upstream could not be reached",
                 };
                 return ex.error(failed.error.status(), message);
