@@ -157,11 +157,18 @@ pub(crate) async fn exchange(
     if out.capacity() <= KEEP_OUT {
         conn.out = out;
     }
+    let mut answered = false;
     let head = loop {
-        let head = read_head(&mut conn, shape).await?;
+        let head = match read_head(&mut conn, shape).await {
+            // After an interim response the upstream has answered: a close now is a response
+            // cut short, never a stale connection to send the request on again.
+            Err(H1Error::Lost(e)) if answered => return Err(H1Error::Read(e)),
+            r => r?,
+        };
         // Interim responses (100 Continue, 103 Early Hints) are skipped.
         let status = head.head.status();
         if status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS {
+            answered = true;
             continue;
         }
         break head;
@@ -1136,6 +1143,20 @@ mod tests {
         let (parts, body) = out.unwrap();
         assert_eq!(parts.status, 201);
         assert!(body.unwrap().to_bytes().is_empty());
+    }
+
+    /// A close after an interim response is a response cut short (`Read`): `Lost` would have
+    /// the pool send the request again on a fresh connection, so the upstream got it twice.
+    #[tokio::test]
+    async fn a_close_after_an_interim_response_is_not_a_lost_connection() {
+        for interim in [
+            &b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"[..],
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+        ] {
+            let pieces = vec![interim];
+            let (out, _) = run(pieces, true, get("/")).await;
+            assert!(matches!(out, Err(H1Error::Read(_))), "{out:?}");
+        }
     }
 
     #[tokio::test]
