@@ -303,6 +303,17 @@ where
             | "x-client-ip"
             | "x-cluster-client-ip"
             | "fastly-client-ip"
+            | "client-ip"
+            | "x-originating-ip"
+            | "x-remote-addr"
+            | "x-remote-ip"
+            | "x-proxyuser-ip"
+            | "x-envoy-external-address"
+            | "x-forwarded"
+            | "forwarded-for"
+            // The client's scheme, as the forwarding headers give it.
+            | "front-end-https"
+            | "x-url-scheme"
                 if !f.trusted =>
             {
                 continue;
@@ -628,6 +639,15 @@ mod tests {
             ("true-client-ip", b"6.6.6.6"),
             ("cf-connecting-ip", b"6.6.6.6"),
             ("x-client-ip", b"6.6.6.6"),
+            ("client-ip", b"6.6.6.6"),
+            ("x-originating-ip", b"6.6.6.6"),
+            ("x-remote-addr", b"6.6.6.6"),
+            ("x-proxyuser-ip", b"6.6.6.6"),
+            ("x-envoy-external-address", b"6.6.6.6"),
+            ("x-forwarded", b"for=6.6.6.6"),
+            ("forwarded-for", b"6.6.6.6"),
+            ("front-end-https", b"on"),
+            ("x-url-scheme", b"https"),
             ("x-client-cert-subject", b"CN=admin"),
             ("x-client-cert-sha256", b"00"),
             ("x_client_cert_subject", b"CN=admin"),
@@ -648,6 +668,15 @@ mod tests {
             "true-client-ip",
             "cf-connecting-ip",
             "x-client-ip",
+            "client-ip",
+            "x-originating-ip",
+            "x-remote-addr",
+            "x-proxyuser-ip",
+            "x-envoy-external-address",
+            "x-forwarded",
+            "forwarded-for",
+            "front-end-https",
+            "x-url-scheme",
             "x-client-cert-subject",
             "x-client-cert-sha256",
             "x_client_cert_subject",
@@ -661,6 +690,7 @@ mod tests {
         assert_eq!(all(&out, "x-forwarded-host"), [b"evil.example"]);
         assert_eq!(all(&out, "x-forwarded-port"), [b"443"]);
         assert_eq!(all(&out, "cf-connecting-ip"), [b"6.6.6.6"]);
+        assert_eq!(all(&out, "x-originating-ip"), [b"6.6.6.6"]);
         assert_eq!(all(&out, "x-request-id"), [b"rid-1"]);
         assert!(!out.contains_key("x-client-cert-subject"));
     }
