@@ -622,6 +622,33 @@ fn a_slow_request_head_over_tls_gets_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
 }
 
+/// A client that completes its handshake and then sends nothing has `header_timeout` for its
+/// first head, as on a plain connection: it was held for actix-http's 10 s.
+#[test]
+fn a_silent_connection_after_the_handshake_gets_the_header_timeout() {
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["a.test"], 90, false);
+    let be = Backend::echo();
+    let gw = start(
+        &gateway_toml(&[&server], "", "[limits]\nheader_timeout = \"1s\"\n"),
+        &be,
+    );
+    let mut s = connect(gw.listener("https"), "a.test", default_client(&pki)).unwrap();
+    s.sock
+        .set_read_timeout(Some(std::time::Duration::from_secs(6)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?} after {took:?}");
+    assert!(took < std::time::Duration::from_secs(3), "closed after {took:?}");
+}
+
 #[test]
 fn redirect_to_https_answers_308_with_the_https_port() {
     let pki = Pki::new();

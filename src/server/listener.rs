@@ -302,8 +302,11 @@ pub(crate) struct ConnState {
     /// When the head being received must be complete (set on its first bytes).
     head_deadline: Cell<Option<Instant>>,
     /// When the connection, idle since its last request ended, is closed (set at that end,
-    /// cleared by the next request's first bytes).
+    /// cleared by the next request's first bytes). Before the first request: when its head
+    /// must have begun, `header_timeout` after the connection was served (`first` is set).
     idle_deadline: Cell<Option<Instant>>,
+    /// No request has begun yet: the idle deadline is the first head's, answered as one.
+    first: Cell<bool>,
     /// End the connection once no request is in progress ([`ConnState::close`]).
     closing: Cell<bool>,
     /// The dispatcher waiting for input, woken by `close`.
@@ -335,7 +338,10 @@ impl ConnState {
             timeouts,
             busy: Cell::new(0),
             head_deadline: Cell::new(None),
-            idle_deadline: Cell::new(None),
+            // A connection that never sends a byte (after its TLS handshake, or with h2c off)
+            // gets `header_timeout` too, not actix-http's first-request timeout.
+            idle_deadline: Cell::new(Some(now() + header_timeout)),
+            first: Cell::new(true),
             closing: Cell::new(false),
             reader: Cell::new(None),
             ended: Cell::new(0),
@@ -390,6 +396,7 @@ impl ConnState {
         }
         match (self.head_deadline.get(), self.idle_deadline.get()) {
             (Some(at), _) => Some((at, Expired::Head)),
+            (None, Some(at)) if self.first.get() => Some((at, Expired::Head)),
             (None, Some(at)) => Some((at, Expired::Idle)),
             (None, None) => None,
         }
@@ -1231,6 +1238,7 @@ impl AsyncRead for ClientIo {
                 .head_deadline
                 .set(Some(now() + this.state.header_timeout));
             this.state.idle_deadline.set(None);
+            this.state.first.set(false);
             // Creates the timer for the connection's first head; registers its wake-up.
             let _ = this.expired(cx);
         } else if !this.partial_head.is_empty()
