@@ -27,10 +27,16 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level. Keep the
-/// returned guard until exit: dropping it writes what is buffered.
+/// `info`, but rustls only at `error`: its warnings are about what a peer sent (an IP address
+/// as SNI, a renegotiation attempt), which any client could then write into the log at will.
+/// The gateway logs failed handshakes itself, at debug, and counts them.
+pub const DEFAULT_FILTER: &str = "info,rustls=error";
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter ([`DEFAULT_FILTER`]).
+/// Keep the returned guard until exit: dropping it writes what is buffered.
 pub fn init_logging(format: LogFormat) -> Option<sink::LogGuard> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
