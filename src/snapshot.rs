@@ -273,6 +273,8 @@ pub struct Route {
     pub rate_limit: Option<crate::filters::rate_limit::LimitSpec>,
     /// Authentication; verified claims reach policies and, if configured, upstream headers.
     pub auth: Option<RouteAuth>,
+    /// Only requests with a verified client certificate are served (403 otherwise).
+    pub require_client_cert: bool,
     /// Whether `Upgrade: websocket` requests are tunnelled (see `proxy::websocket`).
     pub websocket: bool,
     /// A tunnel with no bytes either way for this long is closed.

@@ -489,6 +489,63 @@ fn policies_and_rate_limit_keys_see_only_the_verified_client_certificate() {
     assert_eq!(statuses, [200, 200, 429]);
 }
 
+/// `require_client_cert = true` makes `client_auth` protect a route: without a verified
+/// certificate it is 403 on every listener. Before, a route meant for mTLS clients was served
+/// to anyone who sent its Host to the plain listener, or to a TLS listener without
+/// `client_auth`. A route that requires one where no listener verifies any is an error.
+#[test]
+fn a_route_that_requires_a_client_certificate_refuses_requests_without_one() {
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["a.test"], 90, false);
+    let client = pki.leaf("client", &["client.test"], 90, true);
+    let be = Backend::echo();
+    let tls_extra = format!(
+        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = false }}",
+        pki.ca_path().display()
+    );
+    let mut files = proxy_all(&be.url(), "require_client_cert = true");
+    files.push(("gateway.toml", gateway_toml(&[&server], &tls_extra, "")));
+    let dir = repo(&as_refs(&files));
+    let gw = Gateway::start_dir(
+        dir.path(),
+        ServeOptions {
+            workers: 1,
+            ..ServeOptions::default()
+        },
+    );
+    let with_cert = client_config(&pki, rustls::DEFAULT_VERSIONS, Some(&client));
+    let mut s = connect(gw.listener("https"), "a.test", with_cert).unwrap();
+    let (status, body) = request(&mut s, "/", &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut s = connect(gw.listener("https"), "a.test", default_client(&pki)).unwrap();
+    let (status, body) = request(&mut s, "/", &[]).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("requires a verified client certificate"),
+        "{body}"
+    );
+    let (status, _) = http(&gw.addr.to_string(), "GET", "/", &[], b"").unwrap();
+    assert_eq!(status, 403);
+
+    // No listener verifies client certificates: located error.
+    let mut files = proxy_all(&be.url(), "require_client_cert = true");
+    files.push(("gateway.toml", gateway_toml(&[&server], "", "")));
+    let dir = repo(&as_refs(&files));
+    let c = compile_dir(
+        dir.path(),
+        &CompileOptions {
+            resolve_secrets: true,
+            secret_roots: vec![std::env::temp_dir()],
+            ..CompileOptions::default()
+        },
+    )
+    .unwrap();
+    let text = c.diagnostics.render_short(&c.files);
+    assert!(c.snapshot.is_none(), "{text}");
+    assert!(text.contains("routes/all.toml:5:"), "{text}");
+    assert!(text.contains("no listener verifies one"), "{text}");
+}
+
 #[test]
 fn min_version_1_3_refuses_a_tls_1_2_client() {
     let pki = Pki::new();
@@ -646,7 +703,10 @@ fn a_silent_connection_after_the_handshake_gets_the_header_timeout() {
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?} after {took:?}");
-    assert!(took < std::time::Duration::from_secs(3), "closed after {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "closed after {took:?}"
+    );
 }
 
 #[test]

@@ -116,6 +116,21 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
     plugins::warn_unused(&mut cx);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
+    if !listeners
+        .iter()
+        .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth))
+    {
+        for (file, span) in &routes.client_cert_required {
+            cx.push(
+                Diagnostic::error(
+                    "no-client-auth",
+                    "the route requires a client certificate, but no listener verifies one",
+                )
+                .at(*file, span.clone(), "no listener has `client_auth`")
+                .help("add `client_auth = { ca = { file = \"...\" } }` to a TLS listener's `tls` in gateway.toml"),
+            );
+        }
+    }
     let tracing = trace_config::compile_tracing(&mut cx, raw.gateway.as_ref(), &routes.routes);
 
     let Cx {

@@ -29,6 +29,9 @@ pub(crate) struct CompiledRoutes {
     pub router: Router,
     pub routes: Vec<Route>,
     pub used_upstreams: HashSet<String>,
+    /// Where `require_client_cert = true` is written: an error unless a listener has
+    /// `client_auth` (checked once the listeners are compiled).
+    pub client_cert_required: Vec<(FileId, Range<usize>)>,
 }
 
 /// Compiles the routes of every file, in order, freeing each file's raw routes once compiled:
@@ -51,6 +54,7 @@ pub(crate) fn compile_routes(
             router: Router::default(),
             routes: Vec::with_capacity(count),
             used_upstreams: HashSet::new(),
+            client_cert_required: Vec::new(),
         },
         names: HashMap::with_capacity(count),
         path_spans: Vec::with_capacity(count),
@@ -194,6 +198,10 @@ impl Builder<'_> {
             super::policies::route_policy(cx, file, &r, upstreams, defaults.policy.as_ref());
         // A policy's `on_response` sees the handshake's head only, never what the tunnel
         // carries: such routes take upgrades only when they say so.
+        let require_client_cert = r.require_client_cert.as_ref().is_some_and(|v| *v.get());
+        if require_client_cert && let Some(v) = &r.require_client_cert {
+            out.client_cert_required.push((file, v.span()));
+        }
         let websocket = r.websocket.unwrap_or_else(|| {
             defaults.websocket && !policy.as_ref().is_some_and(|p| p.policy.has_on_response())
         });
@@ -295,6 +303,7 @@ impl Builder<'_> {
             cors,
             rate_limit,
             auth,
+            require_client_cert,
             websocket,
             websocket_idle_timeout,
             plugins,

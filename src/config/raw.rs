@@ -375,6 +375,9 @@ pub struct RawRoute {
     pub auth: Option<Spanned<String>>,
     /// Let requests without a token through (a token that is present must still be valid).
     pub auth_optional: Option<bool>,
+    /// Serve only requests whose connection presented a client certificate a listener's
+    /// `client_auth` verified; others get 403, on every listener (plain ones included).
+    pub require_client_cert: Option<Spanned<bool>>,
     /// Proxy WebSocket upgrades (`Upgrade: websocket`) on this route. Default: true, unless the
     /// route's policy defines `on_response` (it could not see or change what the tunnel
     /// carries) or `[defaults] websocket = false`. When false, such a request is forwarded as a

@@ -600,6 +600,11 @@ pub(crate) async fn handle(
         if let Some(t) = &ex.trace {
             t.decide(Some(&route.tracing), Some(req));
         }
+        // Whichever listener the request came in on: the Host of an mTLS-only route sent to a
+        // plain listener finds it too.
+        if route.require_client_cert && ex.client_cert().is_none() {
+            break 'answer ex.error(403, "this route requires a verified client certificate");
+        }
         // The client headers that exist from here on, for auth, the policy and the upstream.
         let inbound = crate::proxy::headers::Inbound::for_route(&snap, route);
         if let Some(cors) = &route.cors {
