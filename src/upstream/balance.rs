@@ -159,20 +159,45 @@ impl Balancer {
                 if len == 0 {
                     return None;
                 }
-                let start = next.fetch_add(1, Ordering::Relaxed);
-                let mut best: Option<(usize, u64, u64)> = None;
-                for i in (0..len).map(|k| (start + k) % len) {
-                    if !ok(i) {
-                        continue;
-                    }
+                let turn = next.fetch_add(1, Ordering::Relaxed) as u64;
+                let load = |i: usize| {
                     let t = &targets[i];
-                    let (load, weight) = (u64::from(t.state.in_flight()), u64::from(t.weight));
-                    // load/weight < best_load/best_weight, without division.
-                    if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
-                        best = Some((i, load, weight));
+                    (u64::from(t.state.in_flight()), u64::from(t.weight.max(1)))
+                };
+                // The least load per unit of weight (compared without division), and the
+                // weight of the targets that share it.
+                let mut best: Option<(usize, u64, u64)> = None;
+                let mut tied_weight = 0u64;
+                for i in (0..len).filter(|&i| ok(i)) {
+                    let (l, w) = load(i);
+                    match best {
+                        Some((_, bl, bw)) if l * bw > bl * w => {}
+                        Some((_, bl, bw)) if l * bw == bl * w => tied_weight += w,
+                        _ => {
+                            best = Some((i, l, w));
+                            tied_weight = w;
+                        }
                     }
                 }
-                best.map(|(i, ..)| i)
+                let (first, bl, bw) = best?;
+                // Ties are shared by weight, in turn (as nginx's `least_conn`): idle targets of
+                // weights 1 and 3 take one and three of every four requests.
+                let mut at = turn % tied_weight;
+                (0..len)
+                    .filter(|&i| ok(i))
+                    .find(|&i| {
+                        let (l, w) = load(i);
+                        if l * bw != bl * w {
+                            return false;
+                        }
+                        if at < w {
+                            return true;
+                        }
+                        at -= w;
+                        false
+                    })
+                    // Loads moved between the two looks (other workers): the first look's pick.
+                    .or(Some(first))
             }
             Balancer::RandomTwoChoices { cumulative } => {
                 let total = *cumulative.last()?;
@@ -334,6 +359,22 @@ mod tests {
         let _w: Vec<_> = (0..3).map(|_| ts[0].state.begin()).collect();
         let _x = ts[1].state.begin();
         assert_eq!(b.pick(&ts, None, &all), Some(0));
+    }
+
+    /// Idle targets tie: they share requests by weight, not one each in turn (a weight of 3
+    /// was ignored by sequential traffic, which split 20/20).
+    #[test]
+    fn least_connections_shares_ties_by_weight() {
+        let ts = targets(&[1, 3]);
+        let b = Balancer::least_connections();
+        let p: Vec<usize> = (0..40).filter_map(|_| b.pick(&ts, None, &all)).collect();
+        assert_eq!((count(&p, 0), count(&p, 1)), (10, 30), "{p:?}");
+        // Only usable targets count, and a lone usable one is picked.
+        let p: Vec<usize> = (0..8)
+            .filter_map(|_| b.pick(&ts, None, &|i| i == 0))
+            .collect();
+        assert_eq!(count(&p, 0), 8);
+        assert_eq!(b.pick(&ts, None, &|_| false), None);
     }
 
     #[test]
