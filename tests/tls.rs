@@ -740,12 +740,14 @@ fn redirect_to_https_answers_308_with_the_https_port() {
         location,
         format!("https://shop.example:{port}/a/b?x=1&y=%20")
     );
-    // A Host that is not a plain name gets 400, never a redirect elsewhere.
-    let answer = raw(
-        gw.listener("http"),
-        b"GET / HTTP/1.1\r\nHost: evil.example/x\r\nConnection: close\r\n\r\n",
-    );
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A Host that is not a plain name, or whose port the proxy listeners refuse, gets 400 with
+    // the JSON error, never a redirect elsewhere.
+    for host in ["evil.example/x", "a.test:99999", "a.test:x"] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw(gw.listener("http"), request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer}");
+        assert!(answer.contains("not a valid host"), "{host}: {answer}");
+    }
     // `--listen` is not a redirect listener.
     assert_eq!(gw.get("/").0, 200);
 }

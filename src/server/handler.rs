@@ -922,7 +922,7 @@ fn valid_host(h: &[u8]) -> bool {
 /// appear in one, and would confuse whatever reads the host after the gateway (routing,
 /// redirects, logs). A registered name is checked in one pass up to the first byte that cannot
 /// be in it, which must begin the port.
-fn host_part(h: &[u8]) -> Option<&[u8]> {
+pub(super) fn host_part(h: &[u8]) -> Option<&[u8]> {
     let end = if h.first() == Some(&b'[') {
         let close = h.iter().position(|&b| b == b']')?;
         let literal = &h[1..close];

@@ -288,7 +288,12 @@ fn redirect(req: &Request, port: u16, state: &WorkerState) -> HttpResponse {
                 .insert_header(("location", location))
                 .finish(),
         ),
-        Err(()) => (400, HttpResponse::BadRequest().finish()),
+        Err(()) => (
+            400,
+            HttpResponse::BadRequest().json(serde_json::json!({
+                "error": "the Host header is not a valid host[:port]",
+            })),
+        ),
     };
     state.recorder.request(
         &snapshot,
@@ -300,18 +305,11 @@ fn redirect(req: &Request, port: u16, state: &WorkerState) -> HttpResponse {
     resp
 }
 
-/// The host of a `Host` header without its port, if it is a plain name or address.
+/// The host of a `Host` header without its port, if it is a plain name or address and the
+/// header one the proxy listeners take (a port of at most 65535, digits only).
 fn host_without_port(h: &str) -> Option<&str> {
-    let host = if h.starts_with('[') {
-        let end = h.find(']')?;
-        let rest = &h[end + 1..];
-        if !(rest.is_empty() || rest.starts_with(':')) {
-            return None;
-        }
-        &h[..=end]
-    } else {
-        h.split_once(':').map_or(h, |(host, _)| host)
-    };
+    let host = super::handler::host_part(h.as_bytes())?;
+    let host = &h[..host.len()];
     let ok = !host.is_empty()
         && host
             .bytes()
@@ -369,6 +367,9 @@ mod tests {
         assert_eq!(host_without_port("[::1]x"), None);
         assert_eq!(host_without_port("evil.example/x"), None);
         assert_eq!(host_without_port("a@b"), None);
+        assert_eq!(host_without_port("a.test:99999"), None);
+        assert_eq!(host_without_port("a.test:x"), None);
+        assert_eq!(host_without_port("a.test:"), Some("a.test"));
         assert_eq!(host_without_port(""), None);
     }
 }
