@@ -365,6 +365,33 @@ fn slow_uploads_neither_time_out_nor_eject_the_target() {
     assert_eq!(m["rustygate_client_timeouts_total{phase=\"body\"}"], 3.0);
 }
 
+/// An upstream that answers before it has read the body (413 at once): the client's connection
+/// ends after that answer, and what the client still sends is never read as a request. Before,
+/// the rest of a 100 KB body was taken for a new request head and answered with a second
+/// response (414) after the one that said `Connection: close`.
+#[test]
+fn the_rest_of_a_body_the_upstream_did_not_wait_for_is_not_a_request() {
+    let upstream = scripted_upstream(|mut s, _| {
+        let _ = read_head(&mut s);
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!",
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The body, in a line of its own as long as a request line may not be.
+    let _ = s.write_all(&[b'a'; 100_000]);
+    let (answer, _) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+}
+
 #[test]
 fn a_stalled_upstream_body_aborts_the_client_and_the_log_says_why() {
     let upstream = scripted_upstream(|mut s, _| {

@@ -123,6 +123,11 @@ impl BodyStats {
         (at > now).then_some(at)
     }
 
+    /// Whether the whole body has arrived (and, streamed, been handed on).
+    pub fn whole_sent(&self) -> bool {
+        matches!(self.progress.get(), BodyProgress::Sent(_))
+    }
+
     /// Whether the client still has to send more of the body.
     pub fn awaits_client(&self) -> bool {
         self.progress.get() == BodyProgress::Client
@@ -210,6 +215,9 @@ pub async fn read_request_body(
         }
         buf.extend_from_slice(&bytes);
     }
+    stats
+        .progress
+        .set(BodyProgress::Sent(std::time::Instant::now()));
     Ok(buf.freeze())
 }
 

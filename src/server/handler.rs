@@ -1846,6 +1846,13 @@ fn client_response(
     tunnel_in: Option<Payload>,
 ) -> Relay {
     let UpstreamResponse { head, mut body } = *resp;
+    // The upstream answered before the client's body had all arrived: what the client still
+    // sends is the rest of it, never a request. The connection ends after this response.
+    if ex.body.as_ref().is_some_and(|b| !b.whole_sent())
+        && let Some(busy) = &ex.busy
+    {
+        busy.close_connection();
+    }
     let reads_body = plan
         .plugins
         .as_ref()
