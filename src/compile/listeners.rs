@@ -593,29 +593,48 @@ pub(crate) struct SniResolver {
 }
 
 impl SniResolver {
-    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    /// The certificate for `sni`: an exact name, else a wildcard, else the first. Among the
+    /// certificates of one kind of match (an RSA and an ECDSA one for the same names), the
+    /// first whose key signs with a scheme the client offers (`schemes`; empty: any): a client
+    /// that verifies only RSA signatures gets the RSA one, wherever it is listed.
+    fn pick(
+        &self,
+        sni: Option<&str>,
+        schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let signs = |k: &CertifiedKey| schemes.is_empty() || k.key.choose_scheme(schemes).is_some();
+        let best = |matches: &dyn Fn(&[String]) -> bool| {
+            let mut found = self.certs.iter().filter(|(names, _)| matches(names));
+            let first = found.next()?;
+            let usable = std::iter::once(first)
+                .chain(found)
+                .find(|(_, k)| signs(k))
+                .unwrap_or(first);
+            Some(Arc::clone(&usable.1))
+        };
         if let Some(sni) = sni {
             let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-            let exact = self.certs.iter().find(|(names, _)| names.contains(&sni));
-            let wild = || {
-                let (_, parent) = sni.split_once('.')?;
-                self.certs.iter().find(|(names, _)| {
+            if let Some(k) = best(&|names| names.contains(&sni)) {
+                return Some(k);
+            }
+            if let Some((_, parent)) = sni.split_once('.') {
+                let wild = |names: &[String]| {
                     names
                         .iter()
                         .any(|n| n.strip_prefix("*.").is_some_and(|p| p == parent))
-                })
-            };
-            if let Some((_, k)) = exact.or_else(wild) {
-                return Some(Arc::clone(k));
+                };
+                if let Some(k) = best(&wild) {
+                    return Some(k);
+                }
             }
         }
-        self.certs.first().map(|(_, k)| Arc::clone(k))
+        best(&|_| true)
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.pick(hello.server_name())
+        self.pick(hello.server_name(), hello.signature_schemes())
     }
 }
 
@@ -624,7 +643,10 @@ mod tests {
     use super::*;
 
     fn key() -> Arc<CertifiedKey> {
-        let k = rcgen::KeyPair::generate().expect("key");
+        key_of(rcgen::KeyPair::generate().expect("key"))
+    }
+
+    fn key_of(k: rcgen::KeyPair) -> Arc<CertifiedKey> {
         let c = rcgen::CertificateParams::new(vec!["x".to_owned()])
             .expect("params")
             .self_signed(&k)
@@ -650,13 +672,43 @@ mod tests {
         let same = |x: Option<Arc<CertifiedKey>>, y: &Arc<CertifiedKey>| {
             x.is_some_and(|x| Arc::ptr_eq(&x, y))
         };
-        assert!(same(r.pick(Some("b.example")), &b));
-        assert!(same(r.pick(Some("B.Example.")), &b));
-        assert!(same(r.pick(Some("q.wild.example")), &w));
+        assert!(same(r.pick(Some("b.example"), &[]), &b));
+        assert!(same(r.pick(Some("B.Example."), &[]), &b));
+        assert!(same(r.pick(Some("q.wild.example"), &[]), &w));
         // A wildcard covers one label only.
-        assert!(same(r.pick(Some("p.q.wild.example")), &a));
-        assert!(same(r.pick(Some("wild.example")), &a));
-        assert!(same(r.pick(None), &a));
-        assert!(same(r.pick(Some("unknown.example")), &a));
+        assert!(same(r.pick(Some("p.q.wild.example"), &[]), &a));
+        assert!(same(r.pick(Some("wild.example"), &[]), &a));
+        assert!(same(r.pick(None, &[]), &a));
+        assert!(same(r.pick(Some("unknown.example"), &[]), &a));
+    }
+
+    /// Two certificates for one name with keys of different kinds: the client gets the one
+    /// whose signatures it can verify, whichever is listed first. Before, only the first was
+    /// ever served, and a client without that kind's schemes failed its handshake.
+    #[test]
+    fn of_two_certificates_for_one_name_the_client_gets_one_it_can_verify() {
+        let ecdsa = key();
+        let ed = key_of(rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key"));
+        let r = SniResolver {
+            certs: vec![
+                (vec!["a.example".into()], Arc::clone(&ecdsa)),
+                (vec!["a.example".into()], Arc::clone(&ed)),
+            ],
+        };
+        let same = |x: Option<Arc<CertifiedKey>>, y: &Arc<CertifiedKey>| {
+            x.is_some_and(|x| Arc::ptr_eq(&x, y))
+        };
+        use rustls::SignatureScheme::{ECDSA_NISTP256_SHA256, ED25519};
+        assert!(same(r.pick(Some("a.example"), &[ED25519]), &ed));
+        assert!(same(
+            r.pick(Some("a.example"), &[ECDSA_NISTP256_SHA256]),
+            &ecdsa
+        ));
+        assert!(same(
+            r.pick(Some("a.example"), &[ECDSA_NISTP256_SHA256, ED25519]),
+            &ecdsa
+        ));
+        // No SNI: among all certificates, by the same rule.
+        assert!(same(r.pick(None, &[ED25519]), &ed));
     }
 }
