@@ -120,6 +120,14 @@ fn cert_entry(c: &Cert) -> String {
     )
 }
 
+/// The `tls` keys of a listener that verifies client certificates from `pki`'s CA.
+fn client_auth(pki: &Pki, required: bool) -> String {
+    format!(
+        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = {required} }}",
+        pki.ca_path().display()
+    )
+}
+
 /// A gateway.toml with one TLS listener `https` on a free port and `extra` TOML after it.
 fn gateway_toml(certs: &[&Cert], tls_extra: &str, extra: &str) -> String {
     let list = certs
@@ -135,7 +143,12 @@ fn gateway_toml(certs: &[&Cert], tls_extra: &str, extra: &str) -> String {
 fn start(gateway: &str, be: &Backend) -> Gateway {
     let mut files = proxy_all(&be.url(), "");
     files.push(("gateway.toml", gateway.to_owned()));
-    let dir = repo(&as_refs(&files));
+    start_files(&files)
+}
+
+/// A one-worker gateway serving these files.
+fn start_files(files: &[(&'static str, String)]) -> Gateway {
+    let dir = repo(&as_refs(files));
     let opts = ServeOptions {
         workers: 1,
         ..ServeOptions::default()
@@ -324,10 +337,7 @@ fn mutual_tls_refuses_clients_without_a_certificate_and_forwards_the_verified_su
     let server = pki.leaf("server", &["a.test"], 90, false);
     let client = pki.leaf("client", &["client.test"], 90, true);
     let be = Backend::echo();
-    let tls_extra = format!(
-        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = true }}",
-        pki.ca_path().display()
-    );
+    let tls_extra = client_auth(&pki, true);
     let gw = start(&gateway_toml(&[&server], &tls_extra, ""), &be);
     let addr = gw.listener("https");
 
@@ -426,10 +436,7 @@ fn policies_and_rate_limit_keys_see_only_the_verified_client_certificate() {
     let server = pki.leaf("server", &["a.test"], 90, false);
     let client = pki.leaf("client", &["client.test"], 90, true);
     let be = Backend::echo();
-    let tls_extra = format!(
-        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = true }}",
-        pki.ca_path().display()
-    );
+    let tls_extra = client_auth(&pki, true);
     let policy = r#"fn on_request(req) {
     if req.has_header("x-client-cert-subject") {
         req.set_header("x-policy-saw", req.header("x-client-cert-subject"));
@@ -449,14 +456,7 @@ fn policies_and_rate_limit_keys_see_only_the_verified_client_certificate() {
         ),
     ));
     files.push(("policies/see.rhai", policy.to_owned()));
-    let dir = repo(&as_refs(&files));
-    let gw = Gateway::start_dir(
-        dir.path(),
-        ServeOptions {
-            workers: 1,
-            ..ServeOptions::default()
-        },
-    );
+    let gw = start_files(&files);
 
     let forged = |sha: &'static str| {
         [
@@ -499,20 +499,10 @@ fn a_route_that_requires_a_client_certificate_refuses_requests_without_one() {
     let server = pki.leaf("server", &["a.test"], 90, false);
     let client = pki.leaf("client", &["client.test"], 90, true);
     let be = Backend::echo();
-    let tls_extra = format!(
-        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = false }}",
-        pki.ca_path().display()
-    );
+    let tls_extra = client_auth(&pki, false);
     let mut files = proxy_all(&be.url(), "require_client_cert = true");
     files.push(("gateway.toml", gateway_toml(&[&server], &tls_extra, "")));
-    let dir = repo(&as_refs(&files));
-    let gw = Gateway::start_dir(
-        dir.path(),
-        ServeOptions {
-            workers: 1,
-            ..ServeOptions::default()
-        },
-    );
+    let gw = start_files(&files);
     let with_cert = client_config(&pki, rustls::DEFAULT_VERSIONS, Some(&client));
     let mut s = connect(gw.listener("https"), "a.test", with_cert).unwrap();
     let (status, body) = request(&mut s, "/", &[]).unwrap();
@@ -528,20 +518,11 @@ fn a_route_that_requires_a_client_certificate_refuses_requests_without_one() {
     assert_eq!(status, 403);
 
     // No listener verifies client certificates: located error.
-    let mut files = proxy_all(&be.url(), "require_client_cert = true");
-    files.push(("gateway.toml", gateway_toml(&[&server], "", "")));
-    let dir = repo(&as_refs(&files));
-    let c = compile_dir(
-        dir.path(),
-        &CompileOptions {
-            resolve_secrets: true,
-            secret_roots: vec![std::env::temp_dir()],
-            ..CompileOptions::default()
-        },
-    )
-    .unwrap();
-    let text = c.diagnostics.render_short(&c.files);
-    assert!(c.snapshot.is_none(), "{text}");
+    let (ok, text) = diagnostics_of(
+        "require_client_cert = true",
+        &gateway_toml(&[&server], "", ""),
+    );
+    assert!(!ok, "{text}");
     assert!(text.contains("routes/all.toml:5:"), "{text}");
     assert!(text.contains("no listener verifies one"), "{text}");
 }
@@ -755,8 +736,13 @@ fn redirect_to_https_answers_308_with_the_https_port() {
 /// Compiles a repo with this gateway.toml, reading secrets, and returns its diagnostics as
 /// `severity[code] file:line:col: message` lines.
 fn diagnostics(gateway: &str) -> (bool, String) {
+    diagnostics_of("", gateway)
+}
+
+/// [`diagnostics`], with `route_extra` on the catch-all route.
+fn diagnostics_of(route_extra: &str, gateway: &str) -> (bool, String) {
     let be = "http://127.0.0.1:9";
-    let mut files = proxy_all(be, "");
+    let mut files = proxy_all(be, route_extra);
     files.push(("gateway.toml", gateway.to_owned()));
     let dir = repo(&as_refs(&files));
     let c = compile_dir(
@@ -971,10 +957,7 @@ async fn alpn_h2_serves_http2_over_tls_with_the_connection_facts() {
     let server = pki.leaf("server", &["a.test"], 90, false);
     let client = pki.leaf("client", &["client.test"], 90, true);
     let be = Backend::echo();
-    let tls_extra = format!(
-        ", client_auth = {{ ca = {{ file = \"{}\" }}, required = false }}",
-        pki.ca_path().display()
-    );
+    let tls_extra = client_auth(&pki, false);
     let gw = start(&gateway_toml(&[&server], &tls_extra, ""), &be);
     let mut config = (*client_config(&pki, rustls::DEFAULT_VERSIONS, Some(&client))).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
