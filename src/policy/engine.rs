@@ -252,6 +252,7 @@ pub fn build(limits: &Limits) -> Engine {
     }
     engine.on_print(|s| log_print(s, "print"));
     engine.on_debug(|s, _, _| log_print(s, "debug"));
+    super::sizes::register(&mut engine, limits.max_string_size);
     super::api::register(&mut engine, limits);
     engine
 }

@@ -17,6 +17,7 @@ mod direct;
 pub mod engine;
 mod native_calls;
 mod regex_cache;
+mod sizes;
 
 use std::cell::RefCell;
 use std::ops::Range;

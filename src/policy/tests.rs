@@ -873,3 +873,127 @@ fn req_trace_id_is_the_requests_trace_in_hex_and_empty_without_tracing() {
         );
     }
 }
+
+/// Runs the test `name` (this module's) alone in a child process, where `body` runs: a test
+/// that measures the process's peak memory, or that might overflow a stack and abort, cannot
+/// take the other tests (or the harness) with it. In the child, runs `body`.
+pub(super) fn in_child(name: &str, body: impl FnOnce()) {
+    const CHILD: &str = "RUSTYGATE_TEST_CHILD";
+    let full = format!("policy::tests::{name}");
+    if std::env::var(CHILD).as_deref() == Ok(full.as_str()) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("test binary: {e}"));
+    let out = std::process::Command::new(exe)
+        .args([full.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, &full)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the child: {e}"));
+    assert!(
+        out.status.success(),
+        "{full} in a child process: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// This process's peak resident memory (`VmHWM`), in bytes.
+#[cfg(target_os = "linux")]
+fn peak_rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn replace_fails_on_string_size_before_building_the_result() {
+    in_child(
+        "replace_fails_on_string_size_before_building_the_result",
+        || {
+            let before = peak_rss();
+            // 2000 matches of a 65000-byte replacement: a 130 MB result, each argument within
+            // the default 64 KiB.
+            let f = fails(
+                "fn on_request(req) {\n let s = \"a\"; s.pad(2000, 'a');\n let t = \"b\"; t.pad(65000, 'b');\n s.replace(\"a\", t);\n }",
+                &Limits::default(),
+            );
+            assert_eq!(f.reason, Reason::StringSize, "{f}");
+            assert_eq!(f.line, Some(4), "{f}");
+            let grew = peak_rss().saturating_sub(before);
+            assert!(grew < 32 << 20, "peak memory grew by {} MiB", grew >> 20);
+            for src in [
+                "s.replace(\"\", t)",
+                "s.replace('a', t)",
+                "t.replace(\"b\", s)",
+                "t.replace('b', '😀')",
+                "s.pad(70000, 'x')",
+                "s.pad(20000, '😀')",
+                "s.pad(70000, \"xy\")",
+            ] {
+                let f = fails(
+                    &format!(
+                        "fn on_request(req) {{\n let s = \"a\"; s.pad(2000, 'a');\n let t = \"b\"; t.pad(65000, 'b');\n {src};\n }}"
+                    ),
+                    &Limits::default(),
+                );
+                assert_eq!(f.reason, Reason::StringSize, "{src}: {f}");
+            }
+        },
+    );
+}
+
+#[test]
+fn results_within_the_limit_are_what_rhai_builds() {
+    let p = policy(
+        r#"fn on_request(req) {
+            let s = "hello, world! hello";
+            s.replace("hello", "hey"); s.replace('!', "?!"); s.replace("o", '0'); s.replace(',', ';');
+            let e = "ab"; e.replace("", "-");
+            let p = "hi"; p.pad(5, '😀'); p.pad(9, "xy");
+            let big = "a"; big.pad(1000, 'a'); big.replace("a", "bb");
+            req.set_header("x-s", s);
+            req.set_header("x-e", e);
+            req.set_header("x-p", p);
+            req.set_header("x-n", `${big.len}`);
+        }"#,
+        &Limits {
+            max_string_size: 2000,
+            ..Limits::default()
+        },
+    );
+    let r = req();
+    p.on_request(&r).unwrap_or_else(|e| panic!("{e}"));
+    let st = r.state();
+    let get = |n: &str| {
+        st.header_values(n)
+            .next()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(get("x-s").as_deref(), Some("hey; w0rld?! hey"));
+    assert_eq!(get("x-e").as_deref(), Some("-a-b-"));
+    assert_eq!(get("x-p").as_deref(), Some("hi😀😀😀xyxy"));
+    assert_eq!(get("x-n").as_deref(), Some("2000"));
+}
+
+#[test]
+fn padding_with_an_empty_string_returns() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let p = policy(
+            "fn on_request(req) { let s = \"x\"; s.pad(10, \"\"); req.set_header(\"x-s\", s); }",
+            &Limits::default(),
+        );
+        let _ = tx.send(p.on_request(&req()).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let out = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(out, Ok(Ok(()))),
+        "pad with \"\" did not return in 10 s: {out:?}"
+    );
+}

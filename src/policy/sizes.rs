@@ -1,0 +1,174 @@
+//! Rhai's string functions whose result can be many times larger than their arguments, replaced
+//! by versions that work out the result's size first and fail with `string_size` before
+//! allocating it.
+//!
+//! Rhai checks `max_string_size` on a function's result, after the function has built it. For
+//! most functions the result is at most a few times the size of the arguments, which are within
+//! the limit themselves (`+` of two strings, `to_upper`, `to_string` of an array). `replace`
+//! is not: each match of a one-character pattern can become a 64 KiB replacement, so one call
+//! could build gigabytes (and take seconds, inside one Rhai operation, where the wall-clock
+//! budget is not looked at) before the check. `pad` is bounded by its length argument in
+//! characters, but a character can be four bytes; its check here is on the exact byte size.
+//!
+//! The engine's own functions are found before the standard library's, so registering these
+//! on the engine replaces Rhai's for every script.
+
+use rhai::{Engine, EvalAltResult, INT, ImmutableString, Position};
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// The error Rhai raises for a string over `max_string_size` (read back as `string_size`).
+fn too_long() -> Box<EvalAltResult> {
+    EvalAltResult::ErrorDataTooLarge("Length of string".into(), Position::NONE).into()
+}
+
+/// `Err` when a string of `bytes` (`None`: more than a `usize` holds) is over `max`
+/// (0: no limit).
+fn within(bytes: Option<usize>, max: usize) -> RhaiResult<()> {
+    match bytes {
+        Some(n) if max == 0 || n <= max => Ok(()),
+        _ => Err(too_long()),
+    }
+}
+
+/// The length of `s` with every `find` replaced by `with` (`find` of `find_len` bytes, as
+/// `str::replace` does it: an empty `find` matches at every character boundary).
+fn replaced_len(s: &str, find: &str, with_len: usize) -> Option<usize> {
+    let matches = if find.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(find).count()
+    };
+    let removed = matches.checked_mul(find.len())?;
+    let added = matches.checked_mul(with_len)?;
+    (s.len() - removed).checked_add(added)
+}
+
+/// `s.replace(find, with)` into `s`, failing before the work when the result would be over
+/// `max`. Rhai leaves an empty string as it is, even for an empty `find`.
+fn replace(s: &mut ImmutableString, find: &str, with: &str, max: usize) -> RhaiResult<()> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    // A replacement no longer than what it replaces cannot make the string grow.
+    if with.len() > find.len() {
+        within(replaced_len(s, find, with.len()), max)?;
+    }
+    *s = s.replace(find, with).into();
+    Ok(())
+}
+
+/// The length of `s` padded to `len` characters with `padding` (repeated, the last copy cut
+/// short), or `s`'s own length when it has that many already.
+fn padded_len(s: &str, len: usize, padding: &str) -> Option<usize> {
+    let have = s.chars().count();
+    let Some(missing) = len.checked_sub(have).filter(|&m| m > 0) else {
+        return Some(s.len());
+    };
+    let per = padding.chars().count();
+    if per == 0 {
+        return Some(s.len());
+    }
+    let whole = (missing / per).checked_mul(padding.len())?;
+    let part: usize = padding
+        .chars()
+        .take(missing % per)
+        .map(char::len_utf8)
+        .sum();
+    s.len().checked_add(whole)?.checked_add(part)
+}
+
+/// `s.pad(len, padding)`: pads `s` to `len` characters, failing first when that is over `max`.
+fn pad(s: &mut ImmutableString, len: INT, padding: &str, max: usize) -> RhaiResult<()> {
+    if len <= 0 || padding.is_empty() {
+        return Ok(());
+    }
+    let Ok(len) = usize::try_from(len) else {
+        return Err(too_long());
+    };
+    let bytes = padded_len(s, len, padding);
+    within(bytes, max)?;
+    let have = s.chars().count();
+    if len <= have {
+        return Ok(());
+    }
+    let p = s.make_mut();
+    p.extend(padding.chars().cycle().take(len - have));
+    Ok(())
+}
+
+/// Registers the checked versions on `engine`, for strings of at most `max` bytes (0: none).
+pub(crate) fn register(engine: &mut Engine, max: usize) {
+    engine
+        .register_fn(
+            "replace",
+            move |s: &mut ImmutableString, find: &str, with: &str| replace(s, find, with, max),
+        )
+        .register_fn(
+            "replace",
+            move |s: &mut ImmutableString, find: &str, with: char| {
+                replace(s, find, with.encode_utf8(&mut [0; 4]), max)
+            },
+        )
+        .register_fn(
+            "replace",
+            move |s: &mut ImmutableString, find: char, with: &str| {
+                replace(s, find.encode_utf8(&mut [0; 4]), with, max)
+            },
+        )
+        .register_fn(
+            "replace",
+            move |s: &mut ImmutableString, find: char, with: char| {
+                replace(
+                    s,
+                    find.encode_utf8(&mut [0; 4]),
+                    with.encode_utf8(&mut [0; 4]),
+                    max,
+                )
+            },
+        )
+        .register_fn(
+            "pad",
+            move |s: &mut ImmutableString, len: INT, padding: char| {
+                pad(s, len, padding.encode_utf8(&mut [0; 4]), max)
+            },
+        )
+        .register_fn(
+            "pad",
+            move |s: &mut ImmutableString, len: INT, padding: &str| pad(s, len, padding, max),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_worked_out_as_the_functions_build_them() {
+        for (s, find, with) in [
+            ("hello, world! hello", "hello", "hey"),
+            ("aaa", "a", "xyz"),
+            ("aaa", "", "-"),
+            ("héé", "é", "😀"),
+            ("abc", "zz", "long"),
+            ("", "", "x"),
+        ] {
+            assert_eq!(
+                replaced_len(s, find, with.len()),
+                Some(s.replace(find, with).len()),
+                "{s:?}.replace({find:?}, {with:?})"
+            );
+        }
+        for (s, len, padding, want) in [
+            ("hello", 8, "!", "hello!!!"),
+            ("hello", 10, "(!)", "hello(!)(!"),
+            ("hé", 5, "😀é", "hé😀é😀"),
+            ("hello", 3, "*", "hello"),
+        ] {
+            assert_eq!(padded_len(s, len, padding), Some(want.len()));
+            let mut text = ImmutableString::from(s);
+            pad(&mut text, len as INT, padding, 0).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(text.as_str(), want);
+        }
+    }
+}
