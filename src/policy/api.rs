@@ -758,6 +758,9 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
                 if max_map_size > 0 && m.len() > max_map_size {
                     return Err(super::engine::map_too_large());
                 }
+                // Kept past the call (and given to `on_response`): never deeper than a
+                // script may read.
+                super::sizes::check_map_depth(&m)?;
                 r.state().ctx = m;
                 Ok(())
             },

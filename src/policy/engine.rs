@@ -231,25 +231,31 @@ pub fn build(limits: &Limits) -> Engine {
         .register_fn("exit", exit)
         .register_fn("exit", move |_: Dynamic| exit());
     engine.on_progress(over_budget);
-    if let Some(max) = std::num::NonZeroUsize::new(limits.max_map_size) {
-        // Rhai checks the size of a value assigned into a map (`m[k] = v`), not of the map that
-        // grew by one key; check a map's own size each time a script names its variable, so a
-        // loop adding keys stops one key over the limit. (A map nested in another one is
-        // counted when the outer one is returned, assigned with `+=`, or passed to a function.)
-        #[allow(deprecated)] // `on_var` is marked volatile, not going away
-        // Only scripts that assign into an index or property pay for the lookup.
-        engine.on_var(move |name, _, cx| {
-            if !RUNNING.with(|r| r.check_maps.get()) {
-                return Ok(None);
-            }
-            match cx.scope().get(name) {
-                Some(v) if v.is_map() && v.as_map_ref().is_ok_and(|m| m.len() > max.get()) => {
-                    Err(map_too_large())
-                }
-                _ => Ok(None),
-            }
-        });
-    }
+    let max_map = limits.max_map_size;
+    // Rhai checks the size of a value assigned into a map (`m[k] = v`), not of the map that
+    // grew by one key; check a map's own size each time a script names its variable, so a
+    // loop adding keys stops one key over the limit. (A map nested in another one is counted
+    // when the outer one is returned, assigned with `+=`, or passed to a function.) Only scripts
+    // that assign into an index or property pay for the size. Every array or map read is checked
+    // for nesting (see `sizes::MAX_DEPTH`): a value nests at most one expression deeper before
+    // it is read again.
+    #[allow(deprecated)] // `on_var` is marked volatile, not going away
+    engine.on_var(move |name, _, cx| {
+        let Some(v) = cx.scope().get(name) else {
+            return Ok(None);
+        };
+        if !v.is_array() && !v.is_map() {
+            return Ok(None);
+        }
+        if max_map > 0
+            && RUNNING.with(|r| r.check_maps.get())
+            && v.as_map_ref().is_ok_and(|m| m.len() > max_map)
+        {
+            return Err(map_too_large());
+        }
+        super::sizes::check_depth(v)?;
+        Ok(None)
+    });
     engine.on_print(|s| log_print(s, "print"));
     engine.on_debug(|s, _, _| log_print(s, "debug"));
     super::sizes::register(&mut engine, limits.max_string_size);
@@ -272,6 +278,8 @@ pub enum Reason {
     StringSize,
     ArraySize,
     MapSize,
+    /// Arrays and maps nested deeper than `sizes::MAX_DEPTH`.
+    Nesting,
     /// Over the wall-clock budget.
     Timeout,
     /// `set_upstream` named an upstream the snapshot does not have.
@@ -291,6 +299,7 @@ impl Reason {
             Reason::StringSize => "string_size",
             Reason::ArraySize => "array_size",
             Reason::MapSize => "map_size",
+            Reason::Nesting => "nesting",
             Reason::Timeout => "timeout",
             Reason::UnknownUpstream => "unknown_upstream",
             Reason::InvalidAction => "invalid_action",
@@ -321,7 +330,9 @@ pub(crate) fn classify(err: &EvalAltResult) -> (Reason, Position, String) {
         EvalAltResult::ErrorStackOverflow(_) => Reason::CallDepth,
         EvalAltResult::ErrorDataTooLarge(what, _) => {
             let what = what.to_ascii_lowercase();
-            if what.contains("string") {
+            if what.starts_with("nesting") {
+                Reason::Nesting
+            } else if what.contains("string") {
                 Reason::StringSize
             } else if what.contains("map") {
                 Reason::MapSize

@@ -12,8 +12,63 @@
 //!
 //! The engine's own functions are found before the standard library's, so registering these
 //! on the engine replaces Rhai's for every script.
+//!
+//! Also here: how deeply arrays and maps may nest ([`MAX_DEPTH`]). Rhai's size limits count
+//! elements, not depth, and Rhai clones, measures, compares, prints and drops a nested value
+//! by recursion: `for i in 0..n { a = [a]; }` built values a few thousand levels deep within
+//! the default limits, and the first recursion over one overflowed the worker's stack, which
+//! aborts the whole process.
 
-use rhai::{Engine, EvalAltResult, INT, ImmutableString, Position};
+use rhai::{Dynamic, Engine, EvalAltResult, INT, ImmutableString, Position};
+
+/// How many arrays and maps deep a value a script reads may be (JSON that `parse_json` or a
+/// token's claims give is at most 128 deep too: serde_json's limit). A value is checked each
+/// time a script reads a variable holding it, and when it is stored as `req.ctx`; one
+/// expression can nest at most `max_expr_depth` more levels before its result is read again,
+/// and script functions returning nested literals at most `max_call_depth` times that.
+pub const MAX_DEPTH: usize = 128;
+
+/// Whether `v` has arrays or maps nested more than `room` deep (`[]` is one deep). Recursive,
+/// but never more than `room` calls deep.
+fn deeper_than(v: &Dynamic, room: usize) -> bool {
+    if v.is_array() {
+        let Ok(a) = v.as_array_ref() else {
+            return false;
+        };
+        room == 0 || a.iter().any(|x| deeper_than(x, room - 1))
+    } else if v.is_map() {
+        let Ok(m) = v.as_map_ref() else {
+            return false;
+        };
+        room == 0 || m.values().any(|x| deeper_than(x, room - 1))
+    } else {
+        false
+    }
+}
+
+fn too_deep() -> Box<EvalAltResult> {
+    EvalAltResult::ErrorDataTooLarge(
+        format!("Nesting of arrays and object maps (over {MAX_DEPTH} deep)"),
+        Position::NONE,
+    )
+    .into()
+}
+
+/// `Err` (`nesting`) when `v` nests arrays and maps more than [`MAX_DEPTH`] deep.
+pub(crate) fn check_depth(v: &Dynamic) -> RhaiResult<()> {
+    if deeper_than(v, MAX_DEPTH) {
+        return Err(too_deep());
+    }
+    Ok(())
+}
+
+/// [`check_depth`] of a map held as a `Map`.
+pub(crate) fn check_map_depth(m: &rhai::Map) -> RhaiResult<()> {
+    if m.values().any(|v| deeper_than(v, MAX_DEPTH - 1)) {
+        return Err(too_deep());
+    }
+    Ok(())
+}
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -142,6 +197,24 @@ pub(crate) fn register(engine: &mut Engine, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_counts_arrays_and_maps_alike() {
+        let mut v = Dynamic::from(1_i64);
+        for i in 0..MAX_DEPTH {
+            v = if i % 2 == 0 {
+                Dynamic::from_array(vec![Dynamic::UNIT, v])
+            } else {
+                let mut m = rhai::Map::new();
+                m.insert("k".into(), v);
+                Dynamic::from_map(m)
+            };
+        }
+        assert!(check_depth(&v).is_ok(), "{MAX_DEPTH} deep is allowed");
+        let v = Dynamic::from_array(vec![v]);
+        assert!(check_depth(&v).is_err());
+        assert!(check_depth(&Dynamic::from("text")).is_ok());
+    }
 
     #[test]
     fn sizes_are_worked_out_as_the_functions_build_them() {

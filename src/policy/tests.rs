@@ -997,3 +997,56 @@ fn padding_with_an_empty_string_returns() {
         "pad with \"\" did not return in 10 s: {out:?}"
     );
 }
+
+/// Runs `src`'s `on_request` on a thread with an actix worker's stack (2 MiB, Rust's default).
+fn on_worker_stack(src: &str, limits: &Limits) -> Result<Option<Verdict>, PolicyFailure> {
+    let (src, limits) = (src.to_owned(), limits.clone());
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || policy(&src, &limits).on_request(&req()))
+        .unwrap_or_else(|e| panic!("cannot start a thread: {e}"))
+        .join()
+        .unwrap_or_else(|_| panic!("the hook panicked"))
+}
+
+#[test]
+fn deeply_nested_values_stop_on_nesting_not_the_stack() {
+    // Without the depth limit this overflowed the stack, which aborts the process: hence the
+    // child process, so the harness reports it.
+    in_child("deeply_nested_values_stop_on_nesting_not_the_stack", || {
+        let limits = Limits {
+            max_operations: 0,
+            budget: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        for src in [
+            "fn on_request(req) { let a = []; for i in 0..9000 { a = [take(a)]; } }",
+            "fn on_request(req) { let a = []; for i in 0..9000 { a = [a]; } }",
+            "fn on_request(req) { let m = #{}; for i in 0..9000 { m = #{ k: [take(m)] }; } }",
+            "fn on_request(req) { let a = []; for i in 0..9000 { let b = [a]; a = b; } print(a); }",
+            "fn on_request(req) { for i in 0..9000 { req.ctx = #{ k: req.ctx }; } }",
+        ] {
+            match on_worker_stack(src, &limits) {
+                Err(f) => assert_eq!(f.reason, Reason::Nesting, "{src}: {f}"),
+                Ok(v) => panic!("{src}: did not fail: {v:?}"),
+            }
+        }
+        // Values up to the limit are fine, and what the script does with them works.
+        let ok = format!(
+            "fn on_request(req) {{ let a = []; for i in 0..{} {{ a = [a]; }} let s = to_json(a); let b = a; req.ctx = #{{ k: b }}; if a != b {{ throw \"differ\"; }} }}",
+            super::sizes::MAX_DEPTH - 2
+        );
+        on_worker_stack(&ok, &limits).unwrap_or_else(|f| panic!("{f}"));
+        // Script functions that return nested literals nest without reading a variable: at
+        // most `max_call_depth` times one expression (here 30 x 6 levels), and that is read
+        // before it goes deeper.
+        let nest = format!("{}down(n - 1){}", "[".repeat(6), "]".repeat(6));
+        let src = format!(
+            "fn down(n) {{ if n == 0 {{ [] }} else {{ {nest} }} }}\nfn on_request(req) {{ let a = down(30); let s = to_json(down(30)); print(down(30)); let b = [a]; }}"
+        );
+        match on_worker_stack(&src, &limits) {
+            Err(f) => assert_eq!(f.reason, Reason::Nesting, "{f}"),
+            Ok(v) => panic!("did not fail: {v:?}"),
+        }
+    });
+}
