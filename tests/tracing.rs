@@ -273,6 +273,8 @@ fn server_and_client_spans_continue_the_clients_trace_with_the_documented_attrib
     assert_eq!(spans.len(), 2, "one server span, one client span");
     let server = spans.iter().find(|s| kind(s) == SpanKind::Server).unwrap();
     let client = spans.iter().find(|s| kind(s) == SpanKind::Client).unwrap();
+    // Span.flags: the W3C trace flags (sampled) in bits 0-7.
+    assert_eq!((server.flags & 0xff, client.flags & 0xff), (1, 1));
     assert_eq!(server.name, "GET /orders/{id}");
     assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);
     assert_eq!(client.name, "GET");
@@ -522,6 +524,73 @@ fn a_clients_sampled_flag_does_not_force_recording_unless_trusted() {
     );
     let spans = collector.wait_for(CLIENT_TRACE, 2);
     assert_eq!(spans.len(), 2);
+}
+
+#[test]
+fn tracestate_and_baggage_go_upstream_only_with_their_trace_and_within_the_w3c_limits() {
+    let backend = Backend::echo();
+    let collector = Collector::start();
+    let gw = sampling_gateway(&collector, &backend, "");
+    let tp = traceparent(true);
+    let bad_tp = tp.replace("-01", "-0x");
+    let list = |n: usize, prefix: &str| {
+        (0..n)
+            .map(|i| format!("{prefix}{i}=v{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // Not continued (a traceparent that does not parse, or two of them): a new trace, and the
+    // client's tracestate is not the upstream's business.
+    for headers in [
+        vec![
+            ("traceparent", bad_tp.as_str()),
+            ("tracestate", "vendor=abc"),
+        ],
+        vec![
+            ("traceparent", tp.as_str()),
+            ("traceparent", tp.as_str()),
+            ("tracestate", "vendor=abc"),
+        ],
+    ] {
+        let (status, body) = call(&gw, "/quiet/1", &headers);
+        assert_eq!(status, 200, "{body}");
+        let (trace, _, _) = parse_tp(&echoed(&body, "traceparent").unwrap());
+        assert_ne!(
+            trace, CLIENT_TRACE,
+            "{headers:?}: the client's trace was continued"
+        );
+        assert_eq!(echoed(&body, "tracestate"), None, "{headers:?}");
+    }
+    // Continued: tracestate goes with it, cut to 32 members; baggage to 180.
+    let (state, baggage) = (list(40, "k"), list(200, "b"));
+    let (status, body) = call(
+        &gw,
+        "/quiet/1",
+        &[
+            ("traceparent", &tp),
+            ("tracestate", &state),
+            ("baggage", &baggage),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        parse_tp(&echoed(&body, "traceparent").unwrap()).0,
+        CLIENT_TRACE
+    );
+    assert_eq!(echoed(&body, "tracestate"), Some(list(32, "k")));
+    assert_eq!(echoed(&body, "baggage"), Some(list(180, "b")));
+    // Within the limits: as the client sent it.
+    let (_, body) = call(
+        &gw,
+        "/quiet/1",
+        &[
+            ("traceparent", &tp),
+            ("tracestate", "a=1,b=2"),
+            ("baggage", "x=1"),
+        ],
+    );
+    assert_eq!(echoed(&body, "tracestate").as_deref(), Some("a=1,b=2"));
+    assert_eq!(echoed(&body, "baggage").as_deref(), Some("x=1"));
 }
 
 #[test]

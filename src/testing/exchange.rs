@@ -101,8 +101,11 @@ struct CaseTrace {
 
 impl CaseTrace {
     fn start(cfg: &Arc<TraceConfig>, headers: &HeaderMap) -> CaseTrace {
+        // A field given more than once is not read (as the server does).
         let parent = propagation::extract(&cfg.propagators, |f| {
-            headers.get(f.header()).map(|v| v.as_bytes())
+            let mut values = headers.get_all(f.header()).iter();
+            let first = values.next()?;
+            values.next().is_none().then(|| first.as_bytes())
         });
         CaseTrace {
             cfg: Arc::clone(cfg),
@@ -117,6 +120,7 @@ impl CaseTrace {
         propagation::inject(
             &self.cfg.propagators,
             headers,
+            self.parent.as_ref(),
             &self.trace_id,
             &SpanId::random(),
             sampled,

@@ -111,12 +111,12 @@ static ACTIX_FIELDS: [actix_web::http::header::HeaderName; 6] = [
     actix_web::http::header::HeaderName::from_static(Field::B3Flags.name()),
 ];
 
-/// A client request's propagation header, looked up by a name made once.
+/// A client request's propagation header, looked up by a name made once; `None` when the
+/// request has it more than once (two `traceparent` fields are not a context: W3C).
 pub fn actix_field(headers: &actix_web::http::header::HeaderMap, f: Field) -> Option<&[u8]> {
-    ACTIX_FIELDS
-        .get(f.index())
-        .and_then(|n| headers.get(n))
-        .map(|v| v.as_bytes())
+    let mut values = headers.get_all(ACTIX_FIELDS.get(f.index())?);
+    let first = values.next()?;
+    values.next().is_none().then(|| first.as_bytes())
 }
 
 /// Whether a trace is in the `ratio` share, as OpenTelemetry's `TraceIdRatioBased` decides.
@@ -367,6 +367,7 @@ impl RequestTrace {
         propagation::inject_but_traceparent(
             &self.cfg.propagators,
             headers,
+            self.parent.as_ref(),
             &self.trace_id,
             &span_id,
             sampled,

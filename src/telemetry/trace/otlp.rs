@@ -168,8 +168,8 @@ impl SpanBody<'_> {
     }
 
     /// Ends the span: status ERROR with `error` as its message when set (unset otherwise),
-    /// and whether the parent was in another process (bit 9 of `flags`, with bit 8 saying it
-    /// is known).
+    /// and `flags`: the W3C trace flags in bits 0-7 (sampled: only sampled spans are exported),
+    /// and whether the parent was in another process (bit 9, with bit 8 saying it is known).
     pub fn finish(self, error: Option<&str>, remote_parent: bool) {
         if let Some(msg) = error {
             // Status { message = 2, code = 3 (ERROR = 2) }
@@ -181,10 +181,13 @@ impl SpanBody<'_> {
         }
         // flags = 16 (fixed32)
         tag(self.0, 16, 5);
-        let flags: u32 = 0x100 | if remote_parent { 0x200 } else { 0 };
+        let flags: u32 = 0x100 | SAMPLED | if remote_parent { 0x200 } else { 0 };
         self.0.extend_from_slice(&flags.to_le_bytes());
     }
 }
+
+/// The W3C `sampled` trace flag, as it appears in `Span.flags`.
+const SAMPLED: u32 = 0x01;
 
 /// Appends a finished span body to `out` as `ScopeSpans.spans` (field 2).
 pub fn push_span(out: &mut Vec<u8>, body: &[u8]) {
@@ -500,7 +503,7 @@ mod tests {
         assert_eq!(s.events[0].attributes[0].key, "rustygate.reason");
         let status = s.status.as_ref().unwrap();
         assert_eq!((status.code, status.message.as_str()), (2, "503"));
-        assert_eq!(s.flags, 0x100);
+        assert_eq!(s.flags, 0x101, "sampled, parent known to be local");
         assert_eq!(c.name, "GET");
         assert_eq!(c.parent_span_id, vec![1; 8]);
         assert_eq!(
@@ -508,7 +511,7 @@ mod tests {
             (3, 12, 12)
         );
         assert!(c.status.is_none() && c.attributes.is_empty());
-        assert_eq!(c.flags, 0x300);
+        assert_eq!(c.flags, 0x301, "sampled, parent remote");
     }
 
     #[test]

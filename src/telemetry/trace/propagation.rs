@@ -2,7 +2,11 @@
 //! `traceparent`/`tracestate` (and `baggage`), and B3 single (`b3`) or multi (`X-B3-*`).
 //!
 //! A context that does not parse is ignored as a whole (the request starts a new trace), as the
-//! W3C spec asks; nothing here fails a request.
+//! W3C spec asks; nothing here fails a request. A field sent more than once is a context that
+//! does not parse (callers' `get` returns `None` for it). The client's `tracestate` goes upstream
+//! only with the `traceparent` it belongs to, and is cut to the spec's limits (32 list members,
+//! 512 characters); `baggage` is cut to W3C baggage's (180 members, 8192 bytes), whole members
+//! from the end.
 
 use std::cell::RefCell;
 
@@ -62,6 +66,8 @@ pub struct Parent {
     pub trace_id: TraceId,
     pub span_id: SpanId,
     pub sampled: bool,
+    /// Read from `traceparent` (not B3): the client's `tracestate` belongs to this trace.
+    pub w3c: bool,
 }
 
 /// A request header a context is read from. Callers look it up by a header name made once
@@ -121,7 +127,7 @@ static FIELD_NAMES: [HeaderName; 6] = [
 ];
 
 /// Reads the client's context: `traceparent` first, then B3 when enabled. `get` looks a
-/// request header up.
+/// request header up, and returns `None` for one the request has more than once.
 pub fn extract<'h>(p: &Propagators, get: impl Fn(Field) -> Option<&'h [u8]>) -> Option<Parent> {
     if p.tracecontext
         && let Some(found) = get(Field::TraceParent).and_then(traceparent)
@@ -160,6 +166,7 @@ pub fn traceparent(v: &[u8]) -> Option<Parent> {
         trace_id,
         span_id,
         sampled: flags & 1 == 1,
+        w3c: true,
     })
 }
 
@@ -174,6 +181,7 @@ fn b3_single(v: &[u8]) -> Option<Parent> {
         trace_id,
         span_id,
         sampled,
+        w3c: false,
     })
 }
 
@@ -186,6 +194,7 @@ fn b3_multi<'h>(get: &impl Fn(Field) -> Option<&'h [u8]>) -> Option<Parent> {
         trace_id,
         span_id,
         sampled,
+        w3c: false,
     })
 }
 
@@ -207,6 +216,99 @@ fn trim(v: &[u8]) -> &[u8] {
 }
 
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// W3C Trace Context: at most 32 list members; 512 characters is what every vendor must pass
+/// on, and members over 128 characters are the first to go when a list is cut.
+const TRACESTATE_MEMBERS: usize = 32;
+const TRACESTATE_BYTES: usize = 512;
+const TRACESTATE_LONG_MEMBER: usize = 128;
+/// W3C Baggage: at most 180 list members and 8192 bytes; a list is cut by whole members.
+const BAGGAGE_MEMBERS: usize = 180;
+const BAGGAGE_BYTES: usize = 8192;
+
+/// The list members of every `name` field in `headers` (fields of one list are joined with
+/// commas, as the specs say), without empty ones, trimmed.
+fn list_members(headers: &HeaderMap, name: &HeaderName) -> Vec<Vec<u8>> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(trim)
+        .filter(|m| !m.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Whether the `name` fields are within `max_members` and `max_bytes` as they are (the usual
+/// case: one short field, left untouched).
+fn within_limits(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    max_members: usize,
+    max_bytes: usize,
+) -> bool {
+    let mut fields = headers.get_all(name).iter();
+    match (fields.next(), fields.next()) {
+        (None, _) => true,
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            v.len() <= max_bytes && memchr::memchr_iter(b',', v).count() < max_members
+        }
+        _ => false,
+    }
+}
+
+/// Replaces the `name` fields with one holding `members`, or removes them when none is left.
+fn set_list(headers: &mut HeaderMap, name: HeaderName, members: &[Vec<u8>]) {
+    let joined = members.join(&b","[..]);
+    match (!joined.is_empty())
+        .then(|| header_value(&joined))
+        .flatten()
+    {
+        Some(v) => {
+            headers.insert(name, v);
+        }
+        None => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The length of `members` joined with commas.
+fn joined_len(members: &[Vec<u8>]) -> usize {
+    members.iter().map(Vec::len).sum::<usize>() + members.len().saturating_sub(1)
+}
+
+/// Cuts the client's `tracestate` to the spec's limits: members over 128 characters go first,
+/// then members from the end.
+fn limit_tracestate(headers: &mut HeaderMap) {
+    if within_limits(headers, &TRACESTATE, TRACESTATE_MEMBERS, TRACESTATE_BYTES) {
+        return;
+    }
+    let mut members = list_members(headers, &TRACESTATE);
+    if members.len() > TRACESTATE_MEMBERS || joined_len(&members) > TRACESTATE_BYTES {
+        members.retain(|m| m.len() <= TRACESTATE_LONG_MEMBER);
+    }
+    members.truncate(TRACESTATE_MEMBERS);
+    while joined_len(&members) > TRACESTATE_BYTES {
+        members.pop();
+    }
+    set_list(headers, TRACESTATE, &members);
+}
+
+/// Cuts the client's `baggage` to W3C Baggage's limits, whole members from the end.
+fn limit_baggage(headers: &mut HeaderMap) {
+    if within_limits(headers, &BAGGAGE, BAGGAGE_MEMBERS, BAGGAGE_BYTES) {
+        return;
+    }
+    let mut members = list_members(headers, &BAGGAGE);
+    members.truncate(BAGGAGE_MEMBERS);
+    while joined_len(&members) > BAGGAGE_BYTES {
+        members.pop();
+    }
+    set_list(headers, BAGGAGE, &members);
+}
 const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 /// `00-{trace}-{span}-{01|00}`.
@@ -246,16 +348,19 @@ pub fn traceparent_value(v: &[u8; 55]) -> Option<HeaderValue> {
 }
 
 /// Sets our context on the upstream request: `span_id` is the span the upstream's work hangs
-/// under. The client's `tracestate` was forwarded with its other headers, and stays with the
-/// `traceparent` it belongs to; `baggage` is removed unless that propagator is on.
+/// under. The client's `tracestate` was forwarded with its other headers: it stays (cut to the
+/// spec's limits) when the trace continues the client's `traceparent` (`parent` read from it),
+/// and is removed when a new trace started. `baggage` is removed unless that propagator is on,
+/// and cut to its limits when it is.
 pub fn inject(
     p: &Propagators,
     headers: &mut HeaderMap,
+    parent: Option<&Parent>,
     trace_id: &TraceId,
     span_id: &SpanId,
     sampled: bool,
 ) {
-    if let Some(tp) = inject_but_traceparent(p, headers, trace_id, span_id, sampled)
+    if let Some(tp) = inject_but_traceparent(p, headers, parent, trace_id, span_id, sampled)
         && let Some(v) = traceparent_value(&tp)
     {
         headers.insert(Field::TraceParent.header(), v);
@@ -269,6 +374,7 @@ pub fn inject(
 pub fn inject_but_traceparent(
     p: &Propagators,
     headers: &mut HeaderMap,
+    parent: Option<&Parent>,
     trace_id: &TraceId,
     span_id: &SpanId,
     sampled: bool,
@@ -276,9 +382,19 @@ pub fn inject_but_traceparent(
     let tp = p
         .tracecontext
         .then(|| format_traceparent(trace_id, span_id, sampled));
+    if p.tracecontext {
+        if parent.is_some_and(|p| p.w3c) {
+            limit_tracestate(headers);
+        } else {
+            // A new trace: the client's vendor state was about a trace the upstream never sees.
+            headers.remove(TRACESTATE);
+        }
+    }
     if !p.baggage {
         // By name, not `&str`: a string key is parsed and validated first.
         headers.remove(BAGGAGE);
+    } else {
+        limit_baggage(headers);
     }
     if p.b3 {
         let mut v = Vec::with_capacity(52);
@@ -378,7 +494,7 @@ mod tests {
         let mut out = HeaderMap::new();
         out.insert("baggage", HeaderValue::from_static("k=v"));
         let all = Propagators::from_names(["tracecontext", "b3", "b3multi"]).unwrap();
-        inject(&all, &mut out, &p.trace_id, &p.span_id, false);
+        inject(&all, &mut out, Some(&p), &p.trace_id, &p.span_id, false);
         assert_eq!(
             out["traceparent"],
             "00-0000000000000000463ac35c9f6413ad-a2fb4a1d1a96d312-00"
