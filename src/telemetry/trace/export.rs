@@ -2,12 +2,14 @@
 //! OTLP/HTTP protobuf.
 //!
 //! Requests hand their spans over with a `try_send` on a bounded channel and never wait: when
-//! the queue is full (the collector is slow, stalled or down) the spans are dropped and counted
-//! in `rustygate_trace_spans_dropped_total{reason="queue_full"}`; a batch the collector refuses
+//! the queue is full (the collector is slow, stalled or down), by count ([`QUEUE_CAPACITY`]
+//! requests' spans) or by size ([`QUEUE_BYTES`] of encoded spans), the spans are dropped and
+//! counted in `rustygate_trace_spans_dropped_total{reason="queue_full"}`; a batch the collector refuses
 //! or does not answer in time is counted with `reason="export_failed"`. Each batch goes to the
 //! endpoint of the snapshot its requests were served with, so a reload that changes the endpoint
 //! applies to the requests that start after it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
@@ -21,6 +23,10 @@ use super::otlp;
 
 /// Requests' span sets (encoded) the queue holds before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 4096;
+/// Bytes of encoded spans the queue holds before new ones are dropped. A span's string values
+/// are cut to [`otlp::MAX_VALUE`], so a request's spans are a few KiB at most; this bounds the
+/// queue's memory whatever the requests were like.
+pub const QUEUE_BYTES: usize = 16 << 20;
 /// Spans sent in one POST at most.
 pub const MAX_BATCH: usize = 512;
 /// How long a span waits for its batch to fill before it is sent anyway.
@@ -95,6 +101,38 @@ enum Msg {
 
 static QUEUE: OnceLock<Option<SyncSender<Msg>>> = OnceLock::new();
 
+/// Bytes of spans in the queue: added by [`submit`], taken off when the exporter receives them.
+static QUEUED_BYTES: Room = Room::new(QUEUE_BYTES);
+
+/// A byte count shared by the requests that fill a queue and the thread that empties it.
+struct Room {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl Room {
+    const fn new(cap: usize) -> Room {
+        Room {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes when they fit.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&u| u <= self.cap)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` bytes taken before.
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
 fn queue() -> Option<&'static SyncSender<Msg>> {
     QUEUE
         .get_or_init(|| {
@@ -115,9 +153,15 @@ pub fn submit(export: &Arc<ExportConfig>, spans: Vec<u8>, count: usize) {
         DROPPED.with_label_values(&["queue_full"]).inc_by(n);
         return;
     };
+    let bytes = spans.len();
+    if !QUEUED_BYTES.take(bytes) {
+        DROPPED.with_label_values(&["queue_full"]).inc_by(n);
+        return;
+    }
     match q.try_send(Msg::Spans(Arc::clone(export), spans, count)) {
         Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            QUEUED_BYTES.give_back(bytes);
             DROPPED.with_label_values(&["queue_full"]).inc_by(n);
         }
     }
@@ -205,6 +249,7 @@ fn run(rx: Receiver<Msg>) {
         };
         match msg {
             Some(Msg::Spans(target, spans, count)) => {
+                QUEUED_BYTES.give_back(spans.len());
                 if exporter
                     .target
                     .as_ref()
@@ -330,6 +375,18 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_room_holds_bytes_up_to_its_cap() {
+        let room = Room::new(100);
+        assert!(room.take(60));
+        assert!(!room.take(41), "60 + 41 is over 100");
+        assert!(room.take(40));
+        assert!(!room.take(1));
+        room.give_back(60);
+        assert!(room.take(60));
+        assert!(!room.take(usize::MAX), "no overflow");
+    }
 
     #[test]
     fn gzip_round_trips_and_compression_names_are_the_otlp_ones() {

@@ -140,9 +140,9 @@ impl SpanBody<'_> {
         SpanBody(b)
     }
 
-    /// A string attribute (`attributes = 9`).
+    /// A string attribute (`attributes = 9`), cut to [`MAX_VALUE`].
     pub fn str(&mut self, key: &str, value: &str) {
-        attr_str_field(self.0, 9, key, value.as_bytes());
+        attr_str_field(self.0, 9, key, cut(value).as_bytes());
     }
 
     /// An integer attribute.
@@ -171,7 +171,7 @@ impl SpanBody<'_> {
     /// and `flags`: the W3C trace flags in bits 0-7 (sampled: only sampled spans are exported),
     /// and whether the parent was in another process (bit 9, with bit 8 saying it is known).
     pub fn finish(self, error: Option<&str>, remote_parent: bool) {
-        if let Some(msg) = error {
+        if let Some(msg) = error.map(cut) {
             // Status { message = 2, code = 3 (ERROR = 2) }
             tag(self.0, 15, 2);
             varint(self.0, (field_len(msg.len()) + 2) as u64);
@@ -184,6 +184,24 @@ impl SpanBody<'_> {
         let flags: u32 = 0x100 | SAMPLED | if remote_parent { 0x200 } else { 0 };
         self.0.extend_from_slice(&flags.to_le_bytes());
     }
+}
+
+/// The longest string a span carries as an attribute, event attribute or status message, in
+/// bytes: longer ones (a client's `User-Agent`, path or query) are cut, at a character boundary.
+/// What a request's spans take in the export queue is then bounded by what the gateway writes,
+/// not by what a client sends.
+pub const MAX_VALUE: usize = 1024;
+
+/// `s`, cut to at most [`MAX_VALUE`] bytes at a character boundary.
+pub fn cut(s: &str) -> &str {
+    if s.len() <= MAX_VALUE {
+        return s;
+    }
+    let mut end = MAX_VALUE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The W3C `sampled` trace flag, as it appears in `Span.flags`.
@@ -276,7 +294,7 @@ fn varint_len(v: u64) -> usize {
 fn key_value(out: &mut Vec<u8>, key: &str, v: &Value) {
     string(out, 1, key);
     message(out, 2, |any| match v {
-        Value::Str(s) => string(any, 1, s),
+        Value::Str(s) => string(any, 1, cut(s)),
         Value::Bool(b) => {
             tag(any, 2, 0);
             varint(any, u64::from(*b));
@@ -512,6 +530,54 @@ mod tests {
         );
         assert!(c.status.is_none() && c.attributes.is_empty());
         assert_eq!(c.flags, 0x301, "sampled, parent remote");
+    }
+
+    #[test]
+    fn long_values_are_cut_at_a_character_boundary() {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use opentelemetry_proto::tonic::trace::v1::Span;
+        use prost::Message;
+
+        // A 30 KB User-Agent of two-byte characters, after one ASCII byte: byte 1024 falls
+        // inside a character.
+        let ua = format!("x{}", "é".repeat(15_000));
+        let event = Event {
+            time_ns: 5,
+            name: "policy.failed",
+            attrs: vec![("rustygate.message", Value::Str(ua.clone()))],
+        };
+        let mut body = Vec::new();
+        let mut s = SpanBody::start(
+            &mut body,
+            &SpanHead {
+                trace_id: &TraceId([7; 16]),
+                span_id: &SpanId([1; 8]),
+                parent: None,
+                name: &["GET"],
+                kind: Kind::Server,
+                start_ns: 1,
+                end_ns: 2,
+            },
+        );
+        s.str("user_agent.original", &ua);
+        s.str("url.path", "/short");
+        s.event(&event);
+        s.finish(Some(&ua), false);
+        assert!(body.len() < 4 * 1024, "a span of {} bytes", body.len());
+        let span = Span::decode(&body[..]).unwrap();
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.clone())
+        {
+            Some(Any::StringValue(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let want = format!("x{}", "é".repeat(511));
+        assert_eq!(want.len(), 1023);
+        assert_eq!(text(&span.attributes[0].value), want);
+        assert_eq!(text(&span.attributes[1].value), "/short");
+        assert_eq!(text(&span.events[0].attributes[0].value), want);
+        assert_eq!(span.status.unwrap().message, want);
     }
 
     #[test]
