@@ -17,6 +17,7 @@ use wasmer::{
 
 use super::abi::{self, Pairs, errno, status};
 use super::headers::Headers;
+use super::meter::{self, Meter, Stop};
 use super::response::{self, ResponseEdit, ResponseFields, Undo};
 use super::{PluginUse, engine::PAGE};
 
@@ -202,6 +203,8 @@ pub(crate) struct HostState {
     pub undo: Option<Undo>,
     /// Host calls read names and values into this, kept for its allocation.
     scratch: Vec<u8>,
+    /// What the host work of the current call has cost it.
+    meter: Meter,
 }
 
 /// Why a call into a plugin failed; `reason()` is the metric label.
@@ -211,6 +214,8 @@ pub enum VmError {
     Instructions(u64),
     #[error("ran out of memory (max_memory = {0} bytes)")]
     Memory(u64),
+    #[error("kept the host busy for more than {0:?} in one call")]
+    Time(std::time::Duration),
     #[error("trapped: {0}")]
     Trap(String),
     #[error("{0}")]
@@ -222,6 +227,7 @@ impl VmError {
         match self {
             VmError::Instructions(_) => "instructions",
             VmError::Memory(_) => "memory",
+            VmError::Time(_) => "time",
             VmError::Trap(_) => "trap",
             VmError::Refused(_) => "refused",
         }
@@ -280,6 +286,7 @@ impl Vm {
                 call: CallData::default(),
                 undo: (p.on_error == super::OnError::FailOpen).then(Undo::new),
                 scratch: Vec::new(),
+                meter: Meter::new(meter::call_time(p.limits.max_instructions)),
             },
         );
         let imports = imports(&mut store, &env, &p.compiled.module);
@@ -332,6 +339,7 @@ impl Vm {
             let s = env.as_mut(&mut store);
             s.memory = Some(memory.clone());
             s.alloc = Some(alloc);
+            s.meter.attach(remaining.clone(), exhausted.clone());
         }
         let mut vm = Vm {
             store,
@@ -365,8 +373,8 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Runs `f` with a fresh instruction budget, telling a budget or memory failure from
-    /// another trap.
+    /// Runs `f` with a fresh instruction budget (which host calls draw on too), telling a
+    /// budget, time or memory failure from another trap.
     fn call<R>(
         &mut self,
         f: impl FnOnce(&mut Store, &Callbacks) -> Result<R, RuntimeError>,
@@ -383,11 +391,15 @@ impl Vm {
                 }
             })
             .map_err(|e| VmError::Trap(format!("could not set the budget: {e}")))?;
+        self.env.as_mut(&mut self.store).meter.begin();
         match f(&mut self.store, &self.cb) {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.failed = true;
-                if matches!(self.exhausted.get(&mut self.store), Value::I32(n) if n != 0) {
+                let meter = &self.env.as_ref(&self.store).meter;
+                if let Some(Stop::Time) = meter.stopped() {
+                    Err(VmError::Time(meter::call_time(self.max_instructions)))
+                } else if matches!(self.exhausted.get(&mut self.store), Value::I32(n) if n != 0) {
                     Err(VmError::Instructions(self.max_instructions))
                 } else if self.memory.view(&self.store).data_size() + PAGE > self.max_memory {
                     Err(VmError::Memory(self.max_memory))
@@ -488,29 +500,52 @@ impl Vm {
 
 // ---- memory helpers -------------------------------------------------------------------------
 
-fn read(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+/// Charges the current call for `bytes` of host work ([`Meter::charge`]): `Err` fails the call.
+fn charge(env: &mut FunctionEnvMut<'_, HostState>, bytes: usize) -> Result<(), RuntimeError> {
+    let (state, mut store) = env.data_and_store_mut();
+    state.meter.charge(&mut store, bytes as u64)
+}
+
+/// Whether `len` bytes from `ptr` are inside the plugin's memory.
+fn fits(env: &FunctionEnvMut<'_, HostState>, ptr: i32, len: usize) -> bool {
+    env.data()
+        .memory
+        .as_ref()
+        .is_some_and(|m| (ptr as u32 as u64).saturating_add(len as u64) <= m.view(env).data_size())
+}
+
+/// Reads `len` bytes from the plugin's memory, charged to the call; `Ok(None)` when the range
+/// is over [`abi::MAX_TRANSFER`] or outside the memory (nothing charged or allocated then).
+fn read(
+    env: &mut FunctionEnvMut<'_, HostState>,
+    ptr: i32,
+    len: i32,
+) -> Result<Option<Vec<u8>>, RuntimeError> {
     read_at_most(env, ptr, len, abi::MAX_TRANSFER)
 }
 
 /// [`read`] with another bound than [`abi::MAX_TRANSFER`] (a body, bounded by its route).
 fn read_at_most(
-    env: &FunctionEnvMut<'_, HostState>,
+    env: &mut FunctionEnvMut<'_, HostState>,
     ptr: i32,
     len: i32,
     most: usize,
-) -> Option<Vec<u8>> {
+) -> Result<Option<Vec<u8>>, RuntimeError> {
     let len = len as u32 as usize;
-    if len > most {
-        return None;
+    // Nothing is charged or allocated for a range the plugin's memory cannot hold.
+    if len > most || !fits(env, ptr, len) {
+        return Ok(None);
     }
-    let view = env.data().memory.as_ref()?.view(env);
-    // Nothing is allocated for a range the plugin's memory cannot hold.
-    if (ptr as u32 as u64).saturating_add(len as u64) > view.data_size() {
-        return None;
-    }
+    charge(env, len)?;
+    let Some(memory) = env.data().memory.as_ref() else {
+        return Ok(None);
+    };
     let mut buf = vec![0; len];
-    view.read(u64::from(ptr as u32), &mut buf).ok()?;
-    Some(buf)
+    Ok(memory
+        .view(env)
+        .read(u64::from(ptr as u32), &mut buf)
+        .ok()
+        .map(|()| buf))
 }
 
 fn write(env: &FunctionEnvMut<'_, HostState>, ptr: i32, data: &[u8]) -> bool {
@@ -525,7 +560,8 @@ fn write_u32(env: &FunctionEnvMut<'_, HostState>, ptr: i32, v: u32) -> bool {
 }
 
 /// Copies `data` into memory the plugin allocates, and writes where and how long to
-/// `ret_ptr` / `ret_size`. The allocation runs plugin code, under the current budget.
+/// `ret_ptr` / `ret_size`. The copy is charged to the call first; the allocation runs plugin
+/// code, under the same budget.
 fn give(
     env: &mut FunctionEnvMut<'_, HostState>,
     data: &[u8],
@@ -549,6 +585,7 @@ fn give_at_most(
     let Some(alloc) = env.data().alloc.clone() else {
         return Ok(status::INVALID_MEMORY_ACCESS);
     };
+    charge(env, data.len())?;
     let p = alloc.call(env, data.len() as i32)?;
     if p == 0 && !data.is_empty() {
         return Ok(status::INVALID_MEMORY_ACCESS);
@@ -742,24 +779,29 @@ fn valid_value(value: &[u8]) -> bool {
 
 /// Reads a header name (lower-cased) and a value (`vl` 0: none) from the plugin's memory into
 /// the instance's scratch buffer, and runs `f` on them with the host state: no allocation per
-/// host call. `None` when the memory does not hold them or the name is not UTF-8.
+/// host call. The call is charged for the name and the value and for the header map `id`
+/// (which the host scans or copies). `Ok(None)` when the memory does not hold them or the name
+/// is not UTF-8.
 fn with_name_value<R>(
     env: &mut FunctionEnvMut<'_, HostState>,
+    id: i32,
     (kp, kl): (i32, i32),
     (vp, vl): (i32, i32),
     f: impl FnOnce(&mut HostState, &str, &[u8]) -> R,
-) -> Option<R> {
-    let (state, store) = env.data_and_store_mut();
+) -> Result<Option<R>, RuntimeError> {
     let (kl, vl) = (kl as u32 as usize, vl as u32 as usize);
-    if kl > abi::MAX_TRANSFER || vl > abi::MAX_TRANSFER {
-        return None;
+    // Nothing is charged or allocated for a range the plugin's memory cannot hold.
+    if kl > abi::MAX_TRANSFER || vl > abi::MAX_TRANSFER || !fits(env, kp, kl) || !fits(env, vp, vl)
+    {
+        return Ok(None);
     }
-    let view = state.memory.as_ref()?.view(&store);
-    let fits = |p: i32, l: usize| (p as u32 as u64).saturating_add(l as u64) <= view.data_size();
-    // Nothing is allocated for a range the plugin's memory cannot hold.
-    if !fits(kp, kl) || !fits(vp, vl) {
-        return None;
-    }
+    let map_size = map(&env.data().call, id).map_or(0, |m| m.serialized_len());
+    charge(env, kl + vl + map_size)?;
+    let (state, store) = env.data_and_store_mut();
+    let Some(memory) = state.memory.as_ref() else {
+        return Ok(None);
+    };
+    let view = memory.view(&store);
     let mut buf = std::mem::take(&mut state.scratch);
     buf.clear();
     buf.resize(kl + vl, 0);
@@ -773,7 +815,7 @@ fn with_name_value<R>(
     if buf.capacity() <= 64 * 1024 {
         state.scratch = buf;
     }
-    out
+    Ok(out)
 }
 
 enum Edit {
@@ -789,8 +831,8 @@ fn edit(
     kl: i32,
     vp: i32,
     vl: i32,
-) -> i32 {
-    with_name_value(&mut env, (kp, kl), (vp, vl), |state, k, v| {
+) -> Result<i32, RuntimeError> {
+    let done = with_name_value(&mut env, id, (kp, kl), (vp, vl), |state, k, v| {
         if !settable(k, v) {
             return status::BAD_ARGUMENT;
         }
@@ -802,8 +844,8 @@ fn edit(
             Edit::Replace => m.replace(k, v),
         }
         status::OK
-    })
-    .unwrap_or(status::INVALID_MEMORY_ACCESS)
+    })?;
+    Ok(done.unwrap_or(status::INVALID_MEMORY_ACCESS))
 }
 
 // ---- the imports ----------------------------------------------------------------------------
@@ -848,15 +890,17 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         e,
         "proxy_log",
-        f!(
-            |env: FunctionEnvMut<HostState>, level: i32, p: i32, l: i32| -> i32 {
-                let Some(msg) = read(&env, p, l.min(4096)) else {
-                    return status::INVALID_MEMORY_ACCESS;
-                };
-                log(&env.data().plugin, level, &String::from_utf8_lossy(&msg));
-                status::OK
-            }
-        ),
+        f!(|mut env: FunctionEnvMut<HostState>,
+            level: i32,
+            p: i32,
+            l: i32|
+         -> Result<i32, RuntimeError> {
+            let Some(msg) = read(&mut env, p, l.min(4096))? else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            log(&env.data().plugin, level, &String::from_utf8_lossy(&msg));
+            Ok(status::OK)
+        }),
     );
     i.define(
         e,
@@ -923,15 +967,27 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             size: i32,
             p: i32,
             l: i32|
-         -> i32 {
+         -> Result<i32, RuntimeError> {
             let Some(most) = body_limit(env.data()) else {
-                return status::NOT_FOUND;
+                return Ok(status::NOT_FOUND);
             };
-            let Some(value) = read_at_most(&env, p, l, most) else {
-                return status::INVALID_MEMORY_ACCESS;
+            let Some(value) = read_at_most(&mut env, p, l, most)? else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
             };
+            let Some(len) = env
+                .data()
+                .call
+                .body
+                .as_ref()
+                .filter(|b| b.id == id)
+                .map(|b| b.data.len())
+            else {
+                return Ok(status::NOT_FOUND);
+            };
+            // The new buffer is a copy of the body with the value in it.
+            charge(&mut env, len)?;
             let Some(body) = env.data_mut().call.body.as_mut().filter(|b| b.id == id) else {
-                return status::NOT_FOUND;
+                return Ok(status::NOT_FOUND);
             };
             let new = abi::splice(
                 &body.data,
@@ -941,11 +997,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             );
             if new.len() > body.limit {
                 // The route's body limit bounds what a plugin can make of a body too.
-                return status::BAD_ARGUMENT;
+                return Ok(status::BAD_ARGUMENT);
             }
             body.data = bytes::Bytes::from(new);
             body.edited = true;
-            status::OK
+            Ok(status::OK)
         }),
     );
     i.define(
@@ -956,6 +1012,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rp: i32,
             rs: i32|
          -> Result<i32, RuntimeError> {
+            let Some(size) = map(&env.data().call, id).map(|m| m.serialized_len()) else {
+                return Ok(status::NOT_FOUND);
+            };
+            // Serialising is charged as much again as the copy `give` charges.
+            charge(&mut env, size)?;
             let Some(bytes) = map(&env.data().call, id).map(|m| m.serialize()) else {
                 return Ok(status::NOT_FOUND);
             };
@@ -965,43 +1026,51 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         e,
         "proxy_get_header_map_size",
-        f!(|env: FunctionEnvMut<HostState>, id: i32, rs: i32| -> i32 {
-            let Some(m) = map(&env.data().call, id) else {
-                return status::NOT_FOUND;
-            };
-            let size = m.serialized_len() as u32;
-            if write_u32(&env, rs, size) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
+        f!(
+            |mut env: FunctionEnvMut<HostState>, id: i32, rs: i32| -> Result<i32, RuntimeError> {
+                let Some(size) = map(&env.data().call, id).map(|m| m.serialized_len()) else {
+                    return Ok(status::NOT_FOUND);
+                };
+                // Measuring a response's map walks it.
+                charge(&mut env, size)?;
+                if write_u32(&env, rs, size as u32) {
+                    Ok(status::OK)
+                } else {
+                    Ok(status::INVALID_MEMORY_ACCESS)
+                }
             }
-        }),
+        ),
     );
     i.define(
         e,
         "proxy_set_header_map_pairs",
-        f!(
-            |mut env: FunctionEnvMut<HostState>, id: i32, p: i32, l: i32| -> i32 {
-                let Some(bytes) = read(&env, p, l) else {
-                    return status::INVALID_MEMORY_ACCESS;
-                };
-                let Some(pairs) = abi::deserialize_map(&bytes) else {
-                    return status::BAD_ARGUMENT;
-                };
-                if pairs
-                    .iter()
-                    .any(|(k, v)| !k.starts_with(':') && !settable(k, v))
-                {
-                    return status::BAD_ARGUMENT;
-                }
-                let Some(mut m) = map_mut(env.data_mut(), id) else {
-                    return status::BAD_ARGUMENT;
-                };
-                // Pseudo-headers stay as they are; the rest is replaced.
-                m.set_all(&pairs);
-                status::OK
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            p: i32,
+            l: i32|
+         -> Result<i32, RuntimeError> {
+            let Some(bytes) = read(&mut env, p, l)? else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            // The map it replaces is walked (and, for the request, copied) too.
+            let size = map(&env.data().call, id).map_or(0, |m| m.serialized_len());
+            charge(&mut env, size)?;
+            let Some(pairs) = abi::deserialize_map(&bytes) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            if pairs
+                .iter()
+                .any(|(k, v)| !k.starts_with(':') && !settable(k, v))
+            {
+                return Ok(status::BAD_ARGUMENT);
             }
-        ),
+            let Some(mut m) = map_mut(env.data_mut(), id) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            // Pseudo-headers stay as they are; the rest is replaced.
+            m.set_all(&pairs);
+            Ok(status::OK)
+        }),
     );
     i.define(
         e,
@@ -1014,9 +1083,9 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rs: i32|
          -> Result<i32, RuntimeError> {
             // Several values read as one, comma-separated, as HTTP allows.
-            let found = with_name_value(&mut env, (kp, kl), (0, 0), |state, k, _| {
+            let found = with_name_value(&mut env, id, (kp, kl), (0, 0), |state, k, _| {
                 map(&state.call, id).map(|m| m.joined(k))
-            });
+            })?;
             match found {
                 None => Ok(status::INVALID_MEMORY_ACCESS),
                 Some(None | Some(None)) => Ok(status::NOT_FOUND),
@@ -1027,41 +1096,47 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         e,
         "proxy_add_header_map_value",
-        f!(
-            |env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-                edit(env, Edit::Add, id, kp, kl, vp, vl)
-            }
-        ),
+        f!(|env: FunctionEnvMut<HostState>,
+            id: i32,
+            kp: i32,
+            kl: i32,
+            vp: i32,
+            vl: i32|
+         -> Result<i32, RuntimeError> { edit(env, Edit::Add, id, kp, kl, vp, vl) }),
     );
     i.define(
         e,
         "proxy_replace_header_map_value",
-        f!(
-            |env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-                edit(env, Edit::Replace, id, kp, kl, vp, vl)
-            }
-        ),
+        f!(|env: FunctionEnvMut<HostState>,
+            id: i32,
+            kp: i32,
+            kl: i32,
+            vp: i32,
+            vl: i32|
+         -> Result<i32, RuntimeError> { edit(env, Edit::Replace, id, kp, kl, vp, vl) }),
     );
     i.define(
         e,
         "proxy_remove_header_map_value",
-        f!(
-            |mut env: FunctionEnvMut<HostState>, id: i32, kp: i32, kl: i32| -> i32 {
-                with_name_value(&mut env, (kp, kl), (0, 0), |state, k, _| {
-                    // `content-length` may go (what the SDKs' body examples do before changing
-                    // a body; the gateway frames bodies itself), never be set.
-                    if !settable(k, b"") && k != "content-length" {
-                        return status::BAD_ARGUMENT;
-                    }
-                    let Some(mut m) = map_mut(state, id) else {
-                        return status::BAD_ARGUMENT;
-                    };
-                    m.remove(k);
-                    status::OK
-                })
-                .unwrap_or(status::INVALID_MEMORY_ACCESS)
-            }
-        ),
+        f!(|mut env: FunctionEnvMut<HostState>,
+            id: i32,
+            kp: i32,
+            kl: i32|
+         -> Result<i32, RuntimeError> {
+            let done = with_name_value(&mut env, id, (kp, kl), (0, 0), |state, k, _| {
+                // `content-length` may go (what the SDKs' body examples do before changing
+                // a body; the gateway frames bodies itself), never be set.
+                if !settable(k, b"") && k != "content-length" {
+                    return status::BAD_ARGUMENT;
+                }
+                let Some(mut m) = map_mut(state, id) else {
+                    return status::BAD_ARGUMENT;
+                };
+                m.remove(k);
+                status::OK
+            })?;
+            Ok(done.unwrap_or(status::INVALID_MEMORY_ACCESS))
+        }),
     );
     i.define(
         e,
@@ -1075,12 +1150,12 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             hp: i32,
             hl: i32,
             _grpc: i32|
-         -> i32 {
-            let (Some(body), Some(h)) = (read(&env, bp, bl), read(&env, hp, hl)) else {
-                return status::INVALID_MEMORY_ACCESS;
+         -> Result<i32, RuntimeError> {
+            let (Some(body), Some(h)) = (read(&mut env, bp, bl)?, read(&mut env, hp, hl)?) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
             };
             let Some(headers) = abi::deserialize_map(&h) else {
-                return status::BAD_ARGUMENT;
+                return Ok(status::BAD_ARGUMENT);
             };
             let call = &mut env.data_mut().call;
             // From a headers or a body callback, not from on_log.
@@ -1091,14 +1166,14 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 || !may_answer
                 || headers.iter().any(|(k, v)| !settable(k, v))
             {
-                return status::BAD_ARGUMENT;
+                return Ok(status::BAD_ARGUMENT);
             }
             call.local = Some(Box::new(LocalResponse {
                 status: code as u16,
                 headers,
                 body,
             }));
-            status::OK
+            Ok(status::OK)
         }),
     );
     for name in [
@@ -1127,7 +1202,7 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             rp: i32,
             rs: i32|
          -> Result<i32, RuntimeError> {
-            let Some(path) = read(&env, pp, pl) else {
+            let Some(path) = read(&mut env, pp, pl)? else {
                 return Ok(status::INVALID_MEMORY_ACCESS);
             };
             let Some(path) = abi::property_path(&path) else {
@@ -1161,39 +1236,42 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         w,
         "fd_write",
-        f!(
-            |env: FunctionEnvMut<HostState>, fd: i32, iovs: i32, n: i32, ret: i32| -> i32 {
-                if fd != 1 && fd != 2 {
-                    return errno::BADF;
-                }
-                let mut text = Vec::new();
-                for k in 0..n.clamp(0, 64) {
-                    let Some(iov) = read(&env, iovs.wrapping_add(k * 8), 8) else {
-                        return errno::FAULT;
-                    };
-                    let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-                    let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-                    let room = (abi::MAX_TRANSFER - text.len()) as i32;
-                    let Some(b) = read(&env, ptr, len.clamp(0, room)) else {
-                        return errno::FAULT;
-                    };
-                    text.extend_from_slice(&b);
-                }
-                let level = if fd == 2 { 3 } else { 2 };
-                for line in String::from_utf8_lossy(&text).lines().take(64) {
-                    log(
-                        &env.data().plugin,
-                        level,
-                        &line.chars().take(4096).collect::<String>(),
-                    );
-                }
-                if write_u32(&env, ret, text.len() as u32) {
-                    errno::SUCCESS
-                } else {
-                    errno::FAULT
-                }
+        f!(|mut env: FunctionEnvMut<HostState>,
+            fd: i32,
+            iovs: i32,
+            n: i32,
+            ret: i32|
+         -> Result<i32, RuntimeError> {
+            if fd != 1 && fd != 2 {
+                return Ok(errno::BADF);
             }
-        ),
+            let mut text = Vec::new();
+            for k in 0..n.clamp(0, 64) {
+                let Some(iov) = read(&mut env, iovs.wrapping_add(k * 8), 8)? else {
+                    return Ok(errno::FAULT);
+                };
+                let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                let room = (abi::MAX_TRANSFER - text.len()) as i32;
+                let Some(b) = read(&mut env, ptr, len.clamp(0, room))? else {
+                    return Ok(errno::FAULT);
+                };
+                text.extend_from_slice(&b);
+            }
+            let level = if fd == 2 { 3 } else { 2 };
+            for line in String::from_utf8_lossy(&text).lines().take(64) {
+                log(
+                    &env.data().plugin,
+                    level,
+                    &line.chars().take(4096).collect::<String>(),
+                );
+            }
+            if write_u32(&env, ret, text.len() as u32) {
+                Ok(errno::SUCCESS)
+            } else {
+                Ok(errno::FAULT)
+            }
+        }),
     );
     i.define(
         w,
@@ -1211,19 +1289,31 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
     i.define(
         w,
         "random_get",
-        f!(|env: FunctionEnvMut<HostState>, p: i32, l: i32| -> i32 {
-            let len = l as u32 as usize;
-            if len > abi::MAX_TRANSFER {
-                return errno::INVAL;
+        f!(
+            |mut env: FunctionEnvMut<HostState>, p: i32, l: i32| -> Result<i32, RuntimeError> {
+                let len = l as u32 as usize;
+                if len > abi::MAX_TRANSFER {
+                    return Ok(errno::INVAL);
+                }
+                // The range is checked and the fill charged before any byte is made; the bytes go
+                // straight into the plugin's memory, a block at a time, with no buffer of `len`.
+                if !fits(&env, p, len) {
+                    return Ok(errno::FAULT);
+                }
+                charge(&mut env, len)?;
+                const BLOCK: usize = 4096;
+                let mut block = [0u8; BLOCK];
+                let mut at = p as u32 as usize;
+                for n in (0..len).step_by(BLOCK).map(|from| (len - from).min(BLOCK)) {
+                    rand::RngCore::fill_bytes(&mut rand::rng(), &mut block[..n]);
+                    if !write(&env, at as i32, &block[..n]) {
+                        return Ok(errno::FAULT);
+                    }
+                    at += n;
+                }
+                Ok(errno::SUCCESS)
             }
-            let mut buf = vec![0u8; len];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut buf);
-            if write(&env, p, &buf) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
-        }),
+        ),
     );
     for name in ["environ_sizes_get", "args_sizes_get"] {
         // No environment and no arguments: a plugin sees nothing of the gateway's process.

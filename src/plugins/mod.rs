@@ -14,8 +14,9 @@
 //! Whether a plugin exports a body callback is read once, when it is compiled: a route whose
 //! plugins do not read bodies streams them exactly as a route without plugins.
 //!
-//! Every call into a plugin gets a fresh instruction budget (`max_instructions`); its memory
-//! cannot grow past `max_memory`. Instances live per worker thread, one per plugin use. After
+//! Every call into a plugin gets a fresh instruction budget (`max_instructions`), which the host
+//! calls it makes draw on by the bytes they move (`meter`); its memory cannot grow past
+//! `max_memory`. Instances live per worker thread, one per plugin use. After
 //! any failure the next request gets a fresh one; the other requests with contexts in the
 //! failed instance go on in it until they end (a context whose call failed is not called
 //! again), so one request's trap does not fail its neighbours. A failing plugin
@@ -29,6 +30,7 @@ mod body;
 mod engine;
 mod headers;
 mod host;
+mod meter;
 mod response;
 
 use std::cell::RefCell;
@@ -58,12 +60,12 @@ pub const DEFAULT_MAX_INSTRUCTIONS: u64 = 10_000_000;
 pub const DEFAULT_MAX_MEMORY: u64 = 16 * 1024 * 1024;
 
 /// `rustygate_plugin_errors_total{plugin,reason}`: plugin calls that trapped, ran over a limit
-/// or did something unsupported (reason: instructions, memory, trap, refused, pause).
+/// or did something unsupported (reason: instructions, memory, time, trap, refused, pause).
 pub static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
             "rustygate_plugin_errors_total",
-            "Plugin calls that failed, by plugin and reason (instructions, memory, trap, refused, pause).",
+            "Plugin calls that failed, by plugin and reason (instructions, memory, time, trap, refused, pause).",
         ),
         &["plugin", "reason"],
     )
@@ -665,3 +667,6 @@ mod tests;
 
 #[cfg(test)]
 mod body_tests;
+
+#[cfg(test)]
+mod host_tests;

@@ -62,7 +62,7 @@ pub(super) fn plugin_from(
     })
 }
 
-fn incoming() -> Incoming<'static> {
+pub(super) fn incoming() -> Incoming<'static> {
     Incoming {
         method: "POST",
         host: "example.com",
@@ -102,7 +102,7 @@ pub(super) fn is_continue(o: &Outcome) -> bool {
     matches!(o, Outcome::Continue)
 }
 
-fn is_failed(o: &Outcome) -> bool {
+pub(super) fn is_failed(o: &Outcome) -> bool {
     matches!(o, Outcome::Failed)
 }
 
