@@ -355,6 +355,32 @@ fn an_unknown_plugin_and_a_bad_import_are_named() {
     assert!(out.contains("did you mean `badimport`?"), "{out}");
 }
 
+#[test]
+fn an_over_large_table_is_a_located_error() {
+    let big = wat::parse_str(
+        r#"(module
+  (memory (export "memory") 1)
+  (table 5000000 funcref)
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    )
+    .unwrap();
+    let dir = plugin_repo(
+        "tables",
+        &big,
+        "",
+        "http://127.0.0.1:9",
+        r#"{ name = "tables" }"#,
+    );
+    let out = diagnostics(dir.path());
+    assert!(out.contains("invalid-plugin"), "{out}");
+    assert!(out.contains("tables of 5000000 elements at start"), "{out}");
+    assert!(
+        out.contains("gateway.toml:2:"),
+        "not located at the file:\n{out}"
+    );
+}
+
 /// A plugin that removes the response's `Content-Length`.
 const DROPS_LENGTH: &str = r#"(module
   (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))

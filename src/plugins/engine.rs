@@ -5,7 +5,8 @@
 //! Memory is capped by rewriting the module's declared maximum (its memory section) to
 //! `max_memory` before compiling: wasmer then refuses `memory.grow` past it exactly as it
 //! refuses growth past any declared maximum (`memory.grow` returns -1). A custom `Tunables`
-//! would do the same but needs `unsafe fn`s, which this crate forbids.
+//! would do the same but needs `unsafe fn`s, which this crate forbids. Tables (8 bytes an
+//! element, outside the memory) are capped the same way, at [`MAX_TABLE_ELEMENTS`] in all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -18,6 +19,11 @@ use super::abi;
 
 /// A WebAssembly page.
 pub const PAGE: u64 = 64 * 1024;
+
+/// The most elements a plugin's tables may hold together, at start and after `table.grow`
+/// (wasmer keeps 8 bytes an element, outside `max_memory`: 800 KB). Toolchains size a
+/// plugin's function table to its address-taken functions: the example plugin's has 220.
+pub const MAX_TABLE_ELEMENTS: u64 = 100_000;
 
 /// A module compiled for one memory cap, with the engine that compiled it (the metering
 /// middleware belongs to one module, so each module has its own engine).
@@ -39,6 +45,8 @@ pub enum CompileError {
     Import(String),
     #[error("{0}")]
     Memory(String),
+    #[error("{0}")]
+    Table(String),
     #[error("does not export `{0}`: is it a proxy-wasm plugin? (build it with a proxy-wasm SDK)")]
     Export(&'static str),
 }
@@ -67,7 +75,7 @@ pub fn compile(bytes: &[u8], sha256: &str, max_memory: u64) -> Result<Arc<Compil
     if let Some(c) = CACHE.lock().ok().and_then(|c| c.get(&key)?.upgrade()) {
         return Ok(c);
     }
-    let capped = cap_memory(bytes, max_memory / PAGE)?;
+    let capped = cap_module(bytes, max_memory / PAGE)?;
     let mut compiler = Cranelift::default();
     // The budget is set before every call; this initial value only matters for start functions.
     compiler.push_middleware(Arc::new(Metering::new(
@@ -131,9 +139,10 @@ fn exports_body_callback(module: &Module, name: &str) -> bool {
     })
 }
 
-/// Rewrites the memory section so that every memory's maximum is at most `max_pages`.
-/// Refuses shared and 64-bit memories, and a minimum above the cap.
-pub fn cap_memory(bytes: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileError> {
+/// Rewrites the memory section so that every memory's maximum is at most `max_pages`, and the
+/// table section so that the tables' maxima add up to at most [`MAX_TABLE_ELEMENTS`].
+/// Refuses shared and 64-bit memories and tables, and minimums above the caps.
+pub fn cap_module(bytes: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileError> {
     let invalid = |m: &str| CompileError::Invalid(m.to_owned());
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(invalid("no `\\0asm` header"));
@@ -150,9 +159,13 @@ pub fn cap_memory(bytes: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileError>
             .filter(|e| *e <= bytes.len())
             .ok_or_else(|| invalid("section runs past the end"))?;
         let body = &bytes[start..end];
-        if id == 5 {
-            let new = cap_memory_section(body, max_pages)?;
-            out.push(5);
+        let new = match id {
+            4 => Some(cap_table_section(body)?),
+            5 => Some(cap_memory_section(body, max_pages)?),
+            _ => None,
+        };
+        if let Some(new) = new {
+            out.push(id);
             write_leb(&mut out, new.len() as u64);
             out.extend_from_slice(&new);
         } else {
@@ -203,6 +216,76 @@ fn cap_memory_section(body: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileErr
     Ok(out)
 }
 
+/// Rewrites the table section: each table's maximum is set so that all of them together can
+/// never hold more than [`MAX_TABLE_ELEMENTS`] (what their minimums leave is given to the
+/// tables in order), so `table.grow` past it returns -1. Refuses minimums that add up to more,
+/// shared and 64-bit tables, and tables with an initialiser expression.
+fn cap_table_section(body: &[u8]) -> Result<Vec<u8>, CompileError> {
+    let bad = || CompileError::Invalid("malformed table section".to_owned());
+    let (count, mut at) = read_leb(body).ok_or_else(bad)?;
+    // (where its element type is in `body`, minimum, declared maximum)
+    let mut tables = Vec::new();
+    for _ in 0..count {
+        let ty = at;
+        match *body.get(at).ok_or_else(bad)? {
+            // funcref, externref
+            0x70 | 0x6f => at += 1,
+            // (ref null? heaptype), the function-references encoding
+            0x63 | 0x64 => {
+                let (_, n) = read_leb(body.get(at + 1..).ok_or_else(bad)?).ok_or_else(bad)?;
+                at += 1 + n;
+            }
+            0x40 => {
+                return Err(CompileError::Table(
+                    "declares a table with an initialiser expression; plugins' tables are plain (funcref or externref)".into(),
+                ));
+            }
+            _ => return Err(bad()),
+        }
+        let ty = ty..at;
+        let flags = *body.get(at).ok_or_else(bad)?;
+        at += 1;
+        if flags & !1 != 0 {
+            return Err(CompileError::Table(
+                "declares a shared or 64-bit table; plugins have plain 32-bit tables".into(),
+            ));
+        }
+        let (min, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
+        at += n;
+        let declared_max = if flags & 1 == 1 {
+            let (max, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
+            at += n;
+            Some(max)
+        } else {
+            None
+        };
+        tables.push((ty, min, declared_max));
+    }
+    if at != body.len() {
+        return Err(bad());
+    }
+    let at_start = tables
+        .iter()
+        .fold(0u64, |sum, (_, min, _)| sum.saturating_add(*min));
+    if at_start > MAX_TABLE_ELEMENTS {
+        return Err(CompileError::Table(format!(
+            "declares tables of {at_start} elements at start, more than the {MAX_TABLE_ELEMENTS}              a plugin's tables may hold (docs/plugins.md, Limits)"
+        )));
+    }
+    let mut spare = MAX_TABLE_ELEMENTS - at_start;
+    let mut out = Vec::with_capacity(body.len() + 4 * tables.len());
+    write_leb(&mut out, count);
+    for (ty, min, declared_max) in tables {
+        let max = declared_max.map_or(min + spare, |m| m.clamp(min, min + spare));
+        spare -= max - min;
+        out.extend_from_slice(&body[ty]);
+        out.push(1);
+        write_leb(&mut out, min);
+        write_leb(&mut out, max);
+    }
+    Ok(out)
+}
+
 /// An unsigned LEB128 number and the bytes it took.
 fn read_leb(b: &[u8]) -> Option<(u64, usize)> {
     let mut v: u64 = 0;
@@ -233,7 +316,7 @@ mod tests {
 
     fn memory_section(wat_src: &str) -> Vec<u8> {
         let bytes = wat::parse_str(wat_src).unwrap();
-        let capped = cap_memory(&bytes, 4).unwrap();
+        let capped = cap_module(&bytes, 4).unwrap();
         wasmparser_memories(&capped)
     }
 
@@ -259,15 +342,61 @@ mod tests {
         assert_eq!(memory_section("(module (memory 1 2))"), vec![1, 2]);
         // Other sections pass through untouched.
         let src = "(module (memory 1) (func (export \"f\") (result i32) i32.const 7))";
-        let capped = cap_memory(&wat::parse_str(src).unwrap(), 4).unwrap();
+        let capped = cap_module(&wat::parse_str(src).unwrap(), 4).unwrap();
         assert!(wasmer::wasmparser::validate(&capped).is_ok());
     }
 
     #[test]
     fn a_minimum_over_the_cap_is_refused() {
         let bytes = wat::parse_str("(module (memory 5))").unwrap();
-        let e = cap_memory(&bytes, 4).unwrap_err();
+        let e = cap_module(&bytes, 4).unwrap_err();
         assert!(e.to_string().contains("max_memory"), "{e}");
-        assert!(cap_memory(b"not wasm", 4).is_err());
+        assert!(cap_module(b"not wasm", 4).is_err());
+    }
+
+    /// The (min, max) of each table after capping, read back by wasmer's own parser.
+    fn tables(wat_src: &str) -> Result<Vec<(u64, Option<u64>)>, String> {
+        let bytes = wat::parse_str(wat_src).unwrap();
+        let capped = cap_module(&bytes, 4).map_err(|e| e.to_string())?;
+        assert!(wasmer::wasmparser::validate(&capped).is_ok());
+        let mut out = Vec::new();
+        for payload in wasmer::wasmparser::Parser::new(0).parse_all(&capped) {
+            if let Ok(wasmer::wasmparser::Payload::TableSection(r)) = payload {
+                for t in r {
+                    let t = t.unwrap();
+                    out.push((t.ty.initial, t.ty.maximum));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn tables_are_capped_in_all_and_over_large_ones_refused() {
+        let cap = MAX_TABLE_ELEMENTS;
+        assert_eq!(
+            tables("(module (table 220 220 funcref))"),
+            Ok(vec![(220, Some(220))])
+        );
+        assert_eq!(
+            tables("(module (table 10 funcref))"),
+            Ok(vec![(10, Some(cap))])
+        );
+        assert_eq!(
+            tables("(module (table 1 5000000 funcref))"),
+            Ok(vec![(1, Some(cap))])
+        );
+        // Two tables share the cap: what the first may grow by, the second may not.
+        assert_eq!(
+            tables("(module (table 10 funcref) (table 20 externref))"),
+            Ok(vec![(10, Some(cap - 20)), (20, Some(20))])
+        );
+        let e = tables("(module (table 5000000 funcref))").unwrap_err();
+        assert!(
+            e.contains("5000000 elements") && e.contains("100000"),
+            "{e}"
+        );
+        let e = tables("(module (table 60000 funcref) (table 60000 funcref))").unwrap_err();
+        assert!(e.contains("120000 elements"), "{e}");
     }
 }

@@ -166,6 +166,32 @@ fn memory_cannot_grow_past_max_memory() {
 }
 
 #[test]
+fn tables_cannot_grow_past_the_cap() {
+    // Traps unless growing by 5,000,000 answers -1, growing to the cap (100,000) answers the
+    // old size, and one more element answers -1.
+    let bytes = wat::parse_str(
+        r#"(module
+  (memory (export "memory") 1)
+  (table $t 1 funcref)
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.ne (table.grow $t (ref.null func) (i32.const 5000000)) (i32.const -1)) (then unreachable))
+    (if (i32.ne (table.grow $t (ref.null func) (i32.const 99999)) (i32.const 1)) (then unreachable))
+    (if (i32.ne (table.grow $t (ref.null func) (i32.const 1)) (i32.const -1)) (then unreachable))
+    (i32.const 0)))"#,
+    )
+    .expect("test module is valid WAT");
+    let p = plugin_from("table-grow", &bytes, OnError::FailClosed, Limits::default());
+    let (_, out) = request(&[p]);
+    assert!(
+        is_continue(&out),
+        "table.grow went past the cap (trap: {})",
+        errors("table-grow", "trap")
+    );
+}
+
+#[test]
 fn running_out_of_memory_is_a_memory_failure_and_fail_open_goes_on() {
     let name = "oom-open";
     let p = plugin(
