@@ -17,6 +17,7 @@ use wasmer::{
 
 use super::abi::{self, Pairs, errno, status};
 use super::headers::Headers;
+use super::log;
 use super::meter::{self, Meter, Stop};
 use super::response::{self, ResponseEdit, ResponseFields, Undo};
 use super::{PluginUse, engine::PAGE};
@@ -895,10 +896,25 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             p: i32,
             l: i32|
          -> Result<i32, RuntimeError> {
-            let Some(msg) = read(&mut env, p, l.min(4096))? else {
+            let len = l as u32 as usize;
+            if len > abi::MAX_TRANSFER {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            }
+            // At most a line's worth is read, and charged whether or not the line is logged.
+            let take = len.min(log::MAX_LINE);
+            let d = env.data();
+            if !log::admit(&d.plugin, route(d)) {
+                if !fits(&env, p, take) {
+                    return Ok(status::INVALID_MEMORY_ACCESS);
+                }
+                charge(&mut env, take)?;
+                return Ok(status::OK);
+            }
+            let Some(msg) = read(&mut env, p, take as i32)? else {
                 return Ok(status::INVALID_MEMORY_ACCESS);
             };
-            log(&env.data().plugin, level, &String::from_utf8_lossy(&msg));
+            let d = env.data();
+            log::line(&d.plugin, route(d), level, &msg, len - take);
             Ok(status::OK)
         }),
     );
@@ -1259,12 +1275,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
                 text.extend_from_slice(&b);
             }
             let level = if fd == 2 { 3 } else { 2 };
+            let d = env.data();
             for line in String::from_utf8_lossy(&text).lines().take(64) {
-                log(
-                    &env.data().plugin,
-                    level,
-                    &line.chars().take(4096).collect::<String>(),
-                );
+                if log::admit(&d.plugin, route(d)) {
+                    log::line(&d.plugin, route(d), level, line.as_bytes(), 0);
+                }
             }
             if write_u32(&env, ret, text.len() as u32) {
                 Ok(errno::SUCCESS)
@@ -1356,12 +1371,7 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn log(plugin: &str, level: i32, msg: &str) {
-    match level {
-        0 => tracing::trace!(plugin, "{msg}"),
-        1 => tracing::debug!(plugin, "{msg}"),
-        2 => tracing::info!(plugin, "{msg}"),
-        3 => tracing::warn!(plugin, "{msg}"),
-        _ => tracing::error!(plugin, "{msg}"),
-    }
+/// The route of the current call, for its log lines; `""` outside a request (start-up).
+fn route(state: &HostState) -> &str {
+    state.call.props.as_deref().map_or("", Props::route)
 }

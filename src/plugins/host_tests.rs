@@ -137,3 +137,85 @@ fn random_get_outside_memory_is_a_fault_before_any_work() {
     let out = on_request(&[u], &info, ClientHeaders::default()).1;
     assert!(is_continue(&out));
 }
+
+/// A `tracing` writer into a shared buffer, for what plugins log.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
+    // 500 proxy_log calls of 4 KiB each in one request, and 500 fd_write lines.
+    let name = "log-flood";
+    let wasm = looping(
+        r#"(import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))"#,
+        // An iovec at 0: the 2 bytes "w\n" at 16; the count written at 8.
+        r#"(data (i32.const 0) "\10\00\00\00\02\00\00\00") (data (i32.const 16) "w\n")"#,
+        "(i32.or (call $log (i32.const 2) (i32.const 32) (i32.const 4096))
+                 (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))",
+        500,
+    );
+    let u = plugin_from(name, &wasm, OnError::FailClosed, Limits::default());
+    let buf = Captured::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let dropped = crate::telemetry::sink::DROPPED.get();
+    let started = std::time::Instant::now();
+    let out = tracing::subscriber::with_default(subscriber, || {
+        let inc = incoming();
+        let info = RequestInfo {
+            incoming: &inc,
+            route: "orders",
+            config_sha: "abc123",
+        };
+        on_request(&[u], &info, ClientHeaders::default()).1
+    });
+    let seconds = started.elapsed().as_secs();
+    let text =
+        String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(name)).collect();
+    let most = (log::LINES_PER_SECOND as usize + 1) * (seconds as usize + 1);
+    assert!(
+        (log::LINES_PER_SECOND as usize..=most).contains(&lines.len()),
+        "{} lines of 1000 logged in {seconds} s",
+        lines.len()
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("route=\"orders\"") || l.contains("route=orders")),
+        "{}",
+        lines[0]
+    );
+    // A 4 KiB message is cut to a line's worth, and says so.
+    let long = lines
+        .iter()
+        .find(|l| l.contains("more bytes not logged"))
+        .expect("a cut line");
+    assert!(long.len() < log::MAX_LINE + 200, "{} bytes", long.len());
+    assert!(long.contains("[2048 more bytes not logged]"), "{long}");
+    let reasons = ["instructions", "time", "trap"].map(|r| errors(name, r));
+    assert!(is_continue(&out), "failures by reason: {reasons:?}");
+    let counted = crate::telemetry::sink::DROPPED.get() - dropped;
+    assert!(
+        counted as usize >= 1000 - most,
+        "{counted} lines counted as dropped"
+    );
+}

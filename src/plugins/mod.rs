@@ -30,6 +30,7 @@ mod body;
 mod engine;
 mod headers;
 mod host;
+mod log;
 mod meter;
 mod response;
 

@@ -118,16 +118,17 @@ pub const PRINT_LINES_PER_SECOND: u32 = 100;
 /// Routes whose print windows are remembered at once; beyond, quiet windows are forgotten.
 const MAX_PRINT_WINDOWS: usize = 10_000;
 
-/// One route's current second of `print`/`debug` lines.
+/// One route's current second of `print`/`debug` lines (and of a plugin's log lines on a
+/// route, `plugins::log`).
 #[derive(Debug)]
-struct PrintWindow {
+pub(crate) struct PrintWindow {
     start: Instant,
     lines: u32,
     suppressed: u64,
 }
 
 impl PrintWindow {
-    fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         PrintWindow {
             start: now,
             lines: 0,
@@ -135,8 +136,13 @@ impl PrintWindow {
         }
     }
 
+    /// Whether the window may be forgotten: its second is over and it dropped nothing.
+    pub(crate) fn is_quiet(&self, now: Instant) -> bool {
+        self.suppressed == 0 && now.saturating_duration_since(self.start) >= Duration::from_secs(1)
+    }
+
     /// Whether this line is logged, and how many lines the window that just ended suppressed.
-    fn admit(&mut self, now: Instant) -> (bool, u64) {
+    pub(crate) fn admit(&mut self, now: Instant) -> (bool, u64) {
         let mut ended_suppressed = 0;
         if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
             ended_suppressed = std::mem::take(&mut self.suppressed);
@@ -160,9 +166,7 @@ static PRINT_WINDOWS: LazyLock<Mutex<HashMap<Arc<str>, PrintWindow>>> =
 fn admit_print(route: &Arc<str>, now: Instant) -> (bool, u64) {
     let mut windows = PRINT_WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
     if !windows.contains_key(route) && windows.len() >= MAX_PRINT_WINDOWS {
-        windows.retain(|_, w| {
-            w.suppressed > 0 || now.saturating_duration_since(w.start) < Duration::from_secs(1)
-        });
+        windows.retain(|_, w| !w.is_quiet(now));
     }
     windows
         .entry(Arc::clone(route))
