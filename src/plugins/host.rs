@@ -16,11 +16,12 @@ use wasmer::{
 };
 
 use super::abi::{self, Pairs, errno, status};
-use super::headers::Headers;
+use super::headers::{self, Headers};
 use super::log;
 use super::meter::{self, Meter, Stop};
 use super::response::{self, ResponseEdit, ResponseFields, Undo};
 use super::{PluginUse, engine::PAGE};
+use crate::wire::headers::{GATEWAY_OWNED, HOP_BY_HOP, is_gateway_owned_str};
 
 /// What the current callback may read and change.
 #[derive(Default)]
@@ -729,12 +730,23 @@ fn map_mut(state: &mut HostState, id: i32) -> Option<MapMut<'_>> {
 }
 
 /// A header a plugin may set: a valid name (in lower case) and value, not a pseudo-header, not
-/// one that frames the message or names the hop (those stay the gateway's).
+/// one the gateway owns (framing, hop-by-hop, forwarding, the request id: the list policies
+/// are refused, `wire::headers::is_gateway_owned_str`).
 fn settable(name: &str, value: &[u8]) -> bool {
-    valid_name(name)
-        && valid_value(value)
-        && !crate::proxy::headers::is_hop_by_hop_str(name)
-        && !matches!(name, "content-length" | "host")
+    valid_name(name) && valid_value(value) && !is_gateway_owned_str(name)
+}
+
+/// Whether `pairs`, replacing the map `id` whole (`proxy_set_header_map_pairs`), leaves every
+/// header the gateway owns as it is: the SDKs' "read all, change one, write all" gives back
+/// the client's `X-Forwarded-For` or `Content-Length` unchanged, which is no attempt to set it.
+fn keeps_gateway_owned(call: &CallData, id: i32, pairs: &Pairs) -> bool {
+    let Some(current) = map(call, id) else {
+        return true;
+    };
+    HOP_BY_HOP.iter().chain(&GATEWAY_OWNED).all(|&name| {
+        let given = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| &v[..]);
+        current.joined(name) == headers::joined(given)
+    })
 }
 
 /// What `http::HeaderName::from_bytes` accepts, for a name already in lower case (an RFC 9110
@@ -1074,9 +1086,11 @@ fn imports(store: &mut Store, env: &FunctionEnv<HostState>, module: &wasmer::Mod
             let Some(pairs) = abi::deserialize_map(&bytes) else {
                 return Ok(status::BAD_ARGUMENT);
             };
+            // A header the gateway owns may only be given back as it is.
             if pairs
                 .iter()
-                .any(|(k, v)| !k.starts_with(':') && !settable(k, v))
+                .any(|(k, v)| !k.starts_with(':') && !is_gateway_owned_str(k) && !settable(k, v))
+                || !keeps_gateway_owned(&env.data().call, id, &pairs)
             {
                 return Ok(status::BAD_ARGUMENT);
             }

@@ -539,6 +539,127 @@ fn framing_headers_cannot_be_set() {
     assert!(is_continue(&out));
 }
 
+/// The headers the gateway writes for the upstream (and `x-request-id` for the client too).
+const GATEWAY_OWNED: [&str; 6] = [
+    "x-forwarded-for",
+    "x-request-id",
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+#[test]
+fn headers_the_gateway_owns_cannot_be_set_or_removed() {
+    // For each name (at 256 + 32 i): add, replace and remove answer BAD_ARGUMENT (2), on the
+    // request and on the response; anything else traps.
+    let mut data = String::new();
+    let mut checks = String::new();
+    for (i, name) in GATEWAY_OWNED.iter().enumerate() {
+        let at = 256 + 32 * i;
+        let len = name.len();
+        data.push_str(&format!("(data (i32.const {at}) \"{name}\")\n"));
+        checks.push_str(&format!(
+            "(if (i32.ne (call $replace (local.get $map) (i32.const {at}) (i32.const {len}) (i32.const 64) (i32.const 8)) (i32.const 2)) (then unreachable))
+             (if (i32.ne (call $add (local.get $map) (i32.const {at}) (i32.const {len}) (i32.const 64) (i32.const 8)) (i32.const 2)) (then unreachable))
+             (if (i32.ne (call $remove (local.get $map) (i32.const {at}) (i32.const {len})) (i32.const 2)) (then unreachable))\n"
+        ));
+    }
+    let p = plugin(
+        "gateway-owned",
+        &format!(
+            r#"{data}
+           (func $checks (param $map i32) {checks})
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (call $checks (i32.const 0)) (i32.const 0))
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+             (call $checks (i32.const 2)) (i32.const 0))"#
+        ),
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let (run, out) = request(&[p]);
+    assert!(
+        is_continue(&out),
+        "a request header the gateway owns was set (trap: {})",
+        errors("gateway-owned", "trap")
+    );
+    // The upstream gets the gateway's values.
+    let mut up = HeaderMap::new();
+    up.insert("x-request-id", HeaderValue::from_static("real-id"));
+    up.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
+    run.apply_edits(&mut up);
+    assert_eq!(up.get("x-request-id").unwrap(), "real-id");
+    assert_eq!(up.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    let mut res = HeaderMap::new();
+    res.insert("x-request-id", HeaderValue::from_static("real-id"));
+    assert!(
+        is_continue(&run.on_response("orders", 200, &mut res)),
+        "a response header the gateway owns was set"
+    );
+    assert_eq!(res.get("x-request-id").unwrap(), "real-id");
+}
+
+#[test]
+fn a_header_map_written_back_whole_may_keep_but_not_change_the_gateways_headers() {
+    // The map read with get_header_map_pairs and written back as it is: OK (0), though it
+    // holds the client's X-Forwarded-For; one whose x-request-id is "evil": BAD_ARGUMENT (2).
+    let bytes = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_get_header_map_pairs" (func $get (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "\01\00\00\00\0c\00\00\00\04\00\00\00x-request-id\00evil\00")
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.ne (call $get (i32.const 0) (i32.const 0) (i32.const 4)) (i32.const 0)) (then unreachable))
+    (if (i32.ne (call $set (i32.const 0) (i32.load (i32.const 0)) (i32.load (i32.const 4))) (i32.const 0))
+      (then unreachable))
+    (if (i32.ne (call $set (i32.const 0) (i32.const 16) (i32.const 30)) (i32.const 2)) (then unreachable))
+    (i32.const 0)))"#,
+    )
+    .expect("test module is valid WAT");
+    let p = plugin_from(
+        "pairs-owned",
+        &bytes,
+        OnError::FailClosed,
+        Limits::default(),
+    );
+    let inc = incoming();
+    let info = RequestInfo {
+        incoming: &inc,
+        route: "orders",
+        config_sha: "abc123",
+    };
+    let client: ClientHeaders = [
+        ("user-agent", &b"curl"[..]),
+        ("x-forwarded-for", b"10.0.0.1"),
+    ]
+    .into_iter()
+    .collect();
+    let (run, out) = on_request(&[p], &info, client);
+    assert!(
+        is_continue(&out),
+        "(trap: {})",
+        errors("pairs-owned", "trap")
+    );
+    let mut up = HeaderMap::new();
+    up.insert("x-request-id", HeaderValue::from_static("real-id"));
+    up.insert(
+        "x-forwarded-for",
+        HeaderValue::from_static("10.0.0.1, 127.0.0.1"),
+    );
+    run.apply_edits(&mut up);
+    assert_eq!(up.get("x-request-id").unwrap(), "real-id");
+    assert_eq!(up.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+}
+
 #[test]
 fn content_length_can_be_removed_but_not_replaced() {
     // What the SDKs' body examples do in on_response_headers before changing a body: the

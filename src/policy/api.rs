@@ -373,19 +373,10 @@ fn invalid(msg: impl std::fmt::Display) -> Box<EvalAltResult> {
     format!("{INVALID_ACTION}{msg}").into()
 }
 
-/// Headers that only the gateway may set or remove: framing, hop-by-hop and forwarding.
+/// Headers that only the gateway may set or remove: framing, hop-by-hop and forwarding
+/// (`wire::headers::is_gateway_owned_str`, the list plugins are refused too).
 pub fn gateway_owned(name: &HeaderName) -> bool {
-    crate::wire::headers::is_hop_by_hop(name)
-        || matches!(
-            name.as_str(),
-            "content-length"
-                | "host"
-                | "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | "forwarded"
-                | "x-request-id"
-        )
+    crate::wire::headers::is_gateway_owned_str(name.as_str())
 }
 
 fn header_name(name: &str) -> RhaiResult<HeaderName> {
@@ -895,6 +886,8 @@ mod tests {
     fn gateway_owned_headers_are_refused() {
         assert!(header_name("host").is_err());
         assert!(header_name("X-Forwarded-For").is_err());
+        assert!(header_name("x-real-ip").is_err());
+        assert!(header_name("x-request-id").is_err());
         assert!(header_name("x-tenant").is_ok());
     }
 }

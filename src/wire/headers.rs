@@ -25,6 +25,25 @@ pub fn is_hop_by_hop_str(name: &str) -> bool {
     HOP_BY_HOP.contains(&name)
 }
 
+/// Headers that only the gateway sets or removes: framing, hop-by-hop, the host, the
+/// forwarding headers it writes for the upstream and the request id. The one list policies
+/// (`policy::api`) and plugins (`plugins::host`) are refused (lower-case names).
+pub fn is_gateway_owned_str(name: &str) -> bool {
+    is_hop_by_hop_str(name) || GATEWAY_OWNED.contains(&name)
+}
+
+/// The headers [`is_gateway_owned_str`] names besides the hop-by-hop ones.
+pub const GATEWAY_OWNED: [&str; 8] = [
+    "content-length",
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+];
+
 /// Accepts a client-supplied request id only if it is short and plain.
 pub fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty()
