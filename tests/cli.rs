@@ -200,3 +200,31 @@ fn github_format_annotates_files_relative_to_the_workspace() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "");
 }
+
+/// A config file whose name is not UTF-8 is reported as such; it was reported as "does not
+/// exist" (the loader tried to open its lossy spelling).
+#[test]
+fn validate_names_a_file_whose_name_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+    std::fs::write(
+        dir.path().join("routes/main.toml"),
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let odd = dir
+        .path()
+        .join("routes")
+        .join(std::ffi::OsStr::from_bytes(b"x\xff.toml"));
+    std::fs::write(odd, "[[route]]\nname = \"nu\"\npath = \"/nu\"\n").unwrap();
+    let out = rustygate(&["validate", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("routes/x\u{FFFD}.toml") && stderr.contains("name that is not UTF-8"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("invalid-file-name"), "{stderr}");
+    assert!(!stderr.contains("does not exist"), "{stderr}");
+}

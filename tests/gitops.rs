@@ -818,3 +818,75 @@ fn a_rewritten_branch_is_held_until_a_forced_reload() {
     assert!(wait_body(&gw, "rewritten"));
     assert_eq!(gw.status()["applied"]["sha"], rewritten);
 }
+
+/// Commits `files` plus one more routes file whose name is the raw bytes `name` (not
+/// necessarily UTF-8, which `commit_files` cannot write) holding `content`.
+fn commit_with_raw_route_name(
+    repo: &git2::Repository,
+    files: &[(&'static str, String)],
+    name: &[u8],
+    content: &str,
+) -> String {
+    let base = commit(repo, "main", files, "base for a raw name");
+    let base = repo
+        .find_commit(git2::Oid::from_str(&base).unwrap())
+        .unwrap();
+    let tree = base.tree().unwrap();
+    let routes = tree.get_name("routes").unwrap().to_object(repo).unwrap();
+    let mut sub = repo.treebuilder(Some(routes.as_tree().unwrap())).unwrap();
+    sub.insert(name, repo.blob(content.as_bytes()).unwrap(), 0o100644)
+        .unwrap();
+    let sub = sub.write().unwrap();
+    let mut root = repo.treebuilder(Some(&tree)).unwrap();
+    root.insert("routes", sub, 0o040000).unwrap();
+    let root = repo.find_tree(root.write().unwrap()).unwrap();
+    let sig = git2::Signature::now("Config Author", "author@example.com").unwrap();
+    repo.commit(
+        Some("refs/heads/main"),
+        &sig,
+        &sig,
+        "a route file named in Latin-1",
+        &root,
+        &[&base],
+    )
+    .unwrap()
+    .to_string()
+}
+
+/// A route file whose name is not UTF-8 used to be skipped by the export: the gateway served
+/// the commit without it (routes vanished unsaid) while `validate` on a checkout rejected it.
+/// The commit is now rejected, the error names the file, and the last good config keeps serving.
+#[test]
+fn a_file_name_that_is_not_utf8_rejects_the_commit() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    let bad = commit_with_raw_route_name(
+        &repo,
+        &config("v2"),
+        b"x\xff.toml",
+        "[[route]]\nname = \"nu\"\npath = \"/nu\"\nupstream = \"does-not-exist\"\n",
+    );
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.status()["attempted"]["sha"]
+            == bad.as_str()),
+        "{}",
+        gw.status()
+    );
+    let st = gw.status();
+    assert_eq!(st["applied"]["sha"], v1.as_str(), "{st}");
+    assert_eq!(st["attempted"]["ok"], false, "{st}");
+    let err = &st["attempted"]["errors"][0];
+    assert_eq!(err["code"], "invalid-file-name", "{st}");
+    assert_eq!(err["file"], "routes/x\u{FFFD}.toml", "{st}");
+    assert!(
+        err["message"].as_str().unwrap().contains("not UTF-8"),
+        "{st}"
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+}

@@ -81,6 +81,10 @@ pub enum FileError {
     TooLarge { cap: u64, kind: &'static str },
     #[error("is not UTF-8 text")]
     NotUtf8,
+    /// The file's own name is not UTF-8 (shown with U+FFFD for each invalid byte): nothing in
+    /// the config can name it, and a git source cannot export it.
+    #[error("has a name that is not UTF-8 (each invalid byte shown as U+FFFD)")]
+    NameNotUtf8,
     #[error("cannot be read: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -95,6 +99,7 @@ impl FileError {
             | FileError::RelativeSecret
             | FileError::OutsideSecretRoots { .. } => "invalid-path",
             FileError::NotFound => "missing-file",
+            FileError::NameNotUtf8 => "invalid-file-name",
             FileError::NotRegular(_) => "not-a-file",
             FileError::TooLarge { .. } => "file-too-large",
             FileError::NotUtf8 | FileError::Io(_) => "unreadable-file",
@@ -110,9 +115,18 @@ impl FileError {
             | FileError::OutsideSecretRoots { .. } => "outside the allowed directories",
             FileError::RelativeSecret => "not an absolute path",
             FileError::NotFound => "file not found",
+            FileError::NameNotUtf8 => "file name not UTF-8",
             FileError::NotRegular(_) => "not a regular file",
             FileError::TooLarge { .. } => "file too large",
             FileError::NotUtf8 | FileError::Io(_) => "cannot be read",
+        }
+    }
+
+    /// What to do about this refusal, for the diagnostic's help line.
+    pub fn help(&self) -> &'static str {
+        match self {
+            FileError::NameNotUtf8 => "rename the file: config file names must be UTF-8",
+            _ => "config files are regular files inside the config repo",
         }
     }
 
@@ -377,14 +391,19 @@ pub fn read_toml_dir(root: &Path, dir: &str) -> Vec<DirFile> {
         Ok(e) => e,
         Err(e) => return refused(FileError::Io(e)),
     };
+    // (name, whether it is UTF-8): a name that is not cannot be opened by its lossy spelling,
+    // and must be reported as what it is, not as missing.
     let mut names = Vec::new();
     // Bounded: a directory is listed once; each entry is looked at once.
     for entry in entries {
         match entry {
             Ok(e) => {
-                let name = e.file_name().to_string_lossy().into_owned();
+                let name = e.file_name();
                 if Path::new(&name).extension().is_some_and(|x| x == "toml") {
-                    names.push(name);
+                    match name.into_string() {
+                        Ok(name) => names.push((name, true)),
+                        Err(raw) => names.push((raw.to_string_lossy().into_owned(), false)),
+                    }
                 }
             }
             Err(e) => return refused(FileError::Io(e)),
@@ -393,9 +412,13 @@ pub fn read_toml_dir(root: &Path, dir: &str) -> Vec<DirFile> {
     names.sort();
     names
         .into_iter()
-        .map(|name| {
+        .map(|(name, utf8)| {
             let rel = format!("{dir}/{name}");
-            let text = read_in_repo(root, Path::new(&rel), FileKind::Config);
+            let text = if utf8 {
+                read_in_repo(root, Path::new(&rel), FileKind::Config)
+            } else {
+                Err(FileError::NameNotUtf8)
+            };
             DirFile { name: rel, text }
         })
         .collect()

@@ -114,7 +114,7 @@ pub(crate) fn add_file(
             diags.push(
                 Diagnostic::error(e.code(), format!("`{name}` {e}"))
                     .at(id, 0..0, e.label())
-                    .help("config files are regular files inside the config repo"),
+                    .help(e.help()),
             );
             None
         }

@@ -43,6 +43,14 @@ pub enum GitError {
     NoSubdir(String),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
     UnsafePath(String),
+    /// A tree entry whose name is not UTF-8, shown lossily (U+FFFD for each invalid byte).
+    /// Skipping it would serve a config without that file, which `validate` on a checkout of
+    /// the same commit rejects.
+    #[error(
+        "the commit holds `{0}`, whose name is not UTF-8 (each invalid byte shown as U+FFFD); \
+         refusing to export it: rename it, config file names must be UTF-8"
+    )]
+    NameNotUtf8(String),
     #[error(
         "the commit's tree is too large to export: {0}; keep the config repo (or --subdir) \
          to the config and the files it names"
@@ -419,7 +427,10 @@ fn export_tree_capped(
     let (mut bytes, mut entries) = (0u64, 0usize);
     let walked = tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         let Some(name) = entry.name() else {
-            return TreeWalkResult::Skip;
+            // `parent` is UTF-8: a directory whose name is not never gets walked into.
+            let lossy = String::from_utf8_lossy(entry.name_bytes());
+            failure = Some(GitError::NameNotUtf8(format!("{parent}{lossy}")));
+            return TreeWalkResult::Abort;
         };
         entries += 1;
         if entries > entries_cap {

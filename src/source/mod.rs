@@ -519,7 +519,24 @@ impl Source {
         let partial = checkouts.join(format!(".{sha}.partial"));
         if !dest.is_dir() {
             let _ = std::fs::remove_dir_all(&partial);
-            git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial)?;
+            match git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial) {
+                Ok(()) => {}
+                Err(e) => {
+                    let Some((diagnostics, files)) = export_refusal(&e) else {
+                        return Err(e.into());
+                    };
+                    return Ok(Loaded::Candidate(Box::new(Candidate {
+                        version_id: sha,
+                        commit: Some(info),
+                        snapshot: None,
+                        diagnostics,
+                        files,
+                        stale,
+                        signer,
+                        refused: None,
+                    })));
+                }
+            }
             std::fs::rename(&partial, &dest).map_err(|source| GitError::Io {
                 path: dest.clone(),
                 source,
@@ -570,6 +587,29 @@ impl Source {
             SourceSpec::Git(g) => Some(g.pin.clone().unwrap_or_else(|| g.branch.clone())),
         }
     }
+}
+
+/// A commit whose tree cannot be exported as it stands (a name that is not UTF-8 or that climbs
+/// out, a tree over the caps, no `--subdir` directory): the commit itself is rejected, with a
+/// diagnostic located at the offending path when there is one, like a commit that does not
+/// compile. `None` for errors of the machine (I/O, git), which stay reload failures.
+fn export_refusal(e: &GitError) -> Option<(Diagnostics, SourceFiles)> {
+    let (code, path, label) = match e {
+        GitError::NameNotUtf8(p) => ("invalid-file-name", Some(p), "file name not UTF-8"),
+        GitError::UnsafePath(p) => ("unsafe-path", Some(p), "unsafe path"),
+        GitError::TreeTooLarge(_) => ("tree-too-large", None, ""),
+        GitError::NoSubdir(_) => ("missing-subdir", None, ""),
+        _ => return None,
+    };
+    let mut files = SourceFiles::default();
+    let mut diagnostics = Diagnostics::default();
+    let mut d = crate::config::Diagnostic::error(code, e.to_string());
+    if let Some(path) = path {
+        let id = files.add(path.clone(), String::new());
+        d = d.at(id, 0..0, label);
+    }
+    diagnostics.push(d);
+    Some((diagnostics, files))
 }
 
 #[cfg(test)]
