@@ -228,3 +228,19 @@ fn validate_names_a_file_whose_name_is_not_utf8() {
     assert!(stderr.contains("invalid-file-name"), "{stderr}");
     assert!(!stderr.contains("does not exist"), "{stderr}");
 }
+
+/// A config with no routes validated silently ("valid (0 file(s), 0 warning(s))"): it is a
+/// warning, which `--deny-warnings` makes an error.
+#[test]
+fn a_config_without_routes_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let out = rustygate(&["validate", path]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("warning[no-routes]"), "{stderr}");
+    let out = rustygate(&["validate", "--deny-warnings", path]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error[no-routes]"), "{stderr}");
+}

@@ -890,3 +890,62 @@ fn a_file_name_that_is_not_utf8_rejects_the_commit() {
     );
     assert_eq!(gw.get("/").unwrap().1, "v1");
 }
+
+/// `rustygate status --admin <gw> [extra...]`: its exit code and stdout.
+fn rustygate_status(gw: &GatewayProcess, extra: &[&str]) -> (Option<i32>, String) {
+    let admin = format!("http://{}", gw.admin);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["status", "--admin", &admin])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A commit that deletes every config file used to be swapped in without a word (every request
+/// 404). It is held back, and /status and `rustygate status` say why, until a forced reload.
+#[test]
+fn a_commit_without_routes_is_held_until_a_forced_reload() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    let empty = commit(&repo, "main", &[], "delete everything");
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.status()["attempted"]["sha"]
+            == empty.as_str()),
+        "{}",
+        gw.status()
+    );
+    let st = gw.status();
+    assert_eq!(st["applied"]["sha"], v1.as_str(), "{st}");
+    assert_eq!(st["attempted"]["ok"], false, "{st}");
+    assert_eq!(
+        st["attempted"]["errors"][0]["code"], "no-routes-held",
+        "{st}"
+    );
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+    let (code, out) = rustygate_status(&gw, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAILED") && out.contains("held back"), "{out}");
+
+    // Forced, it is served: the operator meant it.
+    assert_eq!(
+        gw.admin_post("/admin/reload?force=true", &[AUTH], b"").0,
+        202
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.status()["applied"]["sha"]
+            == empty.as_str()),
+        "{}",
+        gw.status()
+    );
+    assert_eq!(gw.get("/").unwrap().0, 404);
+}

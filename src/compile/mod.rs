@@ -111,6 +111,25 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         &edge,
         &providers,
     );
+    // Almost always an accident (a merge that dropped `routes/`, a moved directory, a wrong
+    // `--subdir`): served, every request would be a 404. Only when nothing failed to load, or
+    // the routes may simply be in a file that did not parse.
+    if routes.routes.is_empty() && !cx.diags.has_errors() {
+        cx.push(
+            Diagnostic::warning(
+                "no-routes",
+                "the config has no routes: served, it would answer every request 404",
+            )
+            .help(
+                "routes are `[[route]]` tables in routes/*.toml; if the config moved, check \
+                 --repo and --subdir",
+            )
+            .help(
+                "a running gateway does not swap a config with routes for one without, unless \
+                 the reload is forced (POST /admin/reload?force=true)",
+            ),
+        );
+    }
     let mut used = routes.used_upstreams;
     used.extend(cx.policies.used_upstreams.iter().cloned());
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);

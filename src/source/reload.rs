@@ -522,7 +522,7 @@ impl Reloader {
         };
         let now = SystemTime::now();
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        let candidate = match result {
+        let mut candidate = match result {
             Err(e) => {
                 tracing::warn!(trigger, trace_id, span_id, error = %e, "config fetch failed; still serving the last good config");
                 status.last_fetch_error = Some(e.to_string());
@@ -572,6 +572,19 @@ impl Reloader {
         status.last_fetch_at = Some(rfc3339(now));
         status.last_fetch_error = None;
         status.stale = false;
+        let served_routes = self.store.load().routes.len();
+        if !force
+            && served_routes > 0
+            && candidate
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.routes.is_empty())
+        {
+            // Deleting every route is almost always an accident; it is held back like a
+            // rewritten history, until a forced reload says it is meant.
+            candidate.snapshot = None;
+            candidate.diagnostics = hold_empty(served_routes, candidate.diagnostics);
+        }
         let id = candidate.version_id.clone();
         let Some(mut snapshot) = candidate.snapshot else {
             if let Some(reason) = candidate.refused {
@@ -646,6 +659,26 @@ impl Reloader {
             s.clean_checkouts(&id);
         }
     }
+}
+
+/// The diagnostics of a commit with no routes, held back while `served` routes are served: the
+/// reason first (so `/status`, `rustygate status` and the dashboard lead with it), then what
+/// the compile said.
+fn hold_empty(served: usize, found: crate::config::Diagnostics) -> crate::config::Diagnostics {
+    let mut held = crate::config::Diagnostics::default();
+    held.push(
+        crate::config::Diagnostic::error(
+            "no-routes-held",
+            format!(
+                "held back: this version has no routes, the served config has {served}; still \
+                 serving it. Force a reload (POST /admin/reload?force=true) to serve a config \
+                 without routes"
+            ),
+        )
+        .help("a commit that deletes every route is usually a bad merge or a moved directory"),
+    );
+    held.extend(found);
+    held
 }
 
 /// Why a load run off the reload loop gave no result.
