@@ -121,7 +121,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Show what a running gateway serves (its admin listener's /status); with --fleet, every
     /// live replica sharing its `[rate_limit_store]` and whether they serve one commit.
-    /// Exit 0 in agreement (and the last reload succeeded), 1 not, 2 the gateway did not answer.
+    /// Exit 0 in agreement (and the last reload succeeded, the last fetch worked), 1 not (or
+    /// serving a stale cached commit), 2 when it cannot tell: the gateway, or with --fleet the
+    /// shared store, did not answer.
     Status {
         /// The admin listener, e.g. http://127.0.0.1:8081.
         #[arg(
@@ -441,7 +443,16 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
     };
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     let last_ok = v["attempted"]["ok"].as_bool().unwrap_or(true);
-    let agree = !fleet || v["fleet"]["agree"].as_bool().unwrap_or(true);
+    // Serving the cached mirror, or the last fetch failed: the remote may have moved on.
+    let stale = v["stale"].as_bool() == Some(true);
+    let fetch_error = v["last_fetch_error"].as_str().filter(|e| !e.is_empty());
+    // With --fleet: `Some(agree)`, or `None` when the view could not be read (the store did
+    // not answer), which is not agreement. No fleet at all (no store) has nothing to disagree.
+    let agree = match &v["fleet"] {
+        _ if !fleet => Some(true),
+        serde_json::Value::Null => Some(true),
+        f => f["agree"].as_bool(),
+    };
     match format {
         StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
         StatusFormat::Human => {
@@ -473,6 +484,15 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
             if errors.len() > 3 {
                 println!("  ... and {} more", errors.len() - 3);
             }
+            if stale {
+                println!(
+                    "stale      serving the commit cached from an earlier run: the config repo \
+                     could not be fetched"
+                );
+            }
+            if let Some(e) = fetch_error {
+                println!("fetch      FAILED: {e}");
+            }
             if fleet {
                 let f = &v["fleet"];
                 if f.is_null() {
@@ -485,15 +505,22 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                     println!(
                         "fleet      {} replica(s), {shas} commit(s): {}",
                         replicas.len(),
-                        if agree {
-                            "in agreement"
-                        } else {
-                            "NOT in agreement"
+                        match agree {
+                            Some(true) => "in agreement",
+                            Some(false) => "NOT in agreement",
+                            None => "agreement unknown",
                         }
                     );
                     for r in &replicas {
+                        let stale = match (r["stale"].as_bool(), r["heartbeat_age_ms"].as_u64()) {
+                            (Some(true), Some(ms)) => {
+                                format!("  STALE (no heartbeat for {}s)", ms / 1000)
+                            }
+                            (Some(true), None) => "  STALE".to_owned(),
+                            _ => String::new(),
+                        };
                         println!(
-                            "  {:<30} applied {}  attempted {} {}  loaded {}",
+                            "  {:<30} applied {}  attempted {} {}  loaded {}{stale}",
                             str_of(&r["replica"]),
                             str_of(&r["applied"]),
                             str_of(&r["attempted"]),
@@ -509,10 +536,11 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
             }
         }
     }
-    if last_ok && agree {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    match agree {
+        // Cannot tell, like an admin listener that did not answer.
+        None => ExitCode::from(2),
+        Some(agree) if last_ok && agree && !stale && fetch_error.is_none() => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(1),
     }
 }
 

@@ -568,10 +568,41 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
             .as_str()
             .is_some_and(|e| !e.is_empty())
     );
+    // The rollout gate does not pass a gateway that cannot fetch: it printed `attempted ok`
+    // and exited 0.
+    let (code, out) = rustygate_status(&gw, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("stale") && out.contains("fetch      FAILED"),
+        "{out}"
+    );
 
     std::fs::rename(&away, remote.path()).unwrap();
     assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
     assert!(gw.status()["last_fetch_error"].is_null());
+    let (code, out) = rustygate_status(&gw, &[]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+/// With the fleet's store down, `rustygate status --fleet` cannot know whether the replicas
+/// agree: it exits 2 ("cannot tell"). A missing `agree` was read as agreement, exit 0.
+#[test]
+fn status_fleet_with_the_store_down_cannot_tell() {
+    let (_d, repo, url) = bare_repo();
+    let mut files = config("v1");
+    files.push((
+        "gateway.toml",
+        format!(
+            "[rate_limit_store]\nurl = \"redis://127.0.0.1:{}/\"\n",
+            dead_port()
+        ),
+    ));
+    commit(&repo, "main", &files, "first");
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    let (code, out) = rustygate_status(&gw, &["--fleet"]);
+    assert!(out.contains("fleet      unknown"), "{out}");
+    assert_eq!(code, Some(2), "{out}");
 }
 
 /// A restart while the branch head does not compile serves the commit this cache dir served
