@@ -481,8 +481,13 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 };
                 println!("  {at}{}", str_of(&e["message"]));
             }
-            if errors.len() > 3 {
-                println!("  ... and {} more", errors.len() - 3);
+            // `/status` keeps the first errors of a version with many, and their total.
+            let total = v["attempted"]["errors_total"]
+                .as_u64()
+                .map_or(errors.len(), |n| n as usize)
+                .max(errors.len());
+            if total > 3 {
+                println!("  ... and {} more", total - 3);
             }
             if stale {
                 println!(

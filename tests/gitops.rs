@@ -980,3 +980,45 @@ fn a_commit_without_routes_is_held_until_a_forced_reload() {
     );
     assert_eq!(gw.get("/").unwrap().0, 404);
 }
+
+/// `/status` (no token needed, polled by the dashboard) carried every diagnostic of a rejected
+/// commit: 5.5 MB for 20,000. It keeps the first 50 and their total.
+#[test]
+fn a_rejected_commit_with_many_errors_keeps_the_first_in_status() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    let mut routes = String::new();
+    for i in 0..300 {
+        routes.push_str(&format!(
+            "[[route]]\nname = \"r{i}\"\npath = \"/r{i}\"\nupstream = \"missing{i}\"\n"
+        ));
+    }
+    let bad = commit(
+        &repo,
+        "main",
+        &[("routes/main.toml", routes)],
+        "300 unknown upstreams",
+    );
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == bad.as_str()
+    ));
+    let st = gw.status();
+    let errors = st["attempted"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 50, "{}", errors.len());
+    assert_eq!(errors[0]["code"], "unknown-upstream");
+    assert_eq!(errors[0]["line"], 4);
+    assert_eq!(st["attempted"]["errors_total"], 300);
+    let (_, body) = http(&gw.admin, "GET", "/api/v1/status", &[AUTH], b"").unwrap();
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(api["attempted"]["errors"].as_array().unwrap().len(), 50);
+    assert_eq!(api["attempted"]["errors_total"], 300);
+    let (code, out) = rustygate_status(&gw, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("... and 297 more"), "{out}");
+}

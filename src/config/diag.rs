@@ -285,24 +285,23 @@ impl Diagnostics {
     }
 
     pub fn to_json<'a>(&'a self, files: &'a SourceFiles) -> Vec<JsonDiagnostic<'a>> {
-        self.items
-            .iter()
-            .map(|d| {
-                let loc = d.primary.as_ref().map(|p| {
-                    let (line, col) = files.line_col(p.file, p.span.start);
-                    (files.name(p.file), line, col)
-                });
-                JsonDiagnostic {
-                    severity: d.severity,
-                    code: d.code,
-                    message: &d.message,
-                    file: loc.map(|l| l.0),
-                    line: loc.map(|l| l.1),
-                    column: loc.map(|l| l.2),
-                    help: &d.help,
-                }
-            })
-            .collect()
+        self.items.iter().map(|d| json_of(d, files)).collect()
+    }
+}
+
+fn json_of<'a>(d: &'a Diagnostic, files: &'a SourceFiles) -> JsonDiagnostic<'a> {
+    let loc = d.primary.as_ref().map(|p| {
+        let (line, col) = files.line_col(p.file, p.span.start);
+        (files.name(p.file), line, col)
+    });
+    JsonDiagnostic {
+        severity: d.severity,
+        code: d.code,
+        message: &d.message,
+        file: loc.map(|l| l.0),
+        line: loc.map(|l| l.1),
+        column: loc.map(|l| l.2),
+        help: &d.help,
     }
 }
 
@@ -314,10 +313,21 @@ impl Diagnostics {
     /// points at, cut to [`SNIPPET_MAX_CHARS`]) and `label` (what is said at that place): what
     /// the status endpoint and the dashboard show of a rejected commit.
     pub fn to_json_with_snippets(&self, files: &SourceFiles) -> Vec<serde_json::Value> {
-        self.to_json(files)
-            .into_iter()
-            .zip(&self.items)
-            .map(|(json, d)| {
+        self.to_json_with_snippets_first(files, usize::MAX)
+    }
+
+    /// [`Diagnostics::to_json_with_snippets`] of the first `n` diagnostics only (the others
+    /// are not even rendered): what a status record keeps of a version with thousands.
+    pub fn to_json_with_snippets_first(
+        &self,
+        files: &SourceFiles,
+        n: usize,
+    ) -> Vec<serde_json::Value> {
+        self.items
+            .iter()
+            .take(n)
+            .map(|d| {
+                let json = json_of(d, files);
                 let mut v = serde_json::to_value(&json).unwrap_or_default();
                 if let (Some(p), Some(obj)) = (&d.primary, v.as_object_mut()) {
                     let (line, _) = files.line_col(p.file, p.span.start);

@@ -179,7 +179,10 @@
           d.snippet !== undefined && d.snippet !== null ? el("pre", { class: "snippet", text: snippet(d) }) : null,
           (d.help || []).map((h) => el("div", { class: "muted", text: "help: " + h }))));
       }
-      if (errors.length > 20) box.append(el("p", { class: "muted", text: (errors.length - 20) + " more" }));
+      // The status record keeps the first errors of a version with many, and their total.
+      const total = Math.max(typeof t.errors_total === "number" ? t.errors_total : 0, errors.length);
+      const shown = Math.min(errors.length, 20);
+      if (total > shown) box.append(el("p", { class: "muted", id: "attempted-more", text: (total - shown) + " more (" + total + " in all)" }));
       if (status.last_fetch_error) box.append(el("p", { class: "bad", text: "last fetch failed: " + status.last_fetch_error }));
     }
     dl($("gateway"), [
