@@ -147,6 +147,9 @@ enum Command {
         url: String,
         #[arg(long)]
         deadline_ms: u64,
+        /// Fetch this branch alone (without it: every branch and tag, for a `--ref` pin).
+        #[arg(long)]
+        branch: Option<String>,
     },
     /// Print a shell completion script, e.g. `rustygate completions bash > /etc/bash_completion.d/rustygate`.
     Completions {
@@ -402,9 +405,13 @@ fn main() -> ExitCode {
             cache_dir,
             url,
             deadline_ms,
-        } => {
-            rustygate::source::fetch::child_main(cache_dir, url, Duration::from_millis(deadline_ms))
-        }
+            branch,
+        } => rustygate::source::fetch::child_main(
+            cache_dir,
+            url,
+            branch,
+            Duration::from_millis(deadline_ms),
+        ),
         Command::Status {
             admin,
             fleet,

@@ -1022,3 +1022,86 @@ fn a_rejected_commit_with_many_errors_keeps_the_first_in_status() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("... and 297 more"), "{out}");
 }
+
+/// The git cache is bounded by what is served: the mirror fetched every branch and tag (a
+/// large blob pushed to any branch landed on the cache volume), the export of every rejected
+/// commit stayed in `checkouts/` until the next successful apply, and so did a failed export's
+/// `.partial` directory.
+#[test]
+fn the_cache_holds_the_served_branch_and_the_served_export_only() {
+    let (_d, repo, url) = bare_repo();
+    let cache = tempfile::tempdir().unwrap();
+    let v1 = commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+        ],
+        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
+    );
+    // Another branch and a tag, each with a commit the served branch never reaches.
+    let side = commit(&repo, "feature", &config("side"), "side branch");
+    let side_oid = git2::Oid::from_str(&side).unwrap();
+    let tagged = commit(&repo, "release", &config("tagged"), "tagged");
+    let target = repo
+        .find_object(git2::Oid::from_str(&tagged).unwrap(), None)
+        .unwrap();
+    repo.tag_lightweight("v9", &target, false).unwrap();
+    repo.find_reference("refs/heads/release")
+        .unwrap()
+        .delete()
+        .unwrap();
+    // Two rejected commits on main: one that does not compile, one that does not export.
+    let mut broken = config("v2");
+    broken[0].1.push_str("timeout = \"soon\"\n");
+    let bad = commit(&repo, "main", &broken, "broken");
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == bad.as_str()
+    ));
+    let unexportable =
+        commit_with_raw_route_name(&repo, &config("v3"), b"x\xff.toml", "[[route]]\n");
+    gw.admin_post("/admin/reload", &[AUTH], b"");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == unexportable.as_str()
+    ));
+    assert_eq!(gw.status()["applied"]["sha"], v1.as_str());
+
+    let mirror = git2::Repository::open_bare(cache.path().join("mirror")).unwrap();
+    let refs: Vec<String> = mirror
+        .references()
+        .unwrap()
+        .flatten()
+        .filter_map(|r| r.name().map(str::to_owned))
+        .collect();
+    assert!(
+        !refs
+            .iter()
+            .any(|r| r.contains("feature") || r.contains("v9")),
+        "{refs:?}"
+    );
+    // Over file:// libgit2's local transport packs what every remote ref reaches, whatever
+    // the refspec (a smart transport sends only what is wanted): no ref keeps the side
+    // branch's commit, so the next repack drops it.
+    assert!(
+        mirror
+            .references()
+            .unwrap()
+            .flatten()
+            .filter_map(|r| r.peel_to_commit().ok())
+            .all(|c| c.id() != side_oid),
+        "{refs:?}"
+    );
+    let checkouts: Vec<String> = std::fs::read_dir(cache.path().join("checkouts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(checkouts, vec![v1.clone()], "{checkouts:?}");
+}

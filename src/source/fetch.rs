@@ -90,6 +90,7 @@ pub fn fetch_in_child(
     exe: &Path,
     cache_dir: &Path,
     url: &str,
+    branch: Option<&str>,
     deadline: Duration,
     ssl_cert_file: Option<&Path>,
     cancel: &AtomicBool,
@@ -107,6 +108,7 @@ pub fn fetch_in_child(
         .arg(url)
         .arg("--deadline-ms")
         .arg(deadline.as_millis().to_string())
+        .args(branch.map(|b| ["--branch", b]).into_iter().flatten())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -158,14 +160,24 @@ pub fn fetch_in_child(
 
 /// `rustygate __fetch`: fetches once into the mirror, then repacks it if needed. Stops itself
 /// after `deadline`, or as soon as the process that started it is gone.
-pub fn child_main(cache_dir: PathBuf, url: String, deadline: Duration) -> ExitCode {
+/// `branch`: fetch that branch alone (see [`Mirror::fetch`]).
+pub fn child_main(
+    cache_dir: PathBuf,
+    url: String,
+    branch: Option<String>,
+    deadline: Duration,
+) -> ExitCode {
     let parent = std::os::unix::process::parent_id();
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("rustygate-fetch".into())
         .spawn(move || {
             let r = Mirror::open(&cache_dir, &url).and_then(|m| {
-                m.fetch(&Credentials::from_env(), &AtomicBool::new(false))?;
+                m.fetch(
+                    &Credentials::from_env(),
+                    &AtomicBool::new(false),
+                    branch.as_deref(),
+                )?;
                 // The fetch succeeded whatever the repack does; it is tried again next time.
                 if let Err(e) = m.maybe_repack() {
                     eprintln!("repacking the git mirror failed: {e}");

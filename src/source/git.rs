@@ -70,6 +70,9 @@ pub const EXPORT_BYTES_CAP: u64 = 256 * 1024 * 1024;
 /// Tree entries (files, directories, links) one export creates at most.
 pub const EXPORT_ENTRIES_CAP: usize = 100_000;
 
+/// The ref in the mirror that keeps the served commit (see [`Mirror::mark_served`]).
+pub const SERVED_REF: &str = "refs/rustygate/served";
+
 /// Packs in the mirror past which it is repacked into one (each fetch adds one).
 pub const MAX_PACKS: usize = 16;
 
@@ -170,9 +173,18 @@ impl Mirror {
         &self.repo
     }
 
-    /// Fetches every branch and tag from the remote into the mirror.
+    /// Fetches `branch` alone into the mirror (`None`: every branch and tag, which a `--ref`
+    /// pin needs to be looked up as a tag, a branch or a commit of any of them). Only the
+    /// served branch: a push of a large blob to any other branch or tag must not fill the cache
+    /// volume. Refs other than the branch and [`SERVED_REF`] (left by an earlier run, or from
+    /// before) are deleted, so a repack drops their objects.
     /// Setting `cancel` aborts the transfer at its next progress report.
-    pub fn fetch(&self, creds: &Credentials, cancel: &AtomicBool) -> Result<(), GitError> {
+    pub fn fetch(
+        &self,
+        creds: &Credentials,
+        cancel: &AtomicBool,
+        branch: Option<&str>,
+    ) -> Result<(), GitError> {
         let mut remote = self.repo.remote_anonymous(&self.url)?;
         let mut callbacks = RemoteCallbacks::new();
         callbacks.transfer_progress(|_| !cancel.load(Ordering::Relaxed));
@@ -198,18 +210,58 @@ impl Mirror {
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks);
         opts.prune(git2::FetchPrune::On);
-        opts.download_tags(git2::AutotagOption::All);
-        let fetched = remote.fetch(
-            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-            Some(&mut opts),
-            None,
-        );
+        let refspecs = match branch {
+            Some(b) => {
+                opts.download_tags(git2::AutotagOption::None);
+                vec![format!("+refs/heads/{b}:refs/heads/{b}")]
+            }
+            None => {
+                opts.download_tags(git2::AutotagOption::All);
+                vec![
+                    "+refs/heads/*:refs/heads/*".to_owned(),
+                    "+refs/tags/*:refs/tags/*".to_owned(),
+                ]
+            }
+        };
+        let fetched = remote.fetch(&refspecs, Some(&mut opts), None);
         drop(opts);
         match (fetched, refused.take()) {
-            (Ok(()), _) => Ok(()),
-            (Err(_), Some(why)) => Err(GitError::HostKey(why)),
-            (Err(e), None) => Err(e.into()),
+            (Ok(()), _) => {}
+            (Err(_), Some(why)) => return Err(GitError::HostKey(why)),
+            (Err(e), None) => return Err(e.into()),
         }
+        if let Some(b) = branch {
+            self.drop_refs_but(&format!("refs/heads/{b}"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every ref but `keep` and [`SERVED_REF`].
+    fn drop_refs_but(&self, keep: &str) -> Result<(), GitError> {
+        let mut names = Vec::new();
+        for r in self.repo.references()?.flatten() {
+            if let Some(name) = r.name()
+                && name != keep
+                && name != SERVED_REF
+            {
+                names.push(name.to_owned());
+            }
+        }
+        for name in names {
+            if let Ok(mut r) = self.repo.find_reference(&name) {
+                r.delete()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points [`SERVED_REF`] at the commit being served, so that its objects outlive a
+    /// rewrite of the branch (a restart while the head is broken serves it again).
+    pub fn mark_served(&self, sha: &str) -> Result<(), GitError> {
+        let oid = Oid::from_str(sha)?;
+        self.repo
+            .reference(SERVED_REF, oid, true, "rustygate: served commit")?;
+        Ok(())
     }
 
     /// The pack files in the mirror.
@@ -700,7 +752,7 @@ mod tests {
                 let target = origin.find_object(c, None).unwrap();
                 origin.tag("v1", &target, &sig, "release", false).unwrap();
             }
-            mirror.fetch(&Credentials::default(), &never).unwrap();
+            mirror.fetch(&Credentials::default(), &never, None).unwrap();
             most = most.max(mirror.pack_count());
             repacks += usize::from(mirror.maybe_repack().unwrap());
             assert!(mirror.pack_count() <= MAX_PACKS, "after fetch {i}");

@@ -147,6 +147,13 @@ fn remove_stale_locks(dir: &Path) {
     }
 }
 
+impl GitSpec {
+    /// The one branch fetched, when not pinned (a pin may name any tag, branch or commit).
+    fn fetched_branch(&self) -> Option<&str> {
+        self.pin.is_none().then_some(self.branch.as_str())
+    }
+}
+
 impl SourceSpec {
     /// Classifies `--repo`: a local git working copy or a URL is a git source; any other
     /// directory is a plain directory.
@@ -363,7 +370,7 @@ impl Source {
                 let Some(mirror) = self.mirror.as_ref() else {
                     return Err(SourceError::Cancelled);
                 };
-                let fetched = mirror.fetch(&g.credentials, &self.cancel);
+                let fetched = mirror.fetch(&g.credentials, &self.cancel, g.fetched_branch());
                 if fetched.is_ok()
                     && let Err(e) = mirror.maybe_repack()
                 {
@@ -380,6 +387,7 @@ impl Source {
                     exe,
                     &g.cache_dir,
                     &g.url,
+                    g.fetched_branch(),
                     *deadline,
                     ssl_cert_file.as_deref(),
                     &self.cancel,
@@ -522,6 +530,8 @@ impl Source {
             match git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial) {
                 Ok(()) => {}
                 Err(e) => {
+                    // A half-written export is never used; it would only fill the cache.
+                    let _ = std::fs::remove_dir_all(&partial);
                     let Some((diagnostics, files)) = export_refusal(&e) else {
                         return Err(e.into());
                     };
@@ -561,14 +571,34 @@ impl Source {
         })))
     }
 
+    /// Removes the export of `sha`, a version that was not served (rejected or held back): only
+    /// the served export is kept, so rejected commits cannot pile up on the cache volume. The
+    /// served one is never removed.
+    pub fn discard_checkout(&self, sha: &str, served: Option<&str>) {
+        let SourceSpec::Git(g) = &self.spec else {
+            return;
+        };
+        if served == Some(sha) || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return;
+        }
+        let checkouts = g.cache_dir.join("checkouts");
+        let _ = std::fs::remove_dir_all(checkouts.join(sha));
+        let _ = std::fs::remove_dir_all(checkouts.join(format!(".{sha}.partial")));
+    }
+
     /// Removes exported checkouts other than `keep`, the commit now served, and records it as
-    /// served in the cache dir.
+    /// served in the cache dir (and in the mirror, so its objects outlive a branch rewrite).
     pub fn clean_checkouts(&self, keep: &str) {
         let SourceSpec::Git(g) = &self.spec else {
             return;
         };
         if let Err(e) = std::fs::write(g.cache_dir.join(SERVED_FILE), format!("{keep}\n")) {
             tracing::warn!(error = %e, "cannot record the served commit in the cache dir");
+        }
+        if let Some(m) = &self.mirror
+            && let Err(e) = m.mark_served(keep)
+        {
+            tracing::warn!(error = %e, "cannot mark the served commit in the git mirror");
         }
         let Ok(entries) = std::fs::read_dir(g.cache_dir.join("checkouts")) else {
             return;

@@ -404,7 +404,9 @@ impl Reloader {
             // The head stays the failed attempt: /status and `rustygate status` say it, and
             // later reloads skip it until it changes (or one is forced).
             let from = Some(c.version_id.clone());
+            let head_id = head.version_id.clone();
             status.rejected(*head, "startup", from, began.elapsed(), now);
+            source.discard_checkout(&head_id, Some(&c.version_id));
         }
         metrics.reload_succeeded(None, &c.version_id, unix(now));
         source.clean_checkouts(&c.version_id);
@@ -622,7 +624,11 @@ impl Reloader {
                 "config rejected; still serving the last good config"
             );
             let from = status.applied.as_ref().map(|a| a.sha.clone());
-            status.rejected(*candidate, trigger, from, started.elapsed(), now);
+            status.rejected(*candidate, trigger, from.clone(), started.elapsed(), now);
+            drop(status);
+            if let Some(s) = &self.source {
+                s.discard_checkout(&id, from.as_deref());
+            }
             self.metrics.reload_failed();
             return;
         };
