@@ -7,6 +7,17 @@ pub mod clock;
 /// Not for keys a client chooses (rate-limit keys keep a keyed hasher against flooding).
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme's case does not matter
+/// (RFC 9110 §11.1). `None` for another scheme.
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii_start();
+    let at = value.iter().position(|&b| b == b' ' || b == b'\t')?;
+    let (scheme, token) = value.split_at(at);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then_some(token.trim_ascii())
+}
+
 /// Appends `addr` as `Display` writes it, without the formatting machinery for IPv4 (the
 /// common case: X-Forwarded-For and the access log write one per request). An IPv4 address is
 /// four copies from a table into a stack buffer, appended once.

@@ -149,11 +149,11 @@ fn forged_calls_never_lock_out_a_signed_webhook_or_a_valid_admin_call() {
     assert_eq!((status, body.contains("queued")), (202, true), "{body}");
     assert!(wait_body(&gw, "v2"));
 
-    // So does a valid admin call.
+    // So does a valid admin call (the scheme in any case, RFC 9110 §11.1).
     commit(&repo, &config("v3"), "third");
     let (status, body) = gw.admin_post(
         "/admin/reload",
-        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        &[("Authorization", &format!("BEARER {TOKEN}"))],
         b"",
     );
     assert_eq!((status, body.contains("queued")), (202, true), "{body}");

@@ -171,6 +171,9 @@ fn with_a_token_the_api_needs_it_and_failures_are_limited_per_address() {
         "no `Bearer `"
     );
 
+    // The scheme's case does not matter (RFC 9110 §11.1): `bearer` was refused.
+    let lower = get("/api/v1/status", Some(&format!("bearer {TOKEN}")));
+    assert_eq!(lower.status, 200, "{}", lower.body);
     let ok = get("/api/v1/status", Some(&bearer()));
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(ok.header("cache-control").as_deref(), Some("no-store"));

@@ -239,7 +239,7 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         );
     };
     let given = header(&req, "authorization")
-        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .and_then(crate::util::bearer)
         .unwrap_or(b"");
     if !secret_matches(token, given) {
         tracing::warn!(peer = ?req.peer_addr(), "admin call with a missing or wrong token");

@@ -96,7 +96,7 @@ pub(crate) fn gate(req: &HttpRequest, state: &AdminState) -> Result<Access, Box<
                 .headers()
                 .get("authorization")
                 .map(|v| v.as_bytes())
-                .and_then(|v| v.strip_prefix(b"Bearer "))
+                .and_then(crate::util::bearer)
                 .unwrap_or(b"");
             if secret_matches(token, given) {
                 return Ok(Access::Token);

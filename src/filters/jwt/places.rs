@@ -135,10 +135,8 @@ pub fn without_cookie(header: &str, name: &str) -> Option<String> {
 /// The token of an `Authorization: Bearer <token>` value; the scheme's case does not matter
 /// (RFC 9110 §11.1). `None` for another scheme.
 fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    // Cut at ASCII bytes: still text.
+    crate::util::bearer(value.as_bytes()).and_then(|t| std::str::from_utf8(t).ok())
 }
 
 fn text(v: &[u8]) -> &str {
