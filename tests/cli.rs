@@ -229,6 +229,28 @@ fn validate_names_a_file_whose_name_is_not_utf8() {
     assert!(!stderr.contains("does not exist"), "{stderr}");
 }
 
+/// A file with a byte that is not UTF-8 is located at that byte, with a help about encodings.
+/// Before: at 1:1, helped with "config files are regular files inside the config repo".
+#[test]
+fn validate_locates_the_first_byte_that_is_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+    std::fs::write(
+        dir.path().join("routes/main.toml"),
+        b"[[route]]\nname = \"h\xe9llo\"\npath = \"/\"\n",
+    )
+    .unwrap();
+    let out = rustygate(&["validate", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routes/main.toml:2:10"), "{stderr}");
+    assert!(
+        stderr.contains("invalid byte at line 2, column 10"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("save the file as UTF-8"), "{stderr}");
+}
+
 /// A config with no routes validated silently ("valid (0 file(s), 0 warning(s))"): it is a
 /// warning, which `--deny-warnings` makes an error.
 #[test]

@@ -79,8 +79,9 @@ pub enum FileError {
     NotRegular(&'static str),
     #[error("is larger than the {cap}-byte limit for a {kind}")]
     TooLarge { cap: u64, kind: &'static str },
-    #[error("is not UTF-8 text")]
-    NotUtf8,
+    /// Where the first byte that is not UTF-8 is (1-based; the column counts characters).
+    #[error("is not UTF-8 text: an invalid byte at line {line}, column {column}")]
+    NotUtf8 { line: usize, column: usize },
     /// The file's own name is not UTF-8 (shown with U+FFFD for each invalid byte): nothing in
     /// the config can name it, and a git source cannot export it.
     #[error("has a name that is not UTF-8 (each invalid byte shown as U+FFFD)")]
@@ -102,7 +103,7 @@ impl FileError {
             FileError::NameNotUtf8 => "invalid-file-name",
             FileError::NotRegular(_) => "not-a-file",
             FileError::TooLarge { .. } => "file-too-large",
-            FileError::NotUtf8 | FileError::Io(_) => "unreadable-file",
+            FileError::NotUtf8 { .. } | FileError::Io(_) => "unreadable-file",
         }
     }
 
@@ -118,7 +119,8 @@ impl FileError {
             FileError::NameNotUtf8 => "file name not UTF-8",
             FileError::NotRegular(_) => "not a regular file",
             FileError::TooLarge { .. } => "file too large",
-            FileError::NotUtf8 | FileError::Io(_) => "cannot be read",
+            FileError::NotUtf8 { .. } => "not UTF-8",
+            FileError::Io(_) => "cannot be read",
         }
     }
 
@@ -126,6 +128,9 @@ impl FileError {
     pub fn help(&self) -> &'static str {
         match self {
             FileError::NameNotUtf8 => "rename the file: config file names must be UTF-8",
+            FileError::NotUtf8 { .. } => {
+                "save the file as UTF-8 (a file saved as Latin-1 or UTF-16 reads so)"
+            }
             _ => "config files are regular files inside the config repo",
         }
     }
@@ -277,7 +282,20 @@ pub fn read_secret(path: &Path, extra_roots: &[PathBuf]) -> Result<String, FileE
 /// Opens `path` (already resolved and checked) if it is a regular file and reads it, bounded by
 /// the kind's cap.
 pub fn read_regular(path: &Path, kind: FileKind) -> Result<String, FileError> {
-    String::from_utf8(read_regular_bytes(path, kind)?).map_err(|_| FileError::NotUtf8)
+    text(read_regular_bytes(path, kind)?)
+}
+
+/// `bytes` as text, or where its first byte that is not UTF-8 is.
+fn text(bytes: Vec<u8>) -> Result<String, FileError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let before = std::str::from_utf8(&valid[line_start..]).map_or(0, |s| s.chars().count());
+        FileError::NotUtf8 {
+            line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
+            column: before + 1,
+        }
+    })
 }
 
 /// [`read_regular`] without the UTF-8 check.
@@ -313,7 +331,7 @@ fn on_pseudo_fs(meta: &std::fs::Metadata) -> bool {
 
 /// Reads at most cap + 1 bytes of `reader`, refusing a declared or actual size over the cap.
 pub fn read_capped(reader: impl Read, declared: u64, kind: FileKind) -> Result<String, FileError> {
-    String::from_utf8(read_capped_bytes(reader, declared, kind)?).map_err(|_| FileError::NotUtf8)
+    text(read_capped_bytes(reader, declared, kind)?)
 }
 
 /// [`read_capped`] without the UTF-8 check.
@@ -554,7 +572,7 @@ mod tests {
             "{r:?}"
         );
         let r = read_capped(&b"\xff\xfe"[..], 2, FileKind::Secret);
-        assert!(matches!(r, Err(FileError::NotUtf8)));
+        assert!(matches!(r, Err(FileError::NotUtf8 { line: 1, column: 1 })));
     }
 
     #[test]

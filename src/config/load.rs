@@ -100,7 +100,8 @@ pub fn load_dir(root: &Path) -> Result<RawConfig, LoadError> {
 
 /// Adds a file that was read to `files`; for one that was refused, adds an empty entry under its
 /// name and reports the refusal there (`routes/a.toml:1:1`), so the diagnostic is located
-/// without showing a byte of what the path leads to.
+/// without showing a byte of what the path leads to. A file that is not UTF-8 is reported at its
+/// first invalid byte: the entry is blank lines up to it.
 pub(crate) fn add_file(
     files: &mut SourceFiles,
     diags: &mut Diagnostics,
@@ -110,10 +111,17 @@ pub(crate) fn add_file(
     match text {
         Ok(text) => Some(files.add(name, text)),
         Err(e) => {
-            let id = files.add(name, String::new());
+            let blank = match e {
+                FileError::NotUtf8 { line, column } => {
+                    "\n".repeat(line - 1) + " ".repeat(column - 1).as_str()
+                }
+                _ => String::new(),
+            };
+            let at = blank.len();
+            let id = files.add(name, blank);
             diags.push(
                 Diagnostic::error(e.code(), format!("`{name}` {e}"))
-                    .at(id, 0..0, e.label())
+                    .at(id, at..at, e.label())
                     .help(e.help()),
             );
             None
