@@ -89,6 +89,10 @@ pub struct BodyStats {
     pub idle: Cell<bool>,
     /// Where a streamed body stands: whose turn it is.
     pub progress: Cell<BodyProgress>,
+    /// A reader of the client's body began and has not reached its end (the end of a streamed
+    /// body, of one read whole, of one the plugins read): what the client still sends on the
+    /// connection is the rest of it.
+    pub unfinished: Cell<bool>,
 }
 
 /// Where a body streamed to the upstream stands, for the attempt's timeout
@@ -123,9 +127,9 @@ impl BodyStats {
         (at > now).then_some(at)
     }
 
-    /// Whether the whole body has arrived (and, streamed, been handed on).
+    /// Whether no reader of the body stopped before its end.
     pub fn whole_sent(&self) -> bool {
-        matches!(self.progress.get(), BodyProgress::Sent(_))
+        !self.unfinished.get()
     }
 
     /// Whether the client still has to send more of the body.
@@ -161,6 +165,7 @@ pub fn stream_request_body(
 ) -> (ProxyBody, Rc<BodyStats>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let stats = Rc::new(BodyStats::default());
+    stats.unfinished.set(true);
     let seen = Rc::clone(&stats);
     actix_web::rt::spawn(async move {
         loop {
@@ -168,6 +173,7 @@ pub fn stream_request_body(
             let Some(chunk) = next_chunk(&mut payload, idle, &seen).await else {
                 seen.progress
                     .set(BodyProgress::Sent(std::time::Instant::now()));
+                seen.unfinished.set(false);
                 break;
             };
             seen.progress
@@ -205,6 +211,7 @@ pub async fn read_request_body(
     stats: &BodyStats,
 ) -> Result<Bytes, BodyError> {
     let mut buf = bytes::BytesMut::with_capacity(usize::try_from(expected.min(limit)).unwrap_or(0));
+    stats.unfinished.set(true);
     while let Some(chunk) = next_chunk(payload, idle, stats).await {
         let bytes = chunk?;
         let total = stats.bytes.get() + bytes.len() as u64;
@@ -215,9 +222,7 @@ pub async fn read_request_body(
         }
         buf.extend_from_slice(&bytes);
     }
-    stats
-        .progress
-        .set(BodyProgress::Sent(std::time::Instant::now()));
+    stats.unfinished.set(false);
     Ok(buf.freeze())
 }
 

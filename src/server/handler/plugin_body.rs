@@ -98,6 +98,7 @@ impl Reader {
     /// ended (with a declared length, with its last byte; otherwise when the client's stream
     /// does).
     async fn pull(&mut self, filter: &mut BodyFilter) -> Result<(Bytes, bool), Pulled> {
+        self.stats.unfinished.set(true);
         let (data, end) = match next_chunk(&mut self.payload, self.idle, &self.stats).await {
             None => (Bytes::new(), true),
             Some(Err(e)) => return Err(Pulled::Client(e)),
@@ -111,6 +112,9 @@ impl Reader {
                 (b, self.declared == Some(total))
             }
         };
+        if end {
+            self.stats.unfinished.set(false);
+        }
         let out = filter
             .chunk(data, end)
             .map_err(|s| Pulled::Stop(Halt::Plugin(s)))?;
