@@ -195,6 +195,7 @@ fn log_print(text: &str, level: &'static str) {
             );
         }
         if !log {
+            crate::telemetry::sink::DROPPED.inc();
             return;
         }
         if level == "debug" {

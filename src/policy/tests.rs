@@ -515,6 +515,20 @@ fn print_and_debug_log_with_route_and_script() {
     }
 }
 
+/// `print` past the route's 100 lines a second is dropped and counted in
+/// `rustygate_log_lines_dropped_total`, as plugin lines are (it was counted nowhere).
+#[test]
+fn prints_over_the_rate_are_counted_as_dropped() {
+    let before = crate::telemetry::sink::DROPPED.get();
+    let p = policy(
+        "fn on_request(req) { for i in 0..150 { print(`line ${i}`); } }",
+        &Limits::default(),
+    );
+    p.on_request(&req()).unwrap();
+    let dropped = crate::telemetry::sink::DROPPED.get() - before;
+    assert!(dropped >= 50, "{dropped} counted");
+}
+
 #[test]
 fn methods_on_a_rebound_parameter_keep_rhai_method_semantics() {
     // `req.m(..)` runs as `m(req, ..)` only while `req` is the hook's own parameter; once the body

@@ -23,12 +23,13 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Bytes waiting past which new lines are dropped (the output is not keeping up).
 pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 
-/// Lines dropped because the output did not keep up (and plugin lines over their rate,
-/// `plugins::log`), for `rustygate_log_lines_dropped_total`.
+/// Lines dropped because the output did not keep up (and policy `print`/`debug` and plugin
+/// lines over their rate, `policy::engine`, `plugins::log`), for
+/// `rustygate_log_lines_dropped_total`.
 pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
         "rustygate_log_lines_dropped_total",
-        "Log lines (access and other) dropped because the log output did not keep up, or a plugin logged past its rate",
+        "Log lines (access and other) dropped because the log output did not keep up, or a policy or plugin logged past its rate",
     )
     .unwrap_or_else(|_| unreachable!("constant metric definition"))
 });
