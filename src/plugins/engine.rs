@@ -176,28 +176,35 @@ pub fn cap_module(bytes: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileError>
     Ok(out)
 }
 
+/// A memory's or table's limits at `body[*at..]`, moving `at` past them: the flags byte, the
+/// minimum, and the maximum where flag bit 0 says there is one. `None` when cut short.
+fn read_limits(body: &[u8], at: &mut usize) -> Option<(u8, u64, Option<u64>)> {
+    let flags = *body.get(*at)?;
+    *at += 1;
+    let (min, n) = read_leb(body.get(*at..)?)?;
+    *at += n;
+    let max = if flags & 1 == 1 {
+        let (max, n) = read_leb(body.get(*at..)?)?;
+        *at += n;
+        Some(max)
+    } else {
+        None
+    };
+    Some((flags, min, max))
+}
+
 fn cap_memory_section(body: &[u8], max_pages: u64) -> Result<Vec<u8>, CompileError> {
     let bad = || CompileError::Invalid("malformed memory section".to_owned());
     let (count, mut at) = read_leb(body).ok_or_else(bad)?;
     let mut out = Vec::with_capacity(body.len() + 4);
     write_leb(&mut out, count);
     for _ in 0..count {
-        let flags = *body.get(at).ok_or_else(bad)?;
-        at += 1;
+        let (flags, min, declared_max) = read_limits(body, &mut at).ok_or_else(bad)?;
         if flags & !1 != 0 {
             return Err(CompileError::Memory(
                 "declares a shared or 64-bit memory; plugins have one plain 32-bit memory".into(),
             ));
         }
-        let (min, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
-        at += n;
-        let declared_max = if flags & 1 == 1 {
-            let (max, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
-            at += n;
-            Some(max)
-        } else {
-            None
-        };
         if min > max_pages {
             return Err(CompileError::Memory(format!(
                 "needs {} KiB of memory at start, more than `max_memory` ({} KiB)",
@@ -243,22 +250,12 @@ fn cap_table_section(body: &[u8]) -> Result<Vec<u8>, CompileError> {
             _ => return Err(bad()),
         }
         let ty = ty..at;
-        let flags = *body.get(at).ok_or_else(bad)?;
-        at += 1;
+        let (flags, min, declared_max) = read_limits(body, &mut at).ok_or_else(bad)?;
         if flags & !1 != 0 {
             return Err(CompileError::Table(
                 "declares a shared or 64-bit table; plugins have plain 32-bit tables".into(),
             ));
         }
-        let (min, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
-        at += n;
-        let declared_max = if flags & 1 == 1 {
-            let (max, n) = read_leb(body.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
-            at += n;
-            Some(max)
-        } else {
-            None
-        };
         tables.push((ty, min, declared_max));
     }
     if at != body.len() {
