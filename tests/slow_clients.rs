@@ -365,6 +365,54 @@ fn slow_uploads_neither_time_out_nor_eject_the_target() {
     assert_eq!(m["rustygate_client_timeouts_total{phase=\"body\"}"], 3.0);
 }
 
+/// The other side of `slow_uploads_neither_time_out_nor_eject_the_target`: an upstream that
+/// stops taking a body the client sends as fast as it can. Once the buffers on the way are
+/// full, no piece moves for the route's `timeout`: 504, counted as the target's failure (the
+/// client was not the slow one).
+#[test]
+fn an_upstream_that_stops_taking_the_body_times_out_at_the_timeout() {
+    let upstream = scripted_upstream(|mut s, _| {
+        let _ = read_head(&mut s);
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    let files = proxy_to(
+        &[format!("http://{upstream}")],
+        "",
+        "timeout = \"1s\"\nmax_body_size = \"128MiB\"",
+    );
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    // 64 MiB: more than the socket buffers on both hops and the gateway's channel hold.
+    let len = 64 << 20;
+    let writer = std::thread::spawn(move || {
+        let head = format!("POST /up HTTP/1.1\r\nHost: test\r\nContent-Length: {len}\r\n\r\n");
+        let _ = w.write_all(head.as_bytes());
+        let piece = vec![b'a'; 64 * 1024];
+        for _ in 0..len / piece.len() {
+            if w.write_all(&piece).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut r = s;
+    let answer = read_response(&mut r);
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(took < Duration::from_secs(8), "answered after {took:?}");
+    drop(r);
+    let _ = writer.join();
+    let m = scrape(&gw);
+    let timeouts: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("rustygate_upstream_errors_total") && k.contains("timeout"))
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(timeouts, 1.0, "{m:?}");
+}
+
 /// An upstream that answers before it has read the body (413 at once): the client's connection
 /// ends after that answer, and what the client still sends is never read as a request. Before,
 /// the rest of a 100 KB body was taken for a new request head and answered with a second
