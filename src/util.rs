@@ -2,6 +2,38 @@
 
 pub mod clock;
 
+/// What `tracing` logs at `level` and more severe while `f` runs on this thread, as plain text
+/// (no colours), for tests of what the gateway logs.
+#[cfg(test)]
+pub(crate) fn captured_logs<R>(level: tracing::Level, f: impl FnOnce() -> R) -> (R, String) {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Captured::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text =
+        String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    (out, text)
+}
+
 /// A hash map for per-worker tables keyed by config-made values (pool keys, route and upstream
 /// names, status codes): foldhash instead of SipHash, whose per-byte cost showed in profiles.
 /// Not for keys a client chooses (rate-limit keys keep a keyed hasher against flooding).

@@ -138,23 +138,6 @@ fn random_get_outside_memory_is_a_fault_before_any_work() {
     assert!(is_continue(&out));
 }
 
-/// A `tracing` writer into a shared buffer, for what plugins log.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
     // 500 proxy_log calls of 4 KiB each in one request, and 500 fd_write lines.
@@ -169,16 +152,9 @@ fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
         500,
     );
     let u = plugin_from(name, &wasm, OnError::FailClosed, Limits::default());
-    let buf = Captured::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
     let dropped = crate::telemetry::sink::DROPPED.get();
     let started = std::time::Instant::now();
-    let out = tracing::subscriber::with_default(subscriber, || {
+    let (out, text) = crate::util::captured_logs(tracing::Level::INFO, || {
         let inc = incoming();
         let info = RequestInfo {
             incoming: &inc,
@@ -188,8 +164,6 @@ fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
         on_request(&[u], &info, ClientHeaders::default()).1
     });
     let seconds = started.elapsed().as_secs();
-    let text =
-        String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains(name)).collect();
     let most = (log::LINES_PER_SECOND as usize + 1) * (seconds as usize + 1);
     assert!(

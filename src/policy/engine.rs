@@ -394,41 +394,18 @@ mod tests {
 
     #[test]
     fn a_printing_loop_logs_at_most_the_limit_per_second() {
-        #[derive(Clone, Default)]
-        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
         let engine = build(&Limits::default());
         let (route, script): (Arc<str>, Arc<str>) =
             ("print-flood-test".into(), "policies/flood.rhai".into());
         let started = Instant::now();
-        tracing::subscriber::with_default(subscriber, || {
+        let (run, text) = crate::util::captured_logs(tracing::Level::DEBUG, || {
             let _guard = CallGuard::enter(Duration::from_secs(30), Some((&route, &script)), false);
             engine
                 .run("for i in 0..500 { print(`line ${i}`); debug(i); }")
                 .map_err(|e| e.to_string())
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        });
+        run.unwrap_or_else(|e| panic!("{e}"));
         let seconds = started.elapsed().as_secs();
-        let text =
-            String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
         let lines = text
             .lines()
             .filter(|l| l.contains("print-flood-test"))

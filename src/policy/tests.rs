@@ -476,34 +476,15 @@ fn on_request(req) {
 
 #[test]
 fn print_and_debug_log_with_route_and_script() {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
     let quiet = policy("fn on_request(req) { let x = 1; }", &Limits::default());
     let p = policy(
         r#"fn on_request(req) { print("one"); debug("two"); }"#,
         &Limits::default(),
     );
-    tracing::subscriber::with_default(subscriber, || {
+    let ((), text) = crate::util::captured_logs(tracing::Level::DEBUG, || {
         quiet.on_request(&req()).unwrap();
         p.on_request(&req()).unwrap();
     });
-    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<_> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     for (line, said) in lines.iter().zip(["one", "\"two\""]) {
@@ -520,10 +501,13 @@ fn print_and_debug_log_with_route_and_script() {
 #[test]
 fn prints_over_the_rate_are_counted_as_dropped() {
     let before = crate::telemetry::sink::DROPPED.get();
-    let p = policy(
+    // A route of its own: print windows are per route and process, and the other tests' route
+    // "r" must keep its lines (sharing it made print_and_debug_log_with_route_and_script fail).
+    let mut p = policy(
         "fn on_request(req) { for i in 0..150 { print(`line ${i}`); } }",
         &Limits::default(),
     );
+    p.route = Arc::from("print-rate-test");
     p.on_request(&req()).unwrap();
     let dropped = crate::telemetry::sink::DROPPED.get() - before;
     assert!(dropped >= 50, "{dropped} counted");
