@@ -55,6 +55,8 @@ pub(crate) const CLOCK_EVERY: u64 = 256;
 /// What the hook running on this thread is, for the budget and for `print`/`debug`.
 struct Running {
     deadline: Cell<Option<Instant>>,
+    /// The lowest stack address the running hook may reach (see [`STACK_BUDGET`]); 0 outside.
+    stack_floor: Cell<usize>,
     /// The running script assigns into indexes or properties (see `on_var` in [`build`]).
     check_maps: Cell<bool>,
     who: RefCell<Option<(Arc<str>, Arc<str>)>>,
@@ -62,7 +64,12 @@ struct Running {
 
 thread_local! {
     static RUNNING: Running = const {
-        Running { deadline: Cell::new(None), check_maps: Cell::new(false), who: RefCell::new(None) }
+        Running {
+            deadline: Cell::new(None),
+            stack_floor: Cell::new(0),
+            check_maps: Cell::new(false),
+            who: RefCell::new(None),
+        }
     };
 }
 
@@ -78,6 +85,8 @@ impl CallGuard {
     ) -> CallGuard {
         RUNNING.with(|r| {
             r.deadline.set(Some(Instant::now() + budget));
+            r.stack_floor
+                .set(stack_position().saturating_sub(STACK_BUDGET));
             r.check_maps.set(check_maps);
             if let Some((route, script)) = who {
                 *r.who.borrow_mut() = Some((Arc::clone(route), Arc::clone(script)));
@@ -91,22 +100,50 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         RUNNING.with(|r| {
             r.deadline.set(None);
+            r.stack_floor.set(0);
             r.check_maps.set(false);
             r.who.borrow_mut().take();
         });
     }
 }
 
-/// The value a terminated script carries: the reason, read back by [`classify`].
+/// Stack a hook call may use below where it was entered. Rhai recurses on the thread's stack
+/// for each call level and each nested expression, and `max_call_depth` × `max_expr_depth`
+/// (32 × 64 by default) is deeper than a worker's 2 MiB allows in a debug build: an overflow
+/// aborts the process. Past this budget the call ends as a call-depth failure instead. A
+/// release build uses a fraction of it for the deepest scripts the limits let through.
+pub(crate) const STACK_BUDGET: usize = 1 << 20;
+
+/// The stack is measured every this many operations: one operation grows it by a few
+/// kilobytes at most (in a debug build), so the budget overshoots by tens of kilobytes.
+const STACK_EVERY: u64 = 8;
+
+/// An address in the caller's stack frame, to measure how deep a call went.
+#[inline(always)]
+fn stack_position() -> usize {
+    let here = 0u8;
+    std::hint::black_box(std::ptr::addr_of!(here)) as usize
+}
+
+/// The values a terminated script carries: the reason, read back by [`classify`].
 const TIMEOUT_TOKEN: &str = "timeout";
+const STACK_TOKEN: &str = "stack";
 
 fn over_budget(ops: u64) -> Option<Dynamic> {
-    if !ops.is_multiple_of(CLOCK_EVERY) {
+    if !ops.is_multiple_of(STACK_EVERY) {
         return None;
     }
-    RUNNING.with(|r| match r.deadline.get() {
-        Some(d) if Instant::now() >= d => Some(Dynamic::from(TIMEOUT_TOKEN)),
-        _ => None,
+    RUNNING.with(|r| {
+        // The stack grows down on every target this builds for.
+        if stack_position() < r.stack_floor.get() {
+            return Some(Dynamic::from(STACK_TOKEN));
+        }
+        match r.deadline.get() {
+            Some(d) if ops.is_multiple_of(CLOCK_EVERY) && Instant::now() >= d => {
+                Some(Dynamic::from(TIMEOUT_TOKEN))
+            }
+            _ => None,
+        }
     })
 }
 
@@ -345,11 +382,11 @@ pub(crate) fn classify(err: &EvalAltResult) -> (Reason, Position, String) {
                 Reason::ArraySize
             }
         }
-        EvalAltResult::ErrorTerminated(token, _)
-            if token.clone().into_string().ok().as_deref() == Some(TIMEOUT_TOKEN) =>
-        {
-            Reason::Timeout
-        }
+        EvalAltResult::ErrorTerminated(token, _) => match token.clone().into_string().as_deref() {
+            Ok(TIMEOUT_TOKEN) => Reason::Timeout,
+            Ok(STACK_TOKEN) => Reason::CallDepth,
+            _ => Reason::Runtime,
+        },
         EvalAltResult::ErrorRuntime(v, _)
             if v.is_string()
                 && v.clone()
@@ -361,6 +398,9 @@ pub(crate) fn classify(err: &EvalAltResult) -> (Reason, Position, String) {
         _ => Reason::Runtime,
     };
     let message = match e {
+        EvalAltResult::ErrorTerminated(..) if reason == Reason::CallDepth => {
+            "calls and expressions nest deeper than the worker's stack allows".to_owned()
+        }
         EvalAltResult::ErrorTerminated(..) => "the wall-clock budget ran out".to_owned(),
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
         other => {

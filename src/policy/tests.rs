@@ -1036,15 +1036,52 @@ fn deeply_nested_values_stop_on_nesting_not_the_stack() {
         );
         on_worker_stack(&ok, &limits).unwrap_or_else(|f| panic!("{f}"));
         // Script functions that return nested literals nest without reading a variable: at
-        // most `max_call_depth` times one expression (here 30 x 6 levels), and that is read
-        // before it goes deeper.
-        let nest = format!("{}down(n - 1){}", "[".repeat(6), "]".repeat(6));
+        // most `max_call_depth` times one expression (here 14 x 10 levels), and that is read
+        // before it goes deeper. (30 x 6 levels end on the stack budget in a debug build.)
+        let nest = format!("{}down(n - 1){}", "[".repeat(10), "]".repeat(10));
         let src = format!(
-            "fn down(n) {{ if n == 0 {{ [] }} else {{ {nest} }} }}\nfn on_request(req) {{ let a = down(30); let s = to_json(down(30)); print(down(30)); let b = [a]; }}"
+            "fn down(n) {{ if n == 0 {{ [] }} else {{ {nest} }} }}\nfn on_request(req) {{ let a = down(14); let s = to_json(down(14)); print(down(14)); let b = [a]; }}"
         );
         match on_worker_stack(&src, &limits) {
             Err(f) => assert_eq!(f.reason, Reason::Nesting, "{f}"),
             Ok(v) => panic!("did not fail: {v:?}"),
         }
     });
+}
+
+#[test]
+fn recursion_deeper_than_the_stack_fails_the_call_not_the_process() {
+    // Rhai recurses on the thread's stack. With the default limits (31 calls of a body nesting
+    // 20 expressions) a debug build overflowed a worker's 2 MiB stack, which aborts the process;
+    // a config may raise `max_call_depth` until a release build does too.
+    in_child(
+        "recursion_deeper_than_the_stack_fails_the_call_not_the_process",
+        || {
+            let body = |calls: u32| {
+                let nest = format!("{}f(n - 1){}", "(1 + ".repeat(20), ")".repeat(20));
+                format!(
+                    "fn f(n) {{ if n == 0 {{ 0 }} else {{ {nest} }} }}\nfn on_request(req) {{ let a = f({calls}); if a != {calls} * 20 {{ throw \"wrong\"; }} }}"
+                )
+            };
+            let limits = Limits {
+                max_call_depth: 5000,
+                max_operations: 0,
+                budget: Duration::from_secs(60),
+                ..Limits::default()
+            };
+            for calls in [31, 4000] {
+                match on_worker_stack(&body(calls), &limits) {
+                    Err(f) => {
+                        assert_eq!(f.reason, Reason::CallDepth, "{f}");
+                        assert!(f.message.contains("stack"), "{f}");
+                    }
+                    // A release build fits the default limits' depth in the budget.
+                    Ok(v) if calls == 31 && !cfg!(debug_assertions) => assert!(v.is_none()),
+                    Ok(v) => panic!("{calls} calls did not fail: {v:?}"),
+                }
+            }
+            // Recursion well within the budget runs and gets its value.
+            on_worker_stack(&body(3), &limits).unwrap_or_else(|f| panic!("{f}"));
+        },
+    );
 }

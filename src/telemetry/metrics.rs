@@ -155,7 +155,7 @@ impl Metrics {
         );
         let policy_errors = counter(
             "rustygate_policy_errors_total",
-            "Requests failed closed by their policy, by route and reason (operations, call_depth, string_size, array_size, map_size, timeout, unknown_upstream, invalid_action, runtime_error).",
+            "Requests failed closed by their policy, by route and reason (operations, call_depth, string_size, array_size, map_size, nesting, timeout, unknown_upstream, invalid_action, runtime_error).",
             &["route", "reason"],
         );
         let target_healthy = IntGaugeVec::new(
