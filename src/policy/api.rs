@@ -507,7 +507,7 @@ fn percent_decode(s: &str) -> String {
 
 /// Registers the host API on `engine`.
 pub(crate) fn register(engine: &mut Engine, limits: &super::Limits) {
-    register_request(engine, limits.max_map_size);
+    register_request(engine, limits.max_map_size, limits.max_string_size);
     register_response(engine);
     register_actions(engine);
     register_host_calls(engine);
@@ -735,7 +735,7 @@ fn register_host_calls(engine: &mut Engine) {
     }
 }
 
-fn register_request(engine: &mut Engine, max_map_size: usize) {
+fn register_request(engine: &mut Engine, max_map_size: usize, max_key_bytes: usize) {
     engine.register_type_with_name::<Req>("Request");
     engine
         .register_get("params", |r: &mut Req| r.state().params.clone())
@@ -749,9 +749,9 @@ fn register_request(engine: &mut Engine, max_map_size: usize) {
                 if max_map_size > 0 && m.len() > max_map_size {
                     return Err(super::engine::map_too_large());
                 }
-                // Kept past the call (and given to `on_response`): never deeper than a
-                // script may read.
-                super::sizes::check_map_depth(&m)?;
+                // Kept past the call (and given to `on_response`): never deeper, nor with
+                // longer keys, than a script may read.
+                super::sizes::check_map(&m, max_key_bytes)?;
                 r.state().ctx = m;
                 Ok(())
             },

@@ -274,13 +274,15 @@ pub fn build(limits: &Limits) -> Engine {
         .register_fn("exit", move |_: Dynamic| exit());
     engine.on_progress(over_budget);
     let max_map = limits.max_map_size;
+    let max_key_bytes = limits.max_string_size;
     // Rhai checks the size of a value assigned into a map (`m[k] = v`), not of the map that
     // grew by one key; check a map's own size each time a script names its variable, so a
     // loop adding keys stops one key over the limit. (A map nested in another one is counted
     // when the outer one is returned, assigned with `+=`, or passed to a function.) Only scripts
     // that assign into an index or property pay for the size. Every array or map read is checked
-    // for nesting (see `sizes::MAX_DEPTH`): a value nests at most one expression deeper before
-    // it is read again.
+    // for nesting (see `sizes::MAX_DEPTH`), and for its maps' keys, which count against
+    // `max_string_size` as Rhai counts the strings in values: a value nests at most one
+    // expression deeper, and its keys grow by at most one expression's, before it is read again.
     #[allow(deprecated)] // `on_var` is marked volatile, not going away
     engine.on_var(move |name, _, cx| {
         let Some(v) = cx.scope().get(name) else {
@@ -295,7 +297,7 @@ pub fn build(limits: &Limits) -> Engine {
         {
             return Err(map_too_large());
         }
-        super::sizes::check_depth(v)?;
+        super::sizes::check_value(v, max_key_bytes)?;
         Ok(None)
     });
     engine.on_print(|s| log_print(s, "print"));

@@ -28,21 +28,46 @@ use rhai::{Dynamic, Engine, EvalAltResult, INT, ImmutableString, Position};
 /// and script functions returning nested literals at most `max_call_depth` times that.
 pub const MAX_DEPTH: usize = 128;
 
-/// Whether `v` has arrays or maps nested more than `room` deep (`[]` is one deep). Recursive,
-/// but never more than `room` calls deep.
-fn deeper_than(v: &Dynamic, room: usize) -> bool {
-    if v.is_array() {
-        let Ok(a) = v.as_array_ref() else {
-            return false;
-        };
-        room == 0 || a.iter().any(|x| deeper_than(x, room - 1))
-    } else if v.is_map() {
-        let Ok(m) = v.as_map_ref() else {
-            return false;
-        };
-        room == 0 || m.values().any(|x| deeper_than(x, room - 1))
-    } else {
-        false
+/// What a walk over a value found: how many bytes its maps' keys take.
+#[derive(Default)]
+struct Walk {
+    key_bytes: usize,
+}
+
+impl Walk {
+    /// Whether `v` has arrays or maps nested more than `room` deep (`[]` is one deep), adding
+    /// up its maps' keys on the way. Recursive, but never more than `room` calls deep.
+    fn deeper_than(&mut self, v: &Dynamic, room: usize) -> bool {
+        if v.is_array() {
+            let Ok(a) = v.as_array_ref() else {
+                return false;
+            };
+            room == 0 || a.iter().any(|x| self.deeper_than(x, room - 1))
+        } else if v.is_map() {
+            let Ok(m) = v.as_map_ref() else {
+                return false;
+            };
+            room == 0 || self.map_deeper_than(&m, room - 1)
+        } else {
+            false
+        }
+    }
+
+    fn map_deeper_than(&mut self, m: &rhai::Map, room: usize) -> bool {
+        self.key_bytes = m
+            .keys()
+            .fold(self.key_bytes, |n, k| n.saturating_add(k.len()));
+        m.values().any(|x| self.deeper_than(x, room))
+    }
+
+    fn verdict(&self, deeper: bool, max_key_bytes: usize) -> RhaiResult<()> {
+        if deeper {
+            return Err(too_deep());
+        }
+        if max_key_bytes > 0 && self.key_bytes > max_key_bytes {
+            return Err(keys_too_long(max_key_bytes));
+        }
+        Ok(())
     }
 }
 
@@ -54,20 +79,30 @@ fn too_deep() -> Box<EvalAltResult> {
     .into()
 }
 
-/// `Err` (`nesting`) when `v` nests arrays and maps more than [`MAX_DEPTH`] deep.
-pub(crate) fn check_depth(v: &Dynamic) -> RhaiResult<()> {
-    if deeper_than(v, MAX_DEPTH) {
-        return Err(too_deep());
-    }
-    Ok(())
+/// Read back as `map_size` by `engine::classify`.
+fn keys_too_long(max: usize) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorDataTooLarge(
+        format!("Keys of object maps (over {max} bytes in one value)"),
+        Position::NONE,
+    )
+    .into()
 }
 
-/// [`check_depth`] of a map held as a `Map`.
-pub(crate) fn check_map_depth(m: &rhai::Map) -> RhaiResult<()> {
-    if m.values().any(|v| deeper_than(v, MAX_DEPTH - 1)) {
-        return Err(too_deep());
-    }
-    Ok(())
+/// `Err` when `v` nests arrays and maps more than [`MAX_DEPTH`] deep (`nesting`), or when the
+/// keys of the maps in it take more than `max_key_bytes` (`map_size`; 0: no limit). Rhai counts
+/// a map's entries and the strings in its values against the limits, never its keys: 10,000
+/// keys of 64 KiB each (640 MB) passed them.
+pub(crate) fn check_value(v: &Dynamic, max_key_bytes: usize) -> RhaiResult<()> {
+    let mut walk = Walk::default();
+    let deeper = walk.deeper_than(v, MAX_DEPTH);
+    walk.verdict(deeper, max_key_bytes)
+}
+
+/// [`check_value`] of a map held as a `Map`.
+pub(crate) fn check_map(m: &rhai::Map, max_key_bytes: usize) -> RhaiResult<()> {
+    let mut walk = Walk::default();
+    let deeper = walk.map_deeper_than(m, MAX_DEPTH - 1);
+    walk.verdict(deeper, max_key_bytes)
 }
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
@@ -210,10 +245,10 @@ mod tests {
                 Dynamic::from_map(m)
             };
         }
-        assert!(check_depth(&v).is_ok(), "{MAX_DEPTH} deep is allowed");
+        assert!(check_value(&v, 0).is_ok(), "{MAX_DEPTH} deep is allowed");
         let v = Dynamic::from_array(vec![v]);
-        assert!(check_depth(&v).is_err());
-        assert!(check_depth(&Dynamic::from("text")).is_ok());
+        assert!(check_value(&v, 0).is_err());
+        assert!(check_value(&Dynamic::from("text"), 0).is_ok());
     }
 
     #[test]

@@ -257,6 +257,38 @@ fn growing_a_map_by_index_or_property_stops_on_map_size() {
 }
 
 #[test]
+fn long_map_keys_count_against_the_string_limit() {
+    // Rhai counts a map's entries and the strings in its values, not its keys: each of these
+    // kept 1,000 keys of 60 KB (60 MB) within the default limits.
+    let limits = Limits {
+        max_operations: 0,
+        budget: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let long = r#"let k = "k"; k.pad(60000, "k");"#;
+    for body in [
+        "let m = #{}; for i in 0..1000 { m[`${k}${i}`] = i; }",
+        "let m = #{}; for i in 0..1000 { m[`${i}${k}`] = (); } let n = m;",
+        "for i in 0..1000 { req.ctx[`${k}${i}`] = i; }",
+        "let a = []; for i in 0..1000 { let m = #{}; m[`${k}${i}`] = 1; a.push(m); }",
+        "let m = #{}; for i in 0..1000 { m[`${i}`] = #{}; m[`${i}`][`${k}${i}`] = 1; }",
+    ] {
+        let src = format!("fn on_request(req) {{ {long} {body} }}");
+        let f = fails(&src, &limits);
+        assert_eq!(f.reason, Reason::MapSize, "{body}: {f}");
+        assert!(f.message.contains("Keys of object maps"), "{body}: {f}");
+    }
+    // Keys up to the limit together are fine, in a variable and in `req.ctx`.
+    let fine = r#"fn on_request(req) {
+    let k = "k"; k.pad(30000, "k");
+    let m = #{}; m[`${k}1`] = 1; m[`${k}2`] = 2;
+    req.ctx[k] = m.len();
+    if req.ctx[k] != 2 { throw "lost"; }
+}"#;
+    assert!(matches!(policy(fine, &limits).on_request(&req()), Ok(None)));
+}
+
+#[test]
 fn only_scripts_that_assign_into_containers_check_map_sizes_on_each_read() {
     let limits = Limits::default();
     let reads = policy(
