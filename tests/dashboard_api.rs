@@ -295,6 +295,56 @@ fn without_a_token_the_api_answers_only_on_loopback_and_for_loopback_names() {
 }
 
 #[test]
+fn admin_endpoints_answer_head_and_refuse_other_methods_with_405() {
+    let files = [(
+        "routes/main.toml",
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )];
+    let (_gw, admin) = gateway(&files, Control::default(), "127.0.0.1:0");
+    let reads = [
+        "/healthz",
+        "/readyz",
+        "/status",
+        "/metrics",
+        "/ui/",
+        "/api/v1/status",
+        "/api/v1/routes",
+        "/api/v1/fleet",
+    ];
+    for path in reads {
+        let get = call(&admin, &admin, "GET", path, &[], b"");
+        assert_eq!(get.status, 200, "GET {path}: {}", get.body);
+        // HEAD: the same status and length, no body.
+        let head = call(&admin, &admin, "HEAD", path, &[], b"");
+        assert_eq!(head.status, 200, "HEAD {path}");
+        assert!(head.body.is_empty(), "HEAD {path}: {}", head.body);
+        for method in ["POST", "PUT", "DELETE", "PATCH"] {
+            let r = call(&admin, &admin, method, path, &[], b"");
+            assert_eq!(r.status, 405, "{method} {path}: {}", r.body);
+            assert_eq!(
+                r.header("allow").as_deref(),
+                Some("GET, HEAD"),
+                "{method} {path}"
+            );
+        }
+    }
+    for path in ["/api/v1/explain", "/admin/reload", "/hooks/github"] {
+        let r = call(&admin, &admin, "GET", path, &[], b"");
+        assert_eq!(r.status, 405, "GET {path}: {}", r.body);
+        assert_eq!(r.header("allow").as_deref(), Some("POST"), "GET {path}");
+    }
+    // What does not exist stays 404, whatever the method.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("POST", "/api/v1/nope"),
+        ("DELETE", "/nope"),
+    ] {
+        let r = call(&admin, &admin, method, path, &[], b"");
+        assert_eq!(r.status, 404, "{method} {path}");
+    }
+}
+
+#[test]
 fn routes_upstreams_and_traffic_describe_what_is_served() {
     let backend = Backend::fixed(200, "order");
     let dead = dead_port();

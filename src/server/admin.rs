@@ -76,10 +76,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     let capped = web::PayloadConfig::new(MAX_WEBHOOK_BODY);
     cfg.configure(super::api::configure)
         .configure(super::ui::configure)
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/status", web::get().to(status))
-        .route("/metrics", web::get().to(metrics))
+        .service(get_or_head("/healthz", healthz))
+        .service(get_or_head("/readyz", readyz))
+        .service(get_or_head("/status", status))
+        .service(get_or_head("/metrics", metrics))
         .service(
             web::resource("/admin/reload")
                 .app_data(capped.clone())
@@ -95,6 +95,20 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .app_data(capped)
                 .route(web::post().to(gitlab)),
         );
+}
+
+/// `path` answering `GET` and `HEAD` (the same head, no body) with `handler`; another method
+/// gets 405 with `Allow`. (`App::route` answered 404 for another method, as if the path did not
+/// exist, and 404 for `HEAD`.)
+pub(crate) fn get_or_head<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
 }
 
 async fn healthz() -> HttpResponse {

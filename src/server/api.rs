@@ -20,7 +20,7 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::admin::{AdminState, auth_failed};
+use super::admin::{AdminState, auth_failed, get_or_head};
 use super::webhooks::secret_matches;
 use crate::snapshot::{Route, RouteAction, Snapshot};
 
@@ -40,13 +40,13 @@ const MAX_FILTER: usize = 256;
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
-            .route("/status", web::get().to(status))
-            .route("/routes", web::get().to(routes))
-            .route("/upstreams", web::get().to(upstreams))
-            .route("/reloads", web::get().to(reloads))
-            .route("/traffic", web::get().to(traffic))
-            .route("/fleet", web::get().to(fleet::fleet))
-            .route("/explain", web::post().to(explain))
+            .service(get_or_head("/status", status))
+            .service(get_or_head("/routes", routes))
+            .service(get_or_head("/upstreams", upstreams))
+            .service(get_or_head("/reloads", reloads))
+            .service(get_or_head("/traffic", traffic))
+            .service(get_or_head("/fleet", fleet::fleet))
+            .service(web::resource("/explain").route(web::post().to(explain)))
             .default_service(web::to(not_found)),
     );
 }

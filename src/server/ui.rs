@@ -38,8 +38,8 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
     frame-ancestors 'none'";
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ui", web::get().to(redirect))
-        .route("/ui/{file:.*}", web::get().to(asset));
+    cfg.service(super::admin::get_or_head("/ui", redirect))
+        .service(super::admin::get_or_head("/ui/{file:.*}", asset));
 }
 
 async fn redirect() -> HttpResponse {
