@@ -556,9 +556,15 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
     }
 }
 
-/// GET `path` from an `http://host:port` admin listener; the body of a 200.
+/// How long `rustygate status` waits for a connection to the admin listener, and for its whole
+/// answer after that.
+const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// GET `path` from an `http://host:port` admin listener; the body of a 200. The answer must
+/// arrive whole within [`ADMIN_ANSWER_TIMEOUT`], however slowly it trickles.
 fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
+    use std::io::{ErrorKind, Read, Write};
     let hostport = admin
         .strip_prefix("http://")
         .context("the admin URL starts with http://")?
@@ -566,14 +572,50 @@ fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
     let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
         .next()
         .context("the admin address does not resolve")?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, ADMIN_CONNECT_TIMEOUT).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => anyhow::anyhow!(
+                "no connection to {addr} within {} s",
+                ADMIN_CONNECT_TIMEOUT.as_secs()
+            ),
+            _ => anyhow::anyhow!("cannot connect to {addr}: {e}"),
+        })?;
+    let deadline = std::time::Instant::now() + ADMIN_ANSWER_TIMEOUT;
+    let silent = || {
+        anyhow::anyhow!(
+            "{addr} accepted the connection but did not answer {path} within {} s",
+            ADMIN_ANSWER_TIMEOUT.as_secs()
+        )
+    };
+    s.set_write_timeout(Some(ADMIN_ANSWER_TIMEOUT))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
     )?;
+    const MOST: usize = 16 * 1024 * 1024;
     let mut out = Vec::new();
-    s.take(16 * 1024 * 1024).read_to_end(&mut out)?;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(silent());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                anyhow::ensure!(out.len() <= MOST, "{path} answered more than 16 MiB");
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(silent());
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading the answer from {addr}: {e}")),
+        }
+    }
     let text = String::from_utf8_lossy(&out);
     let (head, body) = text
         .split_once("\r\n\r\n")

@@ -266,3 +266,65 @@ fn a_config_without_routes_is_a_warning() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error[no-routes]"), "{stderr}");
 }
+
+/// `rustygate status` against admin listeners that misbehave: it ends within its 10 s for the
+/// whole answer and says what happened (a silent one said "Resource temporarily unavailable
+/// (os error 11)"; one trickling a byte a second held it for as long as it went on).
+#[test]
+fn status_says_when_the_admin_listener_is_silent_trickles_or_is_closed() {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+    let listener = |behave: fn(std::net::TcpStream)| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = l.accept() {
+                behave(s);
+            }
+        });
+        format!("http://{addr}")
+    };
+    let silent = listener(|s| {
+        std::thread::sleep(Duration::from_secs(30));
+        drop(s);
+    });
+    let trickle = listener(|mut s| {
+        for b in b"HTTP/1.1 200 OK\r\ncontent-length: 999\r\n\r\n{"
+            .iter()
+            .cycle()
+            .take(40)
+        {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    });
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let runs: Vec<_> = [silent, trickle, closed]
+        .into_iter()
+        .map(|admin| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let out = rustygate(&["status", "--admin", &admin]);
+                (admin, out, started.elapsed())
+            })
+        })
+        .collect();
+    let expect = [
+        "accepted the connection but did not answer /status within 10 s",
+        "accepted the connection but did not answer /status within 10 s",
+        "cannot connect to",
+    ];
+    for (run, said) in runs.into_iter().zip(expect) {
+        let (admin, out, took) = run.join().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{admin}: {stderr}");
+        assert!(stderr.contains(said), "{admin}: {stderr}");
+        assert!(took < Duration::from_secs(20), "{admin}: took {took:?}");
+    }
+}
