@@ -272,6 +272,18 @@ where
         }
     }
     let dropped = connection_tokens(connection.into_iter())?;
+    // The route's `request_headers.set` and its claim headers are the gateway's too: naming
+    // one in `Connection` is refused as naming `Host` is (the gateway's value would be sent
+    // anyway; the client asked for something that cannot be).
+    if let Some(t) = dropped.iter().find(|t| {
+        let t = t.as_str();
+        f.rules.set.iter().any(|(n, _)| n.as_str() == t)
+            || f.inbound.identity.iter().any(|(_, h)| h.as_str() == t)
+    }) {
+        return Err(format!(
+            "Connection header names `{t}`, which the gateway sets"
+        ));
+    }
     let mut client_host = None;
     let mut prior_xff: Vec<&str> = Vec::new();
     // The kept values and X-Forwarded-For are copied into one buffer and shared from it: one
@@ -771,6 +783,49 @@ mod tests {
             let value = format!("close, {owned}");
             let client: &[(&str, &[u8])] = &[("host", b"a"), ("connection", value.as_bytes())];
             assert!(forward(client, false).is_err(), "{owned}");
+        }
+    }
+
+    /// SECURITY.md: a `Connection` header naming a header the gateway sets is 400; the route's
+    /// `request_headers.set` and its claim headers are set by the gateway too.
+    #[test]
+    fn connection_cannot_name_route_or_claim_headers() {
+        let rid = HeaderValue::from_static("rid-1");
+        let rules = HeaderOps {
+            set: vec![(
+                HeaderName::from_static("x-tenant"),
+                HeaderValue::from_static("acme"),
+            )],
+            remove: vec![],
+        };
+        let identity = [("sub".to_owned(), HeaderName::from_static("x-user-id"))];
+        let f = Forwarding {
+            peer: Some(ip("192.0.2.7")),
+            trusted: false,
+            request_id: &rid,
+            upstream_host: &UpstreamHost::Preserve,
+            target_authority: "10.0.0.1:8080",
+            inbound: Inbound {
+                allow_underscores: false,
+                identity: &identity,
+            },
+            drop_token: None,
+            auth_headers: &[],
+            rules: &rules,
+            https: false,
+            client_cert: None,
+        };
+        for (value, refused) in [
+            ("close, X-Tenant", true),
+            ("x-user-id", true),
+            ("keep-alive, x-other", false),
+        ] {
+            let client: &[(&str, &[u8])] = &[("host", b"a"), ("connection", value.as_bytes())];
+            let out = upstream_headers(|| client.iter().copied(), client.len(), &f);
+            assert_eq!(out.is_err(), refused, "{value}: {out:?}");
+            if let Err(e) = out {
+                assert!(e.contains("which the gateway sets"), "{e}");
+            }
         }
     }
 
