@@ -257,14 +257,18 @@ fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
 
     // Oversized payloads are refused before parsing.
     let huge = vec![b'x'; 2 << 20];
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, ("X-Hub-Signature-256", &sign(secret, &huge))],
+        &huge,
+    );
+    assert_eq!(status, 413, "{body}");
+    // Said in JSON as every other admin answer (it was actix's text/plain).
+    let said: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(
-        gw.admin_post(
-            "/hooks/github",
-            &[ev, ("X-Hub-Signature-256", &sign(secret, &huge))],
-            &huge
-        )
-        .0,
-        413
+        said["message"], "the webhook body is over 1024 KiB",
+        "{body}"
     );
 }
 

@@ -312,7 +312,29 @@ fn webhook_refusal(
 }
 
 /// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
-async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+/// A webhook's body, or the JSON refusal of one that is over [`MAX_WEBHOOK_BODY`] or broken
+/// (actix's own answer was `text/plain`).
+fn webhook_body(body: Result<Bytes, actix_web::Error>) -> Result<Bytes, Box<HttpResponse>> {
+    body.map_err(|e| {
+        let status = e.as_response_error().status_code();
+        let message = if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the webhook body is over {} KiB", MAX_WEBHOOK_BODY / 1024)
+        } else {
+            format!("the webhook body could not be read: {e}")
+        };
+        Box::new(reply(status.as_u16(), &message))
+    })
+}
+
+async fn github(
+    req: HttpRequest,
+    body: Result<Bytes, actix_web::Error>,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    let body = match webhook_body(body) {
+        Ok(b) => b,
+        Err(refusal) => return *refusal,
+    };
     let verify =
         |secret: &str| github_signature_ok(secret, &body, header(&req, "x-hub-signature-256"));
     if let Some(answer) = webhook_refusal(&req, &state, "github", verify, "x-github-delivery") {
@@ -326,7 +348,15 @@ async fn github(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> 
 }
 
 /// `POST /hooks/gitlab`: the `X-Gitlab-Token` secret, compared in constant time.
-async fn gitlab(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+async fn gitlab(
+    req: HttpRequest,
+    body: Result<Bytes, actix_web::Error>,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    let body = match webhook_body(body) {
+        Ok(b) => b,
+        Err(refusal) => return *refusal,
+    };
     let verify =
         |secret: &str| secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b""));
     if let Some(answer) = webhook_refusal(&req, &state, "gitlab", verify, "x-gitlab-event-uuid") {
