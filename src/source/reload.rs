@@ -623,13 +623,14 @@ impl Reloader {
                 diagnostics = %candidate.diagnostics.render_short(&candidate.files).trim_end(),
                 "config rejected; still serving the last good config"
             );
+            // Counted before /status says so: whoever reads the one finds the other.
+            self.metrics.reload_failed();
             let from = status.applied.as_ref().map(|a| a.sha.clone());
             status.rejected(*candidate, trigger, from.clone(), started.elapsed(), now);
             drop(status);
             if let Some(s) = &self.source {
                 s.discard_checkout(&id, from.as_deref());
             }
-            self.metrics.reload_failed();
             return;
         };
         snapshot.version.commit = candidate.commit;
