@@ -21,6 +21,14 @@ pub(crate) fn captured_logs<R>(level: tracing::Level, f: impl FnOnce() -> R) -> 
             Ok(())
         }
     }
+    // With one live dispatcher, tracing-core works out a log site's interest from the default
+    // of whichever thread reaches it first: a test thread without a subscriber then marks it
+    // "never" for the whole process, and this capture misses its lines (tokio-rs/tracing#2874).
+    // A second dispatcher, alive for good, makes it ask each event instead.
+    static ANOTHER: std::sync::LazyLock<tracing::Dispatch> = std::sync::LazyLock::new(|| {
+        tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
+    });
+    std::sync::LazyLock::force(&ANOTHER);
     let buf = Captured::default();
     let writer = buf.clone();
     let subscriber = tracing_subscriber::fmt()
