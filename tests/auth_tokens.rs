@@ -95,14 +95,15 @@ fn a_fractional_exp_expires_on_time_whether_or_not_cached() {
     let keys = Keys::new(7);
     let (_jwks, url) = static_jwks(&keys, "k1", "fraction.json");
     let (gw, _be, _dir) = gateway(&url, "leeway = \"0s\"");
-    // As PyJWT writes `time.time() + 2.5`.
+    // As PyJWT writes `time.time() + 4.5` (3.5 to 4.5 s from now: room for the first JWKS
+    // fetch on a loaded machine).
     let mut c = claims();
-    c["exp"] = serde_json::json!(now() as f64 + 2.5);
+    c["exp"] = serde_json::json!(now() as f64 + 4.5);
     let t = keys.token("k1", c);
     assert_eq!(status(&gw, &t), 200);
     assert_eq!(status(&gw, &t), 200, "answered from the cache");
     assert!(
-        wait_until(Duration::from_secs(10), || status(&gw, &t) == 401),
+        wait_until(Duration::from_secs(15), || status(&gw, &t) == 401),
         "the cached token never expired"
     );
     for _ in 0..5 {

@@ -70,7 +70,7 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
 
     // New connections are refused while the in-flight request is still running.
     assert!(
-        wait_until(Duration::from_secs(1), || TcpStream::connect(&listen)
+        wait_until(Duration::from_secs(5), || TcpStream::connect(&listen)
             .is_err()),
         "the listener still accepts after SIGTERM"
     );
