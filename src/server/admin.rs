@@ -311,40 +311,44 @@ fn webhook_refusal(
     None
 }
 
-/// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
-/// A webhook's body, or the JSON refusal of one that is over [`MAX_WEBHOOK_BODY`] or broken
-/// (actix's own answer was `text/plain`).
-fn webhook_body(body: Result<Bytes, actix_web::Error>) -> Result<Bytes, Box<HttpResponse>> {
-    body.map_err(|e| {
-        let status = e.as_response_error().status_code();
-        let message = if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the webhook body is over {} KiB", MAX_WEBHOOK_BODY / 1024)
-        } else {
-            format!("the webhook body could not be read: {e}")
-        };
-        Box::new(reply(status.as_u16(), &message))
-    })
+/// `then` with a webhook's body; a body over [`MAX_WEBHOOK_BODY`] or broken is refused in JSON
+/// here (actix's own answer was `text/plain`).
+fn with_body(
+    body: Result<Bytes, actix_web::Error>,
+    then: impl FnOnce(Bytes) -> HttpResponse,
+) -> HttpResponse {
+    match body {
+        Ok(body) => then(body),
+        Err(e) => {
+            let status = e.as_response_error().status_code();
+            let message = if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+                format!("the webhook body is over {} KiB", MAX_WEBHOOK_BODY / 1024)
+            } else {
+                format!("the webhook body could not be read: {e}")
+            };
+            reply(status.as_u16(), &message)
+        }
+    }
 }
 
+/// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
 async fn github(
     req: HttpRequest,
     body: Result<Bytes, actix_web::Error>,
     state: web::Data<AdminState>,
 ) -> HttpResponse {
-    let body = match webhook_body(body) {
-        Ok(b) => b,
-        Err(refusal) => return *refusal,
-    };
-    let verify =
-        |secret: &str| github_signature_ok(secret, &body, header(&req, "x-hub-signature-256"));
-    if let Some(answer) = webhook_refusal(&req, &state, "github", verify, "x-github-delivery") {
-        return answer;
-    }
-    match header(&req, "x-github-event") {
-        Some(b"ping") => reply(200, "pong"),
-        Some(b"push") => push(&req, &state, &body, "github"),
-        _ => reply(202, "event ignored"),
-    }
+    with_body(body, |body| {
+        let verify =
+            |secret: &str| github_signature_ok(secret, &body, header(&req, "x-hub-signature-256"));
+        if let Some(answer) = webhook_refusal(&req, &state, "github", verify, "x-github-delivery") {
+            return answer;
+        }
+        match header(&req, "x-github-event") {
+            Some(b"ping") => reply(200, "pong"),
+            Some(b"push") => push(&req, &state, &body, "github"),
+            _ => reply(202, "event ignored"),
+        }
+    })
 }
 
 /// `POST /hooks/gitlab`: the `X-Gitlab-Token` secret, compared in constant time.
@@ -353,19 +357,18 @@ async fn gitlab(
     body: Result<Bytes, actix_web::Error>,
     state: web::Data<AdminState>,
 ) -> HttpResponse {
-    let body = match webhook_body(body) {
-        Ok(b) => b,
-        Err(refusal) => return *refusal,
-    };
-    let verify =
-        |secret: &str| secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b""));
-    if let Some(answer) = webhook_refusal(&req, &state, "gitlab", verify, "x-gitlab-event-uuid") {
-        return answer;
-    }
-    match header(&req, "x-gitlab-event") {
-        Some(b"Push Hook") => push(&req, &state, &body, "gitlab"),
-        _ => reply(202, "event ignored"),
-    }
+    with_body(body, |body| {
+        let verify =
+            |secret: &str| secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b""));
+        if let Some(answer) = webhook_refusal(&req, &state, "gitlab", verify, "x-gitlab-event-uuid")
+        {
+            return answer;
+        }
+        match header(&req, "x-gitlab-event") {
+            Some(b"Push Hook") => push(&req, &state, &body, "gitlab"),
+            _ => reply(202, "event ignored"),
+        }
+    })
 }
 
 /// A push of a new commit to the tracked branch (or any push, for a pinned ref) queues a fetch.
