@@ -398,6 +398,49 @@ async fn h2c_and_other_upgrade_tokens_are_never_forwarded() {
     }
 }
 
+/// actix-http takes a head for a WebSocket handshake only when an `Upgrade` field is exactly
+/// `websocket`; `websocket, foo` was a handshake to the gateway and not to actix: the upstream's
+/// 101 reached the client chunk-encoded and the client's next bytes were parsed as requests.
+/// Such a head is a plain request, on a connection that stays usable.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_listing_websocket_among_others_is_a_plain_request() {
+    let be = Backend::echo();
+    let gw = gateway(&be.url(), "");
+    use std::io::{Read, Write};
+    for upgrade in ["websocket, foo", "foo, websocket"] {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for path in ["/one", "/two"] {
+            s.write_all(
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\
+                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains(path) {
+                let n = s.read(&mut buf).unwrap();
+                assert!(
+                    n > 0,
+                    "{upgrade}: closed after {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&buf[..n]);
+            }
+            let reply = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            assert!(reply.starts_with("http/1.1 200"), "{upgrade}: {reply}");
+            assert!(
+                !reply.contains("\"upgrade\""),
+                "{upgrade}: forwarded {reply}"
+            );
+            assert!(!reply.contains("connection: upgrade"), "{upgrade}: {reply}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_with_a_body_or_another_method_are_refused() {
     let be = WsBackend::start();

@@ -61,7 +61,7 @@ pub fn handshake(req: &Request, allowed: bool) -> Result<Handshake, &'static str
     let h = req.headers();
     let names_websocket = h
         .get_all(ax::UPGRADE)
-        .any(|v| has_token(v.as_bytes(), "websocket"));
+        .any(|v| upgrade_is_websocket(v.as_bytes()));
     if !names_websocket {
         return Ok(Handshake::Plain);
     }
@@ -86,6 +86,18 @@ pub fn handshake(req: &Request, allowed: bool) -> Result<Handshake, &'static str
         (Some(k), None) if valid_key(k.as_bytes()) => Ok(Handshake::WebSocket),
         _ => Err("a WebSocket handshake needs one valid Sec-WebSocket-Key"),
     }
+}
+
+/// Whether an `Upgrade` field of a request asks for WebSocket as actix-http's decoder reads it
+/// (the field's whole value is `websocket`, any case): only then does actix hand the rest of
+/// the connection to the handler as the tunnel's bytes. `websocket, foo` named WebSocket to the
+/// gateway and not to actix: the 101 went out chunk-encoded and what the client sent next was
+/// parsed as requests. Such a request is a plain one.
+pub fn upgrade_is_websocket(value: &[u8]) -> bool {
+    value.trim_ascii().eq_ignore_ascii_case(b"websocket")
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).

@@ -823,11 +823,10 @@ fn plain_if_not_websocket(head: &mut [u8]) {
     }
 }
 
-/// Whether an `Upgrade` value lists `websocket` among its tokens.
+/// Whether an `Upgrade` value asks for WebSocket as actix-http reads it
+/// ([`crate::proxy::websocket::upgrade_is_websocket`]).
 fn names_websocket(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    crate::proxy::websocket::upgrade_is_websocket(value)
 }
 
 /// Whether the first line of `head` (as far as it came) is longer than [`MAX_REQUEST_LINE`].
@@ -1647,6 +1646,8 @@ mod tests {
         for plain in [
             &b"GET /a HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"[..],
             b"GET /a HTTP/1.1\r\nUpgrade: foo\r\n\r\n",
+            // WebSocket among other tokens: not a handshake to actix-http either.
+            b"GET /ws HTTP/1.1\r\nUpgrade: foo, WebSocket\r\nConnection: upgrade\r\n\r\n",
             b"get /a HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
             let two = [plain, get].concat();
@@ -1659,7 +1660,6 @@ mod tests {
             b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST /a HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n0\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes",
-            b"GET /ws HTTP/1.1\r\nUpgrade: foo, WebSocket\r\nConnection: upgrade\r\n\r\nframes",
             b"CONNECT a:443 HTTP/1.1\r\n\r\ntunnel",
             // Cut short, leading empty lines, not HTTP/1.x: nothing is held.
             b"GET /a HTTP/1.1\r\nHost: x\r\n",
