@@ -366,6 +366,42 @@ fn unreachable_route_is_a_warning() {
 }
 
 #[test]
+fn a_websocket_route_to_an_http2_upstream_is_a_warning() {
+    let h2 = (
+        "upstreams/grpc.toml",
+        "[upstream.grpc]\ntargets = [\"http://127.0.0.1:50051\"]\nprotocol = \"http2\"\n",
+    );
+    let c = expect(
+        &[
+            h2,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"chat\"\nprefix = \"/chat\"\nupstream = \"grpc\"\nwebsocket = true\n",
+            ),
+        ],
+        &["warning[websocket-http2-upstream] routes/a.toml:2:8"],
+    );
+    assert!(
+        the(&c, "websocket-http2-upstream")
+            .message
+            .contains("handshakes are forwarded as plain requests"),
+        "{:?}",
+        the(&c, "websocket-http2-upstream")
+    );
+    // Left to its default (upgrades taken where the upstream can), nothing to say.
+    expect(
+        &[
+            h2,
+            (
+                "routes/a.toml",
+                "[[route]]\nname = \"chat\"\nprefix = \"/chat\"\nupstream = \"grpc\"\n",
+            ),
+        ],
+        &[],
+    );
+}
+
+#[test]
 fn upstream_without_targets() {
     expect(
         &[

@@ -796,6 +796,48 @@ async fn a_clients_deadline_or_a_refused_stream_never_ejects_the_target() {
     );
 }
 
+/// A WebSocket handshake is HTTP/1.1's. To a route whose upstream speaks HTTP/2 it went out as
+/// a handshake on an HTTP/1.1 connection: the HTTP/2-only target failed it, and five such
+/// handshakes (anyone's) ejected the target for everyone. It goes as a plain request now,
+/// without its upgrade headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_handshakes_to_an_http2_upstream_go_as_plain_requests() {
+    let upgrades = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&upgrades);
+    let be = H2Backend::start(move |req: Request<Incoming>| {
+        if req.headers().contains_key("upgrade") || req.headers().contains_key("connection") {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        async { Response::new(full("h2")) }
+    });
+    let files = proxy_to(&[be.url()], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let handshake = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for _ in 0..6 {
+        let reply = common::raw(
+            gw.addr,
+            format!("GET /chat HTTP/1.1\r\nHost: test\r\n{handshake}\r\n").as_bytes(),
+        );
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with("h2"), "{reply}");
+    }
+    assert_eq!(
+        upgrades.load(Ordering::SeqCst),
+        0,
+        "upgrade headers forwarded"
+    );
+    // Still in rotation.
+    let (status, body) = common::http(&gw.addr.to_string(), "GET", "/", &[], b"").unwrap();
+    assert_eq!((status, body.as_str()), (200, "h2"));
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_upstream_errors_total{kind="connect",upstream="be"}"#),
+        None,
+        "{m:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2c_share_the_listener() {
     let hits = Arc::new(AtomicUsize::new(0));

@@ -216,6 +216,22 @@ impl Builder<'_> {
         let (Some((path, path_span)), Some(action)) = (path, action) else {
             return;
         };
+        if r.websocket == Some(true)
+            && let RouteAction::Proxy { upstream, .. } = &action
+            && !upstream.speaks_http1()
+        {
+            cx.push(
+                Diagnostic::warning(
+                    "websocket-http2-upstream",
+                    format!(
+                        "route `{name}` takes WebSocket upgrades, but its upstream `{}` speaks HTTP/2: handshakes are forwarded as plain requests",
+                        upstream.name
+                    ),
+                )
+                .at(file, r.name.span(), "WebSocket upgrades go nowhere")
+                .help("point the route at an HTTP/1.1 upstream, or drop `websocket = true`"),
+            );
+        }
         let tracing = super::trace_config::route_trace(cx, file, r.tracing.as_ref(), &path);
         if cx.diags.error_count() > errors_before {
             return;

@@ -1089,8 +1089,11 @@ async fn forward(
     ex.upstream = Some(Arc::clone(&upstream));
     // WebSocket (proxy::websocket): a handshake goes out without a body on a connection of its
     // own; what the client sends after the 101 is this request's payload.
+    // A handshake is HTTP/1.1's: to an HTTP/2 upstream it goes as a plain request (its
+    // upgrade headers are hop-by-hop). Sent as a handshake, the HTTP/2-only target failed it
+    // and was ejected after five.
     let websocket = match websocket::handshake(req, route.websocket) {
-        Ok(h) => h == websocket::Handshake::WebSocket,
+        Ok(h) => h == websocket::Handshake::WebSocket && upstream.speaks_http1(),
         Err(why) => return ex.error(400, why),
     };
     // Browsers send no preflight for a WebSocket and the response's CORS headers do not bind

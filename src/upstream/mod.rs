@@ -182,6 +182,12 @@ pub struct Upstream {
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl Upstream {
+    /// Whether its targets speak HTTP/1.1 (`protocol` is the upstream's, the same for each):
+    /// the only protocol a WebSocket handshake can go to.
+    pub fn speaks_http1(&self) -> bool {
+        self.targets.iter().all(|t| t.protocol == Protocol::Http1)
+    }
+
     /// The target for the next attempt: a usable one not tried yet; else a usable one; else,
     /// with `fail_open`, any; else `None` (the caller answers 503).
     pub fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
