@@ -555,3 +555,70 @@ fn a_replayable_body_that_never_arrives_is_408_after_the_route_timeout() {
     assert!(reply.contains("not received in time"), "{reply}");
     assert_eq!(good.hits(), 0, "nothing was sent upstream");
 }
+
+/// The gateway running out of file descriptors is its own shortage, not the target's failure:
+/// such connects are 503 and eject nothing. (One client holding enough WebSocket tunnels made
+/// every connect fail with EMFILE, and five in a row ejected a healthy target for 30 s.)
+#[test]
+fn running_out_of_file_descriptors_is_503_and_ejects_no_target() {
+    // `Connection: close` on every answer: each request needs a new upstream connection.
+    let be = Backend::start(|_req| async {
+        Response::builder()
+            .header("connection", "close")
+            .body(full("ok"))
+            .unwrap()
+    });
+    let files = proxy_all(&be.url(), "");
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let pid = gw.child.id().to_string();
+    let mut client = KeepAlive::connect(&gw.listen).unwrap();
+    assert_eq!(client.get("/").unwrap(), (200, "ok".into()));
+    let nofile = |limit: &str| {
+        let ok = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={limit}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "prlimit --nofile={limit}");
+    };
+    let before = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid,
+            "--nofile",
+            "--raw",
+            "--noheadings",
+            "-o",
+            "SOFT,HARD",
+        ])
+        .output()
+        .unwrap();
+    let before = String::from_utf8_lossy(&before.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(":");
+    // The lowest descriptor number free is the next one a socket would get: a limit there
+    // leaves none to open (the client's connection is open already).
+    let used: std::collections::HashSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !used.contains(n)).unwrap();
+    nofile(&format!(
+        "{lowest_free}:{}",
+        before.split(':').nth(1).unwrap()
+    ));
+    for _ in 0..6 {
+        let (status, body) = client.get("/").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("could not open a connection"), "{body}");
+    }
+    nofile(&before);
+    assert_eq!(
+        client.get("/").unwrap(),
+        (200, "ok".into()),
+        "the target is still in rotation"
+    );
+    let logs = gw.logs.lock().unwrap().clone();
+    assert!(!logs.contains("ejected"), "{logs}");
+}

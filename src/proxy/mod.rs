@@ -23,6 +23,7 @@ impl From<crate::wire::connect::ConnectError> for ForwardError {
             ConnectError::Refused(m) => ForwardError::Connect(m),
             ConnectError::Tls(m) => ForwardError::Tls(m),
             ConnectError::Timeout(t) => ForwardError::Timeout(t),
+            ConnectError::Local(m) => ForwardError::Local(m),
         }
     }
 }
@@ -58,6 +59,10 @@ pub enum ForwardError {
     /// client can provoke one with a request the upstream refuses).
     #[error("the upstream reset the request's stream: {0}")]
     StreamReset(String),
+    /// 503: the gateway could not open a connection for want of file descriptors, memory or
+    /// local ports; not the target's failure.
+    #[error("the gateway could not open a connection: {0}")]
+    Local(String),
     /// 503: a circuit-breaker limit of the upstream is reached.
     #[error("the upstream's {} limit is reached", .0.as_str())]
     Overloaded(crate::upstream::state::Overflow),
@@ -74,7 +79,7 @@ impl ForwardError {
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
             ForwardError::ClientBody(_) => 400,
-            ForwardError::Overloaded(_) => 503,
+            ForwardError::Overloaded(_) | ForwardError::Local(_) => 503,
         }
     }
 
@@ -90,6 +95,7 @@ impl ForwardError {
             ForwardError::Invalid(_) => "invalid_response",
             ForwardError::StreamReset(_) => "stream_reset",
             ForwardError::Overloaded(_) => "overloaded",
+            ForwardError::Local(_) => "local",
         }
     }
 }

@@ -1344,6 +1344,7 @@ async fn forward(
                     ForwardError::Timeout(_) => "the upstream did not answer in time",
                     ForwardError::StreamReset(_) => "the upstream refused the request",
                     ForwardError::Invalid(_) => "the upstream sent an invalid response",
+                    ForwardError::Local(_) => "the gateway could not open a connection",
                     _ => "the upstream could not be reached",
                 };
                 return ex.error(failed.error.status(), message);
@@ -1562,14 +1563,17 @@ fn attempt_failed(
         ForwardError::Overloaded(o) => return Err(overloaded(ex, state, upstream, *o)),
         _ => {
             // A stream the upstream reset on a connection it kept is an answer to this request,
-            // not a sign the target is down: it does not count towards ejecting it.
-            if !matches!(error, ForwardError::StreamReset(_)) {
+            // not a sign the target is down, and the gateway's own shortage of sockets is not
+            // the target's: neither counts towards ejecting it.
+            if !matches!(error, ForwardError::StreamReset(_) | ForwardError::Local(_)) {
                 upstream.record_failure(index);
             }
             state.recorder.attempt(upstream, index, None);
             let reason = match &error {
                 _ if request.is_some() => RetryReason::ConnectFailure,
-                ForwardError::Connect(_) | ForwardError::Tls(_) => RetryReason::ConnectFailure,
+                ForwardError::Connect(_) | ForwardError::Tls(_) | ForwardError::Local(_) => {
+                    RetryReason::ConnectFailure
+                }
                 ForwardError::Timeout(_) => RetryReason::Timeout,
                 _ => RetryReason::Reset,
             };

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::Protocol;
 use super::state::TargetState;
 use crate::snapshot::SnapshotStore;
-use crate::wire::connect::{Io, connect};
+use crate::wire::connect::{ConnectError, Io, connect};
 use crate::wire::tls::TargetTls;
 
 /// `health = { ... }`, compiled.
@@ -111,7 +111,15 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
             return;
         };
         match verdict {
-            Ok(()) => {
+            Ok(Some(why)) => {
+                tracing::debug!(
+                    upstream = s.upstream.as_str(),
+                    upstream_target = s.url.as_str(),
+                    error = why.as_str(),
+                    "health check not run"
+                );
+            }
+            Ok(None) => {
                 passes += 1;
                 fails = 0;
                 if passes >= probe.check.healthy_after {
@@ -183,8 +191,12 @@ impl ProbeConn {
     }
 }
 
+/// What one check says: `Ok(None)` passed, `Ok(Some(why))` the gateway could not open a
+/// socket (out of descriptors or ports: no verdict on the target), `Err(why)` failed.
+type Checked = Result<Option<String>, String>;
+
 /// One GET of the check path on a fresh connection.
-async fn check_once(probe: &Probe) -> Result<(), String> {
+async fn check_once(probe: &Probe) -> Checked {
     let check = &probe.check;
     let host = match &check.host {
         Some(h) => h.clone(),
@@ -197,8 +209,12 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
             probe.protocol,
             check.timeout,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
+        let io = match io {
+            Ok(io) => io,
+            Err(e @ ConnectError::Local(_)) => return Ok(Err(e.to_string())),
+            Err(e) => return Err(e.to_string()),
+        };
         let mut conn = ProbeConn::handshake(io, probe.protocol).await?;
         let req = match probe.protocol {
             Protocol::Http1 => http::Request::get(check.path.as_str())
@@ -222,12 +238,13 @@ async fn check_once(probe: &Probe) -> Result<(), String> {
             .send_request(req)
             .await
             .map_err(|e| format!("request failed: {e}"))?;
-        Ok::<u16, String>(resp.status().as_u16())
+        Ok::<Result<u16, String>, String>(Ok(resp.status().as_u16()))
     };
     match tokio::time::timeout(check.timeout, attempt).await {
         Err(_) => Err(format!("no answer in {:?}", check.timeout)),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(status)) if check.expects(status) => Ok(()),
-        Ok(Ok(status)) => Err(format!("status {status}")),
+        Ok(Ok(Err(local))) => Ok(Some(local)),
+        Ok(Ok(Ok(status))) if check.expects(status) => Ok(None),
+        Ok(Ok(Ok(status))) => Err(format!("status {status}")),
     }
 }

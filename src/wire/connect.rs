@@ -27,6 +27,19 @@ pub enum ConnectError {
     /// Connecting and the handshake together took longer than allowed.
     #[error("the upstream did not answer in {0:?}")]
     Timeout(Duration),
+    /// The gateway itself could not open a socket: out of file descriptors, memory or local
+    /// ports. Not the target's fault, and never counted against it (one client holding
+    /// enough WebSocket tunnels ejected every target this way).
+    #[error("the gateway could not open a connection: {0}")]
+    Local(String),
+}
+
+/// Whether a failed connect is the gateway's own shortage rather than the target's answer.
+fn is_local_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// The socket, plain or TLS.
@@ -107,6 +120,9 @@ async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
         Err(_) => return Err(ConnectError::Timeout(timeout)),
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(ConnectError::Timeout(timeout));
+        }
+        Ok(Err(e)) if is_local_shortage(&e) => {
+            return Err(ConnectError::Local(format!("{addr}: {e}")));
         }
         Ok(Err(e)) => return Err(ConnectError::Refused(format!("{addr}: {e}"))),
         Ok(Ok(s)) => s,
