@@ -41,6 +41,9 @@ pub enum GitError {
     HostKey(String),
     #[error("subdirectory `{0}` does not exist at this commit")]
     NoSubdir(String),
+    /// `--subdir` names a symlink or a file in the commit's tree: only a directory is exported.
+    #[error("subdirectory `{0}` is {1} at this commit, not a directory; give the directory itself")]
+    SubdirNotDir(String, &'static str),
     #[error("the commit holds an unsafe path `{0}`; refusing to export it")]
     UnsafePath(String),
     /// A tree entry whose name is not UTF-8, shown lossily (U+FFFD for each invalid byte).
@@ -467,6 +470,15 @@ fn export_tree_capped(
         let entry = tree
             .get_path(sub)
             .map_err(|_| GitError::NoSubdir(sub.display().to_string()))?;
+        let not_dir = match entry.filemode() {
+            0o040000 => None,
+            0o120000 => Some("a symlink"),
+            0o160000 => Some("a submodule"),
+            _ => Some("a file"),
+        };
+        if let Some(what) = not_dir {
+            return Err(GitError::SubdirNotDir(sub.display().to_string(), what));
+        }
         tree = entry
             .to_object(repo)?
             .into_tree()
@@ -702,6 +714,35 @@ mod tests {
             std::fs::read_to_string(dest.join("link.toml")).unwrap(),
             "x = 1"
         );
+    }
+
+    /// `--subdir` naming a symlink (or a file) said "does not exist at this commit".
+    #[test]
+    fn a_subdir_that_is_a_link_or_a_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let target = repo.blob(b"config").unwrap();
+        let file = repo.blob(b"x = 1").unwrap();
+        let commit = raw_commit(
+            &repo,
+            // Sorted by name, as git writes trees.
+            &[("100644", "file.toml", file), ("120000", "gateway", target)],
+        );
+        let dest = dir.path().join("export");
+        for (sub, said) in [
+            (
+                "gateway",
+                "subdirectory `gateway` is a symlink at this commit, not a directory",
+            ),
+            (
+                "file.toml",
+                "subdirectory `file.toml` is a file at this commit, not a directory",
+            ),
+            ("nope", "subdirectory `nope` does not exist at this commit"),
+        ] {
+            let e = export_tree(&repo, commit, Some(Path::new(sub)), &dest).unwrap_err();
+            assert!(e.to_string().starts_with(said), "{sub}: {e}");
+        }
     }
 
     #[test]

@@ -628,7 +628,7 @@ fn export_refusal(e: &GitError) -> Option<(Diagnostics, SourceFiles)> {
         GitError::NameNotUtf8(p) => ("invalid-file-name", Some(p), "file name not UTF-8"),
         GitError::UnsafePath(p) => ("unsafe-path", Some(p), "unsafe path"),
         GitError::TreeTooLarge(_) => ("tree-too-large", None, ""),
-        GitError::NoSubdir(_) => ("missing-subdir", None, ""),
+        GitError::NoSubdir(_) | GitError::SubdirNotDir(..) => ("missing-subdir", None, ""),
         _ => return None,
     };
     let mut files = SourceFiles::default();
