@@ -890,11 +890,25 @@ async fn connect_h2(addr: &str, tls: Option<&TargetTls>, timeout: Duration) -> H
     connect::by(deadline, timeout, h2_handshake(io, addr)).await
 }
 
+/// Cancelled streams an upstream HTTP/2 connection remembers at once (a few hundred bytes
+/// each): frames for them are dropped; past it, for forgotten ones, answered with a reset.
+const MAX_H2_RESETS_REMEMBERED: usize = 1024;
+
 async fn h2_handshake<I>(io: I, addr: &str) -> H2Result
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        // One connection per target carries every client's streams. Streams the gateway
+        // cancels (their clients went away) are remembered long enough for the frames already
+        // on their way to be dropped quietly, and such frames are never counted as the
+        // upstream's errors. With h2's defaults (50 streams for 1 s, then 1,024 frames for
+        // the connection's life) one client dropping 120 streaming gRPC calls made the
+        // gateway send GOAWAY on the shared connection: every client's calls failed, and the
+        // target was ejected.
+        .max_concurrent_reset_streams(MAX_H2_RESETS_REMEMBERED)
+        .reset_stream_duration(Duration::from_secs(10))
+        .max_local_error_reset_streams(None)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ForwardError::Connect(format!("{addr}: HTTP/2 handshake failed: {e}")))?;
