@@ -412,7 +412,7 @@ impl MessageBody for UpstreamBody {
                             return Poll::Ready(Some(Ok(data)));
                         }
                         Err(frame) => match (frame.into_trailers(), &this.trailers) {
-                            (Ok(t), Some(slot)) => slot.set(t),
+                            (Ok(t), Some(slot)) => slot.set(relayable_trailers(t)),
                             (Ok(t), None) => tracing::debug!(
                                 trailers = t.len(),
                                 "upstream response trailers dropped: the client side is HTTP/1.1"
@@ -444,5 +444,60 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // The client went away before the end.
         self.finish(Err("client_gone"));
+    }
+}
+
+/// An upstream's trailers as the client gets them: without the fields a trailer must not
+/// carry (RFC 9110 §6.5.1: framing, routing, hop-by-hop). A `content-length` trailer made
+/// curl fail the response; a `host` one was passed on.
+pub(crate) fn relayable_trailers(mut trailers: http::HeaderMap) -> http::HeaderMap {
+    const NEVER: [http::HeaderName; 7] = [
+        http::header::CONTENT_LENGTH,
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_ENCODING,
+        http::header::CONTENT_RANGE,
+        http::header::HOST,
+        http::header::AUTHORIZATION,
+        http::header::SET_COOKIE,
+    ];
+    let refused: Vec<http::HeaderName> = trailers
+        .keys()
+        .filter(|n| NEVER.contains(n) || crate::wire::headers::is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in &refused {
+        trailers.remove(name);
+    }
+    trailers
+}
+
+#[cfg(test)]
+mod trailer_tests {
+    use super::relayable_trailers;
+
+    #[test]
+    fn trailers_keep_grpc_fields_and_lose_framing_routing_and_hop_by_hop_ones() {
+        let mut t = http::HeaderMap::new();
+        for (n, v) in [
+            ("grpc-status", "0"),
+            ("grpc-message", "ok"),
+            ("x-checksum", "abc"),
+            ("content-length", "5"),
+            ("host", "evil"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("connection", "close"),
+            ("set-cookie", "a=b"),
+            ("content-type", "text/html"),
+        ] {
+            t.append(
+                http::HeaderName::from_static(n),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let kept = relayable_trailers(t);
+        let mut names: Vec<&str> = kept.keys().map(http::HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-message", "grpc-status", "x-checksum"]);
     }
 }
