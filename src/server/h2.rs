@@ -14,7 +14,7 @@
 //! header timeout, it is closed (GOAWAY) after the keep-alive time without streams, and a client
 //! that resets more than `[limits] http2_max_resets_per_second` streams in a second — the 2023
 //! "rapid reset" attack, where each reset stream costs the server work the client never waits
-//! for — gets GOAWAY and no new streams.
+//! for — gets GOAWAY and its connection is dropped 100 ms later ([`RESETS_GRACE`]).
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -39,6 +39,10 @@ use tokio::time::Instant;
 
 use crate::proxy::body::Trailers;
 use crate::telemetry::metrics::Metrics;
+
+/// How long a connection that went over `http2_max_resets_per_second` lives after its GOAWAY:
+/// long enough for the GOAWAY to be written, not for more streams.
+const RESETS_GRACE: Duration = Duration::from_millis(100);
 
 /// Adds the connection's facts (e.g. its TLS session) to each request of the connection.
 pub(crate) type ConnExt = Rc<dyn Fn(&mut Request)>;
@@ -264,7 +268,15 @@ pub(crate) async fn serve<IO, S>(
         let goaway = |reason: &'static str, conn: Pin<&mut _>| {
             metrics.http2_goaway.with_label_values(&[reason]).inc();
             hyper::server::conn::http2::Connection::graceful_shutdown(conn);
-            Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(1)))
+            // A client over the reset rate gets no grace: hyper's graceful GOAWAY takes new
+            // streams until the client answers its PING, and one that never did went on opening
+            // and resetting streams (750 a second, for the whole grace) after it.
+            let grace = if reason == "resets" {
+                RESETS_GRACE
+            } else {
+                settings.header_timeout.max(Duration::from_secs(1))
+            };
+            Some(Instant::now() + grace)
         };
         tokio::select! {
             res = conn.as_mut() => {
