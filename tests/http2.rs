@@ -843,6 +843,74 @@ async fn websocket_handshakes_to_an_http2_upstream_go_as_plain_requests() {
     );
 }
 
+/// An h2c upstream (the `h2` crate, frame by frame) that refuses every other stream with
+/// `REFUSED_STREAM` (RFC 9113 §8.7: not processed) and answers the rest "ok".
+fn refusing_h2_upstream(refused: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let streams = Arc::new(AtomicUsize::new(0));
+            while let Ok((sock, _)) = listener.accept().await {
+                let (streams, refused) = (Arc::clone(&streams), Arc::clone(&refused));
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(sock).await else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        if streams.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        } else if let Ok(mut body) = respond.send_response(
+                            http::Response::builder()
+                                .header("content-length", "2")
+                                .body(())
+                                .unwrap(),
+                            false,
+                        ) {
+                            let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                        }
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// A stream an HTTP/2 upstream refused unprocessed (`REFUSED_STREAM`, or left out by a graceful
+/// GOAWAY, as upstreams restarting do) is sent again like a request that never left, and is
+/// not the target's failure. It was a 502, not retried, counting towards ejection (a GOAWAY'd
+/// stream) or not retried (a refused one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_an_http2_upstream_refused_unprocessed_are_sent_again() {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let be = refusing_h2_upstream(Arc::clone(&refused));
+    let files = proxy_to(&[format!("http://{be}")], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    for _ in 0..6 {
+        let (status, body) = common::http(&gw.addr.to_string(), "GET", "/", &[], b"").unwrap();
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        6,
+        "each request refused once"
+    );
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_upstream_errors_total{kind="refused",upstream="be"}"#),
+        Some(&6.0),
+        "{m:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2c_share_the_listener() {
     let hits = Arc::new(AtomicUsize::new(0));

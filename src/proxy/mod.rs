@@ -59,6 +59,12 @@ pub enum ForwardError {
     /// client can provoke one with a request the upstream refuses).
     #[error("the upstream reset the request's stream: {0}")]
     StreamReset(String),
+    /// 502: an HTTP/2 upstream refused the stream unprocessed (`REFUSED_STREAM`, or a GOAWAY
+    /// whose last stream is below it: RFC 9113 §8.7). Sent again like a request that never
+    /// left, whatever its method, and not the target's failure (an upstream restarting
+    /// gracefully refuses streams this way).
+    #[error("the upstream refused the request unprocessed: {0}")]
+    Refused(String),
     /// 503: the gateway could not open a connection for want of file descriptors, memory or
     /// local ports; not the target's failure.
     #[error("the gateway could not open a connection: {0}")]
@@ -75,7 +81,8 @@ impl ForwardError {
             | ForwardError::Tls(_)
             | ForwardError::Upstream(_)
             | ForwardError::Invalid(_)
-            | ForwardError::StreamReset(_) => 502,
+            | ForwardError::StreamReset(_)
+            | ForwardError::Refused(_) => 502,
             ForwardError::Timeout(_) => 504,
             ForwardError::BodyTooLarge => 413,
             ForwardError::ClientBody(_) => 400,
@@ -94,6 +101,7 @@ impl ForwardError {
             ForwardError::Upstream(_) => "upstream",
             ForwardError::Invalid(_) => "invalid_response",
             ForwardError::StreamReset(_) => "stream_reset",
+            ForwardError::Refused(_) => "refused",
             ForwardError::Overloaded(_) => "overloaded",
             ForwardError::Local(_) => "local",
         }
@@ -112,10 +120,19 @@ pub(crate) fn classify(e: &hyper::Error) -> ForwardError {
             };
         }
         if let Some(h) = s.downcast_ref::<h2::Error>()
-            && h.is_reset()
             && h.is_remote()
         {
-            return ForwardError::StreamReset(chain(e));
+            // A stream a graceful GOAWAY (NO_ERROR) left out was never processed: hyper fails
+            // it with that GOAWAY, while the streams the upstream took go on. (After a GOAWAY
+            // with an error code, streams it took may fail the same way: not resent.)
+            let refused = (h.is_go_away() && h.reason() == Some(h2::Reason::NO_ERROR))
+                || (h.is_reset() && h.reason() == Some(h2::Reason::REFUSED_STREAM));
+            if refused {
+                return ForwardError::Refused(chain(e));
+            }
+            if h.is_reset() {
+                return ForwardError::StreamReset(chain(e));
+            }
         }
         source = s.source();
     }

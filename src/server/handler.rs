@@ -1327,9 +1327,10 @@ async fn forward(
                         Ok(f) => f,
                         Err(resp) => return resp,
                     };
-                // A request handed back was never sent: like a connect failure, whatever
-                // the method.
-                let unsent = failed.request.is_some();
+                // A request handed back was never sent, and one an HTTP/2 upstream refused
+                // unprocessed was never acted on: like a connect failure, whatever the method.
+                let unsent =
+                    failed.request.is_some() || matches!(failed.error, ForwardError::Refused(_));
                 if let (Some(r), Outgoing::Once(slot)) = (failed.request, &mut body) {
                     *slot = Some((*r).into_body());
                 }
@@ -1342,7 +1343,9 @@ async fn forward(
                 }
                 let message = match &failed.error {
                     ForwardError::Timeout(_) => "the upstream did not answer in time",
-                    ForwardError::StreamReset(_) => "the upstream refused the request",
+                    ForwardError::StreamReset(_) | ForwardError::Refused(_) => {
+                        "the upstream refused the request"
+                    }
                     ForwardError::Invalid(_) => "the upstream sent an invalid response",
                     ForwardError::Local(_) => "the gateway could not open a connection",
                     _ => "the upstream could not be reached",
@@ -1565,15 +1568,19 @@ fn attempt_failed(
             // A stream the upstream reset on a connection it kept is an answer to this request,
             // not a sign the target is down, and the gateway's own shortage of sockets is not
             // the target's: neither counts towards ejecting it.
-            if !matches!(error, ForwardError::StreamReset(_) | ForwardError::Local(_)) {
+            if !matches!(
+                error,
+                ForwardError::StreamReset(_) | ForwardError::Refused(_) | ForwardError::Local(_)
+            ) {
                 upstream.record_failure(index);
             }
             state.recorder.attempt(upstream, index, None);
             let reason = match &error {
                 _ if request.is_some() => RetryReason::ConnectFailure,
-                ForwardError::Connect(_) | ForwardError::Tls(_) | ForwardError::Local(_) => {
-                    RetryReason::ConnectFailure
-                }
+                ForwardError::Connect(_)
+                | ForwardError::Tls(_)
+                | ForwardError::Local(_)
+                | ForwardError::Refused(_) => RetryReason::ConnectFailure,
                 ForwardError::Timeout(_) => RetryReason::Timeout,
                 _ => RetryReason::Reset,
             };
