@@ -43,6 +43,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::headers::ClientCert;
+use crate::proxy::websocket::upgrade_is_websocket;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
 use crate::wire::chunked::{ChunkCheck, Fed};
@@ -792,7 +793,7 @@ fn content_length_of(head: &[u8]) -> Option<u64> {
 fn plain_if_not_websocket(head: &mut [u8]) {
     if head_lines(head)
         .1
-        .any(|(name, value)| name.eq_ignore_ascii_case(b"upgrade") && names_websocket(value))
+        .any(|(name, value)| name.eq_ignore_ascii_case(b"upgrade") && upgrade_is_websocket(value))
     {
         return;
     }
@@ -823,12 +824,6 @@ fn plain_if_not_websocket(head: &mut [u8]) {
     }
 }
 
-/// Whether an `Upgrade` value asks for WebSocket as actix-http reads it
-/// ([`crate::proxy::websocket::upgrade_is_websocket`]).
-fn names_websocket(value: &[u8]) -> bool {
-    crate::proxy::websocket::upgrade_is_websocket(value)
-}
-
 /// Whether the first line of `head` (as far as it came) is longer than [`MAX_REQUEST_LINE`].
 fn line_too_long(head: &[u8]) -> bool {
     head.len() > MAX_REQUEST_LINE && memchr::memchr(b'\n', &head[..=MAX_REQUEST_LINE]).is_none()
@@ -852,7 +847,7 @@ fn is_plain_bodyless(head: &[u8]) -> bool {
         // What follows a WebSocket handshake may be its first frames; any other upgrade (h2c,
         // ...) is served as a plain request, and what follows it is its next request.
         if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || (name.eq_ignore_ascii_case(b"upgrade") && names_websocket(value))
+            || (name.eq_ignore_ascii_case(b"upgrade") && upgrade_is_websocket(value))
         {
             return false;
         }
