@@ -1163,6 +1163,86 @@ fn a_head_line_without_its_carriage_return_gets_400_and_close() {
     assert_eq!(gw.get("/fine").0, 200);
 }
 
+/// Sends `pieces` on a new connection to `gw`, each a read of its own (50 ms apart).
+fn send_in_pieces(gw: &Gateway, pieces: &[&[u8]]) -> TcpStream {
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    for (i, p) in pieces.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s.write_all(p).unwrap();
+    }
+    s
+}
+
+/// The requests that come in the same read as the end of a head cut across reads are checked
+/// and held like those behind a head that came whole: each pipelined request gets its own
+/// response, a bare line feed or a malformed chunk in them gets 400, and a head cut again is
+/// put together again. They went to the parser unchecked: a valid request got 400 when its
+/// last line feed came alone, a bare-LF head and a bad chunk reached the upstream, and a HEAD
+/// lost the response before it.
+#[test]
+fn requests_behind_a_head_cut_across_reads_are_checked_like_any_other() {
+    let upstream = slow_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let get_ok = |s: &mut TcpStream, p: &str| {
+        let r = read_response(s);
+        assert!(r.starts_with("HTTP/1.1 200"), "{p}: {r:?}");
+        assert!(r.ends_with(&format!("\r\n\r\n{p}")), "{p}: {r:?}");
+    };
+    let cut: &[u8] = b"GET /a HT";
+    let rest = "TP/1.1\r\nHost: t\r\n\r\n";
+
+    // A valid request behind it, its own head cut before its last line feed.
+    let second = format!("{rest}GET /b HTTP/1.1\r\nHost: t\r\n\r");
+    let mut s = send_in_pieces(&gw, &[cut, second.as_bytes(), b"\n"]);
+    get_ok(&mut s, "/a");
+    get_ok(&mut s, "/b");
+
+    // A HEAD and a GET behind it: each its own response.
+    let more = format!(
+        "{rest}HEAD /two- HTTP/1.1\r\nHost: t\r\n\r\nGET /three HTTP/1.1\r\nHost: t\r\n\r\n"
+    );
+    let mut s = send_in_pieces(&gw, &[cut, more.as_bytes()]);
+    get_ok(&mut s, "/a");
+    let r = read_head_response(&mut s);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(
+        r.to_ascii_lowercase().contains("content-length: 5\r\n"),
+        "{r:?}"
+    );
+    get_ok(&mut s, "/three");
+
+    // A head with bare line feeds behind it: 400 and close, and it never reaches the upstream.
+    let bare = format!("{rest}GET /bare HTTP/1.1\nHost: t\n\n");
+    let mut s = send_in_pieces(&gw, &[cut, bare.as_bytes()]);
+    get_ok(&mut s, "/a");
+    let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert!(got.contains("without a carriage return"), "{got:?}");
+    assert!(!got.contains("/bare"), "{got:?}");
+
+    // A malformed chunked body behind it: 400 and close.
+    let upstream = body_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let chunked = format!(
+        "{rest}POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;\x01=1\r\nhello\r\n0\r\n\r\n"
+    );
+    let mut s = send_in_pieces(&gw, &[cut, chunked.as_bytes()]);
+    let r = read_response(&mut s);
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("/a 0"),
+        "{r:?}"
+    );
+    let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert!(got.contains("chunked"), "{got:?}");
+    assert_eq!(gw.get("/fine").0, 200);
+}
+
 /// What an upstream has read from its connection and not used yet.
 struct Received {
     s: TcpStream,

@@ -1031,10 +1031,11 @@ impl ClientIo {
         self.state.holding.set(true);
     }
 
-    /// The next bytes of a head cut across reads: where in `new` its body starts (once the
-    /// head is whole; `new.len()` before), and whether that body is to be checked.
-    /// `Err`: the head is refused with that answer.
-    fn head_completed(&mut self, new: &[u8]) -> Result<usize, &'static [u8]> {
+    /// The next bytes of a head cut across reads: where in `new` the head's body starts (once
+    /// the head is whole; `new.len()` before), and whether the head ended there as a request
+    /// without a body (what follows is then the next requests). The body, if any, is to be
+    /// checked from there. `Err`: the head is refused with that answer.
+    fn head_completed(&mut self, new: &[u8]) -> Result<(usize, bool), &'static [u8]> {
         let had = self.partial_head.bytes.len();
         let Some(head) = self.partial_head.extend(new) else {
             if line_too_long(&self.partial_head.bytes) {
@@ -1043,7 +1044,7 @@ impl ClientIo {
             if self.partial_head.bytes.len() > MAX_PARTIAL_HEAD {
                 self.partial_head.clear();
             }
-            return Ok(new.len());
+            return Ok((new.len(), false));
         };
         if head.bare_lf {
             return Err(BARE_LF_HEAD);
@@ -1051,13 +1052,14 @@ impl ClientIo {
         if head.end > MAX_REQUEST_LINE && line_too_long(&self.partial_head.bytes) {
             return Err(URI_TOO_LONG);
         }
-        self.body =
-            request_body(head, &self.partial_head.bytes[..head.end]).map(|left| BodyCheck {
-                left,
-                owner: self.state.ended.get() + 1,
-            });
+        let whole = &self.partial_head.bytes[..head.end];
+        let bodyless = is_plain_bodyless(whole);
+        self.body = request_body(head, whole).map(|left| BodyCheck {
+            left,
+            owner: self.state.ended.get() + 1,
+        });
         self.partial_head.clear();
-        Ok(head.end.saturating_sub(had))
+        Ok((head.end.saturating_sub(had), bodyless))
     }
 
     /// Refuses a request head with `answer` ([`BARE_LF_HEAD`], [`URI_TOO_LONG`]) before the
@@ -1241,7 +1243,14 @@ impl AsyncRead for ClientIo {
         {
             if this.state.busy.get() == 0 {
                 match this.head_completed(&buf.filled()[before..]) {
-                    Ok(n) => body_from = n + before,
+                    // As behind a head found whole in one read: the requests after it are held
+                    // until it has ended, then given (and scanned) one at a time. Given to the
+                    // dispatcher at once, they were never scanned: a bare line feed or a bad
+                    // chunk in them went through, a pipelined HEAD lost the response before it,
+                    // and the rest of a head cut again was scanned as a new one (a valid one
+                    // got 400 when its last line feed came alone).
+                    Ok((n, true)) if before + n < buf.filled().len() => this.hold(buf, before + n),
+                    Ok((n, _)) => body_from = n + before,
                     Err(answer) => {
                         this.refuse_head(cx, buf, before, answer);
                         return Poll::Ready(Ok(()));
