@@ -289,3 +289,84 @@ fn a_request_whose_client_leaves_before_the_response_is_logged_as_499() {
         gw.metric("rustygate_requests_total{method=\"GET\",route=\"all\",status=\"499\"}")
     );
 }
+
+/// Heads refused before any route saw them, by the gateway's reader (a bare line feed) or by
+/// actix-http's parser (a bad field name, a control byte, an unknown method's bad token, a head
+/// over the limit), are counted under `route="<none>"` and logged at debug with the client;
+/// actix-http's own `ERROR` line for each (without the client) is not written. Before, none
+/// was counted, and three of the five kinds wrote an `ERROR` line per request.
+#[test]
+fn heads_refused_before_routing_are_counted_and_logged_without_actix_error_lines() {
+    let backend = Backend::fixed(200, "hello");
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let filter = format!(
+        "{},rustygate::server::listener=debug",
+        rustygate::telemetry::DEFAULT_FILTER
+    );
+    let gw = GatewayProcess::start(
+        &["--repo", dir.path().to_str().unwrap()],
+        &[("RUST_LOG", &filter)],
+    );
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: t\r\n{}\r\n",
+        "X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"
+            .repeat(2000)
+    );
+    let heads: [(&[u8], &str); 5] = [
+        (b"GET /a HTTP/1.1\nHost: t\n\n", "HTTP/1.1 400"),
+        (
+            b"GET /b HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"GET /c HTTP/1.1\r\nHost: t\r\nX-C: a\x01b\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (big.as_bytes(), "HTTP/1.1 431"),
+        (b"G'T /d HTTP/1.1\r\nHost: t\r\n\r\n", "HTTP/1.1 400"),
+    ];
+    for (head, answer) in heads {
+        let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = std::io::Write::write_all(&mut s, head);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(answer), "{answer}: {got:?}");
+    }
+    let count = |method: &str, status: &str| {
+        gw.metric(&format!(
+            "rustygate_requests_total{{method=\"{method}\",route=\"<none>\",status=\"{status}\"}}"
+        ))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || count("GET", "400") == Some(3.0)
+            && count("GET", "431") == Some(1.0)
+            && count("OTHER", "400") == Some(1.0)),
+        "GET 400 {:?}, GET 431 {:?}, OTHER 400 {:?}",
+        count("GET", "400"),
+        count("GET", "431"),
+        count("OTHER", "400")
+    );
+    let refused = || {
+        gw.logs
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.contains("request head refused") && l.contains("\"client_ip\":\"127.0.0.1\"")
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || refused() == 5),
+        "{}",
+        gw.logs.lock().unwrap()
+    );
+    let logs = gw.logs.lock().unwrap();
+    assert!(!logs.contains("\"level\":\"ERROR\""), "{logs}");
+    // The server still answers.
+    drop(logs);
+    assert_eq!(http(&gw.listen, "GET", "/", &[], b"").unwrap().0, 200);
+}

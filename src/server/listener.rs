@@ -477,6 +477,12 @@ pub(crate) struct ClientIo {
     /// The gateway answered a malformed body itself: end of input for the dispatcher, and
     /// nothing it writes afterwards goes out.
     answered: bool,
+    /// The first bytes of the latest request head (its method), for counting a head refused
+    /// before any route saw it ([`ClientIo::refused`]).
+    head_start: [u8; 8],
+    /// Counts refused heads; the client's address for their log lines.
+    metrics: Arc<Metrics>,
+    peer: IpAddr,
     _guard: ConnGuard,
 }
 
@@ -1076,16 +1082,51 @@ impl ClientIo {
         let _ = Pin::new(&mut self.io).poll_write(cx, answer);
         self.answered = true;
         self.partial_head.clear();
+        // The answer's body: its last line.
+        let body = answer.strip_suffix(b"\n").unwrap_or(answer);
+        let reason = body.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+        self.refused(
+            status_of(answer).unwrap_or(400),
+            std::str::from_utf8(reason).unwrap_or_default().trim_end(),
+        );
+    }
+
+    /// A request head refused before any route saw it: by this reader ([`ClientIo::refuse_head`],
+    /// the header timeout) or by actix-http's parser (a malformed or oversized head, which it
+    /// answers itself: seen in [`ClientIo::wrote`]). Counted under `route="<none>"` and logged
+    /// at debug with the client's address; actix-http's own line for its refusals (an `ERROR`
+    /// without the client, one per bad request) is filtered out ([`crate::telemetry`]).
+    fn refused(&self, status: u16, reason: &str) {
+        let token = self
+            .head_start
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default();
+        crate::telemetry::recorder::refused(&self.metrics, token, status);
         tracing::debug!(
-            answer = %String::from_utf8_lossy(&answer[..answer.iter().position(|&b| b == b'\r').unwrap_or(0)]),
+            client_ip = %self.peer,
+            status,
+            reason,
             "request head refused; closing"
         );
     }
 
-    /// Notes what the dispatcher writes: whether the request's response has begun.
+    /// Notes what the dispatcher writes: whether the request's response has begun; and an
+    /// answer of its own to a head it refused (no request in progress, a head begun, an error
+    /// status and none of the gateway's headers: every answer the gateway makes has an
+    /// `x-request-id`).
     fn wrote(&mut self, bytes: &[u8]) {
-        if !self.responded && self.state.busy.get() > 0 && bytes != CONTINUE {
-            self.responded = true;
+        if self.state.busy.get() > 0 {
+            if !self.responded && bytes != CONTINUE {
+                self.responded = true;
+            }
+        } else if self.state.head_deadline.get().is_some()
+            && let Some(status @ 400..) = status_of(bytes)
+            && memchr::memmem::find(bytes, b"x-request-id:").is_none()
+        {
+            // Once: the dispatcher closes the connection after it.
+            self.state.head_deadline.set(None);
+            self.refused(status, "malformed or oversized request head");
         }
     }
 
@@ -1148,7 +1189,7 @@ impl AsyncRead for ClientIo {
                 // A plain socket sends it at once if it has room; over TLS it is encrypted into
                 // the session and leaves with the dispatcher's flush before the close.
                 let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT);
-                tracing::debug!("request head not received within the header timeout; closing");
+                this.refused(408, "request head not received within the header timeout");
                 return Poll::Ready(Ok(()));
             }
             Some(Expired::Idle) => {
@@ -1184,6 +1225,9 @@ impl AsyncRead for ClientIo {
         {
             // A new request's first bytes as read; more requests behind it wait for it.
             let new = &buf.filled()[before..];
+            let k = new.len().min(this.head_start.len());
+            this.head_start = [0; 8];
+            this.head_start[..k].copy_from_slice(&new[..k]);
             this.body = None;
             this.partial_head.clear();
             this.responded = false;
@@ -1414,14 +1458,20 @@ pub(crate) fn admit(
     })
 }
 
+/// The status of a response whose head starts `bytes`, if they are one.
+fn status_of(bytes: &[u8]) -> Option<u16> {
+    let code = bytes.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
 /// Wraps the stream (plain, or TLS after its handshake) for the HTTP/1 dispatcher.
 pub(crate) fn client_io(
     io: Stream,
-    guard: ConnGuard,
+    (guard, peer): (ConnGuard, Option<SocketAddr>),
     (header_timeout, send_timeout): (Duration, Duration),
     keep_alive: Option<Duration>,
     info: ConnInfo,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> ClientIo {
     ClientIo {
         io: SendLimited {
@@ -1446,6 +1496,9 @@ pub(crate) fn client_io(
         partial_head: PartialHead::default(),
         responded: false,
         answered: false,
+        head_start: [0; 8],
+        metrics: Arc::clone(metrics),
+        peer: peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip()),
         held: Pipelined::default(),
         _guard: guard,
     }

@@ -334,7 +334,7 @@ pub fn start(
                         let alpn_h2 = info.tls.as_ref().is_some_and(|t| t.h2);
                         let io = listener::client_io(
                             stream,
-                            a.guard,
+                            (a.guard, peer),
                             (a.header_timeout, a.send_timeout),
                             (!keep_alive.is_zero()).then_some(keep_alive),
                             info,

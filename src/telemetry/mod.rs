@@ -29,8 +29,13 @@ pub enum LogFormat {
 
 /// `info`, but rustls only at `error`: its warnings are about what a peer sent (an IP address
 /// as SNI, a renegotiation attempt), which any client could then write into the log at will.
-/// The gateway logs failed handshakes itself, at debug, and counts them.
-pub const DEFAULT_FILTER: &str = "info,rustls=error";
+/// The gateway logs failed handshakes itself, at debug, and counts them. Likewise actix-http's
+/// HTTP/1.1 dispatcher and decoder not at all: they log an `ERROR` without the client for each
+/// malformed request and for each connection a client or an upstream body ends badly. The
+/// gateway counts refused heads (`requests_total`, `route="<none>"`) and logs them at debug with
+/// the client; the access log has the rest, with the request.
+pub const DEFAULT_FILTER: &str =
+    "info,rustls=error,actix_http::h1::dispatcher=off,actix_http::h1::decoder=off";
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter ([`DEFAULT_FILTER`]).
 /// Keep the returned guard until exit: dropping it writes what is buffered.

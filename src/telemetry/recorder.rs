@@ -49,6 +49,21 @@ struct Cells {
     attempts: HashMap<AttemptKey, AttemptCells>,
 }
 
+/// A request head refused before any route saw it (malformed, oversized, not received in
+/// time): one count in `requests_total` under `route="<none>"`, by the method its first bytes
+/// name (`OTHER` when they name none). Rare, and off any worker's request path: a lookup per call.
+pub fn refused(metrics: &Metrics, method: &[u8], status: u16) {
+    thread_local!(static WRITER: Writer = Writer::new());
+    let slot = method_slot(std::str::from_utf8(method).unwrap_or_default());
+    let method = METHODS.get(slot).copied().unwrap_or("OTHER");
+    WRITER.with(|w| {
+        metrics
+            .requests
+            .cell(w, &[NO_ROUTE, method, &status.to_string()])
+            .inc();
+    });
+}
+
 /// Keys past this many are not kept (cells are looked up again each time): a bound on what
 /// statuses and targets can make a worker hold.
 const MAX_KEYS: usize = 10_000;
