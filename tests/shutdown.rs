@@ -104,3 +104,102 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(logs.contains("\"stopped\""), "{logs}");
 }
+
+/// A request still in progress when the shutdown grace ends is cut by the gateway, and its
+/// access line says so (`503`, `shutdown`), as does a response cut mid-body (its status, error
+/// `shutdown`); both were logged as the client's doing (`499`/`client_gone`).
+#[test]
+fn requests_cut_at_the_end_of_the_shutdown_grace_are_logged_as_shutdown() {
+    let (arrived_tx, arrived_rx) = mpsc::channel::<()>();
+    let arrived_tx = std::sync::Mutex::new(arrived_tx);
+    let be = Backend::start(move |req| {
+        let _ = arrived_tx.lock().unwrap().send(());
+        let streamed = req.uri().path() == "/streamed";
+        async move {
+            if streamed {
+                // A head and a first chunk, then nothing for longer than the grace.
+                let (tx, rx) = tokio::sync::mpsc::channel::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
+                >(2);
+                tokio::spawn(async move {
+                    let first = hyper::body::Frame::data(bytes::Bytes::from_static(b"first"));
+                    let _ = tx.send(Ok(first)).await;
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    drop(tx);
+                });
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|f| (f, rx))
+                });
+                http::Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(stream),
+                ))
+            } else {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                http::Response::new(full("too late"))
+            }
+        }
+    });
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let mut gw = GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--shutdown-grace",
+            "1s",
+        ],
+        &[],
+    );
+    let listen = gw.listen.clone();
+    let waiting = {
+        let listen = listen.clone();
+        std::thread::spawn(move || http_get(&listen, "/waiting"))
+    };
+    let streamed = {
+        let listen = listen.clone();
+        std::thread::spawn(move || http_get(&listen, "/streamed"))
+    };
+    for _ in 0..2 {
+        arrived_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the requests reached the backend");
+    }
+    // The streamed response's head and first chunk reach the gateway.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the gateway did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = waiting.join();
+    let _ = streamed.join();
+    wait_until(Duration::from_secs(5), || {
+        gw.logs.lock().unwrap().contains("\"stopped\"")
+    });
+    let logs = gw.logs.lock().unwrap().clone();
+    let line = |path: &str| {
+        logs.lines()
+            .find(|l| {
+                l.contains("rustygate::access") && l.contains(&format!("\"path\":\"{path}\""))
+            })
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .unwrap_or_else(|| panic!("no access line for {path}:\n{logs}"))
+    };
+    let w = line("/waiting");
+    assert_eq!(
+        (w["status"].as_u64(), w["error"].as_str()),
+        (Some(503), Some("shutdown")),
+        "{w}"
+    );
+    let s = line("/streamed");
+    assert_eq!(
+        (s["status"].as_u64(), s["error"].as_str()),
+        (Some(200), Some("shutdown")),
+        "{s}"
+    );
+    assert_eq!(s["completed"], false, "{s}");
+}

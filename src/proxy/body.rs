@@ -442,8 +442,9 @@ impl MessageBody for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // The client went away before the end.
-        self.finish(Err("client_gone"));
+        // The client went away before the end (or the shutdown
+        // grace ended).
+        self.finish(Err(crate::server::drain::gone_reason()));
     }
 }
 

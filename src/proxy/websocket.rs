@@ -344,8 +344,9 @@ impl MessageBody for Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        // The client's connection ended before the tunnel did.
-        self.finish(Err("client_gone"));
+        // The client's connection ended before the tunnel did (or the
+        // shutdown grace ended).
+        self.finish(Err(crate::server::drain::gone_reason()));
     }
 }
 

@@ -122,6 +122,27 @@ impl Drop for Started {
     }
 }
 
+/// When the process's shutdown grace ends, set once the shutdown signal has come: what the
+/// server's stop drops then (requests, bodies, tunnels still open) was cut by the gateway.
+static CUT_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// The shutdown signal has come: the server stops what is left `grace` from now.
+pub(crate) fn cut_after(grace: std::time::Duration) {
+    let _ = CUT_AT.set(std::time::Instant::now() + grace);
+}
+
+/// Why an exchange, body or tunnel ended before its end, for the access log: `shutdown` when
+/// the process's shutdown grace is over (the server dropped it), else `client_gone` (its
+/// client closed or reset the connection). Read only on those ends, not per request.
+pub(crate) fn gone_reason() -> &'static str {
+    // The server's stop follows the deadline by a little.
+    const EARLY: std::time::Duration = std::time::Duration::from_millis(100);
+    match CUT_AT.get() {
+        Some(at) if std::time::Instant::now() + EARLY >= *at => "shutdown",
+        _ => "client_gone",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 
 mod admin;
 mod api;
-mod drain;
+pub(crate) mod drain;
 mod edge;
 mod expect;
 mod h2;
@@ -475,6 +475,7 @@ pub async fn serve(
             "no RUSTYGATE_WEBHOOK_SECRET: POST /hooks/github and /hooks/gitlab are disabled"
         );
     }
+    let metrics = Arc::clone(&control.metrics);
     let running = start(opts, store, control)?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, workers = opts.workers, "rustygate listening");
     let handles = running.handles();
@@ -487,15 +488,32 @@ pub async fn serve(
             "shutting down: no new connections, finishing in-flight requests"
         );
         on_shutdown();
+        // actix-server stops the workers after whole seconds, at least one (`start`).
+        drain::cut_after(Duration::from_secs(grace.as_secs().max(1)));
         handles.stop(true).await;
     });
     running.wait().await?;
+    // The workers drop what the grace cut on their own threads, after the servers have
+    // stopped: their access lines (`shutdown`) are written then, or lost with the process.
+    let cut = std::time::Instant::now() + Duration::from_secs(1);
+    while in_flight(&metrics) > 0.0 && std::time::Instant::now() < cut {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Spans of the last requests: sent before exit (the collector gets a few seconds).
     if !crate::telemetry::trace::flush(Duration::from_secs(5)) {
         tracing::warn!("spans still queued at exit were not exported");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Requests in progress on every worker (`rustygate_in_flight_requests`).
+fn in_flight(metrics: &Metrics) -> f64 {
+    prometheus::core::Collector::collect(&metrics.in_flight)
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().get_value())
+        .sum()
 }
 
 async fn shutdown_signal() -> &'static str {

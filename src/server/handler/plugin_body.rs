@@ -396,7 +396,8 @@ impl MessageBody for Filtered {
 
 impl Drop for Filtered {
     fn drop(&mut self) {
-        // The client went away before the end.
-        self.finish(Err("client_gone"));
+        // The client went away before the end (or the shutdown
+        // grace ended).
+        self.finish(Err(crate::server::drain::gone_reason()));
     }
 }
