@@ -454,6 +454,45 @@ async fn oversized_header_lists_are_refused_per_stream() {
     assert_eq!(r.status, 200);
 }
 
+/// A field value that begins or ends with whitespace (SP or HTAB) makes an HTTP/2 request
+/// malformed (RFC 9113 §8.2.1): it is answered 400 like the gateway's other refused requests
+/// and never reaches the upstream. Such values were forwarded as they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_values_beginning_or_ending_with_whitespace_are_refused() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    let be = Backend::start(move |_req| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Response::new(full("hi")) }
+    });
+    let files = proxy_to(&[be.url()], "", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let padded = [
+        ("x-a", " b"),
+        ("x-a", "b "),
+        ("x-a", "\tb"),
+        ("x-a", "b\t"),
+        ("x-a", " "),
+        ("cookie", "a=1 "),
+        ("host", "gateway.test "),
+    ];
+    for (name, value) in padded {
+        let mut req = get("/");
+        req.headers_mut()
+            .append(name, http::HeaderValue::from_static(value));
+        let r = whole(h2.send_request(req).await.unwrap()).await;
+        assert_eq!(r.status, 400, "{name}: {value:?}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "forwarded");
+    // Whitespace inside a value, and an empty value, are fine; the connection still serves.
+    let mut req = get("/");
+    req.headers_mut().append("x-a", "b \t c".parse().unwrap());
+    req.headers_mut().append("x-e", "".parse().unwrap());
+    let r = whole(h2.send_request(req).await.unwrap()).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"hi"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
     let te_seen = Arc::new(std::sync::Mutex::new(Vec::new()));

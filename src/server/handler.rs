@@ -865,6 +865,11 @@ fn check_request(req: &Request) -> Result<Framing, &'static str> {
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         return Err("the request target must be a path");
     }
+    if req.version() == actix_web::http::Version::HTTP_2
+        && req.extensions().contains::<super::h2::PaddedFieldValue>()
+    {
+        return Err("a header field value begins or ends with whitespace");
+    }
     let transfer_encoding = h.contains_key(ax::TRANSFER_ENCODING);
     let mut lengths = h.get_all(ax::CONTENT_LENGTH);
     let length = lengths.next();
