@@ -950,6 +950,156 @@ async fn streams_an_http2_upstream_refused_unprocessed_are_sent_again() {
     );
 }
 
+/// A TCP relay on 127.0.0.1:0 to `to` whose connections can be made to go silent, as if the
+/// upstream's host had vanished without closing them: what the gateway sends is read and
+/// dropped, nothing comes back, the socket stays open.
+struct SilencingRelay {
+    addr: SocketAddr,
+    /// One flag per connection accepted, set to silence it.
+    silenced: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    /// Connections the gateway closed.
+    closed: Arc<AtomicUsize>,
+}
+
+impl SilencingRelay {
+    fn start(to: SocketAddr) -> SilencingRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silenced: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> =
+            Arc::default();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (flags, closed_count) = (Arc::clone(&silenced), Arc::clone(&closed));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((gateway, _)) = listener.accept().await {
+                    let upstream = tokio::net::TcpStream::connect(to).await.unwrap();
+                    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    flags.lock().unwrap().push(Arc::clone(&silent));
+                    let closed = Arc::clone(&closed_count);
+                    let (mut gr, mut gw) = gateway.into_split();
+                    let (mut ur, mut uw) = upstream.into_split();
+                    let quiet = Arc::clone(&silent);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match gr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) if !quiet.load(Ordering::SeqCst) => {
+                                    if uw.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => {}
+                            }
+                        }
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = ur.read(&mut buf).await {
+                            if n == 0 || silent.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            if gw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        // Silent from here on, the socket held open.
+                        std::future::pending::<()>().await;
+                        drop(gw);
+                    });
+                }
+            });
+        });
+        SilencingRelay {
+            addr,
+            silenced,
+            closed,
+        }
+    }
+
+    /// Silences every connection accepted so far.
+    fn silence(&self) {
+        for f in self.silenced.lock().unwrap().iter() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.silenced.lock().unwrap().len()
+    }
+}
+
+/// An upstream HTTP/2 connection whose peer went silent without closing it is found by its
+/// unanswered PING, closed, and no longer used: the next request opens a new one. Without
+/// PINGs the pool kept handing out the dead connection, and each request on it waited for its
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_http2_connection_that_stops_answering_pings_is_replaced() {
+    let be = H2Backend::start(|_req| async { Response::new(full("ok")) });
+    let relay = SilencingRelay::start(be.addr);
+    // Kept in the pool far longer than the test: only a PING can end it.
+    let files = proxy_to(
+        &[format!("http://{}", relay.addr)],
+        "protocol = \"http2\"\nidle_timeout = \"5m\"",
+        "timeout = \"30s\"",
+    );
+    let dir = common::repo(&as_refs(&files));
+    let opts = ServeOptions {
+        workers: 1,
+        upstream_h2_ping: rustygate::proxy::pool::H2Ping {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+        },
+        ..ServeOptions::default()
+    };
+    let mut gw = Gateway::start_dir(dir.path(), opts);
+    gw.keep_repo(dir);
+    let get = |addr: SocketAddr| common::http(&addr.to_string(), "GET", "/", &[], b"").unwrap();
+
+    let (status, body) = tokio::task::spawn_blocking(move || get(gw.addr))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(relay.accepted(), 1);
+    // Answered PINGs keep the connection.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        relay.closed.load(Ordering::SeqCst),
+        0,
+        "an answering upstream"
+    );
+
+    relay.silence();
+    let closed = Arc::clone(&relay.closed);
+    let dropped = tokio::task::spawn_blocking(move || {
+        common::wait_until(Duration::from_secs(5), || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+    })
+    .await
+    .unwrap();
+    assert!(dropped, "the silent connection is still open");
+
+    let addr = gw.addr;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || get(addr)),
+    )
+    .await
+    .expect("answered on a new connection, not after the timeout")
+    .unwrap();
+    assert_eq!((answered.0, answered.1.as_str()), (200, "ok"));
+    assert_eq!(relay.accepted(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2c_share_the_listener() {
     let hits = Arc::new(AtomicUsize::new(0));

@@ -27,7 +27,7 @@ use http::uri::{Authority, PathAndQuery};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
@@ -48,6 +48,25 @@ use crate::wire::tls::TargetTls;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Idle connections kept per target and worker.
 pub const MAX_IDLE_PER_TARGET: usize = 512;
+
+/// PINGs on upstream HTTP/2 connections: an upstream that vanished without closing (a host
+/// gone, a NAT entry dropped) is otherwise found only by the requests that time out on it.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Ping {
+    /// Time without a frame from the upstream after which a PING is sent, idle or not.
+    pub interval: Duration,
+    /// Time its answer may take before the connection is closed and no longer used.
+    pub timeout: Duration,
+}
+
+impl Default for H2Ping {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// An HTTP/1.1 connection, with the count of bytes read from it.
 pub(crate) struct H1Conn {
@@ -87,6 +106,7 @@ pub struct LocalPool {
     h2: RefCell<HashMap<PoolKey, H2Slot>>,
     /// The attempts' timers, kept for the next attempts (see [`LocalPool::within`]).
     timers: RefCell<Vec<Pin<Box<Sleep>>>>,
+    h2_ping: H2Ping,
 }
 
 /// Timers kept per worker: as many as attempts ran at once, up to this.
@@ -167,10 +187,14 @@ pub struct SendFailure {
 }
 
 impl LocalPool {
-    /// A pool that drops expired idle connections in the background, for as long as it lives.
-    /// Must be called on the worker's runtime.
-    pub fn new() -> Rc<LocalPool> {
-        let pool = Rc::new(LocalPool::default());
+    /// A pool that drops expired idle connections in the background, for as long as it lives;
+    /// its HTTP/2 connections are checked with `h2_ping`. Must be called on the worker's
+    /// runtime.
+    pub fn new(h2_ping: H2Ping) -> Rc<LocalPool> {
+        let pool = Rc::new(LocalPool {
+            h2_ping,
+            ..LocalPool::default()
+        });
         let weak = Rc::downgrade(&pool);
         actix_web::rt::spawn(sweep(weak));
         pool
@@ -593,9 +617,10 @@ impl LocalPool {
                     let addr = target.connect_addr.clone();
                     let tls = target.tls.clone();
                     let timeout = opts.connect_timeout;
+                    let ping = self.h2_ping;
                     let f = async move {
                         let _slot = slot;
-                        connect_h2(&addr, tls.as_ref(), timeout).await
+                        connect_h2(&addr, tls.as_ref(), timeout, ping).await
                     }
                     .boxed_local()
                     .shared();
@@ -884,17 +909,22 @@ impl Drop for Lent<'_> {
 
 /// Opens an HTTP/2 connection (h2c with prior knowledge without `tls`); the connection task
 /// runs on the current worker.
-async fn connect_h2(addr: &str, tls: Option<&TargetTls>, timeout: Duration) -> H2Result {
+async fn connect_h2(
+    addr: &str,
+    tls: Option<&TargetTls>,
+    timeout: Duration,
+    ping: H2Ping,
+) -> H2Result {
     let deadline = tokio::time::Instant::now() + timeout;
     let io = connect::connect(addr, tls, Protocol::Http2, timeout).await?;
-    connect::by(deadline, timeout, h2_handshake(io, addr)).await
+    connect::by(deadline, timeout, h2_handshake(io, addr, ping)).await
 }
 
 /// Cancelled streams an upstream HTTP/2 connection remembers at once (a few hundred bytes
 /// each): frames for them are dropped; past it, for forgotten ones, answered with a reset.
 const MAX_H2_RESETS_REMEMBERED: usize = 1024;
 
-async fn h2_handshake<I>(io: I, addr: &str) -> H2Result
+async fn h2_handshake<I>(io: I, addr: &str, ping: H2Ping) -> H2Result
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -909,6 +939,13 @@ where
         .max_concurrent_reset_streams(MAX_H2_RESETS_REMEMBERED)
         .reset_stream_duration(Duration::from_secs(10))
         .max_local_error_reset_streams(None)
+        // A connection whose PING goes unanswered ends, and with it `is_closed`: the pool
+        // opens a new one for the next request. Also while idle, so that a pooled connection
+        // is checked before a request is given to it.
+        .timer(TokioTimer::new())
+        .keep_alive_interval(ping.interval)
+        .keep_alive_timeout(ping.timeout)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ForwardError::Connect(format!("{addr}: HTTP/2 handshake failed: {e}")))?;

@@ -74,6 +74,8 @@ pub struct ServeOptions {
     pub traffic_sample_every: Duration,
     /// Time one request on the admin listener may take, its body included (tests shorten it).
     pub admin_request_timeout: Duration,
+    /// PINGs on upstream HTTP/2 connections (tests shorten them).
+    pub upstream_h2_ping: crate::proxy::pool::H2Ping,
 }
 
 /// Connections the admin listener holds open at once; more wait in the kernel's backlog. The
@@ -95,6 +97,7 @@ impl Default for ServeOptions {
             client_request_timeout: Duration::from_secs(10),
             traffic_sample_every: crate::telemetry::traffic::SAMPLE_EVERY,
             admin_request_timeout: Duration::from_secs(10),
+            upstream_h2_ping: crate::proxy::pool::H2Ping::default(),
         }
     }
 }
@@ -223,6 +226,7 @@ pub fn start(
     ));
     let keep_alive = opts.keep_alive;
     let request_timeout = opts.client_request_timeout;
+    let h2_ping = opts.upstream_h2_ping;
     // Built from its parts rather than with `HttpServer`, so that each accepted socket passes
     // through `listener::admit` (limits, TCP_NODELAY), the TLS handshake on TLS listeners, and
     // `ClientIo` (the head timeout of every request).
@@ -234,7 +238,7 @@ pub fn start(
     let service = move |name: Arc<str>, local: SocketAddr, kind: Kind, h2c: bool| {
         let state = web::Data::new(WorkerState {
             store: Arc::clone(&proxy_store),
-            pool: LocalPool::new(),
+            pool: LocalPool::new(h2_ping),
             access_log,
             recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
             limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),
