@@ -367,6 +367,53 @@ async fn a_client_resetting_streams_fast_gets_goaway() {
     assert_eq!(r.status, 200);
 }
 
+/// Streams reset before hyper took them in (HEADERS and RST_STREAM in one write) never reach
+/// the gateway's own count: h2's cap on them sends GOAWAY(ENHANCE_YOUR_CALM), counted with a
+/// reason of its own. That GOAWAY was not counted at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2s_own_reset_flood_goaway_is_counted() {
+    let be = Backend::fixed(200, "ok");
+    let mut files = proxy_to(&[be.url()], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nhttp2_max_resets_per_second = 10\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client = client.ready().await.unwrap();
+    // Queued without yielding: h2 writes the 50 HEADERS and RST_STREAMs together.
+    for i in 0..50 {
+        let req = http::Request::get(format!("http://gateway.test/r/{i}"))
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = client.send_request(req, false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection should have been closed")
+        .unwrap();
+    // The GOAWAY, unless the client was still writing when the gateway closed (EPIPE).
+    let e = ended.expect_err("ended by the gateway");
+    assert!(
+        e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || e.is_io(),
+        "{e:?}"
+    );
+    // Counted once the gateway's side of the connection has ended too.
+    let counted = tokio::task::spawn_blocking(move || {
+        let series = r#"rustygate_http2_goaway_total{reason="enhance_your_calm"}"#;
+        common::wait_until(Duration::from_secs(5), || {
+            scrape(&gw).get(series).is_some_and(|n| *n >= 1.0)
+        })
+        .then(|| scrape(&gw).get(series).copied())
+    })
+    .await
+    .unwrap();
+    assert_eq!(counted, Some(Some(1.0)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_silent_http2_connections_are_closed() {
     let be = Backend::start(|req: Request<Incoming>| async move {

@@ -14,7 +14,9 @@
 //! header timeout, it is closed (GOAWAY) after the keep-alive time without streams, and a client
 //! that resets more than `[limits] http2_max_resets_per_second` streams in a second — the 2023
 //! "rapid reset" attack, where each reset stream costs the server work the client never waits
-//! for — gets GOAWAY and its connection is dropped 100 ms later ([`RESETS_GRACE`]).
+//! for — gets GOAWAY and its connection is dropped 100 ms later ([`RESETS_GRACE`]). h2's own
+//! flood caps (streams reset before they were accepted, and others) end a connection with
+//! GOAWAY(ENHANCE_YOUR_CALM) by themselves; it is counted when the connection ends.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -287,6 +289,16 @@ pub(crate) async fn serve<IO, S>(
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
+                    // Not when the gateway's own GOAWAY went first: one connection, one count.
+                    if closing.is_none() && is_h2_calm_goaway(&e) {
+                        metrics.http2_goaway.with_label_values(&["enhance_your_calm"]).inc();
+                        tracing::info!(
+                            client = ?peer,
+                            reason = "enhance_your_calm",
+                            error = %e,
+                            "HTTP/2 connection sent GOAWAY"
+                        );
+                    }
                     tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
                 }
                 return;
@@ -328,6 +340,18 @@ pub(crate) async fn serve<IO, S>(
             }
         }
     }
+}
+
+/// Whether h2 ended the connection with its own GOAWAY(ENHANCE_YOUR_CALM): one of its flood
+/// caps was reached (streams reset before they were accepted, `too_many_resets`; streams it had
+/// to reset itself; CONTINUATION frames; a header list far over the limit; small DATA frames).
+/// Which one is only in the GOAWAY's debug data, which h2 shows in its error's text alone.
+fn is_h2_calm_goaway(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|e| {
+            e.is_go_away() && e.is_library() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        })
 }
 
 /// The request's `cookie` fields as one value, joined with "; "; `None` without any.

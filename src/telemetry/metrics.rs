@@ -73,7 +73,8 @@ pub struct Metrics {
     /// certificate, `name` = `<listener>/<index>`; set from the served snapshot at each scrape.
     pub tls_certificate_expiry: IntGaugeVec,
     /// `rustygate_http2_goaway_total{reason}`: HTTP/2 client connections the gateway ended
-    /// (`idle`, `header_timeout`, `resets`: the rapid-reset cap).
+    /// (`idle`, `header_timeout`, `resets`: the rapid-reset cap; `enhance_your_calm`: one of
+    /// h2's own flood caps).
     pub http2_goaway: IntCounterVec,
     /// `rustygate_grpc_requests_total{route,grpc_status}`: gRPC calls by their final status
     /// (from the response's trailers or headers; `none` when the call ended without one).
@@ -216,7 +217,7 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric());
         let http2_goaway = counter(
             "rustygate_http2_goaway_total",
-            "HTTP/2 client connections ended by the gateway, by reason (idle, header_timeout, resets).",
+            "HTTP/2 client connections ended by the gateway, by reason (idle, header_timeout, resets, enhance_your_calm).",
             &["reason"],
         );
         let grpc_requests = counter(
