@@ -694,3 +694,83 @@ fn an_upstream_that_closes_after_each_response_is_reconnected() {
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
+
+/// A GET, HEAD or DELETE with a chunked body reaches the upstream with it (chunked): hyper
+/// took a GET's or HEAD's body of unknown length for none, and the upstream got the request
+/// without it. Over HTTP/1.1 here (an HTTP/2 request without `content-length` takes the same
+/// path).
+#[test]
+fn chunked_bodies_on_get_and_head_reach_the_upstream() {
+    let be = Backend::echo();
+    let dir = repo(&as_refs(&proxy_all(&be.url(), "")));
+    let gw = Gateway::start_dir(dir.path(), Default::default());
+    for method in ["GET", "DELETE", "POST"] {
+        let resp = raw(
+            gw.addr,
+            format!(
+                "{method} /q HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+                 Connection: close\r\n\r\n7\r\n{{\"q\":1}}\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "{method}: {resp}");
+        let echo: serde_json::Value =
+            serde_json::from_str(&resp[resp.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        assert_eq!(echo["method"], method, "{echo}");
+        assert_eq!(echo["body"], "{\"q\":1}", "{method}: {echo}");
+        assert_eq!(
+            header_of(&echo, "transfer-encoding"),
+            vec!["chunked"],
+            "{method}: {echo}"
+        );
+    }
+}
+
+/// A HEAD response announces the length the upstream announced, and none when it announced
+/// none; a 304 announces none (it may: RFC 9110 §8.6). The gateway wrote `content-length: 0`
+/// for both, telling clients and caches that the resource was empty.
+#[test]
+fn head_and_304_responses_announce_no_length_of_their_own() {
+    for (upstream_head, method, want) in [
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            "HEAD",
+            None,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            "HEAD",
+            Some("12"),
+        ),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+            "GET",
+            None,
+        ),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 12\r\n\r\n",
+            "GET",
+            None,
+        ),
+    ] {
+        let be = raw_backend(upstream_head);
+        let dir = repo(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+        let gw = Gateway::start_dir(dir.path(), Default::default());
+        let resp = raw(
+            gw.addr,
+            format!("{method} / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        let head = resp.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.1 200") || head.starts_with("http/1.1 304"),
+            "{method} {:?}: {resp:?}",
+            String::from_utf8_lossy(upstream_head)
+        );
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(str::to_owned);
+        assert_eq!(length.as_deref(), want, "{method} {resp}");
+        assert!(resp.ends_with("\r\n\r\n"), "no body: {resp:?}");
+    }
+}

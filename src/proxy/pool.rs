@@ -220,8 +220,19 @@ impl LocalPool {
                     self.send_own(target, req, opts).await
                 }
                 // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
-                (Protocol::Http1, ProxyBody::Channel { .. }) => {
-                    Box::pin(self.send_inner(target, for_hyper(req, opts), opts))
+                (Protocol::Http1, ProxyBody::Channel { len, .. }) => {
+                    let unsized_body = len.is_none();
+                    let mut req = for_hyper(req, opts);
+                    if unsized_body {
+                        // Said outright: for GET, HEAD and CONNECT, hyper takes a body of
+                        // unknown length for no body at all (its other methods get `chunked`),
+                        // and a chunked GET's body never reached the upstream.
+                        req.headers_mut().insert(
+                            http::header::TRANSFER_ENCODING,
+                            http::HeaderValue::from_static("chunked"),
+                        );
+                    }
+                    Box::pin(self.send_inner(target, req, opts))
                         .await
                         .and_then(checked_hyper_response)
                 }

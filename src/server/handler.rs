@@ -1928,10 +1928,13 @@ fn client_response(
         || (100..200).contains(&status);
     if no_body {
         ex.emit(status, 0, Ok(()));
-        // A HEAD response announces the length of the body it does not carry.
+        // A HEAD response announces the length of the body it does not carry, as the upstream
+        // did; others, and one whose upstream announced none, announce none (`finish` wrote
+        // `content-length: 0`, telling clients and caches the resource was empty). A 304 may
+        // not carry its representation's length here: actix-http would wait for that body.
         return match declared {
             Some(n) if req.method() == actix_web::http::Method::HEAD => out.body(HeadBody(n)),
-            _ => out.finish(),
+            _ => out.body(actix_web::body::None::new()),
         }
         .into();
     }
