@@ -260,6 +260,36 @@ fn a_token_place_given_twice_is_a_bad_request() {
     assert_eq!(req(&gw, "/c", &[("Cookie", &one_cookie)]).0, 200);
 }
 
+/// Every provider also looks in `Authorization: Bearer` (docs/security.md): on a route whose
+/// provider reads `X-Token`, a bearer token alone is verified as the token (and removed), and a
+/// bearer credential beside the verified `X-Token` makes the request ambiguous (401), so that
+/// no unverified bearer token reaches the upstream.
+#[test]
+fn a_header_provider_also_reads_the_authorization_bearer_token() {
+    let keys = Keys::new(8);
+    let (_jwks, url) = static_jwks(&keys, "k1", "bearer.json");
+    let be = Backend::echo();
+    let gw = gateway(&url, &be, "");
+    let t = keys.token("k1", claims());
+    let bearer = format!("Bearer {t}");
+    let (status, _, body) = req(&gw, "/h", &[("Authorization", &bearer)]);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body.to_ascii_lowercase().contains("authorization"),
+        "{body}"
+    );
+    let (status, _, body) = req(
+        &gw,
+        "/h",
+        &[
+            ("X-Token", &t),
+            ("Authorization", "Bearer upstream-api-key"),
+        ],
+    );
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(req(&gw, "/h", &[("X-Token", &t)]).0, 200);
+}
+
 #[test]
 fn a_rate_limit_keyed_on_an_identity_header_counts_the_verified_value_not_the_clients() {
     let keys = Keys::new(9);
