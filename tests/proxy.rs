@@ -774,3 +774,22 @@ fn head_and_304_responses_announce_no_length_of_their_own() {
         assert!(resp.ends_with("\r\n\r\n"), "no body: {resp:?}");
     }
 }
+
+/// A status without a standard reason phrase is relayed with an empty one, on the relayed and
+/// the edited head alike: actix-http wrote `<unknown status code>` in its place.
+#[test]
+fn statuses_without_a_standard_reason_are_relayed_with_an_empty_one() {
+    let be = raw_backend(b"HTTP/1.1 599 Custom Thing\r\nContent-Length: 2\r\n\r\nok");
+    for route_extra in ["", r#"response_headers = { set = { "x-rule" = "1" } }"#] {
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), route_extra)));
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            resp.starts_with("HTTP/1.1 599 \r\n"),
+            "{route_extra}: {resp:?}"
+        );
+        assert!(resp.ends_with("\r\n\r\nok"), "{resp:?}");
+    }
+}

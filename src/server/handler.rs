@@ -439,6 +439,18 @@ fn status_code(s: u16) -> StatusCode {
     StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
+/// The builder of a relayed response with the upstream's status. A status without a standard
+/// reason phrase (599, 299, an upstream's own) goes with an empty one (RFC 9112 §4 allows it):
+/// actix-http's own text for them is `<unknown status code>`.
+fn relayed(status: u16) -> HttpResponseBuilder {
+    let code = status_code(status);
+    let mut out = HttpResponseBuilder::new(code);
+    if code.canonical_reason().is_none() {
+        out.reason("");
+    }
+    out
+}
+
 /// Entry point for every request on the proxy listener. `conn`: the connection's facts;
 /// `conn_state`: what an HTTP/1.1 connection shares with its requests.
 pub(crate) async fn handle(
@@ -2058,7 +2070,7 @@ fn edited_head(
     {
         return Err(Box::new(answer(ex, state, plan)));
     }
-    let mut out = HttpResponseBuilder::new(status_code(status));
+    let mut out = relayed(status);
     relay_headers(&mut out, &parts.headers, &dropped, ex);
     Ok((out, status, declared))
 }
@@ -2109,7 +2121,7 @@ fn relay_client_head(
     dropped: &[String],
     ex: &Exchange,
 ) -> HttpResponseBuilder {
-    let mut out = HttpResponseBuilder::new(status_code(status.as_u16()));
+    let mut out = relayed(status.as_u16());
     for (name, value) in fields {
         let n = name.as_str();
         if name == ax::CONTENT_LENGTH
