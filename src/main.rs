@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rustygate::compile::{CompileOptions, Compiled, compile_dir};
+use rustygate::config::diag::printable;
 use rustygate::server::ServeOptions;
 use rustygate::telemetry::{LogFormat, init_logging};
 
@@ -448,7 +449,9 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    // What the gateway says comes from its config repo (file names, messages): printed
+    // through `printable`, as `validate` prints it.
+    let str_of = |v: &serde_json::Value| printable(v.as_str().unwrap_or("-")).into_owned();
     let last_ok = v["attempted"]["ok"].as_bool().unwrap_or(true);
     // Serving the cached mirror, or the last fetch failed: the remote may have moved on.
     let stale = v["stale"].as_bool() == Some(true);
@@ -483,7 +486,7 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 .unwrap_or_default();
             for e in errors.iter().take(3) {
                 let at = match (e["file"].as_str(), e["line"].as_u64(), e["column"].as_u64()) {
-                    (Some(f), Some(l), Some(c)) => format!("{f}:{l}:{c}: "),
+                    (Some(f), Some(l), Some(c)) => format!("{}:{l}:{c}: ", printable(f)),
                     _ => String::new(),
                 };
                 println!("  {at}{}", str_of(&e["message"]));
@@ -503,14 +506,14 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 );
             }
             if let Some(e) = fetch_error {
-                println!("fetch      FAILED: {e}");
+                println!("fetch      FAILED: {}", printable(e));
             }
             if fleet {
                 let f = &v["fleet"];
                 if f.is_null() {
                     println!("fleet      none: the gateway has no [rate_limit_store]");
                 } else if let Some(e) = f["error"].as_str() {
-                    println!("fleet      unknown: {e}");
+                    println!("fleet      unknown: {}", printable(e));
                 } else {
                     let replicas = f["replicas"].as_array().cloned().unwrap_or_default();
                     let shas = f["shas"].as_object().map_or(0, |m| m.len());

@@ -150,6 +150,65 @@ expect = { status = 200, upstream = "api", response_headers = { "sunset" = "neve
     assert_eq!(code, 1, "a filter matches file names too");
 }
 
+/// Case names and fixture file names are printed with their control characters escaped, and no
+/// line of the output begins with one: GitHub's runner reads a line that begins with `::` as a
+/// workflow command. Before, the name below printed a line `::error file=...` of its own and a
+/// raw OSC sequence (a terminal title), and the failures list began a line with a name.
+#[test]
+fn names_from_the_fixtures_cannot_write_lines_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tests")).unwrap();
+    std::fs::write(
+        dir.path().join("routes/r.toml"),
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tests/t.toml"),
+        r#"
+[[test]]
+name="x\n::error file=routes/r.toml,line=1::injected workflow command\u001b]0;title\u0007"
+request={url="/"}
+expect={status=200}
+
+[[test]]
+name="::add-mask::secret"
+request={url="/"}
+expect={status=404}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tests/\u{1b}[31mred.toml"),
+        "[[test]]\nname = \"fails too\"\nrequest = { url = \"/\" }\nexpect = { status = 500 }\n",
+    )
+    .unwrap();
+    let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    for line in out.lines().chain(err.lines()) {
+        assert!(!line.trim_start().starts_with("::"), "{line:?} in:\n{out}");
+        assert!(
+            !line.contains(['\u{1b}', '\u{7}', '\r']),
+            "{line:?} in:\n{out}"
+        );
+    }
+    assert!(
+        out.contains(
+            "test x\\n::error file=routes/r.toml,line=1::injected workflow command\\u{1b}]0;title\\u{7} ... ok"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("    tests/t.toml:8:6: ::add-mask::secret\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("---- fails too (tests/\\u{1b}[31mred.toml:2:8) ----"),
+        "{out}"
+    );
+}
+
 #[test]
 fn json_output_carries_every_case_and_what_it_got() {
     let dir = policies_copy();

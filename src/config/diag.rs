@@ -2,7 +2,13 @@
 //!
 //! Every check in the loader and the compiler reports through [`Diagnostics`]; nothing stops at
 //! the first problem. Rendering is rustc-like for people and JSON for tools.
+//!
+//! Names, values and messages come from the config repo, whose author may not be whoever reads
+//! the output: every rendering for people and CI runners prints them [`printable`].
 
+mod view;
+
+use std::borrow::Cow;
 use std::ops::Range;
 
 use codespan_reporting::diagnostic as cs;
@@ -213,8 +219,15 @@ impl Diagnostics {
         let config = term::Config::default();
         let mut out = String::new();
         for d in &self.items {
-            let rendered = term::emit_into_string(&config, &files.files, &to_codespan(d))
-                .unwrap_or_else(|_| format!("{}: {}\n", severity_word(d.severity), d.message));
+            let spans: Vec<(FileId, Range<usize>)> =
+                labels(d).map(|l| (l.file, l.span.clone())).collect();
+            let rendered = view::View::new(files, &spans, &config)
+                .and_then(|(view, moved)| {
+                    term::emit_into_string(&config, &view, &to_codespan(d, moved)).ok()
+                })
+                .unwrap_or_else(|| {
+                    format!("{}: {}\n", severity_word(d.severity), printable(&d.message))
+                });
             out.push_str(&rendered);
         }
         out
@@ -226,13 +239,13 @@ impl Diagnostics {
         for d in &self.items {
             if let Some(p) = &d.primary {
                 let (line, col) = files.line_col(p.file, p.span.start);
-                out.push_str(&format!("{}:{line}:{col}: ", files.name(p.file)));
+                out.push_str(&format!("{}:{line}:{col}: ", printable(files.name(p.file))));
             }
             out.push_str(&format!(
                 "{}[{}]: {}\n",
                 severity_word(d.severity),
                 d.code,
-                d.message
+                printable(&d.message)
             ));
         }
         out
@@ -242,19 +255,24 @@ impl Diagnostics {
     /// (`::error file=F,line=L,col=C,endLine=..,endColumn=..,title=..::message`), which the runner
     /// shows as annotations on the pull request's diff. `dir` is the config repo's directory
     /// relative to the workspace root, prefixed to each file name so the annotation finds its
-    /// file. The message carries the label and the help lines too.
+    /// file. The message carries the label and the help lines too. What the config repo wrote
+    /// is [`printable`] first: the runner unescapes `%0A` into a line break, and prints the
+    /// rest as it is.
     pub fn render_github(&self, files: &SourceFiles, dir: &std::path::Path) -> String {
         let mut out = String::new();
         for d in &self.items {
             out.push_str("::");
             out.push_str(severity_word(d.severity));
             let mut props = Vec::new();
-            let mut text = d.message.clone();
+            let mut text = printable(&d.message).into_owned();
             if let Some(p) = &d.primary {
                 let name = dir.join(files.name(p.file));
                 let (line, col) = files.line_col(p.file, p.span.start);
                 let (end_line, end_col) = files.line_col(p.file, p.span.end);
-                props.push(format!("file={}", escape_property(&name.to_string_lossy())));
+                props.push(format!(
+                    "file={}",
+                    escape_property(&printable(&name.to_string_lossy()))
+                ));
                 props.push(format!("line={line}"));
                 props.push(format!("col={col}"));
                 props.push(format!("endLine={end_line}"));
@@ -262,7 +280,11 @@ impl Diagnostics {
                     props.push(format!("endColumn={end_col}"));
                 }
                 if !p.message.is_empty() {
-                    text.push_str(&format!("\n{}: {}", severity_word(d.severity), p.message));
+                    text.push_str(&format!(
+                        "\n{}: {}",
+                        severity_word(d.severity),
+                        printable(&p.message)
+                    ));
                 }
             }
             props.push(format!(
@@ -273,12 +295,12 @@ impl Diagnostics {
                 let (line, col) = files.line_col(s.file, s.span.start);
                 text.push_str(&format!(
                     "\nnote: {}:{line}:{col}: {}",
-                    dir.join(files.name(s.file)).display(),
-                    s.message
+                    printable(&dir.join(files.name(s.file)).to_string_lossy()),
+                    printable(&s.message)
                 ));
             }
             for h in &d.help {
-                text.push_str(&format!("\nhelp: {h}"));
+                text.push_str(&format!("\nhelp: {}", printable(h)));
             }
             out.push(' ');
             out.push_str(&props.join(","));
@@ -358,6 +380,49 @@ impl IntoIterator for Diagnostics {
     }
 }
 
+/// `s` as it is safe to print: control characters (line breaks, escape sequences) and the
+/// characters that reorder or break lines on screen shown as Rust escapes (`\n`, `\u{1b}`).
+/// Names, values and messages from a config repo are printed to terminals and CI logs, where a
+/// raw escape sequence rewrites the screen and a line break could start a line that the runner
+/// reads as a command of its own (`::error::`, `::add-mask::`).
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unprintable) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        push_printable(&mut out, c);
+    }
+    Cow::Owned(out)
+}
+
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+fn push_printable(out: &mut String, c: char) {
+    match c {
+        '\n' | '\r' | '\t' | '\0' => out.extend(c.escape_debug()),
+        c if unprintable(c) => out.extend(c.escape_unicode()),
+        c => out.push(c),
+    }
+}
+
+/// A diagnostic's labels, the primary first.
+fn labels(d: &Diagnostic) -> impl Iterator<Item = &Label> {
+    d.primary.iter().chain(&d.secondary)
+}
+
 /// A workflow command's message: `%`, CR and LF are escaped, the runner unescapes them.
 fn escape_data(s: &str) -> String {
     s.replace('%', "%25")
@@ -377,22 +442,33 @@ fn severity_word(s: Severity) -> &'static str {
     }
 }
 
-fn to_codespan(d: &Diagnostic) -> cs::Diagnostic<FileId> {
+/// `d` for codespan, its labels at `spans` (in [`labels`] order, moved into a view).
+fn to_codespan(d: &Diagnostic, spans: Vec<Range<usize>>) -> cs::Diagnostic<FileId> {
     let base = match d.severity {
         Severity::Error => cs::Diagnostic::error(),
         Severity::Warning => cs::Diagnostic::warning(),
     };
-    let mut labels = Vec::new();
-    if let Some(p) = &d.primary {
-        labels.push(cs::Label::primary(p.file, p.span.clone()).with_message(&p.message));
-    }
-    for s in &d.secondary {
-        labels.push(cs::Label::secondary(s.file, s.span.clone()).with_message(&s.message));
-    }
+    let labels = labels(d)
+        .zip(spans)
+        .enumerate()
+        .map(|(i, (l, span))| {
+            let label = if i == 0 && d.primary.is_some() {
+                cs::Label::primary(l.file, span)
+            } else {
+                cs::Label::secondary(l.file, span)
+            };
+            label.with_message(printable(&l.message))
+        })
+        .collect();
     base.with_code(d.code)
-        .with_message(&d.message)
+        .with_message(printable(&d.message))
         .with_labels(labels)
-        .with_notes(d.help.iter().map(|h| format!("help: {h}")).collect())
+        .with_notes(
+            d.help
+                .iter()
+                .map(|h| format!("help: {}", printable(h)))
+                .collect(),
+        )
 }
 
 #[cfg(test)]
@@ -431,7 +507,7 @@ mod tests {
         assert_eq!(
             out,
             "::error file=gw/routes/a%2Cb%3Ac.toml,line=1,col=8,endLine=1,endColumn=14,\
-             title=rustygate validate%3A bad::line one%0Aline two 100%25%0Aerror: here\
+             title=rustygate validate%3A bad::line one\\nline two 100%25%0Aerror: here\
              %0Ahelp: fix it, then: retry\n\
              ::warning title=rustygate validate%3A unplaced::no file\n"
         );
