@@ -95,6 +95,15 @@ if [ -n "${FAKE_GH_COMMENT_ID:-}" ]; then echo "$FAKE_GH_COMMENT_ID"; fi
     }
 
     fn run(&self, commands: &str, existing_comment: Option<&str>) -> Output {
+        self.run_as(
+            Path::new(env!("CARGO_BIN_EXE_rustygate")),
+            commands,
+            existing_comment,
+        )
+    }
+
+    /// [`Pr::run`] with `rustygate` as the binary the action runs.
+    fn run_as(&self, rustygate: &Path, commands: &str, existing_comment: Option<&str>) -> Output {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".github/action/run.sh");
         let path = format!(
             "{}:{}",
@@ -107,7 +116,7 @@ if [ -n "${FAKE_GH_COMMENT_ID:-}" ]; then echo "$FAKE_GH_COMMENT_ID"; fi
             .arg("check")
             .current_dir(self.path("checkout"))
             .env("PATH", path)
-            .env("RUSTYGATE", env!("CARGO_BIN_EXE_rustygate"))
+            .env("RUSTYGATE", rustygate)
             .env("INPUT_PATH", "gateway")
             .env("INPUT_COMMANDS", commands)
             .env("GITHUB_BASE_REF", &self.base_branch)
@@ -256,6 +265,78 @@ fn a_failing_test_fails_the_job_and_a_bad_input_is_a_clear_error() {
         text(&out.stdout).contains("unknown command `deploy`"),
         "{}",
         text(&out.stdout)
+    );
+}
+
+/// Whatever `rustygate test` prints, it stays inside its block of the comment and gives the job
+/// log no workflow command. Before, the block's fence was always four backticks (a line of
+/// seven closed it and the rest was the comment's Markdown) and the output was copied into the
+/// log as it came, `::error::` lines and `##[error]` included.
+#[test]
+fn test_output_cannot_leave_its_block_or_command_the_runner() {
+    let pr = Pr::new(&[("gateway/routes/users.toml", USERS)]);
+    // A stand-in whose `test` prints what a hostile output could, the real binary otherwise.
+    let stand_in = pr.path("bin/rustygate-hostile");
+    std::fs::write(
+        &stand_in,
+        format!(
+            "#!/usr/bin/env bash\n\
+             if [ \"$1\" = test ]; then\n\
+             printf 'test x ... ok\\n```````\\n<b>injected</b>\\n::error::injected\\nsee ##[error]legacy\\n'\n\
+             printf 'test result: ok. 1 passed; 0 failed; 0 filtered out'\n\
+             exit 0\n\
+             fi\n\
+             exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_rustygate")
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&stand_in)
+        .status()
+        .unwrap();
+    let out = pr.run_as(&stand_in, "test", None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let body = pr.posted();
+    let lines: Vec<&str> = body.lines().collect();
+    let first = lines.iter().position(|l| *l == "test x ... ok").unwrap();
+    let fence = lines[first - 1].strip_suffix("text").unwrap();
+    assert!(
+        fence.len() > 7 && fence.bytes().all(|b| b == b'`'),
+        "{body}"
+    );
+    // CommonMark closes a block at a line of as many backticks or more, and nothing else.
+    let closes = |l: &&str| {
+        let l = l.trim_end();
+        l.len() >= fence.len() && l.bytes().all(|b| b == b'`')
+    };
+    let close = first + lines[first..].iter().position(closes).unwrap();
+    assert!(
+        lines[close - 1].starts_with("test result:"),
+        "the block ends after the output: {body}"
+    );
+
+    let log = text(&out.stderr);
+    let log: Vec<&str> = log.lines().collect();
+    let stop = log
+        .iter()
+        .position(|l| l.starts_with("::stop-commands::"))
+        .unwrap_or_else(|| panic!("{log:#?}"));
+    let token = &log[stop]["::stop-commands::".len()..];
+    assert!(token.len() >= 32, "{token}");
+    let resume = log
+        .iter()
+        .position(|l| *l == format!("::{token}::"))
+        .unwrap_or_else(|| panic!("{log:#?}"));
+    for injected in ["::error::injected", "see ##[error]legacy"] {
+        let at = log.iter().position(|l| *l == injected).unwrap();
+        assert!(stop < at && at < resume, "{log:#?}");
+    }
+    // The output's last line had no line break: the resume is still a line of its own.
+    assert!(
+        log[resume - 1].starts_with("test result:") || log[resume - 1].is_empty(),
+        "{log:#?}"
     );
 }
 

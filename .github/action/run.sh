@@ -47,10 +47,30 @@ install() {
   if [ -n "${GITHUB_PATH:-}" ]; then echo "$dir/bin" >>"$GITHUB_PATH"; fi
 }
 
-# A fenced block for text that may itself hold backticks.
+# A fenced block for text that may itself hold backticks: its fence is longer than the longest
+# run of backticks in the text, as `rustygate plan` picks its own (src/plan/render.rs), so no
+# line of the text can close the block and write Markdown into the comment.
 fenced() {
-  local fence='````'
-  printf '%stext\n%s\n%s\n' "$fence" "$(cat "$1")" "$fence"
+  local text longest fence
+  text="$(cat "$1")"
+  longest=$(printf '%s\n' "$text" | awk '{
+    while (match($0, /`+/)) { if (RLENGTH > n) n = RLENGTH; $0 = substr($0, RSTART + RLENGTH) }
+  } END { print n + 0 }')
+  [ "$longest" -ge 2 ] || longest=2
+  fence=$(printf '%*s' $((longest + 1)) '' | tr ' ' '`')
+  printf '%stext\n%s\n%s\n' "$fence" "$text" "$fence"
+}
+
+# Copies files to the job log with workflow commands off: what rustygate prints there comes
+# from the pull request (case names, messages), and the runner obeys a line that starts with
+# `::command::` and a legacy `##[command]` anywhere in a line.
+log_untrusted() {
+  local token
+  token="rustygate-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  printf '::stop-commands::%s\n' "$token" >&2
+  cat "$@" >&2
+  # On a line of its own, whether or not the output ended with one.
+  printf '\n::%s::\n' "$token" >&2
 }
 
 # At most $2 bytes of file $1, saying so when cut (a PR comment holds 65536 characters).
@@ -115,7 +135,7 @@ check() {
         log "::group::rustygate test $path"
         local rc=0
         "$rustygate" test "$path" >"$work/test.txt" 2>&1 || rc=$?
-        cat "$work/test.txt" >&2
+        log_untrusted "$work/test.txt"
         log "::endgroup::"
         local summary
         summary=$(grep '^test result:' "$work/test.txt" | tail -n1 || true)
@@ -137,7 +157,7 @@ check() {
           log "::warning title=rustygate plan::cannot fetch origin/$GITHUB_BASE_REF; planning against what the checkout has"
         local rc=0
         "$rustygate" plan --no-env --base "origin/$GITHUB_BASE_REF" "$path" >"$work/plan.md" 2>"$work/plan.err" || rc=$?
-        cat "$work/plan.md" "$work/plan.err" >&2
+        log_untrusted "$work/plan.md" "$work/plan.err"
         log "::endgroup::"
         case "$rc" in
           # 3: head compiles and changes what the gateway serves (the plan says what).
