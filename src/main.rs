@@ -1,5 +1,6 @@
 //! The `rustygate` command line: parses flags, calls the library, maps outcomes to exit codes.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -393,13 +394,13 @@ fn main() -> ExitCode {
             &format,
         ),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "rustygate",
-                &mut std::io::stdout(),
-            );
-            ExitCode::SUCCESS
+            // Into memory first: clap_complete panics when it cannot write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rustygate", &mut script);
+            match emit(&[(Stream::Stdout, &String::from_utf8_lossy(&script))]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            }
         }
         Command::Man { out_dir } => man(out_dir.as_deref()),
         Command::Fetch {
@@ -463,18 +464,27 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
         serde_json::Value::Null => Some(true),
         f => f["agree"].as_bool(),
     };
+    let mut o = String::new();
     match format {
-        StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        StatusFormat::Json => {
+            let _ = writeln!(
+                o,
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+        }
         StatusFormat::Human => {
             if let Some(r) = v["replica"].as_str() {
-                println!("replica    {r}");
+                let _ = writeln!(o, "replica    {}", printable(r));
             }
-            println!(
+            let _ = writeln!(
+                o,
                 "applied    {} (loaded {})",
                 str_of(&v["version"]),
                 str_of(&v["loaded_at"])
             );
-            println!(
+            let _ = writeln!(
+                o,
                 "attempted  {} {}",
                 str_of(&v["attempted"]["sha"]),
                 if last_ok { "ok" } else { "FAILED" }
@@ -489,7 +499,7 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                     (Some(f), Some(l), Some(c)) => format!("{}:{l}:{c}: ", printable(f)),
                     _ => String::new(),
                 };
-                println!("  {at}{}", str_of(&e["message"]));
+                let _ = writeln!(o, "  {at}{}", str_of(&e["message"]));
             }
             // `/status` keeps the first errors of a version with many, and their total.
             let total = v["attempted"]["errors_total"]
@@ -497,27 +507,29 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 .map_or(errors.len(), |n| n as usize)
                 .max(errors.len());
             if total > 3 {
-                println!("  ... and {} more", total - 3);
+                let _ = writeln!(o, "  ... and {} more", total - 3);
             }
             if stale {
-                println!(
+                let _ = writeln!(
+                    o,
                     "stale      serving the commit cached from an earlier run: the config repo \
                      could not be fetched"
                 );
             }
             if let Some(e) = fetch_error {
-                println!("fetch      FAILED: {}", printable(e));
+                let _ = writeln!(o, "fetch      FAILED: {}", printable(e));
             }
             if fleet {
                 let f = &v["fleet"];
                 if f.is_null() {
-                    println!("fleet      none: the gateway has no [rate_limit_store]");
+                    let _ = writeln!(o, "fleet      none: the gateway has no [rate_limit_store]");
                 } else if let Some(e) = f["error"].as_str() {
-                    println!("fleet      unknown: {}", printable(e));
+                    let _ = writeln!(o, "fleet      unknown: {}", printable(e));
                 } else {
                     let replicas = f["replicas"].as_array().cloned().unwrap_or_default();
                     let shas = f["shas"].as_object().map_or(0, |m| m.len());
-                    println!(
+                    let _ = writeln!(
+                        o,
                         "fleet      {} replica(s), {shas} commit(s): {}",
                         replicas.len(),
                         match agree {
@@ -534,7 +546,8 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                             (Some(true), None) => "  STALE".to_owned(),
                             _ => String::new(),
                         };
-                        println!(
+                        let _ = writeln!(
+                            o,
                             "  {:<30} applied {}  attempted {} {}  loaded {}{stale}",
                             str_of(&r["replica"]),
                             str_of(&r["applied"]),
@@ -550,6 +563,9 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 }
             }
         }
+    }
+    if let Err(code) = emit(&[(Stream::Stdout, &o)]) {
+        return code;
     }
     match agree {
         // Cannot tell, like an admin listener that did not answer.
@@ -628,6 +644,38 @@ fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
+/// The stream a command writes a part of its output to.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Writes a command's output, part by part. A stream whose reader went away (`| head -c1`)
+/// is no failure: its parts are dropped and the command ends with the exit code its result
+/// gives. Rust ignores SIGPIPE, so `print!` panicked there instead (exit 101). Another write
+/// error (a full disk) is an I/O error, `Err` with exit 2.
+fn emit(parts: &[(Stream, &str)]) -> Result<(), ExitCode> {
+    use std::io::{ErrorKind, Write as _};
+    for (stream, text) in parts {
+        let written = match stream {
+            Stream::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+            }
+            Stream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+        };
+        match written {
+            Err(e) if e.kind() != ErrorKind::BrokenPipe => {
+                let _ = writeln!(std::io::stderr(), "error: writing the output: {e}");
+                return Err(ExitCode::from(2));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn validate(
     dir: &std::path::Path,
     format: Format,
@@ -667,39 +715,41 @@ fn validate(
             }
         }
     }
+    let (mut out, mut err) = (String::new(), String::new());
     match format {
         Format::Human => {
-            eprint!("{}", diagnostics.render_human(&files));
+            err = diagnostics.render_human(&files);
             if let Some(principal) = &signer {
-                eprintln!("{}: HEAD is signed by {principal}", dir.display());
+                let _ = writeln!(err, "{}: HEAD is signed by {principal}", dir.display());
             }
             let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
             if e > 0 {
-                eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
+                let _ = writeln!(err, "{}: {e} error(s), {w} warning(s)", dir.display());
             } else {
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "{}: valid ({} file(s), {w} warning(s))",
                     dir.display(),
                     files.len()
                 );
             }
         }
-        Format::Short => eprint!("{}", diagnostics.render_short(&files)),
+        Format::Short => err = diagnostics.render_short(&files),
         Format::Github => {
-            print!(
-                "{}",
-                diagnostics.render_github(&files, &workspace_relative(dir))
-            );
+            out = diagnostics.render_github(&files, &workspace_relative(dir));
             let (e, w) = (diagnostics.error_count(), diagnostics.warning_count());
-            eprintln!("{}: {e} error(s), {w} warning(s)", dir.display());
+            let _ = writeln!(err, "{}: {e} error(s), {w} warning(s)", dir.display());
         }
         Format::Json => match serde_json::to_string_pretty(&diagnostics.to_json(&files)) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => out = s + "\n",
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
         },
+    }
+    if let Err(code) = emit(&[(Stream::Stdout, &out), (Stream::Stderr, &err)]) {
+        return code;
     }
     if diagnostics.has_errors() {
         ExitCode::from(1)
@@ -723,16 +773,25 @@ fn workspace_relative(dir: &std::path::Path) -> PathBuf {
 
 fn man(out_dir: Option<&std::path::Path>) -> ExitCode {
     let cmd = Cli::command();
-    let result = match out_dir {
+    // The page to print: none when written to files.
+    let page = match out_dir {
         Some(dir) => std::fs::create_dir_all(dir)
             .and_then(|()| clap_mangen::generate_to(cmd, dir))
+            .map(|()| String::new())
             .map_err(|e| format!("{}: {e}", dir.display())),
-        None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
-            .map_err(|e| e.to_string()),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map(|()| String::from_utf8_lossy(&page).into_owned())
+                .map_err(|e| e.to_string())
+        }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match page {
+        Ok(page) => match emit(&[(Stream::Stdout, &page)]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
@@ -751,26 +810,32 @@ fn test(opts: rustygate::testing::TestOptions, format: TestFormat) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (mut out, mut err) = (String::new(), String::new());
     match format {
         TestFormat::Human => {
-            eprint!("{}", report.diagnostics.render_human(&report.files));
+            err = report.diagnostics.render_human(&report.files);
             if report.invalid() {
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "{}: {} error(s): the config or its tests do not compile, no test ran",
                     opts.dir.display(),
                     report.diagnostics.error_count()
                 );
             } else {
-                print!("{}", report.render_human());
+                out = report.render_human();
             }
         }
         TestFormat::Json => match serde_json::to_string_pretty(&report.to_json()) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => out = s + "\n",
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
         },
+    }
+    // The diagnostics (warnings, when the cases ran) come before the cases.
+    if let Err(code) = emit(&[(Stream::Stderr, &err), (Stream::Stdout, &out)]) {
+        return code;
     }
     if report.invalid() {
         // The issue's contract: a repo that does not compile is 2, a failing case is 1.
@@ -798,8 +863,10 @@ fn schema(kind: Option<&str>) -> ExitCode {
             }
         },
     };
-    print!("{}", rustygate::schema::render(&value));
-    ExitCode::SUCCESS
+    match emit(&[(Stream::Stdout, &rustygate::schema::render(&value))]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
 }
 
 fn plan(opts: rustygate::plan::PlanOptions, format: &str) -> ExitCode {
@@ -810,16 +877,19 @@ fn plan(opts: rustygate::plan::PlanOptions, format: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if format == "json" {
+    let out = if format == "json" {
         match serde_json::to_string_pretty(&plan) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => s + "\n",
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
         }
     } else {
-        print!("{}", plan.to_markdown());
+        plan.to_markdown()
+    };
+    if let Err(code) = emit(&[(Stream::Stdout, &out)]) {
+        return code;
     }
     if !plan.head_compiles() {
         ExitCode::from(1)

@@ -328,3 +328,122 @@ fn status_says_when_the_admin_listener_is_silent_trickles_or_is_closed() {
         assert!(took < Duration::from_secs(20), "{admin}: took {took:?}");
     }
 }
+
+/// Runs `rustygate args`, reads one byte of its stdout (or stderr) and closes that pipe, like
+/// `| head -c1`, while the other stream is read to its end. The outputs used here are larger
+/// than a pipe holds, so the command is still writing when the pipe closes. The exit code,
+/// and the other stream's text.
+fn reader_gone_after_one_byte(args: &[&str], close_stderr: bool) -> (Option<i32>, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(args)
+        .env_remove("GITHUB_WORKSPACE")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (closed, mut other): (Box<dyn Read + Send>, Box<dyn Read + Send>) = if close_stderr {
+        (
+            Box::new(child.stderr.take().unwrap()),
+            Box::new(child.stdout.take().unwrap()),
+        )
+    } else {
+        (
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        )
+    };
+    let other = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = other.read_to_string(&mut text);
+        text
+    });
+    let mut closed = closed;
+    let mut one = [0u8; 1];
+    closed
+        .read_exact(&mut one)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    drop(closed);
+    let status = child.wait().unwrap();
+    (status.code(), other.join().unwrap())
+}
+
+/// A closed stdout or stderr ends a command quietly, with the exit code its result gives
+/// (README: 0 valid or passed, 1 invalid, 2 does not compile): `rustygate validate --format
+/// json DIR | head -c1` panicked "failed printing to stdout: Broken pipe" and exited 101.
+#[test]
+fn a_reader_that_goes_away_ends_the_command_with_its_own_exit_code() {
+    // 2,000 routes to an upstream that does not exist: half a megabyte of diagnostics.
+    let invalid = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(invalid.path().join("routes")).unwrap();
+    let routes: String = (0..2000)
+        .map(|i| format!("[[route]]\nname = \"r{i}\"\npath = \"/r{i}\"\nupstream = \"nope\"\n\n"))
+        .collect();
+    std::fs::write(invalid.path().join("routes/r.toml"), routes).unwrap();
+    // 3,000 cases that pass: a quarter of a megabyte of `test ... ok`.
+    let passing = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(passing.path().join("routes")).unwrap();
+    std::fs::create_dir_all(passing.path().join("tests")).unwrap();
+    std::fs::write(
+        passing.path().join("routes/r.toml"),
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let cases: String = (0..3000)
+        .map(|i| {
+            format!(
+                "[[test]]\nname = \"the home page answers, case number {i:05}\"\n\
+                 request = {{ url = \"/\" }}\nexpect = {{ status = 200 }}\n\n"
+            )
+        })
+        .collect();
+    std::fs::write(passing.path().join("tests/t.toml"), cases).unwrap();
+    // An admin listener whose /status is a megabyte of JSON.
+    let admin = {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let body = format!(
+                "{{\"version\":\"sha1\",\"attempted\":{{\"ok\":true}},\"padding\":\"{}\"}}",
+                "x".repeat(1 << 20)
+            );
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                // The whole request first: closing with some of it unread would reset the
+                // connection under the answer.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://{addr}")
+    };
+    let (invalid, passing) = (
+        invalid.path().to_str().unwrap(),
+        passing.path().to_str().unwrap(),
+    );
+    let runs: [(&[&str], bool, i32); 6] = [
+        (&["validate", "--format", "json", invalid], false, 1),
+        (&["validate", "--format", "github", invalid], false, 1),
+        (&["validate", invalid], true, 1),
+        (&["test", "--format", "json", invalid], false, 2),
+        (&["test", passing], false, 0),
+        (&["status", "--admin", &admin, "--format", "json"], false, 0),
+    ];
+    for (args, close_stderr, code) in runs {
+        let (got, other) = reader_gone_after_one_byte(args, close_stderr);
+        assert_eq!(got, Some(code), "{args:?}: {other}");
+        assert!(!other.contains("panicked"), "{args:?}: {other}");
+        assert!(!other.contains("error:"), "{args:?}: {other}");
+    }
+}
