@@ -447,3 +447,65 @@ fn a_reader_that_goes_away_ends_the_command_with_its_own_exit_code() {
         assert!(!other.contains("error:"), "{args:?}: {other}");
     }
 }
+
+/// `serve` on an address another socket holds says which listener could not listen, and where;
+/// it said only "error: serving: Address already in use (os error 98)".
+#[test]
+fn serve_names_the_listener_whose_address_is_taken() {
+    use std::time::{Duration, Instant};
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap().to_string();
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo.path().join("routes")).unwrap();
+    std::fs::write(
+        repo.path().join("routes/r.toml"),
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let any = "127.0.0.1:0";
+    for (listen, admin, extra, what) in [
+        (at.as_str(), any, false, "proxy"),
+        (any, at.as_str(), false, "admin"),
+        (any, any, true, "listener `public`"),
+    ] {
+        let gateway = repo.path().join("gateway.toml");
+        if extra {
+            std::fs::write(
+                &gateway,
+                format!("[[listener]]\nname = \"public\"\naddress = \"{at}\"\n"),
+            )
+            .unwrap();
+        } else {
+            let _ = std::fs::remove_file(&gateway);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+            .args(["serve", "--repo", repo.path().to_str().unwrap()])
+            .args(["--listen", listen, "--admin-listen", admin])
+            .args(["--workers", "1", "--watch", "false", "--log-format", "json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{what}: still serving on a taken address");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot listen on {at} ({what}): Address already in use"
+            )),
+            "{what}: {stderr}"
+        );
+    }
+    drop(taken);
+}

@@ -6,6 +6,7 @@
 
 mod admin;
 mod api;
+mod bind;
 pub(crate) mod drain;
 mod edge;
 mod expect;
@@ -19,7 +20,7 @@ pub mod webhooks;
 /// Whether this build serves HTTP/2 on TLS listeners (ALPN `h2`, through [`h2::serve`]).
 pub const SERVES_H2: bool = true;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,8 +166,8 @@ pub fn start(
     store: Arc<SnapshotStore>,
     control: Control,
 ) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(opts.listen)?;
-    let admin_listener = TcpListener::bind(opts.admin_listen)?;
+    let listener = bind::listen(opts.listen, "proxy")?;
+    let admin_listener = bind::listen(opts.admin_listen, "admin")?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let grace = opts.shutdown_grace.as_secs().max(1);
@@ -176,12 +177,7 @@ pub fn start(
     let first = store.load();
     let mut extra = Vec::new();
     for spec in &first.listeners {
-        let l = TcpListener::bind(spec.address).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("listener `{}` cannot bind {}: {e}", spec.name, spec.address),
-            )
-        })?;
+        let l = bind::listen(spec.address, &format!("listener `{}`", spec.name))?;
         let bound = l.local_addr()?;
         extra.push((spec, l, bound));
     }
