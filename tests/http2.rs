@@ -1276,3 +1276,29 @@ async fn a_graceful_stop_lets_the_stream_in_flight_finish_and_closes_the_connect
         .await
         .unwrap();
 }
+
+/// A gRPC call that no route matches is counted under `route="<none>"`, as every other family
+/// counts unmatched requests (it was `route=""`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_grpc_calls_are_counted_under_no_route() {
+    let files = [(
+        "routes/r.toml",
+        "[[route]]\nname = \"health\"\npath = \"/healthz\"\nrespond = { status = 200 }\n",
+    )];
+    let gw = start(&files, Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+    let r = whole(
+        h2.send_request(grpc_call("/echo.Echo/Unary", b"hello", &[]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let m = scrape(&gw);
+    let unmatched: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("rustygate_grpc_requests_total{"))
+        .collect();
+    assert_eq!(unmatched.len(), 1, "{unmatched:?}");
+    assert!(unmatched[0].0.contains("route=\"<none>\""), "{unmatched:?}");
+}

@@ -47,6 +47,7 @@ use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
 use crate::proxy::websocket;
 use crate::router::{PathError, RouteId, normalize_host, normalize_path_with};
 use crate::snapshot::{Route, Snapshot};
+use crate::telemetry::recorder::NO_ROUTE;
 use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
@@ -247,7 +248,7 @@ impl Exchange {
                 .recorder
                 .metrics()
                 .grpc_requests
-                .with_label_values(&[route.unwrap_or(""), code])
+                .with_label_values(&[route.unwrap_or(NO_ROUTE), code])
                 .inc();
         }
         let elapsed = clock::now().saturating_duration_since(self.started);
