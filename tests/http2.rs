@@ -501,17 +501,23 @@ async fn oversized_header_lists_are_refused_per_stream() {
     assert_eq!(r.status, 200);
 }
 
-/// A field value that begins or ends with whitespace (SP or HTAB) makes an HTTP/2 request
-/// malformed (RFC 9113 §8.2.1): it is answered 400 like the gateway's other refused requests
-/// and never reaches the upstream. Such values were forwarded as they came.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn field_values_beginning_or_ending_with_whitespace_are_refused() {
+/// A backend that answers `hi` to everything, and how many requests it got.
+fn counting_backend() -> (Backend, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&hits);
     let be = Backend::start(move |_req| {
         seen.fetch_add(1, Ordering::SeqCst);
         async { Response::new(full("hi")) }
     });
+    (be, hits)
+}
+
+/// A field value that begins or ends with whitespace (SP or HTAB) makes an HTTP/2 request
+/// malformed (RFC 9113 §8.2.1): it is answered 400 like the gateway's other refused requests
+/// and never reaches the upstream. Such values were forwarded as they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_values_beginning_or_ending_with_whitespace_are_refused() {
+    let (be, hits) = counting_backend();
     let files = proxy_to(&[be.url()], "", "");
     let gw = start(&as_refs(&files), Duration::from_secs(75));
     let (mut h2, _conn) = connect(gw.addr).await;
@@ -1149,12 +1155,7 @@ async fn an_upstream_http2_connection_that_stops_answering_pings_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2c_share_the_listener() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&hits);
-    let be = Backend::start(move |_req| {
-        seen.fetch_add(1, Ordering::SeqCst);
-        async { Response::new(full("hi")) }
-    });
+    let (be, hits) = counting_backend();
     let files = proxy_to(&[be.url()], "", "");
     let gw = start(&as_refs(&files), Duration::from_secs(75));
     // HTTP/1.1 methods that start like the preface (`P…`) are still HTTP/1.1.
