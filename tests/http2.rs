@@ -321,12 +321,7 @@ async fn a_client_resetting_streams_fast_gets_goaway() {
         tokio::time::sleep(Duration::from_secs(10)).await;
         Response::new(full("late"))
     });
-    let mut files = proxy_to(&[be.url()], "", "");
-    files.push((
-        "gateway.toml",
-        "[limits]\nhttp2_max_resets_per_second = 10\n".to_owned(),
-    ));
-    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let gw = start_with_limits(&be, "[limits]\nhttp2_max_resets_per_second = 10\n");
     let (h2, conn) = connect(gw.addr).await;
     // One stream the client keeps: after a GOAWAY for resets it gets no grace (it held the
     // connection, and the client's chance to go on opening streams, for the 10 s header
@@ -373,12 +368,7 @@ async fn a_client_resetting_streams_fast_gets_goaway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2s_own_reset_flood_goaway_is_counted() {
     let be = Backend::fixed(200, "ok");
-    let mut files = proxy_to(&[be.url()], "", "");
-    files.push((
-        "gateway.toml",
-        "[limits]\nhttp2_max_resets_per_second = 10\n".to_owned(),
-    ));
-    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let gw = start_with_limits(&be, "[limits]\nhttp2_max_resets_per_second = 10\n");
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
     let conn = tokio::spawn(conn);
@@ -480,12 +470,7 @@ async fn idle_and_silent_http2_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_header_lists_are_refused_per_stream() {
     let be = Backend::fixed(200, "ok");
-    let mut files = proxy_to(&[be.url()], "", "");
-    files.push((
-        "gateway.toml",
-        "[limits]\nhttp2_max_header_list_size = \"4KiB\"\n".to_owned(),
-    ));
-    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let gw = start_with_limits(&be, "[limits]\nhttp2_max_header_list_size = \"4KiB\"\n");
     let (mut h2, _conn) = connect(gw.addr).await;
     let big = "a".repeat(8 * 1024);
     let req = Request::get("http://gateway.test/")
@@ -499,6 +484,14 @@ async fn oversized_header_lists_are_refused_per_stream() {
     let (mut h2, _conn) = connect(gw.addr).await;
     let r = whole(h2.send_request(get("/")).await.unwrap()).await;
     assert_eq!(r.status, 200);
+}
+
+/// A gateway proxying everything to `be`, with `gateway.toml` set to `limits` (a `[limits]`
+/// table), and a 75 s keep-alive.
+fn start_with_limits(be: &Backend, limits: &str) -> Gateway {
+    let mut files = proxy_to(&[be.url()], "", "");
+    files.push(("gateway.toml", limits.to_owned()));
+    start(&as_refs(&files), Duration::from_secs(75))
 }
 
 /// A backend that answers `hi` to everything, and how many requests it got.
