@@ -131,15 +131,23 @@ pub(crate) fn cut_after(grace: std::time::Duration) {
     let _ = CUT_AT.set(std::time::Instant::now() + grace);
 }
 
-/// Why an exchange, body or tunnel ended before its end, for the access log: `shutdown` when
-/// the process's shutdown grace is over (the server dropped it), else `client_gone` (its
-/// client closed or reset the connection). Read only on those ends, not per request.
-pub(crate) fn gone_reason() -> &'static str {
+/// Whether the process's shutdown grace is over: what ends unfinished now was dropped by the
+/// server, not by its client. Read only on those ends, not per request.
+pub(crate) fn cut_by_shutdown() -> bool {
     // The server's stop follows the deadline by a little.
     const EARLY: std::time::Duration = std::time::Duration::from_millis(100);
-    match CUT_AT.get() {
-        Some(at) if std::time::Instant::now() + EARLY >= *at => "shutdown",
-        _ => "client_gone",
+    CUT_AT
+        .get()
+        .is_some_and(|at| std::time::Instant::now() + EARLY >= *at)
+}
+
+/// Why a body or tunnel ended before its end, for the access log: `shutdown`
+/// ([`cut_by_shutdown`]), else `client_gone` (its client closed or reset the connection).
+pub(crate) fn gone_reason() -> &'static str {
+    if cut_by_shutdown() {
+        "shutdown"
+    } else {
+        "client_gone"
     }
 }
 

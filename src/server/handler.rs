@@ -169,7 +169,7 @@ impl Drop for Exchange {
             // 400). It may have reached the upstream, so it is logged too.
             if self.busy.as_ref().is_some_and(Busy::body_broken) {
                 self.emit(400, 0, Err("client_body"));
-            } else if super::drain::gone_reason() == "shutdown" {
+            } else if super::drain::cut_by_shutdown() {
                 // Still in progress when the shutdown grace ended: the gateway cut it.
                 self.emit(503, 0, Err("shutdown"));
             } else {
