@@ -131,6 +131,33 @@ pub fn poll_timer(
     timer.poll(cx)
 }
 
+/// A rare path's future (a new connection, a TLS handshake, an HTTP/2 or hyper exchange, a body
+/// a plugin reads), boxed, and polled from a function of its own that is never inlined.
+///
+/// Boxing alone keeps the future's state out of its caller's, but a boxed future's `poll` is
+/// still a static call, and the profile-guided build inlined these into the request path's
+/// poll function: its stack frame grew to 26 KB, which every poll of every request touched
+/// (six stack probes a page apart, and locals spread over the frame), missing the data cache
+/// each time (docs/performance.md, "Cold paths out of line").
+pub struct Cold<'a, T>(std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>);
+
+/// Boxes `future` as a [`Cold`] one.
+pub fn cold<'a, F: std::future::Future + 'a>(future: F) -> Cold<'a, F::Output> {
+    Cold(Box::pin(future))
+}
+
+impl<T> std::future::Future for Cold<'_, T> {
+    type Output = T;
+
+    #[inline(never)]
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

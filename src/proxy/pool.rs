@@ -40,7 +40,7 @@ use super::response::{HeadShape, UpstreamResponse};
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 use crate::util::FastMap as HashMap;
-use crate::util::clock;
+use crate::util::{clock, cold};
 use crate::wire::connect;
 use crate::wire::tls::TargetTls;
 
@@ -219,7 +219,8 @@ impl LocalPool {
                 (Protocol::Http1, ProxyBody::Empty | ProxyBody::Full(_)) => {
                     self.send_own(target, req, opts).await
                 }
-                // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow.
+                // Boxed so that the HTTP/1.1 attempt, the benchmark path, does not grow, and
+                // polled out of line (`util::Cold`).
                 (Protocol::Http1, ProxyBody::Channel { len, .. }) => {
                     let unsized_body = len.is_none();
                     let mut req = for_hyper(req, opts);
@@ -232,11 +233,11 @@ impl LocalPool {
                             http::HeaderValue::from_static("chunked"),
                         );
                     }
-                    Box::pin(self.send_inner(target, req, opts))
+                    cold(self.send_inner(target, req, opts))
                         .await
                         .and_then(checked_hyper_response)
                 }
-                (Protocol::Http2, _) => Box::pin(self.send_h2(target, for_hyper(req, opts), opts))
+                (Protocol::Http2, _) => cold(self.send_h2(target, for_hyper(req, opts), opts))
                     .await
                     .and_then(checked_hyper_response),
             }
@@ -286,14 +287,15 @@ impl LocalPool {
                             });
                         }
                     };
-                    // Boxed: a new connection is the rare case, and its TCP and TLS
-                    // handshake futures would otherwise weigh on every request's future.
+                    // Boxed and polled out of line (`util::Cold`): a new connection is the
+                    // rare case, and its TCP and TLS handshake futures would otherwise weigh
+                    // on every request's future and on its poll's stack frame.
                     let connect = connect_io(
                         &target.connect_addr,
                         target.tls.as_ref(),
                         opts.connect_timeout,
                     );
-                    match Box::pin(connect).await {
+                    match cold(connect).await {
                         Ok(io) => h1::Conn::new(io),
                         Err(error) => {
                             return Err(SendFailure {

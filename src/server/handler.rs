@@ -51,7 +51,7 @@ use crate::telemetry::recorder::NO_ROUTE;
 use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::state::{InFlight, Overflow, Slot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
-use crate::util::clock;
+use crate::util::{clock, cold};
 use crate::wire::StaticResponse;
 use crate::wire::headers::actix_name;
 
@@ -738,7 +738,7 @@ pub(crate) async fn handle(
         // Answered without forwarding: the body was not read.
         // Boxed: its timer would otherwise make every request's future larger.
         Some(unread) if !matches!(unread, Payload::None) => {
-            Box::pin(discard_unread(&req, unread, &state, resp)).await
+            cold(discard_unread(&req, unread, &state, resp)).await
         }
         _ => resp,
     }
@@ -1158,7 +1158,7 @@ async fn forward(
         // Boxed: only requests whose body a plugin reads pay for this future's size.
         let payload = payload.take().unwrap_or(Payload::None);
         let read = plugin_body::request(&mut ex, payload, state, route, declared_len, filter);
-        match Box::pin(read).await {
+        match cold(read).await {
             Ok(b) => (b, None),
             Err(resp) => return resp,
         }
@@ -1289,7 +1289,7 @@ async fn forward(
         opts.started = sent_at;
         let sent = if websocket {
             // Boxed: only WebSocket handshakes pay for the hyper handshake's future.
-            Box::pin(state.pool.send_upgrade(target, upstream_req, &opts)).await
+            cold(state.pool.send_upgrade(target, upstream_req, &opts)).await
         } else {
             state.pool.send(target, upstream_req, &opts).await
         };
@@ -1319,7 +1319,7 @@ async fn forward(
                 return match client_response(ex, req, state, route, plan, resp, tunnel_in.take()) {
                     Relay::Now(r) => r,
                     // Boxed: only responses whose body a plugin reads pay for this future.
-                    Relay::ThroughPlugins(r) => Box::pin(r.send()).await,
+                    Relay::ThroughPlugins(r) => cold(r.send()).await,
                 };
             }
             Err(failure) => {
