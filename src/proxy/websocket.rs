@@ -8,7 +8,9 @@
 //!      worker, until either side closes or nothing moves for the idle timeout ─► access log
 //! ```
 //! Frames are not parsed: bytes are relayed as they come, so extensions and subprotocols the
-//! two ends agree on pass untouched. Actix reads the client's bytes after a `Upgrade: websocket`
+//! two ends agree on pass untouched. Only the frames' heads are followed ([`frames`]), so that
+//! a tunnel still open near the end of the shutdown grace can end with close frames (1001
+//! Going Away) put between two frames of each direction. Actix reads the client's bytes after a `Upgrade: websocket`
 //! head until EOF as that request's payload, and writes a response marked as an upgrade with no
 //! framing after its head: the tunnel needs no dispatcher of its own.
 //!
@@ -35,6 +37,9 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{BodyStats, Ended, OnFinish};
+use frames::Frames;
+
+mod frames;
 
 /// RFC 6455 §1.3: appended to the client's key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -163,14 +168,41 @@ struct Shared {
     waker: Cell<Option<Waker>>,
     /// Bytes from the client (the access log's `bytes_in`).
     stats: Rc<BodyStats>,
+    /// The shutdown grace is nearly over: the tunnel ends itself with close frames.
+    closing: Cell<bool>,
+    /// While `closing`: the client is done, its close frame seen (or its connection closed).
+    client_done: Cell<bool>,
 }
 
 impl Shared {
     fn fail(&self, why: &'static str) {
         self.failed.set(Some(why));
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+}
+
+/// How far the upstream-to-client side is in ending the tunnel at shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutting {
+    No,
+    /// Relaying the rest of the upstream's current frame, then the close frame.
+    Closing,
+    /// The client has its close frame; waiting for its answer.
+    CloseSent,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -213,6 +245,14 @@ pub struct Tunnel {
     on_finish: Option<OnFinish>,
     /// Dropped when the tunnel ends: stops the client-to-upstream task.
     stop: Option<oneshot::Sender<()>>,
+    /// The task that waits for the shutdown to set `shared.closing` (one per tunnel, so that
+    /// relaying a chunk polls nothing shared between workers).
+    watcher: Option<AbortOnDrop>,
+    /// The upstream's frames.
+    down: Frames,
+    shutting: Shutting,
+    /// The upstream's connection ended (or failed) while the tunnel closed itself.
+    upstream_done: bool,
     _counted: Counted,
 }
 
@@ -235,6 +275,8 @@ impl Tunnel {
                 failed: Cell::new(None),
                 waker: Cell::new(None),
                 stats,
+                closing: Cell::new(false),
+                client_done: Cell::new(false),
             }),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             idle,
@@ -242,6 +284,10 @@ impl Tunnel {
             sent: 0,
             on_finish: Some(on_finish),
             stop: None,
+            watcher: None,
+            down: Frames::default(),
+            shutting: Shutting::No,
+            upstream_done: false,
             _counted: Counted::new(gauge),
         }
     }
@@ -249,9 +295,35 @@ impl Tunnel {
     fn finish(&mut self, end: Ended) {
         self.upstream = Upstream::Closed;
         self.stop = None;
+        self.watcher = None;
         if let Some(f) = self.on_finish.take() {
             f(self.sent, end);
         }
+    }
+
+    /// After the client got the tunnel's close frame at shutdown: reads on what the upstream
+    /// sends (dropped) until its close frame or its end, so that it reads the close frame it
+    /// was sent rather than have its connection reset under it; the tunnel ends when both
+    /// sides are done (or when the server's stop cuts it).
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        while !(self.upstream_done || self.down.closed()) {
+            let Upstream::Open(read) = &mut self.upstream else {
+                break;
+            };
+            let mut buf = ReadBuf::new(&mut self.buf);
+            match Pin::new(read).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => self.upstream_done = true,
+                Poll::Ready(Ok(())) => self.down.pass(buf.filled()),
+                Poll::Ready(Err(_)) => self.upstream_done = true,
+                Poll::Pending => break,
+            }
+        }
+        if self.shared.client_done.get() && (self.upstream_done || self.down.closed()) {
+            self.finish(Err("shutdown"));
+            return Poll::Ready(None);
+        }
+        self.shared.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
     }
 
     /// Whether nothing moved either way for `idle` (arms the wake-up if not).
@@ -296,20 +368,45 @@ impl MessageBody for Tunnel {
                     Poll::Ready(Ok(upgraded)) => {
                         let (read, write) = tokio::io::split(TokioIo::new(upgraded));
                         let (stop, stopped) = oneshot::channel();
+                        let (closing, closing_rx) = oneshot::channel();
                         if let Some(payload) = payload.take() {
                             actix_web::rt::spawn(client_to_upstream(
                                 payload,
                                 write,
                                 Rc::clone(&this.shared),
                                 stopped,
+                                closing_rx,
                             ));
                         }
+                        let shared = Rc::clone(&this.shared);
+                        this.watcher = Some(AbortOnDrop(actix_web::rt::spawn(async move {
+                            crate::server::drain::tunnels_close().await;
+                            shared.closing.set(true);
+                            shared.wake();
+                            let _ = closing.send(());
+                        })));
                         this.stop = Some(stop);
                         this.shared.last.set(Instant::now());
                         this.upstream = Upstream::Open(read);
                     }
                 },
                 Upstream::Open(read) => {
+                    if this.shutting == Shutting::No && this.shared.closing.get() {
+                        this.shutting = Shutting::Closing;
+                    }
+                    if this.shutting == Shutting::Closing
+                        && (this.down.at_boundary() || this.down.closed())
+                    {
+                        this.shutting = Shutting::CloseSent;
+                        // Unless the upstream's own close frame went to the client already.
+                        if !this.down.closed() {
+                            let close = frames::going_away_to_client();
+                            return Poll::Ready(Some(Ok(Bytes::copy_from_slice(&close))));
+                        }
+                    }
+                    if this.shutting == Shutting::CloseSent {
+                        return this.poll_closed(cx);
+                    }
                     let mut buf = ReadBuf::new(&mut this.buf);
                     match Pin::new(read).poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) if buf.filled().is_empty() => {
@@ -317,7 +414,24 @@ impl MessageBody for Tunnel {
                             return Poll::Ready(None);
                         }
                         Poll::Ready(Ok(())) => {
-                            let data = Bytes::copy_from_slice(buf.filled());
+                            let filled = buf.filled();
+                            let data = if this.shutting == Shutting::Closing {
+                                close_at_boundary(
+                                    &mut this.down,
+                                    filled,
+                                    &frames::going_away_to_client(),
+                                )
+                                .map(|(n, out)| {
+                                    this.shutting = Shutting::CloseSent;
+                                    // Dropped, read only for the upstream's close frame.
+                                    this.down.pass(&filled[n..]);
+                                    out
+                                })
+                                .unwrap_or_else(|| Bytes::copy_from_slice(filled))
+                            } else {
+                                this.down.pass(filled);
+                                Bytes::copy_from_slice(filled)
+                            };
                             this.sent += data.len() as u64;
                             this.shared.last.set(Instant::now());
                             return Poll::Ready(Some(Ok(data)));
@@ -350,19 +464,57 @@ impl Drop for Tunnel {
     }
 }
 
+/// The part of `data` up to the end of the current frame followed by `close` (not if the frame
+/// that ended was a close frame already), and how much of `data` that was; `None` if no frame
+/// ends within `data` (all of it was followed).
+fn close_at_boundary(frames: &mut Frames, data: &[u8], close: &[u8]) -> Option<(usize, Bytes)> {
+    let n = frames.follow_to_boundary(data)?;
+    let mut out = data[..n].to_vec();
+    if !frames.closed() {
+        out.extend_from_slice(close);
+    }
+    Some((n, out.into()))
+}
+
 /// Writes what the client sends to the upstream until the client closes (then the upstream's
 /// write side is shut, and the tunnel ends when the upstream closes too), a write fails, or the
 /// tunnel is over (`stop`).
+///
+/// When `closing` comes (the shutdown grace is nearly over), the upstream gets a close frame
+/// (1001) after the client's current frame and nothing after it; the client's bytes are read on
+/// until its own close frame (its answer to the one the tunnel sent it), and then the tunnel is
+/// told the client is done.
 async fn client_to_upstream(
     mut payload: actix_web::dev::Payload,
     mut upstream: WriteHalf<Io>,
     shared: Rc<Shared>,
     mut stop: oneshot::Receiver<()>,
+    mut closing: oneshot::Receiver<()>,
 ) {
+    let mut frames = Frames::default();
+    let mut watched = false;
+    // The upstream has had its close frame (the client's or the tunnel's): nothing more goes.
+    let mut sealed = false;
+    let close = || frames::going_away_to_server(rand::random());
     loop {
         let chunk = tokio::select! {
             c = payload.next() => c,
             _ = &mut stop => return,
+            r = &mut closing, if !watched => {
+                watched = true;
+                if r.is_ok() && (frames.at_boundary() || frames.closed()) {
+                    sealed = true;
+                    if !frames.closed() {
+                        match send(&mut upstream, &close(), &mut stop).await {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => return upstream_failed(&shared, &e),
+                            None => return,
+                        }
+                    }
+                    client_done_if_closed(&shared, &frames);
+                }
+                continue;
+            }
         };
         match chunk {
             Some(Ok(bytes)) => {
@@ -371,17 +523,33 @@ async fn client_to_upstream(
                     .stats
                     .bytes
                     .set(shared.stats.bytes.get() + bytes.len() as u64);
-                let written = tokio::select! {
-                    w = async {
-                        upstream.write_all(&bytes).await?;
-                        upstream.flush().await
-                    } => w,
-                    _ = &mut stop => return,
+                if sealed {
+                    // Read only for the client's close frame.
+                    frames.pass(&bytes);
+                    client_done_if_closed(&shared, &frames);
+                    continue;
+                }
+                let out = if shared.closing.get() {
+                    match close_at_boundary(&mut frames, &bytes, &close()) {
+                        Some((n, out)) => {
+                            sealed = true;
+                            // What follows is dropped; read only for the client's close frame.
+                            frames.pass(&bytes[n..]);
+                            out
+                        }
+                        None => bytes,
+                    }
+                } else {
+                    frames.pass(&bytes);
+                    bytes
                 };
-                if let Err(e) = written {
-                    tracing::debug!(error = %e, "writing to the WebSocket upstream failed");
-                    shared.fail("upstream_error");
-                    return;
+                match send(&mut upstream, &out, &mut stop).await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return upstream_failed(&shared, &e),
+                    None => return,
+                }
+                if sealed {
+                    client_done_if_closed(&shared, &frames);
                 }
                 shared.last.set(Instant::now());
             }
@@ -391,6 +559,8 @@ async fn client_to_upstream(
                 return;
             }
             None => {
+                shared.client_done.set(true);
+                shared.wake();
                 tokio::select! {
                     _ = upstream.shutdown() => {}
                     _ = &mut stop => {}
@@ -398,6 +568,34 @@ async fn client_to_upstream(
                 return;
             }
         }
+    }
+}
+
+/// Writes `bytes` to the upstream; `None` if the tunnel ended first.
+async fn send(
+    upstream: &mut WriteHalf<Io>,
+    bytes: &[u8],
+    stop: &mut oneshot::Receiver<()>,
+) -> Option<std::io::Result<()>> {
+    tokio::select! {
+        w = async {
+            upstream.write_all(bytes).await?;
+            upstream.flush().await
+        } => Some(w),
+        _ = stop => None,
+    }
+}
+
+fn upstream_failed(shared: &Shared, e: &std::io::Error) {
+    tracing::debug!(error = %e, "writing to the WebSocket upstream failed");
+    shared.fail("upstream_error");
+}
+
+/// While the tunnel closes itself: once the client's close frame has come, the client is done.
+fn client_done_if_closed(shared: &Shared, frames: &Frames) {
+    if frames.closed() && !shared.client_done.get() {
+        shared.client_done.set(true);
+        shared.wake();
     }
 }
 

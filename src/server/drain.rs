@@ -126,9 +126,40 @@ impl Drop for Started {
 /// server's stop drops then (requests, bodies, tunnels still open) was cut by the gateway.
 static CUT_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
+/// When tunnels still open begin to close themselves ([`tunnels_close`]).
+static TUNNELS_CLOSE_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Wakes the tunnels waiting in [`tunnels_close`] once the deadlines above are set.
+static CUT_SET: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// How long before the grace ends a tunnel starts its closing handshake: time for a close
+/// frame to reach each end and the client's answer to come back. At most half the grace.
+const TUNNEL_CLOSING: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The shutdown signal has come: the server stops what is left `grace` from now.
 pub(crate) fn cut_after(grace: std::time::Duration) {
-    let _ = CUT_AT.set(std::time::Instant::now() + grace);
+    let now = std::time::Instant::now();
+    let _ = TUNNELS_CLOSE_AT.set(now + grace - TUNNEL_CLOSING.min(grace / 2));
+    let _ = CUT_AT.set(now + grace);
+    CUT_SET.notify_waiters();
+}
+
+/// Resolves when a WebSocket tunnel still open should end itself with close frames, shortly
+/// before the shutdown grace ends, rather than be dropped mid-stream by the server's stop
+/// (its client would see no close frame: 1006, abnormal closure). Never resolves before a
+/// shutdown. One waiter per tunnel, not per request.
+pub(crate) async fn tunnels_close() {
+    let at = loop {
+        let set = CUT_SET.notified();
+        tokio::pin!(set);
+        // Registered before the deadline is read: a shutdown in between still wakes it.
+        set.as_mut().enable();
+        if let Some(at) = TUNNELS_CLOSE_AT.get() {
+            break *at;
+        }
+        set.await;
+    };
+    tokio::time::sleep_until(at.into()).await;
 }
 
 /// Whether the process's shutdown grace is over: what ends unfinished now was dropped by the
