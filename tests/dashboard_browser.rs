@@ -270,12 +270,21 @@ fn config(backend: &str, broken: bool, store: Option<&str>) -> Vec<(&'static str
     routes.push_str(
         "\n[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200, body = \"home\" }\n",
     );
+    let mut files = Vec::new();
     if broken {
         routes.push_str(
             "\n[[route]]\nname = \"reports\"\nprefix = \"/reports\"\nupstream = \"order\"\n",
         );
+        // A file of one long line, the missing upstream near its 5,000th character.
+        files.push((
+            "routes/one-line.toml",
+            format!(
+                "route = [{{ name = \"one-line\", prefix = \"/one-line\",{}upstream = \"order\" }}]\n",
+                " ".repeat(4_950)
+            ),
+        ));
     }
-    let mut files = vec![
+    files.extend([
         ("routes/main.toml", routes),
         (
             "upstreams/all.toml",
@@ -284,7 +293,7 @@ fn config(backend: &str, broken: bool, store: Option<&str>) -> Vec<(&'static str
                  [upstream.accounts]\ntargets = [\"{backend}\"]\n"
             ),
         ),
-    ];
+    ]);
     if let Some(url) = store {
         files.push((
             "gateway.toml",
@@ -656,6 +665,20 @@ async fn the_dashboard_in_headless_chromium() {
             "{diag}"
         );
         assert!(diag.contains("help: did you mean `orders`?"), "{diag}");
+        // The one-line file's: the line cut around the place, the caret under its `"order"`.
+        // Before, the snippet was the line's first 240 characters (all spaces) and the caret
+        // 5,012 spaces in.
+        let long = text_of(&c, Locator::Css("#attempted .diag + .diag")).await;
+        assert!(
+            long.starts_with("routes/one-line.toml:1:5013 unknown-upstream"),
+            "{long}"
+        );
+        let lines: Vec<&str> = long.lines().collect();
+        let at = lines.iter().position(|l| l.starts_with("1 | ")).unwrap();
+        let (line, caret) = (lines[at], lines[at + 1]);
+        assert!(line.chars().count() < 220, "not cut: {line}");
+        let quote = line.find("\"order\"").map(|i| line[..i].chars().count());
+        assert_eq!(caret.chars().position(|c| c == '^'), quote, "{line}\n{caret}");
         let still = c
             .find(Locator::Id("applied-sha"))
             .await

@@ -55,18 +55,6 @@ impl SourceFiles {
             .unwrap_or("")
     }
 
-    /// The text of 1-based `line` of a file, without its line ending.
-    pub fn line_text(&self, id: FileId, line: usize) -> &str {
-        let range = self
-            .files
-            .line_range(id, line.saturating_sub(1))
-            .unwrap_or(0..0);
-        self.source(id)
-            .get(range)
-            .unwrap_or("")
-            .trim_end_matches(['\r', '\n'])
-    }
-
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, id: FileId, offset: usize) -> (usize, usize) {
         self.files
@@ -332,13 +320,12 @@ fn json_of<'a>(d: &'a Diagnostic, files: &'a SourceFiles) -> JsonDiagnostic<'a> 
     }
 }
 
-/// Longest snippet [`Diagnostics::to_json_with_snippets`] gives, in characters.
-pub const SNIPPET_MAX_CHARS: usize = 240;
-
 impl Diagnostics {
     /// [`Diagnostics::to_json`] plus, for each located diagnostic, `snippet` (the line it
-    /// points at, cut to [`SNIPPET_MAX_CHARS`]) and `label` (what is said at that place): what
-    /// the status endpoint and the dashboard show of a rejected commit.
+    /// points at; a line longer than 200 characters cut to 200 around the place, `…` where
+    /// cut, as `validate` shows it), `snippet_column` (the 1-based character of `snippet` the
+    /// place is at: where the caret goes) and `label` (what is said at that place): what the
+    /// status endpoint and the dashboard show of a rejected commit.
     pub fn to_json_with_snippets(&self, files: &SourceFiles) -> Vec<serde_json::Value> {
         self.to_json_with_snippets_first(files, usize::MAX)
     }
@@ -357,13 +344,9 @@ impl Diagnostics {
                 let json = json_of(d, files);
                 let mut v = serde_json::to_value(&json).unwrap_or_default();
                 if let (Some(p), Some(obj)) = (&d.primary, v.as_object_mut()) {
-                    let (line, _) = files.line_col(p.file, p.span.start);
-                    let text: String = files
-                        .line_text(p.file, line)
-                        .chars()
-                        .take(SNIPPET_MAX_CHARS)
-                        .collect();
+                    let (text, column) = view::line_around(files, p.file, p.span.start);
                     obj.insert("snippet".into(), text.into());
+                    obj.insert("snippet_column".into(), column.into());
                     obj.insert("label".into(), p.message.clone().into());
                 }
                 v
@@ -514,9 +497,9 @@ mod tests {
     }
 
     #[test]
-    fn json_with_snippets_carries_the_line_pointed_at_cut_to_its_cap() {
+    fn json_with_snippets_carries_the_line_pointed_at_cut_to_200_characters() {
         let mut files = SourceFiles::default();
-        let long = "x".repeat(SNIPPET_MAX_CHARS + 50);
+        let long = "x".repeat(290);
         let f = files.add(
             "routes/a.toml",
             format!("[[route]]\r\nupstream = \"order\"\n{long}\n"),
@@ -536,8 +519,49 @@ mod tests {
         assert_eq!(json[0]["column"], 12);
         assert_eq!(json[0]["snippet"], "upstream = \"order\"");
         assert_eq!(json[0]["label"], "no such upstream");
-        assert_eq!(json[1]["snippet"], "x".repeat(SNIPPET_MAX_CHARS));
+        assert_eq!(json[1]["snippet"], format!("{}…", "x".repeat(200)));
+        assert_eq!(json[1]["snippet_column"], 2);
         assert!(json[2].get("snippet").is_none());
         assert_eq!(json[2]["code"], "unplaced");
+    }
+
+    /// A single-line file with the place pointed at near its 5,000th character: the snippet is
+    /// the window a rendered diagnostic shows around it, and `snippet_column` puts the caret
+    /// under that character. Before, the snippet was the line's first 240 characters and the
+    /// dashboard's caret, `column - 1` spaces in, pointed past its end.
+    #[test]
+    fn json_snippets_of_a_long_line_are_cut_around_the_place() {
+        let mut files = SourceFiles::default();
+        let before = format!("{}{}", "é".repeat(2_000), "a".repeat(2_999));
+        let line = format!("{before}upstream = \"order\"{}", "z".repeat(5_000));
+        let f = files.add("routes/one-line.toml", format!("{line}\n"));
+        let at = line.find("\"order\"").unwrap_or_default();
+        let mut ds = Diagnostics::default();
+        ds.push(
+            Diagnostic::error("unknown-upstream", "unknown upstream `order`").at(
+                f,
+                at..at + 7,
+                "no such upstream",
+            ),
+        );
+        let json = ds.to_json_with_snippets(&files);
+        assert_eq!(json[0]["column"], 5_000 + "upstream = ".len());
+        let snippet = json[0]["snippet"].as_str().unwrap_or_default();
+        assert!(snippet.chars().count() <= 202, "{snippet}");
+        assert!(
+            snippet.starts_with('…') && snippet.ends_with('…'),
+            "{snippet}"
+        );
+        let column = json[0]["snippet_column"].as_u64().unwrap_or_default();
+        let under: String = snippet
+            .chars()
+            .skip(
+                usize::try_from(column)
+                    .unwrap_or_default()
+                    .saturating_sub(1),
+            )
+            .take(7)
+            .collect();
+        assert_eq!(under, "\"order\"", "caret at {column} of {snippet}");
     }
 }

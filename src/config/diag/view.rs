@@ -188,6 +188,39 @@ impl Shown {
     }
 }
 
+/// The line of file `id` holding byte `offset`, cut as a rendered diagnostic shows it
+/// ([`window`] around `offset`, `…` where cut) but not escaped, and the 1-based character
+/// column of `offset` in that copy: the snippet and caret of the status endpoint and the
+/// dashboard, which show the text as text.
+pub(super) fn line_around(files: &SourceFiles, id: FileId, offset: usize) -> (String, usize) {
+    let (sf, source) = (&files.files, files.source(id));
+    let range = sf
+        .line_index(id, offset)
+        .and_then(|index| sf.line_range(id, index))
+        .unwrap_or(0..0);
+    let content = source
+        .get(range.clone())
+        .unwrap_or("")
+        .trim_end_matches(['\r', '\n']);
+    let mut anchor = offset.saturating_sub(range.start).min(content.len());
+    while !content.is_char_boundary(anchor) {
+        anchor -= 1;
+    }
+    let cut = window(content, anchor);
+    let mut out = String::with_capacity(cut.len() + 6);
+    if cut.start > 0 {
+        out.push('…');
+    }
+    out.push_str(content.get(cut.clone()).unwrap_or(""));
+    if cut.end < content.len() {
+        out.push('…');
+    }
+    let before = content
+        .get(cut.start..anchor.clamp(cut.start, cut.end))
+        .map_or(0, |b| b.chars().count());
+    (out, 1 + usize::from(cut.start > 0) + before)
+}
+
 /// The part of `line` (without its break) to show: all of it when it has at most
 /// [`LINE_MAX_CHARS`] characters, else that many: from the line's start when byte `anchor` is
 /// among its first `LINE_MAX_CHARS - CHARS_BEFORE`, else from [`CHARS_BEFORE`] before it (or

@@ -236,12 +236,19 @@
     }
   }
 
-  // rustc-like: the line, then a caret under the column with what is said there.
+  // rustc-like: the line, then a caret under the place with what is said there. A long line
+  // comes cut around the place, and `snippet_column` is the place's character in the cut copy
+  // (`column` is in the whole line; records kept from before have only that). The caret is
+  // moved along by the characters before it, tabs kept as tabs so that it lines up with them.
   function snippet(d) {
     const gutter = d.line ? String(d.line) : "";
     const pad = " ".repeat(gutter.length);
     let out = gutter + " | " + d.snippet;
-    if (d.column) out += "\n" + pad + " | " + " ".repeat(Math.max(0, d.column - 1)) + "^ " + (d.label || "");
+    const at = d.snippet_column || d.column;
+    if (at) {
+      const before = Array.from(d.snippet).slice(0, at - 1).map((c) => (c === "\t" ? c : " ")).join("");
+      out += "\n" + pad + " | " + before + " ".repeat(Math.max(0, at - 1 - Array.from(before).length)) + "^ " + (d.label || "");
+    }
     return out;
   }
 
