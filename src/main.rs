@@ -496,7 +496,10 @@ fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
                 .unwrap_or_default();
             for e in errors.iter().take(3) {
                 let at = match (e["file"].as_str(), e["line"].as_u64(), e["column"].as_u64()) {
-                    (Some(f), Some(l), Some(c)) => format!("{}:{l}:{c}: ", printable(f)),
+                    (Some(f), Some(l), Some(c)) => format!(
+                        "{}:{l}:{c}: ",
+                        rustygate::config::diag::line_start_safe(&printable(f))
+                    ),
                     _ => String::new(),
                 };
                 let _ = writeln!(o, "  {at}{}", str_of(&e["message"]));
@@ -654,10 +657,12 @@ enum Stream {
 /// Writes a command's output, part by part. A stream whose reader went away (`| head -c1`)
 /// is no failure: its parts are dropped and the command ends with the exit code its result
 /// gives. Rust ignores SIGPIPE, so `print!` panicked there instead (exit 101). Another write
-/// error (a full disk) is an I/O error, `Err` with exit 2.
+/// error (a full disk) is an I/O error, `Err` with exit 2. No `##[` leaves unbroken: in a CI
+/// log GitHub's runner reads one anywhere in a line as a command (`without_runner_commands`).
 fn emit(parts: &[(Stream, &str)]) -> Result<(), ExitCode> {
     use std::io::{ErrorKind, Write as _};
     for (stream, text) in parts {
+        let text = rustygate::config::diag::without_runner_commands(text);
         let written = match stream {
             Stream::Stdout => {
                 let mut out = std::io::stdout().lock();

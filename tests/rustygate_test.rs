@@ -209,6 +209,72 @@ expect={status=404}
     );
 }
 
+/// What GitHub's runner (actions/runner, `ActionCommand.TryParse`/`TryParseV2`) would take for
+/// a workflow command in a line: `##[name]` anywhere in it (found with `IndexOf`), or `::`
+/// once the line's leading white space is trimmed (.NET's `TrimStart()`: Unicode white space).
+fn runner_command_in(line: &str) -> bool {
+    line.contains("##[") || line.trim_start().starts_with("::")
+}
+
+/// A hostile case name or expectation cannot make a step's output say `##[error]` or
+/// `##[set-output ...]` in the middle of a line, in text or JSON, and a name after white space
+/// the runner trims (U+3000, U+00A0, U+2003) never leads a line with `::`. Before, the text
+/// printed `test x ##[error]injected ... ok`, which the runner reads as an error annotation
+/// (and `##[set-output name=deploy;]yes` as a step output), and JSON carried the same text.
+#[test]
+fn names_from_the_fixtures_cannot_become_runner_commands_mid_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tests")).unwrap();
+    std::fs::write(
+        dir.path().join("routes/r.toml"),
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tests/t.toml"),
+        r###"
+[[test]]
+name = "x ##[error]injected"
+request = { url = "/" }
+expect = { status = 200 }
+
+[[test]]
+name = "\u3000::error::after an ideographic space ###[warning]w"
+request = { url = "/" }
+expect = { status = 404, upstream_path = "##[set-output name=deploy;]yes" }
+
+[[test]]
+name = "\u00a0\u2003::add-mask::x"
+request = { url = "/" }
+expect = { status = 500 }
+"###,
+    )
+    .unwrap();
+    let (code, out, err) = rustygate_test(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    for line in out.lines().chain(err.lines()) {
+        assert!(!runner_command_in(line), "{line:?} in:\n{out}");
+    }
+    assert!(
+        out.contains("test x ##\\u{5b}error]injected ... ok"),
+        "{out}"
+    );
+    let (_, json, _) = rustygate_test(&[dir.path().to_str().unwrap(), "--format", "json"]);
+    for line in json.lines() {
+        assert!(!runner_command_in(line), "{line:?} in:\n{json}");
+    }
+    // The escape is JSON's own: the values are the names as written.
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"x ##[error]injected"), "{names:?}");
+}
+
 #[test]
 fn json_output_carries_every_case_and_what_it_got() {
     let dir = policies_copy();

@@ -227,7 +227,8 @@ impl Diagnostics {
         for d in &self.items {
             if let Some(p) = &d.primary {
                 let (line, col) = files.line_col(p.file, p.span.start);
-                out.push_str(&format!("{}:{line}:{col}: ", printable(files.name(p.file))));
+                let name = printable(files.name(p.file));
+                out.push_str(&format!("{}:{line}:{col}: ", line_start_safe(&name)));
             }
             out.push_str(&format!(
                 "{}[{}]: {}\n",
@@ -368,8 +369,14 @@ impl IntoIterator for Diagnostics {
 /// Names, values and messages from a config repo are printed to terminals and CI logs, where a
 /// raw escape sequence rewrites the screen and a line break could start a line that the runner
 /// reads as a command of its own (`::error::`, `::add-mask::`).
+///
+/// GitHub's runner also takes `##[command]` for a command *anywhere* in a line (its older
+/// syntax: `ActionCommand.TryParse` looks for `##[` with `IndexOf`; only `::` commands must
+/// begin the line). `##[set-output name=x;]v` in a test's name would set a step's output, so
+/// the `[` after `##` is escaped too (`##\u{5b}`). A name at the start of a line needs
+/// [`line_start_safe`] besides.
 pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(unprintable) {
+    if !s.chars().any(unprintable) && !s.contains("##[") {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);
@@ -397,7 +404,33 @@ fn push_printable(out: &mut String, c: char) {
     match c {
         '\n' | '\r' | '\t' | '\0' => out.extend(c.escape_debug()),
         c if unprintable(c) => out.extend(c.escape_unicode()),
+        '[' if out.ends_with("##") => out.extend(c.escape_unicode()),
         c => out.push(c),
+    }
+}
+
+/// Printable text `s` as it is safe at the start of a line: GitHub's runner trims a line's
+/// leading white space (.NET's `TrimStart()`: any Unicode white space, such as U+00A0 or
+/// U+3000, which [`printable`] leaves as they are) and reads what then begins with `::` as a
+/// workflow command. The first `:` of such a start is escaped (`\u{3a}`).
+pub fn line_start_safe(s: &str) -> Cow<'_, str> {
+    let rest = s.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{180e}');
+    if !rest.starts_with("::") {
+        return Cow::Borrowed(s);
+    }
+    let at = s.len() - rest.len();
+    Cow::Owned(format!("{}\\u{{3a}}{}", &s[..at], &rest[1..]))
+}
+
+/// A command's whole output (any format) with every `##[` broken (`##\u005b`), the last guard
+/// against GitHub's runner reading a command in the middle of a line ([`printable`]). In JSON
+/// `\u005b` is the same `[` (and `#` only occurs in strings), so a parser reads the same
+/// values; in text and Markdown it shows as an escape.
+pub fn without_runner_commands(s: &str) -> Cow<'_, str> {
+    if s.contains("##[") {
+        Cow::Owned(s.replace("##[", "##\\u005b"))
+    } else {
+        Cow::Borrowed(s)
     }
 }
 
@@ -523,6 +556,47 @@ mod tests {
         assert_eq!(json[1]["snippet_column"], 2);
         assert!(json[2].get("snippet").is_none());
         assert_eq!(json[2]["code"], "unplaced");
+    }
+
+    /// GitHub's runner reads `##[command]` anywhere in a line and `::command::` after the line's
+    /// leading white space (any Unicode white space). Names and lines from the config repo get
+    /// neither into the human or short renderings. Before, `--format short` began a line with
+    /// a policy file's name such as `\u{3000}::error::p.rhai`, and a snippet or message
+    /// printed `##[error]` as written.
+    #[test]
+    fn renderings_carry_no_runner_command_from_the_config_repo() {
+        let mut files = SourceFiles::default();
+        let f = files.add(
+            "\u{3000}\u{a0}::error::p.rhai",
+            "let x = 1; // ##[set-output name=deploy;]yes\n",
+        );
+        let g = files.add("::warning::q.rhai", "x\n");
+        let mut ds = Diagnostics::default();
+        ds.push(Diagnostic::error("policy-syntax", "bad ##[error]here").at(
+            f,
+            4..5,
+            "##[warning]w",
+        ));
+        ds.push(Diagnostic::error("policy-syntax", "bad").at(g, 0..1, "x"));
+        for out in [ds.render_human(&files), ds.render_short(&files)] {
+            for line in out.lines() {
+                assert!(
+                    !line.contains("##[") && !line.trim_start().starts_with("::"),
+                    "{line:?} in:\n{out}"
+                );
+            }
+        }
+        let short = ds.render_short(&files);
+        assert!(
+            short.starts_with("\u{3000}\u{a0}\\u{3a}:error::p.rhai:1:5: error[policy-syntax]: bad ##\\u{5b}error]here\n"),
+            "{short}"
+        );
+        assert!(short.contains("\n\\u{3a}:warning::q.rhai:1:1: "), "{short}");
+        assert_eq!(
+            without_runner_commands("{\"n\": \"##[error]x ###[y\"}"),
+            "{\"n\": \"##\\u005berror]x ###\\u005by\"}"
+        );
+        assert_eq!(line_start_safe("a::b"), "a::b");
     }
 
     /// A single-line file with the place pointed at near its 5,000th character: the snippet is
