@@ -1243,6 +1243,42 @@ fn requests_behind_a_head_cut_across_reads_are_checked_like_any_other() {
     assert_eq!(gw.get("/fine").0, 200);
 }
 
+/// A head cut across reads with an `Upgrade` other than WebSocket (`h2c`, `foo`) is served as
+/// a plain request, like one that came whole: its response does not say `connection: upgrade`,
+/// the connection stays open and the requests pipelined behind it are answered. Its first
+/// pieces went to actix-http as they came, before the `Upgrade` field was seen: it answered
+/// `connection: upgrade` and closed, and the request behind it was lost.
+#[test]
+fn an_upgrade_other_than_websocket_cut_across_reads_is_a_plain_request() {
+    let upstream = slow_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    let get_ok = |s: &mut TcpStream, p: &str| {
+        let r = read_response(s);
+        assert!(r.starts_with("HTTP/1.1 200"), "{p}: {r:?}");
+        assert!(r.ends_with(&format!("\r\n\r\n{p}")), "{p}: {r:?}");
+        assert!(
+            !r.to_ascii_lowercase().contains("connection:"),
+            "{p}: {r:?}"
+        );
+    };
+    for fields in [
+        "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
+        "Upgrade: foo\r\nConnection: upgrade\r\n",
+    ] {
+        let head = format!("GET /a HTTP/1.1\r\nHost: t\r\n{fields}\r\n");
+        // Cut in the request line, and after the `Upgrade` and `Connection` fields.
+        for cut in [9, head.len() - 3] {
+            let rest = format!("{}GET /b HTTP/1.1\r\nHost: t\r\n\r\n", &head[cut..]);
+            let mut s = send_in_pieces(&gw, &[&head.as_bytes()[..cut], rest.as_bytes()]);
+            get_ok(&mut s, "/a");
+            get_ok(&mut s, "/b");
+            s.write_all(b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            get_ok(&mut s, "/c");
+        }
+    }
+}
+
 /// What an upstream has read from its connection and not used yet.
 struct Received {
     s: TcpStream,

@@ -470,8 +470,13 @@ pub(crate) struct ClientIo {
     /// [`ClientIo::check_body`]).
     body: Option<BodyCheck>,
     /// The start of a request head that did not come whole in its first read, kept (up to
-    /// [`MAX_PARTIAL_HEAD`]) to find where its body starts.
+    /// [`MAX_PARTIAL_HEAD`]) and withheld from the dispatcher until it is whole: then it is
+    /// checked and rewritten as a head that came whole is ([`ClientIo::head_completed`]).
     partial_head: PartialHead,
+    /// A head put together across reads (with what came after it in its last read, up to its
+    /// body's end), checked and rewritten: given to the dispatcher before anything else, as
+    /// fast as it takes it, and not scanned again.
+    ready: bytes::BytesMut,
     /// Bytes of the request's response (not a `100 Continue`) have been written.
     responded: bool,
     /// The gateway answered a malformed body itself: end of input for the dispatcher, and
@@ -1024,8 +1029,13 @@ impl ClientIo {
     /// to be given once `until` requests have ended. The bytes may be held ones being given:
     /// they go back in front of the rest.
     fn hold_next(&mut self, buf: &mut ReadBuf<'_>, from: usize, until: u64) {
+        self.hold_in_front(&buf.filled()[from..], until);
+        buf.set_filled(from);
+    }
+
+    /// Holds `rest` in front of what is held already, until `until` requests have ended.
+    fn hold_in_front(&mut self, rest: &[u8], until: u64) {
         let held = &mut self.held;
-        let rest = &buf.filled()[from..];
         let mut bytes = bytes::BytesMut::with_capacity(rest.len() + held.bytes.len());
         bytes.extend_from_slice(rest);
         bytes.extend_from_slice(&held.bytes);
@@ -1033,24 +1043,28 @@ impl ClientIo {
         held.free = 0;
         held.gated = true;
         held.until = until;
-        buf.set_filled(from);
         self.state.holding.set(true);
     }
 
-    /// The next bytes of a head cut across reads: where in `new` the head's body starts (once
-    /// the head is whole; `new.len()` before), and whether the head ended there as a request
-    /// without a body (what follows is then the next requests). The body, if any, is to be
-    /// checked from there. `Err`: the head is refused with that answer.
-    fn head_completed(&mut self, new: &[u8]) -> Result<(usize, bool), &'static [u8]> {
-        let had = self.partial_head.bytes.len();
+    /// The next bytes of a head cut across reads, withheld from the dispatcher like those
+    /// before them. Once the head is whole it is treated as one that came whole in one read:
+    /// an upgrade other than WebSocket is rewritten into a plain request
+    /// ([`plain_if_not_websocket`]), the requests behind a head without a body are held until
+    /// it has ended, and its body is followed (and checked, when chunked). The head and what is
+    /// left of the read go to [`ClientIo::ready`]; past [`MAX_PARTIAL_HEAD`] without an end,
+    /// what came is given as it is (actix-http answers it). `Err`: the head is refused with
+    /// that answer.
+    fn head_completed(&mut self, cx: &mut Context<'_>, new: &[u8]) -> Result<(), &'static [u8]> {
         let Some(head) = self.partial_head.extend(new) else {
             if line_too_long(&self.partial_head.bytes) {
                 return Err(URI_TOO_LONG);
             }
             if self.partial_head.bytes.len() > MAX_PARTIAL_HEAD {
+                let bytes = std::mem::take(&mut self.partial_head.bytes);
                 self.partial_head.clear();
+                self.ready.extend_from_slice(&bytes);
             }
-            return Ok((new.len(), false));
+            return Ok(());
         };
         if head.bare_lf {
             return Err(BARE_LF_HEAD);
@@ -1058,14 +1072,38 @@ impl ClientIo {
         if head.end > MAX_REQUEST_LINE && line_too_long(&self.partial_head.bytes) {
             return Err(URI_TOO_LONG);
         }
-        let whole = &self.partial_head.bytes[..head.end];
-        let bodyless = is_plain_bodyless(whole);
-        self.body = request_body(head, whole).map(|left| BodyCheck {
-            left,
-            owner: self.state.ended.get() + 1,
-        });
+        let mut bytes = std::mem::take(&mut self.partial_head.bytes);
         self.partial_head.clear();
-        Ok((head.end.saturating_sub(had), bodyless))
+        let end = head.end;
+        if head.upgrade {
+            plain_if_not_websocket(&mut bytes[..end]);
+        }
+        let whole = &bytes[..end];
+        let until = self.state.ended.get() + 1;
+        if is_plain_bodyless(whole) {
+            if end < bytes.len() {
+                self.hold_in_front(&bytes[end..], until);
+                bytes.truncate(end);
+            }
+        } else if let Some(left) = request_body(head, whole) {
+            self.body = Some(BodyCheck { left, owner: until });
+            // The body's bytes in this read, checked as if the dispatcher read them.
+            let len = bytes.len();
+            let mut given = ReadBuf::new(&mut bytes);
+            given.set_filled(len);
+            self.check_body(cx, &mut given, end);
+            let kept = given.filled().len();
+            bytes.truncate(kept);
+        }
+        self.ready.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// Gives what [`ClientIo::ready`] holds, as much as `buf` takes.
+    fn give_ready(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.ready.len().min(buf.remaining());
+        buf.put_slice(&self.ready[..n]);
+        bytes::Buf::advance(&mut self.ready, n);
     }
 
     /// Refuses a request head with `answer` ([`BARE_LF_HEAD`], [`URI_TOO_LONG`]) before the
@@ -1130,6 +1168,14 @@ impl ClientIo {
         }
     }
 
+    /// Bytes were read and all withheld (a head still incomplete): nothing for the
+    /// dispatcher yet. The socket had bytes, so no wake-up is registered with it: the task is
+    /// woken to read it again.
+    fn withheld(&self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
     fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
         self.state.timeouts.inc();
         let _ = io.try_write(REQUEST_TIMEOUT);
@@ -1174,7 +1220,7 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.timed_out
-            || this.answered
+            || (this.answered && this.ready.is_empty())
             || (this.state.closing.get() && this.state.busy.get() == 0)
         {
             // End of input: the dispatcher flushes what it has written, then closes.
@@ -1198,6 +1244,11 @@ impl AsyncRead for ClientIo {
                 return Poll::Ready(Ok(()));
             }
             None => {}
+        }
+        if !this.ready.is_empty() {
+            // Checked when it was put together: given as it is.
+            this.give_ready(buf);
+            return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let (res, read) = match this.held_or_gated(buf) {
@@ -1267,10 +1318,12 @@ impl AsyncRead for ClientIo {
                         body_from = before + end;
                     }
                 }
-                // A head cut across reads (rare): kept until it is whole.
+                // A head cut across reads (rare): kept, and withheld from the dispatcher, until
+                // it is whole.
                 None if new.len() <= MAX_PARTIAL_HEAD => {
                     // Scanned again from its start with the next read: once.
                     this.partial_head.bytes.extend_from_slice(new);
+                    buf.set_filled(before);
                 }
                 None => {}
             }
@@ -1281,29 +1334,33 @@ impl AsyncRead for ClientIo {
             this.state.first.set(false);
             // Creates the timer for the connection's first head; registers its wake-up.
             let _ = this.expired(cx);
+            if !this.partial_head.is_empty() {
+                return this.withheld(cx);
+            }
         } else if !this.partial_head.is_empty()
             && let Poll::Ready(Ok(())) = res
             && buf.filled().len() > before
         {
-            if this.state.busy.get() == 0 {
-                match this.head_completed(&buf.filled()[before..]) {
-                    // As behind a head found whole in one read: the requests after it are held
-                    // until it has ended, then given (and scanned) one at a time. Given to the
-                    // dispatcher at once, they were never scanned: a bare line feed or a bad
-                    // chunk in them went through, a pipelined HEAD lost the response before it,
-                    // and the rest of a head cut again was scanned as a new one (a valid one
-                    // got 400 when its last line feed came alone).
-                    Ok((n, true)) if before + n < buf.filled().len() => this.hold(buf, before + n),
-                    Ok((n, _)) => body_from = n + before,
-                    Err(answer) => {
-                        this.refuse_head(cx, buf, before, answer);
-                        return Poll::Ready(Ok(()));
-                    }
-                }
-            } else {
-                // actix-http found a head end this scan did not (bare line feeds).
-                this.partial_head.clear();
+            // The dispatcher has none of the head yet: no request can be in progress.
+            // Completed, the head is given as if it had come whole, and so are the requests
+            // after it: held until it has ended, then given (and scanned) one at a time. Given
+            // to the dispatcher at once, they were never scanned: a bare line feed or a bad
+            // chunk in them went through, a pipelined HEAD lost the response before it, and
+            // the rest of a head cut again was scanned as a new one (a valid one got 400 when
+            // its last line feed came alone). Given as they came, the first pieces of the
+            // head could not be rewritten any more: an `Upgrade: h2c` cut across reads ended
+            // the connection after its response.
+            let new = buf.filled()[before..].to_vec();
+            buf.set_filled(before);
+            if let Err(answer) = this.head_completed(cx, &new) {
+                this.refuse_head(cx, buf, before, answer);
+                return Poll::Ready(Ok(()));
             }
+            if this.ready.is_empty() {
+                return this.withheld(cx);
+            }
+            this.give_ready(buf);
+            return Poll::Ready(Ok(()));
         }
         if this.body.is_some() && buf.filled().len() > body_from {
             this.check_body(cx, buf, body_from);
@@ -1494,6 +1551,7 @@ pub(crate) fn client_io(
         timed_out: false,
         body: None,
         partial_head: PartialHead::default(),
+        ready: bytes::BytesMut::new(),
         responded: false,
         answered: false,
         head_start: [0; 8],
