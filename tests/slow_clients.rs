@@ -1243,6 +1243,38 @@ fn requests_behind_a_head_cut_across_reads_are_checked_like_any_other() {
     assert_eq!(gw.get("/fine").0, 200);
 }
 
+/// Sends a GET with `fields` on a new connection, whole or cut across two reads at `cut`, with
+/// a GET pipelined behind it; checks that both are answered as plain requests (no
+/// `connection:` in the responses) and that the connection then serves a third.
+fn served_as_plain_request(gw: &Gateway, fields: &str, cut: Option<usize>) {
+    let get_ok = |s: &mut TcpStream, p: &str| {
+        let r = read_response(s);
+        assert!(
+            r.starts_with("HTTP/1.1 200"),
+            "{fields:?} {cut:?} {p}: {r:?}"
+        );
+        assert!(
+            r.ends_with(&format!("\r\n\r\n{p}")),
+            "{fields:?} {cut:?} {p}: {r:?}"
+        );
+        assert!(
+            !r.to_ascii_lowercase().contains("connection:"),
+            "{fields:?} {cut:?} {p}: {r:?}"
+        );
+    };
+    let head = format!("GET /a HTTP/1.1\r\nHost: t\r\n{fields}\r\n");
+    let all = format!("{head}GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    let cut = cut.map(|c| c.min(head.len() - 3));
+    let mut s = match cut {
+        Some(c) => send_in_pieces(gw, &[&all.as_bytes()[..c], &all.as_bytes()[c..]]),
+        None => send_in_pieces(gw, &[all.as_bytes()]),
+    };
+    get_ok(&mut s, "/a");
+    get_ok(&mut s, "/b");
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    get_ok(&mut s, "/c");
+}
+
 /// A head cut across reads with an `Upgrade` other than WebSocket (`h2c`, `foo`) is served as
 /// a plain request, like one that came whole: its response does not say `connection: upgrade`,
 /// the connection stays open and the requests pipelined behind it are answered. Its first
@@ -1253,28 +1285,33 @@ fn an_upgrade_other_than_websocket_cut_across_reads_is_a_plain_request() {
     let upstream = slow_echo_upstream();
     let files = proxy_to(&[format!("http://{upstream}")], "", "");
     let (gw, _dir) = gateway(&as_refs(&files), 1);
-    let get_ok = |s: &mut TcpStream, p: &str| {
-        let r = read_response(s);
-        assert!(r.starts_with("HTTP/1.1 200"), "{p}: {r:?}");
-        assert!(r.ends_with(&format!("\r\n\r\n{p}")), "{p}: {r:?}");
-        assert!(
-            !r.to_ascii_lowercase().contains("connection:"),
-            "{p}: {r:?}"
-        );
-    };
     for fields in [
         "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
         "Upgrade: foo\r\nConnection: upgrade\r\n",
     ] {
-        let head = format!("GET /a HTTP/1.1\r\nHost: t\r\n{fields}\r\n");
         // Cut in the request line, and after the `Upgrade` and `Connection` fields.
-        for cut in [9, head.len() - 3] {
-            let rest = format!("{}GET /b HTTP/1.1\r\nHost: t\r\n\r\n", &head[cut..]);
-            let mut s = send_in_pieces(&gw, &[&head.as_bytes()[..cut], rest.as_bytes()]);
-            get_ok(&mut s, "/a");
-            get_ok(&mut s, "/b");
-            s.write_all(b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-            get_ok(&mut s, "/c");
+        for cut in [None, Some(9), Some(usize::MAX)] {
+            served_as_plain_request(&gw, fields, cut);
+        }
+    }
+}
+
+/// `Connection: upgrade` without an `Upgrade` field is an ordinary request, whole or cut
+/// across reads: the connection stays open for the requests behind it (nginx keeps it too).
+/// actix-http took it for an upgrade: it answered `connection: upgrade` and closed, and the
+/// pipelined request was lost.
+#[test]
+fn connection_upgrade_without_an_upgrade_field_keeps_the_connection() {
+    let upstream = slow_echo_upstream();
+    let files = proxy_to(&[format!("http://{upstream}")], "", "");
+    let (gw, _dir) = gateway(&as_refs(&files), 1);
+    for fields in [
+        "Connection: upgrade\r\n",
+        "Connection: keep-alive, Upgrade\r\nX-A: b\r\n",
+        "connection: keep-alive\r\nCONNECTION: UPGRADE\r\n",
+    ] {
+        for cut in [None, Some(9), Some(usize::MAX)] {
+            served_as_plain_request(&gw, fields, cut);
         }
     }
 }

@@ -580,7 +580,8 @@ struct Head {
     transfer_encoding: bool,
     /// One of its lines starts with `content-length:` (in any case).
     content_length: bool,
-    /// One of its lines starts with `upgrade:` (in any case).
+    /// One of its lines starts with `upgrade:`, or with `connection:` and names `upgrade`
+    /// (in any case): the head may be rewritten by [`plain_if_not_websocket`].
     upgrade: bool,
     /// A line ends in a bare line feed (no carriage return before it): the head is refused
     /// (`end` is then just past that line feed, not the head's end).
@@ -592,7 +593,7 @@ struct Head {
 /// was; the test may also flag a byte after a real one, which the check of the four bytes
 /// ending there rules out). A substring search cost ~390 instructions a request to set up,
 /// `memchr` per line feed ~270. At each line feed, the next line's first byte and one more
-/// tell whether it could be `Transfer-Encoding` or `Content-Length`.
+/// tell whether it could be `Transfer-Encoding`, `Content-Length`, `Upgrade` or `Connection`.
 fn scan_head(bytes: &[u8]) -> Option<Head> {
     const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
@@ -635,6 +636,7 @@ impl Names {
     const TE: &[u8] = b"transfer-encoding:";
     const CL: &[u8] = b"content-length:";
     const UPGRADE: &[u8] = b"upgrade:";
+    const CONNECTION: &[u8] = b"connection:";
     /// How far past a line feed [`Names::at_lf`] looks: the longer name's length.
     const NAME_LOOKAHEAD: usize = Self::TE.len();
 
@@ -652,10 +654,20 @@ impl Names {
                 bare_lf,
             });
         }
-        // The next line's first letter picks the one name it could be.
+        // The next line's first letter picks the one name it could be (for `c`, where its
+        // colon is).
         let (name, seen) = match bytes.get(i + 1).map(|b| b | 0x20) {
             Some(b't') => (Self::TE, &mut self.transfer_encoding),
             Some(b'u') => (Self::UPGRADE, &mut self.upgrade),
+            Some(b'c') if bytes.get(i + Self::CONNECTION.len()) == Some(&b':') => {
+                let value = i + Self::CONNECTION.len() + 1;
+                if bytes[i + 1..value].eq_ignore_ascii_case(Self::CONNECTION)
+                    && may_name_upgrade(&bytes[value..])
+                {
+                    self.upgrade = true;
+                }
+                return None;
+            }
             Some(b'c') => (Self::CL, &mut self.content_length),
             _ => return None,
         };
@@ -666,6 +678,18 @@ impl Names {
         }
         None
     }
+}
+
+/// Whether the `Connection` value that starts `rest` (up to its line feed) may name
+/// `upgrade`: `Connection: upgrade` alone, without an `Upgrade` field, made actix-http treat
+/// the request as an upgrade and end the connection after its response. A value whose line
+/// feed has not come yet may.
+fn may_name_upgrade(rest: &[u8]) -> bool {
+    memchr::memchr(b'\n', rest).is_none_or(|n| {
+        rest[..n]
+            .windows(7)
+            .any(|w| w.eq_ignore_ascii_case(b"upgrade"))
+    })
 }
 
 /// A request head cut across reads, as far as it came, scanned as it grows: the same
@@ -796,11 +820,12 @@ fn content_length_of(head: &[u8]) -> Option<u64> {
     length
 }
 
-/// A head with `Upgrade` to something else than WebSocket (`h2c` from `curl --http2`, ...) is
-/// served as a plain request, but actix-http reads `Connection: upgrade` as an upgrade and ends
-/// the connection after the response (answering `connection: upgrade`). The `upgrade` token of
-/// its `Connection` fields is blanked in place (same length, so nothing else moves); the field
-/// is hop-by-hop and goes no further either way.
+/// A head with `Upgrade` to something else than WebSocket (`h2c` from `curl --http2`, ...), or
+/// with `Connection: upgrade` and no `Upgrade` field at all, is served as a plain request, but
+/// actix-http reads `Connection: upgrade` as an upgrade and ends the connection after the
+/// response (answering `connection: upgrade`). The `upgrade` token of its `Connection` fields
+/// is blanked in place (same length, so nothing else moves); the field is hop-by-hop and goes
+/// no further either way. nginx keeps such connections open too.
 fn plain_if_not_websocket(head: &mut [u8]) {
     if head_lines(head)
         .1
@@ -1699,6 +1724,37 @@ mod tests {
         let mut kept = ws.to_vec();
         plain_if_not_websocket(&mut kept);
         assert_eq!(kept, ws);
+    }
+
+    #[test]
+    fn a_connection_field_naming_upgrade_marks_the_head_for_the_rewrite() {
+        let flagged = |h: &[u8]| scan_head(h).expect("a whole head").upgrade;
+        for head in [
+            &b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nhost: a\r\nCONNECTION:keep-alive, Upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nupgrade: h2c\r\n\r\n",
+        ] {
+            assert!(flagged(head), "{}", String::from_utf8_lossy(head));
+        }
+        for head in [
+            &b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nx-connection: upgrade\r\ncontent-type: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nconnection: close\r\nx-a: upgrade\r\n\r\n",
+        ] {
+            assert!(!flagged(head), "{}", String::from_utf8_lossy(head));
+        }
+        // Blanked without an `Upgrade` field too: an ordinary request.
+        let mut alone = b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n".to_vec();
+        plain_if_not_websocket(&mut alone);
+        assert_eq!(alone, b"GET / HTTP/1.1\r\nConnection:        \r\n\r\n");
+        // Cut before the value's line feed: flagged, to be looked at whole.
+        let mut partial = PartialHead::default();
+        assert_eq!(
+            partial.extend(b"GET / HTTP/1.1\r\nConnection: keep-alive, upgr"),
+            None
+        );
+        let head = partial.extend(b"ade\r\n\r\n").expect("whole");
+        assert!(head.upgrade);
     }
 
     #[test]
