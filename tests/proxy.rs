@@ -793,3 +793,75 @@ fn statuses_without_a_standard_reason_are_relayed_with_an_empty_one() {
         assert!(resp.ends_with("\r\n\r\nok"), "{resp:?}");
     }
 }
+
+/// An upstream whose only answer is an interim (1xx) response before it closes sent no
+/// response to relay: `502` "the upstream sent an invalid response", counted and logged as
+/// `invalid_response`, like any other response the gateway does not relay; with a body in
+/// hand (the gateway's own client) or streamed (chunked, through hyper). Such a close was told
+/// as an upstream that "could not be reached" (kind `upstream`). Interim responses before a
+/// final one still let it through.
+#[test]
+fn an_interim_response_without_a_final_one_is_an_invalid_response() {
+    use std::io::Write;
+    let interims: [&'static [u8]; 3] = [
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\n\r\n",
+        b"HTTP/1.1 199 Odd\r\n\r\n",
+    ];
+    let chunked =
+        "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    for interim in interims {
+        let be = raw_backend(interim);
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+        for request in ["GET / HTTP/1.1\r\nHost: a\r\n\r\n", chunked] {
+            let resp = raw(gw.addr, request.as_bytes());
+            let what = String::from_utf8_lossy(interim);
+            assert!(resp.starts_with("HTTP/1.1 502"), "{what:?}: {resp}");
+            assert!(resp.contains("x-request-id: "), "{what:?}: {resp}");
+            assert!(
+                resp.contains(r#"{"error":"the upstream sent an invalid response""#),
+                "{what:?}: {resp}"
+            );
+        }
+        let m = scrape(&gw);
+        assert_eq!(
+            m.get(r#"rustygate_upstream_errors_total{kind="invalid_response",upstream="be"}"#),
+            Some(&2.0),
+            "{m:?}"
+        );
+        assert_eq!(
+            m.get(r#"rustygate_upstream_errors_total{kind="upstream",upstream="be"}"#),
+            None
+        );
+    }
+    // Early hints, then the response: the response reaches the client.
+    let be = raw_backend(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    );
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    for request in ["GET / HTTP/1.1\r\nHost: a\r\n\r\n", chunked] {
+        let resp = raw(gw.addr, request.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with("\r\n\r\nok"), "{resp}");
+    }
+    // `Expect: 100-continue`: the client gets its `100 Continue`, sends the body, and gets the
+    // upstream's response after the upstream's own `100 Continue`.
+    let be = raw_backend(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    );
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        read_until(&mut s, "\r\n\r\n"),
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
+    s.write_all(b"hello").unwrap();
+    let resp = read_until(&mut s, "\r\n\r\nok");
+    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nok"), "{resp}");
+}

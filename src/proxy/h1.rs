@@ -83,6 +83,9 @@ impl Conn {
     }
 }
 
+/// The upstream closed the connection after interim (1xx) responses and before a final one.
+pub(crate) const NO_FINAL_RESPONSE: &str = "an interim (1xx) response without a final response";
+
 /// Why an exchange failed.
 #[derive(Debug)]
 pub enum H1Error {
@@ -160,9 +163,10 @@ pub(crate) async fn exchange(
     let mut answered = false;
     let head = loop {
         let head = match read_head(&mut conn, shape).await {
-            // After an interim response the upstream has answered: a close now is a response
-            // cut short, never a stale connection to send the request on again.
-            Err(H1Error::Lost(e)) if answered => return Err(H1Error::Read(e)),
+            // After an interim response the upstream has answered: a close before the next head
+            // leaves a 1xx as its only response, which is no response to relay (as an invalid
+            // one), and never a stale connection to send the request on again.
+            Err(H1Error::Lost(_)) if answered => return Err(H1Error::Invalid(NO_FINAL_RESPONSE)),
             r => r?,
         };
         // Interim responses (100 Continue, 103 Early Hints) are skipped.
@@ -1145,18 +1149,28 @@ mod tests {
         assert!(body.unwrap().to_bytes().is_empty());
     }
 
-    /// A close after an interim response is a response cut short (`Read`): `Lost` would have
-    /// the pool send the request again on a fresh connection, so the upstream got it twice.
+    /// A close after an interim response leaves a 1xx as the upstream's only answer: an
+    /// invalid response, not a lost connection (`Lost` would have the pool send the request
+    /// again on a fresh connection, so the upstream got it twice). A close in the middle of the
+    /// final head is a response cut short.
     #[tokio::test]
     async fn a_close_after_an_interim_response_is_not_a_lost_connection() {
         for interim in [
             &b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"[..],
             b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 102 Processing\r\n\r\n",
+            b"HTTP/1.1 199 Odd\r\n\r\n",
         ] {
             let pieces = vec![interim];
             let (out, _) = run(pieces, true, get("/")).await;
-            assert!(matches!(out, Err(H1Error::Read(_))), "{out:?}");
+            assert!(
+                matches!(out, Err(H1Error::Invalid(NO_FINAL_RESPONSE))),
+                "{out:?}"
+            );
         }
+        let cut = vec![&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"[..]];
+        let (out, _) = run(cut, true, get("/")).await;
+        assert!(matches!(out, Err(H1Error::Read(_))), "{out:?}");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -388,6 +389,11 @@ impl LocalPool {
                 }
             };
             let read_before = conn.read.get();
+            // Set when hyper skips an interim (1xx) response: a close after it is no lost
+            // connection but a response without a final status (see `h1::NO_FINAL_RESPONSE`).
+            let interim = Arc::new(AtomicBool::new(false));
+            let seen = Arc::clone(&interim);
+            hyper::ext::on_informational(&mut req, move |_| seen.store(true, Ordering::Relaxed));
             match conn.send.try_send_request(req).await {
                 Ok(resp) => {
                     if let Some(idle) = keepalive::idle_limit(resp.headers(), opts.idle_timeout) {
@@ -410,7 +416,19 @@ impl LocalPool {
                             );
                             req = copy;
                         }
-                        _ => req = resend_or_fail(e, fresh)?,
+                        _ => {
+                            req = resend_or_fail(e, fresh).map_err(|mut failure| {
+                                if interim.load(Ordering::Relaxed)
+                                    && let ForwardError::Upstream(why) = &failure.error
+                                {
+                                    failure.error = ForwardError::Invalid(format!(
+                                        "{} ({why})",
+                                        h1::NO_FINAL_RESPONSE
+                                    ));
+                                }
+                                failure
+                            })?;
+                        }
                     }
                 }
             }
