@@ -865,3 +865,96 @@ fn an_interim_response_without_a_final_one_is_an_invalid_response() {
     assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
     assert!(resp.ends_with("\r\n\r\nok"), "{resp}");
 }
+
+/// A head actix-http's parser refuses (a request target with bytes RFC 3986 does not allow:
+/// `<`, `>`, `` ` ``, `"` in the query, DEL, bytes over 0x7f, a control byte in a field; a head
+/// over 128 KiB) gets the gateway's own answer, like the requests the handler refuses: a JSON
+/// error with the request id, and that id in `x-request-id`; still counted under
+/// `route="<none>"`, and the connection closes. actix-http's bare `400` (or `431`), with
+/// neither a body nor a request id, went out before. A good request pipelined ahead of a bad
+/// one is answered as usual.
+#[test]
+fn heads_the_parser_refuses_get_the_gateways_json_error_and_request_id() {
+    use std::io::{Read, Write};
+    let be = Backend::fixed(200, "hello");
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "")));
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        format!("X-Filler: {}\r\n", "f".repeat(100)).repeat(1400)
+    );
+    let mut cases: Vec<(Vec<u8>, &str)> = [
+        &b"/a<b"[..],
+        b"/a>b",
+        b"/a`b",
+        b"/a?q=\"x\"",
+        b"/a\x7fb",
+        b"/a\x80b",
+    ]
+    .iter()
+    .map(|t| {
+        (
+            [b"GET ", *t, b" HTTP/1.1\r\nHost: a\r\n\r\n"].concat(),
+            "400",
+        )
+    })
+    .collect();
+    cases.push((
+        b"GET /c HTTP/1.1\r\nHost: a\r\nX-C: a\x01b\r\n\r\n".to_vec(),
+        "400",
+    ));
+    cases.push((
+        b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGET /a<b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+        "400",
+    ));
+    cases.push((big.into_bytes(), "431"));
+    for (request, status) in &cases {
+        let what = String::from_utf8_lossy(&request[..request.len().min(60)]).into_owned();
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let _ = s.write_all(request);
+        let mut got = Vec::new();
+        // The connection closes after the answer.
+        let _ = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got).into_owned();
+        let answer = match got.strip_prefix("HTTP/1.1 200 OK\r\n") {
+            Some(rest) => &rest[rest.find("HTTP/1.1").unwrap_or(0)..],
+            None => &got[..],
+        };
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what:?}: {got:?}"
+        );
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains("content-type: application/json"),
+            "{what:?}: {got:?}"
+        );
+        assert!(head.contains("connection: close"), "{what:?}: {got:?}");
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("{what:?}: no x-request-id: {got:?}"));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["request_id"], id, "{what:?}");
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("the request head is"),
+            "{what:?}: {json}"
+        );
+    }
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_requests_total{method="GET",route="<none>",status="400"}"#),
+        Some(&8.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get(r#"rustygate_requests_total{method="GET",route="<none>",status="431"}"#),
+        Some(&1.0),
+        "{m:?}"
+    );
+    assert_eq!(gw.get("/fine").0, 200);
+}

@@ -660,6 +660,44 @@ fn a_slow_request_head_over_tls_gets_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
 }
 
+/// A head the parser refuses gets the gateway's JSON `400` with its request id over TLS too,
+/// and a head cut across TLS records with `Upgrade: h2c` is a plain request whose connection
+/// stays open.
+#[test]
+fn refused_and_cut_heads_over_tls_are_answered_like_plain_ones() {
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["a.test"], 90, false);
+    let be = Backend::echo();
+    let gw = start(&gateway_toml(&[&server], "", ""), &be);
+    let mut s = connect(gw.listener("https"), "a.test", default_client(&pki)).unwrap();
+    s.write_all(b"GET /a<b HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+    assert!(text.contains("\r\nx-request-id: "), "{text:?}");
+    assert!(
+        text.contains(r#"{"error":"the request head is malformed""#),
+        "{text:?}"
+    );
+
+    let mut s = connect(gw.listener("https"), "a.test", default_client(&pki)).unwrap();
+    s.write_all(b"GET /h2c HTTP/1.1\r\nHost: a.test\r\nUpg")
+        .unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(b"rade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let (head, _) = read_response(&mut s).unwrap();
+    // Lower-cased by `read_response`.
+    assert!(head.starts_with("http/1.1 200"), "{head:?}");
+    assert!(!head.contains("connection:"), "{head:?}");
+    assert_eq!(request(&mut s, "/after", &[]).map(|r| r.0), Some(200));
+}
+
 /// A client that completes its handshake and then sends nothing has `header_timeout` for its
 /// first head, as on a plain connection: it was held for actix-http's 10 s.
 #[test]

@@ -1013,7 +1013,7 @@ static REG_NAME: [bool; 256] = {
 /// that owns its 32 bytes and their count: one allocation, and each copy of either value (into
 /// the upstream's request, into the response) takes no other. Two values made each from its
 /// own text (`from_str`) took two, and each of their copies one more.
-fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
+pub(crate) fn new_request_id() -> (HeaderValue, ax::HeaderValue) {
     // The UUID as one number, its first byte the most significant: the version (4) is the high
     // nibble of byte 6 and the variant (`10`) the top bits of byte 8 (RFC 9562, §5.4). Written
     // as hex from the number itself: `uuid`'s `new_v4` and `encode_lower` went through two byte

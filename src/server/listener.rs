@@ -1160,6 +1160,11 @@ impl ClientIo {
     /// at debug with the client's address; actix-http's own line for its refusals (an `ERROR`
     /// without the client, one per bad request) is filtered out ([`crate::telemetry`]).
     fn refused(&self, status: u16, reason: &str) {
+        self.refused_as(status, reason, "");
+    }
+
+    /// [`ClientIo::refused`], for an answer that carries the request id `request_id`.
+    fn refused_as(&self, status: u16, reason: &str, request_id: &str) {
         let token = self
             .head_start
             .split(|&b| b == b' ')
@@ -1170,27 +1175,63 @@ impl ClientIo {
             client_ip = %self.peer,
             status,
             reason,
+            request_id,
             "request head refused; closing"
         );
     }
 
     /// Notes what the dispatcher writes: whether the request's response has begun; and an
-    /// answer of its own to a head it refused (no request in progress, a head begun, an error
-    /// status and none of the gateway's headers: every answer the gateway makes has an
-    /// `x-request-id`).
-    fn wrote(&mut self, bytes: &[u8]) {
+    /// answer of its own to a head it refused (no request in progress, a head begun, and the
+    /// shape of actix-http's answer: `400` or `431` with no body, its length first, none of
+    /// the gateway's headers), whose status is returned: [`ClientIo::answer_refused`]
+    /// answers in its place. (The HTTPS redirect's own `400` for a bad `Host` is no refused
+    /// head: it was counted as one too when any error status without `x-request-id` was.)
+    fn wrote(&mut self, bytes: &[u8]) -> Option<u16> {
         if self.state.busy.get() > 0 {
             if !self.responded && bytes != CONTINUE {
                 self.responded = true;
             }
         } else if self.state.head_deadline.get().is_some()
-            && let Some(status @ 400..) = status_of(bytes)
+            && let Some(status @ (400 | 431)) = status_of(bytes)
+            && memchr::memchr(b'\n', bytes)
+                .is_some_and(|nl| bytes[nl + 1..].starts_with(b"content-length: 0\r\n"))
             && memchr::memmem::find(bytes, b"x-request-id:").is_none()
         {
             // Once: the dispatcher closes the connection after it.
             self.state.head_deadline.set(None);
-            self.refused(status, "malformed or oversized request head");
+            return Some(status);
         }
+        None
+    }
+
+    /// Answers a head actix-http's parser refused (a request target with bytes RFC 3986 does
+    /// not allow, such as `<`, `>`, `` ` ``, `"` in the query, control bytes; a malformed field;
+    /// a head over its 128 KiB) the way the handler answers the requests it refuses: a JSON
+    /// error and an `x-request-id`, instead of actix-http's bare `400` (or `431`) without
+    /// either. It is written in place of actix-http's answer, best effort like the listener's
+    /// other answers (nothing else is queued on a connection whose head was refused); the
+    /// connection then ends. Only refused heads pay for this: the parser's reason is not known
+    /// here (keeping each head's bytes for it would cost every request), so the message says
+    /// what kind of refusal it is.
+    fn answer_refused(&mut self, cx: &mut Context<'_>, status: u16) {
+        let (reason, message) = match status {
+            431 => (
+                "Request Header Fields Too Large",
+                "the request head is too large",
+            ),
+            _ => ("Bad Request", "the request head is malformed"),
+        };
+        let (_, id) = super::handler::new_request_id();
+        let id = id.to_str().unwrap_or("unknown");
+        let body = format!(r#"{{"error":"{message}","request_id":"{id}"}}"#);
+        let answer = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
+        self.answered = true;
+        self.refused_as(status, "malformed or oversized request head", id);
     }
 
     /// Bytes were read and all withheld (a head still incomplete): nothing for the
@@ -1405,7 +1446,11 @@ impl AsyncWrite for ClientIo {
             // The client has its answer (see `check_body`): the dispatcher's is dropped.
             return Poll::Ready(Ok(buf.len()));
         }
-        this.wrote(buf);
+        if let Some(status) = this.wrote(buf) {
+            // actix-http's answer to a head it refused: the gateway's goes instead.
+            this.answer_refused(cx, status);
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -1418,8 +1463,11 @@ impl AsyncWrite for ClientIo {
         if this.answered {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            this.wrote(first);
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && let Some(status) = this.wrote(first)
+        {
+            this.answer_refused(cx, status);
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
