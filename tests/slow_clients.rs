@@ -983,8 +983,26 @@ fn a_request_target_over_16_kib_gets_414_and_the_connection_serves_on() {
         }
         let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
         assert!(got.starts_with("HTTP/1.1 414"), "{target}: {got:?}");
-        assert!(got.contains("too long"), "{target}: {got:?}");
+        assert_gateway_json_error(&got, "the request target is too long");
     }
+}
+
+/// `answer` is the gateway's own JSON error with `message`, its request id also in
+/// `x-request-id`, and `connection: close`.
+fn assert_gateway_json_error(answer: &str, message: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    assert!(
+        head.contains("content-type: application/json"),
+        "{answer:?}"
+    );
+    assert!(head.contains("connection: close"), "{answer:?}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no x-request-id: {answer:?}"));
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["error"], message, "{answer:?}");
+    assert_eq!(json["request_id"], id, "{answer:?}");
 }
 
 #[test]
@@ -1154,7 +1172,10 @@ fn a_head_line_without_its_carriage_return_gets_400_and_close() {
         let (got, _) = read_to_close(&mut s, Duration::from_secs(5));
         let last = got.rfind("HTTP/1.1 ").unwrap_or(0);
         assert!(got[last..].starts_with("HTTP/1.1 400"), "{got:?}");
-        assert!(got.contains("without a carriage return"), "{got:?}");
+        assert_gateway_json_error(
+            &got[last..],
+            "a line of the request head ends without a carriage return",
+        );
         assert!(
             !got.contains("\r\n\r\n/a") && !got.contains("/b"),
             "{got:?}"

@@ -164,15 +164,47 @@ impl AsyncWrite for Stream {
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
-/// The answer to a request head with a line ending in a bare line feed (SECURITY.md: bare CR or
-/// LF in a head is a 400). Proxies and servers split such heads differently, which is what
-/// request smuggling is made of.
-const BARE_LF_HEAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
-content-length: 58\r\nconnection: close\r\n\r\na line of the request head ends without a carriage return\n";
+/// A request head the listener refuses itself, before the parser has it whole: its status and
+/// the message of the gateway's JSON error ([`gateway_answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refusal {
+    status: u16,
+    message: &'static str,
+}
 
-/// The answer to a request line longer than [`MAX_REQUEST_LINE`].
-const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain\r\n\
-content-length: 31\r\nconnection: close\r\n\r\nthe request target is too long\n";
+/// A request head with a line ending in a bare line feed (SECURITY.md: bare CR or LF in a head
+/// is a 400). Proxies and servers split such heads differently, which is what request
+/// smuggling is made of.
+const BARE_LF_HEAD: Refusal = Refusal {
+    status: 400,
+    message: "a line of the request head ends without a carriage return",
+};
+
+/// A request line longer than [`MAX_REQUEST_LINE`].
+const URI_TOO_LONG: Refusal = Refusal {
+    status: 414,
+    message: "the request target is too long",
+};
+
+/// The gateway's answer to a request head refused before any route saw it, as the handler
+/// answers the requests it refuses: a JSON error with a new request id, that id in
+/// `x-request-id`; then the connection closes. Returns the answer and the id.
+fn gateway_answer(status: u16, message: &str) -> (String, String) {
+    let reason = match status {
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Request",
+    };
+    let (_, id) = super::handler::new_request_id();
+    let id = id.to_str().unwrap_or("unknown").to_owned();
+    let body = serde_json::json!({ "error": message, "request_id": id }).to_string();
+    let answer = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    (answer, id)
+}
 
 /// The longest request line the listener lets through: the `http` crate refuses targets of
 /// 65,534 bytes and more, which actix-http then answers with a bare 400. Targets over the
@@ -1079,7 +1111,7 @@ impl ClientIo {
     /// left of the read go to [`ClientIo::ready`]; past [`MAX_PARTIAL_HEAD`] without an end,
     /// what came is given as it is (actix-http answers it). `Err`: the head is refused with
     /// that answer.
-    fn head_completed(&mut self, cx: &mut Context<'_>, new: &[u8]) -> Result<(), &'static [u8]> {
+    fn head_completed(&mut self, cx: &mut Context<'_>, new: &[u8]) -> Result<(), Refusal> {
         let Some(head) = self.partial_head.extend(new) else {
             if line_too_long(&self.partial_head.bytes) {
                 return Err(URI_TOO_LONG);
@@ -1131,27 +1163,22 @@ impl ClientIo {
         bytes::Buf::advance(&mut self.ready, n);
     }
 
-    /// Refuses a request head with `answer` ([`BARE_LF_HEAD`], [`URI_TOO_LONG`]) before the
-    /// parser has a whole head: the dispatcher gets none of this read and then end of input;
-    /// nothing it writes goes out.
+    /// Refuses a request head ([`BARE_LF_HEAD`], [`URI_TOO_LONG`]) before the parser has a
+    /// whole head, with the gateway's answer ([`gateway_answer`]): the dispatcher gets none of
+    /// this read and then end of input; nothing it writes goes out.
     fn refuse_head(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
         before: usize,
-        answer: &'static [u8],
+        refusal: Refusal,
     ) {
         buf.set_filled(before);
-        let _ = Pin::new(&mut self.io).poll_write(cx, answer);
+        let (answer, id) = gateway_answer(refusal.status, refusal.message);
+        let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
         self.partial_head.clear();
-        // The answer's body: its last line.
-        let body = answer.strip_suffix(b"\n").unwrap_or(answer);
-        let reason = body.rsplit(|&b| b == b'\n').next().unwrap_or_default();
-        self.refused(
-            status_of(answer).unwrap_or(400),
-            std::str::from_utf8(reason).unwrap_or_default().trim_end(),
-        );
+        self.refused_as(refusal.status, refusal.message, &id);
     }
 
     /// A request head refused before any route saw it: by this reader ([`ClientIo::refuse_head`],
@@ -1214,24 +1241,14 @@ impl ClientIo {
     /// here (keeping each head's bytes for it would cost every request), so the message says
     /// what kind of refusal it is.
     fn answer_refused(&mut self, cx: &mut Context<'_>, status: u16) {
-        let (reason, message) = match status {
-            431 => (
-                "Request Header Fields Too Large",
-                "the request head is too large",
-            ),
-            _ => ("Bad Request", "the request head is malformed"),
+        let message = match status {
+            431 => "the request head is too large",
+            _ => "the request head is malformed",
         };
-        let (_, id) = super::handler::new_request_id();
-        let id = id.to_str().unwrap_or("unknown");
-        let body = format!(r#"{{"error":"{message}","request_id":"{id}"}}"#);
-        let answer = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let (answer, id) = gateway_answer(status, message);
         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
-        self.refused_as(status, "malformed or oversized request head", id);
+        self.refused_as(status, "malformed or oversized request head", &id);
     }
 
     /// Bytes were read and all withheld (a head still incomplete): nothing for the
