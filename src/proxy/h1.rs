@@ -335,10 +335,40 @@ async fn read_head(conn: &mut Conn, shape: HeadShape) -> Result<Head, H1Error> {
     }
 }
 
+/// Most response heads have fewer fields than this: parsed with room for these on the stack,
+/// and again with room for [`MAX_HEADERS`] only when they are more.
+const FEW_PARSED: usize = 32;
+
 fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Error> {
-    // Uninitialised: zeroing 128 fields per response would cost more than parsing them.
-    let mut fields =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut more = false;
+    let parsed = parse_head_in::<FEW_PARSED>(buf, shape, &mut more);
+    if more {
+        return parse_head_with_many_fields(buf, shape);
+    }
+    parsed
+}
+
+/// A head with more than [`FEW_PARSED`] fields, parsed again. Out of line: its room for
+/// [`MAX_HEADERS`] fields (4 KB) would otherwise be in the stack frame of every response's
+/// parse, and of the request path's poll that it is inlined into.
+#[cold]
+#[inline(never)]
+fn parse_head_with_many_fields(
+    buf: &mut BytesMut,
+    shape: HeadShape,
+) -> Result<Option<Head>, H1Error> {
+    parse_head_in::<MAX_HEADERS>(buf, shape, &mut false)
+}
+
+/// Parses a response head with room for `N` fields. A head with more, when `N` is not the most
+/// a head may have, sets `more` (and is `Ok(None)`).
+fn parse_head_in<const N: usize>(
+    buf: &mut BytesMut,
+    shape: HeadShape,
+    more: &mut bool,
+) -> Result<Option<Head>, H1Error> {
+    // Uninitialised: zeroing the fields per response would cost more than parsing them.
+    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; N];
     let mut r = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut r,
@@ -352,6 +382,10 @@ fn parse_head(buf: &mut BytesMut, shape: HeadShape) -> Result<Option<Head>, H1Er
         }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) if N < MAX_HEADERS => {
+            *more = true;
+            return Ok(None);
+        }
         Err(httparse::Error::TooManyHeaders) => {
             return Err(H1Error::Invalid("too many header fields"));
         }
@@ -1425,6 +1459,39 @@ mod tests {
         );
         assert_eq!(h["x-tab"], "a\tb");
         assert_eq!(h["x-empty"], "");
+    }
+
+    #[test]
+    fn heads_past_the_few_fields_parsed_at_first_are_parsed_whole_up_to_the_cap() {
+        let head = |fields: usize, end: &str| {
+            let mut h = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n".to_vec();
+            for i in 1..fields {
+                h.extend_from_slice(format!("X-H-{i}: {i}\r\n").as_bytes());
+            }
+            h.extend_from_slice(end.as_bytes());
+            BytesMut::from(&h[..])
+        };
+        for fields in [FEW_PARSED, FEW_PARSED + 1, MAX_HEADERS] {
+            // Still coming: more to read, whatever the count so far.
+            assert!(matches!(
+                parse_head(&mut head(fields, ""), HeadShape::Client),
+                Ok(None)
+            ));
+            let parsed = parse_head(&mut head(fields, "\r\n"), HeadShape::Client);
+            let Ok(Some(Head {
+                head: UpstreamHead::Client { fields: list, .. },
+                ..
+            })) = parsed
+            else {
+                panic!("{fields} fields: not parsed");
+            };
+            assert_eq!(list.len(), fields, "{fields} fields");
+        }
+        let over = parse_head(&mut head(MAX_HEADERS + 1, "\r\n"), HeadShape::Client);
+        assert!(matches!(
+            over,
+            Err(H1Error::Invalid("too many header fields"))
+        ));
     }
 
     #[test]
