@@ -1109,3 +1109,110 @@ fn the_cache_holds_the_served_branch_and_the_served_export_only() {
         .collect();
     assert_eq!(checkouts, vec![v1.clone()], "{checkouts:?}");
 }
+
+/// `serve --repo URL` with `envs`, expected to fail: its stderr.
+fn serve_fails(url: &str, extra: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo", url, "--poll", "0"])
+        .args(extra)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The default cache dir lives under the shared temp dir, where another local user may have
+/// made it first to plant a checkout: a parent or cache dir that is writable by others, owned
+/// by someone else, or a symlink is refused with the path and the reason. One the gateway
+/// makes itself is private (0700).
+#[test]
+fn a_default_cache_dir_another_user_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let parent = tmp.path().join("rustygate-cache");
+    let env = [("TMPDIR", tmpdir)];
+
+    // A gateway that makes the dirs itself makes them private, and serves.
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &env);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    drop(gw);
+    let cache = std::fs::read_dir(&parent)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for dir in [&parent, &cache] {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+    }
+
+    // World-writable (as if made by another user with umask 000): refused, either level.
+    for dir in [&parent, &cache] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let stderr = serve_fails(&url, &[], &env);
+        assert!(
+            stderr.contains(&format!("refusing the cache dir {}", dir.display()))
+                && stderr.contains("writable by group or others (mode 0777)"),
+            "{stderr}"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+
+    // Owned by another user (tests that run as root can make one).
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+        let stderr = serve_fails(&url, &[], &env);
+        assert!(
+            stderr.contains(&format!("refusing the cache dir {}", cache.display()))
+                && stderr.contains("owned by uid 65534"),
+            "{stderr}"
+        );
+        std::os::unix::fs::chown(&cache, Some(0), Some(0)).unwrap();
+    }
+
+    // A symlink to a dir of someone else's choosing.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), &cache).unwrap();
+    let stderr = serve_fails(&url, &[], &env);
+    assert!(
+        stderr.contains(&format!("refusing the cache dir {}", cache.display()))
+            && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
+}
+
+/// A checkout found in the cache dir (planted, or left by an earlier run) is never compiled
+/// as it stands: the gateway exports the commit itself and serves what the commit holds.
+#[test]
+fn a_checkout_planted_in_the_cache_dir_is_not_served() {
+    let (_d, repo, url) = bare_repo();
+    let head = commit(&repo, "main", &config("real"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    write_files(
+        &cache.path().join("checkouts").join(&head),
+        &[(
+            "routes/main.toml",
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200, body = \"planted\" }\n",
+        )],
+    );
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "real");
+    assert_eq!(gw.status()["applied"]["sha"], head);
+}

@@ -78,6 +78,11 @@ pub enum SourceError {
          --cache-dir"
     )]
     CacheInUse { dir: String, holder: String },
+    #[error(
+        "refusing the cache dir {dir}: {problem}; another local user could plant a mirror or a \
+         checkout in it that would be served. Remove it, or give a --cache-dir of your own"
+    )]
+    UnsafeCacheDir { dir: String, problem: String },
 }
 
 /// The exclusive hold of one gateway on its git cache dir, for as long as it runs: two gateways
@@ -95,7 +100,17 @@ pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
         path: dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    let default_parent = std::env::temp_dir().join(DEFAULT_CACHE_PARENT);
+    if dir.parent() == Some(default_parent.as_path()) {
+        // Under the shared temp dir: every level the gateway made must be its own and private.
+        private_dir(&default_parent, true)?;
+        private_dir(dir, true)?;
+    } else {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        private_dir(dir, false)?;
+    }
     let path = dir.join("instance.lock");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -126,6 +141,59 @@ pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
     writeln!(file, "{}", std::process::id()).map_err(io)?;
     remove_stale_locks(&dir.join("mirror"));
     Ok(CacheLock { _file: file })
+}
+
+/// The parent of the default cache dirs, under the temp dir.
+const DEFAULT_CACHE_PARENT: &str = "rustygate-cache";
+
+/// Creates `dir` (mode 0700) if it is missing, then refuses it if another local user could
+/// have written it: a symlink, not a directory, owned by a user other than this process's
+/// (or root), or (when `strict`, the default cache dir under the shared temp dir) writable by
+/// group or others. An explicit `--cache-dir` that is group- or world-writable is only warned
+/// about: container volumes (a Kubernetes `emptyDir`) are made that way, private to the pod.
+fn private_dir(dir: &Path, strict: bool) -> Result<(), SourceError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |problem: String| SourceError::UnsafeCacheDir {
+        dir: dir.display().to_string(),
+        problem,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(GitError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }
+            .into());
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| GitError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".to_owned()));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("it is not a directory".to_owned()));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && (strict || meta.uid() != 0) {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by this process's uid {euid}",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let problem = format!("it is writable by group or others (mode {mode:04o})");
+        if strict {
+            return Err(refuse(problem));
+        }
+        tracing::warn!(dir = %dir.display(), mode = %format!("{mode:04o}"), "the cache dir is writable by group or others: any local user who can write it can plant a mirror that is served; fine for a volume private to the gateway (a Kubernetes emptyDir), not on a shared host");
+    }
+    Ok(())
 }
 
 /// Removes every `*.lock` file under `dir` (ref, index and pack locks of an interrupted git
@@ -239,7 +307,9 @@ pub fn redact_url(url: &str) -> String {
 fn default_cache_dir(url: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
     let h = hex::encode(Sha256::digest(url.as_bytes()));
-    std::env::temp_dir().join("rustygate-cache").join(&h[..16])
+    std::env::temp_dir()
+        .join(DEFAULT_CACHE_PARENT)
+        .join(&h[..16])
 }
 
 /// A compiled (or failed) candidate config.
@@ -525,7 +595,12 @@ impl Source {
         let checkouts = g.cache_dir.join("checkouts");
         let dest = checkouts.join(&sha);
         let partial = checkouts.join(format!(".{sha}.partial"));
-        if !dest.is_dir() {
+        // Only an export this process made is compiled: one found on disk (an earlier run's,
+        // or planted by whoever could write the cache dir) is exported again.
+        let ours = exported_checkouts().contains(&dest)
+            && std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir());
+        if !ours {
+            remove_any(&dest);
             let _ = std::fs::remove_dir_all(&partial);
             match git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial) {
                 Ok(()) => {}
@@ -551,6 +626,7 @@ impl Source {
                 path: dest.clone(),
                 source,
             })?;
+            exported_checkouts().insert(dest.clone());
         }
         let compiled = crate::compile::compile_dir(
             &dest,
@@ -616,6 +692,26 @@ impl Source {
             SourceSpec::Dir(_) => None,
             SourceSpec::Git(g) => Some(g.pin.clone().unwrap_or_else(|| g.branch.clone())),
         }
+    }
+}
+
+/// The checkouts this process exported, by path.
+fn exported_checkouts() -> std::sync::MutexGuard<'static, std::collections::HashSet<PathBuf>> {
+    static EXPORTED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+        std::sync::LazyLock::new(Default::default);
+    EXPORTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes `path` whatever it is (a symlink itself, not what it points to).
+fn remove_any(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
     }
 }
 
