@@ -227,3 +227,113 @@ fn https_with_a_private_ca_needs_the_git_ca_file() {
         .get("/")
         .is_some_and(|(_, b)| b == "over https")));
 }
+
+/// A TLS server on loopback answering each request with `respond(request line)`, after
+/// recording the request's `Authorization` header (`None` when absent).
+fn recording_server(
+    config: Arc<rustls::ServerConfig>,
+    respond: impl Fn(&str) -> String + Send + Sync + 'static,
+) -> (u16, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (record, respond) = (Arc::clone(&seen), Arc::new(respond));
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let (config, record, respond) = (
+                Arc::clone(&config),
+                Arc::clone(&record),
+                Arc::clone(&respond),
+            );
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut reader = BufReader::new(&mut tls);
+                let mut first = String::new();
+                let mut auth = None;
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((n, v)) = h.split_once(':')
+                        && n.eq_ignore_ascii_case("authorization")
+                    {
+                        auth = Some(v.trim().to_owned());
+                    }
+                }
+                drop(reader);
+                record.lock().unwrap().push(auth);
+                let _ = tls.write_all(respond(&first).as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// `RUSTYGATE_GIT_TOKEN` is for the configured git host: a host that asks for credentials
+/// gets it, but when the configured host redirects the fetch to another one (here another
+/// port), that one does not, even when it asks.
+#[test]
+fn the_git_token_is_not_sent_to_the_host_a_redirect_names() {
+    let (ca, config) = pki();
+    let keys = tempfile::tempdir().unwrap();
+    let ca_file = keys.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let (asks, asked) = recording_server(Arc::clone(&config), |_| {
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+            .to_owned()
+    });
+    let (moves, _) = recording_server(config, move |line| {
+        let target = line.split_whitespace().nth(1).unwrap_or("/");
+        format!(
+            "HTTP/1.1 302 Found\r\nLocation: https://localhost:{asks}{target}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    });
+    let fetch = |port: u16| {
+        let cache = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+            .args([
+                "serve",
+                "--repo",
+                &format!("https://localhost:{port}/cfg.git"),
+            ])
+            .args(["--poll", "0", "--fetch-timeout", "10s"])
+            .arg("--git-ca-file")
+            .arg(&ca_file)
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("RUSTYGATE_GIT_TOKEN", "tok-SECRET")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+    };
+    use base64::Engine;
+    let sent = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("x-access-token:tok-SECRET")
+    );
+
+    // Configured host asks: it gets the token.
+    fetch(asks);
+    assert!(
+        asked.lock().unwrap().contains(&Some(sent.clone())),
+        "{:?}",
+        asked.lock().unwrap()
+    );
+
+    // The configured host redirects to the one that asks: that one is reached, without it.
+    asked.lock().unwrap().clear();
+    fetch(moves);
+    let seen = asked.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the redirect was not followed");
+    assert!(seen.iter().all(Option::is_none), "{seen:?}");
+}

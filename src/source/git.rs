@@ -124,9 +124,12 @@ impl Credentials {
         }
     }
 
-    /// The git2 credential answer for one request, or `None` when nothing fits.
+    /// The git2 credential answer for one request to `url` when fetching `configured`, or
+    /// `None` when nothing fits. The token goes only to the configured URL's scheme, host and
+    /// port: a host that redirects the fetch elsewhere does not hand it on.
     pub fn answer(
         &self,
+        configured: &str,
         url: &str,
         username: Option<&str>,
         allowed: git2::CredentialType,
@@ -140,6 +143,8 @@ impl Credentials {
         }
         if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT)
             && url.starts_with("https://")
+            && origin(url).is_some()
+            && origin(url) == origin(configured)
         {
             let token = self.token.as_deref()?;
             return Some(git2::Cred::userpass_plaintext(
@@ -149,6 +154,26 @@ impl Credentials {
         }
         None
     }
+}
+
+/// The scheme, host (lowercase) and port of an `http(s)://` URL, the port defaulted by the
+/// scheme; `None` for any other URL.
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match host_port.rsplit_once(':') {
+        // `[::1]:8443`, `host:8443`; not the colons inside `[::1]`.
+        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+        _ => (host_port, default_port),
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
 }
 
 /// A bare mirror of the config repo, kept in the cache dir across restarts.
@@ -192,17 +217,20 @@ impl Mirror {
         let mut callbacks = RemoteCallbacks::new();
         callbacks.transfer_progress(|_| !cancel.load(Ordering::Relaxed));
         let mut tries = 0;
+        let configured = self.url.as_str();
         callbacks.credentials(move |url, user, allowed| {
             // libgit2 asks again after a refused credential: answer once, then give up.
             tries += 1;
             if tries > 1 {
                 return Err(git2::Error::from_str("authentication failed"));
             }
-            creds.answer(url, user, allowed).unwrap_or_else(|| {
-                Err(git2::Error::from_str(
-                    "no credentials configured for this URL",
-                ))
-            })
+            creds
+                .answer(configured, url, user, allowed)
+                .unwrap_or_else(|| {
+                    Err(git2::Error::from_str(
+                        "no credentials configured for this URL",
+                    ))
+                })
         });
         // libgit2 replaces a refused host key's reason with a generic message: the check
         // keeps its own, to report instead.
@@ -213,6 +241,9 @@ impl Mirror {
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks);
         opts.prune(git2::FetchPrune::On);
+        // git's own default (`http.followRedirects=initial`): a redirect of the first request
+        // only. The token is not sent to another host either way (see `Credentials::answer`).
+        opts.follow_redirects(git2::RemoteRedirect::Initial);
         let refspecs = match branch {
             Some(b) => {
                 opts.download_tags(git2::AutotagOption::None);
@@ -822,19 +853,41 @@ mod tests {
             ssh_key: None,
         };
         let plain = git2::CredentialType::USER_PASS_PLAINTEXT;
-        assert!(
-            c.answer("https://git.example/org/repo.git", None, plain)
-                .is_some()
-        );
-        assert!(
-            c.answer("http://git.example/org/repo.git", None, plain)
-                .is_none()
-        );
+        assert!(c.answer(HTTPS, HTTPS, None, plain).is_some());
+        let http = "http://git.example/org/repo.git";
+        assert!(c.answer(http, http, None, plain).is_none());
         let none = Credentials::default();
-        assert!(
-            none.answer("https://git.example/org/repo.git", None, plain)
-                .is_none()
-        );
+        assert!(none.answer(HTTPS, HTTPS, None, plain).is_none());
+    }
+
+    const HTTPS: &str = "https://git.example/org/repo.git";
+
+    /// A redirect to another host, port or scheme does not carry the token along.
+    #[test]
+    fn the_token_goes_to_the_configured_host_and_port_only() {
+        let c = Credentials {
+            token: Some("t0k".into()),
+            ssh_key: None,
+        };
+        let plain = git2::CredentialType::USER_PASS_PLAINTEXT;
+        for same in [
+            "https://git.example/org/repo.git/info/refs?service=git-upload-pack",
+            "https://GIT.example:443/other.git",
+            "https://user@git.example/org/repo.git",
+        ] {
+            assert!(c.answer(HTTPS, same, None, plain).is_some(), "{same}");
+        }
+        for other in [
+            "https://evil.example/org/repo.git",
+            "https://git.example:8443/org/repo.git",
+            "https://git.example.evil.example/org/repo.git",
+            "https://git.example@evil.example/org/repo.git",
+        ] {
+            assert!(c.answer(HTTPS, other, None, plain).is_none(), "{other}");
+        }
+        let v6 = "https://[::1]:8443/r.git";
+        assert!(c.answer(v6, v6, None, plain).is_some());
+        assert!(c.answer(v6, "https://[::1]/r.git", None, plain).is_none());
     }
 
     #[test]
@@ -846,12 +899,22 @@ mod tests {
         };
         let ssh = git2::CredentialType::SSH_KEY;
         assert!(matches!(
-            c.answer("ssh://git@host/repo", Some("git"), ssh),
+            c.answer(
+                "ssh://git@host/repo",
+                "ssh://git@host/repo",
+                Some("git"),
+                ssh
+            ),
             Some(Ok(_))
         ));
         assert!(
             Credentials::default()
-                .answer("git@host:org/repo.git", Some("git"), ssh)
+                .answer(
+                    "git@host:org/repo.git",
+                    "git@host:org/repo.git",
+                    Some("git"),
+                    ssh
+                )
                 .is_some()
         );
     }
