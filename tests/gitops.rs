@@ -1216,3 +1216,43 @@ fn a_checkout_planted_in_the_cache_dir_is_not_served() {
     assert_eq!(gw.get("/").unwrap().1, "real");
     assert_eq!(gw.status()["applied"]["sha"], head);
 }
+
+/// A force-push held back by a running gateway stays held back after a restart: the commit
+/// served before is served again and `/status` says non-fast-forward, until a forced reload.
+#[test]
+fn a_rewritten_branch_held_back_stays_held_after_a_restart() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("v1")), "first");
+    let v2 = commit(&repo, "main", &config("v2"), "second");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let env = [("RUSTYGATE_ADMIN_TOKEN", TOKEN)];
+    let gw = GatewayProcess::start(&args, &env);
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    repo.reference("refs/heads/main", v1, true, "force-push")
+        .unwrap();
+    let rewritten = commit(&repo, "main", &config("rewritten"), "rewritten");
+    let held = |gw: &GatewayProcess| {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("non-fast-forward") && e.contains(&rewritten))
+    };
+    assert!(wait_until(Duration::from_secs(15), || held(&gw)));
+    drop(gw);
+
+    let gw = GatewayProcess::start(&args, &env);
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    let status = gw.status();
+    assert_eq!(status["applied"]["sha"], v2, "{status}");
+    assert!(held(&gw), "{status}");
+    assert_eq!(status["attempted"]["ok"], false, "{status}");
+    // Polls keep holding it; a forced reload serves it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(gw.get("/").unwrap().1, "v2");
+    assert_eq!(
+        gw.admin_post("/admin/reload?force=true", &[AUTH], b"").0,
+        202
+    );
+    assert!(wait_body(&gw, "rewritten"));
+}

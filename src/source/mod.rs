@@ -328,6 +328,10 @@ pub struct Candidate {
     /// With `--require-signed`: why the commit is not served (`unsigned-commit`,
     /// `bad-signature`); its diagnostics say the same.
     pub refused: Option<&'static str>,
+    /// At start-up: the branch head does not descend from the commit this cache dir served
+    /// before (a force-push the gateway was holding back), so this candidate is that commit
+    /// and this says why (the `non-fast-forward` error of a running gateway).
+    pub held: Option<String>,
 }
 
 /// What a load found.
@@ -412,6 +416,7 @@ impl Source {
                     stale: None,
                     signer: None,
                     refused: None,
+                    held: None,
                 })))
             }
             SourceSpec::Git(g) => {
@@ -421,6 +426,65 @@ impl Source {
                 self.load_git(&g, skip, applied, served, opts)
             }
         }
+    }
+
+    /// The first load of a gateway. Like a forced [`Source::load`], except that for a git
+    /// source without `--allow-rewrites` the head must descend from the commit this cache dir
+    /// served before the restart, as it must for a running gateway: a force-push held back
+    /// before the restart is held back after it, and that commit is served instead
+    /// ([`Candidate::held`] says why) until a forced reload.
+    pub fn load_first(&mut self, opts: &CompileOptions) -> Result<Loaded, SourceError> {
+        let SourceSpec::Git(g) = self.spec.clone() else {
+            return self.load(None, None, true, opts);
+        };
+        let served = self.served_to_keep(&g)?;
+        let must = served.map(|o| o.to_string());
+        match self.load_git(&g, |_| false, None, must.as_deref(), opts) {
+            Err(SourceError::Git(e @ GitError::NonFastForward { .. })) => match served {
+                Some(served) => self.held_back(&g, served, e.to_string(), None, opts),
+                None => Err(SourceError::Git(e)),
+            },
+            r => r,
+        }
+    }
+
+    /// The commit recorded as served in this cache dir, when a new head must descend from it at
+    /// start-up: not with `--allow-rewrites`, nor when the mirror no longer holds it.
+    fn served_to_keep(&mut self, g: &GitSpec) -> Result<Option<git2::Oid>, SourceError> {
+        if g.allow_rewrites {
+            return Ok(None);
+        }
+        let Some(served) = self.recorded_served(g) else {
+            return Ok(None);
+        };
+        if self.mirror.is_none() {
+            self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
+        }
+        Ok(self
+            .mirror
+            .as_ref()
+            .filter(|m| m.repo().find_commit(served).is_ok())
+            .map(|_| served))
+    }
+
+    /// The served commit `served` again, as the candidate of a start-up whose head is held
+    /// back for `why`.
+    fn held_back(
+        &mut self,
+        g: &GitSpec,
+        served: git2::Oid,
+        why: String,
+        stale: Option<String>,
+        opts: &CompileOptions,
+    ) -> Result<Loaded, SourceError> {
+        let loaded = self.candidate(g, served, Some(served), stale, |_| false, opts)?;
+        Ok(match loaded {
+            Loaded::Candidate(mut c) => {
+                c.held = Some(why);
+                Loaded::Candidate(c)
+            }
+            other => other,
+        })
     }
 
     fn load_git(
@@ -516,6 +580,20 @@ impl Source {
             .as_ref()
             .and_then(|m| m.resolve(&g.branch, g.pin.as_deref()).ok())
             .ok_or_else(|| SourceError::Stuck(why.to_owned()))?;
+        // A rewritten head fetched (and held back) by an earlier run stays held back.
+        if let Some(served) = self.served_to_keep(&g)?
+            && oid != served
+            && !self
+                .mirror
+                .as_ref()
+                .is_some_and(|m| m.repo().graph_descendant_of(oid, served).unwrap_or(false))
+        {
+            let e = GitError::NonFastForward {
+                served: served.to_string(),
+                head: oid.to_string(),
+            };
+            return self.held_back(&g, served, e.to_string(), Some(why.to_owned()), opts);
+        }
         let since = self.recorded_served(&g);
         self.candidate(&g, oid, since, Some(why.to_owned()), |_| false, opts)
     }
@@ -588,6 +666,7 @@ impl Source {
                         stale,
                         signer: refusal.principal,
                         refused: Some(refusal.reason.code()),
+                        held: None,
                     })));
                 }
             }
@@ -619,6 +698,7 @@ impl Source {
                         stale,
                         signer,
                         refused: None,
+                        held: None,
                     })));
                 }
             }
@@ -644,6 +724,7 @@ impl Source {
             stale,
             signer,
             refused: None,
+            held: None,
         })))
     }
 

@@ -309,7 +309,7 @@ impl Reloader {
             .name("rustygate-load".into())
             .spawn(move || {
                 let mut source = source;
-                let r = source.load(None, None, true, &first_opts);
+                let r = source.load_first(&first_opts);
                 let _ = tx.send((source, r));
             })
             .map_err(|e| StartError::Invalid(format!("cannot start the load thread: {e}")))?;
@@ -364,6 +364,9 @@ impl Reloader {
                 "the config repo could not be fetched: serving the commit cached from an earlier run until a fetch succeeds"
             );
         }
+        if let Some(why) = &c.held {
+            tracing::error!(version = %c.version_id, error = %why, "the branch head does not descend from the commit served before the restart: still serving that commit until a forced reload (or --allow-rewrites)");
+        }
         snapshot.version.commit = c.commit;
         snapshot.version.reference = source.reference();
         snapshot.version.source = spec.describe();
@@ -384,7 +387,7 @@ impl Reloader {
                 signer: c.signer.clone(),
             }),
             last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
-            last_fetch_error: c.stale.clone(),
+            last_fetch_error: c.held.clone().or_else(|| c.stale.clone()),
             stale: c.stale.is_some(),
             failed: None,
             before_fetch_error: None,
@@ -400,6 +403,20 @@ impl Reloader {
             errors: 0,
             message: None,
         });
+        if let Some(why) = &c.held {
+            // As a running gateway reports a held-back head: a failed attempt without a
+            // version, the reason as its error.
+            status.attempted = Some(Attempted {
+                sha: None,
+                ok: false,
+                trigger: "startup",
+                at: rfc3339(now),
+                errors: serde_json::json!([{ "message": why }]),
+                errors_total: 1,
+                reason: None,
+                signer: None,
+            });
+        }
         if let Some(head) = rejected {
             // The head stays the failed attempt: /status and `rustygate status` say it, and
             // later reloads skip it until it changes (or one is forced).
