@@ -217,3 +217,124 @@ fn a_stalled_fetch_is_killed_at_its_deadline_and_the_next_commit_is_served() {
     assert_eq!(gw.get("/").unwrap(), (200, "v3".into()));
     let _ = std::io::stderr().flush();
 }
+
+/// A TCP proxy to `upstream` that passes at most `limit` bytes from the server to each client,
+/// then holds the connection without a byte more (a host that stalls mid-pack).
+struct CutProxy {
+    port: u16,
+    limit: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CutProxy {
+    fn start(upstream: u16) -> CutProxy {
+        use std::sync::atomic::AtomicUsize;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limit = Arc::new(AtomicUsize::new(usize::MAX));
+        let l = Arc::clone(&limit);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                });
+                let cap = l.load(Ordering::SeqCst);
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let mut passed = 0usize;
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n.min(cap - passed),
+                        };
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        passed += n;
+                        if passed >= cap {
+                            // Hold the connection until the client gives up on it.
+                            let _ = c_out.read(&mut [0u8; 1]);
+                            return;
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CutProxy { port, limit }
+    }
+}
+
+fn temp_packs(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("mirror/objects/pack"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pack_git2_") || n.starts_with("tmp_pack_"))
+        .collect()
+}
+
+/// A fetch killed at `--fetch-timeout` in the middle of a pack leaves no temporary pack file
+/// in the mirror (each would stay on the cache volume for good), and one left by a crash is
+/// removed at start-up.
+#[test]
+fn a_fetch_killed_mid_pack_leaves_no_temporary_pack() {
+    let base = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(base.path().join("config.git")).unwrap();
+    commit_files(&repo, "main", &as_refs(&config("v1")), "first");
+    let Some((_daemon, daemon_port)) = git_daemon(base.path()) else {
+        return;
+    };
+    let proxy = CutProxy::start(daemon_port);
+    let url = format!("git://127.0.0.1:{}/config.git", proxy.port);
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "--repo",
+        &url,
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--poll",
+        "0",
+        "--fetch-timeout",
+        "5s",
+    ];
+    let gw = GatewayProcess::start(&args, &[("RUSTYGATE_ADMIN_TOKEN", "admin-t0ken")]);
+    assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
+
+    // 4 MiB that do not compress, so the pack is far larger than what the host sends.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: String = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect();
+    let mut files = config("v2");
+    files.push(("assets/noise.txt", noise));
+    commit_files(&repo, "main", &as_refs(&files), "big");
+    proxy.limit.store(512 * 1024, Ordering::SeqCst);
+    assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
+    assert!(wait_until(Duration::from_secs(30), || {
+        gw.status()["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within"))
+    }));
+    assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
+    drop(gw);
+
+    // One left by a crash: gone once the next gateway has the cache dir.
+    let left = cache.path().join("mirror/objects/pack/pack_git2_XyZ123");
+    std::fs::write(&left, b"PACK partial").unwrap();
+    proxy.limit.store(usize::MAX, Ordering::SeqCst);
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap(), (200, "v2".into()));
+    assert!(!left.exists());
+    assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
+}

@@ -143,13 +143,15 @@ pub fn fetch_in_child(
         let _ = child.kill();
         let _ = child.wait();
         let _ = reader.join();
-        super::remove_stale_locks(&cache_dir.join("mirror"));
+        super::remove_interrupted_leftovers(&cache_dir.join("mirror"));
         return Err(GitError::FetchTimedOut(deadline));
     };
     let text = reader.join().unwrap_or_default();
     if status.success() {
         return Ok(());
     }
+    // The child may have stopped itself at its deadline, mid-pack.
+    super::remove_interrupted_leftovers(&cache_dir.join("mirror"));
     let text = text.trim();
     Err(GitError::Fetch(if text.is_empty() {
         format!("the fetch process ended with {status}")

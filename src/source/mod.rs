@@ -92,8 +92,8 @@ pub struct CacheLock {
 }
 
 /// Takes the cache dir for this process (a lock file the OS releases when the process ends,
-/// however it ends), then removes the `*.lock` files a crash left in the mirror: with the dir
-/// held, no other process can be writing them.
+/// however it ends), then removes the `*.lock` files and temporary packs a crash left in the
+/// mirror: with the dir held, no other process can be writing them.
 pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
     use std::io::{Read, Seek, Write};
     let io = |source: std::io::Error| GitError::Io {
@@ -139,7 +139,7 @@ pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     writeln!(file, "{}", std::process::id()).map_err(io)?;
-    remove_stale_locks(&dir.join("mirror"));
+    remove_interrupted_leftovers(&dir.join("mirror"));
     Ok(CacheLock { _file: file })
 }
 
@@ -196,18 +196,30 @@ fn private_dir(dir: &Path, strict: bool) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// Removes every `*.lock` file under `dir` (ref, index and pack locks of an interrupted git
-/// operation).
-fn remove_stale_locks(dir: &Path) {
+/// Removes what an interrupted git operation left in the mirror `dir`: every `*.lock` file
+/// (ref, index and pack locks) and the temporary pack files of a fetch cut short (libgit2's
+/// `objects/pack/pack_git2_*`, git's `tmp_pack_*` / `tmp_idx_*`), which no later fetch
+/// reuses: each killed fetch would leave one more on the cache volume.
+fn remove_interrupted_leftovers(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let temp_pack = ["pack_git2_", "tmp_pack_", "tmp_idx_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            && dir.ends_with("objects/pack");
         match e.file_type() {
-            Ok(t) if t.is_dir() => remove_stale_locks(&path),
+            Ok(t) if t.is_dir() => remove_interrupted_leftovers(&path),
             Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "lock") => {
                 tracing::warn!(path = %path.display(), "removing a lock file left by an interrupted git operation");
+                let _ = std::fs::remove_file(&path);
+            }
+            Ok(t) if t.is_file() && temp_pack => {
+                tracing::warn!(path = %path.display(), "removing a temporary pack file left by an interrupted fetch");
                 let _ = std::fs::remove_file(&path);
             }
             _ => {}
