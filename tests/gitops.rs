@@ -1256,3 +1256,35 @@ fn a_rewritten_branch_held_back_stays_held_after_a_restart() {
     );
     assert!(wait_body(&gw, "rewritten"));
 }
+
+/// A remote that advertises no refs (an empty repository here; a host mid-migration, or
+/// anyone on the path of `git://`) is a failed fetch, not a deleted branch: the mirror keeps
+/// the branch, so a restart serves the cached commit (stale) instead of failing.
+#[test]
+fn a_remote_advertising_no_refs_does_not_prune_the_cached_branch() {
+    let (_d, repo, url) = bare_repo();
+    let v1 = commit(&repo, "main", &config("v1"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    drop(GatewayProcess::start(
+        &["--repo", &url, "--cache-dir", cache_dir, "--poll", "0"],
+        &[],
+    ));
+
+    let (_e, _empty, empty_url) = bare_repo();
+    let args = ["--repo", &empty_url, "--cache-dir", cache_dir, "--poll", "0"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    let status = gw.status();
+    assert_eq!(status["stale"], true, "{status}");
+    assert!(
+        status["last_fetch_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not have the branch `main`")),
+        "{status}"
+    );
+    drop(gw);
+    // The branch is still in the mirror: the next start falls back to it again.
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.status()["applied"]["sha"], v1);
+}

@@ -257,6 +257,10 @@ impl Mirror {
                 ]
             }
         };
+        // What the mirror holds before: a remote that advertises none of it (an empty
+        // repository, a host mid-migration, anyone on the path of `git://`) must not prune it,
+        // or a restart while the host is down would have no cached commit to serve.
+        let before = self.fetched_refs(branch);
         let fetched = remote.fetch(&refspecs, Some(&mut opts), None);
         drop(opts);
         match (fetched, refused.take()) {
@@ -264,10 +268,41 @@ impl Mirror {
             (Err(_), Some(why)) => return Err(GitError::HostKey(why)),
             (Err(e), None) => return Err(e.into()),
         }
+        let after = self.fetched_refs(branch);
+        if !before.is_empty() && after.is_empty() {
+            for (name, oid) in &before {
+                self.repo
+                    .reference(name, *oid, true, "rustygate: kept, not advertised")?;
+            }
+            return Err(GitError::Fetch(match branch {
+                Some(b) => format!(
+                    "the remote does not have the branch `{b}` (it advertised no refs/heads/{b}); \
+                     the mirror keeps the commit fetched before, but no new one is served"
+                ),
+                None => "the remote advertised no branches or tags; the mirror keeps the ones \
+                         fetched before, but no new commit is served"
+                    .to_owned(),
+            }));
+        }
         if let Some(b) = branch {
             self.drop_refs_but(&format!("refs/heads/{b}"))?;
         }
         Ok(())
+    }
+
+    /// The refs a fetch of `branch` (`None`: every branch and tag) writes, as the mirror holds
+    /// them now.
+    fn fetched_refs(&self, branch: Option<&str>) -> Vec<(String, git2::Oid)> {
+        let Ok(refs) = self.repo.references() else {
+            return Vec::new();
+        };
+        refs.flatten()
+            .filter_map(|r| Some((r.name()?.to_owned(), r.target()?)))
+            .filter(|(name, _)| match branch {
+                Some(b) => name.strip_prefix("refs/heads/") == Some(b),
+                None => name.starts_with("refs/heads/") || name.starts_with("refs/tags/"),
+            })
+            .collect()
     }
 
     /// Deletes every ref but `keep` and [`SERVED_REF`].
