@@ -1272,7 +1272,14 @@ fn a_remote_advertising_no_refs_does_not_prune_the_cached_branch() {
     ));
 
     let (_e, _empty, empty_url) = bare_repo();
-    let args = ["--repo", &empty_url, "--cache-dir", cache_dir, "--poll", "0"];
+    let args = [
+        "--repo",
+        &empty_url,
+        "--cache-dir",
+        cache_dir,
+        "--poll",
+        "0",
+    ];
     let gw = GatewayProcess::start(&args, &[]);
     assert_eq!(gw.get("/").unwrap().1, "v1");
     let status = gw.status();
@@ -1287,4 +1294,82 @@ fn a_remote_advertising_no_refs_does_not_prune_the_cached_branch() {
     // The branch is still in the mirror: the next start falls back to it again.
     let gw = GatewayProcess::start(&args, &[]);
     assert_eq!(gw.status()["applied"]["sha"], v1);
+}
+
+/// A commit that writes secrets literally is refused, and the refusal does not publish them:
+/// not in `/status` (token-less), `/api/v1/status`, `/api/v1/reloads`, `rustygate status`, the
+/// log, nor `validate`; the errors still name the file and line.
+#[test]
+fn refused_literal_secrets_are_not_shown_in_status_logs_or_validate() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "200ms"], &[]);
+    let mut files = config("v2");
+    files.push((
+        "gateway.toml",
+        "[rate_limit_store]\nurl = \"redis://default:REDIS-PASSWORD@127.0.0.1:6379\"\n\n\
+         [auth.legacy]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = \"hunter2-LITERAL-KEY\"\n"
+            .to_owned(),
+    ));
+    files.push((
+        "upstreams/b.toml",
+        "[upstream.billing]\ntargets = [\"http://svc:UPSTREAM-PASSWORD@127.0.0.1:9\"]\n".to_owned(),
+    ));
+    let bad = commit(&repo, "main", &files, "oops");
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["sha"] == bad
+    ));
+    let secrets = ["hunter2", "UPSTREAM-PASSWORD", "REDIS-PASSWORD"];
+    let clean = |what: &str, text: &str| {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s}: {text}");
+        }
+    };
+    let status = gw.status().to_string();
+    clean("/status", &status);
+    assert!(
+        status.contains("inline-secret") && status.contains("gateway.toml"),
+        "{status}"
+    );
+    assert!(
+        status.contains("invalid target URL `http://127.0.0.1:9`"),
+        "{status}"
+    );
+    assert!(
+        status.contains("the store URL holds a password"),
+        "{status}"
+    );
+    assert!(
+        status.contains("a JWT secret must not be written"),
+        "{status}"
+    );
+    for path in ["/api/v1/status", "/api/v1/reloads"] {
+        let (_, body) = http(&gw.admin, "GET", path, &[], b"").unwrap();
+        clean(path, &body);
+    }
+    let (_, out) = rustygate_status(&gw, &[]);
+    clean("rustygate status", &out);
+    assert!(out.contains("gateway.toml:7:"), "{out}");
+    clean("the log", &gw.logs.lock().unwrap());
+
+    // The config author's own check says where, without echoing the value either.
+    let work = tempfile::tempdir().unwrap();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+    write_files(work.path(), &refs);
+    for format in ["human", "short", "json"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+            .args(["validate", "--format", format])
+            .arg(work.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        clean(&format!("validate --format {format}"), &text);
+        assert!(text.contains("gateway.toml"), "{text}");
+    }
 }

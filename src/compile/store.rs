@@ -111,18 +111,25 @@ fn value(
 fn check_url(cx: &mut Cx<'_>, file: FileId, at: &Spanned<ValueSource>, url: &str) {
     let literal = matches!(at.get(), ValueSource::Literal(_));
     // Never echo a URL read from a secret: it may hold a password.
-    let shown = if literal { url } else { "the URL" };
+    let redacted = crate::source::redact_url(url);
+    let shown = if literal {
+        redacted.as_str()
+    } else {
+        "the URL"
+    };
+    // A literal URL with a password: its line is not shown either.
+    let mark = |d: Diagnostic| if redacted != url { d.secret() } else { d };
     let parsed = match redis::parse_redis_url(url) {
         Some(u) if matches!(u.scheme(), "redis" | "rediss" | "valkey" | "valkeys") => u,
         _ => {
-            cx.push(
+            cx.push(mark(
                 Diagnostic::error(
                     "invalid-store",
                     format!("{shown} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
                 )
                 .at(file, at.span(), "invalid store URL")
                 .help("e.g. url = \"redis://redis.internal:6379/0\", or rediss:// for TLS"),
-            );
+            ));
             return;
         }
     };
@@ -138,10 +145,10 @@ fn check_url(cx: &mut Cx<'_>, file: FileId, at: &Spanned<ValueSource>, url: &str
         return;
     }
     if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
-        cx.push(
+        cx.push(mark(
             Diagnostic::error("invalid-store", format!("{shown} is not a valid store URL"))
                 .at(file, at.span(), "invalid store URL")
                 .help("e.g. url = \"redis://redis.internal:6379/0\""),
-        );
+        ));
     }
 }

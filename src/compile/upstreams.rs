@@ -178,14 +178,17 @@ fn compile_targets(
                 }
                 out.push(Target { weight, ..target });
             }
-            Err(why) => cx.push(
-                Diagnostic::error(
+            Err(why) => {
+                // Never echo credentials: the message goes to /status and the logs.
+                let shown = crate::source::redact_url(url);
+                let d = Diagnostic::error(
                     "invalid-target",
-                    format!("invalid target URL `{url}`: {why}"),
+                    format!("invalid target URL `{shown}`: {why}"),
                 )
                 .at(file, t.span(), "invalid target")
-                .help("write targets as \"http://host:port\" or \"https://host:port\""),
-            ),
+                .help("write targets as \"http://host:port\" or \"https://host:port\"");
+                cx.push(if shown == *url { d } else { d.secret() });
+            }
         }
     }
     out

@@ -90,6 +90,9 @@ pub struct Diagnostic {
     /// Other places that explain it (the first definition of a duplicate name, ...).
     pub secondary: Vec<Label>,
     pub help: Vec<String>,
+    /// The text it points at holds a secret (a literal the compiler refuses, credentials in a
+    /// URL): the source line is never shown, by any rendering (see [`Diagnostic::hides_source`]).
+    pub secret: bool,
 }
 
 impl Diagnostic {
@@ -101,7 +104,21 @@ impl Diagnostic {
             primary: None,
             secondary: Vec::new(),
             help: Vec::new(),
+            secret: false,
         }
+    }
+
+    /// Marks the text it points at as a secret (see [`Diagnostic::secret`]).
+    pub fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+
+    /// Whether the source line it points at must not be shown: it holds a secret. Every
+    /// `inline-secret` does (its place is the literal). The file, line and column are still
+    /// given, so the author finds it.
+    pub fn hides_source(&self) -> bool {
+        self.secret || self.code == "inline-secret"
     }
 
     pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
@@ -207,6 +224,10 @@ impl Diagnostics {
         let config = term::Config::default();
         let mut out = String::new();
         for d in &self.items {
+            if d.hides_source() {
+                out.push_str(&render_without_source(d, files));
+                continue;
+            }
             let spans: Vec<(FileId, Range<usize>)> =
                 labels(d).map(|l| (l.file, l.span.clone())).collect();
             let rendered = view::View::new(files, &spans, &config)
@@ -305,6 +326,31 @@ impl Diagnostics {
     }
 }
 
+/// [`Diagnostics::render_human`] of a diagnostic whose source line holds a secret: the header,
+/// the place and the label, no source text.
+fn render_without_source(d: &Diagnostic, files: &SourceFiles) -> String {
+    let mut out = format!(
+        "{}[{}]: {}\n",
+        severity_word(d.severity),
+        d.code,
+        printable(&d.message)
+    );
+    for (i, l) in labels(d).enumerate() {
+        let (line, col) = files.line_col(l.file, l.span.start);
+        out.push_str(&format!(
+            "  {} {}:{line}:{col}: {} (line not shown: it holds a secret)\n",
+            if i == 0 { "-->" } else { ":::" },
+            printable(files.name(l.file)),
+            printable(&l.message)
+        ));
+    }
+    for h in &d.help {
+        out.push_str(&format!("  = help: {}\n", printable(h)));
+    }
+    out.push('\n');
+    out
+}
+
 fn json_of<'a>(d: &'a Diagnostic, files: &'a SourceFiles) -> JsonDiagnostic<'a> {
     let loc = d.primary.as_ref().map(|p| {
         let (line, col) = files.line_col(p.file, p.span.start);
@@ -345,10 +391,13 @@ impl Diagnostics {
                 let json = json_of(d, files);
                 let mut v = serde_json::to_value(&json).unwrap_or_default();
                 if let (Some(p), Some(obj)) = (&d.primary, v.as_object_mut()) {
+                    obj.insert("label".into(), p.message.clone().into());
+                    if d.hides_source() {
+                        return v;
+                    }
                     let (text, column) = view::line_around(files, p.file, p.span.start);
                     obj.insert("snippet".into(), text.into());
                     obj.insert("snippet_column".into(), column.into());
-                    obj.insert("label".into(), p.message.clone().into());
                 }
                 v
             })
