@@ -329,3 +329,93 @@ fn rate_limits_can_key_on_a_verified_claim() {
         "another subject, another bucket"
     );
 }
+
+/// Only signature keys verify tokens, and only for their own algorithm: a JWK with
+/// `use: "enc"`, or whose `alg` names another algorithm (or an encryption one), is not used,
+/// even under the token's `kid` (RFC 7517 4.2/4.4, RFC 8725 3.1).
+#[test]
+fn jwks_keys_for_encryption_or_another_algorithm_do_not_verify() {
+    let keys = Keys::new(7);
+    let mut enc = keys.jwk("enc");
+    enc["use"] = "enc".into();
+    let mut es384 = keys.jwk("es384");
+    es384["alg"] = "ES384".into();
+    let mut oaep = keys.jwk("oaep");
+    oaep["alg"] = "RSA-OAEP".into();
+    let mut bare = keys.jwk("bare");
+    bare.as_object_mut().unwrap().remove("alg");
+    bare.as_object_mut().unwrap().remove("use");
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [keys.jwk("ok"), enc, es384, oaep, bare]}),
+    ));
+    let jwks = jwks_server(doc, Arc::new(AtomicUsize::new(0)));
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway(&format!("{}/use-alg.json", jwks.url()), &be, "", "30s");
+    for (kid, want) in [
+        ("ok", 200),
+        ("bare", 200),
+        ("enc", 401),
+        ("es384", 401),
+        ("oaep", 401),
+    ] {
+        let bearer = format!("Bearer {}", keys.token(kid, claims()));
+        assert_eq!(
+            req(&gw, "/orders", &[("Authorization", &bearer)]).0,
+            want,
+            "{kid}"
+        );
+    }
+}
+
+/// The JWKS cache is kept by URL: a config that changes only `jwks_ttl` / `jwks_min_refresh`
+/// keeps the cached keys (no fetch), and the new TTL applies to them.
+#[test]
+fn changing_the_jwks_ttl_keeps_the_cached_keys_and_applies_the_new_ttl() {
+    let keys = Keys::new(7);
+    let hits = Arc::new(AtomicUsize::new(0));
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [keys.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(doc, Arc::clone(&hits));
+    let be = Backend::fixed(200, "ok");
+    let url = format!("{}/ttl-change.json", jwks.url());
+    let files = |ttl: &str, min: &str| {
+        vec![
+            (
+                "gateway.toml",
+                format!(
+                    "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\"]\njwks_url = \"{url}\"\n\
+                     jwks_ttl = \"{ttl}\"\njwks_min_refresh = \"{min}\"\n"
+                ),
+            ),
+            (
+                "routes/r.toml",
+                "[[route]]\nname = \"orders\"\nprefix = \"/orders\"\nupstream = \"be\"\nauth = \"idp\"\n"
+                    .to_owned(),
+            ),
+            (
+                "upstreams/u.toml",
+                format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+            ),
+        ]
+    };
+    let gw = Gateway::start(&as_refs(&files("1h", "30s")));
+    let bearer = format!("Bearer {}", keys.token("k1", claims()));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &bearer)]).0, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    gw.swap(&as_refs(&files("2h", "1m")));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &bearer)]).0, 200);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the cached keys were dropped"
+    );
+
+    // A TTL short enough to be over: the same cache refreshes.
+    gw.swap(&as_refs(&files("1s", "1s")));
+    assert!(wait_until(Duration::from_secs(15), || {
+        req(&gw, "/orders", &[("Authorization", &bearer)]).0 == 200
+            && hits.load(Ordering::SeqCst) >= 2
+    }));
+}

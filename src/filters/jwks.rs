@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 /// Time allowed for one JWKS fetch.
@@ -39,47 +39,63 @@ struct Refresh {
     last_attempt: Option<Instant>,
 }
 
-pub struct JwksCache {
+/// What the caches of one URL share: the keys and the refresh in flight.
+struct Shared {
     url: String,
-    ttl: Duration,
-    min_refresh: Duration,
     keys: ArcSwap<KeySet>,
     refresh: Mutex<Refresh>,
     done: tokio::sync::Notify,
 }
 
-/// All JWKS caches of the process, by URL: a config swap that keeps the URL keeps the keys.
-static REGISTRY: LazyLock<Mutex<HashMap<String, Arc<JwksCache>>>> = LazyLock::new(Default::default);
+/// One provider's view of the JWKS at a URL: the keys are shared by every provider and
+/// snapshot that names the URL; the TTL and minimum refresh interval are this provider's, so
+/// a config that only changes them keeps the keys and applies the new intervals.
+pub struct JwksCache {
+    shared: Arc<Shared>,
+    ttl: Duration,
+    min_refresh: Duration,
+}
+
+/// The keys of every JWKS URL of the process: a config swap that keeps the URL keeps the keys.
+static REGISTRY: LazyLock<Mutex<HashMap<String, Arc<Shared>>>> = LazyLock::new(Default::default);
 
 impl JwksCache {
-    /// The cache for `url`, shared with every provider and snapshot that names it.
+    /// The cache for `url`, sharing its keys with every provider and snapshot that names it.
     pub fn for_url(url: &str, ttl: Duration, min_refresh: Duration) -> Arc<JwksCache> {
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        let key = format!(
-            "{url}\u{0}{}\u{0}{}",
-            ttl.as_millis(),
-            min_refresh.as_millis()
-        );
-        Arc::clone(reg.entry(key).or_insert_with(|| {
-            Arc::new(JwksCache {
+        let shared = Arc::clone(reg.entry(url.to_owned()).or_insert_with(|| {
+            Arc::new(Shared {
                 url: url.to_owned(),
-                ttl,
-                min_refresh,
                 keys: ArcSwap::from_pointee(KeySet::default()),
                 refresh: Mutex::new(Refresh::default()),
                 done: tokio::sync::Notify::new(),
             })
-        }))
+        }));
+        Arc::new(JwksCache {
+            shared,
+            ttl,
+            min_refresh,
+        })
     }
 
-    fn find(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
-        let set = self.keys.load();
+    /// The key for `kid` that may verify a token signed with `alg` (`None`: any): a JWK whose
+    /// `alg` names another algorithm is not one (RFC 7517 4.4, RFC 8725 3.1).
+    fn find(&self, kid: Option<&str>, alg: Option<Algorithm>) -> Option<Arc<DecodingKey>> {
+        let set = self.shared.keys.load();
+        let fits = |(jwk, _): &&(Jwk, Arc<DecodingKey>)| {
+            alg.is_none_or(|alg| {
+                jwk.common
+                    .key_algorithm
+                    .is_none_or(|k| Algorithm::try_from(k).is_ok_and(|a| a == alg))
+            })
+        };
         let found = match kid {
-            Some(k) => set.by_kid.get(k),
-            None => set
-                .anonymous
-                .first()
-                .or_else(|| (set.by_kid.len() == 1).then(|| set.by_kid.values().next())?),
+            Some(k) => set.by_kid.get(k).filter(fits),
+            None => set.anonymous.iter().find(fits).or_else(|| {
+                (set.by_kid.len() == 1)
+                    .then(|| set.by_kid.values().next().filter(fits))
+                    .flatten()
+            }),
         };
         found.map(|(_, key)| Arc::clone(key))
     }
@@ -87,6 +103,7 @@ impl JwksCache {
     /// Starts a refresh when the keys are older than the TTL.
     fn refresh_if_stale(self: &Arc<Self>) {
         let stale = self
+            .shared
             .keys
             .load()
             .fetched_at
@@ -101,30 +118,41 @@ impl JwksCache {
     /// lookup does, so tokens answered from a cache still see the issuer's rotations.
     pub fn still_publishes(self: &Arc<Self>, kid: Option<&str>, key: &Arc<DecodingKey>) -> bool {
         self.refresh_if_stale();
-        self.find(kid).is_some_and(|k| Arc::ptr_eq(&k, key))
+        self.find(kid, None).is_some_and(|k| Arc::ptr_eq(&k, key))
     }
 
     /// The key for a token's `kid`, fetching the JWKS when it is unknown (rate limited).
     pub async fn key(
         self: &Arc<Self>,
         kid: Option<&str>,
-        _alg: Algorithm,
+        alg: Algorithm,
     ) -> Option<Arc<DecodingKey>> {
-        if let Some(k) = self.find(kid) {
+        if let Some(k) = self.find(kid, Some(alg)) {
             self.refresh_if_stale();
             return Some(k);
         }
-        let done = self.done.notified();
-        if self.start_refresh() || self.refresh.lock().map(|r| r.in_flight).unwrap_or(false) {
+        let done = self.shared.done.notified();
+        if self.start_refresh()
+            || self
+                .shared
+                .refresh
+                .lock()
+                .map(|r| r.in_flight)
+                .unwrap_or(false)
+        {
             let _ = tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done).await;
         }
-        self.find(kid)
+        self.find(kid, Some(alg))
     }
 
     /// Starts a fetch unless one is running or one started less than `min_refresh` ago.
     fn start_refresh(self: &Arc<Self>) -> bool {
         {
-            let mut r = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = self
+                .shared
+                .refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if r.in_flight
                 || r.last_attempt
                     .is_some_and(|t| t.elapsed() < self.min_refresh)
@@ -134,7 +162,7 @@ impl JwksCache {
             r.in_flight = true;
             r.last_attempt = Some(Instant::now());
         }
-        let this = Arc::clone(self);
+        let this = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let previous = this.keys.load_full();
             match fetch(&this.url, &previous).await {
@@ -200,6 +228,20 @@ async fn fetch(url: &str, previous: &KeySet) -> Result<KeySet, String> {
         ..KeySet::default()
     };
     for jwk in &jwks.keys {
+        // Only signature keys (RFC 7517 4.2, 4.4): an encryption key (`use` other than `sig`,
+        // or an `alg` that is not a signature algorithm) never verifies a token.
+        let for_signing = jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_none_or(|u| *u == PublicKeyUse::Signature)
+            && jwk
+                .common
+                .key_algorithm
+                .is_none_or(|k| Algorithm::try_from(k).is_ok());
+        if !for_signing {
+            continue;
+        }
         match &jwk.common.key_id {
             Some(kid) => {
                 if let Some(key) = key_for(jwk, previous.by_kid.get(kid)) {
