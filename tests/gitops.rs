@@ -1373,3 +1373,24 @@ fn refused_literal_secrets_are_not_shown_in_status_logs_or_validate() {
         assert!(text.contains("gateway.toml"), "{text}");
     }
 }
+
+/// SIGHUP reloads, as for nginx: a commit pushed with polling off is served after a real
+/// SIGHUP to the real process, which keeps running. Without a handler it ended the process.
+#[test]
+fn sighup_reloads_the_config_and_the_gateway_keeps_running() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let mut gw = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &[]);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    let v2 = commit(&repo, "main", &config("v2"), "second");
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert!(wait_body(&gw, "v2"), "{}", gw.logs.lock().unwrap());
+    assert!(matches!(gw.child.try_wait(), Ok(None)));
+    let status = gw.status();
+    assert_eq!(status["applied"]["sha"], v2);
+    assert_eq!(status["attempted"]["trigger"], "sighup", "{status}");
+}

@@ -476,6 +476,7 @@ pub async fn serve(
         );
     }
     let metrics = Arc::clone(&control.metrics);
+    reload_on_sighup(control.reload.clone());
     let running = start(opts, store, control)?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, workers = opts.workers, "rustygate listening");
     let handles = running.handles();
@@ -514,6 +515,32 @@ fn in_flight(metrics: &Metrics) -> f64 {
         .flat_map(|f| f.get_metric())
         .map(|m| m.get_gauge().get_value())
         .sum()
+}
+
+/// SIGHUP reloads the config now (a poll out of turn), as for nginx: without a handler it
+/// would end the process at once, requests in flight cut. A source that cannot be reloaded
+/// logs that it was asked.
+fn reload_on_sighup(reload: Option<tokio::sync::mpsc::Sender<Trigger>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    actix_web::rt::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &reload {
+                Some(tx) => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                        tx.try_send(Trigger::Signal)
+                    {
+                        tracing::warn!("SIGHUP: the reload loop is gone");
+                    }
+                }
+                None => tracing::info!("SIGHUP: this config source is not reloaded"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -49,6 +49,8 @@ pub enum Trigger {
     },
     /// Another replica announced a new head on the fleet's store (`store::fleet`).
     Peer,
+    /// SIGHUP: reload now, as nginx and most daemons do (not forced).
+    Signal,
 }
 
 impl Trigger {
@@ -59,6 +61,7 @@ impl Trigger {
             Trigger::Webhook { source, .. } => source,
             Trigger::Admin { .. } => "admin",
             Trigger::Peer => "peer",
+            Trigger::Signal => "sighup",
         }
     }
 
@@ -70,7 +73,7 @@ impl Trigger {
     pub fn trace(self) -> Option<TraceContext> {
         match self {
             Trigger::Webhook { trace, .. } | Trigger::Admin { trace, .. } => trace,
-            Trigger::Poll | Trigger::Watch | Trigger::Peer => None,
+            Trigger::Poll | Trigger::Watch | Trigger::Peer | Trigger::Signal => None,
         }
     }
 }
