@@ -145,7 +145,9 @@ enum Command {
     Fetch {
         #[arg(long)]
         cache_dir: PathBuf,
-        #[arg(long)]
+        /// From the environment, not the command line: the URL may hold a password, and any
+        /// local user can read a process's command line (`ps`).
+        #[arg(long, env = "RUSTYGATE_FETCH_URL", hide_env_values = true)]
         url: String,
         #[arg(long)]
         deadline_ms: u64,

@@ -338,3 +338,69 @@ fn a_fetch_killed_mid_pack_leaves_no_temporary_pack() {
     assert!(!left.exists());
     assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
 }
+
+/// The command lines of the children of `pid` (`/proc/<child>/cmdline`, NULs as spaces).
+fn children_cmdlines(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after its `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid)
+            && let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+        {
+            out.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
+        }
+    }
+    out
+}
+
+/// The git URL's password is not on the fetch process's command line, which any local user
+/// can read (`ps`); the fetch still gets the URL.
+#[test]
+fn the_fetch_process_command_line_holds_no_url_password() {
+    // Accepts, never answers: the fetch child stays up long enough to be looked at.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&held);
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let url = format!("http://alice:URL-PASSWORD@127.0.0.1:{port}/cfg.git");
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args([
+            "serve",
+            "--repo",
+            &url,
+            "--poll",
+            "0",
+            "--fetch-timeout",
+            "20s",
+        ])
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut fetch = None;
+    let seen = wait_until(Duration::from_secs(15), || {
+        fetch = children_cmdlines(child.id())
+            .into_iter()
+            .find(|c| c.contains("__fetch"));
+        fetch.is_some() && !held.lock().unwrap().is_empty()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "no fetch process reached the host");
+    let fetch = fetch.unwrap();
+    assert!(!fetch.contains("URL-PASSWORD"), "{fetch}");
+}

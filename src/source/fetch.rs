@@ -100,12 +100,13 @@ pub fn fetch_in_child(
     if let Some(file) = ssl_cert_file {
         cmd.env("SSL_CERT_FILE", file);
     }
+    // The URL may hold `user:password@`: in the environment (readable by this user and root
+    // only), never on the command line, which every local user sees in `ps`.
     let mut child = cmd
+        .env("RUSTYGATE_FETCH_URL", url)
         .arg(SUBCOMMAND)
         .arg("--cache-dir")
         .arg(cache_dir)
-        .arg("--url")
-        .arg(url)
         .arg("--deadline-ms")
         .arg(deadline.as_millis().to_string())
         .args(branch.map(|b| ["--branch", b]).into_iter().flatten())
