@@ -1394,3 +1394,67 @@ fn sighup_reloads_the_config_and_the_gateway_keeps_running() {
     assert_eq!(status["applied"]["sha"], v2);
     assert_eq!(status["attempted"]["trigger"], "sighup", "{status}");
 }
+
+/// `rustygate_config_last_reload_successful` says whether the head is what is served: 0 while
+/// a rejected head stands (also across polls that find it again, and after a restart that
+/// serves the commit served before it), 1 once a good commit is served.
+#[test]
+fn the_last_reload_successful_gauge_follows_a_rejected_head() {
+    const GAUGE: &str = "rustygate_config_last_reload_successful";
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("good"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.metric(GAUGE), Some(1.0));
+    let mut broken = config("broken");
+    broken.push((
+        "routes/bad.toml",
+        "[[route]]\nname = \"bad\"\nprefix = \"/bad\"\nupstream = \"nosuch\"\n".to_owned(),
+    ));
+    let bad = commit(&repo, "main", &broken, "a route to no upstream");
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["attempted"]["sha"] == bad
+    }));
+    assert_eq!(gw.metric(GAUGE), Some(0.0));
+    // Later polls find the same rejected head: still 0.
+    let polled = gw.status()["last_fetch_at"].clone();
+    assert!(wait_until(Duration::from_secs(15), || {
+        gw.status()["last_fetch_at"] != polled
+    }));
+    assert_eq!(gw.metric(GAUGE), Some(0.0));
+    // The exposition stays valid for Prometheus.
+    let (_, text) = http(&gw.admin, "GET", "/metrics", &[], b"").unwrap();
+    if let Ok(mut check) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(gw);
+
+    // A restart serves the commit served before; the head is still rejected.
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "good");
+    assert_eq!(gw.metric(GAUGE), Some(0.0));
+    commit(&repo, "main", &config("fixed"), "fixed");
+    assert!(wait_body(&gw, "fixed"));
+    assert_eq!(gw.metric(GAUGE), Some(1.0));
+}

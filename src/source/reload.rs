@@ -420,6 +420,7 @@ impl Reloader {
                 signer: None,
             });
         }
+        let head_ok = rejected.is_none() && c.held.is_none() && c.stale.is_none();
         if let Some(head) = rejected {
             // The head stays the failed attempt: /status and `rustygate status` say it, and
             // later reloads skip it until it changes (or one is forced).
@@ -429,6 +430,8 @@ impl Reloader {
             source.discard_checkout(&head_id, Some(&c.version_id));
         }
         metrics.reload_succeeded(None, &c.version_id, unix(now));
+        // Serving, but not the head: it was rejected, held back, or not fetched.
+        metrics.last_reload_ok(head_ok);
         source.clean_checkouts(&c.version_id);
         tracing::info!(version = %c.version_id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), source = %spec.describe(), "config loaded");
         let store = Arc::new(SnapshotStore::new(snapshot));
@@ -601,6 +604,8 @@ impl Reloader {
                 {
                     status.attempted = Some(before);
                 }
+                self.metrics
+                    .last_reload_ok(status.failed.as_deref() != Some(version_id.as_str()));
                 tracing::debug!(trigger, trace_id, span_id, version = %version_id, "config unchanged");
                 return;
             }

@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Unix time of the last successful reload.
     pub config_last_success: Gauge,
     /// `rustygate_config_info{sha}` = 1 for the config being served.
+    /// `rustygate_config_last_reload_successful`: 1 when the last reload served the version it
+    /// found (or found nothing new), 0 when the head it found was rejected or could not be
+    /// fetched, until one is served.
+    pub config_last_reload_ok: IntGauge,
     pub config_info: IntGaugeVec,
     /// `rustygate_requests_total{route,method,status}`; unmatched requests use `route="<none>"`.
     /// Counted per worker ([`super::counts`]), as are `request_duration`, `upstream_duration`,
@@ -105,6 +109,12 @@ impl Metrics {
         let config_last_success = Gauge::new(
             "rustygate_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config reload.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let config_last_reload_ok = IntGauge::new(
+            "rustygate_config_last_reload_successful",
+            "1 when the last config reload succeeded (or found nothing new), 0 when the head it \
+             found was rejected or could not be fetched; /status names the failing SHA.",
         )
         .unwrap_or_else(|_| unreachable_metric());
         let config_info = IntGaugeVec::new(
@@ -248,6 +258,7 @@ impl Metrics {
             Box::new(upstream_no_target.clone()),
             Box::new(config_last_success.clone()),
             Box::new(config_info.clone()),
+            Box::new(config_last_reload_ok.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -271,6 +282,7 @@ impl Metrics {
             config_commits_refused,
             config_last_success,
             config_info,
+            config_last_reload_ok,
             requests,
             request_duration,
             upstream_duration,
@@ -329,10 +341,20 @@ impl Metrics {
             let _ = self.config_info.remove_label_values(&[prev]);
         }
         self.config_info.with_label_values(&[sha]).set(1);
+        self.config_last_reload_ok.set(1);
     }
 
     pub fn reload_failed(&self) {
         self.config_reloads.with_label_values(&["failure"]).inc();
+        self.config_last_reload_ok.set(0);
+    }
+
+    /// Sets `rustygate_config_last_reload_successful` without counting a reload: a reload that
+    /// found nothing new is as good as the version it found (the served one, or the one that
+    /// failed before), and a start-up that serves the commit served before a rejected head is
+    /// not.
+    pub fn last_reload_ok(&self, ok: bool) {
+        self.config_last_reload_ok.set(i64::from(ok));
     }
 
     /// A commit refused by `--require-signed` (`reason`: `unsigned-commit`, `bad-signature`).
