@@ -447,6 +447,19 @@ fn malformed_chunked_request_bodies_are_400() {
         assert!(resp.starts_with("HTTP/1.1 400 "), "{name}: {resp:?}");
         assert!(resp.contains("connection: close"), "{name}: {resp:?}");
         assert_eq!(resp.matches("HTTP/1.1").count(), 1, "{name}: {resp:?}");
+        // The gateway's JSON error, its request id in `x-request-id` too.
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{name}: {resp:?}"
+        );
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("{name}: no x-request-id: {resp:?}"));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "the chunked body is malformed", "{name}");
+        assert_eq!(json["request_id"], id, "{name}");
     }
     // Well-formed bodies, however they are cut, still go through, with extensions and
     // trailers.

@@ -116,6 +116,7 @@ fn slowloris_on_the_first_and_on_a_later_request_head_gets_408_and_close() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
     let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
     assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert_gateway_json_error(&got, "the request head was not received in time");
     assert!(took < Duration::from_secs(2), "closed after {took:?}");
 
     // A later request on a kept-alive connection: one byte, then silence.
@@ -126,6 +127,7 @@ fn slowloris_on_the_first_and_on_a_later_request_head_gets_408_and_close() {
     s.write_all(b"G").unwrap();
     let (got, took) = read_to_close(&mut s, Duration::from_secs(5));
     assert!(got.starts_with("HTTP/1.1 408"), "got {got:?}");
+    assert_gateway_json_error(&got, "the request head was not received in time");
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(2),
         "closed after {took:?}"

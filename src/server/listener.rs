@@ -160,12 +160,15 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Written to a client whose next request head did not arrive in time.
-const REQUEST_TIMEOUT: &[u8] =
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+/// A client whose next request head did not arrive in time (the header timeout).
+const REQUEST_TIMEOUT: Refusal = Refusal {
+    status: 408,
+    message: "the request head was not received in time",
+};
 
-/// A request head the listener refuses itself, before the parser has it whole: its status and
-/// the message of the gateway's JSON error ([`gateway_answer`]).
+/// A request the listener refuses itself (a head before the parser has it whole, a head that
+/// did not arrive in time, a malformed chunked body): its status and the message of the
+/// gateway's JSON error ([`gateway_answer`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Refusal {
     status: u16,
@@ -186,11 +189,14 @@ const URI_TOO_LONG: Refusal = Refusal {
     message: "the request target is too long",
 };
 
-/// The gateway's answer to a request head refused before any route saw it, as the handler
+/// The gateway's answer to a request the listener refuses itself (a head refused before any
+/// route saw it, a head that did not arrive in time, a malformed chunked body), as the handler
 /// answers the requests it refuses: a JSON error with a new request id, that id in
-/// `x-request-id`; then the connection closes. Returns the answer and the id.
+/// `x-request-id`; then the connection closes. Returns the answer and the id. Refusal paths
+/// only: nothing here is built for a request that is served.
 fn gateway_answer(status: u16, message: &str) -> (String, String) {
     let reason = match status {
+        408 => "Request Timeout",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         _ => "Bad Request",
@@ -212,9 +218,11 @@ fn gateway_answer(status: u16, message: &str) -> (String, String) {
 /// longer lines get [`URI_TOO_LONG`] here, and the connection is closed.
 const MAX_REQUEST_LINE: usize = 65_000;
 
-/// The answer to a request whose chunked body breaks the chunked grammar.
-const MALFORMED_BODY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
-content-length: 30\r\nconnection: close\r\n\r\nthe chunked body is malformed\n";
+/// A request whose chunked body breaks the chunked grammar.
+const MALFORMED_BODY: Refusal = Refusal {
+    status: 400,
+    message: "the chunked body is malformed",
+};
 
 /// The most of a request head cut across reads kept to find its end: actix-http's own limit
 /// (its decoder answers a longer head with 431 and closes). Each read scans only its new bytes
@@ -354,6 +362,8 @@ pub(crate) struct ConnState {
     /// The request's chunked body broke the chunked grammar: [`ClientIo`] has answered `400`
     /// (when no response had begun) and ends the connection.
     body_broken: Cell<bool>,
+    /// The request id of that `400`, for the request's access line.
+    body_refusal_id: Cell<Option<String>>,
     /// The connection's facts, here too so that a request finds both in one lookup.
     info: Rc<ConnInfo>,
 }
@@ -381,6 +391,7 @@ impl ConnState {
             bodyless: Cell::new(false),
             holding: Cell::new(false),
             body_broken: Cell::new(false),
+            body_refusal_id: Cell::new(None),
             info,
         }
     }
@@ -464,6 +475,12 @@ impl Busy {
     /// Whether the request's chunked body was malformed (its client has been told `400`).
     pub fn body_broken(&self) -> bool {
         self.0.body_broken.get()
+    }
+
+    /// The request id the listener's `400` for the malformed chunked body carried (none when
+    /// the body was not malformed, or its response had begun and the client got no `400`).
+    pub fn body_refusal_id(&self) -> Option<String> {
+        self.0.body_refusal_id.take()
     }
 }
 
@@ -1060,14 +1077,21 @@ impl ClientIo {
                     // What is left of this read may be empty: end of input at once.
                     buf.set_filled(from + at);
                     self.state.body_broken.set(true);
+                    let mut request_id = String::new();
                     if !self.responded {
                         // Like the 408: a plain socket sends it at once (nothing else is queued
                         // before a response begins); over TLS it leaves with the dispatcher's
-                        // flush.
-                        let _ = Pin::new(&mut self.io).poll_write(cx, MALFORMED_BODY);
+                        // flush. The request's access line takes the answer's id
+                        // ([`Busy::body_refusal_id`]): the answer may go before the handler
+                        // has the request.
+                        let (answer, id) =
+                            gateway_answer(MALFORMED_BODY.status, MALFORMED_BODY.message);
+                        let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
+                        request_id.clone_from(&id);
+                        self.state.body_refusal_id.set(Some(id));
                     }
                     self.answered = true;
-                    tracing::debug!("malformed chunked request body; closing");
+                    tracing::debug!(request_id, "malformed chunked request body; closing");
                     return;
                 }
             },
@@ -1178,20 +1202,16 @@ impl ClientIo {
         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
         self.partial_head.clear();
-        self.refused_as(refusal.status, refusal.message, &id);
+        self.refused(refusal.status, refusal.message, &id);
     }
 
     /// A request head refused before any route saw it: by this reader ([`ClientIo::refuse_head`],
     /// the header timeout) or by actix-http's parser (a malformed or oversized head, which it
     /// answers itself: seen in [`ClientIo::wrote`]). Counted under `route="<none>"` and logged
-    /// at debug with the client's address; actix-http's own line for its refusals (an `ERROR`
-    /// without the client, one per bad request) is filtered out ([`crate::telemetry`]).
-    fn refused(&self, status: u16, reason: &str) {
-        self.refused_as(status, reason, "");
-    }
-
-    /// [`ClientIo::refused`], for an answer that carries the request id `request_id`.
-    fn refused_as(&self, status: u16, reason: &str, request_id: &str) {
+    /// at debug with the client's address and the answer's `request_id`; actix-http's own line
+    /// for its refusals (an `ERROR` without the client, one per bad request) is filtered out
+    /// ([`crate::telemetry`]).
+    fn refused(&self, status: u16, reason: &str, request_id: &str) {
         let token = self
             .head_start
             .split(|&b| b == b' ')
@@ -1248,7 +1268,7 @@ impl ClientIo {
         let (answer, id) = gateway_answer(status, message);
         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
-        self.refused_as(status, "malformed or oversized request head", &id);
+        self.refused(status, "malformed or oversized request head", &id);
     }
 
     /// Bytes were read and all withheld (a head still incomplete): nothing for the
@@ -1261,7 +1281,8 @@ impl ClientIo {
 
     fn head_timed_out(&self, io: &TcpStream) -> Option<bool> {
         self.state.timeouts.inc();
-        let _ = io.try_write(REQUEST_TIMEOUT);
+        let (answer, _) = gateway_answer(REQUEST_TIMEOUT.status, REQUEST_TIMEOUT.message);
+        let _ = io.try_write(answer.as_bytes());
         None
     }
 
@@ -1317,8 +1338,13 @@ impl AsyncRead for ClientIo {
                 this.state.timeouts.inc();
                 // A plain socket sends it at once if it has room; over TLS it is encrypted into
                 // the session and leaves with the dispatcher's flush before the close.
-                let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT);
-                this.refused(408, "request head not received within the header timeout");
+                let (answer, id) = gateway_answer(REQUEST_TIMEOUT.status, REQUEST_TIMEOUT.message);
+                let _ = Pin::new(&mut this.io).poll_write(cx, answer.as_bytes());
+                this.refused(
+                    408,
+                    "request head not received within the header timeout",
+                    &id,
+                );
                 return Poll::Ready(Ok(()));
             }
             Some(Expired::Idle) => {
