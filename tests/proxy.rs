@@ -807,6 +807,35 @@ fn statuses_without_a_standard_reason_are_relayed_with_an_empty_one() {
     }
 }
 
+/// An upstream that switches protocols (101) for a request that did not ask to is an invalid
+/// response: `502`, counted under `kind="invalid_response"` like the others. It was answered
+/// 502 but counted nowhere among the upstream errors.
+#[test]
+fn a_101_to_a_request_that_did_not_ask_to_switch_is_counted_as_an_invalid_response() {
+    let be = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    );
+    let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), "")));
+    for request in [
+        "GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+        "HEAD /b HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        let resp = raw(gw.addr, request.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+        assert!(
+            resp.contains(r#"{"error":"the upstream sent an invalid response""#)
+                || request.starts_with("HEAD"),
+            "{resp}"
+        );
+    }
+    let m = scrape(&gw);
+    assert_eq!(
+        m.get(r#"rustygate_upstream_errors_total{kind="invalid_response",upstream="be"}"#),
+        Some(&2.0),
+        "{m:?}"
+    );
+}
+
 /// An upstream whose only answer is an interim (1xx) response before it closes sent no
 /// response to relay: `502` "the upstream sent an invalid response", counted and logged as
 /// `invalid_response`, like any other response the gateway does not relay; with a body in

@@ -2006,6 +2006,29 @@ fn client_response(
     .into()
 }
 
+/// The kind of [`ForwardError::Invalid`], for a response refused once its head has arrived.
+const INVALID_RESPONSE: &str = "invalid_response";
+
+/// 502 for an upstream response whose head arrived but may not be relayed (a 101 to a request
+/// that did not ask to switch, or a failed WebSocket handshake; both framings at once): counted
+/// like the invalid responses the upstream client refuses itself ([`attempt_failed`]), under
+/// `rustygate_upstream_errors_total{kind="invalid_response"}` and against the target.
+fn invalid_response(ex: &Exchange, state: &WorkerState) -> HttpResponse {
+    if let Some(upstream) = &ex.upstream {
+        if let Some(index) = ex.target {
+            upstream.record_failure(index);
+        }
+        // The error path only: a labelled lookup is fine here.
+        state
+            .recorder
+            .metrics()
+            .upstream_errors
+            .with_label_values(&[upstream.name.as_str(), INVALID_RESPONSE])
+            .inc();
+    }
+    ex.error(502, "the upstream sent an invalid response")
+}
+
 /// The client's response head from an `http` 1.x one: checked (a 101 only for a WebSocket
 /// `handshake`, framing), edited by the route's response header rules, the policy's
 /// `on_response` and the plugins, then relayed. Returns it with its status and declared
@@ -2035,21 +2058,18 @@ fn edited_head(
             tracing::warn!(
                 request_id = ex.request_id.to_str().unwrap_or(""),
                 route = route.name.as_str(),
+                kind = INVALID_RESPONSE,
                 error = why,
                 "WebSocket handshake refused"
             );
-            return Err(Box::new(
-                ex.error(502, "the upstream sent an invalid response"),
-            ));
+            return Err(Box::new(invalid_response(ex, state)));
         }
     }
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
         // hyper refuses such responses already; this is the belt to its braces.
-        return Err(Box::new(
-            ex.error(502, "the upstream sent an invalid response"),
-        ));
+        return Err(Box::new(invalid_response(ex, state)));
     }
     let dropped = connection_tokens(
         parts
