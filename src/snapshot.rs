@@ -228,6 +228,9 @@ pub struct Limits {
     pub http2_max_header_list_size: u32,
     /// Streams abandoned per second on one HTTP/2 connection before GOAWAY.
     pub http2_max_resets_per_second: u32,
+    /// Streams per HTTP/2 connection streaming a body that is still arriving to an HTTP/1.1
+    /// upstream.
+    pub http2_max_streaming_uploads: u32,
 }
 
 impl Default for Limits {
@@ -244,6 +247,10 @@ impl Default for Limits {
             http2_max_concurrent_streams: 128,
             http2_max_header_list_size: 32 * 1024,
             http2_max_resets_per_second: 100,
+            // Over HTTP/1.1 a client connection holds at most one upstream connection with a
+            // body still arriving; 16 lets an HTTP/2 client stream uploads in parallel without
+            // holding 128.
+            http2_max_streaming_uploads: 16,
         }
     }
 }

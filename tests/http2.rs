@@ -1296,3 +1296,183 @@ async fn unmatched_grpc_calls_are_counted_under_no_route() {
     assert_eq!(unmatched.len(), 1, "{unmatched:?}");
     assert!(unmatched[0].0.contains("route=\"<none>\""), "{unmatched:?}");
 }
+
+/// A backend that reads each request (its `Content-Length` body) and answers with the body's
+/// length, keeping its connections alive; and how many connections it has accepted.
+fn upload_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut out = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((n, v)) = line.split_once(':')
+                            && n.eq_ignore_ascii_case("content-length")
+                        {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let text = len.to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if out.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// One HTTP/2 client connection with 128 streams, each announcing a body of 1000 bytes and
+/// sending 1: over HTTP/1.1 a client connection holds at most one upstream connection that
+/// way, and here at most `http2_max_streaming_uploads` (8) are held while the bodies trickle;
+/// the other streams' bodies are read whole first, and all 128 are answered, their bodies
+/// forwarded whole. Each of them held an upstream connection of its own until
+/// `body_idle_timeout` (128 accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_trickling_bodies_hold_at_most_the_capped_upstream_connections() {
+    const STREAMS: usize = 128;
+    const CAP: usize = 8;
+    let (be, accepted) = upload_backend();
+    let mut files = proxy_to(&[format!("http://{be}")], "", "");
+    files.push((
+        "gateway.toml",
+        format!("[limits]\nhttp2_max_streaming_uploads = {CAP}\n"),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let req = http::Request::post(format!("http://gateway.test/up/{i}"))
+            .header("content-length", "1000")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(Bytes::from_static(b"x"), false).unwrap();
+        streams.push((resp, body));
+        client = client.ready().await.unwrap();
+    }
+    // The first CAP streams reach the backend; the others' bodies are read first.
+    let count = Arc::clone(&accepted);
+    let reached = tokio::task::spawn_blocking(move || {
+        common::wait_until(Duration::from_secs(10), || {
+            count.load(Ordering::SeqCst) >= CAP
+        })
+    })
+    .await
+    .unwrap();
+    assert!(reached, "{} accepted", accepted.load(Ordering::SeqCst));
+    // A moment for any stream over the cap to connect too (it never should).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), CAP);
+    // The bodies end: every stream is answered, with its whole body forwarded.
+    let mut answers = Vec::new();
+    for (resp, mut body) in streams {
+        body.send_data(Bytes::from(vec![b'y'; 999]), true).unwrap();
+        answers.push(resp);
+    }
+    for (i, resp) in answers.into_iter().enumerate() {
+        let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} unanswered"))
+            .unwrap();
+        assert_eq!(resp.status(), 200, "stream {i}");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"1000", "stream {i}");
+    }
+}
+
+/// Uploads over the cap whose bodies are larger than the connection's flow-control window, sent
+/// half of each body first, then the other halves (64 streams of 400 kB on one connection, 8
+/// places): all are answered. Had the streams over the cap waited for a place, their unread
+/// data would have filled the connection's window (1 MiB), and the streams with a place, their
+/// second halves queued behind it, would never have received the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_cap_larger_than_the_window_all_complete() {
+    const STREAMS: usize = 64;
+    const HALF: usize = 200_000;
+    let (be, _accepted) = upload_backend();
+    let mut files = proxy_to(&[format!("http://{be}")], "", "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nhttp2_max_streaming_uploads = 8\n".to_owned(),
+    ));
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let req = http::Request::post(format!("http://gateway.test/big/{i}"))
+            .header("content-length", (2 * HALF).to_string())
+            .body(())
+            .unwrap();
+        let (resp, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(Bytes::from(vec![b'a'; HALF]), false)
+            .unwrap();
+        streams.push((resp, body));
+        client = client.ready().await.unwrap();
+    }
+    let mut answers = Vec::new();
+    for (resp, mut body) in streams {
+        body.send_data(Bytes::from(vec![b'b'; HALF]), true).unwrap();
+        answers.push(resp);
+    }
+    for (i, resp) in answers.into_iter().enumerate() {
+        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} unanswered"))
+            .unwrap();
+        assert_eq!(resp.status(), 200, "stream {i}");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, (2 * HALF).to_string().as_bytes(), "stream {i}");
+    }
+}

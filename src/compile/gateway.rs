@@ -177,6 +177,10 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
             &raw.http2_max_resets_per_second,
             "http2_max_resets_per_second",
         ),
+        (
+            &raw.http2_max_streaming_uploads,
+            "http2_max_streaming_uploads",
+        ),
     ] {
         let Some(v) = v else { continue };
         let n = *v.get();
@@ -199,6 +203,7 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
             "max_connections" => out.max_connections = n as usize,
             "max_connections_per_ip" => out.max_connections_per_ip = Some(n),
             "http2_max_concurrent_streams" => out.http2_max_concurrent_streams = n,
+            "http2_max_streaming_uploads" => out.http2_max_streaming_uploads = n,
             _ => out.http2_max_resets_per_second = n,
         }
     }

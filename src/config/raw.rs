@@ -225,6 +225,11 @@ pub struct RawLimits {
     /// one connection (default 100); beyond it the connection gets GOAWAY. The defence against
     /// the 2023 "rapid reset" attack.
     pub http2_max_resets_per_second: Option<Spanned<u32>>,
+    /// Streams of one HTTP/2 client connection whose request body may be streamed to an
+    /// HTTP/1.1 upstream while it is still arriving (default 16): each holds an upstream
+    /// connection until its body has all arrived. The bodies of further streams are read whole
+    /// first, within `max_buffered_bodies`, as nginx reads request bodies.
+    pub http2_max_streaming_uploads: Option<Spanned<u32>>,
 }
 
 /// `[headers]`: rules for the headers of client requests.

@@ -93,6 +93,11 @@ pub struct BodyStats {
     /// body, of one read whole, of one the plugins read): what the client still sends on the
     /// connection is the rest of it.
     pub unfinished: Cell<bool>,
+    /// The reader of a streamed body has stopped: the body ended, failed or was dropped.
+    pub reader_done: Cell<bool>,
+    /// The HTTP/2 connection's place for streaming this body ([`crate::server::h2::UploadSlots`]),
+    /// given back when the reader stops.
+    pub upload_slot: std::cell::RefCell<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// Where a body streamed to the upstream stands, for the attempt's timeout
@@ -196,6 +201,8 @@ pub fn stream_request_body(
                 break;
             }
         }
+        seen.reader_done.set(true);
+        seen.upload_slot.borrow_mut().take();
     });
     (ProxyBody::Channel { rx, len }, stats)
 }

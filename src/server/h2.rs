@@ -58,6 +58,8 @@ pub(crate) struct Settings {
     pub max_concurrent_streams: u32,
     pub max_header_list_size: u32,
     pub max_resets_per_second: u32,
+    /// `[limits] http2_max_streaming_uploads` ([`UploadSlots`]).
+    pub max_streaming_uploads: u32,
     /// Time the first request has to arrive.
     pub header_timeout: Duration,
     /// Time a connection without streams stays open.
@@ -70,6 +72,17 @@ pub(crate) struct Settings {
 /// needs neither `Content-Length` nor `Transfer-Encoding` for one.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StreamedBody;
+
+/// The places of one connection's streams for streaming a request body that is still arriving
+/// to an HTTP/1.1 upstream (`[limits] http2_max_streaming_uploads`), on each of its requests
+/// with a body. Such a stream holds an upstream connection until its body has all arrived: over
+/// HTTP/1.1 a client connection holds at most one that way, over HTTP/2 it would hold one per
+/// stream (128 by default) for as long as its client trickles the bodies. A stream over the
+/// cap has its body read whole before its attempt instead (`server::handler::read_upload`);
+/// the place is given back when its body has all arrived or stopped
+/// (`proxy::body::BodyStats::upload_slot`).
+#[derive(Clone)]
+pub(crate) struct UploadSlots(pub std::sync::Arc<tokio::sync::Semaphore>);
 
 /// Marks a request with a field value that begins or ends with whitespace: malformed in HTTP/2
 /// (RFC 9113 §8.2.1), so the handler answers it 400 as it does the requests its own checks
@@ -109,10 +122,12 @@ struct ConnShared {
     wake: tokio::sync::Notify,
     /// Each stream's [`StreamGuard::waiting`], while the stream lasts.
     waits: std::cell::RefCell<Vec<std::rc::Weak<Cell<Option<Instant>>>>>,
+    /// Given to the requests with a body only.
+    uploads: UploadSlots,
 }
 
 impl ConnShared {
-    fn new(max_resets: u32) -> Self {
+    fn new(max_resets: u32, max_uploads: u32) -> Self {
         let now = Instant::now();
         Self {
             active: Cell::new(0),
@@ -124,6 +139,9 @@ impl ConnShared {
             max_resets,
             wake: tokio::sync::Notify::new(),
             waits: std::cell::RefCell::default(),
+            uploads: UploadSlots(std::sync::Arc::new(tokio::sync::Semaphore::new(
+                max_uploads as usize,
+            ))),
         }
     }
 
@@ -218,7 +236,10 @@ pub(crate) async fn serve<IO, S>(
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
     S: Service<Request, Response = Response<BoxBody>, Error = actix_web::Error> + 'static,
 {
-    let shared = Rc::new(ConnShared::new(settings.max_resets_per_second));
+    let shared = Rc::new(ConnShared::new(
+        settings.max_resets_per_second,
+        settings.max_streaming_uploads,
+    ));
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
     builder
         .timer(TokioTimer::new())
@@ -429,6 +450,7 @@ where
         ext.insert(trailers.clone());
         if streamed {
             ext.insert(StreamedBody);
+            ext.insert(guard.conn.uploads.clone());
         }
         if padded {
             ext.insert(PaddedFieldValue);
@@ -622,7 +644,7 @@ mod tests {
 
     #[test]
     fn the_waits_of_ended_streams_are_forgotten_as_new_ones_begin() {
-        let conn = Rc::new(ConnShared::new(100));
+        let conn = Rc::new(ConnShared::new(100, 16));
         let open: Vec<StreamGuard> = (0..10).map(|_| conn.begin()).collect();
         for _ in 0..10_000 {
             let mut g = conn.begin();

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 
+use super::h2::UploadSlots;
 use super::listener::{Busy, ConnInfo, ConnState};
 use super::{WorkerState, edge};
 use crate::decide::{self, Incoming, Plan, ResponsePlan, Routed};
@@ -1290,6 +1291,27 @@ async fn forward(
             opts.timeout = opts.timeout.min(left);
         }
 
+        // An HTTP/2 stream streaming a body still arriving to an HTTP/1.1 upstream holds a
+        // connection of its own: a place among its connection's first (`UploadSlots`).
+        let uploads = match &streamed {
+            Some(_)
+                if !websocket
+                    && target.protocol == crate::upstream::Protocol::Http1
+                    && ex.version == actix_web::http::Version::HTTP_2 =>
+            {
+                req.extensions().get::<UploadSlots>().cloned()
+            }
+            _ => None,
+        };
+        if let (Some(slots), Some(stats)) = (uploads, &streamed)
+            && !upload_slot(&slots, stats)
+        {
+            // No place: the body is read whole first, as nginx reads request bodies, within
+            // the worker's `max_buffered_bodies`; no upstream connection waits for it.
+            if let Err(resp) = cold(read_upload(&mut ex, state, upstream_req.body_mut())).await {
+                return resp;
+            }
+        }
         ex.in_flight = Some(target.state.begin());
         // Read again: routing, auth and the policy ran since the poll's first reading.
         let sent_at = clock::fresh();
@@ -2004,6 +2026,69 @@ fn client_response(
         UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
     )
     .into()
+}
+
+/// Takes a place among the HTTP/2 connection's streamed uploads for the body `stats` follows,
+/// if one is free; the place is the body's until its reader stops. A body whose reader stopped
+/// (it has all arrived, or failed) needs none, nor one that has its place already.
+fn upload_slot(slots: &UploadSlots, stats: &BodyStats) -> bool {
+    if stats.reader_done.get() || stats.upload_slot.borrow().is_some() {
+        return true;
+    }
+    match Arc::clone(&slots.0).try_acquire_owned() {
+        Ok(p) => {
+            *stats.upload_slot.borrow_mut() = Some(p);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Reads the rest of a streamed request body (`body`, a [`ProxyBody::Channel`]) whole, and
+/// makes it the body the attempt sends: for an HTTP/2 stream that found no place among its
+/// connection's streamed uploads ([`UploadSlots`]). What it holds counts against the worker's
+/// `max_buffered_bodies` as it grows (over it: 503); the body's reader keeps the route's size
+/// limit (413) and the body idle timeout (408). Waiting for waiting streams instead would
+/// deadlock: their unread data fills the connection's flow-control window, and the streams
+/// with a place could then receive nothing more.
+async fn read_upload(
+    ex: &mut Exchange,
+    state: &WorkerState,
+    body: &mut ProxyBody,
+) -> Result<(), HttpResponse> {
+    let ProxyBody::Channel { rx, .. } = body else {
+        return Ok(());
+    };
+    let cap = ex.snapshot.limits.max_buffered_bodies;
+    let mut held = ex
+        .buffered
+        .take()
+        .unwrap_or_else(|| Buffered::empty(&state.buffered));
+    let mut buf = bytes::BytesMut::new();
+    let failed = loop {
+        match rx.recv().await {
+            None => break None,
+            Some(Ok(piece)) => {
+                if !held.resize(held.bytes + piece.len() as u64, cap) {
+                    break Some(ex.error(503, TOO_MANY_BODIES));
+                }
+                buf.extend_from_slice(&piece);
+            }
+            Some(Err(BodyError::TooLarge { .. })) => {
+                break Some(ex.error(413, "request body is larger than this route accepts"));
+            }
+            Some(Err(BodyError::Idle(_))) => break Some(body_timeout(ex, state)),
+            Some(Err(BodyError::Client(_) | BodyError::Stopped)) => {
+                break Some(ex.error(400, "the request body could not be read"));
+            }
+        }
+    };
+    ex.buffered = Some(held);
+    if let Some(resp) = failed {
+        return Err(resp);
+    }
+    *body = ProxyBody::Full(Some(buf.freeze()));
+    Ok(())
 }
 
 /// The kind of [`ForwardError::Invalid`], for a response refused once its head has arrived.
