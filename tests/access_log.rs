@@ -370,3 +370,54 @@ fn heads_refused_before_routing_are_counted_and_logged_without_actix_error_lines
     drop(logs);
     assert_eq!(http(&gw.listen, "GET", "/", &[], b"").unwrap().0, 200);
 }
+
+/// The listener answers a malformed chunked body itself (the request's handler may not have it
+/// yet): the 400's `x-request-id` is the id of the request's access line (400, `client_body`),
+/// whether the bad chunk comes with the head or later. The line had an id the client never saw.
+#[test]
+fn a_malformed_chunked_body_is_logged_under_the_id_its_400_carries() {
+    use std::io::Write;
+    let backend = Backend::echo();
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let head = "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut ids = Vec::new();
+    for parts in [
+        &[head, "zz\r\n"][..],
+        &[head, "5\r\nhello\r\n", "ZZ\r\n"][..],
+    ] {
+        let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for part in parts {
+            s.write_all(part.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{resp:?}");
+        let id = resp
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no x-request-id: {resp:?}"))
+            .to_owned();
+        ids.push(id);
+    }
+    let logged = |id: &str| {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .find(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
+            .map(|l| l.to_string())
+    };
+    for id in &ids {
+        assert!(
+            wait_until(Duration::from_secs(5), || logged(id).is_some()),
+            "no access line with {id}: {}",
+            gw.logs.lock().unwrap()
+        );
+        let v: serde_json::Value = serde_json::from_str(&logged(id).unwrap()).unwrap();
+        assert_eq!(v["status"], 400);
+        assert_eq!(v["error"], "client_body");
+    }
+}
