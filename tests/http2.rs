@@ -1356,16 +1356,21 @@ fn upload_backend() -> (SocketAddr, Arc<AtomicUsize>) {
 /// way, and here at most `http2_max_streaming_uploads` (8) are held while the bodies trickle;
 /// the other streams' bodies are read whole first, and all 128 are answered, their bodies
 /// forwarded whole. Each of them held an upstream connection of its own until
-/// `body_idle_timeout` (128 accepted).
+/// `body_idle_timeout` (128 accepted). With 0 places every body is read whole first: none is
+/// held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_trickling_bodies_hold_at_most_the_capped_upstream_connections() {
+    trickle(8).await;
+    trickle(0).await;
+}
+
+async fn trickle(cap: usize) {
     const STREAMS: usize = 128;
-    const CAP: usize = 8;
     let (be, accepted) = upload_backend();
     let mut files = proxy_to(&[format!("http://{be}")], "", "");
     files.push((
         "gateway.toml",
-        format!("[limits]\nhttp2_max_streaming_uploads = {CAP}\n"),
+        format!("[limits]\nhttp2_max_streaming_uploads = {cap}\n"),
     ));
     let gw = start(&as_refs(&files), Duration::from_secs(75));
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -1385,11 +1390,11 @@ async fn streams_trickling_bodies_hold_at_most_the_capped_upstream_connections()
         streams.push((resp, body));
         client = client.ready().await.unwrap();
     }
-    // The first CAP streams reach the backend; the others' bodies are read first.
+    // The first `cap` streams reach the backend; the others' bodies are read first.
     let count = Arc::clone(&accepted);
     let reached = tokio::task::spawn_blocking(move || {
         common::wait_until(Duration::from_secs(10), || {
-            count.load(Ordering::SeqCst) >= CAP
+            count.load(Ordering::SeqCst) >= cap
         })
     })
     .await
@@ -1397,7 +1402,7 @@ async fn streams_trickling_bodies_hold_at_most_the_capped_upstream_connections()
     assert!(reached, "{} accepted", accepted.load(Ordering::SeqCst));
     // A moment for any stream over the cap to connect too (it never should).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(accepted.load(Ordering::SeqCst), CAP);
+    assert_eq!(accepted.load(Ordering::SeqCst), cap);
     // The bodies end: every stream is answered, with its whole body forwarded.
     let mut answers = Vec::new();
     for (resp, mut body) in streams {

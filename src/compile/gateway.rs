@@ -177,10 +177,6 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
             &raw.http2_max_resets_per_second,
             "http2_max_resets_per_second",
         ),
-        (
-            &raw.http2_max_streaming_uploads,
-            "http2_max_streaming_uploads",
-        ),
     ] {
         let Some(v) = v else { continue };
         let n = *v.get();
@@ -203,9 +199,12 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
             "max_connections" => out.max_connections = n as usize,
             "max_connections_per_ip" => out.max_connections_per_ip = Some(n),
             "http2_max_concurrent_streams" => out.http2_max_concurrent_streams = n,
-            "http2_max_streaming_uploads" => out.http2_max_streaming_uploads = n,
             _ => out.http2_max_resets_per_second = n,
         }
+    }
+    // 0 is allowed: every request body of an HTTP/2 client is then read whole first.
+    if let Some(v) = &raw.http2_max_streaming_uploads {
+        out.http2_max_streaming_uploads = *v.get();
     }
     if let Some(v) = &raw.http2_max_header_list_size
         && let Some(n) = cx.size(file, v)

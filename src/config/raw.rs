@@ -228,7 +228,8 @@ pub struct RawLimits {
     /// Streams of one HTTP/2 client connection whose request body may be streamed to an
     /// HTTP/1.1 upstream while it is still arriving (default 16): each holds an upstream
     /// connection until its body has all arrived. The bodies of further streams are read whole
-    /// first, within `max_buffered_bodies`, as nginx reads request bodies.
+    /// first, within `max_buffered_bodies`, as nginx reads request bodies; 0 reads every one
+    /// whole first.
     pub http2_max_streaming_uploads: Option<Spanned<u32>>,
 }
 
