@@ -203,6 +203,48 @@ fn passive_detection_ejects_a_failing_target_without_health_checks() {
     assert_eq!(b.hits(), after);
 }
 
+/// A target that fails every proxied request but passes its health checks: an ejection ends
+/// early only after `healthy_after` checks that passed since the ejection, not at the next
+/// passing check because it passed `healthy_after` checks long before.
+#[test]
+fn health_checks_end_a_passive_ejection_only_after_healthy_after_passes_since_it() {
+    let (a, b) = (Knobs::new("a"), Knobs::new("b").failing(500));
+    let (ba, bb) = (a.serve(None), b.serve(None));
+    let urls = vec![ba.url(), bb.url()];
+    let upstream = "health = { path = \"/healthz\", interval = \"50ms\", healthy_after = 4 }\n\
+                    outlier = { consecutive_5xx = 2, base_ejection = \"60s\" }";
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls, upstream, "")));
+    // b has passed its checks many times over before it fails any request.
+    assert!(wait_until(Duration::from_secs(5), || b
+        .health_checks
+        .load(Ordering::SeqCst)
+        >= 6));
+    for _ in 0..20 {
+        if !target_available(&gw, &urls[1]) {
+            break;
+        }
+        gw.get("/x");
+    }
+    assert!(!target_available(&gw, &urls[1]), "two 5xx in a row eject b");
+    // Checks run one after another: once b has seen the third check after the ejection, the
+    // verdicts of the two before it are in. Fewer than `healthy_after` passed since it.
+    let at_ejection = b.health_checks.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(5), || b
+        .health_checks
+        .load(Ordering::SeqCst)
+        >= at_ejection + 3));
+    assert!(
+        !target_available(&gw, &urls[1]),
+        "two passing checks after the ejection ended it (healthy_after = 4)"
+    );
+    // Four passing checks since the ejection end it well before its 60 s.
+    assert!(
+        wait_until(Duration::from_secs(10), || target_available(&gw, &urls[1])),
+        "healthy_after passing checks end a passive ejection early"
+    );
+    drop((ba, bb));
+}
+
 #[test]
 fn timeouts_are_504_and_retried_on_another_target_but_post_is_not() {
     let (slow, fast) = (Knobs::new("slow").slow(3000), Knobs::new("fast"));

@@ -578,7 +578,8 @@ pub struct RawHealth {
     pub timeout: Option<Spanned<DurationText>>,
     /// Statuses that count as healthy: codes (`200`) or classes (`"2xx"`). Default: 2xx and 3xx.
     pub expect_status: Option<Spanned<Vec<Spanned<StatusPattern>>>>,
-    /// Consecutive passing checks that bring an unhealthy target back (default 2).
+    /// Consecutive passing checks that bring an unhealthy target back (default 2); as many
+    /// started after a passive ejection end it early.
     pub healthy_after: Option<Spanned<u32>>,
     /// Consecutive failing checks that mark a target unhealthy (default 3).
     pub unhealthy_after: Option<Spanned<u32>>,

@@ -99,6 +99,11 @@ pub async fn supervise(store: Weak<SnapshotStore>) {
 
 async fn run(state: Weak<TargetState>, probe: Probe) {
     let (mut passes, mut fails) = (0u32, 0u32);
+    // Passing checks in a row that started after the latest passive ejection (`epoch`): only
+    // `healthy_after` of these end it early. Counting from before the ejection would let any
+    // target that once passed `healthy_after` checks be let back in by the next passing check,
+    // however fast it fails proxied requests.
+    let (mut passes_since_ejection, mut epoch) = (0u32, 0u64);
     // Spread the checks of many targets over the interval instead of firing them together.
     let first = probe.check.interval.mul_f64(rand::random::<f64>() * 0.1);
     tokio::time::sleep(first).await;
@@ -106,10 +111,19 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
         if state.strong_count() == 0 {
             return;
         }
+        let epoch_at_start = match state.upgrade() {
+            Some(s) => s.ejection_epoch(),
+            None => return,
+        };
         let verdict = check_once(&probe).await;
         let Some(s) = state.upgrade() else {
             return;
         };
+        let epoch_now = s.ejection_epoch();
+        if epoch_now != epoch {
+            epoch = epoch_now;
+            passes_since_ejection = 0;
+        }
         match verdict {
             Ok(Some(why)) => {
                 tracing::debug!(
@@ -122,19 +136,26 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
             Ok(None) => {
                 passes += 1;
                 fails = 0;
-                if passes >= probe.check.healthy_after {
-                    let reason = format!("{passes} health checks passed in a row");
-                    if !s.is_healthy() {
-                        s.set_healthy(true, &reason);
-                    }
-                    // Like Envoy: a target the checks find healthy again is not kept out by an
-                    // earlier passive ejection.
-                    s.unject(&reason);
+                // A check that was under way when the target was ejected says nothing about
+                // the target after the ejection.
+                if epoch_at_start == epoch_now {
+                    passes_since_ejection += 1;
+                }
+                if passes >= probe.check.healthy_after && !s.is_healthy() {
+                    s.set_healthy(true, &format!("{passes} health checks passed in a row"));
+                }
+                // Like Envoy: a target the checks find healthy again is not kept out by an
+                // earlier passive ejection, once `healthy_after` checks since it passed.
+                if passes_since_ejection >= probe.check.healthy_after {
+                    s.unject(&format!(
+                        "{passes_since_ejection} health checks passed in a row since the ejection"
+                    ));
                 }
             }
             Err(why) => {
                 fails += 1;
                 passes = 0;
+                passes_since_ejection = 0;
                 tracing::debug!(
                     upstream = s.upstream.as_str(),
                     upstream_target = s.url.as_str(),

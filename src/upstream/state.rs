@@ -39,6 +39,8 @@ pub struct TargetState {
     ejections: AtomicU32,
     /// When the last ejection started.
     last_ejected: AtomicU64,
+    /// Ejections ever: a health checker counts its passing checks from the latest one.
+    ejection_epoch: AtomicU64,
     consecutive_failures: AtomicU32,
     consecutive_5xx: AtomicU32,
     /// Set once a health checker runs for this state.
@@ -55,6 +57,7 @@ impl TargetState {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             last_ejected: AtomicU64::new(0),
+            ejection_epoch: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             checker: AtomicBool::new(false),
@@ -68,6 +71,12 @@ impl TargetState {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts every ejection; a health check that passed ends an ejection only when enough
+    /// checks started after it passed in a row (see `health::run`).
+    pub fn ejection_epoch(&self) -> u64 {
+        self.ejection_epoch.load(Ordering::Relaxed)
     }
 
     /// Ejections in the current streak (reset once the target stays in long enough).
@@ -216,6 +225,7 @@ impl TargetState {
         let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
         let ms = base_ms.saturating_mul(1u64 << n).min(max_ms).max(1);
         self.ejected_until.store(now + ms, Ordering::Relaxed);
+        self.ejection_epoch.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         tracing::warn!(
