@@ -47,7 +47,8 @@ impl HashKey {
 #[derive(Debug)]
 pub enum Balancer {
     /// Smooth weighted round-robin (nginx's): weights 5,1,1 give a,a,b,a,c,a,a rather than
-    /// a,a,a,a,a,b,c. The sequence is computed once; picking walks it with one atomic.
+    /// a,a,a,a,a,b,c. The sequence is computed once; picking walks it with one atomic (one
+    /// more per unusable target's turn passed on).
     RoundRobin(RoundRobin),
     /// Fewest in-flight requests per unit of weight; the scan starts at a rotating offset so
     /// that ties are shared fairly.
@@ -77,17 +78,54 @@ impl RoundRobin {
         }
     }
 
-    fn pick(&self, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    /// Each value of the shared counter is one turn of the cycle. A turn that falls on an
+    /// unusable target is passed on to the next value, so the usable targets share the traffic
+    /// by weight, as if the cycle held only them (nginx and Envoy round-robin over the usable
+    /// set). Walking forward from the turn instead gave the target after a run of k unusable
+    /// ones k+1 turns: with one of three targets out, 2/3 and 1/3 rather than 1/2 and 1/2.
+    ///
+    /// A retry (`retry`) never takes a turn: it draws at random among the targets `ok` allows.
+    /// A retry that took a turn left the next request the turn of the target that had just
+    /// failed, which then got one request in two instead of one in N.
+    fn pick(&self, ok: &dyn Fn(usize) -> bool, retry: bool) -> Option<usize> {
         let len = self.sequence.len();
         if len == 0 {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..len)
+        if retry {
+            for _ in 0..RANDOM_DRAWS {
+                let t = self.sequence[rand::random_range(0..len)];
+                if ok(t) {
+                    return Some(t);
+                }
+            }
+            let start = rand::random_range(0..len);
+            return (0..len)
+                .map(|i| self.sequence[(start + i) % len])
+                .find(|&t| ok(t));
+        }
+        // Every turn goes to exactly one request, so turns passed on stay exact under
+        // concurrency. Bounded: past MAX_TURNS unusable turns in a row (or none usable at all),
+        // the first usable target after the last turn.
+        let mut n = 0;
+        for _ in 0..len.min(MAX_TURNS) {
+            n = self.next.fetch_add(1, Ordering::Relaxed);
+            let t = self.sequence[n % len];
+            if ok(t) {
+                return Some(t);
+            }
+        }
+        (1..len)
             .map(|i| self.sequence[(n + i) % len])
             .find(|&t| ok(t))
     }
 }
+
+/// Turns one round-robin pick may take before walking the cycle; more than any run of unusable
+/// targets unless weights are uneven and several targets are out.
+const MAX_TURNS: usize = 32;
+/// Random draws a retry makes before walking the cycle from a random place.
+const RANDOM_DRAWS: usize = 8;
 
 /// Ring points per unit of weight, and the most points a ring may have.
 const POINTS_PER_WEIGHT: usize = 160;
@@ -145,15 +183,17 @@ impl Balancer {
         }
     }
 
-    /// Picks among the targets for which `ok` holds.
+    /// Picks among the targets for which `ok` holds. A `retry` pick leaves round-robin's turn
+    /// to the next request (see `RoundRobin::pick`).
     pub fn pick(
         &self,
         targets: &[Target],
         key: Option<u64>,
         ok: &dyn Fn(usize) -> bool,
+        retry: bool,
     ) -> Option<usize> {
         match self {
-            Balancer::RoundRobin(rr) => rr.pick(ok),
+            Balancer::RoundRobin(rr) => rr.pick(ok, retry),
             Balancer::LeastConnections { next } => {
                 let len = targets.len();
                 if len == 0 {
@@ -237,7 +277,7 @@ impl Balancer {
             }
             Balancer::ConsistentHash { ring, fallback, .. } => {
                 let Some(h) = key else {
-                    return fallback.pick(ok);
+                    return fallback.pick(ok, retry);
                 };
                 if ring.is_empty() {
                     return None;
@@ -329,15 +369,59 @@ mod tests {
     fn round_robin_follows_weights_and_skips_unusable() {
         let ts = targets(&[1, 2, 3]);
         let b = Balancer::round_robin(&[1, 2, 3]);
-        let p: Vec<usize> = (0..600).filter_map(|_| b.pick(&ts, None, &all)).collect();
+        let p: Vec<usize> = (0..600)
+            .filter_map(|_| b.pick(&ts, None, &all, false))
+            .collect();
         assert_eq!((count(&p, 0), count(&p, 1), count(&p, 2)), (100, 200, 300));
         let p: Vec<usize> = (0..600)
-            .filter_map(|_| b.pick(&ts, None, &|i| i != 2))
+            .filter_map(|_| b.pick(&ts, None, &|i| i != 2, false))
             .collect();
         assert_eq!(count(&p, 2), 0);
         assert_eq!(p.len(), 600);
-        assert_eq!(b.pick(&ts, None, &|_| false), None);
-        assert_eq!(Balancer::round_robin(&[]).pick(&[], None, &all), None);
+        assert_eq!(b.pick(&ts, None, &|_| false, false), None);
+        assert_eq!(
+            Balancer::round_robin(&[]).pick(&[], None, &all, false),
+            None
+        );
+    }
+
+    /// Usable targets share the turns of an unusable one equally: walking forward from the
+    /// turn gave the target after the unusable one its turn too (400/200 instead of 300/300).
+    #[test]
+    fn round_robin_shares_an_unusable_targets_turns_by_weight() {
+        let ts = targets(&[1, 1, 1]);
+        let b = Balancer::round_robin(&[1, 1, 1]);
+        let p: Vec<usize> = (0..600)
+            .filter_map(|_| b.pick(&ts, None, &|i| i != 0, false))
+            .collect();
+        assert_eq!((count(&p, 0), count(&p, 1), count(&p, 2)), (0, 300, 300));
+        // Weighted, two of four out (a run of two in the cycle): the rest keep their 1:2.
+        let ts = targets(&[1, 1, 1, 2]);
+        let b = Balancer::round_robin(&[1, 1, 1, 2]);
+        let p: Vec<usize> = (0..600)
+            .filter_map(|_| b.pick(&ts, None, &|i| i == 0 || i == 3, false))
+            .collect();
+        assert_eq!((count(&p, 0), count(&p, 3)), (200, 400));
+    }
+
+    /// A retry does not take the next request's turn: a target that fails every request it
+    /// gets (before it is ejected) gets one request in three, not one in two.
+    #[test]
+    fn round_robin_retries_leave_the_turns_alone() {
+        let ts = targets(&[1, 1, 1]);
+        let b = Balancer::round_robin(&[1, 1, 1]);
+        let mut first = Vec::new();
+        let mut retried = Vec::new();
+        for _ in 0..300 {
+            let i = b.pick(&ts, None, &all, false).unwrap();
+            first.push(i);
+            if i == 0 {
+                retried.push(b.pick(&ts, None, &|t| t != 0, true).unwrap());
+            }
+        }
+        assert_eq!(count(&first, 0), 100);
+        assert_eq!(count(&retried, 0), 0);
+        assert_eq!(retried.len(), 100);
     }
 
     #[test]
@@ -346,10 +430,12 @@ mod tests {
         let b = Balancer::least_connections();
         let _busy: Vec<_> = (0..3).map(|_| ts[0].state.begin()).collect();
         let _one = ts[1].state.begin();
-        assert_eq!(b.pick(&ts, None, &all), Some(2));
+        assert_eq!(b.pick(&ts, None, &all, false), Some(2));
         // A tie between 1 and 2 after this one: both get picked over time.
         let _two = ts[2].state.begin();
-        let p: Vec<usize> = (0..10).filter_map(|_| b.pick(&ts, None, &all)).collect();
+        let p: Vec<usize> = (0..10)
+            .filter_map(|_| b.pick(&ts, None, &all, false))
+            .collect();
         assert!(
             count(&p, 1) > 0 && count(&p, 2) > 0 && count(&p, 0) == 0,
             "{p:?}"
@@ -358,7 +444,7 @@ mod tests {
         let ts = targets(&[4, 1]);
         let _w: Vec<_> = (0..3).map(|_| ts[0].state.begin()).collect();
         let _x = ts[1].state.begin();
-        assert_eq!(b.pick(&ts, None, &all), Some(0));
+        assert_eq!(b.pick(&ts, None, &all, false), Some(0));
     }
 
     /// Idle targets tie: they share requests by weight, not one each in turn (a weight of 3
@@ -367,14 +453,16 @@ mod tests {
     fn least_connections_shares_ties_by_weight() {
         let ts = targets(&[1, 3]);
         let b = Balancer::least_connections();
-        let p: Vec<usize> = (0..40).filter_map(|_| b.pick(&ts, None, &all)).collect();
+        let p: Vec<usize> = (0..40)
+            .filter_map(|_| b.pick(&ts, None, &all, false))
+            .collect();
         assert_eq!((count(&p, 0), count(&p, 1)), (10, 30), "{p:?}");
         // Only usable targets count, and a lone usable one is picked.
         let p: Vec<usize> = (0..8)
-            .filter_map(|_| b.pick(&ts, None, &|i| i == 0))
+            .filter_map(|_| b.pick(&ts, None, &|i| i == 0, false))
             .collect();
         assert_eq!(count(&p, 0), 8);
-        assert_eq!(b.pick(&ts, None, &|_| false), None);
+        assert_eq!(b.pick(&ts, None, &|_| false, false), None);
     }
 
     #[test]
@@ -382,14 +470,16 @@ mod tests {
         let ts = targets(&[1, 1]);
         let b = Balancer::random_two_choices(&[1, 1]);
         let _busy: Vec<_> = (0..50).map(|_| ts[0].state.begin()).collect();
-        let p: Vec<usize> = (0..200).filter_map(|_| b.pick(&ts, None, &all)).collect();
+        let p: Vec<usize> = (0..200)
+            .filter_map(|_| b.pick(&ts, None, &all, false))
+            .collect();
         // Target 0 only wins when both draws land on it (about a quarter of the time).
         assert!(count(&p, 0) < 90, "{}", count(&p, 0));
         let p: Vec<usize> = (0..50)
-            .filter_map(|_| b.pick(&ts, None, &|i| i == 0))
+            .filter_map(|_| b.pick(&ts, None, &|i| i == 0, false))
             .collect();
         assert_eq!(count(&p, 0), 50);
-        assert_eq!(b.pick(&ts, None, &|_| false), None);
+        assert_eq!(b.pick(&ts, None, &|_| false, false), None);
     }
 
     #[test]
@@ -403,11 +493,11 @@ mod tests {
             .collect();
         let before: Vec<usize> = keys
             .iter()
-            .map(|&k| b4.pick(&ts, Some(k), &all).unwrap())
+            .map(|&k| b4.pick(&ts, Some(k), &all, false).unwrap())
             .collect();
         // Same key, same target.
         for (k, t) in keys.iter().zip(&before).take(100) {
-            assert_eq!(b4.pick(&ts, Some(*k), &all), Some(*t));
+            assert_eq!(b4.pick(&ts, Some(*k), &all, false), Some(*t));
         }
         // Roughly even spread.
         for t in 0..4 {
@@ -421,7 +511,7 @@ mod tests {
         let b5 = Balancer::consistent_hash(HashKey::ClientIp, &ids5, &[1, 1, 1, 1, 1]);
         let after: Vec<usize> = keys
             .iter()
-            .map(|&k| b5.pick(&ts5, Some(k), &all).unwrap())
+            .map(|&k| b5.pick(&ts5, Some(k), &all, false).unwrap())
             .collect();
         let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
         assert!(moved.iter().all(|&i| after[i] == 4));
@@ -429,7 +519,7 @@ mod tests {
         // An unusable target's keys go to the next one on the ring; others stay.
         let skipped: Vec<usize> = keys
             .iter()
-            .map(|&k| b4.pick(&ts, Some(k), &|i| i != 1).unwrap())
+            .map(|&k| b4.pick(&ts, Some(k), &|i| i != 1, false).unwrap())
             .collect();
         for i in 0..keys.len() {
             if before[i] != 1 {
@@ -439,7 +529,7 @@ mod tests {
             }
         }
         // No key: round-robin.
-        assert!(b4.pick(&ts, None, &all).is_some());
+        assert!(b4.pick(&ts, None, &all, false).is_some());
     }
 
     #[test]

@@ -193,22 +193,23 @@ impl Upstream {
     pub fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
         let targets = &self.targets;
         let usable = |i: usize| targets[i].state.available();
-        if tried.is_empty() {
-            if let Some(i) = self.balancer.pick(targets, key, &usable) {
+        let retry = !tried.is_empty();
+        if !retry {
+            if let Some(i) = self.balancer.pick(targets, key, &usable, false) {
                 return Some(i);
             }
         } else {
             let fresh = |i: usize| !tried.contains(&i) && usable(i);
             if let Some(i) = self
                 .balancer
-                .pick(targets, key, &fresh)
-                .or_else(|| self.balancer.pick(targets, key, &usable))
+                .pick(targets, key, &fresh, true)
+                .or_else(|| self.balancer.pick(targets, key, &usable, true))
             {
                 return Some(i);
             }
         }
         if self.fail_open {
-            return self.balancer.pick(targets, key, &|_| true);
+            return self.balancer.pick(targets, key, &|_| true, retry);
         }
         None
     }
