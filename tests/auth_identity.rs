@@ -324,8 +324,8 @@ fn a_rate_limit_keyed_on_an_identity_header_counts_the_verified_value_not_the_cl
         })
         .collect();
     assert_eq!(statuses, [200, 200, 429, 429]);
-    // Without a token the client's copy is gone too: anonymous requests share one bucket,
-    // whatever X-User-Id or X_User_Id they send.
+    // Without a token the client's copy is gone too: anonymous requests count by client
+    // address (all of these come from 127.0.0.1), whatever X-User-Id or X_User_Id they send.
     let anonymous: Vec<u16> = (0..3)
         .map(|i| {
             let spoof = format!("anon-{i}");

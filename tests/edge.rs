@@ -240,6 +240,59 @@ rate_limit = { enabled = false }
     }
 }
 
+/// A request without the key header counts by its client address: one client without it no
+/// longer locks out every other client without it (they shared one bucket). A header sent on
+/// two lines is one key, their values joined as the upstream reads them.
+#[test]
+fn a_request_without_the_key_counts_by_its_client_address() {
+    let be = Backend::fixed(200, "ok");
+    let routes = r#"
+[[route]]
+name = "keyed"
+prefix = "/keyed"
+upstream = "be"
+rate_limit = { requests = 1, per = "1m", key = "header:x-api-key" }
+"#;
+    let gw = Gateway::start(&[
+        (
+            "gateway.toml",
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        ),
+        ("routes/r.toml", routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let send = |client: &str, key_lines: &str| {
+        exchange(
+            &gw,
+            &format!(
+                "GET /keyed HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {client}\r\n{key_lines}\
+                 Connection: close\r\n\r\n"
+            ),
+        )
+        .0
+    };
+    assert_eq!(send("203.0.113.1", ""), 200);
+    assert_eq!(
+        send("203.0.113.1", ""),
+        429,
+        "the same client, still limited"
+    );
+    assert_eq!(
+        send("203.0.113.2", ""),
+        200,
+        "another client without the key has a bucket of its own"
+    );
+    // Two lines, one key: "a, b", neither "a" nor "b".
+    let two = "X-Api-Key: a\r\nX-Api-Key: b\r\n";
+    assert_eq!(send("203.0.113.3", two), 200);
+    assert_eq!(send("203.0.113.4", two), 429, "the key, not the address");
+    assert_eq!(send("203.0.113.5", "X-Api-Key: a\r\n"), 200);
+    assert_eq!(send("203.0.113.5", "X-Api-Key: a, b\r\n"), 429);
+}
+
 #[test]
 fn a_default_turned_off_leaves_the_limits_routes_set_themselves() {
     let be = Backend::fixed(200, "ok");

@@ -477,7 +477,7 @@ fn policies_and_rate_limit_keys_see_only_the_verified_client_certificate() {
     assert_eq!(echoed(&body, "x-policy-saw"), vec!["CN=client one"]);
 
     // Without one (the plain listener), the policy sees none; and the forged fingerprints
-    // all count in the one bucket of requests without the header.
+    // all count by the client's address, as requests without the header do.
     let mut statuses = Vec::new();
     for sha in ["a1", "a2", "a3"] {
         let (status, body) = http(&gw.addr.to_string(), "GET", "/", &forged(sha), b"").unwrap();

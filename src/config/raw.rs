@@ -786,7 +786,8 @@ pub struct RawRateLimit {
     pub per: Option<DurationText>,
     /// Requests allowed at once after a quiet period (default: `requests`).
     pub burst: Option<u32>,
-    /// `client_ip` (default), `route`, or `header:<name>`.
+    /// `client_ip` (default), `route`, `header:<name>` or `claim:<name>`. A request without the
+    /// header or claim counts by its client address.
     pub key: Option<String>,
     /// `false` turns the limit off. On a route: the gateway default, for this route. In
     /// gateway.toml's `[rate_limit]`: the default, for every route that does not give its own

@@ -87,17 +87,48 @@ pub(crate) struct KeySource<'a> {
 }
 
 impl KeySource<'_> {
-    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
+    /// A header the gateway set from verified data, whatever the client sent under its name.
+    fn gateway_set(&self, name: &str) -> Option<&[u8]> {
         if let Some((_, v)) = self.verified.iter().find(|(n, _)| n.as_str() == name) {
             return Some(v.as_bytes());
         }
-        if let Some(v) = self.client_cert.and_then(|c| c.field(name)) {
-            return Some(v.as_bytes());
+        self.client_cert
+            .and_then(|c| c.field(name))
+            .map(|v| v.as_bytes())
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
+        if let Some(v) = self.gateway_set(name) {
+            return Some(v);
         }
         if !self.inbound.keeps(name) {
             return None;
         }
         self.req.headers().get(name).map(|v| v.as_bytes())
+    }
+
+    /// The header as a rate-limit key: like [`KeySource::header`], but a client header sent
+    /// on several lines is their values joined with `", "`, the one field value the upstream
+    /// reads them as (RFC 9110 §5.3), rather than whichever line comes first.
+    pub(crate) fn header_value(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        if let Some(v) = self.gateway_set(name) {
+            return Some(Cow::Borrowed(v));
+        }
+        if !self.inbound.keeps(name) {
+            return None;
+        }
+        let mut lines = self.req.headers().get_all(name);
+        let first = lines.next()?.as_bytes();
+        let Some(second) = lines.next() else {
+            return Some(Cow::Borrowed(first));
+        };
+        let mut joined = first.to_vec();
+        for v in std::iter::once(second).chain(lines) {
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(v.as_bytes());
+        }
+        Some(Cow::Owned(joined))
     }
 }
 
@@ -152,14 +183,17 @@ impl WorkerLimiters {
             LimitKey::ClientIp => KeyValue::Ip(client),
             LimitKey::Route => KeyValue::Whole,
             // Long values are hashed by `KeyValue::text`, so a key holds at most 256 bytes.
-            LimitKey::Header(name) => match keys.header(name.as_str()) {
-                Some(v) => KeyValue::text(v),
-                None => KeyValue::Whole,
+            // A request without the key counts by its client address (as Kong does): one
+            // shared bucket let one client without it lock out every other.
+            LimitKey::Header(name) => match keys.header_value(name.as_str()) {
+                Some(v) => KeyValue::text(&v),
+                None => KeyValue::Ip(client),
             },
+            // A number and the string of its digits (`42`, `"42"`) are one key.
             LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {
                 Some(serde_json::Value::String(s)) => KeyValue::text(s.as_bytes()),
                 Some(other) => KeyValue::text(other.to_string().as_bytes()),
-                None => KeyValue::Whole,
+                None => KeyValue::Ip(client),
             },
         };
         match limiter.check(&key).await {

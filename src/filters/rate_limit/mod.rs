@@ -46,11 +46,13 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 pub enum LimitKey {
     /// The client address (after trusted-proxy rules).
     ClientIp,
-    /// A request header's value; requests without it share one bucket.
+    /// A request header's value (several lines: joined with `", "`); a request without it
+    /// counts by its client address.
     Header(HeaderName),
     /// One bucket for the whole route.
     Route,
-    /// A verified JWT claim (the route must have `auth`); requests without it share one bucket.
+    /// A verified JWT claim (the route must have `auth`); a request without it (no token on an
+    /// `auth_optional` route, or no such claim) counts by its client address.
     Claim(String),
 }
 
