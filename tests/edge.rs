@@ -74,6 +74,27 @@ fn preflight_is_answered_by_the_gateway() {
     assert_eq!(status, 403);
 }
 
+/// `"*"` in `allow_methods` and `allow_headers` means any, as the Fetch standard reads it
+/// without credentials (it used to be taken for a method and a header named `*`, refusing
+/// every preflight).
+#[test]
+fn a_wildcard_allows_any_method_and_header() {
+    let be = Backend::echo();
+    let preset = "[cors.any]\nallow_origins = [\"https://app.example.com\"]\n\
+                  allow_methods = [\"*\"]\nallow_headers = [\"*\"]\n";
+    let gw = gateway_with(&be, preset, "cors = \"any\"");
+    let (status, head, _) = exchange(
+        &gw,
+        "OPTIONS /items HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: X-Anything\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("access-control-allow-methods: put"), "{head}");
+    assert!(
+        head.contains("access-control-allow-headers: x-anything"),
+        "{head}"
+    );
+}
+
 #[test]
 fn actual_requests_get_cors_headers_only_for_allowed_origins() {
     let be = Backend::echo();
@@ -432,4 +453,65 @@ fn edge_settings_are_checked_at_compile_time() {
         ),
     )]);
     assert!(d.is_empty(), "{d:?}");
+}
+
+/// Settings that were accepted but could never work: a key header with `_` (client headers
+/// with `_` are dropped, so every request counted by address), a limit of more than one request
+/// a nanosecond (its interval was 0: no limit at all), CORS methods and headers that are not
+/// tokens, and `"*"` in them with credentials (browsers read it literally then).
+#[test]
+fn settings_that_could_never_work_are_compile_errors() {
+    let route = |extra: &str| {
+        format!("[[route]]\nname = \"r\"\npath = \"/\"\nrespond = {{ status = 200 }}\n{extra}\n")
+    };
+    let has = |d: &[(String, String)], code: &str, text: &str| {
+        d.iter().any(|(c, m)| c == code && m.contains(text))
+    };
+    let underscored =
+        route("rate_limit = { requests = 10, per = \"1m\", key = \"header:x_api_key\" }");
+    let d = compile_errors(&[("routes/r.toml", &underscored)]);
+    assert!(
+        has(&d, "invalid-rate-limit", "`x_api_key` has `_`"),
+        "{d:?}"
+    );
+    // Unless underscores are kept.
+    let d = compile_errors(&[
+        ("gateway.toml", "[headers]\nallow_underscores = true\n"),
+        ("routes/r.toml", &underscored),
+    ]);
+    assert!(d.is_empty(), "{d:?}");
+
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route("rate_limit = { requests = 4000000000, per = \"1s\" }"),
+    )]);
+    assert!(
+        has(&d, "invalid-rate-limit", "more than one a nanosecond"),
+        "{d:?}"
+    );
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route("rate_limit = { requests = 1000000000, per = \"1s\" }"),
+    )]);
+    assert!(d.is_empty(), "one a nanosecond is countable: {d:?}");
+
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route(
+            "cors = { allow_origins = [\"https://a.com\"], allow_methods = [\"GET\", \"FOO BAR\"], allow_headers = [\"x-a b\"] }",
+        ),
+    )]);
+    assert!(
+        has(&d, "invalid-cors", "`FOO BAR` is not a method"),
+        "{d:?}"
+    );
+    assert!(has(&d, "invalid-cors", "`x-a b` is not a header"), "{d:?}");
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route(
+            "cors = { allow_origins = [\"https://a.com\"], allow_methods = [\"*\"], allow_headers = [\"*\"], allow_credentials = true }",
+        ),
+    )]);
+    assert!(has(&d, "invalid-cors", "\"*\" in `allow_methods`"), "{d:?}");
+    assert!(has(&d, "invalid-cors", "\"*\" in `allow_headers`"), "{d:?}");
 }

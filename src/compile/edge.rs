@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
@@ -20,6 +21,11 @@ pub(crate) struct EdgeDefaults {
     pub rate_limit: Option<(FileId, Spanned<RawRateLimit>)>,
     /// `[rate_limit_store]`, for limits with `store = "redis"`.
     pub store: super::store::StoreRef,
+    /// `[headers] allow_underscores`: whether a client header named with `_` reaches a key.
+    pub allow_underscores: bool,
+    /// Headers the auth providers set from verified claims (`claims_to_headers`), lower case:
+    /// a key may name one with `_`, since the gateway sets it.
+    pub identity_headers: std::collections::HashSet<String>,
 }
 
 pub(crate) fn compile_edge_defaults(
@@ -33,6 +39,13 @@ pub(crate) fn compile_edge_defaults(
     let Some((file, g)) = gateway else {
         return out;
     };
+    out.allow_underscores = g.headers.allow_underscores;
+    out.identity_headers = g
+        .auth
+        .values()
+        .flat_map(|p| p.get().claims_to_headers.values())
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
     for (name, raw) in &g.cors {
         if let Some(p) = cors_policy(cx, *file, raw.get(), raw.span()) {
             out.cors.insert(name.clone(), Arc::new(p));
@@ -41,7 +54,7 @@ pub(crate) fn compile_edge_defaults(
     if let Some(rl) = &g.rate_limit {
         // Checked once here, so that every route inheriting it is not reported again.
         if rl.enabled != Some(false)
-            && let Err(d) = limit_spec(*file, rl.get(), rl.span(), &out.store)
+            && let Err(d) = limit_spec(*file, rl.get(), rl.span(), &out)
         {
             cx.push(d);
         }
@@ -90,14 +103,60 @@ fn cors_policy(
         .clone()
         .unwrap_or_else(|| vec!["GET".into(), "HEAD".into(), "POST".into()])
         .into_iter()
-        .map(|m| m.to_ascii_uppercase())
+        .map(|m| m.trim().to_ascii_uppercase())
         .collect();
     let headers = raw.allow_headers.as_ref().map(|h| {
         h.iter()
             .map(|x| x.trim().to_ascii_lowercase())
             .collect::<Vec<_>>()
     });
-    for h in headers.iter().flatten().chain(raw.expose_headers.iter()) {
+    // `"*"` means any method or header, as in the Fetch standard, which reads it so only for
+    // requests without credentials: with them a browser takes it for a method or header named
+    // `*`, and every preflight would fail. Refused here rather than answered in a way that
+    // never works.
+    let any_method = methods.iter().any(|m| m == "*");
+    let any_header = headers.iter().flatten().any(|h| h == "*");
+    for (field, wild) in [("allow_methods", any_method), ("allow_headers", any_header)] {
+        if wild && raw.allow_credentials {
+            cx.push(
+                Diagnostic::error(
+                    "invalid-cors",
+                    format!(
+                        "`allow_credentials = true` cannot be combined with \"*\" in `{field}`"
+                    ),
+                )
+                .at(file, span.clone(), "credentials with a wildcard")
+                .help(format!(
+                    "browsers read \"*\" literally on credentialed requests: list the {} \
+                     allowed",
+                    if field == "allow_methods" {
+                        "methods"
+                    } else {
+                        "headers"
+                    }
+                )),
+            );
+            ok = false;
+        }
+    }
+    for m in methods.iter().filter(|m| *m != "*") {
+        if http::Method::from_bytes(m.as_bytes()).is_err() {
+            cx.push(
+                Diagnostic::error("invalid-cors", format!("`{m}` is not a method name")).at(
+                    file,
+                    span.clone(),
+                    "invalid method",
+                ),
+            );
+            ok = false;
+        }
+    }
+    for h in headers
+        .iter()
+        .flatten()
+        .filter(|h| *h != "*")
+        .chain(raw.expose_headers.iter())
+    {
         if HeaderName::from_bytes(h.as_bytes()).is_err() {
             cx.push(
                 Diagnostic::error("invalid-cors", format!("`{h}` is not a header name")).at(
@@ -125,8 +184,13 @@ fn cors_policy(
     };
     ok.then_some(CorsPolicy {
         origins,
-        methods,
-        headers,
+        methods: if any_method {
+            vec!["*".to_owned()]
+        } else {
+            methods
+        },
+        // Any header: what the preflight asks for is answered, as without `allow_headers`.
+        headers: if any_header { None } else { headers },
         expose,
         credentials: raw.allow_credentials,
         max_age,
@@ -176,7 +240,7 @@ pub(crate) fn route_rate_limit(
                 return None;
             }
             // Already reported by compile_edge_defaults if wrong; not again for every route.
-            return limit_spec(*f, d.get(), d.span(), &edge.store).ok();
+            return limit_spec(*f, d.get(), d.span(), edge).ok();
         }
         (Some(o), d) => {
             let d = d.map(|(_, d)| d.get().clone()).unwrap_or_default();
@@ -201,7 +265,7 @@ pub(crate) fn route_rate_limit(
     if merged.enabled == Some(false) {
         return None;
     }
-    match limit_spec(at_file, &merged, span, &edge.store) {
+    match limit_spec(at_file, &merged, span, edge) {
         Ok(s) => Some(s),
         Err(d) => {
             cx.push(d);
@@ -216,8 +280,9 @@ fn limit_spec(
     file: FileId,
     raw: &RawRateLimit,
     span: Range<usize>,
-    store: &super::store::StoreRef,
+    edge: &EdgeDefaults,
 ) -> Result<LimitSpec, Diagnostic> {
+    let store = &edge.store;
     let (Some(requests), Some(per)) = (raw.requests, raw.per.as_ref()) else {
         return Err(Diagnostic::error(
             "invalid-rate-limit",
@@ -226,6 +291,7 @@ fn limit_spec(
         .at(file, span, "incomplete rate limit")
         .help("e.g. rate_limit = { requests = 100, per = \"1m\" }"));
     };
+    let per_text = per.0.as_str();
     let per = match crate::config::units::parse_duration(&per.0) {
         Ok(d) if !d.is_zero() => d,
         Ok(_) | Err(_) => {
@@ -243,6 +309,27 @@ fn limit_spec(
         )
         .at(file, span, "zero"));
     }
+    // One request every `per / requests`: the in-process limiter counts in nanoseconds and the
+    // shared store in microseconds. Below that the interval was 0 (no limit at all) or rounded
+    // up to the store's 1 µs (a lower limit than written).
+    let redis = raw.store == Some(RawLimitStore::Redis);
+    let (tick, unit) = if redis {
+        (Duration::from_micros(1), "microsecond")
+    } else {
+        (Duration::from_nanos(1), "nanosecond")
+    };
+    if per / requests < tick {
+        return Err(Diagnostic::error(
+            "invalid-rate-limit",
+            format!(
+                "{requests} requests per \"{per_text}\" is more than one a {unit}, which the {} \
+                 limiter cannot count",
+                if redis { "shared" } else { "in-process" }
+            ),
+        )
+        .at(file, span, format!("interval under a {unit}"))
+        .help("lower `requests` or lengthen `per`; to turn the limit off, write enabled = false"));
+    }
     let key = match raw.key.as_deref().unwrap_or("client_ip") {
         "client_ip" => LimitKey::ClientIp,
         "route" => LimitKey::Route,
@@ -250,7 +337,29 @@ fn limit_spec(
             .strip_prefix("header:")
             .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
         {
-            Some(Ok(h)) => LimitKey::Header(h),
+            Some(Ok(h)) => {
+                // Client headers named with `_` are dropped before any filter sees them, so
+                // such a key would never be found and every request would count by address.
+                if h.as_str().contains('_')
+                    && !edge.allow_underscores
+                    && !edge.identity_headers.contains(h.as_str())
+                {
+                    return Err(Diagnostic::error(
+                        "invalid-rate-limit",
+                        format!(
+                            "the key header `{h}` has `_` in its name, and client headers named \
+                             with `_` are dropped: the key would never be found, and every request would \
+                             count by its address"
+                        ),
+                    )
+                    .at(file, span, "never read")
+                    .help(
+                        "rename the header (e.g. with `-`), or set [headers] \
+                         allow_underscores = true in gateway.toml",
+                    ));
+                }
+                LimitKey::Header(h)
+            }
             _ if k
                 .strip_prefix("claim:")
                 .is_some_and(|c| !c.trim().is_empty()) =>

@@ -754,9 +754,11 @@ pub struct RawCors {
     /// `"https://app.example.com"`, `"https://*.example.com"` (subdomains, that scheme only;
     /// `"*.example.com"` is https only), or `"*"` for any origin.
     pub allow_origins: Vec<String>,
-    /// Methods allowed cross-origin (default: GET, HEAD, POST).
+    /// Methods allowed cross-origin (default: GET, HEAD, POST); `"*"` for any (not with
+    /// `allow_credentials`).
     pub allow_methods: Option<Vec<String>>,
-    /// Request headers allowed (default: whatever the preflight asks for).
+    /// Request headers allowed (default, or `"*"`: whatever the preflight asks for; `"*"` not
+    /// with `allow_credentials`).
     pub allow_headers: Option<Vec<String>>,
     /// Response headers the browser may read.
     #[serde(default)]

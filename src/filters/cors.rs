@@ -77,7 +77,7 @@ impl Origins {
 #[derive(Debug, Clone)]
 pub struct CorsPolicy {
     pub origins: Origins,
-    /// Upper-case method names allowed cross-origin.
+    /// Upper-case method names allowed cross-origin; `["*"]`: any (never with credentials).
     pub methods: Vec<String>,
     /// Lower-case request headers allowed; `None` allows what the preflight asks for.
     pub headers: Option<Vec<String>>,
@@ -119,7 +119,8 @@ impl CorsPolicy {
         let Some(allow_origin) = self.allow_origin(origin) else {
             return Err(Refused::Origin);
         };
-        if !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+        let any_method = self.methods.iter().any(|m| m == "*");
+        if !any_method && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
             return Err(Refused::Method);
         }
         let asked: Vec<String> = request_headers
@@ -136,7 +137,14 @@ impl CorsPolicy {
             return Err(Refused::Header(bad.clone()));
         }
         let mut out = vec![(ACAO, allow_origin)];
-        if let Ok(v) = HeaderValue::from_str(&self.methods.join(", ")) {
+        // Any method: the one asked for, which a browser reads the same with or without
+        // credentials.
+        let methods = if any_method {
+            HeaderValue::from_str(method)
+        } else {
+            HeaderValue::from_str(&self.methods.join(", "))
+        };
+        if let Ok(v) = methods {
             out.push((HeaderName::from_static("access-control-allow-methods"), v));
         }
         if !asked.is_empty()
