@@ -314,6 +314,56 @@ rate_limit = { requests = 1, per = "1m", key = "header:x-api-key" }
     assert_eq!(send("203.0.113.5", "X-Api-Key: a, b\r\n"), 429);
 }
 
+/// IPv6 clients count by /64 (by default): a client owning a /64 could use a fresh address,
+/// and so a fresh bucket, for every request. `ipv6_prefix = 128` counts each address.
+#[test]
+fn ipv6_clients_count_by_their_64_prefix() {
+    let be = Backend::fixed(200, "ok");
+    let routes = r#"
+[[route]]
+name = "by64"
+prefix = "/by64"
+upstream = "be"
+rate_limit = { requests = 1, per = "1m" }
+
+[[route]]
+name = "by128"
+prefix = "/by128"
+upstream = "be"
+rate_limit = { requests = 1, per = "1m", ipv6_prefix = 128 }
+"#;
+    let gw = Gateway::start(&[
+        (
+            "gateway.toml",
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        ),
+        ("routes/r.toml", routes),
+        (
+            "upstreams/u.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+    ]);
+    let send = |path: &str, client: &str| {
+        exchange(
+            &gw,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {client}\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        )
+        .0
+    };
+    assert_eq!(send("/by64", "2001:db8:0:1::1"), 200);
+    assert_eq!(
+        send("/by64", "2001:db8:0:1::2"),
+        429,
+        "another address of the same /64 is the same client"
+    );
+    assert_eq!(send("/by64", "2001:db8:0:2::1"), 200, "another /64");
+    assert_eq!(send("/by128", "2001:db8:0:1::1"), 200);
+    assert_eq!(send("/by128", "2001:db8:0:1::2"), 200);
+}
+
 #[test]
 fn a_default_turned_off_leaves_the_limits_routes_set_themselves() {
     let be = Backend::fixed(200, "ok");
@@ -514,4 +564,37 @@ fn settings_that_could_never_work_are_compile_errors() {
     )]);
     assert!(has(&d, "invalid-cors", "\"*\" in `allow_methods`"), "{d:?}");
     assert!(has(&d, "invalid-cors", "\"*\" in `allow_headers`"), "{d:?}");
+    let d = compile_errors(&[(
+        "routes/r.toml",
+        &route("rate_limit = { requests = 10, per = \"1m\", ipv6_prefix = 129 }"),
+    )]);
+    assert!(has(&d, "invalid-rate-limit", "ipv6_prefix = 129"), "{d:?}");
+}
+
+/// A shared limit keyed on a header the client chooses, where each value holds its Redis key
+/// for a second or more, is a warning: nothing caps the keys a client can make.
+#[test]
+fn a_shared_limit_on_a_client_chosen_header_is_a_warning() {
+    let route = |extra: &str| {
+        format!("[[route]]\nname = \"r\"\npath = \"/\"\nrespond = {{ status = 200 }}\n{extra}\n")
+    };
+    let store = "[rate_limit_store]\nurl = \"redis://127.0.0.1:1/0\"\n";
+    let warned = |limit: &str| {
+        compile_errors(&[("gateway.toml", store), ("routes/r.toml", &route(limit))])
+            .iter()
+            .any(|(c, _)| c == "shared-limit-client-key")
+    };
+    assert!(warned(
+        "rate_limit = { requests = 100, per = \"1h\", key = \"header:x-api-key\", store = \"redis\" }"
+    ));
+    // Local, a short interval, or a key the client does not choose: no warning.
+    assert!(!warned(
+        "rate_limit = { requests = 100, per = \"1h\", key = \"header:x-api-key\" }"
+    ));
+    assert!(!warned(
+        "rate_limit = { requests = 600, per = \"1m\", key = \"header:x-api-key\", store = \"redis\" }"
+    ));
+    assert!(!warned(
+        "rate_limit = { requests = 100, per = \"1h\", key = \"header:x-client-cert-sha256\", store = \"redis\" }"
+    ));
 }

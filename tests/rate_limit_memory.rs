@@ -26,6 +26,7 @@ fn a_hundred_thousand_30_kb_keys_stay_under_50_mib() {
         burst: 10,
         key: LimitKey::Header(http::HeaderName::from_static("x-api-key")),
         shared: None,
+        ipv6_prefix: 64,
     };
     let limiter = LocalLimiter::new(&spec).unwrap();
     // One 30 KB buffer, made distinct per key in its first bytes, as a client would send.

@@ -12,7 +12,7 @@ use super::Cx;
 use crate::config::raw::{GatewayFile, RawCors, RawCorsRef, RawLimitStore, RawRateLimit};
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::filters::cors::{CorsPolicy, Origins};
-use crate::filters::rate_limit::{LimitKey, LimitSpec};
+use crate::filters::rate_limit::{DEFAULT_IPV6_PREFIX, LimitKey, LimitSpec};
 
 /// Gateway-wide edge settings routes refer to.
 #[derive(Default)]
@@ -53,10 +53,15 @@ pub(crate) fn compile_edge_defaults(
     }
     if let Some(rl) = &g.rate_limit {
         // Checked once here, so that every route inheriting it is not reported again.
-        if rl.enabled != Some(false)
-            && let Err(d) = limit_spec(*file, rl.get(), rl.span(), &out)
-        {
-            cx.push(d);
+        if rl.enabled != Some(false) {
+            match limit_spec(*file, rl.get(), rl.span(), &out) {
+                Ok(s) => {
+                    if let Some(w) = shared_key_warning(*file, rl.span(), &s, &out) {
+                        cx.push(w);
+                    }
+                }
+                Err(d) => cx.push(d),
+            }
         }
         out.rate_limit = Some((*file, rl.clone()));
     }
@@ -258,6 +263,7 @@ pub(crate) fn route_rate_limit(
                     d.enabled
                 }),
                 store: o.store.or(d.store),
+                ipv6_prefix: o.ipv6_prefix.or(d.ipv6_prefix),
             };
             (merged, file, own.map(Spanned::span).unwrap_or_default())
         }
@@ -265,8 +271,13 @@ pub(crate) fn route_rate_limit(
     if merged.enabled == Some(false) {
         return None;
     }
-    match limit_spec(at_file, &merged, span, edge) {
-        Ok(s) => Some(s),
+    match limit_spec(at_file, &merged, span.clone(), edge) {
+        Ok(s) => {
+            if let Some(w) = shared_key_warning(at_file, span, &s, edge) {
+                cx.push(w);
+            }
+            Some(s)
+        }
         Err(d) => {
             cx.push(d);
             None
@@ -396,11 +407,69 @@ fn limit_spec(
             }
         }
     };
+    let ipv6_prefix = raw.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
+    if ipv6_prefix == 0 || ipv6_prefix > 128 {
+        return Err(Diagnostic::error(
+            "invalid-rate-limit",
+            format!("`ipv6_prefix = {ipv6_prefix}` is not a prefix length from 1 to 128"),
+        )
+        .at(file, span, "invalid prefix")
+        .help("64 (the default) counts a /64 as one client; 128 counts every address"));
+    }
     Ok(LimitSpec {
         requests,
         per,
         burst: raw.burst.unwrap_or(requests),
         key,
         shared,
+        ipv6_prefix,
     })
+}
+
+/// New keys a second the warning below sizes Redis for: what one client can send.
+const FLOOD_KEYS_PER_SECOND: u64 = 10_000;
+/// Roughly what one bucket costs in Redis (`MEMORY USAGE`: 104 bytes keyed by address; a header
+/// key is up to 256 bytes or its digest).
+const REDIS_BYTES_PER_KEY: u64 = 150;
+
+/// A shared limit keyed on a header the client chooses (not one the gateway sets from claims or
+/// a client certificate) holds one Redis key per value the client sends, for `per / requests`
+/// after one request (and up to `per` for a full bucket). Nothing caps their number: a client
+/// sending new values fills Redis, and at `maxmemory` every shared check fails. Warned about
+/// when one value holds its key for a second or more.
+fn shared_key_warning(
+    file: FileId,
+    span: Range<usize>,
+    spec: &LimitSpec,
+    edge: &EdgeDefaults,
+) -> Option<Diagnostic> {
+    let LimitKey::Header(h) = &spec.key else {
+        return None;
+    };
+    let gateway_set = edge.identity_headers.contains(h.as_str())
+        || h == crate::proxy::headers::CLIENT_CERT_SUBJECT
+        || h == crate::proxy::headers::CLIENT_CERT_SHA256;
+    let interval = spec.per / spec.requests.max(1);
+    if spec.shared.is_none() || gateway_set || interval < Duration::from_secs(1) {
+        return None;
+    }
+    let keys = FLOOD_KEYS_PER_SECOND.saturating_mul(interval.as_secs());
+    let mib = keys.saturating_mul(REDIS_BYTES_PER_KEY) / (1024 * 1024);
+    Some(
+        Diagnostic::warning(
+            "shared-limit-client-key",
+            format!(
+                "this shared limit keys on `{h}`, which the client chooses: each value holds a \
+                 Redis key for {}s after one request, so a client sending {FLOOD_KEYS_PER_SECOND} \
+                 new values a second holds about {keys} keys (~{mib} MiB)",
+                interval.as_secs()
+            ),
+        )
+        .at(file, span, "client-chosen key in Redis")
+        .help(
+            "key on a verified identity (`claim:<name>`, or a header set by claims_to_headers), \
+             shorten `per / requests`, keep the limit local, or cap Redis memory with \
+             `maxmemory-policy volatile-ttl` (docs/scale-out.md)",
+        ),
+    )
 }

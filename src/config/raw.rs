@@ -798,6 +798,9 @@ pub struct RawRateLimit {
     /// Where the buckets live: `"local"` (default, in this process) or `"redis"` (shared by
     /// every replica through `[rate_limit_store]`).
     pub store: Option<RawLimitStore>,
+    /// IPv6 clients are counted by this prefix length (default 64: one bucket per /64; 128
+    /// counts each address).
+    pub ipv6_prefix: Option<u8>,
 }
 
 /// Where a rate limit's buckets live.

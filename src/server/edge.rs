@@ -10,7 +10,9 @@ use actix_web::HttpResponse;
 use http::{HeaderName, HeaderValue};
 
 use crate::filters::cors::CorsPolicy;
-use crate::filters::rate_limit::{Decision, KeyValue, LimitKey, Limiters, RouteLimiter};
+use crate::filters::rate_limit::{
+    Decision, KeyValue, LimitKey, Limiters, RouteLimiter, client_key,
+};
 use crate::router::RouteId;
 use crate::snapshot::{Route, Snapshot};
 
@@ -180,20 +182,20 @@ impl WorkerLimiters {
         let spec = route.rate_limit.as_ref()?;
         let limiter = self.limiter(snap, id, route)?;
         let key = match &spec.key {
-            LimitKey::ClientIp => KeyValue::Ip(client),
+            LimitKey::ClientIp => client_key(client, spec.ipv6_prefix),
             LimitKey::Route => KeyValue::Whole,
             // Long values are hashed by `KeyValue::text`, so a key holds at most 256 bytes.
             // A request without the key counts by its client address (as Kong does): one
             // shared bucket let one client without it lock out every other.
             LimitKey::Header(name) => match keys.header_value(name.as_str()) {
                 Some(v) => KeyValue::text(&v),
-                None => KeyValue::Ip(client),
+                None => client_key(client, spec.ipv6_prefix),
             },
             // A number and the string of its digits (`42`, `"42"`) are one key.
             LimitKey::Claim(c) => match claims.and_then(|m| m.get(c)) {
                 Some(serde_json::Value::String(s)) => KeyValue::text(s.as_bytes()),
                 Some(other) => KeyValue::text(other.to_string().as_bytes()),
-                None => KeyValue::Ip(client),
+                None => client_key(client, spec.ipv6_prefix),
             },
         };
         match limiter.check(&key).await {

@@ -65,6 +65,27 @@ pub struct LimitSpec {
     pub key: LimitKey,
     /// `store = "redis"`: the store the buckets live in; `None`: in this process.
     pub shared: Option<Arc<crate::store::StoreSpec>>,
+    /// IPv6 client addresses count by this prefix (default [`DEFAULT_IPV6_PREFIX`]).
+    pub ipv6_prefix: u8,
+}
+
+/// IPv6 clients are counted by /64: one subscriber line or host usually holds a whole /64, so
+/// counting by /128 gave it 2^64 buckets (and a shared store that many keys to fill).
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The key of a client address: IPv4 (and IPv4-mapped IPv6) as it is, IPv6 by its first
+/// `ipv6_prefix` bits.
+pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> KeyValue {
+    match crate::util::canonical_ip(ip) {
+        IpAddr::V6(v6) if ipv6_prefix < 128 => {
+            let bits = u128::from(v6);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(ipv6_prefix))
+                .unwrap_or(0);
+            KeyValue::Ip(IpAddr::V6((bits & mask).into()))
+        }
+        other => KeyValue::Ip(other),
+    }
 }
 
 /// A key value for one request.
@@ -515,7 +536,27 @@ mod tests {
             burst,
             key: LimitKey::ClientIp,
             shared: None,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = client_key(ip("2001:db8:1:2:aaaa::1"), 64);
+        assert_eq!(a, client_key(ip("2001:db8:1:2:ffff::9"), 64));
+        assert_eq!(a, KeyValue::Ip(ip("2001:db8:1:2::")));
+        assert_ne!(a, client_key(ip("2001:db8:1:3::1"), 64));
+        assert_eq!(
+            client_key(ip("2001:db8::1"), 128),
+            KeyValue::Ip(ip("2001:db8::1"))
+        );
+        assert_eq!(client_key(ip("2001:db8::1"), 0), KeyValue::Ip(ip("::")));
+        // IPv4, mapped or not, is one address whatever the prefix.
+        assert_eq!(
+            client_key(ip("::ffff:192.0.2.7"), 64),
+            KeyValue::Ip(ip("192.0.2.7"))
+        );
     }
 
     #[test]
