@@ -245,6 +245,36 @@ fn health_checks_end_a_passive_ejection_only_after_healthy_after_passes_since_it
     drop((ba, bb));
 }
 
+/// `ends_ejections = false`: the checks keep passing, and the ejection still runs its time
+/// (a target that resets every request but passes /healthz stays out).
+#[test]
+fn health_checks_that_do_not_end_ejections_leave_them_to_run_their_time() {
+    let (a, b) = (Knobs::new("a"), Knobs::new("b").failing(500));
+    let (ba, bb) = (a.serve(None), b.serve(None));
+    let urls = vec![ba.url(), bb.url()];
+    let upstream = "health = { path = \"/healthz\", interval = \"50ms\", healthy_after = 1, \
+                    ends_ejections = false }\n\
+                    outlier = { consecutive_5xx = 2, base_ejection = \"60s\" }";
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls, upstream, "")));
+    for _ in 0..20 {
+        if !target_available(&gw, &urls[1]) {
+            break;
+        }
+        gw.get("/x");
+    }
+    assert!(!target_available(&gw, &urls[1]), "two 5xx in a row eject b");
+    let at_ejection = b.health_checks.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(5), || b
+        .health_checks
+        .load(Ordering::SeqCst)
+        >= at_ejection + 5));
+    assert!(
+        !target_available(&gw, &urls[1]),
+        "passing checks ended the ejection although ends_ejections = false"
+    );
+    drop((ba, bb));
+}
+
 #[test]
 fn timeouts_are_504_and_retried_on_another_target_but_post_is_not() {
     let (slow, fast) = (Knobs::new("slow").slow(3000), Knobs::new("fast"));

@@ -393,6 +393,7 @@ fn health(cx: &mut Cx<'_>, file: FileId, h: &Spanned<RawHealth>) -> Option<Healt
         healthy_after,
         unhealthy_after,
         host,
+        ends_ejections: h.ends_ejections.unwrap_or(true),
     })
 }
 

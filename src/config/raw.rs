@@ -585,6 +585,10 @@ pub struct RawHealth {
     pub unhealthy_after: Option<Spanned<u32>>,
     /// `Host` header for the checks (default: the target's host:port).
     pub host: Option<Spanned<String>>,
+    /// Whether `healthy_after` passing checks since a passive ejection end it early (default
+    /// true, as Envoy's `successful_active_health_check_uneject_host`). `false` for targets
+    /// whose check can pass while they fail requests: the ejection then runs its time.
+    pub ends_ejections: Option<bool>,
 }
 
 /// A status code (`503`) or class (`"5xx"`).

@@ -34,6 +34,9 @@ pub struct HealthCheck {
     pub healthy_after: u32,
     pub unhealthy_after: u32,
     pub host: Option<String>,
+    /// `healthy_after` passing checks since a passive ejection end it early. Part of the
+    /// fingerprint: changing it starts a fresh state and checker, as other settings do.
+    pub ends_ejections: bool,
 }
 
 impl HealthCheck {
@@ -146,7 +149,8 @@ async fn run(state: Weak<TargetState>, probe: Probe) {
                 }
                 // Like Envoy: a target the checks find healthy again is not kept out by an
                 // earlier passive ejection, once `healthy_after` checks since it passed.
-                if passes_since_ejection >= probe.check.healthy_after {
+                if probe.check.ends_ejections && passes_since_ejection >= probe.check.healthy_after
+                {
                     s.unject(&format!(
                         "{passes_since_ejection} health checks passed in a row since the ejection"
                     ));
