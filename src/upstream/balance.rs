@@ -68,6 +68,8 @@ pub enum Balancer {
 pub struct RoundRobin {
     sequence: Vec<usize>,
     next: AtomicUsize,
+    /// Retries' own turns, so that they never take a first attempt's.
+    retry_next: AtomicUsize,
 }
 
 impl RoundRobin {
@@ -75,6 +77,7 @@ impl RoundRobin {
         Self {
             sequence: smooth_wrr_sequence(weights),
             next: AtomicUsize::new(0),
+            retry_next: AtomicUsize::new(0),
         }
     }
 
@@ -84,32 +87,21 @@ impl RoundRobin {
     /// set). Walking forward from the turn instead gave the target after a run of k unusable
     /// ones k+1 turns: with one of three targets out, 2/3 and 1/3 rather than 1/2 and 1/2.
     ///
-    /// A retry (`retry`) never takes a turn: it draws at random among the targets `ok` allows.
-    /// A retry that took a turn left the next request the turn of the target that had just
-    /// failed, which then got one request in two instead of one in N.
+    /// A retry (`retry`) takes its turn from a second counter of its own, in the same way. A
+    /// retry that took a first attempt's turn left the next request the turn of the target
+    /// that had just failed, which then got one request in two instead of one in N.
     fn pick(&self, ok: &dyn Fn(usize) -> bool, retry: bool) -> Option<usize> {
         let len = self.sequence.len();
         if len == 0 {
             return None;
         }
-        if retry {
-            for _ in 0..RANDOM_DRAWS {
-                let t = self.sequence[rand::random_range(0..len)];
-                if ok(t) {
-                    return Some(t);
-                }
-            }
-            let start = rand::random_range(0..len);
-            return (0..len)
-                .map(|i| self.sequence[(start + i) % len])
-                .find(|&t| ok(t));
-        }
+        let counter = if retry { &self.retry_next } else { &self.next };
         // Every turn goes to exactly one request, so turns passed on stay exact under
         // concurrency. Bounded: past MAX_TURNS unusable turns in a row (or none usable at all),
         // the first usable target after the last turn.
         let mut n = 0;
         for _ in 0..len.min(MAX_TURNS) {
-            n = self.next.fetch_add(1, Ordering::Relaxed);
+            n = counter.fetch_add(1, Ordering::Relaxed);
             let t = self.sequence[n % len];
             if ok(t) {
                 return Some(t);
@@ -124,8 +116,6 @@ impl RoundRobin {
 /// Turns one round-robin pick may take before walking the cycle; more than any run of unusable
 /// targets unless weights are uneven and several targets are out.
 const MAX_TURNS: usize = 32;
-/// Random draws a retry makes before walking the cycle from a random place.
-const RANDOM_DRAWS: usize = 8;
 
 /// Ring points per unit of weight, and the most points a ring may have.
 const POINTS_PER_WEIGHT: usize = 160;
