@@ -60,15 +60,18 @@ TOML
 fi
 if [[ -n ${LIMIT:-} ]]; then
   store=""
+  # A shared limit counts in microseconds: at most one request a microsecond (validate).
+  limit_requests=${LIMIT_REQUESTS:-1000000000}
   if [[ $LIMIT == redis ]]; then
     store=', store = "redis"'
+    limit_requests=${LIMIT_REQUESTS:-1000000}
     cat >>"$repo/gateway.toml" <<TOML
 [rate_limit_store]
 url = "${REDIS_URL:-redis://127.0.0.1:6379/}"
 on_store_error = "${ON_STORE_ERROR:-local}"
 TOML
   fi
-  echo "rate_limit = { requests = ${LIMIT_REQUESTS:-1000000000}, per = \"${LIMIT_PER:-1s}\"$store }" >>"$repo/routes/all.toml"
+  echo "rate_limit = { requests = ${limit_requests}, per = \"${LIMIT_PER:-1s}\"$store }" >>"$repo/routes/all.toml"
 fi
 if [[ ${POLICY:-0} == 1 ]]; then
   mkdir -p "$repo/policies"

@@ -199,7 +199,7 @@ if [ "$redis" = 1 ]; then
 name = "shared-limit"
 prefix = "/shared"
 upstream = "backend"
-rate_limit = { requests = 1000000000, per = "1s", store = "redis" }
+rate_limit = { requests = 1000000, per = "1s", store = "redis" }
 
 [[route]]
 name = "shared-limit-over"
