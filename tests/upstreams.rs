@@ -219,13 +219,7 @@ fn health_checks_end_a_passive_ejection_only_after_healthy_after_passes_since_it
         .health_checks
         .load(Ordering::SeqCst)
         >= 6));
-    for _ in 0..20 {
-        if !target_available(&gw, &urls[1]) {
-            break;
-        }
-        gw.get("/x");
-    }
-    assert!(!target_available(&gw, &urls[1]), "two 5xx in a row eject b");
+    eject_by_requests(&gw, &urls[1]);
     // Checks run one after another: once b has seen the third check after the ejection, the
     // verdicts of the two before it are in. Fewer than `healthy_after` passed since it.
     let at_ejection = b.health_checks.load(Ordering::SeqCst);
@@ -245,6 +239,17 @@ fn health_checks_end_a_passive_ejection_only_after_healthy_after_passes_since_it
     drop((ba, bb));
 }
 
+/// Sends requests until `url` (failing each with a 5xx) is ejected; at most 20.
+fn eject_by_requests(gw: &Gateway, url: &str) {
+    for _ in 0..20 {
+        if !target_available(gw, url) {
+            break;
+        }
+        gw.get("/x");
+    }
+    assert!(!target_available(gw, url), "two 5xx in a row eject b");
+}
+
 /// `ends_ejections = false`: the checks keep passing, and the ejection still runs its time
 /// (a target that resets every request but passes /healthz stays out).
 #[test]
@@ -256,13 +261,7 @@ fn health_checks_that_do_not_end_ejections_leave_them_to_run_their_time() {
                     ends_ejections = false }\n\
                     outlier = { consecutive_5xx = 2, base_ejection = \"60s\" }";
     let gw = Gateway::start(&as_refs(&proxy_to(&urls, upstream, "")));
-    for _ in 0..20 {
-        if !target_available(&gw, &urls[1]) {
-            break;
-        }
-        gw.get("/x");
-    }
-    assert!(!target_available(&gw, &urls[1]), "two 5xx in a row eject b");
+    eject_by_requests(&gw, &urls[1]);
     let at_ejection = b.health_checks.load(Ordering::SeqCst);
     assert!(wait_until(Duration::from_secs(5), || b
         .health_checks

@@ -195,12 +195,10 @@ const URI_TOO_LONG: Refusal = Refusal {
 /// `x-request-id`; then the connection closes. Returns the answer and the id. Refusal paths
 /// only: nothing here is built for a request that is served.
 fn gateway_answer(status: u16, message: &str) -> (String, String) {
-    let reason = match status {
-        408 => "Request Timeout",
-        414 => "URI Too Long",
-        431 => "Request Header Fields Too Large",
-        _ => "Bad Request",
-    };
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Bad Request");
     let (_, id) = super::handler::new_request_id();
     let id = id.to_str().unwrap_or("unknown").to_owned();
     let body = serde_json::json!({ "error": message, "request_id": id }).to_string();
