@@ -421,3 +421,80 @@ fn a_malformed_chunked_body_is_logged_under_the_id_its_400_carries() {
         assert_eq!(v["error"], "client_body");
     }
 }
+
+/// A chunked body that breaks after its request went upstream: the client's 400, the request's
+/// access line and the upstream all have the request's one id. The 400 (and the access line)
+/// carried a new id of their own, one the upstream never saw. A client's own `x-request-id`
+/// comes back on the 400 when the bad chunk comes with the head.
+#[test]
+fn a_malformed_chunked_body_is_answered_under_the_id_its_upstream_got() {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let backend = Backend::start(move |req: hyper::Request<hyper::body::Incoming>| {
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        record.lock().unwrap().push(id);
+        async move {
+            use http_body_util::BodyExt;
+            let _ = req.into_body().collect().await;
+            hyper::Response::new(full("done"))
+        }
+    });
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let answer = |s: &mut std::net::TcpStream| {
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{resp:?}");
+        resp.lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no x-request-id: {resp:?}"))
+            .to_owned()
+    };
+    let logged = |id: &str| {
+        wait_until(Duration::from_secs(5), || {
+            access_lines(&gw.logs.lock().unwrap()).iter().any(|l| {
+                l.contains(&format!("\"request_id\":\"{id}\"")) && l.contains("\"status\":400")
+            })
+        })
+    };
+    let head = "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n";
+
+    // The request and its first chunk reach the upstream; then a chunk that breaks the grammar.
+    let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{head}\r\n5\r\nhello\r\n").as_bytes())
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || seen
+        .lock()
+        .unwrap()
+        .len()
+        == 1));
+    s.write_all(b"ZZ\r\n").unwrap();
+    let id = answer(&mut s);
+    let upstream_id = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        id, upstream_id,
+        "the 400's id is not the one the upstream got"
+    );
+    assert!(
+        logged(&id),
+        "no access line with {id}: {}",
+        gw.logs.lock().unwrap()
+    );
+
+    // The client's own id, its bad chunk in the head's read.
+    let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{head}x-request-id: client-7\r\n\r\nzz\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(answer(&mut s), "client-7");
+    assert!(logged("client-7"), "{}", gw.logs.lock().unwrap());
+}

@@ -169,13 +169,7 @@ impl Drop for Exchange {
             // reset the connection, or sent a malformed chunked body (the listener answered
             // 400). It may have reached the upstream, so it is logged too.
             if self.busy.as_ref().is_some_and(Busy::body_broken) {
-                // Logged under the id the client got with the 400 (the upstream, if the
-                // request reached it, saw the request's own).
-                if let Some(id) = self.busy.as_ref().and_then(Busy::body_refusal_id)
-                    && let Ok(id) = HeaderValue::from_str(&id)
-                {
-                    self.request_id = id;
-                }
+                // Under the id the 400 carried (`Busy::share_request_id`).
                 self.emit(400, 0, Err("client_body"));
             } else if super::drain::cut_by_shutdown() {
                 // Still in progress when the shutdown grace ended: the gateway cut it.
@@ -548,6 +542,10 @@ pub(crate) async fn handle(
             },
         );
         state.recorder.began();
+        let e = &mut *ex;
+        if let Some(busy) = e.busy.as_ref().filter(|b| b.body_checked()) {
+            busy.share_request_id(&mut e.request_id, &mut e.reply_id);
+        }
 
         if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
             break 'answer ex.error(414, "the request target is too long");

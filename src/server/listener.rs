@@ -190,24 +190,43 @@ const URI_TOO_LONG: Refusal = Refusal {
 };
 
 /// The gateway's answer to a request the listener refuses itself (a head refused before any
-/// route saw it, a head that did not arrive in time, a malformed chunked body), as the handler
-/// answers the requests it refuses: a JSON error with a new request id, that id in
-/// `x-request-id`; then the connection closes. Returns the answer and the id. Refusal paths
+/// route saw it, a head that did not arrive in time), as the handler answers the requests it
+/// refuses: a JSON error with a new request id, that id in `x-request-id`; then the connection
+/// closes. A malformed chunked body is answered so under its request's id
+/// ([`gateway_answer_as`]). Returns the answer and the id. Refusal paths
 /// only: nothing here is built for a request that is served.
 fn gateway_answer(status: u16, message: &str) -> (String, String) {
+    let id = new_request_id();
+    (gateway_answer_as(status, message, &id), id)
+}
+
+/// A new request id ([`super::handler::new_request_id`]) as text.
+fn new_request_id() -> String {
+    let (_, id) = super::handler::new_request_id();
+    id.to_str().unwrap_or("unknown").to_owned()
+}
+
+/// The client's `x-request-id` in a whole request head (the first, as the handler reads it),
+/// if it is one the handler takes.
+fn client_request_id(head: &[u8]) -> Option<String> {
+    let (_, mut fields) = head_lines(head);
+    let (_, value) = fields.find(|(name, _)| name.eq_ignore_ascii_case(b"x-request-id"))?;
+    crate::wire::headers::valid_request_id(value)
+        .then(|| String::from_utf8_lossy(value).into_owned())
+}
+
+/// [`gateway_answer`] under a given request id.
+fn gateway_answer_as(status: u16, message: &str, id: &str) -> String {
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Bad Request");
-    let (_, id) = super::handler::new_request_id();
-    let id = id.to_str().unwrap_or("unknown").to_owned();
     let body = serde_json::json!({ "error": message, "request_id": id }).to_string();
-    let answer = format!(
+    format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
         body.len()
-    );
-    (answer, id)
+    )
 }
 
 /// The longest request line the listener lets through: the `http` crate refuses targets of
@@ -360,8 +379,12 @@ pub(crate) struct ConnState {
     /// The request's chunked body broke the chunked grammar: [`ClientIo`] has answered `400`
     /// (when no response had begun) and ends the connection.
     body_broken: Cell<bool>,
-    /// The request id of that `400`, for the request's access line.
+    /// The request id of that `400`, taken by the request if the handler did not have it yet.
     body_refusal_id: Cell<Option<String>>,
+    /// The request being read has a chunked body that [`ClientIo`] checks.
+    body_checked: Cell<bool>,
+    /// The id the handler gave that request (the one its upstream gets): that `400` carries it.
+    body_request_id: Cell<Option<actix_web::http::header::HeaderValue>>,
     /// The connection's facts, here too so that a request finds both in one lookup.
     info: Rc<ConnInfo>,
 }
@@ -390,6 +413,8 @@ impl ConnState {
             holding: Cell::new(false),
             body_broken: Cell::new(false),
             body_refusal_id: Cell::new(None),
+            body_checked: Cell::new(false),
+            body_request_id: Cell::new(None),
             info,
         }
     }
@@ -475,10 +500,32 @@ impl Busy {
         self.0.body_broken.get()
     }
 
-    /// The request id the listener's `400` for the malformed chunked body carried (none when
-    /// the body was not malformed, or its response had begun and the client got no `400`).
-    pub fn body_refusal_id(&self) -> Option<String> {
-        self.0.body_refusal_id.take()
+    /// Whether the request's body is chunked and checked by the listener, which answers a
+    /// malformed one `400` itself ([`Busy::share_request_id`]).
+    pub fn body_checked(&self) -> bool {
+        self.0.body_checked.get()
+    }
+
+    /// Gives the request and the listener's `400` for its malformed chunked body one request
+    /// id, the one its upstream gets and its access line names. A body that broke before the
+    /// handler had the request was answered already: the request takes that answer's id (`id`
+    /// and `reply` are replaced). Otherwise the request's own id is left for such an answer.
+    pub fn share_request_id(
+        &self,
+        id: &mut http::HeaderValue,
+        reply: &mut actix_web::http::header::HeaderValue,
+    ) {
+        let state = &self.0;
+        if let Some(sent) = state.body_refusal_id.take() {
+            if let (Ok(i), Ok(r)) = (
+                http::HeaderValue::from_str(&sent),
+                actix_web::http::header::HeaderValue::from_str(&sent),
+            ) {
+                (*id, *reply) = (i, r);
+            }
+        } else {
+            state.body_request_id.set(Some(reply.clone()));
+        }
     }
 }
 
@@ -1055,7 +1102,16 @@ impl ClientIo {
     /// request is logged as 499. Here the client is told `400` (unless its response has begun),
     /// the dispatcher gets the bytes before the bad one and then end of input, and nothing it
     /// writes afterwards goes out.
-    fn check_body(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, from: usize) {
+    ///
+    /// `buf` holds the body's head from `head_from` to `from` when the head came in this read
+    /// (else the two are equal).
+    fn check_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        head_from: usize,
+        from: usize,
+    ) {
         let Some(check) = &mut self.body else {
             return;
         };
@@ -1079,14 +1135,24 @@ impl ClientIo {
                     if !self.responded {
                         // Like the 408: a plain socket sends it at once (nothing else is queued
                         // before a response begins); over TLS it leaves with the dispatcher's
-                        // flush. The request's access line takes the answer's id
-                        // ([`Busy::body_refusal_id`]): the answer may go before the handler
-                        // has the request.
-                        let (answer, id) =
-                            gateway_answer(MALFORMED_BODY.status, MALFORMED_BODY.message);
+                        // flush. It carries the request's id ([`Busy::share_request_id`]): the
+                        // handler's when it has the request (its upstream may have it too),
+                        // else the client's from the head in this read, else a new one, which
+                        // the handler then takes.
+                        request_id = self
+                            .state
+                            .body_request_id
+                            .take()
+                            .and_then(|v| v.to_str().ok().map(str::to_owned))
+                            .or_else(|| client_request_id(&buf.filled()[head_from..from]))
+                            .unwrap_or_else(new_request_id);
+                        let answer = gateway_answer_as(
+                            MALFORMED_BODY.status,
+                            MALFORMED_BODY.message,
+                            &request_id,
+                        );
                         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
-                        request_id.clone_from(&id);
-                        self.state.body_refusal_id.set(Some(id));
+                        self.state.body_refusal_id.set(Some(request_id.clone()));
                     }
                     self.answered = true;
                     tracing::debug!(request_id, "malformed chunked request body; closing");
@@ -1165,12 +1231,13 @@ impl ClientIo {
                 bytes.truncate(end);
             }
         } else if let Some(left) = request_body(head, whole) {
+            self.state.body_checked.set(matches!(left, Left::Chunks(_)));
             self.body = Some(BodyCheck { left, owner: until });
             // The body's bytes in this read, checked as if the dispatcher read them.
             let len = bytes.len();
             let mut given = ReadBuf::new(&mut bytes);
             given.set_filled(len);
-            self.check_body(cx, &mut given, end);
+            self.check_body(cx, &mut given, 0, end);
             let kept = given.filled().len();
             bytes.truncate(kept);
         }
@@ -1390,6 +1457,8 @@ impl AsyncRead for ClientIo {
             this.partial_head.clear();
             this.responded = false;
             this.state.body_broken.set(false);
+            this.state.body_checked.set(false);
+            this.state.body_request_id.set(None);
             // Most reads hold one whole head: only where more follows, or the head has a
             // `Transfer-Encoding` or `Content-Length`, is the head looked at further.
             match scan_head(new) {
@@ -1418,6 +1487,7 @@ impl AsyncRead for ClientIo {
                     {
                         this.hold(buf, before + end);
                     } else if let Some(left) = request_body(head, &new[..end]) {
+                        this.state.body_checked.set(matches!(left, Left::Chunks(_)));
                         this.body = Some(BodyCheck {
                             left,
                             owner: this.state.ended.get() + 1,
@@ -1470,7 +1540,7 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         if this.body.is_some() && buf.filled().len() > body_from {
-            this.check_body(cx, buf, body_from);
+            this.check_body(cx, buf, before, body_from);
         }
         res
     }
