@@ -1484,3 +1484,118 @@ async fn uploads_over_the_cap_larger_than_the_window_all_complete() {
         assert_eq!(got, (2 * HALF).to_string().as_bytes(), "stream {i}");
     }
 }
+
+/// An h2c connection to the gateway with the `h2` crate's client, which sends a body in as
+/// many pieces as a test likes.
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.ready().await.unwrap()
+}
+
+/// Sends a POST with `body` on a new stream (ending it with the body if `end`).
+async fn h2_upload(
+    client: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    body: Vec<u8>,
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    *client = client.clone().ready().await.unwrap();
+    let req = http::Request::post(format!("http://gateway.test{path}"))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(Bytes::from(body), end).unwrap();
+    (resp, stream)
+}
+
+/// The status and body of an `h2` response, within 20 s.
+async fn h2_answer(resp: h2::client::ResponseFuture) -> (u16, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("no answer within 20 s")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// The bodies an HTTP/2 client streams to an HTTP/1.1 upstream when no place among the
+/// connection's streamed uploads is free (here none: `http2_max_streaming_uploads = 0`) are
+/// read whole first, and that reading keeps the limits: a body over the route's
+/// `max_body_size` gets 413, one that would take the worker past `max_buffered_bodies` 503 (the
+/// share is given back: a smaller body goes through after it), one that pauses past
+/// `body_idle_timeout` 408. None of them reaches the upstream. No body declares its length, so
+/// none is refused before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_read_whole_keep_the_size_room_and_idle_limits() {
+    let (be, hits) = counting_backend();
+    let files = vec![
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"small\"\nprefix = \"/small\"\nupstream = \"be\"\n\
+             max_body_size = \"1KiB\"\n\n\
+             [[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n"
+                .to_owned(),
+        ),
+        (
+            "upstreams/be.toml",
+            format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+        (
+            "gateway.toml",
+            "[limits]\nhttp2_max_streaming_uploads = 0\nmax_buffered_bodies = \"8KiB\"\n\
+             body_idle_timeout = \"1s\"\n"
+                .to_owned(),
+        ),
+    ];
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let mut client = h2_client(gw.addr).await;
+    let error = |body: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["error"].as_str().unwrap().to_owned()
+    };
+
+    let (resp, _s) = h2_upload(&mut client, "/small/x", vec![b'a'; 2048], true).await;
+    let (status, body) = h2_answer(resp).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        error(&body),
+        "request body is larger than this route accepts"
+    );
+
+    let (resp, _s) = h2_upload(&mut client, "/big", vec![b'b'; 16 * 1024], true).await;
+    let (status, body) = h2_answer(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        error(&body),
+        "the gateway is holding too many request bodies; try again"
+    );
+    let (resp, _s) = h2_upload(&mut client, "/fits", vec![b'c'; 4096], true).await;
+    assert_eq!(h2_answer(resp).await, (200, "hi".to_owned()));
+
+    // Part of a body, then nothing (the stream stays open): 408 once the idle time is over.
+    let (resp, _s) = h2_upload(&mut client, "/pause", vec![b'd'; 100], false).await;
+    let (status, body) = h2_answer(resp).await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(error(&body), "the request body was not received in time");
+    assert_eq!(
+        scrape(&gw).get("rustygate_client_timeouts_total{phase=\"body\"}"),
+        Some(&1.0)
+    );
+
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "only the body that fit went upstream"
+    );
+}
