@@ -1599,3 +1599,208 @@ async fn uploads_read_whole_keep_the_size_room_and_idle_limits() {
         "only the body that fit went upstream"
     );
 }
+
+/// An h2c upstream that grants no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE 0) and
+/// never answers: the gateway can send it none of a request's body.
+fn windowless_h2_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let handshake = h2::server::Builder::new()
+                        .initial_window_size(0)
+                        .handshake::<_, Bytes>(sock);
+                    let Ok(mut conn) = handshake.await else {
+                        return;
+                    };
+                    let mut held = Vec::new();
+                    while let Some(Ok(stream)) = conn.accept().await {
+                        held.push(stream);
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// A bare HTTP/2 client that keeps count of its send windows itself, from the frames the
+/// gateway sends (no client library tells how much of its connection's window is left).
+struct RawH2 {
+    tcp: std::net::TcpStream,
+    conn_window: i64,
+    /// SETTINGS_INITIAL_WINDOW_SIZE as the gateway last set it.
+    initial: i64,
+    windows: std::collections::HashMap<u32, i64>,
+}
+
+impl RawH2 {
+    fn connect(addr: SocketAddr) -> RawH2 {
+        use std::io::Write;
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        let mut c = RawH2 {
+            tcp,
+            conn_window: 65_535,
+            initial: 65_535,
+            windows: std::collections::HashMap::new(),
+        };
+        c.frame(0x4, 0, 0, &[]);
+        // The gateway's SETTINGS come first.
+        while c.next_frame().0 != 0x4 {}
+        c
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        use std::io::Write;
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        self.tcp.write_all(&f).unwrap();
+    }
+
+    /// Reads one frame and keeps the windows: `(type, flags, stream, payload)`. Panics when
+    /// none comes within 10 s.
+    fn next_frame(&mut self) -> (u8, u8, u32, Vec<u8>) {
+        use std::io::Read;
+        let mut head = [0u8; 9];
+        self.tcp
+            .read_exact(&mut head)
+            .expect("no frame from the gateway within 10 s");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        self.tcp.read_exact(&mut payload).unwrap();
+        let word = |p: &[u8]| i64::from(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff);
+        match head[3] {
+            // SETTINGS (not an ACK): INITIAL_WINDOW_SIZE moves every stream's window.
+            0x4 if head[4] & 1 == 0 => {
+                for s in payload.chunks(6) {
+                    if s[..2] == [0, 4] {
+                        let new = word(&s[2..]);
+                        for w in self.windows.values_mut() {
+                            *w += new - self.initial;
+                        }
+                        self.initial = new;
+                    }
+                }
+                self.frame(0x4, 1, 0, &[]);
+            }
+            0x8 if stream == 0 => self.conn_window += word(&payload),
+            0x8 => *self.windows.entry(stream).or_insert(0) += word(&payload),
+            // PING: answered.
+            0x6 if head[4] & 1 == 0 => self.frame(0x6, 1, 0, &payload),
+            0x3 | 0x7 => panic!("the gateway ended stream {stream} or the connection"),
+            _ => {}
+        }
+        (head[3], head[4], stream, payload)
+    }
+
+    /// Opens stream `id`: a POST to `path`, its body to come.
+    fn post(&mut self, id: u32, path: &str) {
+        let mut block = Vec::new();
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "gateway.test"),
+        ] {
+            // A literal field without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
+            block.push(0);
+            block.push(n.len() as u8);
+            block.extend_from_slice(n.as_bytes());
+            block.push(v.len() as u8);
+            block.extend_from_slice(v.as_bytes());
+        }
+        self.frame(0x1, 0x4, id, &block);
+        self.windows.insert(id, self.initial);
+    }
+
+    /// What stream `id` may send now.
+    fn room(&self, id: u32) -> i64 {
+        self.windows[&id].min(self.conn_window)
+    }
+
+    fn data(&mut self, id: u32, bytes: &[u8], end: bool) {
+        let n = bytes.len() as i64;
+        assert!(self.room(id) >= n);
+        self.conn_window -= n;
+        *self.windows.get_mut(&id).unwrap() -= n;
+        self.frame(0x0, u8::from(end), id, bytes);
+    }
+}
+
+/// A stream whose upstream takes none of its body holds at most its own flow-control window
+/// (64 KiB) of its connection's: when it has used all of its window, the connection still has
+/// room, and another stream's upload goes through. With hyper's defaults a stream's window was
+/// the connection's whole window (1 MiB each): the stuck upload used up both at once. The
+/// gateway gives back only what it reads of that body (a few pieces, then its upstream takes
+/// no more), and the stuck stream's own window grows back by as much, so in the end it held
+/// the connection's whole window and no other stream of the connection could send a byte.
+#[test]
+fn an_upload_stuck_on_its_upstream_leaves_window_for_the_other_streams() {
+    let stuck = windowless_h2_upstream();
+    let bodies: Arc<std::sync::Mutex<Vec<Bytes>>> = Arc::default();
+    let seen = Arc::clone(&bodies);
+    let echo = Backend::start(move |req: Request<Incoming>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock().unwrap().push(body);
+            Response::new(full("ok"))
+        }
+    });
+    let files = vec![
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"stuck\"\nprefix = \"/stuck\"\nupstream = \"stuck\"\n\n\
+             [[route]]\nname = \"echo\"\nprefix = \"/\"\nupstream = \"echo\"\n"
+                .to_owned(),
+        ),
+        (
+            "upstreams/u.toml",
+            format!(
+                "[upstream.stuck]\ntargets = [\"http://{stuck}\"]\nprotocol = \"http2\"\n\n\
+                 [upstream.echo]\ntargets = [\"{}\"]\n",
+                echo.url()
+            ),
+        ),
+    ];
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let mut c = RawH2::connect(gw.addr);
+    c.post(1, "/stuck/up");
+    // The stuck stream sends until its own window is used up (at most 8 MiB, 16 KiB a frame);
+    // while the connection's window stops it first, the client waits for the gateway to give
+    // some back.
+    let piece = vec![b's'; 16 * 1024];
+    let mut sent = 0usize;
+    while c.windows[&1] > 0 {
+        assert!(sent < 8 << 20, "the stuck stream was never stopped");
+        let n = c.room(1).min(piece.len() as i64) as usize;
+        if n == 0 {
+            c.next_frame();
+            continue;
+        }
+        c.data(1, &piece[..n], false);
+        sent += n;
+    }
+    assert!(
+        c.conn_window > 0,
+        "the stuck stream took the connection's whole window ({sent} bytes sent)"
+    );
+    c.post(3, "/echo");
+    c.data(3, b"ping", true);
+    // The answer's HEADERS on stream 3.
+    while !matches!(c.next_frame(), (0x1, _, 3, _)) {}
+    assert_eq!(*bodies.lock().unwrap(), [Bytes::from_static(b"ping")]);
+}
