@@ -931,9 +931,13 @@ async fn websocket_handshakes_to_an_http2_upstream_go_as_plain_requests() {
     );
 }
 
-/// An h2c upstream (the `h2` crate, frame by frame) that refuses every other stream with
-/// `REFUSED_STREAM` (RFC 9113 §8.7: not processed) and answers the rest "ok".
-fn refusing_h2_upstream(refused: Arc<AtomicUsize>) -> SocketAddr {
+/// An h2c upstream on 127.0.0.1:0, on a thread of its own: `serve` serves each connection it
+/// accepts (with the `h2` crate, frame by frame).
+fn h2_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -944,32 +948,40 @@ fn refusing_h2_upstream(refused: Arc<AtomicUsize>) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let streams = Arc::new(AtomicUsize::new(0));
             while let Ok((sock, _)) = listener.accept().await {
-                let (streams, refused) = (Arc::clone(&streams), Arc::clone(&refused));
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(sock).await else {
-                        return;
-                    };
-                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                        if streams.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-                            refused.fetch_add(1, Ordering::SeqCst);
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        } else if let Ok(mut body) = respond.send_response(
-                            http::Response::builder()
-                                .header("content-length", "2")
-                                .body(())
-                                .unwrap(),
-                            false,
-                        ) {
-                            let _ = body.send_data(Bytes::from_static(b"ok"), true);
-                        }
-                    }
-                });
+                tokio::spawn(serve(sock));
             }
         });
     });
     addr
+}
+
+/// An h2c upstream that refuses every other stream with `REFUSED_STREAM` (RFC 9113 §8.7: not
+/// processed) and answers the rest "ok".
+fn refusing_h2_upstream(refused: Arc<AtomicUsize>) -> SocketAddr {
+    let streams = Arc::new(AtomicUsize::new(0));
+    h2_upstream(move |sock| {
+        let (streams, refused) = (Arc::clone(&streams), Arc::clone(&refused));
+        async move {
+            let Ok(mut conn) = h2::server::handshake(sock).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                if streams.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                } else if let Ok(mut body) = respond.send_response(
+                    http::Response::builder()
+                        .header("content-length", "2")
+                        .body(())
+                        .unwrap(),
+                    false,
+                ) {
+                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                }
+            }
+        }
+    })
 }
 
 /// A stream an HTTP/2 upstream refused unprocessed (`REFUSED_STREAM`, or left out by a graceful
@@ -1413,19 +1425,11 @@ async fn trickle(cap: usize) {
         answers.push(resp);
     }
     for (i, resp) in answers.into_iter().enumerate() {
-        let resp = tokio::time::timeout(Duration::from_secs(30), resp)
-            .await
-            .unwrap_or_else(|_| panic!("stream {i} unanswered"))
-            .unwrap();
-        assert_eq!(resp.status(), 200, "stream {i}");
-        let mut body = resp.into_body();
-        let mut got = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            got.extend_from_slice(&chunk);
-        }
-        assert_eq!(got, b"1000", "stream {i}");
+        assert_eq!(
+            h2_answer(resp).await,
+            (200, "1000".to_owned()),
+            "stream {i}"
+        );
     }
 }
 
@@ -1469,19 +1473,11 @@ async fn uploads_over_the_cap_larger_than_the_window_all_complete() {
         answers.push(resp);
     }
     for (i, resp) in answers.into_iter().enumerate() {
-        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
-            .await
-            .unwrap_or_else(|_| panic!("stream {i} unanswered"))
-            .unwrap();
-        assert_eq!(resp.status(), 200, "stream {i}");
-        let mut body = resp.into_body();
-        let mut got = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            got.extend_from_slice(&chunk);
-        }
-        assert_eq!(got, (2 * HALF).to_string().as_bytes(), "stream {i}");
+        assert_eq!(
+            h2_answer(resp).await,
+            (200, (2 * HALF).to_string()),
+            "stream {i}"
+        );
     }
 }
 
@@ -1512,11 +1508,11 @@ async fn h2_upload(
     (resp, stream)
 }
 
-/// The status and body of an `h2` response, within 20 s.
+/// The status and body of an `h2` response, within 30 s.
 async fn h2_answer(resp: h2::client::ResponseFuture) -> (u16, String) {
-    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+    let resp = tokio::time::timeout(Duration::from_secs(30), resp)
         .await
-        .expect("no answer within 20 s")
+        .expect("no answer within 30 s")
         .unwrap();
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
@@ -1603,33 +1599,18 @@ async fn uploads_read_whole_keep_the_size_room_and_idle_limits() {
 /// An h2c upstream that grants no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE 0) and
 /// never answers: the gateway can send it none of a request's body.
 fn windowless_h2_upstream() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let handshake = h2::server::Builder::new()
-                        .initial_window_size(0)
-                        .handshake::<_, Bytes>(sock);
-                    let Ok(mut conn) = handshake.await else {
-                        return;
-                    };
-                    let mut held = Vec::new();
-                    while let Some(Ok(stream)) = conn.accept().await {
-                        held.push(stream);
-                    }
-                });
-            }
-        });
-    });
-    addr
+    h2_upstream(|sock| async move {
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(sock);
+        let Ok(mut conn) = handshake.await else {
+            return;
+        };
+        let mut held = Vec::new();
+        while let Some(Ok(stream)) = conn.accept().await {
+            held.push(stream);
+        }
+    })
 }
 
 /// A bare HTTP/2 client that keeps count of its send windows itself, from the frames the
