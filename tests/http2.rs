@@ -1613,6 +1613,20 @@ fn windowless_h2_upstream() -> SocketAddr {
     })
 }
 
+/// An HTTP/2 frame: its 9-byte header (length, type, flags, stream) and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A 31-bit window size or increment at the start of `p` (SETTINGS value, WINDOW_UPDATE).
+fn word(p: &[u8]) -> i64 {
+    i64::from(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff)
+}
+
 /// A bare HTTP/2 client that keeps count of its send windows itself, from the frames the
 /// gateway sends (no client library tells how much of its connection's window is left).
 struct RawH2 {
@@ -1643,11 +1657,9 @@ impl RawH2 {
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         use std::io::Write;
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        self.tcp.write_all(&f).unwrap();
+        self.tcp
+            .write_all(&h2_frame(kind, flags, stream, payload))
+            .unwrap();
     }
 
     /// Reads one frame and keeps the windows: `(type, flags, stream, payload)`. Panics when
@@ -1662,7 +1674,6 @@ impl RawH2 {
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
         let mut payload = vec![0u8; len];
         self.tcp.read_exact(&mut payload).unwrap();
-        let word = |p: &[u8]| i64::from(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff);
         match head[3] {
             // SETTINGS (not an ACK): INITIAL_WINDOW_SIZE moves every stream's window.
             0x4 if head[4] & 1 == 0 => {
@@ -1784,4 +1795,194 @@ fn an_upload_stuck_on_its_upstream_leaves_window_for_the_other_streams() {
     // The answer's HEADERS on stream 3.
     while !matches!(c.next_frame(), (0x1, _, 3, _)) {}
     assert_eq!(*bodies.lock().unwrap(), [Bytes::from_static(b"ping")]);
+}
+
+/// What [`window_counting_h2_upstream`] knows of its connection: its send windows, counted from
+/// the gateway's frames, and its streams.
+#[derive(Default)]
+struct UpstreamWindows {
+    conn: i64,
+    /// SETTINGS_INITIAL_WINDOW_SIZE as the gateway last set it.
+    initial: i64,
+    /// Stream id -> (window, bytes still to send, head sent); in the order the requests came.
+    streams: std::collections::BTreeMap<u32, (i64, usize, bool)>,
+    closed: bool,
+}
+
+/// A bare h2c upstream that answers its first `big` streams with 64 MiB each and later streams
+/// with "ok", sending as much as the gateway's flow-control windows allow; it counts them from
+/// the gateway's frames itself (no server library tells how much of its connection's window is
+/// left). `stuck` is set once each of the big streams has used up its own window.
+fn window_counting_h2_upstream(
+    big: usize,
+    stuck: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    use std::io::{Read, Write};
+    use std::sync::{Condvar, Mutex};
+    const BIG: usize = 64 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut reader) = sock else { return };
+            let out = Arc::new(Mutex::new(reader.try_clone().unwrap()));
+            let state = Arc::new((
+                Mutex::new(UpstreamWindows {
+                    conn: 65_535,
+                    initial: 65_535,
+                    ..UpstreamWindows::default()
+                }),
+                Condvar::new(),
+            ));
+            let frame =
+                |out: &Mutex<std::net::TcpStream>, kind: u8, flags: u8, id: u32, p: &[u8]| {
+                    out.lock()
+                        .unwrap()
+                        .write_all(&h2_frame(kind, flags, id, p))
+                        .is_ok()
+                };
+            // Reads the gateway's frames and keeps the windows.
+            let (r_state, r_out) = (Arc::clone(&state), Arc::clone(&out));
+            std::thread::spawn(move || {
+                let mut preface = [0u8; 24];
+                let mut ok = reader.read_exact(&mut preface).is_ok();
+                while ok {
+                    let mut head = [0u8; 9];
+                    if reader.read_exact(&mut head).is_err() {
+                        break;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut p = vec![0u8; len];
+                    if reader.read_exact(&mut p).is_err() {
+                        break;
+                    }
+                    let (lock, wake) = &*r_state;
+                    let mut s = lock.lock().unwrap();
+                    match head[3] {
+                        0x4 if head[4] & 1 == 0 => {
+                            for setting in p.chunks(6) {
+                                if setting[..2] == [0, 4] {
+                                    let new = word(&setting[2..]);
+                                    let delta = new - s.initial;
+                                    for w in s.streams.values_mut() {
+                                        w.0 += delta;
+                                    }
+                                    s.initial = new;
+                                }
+                            }
+                            ok = frame(&r_out, 0x4, 1, 0, &[]);
+                        }
+                        0x8 if id == 0 => s.conn += word(&p),
+                        0x8 => {
+                            if let Some(w) = s.streams.get_mut(&id) {
+                                w.0 += word(&p);
+                            }
+                        }
+                        0x1 => {
+                            let body = if s.streams.len() < big { BIG } else { 2 };
+                            let initial = s.initial;
+                            s.streams.insert(id, (initial, body, false));
+                        }
+                        0x3 => {
+                            s.streams.remove(&id);
+                        }
+                        0x6 if head[4] & 1 == 0 => ok = frame(&r_out, 0x6, 1, 0, &p),
+                        0x7 => ok = false,
+                        _ => {}
+                    }
+                    wake.notify_all();
+                }
+                r_state.0.lock().unwrap().closed = true;
+                r_state.1.notify_all();
+            });
+            // Sends what the windows allow.
+            let stuck = Arc::clone(&stuck);
+            std::thread::spawn(move || {
+                let (lock, wake) = &*state;
+                let piece = vec![b'x'; 16 * 1024];
+                frame(&out, 0x4, 0, 0, &[]);
+                let mut s = lock.lock().unwrap();
+                while !s.closed {
+                    // :status 200 (static index 8), content-length (static 28) for the small ones.
+                    let work =
+                        s.streams.iter().find_map(|(&id, &(window, left, head))| {
+                            let room = window.min(s.conn).min(piece.len() as i64).max(0) as usize;
+                            (!head || (left > 0 && room > 0 && (left > 2 || room >= 2)))
+                                .then_some((id, left, head, room.min(left)))
+                        });
+                    let Some((id, left, head, n)) = work else {
+                        let big_streams: Vec<i64> = s
+                            .streams
+                            .values()
+                            .filter(|w| w.1 > 2)
+                            .map(|w| w.0)
+                            .collect();
+                        if big_streams.len() == big && big_streams.iter().all(|&w| w <= 0) {
+                            stuck.store(true, Ordering::SeqCst);
+                        }
+                        s = wake.wait(s).unwrap();
+                        continue;
+                    };
+                    let ok = if head {
+                        let w = s.streams.get_mut(&id).unwrap();
+                        w.0 -= n as i64;
+                        w.1 -= n;
+                        s.conn -= n as i64;
+                        let end = u8::from(left == n);
+                        let bytes = if left > 2 { &piece[..n] } else { &b"ok"[..] };
+                        frame(&out, 0x0, end, id, bytes)
+                    } else {
+                        s.streams.get_mut(&id).unwrap().2 = true;
+                        let block: &[u8] = if left > 2 {
+                            &[0x88]
+                        } else {
+                            &[0x88, 0x0f, 0x0d, 0x01, b'2']
+                        };
+                        frame(&out, 0x1, 0x4, id, block)
+                    };
+                    if !ok {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Clients slow to take large responses from an HTTP/2 upstream hold at most their streams'
+/// windows (1 MiB each) of the upstream connection's: another client's request on the same
+/// connection still gets its response. With hyper's defaults (2 MiB streams, 5 MiB connection)
+/// three such clients held the connection's whole window before their streams' own were used
+/// up, and every other response on the connection (any client's) got its head and no byte more:
+/// seen by hand with curl, 200 and 0 bytes after 5 s.
+#[test]
+fn clients_slow_to_take_responses_leave_the_upstream_connection_window_to_the_others() {
+    use std::io::Write;
+    const SLOW: usize = 3;
+    let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up = window_counting_h2_upstream(SLOW, Arc::clone(&stuck));
+    let files = proxy_to(&[format!("http://{up}")], "protocol = \"http2\"", "");
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    // Clients that ask for a large response and read none of it (a small receive buffer, so
+    // that little of it fits in the sockets).
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&gw.addr.into()).unwrap();
+        let mut s: std::net::TcpStream = sock.into();
+        s.write_all(format!("GET /big/{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        slow.push(s);
+    }
+    let held = common::wait_until(Duration::from_secs(20), || stuck.load(Ordering::SeqCst));
+    assert!(
+        held,
+        "the upstream connection's window ran out before the slow streams' own windows did"
+    );
+    let answer = common::http(&gw.addr.to_string(), "GET", "/small", &[], b"");
+    assert_eq!(answer, Some((200, "ok".to_owned())));
 }

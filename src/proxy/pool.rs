@@ -955,6 +955,18 @@ async fn connect_h2(
 /// each): frames for them are dropped; past it, for forgotten ones, answered with a reset.
 const MAX_H2_RESETS_REMEMBERED: usize = 1024;
 
+/// The flow-control window of each stream on an upstream HTTP/2 connection: the most of one
+/// response the upstream can send ahead of a client that is slow to take it.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// The upstream connection's own window: HTTP/2's largest (2^31-1), so that it never runs out
+/// before its streams' windows do. A stream holds what it received until its client takes it;
+/// with hyper's 5 MiB for the connection, three slow clients of large responses (2 MiB streams)
+/// held all of it and every other request on the connection, other clients' too, got its
+/// response head and no byte of its body. What the connection holds is bounded by its streams'
+/// windows instead.
+const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 async fn h2_handshake<I>(io: I, addr: &str, ping: H2Ping) -> H2Result
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -968,6 +980,8 @@ where
         // gateway send GOAWAY on the shared connection: every client's calls failed, and the
         // target was ejected.
         .max_concurrent_reset_streams(MAX_H2_RESETS_REMEMBERED)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .reset_stream_duration(Duration::from_secs(10))
         .max_local_error_reset_streams(None)
         // A connection whose PING goes unanswered ends, and with it `is_closed`: the pool
