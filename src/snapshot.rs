@@ -272,6 +272,9 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub upstream_host: UpstreamHost,
+    /// Upstream URLs in `Location`, `Content-Location` and `Refresh` are rewritten to the
+    /// client's origin (see `proxy::location`).
+    pub rewrite_location: bool,
     /// The route's Rhai policy: `on_request` after the filters, `on_response` before the client.
     pub policy: Option<crate::policy::RoutePolicy>,
     /// CORS: preflights answered by the gateway, headers added for allowed origins.

@@ -125,6 +125,34 @@ fn routes_added_removed_and_changed_fields() {
 }
 
 #[test]
+fn turning_off_location_rewriting_is_a_route_change() {
+    let repo = Repo::new();
+    let base = repo.commit(
+        "Orders",
+        &[
+            ("routes/orders.toml", Some(ORDERS)),
+            ("upstreams/orders.toml", Some(UPSTREAMS)),
+        ],
+    );
+    let off = ORDERS.replacen(
+        "timeout = \"5s\"",
+        "timeout = \"5s\"\nrewrite_location = false",
+        1,
+    );
+    repo.commit(
+        "Relay Location as it comes",
+        &[("routes/orders.toml", Some(&off))],
+    );
+    let p = plan(&options(repo.path(), &base)).unwrap();
+    let diff = p.diff.as_ref().unwrap();
+    assert_eq!(diff.routes.changed.len(), 1);
+    assert_eq!(
+        diff.routes.changed[0].changes,
+        [change("rewrite_location", None, Some("off"))]
+    );
+}
+
+#[test]
 fn upstream_target_weight_change_and_new_target() {
     let repo = Repo::new();
     let base = repo.commit(

@@ -315,6 +315,7 @@ impl Builder<'_> {
             request_headers,
             response_headers,
             upstream_host,
+            rewrite_location: r.rewrite_location.as_ref().is_none_or(|v| *v.get()),
             policy,
             cors,
             rate_limit,
@@ -552,10 +553,15 @@ fn action(
             None
         }
         (None, Some(resp)) => {
+            let span = |v: Option<&Spanned<String>>| v.map(Spanned::span);
             for (field, v) in [
-                ("strip_prefix", &r.strip_prefix),
-                ("add_prefix", &r.add_prefix),
-                ("rewrite", &r.rewrite),
+                ("strip_prefix", span(r.strip_prefix.as_ref())),
+                ("add_prefix", span(r.add_prefix.as_ref())),
+                ("rewrite", span(r.rewrite.as_ref())),
+                (
+                    "rewrite_location",
+                    r.rewrite_location.as_ref().map(|v| v.span()),
+                ),
             ] {
                 if let Some(v) = v {
                     cx.push(
@@ -563,7 +569,7 @@ fn action(
                             "ignored-field",
                             format!("`{field}` has no effect on a `respond` route"),
                         )
-                        .at(file, v.span(), "ignored"),
+                        .at(file, v, "ignored"),
                     );
                 }
             }

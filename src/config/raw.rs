@@ -352,6 +352,10 @@ pub struct RawRoute {
     pub preserve_host: Option<bool>,
     /// Send this `Host` header upstream instead.
     pub host_rewrite: Option<Spanned<String>>,
+    /// Rewrite `Location`, `Content-Location` and `Refresh` URLs that name one of the
+    /// upstream's targets (or `host_rewrite`) to the client's scheme and `Host`, undoing
+    /// `strip_prefix` / `add_prefix` (default true; like nginx's `proxy_redirect default`).
+    pub rewrite_location: Option<Spanned<bool>>,
     /// Time allowed for the upstream's response headers; overrides the upstream and gateway default.
     pub timeout: Option<Spanned<DurationText>>,
     /// Time allowed to connect to a target; overrides the upstream's.

@@ -49,6 +49,8 @@ pub struct RouteFacts {
     /// The route's retry settings over its upstream's.
     pub retries: Option<String>,
     pub websocket: bool,
+    /// Upstream URLs in `Location` & co. are rewritten to the client's origin (the default).
+    pub rewrite_location: bool,
     /// What the safety checks compare, beyond the text above.
     #[serde(skip)]
     pub(super) safety: super::safety::RouteSafety,
@@ -269,6 +271,7 @@ pub(super) fn route_facts(
             }),
             retries: r.retry.as_ref().map(retry_override),
             websocket: r.websocket,
+            rewrite_location: r.rewrite_location,
             safety,
         };
         match &r.action {
@@ -342,6 +345,10 @@ impl RouteFacts {
             ("policy", self.policy.clone()),
             ("retries", self.retries.clone()),
             ("websocket", self.websocket.then(|| "on".to_owned())),
+            (
+                "rewrite_location",
+                (!self.rewrite_location).then(|| "off".to_owned()),
+            ),
         ]
     }
 }

@@ -7,6 +7,7 @@ pub mod body;
 pub mod h1;
 pub mod headers;
 pub mod keepalive;
+pub mod location;
 pub mod pool;
 pub mod response;
 pub mod websocket;

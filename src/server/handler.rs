@@ -43,6 +43,7 @@ use crate::proxy::headers::{
     ClientCert, Forwarding, HeaderList, HeaderSink, client_ip, connection_tokens,
     is_hop_by_hop_str, valid_request_id,
 };
+use crate::proxy::location;
 use crate::proxy::pool::{OutRequest, SendFailure, SendOptions};
 use crate::proxy::response::{HeadShape, UpstreamHead, UpstreamResponse};
 use crate::proxy::websocket;
@@ -1942,7 +1943,7 @@ fn client_response(
             }
             // The body's plugins see the fields as the client gets them: a copy, when one reads.
             let seen = reads_body.then(|| ResponseFields::List(fields.clone()));
-            let out = relay_client_head(status, fields, &dropped, &ex);
+            let out = relay_client_head(status, fields, &dropped, &ex, req);
             (out, status.as_u16(), length, seen)
         }
         head => {
@@ -2182,7 +2183,7 @@ fn edited_head(
         return Err(Box::new(answer(ex, state, plan)));
     }
     let mut out = relayed(status);
-    relay_headers(&mut out, &parts.headers, &dropped, ex);
+    relay_headers(&mut out, &parts.headers, &dropped, ex, req);
     Ok((out, status, declared))
 }
 
@@ -2190,11 +2191,13 @@ fn edited_head(
 /// `Connection` header named (`dropped`) and `Content-Length` (actix sets it from the body),
 /// then the request id and the edge filters' headers. Names of the common standard headers
 /// are mapped without parsing; the values are copied into one buffer and shared from it.
+/// URLs naming the upstream are rewritten ([`client_url`]).
 fn relay_headers(
     out: &mut HttpResponseBuilder,
     headers: &http::HeaderMap,
     dropped: &[String],
     ex: &Exchange,
+    req: &Request,
 ) {
     let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>() + own_headers_len(ex);
     let mut values = bytes::BytesMut::with_capacity(total);
@@ -2206,6 +2209,12 @@ fn relay_headers(
         }
         if name == X_REQUEST_ID || (ex.cors && is_cors_response_header(n)) {
             // Replaced by the gateway's own below.
+            continue;
+        }
+        if let Some(v) = url_field(n).and_then(|f| client_url(ex, req, f, value.as_bytes()))
+            && let Some(name) = actix_name(name)
+        {
+            out.append_header((name, v));
             continue;
         }
         append_copy(out, &mut values, actix_name(name), value);
@@ -2231,9 +2240,10 @@ fn relay_client_head(
     fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
     dropped: &[String],
     ex: &Exchange,
+    req: &Request,
 ) -> HttpResponseBuilder {
     let mut out = relayed(status.as_u16());
-    for (name, value) in fields {
+    for (name, mut value) in fields {
         let n = name.as_str();
         if name == ax::CONTENT_LENGTH
             || is_hop_by_hop_str(n)
@@ -2243,12 +2253,85 @@ fn relay_client_head(
         {
             continue;
         }
+        if let Some(v) = url_field(n).and_then(|f| client_url(ex, req, f, value.as_bytes())) {
+            value = v;
+        }
         out.append_header((name, value));
     }
     // Empty (no allocation) unless edge filters added headers.
     let mut values = bytes::BytesMut::with_capacity(own_headers_len(ex));
     own_headers(&mut out, &mut values, ex);
     out
+}
+
+/// Which of the response headers that carry a URL `proxy::location` rewrites `name` (lower
+/// case) is, if any.
+fn url_field(name: &str) -> Option<location::Field> {
+    match name {
+        "location" | "content-location" => Some(location::Field::Url),
+        "refresh" => Some(location::Field::Refresh),
+        _ => None,
+    }
+}
+
+/// The client's value of a response header that carries a URL ([`url_field`]): the upstream's
+/// origin replaced by the one the client used (`proxy::location`); `None` keeps it. Out of
+/// line: only responses with such a header call it.
+#[cold]
+#[inline(never)]
+fn client_url(
+    ex: &Exchange,
+    req: &Request,
+    field: location::Field,
+    value: &[u8],
+) -> Option<ax::HeaderValue> {
+    let route = ex.snapshot.routes.get(ex.route?)?;
+    let crate::snapshot::RouteAction::Proxy { upstream, rewrite } = &route.action else {
+        return None;
+    };
+    if !route.rewrite_location {
+        return None;
+    }
+    // A trusted proxy in front says which scheme the client used.
+    let trusted = req
+        .peer_addr()
+        .is_some_and(|a| ex.snapshot.client_ip.is_trusted(a.ip()));
+    let forwarded = req
+        .headers()
+        .get(&AX_FORWARDED_PROTO)
+        .filter(|_| trusted)
+        .map(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii()
+        });
+    let client_scheme = match forwarded {
+        Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+        Some(p) if p.eq_ignore_ascii_case(b"http") => "http",
+        _ => ex.scheme,
+    };
+    let client_host = match req.headers().get(ax::HOST) {
+        Some(h) => h.as_bytes(),
+        None => req
+            .uri()
+            .authority()
+            .map_or(&b""[..], |a| a.as_str().as_bytes()),
+    };
+    let fixed_host = match &route.upstream_host {
+        crate::snapshot::UpstreamHost::Fixed(h) => Some(h.as_bytes()),
+        _ => None,
+    };
+    let cx = location::Context {
+        targets: &upstream.targets,
+        fixed_host,
+        path: Some(rewrite),
+        client_scheme,
+        client_host,
+    };
+    let v = location::rewrite(field, value, &cx)?;
+    ax::HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
 }
 
 /// `Access-Control-Allow-Origin` and the other CORS response headers (lower-case `name`).
@@ -2287,6 +2370,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 // Looked up by constant names: a name given as text is parsed on every lookup.
 const AX_REQUEST_ID: ax::HeaderName = ax::HeaderName::from_static("x-request-id");
 const AX_FORWARDED_FOR: ax::HeaderName = ax::HeaderName::from_static("x-forwarded-for");
+const AX_FORWARDED_PROTO: ax::HeaderName = ax::HeaderName::from_static("x-forwarded-proto");
 const AX_GRPC_TIMEOUT: ax::HeaderName = ax::HeaderName::from_static("grpc-timeout");
 const AX_SEC_WEBSOCKET_KEY: ax::HeaderName = ax::HeaderName::from_static("sec-websocket-key");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
