@@ -153,6 +153,31 @@ fn hop_by_hop_headers_are_stripped_from_the_response() {
     }
 }
 
+/// `Proxy-Authenticate` challenges the next client on the response chain (RFC 9110 §11.7.1):
+/// the gateway, which never answers it (the client's `Proxy-Authorization` is dropped too). A
+/// client that reached an origin, not a proxy it chose, has nothing to answer it with.
+#[test]
+fn an_upstreams_proxy_challenge_is_not_relayed() {
+    let be = raw_backend(
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 2\r\n\
+          Proxy-Authenticate: Basic realm=\"internal\"\r\nWWW-Authenticate: Bearer\r\n\r\nno",
+    );
+    for route_extra in ["", r#"response_headers = { set = { "x-rule" = "1" } }"#] {
+        let gw = Gateway::start(&as_refs(&proxy_all(&format!("http://{be}"), route_extra)));
+        let resp = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .to_ascii_lowercase();
+        assert!(resp.starts_with("http/1.1 407"), "{resp}");
+        assert!(resp.contains("www-authenticate: bearer"), "{resp}");
+        assert!(
+            !resp.contains("proxy-authenticate"),
+            "{route_extra}: {resp}"
+        );
+    }
+}
+
 /// A head only relayed (parsed straight into the client's types) and one a header rule edits
 /// (parsed into `http` 1.x, then converted) reach the client with the same fields.
 #[test]

@@ -5,7 +5,10 @@
 use http::{HeaderName, HeaderValue};
 
 /// Headers that describe one connection and never cross the proxy, in either direction.
-pub const HOP_BY_HOP: [&str; 8] = [
+/// `Proxy-Authenticate` and `Proxy-Authorization` are between a client and the proxy it chose
+/// (RFC 9110 §11.7): the gateway is the origin to its clients and the client of its upstreams,
+/// so neither is relayed (as Go's `httputil.ReverseProxy` and RFC 2616 §13.5.1's list).
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -14,6 +17,7 @@ pub const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
     "upgrade",
     "proxy-authorization",
+    "proxy-authenticate",
 ];
 
 /// True for a hop-by-hop header name (lower-case, as `http` stores names).
