@@ -1,6 +1,7 @@
 //! Small shared helpers.
 
 pub mod clock;
+pub mod digits;
 
 /// What `tracing` logs at `level` and more severe while `f` runs on this thread, as plain text
 /// (no colours), for tests of what the gateway logs.

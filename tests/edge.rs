@@ -213,6 +213,76 @@ fn rate_limit_answers_429_with_headers_and_counts_it() {
     );
 }
 
+/// The `RateLimit-*` header `name` of a lower-cased head, as a number.
+fn rate_header(head: &str, name: &str) -> u64 {
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {head}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn every_response_of_a_limited_route_says_the_quota_left() {
+    // 60 a minute in bursts of 3: one request back every second.
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway_with(
+        &be,
+        "[rate_limit]\nrequests = 60\nper = \"1m\"\nburst = 3\n",
+        "",
+    );
+    let get = || {
+        exchange(
+            &gw,
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+    };
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (status, head, _) = get();
+        assert_eq!(status, 200, "{head}");
+        // The quota configured, not the burst; the burst back within a second a request.
+        assert_eq!(rate_header(&head, "ratelimit-limit"), 60, "{head}");
+        let remaining = rate_header(&head, "ratelimit-remaining");
+        let reset = rate_header(&head, "ratelimit-reset");
+        assert_eq!(reset, 3 - remaining, "{head}");
+        seen.push(remaining);
+    }
+    // A second or more between two requests could give one back: never more than the burst.
+    assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
+    assert!(seen.iter().all(|&r| r < 3), "{seen:?}");
+    // Exhaust it (each request at most a second apart is bounded: 10 tries).
+    let mut limited = None;
+    for _ in 0..10 {
+        let (status, head, _) = get();
+        if status == 429 {
+            limited = Some(head);
+            break;
+        }
+    }
+    let head = limited.expect("a burst of 3 is exhausted within 10 quick requests");
+    assert_eq!(rate_header(&head, "ratelimit-limit"), 60, "{head}");
+    assert_eq!(rate_header(&head, "ratelimit-remaining"), 0, "{head}");
+    let reset = rate_header(&head, "ratelimit-reset");
+    assert!((2..=3).contains(&reset), "{head}");
+    assert!(rate_header(&head, "retry-after") <= 1, "{head}");
+    // The gateway's own answers (here: the upstream is gone) carry them too.
+    drop(be);
+    let mut answered = None;
+    for _ in 0..10 {
+        let (status, head, _) = get();
+        if status == 502 {
+            answered = Some(head);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let head = answered.expect("a 502 once the quota is back");
+    assert_eq!(rate_header(&head, "ratelimit-limit"), 60, "{head}");
+    assert!(rate_header(&head, "ratelimit-reset") <= 3, "{head}");
+}
+
 #[test]
 fn rate_limit_keys_by_header_and_routes_can_opt_out() {
     let be = Backend::fixed(200, "ok");

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use actix_http::header as ax;
 use actix_http::{HttpMessage as _, Request};
 use actix_web::HttpResponse;
 use http::{HeaderName, HeaderValue};
@@ -15,6 +16,7 @@ use crate::filters::rate_limit::{
 };
 use crate::router::RouteId;
 use crate::snapshot::{Route, Snapshot};
+use crate::util::digits;
 
 /// The method a CORS preflight asks about, if this request is one (`OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method`).
@@ -166,8 +168,8 @@ impl WorkerLimiters {
             .clone()
     }
 
-    /// Checks the route's limit; `Some(429 response)` when the request is over it. Awaits only
-    /// for a limit in the shared store.
+    /// Checks the route's limit: the numbers for the response's `RateLimit-*` headers, or the
+    /// 429 response when the request is over it. Awaits only for a limit in the shared store.
     #[allow(clippy::too_many_arguments)]
     pub async fn check(
         &self,
@@ -178,9 +180,13 @@ impl WorkerLimiters {
         client: std::net::IpAddr,
         claims: Option<&crate::filters::jwt::Claims>,
         request_id: &HeaderValue,
-    ) -> Option<HttpResponse> {
-        let spec = route.rate_limit.as_ref()?;
-        let limiter = self.limiter(snap, id, route)?;
+    ) -> Result<Option<RateHeaders>, HttpResponse> {
+        let Some(spec) = route.rate_limit.as_ref() else {
+            return Ok(None);
+        };
+        let Some(limiter) = self.limiter(snap, id, route) else {
+            return Ok(None);
+        };
         let key = match &spec.key {
             LimitKey::ClientIp => client_key(client, spec.ipv6_prefix),
             LimitKey::Route => KeyValue::Whole,
@@ -199,25 +205,68 @@ impl WorkerLimiters {
             },
         };
         match limiter.check(&key).await {
-            Decision::Allowed { .. } => None,
-            Decision::Limited { limit, retry_after } => {
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                Some(
-                    HttpResponse::TooManyRequests()
-                        .insert_header(("retry-after", secs.to_string()))
-                        .insert_header(("ratelimit-limit", limit.to_string()))
-                        .insert_header(("ratelimit-remaining", "0"))
-                        .insert_header(("ratelimit-reset", secs.max(1).to_string()))
-                        .insert_header(("x-request-id", request_id.as_bytes()))
-                        .json(serde_json::json!({
-                            "error": "rate limit exceeded",
-                            "request_id": request_id.to_str().unwrap_or(""),
-                        })),
-                )
+            Decision::Allowed {
+                remaining, reset, ..
+            } => Ok(Some(RateHeaders {
+                limit: spec.requests,
+                remaining,
+                reset: whole_seconds(reset),
+            })),
+            Decision::Uncounted => Ok(None),
+            Decision::Limited {
+                retry_after, reset, ..
+            } => {
+                let mut resp = HttpResponse::TooManyRequests();
+                resp.insert_header((ax::RETRY_AFTER, whole_seconds(retry_after)));
+                let rate = RateHeaders {
+                    limit: spec.requests,
+                    remaining: 0,
+                    reset: whole_seconds(reset),
+                };
+                rate.append(|n, v| {
+                    resp.insert_header((n, v));
+                });
+                Err(resp
+                    .insert_header(("x-request-id", request_id.as_bytes()))
+                    .json(serde_json::json!({
+                        "error": "rate limit exceeded",
+                        "request_id": request_id.to_str().unwrap_or(""),
+                    })))
             }
         }
     }
 }
+
+/// `d` in seconds, rounded up.
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// What a response of a rate-limited route says about the client's quota (the IETF draft's
+/// `RateLimit-*` fields, as Kong sends them): `limit` requests a window, `remaining` of them
+/// now, the whole quota back in `reset` seconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateHeaders {
+    limit: u32,
+    remaining: u32,
+    reset: u64,
+}
+
+impl RateHeaders {
+    /// Hands the three headers to `add`, without allocating for values under 10,000.
+    pub fn append(&self, mut add: impl FnMut(ax::HeaderName, ax::HeaderValue)) {
+        add(RATELIMIT_LIMIT, digits::header_value(self.limit.into()));
+        add(
+            RATELIMIT_REMAINING,
+            digits::header_value(self.remaining.into()),
+        );
+        add(RATELIMIT_RESET, digits::header_value(self.reset));
+    }
+}
+
+const RATELIMIT_LIMIT: ax::HeaderName = ax::HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: ax::HeaderName = ax::HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: ax::HeaderName = ax::HeaderName::from_static("ratelimit-reset");
 
 /// What a successful authentication hands to the rest of the request.
 pub(crate) struct Verified {

@@ -79,6 +79,8 @@ struct Exchange {
     state: web::Data<WorkerState>,
     /// Headers the edge filters add to whatever response this request gets (CORS).
     extra: Vec<(HeaderName, HeaderValue)>,
+    /// The route's rate limit's `RateLimit-*` numbers, for whatever response this request gets.
+    rate_limit: Option<edge::RateHeaders>,
     /// The route answers CORS itself: the upstream's `Access-Control-*` headers are dropped,
     /// so that a browser sees one answer, the route's (not two, nor the upstream's alone).
     cors: bool,
@@ -212,6 +214,11 @@ impl Exchange {
 
     /// Adds the edge filters' response headers.
     fn with_extra(&self, mut resp: HttpResponse) -> HttpResponse {
+        if let Some(rate) = &self.rate_limit {
+            rate.append(|n, v| {
+                resp.headers_mut().insert(n, v);
+            });
+        }
         for (n, v) in &self.extra {
             if let (Ok(n), Ok(v)) = (
                 ax::HeaderName::from_bytes(n.as_str().as_bytes()),
@@ -518,6 +525,7 @@ pub(crate) async fn handle(
                 log: state.access_log,
                 state: state.clone(),
                 extra: Vec::new(),
+                rate_limit: None,
                 cors: false,
                 auth_headers: Vec::new(),
                 drop_token: None,
@@ -676,7 +684,8 @@ pub(crate) async fn handle(
                 }
             }
         }
-        if let Some(limited) = state
+        // Allowed: the `RateLimit-*` numbers go on the response, whatever it is.
+        if let Err(limited) = state
             .limiters
             .check(
                 &snap,
@@ -693,6 +702,7 @@ pub(crate) async fn handle(
                 &ex.request_id,
             )
             .await
+            .map(|rate| ex.rate_limit = rate)
         {
             state
                 .recorder
@@ -2342,6 +2352,11 @@ fn is_cors_response_header(name: &str) -> bool {
 /// The request id and the edge filters' headers (CORS), on every relayed response.
 fn own_headers(out: &mut HttpResponseBuilder, values: &mut bytes::BytesMut, ex: &Exchange) {
     out.append_header((AX_REQUEST_ID, ex.reply_id.clone()));
+    if let Some(rate) = &ex.rate_limit {
+        rate.append(|n, v| {
+            out.insert_header((n, v));
+        });
+    }
     for (n, v) in &ex.extra {
         append_copy(out, values, actix_name(n), v);
     }

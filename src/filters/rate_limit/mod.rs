@@ -119,10 +119,23 @@ impl KeyValue {
     }
 }
 
+/// What a limiter decided for one request. `limit` is the bucket's burst; `reset` the time
+/// until the bucket is full again (the whole burst available).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Allowed { limit: u32, remaining: u32 },
-    Limited { limit: u32, retry_after: Duration },
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        reset: Duration,
+    },
+    Limited {
+        limit: u32,
+        retry_after: Duration,
+        reset: Duration,
+    },
+    /// Let through without being counted (the shared store could not be asked and its
+    /// `on_store_error` is `allow`): nothing is known about the bucket.
+    Uncounted,
 }
 
 /// A rate limiter backend.
@@ -270,6 +283,8 @@ type Keyed = RateLimiter<KeyValue, CappedStore, DefaultClock, StateInformationMi
 /// In-process buckets.
 pub struct LocalLimiter {
     limit: u32,
+    /// One request's share of the window (`per ÷ requests`).
+    interval: Duration,
     buckets: Keyed,
     keys: Arc<KeyTable>,
     clock: DefaultClock,
@@ -294,6 +309,7 @@ impl LocalLimiter {
         let keys = Arc::new(KeyTable::new(max_keys, evicted));
         Some(LocalLimiter {
             limit: spec.burst.max(1),
+            interval: period,
             buckets: Keyed::new(quota, CappedStore(Arc::clone(&keys)), clock.clone()),
             keys,
             clock,
@@ -309,14 +325,25 @@ impl LocalLimiter {
 impl Limiter for LocalLimiter {
     fn check(&self, key: &KeyValue) -> Decision {
         match self.buckets.check_key(key) {
-            Ok(state) => Decision::Allowed {
-                limit: self.limit,
-                remaining: state.remaining_burst_capacity(),
-            },
-            Err(not_until) => Decision::Limited {
-                limit: self.limit,
-                retry_after: not_until.wait_time_from(self.clock.now()),
-            },
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                Decision::Allowed {
+                    limit: self.limit,
+                    remaining,
+                    // governor does not tell the bucket's arrival time: with `remaining` left
+                    // it is full again within this, less one interval at most.
+                    reset: self.interval * self.limit.saturating_sub(remaining),
+                }
+            }
+            Err(not_until) => {
+                let retry_after = not_until.wait_time_from(self.clock.now());
+                Decision::Limited {
+                    limit: self.limit,
+                    retry_after,
+                    // One request back at `retry_after`, the rest of the burst one an interval.
+                    reset: retry_after + self.interval * (self.limit - 1),
+                }
+            }
         }
     }
 
@@ -568,16 +595,22 @@ mod tests {
                 l.check(&k),
                 Decision::Allowed {
                     limit: 3,
-                    remaining: expected
+                    remaining: expected,
+                    reset: Duration::from_secs(20) * (3 - expected),
                 }
             );
         }
         match l.check(&k) {
-            Decision::Limited { limit, retry_after } => {
+            Decision::Limited {
+                limit,
+                retry_after,
+                reset,
+            } => {
                 assert_eq!(limit, 3);
                 assert!(
                     retry_after > Duration::from_secs(15) && retry_after <= Duration::from_secs(20)
                 );
+                assert_eq!(reset, retry_after + Duration::from_secs(40));
             }
             d => panic!("{d:?}"),
         }

@@ -124,9 +124,11 @@ impl SharedLimiter {
     pub async fn check(&self, key: &KeyValue) -> Decision {
         let now = Instant::now();
         if let Some(until) = self.over.until(key, now) {
+            let retry_after = until - now;
             return Decision::Limited {
                 limit: self.burst,
-                retry_after: until - now,
+                retry_after,
+                reset: retry_after + self.interval * self.burst.saturating_sub(1),
             };
         }
         let bucket = self.bucket_key(key);
@@ -145,12 +147,14 @@ impl SharedLimiter {
                     Decision::Allowed {
                         limit: self.burst,
                         remaining: o.remaining,
+                        reset: o.reset,
                     }
                 } else {
                     self.over.insert(key, now + o.retry_after, now);
                     Decision::Limited {
                         limit: self.burst,
                         retry_after: o.retry_after,
+                        reset: o.reset,
                     }
                 }
             }
@@ -175,11 +179,9 @@ impl SharedLimiter {
             (OnStoreError::Deny, _) => Decision::Limited {
                 limit: self.burst,
                 retry_after: Duration::from_secs(1),
+                reset: Duration::from_secs(1),
             },
-            _ => Decision::Allowed {
-                limit: self.burst,
-                remaining: 0,
-            },
+            _ => Decision::Uncounted,
         }
     }
 
