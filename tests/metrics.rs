@@ -133,3 +133,88 @@ fn grpc_status_labels_are_the_codes_whatever_the_upstream_sends() {
         ]
     );
 }
+
+/// Every family is on a fresh gateway's `/metrics`: at 0 where its labels are known from the
+/// start or from the config, by its `HELP` and `TYPE` alone where they come from events.
+#[test]
+fn a_fresh_gateway_lists_every_metric_family() {
+    let gw = Gateway::start(&as_refs(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"be\"\n\
+             rate_limit = { requests = 10, per = \"1m\" }\n"
+                .into(),
+        ),
+        (
+            "upstreams/u.toml",
+            format!(
+                "[upstream.be]\ntargets = [\"http://127.0.0.1:{}\"]\n",
+                dead_port()
+            ),
+        ),
+    ]));
+    let (status, text) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    for family in [
+        "rustygate_requests_total",
+        "rustygate_request_duration_seconds",
+        "rustygate_upstream_request_duration_seconds",
+        "rustygate_upstream_requests_total",
+        "rustygate_upstream_errors_total",
+        "rustygate_upstream_retries_total",
+        "rustygate_upstream_overflow_total",
+        "rustygate_upstream_no_target_total",
+        "rustygate_auth_failures_total",
+        "rustygate_rate_limited_total",
+        "rustygate_rate_limit_keys_evicted_total",
+        "rustygate_policy_errors_total",
+        "rustygate_plugin_errors_total",
+        "rustygate_grpc_requests_total",
+        "rustygate_client_connections_refused_total",
+        "rustygate_client_timeouts_total",
+        "rustygate_tls_handshakes_total",
+        "rustygate_http2_goaway_total",
+        "rustygate_config_commits_refused_total",
+        "rustygate_trace_spans_dropped_total",
+    ] {
+        assert!(
+            text.contains(&format!("\n# TYPE {family} ")),
+            "{family} missing from a fresh gateway:\n{text}"
+        );
+    }
+    let m = scrape(&gw);
+    for series in [
+        r#"rustygate_upstream_errors_total{kind="timeout",upstream="be"}"#,
+        r#"rustygate_upstream_no_target_total{upstream="be"}"#,
+        r#"rustygate_upstream_overflow_total{limit="max_requests",upstream="be"}"#,
+        r#"rustygate_rate_limited_total{route="api"}"#,
+        r#"rustygate_client_timeouts_total{phase="header"}"#,
+        r#"rustygate_http2_goaway_total{reason="resets"}"#,
+        r#"rustygate_config_commits_refused_total{reason="bad-signature"}"#,
+    ] {
+        assert_eq!(m.get(series), Some(&0.0), "{series}");
+    }
+    // Prometheus' own checker, where it is installed (the CI image has it).
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -896,9 +896,10 @@ fn an_interim_response_without_a_final_one_is_an_invalid_response() {
             Some(&2.0),
             "{m:?}"
         );
+        // At 0 from the start (its labels are known from the config).
         assert_eq!(
             m.get(r#"rustygate_upstream_errors_total{kind="upstream",upstream="be"}"#),
-            None
+            Some(&0.0)
         );
     }
     // Early hints, then the response: the response reaches the client.

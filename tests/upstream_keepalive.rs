@@ -214,7 +214,8 @@ fn gateway(url: &str, upstream_extra: &str, route_extra: &str) -> (Gateway, temp
 fn series(gw: &Gateway, prefix: &str) -> Vec<(String, f64)> {
     scrape(gw)
         .into_iter()
-        .filter(|(k, _)| k.starts_with(prefix) && k.contains("upstream=\"be\""))
+        // Series that counted something (the upstream's start at 0).
+        .filter(|(k, v)| k.starts_with(prefix) && k.contains("upstream=\"be\"") && *v != 0.0)
         .collect()
 }
 

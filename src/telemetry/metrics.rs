@@ -6,6 +6,11 @@ use prometheus::{
     Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Mutex;
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
+
 use super::counts::{Cell, Count, Family, Level, Timing};
 
 /// Latency buckets in seconds: sub-millisecond proxying up to slow upstreams.
@@ -15,6 +20,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    /// Every registered family's name, help and type: those with no series yet are still
+    /// listed ([`Metrics::render`]).
+    declared: Mutex<Vec<(String, String, MetricType)>>,
+    /// The config version whose routes and upstreams have their zero series
+    /// ([`Metrics::observe_upstreams`]).
+    zeroed: Mutex<String>,
     /// `rustygate_config_reloads_total{result="success|failure"}`
     pub config_reloads: IntCounterVec,
     /// `rustygate_config_commits_refused_total{reason="unsigned-commit|bad-signature"}`:
@@ -90,6 +101,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let mut declared = Vec::new();
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "rustygate_config_reloads_total",
@@ -271,13 +283,39 @@ impl Metrics {
             Box::new(crate::plugins::ERRORS.clone()),
             Box::new(super::trace::DROPPED.clone()),
         ] {
+            declare(&mut declared, &*c);
             let _ = registry.register(c);
         }
-        // Both series exist from the start, so rate() and alerts work before the first failure.
-        config_reloads.with_label_values(&["success"]);
-        config_reloads.with_label_values(&["failure"]);
+        // Series whose labels are known from the start exist from the start, at 0, so that
+        // rate() and alerts work before the first event (Prometheus' "avoid missing metrics").
+        for (family, values) in [
+            (&config_reloads, &["success", "failure"][..]),
+            (
+                &config_commits_refused,
+                &["unsigned-commit", "bad-signature"],
+            ),
+            (
+                &connections_refused,
+                &["max_connections", "max_connections_per_ip"],
+            ),
+            (
+                &client_timeouts,
+                &["header", "body", "tls_handshake", "send"],
+            ),
+            (
+                &http2_goaway,
+                &["idle", "header_timeout", "resets", "enhance_your_calm"],
+            ),
+            (&*super::trace::DROPPED, &["queue_full", "export_failed"]),
+        ] {
+            for v in values {
+                family.with_label_values(&[v]);
+            }
+        }
         Metrics {
             registry,
+            declared: Mutex::new(declared),
+            zeroed: Mutex::new(String::new()),
             config_reloads,
             config_commits_refused,
             config_last_success,
@@ -321,8 +359,17 @@ impl Metrics {
     }
 
     /// Sets `rustygate_upstream_target_healthy` from the snapshot being served: targets that
-    /// left the config disappear from the output.
+    /// left the config disappear from the output. The first time a config version is seen,
+    /// its upstreams' error, retry, overflow and no-target counters and its limited routes'
+    /// `rustygate_rate_limited_total` get their series at 0 (labels known from the config;
+    /// kept afterwards like any counter's).
     pub fn observe_upstreams(&self, snapshot: &crate::snapshot::Snapshot) {
+        let mut zeroed = self.zeroed.lock().unwrap_or_else(|p| p.into_inner());
+        if *zeroed != snapshot.version.id {
+            zeroed.clone_from(&snapshot.version.id);
+            self.zero_series(snapshot);
+        }
+        drop(zeroed);
         self.target_healthy.reset();
         for u in &snapshot.upstreams {
             for t in &u.targets {
@@ -330,6 +377,25 @@ impl Metrics {
                     .with_label_values(&[u.name.as_str(), t.url.as_str()])
                     .set(i64::from(t.state.available()));
             }
+        }
+    }
+
+    fn zero_series(&self, snapshot: &crate::snapshot::Snapshot) {
+        for u in &snapshot.upstreams {
+            let name = u.name.as_str();
+            for kind in UPSTREAM_ERROR_KINDS {
+                self.upstream_errors.with_label_values(&[name, kind]);
+            }
+            for reason in ["connect_failure", "timeout", "reset"] {
+                self.upstream_retries.with_label_values(&[name, reason]);
+            }
+            for limit in ["max_requests", "max_pending"] {
+                self.upstream_overflow.with_label_values(&[name, limit]);
+            }
+            self.upstream_no_target.with_label_values(&[name]);
+        }
+        for r in snapshot.routes.iter().filter(|r| r.rate_limit.is_some()) {
+            self.rate_limited.with_label_values(&[r.name.as_str()]);
         }
     }
 
@@ -365,17 +431,37 @@ impl Metrics {
     }
 
     /// Adds a metric kept elsewhere (e.g. by the rate limiters, which outlive snapshots).
-    pub fn register(
-        &self,
-        collector: Box<dyn prometheus::core::Collector>,
-    ) -> prometheus::Result<()> {
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+        declare(&mut declared, &*collector);
         self.registry.register(collector)
     }
 
-    /// The text exposition format.
+    /// The text exposition format. A family with no series yet (its labels come from events:
+    /// a route, method and status) is listed by its `HELP` and `TYPE` lines alone, as the
+    /// Python client does, so that every family is there from start-up.
     pub fn render(&self) -> String {
+        let families = self.registry.gather();
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = TextEncoder::new().encode(&families, &mut buf);
+        let present: std::collections::HashSet<&str> = families.iter().map(|f| f.name()).collect();
+        let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, help, kind) in declared.iter() {
+            if present.contains(name.as_str()) {
+                continue;
+            }
+            let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+            let kind = match kind {
+                MetricType::COUNTER => "counter",
+                MetricType::GAUGE => "gauge",
+                MetricType::HISTOGRAM => "histogram",
+                MetricType::SUMMARY => "summary",
+                MetricType::UNTYPED => "untyped",
+            };
+            buf.extend_from_slice(
+                format!("# HELP {name} {help}\n# TYPE {name} {kind}\n").as_bytes(),
+            );
+        }
         String::from_utf8(buf).unwrap_or_default()
     }
 }
@@ -383,6 +469,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The `kind` values of `rustygate_upstream_errors_total` (`ForwardError::kind` of the errors
+/// counted against a target, and a refused response head).
+const UPSTREAM_ERROR_KINDS: [&str; 8] = [
+    "connect",
+    "tls",
+    "timeout",
+    "upstream",
+    "invalid_response",
+    "stream_reset",
+    "refused",
+    "local",
+];
+
+/// Notes each family `c` collects (name, help, type), before it has any series.
+fn declare(declared: &mut Vec<(String, String, MetricType)>, c: &dyn Collector) {
+    for f in c.collect() {
+        declared.push((f.name().to_owned(), f.help().to_owned(), f.get_field_type()));
     }
 }
 
