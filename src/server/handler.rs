@@ -1631,7 +1631,7 @@ fn attempt_failed(
                 error,
                 ForwardError::StreamReset(_) | ForwardError::Refused(_) | ForwardError::Local(_)
             ) {
-                upstream.record_failure(index);
+                upstream.record_failure(index, &error);
             }
             state.recorder.attempt(upstream, index, None);
             let reason = match &error {
@@ -2110,7 +2110,7 @@ const INVALID_RESPONSE: &str = "invalid_response";
 fn invalid_response(ex: &Exchange, state: &WorkerState) -> HttpResponse {
     if let Some(upstream) = &ex.upstream {
         if let Some(index) = ex.target {
-            upstream.record_failure(index);
+            upstream.record_failure(index, &"the upstream sent an invalid response");
         }
         // The error path only: a labelled lookup is fine here.
         state

@@ -227,15 +227,19 @@ impl Upstream {
         }
     }
 
-    /// Passive outlier detection: a connect failure, timeout or reset on target `i`.
-    pub fn record_failure(&self, i: usize) {
+    /// Passive outlier detection: a connect failure, timeout, reset or invalid response on
+    /// target `i`; `what` says which, for the ejection's log line.
+    pub fn record_failure(&self, i: usize, what: &dyn std::fmt::Display) {
         let Some(t) = self.targets.get(i) else {
             return;
         };
         let streak = t.state.record_failure();
         let limit = self.outlier.consecutive_failures;
         if limit > 0 && streak >= limit {
-            self.maybe_eject(i, &format!("{streak} consecutive connection failures"));
+            self.maybe_eject(
+                i,
+                &format!("{streak} failed attempts in a row, the last: {what}"),
+            );
         }
     }
 
@@ -314,16 +318,16 @@ mod tests {
     fn failures_eject_up_to_the_cap() {
         let u = upstream(4, Outlier::default(), false);
         for _ in 0..5 {
-            u.record_failure(0);
+            u.record_failure(0, &"refused");
         }
         assert!(!u.targets[0].state.available());
         for _ in 0..5 {
-            u.record_failure(1);
+            u.record_failure(1, &"refused");
         }
         assert!(!u.targets[1].state.available());
         // 50% of 4: a third target is not ejected.
         for _ in 0..5 {
-            u.record_failure(2);
+            u.record_failure(2, &"refused");
         }
         assert!(u.targets[2].state.available());
         // Picks avoid the ejected targets.
@@ -331,6 +335,25 @@ mod tests {
             let i = u.pick(None, &[]).unwrap();
             assert!(i >= 2);
         }
+    }
+
+    #[test]
+    fn an_ejection_names_the_failures_that_caused_it() {
+        let u = upstream(2, Outlier::default(), false);
+        let timeout = crate::proxy::ForwardError::Timeout(Duration::from_secs(1));
+        let ((), logged) = crate::util::captured_logs(tracing::Level::WARN, || {
+            for _ in 0..5 {
+                u.record_failure(0, &timeout);
+            }
+        });
+        assert!(!u.targets[0].state.available());
+        assert!(
+            logged.contains(
+                "5 failed attempts in a row, the last: the upstream did not answer in 1s"
+            ),
+            "{logged}"
+        );
+        assert!(!logged.contains("connection failures"), "{logged}");
     }
 
     #[test]
@@ -344,10 +367,10 @@ mod tests {
             false,
         );
         for _ in 0..4 {
-            u.record_failure(0);
+            u.record_failure(0, &"refused");
         }
         u.record_response(0, 200);
-        u.record_failure(0);
+        u.record_failure(0, &"refused");
         assert!(u.targets[0].state.available());
         u.record_response(1, 500);
         u.record_response(1, 503);
