@@ -441,6 +441,28 @@ fn consistent_hash_keeps_keys_and_moves_few_when_a_target_is_added() {
 }
 
 #[test]
+fn a_hash_header_sent_on_several_lines_is_one_key() {
+    let knobs: Vec<Knobs> = ["t0", "t1", "t2"].into_iter().map(Knobs::new).collect();
+    let backends: Vec<Backend> = knobs.iter().map(|k| k.serve(None)).collect();
+    let urls: Vec<String> = backends.iter().map(Backend::url).collect();
+    let hashed = "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"";
+    let gw = Gateway::start(&as_refs(&proxy_to(&urls, hashed, "")));
+    let addr = gw.addr.to_string();
+    let owner = |headers: &[(&str, &str)]| {
+        let (status, body) = http(&addr, "GET", "/x", headers, b"").unwrap();
+        assert_eq!(status, 200);
+        body.trim_end_matches(':').to_owned()
+    };
+    // The upstream reads both lines as one value, `user-N, eu`: so does the hash.
+    for u in 0..30 {
+        let user = format!("user-{u}");
+        let split = owner(&[("x-user", &user), ("x-user", "eu")]);
+        let joined = owner(&[("x-user", &format!("{user}, eu"))]);
+        assert_eq!(split, joined, "{user}");
+    }
+}
+
+#[test]
 fn health_and_in_flight_counts_survive_a_swap_that_keeps_the_target() {
     let (a, b) = (Knobs::new("a"), Knobs::new("b").slow(1500));
     b.health_status.store(500, Ordering::SeqCst);

@@ -101,19 +101,10 @@ impl KeySource<'_> {
             .map(|v| v.as_bytes())
     }
 
-    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
-        if let Some(v) = self.gateway_set(name) {
-            return Some(v);
-        }
-        if !self.inbound.keeps(name) {
-            return None;
-        }
-        self.req.headers().get(name).map(|v| v.as_bytes())
-    }
-
-    /// The header as a rate-limit key: like [`KeySource::header`], but a client header sent
-    /// on several lines is their values joined with `", "`, the one field value the upstream
-    /// reads them as (RFC 9110 §5.3), rather than whichever line comes first.
+    /// The header as a rate-limit or hash key: the gateway's own value when it sets the header,
+    /// else the client's if the route keeps it. A client header sent on several lines is their
+    /// values joined with `", "`, the one field value the upstream reads them as (RFC 9110
+    /// §5.3), rather than whichever line comes first.
     pub(crate) fn header_value(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         use std::borrow::Cow;
         if let Some(v) = self.gateway_set(name) {

@@ -1778,15 +1778,15 @@ fn request_hash(key: &HashKey, req: &Request, ex: &Exchange, route: &Route) -> O
         }),
         HashKey::Path => Some(hash_bytes(ex.path.as_bytes())),
         // Read as a rate-limit key is: a client's copy of a header the gateway sets never
-        // picks the target.
+        // picks the target, and one sent on several lines is one value.
         HashKey::Header(name) => edge::KeySource {
             req,
             inbound: &crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
             verified: &ex.auth_headers,
             client_cert: ex.client_cert(),
         }
-        .header(name.as_str())
-        .map(hash_bytes),
+        .header_value(name.as_str())
+        .map(|v| hash_bytes(&v)),
         HashKey::Cookie(name) => req
             .headers()
             .get_all(ax::COOKIE)
