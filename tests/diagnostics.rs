@@ -101,6 +101,28 @@ fn toml_syntax_error_is_located() {
 }
 
 #[test]
+fn a_cors_preset_that_does_not_compile_is_reported_once_where_it_is_written() {
+    let route = |name: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\npath = \"/{name}\"\nupstream = \"orders\"\ncors = \"app\"\n"
+        )
+    };
+    let routes = format!("{}{}", route("a"), route("b"));
+    let c = expect(
+        &[
+            (
+                "gateway.toml",
+                "[cors.app]\nallow_origins = [\"not a url\"]\n",
+            ),
+            ("routes/a.toml", &routes),
+            ORDERS_UPSTREAM,
+        ],
+        &["error[invalid-cors] gateway.toml:1:1"],
+    );
+    assert!(c.diagnostics.iter().all(|d| d.code != "unknown-cors"));
+}
+
+#[test]
 fn unknown_key_points_at_the_key() {
     let c = expect(
         &[(

@@ -18,6 +18,8 @@ use crate::filters::rate_limit::{DEFAULT_IPV6_PREFIX, LimitKey, LimitSpec};
 #[derive(Default)]
 pub(crate) struct EdgeDefaults {
     pub cors: HashMap<String, Arc<CorsPolicy>>,
+    /// Presets that did not compile (reported once, where they are written).
+    pub broken_cors: std::collections::HashSet<String>,
     pub rate_limit: Option<(FileId, Spanned<RawRateLimit>)>,
     /// `[rate_limit_store]`, for limits with `store = "redis"`.
     pub store: super::store::StoreRef,
@@ -47,8 +49,13 @@ pub(crate) fn compile_edge_defaults(
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
     for (name, raw) in &g.cors {
-        if let Some(p) = cors_policy(cx, *file, raw.get(), raw.span()) {
-            out.cors.insert(name.clone(), Arc::new(p));
+        match cors_policy(cx, *file, raw.get(), raw.span()) {
+            Some(p) => {
+                out.cors.insert(name.clone(), Arc::new(p));
+            }
+            None => {
+                out.broken_cors.insert(name.clone());
+            }
         }
     }
     if let Some(rl) = &g.rate_limit {
@@ -213,6 +220,8 @@ pub(crate) fn route_cors(
         RawCorsRef::Preset(name) => {
             match edge.cors.get(name) {
                 Some(p) => Some(Arc::clone(p)),
+                // Defined, with its errors reported at the preset.
+                None if edge.broken_cors.contains(name) => None,
                 None => {
                     let mut d =
                         Diagnostic::error("unknown-cors", format!("unknown CORS preset `{name}`"))
