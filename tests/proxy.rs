@@ -119,6 +119,26 @@ async fn hop_by_hop_headers_are_stripped_towards_the_upstream() {
     assert_eq!(header_of(&echo, "x-kept"), vec!["yes"]);
 }
 
+/// docs/security.md, "Request paths": the target ends at `#`, for routing and the upstream.
+#[test]
+fn a_fragment_in_the_request_target_reaches_neither_routing_nor_the_upstream() {
+    let be = Backend::echo();
+    let mut files = proxy_all(&be.url(), "");
+    files.push((
+        "routes/admin.toml",
+        "[[route]]\nname = \"admin\"\nprefix = \"/admin\"\nrespond = { status = 403 }\n".into(),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    let resp = raw(
+        gw.addr,
+        b"GET /a?q=1#/../admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{resp}");
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(echo["uri"], "/a?q=1");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_naming_a_gateway_header_is_refused() {
     let be = Backend::echo();
