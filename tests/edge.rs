@@ -192,14 +192,7 @@ fn rate_limit_answers_429_with_headers_and_counts_it() {
         "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 429, "{head}");
-    let header = |name: &str| -> u64 {
-        head.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no {name} in {head}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let header = |name: &str| rate_header(&head, name);
     assert!((15..=20).contains(&header("retry-after")), "{head}");
     assert_eq!(header("ratelimit-limit"), 3);
     assert_eq!(header("ratelimit-remaining"), 0);
@@ -213,7 +206,7 @@ fn rate_limit_answers_429_with_headers_and_counts_it() {
     );
 }
 
-/// The `RateLimit-*` header `name` of a lower-cased head, as a number.
+/// The header `name` of a lower-cased head, as a number.
 fn rate_header(head: &str, name: &str) -> u64 {
     head.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}: ")))
@@ -252,16 +245,16 @@ fn every_response_of_a_limited_route_says_the_quota_left() {
     // A second or more between two requests could give one back: never more than the burst.
     assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
     assert!(seen.iter().all(|&r| r < 3), "{seen:?}");
-    // Exhaust it (each request at most a second apart is bounded: 10 tries).
-    let mut limited = None;
-    for _ in 0..10 {
-        let (status, head, _) = get();
-        if status == 429 {
-            limited = Some(head);
-            break;
-        }
-    }
-    let head = limited.expect("a burst of 3 is exhausted within 10 quick requests");
+    // The first of 10 tries (`pause` apart) answered with `status`: its head.
+    let first = |status: u16, pause: Duration| {
+        (0..10).find_map(|_| {
+            let (s, head, _) = get();
+            std::thread::sleep(pause);
+            (s == status).then_some(head)
+        })
+    };
+    // Exhaust it: quick requests, one back a second at most.
+    let head = first(429, Duration::ZERO).expect("a burst of 3 is exhausted within 10 requests");
     assert_eq!(rate_header(&head, "ratelimit-limit"), 60, "{head}");
     assert_eq!(rate_header(&head, "ratelimit-remaining"), 0, "{head}");
     let reset = rate_header(&head, "ratelimit-reset");
@@ -269,15 +262,7 @@ fn every_response_of_a_limited_route_says_the_quota_left() {
     assert!(rate_header(&head, "retry-after") <= 1, "{head}");
     // The gateway's own answers (here: the upstream is gone) carry them too.
     drop(be);
-    let mut answered = None;
-    for _ in 0..10 {
-        let (status, head, _) = get();
-        if status == 502 {
-            answered = Some(head);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let answered = first(502, Duration::from_millis(200));
     let head = answered.expect("a 502 once the quota is back");
     assert_eq!(rate_header(&head, "ratelimit-limit"), 60, "{head}");
     assert!(rate_header(&head, "ratelimit-reset") <= 3, "{head}");

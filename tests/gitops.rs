@@ -1426,28 +1426,7 @@ fn the_last_reload_successful_gauge_follows_a_rejected_head() {
     assert_eq!(gw.metric(GAUGE), Some(0.0));
     // The exposition stays valid for Prometheus.
     let (_, text) = http(&gw.admin, "GET", "/metrics", &[], b"").unwrap();
-    if let Ok(mut check) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        use std::io::Write;
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    promtool_check(&text);
     drop(gw);
 
     // A restart serves the commit served before; the head is still rejected.

@@ -556,6 +556,32 @@ pub fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// `promtool check metrics` on an exposition, where Prometheus' checker is installed.
+pub fn promtool_check(text: &str) {
+    let Ok(mut check) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return;
+    };
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(a, b)| (*a, b.as_str())).collect()
 }
