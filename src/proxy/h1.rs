@@ -583,25 +583,56 @@ static KNOWN: [(ax::HeaderName, HeaderName); 8] = [
     (ax::TRANSFER_ENCODING, header::TRANSFER_ENCODING),
 ];
 
-/// Which [`Known`] name `name` is, in any case.
+/// Which [`Known`] name `name` is, in any case: picked by its length, then compared eight
+/// bytes at a time. The first cut lowered the name into a buffer and matched the buffer, which
+/// compared it with musl's `memcmp`, a byte at a time (~100 instructions a field).
 fn known_name(name: &[u8]) -> Option<Known> {
-    // As long as the longest known name: a longer one is none of them.
-    let mut lower = [0u8; 17];
-    let lower = lower.get_mut(..name.len())?;
-    for (l, b) in lower.iter_mut().zip(name) {
-        *l = b.to_ascii_lowercase();
-    }
-    Some(match &*lower {
-        b"content-type" => Known::ContentType,
-        b"content-length" => Known::ContentLength,
-        b"date" => Known::Date,
-        b"server" => Known::Server,
-        b"connection" => Known::Connection,
-        b"keep-alive" => Known::KeepAlive,
-        b"cache-control" => Known::CacheControl,
-        b"transfer-encoding" => Known::TransferEncoding,
+    let (known, lower): (Known, &[u8]) = match name.len() {
+        4 => (Known::Date, b"date"),
+        6 => (Known::Server, b"server"),
+        10 if name[0] | 0x20 == b'c' => (Known::Connection, b"connection"),
+        10 => (Known::KeepAlive, b"keep-alive"),
+        12 => (Known::ContentType, b"content-type"),
+        13 => (Known::CacheControl, b"cache-control"),
+        14 => (Known::ContentLength, b"content-length"),
+        17 => (Known::TransferEncoding, b"transfer-encoding"),
         _ => return None,
-    })
+    };
+    is_name(name, lower).then_some(known)
+}
+
+/// Whether the field name `name` is `lower` (lower-case letters and `-`) in any case.
+///
+/// Compared eight bytes at a time: where `lower` has a letter, the name's byte is compared with
+/// its `0x20` bit set (`A`-`Z` lowered; no other byte becomes a letter so); elsewhere as it is.
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    // Bit 0x40 is set in every letter and in no `-`; shifted, it is the case bit of the letters.
+    const LETTER: u64 = 0x4040_4040_4040_4040;
+    // Eight bytes from `at`, those past the end zero.
+    fn word(bytes: &[u8], at: usize) -> u64 {
+        let mut w = [0u8; 8];
+        let part = bytes.get(at..).unwrap_or_default();
+        let n = part.len().min(8);
+        w[..n].copy_from_slice(&part[..n]);
+        u64::from_le_bytes(w)
+    }
+    if name.len() != lower.len() {
+        return false;
+    }
+    // Whole words, the last one overlapping the one before when the length is no multiple of 8.
+    let last = name.len().saturating_sub(8);
+    let mut at = 0;
+    loop {
+        let from = at.min(last);
+        let want = word(lower, from);
+        if (word(name, from) | ((want & LETTER) >> 1)) != want {
+            return false;
+        }
+        at += 8;
+        if at >= name.len() {
+            return true;
+        }
+    }
 }
 
 /// Where a field's name and value lie in the head (offsets: a head is at most [`MAX_HEAD`]
@@ -1573,6 +1604,12 @@ mod tests {
             (b"transfer-encodings", None),
             (b"x-content-type", None),
             (b"", None),
+            // The length of a known name, another name; and CR where the name has `-`.
+            (b"connectiox", None),
+            (b"keep_alive", None),
+            (b"keep\ralive", None),
+            (b"content-typf", None),
+            (b"Dat", None),
         ] {
             assert_eq!(known_name(name), known, "{}", String::from_utf8_lossy(name));
         }
