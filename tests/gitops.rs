@@ -272,6 +272,48 @@ fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
     );
 }
 
+/// A delivery refused with 400 (a push without a ref) was recorded as seen all the same, so its
+/// corrected redelivery under the same id was answered "already processed" and did nothing.
+#[test]
+fn a_refused_delivery_can_be_redelivered_under_its_id() {
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let secret = "hook-s3cret";
+    let gw = GatewayProcess::start(
+        &["--repo", &url, "--poll", "0"],
+        &[("RUSTYGATE_WEBHOOK_SECRET", secret)],
+    );
+    commit(&repo, "main", &config("v2"), "second");
+    let ev = ("X-GitHub-Event", "push");
+    let delivery = ("X-GitHub-Delivery", "9f1c2a5e-0d3b-4c1e-8a77-5b2f0c6e4d10");
+    let broken = br#"{"after":"abc"}"#;
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, delivery, ("X-Hub-Signature-256", &sign(secret, broken))],
+        broken,
+    );
+    assert_eq!(status, 400, "{body}");
+    let push = br#"{"ref":"refs/heads/main","after":"abc"}"#;
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, delivery, ("X-Hub-Signature-256", &sign(secret, push))],
+        push,
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(wait_body(&gw, "v2"));
+    // Accepted now: the same id again is a replay.
+    let (status, body) = gw.admin_post(
+        "/hooks/github",
+        &[ev, delivery, ("X-Hub-Signature-256", &sign(secret, push))],
+        push,
+    );
+    assert_eq!(
+        (status, body.contains("already processed")),
+        (200, true),
+        "{body}"
+    );
+}
+
 #[test]
 fn gitlab_webhook_checks_the_token() {
     let (_d, repo, url) = bare_repo();

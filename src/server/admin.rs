@@ -311,6 +311,24 @@ fn webhook_refusal(
     None
 }
 
+/// `answer` to an authentic delivery. [`webhook_refusal`] took its id as seen; it stays seen only
+/// when the delivery was accepted (2xx), so that one refused (a push without a ref, a gateway
+/// shutting down) can be corrected and sent again under the same id, as GitHub's "Redeliver"
+/// does.
+fn keep_delivery_if_accepted(
+    req: &HttpRequest,
+    state: &AdminState,
+    delivery_header: &str,
+    answer: HttpResponse,
+) -> HttpResponse {
+    if !answer.status().is_success()
+        && let Some(id) = header(req, delivery_header).and_then(|v| std::str::from_utf8(v).ok())
+    {
+        state.deliveries.forget(id);
+    }
+    answer
+}
+
 /// `then` with a webhook's body; a body over [`MAX_WEBHOOK_BODY`] or broken is refused in JSON
 /// here (actix's own answer was `text/plain`).
 fn with_body(
@@ -343,11 +361,12 @@ async fn github(
         if let Some(answer) = webhook_refusal(&req, &state, "github", verify, "x-github-delivery") {
             return answer;
         }
-        match header(&req, "x-github-event") {
+        let answer = match header(&req, "x-github-event") {
             Some(b"ping") => reply(200, "pong"),
             Some(b"push") => push(&req, &state, &body, "github"),
             _ => reply(202, "event ignored"),
-        }
+        };
+        keep_delivery_if_accepted(&req, &state, "x-github-delivery", answer)
     })
 }
 
@@ -364,10 +383,11 @@ async fn gitlab(
         {
             return answer;
         }
-        match header(&req, "x-gitlab-event") {
+        let answer = match header(&req, "x-gitlab-event") {
             Some(b"Push Hook") => push(&req, &state, &body, "gitlab"),
             _ => reply(202, "event ignored"),
-        }
+        };
+        keep_delivery_if_accepted(&req, &state, "x-gitlab-event-uuid", answer)
     })
 }
 

@@ -74,6 +74,16 @@ impl ReplayGuard {
         seen.insert(id.to_owned());
         true
     }
+
+    /// Forgets `id` again: its delivery was refused, so a corrected redelivery under the same id
+    /// (GitHub's "Redeliver" keeps it) is acted on.
+    pub fn forget(&self, id: &str) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (order, seen) = &mut *g;
+        if seen.remove(id) {
+            order.retain(|o| o != id);
+        }
+    }
 }
 
 /// Failed authentications per client address, in fixed windows: the webhook and admin
