@@ -896,6 +896,73 @@ fn a_rewritten_branch_is_held_until_a_forced_reload() {
     assert_eq!(gw.status()["applied"]["sha"], rewritten);
 }
 
+/// Every file of a commit was written to the cache volume at each export (up to 8 MiB each,
+/// 256 MiB in all), docs and vendored files no config names included. Now the files the loader
+/// lists are written, every other one is an empty stand-in filled when the config reads it: a
+/// policy, and route files reached through a symlinked `routes` directory, still work.
+#[test]
+fn the_export_holds_only_the_files_the_config_reads() {
+    let (_d, repo, url) = bare_repo();
+    let cache = tempfile::tempdir().unwrap();
+    let big = "#".repeat(3 << 20);
+    let policy = "fn on_request(req) {\n    respond(200, #{}, \"from policy\")\n}\n";
+    let files = [
+        (
+            "conf/routes/main.toml",
+            "[[route]]\nname = \"home\"\npath = \"/\"\nupstream = \"api\"\npolicy = \"policies/p.rhai\"\n"
+                .to_string(),
+        ),
+        (
+            "upstreams/api.toml",
+            "[upstream.api]\ntargets = [\"http://127.0.0.1:9\"]\n".to_string(),
+        ),
+        ("policies/p.rhai", policy.to_string()),
+        ("docs/manual.bin", big.clone()),
+        ("vendor/lib/blob.txt", big.clone() + "2"),
+    ];
+    let base = commit_files(&repo, "main", &as_refs(&files), "config and docs");
+    let base = repo.find_commit(base).unwrap();
+    let mut root = repo.treebuilder(Some(&base.tree().unwrap())).unwrap();
+    let link = repo.blob(b"conf/routes").unwrap();
+    root.insert("routes", link, 0o120000).unwrap();
+    let tree = repo.find_tree(root.write().unwrap()).unwrap();
+    let sig = git2::Signature::now("Config Author", "author@example.com").unwrap();
+    let sha = repo
+        .commit(Some("refs/heads/main"), &sig, &sig, "link", &tree, &[&base])
+        .unwrap()
+        .to_string();
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--poll",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "from policy");
+    assert_eq!(gw.status()["applied"]["sha"], sha.as_str());
+    let export = cache.path().join("checkouts").join(&sha);
+    let len = |p: &str| std::fs::metadata(export.join(p)).unwrap().len();
+    assert_eq!(len("policies/p.rhai"), policy.len() as u64);
+    assert!(len("conf/routes/main.toml") > 0);
+    assert_eq!((len("docs/manual.bin"), len("vendor/lib/blob.txt")), (0, 0));
+    let out = std::process::Command::new("du")
+        .args(["-sk"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    let kib: u64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(kib < 1024, "the export takes {kib} KiB");
+}
+
 /// Commits `files` plus one more routes file whose name is the raw bytes `name` (not
 /// necessarily UTF-8, which `commit_files` cannot write) holding `content`.
 fn commit_with_raw_route_name(

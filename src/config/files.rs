@@ -214,12 +214,14 @@ fn link_points_out(root: &Path, path: &Path) -> bool {
 /// Reads a file of the repo named by a repo-relative path. See the module docs for the rules.
 pub fn read_in_repo(root: &Path, rel: &Path, kind: FileKind) -> Result<String, FileError> {
     let path = resolve_in_repo(root, rel)?;
+    super::deferred::fill(&path, kind.cap())?;
     read_regular(&path, kind)
 }
 
 /// [`read_in_repo`] for a binary file (a WASM plugin): the same rules, no UTF-8 check.
 pub fn read_bytes_in_repo(root: &Path, rel: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
     let path = resolve_in_repo(root, rel)?;
+    super::deferred::fill(&path, kind.cap())?;
     read_regular_bytes(&path, kind)
 }
 

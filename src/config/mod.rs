@@ -5,6 +5,7 @@
 //! ```
 //! This module owns syntax only; it must not decide what a config means.
 
+pub mod deferred;
 pub mod diag;
 pub mod files;
 pub mod load;

@@ -1,5 +1,7 @@
 //! Git as a config source: a bare mirror in the cache dir, fetched with git2, and one plain
-//! directory per commit exported from it (the compiler only ever reads a directory).
+//! directory per commit exported from it (the compiler only ever reads a directory). The
+//! gateway's exports write the files the loader lists and fill the others only when the config
+//! reads them ([`export_config_tree`]).
 //!
 //! Credentials come from the process, never from the repo: `RUSTYGATE_GIT_TOKEN` for HTTPS
 //! (sent as the password, user `x-access-token` unless the URL names one) and
@@ -519,16 +521,119 @@ pub fn export_tree(
         subdir,
         dest,
         (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP),
+        None,
     )
 }
 
-/// [`export_tree`] with its caps (bytes of files, entries) given.
+/// [`export_tree`] for the gateway's cache: only the files the loader lists (`gateway.toml`,
+/// `routes/*.toml`, `upstreams/*.toml`) are written; every other file is an empty stand-in,
+/// filled from the mirror when the config reads it (see [`crate::config::deferred`]). A push of
+/// docs, images or vendored code to the config repo then costs the cache volume nothing; the
+/// returned [`MirrorBlobs`] is to be registered for `dest` (once renamed into place).
+pub fn export_config_tree(
+    repo: &Repository,
+    commit: Oid,
+    subdir: Option<&Path>,
+    dest: &Path,
+) -> Result<MirrorBlobs, GitError> {
+    let mut deferred = std::collections::HashMap::new();
+    export_tree_capped(
+        repo,
+        commit,
+        subdir,
+        dest,
+        (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP),
+        Some(&mut deferred),
+    )?;
+    Ok(MirrorBlobs {
+        mirror: repo.path().to_path_buf(),
+        root: PathBuf::new(),
+        blobs: std::sync::Mutex::new(deferred),
+        budget: std::sync::atomic::AtomicU64::new(EXPORT_BYTES_CAP),
+    })
+}
+
+/// Whether the loader lists the file `name` in the directory `parent` (as the tree walk spells
+/// it: `""` or `routes/`): those are exported whole, the rest on demand.
+fn listed_by_loader(parent: &str, name: &str) -> bool {
+    match parent {
+        "" => name == "gateway.toml",
+        "routes/" | "upstreams/" => name.ends_with(".toml"),
+        _ => false,
+    }
+}
+
+/// The stand-ins of one export and their blobs in the mirror.
+pub struct MirrorBlobs {
+    mirror: PathBuf,
+    root: PathBuf,
+    blobs: std::sync::Mutex<std::collections::HashMap<PathBuf, Oid>>,
+    /// Bytes the stand-ins may still be filled with: the export's cap.
+    budget: std::sync::atomic::AtomicU64,
+}
+
+impl MirrorBlobs {
+    /// The same stand-ins, at `root` (the export's resolved path once in place).
+    pub fn at(self, root: PathBuf) -> Self {
+        MirrorBlobs { root, ..self }
+    }
+
+    /// Writes blob `id` at `path`; `false` when only its size was (over `cap`), so that a read
+    /// with a larger cap fills it again.
+    fn write(&self, id: Oid, path: &Path, cap: u64) -> Result<bool, GitError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let repo = Repository::open_bare(&self.mirror)?;
+        let (size, _) = repo.odb()?.read_header(id)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io(path))?;
+        let size = size as u64;
+        if size > cap {
+            // Sparse: the reader refuses it by its size, without a byte written.
+            file.set_len(size).map_err(io(path))?;
+            return Ok(false);
+        }
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(size)
+            })
+            .map_err(|_| {
+                GitError::TreeTooLarge(format!(
+                    "the config reads more than {} KiB of files",
+                    EXPORT_BYTES_CAP / 1024
+                ))
+            })?;
+        let blob = repo.find_blob(id)?;
+        file.write_all(blob.content()).map_err(io(path))?;
+        Ok(true)
+    }
+}
+
+impl crate::config::deferred::DeferredFiles for MirrorBlobs {
+    fn fill(&self, rel: &Path, cap: u64) -> Option<Result<(), String>> {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let id = *blobs.get(rel)?;
+        let written = self.write(id, &self.root.join(rel), cap);
+        if matches!(written, Ok(true)) {
+            blobs.remove(rel);
+        }
+        Some(written.map(drop).map_err(|e| e.to_string()))
+    }
+}
+
+/// [`export_tree`] with its caps (bytes of files, entries) given; with `deferred`, files the
+/// loader does not list are empty stand-ins, recorded there with their blobs.
 fn export_tree_capped(
     repo: &Repository,
     commit: Oid,
     subdir: Option<&Path>,
     dest: &Path,
     (bytes_cap, entries_cap): (u64, usize),
+    mut deferred: Option<&mut std::collections::HashMap<PathBuf, Oid>>,
 ) -> Result<(), GitError> {
     let commit = repo.find_commit(commit)?;
     let mut tree = commit.tree()?;
@@ -580,6 +685,17 @@ fn export_tree_capped(
             Some(ObjectType::Blob) if entry.filemode() == 0o120000 => {
                 links.push((path, entry.id()));
                 Ok(())
+            }
+            Some(ObjectType::Blob)
+                if deferred
+                    .as_ref()
+                    .is_some_and(|_| !listed_by_loader(parent, name)) =>
+            {
+                let placed = std::fs::File::create(&path).map(drop).map_err(io(&path));
+                if let Some(d) = deferred.as_mut() {
+                    d.insert(Path::new(parent).join(name), entry.id());
+                }
+                placed
             }
             Some(ObjectType::Blob) => match write_blob(repo, &odb, entry.id(), &path) {
                 Ok(written) => {
@@ -822,15 +938,31 @@ mod tests {
             names.iter().map(|n| ("100644", n.as_str(), blob)).collect();
         let commit = raw_commit(&repo, &files);
         let dest = dir.path().join("a");
-        let e = export_tree_capped(&repo, commit, None, &dest, (40 * 1024, 1000)).unwrap_err();
+        let e =
+            export_tree_capped(&repo, commit, None, &dest, (40 * 1024, 1000), None).unwrap_err();
         assert!(matches!(e, GitError::TreeTooLarge(_)), "{e}");
         assert!(e.to_string().contains("more than 40 KiB of files"), "{e}");
         let written = std::fs::read_dir(&dest).unwrap().count();
         assert!(written <= 11, "stopped at the cap: {written} files");
-        let e = export_tree_capped(&repo, commit, None, &dir.path().join("b"), (1 << 30, 10))
-            .unwrap_err();
+        let e = export_tree_capped(
+            &repo,
+            commit,
+            None,
+            &dir.path().join("b"),
+            (1 << 30, 10),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("more than 10 files"), "{e}");
-        export_tree_capped(&repo, commit, None, &dir.path().join("c"), (1 << 30, 1000)).unwrap();
+        export_tree_capped(
+            &repo,
+            commit,
+            None,
+            &dir.path().join("c"),
+            (1 << 30, 1000),
+            None,
+        )
+        .unwrap();
     }
 
     /// One pack per fetch, forever, was the old mirror; repacking keeps the count bounded and

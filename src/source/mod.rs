@@ -693,31 +693,37 @@ impl Source {
         if !ours {
             remove_any(&dest);
             let _ = std::fs::remove_dir_all(&partial);
-            match git::export_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial) {
-                Ok(()) => {}
-                Err(e) => {
-                    // A half-written export is never used; it would only fill the cache.
-                    let _ = std::fs::remove_dir_all(&partial);
-                    let Some((diagnostics, files)) = export_refusal(&e) else {
-                        return Err(e.into());
-                    };
-                    return Ok(Loaded::Candidate(Box::new(Candidate {
-                        version_id: sha,
-                        commit: Some(info),
-                        snapshot: None,
-                        diagnostics,
-                        files,
-                        stale,
-                        signer,
-                        refused: None,
-                        held: None,
-                    })));
-                }
-            }
+            let stand_ins =
+                match git::export_config_tree(mirror.repo(), oid, g.subdir.as_deref(), &partial) {
+                    Ok(stand_ins) => stand_ins,
+                    Err(e) => {
+                        // A half-written export is never used; it would only fill the cache.
+                        let _ = std::fs::remove_dir_all(&partial);
+                        let Some((diagnostics, files)) = export_refusal(&e) else {
+                            return Err(e.into());
+                        };
+                        return Ok(Loaded::Candidate(Box::new(Candidate {
+                            version_id: sha,
+                            commit: Some(info),
+                            snapshot: None,
+                            diagnostics,
+                            files,
+                            stale,
+                            signer,
+                            refused: None,
+                            held: None,
+                        })));
+                    }
+                };
             std::fs::rename(&partial, &dest).map_err(|source| GitError::Io {
                 path: dest.clone(),
                 source,
             })?;
+            let root = std::fs::canonicalize(&dest).map_err(|source| GitError::Io {
+                path: dest.clone(),
+                source,
+            })?;
+            crate::config::deferred::register(root.clone(), Arc::new(stand_ins.at(root)));
             exported_checkouts().insert(dest.clone());
         }
         let compiled = crate::compile::compile_dir(
@@ -751,7 +757,7 @@ impl Source {
             return;
         }
         let checkouts = g.cache_dir.join("checkouts");
-        let _ = std::fs::remove_dir_all(checkouts.join(sha));
+        remove_checkout(&checkouts.join(sha));
         let _ = std::fs::remove_dir_all(checkouts.join(format!(".{sha}.partial")));
     }
 
@@ -774,7 +780,7 @@ impl Source {
         };
         for e in entries.flatten() {
             if e.file_name().to_string_lossy() != keep {
-                let _ = std::fs::remove_dir_all(e.path());
+                remove_checkout(&e.path());
             }
         }
     }
@@ -793,6 +799,14 @@ fn exported_checkouts() -> std::sync::MutexGuard<'static, std::collections::Hash
     static EXPORTED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
         std::sync::LazyLock::new(Default::default);
     EXPORTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the export at `path`, and what is registered of its files not yet read.
+fn remove_checkout(path: &Path) {
+    if let Ok(root) = std::fs::canonicalize(path) {
+        crate::config::deferred::forget(&root);
+    }
+    let _ = std::fs::remove_dir_all(path);
 }
 
 /// Removes `path` whatever it is (a symlink itself, not what it points to).
