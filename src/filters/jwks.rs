@@ -5,6 +5,10 @@
 //! ask (no stampede: they wait on the one fetch in flight). A failed fetch keeps the keys already
 //! cached; with no key, verification fails (never open).
 //!
+//! One fetch, connecting, the answer's head and its body, has [`FETCH_TIMEOUT`] in all, and a
+//! request waits for it a little longer ([`WAIT_FOR_FETCH`]): a fetch a request waits on always
+//! ends (with keys or failed) before the request gives up on it.
+//!
 //! A refresh keeps the very same key object for a `kid` whose JWK did not change, so the
 //! verified-token caches can ask [`JwksCache::still_publishes`] whether the key that verified a
 //! token is still served: a `kid` the issuer withdrew (or re-keyed) stops answering from any
@@ -20,8 +24,11 @@ use http_body_util::{BodyExt, Empty, Limited};
 use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-/// Time allowed for one JWKS fetch.
+/// Time allowed for one JWKS fetch, from connecting to the last byte of the body.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for the fetch its token needs: the fetch's own limit plus room for
+/// the task that runs it to be scheduled, so the fetch always ends first.
+pub const WAIT_FOR_FETCH: Duration = FETCH_TIMEOUT.saturating_add(Duration::from_secs(1));
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -131,6 +138,12 @@ impl JwksCache {
             self.refresh_if_stale();
             return Some(k);
         }
+        self.refresh_and_wait().await;
+        self.find(kid, Some(alg))
+    }
+
+    /// Starts a refresh (unless rate limited) and waits for the one in flight, if any.
+    async fn refresh_and_wait(self: &Arc<Self>) {
         let done = self.shared.done.notified();
         if self.start_refresh()
             || self
@@ -140,9 +153,8 @@ impl JwksCache {
                 .map(|r| r.in_flight)
                 .unwrap_or(false)
         {
-            let _ = tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done).await;
+            let _ = tokio::time::timeout(WAIT_FOR_FETCH, done).await;
         }
-        self.find(kid, Some(alg))
     }
 
     /// Starts a fetch unless one is running or one started less than `min_refresh` ago.
@@ -192,7 +204,14 @@ fn key_for(jwk: &Jwk, previous: Option<&(Jwk, Arc<DecodingKey>)>) -> Option<Arc<
     }
 }
 
+/// Fetches the JWKS at `url` within [`FETCH_TIMEOUT`] in all.
 async fn fetch(url: &str, previous: &KeySet) -> Result<KeySet, String> {
+    tokio::time::timeout(FETCH_TIMEOUT, fetch_unbounded(url, previous))
+        .await
+        .map_err(|_| format!("timed out after {FETCH_TIMEOUT:?}"))?
+}
+
+async fn fetch_unbounded(url: &str, previous: &KeySet) -> Result<KeySet, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
         .map_err(|e| format!("no TLS roots: {e}"))?
@@ -206,21 +225,15 @@ async fn fetch(url: &str, previous: &KeySet) -> Result<KeySet, String> {
         .header("accept", "application/json")
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(FETCH_TIMEOUT, client.request(req))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
     }
-    let body = tokio::time::timeout(
-        FETCH_TIMEOUT,
-        Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect(),
-    )
-    .await
-    .map_err(|_| "timed out reading the body".to_string())?
-    .map_err(|e| e.to_string())?
-    .to_bytes();
+    let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     let jwks: JwkSet =
         serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut set = KeySet {
@@ -257,4 +270,51 @@ async fn fetch(url: &str, previous: &KeySet) -> Result<KeySet, String> {
         }
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The head of the answer came within its 5 s and the body within 5 s more, so a fetch ran
+    /// for up to 10 s while the request waiting on it gave up after 6 s, and was refused with
+    /// the fetch still running (its keys arrived for later requests only). A JWKS server on
+    /// loopback sends its head after 4 s and its body 4 s later.
+    #[tokio::test]
+    async fn a_fetch_ends_before_the_request_waiting_on_it_gives_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 2048];
+            let _ = conn.read(&mut request).await;
+            let body = br#"{"keys":[]}"#;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let _ = conn.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let _ = conn.write_all(body).await;
+        });
+        let cache = JwksCache::for_url(
+            &format!("http://{addr}/slow.json"),
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+        );
+        assert!(cache.key(Some("k1"), Algorithm::ES256).await.is_none());
+        let in_flight = cache
+            .shared
+            .refresh
+            .lock()
+            .map(|r| r.in_flight)
+            .unwrap_or(true);
+        assert!(
+            !in_flight,
+            "the request gave up while the fetch it waited on was still running"
+        );
+        server.abort();
+    }
 }
