@@ -215,6 +215,48 @@ fn unknown_kid_refreshes_once_and_a_down_jwks_keeps_cached_keys() {
     assert_eq!(req(&gw, "/orders", &[("Authorization", &t2)]).0, 200);
 }
 
+/// The issuer replaces the key under the same `kid`: tokens signed by the new key got 401 until
+/// the TTL (10 minutes) refreshed the JWKS. A signature the cached key does not verify now
+/// refreshes it once (rate limited, as for an unknown kid) and tries the new key.
+#[test]
+fn a_key_replaced_under_its_kid_is_refetched_on_a_bad_signature() {
+    let (old, new) = (Keys::new(7), Keys::new(11));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let doc = Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [old.jwk("k1")]}),
+    ));
+    let jwks = jwks_server(Arc::clone(&doc), Arc::clone(&hits));
+    let be = Backend::fixed(200, "ok");
+    let gw = gateway(&format!("{}/same-kid.json", jwks.url()), &be, "", "3s");
+    let t_old = format!("Bearer {}", old.token("k1", claims()));
+    assert_eq!(req(&gw, "/orders", &[("Authorization", &t_old)]).0, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    *doc.lock().unwrap() = serde_json::json!({"keys": [new.jwk("k1")]});
+    let t_new = format!("Bearer {}", new.token("k1", claims()));
+    assert!(wait_until(Duration::from_secs(10), || req(
+        &gw,
+        "/orders",
+        &[("Authorization", &t_new)]
+    )
+    .0 == 200));
+    // A token the new key does not verify either (forged under a known kid) is 401, and a burst
+    // of them fetches at most once per refresh interval.
+    let forged = format!("Bearer {}", Keys::new(13).token("k1", claims()));
+    let before = hits.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(req(&gw, "/orders", &[("Authorization", &forged)]).0, 401);
+    }
+    assert!(hits.load(Ordering::SeqCst) <= before + 1, "rate limited");
+    // The replaced key no longer verifies.
+    assert!(wait_until(Duration::from_secs(5), || req(
+        &gw,
+        "/orders",
+        &[("Authorization", &t_old)]
+    )
+    .0 == 401));
+}
+
 #[test]
 fn claim_rules_answer_403_and_policies_see_claims() {
     let keys = Keys::new(7);

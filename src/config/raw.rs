@@ -878,7 +878,8 @@ pub struct RawAuthProvider {
     pub jwks_url: Option<Spanned<String>>,
     /// How long fetched keys are used before a background refresh (default "10m").
     pub jwks_ttl: Option<DurationText>,
-    /// Least time between two fetches triggered by unknown key ids (default "30s").
+    /// Least time between two fetches triggered by unknown key ids, or by a signature the
+    /// cached key for a known id does not verify (default "30s").
     pub jwks_min_refresh: Option<DurationText>,
     /// Accepted `iss` values.
     #[serde(default)]

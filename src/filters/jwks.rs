@@ -2,8 +2,10 @@
 //! snapshot), refreshed on a TTL and when a token names a key the cache does not have.
 //!
 //! An unknown `kid` triggers at most one fetch per `min_refresh` interval however many requests
-//! ask (no stampede: they wait on the one fetch in flight). A failed fetch keeps the keys already
-//! cached; with no key, verification fails (never open).
+//! ask (no stampede: they wait on the one fetch in flight), and so does a signature that the
+//! cached key for a known `kid` does not verify (the issuer may have replaced the key under the
+//! same `kid`). A failed fetch keeps the keys already cached; with no key, verification fails
+//! (never open).
 //!
 //! One fetch, connecting, the answer's head and its body, has [`FETCH_TIMEOUT`] in all, and a
 //! request waits for it a little longer ([`WAIT_FOR_FETCH`]): a fetch a request waits on always
@@ -140,6 +142,24 @@ impl JwksCache {
         }
         self.refresh_and_wait().await;
         self.find(kid, Some(alg))
+    }
+
+    /// Another key for `kid` than `failed`, which did not verify a token's signature: the
+    /// issuer may have replaced the key under the same `kid` before the TTL is up. Refreshes as
+    /// for an unknown `kid` (rate limited by `min_refresh`, one fetch in flight); `None` when
+    /// the JWKS still serves `failed` (or nothing) for it.
+    pub async fn replaced_key(
+        self: &Arc<Self>,
+        kid: Option<&str>,
+        alg: Algorithm,
+        failed: &Arc<DecodingKey>,
+    ) -> Option<Arc<DecodingKey>> {
+        let current = self.find(kid, Some(alg));
+        if current.as_ref().is_none_or(|k| Arc::ptr_eq(k, failed)) {
+            self.refresh_and_wait().await;
+        }
+        self.find(kid, Some(alg))
+            .filter(|k| !Arc::ptr_eq(k, failed))
     }
 
     /// Starts a refresh (unless rate limited) and waits for the one in flight, if any.

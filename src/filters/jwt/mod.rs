@@ -222,11 +222,23 @@ impl JwtProvider {
                 (ok.ok_or(last)?, None)
             }
             Keys::Jwks(cache) => {
-                let key = cache
-                    .key(header.kid.as_deref(), header.alg)
+                let kid = header.kid.as_deref();
+                let mut key = cache
+                    .key(kid, header.alg)
                     .await
                     .ok_or(AuthError::UnknownKey)?;
-                let claims = decode(token, &key, validation)?;
+                let claims = match decode(token, &key, validation) {
+                    // The key under this `kid` may have been replaced since the last fetch:
+                    // one (rate-limited) refresh, and one more try with the key it brings.
+                    Err(AuthError::Signature) => {
+                        key = cache
+                            .replaced_key(kid, header.alg, &key)
+                            .await
+                            .ok_or(AuthError::Signature)?;
+                        decode(token, &key, validation)?
+                    }
+                    other => other?,
+                };
                 let used = cache::KeyUsed {
                     kid: header.kid,
                     key,
