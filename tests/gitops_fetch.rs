@@ -223,6 +223,8 @@ fn a_stalled_fetch_is_killed_at_its_deadline_and_the_next_commit_is_served() {
 struct CutProxy {
     port: u16,
     limit: Arc<std::sync::atomic::AtomicUsize>,
+    /// Past the limit, close the connection (a failed fetch) instead of holding it.
+    close: Arc<AtomicBool>,
 }
 
 impl CutProxy {
@@ -231,7 +233,8 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let limit = Arc::new(AtomicUsize::new(usize::MAX));
-        let l = Arc::clone(&limit);
+        let close = Arc::new(AtomicBool::new(false));
+        let (l, cl) = (Arc::clone(&limit), Arc::clone(&close));
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
@@ -243,6 +246,7 @@ impl CutProxy {
                     let _ = std::io::copy(&mut c_in, &mut s_out);
                 });
                 let cap = l.load(Ordering::SeqCst);
+                let close = cl.load(Ordering::SeqCst);
                 let (mut s_in, mut c_out) = (server, client);
                 std::thread::spawn(move || {
                     let mut passed = 0usize;
@@ -257,6 +261,10 @@ impl CutProxy {
                         }
                         passed += n;
                         if passed >= cap {
+                            if close {
+                                let _ = c_out.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
                             // Hold the connection until the client gives up on it.
                             let _ = c_out.read(&mut [0u8; 1]);
                             return;
@@ -266,7 +274,7 @@ impl CutProxy {
                 });
             }
         });
-        CutProxy { port, limit }
+        CutProxy { port, limit, close }
     }
 }
 
@@ -307,17 +315,8 @@ fn a_fetch_killed_mid_pack_leaves_no_temporary_pack() {
     assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
 
     // 4 MiB that do not compress, so the pack is far larger than what the host sends.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: String = (0..4 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + (x % 90) as u8)
-        })
-        .collect();
     let mut files = config("v2");
-    files.push(("assets/noise.txt", noise));
+    files.push(("assets/noise.txt", noise(4 << 20)));
     commit_files(&repo, "main", &as_refs(&files), "big");
     proxy.limit.store(512 * 1024, Ordering::SeqCst);
     assert_eq!(gw.admin_post("/admin/reload", &[AUTH], b"").0, 202);
@@ -337,6 +336,69 @@ fn a_fetch_killed_mid_pack_leaves_no_temporary_pack() {
     assert_eq!(gw.get("/").unwrap(), (200, "v2".into()));
     assert!(!left.exists());
     assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
+}
+
+/// The in-process fetch (the library's default, and `serve` where it cannot start its fetch
+/// process) leaves no temporary `pack_git2_*` in the mirror when the host cuts the pack short
+/// or the fetch is cancelled: libgit2 unlinks a pack it did not commit when its indexer is
+/// freed (`git_packfile_free(pack, !pack_committed)`), so unlike the killed fetch process it
+/// needs no cleanup of ours. This keeps that true across libgit2 upgrades.
+#[test]
+fn an_in_process_fetch_cut_mid_pack_leaves_no_temporary_pack() {
+    use rustygate::compile::CompileOptions;
+    use rustygate::source::{Loaded, Source, SourceSpec};
+    let base = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(base.path().join("config.git")).unwrap();
+    let v1 = commit_files(&repo, "main", &as_refs(&config("v1")), "first").to_string();
+    let Some((_daemon, daemon_port)) = git_daemon(base.path()) else {
+        return;
+    };
+    let proxy = CutProxy::start(daemon_port);
+    let url = format!("git://127.0.0.1:{}/config.git", proxy.port);
+    let cache = tempfile::tempdir().unwrap();
+    let spec =
+        SourceSpec::from_repo_arg(&url, "main", None, None, Some(cache.path().to_path_buf()))
+            .unwrap();
+    let opts = CompileOptions::default();
+    let mut source = Source::new(spec);
+    let first = source.load_first(&opts).unwrap();
+    assert!(matches!(first, Loaded::Candidate(c) if c.version_id == v1));
+
+    let mut files = config("v2");
+    files.push(("assets/noise.txt", noise(4 << 20)));
+    commit_files(&repo, "main", &as_refs(&files), "big");
+    proxy.limit.store(512 * 1024, Ordering::SeqCst);
+    proxy.close.store(true, Ordering::SeqCst);
+    let Err(e) = source.load(Some(&v1), None, false, &opts) else {
+        panic!("the cut fetch succeeded");
+    };
+    assert!(e.to_string().contains("could not read from remote"), "{e}");
+    assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
+    // Cancelled (shutdown) at its first progress report, mid-pack.
+    proxy.limit.store(usize::MAX, Ordering::SeqCst);
+    proxy.close.store(false, Ordering::SeqCst);
+    source.cancel_flag().store(true, Ordering::SeqCst);
+    let Err(e) = source.load(Some(&v1), None, false, &opts) else {
+        panic!("the cancelled fetch succeeded");
+    };
+    assert!(
+        matches!(e, rustygate::source::SourceError::Cancelled),
+        "{e}"
+    );
+    assert_eq!(temp_packs(cache.path()), Vec::<String>::new());
+}
+
+/// `len` bytes of printable noise that does not compress.
+fn noise(len: usize) -> String {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
 }
 
 /// The command lines of the children of `pid` (`/proc/<child>/cmdline`, NULs as spaces).
