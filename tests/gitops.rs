@@ -630,6 +630,56 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// A restart with the remote down and no commit for the branch in the mirror (its ref gone)
+/// exited ("names no commit"), though the mirror still held the commit served before
+/// (`refs/rustygate/served`). It now serves that commit, stale and saying why.
+#[test]
+fn a_restart_that_cannot_resolve_the_branch_serves_the_commit_served_before() {
+    let (remote, repo, url) = bare_repo();
+    let sha = commit(&repo, "main", &config("served"), "first");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = ["--repo", &url, "--cache-dir", cache_dir, "--poll", "200ms"];
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "served");
+    drop(gw);
+
+    let mirror = git2::Repository::open_bare(cache.path().join("mirror")).unwrap();
+    mirror
+        .find_reference("refs/heads/main")
+        .unwrap()
+        .delete()
+        .unwrap();
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).unwrap();
+    let gw = GatewayProcess::start(&args, &[]);
+    assert_eq!(gw.get("/").unwrap().1, "served");
+    let status = gw.status();
+    assert_eq!(
+        (status["stale"].clone(), status["applied"]["sha"].clone()),
+        (true.into(), sha.clone().into())
+    );
+    let why = status["last_fetch_error"].as_str().unwrap_or("").to_owned();
+    assert!(
+        why.contains("no commit for `main`") && why.contains("served before"),
+        "{why}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || gw
+            .logs
+            .lock()
+            .unwrap()
+            .contains("serving a stale commit")),
+        "{}",
+        gw.logs.lock().unwrap()
+    );
+
+    // The host back: the branch is fetched and served again, no longer stale.
+    std::fs::rename(&away, remote.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
+    assert_eq!(gw.status()["applied"]["sha"], sha);
+}
+
 /// With the fleet's store down, `rustygate status --fleet` cannot know whether the replicas
 /// agree: it exits 2 ("cannot tell"). A missing `agree` was read as agreement, exit 0.
 #[test]

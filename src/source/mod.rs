@@ -551,13 +551,23 @@ impl Source {
             return Err(SourceError::Cancelled);
         };
         // Nothing served yet and the remote unreachable: the commit the cached mirror holds
-        // for the ref beats not starting at all. Later reloads only ever serve fetched commits.
-        let (oid, stale) = match fetched {
-            Ok(()) => (mirror.resolve(&g.branch, g.pin.as_deref())?, None),
-            Err(e) => match mirror.resolve(&g.branch, g.pin.as_deref()) {
-                Ok(oid) if first => (oid, Some(e.to_string())),
-                _ => return Err(e.into()),
-            },
+        // for the ref beats not starting at all; so does, when the mirror cannot resolve the
+        // ref, the commit this cache dir served before. Later reloads only ever serve fetched
+        // commits.
+        let (oid, stale) = match (fetched, mirror.resolve(&g.branch, g.pin.as_deref())) {
+            (Ok(()), Ok(oid)) => (oid, None),
+            (Err(e), Ok(oid)) if first => (oid, Some(e.to_string())),
+            (fetched, Err(unresolved)) if first => {
+                let fetch_error = fetched.as_ref().err().map(|e| e.to_string());
+                match self.served_fallback(g, &unresolved, fetch_error.as_deref()) {
+                    Some((served, why)) => (served, Some(why)),
+                    None => return Err(fetched.err().unwrap_or(unresolved).into()),
+                }
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(e.into()),
+        };
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(SourceError::Cancelled);
         };
         if let Some(served) = must_descend_from.and_then(|s| git2::Oid::from_str(s).ok())
             && oid != served
@@ -587,11 +597,17 @@ impl Source {
         if self.mirror.is_none() {
             self.mirror = Some(Mirror::open(&g.cache_dir, &g.url)?);
         }
-        let oid = self
+        let resolved = self
             .mirror
             .as_ref()
-            .and_then(|m| m.resolve(&g.branch, g.pin.as_deref()).ok())
-            .ok_or_else(|| SourceError::Stuck(why.to_owned()))?;
+            .map(|m| m.resolve(&g.branch, g.pin.as_deref()));
+        let (oid, why) = match resolved {
+            Some(Ok(oid)) => (oid, why.to_owned()),
+            Some(Err(unresolved)) => self
+                .served_fallback(&g, &unresolved, Some(why))
+                .ok_or_else(|| SourceError::Stuck(why.to_owned()))?,
+            None => return Err(SourceError::Stuck(why.to_owned())),
+        };
         // A rewritten head fetched (and held back) by an earlier run stays held back.
         if let Some(served) = self.served_to_keep(&g)?
             && oid != served
@@ -604,10 +620,37 @@ impl Source {
                 served: served.to_string(),
                 head: oid.to_string(),
             };
-            return self.held_back(&g, served, e.to_string(), Some(why.to_owned()), opts);
+            return self.held_back(&g, served, e.to_string(), Some(why), opts);
         }
         let since = self.recorded_served(&g);
-        self.candidate(&g, oid, since, Some(why.to_owned()), |_| false, opts)
+        self.candidate(&g, oid, since, Some(why), |_| false, opts)
+    }
+
+    /// At start-up, when the mirror cannot resolve the ref to serve (`unresolved`; the fetch
+    /// failed with `fetch_error`, if it did): the commit this cache dir served before, from the
+    /// mirror's [`git::SERVED_REF`] (or the `served` file), with why a stale commit is served.
+    /// `None` when the mirror holds none.
+    fn served_fallback(
+        &self,
+        g: &GitSpec,
+        unresolved: &GitError,
+        fetch_error: Option<&str>,
+    ) -> Option<(git2::Oid, String)> {
+        let repo = self.mirror.as_ref()?.repo();
+        let served = repo
+            .refname_to_id(git::SERVED_REF)
+            .ok()
+            .or_else(|| self.recorded_served(g))
+            .filter(|oid| repo.find_commit(*oid).is_ok())?;
+        let wanted = g.pin.as_deref().unwrap_or(&g.branch);
+        let fetch = fetch_error.map_or(String::new(), |e| format!("; the fetch failed: {e}"));
+        Some((
+            served,
+            format!(
+                "the mirror has no commit for `{wanted}` ({unresolved}){fetch}; serving the \
+                 commit served before the restart"
+            ),
+        ))
     }
 
     /// The commit this cache dir last served, compiled again: start-up when the head does not

@@ -364,7 +364,7 @@ impl Reloader {
             tracing::error!(
                 version = %c.version_id,
                 error = %why,
-                "the config repo could not be fetched: serving the commit cached from an earlier run until a fetch succeeds"
+                "serving a stale commit, cached from an earlier run, until a fetch of the ref succeeds (the config repo could not be fetched, or the mirror has no commit for the ref)"
             );
         }
         if let Some(why) = &c.held {
