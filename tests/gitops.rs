@@ -600,6 +600,7 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     let gw = GatewayProcess::start(&args, &[]);
     assert_eq!(gw.get("/").unwrap().1, "cached");
     assert_eq!(gw.status()["stale"], false);
+    assert_eq!(gw.metric("rustygate_config_stale"), Some(0.0));
     drop(gw);
 
     let away = remote.path().with_extension("away");
@@ -609,6 +610,7 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     let status = gw.status();
     assert_eq!(status["stale"], true);
     assert_eq!(status["applied"]["sha"], sha);
+    assert_eq!(gw.metric("rustygate_config_stale"), Some(1.0));
     assert!(
         status["last_fetch_error"]
             .as_str()
@@ -626,6 +628,7 @@ fn a_restart_with_the_remote_down_serves_the_cached_commit() {
     std::fs::rename(&away, remote.path()).unwrap();
     assert!(wait_until(Duration::from_secs(15), || gw.status()["stale"] == false));
     assert!(gw.status()["last_fetch_error"].is_null());
+    assert_eq!(gw.metric("rustygate_config_stale"), Some(0.0));
     let (code, out) = rustygate_status(&gw, &[]);
     assert_eq!(code, Some(0), "{out}");
 }

@@ -196,3 +196,49 @@ fn a_fresh_gateway_lists_every_metric_family() {
     }
     promtool_check(&text);
 }
+
+/// JWKS fetches that failed (the issuer down: tokens with a new kid get 401 while the cached
+/// keys keep working) and a stale cached commit had no metric to alert on. Both series of
+/// `rustygate_jwks_fetches_total` and `rustygate_config_stale` are there from start-up at 0.
+#[test]
+fn jwks_fetch_failures_and_a_stale_config_are_metrics_from_the_start() {
+    let jwks = format!("http://127.0.0.1:{}/jwks.json", dead_port());
+    let dir = repo(&as_refs(&[
+        (
+            "gateway.toml",
+            format!(
+                "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"ES256\"]\njwks_url = \"{jwks}\"\n"
+            ),
+        ),
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"api\"\npath = \"/\"\nauth = \"idp\"\nrespond = { status = 200 }\n"
+                .to_owned(),
+        ),
+    ]));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let failures = "rustygate_jwks_fetches_total{result=\"failure\"}";
+    assert_eq!(gw.metric(failures), Some(0.0));
+    assert_eq!(
+        gw.metric("rustygate_jwks_fetches_total{result=\"success\"}"),
+        Some(0.0)
+    );
+    assert_eq!(gw.metric("rustygate_config_stale"), Some(0.0));
+
+    // `{"alg":"ES256","kid":"k1"}`, `{}`, a signature no key makes.
+    let token = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsxIn0.e30.AAAA";
+    let (status, _) = http(
+        &gw.listen,
+        "GET",
+        "/",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 401);
+    assert!(wait_until(std::time::Duration::from_secs(10), || gw
+        .metric(failures)
+        .is_some_and(|n| n >= 1.0)));
+    let (_, body) = http(&gw.admin, "GET", "/metrics", &[], b"").unwrap();
+    promtool_check(&body);
+}

@@ -34,6 +34,22 @@ pub const WAIT_FOR_FETCH: Duration = FETCH_TIMEOUT.saturating_add(Duration::from
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
 
+/// `rustygate_jwks_fetches_total{result}`: JWKS fetches of the process (the caches are the
+/// process's), registered with every gateway's metrics. Both series exist from the start.
+pub static FETCHES: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
+    let c = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "rustygate_jwks_fetches_total",
+            "JWKS fetches, by result (success, failure: the cached keys are kept).",
+        ),
+        &["result"],
+    )
+    .unwrap_or_else(|_| unreachable!("constant metric definition"));
+    c.with_label_values(&["success"]);
+    c.with_label_values(&["failure"]);
+    c
+});
+
 #[derive(Default)]
 struct KeySet {
     by_kid: HashMap<String, (Jwk, Arc<DecodingKey>)>,
@@ -199,10 +215,12 @@ impl JwksCache {
             let previous = this.keys.load_full();
             match fetch(&this.url, &previous).await {
                 Ok(set) => {
+                    FETCHES.with_label_values(&["success"]).inc();
                     tracing::info!(url = %this.url, keys = set.by_kid.len() + set.anonymous.len(), "JWKS fetched");
                     this.keys.store(Arc::new(set));
                 }
                 Err(e) => {
+                    FETCHES.with_label_values(&["failure"]).inc();
                     tracing::warn!(url = %this.url, error = %e, "JWKS fetch failed; keeping the cached keys")
                 }
             }

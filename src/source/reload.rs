@@ -432,6 +432,7 @@ impl Reloader {
         metrics.reload_succeeded(None, &c.version_id, unix(now));
         // Serving, but not the head: it was rejected, held back, or not fetched.
         metrics.last_reload_ok(head_ok);
+        metrics.stale(c.stale.is_some());
         source.clean_checkouts(&c.version_id);
         tracing::info!(version = %c.version_id, routes = snapshot.routes.len(), upstreams = snapshot.upstreams.len(), source = %spec.describe(), "config loaded");
         let store = Arc::new(SnapshotStore::new(snapshot));
@@ -596,6 +597,7 @@ impl Reloader {
                 status.last_fetch_at = Some(rfc3339(now));
                 status.last_fetch_error = None;
                 status.stale = false;
+                self.metrics.stale(false);
                 // A fetch that failed for a while found the commit tried before it: that
                 // attempt (its success, or its located errors) is the last one again.
                 if status.attempted.as_ref().is_some_and(|a| a.sha.is_none())
@@ -614,6 +616,7 @@ impl Reloader {
         status.last_fetch_at = Some(rfc3339(now));
         status.last_fetch_error = None;
         status.stale = false;
+        self.metrics.stale(false);
         let served_routes = self.store.load().routes.len();
         if !force
             && served_routes > 0

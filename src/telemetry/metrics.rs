@@ -38,6 +38,9 @@ pub struct Metrics {
     /// found (or found nothing new), 0 when the head it found was rejected or could not be
     /// fetched, until one is served.
     pub config_last_reload_ok: IntGauge,
+    /// `rustygate_config_stale`: 1 while the config served is a commit from the cache dir that
+    /// no fetch has confirmed since start-up (`"stale": true` in `/status`), else 0.
+    pub config_stale: IntGauge,
     pub config_info: IntGaugeVec,
     /// `rustygate_requests_total{route,method,status}`; unmatched requests use `route="<none>"`.
     /// Counted per worker ([`super::counts`]), as are `request_duration`, `upstream_duration`,
@@ -127,6 +130,13 @@ impl Metrics {
             "rustygate_config_last_reload_successful",
             "1 when the last config reload succeeded (or found nothing new), 0 when the head it \
              found was rejected or could not be fetched; /status names the failing SHA.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let config_stale = IntGauge::new(
+            "rustygate_config_stale",
+            "1 while the config served is a commit cached from an earlier run that no fetch has \
+             confirmed (the git host unreachable at start-up, or no commit for the ref in the \
+             mirror); /status says why.",
         )
         .unwrap_or_else(|_| unreachable_metric());
         let config_info = IntGaugeVec::new(
@@ -271,6 +281,7 @@ impl Metrics {
             Box::new(config_last_success.clone()),
             Box::new(config_info.clone()),
             Box::new(config_last_reload_ok.clone()),
+            Box::new(config_stale.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -282,6 +293,7 @@ impl Metrics {
             Box::new(super::sink::DROPPED.clone()),
             Box::new(crate::plugins::ERRORS.clone()),
             Box::new(super::trace::DROPPED.clone()),
+            Box::new(crate::filters::jwks::FETCHES.clone()),
         ] {
             declare(&mut declared, &*c);
             let _ = registry.register(c);
@@ -321,6 +333,7 @@ impl Metrics {
             config_last_success,
             config_info,
             config_last_reload_ok,
+            config_stale,
             requests,
             request_duration,
             upstream_duration,
@@ -421,6 +434,11 @@ impl Metrics {
     /// not.
     pub fn last_reload_ok(&self, ok: bool) {
         self.config_last_reload_ok.set(i64::from(ok));
+    }
+
+    /// Sets `rustygate_config_stale`: whether the config served is an unconfirmed cached commit.
+    pub fn stale(&self, stale: bool) {
+        self.config_stale.set(i64::from(stale));
     }
 
     /// A commit refused by `--require-signed` (`reason`: `unsigned-commit`, `bad-signature`).
