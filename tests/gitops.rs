@@ -1273,16 +1273,29 @@ fn the_cache_holds_the_served_branch_and_the_served_export_only() {
 }
 
 /// `serve --repo URL` with `envs`, expected to fail: its stderr.
+/// `rustygate serve` that must refuse to start: its stderr. A gateway that starts instead is
+/// stopped after 20 s and the test fails (it used to wait for it for good).
 fn serve_fails(url: &str, extra: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
         .args(["serve", "--repo", url, "--poll", "0"])
         .args(extra)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .envs(envs.iter().copied())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let exited = wait_until(Duration::from_secs(20), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(exited, "the gateway started instead of refusing: {stderr}");
+    assert!(!out.status.success(), "{stderr}");
+    stderr
 }
 
 /// The default cache dir lives under the shared temp dir, where another local user may have
@@ -1348,6 +1361,75 @@ fn a_default_cache_dir_another_user_could_write_is_refused() {
             && stderr.contains("symbolic link"),
         "{stderr}"
     );
+}
+
+/// Only the default cache dir and its parent were checked: under a temp dir that another user
+/// can write (no sticky bit) or owns, it was accepted, though that user can rename the
+/// gateway's dirs away and put their own in place. Every level above is checked now, as ssh's
+/// `StrictModes` does; a sticky one (`/tmp`) is fine, and an explicit `--cache-dir` there is
+/// only warned about.
+#[test]
+fn a_default_cache_dir_under_a_dir_others_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_d, repo, url) = bare_repo();
+    commit(&repo, "main", &config("v1"), "first");
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let mode = |m: u32| std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(m));
+    mode(0o777).unwrap();
+    let env = [("TMPDIR", shared.to_str().unwrap())];
+    let stderr = serve_fails(&url, &[], &env);
+    assert!(
+        stderr.contains("refusing the cache dir")
+            && stderr.contains(&format!(
+                "{} above it is writable by group or others without the sticky bit (mode 0777)",
+                shared.display()
+            )),
+        "{stderr}"
+    );
+
+    mode(0o1777).unwrap();
+    let gw = GatewayProcess::start(&["--repo", &url, "--poll", "0"], &env);
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    drop(gw);
+
+    if rustix::process::geteuid().is_root() {
+        mode(0o755).unwrap();
+        std::os::unix::fs::chown(&shared, Some(65534), Some(65534)).unwrap();
+        let stderr = serve_fails(&url, &[], &env);
+        assert!(
+            stderr.contains(&format!(
+                "{} above it is owned by uid 65534",
+                shared.display()
+            )),
+            "{stderr}"
+        );
+        std::os::unix::fs::chown(&shared, Some(0), Some(0)).unwrap();
+    }
+
+    // An explicit --cache-dir there is the operator's choice: served, with a warning.
+    mode(0o777).unwrap();
+    let explicit = shared.join("explicit");
+    let gw = GatewayProcess::start(
+        &[
+            "--repo",
+            &url,
+            "--poll",
+            "0",
+            "--cache-dir",
+            explicit.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .logs
+        .lock()
+        .unwrap()
+        .contains("another local user could replace the cache dir")));
+    drop(gw);
+    mode(0o700).unwrap();
 }
 
 /// A checkout found in the cache dir (planted, or left by an earlier run) is never compiled

@@ -102,13 +102,17 @@ pub fn lock_cache_dir(dir: &Path) -> Result<CacheLock, SourceError> {
     };
     let default_parent = std::env::temp_dir().join(DEFAULT_CACHE_PARENT);
     if dir.parent() == Some(default_parent.as_path()) {
-        // Under the shared temp dir: every level the gateway made must be its own and private.
+        // Under the shared temp dir: every level the gateway made must be its own and private,
+        // and no level above may let another user swap them.
+        safe_ancestors(dir, &std::env::temp_dir(), true)?;
         private_dir(&default_parent, true)?;
         private_dir(dir, true)?;
     } else {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
+        safe_ancestors(dir, parent.unwrap_or(Path::new(".")), false)?;
         private_dir(dir, false)?;
     }
     let path = dir.join("instance.lock");
@@ -192,6 +196,44 @@ fn private_dir(dir: &Path, strict: bool) -> Result<(), SourceError> {
             return Err(refuse(problem));
         }
         tracing::warn!(dir = %dir.display(), mode = %format!("{mode:04o}"), "the cache dir is writable by group or others: any local user who can write it can plant a mirror that is served; fine for a volume private to the gateway (a Kubernetes emptyDir), not on a shared host");
+    }
+    Ok(())
+}
+
+/// Checks `top` and every directory above it up to `/` (symlinks resolved), as ssh's
+/// `StrictModes` does for the files it trusts: one owned by another user than this process's
+/// (or root), or writable by group or others without the sticky bit, lets that user rename
+/// the cache dir `dir` away and put one of their own in its place. Refused when `strict` (the
+/// default cache dir); for an explicit `--cache-dir` the operator chose, a warning.
+fn safe_ancestors(dir: &Path, top: &Path, strict: bool) -> Result<(), SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let top = std::fs::canonicalize(top).map_err(|source| GitError::Io {
+        path: top.to_path_buf(),
+        source,
+    })?;
+    let euid = rustix::process::geteuid().as_raw();
+    for a in top.ancestors() {
+        let Ok(meta) = std::fs::metadata(a) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        let problem = if meta.uid() != euid && meta.uid() != 0 {
+            format!("{} above it is owned by uid {}", a.display(), meta.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!(
+                "{} above it is writable by group or others without the sticky bit (mode {mode:04o})",
+                a.display()
+            )
+        } else {
+            continue;
+        };
+        if strict {
+            return Err(SourceError::UnsafeCacheDir {
+                dir: dir.display().to_string(),
+                problem,
+            });
+        }
+        tracing::warn!(dir = %dir.display(), problem, "another local user could replace the cache dir: fine for a volume private to the gateway, not on a shared host");
     }
     Ok(())
 }
