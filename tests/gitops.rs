@@ -40,6 +40,12 @@ fn wait_body(gw: &GatewayProcess, expected: &str) -> bool {
     })
 }
 
+/// `rustygate serve` following `url` (no polling) with the cache dir `cache`.
+fn serve_with_cache(url: &str, cache: &std::path::Path, envs: &[(&str, &str)]) -> GatewayProcess {
+    let cache = cache.to_str().unwrap();
+    GatewayProcess::start(&["--repo", url, "--cache-dir", cache, "--poll", "0"], envs)
+}
+
 const TOKEN: &str = "admin-t0ken";
 const AUTH: (&str, &str) = ("Authorization", "Bearer admin-t0ken");
 
@@ -48,17 +54,7 @@ fn git_source_applies_new_commits_and_keeps_the_last_good_one() {
     let (_d, repo, url) = bare_repo();
     let cache = tempfile::tempdir().unwrap();
     let v1 = commit(&repo, "main", &config("v1"), "first config");
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-            "--poll",
-            "0",
-        ],
-        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
-    );
+    let gw = serve_with_cache(&url, cache.path(), &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)]);
     assert_eq!(gw.get("/").unwrap(), (200, "v1".into()));
     let st = gw.status();
     assert_eq!(st["applied"]["sha"], v1.as_str());
@@ -161,16 +157,23 @@ fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-#[test]
-fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
-    let (_d, repo, url) = bare_repo();
+/// A gateway serving `v1` of a new repository, with the webhook secret `secret`, and `v2`
+/// committed after it started (for a push to bring). The repository dir and the repository too.
+fn webhook_gateway(secret: &str) -> (tempfile::TempDir, git2::Repository, GatewayProcess) {
+    let (d, repo, url) = bare_repo();
     commit(&repo, "main", &config("v1"), "first");
-    let secret = "hook-s3cret";
     let gw = GatewayProcess::start(
         &["--repo", &url, "--poll", "0"],
         &[("RUSTYGATE_WEBHOOK_SECRET", secret)],
     );
     commit(&repo, "main", &config("v2"), "second");
+    (d, repo, gw)
+}
+
+#[test]
+fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
+    let secret = "hook-s3cret";
+    let (_d, repo, gw) = webhook_gateway(secret);
 
     let push = br#"{"ref":"refs/heads/main","after":"abc"}"#;
     let ev = ("X-GitHub-Event", "push");
@@ -276,14 +279,8 @@ fn github_webhook_reloads_only_on_a_signed_push_to_the_branch() {
 /// corrected redelivery under the same id was answered "already processed" and did nothing.
 #[test]
 fn a_refused_delivery_can_be_redelivered_under_its_id() {
-    let (_d, repo, url) = bare_repo();
-    commit(&repo, "main", &config("v1"), "first");
     let secret = "hook-s3cret";
-    let gw = GatewayProcess::start(
-        &["--repo", &url, "--poll", "0"],
-        &[("RUSTYGATE_WEBHOOK_SECRET", secret)],
-    );
-    commit(&repo, "main", &config("v2"), "second");
+    let (_d, _repo, gw) = webhook_gateway(secret);
     let ev = ("X-GitHub-Event", "push");
     let delivery = ("X-GitHub-Delivery", "9f1c2a5e-0d3b-4c1e-8a77-5b2f0c6e4d10");
     let broken = br#"{"after":"abc"}"#;
@@ -984,17 +981,7 @@ fn the_export_holds_only_the_files_the_config_reads() {
         .commit(Some("refs/heads/main"), &sig, &sig, "link", &tree, &[&base])
         .unwrap()
         .to_string();
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-            "--poll",
-            "0",
-        ],
-        &[],
-    );
+    let gw = serve_with_cache(&url, cache.path(), &[]);
     assert_eq!(gw.get("/").unwrap().1, "from policy");
     assert_eq!(gw.status()["applied"]["sha"], sha.as_str());
     let export = cache.path().join("checkouts").join(&sha);
@@ -1198,17 +1185,7 @@ fn the_cache_holds_the_served_branch_and_the_served_export_only() {
     let (_d, repo, url) = bare_repo();
     let cache = tempfile::tempdir().unwrap();
     let v1 = commit(&repo, "main", &config("v1"), "first");
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-            "--poll",
-            "0",
-        ],
-        &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)],
-    );
+    let gw = serve_with_cache(&url, cache.path(), &[("RUSTYGATE_ADMIN_TOKEN", TOKEN)]);
     // Another branch and a tag, each with a commit the served branch never reaches.
     let side = commit(&repo, "feature", &config("side"), "side branch");
     let side_oid = git2::Oid::from_str(&side).unwrap();
@@ -1411,17 +1388,7 @@ fn a_default_cache_dir_under_a_dir_others_could_write_is_refused() {
     // An explicit --cache-dir there is the operator's choice: served, with a warning.
     mode(0o777).unwrap();
     let explicit = shared.join("explicit");
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--poll",
-            "0",
-            "--cache-dir",
-            explicit.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let gw = serve_with_cache(&url, &explicit, &[]);
     assert_eq!(gw.get("/").unwrap().1, "v1");
     assert!(wait_until(Duration::from_secs(5), || gw
         .logs
@@ -1446,17 +1413,7 @@ fn a_checkout_planted_in_the_cache_dir_is_not_served() {
             "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200, body = \"planted\" }\n",
         )],
     );
-    let gw = GatewayProcess::start(
-        &[
-            "--repo",
-            &url,
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-            "--poll",
-            "0",
-        ],
-        &[],
-    );
+    let gw = serve_with_cache(&url, cache.path(), &[]);
     assert_eq!(gw.get("/").unwrap().1, "real");
     assert_eq!(gw.status()["applied"]["sha"], head);
 }

@@ -515,15 +515,11 @@ pub fn export_tree(
     subdir: Option<&Path>,
     dest: &Path,
 ) -> Result<(), GitError> {
-    export_tree_capped(
-        repo,
-        commit,
-        subdir,
-        dest,
-        (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP),
-        None,
-    )
+    export_tree_capped(repo, commit, subdir, dest, EXPORT_CAPS, None)
 }
+
+/// An export's caps: bytes of files, entries.
+const EXPORT_CAPS: (u64, usize) = (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP);
 
 /// [`export_tree`] for the gateway's cache: only the files the loader lists (`gateway.toml`,
 /// `routes/*.toml`, `upstreams/*.toml`) are written; every other file is an empty stand-in,
@@ -537,14 +533,7 @@ pub fn export_config_tree(
     dest: &Path,
 ) -> Result<MirrorBlobs, GitError> {
     let mut deferred = std::collections::HashMap::new();
-    export_tree_capped(
-        repo,
-        commit,
-        subdir,
-        dest,
-        (EXPORT_BYTES_CAP, EXPORT_ENTRIES_CAP),
-        Some(&mut deferred),
-    )?;
+    export_tree_capped(repo, commit, subdir, dest, EXPORT_CAPS, Some(&mut deferred))?;
     Ok(MirrorBlobs {
         mirror: repo.path().to_path_buf(),
         root: PathBuf::new(),
@@ -937,32 +926,16 @@ mod tests {
         let files: Vec<(&str, &str, Oid)> =
             names.iter().map(|n| ("100644", n.as_str(), blob)).collect();
         let commit = raw_commit(&repo, &files);
+        let capped = |dest: &Path, caps| export_tree_capped(&repo, commit, None, dest, caps, None);
         let dest = dir.path().join("a");
-        let e =
-            export_tree_capped(&repo, commit, None, &dest, (40 * 1024, 1000), None).unwrap_err();
+        let e = capped(&dest, (40 * 1024, 1000)).unwrap_err();
         assert!(matches!(e, GitError::TreeTooLarge(_)), "{e}");
         assert!(e.to_string().contains("more than 40 KiB of files"), "{e}");
         let written = std::fs::read_dir(&dest).unwrap().count();
         assert!(written <= 11, "stopped at the cap: {written} files");
-        let e = export_tree_capped(
-            &repo,
-            commit,
-            None,
-            &dir.path().join("b"),
-            (1 << 30, 10),
-            None,
-        )
-        .unwrap_err();
+        let e = capped(&dir.path().join("b"), (1 << 30, 10)).unwrap_err();
         assert!(e.to_string().contains("more than 10 files"), "{e}");
-        export_tree_capped(
-            &repo,
-            commit,
-            None,
-            &dir.path().join("c"),
-            (1 << 30, 1000),
-            None,
-        )
-        .unwrap();
+        capped(&dir.path().join("c"), (1 << 30, 1000)).unwrap();
     }
 
     /// One pack per fetch, forever, was the old mirror; repacking keeps the count bounded and
