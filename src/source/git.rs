@@ -887,6 +887,42 @@ mod tests {
         );
     }
 
+    /// The gateway's export writes what the loader lists and leaves the rest as stand-ins,
+    /// filled when read, by the cap of what reads them: a 9 MiB plugin (over the 8 MiB config
+    /// file cap, under the plugin cap) was exported as an 8 MiB sparse stand-in and never read
+    /// whole.
+    #[test]
+    fn stand_ins_are_filled_when_read_by_the_cap_of_the_reader() {
+        use crate::config::files::{FileError, FileKind, read_bytes_in_repo, read_in_repo};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r")).unwrap();
+        let size = 9 << 20;
+        let wasm = repo.blob(&vec![b'w'; size]).unwrap();
+        let gateway = repo.blob(b"# defaults").unwrap();
+        let commit = raw_commit(
+            &repo,
+            &[
+                ("100644", "big.wasm", wasm),
+                ("100644", "gateway.toml", gateway),
+            ],
+        );
+        let dest = dir.path().join("export");
+        let stand_ins = export_config_tree(&repo, commit, None, &dest).unwrap();
+        let len = |p: &str| std::fs::metadata(dest.join(p)).unwrap().len();
+        assert_eq!((len("gateway.toml"), len("big.wasm")), (10, 0));
+        let root = std::fs::canonicalize(&dest).unwrap();
+        crate::config::deferred::register(
+            root.clone(),
+            std::sync::Arc::new(stand_ins.at(root.clone())),
+        );
+        let as_policy = read_in_repo(&root, Path::new("big.wasm"), FileKind::Policy);
+        assert!(matches!(as_policy, Err(FileError::TooLarge { .. })));
+        let as_plugin = read_bytes_in_repo(&root, Path::new("big.wasm"), FileKind::Plugin);
+        let whole = as_plugin.is_ok_and(|b| b.len() == size && b.iter().all(|&x| x == b'w'));
+        assert!(whole, "the plugin reads as in the commit");
+        crate::config::deferred::forget(&root);
+    }
+
     /// `--subdir` naming a symlink (or a file) said "does not exist at this commit".
     #[test]
     fn a_subdir_that_is_a_link_or_a_file_says_so() {
