@@ -631,7 +631,8 @@ impl Source {
     }
 
     /// The first version from the cached mirror alone, without fetching: start-up when the
-    /// fetch did not finish in time (`why`). `Err` when the cache holds no commit for the ref.
+    /// fetch did not finish in time (`why`). Without a commit for the ref in the mirror, the
+    /// commit served before (see `served_fallback`); `Err` when there is neither.
     pub fn load_cached(&mut self, why: &str, opts: &CompileOptions) -> Result<Loaded, SourceError> {
         let SourceSpec::Git(g) = self.spec.clone() else {
             return Err(SourceError::Stuck(why.to_owned()));
