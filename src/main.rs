@@ -293,6 +293,11 @@ struct ServeArgs {
     /// /var/run/secrets and /etc/rustygate (repeatable).
     #[arg(long = "secret-root", value_name = "DIR")]
     secret_roots: Vec<PathBuf>,
+    /// Largest webhook body read (GitHub sends at most 25 MB). A larger one is answered 413
+    /// before it is read and triggers nothing: polling picks its commit up. At most four
+    /// bodies of this size are read at once.
+    #[arg(long, env = "RUSTYGATE_WEBHOOK_MAX_BODY", default_value = "1MiB", value_parser = parse_body_cap)]
+    webhook_max_body: usize,
     /// Time a reload gets to fetch, read and compile the config; past it the reload is reported
     /// as failed and the next one starts, whatever the stuck read is doing.
     #[arg(long, env = "RUSTYGATE_RELOAD_TIMEOUT", default_value = "120s", value_parser = parse_timeout)]
@@ -344,6 +349,15 @@ fn parse_keep_alive(s: &str) -> Result<Duration, String> {
 /// Reads a secret from the environment; empty counts as unset.
 fn env_secret(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `--webhook-max-body`: a size (`1MiB`, `512KiB`, bytes) from 1 KiB to 64 MiB.
+fn parse_body_cap(s: &str) -> Result<usize, String> {
+    let n = rustygate::config::units::parse_size(s)?;
+    if !(1 << 10..=64 << 20).contains(&n) {
+        return Err("must be from 1KiB to 64MiB".into());
+    }
+    usize::try_from(n).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -1002,6 +1016,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown_grace: args.shutdown_grace,
         keep_alive: args.keep_alive,
         access_log: args.access_log,
+        webhook_max_body: args.webhook_max_body,
         ..defaults
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);

@@ -653,6 +653,8 @@ fn admin_requests_whose_body_never_ends_are_cut_and_the_proxy_serves_on() {
         workers: 1,
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         admin_request_timeout: Duration::from_secs(1),
+        // All 40 come from 127.0.0.1: more than one address may hold by default.
+        admin_connections_per_client: 64,
         ..ServeOptions::default()
     };
     let gw = Gateway::serve_with(

@@ -13,9 +13,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::Control;
+use super::admin_limits::BodyBudget;
 use super::webhooks::{
-    FailureLimit, MAX_WEBHOOK_BODY, PushAction, ReplayGuard, github_signature_ok, parse_push,
-    push_action, secret_matches,
+    FailureLimit, PushAction, ReplayGuard, github_signature_ok, parse_push, push_action,
+    secret_matches,
 };
 use crate::snapshot::SnapshotStore;
 use crate::source::reload::Trigger;
@@ -33,6 +34,8 @@ pub(crate) struct AdminState {
     pub loopback: bool,
     /// The dashboard's traffic ring, filled by [`crate::telemetry::traffic::run`].
     pub traffic: Arc<Mutex<crate::telemetry::traffic::Traffic>>,
+    /// The bytes of webhook bodies read at once, and the largest body.
+    pub bodies: BodyBudget,
 }
 
 /// Failed authentications a client address may make per [`FAILURE_WINDOW`] before its further
@@ -48,6 +51,7 @@ impl AdminState {
         control: Control,
         bound: SocketAddr,
         traffic: Arc<Mutex<crate::telemetry::traffic::Traffic>>,
+        webhook_max_body: usize,
     ) -> Self {
         // Registered once per registry; a second admin listener on the same metrics keeps the
         // first registration (AlreadyReg), which serves the same counters.
@@ -60,6 +64,8 @@ impl AdminState {
         if let Some(f) = &control.fleet {
             let _ = control.metrics.register(Box::new(f.gauge.clone()));
         }
+        let bodies = BodyBudget::new(webhook_max_body);
+        let _ = control.metrics.register(Box::new(bodies.metric()));
         Self {
             store,
             control,
@@ -68,33 +74,21 @@ impl AdminState {
             failures: FailureLimit::new(MAX_FAILURES, FAILURE_WINDOW, MAX_FAILING_CLIENTS),
             loopback: bound.ip().is_loopback(),
             traffic,
+            bodies,
         }
     }
 }
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    let capped = web::PayloadConfig::new(MAX_WEBHOOK_BODY);
     cfg.configure(super::api::configure)
         .configure(super::ui::configure)
         .service(get_or_head("/healthz", healthz))
         .service(get_or_head("/readyz", readyz))
         .service(get_or_head("/status", status))
         .service(get_or_head("/metrics", metrics))
-        .service(
-            web::resource("/admin/reload")
-                .app_data(capped.clone())
-                .route(web::post().to(admin_reload)),
-        )
-        .service(
-            web::resource("/hooks/github")
-                .app_data(capped.clone())
-                .route(web::post().to(github)),
-        )
-        .service(
-            web::resource("/hooks/gitlab")
-                .app_data(capped)
-                .route(web::post().to(gitlab)),
-        );
+        .service(web::resource("/admin/reload").route(web::post().to(admin_reload)))
+        .service(web::resource("/hooks/github").route(web::post().to(github)))
+        .service(web::resource("/hooks/gitlab").route(web::post().to(gitlab)));
 }
 
 /// `path` answering `GET` and `HEAD` (the same head, no body) with `handler`; another method
@@ -179,7 +173,7 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         .body(state.control.metrics.render())
 }
 
-fn reply(status: u16, message: &str) -> HttpResponse {
+pub(crate) fn reply(status: u16, message: &str) -> HttpResponse {
     HttpResponse::build(
         actix_web::http::StatusCode::from_u16(status)
             .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
@@ -329,32 +323,63 @@ fn keep_delivery_if_accepted(
     answer
 }
 
-/// `then` with a webhook's body; a body over [`MAX_WEBHOOK_BODY`] or broken is refused in JSON
-/// here (actix's own answer was `text/plain`).
+/// `then` with a webhook's body, or the refusal [`webhook_body`] gave instead.
 fn with_body(
-    body: Result<Bytes, actix_web::Error>,
+    body: Result<Bytes, HttpResponse>,
     then: impl FnOnce(Bytes) -> HttpResponse,
 ) -> HttpResponse {
     match body {
         Ok(body) => then(body),
-        Err(e) => {
-            let status = e.as_response_error().status_code();
-            let message = if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
-                format!("the webhook body is over {} KiB", MAX_WEBHOOK_BODY / 1024)
-            } else {
-                format!("the webhook body could not be read: {e}")
-            };
-            reply(status.as_u16(), &message)
-        }
+        Err(refusal) => refusal,
     }
+}
+
+/// A webhook's body, read only when its headers can lead somewhere: webhooks are configured
+/// (else 403), the header that authenticates it is there (else 401, counted as a failed
+/// authentication), and so is its event header (else 400). Then within the listener's
+/// [`BodyBudget`]. None of these refusals reads a byte of the body, so a flood of heads with
+/// large `Content-Length`s holds no memory.
+async fn webhook_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AdminState,
+    auth_header: &str,
+    event_header: &str,
+) -> Result<Bytes, HttpResponse> {
+    if state.control.webhook_secret.is_none() {
+        return Err(reply(
+            403,
+            "webhooks are disabled: no webhook secret is configured",
+        ));
+    }
+    if header(req, auth_header).is_none_or(<[u8]>::is_empty) {
+        tracing::warn!(peer = ?req.peer_addr(), header = auth_header, "webhook without its signature or token header");
+        let message = format!("the {auth_header} header is required");
+        return Err(auth_failed(req, state, reply(401, &message)));
+    }
+    if header(req, event_header).is_none() {
+        return Err(reply(
+            400,
+            &format!("the {event_header} header is required"),
+        ));
+    }
+    state.bodies.read(req, payload).await
 }
 
 /// `POST /hooks/github`: HMAC-SHA256 of the raw body, checked before anything is parsed.
 async fn github(
     req: HttpRequest,
-    body: Result<Bytes, actix_web::Error>,
+    payload: web::Payload,
     state: web::Data<AdminState>,
 ) -> HttpResponse {
+    let body = webhook_body(
+        &req,
+        payload,
+        &state,
+        "x-hub-signature-256",
+        "x-github-event",
+    )
+    .await;
     with_body(body, |body| {
         let verify =
             |secret: &str| github_signature_ok(secret, &body, header(&req, "x-hub-signature-256"));
@@ -373,9 +398,10 @@ async fn github(
 /// `POST /hooks/gitlab`: the `X-Gitlab-Token` secret, compared in constant time.
 async fn gitlab(
     req: HttpRequest,
-    body: Result<Bytes, actix_web::Error>,
+    payload: web::Payload,
     state: web::Data<AdminState>,
 ) -> HttpResponse {
+    let body = webhook_body(&req, payload, &state, "x-gitlab-token", "x-gitlab-event").await;
     with_body(body, |body| {
         let verify =
             |secret: &str| secret_matches(secret, header(&req, "x-gitlab-token").unwrap_or(b""));

@@ -526,7 +526,10 @@ fn get() -> String {
 }
 
 /// Reads a request body up to `cap` bytes; `None` past it.
-async fn read_capped(mut payload: web::Payload, cap: usize) -> Result<Option<Vec<u8>>, String> {
+pub(crate) async fn read_capped(
+    mut payload: web::Payload,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, String> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;

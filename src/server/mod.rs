@@ -5,6 +5,7 @@
 //! both listeners stop together and in-flight requests get the grace period.
 
 mod admin;
+mod admin_limits;
 mod api;
 mod bind;
 pub(crate) mod drain;
@@ -77,12 +78,20 @@ pub struct ServeOptions {
     pub admin_request_timeout: Duration,
     /// PINGs on upstream HTTP/2 connections (tests shorten them).
     pub upstream_h2_ping: crate::proxy::pool::H2Ping,
+    /// Largest webhook body read (`--webhook-max-body`); at most four such are read at once.
+    pub webhook_max_body: usize,
+    /// Connections one client address (an IPv6 client by its /64) may hold on the admin
+    /// listener at once; more are closed at once.
+    pub admin_connections_per_client: usize,
 }
 
 /// Connections the admin listener holds open at once; more wait in the kernel's backlog. The
 /// admin listener takes webhooks from the internet, so a flood of slow connections there must
 /// not use up the process's file descriptors (and starve the proxy listener with them).
 const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Of those, what one client address may hold: the kubelet's probes, Prometheus and an
+/// operator's browser each need a few; a webhook sender (an ingress) rarely more.
+const ADMIN_CONNECTIONS_PER_CLIENT: usize = 16;
 
 impl Default for ServeOptions {
     fn default() -> Self {
@@ -99,6 +108,8 @@ impl Default for ServeOptions {
             traffic_sample_every: crate::telemetry::traffic::SAMPLE_EVERY,
             admin_request_timeout: Duration::from_secs(10),
             upstream_h2_ping: crate::proxy::pool::H2Ping::default(),
+            webhook_max_body: webhooks::MAX_WEBHOOK_BODY,
+            admin_connections_per_client: ADMIN_CONNECTIONS_PER_CLIENT,
         }
     }
 }
@@ -405,8 +416,19 @@ pub fn start(
         Arc::clone(&control.metrics),
         opts.traffic_sample_every,
     ));
-    let admin_state = web::Data::new(admin::AdminState::new(store, control, admin_addr, traffic));
+    let admin_state = web::Data::new(admin::AdminState::new(
+        store,
+        control,
+        admin_addr,
+        traffic,
+        opts.webhook_max_body,
+    ));
     let admin_timeout = opts.admin_request_timeout;
+    let per_client = admin_limits::ConnLimit::new(opts.admin_connections_per_client);
+    let _ = admin_state
+        .control
+        .metrics
+        .register(Box::new(per_client.metric()));
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
@@ -427,6 +449,24 @@ pub fn start(
     })
     .workers(1)
     .max_connections(ADMIN_MAX_CONNECTIONS)
+    // Each connection takes a place of its client address's, held until it closes; over the
+    // limit it is shut at once, before a byte of its request is read.
+    .on_connect(move |conn, ext| {
+        let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+            return;
+        };
+        let Ok(peer) = tcp.peer_addr() else {
+            return;
+        };
+        match per_client.admit(peer.ip()) {
+            Some(place) => {
+                ext.insert(place);
+            }
+            None => {
+                let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
+            }
+        }
+    })
     .shutdown_timeout(grace)
     .disable_signals()
     .listen(admin_listener)?

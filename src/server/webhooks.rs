@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Largest webhook body read; larger gets 413 before any parsing.
+/// Largest webhook body read by default (`--webhook-max-body`); larger gets 413 before any
+/// byte of it is read.
 pub const MAX_WEBHOOK_BODY: usize = 1 << 20;
 
 /// Constant-time equality; an empty expected value never matches.
