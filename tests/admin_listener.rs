@@ -1,7 +1,7 @@
 //! The admin listener under hostile clients: webhook bodies are read only when they can lead
 //! somewhere and within a fixed budget, one client address cannot take the listener's
-//! connections. Real gateways on loopback, raw sockets for what a well-behaved client would not
-//! send.
+//! connections, and every answer says it is not to be cached or sniffed. Real gateways on
+//! loopback, raw sockets for what a well-behaved client would not send.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -284,4 +284,41 @@ fn one_client_address_cannot_take_the_admin_listener() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(refused >= 1.0, "{scraped}");
+}
+
+/// Every admin answer, probes and errors included, is `Cache-Control: no-store` and
+/// `X-Content-Type-Options: nosniff` (docs/admin-api.md said so; only `/api/v1/*` and `/ui/`
+/// were); the page keeps its own `no-cache`.
+#[test]
+fn every_admin_answer_is_no_store_and_nosniff() {
+    let (gw, _d) = gateway(with_secret(), ServeOptions::default());
+    let admin = gw.admin_addr;
+    for (method, path, want) in [
+        ("GET", "/healthz", "200"),
+        ("GET", "/readyz", "200"),
+        ("GET", "/status", "200"),
+        ("GET", "/metrics", "200"),
+        ("GET", "/nope", "404"),
+        ("POST", "/admin/reload", "403"),
+        ("POST", "/hooks/github", "401"),
+        ("DELETE", "/healthz", "405"),
+    ] {
+        let (got, _) = head_only(
+            admin,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nX-GitHub-Event: push\r\n\r\n"
+            ),
+        );
+        assert_eq!(status(&got), want, "{method} {path}: {got}");
+        assert!(
+            got.contains("cache-control: no-store"),
+            "{method} {path}: {got}"
+        );
+        assert!(
+            got.contains("x-content-type-options: nosniff"),
+            "{method} {path}: {got}"
+        );
+    }
+    let (got, _) = head_only(admin, "GET /ui/ HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(got.contains("cache-control: no-cache"), "{got}");
 }

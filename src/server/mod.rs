@@ -432,6 +432,13 @@ pub fn start(
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
+            // Every answer, the probes' and errors' included: nothing here is for a cache, and
+            // no answer is to be sniffed into another type (`/ui/` sets its own `no-cache`).
+            .wrap(
+                actix_web::middleware::DefaultHeaders::new()
+                    .add(("cache-control", "no-store"))
+                    .add(("x-content-type-options", "nosniff")),
+            )
             // A whole request, its body included: actix times only the head, and a webhook
             // body that never ends would hold its connection for ever.
             .wrap_fn(move |req, srv| {
