@@ -290,8 +290,13 @@ struct ServeArgs {
     #[arg(long, env = "RUSTYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
     /// A directory `{ file = ... }` secrets may be read from, besides /run/secrets,
-    /// /var/run/secrets and /etc/rustygate (repeatable).
-    #[arg(long = "secret-root", value_name = "DIR")]
+    /// /var/run/secrets and /etc/rustygate (repeatable; in the variable, `:`-separated).
+    #[arg(
+        long = "secret-root",
+        env = "RUSTYGATE_SECRET_ROOT",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
     secret_roots: Vec<PathBuf>,
     /// Largest webhook body read (GitHub sends at most 25 MB). A larger one is answered 413
     /// before it is read and triggers nothing: polling picks its commit up. At most four
@@ -346,9 +351,23 @@ fn parse_keep_alive(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Reads a secret from the environment; empty counts as unset.
-fn env_secret(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+/// Reads a secret from the environment, without the ASCII whitespace around it: a Secret made
+/// with `kubectl create secret --from-file` ends in a newline, and the bearer token a client
+/// sends is compared trimmed. Unset is `None`; set but empty once trimmed is an error, not a
+/// secret nobody can match nor a silently disabled endpoint.
+fn env_secret(name: &str) -> anyhow::Result<Option<String>> {
+    let value = match std::env::var(name) {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("{name} is not valid UTF-8"),
+    };
+    let secret = value.trim_ascii();
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "{name} is set but empty (or only whitespace): give it a value, or unset it to disable \
+         what it protects"
+    );
+    Ok(Some(secret.to_owned()))
 }
 
 /// `--webhook-max-body`: a size (`1MiB`, `512KiB`, bytes) from 1 KiB to 64 MiB.
@@ -928,6 +947,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Held until serve returns: dropping it flushes buffered log lines.
     let _log_guard = init_logging(args.log_format);
+    // Checked before anything is loaded: a secret that is set but empty stops the start.
+    let admin_token = env_secret("RUSTYGATE_ADMIN_TOKEN")?;
+    let webhook_secret = env_secret("RUSTYGATE_WEBHOOK_SECRET")?;
     let mut spec = SourceSpec::from_repo_arg(
         &args.repo,
         &args.branch,
@@ -1033,8 +1055,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics,
         reload: Some(tx.clone()),
         force_pending: Arc::clone(&force_pending),
-        admin_token: env_secret("RUSTYGATE_ADMIN_TOKEN"),
-        webhook_secret: env_secret("RUSTYGATE_WEBHOOK_SECRET"),
+        admin_token,
+        webhook_secret,
         branch: match &spec {
             SourceSpec::Git(g) if g.pin.is_none() => Some(g.branch.clone()),
             _ => None,

@@ -322,3 +322,99 @@ fn every_admin_answer_is_no_store_and_nosniff() {
     let (got, _) = head_only(admin, "GET /ui/ HTTP/1.1\r\nHost: localhost\r\n\r\n");
     assert!(got.contains("cache-control: no-cache"), "{got}");
 }
+
+/// `rustygate serve` with `envs` on a config that sets a header from the secret file `key`;
+/// its exit status and stderr when it stops on its own within 20 s, `None` when it serves.
+fn serve_exits(dir: &std::path::Path, envs: &[(&str, &str)]) -> Option<(i32, String)> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(["serve", "--repo", dir.to_str().unwrap(), "--poll", "0"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("RUSTYGATE_ADMIN_TOKEN")
+        .env_remove("RUSTYGATE_WEBHOOK_SECRET")
+        .env_remove("RUSTYGATE_SECRET_ROOT")
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut code = None;
+    wait_until(Duration::from_secs(20), || {
+        code = child.try_wait().unwrap();
+        code.is_some()
+    });
+    let Some(code) = code else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    Some((code.code().unwrap_or(-1), err))
+}
+
+/// Secrets from the environment lose the whitespace around them (what `kubectl create secret
+/// --from-file` leaves), as the bearer token a client sends does; one that is empty once
+/// trimmed stops the start with a message naming it. Before, `tok\n` never matched (401) and
+/// an empty one silently disabled its endpoints. `--webhook-max-body` and
+/// `RUSTYGATE_SECRET_ROOT` (the one serve flag without a variable) are read too.
+#[test]
+fn environment_secrets_are_trimmed_and_an_empty_one_stops_the_start() {
+    let secrets = tempfile::tempdir().unwrap();
+    let key = secrets.path().join("key");
+    std::fs::write(&key, "k3y\n").unwrap();
+    let dir = repo(&[(
+        "routes/main.toml",
+        &format!(
+            "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = {{ status = 200, body = \"hi\" }}\n\
+             response_headers = {{ set = {{ x-key = {{ file = {:?} }} }} }}\n",
+            key.display().to_string()
+        ),
+    )]);
+    let root = secrets.path().to_str().unwrap();
+    let gw = common::GatewayProcess::start(
+        &["--repo", dir.path().to_str().unwrap(), "--poll", "0"],
+        &[
+            ("RUSTYGATE_ADMIN_TOKEN", "tok\n"),
+            ("RUSTYGATE_WEBHOOK_SECRET", " whsec\r\n"),
+            ("RUSTYGATE_SECRET_ROOT", &format!("/nonexistent:{root}")),
+            ("RUSTYGATE_WEBHOOK_MAX_BODY", "2KiB"),
+        ],
+    );
+    let (status, body) = gw.admin_post("/admin/reload", &[("Authorization", "Bearer tok")], b"");
+    assert_eq!(status, 202, "{body}");
+    let gitlab = |body: &[u8]| {
+        gw.admin_post(
+            "/hooks/gitlab",
+            &[("X-Gitlab-Token", "whsec"), ("X-Gitlab-Event", "Note Hook")],
+            body,
+        )
+    };
+    let (status, body) = gitlab(b"{}");
+    assert_eq!(
+        (status, body.contains("event ignored")),
+        (202, true),
+        "{body}"
+    );
+    let (status, body) = gitlab(&[b' '; 3000]);
+    assert_eq!((status, body.contains("over 2 KiB")), (413, true), "{body}");
+    drop(gw);
+
+    for (name, value) in [
+        ("RUSTYGATE_ADMIN_TOKEN", ""),
+        ("RUSTYGATE_WEBHOOK_SECRET", " \n"),
+    ] {
+        let envs = [(name, value), ("RUSTYGATE_SECRET_ROOT", root)];
+        let (code, err) = serve_exits(dir.path(), &envs)
+            .unwrap_or_else(|| panic!("{name}={value:?}: the gateway started"));
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(&format!("{name} is set but empty")), "{err}");
+    }
+    // Without the secret root the config's file is outside every root: not served.
+    let (code, err) = serve_exits(dir.path(), &[]).expect("refused");
+    assert_eq!(code, 1, "{err}");
+}
