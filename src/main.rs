@@ -10,9 +10,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rustygate::compile::{CompileOptions, Compiled, compile_dir};
-use rustygate::config::diag::printable;
 use rustygate::server::ServeOptions;
 use rustygate::telemetry::{LogFormat, init_logging};
+
+#[path = "cli/status.rs"]
+mod status;
 
 /// mimalloc: the request path allocates small, short-lived buffers on every worker thread, which
 /// glibc malloc serves measurably slower (see bench/README.md); through crates/fastmem, which
@@ -125,7 +127,8 @@ enum Command {
     /// live replica sharing its `[rate_limit_store]` and whether they serve one commit.
     /// Exit 0 in agreement (and the last reload succeeded, the last fetch worked), 1 not (or
     /// serving a stale cached commit), 2 when it cannot tell: the gateway, or with --fleet the
-    /// shared store, did not answer.
+    /// shared store, did not answer, or the answer is not a RustyGate status (a field the
+    /// verdict rests on is missing or of another type).
     Status {
         /// The admin listener, e.g. http://127.0.0.1:8081.
         #[arg(
@@ -453,7 +456,7 @@ fn main() -> ExitCode {
             admin,
             fleet,
             format,
-        } => status(&admin, fleet, format),
+        } => status::status(&admin, fleet, format),
         Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(e) => {
@@ -462,224 +465,6 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-/// `rustygate status`: one GET of the admin listener's `/status`.
-fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode {
-    let path = if fleet {
-        "/status?fleet=true"
-    } else {
-        "/status"
-    };
-    let body = match admin_get(admin, path) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {admin}: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let v: serde_json::Value = match serde_json::from_str(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {admin}{path} did not answer JSON: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // What the gateway says comes from its config repo (file names, messages): printed
-    // through `printable`, as `validate` prints it.
-    let str_of = |v: &serde_json::Value| printable(v.as_str().unwrap_or("-")).into_owned();
-    let last_ok = v["attempted"]["ok"].as_bool().unwrap_or(true);
-    // Serving the cached mirror, or the last fetch failed: the remote may have moved on.
-    let stale = v["stale"].as_bool() == Some(true);
-    let fetch_error = v["last_fetch_error"].as_str().filter(|e| !e.is_empty());
-    // With --fleet: `Some(agree)`, or `None` when the view could not be read (the store did
-    // not answer), which is not agreement. No fleet at all (no store) has nothing to disagree.
-    let agree = match &v["fleet"] {
-        _ if !fleet => Some(true),
-        serde_json::Value::Null => Some(true),
-        f => f["agree"].as_bool(),
-    };
-    let mut o = String::new();
-    match format {
-        StatusFormat::Json => {
-            let _ = writeln!(
-                o,
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_default()
-            );
-        }
-        StatusFormat::Human => {
-            if let Some(r) = v["replica"].as_str() {
-                let _ = writeln!(o, "replica    {}", printable(r));
-            }
-            let _ = writeln!(
-                o,
-                "applied    {} (loaded {})",
-                str_of(&v["version"]),
-                str_of(&v["loaded_at"])
-            );
-            let _ = writeln!(
-                o,
-                "attempted  {} {}",
-                str_of(&v["attempted"]["sha"]),
-                if last_ok { "ok" } else { "FAILED" }
-            );
-            // Why it failed: the first errors, located when the commit did not compile.
-            let errors = v["attempted"]["errors"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            for e in errors.iter().take(3) {
-                let at = match (e["file"].as_str(), e["line"].as_u64(), e["column"].as_u64()) {
-                    (Some(f), Some(l), Some(c)) => format!(
-                        "{}:{l}:{c}: ",
-                        rustygate::config::diag::line_start_safe(&printable(f))
-                    ),
-                    _ => String::new(),
-                };
-                let _ = writeln!(o, "  {at}{}", str_of(&e["message"]));
-            }
-            // `/status` keeps the first errors of a version with many, and their total.
-            let total = v["attempted"]["errors_total"]
-                .as_u64()
-                .map_or(errors.len(), |n| n as usize)
-                .max(errors.len());
-            if total > 3 {
-                let _ = writeln!(o, "  ... and {} more", total - 3);
-            }
-            if stale {
-                let _ = writeln!(
-                    o,
-                    "stale      serving the commit cached from an earlier run: the config repo \
-                     could not be fetched"
-                );
-            }
-            if let Some(e) = fetch_error {
-                let _ = writeln!(o, "fetch      FAILED: {}", printable(e));
-            }
-            if fleet {
-                let f = &v["fleet"];
-                if f.is_null() {
-                    let _ = writeln!(o, "fleet      none: the gateway has no [rate_limit_store]");
-                } else if let Some(e) = f["error"].as_str() {
-                    let _ = writeln!(o, "fleet      unknown: {}", printable(e));
-                } else {
-                    let replicas = f["replicas"].as_array().cloned().unwrap_or_default();
-                    let shas = f["shas"].as_object().map_or(0, |m| m.len());
-                    let _ = writeln!(
-                        o,
-                        "fleet      {} replica(s), {shas} commit(s): {}",
-                        replicas.len(),
-                        match agree {
-                            Some(true) => "in agreement",
-                            Some(false) => "NOT in agreement",
-                            None => "agreement unknown",
-                        }
-                    );
-                    for r in &replicas {
-                        let stale = match (r["stale"].as_bool(), r["heartbeat_age_ms"].as_u64()) {
-                            (Some(true), Some(ms)) => {
-                                format!("  STALE (no heartbeat for {}s)", ms / 1000)
-                            }
-                            (Some(true), None) => "  STALE".to_owned(),
-                            _ => String::new(),
-                        };
-                        let _ = writeln!(
-                            o,
-                            "  {:<30} applied {}  attempted {} {}  loaded {}{stale}",
-                            str_of(&r["replica"]),
-                            str_of(&r["applied"]),
-                            str_of(&r["attempted"]),
-                            if r["ok"].as_bool() == Some(true) {
-                                "ok"
-                            } else {
-                                "FAILED"
-                            },
-                            str_of(&r["loaded_at"]),
-                        );
-                    }
-                }
-            }
-        }
-    }
-    if let Err(code) = emit(&[(Stream::Stdout, &o)]) {
-        return code;
-    }
-    match agree {
-        // Cannot tell, like an admin listener that did not answer.
-        None => ExitCode::from(2),
-        Some(agree) if last_ok && agree && !stale && fetch_error.is_none() => ExitCode::SUCCESS,
-        Some(_) => ExitCode::from(1),
-    }
-}
-
-/// How long `rustygate status` waits for a connection to the admin listener, and for its whole
-/// answer after that.
-const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ADMIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// GET `path` from an `http://host:port` admin listener; the body of a 200. The answer must
-/// arrive whole within [`ADMIN_ANSWER_TIMEOUT`], however slowly it trickles.
-fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{ErrorKind, Read, Write};
-    let hostport = admin
-        .strip_prefix("http://")
-        .context("the admin URL starts with http://")?
-        .trim_end_matches('/');
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
-        .next()
-        .context("the admin address does not resolve")?;
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, ADMIN_CONNECT_TIMEOUT).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::TimedOut | ErrorKind::WouldBlock => anyhow::anyhow!(
-                "no connection to {addr} within {} s",
-                ADMIN_CONNECT_TIMEOUT.as_secs()
-            ),
-            _ => anyhow::anyhow!("cannot connect to {addr}: {e}"),
-        })?;
-    let deadline = std::time::Instant::now() + ADMIN_ANSWER_TIMEOUT;
-    let silent = || {
-        anyhow::anyhow!(
-            "{addr} accepted the connection but did not answer {path} within {} s",
-            ADMIN_ANSWER_TIMEOUT.as_secs()
-        )
-    };
-    s.set_write_timeout(Some(ADMIN_ANSWER_TIMEOUT))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )?;
-    const MOST: usize = 16 * 1024 * 1024;
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(silent());
-        }
-        s.set_read_timeout(Some(left))?;
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.extend_from_slice(chunk.get(..n).unwrap_or_default());
-                anyhow::ensure!(out.len() <= MOST, "{path} answered more than 16 MiB");
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(silent());
-            }
-            Err(e) => return Err(anyhow::anyhow!("reading the answer from {addr}: {e}")),
-        }
-    }
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no complete HTTP response")?;
-    let status = head.get(9..12).unwrap_or("");
-    anyhow::ensure!(status == "200", "{path} answered {status}");
-    Ok(body.to_owned())
 }
 
 /// The stream a command writes a part of its output to.

@@ -407,7 +407,8 @@ fn a_reader_that_goes_away_ends_the_command_with_its_own_exit_code() {
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
             let body = format!(
-                "{{\"version\":\"sha1\",\"attempted\":{{\"ok\":true}},\"padding\":\"{}\"}}",
+                "{{\"version\":\"sha1\",\"attempted\":{{\"ok\":true}},\"stale\":false,\
+                 \"last_fetch_error\":null,\"padding\":\"{}\"}}",
                 "x".repeat(1 << 20)
             );
             for s in l.incoming() {
