@@ -13,6 +13,8 @@ use rustygate::compile::{CompileOptions, Compiled, compile_dir};
 use rustygate::server::ServeOptions;
 use rustygate::telemetry::{LogFormat, init_logging};
 
+#[path = "cli/admin_http.rs"]
+mod admin_http;
 #[path = "cli/status.rs"]
 mod status;
 
@@ -130,7 +132,8 @@ enum Command {
     /// shared store, did not answer, or the answer is not a RustyGate status (a field the
     /// verdict rests on is missing or of another type).
     Status {
-        /// The admin listener, e.g. http://127.0.0.1:8081.
+        /// The admin listener, e.g. http://127.0.0.1:8081 (port 80 when none is given; a path,
+        /// e.g. http://ops.example/gateway, is kept in front of /status).
         #[arg(
             long,
             env = "RUSTYGATE_ADMIN_URL",

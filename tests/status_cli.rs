@@ -9,16 +9,32 @@ use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// An admin listener that answers each connection with `answer` once it has read the request
-/// head; the request heads it got come out of the receiver.
-fn fake_admin(answer: Vec<u8>) -> (String, mpsc::Receiver<String>) {
+/// How a fake admin listener answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Fake {
+    /// Reads the request head, answers, closes.
+    Plain,
+    /// Answers and closes without reading the request (a redirecting front end).
+    Early,
+    /// Reads the request head, answers, and keeps the connection open.
+    KeepOpen,
+}
+
+/// An admin listener that answers each connection with `answer` as `how` says; the request
+/// heads it read come out of the receiver.
+fn fake_admin(answer: Vec<u8>, how: Fake) -> (String, mpsc::Receiver<String>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut open = Vec::new();
         for s in l.incoming().take(8) {
             let mut s = s.unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            if how == Fake::Early {
+                let _ = s.write_all(&answer);
+                continue;
+            }
             let mut head = Vec::new();
             let mut byte = [0u8; 1];
             while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
@@ -26,6 +42,9 @@ fn fake_admin(answer: Vec<u8>) -> (String, mpsc::Receiver<String>) {
             }
             let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
             let _ = s.write_all(&answer);
+            if how == Fake::KeepOpen {
+                open.push(s);
+            }
         }
     });
     (format!("http://{addr}"), rx)
@@ -83,7 +102,7 @@ fn status_cannot_tell_from_json_that_is_not_a_gateways_status() {
         ),
     ];
     for (json, extra, says) in cases {
-        let (admin, _) = fake_admin(json_200(json));
+        let (admin, _) = fake_admin(json_200(json), Fake::Plain);
         let mut args = vec!["--admin", admin.as_str()];
         args.extend_from_slice(extra);
         let out = status(&args);
@@ -96,8 +115,79 @@ fn status_cannot_tell_from_json_that_is_not_a_gateways_status() {
         assert!(err.contains(says), "{json}: {err}");
     }
     // A whole status is judged as before.
-    let (admin, _) = fake_admin(json_200(GOOD));
+    let (admin, _) = fake_admin(json_200(GOOD), Fake::Plain);
     let out = status(&["--admin", &admin]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("attempted  abc ok"));
+}
+
+/// The client is a correct HTTP/1.1 client: a chunked answer is read (it was "did not answer
+/// JSON"), a kept-open connection ends with its `Content-Length` (it waited for the close and
+/// said "did not answer within 10 s"), an answer sent before the request was read is told as
+/// such (it was "Broken pipe"), a base path is kept, and a wrong URL is named for what is wrong
+/// with it (it was "invalid socket address" / "invalid port value").
+#[test]
+fn status_reads_http_as_a_client_should_and_names_what_went_wrong() {
+    let chunked = format!(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\n{}\r\n{:x}\r\n{}\r\n0\r\nx-trailer: 1\r\n\r\n",
+        &GOOD[..5],
+        GOOD.len() - 5,
+        &GOOD[5..]
+    );
+    let (admin, _) = fake_admin(chunked.into_bytes(), Fake::Plain);
+    let out = status(&["--admin", &admin]);
+    assert_eq!(out.status.code(), Some(0), "chunked: {}", text(&out.stderr));
+
+    let (admin, _) = fake_admin(json_200(GOOD).to_vec(), Fake::KeepOpen);
+    let out = status(&["--admin", &admin]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "kept open: {}",
+        text(&out.stderr)
+    );
+
+    let redirect = b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n";
+    let (admin, _) = fake_admin(redirect.to_vec(), Fake::Early);
+    let out = status(&["--admin", &admin]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("GET /status was answered 302 Found to http://127.0.0.1:1/"),
+        "{err}"
+    );
+
+    let (admin, heads) = fake_admin(json_200(GOOD), Fake::Plain);
+    let out = status(&["--admin", &format!("{admin}/gateway/"), "--fleet"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let head = heads.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        head.starts_with("GET /gateway/status?fleet=true HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("\r\nHost: {}\r\n", &admin[7..])),
+        "{head}"
+    );
+    assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+
+    for (url, says) in [
+        ("http://127.0.0.1:99999", "`99999` is not a port number"),
+        ("ftp://127.0.0.1:21", "the scheme is `ftp`, not http"),
+        ("https://127.0.0.1:8081", "https is not spoken here"),
+        ("127.0.0.1:8081", "no http:// in front"),
+        ("http://user:pw@127.0.0.1:8081", "credentials in the URL"),
+    ] {
+        let out = status(&["--admin", url]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert!(
+            err.contains(&format!("error: {url}: ")) && err.contains(says),
+            "{url}: {err}"
+        );
+    }
+    // No port is port 80, as in any URL (it was "invalid socket address").
+    let err = text(&status(&["--admin", "http://127.0.0.1"]).stderr);
+    assert!(!err.contains("invalid socket address"), "{err}");
 }

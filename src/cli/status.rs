@@ -1,14 +1,12 @@
 //! `rustygate status`: what a running gateway serves, from its admin listener's `/status`, and
 //! whether that is in agreement (exit 0), not (1), or cannot be told (2).
 
-use std::fmt::Write as _;
-use std::process::ExitCode;
-use std::time::Duration;
-
-use anyhow::Context as _;
 use rustygate::config::diag::printable;
 use serde_json::Value;
+use std::fmt::Write as _;
+use std::process::ExitCode;
 
+use super::admin_http::{self, AdminUrl};
 use super::{StatusFormat, Stream, emit};
 
 /// `rustygate status`: one GET of the admin listener's `/status`.
@@ -18,10 +16,10 @@ pub(crate) fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode
     } else {
         "/status"
     };
-    let body = match admin_get(admin, path) {
+    let body = match AdminUrl::parse(admin).and_then(|url| admin_http::get(&url, path)) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("error: {admin}: {e:#}");
+            eprintln!("error: {admin}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -169,75 +167,6 @@ pub(crate) fn status(admin: &str, fleet: bool, format: StatusFormat) -> ExitCode
         Some(agree) if last_ok && agree && !stale && fetch_error.is_none() => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(1),
     }
-}
-
-/// How long `rustygate status` waits for a connection to the admin listener, and for its whole
-/// answer after that.
-const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ADMIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// GET `path` from an `http://host:port` admin listener; the body of a 200. The answer must
-/// arrive whole within [`ADMIN_ANSWER_TIMEOUT`], however slowly it trickles.
-fn admin_get(admin: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{ErrorKind, Read, Write};
-    let hostport = admin
-        .strip_prefix("http://")
-        .context("the admin URL starts with http://")?
-        .trim_end_matches('/');
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
-        .next()
-        .context("the admin address does not resolve")?;
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, ADMIN_CONNECT_TIMEOUT).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::TimedOut | ErrorKind::WouldBlock => anyhow::anyhow!(
-                "no connection to {addr} within {} s",
-                ADMIN_CONNECT_TIMEOUT.as_secs()
-            ),
-            _ => anyhow::anyhow!("cannot connect to {addr}: {e}"),
-        })?;
-    let deadline = std::time::Instant::now() + ADMIN_ANSWER_TIMEOUT;
-    let silent = || {
-        anyhow::anyhow!(
-            "{addr} accepted the connection but did not answer {path} within {} s",
-            ADMIN_ANSWER_TIMEOUT.as_secs()
-        )
-    };
-    s.set_write_timeout(Some(ADMIN_ANSWER_TIMEOUT))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )?;
-    const MOST: usize = 16 * 1024 * 1024;
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(silent());
-        }
-        s.set_read_timeout(Some(left))?;
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.extend_from_slice(chunk.get(..n).unwrap_or_default());
-                anyhow::ensure!(out.len() <= MOST, "{path} answered more than 16 MiB");
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(silent());
-            }
-            Err(e) => return Err(anyhow::anyhow!("reading the answer from {addr}: {e}")),
-        }
-    }
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no complete HTTP response")?;
-    let status = head.get(9..12).unwrap_or("");
-    anyhow::ensure!(status == "200", "{path} answered {status}");
-    Ok(body.to_owned())
 }
 
 /// How a field of `/status` is checked.
