@@ -65,10 +65,11 @@ fn response(s: &mut TcpStream, limit: Duration) -> (String, String) {
     }
 }
 
-/// Sends `head` (a whole request head) and, without a byte of its body, reads the answer.
-fn head_only(admin: SocketAddr, head: &str) -> (String, String) {
+/// Sends `request` (a head, and as much of its body as it holds: none, for a head that
+/// announces one, to see what is answered before it) and reads the answer.
+fn exchange(admin: SocketAddr, request: &str) -> (String, String) {
     let mut s = TcpStream::connect(admin).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     response(&mut s, Duration::from_secs(10))
 }
 
@@ -147,7 +148,7 @@ fn webhooks_that_cannot_lead_anywhere_are_refused_before_their_body() {
         ),
     ];
     for (gw, head, want, says) in cases {
-        let (got, body) = head_only(gw.admin_addr, &head);
+        let (got, body) = exchange(gw.admin_addr, &head);
         assert_eq!(status(&got), want, "{head}\n{got}\n{body}");
         assert!(got.contains("application/json"), "{got}");
         assert!(body.contains(says), "{head}\n{body}");
@@ -200,7 +201,7 @@ fn webhook_bodies_read_at_once_stay_within_a_fixed_budget() {
         "four bodies at the cap are being read: {:?}",
         reserved()
     );
-    let (got, body) = head_only(gw.admin_addr, &head(&format!("Content-Length: {CAP}\r\n")));
+    let (got, body) = exchange(gw.admin_addr, &head(&format!("Content-Length: {CAP}\r\n")));
     assert_eq!(status(&got), "503", "{got}\n{body}");
     assert!(got.contains("retry-after: 5"), "{got}");
     assert!(body.contains("too many webhook bodies"), "{body}");
@@ -303,7 +304,7 @@ fn every_admin_answer_is_no_store_and_nosniff() {
         ("POST", "/hooks/github", "401"),
         ("DELETE", "/healthz", "405"),
     ] {
-        let (got, _) = head_only(
+        let (got, _) = exchange(
             admin,
             &format!(
                 "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nX-GitHub-Event: push\r\n\r\n"
@@ -319,7 +320,7 @@ fn every_admin_answer_is_no_store_and_nosniff() {
             "{method} {path}: {got}"
         );
     }
-    let (got, _) = head_only(admin, "GET /ui/ HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let (got, _) = exchange(admin, "GET /ui/ HTTP/1.1\r\nHost: localhost\r\n\r\n");
     assert!(got.contains("cache-control: no-cache"), "{got}");
 }
 
@@ -417,4 +418,100 @@ fn environment_secrets_are_trimmed_and_an_empty_one_stops_the_start() {
     // Without the secret root the config's file is outside every root: not served.
     let (code, err) = serve_exits(dir.path(), &[]).expect("refused");
     assert_eq!(code, 1, "{err}");
+}
+
+/// A web page on another site cannot make the operator's browser run `/api/v1/explain` on a
+/// token-less loopback gateway (its policies and plugins): a cross-site `Origin` or
+/// `Sec-Fetch-Site` is refused 403, a body not declared JSON (all a page can send without a
+/// CORS preflight) 415; the dashboard's own same-origin JSON call is answered. Before, the
+/// audit's `text/plain` POST with `Origin: https://evil.example` got 200.
+#[test]
+fn cross_site_browser_requests_cannot_run_explain() {
+    let (gw, _d) = gateway(Control::default(), ServeOptions::default());
+    let admin = gw.admin_addr;
+    let body = r#"{"url": "/"}"#;
+    let post = |headers: &str| {
+        exchange(
+            admin,
+            &format!(
+                "POST /api/v1/explain HTTP/1.1\r\nHost: {admin}\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let json = "Content-Type: application/json\r\n";
+    for (headers, want, says) in [
+        (
+            "Content-Type: text/plain\r\nOrigin: https://evil.example\r\n".to_owned(),
+            "403",
+            "cross-site",
+        ),
+        (format!("{json}Origin: null\r\n"), "403", "cross-site"),
+        (
+            format!("{json}Sec-Fetch-Site: cross-site\r\n"),
+            "403",
+            "cross-site",
+        ),
+        (
+            "Content-Type: text/plain\r\n".to_owned(),
+            "415",
+            "must be JSON",
+        ),
+        ("".to_owned(), "415", "must be JSON"),
+        (
+            format!("{json}Origin: http://{admin}\r\nSec-Fetch-Site: same-origin\r\n"),
+            "200",
+            "\"route\"",
+        ),
+        (json.to_owned(), "200", "\"route\""),
+    ] {
+        let (got, answer) = post(&headers);
+        assert_eq!(status(&got), want, "{headers}: {got}\n{answer}");
+        assert!(answer.contains(says), "{headers}: {answer}");
+    }
+}
+
+/// With a token, the API tells nothing to a caller without it, not even which endpoints exist
+/// (a wrong method got 405 with `Allow` before the token was checked), and two
+/// `Authorization` headers are no token at all (the first won, whatever the second said).
+#[test]
+fn the_api_checks_the_token_first_and_refuses_two_of_them() {
+    let control = Control {
+        admin_token: Some("t0ken".into()),
+        ..Default::default()
+    };
+    let (gw, _d) = gateway(control, ServeOptions::default());
+    let admin = gw.admin_addr;
+    let ask = |method: &str, path: &str, auth: &str| {
+        let (head, _) = exchange(
+            admin,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\n\r\n"
+            ),
+        );
+        head
+    };
+    let good = "Authorization: Bearer t0ken\r\n";
+    for (method, path, allow) in [
+        ("DELETE", "/api/v1/status", "get, head"),
+        ("PUT", "/api/v1/routes", "get, head"),
+        ("GET", "/api/v1/explain", "post"),
+    ] {
+        let head = ask(method, path, "");
+        assert_eq!(status(&head), "401", "{method} {path}: {head}");
+        assert!(!head.contains("allow:"), "{method} {path}: {head}");
+        let head = ask(method, path, good);
+        assert_eq!(status(&head), "405", "{method} {path}: {head}");
+        assert!(
+            head.contains(&format!("allow: {allow}")),
+            "{method} {path}: {head}"
+        );
+    }
+    assert_eq!(status(&ask("GET", "/api/v1/status", good)), "200");
+    let two = format!("{good}Authorization: Bearer wrong\r\n");
+    assert_eq!(status(&ask("GET", "/api/v1/status", &two)), "401");
+    assert_eq!(status(&ask("POST", "/admin/reload", &two)), "401");
+    // A cross-site page cannot ask for a reload either (it could not send the token anyway).
+    let evil = format!("{good}Origin: https://evil.example\r\n");
+    assert_eq!(status(&ask("POST", "/admin/reload", &evil)), "403");
 }

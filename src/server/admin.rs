@@ -225,7 +225,7 @@ pub(crate) fn auth_failed(
 ) -> HttpResponse {
     let client = req
         .peer_addr()
-        .map(|a| a.ip())
+        .map(|a| super::admin_limits::client_key(a.ip()))
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     if state.failures.record_failure(client) {
         unauthorized
@@ -238,6 +238,16 @@ fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a [u8]> {
     req.headers().get(name).map(|v| v.as_bytes())
 }
 
+/// The bearer token of `req`; empty without one, and with more than one `Authorization` header
+/// (which of them counts would be a guess: none does, and the call fails as unauthenticated).
+pub(crate) fn given_token(req: &HttpRequest) -> &[u8] {
+    let mut all = req.headers().get_all("authorization");
+    match (all.next(), all.next()) {
+        (Some(one), None) => crate::util::bearer(one.as_bytes()).unwrap_or(b""),
+        _ => b"",
+    }
+}
+
 /// `POST /admin/reload[?force=true]` with `Authorization: Bearer <RUSTYGATE_ADMIN_TOKEN>`.
 async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let Some(token) = state.control.admin_token.as_deref() else {
@@ -246,10 +256,10 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
             "admin endpoints are disabled: no admin token is configured",
         );
     };
-    let given = header(&req, "authorization")
-        .and_then(crate::util::bearer)
-        .unwrap_or(b"");
-    if !secret_matches(token, given) {
+    if let Some(refusal) = super::admin_limits::cross_site(&req) {
+        return refusal;
+    }
+    if !secret_matches(token, given_token(&req)) {
         tracing::warn!(peer = ?req.peer_addr(), "admin call with a missing or wrong token");
         let unauthorized = HttpResponse::Unauthorized()
             .insert_header(("www-authenticate", "Bearer"))

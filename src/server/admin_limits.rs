@@ -184,6 +184,50 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The refusal of a request a web page on another site made through the operator's browser:
+/// its `Origin` names another host than its `Host`, or `Sec-Fetch-Site` says `cross-site` or
+/// `same-site`. Without a token, a loopback admin listener would otherwise run
+/// `/api/v1/explain` (policies, plugins) for any page the operator visits. Tools that are not
+/// browsers (curl, CI) send neither header.
+pub(crate) fn cross_site(req: &HttpRequest) -> Option<HttpResponse> {
+    let headers = req.headers();
+    let fetched_from_elsewhere = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| matches!(v.as_bytes(), b"cross-site" | b"same-site"));
+    let host = headers.get("host").map(|v| v.as_bytes());
+    // `scheme://host[:port]`; `null` (a sandboxed or file page) names no host.
+    let foreign_origin = headers.get("origin").is_some_and(|origin| {
+        let origin_host = origin.as_bytes().split(|&b| b == b'/').nth(2);
+        !matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+    });
+    (fetched_from_elsewhere || foreign_origin).then(|| {
+        tracing::warn!(peer = ?req.peer_addr(), path = req.path(), "cross-site admin request refused");
+        super::admin::reply(
+            403,
+            "cross-site requests are refused: this request came from a web page of another \
+             origin (Origin / Sec-Fetch-Site)",
+        )
+    })
+}
+
+/// The refusal of a body that is not declared JSON (`415`): a browser sends a cross-site
+/// `text/plain` or form body without asking first (no CORS preflight), never a JSON one.
+pub(crate) fn not_json(req: &HttpRequest) -> Option<HttpResponse> {
+    let media_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match media_type {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => None,
+        _ => Some(super::admin::reply(
+            415,
+            "the body must be JSON: send Content-Type: application/json",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,8 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::admin::{AdminState, auth_failed, get_or_head};
+use super::admin::{AdminState, auth_failed, get_or_head, given_token};
+use super::admin_limits::{cross_site, not_json};
 use super::webhooks::secret_matches;
 use crate::snapshot::{Route, RouteAction, Snapshot};
 
@@ -40,15 +41,45 @@ const MAX_FILTER: usize = 256;
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
-            .service(get_or_head("/status", status))
-            .service(get_or_head("/routes", routes))
-            .service(get_or_head("/upstreams", upstreams))
-            .service(get_or_head("/reloads", reloads))
-            .service(get_or_head("/traffic", traffic))
-            .service(get_or_head("/fleet", fleet::fleet))
-            .service(web::resource("/explain").route(web::post().to(explain)))
+            .service(read("/status", status))
+            .service(read("/routes", routes))
+            .service(read("/upstreams", upstreams))
+            .service(read("/reloads", reloads))
+            .service(read("/traffic", traffic))
+            .service(read("/fleet", fleet::fleet))
+            .service(
+                web::resource("/explain")
+                    .route(web::post().to(explain))
+                    .default_service(web::to(|req, state| wrong_method(req, state, "POST"))),
+            )
             .default_service(web::to(not_found)),
     );
+}
+
+/// A `GET`/`HEAD` endpoint of the API. Another method gets its 405 only past the [`gate`]: which
+/// endpoints exist is not told to a caller without the token.
+fn read<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    get_or_head(path, handler)
+        .default_service(web::to(|req, state| wrong_method(req, state, "GET, HEAD")))
+}
+
+/// `405` with `Allow`, for a caller the [`gate`] lets in.
+async fn wrong_method(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+    allow: &'static str,
+) -> HttpResponse {
+    if let Err(refusal) = gate(&req, &state) {
+        return *refusal;
+    }
+    HttpResponse::MethodNotAllowed()
+        .insert_header(("allow", allow))
+        .finish()
 }
 
 /// An answer of this API: JSON, never cached, never sniffed.
@@ -92,13 +123,7 @@ impl Access {
 pub(crate) fn gate(req: &HttpRequest, state: &AdminState) -> Result<Access, Box<HttpResponse>> {
     match state.control.admin_token.as_deref() {
         Some(token) => {
-            let given = req
-                .headers()
-                .get("authorization")
-                .map(|v| v.as_bytes())
-                .and_then(crate::util::bearer)
-                .unwrap_or(b"");
-            if secret_matches(token, given) {
+            if secret_matches(token, given_token(req)) {
                 return Ok(Access::Token);
             }
             tracing::warn!(peer = ?req.peer_addr(), path = req.path(), "dashboard API call with a missing or wrong token");
@@ -608,6 +633,9 @@ async fn explain(
 ) -> HttpResponse {
     if let Err(refusal) = gate(&req, &state) {
         return *refusal;
+    }
+    if let Some(refusal) = cross_site(&req).or_else(|| not_json(&req)) {
+        return refusal;
     }
     let body = match read_capped(payload, MAX_EXPLAIN_BODY).await {
         Ok(Some(b)) => b,
