@@ -515,3 +515,44 @@ fn the_api_checks_the_token_first_and_refuses_two_of_them() {
     let evil = format!("{good}Origin: https://evil.example\r\n");
     assert_eq!(status(&ask("POST", "/admin/reload", &evil)), "403");
 }
+
+/// `/status?fleet=true` needs no token: a flood of it reads the fleet from the store once a
+/// second, not once a call. Before, each call was an SMEMBERS and a pipeline (the audit: 301
+/// SMEMBERS for 300 calls). The bound is loose on purpose: 100 calls would have to take 50 s
+/// for it to fail with the cache working.
+#[test]
+fn the_fleet_view_is_read_from_the_store_once_a_second_not_once_a_call() {
+    let Some(redis) = common::redis_server::RedisServer::start() else {
+        return;
+    };
+    let files = redis.fleet_config("v1");
+    let dir = repo(&common::as_refs(&files));
+    let gw = common::GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--poll",
+            "0",
+            "--replica-id",
+            "a",
+        ],
+        &[],
+    );
+    let fleet = || {
+        let (status, body) =
+            common::http(&gw.admin, "GET", "/status?fleet=true", &[], b"").unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(20), || {
+        fleet()["fleet"]["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
+    }));
+    let before = redis.calls("smembers");
+    for _ in 0..100 {
+        assert_eq!(fleet()["fleet"]["agree"], true);
+    }
+    let read = redis.calls("smembers") - before;
+    assert!(read < 50, "{read} reads of the fleet for 100 calls");
+}

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
@@ -36,7 +36,17 @@ pub(crate) struct AdminState {
     pub traffic: Arc<Mutex<crate::telemetry::traffic::Traffic>>,
     /// The bytes of webhook bodies read at once, and the largest body.
     pub bodies: BodyBudget,
+    /// The last fleet view read from the store, and when (see [`AdminState::fleet_view`]).
+    fleet_view: tokio::sync::Mutex<Option<(Instant, Arc<FleetAnswer>)>>,
 }
+
+/// A fleet view as [`Fleet::view`](crate::store::fleet::Fleet::view) gives it.
+pub(crate) type FleetAnswer =
+    Option<Result<crate::store::fleet::FleetView, crate::store::StoreError>>;
+
+/// How long a fleet view read from the store answers `/status?fleet=true` and
+/// `/api/v1/fleet`: the first needs no token, and each read is two round trips to the store.
+const FLEET_VIEW_FOR: Duration = Duration::from_secs(1);
 
 /// Failed authentications a client address may make per [`FAILURE_WINDOW`] before its further
 /// failures are answered 429 instead of 401.
@@ -75,7 +85,23 @@ impl AdminState {
             loopback: bound.ip().is_loopback(),
             traffic,
             bodies,
+            fleet_view: Default::default(),
         }
+    }
+
+    /// The fleet view, read from the store at most once per [`FLEET_VIEW_FOR`], one read at a
+    /// time: callers that come while a read is in flight wait for it (at most the store's call
+    /// timeout) and take its answer, so a flood of calls is one read a second, not one each.
+    pub async fn fleet_view(&self, fleet: &crate::store::fleet::Fleet) -> Arc<FleetAnswer> {
+        let mut last = self.fleet_view.lock().await;
+        if let Some((at, view)) = last.as_ref()
+            && at.elapsed() < FLEET_VIEW_FOR
+        {
+            return Arc::clone(view);
+        }
+        let view = Arc::new(fleet.view().await);
+        *last = Some((Instant::now(), Arc::clone(&view)));
+        view
     }
 }
 
@@ -152,7 +178,7 @@ async fn status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     }
     if fleet {
         let view = match &state.control.fleet {
-            Some(f) => match f.view().await {
+            Some(f) => match &*state.fleet_view(f).await {
                 Some(Ok(v)) => serde_json::to_value(v).unwrap_or_default(),
                 Some(Err(e)) => json!({ "error": format!("the store did not answer: {e}") }),
                 None => serde_json::Value::Null,

@@ -22,9 +22,9 @@ pub(crate) async fn fleet(req: HttpRequest, state: web::Data<AdminState>) -> Htt
     let Some(f) = &state.control.fleet else {
         return answer(StatusCode::OK, &single(None));
     };
-    let body = match f.view().await {
+    let body = match &*state.fleet_view(f).await {
         None => single(Some(&f.replica)),
-        Some(Ok(view)) => shown(&view, &f.replica),
+        Some(Ok(view)) => shown(view, &f.replica),
         Some(Err(e)) => {
             let store = f.store_url().unwrap_or_default();
             json!({
