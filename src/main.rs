@@ -799,16 +799,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         secret_roots: args.secret_roots.clone(),
     };
     let metrics = Arc::new(rustygate::telemetry::metrics::Metrics::new());
+    let source = Source::new(spec.clone());
+    let startup = StartupStop::watch(source.cancel_flag())?;
+    let started = Reloader::start(
+        source,
+        compile_opts,
+        Arc::clone(&metrics),
+        args.reload_timeout,
+    );
+    let signals = match startup.finish()? {
+        Ok(signals) => signals,
+        Err(signal) => {
+            tracing::info!(
+                signal,
+                "stopped during start-up: the first config load was abandoned"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let Started {
         reloader,
         store,
         status,
-    } = match Reloader::start(
-        Source::new(spec.clone()),
-        compile_opts,
-        Arc::clone(&metrics),
-        args.reload_timeout,
-    ) {
+    } = match started {
         Ok(r) => r,
         Err(StartError::Invalid(diagnostics)) => {
             eprint!("{diagnostics}");
@@ -884,8 +897,68 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             actix_web::rt::spawn(Arc::clone(&fleet).run(tx.clone()));
             drop(tx);
             actix_web::rt::spawn(reloader.run(rx));
-            rustygate::server::serve(&opts, store, control, on_shutdown).await
+            rustygate::server::serve(&opts, store, control, signals, on_shutdown).await
         })
         .context("serving")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a first config load gets to stop after SIGTERM/SIGINT before the process exits
+/// without it.
+const STARTUP_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// SIGTERM and SIGINT while `serve` loads its first config, which can wait on a git host for the
+/// whole fetch timeout; as PID 1 (the image) a signal without a handler does nothing. Watched
+/// on a thread of its own, since the load blocks this one. A signal sets the load's cancel flag:
+/// a fetch child is killed at once and the mirror cleaned of what it left (`source::fetch`); a
+/// load that has not returned [`STARTUP_STOP_WAIT`] later is left to the process's exit.
+struct StartupStop {
+    done: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<rustygate::server::ShutdownSignals, &'static str>>,
+}
+
+impl StartupStop {
+    fn watch(cancel: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<Self> {
+        use rustygate::server::ShutdownSignals;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut signals = rt
+            .block_on(async { ShutdownSignals::install() })
+            .context("installing the SIGTERM/SIGINT handlers")?;
+        let (done, mut finished) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let signal = tokio::select! {
+                    _ = &mut finished => return Ok(signals),
+                    signal = signals.recv() => signal,
+                };
+                tracing::info!(
+                    signal,
+                    "stopping during start-up: abandoning the first config load"
+                );
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                if tokio::time::timeout(STARTUP_STOP_WAIT, finished)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        signal,
+                        "the first config load did not stop in time; exiting without it"
+                    );
+                    std::process::exit(0);
+                }
+                Err(signal)
+            })
+        });
+        Ok(Self { done, thread })
+    }
+
+    /// The signals, for `serve` to go on with, or the one that stopped the start.
+    fn finish(self) -> anyhow::Result<Result<rustygate::server::ShutdownSignals, &'static str>> {
+        let _ = self.done.send(());
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the start-up signal watcher panicked"))
+    }
 }

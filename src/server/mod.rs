@@ -502,12 +502,42 @@ fn h2_settings(store: &SnapshotStore, idle_timeout: Duration) -> h2::Settings {
     }
 }
 
-/// Serves until SIGTERM or SIGINT, then shuts down gracefully. `on_shutdown` runs when the
-/// signal arrives, before the listeners drain (to abandon a reload in progress).
+/// SIGTERM and SIGINT, caught from the moment [`ShutdownSignals::install`] runs: `serve`
+/// installs them before the first config load, which may wait on a git host, so that a stop
+/// during start-up is not lost (as PID 1 in a container, the signals' default action does
+/// nothing). Once installed, a signal waits here until [`ShutdownSignals::recv`] takes it,
+/// whichever runtime polls it.
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers; must run inside a tokio runtime.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal's name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT (from `signals`), then shuts down gracefully. `on_shutdown`
+/// runs when the signal arrives, before the listeners drain (to abandon a reload in progress).
 pub async fn serve(
     opts: &ServeOptions,
     store: Arc<SnapshotStore>,
     control: Control,
+    mut signals: ShutdownSignals,
     on_shutdown: impl FnOnce() + 'static,
 ) -> std::io::Result<()> {
     if control.admin_token.is_none() {
@@ -530,7 +560,7 @@ pub async fn serve(
     let handles = running.handles();
     let grace = opts.shutdown_grace;
     actix_web::rt::spawn(async move {
-        let signal = shutdown_signal().await;
+        let signal = signals.recv().await;
         tracing::info!(
             signal,
             grace_seconds = grace.as_secs(),
@@ -589,21 +619,6 @@ fn reload_on_sighup(reload: Option<tokio::sync::mpsc::Sender<Trigger>>) {
             }
         }
     });
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }
 
 /// Logs what a reload changed in the `[[listener]]` set: bound at start-up, it needs a
