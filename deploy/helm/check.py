@@ -172,6 +172,16 @@ def check_defaults() -> None:
     env = {e["name"]: e for e in objs["Deployment/gw-rustygate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     ref = env.get("RUSTYGATE_GIT_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
     check(ref == {"name": "git", "key": "token"}, f"the git token comes from the Secret: {ref}")
+    check(not any(k.startswith("NetworkPolicy/") for k in objects(render(GIT))), "no NetworkPolicy by default")
+    # The admin port only from the listed peers, the proxy port from anyone.
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objs = objects(render(merge(GIT, {"networkPolicy": {"enabled": True, "admin": {"from": [monitoring]}}})))
+    rules = objs.get("NetworkPolicy/gw-rustygate", {}).get("spec", {}).get("ingress", [])
+    by_port = {r["ports"][0]["port"]: r.get("from") for r in rules}
+    check(by_port == {"http": None, "admin": [monitoring]}, f"the NetworkPolicy's rules: {rules}")
+    objs = objects(render(merge(GIT, {"networkPolicy": {"enabled": True}})))
+    rules = objs.get("NetworkPolicy/gw-rustygate", {}).get("spec", {}).get("ingress", [])
+    check([r["ports"][0]["port"] for r in rules] == ["http"], f"no admin.from: the admin port is closed: {rules}")
 
 
 def check_configmap_layout(rendered: dict[str, str], rustygate: str) -> None:
