@@ -338,16 +338,7 @@ fn serve_exits(dir: &std::path::Path, envs: &[(&str, &str)]) -> Option<(i32, Str
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut code = None;
-    wait_until(Duration::from_secs(20), || {
-        code = child.try_wait().unwrap();
-        code.is_some()
-    });
-    let Some(code) = code else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
-    };
+    let code = common::exit_within(&mut child, Duration::from_secs(20))?;
     let mut err = String::new();
     child
         .stderr

@@ -12,8 +12,6 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::wait_until;
-
 #[test]
 fn sigterm_during_the_first_load_stops_the_fetch_and_exits_cleanly() {
     // The git host: takes connections and says nothing.
@@ -27,15 +25,8 @@ fn sigterm_during_the_first_load_stops_the_fetch_and_exits_cleanly() {
     });
     let cache = tempfile::tempdir().unwrap();
     let mut gw = Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .args([
-            "serve",
-            "--repo",
-            &url,
-            "--poll",
-            "0",
-            "--fetch-timeout",
-            "120s",
-        ])
+        .args(["serve", "--repo", &url, "--poll", "0"])
+        .args(["--fetch-timeout", "120s"])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--cache-dir", cache.path().to_str().unwrap()])
         .args(["--log-format", "json"])
@@ -54,15 +45,8 @@ fn sigterm_during_the_first_load_stops_the_fetch_and_exits_cleanly() {
         rustix::process::Signal::TERM,
     )
     .unwrap();
-    let mut status = None;
-    wait_until(Duration::from_secs(10), || {
-        status = gw.try_wait().unwrap();
-        status.is_some()
-    });
-    let Some(status) = status else {
-        let _ = gw.kill();
-        panic!("SIGTERM did not stop the start-up within 10 s");
-    };
+    let status = common::exit_within(&mut gw, Duration::from_secs(10))
+        .expect("SIGTERM stops the start-up within 10 s");
     let mut logs = String::new();
     gw.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}\n{logs}");

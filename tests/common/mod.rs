@@ -512,6 +512,24 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// How `child` ended, if it does within `limit`; otherwise it is killed (and reaped) and the
+/// answer is `None`.
+pub fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
 /// Routes everything to one upstream at `url`, with optional extra route keys.
 pub fn proxy_all(url: &str, route_extra: &str) -> Vec<(&'static str, String)> {
     proxy_to(&[url.to_owned()], "", route_extra)
