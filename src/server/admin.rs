@@ -359,7 +359,9 @@ fn keep_delivery_if_accepted(
     answer
 }
 
-/// `then` with a webhook's body, or the refusal [`webhook_body`] gave instead.
+/// `then` with a webhook's body; a body over [`MAX_WEBHOOK_BODY`] or broken is refused in JSON
+/// by [`webhook_body`] (the cap is `--webhook-max-body`, by default `MAX_WEBHOOK_BODY`), and
+/// that refusal is the answer instead.
 fn with_body(
     body: Result<Bytes, HttpResponse>,
     then: impl FnOnce(Bytes) -> HttpResponse,
