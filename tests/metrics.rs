@@ -242,3 +242,78 @@ fn jwks_fetch_failures_and_a_stale_config_are_metrics_from_the_start() {
     let (_, body) = http(&gw.admin, "GET", "/metrics", &[], b"").unwrap();
     promtool_check(&body);
 }
+
+/// A reload that renames a route and an upstream: the old names' series (requests, latency,
+/// attempts, upstream errors, zero series...) leave `/metrics` instead of staying at their last
+/// value for the gateway's life, and the series of the route and upstream still there keep
+/// their counts.
+#[test]
+fn a_reload_removes_the_series_of_renamed_routes_and_upstreams() {
+    let be = Backend::fixed(200, "ok");
+    let gone = Backend::fixed(200, "ok");
+    let config = |route: &str, upstream: &str, url: &str| {
+        vec![
+            (
+                "routes/r.toml",
+                format!(
+                    "[[route]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"be\"\n\
+                     [[route]]\nname = \"{route}\"\nprefix = \"/other\"\nupstream = \"{upstream}\"\n\
+                     rate_limit = {{ requests = 100, per = \"1m\" }}\n"
+                ),
+            ),
+            (
+                "upstreams/u.toml",
+                format!(
+                    "[upstream.be]\ntargets = [\"{}\"]\n[upstream.{upstream}]\ntargets = [\"{url}\"]\n",
+                    be.url()
+                ),
+            ),
+        ]
+    };
+    let gw = Gateway::start(&as_refs(&config("old", "old_be", &gone.url())));
+    let addr = gw.addr.to_string();
+    for path in ["/api/x", "/api/x", "/api/x", "/other", "/other"] {
+        assert_eq!(http(&addr, "GET", path, &[], b"").unwrap().0, 200);
+    }
+    let api = r#"rustygate_requests_total{method="GET",route="api",status="200"}"#;
+    let api_latency = r#"rustygate_request_duration_seconds_count{route="api"}"#;
+    let be_latency = r#"rustygate_upstream_request_duration_seconds_count{upstream="be"}"#;
+    let before = scrape(&gw);
+    assert_eq!(before.get(api), Some(&3.0));
+    let old = |m: &std::collections::HashMap<String, f64>| -> Vec<String> {
+        let mut old: Vec<String> = m
+            .keys()
+            .filter(|k| k.contains("\"old") || k.contains(&format!("\"{}\"", gone.url())))
+            .cloned()
+            .collect();
+        old.sort();
+        old
+    };
+    assert!(old(&before).len() >= 10, "{:?}", old(&before));
+
+    let renamed = Backend::fixed(200, "ok");
+    gw.swap(&as_refs(&config("new", "new_be", &renamed.url())));
+    let after = scrape(&gw);
+    assert_eq!(old(&after), Vec::<String>::new());
+    for series in [api, api_latency, be_latency] {
+        assert_eq!(after.get(series), Some(&3.0), "{series}");
+    }
+    assert_eq!(
+        after.get(r#"rustygate_upstream_no_target_total{upstream="new_be"}"#),
+        Some(&0.0)
+    );
+    assert_eq!(
+        after.get(r#"rustygate_rate_limited_total{route="new"}"#),
+        Some(&0.0)
+    );
+    assert_eq!(http(&addr, "GET", "/api/x", &[], b"").unwrap().0, 200);
+    assert_eq!(http(&addr, "GET", "/other", &[], b"").unwrap().0, 200);
+    let (_, text) = http(&gw.admin_addr.to_string(), "GET", "/metrics", &[], b"").unwrap();
+    let m = scrape(&gw);
+    assert_eq!(m.get(api), Some(&4.0));
+    assert_eq!(
+        m.get(r#"rustygate_requests_total{method="GET",route="new",status="200"}"#),
+        Some(&1.0)
+    );
+    promtool_check(&text);
+}

@@ -67,9 +67,9 @@ impl AdminState {
         // first registration (AlreadyReg), which serves the same counters.
         let _ = control
             .metrics
-            .register(Box::new(control.limiters.evicted_metric()));
+            .register_by_route(control.limiters.evicted_metric());
         let shared = control.limiters.store_metrics();
-        let _ = control.metrics.register(Box::new(shared.errors));
+        let _ = control.metrics.register_by_route(shared.errors);
         let _ = control.metrics.register(Box::new(shared.latency));
         if let Some(f) = &control.fleet {
             let _ = control.metrics.register(Box::new(f.gauge.clone()));

@@ -442,6 +442,8 @@ impl Reloader {
         crate::server::warn_listener_changes(&previous, &self.store.load());
         self.metrics
             .reload_succeeded(Some(&previous.version.id), &id, unix(now));
+        // The series of routes and upstreams the reload removed go now, not at the next scrape.
+        self.metrics.follow_config(&self.store.load());
         tracing::info!(
             trigger,
             trace_id,
@@ -545,5 +547,43 @@ mod tests {
         // Unchanged files: unforced, nothing is compiled again; forced, it is.
         assert_eq!(attempted_trigger(false).await, "startup");
         assert_eq!(attempted_trigger(true).await, "poll");
+    }
+
+    /// A reload that renames a route removes the old name's series from the metrics at once,
+    /// scraped or not; the series of the route still there keeps its count.
+    #[tokio::test]
+    async fn a_reload_removes_the_series_of_a_renamed_route() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("routes")).unwrap();
+        let routes = |other: &str| {
+            let route = |name: &str| {
+                format!(
+                    "[[route]]\nname = \"{name}\"\npath = \"/{name}\"\nrespond = {{ status = 200 }}\n"
+                )
+            };
+            let text = format!("{}{}", route("api"), route(other));
+            std::fs::write(dir.path().join("routes/main.toml"), text).unwrap();
+        };
+        routes("old");
+        let metrics = Arc::new(Metrics::new());
+        let started = Reloader::start(
+            Source::new(SourceSpec::Dir(dir.path().to_path_buf())),
+            CompileOptions::default(),
+            Arc::clone(&metrics),
+            DEFAULT_LOAD_TIMEOUT,
+        )
+        .unwrap();
+        for route in ["api", "old"] {
+            metrics.rate_limited.with_label_values(&[route]).inc();
+        }
+        routes("new");
+        let mut reloader = started.reloader;
+        reloader.reload("poll", false, None).await;
+        let text = metrics.render();
+        assert!(!text.contains("route=\"old\""), "{text}");
+        assert!(
+            text.contains("rustygate_rate_limited_total{route=\"api\"} 1\n"),
+            "{text}"
+        );
     }
 }

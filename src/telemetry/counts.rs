@@ -252,6 +252,25 @@ impl<C: Cell> Family<C> {
         cell
     }
 
+    /// Drops the series whose `(label, value)` pairs `gone` says are no longer wanted (a route
+    /// or upstream a reload removed), with their cells: a writer still holding one counts into
+    /// nothing that is read, and a writer asking again starts a new series at 0.
+    pub fn remove_where(&self, gone: impl Fn(&[(&str, &str)]) -> bool) {
+        let names = &self.inner.desc.variable_labels;
+        self.inner
+            .series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|values, _| {
+                let pairs: Vec<(&str, &str)> = names
+                    .iter()
+                    .map(String::as_str)
+                    .zip(values.iter().map(|v| &**v))
+                    .collect();
+                !gone(&pairs)
+            });
+    }
+
     /// Label pairs in the order `prometheus` writes them: sorted by name.
     fn labels(&self, values: &[Box<str>]) -> Vec<LabelPair> {
         let mut pairs: Vec<LabelPair> = self

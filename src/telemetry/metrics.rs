@@ -6,12 +6,15 @@ use prometheus::{
     Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 
 use prometheus::core::Collector;
 use prometheus::proto::MetricType;
 
 use super::counts::{Cell, Count, Family, Level, Timing};
+use super::recorder::NO_ROUTE;
+use crate::snapshot::Snapshot;
 
 /// Latency buckets in seconds: sub-millisecond proxying up to slow upstreams.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -23,9 +26,11 @@ pub struct Metrics {
     /// Every registered family's name, help and type: those with no series yet are still
     /// listed ([`Metrics::render`]).
     declared: Mutex<Vec<(String, String, MetricType)>>,
-    /// The config version whose routes and upstreams have their zero series
-    /// ([`Metrics::observe_upstreams`]).
-    zeroed: Mutex<String>,
+    /// The config version whose routes and upstreams have their zero series and no others
+    /// ([`Metrics::follow_config`]).
+    zeroed: Mutex<Seen>,
+    /// Families kept elsewhere labelled by `route` ([`Metrics::register_by_route`]).
+    by_route: Mutex<Vec<IntCounterVec>>,
     /// `rustygate_config_reloads_total{result="success|failure"}`
     pub config_reloads: IntCounterVec,
     /// `rustygate_config_commits_refused_total{reason="unsigned-commit|bad-signature"}`:
@@ -327,7 +332,8 @@ impl Metrics {
         Metrics {
             registry,
             declared: Mutex::new(declared),
-            zeroed: Mutex::new(String::new()),
+            zeroed: Mutex::new(Seen::default()),
+            by_route: Mutex::default(),
             config_reloads,
             config_commits_refused,
             config_last_success,
@@ -372,17 +378,10 @@ impl Metrics {
     }
 
     /// Sets `rustygate_upstream_target_healthy` from the snapshot being served: targets that
-    /// left the config disappear from the output. The first time a config version is seen,
-    /// its upstreams' error, retry, overflow and no-target counters and its limited routes'
-    /// `rustygate_rate_limited_total` get their series at 0 (labels known from the config;
-    /// kept afterwards like any counter's).
-    pub fn observe_upstreams(&self, snapshot: &crate::snapshot::Snapshot) {
-        let mut zeroed = self.zeroed.lock().unwrap_or_else(|p| p.into_inner());
-        if *zeroed != snapshot.version.id {
-            zeroed.clone_from(&snapshot.version.id);
-            self.zero_series(snapshot);
-        }
-        drop(zeroed);
+    /// left the config disappear from the output. Follows the config first
+    /// ([`Metrics::follow_config`]).
+    pub fn observe_upstreams(&self, snapshot: &Arc<Snapshot>) {
+        self.follow_config(snapshot);
         self.target_healthy.reset();
         for u in &snapshot.upstreams {
             for t in &u.targets {
@@ -390,6 +389,32 @@ impl Metrics {
                     .with_label_values(&[u.name.as_str(), t.url.as_str()])
                     .set(i64::from(t.state.available()));
             }
+        }
+    }
+
+    /// Called with the snapshot served after each reload and at each scrape. The first time a
+    /// config version is seen, its upstreams' error, retry, overflow and no-target counters and
+    /// its limited routes' `rustygate_rate_limited_total` get their series at 0 (labels known
+    /// from the config; kept afterwards like any counter's), and the series of routes,
+    /// upstreams and targets no longer in the config go, from every family labelled by them.
+    /// Requests still in flight on the replaced snapshot can bring one back; the first call
+    /// after that snapshot is freed removes them again.
+    pub fn follow_config(&self, snapshot: &Arc<Snapshot>) {
+        let mut seen = self.zeroed.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.version != snapshot.version.id {
+            seen.version.clone_from(&snapshot.version.id);
+            let replaced = std::mem::replace(&mut seen.snapshot, Arc::downgrade(snapshot));
+            // Checked before the sweep: a snapshot freed by then has no request left to count.
+            seen.replaced = (replaced.strong_count() > 0).then_some(replaced);
+            self.zero_series(snapshot);
+            self.forget_removed(snapshot);
+        } else if seen
+            .replaced
+            .as_ref()
+            .is_some_and(|w| w.strong_count() == 0)
+        {
+            seen.replaced = None;
+            self.forget_removed(snapshot);
         }
     }
 
@@ -409,6 +434,58 @@ impl Metrics {
         }
         for r in snapshot.routes.iter().filter(|r| r.rate_limit.is_some()) {
             self.rate_limited.with_label_values(&[r.name.as_str()]);
+        }
+    }
+
+    /// Removes every series of a route, upstream or target that `snapshot` does not have from
+    /// the families labelled by them, so that what a reload removed neither stays on
+    /// `/metrics` at its last value nor holds memory for the gateway's life. Series of what is
+    /// still there are not touched: their counts carry on.
+    fn forget_removed(&self, snapshot: &Snapshot) {
+        let routes: HashSet<&str> = snapshot.routes.iter().map(|r| r.name.as_str()).collect();
+        let upstreams: HashSet<&str> = snapshot.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let targets: HashSet<(&str, &str)> = snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| u.targets.iter().map(|t| (u.name.as_str(), t.url.as_str())))
+            .collect();
+        let gone = |labels: &[(&str, &str)]| {
+            let get = |name: &str| labels.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+            let route_gone = get("route").is_some_and(|r| r != NO_ROUTE && !routes.contains(r));
+            route_gone
+                || match (get("upstream"), get("target")) {
+                    (Some(u), Some(t)) => !targets.contains(&(u, t)),
+                    (Some(u), None) => !upstreams.contains(u),
+                    (None, _) => false,
+                }
+        };
+        self.requests.remove_where(gone);
+        self.request_duration.remove_where(gone);
+        self.upstream_duration.remove_where(gone);
+        self.upstream_requests.remove_where(gone);
+        let by_route = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        for family in by_route.iter().chain([
+            &self.upstream_errors,
+            &self.auth_failures,
+            &self.rate_limited,
+            &self.policy_errors,
+            &self.upstream_retries,
+            &self.upstream_overflow,
+            &self.upstream_no_target,
+            &self.grpc_requests,
+        ]) {
+            for f in family.collect() {
+                for m in f.get_metric() {
+                    let pairs: Vec<(&str, &str)> = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name(), l.value()))
+                        .collect();
+                    if gone(&pairs) {
+                        let _ = family.remove(&pairs.into_iter().collect::<HashMap<_, _>>());
+                    }
+                }
+            }
         }
     }
 
@@ -455,6 +532,18 @@ impl Metrics {
         self.registry.register(collector)
     }
 
+    /// [`Metrics::register`] for a counter family labelled by route, kept elsewhere (the rate
+    /// limiters'): a reload that removes a route removes its series as it does those of the
+    /// families here.
+    pub fn register_by_route(&self, family: IntCounterVec) -> prometheus::Result<()> {
+        self.register(Box::new(family.clone()))?;
+        self.by_route
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(family);
+        Ok(())
+    }
+
     /// The text exposition format. A family with no series yet (its labels come from events:
     /// a route, method and status) is listed by its `HELP` and `TYPE` lines alone, as the
     /// Python client does, so that every family is there from start-up.
@@ -490,6 +579,16 @@ impl Default for Metrics {
     }
 }
 
+/// The config version [`Metrics::observe_upstreams`] last saw, and its snapshots.
+#[derive(Default)]
+struct Seen {
+    version: String,
+    /// The snapshot served at that scrape.
+    snapshot: Weak<Snapshot>,
+    /// The one it replaced, while requests may still be counting under it.
+    replaced: Option<Weak<Snapshot>>,
+}
+
 /// The `kind` values of `rustygate_upstream_errors_total` (`ForwardError::kind` of the errors
 /// counted against a target, and a refused response head).
 const UPSTREAM_ERROR_KINDS: [&str; 8] = [
@@ -519,4 +618,47 @@ fn per_worker<C: Cell>(name: &str, help: &str, labels: &[&str]) -> Family<C> {
 #[cold]
 fn unreachable_metric<T>() -> T {
     panic!("invalid built-in metric definition")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn snapshot(routes: &[&str]) -> Arc<Snapshot> {
+        Arc::new(crate::telemetry::traffic::tests::snapshot(routes))
+    }
+
+    /// A request that was in flight on the replaced snapshot and counts after the sweep brings
+    /// its removed route's series back; it goes at the first scrape after that snapshot is
+    /// freed, and the live route's count is never touched.
+    #[test]
+    fn a_series_counted_late_under_a_replaced_snapshot_goes_once_it_is_freed() {
+        let m = Metrics::new();
+        let old = snapshot(&["api", "old"]);
+        m.observe_upstreams(&old);
+        let count = |route: &str| m.policy_errors.with_label_values(&[route, "timeout"]);
+        count("api").inc();
+        count("old").inc();
+        let new = snapshot(&["api"]);
+        m.observe_upstreams(&new);
+        let routes = || -> Vec<String> {
+            m.policy_errors.collect()[0]
+                .get_metric()
+                .iter()
+                .map(|s| {
+                    let route = s.get_label().iter().find(|l| l.name() == "route").unwrap();
+                    format!("{} {}", route.value(), s.get_counter().get_value())
+                })
+                .collect()
+        };
+        assert_eq!(routes(), ["api 1"]);
+        // Late, under `old`, which a request still holds.
+        count("old").inc();
+        m.observe_upstreams(&new);
+        assert_eq!(routes().len(), 2, "{:?}", routes());
+        drop(old);
+        m.observe_upstreams(&new);
+        assert_eq!(routes(), ["api 1"]);
+    }
 }

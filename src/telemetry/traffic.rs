@@ -403,7 +403,7 @@ pub async fn run(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -419,7 +419,8 @@ mod tests {
         assert_eq!(quantile(0.99, &bounds, &[]), None);
     }
 
-    fn snapshot(routes: &[&str]) -> Snapshot {
+    /// A snapshot of `routes`, each answering 200 itself.
+    pub(crate) fn snapshot(routes: &[&str]) -> Snapshot {
         let dir = tempfile::tempdir().unwrap();
         let mut text = String::new();
         for r in routes {

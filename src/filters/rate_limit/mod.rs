@@ -29,7 +29,7 @@ use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::HeaderName;
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounterVec, Opts};
 use sha2::{Digest, Sha256};
 
 /// How often idle keys are evicted.
@@ -169,7 +169,46 @@ pub struct KeyTable {
     hasher: RandomState,
     tick: AtomicU64,
     evicted: AtomicU64,
-    counter: Option<IntCounter>,
+    counter: Option<RouteCounter>,
+}
+
+/// A route's series of a counter family, found by its label values each time it is counted
+/// (a batch of evictions, a failed store call: never per allowed request), not kept: a reload
+/// that removes the route drops its series (see [`Metrics::follow_config`]), and a limiter
+/// kept for the route meanwhile counts into the family again if the route comes back.
+///
+/// [`Metrics::follow_config`]: crate::telemetry::metrics::Metrics::follow_config
+#[derive(Clone)]
+pub struct RouteCounter {
+    family: IntCounterVec,
+    /// The route, then the other labels' values but the last, given at each count.
+    labels: Box<[Box<str>]>,
+}
+
+impl RouteCounter {
+    /// `family`'s series `labels` (the route first, all but the last label), which exist at 0
+    /// from now for each `last` value given.
+    pub fn new(family: &IntCounterVec, labels: &[&str], last: &[&str]) -> RouteCounter {
+        let c = RouteCounter {
+            family: family.clone(),
+            labels: labels.iter().map(|l| Box::from(*l)).collect(),
+        };
+        for v in last {
+            c.inc_by(v, 0);
+        }
+        c
+    }
+
+    /// Adds `n` to the series whose last label is `last` (`""` for a family with no more).
+    pub fn inc_by(&self, last: &str, n: u64) {
+        let mut values: Vec<&str> = self.labels.iter().map(|l| &**l).collect();
+        if !last.is_empty() {
+            values.push(last);
+        }
+        if let Ok(c) = self.family.get_metric_with_label_values(&values) {
+            c.inc_by(n);
+        }
+    }
 }
 
 /// The governor state store: a handle on a [`KeyTable`] that the limiter also keeps, to count and
@@ -178,7 +217,7 @@ pub struct KeyTable {
 pub struct CappedStore(Arc<KeyTable>);
 
 impl KeyTable {
-    fn new(max_keys: usize, counter: Option<IntCounter>) -> KeyTable {
+    fn new(max_keys: usize, counter: Option<RouteCounter>) -> KeyTable {
         let max_keys = max_keys.max(1);
         let shards = if max_keys >= 1024 { 16 } else { 1 };
         KeyTable {
@@ -210,7 +249,7 @@ impl KeyTable {
         let n = (before - map.len()) as u64;
         self.evicted.fetch_add(n, Ordering::Relaxed);
         if let Some(c) = &self.counter {
-            c.inc_by(n);
+            c.inc_by("", n);
         }
     }
 }
@@ -299,7 +338,7 @@ impl LocalLimiter {
     pub fn with_max_keys(
         spec: &LimitSpec,
         max_keys: usize,
-        evicted: Option<IntCounter>,
+        evicted: Option<RouteCounter>,
     ) -> Option<LocalLimiter> {
         let requests = spec.requests.max(1);
         let period = spec.per.checked_div(requests)?;
@@ -473,9 +512,12 @@ impl Limiters {
         if let Some(live) = map.get(&key) {
             return Some(Arc::clone(live));
         }
-        let counter = self.evicted.get_metric_with_label_values(&[route]).ok();
-        let fresh: Arc<dyn Limiter> =
-            Arc::new(LocalLimiter::with_max_keys(spec, self.max_keys, counter)?);
+        let counter = RouteCounter::new(&self.evicted, &[route], &[""]);
+        let fresh: Arc<dyn Limiter> = Arc::new(LocalLimiter::with_max_keys(
+            spec,
+            self.max_keys,
+            Some(counter),
+        )?);
         map.insert(key, Arc::clone(&fresh));
         Some(fresh)
     }
@@ -702,11 +744,12 @@ mod tests {
 
     #[test]
     fn live_keys_are_capped_least_recently_used_first() {
-        let counter = IntCounter::new("evicted", "test").unwrap();
+        let family = IntCounterVec::new(Opts::new("evicted", "test"), &["route"]).unwrap();
+        let counter = family.with_label_values(&["r"]);
         let l = LocalLimiter::with_max_keys(
             &spec(1, Duration::from_secs(60), 1),
             100,
-            Some(counter.clone()),
+            Some(RouteCounter::new(&family, &["r"], &[""])),
         )
         .unwrap();
         let key = |i: u32| KeyValue::text(format!("client-{i}").as_bytes());
@@ -737,7 +780,7 @@ mod tests {
     fn evictions_are_counted_per_route_in_the_gateway_metrics() {
         let metrics = crate::telemetry::metrics::Metrics::new();
         let reg = Limiters::with_max_keys(10);
-        metrics.register(Box::new(reg.evicted_metric())).unwrap();
+        metrics.register_by_route(reg.evicted_metric()).unwrap();
         let l = reg
             .get("orders", &spec(1, Duration::from_secs(60), 1))
             .unwrap();
@@ -752,5 +795,22 @@ mod tests {
             .unwrap_or_else(|| panic!("{text}"));
         let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(n >= 20, "{line}");
+
+        // A reload removes the route: its series goes. The limiter, kept while it has keys,
+        // serves the route again when a later reload brings it back: its evictions are
+        // counted in the series again, not into one no scrape reads.
+        metrics.follow_config(&std::sync::Arc::new(
+            crate::telemetry::traffic::tests::snapshot(&["other"]),
+        ));
+        assert!(!metrics.render().contains("route=\"orders\""));
+        for i in 30..60u8 {
+            l.check(&KeyValue::Ip(IpAddr::from([10, 0, 0, i])));
+        }
+        let text = metrics.render();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("rustygate_rate_limit_keys_evicted_total{route=\"orders\"}")),
+            "{text}"
+        );
     }
 }

@@ -14,9 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
-
-use super::{Decision, KeyValue, LimitSpec, Limiter, LocalLimiter};
+use super::{Decision, KeyValue, LimitSpec, Limiter, LocalLimiter, RouteCounter};
 use crate::store::{OnStoreError, Store, StoreError, gcra};
 
 /// Most keys one limit remembers as over their limit; beyond, new ones are not remembered
@@ -69,8 +67,11 @@ pub struct SharedLimiter {
     /// `on_store_error = "local"`: this replica's share of the limit.
     local: Option<LocalLimiter>,
     /// `rustygate_rate_limit_store_errors_total{route, reason}`, by reason.
-    errors: [IntCounter; 3],
+    errors: RouteCounter,
 }
+
+/// `reason` of `rustygate_rate_limit_store_errors_total`.
+const REASONS: [&str; 3] = ["timeout", "error", "unavailable"];
 
 impl SharedLimiter {
     pub fn new(route: &str, spec: &LimitSpec, store: Arc<Store>, sha: Arc<str>) -> SharedLimiter {
@@ -89,8 +90,7 @@ impl SharedLimiter {
                 LocalLimiter::new(&share)
             })
             .flatten();
-        let counter = |reason: &str| store.metrics.errors.with_label_values(&[route, reason]);
-        let errors = [counter("timeout"), counter("error"), counter("unavailable")];
+        let errors = RouteCounter::new(&store.metrics.errors, &[route], &REASONS);
         SharedLimiter {
             prefix: store.spec.key(&format!(
                 "rl:{route}:{requests}-{}-{burst}:",
@@ -164,12 +164,12 @@ impl SharedLimiter {
 
     /// Counts the failure and lets `on_store_error` decide.
     fn on_error(&self, key: &KeyValue, e: &StoreError) -> Decision {
-        let i = match e {
-            StoreError::Timeout(_) => 0,
-            StoreError::Paused => 2,
-            StoreError::Redis(_) | StoreError::Answer(_) => 1,
+        let reason = match e {
+            StoreError::Timeout(_) => REASONS[0],
+            StoreError::Paused => REASONS[2],
+            StoreError::Redis(_) | StoreError::Answer(_) => REASONS[1],
         };
-        self.errors[i].inc();
+        self.errors.inc_by(reason, 1);
         self.fallback(key)
     }
 
