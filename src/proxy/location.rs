@@ -14,12 +14,12 @@
 use crate::snapshot::PathRewrite;
 use crate::upstream::Target;
 
-/// Which header a value came from: `Refresh` carries its URL after `url=`.
+/// Which header a value came from: `Refresh` carries its URL after a delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
     /// `Location` or `Content-Location`: the value is the URL.
     Url,
-    /// `Refresh: 5; url=...`.
+    /// `Refresh: 5; url=...`, read as browsers read it ([`split_refresh`]).
     Refresh,
 }
 
@@ -38,13 +38,9 @@ pub struct Context<'a> {
 
 /// The header's new value, or `None` to keep it as it is.
 pub fn rewrite(field: Field, value: &[u8], cx: &Context<'_>) -> Option<Vec<u8>> {
-    let (before, url) = match field {
-        Field::Url => (&value[..0], value),
+    let (before, url, closing) = match field {
+        Field::Url => (&value[..0], value, &value[..0]),
         Field::Refresh => split_refresh(value)?,
-    };
-    let (quote, url) = match url.first() {
-        Some(q @ (b'"' | b'\'')) => (Some(*q), &url[1..]),
-        _ => (None, url),
     };
     let (scheme, rest) = split_scheme(url)?;
     let end = rest
@@ -65,7 +61,6 @@ pub fn rewrite(field: Field, value: &[u8], cx: &Context<'_>) -> Option<Vec<u8>> 
         .and_then(|p| cx.path.and_then(|r| unrewrite(r, p)));
     let mut out = Vec::with_capacity(value.len() + cx.client_host.len() + 16);
     out.extend_from_slice(before);
-    out.extend(quote);
     out.extend_from_slice(cx.client_scheme.as_bytes());
     out.extend_from_slice(b"://");
     out.extend_from_slice(cx.client_host);
@@ -74,15 +69,60 @@ pub fn rewrite(field: Field, value: &[u8], cx: &Context<'_>) -> Option<Vec<u8>> 
         None => out.extend_from_slice(path),
     }
     out.extend_from_slice(after);
+    out.extend_from_slice(closing);
     Some(out)
 }
 
-/// `Refresh: 5; url=...`: what comes before the URL, and the URL.
-fn split_refresh(value: &[u8]) -> Option<(&[u8], &[u8])> {
-    let at = value
-        .windows(4)
-        .position(|w| w.eq_ignore_ascii_case(b"url="))?;
-    Some(value.split_at(at + 4))
+/// `Refresh`, read as browsers read it (the HTML standard's "shared declarative refresh
+/// steps"): a delay (digits and dots), then `;`, `,` or white space, then the URL, which may
+/// follow `url` (any case) and `=` with white space around it, and may be quoted (up to the
+/// closing quote, if any): `5; URL = 'http://a/'`, `0,url=http://a/`, `5 http://a/`. What comes
+/// before the URL, the URL, and what follows it. `None` when there is no URL.
+fn split_refresh(value: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let space = |i: usize| matches!(value.get(i), Some(b' ' | b'\t' | b'\n' | b'\x0c' | b'\r'));
+    let skip_space = |mut i: usize| {
+        while space(i) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = skip_space(0);
+    let digits = value[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 && value.get(i) != Some(&b'.') {
+        return None;
+    }
+    i += value[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || **b == b'.')
+        .count();
+    if !(space(i) || matches!(value.get(i), Some(b';' | b','))) {
+        return None;
+    }
+    i = skip_space(i);
+    if matches!(value.get(i), Some(b';' | b',')) {
+        i = skip_space(i + 1);
+    }
+    let mut start = i;
+    if value
+        .get(i..i + 3)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"url"))
+    {
+        let eq = skip_space(i + 3);
+        if value.get(eq) == Some(&b'=') {
+            start = skip_space(eq + 1);
+        }
+    }
+    let quote = value.get(start).filter(|q| matches!(q, b'"' | b'\''));
+    if quote.is_some() {
+        start += 1;
+    }
+    let end = quote
+        .and_then(|q| value[start..].iter().position(|b| b == q))
+        .map_or(value.len(), |n| start + n);
+    if start >= end {
+        return None;
+    }
+    Some((&value[..start], &value[start..end], &value[end..]))
 }
 
 /// `http://` or `https://` (any case): the lower-case scheme and what follows `//`.
@@ -260,6 +300,41 @@ mod tests {
             "0;url='https://api.example.com/n'"
         );
         assert_eq!(run(Field::Refresh, "5", None, None), "5");
+        // As browsers read it: `url` in any case, white space around `=`, `,` or white space
+        // after the delay, no `url=` at all, a fractional delay, text after a closing quote.
+        for (value, rewritten) in [
+            (
+                "5; URL = http://10.0.0.6/next",
+                "5; URL = https://api.example.com/next",
+            ),
+            ("5;Url=http://10.0.0.6/", "5;Url=https://api.example.com/"),
+            ("0,url=http://10.0.0.6/", "0,url=https://api.example.com/"),
+            (
+                "5 url\t=\thttp://10.0.0.6/",
+                "5 url\t=\thttps://api.example.com/",
+            ),
+            ("5; http://10.0.0.6/n", "5; https://api.example.com/n"),
+            (
+                " 1.5 ; uRL= \"http://10.0.0.6\" x",
+                " 1.5 ; uRL= \"https://api.example.com\" x",
+            ),
+            (
+                ".5;url='http://10.0.0.6/a'",
+                ".5;url='https://api.example.com/a'",
+            ),
+        ] {
+            assert_eq!(run(Field::Refresh, value, None, None), rewritten, "{value}");
+        }
+        // Not a refresh to the upstream, as browsers read them.
+        for kept in [
+            "x; url=http://10.0.0.6/",
+            "5x; url=http://10.0.0.6/",
+            "5; urlx=http://10.0.0.6/",
+            "5; url=",
+            "5; url=''",
+        ] {
+            assert_eq!(run(Field::Refresh, kept, None, None), kept);
+        }
         let fixed = Some("internal.svc");
         assert_eq!(
             run(Field::Url, "http://internal.svc/a", None, fixed),
