@@ -123,3 +123,49 @@ async fn rewrite_location_false_relays_the_upstreams_urls() {
         format!("{}/v2/page", backend.url()).as_str()
     );
 }
+
+/// A plugin that copies the response's `Location`, as it reads it, into `x-seen-location`.
+const SEES_LOCATION: &str = r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "location")
+  (data (i32.const 16) "x-seen-location")
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 2) (i32.const 0) (i32.const 8) (i32.const 64) (i32.const 68)))
+      (then (drop (call $add (i32.const 2) (i32.const 16) (i32.const 15)
+        (i32.load (i32.const 64)) (i32.load (i32.const 68))))))
+    (i32.const 0)))"#;
+
+/// A plugin reading the response head sees the `Location` the client gets, whether the head
+/// is relayed as it came or edited on the way: the rewrite comes first, as nginx's
+/// `proxy_redirect` comes before its output filters.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_read_the_url_the_client_gets() {
+    use sha2::Digest;
+    let backend = redirecting();
+    let wasm = wat::parse_str(SEES_LOCATION).unwrap();
+    for extra in ["", "response_headers = { remove = [\"server\"] }"] {
+        let mut files = config(
+            &backend,
+            &format!("{extra}\nplugins = [{{ name = \"sees\" }}]"),
+        );
+        files.push((
+            "gateway.toml",
+            format!(
+                "[plugin.sees]\nfile = \"plugins/sees.wasm\"\nsha256 = \"{}\"\n",
+                hex::encode(sha2::Sha256::digest(&wasm))
+            ),
+        ));
+        let dir = common::repo(&common::as_refs(&files));
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        std::fs::write(dir.path().join("plugins/sees.wasm"), &wasm).unwrap();
+        let gw = common::Gateway::start_one_worker(dir);
+        let h = get_as_client(&gw, "/shop/cart").await;
+        let client = "http://shop.example:8443/shop/login?from=/v2/cart";
+        assert_eq!(h["location"], client, "{extra}");
+        assert_eq!(h["x-seen-location"], client, "{extra}");
+    }
+}

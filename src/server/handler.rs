@@ -1959,6 +1959,12 @@ fn client_response(
             // in `Connection`, and its length (a plugin that removes `Content-Length` does not
             // change the body's).
             let dropped = connection_dropped(&fields);
+            client_urls(
+                &ex,
+                req,
+                fields.iter_mut().map(|(n, v)| (n.as_str(), v)),
+                |b| ax::HeaderValue::from_maybe_shared(b).ok(),
+            );
             if let Some(p) = &plan.plugins
                 && let ResponsePlan::Replace(r) =
                     decide::plugins_on_response_list(p, &route.name, status.as_u16(), &mut fields)
@@ -1967,7 +1973,7 @@ fn client_response(
             }
             // The body's plugins see the fields as the client gets them: a copy, when one reads.
             let seen = reads_body.then(|| ResponseFields::List(fields.clone()));
-            let out = relay_client_head(status, fields, &dropped, &ex, req);
+            let out = relay_client_head(status, fields, &dropped, &ex);
             (out, status.as_u16(), length, seen)
         }
         head => {
@@ -2192,6 +2198,12 @@ fn edited_head(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
+    client_urls(
+        ex,
+        req,
+        parts.headers.iter_mut().map(|(n, v)| (n.as_str(), v)),
+        |b| http::HeaderValue::from_maybe_shared(b).ok(),
+    );
     route.response_headers.apply(&mut parts.headers);
     if let Some(run) = &plan.policy
         && let ResponsePlan::Replace(plan) =
@@ -2207,7 +2219,7 @@ fn edited_head(
         return Err(Box::new(answer(ex, state, plan)));
     }
     let mut out = relayed(status);
-    relay_headers(&mut out, &parts.headers, &dropped, ex, req);
+    relay_headers(&mut out, &parts.headers, &dropped, ex);
     Ok((out, status, declared))
 }
 
@@ -2215,13 +2227,11 @@ fn edited_head(
 /// `Connection` header named (`dropped`) and `Content-Length` (actix sets it from the body),
 /// then the request id and the edge filters' headers. Names of the common standard headers
 /// are mapped without parsing; the values are copied into one buffer and shared from it.
-/// URLs naming the upstream are rewritten ([`client_url`]).
 fn relay_headers(
     out: &mut HttpResponseBuilder,
     headers: &http::HeaderMap,
     dropped: &[String],
     ex: &Exchange,
-    req: &Request,
 ) {
     let total = headers.iter().map(|(_, v)| v.len()).sum::<usize>() + own_headers_len(ex);
     let mut values = bytes::BytesMut::with_capacity(total);
@@ -2233,12 +2243,6 @@ fn relay_headers(
         }
         if name == X_REQUEST_ID || (ex.cors && is_cors_response_header(n)) {
             // Replaced by the gateway's own below.
-            continue;
-        }
-        if let Some(v) = url_field(n).and_then(|f| client_url(ex, req, f, value.as_bytes()))
-            && let Some(name) = actix_name(name)
-        {
-            out.append_header((name, v));
             continue;
         }
         append_copy(out, &mut values, actix_name(name), value);
@@ -2264,10 +2268,9 @@ fn relay_client_head(
     fields: Vec<(ax::HeaderName, ax::HeaderValue)>,
     dropped: &[String],
     ex: &Exchange,
-    req: &Request,
 ) -> HttpResponseBuilder {
     let mut out = relayed(status.as_u16());
-    for (name, mut value) in fields {
+    for (name, value) in fields {
         let n = name.as_str();
         if name == ax::CONTENT_LENGTH
             || is_hop_by_hop_str(n)
@@ -2276,9 +2279,6 @@ fn relay_client_head(
             || dropped.iter().any(|d| d == n)
         {
             continue;
-        }
-        if let Some(v) = url_field(n).and_then(|f| client_url(ex, req, f, value.as_bytes())) {
-            value = v;
         }
         out.append_header((name, value));
     }
@@ -2298,17 +2298,31 @@ fn url_field(name: &str) -> Option<location::Field> {
     }
 }
 
+/// Rewrites the response headers that carry a URL naming the upstream ([`client_url`]), before
+/// the route's header rules, policy and plugins read the head (nginx's `proxy_redirect`, ahead
+/// of its output filters): they see the URL the client gets, and one they set is theirs.
+/// `make` turns the new value into the head's type.
+fn client_urls<'a, V: AsRef<[u8]> + 'a>(
+    ex: &Exchange,
+    req: &Request,
+    fields: impl Iterator<Item = (&'a str, &'a mut V)>,
+    make: impl Fn(Bytes) -> Option<V>,
+) {
+    for (name, value) in fields {
+        if let Some(v) = url_field(name).and_then(|f| client_url(ex, req, f, value.as_ref()))
+            && let Some(v) = make(v)
+        {
+            *value = v;
+        }
+    }
+}
+
 /// The client's value of a response header that carries a URL ([`url_field`]): the upstream's
 /// origin replaced by the one the client used (`proxy::location`); `None` keeps it. Out of
 /// line: only responses with such a header call it.
 #[cold]
 #[inline(never)]
-fn client_url(
-    ex: &Exchange,
-    req: &Request,
-    field: location::Field,
-    value: &[u8],
-) -> Option<ax::HeaderValue> {
+fn client_url(ex: &Exchange, req: &Request, field: location::Field, value: &[u8]) -> Option<Bytes> {
     let route = ex.snapshot.routes.get(ex.route?)?;
     let crate::snapshot::RouteAction::Proxy { upstream, rewrite } = &route.action else {
         return None;
@@ -2354,8 +2368,7 @@ fn client_url(
         client_scheme,
         client_host,
     };
-    let v = location::rewrite(field, value, &cx)?;
-    ax::HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+    location::rewrite(field, value, &cx).map(Bytes::from)
 }
 
 /// `Access-Control-Allow-Origin` and the other CORS response headers (lower-case `name`).
