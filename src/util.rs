@@ -111,6 +111,20 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The address a client is counted by: IPv4 (and IPv4-mapped IPv6) as it is, IPv6 by its first
+/// `ipv6_prefix` bits (one host or subscriber line usually holds a whole /64).
+pub fn client_prefix(ip: std::net::IpAddr, ipv6_prefix: u8) -> std::net::IpAddr {
+    match canonical_ip(ip) {
+        std::net::IpAddr::V6(v6) if ipv6_prefix < 128 => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(ipv6_prefix))
+                .unwrap_or(0);
+            std::net::IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        other => other,
+    }
+}
+
 /// Polls `timer` for `cx`'s task, but only when it has fired or when `wakes` (the task its
 /// wake-up was last registered for) is another task; otherwise answers `Pending` at once.
 /// Polling a pending timer again for the same task registers the same wake-up again, which is

@@ -172,16 +172,7 @@ impl Drop for ConnGuard {
 /// The address a client is counted by: IPv4 as is, IPv6 by its /64 (one host commonly holds a
 /// whole /64), an IPv4-mapped IPv6 address as the IPv4 address.
 pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
-            }
-        },
-    }
+    crate::util::client_prefix(ip, crate::filters::rate_limit::DEFAULT_IPV6_PREFIX)
 }
 
 /// The refusal of a request a web page on another site made through the operator's browser:

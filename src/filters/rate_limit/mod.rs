@@ -76,16 +76,7 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// The key of a client address: IPv4 (and IPv4-mapped IPv6) as it is, IPv6 by its first
 /// `ipv6_prefix` bits.
 pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> KeyValue {
-    match crate::util::canonical_ip(ip) {
-        IpAddr::V6(v6) if ipv6_prefix < 128 => {
-            let bits = u128::from(v6);
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(ipv6_prefix))
-                .unwrap_or(0);
-            KeyValue::Ip(IpAddr::V6((bits & mask).into()))
-        }
-        other => KeyValue::Ip(other),
-    }
+    KeyValue::Ip(crate::util::client_prefix(ip, ipv6_prefix))
 }
 
 /// A key value for one request.
