@@ -148,26 +148,28 @@ fn names_upstream(scheme: &str, authority: &[u8], cx: &Context<'_>) -> bool {
     let Some((host, port)) = host_port(authority, scheme) else {
         return false;
     };
+    // The route's fixed `Host`, on any target's scheme; parsed once, not per target.
+    let fixed = cx
+        .fixed_host
+        .and_then(|f| host_port(f, scheme))
+        .is_some_and(|(fh, fp)| fh.eq_ignore_ascii_case(host) && fp == port);
     cx.targets.iter().any(|t| {
-        if t.scheme.as_str() != scheme {
-            return false;
-        }
-        let target_port =
-            t.authority
-                .port_u16()
-                .unwrap_or(if scheme == "https" { 443 } else { 80 });
-        let own = host.eq_ignore_ascii_case(t.authority.host().as_bytes()) && port == target_port;
-        own || cx
-            .fixed_host
-            .and_then(|f| host_port(f, scheme))
-            .is_some_and(|(fh, fp)| fh.eq_ignore_ascii_case(host) && fp == port)
+        t.scheme.as_str() == scheme
+            && (fixed
+                || (host.eq_ignore_ascii_case(t.authority.host().as_bytes())
+                    && port == t.authority.port_u16().unwrap_or(default_port(scheme))))
     })
+}
+
+/// The port a URL of `scheme` names when it writes none.
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" { 443 } else { 80 }
 }
 
 /// An authority's host (IPv6 literals with their brackets) and port (the scheme's default when
 /// none is written).
 fn host_port<'a>(authority: &'a [u8], scheme: &str) -> Option<(&'a [u8], u16)> {
-    let default = if scheme == "https" { 443 } else { 80 };
+    let default = default_port(scheme);
     let colon = match authority.iter().rposition(|b| *b == b':') {
         Some(i) if !authority[i..].contains(&b']') => Some(i),
         _ => None,
