@@ -94,9 +94,9 @@ pub(crate) struct StreamedBody;
 /// with a body. Such a stream holds an upstream connection until its body has all arrived: over
 /// HTTP/1.1 a client connection holds at most one that way, over HTTP/2 it would hold one per
 /// stream (128 by default) for as long as its client trickles the bodies. A stream over the
-/// cap has its body read whole before its attempt instead (`server::handler::read_upload`);
-/// the place is given back when its body has all arrived or stopped
-/// (`proxy::body::BodyStats::upload_slot`).
+/// cap has its body read whole before its attempt instead
+/// (`server::handler::attempt::read_upload`); the place is given back when its body has all
+/// arrived or stopped (`proxy::body::BodyStats::upload_slot`).
 #[derive(Clone)]
 pub(crate) struct UploadSlots(pub std::sync::Arc<tokio::sync::Semaphore>);
 

@@ -30,7 +30,10 @@ use bytes::Bytes;
 use futures_util::future::poll_fn;
 use tokio::sync::mpsc;
 
-use super::{Buffered, Exchange, Outgoing, TOO_MANY_BODIES, WorkerState, body_timeout, respond};
+use super::errors::body_timeout;
+use super::exchange::Exchange;
+use super::forward::{Buffered, Outgoing, TOO_MANY_BODIES};
+use super::{WorkerState, respond};
 use crate::plugins::{BodyFilter, BodyStop};
 use crate::proxy::body::{
     BodyError, BodyStats, CHANNEL_DEPTH, Ended, OnFinish, ProxyBody, UpstreamBody,
