@@ -1,0 +1,148 @@
+//! The idle HTTP/1.1 connections: taken out for a request, given back once its response has
+//! been read, swept when they expire.
+
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+
+use super::h2_shared::H2Slot;
+use super::{H1Conn, LocalPool, MAX_IDLE_PER_TARGET};
+
+use crate::proxy::h1;
+use crate::upstream::PoolKey;
+use crate::util::clock;
+
+/// How often expired idle connections are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+pub(super) struct Idle {
+    conn: H1Conn,
+    expires: Instant,
+}
+
+/// An idle connection of the request-task client ([`super::h1`]).
+pub(super) struct IdleOwn {
+    conn: h1::Conn,
+    expires: Instant,
+}
+
+impl LocalPool {
+    /// A pooled connection still usable at `now`.
+    pub(super) fn checkout_own(&self, key: &PoolKey, now: Instant) -> Option<h1::Conn> {
+        let mut idle = self.own.borrow_mut();
+        let list = idle.get_mut(key)?;
+        while let Some(i) = list.pop() {
+            if now < i.expires && i.conn.is_usable() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection whose response was read to the end ([`h1::ResponseBody`]).
+    pub(crate) fn checkin_own(&self, key: &PoolKey, conn: h1::Conn, idle_timeout: Duration) {
+        let mut idle = self.own.borrow_mut();
+        let list = match idle.get_mut(key) {
+            Some(l) => l,
+            None => idle.entry(key.clone()).or_default(),
+        };
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push(IdleOwn {
+                conn,
+                expires: clock::now() + idle_timeout,
+            });
+        }
+    }
+
+    pub(super) fn checkout(&self, key: &PoolKey) -> Option<H1Conn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(key)?;
+        let now = clock::now();
+        while let Some(i) = list.pop() {
+            if !i.conn.send.is_closed() && now < i.expires {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Pools the connection once its current response has been read to the end (hyper then
+    /// reports it ready); a connection that closes first is simply dropped.
+    pub(super) fn checkin_when_ready(
+        self: &Rc<Self>,
+        key: PoolKey,
+        mut conn: H1Conn,
+        idle_timeout: Duration,
+    ) {
+        let pool = Rc::downgrade(self);
+        actix_web::rt::spawn(async move {
+            if conn.send.ready().await.is_ok()
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.checkin(&key, conn, idle_timeout);
+            }
+        });
+    }
+
+    fn checkin(&self, key: &PoolKey, conn: H1Conn, idle_timeout: Duration) {
+        let mut idle = self.idle.borrow_mut();
+        let list = match idle.get_mut(key) {
+            Some(l) => l,
+            None => idle.entry(key.clone()).or_default(),
+        };
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push(Idle {
+                conn,
+                expires: clock::now() + idle_timeout,
+            });
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|i| !i.conn.send.is_closed() && now < i.expires);
+            !list.is_empty()
+        });
+        self.own.borrow_mut().retain(|_, list| {
+            list.retain(|i| now < i.expires && i.conn.is_usable());
+            !list.is_empty()
+        });
+        // Requests in flight hold their own handle: dropping the pool's only stops reuse.
+        self.h2.borrow_mut().retain(|_, slot| match slot {
+            H2Slot::Ready { conn, expires } => !conn.is_closed() && now < *expires,
+            H2Slot::Connecting(_) => true,
+        });
+    }
+
+    /// Idle HTTP/1.1 connections held for `authority`, whatever their TLS settings (for tests
+    /// and status).
+    pub fn idle_count(&self, authority: &Authority) -> usize {
+        let hyper: usize = self
+            .idle
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.authority() == authority)
+            .map(|(_, l)| l.len())
+            .sum();
+        let own: usize = self
+            .own
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.authority() == authority)
+            .map(|(_, l)| l.len())
+            .sum();
+        hyper + own
+    }
+}
+
+pub(super) async fn sweep(pool: Weak<LocalPool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.sweep(),
+            None => return,
+        }
+    }
+}
