@@ -1,6 +1,9 @@
 //! The proxy handler: one request from accept to response.
 //!
-//! Phases, in order (DESIGN.md, "The request path"), each a function here:
+//! Phases, in order (DESIGN.md, "The request path"), each a function of this module or of the
+//! submodule of its phase: `admission` (request checks, Host, request id), `forward` (the
+//! attempt loop and the outgoing body), `attempt` (one attempt's request and failure),
+//! `response` (the client response) and `errors` (the gateway's own answers):
 //! ```text
 //! handle:        load snapshot ─► request checks ─► normalise path ─► CORS preflight
 //!                ─► match host+method+path ─► auth ─► rate limit ─► policy (decide::request)
