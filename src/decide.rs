@@ -5,9 +5,9 @@
 //! decisions the server makes, not a copy of them:
 //! ```text
 //! route() ──► [filters: auth fills claims, rate limit, CORS] ──► request() ──► Plan
-//!   request(): WASM plugins' on_request_headers ──► Rhai on_request
-//!   Plan::Forward ──► (handler: pick target, send | test: synthetic response) ──► on_response()
-//!     ──► plugins_on_response() (WASM plugins, reverse order)
+//!   request(): Rhai on_request ──► WASM plugins' on_request_headers
+//!   Plan::Forward ──► (handler: pick target, send | test: synthetic response)
+//!     ──► plugins_on_response() (WASM plugins, reverse order) ──► on_response() (Rhai)
 //! ```
 
 use std::borrow::Cow;
@@ -118,8 +118,9 @@ impl PolicyRun {
     }
 }
 
-/// Runs the route's action and `on_request`. `headers` gives the client's request headers; it is
-/// called only when the route has a policy.
+/// Runs the route's action, its policy's `on_request` and then its plugins' `on_request_headers`.
+/// `headers` gives the client's request headers; it is called only when the route has a policy
+/// or plugins.
 pub fn request<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch<'_, '_>,
@@ -131,30 +132,8 @@ pub fn request<'s>(
         // The router only holds ids of compiled routes.
         return (id, Plan::Respond(Cow::Owned(internal_error())));
     };
-    // Plugins run on the client's headers before the policy, which sees what they left.
-    let mut headers = Some(headers);
-    let (plugins, edited) = if route.plugins.is_empty() {
-        (None, None)
-    } else {
-        let client = headers.take().map(|f| f()).unwrap_or_default();
-        let info = crate::plugins::RequestInfo {
-            incoming: inc,
-            route: &route.name,
-            config_sha: &snap.version.id,
-        };
-        match crate::plugins::on_request(&route.plugins, &info, client) {
-            (run, Outcome::Continue) => {
-                // Only a policy reads them.
-                let h = route.policy.is_some().then(|| run.client_headers());
-                (Some(run), h)
-            }
-            (_, Outcome::Respond(r)) => return (id, Plan::Respond(Cow::Owned(r))),
-            (_, Outcome::Failed) => return (id, plugin_failed()),
-        }
-    };
-    let headers = move || edited.or_else(|| headers.map(|f| f())).unwrap_or_default();
-    let (upstream, rewritten) = match &route.action {
-        RouteAction::Respond(r) if route.policy.is_none() => {
+    let (upstream, mut rewritten) = match &route.action {
+        RouteAction::Respond(r) if route.policy.is_none() && route.plugins.is_empty() => {
             return (id, Plan::Respond(Cow::Borrowed(r)));
         }
         RouteAction::Respond(_) => (None, None),
@@ -163,11 +142,60 @@ pub fn request<'s>(
             (Some(upstream), path)
         }
     };
-    let Some(policy) = &route.policy else {
-        let upstream = upstream.map(Arc::clone);
-        let path = rewritten.unwrap_or_else(|| inc.path.to_owned());
-        return (id, forward_or_internal(upstream, path, None, None, plugins));
+    // The fixed order (DESIGN.md, "The request path"): the Rhai policy's `on_request`, then
+    // the WASM plugins, which see the headers as the policy left them.
+    let mut headers = Some(headers);
+    let policy = match &route.policy {
+        None => None,
+        Some(policy) => {
+            let client = headers.take().map(|f| f()).unwrap_or_default();
+            let run = policy_run(policy, m, inc, route, upstream, rewritten.take(), client);
+            match policy.on_request(&run.req) {
+                Err(f) => return (id, Plan::Failed(f)),
+                Ok(Some(v)) => return (id, verdict(v)),
+                Ok(None) => Some(run),
+            }
+        }
     };
+    let plugins = if route.plugins.is_empty() {
+        None
+    } else {
+        let client = match &policy {
+            Some(run) => run.req.state().edited_headers(),
+            None => headers.take().map(|f| f()).unwrap_or_default(),
+        };
+        let info = crate::plugins::RequestInfo {
+            incoming: inc,
+            route: &route.name,
+            config_sha: &snap.version.id,
+        };
+        match crate::plugins::on_request(&route.plugins, &info, client) {
+            (run, Outcome::Continue) => Some(run),
+            (_, Outcome::Respond(r)) => return (id, Plan::Respond(Cow::Owned(r))),
+            (_, Outcome::Failed) => return (id, plugin_failed()),
+        }
+    };
+    match (policy, &route.action) {
+        (Some(run), _) => (id, after_on_request(snap, route, upstream, run, plugins)),
+        (None, RouteAction::Respond(r)) => (id, Plan::Respond(Cow::Borrowed(r))),
+        (None, RouteAction::Proxy { .. }) => {
+            let upstream = upstream.map(Arc::clone);
+            let path = rewritten.unwrap_or_else(|| inc.path.to_owned());
+            (id, forward_or_internal(upstream, path, None, None, plugins))
+        }
+    }
+}
+
+/// The policy's view of the request, for its `on_request` and `on_response`.
+fn policy_run(
+    policy: &RoutePolicy,
+    m: &RouteMatch<'_, '_>,
+    inc: &Incoming<'_>,
+    route: &Route,
+    upstream: Option<&Arc<Upstream>>,
+    upstream_path: Option<String>,
+    headers: ClientHeaders,
+) -> PolicyRun {
     let params = m
         .params
         .as_ref()
@@ -191,20 +219,15 @@ pub fn request<'s>(
         trace_id: inc.trace_id,
         route: &route.name,
         upstream: upstream.map(|u| u.name.as_str()).unwrap_or(""),
-        upstream_path: rewritten,
+        upstream_path,
         params,
         claims: inc.claims.clone(),
         config: Arc::clone(&policy.config),
-        headers: headers(),
+        headers,
     });
-    let run = PolicyRun {
+    PolicyRun {
         policy: policy.clone(),
         req: Req(Arc::new(Mutex::new(state))),
-    };
-    match policy.on_request(&run.req) {
-        Err(f) => (id, Plan::Failed(f)),
-        Ok(Some(v)) => (id, verdict(v)),
-        Ok(None) => (id, after_on_request(snap, route, upstream, run, plugins)),
     }
 }
 
@@ -316,7 +339,7 @@ pub fn on_response<'s>(
     }
 }
 
-/// Runs the route's plugins' `on_response_headers`, in reverse order, after the policy's
+/// Runs the route's plugins' `on_response_headers`, in reverse order, before the policy's
 /// `on_response`, changing the headers in place.
 pub fn plugins_on_response<'s>(
     run: &PluginRun,

@@ -289,7 +289,7 @@ pub struct Route {
     pub websocket: bool,
     /// A tunnel with no bytes either way for this long is closed.
     pub websocket_idle_timeout: Duration,
-    /// WASM plugins, in request order: after the filters, before the policy
+    /// WASM plugins, in request order: after the filters and the policy's `on_request`
     /// (see [`crate::plugins`]). Empty for most routes.
     pub plugins: crate::plugins::RoutePlugins,
     /// Sampling and span settings (`tracing` key; `http.route`).

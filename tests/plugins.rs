@@ -429,3 +429,79 @@ fn a_plugin_removing_content_length_leaves_the_upstreams_length() {
     assert!(head("/small").contains("content-length: 5\r\n"));
     assert!(head("/big").contains(&format!("content-length: {big_len}\r\n")));
 }
+
+/// DESIGN.md's fixed order: the Rhai policy's `on_request`, then the WASM plugins, which see
+/// the headers as the policy left them and whose edits the upstream gets last; on the way back
+/// the plugins first, then the policy's `on_response`, which sees what they added.
+#[test]
+fn the_policy_runs_before_the_plugins_and_after_them_on_the_way_back() {
+    let be = Backend::echo();
+    let wasm = example_wasm();
+    let dir = repo(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[plugin.tag]\nfile = \"plugins/tag.wasm\"\nsha256 = \"{}\"\n",
+                sha(&wasm)
+            ),
+        ),
+        (
+            "routes/all.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n\
+             policy = \"policies/order.rhai\"\n\
+             plugins = [{ name = \"tag\", config = { value = \"from-plugin\", deny_header = \"x-block-me\" } }]\n",
+        ),
+        (
+            "upstreams/be.toml",
+            &format!("[upstream.be]\ntargets = [\"{}\"]\n", be.url()),
+        ),
+        (
+            "policies/order.rhai",
+            r#"
+fn on_request(req) {
+    let seen = if req.has_header("x-rustygate-plugin-seen") { "yes" } else { "no" };
+    req.set_header("x-policy-saw-plugin", seen);
+    req.set_header("x-rustygate-plugin-seen", "from-policy");
+    if req.path == "/blocked" {
+        req.set_header("x-block-me", "1");
+    }
+}
+
+fn on_response(req, res) {
+    let v = res.header("x-rustygate-plugin");
+    res.set_header("x-policy-saw-response", if v == () { "none" } else { v });
+}
+"#,
+        ),
+    ]);
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::write(dir.path().join("plugins/tag.wasm"), &wasm).unwrap();
+    let gw = Gateway::start_one_worker(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let reply = get(&gw.url("/orders")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let echo = reply.json();
+        // The policy ran first: the plugin's request header was not there yet...
+        assert_eq!(
+            Backend::echoed_header(&echo, "x-policy-saw-plugin").as_deref(),
+            Some("no"),
+            "{echo}"
+        );
+        // ...and the plugin's edit of the same header, made after the policy's, is the one
+        // the upstream gets.
+        assert_eq!(
+            Backend::echoed_header(&echo, "x-rustygate-plugin-seen").as_deref(),
+            Some("from-plugin"),
+            "{echo}"
+        );
+        // On the way back the plugin ran first: the policy saw its header.
+        assert_eq!(reply.header("x-rustygate-plugin"), Some("from-plugin"));
+        assert_eq!(reply.header("x-policy-saw-response"), Some("from-plugin"));
+
+        // The plugin sees a header only the policy set, and answers the request itself.
+        let denied = get(&gw.url("/blocked")).await;
+        assert_eq!(denied.status, 403, "{}", denied.text());
+        assert_eq!(denied.text(), "denied by plugin\n");
+    });
+}

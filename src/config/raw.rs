@@ -397,7 +397,7 @@ pub struct RawRoute {
     /// overrides the gateway default ("1h").
     pub websocket_idle_timeout: Option<Spanned<DurationText>>,
     /// WASM plugins this route runs after the gateway's `plugins`, in order: after auth, rate
-    /// limit and CORS, before the policy (docs/plugins.md).
+    /// limit, CORS and the policy's `on_request` (docs/plugins.md).
     pub plugins: Option<Vec<Spanned<RawPluginUse>>>,
     /// `false`: this route's requests are never traced (health checks); or
     /// `{ sample_ratio = 0.1, record_query = true }`. Default: `[tracing]`'s settings.

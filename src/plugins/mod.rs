@@ -3,9 +3,10 @@
 //! ```text
 //! plugins/*.wasm ─► sha256 checked ─► engine::compile (Cranelift + metering, memory cap,
 //!                   imports checked; cached by sha256) ─► Plugin ─► PluginUse (plugin + config)
-//! request:  filters ─► on_request: each plugin's on_request_headers, in order ─► Rhai policy
+//! request:  filters ─► Rhai on_request ─► on_request: each plugin's on_request_headers, in
+//!           order, on the headers as the policy left them
 //!           body: PluginRun::request_body ─► BodyFilter (on_request_body, per chunk, in order)
-//! response: Rhai on_response ─► PluginRun::on_response: on_response_headers, in reverse order
+//! response: PluginRun::on_response: on_response_headers, in reverse order ─► Rhai on_response
 //!           body: PluginRun::into_response_body ─► BodyFilter (on_response_body, reverse order)
 //! end:      PluginRun dropped (with the response body, when a plugin reads it)
 //!           ─► on_log, on_done, on_delete

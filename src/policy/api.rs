@@ -288,6 +288,36 @@ impl RequestState {
         client.into_iter().flatten().chain(set).chain(appended)
     }
 
+    /// The request headers as the upstream will get them from the policy (the client's, with
+    /// the hook's edits made): what the route's plugins see after `on_request`. Names the hook
+    /// did not touch keep their place; the ones it set, appended or removed follow, as
+    /// [`Self::header_values`] reads them.
+    pub fn edited_headers(&self) -> ClientHeaders {
+        if self.edits.is_empty() {
+            return self.headers.clone();
+        }
+        let mut touched: Vec<&str> = Vec::new();
+        for e in &self.edits {
+            let (HeaderEdit::Set(n, _) | HeaderEdit::Append(n, _) | HeaderEdit::Remove(n)) = e;
+            if !touched.contains(&n.as_str()) {
+                touched.push(n.as_str());
+            }
+        }
+        let mut out =
+            ClientHeaders::with_capacity(self.headers.ends.len(), self.headers.bytes.len());
+        for (n, v) in self.headers.iter() {
+            if !touched.iter().any(|t| t.eq_ignore_ascii_case(n)) {
+                out.push(n, v);
+            }
+        }
+        for name in touched {
+            for v in self.header_values(name) {
+                out.push(name, v);
+            }
+        }
+        out
+    }
+
     fn client_ip_string(&self) -> ImmutableString {
         self.client_ip
             .map(|ip| ImmutableString::from(ip.to_string()))

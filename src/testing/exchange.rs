@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! Case ─► normalise path ─► [CORS preflight] ─► decide::route ─► decide::request ─► Plan
-//!   Plan::Forward ─► upstream request recorded ─► synthetic response ─► decide::on_response
+//!   Plan::Forward ─► upstream request recorded ─► synthetic response
+//!     ─► decide::plugins_on_response ─► decide::on_response
 //!   otherwise     ─► the gateway's own answer (respond, deny, 404/405/413/500)
 //! ```
 //! With `[tracing]`, the case's request gets a trace as on the server (the client's continued,
@@ -436,10 +437,10 @@ fn forward(run: &Run<'_>, route: &Route, mut plan: decide::Forward) -> Outcome {
         Ok(h) => h,
         Err(why) => return run.error(400, &why),
     };
-    if let Some(p) = &plan.plugins {
+    if let Some(p) = &plan.policy {
         p.apply_edits(&mut headers);
     }
-    if let Some(p) = &plan.policy {
+    if let Some(p) = &plan.plugins {
         p.apply_edits(&mut headers);
     }
     if let Some(t) = &run.trace {
@@ -461,16 +462,16 @@ fn forward(run: &Run<'_>, route: &Route, mut plan: decide::Forward) -> Outcome {
     let mut status = resp.status;
     let mut rh = resp.headers.clone();
     route.response_headers.apply(&mut rh);
-    let policy_plan = plan
-        .policy
+    let plugins_plan = plan
+        .plugins
         .as_ref()
-        .map(|p| decide::on_response(p, &mut status, &mut rh));
-    let decided = match policy_plan {
+        .map(|p| decide::plugins_on_response(p, &route.name, status, &mut rh));
+    let decided = match plugins_plan {
         Some(ResponsePlan::Replace(p)) => Some(p),
         _ => match plan
-            .plugins
+            .policy
             .as_ref()
-            .map(|p| decide::plugins_on_response(p, &route.name, status, &mut rh))
+            .map(|p| decide::on_response(p, &mut status, &mut rh))
         {
             Some(ResponsePlan::Replace(p)) => Some(p),
             _ => None,

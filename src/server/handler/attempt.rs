@@ -148,11 +148,12 @@ pub(super) fn attempt_request(
         // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if let Some(p) = &plan.plugins {
-        p.apply_edits(&mut headers);
-    }
+    // In the order they ran: the policy's edits, then the plugins' (which saw the policy's).
     if let Some(run) = &plan.policy {
         run.apply_edits(&mut headers);
+    }
+    if let Some(p) = &plan.plugins {
+        p.apply_edits(&mut headers);
     }
     if ex.plugin_stop.is_some() {
         // A plugin may have changed the body: its length is the one sent whole, or none

@@ -279,16 +279,17 @@ fn edited_head(
         |b| http::HeaderValue::from_maybe_shared(b).ok(),
     );
     route.response_headers.apply(&mut parts.headers);
-    if let Some(run) = &plan.policy
-        && let ResponsePlan::Replace(plan) =
-            decide::on_response(run, &mut status, &mut parts.headers)
-    {
-        // The upstream body is dropped unread; its connection is not reused.
-        return Err(Box::new(answer(ex, state, plan)));
-    }
+    // The plugins first, then the policy, which sees what they left (DESIGN.md, "The request
+    // path"). A replaced response drops the upstream body unread; its connection is not reused.
     if let Some(p) = &plan.plugins
         && let ResponsePlan::Replace(plan) =
             decide::plugins_on_response(p, &route.name, status, &mut parts.headers)
+    {
+        return Err(Box::new(answer(ex, state, plan)));
+    }
+    if let Some(run) = &plan.policy
+        && let ResponsePlan::Replace(plan) =
+            decide::on_response(run, &mut status, &mut parts.headers)
     {
         return Err(Box::new(answer(ex, state, plan)));
     }
