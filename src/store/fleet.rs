@@ -29,6 +29,10 @@ pub const TTL: Duration = Duration::from_secs(15);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait before a lost subscription is made again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+/// The heads subscription is pinged this often: a subscription only waits, so one whose
+/// connection was black-holed would otherwise never notice; a ping unanswered within
+/// [`CALL_TIMEOUT`] makes a new subscription.
+pub const HEADS_PING_EVERY: Duration = Duration::from_secs(3);
 /// A replica whose entry is this old missed a refresh: it is shown as stale until its entry
 /// expires at [`TTL`].
 pub const STALE_AFTER: Duration = Duration::from_secs(2 * REFRESH.as_secs());
@@ -415,10 +419,10 @@ impl Fleet {
             let subscribed = tokio::time::timeout(CALL_TIMEOUT, async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(pubsub)
+                Ok::<_, redis::RedisError>(pubsub.split())
             })
             .await;
-            let mut pubsub = match subscribed {
+            let (mut sink, mut messages) = match subscribed {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "fleet heads channel: subscribe failed; retrying");
@@ -435,39 +439,61 @@ impl Fleet {
                 let _ = reload.try_send(Trigger::Peer);
             }
             first = false;
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let Ok(payload) = msg.get_payload::<String>() else {
-                    continue;
+            let mut ping = tokio::time::interval(HEADS_PING_EVERY);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.tick().await;
+            loop {
+                let msg = tokio::select! {
+                    msg = messages.next() => msg,
+                    _ = ping.tick() => {
+                        match tokio::time::timeout(CALL_TIMEOUT, sink.ping::<redis::Value>()).await {
+                            Ok(Ok(_)) => continue,
+                            _ => break,
+                        }
+                    }
                 };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&payload) else {
-                    continue;
+                let Some(msg) = msg else {
+                    break;
                 };
-                if v.get("replica").and_then(|r| r.as_str()) == Some(self.replica.as_str()) {
-                    continue;
-                }
-                let sha = v.get("sha").and_then(|s| s.as_str());
-                let seen = sha.and_then(|sha| {
-                    let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                    s.seen(sha)
-                });
-                if let Some(why) = seen {
-                    tracing::debug!(sha, why, "head announced by another replica ignored");
-                    continue;
-                }
-                tracing::info!(
-                    sha,
-                    from = v.get("replica").and_then(|r| r.as_str()),
-                    "another replica saw a new head; fetching"
-                );
-                match reload.try_send(Trigger::Peer) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    _ => continue,
+                if !self.on_head(&msg, &reload) {
+                    return;
                 }
             }
-            tracing::debug!("fleet heads channel lost; subscribing again");
+            tracing::debug!("fleet heads channel lost or silent; subscribing again");
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
         }
+    }
+
+    /// One message on the heads channel: a [`Trigger::Peer`] unless this replica sent it or
+    /// already applies or tried its commit. `false` once `reload` is closed.
+    fn on_head(&self, msg: &redis::Msg, reload: &mpsc::Sender<Trigger>) -> bool {
+        let Ok(payload) = msg.get_payload::<String>() else {
+            return true;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&payload) else {
+            return true;
+        };
+        if v.get("replica").and_then(|r| r.as_str()) == Some(self.replica.as_str()) {
+            return true;
+        }
+        let sha = v.get("sha").and_then(|s| s.as_str());
+        let seen = sha.and_then(|sha| {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.seen(sha)
+        });
+        if let Some(why) = seen {
+            tracing::debug!(sha, why, "head announced by another replica ignored");
+            return true;
+        }
+        tracing::info!(
+            sha,
+            from = v.get("replica").and_then(|r| r.as_str()),
+            "another replica saw a new head; fetching"
+        );
+        !matches!(
+            reload.try_send(Trigger::Peer),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
     }
 }
 

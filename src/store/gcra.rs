@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use redis::{ErrorKind, ServerErrorKind};
 use sha1::{Digest, Sha1};
 
@@ -55,7 +55,7 @@ pub struct Outcome {
 /// One check of `key` against `interval`/`burst`. On `NOSCRIPT` the script is loaded and the
 /// call made once more.
 pub async fn check(
-    mut conn: ConnectionManager,
+    mut conn: MultiplexedConnection,
     sha: &str,
     key: &[u8],
     interval: Duration,

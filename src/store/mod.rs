@@ -11,14 +11,19 @@
 
 pub mod fleet;
 pub mod gcra;
+pub mod link;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionInfo, IntoConnectionInfo, RedisResult};
+
+use link::Link;
 
 /// Time one rate-limit check may wait for the store (`timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(25);
@@ -31,6 +36,13 @@ pub const PAUSE_AFTER_ERROR: Duration = Duration::from_millis(250);
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Time a connection to the store gets to be established.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A store connection idle this long is probed by TCP keepalive; with [`TCP_USER_TIMEOUT`],
+/// a peer that vanished from the network (no RST) is given up within seconds, also on the
+/// heads subscription, which waits without a timeout of its own between its pings.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Data sent to the store and not acknowledged for this long closes the connection (Linux
+/// `TCP_USER_TIMEOUT`).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a limit does when the store cannot answer within its `timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,8 +103,8 @@ impl StoreSpec {
         crate::source::redact_url(&self.url)
     }
 
-    /// How redis-rs connects: the URL with the credentials from their secret references.
-    /// Parsing only; nothing is connected.
+    /// How redis-rs connects: the URL with the credentials from their secret references, and
+    /// the socket options of [`tcp_settings`]. Parsing only; nothing is connected.
     pub fn connection_info(&self) -> RedisResult<ConnectionInfo> {
         let info = self.url.as_str().into_connection_info()?;
         let mut redis = info.redis_settings().clone();
@@ -102,13 +114,30 @@ impl StoreSpec {
         if let Some(p) = &self.password {
             redis = redis.set_password(p);
         }
-        Ok(info.set_redis_settings(redis))
+        Ok(info
+            .set_redis_settings(redis)
+            .set_tcp_settings(tcp_settings()))
     }
 
     /// A key or channel name under this store's prefix.
     pub fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.key_prefix)
     }
+}
+
+/// Socket options of every store connection: no Nagle delay on the small commands, keepalive
+/// probes and `TCP_USER_TIMEOUT`, so that a peer gone from the network fails the connection
+/// instead of leaving it open forever.
+pub fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_IDLE);
+    let settings = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(TCP_USER_TIMEOUT);
+    settings
 }
 
 /// `rustygate_rate_limit_store_errors_total{route,reason}` and
@@ -161,6 +190,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected answer: {0}")]
     Answer(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
 }
 
 impl StoreError {
@@ -169,18 +200,18 @@ impl StoreError {
         match self {
             StoreError::Timeout(_) => "timeout",
             StoreError::Paused => "unavailable",
-            StoreError::Redis(_) | StoreError::Answer(_) => "error",
+            StoreError::Redis(_) | StoreError::Answer(_) | StoreError::Connect(_) => "error",
         }
     }
 }
 
-/// A live store: one multiplexed connection (redis-rs `ConnectionManager`, which reconnects by
-/// itself), shared by every limit of the process that uses this spec.
+/// A live store: one multiplexed connection ([`Link`]), shared by every limit of the process
+/// that uses this spec, and replaced when a call times out or fails on it.
 pub struct Store {
     pub spec: Arc<StoreSpec>,
-    client: Option<redis::Client>,
-    /// Made on first use, inside the runtime that first uses it (its reconnects run there).
-    conn: OnceLock<Option<ConnectionManager>>,
+    /// `None` when the URL cannot be opened at all. Connections are made on first use, inside
+    /// the runtime that first uses them (their reading task runs there).
+    link: Option<Link>,
     started: Instant,
     /// Milliseconds since `started` before which calls are skipped.
     paused_until: AtomicU64,
@@ -201,10 +232,23 @@ impl Store {
                 None
             }
         };
+        let link = client.map(|client| {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(None);
+            Link::new(Arc::new(move || {
+                let (client, config) = (client.clone(), config.clone());
+                Box::pin(async move {
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(|e| Arc::from(e.to_string()))
+                })
+            }))
+        });
         Store {
             spec,
-            client,
-            conn: OnceLock::new(),
+            link,
             started: Instant::now(),
             paused_until: AtomicU64::new(0),
             logged_at: AtomicU64::new(u64::MAX),
@@ -217,47 +261,37 @@ impl Store {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The connection, made lazily: `None` only when the store cannot be opened at all.
-    pub fn connection(&self) -> Option<ConnectionManager> {
-        self.conn
-            .get_or_init(|| {
-                let client = self.client.clone()?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(None)
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500));
-                match ConnectionManager::new_lazy_with_config(client, config) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::error!(url = %self.spec.shown_url(), error = %e, "rate-limit store cannot be opened");
-                        None
-                    }
-                }
-            })
-            .clone()
-    }
-
-    /// Runs `call` on the store within the spec's timeout, unless the store is paused after an
-    /// error. A failure pauses the store for [`PAUSE_AFTER_ERROR`] and is logged (throttled).
+    /// Runs `call` on the store within the spec's timeout (connecting included), unless the
+    /// store is paused after an error. A failure pauses the store for [`PAUSE_AFTER_ERROR`] and
+    /// is logged (throttled); one that says the connection is stalled or broken (a timeout, an
+    /// I/O error) also replaces the connection, at once: Redis answers in order, so every later
+    /// call on it would queue behind the reply that did not come.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         if self.now_ms() < self.paused_until.load(Ordering::Relaxed) {
             return Err(StoreError::Paused);
         }
-        let Some(conn) = self.connection() else {
+        let Some(link) = &self.link else {
             return Err(StoreError::Answer("the store cannot be opened".into()));
         };
         let timeout = self.spec.timeout;
-        let r = match tokio::time::timeout(timeout, call(conn)).await {
+        let mut used = None;
+        let attempt = async {
+            let (generation, conn) = link.get().await?;
+            used = Some(generation);
+            call(conn).await
+        };
+        let r = match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(timeout)),
         };
         if let Err(e) = &r {
+            if let Some(generation) = used.filter(|_| link::connection_failed(e)) {
+                link.replace(generation);
+            }
             self.paused_until.store(
                 self.now_ms() + PAUSE_AFTER_ERROR.as_millis() as u64,
                 Ordering::Relaxed,
@@ -298,17 +332,20 @@ impl Store {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let Some(mut conn) = self.connection() else {
+        if self.link.is_none() {
             return;
-        };
+        }
+        let store = Arc::clone(self);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                CONNECT_TIMEOUT * 2,
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
+                let (_, mut conn) = store.link.as_ref()?.get().await.ok()?;
                 redis::cmd("SCRIPT")
                     .arg("LOAD")
                     .arg(gcra::SCRIPT)
-                    .query_async::<String>(&mut conn),
-            )
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            })
             .await;
         });
     }

@@ -164,12 +164,7 @@ impl SharedLimiter {
 
     /// Counts the failure and lets `on_store_error` decide.
     fn on_error(&self, key: &KeyValue, e: &StoreError) -> Decision {
-        let reason = match e {
-            StoreError::Timeout(_) => REASONS[0],
-            StoreError::Paused => REASONS[2],
-            StoreError::Redis(_) | StoreError::Answer(_) => REASONS[1],
-        };
-        self.errors.inc_by(reason, 1);
+        self.errors.inc_by(e.reason(), 1);
         self.fallback(key)
     }
 
