@@ -216,3 +216,171 @@ fn a_black_holed_store_connection_is_replaced() {
         holed.elapsed()
     );
 }
+
+/// What a [`FakeRedis`] answers `EVALSHA` with.
+#[derive(Clone, Copy, Debug)]
+enum Huge {
+    /// `$1000000000`, then bytes.
+    Bulk,
+    /// `*100000000`, then `:1` after `:1`.
+    Array,
+}
+
+/// One huge answer a [`FakeRedis`] streamed: bytes written, and whether the gateway closed
+/// the connection (a write failed) before the fake gave up.
+#[derive(Debug, Clone, Copy)]
+struct Streamed {
+    bytes: usize,
+    closed_by_gateway: bool,
+}
+
+/// Most a [`FakeRedis`] streams in one answer, and for how long at most.
+const FAKE_LIMIT: usize = 256 << 20;
+const FAKE_FOR: Duration = Duration::from_secs(30);
+
+/// A hostile Redis: answers `+OK` to every command (the handshake, `SCRIPT LOAD`) except
+/// `EVALSHA`, which it answers with a reply declaring itself huge and then streams, until the
+/// gateway closes the connection or [`FAKE_LIMIT`] / [`FAKE_FOR`].
+struct FakeRedis {
+    addr: SocketAddr,
+    streamed: Arc<Mutex<Vec<Streamed>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl FakeRedis {
+    fn start(mode: Huge) -> FakeRedis {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streamed: Arc<Mutex<Vec<Streamed>>> = Arc::default();
+        let log = Arc::clone(&streamed);
+        rt.spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(fake_session(conn, mode, Arc::clone(&log)));
+            }
+        });
+        FakeRedis {
+            addr,
+            streamed,
+            _rt: rt,
+        }
+    }
+
+    fn streamed(&self) -> Vec<Streamed> {
+        self.streamed.lock().unwrap().clone()
+    }
+}
+
+/// The first command in `buf` (a RESP array of bulk strings) and its length, if complete.
+fn command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(i64, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(buf.get(at + 1..end)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((n, end + 2))
+    }
+    let (n, mut at) = line(buf, 0)?;
+    let mut args = Vec::new();
+    for _ in 0..n {
+        let (len, start) = line(buf, at)?;
+        let end = start + usize::try_from(len).ok()?;
+        args.push(buf.get(start..end)?.to_vec());
+        at = end + 2;
+    }
+    (buf.len() >= at).then_some((args, at))
+}
+
+async fn fake_session(mut conn: TcpStream, mode: Huge, log: Arc<Mutex<Vec<Streamed>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        while let Some((args, used)) = command(&buf) {
+            buf.drain(..used);
+            let name = args.first().map(|a| a.to_ascii_uppercase());
+            if name.as_deref() != Some(b"EVALSHA".as_slice()) {
+                if conn.write_all(b"+OK\r\n").await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let (head, body): (&[u8], Vec<u8>) = match mode {
+                Huge::Bulk => (b"$1000000000\r\n", vec![b'A'; 64 * 1024]),
+                Huge::Array => (b"*100000000\r\n", b":1\r\n".repeat(16 * 1024)),
+            };
+            let started = Instant::now();
+            let mut sent = 0;
+            let mut closed_by_gateway = conn.write_all(head).await.is_err();
+            while !closed_by_gateway && sent < FAKE_LIMIT && started.elapsed() < FAKE_FOR {
+                match conn.write_all(&body).await {
+                    Ok(()) => sent += body.len(),
+                    Err(_) => closed_by_gateway = true,
+                }
+            }
+            log.lock().unwrap().push(Streamed {
+                bytes: sent,
+                closed_by_gateway,
+            });
+            return;
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A store answering with a reply that declares itself huge (a bulk string of 1 GB, an array
+/// of 100M integers) and streams it: the gateway drops the connection after what its cap
+/// allows (the fake sees its socket closed long before it has streamed much), the check takes
+/// `on_store_error`, and a route without a limit is answered meanwhile.
+#[test]
+fn a_huge_store_reply_drops_the_connection_at_the_cap() {
+    for mode in [Huge::Bulk, Huge::Array] {
+        let fake = FakeRedis::start(mode);
+        let gw = Gateway::start(&[
+            (
+                "gateway.toml",
+                &format!(
+                    "[rate_limit_store]\nurl = \"redis://{}/\"\ntimeout = \"2s\"\non_store_error = \"deny\"\n",
+                    fake.addr
+                ),
+            ),
+            (
+                "routes/main.toml",
+                "[[route]]\nname = \"free\"\npath = \"/free\"\nrespond = { status = 200, body = \"ok\" }\n\n\
+                 [[route]]\nname = \"shared\"\npath = \"/shared\"\nrespond = { status = 200, body = \"ok\" }\n\
+                 rate_limit = { requests = 100, per = \"1h\", key = \"route\", store = \"redis\" }\n",
+            ),
+        ]);
+        let addr = gw.addr;
+        let free = std::thread::spawn(move || {
+            (0..40)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_millis(25));
+                    let text = raw(
+                        addr,
+                        b"GET /free HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                    );
+                    text.get(9..12).unwrap_or("").to_owned()
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(gw.get("/shared").0, 429, "{mode:?}: on_store_error = deny");
+        let free = free.join().unwrap();
+        assert!(free.iter().all(|s| s == "200"), "{mode:?}: {free:?}");
+        assert!(
+            wait_until(Duration::from_secs(40), || !fake.streamed().is_empty()),
+            "{mode:?}: the fake never finished streaming"
+        );
+        let s = fake.streamed()[0];
+        eprintln!("{mode:?}: {s:?}");
+        assert!(s.closed_by_gateway, "{mode:?}: {s:?}");
+        assert!(s.bytes < 32 << 20, "{mode:?}: the gateway read {s:?}");
+    }
+}

@@ -409,15 +409,17 @@ impl Fleet {
         let channel = spec.key("heads");
         let mut first = true;
         loop {
-            let client = match spec.connection_info().and_then(redis::Client::open) {
+            let info = match spec.connection_info() {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot follow the fleet's heads channel");
                     return;
                 }
             };
+            // The subscription's messages are capped like every reply (`socket::Capped`).
             let subscribed = tokio::time::timeout(CALL_TIMEOUT, async {
-                let mut pubsub = client.get_async_pubsub().await?;
+                let stream = super::socket::connect(&info).await?;
+                let mut pubsub = redis::aio::PubSub::new(info.redis_settings(), stream).await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(pubsub.split())
             })

@@ -15,11 +15,30 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use futures_util::future::Shared;
+use redis::ConnectionInfo;
 use redis::aio::MultiplexedConnection;
 
-use super::StoreError;
+use super::{CONNECT_TIMEOUT, StoreError, socket};
 
-type Connected = Result<MultiplexedConnection, Arc<str>>;
+/// A connection, and the task reading its replies: that task is stopped (and the socket
+/// closed) when the link lets go of the connection, even while calls still hold clones of it
+/// (theirs then fail at once). redis-rs would otherwise keep reading until every call in flight
+/// had its answer, which a stalled or hostile store never gives.
+#[derive(Clone)]
+struct Live {
+    conn: MultiplexedConnection,
+    _reader: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Connected = Result<Live, Arc<str>>;
 type Connecting = Shared<Pin<Box<dyn Future<Output = Connected> + Send>>>;
 
 /// Where the link stands. `generation` counts the connections retired so far: a caller that
@@ -27,24 +46,45 @@ type Connecting = Shared<Pin<Box<dyn Future<Output = Connected> + Send>>>;
 enum State {
     Idle,
     Connecting(Connecting),
-    Ready(MultiplexedConnection),
+    Ready(Live),
 }
-
-/// Makes one connection to the store (connects, authenticates, selects the database).
-pub type Connect =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Connected> + Send>> + Send + Sync + 'static>;
 
 /// One multiplexed connection to the store, made lazily and replaced after a failure.
 pub struct Link {
-    connect: Connect,
+    info: ConnectionInfo,
     state: Mutex<(u64, State)>,
 }
 
 impl Link {
-    pub fn new(connect: Connect) -> Link {
+    pub fn new(info: ConnectionInfo) -> Link {
         Link {
-            connect,
+            info,
             state: Mutex::new((0, State::Idle)),
+        }
+    }
+
+    /// Connects (socket, TLS, `AUTH`, `SELECT`) within [`CONNECT_TIMEOUT`], replies capped
+    /// ([`socket::Capped`]), and starts the task that reads them.
+    async fn connect(info: ConnectionInfo) -> Connected {
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let stream = socket::connect(&info).await?;
+            let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+            let (conn, reader) =
+                MultiplexedConnection::new_with_config(info.redis_settings(), stream, config)
+                    .await?;
+            let reader = Arc::new(AbortOnDrop(tokio::spawn(reader)));
+            Ok::<_, redis::RedisError>(Live {
+                conn,
+                _reader: reader,
+            })
+        })
+        .await;
+        match made {
+            Ok(Ok(live)) => Ok(live),
+            Ok(Err(e)) => Err(Arc::from(e.to_string())),
+            Err(_) => Err(Arc::from(format!(
+                "no connection within {CONNECT_TIMEOUT:?}"
+            ))),
         }
     }
 
@@ -57,10 +97,10 @@ impl Link {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let generation = s.0;
             match &s.1 {
-                State::Ready(c) => return Ok((generation, c.clone())),
+                State::Ready(live) => return Ok((generation, live.conn.clone())),
                 State::Connecting(f) => (generation, f.clone()),
                 State::Idle => {
-                    let attempt = tokio::spawn((self.connect)());
+                    let attempt = tokio::spawn(Link::connect(self.info.clone()));
                     let f: Pin<Box<dyn Future<Output = Connected> + Send>> = Box::pin(async move {
                         attempt
                             .await
@@ -80,7 +120,7 @@ impl Link {
                 Err(_) => State::Idle,
             };
         }
-        r.map(|c| (generation, c))
+        r.map(|live| (generation, live.conn))
             .map_err(|e| StoreError::Connect(e.to_string()))
     }
 

@@ -12,13 +12,13 @@
 pub mod fleet;
 pub mod gcra;
 pub mod link;
+pub mod socket;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionInfo, IntoConnectionInfo, RedisResult};
@@ -223,8 +223,8 @@ pub struct Store {
 
 impl Store {
     pub fn new(spec: Arc<StoreSpec>, metrics: StoreMetrics) -> Store {
-        let client = match spec.connection_info().and_then(redis::Client::open) {
-            Ok(c) => Some(c),
+        let link = match spec.connection_info() {
+            Ok(info) => Some(Link::new(info)),
             Err(e) => {
                 // compile checked the URL; a store that cannot be opened answers every call
                 // with an error, and the limits apply `on_store_error`.
@@ -232,20 +232,6 @@ impl Store {
                 None
             }
         };
-        let link = client.map(|client| {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(None);
-            Link::new(Arc::new(move || {
-                let (client, config) = (client.clone(), config.clone());
-                Box::pin(async move {
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                        .map_err(|e| Arc::from(e.to_string()))
-                })
-            }))
-        });
         Store {
             spec,
             link,
