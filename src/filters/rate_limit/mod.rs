@@ -83,8 +83,9 @@ pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyValue {
     Ip(IpAddr),
-    /// Up to [`MAX_KEY_BYTES`]; build with [`KeyValue::text`].
-    Text(Box<str>),
+    /// Up to [`MAX_KEY_BYTES`], the value's bytes as they came (a header value need not be
+    /// UTF-8: `a\xff`, `a\xfe` and `a\u{FFFD}` are three keys); build with [`KeyValue::text`].
+    Text(Box<[u8]>),
     /// The SHA-256 of a longer key. A separate variant, so a short key can never equal a digest.
     Digest([u8; 32]),
     Whole,
@@ -97,7 +98,7 @@ impl KeyValue {
         if bytes.len() > MAX_KEY_BYTES {
             KeyValue::Digest(Sha256::digest(bytes).into())
         } else {
-            KeyValue::Text(String::from_utf8_lossy(bytes).into())
+            KeyValue::Text(bytes.into())
         }
     }
 
@@ -622,7 +623,7 @@ mod tests {
     #[test]
     fn burst_then_limited_with_retry_after() {
         let l = LocalLimiter::new(&spec(3, Duration::from_secs(60), 3)).unwrap();
-        let k = KeyValue::Text("a".into());
+        let k = KeyValue::text(b"a");
         for expected in [2, 1, 0] {
             assert_eq!(
                 l.check(&k),
@@ -649,7 +650,7 @@ mod tests {
         }
         // Other keys have their own bucket.
         assert!(matches!(
-            l.check(&KeyValue::Text("b".into())),
+            l.check(&KeyValue::text(b"b")),
             Decision::Allowed { .. }
         ));
     }

@@ -113,7 +113,7 @@ impl SharedLimiter {
             KeyValue::Ip(ip) => k.extend_from_slice(format!("ip:{ip}").as_bytes()),
             KeyValue::Text(t) => {
                 k.extend_from_slice(b"t:");
-                k.extend_from_slice(t.as_bytes());
+                k.extend_from_slice(t);
             }
             KeyValue::Digest(d) => k.extend_from_slice(format!("d:{}", hex::encode(d)).as_bytes()),
             KeyValue::Whole => k.extend_from_slice(b"all"),
@@ -207,7 +207,7 @@ mod tests {
         for i in 0..MAX_OVER_LIMIT_KEYS as u32 {
             cache.insert(&KeyValue::Ip(i.to_be_bytes().into()), soon, now);
         }
-        let extra = KeyValue::Text("extra".into());
+        let extra = KeyValue::text(b"extra");
         cache.insert(&extra, later, now);
         assert_eq!(cache.len(), MAX_OVER_LIMIT_KEYS, "full: not remembered");
         assert_eq!(cache.until(&extra, now), None);
