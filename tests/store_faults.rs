@@ -224,6 +224,9 @@ enum Huge {
     Bulk,
     /// `*100000000`, then `:1` after `:1`.
     Array,
+    /// Not huge, but without bounds: the first check on a connection "limited, retry after
+    /// i64::MAX µs", every later one "allowed".
+    Forever,
 }
 
 /// One huge answer a [`FakeRedis`] streamed: bytes written, and whether the gateway closed
@@ -240,7 +243,8 @@ const FAKE_FOR: Duration = Duration::from_secs(30);
 
 /// A hostile Redis: answers `+OK` to every command (the handshake, `SCRIPT LOAD`) except
 /// `EVALSHA`, which it answers with a reply declaring itself huge and then streams, until the
-/// gateway closes the connection or [`FAKE_LIMIT`] / [`FAKE_FOR`].
+/// gateway closes the connection or [`FAKE_LIMIT`] / [`FAKE_FOR`] (or as [`Huge::Forever`]
+/// says).
 struct FakeRedis {
     addr: SocketAddr,
     streamed: Arc<Mutex<Vec<Streamed>>>,
@@ -299,19 +303,31 @@ fn command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
 async fn fake_session(mut conn: TcpStream, mode: Huge, log: Arc<Mutex<Vec<Streamed>>>) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
+    let mut checks = 0;
     loop {
         while let Some((args, used)) = command(&buf) {
             buf.drain(..used);
             let name = args.first().map(|a| a.to_ascii_uppercase());
-            if name.as_deref() != Some(b"EVALSHA".as_slice()) {
-                if conn.write_all(b"+OK\r\n").await.is_err() {
+            let answer: &[u8] = match (name.as_deref() == Some(b"EVALSHA".as_slice()), mode) {
+                (false, _) => b"+OK\r\n",
+                (true, Huge::Forever) if checks == 0 => {
+                    b"*4\r\n:0\r\n:0\r\n:9223372036854775807\r\n:9223372036854775807\r\n"
+                }
+                (true, Huge::Forever) => b"*4\r\n:1\r\n:0\r\n:0\r\n:1000\r\n",
+                (true, _) => b"",
+            };
+            if name.as_deref() == Some(b"EVALSHA".as_slice()) {
+                checks += 1;
+            }
+            if !answer.is_empty() {
+                if conn.write_all(answer).await.is_err() {
                     return;
                 }
                 continue;
             }
             let (head, body): (&[u8], Vec<u8>) = match mode {
                 Huge::Bulk => (b"$1000000000\r\n", vec![b'A'; 64 * 1024]),
-                Huge::Array => (b"*100000000\r\n", b":1\r\n".repeat(16 * 1024)),
+                _ => (b"*100000000\r\n", b":1\r\n".repeat(16 * 1024)),
             };
             let started = Instant::now();
             let mut sent = 0;
@@ -383,4 +399,46 @@ fn a_huge_store_reply_drops_the_connection_at_the_cap() {
         assert!(s.closed_by_gateway, "{mode:?}: {s:?}");
         assert!(s.bytes < 32 << 20, "{mode:?}: the gateway read {s:?}");
     }
+}
+
+/// A store answering "limited, retry after i64::MAX µs" (292,000 years) is held to what the
+/// limit can answer: `Retry-After` at most one emission interval (`per ÷ requests`), and the
+/// key is asked about again once it is over, not remembered as over its limit for good.
+#[test]
+fn a_store_retry_after_is_held_to_what_the_limit_allows() {
+    let fake = FakeRedis::start(Huge::Forever);
+    let gw = Gateway::start(&[
+        (
+            "gateway.toml",
+            &format!(
+                "[rate_limit_store]\nurl = \"redis://{}/\"\ntimeout = \"2s\"\non_store_error = \"deny\"\n",
+                fake.addr
+            ),
+        ),
+        (
+            "routes/main.toml",
+            "[[route]]\nname = \"shared\"\npath = \"/shared\"\nrespond = { status = 200, body = \"ok\" }\n\
+             rate_limit = { requests = 2, per = \"4s\", burst = 2, key = \"route\", store = \"redis\" }\n",
+        ),
+    ]);
+    let head = raw(
+        gw.addr,
+        b"GET /shared HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a Retry-After header");
+    assert!(
+        retry_after <= 2,
+        "Retry-After: {retry_after} (interval 2 s)"
+    );
+    // The fake now allows: the key is asked about again once its (held) retry time is over.
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.get("/shared").0 == 200),
+        "the key stayed over its limit"
+    );
 }

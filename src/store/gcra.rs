@@ -89,11 +89,17 @@ pub async fn check(
     let &[allowed, remaining, retry_after, reset] = answer.as_slice() else {
         return Err(StoreError::Answer(format!("{answer:?}")));
     };
-    let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+    // Held to what the script can answer for this limit, whatever the store says (a hostile
+    // or confused store, a clock that jumped back): a refused request may retry within one
+    // emission interval, the bucket is full again within `burst` intervals. An unbounded
+    // answer would set `Retry-After` to centuries and keep the key in the over-limit cache.
+    let burst = burst.max(1);
+    let full = interval.saturating_mul(burst);
+    let us = |v: i64, max: Duration| Duration::from_micros(v.max(0) as u64).min(max);
     Ok(Outcome {
         allowed: allowed == 1,
-        remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
-        retry_after: us(retry_after),
-        reset: us(reset),
+        remaining: remaining.clamp(0, i64::from(burst)) as u32,
+        retry_after: us(retry_after, interval),
+        reset: us(reset, full),
     })
 }
