@@ -22,11 +22,14 @@ pub(super) const ENTRIES: usize = 4096;
 /// its `exp` says (and for tokens without `exp`, when a provider allows them).
 pub const MAX_AGE_SECS: u64 = 300;
 
-/// A token's `exp` and `nbf` as whole seconds since the epoch.
+/// A token's `exp`, `nbf` and `iat` as whole seconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Window {
     exp: Option<u64>,
     nbf: Option<u64>,
+    /// When the token says it was issued: one from the future (beyond the leeway) is not yet
+    /// valid, as PyJWT has it (`ImmatureSignatureError`).
+    iat: Option<u64>,
 }
 
 /// Reads a NumericDate (RFC 7519 §2): a non-negative JSON number, fractions allowed (PyJWT
@@ -56,16 +59,19 @@ impl Window {
         Ok(Window {
             exp: numeric_date(claims.get("exp"), false)?,
             nbf: numeric_date(claims.get("nbf"), true)?,
+            iat: numeric_date(claims.get("iat"), true)?,
         })
     }
 
     /// Whether the token is valid at `now` (seconds), allowing `leeway` seconds of clock skew
-    /// either way: expired when `now > exp + leeway`, not yet valid when `now + leeway < nbf`.
+    /// either way: expired when `now > exp + leeway`, not yet valid when `now + leeway < nbf`
+    /// or `now + leeway < iat`.
     pub(super) fn check(&self, now: u64, leeway: u64) -> Result<(), AuthError> {
         if self.exp.is_some_and(|exp| now > exp.saturating_add(leeway)) {
             return Err(AuthError::Expired);
         }
-        if self.nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+        let not_before = self.nbf.max(self.iat);
+        if not_before.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
             return Err(AuthError::NotYetValid);
         }
         Ok(())
@@ -201,6 +207,7 @@ mod tests {
         let w = Window {
             exp: Some(100),
             nbf: Some(50),
+            iat: None,
         };
         assert_eq!(w.check(105, 5), Ok(()));
         assert_eq!(w.check(106, 5), Err(AuthError::Expired));
@@ -209,6 +216,7 @@ mod tests {
         let never = Window {
             exp: Some(u64::MAX),
             nbf: None,
+            iat: None,
         };
         assert_eq!(never.check(u64::MAX, u64::MAX), Ok(()));
     }

@@ -5,7 +5,7 @@
 //! Oversized tokens are refused before any crypto, and so is a header whose `crit` names an
 //! extension (RFC 7515 §4.1.11: we implement none, so we cannot honour any). Keys are static
 //! (secret or PEM) or come from a JWKS URL through [`super::jwks::JwksCache`], which outlives
-//! snapshots. `exp` and `nbf` are judged here, not by `jsonwebtoken`, by the one reading the
+//! snapshots. `exp`, `nbf` and `iat` are judged here, not by `jsonwebtoken`, by the one reading the
 //! verified-token cache uses too (see [`cache`]).
 
 mod cache;
@@ -246,6 +246,15 @@ impl JwtProvider {
                 (claims, Some(used))
             }
         };
+        // RFC 7519 §4.1.1: `iss` is one StringOrURI. jsonwebtoken also takes an array and
+        // matches any entry of it; here anything but a string (or `null`, absent) is
+        // malformed, whether issuers are configured or not.
+        if claims
+            .get("iss")
+            .is_some_and(|v| !matches!(v, Value::String(_) | Value::Null))
+        {
+            return Err(AuthError::Malformed);
+        }
         let window = cache::Window::read(&claims)?;
         window.check(now, self.validation.leeway)?;
         for rule in &self.rules {

@@ -291,3 +291,60 @@ fn cached_and_uncached_verdicts_agree_at_every_instant() {
         "the cache answered {answered_from_cache} times: the test must exercise it"
     );
 }
+
+/// RFC 7519 and PyJWT: `iss` is one string (an array naming the issuer is not it), `iat` a
+/// NumericDate, and an `iat` beyond the leeway in the future is not yet valid (PyJWT's
+/// ImmatureSignatureError), cached or not.
+#[test]
+fn iss_must_be_a_string_and_iat_a_date_not_in_the_future() {
+    let v = |p: &JwtProvider, c: serde_json::Value| {
+        block_on(p.verify(&token(Algorithm::HS256, c, SECRET)))
+    };
+    let p = provider(vec![]);
+    let mut without_issuers = validation(5, true);
+    without_issuers.iss = None;
+    without_issuers.set_required_spec_claims(&["aud", "exp"]);
+    let lax = provider_with(vec![], without_issuers);
+    for bad_iss in [
+        serde_json::json!(["https://issuer.test"]),
+        serde_json::json!(["https://issuer.test", "https://other.test"]),
+        serde_json::json!(42),
+        serde_json::json!({"iss": "https://issuer.test"}),
+    ] {
+        let mut c = good_claims();
+        c["iss"] = bad_iss.clone();
+        // With issuers configured jsonwebtoken itself calls some of these missing; refused
+        // either way.
+        assert!(v(&p, c.clone()).is_err(), "{bad_iss}");
+        assert_eq!(
+            v(&lax, c),
+            Err(AuthError::Malformed),
+            "no issuers: {bad_iss}"
+        );
+    }
+    for bad_iat in [
+        serde_json::json!("x"),
+        serde_json::json!("1700000000"),
+        serde_json::json!(-1),
+        serde_json::json!(true),
+    ] {
+        let mut c = good_claims();
+        c["iat"] = bad_iat.clone();
+        assert_eq!(v(&p, c), Err(AuthError::Malformed), "{bad_iat}");
+    }
+    let mut c = good_claims();
+    c["iat"] = (now() + 86_400).into();
+    assert_eq!(v(&p, c), Err(AuthError::NotYetValid), "a day ahead");
+    // Within the leeway (5 s), now, in the past, fractional, or null: fine.
+    for ok_iat in [
+        serde_json::json!(now() + 3),
+        serde_json::json!(now()),
+        serde_json::json!(now() - 3600),
+        serde_json::json!(now() as f64 - 0.5),
+        serde_json::Value::Null,
+    ] {
+        let mut c = good_claims();
+        c["iat"] = ok_iat.clone();
+        assert!(v(&p, c).is_ok(), "{ok_iat}");
+    }
+}
