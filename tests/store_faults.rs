@@ -442,3 +442,67 @@ fn a_store_retry_after_is_held_to_what_the_limit_allows() {
         "the key stayed over its limit"
     );
 }
+
+/// Anyone who can publish on the heads channel can flood it: a replica logs the first
+/// announcement, then at most one line per 10 s carrying how many it left out, instead of a
+/// line per message.
+#[test]
+fn a_flood_on_the_heads_channel_logs_one_line_per_interval() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init_bare(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    commit_files(
+        &repo,
+        "main",
+        &as_refs(&fleet_files(&redis.url(), "v1")),
+        "v1",
+    );
+    let (gws, _caches) = GatewayProcess::replicas(&url, &["a"], &[]);
+    let lines = || {
+        gws[0]
+            .logs
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("another replica saw a new head") && l.contains("INFO"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let mut conn = redis.conn();
+    let mut publish = |i: usize| -> i64 {
+        let message = format!(r#"{{"replica":"elsewhere","sha":"{i:040x}"}}"#);
+        redis::cmd("PUBLISH")
+            .arg("rustygate:heads")
+            .arg(message)
+            .query(&mut conn)
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || publish(0) == 1),
+        "the replica never subscribed"
+    );
+    for i in 1..200 {
+        publish(i);
+    }
+    assert!(wait_until(Duration::from_secs(5), || !lines().is_empty()));
+    // The next line comes an interval after the first, with the count of those left out.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            publish(1000);
+            std::thread::sleep(Duration::from_millis(500));
+            lines().len() >= 2
+        }),
+        "{:?}",
+        lines()
+    );
+    let lines = lines();
+    assert!(lines.len() <= 3, "{} lines: {lines:?}", lines.len());
+    assert!(
+        lines[1].contains("\"heads_since_last_log\":")
+            && !lines[1].contains("\"heads_since_last_log\":0"),
+        "{lines:?}"
+    );
+}

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use super::{Store, StoreError, StoreMetrics, StoreSpec};
 use crate::snapshot::SnapshotStore;
 use crate::source::reload::{ReloadStatus, Trigger};
+use crate::telemetry::throttle::LogThrottle;
 
 /// A replica's entry is written at least this often.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -157,6 +158,9 @@ pub struct Fleet {
     /// Woken after every reload attempt (see `Reloader::with_notify`).
     pub changed: Arc<Notify>,
     current: Mutex<Option<Arc<Store>>>,
+    /// "another replica saw a new head": anyone who can publish on the channel can send
+    /// thousands a second, so one line per [`super::LOG_EVERY`], with the count left out.
+    heads_log: LogThrottle,
 }
 
 impl Fleet {
@@ -180,6 +184,7 @@ impl Fleet {
             gauge,
             changed: Arc::new(Notify::new()),
             current: Mutex::new(None),
+            heads_log: LogThrottle::new(super::LOG_EVERY),
         }
     }
 
@@ -487,11 +492,17 @@ impl Fleet {
             tracing::debug!(sha, why, "head announced by another replica ignored");
             return true;
         }
-        tracing::info!(
-            sha,
-            from = v.get("replica").and_then(|r| r.as_str()),
-            "another replica saw a new head; fetching"
-        );
+        let from = v.get("replica").and_then(|r| r.as_str());
+        match self.heads_log.due() {
+            Some(left_out) => tracing::info!(
+                sha,
+                from,
+                heads_since_last_log = left_out,
+                "another replica saw a new head; fetching (logged at most every {}s)",
+                super::LOG_EVERY.as_secs()
+            ),
+            None => tracing::debug!(sha, from, "another replica saw a new head; fetching"),
+        }
         !matches!(
             reload.try_send(Trigger::Peer),
             Err(mpsc::error::TrySendError::Closed(_))

@@ -23,6 +23,7 @@ use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionInfo, IntoConnectionInfo, RedisResult};
 
+use crate::telemetry::throttle::LogThrottle;
 use link::Link;
 
 /// Time one rate-limit check may wait for the store (`timeout`).
@@ -215,9 +216,8 @@ pub struct Store {
     started: Instant,
     /// Milliseconds since `started` before which calls are skipped.
     paused_until: AtomicU64,
-    /// Milliseconds since `started` of the last error log line (`u64::MAX`: none yet).
-    logged_at: AtomicU64,
-    unlogged: AtomicU64,
+    /// Error lines: one per [`LOG_EVERY`].
+    log: LogThrottle,
     pub metrics: StoreMetrics,
 }
 
@@ -237,8 +237,7 @@ impl Store {
             link,
             started: Instant::now(),
             paused_until: AtomicU64::new(0),
-            logged_at: AtomicU64::new(u64::MAX),
-            unlogged: AtomicU64::new(0),
+            log: LogThrottle::new(LOG_EVERY),
             metrics,
         }
     }
@@ -289,16 +288,7 @@ impl Store {
 
     /// One warning per [`LOG_EVERY`] at most, counting the errors in between.
     pub fn log_error(&self, e: &StoreError) {
-        let now = self.now_ms();
-        let last = self.logged_at.load(Ordering::Relaxed);
-        let due = last == u64::MAX || now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64;
-        if due
-            && self
-                .logged_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let more = self.unlogged.swap(0, Ordering::Relaxed);
+        if let Some(more) = self.log.due() {
             tracing::warn!(
                 url = %self.spec.shown_url(),
                 error = %e,
@@ -307,8 +297,6 @@ impl Store {
                 "the shared store did not answer; rate-limit checks apply on_store_error (logged at most every {}s)",
                 LOG_EVERY.as_secs()
             );
-        } else {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -387,33 +375,5 @@ mod tests {
         assert_eq!(s.shown_url(), "redis://127.0.0.1:6379/1");
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2pw"), "{debug}");
-    }
-
-    #[test]
-    fn errors_are_logged_once_per_interval_and_counted_in_between() {
-        let mut store = Store::new(
-            Arc::new(spec("redis://127.0.0.1/")),
-            StoreMetrics::default(),
-        );
-        // A store opened two intervals ago.
-        store.started = Instant::now()
-            .checked_sub(LOG_EVERY * 2)
-            .unwrap_or(store.started);
-        let e = StoreError::Timeout(DEFAULT_TIMEOUT);
-        store.log_error(&e);
-        let first = store.logged_at.load(Ordering::Relaxed);
-        assert_ne!(first, u64::MAX, "the first error is logged");
-        for _ in 0..99 {
-            store.log_error(&e);
-        }
-        assert_eq!(store.unlogged.load(Ordering::Relaxed), 99, "the rest wait");
-        assert_eq!(store.logged_at.load(Ordering::Relaxed), first);
-        // An interval later the next one is logged, with the count, which starts over.
-        store.logged_at.store(
-            first.saturating_sub(LOG_EVERY.as_millis() as u64),
-            Ordering::Relaxed,
-        );
-        store.log_error(&e);
-        assert_eq!(store.unlogged.load(Ordering::Relaxed), 0);
     }
 }

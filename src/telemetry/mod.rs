@@ -12,6 +12,7 @@ pub mod latency;
 pub mod metrics;
 pub mod recorder;
 pub mod sink;
+pub mod throttle;
 pub mod trace;
 pub mod traffic;
 
