@@ -16,6 +16,28 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A listener on 127.0.0.1:0 running `session` for each connection, on a runtime of its own
+/// (kept alive by the caller).
+fn serve<F, Fut>(session: F) -> (SocketAddr, tokio::runtime::Runtime)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(session(conn));
+        }
+    });
+    (addr, rt)
+}
+
 /// A TCP proxy in front of `upstream` that can black-hole every connection open at one
 /// moment: their bytes are dropped both ways and their sockets kept open, like a path whose
 /// peer vanished without a reset. Connections opened later are forwarded.
@@ -27,26 +49,20 @@ struct BlackHoleProxy {
 
 impl BlackHoleProxy {
     fn start(upstream: u16) -> BlackHoleProxy {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
         let open: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
         let list = Arc::clone(&open);
-        rt.spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+        let (addr, rt) = serve(move |client| {
+            let list = Arc::clone(&list);
+            async move {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    continue;
+                    return;
                 };
                 let hole = Arc::new(AtomicBool::new(false));
                 list.lock().unwrap().push(Arc::clone(&hole));
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::spawn(pump(cr, sw, Arc::clone(&hole)));
-                tokio::spawn(pump(sr, cw, hole));
+                pump(sr, cw, hole).await;
             }
         });
         BlackHoleProxy {
@@ -111,6 +127,28 @@ fn fleet_files(store_url: &str, body: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A bare repository whose `main` holds `files`, and one replica `a` of it (`--poll 0`).
+struct OneReplica {
+    gw: GatewayProcess,
+    repo: git2::Repository,
+    _dirs: (tempfile::TempDir, Vec<tempfile::TempDir>),
+}
+
+impl OneReplica {
+    fn start(files: &[(&'static str, String)]) -> OneReplica {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init_bare(dir.path()).unwrap();
+        let url = format!("file://{}", dir.path().display());
+        commit_files(&repo, "main", &as_refs(files), "v1");
+        let (mut gws, caches) = GatewayProcess::replicas(&url, &["a"], &[]);
+        OneReplica {
+            gw: gws.remove(0),
+            repo,
+            _dirs: (dir, caches),
+        }
+    }
+}
+
 fn status_of(gw: &GatewayProcess, path: &str) -> u16 {
     gw.get(path).map_or(0, |(s, _)| s)
 }
@@ -138,17 +176,8 @@ fn a_black_holed_store_connection_is_replaced() {
         return;
     };
     let proxy = BlackHoleProxy::start(redis.port);
-    let dir = tempfile::tempdir().unwrap();
-    let repo = git2::Repository::init_bare(dir.path()).unwrap();
-    let url = format!("file://{}", dir.path().display());
-    commit_files(
-        &repo,
-        "main",
-        &as_refs(&fleet_files(&proxy.url(), "v1")),
-        "v1",
-    );
-    let (gws, _caches) = GatewayProcess::replicas(&url, &["a"], &[]);
-    let gw = &gws[0];
+    let one = OneReplica::start(&fleet_files(&proxy.url(), "v1"));
+    let (gw, repo) = (&one.gw, &one.repo);
     assert!(
         wait_until(Duration::from_secs(10), || status_of(gw, "/shared") == 200),
         "the store never answered a check"
@@ -194,7 +223,7 @@ fn a_black_holed_store_connection_is_replaced() {
 
     // The heads subscription was black-holed too: a head announced now is still followed.
     let v2 = commit_files(
-        &repo,
+        repo,
         "main",
         &as_refs(&fleet_files(&proxy.url(), "v2")),
         "v2",
@@ -253,25 +282,24 @@ struct FakeRedis {
 
 impl FakeRedis {
     fn start(mode: Huge) -> FakeRedis {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
         let streamed: Arc<Mutex<Vec<Streamed>>> = Arc::default();
         let log = Arc::clone(&streamed);
-        rt.spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(fake_session(conn, mode, Arc::clone(&log)));
-            }
-        });
+        let (addr, rt) = serve(move |conn| fake_session(conn, mode, Arc::clone(&log)));
         FakeRedis {
             addr,
             streamed,
             _rt: rt,
         }
+    }
+
+    /// A gateway with `routes` whose store is this fake (`timeout = "2s"`,
+    /// `on_store_error = "deny"`).
+    fn gateway(&self, routes: &str) -> Gateway {
+        let store = format!(
+            "[rate_limit_store]\nurl = \"redis://{}/\"\ntimeout = \"2s\"\non_store_error = \"deny\"\n",
+            self.addr
+        );
+        Gateway::start(&[("gateway.toml", &store), ("routes/main.toml", routes)])
     }
 
     fn streamed(&self) -> Vec<Streamed> {
@@ -359,21 +387,11 @@ async fn fake_session(mut conn: TcpStream, mode: Huge, log: Arc<Mutex<Vec<Stream
 fn a_huge_store_reply_drops_the_connection_at_the_cap() {
     for mode in [Huge::Bulk, Huge::Array] {
         let fake = FakeRedis::start(mode);
-        let gw = Gateway::start(&[
-            (
-                "gateway.toml",
-                &format!(
-                    "[rate_limit_store]\nurl = \"redis://{}/\"\ntimeout = \"2s\"\non_store_error = \"deny\"\n",
-                    fake.addr
-                ),
-            ),
-            (
-                "routes/main.toml",
+        let gw = fake.gateway(
                 "[[route]]\nname = \"free\"\npath = \"/free\"\nrespond = { status = 200, body = \"ok\" }\n\n\
                  [[route]]\nname = \"shared\"\npath = \"/shared\"\nrespond = { status = 200, body = \"ok\" }\n\
                  rate_limit = { requests = 100, per = \"1h\", key = \"route\", store = \"redis\" }\n",
-            ),
-        ]);
+        );
         let addr = gw.addr;
         let free = std::thread::spawn(move || {
             (0..40)
@@ -407,20 +425,10 @@ fn a_huge_store_reply_drops_the_connection_at_the_cap() {
 #[test]
 fn a_store_retry_after_is_held_to_what_the_limit_allows() {
     let fake = FakeRedis::start(Huge::Forever);
-    let gw = Gateway::start(&[
-        (
-            "gateway.toml",
-            &format!(
-                "[rate_limit_store]\nurl = \"redis://{}/\"\ntimeout = \"2s\"\non_store_error = \"deny\"\n",
-                fake.addr
-            ),
-        ),
-        (
-            "routes/main.toml",
+    let gw = fake.gateway(
             "[[route]]\nname = \"shared\"\npath = \"/shared\"\nrespond = { status = 200, body = \"ok\" }\n\
              rate_limit = { requests = 2, per = \"4s\", burst = 2, key = \"route\", store = \"redis\" }\n",
-        ),
-    ]);
+    );
     let head = raw(
         gw.addr,
         b"GET /shared HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -451,18 +459,9 @@ fn a_flood_on_the_heads_channel_logs_one_line_per_interval() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let repo = git2::Repository::init_bare(dir.path()).unwrap();
-    let url = format!("file://{}", dir.path().display());
-    commit_files(
-        &repo,
-        "main",
-        &as_refs(&fleet_files(&redis.url(), "v1")),
-        "v1",
-    );
-    let (gws, _caches) = GatewayProcess::replicas(&url, &["a"], &[]);
+    let one = OneReplica::start(&fleet_files(&redis.url(), "v1"));
     let lines = || {
-        gws[0]
+        one.gw
             .logs
             .lock()
             .unwrap()
