@@ -624,3 +624,110 @@ fn one_webhook_makes_every_replica_serve_the_new_commit_within_2s() {
         gws[0].logs.lock().unwrap()
     );
 }
+
+/// A private CA and a `localhost` server certificate it issued, as PEM files in a new directory:
+/// `ca.pem`, `cert.pem`, `key.pem`.
+fn store_pki() -> tempfile::TempDir {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "rustygate store test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    dir
+}
+
+/// `rediss://`: the gateway's own TLS connection to a real `redis-server` speaking TLS shares a
+/// limit, and a store whose certificate the system's roots do not vouch for is refused (the
+/// check fails as `on_store_error` says) rather than trusted.
+#[test]
+fn a_tls_store_is_verified_and_shares_limits() {
+    if !RedisServer::installed() {
+        return;
+    }
+    let pki = store_pki();
+    let file = |n: &str| pki.path().join(n).to_str().unwrap().to_owned();
+    let tls_port = dead_port();
+    let tls_port_text = tls_port.to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+    // The plain port stays open for the test's own reads; the gateway is given the TLS one.
+    let redis = RedisServer::start_on(
+        dead_port(),
+        &[
+            "--tls-port",
+            &tls_port_text,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let store = format!(
+        "url = \"rediss://localhost:{tls_port}/\"\ntimeout = \"1s\"\non_store_error = \"deny\"\nkey_prefix = \"tls:\""
+    );
+    let files = repo_of(
+        &store,
+        &[(
+            "tls",
+            "{ requests = 3, per = \"1h\", key = \"route\", store = \"redis\" }",
+        )],
+    );
+    let repo_dir = repo(&as_refs(&files));
+    let repo_path = repo_dir.path().to_str().unwrap();
+
+    // The private CA as the only root (rustls-native-certs reads SSL_CERT_FILE): verified.
+    let trusting = GatewayProcess::start(&["--repo", repo_path], &[("SSL_CERT_FILE", &ca)]);
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| trusting.get("/tls").map_or(0, |(s, _)| s))
+        .collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "{}",
+        trusting.logs.lock().unwrap()
+    );
+    // The route's bucket and the replica's fleet entry, written over TLS.
+    let keys = redis.keys("tls:*");
+    assert!(
+        keys.iter().any(|k| k.starts_with("tls:rl:tls:")),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.starts_with("tls:fleet:")), "{keys:?}");
+
+    // The same store without that root: the handshake fails, the check is a store error and
+    // `deny` answers 429 from the first request; nothing is written to Redis.
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut redis.conn())
+        .unwrap();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("none.pem"), "").unwrap();
+    let none = other.path().join("none.pem");
+    let refusing = GatewayProcess::start(
+        &["--repo", repo_path],
+        &[("SSL_CERT_FILE", none.to_str().unwrap())],
+    );
+    let first = refusing.get("/tls").map_or(0, |(s, _)| s);
+    assert_eq!(first, 429, "{}", refusing.logs.lock().unwrap());
+    assert!(redis.keys("tls:*").is_empty(), "nothing reached Redis");
+}
