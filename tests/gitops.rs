@@ -414,6 +414,50 @@ fn directory_source_reloads_when_files_change() {
     assert_eq!(gw.get("/").unwrap().1, "v2");
 }
 
+/// A broken edit of a directory, then reverted: the content is the applied version again, so
+/// nothing is compiled. `/status` said `attempted: {ok: false}` and `rustygate status` exited 1
+/// for ever, while `rustygate_config_last_reload_successful` was 1. All three say it is fine.
+#[test]
+fn a_reverted_broken_edit_of_a_directory_is_the_last_attempt_no_more() {
+    let dir = repo(&as_refs(&config("v1")));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let applied = gw.status()["applied"]["sha"].clone();
+    write_files(dir.path(), &[("routes/main.toml", "[[route]\nname = ")]);
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["ok"] == false
+    ));
+    assert_eq!(rustygate_status(&gw, &[]).0, Some(1));
+    write_files(dir.path(), &as_refs(&config("v1")));
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.status()["attempted"]["ok"]
+            == true),
+        "{}",
+        gw.status()
+    );
+    let st = gw.status();
+    assert_eq!(st["attempted"]["sha"], applied, "{st}");
+    assert_eq!(st["applied"]["sha"], applied, "{st}");
+    assert_eq!(st["attempted"]["errors"], serde_json::json!([]), "{st}");
+    assert_eq!(
+        gw.metric("rustygate_config_last_reload_successful"),
+        Some(1.0)
+    );
+    let (code, out) = rustygate_status(&gw, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    // The broken edit, back again, is a new failed attempt, not skipped as seen before.
+    write_files(dir.path(), &[("routes/main.toml", "[[route]\nname = ")]);
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || gw.status()["attempted"]["ok"] == false
+    ));
+    assert_eq!(
+        gw.metric("rustygate_config_last_reload_successful"),
+        Some(0.0)
+    );
+    assert_eq!(gw.get("/").unwrap().1, "v1");
+}
+
 #[test]
 fn config_swaps_under_load_fail_no_request() {
     let be = Backend::fixed(200, "from backend");

@@ -376,6 +376,7 @@ impl Reloader {
                 {
                     status.attempted = Some(before);
                 }
+                status.back_to_applied(&version_id, trigger, now);
                 self.metrics
                     .last_reload_ok(status.failed.as_deref() != Some(version_id.as_str()));
                 tracing::debug!(trigger, trace_id, span_id, version = %version_id, "config unchanged");

@@ -137,6 +137,31 @@ impl ReloadStatus {
         });
     }
 
+    /// A reload found the applied version again after an attempt at another one (a broken
+    /// edit of a directory reverted, a branch reset to the served commit): nothing is compiled,
+    /// and that version, served, is the last attempt. The failure recorded before no longer
+    /// stands, so `/status`, `rustygate status` and `rustygate_config_last_reload_successful`
+    /// agree; the failed version, should it come back, is compiled again.
+    pub(super) fn back_to_applied(&mut self, found: &str, trigger: &'static str, now: SystemTime) {
+        let Some(applied) = self.applied.as_ref().filter(|a| a.sha == found) else {
+            return;
+        };
+        if self.attempted.as_ref().and_then(|a| a.sha.as_deref()) == Some(found) {
+            return;
+        }
+        self.attempted = Some(Attempted {
+            sha: Some(found.to_owned()),
+            ok: true,
+            trigger,
+            at: rfc3339(now),
+            errors: serde_json::Value::Array(Vec::new()),
+            errors_total: 0,
+            reason: None,
+            signer: applied.signer.clone(),
+        });
+        self.failed = None;
+    }
+
     /// Whether `sha` is the version being served or the last one tried (successful or not).
     /// A push for such a commit cannot change what a reload would do, so the webhook endpoints
     /// answer it without queueing one, whatever its delivery id.
