@@ -4,7 +4,7 @@
 # backend_conf DIR PORT: writes DIR/backend.conf, an nginx that answers every path on
 # 127.0.0.1:PORT with 200 "hello from backend\n" (19 bytes), keep-alive, no access log, one
 # worker, daemonised with its pid in DIR/backend.pid. Start it with `nginx -c DIR/backend.conf`
-# and stop it by that pid. The same backend as ../shared/bench/compare.sh's.
+# and stop it by that pid. The same backend as bench/compare.sh's.
 backend_conf() {
   cat >"$1/backend.conf" <<CONF
 worker_processes 1; pid $1/backend.pid; error_log $1/backend.err; daemon on;
@@ -16,7 +16,7 @@ CONF
 }
 
 # proxy_conf DIR PORT BACKEND_PORT [DIRECTIVES]: writes DIR/proxy.conf, nginx as a reverse proxy
-# on 127.0.0.1:PORT to the backend on BACKEND_PORT as ../shared/bench/compare.sh configures it
+# on 127.0.0.1:PORT to the backend on BACKEND_PORT as bench/compare.sh configures it
 # (one worker, upstream keep-alive, no access log), with DIRECTIVES added to its location. Its
 # pid goes to DIR/proxy.pid; no `daemon` directive, so each script chooses with `-g`.
 proxy_conf() {

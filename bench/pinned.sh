@@ -4,7 +4,7 @@
 # gateway. Per round: throughput, and the proxy's CPU time per request (user and system, from
 # /proc), and how idle each CPU was. With a core of its own the proxy is busy most of the round,
 # so throughput follows what it costs, not how three processes happened to share two cores (which
-# is what moves ../shared/bench/compare.sh from round to round). Prints the medians and the ratios
+# is what moves bench/compare.sh from round to round). Prints the medians and the ratios
 # gateway/nginx.
 #
 # usage: bench/pinned.sh [--rounds N] [--duration S] [--conns N] [-- extra serve flags]

@@ -1,29 +1,29 @@
 #!/usr/bin/env bash
-# Gateway command for ../shared/bench/compare.sh: writes a config repo that proxies every path to
+# Gateway command for bench/compare.sh: writes a config repo that proxies every path to
 # http://127.0.0.1:$BACKEND_PORT (exported by compare.sh) and serves it on 127.0.0.1:18080.
-#   ../shared/bench/compare.sh -- bench/serve-for-compare.sh [extra serve flags]
+#   bench/compare.sh -- bench/serve-for-compare.sh [extra serve flags]
 # FILTERS=1 puts JWT auth (HS256), a rate limit too high to trigger and CORS on the route; the
 # client must then send a token and an Origin, e.g.:
 #   export JWT_BENCH_SECRET=$(head -c 32 /dev/urandom | base64)
-#   FILTERS=1 ../shared/bench/compare.sh --header "Authorization: Bearer $(bench/jwt-token.sh)" \
+#   FILTERS=1 bench/compare.sh --header "Authorization: Bearer $(bench/jwt-token.sh)" \
 #     --header "Origin: https://app.example.com" -- bench/serve-for-compare.sh
 # TARGETS=2 gives the upstream two targets (the backend twice) with health checks every second;
 # BALANCE=least_connections (or random_two_choices) picks another balancer.
 # POLICY=1 puts the typical policy of issue #4 (bench/typical.rhai) on the route; send the headers
 # it reads so its condition holds:
-#   POLICY=1 ../shared/bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
+#   POLICY=1 bench/compare.sh --header "x-tenant: acme" --header "x-api-version: 2" \
 #     -- bench/serve-for-compare.sh
 # PLUGIN=1 puts the example WASM plugin (examples/plugins, proxy-wasm ABI) on the route: it adds
 # X-RustyGate-Plugin to every response (issue #16: ratio to plain >= 0.85):
-#   PLUGIN=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
+#   PLUGIN=1 bench/compare.sh -- bench/serve-for-compare.sh
 # TRACE_RATIO=r turns [tracing] on with sample_ratio r, exporting to $TRACE_ENDPOINT (default
 # http://127.0.0.1:4318/v1/traces; bench/otlp-discard.py answers there and drops what it gets):
-#   bench/otlp-discard.py & TRACE_RATIO=1 ../shared/bench/compare.sh -- bench/serve-for-compare.sh
+#   bench/otlp-discard.py & TRACE_RATIO=1 bench/compare.sh -- bench/serve-for-compare.sh
 # LIMIT=local puts a rate limit too high to trigger on the route (in-process GCRA, governor);
 # LIMIT=redis the same limit with store = "redis", in the Redis at $REDIS_URL (default
 # redis://127.0.0.1:6379/; issue #18: ratio to LIMIT=local >= 0.7 on 1 worker):
 #   redis-server --port 6379 --save '' --appendonly no &
-#   LIMIT=redis ../shared/bench/compare.sh -- bench/serve-for-compare.sh
+#   LIMIT=redis bench/compare.sh -- bench/serve-for-compare.sh
 # LIMIT_REQUESTS=1 LIMIT_PER=1h makes the limit trigger after one request (a flood of 429s:
 # served from the over-limit cache with LIMIT=redis); ON_STORE_ERROR=allow|deny|local sets
 # on_store_error (stop Redis to measure it). compare.sh needs 2xx answers: drive those with wrk.
