@@ -101,3 +101,117 @@ fn every_example_compiles_without_errors_or_warnings() {
         );
     }
 }
+
+/// The committed schema of a file kind (`routes`, `upstreams`, ...), compiled by a draft
+/// 2020-12 validator.
+fn committed_schema(kind: &str) -> (boon::Schemas, boon::SchemaIndex) {
+    let path = root().join("schema").join(format!("{kind}.schema.json"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    let url = format!("file:///{kind}.schema.json");
+    compiler.add_resource(&url, value).unwrap();
+    let index = compiler.compile(&url, &mut schemas).unwrap();
+    (schemas, index)
+}
+
+/// Whether the committed schema of `kind` accepts the TOML text `file`.
+fn schema_accepts(kind: &str, file: &str) -> bool {
+    let (schemas, index) = committed_schema(kind);
+    let value: serde_json::Value = toml::from_str(file).unwrap();
+    schemas.validate(&value, index).is_ok()
+}
+
+/// Whether `validate` accepts a repo of `files` (secrets not resolved), and what it said.
+fn validate_accepts(files: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let opts = CompileOptions {
+        resolve_secrets: false,
+        ..CompileOptions::default()
+    };
+    let c = compile_dir(dir.path(), &opts).unwrap();
+    (
+        c.diagnostics.error_count() == 0,
+        c.diagnostics.render_human(&c.files),
+    )
+}
+
+const UPSTREAM_U: &str = "[upstream.u]\ntargets = [\"http://127.0.0.1:9\"]\n";
+
+/// One config file, checked against its committed schema and with `validate`.
+struct Case {
+    what: String,
+    accepted: bool,
+    /// `routes`, `upstreams`, `gateway` or `tests`: the schema and the folder.
+    kind: &'static str,
+    file: String,
+    /// The rest of the repo.
+    others: Vec<(&'static str, String)>,
+}
+
+impl Case {
+    /// A route `r` on the prefix `/r` served by the upstream `u`, with `extra` lines.
+    fn route(accepted: bool, extra: &str) -> Case {
+        Case::route_file(
+            accepted,
+            extra,
+            format!("[[route]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"u\"\n{extra}\n"),
+        )
+    }
+
+    /// A route file written out in full, with the upstream `u` beside it.
+    fn route_file(accepted: bool, what: &str, file: String) -> Case {
+        Case {
+            what: what.to_owned(),
+            accepted,
+            kind: "routes",
+            file,
+            others: vec![("upstreams/u.toml", UPSTREAM_U.to_owned())],
+        }
+    }
+}
+
+/// The schema is a promise about what `validate` accepts: an editor that shows no error must
+/// not be contradicted by CI, and the other way round. Each case is checked against both.
+#[test]
+fn the_schema_and_validate_agree() {
+    let mut cases = Vec::new();
+    for (d, ok) in [
+        ("250ms", true),
+        ("5s", true),
+        ("1m 30s", true),
+        ("1m30s", true),
+        ("1.5s", false),
+        ("5sec", false),
+        ("5 seconds", false),
+        ("1y", false),
+        ("5", false),
+    ] {
+        cases.push(Case::route(ok, &format!("timeout = {d:?}")));
+    }
+    let mut disagree = Vec::new();
+    for c in &cases {
+        let path = format!("{}/case.toml", c.kind);
+        let mut files: Vec<(&str, &str)> = vec![(path.as_str(), c.file.as_str())];
+        files.extend(c.others.iter().map(|(n, t)| (*n, t.as_str())));
+        let by_schema = schema_accepts(c.kind, &c.file);
+        let (by_validate, said) = validate_accepts(&files);
+        if by_schema != c.accepted || by_validate != c.accepted {
+            disagree.push(format!(
+                "{}: expected {}, schema {}, validate {}\n{}{said}",
+                c.what,
+                if c.accepted { "accepted" } else { "refused" },
+                if by_schema { "accepts" } else { "refuses" },
+                if by_validate { "accepts" } else { "refuses" },
+                c.file,
+            ));
+        }
+    }
+    assert!(disagree.is_empty(), "\n{}", disagree.join("\n"));
+}

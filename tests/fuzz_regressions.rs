@@ -18,14 +18,15 @@ fn now() -> u64 {
 
 /// config_compile: a `leeway` longer than the time since 1970 compiled, and the verifier then
 /// computed `now - leeway` and overflowed: a panic with overflow checks, and every token
-/// "expired" without them. Input: fuzz/regressions/config_compile/jwt-leeway-overflow.
+/// "expired" without them. Input: fuzz/regressions/config_compile/jwt-leeway-overflow (there
+/// `"100y"`: `y` is not a duration unit, so it is written here in days).
 #[test]
 
 fn a_jwt_leeway_beyond_the_epoch_is_refused_or_verifies_without_overflow() {
     let repo = common::repo(&[
         (
             "gateway.toml",
-            "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = { env = \"FUZZ_UNSET_SECRET\" }\nleeway = \"100y\"\n",
+            "[auth.idp]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = { env = \"FUZZ_UNSET_SECRET\" }\nleeway = \"36500d\"\n",
         ),
         (
             "routes/a.toml",
@@ -62,18 +63,19 @@ fn a_jwt_leeway_beyond_the_epoch_is_refused_or_verifies_without_overflow() {
 /// config_compile: `total_timeout = "300000000000y"` compiled, and every request on the route
 /// then panicked in `Instant::now() + total_timeout` (the client got an empty reply; seen by
 /// hand against `rustygate serve`). Input:
-/// fuzz/regressions/config_compile/total-timeout-instant-overflow.
+/// fuzz/regressions/config_compile/total-timeout-instant-overflow (there `"300000000000y"`: `y`
+/// is not a duration unit, so it is written here in hours).
 #[test]
 
 fn a_timeout_past_the_clock_range_is_refused() {
     let repo = common::repo(&[
         (
             "routes/a.toml",
-            "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"u\"\ntotal_timeout = \"300000000000y\"\n",
+            "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"u\"\ntotal_timeout = \"300000000000h\"\n",
         ),
         (
             "upstreams/u.toml",
-            "[upstream.u]\ntargets = [\"http://127.0.0.1:1\"]\nidle_timeout = \"300000000000y\"\n",
+            "[upstream.u]\ntargets = [\"http://127.0.0.1:1\"]\nidle_timeout = \"300000000000h\"\n",
         ),
     ]);
     let compiled = compile_dir(repo.path(), &CompileOptions::default()).unwrap();

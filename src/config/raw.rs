@@ -12,7 +12,8 @@ use serde::{Deserialize, Deserializer};
 
 use super::Spanned;
 
-/// A duration written as text: `"250ms"`, `"5s"`, `"1m"`, `"1h 30m"`.
+/// A duration written as text: `"250ms"`, `"5s"`, `"1m"`, `"1h 30m"` (the grammar is
+/// [`super::units::parse_duration`]'s, and so is the schema's pattern).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct DurationText(pub String);
@@ -24,8 +25,8 @@ impl JsonSchema for DurationText {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "A duration: a number and a unit (ms, s, m, h), e.g. \"250ms\", \"5s\", \"1m\".",
-            "pattern": "^\\s*[0-9]+\\s*(ns|us|ms|s|m|h|d)(\\s*[0-9]+\\s*(ns|us|ms|s|m|h|d))*\\s*$"
+            "description": "A duration: a whole number and a unit (ns, us, ms, s, m, h, d), or several, e.g. \"250ms\", \"5s\", \"1m\", \"1m 30s\".",
+            "pattern": super::units::duration_pattern()
         })
     }
 }
