@@ -195,9 +195,128 @@ fn the_schema_and_validate_agree() {
     ] {
         cases.push(Case::route(ok, &format!("timeout = {d:?}")));
     }
+    let route = |name: &str, lines: &str| format!("[[route]]\nname = {name:?}\n{lines}\n");
+    for (ok, what, lines) in [
+        (true, "path", "path = \"/r/{id}\"\nupstream = \"u\""),
+        (
+            false,
+            "path and prefix",
+            "path = \"/r\"\nprefix = \"/r\"\nupstream = \"u\"",
+        ),
+        (false, "neither path nor prefix", "upstream = \"u\""),
+        (
+            false,
+            "upstream and respond",
+            "prefix = \"/r\"\nupstream = \"u\"\nrespond = { status = 200 }",
+        ),
+        (false, "neither upstream nor respond", "prefix = \"/r\""),
+        (
+            false,
+            "prefix without /",
+            "prefix = \"r\"\nupstream = \"u\"",
+        ),
+        (false, "path without /", "path = \"r\"\nupstream = \"u\""),
+        (
+            false,
+            "prefix with a param",
+            "prefix = \"/r/{id}\"\nupstream = \"u\"",
+        ),
+    ] {
+        cases.push(Case::route_file(ok, what, route("r", lines)));
+    }
+    cases.push(Case::route_file(
+        false,
+        "a route name with a space",
+        route("my route", "prefix = \"/r\"\nupstream = \"u\""),
+    ));
+    cases.push(Case::route_file(
+        true,
+        "a route name of letters, digits, -, _ and .",
+        route("Orders-v2_b.1", "prefix = \"/r\"\nupstream = \"u\""),
+    ));
+    for (ok, line) in [
+        (
+            true,
+            "rate_limit = { requests = 10, per = \"1m\", key = \"route\" }",
+        ),
+        (
+            true,
+            "rate_limit = { requests = 10, per = \"1m\", key = \"header:x-api-key\" }",
+        ),
+        (
+            false,
+            "rate_limit = { requests = 10, per = \"1m\", key = \"bogus\" }",
+        ),
+        (
+            false,
+            "rate_limit = { requests = 10, per = \"1m\", key = \"header:\" }",
+        ),
+        (false, "rate_limit = { requests = 0, per = \"1m\" }"),
+        (
+            false,
+            "rate_limit = { requests = 10, per = \"1m\", burst = 0 }",
+        ),
+        (
+            false,
+            "rate_limit = { requests = 10, per = \"1m\", ipv6_prefix = 0 }",
+        ),
+        (
+            false,
+            "rate_limit = { requests = 10, per = \"1m\", ipv6_prefix = 129 }",
+        ),
+        (
+            true,
+            "retries = { attempts = 2, on = [\"connect_failure\", \"5xx\", \"503\"] }",
+        ),
+        (false, "retries = { attempts = 2, on = [\"sometimes\"] }"),
+        (false, "retries = { attempts = 2, on = [\"404\"] }"),
+        (true, "methods = [\"GET\", \"post\"]"),
+        (false, "methods = [\"FOO BAR\"]"),
+        (false, "methods = []"),
+        (true, "tracing = { sample_ratio = 0.5 }"),
+        (false, "tracing = { sample_ratio = 1.5 }"),
+        (false, "tracing = { sample_ratio = -0.1 }"),
+    ] {
+        cases.push(Case::route(ok, line));
+    }
+    for (ok, targets) in [
+        (
+            true,
+            "[\"http://127.0.0.1:9\", { url = \"HTTPS://127.0.0.1:9\", weight = 2 }]",
+        ),
+        (false, "[]"),
+        (false, "[\"ftp://127.0.0.1:9\"]"),
+        (false, "[{ url = \"ftp://127.0.0.1:9\" }]"),
+    ] {
+        cases.push(Case {
+            what: format!("targets = {targets}"),
+            accepted: ok,
+            kind: "upstreams",
+            file: format!("[upstream.u]\ntargets = {targets}\n"),
+            others: Vec::new(),
+        });
+    }
+    for (ratio, ok) in [("0.05", true), ("1.5", false)] {
+        cases.push(Case {
+            what: format!("[tracing] sample_ratio = {ratio}"),
+            accepted: ok,
+            kind: "gateway",
+            file: format!("[tracing]\nsample_ratio = {ratio}\n"),
+            others: vec![
+                (
+                    "routes/r.toml",
+                    route("r", "prefix = \"/r\"\nupstream = \"u\""),
+                ),
+                ("upstreams/u.toml", UPSTREAM_U.to_owned()),
+            ],
+        });
+    }
     let mut disagree = Vec::new();
     for c in &cases {
-        let path = format!("{}/case.toml", c.kind);
+        let path = match c.kind {
+            "gateway" => "gateway.toml".to_owned(),
+            kind => format!("{kind}/case.toml"),
+        };
         let mut files: Vec<(&str, &str)> = vec![(path.as_str(), c.file.as_str())];
         files.extend(c.others.iter().map(|(n, t)| (*n, t.as_str())));
         let by_schema = schema_accepts(c.kind, &c.file);
@@ -214,4 +333,33 @@ fn the_schema_and_validate_agree() {
         }
     }
     assert!(disagree.is_empty(), "\n{}", disagree.join("\n"));
+}
+
+/// Every config file of every example passes its schema, as it passes `validate`.
+#[test]
+fn every_example_file_matches_its_schema() {
+    let mut refused = Vec::new();
+    for dir in example_dirs() {
+        let mut files = vec![("gateway", dir.join("gateway.toml"))];
+        for kind in ["routes", "upstreams", "tests"] {
+            let Ok(entries) = std::fs::read_dir(dir.join(kind)) else {
+                continue;
+            };
+            for e in entries {
+                let path = e.unwrap().path();
+                if path.extension().is_some_and(|x| x == "toml") {
+                    files.push((kind, path));
+                }
+            }
+        }
+        for (kind, path) in files {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if !schema_accepts(kind, &text) {
+                refused.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(refused.is_empty(), "the schema refuses: {refused:?}");
 }

@@ -328,16 +328,24 @@ pub struct RoutesFile {
 /// One `[[route]]`: what requests it matches and what it does with them.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("allOf" = [
+    { "oneOf": [{ "required": ["path"] }, { "required": ["prefix"] }] },
+    { "oneOf": [{ "required": ["upstream"] }, { "required": ["respond"] }] }
+]))]
 pub struct RawRoute {
     /// Unique name, used in logs, metrics and tests.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,128}$"))]
     pub name: Spanned<String>,
     /// Host to match: exact (`api.example.com`) or wildcard suffix (`*.example.com`). Absent: any host.
     pub host: Option<Spanned<String>>,
     /// Exact path, with optional `{param}` segments: `/orders/{id}`.
+    #[schemars(regex(pattern = r"^/"))]
     pub path: Option<Spanned<String>>,
     /// Path prefix, matched on segment boundaries: `/orders` matches `/orders` and `/orders/7`.
+    #[schemars(regex(pattern = r"^/[^{}]*$"))]
     pub prefix: Option<Spanned<String>>,
     /// Methods to match (`GET`, `POST`, ...). Absent: every method.
+    #[schemars(length(min = 1), inner(regex(pattern = crate::router::methods_pattern())))]
     pub methods: Option<Spanned<Vec<Spanned<String>>>>,
     /// Name of the upstream that serves this route.
     pub upstream: Option<Spanned<String>>,
@@ -505,6 +513,7 @@ pub struct UpstreamsFile {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     /// `"http://host:port"` or `{ url = "http://host:port", weight = 2 }`.
+    #[schemars(length(min = 1))]
     pub targets: Spanned<Vec<Spanned<RawTarget>>>,
     /// How a target is picked.
     #[serde(default)]
@@ -638,6 +647,7 @@ pub struct RawRetryTable {
     pub attempts: Option<u32>,
     /// What is retried: `connect_failure` (default), `timeout`, `reset`, `5xx`, or status codes
     /// like `"503"`.
+    #[schemars(inner(regex(pattern = r"^(connect_failure|timeout|reset|5xx|\+?0*5[0-9]{2})$")))]
     pub on: Option<Spanned<Vec<Spanned<String>>>>,
     /// First backoff; doubles with each retry, with jitter (default "25ms").
     pub backoff: Option<Spanned<DurationText>>,
@@ -691,12 +701,16 @@ pub struct RawCircuitBreaker {
     pub max_pending: Option<Spanned<u32>>,
 }
 
+/// What the schema checks of a target URL: its scheme (`http` or `https`, in any case).
+const TARGET_URL_PATTERN: &str = "^[Hh][Tt][Tt][Pp][Ss]?://";
+
 /// A target: `"http://host:port"` or `{ url = "http://host:port", weight = 2 }`.
 #[derive(Debug, Clone, JsonSchema)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum RawTarget {
-    Url(String),
+    Url(#[schemars(regex(pattern = TARGET_URL_PATTERN))] String),
     Weighted {
+        #[schemars(regex(pattern = TARGET_URL_PATTERN))]
         url: String,
         /// Share of requests relative to the other targets (1-1000, default 1).
         #[serde(default = "default_weight")]
@@ -792,13 +806,18 @@ pub enum RawCorsRef {
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     /// Requests allowed per `per`.
+    #[schemars(range(min = 1))]
     pub requests: Option<u32>,
     /// The window, e.g. "1m".
     pub per: Option<DurationText>,
     /// Requests allowed at once after a quiet period (default: `requests`).
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
     /// `client_ip` (default), `route`, `header:<name>` or `claim:<name>`. A request without the
     /// header or claim counts by its client address.
+    #[schemars(regex(
+        pattern = r"^(client_ip|route|header:\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+\s*|claim:.*\S.*)$"
+    ))]
     pub key: Option<String>,
     /// `false` turns the limit off. On a route: the gateway default, for this route. In
     /// gateway.toml's `[rate_limit]`: the default, for every route that does not give its own
@@ -809,6 +828,7 @@ pub struct RawRateLimit {
     pub store: Option<RawLimitStore>,
     /// IPv6 clients are counted by this prefix length (default 64: one bucket per /64; 128
     /// counts each address).
+    #[schemars(range(min = 1, max = 128))]
     pub ipv6_prefix: Option<u8>,
 }
 

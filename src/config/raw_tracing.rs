@@ -33,6 +33,7 @@ pub struct RawTracing {
     pub compression: Option<RawCompression>,
     /// Share of new traces recorded, 0.0 to 1.0 (default 1.0; 0.05 is a common production
     /// value). Request ids and trace ids are logged for every request either way.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub sample_ratio: Option<Spanned<f64>>,
     /// Whether the `sampled` flag of a client's `traceparent` decides (default false: a client
     /// cannot make the gateway record its requests; its trace id is continued either way).
@@ -66,6 +67,7 @@ pub enum RawRouteTracing {
 #[serde(deny_unknown_fields)]
 pub struct RawRouteTracingTable {
     /// Overrides `[tracing] sample_ratio` for this route.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub sample_ratio: Option<f64>,
     /// Record the query string as `url.query` (default false: it often carries tokens).
     #[serde(default)]

@@ -32,6 +32,18 @@ pub const METHODS: [&str; 9] = [
 ];
 const METHOD_SLOTS: usize = METHODS.len() + 1;
 
+/// The methods a route may list, in any case, as an ECMA-262 regular expression for the JSON
+/// Schema (the compiler upper-cases a route's methods and looks them up in [`METHODS`]).
+pub fn methods_pattern() -> String {
+    let any_case = |m: &str| -> String {
+        m.chars()
+            .map(|c| format!("[{c}{}]", c.to_ascii_lowercase()))
+            .collect()
+    };
+    let methods: Vec<String> = METHODS.iter().map(|m| any_case(m)).collect();
+    format!("^({})$", methods.join("|"))
+}
+
 /// Table slot of a method.
 pub fn method_slot(method: &str) -> usize {
     METHODS
