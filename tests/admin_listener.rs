@@ -547,3 +547,55 @@ fn the_fleet_view_is_read_from_the_store_once_a_second_not_once_a_call() {
     let read = redis.calls("smembers") - before;
     assert!(read < 50, "{read} reads of the fleet for 100 calls");
 }
+
+/// The admin listener's warnings name the client as an address (`"peer":"127.0.0.1:5"`), not
+/// in Rust's debug form of an optional one (`"peer":"Some(127.0.0.1:5)"`, which log queries on
+/// the address never matched).
+#[test]
+fn admin_warnings_log_the_peer_address_itself() {
+    let dir = repo(&[(
+        "routes/main.toml",
+        "[[route]]\nname = \"home\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    )]);
+    let gw = common::GatewayProcess::start(
+        &["--repo", dir.path().to_str().unwrap(), "--poll", "0"],
+        &[
+            ("RUSTYGATE_ADMIN_TOKEN", "tok"),
+            ("RUSTYGATE_WEBHOOK_SECRET", "whsec"),
+        ],
+    );
+    let wrong = ("Authorization", "Bearer wrong");
+    let evil = ("Origin", "https://evil.example");
+    gw.admin_post("/admin/reload", &[wrong], b"");
+    gw.admin_post(
+        "/admin/reload",
+        &[("Authorization", "Bearer tok"), evil],
+        b"",
+    );
+    let gitlab = [("X-Gitlab-Token", "wrong"), ("X-Gitlab-Event", "Push Hook")];
+    gw.admin_post("/hooks/gitlab", &gitlab, b"{}");
+    gw.admin_post("/hooks/github", &[], b"{}");
+    common::http(&gw.admin, "GET", "/api/v1/status", &[wrong], b"");
+    let warnings = [
+        "admin call with a missing or wrong token",
+        "cross-site admin request refused",
+        "webhook with a missing or wrong signature or token",
+        "webhook without its signature or token header",
+        "dashboard API call with a missing or wrong token",
+    ];
+    let logs = || gw.logs.lock().unwrap().clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let logs = logs();
+            warnings.iter().all(|w| logs.contains(w))
+        }),
+        "{}",
+        logs()
+    );
+    for line in logs()
+        .lines()
+        .filter(|l| warnings.iter().any(|w| l.contains(w)))
+    {
+        assert!(line.contains("\"peer\":\"127.0.0.1:"), "{line}");
+    }
+}

@@ -286,7 +286,10 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
         return refusal;
     }
     if !secret_matches(token, given_token(&req)) {
-        tracing::warn!(peer = ?req.peer_addr(), "admin call with a missing or wrong token");
+        tracing::warn!(
+            peer = req.peer_addr().map(tracing::field::display),
+            "admin call with a missing or wrong token"
+        );
         let unauthorized = HttpResponse::Unauthorized()
             .insert_header(("www-authenticate", "Bearer"))
             .json(json!({ "message": "a valid bearer token is required" }));
@@ -326,7 +329,11 @@ fn webhook_refusal(
         ));
     };
     if !verify(secret) {
-        tracing::warn!(peer = ?req.peer_addr(), source, "webhook with a missing or wrong signature or token");
+        tracing::warn!(
+            peer = req.peer_addr().map(tracing::field::display),
+            source,
+            "webhook with a missing or wrong signature or token"
+        );
         return Some(auth_failed(
             req,
             state,
@@ -391,7 +398,11 @@ async fn webhook_body(
         ));
     }
     if header(req, auth_header).is_none_or(<[u8]>::is_empty) {
-        tracing::warn!(peer = ?req.peer_addr(), header = auth_header, "webhook without its signature or token header");
+        tracing::warn!(
+            peer = req.peer_addr().map(tracing::field::display),
+            header = auth_header,
+            "webhook without its signature or token header"
+        );
         let message = format!("the {auth_header} header is required");
         return Err(auth_failed(req, state, reply(401, &message)));
     }

@@ -78,7 +78,10 @@ impl BodyBudget {
         let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
         let acquire = Arc::clone(&self.permits).acquire_many_owned(permits);
         let Ok(Ok(permit)) = tokio::time::timeout(BUDGET_WAIT, acquire).await else {
-            tracing::warn!(peer = ?req.peer_addr(), "webhook refused: too many webhook bodies are being read");
+            tracing::warn!(
+                peer = req.peer_addr().map(tracing::field::display),
+                "webhook refused: too many webhook bodies are being read"
+            );
             let mut busy = super::admin::reply(
                 503,
                 "too many webhook bodies are being read at once; retry later",
@@ -192,7 +195,11 @@ pub(crate) fn cross_site(req: &HttpRequest) -> Option<HttpResponse> {
         !matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
     });
     (fetched_from_elsewhere || foreign_origin).then(|| {
-        tracing::warn!(peer = ?req.peer_addr(), path = req.path(), "cross-site admin request refused");
+        tracing::warn!(
+            peer = req.peer_addr().map(tracing::field::display),
+            path = req.path(),
+            "cross-site admin request refused"
+        );
         super::admin::reply(
             403,
             "cross-site requests are refused: this request came from a web page of another \

@@ -126,7 +126,11 @@ pub(crate) fn gate(req: &HttpRequest, state: &AdminState) -> Result<Access, Box<
             if secret_matches(token, given_token(req)) {
                 return Ok(Access::Token);
             }
-            tracing::warn!(peer = ?req.peer_addr(), path = req.path(), "dashboard API call with a missing or wrong token");
+            tracing::warn!(
+                peer = req.peer_addr().map(tracing::field::display),
+                path = req.path(),
+                "dashboard API call with a missing or wrong token"
+            );
             let unauthorized = HttpResponse::Unauthorized()
                 .insert_header(("www-authenticate", "Bearer"))
                 .insert_header(("cache-control", "no-store"))

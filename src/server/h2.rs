@@ -332,7 +332,7 @@ pub(crate) async fn serve<IO, S>(
                     if closing.is_none() && is_h2_calm_goaway(&e) {
                         metrics.http2_goaway.with_label_values(&["enhance_your_calm"]).inc();
                         tracing::info!(
-                            client = ?peer,
+                            client = peer.map(tracing::field::display),
                             reason = "enhance_your_calm",
                             error = %e,
                             "HTTP/2 connection sent GOAWAY"
@@ -348,7 +348,7 @@ pub(crate) async fn serve<IO, S>(
                     continue;
                 }
                 if closing.is_some() {
-                    tracing::debug!(client = ?peer, "HTTP/2 connection dropped after GOAWAY");
+                    tracing::debug!(client = peer.map(tracing::field::display), "HTTP/2 connection dropped after GOAWAY");
                     return;
                 }
                 let reason = if shared.started.get() { "idle" } else { "header_timeout" };
@@ -359,7 +359,7 @@ pub(crate) async fn serve<IO, S>(
             }
             () = shared.wake.notified(), if closing.is_none() => {
                 if let Some(reason) = shared.goaway.get() {
-                    tracing::info!(client = ?peer, reason, "HTTP/2 connection sent GOAWAY");
+                    tracing::info!(client = peer.map(tracing::field::display), reason, "HTTP/2 connection sent GOAWAY");
                     closing = goaway(reason, conn.as_mut());
                 }
             }
@@ -367,7 +367,7 @@ pub(crate) async fn serve<IO, S>(
             _ = stall_check.tick() => {
                 if shared.active.get() > 0 && shared.stalled(settings.send_timeout) {
                     metrics.client_timeouts.with_label_values(&["send"]).inc();
-                    tracing::debug!(client = ?peer, "HTTP/2 client took none of a response within the send timeout; closing");
+                    tracing::debug!(client = peer.map(tracing::field::display), "HTTP/2 client took none of a response within the send timeout; closing");
                     return;
                 }
             }
