@@ -1124,3 +1124,64 @@ fn http2_limits_are_checked_where_written() {
         ],
     );
 }
+
+/// A gateway.toml that does not load (here `plugins = [...]` written after `[plugin.tag]`,
+/// which makes it a key of that table) is one error. Its plugins, auth providers and CORS
+/// presets are unknown, but the routes naming them got "unknown plugin `tag`" (and auth,
+/// CORS) on top, as if they were not declared. A name declared nowhere is still reported.
+#[test]
+fn names_declared_in_a_gateway_toml_that_does_not_load_are_not_unknown() {
+    let gateway = "[plugin.tag]\nfile = \"plugins/tag.wasm\"\nsha256 = \"00\"\n\
+                   plugins = [{ name = \"tag\" }]\n\n\
+                   [auth.idp]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = \"k\"\n\n\
+                   [cors.public]\nallow_origins = [\"*\"]\n";
+    let routes = "[[route]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"orders\"\n\
+                  plugins = [{ name = \"tag\" }]\nauth = \"idp\"\ncors = \"public\"\n\n\
+                  [[route]]\nname = \"b\"\nprefix = \"/b\"\nupstream = \"orders\"\n\
+                  plugins = [{ name = \"tagg\" }]\n";
+    expect(
+        &[
+            ORDERS_UPSTREAM,
+            ("gateway.toml", gateway),
+            ("routes/a.toml", routes),
+        ],
+        &[
+            "error[unknown-key] gateway.toml:4:1",
+            "error[unknown-plugin] routes/a.toml:13:21",
+        ],
+    );
+}
+
+/// A TLS listener with `client_auth` whose own settings have an error is reported there; a
+/// route with `require_client_cert` also got "no listener verifies one", which the file
+/// contradicts. Without any listener with `client_auth` it is still an error.
+#[test]
+fn a_client_auth_listener_with_an_error_is_not_missing() {
+    let missing = std::env::temp_dir().join("rustygate-no-such-dir");
+    let file = |name: &str| missing.join(name).display().to_string();
+    let gateway = format!(
+        "[[listener]]\nname = \"mtls\"\naddress = \"127.0.0.1:8443\"\n\
+         tls = {{ certificates = [{{ cert = {{ file = {:?} }}, key = {{ file = {:?} }} }}], client_auth = {{ ca = {{ file = {:?} }} }} }}\n",
+        file("api.crt"),
+        file("api.key"),
+        file("ca.pem"),
+    );
+    let route = "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"orders\"\n\
+                 require_client_cert = true\n";
+    let dir = repo(&[
+        ORDERS_UPSTREAM,
+        ("gateway.toml", &gateway),
+        ("routes/a.toml", route),
+    ]);
+    let c = compile(dir.path());
+    let codes = summary(&c);
+    assert!(c.diagnostics.error_count() > 0, "{codes:#?}");
+    assert!(
+        !codes.iter().any(|d| d.contains("no-client-auth")),
+        "{codes:#?}"
+    );
+    expect(
+        &[ORDERS_UPSTREAM, ("routes/a.toml", route)],
+        &["error[no-client-auth] routes/a.toml:5:23"],
+    );
+}

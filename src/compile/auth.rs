@@ -423,6 +423,8 @@ pub(crate) fn route_auth(
             optional,
         }),
         Some(None) => None,
+        // Declared in a gateway.toml that did not load: that error is reported already.
+        None if cx.unloaded.auth.contains(name.get()) => None,
         None => {
             let mut d = Diagnostic::error(
                 "unknown-auth",

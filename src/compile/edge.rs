@@ -222,6 +222,8 @@ pub(crate) fn route_cors(
                 Some(p) => Some(Arc::clone(p)),
                 // Defined, with its errors reported at the preset.
                 None if edge.broken_cors.contains(name) => None,
+                // Declared in a gateway.toml that did not load: that error is reported already.
+                None if cx.unloaded.cors.contains(name) => None,
                 None => {
                     let mut d =
                         Diagnostic::error("unknown-cors", format!("unknown CORS preset `{name}`"))

@@ -135,9 +135,18 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     upstreams::warn_unused(&mut cx, &raw.upstreams, &used);
     plugins::warn_unused(&mut cx);
     let listeners = listeners::compile_listeners(&mut cx, raw.gateway.as_ref());
-    if !listeners
-        .iter()
-        .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth))
+    // A listener with `client_auth` that did not compile (or a gateway.toml that did not load)
+    // has its own error already: "no listener verifies one" would contradict the file.
+    let client_auth_declared = cx.unloaded.gateway
+        || raw.gateway.as_ref().is_some_and(|(_, g)| {
+            g.listener
+                .iter()
+                .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth.is_some()))
+        });
+    if !client_auth_declared
+        && !listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth))
     {
         for (file, span) in &routes.client_cert_required {
             cx.push(

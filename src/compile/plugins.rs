@@ -203,6 +203,8 @@ fn resolve(cx: &mut Cx<'_>, file: FileId, u: &Spanned<RawPluginUse>) -> Option<A
     cx.plugins.used.insert(name.clone());
     let plugin = match cx.plugins.declared.get(name) {
         Some(p) => p.clone()?,
+        // Declared in a gateway.toml that did not load: that error is reported already.
+        None if cx.unloaded.plugins.contains(name) => return None,
         None => {
             let mut d = Diagnostic::error("unknown-plugin", format!("unknown plugin `{name}`"))
                 .at(file, u.name.span(), "no `[plugin.<name>]` with this name")

@@ -40,6 +40,30 @@ pub struct Unloaded {
     pub upstreams: HashSet<String>,
     /// Upstreams named by routes that did not load.
     pub route_upstreams: HashSet<String>,
+    /// gateway.toml is there but did not load: what it declares (listeners among them) is
+    /// unknown.
+    pub gateway: bool,
+    /// `[plugin.<name>]`, `[auth.<name>]` and `[cors.<name>]` of a gateway.toml that did not
+    /// load: a route naming one gets no "unknown plugin" (auth provider, CORS preset) on top.
+    pub plugins: HashSet<String>,
+    pub auth: HashSet<String>,
+    pub cors: HashSet<String>,
+}
+
+impl Unloaded {
+    /// Records the names a gateway.toml that did not load declares.
+    fn gateway_names(&mut self, table: &DeTable<'_>) {
+        self.gateway = true;
+        for (key, names) in [
+            ("plugin", &mut self.plugins),
+            ("auth", &mut self.auth),
+            ("cors", &mut self.cors),
+        ] {
+            if let Some(DeValue::Table(entries)) = table.get(key).map(|v| v.get_ref()) {
+                names.extend(entries.keys().map(|k| k.get_ref().to_string()));
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,15 +223,26 @@ pub(crate) fn serde_diagnostic(
 }
 
 fn load_gateway(cfg: &mut RawConfig, id: FileId) {
-    let Ok(table) = parse(&cfg.files, id, &mut cfg.diagnostics) else {
-        return;
+    let table = match parse(&cfg.files, id, &mut cfg.diagnostics) {
+        Ok(t) => t,
+        Err(partial) => {
+            cfg.unloaded.gateway_names(partial.get_ref());
+            return;
+        }
     };
+    // Read before the table is consumed: should it not decode, what it declares is unknown.
+    let mut declared = Unloaded::default();
+    declared.gateway_names(table.get_ref());
     let span = table.span();
     let value = toml::Spanned::new(span, DeValue::Table(table.into_inner()));
-    if let Some(g) =
-        decode::<GatewayFile>(value, id, || "gateway.toml".into(), &mut cfg.diagnostics)
-    {
-        cfg.gateway = Some((id, g));
+    match decode::<GatewayFile>(value, id, || "gateway.toml".into(), &mut cfg.diagnostics) {
+        Some(g) => cfg.gateway = Some((id, g)),
+        None => {
+            cfg.unloaded.gateway = true;
+            cfg.unloaded.plugins = declared.plugins;
+            cfg.unloaded.auth = declared.auth;
+            cfg.unloaded.cors = declared.cors;
+        }
     }
 }
 
