@@ -149,16 +149,12 @@ impl Reloader {
                 signer: c.signer.clone(),
                 ..applied(&snapshot)
             }),
-            attempted: Some(Attempted {
-                sha: Some(c.version_id.clone()),
-                ok: true,
-                trigger: "startup",
-                at: rfc3339(now),
-                errors: serde_json::Value::Array(Vec::new()),
-                errors_total: 0,
-                reason: None,
-                signer: c.signer.clone(),
-            }),
+            attempted: Some(Attempted::served(
+                &c.version_id,
+                "startup",
+                now,
+                c.signer.clone(),
+            )),
             last_fetch_at: c.stale.is_none().then(|| rfc3339(now)),
             last_fetch_error: c.held.clone().or_else(|| c.stale.clone()),
             stale: c.stale.is_some(),
@@ -468,16 +464,7 @@ impl Reloader {
             errors: 0,
             message: None,
         });
-        status.attempted = Some(Attempted {
-            sha: Some(id.clone()),
-            ok: true,
-            trigger,
-            at: rfc3339(now),
-            errors: serde_json::Value::Array(Vec::new()),
-            errors_total: 0,
-            reason: None,
-            signer: candidate.signer,
-        });
+        status.attempted = Some(Attempted::served(&id, trigger, now, candidate.signer));
         drop(status);
         if let Some(s) = &self.source {
             s.clean_checkouts(&id);

@@ -46,6 +46,27 @@ pub struct Attempted {
     pub signer: Option<String>,
 }
 
+impl Attempted {
+    /// An attempt that served `sha`.
+    pub(super) fn served(
+        sha: &str,
+        trigger: &'static str,
+        now: SystemTime,
+        signer: Option<String>,
+    ) -> Attempted {
+        Attempted {
+            sha: Some(sha.to_owned()),
+            ok: true,
+            trigger,
+            at: rfc3339(now),
+            errors: serde_json::Value::Array(Vec::new()),
+            errors_total: 0,
+            reason: None,
+            signer,
+        }
+    }
+}
+
 /// Diagnostics of a rejected version kept in its status record (`attempted.errors`); the
 /// total is in `attempted.errors_total`. All of them were 5.5 MB for 20,000, in a record that
 /// needs no token and that the dashboard fetches every 3 s.
@@ -149,16 +170,12 @@ impl ReloadStatus {
         if self.attempted.as_ref().and_then(|a| a.sha.as_deref()) == Some(found) {
             return;
         }
-        self.attempted = Some(Attempted {
-            sha: Some(found.to_owned()),
-            ok: true,
+        self.attempted = Some(Attempted::served(
+            found,
             trigger,
-            at: rfc3339(now),
-            errors: serde_json::Value::Array(Vec::new()),
-            errors_total: 0,
-            reason: None,
-            signer: applied.signer.clone(),
-        });
+            now,
+            applied.signer.clone(),
+        ));
         self.failed = None;
     }
 
