@@ -498,3 +498,104 @@ fn a_malformed_chunked_body_is_answered_under_the_id_its_upstream_got() {
     assert_eq!(answer(&mut s), "client-7");
     assert!(logged("client-7"), "{}", gw.logs.lock().unwrap());
 }
+
+/// A client that goes away half-way through a body the gateway reads whole before sending it
+/// (a `PUT` on a route with retries): over HTTP/1.1 it closes the connection, or shuts its side
+/// down and waits; over HTTP/2 it cancels the stream, or closes the connection. Each is logged
+/// once as `499 client_gone`, not completed, counted as 499, and the client that still reads
+/// gets no answer. Each was logged `400`, completed, with no error, and counted as a 400 (the
+/// client that still read got a `400` for a body it never finished).
+#[test]
+fn a_client_that_leaves_mid_upload_of_a_body_read_for_retries_is_logged_as_499() {
+    use std::io::Write;
+    let backend = Backend::echo();
+    let files = proxy_to(
+        &[backend.url()],
+        "retries = { attempts = 2, on = [\"connect_failure\"] }",
+        "",
+    );
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let part = vec![b'a'; 10_000];
+    let upload = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 50000\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&part).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s
+    };
+    drop(upload("/h1-close"));
+    let mut s = upload("/h1-shutdown");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "",
+        "an answer to a client gone"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (path, cancel) in [("/h2-cancel", true), ("/h2-close", false)] {
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(&gw.listen).await.unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let mut client = client.ready().await.unwrap();
+            let req = http::Request::put(format!("http://t{path}"))
+                .header("content-length", "50000")
+                .body(())
+                .unwrap();
+            let (_resp, mut stream) = client.send_request(req, false).unwrap();
+            stream
+                .send_data(bytes::Bytes::from(part.clone()), false)
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if cancel {
+                stream.send_reset(h2::Reason::CANCEL);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            // Dropped with its task: the socket closes.
+            conn.abort();
+            let _ = conn.await;
+        });
+    }
+    let line = |path: &str| {
+        let logs = gw.logs.lock().unwrap();
+        let found: Vec<String> = access_lines(&logs)
+            .iter()
+            .filter(|l| l.contains(&format!("\"path\":\"{path}\"")))
+            .map(|l| l.to_string())
+            .collect();
+        found
+    };
+    for path in ["/h1-close", "/h1-shutdown", "/h2-cancel", "/h2-close"] {
+        assert!(
+            wait_until(Duration::from_secs(10), || !line(path).is_empty()),
+            "no access line for {path}: {}",
+            gw.logs.lock().unwrap()
+        );
+        let lines = line(path);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(
+            (&v["status"], &v["completed"], &v["error"]),
+            (
+                &serde_json::json!(499),
+                &serde_json::json!(false),
+                &serde_json::json!("client_gone")
+            ),
+            "{path}: {v}"
+        );
+    }
+    let count = |status: &str| {
+        gw.metric(&format!(
+            "rustygate_requests_total{{method=\"PUT\",route=\"all\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!((count("499"), count("400")), (Some(4.0), None));
+}

@@ -87,6 +87,10 @@ pub struct BodyStats {
     pub too_large: Cell<bool>,
     /// The client paused longer than the body idle timeout.
     pub idle: Cell<bool>,
+    /// The body stopped because the client went away before its end (end of input or a reset
+    /// before the declared length, its HTTP/2 stream cancelled or its connection closed), not
+    /// because what it sent was malformed ([`client_went_away`]).
+    pub gone: Cell<bool>,
     /// Where a streamed body stands: whose turn it is.
     pub progress: Cell<BodyProgress>,
     /// A reader of the client's body began and has not reached its end (the end of a streamed
@@ -150,11 +154,38 @@ pub(crate) async fn next_chunk(
     stats: &BodyStats,
 ) -> Option<Result<Bytes, BodyError>> {
     match tokio::time::timeout(idle, payload.next()).await {
-        Ok(chunk) => chunk.map(|c| c.map_err(|e| BodyError::Client(e.to_string()))),
+        Ok(chunk) => chunk.map(|c| {
+            c.map_err(|e| {
+                if client_went_away(&e) {
+                    stats.gone.set(true);
+                }
+                BodyError::Client(e.to_string())
+            })
+        }),
         Err(_) => {
             stats.idle.set(true);
             Some(Err(BodyError::Idle(idle)))
         }
+    }
+}
+
+/// Whether a body read failed because the client went away rather than because what it sent
+/// was malformed: actix-http's HTTP/1.1 dispatcher reports a connection that ended (or was
+/// reset) before the body's end as `Incomplete`, the HTTP/2 server a cancelled stream or a
+/// closed connection as a reset ([`crate::server::h2`]).
+pub(crate) fn client_went_away(e: &actix_http::error::PayloadError) -> bool {
+    use actix_http::error::PayloadError;
+    use std::io::ErrorKind;
+    match e {
+        PayloadError::Incomplete(_) => true,
+        PayloadError::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::BrokenPipe
+        ),
+        _ => false,
     }
 }
 

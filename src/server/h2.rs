@@ -559,13 +559,28 @@ impl futures_util::Stream for RequestStream {
                     Err(_) => continue,
                 },
                 Some(Err(e)) => {
+                    // A stream h2 reset itself broke the protocol (DATA beyond or short of its
+                    // `content-length`): a malformed body. Anything else (the client cancelled
+                    // the stream, the connection closed) is a client gone away.
+                    let kind = if broke_protocol(&e) {
+                        std::io::ErrorKind::InvalidData
+                    } else {
+                        std::io::ErrorKind::ConnectionReset
+                    };
                     return Poll::Ready(Some(Err(actix_http::error::PayloadError::Io(
-                        std::io::Error::other(e),
+                        std::io::Error::new(kind, e),
                     ))));
                 }
             }
         }
     }
+}
+
+/// Whether h2 reset the request's stream itself for a protocol violation by the client.
+fn broke_protocol(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.is_library() && h.is_reset())
 }
 
 /// Why a response body stopped early; the stream is reset.

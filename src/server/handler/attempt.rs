@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 
-use super::errors::{body_timeout, overloaded};
+use super::errors::{body_timeout, client_body_failed, overloaded};
 use super::exchange::Exchange;
 use super::forward::{Buffered, TOO_MANY_BODIES};
 use super::{AX_GRPC_TIMEOUT, plugin_body};
@@ -208,9 +208,7 @@ pub(super) fn attempt_failed(
         ForwardError::ClientBody(_) if ex.body.as_ref().is_some_and(|b| b.idle.get()) => {
             return Err(body_timeout(ex, state));
         }
-        ForwardError::ClientBody(_) => {
-            return Err(ex.error(400, "the request body could not be read"));
-        }
+        ForwardError::ClientBody(_) => return Err(client_body_failed(ex)),
         ForwardError::Overloaded(o) => return Err(overloaded(ex, state, upstream, *o)),
         _ => {
             // A stream the upstream reset on a connection it kept is an answer to this request,
@@ -468,7 +466,7 @@ pub(super) async fn read_upload(
             }
             Some(Err(BodyError::Idle(_))) => break Some(body_timeout(ex, state)),
             Some(Err(BodyError::Client(_) | BodyError::Stopped)) => {
-                break Some(ex.error(400, "the request body could not be read"));
+                break Some(client_body_failed(ex));
             }
         }
     };

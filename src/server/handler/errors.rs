@@ -5,7 +5,7 @@ use actix_web::HttpResponse;
 use actix_web::http::{StatusCode, header as ax};
 use http::header::HeaderValue;
 
-use super::exchange::Exchange;
+use super::exchange::{CLIENT_CLOSED, Exchange};
 
 use crate::server::WorkerState;
 use crate::upstream::Upstream;
@@ -71,6 +71,34 @@ pub(super) fn body_timeout(ex: &Exchange, state: &WorkerState) -> HttpResponse {
     if let Some(busy) = &ex.busy {
         busy.close_connection();
     }
+    resp
+}
+
+/// The client's body could not be read. Its client went away before the body's end (end of
+/// input or a reset before the declared length, an HTTP/2 stream cancelled or its connection
+/// closed): recorded as `499 client_gone`, as when the dispatcher drops the request, and
+/// nothing is sent (a client that only shut its side down reads no answer; the connection
+/// ends). A chunked body the listener found malformed has had its `400` from the listener:
+/// recorded as such (`client_body`). Any other malformed body is answered `400`.
+pub(super) fn client_body_failed(ex: &Exchange) -> HttpResponse {
+    let broken = ex.busy.as_ref().is_some_and(|b| b.body_broken());
+    let gone = ex.body.as_ref().is_some_and(|b| b.gone.get());
+    if !broken && !gone {
+        return ex.error(400, "the request body could not be read");
+    }
+    if broken {
+        ex.emit(400, 0, Err("client_body"));
+    } else {
+        ex.emit(CLIENT_CLOSED, 0, Err("client_gone"));
+        if let Some(busy) = &ex.busy {
+            busy.drop_response();
+        }
+    }
+    // Never sent: the listener drops what the dispatcher writes, and an HTTP/2 stream that
+    // failed this way is reset or its connection gone.
+    let mut resp = HttpResponse::new(StatusCode::BAD_REQUEST);
+    resp.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
     resp
 }
 

@@ -88,7 +88,7 @@ pub(super) struct Exchange {
 
 /// The status recorded for a request whose client went away before its response was given
 /// (nginx's "client closed request").
-const CLIENT_CLOSED: u16 = 499;
+pub(super) const CLIENT_CLOSED: u16 = 499;
 
 impl Drop for Exchange {
     fn drop(&mut self) {

@@ -14,7 +14,7 @@ use super::attempt::{
     Retries, attempt_failed, attempt_request, convert_method, deadlines, read_upload, request_hash,
     upload_slot, upstream_uri,
 };
-use super::errors::{body_timeout, overloaded};
+use super::errors::{body_timeout, client_body_failed, overloaded};
 use super::exchange::Exchange;
 use super::plugin_body;
 use super::response::{Relay, client_response, relays_head_as_is};
@@ -473,9 +473,7 @@ async fn outgoing_body(
         Ok(Err(BodyError::TooLarge { .. })) => {
             Err(ex.error(413, "request body is larger than this route accepts"))
         }
-        Ok(Err(BodyError::Client(_) | BodyError::Stopped)) => {
-            Err(ex.error(400, "the request body could not be read"))
-        }
+        Ok(Err(BodyError::Client(_) | BodyError::Stopped)) => Err(client_body_failed(ex)),
         Ok(Err(BodyError::Idle(_))) | Err(_) => Err(body_timeout(ex, state)),
     }
 }

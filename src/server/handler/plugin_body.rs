@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures_util::future::poll_fn;
 use tokio::sync::mpsc;
 
-use super::errors::body_timeout;
+use super::errors::{body_timeout, client_body_failed};
 use super::exchange::Exchange;
 use super::forward::{Buffered, Outgoing, TOO_MANY_BODIES};
 use super::{WorkerState, respond};
@@ -168,7 +168,7 @@ pub(super) async fn request(
             return Err(ex.error(413, "request body is larger than this route accepts"));
         }
         Ok(Err(Pulled::Client(BodyError::Client(_) | BodyError::Stopped))) => {
-            return Err(ex.error(400, "the request body could not be read"));
+            return Err(client_body_failed(ex));
         }
         Ok(Err(Pulled::Client(BodyError::Idle(_)))) | Err(_) => {
             return Err(body_timeout(ex, state));

@@ -48,6 +48,9 @@ pub(crate) struct ConnState {
     ///
     /// [`ClientIo`]: super::ClientIo
     pub(super) body_broken: Cell<bool>,
+    /// The request's client went away before its body's end: nothing more is written to the
+    /// connection (no client reads it), and it ends ([`Busy::drop_response`]).
+    pub(super) silent: Cell<bool>,
     /// The request id of that `400`, taken by the request if the handler did not have it yet.
     pub(super) body_refusal_id: Cell<Option<String>>,
     /// The request being read has a chunked body that [`ClientIo`] checks.
@@ -83,6 +86,7 @@ impl ConnState {
             bodyless: Cell::new(false),
             holding: Cell::new(false),
             body_broken: Cell::new(false),
+            silent: Cell::new(false),
             body_refusal_id: Cell::new(None),
             body_checked: Cell::new(false),
             body_request_id: Cell::new(None),
@@ -163,6 +167,13 @@ pub(crate) struct Busy(Rc<ConnState>);
 impl Busy {
     /// See [`ConnState::close`].
     pub fn close_connection(&self) {
+        self.0.close();
+    }
+
+    /// The request's client went away before its body's end: what the dispatcher writes from
+    /// now on is dropped, and the connection ends once the request is done.
+    pub fn drop_response(&self) {
+        self.0.silent.set(true);
         self.0.close();
     }
 

@@ -241,8 +241,9 @@ impl AsyncWrite for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.answered {
-            // The client has its answer (see `check_body`): the dispatcher's is dropped.
+        if this.answered || this.state.silent.get() {
+            // The client has its answer (see `check_body`), or has gone (`Busy::drop_response`):
+            // the dispatcher's is dropped.
             return Poll::Ready(Ok(buf.len()));
         }
         if let Some(status) = this.wrote(buf) {
@@ -259,7 +260,7 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.answered {
+        if this.answered || this.state.silent.get() {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         if let Some(first) = bufs.iter().find(|b| !b.is_empty())
