@@ -599,3 +599,109 @@ fn a_client_that_leaves_mid_upload_of_a_body_read_for_retries_is_logged_as_499()
     };
     assert_eq!((count("499"), count("400")), (Some(4.0), None));
 }
+
+/// Every head refused before any route saw it (a bare line feed, a bad field name, a head too
+/// large, both framings, two lengths, a head not received in time) is one request: one access
+/// line under the request id its answer carried, with its status, method, path when known and
+/// why; one count and one duration sample under `route="<none>"`. They were counted, but had
+/// no access line (a debug line only) and no duration sample.
+#[test]
+fn heads_refused_before_routing_get_one_access_line_and_a_duration_sample_each() {
+    use std::io::Write;
+    let backend = Backend::fixed(200, "hello");
+    let mut files = proxy_all(&backend.url(), "");
+    files.push((
+        "gateway.toml",
+        "[limits]\nheader_timeout = \"1s\"\n".to_owned(),
+    ));
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(140_000)
+    );
+    let cases: [(&[u8], u16, &str, &str); 6] = [
+        (b"GET /lf HTTP/1.1\r\nHost: t\nFoo: y\r\n\r\n", 400, "malformed_head", "/lf"),
+        (b"GET /bad HTTP/1.1\r\nHost: t\r\nBad Name: y\r\n\r\n", 400, "malformed_head", ""),
+        (big.as_bytes(), 431, "head_too_large", ""),
+        (
+            b"POST /clte HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "malformed_head",
+            "",
+        ),
+        (
+            b"POST /twocl HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+            400,
+            "malformed_head",
+            "",
+        ),
+        (b"GET /slow HTTP/1.1\r\nHost: t\r\n", 408, "header_timeout", "/slow"),
+    ];
+    for (head, status, error, path) in cases {
+        let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(head);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got:?}");
+        let id = got
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no x-request-id: {got:?}"))
+            .to_owned();
+        let line = || {
+            access_lines(&gw.logs.lock().unwrap())
+                .iter()
+                .filter(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || !line().is_empty()),
+            "no access line for {:?} ({id}): {}",
+            String::from_utf8_lossy(&head[..head.len().min(40)]),
+            gw.logs.lock().unwrap()
+        );
+        let lines = line();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(v["status"], status, "{v}");
+        assert_eq!(v["error"], error, "{v}");
+        assert_eq!(v["route"], "", "{v}");
+        let method = if head.starts_with(b"POST") {
+            "POST"
+        } else {
+            "GET"
+        };
+        assert_eq!(v["method"], method, "{v}");
+        if !path.is_empty() {
+            assert_eq!(v["path"], path, "{v}");
+        }
+        if status == 408 {
+            assert!(v["duration_ms"].as_f64().unwrap() >= 900.0, "{v}");
+        }
+    }
+    let counted = || {
+        let text = http(&gw.admin, "GET", "/metrics", &[], b"").unwrap().1;
+        let sum = |prefix: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(prefix) && l.contains("route=\"<none>\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            sum("rustygate_requests_total{"),
+            sum("rustygate_request_duration_seconds_count{"),
+        )
+    };
+    assert_eq!(counted(), (6.0, 6.0));
+    assert_eq!(
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .filter(|l| l.contains("\"route\":\"\""))
+            .count(),
+        6
+    );
+}

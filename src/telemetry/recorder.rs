@@ -50,9 +50,10 @@ struct Cells {
 }
 
 /// A request head refused before any route saw it (malformed, oversized, not received in
-/// time): one count in `requests_total` under `route="<none>"`, by the method its first bytes
-/// name (`OTHER` when they name none). Rare, and off any worker's request path: a lookup per call.
-pub fn refused(metrics: &Metrics, method: &[u8], status: u16) {
+/// time): one count in `requests_total` and one `request_duration_seconds` sample (`seconds`)
+/// under `route="<none>"`, by the method its first bytes name (`OTHER` when they name none),
+/// which is returned. Rare, and off any worker's request path: a lookup per call.
+pub fn refused(metrics: &Metrics, method: &[u8], status: u16, seconds: f64) -> &'static str {
     thread_local!(static WRITER: Writer = Writer::new());
     let slot = method_slot(std::str::from_utf8(method).unwrap_or_default());
     let method = METHODS.get(slot).copied().unwrap_or("OTHER");
@@ -61,7 +62,12 @@ pub fn refused(metrics: &Metrics, method: &[u8], status: u16) {
             .requests
             .cell(w, &[NO_ROUTE, method, &status.to_string()])
             .inc();
+        metrics
+            .request_duration
+            .cell(w, &[NO_ROUTE])
+            .observe(seconds);
     });
+    method
 }
 
 /// Keys past this many are not kept (cells are looked up again each time): a bound on what

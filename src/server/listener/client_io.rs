@@ -60,6 +60,8 @@ pub(crate) struct ClientIo {
     pub(super) head_start: [u8; 8],
     /// Counts refused heads; the client's address for their log lines.
     pub(super) metrics: Arc<Metrics>,
+    /// Refused heads get an access line (`--access-log`).
+    pub(super) access_log: bool,
     pub(super) peer: IpAddr,
     pub(super) _guard: ConnGuard,
 }
@@ -343,27 +345,57 @@ impl ClientIo {
         before: usize,
         refusal: Refusal,
     ) {
-        buf.set_filled(before);
         let (answer, id) = gateway_answer(refusal.status, refusal.message);
         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
+        let head = if self.partial_head.is_empty() {
+            &buf.filled()[before..]
+        } else {
+            &self.partial_head.bytes[..]
+        };
+        self.refused(refusal.status, refusal.message, head, &answer, &id);
         self.partial_head.clear();
-        self.refused(refusal.status, refusal.message, &id);
+        buf.set_filled(before);
     }
 
     /// A request head refused before any route saw it: by this reader ([`ClientIo::refuse_head`],
     /// the header timeout) or by actix-http's parser (a malformed or oversized head, which it
-    /// answers itself: seen in [`ClientIo::wrote`]). Counted under `route="<none>"` and logged
-    /// at debug with the client's address and the answer's `request_id`; actix-http's own line
+    /// answers itself: seen in [`ClientIo::wrote`]). Like any request: counted and timed under
+    /// `route="<none>"`, and one access line with the answer's `request_id`, the method its
+    /// first bytes name, the path when `head` (what is known of the head) has its request line,
+    /// and why in `error`. Also logged at debug with the reason in words; actix-http's own line
     /// for its refusals (an `ERROR` without the client, one per bad request) is filtered out
-    /// ([`crate::telemetry`]).
-    pub(super) fn refused(&self, status: u16, reason: &str, request_id: &str) {
+    /// ([`crate::telemetry`]). `answer` is what was written.
+    pub(super) fn refused(
+        &self,
+        status: u16,
+        reason: &str,
+        head: &[u8],
+        answer: &str,
+        request_id: &str,
+    ) {
         let token = self
             .head_start
             .split(|&b| b == b' ')
             .next()
             .unwrap_or_default();
-        crate::telemetry::recorder::refused(&self.metrics, token, status);
+        // From the head's first bytes (its deadline was set then), or, for a connection that
+        // sent none, from when it was served.
+        let began = self
+            .state
+            .head_deadline
+            .get()
+            .or(self.state.idle_deadline.get())
+            .map(|d| d - self.state.header_timeout);
+        let elapsed = began.map_or(Duration::ZERO, |b| {
+            Instant::now().saturating_duration_since(b)
+        });
+        let method = crate::telemetry::recorder::refused(
+            &self.metrics,
+            token,
+            status,
+            elapsed.as_secs_f64(),
+        );
         tracing::debug!(
             client_ip = %self.peer,
             status,
@@ -371,6 +403,44 @@ impl ClientIo {
             request_id,
             "request head refused; closing"
         );
+        if !self.access_log {
+            return;
+        }
+        let path = request_target(head);
+        crate::telemetry::access::AccessLine {
+            request_id,
+            client_ip: self.peer,
+            method,
+            protocol: "HTTP/1.1",
+            host: "",
+            path: &path,
+            route: "",
+            upstream: "",
+            upstream_target: "",
+            scheme: if self.state.info.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            status,
+            duration: elapsed,
+            bytes_in: 0,
+            bytes_out: answer
+                .split_once("\r\n\r\n")
+                .map_or(0, |(_, b)| b.len() as u64),
+            completed: true,
+            error: match status {
+                408 => "header_timeout",
+                414 => "uri_too_long",
+                431 => "head_too_large",
+                _ => "malformed_head",
+            },
+            grpc_status: "",
+            config_version: "",
+            trace_id: "",
+            span_id: "",
+        }
+        .log();
     }
 
     /// Notes what the dispatcher writes: whether the request's response has begun; and an
@@ -390,8 +460,8 @@ impl ClientIo {
                 .is_some_and(|nl| bytes[nl + 1..].starts_with(b"content-length: 0\r\n"))
             && memchr::memmem::find(bytes, b"x-request-id:").is_none()
         {
-            // Once: the dispatcher closes the connection after it.
-            self.state.head_deadline.set(None);
+            // Once ([`ClientIo::answer_refused`] clears the deadline): the dispatcher closes
+            // the connection after it.
             return Some(status);
         }
         None
@@ -414,7 +484,15 @@ impl ClientIo {
         let (answer, id) = gateway_answer(status, message);
         let _ = Pin::new(&mut self.io).poll_write(cx, answer.as_bytes());
         self.answered = true;
-        self.refused(status, "malformed or oversized request head", &id);
+        // The parser keeps the head: only its first bytes are known here.
+        self.refused(
+            status,
+            "malformed or oversized request head",
+            &[],
+            &answer,
+            &id,
+        );
+        self.state.head_deadline.set(None);
     }
 
     /// Bytes were read and all withheld (a head still incomplete): nothing for the
@@ -462,6 +540,18 @@ impl ClientIo {
     }
 }
 
+/// The longest request target an access line of a refused head shows.
+const MAX_LOGGED_TARGET: usize = 4096;
+
+/// The request target of a head's request line (`head` may be cut anywhere), at most
+/// [`MAX_LOGGED_TARGET`] bytes of it; empty when there is none.
+fn request_target(head: &[u8]) -> std::borrow::Cow<'_, str> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+    String::from_utf8_lossy(&target[..target.len().min(MAX_LOGGED_TARGET)])
+}
+
 /// The status of a response whose head starts `bytes`, if they are one.
 fn status_of(bytes: &[u8]) -> Option<u16> {
     let code = bytes.strip_prefix(b"HTTP/1.")?.get(2..5)?;
@@ -475,7 +565,7 @@ pub(crate) fn client_io(
     (header_timeout, send_timeout): (Duration, Duration),
     keep_alive: Option<Duration>,
     info: ConnInfo,
-    metrics: &Arc<Metrics>,
+    (metrics, access_log): (&Arc<Metrics>, bool),
 ) -> ClientIo {
     ClientIo {
         io: SendLimited {
@@ -503,6 +593,7 @@ pub(crate) fn client_io(
         answered: false,
         head_start: [0; 8],
         metrics: Arc::clone(metrics),
+        access_log,
         peer: peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip()),
         held: Pipelined::default(),
         _guard: guard,

@@ -96,6 +96,8 @@ impl AsyncRead for ClientIo {
                 this.refused(
                     408,
                     "request head not received within the header timeout",
+                    &this.partial_head.bytes,
+                    &answer,
                     &id,
                 );
                 return Poll::Ready(Ok(()));
