@@ -705,3 +705,28 @@ fn heads_refused_before_routing_get_one_access_line_and_a_duration_sample_each()
         6
     );
 }
+
+/// A log output whose reader has gone (each write fails with `EPIPE`): every access line that
+/// could not be written is counted in `rustygate_log_lines_dropped_total`. None was.
+#[test]
+fn access_lines_a_failing_log_output_loses_are_counted_as_dropped() {
+    let backend = Backend::fixed(200, "hello");
+    let files = proxy_all(&backend.url(), "");
+    let dir = repo(&as_refs(&files));
+    let mut gw = GatewayProcess::start_undrained(&["--repo", dir.path().to_str().unwrap()], &[]);
+    drop(gw.stderr.take());
+    let dropped = || {
+        gw.metric("rustygate_log_lines_dropped_total")
+            .unwrap_or(0.0)
+    };
+    let before = dropped();
+    for _ in 0..50 {
+        assert_eq!(http(&gw.listen, "GET", "/x", &[], b"").unwrap().0, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || dropped() >= before + 50.0),
+        "dropped {} -> {}",
+        before,
+        dropped()
+    );
+}

@@ -5,7 +5,9 @@
 //! when [`FLUSH_AT`] bytes are waiting, every [`FLUSH_EVERY`], and when the [`LogGuard`] is
 //! dropped at shutdown. A consumer that reads slowly stalls only the writer thread: past
 //! [`MAX_PENDING`] bytes waiting, lines are dropped and counted in
-//! `rustygate_log_lines_dropped_total`, never waited for. Access lines
+//! `rustygate_log_lines_dropped_total`, never waited for. Lines a failed or short write leaves
+//! unwritten (a full disk, a closed pipe) are counted there too, and the next line written
+//! starts on a line of its own, never glued onto the cut one. Access lines
 //! ([`super::access`]) and every other `tracing` event share the buffer, so lines never
 //! interleave and keep their order.
 
@@ -23,13 +25,13 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Bytes waiting past which new lines are dropped (the output is not keeping up).
 pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 
-/// Lines dropped because the output did not keep up (and policy `print`/`debug` and plugin
-/// lines over their rate, `policy::engine`, `plugins::log`), for
+/// Lines dropped because the output did not keep up or a write to it failed (and policy
+/// `print`/`debug` and plugin lines over their rate, `policy::engine`, `plugins::log`), for
 /// `rustygate_log_lines_dropped_total`.
 pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
         "rustygate_log_lines_dropped_total",
-        "Log lines (access and other) dropped because the log output did not keep up, or a policy or plugin logged past its rate",
+        "Log lines (access and other) dropped because the log output did not keep up or failed, or a policy or plugin logged past its rate",
     )
     .unwrap_or_else(|_| unreachable!("constant metric definition"))
 });
@@ -81,6 +83,8 @@ impl LogSink {
     /// Writes what is queued to `out` until [`LogSink::close`], then what is left.
     pub fn run(&self, out: &mut dyn Write) {
         let mut spare = Vec::new();
+        // The output ends in part of a line (a write failed or stopped short).
+        let mut cut = false;
         loop {
             let mut p = self.lock();
             if p.buf.len() < FLUSH_AT && !p.closed {
@@ -94,9 +98,7 @@ impl LogSink {
             let closed = p.closed;
             drop(p);
             if !spare.is_empty() {
-                // Nothing to tell if stderr is gone; the lines are lost either way.
-                let _ = out.write_all(&spare);
-                let _ = out.flush();
+                cut = write_lines(out, &spare, cut);
                 spare.clear();
                 // A burst does not pin its peak: keep a few flushes' worth.
                 spare.shrink_to(4 * FLUSH_AT);
@@ -112,6 +114,34 @@ impl LogSink {
         self.lock().closed = true;
         self.wake.notify_one();
     }
+}
+
+/// Writes `lines` (whole lines) to `out`, after a line feed when the output was left `cut` (it
+/// ends in part of a line), so that no line is glued onto a cut one. Every line not written
+/// whole (the one a failed or short write cut, and all after it) is counted in [`DROPPED`]:
+/// nothing else can be told when the log output itself fails. Returns whether the output is
+/// left cut.
+fn write_lines(out: &mut dyn Write, lines: &[u8], cut: bool) -> bool {
+    if cut && !matches!(out.write(b"\n"), Ok(1)) {
+        DROPPED.inc_by(memchr::memchr_iter(b'\n', lines).count() as u64);
+        return true;
+    }
+    let mut written = 0;
+    while written < lines.len() {
+        match out.write(&lines[written..]) {
+            Ok(0) => break,
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = out.flush();
+    let lost = &lines[written..];
+    if lost.is_empty() {
+        return false;
+    }
+    DROPPED.inc_by(memchr::memchr_iter(b'\n', lost).count() as u64);
+    written > 0 && lines[written - 1] != b'\n'
 }
 
 impl Default for LogSink {
@@ -246,6 +276,75 @@ mod tests {
             got.split(|b| *b == b'\n')
                 .all(|l| l.is_empty() || l.len() == 1023)
         );
+    }
+
+    /// An output that takes `first` bytes of the first write, fails the next write, and then
+    /// takes everything: a disk that filled up and was freed again.
+    struct Cuts {
+        first: usize,
+        writes: usize,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Cuts {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.writes += 1;
+            let mut got = self.got.lock().unwrap();
+            match self.writes {
+                1 => {
+                    let n = self.first.min(buf.len());
+                    got.extend_from_slice(&buf[..n]);
+                    Ok(n)
+                }
+                2 => Err(std::io::Error::from_raw_os_error(28)),
+                _ => {
+                    got.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn json_lines(from: std::ops::Range<usize>) -> Vec<u8> {
+        from.flat_map(|n| format!("{{\"n\":{n}}}\n").into_bytes())
+            .collect()
+    }
+
+    /// A write cut short, then failing: the lines not written whole are counted, and the lines
+    /// of the next flush start on a line of their own. Before, nothing was counted and the
+    /// next line was glued onto the cut one.
+    #[test]
+    fn lines_a_failed_or_short_write_loses_are_counted_and_none_is_glued_to_a_cut_one() {
+        let sink: &'static LogSink = Box::leak(Box::new(LogSink::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut out = Cuts {
+            first: 20,
+            writes: 0,
+            got: Arc::clone(&got),
+        };
+        let before = DROPPED.get();
+        // `{"n":0}\n` is 8 bytes: two whole lines and 4 bytes of the third go out.
+        assert!(sink.push(&json_lines(0..10)));
+        let writer = std::thread::spawn(move || sink.run(&mut out));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(sink.push(&json_lines(10..12)));
+        sink.close();
+        writer.join().unwrap();
+        assert!(DROPPED.get() - before >= 8, "{}", DROPPED.get() - before);
+        let got = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 5, "{got:?}");
+        for (i, n) in [(0, 0), (1, 1), (3, 10), (4, 11)] {
+            let v: serde_json::Value = serde_json::from_str(lines[i]).unwrap();
+            assert_eq!(v["n"], n, "{got:?}");
+        }
+        assert_eq!(lines[2], "{\"n\"", "the cut line stands alone: {got:?}");
     }
 
     #[test]
