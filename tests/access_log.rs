@@ -730,3 +730,40 @@ fn access_lines_a_failing_log_output_loses_are_counted_as_dropped() {
         dropped()
     );
 }
+
+/// Requests the gateway answers itself (a `respond` route, no route, a method the route does
+/// not take) are timed: their duration is not zero. Every one was `0.000`: both ends were read
+/// in the same poll, which shares one clock reading.
+#[test]
+fn requests_the_gateway_answers_itself_have_a_duration() {
+    let dir = repo(&[(
+        "routes/r.toml",
+        "[[route]]\nname = \"hi\"\npath = \"/hi\"\nrespond = { status = 200, body = \"hi\" }\n\
+         [[route]]\nname = \"get\"\npath = \"/get\"\nmethods = [\"GET\"]\n\
+         respond = { status = 200, body = \"ok\" }\n",
+    )]);
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    for (method, path, status) in [
+        ("GET", "/hi", 200),
+        ("GET", "/nope", 404),
+        ("POST", "/get", 405),
+    ] {
+        for _ in 0..5 {
+            assert_eq!(http(&gw.listen, method, path, &[], b"").unwrap().0, status);
+        }
+    }
+    let lines = || {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || lines().len() == 15),
+        "{}",
+        gw.logs.lock().unwrap()
+    );
+    for v in lines() {
+        assert!(v["duration_ms"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

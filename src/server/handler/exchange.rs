@@ -186,7 +186,14 @@ impl Exchange {
                 .with_label_values(&[route.unwrap_or(NO_ROUTE), code])
                 .inc();
         }
-        let elapsed = clock::now().saturating_duration_since(self.started);
+        // A request the gateway answered itself may end in the poll it began in: its end is
+        // read afresh (proxied requests end in a poll of their own).
+        let ended_at = if self.upstream.is_none() {
+            clock::fresh()
+        } else {
+            clock::now()
+        };
+        let elapsed = ended_at.saturating_duration_since(self.started);
         self.state.recorder.request(
             &self.snapshot,
             self.route,
