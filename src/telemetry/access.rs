@@ -211,8 +211,21 @@ fn plain(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// A JSON string: quotes, and `"`, `\` and control characters escaped (RFC 8259 §7).
+/// The most bytes of one string field a line holds: a client's 125 KB `Host` made a line of
+/// 128 KB. Past it the value is cut (on a character boundary) and ends with [`TRUNCATED`].
+pub const MAX_FIELD: usize = 4096;
+
+/// What ends a value cut at [`MAX_FIELD`].
+pub const TRUNCATED: &str = "...(truncated)";
+
+/// A JSON string: quotes, and `"`, `\` and control characters escaped (RFC 8259 §7); at most
+/// [`MAX_FIELD`] bytes of the value.
 fn string(out: &mut Vec<u8>, s: &str) {
+    let (s, cut) = if s.len() > MAX_FIELD {
+        (capped(s), true)
+    } else {
+        (s, false)
+    };
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
@@ -222,7 +235,20 @@ fn string(out: &mut Vec<u8>, s: &str) {
         // Most values: one copy.
         out.extend_from_slice(bytes);
     }
+    if cut {
+        out.extend_from_slice(TRUNCATED.as_bytes());
+    }
     out.push(b'"');
+}
+
+/// The first [`MAX_FIELD`] bytes of `s`, or fewer to end on a character boundary.
+#[cold]
+fn capped(s: &str) -> &str {
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Whether any byte of `bytes` is one that [`string`] escapes, eight at a time. A value of
@@ -380,6 +406,31 @@ mod tests {
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
             span_id: "00f067aa0ba902b7",
         }
+    }
+
+    /// A value past [`MAX_FIELD`] bytes (a 125 KB `Host` of backslashes, a long path of
+    /// two-byte characters) is cut on a character boundary and marked: the line stays bounded
+    /// and reads as JSON. The line held all 128 KB.
+    #[test]
+    fn long_string_fields_are_cut_and_marked_so_a_line_stays_bounded() {
+        let host = "\\".repeat(125_000);
+        let path = format!("/{}", "é".repeat(60_000));
+        let mut l = line(&path, Ipv4Addr::LOCALHOST.into(), Duration::ZERO);
+        l.host = &host;
+        let mut out = Vec::new();
+        l.write_json(&mut out, UNIX_EPOCH);
+        assert!(out.len() < 4 * MAX_FIELD, "{} bytes", out.len());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let host = v["host"].as_str().unwrap();
+        assert_eq!(host, format!("{}{TRUNCATED}", "\\".repeat(MAX_FIELD)));
+        let path = v["path"].as_str().unwrap();
+        assert!(path.ends_with(TRUNCATED) && path.len() <= MAX_FIELD + TRUNCATED.len());
+        // A value of the cap exactly is whole.
+        let whole = "a".repeat(MAX_FIELD);
+        let mut out = Vec::new();
+        line(&whole, Ipv4Addr::LOCALHOST.into(), Duration::ZERO).write_json(&mut out, UNIX_EPOCH);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], whole.as_str());
     }
 
     #[test]
