@@ -767,3 +767,51 @@ fn requests_the_gateway_answers_itself_have_a_duration() {
         assert!(v["duration_ms"].as_f64().unwrap() > 0.0, "{v}");
     }
 }
+
+/// A client that takes nothing of its response is cut at the send timeout: its access line
+/// says `send_timeout`, not `client_gone` (it never left). It said `client_gone`.
+#[test]
+fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
+    use std::io::Write;
+    // An upstream that sends an endless body for up to 20 s.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let started = std::time::Instant::now();
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
+                let chunk = [b'x'; 64 * 1024];
+                while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let mut files = proxy_all(&format!("http://{addr}"), "read_timeout = \"30s\"");
+    files.push((
+        "gateway.toml",
+        "[limits]\nsend_timeout = \"1s\"\n".to_owned(),
+    ));
+    let dir = repo(&as_refs(&files));
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+    s.write_all(b"GET /never-read HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let line = || {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .find(|l| l.contains("\"path\":\"/never-read\""))
+            .map(|l| l.to_string())
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || line().is_some()),
+        "no access line: {}",
+        gw.logs.lock().unwrap()
+    );
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    assert_eq!(v["completed"], false, "{v}");
+    assert_eq!(v["error"], "send_timeout", "{v}");
+    drop(s);
+}

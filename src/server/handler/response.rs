@@ -210,7 +210,16 @@ pub(super) fn client_response(
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
-    let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(status, bytes, end));
+    let on_finish: OnFinish = Box::new(move |bytes, end| {
+        // Cut because the client took nothing within the send timeout, not because it left.
+        let end = match end {
+            Err("client_gone") if ex.busy.as_ref().is_some_and(|b| b.send_timed_out()) => {
+                Err("send_timeout")
+            }
+            end => end,
+        };
+        ex.emit(status, bytes, end)
+    });
     out.body(
         UpstreamBody::new(body, size, route.read_timeout, Some(on_finish)).with_trailers(trailers),
     )

@@ -51,6 +51,9 @@ pub(crate) struct ConnState {
     /// The request's client went away before its body's end: nothing more is written to the
     /// connection (no client reads it), and it ends ([`Busy::drop_response`]).
     pub(super) silent: Cell<bool>,
+    /// A write to the client failed at the send timeout: the response it cut ended for that,
+    /// not because the client left (HTTP/1.1; [`Busy::send_timed_out`]).
+    pub(super) send_timed_out: Cell<bool>,
     /// The request id of that `400`, taken by the request if the handler did not have it yet.
     pub(super) body_refusal_id: Cell<Option<String>>,
     /// The request being read has a chunked body that [`ClientIo`] checks.
@@ -87,6 +90,7 @@ impl ConnState {
             holding: Cell::new(false),
             body_broken: Cell::new(false),
             silent: Cell::new(false),
+            send_timed_out: Cell::new(false),
             body_refusal_id: Cell::new(None),
             body_checked: Cell::new(false),
             body_request_id: Cell::new(None),
@@ -175,6 +179,11 @@ impl Busy {
     pub fn drop_response(&self) {
         self.0.silent.set(true);
         self.0.close();
+    }
+
+    /// Whether the connection's send timeout cut what was being written to the client.
+    pub fn send_timed_out(&self) -> bool {
+        self.0.send_timed_out.get()
     }
 
     /// Whether the request's chunked body was malformed (its client has been told `400`).

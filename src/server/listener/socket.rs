@@ -236,6 +236,19 @@ impl AsyncRead for ClientIo {
     }
 }
 
+impl ClientIo {
+    /// Notes a write the send timeout failed ([`SendStall`]), for the access line of the
+    /// response it cut.
+    fn note_send_timeout<T>(&self, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &res
+            && e.kind() == io::ErrorKind::TimedOut
+        {
+            self.state.send_timed_out.set(true);
+        }
+        res
+    }
+}
+
 impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -253,7 +266,8 @@ impl AsyncWrite for ClientIo {
             this.answer_refused(cx, status);
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note_send_timeout(res)
     }
 
     fn poll_write_vectored(
@@ -271,7 +285,8 @@ impl AsyncWrite for ClientIo {
             this.answer_refused(cx, status);
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note_send_timeout(res)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -279,7 +294,9 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_flush(cx);
+        this.note_send_timeout(res)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
