@@ -723,6 +723,24 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
         m.get(r#"rustygate_grpc_requests_total{grpc_status="4",route="all"}"#),
         Some(&1.0)
     );
+    // Counted by the status that went on the wire (200), the gRPC code beside it; the plain
+    // client's 502 as a 502.
+    let count = |method: &str, status: &str| {
+        m.get(&format!(
+            r#"rustygate_requests_total{{method="{method}",route="all",status="{status}"}}"#
+        ))
+        .copied()
+    };
+    assert_eq!(
+        [
+            count("POST", "200"),
+            count("POST", "502"),
+            count("POST", "504"),
+            count("POST", "429"),
+            count("GET", "502"),
+        ],
+        [Some(4.0), None, None, None, Some(1.0)]
+    );
 }
 
 /// An HTTP/1.1 upstream on 127.0.0.1:0 that runs `script` on each connection, after reading

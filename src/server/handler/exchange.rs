@@ -259,7 +259,8 @@ impl Exchange {
     pub(super) fn error(&self, status: u16, message: &str) -> HttpResponse {
         if self.grpc {
             let (resp, code) = grpc_error(status, message, &self.request_id);
-            self.emit_as(status, 0, Ok(()), Some(code));
+            // Logged and counted as sent (200), the call's status in `grpc_status`, as Envoy.
+            self.emit_as(200, 0, Ok(()), Some(code));
             return self.with_extra(resp);
         }
         let body = Bytes::from(
