@@ -815,3 +815,40 @@ fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
     assert_eq!(v["error"], "send_timeout", "{v}");
     drop(s);
 }
+
+/// A method the matched path's route does not take: the 405's access line and count name that
+/// route. They had route "" and `route="<none>"`, as if no route matched.
+#[test]
+fn a_405_is_logged_and_counted_under_the_route_whose_path_matched() {
+    let dir = repo(&[(
+        "routes/r.toml",
+        "[[route]]\nname = \"getonly\"\nprefix = \"/getonly\"\nmethods = [\"GET\"]\n\
+         respond = { status = 200, body = \"ok\" }\n",
+    )]);
+    let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(
+        http(&gw.listen, "POST", "/getonly/x", &[], b"").unwrap().0,
+        405
+    );
+    let line = || {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .find(|l| l.contains("\"path\":\"/getonly/x\""))
+            .map(|l| l.to_string())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || line().is_some()),
+        "{}",
+        gw.logs.lock().unwrap()
+    );
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    assert_eq!(
+        (&v["status"], &v["route"]),
+        (&serde_json::json!(405), &serde_json::json!("getonly")),
+        "{v}"
+    );
+    assert_eq!(
+        gw.metric("rustygate_requests_total{method=\"POST\",route=\"getonly\",status=\"405\"}"),
+        Some(1.0)
+    );
+}

@@ -210,6 +210,12 @@ pub(crate) async fn handle(
             Routed::Matched(m) => m,
             Routed::NoRoute => break 'answer ex.error(404, "no route matches this request"),
             Routed::MethodNotAllowed(allowed) => {
+                // The route whose path it is (the one the first allowed method reaches), named
+                // in the access line and the metrics.
+                ex.route = allowed
+                    .first()
+                    .and_then(|m| snap.router.lookup(incoming.host, m, incoming.path))
+                    .map(|m| m.route);
                 let mut resp = ex.error(405, "method not allowed on this route");
                 if let Ok(v) = ax::HeaderValue::from_str(&allowed.join(", ")) {
                     resp.headers_mut().insert(ax::ALLOW, v);
