@@ -43,6 +43,25 @@ fn access_lines(logs: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The access lines of the requests for `path`, parsed, once there is one (within 15 s; else
+/// the test fails with the log).
+fn logged_for(gw: &GatewayProcess, path: &str) -> Vec<serde_json::Value> {
+    let key = format!("\"path\":\"{path}\"");
+    let found = || -> Vec<serde_json::Value> {
+        access_lines(&gw.logs.lock().unwrap())
+            .iter()
+            .filter(|l| l.contains(&key))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || !found().is_empty()),
+        "no access line for {path}: {}",
+        gw.logs.lock().unwrap()
+    );
+    found()
+}
+
 fn sigterm(child: &std::process::Child) {
     let sent = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -265,18 +284,7 @@ fn a_request_whose_client_leaves_before_the_response_is_logged_as_499() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the request reached the upstream");
     drop(s);
-    let line = || {
-        access_lines(&gw.logs.lock().unwrap())
-            .iter()
-            .find(|l| l.contains("\"path\":\"/gone\""))
-            .map(|l| l.to_string())
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || line().is_some()),
-        "no access line: {}",
-        gw.logs.lock().unwrap()
-    );
-    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let v = &logged_for(&gw, "/gone")[0];
     assert_eq!(v["status"], 499, "{v}");
     assert_eq!(v["completed"], false, "{v}");
     assert_eq!(v["error"], "client_gone", "{v}");
@@ -564,24 +572,10 @@ fn a_client_that_leaves_mid_upload_of_a_body_read_for_retries_is_logged_as_499()
             let _ = conn.await;
         });
     }
-    let line = |path: &str| {
-        let logs = gw.logs.lock().unwrap();
-        let found: Vec<String> = access_lines(&logs)
-            .iter()
-            .filter(|l| l.contains(&format!("\"path\":\"{path}\"")))
-            .map(|l| l.to_string())
-            .collect();
-        found
-    };
     for path in ["/h1-close", "/h1-shutdown", "/h2-cancel", "/h2-close"] {
-        assert!(
-            wait_until(Duration::from_secs(10), || !line(path).is_empty()),
-            "no access line for {path}: {}",
-            gw.logs.lock().unwrap()
-        );
-        let lines = line(path);
+        let lines = logged_for(&gw, path);
         assert_eq!(lines.len(), 1, "{lines:?}");
-        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        let v = &lines[0];
         assert_eq!(
             (&v["status"], &v["completed"], &v["error"]),
             (
@@ -799,18 +793,7 @@ fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
     let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
     s.write_all(b"GET /never-read HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
-    let line = || {
-        access_lines(&gw.logs.lock().unwrap())
-            .iter()
-            .find(|l| l.contains("\"path\":\"/never-read\""))
-            .map(|l| l.to_string())
-    };
-    assert!(
-        wait_until(Duration::from_secs(15), || line().is_some()),
-        "no access line: {}",
-        gw.logs.lock().unwrap()
-    );
-    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let v = &logged_for(&gw, "/never-read")[0];
     assert_eq!(v["completed"], false, "{v}");
     assert_eq!(v["error"], "send_timeout", "{v}");
     drop(s);
@@ -830,18 +813,7 @@ fn a_405_is_logged_and_counted_under_the_route_whose_path_matched() {
         http(&gw.listen, "POST", "/getonly/x", &[], b"").unwrap().0,
         405
     );
-    let line = || {
-        access_lines(&gw.logs.lock().unwrap())
-            .iter()
-            .find(|l| l.contains("\"path\":\"/getonly/x\""))
-            .map(|l| l.to_string())
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || line().is_some()),
-        "{}",
-        gw.logs.lock().unwrap()
-    );
-    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let v = &logged_for(&gw, "/getonly/x")[0];
     assert_eq!(
         (&v["status"], &v["route"]),
         (&serde_json::json!(405), &serde_json::json!("getonly")),
