@@ -977,3 +977,124 @@ fn a_frame_half_sent_when_the_grace_ends_is_not_cut_into() {
         "the upstream got other bytes than the client's half frame"
     );
 }
+
+// ---- what a tunnel keeps of the config ----
+
+/// A tunnel lives across reloads without keeping their configs: every snapshot it outlived is
+/// freed while it is open, and upstreams that a reload removed are no longer health-checked,
+/// neither one the tunnel never used nor its own. Before, the tunnel's exchange held its whole
+/// snapshot (10 MB per generation for 10,000 routes), and with it every upstream's checker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_keeps_neither_old_snapshots_nor_health_checks_of_removed_upstreams() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let be = WsBackend::start();
+    // Another upstream, health-checked, that the reloads remove.
+    let checks = Arc::new(AtomicUsize::new(0));
+    let checked = {
+        let checks = Arc::clone(&checks);
+        Backend::start(move |_req| {
+            checks.fetch_add(1, Ordering::SeqCst);
+            async { hyper::Response::new(full("ok")) }
+        })
+    };
+    // The tunnel's own upstream is health-checked too: the echo server refuses a plain GET
+    // (`Event::Gone`), which `unhealthy_after` lets pass for the test's length.
+    let health = "health = { path = \"/healthz\", interval = \"50ms\", timeout = \"1s\", \
+                  unhealthy_after = 100000 }";
+    let mut files = proxy_to(&[be.url()], health, "");
+    files.push((
+        "upstreams/checked.toml",
+        format!(
+            "[upstream.checked]\ntargets = [\"{}\"]\n{health}\n",
+            checked.url()
+        ),
+    ));
+    files.push((
+        "routes/checked.toml",
+        "[[route]]\nname = \"checked\"\nprefix = \"/checked\"\nupstream = \"checked\"\n".into(),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    // The echo server's health checks, counted as they end (a refused handshake).
+    let gone = Arc::new(AtomicUsize::new(0));
+    let count_gone = |events: &mpsc::Receiver<Event>| {
+        while let Ok(e) = events.try_recv() {
+            if matches!(e, Event::Gone) {
+                gone.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        gone.load(Ordering::SeqCst)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || checks.load(Ordering::SeqCst)
+            >= 2
+            && count_gone(&be.events) >= 2),
+        "both upstreams are health-checked before the reloads"
+    );
+
+    let mut ws = connect(gw.addr, "/chat").await.unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Some(Message::text("before")));
+
+    // Reloads, each config different: the catch-all now answers itself, so neither upstream
+    // is in any config after the first.
+    let mut old = vec![Arc::downgrade(&gw.store.load())];
+    for k in 0..5 {
+        std::fs::remove_file(gw.dir.join("upstreams/checked.toml")).ok();
+        std::fs::remove_file(gw.dir.join("routes/checked.toml")).ok();
+        std::fs::remove_file(gw.dir.join("upstreams/be.toml")).ok();
+        gw.swap(&[(
+            "routes/all.toml",
+            &format!(
+                "[[route]]\nname = \"all\"\nprefix = \"/\"\nrespond = {{ status = 200, body = \"v{k}\" }}\n"
+            ),
+        )]);
+        if k < 4 {
+            old.push(Arc::downgrade(&gw.store.load()));
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || old
+            .iter()
+            .all(|s| s.upgrade().is_none())),
+        "{} of {} replaced snapshots are still held while the tunnel is open",
+        old.iter().filter(|s| s.upgrade().is_some()).count(),
+        old.len()
+    );
+
+    // Process-wide (other tests' gateways count too): present, and at least the served one.
+    assert!(
+        scrape(&gw)
+            .get("rustygate_config_snapshots_live")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // A check under way at the swap may still end; none starts after it.
+    let settled = |n: &dyn Fn() -> usize| {
+        let mut last = n();
+        wait_until(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = n();
+            std::mem::replace(&mut last, now) == now
+        })
+    };
+    assert!(settled(&|| checks.load(Ordering::SeqCst)));
+    let (a, b) = (checks.load(Ordering::SeqCst), count_gone(&be.events));
+    std::thread::sleep(Duration::from_secs(1));
+    let (a2, b2) = (checks.load(Ordering::SeqCst), count_gone(&be.events));
+    assert_eq!(
+        (a2 - a, b2 - b),
+        (0, 0),
+        "health checks in 1 s (20 intervals) of the removed upstreams (other, the tunnel's own)"
+    );
+
+    // The tunnel itself is untouched.
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Some(Message::text("after")));
+    assert_eq!(gw.get("/x"), (200, "v4".to_owned()));
+    ws.close(None).await.unwrap();
+    until_end(&mut ws).await;
+}

@@ -103,7 +103,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
     let edge_store = edge.store.spec.clone();
     let providers = auth::compile_providers(&mut cx, raw.gateway.as_ref());
     plugins::compile_plugins(&mut cx, raw.gateway.as_ref());
-    let routes = routes::compile_routes(
+    let mut routes = routes::compile_routes(
         &mut cx,
         std::mem::take(&mut raw.routes),
         &upstreams,
@@ -168,9 +168,17 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         ..
     } = cx;
     let inputs_id = inputs_hash(&files, secrets);
+    let id = opts.version_id.clone().unwrap_or_else(|| inputs_id.clone());
+    let version: Arc<str> = Arc::from(id.as_str());
+    for r in &mut routes.routes {
+        // Made by `routes::compile` just before, shared with nothing yet.
+        if let Some(record) = Arc::get_mut(&mut r.record) {
+            record.version = Arc::clone(&version);
+        }
+    }
     let snapshot = (!diagnostics.has_errors()).then(|| Snapshot {
         version: ConfigVersion {
-            id: opts.version_id.clone().unwrap_or_else(|| inputs_id.clone()),
+            id,
             source: opts.source.clone(),
             loaded_at: SystemTime::now(),
             commit: None,
@@ -187,6 +195,7 @@ pub fn compile(mut raw: RawConfig, opts: &CompileOptions) -> Compiled {
         tracing,
         rate_limit_store: edge_store,
         warnings: diagnostics.warning_count(),
+        live: crate::snapshot::Live::new(),
     });
     Compiled {
         snapshot,

@@ -18,8 +18,8 @@ use crate::router::{
     HostPattern, InsertError, METHODS, PathPattern, Router, method_slot, normalize_path,
 };
 use crate::snapshot::{
-    HeaderOps, PathRewrite, Route, RouteAction, RouteSource, TemplatePart, UpstreamHost,
-    strip_segment_prefix,
+    HeaderOps, PathRewrite, Route, RouteAction, RouteRecord, RouteSource, TemplatePart,
+    UpstreamHost, strip_segment_prefix,
 };
 use crate::upstream::Upstream;
 use crate::wire::StaticResponse;
@@ -59,6 +59,7 @@ pub(crate) fn compile_routes(
         names: HashMap::with_capacity(count),
         path_spans: Vec::with_capacity(count),
         file_name: None,
+        unversioned: Arc::from(""),
     };
     for (file, routes) in raw {
         for r in routes {
@@ -78,6 +79,8 @@ struct Builder<'a> {
     out: CompiledRoutes,
     /// Where each route name was first used.
     names: HashMap<String, (FileId, Range<usize>)>,
+    /// The routes' records' version until the snapshot's is known.
+    unversioned: Arc<str>,
     /// Where each compiled route's path was written, by RouteId, for conflict messages.
     path_spans: Vec<(FileId, Range<usize>)>,
     /// The name of the file being compiled, shared by its routes' [`RouteSource`].
@@ -96,6 +99,7 @@ impl Builder<'_> {
             names,
             path_spans,
             file_name,
+            unversioned,
         } = self;
         let (upstreams, defaults, edge, providers) = (*upstreams, *defaults, *edge, *providers);
         let errors_before = cx.diags.error_count();
@@ -303,8 +307,15 @@ impl Builder<'_> {
                     .collect()
             }),
         };
+        let name = r.name.into_inner();
         out.routes.push(Route {
-            name: r.name.into_inner(),
+            // The version is filled in when the snapshot is assembled.
+            record: Arc::new(RouteRecord {
+                name: name.clone(),
+                tracing: tracing.clone(),
+                version: Arc::clone(unversioned),
+            }),
+            name,
             action,
             timeout,
             connect_timeout,

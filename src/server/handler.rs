@@ -15,8 +15,10 @@
 //!                body ends; plugin_body::Response when a plugin reads it) or attempt_failed
 //!                ─► Retries::again
 //! ```
-//! The snapshot is loaded once and kept for the whole exchange, so a config swap never changes
-//! the rules under a request in flight.
+//! The snapshot is loaded once and kept until the response head is out, so a config swap never
+//! changes the rules under a request in flight. The long part of an exchange (a streamed body, a
+//! WebSocket tunnel) keeps only its route's record and upstream ([`exchange::Exchange::release`]):
+//! tunnels open for days must not keep every config they outlived.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
@@ -32,7 +34,7 @@ use super::listener::{ConnInfo, ConnState};
 use super::{WorkerState, edge};
 use admission::{MAX_REQUEST_TARGET, check_request, content_length, host_of, is_grpc};
 use errors::status_code;
-use exchange::Exchange;
+use exchange::{Config, Exchange};
 use forward::forward;
 
 use crate::decide::{self, Incoming, Plan, Routed};
@@ -102,7 +104,8 @@ pub(crate) async fn handle(
         let mut ex = Box::write(
             Box::new_uninit(),
             Exchange {
-                snapshot,
+                // The handler keeps `snapshot` for deciding the request (`snap` below).
+                config: Config::Whole(Arc::clone(&snapshot)),
                 started,
                 request_id,
                 reply_id,
@@ -156,7 +159,7 @@ pub(crate) async fn handle(
             (Ok(f), Ok(())) => f,
             (Err(why), _) | (Ok(_), Err(why)) => break 'answer ex.error(400, why),
         };
-        let path = match normalize_path_with(req.uri().path(), ex.snapshot.paths) {
+        let path = match normalize_path_with(req.uri().path(), snapshot.paths) {
             Ok(p) => p,
             Err(PathError::NotOriginForm)
                 if req.method() == actix_web::http::Method::OPTIONS && req.uri() == "*" =>
@@ -172,7 +175,7 @@ pub(crate) async fn handle(
             // Otherwise the path is the client's, already there.
             ex.path.clone_from(p);
         }
-        let snap = Arc::clone(&ex.snapshot);
+        let snap = snapshot;
         // The client's query without the token, when auth took it out.
         let mut query_without_token: Option<Option<String>> = None;
         let mut incoming = Incoming {
@@ -341,7 +344,7 @@ pub(crate) async fn handle(
         // `forward` takes the body only when it reads it: one it answers without reading
         // (no healthy target, `max_requests`, too many bodies held) is dropped below.
         if let Plan::Forward(f) = &mut plan {
-            break 'answer forward(ex, req, &mut body, state, route, f, framing).await;
+            break 'answer forward(ex, req, &mut body, state, &snap, route, f, framing).await;
         }
         answer(&ex, state, plan)
     };

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     /// `rustygate_websocket_connections`: WebSocket tunnels open (101 relayed, not yet closed).
     pub websocket_connections: IntGauge,
+    /// `rustygate_config_snapshots_live`: compiled configs in memory, set when rendered.
+    config_snapshots_live: IntGauge,
 }
 
 impl Metrics {
@@ -267,6 +269,13 @@ impl Metrics {
             "WebSocket tunnels open through the gateway.",
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let config_snapshots_live = IntGauge::new(
+            "rustygate_config_snapshots_live",
+            "Compiled configs in memory: the one served, and older ones still held by requests \
+             being decided or forwarded (a streamed body or a tunnel holds none). Staying above \
+             2 means something keeps old configs alive.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_commits_refused.clone()),
@@ -275,6 +284,7 @@ impl Metrics {
             Box::new(http2_goaway.clone()),
             Box::new(grpc_requests.clone()),
             Box::new(websocket_connections.clone()),
+            Box::new(config_snapshots_live.clone()),
             Box::new(client_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts.clone()),
@@ -361,6 +371,7 @@ impl Metrics {
             http2_goaway,
             grpc_requests,
             websocket_connections,
+            config_snapshots_live,
         }
     }
 
@@ -548,6 +559,9 @@ impl Metrics {
     /// a route, method and status) is listed by its `HELP` and `TYPE` lines alone, as the
     /// Python client does, so that every family is there from start-up.
     pub fn render(&self) -> String {
+        let live = crate::snapshot::live_snapshots();
+        self.config_snapshots_live
+            .set(i64::try_from(live).unwrap_or(i64::MAX));
         let families = self.registry.gather();
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&families, &mut buf);

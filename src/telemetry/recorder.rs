@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use super::counts::{Count, Level, Timing, Writer};
 use super::metrics::Metrics;
 use crate::router::{METHODS, RouteId, method_slot};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{RouteRecord, Snapshot};
 use crate::upstream::Upstream;
 use crate::util::FastMap as HashMap;
 
@@ -125,9 +125,62 @@ impl Recorder {
         status: u16,
         seconds: f64,
     ) {
+        let name = || {
+            route
+                .and_then(|r| snapshot.routes.get(r))
+                .map_or(NO_ROUTE, |r| r.name.as_str())
+        };
+        let generation = || Arc::downgrade(snapshot);
+        self.count_request(
+            Arc::as_ptr(snapshot),
+            generation,
+            route,
+            name,
+            method,
+            status,
+            seconds,
+        );
+    }
+
+    /// [`Recorder::request`] for a request that let go of its snapshot once its response head
+    /// was out (a streamed body, a WebSocket tunnel): `snapshot` may be freed by now, and the
+    /// route's name comes from its `record`.
+    pub fn released_request(
+        &self,
+        snapshot: &Weak<Snapshot>,
+        route: RouteId,
+        record: &RouteRecord,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) {
+        let name = || record.name.as_str();
+        let generation = || snapshot.clone();
+        self.count_request(
+            snapshot.as_ptr(),
+            generation,
+            Some(route),
+            name,
+            method,
+            status,
+            seconds,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn count_request<'n>(
+        &self,
+        snapshot: *const Snapshot,
+        generation: impl FnOnce() -> Weak<Snapshot>,
+        route: Option<RouteId>,
+        name: impl FnOnce() -> &'n str,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) {
         let mut cells = self.cells.borrow_mut();
-        if !std::ptr::eq(cells.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
-            cells.snapshot = Arc::downgrade(snapshot);
+        if !std::ptr::eq(cells.snapshot.as_ptr(), snapshot) {
+            cells.snapshot = generation();
             cells.requests.clear();
             // Lets the old snapshot's upstreams go too.
             cells.attempts.clear();
@@ -142,9 +195,7 @@ impl Recorder {
             timing.observe(seconds);
             return;
         }
-        let name = route
-            .and_then(|r| snapshot.routes.get(r))
-            .map_or(NO_ROUTE, |r| r.name.as_str());
+        let name = name();
         let method = METHODS.get(slot).copied().unwrap_or("OTHER");
         let m = &self.metrics;
         let count = m
@@ -158,8 +209,6 @@ impl Recorder {
         }
     }
 
-    /// One attempt sent to target `target` of `upstream`: its status and the seconds to its
-    /// response head, or `None` when no response came.
     pub fn attempt(&self, upstream: &Arc<Upstream>, target: usize, response: Option<(u16, f64)>) {
         let status = response.map_or(0, |(s, _)| s);
         let key = (Arc::as_ptr(upstream) as usize, target, status);

@@ -3,9 +3,10 @@
 //! A supervisor watches the snapshot store. For every target of an upstream with `health`
 //! settings it starts one checker, unless one already runs for that target's state (a swap
 //! that keeps the target keeps its checker and verdict). A checker holds only a weak
-//! reference to the state: once no snapshot uses the target, the state is dropped and the
-//! checker stops at its next tick.
+//! reference to the state, and the supervisor stops it when a published snapshot no longer
+//! has its target, even if a long request of an older snapshot still holds the state.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use http::uri::{Authority, Scheme};
 use http_body_util::Empty;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::task::JoinHandle;
 
 use super::Protocol;
 use super::state::TargetState;
@@ -64,21 +66,30 @@ struct Probe {
     check: Arc<HealthCheck>,
 }
 
-/// Starts checkers for the current snapshot and for every snapshot published after it.
-/// Runs until the store is dropped. Must run on an actix (local) runtime.
+/// Starts checkers for the current snapshot and for every snapshot published after it, and
+/// stops those of targets that a published snapshot no longer has: whatever still holds such a
+/// target's state (a WebSocket tunnel or a download begun on an older snapshot holds its
+/// upstream until it ends), the target is not checked past the swap. Runs until the store is
+/// dropped. Must run on an actix (local) runtime.
 pub async fn supervise(store: Weak<SnapshotStore>) {
     let Some(mut changes) = store.upgrade().map(|s| s.subscribe()) else {
         return;
     };
+    // The checkers this supervisor started, by their state's address (the weak reference
+    // keeps the address from being reused while the entry exists).
+    let mut running: HashMap<usize, (Weak<TargetState>, JoinHandle<()>)> = HashMap::new();
     loop {
         let Some(snapshot) = store.upgrade().map(|s| s.load()) else {
             return;
         };
+        let mut current = HashSet::new();
         for upstream in &snapshot.upstreams {
             let Some(check) = &upstream.health else {
                 continue;
             };
             for t in &upstream.targets {
+                let key = Arc::as_ptr(&t.state) as usize;
+                current.insert(key);
                 if t.state.checker.swap(true, Ordering::Relaxed) {
                     continue;
                 }
@@ -90,10 +101,22 @@ pub async fn supervise(store: Weak<SnapshotStore>) {
                     tls: t.tls.clone(),
                     check: Arc::clone(check),
                 };
-                actix_web::rt::spawn(run(Arc::downgrade(&t.state), probe));
+                let task = actix_web::rt::spawn(run(Arc::downgrade(&t.state), probe));
+                running.insert(key, (Arc::downgrade(&t.state), task));
             }
         }
         drop(snapshot);
+        running.retain(|key, (state, task)| {
+            if current.contains(key) {
+                return true;
+            }
+            task.abort();
+            // A later snapshot that has the target again starts a checker for it.
+            if let Some(s) = state.upgrade() {
+                s.checker.store(false, Ordering::Relaxed);
+            }
+            false
+        });
         if changes.changed().await.is_err() {
             return;
         }

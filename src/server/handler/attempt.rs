@@ -24,7 +24,7 @@ use crate::proxy::pool::{OutRequest, SendFailure};
 use crate::proxy::{ForwardError, websocket};
 use crate::server::h2::UploadSlots;
 use crate::server::{WorkerState, edge};
-use crate::snapshot::Route;
+use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{HashKey, RetryPolicy, RetryReason, Target, Upstream, hash_bytes};
 use crate::util::clock;
 
@@ -118,6 +118,7 @@ impl Deadlines {
 pub(super) fn attempt_request(
     req: &Request,
     ex: &Exchange,
+    snap: &Snapshot,
     route: &Route,
     target: &Target,
     plan: &decide::Forward,
@@ -136,14 +137,27 @@ pub(super) fn attempt_request(
         && !websocket;
     let room = req.headers().len() + crate::proxy::headers::GATEWAY_FIELDS;
     if as_is {
-        let mut list = upstream_headers(req, ex, route, target, HeaderList::with_capacity(room))?;
+        let mut list = upstream_headers(
+            req,
+            ex,
+            snap,
+            route,
+            target,
+            HeaderList::with_capacity(room),
+        )?;
         if let Some(p) = &plan.plugins {
             p.apply_edits(&mut list);
         }
         return Ok((upstream_req, Some(list)));
     }
-    let mut headers =
-        upstream_headers(req, ex, route, target, http::HeaderMap::with_capacity(room))?;
+    let mut headers = upstream_headers(
+        req,
+        ex,
+        snap,
+        route,
+        target,
+        http::HeaderMap::with_capacity(room),
+    )?;
     if target.protocol == crate::upstream::Protocol::Http2 && accepts_trailers(req) {
         // The one `TE` value that crosses a proxy; HTTP/2 gRPC servers require it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -327,6 +341,7 @@ pub(super) fn request_hash(
     key: &HashKey,
     req: &Request,
     ex: &Exchange,
+    snap: &Snapshot,
     route: &Route,
 ) -> Option<u64> {
     match key {
@@ -339,7 +354,7 @@ pub(super) fn request_hash(
         // picks the target, and one sent on several lines is one value.
         HashKey::Header(name) => edge::KeySource {
             req,
-            inbound: &crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
+            inbound: &crate::proxy::headers::Inbound::for_route(snap, route),
             verified: &ex.auth_headers,
             client_cert: ex.client_cert(),
         }
@@ -375,6 +390,7 @@ pub(super) fn convert_method(m: &actix_web::http::Method) -> http::Method {
 fn upstream_headers<S: HeaderSink>(
     req: &Request,
     ex: &Exchange,
+    snap: &Snapshot,
     route: &Route,
     target: &Target,
     out: S,
@@ -388,11 +404,11 @@ fn upstream_headers<S: HeaderSink>(
         out,
         &Forwarding {
             peer,
-            trusted: peer.is_some_and(|p| ex.snapshot.client_ip.is_trusted(p)),
+            trusted: peer.is_some_and(|p| snap.client_ip.is_trusted(p)),
             request_id: &ex.request_id,
             upstream_host: &route.upstream_host,
             target_authority: target.authority.as_str(),
-            inbound: crate::proxy::headers::Inbound::for_route(&ex.snapshot, route),
+            inbound: crate::proxy::headers::Inbound::for_route(snap, route),
             drop_token: ex.drop_token.as_ref(),
             auth_headers: &ex.auth_headers,
             rules: &route.request_headers,
@@ -440,13 +456,14 @@ pub(super) fn upload_slot(slots: &UploadSlots, stats: &BodyStats) -> bool {
 /// with a place could then receive nothing more.
 pub(super) async fn read_upload(
     ex: &mut Exchange,
+    snap: &Snapshot,
     state: &WorkerState,
     body: &mut ProxyBody,
 ) -> Result<(), HttpResponse> {
     let ProxyBody::Channel { rx, .. } = body else {
         return Ok(());
     };
-    let cap = ex.snapshot.limits.max_buffered_bodies;
+    let cap = snap.limits.max_buffered_bodies;
     let mut held = ex
         .buffered
         .take()

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use actix_web::http::header as ax;
@@ -20,16 +20,26 @@ use crate::proxy::headers::ClientCert;
 use crate::router::RouteId;
 use crate::server::listener::{Busy, ConnInfo};
 use crate::server::{WorkerState, edge};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{RouteRecord, Snapshot};
 use crate::telemetry::recorder::NO_ROUTE;
 use crate::telemetry::trace::{RequestTrace, ServerFacts};
 use crate::upstream::Upstream;
 use crate::upstream::state::{InFlight, Slot};
 use crate::util::clock;
 
+/// The config an exchange is recorded under.
+pub(super) enum Config {
+    /// The snapshot the request is decided and forwarded on.
+    Whole(Arc<Snapshot>),
+    /// Once the response head is out ([`Exchange::release`]): the route's record, and the
+    /// snapshot only weakly (the recorder tells snapshots apart by address), so that a reload
+    /// frees the snapshot while a body streams or a tunnel lives for days.
+    Released(Arc<RouteRecord>, RouteId, Weak<Snapshot>),
+}
+
 /// Per-request facts for the access log, emitted once when the exchange ends.
 pub(super) struct Exchange {
-    pub(super) snapshot: Arc<Snapshot>,
+    pub(super) config: Config,
     pub(super) started: Instant,
     pub(super) request_id: HeaderValue,
     /// The same id in the client side's type, for the response.
@@ -129,6 +139,29 @@ fn grpc_status_label(v: Option<&http::HeaderValue>) -> &'static str {
 }
 
 impl Exchange {
+    /// Lets go of the snapshot, keeping what the end of the exchange records (its route's
+    /// record): called once the response head is out, before the long part of the exchange (a
+    /// streamed body, a WebSocket tunnel). What it still holds of the config is its route's
+    /// record and its upstream (`upstream`), not the other routes and upstreams.
+    pub(super) fn release(&mut self) {
+        if let (Config::Whole(snapshot), Some(route)) = (&self.config, self.route)
+            && let Some(r) = snapshot.routes.get(route)
+        {
+            self.config = Config::Released(Arc::clone(&r.record), route, Arc::downgrade(snapshot));
+        }
+    }
+
+    /// The route's name and tracing settings, and the config version.
+    fn recorded_config(&self) -> (Option<&RouteRecord>, &str) {
+        match &self.config {
+            Config::Whole(s) => (
+                self.route.and_then(|r| s.routes.get(r)).map(|r| &*r.record),
+                s.version.id.as_str(),
+            ),
+            Config::Released(record, _, _) => (Some(&**record), &*record.version),
+        }
+    }
+
     /// The client certificate the connection's TLS handshake verified.
     pub(super) fn client_cert(&self) -> Option<&ClientCert> {
         self.conn
@@ -174,10 +207,8 @@ impl Exchange {
         if self.recorded.replace(true) {
             return;
         }
-        let route = self
-            .route
-            .and_then(|r| self.snapshot.routes.get(r))
-            .map(|r| r.name.as_str());
+        let (record, config_version) = self.recorded_config();
+        let route = record.map(|r| r.name.as_str());
         if let Some(code) = grpc {
             self.state
                 .recorder
@@ -194,13 +225,24 @@ impl Exchange {
             clock::now()
         };
         let elapsed = ended_at.saturating_duration_since(self.started);
-        self.state.recorder.request(
-            &self.snapshot,
-            self.route,
-            self.method.as_str(),
-            status,
-            elapsed.as_secs_f64(),
-        );
+        let recorder = &self.state.recorder;
+        match &self.config {
+            Config::Whole(snapshot) => recorder.request(
+                snapshot,
+                self.route,
+                self.method.as_str(),
+                status,
+                elapsed.as_secs_f64(),
+            ),
+            Config::Released(record, route, snapshot) => recorder.released_request(
+                snapshot,
+                *route,
+                record,
+                self.method.as_str(),
+                status,
+                elapsed.as_secs_f64(),
+            ),
+        }
         if let Some(t) = &self.trace {
             t.finish(|| ServerFacts {
                 method: self.method.as_str(),
@@ -210,12 +252,9 @@ impl Exchange {
                 protocol: protocol_name(self.version),
                 client_ip: self.client_ip,
                 status,
-                route: self
-                    .route
-                    .and_then(|r| self.snapshot.routes.get(r))
-                    .map(|r| (r.name.as_str(), &r.tracing)),
+                route: record.map(|r| (r.name.as_str(), &r.tracing)),
                 upstream: self.upstream.as_ref().map(|u| u.name.as_str()),
-                config_sha: &self.snapshot.version.id,
+                config_sha: config_version,
                 error: end.err(),
             });
         }
@@ -247,7 +286,7 @@ impl Exchange {
             completed: end.is_ok(),
             error: end.err().unwrap_or(""),
             grpc_status: grpc.unwrap_or(""),
-            config_version: self.snapshot.version.id.as_str(),
+            config_version,
             trace_id: ids.as_ref().map_or("", |i| id_str(&i.0)),
             span_id: ids.as_ref().map_or("", |i| id_str(&i.1)),
         }

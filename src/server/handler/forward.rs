@@ -26,7 +26,7 @@ use crate::proxy::response::HeadShape;
 use crate::proxy::{ForwardError, websocket};
 use crate::server::WorkerState;
 use crate::server::h2::UploadSlots;
-use crate::snapshot::Route;
+use crate::snapshot::{Route, Snapshot};
 use crate::upstream::RetryReason;
 use crate::util::{clock, cold};
 
@@ -127,11 +127,13 @@ impl Outgoing {
 /// One async function on purpose: splitting the attempt loop into an async function of its
 /// own made the handler's future larger by several KB (its arguments are held twice), and every
 /// request pays for moving it (+8.9k instructions per request, measured).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     mut ex: Box<Exchange>,
     req: &Request,
     payload: &mut Option<Payload>,
     state: &WorkerState,
+    snap: &Snapshot,
     route: &Route,
     plan: &mut decide::Forward,
     framing: Framing,
@@ -187,7 +189,7 @@ pub(super) async fn forward(
     {
         // Boxed: only requests whose body a plugin reads pay for this future's size.
         let payload = payload.take().unwrap_or(Payload::None);
-        let read = plugin_body::request(&mut ex, payload, state, route, declared_len, filter);
+        let read = plugin_body::request(&mut ex, snap, payload, state, route, declared_len, filter);
         match cold(read).await {
             Ok(b) => (b, None),
             Err(resp) => return resp,
@@ -196,6 +198,7 @@ pub(super) async fn forward(
         let replay_limit = may_resend.then_some(retry.replay_body_limit);
         match outgoing_body(
             &mut ex,
+            snap,
             payload,
             state,
             route,
@@ -219,7 +222,7 @@ pub(super) async fn forward(
     let key = upstream
         .balancer
         .hash_key()
-        .and_then(|k| request_hash(k, req, &ex, route));
+        .and_then(|k| request_hash(k, req, &ex, snap, route));
     let opts_base = SendOptions {
         // Set again when each attempt is sent.
         started: ex.started,
@@ -269,6 +272,7 @@ pub(super) async fn forward(
         let (mut upstream_req, fields) = match attempt_request(
             req,
             &ex,
+            snap,
             route,
             target,
             plan,
@@ -330,7 +334,9 @@ pub(super) async fn forward(
         {
             // No place: the body is read whole first, as nginx reads request bodies, within
             // the worker's `max_buffered_bodies`; no upstream connection waits for it.
-            if let Err(resp) = cold(read_upload(&mut ex, state, upstream_req.body_mut())).await {
+            if let Err(resp) =
+                cold(read_upload(&mut ex, snap, state, upstream_req.body_mut())).await
+            {
                 return resp;
             }
         }
@@ -367,7 +373,16 @@ pub(super) async fn forward(
                 {
                     continue;
                 }
-                return match client_response(ex, req, state, route, plan, resp, tunnel_in.take()) {
+                return match client_response(
+                    ex,
+                    req,
+                    state,
+                    snap,
+                    route,
+                    plan,
+                    resp,
+                    tunnel_in.take(),
+                ) {
                     Relay::Now(r) => r,
                     // Boxed: only responses whose body a plugin reads pay for this future.
                     Relay::ThroughPlugins(r) => cold(r.send()).await,
@@ -434,8 +449,10 @@ pub(super) async fn forward(
 /// is read); or streamed from the client by the first attempt, sent once. `Err` is the answer
 /// when the body is refused or cannot be read. `payload` is taken only once it is read: refused
 /// unread, it stays with the handler.
+#[allow(clippy::too_many_arguments)]
 async fn outgoing_body(
     ex: &mut Exchange,
+    snap: &Snapshot,
     payload: &mut Option<Payload>,
     state: &WorkerState,
     route: &Route,
@@ -452,11 +469,11 @@ async fn outgoing_body(
         return Ok(Outgoing::Unread {
             len: declared_len,
             limit: route.max_body_size,
-            idle: ex.snapshot.limits.body_idle_timeout,
+            idle: snap.limits.body_idle_timeout,
         });
     };
     // Held whole so that a retry can send it again.
-    let cap = ex.snapshot.limits.max_buffered_bodies;
+    let cap = snap.limits.max_buffered_bodies;
     match Buffered::reserve(&state.buffered, expected, cap) {
         Some(b) => ex.buffered = Some(b),
         None => return Err(ex.error(503, TOO_MANY_BODIES)),
@@ -466,7 +483,7 @@ async fn outgoing_body(
     let mut payload = payload.take().unwrap_or(Payload::None);
     // Read before any attempt, so the client gets the route's timeout to send it (a streamed
     // body by the body idle timeout between pieces: `BodyStats::deadline`).
-    let idle = ex.snapshot.limits.body_idle_timeout;
+    let idle = snap.limits.body_idle_timeout;
     let read = read_request_body(&mut payload, route.max_body_size, expected, idle, &stats);
     match tokio::time::timeout(route.timeout, read).await {
         Ok(Ok(b)) => Ok(Outgoing::Replayable(b)),

@@ -39,7 +39,7 @@ use crate::proxy::body::{
     BodyError, BodyStats, CHANNEL_DEPTH, Ended, OnFinish, ProxyBody, UpstreamBody,
     UpstreamBodyError, next_chunk,
 };
-use crate::snapshot::Route;
+use crate::snapshot::{Route, Snapshot};
 
 /// Why a request body already on its way upstream was stopped: the answer the handler gives
 /// when the upstream request fails for it.
@@ -133,6 +133,7 @@ impl Reader {
 /// the body is refused.
 pub(super) async fn request(
     ex: &mut Exchange,
+    snap: &Snapshot,
     payload: actix_web::dev::Payload,
     state: &WorkerState,
     route: &Route,
@@ -147,10 +148,10 @@ pub(super) async fn request(
         payload,
         declared,
         limit: route.max_body_size,
-        idle: ex.snapshot.limits.body_idle_timeout,
+        idle: snap.limits.body_idle_timeout,
         stats,
         held: Buffered::empty(&state.buffered),
-        cap: ex.snapshot.limits.max_buffered_bodies,
+        cap: snap.limits.max_buffered_bodies,
     };
     let first = tokio::time::timeout(route.timeout, async {
         loop {

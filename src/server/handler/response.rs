@@ -23,7 +23,7 @@ use crate::proxy::headers::{connection_tokens, is_hop_by_hop_str};
 use crate::proxy::response::{UpstreamHead, UpstreamResponse};
 use crate::proxy::{location, websocket};
 use crate::server::WorkerState;
-use crate::snapshot::Route;
+use crate::snapshot::{Route, Snapshot};
 
 use crate::wire::headers::actix_name;
 
@@ -83,10 +83,12 @@ pub(super) fn relays_head_as_is(
 
 /// Turns the upstream's response into the client's, streaming the body. `tunnel_in` is the
 /// client's payload when the request is a WebSocket handshake.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn client_response(
     mut ex: Box<Exchange>,
     req: &Request,
     state: &WorkerState,
+    snap: &Snapshot,
     route: &Route,
     plan: &mut decide::Forward,
     resp: Box<UpstreamResponse>,
@@ -121,6 +123,7 @@ pub(super) fn client_response(
             let dropped = connection_dropped(&fields);
             client_urls(
                 &ex,
+                snap,
                 req,
                 fields.iter_mut().map(|(n, v)| (n.as_str(), v)),
                 |b| ax::HeaderValue::from_maybe_shared(b).ok(),
@@ -139,11 +142,12 @@ pub(super) fn client_response(
         head => {
             let mut parts = head.into_http();
             let handshake = tunnel_in.is_some();
-            let (out, status, declared) =
-                match edited_head(&mut ex, req, state, route, plan, &mut parts, handshake) {
-                    Ok(h) => h,
-                    Err(resp) => return (*resp).into(),
-                };
+            let (out, status, declared) = match edited_head(
+                &mut ex, req, state, snap, route, plan, &mut parts, handshake,
+            ) {
+                Ok(h) => h,
+                Err(resp) => return (*resp).into(),
+            };
             // The policy may have turned the 101 into something else: then there is no tunnel.
             if let (Some(payload), 101) = (tunnel_in, status) {
                 return websocket_tunnel(ex, state, route, out, &mut parts, payload).into();
@@ -186,6 +190,7 @@ pub(super) fn client_response(
                 }
                 let body = UpstreamBody::new(body, BodySize::Stream, route.read_timeout, None)
                     .with_trailers(trailers);
+                ex.release();
                 return Relay::ThroughPlugins(Box::new(plugin_body::Response {
                     ex,
                     out,
@@ -210,6 +215,9 @@ pub(super) fn client_response(
     };
     // Metrics and the access log are recorded when the body ends, so they count its bytes and
     // time; the exchange (and its in-flight count) lives until then.
+    // The body may stream for hours: from here the exchange keeps its route's record, not the
+    // snapshot, so that reloads meanwhile free theirs.
+    ex.release();
     let on_finish: OnFinish = Box::new(move |bytes, end| {
         // Cut because the client took nothing within the send timeout, not because it left.
         let end = match end {
@@ -230,10 +238,12 @@ pub(super) fn client_response(
 /// `handshake`, framing), edited by the route's response header rules, the policy's
 /// `on_response` and the plugins, then relayed. Returns it with its status and declared
 /// `Content-Length`, or the answer that replaces it.
+#[allow(clippy::too_many_arguments)]
 fn edited_head(
     ex: &mut Exchange,
     req: &Request,
     state: &WorkerState,
+    snap: &Snapshot,
     route: &Route,
     plan: &decide::Forward,
     parts: &mut http::response::Parts,
@@ -283,6 +293,7 @@ fn edited_head(
         .and_then(|s| s.parse::<u64>().ok());
     client_urls(
         ex,
+        snap,
         req,
         parts.headers.iter_mut().map(|(n, v)| (n.as_str(), v)),
         |b| http::HeaderValue::from_maybe_shared(b).ok(),
@@ -388,12 +399,13 @@ fn url_field(name: &str) -> Option<location::Field> {
 /// `make` turns the new value into the head's type.
 fn client_urls<'a, V: AsRef<[u8]> + 'a>(
     ex: &Exchange,
+    snap: &Snapshot,
     req: &Request,
     fields: impl Iterator<Item = (&'a str, &'a mut V)>,
     make: impl Fn(Bytes) -> Option<V>,
 ) {
     for (name, value) in fields {
-        if let Some(v) = url_field(name).and_then(|f| client_url(ex, req, f, value.as_ref()))
+        if let Some(v) = url_field(name).and_then(|f| client_url(ex, snap, req, f, value.as_ref()))
             && let Some(v) = make(v)
         {
             *value = v;
@@ -406,8 +418,14 @@ fn client_urls<'a, V: AsRef<[u8]> + 'a>(
 /// line: only responses with such a header call it.
 #[cold]
 #[inline(never)]
-fn client_url(ex: &Exchange, req: &Request, field: location::Field, value: &[u8]) -> Option<Bytes> {
-    let route = ex.snapshot.routes.get(ex.route?)?;
+fn client_url(
+    ex: &Exchange,
+    snap: &Snapshot,
+    req: &Request,
+    field: location::Field,
+    value: &[u8],
+) -> Option<Bytes> {
+    let route = snap.routes.get(ex.route?)?;
     let crate::snapshot::RouteAction::Proxy { upstream, rewrite } = &route.action else {
         return None;
     };
@@ -417,7 +435,7 @@ fn client_url(ex: &Exchange, req: &Request, field: location::Field, value: &[u8]
     // A trusted proxy in front says which scheme the client used.
     let trusted = req
         .peer_addr()
-        .is_some_and(|a| ex.snapshot.client_ip.is_trusted(a.ip()));
+        .is_some_and(|a| snap.client_ip.is_trusted(a.ip()));
     let forwarded = req
         .headers()
         .get(&AX_FORWARDED_PROTO)
@@ -496,7 +514,7 @@ fn append_copy(
 /// `max_requests` slot, in-flight counts and `Busy`) lives until the tunnel closes, and is
 /// logged then.
 fn websocket_tunnel(
-    ex: Box<Exchange>,
+    mut ex: Box<Exchange>,
     state: &WorkerState,
     route: &Route,
     mut out: HttpResponseBuilder,
@@ -508,6 +526,8 @@ fn websocket_tunnel(
     };
     let stats = ex.body.clone().unwrap_or_default();
     let gauge = state.recorder.metrics().websocket_connections.clone();
+    // A tunnel may live for days: it keeps its route's record, not the snapshot.
+    ex.release();
     let on_finish: OnFinish = Box::new(move |bytes, end| ex.emit(101, bytes, end));
     out.upgrade("websocket").body(websocket::Tunnel::new(
         on_upgrade,
