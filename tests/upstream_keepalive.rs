@@ -70,6 +70,8 @@ impl Behaviour {
 struct RawUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Connections that ended (the gateway closed them, or `serve` gave up on them).
+    closed: Arc<AtomicUsize>,
     answered: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
     /// Method and body of every request read whole (dropped ones included, except resets).
@@ -82,10 +84,12 @@ impl RawUpstream {
         let u = RawUpstream {
             addr: listener.local_addr().unwrap(),
             connections: Arc::default(),
+            closed: Arc::default(),
             answered: Arc::default(),
             dropped: Arc::default(),
             seen: Arc::default(),
         };
+        let closed = Arc::clone(&u.closed);
         let (conns, answered, dropped, seen) = (
             Arc::clone(&u.connections),
             Arc::clone(&u.answered),
@@ -101,7 +105,11 @@ impl RawUpstream {
                     Arc::clone(&dropped),
                     Arc::clone(&seen),
                 );
-                std::thread::spawn(move || serve(s, n, b, &answered, &dropped, &seen));
+                let closed = Arc::clone(&closed);
+                std::thread::spawn(move || {
+                    serve(s, n, b, &answered, &dropped, &seen);
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         u
@@ -113,6 +121,11 @@ impl RawUpstream {
 
     fn get(counter: &AtomicUsize) -> usize {
         counter.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    fn open(&self) -> usize {
+        Self::get(&self.connections) - Self::get(&self.closed)
     }
 }
 
@@ -452,4 +465,73 @@ fn bytes_past_the_declared_length_are_never_read_as_the_next_response() {
         3,
         "a connection with bytes left over was reused"
     );
+}
+
+/// A reload that removes an upstream closes the gateway's idle connections to it on every
+/// worker at once, rather than at their `idle_timeout` (up to 365 days), and keeps those to the
+/// upstreams it keeps (a reload does not flush pools needlessly).
+#[test]
+fn a_reload_closes_idle_connections_to_a_removed_upstream_and_keeps_the_others() {
+    let never_closes = || Behaviour::idle_close(Duration::from_secs(3600), None);
+    let (removed, kept) = (
+        RawUpstream::start(never_closes()),
+        RawUpstream::start(never_closes()),
+    );
+    let mut files = proxy_to(&[removed.url()], "idle_timeout = \"300s\"", "");
+    files.push((
+        "upstreams/kept.toml",
+        format!(
+            "[upstream.kept]\ntargets = [\"{}\"]\nidle_timeout = \"300s\"\n",
+            kept.url()
+        ),
+    ));
+    files.push((
+        "routes/kept.toml",
+        "[[route]]\nname = \"kept\"\nprefix = \"/kept\"\nupstream = \"kept\"\n".into(),
+    ));
+    // Two workers: each has its own pool.
+    let gw = Gateway::start(&as_refs(&files));
+    let addr = gw.addr.to_string();
+    // Requests in parallel, so that each pool holds several connections.
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let path = if i % 2 == 0 { "/x" } else { "/kept/x" };
+                    assert_eq!(http(&addr, "GET", path, &[], b"").map(|r| r.0), Some(200));
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || removed.open() >= 1
+        && kept.open() >= 1));
+    let kept_before = kept.open();
+    let opened = RawUpstream::get(&removed.connections);
+
+    std::fs::remove_file(gw.dir.join("upstreams/be.toml")).unwrap();
+    gw.swap(&[(
+        "routes/all.toml",
+        "[[route]]\nname = \"all\"\nprefix = \"/\"\nrespond = { status = 200, body = \"v2\" }\n",
+    )]);
+    assert_eq!(
+        http(&addr, "GET", "/x", &[], b"").map(|r| r.1),
+        Some("v2".into())
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || removed.open() == 0),
+        "{} of {opened} connections to the removed upstream still open 10 s after the reload",
+        removed.open()
+    );
+    assert_eq!(kept.open(), kept_before, "connections to the kept upstream");
+    // And they are still used: no new connection for the next request.
+    let kept_opened = RawUpstream::get(&kept.connections);
+    assert_eq!(
+        http(&addr, "GET", "/kept/x", &[], b"").map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(RawUpstream::get(&kept.connections), kept_opened);
 }

@@ -7,8 +7,9 @@
 //! HTTP/1.1: a connection goes back to the pool once hyper reports it ready, that is once its
 //! previous response body has been read to the end; every pooled connection is idle. It is kept
 //! for the upstream's `idle_timeout`, or less when the response announced `Keep-Alive:
-//! timeout=N`; a reused connection that the upstream closed under the request is replaced by a
-//! fresh one for that request (see [`super::keepalive`]).
+//! timeout=N`, or until a reload removes its target; a reused connection that the upstream
+//! closed under the request is replaced by a fresh one for that request (see
+//! [`super::keepalive`]).
 //!
 //! HTTP/2: one connection per target and worker, shared by every request (a cloned handle per
 //! request). Requests that arrive while it is being opened wait for that one connection instead
@@ -35,6 +36,7 @@ use h2_shared::H2Slot;
 use handshake::{connect_h1, connect_io, connect_upgradable};
 use idle::{Idle, IdleOwn, sweep};
 
+use crate::snapshot::SnapshotStore;
 use crate::upstream::state::{Overflow, Slot, UpstreamShared};
 use crate::upstream::{PoolKey, Protocol, Target};
 use crate::util::{FastMap as HashMap, cold};
@@ -159,16 +161,16 @@ pub struct SendFailure {
 }
 
 impl LocalPool {
-    /// A pool that drops expired idle connections in the background, for as long as it lives;
-    /// its HTTP/2 connections are checked with `h2_ping`. Must be called on the worker's
-    /// runtime.
-    pub fn new(h2_ping: H2Ping) -> Rc<LocalPool> {
+    /// A pool that drops expired idle connections in the background, for as long as it lives,
+    /// and those to targets that a snapshot published in `store` no longer has; its HTTP/2
+    /// connections are checked with `h2_ping`. Must be called on the worker's runtime.
+    pub fn new(h2_ping: H2Ping, store: std::sync::Weak<SnapshotStore>) -> Rc<LocalPool> {
         let pool = Rc::new(LocalPool {
             h2_ping,
             ..LocalPool::default()
         });
         let weak = Rc::downgrade(&pool);
-        actix_web::rt::spawn(sweep(weak));
+        actix_web::rt::spawn(sweep(weak, store));
         pool
     }
 

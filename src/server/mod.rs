@@ -245,7 +245,7 @@ pub fn start(
     let service = move |name: Arc<str>, local: SocketAddr, kind: Kind, h2c: bool| {
         let state = web::Data::new(WorkerState {
             store: Arc::clone(&proxy_store),
-            pool: LocalPool::new(h2_ping),
+            pool: LocalPool::new(h2_ping, Arc::downgrade(&proxy_store)),
             access_log,
             recorder: crate::telemetry::recorder::Recorder::new(Arc::clone(&metrics)),
             limiters: edge::WorkerLimiters::new(Arc::clone(&limiters)),

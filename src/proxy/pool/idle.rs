@@ -1,6 +1,7 @@
 //! The idle HTTP/1.1 connections: taken out for a request, given back once its response has
 //! been read, swept when they expire.
 
+use std::collections::HashSet;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use super::h2_shared::H2Slot;
 use super::{H1Conn, LocalPool, MAX_IDLE_PER_TARGET};
 
 use crate::proxy::h1;
+use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::PoolKey;
 use crate::util::clock;
 
@@ -115,6 +117,24 @@ impl LocalPool {
         });
     }
 
+    /// Drops the idle connections to targets that `snapshot` no longer has (a reload removed
+    /// their upstream or changed how they are reached): nothing would reuse them before their
+    /// `idle_timeout`, which may be long, and upstreams see them gone at the reload, as Envoy
+    /// drains the pools of removed hosts. A shared HTTP/2 connection stops being handed out;
+    /// requests in flight on it keep their own handles.
+    pub(super) fn keep_only(&self, snapshot: &Snapshot) {
+        let kept: HashSet<&PoolKey> = snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| u.targets.iter().map(|t| &t.pool_key))
+            .collect();
+        self.idle.borrow_mut().retain(|k, _| kept.contains(k));
+        self.own.borrow_mut().retain(|k, _| kept.contains(k));
+        self.h2
+            .borrow_mut()
+            .retain(|k, slot| kept.contains(k) || matches!(slot, H2Slot::Connecting(_)));
+    }
+
     /// Idle HTTP/1.1 connections held for `authority`, whatever their TLS settings (for tests
     /// and status).
     pub fn idle_count(&self, authority: &Authority) -> usize {
@@ -136,13 +156,35 @@ impl LocalPool {
     }
 }
 
-pub(super) async fn sweep(pool: Weak<LocalPool>) {
+/// Every [`SWEEP_EVERY`], drops expired connections; at each published snapshot, those to
+/// targets it no longer has ([`LocalPool::keep_only`]). Runs on the pool's worker, as long as
+/// the pool lives.
+pub(super) async fn sweep(pool: Weak<LocalPool>, store: std::sync::Weak<SnapshotStore>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut changes = store.upgrade().map(|s| s.subscribe());
     loop {
-        tick.tick().await;
-        match pool.upgrade() {
-            Some(p) => p.sweep(),
-            None => return,
+        let published = async {
+            match &mut changes {
+                Some(c) => c.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let reloaded = tokio::select! {
+            _ = tick.tick() => false,
+            ok = published => {
+                if !ok {
+                    // The store is gone: expiry sweeps only.
+                    changes = None;
+                }
+                ok
+            }
+        };
+        let Some(p) = pool.upgrade() else {
+            return;
+        };
+        match reloaded.then(|| store.upgrade()).flatten() {
+            Some(s) => p.keep_only(&s.load()),
+            None => p.sweep(),
         }
     }
 }
