@@ -735,6 +735,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Held until serve returns: dropping it flushes buffered log lines.
     let _log_guard = init_logging(args.log_format);
+    // Called whatever the log level: the call is what links crates/fastmem's start-up hook
+    // (THP off unless MIMALLOC_ALLOW_THP=1).
+    let thp = fastmem::transparent_huge_pages();
+    tracing::debug!(transparent_huge_pages = thp, "allocator");
     // Checked before anything is loaded: a secret that is set but empty stops the start.
     let admin_token = env_secret("RUSTYGATE_ADMIN_TOKEN")?;
     let webhook_secret = env_secret("RUSTYGATE_WEBHOOK_SECRET")?;

@@ -22,9 +22,20 @@ pub(crate) const MI_OPTION_ALLOW_THP: core::ffi::c_int = 43;
 // mimalloc's option functions, which the -sys crate declares only with its `extended` feature
 // (and a dependency for C types that `core::ffi` has).
 unsafe extern "C" {
-    pub(crate) fn mi_option_set_default(option: core::ffi::c_int, value: core::ffi::c_long);
-    #[cfg(test)]
-    pub(crate) fn mi_option_get(option: core::ffi::c_int) -> core::ffi::c_long;
+    fn mi_option_set_default(option: core::ffi::c_int, value: core::ffi::c_long);
+    fn mi_option_get(option: core::ffi::c_int) -> core::ffi::c_long;
+}
+
+/// Whether mimalloc may use transparent huge pages: `false` unless `MIMALLOC_ALLOW_THP=1`.
+///
+/// A binary must call it (the gateway logs it at start-up): that is what links the object
+/// holding the start-up hook (`THP_OFF_BY_DEFAULT`). The allocator's methods are all inlined
+/// into their callers, so without a call into this crate the linker leaves that object, and
+/// the hook in it, out (as the release build with fat LTO did: THP stayed on).
+#[inline(never)]
+pub fn transparent_huge_pages() -> bool {
+    // SAFETY: reads one of mimalloc's options.
+    unsafe { mi_option_get(MI_OPTION_ALLOW_THP) != 0 }
 }
 
 /// Transparent huge pages off unless `MIMALLOC_ALLOW_THP=1` says otherwise. mimalloc 3 allows

@@ -27,7 +27,7 @@
 
 mod allocator;
 
-pub use allocator::Mimalloc;
+pub use allocator::{Mimalloc, transparent_huge_pages};
 
 #[cfg(target_arch = "x86_64")]
 mod wide {
