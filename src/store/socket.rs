@@ -66,12 +66,8 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<Capped<Box<dyn Io>>> {
             let roots = crate::wire::tls::system_roots().ok_or_else(|| {
                 io::Error::other("no system root certificates to verify the store")
             })?;
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(io::Error::other)?
-                .with_root_certificates(Arc::clone(&roots))
-                .with_no_client_auth();
+            let config =
+                crate::wire::tls::verifying_config(roots, None).map_err(io::Error::other)?;
             let name =
                 rustls::pki_types::ServerName::try_from(host.clone()).map_err(io::Error::other)?;
             let s = tcp(host.clone(), *port).await?;

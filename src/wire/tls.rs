@@ -31,19 +31,29 @@ pub fn client_config(
     client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     protocol: Protocol,
 ) -> Result<ClientConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let mut config = match client {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
-        None => builder.with_no_client_auth(),
-    };
+    let mut config = verifying_config(roots, client)?;
     config.alpn_protocols = vec![match protocol {
         Protocol::Http1 => b"http/1.1".to_vec(),
         Protocol::Http2 => b"h2".to_vec(),
     }];
     Ok(config)
+}
+
+/// A client config that verifies the server against `roots` (the *ring* provider, rustls's
+/// safe protocol versions), presenting `client` when given; no ALPN. Upstreams add theirs
+/// ([`client_config`]); the rate-limit store's `rediss://` connections use it as it is.
+pub fn verifying_config(
+    roots: impl Into<Arc<RootCertStore>>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    })
 }
 
 /// The operating system's root certificates (rustls-native-certs), loaded once per process.
