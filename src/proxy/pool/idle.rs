@@ -123,6 +123,13 @@ impl LocalPool {
     /// drains the pools of removed hosts. A shared HTTP/2 connection stops being handed out;
     /// requests in flight on it keep their own handles.
     pub(super) fn keep_only(&self, snapshot: &Snapshot) {
+        if self.idle.borrow().is_empty()
+            && self.own.borrow().is_empty()
+            && self.h2.borrow().is_empty()
+        {
+            // Nothing pooled on this worker: no set of the config's targets to build.
+            return;
+        }
         let kept: HashSet<&PoolKey> = snapshot
             .upstreams
             .iter()
