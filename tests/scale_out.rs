@@ -713,3 +713,75 @@ fn a_tls_store_is_verified_and_shares_limits() {
     assert_eq!(first, 429, "{}", refusing.logs.lock().unwrap());
     assert!(redis.keys("tls:*").is_empty(), "nothing reached Redis");
 }
+
+/// `redis+unix://`: a store on a Unix socket (a Redis beside the gateway, no TCP) shares a limit
+/// like one on TCP.
+#[test]
+fn a_unix_socket_store_shares_limits() {
+    if !RedisServer::installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("redis.sock");
+    let socket_text = socket.to_str().unwrap();
+    let redis = RedisServer::start_on(
+        dead_port(),
+        &["--unixsocket", socket_text, "--unixsocketperm", "700"],
+    );
+    let store = format!(
+        "url = \"redis+unix://{socket_text}\"\ntimeout = \"1s\"\non_store_error = \"deny\"\nkey_prefix = \"unix:\""
+    );
+    let gw = gateway(&repo_of(
+        &store,
+        &[(
+            "u",
+            "{ requests = 3, per = \"1h\", key = \"route\", store = \"redis\" }",
+        )],
+    ));
+    let statuses: Vec<u16> = (0..4).map(|_| get_head(&gw, "/u").0).collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let keys = redis.keys("unix:*");
+    assert!(keys.iter().any(|k| k.starts_with("unix:rl:u:")), "{keys:?}");
+}
+
+/// `validate` takes a Unix-socket store URL, and refuses one that carries a password in the repo
+/// (`?pass=`, where redis-rs reads it for these URLs) without printing it.
+#[test]
+fn a_unix_socket_url_validates_and_its_password_stays_out_of_the_repo() {
+    let validate = |url: &str| {
+        let dir = repo(&as_refs(&limited_repo(
+            &format!("url = \"{url}\""),
+            "{ requests = 5, per = \"1s\", store = \"redis\" }",
+            &["r"],
+        )));
+        let out = Command::new(env!("CARGO_BIN_EXE_rustygate"))
+            .args(["validate", "--format", "short"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for good in [
+        "redis+unix:///run/redis/redis.sock",
+        "unix:///run/redis.sock?db=2",
+    ] {
+        let (code, text) = validate(good);
+        assert_eq!(code, Some(0), "{good}: {text}");
+    }
+    let (code, text) = validate("redis+unix:///run/redis.sock?db=1&pass=hunter2");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("gateway.toml:2:7: error[inline-secret]"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    let (code, text) = validate("redis+unix://redis.internal/run/redis.sock");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("gateway.toml:2:7: error[invalid-store]"),
+        "{text}"
+    );
+}

@@ -111,7 +111,7 @@ fn value(
 fn check_url(cx: &mut Cx<'_>, file: FileId, at: &Spanned<ValueSource>, url: &str) {
     let literal = matches!(at.get(), ValueSource::Literal(_));
     // Never echo a URL read from a secret: it may hold a password.
-    let redacted = crate::source::redact_url(url);
+    let redacted = crate::store::redact_store_url(url);
     let shown = if literal {
         redacted.as_str()
     } else {
@@ -120,20 +120,24 @@ fn check_url(cx: &mut Cx<'_>, file: FileId, at: &Spanned<ValueSource>, url: &str
     // A literal URL with a password: its line is not shown either.
     let mark = |d: Diagnostic| if redacted != url { d.secret() } else { d };
     let parsed = match redis::parse_redis_url(url) {
-        Some(u) if matches!(u.scheme(), "redis" | "rediss" | "valkey" | "valkeys") => u,
+        Some(u) if crate::store::STORE_SCHEMES.contains(&u.scheme()) => u,
         _ => {
             cx.push(mark(
                 Diagnostic::error(
                     "invalid-store",
-                    format!("{shown} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
+                    format!("{shown} is not a redis://, rediss://, redis+unix://, valkey:// or valkeys:// URL"),
                 )
                 .at(file, at.span(), "invalid store URL")
-                .help("e.g. url = \"redis://redis.internal:6379/0\", or rediss:// for TLS"),
+                .help("e.g. url = \"redis://redis.internal:6379/0\", rediss:// for TLS, or redis+unix:///run/redis/redis.sock"),
             ));
             return;
         }
     };
-    if literal && parsed.password().is_some() {
+    // A Unix-socket URL carries its password as `?pass=`, where redis-rs reads it.
+    let password = parsed.password().is_some()
+        || (crate::store::is_unix_scheme(parsed.scheme())
+            && parsed.query_pairs().any(|(k, _)| k == "pass"));
+    if literal && password {
         cx.push(
             Diagnostic::error(
                 "inline-secret",

@@ -846,8 +846,9 @@ pub enum RawLimitStore {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimitStore {
-    /// `redis://host:6379/0`, or `rediss://` for TLS (also `valkey://`, `valkeys://`); a string
-    /// or a secret reference `{ env = "REDIS_URL" }`. No password in it: use `password`.
+    /// `redis://host:6379/0`, `rediss://` for TLS, or `redis+unix:///run/redis/redis.sock` for
+    /// a Unix socket (also `valkey://`, `valkeys://`, `valkey+unix://`, `unix://`); a string or
+    /// a secret reference `{ env = "REDIS_URL" }`. No password in it: use `password`.
     pub url: Spanned<ValueSource>,
     /// The ACL user, if any: a string or a secret reference.
     pub username: Option<Spanned<ValueSource>>,

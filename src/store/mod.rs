@@ -70,8 +70,8 @@ impl OnStoreError {
 /// one connection; a changed spec (a rotated password) opens a new one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StoreSpec {
-    /// `redis://`, `rediss://` (TLS), `valkey://` or `valkeys://`. One written in the repo
-    /// holds no password; one read from a secret may: show it with [`StoreSpec::shown_url`].
+    /// One of [`STORE_SCHEMES`]. One written in the repo holds no password; one read from a
+    /// secret may: show it with [`StoreSpec::shown_url`].
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -81,6 +81,50 @@ pub struct StoreSpec {
     /// Replicas sharing the store: the local fallback allows `requests ÷ expected_replicas`.
     pub expected_replicas: u32,
     pub key_prefix: String,
+}
+
+/// The URL schemes a store may have: TCP (`redis`, `valkey`), TLS (`rediss`, `valkeys`) and a
+/// Unix socket beside the gateway (`redis+unix:///run/redis.sock`, `valkey+unix`, `unix`).
+pub const STORE_SCHEMES: &[&str] = &[
+    "redis",
+    "rediss",
+    "valkey",
+    "valkeys",
+    "redis+unix",
+    "valkey+unix",
+    "unix",
+];
+
+/// Whether a store URL of this scheme names a Unix socket (its password, if any, is the `pass`
+/// query parameter).
+pub fn is_unix_scheme(scheme: &str) -> bool {
+    matches!(scheme, "redis+unix" | "valkey+unix" | "unix")
+}
+
+/// A store URL as logs, diagnostics and the admin API may show it: without `user:password@`,
+/// and without the `pass` query parameter a Unix-socket URL carries its password in.
+pub fn redact_store_url(url: &str) -> String {
+    let shown = crate::source::redact_url(url);
+    let Some((base, query)) = shown.split_once('?') else {
+        return shown;
+    };
+    let (query, fragment) = query
+        .split_once('#')
+        .map_or((query, None), |(q, f)| (q, Some(f)));
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some("pass"))
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 // The password never reaches a log line.
@@ -99,9 +143,9 @@ impl std::fmt::Debug for StoreSpec {
 }
 
 impl StoreSpec {
-    /// The URL without its `user:password@`, for logs and the admin API.
+    /// The URL without its password, for logs and the admin API ([`redact_store_url`]).
     pub fn shown_url(&self) -> String {
-        crate::source::redact_url(&self.url)
+        redact_store_url(&self.url)
     }
 
     /// How redis-rs connects: the URL with the credentials from their secret references, and
@@ -375,5 +419,31 @@ mod tests {
         assert_eq!(s.shown_url(), "redis://127.0.0.1:6379/1");
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2pw"), "{debug}");
+    }
+
+    /// A Unix-socket URL read from a secret carries its password as `?pass=`: used to connect,
+    /// never shown.
+    #[test]
+    fn a_unix_socket_url_connects_there_and_hides_its_password() {
+        let mut s = spec("redis+unix:///run/redis/redis.sock?db=3&pass=hunter2pw");
+        s.password = None;
+        s.username = None;
+        let info = s.connection_info().unwrap();
+        assert_eq!(info.redis_settings().password(), Some("hunter2pw"));
+        assert_eq!(info.redis_settings().db(), 3);
+        assert!(matches!(
+            info.addr(),
+            redis::ConnectionAddr::Unix(p) if p == std::path::Path::new("/run/redis/redis.sock")
+        ));
+        assert_eq!(s.shown_url(), "redis+unix:///run/redis/redis.sock?db=3");
+        assert!(!format!("{s:?}").contains("hunter2pw"));
+        assert_eq!(
+            redact_store_url("unix:///s.sock?pass=x#frag"),
+            "unix:///s.sock#frag"
+        );
+        assert_eq!(
+            redact_store_url("unix:///s.sock?passive=1"),
+            "unix:///s.sock?passive=1"
+        );
     }
 }
