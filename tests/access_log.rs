@@ -710,7 +710,7 @@ fn access_lines_a_failing_log_output_loses_are_counted_as_dropped() {
     let mut gw = GatewayProcess::start_undrained(&["--repo", dir.path().to_str().unwrap()], &[]);
     drop(gw.stderr.take());
     let dropped = || {
-        gw.metric("rustygate_log_lines_dropped_total")
+        gw.metric("rustygate_log_lines_dropped_total{reason=\"write_failed\"}")
             .unwrap_or(0.0)
     };
     let before = dropped();

@@ -152,7 +152,7 @@ fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
         500,
     );
     let u = plugin_from(name, &wasm, OnError::FailClosed, Limits::default());
-    let dropped = crate::telemetry::sink::DROPPED.get();
+    let dropped = crate::telemetry::sink::dropped(crate::telemetry::sink::DropReason::RateLimited);
     let started = std::time::Instant::now();
     let (out, text) = crate::util::captured_logs(tracing::Level::INFO, || {
         let inc = incoming();
@@ -187,7 +187,8 @@ fn a_logging_loop_logs_at_most_the_rate_and_each_line_is_bounded() {
     assert!(long.contains("[2048 more bytes not logged]"), "{long}");
     let reasons = ["instructions", "time", "trap"].map(|r| errors(name, r));
     assert!(is_continue(&out), "failures by reason: {reasons:?}");
-    let counted = crate::telemetry::sink::DROPPED.get() - dropped;
+    let counted =
+        crate::telemetry::sink::dropped(crate::telemetry::sink::DropReason::RateLimited) - dropped;
     assert!(
         counted as usize >= 1000 - most,
         "{counted} lines counted as dropped"

@@ -62,7 +62,7 @@ pub fn admit(plugin: &str, route: &str) -> bool {
         );
     }
     if !admitted {
-        crate::telemetry::sink::DROPPED.inc();
+        crate::telemetry::sink::count_dropped(crate::telemetry::sink::DropReason::RateLimited, 1);
     }
     admitted
 }

@@ -232,7 +232,7 @@ fn log_print(text: &str, level: &'static str) {
             );
         }
         if !log {
-            crate::telemetry::sink::DROPPED.inc();
+            crate::telemetry::sink::count_dropped(crate::telemetry::sink::DropReason::RateLimited, 1);
             return;
         }
         if level == "debug" {

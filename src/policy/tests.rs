@@ -532,7 +532,7 @@ fn print_and_debug_log_with_route_and_script() {
 /// `rustygate_log_lines_dropped_total`, as plugin lines are (it was counted nowhere).
 #[test]
 fn prints_over_the_rate_are_counted_as_dropped() {
-    let before = crate::telemetry::sink::DROPPED.get();
+    let before = crate::telemetry::sink::dropped(crate::telemetry::sink::DropReason::RateLimited);
     // A route of its own: print windows are per route and process, and the other tests' route
     // "r" must keep its lines (sharing it made print_and_debug_log_with_route_and_script fail).
     let mut p = policy(
@@ -541,7 +541,8 @@ fn prints_over_the_rate_are_counted_as_dropped() {
     );
     p.route = Arc::from("print-rate-test");
     p.on_request(&req()).unwrap();
-    let dropped = crate::telemetry::sink::DROPPED.get() - before;
+    let dropped =
+        crate::telemetry::sink::dropped(crate::telemetry::sink::DropReason::RateLimited) - before;
     assert!(dropped >= 50, "{dropped} counted");
 }
 

@@ -334,6 +334,10 @@ impl Metrics {
                 &["idle", "header_timeout", "resets", "enhance_your_calm"],
             ),
             (&*super::trace::DROPPED, &["queue_full", "export_failed"]),
+            (
+                &*super::sink::DROPPED,
+                &super::sink::DropReason::ALL.map(super::sink::DropReason::as_str),
+            ),
         ] {
             for v in values {
                 family.with_label_values(&[v]);

@@ -16,7 +16,7 @@ use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounterVec, Opts};
 
 /// Bytes waiting that wake the writer before its next tick.
 pub const FLUSH_AT: usize = 64 * 1024;
@@ -25,16 +25,55 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Bytes waiting past which new lines are dropped (the output is not keeping up).
 pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 
-/// Lines dropped because the output did not keep up or a write to it failed (and policy
-/// `print`/`debug` and plugin lines over their rate, `policy::engine`, `plugins::log`), for
-/// `rustygate_log_lines_dropped_total`.
-pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new(
-        "rustygate_log_lines_dropped_total",
-        "Log lines (access and other) dropped because the log output did not keep up or failed, or a policy or plugin logged past its rate",
+/// Why log lines were dropped: the `reason` label of `rustygate_log_lines_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The output did not keep up: [`MAX_PENDING`] bytes were waiting.
+    QueueFull,
+    /// A write to the output failed or was short (a full disk, a closed pipe).
+    WriteFailed,
+    /// A policy's `print`/`debug` or a plugin logged past its rate (`policy::engine`,
+    /// `plugins::log`).
+    RateLimited,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::QueueFull,
+        DropReason::WriteFailed,
+        DropReason::RateLimited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::WriteFailed => "write_failed",
+            DropReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// `rustygate_log_lines_dropped_total{reason}`: count with [`count_dropped`].
+pub static DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "rustygate_log_lines_dropped_total",
+            "Log lines (access and other) dropped: the log output did not keep up (queue_full) or failed (write_failed), or a policy or plugin logged past its rate (rate_limited)",
+        ),
+        &["reason"],
     )
     .unwrap_or_else(|_| unreachable!("constant metric definition"))
 });
+
+/// Counts `n` log lines dropped for `reason`.
+pub fn count_dropped(reason: DropReason, n: u64) {
+    DROPPED.with_label_values(&[reason.as_str()]).inc_by(n);
+}
+
+/// Log lines dropped for `reason` so far.
+pub fn dropped(reason: DropReason) -> u64 {
+    DROPPED.with_label_values(&[reason.as_str()]).get()
+}
 
 pub struct LogSink {
     pending: Mutex<Pending>,
@@ -67,7 +106,7 @@ impl LogSink {
         let mut p = self.lock();
         if p.buf.len() + lines.len() > MAX_PENDING {
             drop(p);
-            DROPPED.inc();
+            count_dropped(DropReason::QueueFull, 1);
             return false;
         }
         let below = p.buf.len() < FLUSH_AT;
@@ -118,12 +157,15 @@ impl LogSink {
 
 /// Writes `lines` (whole lines) to `out`, after a line feed when the output was left `cut` (it
 /// ends in part of a line), so that no line is glued onto a cut one. Every line not written
-/// whole (the one a failed or short write cut, and all after it) is counted in [`DROPPED`]:
+/// whole (the one a failed or short write cut, and all after it) is counted as `write_failed`:
 /// nothing else can be told when the log output itself fails. Returns whether the output is
 /// left cut.
 fn write_lines(out: &mut dyn Write, lines: &[u8], cut: bool) -> bool {
     if cut && !matches!(out.write(b"\n"), Ok(1)) {
-        DROPPED.inc_by(memchr::memchr_iter(b'\n', lines).count() as u64);
+        count_dropped(
+            DropReason::WriteFailed,
+            memchr::memchr_iter(b'\n', lines).count() as u64,
+        );
         return true;
     }
     let mut written = 0;
@@ -140,7 +182,10 @@ fn write_lines(out: &mut dyn Write, lines: &[u8], cut: bool) -> bool {
     if lost.is_empty() {
         return false;
     }
-    DROPPED.inc_by(memchr::memchr_iter(b'\n', lost).count() as u64);
+    count_dropped(
+        DropReason::WriteFailed,
+        memchr::memchr_iter(b'\n', lost).count() as u64,
+    );
     written > 0 && lines[written - 1] != b'\n'
 }
 
@@ -250,7 +295,7 @@ mod tests {
             assert!(sink.push(&line));
         }
         std::thread::sleep(FLUSH_EVERY * 3);
-        let before = DROPPED.get();
+        let before = dropped(DropReason::QueueFull);
         let mut accepted = 0usize;
         let mut refused = 0usize;
         for _ in 0..(MAX_PENDING / line.len() + 100) {
@@ -261,7 +306,7 @@ mod tests {
             }
         }
         assert!(refused >= 100, "past the cap lines are dropped: {refused}");
-        assert!(DROPPED.get() - before >= refused as u64);
+        assert!(dropped(DropReason::QueueFull) - before >= refused as u64);
         assert!(accepted * line.len() <= MAX_PENDING);
         // Let the output go and close: everything accepted is written, in whole lines.
         sink.close();
@@ -325,7 +370,7 @@ mod tests {
             writes: 0,
             got: Arc::clone(&got),
         };
-        let before = DROPPED.get();
+        let before = dropped(DropReason::WriteFailed);
         // `{"n":0}\n` is 8 bytes: two whole lines and 4 bytes of the third go out.
         assert!(sink.push(&json_lines(0..10)));
         let writer = std::thread::spawn(move || sink.run(&mut out));
@@ -336,7 +381,8 @@ mod tests {
         assert!(sink.push(&json_lines(10..12)));
         sink.close();
         writer.join().unwrap();
-        assert!(DROPPED.get() - before >= 8, "{}", DROPPED.get() - before);
+        let lost = dropped(DropReason::WriteFailed) - before;
+        assert!(lost >= 8, "{lost}");
         let got = String::from_utf8(got.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = got.lines().collect();
         assert_eq!(lines.len(), 5, "{got:?}");
