@@ -261,6 +261,11 @@ pub struct Limits {
     /// Streams per HTTP/2 connection streaming a body that is still arriving to an HTTP/1.1
     /// upstream.
     pub http2_max_streaming_uploads: u32,
+    /// Flow-control window of each HTTP/2 client stream, in bytes.
+    pub http2_stream_window: u32,
+    /// Flow-control window of each HTTP/2 client connection, in bytes: the most request data
+    /// it can make the gateway hold unread.
+    pub http2_connection_window: u32,
 }
 
 impl Default for Limits {
@@ -281,6 +286,11 @@ impl Default for Limits {
             // body still arriving; 16 lets an HTTP/2 client stream uploads in parallel without
             // holding 128.
             http2_max_streaming_uploads: 16,
+            // 1 MiB a round trip (about 20 MB/s for one upload at 50 ms; Go's HTTP/2 server's
+            // per-stream buffer); 64 KiB capped one upload at 1.3 MB/s there.
+            http2_stream_window: 1024 * 1024,
+            // 16 streams' whole windows, twice the 8 MiB 128 streams of 64 KiB had.
+            http2_connection_window: 16 * 1024 * 1024,
         }
     }
 }

@@ -1123,6 +1123,38 @@ fn http2_limits_are_checked_where_written() {
             "error[invalid-limit] gateway.toml:4:30",
         ],
     );
+    // Windows: each within 64KiB..1GiB, the connection's at least a stream's.
+    expect(
+        &[(
+            "gateway.toml",
+            "[limits]\nhttp2_stream_window = \"16KiB\"\nhttp2_connection_window = \"2GiB\"\n",
+        )],
+        &[
+            "error[invalid-limit] gateway.toml:2:23",
+            "error[invalid-limit] gateway.toml:3:27",
+        ],
+    );
+    expect(
+        &[(
+            "gateway.toml",
+            "[limits]\nhttp2_stream_window = \"4MiB\"\nhttp2_connection_window = \"1MiB\"\n",
+        )],
+        &["error[invalid-limit] gateway.toml:3:27"],
+    );
+    expect(
+        &[(
+            "gateway.toml",
+            "[limits]\nhttp2_stream_window = \"32MiB\"\n",
+        )],
+        &["error[invalid-limit] gateway.toml:2:23"],
+    );
+    expect(
+        &[(
+            "gateway.toml",
+            "[limits]\nhttp2_stream_window = \"256KiB\"\nhttp2_connection_window = \"256KiB\"\n",
+        )],
+        &["warning[no-routes] "],
+    );
 }
 
 /// A gateway.toml that does not load (here `plugins = [...]` written after `[plugin.tag]`,

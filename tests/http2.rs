@@ -1653,6 +1653,8 @@ struct RawH2 {
     /// SETTINGS_INITIAL_WINDOW_SIZE as the gateway last set it.
     initial: i64,
     windows: std::collections::HashMap<u32, i64>,
+    /// Whether the gateway's PINGs are answered.
+    answer_pings: bool,
 }
 
 impl RawH2 {
@@ -1666,6 +1668,7 @@ impl RawH2 {
             conn_window: 65_535,
             initial: 65_535,
             windows: std::collections::HashMap::new(),
+            answer_pings: true,
         };
         c.frame(0x4, 0, 0, &[]);
         // The gateway's SETTINGS come first.
@@ -1681,13 +1684,23 @@ impl RawH2 {
     }
 
     /// Reads one frame and keeps the windows: `(type, flags, stream, payload)`. Panics when
-    /// none comes within 10 s.
+    /// none comes within 10 s, or when it ends a stream or the connection.
     fn next_frame(&mut self) -> (u8, u8, u32, Vec<u8>) {
+        let frame = self
+            .read_frame()
+            .expect("no frame from the gateway within 10 s");
+        if matches!(frame.0, 0x3 | 0x7) {
+            panic!("the gateway ended stream {} or the connection", frame.2);
+        }
+        frame
+    }
+
+    /// Like [`RawH2::next_frame`], but `None` when no frame comes within the socket's read
+    /// timeout, and RST_STREAM and GOAWAY are returned like any frame.
+    fn read_frame(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
         use std::io::Read;
         let mut head = [0u8; 9];
-        self.tcp
-            .read_exact(&mut head)
-            .expect("no frame from the gateway within 10 s");
+        self.tcp.read_exact(&mut head).ok()?;
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
         let mut payload = vec![0u8; len];
@@ -1709,11 +1722,24 @@ impl RawH2 {
             0x8 if stream == 0 => self.conn_window += word(&payload),
             0x8 => *self.windows.entry(stream).or_insert(0) += word(&payload),
             // PING: answered.
-            0x6 if head[4] & 1 == 0 => self.frame(0x6, 1, 0, &payload),
-            0x3 | 0x7 => panic!("the gateway ended stream {stream} or the connection"),
+            0x6 if head[4] & 1 == 0 && self.answer_pings => self.frame(0x6, 1, 0, &payload),
             _ => {}
         }
-        (head[3], head[4], stream, payload)
+        Some((head[3], head[4], stream, payload))
+    }
+
+    /// Reads frames until GOAWAY; its error code. Panics when none comes within 10 s.
+    fn goaway(&mut self) -> u32 {
+        self.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match self.read_frame() {
+                Some((0x7, _, _, p)) => return u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                Some(_) => {}
+                None => panic!("no GOAWAY from the gateway within 10 s"),
+            }
+        }
     }
 
     /// Opens stream `id`: a POST to `path`, its body to come.
@@ -1813,6 +1839,171 @@ fn an_upload_stuck_on_its_upstream_leaves_window_for_the_other_streams() {
     // The answer's HEADERS on stream 3.
     while !matches!(c.next_frame(), (0x1, _, 3, _)) {}
     assert_eq!(*bodies.lock().unwrap(), [Bytes::from_static(b"ping")]);
+}
+
+/// A TCP relay on loopback to `to` that holds every piece it forwards for `delay`, both ways:
+/// a client link with a round trip of twice `delay`, for this test only (no netem).
+fn delay_relay(to: SocketAddr, delay: Duration) -> SocketAddr {
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+        let writer = tokio::spawn(async move {
+            while let Some((due, piece)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&piece).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let due = tokio::time::Instant::now() + delay;
+            if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+    h2_upstream(move |client| async move {
+        let Ok(gateway) = tokio::net::TcpStream::connect(to).await else {
+            return;
+        };
+        let (cr, cw) = client.into_split();
+        let (gr, gw) = gateway.into_split();
+        tokio::join!(pipe(cr, gw, delay), pipe(gr, cw, delay));
+    })
+}
+
+/// An upload over a link with a 60 ms round trip (a relay that holds each piece 30 ms each
+/// way) has 1 MiB (`http2_stream_window`'s default) out at once before the gateway's window
+/// updates come back, and its 4 MiB reach the backend whole. With a 64 KiB window the client
+/// stalled after each 64 KiB: 64 round trips for 4 MiB, about 1.1 MB/s at 60 ms.
+#[test]
+fn an_upload_over_a_long_round_trip_has_a_mebibyte_in_flight() {
+    const UPLOAD: usize = 4 << 20;
+    let got = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&got);
+    let echo = Backend::start(move |req: Request<Incoming>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.store(body.len(), Ordering::SeqCst);
+            Response::new(full("ok"))
+        }
+    });
+    let gw = start(
+        &as_refs(&proxy_to(&[echo.url()], "", "")),
+        Duration::from_secs(75),
+    );
+    let relay = delay_relay(gw.addr, Duration::from_millis(30));
+    let mut c = RawH2::connect(relay);
+    let started = std::time::Instant::now();
+    c.post(1, "/up");
+    let piece = vec![b'u'; 16 * 1024];
+    let (mut sent, mut most_in_flight, mut stalls) = (0usize, 0i64, 0usize);
+    while sent < UPLOAD {
+        let n = c.room(1).min(piece.len() as i64) as usize;
+        if n == 0 {
+            // Sent and not yet given back by the gateway (its window updates on the stream).
+            most_in_flight = most_in_flight.max(c.initial - c.windows[&1]);
+            stalls += 1;
+            c.next_frame();
+            continue;
+        }
+        let n = n.min(UPLOAD - sent);
+        sent += n;
+        c.data(1, &piece[..n], sent == UPLOAD);
+    }
+    while !matches!(c.next_frame(), (0x1, _, 1, _)) {}
+    let took = started.elapsed();
+    eprintln!(
+        "4 MiB through a 60 ms round trip: {took:?} ({:.1} MB/s), {stalls} stalls, at most {most_in_flight} bytes in flight, stream window {}",
+        UPLOAD as f64 / took.as_secs_f64() / 1e6,
+        c.initial
+    );
+    assert_eq!(got.load(Ordering::SeqCst), UPLOAD);
+    assert!(
+        most_in_flight >= 1 << 20,
+        "the client never had more than {most_in_flight} bytes out before a window update"
+    );
+}
+
+/// A client that sends all the window it is given on 32 streams whose upstream takes nothing
+/// makes the gateway hold no more than the connection's window (`http2_connection_window`,
+/// 16 MiB by default): the gateway gives window back only for the few pieces of each body it
+/// has taken towards the upstream. One DATA frame past the window ends the connection with
+/// GOAWAY(FLOW_CONTROL_ERROR); the gateway's memory grew by about what it held.
+#[test]
+fn a_client_filling_every_window_of_a_stuck_upstream_is_held_to_the_connection_window() {
+    const WINDOW: usize = 16 << 20;
+    let stuck = windowless_h2_upstream();
+    let files = vec![
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"stuck\"\nprefix = \"/\"\nupstream = \"stuck\"\n".to_owned(),
+        ),
+        (
+            "upstreams/u.toml",
+            format!("[upstream.stuck]\ntargets = [\"http://{stuck}\"]\nprotocol = \"http2\"\n"),
+        ),
+    ];
+    let dir = common::repo(&as_refs(&files));
+    let gw = common::GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    let pid = gw.child.id();
+    let before = common::rss(pid);
+    let mut c = RawH2::connect(gw.listen.parse().unwrap());
+    let ids: Vec<u32> = (0..32).map(|i| 2 * i + 1).collect();
+    for &id in &ids {
+        c.post(id, "/up");
+    }
+    let piece = vec![b'h'; 16 * 1024];
+    let mut sent = 0usize;
+    // Send all the room there is, take in what the gateway gives back, until it gives none.
+    c.tcp
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for _ in 0..50 {
+        for &id in &ids {
+            while c.room(id) > 0 {
+                let n = c.room(id).min(piece.len() as i64) as usize;
+                c.data(id, &piece[..n], false);
+                sent += n;
+            }
+        }
+        let mut given_back = false;
+        while let Some((kind, _, _, _)) = c.read_frame() {
+            assert!(!matches!(kind, 0x3 | 0x7), "the gateway ended a stream");
+            given_back |= kind == 0x8;
+        }
+        if !given_back {
+            break;
+        }
+    }
+    let grown = common::rss(pid).saturating_sub(before);
+    eprintln!(
+        "sent {sent} bytes on {} streams; the gateway's RSS grew by {} KiB",
+        ids.len(),
+        grown >> 10
+    );
+    assert!(sent >= WINDOW, "only {sent} bytes were let in");
+    // The connection's window, and the pieces each stream's body has in flight towards its
+    // upstream (a channel of 8, one being read, one being written; 16 KiB frames).
+    assert!(
+        sent <= WINDOW + ids.len() * 10 * 16 * 1024,
+        "{sent} bytes were let in"
+    );
+    assert!(grown <= 2 * sent as u64, "RSS grew by {} MiB", grown >> 20);
+    // Past the window: a stream with room of its own, none on the connection.
+    let id = *ids.iter().find(|id| c.windows[id] > 0).unwrap();
+    assert!(c.conn_window <= 0);
+    c.frame(0x0, 0, id, &piece);
+    assert_eq!(c.goaway(), 0x3, "not FLOW_CONTROL_ERROR");
 }
 
 /// What [`window_counting_h2_upstream`] knows of its connection: its send windows, counted from

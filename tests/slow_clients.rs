@@ -814,17 +814,6 @@ fn connection_limits_refuse_early_and_count() {
     drop((a2, a3, b1));
 }
 
-/// VmRSS of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[test]
 fn memory_follows_the_bytes_received_not_the_limits() {
     let echo = Backend::echo();

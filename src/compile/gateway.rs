@@ -8,7 +8,8 @@ use super::{
     Cx, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT,
     DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
 };
-use crate::config::raw::{GatewayFile, RawEscapedSlashes};
+use crate::config::Spanned;
+use crate::config::raw::{GatewayFile, RawEscapedSlashes, SizeText};
 use crate::config::{Diagnostic, FileId};
 use crate::router::{EscapedSlashes, PathRules};
 use crate::snapshot::{ClientIpRules, Limits};
@@ -222,6 +223,7 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
             out.http2_max_header_list_size = n as u32;
         }
     }
+    h2_windows(cx, file, raw, &mut out);
     if let Some(n) = raw
         .max_buffered_bodies
         .as_ref()
@@ -230,4 +232,76 @@ fn limits(cx: &mut Cx<'_>, file: FileId, raw: &crate::config::raw::RawLimits) ->
         out.max_buffered_bodies = n;
     }
     out
+}
+
+/// The largest HTTP/2 flow-control window accepted for a stream or a connection: far above
+/// any link's bandwidth-delay product, and a bound on what one connection holds unread.
+const MAX_H2_WINDOW: u64 = 1 << 30;
+
+/// `http2_stream_window` and `http2_connection_window`: each between 64 KiB (HTTP/2's own
+/// initial window) and 1 GiB, the connection's at least one stream's.
+fn h2_windows(
+    cx: &mut Cx<'_>,
+    file: FileId,
+    raw: &crate::config::raw::RawLimits,
+    out: &mut Limits,
+) {
+    let stream = h2_window(
+        cx,
+        file,
+        raw.http2_stream_window.as_ref(),
+        "http2_stream_window",
+    );
+    let conn = h2_window(
+        cx,
+        file,
+        raw.http2_connection_window.as_ref(),
+        "http2_connection_window",
+    );
+    if let Some((n, _)) = stream {
+        out.http2_stream_window = n;
+    }
+    if let Some((n, _)) = conn {
+        out.http2_connection_window = n;
+    }
+    if out.http2_connection_window < out.http2_stream_window {
+        let at = conn.or(stream).map(|(_, span)| span);
+        if let Some(span) = at {
+            cx.push(
+                Diagnostic::error(
+                    "invalid-limit",
+                    format!(
+                        "`http2_connection_window` ({}) is smaller than `http2_stream_window` ({})",
+                        out.http2_connection_window, out.http2_stream_window
+                    ),
+                )
+                .at(file, span, "no stream could use its whole window")
+                .help("raise `http2_connection_window` to at least `http2_stream_window`"),
+            );
+        }
+        out.http2_connection_window = out.http2_stream_window;
+    }
+}
+
+/// One window's value and where it was written, or `None` (unset, or reported).
+fn h2_window(
+    cx: &mut Cx<'_>,
+    file: FileId,
+    v: Option<&Spanned<SizeText>>,
+    what: &str,
+) -> Option<(u32, std::ops::Range<usize>)> {
+    let v = v?;
+    let n = cx.size(file, v)?;
+    if !(64 * 1024..=MAX_H2_WINDOW).contains(&n) {
+        cx.push(
+            Diagnostic::error(
+                "invalid-limit",
+                format!("`{what}` must be between 64KiB and 1GiB"),
+            )
+            .at(file, v.span(), "out of range")
+            .help("the window is what one HTTP/2 client may send ahead of the gateway's reads"),
+        );
+        return None;
+    }
+    Some((n as u32, v.span()))
 }

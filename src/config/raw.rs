@@ -232,6 +232,16 @@ pub struct RawLimits {
     /// first, within `max_buffered_bodies`, as nginx reads request bodies; 0 reads every one
     /// whole first.
     pub http2_max_streaming_uploads: Option<Spanned<u32>>,
+    /// Flow-control window of each HTTP/2 client stream (default "1MiB"): how much of one
+    /// request body the client may send ahead of the gateway's window updates, so one upload
+    /// moves at most this much per round trip of the client's link (1 MiB at 50 ms: about
+    /// 20 MB/s). The gateway gives window back only as it forwards the body. Between "64KiB"
+    /// and "1GiB".
+    pub http2_stream_window: Option<Spanned<SizeText>>,
+    /// Flow-control window of each HTTP/2 client connection, all its streams together
+    /// (default "16MiB"): the most request data one connection can make the gateway hold
+    /// unread. At least `http2_stream_window`, at most "1GiB".
+    pub http2_connection_window: Option<Spanned<SizeText>>,
 }
 
 /// `[headers]`: rules for the headers of client requests.

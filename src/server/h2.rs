@@ -46,22 +46,6 @@ use crate::telemetry::metrics::Metrics;
 /// long enough for the GOAWAY to be written, not for more streams.
 const RESETS_GRACE: Duration = Duration::from_millis(100);
 
-/// The flow-control window of each client stream (SETTINGS_INITIAL_WINDOW_SIZE): the most of a
-/// stream's request body that h2 takes in for the gateway before the gateway reads it. A body
-/// waiting for a slow upstream holds this much of its connection's window, never more (Envoy's
-/// recommended edge value; hyper's default, 1 MiB, was also its connection's whole window).
-const STREAM_WINDOW: u32 = 64 * 1024;
-
-/// The connection's flow-control window for `max_streams` streams: room for every stream's
-/// whole window at once, so that no stream, nor all but one, whose bodies wait unread can take
-/// the window another stream's body needs (at least hyper's 1 MiB; at most HTTP/2's 2^31-1).
-/// It is also the most request data a connection holds unread: 8 MiB for 128 streams.
-fn connection_window(max_streams: u32) -> u32 {
-    STREAM_WINDOW
-        .saturating_mul(max_streams)
-        .clamp(1 << 20, (1 << 31) - 1)
-}
-
 /// Adds the connection's facts (e.g. its TLS session) to each request of the connection.
 pub(crate) type ConnExt = Rc<dyn Fn(&mut Request)>;
 
@@ -76,6 +60,15 @@ pub(crate) struct Settings {
     pub max_resets_per_second: u32,
     /// `[limits] http2_max_streaming_uploads` ([`UploadSlots`]).
     pub max_streaming_uploads: u32,
+    /// `[limits] http2_stream_window` (SETTINGS_INITIAL_WINDOW_SIZE): the most of a stream's
+    /// request body that h2 takes in for the gateway before the gateway reads it. A body
+    /// waiting for a slow upstream holds this much of its connection's window, never more.
+    pub stream_window: u32,
+    /// `[limits] http2_connection_window`: the most request data the connection holds unread,
+    /// all its streams together. h2 gives window back only as the gateway reads (hyper's body
+    /// releases each piece's capacity as it is polled), and the gateway reads a body only as
+    /// fast as its upstream takes it.
+    pub connection_window: u32,
     /// Time the first request has to arrive.
     pub header_timeout: Duration,
     /// Time a connection without streams stays open.
@@ -261,8 +254,11 @@ pub(crate) async fn serve<IO, S>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(settings.max_header_list_size)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(connection_window(settings.max_concurrent_streams))
+        // Fixed windows, not hyper's `adaptive_window`: its BDP estimate sets the connection's
+        // window equal to the stream's, so one upload stuck on its upstream would hold the
+        // connection's whole window again, and it grows to 16 MiB whatever `[limits]` says.
+        .initial_stream_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
         // hyper's own guard against streams reset before they are accepted.
         .max_pending_accept_reset_streams(Some(settings.max_resets_per_second as usize))
         .max_local_error_reset_streams(Some(1024))

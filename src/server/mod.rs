@@ -496,6 +496,8 @@ fn h2_settings(store: &SnapshotStore, idle_timeout: Duration) -> h2::Settings {
         max_header_list_size: limits.http2_max_header_list_size,
         max_resets_per_second: limits.http2_max_resets_per_second,
         max_streaming_uploads: limits.http2_max_streaming_uploads,
+        stream_window: limits.http2_stream_window,
+        connection_window: limits.http2_connection_window,
         header_timeout: limits.header_timeout,
         idle_timeout,
         send_timeout: limits.send_timeout,

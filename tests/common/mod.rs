@@ -936,3 +936,14 @@ pub fn localhost_pki(ca_name: &str) -> (String, String, String) {
     let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
     (ca_pem, cert, key.serialize_pem())
 }
+
+/// VmRSS of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
