@@ -2006,6 +2006,116 @@ fn a_client_filling_every_window_of_a_stuck_upstream_is_held_to_the_connection_w
     assert_eq!(c.goaway(), 0x3, "not FLOW_CONTROL_ERROR");
 }
 
+impl RawH2 {
+    /// Reads frames (a GOAWAY among them) until stream `id` ends: whether its status was 200,
+    /// and its DATA. Panics when the stream is reset or nothing comes within 10 s.
+    fn answer(&mut self, id: u32) -> (bool, Vec<u8>) {
+        let (mut ok, mut body) = (false, Vec::new());
+        loop {
+            let (kind, flags, stream, payload) = self
+                .read_frame()
+                .expect("the connection closed, or nothing came for 10 s, before the answer");
+            if stream != id {
+                continue;
+            }
+            match kind {
+                // HEADERS: the gateway's HPACK encoder writes `:status: 200` as the indexed
+                // field 8 (RFC 7541 Appendix A), first in the block.
+                0x1 => ok |= payload.first() == Some(&0x88),
+                0x0 => body.extend_from_slice(&payload),
+                0x3 => panic!("the gateway reset stream {id}"),
+                _ => {}
+            }
+            if flags & 0x1 != 0 {
+                return (ok, body);
+            }
+        }
+    }
+
+    /// Whether the gateway has closed the connection: reads (and drops) frames until the
+    /// socket ends, or until nothing comes for `limit`.
+    fn closed_within(&mut self, limit: Duration) -> bool {
+        use std::io::Read;
+        self.tcp.set_read_timeout(Some(limit)).unwrap();
+        while self.read_frame().is_some() {}
+        self.tcp
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        match self.tcp.read(&mut [0u8; 1]) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+}
+
+/// On SIGTERM an HTTP/2 connection without streams is closed soon after its GOAWAY even when
+/// its client never answers the GOAWAY's PING, while one with a stream in flight keeps the
+/// shutdown grace for it (its client does not answer either). The idle connection was held
+/// until the end of the grace (60 s here): hyper waits for the PING's answer before it ends a
+/// connection it sent GOAWAY on.
+#[test]
+fn at_shutdown_an_idle_http2_connection_that_never_answers_ping_is_closed_at_once() {
+    let (arrived_tx, arrived_rx) = std::sync::mpsc::channel::<()>();
+    let arrived_tx = std::sync::Mutex::new(arrived_tx);
+    let be = Backend::start(move |req: Request<Incoming>| {
+        let slow = req.uri().path() == "/slow";
+        if slow {
+            let _ = arrived_tx.lock().unwrap().send(());
+        }
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Response::new(full("answer"))
+        }
+    });
+    let dir = common::repo(&as_refs(&proxy_to(&[be.url()], "", "")));
+    let mut gw = common::GatewayProcess::start(
+        &[
+            "--repo",
+            dir.path().to_str().unwrap(),
+            "--shutdown-grace",
+            "60s",
+        ],
+        &[],
+    );
+    let addr: SocketAddr = gw.listen.parse().unwrap();
+    let mut idle = RawH2::connect(addr);
+    idle.answer_pings = false;
+    idle.post(1, "/");
+    idle.data(1, b"x", true);
+    assert_eq!(idle.answer(1), (true, b"answer".to_vec()));
+    let mut busy = RawH2::connect(addr);
+    busy.answer_pings = false;
+    busy.post(1, "/slow");
+    busy.data(1, b"x", true);
+    arrived_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the slow request reached the backend");
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Well before the 60 s grace; the gateway allows 1 s for the PING's answer.
+    assert!(
+        idle.closed_within(Duration::from_secs(10)),
+        "the idle connection was left open after GOAWAY"
+    );
+    // The stream in flight (3 s at the backend) is answered whole, then its connection ends.
+    assert_eq!(busy.answer(1), (true, b"answer".to_vec()));
+    assert!(
+        busy.closed_within(Duration::from_secs(10)),
+        "the connection was left open after its last stream"
+    );
+    assert!(
+        common::exit_within(&mut gw.child, Duration::from_secs(10)).is_some_and(|s| s.success()),
+        "the gateway did not exit cleanly"
+    );
+}
+
 /// What [`window_counting_h2_upstream`] knows of its connection: its send windows, counted from
 /// the gateway's frames, and its streams.
 #[derive(Default)]

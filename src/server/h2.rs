@@ -46,6 +46,11 @@ use crate::telemetry::metrics::Metrics;
 /// long enough for the GOAWAY to be written, not for more streams.
 const RESETS_GRACE: Duration = Duration::from_millis(100);
 
+/// How long a connection without streams lives after the server's shutdown GOAWAY: hyper ends
+/// it itself once the client answers the GOAWAY's PING (one round trip), and a client that
+/// never answers would otherwise hold it for the whole shutdown grace.
+const SHUTDOWN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// Adds the connection's facts (e.g. its TLS session) to each request of the connection.
 pub(crate) type ConnExt = Rc<dyn Fn(&mut Request)>;
 
@@ -287,13 +292,17 @@ pub(crate) async fn serve<IO, S>(
     // Set when the gateway sent GOAWAY: the time left for the client's last streams before
     // the connection is dropped (a client that never answers the GOAWAY's PING holds nothing).
     let mut closing: Option<Instant> = None;
-    let mut shutting_down = false;
+    // When the server's shutdown began.
+    let mut stopping: Option<Instant> = None;
     // When the connection is due to close, as things stand (`None`: a stream is in progress).
-    let due = |closing: Option<Instant>| {
+    let due = |closing: Option<Instant>, stopping: Option<Instant>| {
         if closing.is_some() {
             closing
         } else if shared.active.get() > 0 {
             None
+        } else if let Some(at) = stopping {
+            // Streams in progress have the shutdown grace; without any, only the PING's.
+            Some(at.max(shared.idle_since.get()) + SHUTDOWN_IDLE_GRACE)
         } else if shared.started.get() {
             Some(shared.idle_since.get() + settings.idle_timeout)
         } else {
@@ -301,7 +310,7 @@ pub(crate) async fn serve<IO, S>(
         }
     };
     loop {
-        let deadline = due(closing);
+        let deadline = due(closing, stopping);
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -340,10 +349,10 @@ pub(crate) async fn serve<IO, S>(
             }
             () = sleep => {
                 // A stream may have begun (or ended, moving the idle start) while asleep.
-                if closing.is_none() && due(None).is_none_or(|d| Instant::now() < d) {
+                if closing.is_none() && due(None, stopping).is_none_or(|d| Instant::now() < d) {
                     continue;
                 }
-                if closing.is_some() {
+                if closing.is_some() || stopping.is_some() {
                     tracing::debug!(client = peer.map(tracing::field::display), "HTTP/2 connection dropped after GOAWAY");
                     return;
                 }
@@ -367,10 +376,11 @@ pub(crate) async fn serve<IO, S>(
                     return;
                 }
             }
-            () = &mut shutdown, if !shutting_down && closing.is_none() => {
+            () = &mut shutdown, if stopping.is_none() && closing.is_none() => {
                 // The server's own shutdown: streams in progress get the shutdown grace
-                // period (actix ends the connection when it is over).
-                shutting_down = true;
+                // period (actix ends the connection when it is over); once none is left, the
+                // connection gets [`SHUTDOWN_IDLE_GRACE`].
+                stopping = Some(Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
         }
