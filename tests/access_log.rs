@@ -764,10 +764,10 @@ fn requests_the_gateway_answers_itself_have_a_duration() {
 
 /// A client that takes nothing of its response is cut at the send timeout: its access line
 /// says `send_timeout`, not `client_gone` (it never left). It said `client_gone`.
-#[test]
-fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
+/// A gateway with `send_timeout = "1s"` in front of an upstream that sends an endless body for
+/// up to 20 s to each request.
+fn endless_response_gateway() -> (GatewayProcess, tempfile::TempDir) {
     use std::io::Write;
-    // An upstream that sends an endless body for up to 20 s.
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -790,10 +790,43 @@ fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
     ));
     let dir = repo(&as_refs(&files));
     let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    (gw, dir)
+}
+
+#[test]
+fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
+    use std::io::Write;
+    let (gw, _dir) = endless_response_gateway();
     let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
     s.write_all(b"GET /never-read HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     let v = &logged_for(&gw, "/never-read")[0];
+    assert_eq!(v["completed"], false, "{v}");
+    assert_eq!(v["error"], "send_timeout", "{v}");
+    drop(s);
+}
+
+/// The same over HTTP/2: a client that keeps its connection but grants its stream no window
+/// (SETTINGS_INITIAL_WINDOW_SIZE 0) has its stream ended at the send timeout, and the access
+/// line says `send_timeout`, as over HTTP/1.1. It said `client_gone`.
+#[test]
+fn an_http2_response_cut_at_the_send_timeout_is_logged_as_such() {
+    use std::io::Write;
+    let (gw, _dir) = endless_response_gateway();
+    let mut s = std::net::TcpStream::connect(&gw.listen).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0; then a GET that ends its stream.
+    s.write_all(&h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .unwrap();
+    s.write_all(&h2_frame(
+        0x1,
+        0x5,
+        1,
+        &h2_request_block("GET", "/never-read-h2"),
+    ))
+    .unwrap();
+    let v = &logged_for(&gw, "/never-read-h2")[0];
+    assert_eq!(v["protocol"], "HTTP/2", "{v}");
     assert_eq!(v["completed"], false, "{v}");
     assert_eq!(v["error"], "send_timeout", "{v}");
     drop(s);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Backend, Body, Gateway, as_refs, full, proxy_to, scrape};
+use common::{Backend, Body, Gateway, as_refs, full, h2_frame, proxy_to, scrape};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
@@ -1631,15 +1631,6 @@ fn windowless_h2_upstream() -> SocketAddr {
     })
 }
 
-/// An HTTP/2 frame: its 9-byte header (length, type, flags, stream) and `payload`.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    f.extend_from_slice(&[kind, flags]);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// A 31-bit window size or increment at the start of `p` (SETTINGS value, WINDOW_UPDATE).
 fn word(p: &[u8]) -> i64 {
     i64::from(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff)
@@ -1744,21 +1735,7 @@ impl RawH2 {
 
     /// Opens stream `id`: a POST to `path`, its body to come.
     fn post(&mut self, id: u32, path: &str) {
-        let mut block = Vec::new();
-        for (n, v) in [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "gateway.test"),
-        ] {
-            // A literal field without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
-            block.push(0);
-            block.push(n.len() as u8);
-            block.extend_from_slice(n.as_bytes());
-            block.push(v.len() as u8);
-            block.extend_from_slice(v.as_bytes());
-        }
-        self.frame(0x1, 0x4, id, &block);
+        self.frame(0x1, 0x4, id, &common::h2_request_block("POST", path));
         self.windows.insert(id, self.initial);
     }
 

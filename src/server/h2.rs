@@ -135,7 +135,7 @@ struct ConnShared {
     max_resets: u32,
     wake: tokio::sync::Notify,
     /// Each stream's [`StreamGuard::waiting`], while the stream lasts.
-    waits: std::cell::RefCell<Vec<std::rc::Weak<Cell<Option<Instant>>>>>,
+    waits: std::cell::RefCell<Vec<std::rc::Weak<SendWait>>>,
     /// Given to the requests with a body only.
     uploads: UploadSlots,
 }
@@ -162,7 +162,7 @@ impl ConnShared {
     fn begin(self: &Rc<Self>) -> StreamGuard {
         self.active.set(self.active.get() + 1);
         self.started.set(true);
-        let waiting = Rc::new(Cell::new(None));
+        let waiting = Rc::new(SendWait::default());
         let mut waits = self.waits.borrow_mut();
         // Streams that ended are forgotten here too, not only by the periodic look: a
         // connection running thousands of short streams between two looks keeps the list (and
@@ -180,15 +180,23 @@ impl ConnShared {
     }
 
     /// Whether a stream's response has waited for the client to take it (flow-control window,
-    /// or the socket) since before `limit` ago; forgets the streams that ended.
+    /// or the socket) since before `limit` ago; marks each such stream [`SendWait::timed_out`]
+    /// and forgets the streams that ended.
     fn stalled(&self, limit: Duration) -> bool {
         let now = Instant::now();
         let mut waits = self.waits.borrow_mut();
         waits.retain(|w| w.strong_count() > 0);
-        waits.iter().filter_map(std::rc::Weak::upgrade).any(|w| {
-            w.get()
+        let mut any = false;
+        for w in waits.iter().filter_map(std::rc::Weak::upgrade) {
+            if w.since
+                .get()
                 .is_some_and(|since| now.duration_since(since) >= limit)
-        })
+            {
+                w.timed_out.set(true);
+                any = true;
+            }
+        }
+        any
     }
 
     fn reset_seen(&self) {
@@ -205,14 +213,39 @@ impl ConnShared {
     }
 }
 
+/// How a stream's response waits for its client, shared by the stream, its connection's
+/// stall check and the request (the access log's `send_timeout`).
+#[derive(Default)]
+pub(crate) struct SendWait {
+    /// Since when the response has a frame out that the client has not made room for: hyper
+    /// polls the body for the next frame only once the client's window allows it. `None`
+    /// while the body itself waits (for the upstream).
+    since: Cell<Option<Instant>>,
+    /// The connection is being closed because this stream waited past `send_timeout`.
+    timed_out: Cell<bool>,
+}
+
+impl SendWait {
+    /// Whether the stream's response was cut because its client took none of it within the
+    /// send timeout (not because the client went away).
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out.get()
+    }
+}
+
+/// What the gateway's handler finds of its HTTP/2 stream, in the request's extensions.
+#[derive(Clone)]
+pub(crate) struct StreamExt {
+    /// Where the upstream's trailers land.
+    pub trailers: Trailers,
+    pub send: Rc<SendWait>,
+}
+
 /// One stream in progress; when dropped before its response ended, the client reset it.
 struct StreamGuard {
     conn: Rc<ConnShared>,
     done: bool,
-    /// Since when the response has a frame out that the client has not made room for: hyper
-    /// polls the body for the next frame only once the client's window allows it. `None`
-    /// while the body itself waits (for the upstream).
-    waiting: Rc<Cell<Option<Instant>>>,
+    waiting: Rc<SendWait>,
 }
 
 impl StreamGuard {
@@ -471,7 +504,10 @@ where
     let trailers = Trailers::default();
     {
         let mut ext = areq.extensions_mut();
-        ext.insert(trailers.clone());
+        ext.insert(StreamExt {
+            trailers: trailers.clone(),
+            send: Rc::clone(&guard.waiting),
+        });
         if streamed {
             ext.insert(StreamedBody);
             ext.insert(guard.conn.uploads.clone());
@@ -630,13 +666,13 @@ impl Body for H2Body {
         let this = self.get_mut();
         if let Some(g) = &this.guard {
             // Polled: the client made room for what came before.
-            g.waiting.set(None);
+            g.waiting.since.set(None);
         }
         if let Some(inner) = &mut this.inner {
             match std::task::ready!(Pin::new(inner).poll_next(cx)) {
                 Some(Ok(data)) => {
                     if let Some(g) = &this.guard {
-                        g.waiting.set(Some(Instant::now()));
+                        g.waiting.since.set(Some(Instant::now()));
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -697,6 +733,7 @@ mod tests {
         // A stream still open and waiting is still seen.
         open[3]
             .waiting
+            .since
             .set(Some(Instant::now() - Duration::from_secs(5)));
         assert!(conn.stalled(Duration::from_secs(1)));
         assert!(!conn.stalled(Duration::from_secs(10)));

@@ -39,7 +39,6 @@ use forward::forward;
 
 use crate::decide::{self, Incoming, Plan, Routed};
 use crate::policy::ClientHeaders;
-use crate::proxy::body::Trailers;
 use crate::proxy::headers::{ClientCert, client_ip, valid_request_id};
 use crate::router::{PathError, normalize_path_with};
 use crate::telemetry::trace::RequestTrace;
@@ -135,9 +134,9 @@ pub(crate) async fn handle(
                 conn,
                 grpc: is_grpc(req),
                 grpc_status: None,
-                // Only the HTTP/2 server sets them: no extensions lookup for the others.
-                trailers: if req.version() == actix_web::http::Version::HTTP_2 {
-                    req.extensions().get::<Trailers>().cloned()
+                // Only the HTTP/2 server sets it: no extensions lookup for the others.
+                h2: if req.version() == actix_web::http::Version::HTTP_2 {
+                    req.extensions().get::<super::h2::StreamExt>().cloned()
                 } else {
                     None
                 },

@@ -947,3 +947,31 @@ pub fn rss(pid: u32) -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// An HTTP/2 frame: its 9-byte header (length, type, flags, stream) and `payload`.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The header block of an HTTP/2 request for `path` on `http://gateway.test`, each field a
+/// literal without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
+pub fn h2_request_block(method: &str, path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (n, v) in [
+        (":method", method),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "gateway.test"),
+    ] {
+        block.push(0);
+        block.push(n.len() as u8);
+        block.extend_from_slice(n.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    block
+}

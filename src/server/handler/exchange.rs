@@ -15,7 +15,7 @@ use super::errors::{grpc_error, status_code};
 use super::forward::Buffered;
 use super::plugin_body;
 
-use crate::proxy::body::{BodyStats, Ended, Trailers};
+use crate::proxy::body::{BodyStats, Ended};
 use crate::proxy::headers::ClientCert;
 use crate::router::RouteId;
 use crate::server::listener::{Busy, ConnInfo};
@@ -84,8 +84,9 @@ pub(super) struct Exchange {
     pub(super) grpc: bool,
     /// The upstream's `grpc-status` response header (a trailers-only response).
     pub(super) grpc_status: Option<http::HeaderValue>,
-    /// Where the upstream's trailers land (HTTP/2 clients), read for `grpc-status`.
-    pub(super) trailers: Option<Trailers>,
+    /// The HTTP/2 stream (HTTP/2 clients): where the upstream's trailers land, read for
+    /// `grpc-status`, and whether the send timeout cut its response.
+    pub(super) h2: Option<crate::server::h2::StreamExt>,
     /// Trace ids and, when sampled, span facts (`[tracing]` on). Not boxed: it is small, and
     /// what only a recorded request needs is boxed inside it.
     pub(super) trace: Option<RequestTrace>,
@@ -163,6 +164,13 @@ impl Exchange {
     }
 
     /// The client certificate the connection's TLS handshake verified.
+    /// Whether the send timeout cut the response (the client took none of it in time, on
+    /// its HTTP/1.1 connection or its HTTP/2 stream), rather than the client going away.
+    pub(super) fn send_timed_out(&self) -> bool {
+        self.busy.as_ref().is_some_and(Busy::send_timed_out)
+            || self.h2.as_ref().is_some_and(|s| s.send.timed_out())
+    }
+
     pub(super) fn client_cert(&self) -> Option<&ClientCert> {
         self.conn
             .as_ref()
@@ -194,7 +202,7 @@ impl Exchange {
             let from_upstream = self
                 .grpc_status
                 .clone()
-                .or_else(|| self.trailers.as_ref().and_then(|t| t.get("grpc-status")));
+                .or_else(|| self.h2.as_ref().and_then(|s| s.trailers.get("grpc-status")));
             Some(grpc_status_label(from_upstream.as_ref()))
         } else {
             None

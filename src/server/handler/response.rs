@@ -179,7 +179,7 @@ pub(super) fn client_response(
         ex.emit(status, 0, Ok(()));
         return out.finish().into();
     }
-    let trailers = ex.trailers.clone();
+    let trailers = ex.h2.as_ref().map(|s| s.trailers.clone());
     if let Some(seen) = seen
         && let Some(run) = plan.plugins.take()
     {
@@ -221,9 +221,7 @@ pub(super) fn client_response(
     let on_finish: OnFinish = Box::new(move |bytes, end| {
         // Cut because the client took nothing within the send timeout, not because it left.
         let end = match end {
-            Err("client_gone") if ex.busy.as_ref().is_some_and(|b| b.send_timed_out()) => {
-                Err("send_timeout")
-            }
+            Err("client_gone") if ex.send_timed_out() => Err("send_timeout"),
             end => end,
         };
         ex.emit(status, bytes, end)
