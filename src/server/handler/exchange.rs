@@ -163,7 +163,6 @@ impl Exchange {
         }
     }
 
-    /// The client certificate the connection's TLS handshake verified.
     /// Whether the send timeout cut the response (the client took none of it in time, on
     /// its HTTP/1.1 connection or its HTTP/2 stream), rather than the client going away.
     pub(super) fn send_timed_out(&self) -> bool {
@@ -171,6 +170,7 @@ impl Exchange {
             || self.h2.as_ref().is_some_and(|s| s.send.timed_out())
     }
 
+    /// The client certificate the connection's TLS handshake verified.
     pub(super) fn client_cert(&self) -> Option<&ClientCert> {
         self.conn
             .as_ref()
