@@ -597,8 +597,9 @@ fn a_client_that_leaves_mid_upload_of_a_body_read_for_retries_is_logged_as_499()
 /// Every head refused before any route saw it (a bare line feed, a bad field name, a head too
 /// large, both framings, two lengths, a head not received in time) is one request: one access
 /// line under the request id its answer carried, with its status, method, path when known and
-/// why; one count and one duration sample under `route="<none>"`. They were counted, but had
-/// no access line (a debug line only) and no duration sample.
+/// why, and the version of the config it was refused under, as a routed request's; one count
+/// and one duration sample under `route="<none>"`. They were counted, but had no access line
+/// (a debug line only) and no duration sample; then their `config_version` was empty.
 #[test]
 fn heads_refused_before_routing_get_one_access_line_and_a_duration_sample_each() {
     use std::io::Write;
@@ -610,6 +611,9 @@ fn heads_refused_before_routing_get_one_access_line_and_a_duration_sample_each()
     ));
     let dir = repo(&as_refs(&files));
     let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(http(&gw.listen, "GET", "/routed", &[], b"").unwrap().0, 200);
+    let version = logged_for(&gw, "/routed")[0]["config_version"].clone();
+    assert!(version.as_str().is_some_and(|v| !v.is_empty()), "{version}");
     let big = format!(
         "GET /big HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(140_000)
@@ -664,6 +668,7 @@ fn heads_refused_before_routing_get_one_access_line_and_a_duration_sample_each()
         assert_eq!(v["status"], status, "{v}");
         assert_eq!(v["error"], error, "{v}");
         assert_eq!(v["route"], "", "{v}");
+        assert_eq!(v["config_version"], version, "{v}");
         let method = if head.starts_with(b"POST") {
             "POST"
         } else {

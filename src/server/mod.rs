@@ -349,7 +349,7 @@ pub fn start(
                             (a.header_timeout, a.send_timeout),
                             (!keep_alive.is_zero()).then_some(keep_alive),
                             info,
-                            (&metrics, access_log),
+                            (&metrics, access_log.then(|| Arc::clone(&store))),
                         );
                         let is_h2 = if alpn_h2 {
                             true

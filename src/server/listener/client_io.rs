@@ -25,6 +25,7 @@ use super::head::{
 use super::socket::{SendLimited, SendStall};
 use super::{ConnGuard, ConnInfo, Stream};
 
+use crate::snapshot::SnapshotStore;
 use crate::telemetry::metrics::Metrics;
 use crate::wire::chunked::Fed;
 
@@ -60,8 +61,9 @@ pub(crate) struct ClientIo {
     pub(super) head_start: [u8; 8],
     /// Counts refused heads; the client's address for their log lines.
     pub(super) metrics: Arc<Metrics>,
-    /// Refused heads get an access line (`--access-log`).
-    pub(super) access_log: bool,
+    /// Refused heads get an access line (`--access-log`), with the version of the config
+    /// current when they were refused: the one that would have routed them.
+    pub(super) access_log: Option<Arc<SnapshotStore>>,
     pub(super) peer: IpAddr,
     pub(super) _guard: ConnGuard,
 }
@@ -403,9 +405,10 @@ impl ClientIo {
             request_id,
             "request head refused; closing"
         );
-        if !self.access_log {
+        let Some(store) = &self.access_log else {
             return;
-        }
+        };
+        let snapshot = store.load();
         let path = request_target(head);
         crate::telemetry::access::AccessLine {
             request_id,
@@ -436,7 +439,7 @@ impl ClientIo {
                 _ => "malformed_head",
             },
             grpc_status: "",
-            config_version: "",
+            config_version: &snapshot.version.id,
             trace_id: "",
             span_id: "",
         }
@@ -565,7 +568,7 @@ pub(crate) fn client_io(
     (header_timeout, send_timeout): (Duration, Duration),
     keep_alive: Option<Duration>,
     info: ConnInfo,
-    (metrics, access_log): (&Arc<Metrics>, bool),
+    (metrics, access_log): (&Arc<Metrics>, Option<Arc<SnapshotStore>>),
 ) -> ClientIo {
     ClientIo {
         io: SendLimited {
