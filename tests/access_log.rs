@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Read;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -60,14 +59,6 @@ fn logged_for(gw: &GatewayProcess, path: &str) -> Vec<serde_json::Value> {
         gw.logs.lock().unwrap()
     );
     found()
-}
-
-fn sigterm(child: &std::process::Child) {
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
 }
 
 #[test]

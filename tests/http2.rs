@@ -2071,11 +2071,7 @@ fn at_shutdown_an_idle_http2_connection_that_never_answers_ping_is_closed_at_onc
         .recv_timeout(Duration::from_secs(5))
         .expect("the slow request reached the backend");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &gw.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    common::sigterm(&gw.child);
     // Well before the 60 s grace; the gateway allows 1 s for the PING's answer.
     assert!(
         idle.closed_within(Duration::from_secs(10)),

@@ -975,3 +975,12 @@ pub fn h2_request_block(method: &str, path: &str) -> Vec<u8> {
     }
     block
 }
+
+/// Sends a real SIGTERM to `child`.
+pub fn sigterm(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
