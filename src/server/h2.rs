@@ -16,7 +16,12 @@
 //! "rapid reset" attack, where each reset stream costs the server work the client never waits
 //! for — gets GOAWAY and its connection is dropped 100 ms later ([`RESETS_GRACE`]). h2's own
 //! flood caps (streams reset before they were accepted, and others) end a connection with
-//! GOAWAY(ENHANCE_YOUR_CALM) by themselves; it is counted when the connection ends.
+//! GOAWAY(ENHANCE_YOUR_CALM) by themselves; it is counted when the connection ends. At the
+//! server's shutdown, streams in progress get the shutdown grace and a connection without any
+//! is dropped [`SHUTDOWN_IDLE_GRACE`] after its GOAWAY, its client's PING answer or not.
+//!
+//! Flow control: `[limits] http2_stream_window` and `http2_connection_window` bound what a
+//! client sends ahead of the gateway's reads; h2 gives window back only as bodies are read.
 
 use std::cell::Cell;
 use std::convert::Infallible;
