@@ -211,7 +211,8 @@ pub struct RawLimits {
     /// Client connections open at once on the proxy listener, all workers together (default
     /// 25000); beyond it new connections are closed at once.
     pub max_connections: Option<Spanned<u32>>,
-    /// Client connections open at once from one client address (default: no cap).
+    /// Client connections open at once from one client address, an IPv6 client by its /64
+    /// (default: no cap).
     pub max_connections_per_ip: Option<Spanned<u32>>,
     /// Request bodies held in memory, per worker (default "64MiB"): bodies read whole for
     /// retries and what WASM plugins hold of request bodies; a request that would go over it

@@ -210,7 +210,10 @@ impl ConnCounts {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::MaxConnections);
         }
-        let ip = crate::util::canonical_ip(ip);
+        // By the address the rate limits count: an IPv6 client by its /64, which one host or
+        // subscriber line usually holds whole (counted per address, it could open a fresh set
+        // of connections from each of 2^64 addresses).
+        let ip = crate::server::admin_limits::client_key(ip);
         if let Some(cap) = max_per_ip {
             let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(ip).or_insert(0);
@@ -292,7 +295,7 @@ pub(crate) fn admit(
                 .connections_refused
                 .with_label_values(&[why.as_str()])
                 .inc();
-            tracing::debug!(client_ip = %ip, limit = why.as_str(), "connection refused");
+            tracing::debug!(client_ip = %crate::util::canonical_ip(ip), limit = why.as_str(), "connection refused");
             return None;
         }
     };
@@ -340,5 +343,39 @@ mod tests {
         let g = counts.admit(a, 3, None).expect("no cap");
         assert!(counts.per_ip.lock().expect("lock").is_empty());
         drop(g);
+    }
+
+    /// An IPv6 client is one client for all the addresses of its /64, as the rate limits and
+    /// the admin listener count it; an IPv4-mapped peer (a dual-stack listener) is its IPv4
+    /// address. Before, each IPv6 address had a cap of its own.
+    #[test]
+    fn ipv6_clients_are_capped_by_their_64_prefix() {
+        let counts = Arc::new(ConnCounts::default());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0; 4]));
+        let g1 = counts
+            .admit(ip("2001:db8:1:2::1"), 10, Some(2))
+            .expect("first");
+        let g2 = counts
+            .admit(ip("2001:db8:1:2:ffff::9"), 10, Some(2))
+            .expect("second");
+        assert_eq!(
+            counts.admit(ip("2001:db8:1:2::3"), 10, Some(2)).err(),
+            Some(Refused::MaxConnectionsPerIp),
+            "a third address of the same /64"
+        );
+        let g3 = counts
+            .admit(ip("2001:db8:1:3::1"), 10, Some(2))
+            .expect("another /64");
+        let g4 = counts
+            .admit(ip("::ffff:192.0.2.1"), 10, Some(2))
+            .expect("mapped");
+        let g5 = counts.admit(ip("192.0.2.1"), 10, Some(2)).expect("plain");
+        assert_eq!(
+            counts.admit(ip("::ffff:192.0.2.1"), 10, Some(2)).err(),
+            Some(Refused::MaxConnectionsPerIp),
+            "the mapped and the plain form are one client"
+        );
+        drop((g1, g2, g3, g4, g5));
+        assert!(counts.per_ip.lock().expect("lock").is_empty());
     }
 }
