@@ -122,18 +122,36 @@ pub(crate) fn compile_defaults(
             .parse::<IpNet>()
             .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
         match net {
-            Ok(n) => out.client_ip.trusted_proxies.push(n.trunc()),
+            Ok(n) => out
+                .client_ip
+                .trusted_proxies
+                .push(as_peers_are_matched(n.trunc())),
             Err(_) => cx.push(
                 Diagnostic::error(
                     "invalid-value",
                     format!("`{text}` is not an IP address or CIDR range"),
                 )
                 .at(file, entry.span(), "not an address")
-                .help("write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""),
+                .help("write e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"fd00::/8\""),
             ),
         }
     }
     out
+}
+
+/// `net` in the form peers are matched against: an IPv4-mapped range (`::ffff:10.0.0.1`,
+/// `::ffff:10.0.0.0/104`, what `ss` shows for IPv4 peers of a dual-stack `[::]` listener) as
+/// its IPv4 range, since a mapped peer is matched as its IPv4 address (`canonical_ip`); kept
+/// as written, it could never match anything.
+fn as_peers_are_matched(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        other => other,
+    }
 }
 
 /// `[limits]`: unset fields keep their defaults; zero counts are errors (they would refuse

@@ -103,7 +103,12 @@ impl Backend {
 
     /// Answers every request with a JSON echo of what it received.
     pub fn echo() -> Backend {
-        Backend::start(|req: Request<Incoming>| async move {
+        Backend::echo_at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// [`Backend::echo`] on a given address (e.g. `[::1]:0`).
+    pub fn echo_at(addr: SocketAddr) -> Backend {
+        Backend::start_at(addr, |req: Request<Incoming>| async move {
             let method = req.method().to_string();
             let uri = req.uri().to_string();
             let headers: Vec<(String, String)> = req

@@ -1,0 +1,121 @@
+//! IPv6 end to end: upstream targets on `[::1]`, listeners on `[::1]` and dual-stack `[::]`,
+//! and the client address the gateway believes and forwards for IPv6 and IPv4-mapped peers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::Request;
+
+/// The gateway's own listener for `files`, plus a `[[listener]]` at `address`.
+fn with_listener(files: &mut Vec<(&'static str, String)>, gateway_toml: &str, address: &str) {
+    files.push((
+        "gateway.toml",
+        format!("{gateway_toml}\n[[listener]]\nname = \"extra\"\naddress = \"{address}\"\n"),
+    ));
+}
+
+async fn echo_of(url: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let reply = send(req.body(full("")).unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// A target written `http://[::1]:port` is connected to over IPv6, and the `Host` the upstream
+/// gets (the target's, with `preserve_host = false`) keeps the brackets: `[::1]:port`, which is
+/// what HTTP requires of an IPv6 literal (RFC 3986 §3.2.2), not `::1:port`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ipv6_target_is_reached_and_sent_its_bracketed_host() {
+    let be = Backend::echo_at("[::1]:0".parse().unwrap());
+    assert!(be.url().starts_with("http://[::1]:"), "{}", be.url());
+    let gw = Gateway::start(&as_refs(&proxy_all(&be.url(), "preserve_host = false")));
+    let echo = echo_of(&gw.url("/x"), &[]).await;
+    assert_eq!(
+        Backend::echoed_header(&echo, "host"),
+        Some(format!("[::1]:{}", be.addr.port()))
+    );
+}
+
+/// A client on an IPv6 listener is forwarded as its IPv6 address; from a trusted IPv6 proxy
+/// (`::1/128`) the client it names in `X-Forwarded-For` is believed and the proxy appended.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_clients_and_ipv6_proxies_are_forwarded_as_they_are() {
+    let be = Backend::echo();
+    let mut files = proxy_all(&be.url(), "");
+    with_listener(&mut files, "", "[::1]:0");
+    let gw = Gateway::start(&as_refs(&files));
+    let url = format!("http://{}/x", gw.listener("extra"));
+    assert!(url.starts_with("http://[::1]:"), "{url}");
+    // Untrusted: the client's own header is replaced by the peer.
+    let echo = echo_of(&url, &[("x-forwarded-for", "2001:db8::7")]).await;
+    assert_eq!(
+        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
+        Some("::1")
+    );
+
+    let mut files = proxy_all(&be.url(), "");
+    with_listener(
+        &mut files,
+        "[client_ip]\ntrusted_proxies = [\"::1/128\"]\n",
+        "[::1]:0",
+    );
+    let gw = Gateway::start(&as_refs(&files));
+    let url = format!("http://{}/x", gw.listener("extra"));
+    let echo = echo_of(&url, &[("x-forwarded-for", "2001:db8::7")]).await;
+    assert_eq!(
+        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
+        Some("2001:db8::7, ::1")
+    );
+}
+
+/// On a dual-stack `[::]` listener an IPv4 client's socket address is IPv4-mapped
+/// (`::ffff:127.0.0.1`): a trusted-proxy rule written for `127.0.0.1` still matches it, and the
+/// address forwarded is the plain IPv4 one.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv4_peers_of_a_dual_stack_listener_match_ipv4_rules() {
+    let be = Backend::echo();
+    let mut files = proxy_all(&be.url(), "");
+    with_listener(
+        &mut files,
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        "[::]:0",
+    );
+    let gw = Gateway::start(&as_refs(&files));
+    let port = gw.listener("extra").port();
+    let echo = echo_of(
+        &format!("http://127.0.0.1:{port}/x"),
+        &[("x-forwarded-for", "203.0.113.9")],
+    )
+    .await;
+    assert_eq!(
+        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+}
+
+/// A trusted-proxy rule written in the IPv4-mapped form (as `ss` shows the IPv4 peers of a
+/// dual-stack listener) is the same rule as the IPv4 one. Before, `::ffff:127.0.0.1` and
+/// `::ffff:127.0.0.0/104` were kept as IPv6 ranges, which no peer could match (peers are
+/// matched by their IPv4 address), and the proxy's `X-Forwarded-For` was silently ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_proxies_written_ipv4_mapped_match_ipv4_peers() {
+    let be = Backend::echo();
+    for rule in ["::ffff:127.0.0.1", "::ffff:127.0.0.0/104"] {
+        let mut files = proxy_all(&be.url(), "");
+        files.push((
+            "gateway.toml",
+            format!("[client_ip]\ntrusted_proxies = [\"{rule}\"]\n"),
+        ));
+        let gw = Gateway::start(&as_refs(&files));
+        let echo = echo_of(&gw.url("/x"), &[("x-forwarded-for", "203.0.113.9")]).await;
+        assert_eq!(
+            Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
+            Some("203.0.113.9, 127.0.0.1"),
+            "{rule}"
+        );
+    }
+}
