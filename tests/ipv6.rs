@@ -119,3 +119,30 @@ async fn trusted_proxies_written_ipv4_mapped_match_ipv4_peers() {
         );
     }
 }
+
+/// `X-Forwarded-For` entries that carry a port or brackets (`[2001:db8::1]:4711`,
+/// `192.0.2.1:4711`, as Azure Application Gateway and some firewalls write them) name the
+/// client. Before, such an entry stopped the walk at the trusted proxy, so every client behind
+/// it shared the proxy's address: one rate-limit bucket for all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_entries_with_ports_name_the_client_behind_a_trusted_proxy() {
+    let be = Backend::echo();
+    let mut files = proxy_all(&be.url(), "rate_limit = { requests = 1, per = \"1m\" }");
+    files.push((
+        "gateway.toml",
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n".into(),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    let status = |xff: &'static str| {
+        let url = gw.url("/x");
+        async move {
+            let req = Request::get(url).header("x-forwarded-for", xff);
+            send(req.body(full("")).unwrap()).await.status
+        }
+    };
+    assert_eq!(status("[2001:db8:1::1]:4711").await, 200);
+    assert_eq!(status("[2001:db8:2::1]:4711").await, 200, "another client");
+    assert_eq!(status("[2001:db8:1::2]").await, 429, "the first one's /64");
+    assert_eq!(status("192.0.2.1:4711").await, 200, "another client");
+    assert_eq!(status("192.0.2.1:80").await, 429, "the same address");
+}

@@ -144,7 +144,7 @@ pub fn client_ip<'a>(
     }
     let mut client = peer;
     for hop in hops.iter().rev() {
-        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+        let Some(ip) = forwarded_ip(hop.trim()) else {
             // A hop we cannot read: stop at the last address we could trust.
             return client;
         };
@@ -155,6 +155,30 @@ pub fn client_ip<'a>(
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` entry as an address: a plain IPv4 or IPv6 address, or one of the
+/// forms load balancers also write, the port dropped: `[2001:db8::1]` (brackets, as some
+/// firewalls send IPv6), `[2001:db8::1]:4711` and `192.0.2.1:4711` (Azure Application Gateway,
+/// IIS ARR). A bare IPv6 address is never split at a colon (`2001:db8::1:8080` is an address,
+/// not `2001:db8::1` and a port). Zone ids (`fe80::1%eth0`), quotes, names: not addresses.
+fn forwarded_ip(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let is_port = |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = hop.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        if !after.is_empty() && !after.strip_prefix(':').is_some_and(is_port) {
+            return None;
+        }
+        return inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let (host, port) = hop.split_once(':')?;
+    if !is_port(port) {
+        return None;
+    }
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// Which of the client's request headers exist for the gateway once a route is matched: the
@@ -464,6 +488,45 @@ mod tests {
         assert_eq!(
             client_ip(ip("10.0.0.1"), xff.into_iter(), &r),
             ip("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets_are_read_bare_ipv6_is_never_split() {
+        for (hop, want) in [
+            ("192.0.2.1", Some("192.0.2.1")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("[2001:db8::1]:4711", Some("2001:db8::1")),
+            ("192.0.2.1:4711", Some("192.0.2.1")),
+            ("[::ffff:192.0.2.1]:80", Some("::ffff:192.0.2.1")),
+            // An address whose last group looks like a port is the address.
+            ("2001:db8::1:8080", Some("2001:db8::1:8080")),
+            ("fe80::1%eth0", None),
+            ("[fe80::1%eth0]:80", None),
+            ("[192.0.2.1]:80", None),
+            ("[2001:db8::1]:", None),
+            ("[2001:db8::1]:123456", None),
+            ("[2001:db8::1]x", None),
+            ("[2001:db8::1", None),
+            ("192.0.2.1:", None),
+            ("192.0.2.1:+80", None),
+            ("192.0.2.1:80:80", None),
+            ("\"[2001:db8::1]\"", None),
+            ("unknown", None),
+            ("", None),
+        ] {
+            assert_eq!(forwarded_ip(hop), want.map(ip), "{hop}");
+        }
+    }
+
+    #[test]
+    fn trusted_hops_with_ports_are_walked_like_bare_ones() {
+        let r = rules(&["10.0.0.0/8", "fd00::/8"]);
+        let xff = [b"[2001:db8::7]:4711, 10.0.0.5:80, [fd00::1]".as_slice()];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), xff.into_iter(), &r),
+            ip("2001:db8::7")
         );
     }
 
