@@ -770,3 +770,60 @@ fn compression_gzip_from_the_config_or_the_otel_variables_sends_gzipped_batches(
         );
     }
 }
+
+/// IPv6 and dual-stack addresses in spans are IP addresses as the semantic conventions give
+/// them: `server.address` of a `Host: [::1]:8080` request and of a `http://[::1]:port` target
+/// is `::1` (before: `[::1]`, brackets and all), and an IPv4 client of a dual-stack `[::]`
+/// listener is `127.0.0.1` in `network.peer.address` as in `client.address` (before:
+/// `::ffff:127.0.0.1`).
+#[test]
+fn ipv6_and_ipv4_mapped_addresses_are_plain_ip_addresses_in_spans() {
+    let collector = Collector::start();
+    let backend = Backend::echo_at("[::1]:0".parse().unwrap());
+    let files = vec![
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n".to_owned(),
+        ),
+        (
+            "upstreams/be.toml",
+            format!("[upstream.be]\ntargets = [\"{}\"]\n", backend.url()),
+        ),
+        (
+            "gateway.toml",
+            gateway_toml(
+                &collector.endpoint(),
+                "sample_ratio = 1.0\ntrust_incoming_sampled = true\n\n\
+                 [[listener]]\nname = \"dual\"\naddress = \"[::]:0\"",
+            ),
+        ),
+    ];
+    let gw = Gateway::start(&as_refs(&files));
+    let port = gw.listener("dual").port();
+    let tp = traceparent(true);
+    let answer = raw(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        format!(
+            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\ntraceparent: {tp}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let spans = collector.wait_for(CLIENT_TRACE, 2);
+    let server = spans.iter().find(|s| kind(s) == SpanKind::Server).unwrap();
+    let client = spans.iter().find(|s| kind(s) == SpanKind::Client).unwrap();
+    for (key, want) in [
+        ("server.address", "::1"),
+        ("client.address", "127.0.0.1"),
+        ("network.peer.address", "127.0.0.1"),
+    ] {
+        assert_eq!(str_attr(server, key).as_deref(), Some(want), "{key}");
+    }
+    assert_eq!(int_attr(server, "server.port"), Some(8080));
+    assert_eq!(str_attr(client, "server.address").as_deref(), Some("::1"));
+    assert_eq!(
+        int_attr(client, "server.port"),
+        Some(i64::from(backend.addr.port()))
+    );
+}

@@ -172,6 +172,14 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
     std::str::from_utf8(buf.get(..len).unwrap_or_default()).unwrap_or_default()
 }
 
+/// A host as `server.address` gives it: an IPv6 literal without the brackets a `Host` or URL
+/// writes around it (`::1`, as the semantic conventions give an IP address), names as they are.
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// The port of a `Host` value (`example.com:8080`, `[::1]:8080`), scanned by hand: this runs
 /// for every request, sampled or not.
 fn port_of(host: &[u8]) -> Option<u16> {
@@ -276,7 +284,9 @@ impl RequestTrace {
             Box::new(Recording {
                 started,
                 start_ns: 0,
-                peer: req.peer_addr().map(|a| a.ip()),
+                // As `client.address` is: an IPv4 client of a dual-stack listener by its IPv4
+                // address, not `::ffff:a.b.c.d`.
+                peer: req.peer_addr().map(|a| crate::util::canonical_ip(a.ip())),
                 server_port: headers
                     .get(actix_web::http::header::HOST)
                     .and_then(|h| port_of(h.as_bytes())),
@@ -475,7 +485,7 @@ impl RequestTrace {
             s.str("url.query", q);
         }
         if !f.host.is_empty() {
-            s.str("server.address", f.host);
+            s.str("server.address", unbracketed(f.host));
         }
         if let Some(p) = rec.server_port {
             s.int("server.port", i64::from(p));
@@ -531,7 +541,7 @@ impl RequestTrace {
                 },
             );
             s.str("http.request.method", a.method.as_str());
-            s.str("server.address", a.authority.host());
+            s.str("server.address", unbracketed(a.authority.host()));
             s.int("server.port", i64::from(a.port));
             if a.resend > 0 {
                 s.int("http.request.resend_count", i64::from(a.resend));
