@@ -275,10 +275,10 @@ struct ServeArgs {
     #[arg(long, env = "RUSTYGATE_WATCH", default_value_t = true, action = clap::ArgAction::Set)]
     watch: bool,
     /// Proxy listener address.
-    #[arg(long, env = "RUSTYGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "RUSTYGATE_LISTEN", default_value = "0.0.0.0:8080", value_parser = rustygate::util::parse_listen_addr)]
     listen: SocketAddr,
     /// Admin listener address (/healthz, /readyz, /status, /metrics, reload and webhooks).
-    #[arg(long, env = "RUSTYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(long, env = "RUSTYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081", value_parser = rustygate::util::parse_listen_addr)]
     admin_listen: SocketAddr,
     /// Worker threads for the proxy listener (default: number of cores).
     #[arg(long, env = "RUSTYGATE_WORKERS")]

@@ -103,6 +103,52 @@ static OCTETS: [([u8; 4], u8); 256] = {
     table
 };
 
+/// A listen address (`--listen`, `--admin-listen`, a `[[listener]]`'s `address`): `ip:port`,
+/// an IPv6 address in brackets (`[::1]:8443`). Refused with what to write instead, since an
+/// IPv6 address without brackets (`::1:8443`) is an address without a port, not `::1` and a
+/// port.
+pub fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::{IpAddr, Ipv6Addr};
+    let text = text.trim();
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    // `::1:8443` read as an IPv6 address, and as one followed by a port.
+    let whole = text.parse::<Ipv6Addr>().ok();
+    let split = text
+        .rsplit_once(':')
+        .filter(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|(h, p)| Some((h.parse::<Ipv6Addr>().ok()?, p.parse::<u16>().ok()?)));
+    let brackets = "an IPv6 address is written in brackets before the port";
+    let help = match (whole, split) {
+        (Some(ip), Some((h, port))) => format!(
+            "{brackets}: `[{h}]:{port}` if {port} is the port, `[{ip}]:<port>` to bind {ip}"
+        ),
+        (Some(ip), None) => format!("{brackets}: `[{ip}]:<port>`"),
+        (None, Some((h, port))) => format!("{brackets}: `[{h}]:{port}`"),
+        (None, None) => {
+            if let Ok(ip) = text.parse::<IpAddr>() {
+                format!("add the port: `{ip}:<port>`")
+            } else if text.starts_with('[') && text.contains('%') {
+                "zone ids (`%eth0`) are not supported: bind `[::]:<port>` or an address that is \
+                 not link-local"
+                    .to_owned()
+            } else if let Some(ip) = text
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<Ipv6Addr>().ok())
+            {
+                format!("add the port: `[{ip}]:<port>`")
+            } else {
+                "write an IP address and a port, e.g. `0.0.0.0:8443`, or `[::]:8443` for IPv6 \
+                 (names are not resolved)"
+                    .to_owned()
+            }
+        }
+    };
+    Err(help)
+}
+
 /// Maps IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, so one rule covers both.
 pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
@@ -205,6 +251,37 @@ mod tests {
             "2001:db8::1:0:0:1".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
         ] {
             assert_eq!(pushed(IpAddr::V6(ip)), format!("x{ip}"));
+        }
+    }
+
+    #[test]
+    fn listen_addresses_are_ip_and_port_and_the_refusals_say_what_to_write() {
+        use super::parse_listen_addr;
+        for ok in [
+            "0.0.0.0:8080",
+            "[::]:8443",
+            "[::1]:0",
+            " [::1]:8443 ",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(parse_listen_addr(ok).is_ok(), "{ok}");
+        }
+        for (bad, help) in [
+            (
+                "::1:8443",
+                "`[::1]:8443` if 8443 is the port, `[::1:8443]:<port>` to bind ::1:8443",
+            ),
+            ("fe80::1", "`[fe80::1]:<port>`"),
+            ("::1:21630", "brackets before the port: `[::1]:21630`"),
+            ("::", "`[::]:<port>`"),
+            ("[::1]", "add the port: `[::1]:<port>`"),
+            ("127.0.0.1", "add the port: `127.0.0.1:<port>`"),
+            ("[fe80::1%lo]:8443", "zone ids"),
+            ("[::1]:99999", "`[::]:8443` for IPv6"),
+            ("localhost:8080", "names are not resolved"),
+        ] {
+            let got = parse_listen_addr(bad).err().unwrap_or_default();
+            assert!(got.contains(help), "{bad}: {got}");
         }
     }
 }

@@ -146,3 +146,46 @@ async fn forwarded_entries_with_ports_name_the_client_behind_a_trusted_proxy() {
     assert_eq!(status("192.0.2.1:4711").await, 200, "another client");
     assert_eq!(status("192.0.2.1:80").await, 429, "the same address");
 }
+
+/// An IPv6 listen address written without brackets (`::1:8443`, itself an IPv6 address
+/// without a port) is refused with the bracketed form to write, located in gateway.toml and
+/// named on the command line. Before, both said only that it was not an address (the CLI:
+/// "invalid socket address syntax").
+#[test]
+fn an_ipv6_listen_address_without_brackets_is_refused_with_the_form_to_write() {
+    let dir = repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"h\"\npath = \"/\"\nrespond = { status = 200 }\n",
+        ),
+        (
+            "gateway.toml",
+            "[[listener]]\nname = \"x\"\naddress = \"::1:8443\"\n",
+        ),
+    ]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let path = dir.path().to_str().unwrap();
+    let (ok, err) = run(&["validate", path]);
+    assert!(!ok);
+    assert!(err.contains("gateway.toml:3:11"), "{err}");
+    assert!(
+        err.contains("`[::1]:8443` if 8443 is the port, `[::1:8443]:<port>` to bind ::1:8443"),
+        "{err}"
+    );
+    // Refused while parsing the flags: nothing is bound.
+    let (ok, err) = run(&["serve", "--repo", path, "--listen", "::1:21630"]);
+    assert!(!ok);
+    assert!(err.contains("`[::1]:21630`"), "{err}");
+    let (ok, err) = run(&["serve", "--repo", path, "--admin-listen", "[::1]"]);
+    assert!(!ok);
+    assert!(err.contains("add the port: `[::1]:<port>`"), "{err}");
+}

@@ -71,7 +71,7 @@ pub(crate) fn compile_listeners(
         } else {
             names.insert(name, raw.name.span());
         }
-        let address = match raw.address.get().trim().parse::<SocketAddr>() {
+        let address = match crate::util::parse_listen_addr(raw.address.get()) {
             Ok(a) => {
                 if a.port() != 0
                     && let Some(first) = addresses.get(&a)
@@ -88,14 +88,14 @@ pub(crate) fn compile_listeners(
                 addresses.insert(a, raw.address.span());
                 Some(a)
             }
-            Err(_) => {
+            Err(help) => {
                 cx.push(
                     Diagnostic::error(
                         "invalid-address",
                         format!("`{}` is not an address to listen on", raw.address.get()),
                     )
                     .at(file, raw.address.span(), "not ip:port")
-                    .help("write e.g. \"0.0.0.0:8443\" or \"[::]:8443\""),
+                    .help(help),
                 );
                 None
             }
