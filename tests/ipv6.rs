@@ -147,6 +147,18 @@ async fn forwarded_entries_with_ports_name_the_client_behind_a_trusted_proxy() {
     assert_eq!(status("192.0.2.1:80").await, 429, "the same address");
 }
 
+/// `rustygate args`: whether it succeeded, and its stderr.
+fn run(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// An IPv6 listen address written without brackets (`::1:8443`, itself an IPv6 address
 /// without a port) is refused with the bracketed form to write, located in gateway.toml and
 /// named on the command line. Before, both said only that it was not an address (the CLI:
@@ -163,16 +175,6 @@ fn an_ipv6_listen_address_without_brackets_is_refused_with_the_form_to_write() {
             "[[listener]]\nname = \"x\"\naddress = \"::1:8443\"\n",
         ),
     ]);
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let path = dir.path().to_str().unwrap();
     let (ok, err) = run(&["validate", path]);
     assert!(!ok);
@@ -188,4 +190,44 @@ fn an_ipv6_listen_address_without_brackets_is_refused_with_the_form_to_write() {
     let (ok, err) = run(&["serve", "--repo", path, "--admin-listen", "[::1]"]);
     assert!(!ok);
     assert!(err.contains("add the port: `[::1]:<port>`"), "{err}");
+}
+
+/// `[::]:P` is dual-stack: it takes port P on every IPv4 address too, so an IPv4 listener on
+/// the same port beside it (nginx's habit of `listen 80; listen [::]:80;`) cannot be bound.
+/// Before, `validate` passed such a config and `serve` failed at start-up with "Address already
+/// in use"; now `validate` refuses it where it is written. Specific addresses of the two
+/// families on one port stay fine, and so do port-0 listeners.
+#[test]
+fn an_ipv4_listener_beside_a_dual_stack_one_on_the_same_port_is_refused() {
+    let route = (
+        "routes/r.toml",
+        "[[route]]\nname = \"h\"\npath = \"/\"\nrespond = { status = 200 }\n",
+    );
+    let listeners = |a: &str, b: &str| {
+        format!(
+            "[[listener]]\nname = \"a\"\naddress = \"{a}\"\n\n\
+             [[listener]]\nname = \"b\"\naddress = \"{b}\"\n"
+        )
+    };
+    for (a, b, refused) in [
+        ("0.0.0.0:8443", "[::]:8443", true),
+        ("[::]:8443", "127.0.0.1:8443", true),
+        ("[::]:8443", "[::1]:8443", true),
+        ("0.0.0.0:8443", "127.0.0.1:8443", true),
+        ("127.0.0.1:8443", "[::1]:8443", false),
+        ("0.0.0.0:8443", "[::1]:8443", false),
+        ("[::]:0", "0.0.0.0:0", false),
+        ("[::]:8443", "0.0.0.0:8444", false),
+    ] {
+        let toml = listeners(a, b);
+        let dir = repo(&[route, ("gateway.toml", &toml)]);
+        let (ok, err) = run(&["validate", dir.path().to_str().unwrap()]);
+        assert_eq!(ok, !refused, "{a} {b}: {err}");
+        if refused {
+            assert!(
+                err.contains("error[duplicate-listener]") && err.contains("gateway.toml:7:11"),
+                "{a} {b}: {err}"
+            );
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! clients that send no SNI or a name no certificate has.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,9 +27,24 @@ use crate::config::raw::{
 };
 use crate::config::{Diagnostic, FileId, Spanned};
 use crate::snapshot::{CertificateInfo, ListenerSpec, ListenerTls};
+use crate::util::canonical_ip;
 
 /// Certificates expiring sooner than this are served with a warning.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Whether two listen addresses cannot both be bound: the same port (not 0) and the same
+/// address, or a wildcard that takes the other's: `0.0.0.0` every IPv4 address, `[::]` every
+/// IPv6 address and, dual-stack as `server::bind` makes it, every IPv4 address too (as nginx's
+/// `listen [::]:80 ipv6only=off`; `0.0.0.0:80` beside it is refused by the kernel).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (x, y) = (canonical_ip(a.ip()), canonical_ip(b.ip()));
+    let dual = |ip: IpAddr| ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let covers = |w: IpAddr, o: IpAddr| w.is_unspecified() && w.is_ipv4() == o.is_ipv4();
+    x == y || dual(x) || dual(y) || covers(x, y) || covers(y, x)
+}
 
 /// The ALPN protocols a listener may offer.
 const ALPN: [&str; 2] = ["h2", "http/1.1"];
@@ -73,17 +88,33 @@ pub(crate) fn compile_listeners(
         }
         let address = match crate::util::parse_listen_addr(raw.address.get()) {
             Ok(a) => {
-                if a.port() != 0
-                    && let Some(first) = addresses.get(&a)
-                {
-                    cx.push(
+                if let Some((b, first)) = addresses.iter().find(|(b, _)| overlap(a, **b)) {
+                    let d = if a == *b {
+                        Diagnostic::error("duplicate-listener", format!("two listeners bind `{a}`"))
+                    } else {
+                        let wild = if a.ip().is_unspecified() { a } else { *b };
+                        let every = if wild.is_ipv6() {
+                            "every IPv6 and, being dual-stack, every IPv4 address"
+                        } else {
+                            "every IPv4 address"
+                        };
                         Diagnostic::error(
                             "duplicate-listener",
-                            format!("two listeners bind `{a}`"),
+                            format!(
+                                "`{b}` and `{a}` cannot both listen: `{wild}` takes port {} on \
+                                 {every}",
+                                a.port()
+                            ),
                         )
-                        .at(file, raw.address.span(), "second listener")
-                        .also(file, first.clone(), "first listener"),
-                    );
+                        .help(format!(
+                            "keep only `{wild}`, or give the listeners different ports"
+                        ))
+                    };
+                    cx.push(d.at(file, raw.address.span(), "second listener").also(
+                        file,
+                        first.clone(),
+                        "first listener",
+                    ));
                 }
                 addresses.insert(a, raw.address.span());
                 Some(a)

@@ -16,7 +16,19 @@ const BACKLOG: i32 = 1024;
 /// Binds `addr` for the listener `what` names (`proxy`, `admin`, ``listener `name` ``).
 pub(super) fn listen(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     bind(addr).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "; another process, or another listener of this gateway on port {}? `0.0.0.0` \
+                 takes it on every IPv4 address, `[::]` on every IPv6 and IPv4 one",
+                addr.port()
+            )
+        } else {
+            String::new()
+        };
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} ({what}): {e}{hint}"),
+        )
     })
 }
 
@@ -26,6 +38,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // As std sets it: a restarted gateway binds its address again while the connections of
     // the last one are in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if let SocketAddr::V6(a) = addr
+        && a.ip().is_unspecified()
+    {
+        // `[::]` is dual-stack (IPv4 clients arrive as `::ffff:a.b.c.d` peers, matched and
+        // logged as IPv4) on every host, whatever its `net.ipv6.bindv6only` says; `validate`
+        // refuses an IPv4 listener on the same port beside it.
+        socket.set_only_v6(false)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
