@@ -231,3 +231,24 @@ fn an_ipv4_listener_beside_a_dual_stack_one_on_the_same_port_is_refused() {
         }
     }
 }
+
+/// A route's `host` may be an IPv6 literal, as it may be an IPv4 one: `"[::1]"` or `"::1"`
+/// matches a request whose `Host` is `[::1]` or `[::1]:port`. Before, both were refused by
+/// `validate` as invalid hosts ("hosts are matched without the port").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_host_may_be_an_ipv6_literal() {
+    for host in ["[::1]", "::1"] {
+        let routes = format!(
+            "[[route]]\nname = \"six\"\nhost = \"{host}\"\npath = \"/\"\n\
+             respond = {{ status = 200, body = \"six\" }}\n\n\
+             [[route]]\nname = \"any\"\npath = \"/\"\nrespond = {{ status = 200, body = \"any\" }}\n"
+        );
+        let mut files = vec![("routes/r.toml", routes)];
+        with_listener(&mut files, "", "[::1]:0");
+        let gw = Gateway::start(&as_refs(&files));
+        let six = get(&format!("http://{}/", gw.listener("extra"))).await;
+        assert_eq!(six.text(), "six", "{host}: Host [::1]:port");
+        let any = get(&gw.url("/")).await;
+        assert_eq!(any.text(), "any", "{host}: Host 127.0.0.1:port");
+    }
+}

@@ -362,6 +362,15 @@ fn host_pattern(cx: &mut Cx<'_>, file: FileId, h: &Spanned<String>) -> Option<Ho
         Some(rest) => (true, rest),
         None => (false, lower.as_str()),
     };
+    // An IPv6 literal, bracketed or not: matched as a `Host` carries it, in brackets
+    // (`Host: [::1]:8080` is host `[::1]`), in its compressed form.
+    let bare = rest
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(rest);
+    if !suffix && let Ok(ip) = bare.parse::<std::net::Ipv6Addr>() {
+        return Some(HostPattern::Exact(format!("[{ip}]")));
+    }
     let valid = !rest.is_empty()
         && rest
             .bytes()
@@ -369,7 +378,9 @@ fn host_pattern(cx: &mut Cx<'_>, file: FileId, h: &Spanned<String>) -> Option<Ho
         && !rest.starts_with('.')
         && !rest.ends_with('.');
     if !valid {
-        let help = if rest.contains(':') {
+        let help = if rest.starts_with('[') || rest.matches(':').count() > 1 {
+            "an IPv6 address is written without the port, e.g. \"[2001:db8::1]\" or \"::1\""
+        } else if rest.contains(':') {
             "hosts are matched without the port"
         } else if rest.contains('*') {
             "only a leading `*.` wildcard is supported, e.g. \"*.example.com\""

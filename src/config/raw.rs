@@ -347,7 +347,8 @@ pub struct RawRoute {
     /// Unique name, used in logs, metrics and tests.
     #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,128}$"))]
     pub name: Spanned<String>,
-    /// Host to match: exact (`api.example.com`) or wildcard suffix (`*.example.com`). Absent: any host.
+    /// Host to match: exact (`api.example.com`, `192.0.2.7`, `[2001:db8::1]`) or wildcard suffix
+    /// (`*.example.com`). Absent: any host.
     pub host: Option<Spanned<String>>,
     /// Exact path, with optional `{param}` segments: `/orders/{id}`.
     #[schemars(regex(pattern = r"^/"))]
