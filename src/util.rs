@@ -149,6 +149,13 @@ pub fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
     Err(help)
 }
 
+/// A socket address whose IP is IPv4-mapped (an IPv4 peer of a dual-stack `[::]` listener) as
+/// the IPv4 socket address: connections, logs and access lines show `192.0.2.7:1234`, never
+/// `[::ffff:192.0.2.7]:1234`.
+pub fn canonical_peer(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
 /// Maps IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, so one rule covers both.
 pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {

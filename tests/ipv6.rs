@@ -252,3 +252,45 @@ async fn a_route_host_may_be_an_ipv6_literal() {
         assert_eq!(any.text(), "any", "{host}: Host 127.0.0.1:port");
     }
 }
+
+/// The access line of a request head the listener refuses (400 for `Bad Header: x`) shows an
+/// IPv4 client of a dual-stack `[::]` listener as IPv4, as the lines of proxied requests do.
+/// Before, it showed `::ffff:127.0.0.1`: one client under two addresses in the access log.
+#[test]
+fn refused_heads_of_ipv4_clients_of_a_dual_stack_listener_are_logged_as_ipv4() {
+    let (gw, port, _dir) = GatewayProcess::start_on_own_port(|port| {
+        let dir = repo(&[
+            (
+                "routes/r.toml",
+                "[[route]]\nname = \"h\"\npath = \"/\"\nrespond = { status = 200 }\n",
+            ),
+            (
+                "gateway.toml",
+                &format!("[[listener]]\nname = \"dual\"\naddress = \"[::]:{port}\"\n"),
+            ),
+        ]);
+        let args = vec!["--repo".to_owned(), dir.path().display().to_string()];
+        (args, dir)
+    });
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let answer = raw(to, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(
+        to,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let access = |status: u64| {
+        gw.logs.lock().unwrap().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["target"] == "rustygate::access" && v["status"] == status).then_some(v)
+        })
+    };
+    assert!(wait_until(std::time::Duration::from_secs(10), || {
+        access(400).is_some() && access(200).is_some()
+    }));
+    for status in [400, 200] {
+        let line = access(status).unwrap();
+        assert_eq!(line["client_ip"], "127.0.0.1", "{status}: {line}");
+    }
+}

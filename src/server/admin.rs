@@ -287,7 +287,9 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
     }
     if !secret_matches(token, given_token(&req)) {
         tracing::warn!(
-            peer = req.peer_addr().map(tracing::field::display),
+            peer = req
+                .peer_addr()
+                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
             "admin call with a missing or wrong token"
         );
         let unauthorized = HttpResponse::Unauthorized()
@@ -330,7 +332,9 @@ fn webhook_refusal(
     };
     if !verify(secret) {
         tracing::warn!(
-            peer = req.peer_addr().map(tracing::field::display),
+            peer = req
+                .peer_addr()
+                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
             source,
             "webhook with a missing or wrong signature or token"
         );
@@ -399,7 +403,9 @@ async fn webhook_body(
     }
     if header(req, auth_header).is_none_or(<[u8]>::is_empty) {
         tracing::warn!(
-            peer = req.peer_addr().map(tracing::field::display),
+            peer = req
+                .peer_addr()
+                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
             header = auth_header,
             "webhook without its signature or token header"
         );

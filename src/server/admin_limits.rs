@@ -79,7 +79,9 @@ impl BodyBudget {
         let acquire = Arc::clone(&self.permits).acquire_many_owned(permits);
         let Ok(Ok(permit)) = tokio::time::timeout(BUDGET_WAIT, acquire).await else {
             tracing::warn!(
-                peer = req.peer_addr().map(tracing::field::display),
+                peer = req
+                    .peer_addr()
+                    .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
                 "webhook refused: too many webhook bodies are being read"
             );
             let mut busy = super::admin::reply(
@@ -143,7 +145,7 @@ impl ConnLimit {
         if *n >= self.per_client {
             drop(open);
             self.refused.inc();
-            tracing::debug!(peer = %peer, "admin connection refused: the address holds its limit");
+            tracing::debug!(peer = %crate::util::canonical_ip(peer), "admin connection refused: the address holds its limit");
             return None;
         }
         *n += 1;
@@ -196,7 +198,9 @@ pub(crate) fn cross_site(req: &HttpRequest) -> Option<HttpResponse> {
     });
     (fetched_from_elsewhere || foreign_origin).then(|| {
         tracing::warn!(
-            peer = req.peer_addr().map(tracing::field::display),
+            peer = req
+                .peer_addr()
+                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
             path = req.path(),
             "cross-site admin request refused"
         );

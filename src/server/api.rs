@@ -127,7 +127,9 @@ pub(crate) fn gate(req: &HttpRequest, state: &AdminState) -> Result<Access, Box<
                 return Ok(Access::Token);
             }
             tracing::warn!(
-                peer = req.peer_addr().map(tracing::field::display),
+                peer = req
+                    .peer_addr()
+                    .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
                 path = req.path(),
                 "dashboard API call with a missing or wrong token"
             );

@@ -284,7 +284,9 @@ pub(crate) fn admit(
     counts: &Arc<ConnCounts>,
     metrics: &Metrics,
 ) -> Option<Admitted> {
-    let peer = io.peer_addr().ok();
+    // An IPv4 client of a dual-stack listener is its IPv4 address from here on: the refused
+    // heads' access lines and the HTTP/2 connection logs show it as the request path does.
+    let peer = io.peer_addr().ok().map(crate::util::canonical_peer);
     let snap = store.load();
     let limits = &snap.limits;
     let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
