@@ -3,16 +3,12 @@
 //! `completions` and `man` print what shells and `man` read, and `validate --format github`
 //! prints workflow commands that GitHub shows on the pull request's diff.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn rustygate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .args(args)
-        .env_remove("GITHUB_WORKSPACE")
-        .output()
-        .unwrap()
-}
+use common::rustygate;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -15,6 +15,24 @@ fn with_listener(files: &mut Vec<(&'static str, String)>, gateway_toml: &str, ad
     ));
 }
 
+/// `[client_ip] trusted_proxies = [rule]`.
+fn trusting(rule: &str) -> String {
+    format!("[client_ip]\ntrusted_proxies = [\"{rule}\"]\n")
+}
+
+/// The `X-Forwarded-For` the echo backend behind `url` got for a request that sent `xff`.
+async fn forwarded_for(url: &str, xff: &str) -> Option<String> {
+    let echo = echo_of(url, &[("x-forwarded-for", xff)]).await;
+    Backend::echoed_header(&echo, "x-forwarded-for")
+}
+
+/// A gateway proxying everything to `be`, with `gateway_toml` and a listener at `address`.
+fn through_listener(be: &Backend, gateway_toml: &str, address: &str) -> Gateway {
+    let mut files = proxy_all(&be.url(), "");
+    with_listener(&mut files, gateway_toml, address);
+    Gateway::start(&as_refs(&files))
+}
+
 async fn echo_of(url: &str, headers: &[(&str, &str)]) -> serde_json::Value {
     let mut req = Request::get(url);
     for (k, v) in headers {
@@ -41,60 +59,32 @@ async fn an_ipv6_target_is_reached_and_sent_its_bracketed_host() {
 }
 
 /// A client on an IPv6 listener is forwarded as its IPv6 address; from a trusted IPv6 proxy
-/// (`::1/128`) the client it names in `X-Forwarded-For` is believed and the proxy appended.
-#[tokio::test(flavor = "multi_thread")]
-async fn ipv6_clients_and_ipv6_proxies_are_forwarded_as_they_are() {
-    let be = Backend::echo();
-    let mut files = proxy_all(&be.url(), "");
-    with_listener(&mut files, "", "[::1]:0");
-    let gw = Gateway::start(&as_refs(&files));
-    let url = format!("http://{}/x", gw.listener("extra"));
-    assert!(url.starts_with("http://[::1]:"), "{url}");
-    // Untrusted: the client's own header is replaced by the peer.
-    let echo = echo_of(&url, &[("x-forwarded-for", "2001:db8::7")]).await;
-    assert_eq!(
-        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
-        Some("::1")
-    );
-
-    let mut files = proxy_all(&be.url(), "");
-    with_listener(
-        &mut files,
-        "[client_ip]\ntrusted_proxies = [\"::1/128\"]\n",
-        "[::1]:0",
-    );
-    let gw = Gateway::start(&as_refs(&files));
-    let url = format!("http://{}/x", gw.listener("extra"));
-    let echo = echo_of(&url, &[("x-forwarded-for", "2001:db8::7")]).await;
-    assert_eq!(
-        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
-        Some("2001:db8::7, ::1")
-    );
-}
-
-/// On a dual-stack `[::]` listener an IPv4 client's socket address is IPv4-mapped
+/// (`::1/128`) the client it names in `X-Forwarded-For` is believed and the proxy appended. On a
+/// dual-stack `[::]` listener an IPv4 client's socket address is IPv4-mapped
 /// (`::ffff:127.0.0.1`): a trusted-proxy rule written for `127.0.0.1` still matches it, and the
 /// address forwarded is the plain IPv4 one.
 #[tokio::test(flavor = "multi_thread")]
-async fn ipv4_peers_of_a_dual_stack_listener_match_ipv4_rules() {
+async fn ipv6_and_dual_stack_peers_are_trusted_and_forwarded_as_ip_addresses() {
     let be = Backend::echo();
-    let mut files = proxy_all(&be.url(), "");
-    with_listener(
-        &mut files,
-        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n",
-        "[::]:0",
-    );
-    let gw = Gateway::start(&as_refs(&files));
-    let port = gw.listener("extra").port();
-    let echo = echo_of(
-        &format!("http://127.0.0.1:{port}/x"),
-        &[("x-forwarded-for", "203.0.113.9")],
-    )
-    .await;
-    assert_eq!(
-        Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
-        Some("203.0.113.9, 127.0.0.1")
-    );
+    for (rules, listener, connect, want) in [
+        // Untrusted: the client's own header is replaced by the peer.
+        (String::new(), "[::1]:0", "[::1]", "::1"),
+        (trusting("::1/128"), "[::1]:0", "[::1]", "2001:db8::7, ::1"),
+        (
+            trusting("127.0.0.1"),
+            "[::]:0",
+            "127.0.0.1",
+            "2001:db8::7, 127.0.0.1",
+        ),
+    ] {
+        let gw = through_listener(&be, &rules, listener);
+        let url = format!("http://{connect}:{}/x", gw.listener("extra").port());
+        assert_eq!(
+            forwarded_for(&url, "2001:db8::7").await.as_deref(),
+            Some(want),
+            "{rules} {listener} from {connect}"
+        );
+    }
 }
 
 /// A trusted-proxy rule written in the IPv4-mapped form (as `ss` shows the IPv4 peers of a
@@ -106,14 +96,10 @@ async fn trusted_proxies_written_ipv4_mapped_match_ipv4_peers() {
     let be = Backend::echo();
     for rule in ["::ffff:127.0.0.1", "::ffff:127.0.0.0/104"] {
         let mut files = proxy_all(&be.url(), "");
-        files.push((
-            "gateway.toml",
-            format!("[client_ip]\ntrusted_proxies = [\"{rule}\"]\n"),
-        ));
+        files.push(("gateway.toml", trusting(rule)));
         let gw = Gateway::start(&as_refs(&files));
-        let echo = echo_of(&gw.url("/x"), &[("x-forwarded-for", "203.0.113.9")]).await;
         assert_eq!(
-            Backend::echoed_header(&echo, "x-forwarded-for").as_deref(),
+            forwarded_for(&gw.url("/x"), "203.0.113.9").await.as_deref(),
             Some("203.0.113.9, 127.0.0.1"),
             "{rule}"
         );
@@ -128,10 +114,7 @@ async fn trusted_proxies_written_ipv4_mapped_match_ipv4_peers() {
 async fn forwarded_entries_with_ports_name_the_client_behind_a_trusted_proxy() {
     let be = Backend::echo();
     let mut files = proxy_all(&be.url(), "rate_limit = { requests = 1, per = \"1m\" }");
-    files.push((
-        "gateway.toml",
-        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n".into(),
-    ));
+    files.push(("gateway.toml", trusting("127.0.0.1")));
     let gw = Gateway::start(&as_refs(&files));
     let status = |xff: &'static str| {
         let url = gw.url("/x");
@@ -149,14 +132,9 @@ async fn forwarded_entries_with_ports_name_the_client_behind_a_trusted_proxy() {
 
 /// `rustygate args`: whether it succeeded, and its stderr.
 fn run(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = rustygate(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), err)
 }
 
 /// An IPv6 listen address written without brackets (`::1:8443`, itself an IPv6 address

@@ -780,24 +780,15 @@ fn compression_gzip_from_the_config_or_the_otel_variables_sends_gzipped_batches(
 fn ipv6_and_ipv4_mapped_addresses_are_plain_ip_addresses_in_spans() {
     let collector = Collector::start();
     let backend = Backend::echo_at("[::1]:0".parse().unwrap());
-    let files = vec![
-        (
-            "routes/r.toml",
-            "[[route]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"be\"\n".to_owned(),
+    let mut files = proxy_all(&backend.url(), "");
+    files.push((
+        "gateway.toml",
+        gateway_toml(
+            &collector.endpoint(),
+            "sample_ratio = 1.0\ntrust_incoming_sampled = true\n\n\
+             [[listener]]\nname = \"dual\"\naddress = \"[::]:0\"",
         ),
-        (
-            "upstreams/be.toml",
-            format!("[upstream.be]\ntargets = [\"{}\"]\n", backend.url()),
-        ),
-        (
-            "gateway.toml",
-            gateway_toml(
-                &collector.endpoint(),
-                "sample_ratio = 1.0\ntrust_incoming_sampled = true\n\n\
-                 [[listener]]\nname = \"dual\"\naddress = \"[::]:0\"",
-            ),
-        ),
-    ];
+    ));
     let gw = Gateway::start(&as_refs(&files));
     let port = gw.listener("dual").port();
     let tp = traceparent(true);

@@ -353,29 +353,25 @@ mod tests {
     #[test]
     fn ipv6_clients_are_capped_by_their_64_prefix() {
         let counts = Arc::new(ConnCounts::default());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0; 4]));
-        let g1 = counts
-            .admit(ip("2001:db8:1:2::1"), 10, Some(2))
-            .expect("first");
-        let g2 = counts
-            .admit(ip("2001:db8:1:2:ffff::9"), 10, Some(2))
-            .expect("second");
+        let admit = |s: &str| {
+            let ip = s.parse::<IpAddr>().unwrap_or(IpAddr::from([0; 4]));
+            counts.admit(ip, 10, Some(2))
+        };
+        let g1 = admit("2001:db8:1:2::1").expect("first");
+        let g2 = admit("2001:db8:1:2:ffff::9").expect("second");
+        let refused = Some(Refused::MaxConnectionsPerIp);
         assert_eq!(
-            counts.admit(ip("2001:db8:1:2::3"), 10, Some(2)).err(),
-            Some(Refused::MaxConnectionsPerIp),
+            admit("2001:db8:1:2::3").err(),
+            refused,
             "a third address of the same /64"
         );
-        let g3 = counts
-            .admit(ip("2001:db8:1:3::1"), 10, Some(2))
-            .expect("another /64");
-        let g4 = counts
-            .admit(ip("::ffff:192.0.2.1"), 10, Some(2))
-            .expect("mapped");
-        let g5 = counts.admit(ip("192.0.2.1"), 10, Some(2)).expect("plain");
+        let g3 = admit("2001:db8:1:3::1").expect("another /64");
+        let g4 = admit("::ffff:192.0.2.1").expect("mapped");
+        let g5 = admit("192.0.2.1").expect("plain");
         assert_eq!(
-            counts.admit(ip("::ffff:192.0.2.1"), 10, Some(2)).err(),
-            Some(Refused::MaxConnectionsPerIp),
-            "the mapped and the plain form are one client"
+            admit("::ffff:192.0.2.1").err(),
+            refused,
+            "mapped and plain are one client"
         );
         drop((g1, g2, g3, g4, g5));
         assert!(counts.per_ip.lock().expect("lock").is_empty());

@@ -802,6 +802,15 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// The `rustygate` binary run with `args` to the end (outside a GitHub workflow's workspace).
+pub fn rustygate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rustygate"))
+        .args(args)
+        .env_remove("GITHUB_WORKSPACE")
+        .output()
+        .unwrap()
+}
+
 /// One HTTP/1.1 exchange on a fresh connection; `None` when the connection fails.
 pub fn http(
     addr: &str,
