@@ -200,13 +200,22 @@ pub fn ssh_host_port(url: &str) -> Option<(String, u16)> {
     if url.contains("://") {
         return None;
     }
-    // scp-like: `git@host:org/repo.git` (no slash before the colon).
-    let (before, _) = url.split_once(':')?;
+    // scp-like: `git@host:org/repo.git` (no slash before the colon), or with an IPv6 address in
+    // brackets, `git@[::1]:org/repo.git`, whose colons are not the one before the path.
+    let rest = url
+        .split_once('@')
+        .filter(|(user, _)| !user.contains(['/', ':', '[']))
+        .map_or(url, |(_, r)| r);
+    if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        after.strip_prefix(':')?;
+        return Some((host.to_owned(), 22));
+    }
+    let (before, _) = rest.split_once(':')?;
     if before.contains('/') {
         return None;
     }
-    let host = before.rsplit_once('@').map_or(before, |(_, h)| h);
-    Some((host.to_owned(), 22))
+    Some((before.to_owned(), 22))
 }
 
 #[cfg(test)]
@@ -290,6 +299,15 @@ mod tests {
         assert_eq!(hp("ssh://git@[::1]:2222/c.git"), Some(("::1".into(), 2222)));
         assert_eq!(
             hp("git@git.example:org/c.git"),
+            Some(("git.example".into(), 22))
+        );
+        // An IPv6 address in brackets: before, the host was read as `[` (the text before the
+        // first colon) and the host-key check refused the fetch for an unknown host `[`.
+        assert_eq!(hp("git@[::1]:org/c.git"), Some(("::1".into(), 22)));
+        assert_eq!(hp("[2001:db8::1]:c.git"), Some(("2001:db8::1".into(), 22)));
+        assert_eq!(hp("git@[::1]"), None);
+        assert_eq!(
+            hp("git@git.example:org/user@c.git"),
             Some(("git.example".into(), 22))
         );
         assert_eq!(hp("https://git.example/org/c.git"), None);
