@@ -116,7 +116,7 @@ pub async fn connect(
 }
 
 async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let stream = match tokio::time::timeout(timeout, connect_any(addr)).await {
         Err(_) => return Err(ConnectError::Timeout(timeout)),
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(ConnectError::Timeout(timeout));
@@ -131,6 +131,52 @@ async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
     Ok(stream)
 }
 
+/// Time after a connection attempt starts before the next address of the target's name is
+/// tried beside it: RFC 8305's Connection Attempt Delay, as browsers, curl and Go use it.
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
+
+/// A connection to `addr` (`host:port`): an address as it is, a name by its resolved addresses
+/// ([`connect_first`]).
+async fn connect_any(addr: &str) -> io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    connect_first(&addrs).await
+}
+
+/// The first of `addrs` to take a connection. They are tried in the resolver's order, the next
+/// one as soon as the last one failed or [`NEXT_ADDRESS_AFTER`] after it started, the earlier
+/// attempts going on beside it (Happy Eyeballs, RFC 8305). Tried one after the other, a name
+/// whose first address drops the SYN (an IPv6 address without a working route, a common
+/// dual-stack fault) held the whole connect timeout and failed, its IPv4 address never tried.
+async fn connect_first(addrs: &[std::net::SocketAddr]) -> io::Result<TcpStream> {
+    use futures_util::StreamExt;
+    if let [one] = addrs {
+        return TcpStream::connect(one).await;
+    }
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut next = addrs.iter();
+    let mut failed = None;
+    loop {
+        match next.next() {
+            Some(a) => pending.push(TcpStream::connect(*a)),
+            None if pending.is_empty() => {
+                return Err(failed.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the name has no address")
+                }));
+            }
+            None => {}
+        }
+        let more = next.len() > 0;
+        tokio::select! {
+            Some(r) = pending.next() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) => failed = Some(e),
+            },
+            () = tokio::time::sleep(NEXT_ADDRESS_AFTER), if more => {}
+            else => {}
+        }
+    }
+}
+
 /// `fut`, or a timeout error once `deadline` passes.
 pub async fn by<T, E: From<ConnectError>>(
     deadline: tokio::time::Instant,
@@ -140,4 +186,74 @@ pub async fn by<T, E: From<ConnectError>>(
     tokio::time::timeout_at(deadline, fut)
         .await
         .unwrap_or(Err(ConnectError::Timeout(timeout).into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A listener on 127.0.0.1 whose accept queue is full: further SYNs are dropped, as by an
+    /// address without a route. The queued connection is returned to be kept.
+    fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        s.listen(0).expect("listen");
+        let addr = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("address");
+        let queued = std::net::TcpStream::connect(addr).expect("first connection");
+        (s, queued, addr)
+    }
+
+    /// The first address drops the SYN, the second answers: the connection is made to the
+    /// second within a moment, not after the connect timeout. Before, the addresses were
+    /// tried one after the other and the first held the whole timeout.
+    #[tokio::test]
+    async fn an_address_that_drops_the_syn_does_not_hold_back_the_next() {
+        let (_hole, _queued, hole) = black_hole();
+        let good = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let good_addr = good.local_addr().expect("address");
+        let started = Instant::now();
+        let stream =
+            tokio::time::timeout(Duration::from_secs(3), connect_first(&[hole, good_addr]))
+                .await
+                .expect("connected before the timeout")
+                .expect("connected");
+        assert_eq!(stream.peer_addr().ok(), Some(good_addr));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A refused first address hands over at once; with every address refused, the error is
+    /// the last one's.
+    #[tokio::test]
+    async fn refused_addresses_hand_over_at_once_and_the_last_error_is_kept() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("address")
+        };
+        let good = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let good_addr = good.local_addr().expect("address");
+        let started = Instant::now();
+        let stream = connect_first(&[dead, good_addr]).await.expect("connected");
+        assert_eq!(stream.peer_addr().ok(), Some(good_addr));
+        assert!(
+            started.elapsed() < NEXT_ADDRESS_AFTER,
+            "{:?}",
+            started.elapsed()
+        );
+        let err = connect_first(&[dead, dead]).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(connect_first(&[]).await.is_err());
+    }
 }
