@@ -272,3 +272,32 @@ fn refused_heads_of_ipv4_clients_of_a_dual_stack_listener_are_logged_as_ipv4() {
         assert_eq!(line["client_ip"], "127.0.0.1", "{status}: {line}");
     }
 }
+
+/// A shared rate limit on a Redis bound to `::1` only, named `redis://[::1]:port/`: the
+/// store is reached (the limit holds across requests, and its key is in that Redis).
+#[test]
+fn a_redis_store_on_ipv6_loopback_holds_the_shared_limit() {
+    let Some(redis) = common::redis_server::RedisServer::start_ipv6() else {
+        return;
+    };
+    assert!(redis.url().starts_with("redis://[::1]:"), "{}", redis.url());
+    let be = Backend::echo();
+    let mut files = proxy_all(
+        &be.url(),
+        "rate_limit = { requests = 1, per = \"1m\", store = \"redis\" }",
+    );
+    files.push((
+        "gateway.toml",
+        format!(
+            "[rate_limit_store]\nurl = \"{}\"\ntimeout = \"2s\"\non_store_error = \"allow\"\n",
+            redis.url()
+        ),
+    ));
+    let gw = Gateway::start(&as_refs(&files));
+    assert_eq!(gw.get("/x").0, 200);
+    assert_eq!(gw.get("/x").0, 429, "the shared bucket, counted in Redis");
+    assert!(
+        !redis.keys("rustygate:rl:*").is_empty(),
+        "the limit's key is in the Redis on ::1"
+    );
+}

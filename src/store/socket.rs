@@ -20,7 +20,6 @@ use redis::ConnectionAddr;
 use redis::ConnectionInfo;
 use redis::io::tcp::socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Most bytes one reply (a whole top-level value, nested values included, or one message of
 /// the heads subscription) may take. The largest reply the gateway asks for is the fleet's
@@ -40,7 +39,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub async fn connect(info: &ConnectionInfo) -> io::Result<Capped<Box<dyn Io>>> {
     let settings = super::tcp_settings();
     let tcp = |host: String, port: u16| async move {
-        let s = TcpStream::connect((host.as_str(), port)).await?;
+        // Its addresses as the upstreams' are tried (Happy Eyeballs): a store named by a host
+        // name whose IPv6 address drops packets is reached on its IPv4 one in time.
+        let s = crate::wire::connect::connect_any((host.as_str(), port)).await?;
         let sock = SockRef::from(&s);
         s.set_nodelay(settings.nodelay())?;
         if let Some(k) = settings.keepalive() {

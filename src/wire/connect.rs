@@ -135,9 +135,9 @@ async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
 /// tried beside it: RFC 8305's Connection Attempt Delay, as browsers, curl and Go use it.
 const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
 
-/// A connection to `addr` (`host:port`): an address as it is, a name by its resolved addresses
-/// ([`connect_first`]).
-async fn connect_any(addr: &str) -> io::Result<TcpStream> {
+/// A connection to `addr` (`host:port`, or a host and a port): an address as it is, a name by
+/// its resolved addresses ([`connect_first`]).
+pub(crate) async fn connect_any(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStream> {
     let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
     connect_first(&addrs).await
 }

@@ -12,6 +12,8 @@ use super::{dead_port, wait_until};
 pub struct RedisServer {
     pub child: Child,
     pub port: u16,
+    /// The address it is bound to: `127.0.0.1`, or `[::1]` from [`RedisServer::start_ipv6`].
+    host: &'static str,
     _dir: tempfile::TempDir,
 }
 
@@ -45,10 +47,20 @@ impl RedisServer {
         true
     }
 
+    /// [`RedisServer::start`], bound to `::1` only.
+    pub fn start_ipv6() -> Option<RedisServer> {
+        RedisServer::installed().then(|| RedisServer::start_at("[::1]", dead_port(), &[]))
+    }
+
     pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+        RedisServer::start_at("127.0.0.1", port, extra)
+    }
+
+    fn start_at(host: &'static str, port: u16, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
+        let bind = host.trim_start_matches('[').trim_end_matches(']');
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind", bind])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", dir.path().to_str().unwrap()])
             .args(extra)
@@ -59,6 +71,7 @@ impl RedisServer {
         let server = RedisServer {
             child,
             port,
+            host,
             _dir: dir,
         };
         assert!(
@@ -72,7 +85,7 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}:{}/", self.host, self.port)
     }
 
     /// A config repo's files for a fleet on this server: `[rate_limit_store]` naming it and one
