@@ -722,24 +722,36 @@ fn access_lines_a_failing_log_output_loses_are_counted_as_dropped() {
 }
 
 /// Requests the gateway answers itself (a `respond` route, no route, a method the route does
-/// not take) are timed: their duration is not zero. Every one was `0.000`: both ends were read
-/// in the same poll, which shares one clock reading.
+/// not take, a body over a proxied route's limit before any target is tried) are timed: their
+/// duration is not zero. Every one was `0.000`: both ends were read in the same poll, which
+/// shares one clock reading.
 #[test]
 fn requests_the_gateway_answers_itself_have_a_duration() {
-    let dir = repo(&[(
-        "routes/r.toml",
-        "[[route]]\nname = \"hi\"\npath = \"/hi\"\nrespond = { status = 200, body = \"hi\" }\n\
-         [[route]]\nname = \"get\"\npath = \"/get\"\nmethods = [\"GET\"]\n\
-         respond = { status = 200, body = \"ok\" }\n",
-    )]);
+    let dir = repo(&[
+        (
+            "routes/r.toml",
+            "[[route]]\nname = \"hi\"\npath = \"/hi\"\nrespond = { status = 200, body = \"hi\" }\n\
+             [[route]]\nname = \"get\"\npath = \"/get\"\nmethods = [\"GET\"]\n\
+             respond = { status = 200, body = \"ok\" }\n\
+             [[route]]\nname = \"small\"\npath = \"/small\"\nupstream = \"nowhere\"\n\
+             max_body_size = \"1KiB\"\n",
+        ),
+        (
+            "upstreams/u.toml",
+            "[upstream.nowhere]\ntargets = [\"http://127.0.0.1:9\"]\n",
+        ),
+    ]);
     let gw = GatewayProcess::start(&["--repo", dir.path().to_str().unwrap()], &[]);
-    for (method, path, status) in [
-        ("GET", "/hi", 200),
-        ("GET", "/nope", 404),
-        ("POST", "/get", 405),
+    let big = [b'x'; 2048];
+    for (method, path, body, status) in [
+        ("GET", "/hi", &b""[..], 200),
+        ("GET", "/nope", b"", 404),
+        ("POST", "/get", b"", 405),
+        // Refused on its Content-Length: the route has an upstream, no target was tried.
+        ("POST", "/small", &big[..], 413),
     ] {
         for _ in 0..5 {
-            assert_eq!(http(&gw.listen, method, path, &[], b"").unwrap().0, status);
+            assert_eq!(http(&gw.listen, method, path, &[], body).unwrap().0, status);
         }
     }
     let lines = || {
@@ -749,7 +761,7 @@ fn requests_the_gateway_answers_itself_have_a_duration() {
             .collect::<Vec<_>>()
     };
     assert!(
-        wait_until(Duration::from_secs(10), || lines().len() == 15),
+        wait_until(Duration::from_secs(10), || lines().len() == 20),
         "{}",
         gw.logs.lock().unwrap()
     );

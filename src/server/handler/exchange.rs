@@ -225,9 +225,10 @@ impl Exchange {
                 .with_label_values(&[route.unwrap_or(NO_ROUTE), code])
                 .inc();
         }
-        // A request the gateway answered itself may end in the poll it began in: its end is
-        // read afresh (proxied requests end in a poll of their own).
-        let ended_at = if self.upstream.is_none() {
+        // A request the gateway answered itself, no target tried (a respond route, 404, 413 on
+        // its Content-Length, 503 without a target...), may end in the poll it began in: its end
+        // is read afresh (proxied requests end in a poll of their own).
+        let ended_at = if self.target.is_none() {
             clock::fresh()
         } else {
             clock::now()
