@@ -228,6 +228,12 @@ async fn a_route_host_may_be_an_ipv6_literal() {
         assert_eq!(six.text(), "six", "{host}: Host [::1]:port");
         let any = get(&gw.url("/")).await;
         assert_eq!(any.text(), "any", "{host}: Host 127.0.0.1:port");
+        // The same address written out in full, or in capitals: the same host.
+        for written in ["[0:0:0:0:0:0:0:1]", "[0::0:1]:80", "[::0001]"] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {written}\r\nConnection: close\r\n\r\n");
+            let answer = raw(gw.listener("extra"), head.as_bytes());
+            assert!(answer.ends_with("six"), "{host}: Host {written}: {answer}");
+        }
     }
 }
 

@@ -595,7 +595,17 @@ fn utf8_len(first: u8) -> usize {
     }
 }
 
-/// Lower-cases a `Host` value and drops the port and a trailing dot.
+/// A bracketed IPv6 literal host (`[0:0::1]`, `[2001:DB8::A]`) in the one form routes are
+/// compiled to: compressed, lower case, in brackets (`[::1]`, `[2001:db8::a]`). `None` for any
+/// other host.
+pub fn ipv6_host(host: &[u8]) -> Option<String> {
+    let inner = host.strip_prefix(b"[")?.strip_suffix(b"]")?;
+    let ip: std::net::Ipv6Addr = std::str::from_utf8(inner).ok()?.parse().ok()?;
+    Some(format!("[{ip}]"))
+}
+
+/// Lower-cases a `Host` value and drops the port and a trailing dot; an IPv6 literal is written
+/// as [`ipv6_host`] writes it.
 pub fn normalize_host(host: &str) -> Cow<'_, str> {
     let without_port = if host.starts_with('[') {
         // IPv6 literal: keep up to the closing bracket.
@@ -603,6 +613,9 @@ pub fn normalize_host(host: &str) -> Cow<'_, str> {
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
+    if let Some(ip) = ipv6_host(without_port.as_bytes()) {
+        return Cow::Owned(ip);
+    }
     let h = without_port.strip_suffix('.').unwrap_or(without_port);
     if h.bytes().any(|c| c.is_ascii_uppercase()) {
         Cow::Owned(h.to_ascii_lowercase())

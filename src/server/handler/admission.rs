@@ -90,6 +90,11 @@ pub(super) fn host_of(req: &Request) -> (String, Result<(), &'static str>) {
 /// without the port and a trailing dot. `None` when the value is not a valid host.
 fn routing_host(h: &[u8]) -> Option<String> {
     let host = host_part(h)?;
+    if host.first() == Some(&b'[')
+        && let Some(ip) = crate::router::ipv6_host(host)
+    {
+        return Some(ip);
+    }
     let host = host.strip_suffix(b".").unwrap_or(host);
     // All ASCII (a registered name's bytes or an IP literal's): the text check passes.
     std::str::from_utf8(host).ok().map(str::to_ascii_lowercase)
