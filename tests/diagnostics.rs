@@ -652,6 +652,15 @@ fn tls_and_protocol_values_are_checked() {
         &[],
         &[("error[invalid-tls]", "\"not")],
     );
+    // An IPv6 address is taken with or without its brackets (as a target's host is written);
+    // brackets around anything else are not a name.
+    expect_tls("tls = { server_name = \"[::1]\" }", &[], &[]);
+    expect_tls("tls = { server_name = \"2001:db8::1\" }", &[], &[]);
+    expect_tls(
+        "tls = { server_name = \"[orders.internal]\" }",
+        &[],
+        &[("error[invalid-tls]", "\"[orders")],
+    );
     expect_tls(
         "protocol = \"http3\"",
         &[],

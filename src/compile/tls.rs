@@ -202,22 +202,28 @@ fn compile(
         }
     };
 
-    let server_name =
-        t.and_then(|t| t.server_name.as_ref()).and_then(|s| {
-            match ServerName::try_from(s.get().clone()) {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    invalid(
-                        cx,
-                        file,
-                        s.span(),
-                        format!("`{}` is not a DNS name or IP address", s.get()),
-                        "invalid server name",
-                    );
-                    None
-                }
+    let server_name = t.and_then(|t| t.server_name.as_ref()).and_then(|s| {
+        // An IPv6 address may keep the brackets a target's host is written with.
+        let name = s.get().as_str();
+        let bare = name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .filter(|n| n.parse::<std::net::Ipv6Addr>().is_ok())
+            .unwrap_or(name);
+        match ServerName::try_from(bare.to_owned()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                invalid(
+                    cx,
+                    file,
+                    s.span(),
+                    format!("`{}` is not a DNS name or IP address", s.get()),
+                    "invalid server name",
+                );
+                None
             }
-        });
+        }
+    });
 
     let client = match t.map(|t| (&t.client_cert_file, &t.client_key)) {
         None | Some((None, None)) => None,
