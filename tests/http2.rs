@@ -542,6 +542,58 @@ async fn field_values_beginning_or_ending_with_whitespace_are_refused() {
     assert_eq!((r.status, &r.body[..]), (200, &b"hi"[..]));
 }
 
+/// A client-streaming call: `msgs`, each framed, no Content-Length; the whole answer.
+async fn collect_call(h2: &mut Sender, msgs: Vec<Vec<u8>>) -> Whole {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let req = Request::post("http://gateway.test/echo.Echo/Collect")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let pending = h2.send_request(req);
+    let feeder = tokio::spawn(async move {
+        for m in msgs {
+            if tx.send(Ok(Frame::data(grpc_frame(&m)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let r = whole(pending.await.unwrap()).await;
+    let _ = feeder.await;
+    r
+}
+
+/// A gRPC stream is held to the route's `max_body_size` message by message, not in total: a
+/// stream may carry any number of messages. Before, a stream was cut once its messages added
+/// up to the limit (10 MiB by default: a grpcio bidi stream of 40 × 256 KiB messages got
+/// RST_STREAM(INTERNAL_ERROR) after 39 of them). One message over the limit is still refused,
+/// the gRPC way (RESOURCE_EXHAUSTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_is_limited_per_message_not_in_total() {
+    let be = grpc_backend(Arc::new(std::sync::Mutex::new(Vec::new())));
+    let files = proxy_to(
+        &[be.url()],
+        "protocol = \"http2\"",
+        "max_body_size = \"64KiB\"",
+    );
+    let gw = start(&as_refs(&files), Duration::from_secs(75));
+    let (mut h2, _conn) = connect(gw.addr).await;
+
+    // 40 messages of 16 KiB: 640 KiB in all, each well under 64 KiB.
+    let r = collect_call(&mut h2, vec![vec![7u8; 16 * 1024]; 40]).await;
+    assert_eq!(r.status, 200);
+    let total = 40 * (5 + 16 * 1024);
+    assert_eq!(r.body, grpc_frame(format!("got {total} bytes").as_bytes()));
+    assert_eq!(r.trailers.expect("trailers")["grpc-status"], "0");
+
+    // One message of 100 KiB, after a small one: over the limit, refused as gRPC does.
+    let r = collect_call(&mut h2, vec![b"small".to_vec(), vec![1u8; 100 * 1024]]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["grpc-status"], "8", "{:?}", r.headers);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
     let te_seen = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -388,7 +388,8 @@ pub struct RawRoute {
     pub read_timeout: Option<Spanned<DurationText>>,
     /// Retries for this route: a number, or a table that overrides the upstream's settings.
     pub retries: Option<Box<Spanned<RawRetries>>>,
-    /// Largest request body accepted on this route; larger gets 413.
+    /// Largest request body accepted on this route; larger gets 413. A gRPC call's messages are
+    /// held to it one by one, not in total (a stream may carry any number of them).
     pub max_body_size: Option<Spanned<SizeText>>,
     /// Headers set on or removed from the request before it goes upstream.
     pub request_headers: Option<Box<HeaderRules>>,

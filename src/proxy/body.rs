@@ -189,6 +189,55 @@ pub(crate) fn client_went_away(e: &actix_http::error::PayloadError) -> bool {
     }
 }
 
+/// What a streamed request body is held to: the route's `max_body_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// Its whole length.
+    Total(u64),
+    /// Each of its gRPC messages: a gRPC stream may carry any number of them, for as long as
+    /// the call lasts.
+    GrpcMessage(u64),
+}
+
+/// gRPC's length-prefixed messages (a flag byte, a 4-byte big-endian length, the message)
+/// followed through a body piece by piece, however the pieces cut them.
+#[derive(Default)]
+struct GrpcMessages {
+    /// The prefix of the next message, as far as it has come.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come.
+    left: u64,
+}
+
+impl GrpcMessages {
+    /// Follows `piece`; `false` when a message it begins declares more than `limit` bytes.
+    fn within(&mut self, mut piece: &[u8], limit: u64) -> bool {
+        while !piece.is_empty() {
+            if self.left > 0 {
+                let take = usize::try_from(self.left).map_or(piece.len(), |l| l.min(piece.len()));
+                self.left -= take as u64;
+                piece = &piece[take..];
+                continue;
+            }
+            let take = (self.prefix.len() - self.have).min(piece.len());
+            self.prefix[self.have..self.have + take].copy_from_slice(&piece[..take]);
+            self.have += take;
+            piece = &piece[take..];
+            if self.have == self.prefix.len() {
+                self.have = 0;
+                let [_, a, b, c, d] = self.prefix;
+                let len = u64::from(u32::from_be_bytes([a, b, c, d]));
+                if len > limit {
+                    return false;
+                }
+                self.left = len;
+            }
+        }
+        true
+    }
+}
+
 /// Starts reading the client's body on this worker and returns the upstream side of it.
 /// `len` is the declared `Content-Length`, if any; a pause longer than `idle` between pieces
 /// ends the body with [`BodyError::Idle`] (time spent waiting for the upstream to take a piece
@@ -196,13 +245,17 @@ pub(crate) fn client_went_away(e: &actix_http::error::PayloadError) -> bool {
 pub fn stream_request_body(
     mut payload: actix_web::dev::Payload,
     len: Option<u64>,
-    limit: u64,
+    limit: BodyLimit,
     idle: Duration,
 ) -> (ProxyBody, Rc<BodyStats>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let stats = Rc::new(BodyStats::default());
     stats.unfinished.set(true);
     let seen = Rc::clone(&stats);
+    let (limit, mut messages) = match limit {
+        BodyLimit::Total(n) => (n, None),
+        BodyLimit::GrpcMessage(n) => (n, Some(GrpcMessages::default())),
+    };
     actix_web::rt::spawn(async move {
         loop {
             seen.progress.set(BodyProgress::Client);
@@ -218,7 +271,11 @@ pub fn stream_request_body(
                 Ok(bytes) => {
                     let total = seen.bytes.get() + bytes.len() as u64;
                     seen.bytes.set(total);
-                    if total > limit {
+                    let over = match &mut messages {
+                        Some(m) => !m.within(&bytes, limit),
+                        None => total > limit,
+                    };
+                    if over {
                         seen.too_large.set(true);
                         Err(BodyError::TooLarge { limit })
                     } else {
@@ -534,5 +591,43 @@ mod trailer_tests {
         let mut names: Vec<&str> = kept.keys().map(http::HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["grpc-message", "grpc-status", "x-checksum"]);
+    }
+}
+
+#[cfg(test)]
+mod grpc_limit_tests {
+    use super::GrpcMessages;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut f = vec![0];
+        f.extend_from_slice(&len.to_be_bytes());
+        f.extend(std::iter::repeat_n(7u8, len as usize));
+        f
+    }
+
+    /// However the pieces cut the messages (inside a prefix, between messages, one byte at a
+    /// time), each message is measured by its own prefix.
+    #[test]
+    fn each_message_is_measured_however_the_pieces_cut_it() {
+        let mut body = Vec::new();
+        for len in [0, 10, 100, 3, 100] {
+            body.extend(frame(len));
+        }
+        for cut in [1, 2, 3, 5, 6, 7, 64, body.len()] {
+            let mut m = GrpcMessages::default();
+            assert!(
+                body.chunks(cut).all(|p| m.within(p, 100)),
+                "pieces of {cut}"
+            );
+            let mut m = GrpcMessages::default();
+            assert!(
+                !body.chunks(cut).all(|p| m.within(p, 99)),
+                "pieces of {cut}"
+            );
+        }
+        // The prefix alone tells: a message declared over the limit is refused before its bytes.
+        let mut m = GrpcMessages::default();
+        assert!(m.within(&frame(5), 5));
+        assert!(!m.within(&[1, 0, 0, 0, 6], 5));
     }
 }

@@ -20,7 +20,9 @@ use super::plugin_body;
 use super::response::{Relay, client_response, relays_head_as_is};
 
 use crate::decide;
-use crate::proxy::body::{BodyError, BodyStats, ProxyBody, read_request_body, stream_request_body};
+use crate::proxy::body::{
+    BodyError, BodyLimit, BodyStats, ProxyBody, read_request_body, stream_request_body,
+};
 use crate::proxy::pool::SendOptions;
 use crate::proxy::response::HeadShape;
 use crate::proxy::{ForwardError, websocket};
@@ -89,7 +91,7 @@ pub(super) enum Outgoing {
     /// the connection.
     Unread {
         len: Option<u64>,
-        limit: u64,
+        limit: BodyLimit,
         idle: std::time::Duration,
     },
     /// Streamed from the client: sent once, and taken back only if none of it went out.
@@ -466,9 +468,16 @@ async fn outgoing_body(
         return Ok(Outgoing::Empty);
     }
     let Some(expected) = declared_len.filter(|&n| replay_limit.is_some_and(|l| n <= l)) else {
+        // A gRPC call's messages are held to the limit one by one: a stream may go on for
+        // as long as the call does.
+        let limit = if ex.grpc {
+            BodyLimit::GrpcMessage(route.max_body_size)
+        } else {
+            BodyLimit::Total(route.max_body_size)
+        };
         return Ok(Outgoing::Unread {
             len: declared_len,
-            limit: route.max_body_size,
+            limit,
             idle: snap.limits.body_idle_timeout,
         });
     };
