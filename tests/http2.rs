@@ -542,8 +542,9 @@ async fn field_values_beginning_or_ending_with_whitespace_are_refused() {
     assert_eq!((r.status, &r.body[..]), (200, &b"hi"[..]));
 }
 
-/// A client-streaming call: `msgs`, each framed, no Content-Length; the whole answer.
-async fn collect_call(h2: &mut Sender, msgs: Vec<Vec<u8>>) -> Whole {
+/// A client-streaming call: `msgs`, each framed, `gap` apart, no Content-Length; the whole
+/// answer.
+async fn collect_call(h2: &mut Sender, msgs: Vec<Vec<u8>>, gap: Duration) -> Whole {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
@@ -558,6 +559,7 @@ async fn collect_call(h2: &mut Sender, msgs: Vec<Vec<u8>>) -> Whole {
             if tx.send(Ok(Frame::data(grpc_frame(&m)))).await.is_err() {
                 return;
             }
+            tokio::time::sleep(gap).await;
         }
     });
     let r = whole(pending.await.unwrap()).await;
@@ -582,14 +584,15 @@ async fn a_grpc_stream_is_limited_per_message_not_in_total() {
     let (mut h2, _conn) = connect(gw.addr).await;
 
     // 40 messages of 16 KiB: 640 KiB in all, each well under 64 KiB.
-    let r = collect_call(&mut h2, vec![vec![7u8; 16 * 1024]; 40]).await;
+    let r = collect_call(&mut h2, vec![vec![7u8; 16 * 1024]; 40], Duration::ZERO).await;
     assert_eq!(r.status, 200);
     let total = 40 * (5 + 16 * 1024);
     assert_eq!(r.body, grpc_frame(format!("got {total} bytes").as_bytes()));
     assert_eq!(r.trailers.expect("trailers")["grpc-status"], "0");
 
     // One message of 100 KiB, after a small one: over the limit, refused as gRPC does.
-    let r = collect_call(&mut h2, vec![b"small".to_vec(), vec![1u8; 100 * 1024]]).await;
+    let small_then_big = vec![b"small".to_vec(), vec![1u8; 100 * 1024]];
+    let r = collect_call(&mut h2, small_then_big, Duration::ZERO).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["grpc-status"], "8", "{:?}", r.headers);
 }
@@ -639,23 +642,8 @@ async fn grpc_calls_get_their_trailers_and_te_reaches_the_upstream() {
     assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
 
     // Client streaming: three messages, no Content-Length, the last DATA frame ends the stream.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
-    let req = Request::post("http://gateway.test/echo.Echo/Collect")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(BodyExt::boxed(StreamBody::new(stream)))
-        .unwrap();
-    let pending = h2.send_request(req);
-    let feeder = tokio::spawn(async move {
-        for m in [&b"one"[..], b"two", b"three"] {
-            tx.send(Ok(Frame::data(grpc_frame(m)))).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    let r = whole(pending.await.unwrap()).await;
-    feeder.await.unwrap();
+    let msgs = vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()];
+    let r = collect_call(&mut h2, msgs, Duration::from_millis(10)).await;
     // 3 frames: 5-byte prefixes and 3 + 3 + 5 bytes of messages.
     assert_eq!(r.body, grpc_frame(b"got 26 bytes"));
     assert_eq!(r.trailers.expect("trailers")["grpc-status"], "0");
