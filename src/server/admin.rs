@@ -287,9 +287,7 @@ async fn admin_reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpRes
     }
     if !secret_matches(token, given_token(&req)) {
         tracing::warn!(
-            peer = req
-                .peer_addr()
-                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+            peer = super::admin_limits::logged_peer(&req),
             "admin call with a missing or wrong token"
         );
         let unauthorized = HttpResponse::Unauthorized()
@@ -332,9 +330,7 @@ fn webhook_refusal(
     };
     if !verify(secret) {
         tracing::warn!(
-            peer = req
-                .peer_addr()
-                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+            peer = super::admin_limits::logged_peer(req),
             source,
             "webhook with a missing or wrong signature or token"
         );
@@ -403,9 +399,7 @@ async fn webhook_body(
     }
     if header(req, auth_header).is_none_or(<[u8]>::is_empty) {
         tracing::warn!(
-            peer = req
-                .peer_addr()
-                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+            peer = super::admin_limits::logged_peer(req),
             header = auth_header,
             "webhook without its signature or token header"
         );

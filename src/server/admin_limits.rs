@@ -79,9 +79,7 @@ impl BodyBudget {
         let acquire = Arc::clone(&self.permits).acquire_many_owned(permits);
         let Ok(Ok(permit)) = tokio::time::timeout(BUDGET_WAIT, acquire).await else {
             tracing::warn!(
-                peer = req
-                    .peer_addr()
-                    .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+                peer = logged_peer(req),
                 "webhook refused: too many webhook bodies are being read"
             );
             let mut busy = super::admin::reply(
@@ -174,6 +172,15 @@ impl Drop for ConnGuard {
     }
 }
 
+/// The client's address as the admin listener's warnings give it: an IPv4 client of a
+/// dual-stack listener as IPv4, not `[::ffff:a.b.c.d]:port`.
+pub(crate) fn logged_peer(
+    req: &HttpRequest,
+) -> Option<tracing::field::DisplayValue<std::net::SocketAddr>> {
+    req.peer_addr()
+        .map(|a| tracing::field::display(crate::util::canonical_peer(a)))
+}
+
 /// The address a client is counted by: IPv4 as is, IPv6 by its /64 (one host commonly holds a
 /// whole /64), an IPv4-mapped IPv6 address as the IPv4 address.
 pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
@@ -198,9 +205,7 @@ pub(crate) fn cross_site(req: &HttpRequest) -> Option<HttpResponse> {
     });
     (fetched_from_elsewhere || foreign_origin).then(|| {
         tracing::warn!(
-            peer = req
-                .peer_addr()
-                .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+            peer = logged_peer(req),
             path = req.path(),
             "cross-site admin request refused"
         );

@@ -127,9 +127,7 @@ pub(crate) fn gate(req: &HttpRequest, state: &AdminState) -> Result<Access, Box<
                 return Ok(Access::Token);
             }
             tracing::warn!(
-                peer = req
-                    .peer_addr()
-                    .map(|a| tracing::field::display(crate::util::canonical_peer(a))),
+                peer = super::admin_limits::logged_peer(req),
                 path = req.path(),
                 "dashboard API call with a missing or wrong token"
             );

@@ -297,7 +297,7 @@ pub(crate) fn admit(
                 .connections_refused
                 .with_label_values(&[why.as_str()])
                 .inc();
-            tracing::debug!(client_ip = %crate::util::canonical_ip(ip), limit = why.as_str(), "connection refused");
+            tracing::debug!(client_ip = %ip, limit = why.as_str(), "connection refused");
             return None;
         }
     };
