@@ -770,26 +770,15 @@ fn requests_the_gateway_answers_itself_have_a_duration() {
     }
 }
 
-/// A client that takes nothing of its response is cut at the send timeout: its access line
-/// says `send_timeout`, not `client_gone` (it never left). It said `client_gone`.
 /// A gateway with `send_timeout = "1s"` in front of an upstream that sends an endless body for
 /// up to 20 s to each request.
 fn endless_response_gateway() -> (GatewayProcess, tempfile::TempDir) {
-    use std::io::Write;
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in upstream.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                let started = std::time::Instant::now();
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
-                let chunk = [b'x'; 64 * 1024];
-                while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok() {}
-            });
-        }
+    let addr = scripted_upstream(|s| {
+        use std::io::Write;
+        let started = std::time::Instant::now();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n");
+        let chunk = [b'x'; 64 * 1024];
+        while started.elapsed() < Duration::from_secs(20) && s.write_all(&chunk).is_ok() {}
     });
     let mut files = proxy_all(&format!("http://{addr}"), "read_timeout = \"30s\"");
     files.push((
@@ -801,6 +790,8 @@ fn endless_response_gateway() -> (GatewayProcess, tempfile::TempDir) {
     (gw, dir)
 }
 
+/// A client that takes nothing of its response is cut at the send timeout: its access line
+/// says `send_timeout`, not `client_gone` (it never left). It said `client_gone`.
 #[test]
 fn a_response_cut_at_the_send_timeout_is_logged_as_such() {
     use std::io::Write;

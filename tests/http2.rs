@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Backend, Body, Gateway, as_refs, full, h2_frame, proxy_to, scrape};
+use common::{
+    Backend, Body, Gateway, as_refs, full, h2_frame, proxy_to, scrape, scripted_upstream,
+};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
@@ -781,25 +783,6 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
         ],
         [Some(4.0), None, None, None, Some(1.0)]
     );
-}
-
-/// An HTTP/1.1 upstream on 127.0.0.1:0 that runs `script` on each connection, after reading
-/// its request head, each on a thread of its own.
-fn scripted_upstream(script: fn(&mut std::net::TcpStream)) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                use std::io::Read;
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                script(&mut s);
-            });
-        }
-    });
-    addr
 }
 
 static FLOOD_ENDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -175,6 +175,24 @@ impl Drop for Backend {
     }
 }
 
+/// An HTTP/1.1 upstream on 127.0.0.1:0 that runs `script` on each connection, after reading
+/// its request head, each on a thread of its own.
+pub fn scripted_upstream(script: fn(&mut TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                script(&mut s);
+            });
+        }
+    });
+    addr
+}
+
 /// A raw TCP backend that answers each connection with `response` bytes, verbatim.
 pub fn raw_backend(response: &'static [u8]) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
